@@ -1,0 +1,238 @@
+"""Memory-mapped reader of ``.zmoe`` files (format/SPEC.md). Symmetrical to :mod:`zmoe.writer`.
+
+Opening a file reads only the header and the index; tensor and expert data are read from the
+memory map on demand, so fetching one expert touches only that expert's pages.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zstandard as zstd
+
+from . import codec
+from .constants import BITPLANE_DTYPES, HEADER_SIZE, MAGIC, VERSION
+from .errors import (ChecksumError, CorruptIndexError, NotZmoeError, TruncatedFileError,
+                     UnsupportedVersionError, ZmoeError)
+from .writer import HEADER_STRUCT
+
+#: numpy dtype that a stored dtype is returned as (BF16 as its uint16 bit pattern).
+NUMPY_DTYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+    "I16": np.int16, "U16": np.uint16, "F16": np.float16, "BF16": np.uint16,
+    "I32": np.int32, "U32": np.uint32, "F32": np.float32,
+    "I64": np.int64, "U64": np.uint64, "F64": np.float64,
+}
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fixed 64-byte header (SPEC §1)."""
+
+    version: int
+    index_offset: int
+    index_size: int
+    data_offset: int
+    file_size: int
+    alignment: int
+    index_crc32: int
+
+
+class ZmoeReader:
+    """Open a ``.zmoe`` file.
+
+    Attributes:
+        path: the file.
+        header: :class:`Header`.
+        metadata: ``{key: value}`` with values typed per SPEC §3; ``metadata_types`` gives types.
+        tensors: ``{name: record}`` index records (SPEC §4), in file order.
+        experts: ``{(layer, expert): block}`` expert blocks (SPEC §6).
+
+    Raises:
+        FileNotFoundError: no such file.
+        NotZmoeError: wrong magic.  UnsupportedVersionError: version other than 1.
+        TruncatedFileError: shorter than recorded.  CorruptIndexError: header/index CRC or JSON bad.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(HEADER_SIZE)
+            if len(head) < 4 or head[:4] != MAGIC:
+                raise NotZmoeError(f"{self.path}: not a .zmoe file (magic {head[:4]!r}, "
+                                   f"expected {MAGIC!r})")
+            if len(head) < HEADER_SIZE:
+                raise TruncatedFileError(f"{self.path}: truncated header ({len(head)} bytes)")
+            (version,) = struct.unpack_from("<I", head, 4)
+            if version != VERSION:
+                raise UnsupportedVersionError(
+                    f"{self.path}: .zmoe format version {version}; this reader supports version "
+                    f"{VERSION}" + (" (file written by a newer zipmoe-rt: upgrade)" if version > VERSION else ""))
+            (hcrc,) = struct.unpack_from("<I", head, 60)
+            if zlib.crc32(head[:60]) & 0xFFFFFFFF != hcrc:
+                raise CorruptIndexError(f"{self.path}: header checksum mismatch (corrupt header)")
+            _, _, ioff, isize, doff, fsize, align, icrc = HEADER_STRUCT.unpack(head[:60])
+            self.header = Header(version, ioff, isize, doff, fsize, align, icrc)
+            if size < fsize:
+                raise TruncatedFileError(f"{self.path}: truncated: {size} bytes on disk, header "
+                                         f"records {fsize}")
+            if size > fsize:
+                raise CorruptIndexError(f"{self.path}: {size - fsize} trailing bytes after the "
+                                        f"recorded end ({fsize})")
+            f.seek(ioff)
+            blob = f.read(isize)
+        if zlib.crc32(blob) & 0xFFFFFFFF != icrc:
+            raise CorruptIndexError(f"{self.path}: index checksum mismatch (corrupt index)")
+        try:
+            index = json.loads(blob.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptIndexError(f"{self.path}: index is not valid JSON ({e})") from None
+        self.metadata_types = {k: v["type"] for k, v in index["metadata"].items()}
+        self.metadata = {k: v["value"] for k, v in index["metadata"].items()}
+        self.tensors = {t["name"]: t for t in index["tensors"]}
+        self.experts = {(b["layer"], b["expert"]): b for b in index["experts"]}
+        self._check_ranges(fsize)
+        self._mm = None
+        self._dctx = zstd.ZstdDecompressor()
+
+    def _check_ranges(self, fsize):
+        def chk(name, off, n):
+            if off < self.header.data_offset or off + n > self.header.index_offset:
+                raise CorruptIndexError(f"{self.path}: tensor {name!r}: byte range "
+                                        f"[{off}, {off + n}) outside the data section")
+        for name, t in self.tensors.items():
+            for p in t["parts"]:
+                for key in ("raw", "sm"):
+                    if key in p:
+                        chk(name, p[key][0], p[key][1])
+                for c in p.get("exp", ()):
+                    chk(name, c[0], c[1])
+
+    # -- raw access --------------------------------------------------------------------------
+    @property
+    def buffer(self):
+        """The read-only memory map of the whole file."""
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mm
+
+    def view(self, offset: int, size: int) -> np.ndarray:
+        """uint8 [size] view of the file at ``offset`` (no copy)."""
+        return np.frombuffer(self.buffer, np.uint8, size, offset)
+
+    def _checked(self, name, what, entry, verify):
+        off, size, crc = entry[0], entry[1], entry[-1]
+        v = self.view(off, size)
+        if verify and zlib.crc32(v) & 0xFFFFFFFF != crc:
+            raise ChecksumError(f"{self.path}: tensor {name!r}: {what} at byte {off} fails its "
+                                f"CRC-32 (corrupt file)")
+        return v
+
+    def part_planes(self, name: str, part: dict, verify: bool = True):
+        """Checked stored pieces of one part: ``(sm_view, [(chunk_view, raw_size)])``."""
+        sm = self._checked(name, "sign+mantissa plane", part["sm"], verify)
+        chunks = [(self._checked(name, f"exponent chunk {i}", c, verify), c[2])
+                  for i, c in enumerate(part["exp"])]
+        return sm, chunks
+
+    def read_part(self, name: str, part: dict, verify: bool = True) -> np.ndarray:
+        """Decode one stored part of tensor ``name`` to its raw little-endian bytes (uint8)."""
+        t = self.tensors[name]
+        if "raw" in part:
+            return self._checked(name, "raw data", part["raw"], verify)
+        sm, chunks = self.part_planes(name, part, verify)
+        try:
+            exp = codec.decompress_chunks([c for c, _ in chunks], [n for _, n in chunks], self._dctx)
+            words = codec.merge_planes(exp, sm, t["dtype"])
+        except ValueError as e:
+            raise ChecksumError(f"{self.path}: tensor {name!r}: {e}") from None
+        return words.view(np.uint8)
+
+    # -- tensors -----------------------------------------------------------------------------
+    def read_tensor(self, name: str, verify: bool = True) -> np.ndarray:
+        """Tensor ``name`` as a numpy array of :data:`NUMPY_DTYPES` [dtype], shaped.
+
+        Raw tensors are zero-copy views of the map; bit-plane tensors are decoded.
+
+        Raises:
+            KeyError: no such tensor (message lists the file).  ChecksumError: corrupt data.
+        """
+        t = self.tensors.get(name)
+        if t is None:
+            raise KeyError(f"{self.path}: no tensor named {name!r}")
+        parts = [self.read_part(name, p, verify) for p in t["parts"]]
+        raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return raw.view(NUMPY_DTYPES[t["dtype"]]).reshape(t["shape"])
+
+    def expert_tensors(self, layer: int, expert: int, verify: bool = True) -> dict:
+        """All tensors of one expert: ``{name: array}``; a stacked tensor gives this expert's slice.
+
+        Raises:
+            KeyError: no such expert block.
+        """
+        block = self.experts.get((layer, expert))
+        if block is None:
+            raise KeyError(f"{self.path}: no expert block for layer {layer}, expert {expert}")
+        out = {}
+        for name in block["tensors"]:
+            t = self.tensors[name]
+            stacked = t["expert"].get("stacked", False)
+            part = t["parts"][expert] if stacked else t["parts"][0]
+            shape = t["shape"][1:] if stacked else t["shape"]
+            out[name] = self.read_part(name, part, verify).view(NUMPY_DTYPES[t["dtype"]]).reshape(shape)
+        return out
+
+    def verify(self, progress=None):
+        """Check every CRC-32 in the file and that every exponent chunk decodes to its size.
+
+        Args:
+            progress: optional callable(bytes_done) called after each tensor.
+
+        Raises:
+            ChecksumError: the first corrupt piece, named.
+        """
+        for name, t in self.tensors.items():
+            for p in t["parts"]:
+                self.read_part(name, p, verify=True)
+            if progress:
+                progress(name)
+
+    def stored_bytes(self, name: str) -> int:
+        """Bytes tensor ``name`` occupies in the file (planes and chunks, no padding)."""
+        n = 0
+        for p in self.tensors[name]["parts"]:
+            n += p.get("raw", p.get("sm", [0, 0]))[1] + sum(c[1] for c in p.get("exp", ()))
+        return n
+
+    def close(self):
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # views still alive; the map closes when they are collected
+                pass
+            self._mm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+def element_count(record: dict) -> int:
+    """Number of elements of an index record's tensor."""
+    return int(np.prod(record["shape"], dtype=np.int64))
+
+
+def bits_per_weight(reader: ZmoeReader, name: str) -> float:
+    """Stored bits per element of tensor ``name`` (16 for raw BF16, ~10.6 for bit-plane BF16)."""
+    n = element_count(reader.tensors[name])
+    return 8.0 * reader.stored_bytes(name) / n if n else 0.0

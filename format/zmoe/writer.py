@@ -1,0 +1,299 @@
+"""Streaming writer of ``.zmoe`` files (format/SPEC.md). Symmetrical to :mod:`zmoe.reader`.
+
+Data is written as it comes; the index goes at the end and the header is filled in last, so a
+file that was not closed has an all-zero header and is rejected by the reader.
+
+Typical use::
+
+    w = ZmoeWriter(path)
+    w.add_metadata("general.architecture", "MixtralForCausalLM")
+    w.add_tensor("model.norm.weight", "BF16", (576,), data)
+    w.write_expert(encode_expert(layer, expert, pieces, chunks=4))
+    w.close()
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import zstandard as zstd
+
+from . import codec
+from .constants import (ALIGNMENT, DEFAULT_CHUNKS, DENSE_ALIGNMENT, DTYPE_SIZES, ENC_BITPLANE,
+                        ENC_RAW, HEADER_SIZE, MAGIC, META_TYPES, MIN_CHUNK, VERSION)
+
+HEADER_STRUCT = struct.Struct("<4sIQQQQI I 12x")  # 60 bytes, then header crc32 (u32)
+assert HEADER_STRUCT.size == 60
+
+
+def infer_meta_type(value) -> str:
+    """The SPEC §3 type name for a Python value (bool, int, float, str, lists of those, else json)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, np.integer)):
+        return "int"
+    if isinstance(value, (float, np.floating)):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (list, tuple)) and value:
+        for t, ty in (("int[]", int), ("float[]", float), ("str[]", str)):
+            if all(isinstance(v, ty) and not isinstance(v, bool) for v in value):
+                return t
+    return "json"
+
+
+@dataclass
+class ExpertPiece:
+    """One tensor (or one expert's slice of an expert-stacked tensor) to store in an expert block.
+
+    Attributes:
+        name: tensor name in the checkpoint.
+        dtype: safetensors dtype name.
+        shape: shape of the whole tensor (for a stacked tensor, [E, ...]).
+        role: "gate", "up", "down", "gate_up", ... (what the runtime uses it for).
+        data: bytes-like of this expert's elements (C order).
+        part: index of this slice along axis 0 for a stacked tensor, None for a whole tensor.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple
+    role: str
+    data: object
+    part: int | None = None
+
+
+@dataclass
+class EncodedExpert:
+    """An expert block ready to write: produced by :func:`encode_expert` (thread-safe, no I/O)."""
+
+    layer: int
+    expert: int
+    sm: list = field(default_factory=list)        # per piece: bytes of SM plane (or raw bytes)
+    chunks: list = field(default_factory=list)    # per piece: [(frame, raw_size)] or None for raw
+    pieces: list = field(default_factory=list)
+
+
+_tls_compressors = {}
+
+
+def _compressor() -> zstd.ZstdCompressor:
+    import threading
+    key = threading.get_ident()
+    c = _tls_compressors.get(key)
+    if c is None:
+        c = _tls_compressors[key] = zstd.ZstdCompressor(compression_params=codec.zstd_parameters())
+    return c
+
+
+def encode_expert(layer: int, expert: int, pieces: list[ExpertPiece], chunks: int = DEFAULT_CHUNKS,
+                  min_chunk: int = MIN_CHUNK) -> EncodedExpert:
+    """Bit-plane split and compress every piece of one expert (CPU only, safe to run in threads:
+    zstd releases the GIL). Pieces of non-floating dtypes are kept raw."""
+    enc = EncodedExpert(layer, expert, pieces=pieces)
+    for p in pieces:
+        buf = np.frombuffer(memoryview(p.data).cast("B"), np.uint8)
+        if codec.is_bitplane_dtype(p.dtype):
+            exp, sm = codec.split_planes(buf, p.dtype)
+            enc.sm.append(sm)
+            enc.chunks.append(codec.compress_chunks(exp, chunks, min_chunk, _compressor()))
+        else:
+            enc.sm.append(buf)
+            enc.chunks.append(None)
+    return enc
+
+
+def _crc(b) -> int:
+    return zlib.crc32(memoryview(b).cast("B")) & 0xFFFFFFFF
+
+
+class ZmoeWriter:
+    """Write a ``.zmoe`` file, streaming (memory: one expert block at a time).
+
+    Args:
+        path: output path (the caller renames it when complete; see the converter).
+        alignment: alignment of the data section and expert regions in bytes (power of two,
+            >= 512 for O_DIRECT).
+
+    Raises:
+        ValueError: a duplicate tensor name or metadata key, a size that does not match
+            dtype x shape, an unknown metadata type.
+    """
+
+    def __init__(self, path, alignment: int = ALIGNMENT):
+        if alignment < HEADER_SIZE or alignment & (alignment - 1):
+            raise ValueError(f"alignment must be a power of two >= {HEADER_SIZE}, got {alignment}")
+        self.path = path
+        self.alignment = alignment
+        self.f = open(path, "wb")
+        self.f.write(b"\0" * alignment)
+        self.pos = alignment
+        self.metadata: dict = {}
+        self.tensors: dict = {}
+        self.order: list = []
+        self.experts: list = []
+        self.closed = False
+
+    # -- low level ---------------------------------------------------------------------------
+    def _pad(self, align: int):
+        n = -self.pos % align
+        if n:
+            self.f.write(b"\0" * n)
+            self.pos += n
+
+    def _write(self, data) -> tuple[int, int]:
+        mv = memoryview(data).cast("B")
+        off = self.pos
+        self.f.write(mv)
+        self.pos += mv.nbytes
+        return off, mv.nbytes
+
+    # -- metadata ----------------------------------------------------------------------------
+    def add_metadata(self, key: str, value, type: str | None = None):
+        """Add one typed key/value (SPEC §3). ``type`` is inferred when omitted."""
+        if key in self.metadata:
+            raise ValueError(f"metadata key {key!r} added twice")
+        t = type or infer_meta_type(value)
+        if t not in META_TYPES:
+            raise ValueError(f"metadata key {key!r}: unknown type {t!r}")
+        if isinstance(value, tuple):
+            value = list(value)
+        if isinstance(value, np.generic):
+            value = value.item()
+        self.metadata[key] = {"type": t, "value": value}
+
+    # -- tensors -----------------------------------------------------------------------------
+    def _record(self, name, dtype, shape, encoding, expert=None, nparts=1):
+        if name in self.tensors:
+            raise ValueError(f"tensor {name!r} added twice")
+        if dtype not in DTYPE_SIZES:
+            raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        rec = {"name": name, "dtype": dtype, "shape": [int(s) for s in shape],
+               "encoding": encoding, "parts": [None] * nparts}
+        if expert is not None:
+            rec["expert"] = expert
+        self.tensors[name] = rec
+        self.order.append(name)
+        return rec
+
+    def _encode_part(self, dtype, data, chunks, min_chunk):
+        buf = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        exp, sm = codec.split_planes(buf, dtype)
+        off, size = self._write(sm)
+        part = {"sm": [off, size, _crc(sm)], "exp": []}
+        for frame, raw in codec.compress_chunks(exp, chunks, min_chunk, _compressor()):
+            o, s = self._write(frame)
+            part["exp"].append([o, s, raw, _crc(frame)])
+        return part
+
+    def add_tensor(self, name: str, dtype: str, shape, data, encoding: str = ENC_RAW,
+                   chunks: int = DEFAULT_CHUNKS, min_chunk: int = MIN_CHUNK):
+        """Add a dense (non-expert) tensor, raw or as bit-planes (SPEC §4)."""
+        nbytes = memoryview(data).nbytes
+        expect = DTYPE_SIZES.get(dtype, 0) * int(np.prod(shape, dtype=np.int64))
+        rec = self._record(name, dtype, shape, encoding)
+        if nbytes != expect:
+            raise ValueError(f"tensor {name!r}: {nbytes} bytes given, {expect} expected for "
+                             f"{dtype}{list(shape)}")
+        if encoding == ENC_BITPLANE and not codec.is_bitplane_dtype(dtype):
+            rec["encoding"] = encoding = ENC_RAW
+        self._pad(DENSE_ALIGNMENT)
+        if encoding == ENC_RAW:
+            off, size = self._write(data)
+            rec["parts"][0] = {"raw": [off, size, _crc(data)]}
+        elif encoding == ENC_BITPLANE:
+            rec["parts"][0] = self._encode_part(dtype, data, chunks, min_chunk)
+        else:
+            raise ValueError(f"tensor {name!r}: unknown encoding {encoding!r}")
+
+    def write_expert(self, enc: EncodedExpert):
+        """Write one expert block: its SM region then its exponent region, each aligned (SPEC §6)."""
+        key = (enc.layer, enc.expert)
+        self._pad(self.alignment)
+        block = {"layer": enc.layer, "expert": enc.expert, "tensors": []}
+        parts = []
+        sm_start = self.pos
+        for p, sm in zip(enc.pieces, enc.sm):
+            off, size = self._write(sm)
+            parts.append({"sm": [off, size, _crc(sm)]} if codec.is_bitplane_dtype(p.dtype)
+                         else {"raw": [off, size, _crc(sm)]})
+        block["sm"] = [sm_start, self.pos - sm_start]
+        self._pad(self.alignment)
+        exp_start = self.pos
+        for part, ch in zip(parts, enc.chunks):
+            if ch is None:
+                continue
+            part["exp"] = []
+            for frame, raw in ch:
+                o, s = self._write(frame)
+                part["exp"].append([o, s, raw, _crc(frame)])
+        block["exp"] = [exp_start, self.pos - exp_start]
+        for p, part in zip(enc.pieces, parts):
+            n_elem = int(np.prod(p.shape[1:] if p.part is not None else p.shape, dtype=np.int64))
+            if memoryview(p.data).nbytes != n_elem * DTYPE_SIZES[p.dtype]:
+                raise ValueError(f"tensor {p.name!r} (expert {key}): {memoryview(p.data).nbytes} "
+                                 f"bytes, expected {n_elem * DTYPE_SIZES[p.dtype]}")
+            rec = self.tensors.get(p.name)
+            if rec is None:
+                enc_name = ENC_BITPLANE if codec.is_bitplane_dtype(p.dtype) else ENC_RAW
+                if p.part is None:
+                    exp_info = {"layer": enc.layer, "expert": enc.expert, "role": p.role}
+                    rec = self._record(p.name, p.dtype, p.shape, enc_name, exp_info, 1)
+                else:
+                    exp_info = {"layer": enc.layer, "role": p.role, "stacked": True}
+                    rec = self._record(p.name, p.dtype, p.shape, enc_name, exp_info, int(p.shape[0]))
+            idx = 0 if p.part is None else p.part
+            if rec["parts"][idx] is not None:
+                raise ValueError(f"tensor {p.name!r}: part {idx} written twice")
+            part["expert"] = enc.expert
+            rec["parts"][idx] = part
+            block["tensors"].append(p.name)
+        self.experts.append(block)
+
+    # -- finish ------------------------------------------------------------------------------
+    def close(self):
+        """Write the index and the header. Raises ValueError if a stacked tensor misses parts."""
+        if self.closed:
+            return
+        for name in self.order:
+            rec = self.tensors[name]
+            if any(p is None for p in rec["parts"]):
+                missing = [i for i, p in enumerate(rec["parts"]) if p is None]
+                raise ValueError(f"tensor {name!r}: expert parts {missing} were never written")
+        self._pad(DENSE_ALIGNMENT)
+        index = {"metadata": self.metadata, "tensors": [self.tensors[n] for n in self.order],
+                 "experts": self.experts}
+        blob = json.dumps(index, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode("utf-8")
+        index_off, index_size = self._write(blob)
+        file_size = self.pos
+        head = HEADER_STRUCT.pack(MAGIC, VERSION, index_off, index_size, self.alignment,
+                                  file_size, self.alignment, _crc(blob))
+        head += struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF)
+        self.f.flush()
+        self.f.seek(0)
+        self.f.write(head)
+        self.f.flush()
+        import os
+        os.fsync(self.f.fileno())
+        self.f.close()
+        self.closed = True
+
+    def abort(self):
+        """Close the file without writing the index (the caller deletes it)."""
+        if not self.closed:
+            self.f.close()
+            self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *a):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

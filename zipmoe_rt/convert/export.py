@@ -1,0 +1,139 @@
+"""``.zmoe`` -> Hugging Face folder (safetensors + config + tokenizer files), and a text summary.
+
+Exported tensors are byte-identical to the converter's source (format/SPEC.md §4-§5); config.json,
+tokenizer.json, tokenizer_config.json (with the chat template) and generation_config.json are
+written back from the metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import zmoe
+from zmoe.reader import element_count
+
+from .safetensors_io import DTYPE_SIZES, write_safetensors
+
+#: Shards are cut at this many bytes (transformers' default max_shard_size is 5 GB).
+MAX_SHARD_BYTES = 5 * 10**9
+
+
+def export(path, out_dir, max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True) -> Path:
+    """Write the model in ``path`` as an HF checkpoint folder ``out_dir``.
+
+    Tensors keep their source names, order, dtypes and bytes. More than ``max_shard_bytes`` of
+    tensors are split into ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``.
+    The folder is written under a temporary name and renamed when complete.
+
+    Raises:
+        zmoe.ZmoeError: corrupt input (checksums are verified while exporting).
+        FileExistsError: ``out_dir`` exists and is not empty.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: exists and is not empty")
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=False)
+    try:
+        with zmoe.ZmoeReader(path) as r:
+            shards, cur, size = [], [], 0
+            for name, t in r.tensors.items():
+                n = element_count(t) * DTYPE_SIZES[t["dtype"]]
+                if cur and size + n > max_shard_bytes:
+                    shards.append(cur)
+                    cur, size = [], 0
+                cur.append(name)
+                size += n
+            shards.append(cur)
+            bar = tqdm(total=sum(element_count(t) * DTYPE_SIZES[t["dtype"]] for t in r.tensors.values()),
+                       unit="B", unit_scale=True, desc="export", disable=not progress)
+
+            def getter(name):
+                def get():
+                    a = r.read_tensor(name, verify=True)
+                    bar.update(a.nbytes)
+                    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+                return get
+
+            weight_map = {}
+            for i, names in enumerate(shards):
+                fname = ("model.safetensors" if len(shards) == 1
+                         else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+                write_safetensors(tmp / fname, {n: (r.tensors[n]["dtype"], r.tensors[n]["shape"],
+                                                    getter(n)) for n in names},
+                                  metadata={"format": "pt"})
+                weight_map.update({n: fname for n in names})
+            bar.close()
+            if len(shards) > 1:
+                total = sum(element_count(t) * DTYPE_SIZES[t["dtype"]] for t in r.tensors.values())
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                    {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            _write_side_files(r.metadata, tmp)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
+
+
+def _write_side_files(meta: dict, folder: Path):
+    def dump(name, obj):
+        (folder / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if "hf.config" in meta:
+        dump("config.json", meta["hf.config"])
+    if meta.get("generation.config"):
+        dump("generation_config.json", meta["generation.config"])
+    if "tokenizer.json" in meta:
+        (folder / "tokenizer.json").write_text(meta["tokenizer.json"], encoding="utf-8")
+    tok_cfg = dict(meta.get("tokenizer.config") or {})
+    if "tokenizer.chat_template" in meta:
+        tok_cfg["chat_template"] = meta["tokenizer.chat_template"]
+    if tok_cfg:
+        dump("tokenizer_config.json", tok_cfg)
+
+
+def summarize(path, show_tensors: bool = True, max_value: int = 80) -> str:
+    """Human-readable summary of a ``.zmoe`` file: metadata, the tensor table, bits per weight
+    for expert and dense tensors. Does not decode anything."""
+    lines = []
+    with zmoe.ZmoeReader(path) as r:
+        size = r.header.file_size
+        lines.append(f"{path}: .zmoe v{r.header.version}, {size / 1e6:.1f} MB, "
+                     f"{len(r.tensors)} tensors, {len(r.experts)} expert blocks, "
+                     f"alignment {r.header.alignment}")
+        lines.append("metadata:")
+        for k, v in r.metadata.items():
+            s = json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v
+            s = s.replace("\n", "\\n")
+            if len(s) > max_value:
+                s = s[:max_value - 3] + f"... ({len(s)} chars)"
+            lines.append(f"  {k:<36} {r.metadata_types[k]:<6} {s}")
+        groups = {"expert": [0, 0, 0], "dense": [0, 0, 0]}  # elements, stored bytes, source bytes
+        rows = []
+        for name, t in r.tensors.items():
+            n = element_count(t)
+            stored = r.stored_bytes(name)
+            src = n * DTYPE_SIZES[t["dtype"]]
+            g = groups["expert" if "expert" in t else "dense"]
+            g[0] += n
+            g[1] += stored
+            g[2] += src
+            rows.append(f"  {name:<60} {t['dtype']:<5} {str(t['shape']):<18} {t['encoding']:<8} "
+                        f"{stored:>12,d} {8 * stored / max(n, 1):6.2f}")
+        if show_tensors:
+            lines.append(f"tensors:\n  {'name':<60} {'dtype':<5} {'shape':<18} {'encoding':<8} "
+                         f"{'stored bytes':>12} {'bits/w':>6}")
+            lines += rows
+        lines.append("totals:")
+        for g, (n, stored, src) in groups.items():
+            if n:
+                lines.append(f"  {g:<7} {n:>14,d} weights  {stored / 1e6:10.1f} MB stored  "
+                             f"{8 * stored / n:6.2f} bits/weight  {100 * stored / src:5.1f} % of source")
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""Raw-byte access to safetensors files (single file or sharded with an index).
+
+The ``safetensors`` package cannot hand BF16 tensors to numpy (numpy has no bfloat16), and a
+lossless converter needs the stored bytes anyway, so this module reads and writes the format
+directly: an 8-byte little-endian header length, a JSON header
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the
+data (https://github.com/huggingface/safetensors#format).
+
+Tensors come back as read-only ``numpy.uint8`` views of a memory map, so reading one tensor
+touches only its bytes.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+#: safetensors dtype name -> bytes per element.
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+
+#: safetensors dtype name -> numpy dtype used to view the raw bytes (BF16 as its uint16 bits).
+NUMPY_VIEW = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+    "I16": np.int16, "U16": np.uint16, "F16": np.float16, "BF16": np.uint16,
+    "I32": np.int32, "U32": np.uint32, "F32": np.float32,
+    "I64": np.int64, "U64": np.uint64, "F64": np.float64,
+}
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file or index is malformed; the message names the file and tensor."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a checkpoint: where its bytes live.
+
+    Attributes:
+        name: tensor name as stored (e.g. ``model.layers.0.mlp.gate.weight``).
+        dtype: safetensors dtype name (``BF16``, ``F16``, ``F32``, ...).
+        shape: tuple of ints, row-major.
+        file: the shard holding it.
+        begin, end: byte offsets inside the shard's data section.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple
+    file: Path
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file.
+
+    Raises:
+        SafetensorsError: truncated file, bad header JSON, unknown dtype, or a tensor whose
+            byte range does not match dtype x shape or lies outside the file.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SafetensorsError(f"{self.path}: truncated safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise SafetensorsError(f"{self.path}: header length {n} exceeds file size {size}")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise SafetensorsError(f"{self.path}: header is not valid JSON ({e})") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, h in header.items():
+            dtype = h.get("dtype")
+            if dtype not in DTYPE_SIZES:
+                raise SafetensorsError(f"{self.path}: tensor {name!r} has unknown dtype {dtype!r}")
+            shape = tuple(int(s) for s in h["shape"])
+            begin, end = (int(x) for x in h["data_offsets"])
+            expect = DTYPE_SIZES[dtype] * int(np.prod(shape, dtype=np.int64))
+            if end - begin != expect:
+                raise SafetensorsError(
+                    f"{self.path}: tensor {name!r} has {end - begin} bytes, "
+                    f"expected {expect} for {dtype}{list(shape)}")
+            if self.data_start + end > size:
+                raise SafetensorsError(f"{self.path}: tensor {name!r} lies past the end of the file "
+                                       f"(truncated shard?)")
+            self.tensors[name] = TensorInfo(name, dtype, shape, self.path, begin, end)
+        self._mm = None
+
+    def _map(self):
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if \
+                    self.path.stat().st_size else b""
+        return self._mm
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes of tensor ``name`` as a read-only 1-D uint8 view (no copy)."""
+        t = self.tensors[name]
+        if t.nbytes == 0:
+            return np.zeros(0, np.uint8)
+        return np.frombuffer(self._map(), np.uint8, t.nbytes, self.data_start + t.begin)
+
+    def array(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a numpy array of ``NUMPY_VIEW[dtype]`` with its shape (no copy)."""
+        t = self.tensors[name]
+        return self.raw(name).view(NUMPY_VIEW[t.dtype]).reshape(t.shape)
+
+    def close(self):
+        if self._mm is not None and not isinstance(self._mm, bytes):
+            try:
+                self._mm.close()
+            except BufferError:  # numpy views still alive: the map closes when they are freed
+                pass
+        self._mm = None
+
+
+class Checkpoint:
+    """All tensors of a Hugging Face checkpoint folder, single-file or sharded.
+
+    Reads ``model.safetensors``, or ``model.safetensors.index.json`` and the shards it names;
+    any other ``*.safetensors`` set is read as a whole if neither exists.
+
+    Raises:
+        FileNotFoundError: no safetensors in ``folder``, or a shard named by the index is missing
+            (the message names it).
+        SafetensorsError: a malformed file, or a tensor the index places in a shard that lacks it.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        single = self.folder / "model.safetensors"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            for s in shards:
+                if not (self.folder / s).exists():
+                    raise FileNotFoundError(f"{self.folder / s}: shard named by {index.name} is missing")
+        elif single.exists():
+            weight_map, shards = None, ["model.safetensors"]
+        else:
+            shards = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            weight_map = None
+            if not shards:
+                raise FileNotFoundError(f"{self.folder}: no model.safetensors or "
+                                        f"model.safetensors.index.json")
+        self.files = {s: SafetensorsFile(self.folder / s) for s in shards}
+        self.tensors: dict[str, TensorInfo] = {}
+        for s, f in self.files.items():
+            for name, t in f.tensors.items():
+                if weight_map is not None and weight_map.get(name) != s:
+                    continue
+                self.tensors[name] = t
+        if weight_map is not None:
+            for name, s in weight_map.items():
+                if name not in self.tensors:
+                    raise SafetensorsError(f"{self.folder / s}: tensor {name!r} named by the index "
+                                           f"is not in the shard")
+
+    def _file(self, name: str) -> SafetensorsFile:
+        return self.files[self.tensors[name].file.name]
+
+    def raw(self, name: str) -> np.ndarray:
+        """Stored bytes of ``name`` (1-D uint8 view)."""
+        return self._file(name).raw(name)
+
+    def array(self, name: str) -> np.ndarray:
+        """``name`` viewed as numpy (BF16 as uint16 bits), shaped."""
+        return self._file(name).array(name)
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self.tensors.values())
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None):
+    """Write ``{name: (dtype_name, shape, data)}`` as one safetensors file.
+
+    ``data`` is bytes-like, or a zero-argument callable returning it (called once, when the
+    tensor is written, so a caller can stream tensors without holding them all).
+    Tensors are written in the given order; the data must hold exactly
+    ``DTYPE_SIZES[dtype] * prod(shape)`` bytes (checked; ``ValueError`` names the tensor).
+    The header is padded with spaces to a multiple of 8 bytes, as the reference writer does.
+    """
+    header, offset = {}, 0
+    for name, (dtype, shape, _) in tensors.items():
+        n = DTYPE_SIZES[dtype] * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}, **header}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, (dtype, shape, data) in tensors.items():
+            mv = memoryview(data() if callable(data) else data).cast("B")
+            h = header[name]["data_offsets"]
+            if mv.nbytes != h[1] - h[0]:
+                raise ValueError(f"tensor {name!r}: {mv.nbytes} bytes given, {h[1] - h[0]} "
+                                 f"expected for {dtype}{list(shape)}")
+            f.write(mv)
