@@ -1,0 +1,147 @@
+"""The ``.zmoe`` expert store: a :class:`~zipmoe_rt.models.weights.WeightSource` over a
+memory-mapped ``.zmoe`` file (format/SPEC.md).
+
+Dense tensors are loaded once (raw tensors are zero-copy views of the map, CRC-checked once).
+An expert is rebuilt from its planes on request: each exponent chunk is zstd-decoded and merged
+with its sign+mantissa bytes by a Numba kernel while still in cache (ZipMoE §3.1). Every piece's
+CRC-32 is checked before use unless ``verify=False``.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import zstandard as zstd
+
+import zmoe
+from zmoe.reader import NUMPY_DTYPES
+
+from ..kernels.planes import MERGE
+from ..models.weights import ExpertWeights, assemble_expert
+
+
+class ZmoeSource:
+    """Weights of a ``.zmoe`` model.
+
+    Args:
+        path: the ``.zmoe`` file.
+        verify: check the CRC-32 of every piece read (recommended; ~4 GB/s per core).
+        keep_experts: keep decoded experts in memory after first use (unbudgeted runs).
+
+    Attributes:
+        hparams: normalised hyper-parameters (``hparams.*`` metadata, format/SPEC.md §3).
+        metadata: all metadata.
+
+    Raises:
+        zmoe.ZmoeError subclasses: corrupt, truncated or foreign files (see the reader).
+    """
+
+    def __init__(self, path, verify: bool = True, keep_experts: bool = True):
+        self.reader = zmoe.ZmoeReader(path)
+        self.path = self.reader.path
+        self.metadata = self.reader.metadata
+        self.hparams = {k[len("hparams."):]: v for k, v in self.metadata.items()
+                        if k.startswith("hparams.")}
+        if "family" not in self.hparams:
+            self.hparams["family"] = self.metadata.get("general.family", "")
+        self.verify = verify
+        self.keep_experts = keep_experts
+        self._dense: dict = {}
+        self._experts: dict = {}
+        self._tls = threading.local()
+        self.bytes_read = 0
+
+    # -- dense -------------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        t = self.reader.tensors.get(name)
+        return t is not None and "expert" not in t
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Dense tensor ``name`` (BF16 as uint16), shaped. Raises KeyError naming it if absent."""
+        a = self._dense.get(name)
+        if a is None:
+            if not self.has(name):
+                raise KeyError(f"{self.path}: no dense tensor {name!r}")
+            a = self._dense[name] = self.reader.read_tensor(name, verify=self.verify)
+        return a
+
+    def dense_bytes(self) -> int:
+        """Bytes of all dense tensors (what stays resident)."""
+        return sum(zmoe.reader.element_count(t) * np.dtype(NUMPY_DTYPES[t["dtype"]]).itemsize
+                   for t in self.reader.tensors.values() if "expert" not in t)
+
+    # -- experts -----------------------------------------------------------------------------
+    def _dctx(self) -> zstd.ZstdDecompressor:
+        d = getattr(self._tls, "d", None)
+        if d is None:
+            d = self._tls.d = zstd.ZstdDecompressor()
+        return d
+
+    def expert_parts(self, layer: int, expert: int):
+        """[(name, record, part, shape, role)] of one expert's tensors. KeyError if absent."""
+        block = self.reader.experts.get((layer, expert))
+        if block is None:
+            raise KeyError(f"{self.path}: no expert {expert} in layer {layer}")
+        out = []
+        for name in block["tensors"]:
+            t = self.reader.tensors[name]
+            stacked = t["expert"].get("stacked", False)
+            part = t["parts"][expert] if stacked else t["parts"][0]
+            shape = tuple(t["shape"][1:] if stacked else t["shape"])
+            out.append((name, t, part, shape, t["expert"]["role"]))
+        return out
+
+    def decode_part(self, name: str, record: dict, part: dict, shape, sm=None, chunks=None) -> np.ndarray:
+        """Rebuild one stored part into a new array of its dtype (BF16 as uint16).
+
+        ``sm``/``chunks`` may be given when the caller already holds those bytes (tiers S/C/E);
+        otherwise they are read from the file (and CRC-checked if ``verify``).
+
+        Raises:
+            zmoe.ChecksumError: a piece fails its CRC or a chunk does not decode to its size.
+        """
+        dtype = record["dtype"]
+        if "raw" in part:
+            return self.reader.read_part(name, part, self.verify).view(NUMPY_DTYPES[dtype]).reshape(shape).copy()
+        if sm is None or chunks is None:
+            sm_r, ch_r = self.reader.part_planes(name, part, self.verify)
+            sm = sm_r if sm is None else sm
+            chunks = ch_r if chunks is None else chunks
+        merge, smb, wdt = MERGE[dtype]
+        n = sum(c[1] for c in chunks)
+        out = np.empty(n, wdt)
+        d = self._dctx()
+        pos = 0
+        for frame, raw_size in chunks:
+            try:
+                e = d.decompress(frame, max_output_size=raw_size)
+            except zstd.ZstdError as err:
+                raise zmoe.ChecksumError(f"{self.path}: tensor {name!r}: exponent chunk does not "
+                                         f"decode ({err})") from None
+            if len(e) != raw_size:
+                raise zmoe.ChecksumError(f"{self.path}: tensor {name!r}: exponent chunk decoded to "
+                                         f"{len(e)} bytes, expected {raw_size}")
+            merge(np.frombuffer(e, np.uint8), sm[pos * smb:(pos + raw_size) * smb], out[pos:pos + raw_size])
+            pos += raw_size
+        return out.view(NUMPY_DTYPES[dtype]).reshape(shape)
+
+    def decode_expert(self, layer: int, expert: int) -> ExpertWeights:
+        """Read and rebuild one expert from the file (no caching)."""
+        roles = {}
+        for name, rec, part, shape, role in self.expert_parts(layer, expert):
+            roles[role] = self.decode_part(name, rec, part, shape)
+        return assemble_expert(roles)
+
+    def expert(self, layer: int, expert: int) -> ExpertWeights:
+        """One expert's weights; decoded on first use and kept if ``keep_experts``."""
+        w = self._experts.get((layer, expert))
+        if w is None:
+            w = self.decode_expert(layer, expert)
+            if self.keep_experts:
+                self._experts[(layer, expert)] = w
+        return w
+
+    def close(self):
+        self._dense.clear()
+        self._experts.clear()
+        self.reader.close()

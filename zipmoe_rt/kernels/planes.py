@@ -1,0 +1,52 @@
+"""Numba kernels that merge bit-planes back into words (format/SPEC.md §5.1; ZipMoE §3.1).
+
+Single-threaded and ``nogil`` on purpose: decode workers call them from several threads at once,
+each on its own chunk, right after zstd decoded that chunk (so the exponents are still in cache).
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+
+@nb.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
+def merge_bf16(exp, sm, out):
+    """out[i] = (sm[i] >> 7) << 15 | exp[i] << 7 | (sm[i] & 0x7F).
+
+    Args:
+        exp: uint8 [n] exponent plane (or a chunk of it).
+        sm: uint8 [n] sign+mantissa plane, same range.
+        out: uint16 [n] destination (BF16 bit patterns).
+    """
+    for i in range(exp.shape[0]):
+        s = np.uint16(sm[i])
+        out[i] = ((s & np.uint16(0x80)) << np.uint16(8)) | (np.uint16(exp[i]) << np.uint16(7)) \
+            | (s & np.uint16(0x7F))
+
+
+@nb.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
+def merge_f16(exp, sm, out):
+    """FP16: out[i] = (smv >> 10) << 15 | exp << 10 | (smv & 0x3FF), smv = uint16 LE from sm[2i:2i+2].
+
+    exp uint8 [n], sm uint8 [2n], out uint16 [n]."""
+    for i in range(exp.shape[0]):
+        v = np.uint16(sm[2 * i]) | (np.uint16(sm[2 * i + 1]) << np.uint16(8))
+        out[i] = ((v & np.uint16(0x400)) << np.uint16(5)) | (np.uint16(exp[i]) << np.uint16(10)) \
+            | (v & np.uint16(0x3FF))
+
+
+@nb.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
+def merge_f32(exp, sm, out):
+    """FP32: out[i] = (smv >> 23) << 31 | exp << 23 | (smv & 0x7FFFFF), smv = 3 bytes LE.
+
+    exp uint8 [n], sm uint8 [3n], out uint32 [n]."""
+    for i in range(exp.shape[0]):
+        v = np.uint32(sm[3 * i]) | (np.uint32(sm[3 * i + 1]) << np.uint32(8)) \
+            | (np.uint32(sm[3 * i + 2]) << np.uint32(16))
+        out[i] = ((v & np.uint32(0x800000)) << np.uint32(8)) | (np.uint32(exp[i]) << np.uint32(23)) \
+            | (v & np.uint32(0x7FFFFF))
+
+
+#: dtype -> (kernel, SM bytes per element, output numpy dtype)
+MERGE = {"BF16": (merge_bf16, 1, np.uint16), "F16": (merge_f16, 2, np.uint16),
+         "F32": (merge_f32, 3, np.uint32)}
