@@ -1,0 +1,718 @@
+"""The token loop: sampling and autoregressive generation over a model with a KV cache.
+
+Sampling mirrors the logits processors of Hugging Face ``transformers``
+(``transformers/generation/logits_process.py``) in the order ``GenerationMixin._get_logits_processor``
+(``transformers/generation/utils.py``) applies them:
+
+1. ``RepetitionPenaltyLogitsProcessor`` — for every token id already in the context (prompt,
+   earlier turns held in the cache, and the tokens generated so far) the logit ``x`` becomes
+   ``x * penalty`` if ``x < 0`` else ``x / penalty``. Applied for greedy decoding too.
+2. greedy (``temperature == 0``, transformers' ``do_sample=False``): ``argmax``; the warpers below
+   are skipped, as in transformers.
+3. ``TemperatureLogitsWarper``: ``x / temperature``.
+4. ``TopKLogitsWarper``: drop tokens whose logit is below the k-th largest (ties at the k-th are kept).
+5. ``TopPLogitsWarper``: sorted ascending, drop the tokens whose cumulative probability is
+   ``<= 1 - top_p`` (nucleus sampling), always keeping the most likely token.
+6. ``MinPLogitsWarper``: drop tokens with probability ``< min_p * max probability``.
+
+Then one token is drawn from the softmax of what is left, with a seeded
+``numpy.random.Generator``.
+
+The model interface this module drives (the model side must match it)::
+
+    cache = model.new_cache()
+    logits = model.forward(ids, cache, last_only=True)   # ids: int64 [T]; logits: float32 [vocab]
+    model.config.vocab_size                               # int (``model.config`` may be a dict)
+
+``forward`` appends the ``T`` ids after what the cache holds. A ``[T, vocab]`` or ``[1, vocab]``
+result is accepted too (its last row is used). For safe cancellation, the cache should offer
+``get_seq_length() -> int`` and, ideally, ``crop(n)`` (the names of transformers' ``DynamicCache``),
+see :class:`CacheState`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "SamplingParams",
+    "Sampler",
+    "CacheState",
+    "GenerationStep",
+    "GenerationStats",
+    "Generation",
+    "generate",
+    "common_prefix_len",
+]
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding options, validated on construction.
+
+    Attributes:
+        temperature: softmax temperature, ``>= 0``. ``0`` selects greedy decoding (``argmax``; then
+            ``top_k``, ``top_p`` and ``min_p`` are ignored, like transformers with ``do_sample=False``).
+        top_k: keep the ``top_k`` most likely tokens; ``0`` turns it off. ``>= 0``.
+        top_p: nucleus sampling mass in ``[0, 1]``; ``1.0`` turns it off.
+        min_p: keep tokens with probability ``>= min_p * max probability``; in ``[0, 1]``; ``0``
+            turns it off.
+        repetition_penalty: ``> 0``; ``1.0`` turns it off. Applies to every token id in the
+            context: the cache's tokens (see :class:`CacheState`), the prompt and the output.
+        seed: seed of the ``numpy.random.Generator`` (``None``: fresh OS entropy). Same seed,
+            model and prompt give the same tokens.
+        max_tokens: the most tokens to sample (the stop token included), ``>= 1``.
+
+    Raises:
+        ValueError: an option is out of range or of the wrong type; the message names it.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 512
+
+    def __post_init__(self):
+        def real(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v):
+                raise ValueError(f"{name}: expected a finite number, got {v!r}")
+            if (v <= lo if lo_open else v < lo) or v > hi:
+                raise ValueError(f"{name}: must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+            object.__setattr__(self, name, float(v))
+
+        real("temperature", 0.0, math.inf)
+        real("top_p", 0.0, 1.0)
+        real("min_p", 0.0, 1.0)
+        real("repetition_penalty", 0.0, math.inf, lo_open=True)
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k: expected an int >= 0 (0 = off), got {self.top_k!r}")
+        object.__setattr__(self, "top_k", int(self.top_k))
+        if self.seed is not None:
+            if not _is_int(self.seed) or self.seed < 0:
+                raise ValueError(f"seed: expected None or an int >= 0, got {self.seed!r}")
+            object.__setattr__(self, "seed", int(self.seed))
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens: expected an int >= 1, got {self.max_tokens!r}")
+        object.__setattr__(self, "max_tokens", int(self.max_tokens))
+
+    @property
+    def greedy(self) -> bool:
+        """``True`` when ``temperature == 0`` (argmax decoding)."""
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_generation_config(cls, config: Mapping[str, Any], **overrides: Any) -> "SamplingParams":
+        """Defaults from a Hugging Face ``generation_config.json`` (parsed), as transformers reads it.
+
+        ``do_sample`` false/absent → greedy (``temperature=0``). Otherwise ``temperature``,
+        ``top_k``, ``top_p`` and ``min_p`` are used; unset or ``null`` ones take transformers'
+        defaults (``GenerationConfig._get_default_generation_params``: temperature 1.0, **top_k
+        50**, top_p 1.0; min_p off). ``repetition_penalty`` (default 1.0) applies either way.
+        ``overrides`` (e.g. ``seed=0, max_tokens=128``) win over the file.
+
+        Raises:
+            ValueError: as for :class:`SamplingParams`.
+        """
+        def get(key: str, default: Any) -> Any:  # unset or null -> transformers' global default
+            value = config.get(key)
+            return default if value is None else value
+
+        kw: dict[str, Any] = {}
+        if get("do_sample", False):
+            kw["temperature"] = get("temperature", 1.0)
+            kw["top_k"] = get("top_k", 50)
+            kw["top_p"] = get("top_p", 1.0)
+            kw["min_p"] = get("min_p", 0.0)
+        else:
+            kw["temperature"] = 0.0
+        kw["repetition_penalty"] = get("repetition_penalty", 1.0)
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def _softmax64(x: np.ndarray) -> np.ndarray:
+    z = x.astype(np.float64) - np.max(x)
+    e = np.exp(z)
+    return e / e.sum()
+
+
+class Sampler:
+    """Applies :class:`SamplingParams` to logits and draws tokens.
+
+    Follows transformers' ``RepetitionPenaltyLogitsProcessor``, ``TemperatureLogitsWarper``,
+    ``TopKLogitsWarper``, ``TopPLogitsWarper`` and ``MinPLogitsWarper``
+    (``transformers/generation/logits_process.py``), in that order, with
+    ``min_tokens_to_keep=1``; see the module docstring. Filtering works on the surviving
+    candidates only, so top-k / top-p cost O(vocab) plus a sort of the candidates.
+
+    Args:
+        params: the options.
+        rng: the random generator; default ``numpy.random.default_rng(params.seed)``.
+
+    Draw procedure (fixed, so a seed reproduces a run): ``u = rng.random()``; the token is the first
+    surviving candidate, in increasing id order, whose cumulative probability exceeds ``u``
+    (inverse-CDF sampling). Greedy decoding draws nothing.
+    """
+
+    #: Candidates looked at first for top-p; the full set is sorted only if they hold < top_p mass.
+    TOP_P_PREFILTER = 1024
+
+    def __init__(self, params: SamplingParams, rng: np.random.Generator | None = None):
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
+        self.params = params
+        self.rng = rng if rng is not None else np.random.default_rng(params.seed)
+
+    # -- the processors ----------------------------------------------------------------------
+
+    def penalize(self, logits: np.ndarray, context_ids: np.ndarray | Sequence[int] | None) -> np.ndarray:
+        """Repetition penalty (``RepetitionPenaltyLogitsProcessor``).
+
+        Args:
+            logits: float32 ``[vocab]`` raw logits (not modified).
+            context_ids: int ids already in the context; duplicates and ids ``>= vocab`` are
+                ignored (transformers clamps those away too).
+
+        Returns:
+            float32 ``[vocab]``: a copy with the penalty applied, or ``logits`` itself when the
+            penalty is off or there is no context.
+        """
+        pen = self.params.repetition_penalty
+        if pen == 1.0 or context_ids is None or len(context_ids) == 0:
+            return logits
+        ids = np.asarray(context_ids, dtype=np.int64)
+        ids = ids[(ids >= 0) & (ids < logits.shape[-1])]
+        out = np.array(logits, dtype=np.float32, copy=True)
+        sel = out[ids]
+        out[ids] = np.where(sel < 0, sel * np.float32(pen), sel / np.float32(pen))
+        return out
+
+    def candidates(self, logits: np.ndarray, context_ids=None) -> tuple[np.ndarray, np.ndarray]:
+        """Run all processors; return what survives.
+
+        Args:
+            logits: float32 ``[vocab]`` raw logits from the model.
+            context_ids: ids for the repetition penalty (see :meth:`penalize`).
+
+        Returns:
+            ``(ids, scores)``: int64 ``[n]`` surviving token ids in increasing order and float32
+            ``[n]`` their processed logits (penalized, divided by the temperature), ``n >= 1``.
+            In greedy mode the single argmax token.
+        """
+        x = self.penalize(np.asarray(logits, dtype=np.float32), context_ids)
+        p = self.params
+        if p.greedy:
+            i = int(np.argmax(x))
+            return np.array([i], dtype=np.int64), x[i : i + 1].astype(np.float32)
+        if p.temperature != 1.0:
+            x = x / np.float32(p.temperature)
+        v = x.shape[-1]
+        if p.top_k > 0 and p.top_k < v:
+            kth = np.partition(x, v - p.top_k)[v - p.top_k]
+            ids = np.flatnonzero(x >= kth)
+        else:
+            ids = np.arange(v, dtype=np.int64)
+        scores = x[ids]
+        if p.top_p < 1.0:
+            ids, scores = self._top_p(ids, scores, p.top_p)
+        if p.min_p > 0.0:
+            probs = _softmax64(scores)
+            keep = probs >= p.min_p * probs.max()
+            ids, scores = ids[keep], scores[keep]
+        return ids.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)
+
+    def _top_p(self, ids: np.ndarray, scores: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+        # transformers sorts ascending and drops cumsum <= 1 - top_p. Equivalently, in descending
+        # order a token is kept iff the mass of the tokens before it is < top_p (the first is
+        # always kept). If the TOP_P_PREFILTER most likely tokens already hold >= top_p of the
+        # mass, every other token has >= top_p before it, so only those need sorting.
+        n = scores.shape[0]
+        m = self.TOP_P_PREFILTER
+        z = scores.astype(np.float64) - float(np.max(scores))
+        e = np.exp(z)
+        total = e.sum()
+        sub = np.arange(n)
+        if n > 2 * m:
+            top = np.argpartition(scores, n - m)[n - m :]
+            if e[top].sum() / total >= top_p:
+                sub = top
+        order = sub[np.argsort(-scores[sub], kind="stable")]
+        mass = e[order] / total
+        before = np.concatenate(([0.0], np.cumsum(mass)[:-1]))  # mass of the more likely tokens
+        keep_n = max(1, int(np.count_nonzero(before < top_p)))
+        keep = np.sort(order[:keep_n])
+        return ids[keep], scores[keep]
+
+    def filtered_logits(self, logits: np.ndarray, context_ids=None) -> np.ndarray:
+        """Processed logits over the full vocabulary, ``-inf`` where filtered out.
+
+        What transformers' processor list returns for the same options (useful for testing).
+
+        Returns:
+            float32 ``[vocab]``.
+        """
+        ids, scores = self.candidates(logits, context_ids)
+        out = np.full(np.shape(logits)[-1], -np.inf, dtype=np.float32)
+        out[ids] = scores
+        return out
+
+    def probs(self, logits: np.ndarray, context_ids=None) -> np.ndarray:
+        """The sampling distribution: softmax of :meth:`filtered_logits` (one-hot when greedy).
+
+        Returns:
+            float64 ``[vocab]``, sums to 1.
+        """
+        ids, scores = self.candidates(logits, context_ids)
+        out = np.zeros(np.shape(logits)[-1], dtype=np.float64)
+        out[ids] = _softmax64(scores)
+        return out
+
+    def sample(self, logits: np.ndarray, context_ids=None) -> int:
+        """Pick the next token.
+
+        Args:
+            logits: float32 ``[vocab]`` raw logits of the last position.
+            context_ids: ids for the repetition penalty.
+
+        Returns:
+            The token id (``int``).
+        """
+        ids, scores = self.candidates(logits, context_ids)
+        if ids.shape[0] == 1:
+            return int(ids[0])
+        cdf = np.cumsum(_softmax64(scores))
+        k = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+        return int(ids[min(k, ids.shape[0] - 1)])
+
+
+# --------------------------------------------------------------------------------------------
+# KV-cache bookkeeping
+# --------------------------------------------------------------------------------------------
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two id sequences."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x = np.asarray(a[:n], dtype=np.int64)
+    y = np.asarray(b[:n], dtype=np.int64)
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if diff.size else n
+
+
+def _cache_len(cache: Any) -> int | None:
+    f = getattr(cache, "get_seq_length", None)
+    if callable(f):
+        try:
+            return int(f())
+        except Exception:
+            return None
+    return None
+
+
+@dataclass
+class CacheState:
+    """A model's KV cache plus the token ids it holds.
+
+    Invariant: ``token_ids`` lists, in order, every id fed through ``model.forward`` into
+    ``cache`` — exactly the positions the cache holds. :func:`generate` keeps it true, also when
+    generation stops early (the consumer stops iterating, ``KeyboardInterrupt``): ids are appended
+    only after ``forward`` returns. If ``forward`` itself is interrupted, :func:`generate`
+    reconciles with ``cache.get_seq_length()`` (whole call committed or not) or rolls back with
+    ``cache.crop(n)``; when the cache offers neither, ``valid`` becomes ``False`` and the state
+    must not be reused.
+
+    Attributes:
+        cache: the object from ``model.new_cache()``.
+        token_ids: ids held by the cache.
+        valid: ``False`` once the cache contents are unknown (see above).
+    """
+
+    cache: Any
+    token_ids: list[int] = field(default_factory=list)
+    valid: bool = True
+
+    @classmethod
+    def new(cls, model: Any) -> "CacheState":
+        """An empty state: ``CacheState(model.new_cache(), [])``."""
+        return cls(model.new_cache(), [])
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def sync_prefix(self, target_ids: Sequence[int], model: Any | None = None) -> list[int]:
+        """Reuse the cache for a prompt that shares a prefix with what it holds.
+
+        Keeps the longest common prefix of ``token_ids`` and ``target_ids`` (at most
+        ``len(target_ids) - 1`` ids, so at least one id is left to prefill), drops the rest of
+        the cache with ``cache.crop(n)``, and returns the ids still to feed. If the cache must
+        shrink but has no ``crop`` (or the state is not ``valid``), it is replaced by
+        ``model.new_cache()`` and all of ``target_ids`` is returned.
+
+        Typical chat use: ``new = state.sync_prefix(tok.encode_chat(messages), model)`` then
+        ``generate(model, new, params, stop_ids, cache=state)``.
+
+        Args:
+            target_ids: the full token sequence the cache should end up holding (non-empty).
+            model: used to make a fresh cache when needed.
+
+        Returns:
+            The suffix of ``target_ids`` to pass as ``prompt_ids``.
+
+        Raises:
+            ValueError: ``target_ids`` is empty, or the cache must be rebuilt and no ``model``
+                was given.
+        """
+        target = [int(t) for t in target_ids]
+        if not target:
+            raise ValueError("target_ids: empty")
+        keep = min(common_prefix_len(self.token_ids, target), len(target) - 1) if self.valid else 0
+        if keep < len(self.token_ids):
+            crop = getattr(self.cache, "crop", None)
+            if self.valid and callable(crop):
+                crop(keep)
+                del self.token_ids[keep:]
+            else:
+                if model is None:
+                    raise ValueError("model: needed to rebuild a cache that cannot be cropped")
+                self.cache, self.token_ids, self.valid, keep = model.new_cache(), [], True, 0
+        return target[keep:]
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Counts and timings of one :func:`generate` call.
+
+    Times are seconds of work inside the generator (``forward`` plus sampling), measured with
+    ``time.perf_counter``; time the consumer spends between steps is not counted.
+
+    Attributes:
+        prompt_tokens: ids prefilled by this call (the new ``prompt_ids`` only).
+        cached_tokens: ids already in the cache when the call started (reused KV entries).
+        generated_tokens: tokens sampled, the stop token included when ``finish_reason == "stop"``.
+        output_tokens: tokens yielded (``generated_tokens`` minus the stop token).
+        finish_reason: ``"stop"`` (a stop id was sampled), ``"length"`` (``max_tokens`` reached),
+            ``"cancelled"`` (closed early or ``KeyboardInterrupt``), ``"error"`` (``forward``
+            raised).
+        stop_token_id: the stop id sampled, or ``None``.
+        ttft_s: time to first token: prefill ``forward`` plus the first sampling; ``None`` if no
+            token was sampled.
+        prefill_tokens_per_s: ``prompt_tokens / ttft_s``.
+        decode_s: time of the decode steps (one ``forward`` of one id and one sampling each).
+        decode_tokens_per_s: ``(generated_tokens - 1) / decode_s``; ``None`` with fewer than 2
+            generated tokens.
+        tpot_s: time per output token in decode, ``decode_s / (generated_tokens - 1)``; ``None``
+            likewise.
+    """
+
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    output_tokens: int
+    finish_reason: FinishReason
+    stop_token_id: int | None
+    ttft_s: float | None
+    prefill_tokens_per_s: float | None
+    decode_s: float
+    decode_tokens_per_s: float | None
+    tpot_s: float | None
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """One item yielded by :class:`Generation`.
+
+    Every step but the last carries a sampled ``token_id`` (never a stop id) and ``stats=None``.
+    The last step has ``token_id=None`` and the :class:`GenerationStats` (``stats.finish_reason``,
+    ``stats.stop_token_id``).
+    """
+
+    token_id: int | None
+    stats: GenerationStats | None = None
+
+    @property
+    def is_final(self) -> bool:
+        """``True`` for the last step (the one carrying ``stats``)."""
+        return self.stats is not None
+
+
+class Generation(Iterator[GenerationStep]):
+    """A running generation; iterate it for :class:`GenerationStep` items. Made by :func:`generate`.
+
+    Iteration yields one step per sampled token, then one final step with the stats. Each
+    ``next()`` does one ``model.forward`` call (the first one prefills the whole prompt) and one
+    sampling; nothing runs before the first ``next()``.
+
+    Cancellation: stopping the iteration at any point (``break``, an exception in the consumer,
+    ``KeyboardInterrupt`` inside ``forward``) leaves ``state`` consistent with the cache (see
+    :class:`CacheState`). Call :meth:`close` (or use ``with generate(...) as gen:``) to record
+    ``finish_reason="cancelled"`` and get ``stats``. Ids that belong to the transcript but are not in
+    the cache are in :attr:`pending_ids`: normally the last sampled token (or the stop token), which
+    is sampled but never fed; after an interrupted prefill, the prompt. To continue the
+    conversation, feed them first, e.g. ``generate(model, gen.pending_ids + next_ids, ...,
+    cache=gen.state)``, or re-render the chat and use :meth:`CacheState.sync_prefix`. If
+    ``pending_ids`` is empty (an interrupted ``forward`` had committed) and you want to keep
+    sampling, ``gen.state.sync_prefix(gen.state.token_ids, model)`` crops the last id and returns it
+    to feed again.
+
+    Attributes:
+        state: the :class:`CacheState`; updated in place.
+        prompt_ids: the ids this call prefills (``list[int]``).
+        output_ids: the token ids yielded so far (stop token excluded).
+        stop_token_id: the stop id sampled, or ``None``.
+        finish_reason: ``None`` while running, then as in :class:`GenerationStats`.
+        stats: ``None`` until finished.
+    """
+
+    def __init__(self, model: Any, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
+                 state: CacheState, clock: Callable[[], float]):
+        self.model = model
+        self.params = params
+        self.stop_ids = stop_ids
+        self.state = state
+        self.prompt_ids = prompt_ids
+        self.output_ids: list[int] = []
+        self.stop_token_id: int | None = None
+        self.finish_reason: FinishReason | None = None
+        self.stats: GenerationStats | None = None
+        self.sampler = Sampler(params)
+        self._clock = clock
+        self._phase = "new"  # new -> running -> (final_due) -> done
+        self._cached_tokens = len(state.token_ids)
+        self._unfed: list[int] = list(prompt_ids)  # transcript ids not in the cache yet
+        # repetition-penalty context: unique ids of cache + prompt + output
+        self._seen_set = set(state.token_ids)
+        self._seen_set.update(prompt_ids)
+        self._seen = list(self._seen_set)
+        self._ttft: float | None = None
+        self._decode_s = 0.0
+        self._n_sampled = 0
+
+    # -- public helpers ----------------------------------------------------------------------
+
+    @property
+    def pending_ids(self) -> list[int]:
+        """Ids of this call's transcript (prompt, sampled tokens, stop token) not yet in the cache."""
+        return list(self._unfed)
+
+    def collect(self) -> list[int]:
+        """Run to the end; return :attr:`output_ids` (``stats`` is then set)."""
+        for _ in self:
+            pass
+        return list(self.output_ids)
+
+    def close(self) -> None:
+        """Stop early: no more ``forward`` calls; sets ``finish_reason="cancelled"`` and ``stats``.
+
+        A no-op once finished. The cache stays as it is (see :attr:`pending_ids`).
+        """
+        if self._phase in ("new", "running"):
+            self._finish("cancelled")
+        self._phase = "done"
+
+    def __enter__(self) -> "Generation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def __next__(self) -> GenerationStep:
+        if self._phase == "done":
+            raise StopIteration
+        if self._phase == "final_due":
+            self._phase = "done"
+            return GenerationStep(None, self.stats)
+        t0 = self._clock()
+        feed = list(self._unfed)
+        try:
+            logits = self._forward(feed)
+            token = self.sampler.sample(logits, self._seen)
+        except BaseException as e:
+            self._finish("cancelled" if isinstance(e, KeyboardInterrupt) else "error")
+            self._phase = "done"
+            raise
+        dt = self._clock() - t0
+        if self._phase == "new":
+            self._ttft = dt
+            self._phase = "running"
+        else:
+            self._decode_s += dt
+        self._n_sampled += 1
+        self._unfed = [token]
+        if token not in self._seen_set:
+            self._seen_set.add(token)
+            self._seen.append(token)
+        if token in self.stop_ids:
+            self.stop_token_id = token
+            self._finish("stop")
+            self._phase = "done"
+            return GenerationStep(None, self.stats)
+        self.output_ids.append(token)
+        if self._n_sampled >= self.params.max_tokens:
+            self._finish("length")
+            self._phase = "final_due"
+        return GenerationStep(token)
+
+    def _forward(self, ids: list[int]) -> np.ndarray:
+        state = self.state
+        n0 = len(state.token_ids)
+        arr = np.asarray(ids, dtype=np.int64)
+        try:
+            out = self.model.forward(arr, state.cache, last_only=True)
+        except BaseException:
+            self._reconcile(n0, ids)
+            raise
+        state.token_ids.extend(ids)
+        self._unfed = []
+        logits = np.asarray(out)
+        if logits.ndim == 2:
+            logits = logits[-1]
+        if logits.ndim != 1:
+            raise ValueError(f"model.forward: expected logits of shape [vocab] or [T, vocab], got {np.shape(out)}")
+        return logits.astype(np.float32, copy=False)
+
+    def _reconcile(self, n0: int, ids: list[int]) -> None:
+        """After ``forward`` raised: make ``state`` match the cache again, or mark it invalid."""
+        state = self.state
+        length = _cache_len(state.cache)
+        if length == n0:
+            return
+        if length == n0 + len(ids):  # the call committed before the interrupt landed
+            state.token_ids.extend(ids)
+            self._unfed = []
+            return
+        crop = getattr(state.cache, "crop", None)
+        if callable(crop):
+            try:
+                crop(n0)
+                after = _cache_len(state.cache)
+                if after is None or after == n0:
+                    return
+            except Exception:
+                pass
+        state.valid = False
+
+    def _finish(self, reason: FinishReason) -> None:
+        self.finish_reason = reason
+        n = self._n_sampled
+        decode_steps = max(n - 1, 0)
+        ttft = self._ttft
+        self.stats = GenerationStats(
+            prompt_tokens=len(self.prompt_ids),
+            cached_tokens=self._cached_tokens,
+            generated_tokens=n,
+            output_tokens=len(self.output_ids),
+            finish_reason=reason,
+            stop_token_id=self.stop_token_id,
+            ttft_s=ttft,
+            prefill_tokens_per_s=(len(self.prompt_ids) / ttft) if ttft else None,
+            decode_s=self._decode_s,
+            decode_tokens_per_s=(decode_steps / self._decode_s) if decode_steps and self._decode_s > 0 else None,
+            tpot_s=(self._decode_s / decode_steps) if decode_steps else None,
+        )
+
+
+def _vocab_size(model: Any) -> int | None:
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, Mapping):
+        v = cfg.get("vocab_size")
+    else:
+        v = getattr(cfg, "vocab_size", None)
+    return int(v) if _is_int(v) else None
+
+
+def generate(
+    model: Any,
+    prompt_ids: Sequence[int] | np.ndarray,
+    params: SamplingParams | None = None,
+    stop_ids: Iterable[int] = (),
+    *,
+    cache: CacheState | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Generation:
+    """Generate tokens autoregressively: prefill ``prompt_ids`` in one ``forward``, then one id per call.
+
+    Args:
+        model: object with ``new_cache()``, ``forward(ids int64 [T], cache, last_only=True) ->
+            float32 [vocab]`` and ``config.vocab_size`` (see the module docstring).
+        prompt_ids: int ids ``[T]``, ``T >= 1``, ``0 <= id < config.vocab_size``. With ``cache``,
+            only the ids that follow what the cache holds.
+        params: sampling options (default ``SamplingParams()``: greedy, 512 tokens).
+        stop_ids: ids that end generation (e.g. EOS, ``<|im_end|>``); a sampled stop id is not
+            yielded, it ends the run with ``finish_reason="stop"``.
+        cache: a :class:`CacheState` to continue (e.g. ``previous_generation.state``); it is
+            updated in place. Default: ``CacheState.new(model)``. Its ``token_ids`` join the
+            repetition-penalty context, as the full conversation would in transformers.
+        clock: time source in seconds (for tests).
+
+    Returns:
+        A :class:`Generation`: an iterator of :class:`GenerationStep` — one per sampled token
+        (``step.token_id``), then a final step (``token_id=None``, ``step.stats`` a
+        :class:`GenerationStats`). Lazy: the model runs only while it is iterated.
+
+    Raises:
+        ValueError: empty or out-of-range ``prompt_ids`` (message names ``prompt_ids``), a
+            ``cache`` whose ``valid`` is ``False``, bad ``stop_ids``.
+        TypeError: ``params`` or ``cache`` of the wrong type.
+    """
+    if params is None:
+        params = SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
+    ids = np.asarray(prompt_ids)
+    if ids.ndim != 1 or ids.shape[0] == 0:
+        raise ValueError(f"prompt_ids: expected a non-empty 1-D sequence of ids, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"prompt_ids: expected integer ids, got dtype {ids.dtype}")
+    vocab = _vocab_size(model)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise ValueError(f"prompt_ids: ids must be in [0, {vocab}), got min {lo}, max {hi}")
+    try:
+        stops = frozenset(int(s) for s in stop_ids)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"stop_ids: expected integer ids, got {stop_ids!r}") from e
+    if cache is None:
+        cache = CacheState.new(model)
+    elif not isinstance(cache, CacheState):
+        raise TypeError(
+            f"cache: expected a CacheState (e.g. generation.state, or CacheState(model_cache, token_ids)), "
+            f"got {type(cache).__name__}"
+        )
+    if not cache.valid:
+        raise ValueError("cache: its contents are unknown after an interrupted forward; use CacheState.new(model)")
+    return Generation(model, [int(i) for i in ids], params, stops, cache, clock)
