@@ -122,5 +122,163 @@ def inspect(model, no_tensors):
     click.echo(summarize(model, show_tensors=not no_tensors))
 
 
+# -- generation verbs ---------------------------------------------------------------------------
+def sampling_options(fn):
+    """--temperature/--top-k/--top-p/--min-p/--repeat-penalty/--seed/-n, shared by run and chat."""
+    opts = [
+        click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=None,
+                     help="most tokens to generate per reply [default: 256 for run, 512 for chat]"),
+        click.option("--temperature", "-t", type=click.FloatRange(min=0.0), default=0.0,
+                     show_default=True, help="sampling temperature; 0 = greedy"),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="keep the k most likely tokens; 0 = off"),
+        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0,
+                     show_default=True, help="nucleus sampling mass; 1 = off"),
+        click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+                     help="drop tokens below min_p x the top probability; 0 = off"),
+        click.option("--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
+                     show_default=True, help="repetition penalty (transformers' semantics); 1 = off"),
+        click.option("--seed", type=int, default=None, help="random seed for sampling"),
+        click.option("--no-verify", is_flag=True,
+                     help="skip CRC checks of pieces read from the .zmoe (not recommended)"),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _sampling(kw, default_max):
+    return dict(max_tokens=kw["max_tokens"] or default_max, temperature=kw["temperature"],
+                top_k=kw["top_k"], top_p=kw["top_p"], min_p=kw["min_p"],
+                repetition_penalty=kw["repeat_penalty"], seed=kw["seed"])
+
+
+def _load(model, kw):
+    from .api import load
+    return load(model, verify=not kw["no_verify"])
+
+
+def _stats_line(st) -> str:
+    if st is None:
+        return ""
+    return (f"[{st.prompt_tokens} prompt + {st.cached_tokens} cached tokens, {st.output_tokens} "
+            f"generated ({st.finish_reason}); TTFT {st.ttft_s:.3f} s, prefill "
+            f"{st.prefill_tokens_per_s:.1f} tokens/s, decode {st.decode_tokens_per_s:.1f} tokens/s]")
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-p", "--prompt", required=True, help="the prompt; '-' reads it from standard input")
+@click.option("--raw", is_flag=True, help="complete the prompt as is, without the chat template")
+@click.option("--system", default=None, help="system prompt (chat template only)")
+@sampling_options
+@friendly_errors
+def run(model, prompt, raw, system, **kw):
+    """One-shot generation: the completion goes to stdout, timings to stderr.
+
+    The prompt is wrapped in the model's chat template as one user turn, unless --raw.
+    MODEL: """ + MODEL_HELP + """.
+    """
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    m = _load(model, kw)
+    sp = _sampling(kw, 256)
+    if raw:
+        pieces = m.stream(prompt, **sp)
+    else:
+        msgs = ([{"role": "system", "content": system}] if system else []) + \
+               [{"role": "user", "content": prompt}]
+        pieces = m.chat(msgs, stream=True, **sp)
+    try:
+        for piece in pieces:
+            click.echo(piece, nl=False)
+    finally:
+        pieces.close()
+        click.echo("")
+        click.echo(_stats_line(m.last_stats), err=True)
+
+
+REPL_HELP = """commands: /reset  forget the conversation
+          /system TEXT  set the system prompt (and reset)
+          /stats  timings of the last reply and memory in use
+          /quit  leave (also Ctrl-D); Ctrl-C stops a reply"""
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--system", default=None, help="system prompt")
+@sampling_options
+@friendly_errors
+def chat(model, system, **kw):
+    """Interactive chat REPL that streams replies and keeps the conversation.
+
+    With standard input not a terminal, each input line is one user turn and each reply is
+    printed on its own line, so it can be scripted.
+    MODEL: """ + MODEL_HELP + """.
+    """
+    m = _load(model, kw)
+    sp = _sampling(kw, 512)
+    session = m.chat_session(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+        click.echo(f"zipmoe-rt chat: {m.name} ({m.hparams['architecture']}, "
+                   f"{m.hparams['num_experts']} experts, top-{m.hparams['num_experts_per_tok']})",
+                   err=True)
+        click.echo(REPL_HELP, err=True)
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            click.echo("\n(use /quit or Ctrl-D to leave)", err=True)
+            continue
+        if not interactive and line == "":
+            break
+        line = line.rstrip("\n")
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            if cmd in ("/quit", "/exit", "/bye"):
+                break
+            if cmd == "/reset":
+                session.reset()
+                click.echo("(conversation cleared)", err=True)
+            elif cmd == "/system":
+                session.reset(system=arg.strip() or None)
+                click.echo(f"(system prompt {'set' if arg.strip() else 'cleared'}; conversation "
+                           f"cleared)", err=True)
+            elif cmd == "/stats":
+                click.echo(_session_stats(m, session), err=True)
+            elif cmd in ("/help", "/?"):
+                click.echo(REPL_HELP, err=True)
+            else:
+                click.echo(f"unknown command {cmd}; /help lists them", err=True)
+            continue
+        try:
+            for piece in session.send(line, **sp):
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:
+            click.echo(" [stopped]", nl=False)
+        click.echo("")
+        if interactive:
+            click.secho(_stats_line(m.last_stats), err=True, dim=True)
+
+
+def _session_stats(m, session) -> str:
+    lines = [_stats_line(m.last_stats) or "(no reply yet)",
+             f"conversation: {len(session.messages)} messages, {len(session.state.token_ids)} "
+             f"tokens in the KV cache"]
+    mem = m.memory_report()
+    lines.append("memory: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in mem.items()))
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()

@@ -77,8 +77,10 @@ def merge_planes(exp: np.ndarray, sm: np.ndarray, dtype: str) -> np.ndarray:
         1-D array of the words: uint16 for BF16/F16, uint32 for F32.
 
     Raises:
-        ValueError: plane sizes that do not match each other.
+        ValueError: unsupported dtype, or plane sizes that do not match each other.
     """
+    if dtype not in BITPLANE_DTYPES:
+        raise ValueError(f"bit-plane encoding does not support dtype {dtype!r}")
     eb, mb, wb, sb = BITPLANE_DTYPES[dtype]
     exp = np.frombuffer(exp, np.uint8) if not isinstance(exp, np.ndarray) else exp.reshape(-1)
     sm = np.frombuffer(sm, np.uint8) if not isinstance(sm, np.ndarray) else sm.reshape(-1)

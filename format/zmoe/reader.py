@@ -92,12 +92,12 @@ class ZmoeReader:
             raise CorruptIndexError(f"{self.path}: index checksum mismatch (corrupt index)")
         try:
             index = json.loads(blob.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptIndexError(f"{self.path}: index is not valid JSON ({e})") from None
-        self.metadata_types = {k: v["type"] for k, v in index["metadata"].items()}
-        self.metadata = {k: v["value"] for k, v in index["metadata"].items()}
-        self.tensors = {t["name"]: t for t in index["tensors"]}
-        self.experts = {(b["layer"], b["expert"]): b for b in index["experts"]}
+            self.metadata_types = {k: v["type"] for k, v in index["metadata"].items()}
+            self.metadata = {k: v["value"] for k, v in index["metadata"].items()}
+            self.tensors = {t["name"]: t for t in index["tensors"]}
+            self.experts = {(b["layer"], b["expert"]): b for b in index["experts"]}
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CorruptIndexError(f"{self.path}: index is not valid ({type(e).__name__}: {e})") from None
         self._check_ranges(fsize)
         self._mm = None
         self._dctx = zstd.ZstdDecompressor()
@@ -114,6 +114,9 @@ class ZmoeReader:
                         chk(name, p[key][0], p[key][1])
                 for c in p.get("exp", ()):
                     chk(name, c[0], c[1])
+        for (layer, e), b in self.experts.items():
+            for key in ("sm", "exp"):
+                chk(f"expert block {layer}/{e} {key} region", b[key][0], b[key][1])
 
     # -- raw access --------------------------------------------------------------------------
     @property

@@ -96,7 +96,7 @@ def encode_expert(layer: int, expert: int, pieces: list[ExpertPiece], chunks: in
     zstd releases the GIL). Pieces of non-floating dtypes are kept raw."""
     enc = EncodedExpert(layer, expert, pieces=pieces)
     for p in pieces:
-        buf = np.frombuffer(memoryview(p.data).cast("B"), np.uint8)
+        buf = as_bytes(p.data)
         if codec.is_bitplane_dtype(p.dtype):
             exp, sm = codec.split_planes(buf, p.dtype)
             enc.sm.append(sm)
@@ -107,8 +107,16 @@ def encode_expert(layer: int, expert: int, pieces: list[ExpertPiece], chunks: in
     return enc
 
 
+def as_bytes(data) -> np.ndarray:
+    """A flat uint8 view of a bytes-like object or numpy array (C order; empty arrays allowed)."""
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    mv = memoryview(data)
+    return np.frombuffer(mv.cast("B"), np.uint8) if mv.nbytes else np.zeros(0, np.uint8)
+
+
 def _crc(b) -> int:
-    return zlib.crc32(memoryview(b).cast("B")) & 0xFFFFFFFF
+    return zlib.crc32(as_bytes(b)) & 0xFFFFFFFF
 
 
 class ZmoeWriter:
@@ -146,7 +154,7 @@ class ZmoeWriter:
             self.pos += n
 
     def _write(self, data) -> tuple[int, int]:
-        mv = memoryview(data).cast("B")
+        mv = as_bytes(data)
         off = self.pos
         self.f.write(mv)
         self.pos += mv.nbytes
@@ -181,7 +189,7 @@ class ZmoeWriter:
         return rec
 
     def _encode_part(self, dtype, data, chunks, min_chunk):
-        buf = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        buf = as_bytes(data)
         exp, sm = codec.split_planes(buf, dtype)
         off, size = self._write(sm)
         part = {"sm": [off, size, _crc(sm)], "exp": []}
@@ -193,7 +201,7 @@ class ZmoeWriter:
     def add_tensor(self, name: str, dtype: str, shape, data, encoding: str = ENC_RAW,
                    chunks: int = DEFAULT_CHUNKS, min_chunk: int = MIN_CHUNK):
         """Add a dense (non-expert) tensor, raw or as bit-planes (SPEC §4)."""
-        nbytes = memoryview(data).nbytes
+        nbytes = as_bytes(data).nbytes
         expect = DTYPE_SIZES.get(dtype, 0) * int(np.prod(shape, dtype=np.int64))
         rec = self._record(name, dtype, shape, encoding)
         if nbytes != expect:
@@ -234,8 +242,8 @@ class ZmoeWriter:
         block["exp"] = [exp_start, self.pos - exp_start]
         for p, part in zip(enc.pieces, parts):
             n_elem = int(np.prod(p.shape[1:] if p.part is not None else p.shape, dtype=np.int64))
-            if memoryview(p.data).nbytes != n_elem * DTYPE_SIZES[p.dtype]:
-                raise ValueError(f"tensor {p.name!r} (expert {key}): {memoryview(p.data).nbytes} "
+            if as_bytes(p.data).nbytes != n_elem * DTYPE_SIZES[p.dtype]:
+                raise ValueError(f"tensor {p.name!r} (expert {key}): {as_bytes(p.data).nbytes} "
                                  f"bytes, expected {n_elem * DTYPE_SIZES[p.dtype]}")
             rec = self.tensors.get(p.name)
             if rec is None:
@@ -253,6 +261,17 @@ class ZmoeWriter:
             rec["parts"][idx] = part
             block["tensors"].append(p.name)
         self.experts.append(block)
+
+    def set_order(self, names):
+        """Order the index's tensor records (SPEC §2: the source checkpoint's order).
+
+        Raises:
+            ValueError: ``names`` is not a permutation of the tensors added.
+        """
+        names = list(names)
+        if sorted(names) != sorted(self.order):
+            raise ValueError("set_order: names must be exactly the tensors added")
+        self.order = names
 
     # -- finish ------------------------------------------------------------------------------
     def close(self):

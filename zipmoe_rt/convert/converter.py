@@ -255,6 +255,7 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
                     enc = window.popleft().result()
                     w.write_expert(enc)
                     bar.update(sum(memoryview(p.data).nbytes for p in enc.pieces))
+            w.set_order(t.name for t in ckpt)  # SPEC §2: index records in the source's order
             w.close()
         except BaseException:
             w.abort()

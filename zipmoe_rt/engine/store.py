@@ -141,6 +141,11 @@ class ZmoeSource:
                 self._experts[(layer, expert)] = w
         return w
 
+    def memory_report(self) -> dict:
+        """Bytes held for weights: ``{"dense": ..., "experts": ...}`` (decoded experts kept)."""
+        return {"dense": self.dense_bytes(),
+                "experts": sum(w.nbytes for w in self._experts.values())}
+
     def close(self):
         self._dense.clear()
         self._experts.clear()

@@ -1,0 +1,311 @@
+"""Bit-plane codec (format/SPEC.md §5): exhaustive and property-based round trips.
+
+Lossless means bit-exact: every comparison here is on the integer bit patterns, never on float
+values (NaN != NaN, -0.0 == 0.0 would hide bugs).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zstandard as zstd
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from zmoe import codec
+
+# (E, M, word bytes, SM bytes) from the SPEC §5.1 table, written out here independently of the
+# implementation's constants.
+LAYOUT = {"BF16": (8, 7, 2, 1), "F16": (5, 10, 2, 2), "F32": (8, 23, 4, 3)}
+WORD = {"BF16": np.uint16, "F16": np.uint16, "F32": np.uint32}
+
+
+def spec_planes(words, dtype):
+    """SPEC §5.1 formulas in plain Python ints: (exp bytes, sm bytes)."""
+    e, m, _, sb = LAYOUT[dtype]
+    exp = bytearray()
+    sm = bytearray()
+    for w in (int(x) for x in words):
+        exp.append((w >> m) & ((1 << e) - 1))
+        smv = (w >> (e + m)) << m | (w & ((1 << m) - 1))
+        sm += smv.to_bytes(sb, "little")
+    return bytes(exp), bytes(sm)
+
+
+def spec_merge(exp, sm, dtype):
+    e, m, _, sb = LAYOUT[dtype]
+    out = []
+    for i, x in enumerate(exp):
+        smv = int.from_bytes(sm[i * sb:(i + 1) * sb], "little")
+        out.append((smv >> m) << (e + m) | x << m | (smv & ((1 << m) - 1)))
+    return out
+
+
+def roundtrip_planes(words, dtype):
+    exp, sm = codec.split_planes(words, dtype)
+    e, m, wb, sb = LAYOUT[dtype]
+    n = words.size
+    assert exp.dtype == np.uint8 and exp.shape == (n,)
+    assert sm.dtype == np.uint8 and sm.size == n * sb
+    back = codec.merge_planes(exp, sm, dtype)
+    assert back.dtype == WORD[dtype]
+    return exp, sm, back
+
+
+# ---------------------------------------------------------------------------------------------
+# Exhaustive 16-bit round trips
+# ---------------------------------------------------------------------------------------------
+ALL16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_all_16bit_patterns_roundtrip_planes(dtype):
+    exp, sm, back = roundtrip_planes(ALL16, dtype)
+    np.testing.assert_array_equal(back, ALL16)
+    # every pattern also matches the SPEC formulas, evaluated vectorised here
+    e, m, _, sb = LAYOUT[dtype]
+    w = ALL16.astype(np.uint32)
+    np.testing.assert_array_equal(exp, ((w >> m) & ((1 << e) - 1)).astype(np.uint8))
+    smv = ((w >> (e + m)) << m) | (w & ((1 << m) - 1))
+    want_sm = np.stack([(smv >> (8 * i)) & 0xFF for i in range(sb)], axis=1).astype(np.uint8).reshape(-1)
+    np.testing.assert_array_equal(sm, want_sm)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+@pytest.mark.parametrize("chunks,min_chunk", [(1, 65536), (4, 1000), (7, 1)])
+def test_all_16bit_patterns_roundtrip_compressed(dtype, chunks, min_chunk):
+    exp, sm = codec.split_planes(ALL16, dtype)
+    frames = codec.compress_chunks(exp, chunks, min_chunk)
+    assert 1 <= len(frames) <= chunks
+    assert sum(n for _, n in frames) == ALL16.size
+    exp2 = codec.decompress_chunks([f for f, _ in frames], [n for _, n in frames])
+    np.testing.assert_array_equal(exp2, exp)
+    np.testing.assert_array_equal(codec.merge_planes(exp2, sm, dtype), ALL16)
+
+
+def test_bf16_input_kinds_agree():
+    """split_planes accepts the raw bytes or the uint16 words; both give the same planes."""
+    e1, s1 = codec.split_planes(ALL16, "BF16")
+    e2, s2 = codec.split_planes(ALL16.view(np.uint8), "BF16")
+    e3, s3 = codec.split_planes(ALL16.reshape(256, 256), "BF16")
+    for e, s in ((e2, s2), (e3, s3)):
+        np.testing.assert_array_equal(e, e1)
+        np.testing.assert_array_equal(s, s1)
+
+
+def test_f16_float_input_keeps_nan_payloads():
+    vals = ALL16.view(np.float16)
+    exp, sm = codec.split_planes(vals, "F16")
+    np.testing.assert_array_equal(codec.merge_planes(exp, sm, "F16"), ALL16)
+
+
+# ---------------------------------------------------------------------------------------------
+# FP32: random words and specials
+# ---------------------------------------------------------------------------------------------
+F32_SPECIALS = np.array([
+    0x00000000, 0x80000000,                      # +0, -0
+    0x7F800000, 0xFF800000,                      # +Inf, -Inf
+    0x7FC00000, 0xFFC00000,                      # canonical quiet NaNs
+    0x7FC12345, 0xFFFFFFFF, 0x7FFFFFFF,          # quiet NaNs with payloads
+    0x7F800001, 0xFF800001, 0x7FA00000, 0x7FBFFFFF,  # signalling NaNs with payloads
+    0x00000001, 0x80000001, 0x007FFFFF, 0x807FFFFF, 0x00400000,  # subnormals
+    0x00800000, 0x80800000,                      # min normals
+    0x7F7FFFFF, 0xFF7FFFFF,                      # +-max
+    0x3F800000, 0xBF800000, 0xC0490FDB,          # 1, -1, -pi
+], dtype=np.uint32)
+
+
+def test_f32_specials_and_random_roundtrip():
+    rng = np.random.default_rng(1234)
+    words = np.concatenate([F32_SPECIALS, rng.integers(0, 1 << 32, 200_000, dtype=np.uint32)])
+    exp, sm, back = roundtrip_planes(words, "F32")
+    np.testing.assert_array_equal(back, words)
+    # SPEC formulas on the specials, element by element
+    se, ss = spec_planes(F32_SPECIALS, "F32")
+    assert bytes(exp[:F32_SPECIALS.size]) == se
+    assert bytes(sm[:3 * F32_SPECIALS.size]) == ss
+    # through the compressed path too, with several chunks
+    frames = codec.compress_chunks(exp, 5, 10_000)
+    assert len(frames) == 5
+    exp2 = codec.decompress_chunks([f for f, _ in frames], [n for _, n in frames])
+    np.testing.assert_array_equal(codec.merge_planes(exp2, sm, "F32"), words)
+
+
+def test_f32_float_input_keeps_signalling_nan():
+    vals = F32_SPECIALS.view(np.float32)
+    exp, sm = codec.split_planes(vals, "F32")
+    np.testing.assert_array_equal(codec.merge_planes(exp, sm, "F32"), F32_SPECIALS)
+
+
+# ---------------------------------------------------------------------------------------------
+# SPEC §5.1 formulas on hand-picked words
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,word,exp,sm", [
+    ("BF16", 0xC2F5, 0x85, b"\xF5"),             # -122.5: sign 1, exp 0x85, mantissa 0x75
+    ("BF16", 0x3F80, 0x7F, b"\x00"),             # 1.0
+    ("BF16", 0x8000, 0x00, b"\x80"),             # -0.0
+    ("BF16", 0xFF80, 0xFF, b"\x80"),             # -Inf
+    ("BF16", 0x7FC1, 0xFF, b"\x41"),             # NaN with payload
+    ("BF16", 0x0001, 0x00, b"\x01"),             # smallest subnormal
+    ("F16", 0xBC01, 0x0F, b"\x01\x04"),          # sign 1, exp 0x0F, mantissa 0x001 -> sm 0x401
+    ("F16", 0x7C00, 0x1F, b"\x00\x00"),          # +Inf
+    ("F16", 0xFE01, 0x1F, b"\x01\x06"),          # -NaN payload 0x201 -> sm 0x601
+    ("F16", 0x8001, 0x00, b"\x01\x04"),          # negative subnormal
+    ("F32", 0xC0490FDB, 0x80, b"\xDB\x0F\xC9"),  # -pi: sm = 1<<23 | 0x490FDB
+    ("F32", 0x7F800001, 0xFF, b"\x01\x00\x00"),  # signalling NaN
+    ("F32", 0x80000000, 0x00, b"\x00\x00\x80"),  # -0.0
+    ("F32", 0x3F800000, 0x7F, b"\x00\x00\x00"),  # 1.0
+])
+def test_plane_formulas_hand_picked(dtype, word, exp, sm):
+    w = np.array([word, word], dtype=WORD[dtype])
+    e, s = codec.split_planes(w, dtype)
+    assert e.tolist() == [exp, exp]
+    assert bytes(s) == sm * 2
+    assert (bytes(e[:1]), bytes(s[:len(sm)])) == spec_planes([word], dtype)
+    assert codec.merge_planes(e, s, dtype).tolist() == [word, word]
+    assert spec_merge(bytes(e[:1]), bytes(s[:len(sm)]), dtype) == [word]
+
+
+def test_planes_are_in_row_major_element_order():
+    w = np.array([[0x3F80, 0xC2F5], [0x0001, 0xFF80]], dtype=np.uint16)
+    e, s = codec.split_planes(w, "BF16")
+    assert e.tolist() == [0x7F, 0x85, 0x00, 0xFF]
+    assert s.tolist() == [0x00, 0xF5, 0x01, 0x80]
+
+
+# ---------------------------------------------------------------------------------------------
+# chunking (SPEC §5.2)
+# ---------------------------------------------------------------------------------------------
+def spec_chunk_count(n, k, min_chunk=65536):
+    return max(1, min(k, n // min_chunk))
+
+
+@pytest.mark.parametrize("n,k,expected", [
+    (0, 4, 1), (1, 4, 1), (65535, 4, 1), (65536, 4, 1), (131072, 4, 2), (131071, 4, 1),
+    (4 * 65536, 4, 4), (100 * 65536, 4, 4), (7 * 65536, 7, 7), (7 * 65536 + 5, 7, 7),
+])
+def test_chunk_count_default_min_chunk(n, k, expected):
+    b = codec.chunk_bounds(n, k)
+    assert len(b) == expected == spec_chunk_count(n, k)
+    if n:
+        step = -(-n // expected)
+        assert all(e - a == step for a, e in b[:-1])
+        assert b[0][0] == 0 and b[-1][1] == n
+
+
+def test_chunk_count_below_one_rejected():
+    with pytest.raises(ValueError):
+        codec.chunk_bounds(100, 0)
+
+
+def _words_for(dtype, shape, seed):
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape, dtype=np.int64))
+    hi = 1 << (8 * LAYOUT[dtype][2])
+    w = rng.integers(0, hi, n, dtype=np.uint64).astype(WORD[dtype])
+    if n:  # salt with specials
+        sp = {"BF16": [0x8000, 0x7F80, 0xFF81, 0x0001], "F16": [0x8000, 0x7C00, 0xFE01, 0x0001],
+              "F32": [0x80000000, 0x7F800000, 0x7F800001, 0x00000001]}[dtype]
+        idx = rng.integers(0, n, min(n, len(sp)))
+        w[idx] = np.array(sp[:len(idx)], dtype=WORD[dtype])
+    return w.reshape(shape)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dtype=st.sampled_from(["BF16", "F16", "F32"]),
+       shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=40),
+       chunks=st.integers(1, 50),
+       min_chunk=st.integers(1, 70),
+       seed=st.integers(0, 2**32 - 1))
+def test_roundtrip_property(dtype, shape, chunks, min_chunk, seed):
+    words = _words_for(dtype, shape, seed)
+    n = words.size
+    b = codec.chunk_bounds(n, chunks, min_chunk)
+    # covers [0, n) contiguously with at most K chunks, sized per SPEC §5.2
+    assert 1 <= len(b) <= chunks
+    assert b[0][0] == 0 and b[-1][1] == n
+    assert all(b[i][1] == b[i + 1][0] for i in range(len(b) - 1))
+    if n:
+        k = spec_chunk_count(n, chunks, min_chunk)
+        step = -(-n // k)
+        assert all(e - a == step for a, e in b[:-1])
+        assert 0 < b[-1][1] - b[-1][0] <= step
+        assert len(b) <= k
+    exp, sm, back = roundtrip_planes(words, dtype)
+    np.testing.assert_array_equal(back, words.reshape(-1))
+    frames = codec.compress_chunks(exp, chunks, min_chunk)
+    assert [n_ for _, n_ in frames] == [e - a for a, e in b]
+    for (f, n_), (a, e) in zip(frames, b):
+        # independent frame with its content size recorded, decodable alone
+        assert zstd.frame_content_size(f) == n_
+        assert zstd.ZstdDecompressor().decompress(f) == bytes(exp[a:e])
+    exp2 = codec.decompress_chunks([f for f, _ in frames], [n_ for _, n_ in frames])
+    np.testing.assert_array_equal(exp2, exp)
+    np.testing.assert_array_equal(codec.merge_planes(exp2, sm, dtype), words.reshape(-1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 10**7), chunks=st.integers(1, 64), min_chunk=st.integers(1, 200_000))
+def test_chunk_bounds_property(n, chunks, min_chunk):
+    b = codec.chunk_bounds(n, chunks, min_chunk)
+    assert 1 <= len(b) <= chunks
+    assert b[0][0] == 0 and b[-1][1] == n
+    assert all(b[i][1] == b[i + 1][0] and b[i][0] < b[i][1] for i in range(len(b) - 1))
+    assert len(b) <= spec_chunk_count(n, chunks, min_chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["F64", "I32", "BOOL", "F8_E4M3", "bf16", ""])
+def test_split_unsupported_dtype(dtype):
+    with pytest.raises(ValueError):
+        codec.split_planes(np.zeros(8, np.uint16), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["F64", "I32", "BOOL", "F8_E4M3", "bf16"])
+def test_merge_unsupported_dtype(dtype):
+    with pytest.raises(ValueError):
+        codec.merge_planes(np.zeros(8, np.uint8), np.zeros(8, np.uint8), dtype)
+
+
+def test_is_bitplane_dtype():
+    assert [d for d in ("BF16", "F16", "F32", "F64", "I64", "BOOL", "F8_E5M2")
+            if codec.is_bitplane_dtype(d)] == ["BF16", "F16", "F32"]
+
+
+def test_split_partial_word_rejected():
+    with pytest.raises(ValueError):
+        codec.split_planes(np.zeros(5, np.uint8), "BF16")
+    with pytest.raises(ValueError):
+        codec.split_planes(np.zeros(6, np.uint8), "F32")
+
+
+@pytest.mark.parametrize("dtype,bad_sm", [("BF16", 9), ("F16", 15), ("F32", 25)])
+def test_merge_plane_size_mismatch(dtype, bad_sm):
+    with pytest.raises(ValueError):
+        codec.merge_planes(np.zeros(8, np.uint8), np.zeros(bad_sm, np.uint8), dtype)
+
+
+def test_decompress_detects_wrong_raw_size_and_garbage():
+    exp = np.random.default_rng(0).integers(120, 130, 5000).astype(np.uint8)
+    (frame, n), = codec.compress_chunks(exp, 1)
+    assert n == 5000
+    with pytest.raises(ValueError):
+        codec.decompress_chunks([frame], [n + 1])
+    with pytest.raises(ValueError):
+        codec.decompress_chunks([frame], [n - 1])
+    with pytest.raises(ValueError):
+        codec.decompress_chunks([b"\x00" * len(frame)], [n])
+    with pytest.raises(ValueError):
+        codec.decompress_chunks([frame[: len(frame) // 2]], [n])
+
+
+def test_exponent_plane_compresses_normal_weights():
+    """Sanity of the zstd parameters: exponents of N(0, 0.02) BF16 weights code well under 8 bits."""
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal(200_000).astype(np.float32) * 0.02).view(np.uint32) >> 16
+    exp, _ = codec.split_planes(w.astype(np.uint16), "BF16")
+    frames = codec.compress_chunks(exp, 1)
+    bits = 8 * sum(len(f) for f, _ in frames) / exp.size
+    assert bits < 4.0

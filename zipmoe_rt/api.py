@@ -1,0 +1,219 @@
+"""The embedding API: ``zipmoe_rt.load()`` and :class:`Model` (generate / stream / chat).
+
+Shaped after llama-cpp-python and mlx-lm: a loaded model owns its weights, tokenizer and chat
+template; ``generate`` and ``stream`` take a raw prompt, ``chat`` takes OpenAI-style messages
+(``[{"role": "user", "content": "..."}]``) and applies the model's own chat template.
+Sampling defaults to greedy (``temperature=0``); pass ``temperature``, ``top_k``, ``top_p``,
+``min_p``, ``repetition_penalty``, ``seed`` to sample (semantics of transformers' processors).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .default_model import default_model_path, ensure_default_model
+from .generate import CacheState, GenerationStats, SamplingParams, generate
+from .tokenizer import Tokenizer
+
+__all__ = ["load", "Model", "ChatSession", "default_model_path"]
+
+
+def load(path: str | Path | None = None, *, verify: bool = True, progress: bool = True) -> "Model":
+    """Load a ``.zmoe`` model (or the bundled default model when ``path`` is None).
+
+    Args:
+        path: a ``.zmoe`` file. None builds/reuses the default model in the cache folder.
+        verify: check the CRC-32 of every piece read from the file.
+        progress: show progress bars when building the default model.
+
+    Returns:
+        a :class:`Model`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        zmoe.ZmoeError: not a ``.zmoe``, corrupt, truncated, or from a newer format version.
+        ValueError: an architecture this runtime does not run, or a file without a tokenizer.
+    """
+    from .engine.store import ZmoeSource
+    from .models import build_model
+
+    path = Path(path) if path is not None else ensure_default_model(progress=progress)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} "
+                         f"-o model.zmoe`")
+    source = ZmoeSource(path, verify=verify)
+    return Model(source, build_model(source), _tokenizer(source), path)
+
+
+def _tokenizer(source) -> Tokenizer:
+    meta = source.metadata
+    if "tokenizer.json" not in meta:
+        raise ValueError(f"{source.path}: has no tokenizer (convert a folder with tokenizer.json)")
+    return Tokenizer.from_hf_config(meta["tokenizer.json"], meta.get("tokenizer.config") or {},
+                                    meta.get("tokenizer.chat_template"))
+
+
+class Model:
+    """A loaded model: weights (:attr:`source`), runtime network (:attr:`net`), tokenizer.
+
+    Attributes:
+        path: the ``.zmoe`` file.
+        tokenizer: :class:`~zipmoe_rt.tokenizer.Tokenizer`.
+        stop_ids: token ids that end generation (generation_config's ``eos_token_id`` and the
+            tokenizer's EOS).
+        last_stats: :class:`~zipmoe_rt.generate.GenerationStats` of the last finished call
+            (prompt/generated tokens, TTFT, prefill and decode tokens/s), or None.
+    """
+
+    def __init__(self, source, net, tokenizer: Tokenizer, path: Path):
+        self.source, self.net, self.tokenizer, self.path = source, net, tokenizer, Path(path)
+        ids = set(source.metadata.get("generation.eos_token_ids") or [])
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        self.stop_ids = frozenset(ids)
+        self.last_stats: GenerationStats | None = None
+
+    @property
+    def hparams(self) -> dict:
+        """Normalised hyper-parameters (format/SPEC.md §3)."""
+        return self.source.hparams
+
+    @property
+    def name(self) -> str:
+        return self.source.metadata.get("general.name", self.path.stem)
+
+    # -- sampling ----------------------------------------------------------------------------
+    @staticmethod
+    def sampling(max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None) -> SamplingParams:
+        """Build validated :class:`SamplingParams` (ValueError names a bad option)."""
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repetition_penalty=repetition_penalty, seed=seed,
+                              max_tokens=max_tokens)
+
+    def _ids(self, prompt: str | Sequence[int], add_special_tokens: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt: empty (nothing to condition on)")
+        return ids
+
+    def _stream_ids(self, ids: list[int], params: SamplingParams, state: CacheState | None = None,
+                    on_finish=None) -> Iterator[str]:
+        dec = self.tokenizer.stream_decoder(skip_special_tokens=True, context_ids=ids[-4:])
+        gen = generate(self.net, ids, params, self.stop_ids, cache=state)
+        try:
+            for step in gen:
+                if step.token_id is None:
+                    break
+                piece = dec.push(step.token_id)
+                if piece:
+                    yield piece
+            tail = dec.flush()
+            if tail:
+                yield tail
+        finally:
+            gen.close()
+            self.last_stats = gen.stats
+            if on_finish is not None:
+                on_finish(gen)
+
+    # -- public ------------------------------------------------------------------------------
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, **sampling) -> Iterator[str]:
+        """Complete a raw prompt (no chat template), yielding text pieces as they are decoded.
+
+        Pieces are never broken UTF-8. Stops at an EOS id or after ``max_tokens`` tokens.
+        Closing the iterator early (``break``, Ctrl-C) stops generation; :attr:`last_stats`
+        then says ``finish_reason="cancelled"``.
+        """
+        return self._stream_ids(self._ids(prompt), self.sampling(max_tokens, **sampling))
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **sampling) -> str:
+        """Complete a raw prompt and return the completion text (prompt not included)."""
+        return "".join(self.stream(prompt, max_tokens, **sampling))
+
+    def chat(self, messages: list[dict], max_tokens: int = 512, stream: bool = False, **sampling):
+        """Reply to an OpenAI-style conversation using the model's chat template.
+
+        Args:
+            messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+            stream: return an iterator of text pieces instead of the whole reply.
+        Returns:
+            the assistant's reply (str), or an iterator of pieces when ``stream``.
+        Raises:
+            ValueError: malformed messages (index and field named) or no chat template.
+        """
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        it = self._stream_ids(ids, self.sampling(max_tokens, **sampling))
+        return it if stream else "".join(it)
+
+    def chat_session(self, system: str | None = None) -> "ChatSession":
+        """A multi-turn conversation that keeps its KV cache between turns."""
+        return ChatSession(self, system)
+
+    def memory_report(self) -> dict:
+        """Bytes held for weights by kind (``dense``, ``experts``, ...)."""
+        return self.source.memory_report()
+
+    def close(self):
+        """Release the file map and decoded weights."""
+        self.source.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+class ChatSession:
+    """A conversation with a model: messages plus the KV cache that holds them.
+
+    Each :meth:`send` re-renders the whole conversation with the chat template and feeds only
+    the tokens the cache does not already hold (common-prefix reuse), so long chats stay fast.
+    An interrupted reply (Ctrl-C) is kept as far as it got.
+    """
+
+    def __init__(self, model: Model, system: str | None = None):
+        self.model = model
+        self.system = system
+        self.messages: list[dict] = []
+        self.state = CacheState.new(model.net)
+
+    def reset(self, system: str | None = ...):
+        """Forget the conversation (and optionally set a new system prompt)."""
+        if system is not ...:
+            self.system = system
+        self.messages = []
+        self.state = CacheState.new(self.model.net)
+
+    def _all_messages(self):
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def send(self, text: str, max_tokens: int = 512, **sampling) -> Iterator[str]:
+        """Add a user turn and stream the assistant's reply (text pieces)."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self.model.tokenizer.encode_chat(self._all_messages(), add_generation_prompt=True)
+        new = self.state.sync_prefix(ids, self.model.net)
+        reply: list[str] = []
+
+        def finish(gen):
+            self.messages.append({"role": "assistant", "content": "".join(reply)})
+
+        params = self.model.sampling(max_tokens, **sampling)
+        inner = self.model._stream_ids(new, params, self.state, on_finish=finish)
+        try:
+            for piece in inner:
+                reply.append(piece)
+                yield piece
+        finally:
+            inner.close()
+
+    @property
+    def last_stats(self) -> GenerationStats | None:
+        return self.model.last_stats
