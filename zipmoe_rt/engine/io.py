@@ -1,0 +1,117 @@
+"""Reading expert regions from flash: one ``pread`` per region, optionally with O_DIRECT, into
+buffers this process owns (so resident bytes are what the budget counts, not page-cache pages of
+a memory map). Also evicts a file from the page cache so benchmarks measure the disk.
+
+Expert regions are aligned to the file's ``alignment`` (format/SPEC.md §6), so O_DIRECT reads
+need only round the length up.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+PAGE = 4096
+
+
+def aligned_empty(nbytes: int, align: int = PAGE) -> np.ndarray:
+    """A uint8 [nbytes] array whose data pointer is a multiple of ``align`` (for O_DIRECT)."""
+    raw = np.empty(nbytes + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + nbytes]
+
+
+def evict_page_cache(path) -> bool:
+    """Drop ``path``'s pages from the OS page cache (``posix_fadvise(DONTNEED)`` after ``fsync``).
+
+    Returns False where the call is unavailable. Only clean pages are dropped; a file just
+    written is synced first.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return True
+
+
+class RegionReader:
+    """Reads byte ranges of one file with ``os.preadv`` (thread-safe: no shared file offset).
+
+    Args:
+        path: the file.
+        direct: open with O_DIRECT (bypass the page cache; Linux). Offsets must be aligned to
+            4096; lengths are rounded up internally.
+
+    Attributes:
+        bytes_read: total bytes requested so far (for "bytes read per token").
+        reads: number of reads.
+
+    Raises:
+        OSError: O_DIRECT not supported by the file system (the message says so).
+    """
+
+    def __init__(self, path, direct: bool = False):
+        self.path = path
+        self.direct = direct
+        flags = os.O_RDONLY
+        if direct:
+            if not hasattr(os, "O_DIRECT"):
+                raise OSError(f"{path}: O_DIRECT is not available on this platform")
+            flags |= os.O_DIRECT
+        try:
+            self.fd = os.open(path, flags)
+        except OSError as e:
+            if direct:
+                raise OSError(f"{path}: cannot open with O_DIRECT ({e.strerror})") from None
+            raise
+        self.size = os.fstat(self.fd).st_size
+        self.bytes_read = 0
+        self.reads = 0
+        self._lock = threading.Lock()
+
+    def read(self, offset: int, size: int) -> np.ndarray:
+        """Read ``size`` bytes at ``offset`` into a new uint8 array (page-aligned memory).
+
+        Raises:
+            OSError: a short read (file truncated underneath us) or an unaligned O_DIRECT offset.
+        """
+        if self.direct:
+            if offset % PAGE:
+                raise OSError(f"{self.path}: O_DIRECT read at unaligned offset {offset}")
+            n = min(-(-size // PAGE) * PAGE, -(-(self.size - offset) // PAGE) * PAGE)
+            buf = aligned_empty(max(n, PAGE))
+            got = os.preadv(self.fd, [buf], offset)
+            if got < size:
+                raise OSError(f"{self.path}: short read at {offset}: {got} of {size} bytes")
+            out = buf[:size]
+        else:
+            out = aligned_empty(size)
+            got = 0
+            while got < size:
+                k = os.preadv(self.fd, [out[got:]], offset + got)
+                if k <= 0:
+                    raise OSError(f"{self.path}: short read at {offset}: {got} of {size} bytes")
+                got += k
+        with self._lock:
+            self.bytes_read += size
+            self.reads += 1
+        return out
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
