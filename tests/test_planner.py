@@ -1,0 +1,540 @@
+"""Tests of zipmoe_rt.engine.planner (ZIPMOE.md §3): every DP against brute force over subsets,
+the planner against exhaustive search and hand-worked cases."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from zipmoe_rt.engine import planner as P
+from zipmoe_rt.engine.planner import DelayModel
+
+TIERS = ("F", "C", "S", "E", "miss")
+
+
+# ------------------------------------------------------------------------------------------------
+# brute-force references
+# ------------------------------------------------------------------------------------------------
+
+def bf_esp(w, j):
+    return sum(math.prod(w[i] for i in S) for S in itertools.combinations(range(len(w)), j))
+
+
+def bf_cp_design(w, k):
+    """All k-subsets with P(S) ∝ Π w_i; inf weights = always selected (limit w → ∞)."""
+    w = list(w)
+    inf = [i for i, x in enumerate(w) if math.isinf(x)]
+    subsets, probs = [], []
+    for S in itertools.combinations(range(len(w)), k):
+        if not set(inf) <= set(S):
+            continue
+        subsets.append(S)
+        probs.append(math.prod(w[i] for i in S if not math.isinf(w[i])))
+    tot = sum(probs)
+    return [(S, p / tot) for S, p in zip(subsets, probs)]
+
+
+def bf_inclusion(w, k):
+    pi = np.zeros(len(w))
+    for S, p in bf_cp_design(w, k):
+        pi[list(S)] += p
+    return pi
+
+
+def rank_tiers(n, counts):
+    nF, nC, nS, nE = counts
+    return ["F"] * nF + ["C"] * nC + ["S"] * nS + ["E"] * nE + ["miss"] * (n - sum(counts))
+
+
+def bf_expected_makespan(w, counts, k, delay):
+    """Σ over k-subsets of the CP design of makespan(hits per tier), tiers by rank of w."""
+    order = np.argsort(-np.asarray(w), kind="stable")
+    tier = {int(e): t for e, t in zip(order, rank_tiers(len(w), counts))}
+    tot = 0.0
+    for S, p in bf_cp_design(w, k):
+        hits = {t: 0 for t in TIERS}
+        for e in S:
+            hits[tier[e]] += 1
+        tot += p * delay.layer_makespan(hits)
+    return tot
+
+
+def random_delay(rng, workers=None, chunks=1):
+    return DelayModel(sm_read_s=float(rng.uniform(0.5, 4)), exp_read_s=float(rng.uniform(0.1, 2)),
+                      decode_s=float(rng.uniform(0.2, 4)), matmul_s=float(rng.uniform(0, 1)),
+                      workers=int(workers or rng.integers(1, 5)), bytes_F=int(rng.integers(8, 20)),
+                      bytes_sm=int(rng.integers(3, 9)), bytes_exp=int(rng.integers(1, 4)),
+                      chunks=chunks)
+
+
+def random_pi(rng, n, k, near_one=0, tiny=0):
+    """Inclusion probabilities with some entries within 1e-9..1e-3 of 1 and some ~1e-12."""
+    pi = np.zeros(n)
+    idx = rng.permutation(n)
+    hi, lo, mid = idx[:near_one], idx[near_one:near_one + tiny], idx[near_one + tiny:]
+    pi[hi] = 1 - 10.0 ** -rng.uniform(3, 9, len(hi))
+    pi[lo] = 10.0 ** -rng.uniform(10, 12, len(lo))
+    rest = k - pi[hi].sum() - pi[lo].sum()
+    x = rng.random(len(mid)) + 0.05
+    pi[mid] = rest * x / x.sum()
+    return pi
+
+
+# ------------------------------------------------------------------------------------------------
+# §3.1-3.2
+# ------------------------------------------------------------------------------------------------
+
+def test_popularity_by_rank_values():
+    counts = np.array([[1, 3, 0, 4], [2, 2, 2, 2]])
+    pop = P.popularity_by_rank(counts)
+    np.testing.assert_allclose(pop, [[0.5, 0.375, 0.125, 0.0], [0.25] * 4])
+    avg = P.popularity_by_rank(counts, average=True)
+    np.testing.assert_allclose(avg, [0.375, 0.3125, 0.1875, 0.125])
+    assert avg.shape == (4,)
+
+
+@pytest.mark.parametrize("bad", [np.array([1, 2, 3]), np.array([[1, 2], [0, 0]]),
+                                 np.array([[1, -1], [2, 2]]), np.zeros((0, 3))])
+def test_popularity_by_rank_errors(bad):
+    with pytest.raises(ValueError):
+        P.popularity_by_rank(bad)
+
+
+def test_inclusion_probabilities_caps_iteratively():
+    # 2·(0.8, 0.1, 0.1) = (1.6, .2, .2): cap the first, spread the remaining 1 over (1, 1)
+    np.testing.assert_allclose(P.inclusion_probabilities([8, 1, 1], 2), [1, 0.5, 0.5])
+    # 3/18·(10,5,1,1,1) = (1.67, .83, ...): cap 10; 2/8·(5,1,1,1) = (1.25, ...): cap 5;
+    # 1/3 each for the rest
+    np.testing.assert_allclose(P.inclusion_probabilities([10, 5, 1, 1, 1], 3),
+                               [1, 1, 1 / 3, 1 / 3, 1 / 3])
+    # order kept, zeros stay zero
+    np.testing.assert_allclose(P.inclusion_probabilities([1, 0, 3], 1), [0.25, 0, 0.75])
+    # k equal to the number of non-zero experts: all of them are certain
+    np.testing.assert_allclose(P.inclusion_probabilities([5, 0, 1], 2), [1, 0, 1])
+
+
+def test_inclusion_probabilities_errors():
+    with pytest.raises(ValueError):
+        P.inclusion_probabilities([1, 0, 0], 2)      # only one expert with mass
+    with pytest.raises(ValueError):
+        P.inclusion_probabilities([1, 1], 0)
+    with pytest.raises(ValueError):
+        P.inclusion_probabilities([1, 1], 1.5)
+    with pytest.raises(ValueError):
+        P.inclusion_probabilities([1, -1, 2], 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1e6)), min_size=1, max_size=20),
+       st.integers(1, 8))
+def test_inclusion_probabilities_properties(pop, k):
+    pop = np.array(pop)
+    if (pop > 0).sum() < k:
+        with pytest.raises(ValueError):
+            P.inclusion_probabilities(pop, k)
+        return
+    pi = P.inclusion_probabilities(pop, k)
+    assert pi.sum() == pytest.approx(k, rel=1e-12)
+    assert (pi >= 0).all() and (pi <= 1).all()
+    assert (pi[pop == 0] == 0).all()
+    # uncapped entries stay proportional to the popularity
+    free = (pi < 1) & (pop > 0)
+    if free.sum() >= 2:
+        ratio = pi[free] / pop[free]
+        np.testing.assert_allclose(ratio, ratio[0], rtol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------
+# §3.3: ESPs and conditional Poisson
+# ------------------------------------------------------------------------------------------------
+
+def test_elementary_symmetric_vs_brute_force():
+    rng = np.random.default_rng(1)
+    for n in range(0, 9):
+        w = rng.uniform(0, 3, n)
+        k = n + 1
+        e = P.elementary_symmetric(w, k)
+        ref = [bf_esp(w, j) for j in range(k + 1)]
+        np.testing.assert_allclose(e, ref, rtol=1e-13)
+        assert e[-1] == 0.0        # e_{n+1} = 0
+    assert P.elementary_symmetric([2.0, 3.0], 2).tolist() == [1.0, 5.0, 6.0]
+
+
+def test_elementary_symmetric_leave_one_out_vs_brute_force():
+    rng = np.random.default_rng(2)
+    w = np.concatenate([[1e8], rng.uniform(1e-3, 2, 6)])     # one dominant weight
+    k = 4
+    loo = P.elementary_symmetric_leave_one_out(w, k)
+    for i in range(len(w)):
+        rest = np.delete(w, i)
+        np.testing.assert_allclose(loo[i], [bf_esp(rest, j) for j in range(k + 1)], rtol=1e-12)
+
+
+def test_esp_errors():
+    with pytest.raises(ValueError):
+        P.elementary_symmetric([1.0, -1.0], 1)
+    with pytest.raises(ValueError):
+        P.elementary_symmetric([1.0, np.inf], 1)
+    with pytest.raises(ValueError):
+        P.elementary_symmetric([1.0], -1)
+
+
+def test_cp_inclusion_vs_enumeration():
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        n = int(rng.integers(1, 9))
+        k = int(rng.integers(1, n + 1))
+        w = 10.0 ** rng.uniform(-4, 4, n)
+        if trial % 4 == 1 and n > k:
+            w[rng.integers(n)] = 0.0
+        if trial % 4 == 2 and k > 1:
+            w[rng.integers(n)] = np.inf
+        if (w > 0).sum() < k:
+            continue
+        pi = P.cp_inclusion(w, k)
+        np.testing.assert_allclose(pi, bf_inclusion(w, k), rtol=1e-10, atol=1e-14)
+        assert pi.sum() == pytest.approx(k, rel=1e-12)
+
+
+def test_cp_inclusion_scale_invariant_and_errors():
+    w = np.array([0.3, 2.0, 5.0, 0.01])
+    np.testing.assert_allclose(P.cp_inclusion(w, 2), P.cp_inclusion(w * 1e200, 2), rtol=1e-12)
+    with pytest.raises(ValueError):
+        P.cp_inclusion([1.0, 0.0, 0.0], 2)           # fewer than k positive
+    with pytest.raises(ValueError):
+        P.cp_inclusion([np.inf, np.inf, 1.0], 1)     # more always-selected than k
+    with pytest.raises(ValueError):
+        P.cp_inclusion([1.0, 2.0], 0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+def test_fit_conditional_poisson_reproduces_pi(k):
+    rng = np.random.default_rng(10 + k)
+    for trial in range(6):
+        n = int(rng.integers(k + 3, 64))
+        pi = random_pi(rng, n, k, near_one=min(trial % 3, k - 1) if k > 1 else 0,
+                       tiny=trial % 4)
+        w = P.fit_conditional_poisson(pi, k)
+        assert np.isfinite(w).all() and (w > 0).all()
+        np.testing.assert_allclose(P.cp_inclusion(w, k), pi, rtol=0, atol=1e-8)
+        # the returned scale: the Poisson design p = w/(1+w) has expected size k
+        assert np.sum(w / (1 + w)) == pytest.approx(k, rel=1e-9)
+
+
+def test_fit_conditional_poisson_vs_enumeration_small():
+    # independent check of the fitted design: enumerate its subsets
+    rng = np.random.default_rng(4)
+    for n, k in [(5, 2), (6, 3), (7, 1), (8, 4)]:
+        pi = random_pi(rng, n, k, near_one=1 if k > 1 else 0, tiny=1)
+        w = P.fit_conditional_poisson(pi, k)
+        np.testing.assert_allclose(bf_inclusion(w, k), pi, atol=1e-10)
+
+
+def test_fit_conditional_poisson_ones_and_zeros():
+    pi = np.array([1.0, 0.0, 0.7, 0.2, 1.0, 0.1, 0.0])        # k = 3
+    w = P.fit_conditional_poisson(pi, 3)
+    assert np.isinf(w[[0, 4]]).all()
+    assert (w[[1, 6]] == 0).all()
+    assert np.isfinite(w[[2, 3, 5]]).all()
+    np.testing.assert_allclose(P.cp_inclusion(w, 3), pi, atol=1e-12)
+    np.testing.assert_allclose(bf_inclusion(w, 3), pi, atol=1e-12)
+    # all certain
+    assert np.isinf(P.fit_conditional_poisson([1.0, 1.0, 0.0], 2)[:2]).all()
+
+
+def test_fit_conditional_poisson_errors():
+    with pytest.raises(ValueError):
+        P.fit_conditional_poisson([0.5, 0.6], 1)             # sums to 1.1
+    with pytest.raises(ValueError):
+        P.fit_conditional_poisson([1.2, -0.2], 1)
+    with pytest.raises(ValueError):
+        P.fit_conditional_poisson([0.5, 0.5], 0)
+    with pytest.raises(RuntimeError):
+        P.fit_conditional_poisson([0.9, 0.05, 0.05], 1, tol=0.0, max_iter=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# §3.4
+# ------------------------------------------------------------------------------------------------
+
+def test_poisson_binomial_vs_brute_force():
+    rng = np.random.default_rng(5)
+    for n in range(0, 10):
+        p = rng.random(n)
+        if n > 2:
+            p[0], p[1] = 0.0, 1.0
+        pmf = P.poisson_binomial(p)
+        ref = np.zeros(n + 1)
+        for bits in itertools.product([0, 1], repeat=n):
+            ref[sum(bits)] += math.prod(pi if b else 1 - pi for pi, b in zip(p, bits))
+        np.testing.assert_allclose(pmf, ref, rtol=1e-12, atol=1e-15)
+        assert pmf.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(P.poisson_binomial([0.5, 0.5]), [0.25, 0.5, 0.25])
+    with pytest.raises(ValueError):
+        P.poisson_binomial([1.5])
+
+
+def random_pools(rng, n, parts):
+    cuts = np.sort(rng.integers(0, n + 1, parts - 1))
+    b = [0, *cuts.tolist(), n]
+    return list(zip(b[:-1], b[1:]))
+
+
+def test_pool_hit_distribution_vs_enumeration():
+    rng = np.random.default_rng(6)
+    for trial in range(40):
+        n = int(rng.integers(2, 9))
+        k = int(rng.integers(1, n + 1))
+        w = 10.0 ** rng.uniform(-3, 3, n)
+        if trial % 3 == 1 and n > k:
+            w[rng.integers(n)] = 0.0
+        if trial % 3 == 2 and k > 1:
+            w[rng.integers(n)] = np.inf
+        if (w > 0).sum() < k:
+            continue
+        pools = random_pools(rng, n, int(rng.integers(1, 6)))
+        dist = P.pool_hit_distribution(w, pools, k)
+        ref: dict = {}
+        for S, p in bf_cp_design(w, k):
+            h = tuple(sum(a <= e < b for e in S) for a, b in pools)
+            ref[h] = ref.get(h, 0.0) + p
+        assert sum(dist.values()) == pytest.approx(1.0, abs=1e-12)
+        for h in set(dist) | set(ref):
+            assert dist.get(h, 0.0) == pytest.approx(ref.get(h, 0.0), rel=1e-9, abs=1e-13), h
+        assert all(sum(h) == k for h in dist)
+
+
+def test_pool_hit_distribution_hand_case():
+    # k = 1: P(the one pick is in a pool) = its share of the weights
+    d = P.pool_hit_distribution([3.0, 1.0, 1.0, 5.0], [(0, 1), (1, 3), (3, 4)], 1)
+    assert d == pytest.approx({(1, 0, 0): 0.3, (0, 1, 0): 0.2, (0, 0, 1): 0.5})
+
+
+def test_pool_hit_distribution_errors():
+    with pytest.raises(ValueError):
+        P.pool_hit_distribution([1, 1, 1], [(0, 1), (2, 3)], 1)     # gap
+    with pytest.raises(ValueError):
+        P.pool_hit_distribution([1, 1, 1], [(0, 2)], 1)             # does not cover
+    with pytest.raises(ValueError):
+        P.pool_hit_distribution([1, 0, 0], [(0, 3)], 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# §3.5: delay model, expected makespan, planning
+# ------------------------------------------------------------------------------------------------
+
+def test_layer_makespan_formula():
+    d = DelayModel(sm_read_s=3.0, exp_read_s=1.0, decode_s=2.0, matmul_s=0.5, workers=2,
+                   bytes_F=10, bytes_sm=5, bytes_exp=2)
+    # io = 3·(hE+hm) + 1·(hS+hm) = 3·2 + 1·2 = 8; decodes 1+1+1+1 = 4 → 2·ceil(4/2) = 4;
+    # matmul 0.5·ceil(5/2) = 1.5
+    assert d.layer_makespan({"F": 1, "C": 1, "S": 1, "E": 1, "miss": 1}) == pytest.approx(9.5)
+    # compute-bound: 5 C hits, 2·ceil(5/2) = 6, + 0.5·3
+    assert d.layer_makespan({"C": 5}) == pytest.approx(7.5)
+    assert d.layer_makespan({"F": 2}) == pytest.approx(0.5)
+    assert d.layer_makespan({}) == 0.0
+    # decode split into 4 chunks: 0.5·ceil(3·4/2) = 3 against io 0
+    d4 = DelayModel(3.0, 1.0, 2.0, 0.0, 2, 10, 5, 2, chunks=4)
+    assert d4.layer_makespan({"C": 3}) == pytest.approx(3.0)
+    assert d.tier_bytes() == {"F": 10, "C": 7, "S": 5, "E": 2, "miss": 0}
+    assert d.plan_bytes(1, 2, 3, 4) == 10 + 14 + 15 + 8
+    with pytest.raises(ValueError):
+        d.layer_makespan({"X": 1})
+    with pytest.raises(ValueError):
+        DelayModel(-1.0, 1.0, 1.0, 1.0, 1, 1, 1, 1)
+    with pytest.raises(ValueError):
+        DelayModel(1.0, 1.0, 1.0, 1.0, 0, 1, 1, 1)
+
+
+def test_expected_layer_makespan_vs_enumeration():
+    rng = np.random.default_rng(7)
+    for trial in range(25):
+        n = int(rng.integers(2, 8))
+        k = int(rng.integers(1, n + 1))
+        w = 10.0 ** rng.uniform(-2, 2, n)
+        if trial % 5 == 0 and k > 1:
+            w[0] = np.inf
+        cuts = np.sort(rng.integers(0, n + 1, 4))
+        counts = tuple(np.diff([0, *cuts.tolist()]).tolist())
+        d = random_delay(rng, chunks=int(rng.integers(1, 3)))
+        got = P.expected_layer_makespan(w, counts, k, d)
+        assert got == pytest.approx(bf_expected_makespan(w, counts, k, d), rel=1e-10)
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_layer_frontier_matches_reference(step):
+    rng = np.random.default_rng(8 + step)
+    for trial in range(6):
+        n = int(rng.integers(3, 8))
+        k = int(rng.integers(1, min(n, 4) + 1))
+        pi = P.inclusion_probabilities(rng.pareto(1.0, n) + 0.01, k)
+        w = P.fit_conditional_poisson(pi, k)
+        d = random_delay(rng)
+        t = P.layer_frontier(w, k, d, step=step)
+        grid = set(range(0, n + 1, step)) | {n}
+        expect = {c for c in itertools.product(range(n + 1), repeat=4) if sum(c) <= n
+                  and all(b in grid for b in np.cumsum(c))}
+        assert {tuple(c) for c in t.counts.tolist()} == expect
+        for c, b, em in zip(t.counts, t.bytes, t.makespan_s):
+            assert em == pytest.approx(P.expected_layer_makespan(w, tuple(c), k, d), rel=1e-10)
+            assert b == d.plan_bytes(*c)
+
+
+def test_plan_layer_hand_case():
+    # N = 3, k = 1: CP with k = 1 picks expert i with probability π_i. One hit per token, L = 1:
+    #   F: 0 + 0.5; C: max(0, 2) + .5 = 2.5; S: max(1, 2) + .5 = 2.5; E: max(4, 2) + .5 = 4.5;
+    #   miss: max(4 + 1, 2) + .5 = 5.5.
+    # Bytes F 4, C 3, S 2, E 1; budget 4 fits one F, or two S, or C+E, S+E+E, E+E+E, ...
+    d = DelayModel(sm_read_s=4.0, exp_read_s=1.0, decode_s=2.0, matmul_s=0.5, workers=1,
+                   bytes_F=4, bytes_sm=2, bytes_exp=1)
+    # π = (.5, .3, .2):  F,miss,miss = .5·.5 + .5·5.5 = 3.0;  S,S,miss = .8·2.5 + .2·5.5 = 3.1;
+    #   S,E,E = .4·... = .5·2.5 + .5·4.5 = 3.5;  C,E,miss = 1.25 + 1.35 + 1.1 = 3.7;
+    #   E,E,E = 4.5;  C,miss,miss = 4.0  →  one F expert, 3.0
+    plan = P.plan_layer([0.5, 0.3, 0.2], 1, 4, d)
+    assert (plan.nF, plan.nC, plan.nS, plan.nE) == (1, 0, 0, 0)
+    assert plan.predicted_makespan_s == pytest.approx(3.0)
+    assert plan.bytes == 4
+    # π = (.4, .35, .25):  F = .4·.5 + .6·5.5 = 3.5;  S,S = .75·2.5 + .25·5.5 = 3.25;
+    #   S,E,E = .4·2.5 + .6·4.5 = 3.7;  C,E,miss = 1 + 1.575 + 1.375 = 3.95  →  two S, 3.25
+    plan = P.plan_layer([0.25, 0.4, 0.35], 1, 4, d)            # any order: ranked inside
+    assert (plan.nF, plan.nC, plan.nS, plan.nE) == (0, 0, 2, 0)
+    assert plan.predicted_makespan_s == pytest.approx(3.25)
+    assert plan.tier_of_rank(3) == ["S", "S", "miss"]
+    # budget 0: all miss, 5.5
+    plan = P.plan_layer([0.5, 0.3, 0.2], 1, 0, d)
+    assert (plan.nF, plan.nC, plan.nS, plan.nE, plan.bytes) == (0, 0, 0, 0, 0)
+    assert plan.predicted_makespan_s == pytest.approx(5.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 6), st.floats(0, 1.2))
+def test_plan_layer_respects_budget_and_is_optimal(seed, n, frac):
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, n + 1))
+    pop = rng.pareto(1.0, n) + 1e-3
+    pi = P.inclusion_probabilities(pop, k)
+    d = random_delay(rng)
+    budget = frac * n * d.bytes_F
+    plan = P.plan_layer(pi, k, budget, d)
+    assert plan.bytes <= budget
+    assert plan.bytes == d.plan_bytes(plan.nF, plan.nC, plan.nS, plan.nE)
+    w = P.fit_conditional_poisson(pi, k)
+    best = min(P.expected_layer_makespan(w, c, k, d)
+               for c in itertools.product(range(n + 1), repeat=4)
+               if sum(c) <= n and d.plan_bytes(*c) <= budget)
+    assert plan.predicted_makespan_s == pytest.approx(best, rel=1e-9)
+
+
+def test_plan_layer_accepts_weights_and_errors():
+    d = DelayModel(4.0, 1.0, 2.0, 0.5, 1, 4, 2, 1)
+    w = P.fit_conditional_poisson([0.5, 0.3, 0.2], 1)
+    a = P.plan_layer(w, 1, 4, d, is_w=True)
+    b = P.plan_layer([0.5, 0.3, 0.2], 1, 4, d)
+    assert (a.nF, a.nC, a.nS, a.nE, a.bytes) == (b.nF, b.nC, b.nS, b.nE, b.bytes) == (1, 0, 0, 0, 4)
+    assert a.predicted_makespan_s == pytest.approx(b.predicted_makespan_s, rel=1e-12)
+    with pytest.raises(ValueError):
+        P.plan_layer([0.5, 0.3, 0.2], 1, -1, d)
+    with pytest.raises(ValueError):
+        P.plan_layer([0.5, 0.3, 0.2], 4, 10, d)
+
+
+def small_trace(rng, layers, n, k, tokens=200):
+    counts = np.zeros((layers, n), dtype=np.int64)
+    for l in range(layers):
+        p = rng.dirichlet(np.full(n, 0.5))
+        for _ in range(tokens):
+            counts[l, rng.choice(n, size=k, replace=False, p=p)] += 1
+    return counts
+
+
+def exhaustive_split(fronts, total):
+    opt = math.inf
+    for idx in itertools.product(*(range(len(f.bytes)) for f in fronts)):
+        if sum(f.bytes[i] for f, i in zip(fronts, idx)) <= total:
+            opt = min(opt, sum(f.makespan_s[i] for f, i in zip(fronts, idx)))
+    return opt
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0, 1.1), st.sampled_from([1, 10**6]))
+def test_plan_model_respects_budget_and_is_near_optimal(seed, frac, scale):
+    rng = np.random.default_rng(seed)
+    L, n, k = 3, 4, int(rng.integers(1, 3))
+    counts = small_trace(rng, L, n, k)
+    d0 = random_delay(rng)
+    d = DelayModel(d0.sm_read_s, d0.exp_read_s, d0.decode_s, d0.matmul_s, d0.workers,
+                   d0.bytes_F * scale, d0.bytes_sm * scale, d0.bytes_exp * scale)
+    total = frac * L * n * d.bytes_F
+    plan = P.plan_model(counts, k, total, d)
+    assert len(plan.layers) == L
+    assert plan.bytes <= total
+    assert plan.predicted_makespan_s == pytest.approx(
+        sum(p.predicted_makespan_s for p in plan.layers))
+    # each layer's plan is what plan_layer picks for its own bytes (Pareto-optimal)
+    pop = P.popularity_by_rank(counts)
+    fronts = []
+    for l, p in enumerate(plan.layers):
+        pi = P.inclusion_probabilities(pop[l], k)
+        alone = P.plan_layer(pi, k, p.bytes, d)
+        assert alone.predicted_makespan_s == pytest.approx(p.predicted_makespan_s, rel=1e-9)
+        fronts.append(P.layer_frontier(P.fit_conditional_poisson(pi, k), k, d).pareto())
+    opt = exhaustive_split(fronts, total)
+    if scale == 1:
+        # integer bytes, budget < 65536: the DP works in single bytes and is exact
+        assert plan.predicted_makespan_s == pytest.approx(opt, rel=1e-9)
+    else:
+        # quantised DP or greedy: OPT <= plan <= OPT + one convex-hull step's makespan gain
+        step_gain = 0.0
+        for f in fronts:
+            h = P._lower_hull(f.bytes, f.makespan_s)
+            if len(h) > 1:
+                step_gain = max(step_gain, float(np.max(-np.diff(f.makespan_s[h]))))
+        assert opt * (1 - 1e-9) <= plan.predicted_makespan_s <= opt + step_gain + 1e-12
+
+
+def test_plan_model_extremes_and_errors():
+    rng = np.random.default_rng(9)
+    L, n, k = 4, 6, 2
+    counts = small_trace(rng, L, n, k)
+    d = DelayModel(sm_read_s=2.0, exp_read_s=0.7, decode_s=1.5, matmul_s=0.25, workers=2,
+                   bytes_F=16, bytes_sm=8, bytes_exp=3)
+    none = P.plan_model(counts, k, 0, d)
+    assert all((p.nF, p.nC, p.nS, p.nE) == (0, 0, 0, 0) for p in none.layers)
+    # all miss, k = 2 per token: io = 2·(2 + 0.7) = 5.4 > decodes 1.5·ceil(2/2); + 0.25
+    assert none.predicted_makespan_s == pytest.approx(L * 5.65)
+    full = P.plan_model(counts, k, L * n * 16, d)
+    # every expert the trace saw is F; the never-seen ones are left uncached (no gain, ties go
+    # to fewer bytes)
+    assert [(p.nF, p.nC, p.nS, p.nE) for p in full.layers] == [
+        (int((row > 0).sum()), 0, 0, 0) for row in counts]
+    assert full.predicted_makespan_s == pytest.approx(L * 0.25)
+    layers, total = P.plan_model(counts, k, 100, d)          # unpacks as (layers, makespan)
+    assert total < none.predicted_makespan_s and sum(p.bytes for p in layers) <= 100
+    avg = P.plan_model(counts, k, 100, d, average=True)
+    assert avg.bytes <= 100
+    with pytest.raises(ValueError):
+        P.plan_model(counts, k, -1, d)
+    with pytest.raises(ValueError):
+        P.plan_model(counts, k, 10, d, shape=(L, n + 1))
+    with pytest.raises(ValueError):
+        P.plan_model(counts[0], k, 10, d)
+    with pytest.raises(ValueError):
+        P.plan_model(counts, n + 1, 10, d)
+
+
+def test_plan_model_realistic_size_runs():
+    # N = 60 experts, L = 24 layers, top-4 (Qwen1.5-MoE-like); budget 40 % of BF16.
+    rng = np.random.default_rng(11)
+    L, n, k = 24, 60, 4
+    counts = rng.multinomial(2000 * k, rng.dirichlet(np.full(n, 0.3)), size=L)
+    d = DelayModel(sm_read_s=2e-3, exp_read_s=0.7e-3, decode_s=1.5e-3, matmul_s=0.2e-3,
+                   workers=6, bytes_F=100, bytes_sm=50, bytes_exp=17)
+    total = 0.4 * L * n * 100
+    plan = P.plan_model(counts, k, total, d)
+    assert total - 100 <= plan.bytes <= total           # the budget is (nearly) used up
+    none = P.plan_model(counts, k, 0, d).predicted_makespan_s
+    full = P.plan_model(counts, k, L * n * 100, d).predicted_makespan_s
+    assert full < plan.predicted_makespan_s < none
