@@ -40,3 +40,29 @@ def default_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("default_model") / "smollm2-moe"
     return build_upcycled_checkpoint(smollm2_gguf, out, num_experts=4, top_k=2, seed=0,
                                      progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# tiny random MoE checkpoints (tests/tiny_models.py), built with transformers at test time
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory):
+    """Factory ``tiny_moe_dir(name, sharded=False) -> Path``: a tiny random HF MoE checkpoint
+    (BF16; ``name`` a key of ``tiny_models.SPECS``: mixtral, mixtral_tied_swa, qwen2_moe,
+    qwen2_moe_step2, qwen3_moe), built once per session per (name, sharded). Read-only.
+    Skips when torch/transformers are absent."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tiny_models import make_tiny
+
+    made: dict = {}
+
+    def get(name: str, sharded: bool = False) -> Path:
+        key = (name, sharded)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"tiny_{name}{'_sharded' if sharded else ''}")
+            made[key] = make_tiny(name, folder, sharded=sharded)
+        return made[key]
+
+    return get

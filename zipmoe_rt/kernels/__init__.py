@@ -1,0 +1,47 @@
+"""Numba CPU kernels (:mod:`.linear`: BF16 GEMV/GEMM, fused SwiGLU experts).
+
+Threading: the parallel kernels use Numba's default threading layer (OpenMP here) and must be
+called from one thread only. How idle OpenMP workers wait matters a lot on 2 cores:
+
+* spinning (``OMP_WAIT_POLICY=ACTIVE``, OpenMP's default): a parallel region costs ~2 us, but any
+  other busy thread on the machine — another process, or the engine's own decode workers —
+  steals the spinning worker's core and every region then waits for it: decode measured
+  45 -> 0.6 tokens/s with one busy process on the second core.
+* sleeping (``PASSIVE``): robust (~20 tokens/s in that case, the same as one thread), but waking
+  a worker costs tens of microseconds per region in a VM (75 us measured here, ~30 us on the
+  GPU host; a few us on bare metal): ~24-31 instead of ~45 tokens/s on an idle 2-core VM.
+
+Importing this package selects ``PASSIVE`` unless ``OMP_WAIT_POLICY`` is already set; a
+benchmark on a dedicated machine can call :func:`set_wait_policy` ("active") first.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("KMP_BLOCKTIME", "0")
+
+
+def set_wait_policy(policy: str) -> bool:
+    """Choose how idle OpenMP workers wait: "active" (spin) or "passive" (sleep).
+
+    Only effective before the first parallel kernel runs (the runtime reads the environment
+    once, when Numba starts its threads).
+
+    Args:
+        policy: "active" or "passive" (case-insensitive).
+    Returns:
+        True when applied, False when Numba's threads are already running (nothing changed).
+    Raises:
+        ValueError: another policy name.
+    """
+    p = policy.upper()
+    if p not in ("ACTIVE", "PASSIVE"):
+        raise ValueError(f"wait policy must be 'active' or 'passive', not {policy!r}")
+    from numba.np.ufunc import parallel
+
+    if parallel._is_initialized:
+        return False
+    os.environ["OMP_WAIT_POLICY"] = p
+    os.environ["KMP_BLOCKTIME"] = "200" if p == "ACTIVE" else "0"
+    return True

@@ -1,0 +1,36 @@
+"""Model architectures (one small module per family, shared blocks in :mod:`.base`) and the
+weight-source interface they consume (:mod:`.weights`).
+
+Use :func:`build_model` to get the right class for a source's ``hparams["family"]``.
+"""
+from __future__ import annotations
+
+import importlib
+
+#: family (``hparams["family"]``, set by the converter registry) -> module under this package.
+FAMILIES = {
+    "mixtral": "mixtral",
+    "qwen2_moe": "qwen2_moe",
+    "qwen3_moe": "qwen3_moe",
+}
+
+
+def build_model(source, executor=None):
+    """Build the runtime model for a weight source.
+
+    Args:
+        source: a :class:`~zipmoe_rt.models.weights.WeightSource` (``hparams["family"]`` picks
+            the architecture module).
+        executor: optional expert executor (default: :class:`~zipmoe_rt.models.base.ExpertExecutor`).
+    Returns:
+        a :class:`~zipmoe_rt.models.base.Model` subclass instance.
+    Raises:
+        ValueError: unknown or missing family (message lists the supported ones).
+        KeyError: a dense tensor is missing from the source.
+    """
+    family = source.hparams.get("family")
+    mod = FAMILIES.get(family)
+    if mod is None:
+        raise ValueError(f"unsupported model family {family!r}; supported: "
+                         f"{', '.join(sorted(FAMILIES))}")
+    return importlib.import_module(f".{mod}", __name__).Model(source, executor)

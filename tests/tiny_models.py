@@ -1,0 +1,83 @@
+"""Tiny random Hugging Face MoE checkpoints, built with transformers at test time (never
+committed): Mixtral, Qwen2-MoE (shared expert, a dense-MLP layer) and Qwen3-MoE, saved in BF16
+with ``save_pretrained`` (optionally sharded).
+
+Import only from tests that have already done ``pytest.importorskip("torch")`` /
+``("transformers")``. Seeds are fixed, so a spec always produces the same weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+#: weight init std: larger than transformers' 0.02 so the random model's logits are peaked
+#: enough for greedy decoding to be stable against float rounding.
+INIT_STD = 0.1
+
+COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+              initializer_range=INIT_STD, tie_word_embeddings=False)
+
+#: name -> (transformers class names, config kwargs)
+SPECS = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        COMMON, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+        rope_theta=10000.0)),
+    "mixtral_tied_swa": ("MixtralConfig", "MixtralForCausalLM", dict(
+        COMMON, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+        tie_word_embeddings=True, sliding_window=6, rope_theta=10000.0)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        COMMON, intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
+        mlp_only_layers=[1], qkv_bias=True, rope_theta=10000.0)),
+    "qwen2_moe_step2": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        COMMON, intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=2,
+        mlp_only_layers=[], rope_theta=10000.0)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        COMMON, head_dim=32, intermediate_size=128, moe_intermediate_size=48, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        rope_theta=1000000.0)),
+}
+
+
+def _randomize_norms(model, torch, gen):
+    """Give RMSNorm weights (and biases) non-trivial values so the tests exercise them."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
+    """Create tiny checkpoint ``name`` (a key of :data:`SPECS`) in ``folder`` (BF16 safetensors,
+    ``config.json``); with ``sharded`` the weights are split over several shards with an index.
+
+    Returns:
+        the folder as a Path.
+    Raises:
+        KeyError: unknown name.
+    """
+    import torch
+    import transformers
+
+    cfg_cls, model_cls, kw = SPECS[name]
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_cls)(**kw)
+    model = getattr(transformers, model_cls)(cfg)
+    _randomize_norms(model, torch, torch.Generator().manual_seed(seed + 1))
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="200KB" if sharded else "2GB")
+    return folder
+
+
+def load_hf(folder):
+    """The checkpoint loaded with transformers in float32, eval mode, eager attention."""
+    import torch
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager")
+    return m.eval()

@@ -1,0 +1,755 @@
+"""Numba CPU kernels for the dense algebra of a decoder: ``y = x @ W.T (+ bias)`` on BF16 weights
+read in place, and a fused SwiGLU expert.
+
+Weights arrive the way :mod:`zipmoe_rt.models.weights` hands them out: ``[out, in]`` like
+``torch.nn.Linear.weight``, BF16 as ``uint16`` bit patterns (the fast path), FP16 as ``float16``
+or FP32 as ``float32``. Activations are ``float32``; every dot product accumulates in float32.
+Widening BF16 is exact (``float32 bits = bf16 bits << 16``), so results match a float32
+reference up to summation order (transformers' ``nn.functional.linear`` on the up-cast weights).
+
+Layout of the work:
+
+* ``T == 1`` (decode): a GEMV that streams each weight once, four rows per ``prange`` step so a
+  loaded ``x[j]`` feeds four FMAs; the loop is vectorised by LLVM (zero-extend, shift, FMA).
+* ``T > 1`` (prefill): rows are split into one chunk per thread; each block of four rows is
+  widened once into a small float32 scratch (L1-resident) and reused for all ``T`` tokens, so a
+  weight is widened once per call, not ``T`` times.
+
+All kernels are ``@njit(nogil=True, cache=True, fastmath=True)``; the big ones are
+``parallel=True`` and use Numba's default threading layer. Call parallel kernels from one thread
+only (the model's main thread); the ``*_serial`` variants are safe from worker threads.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+__all__ = [
+    "linear", "linear_into", "swiglu_expert", "swiglu_hidden", "expert_accumulate", "widen_bf16",
+    "bf16_rows", "weight_kind", "experts_decode",
+]
+
+_PAR = dict(parallel=True, nogil=True, cache=True, fastmath=True)
+_SER = dict(nogil=True, cache=True, fastmath=True)
+
+#: rows handled together by one step of the kernels (shares each x load between four rows).
+_RB = 4
+#: below this many multiply-adds (T x out x in) one thread beats a parallel region (whose
+#: fork/join costs ~2 us with spinning workers, tens of us with sleeping ones).
+_PAR_MIN_WORK = 1 << 17
+
+_NO_BIAS = np.zeros(0, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# element widening
+
+
+@njit(inline="always")
+def _bf16(h):
+    """BF16 bits (uint16) -> float32, exact."""
+    return np.uint32(np.uint32(h) << 16).view(np.float32)
+
+
+@njit(inline="always")
+def _f16(h):
+    """IEEE half bits (uint16) -> float32, exact incl. subnormals, inf and NaN."""
+    h32 = np.uint32(h)
+    em = h32 & np.uint32(0x7FFF)
+    sign = (h32 & np.uint32(0x8000)) << np.uint32(16)
+    if em >= np.uint32(0x7C00):
+        bits = (em << np.uint32(13)) | np.uint32(0x7F800000)
+    else:
+        # exponent field moved into float32's, rebias by multiplying with 2**112 (exact)
+        f = np.uint32(em << np.uint32(13)).view(np.float32) * np.float32(5.192296858534828e33)
+        bits = np.float32(f).view(np.uint32)
+    return np.uint32(bits | sign).view(np.float32)
+
+
+@njit(**_SER)
+def _widen_rows_bf16(W, r0, r1, buf):
+    n = W.shape[1]
+    for r in range(r0, r1):
+        row = W[r]
+        b = buf[r - r0]
+        for j in range(n):
+            b[j] = _bf16(row[j])
+
+
+@njit(**_SER)
+def _widen_rows_f16(W, r0, r1, buf):
+    n = W.shape[1]
+    for r in range(r0, r1):
+        row = W[r]
+        b = buf[r - r0]
+        for j in range(n):
+            b[j] = _f16(row[j])
+
+
+@njit(**_SER)
+def _copy_rows_f32(W, r0, r1, buf):
+    n = W.shape[1]
+    for r in range(r0, r1):
+        row = W[r]
+        b = buf[r - r0]
+        for j in range(n):
+            b[j] = row[j]
+
+
+@njit(**_PAR)
+def _widen_bf16_par(W, out):
+    rows = W.shape[0]
+    for r in prange(rows):
+        row = W[r]
+        o = out[r]
+        for j in range(W.shape[1]):
+            o[j] = _bf16(row[j])
+
+
+# ---------------------------------------------------------------------------------------------
+# BF16 GEMV (T == 1)
+
+
+@njit(inline="always")
+def _gemv_bf16_block(x, W, y, bias, o, q):
+    """Rows o, o+q, o+2q, o+3q: four far-apart sequential streams per thread keep more memory
+    requests in flight than one (measured here: 15 -> 19 GB/s on 2 cores)."""
+    n = W.shape[1]
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    r0 = W[o]
+    r1 = W[o + q]
+    r2 = W[o + 2 * q]
+    r3 = W[o + 3 * q]
+    for j in range(n):
+        xj = x[j]
+        a0 += _bf16(r0[j]) * xj
+        a1 += _bf16(r1[j]) * xj
+        a2 += _bf16(r2[j]) * xj
+        a3 += _bf16(r3[j]) * xj
+    if bias.size:
+        a0 += bias[o]
+        a1 += bias[o + q]
+        a2 += bias[o + 2 * q]
+        a3 += bias[o + 3 * q]
+    y[o] = a0
+    y[o + q] = a1
+    y[o + 2 * q] = a2
+    y[o + 3 * q] = a3
+
+
+@njit(inline="always")
+def _gemv_bf16_row(x, W, y, bias, o):
+    n = W.shape[1]
+    acc = np.float32(0.0)
+    row = W[o]
+    for j in range(n):
+        acc += _bf16(row[j]) * x[j]
+    if bias.size:
+        acc += bias[o]
+    y[o] = acc
+
+
+@njit(**_PAR)
+def _gemv_bf16_par(x, W, y, bias):
+    out = W.shape[0]
+    q = out // 4
+    for b in prange(q):
+        _gemv_bf16_block(x, W, y, bias, b, q)
+    for o in range(q * 4, out):
+        _gemv_bf16_row(x, W, y, bias, o)
+
+
+@njit(**_SER)
+def _gemv_bf16_serial(x, W, y, bias):
+    out = W.shape[0]
+    q = out // 4
+    for b in range(q):
+        _gemv_bf16_block(x, W, y, bias, b, q)
+    for o in range(q * 4, out):
+        _gemv_bf16_row(x, W, y, bias, o)
+
+
+# ---------------------------------------------------------------------------------------------
+# blocked GEMM (any T) over a float32 scratch of widened rows
+
+
+@njit(inline="always")
+def _dot_block(x, buf, nr, y, bias, o):
+    """y[t, o:o+nr] = buf[:nr] @ x[t] (+ bias) for every t; buf holds float32 rows."""
+    T = x.shape[0]
+    n = x.shape[1]
+    if nr == 4:
+        b0 = buf[0]
+        b1 = buf[1]
+        b2 = buf[2]
+        b3 = buf[3]
+        T2 = T - T % 2
+        for t in range(0, T2, 2):  # 4 rows x 2 tokens: 8 accumulators, 6 loads per 8 FMAs
+            xt = x[t]
+            xu = x[t + 1]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            c0 = np.float32(0.0)
+            c1 = np.float32(0.0)
+            c2 = np.float32(0.0)
+            c3 = np.float32(0.0)
+            for j in range(n):
+                xj = xt[j]
+                xk = xu[j]
+                a0 += b0[j] * xj
+                a1 += b1[j] * xj
+                a2 += b2[j] * xj
+                a3 += b3[j] * xj
+                c0 += b0[j] * xk
+                c1 += b1[j] * xk
+                c2 += b2[j] * xk
+                c3 += b3[j] * xk
+            y[t, o] = a0
+            y[t, o + 1] = a1
+            y[t, o + 2] = a2
+            y[t, o + 3] = a3
+            y[t + 1, o] = c0
+            y[t + 1, o + 1] = c1
+            y[t + 1, o + 2] = c2
+            y[t + 1, o + 3] = c3
+        for t in range(T2, T):
+            xt = x[t]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for j in range(n):
+                xj = xt[j]
+                a0 += b0[j] * xj
+                a1 += b1[j] * xj
+                a2 += b2[j] * xj
+                a3 += b3[j] * xj
+            y[t, o] = a0
+            y[t, o + 1] = a1
+            y[t, o + 2] = a2
+            y[t, o + 3] = a3
+    else:
+        for r in range(nr):
+            br = buf[r]
+            for t in range(T):
+                xt = x[t]
+                acc = np.float32(0.0)
+                for j in range(n):
+                    acc += br[j] * xt[j]
+                y[t, o + r] = acc
+    if bias.size:
+        for t in range(T):
+            for r in range(nr):
+                y[t, o + r] += bias[o + r]
+
+
+@njit(**_PAR)
+def _gemm_bf16_par(x, W, y, bias, nthreads):
+    out, n = W.shape
+    nblocks = (out + 3) // 4
+    nchunks = max(1, min(nblocks, nthreads))
+    for c in prange(nchunks):
+        buf = np.empty((4, n), np.float32)
+        b0 = c * nblocks // nchunks
+        b1 = (c + 1) * nblocks // nchunks
+        for b in range(b0, b1):
+            o = b * 4
+            e = min(o + 4, out)
+            _widen_rows_bf16(W, o, e, buf)
+            _dot_block(x, buf, e - o, y, bias, o)
+
+
+@njit(**_PAR)
+def _gemm_f16_par(x, W, y, bias, nthreads):
+    out, n = W.shape
+    nblocks = (out + 3) // 4
+    nchunks = max(1, min(nblocks, nthreads))
+    for c in prange(nchunks):
+        buf = np.empty((4, n), np.float32)
+        b0 = c * nblocks // nchunks
+        b1 = (c + 1) * nblocks // nchunks
+        for b in range(b0, b1):
+            o = b * 4
+            e = min(o + 4, out)
+            _widen_rows_f16(W, o, e, buf)
+            _dot_block(x, buf, e - o, y, bias, o)
+
+
+@njit(**_PAR)
+def _gemm_f32_par(x, W, y, bias, nthreads):
+    out, n = W.shape
+    nblocks = (out + 3) // 4
+    nchunks = max(1, min(nblocks, nthreads))
+    for c in prange(nchunks):
+        buf = np.empty((4, n), np.float32)
+        b0 = c * nblocks // nchunks
+        b1 = (c + 1) * nblocks // nchunks
+        for b in range(b0, b1):
+            o = b * 4
+            e = min(o + 4, out)
+            _copy_rows_f32(W, o, e, buf)
+            _dot_block(x, buf, e - o, y, bias, o)
+
+
+@njit(**_SER)
+def _gemm_bf16_serial(x, W, y, bias):
+    out, n = W.shape
+    buf = np.empty((4, n), np.float32)
+    for o in range(0, out, 4):
+        e = min(o + 4, out)
+        _widen_rows_bf16(W, o, e, buf)
+        _dot_block(x, buf, e - o, y, bias, o)
+
+
+@njit(**_SER)
+def _gemm_f16_serial(x, W, y, bias):
+    out, n = W.shape
+    buf = np.empty((4, n), np.float32)
+    for o in range(0, out, 4):
+        e = min(o + 4, out)
+        _widen_rows_f16(W, o, e, buf)
+        _dot_block(x, buf, e - o, y, bias, o)
+
+
+@njit(**_SER)
+def _gemm_f32_serial(x, W, y, bias):
+    out, n = W.shape
+    buf = np.empty((4, n), np.float32)
+    for o in range(0, out, 4):
+        e = min(o + 4, out)
+        _copy_rows_f32(W, o, e, buf)
+        _dot_block(x, buf, e - o, y, bias, o)
+
+
+# ---------------------------------------------------------------------------------------------
+# public wrappers
+
+_KINDS = {np.dtype(np.uint16): "bf16", np.dtype(np.float16): "f16", np.dtype(np.float32): "f32"}
+
+
+def weight_kind(W: np.ndarray) -> str:
+    """``"bf16"``, ``"f16"`` or ``"f32"`` for a weight array (uint16 means BF16 bits).
+
+    Raises:
+        TypeError: any other dtype.
+    """
+    kind = _KINDS.get(W.dtype)
+    if kind is None:
+        raise TypeError(f"weight dtype {W.dtype} is not supported (BF16 as uint16, float16, float32)")
+    return kind
+
+
+def linear_into(x: np.ndarray, W: np.ndarray, y: np.ndarray, bias: np.ndarray | None = None,
+                parallel: bool = True) -> np.ndarray:
+    """``y[:] = x @ W.T (+ bias)`` into a preallocated output (the model's hot path).
+
+    Args:
+        x: float32 [T, in], C-contiguous.
+        W: [out, in] C-contiguous; uint16 (BF16 bits), float16 or float32.
+        y: float32 [T, out], C-contiguous; overwritten.
+        bias: optional float32 [out].
+        parallel: False uses the single-threaded kernels (safe from worker threads).
+    Returns:
+        ``y``.
+    Raises:
+        TypeError: unsupported weight dtype.
+    """
+    b = _NO_BIAS if bias is None else bias
+    kind = _KINDS.get(W.dtype)
+    par = parallel and x.shape[0] * W.shape[0] * W.shape[1] >= _PAR_MIN_WORK and W.shape[0] >= 8
+    if kind == "bf16":
+        if x.shape[0] == 1:
+            (_gemv_bf16_par if par else _gemv_bf16_serial)(x[0], W, y[0], b)
+        else:
+            if par:
+                _gemm_bf16_par(x, W, y, b, get_num_threads())
+            else:
+                _gemm_bf16_serial(x, W, y, b)
+    elif kind == "f16":
+        if par:
+            _gemm_f16_par(x, W.view(np.uint16), y, b, get_num_threads())
+        else:
+            _gemm_f16_serial(x, W.view(np.uint16), y, b)
+    elif kind == "f32":
+        if par:
+            _gemm_f32_par(x, W, y, b, get_num_threads())
+        else:
+            _gemm_f32_serial(x, W, y, b)
+    else:
+        weight_kind(W)
+    return y
+
+
+def linear(x: np.ndarray, W: np.ndarray, bias: np.ndarray | None = None,
+           parallel: bool = True) -> np.ndarray:
+    """``x @ W.T (+ bias)`` with float32 accumulation, like ``torch.nn.functional.linear`` on
+    float32 (transformers' ``nn.Linear`` in every modeling file).
+
+    Args:
+        x: float32 [T, in] or [in] (other float dtypes are converted).
+        W: [out, in]; uint16 = BF16 bit patterns (fast path), float16 or float32.
+        bias: optional [out] (converted to float32).
+        parallel: False forces the single-threaded kernels.
+    Returns:
+        float32 [T, out], or [out] when ``x`` is 1-D.
+    Raises:
+        TypeError: unsupported weight dtype.
+        ValueError: shape mismatch between ``x`` and ``W``/``bias``.
+    """
+    weight_kind(W)
+    x = np.asarray(x)
+    one = x.ndim == 1
+    x2 = np.ascontiguousarray(x.reshape(1, -1) if one else x, dtype=np.float32)
+    if x2.ndim != 2 or W.ndim != 2 or x2.shape[1] != W.shape[1]:
+        raise ValueError(f"linear: x {x.shape} does not match W {W.shape} ([out, in])")
+    if bias is not None:
+        bias = np.ascontiguousarray(bias, dtype=np.float32)
+        if bias.shape != (W.shape[0],):
+            raise ValueError(f"linear: bias {bias.shape} does not match W {W.shape}")
+    W = np.ascontiguousarray(W)
+    y = np.empty((x2.shape[0], W.shape[0]), np.float32)
+    if x2.shape[0]:
+        linear_into(x2, W, y, bias, parallel)
+    return y[0] if one else y
+
+
+def widen_bf16(W: np.ndarray) -> np.ndarray:
+    """BF16 bits -> float32 copy (exact). For tests and small vectors (norm weights, biases);
+    the model never widens whole matrices.
+
+    Args:
+        W: uint16 array of any shape.
+    Returns:
+        float32 array, same shape.
+    """
+    W = np.ascontiguousarray(W)
+    if W.dtype != np.uint16:
+        raise TypeError(f"widen_bf16 wants uint16 BF16 bits, got {W.dtype}")
+    return (W.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+@njit(**_SER)
+def _rows_bf16(W, ids, out):
+    for i in range(ids.shape[0]):
+        row = W[ids[i]]
+        o = out[i]
+        for j in range(W.shape[1]):
+            o[j] = _bf16(row[j])
+
+
+@njit(**_SER)
+def _rows_f16(W, ids, out):
+    for i in range(ids.shape[0]):
+        row = W[ids[i]]
+        o = out[i]
+        for j in range(W.shape[1]):
+            o[j] = _f16(row[j])
+
+
+def bf16_rows(W: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Rows ``W[ids]`` widened to float32 on the fly (embedding lookup without an fp32 table).
+
+    Args:
+        W: [V, H] uint16 (BF16), float16 or float32.
+        ids: int64 [T], each in [0, V).
+    Returns:
+        float32 [T, H].
+    Raises:
+        IndexError: an id outside [0, V).
+        TypeError: unsupported dtype.
+    """
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= W.shape[0]):
+        raise IndexError(f"token id out of range [0, {W.shape[0]})")
+    kind = weight_kind(W)
+    if kind == "f32":
+        return np.ascontiguousarray(W[ids])
+    out = np.empty((ids.shape[0], W.shape[1]), np.float32)
+    (_rows_bf16 if kind == "bf16" else _rows_f16)(W.view(np.uint16), ids, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# fused SwiGLU expert (BF16)
+
+
+@njit(inline="always")
+def _silu(g):
+    return g / (np.float32(1.0) + np.exp(-g))
+
+
+@njit(**_PAR)
+def _swiglu_gate_up_gemv(x, gate, up, h):
+    """h[i] = silu(gate[i] . x) * (up[i] . x) for one token; rows i and i + I/2 of both
+    matrices together (four sequential streams per thread)."""
+    inter = gate.shape[0]
+    n = gate.shape[1]
+    q = inter // 2
+    for i in prange(q):
+        k = i + q
+        g0 = np.float32(0.0)
+        g1 = np.float32(0.0)
+        u0 = np.float32(0.0)
+        u1 = np.float32(0.0)
+        gr0 = gate[i]
+        gr1 = gate[k]
+        ur0 = up[i]
+        ur1 = up[k]
+        for j in range(n):
+            xj = x[j]
+            g0 += _bf16(gr0[j]) * xj
+            g1 += _bf16(gr1[j]) * xj
+            u0 += _bf16(ur0[j]) * xj
+            u1 += _bf16(ur1[j]) * xj
+        h[i] = _silu(g0) * u0
+        h[k] = _silu(g1) * u1
+    for i in range(q * 2, inter):
+        g = np.float32(0.0)
+        u = np.float32(0.0)
+        for j in range(n):
+            g += _bf16(gate[i, j]) * x[j]
+            u += _bf16(up[i, j]) * x[j]
+        h[i] = _silu(g) * u
+
+
+@njit(**_PAR)
+def _swiglu_gate_up_gemm(x, gate, up, h, nthreads):
+    """h[t, i] = silu(gate[i] . x[t]) * (up[i] . x[t]); each weight row widened once."""
+    T = x.shape[0]
+    inter, n = gate.shape
+    nblocks = (inter + 1) // 2
+    nchunks = max(1, min(nblocks, nthreads))
+    nobias = np.zeros(0, np.float32)
+    for c in prange(nchunks):
+        buf = np.empty((4, n), np.float32)
+        tmp = np.empty((T, 4), np.float32)
+        b0 = c * nblocks // nchunks
+        b1 = (c + 1) * nblocks // nchunks
+        for b in range(b0, b1):
+            i = b * 2
+            e = min(i + 2, inter)
+            nr = e - i
+            _widen_rows_bf16(gate, i, e, buf[0:nr])
+            _widen_rows_bf16(up, i, e, buf[nr:2 * nr])
+            _dot_block(x, buf, 2 * nr, tmp, nobias, 0)
+            for t in range(T):
+                for r in range(nr):
+                    h[t, i + r] = _silu(tmp[t, r]) * tmp[t, nr + r]
+
+
+def swiglu_expert(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """One SwiGLU expert ``down @ (silu(gate @ x) * (up @ x))`` per token, float32 accumulation.
+
+    Follows ``MixtralExperts`` / ``Qwen2MoeMLP`` (transformers ``modeling_mixtral.py``,
+    ``modeling_qwen2_moe.py``): ``act_fn(gate) * up`` then ``down_proj``.
+
+    Args:
+        x: float32 [T, H] (or [H]).
+        gate, up: [I, H]; down: [H, I]. BF16 bits (uint16) take the fused path; float16/float32
+            go through :func:`linear`.
+    Returns:
+        float32 [T, H] (or [H] for 1-D x).
+    Raises:
+        ValueError: shapes disagree.  TypeError: unsupported dtype.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    one = x.ndim == 1
+    x2 = np.ascontiguousarray(x.reshape(1, -1) if one else x)
+    inter, hid = gate.shape
+    if up.shape != gate.shape or down.shape != (hid, inter) or x2.shape[1] != hid:
+        raise ValueError(f"swiglu_expert: x {x.shape}, gate {gate.shape}, up {up.shape}, "
+                         f"down {down.shape} disagree")
+    h = swiglu_hidden(x2, gate, up)
+    y = linear(h, down)
+    return y[0] if one else y
+
+
+def swiglu_hidden(x2: np.ndarray, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """``silu(x2 @ gate.T) * (x2 @ up.T)``: the hidden activation of a SwiGLU MLP.
+
+    Args:
+        x2: float32 [T, H], C-contiguous.  gate, up: [I, H] (BF16 bits fused; else via linear).
+    Returns:
+        float32 [T, I].
+    """
+    T = x2.shape[0]
+    big = 2 * T * gate.shape[0] * gate.shape[1] >= _PAR_MIN_WORK
+    if big and gate.dtype == np.uint16 and up.dtype == np.uint16:
+        h = np.empty((T, gate.shape[0]), np.float32)
+        if T == 1:
+            _swiglu_gate_up_gemv(x2[0], gate, up, h[0])
+        elif T:
+            _swiglu_gate_up_gemm(x2, gate, up, h, get_num_threads())
+        return h
+    g = linear(x2, gate, parallel=big)
+    u = linear(x2, up, parallel=big)
+    return (g / (np.float32(1.0) + np.exp(-g))) * u
+
+
+@njit(**_SER)
+def _scatter_add(out, rows, w, y):
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        wi = w[i]
+        o = out[r]
+        yi = y[i]
+        for j in range(o.shape[0]):
+            o[j] += wi * yi[j]
+
+
+def expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray, weights: np.ndarray,
+                      gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> None:
+    """``out[rows[i]] += weights[i] * expert(x[rows[i]])``: one expert applied to the tokens
+    routed to it, as the loop body of ``MixtralExperts.forward`` (``index_add_`` of the
+    weighted expert output).
+
+    Args:
+        out: float32 [T, H], updated in place.
+        x: float32 [T, H].
+        rows: int64 [n] token indices (distinct).
+        weights: float32 [n] routing weights.
+        gate, up: [I, H]; down: [H, I] (BF16 bits, float16 or float32).
+    Raises:
+        ValueError / TypeError: as :func:`swiglu_expert`.
+    """
+    if rows.shape[0] == x.shape[0] == 1:
+        xs = x
+    else:
+        xs = np.ascontiguousarray(x[rows])
+    inter, hid = gate.shape
+    if up.shape != gate.shape or down.shape != (hid, inter) or xs.shape[1] != hid:
+        raise ValueError(f"expert_accumulate: x {x.shape}, gate {gate.shape}, up {up.shape}, "
+                         f"down {down.shape} disagree")
+    h = swiglu_hidden(xs, gate, up)
+    y = np.empty((h.shape[0], hid), np.float32)
+    linear_into(h, down, y)
+    _scatter_add(out, np.ascontiguousarray(rows, dtype=np.int64),
+                 np.ascontiguousarray(weights, dtype=np.float32), y)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused k experts for one token (decode): two parallel regions per MoE layer instead of 2k
+
+
+@njit(**_PAR)
+def _experts_gemv(x, gates, ups, downs, w, out):
+    """out[:] = sum_e w[e] * down_e @ (silu(gate_e @ x) * (up_e @ x)) for one token.
+
+    gates/ups/downs are homogeneous tuples of BF16 (uint16) matrices."""
+    k = len(gates)
+    inter, n = gates[0].shape
+    hid = downs[0].shape[0]
+    h = np.empty((k, inter), np.float32)
+    q = inter // 2
+    for b in prange(k * q):
+        e = b // q
+        i = b - e * q
+        m = i + q
+        gate = gates[e]
+        up = ups[e]
+        g0 = np.float32(0.0)
+        g1 = np.float32(0.0)
+        u0 = np.float32(0.0)
+        u1 = np.float32(0.0)
+        gr0 = gate[i]
+        gr1 = gate[m]
+        ur0 = up[i]
+        ur1 = up[m]
+        for j in range(n):
+            xj = x[j]
+            g0 += _bf16(gr0[j]) * xj
+            g1 += _bf16(gr1[j]) * xj
+            u0 += _bf16(ur0[j]) * xj
+            u1 += _bf16(ur1[j]) * xj
+        h[e, i] = _silu(g0) * u0
+        h[e, m] = _silu(g1) * u1
+    for e in range(k):
+        for i in range(q * 2, inter):
+            g = np.float32(0.0)
+            u = np.float32(0.0)
+            for j in range(n):
+                g += _bf16(gates[e][i, j]) * x[j]
+                u += _bf16(ups[e][i, j]) * x[j]
+            h[e, i] = _silu(g) * u
+    qd = hid // 4
+    for b in prange(qd):
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        for e in range(k):
+            d = downs[e]
+            he = h[e]
+            r0 = d[b]
+            r1 = d[b + qd]
+            r2 = d[b + 2 * qd]
+            r3 = d[b + 3 * qd]
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for j in range(inter):
+                hj = he[j]
+                s0 += _bf16(r0[j]) * hj
+                s1 += _bf16(r1[j]) * hj
+                s2 += _bf16(r2[j]) * hj
+                s3 += _bf16(r3[j]) * hj
+            we = w[e]
+            a0 += we * s0
+            a1 += we * s1
+            a2 += we * s2
+            a3 += we * s3
+        out[b] += a0
+        out[b + qd] += a1
+        out[b + 2 * qd] += a2
+        out[b + 3 * qd] += a3
+    for o in range(qd * 4, hid):
+        a = np.float32(0.0)
+        for e in range(k):
+            s = np.float32(0.0)
+            for j in range(inter):
+                s += _bf16(downs[e][o, j]) * h[e, j]
+            a += w[e] * s
+        out[o] += a
+
+
+def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray) -> None:
+    """``out += sum_e weights[e] * expert_e(x)`` for ONE token and k experts in two parallel
+    regions (decode path of ``MixtralExperts.forward``; the per-expert partial sums are combined
+    in float32).
+
+    Args:
+        out: float32 [H], updated in place.
+        x: float32 [H].
+        experts: sequence of k :class:`~zipmoe_rt.models.weights.ExpertWeights` (or
+            (gate [I,H], up [I,H], down [H,I]) triples), all BF16 (uint16) of one shape.
+        weights: float32 [k] routing weights.
+    Raises:
+        ValueError: shapes disagree.  Falls back to :func:`expert_accumulate` per expert for
+            non-BF16 or mixed array types.
+    """
+    gates = tuple(np.ascontiguousarray(e[0] if isinstance(e, tuple) else e.gate) for e in experts)
+    ups = tuple(np.ascontiguousarray(e[1] if isinstance(e, tuple) else e.up) for e in experts)
+    downs = tuple(np.ascontiguousarray(e[2] if isinstance(e, tuple) else e.down) for e in experts)
+    w = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1)
+    inter, hid = gates[0].shape
+    if (x.shape != (hid,) or out.shape != (hid,) or len(w) != len(gates)
+            or any(g.shape != (inter, hid) or u.shape != (inter, hid) or d.shape != (hid, inter)
+                   for g, u, d in zip(gates, ups, downs))):
+        raise ValueError("experts_decode: shapes disagree")
+    types = {(a.dtype, a.flags.writeable, a.flags.aligned) for a in gates + ups + downs}
+    big = 3 * len(gates) * inter * hid >= _PAR_MIN_WORK
+    if big and len(types) == 1 and gates[0].dtype == np.uint16:
+        _experts_gemv(x, gates, ups, downs, w, out)
+        return
+    o2, x2 = out.reshape(1, -1), x.reshape(1, -1)
+    for j, (g, u, d) in enumerate(zip(gates, ups, downs)):
+        expert_accumulate(o2, x2, _ROW0, w[j:j + 1], g, u, d)
+
+
+_ROW0 = np.zeros(1, np.int64)
