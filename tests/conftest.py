@@ -66,3 +66,12 @@ def tiny_moe_dir(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def default_zmoe(default_hf_dir, tmp_path_factory) -> Path:
+    """The default model converted to ``.zmoe`` (built once per session; read-only)."""
+    from zipmoe_rt.convert.converter import convert
+
+    return convert(default_hf_dir, tmp_path_factory.mktemp("default_zmoe") / "default.zmoe",
+                   progress=False)
