@@ -14,8 +14,6 @@ import click
 
 from . import __version__
 
-MODEL_HELP = "a .zmoe file (default: the bundled SmolLM2 MoE, built on first use)"
-
 
 class CliError(click.ClickException):
     """An error shown as one line."""
@@ -43,7 +41,27 @@ def friendly_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineUsageErrors(click.Command):
+    """Usage errors (bad option value, missing argument) as one ``error: ...`` line, status 1."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise CliError(e.format_message()) from None
+
+
+class Group(click.Group):
+    command_class = OneLineUsageErrors
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as e:
+            raise CliError(e.format_message()) from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="zipmoe-rt")
 def main():
     """zipmoe-rt: run Mixture-of-Experts models losslessly from compressed .zmoe files.
@@ -62,13 +80,16 @@ def main():
               help="independently compressed exponent chunks per expert tensor (K)")
 @click.option("--dense-encoding", type=click.Choice(["raw", "bitplane"]), default="raw",
               show_default=True, help="how to store non-expert tensors")
+@click.option("--expert-encoding", type=click.Choice(["bitplane", "raw"]), default="bitplane",
+              show_default=True, help="raw keeps experts uncompressed (the raw-lru baseline)")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="compression threads [default: all cores]")
 @click.option("--no-verify", is_flag=True, help="skip decoding the result and comparing it with the source")
 @click.option("-f", "--force", is_flag=True, help="replace OUTPUT if it exists")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @friendly_errors
-def convert(hf_dir, output, chunks, dense_encoding, threads, no_verify, force, quiet):
+def convert(hf_dir, output, chunks, dense_encoding, expert_encoding, threads, no_verify, force,
+            quiet):
     """Convert a Hugging Face MoE checkpoint folder to .zmoe (lossless).
 
     Reads config.json, safetensors (single or sharded), tokenizer.json, tokenizer_config.json or
@@ -78,7 +99,8 @@ def convert(hf_dir, output, chunks, dense_encoding, threads, no_verify, force, q
     from .convert.converter import convert as do_convert
     from .convert.export import summarize
     out = do_convert(hf_dir, output, chunks=chunks, dense_encoding=dense_encoding, threads=threads,
-                     verify=not no_verify, progress=not quiet, overwrite=force)
+                     verify=not no_verify, progress=not quiet, overwrite=force,
+                     expert_encoding=expert_encoding)
     click.echo(summarize(out, show_tensors=False).split("\n")[0])
     click.echo("\n".join(l for l in summarize(out, show_tensors=False).split("\n")
                          if l.startswith("  expert") or l.startswith("  dense")))
@@ -161,13 +183,17 @@ def _load(model, kw):
 def _stats_line(st) -> str:
     if st is None:
         return ""
+
+    def num(x, fmt):  # timings are None when there was nothing to time (no token, one token)
+        return "-" if x is None else format(x, fmt)
     return (f"[{st.prompt_tokens} prompt + {st.cached_tokens} cached tokens, {st.output_tokens} "
-            f"generated ({st.finish_reason}); TTFT {st.ttft_s:.3f} s, prefill "
-            f"{st.prefill_tokens_per_s:.1f} tokens/s, decode {st.decode_tokens_per_s:.1f} tokens/s]")
+            f"generated ({st.finish_reason}); TTFT {num(st.ttft_s, '.3f')} s, prefill "
+            f"{num(st.prefill_tokens_per_s, '.1f')} tokens/s, decode "
+            f"{num(st.decode_tokens_per_s, '.1f')} tokens/s]")
 
 
 @main.command()
-@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", required=True, help="the prompt; '-' reads it from standard input")
 @click.option("--raw", is_flag=True, help="complete the prompt as is, without the chat template")
 @click.option("--system", default=None, help="system prompt (chat template only)")
@@ -177,7 +203,7 @@ def run(model, prompt, raw, system, **kw):
     """One-shot generation: the completion goes to stdout, timings to stderr.
 
     The prompt is wrapped in the model's chat template as one user turn, unless --raw.
-    MODEL: """ + MODEL_HELP + """.
+    MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
     """
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -195,7 +221,7 @@ def run(model, prompt, raw, system, **kw):
     finally:
         pieces.close()
         click.echo("")
-        click.echo(_stats_line(m.last_stats), err=True)
+    click.echo(_stats_line(m.last_stats), err=True)
 
 
 REPL_HELP = """commands: /reset  forget the conversation
@@ -205,7 +231,7 @@ REPL_HELP = """commands: /reset  forget the conversation
 
 
 @main.command()
-@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--system", default=None, help="system prompt")
 @sampling_options
 @friendly_errors
@@ -214,7 +240,7 @@ def chat(model, system, **kw):
 
     With standard input not a terminal, each input line is one user turn and each reply is
     printed on its own line, so it can be scripted.
-    MODEL: """ + MODEL_HELP + """.
+    MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
     """
     m = _load(model, kw)
     sp = _sampling(kw, 512)

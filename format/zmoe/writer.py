@@ -91,13 +91,14 @@ def _compressor() -> zstd.ZstdCompressor:
 
 
 def encode_expert(layer: int, expert: int, pieces: list[ExpertPiece], chunks: int = DEFAULT_CHUNKS,
-                  min_chunk: int = MIN_CHUNK) -> EncodedExpert:
+                  min_chunk: int = MIN_CHUNK, raw: bool = False) -> EncodedExpert:
     """Bit-plane split and compress every piece of one expert (CPU only, safe to run in threads:
-    zstd releases the GIL). Pieces of non-floating dtypes are kept raw."""
+    zstd releases the GIL). Pieces of non-floating dtypes, or all pieces if ``raw``, are kept
+    raw (in the SM region, SPEC §6)."""
     enc = EncodedExpert(layer, expert, pieces=pieces)
     for p in pieces:
         buf = as_bytes(p.data)
-        if codec.is_bitplane_dtype(p.dtype):
+        if codec.is_bitplane_dtype(p.dtype) and not raw:
             exp, sm = codec.split_planes(buf, p.dtype)
             enc.sm.append(sm)
             enc.chunks.append(codec.compress_chunks(exp, chunks, min_chunk, _compressor()))
@@ -225,9 +226,9 @@ class ZmoeWriter:
         block = {"layer": enc.layer, "expert": enc.expert, "tensors": []}
         parts = []
         sm_start = self.pos
-        for p, sm in zip(enc.pieces, enc.sm):
+        for p, sm, ch in zip(enc.pieces, enc.sm, enc.chunks):
             off, size = self._write(sm)
-            parts.append({"sm": [off, size, _crc(sm)]} if codec.is_bitplane_dtype(p.dtype)
+            parts.append({"sm": [off, size, _crc(sm)]} if ch is not None
                          else {"raw": [off, size, _crc(sm)]})
         block["sm"] = [sm_start, self.pos - sm_start]
         self._pad(self.alignment)
@@ -247,7 +248,7 @@ class ZmoeWriter:
                                  f"bytes, expected {n_elem * DTYPE_SIZES[p.dtype]}")
             rec = self.tensors.get(p.name)
             if rec is None:
-                enc_name = ENC_BITPLANE if codec.is_bitplane_dtype(p.dtype) else ENC_RAW
+                enc_name = ENC_BITPLANE if "exp" in part else ENC_RAW
                 if p.part is None:
                     exp_info = {"layer": enc.layer, "expert": enc.expert, "role": p.role}
                     rec = self._record(p.name, p.dtype, p.shape, enc_name, exp_info, 1)

@@ -196,7 +196,7 @@ def verify_against(path: Path, ckpt: Checkpoint, progress: bool = False):
 
 def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: str = "raw",
             threads: int | None = None, verify: bool = True, progress: bool = True,
-            overwrite: bool = True) -> Path:
+            overwrite: bool = True, expert_encoding: str = "bitplane") -> Path:
     """Convert an HF checkpoint folder to a ``.zmoe`` file.
 
     Args:
@@ -205,6 +205,8 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
         output: target path; written as ``output.tmp-<pid>`` and renamed when complete.
         chunks: K, exponent chunks per expert tensor (>= 1).
         dense_encoding: "raw" or "bitplane" for non-expert tensors.
+        expert_encoding: "bitplane" (the point of the format) or "raw" (uncompressed experts,
+            still in expert blocks: the baseline of the benchmarks).
         threads: compression threads (default: all cores).
         verify: decode the written file and compare every tensor with the source before renaming.
         progress: show a tqdm progress bar (bytes of the source).
@@ -221,6 +223,8 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
         raise ConversionError(f"--chunks must be >= 1, got {chunks}")
     if dense_encoding not in (zmoe.ENC_RAW, zmoe.ENC_BITPLANE):
         raise ConversionError(f"--dense-encoding must be raw or bitplane, got {dense_encoding!r}")
+    if expert_encoding not in (zmoe.ENC_RAW, zmoe.ENC_BITPLANE):
+        raise ConversionError(f"--expert-encoding must be raw or bitplane, got {expert_encoding!r}")
     if output.exists() and not overwrite:
         raise ConversionError(f"{output}: exists (pass --force to replace it)")
     if output.is_dir():
@@ -246,7 +250,8 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
                 window: deque = deque()
                 for (layer, e) in sorted(experts):
                     pieces = _expert_pieces(ckpt, experts[(layer, e)], e)
-                    window.append(pool.submit(zmoe.encode_expert, layer, e, pieces, chunks))
+                    window.append(pool.submit(zmoe.encode_expert, layer, e, pieces, chunks,
+                                              raw=expert_encoding == zmoe.ENC_RAW))
                     while len(window) > 2 * threads:
                         enc = window.popleft().result()
                         w.write_expert(enc)

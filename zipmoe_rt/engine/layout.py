@@ -1,0 +1,158 @@
+"""Where each expert's pieces sit inside its two regions (format/SPEC.md §4, §6), and the
+decode of an expert from region buffers (the work of one decode task, ZipMoE §3.1).
+
+Offsets are made relative to the region starts once, at load, so a task only slices the
+buffers the I/O thread (or a resident tier) handed it.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard as zstd
+
+import zmoe
+from zmoe.reader import NUMPY_DTYPES
+
+from ..kernels.planes import MERGE
+from ..models.weights import ExpertWeights, assemble_expert
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One tensor (or stacked slice) of an expert.
+
+    Attributes:
+        name: tensor name (for error messages).  role: gate/up/down/gate_up.
+        dtype: stored dtype.  shape: this expert's shape.
+        sm: (offset in SM region, size, crc32); for a raw piece, its raw bytes.
+        chunks: ((offset in exp region, size, raw_size, crc32), ...); empty for a raw piece.
+    """
+
+    name: str
+    role: str
+    dtype: str
+    shape: tuple
+    sm: tuple
+    chunks: tuple
+
+    @property
+    def raw(self) -> bool:
+        return not self.chunks
+
+    @property
+    def elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """An expert block: absolute region ranges and its pieces."""
+
+    layer: int
+    expert: int
+    sm_region: tuple     # (offset, size)
+    exp_region: tuple    # (offset, size)
+    pieces: tuple
+
+    @property
+    def full_bytes(self) -> int:
+        """Bytes of the decoded expert (tier F)."""
+        return sum(p.elements * np.dtype(NUMPY_DTYPES[p.dtype]).itemsize for p in self.pieces)
+
+    @property
+    def elements(self) -> int:
+        return sum(p.elements for p in self.pieces)
+
+
+def expert_layouts(reader: zmoe.ZmoeReader) -> dict:
+    """``{(layer, expert): ExpertLayout}`` for every expert block of a file."""
+    out = {}
+    for (layer, e), b in reader.experts.items():
+        sm0, ex0 = b["sm"][0], b["exp"][0]
+        pieces = []
+        for name in b["tensors"]:
+            t = reader.tensors[name]
+            stacked = t["expert"].get("stacked", False)
+            part = t["parts"][e] if stacked else t["parts"][0]
+            shape = tuple(t["shape"][1:] if stacked else t["shape"])
+            if "raw" in part:
+                o, n, c = part["raw"]
+                pieces.append(Piece(name, t["expert"]["role"], t["dtype"], shape, (o - sm0, n, c), ()))
+            else:
+                o, n, c = part["sm"]
+                chunks = tuple((co - ex0, cn, raw, cc) for co, cn, raw, cc in part["exp"])
+                pieces.append(Piece(name, t["expert"]["role"], t["dtype"], shape, (o - sm0, n, c), chunks))
+        out[(layer, e)] = ExpertLayout(layer, e, tuple(b["sm"]), tuple(b["exp"]), tuple(pieces))
+    return out
+
+
+def check_regions(path, lay: ExpertLayout, sm: np.ndarray | None, exp: np.ndarray | None):
+    """CRC-32 of every piece inside the given region buffers.
+
+    Raises:
+        zmoe.ChecksumError: naming the file, tensor and piece.
+    """
+    for p in lay.pieces:
+        if sm is not None:
+            o, n, c = p.sm
+            if zlib.crc32(sm[o:o + n]) & 0xFFFFFFFF != c:
+                what = "raw data" if p.raw else "sign+mantissa plane"
+                raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: {what} fails its CRC-32 "
+                                         f"(corrupt file)")
+        if exp is not None:
+            for i, (o, n, _, c) in enumerate(p.chunks):
+                if zlib.crc32(exp[o:o + n]) & 0xFFFFFFFF != c:
+                    raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} "
+                                             f"fails its CRC-32 (corrupt file)")
+
+
+def alloc_expert(lay: ExpertLayout) -> list:
+    """Empty output arrays (one per piece) for a decoded expert."""
+    return [np.empty(p.elements, MERGE[p.dtype][2] if not p.raw else NUMPY_DTYPES[p.dtype])
+            for p in lay.pieces]
+
+
+def decode_chunk(path, p: Piece, i: int, sm: np.ndarray, exp: np.ndarray, out: np.ndarray,
+                 start: int, dctx: zstd.ZstdDecompressor):
+    """Decode exponent chunk ``i`` of piece ``p`` and merge it with its SM bytes into
+    ``out[start:start+raw_size]`` (zstd and the Numba merge both release the GIL).
+
+    Raises:
+        zmoe.ChecksumError: the frame does not decode to its recorded size.
+    """
+    o, n, raw, _ = p.chunks[i]
+    merge, smb, _ = MERGE[p.dtype]
+    try:
+        e = dctx.decompress(exp[o:o + n], max_output_size=raw)
+    except zstd.ZstdError as err:
+        raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} does not "
+                                 f"decode ({err})") from None
+    if len(e) != raw:
+        raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} decoded to "
+                                 f"{len(e)} bytes, expected {raw}")
+    s0 = p.sm[0] + start * smb
+    merge(np.frombuffer(e, np.uint8), sm[s0:s0 + raw * smb], out[start:start + raw])
+
+
+def chunk_jobs(lay: ExpertLayout):
+    """[(piece index, chunk index, start element)] of every exponent chunk of an expert."""
+    jobs = []
+    for pi, p in enumerate(lay.pieces):
+        pos = 0
+        for ci, (_, _, raw, _) in enumerate(p.chunks):
+            jobs.append((pi, ci, pos))
+            pos += raw
+    return jobs
+
+
+def finish_expert(lay: ExpertLayout, outs: list, sm: np.ndarray) -> ExpertWeights:
+    """Shape decoded outputs (raw pieces are copied out of the SM buffer) into weights."""
+    roles = {}
+    for p, out in zip(lay.pieces, outs):
+        if p.raw:
+            o, n, _ = p.sm
+            out[...] = sm[o:o + n].view(out.dtype)
+        roles[p.role] = out.view(NUMPY_DTYPES[p.dtype]).reshape(p.shape)
+    return assemble_expert(roles)

@@ -1,0 +1,378 @@
+"""The budgeted expert engine: tiers + cache-affinity pipeline, as the model's expert executor.
+
+For each MoE layer call it looks up every selected expert's tier, turns the non-resident ones into
+tasks (Type-I: an SM read from flash, tiers E/miss; Type-II: SM resident, tiers S/C), orders them
+with the cache-affinity scheduler (design note §4), and runs them on one I/O thread (preads,
+optionally O_DIRECT) and L decode workers (zstd + the Numba merge, both without the GIL). The
+main thread computes each expert as soon as its weights are ready, with exactly the kernels and
+summation order of the unbudgeted path, so logits are identical bit for bit:
+
+* one token (decode): the k experts go through the fused ``experts_decode`` call of
+  :class:`~zipmoe_rt.models.base.ExpertExecutor` once all k are ready (their loads overlap);
+* several tokens (prefill): experts are accumulated in ascending index order, each as soon as it
+  is ready, while later ones are still loading (a bounded prefetch window keeps memory flat).
+
+Policies (``policy``): ``raw-lru`` (a file with raw BF16 experts, F cache with eviction; what
+users run today), ``zip-lru`` (compressed file + this pipeline, F cache with eviction),
+``zipmoe`` (F/C/S/E pools per layer sized by the planner from an activation trace).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import zstandard as zstd
+
+from ..kernels.linear import expert_accumulate, experts_decode
+from . import layout as L_
+from .io import RegionReader
+from .scheduler import Task, execution_order, schedule
+from .tiers import EVICTIONS, POLICIES, BudgetError, FullPool, Slot
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage (summed over calls) and counters, for the benchmark."""
+
+    io_s: float = 0.0          # I/O thread busy reading
+    decode_s: float = 0.0      # decode workers busy (sum over workers)
+    wait_s: float = 0.0        # main thread blocked waiting for weights
+    compute_s: float = 0.0     # main thread in expert kernels
+    layer_s: float = 0.0       # wall time inside run()
+    layer_calls: int = 0
+    bytes_read: int = 0
+    reads: int = 0
+    hits: dict = field(default_factory=lambda: {"F": 0, "C": 0, "S": 0, "E": 0, "miss": 0})
+
+    def reset(self):
+        self.__init__()
+
+    def as_dict(self) -> dict:
+        return {"io_s": self.io_s, "decode_s": self.decode_s, "wait_s": self.wait_s,
+                "compute_s": self.compute_s, "layer_s": self.layer_s,
+                "layer_calls": self.layer_calls, "bytes_read": self.bytes_read,
+                "reads": self.reads, "hits": dict(self.hits)}
+
+
+class _Pending:
+    """An expert being prepared: resolves to ExpertWeights when all its jobs are done."""
+
+    __slots__ = ("lay", "sm", "exp", "outs", "left", "done", "error", "weights", "lock")
+
+    def __init__(self, lay):
+        self.lay = lay
+        self.sm = self.exp = None
+        self.outs = None
+        self.left = 0
+        self.done = threading.Event()
+        self.error = None
+        self.weights = None
+        self.lock = threading.Lock()
+
+
+class ExpertEngine:
+    """Expert executor under a memory budget (``Executor`` protocol of models/base.py).
+
+    Args:
+        source: :class:`~zipmoe_rt.engine.store.ZmoeSource` of the model (dense weights, layout).
+        budget_bytes: bytes for all weights (dense + experts + the working set of one layer).
+        policy: one of ``raw-lru``, ``zip-lru``, ``zipmoe``.
+        eviction: ``lru``, ``lfu`` or ``tlfu`` (token-weighted LFU) for F caches.
+        plan: per-layer :class:`~zipmoe_rt.engine.planner.TierPlan` list (``zipmoe``), aligned
+            with ``hparams["moe_layers"]``.
+        ranks: per MoE layer, expert ids by descending popularity (from the trace) for ``zipmoe``.
+        workers: L decode workers (default: cores).
+        direct: O_DIRECT reads.
+        verify: CRC-check every piece read or loaded.
+
+    Raises:
+        BudgetError: a budget below dense weights + one expert.
+        ValueError: unknown policy/eviction, ``zipmoe`` without a plan, ``raw-lru`` on a file
+            whose experts are bit-planes (or the reverse for the others).
+    """
+
+    def __init__(self, source, budget_bytes: int, policy: str = "zip-lru", eviction: str = "lru",
+                 plan=None, ranks=None, workers: int | None = None, direct: bool = False,
+                 verify: bool = True, delay=None):
+        import os
+        if policy not in POLICIES:
+            raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if eviction not in EVICTIONS:
+            raise ValueError(f"--eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
+        self.source, self.policy, self.eviction, self.verify = source, policy, eviction, verify
+        self.path = source.path
+        self.hp = source.hparams
+        self.k = int(self.hp["num_experts_per_tok"])
+        self.layouts = L_.expert_layouts(source.reader)
+        raw_experts = all(p.raw for lay in self.layouts.values() for p in lay.pieces)
+        if policy == "raw-lru" and not raw_experts:
+            raise ValueError(f"{self.path}: policy raw-lru needs a file with raw BF16 experts "
+                             f"(convert with --expert-encoding raw)")
+        if policy != "raw-lru" and raw_experts:
+            raise ValueError(f"{self.path}: experts are stored raw; use --policy raw-lru")
+        self.bytes_F = max(l.full_bytes for l in self.layouts.values())
+        self.dense_bytes = source.dense_bytes()
+        free = int(budget_bytes) - self.dense_bytes
+        if free < self.bytes_F:
+            raise BudgetError(
+                f"--memory-budget {budget_bytes / 1e6:.1f} MB is below the dense weights "
+                f"({self.dense_bytes / 1e6:.1f} MB) plus one expert ({self.bytes_F / 1e6:.1f} MB): "
+                f"at least {(self.dense_bytes + self.bytes_F) / 1e6:.1f} MB is needed")
+        self.budget = int(budget_bytes)
+        #: decoded experts in flight at once (the working set), counted inside the budget
+        self.window = int(min(self.k, free // self.bytes_F))
+        self.tier_budget = free - self.window * self.bytes_F
+        self.workers = int(workers or os.cpu_count() or 1)
+        self.delay = delay
+        self.reader = RegionReader(self.path, direct=direct)
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="zipmoe-io")
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zipmoe-decode")
+        self._tls = threading.local()
+        self.stats = StageTimes()
+        self._lock = threading.Lock()
+        self.slots: dict = {}               # (layer, e) -> Slot for C/S/E (and static F)
+        self.plan = plan
+        if policy == "zipmoe":
+            if plan is None or ranks is None:
+                raise ValueError("policy zipmoe needs a plan from an activation trace: run "
+                                 "`zipmoe-rt profile MODEL --prompts FILE` first")
+            self.fpools = {}
+            self._fill_tiers(plan, ranks)
+        else:
+            cap = self.tier_budget // self.bytes_F
+            shared = FullPool(int(cap), eviction)
+            self.fpools = {layer: shared for layer in self.hp["moe_layers"]}
+
+    # -- tiers -------------------------------------------------------------------------------
+    def _fill_tiers(self, plan, ranks):
+        """Load the C/S/E pools and the initial F pools of every layer (``zipmoe``)."""
+        used = 0
+        for layer, tp, order in zip(self.hp["moe_layers"], plan, ranks):
+            order = [int(e) for e in order]
+            nF, nC, nS, nE = tp.nF, tp.nC, tp.nS, tp.nE
+            pool = FullPool(nF, self.eviction if self.eviction != "lru" else "tlfu")
+            for r, e in enumerate(order):
+                pool.score[(layer, e)] = len(order) - r   # seed scores with the trace's ranks
+            self.fpools[layer] = pool
+            for r, e in enumerate(order):
+                key, lay = (layer, e), self.layouts[(layer, e)]
+                if r < nF:
+                    pool.slots[key] = self._load_now(lay)
+                    used += self.bytes_F
+                    continue
+                tier = "C" if r < nF + nC else "S" if r < nF + nC + nS else "E" if r < nF + nC + nS + nE else None
+                if tier is None:
+                    continue
+                sm = self.reader.read(*lay.sm_region) if tier in ("C", "S") else None
+                exp = self.reader.read(*lay.exp_region) if tier in ("C", "E") else None
+                if self.verify:
+                    L_.check_regions(self.path, lay, sm, exp)
+                self.slots[key] = Slot(tier, sm=sm, exp=exp)
+                used += (sm.nbytes if sm is not None else 0) + (exp.nbytes if exp is not None else 0)
+        if used > self.tier_budget:
+            raise BudgetError(f"the tier plan needs {used / 1e6:.1f} MB but only "
+                              f"{self.tier_budget / 1e6:.1f} MB of the budget is left for experts")
+        self.reader.bytes_read = 0
+        self.reader.reads = 0
+
+    def _load_now(self, lay):
+        p = self._start(lay, None)
+        p.done.wait()
+        if p.error:
+            raise p.error
+        return p.weights
+
+    def tier_of(self, layer: int, e: int) -> str:
+        """Current tier of an expert: F, C, S, E or miss."""
+        key = (layer, e)
+        if key in self.fpools[layer].slots:
+            return "F"
+        s = self.slots.get(key)
+        return s.tier if s is not None else "miss"
+
+    def memory_report(self) -> dict:
+        """Resident bytes: dense, and experts per tier, plus the budget and working set."""
+        rep = {"dense": self.dense_bytes, "F": 0, "C": 0, "S": 0, "E": 0}
+        seen = set()
+        for pool in self.fpools.values():
+            if id(pool) not in seen:
+                seen.add(id(pool))
+                rep["F"] += pool.nbytes
+        for s in self.slots.values():
+            rep[s.tier] += s.nbytes
+        rep["working set (max)"] = self.window * self.bytes_F
+        rep["budget"] = self.budget
+        return rep
+
+    # -- tasks -------------------------------------------------------------------------------
+    def _dctx(self):
+        d = getattr(self._tls, "d", None)
+        if d is None:
+            d = self._tls.d = zstd.ZstdDecompressor()
+        return d
+
+    def _read(self, pend: _Pending, which: str):
+        t0 = time.perf_counter()
+        lay = pend.lay
+        buf = self.reader.read(*(lay.sm_region if which == "sm" else lay.exp_region))
+        if self.verify:
+            L_.check_regions(self.path, lay, buf if which == "sm" else None,
+                             buf if which == "exp" else None)
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.stats.io_s += dt
+            self.stats.bytes_read += buf.nbytes
+            self.stats.reads += 1
+        return buf
+
+    def _decode_job(self, pend: _Pending, pi: int, ci: int, start: int):
+        t0 = time.perf_counter()
+        try:
+            if pend.error is None:
+                p = pend.lay.pieces[pi]
+                L_.decode_chunk(self.path, p, ci, pend.sm, pend.exp, pend.outs[pi], start, self._dctx())
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting main thread
+            pend.error = e
+        dt = time.perf_counter() - t0
+        with pend.lock:
+            pend.left -= 1
+            last = pend.left == 0
+        with self._lock:
+            self.stats.decode_s += dt
+        if last:
+            self._finish(pend)
+
+    def _finish(self, pend: _Pending):
+        try:
+            if pend.error is None:
+                pend.weights = L_.finish_expert(pend.lay, pend.outs, pend.sm)
+        except BaseException as e:  # noqa: BLE001
+            pend.error = e
+        pend.sm = pend.exp = pend.outs = None   # slot buffers stay with their slot
+        pend.done.set()
+
+    def _decode(self, pend: _Pending):
+        """Submit the expert's chunk decodes to the workers (or finish a raw expert)."""
+        jobs = L_.chunk_jobs(pend.lay)
+        pend.outs = L_.alloc_expert(pend.lay)
+        if not jobs:
+            self._finish(pend)
+            return
+        pend.left = len(jobs)
+        for pi, ci, start in jobs:
+            self.pool.submit(self._decode_job, pend, pi, ci, start)
+
+    def _start(self, lay, slot: Slot | None) -> _Pending:
+        """Begin preparing one expert from its slot (C/S/E) or from flash (miss)."""
+        pend = _Pending(lay)
+        need_sm = slot is None or slot.sm is None
+        need_exp = (slot is None or slot.exp is None) and any(p.chunks for p in lay.pieces)
+        if slot is not None:
+            pend.sm, pend.exp = slot.sm, slot.exp
+        if not need_sm and not need_exp:
+            self._decode(pend)
+            return pend
+
+        def io_task():
+            try:
+                if need_exp:
+                    pend.exp = self._read(pend, "exp")
+                if need_sm:
+                    pend.sm = self._read(pend, "sm")
+            except BaseException as e:  # noqa: BLE001
+                pend.error = e
+                pend.done.set()
+                return
+            self._decode(pend)
+        self.io.submit(io_task)
+        return pend
+
+    def _task(self, key, tier: str, work: int) -> Task:
+        lay = self.layouts[key]
+        d = self.delay
+        if d is not None:
+            io = (d.sm_read_s if tier in ("E", "miss") else 0.0) + \
+                 (d.exp_read_s if tier in ("S", "miss") else 0.0)
+            comp = d.decode_s
+        else:  # rough constants: 1.5 GB/s flash, 1.5 G weights/s per worker
+            io = ((lay.sm_region[1] if tier in ("E", "miss") else 0) +
+                  (lay.exp_region[1] if tier in ("S", "miss") else 0)) / 1.5e9
+            comp = lay.elements / 1.5e9
+        return Task(key[1], "I" if tier in ("E", "miss") else "II", float(work), io, comp)
+
+    def _prepare(self, layer: int, experts: list, work: dict) -> dict:
+        """Start every non-resident expert of ``experts`` in scheduler order; {e: weights|pending}."""
+        pool = self.fpools[layer]
+        ready, tasks, tiers = {}, [], {}
+        for e in experts:
+            key = (layer, e)
+            pool.touch(key, work[e])
+            w = pool.get(key)
+            if w is not None:
+                ready[e] = w
+                self.stats.hits["F"] += 1
+                continue
+            tier = self.slots[key].tier if key in self.slots else "miss"
+            self.stats.hits[tier] += 1
+            tiers[e] = tier
+            tasks.append(self._task(key, tier, work[e]))
+        if tasks:
+            for t in execution_order(schedule(tasks, self.workers)):
+                key = (layer, t.expert)
+                ready[t.expert] = self._start(self.layouts[key], self.slots.get(key))
+        return ready
+
+    def _resolve(self, layer: int, e: int, item):
+        if isinstance(item, _Pending):
+            t0 = time.perf_counter()
+            item.done.wait()
+            self.stats.wait_s += time.perf_counter() - t0
+            if item.error is not None:
+                raise item.error
+            w = item.weights
+            self.fpools[layer].admit((layer, e), w, in_use=())
+            return w
+        return item
+
+    # -- Executor protocol -------------------------------------------------------------------
+    def run(self, layer, x, topk_idx, topk_w):
+        """``out[t] = sum_j topk_w[t, j] * expert_{topk_idx[t, j]}(x[t])`` (models/base.py)."""
+        t_start = time.perf_counter()
+        T, k = topk_idx.shape
+        out = np.zeros((T, x.shape[1]), np.float32)
+        if T == 1:
+            order = np.argsort(topk_idx[0], kind="stable")
+            experts = [int(topk_idx[0, j]) for j in order]
+            uniq = sorted(set(experts))
+            ready = {}
+            for i in range(0, len(uniq), self.window):  # window < k only under tiny budgets
+                group = uniq[i:i + self.window]
+                started = self._prepare(layer, group, {e: 1 for e in group})
+                ready.update({e: self._resolve(layer, e, started[e]) for e in group})
+            t0 = time.perf_counter()
+            experts_decode(out[0], x[0], [ready[e] for e in experts], topk_w[0, order])
+            self.stats.compute_s += time.perf_counter() - t0
+        else:
+            uniq = [int(e) for e in np.unique(topk_idx)]
+            work = {e: int((topk_idx == e).sum()) for e in uniq}
+            for i in range(0, len(uniq), self.window):
+                group = uniq[i:i + self.window]
+                started = self._prepare(layer, group, work)
+                for e in group:  # ascending: the unbudgeted path's summation order
+                    w = self._resolve(layer, e, started[e])
+                    rows, slots = np.nonzero(topk_idx == e)
+                    t0 = time.perf_counter()
+                    expert_accumulate(out, x, rows.astype(np.int64), topk_w[rows, slots],
+                                      w.gate, w.up, w.down)
+                    self.stats.compute_s += time.perf_counter() - t0
+        self.stats.layer_s += time.perf_counter() - t_start
+        self.stats.layer_calls += 1
+        return out
+
+    def close(self):
+        self.io.shutdown(wait=True)
+        self.pool.shutdown(wait=True)
+        self.reader.close()

@@ -1,0 +1,103 @@
+"""Memory-budgeted expert residency: the cache tiers of ZipMoE (design note §2) and the
+eviction policies of the baselines.
+
+Per expert, the budget holds one of
+
+* ``F``: full weights, ready to run (``bytes_F`` = BF16 bytes);
+* ``C``: sign+mantissa planes + compressed exponents (decode only);
+* ``S``: sign+mantissa planes only (read the compressed exponents, decode);
+* ``E``: compressed exponents only (read the sign+mantissa planes, decode);
+* nothing (``miss``: read both regions, decode).
+
+Type-I work (an SM read from flash) comes from E and miss; Type-II (decode only, or a small
+exponent read) from S and C (§2, §4). Dense weights are not managed here: they stay resident.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..models.weights import ExpertWeights
+
+TIERS = ("F", "C", "S", "E")
+POLICIES = ("raw-lru", "zip-lru", "zipmoe")
+EVICTIONS = ("lru", "lfu", "tlfu")
+
+
+class BudgetError(ValueError):
+    """A memory budget that cannot run the model (the message gives the minimum)."""
+
+
+@dataclass
+class Slot:
+    """What is resident for one expert. Exactly the fields of its tier are set."""
+
+    tier: str
+    full: ExpertWeights | None = None
+    sm: np.ndarray | None = None     # uint8, the expert's whole SM region
+    exp: np.ndarray | None = None    # uint8, the expert's whole exponent region
+
+    @property
+    def nbytes(self) -> int:
+        n = 0
+        if self.full is not None:
+            n += self.full.nbytes
+        if self.sm is not None:
+            n += self.sm.nbytes
+        if self.exp is not None:
+            n += self.exp.nbytes
+        return n
+
+
+@dataclass
+class FullPool:
+    """A pool of F-tier slots of one layer (or the whole model) with an eviction policy.
+
+    ``lru``: least recently used; ``lfu``: fewest uses; ``tlfu``: token-weighted LFU (fewest
+    tokens routed, ZipMoE's prototype). Experts in use by the running layer are never evicted.
+
+    Attributes:
+        capacity: number of experts the pool holds (0 = none).
+    """
+
+    capacity: int
+    eviction: str = "lru"
+    slots: "OrderedDict" = field(default_factory=OrderedDict)   # key -> ExpertWeights
+    score: dict = field(default_factory=dict)                   # key -> uses or tokens
+
+    def get(self, key):
+        w = self.slots.get(key)
+        if w is not None:
+            self.slots.move_to_end(key)
+        return w
+
+    def touch(self, key, tokens: int):
+        """Record a use (LFU: +1, token-weighted LFU: +tokens); call for hits and misses."""
+        self.score[key] = self.score.get(key, 0) + (tokens if self.eviction == "tlfu" else 1)
+
+    def admit(self, key, weights: ExpertWeights, in_use=()) -> bool:
+        """Insert ``weights`` if the pool has room or a victim outside ``in_use`` is worse."""
+        if self.capacity <= 0:
+            return False
+        if key in self.slots:
+            self.slots.move_to_end(key)
+            return True
+        if len(self.slots) >= self.capacity:
+            cands = [k for k in self.slots if k not in in_use]
+            if not cands:
+                return False
+            if self.eviction == "lru":
+                victim = cands[0]
+            else:
+                victim = min(cands, key=lambda k: (self.score.get(k, 0), list(self.slots).index(k)))
+                if self.score.get(victim, 0) > self.score.get(key, 0):
+                    return False  # the newcomer is colder than everything resident
+            del self.slots[victim]
+        self.slots[key] = weights
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.slots.values())
