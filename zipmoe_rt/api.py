@@ -18,13 +18,57 @@ from .tokenizer import Tokenizer
 __all__ = ["load", "Model", "ChatSession", "default_model_path"]
 
 
-def load(path: str | Path | None = None, *, verify: bool = True, progress: bool = True) -> "Model":
+def parse_size(text, source=None) -> int:
+    """A byte count from ``"600MB"``, ``"1.5GiB"``, ``"750000000"`` or ``"25%"``.
+
+    A percentage means the dense weights plus that share of the experts' full BF16 bytes
+    (``source`` required), so ``100%`` holds the whole model decoded.
+
+    Raises:
+        ValueError: unparseable text (the option is named).
+    """
+    if isinstance(text, (int, float)):
+        return int(text)
+    t = str(text).strip().upper().replace(" ", "")
+    if t.endswith("%"):
+        if source is None:
+            raise ValueError("--memory-budget: a percentage needs the model")
+        from .engine.layout import expert_layouts
+        frac = float(t[:-1]) / 100
+        experts = sum(l.full_bytes for l in expert_layouts(source.reader).values())
+        return int(source.dense_bytes() + frac * experts)
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
+    for u, mul in units.items():
+        if t.endswith(u):
+            try:
+                return int(float(t[:-len(u)]) * mul)
+            except ValueError:
+                break
+    try:
+        return int(float(t))
+    except ValueError:
+        raise ValueError(f"--memory-budget: cannot read {text!r} (use e.g. 600MB, 1.5GiB, 25%)") from None
+
+
+def load(path: str | Path | None = None, *, verify: bool = True, progress: bool = True,
+         memory_budget=None, policy: str = "auto", eviction: str = "lru",
+         workers: int | None = None, direct: bool = False, trace=None) -> "Model":
     """Load a ``.zmoe`` model (or the bundled default model when ``path`` is None).
 
     Args:
         path: a ``.zmoe`` file. None builds/reuses the default model in the cache folder.
         verify: check the CRC-32 of every piece read from the file.
         progress: show progress bars when building the default model.
+        memory_budget: bytes (or "600MB", "25%", see :func:`parse_size`) for all weights; None
+            keeps every expert decoded after first use. Dense weights always stay resident.
+        policy: ``zipmoe`` (tiers planned from an activation trace), ``zip-lru``, ``raw-lru``
+            (needs a file converted with ``--expert-encoding raw``), or ``auto``: zipmoe when a
+            trace exists next to the model, else zip-lru (raw-lru for raw files).
+        eviction: ``lru``, ``lfu`` or ``tlfu`` (token-weighted LFU) for F caches.
+        workers: decode workers L (default: all cores).
+        direct: O_DIRECT reads of expert regions.
+        trace: activation trace file (default ``MODEL.trace.json``).
 
     Returns:
         a :class:`Model`.
@@ -43,8 +87,38 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     if path.is_dir():
         raise ValueError(f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} "
                          f"-o model.zmoe`")
-    source = ZmoeSource(path, verify=verify)
-    return Model(source, build_model(source), _tokenizer(source), path)
+    if memory_budget is None:
+        source = ZmoeSource(path, verify=verify)
+        return Model(source, build_model(source), _tokenizer(source), path)
+    source = ZmoeSource(path, verify=verify, keep_experts=False)
+    engine = _engine(source, parse_size(memory_budget, source), policy, eviction, workers, direct,
+                     trace, verify)
+    return Model(source, build_model(source, executor=engine), _tokenizer(source), path, engine)
+
+
+def _engine(source, budget, policy, eviction, workers, direct, trace, verify):
+    import os
+
+    from .engine import profile as prof
+    from .engine.layout import expert_layouts
+    from .engine.pipeline import ExpertEngine, budget_split
+
+    raw = all(p.raw for l in expert_layouts(source.reader).values() for p in l.pieces)
+    trace_path = Path(trace) if trace else prof.sidecar(source.path, prof.TRACE_SUFFIX)
+    if policy == "auto":
+        policy = "raw-lru" if raw else ("zipmoe" if trace_path.exists() else "zip-lru")
+    workers = workers or os.cpu_count() or 1
+    if policy != "zipmoe":
+        return ExpertEngine(source, budget, policy, eviction, workers=workers, direct=direct,
+                            verify=verify)
+    tr = prof.load_trace(trace_path, source)
+    calib = prof.load_calibration(prof.sidecar(source.path, prof.CALIB_SUFFIX)) or \
+        prof.calibrate(source, direct=direct)
+    delay = prof.delay_model(calib, workers)
+    tier_budget = budget_split(source, budget)[2]
+    plan, ranks = prof.make_plan(tr, delay, tier_budget, int(source.hparams["num_experts_per_tok"]))
+    return ExpertEngine(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
+                        workers=workers, direct=direct, verify=verify, delay=delay)
 
 
 def _tokenizer(source) -> Tokenizer:
@@ -67,8 +141,10 @@ class Model:
             (prompt/generated tokens, TTFT, prefill and decode tokens/s), or None.
     """
 
-    def __init__(self, source, net, tokenizer: Tokenizer, path: Path):
+    def __init__(self, source, net, tokenizer: Tokenizer, path: Path, engine=None):
         self.source, self.net, self.tokenizer, self.path = source, net, tokenizer, Path(path)
+        #: the budgeted expert engine (None when unbudgeted)
+        self.engine = engine
         ids = set(source.metadata.get("generation.eos_token_ids") or [])
         if tokenizer.eos_token_id is not None:
             ids.add(tokenizer.eos_token_id)
@@ -157,11 +233,14 @@ class Model:
         return ChatSession(self, system)
 
     def memory_report(self) -> dict:
-        """Bytes held for weights by kind (``dense``, ``experts``, ...)."""
-        return self.source.memory_report()
+        """Bytes held for weights by kind: ``dense`` and ``experts`` (unbudgeted), or
+        ``dense``, tiers ``F``/``C``/``S``/``E``, the working set and the budget."""
+        return self.engine.memory_report() if self.engine else self.source.memory_report()
 
     def close(self):
         """Release the file map and decoded weights."""
+        if self.engine is not None:
+            self.engine.close()
         self.source.close()
 
     def __enter__(self):
@@ -196,16 +275,26 @@ class ChatSession:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
     def send(self, text: str, max_tokens: int = 512, **sampling) -> Iterator[str]:
-        """Add a user turn and stream the assistant's reply (text pieces)."""
-        self.messages.append({"role": "user", "content": text})
-        ids = self.model.tokenizer.encode_chat(self._all_messages(), add_generation_prompt=True)
+        """Add a user turn and stream the assistant's reply (text pieces).
+
+        Raises:
+            ValueError: a bad sampling option or message (raised here, before anything changes:
+                the conversation is left as it was).
+        """
+        params = self.model.sampling(max_tokens, **sampling)
+        user = {"role": "user", "content": text}
+        ids = self.model.tokenizer.encode_chat(self._all_messages() + [user],
+                                               add_generation_prompt=True)
+        return self._send(user, ids, params)
+
+    def _send(self, user: dict, ids: list[int], params) -> Iterator[str]:
+        self.messages.append(user)
         new = self.state.sync_prefix(ids, self.model.net)
         reply: list[str] = []
 
         def finish(gen):
             self.messages.append({"role": "assistant", "content": "".join(reply)})
 
-        params = self.model.sampling(max_tokens, **sampling)
         inner = self.model._stream_ids(new, params, self.state, on_finish=finish)
         try:
             for piece in inner:

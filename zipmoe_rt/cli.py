@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from . import __version__
 
@@ -145,6 +146,29 @@ def inspect(model, no_tensors):
 
 
 # -- generation verbs ---------------------------------------------------------------------------
+ENGINE_OPTIONS = [
+    click.option("--memory-budget", "-m", default=None, metavar="SIZE",
+                 help="bytes for all weights, e.g. 600MB, 1.5GiB, or 25% (= dense + 25% of the "
+                      "experts' BF16 bytes); default: no limit, experts kept once decoded"),
+    click.option("--policy", type=click.Choice(["auto", "zipmoe", "zip-lru", "raw-lru"]),
+                 default="auto", show_default=True,
+                 help="expert cache policy under a budget: zipmoe = tiers planned from the "
+                      "model's activation trace (zipmoe-rt profile); auto = zipmoe if a trace "
+                      "exists, else zip-lru"),
+    click.option("--eviction", type=click.Choice(["lru", "lfu", "tlfu"]), default="lru",
+                 show_default=True, help="eviction of full (F) experts; tlfu = token-weighted LFU"),
+    click.option("--workers", type=click.IntRange(min=1), default=None,
+                 help="decode workers [default: all cores]"),
+    click.option("--direct", is_flag=True, help="read experts with O_DIRECT (bypass the page cache)"),
+]
+
+
+def engine_options(fn):
+    for o in reversed(ENGINE_OPTIONS):
+        fn = o(fn)
+    return fn
+
+
 def sampling_options(fn):
     """--temperature/--top-k/--top-p/--min-p/--repeat-penalty/--seed/-n, shared by run and chat."""
     opts = [
@@ -163,7 +187,7 @@ def sampling_options(fn):
         click.option("--seed", type=int, default=None, help="random seed for sampling"),
         click.option("--no-verify", is_flag=True,
                      help="skip CRC checks of pieces read from the .zmoe (not recommended)"),
-    ]
+    ] + ENGINE_OPTIONS
     for o in reversed(opts):
         fn = o(fn)
     return fn
@@ -177,7 +201,9 @@ def _sampling(kw, default_max):
 
 def _load(model, kw):
     from .api import load
-    return load(model, verify=not kw["no_verify"])
+    return load(model, verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
+                policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
+                direct=kw["direct"])
 
 
 def _stats_line(st) -> str:
@@ -304,6 +330,57 @@ def _session_stats(m, session) -> str:
     mem = m.memory_report()
     lines.append("memory: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in mem.items()))
     return "\n".join(lines)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--prompts", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              required=True, help="text file, one prompt per line")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="tokens generated per prompt (greedy)")
+@click.option("--raw", is_flag=True, help="prompts as raw text, not chat turns")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="trace file [default: MODEL.trace.json next to the model]")
+@click.option("-q", "--quiet", is_flag=True)
+@engine_options
+@friendly_errors
+def profile(model, prompts, max_tokens, raw, output, quiet, **kw):
+    """Record an activation trace (decode tokens: layer x expert counts) for the planner."""
+    from .engine import profile as prof
+    lines = [l.strip() for l in prompts.read_text(encoding="utf-8").splitlines() if l.strip()]
+    if not lines:
+        raise CliError(f"{prompts}: no prompts (one per line)")
+    m = _load(model, kw)
+    tr = prof.record_trace(m, lines, max_tokens=max_tokens, chat=not raw, progress=not quiet)
+    out = prof.save_trace(tr, output or prof.sidecar(model, prof.TRACE_SUFFIX))
+    c = np.asarray(tr["counts"], float)
+    top = (np.sort(c, axis=1)[:, ::-1] / c.sum(axis=1, keepdims=True))[:, 0]
+    click.echo(f"wrote {out}: {tr['tokens']} decode tokens over {tr['prompts']} prompts; top-1 "
+               f"expert share per layer {top.mean():.3f} (mean), locality "
+               f"{tr['locality'] if tr['locality'] is not None else float('nan'):.3f}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--samples", type=click.IntRange(min=1), default=12, show_default=True,
+              help="experts to time")
+@click.option("--direct", is_flag=True, help="time O_DIRECT reads")
+@friendly_errors
+def calibrate(model, samples, direct):
+    """Measure this machine's planner constants on MODEL (cold SM/exponent reads, decode, matmul)."""
+    import json
+
+    from .engine import profile as prof
+    from .engine.store import ZmoeSource
+    src = ZmoeSource(model)
+    cal = prof.calibrate(src, samples=samples, direct=direct)
+    out = prof.sidecar(model, prof.CALIB_SUFFIX)
+    out.write_text(json.dumps(cal, indent=2))
+    click.echo(f"wrote {out}")
+    click.echo(f"  SM read {cal['sm_read_s'] * 1e3:.2f} ms, exponent read {cal['exp_read_s'] * 1e3:.2f} ms, "
+               f"decode {cal['decode_s'] * 1e3:.2f} ms ({cal['decode_Gweights_per_s']:.2f} G weights/s "
+               f"per core), matmul {cal['matmul_s'] * 1e3:.2f} ms per expert; reads "
+               f"{cal['read_GBps']:.2f} GB/s")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,28 @@ class _Pending:
         self.lock = threading.Lock()
 
 
+def budget_split(source, budget_bytes: int, layouts=None) -> tuple[int, int, int]:
+    """How a budget divides: ``(bytes of one full expert, working-set experts, tier bytes)``.
+
+    The budget holds the dense weights, a working set of up to top-k decoded experts in flight
+    (at least one), and the cache tiers.
+
+    Raises:
+        BudgetError: below dense weights + one expert (the message gives the minimum).
+    """
+    layouts = layouts or L_.expert_layouts(source.reader)
+    bytes_F = max(l.full_bytes for l in layouts.values())
+    dense = source.dense_bytes()
+    free = int(budget_bytes) - dense
+    if free < bytes_F:
+        raise BudgetError(
+            f"--memory-budget {budget_bytes / 1e6:.1f} MB is below the dense weights "
+            f"({dense / 1e6:.1f} MB) plus one expert ({bytes_F / 1e6:.1f} MB): "
+            f"at least {(dense + bytes_F) / 1e6:.1f} MB is needed")
+    window = int(min(int(source.hparams["num_experts_per_tok"]), free // bytes_F))
+    return bytes_F, window, free - window * bytes_F
+
+
 class ExpertEngine:
     """Expert executor under a memory budget (``Executor`` protocol of models/base.py).
 
@@ -113,18 +135,9 @@ class ExpertEngine:
                              f"(convert with --expert-encoding raw)")
         if policy != "raw-lru" and raw_experts:
             raise ValueError(f"{self.path}: experts are stored raw; use --policy raw-lru")
-        self.bytes_F = max(l.full_bytes for l in self.layouts.values())
+        self.bytes_F, self.window, self.tier_budget = budget_split(source, budget_bytes, self.layouts)
         self.dense_bytes = source.dense_bytes()
-        free = int(budget_bytes) - self.dense_bytes
-        if free < self.bytes_F:
-            raise BudgetError(
-                f"--memory-budget {budget_bytes / 1e6:.1f} MB is below the dense weights "
-                f"({self.dense_bytes / 1e6:.1f} MB) plus one expert ({self.bytes_F / 1e6:.1f} MB): "
-                f"at least {(self.dense_bytes + self.bytes_F) / 1e6:.1f} MB is needed")
         self.budget = int(budget_bytes)
-        #: decoded experts in flight at once (the working set), counted inside the budget
-        self.window = int(min(self.k, free // self.bytes_F))
-        self.tier_budget = free - self.window * self.bytes_F
         self.workers = int(workers or os.cpu_count() or 1)
         self.delay = delay
         self.reader = RegionReader(self.path, direct=direct)

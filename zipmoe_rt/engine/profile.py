@@ -1,0 +1,209 @@
+"""Activation traces, machine calibration and the tier plan they give (design note §3).
+
+* ``profile``: run prompts through the model and count, per MoE layer, how often each expert is
+  selected (batch 1, decode tokens). Stored next to the model as ``MODEL.trace.json`` with a
+  fingerprint of the source checkpoint, so a trace of another model is refused.
+* ``calibrate``: measure this machine's constants on the model's own experts (SM read, exponent
+  read from a cold page cache, decode of one expert on one worker, one expert's matmul) and store
+  them as ``MODEL.calib.json``.
+* :func:`make_plan`: planner inputs from both, and the per-layer tier plan under a budget.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import layout as L_
+from .io import RegionReader, evict_page_cache
+from .planner import DelayModel, plan_model
+
+TRACE_SUFFIX = ".trace.json"
+CALIB_SUFFIX = ".calib.json"
+
+
+class TraceError(ValueError):
+    """A missing, malformed or foreign activation trace / calibration file."""
+
+
+def fingerprint(source) -> str:
+    """sha256 of the architecture, hyper-parameters and source files: identifies the model."""
+    m = source.metadata
+    blob = json.dumps({"arch": m.get("general.architecture"), "hparams": source.hparams,
+                       "files": sorted(f["sha256"] for f in m.get("provenance.files", []))},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def sidecar(model_path, suffix: str) -> Path:
+    p = Path(model_path)
+    return p.with_name(p.name + suffix)
+
+
+# -- trace ---------------------------------------------------------------------------------------
+class TraceRecorder:
+    """Route hook that counts selections: ``counts[i, e]`` for the i-th MoE layer and expert e."""
+
+    def __init__(self, hparams: dict, decode_only: bool = True):
+        self.moe_layers = list(hparams["moe_layers"])
+        self.pos = {l: i for i, l in enumerate(self.moe_layers)}
+        self.counts = np.zeros((len(self.moe_layers), hparams["num_experts"]), np.int64)
+        self.decode_only = decode_only
+        self.tokens = 0
+        self.prev = {}
+        self.repeats = 0   # expert selected again for the next token (locality)
+        self.pairs = 0
+
+    def __call__(self, layer, x, logits, idx, w):
+        if self.decode_only and idx.shape[0] != 1:
+            return
+        i = self.pos[layer]
+        np.add.at(self.counts[i], idx.reshape(-1), 1)
+        if i == 0:
+            self.tokens += idx.shape[0]
+        cur = set(int(e) for e in idx[-1])
+        if layer in self.prev and idx.shape[0] == 1:
+            self.repeats += len(cur & self.prev[layer])
+            self.pairs += len(cur)
+        self.prev[layer] = cur
+
+
+def record_trace(model, prompts: list[str], max_tokens: int = 32, chat: bool = True,
+                 progress: bool = True) -> dict:
+    """Generate greedily from each prompt and return the trace dict (see :func:`save_trace`)."""
+    from tqdm.auto import tqdm
+    rec = TraceRecorder(model.hparams)
+    model.net.route_hook = rec
+    try:
+        for p in tqdm(prompts, desc="profile", unit="prompt", disable=not progress):
+            if chat:
+                model.chat([{"role": "user", "content": p}], max_tokens=max_tokens)
+            else:
+                model.generate(p, max_tokens=max_tokens)
+            rec.prev.clear()
+    finally:
+        model.net.route_hook = None
+    return {"version": 1, "fingerprint": fingerprint(model.source), "model": model.name,
+            "moe_layers": rec.moe_layers, "num_experts": int(model.hparams["num_experts"]),
+            "top_k": int(model.hparams["num_experts_per_tok"]), "tokens": rec.tokens,
+            "prompts": len(prompts), "locality": rec.repeats / rec.pairs if rec.pairs else None,
+            "counts": rec.counts.tolist()}
+
+
+def save_trace(trace: dict, path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(trace))
+    os.replace(tmp, path)
+    return path
+
+
+def load_trace(path, source) -> dict:
+    """Read a trace and check it belongs to ``source``'s model.
+
+    Raises:
+        TraceError: missing file (says how to make one), malformed, or another model's trace.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TraceError(f"{path}: no activation trace; run `zipmoe-rt profile {source.path} "
+                         f"--prompts FILE` first")
+    try:
+        t = json.loads(path.read_text())
+        counts = np.asarray(t["counts"], np.int64)
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+        raise TraceError(f"{path}: not a valid trace ({e})") from None
+    if t.get("fingerprint") != fingerprint(source):
+        raise TraceError(f"{path}: trace of another model ({t.get('model')!r}), not of "
+                         f"{source.path.name}; profile this model again")
+    want = (len(source.hparams["moe_layers"]), source.hparams["num_experts"])
+    if counts.shape != want or (counts.sum(axis=1) == 0).any():
+        raise TraceError(f"{path}: counts have shape {counts.shape} (want {want}) or an empty layer")
+    t["counts"] = counts
+    return t
+
+
+# -- calibration -----------------------------------------------------------------------------------
+def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) -> dict:
+    """Measure the delay-model constants on this machine for this model (medians, seconds).
+
+    Reads ``samples`` random experts' regions from a cold page cache, decodes them on one
+    thread, and times one expert's matmul for one token.
+    """
+    from ..kernels.linear import experts_decode
+    import zstandard as zstd
+
+    lays = list(L_.expert_layouts(source.reader).values())
+    rng = np.random.default_rng(seed)
+    pick = [lays[i] for i in rng.choice(len(lays), min(samples, len(lays)), replace=False)]
+    evict_page_cache(source.path)
+    rr = RegionReader(source.path, direct=direct)
+    sm_t, exp_t, dec_t, mm_t, bufs = [], [], [], [], []
+    for lay in pick:
+        t0 = time.perf_counter()
+        sm = rr.read(*lay.sm_region)
+        t1 = time.perf_counter()
+        exp = rr.read(*lay.exp_region)
+        t2 = time.perf_counter()
+        sm_t.append(t1 - t0)
+        exp_t.append(t2 - t1)
+        bufs.append((lay, sm, exp))
+    rr.close()
+    dctx = zstd.ZstdDecompressor()
+    x = np.random.default_rng(1).standard_normal(source.hparams["hidden_size"]).astype(np.float32)
+    for rep in range(2):
+        for lay, sm, exp in bufs:
+            t0 = time.perf_counter()
+            outs = L_.alloc_expert(lay)
+            for pi, ci, start in L_.chunk_jobs(lay):
+                L_.decode_chunk(source.path, lay.pieces[pi], ci, sm, exp, outs[pi], start, dctx)
+            w = L_.finish_expert(lay, outs, sm)
+            t1 = time.perf_counter()
+            out = np.zeros_like(x)
+            experts_decode(out, x, [w], np.ones(1, np.float32))
+            t2 = time.perf_counter()
+            if rep:  # first pass warms the JIT
+                dec_t.append(t1 - t0)
+                mm_t.append(t2 - t1)
+    lay0 = pick[0]
+    return {"version": 1, "machine": platform.node(), "cpus": os.cpu_count(), "direct": direct,
+            "sm_read_s": float(np.median(sm_t)), "exp_read_s": float(np.median(exp_t)),
+            "decode_s": float(np.median(dec_t)), "matmul_s": float(np.median(mm_t)),
+            "bytes_F": int(lay0.full_bytes), "bytes_sm": int(lay0.sm_region[1]),
+            "bytes_exp": int(lay0.exp_region[1]),
+            "chunks": max(1, len(L_.chunk_jobs(lay0))),
+            "read_GBps": float(sum(l.sm_region[1] + l.exp_region[1] for l, _, _ in bufs)
+                               / max(sum(sm_t) + sum(exp_t), 1e-9) / 1e9),
+            "decode_Gweights_per_s": float(lay0.elements / np.median(dec_t) / 1e9)}
+
+
+def load_calibration(path) -> dict | None:
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TraceError(f"{path}: not a valid calibration file ({e})") from None
+
+
+def delay_model(calib: dict, workers: int) -> DelayModel:
+    """Planner :class:`DelayModel` from a calibration dict."""
+    return DelayModel(sm_read_s=calib["sm_read_s"], exp_read_s=calib["exp_read_s"],
+                      decode_s=calib["decode_s"], matmul_s=calib["matmul_s"], workers=workers,
+                      bytes_F=calib["bytes_F"], bytes_sm=calib["bytes_sm"],
+                      bytes_exp=calib["bytes_exp"], chunks=calib.get("chunks", 1))
+
+
+def make_plan(trace: dict, delay: DelayModel, tier_budget: int, top_k: int):
+    """Per-layer tier plans and expert ranks: ``(ModelPlan, ranks)``, ranks[i] = expert ids of
+    the i-th MoE layer by descending trace count (ties by id)."""
+    counts = np.asarray(trace["counts"])
+    ranks = [list(np.lexsort((np.arange(c.size), -c))) for c in counts]
+    plan = plan_model(counts, top_k, max(0, int(tier_budget)), delay)
+    return plan, ranks
