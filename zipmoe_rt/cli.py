@@ -383,5 +383,51 @@ def calibrate(model, samples, direct):
                f"{cal['read_GBps']:.2f} GB/s")
 
 
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--memory-budget", "-m", "budgets", multiple=True, metavar="SIZE",
+              help="budget(s) to test (repeatable), e.g. 10% 25% 50% 100% or 600MB "
+                   "[default: 25%]; 'none' adds an unbudgeted in-memory row")
+@click.option("--policy", "policies", multiple=True,
+              type=click.Choice(["zipmoe", "zip-lru", "raw-lru"]),
+              help="policies to compare (repeatable) [default: all three]")
+@click.option("-p", "--n-prompt", type=click.IntRange(min=0), default=512, show_default=True,
+              help="prefill length (pp); 0 skips")
+@click.option("-n", "--n-gen", type=click.IntRange(min=0), default=64, show_default=True,
+              help="decode length (tg); 0 skips")
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--eviction", type=click.Choice(["lru", "lfu", "tlfu"]), default="lru",
+              show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="decode workers [default: all cores]")
+@click.option("--direct", is_flag=True, help="O_DIRECT reads")
+@click.option("--raw-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="raw-expert file for raw-lru [default: built once as NAME.raw.zmoe]")
+@click.option("--trace", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="activation trace for zipmoe [default: MODEL.trace.json]")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="write the full results as JSON here")
+@friendly_errors
+def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
+          raw_model, trace, json_out):
+    """Benchmark prefill/decode tokens/s under memory budgets, all policies in one run.
+
+    Prints a llama-bench-style table (mean ± sd over repetitions, TTFT, TPOT, hits per tier,
+    bytes read per token, time per pipeline stage, peak RSS); the page cache is evicted before
+    every run. MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
+    """
+    from . import bench as B
+    from .default_model import ensure_default_model
+    model = model or ensure_default_model()
+    bl = [None if b.lower() == "none" else b for b in (budgets or ("25%",))]
+    res = B.run(model, bl, list(policies or ("raw-lru", "zip-lru", "zipmoe")), pp=n_prompt,
+                tg=n_gen, reps=repetitions, workers=workers, direct=direct, eviction=eviction,
+                raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True))
+    click.echo(B.table(res))
+    if json_out:
+        B.save(res, json_out)
+        click.echo(f"wrote {json_out}", err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -27,6 +27,9 @@ class ZmoeSource:
         path: the ``.zmoe`` file.
         verify: check the CRC-32 of every piece read (recommended; ~4 GB/s per core).
         keep_experts: keep decoded experts in memory after first use (unbudgeted runs).
+        copy_dense: copy dense tensors into process memory instead of viewing the file map
+            (budgeted runs: resident bytes are then exactly what the budget counts, and evicting
+            the page cache cannot push dense weights back to the disk).
 
     Attributes:
         hparams: normalised hyper-parameters (``hparams.*`` metadata, format/SPEC.md §3).
@@ -36,7 +39,8 @@ class ZmoeSource:
         zmoe.ZmoeError subclasses: corrupt, truncated or foreign files (see the reader).
     """
 
-    def __init__(self, path, verify: bool = True, keep_experts: bool = True):
+    def __init__(self, path, verify: bool = True, keep_experts: bool = True,
+                 copy_dense: bool = False):
         self.reader = zmoe.ZmoeReader(path)
         self.path = self.reader.path
         self.metadata = self.reader.metadata
@@ -46,6 +50,7 @@ class ZmoeSource:
             self.hparams["family"] = self.metadata.get("general.family", "")
         self.verify = verify
         self.keep_experts = keep_experts
+        self.copy_dense = copy_dense
         self._dense: dict = {}
         self._experts: dict = {}
         self._tls = threading.local()
@@ -62,8 +67,32 @@ class ZmoeSource:
         if a is None:
             if not self.has(name):
                 raise KeyError(f"{self.path}: no dense tensor {name!r}")
-            a = self._dense[name] = self.reader.read_tensor(name, verify=self.verify)
+            t = self.reader.tensors[name]
+            if self.copy_dense and t["encoding"] == "raw":
+                a = self._pread_raw(name, t)     # never maps file pages into this process
+            else:
+                a = self.reader.read_tensor(name, verify=self.verify)
+                if self.copy_dense:
+                    a = np.array(a)
+            self._dense[name] = a
         return a
+
+    def _pread_raw(self, name: str, t: dict) -> np.ndarray:
+        import os
+        import zlib
+        off, size, crc = t["parts"][0]["raw"]
+        buf = np.empty(size, np.uint8)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [buf], off)
+        finally:
+            os.close(fd)
+        if got != size:
+            raise zmoe.TruncatedFileError(f"{self.path}: tensor {name!r}: short read")
+        if self.verify and zlib.crc32(buf) & 0xFFFFFFFF != crc:
+            raise zmoe.ChecksumError(f"{self.path}: tensor {name!r}: raw data fails its CRC-32 "
+                                     f"(corrupt file)")
+        return buf.view(NUMPY_DTYPES[t["dtype"]]).reshape(t["shape"])
 
     def dense_bytes(self) -> int:
         """Bytes of all dense tensors (what stays resident)."""

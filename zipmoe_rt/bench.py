@@ -1,0 +1,306 @@
+"""``zipmoe-rt bench``: prefill and decode speed under memory budgets, every policy in one run.
+
+Like llama-bench: ``pp N`` prefills N tokens in one forward pass, ``tg N`` decodes N tokens one at
+a time (greedy, EOS ignored); each is repeated and reported as mean ± sd tokens/s. The model
+file's pages are evicted from the page cache (posix_fadvise DONTNEED) after the model is loaded
+and before every timed run, so expert reads come from the disk. Per run it also reports TTFT,
+TPOT, hits per tier, bytes read per decoded token, time per pipeline stage per token, and the
+peak RSS of the run (VmHWM, reset before each run). Ratios between rows of one run are the
+meaningful figures on a shared machine.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .engine.io import evict_page_cache
+from .generate import SamplingParams, generate
+
+_FILLER = ("It was a bright cold day in April, and the clocks were striking thirteen. "
+           "The quick brown fox jumps over the lazy dog while the old sailor mends his nets "
+           "by the harbour and children run along the shore collecting shells. ")
+
+
+def _reset_peak_rss():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes (VmHWM), 0 where unknown."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    """``n`` token ids of real text (the shared Gutenberg corpus when present, else filler)."""
+    text = _FILLER * 40
+    corpus = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "gutenberg" / "austen-emma.txt"
+    if corpus.exists():
+        text = corpus.read_text(encoding="utf-8", errors="replace")[5000:5000 + 40 * n]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def raw_companion(model_path, progress: bool = False) -> Path:
+    """The same model with raw (uncompressed) experts, for ``raw-lru``; built once next to the
+    model as ``NAME.raw.zmoe`` (export + convert --expert-encoding raw)."""
+    from .convert.converter import convert
+    from .convert.export import export
+    p = Path(model_path)
+    out = p.with_name(p.stem + ".raw.zmoe")
+    if out.exists():
+        return out
+    with tempfile.TemporaryDirectory(dir=p.parent) as d:
+        hf = export(p, Path(d) / "hf", progress=progress)
+        convert(hf, out, expert_encoding="raw", progress=progress)
+    return out
+
+
+def _one_config(model_path, budget, policy, pp, tg, reps, workers, direct, eviction, trace):
+    from .api import load
+    m = load(model_path, memory_budget=budget, policy=policy, workers=workers, direct=direct,
+             eviction=eviction, trace=trace, progress=False)
+    net, eng = m.net, m.engine
+    ids_pp = prompt_ids(m.tokenizer, pp)
+    ids_tg = prompt_ids(m.tokenizer, 16)
+    warm = net.new_cache()                 # JIT warm-up outside the timed runs
+    net.forward(np.array(ids_tg[:4], np.int64), warm)
+    net.forward(np.array(ids_tg[4:5], np.int64), warm)
+    del warm
+    runs = []
+    for _ in range(reps):
+        gc.collect()
+        evict_page_cache(m.path)
+        _reset_peak_rss()
+        r = {}
+        if pp:
+            if eng:
+                eng.stats.reset()
+            c = net.new_cache()
+            t0 = time.perf_counter()
+            net.forward(np.array(ids_pp, np.int64), c)
+            r["pp_s"] = time.perf_counter() - t0
+            del c
+            evict_page_cache(m.path)
+        if tg:
+            if eng:
+                eng.stats.reset()
+            params = SamplingParams(temperature=0.0, max_tokens=tg)
+            gen = generate(net, ids_tg, params, stop_ids=())
+            for _step in gen:
+                pass
+            st = gen.stats
+            r.update(ttft_s=st.ttft_s, decode_tps=st.decode_tokens_per_s, tpot_s=st.tpot_s,
+                     decoded=st.generated_tokens)
+            if eng:
+                r["engine"] = eng.stats.as_dict()
+        r["peak_rss"] = peak_rss()
+        runs.append(r)
+    mem = m.memory_report()
+    m.close()
+    del m, net, eng
+    gc.collect()
+    return runs, mem
+
+
+def _in_subprocess(*args):
+    """Run :func:`_one_config` in a fresh interpreter, so each row's peak RSS is its own."""
+    import sys
+    r = subprocess.run([sys.executable, "-m", "zipmoe_rt.bench", json.dumps(args)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"bench run {args[2]} at budget {args[1]} failed: {msg}")
+    runs, mem = json.loads(r.stdout.strip().splitlines()[-1])
+    return runs, mem
+
+
+def baseline_rss(model_path) -> int:
+    """Fixed overhead: peak RSS of a fresh interpreter that imports the runtime, reads the
+    model's index and tokenizer, and runs the same kernels (prefill and decode) on a tiny
+    random model of the same family, so the JIT code is loaded, but holds none of the weights.
+    """
+    import sys
+    r = subprocess.run([sys.executable, "-m", "zipmoe_rt.bench", json.dumps(["baseline", str(model_path)])],
+                       capture_output=True, text=True)
+    return int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else 0
+
+
+class _TinySource:
+    """A WeightSource with the family of ``hp`` but tiny random BF16 weights (JIT warm-up)."""
+
+    def __init__(self, hp: dict):
+        from .models.weights import ExpertWeights
+        hp = dict(hp, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  vocab_size=128, moe_intermediate_size=32, intermediate_size=32,
+                  shared_expert_intermediate_size=min(32, hp.get("shared_expert_intermediate_size", 0)),
+                  num_hidden_layers=2, moe_layers=[i for i in (0, 1) if i in hp["moe_layers"]] or [0])
+        self.hparams = hp
+        rng = np.random.default_rng(0)
+        self._rng, self._ew = rng, ExpertWeights
+        self._cache: dict = {}
+
+    def has(self, name):
+        return name != "lm_head.weight" or not self.hparams.get("tie_word_embeddings")
+
+    def tensor(self, name):
+        hp = self.hparams
+        if name not in self._cache:
+            H, D = hp["hidden_size"], hp["head_dim"]
+            q, kv = hp["num_attention_heads"] * D, hp["num_key_value_heads"] * D
+            I, E = hp["intermediate_size"], hp["num_experts"]
+            leaf = name.split(".")[-2] if name.endswith((".weight", ".bias")) else name
+            shapes = {"embed_tokens": (hp["vocab_size"], H), "lm_head": (hp["vocab_size"], H),
+                      "q_proj": (q, H), "k_proj": (kv, H), "v_proj": (kv, H), "o_proj": (H, q),
+                      "gate": (E, H), "shared_expert_gate": (1, H),
+                      "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I),
+                      "q_norm": (D,), "k_norm": (D,)}
+            shape = shapes.get(leaf, (H,))
+            if name.endswith(".bias"):
+                shape = shape[:1]
+            self._cache[name] = self._rng.integers(0x3C00, 0x3D00, shape).astype(np.uint16)
+        return self._cache[name]
+
+    def expert(self, layer, e):
+        H, I = self.hparams["hidden_size"], self.hparams["moe_intermediate_size"]
+        g = lambda *s: self._rng.integers(0x3C00, 0x3D00, s).astype(np.uint16)  # noqa: E731
+        return self._ew(g(I, H), g(I, H), g(H, I))
+
+
+def _baseline_worker(model_path) -> int:
+    from .api import _tokenizer
+    from .engine.store import ZmoeSource
+    from .models import build_model
+    src = ZmoeSource(model_path, keep_experts=False, copy_dense=True)
+    _tokenizer(src)
+    net = build_model(_TinySource(src.hparams))
+    c = net.new_cache()
+    net.forward(np.arange(8, dtype=np.int64), c)
+    net.forward(np.array([3], np.int64), c)
+    return peak_rss()
+
+
+def _ms(a):
+    return f"{statistics.mean(a):.2f} ± {statistics.stdev(a) if len(a) > 1 else 0:.2f}"
+
+
+def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 3,
+        workers: int | None = None, direct: bool = False, eviction: str = "lru",
+        raw_model=None, trace=None, log=print) -> dict:
+    """Benchmark every (budget, policy) pair; returns the JSON-able result (rows + environment).
+
+    ``budgets``: sizes as accepted by :func:`zipmoe_rt.api.parse_size` (``None`` = unbudgeted,
+    every expert decoded in memory). ``policies``: ``zipmoe``, ``zip-lru``, ``raw-lru``.
+    """
+    from .api import parse_size
+    from .engine.store import ZmoeSource
+    src = ZmoeSource(model_path)
+    hp = src.hparams
+    rows = []
+    for b in budgets:
+        nbytes = parse_size(b, src) if b is not None else None
+        for pol in (policies if b is not None else ["in-memory"]):
+            path = model_path
+            if pol == "raw-lru":
+                path = raw_model or raw_companion(model_path)
+            log(f"bench: budget {b} ({(nbytes or 0) / 1e6:.0f} MB), policy {pol} ...")
+            runs, mem = _in_subprocess(str(path), nbytes, pol if b is not None else "auto", pp,
+                                       tg, reps, workers, direct, eviction,
+                                       str(trace) if trace else None)
+            row = {"budget": b, "budget_bytes": nbytes, "policy": pol, "runs": runs,
+                   "memory": mem}
+            if pp:
+                row["pp_tps"] = [pp / r["pp_s"] for r in runs]
+            if tg:
+                row["tg_tps"] = [r["decode_tps"] for r in runs]
+                row["ttft_s"] = [r["ttft_s"] for r in runs]
+                row["tpot_s"] = [r["tpot_s"] for r in runs]
+            row["peak_rss"] = max(r["peak_rss"] for r in runs)
+            if tg and runs[0].get("engine"):
+                e = [r["engine"] for r in runs]
+                n = sum(r["decoded"] for r in runs)
+                hits = {k: sum(x["hits"][k] for x in e) for k in e[0]["hits"]}
+                tot = max(1, sum(hits.values()))
+                row["hit_rate"] = {k: v / tot for k, v in hits.items()}
+                row["bytes_read_per_token"] = sum(x["bytes_read"] for x in e) / n
+                row["stage_ms_per_token"] = {k: 1e3 * sum(x[k] for x in e) / n
+                                             for k in ("io_s", "decode_s", "wait_s", "compute_s", "layer_s")}
+            rows.append(row)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    env = {"model": str(model_path), "baseline_rss": baseline_rss(model_path), "name": src.metadata.get("general.name"),
+           "experts": hp["num_experts"], "top_k": hp["num_experts_per_tok"],
+           "cpus": os.cpu_count(), "workers": workers or os.cpu_count(), "direct": direct,
+           "eviction": eviction, "pp": pp, "tg": tg, "reps": reps, "machine": platform.node(),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit,
+           "file_bytes": Path(model_path).stat().st_size}
+    src.close()
+    return {"env": env, "rows": rows}
+
+
+def table(result: dict) -> str:
+    """llama-bench-style markdown table of :func:`run`'s result, with ratios to raw-lru."""
+    env, rows = result["env"], result["rows"]
+    pp, tg = env["pp"], env["tg"]
+    head = ["budget", "policy", f"pp{pp} t/s", f"tg{tg} t/s", "× raw-lru", "TTFT s", "TPOT ms",
+            "hits F/C/S/E/miss %", "MB read/tok", "io/dec/wait/mm ms/tok", "peak RSS MB", "(RSS−base)/budget"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = {r["budget"]: statistics.mean(r["tg_tps"]) for r in rows
+            if r["policy"] == "raw-lru" and r.get("tg_tps")}
+    for r in rows:
+        bud = "none" if r["budget"] is None else f"{r['budget']} ({r['budget_bytes'] / 1e6:.0f} MB)"
+        tgm = statistics.mean(r["tg_tps"]) if r.get("tg_tps") else None
+        ratio = f"{tgm / base[r['budget']]:.2f}" if tgm and r["budget"] in base else "-"
+        hits = "/".join(f"{100 * r['hit_rate'][k]:.0f}" for k in ("F", "C", "S", "E", "miss")) \
+            if "hit_rate" in r else "-"
+        st = r.get("stage_ms_per_token")
+        stages = "/".join(f"{st[k]:.1f}" for k in ("io_s", "decode_s", "wait_s", "compute_s")) if st else "-"
+        lines.append("| " + " | ".join([
+            bud, r["policy"], _ms(r["pp_tps"]) if r.get("pp_tps") else "-",
+            _ms(r["tg_tps"]) if tgm else "-", ratio,
+            f"{statistics.mean(r['ttft_s']):.3f}" if r.get("ttft_s") else "-",
+            f"{1e3 * statistics.mean(r['tpot_s']):.1f}" if r.get("tpot_s") else "-",
+            hits, f"{r['bytes_read_per_token'] / 1e6:.1f}" if "bytes_read_per_token" in r else "-",
+            stages, f"{r['peak_rss'] / 1e6:.0f}",
+            f"{(r['peak_rss'] - env.get('baseline_rss', 0)) / r['budget_bytes']:.2f}"
+            if r["budget_bytes"] else "-"]) + " |")
+    lines.append(f"\n{env['name']}: {env['experts']} experts, top-{env['top_k']}; {env['cpus']} "
+                 f"CPUs, {env['workers']} decode workers, O_DIRECT {env['direct']}; fixed overhead "
+                 f"(runtime + tokenizer + JIT, no weights) {env.get('baseline_rss', 0) / 1e6:.0f} MB; "
+                 f"page cache evicted before every run; commit {env['commit']}, {env['date']}")
+    return "\n".join(lines)
+
+
+def save(result: dict, path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
+if __name__ == "__main__":  # worker of _in_subprocess
+    import sys
+    a = json.loads(sys.argv[1])
+    print(json.dumps(_baseline_worker(a[1]) if a[0] == "baseline" else _one_config(*a)))
