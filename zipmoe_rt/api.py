@@ -90,7 +90,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     if memory_budget is None:
         source = ZmoeSource(path, verify=verify)
         return Model(source, build_model(source), _tokenizer(source), path)
-    source = ZmoeSource(path, verify=verify, keep_experts=False)
+    source = ZmoeSource(path, verify=verify, keep_experts=False, copy_dense=True)
     engine = _engine(source, parse_size(memory_budget, source), policy, eviction, workers, direct,
                      trace, verify)
     return Model(source, build_model(source, executor=engine), _tokenizer(source), path, engine)
