@@ -204,6 +204,27 @@ def test_prefill_in_pieces(loaded, name):
     np.testing.assert_allclose(again, full[8:], rtol=0, atol=1e-5)
 
 
+def test_qwen2_sliding_window_layer_types(tiny_moe_dir):
+    """Qwen2-MoE slides only on transformers' ``layer_types`` layers (even layers below
+    ``max_window_layers``). The converter's hparams carry neither key yet, so they are added
+    here; without them the window would apply to every layer."""
+    from tiny_models import load_hf
+
+    d = tiny_moe_dir("qwen2_moe_swa")
+    hf = load_hf(d)
+    layer_types = list(hf.config.layer_types)
+    assert layer_types == ["sliding_attention", "full_attention", "full_attention"]
+    ref = _hf_logits(hf, PROMPT)
+    for extra in ({"layer_types": layer_types}, {"max_window_layers": 2}):
+        src = CheckpointSource(d)
+        assert src.hparams["sliding_window"] == 5
+        src.hparams = dict(src.hparams, **extra)
+        model = build_model(src)
+        assert [model.args.window(i) for i in range(3)] == [5, 0, 0]
+        ours = model.forward(PROMPT, model.new_cache(), last_only=False)
+        assert np.abs(ours - ref).max() <= LOGITS_TOL
+
+
 def test_executor_and_route_hook(loaded):
     model, _ = loaded("qwen2_moe")
     ref = model.forward(PROMPT, model.new_cache(), last_only=False)
@@ -308,3 +329,27 @@ def test_experts_decode_matches_per_expert(k):
     out = np.ones(H, np.float32)
     experts_decode(out, x, experts, w)
     np.testing.assert_allclose(out - 1.0, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_default_model_parity(default_hf_dir):
+    """The bundled default model (SmolLM2-135M upcycled to Mixtral, 30 layers) vs transformers
+    float32: logits of a 16-token prompt and 8 greedy tokens through the KV cache."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tiny_models import load_hf
+
+    model = build_model(CheckpointSource(default_hf_dir))
+    hf = load_hf(default_hf_dir)
+    ids = np.random.default_rng(5).integers(0, model.config.vocab_size, 16)
+    ref = _hf_logits(hf, ids)
+    cache = model.new_cache()
+    ours = model.forward(ids, cache, last_only=False)
+    assert np.abs(ours - ref).max() <= LOGITS_TOL
+    seq, toks = list(ids), []
+    logits = ours[-1]
+    for _ in range(8):
+        toks.append(int(np.argmax(logits)))
+        logits = model.forward(np.array(toks[-1:]), cache)
+    for t in toks:
+        seq.append(int(np.argmax(_hf_logits(hf, seq)[-1])))
+    assert toks == seq[16:]

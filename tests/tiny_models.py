@@ -33,6 +33,10 @@ SPECS = {
         COMMON, intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80,
         num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=2,
         mlp_only_layers=[], rope_theta=10000.0)),
+    "qwen2_moe_swa": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        COMMON, intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, use_sliding_window=True,
+        sliding_window=5, max_window_layers=2, rope_theta=10000.0)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         COMMON, head_dim=32, intermediate_size=128, moe_intermediate_size=48, num_experts=8,
         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],

@@ -10,16 +10,25 @@ reference up to summation order (transformers' ``nn.functional.linear`` on the u
 Layout of the work:
 
 * ``T == 1`` (decode): a GEMV that streams each weight once, four rows per ``prange`` step so a
-  loaded ``x[j]`` feeds four FMAs; the loop is vectorised by LLVM (zero-extend, shift, FMA).
+  loaded ``x[j]`` feeds four FMAs; the loop is vectorised by LLVM (zero-extend, shift, FMA). The
+  four rows lie a quarter of the matrix apart: four sequential streams per thread keep more
+  memory requests in flight (DRAM read rate on 2 cores here: 15 GB/s with one stream per
+  thread, 19-20 GB/s with four).
+* k experts of one token (:func:`experts_decode`): gate/up of all k experts in one parallel
+  region, the weighted down projections in a second.
 * ``T > 1`` (prefill): rows are split into one chunk per thread; each block of four rows is
   widened once into a small float32 scratch (L1-resident) and reused for all ``T`` tokens, so a
   weight is widened once per call, not ``T`` times.
 
 All kernels are ``@njit(nogil=True, cache=True, fastmath=True)``; the big ones are
 ``parallel=True`` and use Numba's default threading layer. Call parallel kernels from one thread
-only (the model's main thread); the ``*_serial`` variants are safe from worker threads.
+only (the model's main thread); ``parallel=False`` selects single-threaded kernels, safe from
+worker threads. Small products run single-threaded anyway (see ``_PAR_MIN_WORK``; the threshold
+is higher when OpenMP workers sleep, :mod:`zipmoe_rt.kernels`).
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from numba import get_num_threads, njit, prange
@@ -34,9 +43,11 @@ _SER = dict(nogil=True, cache=True, fastmath=True)
 
 #: rows handled together by one step of the kernels (shares each x load between four rows).
 _RB = 4
-#: below this many multiply-adds (T x out x in) one thread beats a parallel region (whose
-#: fork/join costs ~2 us with spinning workers, tens of us with sleeping ones).
-_PAR_MIN_WORK = 1 << 17
+#: below this many multiply-adds (T x out x in) one thread beats a parallel region, whose
+#: fork/join costs ~2 us with spinning OpenMP workers but ~75 us with sleeping ones in a VM
+#: (see :mod:`zipmoe_rt.kernels`): then only the big matrices (experts, lm_head) are split.
+_PAR_MIN_WORK = int(os.environ.get("ZIPMOE_PAR_MIN_WORK", 0)) or (
+    1 << 17 if os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE" else 1 << 20)
 
 _NO_BIAS = np.zeros(0, np.float32)
 
@@ -340,7 +351,8 @@ def weight_kind(W: np.ndarray) -> str:
     """
     kind = _KINDS.get(W.dtype)
     if kind is None:
-        raise TypeError(f"weight dtype {W.dtype} is not supported (BF16 as uint16, float16, float32)")
+        raise TypeError(f"weight dtype {W.dtype} is not supported "
+                        "(BF16 as uint16, float16, float32)")
     return kind
 
 

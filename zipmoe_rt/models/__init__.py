@@ -21,7 +21,8 @@ def build_model(source, executor=None):
     Args:
         source: a :class:`~zipmoe_rt.models.weights.WeightSource` (``hparams["family"]`` picks
             the architecture module).
-        executor: optional expert executor (default: :class:`~zipmoe_rt.models.base.ExpertExecutor`).
+        executor: optional expert executor (default:
+            :class:`~zipmoe_rt.models.base.ExpertExecutor`).
     Returns:
         a :class:`~zipmoe_rt.models.base.Model` subclass instance.
     Raises:

@@ -454,7 +454,8 @@ class Attention:
     def __init__(self, args: ModelArgs, layer: int, wq, wk, wv, wo, bq=None, bk=None, bv=None,
                  bo=None, q_norm=None, k_norm=None):
         self.layer = layer
-        self.nq, self.nkv, self.hd = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.nq, self.nkv = args.num_attention_heads, args.num_key_value_heads
+        self.hd = args.head_dim
         self.eps = np.float32(args.rms_norm_eps)
         self.window = args.window(layer)
         self.scale = np.float32(self.hd ** -0.5)
@@ -580,7 +581,9 @@ class Executor(Protocol):
 class ExpertExecutor:
     """The default :class:`Executor`: for each distinct selected expert (ascending index, as
     ``MixtralExperts.forward`` loops), fetch ``source.expert(layer, e)`` and add its weighted
-    output to the rows routed to it. No caching of its own: the source decides.
+    output to the rows routed to it (one token: all k experts in one fused call,
+    :func:`~zipmoe_rt.kernels.linear.experts_decode`). No caching of its own: the source
+    decides.
 
     Args:
         source: a :class:`~zipmoe_rt.models.weights.WeightSource`.
@@ -658,7 +661,12 @@ class SparseMoeBlock:
 
 class DecoderLayer:
     """Pre-norm residual layer (``MixtralDecoderLayer``):
-    ``x += attn(norm1(x)); x += mlp(norm2(x))``.
+    ``x += attn(input_layernorm(x)); x += mlp(post_attention_layernorm(x))``.
+
+    Args:
+        attn: :class:`Attention`.  mlp: :class:`SparseMoeBlock` or :class:`MLP` (any callable
+            float32 [T, H] -> [T, H]).  input_norm, post_norm: [H] RMSNorm weights.
+        eps: RMSNorm epsilon.
     """
 
     def __init__(self, attn: Attention, mlp, input_norm, post_norm, eps: float):
@@ -751,6 +759,7 @@ class Model:
         raise NotImplementedError
 
     def build_layer(self, i: int) -> DecoderLayer:
+        """Decoder layer ``i`` (attention, feed-forward block, both norms)."""
         p = f"model.layers.{i}."
         return DecoderLayer(self.build_attention(i), self.build_mlp(i),
                             self.source.tensor(p + "input_layernorm.weight"),

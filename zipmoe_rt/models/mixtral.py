@@ -18,6 +18,7 @@ class ModelArgs(base.ModelArgs):
     """:class:`~zipmoe_rt.models.base.ModelArgs` with Mixtral's fixed choices."""
 
     def validate(self):
+        """Base checks; ``norm_topk_prob`` forced True and every layer sparse (Mixtral)."""
         super().validate()
         self.norm_topk_prob = True  # MixtralTopKRouter always renormalises
         if not self.moe_layers:
@@ -30,6 +31,7 @@ class Model(base.Model):
     args_class = ModelArgs
 
     def build_mlp(self, i):
+        """Layer ``i``: :class:`~zipmoe_rt.models.base.SparseMoeBlock` (router renormalised)."""
         a = self.args
         gate = self._first(f"model.layers.{i}.block_sparse_moe.gate.weight",
                            f"model.layers.{i}.mlp.gate.weight")

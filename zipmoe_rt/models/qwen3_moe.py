@@ -15,6 +15,7 @@ class ModelArgs(base.ModelArgs):
     """:class:`~zipmoe_rt.models.base.ModelArgs` for Qwen3-MoE (qk_norm always on)."""
 
     def validate(self):
+        """Base checks; ``qk_norm`` forced True (Qwen3 always normalises q and k)."""
         super().validate()
         self.qk_norm = True
 
@@ -25,6 +26,8 @@ class Model(base.Model):
     args_class = ModelArgs
 
     def build_mlp(self, i):
+        """Layer ``i``: dense :class:`~zipmoe_rt.models.base.MLP` outside ``moe_layers``, else a
+        sparse block (no shared expert)."""
         a = self.args
         p = f"model.layers.{i}.mlp."
         if i not in self.moe_layers:
