@@ -8,6 +8,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# torch (the test oracle) and Numba's kernels share the cores; OpenMP workers that spin between
+# regions slow both down badly on a 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 
 

@@ -87,13 +87,20 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     if path.is_dir():
         raise ValueError(f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} "
                          f"-o model.zmoe`")
-    if memory_budget is None:
-        source = ZmoeSource(path, verify=verify)
-        return Model(source, build_model(source), _tokenizer(source), path)
-    source = ZmoeSource(path, verify=verify, keep_experts=False, copy_dense=True)
-    engine = _engine(source, parse_size(memory_budget, source), policy, eviction, workers, direct,
-                     trace, verify)
-    return Model(source, build_model(source, executor=engine), _tokenizer(source), path, engine)
+    budgeted = memory_budget is not None
+    source = ZmoeSource(path, verify=verify, keep_experts=not budgeted, copy_dense=budgeted)
+    engine = None
+    try:
+        tok = _tokenizer(source)
+        if budgeted:
+            engine = _engine(source, parse_size(memory_budget, source), policy, eviction, workers,
+                             direct, trace, verify)
+        return Model(source, build_model(source, executor=engine), tok, path, engine)
+    except BaseException:
+        if engine is not None:
+            engine.close()
+        source.close()
+        raise
 
 
 def _engine(source, budget, policy, eviction, workers, direct, trace, verify):

@@ -232,7 +232,7 @@ def run(model, prompt, raw, system, **kw):
     MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
     """
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = sys.stdin.read().rstrip("\n")
     m = _load(model, kw)
     sp = _sampling(kw, 256)
     if raw:
