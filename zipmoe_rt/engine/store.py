@@ -16,8 +16,8 @@ import zstandard as zstd
 import zmoe
 from zmoe.reader import NUMPY_DTYPES
 
-from ..kernels.planes import MERGE
-from ..models.weights import ExpertWeights, assemble_expert
+from ..models.weights import ExpertWeights
+from . import layout as L_
 
 
 class ZmoeSource:
@@ -53,6 +53,7 @@ class ZmoeSource:
         self.copy_dense = copy_dense
         self._dense: dict = {}
         self._experts: dict = {}
+        self._layouts = None
         self._tls = threading.local()
         self.bytes_read = 0
 
@@ -106,60 +107,31 @@ class ZmoeSource:
             d = self._tls.d = zstd.ZstdDecompressor()
         return d
 
-    def expert_parts(self, layer: int, expert: int):
-        """[(name, record, part, shape, role)] of one expert's tensors. KeyError if absent."""
-        block = self.reader.experts.get((layer, expert))
-        if block is None:
+    def layout(self, layer: int, expert: int) -> L_.ExpertLayout:
+        """Where one expert's pieces sit in its regions. KeyError naming it if absent."""
+        if self._layouts is None:
+            self._layouts = L_.expert_layouts(self.reader)
+        lay = self._layouts.get((layer, expert))
+        if lay is None:
             raise KeyError(f"{self.path}: no expert {expert} in layer {layer}")
-        out = []
-        for name in block["tensors"]:
-            t = self.reader.tensors[name]
-            stacked = t["expert"].get("stacked", False)
-            part = t["parts"][expert] if stacked else t["parts"][0]
-            shape = tuple(t["shape"][1:] if stacked else t["shape"])
-            out.append((name, t, part, shape, t["expert"]["role"]))
-        return out
+        return lay
 
-    def decode_part(self, name: str, record: dict, part: dict, shape, sm=None, chunks=None) -> np.ndarray:
-        """Rebuild one stored part into a new array of its dtype (BF16 as uint16).
-
-        ``sm``/``chunks`` may be given when the caller already holds those bytes (tiers S/C/E);
-        otherwise they are read from the file (and CRC-checked if ``verify``).
+    def decode_expert(self, layer: int, expert: int) -> ExpertWeights:
+        """Read (from the map, CRC-checked if ``verify``) and rebuild one expert, no caching.
 
         Raises:
             zmoe.ChecksumError: a piece fails its CRC or a chunk does not decode to its size.
         """
-        dtype = record["dtype"]
-        if "raw" in part:
-            return self.reader.read_part(name, part, self.verify).view(NUMPY_DTYPES[dtype]).reshape(shape).copy()
-        if sm is None or chunks is None:
-            sm_r, ch_r = self.reader.part_planes(name, part, self.verify)
-            sm = sm_r if sm is None else sm
-            chunks = ch_r if chunks is None else chunks
-        merge, smb, wdt = MERGE[dtype]
-        n = sum(c[1] for c in chunks)
-        out = np.empty(n, wdt)
+        lay = self.layout(layer, expert)
+        sm = self.reader.view(*lay.sm_region)
+        exp = self.reader.view(*lay.exp_region)
+        if self.verify:
+            L_.check_regions(self.path, lay, sm, exp)
+        outs = L_.alloc_expert(lay)
         d = self._dctx()
-        pos = 0
-        for frame, raw_size in chunks:
-            try:
-                e = d.decompress(frame, max_output_size=raw_size)
-            except zstd.ZstdError as err:
-                raise zmoe.ChecksumError(f"{self.path}: tensor {name!r}: exponent chunk does not "
-                                         f"decode ({err})") from None
-            if len(e) != raw_size:
-                raise zmoe.ChecksumError(f"{self.path}: tensor {name!r}: exponent chunk decoded to "
-                                         f"{len(e)} bytes, expected {raw_size}")
-            merge(np.frombuffer(e, np.uint8), sm[pos * smb:(pos + raw_size) * smb], out[pos:pos + raw_size])
-            pos += raw_size
-        return out.view(NUMPY_DTYPES[dtype]).reshape(shape)
-
-    def decode_expert(self, layer: int, expert: int) -> ExpertWeights:
-        """Read and rebuild one expert from the file (no caching)."""
-        roles = {}
-        for name, rec, part, shape, role in self.expert_parts(layer, expert):
-            roles[role] = self.decode_part(name, rec, part, shape)
-        return assemble_expert(roles)
+        for pi, ci, start in L_.chunk_jobs(lay):
+            L_.decode_chunk(self.path, lay.pieces[pi], ci, sm, exp, outs[pi], start, d)
+        return L_.finish_expert(lay, outs, sm)
 
     def expert(self, layer: int, expert: int) -> ExpertWeights:
         """One expert's weights; decoded on first use and kept if ``keep_experts``."""
