@@ -88,6 +88,9 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         raise ValueError(f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} "
                          f"-o model.zmoe`")
     budgeted = memory_budget is not None
+    from . import kernels
+    if kernels.USER_WAIT_POLICY is None:  # see zipmoe_rt/kernels/__init__.py
+        kernels.set_wait_policy("passive" if budgeted else "active")
     source = ZmoeSource(path, verify=verify, keep_experts=not budgeted, copy_dense=budgeted)
     engine = None
     try:
@@ -104,13 +107,15 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
 
 
 def _engine(source, budget, policy, eviction, workers, direct, trace, verify):
+    import dataclasses
     import os
 
     from .engine import profile as prof
     from .engine.layout import expert_layouts
     from .engine.pipeline import ExpertEngine, budget_split
 
-    raw = all(p.raw for l in expert_layouts(source.reader).values() for p in l.pieces)
+    lays = list(expert_layouts(source.reader).values())
+    raw = all(p.raw for l in lays for p in l.pieces)
     trace_path = Path(trace) if trace else prof.sidecar(source.path, prof.TRACE_SUFFIX)
     if policy == "auto":
         policy = "raw-lru" if raw else ("zipmoe" if trace_path.exists() else "zip-lru")
@@ -121,7 +126,13 @@ def _engine(source, budget, policy, eviction, workers, direct, trace, verify):
     tr = prof.load_trace(trace_path, source)
     calib = prof.load_calibration(prof.sidecar(source.path, prof.CALIB_SUFFIX)) or \
         prof.calibrate(source, direct=direct)
-    delay = prof.delay_model(calib, workers)
+    # plan with the largest region sizes of any expert: a calibration measures one sample
+    # expert, and compressed exponent regions differ in size from expert to expert, so planning
+    # with the sample's sizes can make the tiers outgrow the budget (BudgetError at load)
+    delay = dataclasses.replace(prof.delay_model(calib, workers),
+                                bytes_F=max(l.full_bytes for l in lays),
+                                bytes_sm=max(l.sm_region[1] for l in lays),
+                                bytes_exp=max(l.exp_region[1] for l in lays))
     tier_budget = budget_split(source, budget)[2]
     plan, ranks = prof.make_plan(tr, delay, tier_budget, int(source.hparams["num_experts_per_tok"]))
     return ExpertEngine(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,

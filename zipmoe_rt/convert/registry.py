@@ -216,6 +216,10 @@ class _QwenMoe(Architecture):
         )
         if not c.get("use_sliding_window", False):
             hp["sliding_window"] = 0
+        if c.get("layer_types"):       # which layers use the sliding window (transformers 5)
+            hp["layer_types"] = [str(t) for t in c["layer_types"]]
+        if c.get("max_window_layers") is not None:
+            hp["max_window_layers"] = int(c["max_window_layers"])
         hp["moe_layers"] = self.moe_layers(hp)
         return hp
 

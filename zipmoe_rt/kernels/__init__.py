@@ -11,13 +11,17 @@ called from one thread only. How idle OpenMP workers wait matters a lot on 2 cor
   a worker costs tens of microseconds per region in a VM (75 us measured here, ~30 us on the
   GPU host; a few us on bare metal): ~24-31 instead of ~45 tokens/s on an idle 2-core VM.
 
-Importing this package selects ``PASSIVE`` unless ``OMP_WAIT_POLICY`` is already set; a
-benchmark on a dedicated machine can call :func:`set_wait_policy` ("active") first.
+Importing this package selects ``PASSIVE`` unless ``OMP_WAIT_POLICY`` is already set;
+``zipmoe_rt.load`` then picks ``ACTIVE`` for unbudgeted runs (no decode workers of ours compete;
+fastest on an otherwise idle machine) and keeps ``PASSIVE`` under a memory budget, unless the
+user set the variable.
 """
 from __future__ import annotations
 
 import os
 
+#: the user's own OMP_WAIT_POLICY, if any (then zipmoe-rt never changes it)
+USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("KMP_BLOCKTIME", "0")
 
