@@ -76,23 +76,23 @@ class _Pending:
 def budget_split(source, budget_bytes: int, layouts=None) -> tuple[int, int, int]:
     """How a budget divides: ``(bytes of one full expert, working-set experts, tier bytes)``.
 
-    The budget holds the dense weights, a working set of up to top-k decoded experts in flight
-    (at least one), and the cache tiers.
+    The budget holds the dense weights, the working set of one token (its top-k experts
+    decoded, which the fused decode kernel needs together) and the cache tiers.
 
     Raises:
-        BudgetError: below dense weights + one expert (the message gives the minimum).
+        BudgetError: below dense weights + top-k experts (the message gives the minimum).
     """
     layouts = layouts or L_.expert_layouts(source.reader)
     bytes_F = max(l.full_bytes for l in layouts.values())
     dense = source.dense_bytes()
-    free = int(budget_bytes) - dense
-    if free < bytes_F:
+    k = int(source.hparams["num_experts_per_tok"])
+    free = int(budget_bytes) - dense - k * bytes_F
+    if free < 0:
         raise BudgetError(
             f"--memory-budget {budget_bytes / 1e6:.1f} MB is below the dense weights "
-            f"({dense / 1e6:.1f} MB) plus one expert ({bytes_F / 1e6:.1f} MB): "
-            f"at least {(dense + bytes_F) / 1e6:.1f} MB is needed")
-    window = int(min(int(source.hparams["num_experts_per_tok"]), free // bytes_F))
-    return bytes_F, window, free - window * bytes_F
+            f"({dense / 1e6:.1f} MB) plus the {k} experts one token uses ({k} x "
+            f"{bytes_F / 1e6:.1f} MB): at least {(dense + k * bytes_F) / 1e6:.1f} MB is needed")
+    return bytes_F, k, free
 
 
 class ExpertEngine:
@@ -361,10 +361,8 @@ class ExpertEngine:
             experts = [int(topk_idx[0, j]) for j in order]
             uniq = sorted(set(experts))
             ready = {}
-            for i in range(0, len(uniq), self.window):  # window < k only under tiny budgets
-                group = uniq[i:i + self.window]
-                started = self._prepare(layer, group, {e: 1 for e in group})
-                ready.update({e: self._resolve(layer, e, started[e]) for e in group})
+            started = self._prepare(layer, uniq, {e: 1 for e in uniq})  # window == top-k
+            ready.update({e: self._resolve(layer, e, started[e]) for e in uniq})
             t0 = time.perf_counter()
             experts_decode(out[0], x[0], [ready[e] for e in experts], topk_w[0, order])
             self.stats.compute_s += time.perf_counter() - t0

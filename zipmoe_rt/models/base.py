@@ -513,10 +513,12 @@ class MLP:
         return linear_into(h, self.down, out)
 
 
-@njit(**_SER)
+@njit(nogil=True, cache=True)  # no fastmath: the sum order must not depend on memory layout
 def _route(logits, k, renorm, idx, w):
     """Softmax over all experts (float32), top-k (descending, lowest index first on ties),
-    optional renormalisation of the k weights."""
+    optional renormalisation of the k weights. Compiled without fastmath so that the same
+    logits always give the same weights, bit for bit (LLVM otherwise picks a vector or scalar
+    summation depending on whether the scratch array aliases the input)."""
     T, E = logits.shape
     p = np.empty(E, np.float32)
     for t in range(T):

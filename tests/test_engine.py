@@ -1,0 +1,748 @@
+"""The budgeted expert engine (zipmoe_rt/engine/pipeline.py) as the model's expert executor.
+
+* Parity: under every policy (raw-lru on a raw-expert file, zip-lru, zipmoe with tier plans of
+  all four tiers), budget (the minimum: dense + one expert, so a window of 1; a middle one; one
+  holding every expert) and eviction (lru/lfu/tlfu), a 16-token prefill and 10 greedy decode
+  steps give exactly (np.array_equal) the [T, vocab] and per-step logits, and the tokens, of the
+  unbudgeted model, on every tiny architecture; the same on the default model at "25%".
+* Errors: budgets below the minimum (API and CLI), unparseable budgets, missing / foreign /
+  malformed traces, policies that do not fit the file's expert encoding.
+* Accounting: memory_report() within the budget at every MoE call, hit counters = expert uses,
+  a second pass with everything cached is all F hits with no reads, zipmoe tiers = the plan by
+  trace popularity rank.
+* Corruption: a flipped byte in an expert's region raises zmoe.ChecksumError naming the tensor.
+
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import zmoe
+import zipmoe_rt
+from zipmoe_rt.api import parse_size
+from zipmoe_rt.engine import layout as L_
+from zipmoe_rt.engine import pipeline
+from zipmoe_rt.engine import profile as prof
+from zipmoe_rt.engine.pipeline import ExpertEngine, budget_split
+from zipmoe_rt.engine.planner import DelayModel
+from zipmoe_rt.engine.profile import TraceError
+from zipmoe_rt.engine.store import ZmoeSource
+from zipmoe_rt.engine.tiers import BudgetError
+from zipmoe_rt.models import build_model
+
+ARCHS = ["mixtral", "mixtral_tied_swa", "qwen2_moe", "qwen2_moe_step2", "qwen3_moe"]
+PROMPT_LEN = 16
+DECODE_STEPS = 10
+WORKERS = 2
+EVICTIONS = ["lru", "lfu", "tlfu"]
+BUDGETS = ["min", "mid", "all"]
+#: planner delay constants (sm read, exponent read, decode; seconds) chosen so that, between
+#: them, the middle budget's plans use every tier: C+E, S (+C/E), F+E.
+DELAYS = {"CE": (1e-3, 1e-3, 1e-5), "S": (1e-3, 1e-5, 1e-4), "FE": (1e-5, 1e-3, 1e-4)}
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def generate(net, ids, steps):
+    """Prefill ``ids`` (all positions' logits), then ``steps`` greedy decode steps with the KV
+    cache. Returns ([prefill [T, vocab], step 1 [vocab], ...], tokens)."""
+    cache = net.new_cache()
+    logits = [net.forward(np.asarray(ids, np.int64), cache, last_only=False)]
+    tok = int(np.argmax(logits[0][-1]))
+    tokens = [tok]
+    for _ in range(steps):
+        out = net.forward(np.array([tok], np.int64), cache)
+        logits.append(out)
+        tok = int(np.argmax(out))
+        tokens.append(tok)
+    return logits, tokens
+
+
+def assert_same_logits(got, want):
+    assert len(got) == len(want)
+    assert got[0].shape == want[0].shape and got[0].ndim == 2
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype == np.float32
+        assert np.array_equal(a, b), (
+            f"step {i}: logits differ (max |diff| {np.abs(a - b).max():.3g})")
+
+
+def resident_total(rep: dict) -> int:
+    return (rep["dense"] + rep["F"] + rep["C"] + rep["S"] + rep["E"]
+            + rep["working set (max)"])
+
+
+def popularity_ranks(counts) -> list[list[int]]:
+    """Expert ids of each layer by descending trace count, ties by ascending id."""
+    return [sorted(range(len(c)), key=lambda e: (-int(c[e]), e)) for c in np.asarray(counts)]
+
+
+class CallLog:
+    """Route hook: per MoE call, the engine's memory report before the call (the state the
+    previous call left) and the number of distinct experts the call uses."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.reports = []
+        self.uses = 0
+
+    def __call__(self, layer, x, logits, idx, w):
+        self.reports.append(self.engine.memory_report())
+        self.uses += len(np.unique(idx))
+
+
+@dataclass
+class Case:
+    """A tiny architecture converted twice (bit-planes and raw experts), with the unbudgeted
+    reference generation and an activation trace."""
+
+    name: str
+    zmoe: Path
+    raw: Path
+    folder: Path
+    hp: dict
+    layouts: dict
+    dense: int
+    bytes_F: int
+    ids: np.ndarray
+    ref_logits: list
+    ref_tokens: list
+    trace_path: Path
+    counts: np.ndarray
+    runs: dict = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.hp["num_experts_per_tok"])
+
+    @property
+    def n_total(self) -> int:
+        return len(self.layouts)
+
+    def budget(self, which: str) -> int:
+        if which == "min":  # dense + the top-k working set of one token, no tiers
+            return self.dense + self.k * self.bytes_F
+        if which == "mid":
+            return self.dense + self.k * self.bytes_F + self.n_total * self.bytes_F // 3
+        return self.dense + (self.k + self.n_total) * self.bytes_F
+
+    def delay(self, which: str) -> DelayModel:
+        sm_s, exp_s, dec_s = DELAYS[which]
+        lays = self.layouts.values()
+        return DelayModel(sm_read_s=sm_s, exp_read_s=exp_s, decode_s=dec_s, matmul_s=1e-6,
+                          workers=WORKERS, bytes_F=self.bytes_F,
+                          bytes_sm=max(l.sm_region[1] for l in lays),
+                          bytes_exp=max(l.exp_region[1] for l in lays),
+                          chunks=max(1, max(len(L_.chunk_jobs(l)) for l in lays)))
+
+
+def make_engine(case: Case, budget: int, policy: str, eviction: str = "lru", delay=None,
+                path: Path | None = None):
+    """(source, engine, plan) over a fresh budgeted source; zipmoe plans from the case's trace."""
+    path = path or (case.raw if policy == "raw-lru" else case.zmoe)
+    source = ZmoeSource(path, keep_experts=False, copy_dense=True)
+    plan = None
+    try:
+        if policy == "zipmoe":
+            tr = prof.load_trace(case.trace_path, source)
+            plan, ranks = prof.make_plan(tr, delay, budget_split(source, budget)[2], case.k)
+            engine = ExpertEngine(source, budget, "zipmoe", eviction, plan=plan.layers,
+                                  ranks=ranks, workers=WORKERS, delay=delay)
+        else:
+            engine = ExpertEngine(source, budget, policy, eviction, workers=WORKERS)
+    except BaseException:
+        source.close()
+        raise
+    return source, engine, plan
+
+
+def budgeted_run(case: Case, policy: str, budget: str, eviction: str, delay: str | None):
+    """Run the reference prompt through a budgeted engine once (cached per configuration)."""
+    key = (policy, budget, eviction, delay)
+    if key not in case.runs:
+        b = case.budget(budget)
+        source, engine, plan = make_engine(case, b, policy, eviction,
+                                           case.delay(delay) if delay else None)
+        try:
+            net = build_model(source, executor=engine)
+            log = CallLog(engine)
+            net.route_hook = log
+            logits, tokens = generate(net, case.ids, DECODE_STEPS)
+            log.reports.append(engine.memory_report())
+            case.runs[key] = dict(logits=logits, tokens=tokens, reports=log.reports,
+                                  uses=log.uses, hits=dict(engine.stats.hits), budget=b,
+                                  window=engine.window, plan=plan)
+        finally:
+            engine.close()
+            source.close()
+    return case.runs[key]
+
+
+@pytest.fixture(scope="module")
+def tiny_case(tiny_moe_dir, tmp_path_factory):
+    """Factory ``tiny_case(name) -> Case`` (built once per module per architecture)."""
+    from test_api import make_chat_model  # tiny checkpoint + a test-time tokenizer, converted
+    from zipmoe_rt.bench import raw_companion
+
+    made: dict = {}
+
+    def get(name: str) -> Case:
+        if name in made:
+            return made[name]
+        folder = tmp_path_factory.mktemp(f"engine_{name}")
+        z = make_chat_model(tiny_moe_dir(name), folder / name)  # load() needs a tokenizer
+        raw = raw_companion(z)
+        src = ZmoeSource(z)
+        try:
+            layouts = L_.expert_layouts(src.reader)
+            net = build_model(src)
+            vocab = int(src.hparams["vocab_size"])
+            rng = np.random.default_rng(sum(map(ord, name)))
+            ids = rng.integers(0, vocab, PROMPT_LEN)
+            ref_logits, ref_tokens = generate(net, ids, DECODE_STEPS)
+            # activation trace recorded by hand over random ids
+            rec = prof.TraceRecorder(src.hparams, decode_only=False)
+            net.route_hook = rec
+            generate(net, rng.integers(0, vocab, PROMPT_LEN), 8)
+            net.route_hook = None
+            trace = {"version": 1, "fingerprint": prof.fingerprint(src), "model": name,
+                     "moe_layers": rec.moe_layers, "num_experts": int(src.hparams["num_experts"]),
+                     "top_k": int(src.hparams["num_experts_per_tok"]), "tokens": rec.tokens,
+                     "prompts": 1, "locality": None, "counts": rec.counts.tolist()}
+            trace_path = prof.save_trace(trace, folder / "recorded.trace.json")
+            case = Case(name=name, zmoe=z, raw=raw, folder=folder, hp=dict(src.hparams),
+                        layouts=layouts, dense=src.dense_bytes(),
+                        bytes_F=max(l.full_bytes for l in layouts.values()), ids=ids,
+                        ref_logits=ref_logits, ref_tokens=ref_tokens, trace_path=trace_path,
+                        counts=rec.counts.copy())
+        finally:
+            src.close()
+        made[name] = case
+        return case
+
+    return get
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def case(request, tiny_case) -> Case:
+    return tiny_case(request.param)
+
+
+CONFIGS = ([("raw-lru", b, e, None) for b in BUDGETS for e in EVICTIONS]
+           + [("zip-lru", b, e, None) for b in BUDGETS for e in EVICTIONS]
+           + [("zipmoe", b, e, d) for b in BUDGETS for e in EVICTIONS for d in DELAYS])
+CONFIG_IDS = [f"{p}-{b}-{e}" + (f"-{d}" if d else "") for p, b, e, d in CONFIGS]
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. parity on the tiny architectures
+
+
+def test_raw_companion_is_the_same_model(case):
+    """The raw-expert file (raw-lru's input) holds the same weights: same unbudgeted logits."""
+    reader = zmoe.ZmoeReader(case.raw)
+    layouts = L_.expert_layouts(reader)
+    reader.close()
+    assert all(p.raw for lay in layouts.values() for p in lay.pieces)
+    assert not any(p.raw for lay in case.layouts.values() for p in lay.pieces)
+    src = ZmoeSource(case.raw)
+    try:
+        logits, tokens = generate(build_model(src), case.ids, DECODE_STEPS)
+    finally:
+        src.close()
+    assert_same_logits(logits, case.ref_logits)
+    assert tokens == case.ref_tokens
+
+
+@pytest.mark.parametrize("policy,budget,eviction,delay", CONFIGS, ids=CONFIG_IDS)
+def test_budgeted_generation_is_bit_identical(case, policy, budget, eviction, delay):
+    run = budgeted_run(case, policy, budget, eviction, delay)
+    assert run["window"] == case.k
+    assert_same_logits(run["logits"], case.ref_logits)
+    assert run["tokens"] == case.ref_tokens
+    # every step really went through the engine
+    assert sum(run["hits"].values()) == run["uses"] > 0
+
+
+def test_zipmoe_plans_cover_every_tier(case):
+    """The parity matrix above runs zipmoe plans with F, C, S and E experts."""
+    used = set()
+    for d in DELAYS:
+        for b in ("mid", "all"):
+            plan = budgeted_run(case, "zipmoe", b, "lru", d)["plan"]
+            for tp in plan.layers:
+                used |= {t for t, n in zip("FCSE", (tp.nF, tp.nC, tp.nS, tp.nE)) if n}
+    assert used == set("FCSE")
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. accounting
+
+
+@pytest.mark.parametrize("policy,budget,eviction,delay", CONFIGS, ids=CONFIG_IDS)
+def test_memory_within_budget_and_hits_count_every_use(case, policy, budget, eviction, delay):
+    run = budgeted_run(case, policy, budget, eviction, delay)
+    b = run["budget"]
+    assert len(run["reports"]) > DECODE_STEPS
+    for rep in run["reports"]:
+        assert rep["budget"] == b
+        assert rep["dense"] == case.dense
+        assert rep["working set (max)"] == run["window"] * case.bytes_F
+        assert resident_total(rep) <= b, rep
+    hits = run["hits"]
+    assert set(hits) == {"F", "C", "S", "E", "miss"}
+    assert sum(hits.values()) == run["uses"]
+    if budget == "min":  # no room for any tier: everything is read and decoded every time
+        assert hits["miss"] == run["uses"]
+    if policy != "zipmoe":
+        assert hits["C"] == hits["S"] == hits["E"] == 0
+
+
+@pytest.mark.parametrize("budget", ["min", "mid", "all"])
+def test_decode_working_set_within_budget(case, budget, monkeypatch):
+    """What a decode step really holds: resident tiers + the decoded experts passed to the fused
+    kernel that are not F-resident must fit the budget."""
+    b = case.budget(budget)
+    source, engine, _ = make_engine(case, b, "zip-lru")
+    real = pipeline.experts_decode
+    totals = []
+
+    def spy(out, x, experts, weights):
+        in_f = {id(w) for pool in engine.fpools.values() for w in pool.slots.values()}
+        transient = sum(1 for w in experts if id(w) not in in_f)
+        rep = engine.memory_report()
+        totals.append(rep["dense"] + rep["F"] + rep["C"] + rep["S"] + rep["E"]
+                      + transient * engine.bytes_F)
+        return real(out, x, experts, weights)
+
+    monkeypatch.setattr(pipeline, "experts_decode", spy)
+    try:
+        logits, tokens = generate(build_model(source, executor=engine), case.ids, DECODE_STEPS)
+    finally:
+        engine.close()
+        source.close()
+    assert tokens == case.ref_tokens
+    assert len(totals) == DECODE_STEPS * len(case.hp["moe_layers"])
+    assert max(totals) <= b, (max(totals), b)
+
+
+@pytest.mark.parametrize("eviction", EVICTIONS)
+def test_second_pass_with_everything_cached_is_all_F_hits(case, eviction):
+    b = case.budget("all")
+    source, engine, _ = make_engine(case, b, "zip-lru", eviction)
+    try:
+        assert engine.tier_budget // engine.bytes_F == case.n_total
+        net = build_model(source, executor=engine)
+        generate(net, case.ids, DECODE_STEPS)
+        first = dict(engine.stats.hits)
+        assert first["miss"] > 0 and first["C"] == first["S"] == first["E"] == 0
+        engine.stats.reset()
+        log = CallLog(engine)
+        net.route_hook = log
+        logits, tokens = generate(net, case.ids, DECODE_STEPS)
+        assert engine.stats.hits == {"F": log.uses, "C": 0, "S": 0, "E": 0, "miss": 0}
+        assert engine.stats.reads == 0 and engine.stats.bytes_read == 0
+        rep = engine.memory_report()
+        assert rep["F"] == first["miss"] * case.bytes_F   # each expert decoded once, all kept
+        assert resident_total(rep) <= b
+    finally:
+        engine.close()
+        source.close()
+    assert_same_logits(logits, case.ref_logits)
+    assert tokens == case.ref_tokens
+
+
+@pytest.mark.parametrize("delay", list(DELAYS))
+@pytest.mark.parametrize("budget", ["mid", "all"])
+def test_zipmoe_tiers_follow_the_plan_by_popularity_rank(case, budget, delay):
+    b = case.budget(budget)
+    source, engine, plan = make_engine(case, b, "zipmoe", "lru", case.delay(delay))
+    try:
+        ranks = popularity_ranks(case.counts)
+        N = int(case.hp["num_experts"])
+        want_bytes = {"F": 0, "C": 0, "S": 0, "E": 0}
+        static = {}
+        for layer, tp, order in zip(case.hp["moe_layers"], plan.layers, ranks):
+            tiers = tp.tier_of_rank(N)
+            assert len(tiers) == N
+            assert [engine.tier_of(layer, e) for e in order] == tiers
+            assert len(engine.fpools[layer].slots) == tp.nF == engine.fpools[layer].capacity
+            for e, t in zip(order, tiers):
+                lay = case.layouts[(layer, e)]
+                want_bytes[t if t != "miss" else "F"] += {
+                    "F": lay.full_bytes, "C": lay.sm_region[1] + lay.exp_region[1],
+                    "S": lay.sm_region[1], "E": lay.exp_region[1], "miss": 0}[t]
+                if t in "CSE":
+                    static[(layer, e)] = t
+        rep = engine.memory_report()
+        assert {t: rep[t] for t in "FCSE"} == want_bytes
+        assert want_bytes["C"] + want_bytes["S"] + want_bytes["E"] + want_bytes["F"] \
+            <= engine.tier_budget
+        assert resident_total(rep) <= b
+        # C/S/E slots are static: after a run they are still there (an expert may also have
+        # been promoted to F), and their bytes are unchanged
+        net = build_model(source, executor=engine)
+        logits, tokens = generate(net, case.ids, DECODE_STEPS)
+        assert {k: s.tier for k, s in engine.slots.items()} == static
+        after = engine.memory_report()
+        assert {t: after[t] for t in "CSE"} == {t: want_bytes[t] for t in "CSE"}
+        assert after["F"] <= sum(tp.nF for tp in plan.layers) * case.bytes_F
+    finally:
+        engine.close()
+        source.close()
+    assert_same_logits(logits, case.ref_logits)
+    assert tokens == case.ref_tokens
+
+
+def test_budget_split_values(case):
+    """The minimum gives the top-k working set and no tier bytes; more goes to the tiers."""
+    src = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
+    try:
+        assert budget_split(src, case.budget("min")) == (case.bytes_F, case.k, 0)
+        extra = case.bytes_F // 2
+        assert budget_split(src, case.dense + case.k * case.bytes_F + extra) == \
+            (case.bytes_F, case.k, extra)
+        assert budget_split(src, case.budget("all")) == \
+            (case.bytes_F, case.k, case.n_total * case.bytes_F)
+        with pytest.raises(BudgetError):
+            budget_split(src, case.budget("min") - 1)
+        # "25%" = dense + a quarter of the experts' BF16 bytes
+        full = sum(l.full_bytes for l in case.layouts.values())
+        assert parse_size("25%", src) == int(case.dense + 0.25 * full)
+        assert parse_size("100%", src) == case.dense + full
+    finally:
+        src.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. errors
+
+
+def test_budget_below_dense_plus_working_set(tiny_case):
+    c = tiny_case("mixtral")
+    minimum = c.dense + c.k * c.bytes_F
+    for budget in (minimum - 1, c.dense, 0):
+        with pytest.raises(BudgetError) as ei:
+            zipmoe_rt.load(c.zmoe, memory_budget=budget, policy="zip-lru")
+        assert isinstance(ei.value, ValueError)
+        msg = str(ei.value)
+        assert f"at least {minimum / 1e6:.1f} MB" in msg
+        assert f"dense weights ({c.dense / 1e6:.1f} MB)" in msg
+        assert f"the {c.k} experts one token uses ({c.k} x {c.bytes_F / 1e6:.1f} MB)" in msg
+    src = ZmoeSource(c.zmoe, keep_experts=False, copy_dense=True)
+    try:
+        with pytest.raises(BudgetError, match=re.escape(f"{minimum / 1e6:.1f} MB is needed")):
+            ExpertEngine(src, minimum - 1, "zip-lru", workers=1)
+        ExpertEngine(src, minimum, "zip-lru", workers=1).close()   # the minimum itself runs
+    finally:
+        src.close()
+
+
+def test_cli_budget_too_small_is_one_line_error(tiny_case):
+    from click.testing import CliRunner
+
+    from zipmoe_rt.cli import main
+
+    c = tiny_case("mixtral")
+    r = CliRunner().invoke(main, ["run", str(c.zmoe), "-p", "x", "--memory-budget", "100KB"],
+                           env={"ZIPMOE_RT_DEBUG": None}, prog_name="zipmoe-rt")
+    assert r.exit_code == 1, (r.exit_code, r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: --memory-budget 0.1 MB is below the dense weights")
+    assert f"at least {(c.dense + c.k * c.bytes_F) / 1e6:.1f} MB" in lines[0]
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("text", ["abc", "12XB", "", "MB", "1.2.3GB"])
+def test_unparseable_budget_names_the_option(tiny_case, text):
+    c = tiny_case("mixtral")
+    with pytest.raises(ValueError, match="^--memory-budget: cannot read"):
+        zipmoe_rt.load(c.zmoe, memory_budget=text, policy="zip-lru")
+    with pytest.raises(ValueError, match="--memory-budget"):
+        parse_size(text)
+
+
+def test_parse_size_units():
+    assert parse_size("600MB") == 600_000_000
+    assert parse_size("1.5GiB") == 3 * 2**29
+    assert parse_size("750000000") == 750_000_000
+    assert parse_size("64 KiB") == 65536
+    assert parse_size(12345) == 12345
+    with pytest.raises(ValueError, match="--memory-budget: a percentage needs the model"):
+        parse_size("25%")
+
+
+def test_zipmoe_without_a_trace_says_to_profile(tiny_case, tmp_path):
+    c = tiny_case("mixtral")
+    z = tmp_path / "copy.zmoe"
+    shutil.copy(c.zmoe, z)  # no MODEL.trace.json next to it
+    with pytest.raises(TraceError, match="run `zipmoe-rt profile") as ei:
+        zipmoe_rt.load(z, memory_budget=c.budget("mid"), policy="zipmoe")
+    assert str(z) in str(ei.value)
+    with pytest.raises(TraceError, match="zipmoe-rt profile"):
+        zipmoe_rt.load(z, memory_budget=c.budget("mid"), policy="zipmoe",
+                       trace=tmp_path / "missing.trace.json")
+    src = ZmoeSource(z, keep_experts=False, copy_dense=True)
+    try:
+        with pytest.raises(ValueError, match="zipmoe-rt profile"):
+            ExpertEngine(src, c.budget("mid"), "zipmoe", workers=1)
+    finally:
+        src.close()
+
+
+def test_trace_of_another_model_is_refused(tiny_case):
+    mixtral, qwen3 = tiny_case("mixtral"), tiny_case("qwen3_moe")
+    with pytest.raises(TraceError, match="trace of another model") as ei:
+        zipmoe_rt.load(qwen3.zmoe, memory_budget=qwen3.budget("mid"), policy="zipmoe",
+                       trace=mixtral.trace_path)
+    assert "'mixtral'" in str(ei.value) and "profile this model again" in str(ei.value)
+    src = ZmoeSource(qwen3.zmoe)
+    try:
+        with pytest.raises(TraceError, match="trace of another model"):
+            prof.load_trace(mixtral.trace_path, src)
+        assert prof.load_trace(qwen3.trace_path, src)["counts"].shape == qwen3.counts.shape
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("{not json", "not a valid trace"),
+    ("[1, 2, 3]", "not a valid trace"),
+    ("null", "not a valid trace"),
+    ('{"fingerprint": "x"}', "not a valid trace"),            # no counts
+    ('{"counts": [[1, 2], [3]]}', "not a valid trace"),        # ragged
+    ("WRONG_SHAPE", "counts have shape"),
+    ("EMPTY_LAYER", "an empty layer"),
+])
+def test_malformed_trace_files(tiny_case, tmp_path, content, needle):
+    c = tiny_case("mixtral")
+    t = json.loads(c.trace_path.read_text())
+    if content == "WRONG_SHAPE":
+        t["counts"] = [row[:-1] for row in t["counts"]]
+        content = json.dumps(t)
+    elif content == "EMPTY_LAYER":
+        t["counts"][1] = [0] * len(t["counts"][1])
+        content = json.dumps(t)
+    p = tmp_path / "bad.trace.json"
+    p.write_text(content)
+    with pytest.raises(TraceError, match=re.escape(needle)) as ei:
+        zipmoe_rt.load(c.zmoe, memory_budget=c.budget("mid"), policy="zipmoe", trace=p)
+    assert str(p) in str(ei.value)
+
+
+def test_policy_must_match_the_expert_encoding(tiny_case):
+    c = tiny_case("qwen2_moe")
+    b = c.budget("mid")
+    with pytest.raises(ValueError, match=r"raw-lru needs a file with raw BF16 experts "
+                                         r"\(convert with --expert-encoding raw\)"):
+        zipmoe_rt.load(c.zmoe, memory_budget=b, policy="raw-lru")
+    with pytest.raises(ValueError, match="experts are stored raw; use --policy raw-lru"):
+        zipmoe_rt.load(c.raw, memory_budget=b, policy="zip-lru")
+    src = ZmoeSource(c.raw, keep_experts=False, copy_dense=True)
+    try:
+        with pytest.raises(ValueError, match="use --policy raw-lru"):
+            ExpertEngine(src, b, "zipmoe", plan=[], ranks=[], workers=1)
+        with pytest.raises(ValueError, match="--policy must be one of"):
+            ExpertEngine(src, b, "mru", workers=1)
+        with pytest.raises(ValueError, match="--eviction must be one of"):
+            ExpertEngine(src, b, "raw-lru", "fifo", workers=1)
+    finally:
+        src.close()
+
+
+def test_api_plan_fits_when_calibrated_expert_is_small(tiny_case, tmp_path):
+    """A calibration measures one sample expert's region sizes; the plan must still fit the
+    budget when other experts' compressed exponents are larger (they differ per expert)."""
+    from zipmoe_rt.api import _engine
+
+    c = tiny_case("qwen3_moe")
+    z = tmp_path / "m.zmoe"
+    shutil.copy(c.zmoe, z)
+    lays = list(c.layouts.values())
+    smallest = min(lays, key=lambda l: l.exp_region[1])
+    assert smallest.exp_region[1] < max(l.exp_region[1] for l in lays)
+    calib = {"version": 1, "sm_read_s": 1e-3, "exp_read_s": 1e-3, "decode_s": 1e-3,
+             "matmul_s": 1e-6, "bytes_F": smallest.full_bytes,
+             "bytes_sm": smallest.sm_region[1], "bytes_exp": smallest.exp_region[1],
+             "chunks": len(L_.chunk_jobs(smallest))}
+    prof.sidecar(z, prof.CALIB_SUFFIX).write_text(json.dumps(calib))
+    src = ZmoeSource(z, keep_experts=False, copy_dense=True)
+    built = 0
+    extras = range(0, c.n_total * c.bytes_F // 2, 2317)  # before the fix, 5 of these failed
+    try:
+        lo = c.dense + c.k * c.bytes_F
+        for extra in extras:
+            eng = _engine(src, lo + extra, "zipmoe", "lru", WORKERS, False, c.trace_path, True)
+            try:
+                assert resident_total(eng.memory_report()) <= lo + extra
+                built += 1
+            finally:
+                eng.close()
+    finally:
+        src.close()
+    assert built == len(extras)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. corruption under the engine
+
+
+def _first_used_expert(case: Case) -> tuple[int, int]:
+    """(layer, expert) that the first MoE layer uses for the first prompt token."""
+    src = ZmoeSource(case.zmoe)
+    seen = []
+    try:
+        net = build_model(src)
+        net.route_hook = lambda layer, x, logits, idx, w: seen.append((layer, int(idx[0, 0])))
+        net.forward(case.ids, net.new_cache())
+    finally:
+        src.close()
+    return seen[0]
+
+
+def _flip(path: Path, offset: int):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("policy,region", [("zip-lru", "sm"), ("zip-lru", "exp"),
+                                           ("raw-lru", "sm"), ("zipmoe", "sm")])
+def test_corrupt_expert_raises_checksum_error_naming_the_tensor(tiny_case, tmp_path, policy,
+                                                                region):
+    c = tiny_case("mixtral")
+    layer, e = _first_used_expert(c)
+    src_path = c.raw if policy == "raw-lru" else c.zmoe
+    bad = tmp_path / src_path.name
+    shutil.copy(src_path, bad)
+    lay = L_.expert_layouts(zmoe.ZmoeReader(bad))[(layer, e)]
+    piece = lay.pieces[1]
+    if region == "sm":
+        _flip(bad, lay.sm_region[0] + piece.sm[0] + 5)
+        what = "raw data" if policy == "raw-lru" else "sign+mantissa plane"
+    else:
+        _flip(bad, lay.exp_region[0] + piece.chunks[0][0] + 3)
+        what = "exponent chunk 0"
+    pattern = re.escape(f"{bad}: tensor {piece.name!r}: {what}")
+    # zipmoe with a roomy budget preloads the expert's planes (or the decoded expert) into its
+    # tier when the engine is built; the LRU policies at the minimum read it on first use
+    budget = c.budget("all" if policy == "zipmoe" else "min")
+    with pytest.raises(zmoe.ChecksumError, match=pattern):
+        source, engine, _ = make_engine(c, budget, policy, "lru",
+                                        c.delay("CE") if policy == "zipmoe" else None, path=bad)
+        try:
+            generate(build_model(source, executor=engine), c.ids, DECODE_STEPS)
+        finally:
+            engine.close()
+            source.close()
+
+
+def test_corrupt_unused_expert_is_harmless_and_used_one_is_caught_mid_decode(tiny_case, tmp_path):
+    """Flip a byte in an expert the prefill does not need but a later decode step does: the
+    prefill logits are the reference's, then the step that needs it raises."""
+    c = tiny_case("qwen3_moe")
+    src = ZmoeSource(c.zmoe)
+    prefill, decode = set(), []
+    try:
+        net = build_model(src)
+        net.route_hook = lambda layer, x, lg, idx, w: (
+            prefill.update((layer, int(e)) for e in idx.ravel()) if idx.shape[0] > 1
+            else decode.append({(layer, int(e)) for e in idx[0]}))
+        generate(net, c.ids[:2], DECODE_STEPS)
+    finally:
+        src.close()
+    later = [(i, k) for i, s in enumerate(decode) for k in sorted(s) if k not in prefill]
+    if not later:
+        pytest.skip("every decoded expert is already used by the 2-token prefill")
+    layer, e = later[0][1]
+    bad = tmp_path / "m.zmoe"
+    shutil.copy(c.zmoe, bad)
+    lay = L_.expert_layouts(zmoe.ZmoeReader(bad))[(layer, e)]
+    _flip(bad, lay.sm_region[0] + lay.pieces[0].sm[0])
+    source, engine, _ = make_engine(c, c.budget("min"), "zip-lru", path=bad)
+    ref_src = ZmoeSource(c.zmoe)
+    try:
+        net = build_model(source, executor=engine)
+        cache = net.new_cache()
+        ref_net = build_model(ref_src)
+        ref_cache = ref_net.new_cache()
+        got = net.forward(c.ids[:2], cache, last_only=False)
+        want = ref_net.forward(c.ids[:2], ref_cache, last_only=False)
+        assert np.array_equal(got, want)
+        tok = int(np.argmax(want[-1]))
+        with pytest.raises(zmoe.ChecksumError, match=re.escape(repr(lay.pieces[0].name))):
+            for _ in range(DECODE_STEPS):
+                out = net.forward(np.array([tok]), cache)
+                ref = ref_net.forward(np.array([tok]), ref_cache)
+                assert np.array_equal(out, ref)   # never a wrong step before the error
+                tok = int(np.argmax(ref))
+    finally:
+        ref_src.close()
+        engine.close()
+        source.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. the default model
+
+
+DEFAULT_TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. "
+                "The quick brown fox jumps over the lazy dog.")
+
+
+@pytest.fixture(scope="module")
+def default_case(default_zmoe, tmp_path_factory):
+    """Unbudgeted reference (16-token prefill, 8 greedy steps) and a trace recorded by hand on
+    the default model; the model is used through a symlink so sidecar files stay out of the
+    shared fixture's folder."""
+    folder = tmp_path_factory.mktemp("engine_default")
+    link = folder / "default.zmoe"
+    link.symlink_to(default_zmoe)
+    m = zipmoe_rt.load(link)
+    try:
+        ids = np.array(m.tokenizer.encode(DEFAULT_TEXT, add_special_tokens=False)[:PROMPT_LEN])
+        assert len(ids) == PROMPT_LEN
+        logits, tokens = generate(m.net, ids, 8)
+        rec = prof.TraceRecorder(m.hparams, decode_only=False)
+        m.net.route_hook = rec
+        generate(m.net, ids[::-1].copy(), 8)
+        m.net.route_hook = None
+        trace = {"version": 1, "fingerprint": prof.fingerprint(m.source), "model": m.name,
+                 "counts": rec.counts.tolist()}
+        trace_path = prof.save_trace(trace, folder / "recorded.trace.json")
+    finally:
+        m.close()
+    return dict(path=link, ids=ids, logits=logits, tokens=tokens, trace=trace_path)
+
+
+@pytest.mark.parametrize("policy", ["zipmoe", "zip-lru"])
+def test_default_model_budgeted_is_bit_identical(default_case, policy):
+    m = zipmoe_rt.load(default_case["path"], memory_budget="25%", policy=policy,
+                       trace=default_case["trace"], workers=WORKERS, progress=False)
+    try:
+        assert m.engine is not None and m.engine.policy == policy
+        log = CallLog(m.engine)
+        m.net.route_hook = log
+        logits, tokens = generate(m.net, default_case["ids"], 8)
+        rep = m.memory_report()
+        full = sum(l.full_bytes for l in m.engine.layouts.values())
+        assert rep["budget"] == int(rep["dense"] + 0.25 * full)
+        for r in log.reports + [rep]:
+            assert resident_total(r) <= rep["budget"]
+        assert sum(m.engine.stats.hits.values()) == log.uses
+    finally:
+        m.close()
+    assert_same_logits(logits, default_case["logits"])
+    assert tokens == default_case["tokens"]
