@@ -39,16 +39,23 @@ def parse_size(text, source=None) -> int:
         return int(source.dense_bytes() + frac * experts)
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,
              "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
+    value = None
     for u, mul in units.items():
         if t.endswith(u):
             try:
-                return int(float(t[:-len(u)]) * mul)
+                value = int(float(t[:-len(u)]) * mul)
             except ValueError:
-                break
-    try:
-        return int(float(t))
-    except ValueError:
-        raise ValueError(f"--memory-budget: cannot read {text!r} (use e.g. 600MB, 1.5GiB, 25%)") from None
+                pass
+            break
+    if value is None:
+        try:
+            value = int(float(t))
+        except ValueError:
+            raise ValueError(f"--memory-budget: cannot read {text!r} (use e.g. 600MB, 1.5GiB, "
+                             f"25%)") from None
+    if value <= 0:
+        raise ValueError(f"--memory-budget: must be positive, got {text!r}")
+    return value
 
 
 def load(path: str | Path | None = None, *, verify: bool = True, progress: bool = True,

@@ -130,7 +130,9 @@ def _in_subprocess(*args):
                        capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"bench run {args[2]} at budget {args[1]} failed: {msg}")
+        budget = "none" if args[1] is None else f"{args[1] / 1e6:.0f} MB"
+        raise RuntimeError(f"bench run {args[2]} at budget {budget} failed: "
+                           f"{msg.split(': ', 1)[-1]}")
     runs, mem = json.loads(r.stdout.strip().splitlines()[-1])
     return runs, mem
 
@@ -214,14 +216,26 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     """
     from .api import parse_size
     from .engine.store import ZmoeSource
+    from .engine import profile as prof
     src = ZmoeSource(model_path)
     hp = src.hparams
     rows = []
+    policies = list(policies)
+    tpath = Path(trace) if trace else prof.sidecar(model_path, prof.TRACE_SUFFIX)
+    if "zipmoe" in policies:
+        try:
+            prof.load_trace(tpath, src)
+        except prof.TraceError as e:
+            policies.remove("zipmoe")
+            log(f"bench: skipping policy zipmoe: {e}")
     for b in budgets:
         nbytes = parse_size(b, src) if b is not None else None
         for pol in (policies if b is not None else ["in-memory"]):
             path = model_path
             if pol == "raw-lru":
+                if raw_model is None and not Path(model_path).with_name(
+                        Path(model_path).stem + ".raw.zmoe").exists():
+                    log("bench: building the raw-expert copy for raw-lru once (NAME.raw.zmoe)")
                 path = raw_model or raw_companion(model_path)
             log(f"bench: budget {b} ({(nbytes or 0) / 1e6:.0f} MB), policy {pol} ...")
             runs, mem = _in_subprocess(str(path), nbytes, pol if b is not None else "auto", pp,

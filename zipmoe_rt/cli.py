@@ -62,6 +62,18 @@ class Group(click.Group):
             raise CliError(e.format_message()) from None
 
 
+def _sigterm_as_interrupt():
+    """SIGTERM (timeout, CI, docker stop) unwinds like Ctrl-C, so temporary files are removed."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (embedded use)
+        pass
+
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="zipmoe-rt")
 def main():
@@ -70,6 +82,7 @@ def main():
     Typical use: `zipmoe-rt chat` (bundled default model), or `zipmoe-rt convert HF_DIR -o
     model.zmoe` then `zipmoe-rt chat model.zmoe`.
     """
+    _sigterm_as_interrupt()
 
 
 # -- format verbs -------------------------------------------------------------------------------

@@ -225,10 +225,10 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
         raise ConversionError(f"--dense-encoding must be raw or bitplane, got {dense_encoding!r}")
     if expert_encoding not in (zmoe.ENC_RAW, zmoe.ENC_BITPLANE):
         raise ConversionError(f"--expert-encoding must be raw or bitplane, got {expert_encoding!r}")
-    if output.exists() and not overwrite:
-        raise ConversionError(f"{output}: exists (pass --force to replace it)")
     if output.is_dir():
         raise ConversionError(f"{output}: is a folder; give a file name like model.zmoe")
+    if output.exists() and not overwrite:
+        raise ConversionError(f"{output}: exists (pass --force to replace it)")
     arch, hp, ckpt, dense, experts = plan_conversion(folder)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")

@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 import shutil
 import tempfile
 import urllib.error
@@ -482,7 +483,8 @@ def build_upcycled_checkpoint(gguf_path, out_dir, num_experts: int = 4, top_k: i
         if "lm_head.weight" in globals_:
             put("lm_head.weight", globals_.pop("lm_head.weight"))
         if progress:
-            print(f"writing {tmp.name}/model.safetensors ({len(tensors)} tensors)", flush=True)
+            print(f"writing {tmp.name}/model.safetensors ({len(tensors)} tensors)", flush=True,
+                  file=sys.stderr)
         write_safetensors(tmp / "model.safetensors", tensors, metadata={"format": "pt"})
         del tensors, per_layer
 
