@@ -1,0 +1,655 @@
+#!/usr/bin/env python
+"""zipmoe-rt against llama.cpp on the bundled default model, under the same memory cgroup.
+
+    .venv/bin/python tools/compare_llamacpp.py [--limit 600MB] [--budget 380MB] [--reps 3]   # as root
+
+End to end, every step cached under ``~/.cache/zipmoe-rt/llamacpp/`` (``--cache`` to move it):
+
+1. A separate venv with ``llama-cpp-python==0.3.36`` compiled from its PyPI sdist (CPU, native);
+   the sdist itself, unpacked, for ``vendor/llama.cpp/convert_hf_to_gguf.py`` + its ``gguf-py``.
+   ``tools/build_default_model.py`` writes the HF checkpoint (SmolLM2-135M-Instruct upcycled to a
+   4-expert top-2 Mixtral, BF16); the sdist's converter turns it into a BF16 GGUF, which must
+   answer "What is the capital of France?" with Paris under llama.cpp (greedy, chat template).
+2. ``zipmoe-rt convert`` of the same checkpoint, ``zipmoe-rt profile`` (activation trace over
+   tools/prompts.txt) and ``zipmoe-rt calibrate``.
+3. tg64 decode benchmarks, each program as one child process in a fresh memory cgroup v1
+   (``/sys/fs/cgroup/memory/zipmoe-bench-<name>``, ``memory.limit_in_bytes`` and
+   ``memory.memsw.limit_in_bytes`` = the limit) after ``sync; echo 3 > drop_caches``: llama.cpp
+   (llama-cpp-python, n_threads=2, mmap, the same 16 prompt token ids, greedy, EOS ignored) and
+   zipmoe-rt (the exact per-configuration code of ``zipmoe-rt bench``, policies zipmoe and
+   zip-lru at ``--budget``); both also without a limit, for reference. Decode tokens/s are
+   (64 - 1) / time of the 63 single-token forward passes after the prompt, as ``zipmoe-rt bench``
+   defines them; each is repeated ``--reps`` times in the child, with the model file's pages
+   dropped from the page cache (posix_fadvise DONTNEED) before every repetition.
+4. A table: program, limit, tg64 tokens/s (median of reps), ratio against llama.cpp under the
+   same limit, cgroup peak usage (memory.max_usage_in_bytes, page cache included), peak anonymous
+   memory (memory.stat ``rss``, polled), failcnt, VmHWM of the child (file-mapped pages included).
+   An OOM kill inside a cgroup (memory.oom_control ``oom_kill``) is reported as such. Note: on the
+   6.x kernel here ``memory.failcnt`` stays 0 even when the limit is hit or the OOM killer fires;
+   ``oom_kill`` and usage == limit are what tell.
+   Also checks that llama.cpp's 64 greedy tokens equal zipmoe-rt's (unbudgeted) for the prompt.
+
+Needs root (cgroups, drop_caches), a C/C++ compiler and cmake (first run only, ~10 min on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LLAMA_VERSION = "0.3.36"
+CG_ROOT = Path("/sys/fs/cgroup/memory")
+QUESTION = "What is the capital of France?"
+
+
+def log(msg: str) -> None:
+    print(f"[compare] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_bytes(text: str) -> int:
+    t = str(text).strip().upper()
+    for u, mul in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                   ("KB", 10**3), ("B", 1)):
+        if t.endswith(u):
+            return int(float(t[:-len(u)]) * mul)
+    return int(float(t))
+
+
+def sh(cmd, **kw) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (list), echoing it; raise with the tail of its output when it fails."""
+    log("$ " + " ".join(str(c) for c in cmd))
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    r = subprocess.run([str(c) for c in cmd], **kw)
+    if r.returncode != 0:
+        tail = "\n".join(((r.stdout or "") + (r.stderr or "")).strip().splitlines()[-25:])
+        raise RuntimeError(f"command failed (exit {r.returncode}): {' '.join(map(str, cmd))}\n{tail}")
+    return r
+
+
+# =============================================================================================
+# 1. llama.cpp set-up (cached)
+# =============================================================================================
+class Paths:
+    def __init__(self, cache: Path):
+        self.cache = cache
+        self.venv = cache / "venv"
+        self.py = self.venv / "bin" / "python"
+        self.sdist_dir = cache / "sdist"
+        self.sdist = self.sdist_dir / f"llama_cpp_python-{LLAMA_VERSION}.tar.gz"
+        self.src = cache / "src" / f"llama_cpp_python-{LLAMA_VERSION}"
+        self.vendor = self.src / "vendor" / "llama.cpp"
+        self.convert_deps = cache / "convert-deps"
+        self.work = cache / "work"
+        self.hf = self.work / "hf"
+        self.gguf = self.work / "model-bf16.gguf"
+        self.zmoe = self.work / "model.zmoe"
+        self.results = cache / "results"
+
+
+def base_python() -> str:
+    """A Python to create the llama.cpp venv with: the interpreter behind this venv."""
+    return getattr(sys, "_base_executable", None) or shutil.which("python3") or sys.executable
+
+
+def ensure_sdist(p: Paths) -> None:
+    if not p.sdist.exists():
+        p.sdist_dir.mkdir(parents=True, exist_ok=True)
+        sh([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            f"llama-cpp-python=={LLAMA_VERSION}", "-d", p.sdist_dir])
+    if not (p.vendor / "convert_hf_to_gguf.py").exists():
+        import tarfile
+        log(f"unpacking {p.sdist.name}")
+        tmp = p.cache / "src.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with tarfile.open(p.sdist) as tf:
+            tf.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tf.extractall(tmp)
+        shutil.rmtree(p.cache / "src", ignore_errors=True)
+        tmp.rename(p.cache / "src")
+
+
+def llama_installed(p: Paths) -> bool:
+    if not p.py.exists():
+        return False
+    r = subprocess.run([str(p.py), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                       capture_output=True, text=True)
+    return r.returncode == 0 and r.stdout.strip() == LLAMA_VERSION
+
+
+def ensure_llama_venv(p: Paths, cmake_args: str) -> None:
+    if llama_installed(p):
+        log(f"llama-cpp-python {LLAMA_VERSION} already built in {p.venv}")
+        return
+    if not p.py.exists():
+        sh([base_python(), "-m", "venv", p.venv])
+    env = dict(os.environ, CMAKE_ARGS=cmake_args,
+               CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+    logf = p.cache / "build.log"
+    log(f"building llama-cpp-python {LLAMA_VERSION} from its sdist (CMAKE_ARGS={cmake_args!r}); "
+        f"several minutes, log in {logf}")
+    t0 = time.perf_counter()
+    with open(logf, "w") as f:
+        r = subprocess.run([str(p.py), "-m", "pip", "install", "-v", "--no-binary",
+                            "llama-cpp-python", str(p.sdist)], env=env, stdout=f,
+                           stderr=subprocess.STDOUT)
+    if r.returncode != 0 or not llama_installed(p):
+        tail = "\n".join(logf.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"building llama-cpp-python failed (exit {r.returncode}); {logf}:\n{tail}")
+    log(f"built in {time.perf_counter() - t0:.0f} s")
+
+
+def ensure_hf_checkpoint(p: Paths) -> None:
+    if (p.hf / "model.safetensors").exists() and (p.hf / "config.json").exists():
+        return
+    p.work.mkdir(parents=True, exist_ok=True)
+    sh([sys.executable, REPO / "tools" / "build_default_model.py", p.hf, "-q", "--overwrite"])
+
+
+def ensure_gguf(p: Paths) -> None:
+    if p.gguf.exists():
+        return
+    # The converter tries sentencepiece before the GPT-2 BPE vocabulary and dies on the import
+    # when the module is missing, so give it one (in a side folder; the project venv is left
+    # alone). torch, transformers and numpy come from this (project) venv; gguf from the sdist.
+    if not (p.convert_deps / "sentencepiece").exists():
+        sh([sys.executable, "-m", "pip", "install", "-q", "--target", p.convert_deps,
+            "sentencepiece"])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(p.convert_deps)] + [x for x in [os.environ.get("PYTHONPATH")] if x]))
+    env.pop("NO_LOCAL_GGUF", None)                 # use the sdist's gguf-py, not the venv's gguf
+    tmp = p.gguf.with_suffix(".gguf.tmp")
+    sh([sys.executable, p.vendor / "convert_hf_to_gguf.py", p.hf, "--outtype", "bf16",
+        "--outfile", tmp], env=env, cwd=p.vendor)
+    tmp.rename(p.gguf)
+
+
+def llama_chat_check(p: Paths) -> str:
+    r = sh([p.py, __file__, "_llama-chat", "--model", p.gguf])
+    answer = json.loads(r.stdout.strip().splitlines()[-1])["answer"]
+    if "paris" not in answer.lower():
+        raise RuntimeError(f"llama.cpp's answer to {QUESTION!r} lacks Paris: {answer!r}")
+    return answer
+
+
+# =============================================================================================
+# 2. zipmoe-rt model, trace, calibration
+# =============================================================================================
+def zipmoe_cli(*args) -> subprocess.CompletedProcess:
+    return sh([sys.executable, "-m", "zipmoe_rt.cli", *args], cwd=REPO)
+
+
+def ensure_zmoe(p: Paths, recalibrate: bool) -> None:
+    if not p.zmoe.exists():
+        zipmoe_cli("convert", p.hf, "-o", p.zmoe, "-q")
+    trace = p.zmoe.with_name(p.zmoe.name + ".trace.json")
+    calib = p.zmoe.with_name(p.zmoe.name + ".calib.json")
+    if not trace.exists():
+        zipmoe_cli("profile", p.zmoe, "--prompts", REPO / "tools" / "prompts.txt", "-q")
+    if recalibrate or not calib.exists():
+        log(zipmoe_cli("calibrate", p.zmoe).stdout.strip().replace("\n", " |"))
+
+
+def zipmoe_chat_check(p: Paths) -> str:
+    r = zipmoe_cli("run", p.zmoe, "-p", QUESTION, "-n", "32")
+    if "paris" not in r.stdout.lower():
+        raise RuntimeError(f"zipmoe-rt's answer to {QUESTION!r} lacks Paris: {r.stdout!r}")
+    return r.stdout.strip()
+
+
+def bench_prompt(p: Paths, n: int) -> tuple[list[int], str]:
+    """The prompt of ``zipmoe-rt bench``'s tg runs: its ``prompt_ids(tokenizer, n)``."""
+    from zipmoe_rt.api import _tokenizer
+    from zipmoe_rt.bench import prompt_ids
+    from zipmoe_rt.engine.store import ZmoeSource
+    src = ZmoeSource(p.zmoe)
+    tok = _tokenizer(src)
+    ids = [int(i) for i in prompt_ids(tok, n)]
+    text = tok.decode(ids)
+    src.close()
+    return ids, text
+
+
+def zipmoe_greedy_tokens(p: Paths, ids, n: int) -> list[int]:
+    """zipmoe-rt's greedy continuation of ``ids`` (no budget, EOS ignored), to compare the
+    tokens both programs decode."""
+    from zipmoe_rt.api import load
+    from zipmoe_rt.generate import SamplingParams, generate
+    m = load(p.zmoe, progress=False)
+    try:
+        return [int(t) for t in generate(m.net, ids, SamplingParams(temperature=0.0, max_tokens=n),
+                                         stop_ids=()).collect()]
+    finally:
+        m.close()
+
+
+# =============================================================================================
+# 3. cgroup runner
+# =============================================================================================
+def drop_page_cache(files=()) -> str:
+    """``sync; echo 3 > /proc/sys/vm/drop_caches``; where that is refused, fadvise DONTNEED."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+        return "drop_caches"
+    except OSError:
+        for fn in files:
+            fd = os.open(fn, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return "fadvise"
+
+
+def _cg_read(cg: Path, name: str):
+    try:
+        return (cg / name).read_text().strip()
+    except OSError:
+        return None
+
+
+def run_in_cgroup(name: str, cmd: list, limit_bytes: int | None, timeout: float | None = None,
+                  env: dict | None = None, cwd=None) -> dict:
+    """Run ``cmd`` as a child in a fresh memory cgroup v1 ``zipmoe-bench-<name>``.
+
+    The cgroup gets ``memory.limit_in_bytes`` (and ``memory.memsw.limit_in_bytes``, where the
+    kernel has swap accounting) = ``limit_bytes`` (None: no limit); the child joins it between
+    fork and exec (``preexec_fn`` writes its pid to ``cgroup.procs``), so everything it allocates
+    or reads through the page cache is charged there. Afterwards the cgroup's peak usage, failcnt
+    and OOM-kill count are read and the cgroup is removed.
+
+    Returns a dict: returncode, stdout, stderr, wall_s, timed_out, oom_killed, signal,
+    max_usage, memsw_max_usage, failcnt, memsw_failcnt, oom_kill, limit, memsw_limit, and
+    stat_peaks: the largest ``rss`` (anonymous), ``cache`` and ``mapped_file`` of the cgroup's
+    memory.stat, polled every 0.1 s.
+    """
+    if not CG_ROOT.is_dir():
+        raise RuntimeError(f"{CG_ROOT}: no cgroup v1 memory controller mounted")
+    cg = CG_ROOT / f"zipmoe-bench-{name}"
+    if cg.exists():
+        _remove_cgroup(cg)
+    cg.mkdir()
+    out: dict = {"cgroup": str(cg)}
+    try:
+        if limit_bytes is not None:
+            (cg / "memory.limit_in_bytes").write_text(str(int(limit_bytes)))
+            if (cg / "memory.memsw.limit_in_bytes").exists():
+                try:
+                    (cg / "memory.memsw.limit_in_bytes").write_text(str(int(limit_bytes)))
+                except OSError as e:
+                    out["memsw_error"] = str(e)
+        out["limit"] = int(_cg_read(cg, "memory.limit_in_bytes") or -1)
+        out["memsw_limit"] = int(_cg_read(cg, "memory.memsw.limit_in_bytes") or -1)
+        procs = str(cg / "cgroup.procs")
+
+        def join_cgroup():          # runs in the child, after fork, before exec
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+
+        peaks = {"rss": 0, "cache": 0, "mapped_file": 0}
+        done = threading.Event()
+
+        def sample():               # memory.stat has no peaks of its own: poll it
+            while not done.wait(0.1):
+                txt = _cg_read(cg, "memory.stat") or ""
+                for line in txt.splitlines():
+                    k, _, v = line.partition(" ")
+                    if k in peaks:
+                        peaks[k] = max(peaks[k], int(v))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        t0 = time.perf_counter()
+        sampler.start()
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, errors="replace", env=env, cwd=cwd,
+                                preexec_fn=join_cgroup)
+        try:
+            so, se = proc.communicate(timeout=timeout)
+            out["timed_out"] = False
+        except subprocess.TimeoutExpired:
+            _kill_cgroup_tasks(cg)
+            so, se = proc.communicate()
+            out["timed_out"] = True
+        out["wall_s"] = time.perf_counter() - t0
+        done.set()
+        sampler.join()
+        out["stat_peaks"] = peaks
+        out.update(returncode=proc.returncode, stdout=so, stderr=se)
+        out["max_usage"] = int(_cg_read(cg, "memory.max_usage_in_bytes") or 0)
+        out["memsw_max_usage"] = int(_cg_read(cg, "memory.memsw.max_usage_in_bytes") or 0)
+        out["failcnt"] = int(_cg_read(cg, "memory.failcnt") or 0)
+        out["memsw_failcnt"] = int(_cg_read(cg, "memory.memsw.failcnt") or 0)
+        oc = _cg_read(cg, "memory.oom_control") or ""
+        m = re.search(r"oom_kill (\d+)", oc)
+        out["oom_kill"] = int(m.group(1)) if m else None
+        out["signal"] = -proc.returncode if proc.returncode < 0 else None
+        out["oom_killed"] = bool(out["oom_kill"]) or (
+            proc.returncode == -signal.SIGKILL and not out["timed_out"]
+            and out["failcnt"] + out["memsw_failcnt"] > 0)
+    finally:
+        _remove_cgroup(cg)
+    return out
+
+
+def _kill_cgroup_tasks(cg: Path) -> None:
+    """SIGKILL the processes in our own benchmark cgroup (all started by this script)."""
+    for pid in (_cg_read(cg, "cgroup.procs") or "").split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def _remove_cgroup(cg: Path) -> None:
+    for _ in range(50):
+        if not (_cg_read(cg, "cgroup.procs") or "").split():
+            break
+        _kill_cgroup_tasks(cg)
+        time.sleep(0.1)
+    try:
+        cg.rmdir()
+    except OSError as e:
+        log(f"warning: could not remove {cg}: {e}")
+
+
+# =============================================================================================
+# workers (run as children; the llama one under the llama.cpp venv's Python)
+# =============================================================================================
+def _vm_hwm() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_hwm() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _open_llama(model: str, n_threads: int, n_ctx: int = 512):
+    from llama_cpp import Llama
+    return Llama(model_path=model, n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
+                 n_threads_batch=n_threads, use_mmap=True, use_mlock=False, verbose=False,
+                 seed=0)
+
+
+def llama_chat_worker(a) -> None:
+    llm = _open_llama(a.model, a.threads)
+    r = llm.create_chat_completion(messages=[{"role": "user", "content": QUESTION}],
+                                   temperature=0.0, top_k=1, max_tokens=32, seed=0)
+    print(json.dumps({"answer": r["choices"][0]["message"]["content"]}))
+
+
+def llama_bench_worker(a) -> None:
+    """tg benchmark: eval the prompt ids, then n_gen - 1 single-token evals, greedy, no EOS stop."""
+    import numpy as np
+    ids = [int(x) for x in a.prompt_ids.split(",")]
+    t_load = time.perf_counter()
+    llm = _open_llama(a.model, a.threads)
+    load_s = time.perf_counter() - t_load
+    same_tokens = None
+    if a.prompt_text is not None:
+        got = llm.tokenize(a.prompt_text.encode("utf-8"), add_bos=False, special=False)
+        same_tokens = list(got) == ids or list(got)
+
+    n_vocab = llm.n_vocab()
+
+    def greedy() -> int:        # argmax of the last position's logits (Llama.eval keeps none)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))))
+
+    llm.reset()                                   # warm-up, like zipmoe-rt bench's JIT warm-up
+    llm.eval(ids[:4])
+    llm.eval([greedy()])
+    runs = []
+    for _ in range(a.reps):
+        fd = os.open(a.model, os.O_RDONLY)        # cold reads: drop the file's unmapped pages
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        _reset_hwm()
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        out = [greedy()]
+        t1 = time.perf_counter()
+        for _ in range(a.n_gen - 1):
+            llm.eval([out[-1]])
+            out.append(greedy())
+        t2 = time.perf_counter()
+        runs.append({"ttft_s": t1 - t0, "decode_s": t2 - t1,
+                     "decode_tps": (a.n_gen - 1) / (t2 - t1) if a.n_gen > 1 else None,
+                     "decoded": len(out), "peak_rss": _vm_hwm(), "tokens": out})
+    print(json.dumps({"load_s": load_s, "prompt_tokens_match": same_tokens, "runs": runs}))
+
+
+def zipmoe_bench_worker(a) -> None:
+    """One configuration exactly as ``zipmoe-rt bench`` runs it (zipmoe_rt.bench._one_config)."""
+    sys.path.insert(0, str(REPO))
+    from zipmoe_rt import bench as B
+    budget = None if a.budget == "none" else int(a.budget)
+    policy = a.policy if budget is not None else "auto"
+    runs, mem = B._one_config(a.model, budget, policy, 0, a.n_gen, a.reps, None, False, "lru",
+                              None)
+    print(json.dumps({"runs": runs, "memory": mem}))
+
+
+# =============================================================================================
+# 4. the comparison
+# =============================================================================================
+def fmt_mb(x) -> str:
+    return "-" if not x else f"{x / 1e6:.0f}"
+
+
+def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, ids, text) -> dict:
+    lim = "none" if limit is None else f"{limit / 1e6:.0f}MB"
+    name = f"{program}-{policy or 'mmap'}-{lim}"
+    if program == "llama.cpp":
+        cmd = [p.py, __file__, "_llama-bench", "--model", p.gguf, "--threads", a.threads,
+               "--prompt-ids", ",".join(map(str, ids)), "--prompt-text", text,
+               "--n-gen", a.n_gen, "--reps", a.reps]
+        files = [p.gguf]
+    else:
+        budget = "none" if limit is None else str(parse_bytes(a.budget))
+        cmd = [sys.executable, __file__, "_zipmoe-bench", "--model", p.zmoe, "--budget", budget,
+               "--policy", policy, "--n-gen", a.n_gen, "--reps", a.reps]
+        files = [p.zmoe]
+    how = drop_page_cache(files)
+    log(f"run {name} (cache dropped via {how}) ...")
+    load0 = os.getloadavg()[0]
+    r = run_in_cgroup(name, cmd, limit, timeout=a.timeout, cwd=REPO)
+    load1 = os.getloadavg()[0]
+    row = {"program": program, "policy": policy, "limit": limit, "name": name,
+           "budget": (parse_bytes(a.budget) if (program == "zipmoe-rt" and limit) else None),
+           "cgroup": {k: r.get(k) for k in ("max_usage", "memsw_max_usage", "failcnt",
+                                            "memsw_failcnt", "oom_kill", "stat_peaks",
+                                            "limit", "memsw_limit", "memsw_error")},
+           "wall_s": r["wall_s"], "returncode": r["returncode"], "drop": how,
+           "loadavg_1min": [load0, load1]}
+    if r["timed_out"]:
+        row["error"] = f"timed out after {a.timeout} s (killed)"
+    elif r["oom_killed"]:
+        row["error"] = (f"OOM-killed inside the cgroup (signal {r['signal']}, failcnt "
+                        f"{r['failcnt']}, oom_kill {r['oom_kill']})")
+    elif r["returncode"] != 0:
+        tail = (r["stderr"] or r["stdout"] or "").strip().splitlines()[-3:]
+        row["error"] = f"exit {r['returncode']}: " + " | ".join(tail)
+    else:
+        try:
+            res = json.loads(r["stdout"].strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            row["error"] = f"no result on stdout: {r['stdout'][-300:]!r} {r['stderr'][-300:]!r}"
+            res = None
+        if res:
+            row["runs"] = res["runs"]
+            row["tg_tps"] = [x["decode_tps"] for x in res["runs"]]
+            row["tg_median"] = statistics.median(row["tg_tps"])
+            row["peak_rss"] = max(x.get("peak_rss", 0) for x in res["runs"])
+            for k in ("memory", "prompt_tokens_match", "load_s"):
+                if k in res:
+                    row[k] = res[k]
+            if "engine" in res["runs"][0]:
+                e = [x["engine"] for x in res["runs"]]
+                hits = {k: sum(x["hits"][k] for x in e) for k in e[0]["hits"]}
+                tot = max(1, sum(hits.values()))
+                row["hit_rate"] = {k: v / tot for k, v in hits.items()}
+                n = sum(x["decoded"] for x in res["runs"])
+                row["mb_read_per_token"] = sum(x["bytes_read"] for x in e) / n / 1e6
+    msg = row.get("error") or (f"tg{a.n_gen} {', '.join(f'{x:.2f}' for x in row['tg_tps'])} "
+                              f"tokens/s (median {row['tg_median']:.2f})")
+    log(f"  {name}: {msg}; cgroup peak {fmt_mb(row['cgroup']['max_usage'])} MB, failcnt "
+        f"{row['cgroup']['failcnt']}, wall {row['wall_s']:.0f} s, load {load0:.1f} -> {load1:.1f}")
+    return row
+
+
+def table(rows, n_gen) -> str:
+    head = ["program", "limit", f"tg{n_gen} tokens/s (median)", "runs", "× llama.cpp (same limit)",
+            "cgroup peak MB", "anon peak MB", "failcnt", "VmHWM MB", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ref = {r["limit"]: r["tg_median"] for r in rows if r["program"] == "llama.cpp" and "tg_median" in r}
+    for r in rows:
+        prog = r["program"] + (f" {r['policy']}" if r["policy"] else "")
+        if r["program"] == "zipmoe-rt" and r["budget"]:
+            prog += f" (budget {r['budget'] / 1e6:.0f} MB)"
+        lim = "none" if r["limit"] is None else f"{r['limit'] / 1e6:.0f} MB"
+        med = f"{r['tg_median']:.2f}" if "tg_median" in r else "-"
+        runs = ", ".join(f"{x:.2f}" for x in r.get("tg_tps", [])) or "-"
+        ratio = (f"{r['tg_median'] / ref[r['limit']]:.2f}" if "tg_median" in r and ref.get(r["limit"])
+                 else "-")
+        note = r.get("error", "")
+        if not note and "hit_rate" in r:
+            note = ("hits F/C/S/E/miss " + "/".join(f"{100 * r['hit_rate'][k]:.0f}"
+                                                   for k in ("F", "C", "S", "E", "miss")) + " %, "
+                    f"{r['mb_read_per_token']:.1f} MB read/token")
+        cg = r["cgroup"]
+        fails = str(cg["failcnt"]) + (f" (memsw {cg['memsw_failcnt']})" if cg.get("memsw_failcnt")
+                                      else "")
+        lines.append("| " + " | ".join([prog, lim, med, runs, ratio, fmt_mb(cg["max_usage"]),
+                                        fmt_mb((cg.get("stat_peaks") or {}).get("rss")), fails,
+                                        fmt_mb(r.get("peak_rss")), note]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0].startswith("_"):
+        return _worker(argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "zipmoe-rt" / "llamacpp",
+                    help="where the venv, sdist, checkpoint, GGUF, .zmoe and results live")
+    ap.add_argument("--limit", default="600MB", help="cgroup memory limit (default 600MB = 600e6 B)")
+    ap.add_argument("--budget", default="380MB",
+                    help="zipmoe-rt --memory-budget under the limit (weights only; the runtime's "
+                         "fixed overhead, ~200 MB, comes on top) (default 380MB)")
+    ap.add_argument("--policy", action="append", choices=["zipmoe", "zip-lru", "raw-lru"],
+                    help="zipmoe-rt policies under the limit (repeatable; default zipmoe, zip-lru)")
+    ap.add_argument("--n-prompt", type=int, default=16, help="prompt tokens (default 16)")
+    ap.add_argument("--n-gen", type=int, default=64, help="tokens generated (default 64)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per child (default 1800)")
+    ap.add_argument("--no-unlimited", action="store_true", help="skip the unlimited reference rows")
+    ap.add_argument("--setup-only", action="store_true", help="build and check, run no benchmark")
+    ap.add_argument("--recalibrate", action="store_true", help="re-run zipmoe-rt calibrate")
+    ap.add_argument("--cmake-args", default="-DGGML_NATIVE=ON",
+                    help="CMAKE_ARGS for the llama-cpp-python build (default -DGGML_NATIVE=ON)")
+    ap.add_argument("--json", type=Path, default=None, help="write all results here")
+    a = ap.parse_args(argv)
+    policies = a.policy or ["zipmoe", "zip-lru"]
+    p = Paths(a.cache.expanduser())
+    p.cache.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 and not a.setup_only:
+        print("error: run as root (memory cgroups and drop_caches)", file=sys.stderr)
+        return 1
+    try:
+        ensure_sdist(p)
+        ensure_llama_venv(p, a.cmake_args)
+        ensure_hf_checkpoint(p)
+        ensure_gguf(p)
+        ensure_zmoe(p, a.recalibrate)
+        answers = {"llama.cpp": llama_chat_check(p), "zipmoe-rt": zipmoe_chat_check(p)}
+        for k, v in answers.items():
+            log(f"{k} answers {QUESTION!r}: {v!r}")
+        if a.setup_only:
+            return 0
+        ids, text = bench_prompt(p, a.n_prompt)
+        log(f"prompt ({len(ids)} tokens): {text!r}")
+        limit = parse_bytes(a.limit)
+        swap_on = any(l.strip() for l in open("/proc/swaps").read().splitlines()[1:])
+        cases = [("llama.cpp", None, limit)] + [("zipmoe-rt", pol, limit) for pol in policies]
+        if not a.no_unlimited:
+            cases += [("llama.cpp", None, None), ("zipmoe-rt", None, None)]
+        t0 = time.strftime("%Y-%m-%d %H:%M:%S")
+        rows = [run_case(p, a, prog, pol, lim, ids, text) for prog, pol, lim in cases]
+        ref_tokens = zipmoe_greedy_tokens(p, ids, a.n_gen)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for r in rows:
+        if r["program"] == "llama.cpp" and r.get("runs"):
+            toks = r["runs"][0]["tokens"]
+            r["tokens_equal_zipmoe"] = sum(x == y for x, y in zip(toks, ref_tokens))
+            log(f"{r['name']}: {r['tokens_equal_zipmoe']} of {len(toks)} greedy tokens equal "
+                f"zipmoe-rt's")
+    result = {"date": t0, "limit": limit, "budget": parse_bytes(a.budget), "n_prompt": len(ids),
+              "n_gen": a.n_gen, "reps": a.reps, "threads": a.threads, "prompt_text": text,
+              "prompt_ids": ids, "swap_on": swap_on, "answers": answers,
+              "zipmoe_tokens": ref_tokens,
+              "gguf": str(p.gguf), "gguf_bytes": p.gguf.stat().st_size, "zmoe": str(p.zmoe),
+              "zmoe_bytes": p.zmoe.stat().st_size, "rows": rows}
+    print(table(rows, a.n_gen))
+    print(f"\nprompt {len(ids)} tokens, tg{a.n_gen}, {a.reps} repetitions, medians; cgroup v1 "
+          f"memory limit {limit / 1e6:.0f} MB (memsw the same; swap {'on' if swap_on else 'off'}); "
+          f"page cache dropped before each child and the model file's pages before each "
+          f"repetition; GGUF {p.gguf.stat().st_size / 1e6:.0f} MB BF16, .zmoe "
+          f"{p.zmoe.stat().st_size / 1e6:.0f} MB; {t0}")
+    lt = {r["limit"]: r for r in rows if r["program"] == "llama.cpp"}
+    best = max((r for r in rows if r["program"] == "zipmoe-rt" and r["limit"] == limit
+                and "tg_median" in r), key=lambda r: r["tg_median"], default=None)
+    if best and "tg_median" in lt.get(limit, {}):
+        x = best["tg_median"] / lt[limit]["tg_median"]
+        print(f"under {limit / 1e6:.0f} MB: zipmoe-rt {best['policy']} / llama.cpp = {x:.2f}x "
+              f"(goal >= 5x: {'met' if x >= 5 else 'NOT met'})")
+    p.results.mkdir(exist_ok=True)
+    out = a.json or p.results / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(result, indent=1))
+    log(f"wrote {out}")
+    return 0
+
+
+def _worker(argv) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("verb", choices=["_llama-chat", "_llama-bench", "_zipmoe-bench"])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-ids", default="")
+    ap.add_argument("--prompt-text", default=None)
+    ap.add_argument("--n-gen", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--budget", default="none")
+    ap.add_argument("--policy", default="zipmoe")
+    a = ap.parse_args(argv)
+    {"_llama-chat": llama_chat_worker, "_llama-bench": llama_bench_worker,
+     "_zipmoe-bench": zipmoe_bench_worker}[a.verb](a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
