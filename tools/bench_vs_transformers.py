@@ -18,8 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 try:
     import zipmoe_rt  # noqa: F401
 except ImportError:

@@ -110,6 +110,7 @@ except ImportError:  # run from a checkout without installing
 
 from zipmoe_rt.convert.safetensors_io import write_safetensors  # noqa: E402
 from zipmoe_rt.convert.smollm2 import float32_to_bf16_bits  # noqa: E402
+from zipmoe_rt.convert.atomic import replace_dir  # noqa: E402
 
 #: values kept per weight kind from the real model (drawn uniformly over all its layers).
 POOL_SIZE = 1 << 20
@@ -1046,13 +1047,7 @@ def _build(out_dir, spec, *, gguf_path, vocab_mode, skew, locality, zipf, sigma,
         }
         (tmp / "synthetic.json").write_text(json.dumps(summary, indent=1) + "\n")
 
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

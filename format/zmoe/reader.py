@@ -17,9 +17,9 @@ import numpy as np
 import zstandard as zstd
 
 from . import codec
-from .constants import BITPLANE_DTYPES, HEADER_SIZE, MAGIC, VERSION
+from .constants import HEADER_SIZE, MAGIC, VERSION
 from .errors import (ChecksumError, CorruptIndexError, NotZmoeError, TruncatedFileError,
-                     UnsupportedVersionError, ZmoeError)
+                     UnsupportedVersionError)
 from .writer import HEADER_STRUCT
 
 #: numpy dtype that a stored dtype is returned as (BF16 as its uint16 bit pattern).

@@ -35,6 +35,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from .atomic import replace_dir
 
 from zipmoe_rt.convert.safetensors_io import write_safetensors
 
@@ -552,13 +553,7 @@ def build_upcycled_checkpoint(gguf_path, out_dir, num_experts: int = 4, top_k: i
         }
         (tmp / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
 
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
