@@ -133,7 +133,9 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) ->
     """Measure the delay-model constants on this machine for this model (medians, seconds).
 
     Reads ``samples`` random experts' regions from a cold page cache, decodes them on one
-    thread, and times one expert's matmul for one token.
+    thread, and times one expert's matmul for one token. Also measures how decoding scales with
+    concurrent workers (``decode_speedup``: {workers: speedup over one}), since zstd + merge
+    rarely scale linearly (shared memory bandwidth, Python between chunks).
     """
     from ..kernels.linear import experts_decode
     import zstandard as zstd
@@ -170,8 +172,29 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) ->
             if rep:  # first pass warms the JIT
                 dec_t.append(t1 - t0)
                 mm_t.append(t2 - t1)
+    def decode_all(items):
+        d = zstd.ZstdDecompressor()
+        for lay, sm, exp in items:
+            outs = L_.alloc_expert(lay)
+            for pi, ci, start in L_.chunk_jobs(lay):
+                L_.decode_chunk(source.path, lay.pieces[pi], ci, sm, exp, outs[pi], start, d)
+
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = [[b] for b in bufs] * 2
+    counts = sorted({w for w in (1, 2, 4, 8, 16) if w <= (os.cpu_count() or 1)}
+                    | {os.cpu_count() or 1})
+    times = {}
+    for w in counts:
+        with ThreadPoolExecutor(w) as pool:
+            best = float("inf")
+            for _ in range(2):
+                t0 = time.perf_counter()
+                list(pool.map(decode_all, jobs))
+                best = min(best, time.perf_counter() - t0)
+        times[w] = best
+    speedup = {str(w): float(times[1] / times[w]) for w in counts}
     lay0 = pick[0]
-    return {"version": 1, "machine": platform.node(), "cpus": os.cpu_count(), "direct": direct,
+    return {"version": 1, "decode_speedup": speedup, "machine": platform.node(), "cpus": os.cpu_count(), "direct": direct,
             "sm_read_s": float(np.median(sm_t)), "exp_read_s": float(np.median(exp_t)),
             "decode_s": float(np.median(dec_t)), "matmul_s": float(np.median(mm_t)),
             "bytes_F": int(lay0.full_bytes), "bytes_sm": int(lay0.sm_region[1]),
@@ -192,10 +215,23 @@ def load_calibration(path) -> dict | None:
         raise TraceError(f"{path}: not a valid calibration file ({e})") from None
 
 
+def effective_workers(calib: dict, workers: int) -> int:
+    """How many workers' worth of decoding ``workers`` threads really deliver (from the measured
+    ``decode_speedup``; the planner's L). Without a measurement: ``workers``."""
+    sp = {int(k): v for k, v in (calib.get("decode_speedup") or {}).items()}
+    if not sp:
+        return int(workers)
+    below = [w for w in sp if w <= workers]
+    s = sp[max(below)] if below else 1.0
+    return int(max(1, min(workers, round(s))))
+
+
 def delay_model(calib: dict, workers: int) -> DelayModel:
-    """Planner :class:`DelayModel` from a calibration dict."""
+    """Planner :class:`DelayModel` from a calibration dict; L is the measured effective
+    parallelism of ``workers`` decode threads (:func:`effective_workers`)."""
     return DelayModel(sm_read_s=calib["sm_read_s"], exp_read_s=calib["exp_read_s"],
-                      decode_s=calib["decode_s"], matmul_s=calib["matmul_s"], workers=workers,
+                      decode_s=calib["decode_s"], matmul_s=calib["matmul_s"],
+                      workers=effective_workers(calib, workers),
                       bytes_F=calib["bytes_F"], bytes_sm=calib["bytes_sm"],
                       bytes_exp=calib["bytes_exp"], chunks=calib.get("chunks", 1))
 
