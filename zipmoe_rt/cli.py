@@ -169,7 +169,8 @@ ENGINE_OPTIONS = [
                       "model's activation trace (zipmoe-rt profile); auto = zipmoe if a trace "
                       "exists, else zip-lru"),
     click.option("--eviction", type=click.Choice(["lru", "lfu", "tlfu"]), default="lru",
-                 show_default=True, help="eviction of full (F) experts; tlfu = token-weighted LFU"),
+                 show_default=True, help="eviction of full (F) experts; tlfu = token-weighted LFU (zipmoe's F pools "
+                      "use tlfu seeded with the trace unless lfu is given)"),
     click.option("--workers", type=click.IntRange(min=1), default=None,
                  help="decode workers [default: all cores]"),
     click.option("--direct", is_flag=True, help="read experts with O_DIRECT (bypass the page cache)"),
