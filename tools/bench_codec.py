@@ -53,9 +53,7 @@ def main(argv=None):
     def fused(items):
         d = zstd.ZstdDecompressor()
         for lay, sm, exp in items:
-            outs = L.alloc_expert(lay)
-            for pi, ci, start in L.chunk_jobs(lay):
-                L.decode_chunk(a.model, lay.pieces[pi], ci, sm, exp, outs[pi], start, d)
+            L.decode_expert(a.model, lay, sm, exp, d)
 
     def numpy_ref(items):
         d = zstd.ZstdDecompressor()

@@ -33,9 +33,8 @@ def parse_size(text, source=None) -> int:
     if t.endswith("%"):
         if source is None:
             raise ValueError("--memory-budget: a percentage needs the model")
-        from .engine.layout import expert_layouts
         frac = float(t[:-1]) / 100
-        experts = sum(l.full_bytes for l in expert_layouts(source.reader).values())
+        experts = sum(l.full_bytes for l in source.layouts.values())
         return int(source.dense_bytes() + frac * experts)
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,
              "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
@@ -118,10 +117,9 @@ def _engine(source, budget, policy, eviction, workers, direct, trace, verify):
     import os
 
     from .engine import profile as prof
-    from .engine.layout import expert_layouts
     from .engine.pipeline import ExpertEngine, budget_split
 
-    lays = list(expert_layouts(source.reader).values())
+    lays = list(source.layouts.values())
     raw = all(p.raw for l in lays for p in l.pieces)
     trace_path = Path(trace) if trace else prof.sidecar(source.path, prof.TRACE_SUFFIX)
     if policy == "auto":

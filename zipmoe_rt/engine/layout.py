@@ -147,6 +147,19 @@ def chunk_jobs(lay: ExpertLayout):
     return jobs
 
 
+def decode_expert(path, lay: ExpertLayout, sm: np.ndarray, exp: np.ndarray,
+                  dctx: zstd.ZstdDecompressor) -> ExpertWeights:
+    """Rebuild a whole expert on this thread from its region buffers (every chunk in order).
+
+    Raises:
+        zmoe.ChecksumError: a chunk does not decode to its recorded size.
+    """
+    outs = alloc_expert(lay)
+    for pi, ci, start in chunk_jobs(lay):
+        decode_chunk(path, lay.pieces[pi], ci, sm, exp, outs[pi], start, dctx)
+    return finish_expert(lay, outs, sm)
+
+
 def finish_expert(lay: ExpertLayout, outs: list, sm: np.ndarray) -> ExpertWeights:
     """Shape decoded outputs (raw pieces are copied out of the SM buffer) into weights."""
     roles = {}

@@ -73,7 +73,7 @@ class _Pending:
         self.lock = threading.Lock()
 
 
-def budget_split(source, budget_bytes: int, layouts=None) -> tuple[int, int, int]:
+def budget_split(source, budget_bytes: int) -> tuple[int, int, int]:
     """How a budget divides: ``(bytes of one full expert, working-set experts, tier bytes)``.
 
     The budget holds the dense weights, the working set of one token (its top-k experts
@@ -82,8 +82,7 @@ def budget_split(source, budget_bytes: int, layouts=None) -> tuple[int, int, int
     Raises:
         BudgetError: below dense weights + top-k experts (the message gives the minimum).
     """
-    layouts = layouts or L_.expert_layouts(source.reader)
-    bytes_F = max(l.full_bytes for l in layouts.values())
+    bytes_F = max(l.full_bytes for l in source.layouts.values())
     dense = source.dense_bytes()
     k = int(source.hparams["num_experts_per_tok"])
     free = int(budget_bytes) - dense - k * bytes_F
@@ -128,14 +127,14 @@ class ExpertEngine:
         self.path = source.path
         self.hp = source.hparams
         self.k = int(self.hp["num_experts_per_tok"])
-        self.layouts = L_.expert_layouts(source.reader)
+        self.layouts = source.layouts
         raw_experts = all(p.raw for lay in self.layouts.values() for p in lay.pieces)
         if policy == "raw-lru" and not raw_experts:
             raise ValueError(f"{self.path}: policy raw-lru needs a file with raw BF16 experts "
                              f"(convert with --expert-encoding raw)")
         if policy != "raw-lru" and raw_experts:
             raise ValueError(f"{self.path}: experts are stored raw; use --policy raw-lru")
-        self.bytes_F, self.window, self.tier_budget = budget_split(source, budget_bytes, self.layouts)
+        self.bytes_F, self.window, self.tier_budget = budget_split(source, budget_bytes)
         self.dense_bytes = source.dense_bytes()
         self.budget = int(budget_bytes)
         self.workers = int(workers or os.cpu_count() or 1)

@@ -140,7 +140,7 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) ->
     from ..kernels.linear import experts_decode
     import zstandard as zstd
 
-    lays = list(L_.expert_layouts(source.reader).values())
+    lays = list(source.layouts.values())
     rng = np.random.default_rng(seed)
     pick = [lays[i] for i in rng.choice(len(lays), min(samples, len(lays)), replace=False)]
     evict_page_cache(source.path)
@@ -161,10 +161,7 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) ->
     for rep in range(2):
         for lay, sm, exp in bufs:
             t0 = time.perf_counter()
-            outs = L_.alloc_expert(lay)
-            for pi, ci, start in L_.chunk_jobs(lay):
-                L_.decode_chunk(source.path, lay.pieces[pi], ci, sm, exp, outs[pi], start, dctx)
-            w = L_.finish_expert(lay, outs, sm)
+            w = L_.decode_expert(source.path, lay, sm, exp, dctx)
             t1 = time.perf_counter()
             out = np.zeros_like(x)
             experts_decode(out, x, [w], np.ones(1, np.float32))
@@ -175,9 +172,7 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) ->
     def decode_all(items):
         d = zstd.ZstdDecompressor()
         for lay, sm, exp in items:
-            outs = L_.alloc_expert(lay)
-            for pi, ci, start in L_.chunk_jobs(lay):
-                L_.decode_chunk(source.path, lay.pieces[pi], ci, sm, exp, outs[pi], start, d)
+            L_.decode_expert(source.path, lay, sm, exp, d)
 
     from concurrent.futures import ThreadPoolExecutor
     jobs = [[b] for b in bufs] * 2

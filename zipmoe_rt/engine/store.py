@@ -107,11 +107,16 @@ class ZmoeSource:
             d = self._tls.d = zstd.ZstdDecompressor()
         return d
 
-    def layout(self, layer: int, expert: int) -> L_.ExpertLayout:
-        """Where one expert's pieces sit in its regions. KeyError naming it if absent."""
+    @property
+    def layouts(self) -> dict:
+        """``{(layer, expert): ExpertLayout}`` of every expert block (built once)."""
         if self._layouts is None:
             self._layouts = L_.expert_layouts(self.reader)
-        lay = self._layouts.get((layer, expert))
+        return self._layouts
+
+    def layout(self, layer: int, expert: int) -> L_.ExpertLayout:
+        """Where one expert's pieces sit in its regions. KeyError naming it if absent."""
+        lay = self.layouts.get((layer, expert))
         if lay is None:
             raise KeyError(f"{self.path}: no expert {expert} in layer {layer}")
         return lay
@@ -127,11 +132,7 @@ class ZmoeSource:
         exp = self.reader.view(*lay.exp_region)
         if self.verify:
             L_.check_regions(self.path, lay, sm, exp)
-        outs = L_.alloc_expert(lay)
-        d = self._dctx()
-        for pi, ci, start in L_.chunk_jobs(lay):
-            L_.decode_chunk(self.path, lay.pieces[pi], ci, sm, exp, outs[pi], start, d)
-        return L_.finish_expert(lay, outs, sm)
+        return L_.decode_expert(self.path, lay, sm, exp, self._dctx())
 
     def expert(self, layer: int, expert: int) -> ExpertWeights:
         """One expert's weights; decoded on first use and kept if ``keep_experts``."""
