@@ -1,4 +1,5 @@
-"""Bit-plane codec (format/SPEC.md §5): exhaustive and property-based round trips.
+"""Bit-plane codec (format/SPEC.md §5): exhaustive and property-based round trips, through both
+exponent-chunk codecs (Huffman, the default, and zstd; §5.2).
 
 Lossless means bit-exact: every comparison here is on the integer bit patterns, never on float
 values (NaN != NaN, -0.0 == 0.0 would hide bugs).
@@ -12,7 +13,33 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from zmoe import codec
+from zmoe import codec, huffman
+
+CODECS = ["huffman", "zstd"]   # exponent-chunk codecs (SPEC §5.2)
+
+
+def check_huffman_chunk(f, raw):
+    """SPEC §5.3 layout of a Huffman chunk of ``raw`` exponents: 128 bytes of nibble-packed
+    code lengths (a complete prefix code of <= 12 bits), 4 u32 stream sizes that add up."""
+    assert len(f) >= 144
+    ln = [(f[s // 2] >> (4 * (s & 1))) & 15 for s in range(256)]
+    assert max(ln) <= 12
+    if raw:
+        assert sum(1 << (12 - v) for v in ln if v) == 1 << 12
+    sizes = np.frombuffer(f[128:144], "<u4")
+    assert 144 + int(sizes.sum()) == len(f)
+
+
+def check_chunk(f, raw, expect, exp_codec):
+    """One chunk decodes alone to ``expect`` and has its codec's framing."""
+    if exp_codec == "zstd":
+        # independent frame with its content size recorded, decodable alone
+        assert zstd.frame_content_size(f) == raw
+        assert zstd.ZstdDecompressor().decompress(f) == bytes(expect)
+    else:
+        check_huffman_chunk(f, raw)
+        for jit in (False, True):
+            assert huffman.decode(f, raw, use_jit=jit).tobytes() == bytes(expect)
 
 # (E, M, word bytes, SM bytes) from the SPEC §5.1 table, written out here independently of the
 # implementation's constants.
@@ -71,14 +98,20 @@ def test_all_16bit_patterns_roundtrip_planes(dtype):
     np.testing.assert_array_equal(sm, want_sm)
 
 
+@pytest.mark.parametrize("exp_codec", CODECS)
 @pytest.mark.parametrize("dtype", ["BF16", "F16"])
 @pytest.mark.parametrize("chunks,min_chunk", [(1, 65536), (4, 1000), (7, 1)])
-def test_all_16bit_patterns_roundtrip_compressed(dtype, chunks, min_chunk):
+def test_all_16bit_patterns_roundtrip_compressed(dtype, chunks, min_chunk, exp_codec):
     exp, sm = codec.split_planes(ALL16, dtype)
-    frames = codec.compress_chunks(exp, chunks, min_chunk)
+    frames = codec.compress_chunks(exp, chunks, min_chunk, exp_codec=exp_codec)
     assert 1 <= len(frames) <= chunks
     assert sum(n for _, n in frames) == ALL16.size
-    exp2 = codec.decompress_chunks([f for f, _ in frames], [n for _, n in frames])
+    pos = 0
+    for f, n in frames:
+        check_chunk(f, n, exp[pos:pos + n], exp_codec)
+        pos += n
+    exp2 = codec.decompress_chunks([f for f, _ in frames], [n for _, n in frames],
+                                   exp_codec=exp_codec)
     np.testing.assert_array_equal(exp2, exp)
     np.testing.assert_array_equal(codec.merge_planes(exp2, sm, dtype), ALL16)
 
@@ -115,7 +148,8 @@ F32_SPECIALS = np.array([
 ], dtype=np.uint32)
 
 
-def test_f32_specials_and_random_roundtrip():
+@pytest.mark.parametrize("exp_codec", CODECS)
+def test_f32_specials_and_random_roundtrip(exp_codec):
     rng = np.random.default_rng(1234)
     words = np.concatenate([F32_SPECIALS, rng.integers(0, 1 << 32, 200_000, dtype=np.uint32)])
     exp, sm, back = roundtrip_planes(words, "F32")
@@ -125,9 +159,10 @@ def test_f32_specials_and_random_roundtrip():
     assert bytes(exp[:F32_SPECIALS.size]) == se
     assert bytes(sm[:3 * F32_SPECIALS.size]) == ss
     # through the compressed path too, with several chunks
-    frames = codec.compress_chunks(exp, 5, 10_000)
+    frames = codec.compress_chunks(exp, 5, 10_000, exp_codec=exp_codec)
     assert len(frames) == 5
-    exp2 = codec.decompress_chunks([f for f, _ in frames], [n for _, n in frames])
+    exp2 = codec.decompress_chunks([f for f, _ in frames], [n for _, n in frames],
+                                   exp_codec=exp_codec)
     np.testing.assert_array_equal(codec.merge_planes(exp2, sm, "F32"), words)
 
 
@@ -211,13 +246,14 @@ def _words_for(dtype, shape, seed):
     return w.reshape(shape)
 
 
+@pytest.mark.parametrize("exp_codec", CODECS)
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(dtype=st.sampled_from(["BF16", "F16", "F32"]),
        shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=40),
        chunks=st.integers(1, 50),
        min_chunk=st.integers(1, 70),
        seed=st.integers(0, 2**32 - 1))
-def test_roundtrip_property(dtype, shape, chunks, min_chunk, seed):
+def test_roundtrip_property(exp_codec, dtype, shape, chunks, min_chunk, seed):
     words = _words_for(dtype, shape, seed)
     n = words.size
     b = codec.chunk_bounds(n, chunks, min_chunk)
@@ -233,13 +269,15 @@ def test_roundtrip_property(dtype, shape, chunks, min_chunk, seed):
         assert len(b) <= k
     exp, sm, back = roundtrip_planes(words, dtype)
     np.testing.assert_array_equal(back, words.reshape(-1))
-    frames = codec.compress_chunks(exp, chunks, min_chunk)
+    frames = codec.compress_chunks(exp, chunks, min_chunk, exp_codec=exp_codec)
     assert [n_ for _, n_ in frames] == [e - a for a, e in b]
     for (f, n_), (a, e) in zip(frames, b):
-        # independent frame with its content size recorded, decodable alone
-        assert zstd.frame_content_size(f) == n_
-        assert zstd.ZstdDecompressor().decompress(f) == bytes(exp[a:e])
-    exp2 = codec.decompress_chunks([f for f, _ in frames], [n_ for _, n_ in frames])
+        check_chunk(f, n_, exp[a:e], exp_codec)
+    if exp_codec == "huffman" and n:
+        # zipmoe-rt codes every chunk of a plane with the plane's code (SPEC §5.3)
+        assert len({f[:128] for f, _ in frames}) == 1
+    exp2 = codec.decompress_chunks([f for f, _ in frames], [n_ for _, n_ in frames],
+                                   exp_codec=exp_codec)
     np.testing.assert_array_equal(exp2, exp)
     np.testing.assert_array_equal(codec.merge_planes(exp2, sm, dtype), words.reshape(-1))
 
@@ -287,25 +325,77 @@ def test_merge_plane_size_mismatch(dtype, bad_sm):
         codec.merge_planes(np.zeros(8, np.uint8), np.zeros(bad_sm, np.uint8), dtype)
 
 
-def test_decompress_detects_wrong_raw_size_and_garbage():
-    exp = np.random.default_rng(0).integers(120, 130, 5000).astype(np.uint8)
-    (frame, n), = codec.compress_chunks(exp, 1)
-    assert n == 5000
+@pytest.mark.parametrize("exp_codec", CODECS)
+@pytest.mark.parametrize("data", ["narrow", "all_bytes"])
+def test_decompress_detects_wrong_raw_size_and_garbage(exp_codec, data):
+    rng = np.random.default_rng(0)
+    if data == "narrow":
+        exp = rng.integers(120, 130, 5000).astype(np.uint8)
+    else:  # every byte value 20 times: a Huffman code of 8-bit codes, streams without padding
+        exp = rng.permutation(np.tile(np.arange(256, dtype=np.uint8), 20))
+    (frame, n), = codec.compress_chunks(exp, 1, exp_codec=exp_codec)
+    assert n == exp.size
+    np.testing.assert_array_equal(codec.decompress_chunks([frame], [n], exp_codec=exp_codec), exp)
+    # A zstd frame records its content size, so any wrong raw_size is caught. A Huffman chunk
+    # does not: raw_size +- 1 is caught only when the streams cannot decode that many exponents
+    # within exactly their bytes (SPEC §5.3); with 8-bit codes and no padding it never can.
+    if exp_codec == "zstd" or data == "all_bytes":
+        with pytest.raises(ValueError):
+            codec.decompress_chunks([frame], [n + 1], exp_codec=exp_codec)
+        with pytest.raises(ValueError):
+            codec.decompress_chunks([frame], [n - 1], exp_codec=exp_codec)
     with pytest.raises(ValueError):
-        codec.decompress_chunks([frame], [n + 1])
+        codec.decompress_chunks([frame], [2 * n + 7], exp_codec=exp_codec)
     with pytest.raises(ValueError):
-        codec.decompress_chunks([frame], [n - 1])
+        codec.decompress_chunks([b"\x00" * len(frame)], [n], exp_codec=exp_codec)
     with pytest.raises(ValueError):
-        codec.decompress_chunks([b"\x00" * len(frame)], [n])
-    with pytest.raises(ValueError):
-        codec.decompress_chunks([frame[: len(frame) // 2]], [n])
+        codec.decompress_chunks([frame[: len(frame) // 2]], [n], exp_codec=exp_codec)
+    if exp_codec == "huffman":  # the stream sizes must add up to the chunk (zstd ignores the byte)
+        with pytest.raises(ValueError):
+            codec.decompress_chunks([frame + b"\x00"], [n], exp_codec=exp_codec)
 
 
-def test_exponent_plane_compresses_normal_weights():
-    """Sanity of the zstd parameters: exponents of N(0, 0.02) BF16 weights code well under 8 bits."""
+def test_default_codec_is_huffman():
+    exp = np.random.default_rng(1).integers(118, 131, 3000).astype(np.uint8)
+    assert codec.compress_chunks(exp, 1) == codec.compress_chunks(exp, 1, exp_codec="huffman")
+    (f, n), = codec.compress_chunks(exp, 1)
+    check_huffman_chunk(f, n)
+    np.testing.assert_array_equal(codec.decompress_chunk(f, n), exp)
+    np.testing.assert_array_equal(codec.decompress_chunks([f], [n]), exp)
+
+
+def test_unknown_codec_rejected():
+    exp = np.zeros(10, np.uint8)
+    (f, n), = codec.compress_chunks(exp, 1)
+    with pytest.raises(ValueError, match="lz4"):
+        codec.compress_chunks(exp, 1, exp_codec="lz4")
+    with pytest.raises(ValueError, match="lz4"):
+        codec.decompress_chunk(f, n, exp_codec="lz4")
+    with pytest.raises(ValueError, match="lz4"):
+        codec.decompress_chunks([f], [n], exp_codec="lz4")
+
+
+def test_chunk_of_one_codec_is_not_read_as_the_other():
+    exp = np.random.default_rng(2).integers(118, 131, 3000).astype(np.uint8)
+    (fz, n), = codec.compress_chunks(exp, 1, exp_codec="zstd")
+    (fh, _), = codec.compress_chunks(exp, 1, exp_codec="huffman")
+    with pytest.raises(ValueError):
+        codec.decompress_chunk(fz, n, exp_codec="huffman")
+    with pytest.raises(ValueError):
+        codec.decompress_chunk(fh, n, exp_codec="zstd")
+
+
+@pytest.mark.parametrize("exp_codec", CODECS)
+def test_exponent_plane_compresses_normal_weights(exp_codec):
+    """Sanity of the codecs: exponents of N(0, 0.02) BF16 weights code well under 8 bits
+    (~2.6 bits, SPEC §5.2), Huffman within a tenth of a bit of the order-0 entropy."""
     rng = np.random.default_rng(7)
     w = (rng.standard_normal(200_000).astype(np.float32) * 0.02).view(np.uint32) >> 16
     exp, _ = codec.split_planes(w.astype(np.uint16), "BF16")
-    frames = codec.compress_chunks(exp, 1)
+    frames = codec.compress_chunks(exp, 1, exp_codec=exp_codec)
     bits = 8 * sum(len(f) for f, _ in frames) / exp.size
     assert bits < 4.0
+    if exp_codec == "huffman":
+        p = np.bincount(exp, minlength=256) / exp.size
+        entropy = float(-np.sum(p[p > 0] * np.log2(p[p > 0])))
+        assert entropy < bits < entropy + 0.1

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard as zstd
 
 import zmoe
 from zmoe import (ChecksumError, CorruptIndexError, ExpertPiece, NotZmoeError, TruncatedFileError,
-                  UnsupportedVersionError, ZmoeError, ZmoeReader, ZmoeWriter, encode_expert)
+                  UnsupportedCodecError, UnsupportedVersionError, ZmoeError, ZmoeReader, ZmoeWriter,
+                  encode_expert)
 
 ALIGN = 4096
 NP = {"BF16": np.uint16, "F16": np.uint16, "F32": np.uint32, "I64": np.int64, "BOOL": np.uint8,
@@ -81,8 +83,10 @@ def _expert_names(layer, e):
     return f"{p}.w1.weight", f"{p}.w3.weight", f"{p}.w2.weight"
 
 
-def build(path: Path, alignment=ALIGN, seed=0):
-    """Write the reference file; return the source: {name: (dtype, shape, array)}."""
+def build(path: Path, alignment=ALIGN, seed=0, exp_codec=None):
+    """Write the reference file; return the source: {name: (dtype, shape, array)}.
+    ``exp_codec``: exponent-chunk codec of every bit-plane tensor (None: the writer's default)."""
+    kw = {} if exp_codec is None else {"exp_codec": exp_codec}
     rng = np.random.default_rng(seed)
     src = {}
     w = ZmoeWriter(path, alignment=alignment) if alignment != ALIGN else ZmoeWriter(path)
@@ -95,7 +99,7 @@ def build(path: Path, alignment=ALIGN, seed=0):
         src[name] = (dtype, shape, a)
         # flat view: a multi-dimensional *empty* ndarray is not accepted (see
         # test_writer_accepts_empty_multidim_array)
-        w.add_tensor(name, dtype, shape, a.reshape(-1), encoding=enc, chunks=3, min_chunk=64)
+        w.add_tensor(name, dtype, shape, a.reshape(-1), encoding=enc, chunks=3, min_chunk=64, **kw)
     stacked = _rng_words(rng, "BF16", (E0, 2 * 16, H))
     for e in range(E0):
         g, u, d = _expert_names(0, e)
@@ -107,7 +111,7 @@ def build(path: Path, alignment=ALIGN, seed=0):
             pieces.append(ExpertPiece(name, "BF16", shape, role, a))
         pieces.append(ExpertPiece(STACKED, "BF16", stacked.shape, "gate_up", stacked[e], part=e))
         src.setdefault(STACKED, ("BF16", stacked.shape, stacked))
-        w.write_expert(encode_expert(0, e, pieces, chunks=3, min_chunk=64))
+        w.write_expert(encode_expert(0, e, pieces, chunks=3, min_chunk=64, **kw))
     for e in range(2):  # layer 1: F32, F16 and a raw (non-float) piece
         p = f"model.layers.1.mlp.experts.{e}"
         specs = [(f"{p}.gate_proj.weight", "F32", (6, H), "gate"),
@@ -119,15 +123,21 @@ def build(path: Path, alignment=ALIGN, seed=0):
             a = _rng_words(rng, dtype, shape)
             src[name] = (dtype, shape, a)
             pieces.append(ExpertPiece(name, dtype, shape, role, a))
-        w.write_expert(encode_expert(1, e, pieces, chunks=2, min_chunk=16))
+        w.write_expert(encode_expert(1, e, pieces, chunks=2, min_chunk=16, **kw))
     w.close()
     return src
 
 
+@pytest.fixture(scope="module", params=["huffman", "zstd"])
+def exp_codec(request):
+    """The exponent-chunk codec (SPEC §5.2) the reference file is written with."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    path = tmp_path_factory.mktemp("zmoe") / "good.zmoe"
-    src = build(path)
+def good(tmp_path_factory, exp_codec):
+    path = tmp_path_factory.mktemp("zmoe") / f"good-{exp_codec}.zmoe"
+    src = build(path, exp_codec=exp_codec)
     return path, src
 
 
@@ -179,7 +189,7 @@ def test_header_fields(good):
     h, index = parse(path)
     b = h["raw"]
     assert h["magic"] == b"ZMOE"
-    assert h["version"] == 1 == zmoe.VERSION
+    assert h["version"] == 2 == zmoe.VERSION
     assert h["file_size"] == len(b) == path.stat().st_size
     assert h["alignment"] == ALIGN
     assert h["data_offset"] == ALIGN and h["data_offset"] % h["alignment"] == 0
@@ -193,7 +203,7 @@ def test_header_fields(good):
     with ZmoeReader(path) as r:
         assert (r.header.version, r.header.index_offset, r.header.index_size, r.header.data_offset,
                 r.header.file_size, r.header.alignment, r.header.index_crc32) == (
-            1, h["index_offset"], h["index_size"], h["data_offset"], h["file_size"], ALIGN,
+            2, h["index_offset"], h["index_size"], h["data_offset"], h["file_size"], ALIGN,
             h["index_crc32"])
 
 
@@ -207,7 +217,7 @@ def _ranges(index):
                 yield t["name"], "exp", c[0], c[1]
 
 
-def test_every_range_inside_data_section_and_crcs_match(good):
+def test_every_range_inside_data_section_and_crcs_match(good, exp_codec):
     path, _ = good
     h, index = parse(path)
     b = h["raw"]
@@ -220,6 +230,13 @@ def test_every_range_inside_data_section_and_crcs_match(good):
                 assert h["data_offset"] <= off and off + size <= h["index_offset"], t["name"]
                 assert zlib.crc32(b[off:off + size]) & 0xFFFFFFFF == crc, t["name"]
                 n += 1
+            for off, size, raw, _ in p.get("exp", ()):   # SPEC §5.2: the codec's framing
+                chunk = b[off:off + size]
+                if exp_codec == "zstd":
+                    assert zstd.frame_content_size(chunk) == raw, t["name"]
+                else:  # §5.3: 128 bytes of code lengths, 4 u32 stream sizes adding up
+                    assert size >= 144
+                    assert 144 + sum(struct.unpack_from("<4I", chunk, 128)) == size, t["name"]
     for blk in index["experts"]:
         for k in ("sm", "exp"):
             off, size = blk[k]
@@ -235,7 +252,7 @@ def test_no_overlapping_ranges(good):
         assert a1 <= b0, (an, bn)
 
 
-def test_tensor_records_in_write_order_with_spec_fields(good):
+def test_tensor_records_in_write_order_with_spec_fields(good, exp_codec):
     path, src = good
     _, index = parse(path)
     names = [t["name"] for t in index["tensors"]]
@@ -244,6 +261,11 @@ def test_tensor_records_in_write_order_with_spec_fields(good):
         dtype, shape, _ = src[t["name"]]
         assert t["dtype"] == dtype and t["shape"] == list(shape)
         assert t["encoding"] in ("raw", "bitplane")
+        # SPEC §4: exp_codec on bit-plane records only (required from version 2)
+        if t["encoding"] == "bitplane":
+            assert t["exp_codec"] == exp_codec, t["name"]
+        else:
+            assert "exp_codec" not in t, t["name"]
         for p in t["parts"]:
             assert ("raw" in p) != ("sm" in p)
             if "raw" in p:
@@ -623,8 +645,8 @@ def test_data_corruption_in_expert_tensors(kind, good, tmp_path):
 @pytest.mark.parametrize("kind", ["sm_plane", "stacked_sm", "raw_dense"])
 def test_verify_false_reads_without_check(kind, good, tmp_path):
     """verify=False skips the CRC: SM/raw corruption comes back as data (not raised), while the
-    default path (verify=True) refuses it. (A corrupt zstd frame may fail to decode even without
-    CRC checks, so exponent chunks are not part of this test.)"""
+    default path (verify=True) refuses it. (A corrupt exponent chunk may fail to decode even
+    without CRC checks, so exponent chunks are not part of this test.)"""
     bad, name, what, off, src = make_corruption(kind, good, tmp_path)
     with ZmoeReader(bad) as r:
         got = as_bytes(r.read_tensor(name, verify=False))
@@ -685,7 +707,7 @@ def test_safetensors_file_is_not_zmoe(tmp_path):
         ZmoeReader(bad)
 
 
-@pytest.mark.parametrize("version", [2, 0, 0xFFFFFFFF])
+@pytest.mark.parametrize("version", [3, 0, 0xFFFFFFFF])
 def test_unsupported_version(good, tmp_path, version):
     path, _ = good
 
@@ -757,7 +779,13 @@ def test_index_range_outside_data_section(good, tmp_path, field):
 
 @pytest.mark.parametrize("delta", [1, -1])
 def test_wrong_raw_size_is_corruption(good, tmp_path, delta):
-    """SPEC §5.2: a frame that does not decode to exactly raw_size bytes is corruption."""
+    """SPEC §5.2: a chunk that does not decode to exactly raw_size bytes is corruption.
+
+    (A zstd frame records its size. A Huffman chunk does not: raw_size +- 1 shows only when a
+    stream cannot decode that many exponents within exactly its bytes, SPEC §5.3. This tensor's
+    random words spread the exponents over ~all 256 values, so its codes are ~8 bits long and
+    there is not enough padding to hide an exponent more or less; test_huffman.py checks the
+    general case against a SPEC decoder.)"""
     path, _ = good
     name = _expert_names(0, 0)[1]
 
@@ -819,3 +847,100 @@ def test_unknown_tensor(good):
     with ZmoeReader(path) as r:
         with pytest.raises(KeyError):
             r.read_tensor("nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# versions and exponent codecs (SPEC §5.2, §8)
+# ---------------------------------------------------------------------------------------------
+def as_version_1(b: bytearray):
+    """Make a version-2 file a version-1 file: version field 1, no exp_codec in the index."""
+    def drop(index):
+        for t in index["tensors"]:
+            t.pop("exp_codec", None)
+    rewrite_index(b, drop)
+    struct.pack_into("<I", b, 4, 1)
+    fix_header_crc(b)
+
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory):
+    """A version-1 file: the reference file written with zstd chunks, header and index as v1."""
+    d = tmp_path_factory.mktemp("zmoe_v1")
+    src = build(d / "v2.zmoe", exp_codec="zstd")
+    return mutate(d / "v2.zmoe", d / "v1.zmoe", as_version_1), src
+
+
+def test_version_1_file_readable(v1):
+    path, src = v1
+    h, index = parse(path)
+    assert h["version"] == 1
+    assert not any("exp_codec" in t for t in index["tensors"])
+    assert sum(t["encoding"] == "bitplane" for t in index["tensors"]) > 10
+    with ZmoeReader(path) as r:
+        assert r.header.version == 1
+        r.verify()
+        for name, (dtype, shape, a) in src.items():
+            got = r.read_tensor(name)
+            assert got.shape == tuple(shape) and got.dtype == zmoe.NUMPY_DTYPES[dtype]
+            assert as_bytes(got) == as_bytes(a), name
+            if r.tensors[name]["encoding"] == "bitplane":   # version 1: every chunk is zstd
+                assert r.tensors[name]["exp_codec"] == "zstd"
+        for (layer, e) in r.experts:
+            for name, arr in r.expert_tensors(layer, e).items():
+                want = src[name][2][e] if name == STACKED else src[name][2]
+                assert as_bytes(arr) == as_bytes(want), name
+
+
+def test_version_1_chunks_are_zstd(tmp_path):
+    """A version-1 file has only zstd chunks: Huffman chunks there are corrupt data."""
+    path = tmp_path / "h.zmoe"
+    build(path, exp_codec="huffman")
+    bad = mutate(path, tmp_path / "h1.zmoe", as_version_1)
+    name = _expert_names(0, 1)[0]
+    with ZmoeReader(bad) as r:
+        assert r.tensors[name]["exp_codec"] == "zstd"
+        assert as_bytes(r.read_tensor("model.embed_tokens.weight")) != b""   # raw still reads
+        with pytest.raises(ChecksumError) as ei:
+            r.read_tensor(name)
+        assert name in str(ei.value)
+
+
+@pytest.mark.parametrize("codec", ["lz4", "Huffman", "", None])
+def test_unknown_exp_codec(good, tmp_path, codec):
+    path, _ = good
+    name = _expert_names(0, 2)[1]
+
+    def edit(index):
+        _rec(index, name)["exp_codec"] = codec
+    bad = mutate(path, tmp_path / "codec.zmoe", lambda b: rewrite_index(b, edit))
+    err = CorruptIndexError if codec is None else UnsupportedCodecError
+    with pytest.raises(err) as ei:
+        ZmoeReader(bad)
+    assert str(bad) in str(ei.value) and name in str(ei.value)
+
+
+@pytest.mark.parametrize("name", ["bp.f16", STACKED])
+def test_version_2_bitplane_tensor_needs_exp_codec(good, tmp_path, name):
+    path, _ = good
+
+    def edit(index):
+        del _rec(index, name)["exp_codec"]
+    bad = mutate(path, tmp_path / "nocodec.zmoe", lambda b: rewrite_index(b, edit))
+    with pytest.raises(CorruptIndexError) as ei:
+        ZmoeReader(bad)
+    assert str(bad) in str(ei.value) and name in str(ei.value)
+
+
+def test_writer_rejects_unknown_codec_and_mixed_codecs_in_one_tensor(tmp_path):
+    w = ZmoeWriter(tmp_path / "c.zmoe")
+    a = np.arange(2 * 64, dtype=np.uint16).reshape(2, 8, 8)
+    with pytest.raises(ValueError, match="lz4"):
+        w.add_tensor("d", "BF16", (8, 8), a[0], encoding="bitplane", exp_codec="lz4")
+    with pytest.raises(ValueError, match="lz4"):
+        encode_expert(0, 0, [ExpertPiece("x", "BF16", (8, 8), "gate", a[0])], exp_codec="lz4")
+    w.write_expert(encode_expert(0, 0, [ExpertPiece("st", "BF16", a.shape, "gate_up", a[0], part=0)],
+                                 exp_codec="huffman"))
+    with pytest.raises(ValueError, match="'st'"):   # one tensor, one exp_codec (SPEC §4)
+        w.write_expert(encode_expert(0, 1, [ExpertPiece("st", "BF16", a.shape, "gate_up", a[1],
+                                                        part=1)], exp_codec="zstd"))
+    w.abort()

@@ -204,11 +204,12 @@ def roundtrip(tmp_path, folder, **kw) -> tuple[Path, dict]:
 # ---------------------------------------------------------------------------------------------
 # round trips
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("exp_codec", ["huffman", "zstd"])
 @pytest.mark.parametrize("shards", [1, 3])
-def test_mixtral_roundtrip_bit_exact(tmp_path, shards):
+def test_mixtral_roundtrip_bit_exact(tmp_path, shards, exp_codec):
     cfg, T = mixtral()
     folder = write_folder(tmp_path / "mixtral", cfg, T, shards=shards)
-    out, got = roundtrip(tmp_path, folder)
+    out, got = roundtrip(tmp_path, folder, exp_codec=exp_codec)
     want = expected(T)
     assert set(got) == set(want)
     for name, (d, s, b) in want.items():
@@ -224,7 +225,9 @@ def test_mixtral_roundtrip_bit_exact(tmp_path, shards):
                     rec = recs[f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight"]
                     assert rec["expert"] == {"layer": l, "expert": e, "role": role}
                     assert rec["encoding"] == "bitplane" and rec["dtype"] == "BF16"
+                    assert rec["exp_codec"] == exp_codec
         assert recs["model.embed_tokens.weight"]["encoding"] == "raw"
+        assert "exp_codec" not in recs["model.embed_tokens.weight"]
         assert "expert" not in recs["model.layers.0.block_sparse_moe.gate.weight"]
 
 
@@ -275,10 +278,12 @@ def test_export_refuses_non_empty_dir(tmp_path):
     assert leftovers(d) == ["keep.txt"]
 
 
-def test_metadata(tmp_path):
+@pytest.mark.parametrize("exp_codec", [None, "huffman", "zstd"])
+def test_metadata(tmp_path, exp_codec):
     cfg, T = mixtral(L=2, E=4)
     folder = write_folder(tmp_path / "mix-tiny", cfg, T)
-    out = convert(folder, tmp_path / "m.zmoe", chunks=3, progress=False)
+    kw = {} if exp_codec is None else {"exp_codec": exp_codec}
+    out = convert(folder, tmp_path / "m.zmoe", chunks=3, progress=False, **kw)
     with zmoe.ZmoeReader(out) as r:
         m, ty = r.metadata, r.metadata_types
     assert m["general.architecture"] == "MixtralForCausalLM" and ty["general.architecture"] == "str"
@@ -294,7 +299,13 @@ def test_metadata(tmp_path):
     assert hp["rope"]["rope_theta"] == 1e6 and ty["hparams.rope"] == "json"
     assert hp["sliding_window"] == 0 and hp["tie_word_embeddings"] is False
     assert m["encoding.chunks"] == 3 and ty["encoding.chunks"] == "int"
-    assert m["encoding.zstd"]["min_match"] == 7 and m["encoding.zstd"]["hash_log"] == 6
+    codec = exp_codec or "huffman"   # the default (SPEC §5.2)
+    assert m["encoding.exp_codec"] == codec and ty["encoding.exp_codec"] == "str"
+    if codec == "zstd":   # the zstd parameters used (SPEC §3, §5.2)
+        assert m["encoding.zstd"]["min_match"] == 7 and m["encoding.zstd"]["hash_log"] == 6
+        assert m["encoding.zstd"]["target_length"] == 0 and ty["encoding.zstd"] == "json"
+    else:
+        assert "encoding.zstd" not in m
     assert m["generation.eos_token_ids"] == [2, 5] and ty["generation.eos_token_ids"] == "int[]"
     assert m["generation.config"] == {"eos_token_id": [2, 5], "temperature": 0.7}
     assert m["tokenizer.chat_template"] == "{{ messages }}"
@@ -369,31 +380,37 @@ def test_qwen3_dense_mlp_layer(tmp_path):
         assert "expert" not in r.tensors["model.layers.1.mlp.gate_proj.weight"]
 
 
-@pytest.mark.parametrize("chunks", [1, 7])
-def test_chunks_option(tmp_path, chunks):
+@pytest.mark.parametrize("chunks,exp_codec", [(1, "huffman"), (7, "huffman"), (7, "zstd")])
+def test_chunks_option(tmp_path, chunks, exp_codec):
     # one expert tensor of 7 * 65536 exponents, so K = 7 really yields 7 chunks (SPEC §5.2)
     cfg, T = mixtral(H=256, I=1792, L=1, E=2, V=8, mode="normal", extra_dense=False)
     folder = write_folder(tmp_path / "big", cfg, T)
-    out, got = roundtrip(tmp_path, folder, chunks=chunks)
+    out, got = roundtrip(tmp_path, folder, chunks=chunks, exp_codec=exp_codec)
     assert got == expected(T)
     with zmoe.ZmoeReader(out) as r:
         assert r.metadata["encoding.chunks"] == chunks
         for e in range(2):
             for w in ("w1", "w2", "w3"):
                 rec = r.tensors[f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"]
+                assert rec["exp_codec"] == exp_codec
                 sizes = [c[2] for c in rec["parts"][0]["exp"]]
                 assert len(sizes) == chunks and sum(sizes) == 256 * 1792
                 if chunks == 7:
                     assert sizes == [65536] * 7
+                # normal weights: the exponents take ~2.6 bits, under 3.2 with any codec
+                stored = sum(c[1] for c in rec["parts"][0]["exp"])
+                assert 8 * stored / (256 * 1792) < 3.2
 
 
-def test_dense_bitplane(tmp_path):
+@pytest.mark.parametrize("exp_codec", ["huffman", "zstd"])
+def test_dense_bitplane(tmp_path, exp_codec):
     cfg, T = mixtral(L=1, E=2)
     folder = write_folder(tmp_path / "m", cfg, T)
-    out, got = roundtrip(tmp_path, folder, dense_encoding="bitplane")
+    out, got = roundtrip(tmp_path, folder, dense_encoding="bitplane", exp_codec=exp_codec)
     assert got == expected(T)
     with zmoe.ZmoeReader(out) as r:
         assert r.tensors["model.embed_tokens.weight"]["encoding"] == "bitplane"
+        assert r.tensors["model.embed_tokens.weight"]["exp_codec"] == exp_codec
         assert r.tensors["model.layers.0.block_sparse_moe.router_bias_f32"]["encoding"] == "bitplane"
         assert r.tensors["model.rotary_emb.position_ids"]["encoding"] == "raw"
 
@@ -560,7 +577,8 @@ def test_conversion_errors(tmp_path, case, existing):
 
 
 @pytest.mark.parametrize("kw,needle", [({"chunks": 0}, "chunks"),
-                                       ({"dense_encoding": "zstd"}, "zstd")])
+                                       ({"dense_encoding": "zstd"}, "zstd"),
+                                       ({"exp_codec": "lz4"}, "lz4")])
 def test_bad_options(tmp_path, kw, needle):
     cfg, T = mixtral(L=1, E=2)
     folder = write_folder(tmp_path / "m", cfg, T)

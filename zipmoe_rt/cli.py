@@ -96,14 +96,16 @@ def main():
               show_default=True, help="how to store non-expert tensors")
 @click.option("--expert-encoding", type=click.Choice(["bitplane", "raw"]), default="bitplane",
               show_default=True, help="raw keeps experts uncompressed (the raw-lru baseline)")
+@click.option("--exp-codec", type=click.Choice(["huffman", "zstd"]), default="huffman",
+              show_default=True, help="codec of the exponent chunks (format/SPEC.md §5.2)")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="compression threads [default: all cores]")
 @click.option("--no-verify", is_flag=True, help="skip decoding the result and comparing it with the source")
 @click.option("-f", "--force", is_flag=True, help="replace OUTPUT if it exists")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @friendly_errors
-def convert(hf_dir, output, chunks, dense_encoding, expert_encoding, threads, no_verify, force,
-            quiet):
+def convert(hf_dir, output, chunks, dense_encoding, expert_encoding, exp_codec, threads, no_verify,
+            force, quiet):
     """Convert a Hugging Face MoE checkpoint folder to .zmoe (lossless).
 
     Reads config.json, safetensors (single or sharded), tokenizer.json, tokenizer_config.json or
@@ -114,7 +116,7 @@ def convert(hf_dir, output, chunks, dense_encoding, expert_encoding, threads, no
     from .convert.export import summarize
     out = do_convert(hf_dir, output, chunks=chunks, dense_encoding=dense_encoding, threads=threads,
                      verify=not no_verify, progress=not quiet, overwrite=force,
-                     expert_encoding=expert_encoding)
+                     expert_encoding=expert_encoding, exp_codec=exp_codec)
     click.echo(summarize(out, show_tensors=False).split("\n")[0])
     click.echo("\n".join(l for l in summarize(out, show_tensors=False).split("\n")
                          if l.startswith("  expert") or l.startswith("  dense")))

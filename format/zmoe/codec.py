@@ -1,6 +1,6 @@
 """Bit-plane codec: split floating-point words into an exponent plane and a sign+mantissa plane,
-entropy-code the exponent plane in independent zstd chunks (format/SPEC.md §5; ZipMoE
-arXiv 2601.21198 §3.1).
+entropy-code the exponent plane in independent chunks, Huffman (SPEC §5.3) or zstd
+(format/SPEC.md §5; ZipMoE arXiv 2601.21198 §3.1).
 
 This is the reference implementation in plain numpy; the runtime has a faster fused Numba merge.
 All functions are lossless for every bit pattern (NaN payloads, infinities, -0.0, subnormals).
@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import zstandard as zstd
 
-from .constants import BITPLANE_DTYPES, MIN_CHUNK
+from . import huffman
+from .constants import BITPLANE_DTYPES, DEFAULT_EXP_CODEC, EXP_CODECS, EXP_HUFFMAN, MIN_CHUNK
 
 _WORD = {2: np.uint16, 4: np.uint32}
 
@@ -109,33 +110,76 @@ def chunk_bounds(n: int, chunks: int, min_chunk: int = MIN_CHUNK) -> list[tuple[
     return [(i, min(n, i + step)) for i in range(0, n, step)] if n else [(0, 0)]
 
 
+def _check_codec(exp_codec: str):
+    if exp_codec not in EXP_CODECS:
+        raise ValueError(f"unknown exponent codec {exp_codec!r} (known: {', '.join(EXP_CODECS)})")
+
+
 def compress_chunks(exp: np.ndarray, chunks: int, min_chunk: int = MIN_CHUNK,
-                    compressor: zstd.ZstdCompressor | None = None) -> list[tuple[bytes, int]]:
-    """Compress an exponent plane as independent zstd frames.
+                    compressor: zstd.ZstdCompressor | None = None,
+                    exp_codec: str = DEFAULT_EXP_CODEC) -> list[tuple[bytes, int]]:
+    """Compress an exponent plane as independent chunks (SPEC §5.2).
 
-    Returns [(frame, raw_size)] in order; each frame decodes alone (SPEC §5.2).
-    """
-    c = compressor or zstd.ZstdCompressor(compression_params=zstd_parameters())
-    buf = memoryview(np.ascontiguousarray(exp).reshape(-1).view(np.uint8))
-    return [(c.compress(buf[a:b]), b - a) for a, b in chunk_bounds(len(buf), chunks, min_chunk)]
+    Args:
+        exp: uint8 [n] exponent plane.
+        chunks, min_chunk: see :func:`chunk_bounds`.
+        compressor: zstd compressor to reuse (``zstd`` codec only).
+        exp_codec: ``huffman`` (SPEC §5.3: every chunk of the plane uses the plane's code, so a
+            decoder builds its table once) or ``zstd``.
 
-
-def decompress_chunks(frames, raw_sizes, decompressor: zstd.ZstdDecompressor | None = None) -> np.ndarray:
-    """Decode frames from :func:`compress_chunks` back into one uint8 exponent plane.
+    Returns:
+        [(chunk bytes, raw_size)] in order; each chunk decodes alone.
 
     Raises:
-        ValueError: a frame that does not decode to its recorded size.
+        ValueError: an unknown codec.
     """
+    _check_codec(exp_codec)
+    buf = np.ascontiguousarray(exp).reshape(-1).view(np.uint8)
+    bounds = chunk_bounds(len(buf), chunks, min_chunk)
+    if exp_codec == EXP_HUFFMAN:
+        lengths = huffman.code_lengths(np.bincount(buf, minlength=256))
+        return [(huffman.encode(buf[a:b], lengths), b - a) for a, b in bounds]
+    c = compressor or zstd.ZstdCompressor(compression_params=zstd_parameters())
+    mv = memoryview(buf)
+    return [(c.compress(mv[a:b]), b - a) for a, b in bounds]
+
+
+def decompress_chunk(chunk, raw_size: int, exp_codec: str = DEFAULT_EXP_CODEC,
+                     decompressor: zstd.ZstdDecompressor | None = None,
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """Decode one exponent chunk to uint8 [raw_size] (into ``out`` if given).
+
+    Raises:
+        ValueError: an unknown codec, or a chunk that does not decode to exactly ``raw_size``
+            exponents (corruption).
+    """
+    _check_codec(exp_codec)
+    if exp_codec == EXP_HUFFMAN:
+        return huffman.decode(chunk, raw_size, out)
     d = decompressor or zstd.ZstdDecompressor()
+    try:
+        b = d.decompress(chunk, max_output_size=raw_size)
+    except zstd.ZstdError as e:
+        raise ValueError(f"corrupt exponent chunk: {e}") from None
+    if len(b) != raw_size:
+        raise ValueError(f"exponent chunk decoded to {len(b)} bytes, expected {raw_size}")
+    e = np.frombuffer(b, np.uint8)
+    if out is None:
+        return e
+    out[:] = e
+    return out
+
+
+def decompress_chunks(frames, raw_sizes, decompressor: zstd.ZstdDecompressor | None = None,
+                      exp_codec: str = DEFAULT_EXP_CODEC) -> np.ndarray:
+    """Decode chunks from :func:`compress_chunks` back into one uint8 exponent plane.
+
+    Raises:
+        ValueError: an unknown codec, or a chunk that does not decode to its recorded size.
+    """
     out = np.empty(sum(raw_sizes), np.uint8)
     pos = 0
     for f, n in zip(frames, raw_sizes):
-        try:
-            b = d.decompress(f, max_output_size=n)
-        except zstd.ZstdError as e:
-            raise ValueError(f"corrupt exponent chunk: {e}") from None
-        if len(b) != n:
-            raise ValueError(f"exponent chunk decoded to {len(b)} bytes, expected {n}")
-        out[pos:pos + n] = np.frombuffer(b, np.uint8)
+        decompress_chunk(f, n, exp_codec, decompressor, out[pos:pos + n])
         pos += n
     return out

@@ -1,7 +1,9 @@
-"""Constants of the ``.zmoe`` container, version 1 (format/SPEC.md §1-§3)."""
+"""Constants of the ``.zmoe`` container, version 2 (format/SPEC.md §1-§5)."""
 
 MAGIC = b"ZMOE"
-VERSION = 1
+VERSION = 2
+#: Versions this reader understands (1: zstd exponent chunks only).
+READABLE_VERSIONS = (1, 2)
 #: Size of the fixed header at offset 0 (SPEC §1).
 HEADER_SIZE = 64
 #: Default alignment of the data section and of every expert region (O_DIRECT friendly).
@@ -31,6 +33,12 @@ DTYPE_SIZES = {
 
 #: Metadata value types (SPEC §3).
 META_TYPES = ("bool", "int", "float", "str", "int[]", "float[]", "str[]", "json")
+
+#: Exponent-chunk codecs (SPEC §5.2): canonical Huffman in 4 streams (§5.3), or zstd frames.
+EXP_HUFFMAN = "huffman"
+EXP_ZSTD = "zstd"
+EXP_CODECS = (EXP_HUFFMAN, EXP_ZSTD)
+DEFAULT_EXP_CODEC = EXP_HUFFMAN
 
 #: Default number of independently compressed exponent chunks per tensor (ZipMoE uses 3-5).
 DEFAULT_CHUNKS = 4

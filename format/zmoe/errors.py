@@ -24,3 +24,7 @@ class CorruptIndexError(ZmoeError):
 
 class ChecksumError(ZmoeError):
     """A stored piece (raw tensor, sign+mantissa plane, exponent chunk) fails its CRC-32."""
+
+
+class UnsupportedCodecError(ZmoeError):
+    """A bit-plane tensor's exponent codec is unknown to this reader (SPEC §5.2)."""

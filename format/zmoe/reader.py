@@ -17,8 +17,9 @@ import numpy as np
 import zstandard as zstd
 
 from . import codec
-from .constants import HEADER_SIZE, MAGIC, VERSION
+from .constants import EXP_CODECS, EXP_ZSTD, HEADER_SIZE, MAGIC, READABLE_VERSIONS, VERSION
 from .errors import (ChecksumError, CorruptIndexError, NotZmoeError, TruncatedFileError,
+                     UnsupportedCodecError,
                      UnsupportedVersionError)
 from .writer import HEADER_STRUCT
 
@@ -56,7 +57,8 @@ class ZmoeReader:
 
     Raises:
         FileNotFoundError: no such file.
-        NotZmoeError: wrong magic.  UnsupportedVersionError: version other than 1.
+        NotZmoeError: wrong magic.  UnsupportedVersionError: a version other than 1 or 2.
+        UnsupportedCodecError: an exponent codec this reader does not know.
         TruncatedFileError: shorter than recorded.  CorruptIndexError: header/index CRC or JSON bad.
     """
 
@@ -71,10 +73,11 @@ class ZmoeReader:
             if len(head) < HEADER_SIZE:
                 raise TruncatedFileError(f"{self.path}: truncated header ({len(head)} bytes)")
             (version,) = struct.unpack_from("<I", head, 4)
-            if version != VERSION:
+            if version not in READABLE_VERSIONS:
                 raise UnsupportedVersionError(
-                    f"{self.path}: .zmoe format version {version}; this reader supports version "
-                    f"{VERSION}" + (" (file written by a newer zipmoe-rt: upgrade)" if version > VERSION else ""))
+                    f"{self.path}: .zmoe format version {version}; this reader supports versions "
+                    f"{', '.join(map(str, READABLE_VERSIONS))}"
+                    + (" (file written by a newer zipmoe-rt: upgrade)" if version > VERSION else ""))
             (hcrc,) = struct.unpack_from("<I", head, 60)
             if zlib.crc32(head[:60]) & 0xFFFFFFFF != hcrc:
                 raise CorruptIndexError(f"{self.path}: header checksum mismatch (corrupt header)")
@@ -99,8 +102,25 @@ class ZmoeReader:
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CorruptIndexError(f"{self.path}: index is not valid ({type(e).__name__}: {e})") from None
         self._check_ranges(fsize)
+        self._check_codecs(version)
         self._mm = None
         self._dctx = zstd.ZstdDecompressor()
+
+    def _check_codecs(self, version):
+        """Every bit-plane tensor gets ``exp_codec`` (version 1 files: always zstd, SPEC §5.2)."""
+        for name, t in self.tensors.items():
+            if t.get("encoding") != "bitplane":
+                continue
+            if version == 1:
+                t.setdefault("exp_codec", EXP_ZSTD)
+            c = t.get("exp_codec")
+            if c is None:
+                raise CorruptIndexError(f"{self.path}: tensor {name!r}: bit-plane tensor without "
+                                        f"an exp_codec")
+            if c not in EXP_CODECS:
+                raise UnsupportedCodecError(f"{self.path}: tensor {name!r}: exponent codec {c!r} "
+                                            f"unknown to this reader (known: {', '.join(EXP_CODECS)}; "
+                                            f"a newer zipmoe-rt may read it)")
 
     def _check_ranges(self, fsize):
         def chk(name, off, n):
@@ -153,7 +173,8 @@ class ZmoeReader:
             return self._checked(name, "raw data", part["raw"], verify)
         sm, chunks = self.part_planes(name, part, verify)
         try:
-            exp = codec.decompress_chunks([c for c, _ in chunks], [n for _, n in chunks], self._dctx)
+            exp = codec.decompress_chunks([c for c, _ in chunks], [n for _, n in chunks], self._dctx,
+                                          t["exp_codec"])
             words = codec.merge_planes(exp, sm, t["dtype"])
         except ValueError as e:
             raise ChecksumError(f"{self.path}: tensor {name!r}: {e}") from None

@@ -22,8 +22,9 @@ import numpy as np
 import zstandard as zstd
 
 from . import codec
-from .constants import (ALIGNMENT, DEFAULT_CHUNKS, DENSE_ALIGNMENT, DTYPE_SIZES, ENC_BITPLANE,
-                        ENC_RAW, HEADER_SIZE, MAGIC, META_TYPES, MIN_CHUNK, VERSION)
+from .constants import (ALIGNMENT, DEFAULT_CHUNKS, DEFAULT_EXP_CODEC, DENSE_ALIGNMENT, DTYPE_SIZES,
+                        ENC_BITPLANE, ENC_RAW, EXP_ZSTD, HEADER_SIZE, MAGIC, META_TYPES, MIN_CHUNK,
+                        VERSION)
 
 HEADER_STRUCT = struct.Struct("<4sIQQQQI I 12x")  # 60 bytes, then header crc32 (u32)
 assert HEADER_STRUCT.size == 60
@@ -74,8 +75,9 @@ class EncodedExpert:
     layer: int
     expert: int
     sm: list = field(default_factory=list)        # per piece: bytes of SM plane (or raw bytes)
-    chunks: list = field(default_factory=list)    # per piece: [(frame, raw_size)] or None for raw
+    chunks: list = field(default_factory=list)    # per piece: [(chunk, raw_size)] or None for raw
     pieces: list = field(default_factory=list)
+    exp_codec: str = DEFAULT_EXP_CODEC             # codec of the exponent chunks (SPEC §5.2)
 
 
 _tls_compressors = {}
@@ -91,17 +93,25 @@ def _compressor() -> zstd.ZstdCompressor:
 
 
 def encode_expert(layer: int, expert: int, pieces: list[ExpertPiece], chunks: int = DEFAULT_CHUNKS,
-                  min_chunk: int = MIN_CHUNK, raw: bool = False) -> EncodedExpert:
+                  min_chunk: int = MIN_CHUNK, raw: bool = False,
+                  exp_codec: str = DEFAULT_EXP_CODEC) -> EncodedExpert:
     """Bit-plane split and compress every piece of one expert (CPU only, safe to run in threads:
-    zstd releases the GIL). Pieces of non-floating dtypes, or all pieces if ``raw``, are kept
-    raw (in the SM region, SPEC §6)."""
-    enc = EncodedExpert(layer, expert, pieces=pieces)
+    zstd and the Numba Huffman encoder release the GIL). Pieces of non-floating dtypes, or all
+    pieces if ``raw``, are kept raw (in the SM region, SPEC §6). ``exp_codec``: ``huffman``
+    (default, SPEC §5.3) or ``zstd``.
+
+    Raises:
+        ValueError: an unknown ``exp_codec``.
+    """
+    codec._check_codec(exp_codec)
+    enc = EncodedExpert(layer, expert, pieces=pieces, exp_codec=exp_codec)
     for p in pieces:
         buf = as_bytes(p.data)
         if codec.is_bitplane_dtype(p.dtype) and not raw:
             exp, sm = codec.split_planes(buf, p.dtype)
             enc.sm.append(sm)
-            enc.chunks.append(codec.compress_chunks(exp, chunks, min_chunk, _compressor()))
+            enc.chunks.append(codec.compress_chunks(
+                exp, chunks, min_chunk, _compressor() if exp_codec == EXP_ZSTD else None, exp_codec))
         else:
             enc.sm.append(buf)
             enc.chunks.append(None)
@@ -189,19 +199,22 @@ class ZmoeWriter:
         self.order.append(name)
         return rec
 
-    def _encode_part(self, dtype, data, chunks, min_chunk):
+    def _encode_part(self, dtype, data, chunks, min_chunk, exp_codec):
         buf = as_bytes(data)
         exp, sm = codec.split_planes(buf, dtype)
         off, size = self._write(sm)
         part = {"sm": [off, size, _crc(sm)], "exp": []}
-        for frame, raw in codec.compress_chunks(exp, chunks, min_chunk, _compressor()):
+        zc = _compressor() if exp_codec == EXP_ZSTD else None
+        for frame, raw in codec.compress_chunks(exp, chunks, min_chunk, zc, exp_codec):
             o, s = self._write(frame)
             part["exp"].append([o, s, raw, _crc(frame)])
         return part
 
     def add_tensor(self, name: str, dtype: str, shape, data, encoding: str = ENC_RAW,
-                   chunks: int = DEFAULT_CHUNKS, min_chunk: int = MIN_CHUNK):
-        """Add a dense (non-expert) tensor, raw or as bit-planes (SPEC §4)."""
+                   chunks: int = DEFAULT_CHUNKS, min_chunk: int = MIN_CHUNK,
+                   exp_codec: str = DEFAULT_EXP_CODEC):
+        """Add a dense (non-expert) tensor, raw or as bit-planes (SPEC §4) with exponent chunks
+        in ``exp_codec`` (``huffman`` or ``zstd``)."""
         nbytes = as_bytes(data).nbytes
         expect = DTYPE_SIZES.get(dtype, 0) * int(np.prod(shape, dtype=np.int64))
         rec = self._record(name, dtype, shape, encoding)
@@ -215,7 +228,9 @@ class ZmoeWriter:
             off, size = self._write(data)
             rec["parts"][0] = {"raw": [off, size, _crc(data)]}
         elif encoding == ENC_BITPLANE:
-            rec["parts"][0] = self._encode_part(dtype, data, chunks, min_chunk)
+            codec._check_codec(exp_codec)
+            rec["exp_codec"] = exp_codec
+            rec["parts"][0] = self._encode_part(dtype, data, chunks, min_chunk, exp_codec)
         else:
             raise ValueError(f"tensor {name!r}: unknown encoding {encoding!r}")
 
@@ -255,6 +270,11 @@ class ZmoeWriter:
                 else:
                     exp_info = {"layer": enc.layer, "role": p.role, "stacked": True}
                     rec = self._record(p.name, p.dtype, p.shape, enc_name, exp_info, int(p.shape[0]))
+                if "exp" in part:
+                    rec["exp_codec"] = enc.exp_codec
+            if "exp" in part and rec.get("exp_codec") != enc.exp_codec:
+                raise ValueError(f"tensor {p.name!r}: expert parts written with exponent codecs "
+                                 f"{rec.get('exp_codec')!r} and {enc.exp_codec!r}")
             idx = 0 if p.part is None else p.part
             if rec["parts"][idx] is not None:
                 raise ValueError(f"tensor {p.name!r}: part {idx} written twice")

@@ -6,6 +6,7 @@ buffers the I/O thread (or a resident tier) handed it.
 """
 from __future__ import annotations
 
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ import numpy as np
 import zstandard as zstd
 
 import zmoe
+from zmoe import _huffjit as huffjit
+from zmoe.constants import EXP_HUFFMAN
 from zmoe.reader import NUMPY_DTYPES
 
 from ..kernels.planes import MERGE
@@ -28,6 +31,7 @@ class Piece:
         dtype: stored dtype.  shape: this expert's shape.
         sm: (offset in SM region, size, crc32); for a raw piece, its raw bytes.
         chunks: ((offset in exp region, size, raw_size, crc32), ...); empty for a raw piece.
+        codec: exponent-chunk codec, ``huffman`` or ``zstd`` (SPEC §5.2); None for a raw piece.
     """
 
     name: str
@@ -36,6 +40,7 @@ class Piece:
     shape: tuple
     sm: tuple
     chunks: tuple
+    codec: str | None = None
 
     @property
     def raw(self) -> bool:
@@ -83,7 +88,8 @@ def expert_layouts(reader: zmoe.ZmoeReader) -> dict:
             else:
                 o, n, c = part["sm"]
                 chunks = tuple((co - ex0, cn, raw, cc) for co, cn, raw, cc in part["exp"])
-                pieces.append(Piece(name, t["expert"]["role"], t["dtype"], shape, (o - sm0, n, c), chunks))
+                pieces.append(Piece(name, t["expert"]["role"], t["dtype"], shape, (o - sm0, n, c), chunks,
+                                    t["exp_codec"]))
         out[(layer, e)] = ExpertLayout(layer, e, tuple(b["sm"]), tuple(b["exp"]), tuple(pieces))
     return out
 
@@ -114,26 +120,54 @@ def alloc_expert(lay: ExpertLayout) -> list:
             for p in lay.pieces]
 
 
+_tls = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    """This thread's reusable uint8 buffer of at least ``n`` bytes (decoded exponents)."""
+    buf = getattr(_tls, "exp", None)
+    if buf is None or buf.size < n:
+        buf = _tls.exp = np.empty(max(n, 1 << 20), np.uint8)
+    return buf[:n]
+
+
+def _huffman_tables():
+    """This thread's Huffman decode-table cache (chunks of a tensor share one code)."""
+    c = getattr(_tls, "tables", None)
+    if c is None:
+        c = _tls.tables = huffjit.TableCache()
+    return c
+
+
 def decode_chunk(path, p: Piece, i: int, sm: np.ndarray, exp: np.ndarray, out: np.ndarray,
                  start: int, dctx: zstd.ZstdDecompressor):
     """Decode exponent chunk ``i`` of piece ``p`` and merge it with its SM bytes into
-    ``out[start:start+raw_size]`` (zstd and the Numba merge both release the GIL).
+    ``out[start:start+raw_size]``. Huffman chunks (SPEC §5.3) decode in a Numba kernel into a
+    per-thread buffer, zstd chunks with ``dctx``; both release the GIL, as does the merge.
 
     Raises:
-        zmoe.ChecksumError: the frame does not decode to its recorded size.
+        zmoe.ChecksumError: the chunk does not decode to its recorded size.
     """
     o, n, raw, _ = p.chunks[i]
     merge, smb, _ = MERGE[p.dtype]
-    try:
-        e = dctx.decompress(exp[o:o + n], max_output_size=raw)
-    except zstd.ZstdError as err:
-        raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} does not "
-                                 f"decode ({err})") from None
-    if len(e) != raw:
-        raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} decoded to "
-                                 f"{len(e)} bytes, expected {raw}")
+    if p.codec == EXP_HUFFMAN:
+        e = _scratch(raw)
+        status = _huffman_tables().decode(exp[o:o + n], raw, e)
+        if status:
+            raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} does not "
+                                     f"decode ({huffjit.STATUS[status]})")
+    else:
+        try:
+            b = dctx.decompress(exp[o:o + n], max_output_size=raw)
+        except zstd.ZstdError as err:
+            raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} does not "
+                                     f"decode ({err})") from None
+        if len(b) != raw:
+            raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} decoded to "
+                                     f"{len(b)} bytes, expected {raw}")
+        e = np.frombuffer(b, np.uint8)
     s0 = p.sm[0] + start * smb
-    merge(np.frombuffer(e, np.uint8), sm[s0:s0 + raw * smb], out[start:start + raw])
+    merge(e, sm[s0:s0 + raw * smb], out[start:start + raw])
 
 
 def chunk_jobs(lay: ExpertLayout):
