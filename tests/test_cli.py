@@ -144,7 +144,7 @@ def test_convert_prints_bits_per_weight(tiny_zmoe, tmp_path):
     assert r.exit_code == 0, r.output
     assert out.is_file() and not list(tmp_path.glob("*.tmp-*"))
     lines = r.stdout.splitlines()
-    assert lines[0].startswith(f"{out}: .zmoe v1")
+    assert lines[0].startswith(f"{out}: .zmoe v{zmoe.VERSION}")
     got = {}
     for l in lines[1:]:
         m = re.match(r"^\s+(expert|dense)\s+.*?([\d.]+) bits/weight", l)
@@ -376,27 +376,44 @@ def test_run_truncated_file(tiny_zmoe, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_run_corrupt_experts(tiny_zmoe, tmp_path):
-    bad = tmp_path / "flipped.zmoe"
-    shutil.copy(tiny_zmoe, bad)
-    with zmoe.ZmoeReader(tiny_zmoe) as r:  # corrupt every expert of layer 0: the first used fails
+def _flip_layer0(src, dst, which):
+    """Copy ``src`` to ``dst`` with one bit flipped in the middle of the first exponent chunk
+    (``which="exp"``) or of the SM plane (``"sm"``) of the first tensor of every layer-0 expert."""
+    shutil.copy(src, dst)
+    with zmoe.ZmoeReader(src) as r:
         spans = []
         for (layer, e), block in r.experts.items():
             if layer == 0:
                 t = r.tensors[block["tensors"][0]]
                 part = t["parts"][e] if t["expert"].get("stacked") else t["parts"][0]
-                spans.append(part["exp"][0][:2])
-    with open(bad, "r+b") as f:
+                spans.append(part["exp"][0][:2] if which == "exp" else part["sm"][:2])
+    with open(dst, "r+b") as f:
         for off, size in spans:
             f.seek(off + size // 2)
             b = f.read(1)
             f.seek(off + size // 2)
             f.write(bytes([b[0] ^ 0x01]))
+
+
+def test_run_corrupt_experts(tiny_zmoe, tmp_path):
+    # corrupt every expert of layer 0: the first one used fails its CRC
+    bad = tmp_path / "flipped.zmoe"
+    _flip_layer0(tiny_zmoe, bad, "exp")
     r = cli("run", bad, "-p", "hello", "-n", 5)
     assert_one_line_error(r, bad, "CRC-32")
-    # --no-verify skips the checks: no error (the output is whatever the flipped weights give)
+    # --no-verify skips the CRCs; a Huffman stream whose bits no longer add up is still caught
+    # by its exact-length rule (SPEC §5.3), otherwise the run completes: never a traceback
     r = cli("run", bad, "-p", "hello", "-n", 5, "--no-verify")
-    assert r.exit_code == 0 and stats_of(r.stderr)[2:] == (5, "length")
+    if r.exit_code:
+        assert_one_line_error(r, bad, "does not decode")
+    else:
+        assert stats_of(r.stderr)[2:] == (5, "length")
+    # a flipped sign/mantissa bit is caught only by the CRC; --no-verify runs on it
+    bad_sm = tmp_path / "flipped-sm.zmoe"
+    _flip_layer0(tiny_zmoe, bad_sm, "sm")
+    assert_one_line_error(cli("run", bad_sm, "-p", "hello", "-n", 5), bad_sm, "CRC-32")
+    r = cli("run", bad_sm, "-p", "hello", "-n", 5, "--no-verify")
+    assert r.exit_code == 0 and stats_of(r.stderr)[2:] == (5, "length"), r.stderr
 
 
 # -- chat (scripted) ------------------------------------------------------------------------------
