@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """zipmoe-rt against llama.cpp on the bundled default model, under the same memory cgroup.
 
-    .venv/bin/python tools/compare_llamacpp.py [--limit 600MB] [--budget 380MB] [--reps 3]   # as root
+    .venv/bin/python tools/compare_llamacpp.py [--limit 600MB] [--budget auto] [--reps 3]   # as root
 
 End to end, every step cached under ``~/.cache/zipmoe-rt/llamacpp/`` (``--cache`` to move it):
 
@@ -17,7 +17,13 @@ End to end, every step cached under ``~/.cache/zipmoe-rt/llamacpp/`` (``--cache`
    ``memory.memsw.limit_in_bytes`` = the limit) after ``sync; echo 3 > drop_caches``: llama.cpp
    (llama-cpp-python, n_threads=2, mmap, the same 16 prompt token ids, greedy, EOS ignored) and
    zipmoe-rt (the exact per-configuration code of ``zipmoe-rt bench``, policies zipmoe and
-   zip-lru at ``--budget``); both also without a limit, for reference. Decode tokens/s are
+   zip-lru at ``--budget``); both also without a limit, for reference. ``--budget auto`` (the
+   default) first measures zipmoe-rt's fixed overhead: the same code at a probe budget, 16
+   tokens, in an unlimited cgroup; overhead = peak anonymous memory (memory.stat ``rss``) minus
+   the probe budget (interpreter, numpy/numba, JIT code, tokenizer, index, KV cache, in-flight
+   expert buffers, heap fragmentation: all that ``--memory-budget`` does not count). The
+   budget is then ``limit - overhead - --margin``, the margin leaving room for the file-backed
+   pages (library code, read buffers in the page cache) that the cgroup also charges. Decode tokens/s are
    (64 - 1) / time of the 63 single-token forward passes after the prompt, as ``zipmoe-rt bench``
    defines them; each is repeated ``--reps`` times in the child, with the model file's pages
    dropped from the page cache (posix_fadvise DONTNEED) before every repetition.
@@ -439,6 +445,20 @@ def llama_bench_worker(a) -> None:
     print(json.dumps({"load_s": load_s, "prompt_tokens_match": same_tokens, "runs": runs}))
 
 
+def zipmoe_overhead_worker(a) -> None:
+    """Fixed-overhead probe: one ``zipmoe-rt bench`` configuration at ``--budget`` (warm-up,
+    one tg run); prints the memory report and this process's final anonymous RSS."""
+    sys.path.insert(0, str(REPO))
+    from zipmoe_rt import bench as B
+    runs, mem = B._one_config(a.model, int(a.budget), a.policy, 0, a.n_gen, 1, None, False,
+                              "lru", None)
+    anon = 0
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            anon = int(line.split()[1]) * 1024
+    print(json.dumps({"memory": mem, "rss_anon_end": anon, "runs": runs}))
+
+
 def zipmoe_bench_worker(a) -> None:
     """One configuration exactly as ``zipmoe-rt bench`` runs it (zipmoe_rt.bench._one_config)."""
     sys.path.insert(0, str(REPO))
@@ -457,6 +477,32 @@ def fmt_mb(x) -> str:
     return "-" if not x else f"{x / 1e6:.0f}"
 
 
+def measure_overhead(p: Paths, a, probe_budget: int) -> dict:
+    """zipmoe-rt's memory beyond ``--memory-budget``: run :func:`zipmoe_overhead_worker` in an
+    unlimited cgroup (page cache dropped first) and subtract the probe budget from the peak
+    anonymous memory of the cgroup (polled ``rss``, or the child's final RssAnon if larger).
+
+    Returns a dict: overhead (bytes), probe_budget, anon_peak, cgroup peak, memory report.
+    Raises RuntimeError when the probe fails."""
+    cmd = [sys.executable, __file__, "_zipmoe-overhead", "--model", p.zmoe, "--budget",
+           str(probe_budget), "--policy", "zipmoe", "--n-gen", "16"]
+    how = drop_page_cache([p.zmoe])
+    log(f"measuring zipmoe-rt's fixed overhead (probe budget {probe_budget / 1e6:.0f} MB, no "
+        f"limit, cache dropped via {how}) ...")
+    r = run_in_cgroup("zipmoe-overhead", cmd, None, timeout=a.timeout, cwd=REPO)
+    if r["returncode"] != 0 or r["timed_out"]:
+        tail = " | ".join((r["stderr"] or r["stdout"] or "").strip().splitlines()[-3:])
+        raise RuntimeError(f"overhead probe failed (exit {r['returncode']}): {tail}")
+    res = json.loads(r["stdout"].strip().splitlines()[-1])
+    anon = max(r["stat_peaks"]["rss"], res["rss_anon_end"])
+    out = {"overhead": anon - probe_budget, "probe_budget": probe_budget, "anon_peak": anon,
+           "cgroup_peak": r["max_usage"], "memory": res["memory"]}
+    log(f"  anon peak {anon / 1e6:.0f} MB at budget {probe_budget / 1e6:.0f} MB -> fixed "
+        f"overhead {out['overhead'] / 1e6:.0f} MB (cgroup peak incl. page cache "
+        f"{r['max_usage'] / 1e6:.0f} MB, wall {r['wall_s']:.0f} s)")
+    return out
+
+
 def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, ids, text) -> dict:
     lim = "none" if limit is None else f"{limit / 1e6:.0f}MB"
     name = f"{program}-{policy or 'mmap'}-{lim}"
@@ -466,7 +512,7 @@ def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, i
                "--n-gen", a.n_gen, "--reps", a.reps]
         files = [p.gguf]
     else:
-        budget = "none" if limit is None else str(parse_bytes(a.budget))
+        budget = "none" if limit is None else str(a.budget_bytes)
         cmd = [sys.executable, __file__, "_zipmoe-bench", "--model", p.zmoe, "--budget", budget,
                "--policy", policy, "--n-gen", a.n_gen, "--reps", a.reps]
         files = [p.zmoe]
@@ -476,7 +522,7 @@ def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, i
     r = run_in_cgroup(name, cmd, limit, timeout=a.timeout, cwd=REPO)
     load1 = os.getloadavg()[0]
     row = {"program": program, "policy": policy, "limit": limit, "name": name,
-           "budget": (parse_bytes(a.budget) if (program == "zipmoe-rt" and limit) else None),
+           "budget": (a.budget_bytes if (program == "zipmoe-rt" and limit) else None),
            "cgroup": {k: r.get(k) for k in ("max_usage", "memsw_max_usage", "failcnt",
                                             "memsw_failcnt", "oom_kill", "stat_peaks",
                                             "limit", "memsw_limit", "memsw_error")},
@@ -555,9 +601,17 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "zipmoe-rt" / "llamacpp",
                     help="where the venv, sdist, checkpoint, GGUF, .zmoe and results live")
     ap.add_argument("--limit", default="600MB", help="cgroup memory limit (default 600MB = 600e6 B)")
-    ap.add_argument("--budget", default="380MB",
+    ap.add_argument("--budget", default="auto",
                     help="zipmoe-rt --memory-budget under the limit (weights only; the runtime's "
-                         "fixed overhead, ~200 MB, comes on top) (default 380MB)")
+                         "fixed overhead comes on top). auto (default): measure that overhead "
+                         "first and use limit - overhead - --margin")
+    ap.add_argument("--margin", default="40MB",
+                    help="with --budget auto: room left in the limit for file-backed pages "
+                         "(library code, page cache of expert reads) (default 40MB)")
+    ap.add_argument("--overhead", default=None,
+                    help="with --budget auto: use this fixed overhead instead of measuring it")
+    ap.add_argument("--probe-budget", default="300MB",
+                    help="budget of the overhead measurement run (default 300MB)")
     ap.add_argument("--policy", action="append", choices=["zipmoe", "zip-lru", "raw-lru"],
                     help="zipmoe-rt policies under the limit (repeatable; default zipmoe, zip-lru)")
     ap.add_argument("--n-prompt", type=int, default=16, help="prompt tokens (default 16)")
@@ -566,6 +620,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child (default 1800)")
     ap.add_argument("--no-unlimited", action="store_true", help="skip the unlimited reference rows")
+    ap.add_argument("--zipmoe-only", action="store_true",
+                    help="no llama.cpp (neither built nor run): zipmoe-rt rows under the limit "
+                         "only, e.g. to check a budget quickly")
     ap.add_argument("--setup-only", action="store_true", help="build and check, run no benchmark")
     ap.add_argument("--recalibrate", action="store_true", help="re-run zipmoe-rt calibrate")
     ap.add_argument("--cmake-args", default="-DGGML_NATIVE=ON",
@@ -579,12 +636,15 @@ def main(argv=None) -> int:
         print("error: run as root (memory cgroups and drop_caches)", file=sys.stderr)
         return 1
     try:
-        ensure_sdist(p)
-        ensure_llama_venv(p, a.cmake_args)
+        if not a.zipmoe_only:
+            ensure_sdist(p)
+            ensure_llama_venv(p, a.cmake_args)
         ensure_hf_checkpoint(p)
-        ensure_gguf(p)
+        if not a.zipmoe_only:
+            ensure_gguf(p)
         ensure_zmoe(p, a.recalibrate)
-        answers = {"llama.cpp": llama_chat_check(p), "zipmoe-rt": zipmoe_chat_check(p)}
+        answers = {} if a.zipmoe_only else {"llama.cpp": llama_chat_check(p)}
+        answers["zipmoe-rt"] = zipmoe_chat_check(p)
         for k, v in answers.items():
             log(f"{k} answers {QUESTION!r}: {v!r}")
         if a.setup_only:
@@ -592,13 +652,28 @@ def main(argv=None) -> int:
         ids, text = bench_prompt(p, a.n_prompt)
         log(f"prompt ({len(ids)} tokens): {text!r}")
         limit = parse_bytes(a.limit)
+        overhead = None
+        if a.budget == "auto":
+            if a.overhead is not None:
+                overhead = {"overhead": parse_bytes(a.overhead), "given": True}
+            else:
+                overhead = measure_overhead(p, a, parse_bytes(a.probe_budget))
+            a.budget_bytes = limit - overhead["overhead"] - parse_bytes(a.margin)
+            log(f"zipmoe-rt budget under the {limit / 1e6:.0f} MB limit: {a.budget_bytes / 1e6:.0f} MB "
+                f"= limit - fixed overhead {overhead['overhead'] / 1e6:.0f} MB"
+                f"{' (given)' if a.overhead is not None else ' (measured)'} - margin "
+                f"{parse_bytes(a.margin) / 1e6:.0f} MB")
+        else:
+            a.budget_bytes = parse_bytes(a.budget)
         swap_on = any(l.strip() for l in open("/proc/swaps").read().splitlines()[1:])
         cases = [("llama.cpp", None, limit)] + [("zipmoe-rt", pol, limit) for pol in policies]
         if not a.no_unlimited:
             cases += [("llama.cpp", None, None), ("zipmoe-rt", None, None)]
+        if a.zipmoe_only:
+            cases = [c for c in cases if c[0] == "zipmoe-rt" and c[2] is not None]
         t0 = time.strftime("%Y-%m-%d %H:%M:%S")
         rows = [run_case(p, a, prog, pol, lim, ids, text) for prog, pol, lim in cases]
-        ref_tokens = zipmoe_greedy_tokens(p, ids, a.n_gen)
+        ref_tokens = [] if a.zipmoe_only else zipmoe_greedy_tokens(p, ids, a.n_gen)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -608,18 +683,25 @@ def main(argv=None) -> int:
             r["tokens_equal_zipmoe"] = sum(x == y for x, y in zip(toks, ref_tokens))
             log(f"{r['name']}: {r['tokens_equal_zipmoe']} of {len(toks)} greedy tokens equal "
                 f"zipmoe-rt's")
-    result = {"date": t0, "limit": limit, "budget": parse_bytes(a.budget), "n_prompt": len(ids),
+    result = {"date": t0, "limit": limit, "budget": a.budget_bytes, "overhead": overhead,
+              "margin": parse_bytes(a.margin) if a.budget == "auto" else None, "n_prompt": len(ids),
               "n_gen": a.n_gen, "reps": a.reps, "threads": a.threads, "prompt_text": text,
               "prompt_ids": ids, "swap_on": swap_on, "answers": answers,
               "zipmoe_tokens": ref_tokens,
-              "gguf": str(p.gguf), "gguf_bytes": p.gguf.stat().st_size, "zmoe": str(p.zmoe),
+              "gguf": str(p.gguf), "gguf_bytes": p.gguf.stat().st_size if p.gguf.exists() else None,
+              "zmoe": str(p.zmoe),
               "zmoe_bytes": p.zmoe.stat().st_size, "rows": rows}
     print(table(rows, a.n_gen))
     print(f"\nprompt {len(ids)} tokens, tg{a.n_gen}, {a.reps} repetitions, medians; cgroup v1 "
           f"memory limit {limit / 1e6:.0f} MB (memsw the same; swap {'on' if swap_on else 'off'}); "
           f"page cache dropped before each child and the model file's pages before each "
-          f"repetition; GGUF {p.gguf.stat().st_size / 1e6:.0f} MB BF16, .zmoe "
+          f"repetition; GGUF {p.gguf.stat().st_size / 1e6 if p.gguf.exists() else 0:.0f} MB BF16, .zmoe "
           f"{p.zmoe.stat().st_size / 1e6:.0f} MB; {t0}")
+    if overhead is not None:
+        print(f"zipmoe-rt budget {a.budget_bytes / 1e6:.0f} MB = limit {limit / 1e6:.0f} MB - "
+              f"fixed overhead {overhead['overhead'] / 1e6:.0f} MB "
+              f"({'given' if overhead.get('given') else 'measured: anon peak %.0f MB at a %.0f MB probe budget' % (overhead['anon_peak'] / 1e6, overhead['probe_budget'] / 1e6)})"
+              f" - margin {parse_bytes(a.margin) / 1e6:.0f} MB")
     lt = {r["limit"]: r for r in rows if r["program"] == "llama.cpp"}
     best = max((r for r in rows if r["program"] == "zipmoe-rt" and r["limit"] == limit
                 and "tg_median" in r), key=lambda r: r["tg_median"], default=None)
@@ -636,7 +718,8 @@ def main(argv=None) -> int:
 
 def _worker(argv) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("verb", choices=["_llama-chat", "_llama-bench", "_zipmoe-bench"])
+    ap.add_argument("verb", choices=["_llama-chat", "_llama-bench", "_zipmoe-bench",
+                                     "_zipmoe-overhead"])
     ap.add_argument("--model", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-ids", default="")
@@ -647,7 +730,7 @@ def _worker(argv) -> int:
     ap.add_argument("--policy", default="zipmoe")
     a = ap.parse_args(argv)
     {"_llama-chat": llama_chat_worker, "_llama-bench": llama_bench_worker,
-     "_zipmoe-bench": zipmoe_bench_worker}[a.verb](a)
+     "_zipmoe-bench": zipmoe_bench_worker, "_zipmoe-overhead": zipmoe_overhead_worker}[a.verb](a)
     return 0
 
 

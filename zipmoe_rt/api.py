@@ -101,15 +101,33 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     engine = None
     try:
         tok = _tokenizer(source)
+        # the tokenizer holds its own parsed copy; the JSON text (~7 MB as a str) is not needed
+        source.release_metadata("tokenizer.json")
         if budgeted:
             engine = _engine(source, parse_size(memory_budget, source), policy, eviction, workers,
                              direct, trace, verify)
-        return Model(source, build_model(source, executor=engine), tok, path, engine)
+        model = Model(source, build_model(source, executor=engine), tok, path, engine)
+        if budgeted:
+            _release_load_memory(source)
+        return model
     except BaseException:
         if engine is not None:
             engine.close()
         source.close()
         raise
+
+
+def _release_load_memory(source) -> None:
+    """After a budgeted load, give back what loading left behind and a memory cgroup would
+    keep charging: the model file's pages in the page cache (dense weights and tiers were read
+    into process memory with pread, so nothing maps them) and the freed C heap."""
+    import gc
+
+    from .engine.io import release_heap
+
+    source.drop_page_cache()
+    gc.collect()
+    release_heap()
 
 
 def _engine(source, budget, policy, eviction, workers, direct, trace, verify):
@@ -146,9 +164,11 @@ def _engine(source, budget, policy, eviction, workers, direct, trace, verify):
 
 def _tokenizer(source) -> Tokenizer:
     meta = source.metadata
-    if "tokenizer.json" not in meta:
+    value = getattr(source, "metadata_value", meta.get)   # a ZmoeSource may have released it
+    tok_json = value("tokenizer.json")
+    if tok_json is None:
         raise ValueError(f"{source.path}: has no tokenizer (convert a folder with tokenizer.json)")
-    return Tokenizer.from_hf_config(meta["tokenizer.json"], meta.get("tokenizer.config") or {},
+    return Tokenizer.from_hf_config(tok_json, meta.get("tokenizer.config") or {},
                                     meta.get("tokenizer.chat_template"))
 
 

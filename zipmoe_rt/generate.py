@@ -334,6 +334,15 @@ def _cache_len(cache: Any) -> int | None:
     return None
 
 
+def _accepts(fn: Callable, name: str) -> bool:
+    """Whether callable ``fn`` takes a keyword argument ``name``."""
+    import inspect
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @dataclass
 class CacheState:
     """A model's KV cache plus the token ids it holds.
@@ -357,8 +366,15 @@ class CacheState:
     valid: bool = True
 
     @classmethod
-    def new(cls, model: Any) -> "CacheState":
-        """An empty state: ``CacheState(model.new_cache(), [])``."""
+    def new(cls, model: Any, max_tokens: int | None = None) -> "CacheState":
+        """An empty state: ``CacheState(model.new_cache(), [])``.
+
+        ``max_tokens``: the most positions this state will hold, if known; passed on as
+        ``model.new_cache(max_tokens=...)`` where the model accepts it (a smaller initial KV
+        allocation; the cache still grows on demand).
+        """
+        if max_tokens is not None and _accepts(model.new_cache, "max_tokens"):
+            return cls(model.new_cache(max_tokens=int(max_tokens)), [])
         return cls(model.new_cache(), [])
 
     def __len__(self) -> int:
@@ -707,7 +723,7 @@ def generate(
     except (TypeError, ValueError) as e:
         raise ValueError(f"stop_ids: expected integer ids, got {stop_ids!r}") from e
     if cache is None:
-        cache = CacheState.new(model)
+        cache = CacheState.new(model, max_tokens=len(ids) + params.max_tokens)
     elif not isinstance(cache, CacheState):
         raise TypeError(
             f"cache: expected a CacheState (e.g. generation.state, or CacheState(model_cache, token_ids)), "

@@ -54,6 +54,7 @@ class ZmoeSource:
         self._dense: dict = {}
         self._experts: dict = {}
         self._layouts = None
+        self._released: set = set()
         self._tls = threading.local()
         self.bytes_read = 0
 
@@ -94,6 +95,41 @@ class ZmoeSource:
             raise zmoe.ChecksumError(f"{self.path}: tensor {name!r}: raw data fails its CRC-32 "
                                      f"(corrupt file)")
         return buf.view(NUMPY_DTYPES[t["dtype"]]).reshape(t["shape"])
+
+    def forget(self, *names: str) -> None:
+        """Drop this source's own references to dense tensors ``names`` (a model that copied
+        or converted them, e.g. q/k/v concatenated into one matrix, then holds the only copy).
+        A later :meth:`tensor` call reads the tensor again."""
+        for n in names:
+            self._dense.pop(n, None)
+
+    def forget_dense(self) -> None:
+        """:meth:`forget` every dense tensor read so far (called once a model is built)."""
+        self._dense.clear()
+
+    def release_metadata(self, *keys: str) -> None:
+        """Drop large metadata values that are not needed after load (e.g. ``tokenizer.json``,
+        ~7 MB as a Python string). :meth:`metadata_value` still finds them (re-read from the
+        file's index)."""
+        for k in keys:
+            if self.metadata.pop(k, None) is not None:
+                self._released.add(k)
+
+    def metadata_value(self, key: str, default=None):
+        """``metadata[key]``, re-reading the index when :meth:`release_metadata` dropped it."""
+        if key in self.metadata or key not in self._released:
+            return self.metadata.get(key, default)
+        return zmoe.ZmoeReader(self.path).metadata.get(key, default)
+
+    def drop_page_cache(self) -> bool:
+        """Drop the model file's pages from the OS page cache (posix_fadvise DONTNEED), e.g.
+        after dense weights and cache tiers were read into process memory, so that a memory
+        cgroup stops charging them. Mapped pages in use are not dropped. False if unsupported."""
+        from .io import evict_page_cache
+        try:
+            return evict_page_cache(self.path)
+        except OSError:
+            return False
 
     def dense_bytes(self) -> int:
         """Bytes of all dense tensors (what stays resident)."""

@@ -730,6 +730,11 @@ class Model:
         self.norm = to_f32(source.tensor("model.norm.weight"))
         self.moe_layers = set(a.moe_layers)
         self.layers = [self.build_layer(i) for i in range(a.num_hidden_layers)]
+        # the model holds every dense array it uses; the source's cache would only keep the
+        # originals of converted ones (widened norms) alive
+        forget_all = getattr(source, "forget_dense", None)
+        if forget_all is not None:
+            forget_all()
 
     # -- weights -------------------------------------------------------------------------------
 
@@ -753,8 +758,17 @@ class Model:
         kw["bo"] = self._opt(p + "o_proj.bias")
         if self.args.qk_norm:
             kw.update(q_norm=t(p + "q_norm.weight"), k_norm=t(p + "k_norm.weight"))
-        return Attention(self.args, i, t(p + "q_proj.weight"), t(p + "k_proj.weight"),
+        attn = Attention(self.args, i, t(p + "q_proj.weight"), t(p + "k_proj.weight"),
                          t(p + "v_proj.weight"), t(p + "o_proj.weight"), **kw)
+        # q/k/v now live concatenated in attn.wqkv: let the source drop its copies layer by
+        # layer (a ZmoeSource with copy_dense holds them in process memory: 32 MB here)
+        self._forget(p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight")
+        return attn
+
+    def _forget(self, *names):
+        forget = getattr(self.source, "forget", None)
+        if forget is not None:
+            forget(*names)
 
     def build_mlp(self, i: int):
         """The feed-forward block of layer ``i`` (family specific)."""
@@ -776,8 +790,17 @@ class Model:
 
     # -- inference -----------------------------------------------------------------------------
 
-    def new_cache(self, capacity: int = 256) -> KVCache:
-        """An empty :class:`KVCache` for this model."""
+    def new_cache(self, capacity: int = 256, max_tokens: int | None = None) -> KVCache:
+        """An empty :class:`KVCache` for this model.
+
+        Args:
+            capacity: positions allocated up front (the cache grows by doubling past it).
+            max_tokens: the most positions the caller will store, if known: the initial
+                allocation is then ``min(capacity, max_tokens)`` (a short run does not hold
+                ``capacity`` positions of every layer: 12 MB for the default model).
+        """
+        if max_tokens is not None:
+            capacity = max(1, min(capacity, int(max_tokens)))
         a = self.args
         return KVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, capacity)
 
