@@ -8,8 +8,11 @@
 * Errors: budgets below the minimum (API and CLI), unparseable budgets, missing / foreign /
   malformed traces, policies that do not fit the file's expert encoding.
 * Accounting: memory_report() within the budget at every MoE call, hit counters = expert uses,
-  a second pass with everything cached is all F hits with no reads, zipmoe tiers = the plan by
-  trace popularity rank.
+  a second pass with everything cached is all F hits with no reads, zipmoe tiers = the plan
+  (F warm-started by trace popularity, static C/S/E slots on the plan's order).
+* zipmoe's F pool: LRU eviction with frequency-aware admission over static slots (an evicted
+  expert falls back to its slot), exactly what the planner's trace replay predicts; traces keep
+  the token sequences and per-layer repeats, and malformed sequences are refused.
 * Corruption: a flipped byte in an expert's region raises zmoe.ChecksumError naming the tensor.
 
 """
@@ -146,15 +149,17 @@ class Case:
 
 
 def make_engine(case: Case, budget: int, policy: str, eviction: str = "lru", delay=None,
-                path: Path | None = None):
-    """(source, engine, plan) over a fresh budgeted source; zipmoe plans from the case's trace."""
+                path: Path | None = None, trace: str = "recorded", locality: bool = True):
+    """(source, engine, plan) over a fresh budgeted source; zipmoe plans from the case's trace
+    (``recorded``: with token sequences; ``counts-only``: an older trace without them)."""
     path = path or (case.raw if policy == "raw-lru" else case.zmoe)
     source = ZmoeSource(path, keep_experts=False, copy_dense=True)
     plan = None
     try:
         if policy == "zipmoe":
-            tr = prof.load_trace(case.trace_path, source)
-            plan, ranks = prof.make_plan(tr, delay, budget_split(source, budget)[2], case.k)
+            tr = prof.load_trace(case.folder / f"{trace}.trace.json", source)
+            plan, ranks = prof.make_plan(tr, delay, budget_split(source, budget)[2], case.k,
+                                         locality=locality)
             engine = ExpertEngine(source, budget, "zipmoe", eviction, plan=plan.layers,
                                   ranks=ranks, workers=WORKERS, delay=delay)
         else:
@@ -217,8 +222,14 @@ def tiny_case(tiny_moe_dir, tmp_path_factory):
             trace = {"version": 1, "fingerprint": prof.fingerprint(src), "model": name,
                      "moe_layers": rec.moe_layers, "num_experts": int(src.hparams["num_experts"]),
                      "top_k": int(src.hparams["num_experts_per_tok"]), "tokens": rec.tokens,
-                     "prompts": 1, "locality": None, "counts": rec.counts.tolist()}
+                     "prompts": 1, "locality": None, "counts": rec.counts.tolist(),
+                     "sequences": rec.sequences()}
+            assert len(trace["sequences"]) == 1 and len(trace["sequences"][0]) == 8
             trace_path = prof.save_trace(trace, folder / "recorded.trace.json")
+            # the same trace as an older profile wrote it: counts and locality, no sequences
+            old = {k: v for k, v in trace.items() if k != "sequences"}
+            old["locality"] = rec.repeats / rec.pairs
+            prof.save_trace(old, folder / "counts-only.trace.json")
             case = Case(name=name, zmoe=z, raw=raw, folder=folder, hp=dict(src.hparams),
                         layouts=layouts, dense=src.dense_bytes(),
                         bytes_F=max(l.full_bytes for l in layouts.values()), ids=ids,
@@ -361,46 +372,163 @@ def test_second_pass_with_everything_cached_is_all_F_hits(case, eviction):
     assert tokens == case.ref_tokens
 
 
+@pytest.mark.parametrize("trace,locality", [("recorded", True), ("counts-only", True),
+                                            ("recorded", False)],
+                         ids=["sequences", "counts-only", "static-plan"])
 @pytest.mark.parametrize("delay", list(DELAYS))
 @pytest.mark.parametrize("budget", ["mid", "all"])
-def test_zipmoe_tiers_follow_the_plan_by_popularity_rank(case, budget, delay):
+def test_zipmoe_tiers_follow_the_plan(case, budget, delay, trace, locality):
+    """F starts with the nF most popular experts (LRU order: the most popular the most recent);
+    C/S/E slots sit on the plan's static order (recency plans) or on the popularity ranks after
+    F (static plans); they stay put while F changes, and bytes are what the plan says."""
     b = case.budget(budget)
-    source, engine, plan = make_engine(case, b, "zipmoe", "lru", case.delay(delay))
+    source, engine, plan = make_engine(case, b, "zipmoe", "lru", case.delay(delay), trace=trace,
+                                       locality=locality)
     try:
         ranks = popularity_ranks(case.counts)
         N = int(case.hp["num_experts"])
         want_bytes = {"F": 0, "C": 0, "S": 0, "E": 0}
         static = {}
         for layer, tp, order in zip(case.hp["moe_layers"], plan.layers, ranks):
-            tiers = tp.tier_of_rank(N)
-            assert len(tiers) == N
-            assert [engine.tier_of(layer, e) for e in order] == tiers
-            assert len(engine.fpools[layer].slots) == tp.nF == engine.fpools[layer].capacity
-            for e, t in zip(order, tiers):
+            pool = engine.fpools[layer]
+            assert pool.capacity == tp.nF and pool.eviction == "lru"
+            assert list(pool.slots) == [(layer, e) for e in reversed(order[:tp.nF])]
+            if locality:
+                assert sorted(tp.order) == list(range(N))
+                slot_order = list(tp.order)
+            else:
+                assert tp.order is None
+                assert [engine.tier_of(layer, e) for e in order] == tp.tier_of_rank(N)
+                slot_order = order[tp.nF:]
+            tiers = ["C"] * tp.nC + ["S"] * tp.nS + ["E"] * tp.nE
+            for e, t in zip(slot_order, tiers):
+                static[(layer, e)] = t
                 lay = case.layouts[(layer, e)]
-                want_bytes[t if t != "miss" else "F"] += {
-                    "F": lay.full_bytes, "C": lay.sm_region[1] + lay.exp_region[1],
-                    "S": lay.sm_region[1], "E": lay.exp_region[1], "miss": 0}[t]
-                if t in "CSE":
-                    static[(layer, e)] = t
+                want_bytes[t] += {"C": lay.sm_region[1] + lay.exp_region[1],
+                                  "S": lay.sm_region[1], "E": lay.exp_region[1]}[t]
+            want_bytes["F"] += sum(case.layouts[(layer, e)].full_bytes for e in order[:tp.nF])
+            for e in range(N):
+                want = "F" if e in order[:tp.nF] else static.get((layer, e), "miss")
+                assert engine.tier_of(layer, e) == want
+        assert {k: s.tier for k, s in engine.slots.items()} == static
         rep = engine.memory_report()
         assert {t: rep[t] for t in "FCSE"} == want_bytes
-        assert want_bytes["C"] + want_bytes["S"] + want_bytes["E"] + want_bytes["F"] \
-            <= engine.tier_budget
+        assert sum(want_bytes.values()) <= plan.bytes <= engine.tier_budget
         assert resident_total(rep) <= b
-        # C/S/E slots are static: after a run they are still there (an expert may also have
-        # been promoted to F), and their bytes are unchanged
+        # C/S/E slots are static: after a run they are still there (an expert may also be in
+        # F), and their bytes are unchanged; F holds at most nF experts per layer
         net = build_model(source, executor=engine)
         logits, tokens = generate(net, case.ids, DECODE_STEPS)
         assert {k: s.tier for k, s in engine.slots.items()} == static
         after = engine.memory_report()
         assert {t: after[t] for t in "CSE"} == {t: want_bytes[t] for t in "CSE"}
+        for layer, tp in zip(case.hp["moe_layers"], plan.layers):
+            assert len(engine.fpools[layer].slots) <= tp.nF
         assert after["F"] <= sum(tp.nF for tp in plan.layers) * case.bytes_F
+        assert resident_total(after) <= b
     finally:
         engine.close()
         source.close()
     assert_same_logits(logits, case.ref_logits)
     assert tokens == case.ref_tokens
+
+
+def test_zipmoe_f_pool_is_recency_and_evicted_expert_keeps_its_slot(tiny_case):
+    """zipmoe's F pool is an LRU on top of the static slots: an expert it has to rebuild is
+    admitted, the least recently used one is evicted and falls back to its C/S/E slot (or to a
+    miss); outputs stay those of the unbudgeted executor."""
+    from zipmoe_rt.engine.planner import TierPlan
+    from zipmoe_rt.models.base import ExpertExecutor
+
+    c = tiny_case("mixtral")
+    assert (int(c.hp["num_experts"]), c.k) == (4, 2)
+    layers = c.hp["moe_layers"]
+    # every layer: F = LRU of 2 experts; expert 0 also has a C slot, expert 3 an S slot
+    tp = TierPlan(2, 1, 1, 0, 0.0, 0.0, order=(0, 3, 1, 2))
+    src = ZmoeSource(c.zmoe, keep_experts=False, copy_dense=True)
+    ref_src = ZmoeSource(c.zmoe)
+    engine = ExpertEngine(src, c.budget("all"), "zipmoe", plan=[tp] * len(layers),
+                          ranks=[[0, 1, 2, 3]] * len(layers), workers=WORKERS)
+    try:
+        ref = ExpertExecutor(ref_src)
+        layer = layers[0]
+        pool = engine.fpools[layer]
+        rng = np.random.default_rng(0)
+
+        def step(experts):
+            x = rng.standard_normal((1, int(c.hp["hidden_size"]))).astype(np.float32)
+            idx = np.array([experts], dtype=np.int64)
+            w = np.array([[0.625, 0.375]], np.float32)
+            before = dict(engine.stats.hits)
+            out = engine.run(layer, x, idx, w)
+            assert np.array_equal(out, ref.run(layer, x, idx, w))
+            assert resident_total(engine.memory_report()) <= engine.budget
+            return {t: n - before[t] for t, n in engine.stats.hits.items() if n != before[t]}
+
+        def tiers():
+            return [engine.tier_of(layer, e) for e in range(4)]
+
+        reads0 = engine.stats.reads
+        # warm start: the two most popular, 0 the most recently used
+        assert list(pool.slots) == [(layer, 1), (layer, 0)]
+        assert tiers() == ["F", "F", "miss", "S"]
+        # 2 (miss) and 3 (S) are rebuilt and admitted, evicting 1 then 0: 0 falls back to C
+        assert step([3, 2]) == {"S": 1, "miss": 1}
+        assert list(pool.slots) == [(layer, 2), (layer, 3)]
+        assert tiers() == ["C", "miss", "F", "F"]
+        # 2 hits F and becomes the most recent; 0 is rebuilt from its C slot and evicts 3
+        # (the least recently used), which falls back to its S slot
+        assert step([0, 2]) == {"F": 1, "C": 1}
+        assert list(pool.slots) == [(layer, 2), (layer, 0)]
+        assert tiers() == ["F", "miss", "F", "S"]
+        assert step([2, 0]) == {"F": 2}
+        assert list(pool.slots) == [(layer, 0), (layer, 2)]   # order of use within a token: by id
+        # frequency-aware admission: recent uses 0: 2, 1: 0, 2: 3, 3: 1 -> 1 (used once now)
+        # may not push out 0 (twice), 3 (twice now) may
+        assert step([1, 3]) == {"miss": 1, "S": 1}
+        assert list(pool.slots) == [(layer, 2), (layer, 3)]
+        assert tiers() == ["C", "miss", "F", "F"]
+        assert {k: s.tier for k, s in engine.slots.items()} == {
+            **{(l, 0): "C" for l in layers}, **{(l, 3): "S" for l in layers}}
+        # flash reads: 2's and 1's exponents and SM planes (miss), 3's exponents twice (S); none
+        # for 0 (C)
+        assert engine.stats.reads - reads0 == 6
+    finally:
+        engine.close()
+        src.close()
+        ref_src.close()
+
+
+@pytest.mark.parametrize("nF", [1, 2, 3])
+def test_zipmoe_f_pool_is_what_the_planner_replays(tiny_case, nF):
+    """The planner's trace replay (lru_pool_model with admission) predicts the engine's F hits
+    token by token: same recency order, same admission counts and halvings."""
+    from zipmoe_rt.engine.planner import TierPlan, lru_pool_model
+
+    c = tiny_case("mixtral")
+    layers = c.hp["moe_layers"]
+    rng = np.random.default_rng(nF)
+    seq = [sorted(rng.choice(4, 2, replace=False, p=[.4, .3, .2, .1]).tolist())
+           for _ in range(80)]                       # 160 touches: the counts halve (window 16·nF·2)
+    src = ZmoeSource(c.zmoe, keep_experts=False, copy_dense=True)
+    engine = ExpertEngine(src, c.budget("all"), "zipmoe",
+                          plan=[TierPlan(nF, 0, 0, 0, 0.0, 0.0, order=(0, 1, 2, 3))] * len(layers),
+                          ranks=[[2, 0, 3, 1]] * len(layers), workers=WORKERS)
+    try:
+        x = np.ones((1, int(c.hp["hidden_size"])), np.float32)
+        got = np.zeros(3)
+        for sel in seq:
+            before = engine.stats.hits["F"]
+            engine.run(layers[0], x, np.array([sel[::-1]], np.int64),
+                       np.array([[.5, .5]], np.float32))
+            got[engine.stats.hits["F"] - before] += 1
+    finally:
+        engine.close()
+        src.close()
+    model = lru_pool_model([np.array(seq)], 4, 2, warm=[2, 0, 3, 1], admission=True)
+    assert np.array_equal(model.hit_pmf[nF] * len(seq), got)
+    plain = lru_pool_model([np.array(seq)], 4, 2, warm=[2, 0, 3, 1])
+    assert model.expected_hits()[nF] >= plain.expected_hits()[nF]
 
 
 def test_budget_split_values(case):
@@ -538,6 +666,53 @@ def test_malformed_trace_files(tiny_case, tmp_path, content, needle):
     with pytest.raises(TraceError, match=re.escape(needle)) as ei:
         zipmoe_rt.load(c.zmoe, memory_budget=c.budget("mid"), policy="zipmoe", trace=p)
     assert str(p) in str(ei.value)
+
+
+@pytest.mark.parametrize("mangle,needle", [
+    (lambda seq: [[row[:-1] for row in run] for run in seq], "a sequence has shape"),
+    (lambda seq: [[[[99] + ids[1:] for ids in row] for row in run] for run in seq],
+     "expert ids outside"),
+    (lambda seq: [[[[ids[0]] * len(ids) for ids in row] for row in run] for run in seq],
+     "the same expert twice"),
+    (lambda seq: "abc", "sequences are not"),
+])
+def test_trace_sequences_are_checked(tiny_case, tmp_path, mangle, needle):
+    c = tiny_case("mixtral")
+    t = json.loads(c.trace_path.read_text())
+    t["sequences"] = mangle(t["sequences"])
+    p = tmp_path / "bad.trace.json"
+    p.write_text(json.dumps(t))
+    with pytest.raises(TraceError, match=re.escape(needle)) as ei:
+        zipmoe_rt.load(c.zmoe, memory_budget=c.budget("mid"), policy="zipmoe", trace=p)
+    assert str(p) in str(ei.value)
+
+
+def test_trace_recorder_keeps_token_sequences_and_repeats():
+    """Decode tokens are kept per run (new_sequence between prompts), layer by layer; repeats
+    count the experts the previous token of the same run also selected, per layer, and match
+    the planner's repeat_probability on the recorded sequences."""
+    from zipmoe_rt.engine.planner import repeat_probability
+
+    rec = prof.TraceRecorder({"moe_layers": [1, 3], "num_experts": 4})
+    tok = lambda *ids: np.array([ids], np.int64)   # noqa: E731  one token's top-k
+    for l1, l3 in [((0, 1), (2, 3)), ((1, 2), (3, 2)), ((2, 1), (0, 1))]:
+        rec(1, None, None, tok(*l1), None)
+        rec(3, None, None, tok(*l3), None)
+    rec(1, None, None, np.array([[0, 1], [2, 3]]), None)    # a prefill call: not recorded
+    rec.new_sequence()
+    for l1, l3 in [((3, 0), (0, 1)), ((0, 3), (1, 2))]:
+        rec(1, None, None, tok(*l1), None)
+        rec(3, None, None, tok(*l3), None)
+    rec.new_sequence()
+    seqs = rec.sequences()
+    assert seqs == [[[[0, 1], [2, 3]], [[1, 2], [2, 3]], [[1, 2], [0, 1]]],
+                    [[[0, 3], [0, 1]], [[0, 3], [1, 2]]]]
+    # layer 1: run 1: {1,2}∩{0,1} = 1, {1,2}∩{1,2} = 2; run 2: {0,3}∩{0,3} = 2 -> 5 of 6
+    # layer 3: run 1: {2,3}∩{2,3} = 2, {0,1}∩{2,3} = 0; run 2: {1,2}∩{0,1} = 1 -> 3 of 6
+    assert rec.layer_repeats.tolist() == [5, 3] and rec.layer_pairs.tolist() == [6, 6]
+    assert (rec.repeats, rec.pairs, rec.tokens) == (8, 12, 5)
+    assert repeat_probability(seqs).tolist() == [5 / 6, 3 / 6]
+    assert rec.counts.tolist() == [[3, 3, 2, 2], [2, 3, 3, 2]]   # decode tokens only
 
 
 def test_policy_must_match_the_expert_encoding(tiny_case):

@@ -538,3 +538,178 @@ def test_plan_model_realistic_size_runs():
     none = P.plan_model(counts, k, 0, d).predicted_makespan_s
     full = P.plan_model(counts, k, L * n * 100, d).predicted_makespan_s
     assert full < plan.predicted_makespan_s < none
+
+
+# ------------------------------------------------------------------------------------------------
+# §3.6: temporal locality, recency F pools
+# ------------------------------------------------------------------------------------------------
+
+def test_repeat_probability_hand_case():
+    # 2 layers, k = 2; run A has 3 tokens, run B 2, run C 1 (no pair: contributes nothing)
+    A = [[[0, 1], [0, 1]], [[1, 2], [2, 3]], [[1, 2], [0, 2]]]
+    B = [[[3, 0], [1, 2]], [[0, 3], [3, 0]]]
+    C = [[[0, 1], [2, 3]]]
+    # layer 0: A {1,2}∩{0,1} = 1, {1,2}∩{1,2} = 2; B {0,3}∩{3,0} = 2  -> 5 of 6 selections
+    # layer 1: A {2,3}∩{0,1} = 0, {0,2}∩{2,3} = 1; B {3,0}∩{1,2} = 0  -> 1 of 6
+    assert P.repeat_probability([A, B, C]).tolist() == [5 / 6, 1 / 6]
+    assert np.isnan(P.repeat_probability([C])).all()
+    with pytest.raises(ValueError):
+        P.repeat_probability([])
+    with pytest.raises(ValueError):
+        P.repeat_probability([[[0, 1], [1, 2]]])          # not [T, L, k]
+    with pytest.raises(ValueError):
+        P.repeat_probability([A, [[[0, 1, 2], [0, 1, 2]]]])   # runs disagree in k
+
+
+def test_lru_pool_model_hand_case():
+    # N = 4, k = 2, one run; warm start by popularity 0, 1, 2, 3
+    run = [[0, 1], [2, 1], [2, 3], [3, 0]]
+    m = P.lru_pool_model([np.array(run)], 4, 2, warm=[0, 1, 2, 3])
+    # C = 0: all miss; C = 4: all hit
+    assert m.hit_pmf[0].tolist() == [1, 0, 0] and m.miss_rate[0].tolist() == [.5] * 4
+    assert m.hit_pmf[4].tolist() == [0, 0, 1] and m.miss_rate[4].tolist() == [0] * 4
+    # C = 1: pool [0]; {0,1}: 0 hits, 1 evicts 0; {1,2}: 1 hits, 2 evicts 1; {2,3}: 2 hits,
+    # 3 evicts 2; {0,3}: 3 hits, 0 evicts 3 -> one hit per token, each expert missed once
+    assert m.hit_pmf[1].tolist() == [0, 1, 0] and m.miss_rate[1].tolist() == [.25] * 4
+    # C = 2: pool [1, 0] (0 most recent); {0,1}: 2 hits -> [0, 1]; {1,2}: 1 hits -> [0, 1],
+    # 2 evicts 0 -> [1, 2]; {2,3}: 2 hits, 3 evicts 1 -> [2, 3]; {0,3}: 3 hits, 0 evicts 2
+    assert m.hit_pmf[2].tolist() == [0, .75, .25]
+    assert m.miss_rate[2].tolist() == [.25, 0, .25, .25]
+    # C = 3: pool [2, 1, 0]; two hits twice, then 3 evicts 0 (LRU after {0,1}, {1,2}) and
+    # 0 comes back evicting 1
+    assert m.hit_pmf[3].tolist() == [0, .5, .5]
+    assert m.miss_rate[3].tolist() == [.25, 0, 0, .25]
+    assert np.allclose(m.miss_rate.sum(axis=1), 2 - m.expected_hits())
+    # the pool carries over between runs; without a warm start it begins empty
+    cold = P.lru_pool_model([np.array(run[:2]), np.array(run[2:])], 4, 2)
+    assert cold.hit_pmf[4].tolist() == [.25, .5, .25]   # 0 hits, then 1, 1, 2
+    for bad in ([np.array([[0, 0]])], [np.array([[0, 4]])], [np.array([[0, 1, 2]])], []):
+        with pytest.raises(ValueError):
+            P.lru_pool_model(bad, 4, 2)
+
+
+def test_lru_pool_model_admission_hand_case():
+    # N = 3, k = 1, C = 1, empty start; window 16·1·1 selections (no halving in 7)
+    run = np.array([[0], [0], [1], [0], [2], [2], [0]])
+    adm = P.lru_pool_model([run], 3, 1, admission=True)
+    # counts before each admission: 1 (count 1) vs 0 (2): refused; 2 (1, then 2) vs 0 (3, 3):
+    # refused -> 0 stays and hits at tokens 1, 3, 6
+    assert adm.hit_pmf[1].tolist() == [4 / 7, 3 / 7]
+    assert (adm.miss_rate[1] * 7).tolist() == [1, 1, 2]
+    # plain LRU: every miss replaces the pool's expert -> hits at tokens 1 and 5
+    lru = P.lru_pool_model([run], 3, 1)
+    assert lru.hit_pmf[1].tolist() == [5 / 7, 2 / 7]
+    assert (lru.miss_rate[1] * 7).tolist() == [3, 1, 1]
+    # halving: 20 uses of 0, then 1 twice: 0's count is 20 -> halved to 8 at the 16th selection
+    # (then 4 more: 12), so 1 (2) is refused twice; C = 1, window 16
+    run2 = np.array([[0]] * 20 + [[1]] * 2)
+    m = P.lru_pool_model([run2], 3, 1, admission=True)
+    assert m.hit_pmf[1].tolist() == [3 / 22, 19 / 22]
+
+
+def test_locality_pool_model_formula_hand_case():
+    pi = [0.8, 0.4, 0.6, 0.2]           # Σ = k = 2; sorted shares s = 0, .4, .7, .9, 1
+    m = P.locality_pool_model(pi, 0.9, 2)
+    # q(C) = max(s(C), ρ·min(C,k)/k + (1−ρ)·s(C−k)): C=1: max(.4, .45); C=2: max(.7, .9);
+    # C=3: max(.9, .9 + .1·.4); C=4: max(1, .9 + .1·.7)
+    q = np.array([0, .45, .9, .94, 1.0])
+    assert m.expected_hits() == pytest.approx(2 * q)
+    assert m.hit_pmf[2] == pytest.approx([.01, .18, .81])
+    assert m.miss_rate[2] == pytest.approx(np.array(pi) * .1)
+    # no locality: an LRU is credited with the static pool's hits
+    static = P.locality_pool_model(pi, 0.0, 2)
+    assert static.expected_hits() == pytest.approx(2 * np.array([0, .4, .7, .9, 1]))
+    with pytest.raises(ValueError):
+        P.locality_pool_model(pi, 1.5, 2)
+    with pytest.raises(ValueError):
+        P.locality_pool_model([0.5, 0.5, 0.5, 0.2], 0.3, 2)
+
+
+def bf_lru_makespan(model, counts, k, delay):
+    """Enumeration of layer_frontier_lru's model: hF ~ hit_pmf[nF]; the k − hF misses are the
+    conditional Poisson design with weights odds(miss_rate[nF]); static tiers by miss rate."""
+    nF, nC, nS, nE = counts
+    u = model.miss_rate[nF]
+    n = len(u)
+    order = sorted(range(n), key=lambda e: (-u[e], e))
+    tier = {e: rank_tiers(n, (0, nC, nS, nE))[r] for r, e in enumerate(order)}
+    p = np.clip(u, 0, 1 - 1e-9)
+    w = p / (1 - p)
+    tot = norm = 0.0
+    for h in range(k + 1):
+        subs = list(itertools.combinations(range(n), k - h))
+        ws = [math.prod(w[i] for i in S) for S in subs]
+        if model.hit_pmf[nF, h] <= 0 or sum(ws) <= 0:
+            continue
+        norm += model.hit_pmf[nF, h]
+        for S, x in zip(subs, ws):
+            hits = {t: 0 for t in TIERS}
+            hits["F"] = h
+            for e in S:
+                hits[tier[e]] += 1
+            tot += model.hit_pmf[nF, h] * x / sum(ws) * delay.layer_makespan(hits)
+    return tot / norm
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_layer_frontier_lru_matches_enumeration(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 6))
+    k = int(rng.integers(1, n + 1))
+    d = random_delay(rng, chunks=int(rng.integers(1, 3)))
+    runs = [np.array([rng.choice(n, k, replace=False) for _ in range(int(rng.integers(1, 9)))])
+            for _ in range(2)]
+    models = [P.lru_pool_model(runs, n, k, warm=list(rng.permutation(n))),
+              P.locality_pool_model(P.inclusion_probabilities(rng.random(n) + 0.01, k),
+                                    float(rng.random()), k)]
+    for m in models:
+        f, orders = P.layer_frontier_lru(m, k, d)
+        assert len(f.bytes) == (n + 1) * math.comb(n + 3, 3)   # every nF, every (nC, nS, nE)
+        for c, b, em in zip(f.counts, f.bytes, f.makespan_s):
+            assert b == d.plan_bytes(*c)
+            assert em == pytest.approx(bf_lru_makespan(m, c, k, d), rel=1e-9, abs=1e-12)
+        for C, o in enumerate(orders):
+            u = m.miss_rate[C]
+            assert list(o) == sorted(range(n), key=lambda e: (-u[e], e))
+        pf, _ = P.layer_frontier_lru(m, k, d, pareto=True)
+        assert set(map(tuple, pf.counts)) <= set(map(tuple, f.counts))
+        # the per-capacity Pareto sets keep every globally Pareto-optimal plan
+        full, part = f.pareto(), pf.pareto()
+        assert np.allclose(full.bytes, part.bytes) and np.allclose(full.makespan_s, part.makespan_s)
+
+
+def test_plan_model_with_recency_pools():
+    rng = np.random.default_rng(5)
+    L, n, k = 3, 6, 2
+    counts = small_trace(rng, L, n, k, tokens=60)
+    d = DelayModel(sm_read_s=2.0, exp_read_s=0.7, decode_s=1.5, matmul_s=0.25, workers=2,
+                   bytes_F=16, bytes_sm=8, bytes_exp=3)
+    # sticky routing: every token repeats the previous one's experts -> an LRU of k is enough
+    sticky = [P.lru_pool_model([np.tile(np.argsort(-counts[l])[:k], (50, 1))], n, k)
+              for l in range(L)]
+    plan = P.plan_model(counts, k, L * k * 16, d, fpool=sticky)
+    assert [(p.nF, p.nC, p.nS, p.nE) for p in plan.layers] == [(k, 0, 0, 0)] * L
+    assert all(sorted(p.order) == list(range(n)) for p in plan.layers)
+    # the first token misses both (cold pool: io 2·(2 + 0.7)), the other 49 hit; + matmul 0.25
+    assert plan.predicted_makespan_s == pytest.approx(L * (0.02 * 5.4 + 0.25))
+    # trace-like pools: within budget, each layer's plan on its own Pareto frontier
+    runs = [np.array([rng.choice(n, k, replace=False, p=counts[l] / counts[l].sum())
+                      for _ in range(40)]) for l in range(L)]
+    seqs = [np.stack(runs, axis=1)]
+    models = [P.lru_pool_model([seqs[0][:, l]], n, k) for l in range(L)]
+    for total in (0, 40, 100, L * n * 16):
+        plan = P.plan_model(counts, k, total, d, fpool=models)
+        assert plan.bytes <= total
+        for m, p in zip(models, plan.layers):
+            f, orders = P.layer_frontier_lru(m, k, d)
+            i = [j for j, c in enumerate(f.counts) if tuple(c) == (p.nF, p.nC, p.nS, p.nE)]
+            assert p.predicted_makespan_s == pytest.approx(f.makespan_s[i[0]])
+            assert p.order == orders[p.nF]
+            assert not ((f.bytes <= p.bytes) & (f.makespan_s < p.predicted_makespan_s * (1 - 1e-9))).any()
+    with pytest.raises(ValueError):
+        P.plan_model(counts, k, 100, d, fpool=models[:2])
+    with pytest.raises(ValueError):
+        P.plan_model(counts, k, 100, d, fpool=models, average=True)
+    with pytest.raises(ValueError):
+        P.layer_frontier_lru(P.FPoolModel(np.ones((n + 1, k)), np.zeros((n + 1, n))), k, d)

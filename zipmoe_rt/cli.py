@@ -171,8 +171,9 @@ ENGINE_OPTIONS = [
                       "model's activation trace (zipmoe-rt profile); auto = zipmoe if a trace "
                       "exists, else zip-lru"),
     click.option("--eviction", type=click.Choice(["lru", "lfu", "tlfu"]), default="lru",
-                 show_default=True, help="eviction of full (F) experts; tlfu = token-weighted LFU (zipmoe's F pools "
-                      "use tlfu seeded with the trace unless lfu is given)"),
+                 show_default=True, help="eviction of full (F) experts; tlfu = token-weighted LFU. "
+                      "zipmoe's F pools: with lru, recency with frequency-aware admission (planned "
+                      "from the trace's token sequences); lfu/tlfu use trace-seeded scores"),
     click.option("--workers", type=click.IntRange(min=1), default=None,
                  help="decode workers [default: all cores]"),
     click.option("--direct", is_flag=True, help="read experts with O_DIRECT (bypass the page cache)"),
@@ -413,7 +414,7 @@ def calibrate(model, samples, direct):
               help="decode length (tg); 0 skips")
 @click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--eviction", type=click.Choice(["lru", "lfu", "tlfu"]), default="lru",
-              show_default=True)
+              show_default=True, help="eviction of full (F) experts (see `run --help`)")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="decode workers [default: all cores]")
 @click.option("--direct", is_flag=True, help="O_DIRECT reads")

@@ -14,7 +14,9 @@ summation order of the unbudgeted path, so logits are identical bit for bit:
 
 Policies (``policy``): ``raw-lru`` (a file with raw BF16 experts, F cache with eviction; what
 users run today), ``zip-lru`` (compressed file + this pipeline, F cache with eviction),
-``zipmoe`` (F/C/S/E pools per layer sized by the planner from an activation trace).
+``zipmoe`` (F/C/S/E pools per layer sized by the planner from an activation trace: F is a
+recency pool of full experts on top of static C/S/E slots, so that an expert used by one token
+is still F for the next; see :meth:`ExpertEngine._fill_tiers`).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import zstandard as zstd
 from ..kernels.linear import expert_accumulate, experts_decode
 from . import layout as L_
 from .io import RegionReader
+from .planner import ADMISSION_WINDOW
 from .scheduler import Task, execution_order, schedule
 from .tiers import EVICTIONS, POLICIES, BudgetError, FullPool, Slot
 
@@ -101,7 +104,8 @@ class ExpertEngine:
         source: :class:`~zipmoe_rt.engine.store.ZmoeSource` of the model (dense weights, layout).
         budget_bytes: bytes for all weights (dense + experts + the working set of one layer).
         policy: one of ``raw-lru``, ``zip-lru``, ``zipmoe``.
-        eviction: ``lru``, ``lfu`` or ``tlfu`` (token-weighted LFU) for F caches.
+        eviction: ``lru``, ``lfu`` or ``tlfu`` (token-weighted LFU) for F caches (``zipmoe``:
+            per-layer F pools; the planner models ``lru``).
         plan: per-layer :class:`~zipmoe_rt.engine.planner.TierPlan` list (``zipmoe``), aligned
             with ``hparams["moe_layers"]``.
         ranks: per MoE layer, expert ids by descending popularity (from the trace) for ``zipmoe``.
@@ -160,24 +164,38 @@ class ExpertEngine:
 
     # -- tiers -------------------------------------------------------------------------------
     def _fill_tiers(self, plan, ranks):
-        """Load the C/S/E pools and the initial F pools of every layer (``zipmoe``)."""
+        """Load the C/S/E slots and the initial F pools of every layer (``zipmoe``).
+
+        F is a pool of ``nF`` full experts per layer with the engine's eviction: ``lru`` (the
+        default) is the recency pool the planner models (§3.6: LRU eviction, frequency-aware
+        admission, see :class:`~zipmoe_rt.engine.tiers.FullPool`), ``lfu``/``tlfu`` count uses /
+        tokens with scores seeded by the trace ranks. It starts with the ``nF`` most popular
+        experts (the most popular the most recent) and is offered every expert it has to
+        rebuild.
+        C/S/E slots are static: a recency plan (``TierPlan.order`` set) puts them on
+        ``order[:nC]``, ``order[nC:nC+nS]``, ``order[nC+nS:nC+nS+nE]``; a static plan on the
+        popularity ranks after the ``nF`` F experts. An expert evicted from F falls back to its
+        slot (or to a miss)."""
         used = 0
         for layer, tp, order in zip(self.hp["moe_layers"], plan, ranks):
             order = [int(e) for e in order]
             nF, nC, nS, nE = tp.nF, tp.nC, tp.nS, tp.nE
-            pool = FullPool(nF, self.eviction if self.eviction != "lru" else "tlfu")
-            for r, e in enumerate(order):
-                pool.score[(layer, e)] = len(order) - r   # seed scores with the trace's ranks
+            pool = FullPool(nF, self.eviction, admit_window=ADMISSION_WINDOW * nF * self.k
+                            if self.eviction == "lru" else 0)
+            if self.eviction != "lru":
+                for r, e in enumerate(order):
+                    pool.score[(layer, e)] = len(order) - r   # seed scores with the trace's ranks
             self.fpools[layer] = pool
-            for r, e in enumerate(order):
+            for e in reversed(order[:nF]):
+                pool.slots[(layer, e)] = self._load_now(self.layouts[(layer, e)])
+                used += self.bytes_F
+            static = getattr(tp, "order", None)
+            static = [int(e) for e in static] if static is not None else order[nF:]
+            for r, e in enumerate(static):
                 key, lay = (layer, e), self.layouts[(layer, e)]
-                if r < nF:
-                    pool.slots[key] = self._load_now(lay)
-                    used += self.bytes_F
-                    continue
-                tier = "C" if r < nF + nC else "S" if r < nF + nC + nS else "E" if r < nF + nC + nS + nE else None
+                tier = "C" if r < nC else "S" if r < nC + nS else "E" if r < nC + nS + nE else None
                 if tier is None:
-                    continue
+                    break
                 sm = self.reader.read(*lay.sm_region) if tier in ("C", "S") else None
                 exp = self.reader.read(*lay.exp_region) if tier in ("C", "E") else None
                 if self.verify:

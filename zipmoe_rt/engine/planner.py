@@ -21,6 +21,13 @@ The pipeline (design note ``ZIPMOE.md`` §3, after ZipMoE, arXiv 2601.21198):
    :func:`plan_layer` grid-searches ``(nF, nC, nS, nE)`` under a byte budget (§3.5);
    :func:`plan_model` splits one model-wide budget over the layers (all four tiers, the true k,
    per-layer budgets, as §3 asks).
+6. Temporal locality (§3.6; the conditional-Poisson design is memoryless, real routers are not:
+   an expert used by one token is used again by the next with probability ``ρ`` ≈ 0.3-0.6,
+   :func:`repeat_probability`). The engine's F tier is a recency (LRU) pool of ``nF`` experts
+   on top of static C/S/E slots; :class:`FPoolModel` gives its hits per capacity, replayed on
+   the trace's token sequences (:func:`lru_pool_model`) or from ``π`` and ``ρ`` by a mixture
+   formula (:func:`locality_pool_model`); :func:`layer_frontier_lru` prices every plan with
+   it, and :func:`plan_model` (``fpool=``) splits the budget as in step 5.
 
 Tier names used throughout: ``"F"`` (full BF16), ``"C"`` (sign+mantissa + compressed exponent),
 ``"S"`` (sign+mantissa only), ``"E"`` (compressed exponent only), ``"miss"`` (nothing) (§2).
@@ -52,6 +59,12 @@ __all__ = [
     "LayerFrontier",
     "layer_frontier",
     "plan_layer",
+    "FPoolModel",
+    "ADMISSION_WINDOW",
+    "repeat_probability",
+    "lru_pool_model",
+    "locality_pool_model",
+    "layer_frontier_lru",
     "ModelPlan",
     "plan_model",
 ]
@@ -711,6 +724,44 @@ def _grid(n: int, step: int) -> np.ndarray:
     return np.unique(np.concatenate([np.arange(0, n + 1, step), [n]]))
 
 
+class _Tail(NamedTuple):
+    tri: np.ndarray        # [T, 3] hit triples (hF, hC, hS), sorted by (hF, hC)
+    hS: np.ndarray         # [T]
+    pairs_fc: np.ndarray   # [G, 2] distinct (hF, hC)
+    starts: np.ndarray     # [G] first triple of each (hF, hC) group
+    Z: np.ndarray          # [P, T] tail sums per (a3, a4) pair
+    a3p: np.ndarray        # [P]
+    a4p: np.ndarray        # [P]
+    row_start: np.ndarray  # [len(grid)] first pair with a3 >= grid[i]
+
+
+def _tail(R: np.ndarray, n: int, grid: np.ndarray, k: int, delay: DelayModel) -> _Tail:
+    """The E/miss tail of :func:`layer_frontier` (shared with :func:`layer_frontier_lru`)."""
+    # hit triples t = (hF, hC, hS) with hF + hC + hS <= k, sorted by (hF, hC); r = hE + hm = rest
+    tri = np.array([(f, c, s) for f in range(k + 1) for c in range(k + 1 - f)
+                    for s in range(k + 1 - f - c)], dtype=np.int64)
+    hF, hC, hS = tri[:, 0], tri[:, 1], tri[:, 2]
+    hr = k - hF - hC - hS
+    pairs_fc, starts = np.unique(tri[:, :2], axis=0, return_index=True)   # (hF, hC) groups
+    hm = np.arange(k + 1)
+    # M(hF, r, hS + hm) for hm <= r (zero weight otherwise)
+    valid = hm[None, :] <= hr[:, None]
+    io, comp = delay._sides(k - hF[:, None], hr[:, None], hS[:, None] + hm[None, :])
+    Mrow = np.where(valid, np.maximum(io, comp), 0.0)                      # [T, k+1]
+    rm = np.clip(hr[:, None] - hm[None, :], 0, k)                          # hE = r − hm
+
+    # tail over all (a3, a4) pairs, ordered by a3 then a4:
+    #   Z[(a3,a4), t] = Σ_hm R[a3,a4,r−hm]·R[a4,N,hm]·M(hF, r, hS+hm)
+    ng = len(grid)
+    j3, j4 = np.triu_indices(ng)
+    a3p, a4p = grid[j3], grid[j4]
+    RE = R[a3p, a4p]                                                       # [P, k+1]
+    Rm = R[a4p, n]                                                         # [P, k+1]
+    Z = np.einsum("ptm,pm,tm->pt", RE[:, rm], Rm, Mrow, optimize=True)     # [P, T]
+    row_start = np.searchsorted(j3, np.arange(ng))
+    return _Tail(tri, hS, pairs_fc, starts, Z, a3p, a4p, row_start)
+
+
 def layer_frontier(w, k, delay: DelayModel, step: int = 1) -> LayerFrontier:
     """Expected makespan and bytes of every tier plan of one layer (§3.5), all at once.
 
@@ -755,28 +806,9 @@ def layer_frontier(w, k, delay: DelayModel, step: int = 1) -> LayerFrontier:
     ek = R[0, n, k]
     grid = _grid(n, step)
 
-    # hit triples t = (hF, hC, hS) with hF + hC + hS <= k, sorted by (hF, hC); r = hE + hm = rest
-    tri = np.array([(f, c, s) for f in range(k + 1) for c in range(k + 1 - f)
-                    for s in range(k + 1 - f - c)], dtype=np.int64)
-    hF, hC, hS = tri[:, 0], tri[:, 1], tri[:, 2]
-    hr = k - hF - hC - hS
-    pairs_fc, starts = np.unique(tri[:, :2], axis=0, return_index=True)   # (hF, hC) groups
-    hm = np.arange(k + 1)
-    # M(hF, r, hS + hm) for hm <= r (zero weight otherwise)
-    valid = hm[None, :] <= hr[:, None]
-    io, comp = delay._sides(k - hF[:, None], hr[:, None], hS[:, None] + hm[None, :])
-    Mrow = np.where(valid, np.maximum(io, comp), 0.0)                      # [T, k+1]
-    rm = np.clip(hr[:, None] - hm[None, :], 0, k)                          # hE = r − hm
-
-    # tail over all (a3, a4) pairs, ordered by a3 then a4:
-    #   Z[(a3,a4), t] = Σ_hm R[a3,a4,r−hm]·R[a4,N,hm]·M(hF, r, hS+hm)
-    ng = len(grid)
-    j3, j4 = np.triu_indices(ng)
-    a3p, a4p = grid[j3], grid[j4]
-    RE = R[a3p, a4p]                                                       # [P, k+1]
-    Rm = R[a4p, n]                                                         # [P, k+1]
-    Z = np.einsum("ptm,pm,tm->pt", RE[:, rm], Rm, Mrow, optimize=True)     # [P, T]
-    row_start = np.searchsorted(j3, np.arange(ng))
+    tl = _tail(R, n, grid, k, delay)
+    hS, pairs_fc, starts, Z = tl.hS, tl.pairs_fc, tl.starts, tl.Z
+    a3p, a4p, row_start, ng = tl.a3p, tl.a4p, tl.row_start, len(grid)
 
     out_c, out_m = [], []
     bF, bC, bS, bE = (float(delay.bytes_F), float(delay.bytes_C), float(delay.bytes_sm),
@@ -804,17 +836,345 @@ def layer_frontier(w, k, delay: DelayModel, step: int = 1) -> LayerFrontier:
     return LayerFrontier(counts, b, em)
 
 
+# ------------------------------------------------------------------------------------------------
+# §3.6: temporal locality: a recency (LRU) F pool on top of static C/S/E tiers
+# ------------------------------------------------------------------------------------------------
+
+class FPoolModel(NamedTuple):
+    """How one layer's recency F pool (LRU eviction over the layer's experts, optionally with
+    frequency-aware admission) behaves at every capacity; the input of
+    :func:`layer_frontier_lru`. Built from the trace's token sequences (:func:`lru_pool_model`,
+    exact for the recorded routing) or from popularity and the repeat probability alone
+    (:func:`locality_pool_model`, an approximation of plain LRU).
+
+    Attributes:
+        hit_pmf: float64 ``[N+1, k+1]``: row ``C`` = distribution of ``hF``, the number of one
+            token's ``k`` experts found in an LRU pool of ``C`` experts (rows sum to 1).
+        miss_rate: float64 ``[N+1, N]``: row ``C`` = per expert (expert-id order), the expected
+            number of times per token it is selected and not in the pool, i.e. has to be rebuilt
+            from its static tier; ``Σ_i miss_rate[C, i] = k − E[hF]``.
+    """
+
+    hit_pmf: np.ndarray
+    miss_rate: np.ndarray
+
+    def expected_hits(self) -> np.ndarray:
+        """``E[hF]`` per capacity ``C = 0..N``: float64 ``[N+1]``."""
+        return self.hit_pmf @ np.arange(self.hit_pmf.shape[1])
+
+
+def _runs(sequences, name: str = "sequences") -> list:
+    out = []
+    for r in sequences:
+        a = np.asarray(r, dtype=np.int64)
+        if a.size == 0:
+            continue
+        if a.ndim != 3:
+            raise ValueError(f"{name}: each run must be [tokens, layers, k], got shape {a.shape}")
+        out.append(a)
+    if out and len({a.shape[1:] for a in out}) != 1:
+        raise ValueError(f"{name}: runs disagree in [layers, k]: {sorted({a.shape[1:] for a in out})}")
+    return out
+
+
+def repeat_probability(sequences) -> np.ndarray:
+    """Temporal locality per layer: how often an expert used by a token is used again by the next.
+
+    ``ρ_l = Σ_t |S_t ∩ S_{t−1}| / Σ_t |S_t|`` over consecutive tokens ``t−1, t`` of the same run
+    (``S_t`` = the distinct experts token ``t`` selects in layer ``l``), i.e. the probability that
+    a selected expert was also selected by the previous token. Memoryless routing with inclusion
+    probabilities ``π`` gives ``Σπ_i²/k`` (``k/N`` when uniform); real routers give much more.
+
+    Args:
+        sequences: runs (e.g. one per prompt) of int arrays ``[T, L, k]``: expert ids selected by
+            each decode token in each MoE layer (the trace's ``sequences``).
+
+    Returns:
+        float64 ``[L]`` (NaN for a layer without consecutive tokens: every run has one token).
+
+    Raises:
+        ValueError: a run that is not ``[T, L, k]``, runs of different ``[L, k]``, no runs.
+    """
+    runs = _runs(sequences)
+    if not runs:
+        raise ValueError("sequences: no tokens")
+    L = runs[0].shape[1]
+    rep = np.zeros(L)
+    tot = np.zeros(L)
+    for a in runs:
+        for t in range(1, a.shape[0]):
+            for l in range(L):
+                cur = set(a[t, l].tolist())
+                rep[l] += len(cur & set(a[t - 1, l].tolist()))
+                tot[l] += len(cur)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(tot > 0, rep / np.maximum(tot, 1), np.nan)
+
+
+#: frequency-aware admission of recency F pools (:func:`lru_pool_model`, the engine's zipmoe
+#: pools): use counts are halved every ``ADMISSION_WINDOW · C · k`` selections of the layer
+#: (``C`` = pool capacity), i.e. they count roughly the last 16 pool turnovers.
+ADMISSION_WINDOW = 16
+
+
+def lru_pool_model(runs, n, k, warm=None, admission: bool = False) -> FPoolModel:
+    """Trace-driven :class:`FPoolModel` of one layer: a recency pool of each capacity
+    ``C = 0..N`` replayed on the recorded routing, exactly as the engine runs it.
+
+    Per token: the selected experts already in the pool are hits (each moved to the most
+    recent end, by ascending id), then each miss is counted and admitted by ascending id,
+    evicting the least recently used expert when the pool is full (LRU). With ``admission``
+    (the engine's zipmoe pools; TinyLFU-style) every selection also adds 1 to the expert's use
+    count, all counts are halved (integer) every ``ADMISSION_WINDOW·C·k`` selections, and a
+    miss is admitted into a full pool only if its count is at least the LRU victim's (else the
+    pool is left as it is): an expert used once does not push out one that keeps coming back.
+    The pool starts with ``warm[:C]`` (the engine's start: the ``C`` most popular experts, the
+    most popular the most recent) and carries over from one run to the next, as the engine's
+    pool does between prompts.
+
+    Args:
+        runs: runs of int arrays ``[T, k]``: the layer's selected expert ids per token
+            (``k`` distinct ids in ``0..N−1`` per row).
+        n: experts in the layer, ``N``.
+        k: experts per token.
+        warm: expert ids by descending popularity (the pool's initial contents), or None (empty).
+        admission: frequency-aware admission as above (else plain LRU).
+
+    Returns:
+        :class:`FPoolModel` with the empirical ``hit_pmf`` and ``miss_rate`` (per recorded token).
+
+    Raises:
+        ValueError: rows that are not ``k`` distinct ids in ``0..N−1``, no tokens at all.
+    """
+    n = _as_int(n, "n")
+    k = _check_k(k, n)
+    rows = []
+    for r in runs:
+        a = np.asarray(r, dtype=np.int64)
+        if a.size == 0:
+            continue
+        if a.ndim != 2 or a.shape[1] != k:
+            raise ValueError(f"each run must be [tokens, k={k}], got shape {a.shape}")
+        if a.min() < 0 or a.max() >= n:
+            raise ValueError(f"expert ids must lie in 0..{n - 1}")
+        srt = np.sort(a, axis=1)
+        if (np.diff(srt, axis=1) == 0).any():
+            raise ValueError(f"each token must select {k} distinct experts")
+        rows.extend(tuple(x) for x in srt.tolist())
+    if not rows:
+        raise ValueError("no tokens to replay")
+    warm = [] if warm is None else [int(e) for e in warm]
+    hit = np.zeros((n + 1, k + 1))
+    miss = np.zeros((n + 1, n), dtype=np.int64)
+    for C in range(n + 1):
+        pool: dict = {}                       # insertion order = recency (last = most recent)
+        for e in reversed(warm[:C]):
+            pool[e] = None
+        freq = [0] * n
+        window = ADMISSION_WINDOW * C * k if admission else 0
+        uses = 0
+        hc, mc = hit[C], miss[C]
+        for sel in rows:
+            misses = []
+            for e in sel:                     # hits first, moved to the recent end by id
+                if window:
+                    freq[e] += 1
+                    uses += 1
+                    if uses % window == 0:
+                        freq = [f >> 1 for f in freq]
+                if e in pool:
+                    del pool[e]
+                    pool[e] = None
+                else:
+                    misses.append(e)
+            hc[k - len(misses)] += 1
+            for e in misses:                  # then each miss is rebuilt and admitted, by id
+                mc[e] += 1
+                if C > 0:
+                    if len(pool) >= C:
+                        victim = next(iter(pool))
+                        if window and freq[e] < freq[victim]:
+                            continue
+                        del pool[victim]
+                    pool[e] = None
+    return FPoolModel(hit / len(rows), miss / len(rows))
+
+
+def locality_pool_model(pi, rho, k) -> FPoolModel:
+    """:class:`FPoolModel` of one layer from popularity and temporal locality alone (for traces
+    without token sequences): the mixture model
+
+    ``q(C) = min(1, max(s(C), ρ·min(C, k)/k + (1 − ρ)·s(max(C − k, 0))))``
+
+    where ``q(C)`` is the probability that a selected expert is in an LRU pool of ``C`` experts,
+    ``ρ`` the repeat probability (:func:`repeat_probability`) and ``s(m) = Σ_{i<m} π_(i) / k``
+    the share of selections that fall on the ``m`` most popular experts (``π`` sorted
+    descending). Why: an LRU pool of ``C >= k`` experts always holds the previous token's ``k``
+    experts, so a repeat (probability ``ρ``) hits; its other ``C − k`` entries are approximated
+    by the most popular experts, which a fresh selection hits with probability
+    ``s(C − k)``; with ``C < k`` it holds ``C`` of the previous token's ``k``. Popularity alone
+    (a static pool of the top ``C``) gives ``s(C)``, hence the max. F hits per token are then
+    ``Binomial(k, q(C))`` and every expert misses at the same rate,
+    ``miss_rate[C, i] = π_i·(1 − q(C))`` (so the static tiers follow popularity).
+
+    Args:
+        pi: float ``[N]`` inclusion probabilities in expert-id order (``Σπ = k``, e.g. from
+            :func:`inclusion_probabilities`).
+        rho: repeat probability in ``[0, 1]``.
+        k: experts per token, ``1..N``.
+
+    Returns:
+        :class:`FPoolModel`.
+
+    Raises:
+        ValueError: ``π`` outside ``[0, 1]`` or not summing to ``k``, ``ρ`` outside ``[0, 1]``,
+            ``k`` out of range.
+    """
+    p = _vector(pi, "pi")
+    n = p.shape[0]
+    k = _check_k(k, n)
+    if (p < 0).any() or (p > 1).any() or abs(float(p.sum()) - k) > 1e-9 * k:
+        raise ValueError(f"pi must lie in [0, 1] and sum to k={k}")
+    rho = float(rho)
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"rho must lie in [0, 1], got {rho!r}")
+    s = np.concatenate([[0.0], np.cumsum(-np.sort(-p))]) / k
+    C = np.arange(n + 1)
+    q = np.maximum(s, rho * np.minimum(C, k) / k + (1.0 - rho) * s[np.maximum(C - k, 0)])
+    q = np.clip(q, 0.0, 1.0)
+    h = np.arange(k + 1)
+    binom = np.array([math.comb(k, int(j)) for j in h], dtype=np.float64)
+    hit = binom[None, :] * q[:, None] ** h[None, :] * (1.0 - q[:, None]) ** (k - h)[None, :]
+    return FPoolModel(hit, p[None, :] * (1.0 - q[:, None]))
+
+
+def layer_frontier_lru(model: FPoolModel, k, delay: DelayModel, step: int = 1,
+                       pareto: bool = False):
+    """Expected makespan and bytes of every plan of one layer whose F tier is a recency pool.
+
+    A plan is ``(nF, nC, nS, nE)``: a recency pool of ``nF`` full experts over all the layer's
+    experts (behaving as ``model`` says), and static C, S, E slots for the experts ranked ``[0, nC)``, ``[nC, nC+nS)``,
+    ``[nC+nS, nC+nS+nE)`` by their miss rate at capacity ``nF`` (``model.miss_rate[nF]``
+    descending, ties by id): the experts that most often have to be rebuilt get the cheapest
+    rebuilds. An expert in the pool is an F hit whatever its static tier; one not in it is
+    rebuilt from its static slot (or from flash: miss). So ``nC + nS + nE <= N`` and
+    ``0 <= nF <= N`` independently; bytes ``= nF·bytes_F + nC·bytes_C + nS·bytes_sm +
+    nE·bytes_exp``.
+
+    Model of one token: ``hF ~ model.hit_pmf[nF]``; the ``m = k − hF`` experts rebuilt are the
+    Poisson design with ``p_i = miss_rate[nF, i]`` conditioned on ``m`` (weights
+    ``w_i = p_i/(1 − p_i)``, :func:`pool_hit_distribution`'s form), so
+
+    ``P(hF, hC, hS, hE, hm) = P(hF) · Π_pools e_{h_pool}(w_pool) / e_{k−hF}(w)``
+
+    and ``E[makespan] = Σ P(h)·layer_makespan(h)`` (:meth:`DelayModel.layer_makespan`),
+    computed for all ``(nC, nS, nE)`` at once by the same range-ESP factorisation as
+    :func:`layer_frontier` with the F pool's polynomial ``P(hF)/e_{k−hF}(w)`` in place of
+    ``R[0, a1]``: with ``Zc[(a3,a4), hC, hS] = Σ_hF P(hF)/e_{k−hF}(w) · Σ_hm R[a3,a4,hE]·
+    R[a4,N,hm]·M(h)``, ``E[makespan](a2, a3, a4) = Σ_{hC,hS} R[0,a2,hC]·R[a2,a3,hS]·Zc`` for all
+    boundaries by one matrix product per ``nF`` (``O(N³k²)``). Values of ``hF`` whose ``k − hF``
+    misses the weights cannot produce (``e_{k−hF}(w) = 0``) are dropped and ``P(hF)``
+    renormalised.
+
+    Args:
+        model: the layer's :class:`FPoolModel`.
+        k: experts per token, ``1..N``.
+        delay: the :class:`DelayModel`.
+        step: grid step for ``nF`` and the static boundaries (see :func:`layer_frontier`).
+        pareto: keep only each capacity's Pareto-optimal plans (:meth:`LayerFrontier.pareto`;
+            what :func:`plan_model` needs, and far fewer: all plans are ``O(N⁴)``).
+
+    Returns:
+        ``(frontier, orders)``: :class:`LayerFrontier` of the plans (``counts`` columns
+        ``nF, nC, nS, nE``) and ``orders[nF]`` = tuple of expert ids in static-tier rank order
+        (None for capacities off the grid).
+
+    Raises:
+        ValueError: model arrays of the wrong shape or with negative entries, ``k`` out of range,
+            ``step < 1``.
+    """
+    hit = np.asarray(model.hit_pmf, dtype=np.float64)
+    miss = np.asarray(model.miss_rate, dtype=np.float64)
+    if miss.ndim != 2 or miss.shape[0] != miss.shape[1] + 1:
+        raise ValueError(f"miss_rate must be [N+1, N], got shape {miss.shape}")
+    n = miss.shape[1]
+    k = _check_k(k, n)
+    if hit.shape != (n + 1, k + 1):
+        raise ValueError(f"hit_pmf must be [N+1, k+1] = {(n + 1, k + 1)}, got {hit.shape}")
+    if not (np.isfinite(hit).all() and np.isfinite(miss).all()) or (hit < 0).any() \
+            or (miss < 0).any():
+        raise ValueError("hit_pmf and miss_rate must be finite and >= 0")
+    grid = _grid(n, step)
+    bF, bC, bS, bE = (float(delay.bytes_F), float(delay.bytes_C), float(delay.bytes_sm),
+                      float(delay.bytes_exp))
+    orders: list = [None] * (n + 1)
+    out_c, out_b, out_m = [], [], []
+    hs = np.arange(k + 1)
+    # the static boundaries (a2 <= a3 <= a4 on the grid) and their bytes: the same for every nF
+    j3, j4 = np.triu_indices(len(grid))
+    a3p, a4p = grid[j3], grid[j4]
+    i2, ip = np.nonzero(a3p[None, :] >= grid[:, None])
+    stat = np.stack([grid[i2], a3p[ip] - grid[i2], a4p[ip] - a3p[ip]], axis=1)
+    b_stat = stat[:, 0] * bC + stat[:, 1] * bS + stat[:, 2] * bE
+    by_bytes = np.argsort(b_stat, kind="stable")
+    for C in grid:
+        u = miss[C]
+        order = np.lexsort((np.arange(n), -u))
+        orders[C] = tuple(int(e) for e in order)
+        p = np.clip(u[order], 0.0, 1.0 - 1e-9)
+        ws = p / (1.0 - p)
+        if ws.max() > 0:
+            ws = ws / ws.max()
+        R = _range_esp(ws, k)
+        e = R[0, n, k - hs]                       # e_{k−hF}(w) for hF = 0..k
+        pF = hit[C]
+        ok = (e > 0) & (pF > 0)
+        if not ok.any():
+            continue
+        G = np.zeros(k + 1)
+        G[ok] = pF[ok] / e[ok] / pF[ok].sum()
+        tl = _tail(R, n, grid, k, delay)
+        tF, tC, tS = tl.tri[:, 0], tl.tri[:, 1], tl.tri[:, 2]
+        Zc = np.zeros((len(a3p), k + 1, k + 1))
+        np.add.at(Zc, (slice(None), tC, tS), tl.Z * G[tF])     # Σ over hF
+        # W[a2, p, hS] = Σ_hC R[0,a2,hC]·Zc[p,hC,hS] (one BLAS product), then Σ_hS R[a2,a3,hS]·W
+        W = (R[0, grid] @ Zc.transpose(1, 0, 2).reshape(k + 1, -1)).reshape(len(grid), -1, k + 1)
+        em = np.einsum("qs,qs->q", W[i2, ip], R[grid[i2], a3p[ip]]) + delay._matmul(k)
+        keep = slice(None)
+        if pareto:   # cheap superset first (as LayerFrontier.pareto), then the exact filter
+            eo = em[by_bytes]
+            keep = by_bytes[eo <= np.minimum.accumulate(eo) * (1 + 1e-9) + 1e-300]
+        cnt = np.empty((len(stat[keep]), 4), dtype=np.int64)
+        cnt[:, 0] = C
+        cnt[:, 1:] = stat[keep]
+        f = LayerFrontier(cnt, C * bF + b_stat[keep], em[keep])
+        if pareto:
+            f = f.pareto()
+        out_c.append(f.counts)
+        out_b.append(f.bytes)
+        out_m.append(f.makespan_s)
+    return LayerFrontier(np.concatenate(out_c), np.concatenate(out_b),
+                         np.concatenate(out_m)), orders
+
+
 @dataclass(frozen=True)
 class TierPlan:
-    """How many of one layer's experts each cache tier holds, by popularity rank (§3).
+    """How many of one layer's experts each cache tier holds (§3).
 
-    The ``nF`` most popular experts are tier F, the next ``nC`` tier C, then ``nS`` S, ``nE`` E;
-    the rest are not cached (miss).
+    Static plan (``order is None``, :func:`plan_layer`, :func:`plan_model` without ``fpool``):
+    by popularity rank, the ``nF`` most popular experts are tier F, the next ``nC`` tier C, then
+    ``nS`` S, ``nE`` E; the rest are not cached (miss).
+
+    Recency plan (``order`` set, :func:`plan_model` with ``fpool``, §3.6): F is an LRU pool of
+    ``nF`` full experts over all the layer's experts, and the static slots go to
+    ``order[:nC]`` (C), ``order[nC:nC+nS]`` (S), ``order[nC+nS:nC+nS+nE]`` (E); an expert in
+    the pool is an F hit, one evicted from it falls back to its static slot (or to a miss).
 
     Attributes:
         nF, nC, nS, nE: experts per tier.
         predicted_makespan_s: expected layer makespan per token (seconds, :class:`DelayModel`).
         bytes: cache bytes the plan uses (:meth:`DelayModel.plan_bytes`).
+        order: expert ids by static-tier rank (recency plans), or None (static plans).
     """
 
     nF: int
@@ -823,6 +1183,7 @@ class TierPlan:
     nE: int
     predicted_makespan_s: float
     bytes: float
+    order: tuple | None = None
 
     def tier_of_rank(self, num_experts: int) -> list[str]:
         """Tier name of each popularity rank ``0..num_experts−1`` (most popular first).
@@ -858,10 +1219,10 @@ def _pick(t: LayerFrontier, budget: float) -> int:
     return int(cand[o[0]])
 
 
-def _plan_of(t: LayerFrontier, i: int) -> TierPlan:
+def _plan_of(t: LayerFrontier, i: int, orders=None) -> TierPlan:
     c = t.counts[i]
     return TierPlan(int(c[0]), int(c[1]), int(c[2]), int(c[3]), float(t.makespan_s[i]),
-                    float(t.bytes[i]))
+                    float(t.bytes[i]), orders[int(c[0])] if orders is not None else None)
 
 
 def _check_budget(b, name: str) -> float:
@@ -1026,7 +1387,8 @@ def _refine(fronts: list, cur: list[int], total: float) -> list[int]:
 
 
 def plan_model(counts, k, total_budget_bytes, delay: DelayModel, *, average: bool = False,
-               step: int = 1, shape: tuple[int, int] | None = None) -> ModelPlan:
+               step: int = 1, shape: tuple[int, int] | None = None,
+               fpool: list | None = None) -> ModelPlan:
     """Tier plans of every MoE layer under one model-wide byte budget (§3, per-layer budgets).
 
     Per layer: popularity by rank (:func:`popularity_by_rank`), ``π``
@@ -1055,6 +1417,11 @@ def plan_model(counts, k, total_budget_bytes, delay: DelayModel, *, average: boo
     Cost: one :func:`layer_frontier` per layer (``O(N⁴k²)`` flops in BLAS; one in total with
     ``average``), the DP ``O(L·P·4096)`` with ``P`` ≈ a few hundred Pareto plans per layer.
 
+    With ``fpool`` (§3.6, temporal locality), each layer's F tier is a recency (LRU) pool
+    described by its :class:`FPoolModel` and the frontier is :func:`layer_frontier_lru`'s
+    (``O(N⁴k³)`` flops per layer in numpy); the plans carry ``order``, the expert ids of the
+    static C/S/E ranks. ``counts`` is then only checked.
+
     Args:
         counts: ``[L, N]`` activation counts (tokens × selections per MoE layer and expert).
         k: experts per token, ``1..N``.
@@ -1064,6 +1431,8 @@ def plan_model(counts, k, total_budget_bytes, delay: DelayModel, *, average: boo
             version) instead of each layer's own.
         step: boundary grid step of :func:`layer_frontier`.
         shape: expected ``(L, N)`` of ``counts``, checked if given.
+        fpool: per MoE layer, an :class:`FPoolModel` (recency F pools; see above), or None
+            (static plans by popularity rank).
 
     Returns:
         :class:`ModelPlan` ``(layers, predicted_makespan_s)`` with
@@ -1072,7 +1441,8 @@ def plan_model(counts, k, total_budget_bytes, delay: DelayModel, *, average: boo
     Raises:
         ValueError: negative or non-finite budget, ``counts`` not ``[L, N]`` (or not ``shape``),
             negative counts, a layer with no activations, ``k`` out of range or larger than a
-            layer's number of active experts.
+            layer's number of active experts, ``fpool`` not one model per layer or combined
+            with ``average``.
         RuntimeError: a conditional-Poisson fit that does not converge.
     """
     total = _check_budget(total_budget_bytes, "total_budget_bytes")
@@ -1084,13 +1454,25 @@ def plan_model(counts, k, total_budget_bytes, delay: DelayModel, *, average: boo
     n = c.shape[1]
     k = _check_k(k, n)
     pop = popularity_by_rank(c, average=average)
-    rows = [pop] if average else list(pop)
-    fronts = []
-    for row in rows:
-        w = fit_conditional_poisson(inclusion_probabilities(row, k), k)
-        fronts.append(layer_frontier(w, k, delay, step).pareto())
-    if average:
-        fronts = fronts * c.shape[0]
+    orders = None
+    if fpool is not None:
+        if average:
+            raise ValueError("fpool (recency F pools) cannot be combined with average=True")
+        if len(fpool) != c.shape[0]:
+            raise ValueError(f"fpool has {len(fpool)} models for {c.shape[0]} layers")
+        fronts, orders = [], []
+        for m in fpool:
+            f, o = layer_frontier_lru(m, k, delay, step, pareto=True)
+            fronts.append(f.pareto())
+            orders.append(o)
+    else:
+        rows = [pop] if average else list(pop)
+        fronts = []
+        for row in rows:
+            w = fit_conditional_poisson(inclusion_probabilities(row, k), k)
+            fronts.append(layer_frontier(w, k, delay, step).pareto())
+        if average:
+            fronts = fronts * c.shape[0]
     L = len(fronts)
 
     cands = []
@@ -1101,5 +1483,5 @@ def plan_model(counts, k, total_budget_bytes, delay: DelayModel, *, average: boo
         if used <= total:
             cands.append((cost, used, cur))
     cur = min(cands, key=lambda c: (c[0], c[1]))[2]
-    plans = [_plan_of(fronts[l], cur[l]) for l in range(L)]
+    plans = [_plan_of(fronts[l], cur[l], orders[l] if orders else None) for l in range(L)]
     return ModelPlan(plans, float(sum(p.predicted_makespan_s for p in plans)))

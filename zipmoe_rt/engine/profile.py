@@ -1,8 +1,10 @@
 """Activation traces, machine calibration and the tier plan they give (design note §3).
 
 * ``profile``: run prompts through the model and count, per MoE layer, how often each expert is
-  selected (batch 1, decode tokens). Stored next to the model as ``MODEL.trace.json`` with a
-  fingerprint of the source checkpoint, so a trace of another model is refused.
+  selected (batch 1, decode tokens), and keep the selections token by token (``sequences``),
+  from which the planner measures temporal locality. Stored next to the model as
+  ``MODEL.trace.json`` with a fingerprint of the source checkpoint, so a trace of another model
+  is refused.
 * ``calibrate``: measure this machine's constants on the model's own experts (SM read, exponent
   read from a cold page cache, decode of one expert on one worker, one expert's matmul) and store
   them as ``MODEL.calib.json``.
@@ -21,7 +23,8 @@ import numpy as np
 
 from . import layout as L_
 from .io import RegionReader, evict_page_cache
-from .planner import DelayModel, plan_model
+from .planner import (DelayModel, inclusion_probabilities, locality_pool_model, lru_pool_model,
+                      plan_model)
 
 TRACE_SUFFIX = ".trace.json"
 CALIB_SUFFIX = ".calib.json"
@@ -47,7 +50,14 @@ def sidecar(model_path, suffix: str) -> Path:
 
 # -- trace ---------------------------------------------------------------------------------------
 class TraceRecorder:
-    """Route hook that counts selections: ``counts[i, e]`` for the i-th MoE layer and expert e."""
+    """Route hook that counts selections: ``counts[i, e]`` for the i-th MoE layer and expert e.
+
+    Also keeps, for decode tokens (one-row calls), the selected expert ids of every MoE layer,
+    token by token, in runs (:meth:`new_sequence` starts the next run, e.g. per prompt), and the
+    per-layer repeat counts: ``repeats[i]`` = selected experts of a token that the previous
+    token of the run also selected in that layer, ``pairs[i]`` = selections that had a previous
+    token (``repeats / pairs`` = the planner's :func:`~zipmoe_rt.engine.planner.repeat_probability`).
+    """
 
     def __init__(self, hparams: dict, decode_only: bool = True):
         self.moe_layers = list(hparams["moe_layers"])
@@ -56,8 +66,34 @@ class TraceRecorder:
         self.decode_only = decode_only
         self.tokens = 0
         self.prev = {}
-        self.repeats = 0   # expert selected again for the next token (locality)
-        self.pairs = 0
+        self.layer_repeats = np.zeros(len(self.moe_layers), np.int64)
+        self.layer_pairs = np.zeros(len(self.moe_layers), np.int64)
+        self.runs: list = [[]]   # runs of decode tokens: [token][moe layer] -> sorted ids
+
+    @property
+    def repeats(self) -> int:
+        """Selections also made by the previous token, all layers (locality numerator)."""
+        return int(self.layer_repeats.sum())
+
+    @property
+    def pairs(self) -> int:
+        """Selections that had a previous token, all layers (locality denominator)."""
+        return int(self.layer_pairs.sum())
+
+    def new_sequence(self):
+        """Start a new run: the next token has no previous token (e.g. a new prompt)."""
+        self.prev.clear()
+        if self.runs[-1]:
+            self.runs.append([])
+
+    def sequences(self) -> list:
+        """Recorded runs as nested lists ``[run][token][moe layer][k]`` (complete tokens only)."""
+        out = []
+        for run in self.runs:
+            rows = [row for row in run if all(r is not None for r in row)]
+            if rows:
+                out.append(rows)
+        return out
 
     def __call__(self, layer, x, logits, idx, w):
         if self.decode_only and idx.shape[0] != 1:
@@ -67,15 +103,27 @@ class TraceRecorder:
         if i == 0:
             self.tokens += idx.shape[0]
         cur = set(int(e) for e in idx[-1])
-        if layer in self.prev and idx.shape[0] == 1:
-            self.repeats += len(cur & self.prev[layer])
-            self.pairs += len(cur)
+        if idx.shape[0] == 1:
+            if i == 0 or not self.runs[-1]:
+                self.runs[-1].append([None] * len(self.moe_layers))
+            self.runs[-1][-1][i] = sorted(cur)
+            if layer in self.prev:
+                self.layer_repeats[i] += len(cur & self.prev[layer])
+                self.layer_pairs[i] += len(cur)
         self.prev[layer] = cur
 
 
 def record_trace(model, prompts: list[str], max_tokens: int = 32, chat: bool = True,
                  progress: bool = True) -> dict:
-    """Generate greedily from each prompt and return the trace dict (see :func:`save_trace`)."""
+    """Generate greedily from each prompt and return the trace dict (see :func:`save_trace`).
+
+    Keys: ``version`` (1), ``fingerprint``, ``model``, ``moe_layers``, ``num_experts``, ``top_k``,
+    ``tokens`` (decode tokens), ``prompts``, ``counts`` (``[L, N]`` selections), ``locality``
+    (fraction of selections repeated from the previous token, all layers; None without pairs),
+    and, since the planner models temporal locality, ``repeat`` (the same per MoE layer) and
+    ``sequences`` (one run per prompt: ``[token][moe layer]`` = the ``k`` selected expert ids).
+    Older traces without the last two still load (the planner then uses ``locality``).
+    """
     from tqdm.auto import tqdm
     rec = TraceRecorder(model.hparams)
     model.net.route_hook = rec
@@ -85,14 +133,16 @@ def record_trace(model, prompts: list[str], max_tokens: int = 32, chat: bool = T
                 model.chat([{"role": "user", "content": p}], max_tokens=max_tokens)
             else:
                 model.generate(p, max_tokens=max_tokens)
-            rec.prev.clear()
+            rec.new_sequence()
     finally:
         model.net.route_hook = None
     return {"version": 1, "fingerprint": fingerprint(model.source), "model": model.name,
             "moe_layers": rec.moe_layers, "num_experts": int(model.hparams["num_experts"]),
             "top_k": int(model.hparams["num_experts_per_tok"]), "tokens": rec.tokens,
             "prompts": len(prompts), "locality": rec.repeats / rec.pairs if rec.pairs else None,
-            "counts": rec.counts.tolist()}
+            "repeat": [float(r / p) if p else None
+                       for r, p in zip(rec.layer_repeats, rec.layer_pairs)],
+            "counts": rec.counts.tolist(), "sequences": rec.sequences()}
 
 
 def save_trace(trace: dict, path) -> Path:
@@ -105,6 +155,10 @@ def save_trace(trace: dict, path) -> Path:
 
 def load_trace(path, source) -> dict:
     """Read a trace and check it belongs to ``source``'s model.
+
+    Returns:
+        the trace dict (:func:`record_trace`) with ``counts`` as int64 ``[L, N]`` and, when
+        present, ``sequences`` as a list of int64 ``[T, L, k]`` arrays (one per run).
 
     Raises:
         TraceError: missing file (says how to make one), malformed, or another model's trace.
@@ -125,6 +179,21 @@ def load_trace(path, source) -> dict:
     if counts.shape != want or (counts.sum(axis=1) == 0).any():
         raise TraceError(f"{path}: counts have shape {counts.shape} (want {want}) or an empty layer")
     t["counts"] = counts
+    if t.get("sequences") is not None:
+        k = int(source.hparams["num_experts_per_tok"])
+        try:
+            runs = [np.asarray(r, np.int64) for r in t["sequences"]]
+        except (ValueError, TypeError) as e:
+            raise TraceError(f"{path}: sequences are not [token][layer][k] lists ({e})") from None
+        for r in runs:
+            if r.ndim != 3 or r.shape[1:] != (want[0], k) or r.shape[0] == 0:
+                raise TraceError(f"{path}: a sequence has shape {r.shape}, want "
+                                 f"[tokens, {want[0]}, {k}]")
+            if r.min() < 0 or r.max() >= want[1] or \
+                    (np.diff(np.sort(r, axis=2), axis=2) == 0).any():
+                raise TraceError(f"{path}: a sequence has expert ids outside 0..{want[1] - 1} "
+                                 f"or a token selecting the same expert twice")
+        t["sequences"] = runs
     return t
 
 
@@ -231,10 +300,49 @@ def delay_model(calib: dict, workers: int) -> DelayModel:
                       bytes_exp=calib["bytes_exp"], chunks=calib.get("chunks", 1))
 
 
-def make_plan(trace: dict, delay: DelayModel, tier_budget: int, top_k: int):
+def pool_models(trace: dict, top_k: int, ranks=None) -> list:
+    """Per MoE layer, the :class:`~zipmoe_rt.engine.planner.FPoolModel` of a recency F pool.
+
+    With the trace's ``sequences``: the engine's pool (LRU with frequency-aware admission)
+    replayed on them (:func:`~zipmoe_rt.engine.planner.lru_pool_model`, warm-started with
+    ``ranks[i]`` like the engine). Without (older traces): the mixture formula of
+    :func:`~zipmoe_rt.engine.planner.locality_pool_model` with the layer's repeat probability
+    (``repeat[i]``, else the trace-wide ``locality``, else memoryless ``Σπ²/k``).
+
+    Raises:
+        ValueError: as the planner functions (e.g. a layer with fewer than ``top_k`` experts
+            seen).
+    """
+    counts = np.asarray(trace["counts"])
+    L, N = counts.shape
+    seqs = trace.get("sequences")
+    if seqs:
+        runs = [np.asarray(r, np.int64) for r in seqs]
+        return [lru_pool_model([r[:, i, :] for r in runs], N, top_k,
+                               ranks[i] if ranks is not None else None, admission=True)
+                for i in range(L)]
+    rep = trace.get("repeat") or [None] * L
+    glob = trace.get("locality")
+    out = []
+    for i in range(L):
+        pi = inclusion_probabilities(counts[i], top_k)
+        rho = rep[i] if i < len(rep) and rep[i] is not None else glob
+        if rho is None or not np.isfinite(rho):
+            rho = float(np.sum(pi ** 2) / top_k)
+        out.append(locality_pool_model(pi, min(max(float(rho), 0.0), 1.0), top_k))
+    return out
+
+
+def make_plan(trace: dict, delay: DelayModel, tier_budget: int, top_k: int,
+              locality: bool = True):
     """Per-layer tier plans and expert ranks: ``(ModelPlan, ranks)``, ranks[i] = expert ids of
-    the i-th MoE layer by descending trace count (ties by id)."""
+    the i-th MoE layer by descending trace count (ties by id).
+
+    ``locality`` (default): recency F pools on top of static C/S/E slots, planned with the
+    trace's temporal locality (:func:`pool_models`; the plans carry the static tiers' expert
+    ``order``). ``locality=False``: the memoryless static plan by popularity rank (§3)."""
     counts = np.asarray(trace["counts"])
     ranks = [list(np.lexsort((np.arange(c.size), -c))) for c in counts]
-    plan = plan_model(counts, top_k, max(0, int(tier_budget)), delay)
+    fpool = pool_models(trace, top_k, ranks) if locality else None
+    plan = plan_model(counts, top_k, max(0, int(tier_budget)), delay, fpool=fpool)
     return plan, ranks

@@ -58,14 +58,24 @@ class FullPool:
     ``lru``: least recently used; ``lfu``: fewest uses; ``tlfu``: token-weighted LFU (fewest
     tokens routed, ZipMoE's prototype). Experts in use by the running layer are never evicted.
 
+    With ``admit_window > 0`` (``lru`` only; zipmoe's per-layer pools) admission is
+    frequency-aware (TinyLFU-style): each :meth:`touch` adds 1 to the expert's use count, all
+    counts are halved (integer) every ``admit_window`` touches, and a newcomer enters a full
+    pool only if its count is at least that of the LRU victim. The planner replays exactly this
+    policy (:func:`~zipmoe_rt.engine.planner.lru_pool_model` with ``admission=True``).
+
     Attributes:
         capacity: number of experts the pool holds (0 = none).
+        admit_window: touches between halvings of the use counts; 0 = admit every newcomer.
     """
 
     capacity: int
     eviction: str = "lru"
     slots: "OrderedDict" = field(default_factory=OrderedDict)   # key -> ExpertWeights
     score: dict = field(default_factory=dict)                   # key -> uses or tokens
+    admit_window: int = 0
+    freq: dict = field(default_factory=dict)                    # key -> recent uses (admission)
+    uses: int = 0
 
     def get(self, key):
         w = self.slots.get(key)
@@ -76,9 +86,17 @@ class FullPool:
     def touch(self, key, tokens: int):
         """Record a use (LFU: +1, token-weighted LFU: +tokens); call for hits and misses."""
         self.score[key] = self.score.get(key, 0) + (tokens if self.eviction == "tlfu" else 1)
+        if self.admit_window > 0:
+            self.freq[key] = self.freq.get(key, 0) + 1
+            self.uses += 1
+            if self.uses % self.admit_window == 0:
+                self.freq = {k: f >> 1 for k, f in self.freq.items()}
 
     def admit(self, key, weights: ExpertWeights, in_use=()) -> bool:
-        """Insert ``weights`` if the pool has room or a victim outside ``in_use`` is worse."""
+        """Insert ``weights`` if the pool has room or a victim outside ``in_use`` is worse.
+
+        Returns:
+            True if ``key`` is in the pool afterwards."""
         if self.capacity <= 0:
             return False
         if key in self.slots:
@@ -90,6 +108,8 @@ class FullPool:
                 return False
             if self.eviction == "lru":
                 victim = cands[0]
+                if self.admit_window > 0 and self.freq.get(key, 0) < self.freq.get(victim, 0):
+                    return False  # used less often lately than the expert it would push out
             else:
                 victim = min(cands, key=lambda k: (self.score.get(k, 0), list(self.slots).index(k)))
                 if self.score.get(victim, 0) > self.score.get(key, 0):
