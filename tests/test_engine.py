@@ -921,3 +921,31 @@ def test_default_model_budgeted_is_bit_identical(default_case, policy):
         m.close()
     assert_same_logits(logits, default_case["logits"])
     assert tokens == default_case["tokens"]
+
+
+# -- region reads --------------------------------------------------------------------------------
+@pytest.mark.parametrize("keep_cache", [False, True])
+def test_region_reads_drop_their_pages_unless_asked(tmp_path, monkeypatch, keep_cache):
+    """Buffered reads return the exact bytes and, by default, drop exactly the range they read
+    from the page cache (posix_fadvise DONTNEED), so the OS cache is not a hidden expert tier."""
+    import os
+
+    from zipmoe_rt.engine import io as io_
+    data = np.random.default_rng(3).integers(0, 256, 3 * 4096 + 77, dtype=np.uint8)
+    f = tmp_path / "blob.bin"
+    f.write_bytes(data.tobytes())
+    calls = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(io_.os, "posix_fadvise", lambda fd, off, n, adv: (calls.append((off, n, adv)),
+                                                                        real(fd, off, n, adv))[1])
+    rr = io_.RegionReader(f, keep_cache=keep_cache)
+    try:
+        got = rr.read(4096, 5000)
+        np.testing.assert_array_equal(got, data[4096:9096])
+        got = rr.read(10, 100)
+        np.testing.assert_array_equal(got, data[10:110])
+    finally:
+        rr.close()
+    assert calls == ([] if keep_cache else [(4096, 5000, os.POSIX_FADV_DONTNEED),
+                                            (10, 100, os.POSIX_FADV_DONTNEED)])
+    assert rr.bytes_read == 5100 and rr.reads == 2

@@ -196,10 +196,16 @@ def zipmoe_cli(*args) -> subprocess.CompletedProcess:
 
 
 def ensure_zmoe(p: Paths, recalibrate: bool) -> None:
-    if not p.zmoe.exists():
-        zipmoe_cli("convert", p.hf, "-o", p.zmoe, "-q")
+    from zipmoe_rt.default_model import _format_version
+    import zmoe
     trace = p.zmoe.with_name(p.zmoe.name + ".trace.json")
     calib = p.zmoe.with_name(p.zmoe.name + ".calib.json")
+    if p.zmoe.exists() and _format_version(p.zmoe) < zmoe.VERSION:
+        log(f"{p.zmoe}: older .zmoe format; reconverting (and re-profiling, recalibrating)")
+        for f in (p.zmoe, trace, calib):
+            f.unlink(missing_ok=True)
+    if not p.zmoe.exists():
+        zipmoe_cli("convert", p.hf, "-o", p.zmoe, "-q")
     if not trace.exists():
         zipmoe_cli("profile", p.zmoe, "--prompts", REPO / "tools" / "prompts.txt", "-q")
     if recalibrate or not calib.exists():
@@ -465,8 +471,8 @@ def zipmoe_bench_worker(a) -> None:
     from zipmoe_rt import bench as B
     budget = None if a.budget == "none" else int(a.budget)
     policy = a.policy if budget is not None else "auto"
-    runs, mem = B._one_config(a.model, budget, policy, 0, a.n_gen, a.reps, None, False, "lru",
-                              None)
+    runs, mem = B._one_config(a.model, budget, policy, 0, a.n_gen, a.reps, None,
+                              bool(a.direct) and budget is not None, "lru", None)
     print(json.dumps({"runs": runs, "memory": mem}))
 
 
@@ -514,7 +520,8 @@ def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, i
     else:
         budget = "none" if limit is None else str(a.budget_bytes)
         cmd = [sys.executable, __file__, "_zipmoe-bench", "--model", p.zmoe, "--budget", budget,
-               "--policy", policy, "--n-gen", a.n_gen, "--reps", a.reps]
+               "--policy", policy, "--n-gen", a.n_gen, "--reps", a.reps] + \
+            (["--direct"] if a.direct else [])
         files = [p.zmoe]
     how = drop_page_cache(files)
     log(f"run {name} (cache dropped via {how}) ...")
@@ -617,6 +624,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n-prompt", type=int, default=16, help="prompt tokens (default 16)")
     ap.add_argument("--n-gen", type=int, default=64, help="tokens generated (default 64)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    ap.add_argument("--direct", action="store_true",
+                    help="zipmoe-rt reads experts with O_DIRECT (no page cache: under a memory "
+                         "limit, expert reads then do not push the runtime's own pages out)")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child (default 1800)")
     ap.add_argument("--no-unlimited", action="store_true", help="skip the unlimited reference rows")
@@ -728,6 +738,7 @@ def _worker(argv) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--budget", default="none")
     ap.add_argument("--policy", default="zipmoe")
+    ap.add_argument("--direct", action="store_true")
     a = ap.parse_args(argv)
     {"_llama-chat": llama_chat_worker, "_llama-bench": llama_bench_worker,
      "_zipmoe-bench": zipmoe_bench_worker, "_zipmoe-overhead": zipmoe_overhead_worker}[a.verb](a)

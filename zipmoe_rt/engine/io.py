@@ -73,6 +73,12 @@ class RegionReader:
         path: the file.
         direct: open with O_DIRECT (bypass the page cache; Linux). Offsets must be aligned to
             4096; lengths are rounded up internally.
+        keep_cache: leave what a buffered read brought into the OS page cache there. Default
+            False: each read's range is dropped right after (posix_fadvise DONTNEED), so the
+            page cache does not become a second, unbudgeted expert cache (on the memory-limited
+            devices this runtime targets it cannot hold the experts either, and under a memory
+            cgroup the cached pages would push the runtime's own pages out), and every miss of
+            a benchmark really reads the disk.
 
     Attributes:
         bytes_read: total bytes requested so far (for "bytes read per token").
@@ -82,9 +88,10 @@ class RegionReader:
         OSError: O_DIRECT not supported by the file system (the message says so).
     """
 
-    def __init__(self, path, direct: bool = False):
+    def __init__(self, path, direct: bool = False, keep_cache: bool = False):
         self.path = path
         self.direct = direct
+        self.drop = not direct and not keep_cache and hasattr(os, "posix_fadvise")
         flags = os.O_RDONLY
         if direct:
             if not hasattr(os, "O_DIRECT"):
@@ -124,6 +131,8 @@ class RegionReader:
                 if k <= 0:
                     raise OSError(f"{self.path}: short read at {offset}: {got} of {size} bytes")
                 got += k
+            if self.drop:
+                os.posix_fadvise(self.fd, offset, size, os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.bytes_read += size
             self.reads += 1
