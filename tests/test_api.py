@@ -387,3 +387,10 @@ def test_session_sampling_reproducible(model):
     a = "".join(model.chat_session().send("hello world", **kw))
     b = "".join(model.chat_session().send("hello world", **kw))
     assert a == b == model.chat([{"role": "user", "content": "hello world"}], **kw)
+
+
+def test_package_exports_what_api_all_lists():
+    import zipmoe_rt
+    from zipmoe_rt import api
+    for name in api.__all__:
+        assert getattr(zipmoe_rt, name) is getattr(api, name)

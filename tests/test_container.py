@@ -905,6 +905,19 @@ def test_version_1_chunks_are_zstd(tmp_path):
         assert name in str(ei.value)
 
 
+def test_version_1_with_a_huffman_record_is_corrupt(tmp_path):
+    """A version-1 header whose index names a non-zstd codec contradicts SPEC §5.2."""
+    path = tmp_path / "h.zmoe"
+    build(path, exp_codec="huffman")
+
+    def v1_keep_codec(b):
+        struct.pack_into("<I", b, 4, 1)
+        fix_header_crc(b)
+    bad = mutate(path, tmp_path / "h1.zmoe", v1_keep_codec)
+    with pytest.raises(CorruptIndexError, match="version-1 file holds only zstd"):
+        ZmoeReader(bad)
+
+
 @pytest.mark.parametrize("codec", ["lz4", "Huffman", "", None])
 def test_unknown_exp_codec(good, tmp_path, codec):
     path, _ = good

@@ -600,6 +600,17 @@ def test_unparseable_budget_names_the_option(tiny_case, text):
         parse_size(text)
 
 
+@pytest.mark.parametrize("value", [0, -1, -1.5, "0", "-5MB", "0%", "-5%"])
+def test_budget_must_be_positive(tiny_case, value):
+    c = tiny_case("mixtral")
+    src = ZmoeSource(c.zmoe)
+    try:
+        with pytest.raises(ValueError, match="must be positive"):
+            parse_size(value, src)
+    finally:
+        src.close()
+
+
 def test_parse_size_units():
     assert parse_size("600MB") == 600_000_000
     assert parse_size("1.5GiB") == 3 * 2**29

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy: importing the package stays cheap (no numba compile)
-    if name in ("load", "Model", "default_model_path"):
+    if name in ("load", "Model", "ChatSession", "default_model_path"):
         from . import api
         return getattr(api, name)
     raise AttributeError(name)

@@ -25,15 +25,24 @@ def parse_size(text, source=None) -> int:
     (``source`` required), so ``100%`` holds the whole model decoded.
 
     Raises:
-        ValueError: unparseable text (the option is named).
+        ValueError: unparseable text, or a size or percentage that is not positive (the
+            option is named).
     """
     if isinstance(text, (int, float)):
+        if text <= 0:
+            raise ValueError(f"memory_budget (--memory-budget): must be positive, got {text!r}")
         return int(text)
     t = str(text).strip().upper().replace(" ", "")
     if t.endswith("%"):
         if source is None:
             raise ValueError("--memory-budget: a percentage needs the model")
-        frac = float(t[:-1]) / 100
+        try:
+            frac = float(t[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"--memory-budget: cannot read {text!r} (use e.g. 600MB, 1.5GiB, "
+                             f"25%)") from None
+        if not frac > 0:
+            raise ValueError(f"--memory-budget: must be positive, got {text!r}")
         experts = sum(l.full_bytes for l in source.layouts.values())
         return int(source.dense_bytes() + frac * experts)
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,

@@ -112,7 +112,10 @@ class ZmoeReader:
             if t.get("encoding") != "bitplane":
                 continue
             if version == 1:
-                t.setdefault("exp_codec", EXP_ZSTD)
+                if t.setdefault("exp_codec", EXP_ZSTD) != EXP_ZSTD:
+                    raise CorruptIndexError(f"{self.path}: tensor {name!r}: a version-1 file "
+                                            f"holds only zstd exponent chunks, not "
+                                            f"{t['exp_codec']!r} (SPEC §5.2)")
             c = t.get("exp_codec")
             if c is None:
                 raise CorruptIndexError(f"{self.path}: tensor {name!r}: bit-plane tensor without "
