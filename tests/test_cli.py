@@ -204,7 +204,7 @@ def test_inspect(tiny_zmoe):
     assert re.search(r"general\.architecture\s+str\s+MixtralForCausalLM", r.stdout)
     for name in names:
         assert re.search(rf"^\s+{re.escape(name)}\s", r.stdout, re.M), name
-    assert re.search(r"^\s+expert\s.*bits/weight", r.stdout, re.M)
+    assert re.search(r"^\s+expert\s.*bits/weight.*\(exponents: huffman\)$", r.stdout, re.M)
     r2 = cli("inspect", tiny_zmoe, "--no-tensors")
     assert r2.exit_code == 0
     assert not any(re.search(rf"^\s+{re.escape(n)}\s", r2.stdout, re.M) for n in names)
@@ -242,6 +242,14 @@ def test_verify_corrupted_exponent_chunk(tiny_zmoe, tmp_path):
     r = cli("verify", bad, "-q")
     line = assert_one_line_error(r, bad, repr(name), "exponent chunk", "CRC-32")
     assert "OK" not in r.stdout, line
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect", "run"])
+def test_missing_model_file_is_one_line(tmp_path, command):
+    p = tmp_path / "nope.zmoe"
+    extra = ["-p", "hi"] if command == "run" else []
+    line = assert_one_line_error(cli(command, p, *extra), p, "no such file")
+    assert "Errno" not in line
 
 
 def test_verify_not_a_zmoe(tmp_path):

@@ -34,6 +34,10 @@ def friendly_errors(fn):
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(130)
+        except FileNotFoundError as e:
+            if os.environ.get("ZIPMOE_RT_DEBUG"):
+                raise
+            raise CliError(f"{e.filename}: no such file" if e.filename else str(e)) from None
         except Exception as e:  # noqa: BLE001 - the CLI's job is to report, not crash
             if os.environ.get("ZIPMOE_RT_DEBUG"):
                 raise

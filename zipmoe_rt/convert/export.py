@@ -116,8 +116,11 @@ def summarize(path, show_tensors: bool = True, max_value: int = 80) -> str:
                 s = s[:max_value - 3] + f"... ({len(s)} chars)"
             lines.append(f"  {k:<36} {r.metadata_types[k]:<6} {s}")
         groups = {"expert": [0, 0, 0], "dense": [0, 0, 0]}  # elements, stored bytes, source bytes
+        codecs = {"expert": set(), "dense": set()}
         rows = []
         for name, t in r.tensors.items():
+            if "exp_codec" in t:
+                codecs["expert" if "expert" in t else "dense"].add(t["exp_codec"])
             n = element_count(t)
             stored = r.stored_bytes(name)
             src = n * DTYPE_SIZES[t["dtype"]]
@@ -135,5 +138,6 @@ def summarize(path, show_tensors: bool = True, max_value: int = 80) -> str:
         for g, (n, stored, src) in groups.items():
             if n:
                 lines.append(f"  {g:<7} {n:>14,d} weights  {stored / 1e6:10.1f} MB stored  "
-                             f"{8 * stored / n:6.2f} bits/weight  {100 * stored / src:5.1f} % of source")
+                             f"{8 * stored / n:6.2f} bits/weight  {100 * stored / src:5.1f} % of source"
+                             + (f"  (exponents: {', '.join(sorted(codecs[g]))})" if codecs[g] else ""))
     return "\n".join(lines)
