@@ -14,7 +14,7 @@ import numpy as np
 import zstandard as zstd
 
 import zmoe
-from zmoe import _huffjit as huffjit
+from zmoe import codec
 from zmoe.constants import EXP_HUFFMAN
 from zmoe.reader import NUMPY_DTYPES
 
@@ -131,41 +131,23 @@ def _scratch(n: int) -> np.ndarray:
     return buf[:n]
 
 
-def _huffman_tables():
-    """This thread's Huffman decode-table cache (chunks of a tensor share one code)."""
-    c = getattr(_tls, "tables", None)
-    if c is None:
-        c = _tls.tables = huffjit.TableCache()
-    return c
-
-
 def decode_chunk(path, p: Piece, i: int, sm: np.ndarray, exp: np.ndarray, out: np.ndarray,
                  start: int, dctx: zstd.ZstdDecompressor):
-    """Decode exponent chunk ``i`` of piece ``p`` and merge it with its SM bytes into
-    ``out[start:start+raw_size]``. Huffman chunks (SPEC §5.3) decode in a Numba kernel into a
-    per-thread buffer, zstd chunks with ``dctx``; both release the GIL, as does the merge.
+    """Decode exponent chunk ``i`` of piece ``p`` (:func:`zmoe.codec.decompress_chunk`: Huffman
+    chunks in a Numba kernel into a per-thread buffer, zstd chunks with ``dctx``) and merge it
+    with its SM bytes into ``out[start:start+raw_size]``. Decode and merge release the GIL.
 
     Raises:
         zmoe.ChecksumError: the chunk does not decode to its recorded size.
     """
     o, n, raw, _ = p.chunks[i]
     merge, smb, _ = MERGE[p.dtype]
-    if p.codec == EXP_HUFFMAN:
-        e = _scratch(raw)
-        status = _huffman_tables().decode(exp[o:o + n], raw, e)
-        if status:
-            raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} does not "
-                                     f"decode ({huffjit.STATUS[status]})")
-    else:
-        try:
-            b = dctx.decompress(exp[o:o + n], max_output_size=raw)
-        except zstd.ZstdError as err:
-            raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} does not "
-                                     f"decode ({err})") from None
-        if len(b) != raw:
-            raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} decoded to "
-                                     f"{len(b)} bytes, expected {raw}")
-        e = np.frombuffer(b, np.uint8)
+    try:
+        e = codec.decompress_chunk(exp[o:o + n], raw, p.codec, dctx,
+                                   _scratch(raw) if p.codec == EXP_HUFFMAN else None)
+    except ValueError as err:
+        raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} does not "
+                                 f"decode ({err})") from None
     s0 = p.sm[0] + start * smb
     merge(e, sm[s0:s0 + raw * smb], out[start:start + raw])
 
