@@ -31,7 +31,7 @@ import zstandard as zstd
 from ..kernels.linear import expert_accumulate, experts_decode
 from . import layout as L_
 from .io import RegionReader
-from .planner import ADMISSION_WINDOW
+from .planner import admission_window
 from .scheduler import Task, execution_order, schedule
 from .tiers import EVICTIONS, POLICIES, BudgetError, FullPool, Slot
 
@@ -180,8 +180,8 @@ class ExpertEngine:
         for layer, tp, order in zip(self.hp["moe_layers"], plan, ranks):
             order = [int(e) for e in order]
             nF, nC, nS, nE = tp.nF, tp.nC, tp.nS, tp.nE
-            pool = FullPool(nF, self.eviction, admit_window=ADMISSION_WINDOW * nF * self.k
-                            if self.eviction == "lru" else 0)
+            pool = FullPool(nF, self.eviction,
+                            admit_window=admission_window(nF, self.k) if self.eviction == "lru" else 0)
             if self.eviction != "lru":
                 for r, e in enumerate(order):
                     pool.score[(layer, e)] = len(order) - r   # seed scores with the trace's ranks
@@ -189,8 +189,7 @@ class ExpertEngine:
             for e in reversed(order[:nF]):
                 pool.slots[(layer, e)] = self._load_now(self.layouts[(layer, e)])
                 used += self.bytes_F
-            static = getattr(tp, "order", None)
-            static = [int(e) for e in static] if static is not None else order[nF:]
+            static = [int(e) for e in tp.order] if tp.order is not None else order[nF:]
             for r, e in enumerate(static):
                 key, lay = (layer, e), self.layouts[(layer, e)]
                 tier = "C" if r < nC else "S" if r < nC + nS else "E" if r < nC + nS + nE else None

@@ -61,6 +61,7 @@ __all__ = [
     "plan_layer",
     "FPoolModel",
     "ADMISSION_WINDOW",
+    "admission_window",
     "repeat_probability",
     "lru_pool_model",
     "locality_pool_model",
@@ -917,6 +918,13 @@ def repeat_probability(sequences) -> np.ndarray:
 ADMISSION_WINDOW = 16
 
 
+def admission_window(capacity: int, k: int) -> int:
+    """Selections between halvings of the admission counts of an F pool holding ``capacity``
+    experts in a top-``k`` layer (``ADMISSION_WINDOW · C · k``): the engine's pools and the
+    planner's replay use this one value, so the replay is the engine's pool exactly."""
+    return ADMISSION_WINDOW * capacity * k
+
+
 def lru_pool_model(runs, n, k, warm=None, admission: bool = False) -> FPoolModel:
     """Trace-driven :class:`FPoolModel` of one layer: a recency pool of each capacity
     ``C = 0..N`` replayed on the recorded routing, exactly as the engine runs it.
@@ -971,7 +979,7 @@ def lru_pool_model(runs, n, k, warm=None, admission: bool = False) -> FPoolModel
         for e in reversed(warm[:C]):
             pool[e] = None
         freq = [0] * n
-        window = ADMISSION_WINDOW * C * k if admission else 0
+        window = admission_window(C, k) if admission else 0
         uses = 0
         hc, mc = hit[C], miss[C]
         for sel in rows:
@@ -1453,7 +1461,6 @@ def plan_model(counts, k, total_budget_bytes, delay: DelayModel, *, average: boo
         raise ValueError(f"counts has shape {c.shape}, expected {tuple(shape)}")
     n = c.shape[1]
     k = _check_k(k, n)
-    pop = popularity_by_rank(c, average=average)
     orders = None
     if fpool is not None:
         if average:
@@ -1466,6 +1473,7 @@ def plan_model(counts, k, total_budget_bytes, delay: DelayModel, *, average: boo
             fronts.append(f.pareto())
             orders.append(o)
     else:
+        pop = popularity_by_rank(c, average=average)
         rows = [pop] if average else list(pop)
         fronts = []
         for row in rows:

@@ -85,7 +85,8 @@ class FullPool:
 
     def touch(self, key, tokens: int):
         """Record a use (LFU: +1, token-weighted LFU: +tokens); call for hits and misses."""
-        self.score[key] = self.score.get(key, 0) + (tokens if self.eviction == "tlfu" else 1)
+        if self.eviction != "lru":   # LRU evicts by recency alone: no score to keep
+            self.score[key] = self.score.get(key, 0) + (tokens if self.eviction == "tlfu" else 1)
         if self.admit_window > 0:
             self.freq[key] = self.freq.get(key, 0) + 1
             self.uses += 1
