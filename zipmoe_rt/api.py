@@ -111,7 +111,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     try:
         tok = _tokenizer(source)
         # the tokenizer holds its own parsed copy; the JSON text (~7 MB as a str) is not needed
-        source.release_metadata("tokenizer.json")
+        source.metadata.pop("tokenizer.json", None)
         if budgeted:
             engine = _engine(source, parse_size(memory_budget, source), policy, eviction, workers,
                              direct, trace, verify)
@@ -132,9 +132,12 @@ def _release_load_memory(source) -> None:
     into process memory with pread, so nothing maps them) and the freed C heap."""
     import gc
 
-    from .engine.io import release_heap
+    from .engine.io import evict_page_cache, release_heap
 
-    source.drop_page_cache()
+    try:
+        evict_page_cache(source.path)
+    except OSError:
+        pass
     gc.collect()
     release_heap()
 
@@ -173,8 +176,7 @@ def _engine(source, budget, policy, eviction, workers, direct, trace, verify):
 
 def _tokenizer(source) -> Tokenizer:
     meta = source.metadata
-    value = getattr(source, "metadata_value", meta.get)   # a ZmoeSource may have released it
-    tok_json = value("tokenizer.json")
+    tok_json = meta.get("tokenizer.json")
     if tok_json is None:
         raise ValueError(f"{source.path}: has no tokenizer (convert a folder with tokenizer.json)")
     return Tokenizer.from_hf_config(tok_json, meta.get("tokenizer.config") or {},

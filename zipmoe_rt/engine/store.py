@@ -18,6 +18,7 @@ from zmoe.reader import NUMPY_DTYPES
 
 from ..models.weights import ExpertWeights
 from . import layout as L_
+from .io import RegionReader
 
 
 class ZmoeSource:
@@ -54,7 +55,7 @@ class ZmoeSource:
         self._dense: dict = {}
         self._experts: dict = {}
         self._layouts = None
-        self._released: set = set()
+        self._rr = None                     # RegionReader for copied raw dense tensors
         self._tls = threading.local()
         self.bytes_read = 0
 
@@ -64,7 +65,11 @@ class ZmoeSource:
         return t is not None and "expert" not in t
 
     def tensor(self, name: str) -> np.ndarray:
-        """Dense tensor ``name`` (BF16 as uint16), shaped. Raises KeyError naming it if absent."""
+        """Dense tensor ``name`` (BF16 as uint16), shaped. Raises KeyError naming it if absent.
+
+        Views of the file map are cached; with ``copy_dense`` every call returns a new copy
+        that the caller owns (the source keeps none, so a model that converts or concatenates
+        a tensor holds the only copy in memory)."""
         a = self._dense.get(name)
         if a is None:
             if not self.has(name):
@@ -76,60 +81,25 @@ class ZmoeSource:
                 a = self.reader.read_tensor(name, verify=self.verify)
                 if self.copy_dense:
                     a = np.array(a)
-            self._dense[name] = a
+            if not self.copy_dense:
+                self._dense[name] = a
         return a
 
     def _pread_raw(self, name: str, t: dict) -> np.ndarray:
-        import os
+        """A raw tensor read with pread (:class:`~zipmoe_rt.engine.io.RegionReader`: its pages
+        leave the page cache right after), CRC-checked if ``verify``."""
         import zlib
         off, size, crc = t["parts"][0]["raw"]
-        buf = np.empty(size, np.uint8)
-        fd = os.open(self.path, os.O_RDONLY)
+        if self._rr is None:
+            self._rr = RegionReader(self.path)
         try:
-            got = os.preadv(fd, [buf], off)
-        finally:
-            os.close(fd)
-        if got != size:
-            raise zmoe.TruncatedFileError(f"{self.path}: tensor {name!r}: short read")
+            buf = self._rr.read(off, size)
+        except OSError as e:
+            raise zmoe.TruncatedFileError(f"{self.path}: tensor {name!r}: {e}") from None
         if self.verify and zlib.crc32(buf) & 0xFFFFFFFF != crc:
             raise zmoe.ChecksumError(f"{self.path}: tensor {name!r}: raw data fails its CRC-32 "
                                      f"(corrupt file)")
         return buf.view(NUMPY_DTYPES[t["dtype"]]).reshape(t["shape"])
-
-    def forget(self, *names: str) -> None:
-        """Drop this source's own references to dense tensors ``names`` (a model that copied
-        or converted them, e.g. q/k/v concatenated into one matrix, then holds the only copy).
-        A later :meth:`tensor` call reads the tensor again."""
-        for n in names:
-            self._dense.pop(n, None)
-
-    def forget_dense(self) -> None:
-        """:meth:`forget` every dense tensor read so far (called once a model is built)."""
-        self._dense.clear()
-
-    def release_metadata(self, *keys: str) -> None:
-        """Drop large metadata values that are not needed after load (e.g. ``tokenizer.json``,
-        ~7 MB as a Python string). :meth:`metadata_value` still finds them (re-read from the
-        file's index)."""
-        for k in keys:
-            if self.metadata.pop(k, None) is not None:
-                self._released.add(k)
-
-    def metadata_value(self, key: str, default=None):
-        """``metadata[key]``, re-reading the index when :meth:`release_metadata` dropped it."""
-        if key in self.metadata or key not in self._released:
-            return self.metadata.get(key, default)
-        return zmoe.ZmoeReader(self.path).metadata.get(key, default)
-
-    def drop_page_cache(self) -> bool:
-        """Drop the model file's pages from the OS page cache (posix_fadvise DONTNEED), e.g.
-        after dense weights and cache tiers were read into process memory, so that a memory
-        cgroup stops charging them. Mapped pages in use are not dropped. False if unsupported."""
-        from .io import evict_page_cache
-        try:
-            return evict_page_cache(self.path)
-        except OSError:
-            return False
 
     def dense_bytes(self) -> int:
         """Bytes of all dense tensors (what stays resident)."""
@@ -187,4 +157,7 @@ class ZmoeSource:
     def close(self):
         self._dense.clear()
         self._experts.clear()
+        if self._rr is not None:
+            self._rr.close()
+            self._rr = None
         self.reader.close()

@@ -730,11 +730,6 @@ class Model:
         self.norm = to_f32(source.tensor("model.norm.weight"))
         self.moe_layers = set(a.moe_layers)
         self.layers = [self.build_layer(i) for i in range(a.num_hidden_layers)]
-        # the model holds every dense array it uses; the source's cache would only keep the
-        # originals of converted ones (widened norms) alive
-        forget_all = getattr(source, "forget_dense", None)
-        if forget_all is not None:
-            forget_all()
 
     # -- weights -------------------------------------------------------------------------------
 
@@ -758,17 +753,8 @@ class Model:
         kw["bo"] = self._opt(p + "o_proj.bias")
         if self.args.qk_norm:
             kw.update(q_norm=t(p + "q_norm.weight"), k_norm=t(p + "k_norm.weight"))
-        attn = Attention(self.args, i, t(p + "q_proj.weight"), t(p + "k_proj.weight"),
+        return Attention(self.args, i, t(p + "q_proj.weight"), t(p + "k_proj.weight"),
                          t(p + "v_proj.weight"), t(p + "o_proj.weight"), **kw)
-        # q/k/v now live concatenated in attn.wqkv: let the source drop its copies layer by
-        # layer (a ZmoeSource with copy_dense holds them in process memory: 32 MB here)
-        self._forget(p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight")
-        return attn
-
-    def _forget(self, *names):
-        forget = getattr(self.source, "forget", None)
-        if forget is not None:
-            forget(*names)
 
     def build_mlp(self, i: int):
         """The feed-forward block of layer ``i`` (family specific)."""
