@@ -451,13 +451,21 @@ def llama_bench_worker(a) -> None:
     print(json.dumps({"load_s": load_s, "prompt_tokens_match": same_tokens, "runs": runs}))
 
 
-def zipmoe_overhead_worker(a) -> None:
-    """Fixed-overhead probe: one ``zipmoe-rt bench`` configuration at ``--budget`` (warm-up,
-    one tg run); prints the memory report and this process's final anonymous RSS."""
+def _one_zipmoe_config(a, reps: int):
+    """``zipmoe_rt.bench._one_config`` with this script's options: (runs, memory report)."""
     sys.path.insert(0, str(REPO))
     from zipmoe_rt import bench as B
-    runs, mem = B._one_config(a.model, int(a.budget), a.policy, 0, a.n_gen, 1, None, False,
-                              "lru", None)
+    budget = None if a.budget == "none" else int(a.budget)
+    policy = a.policy if budget is not None else "auto"
+    return B._one_config(a.model, budget, policy, 0, a.n_gen, reps, None,
+                         bool(a.direct) and budget is not None, "lru", None)
+
+
+def zipmoe_overhead_worker(a) -> None:
+    """Fixed-overhead probe: one ``zipmoe-rt bench`` configuration at ``--budget`` (warm-up,
+    one tg run, the same read mode as the measured rows); prints the memory report and this
+    process's final anonymous RSS."""
+    runs, mem = _one_zipmoe_config(a, 1)
     anon = 0
     for line in open("/proc/self/status"):
         if line.startswith("RssAnon:"):
@@ -467,12 +475,7 @@ def zipmoe_overhead_worker(a) -> None:
 
 def zipmoe_bench_worker(a) -> None:
     """One configuration exactly as ``zipmoe-rt bench`` runs it (zipmoe_rt.bench._one_config)."""
-    sys.path.insert(0, str(REPO))
-    from zipmoe_rt import bench as B
-    budget = None if a.budget == "none" else int(a.budget)
-    policy = a.policy if budget is not None else "auto"
-    runs, mem = B._one_config(a.model, budget, policy, 0, a.n_gen, a.reps, None,
-                              bool(a.direct) and budget is not None, "lru", None)
+    runs, mem = _one_zipmoe_config(a, a.reps)
     print(json.dumps({"runs": runs, "memory": mem}))
 
 
@@ -491,7 +494,8 @@ def measure_overhead(p: Paths, a, probe_budget: int) -> dict:
     Returns a dict: overhead (bytes), probe_budget, anon_peak, cgroup peak, memory report.
     Raises RuntimeError when the probe fails."""
     cmd = [sys.executable, __file__, "_zipmoe-overhead", "--model", p.zmoe, "--budget",
-           str(probe_budget), "--policy", "zipmoe", "--n-gen", "16"]
+           str(probe_budget), "--policy", "zipmoe", "--n-gen", "16"] + \
+        (["--direct"] if a.direct else [])
     how = drop_page_cache([p.zmoe])
     log(f"measuring zipmoe-rt's fixed overhead (probe budget {probe_budget / 1e6:.0f} MB, no "
         f"limit, cache dropped via {how}) ...")
