@@ -16,6 +16,7 @@ import pytest
 import zstandard as zstd
 
 import zmoe
+from zmoe_edit import fix_header_crc, mutate, rewrite_index
 from zmoe import (ChecksumError, CorruptIndexError, ExpertPiece, NotZmoeError, TruncatedFileError,
                   UnsupportedCodecError, UnsupportedVersionError, ZmoeError, ZmoeReader, ZmoeWriter,
                   encode_expert)
@@ -154,31 +155,6 @@ def parse(path: Path):
 
 def as_bytes(a):
     return np.ascontiguousarray(a).reshape(-1).view(np.uint8).tobytes()
-
-
-def mutate(src: Path, dst: Path, fn) -> Path:
-    b = bytearray(src.read_bytes())
-    fn(b)
-    dst.write_bytes(bytes(b))
-    return dst
-
-
-def fix_header_crc(b: bytearray):
-    b[60:64] = struct.pack("<I", zlib.crc32(bytes(b[:60])) & 0xFFFFFFFF)
-
-
-def rewrite_index(b: bytearray, fn):
-    """Apply fn to the parsed index, re-serialise it, and fix sizes and both CRCs."""
-    _, _, ioff, isize = struct.unpack_from("<4sIQQ", b, 0)
-    index = json.loads(bytes(b[ioff:ioff + isize]))
-    fn(index)
-    blob = json.dumps(index, separators=(",", ":")).encode()
-    del b[ioff:]
-    b += blob
-    struct.pack_into("<Q", b, 16, len(blob))
-    struct.pack_into("<Q", b, 32, len(b))
-    struct.pack_into("<I", b, 44, zlib.crc32(blob) & 0xFFFFFFFF)
-    fix_header_crc(b)
 
 
 # ---------------------------------------------------------------------------------------------

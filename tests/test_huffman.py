@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zmoe
+from zmoe_edit import mutate, rewrite_index
 from zmoe import (CorruptIndexError, ExpertPiece, UnsupportedCodecError, ZmoeReader, ZmoeWriter,
                   encode_expert)
 from zmoe import _huffjit
@@ -884,19 +885,7 @@ def test_mixed_codecs_chunk_bytes(mixed):
 
 
 def _rewrite_index(path, dst, fn):
-    b = bytearray(path.read_bytes())
-    _, _, ioff, isize = struct.unpack_from("<4sIQQ", b, 0)
-    index = json.loads(bytes(b[ioff:ioff + isize]))
-    fn(index)
-    blob = json.dumps(index, separators=(",", ":")).encode()
-    del b[ioff:]
-    b += blob
-    struct.pack_into("<Q", b, 16, len(blob))
-    struct.pack_into("<Q", b, 32, len(b))
-    struct.pack_into("<I", b, 44, zlib.crc32(blob) & 0xFFFFFFFF)
-    struct.pack_into("<I", b, 60, zlib.crc32(bytes(b[:60])) & 0xFFFFFFFF)
-    dst.write_bytes(bytes(b))
-    return dst
+    return mutate(path, dst, lambda b: rewrite_index(b, fn))
 
 
 def _rec(index, name):
