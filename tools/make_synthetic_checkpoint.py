@@ -874,34 +874,14 @@ def _field(reader, key, default=None):
 
 def write_tokenizer(reader, folder: Path, max_len: int) -> dict:
     """SmolLM2 tokenizer.json + tokenizer_config.json (ChatML template); returns special ids."""
-    from zipmoe_rt.convert.smollm2 import build_tokenizer
+    from zipmoe_rt.convert.smollm2 import write_tokenizer_files
 
-    tok = build_tokenizer(reader)
-    tok.save(str(folder / "tokenizer.json"))
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    write_tokenizer_files(reader, folder, max_len)
 
     def tid(key):
         i = _field(reader, f"tokenizer.ggml.{key}")
         return None if i is None else int(i)
 
-    def tstr(key):
-        i = tid(key)
-        return None if i is None else tokens[i]
-
-    added = json.loads(tok.to_str())["added_tokens"]
-    cfg = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
-        "add_prefix_space": bool(_field(reader, "tokenizer.ggml.add_space_prefix", False)),
-        "bos_token": tstr("bos_token_id"), "eos_token": tstr("eos_token_id"),
-        "pad_token": tstr("padding_token_id"), "unk_token": tstr("unknown_token_id"),
-        "additional_special_tokens": [a["content"] for a in added if a["special"]],
-        "clean_up_tokenization_spaces": False, "model_max_length": max_len,
-        "chat_template": _field(reader, "tokenizer.chat_template"),
-    }
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     return {"bos": tid("bos_token_id"), "eos": tid("eos_token_id"), "pad": tid("padding_token_id")}
 
 

@@ -299,6 +299,37 @@ def build_tokenizer(reader):
 # the checkpoint
 # --------------------------------------------------------------------------------------------
 
+def write_tokenizer_files(reader, folder: Path, max_len: int) -> None:
+    """Write ``tokenizer.json`` (:func:`build_tokenizer`) and ``tokenizer_config.json`` (special
+    tokens, the GGUF's chat template, ``model_max_length = max_len``) of a GGUF's tokenizer into
+    ``folder``, as transformers' GGUF loader would configure them."""
+    folder = Path(folder)
+    tok = build_tokenizer(reader)
+    tok.save(str(folder / "tokenizer.json"))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+
+    def tok_str(key):
+        i = _field(reader, f"tokenizer.ggml.{key}")
+        return None if i is None else tokens[int(i)]
+
+    added = json.loads(tok.to_str())["added_tokens"]
+    tok_cfg = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+        "add_prefix_space": bool(_field(reader, "tokenizer.ggml.add_space_prefix", False)),
+        "bos_token": tok_str("bos_token_id"),
+        "eos_token": tok_str("eos_token_id"),
+        "pad_token": tok_str("padding_token_id"),
+        "unk_token": tok_str("unknown_token_id"),
+        "additional_special_tokens": [a["content"] for a in added if a["special"]],
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len,
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+
+
 def _config_from_gguf(reader, num_experts: int, top_k: int) -> dict:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
@@ -496,30 +527,7 @@ def build_upcycled_checkpoint(gguf_path, out_dir, num_experts: int = 4, top_k: i
             gen["pad_token_id"] = cfg["pad_token_id"]
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
-        tok = build_tokenizer(reader)
-        tok.save(str(tmp / "tokenizer.json"))
-        tokens = _field(reader, "tokenizer.ggml.tokens")
-
-        def tok_str(key):
-            i = _field(reader, f"tokenizer.ggml.{key}")
-            return None if i is None else tokens[int(i)]
-
-        added = json.loads(tok.to_str())["added_tokens"]
-        tok_cfg = {
-            "tokenizer_class": "GPT2Tokenizer",
-            "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-            "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
-            "add_prefix_space": bool(_field(reader, "tokenizer.ggml.add_space_prefix", False)),
-            "bos_token": tok_str("bos_token_id"),
-            "eos_token": tok_str("eos_token_id"),
-            "pad_token": tok_str("padding_token_id"),
-            "unk_token": tok_str("unknown_token_id"),
-            "additional_special_tokens": [a["content"] for a in added if a["special"]],
-            "clean_up_tokenization_spaces": False,
-            "model_max_length": cfg["max_position_embeddings"],
-            "chat_template": _field(reader, "tokenizer.chat_template"),
-        }
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+        write_tokenizer_files(reader, tmp, cfg["max_position_embeddings"])
 
         prov = {
             "source": {
