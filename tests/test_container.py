@@ -933,3 +933,14 @@ def test_writer_rejects_unknown_codec_and_mixed_codecs_in_one_tensor(tmp_path):
         w.write_expert(encode_expert(0, 1, [ExpertPiece("st", "BF16", a.shape, "gate_up", a[1],
                                                         part=1)], exp_codec="zstd"))
     w.abort()
+
+
+def test_file_version(good, tmp_path):
+    path, _ = good
+    assert zmoe.file_version(path) == zmoe.VERSION == 2
+    v1 = mutate(path, tmp_path / "v1.zmoe", lambda b: struct.pack_into("<I", b, 4, 1))
+    assert zmoe.file_version(v1) == 1
+    other = tmp_path / "x.bin"
+    other.write_bytes(b"GGUF" + bytes(60))
+    assert zmoe.file_version(other) == 0
+    assert zmoe.file_version(tmp_path / "missing.zmoe") == 0

@@ -196,11 +196,10 @@ def zipmoe_cli(*args) -> subprocess.CompletedProcess:
 
 
 def ensure_zmoe(p: Paths, recalibrate: bool) -> None:
-    from zipmoe_rt.default_model import _format_version
     import zmoe
     trace = p.zmoe.with_name(p.zmoe.name + ".trace.json")
     calib = p.zmoe.with_name(p.zmoe.name + ".calib.json")
-    if p.zmoe.exists() and _format_version(p.zmoe) < zmoe.VERSION:
+    if p.zmoe.exists() and zmoe.file_version(p.zmoe) < zmoe.VERSION:
         log(f"{p.zmoe}: older .zmoe format; reconverting (and re-profiling, recalibrating)")
         for f in (p.zmoe, trace, calib):
             f.unlink(missing_ok=True)

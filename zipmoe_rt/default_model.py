@@ -31,16 +31,6 @@ def default_model_path() -> Path:
     return cache_dir() / DEFAULT_MODEL_NAME
 
 
-def _format_version(path: Path) -> int:
-    """The ``.zmoe`` version in a file's header (0 if unreadable)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-        return int.from_bytes(head[4:8], "little") if head[:4] == zmoe.MAGIC else 0
-    except OSError:
-        return 0
-
-
 def ensure_default_model(progress: bool = True) -> Path:
     """Return the default model's path, building it first if absent.
 
@@ -53,7 +43,7 @@ def ensure_default_model(progress: bool = True) -> Path:
     """
     path = default_model_path()
     if path.exists():
-        if _format_version(path) >= zmoe.VERSION:
+        if zmoe.file_version(path) >= zmoe.VERSION:
             return path
         if progress:   # built by an older zipmoe-rt: rebuild in the current format (faster codec)
             print(f"zipmoe-rt: rebuilding {path.name} in .zmoe format version {zmoe.VERSION}",

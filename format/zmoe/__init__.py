@@ -7,13 +7,14 @@ from .constants import (ALIGNMENT, BITPLANE_DTYPES, DEFAULT_CHUNKS, DEFAULT_EXP_
                         ENC_RAW, EXP_CODECS, MAGIC, VERSION)
 from .errors import (ChecksumError, CorruptIndexError, NotZmoeError, TruncatedFileError,
                      UnsupportedCodecError, UnsupportedVersionError, ZmoeError)
-from .reader import NUMPY_DTYPES, ZmoeReader, bits_per_weight
+from .reader import NUMPY_DTYPES, ZmoeReader, bits_per_weight, file_version
 from .writer import EncodedExpert, ExpertPiece, ZmoeWriter, encode_expert
 
 __all__ = [
     "ALIGNMENT", "BITPLANE_DTYPES", "DEFAULT_CHUNKS", "DEFAULT_EXP_CODEC", "ENC_BITPLANE", "ENC_RAW",
     "EXP_CODECS", "MAGIC", "VERSION",
     "ChecksumError", "CorruptIndexError", "NotZmoeError", "TruncatedFileError",
-    "UnsupportedCodecError", "UnsupportedVersionError", "ZmoeError", "NUMPY_DTYPES", "ZmoeReader", "bits_per_weight",
+    "UnsupportedCodecError", "UnsupportedVersionError", "ZmoeError",
+    "NUMPY_DTYPES", "ZmoeReader", "bits_per_weight", "file_version",
     "EncodedExpert", "ExpertPiece", "ZmoeWriter", "encode_expert",
 ]

@@ -254,6 +254,17 @@ class ZmoeReader:
         self.close()
 
 
+def file_version(path) -> int:
+    """The format version in a file's header (SPEC §1) without reading anything else; 0 for a
+    file that is missing, unreadable or not a ``.zmoe`` (no magic)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return 0
+    return struct.unpack_from("<I", head, 4)[0] if len(head) == 8 and head[:4] == MAGIC else 0
+
+
 def element_count(record: dict) -> int:
     """Number of elements of an index record's tensor."""
     return int(np.prod(record["shape"], dtype=np.int64))
