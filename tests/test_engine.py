@@ -960,3 +960,51 @@ def test_region_reads_drop_their_pages_unless_asked(tmp_path, monkeypatch, keep_
     assert calls == ([] if keep_cache else [(4096, 5000, os.POSIX_FADV_DONTNEED),
                                             (10, 100, os.POSIX_FADV_DONTNEED)])
     assert rr.bytes_read == 5100 and rr.reads == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. multi-chunk decode jobs
+
+
+def test_decode_jobs_cover_every_chunk_once_and_respect_the_size():
+    lay = L_.ExpertLayout(0, 0, (0, 0), (0, 0), (
+        L_.Piece("g", "gate", "BF16", (4, 10), (0, 40, 0), tuple((0, 1, 10, 0) for _ in range(4)),
+                 "huffman"),
+        L_.Piece("r", "up", "BF16", (4, 10), (40, 80, 0), ()),
+        L_.Piece("d", "down", "BF16", (7,), (120, 14, 0), ((0, 1, 3, 0), (0, 1, 4, 0)), "huffman")))
+    assert L_.decode_jobs(lay, 20) == [(0, 0, 2), (0, 2, 4), (2, 0, 2)]
+    assert L_.decode_jobs(lay, 25) == [(0, 0, 2), (0, 2, 4), (2, 0, 2)]
+    assert L_.decode_jobs(lay, 5) == [(0, 0, 1), (0, 1, 2), (0, 2, 3), (0, 3, 4), (2, 0, 1), (2, 1, 2)]
+    assert L_.decode_jobs(lay, 1 << 20) == [(0, 0, 4), (2, 0, 2)]
+
+
+def test_multi_chunk_decode_equals_chunk_by_chunk_and_names_a_bad_chunk(default_zmoe):
+    """The one-call multi-chunk kernel gives the same words as the per-chunk path for every
+    grouping, and a malformed chunk in the middle of a group is reported by its own index."""
+    import zstandard as zstd
+    from zipmoe_rt.engine.io import RegionReader
+    r = zmoe.ZmoeReader(default_zmoe)
+    lay = L_.expert_layouts(r)[(3, 1)]
+    rr = RegionReader(default_zmoe)
+    try:
+        sm, exp = rr.read(*lay.sm_region), rr.read(*lay.exp_region)
+    finally:
+        rr.close()
+    d = zstd.ZstdDecompressor()
+    ref = L_.alloc_expert(lay)
+    for pi, ci, start in L_.chunk_jobs(lay):
+        L_.decode_chunk(default_zmoe, lay.pieces[pi], ci, sm, exp, ref[pi], start, d)
+    p = lay.pieces[0]
+    assert len(p.chunks) >= 3 and p.codec == "huffman" and p.dtype == "BF16"
+    for size in (1, p.chunks[0][2] + 1, 1 << 30):
+        outs = L_.alloc_expert(lay)
+        jobs = L_.decode_jobs(lay, size)
+        for pi, c0, c1 in jobs[::-1]:      # any order: each job writes only its own range
+            L_.decode_chunks(default_zmoe, lay.pieces[pi], c0, c1, sm, exp, outs[pi], d)
+        for a, b in zip(outs, ref):
+            assert np.array_equal(a, b)
+    bad = exp.copy()
+    o = p.chunks[2][0]
+    bad[o + 128] ^= 0x01          # chunk 2's first stream size no longer adds up
+    with pytest.raises(zmoe.ChecksumError, match=re.escape(f"{p.name!r}: exponent chunk 2 does not")):
+        L_.decode_chunks(default_zmoe, p, 0, len(p.chunks), sm, bad, L_.alloc_expert(lay)[0], d)

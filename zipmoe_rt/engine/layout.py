@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import zstandard as zstd
@@ -18,7 +19,7 @@ from zmoe import codec
 from zmoe.constants import EXP_HUFFMAN
 from zmoe.reader import NUMPY_DTYPES
 
-from ..kernels.planes import MERGE
+from ..kernels.planes import MERGE, decode_merge_bf16_chunks
 from ..models.weights import ExpertWeights, assemble_expert
 
 
@@ -49,6 +50,14 @@ class Piece:
     @property
     def elements(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
+
+    @cached_property
+    def chunk_arrays(self) -> tuple:
+        """int64 arrays ``(offsets, sizes, raw_sizes, starts)`` of the exponent chunks, for the
+        multi-chunk kernel (``starts``: first element of each chunk in the tensor)."""
+        a = np.array([c[:3] for c in self.chunks], np.int64).reshape(-1, 3)
+        starts = np.concatenate(([0], np.cumsum(a[:, 2])[:-1])).astype(np.int64)
+        return a[:, 0].copy(), a[:, 1].copy(), a[:, 2].copy(), starts
 
 
 @dataclass(frozen=True)
@@ -163,6 +172,59 @@ def chunk_jobs(lay: ExpertLayout):
     return jobs
 
 
+#: a decode job covers consecutive chunks of one tensor up to about this many weights, so that
+#: the Python work of a job (queueing, slicing, timing) stays small beside its decode
+JOB_ELEMENTS = 1 << 20
+
+
+def decode_jobs(lay: ExpertLayout, job_elements: int = JOB_ELEMENTS):
+    """[(piece index, first chunk, end chunk)] covering every exponent chunk of an expert: runs
+    of consecutive chunks of one tensor, each with at most ``job_elements`` weights unless a
+    single chunk is larger (the decode workers' unit of work, ZipMoE §3.1 / §4)."""
+    jobs = []
+    for pi, p in enumerate(lay.pieces):
+        c0, acc = 0, 0
+        for ci, (_, _, raw, _) in enumerate(p.chunks):
+            if ci > c0 and acc + raw > job_elements:
+                jobs.append((pi, c0, ci))
+                c0, acc = ci, 0
+            acc += raw
+        if p.chunks:
+            jobs.append((pi, c0, len(p.chunks)))
+    return jobs
+
+
+def decode_chunks(path, p: Piece, c0: int, c1: int, sm: np.ndarray, exp: np.ndarray,
+                  out: np.ndarray, dctx: zstd.ZstdDecompressor):
+    """Decode exponent chunks ``c0..c1-1`` of piece ``p`` and merge them with their SM bytes
+    into their range of ``out`` (the piece's whole decoded tensor, flat). BF16 Huffman chunks
+    go through one Numba call for all of them (:func:`~zipmoe_rt.kernels.planes.
+    decode_merge_bf16_chunks`, no Python between chunks); others chunk by chunk
+    (:func:`decode_chunk`). Releases the GIL while decoding.
+
+    Raises:
+        zmoe.ChecksumError: a chunk does not decode to its recorded size (names file, tensor,
+            chunk).
+    """
+    offs, sizes, raws, starts = p.chunk_arrays
+    if p.codec != EXP_HUFFMAN or p.dtype != "BF16":
+        for ci in range(c0, c1):
+            decode_chunk(path, p, ci, sm, exp, out, int(starts[ci]), dctx)
+        return
+    from zmoe.huffman import _table_cache
+    from zmoe._huffjit import STATUS
+    a = int(starts[c0])
+    b = int(starts[c1 - 1] + raws[c1 - 1])
+    tc = _table_cache()
+    s0 = p.sm[0]
+    bad, st = decode_merge_bf16_chunks(exp, offs[c0:c1], sizes[c0:c1], raws[c0:c1],
+                                       sm[s0 + a:s0 + b], out[a:b], _scratch(int(raws[c0:c1].max())),
+                                       tc.keys, tc.ent, tc.len1, tc.state)
+    if bad >= 0:
+        raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {c0 + bad} does not "
+                                 f"decode (malformed Huffman chunk: {STATUS[st]})")
+
+
 def decode_expert(path, lay: ExpertLayout, sm: np.ndarray, exp: np.ndarray,
                   dctx: zstd.ZstdDecompressor) -> ExpertWeights:
     """Rebuild a whole expert on this thread from its region buffers (every chunk in order).
@@ -171,8 +233,8 @@ def decode_expert(path, lay: ExpertLayout, sm: np.ndarray, exp: np.ndarray,
         zmoe.ChecksumError: a chunk does not decode to its recorded size.
     """
     outs = alloc_expert(lay)
-    for pi, ci, start in chunk_jobs(lay):
-        decode_chunk(path, lay.pieces[pi], ci, sm, exp, outs[pi], start, dctx)
+    for pi, c0, c1 in decode_jobs(lay):
+        decode_chunks(path, lay.pieces[pi], c0, c1, sm, exp, outs[pi], dctx)
     return finish_expert(lay, outs, sm)
 
 

@@ -257,12 +257,12 @@ class ExpertEngine:
             self.stats.reads += 1
         return buf
 
-    def _decode_job(self, pend: _Pending, pi: int, ci: int, start: int):
+    def _decode_job(self, pend: _Pending, pi: int, c0: int, c1: int):
         t0 = time.perf_counter()
         try:
             if pend.error is None:
                 p = pend.lay.pieces[pi]
-                L_.decode_chunk(self.path, p, ci, pend.sm, pend.exp, pend.outs[pi], start, self._dctx())
+                L_.decode_chunks(self.path, p, c0, c1, pend.sm, pend.exp, pend.outs[pi], self._dctx())
         except BaseException as e:  # noqa: BLE001 - handed to the waiting main thread
             pend.error = e
         dt = time.perf_counter() - t0
@@ -285,14 +285,14 @@ class ExpertEngine:
 
     def _decode(self, pend: _Pending):
         """Submit the expert's chunk decodes to the workers (or finish a raw expert)."""
-        jobs = L_.chunk_jobs(pend.lay)
+        jobs = L_.decode_jobs(pend.lay)
         pend.outs = L_.alloc_expert(pend.lay)
         if not jobs:
             self._finish(pend)
             return
         pend.left = len(jobs)
-        for pi, ci, start in jobs:
-            self.pool.submit(self._decode_job, pend, pi, ci, start)
+        for pi, c0, c1 in jobs:
+            self.pool.submit(self._decode_job, pend, pi, c0, c1)
 
     def _start(self, lay, slot: Slot | None) -> _Pending:
         """Begin preparing one expert from its slot (C/S/E) or from flash (miss)."""

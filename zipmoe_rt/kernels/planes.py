@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from zmoe._huffjit import decode_into
 
 
 @nb.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
@@ -50,3 +51,32 @@ def merge_f32(exp, sm, out):
 #: dtype -> (kernel, SM bytes per element, output numpy dtype)
 MERGE = {"BF16": (merge_bf16, 1, np.uint16), "F16": (merge_f16, 2, np.uint16),
          "F32": (merge_f32, 3, np.uint32)}
+
+
+@nb.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
+def decode_merge_bf16_chunks(exp, offs, sizes, raws, sm, out, scratch, keys, ent, len1, state):
+    """Decode consecutive Huffman exponent chunks of one BF16 tensor and merge each with its
+    sign+mantissa bytes, in one call without the GIL (format/SPEC.md §5.1, §5.3).
+
+    Chunk ``i`` is ``exp[offs[i]:offs[i]+sizes[i]]`` and codes ``raws[i]`` exponents; the
+    chunks are consecutive, so chunk ``i`` fills ``out`` (and reads ``sm``) from the sum of the
+    earlier ``raws``. Each chunk is decoded into ``scratch`` (still in cache for its merge).
+
+    Args:
+        exp: uint8 exponent-region buffer.  offs, sizes, raws: int64 [m].
+        sm: uint8 [Σ raws] sign+mantissa bytes of these chunks.  out: uint16 [Σ raws].
+        scratch: uint8 [≥ max raws].  keys, ent, len1, state: a thread's
+            :class:`zmoe._huffjit.TableCache` arrays.
+
+    Returns:
+        (-1, 0) on success, else (index of the failing chunk, its :data:`zmoe._huffjit.STATUS`).
+    """
+    pos = 0
+    for i in range(offs.shape[0]):
+        n = raws[i]
+        st = decode_into(exp[offs[i]:offs[i] + sizes[i]], n, scratch[:n], keys, ent, len1, state)
+        if st != 0:
+            return i, st
+        merge_bf16(scratch[:n], sm[pos:pos + n], out[pos:pos + n])
+        pos += n
+    return -1, 0
