@@ -149,7 +149,8 @@ class Case:
 
 
 def make_engine(case: Case, budget: int, policy: str, eviction: str = "lru", delay=None,
-                path: Path | None = None, trace: str = "recorded", locality: bool = True):
+                path: Path | None = None, trace: str = "recorded", locality: bool = True,
+                adapt: bool = True):
     """(source, engine, plan) over a fresh budgeted source; zipmoe plans from the case's trace
     (``recorded``: with token sequences; ``counts-only``: an older trace without them)."""
     path = path or (case.raw if policy == "raw-lru" else case.zmoe)
@@ -161,7 +162,7 @@ def make_engine(case: Case, budget: int, policy: str, eviction: str = "lru", del
             plan, ranks = prof.make_plan(tr, delay, budget_split(source, budget)[2], case.k,
                                          locality=locality)
             engine = ExpertEngine(source, budget, "zipmoe", eviction, plan=plan.layers,
-                                  ranks=ranks, workers=WORKERS, delay=delay)
+                                  ranks=ranks, workers=WORKERS, delay=delay, adapt=adapt)
         else:
             engine = ExpertEngine(source, budget, policy, eviction, workers=WORKERS)
     except BaseException:
@@ -380,10 +381,11 @@ def test_second_pass_with_everything_cached_is_all_F_hits(case, eviction):
 def test_zipmoe_tiers_follow_the_plan(case, budget, delay, trace, locality):
     """F starts with the nF most popular experts (LRU order: the most popular the most recent);
     C/S/E slots sit on the plan's static order (recency plans) or on the popularity ranks after
-    F (static plans); they stay put while F changes, and bytes are what the plan says."""
+    F (static plans); they stay put while F changes (``adapt=False``; by default slots follow
+    the running text, see the test above), and bytes are what the plan says."""
     b = case.budget(budget)
     source, engine, plan = make_engine(case, b, "zipmoe", "lru", case.delay(delay), trace=trace,
-                                       locality=locality)
+                                       locality=locality, adapt=False)
     try:
         ranks = popularity_ranks(case.counts)
         N = int(case.hp["num_experts"])
@@ -448,7 +450,8 @@ def test_zipmoe_f_pool_is_recency_and_evicted_expert_keeps_its_slot(tiny_case):
     src = ZmoeSource(c.zmoe, keep_experts=False, copy_dense=True)
     ref_src = ZmoeSource(c.zmoe)
     engine = ExpertEngine(src, c.budget("all"), "zipmoe", plan=[tp] * len(layers),
-                          ranks=[[0, 1, 2, 3]] * len(layers), workers=WORKERS)
+                          ranks=[[0, 1, 2, 3]] * len(layers), workers=WORKERS,
+                          adapt=False)   # the slots stay where the plan put them
     try:
         ref = ExpertExecutor(ref_src)
         layer = layers[0]

@@ -63,10 +63,11 @@ class StageTimes:
 class _Pending:
     """An expert being prepared: resolves to ExpertWeights when all its jobs are done."""
 
-    __slots__ = ("lay", "sm", "exp", "outs", "left", "done", "error", "weights", "lock")
+    __slots__ = ("lay", "sm", "exp", "outs", "left", "done", "error", "weights", "lock", "kept")
 
     def __init__(self, lay):
         self.lay = lay
+        self.kept = None      # (sm, exp) after decoding, when the engine may move slots
         self.sm = self.exp = None
         self.outs = None
         self.left = 0
@@ -121,7 +122,7 @@ class ExpertEngine:
 
     def __init__(self, source, budget_bytes: int, policy: str = "zip-lru", eviction: str = "lru",
                  plan=None, ranks=None, workers: int | None = None, direct: bool = False,
-                 verify: bool = True, delay=None):
+                 verify: bool = True, delay=None, adapt: bool = True):
         import os
         if policy not in POLICIES:
             raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -151,12 +152,16 @@ class ExpertEngine:
         self._lock = threading.Lock()
         self.slots: dict = {}               # (layer, e) -> Slot for C/S/E (and static F)
         self.plan = plan
+        self.adapt = bool(adapt) and policy == "zipmoe"
+        self.slot_moves = 0
+        self.heat: dict = {}                # layer -> float64 [N] recency-weighted use counts
         if policy == "zipmoe":
             if plan is None or ranks is None:
                 raise ValueError("policy zipmoe needs a plan from an activation trace: run "
                                  "`zipmoe-rt profile MODEL --prompts FILE` first")
             self.fpools = {}
             self._fill_tiers(plan, ranks)
+            self._seed_heat(ranks)
         else:
             cap = self.tier_budget // self.bytes_F
             shared = FullPool(int(cap), eviction)
@@ -204,8 +209,81 @@ class ExpertEngine:
         if used > self.tier_budget:
             raise BudgetError(f"the tier plan needs {used / 1e6:.1f} MB but only "
                               f"{self.tier_budget / 1e6:.1f} MB of the budget is left for experts")
+        self.slot_bytes = sum(sl.nbytes for sl in self.slots.values())
         self.reader.bytes_read = 0
         self.reader.reads = 0
+
+    #: per-token decay of :attr:`heat` (half-life ~16 tokens)
+    HEAT_DECAY = 0.957
+
+    def _seed_heat(self, ranks):
+        """Start every layer's heat at the trace's steady state: an expert at popularity rank
+        r gets the inclusion probability the trace implies, divided by (1 - decay)."""
+        N = int(self.hp["num_experts"])
+        for layer, order in zip(self.hp["moe_layers"], ranks):
+            h = np.zeros(N)
+            # rank-proportional prior (the trace's order, not its counts): the workload decides
+            h[np.asarray(order, np.int64)] = np.linspace(1.0, 0.0, len(order), endpoint=False)
+            self.heat[layer] = h * (self.k / max(h.sum(), 1e-12)) / (1.0 - self.HEAT_DECAY)
+
+    def _note_use(self, layer, topk_idx):
+        """Decay the layer's heat by one step per token and add this call's selections."""
+        h = self.heat.get(layer)
+        if h is None:
+            return
+        h *= self.HEAT_DECAY ** topk_idx.shape[0]
+        np.add.at(h, topk_idx.reshape(-1), 1.0)
+
+    _RANK = {"C": 3, "S": 2, "E": 1, "miss": 0}
+
+    def _adapt_slots(self, layer: int, e: int, kept):
+        """Move a resident C/S/E slot to expert ``e`` of ``layer`` if ``e`` is now hotter.
+
+        ``kept`` = (sm, exp): both regions of ``e``, just used for its decode (read from flash or
+        already in its slot), so a move costs no I/O. ``e`` takes the tier of the coldest slot
+        ``z`` of the layer that is better than its own (C > S > E > miss) and whose buffers
+        also cover ``e``'s old tier, if ``z`` is colder than ``e``; ``z`` drops to ``e``'s old
+        tier, keeping what of its buffers that tier holds. Resident bytes stay within the
+        tier budget (experts of a layer differ only by a few KB of compressed exponents). The
+        static C/S/E tiers of the plan thereby follow the running text's experts instead of
+        the trace's (ZipMoE §3 sizes the tiers; which experts fill them is recency-weighted).
+        """
+        h = self.heat[layer]
+        key = (layer, e)
+        cur = self.slots.get(key)
+        t_old = cur.tier if cur is not None else "miss"
+        r_old = self._RANK[t_old]
+        best = None
+        for z in range(h.shape[0]):
+            sz = self.slots.get((layer, z))
+            if sz is None or z == e or self._RANK.get(sz.tier, 0) <= r_old:
+                continue
+            if t_old == "S" and sz.tier != "C" or t_old == "E" and sz.tier != "C":
+                continue      # z's buffers must cover e's old tier (C covers S and E)
+            if h[z] < h[e] and (best is None or h[z] < h[best[0]]):
+                best = (z, sz)
+        if best is None:
+            return
+        z, sz = best
+        sm, exp = kept
+        new_e = Slot(sz.tier, sm=sm if sz.tier in ("C", "S") else None,
+                     exp=exp if sz.tier in ("C", "E") else None)
+        new_z = None if t_old == "miss" else Slot(
+            t_old, sm=sz.sm if t_old in ("C", "S") else None, exp=sz.exp if t_old in ("C", "E") else None)
+        delta = new_e.nbytes + (new_z.nbytes if new_z else 0) - sz.nbytes - (cur.nbytes if cur else 0)
+        if self.slot_bytes + delta > self.tier_budget - self._fpool_reserved():
+            return
+        self.slots[key] = new_e
+        if new_z is None:
+            del self.slots[(layer, z)]
+        else:
+            self.slots[(layer, z)] = new_z
+        self.slot_bytes += delta
+        self.slot_moves += 1
+
+    def _fpool_reserved(self) -> int:
+        """Bytes the F pools may hold at capacity (planned, not current)."""
+        return sum(p.capacity for p in self.fpools.values()) * self.bytes_F
 
     def _load_now(self, lay):
         p = self._start(lay, None)
@@ -280,6 +358,8 @@ class ExpertEngine:
                 pend.weights = L_.finish_expert(pend.lay, pend.outs, pend.sm)
         except BaseException as e:  # noqa: BLE001
             pend.error = e
+        if self.adapt and pend.error is None and pend.sm is not None and pend.exp is not None:
+            pend.kept = (pend.sm, pend.exp)     # for a slot move (:meth:`_adapt_slots`)
         pend.sm = pend.exp = pend.outs = None   # slot buffers stay with their slot
         pend.done.set()
 
@@ -363,6 +443,9 @@ class ExpertEngine:
                 raise item.error
             w = item.weights
             self.fpools[layer].admit((layer, e), w, in_use=())
+            if item.kept is not None:
+                kept, item.kept = item.kept, None
+                self._adapt_slots(layer, e, kept)
             return w
         return item
 
@@ -372,6 +455,8 @@ class ExpertEngine:
         t_start = time.perf_counter()
         T, k = topk_idx.shape
         out = np.zeros((T, x.shape[1]), np.float32)
+        if self.adapt:
+            self._note_use(layer, topk_idx)
         if T == 1:
             order = np.argsort(topk_idx[0], kind="stable")
             experts = [int(topk_idx[0, j]) for j in order]
