@@ -22,6 +22,19 @@ def aligned_empty(nbytes: int, align: int = PAGE) -> np.ndarray:
     return raw[off:off + nbytes]
 
 
+def anon_array(nbytes: int) -> np.ndarray:
+    """A uint8 [nbytes] array in its own anonymous memory map (page-aligned).
+
+    For long-lived buffers that are replaced one by one (cache slots): freeing one unmaps it,
+    so its pages go back to the OS at once. Buffers from the C heap would leave holes that the
+    heap keeps resident (measured: peak RSS 1.36x the budget with moving slots, 1.03x with
+    this).
+    """
+    import mmap
+    m = mmap.mmap(-1, max(int(nbytes), 1))
+    return np.frombuffer(m, np.uint8)[:nbytes]
+
+
 def evict_page_cache(path) -> bool:
     """Drop ``path``'s pages from the OS page cache (``posix_fadvise(DONTNEED)`` after ``fsync``).
 
@@ -108,8 +121,11 @@ class RegionReader:
         self.reads = 0
         self._lock = threading.Lock()
 
-    def read(self, offset: int, size: int) -> np.ndarray:
+    def read(self, offset: int, size: int, alloc=aligned_empty) -> np.ndarray:
         """Read ``size`` bytes at ``offset`` into a new uint8 array (page-aligned memory).
+
+        ``alloc(nbytes)`` makes the page-aligned buffer (default: from the C heap; see
+        :func:`anon_array` for long-lived ones).
 
         Raises:
             OSError: a short read (file truncated underneath us) or an unaligned O_DIRECT offset.
@@ -118,13 +134,13 @@ class RegionReader:
             if offset % PAGE:
                 raise OSError(f"{self.path}: O_DIRECT read at unaligned offset {offset}")
             n = min(-(-size // PAGE) * PAGE, -(-(self.size - offset) // PAGE) * PAGE)
-            buf = aligned_empty(max(n, PAGE))
+            buf = alloc(max(n, PAGE))
             got = os.preadv(self.fd, [buf], offset)
             if got < size:
                 raise OSError(f"{self.path}: short read at {offset}: {got} of {size} bytes")
             out = buf[:size]
         else:
-            out = aligned_empty(size)
+            out = alloc(size)
             got = 0
             while got < size:
                 k = os.preadv(self.fd, [out[got:]], offset + got)

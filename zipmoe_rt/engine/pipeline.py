@@ -20,6 +20,7 @@ is still F for the next; see :meth:`ExpertEngine._fill_tiers`).
 """
 from __future__ import annotations
 
+import mmap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ import zstandard as zstd
 
 from ..kernels.linear import expert_accumulate, experts_decode
 from . import layout as L_
-from .io import RegionReader
+from .io import RegionReader, anon_array
 from .planner import admission_window
 from .scheduler import Task, execution_order, schedule
 from .tiers import EVICTIONS, POLICIES, BudgetError, FullPool, Slot
@@ -75,6 +76,20 @@ class _Pending:
         self.error = None
         self.weights = None
         self.lock = threading.Lock()
+
+
+def _long_lived(buf: np.ndarray) -> np.ndarray:
+    """``buf`` in its own memory map (:func:`~zipmoe_rt.engine.io.anon_array`), unless it
+    already is one: slot buffers come and go one by one, and from the C heap they would leave
+    resident holes."""
+    b = buf
+    while isinstance(b, np.ndarray):
+        b = b.base
+    if isinstance(b, memoryview) and isinstance(b.obj, mmap.mmap):
+        return buf
+    out = anon_array(buf.nbytes)
+    out[:] = buf
+    return out
 
 
 def budget_split(source, budget_bytes: int) -> tuple[int, int, int]:
@@ -200,8 +215,8 @@ class ExpertEngine:
                 tier = "C" if r < nC else "S" if r < nC + nS else "E" if r < nC + nS + nE else None
                 if tier is None:
                     break
-                sm = self.reader.read(*lay.sm_region) if tier in ("C", "S") else None
-                exp = self.reader.read(*lay.exp_region) if tier in ("C", "E") else None
+                sm = self.reader.read(*lay.sm_region, alloc=anon_array) if tier in ("C", "S") else None
+                exp = self.reader.read(*lay.exp_region, alloc=anon_array) if tier in ("C", "E") else None
                 if self.verify:
                     L_.check_regions(self.path, lay, sm, exp)
                 self.slots[key] = Slot(tier, sm=sm, exp=exp)
@@ -266,8 +281,8 @@ class ExpertEngine:
             return
         z, sz = best
         sm, exp = kept
-        new_e = Slot(sz.tier, sm=sm if sz.tier in ("C", "S") else None,
-                     exp=exp if sz.tier in ("C", "E") else None)
+        new_e = Slot(sz.tier, sm=_long_lived(sm) if sz.tier in ("C", "S") else None,
+                     exp=_long_lived(exp) if sz.tier in ("C", "E") else None)
         new_z = None if t_old == "miss" else Slot(
             t_old, sm=sz.sm if t_old in ("C", "S") else None, exp=sz.exp if t_old in ("C", "E") else None)
         delta = new_e.nbytes + (new_z.nbytes if new_z else 0) - sz.nbytes - (cur.nbytes if cur else 0)
