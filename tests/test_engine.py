@@ -1011,3 +1011,25 @@ def test_multi_chunk_decode_equals_chunk_by_chunk_and_names_a_bad_chunk(default_
     bad[o + 128] ^= 0x01          # chunk 2's first stream size no longer adds up
     with pytest.raises(zmoe.ChecksumError, match=re.escape(f"{p.name!r}: exponent chunk 2 does not")):
         L_.decode_chunks(default_zmoe, p, 0, len(p.chunks), sm, bad, L_.alloc_expert(lay)[0], d)
+
+
+def test_long_lived_slot_buffers_live_in_their_own_memory_maps(tmp_path):
+    """Slot buffers that move between experts are kept out of the C heap: a heap buffer is
+    copied into an anonymous map, one already mapped is kept as is; a read can go straight
+    into such a map, page-aligned, with the file's bytes."""
+    from zipmoe_rt.engine.io import PAGE, RegionReader, aligned_empty, anon_array
+    from zipmoe_rt.engine.pipeline import _long_lived
+    data = bytes(range(256)) * 40
+    f = tmp_path / "blob"
+    f.write_bytes(data)
+    rr = RegionReader(f)
+    try:
+        a = rr.read(4096, 5000, alloc=anon_array)
+    finally:
+        rr.close()
+    assert a.tobytes() == data[4096:9096] and a.ctypes.data % PAGE == 0
+    assert _long_lived(a) is a
+    h = aligned_empty(5000)
+    h[:] = a
+    m = _long_lived(h)
+    assert m is not h and m.tobytes() == h.tobytes() and _long_lived(m) is m
