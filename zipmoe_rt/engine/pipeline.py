@@ -15,8 +15,10 @@ summation order of the unbudgeted path, so logits are identical bit for bit:
 Policies (``policy``): ``raw-lru`` (a file with raw BF16 experts, F cache with eviction; what
 users run today), ``zip-lru`` (compressed file + this pipeline, F cache with eviction),
 ``zipmoe`` (F/C/S/E pools per layer sized by the planner from an activation trace: F is a
-recency pool of full experts on top of static C/S/E slots, so that an expert used by one token
-is still F for the next; see :meth:`ExpertEngine._fill_tiers`).
+recency pool of full experts on top of C/S/E slots, so that an expert used by one token
+is still F for the next; see :meth:`ExpertEngine._fill_tiers`). The slots start on the plan's
+experts and, with ``adapt`` (default), move to the experts the running text uses
+(:meth:`ExpertEngine._adapt_slots`).
 """
 from __future__ import annotations
 
@@ -128,6 +130,8 @@ class ExpertEngine:
         workers: L decode workers (default: cores).
         direct: O_DIRECT reads.
         verify: CRC-check every piece read or loaded.
+        adapt: ``zipmoe`` only: let C/S/E slots move to hotter experts while running
+            (:meth:`_adapt_slots`); False keeps them where the plan put them.
 
     Raises:
         BudgetError: a budget below dense weights + one expert.
@@ -267,6 +271,8 @@ class ExpertEngine:
         key = (layer, e)
         cur = self.slots.get(key)
         t_old = cur.tier if cur is not None else "miss"
+        if t_old == "C":
+            return            # already in the best slot tier
         r_old = self._RANK[t_old]
         best = None
         for z in range(h.shape[0]):
