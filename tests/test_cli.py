@@ -606,9 +606,7 @@ def _cli_argv():
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
 def test_repl_streams_survives_ctrl_c_and_quits(tiny_zmoe):
     env = {k: v for k, v in os.environ.items() if k != "ZIPMOE_RT_DEBUG"}
-    # sleeping OpenMP workers: with the unbudgeted default (spinning) the endless reply below
-    # and the test process itself fight over 2 cores and a reply can slow to a crawl
-    env.update(TERM="dumb", PYTHONUNBUFFERED="1", OMP_WAIT_POLICY="PASSIVE")
+    env.update(TERM="dumb", PYTHONUNBUFFERED="1")
     # the tiny random model never stops on its own: with -n this large a reply runs until Ctrl-C
     argv = _cli_argv() + ["chat", str(tiny_zmoe), "-n", "1000000"]
     try:
