@@ -254,6 +254,10 @@ class ExpertEngine:
         np.add.at(h, topk_idx.reshape(-1), 1.0)
 
     _RANK = {"C": 3, "S": 2, "E": 1, "miss": 0}
+    #: a slot moves only to an expert hotter by at least this many recent uses (hysteresis:
+    #: with a few equally popular experts, slots would otherwise swap back and forth, and each
+    #: move copies the regions into new memory)
+    MOVE_MARGIN = 1.0
 
     def _adapt_slots(self, layer: int, e: int, kept):
         """Move a resident C/S/E slot to expert ``e`` of ``layer`` if ``e`` is now hotter.
@@ -281,7 +285,7 @@ class ExpertEngine:
                 continue
             if t_old == "S" and sz.tier != "C" or t_old == "E" and sz.tier != "C":
                 continue      # z's buffers must cover e's old tier (C covers S and E)
-            if h[z] < h[e] and (best is None or h[z] < h[best[0]]):
+            if h[z] + self.MOVE_MARGIN <= h[e] and (best is None or h[z] < h[best[0]]):
                 best = (z, sz)
         if best is None:
             return
