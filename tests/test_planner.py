@@ -329,9 +329,9 @@ def test_pool_hit_distribution_errors():
 def test_layer_makespan_formula():
     d = DelayModel(sm_read_s=3.0, exp_read_s=1.0, decode_s=2.0, matmul_s=0.5, workers=2,
                    bytes_F=10, bytes_sm=5, bytes_exp=2)
-    # io = 3·(hE+hm) + 1·(hS+hm) = 3·2 + 1·2 = 8; decodes 1+1+1+1 = 4 → 2·ceil(4/2) = 4;
-    # matmul 0.5·ceil(5/2) = 1.5
-    assert d.layer_makespan({"F": 1, "C": 1, "S": 1, "E": 1, "miss": 1}) == pytest.approx(9.5)
+    # io = 3·(hE+hm) + 1·(hS+hm) = 3·2 + 1·2 = 8, + the last read expert's decode 2·ceil(1/2)
+    # = 2 → 10; decodes 1+1+1+1 = 4 → 2·ceil(4/2) = 4; matmul 0.5·ceil(5/2) = 1.5
+    assert d.layer_makespan({"F": 1, "C": 1, "S": 1, "E": 1, "miss": 1}) == pytest.approx(11.5)
     # compute-bound: 5 C hits, 2·ceil(5/2) = 6, + 0.5·3
     assert d.layer_makespan({"C": 5}) == pytest.approx(7.5)
     assert d.layer_makespan({"F": 2}) == pytest.approx(0.5)
@@ -384,29 +384,31 @@ def test_layer_frontier_matches_reference(step):
 
 
 def test_plan_layer_hand_case():
-    # N = 3, k = 1: CP with k = 1 picks expert i with probability π_i. One hit per token, L = 1:
-    #   F: 0 + 0.5; C: max(0, 2) + .5 = 2.5; S: max(1, 2) + .5 = 2.5; E: max(4, 2) + .5 = 4.5;
-    #   miss: max(4 + 1, 2) + .5 = 5.5.
+    # N = 3, k = 1: CP with k = 1 picks expert i with probability π_i. One hit per token, L = 1;
+    # a read expert's decode (2) follows its read:
+    #   F: 0 + 0.5; C: max(0, 2) + .5 = 2.5; S: max(1 + 2, 2) + .5 = 3.5;
+    #   E: max(4 + 2, 2) + .5 = 6.5; miss: max(4 + 1 + 2, 2) + .5 = 7.5.
     # Bytes F 4, C 3, S 2, E 1; budget 4 fits one F, or two S, or C+E, S+E+E, E+E+E, ...
     d = DelayModel(sm_read_s=4.0, exp_read_s=1.0, decode_s=2.0, matmul_s=0.5, workers=1,
                    bytes_F=4, bytes_sm=2, bytes_exp=1)
-    # π = (.5, .3, .2):  F,miss,miss = .5·.5 + .5·5.5 = 3.0;  S,S,miss = .8·2.5 + .2·5.5 = 3.1;
-    #   S,E,E = .4·... = .5·2.5 + .5·4.5 = 3.5;  C,E,miss = 1.25 + 1.35 + 1.1 = 3.7;
-    #   E,E,E = 4.5;  C,miss,miss = 4.0  →  one F expert, 3.0
+    # π = (.5, .3, .2):  F,miss,miss = .5·.5 + .5·7.5 = 4.0;  S,S,miss = .8·3.5 + .2·7.5 = 4.3;
+    #   C,E,miss = 1.25 + 1.95 + 1.5 = 4.7;  S,E,E = .5·3.5 + .5·6.5 = 5.0;
+    #   S,E,miss = 1.75 + 1.95 + 1.5 = 5.2;  C,miss,miss = 5.0;  E,E,E = 6.5  →  one F, 4.0
     plan = P.plan_layer([0.5, 0.3, 0.2], 1, 4, d)
     assert (plan.nF, plan.nC, plan.nS, plan.nE) == (1, 0, 0, 0)
-    assert plan.predicted_makespan_s == pytest.approx(3.0)
+    assert plan.predicted_makespan_s == pytest.approx(4.0)
     assert plan.bytes == 4
-    # π = (.4, .35, .25):  F = .4·.5 + .6·5.5 = 3.5;  S,S = .75·2.5 + .25·5.5 = 3.25;
-    #   S,E,E = .4·2.5 + .6·4.5 = 3.7;  C,E,miss = 1 + 1.575 + 1.375 = 3.95  →  two S, 3.25
+    # π = (.4, .35, .25):  F = .4·.5 + .6·7.5 = 4.7;  S,S = .75·3.5 + .25·7.5 = 4.5;
+    #   S,E,E = .4·3.5 + .6·6.5 = 5.3;  C,E,miss = 1 + 2.275 + 1.875 = 5.15;
+    #   C,miss,miss = 1 + .6·7.5 = 5.5  →  two S, 4.5
     plan = P.plan_layer([0.25, 0.4, 0.35], 1, 4, d)            # any order: ranked inside
     assert (plan.nF, plan.nC, plan.nS, plan.nE) == (0, 0, 2, 0)
-    assert plan.predicted_makespan_s == pytest.approx(3.25)
+    assert plan.predicted_makespan_s == pytest.approx(4.5)
     assert plan.tier_of_rank(3) == ["S", "S", "miss"]
-    # budget 0: all miss, 5.5
+    # budget 0: all miss, 7.5
     plan = P.plan_layer([0.5, 0.3, 0.2], 1, 0, d)
     assert (plan.nF, plan.nC, plan.nS, plan.nE, plan.bytes) == (0, 0, 0, 0, 0)
-    assert plan.predicted_makespan_s == pytest.approx(5.5)
+    assert plan.predicted_makespan_s == pytest.approx(7.5)
 
 
 @settings(max_examples=40, deadline=None)
@@ -503,8 +505,9 @@ def test_plan_model_extremes_and_errors():
                    bytes_F=16, bytes_sm=8, bytes_exp=3)
     none = P.plan_model(counts, k, 0, d)
     assert all((p.nF, p.nC, p.nS, p.nE) == (0, 0, 0, 0) for p in none.layers)
-    # all miss, k = 2 per token: io = 2·(2 + 0.7) = 5.4 > decodes 1.5·ceil(2/2); + 0.25
-    assert none.predicted_makespan_s == pytest.approx(L * 5.65)
+    # all miss, k = 2 per token: io = 2·(2 + 0.7) = 5.4, + the last one's decode
+    # 1.5·ceil(1/2) = 6.9 > decodes 1.5·ceil(2/2); + 0.25
+    assert none.predicted_makespan_s == pytest.approx(L * 7.15)
     full = P.plan_model(counts, k, L * n * 16, d)
     # every expert the trace saw is F; the never-seen ones are left uncached (no gain, ties go
     # to fewer bytes)
@@ -691,8 +694,9 @@ def test_plan_model_with_recency_pools():
     plan = P.plan_model(counts, k, L * k * 16, d, fpool=sticky)
     assert [(p.nF, p.nC, p.nS, p.nE) for p in plan.layers] == [(k, 0, 0, 0)] * L
     assert all(sorted(p.order) == list(range(n)) for p in plan.layers)
-    # the first token misses both (cold pool: io 2·(2 + 0.7)), the other 49 hit; + matmul 0.25
-    assert plan.predicted_makespan_s == pytest.approx(L * (0.02 * 5.4 + 0.25))
+    # the first token misses both (cold pool: io 2·(2 + 0.7) + the last one's decode 1.5 = 6.9),
+    # the other 49 hit; + matmul 0.25
+    assert plan.predicted_makespan_s == pytest.approx(L * (0.02 * 6.9 + 0.25))
     # trace-like pools: within budget, each layer's plan on its own Pareto frontier
     runs = [np.array([rng.choice(n, k, replace=False, p=counts[l] / counts[l].sum())
                       for _ in range(40)]) for l in range(L)]
