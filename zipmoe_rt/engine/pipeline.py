@@ -25,6 +25,7 @@ from __future__ import annotations
 import mmap
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -66,10 +67,12 @@ class StageTimes:
 class _Pending:
     """An expert being prepared: resolves to ExpertWeights when all its jobs are done."""
 
-    __slots__ = ("lay", "sm", "exp", "outs", "left", "done", "error", "weights", "lock", "kept")
+    __slots__ = ("lay", "sm", "exp", "outs", "left", "done", "error", "weights", "lock", "kept",
+                 "bufs")
 
     def __init__(self, lay):
         self.lay = lay
+        self.bufs = None      # the decoded arrays, for reuse once the expert has been computed
         self.kept = None      # (sm, exp) after decoding, when the engine may move slots
         self.sm = self.exp = None
         self.outs = None
@@ -169,6 +172,8 @@ class ExpertEngine:
         self._tls = threading.local()
         self.stats = StageTimes()
         self._lock = threading.Lock()
+        self._spare: dict = {}              # piece shapes -> deque of reusable output arrays
+        self._done_with: list = []          # (layout, arrays) computed and not kept in F
         self.slots: dict = {}               # (layer, e) -> Slot for C/S/E (and static F)
         self.plan = plan
         self.adapt = bool(adapt) and policy == "zipmoe"
@@ -310,6 +315,32 @@ class ExpertEngine:
         """Bytes the F pools may hold at capacity (planned, not current)."""
         return sum(p.capacity for p in self.fpools.values()) * self.bytes_F
 
+    @staticmethod
+    def _shape_key(lay):
+        return tuple((p.elements, p.dtype, p.raw) for p in lay.pieces)
+
+    def _take_outs(self, lay) -> list:
+        """Output arrays for decoding ``lay``: a set an earlier expert of the same shapes left
+        (:meth:`_recycle`), else new ones. Reusing them keeps the C heap from fragmenting:
+        freshly allocated multi-MB arrays, freed a layer later, left ~20 MB of free but
+        resident heap behind on the default model (what a memory cgroup counts)."""
+        q = self._spare.get(self._shape_key(lay))
+        if q:
+            try:
+                return q.pop()
+            except IndexError:
+                pass
+        return L_.alloc_expert(lay)
+
+    def _recycle(self):
+        """Keep the arrays of experts just computed and not kept in F for the next decodes, at
+        most :attr:`window` sets (the decoded working set the budget already counts)."""
+        while self._done_with:
+            lay, bufs = self._done_with.pop()
+            q = self._spare.setdefault(self._shape_key(lay), deque())
+            if sum(len(v) for v in self._spare.values()) < self.window:
+                q.append(bufs)
+
     def _load_now(self, lay):
         p = self._start(lay, None)
         p.done.wait()
@@ -385,13 +416,15 @@ class ExpertEngine:
             pend.error = e
         if self.adapt and pend.error is None and pend.sm is not None and pend.exp is not None:
             pend.kept = (pend.sm, pend.exp)     # for a slot move (:meth:`_adapt_slots`)
+        if pend.error is None:
+            pend.bufs = pend.outs
         pend.sm = pend.exp = pend.outs = None   # slot buffers stay with their slot
         pend.done.set()
 
     def _decode(self, pend: _Pending):
         """Submit the expert's chunk decodes to the workers (or finish a raw expert)."""
         jobs = L_.decode_jobs(pend.lay)
-        pend.outs = L_.alloc_expert(pend.lay)
+        pend.outs = self._take_outs(pend.lay)
         if not jobs:
             self._finish(pend)
             return
@@ -467,7 +500,9 @@ class ExpertEngine:
             if item.error is not None:
                 raise item.error
             w = item.weights
-            self.fpools[layer].admit((layer, e), w, in_use=())
+            if not self.fpools[layer].admit((layer, e), w, in_use=()) and item.bufs is not None:
+                self._done_with.append((item.lay, item.bufs))
+            item.bufs = None
             if item.kept is not None:
                 kept, item.kept = item.kept, None
                 self._adapt_slots(layer, e, kept)
@@ -492,6 +527,8 @@ class ExpertEngine:
             t0 = time.perf_counter()
             experts_decode(out[0], x[0], [ready[e] for e in experts], topk_w[0, order])
             self.stats.compute_s += time.perf_counter() - t0
+            del ready, started
+            self._recycle()
         else:
             uniq = [int(e) for e in np.unique(topk_idx)]
             work = {e: int((topk_idx == e).sum()) for e in uniq}
@@ -505,6 +542,9 @@ class ExpertEngine:
                     expert_accumulate(out, x, rows.astype(np.int64), topk_w[rows, slots],
                                       w.gate, w.up, w.down)
                     self.stats.compute_s += time.perf_counter() - t0
+                    del w
+                    started[e] = None
+                    self._recycle()
         self.stats.layer_s += time.perf_counter() - t_start
         self.stats.layer_calls += 1
         return out
