@@ -18,11 +18,11 @@ End to end, every step cached under ``~/.cache/zipmoe-rt/llamacpp/`` (``--cache`
    (llama-cpp-python, n_threads=2, mmap, the same 16 prompt token ids, greedy, EOS ignored) and
    zipmoe-rt (the exact per-configuration code of ``zipmoe-rt bench``, policies zipmoe and
    zip-lru at ``--budget``); both also without a limit, for reference. ``--budget auto`` (the
-   default) first measures zipmoe-rt's fixed overhead: the same code at a probe budget, 16
+   default) first measures zipmoe-rt's fixed overhead, for each policy: the same code at a probe budget, 16
    tokens, in an unlimited cgroup; overhead = peak anonymous memory (memory.stat ``rss``) minus
    the probe budget (interpreter, numpy/numba, JIT code, tokenizer, index, KV cache, in-flight
-   expert buffers, heap fragmentation: all that ``--memory-budget`` does not count). The
-   budget is then ``limit - overhead - --margin``, the margin leaving room for the file-backed
+   expert buffers, heap fragmentation: all that ``--memory-budget`` does not count). Each
+   policy's budget is then ``limit - its overhead - --margin``, the margin leaving room for the file-backed
    pages (library code, read buffers in the page cache) that the cgroup also charges. Decode tokens/s are
    (64 - 1) / time of the 63 single-token forward passes after the prompt, as ``zipmoe-rt bench``
    defines them; each is repeated ``--reps`` times in the child, with the model file's pages
@@ -485,7 +485,7 @@ def fmt_mb(x) -> str:
     return "-" if not x else f"{x / 1e6:.0f}"
 
 
-def measure_overhead(p: Paths, a, probe_budget: int) -> dict:
+def measure_overhead(p: Paths, a, probe_budget: int, policy: str = "zipmoe") -> dict:
     """zipmoe-rt's memory beyond ``--memory-budget``: run :func:`zipmoe_overhead_worker` in an
     unlimited cgroup (page cache dropped first) and subtract the probe budget from the peak
     anonymous memory of the cgroup (polled ``rss``, or the child's final RssAnon if larger).
@@ -493,12 +493,12 @@ def measure_overhead(p: Paths, a, probe_budget: int) -> dict:
     Returns a dict: overhead (bytes), probe_budget, anon_peak, cgroup peak, memory report.
     Raises RuntimeError when the probe fails."""
     cmd = [sys.executable, __file__, "_zipmoe-overhead", "--model", p.zmoe, "--budget",
-           str(probe_budget), "--policy", "zipmoe", "--n-gen", "16"] + \
+           str(probe_budget), "--policy", policy, "--n-gen", "16"] + \
         (["--direct"] if a.direct else [])
     how = drop_page_cache([p.zmoe])
-    log(f"measuring zipmoe-rt's fixed overhead (probe budget {probe_budget / 1e6:.0f} MB, no "
+    log(f"measuring zipmoe-rt's fixed overhead with {policy} (probe budget {probe_budget / 1e6:.0f} MB, no "
         f"limit, cache dropped via {how}) ...")
-    r = run_in_cgroup("zipmoe-overhead", cmd, None, timeout=a.timeout, cwd=REPO)
+    r = run_in_cgroup(f"zipmoe-overhead-{policy}", cmd, None, timeout=a.timeout, cwd=REPO)
     if r["returncode"] != 0 or r["timed_out"]:
         tail = " | ".join((r["stderr"] or r["stdout"] or "").strip().splitlines()[-3:])
         raise RuntimeError(f"overhead probe failed (exit {r['returncode']}): {tail}")
@@ -521,7 +521,7 @@ def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, i
                "--n-gen", a.n_gen, "--reps", a.reps]
         files = [p.gguf]
     else:
-        budget = "none" if limit is None else str(a.budget_bytes)
+        budget = "none" if limit is None else str(a.budget_bytes[policy])
         cmd = [sys.executable, __file__, "_zipmoe-bench", "--model", p.zmoe, "--budget", budget,
                "--policy", policy, "--n-gen", a.n_gen, "--reps", a.reps] + \
             (["--direct"] if a.direct else [])
@@ -532,7 +532,7 @@ def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, i
     r = run_in_cgroup(name, cmd, limit, timeout=a.timeout, cwd=REPO)
     load1 = os.getloadavg()[0]
     row = {"program": program, "policy": policy, "limit": limit, "name": name,
-           "budget": (a.budget_bytes if (program == "zipmoe-rt" and limit) else None),
+           "budget": (a.budget_bytes[policy] if (program == "zipmoe-rt" and limit) else None),
            "cgroup": {k: r.get(k) for k in ("max_usage", "memsw_max_usage", "failcnt",
                                             "memsw_failcnt", "oom_kill", "stat_peaks",
                                             "limit", "memsw_limit", "memsw_error")},
@@ -667,17 +667,25 @@ def main(argv=None) -> int:
         limit = parse_bytes(a.limit)
         overhead = None
         if a.budget == "auto":
-            if a.overhead is not None:
-                overhead = {"overhead": parse_bytes(a.overhead), "given": True}
-            else:
-                overhead = measure_overhead(p, a, parse_bytes(a.probe_budget))
-            a.budget_bytes = limit - overhead["overhead"] - parse_bytes(a.margin)
-            log(f"zipmoe-rt budget under the {limit / 1e6:.0f} MB limit: {a.budget_bytes / 1e6:.0f} MB "
-                f"= limit - fixed overhead {overhead['overhead'] / 1e6:.0f} MB"
-                f"{' (given)' if a.overhead is not None else ' (measured)'} - margin "
-                f"{parse_bytes(a.margin) / 1e6:.0f} MB")
+            # each policy's own overhead: what --memory-budget does not count differs by policy
+            # (zip-lru's F pool churns decoded experts through the heap), so each gets the
+            # largest budget its own measured overhead leaves under the limit
+            overhead = {}
+            for pol in policies:
+                if a.overhead is not None:
+                    overhead[pol] = {"overhead": parse_bytes(a.overhead), "given": True}
+                else:
+                    overhead[pol] = measure_overhead(p, a, parse_bytes(a.probe_budget), pol)
+            a.budget_bytes = {pol: limit - overhead[pol]["overhead"] - parse_bytes(a.margin)
+                              for pol in policies}
+            for pol in policies:
+                log(f"zipmoe-rt {pol} budget under the {limit / 1e6:.0f} MB limit: "
+                    f"{a.budget_bytes[pol] / 1e6:.0f} MB = limit - fixed overhead "
+                    f"{overhead[pol]['overhead'] / 1e6:.0f} MB"
+                    f"{' (given)' if a.overhead is not None else ' (measured)'} - margin "
+                    f"{parse_bytes(a.margin) / 1e6:.0f} MB")
         else:
-            a.budget_bytes = parse_bytes(a.budget)
+            a.budget_bytes = {pol: parse_bytes(a.budget) for pol in policies}
         swap_on = any(l.strip() for l in open("/proc/swaps").read().splitlines()[1:])
         cases = [("llama.cpp", None, limit)] + [("zipmoe-rt", pol, limit) for pol in policies]
         if not a.no_unlimited:
@@ -710,10 +718,10 @@ def main(argv=None) -> int:
           f"page cache dropped before each child and the model file's pages before each "
           f"repetition; GGUF {p.gguf.stat().st_size / 1e6 if p.gguf.exists() else 0:.0f} MB BF16, .zmoe "
           f"{p.zmoe.stat().st_size / 1e6:.0f} MB; {t0}")
-    if overhead is not None:
-        print(f"zipmoe-rt budget {a.budget_bytes / 1e6:.0f} MB = limit {limit / 1e6:.0f} MB - "
-              f"fixed overhead {overhead['overhead'] / 1e6:.0f} MB "
-              f"({'given' if overhead.get('given') else 'measured: anon peak %.0f MB at a %.0f MB probe budget' % (overhead['anon_peak'] / 1e6, overhead['probe_budget'] / 1e6)})"
+    for pol, ov in (overhead or {}).items():
+        print(f"zipmoe-rt {pol} budget {a.budget_bytes[pol] / 1e6:.0f} MB = limit {limit / 1e6:.0f} MB - "
+              f"fixed overhead {ov['overhead'] / 1e6:.0f} MB "
+              f"({'given' if ov.get('given') else 'measured with %s: anon peak %.0f MB at a %.0f MB probe budget' % (pol, ov['anon_peak'] / 1e6, ov['probe_budget'] / 1e6)})"
               f" - margin {parse_bytes(a.margin) / 1e6:.0f} MB")
     lt = {r["limit"]: r for r in rows if r["program"] == "llama.cpp"}
     best = max((r for r in rows if r["program"] == "zipmoe-rt" and r["limit"] == limit
