@@ -195,7 +195,9 @@ def zipmoe_cli(*args) -> subprocess.CompletedProcess:
     return sh([sys.executable, "-m", "zipmoe_rt.cli", *args], cwd=REPO)
 
 
-def ensure_zmoe(p: Paths, recalibrate: bool) -> None:
+def ensure_zmoe(p: Paths, recalibrate: bool, direct: bool = False) -> None:
+    """Convert, profile and calibrate the model once (cached). The calibration is redone when
+    asked, or when it timed reads in another mode than the run's (``--direct``)."""
     import zmoe
     trace = p.zmoe.with_name(p.zmoe.name + ".trace.json")
     calib = p.zmoe.with_name(p.zmoe.name + ".calib.json")
@@ -207,8 +209,14 @@ def ensure_zmoe(p: Paths, recalibrate: bool) -> None:
         zipmoe_cli("convert", p.hf, "-o", p.zmoe, "-q")
     if not trace.exists():
         zipmoe_cli("profile", p.zmoe, "--prompts", REPO / "tools" / "prompts.txt", "-q")
+    if not recalibrate and calib.exists():
+        try:
+            recalibrate = bool(json.loads(calib.read_text()).get("direct")) != bool(direct)
+        except (OSError, ValueError):
+            recalibrate = True
     if recalibrate or not calib.exists():
-        log(zipmoe_cli("calibrate", p.zmoe).stdout.strip().replace("\n", " |"))
+        log(zipmoe_cli("calibrate", p.zmoe, *(["--direct"] if direct else []))
+            .stdout.strip().replace("\n", " |"))
 
 
 def zipmoe_chat_check(p: Paths) -> str:
@@ -655,7 +663,7 @@ def main(argv=None) -> int:
         ensure_hf_checkpoint(p)
         if not a.zipmoe_only:
             ensure_gguf(p)
-        ensure_zmoe(p, a.recalibrate)
+        ensure_zmoe(p, a.recalibrate, a.direct)
         answers = {} if a.zipmoe_only else {"llama.cpp": llama_chat_check(p)}
         answers["zipmoe-rt"] = zipmoe_chat_check(p)
         for k, v in answers.items():
