@@ -145,7 +145,7 @@ class Case:
                           workers=WORKERS, bytes_F=self.bytes_F,
                           bytes_sm=max(l.sm_region[1] for l in lays),
                           bytes_exp=max(l.exp_region[1] for l in lays),
-                          chunks=max(1, max(len(L_.chunk_jobs(l)) for l in lays)))
+                          chunks=max(1, max(sum(len(p.chunks) for p in l.pieces) for l in lays)))
 
 
 def make_engine(case: Case, budget: int, policy: str, eviction: str = "lru", delay=None,
@@ -763,7 +763,7 @@ def test_api_plan_fits_when_calibrated_expert_is_small(tiny_case, tmp_path):
     calib = {"version": 1, "sm_read_s": 1e-3, "exp_read_s": 1e-3, "decode_s": 1e-3,
              "matmul_s": 1e-6, "bytes_F": smallest.full_bytes,
              "bytes_sm": smallest.sm_region[1], "bytes_exp": smallest.exp_region[1],
-             "chunks": len(L_.chunk_jobs(smallest))}
+             "chunks": sum(len(p.chunks) for p in smallest.pieces)}
     prof.sidecar(z, prof.CALIB_SUFFIX).write_text(json.dumps(calib))
     src = ZmoeSource(z, keep_experts=False, copy_dense=True)
     built = 0
@@ -995,8 +995,9 @@ def test_multi_chunk_decode_equals_chunk_by_chunk_and_names_a_bad_chunk(default_
         rr.close()
     d = zstd.ZstdDecompressor()
     ref = L_.alloc_expert(lay)
-    for pi, ci, start in L_.chunk_jobs(lay):
-        L_.decode_chunk(default_zmoe, lay.pieces[pi], ci, sm, exp, ref[pi], start, d)
+    for p, out in zip(lay.pieces, ref):
+        for ci, start in enumerate(p.chunk_arrays[3]):
+            L_.decode_chunk(default_zmoe, p, ci, sm, exp, out, int(start), d)
     p = lay.pieces[0]
     assert len(p.chunks) >= 3 and p.codec == "huffman" and p.dtype == "BF16"
     for size in (1, p.chunks[0][2] + 1, 1 << 30):

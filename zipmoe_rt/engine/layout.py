@@ -16,7 +16,9 @@ import zstandard as zstd
 
 import zmoe
 from zmoe import codec
+from zmoe._huffjit import STATUS as HUFFMAN_STATUS
 from zmoe.constants import EXP_HUFFMAN
+from zmoe.huffman import _table_cache
 from zmoe.reader import NUMPY_DTYPES
 
 from ..kernels.planes import MERGE, decode_merge_bf16_chunks
@@ -78,6 +80,16 @@ class ExpertLayout:
     @property
     def elements(self) -> int:
         return sum(p.elements for p in self.pieces)
+
+    @cached_property
+    def jobs(self) -> tuple:
+        """The expert's decode jobs, :func:`decode_jobs` with the default size (computed once)."""
+        return tuple(decode_jobs(self))
+
+    @cached_property
+    def shape_key(self) -> tuple:
+        """(elements, dtype, raw) per piece: experts with equal keys decode into equal arrays."""
+        return tuple((p.elements, p.dtype, p.raw) for p in self.pieces)
 
 
 def expert_layouts(reader: zmoe.ZmoeReader) -> dict:
@@ -161,17 +173,6 @@ def decode_chunk(path, p: Piece, i: int, sm: np.ndarray, exp: np.ndarray, out: n
     merge(e, sm[s0:s0 + raw * smb], out[start:start + raw])
 
 
-def chunk_jobs(lay: ExpertLayout):
-    """[(piece index, chunk index, start element)] of every exponent chunk of an expert."""
-    jobs = []
-    for pi, p in enumerate(lay.pieces):
-        pos = 0
-        for ci, (_, _, raw, _) in enumerate(p.chunks):
-            jobs.append((pi, ci, pos))
-            pos += raw
-    return jobs
-
-
 #: a decode job covers consecutive chunks of one tensor up to about this many weights, so that
 #: the Python work of a job (queueing, slicing, timing) stays small beside its decode
 JOB_ELEMENTS = 1 << 20
@@ -211,8 +212,6 @@ def decode_chunks(path, p: Piece, c0: int, c1: int, sm: np.ndarray, exp: np.ndar
         for ci in range(c0, c1):
             decode_chunk(path, p, ci, sm, exp, out, int(starts[ci]), dctx)
         return
-    from zmoe.huffman import _table_cache
-    from zmoe._huffjit import STATUS
     a = int(starts[c0])
     b = int(starts[c1 - 1] + raws[c1 - 1])
     tc = _table_cache()
@@ -222,7 +221,7 @@ def decode_chunks(path, p: Piece, c0: int, c1: int, sm: np.ndarray, exp: np.ndar
                                        tc.keys, tc.ent, tc.len1, tc.state)
     if bad >= 0:
         raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {c0 + bad} does not "
-                                 f"decode (malformed Huffman chunk: {STATUS[st]})")
+                                 f"decode (malformed Huffman chunk: {HUFFMAN_STATUS[st]})")
 
 
 def decode_expert(path, lay: ExpertLayout, sm: np.ndarray, exp: np.ndarray,
@@ -233,7 +232,7 @@ def decode_expert(path, lay: ExpertLayout, sm: np.ndarray, exp: np.ndarray,
         zmoe.ChecksumError: a chunk does not decode to its recorded size.
     """
     outs = alloc_expert(lay)
-    for pi, c0, c1 in decode_jobs(lay):
+    for pi, c0, c1 in lay.jobs:
         decode_chunks(path, lay.pieces[pi], c0, c1, sm, exp, outs[pi], dctx)
     return finish_expert(lay, outs, sm)
 

@@ -67,13 +67,10 @@ class StageTimes:
 class _Pending:
     """An expert being prepared: resolves to ExpertWeights when all its jobs are done."""
 
-    __slots__ = ("lay", "sm", "exp", "outs", "left", "done", "error", "weights", "lock", "kept",
-                 "bufs")
+    __slots__ = ("lay", "sm", "exp", "outs", "left", "done", "error", "weights", "lock")
 
     def __init__(self, lay):
         self.lay = lay
-        self.bufs = None      # the decoded arrays, for reuse once the expert has been computed
-        self.kept = None      # (sm, exp) after decoding, when the engine may move slots
         self.sm = self.exp = None
         self.outs = None
         self.left = 0
@@ -233,7 +230,6 @@ class ExpertEngine:
         if used > self.tier_budget:
             raise BudgetError(f"the tier plan needs {used / 1e6:.1f} MB but only "
                               f"{self.tier_budget / 1e6:.1f} MB of the budget is left for experts")
-        self.slot_bytes = sum(sl.nbytes for sl in self.slots.values())
         self.reader.bytes_read = 0
         self.reader.reads = 0
 
@@ -241,8 +237,8 @@ class ExpertEngine:
     HEAT_DECAY = 0.957
 
     def _seed_heat(self, ranks):
-        """Start every layer's heat at the trace's steady state: an expert at popularity rank
-        r gets the inclusion probability the trace implies, divided by (1 - decay)."""
+        """Start every layer's heat from the trace's popularity order: linearly decreasing with
+        the rank, scaled to the steady state of k uses per token (k / (1 - decay) in all)."""
         N = int(self.hp["num_experts"])
         for layer, order in zip(self.hp["moe_layers"], ranks):
             h = np.zeros(N)
@@ -252,79 +248,71 @@ class ExpertEngine:
 
     def _note_use(self, layer, topk_idx):
         """Decay the layer's heat by one step per token and add this call's selections."""
-        h = self.heat.get(layer)
-        if h is None:
-            return
+        h = self.heat[layer]
         h *= self.HEAT_DECAY ** topk_idx.shape[0]
         np.add.at(h, topk_idx.reshape(-1), 1.0)
 
-    _RANK = {"C": 3, "S": 2, "E": 1, "miss": 0}
+    #: the regions each slot tier holds, best tier first (a slot is better the more it holds)
+    _HOLDS = {"C": ("sm", "exp"), "S": ("sm",), "E": ("exp",), "miss": ()}
+    _RANK = {t: -i for i, t in enumerate(_HOLDS)}
     #: a slot moves only to an expert hotter by at least this many recent uses (hysteresis:
     #: with a few equally popular experts, slots would otherwise swap back and forth, and each
     #: move copies the regions into new memory)
     MOVE_MARGIN = 1.0
 
-    def _adapt_slots(self, layer: int, e: int, kept):
+    def _adapt_slots(self, layer: int, e: int, sm: np.ndarray, exp: np.ndarray):
         """Move a resident C/S/E slot to expert ``e`` of ``layer`` if ``e`` is now hotter.
 
-        ``kept`` = (sm, exp): both regions of ``e``, just used for its decode (read from flash or
+        ``sm``, ``exp``: both regions of ``e``, just used for its decode (read from flash or
         already in its slot), so a move costs no I/O. ``e`` takes the tier of the coldest slot
-        ``z`` of the layer that is better than its own (C > S > E > miss) and whose buffers
-        also cover ``e``'s old tier, if ``z`` is colder than ``e``; ``z`` drops to ``e``'s old
-        tier, keeping what of its buffers that tier holds. Resident bytes stay within the
-        tier budget (experts of a layer differ only by a few KB of compressed exponents). The
-        static C/S/E tiers of the plan thereby follow the running text's experts instead of
-        the trace's (ZipMoE §3 sizes the tiers; which experts fill them is recency-weighted).
+        ``z`` of the layer that is better than its own and holds every region ``e``'s old tier
+        holds (C > S > E > miss), if ``z`` is colder than ``e`` by :attr:`MOVE_MARGIN`; ``z``
+        drops to ``e``'s old tier, keeping those regions. Resident bytes stay within the tier
+        budget (experts of a layer differ only by a few KB of compressed exponents). The plan's
+        C/S/E tiers thereby follow the running text's experts instead of the trace's (ZipMoE §3
+        sizes the tiers; which experts fill them is recency-weighted).
         """
         h = self.heat[layer]
-        key = (layer, e)
-        cur = self.slots.get(key)
+        cur = self.slots.get((layer, e))
         t_old = cur.tier if cur is not None else "miss"
         if t_old == "C":
-            return            # already in the best slot tier
-        r_old = self._RANK[t_old]
+            return            # already in the best slot tier (the common case: no search)
+        need = set(self._HOLDS[t_old])
         best = None
         for z in range(h.shape[0]):
             sz = self.slots.get((layer, z))
-            if sz is None or z == e or self._RANK.get(sz.tier, 0) <= r_old:
+            if (sz is None or z == e or self._RANK[sz.tier] <= self._RANK[t_old]
+                    or not need <= set(self._HOLDS[sz.tier])):
                 continue
-            if t_old == "S" and sz.tier != "C" or t_old == "E" and sz.tier != "C":
-                continue      # z's buffers must cover e's old tier (C covers S and E)
-            if h[z] + self.MOVE_MARGIN <= h[e] and (best is None or h[z] < h[best[0]]):
-                best = (z, sz)
+            if h[z] + self.MOVE_MARGIN <= h[e] and (best is None or h[z] < h[best]):
+                best = z
         if best is None:
             return
-        z, sz = best
-        sm, exp = kept
-        new_e = Slot(sz.tier, sm=_long_lived(sm) if sz.tier in ("C", "S") else None,
-                     exp=_long_lived(exp) if sz.tier in ("C", "E") else None)
-        new_z = None if t_old == "miss" else Slot(
-            t_old, sm=sz.sm if t_old in ("C", "S") else None, exp=sz.exp if t_old in ("C", "E") else None)
+        sz = self.slots[(layer, best)]
+        regions = {"sm": sm, "exp": exp}
+        new_e = Slot(sz.tier, **{r: _long_lived(regions[r]) for r in self._HOLDS[sz.tier]})
+        new_z = Slot(t_old, **{r: getattr(sz, r) for r in need}) if need else None
         delta = new_e.nbytes + (new_z.nbytes if new_z else 0) - sz.nbytes - (cur.nbytes if cur else 0)
-        if self.slot_bytes + delta > self.tier_budget - self._fpool_reserved():
+        resident = sum(sl.nbytes for sl in self.slots.values())
+        if resident + delta > self.tier_budget - self._fpool_reserved():
             return
-        self.slots[key] = new_e
+        self.slots[(layer, e)] = new_e
         if new_z is None:
-            del self.slots[(layer, z)]
+            del self.slots[(layer, best)]
         else:
-            self.slots[(layer, z)] = new_z
-        self.slot_bytes += delta
+            self.slots[(layer, best)] = new_z
         self.slot_moves += 1
 
     def _fpool_reserved(self) -> int:
         """Bytes the F pools may hold at capacity (planned, not current)."""
         return sum(p.capacity for p in self.fpools.values()) * self.bytes_F
 
-    @staticmethod
-    def _shape_key(lay):
-        return tuple((p.elements, p.dtype, p.raw) for p in lay.pieces)
-
     def _take_outs(self, lay) -> list:
         """Output arrays for decoding ``lay``: a set an earlier expert of the same shapes left
         (:meth:`_recycle`), else new ones. Reusing them keeps the C heap from fragmenting:
         freshly allocated multi-MB arrays, freed a layer later, left ~20 MB of free but
         resident heap behind on the default model (what a memory cgroup counts)."""
-        q = self._spare.get(self._shape_key(lay))
+        q = self._spare.get(lay.shape_key)
         if q:
             try:
                 return q.pop()
@@ -337,7 +325,7 @@ class ExpertEngine:
         most :attr:`window` sets (the decoded working set the budget already counts)."""
         while self._done_with:
             lay, bufs = self._done_with.pop()
-            q = self._spare.setdefault(self._shape_key(lay), deque())
+            q = self._spare.setdefault(lay.shape_key, deque())
             if sum(len(v) for v in self._spare.values()) < self.window:
                 q.append(bufs)
 
@@ -414,16 +402,11 @@ class ExpertEngine:
                 pend.weights = L_.finish_expert(pend.lay, pend.outs, pend.sm)
         except BaseException as e:  # noqa: BLE001
             pend.error = e
-        if self.adapt and pend.error is None and pend.sm is not None and pend.exp is not None:
-            pend.kept = (pend.sm, pend.exp)     # for a slot move (:meth:`_adapt_slots`)
-        if pend.error is None:
-            pend.bufs = pend.outs
-        pend.sm = pend.exp = pend.outs = None   # slot buffers stay with their slot
-        pend.done.set()
+        pend.done.set()   # its regions and arrays are released by :meth:`_resolve`
 
     def _decode(self, pend: _Pending):
         """Submit the expert's chunk decodes to the workers (or finish a raw expert)."""
-        jobs = L_.decode_jobs(pend.lay)
+        jobs = pend.lay.jobs
         pend.outs = self._take_outs(pend.lay)
         if not jobs:
             self._finish(pend)
@@ -499,13 +482,12 @@ class ExpertEngine:
             self.stats.wait_s += time.perf_counter() - t0
             if item.error is not None:
                 raise item.error
-            w = item.weights
-            if not self.fpools[layer].admit((layer, e), w, in_use=()) and item.bufs is not None:
-                self._done_with.append((item.lay, item.bufs))
-            item.bufs = None
-            if item.kept is not None:
-                kept, item.kept = item.kept, None
-                self._adapt_slots(layer, e, kept)
+            w, sm, exp, outs = item.weights, item.sm, item.exp, item.outs
+            item.weights = item.sm = item.exp = item.outs = None
+            if not self.fpools[layer].admit((layer, e), w, in_use=()):
+                self._done_with.append((item.lay, outs))   # reusable once computed
+            if self.adapt and sm is not None and exp is not None:
+                self._adapt_slots(layer, e, sm, exp)
             return w
         return item
 
@@ -527,7 +509,6 @@ class ExpertEngine:
             t0 = time.perf_counter()
             experts_decode(out[0], x[0], [ready[e] for e in experts], topk_w[0, order])
             self.stats.compute_s += time.perf_counter() - t0
-            del ready, started
             self._recycle()
         else:
             uniq = [int(e) for e in np.unique(topk_idx)]
@@ -542,8 +523,6 @@ class ExpertEngine:
                     expert_accumulate(out, x, rows.astype(np.int64), topk_w[rows, slots],
                                       w.gate, w.up, w.down)
                     self.stats.compute_s += time.perf_counter() - t0
-                    del w
-                    started[e] = None
                     self._recycle()
         self.stats.layer_s += time.perf_counter() - t_start
         self.stats.layer_calls += 1

@@ -513,8 +513,9 @@ class DelayModel:
         bytes_F: cache bytes of a full BF16 expert (tier F).
         bytes_sm: bytes of its sign+mantissa planes (tier S; tier C holds ``bytes_sm + bytes_exp``).
         bytes_exp: bytes of its compressed exponent planes (tier E).
-        chunks: independent decode pieces per expert (the paper's K exponent chunks, §1); a
-            decode occupies one worker for ``decode_s / chunks`` per piece. Default 1.
+        chunks: independent decode pieces per expert (the engine's decode jobs,
+            ``ExpertLayout.jobs``: runs of the paper's K exponent chunks, §1); a decode occupies
+            one worker for ``decode_s / chunks`` per piece. Default 1.
 
     Makespan of one layer for one token (:meth:`layer_makespan`), given the hits per tier
     ``h = (hF, hC, hS, hE, hmiss)`` and ``k = Σh``::

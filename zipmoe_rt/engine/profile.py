@@ -266,7 +266,7 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) ->
             "decode_s": float(np.median(dec_t)), "matmul_s": float(np.median(mm_t)),
             "bytes_F": int(lay0.full_bytes), "bytes_sm": int(lay0.sm_region[1]),
             "bytes_exp": int(lay0.exp_region[1]),
-            "chunks": max(1, len(L_.decode_jobs(lay0))),
+            "chunks": max(1, len(lay0.jobs)),
             "read_GBps": float(sum(l.sm_region[1] + l.exp_region[1] for l, _, _ in bufs)
                                / max(sum(sm_t) + sum(exp_t), 1e-9) / 1e9),
             "decode_Gweights_per_s": float(lay0.elements / np.median(dec_t) / 1e9)}
