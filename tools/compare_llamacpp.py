@@ -520,6 +520,16 @@ def measure_overhead(p: Paths, a, probe_budget: int, policy: str = "zipmoe") -> 
     return out
 
 
+def budget_note(policy: str, a, limit: int, ov: dict) -> str:
+    """One line: how ``policy``'s budget under ``limit`` was derived (``ov``: its overhead)."""
+    how = ("given" if ov.get("given") else
+           f"measured with {policy}: anon peak {ov['anon_peak'] / 1e6:.0f} MB at a "
+           f"{ov['probe_budget'] / 1e6:.0f} MB probe budget")
+    return (f"zipmoe-rt {policy} budget {a.budget_bytes[policy] / 1e6:.0f} MB = limit "
+            f"{limit / 1e6:.0f} MB - fixed overhead {ov['overhead'] / 1e6:.0f} MB ({how}) - margin "
+            f"{parse_bytes(a.margin) / 1e6:.0f} MB")
+
+
 def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, ids, text) -> dict:
     lim = "none" if limit is None else f"{limit / 1e6:.0f}MB"
     name = f"{program}-{policy or 'mmap'}-{lim}"
@@ -687,11 +697,7 @@ def main(argv=None) -> int:
             a.budget_bytes = {pol: limit - overhead[pol]["overhead"] - parse_bytes(a.margin)
                               for pol in policies}
             for pol in policies:
-                log(f"zipmoe-rt {pol} budget under the {limit / 1e6:.0f} MB limit: "
-                    f"{a.budget_bytes[pol] / 1e6:.0f} MB = limit - fixed overhead "
-                    f"{overhead[pol]['overhead'] / 1e6:.0f} MB"
-                    f"{' (given)' if a.overhead is not None else ' (measured)'} - margin "
-                    f"{parse_bytes(a.margin) / 1e6:.0f} MB")
+                log(budget_note(pol, a, limit, overhead[pol]))
         else:
             a.budget_bytes = {pol: parse_bytes(a.budget) for pol in policies}
         swap_on = any(l.strip() for l in open("/proc/swaps").read().splitlines()[1:])
@@ -727,10 +733,7 @@ def main(argv=None) -> int:
           f"repetition; GGUF {p.gguf.stat().st_size / 1e6 if p.gguf.exists() else 0:.0f} MB BF16, .zmoe "
           f"{p.zmoe.stat().st_size / 1e6:.0f} MB; {t0}")
     for pol, ov in (overhead or {}).items():
-        print(f"zipmoe-rt {pol} budget {a.budget_bytes[pol] / 1e6:.0f} MB = limit {limit / 1e6:.0f} MB - "
-              f"fixed overhead {ov['overhead'] / 1e6:.0f} MB "
-              f"({'given' if ov.get('given') else 'measured with %s: anon peak %.0f MB at a %.0f MB probe budget' % (pol, ov['anon_peak'] / 1e6, ov['probe_budget'] / 1e6)})"
-              f" - margin {parse_bytes(a.margin) / 1e6:.0f} MB")
+        print(budget_note(pol, a, limit, ov))
     lt = {r["limit"]: r for r in rows if r["program"] == "llama.cpp"}
     best = max((r for r in rows if r["program"] == "zipmoe-rt" and r["limit"] == limit
                 and "tg_median" in r), key=lambda r: r["tg_median"], default=None)
