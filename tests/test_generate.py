@@ -56,8 +56,8 @@ class FakeModel:
         self.fail_partial = False
         self.calls = 0
 
-    def new_cache(self) -> FakeCache:
-        return FakeCache(**self.cache_kw)
+    def new_cache(self, max_tokens: int | None = None) -> FakeCache:
+        return FakeCache(**self.cache_kw)   # grows on demand: the size hint is not needed
 
     def forward(self, ids: np.ndarray, cache: FakeCache, last_only: bool = False) -> np.ndarray:
         assert ids.dtype == np.int64 and ids.ndim == 1 and ids.size >= 1

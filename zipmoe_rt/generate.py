@@ -20,7 +20,7 @@ Then one token is drawn from the softmax of what is left, with a seeded
 
 The model interface this module drives (the model side must match it)::
 
-    cache = model.new_cache()
+    cache = model.new_cache(max_tokens=None)             # or the most positions it will hold
     logits = model.forward(ids, cache, last_only=True)   # ids: int64 [T]; logits: float32 [vocab]
     model.config.vocab_size                               # int (``model.config`` may be a dict)
 
@@ -334,15 +334,6 @@ def _cache_len(cache: Any) -> int | None:
     return None
 
 
-def _accepts(fn: Callable, name: str) -> bool:
-    """Whether callable ``fn`` takes a keyword argument ``name``."""
-    import inspect
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 @dataclass
 class CacheState:
     """A model's KV cache plus the token ids it holds.
@@ -370,12 +361,10 @@ class CacheState:
         """An empty state: ``CacheState(model.new_cache(), [])``.
 
         ``max_tokens``: the most positions this state will hold, if known; passed on as
-        ``model.new_cache(max_tokens=...)`` where the model accepts it (a smaller initial KV
-        allocation; the cache still grows on demand).
+        ``model.new_cache(max_tokens=...)`` (a smaller initial KV allocation; the cache still
+        grows on demand).
         """
-        if max_tokens is not None and _accepts(model.new_cache, "max_tokens"):
-            return cls(model.new_cache(max_tokens=int(max_tokens)), [])
-        return cls(model.new_cache(), [])
+        return cls(model.new_cache(max_tokens=None if max_tokens is None else int(max_tokens)), [])
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -683,7 +672,7 @@ def generate(
     """Generate tokens autoregressively: prefill ``prompt_ids`` in one ``forward``, then one id per call.
 
     Args:
-        model: object with ``new_cache()``, ``forward(ids int64 [T], cache, last_only=True) ->
+        model: object with ``new_cache(max_tokens=None)``, ``forward(ids int64 [T], cache, last_only=True) ->
             float32 [vocab]`` and ``config.vocab_size`` (see the module docstring).
         prompt_ids: int ids ``[T]``, ``T >= 1``, ``0 <= id < config.vocab_size``. With ``cache``,
             only the ids that follow what the cache holds.
