@@ -1034,3 +1034,80 @@ def test_long_lived_slot_buffers_live_in_their_own_memory_maps(tmp_path):
     h[:] = a
     m = _long_lived(h)
     assert m is not h and m.tobytes() == h.tobytes() and _long_lived(m) is m
+
+
+class _SlowReads:
+    """Wraps a RegionReader: each read sleeps, and the most reads seen in flight at once is kept."""
+
+    def __init__(self, reader, fail_on_size=None):
+        import threading
+        self.reader, self.fail_on_size = reader, fail_on_size
+        self.now = self.most = self.calls = 0
+        self.lock = threading.Lock()
+
+    def read(self, offset, size, **kw):
+        import time
+        with self.lock:
+            self.now += 1
+            self.calls += 1
+            self.most = max(self.most, self.now)
+        try:
+            time.sleep(0.01)
+            if size == self.fail_on_size:
+                raise OSError(f"injected read error at {offset}")
+            return self.reader.read(offset, size, **kw)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+    def close(self):
+        self.reader.close()
+
+
+@pytest.mark.parametrize("io_depth", [1, 4])
+def test_io_depth_bounds_reads_in_flight_and_keeps_results(tiny_case, io_depth):
+    """Reads of missing experts run ``io_depth`` at a time (both regions of a miss, and the
+    misses of one layer, overlap), and generation stays bit-identical to the unbudgeted run."""
+    case = tiny_case("mixtral")
+    source = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
+    engine = ExpertEngine(source, case.budget("min"), "zip-lru", workers=WORKERS, io_depth=io_depth)
+    try:
+        assert engine.io_depth == io_depth
+        engine.reader = slow = _SlowReads(engine.reader)
+        logits, tokens = generate(build_model(source, executor=engine), case.ids, DECODE_STEPS)
+    finally:
+        engine.close()
+        source.close()
+    assert_same_logits(logits, case.ref_logits)
+    assert tokens == case.ref_tokens
+    assert slow.calls >= 2 * engine.stats.hits["miss"] > 0   # exponent + SM region per miss
+    if io_depth == 1:
+        assert slow.most == 1
+    else:
+        assert 2 <= slow.most <= io_depth
+
+
+def test_failed_region_read_reaches_the_caller_without_hanging(tiny_case):
+    """One region read of a miss fails while the other succeeds: the error is raised in the
+    generating thread (no deadlock waiting for the expert), and the engine closes."""
+    case = tiny_case("mixtral")
+    source = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
+    engine = ExpertEngine(source, case.budget("min"), "zip-lru", workers=WORKERS, io_depth=4)
+    lay = next(iter(case.layouts.values()))
+    try:
+        engine.reader = _SlowReads(engine.reader, fail_on_size=lay.sm_region[1])
+        with pytest.raises(OSError, match="injected read error"):
+            generate(build_model(source, executor=engine), case.ids, DECODE_STEPS)
+    finally:
+        engine.close()
+        source.close()
+
+
+def test_io_depth_below_one_is_refused(tiny_case):
+    case = tiny_case("mixtral")
+    source = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
+    try:
+        with pytest.raises(ValueError, match="--io-depth"):
+            ExpertEngine(source, case.budget("min"), "zip-lru", workers=WORKERS, io_depth=-1)
+    finally:
+        source.close()

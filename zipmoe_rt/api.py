@@ -68,7 +68,8 @@ def parse_size(text, source=None) -> int:
 
 def load(path: str | Path | None = None, *, verify: bool = True, progress: bool = True,
          memory_budget=None, policy: str = "auto", eviction: str = "lru",
-         workers: int | None = None, direct: bool = False, trace=None) -> "Model":
+         workers: int | None = None, direct: bool = False, trace=None,
+         io_depth: int | None = None) -> "Model":
     """Load a ``.zmoe`` model (or the bundled default model when ``path`` is None).
 
     Args:
@@ -83,6 +84,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         eviction: ``lru``, ``lfu`` or ``tlfu`` (token-weighted LFU) for F caches.
         workers: decode workers L (default: all cores).
         direct: O_DIRECT reads of expert regions.
+        io_depth: expert-region reads in flight at once (default
+            :attr:`~zipmoe_rt.engine.pipeline.ExpertEngine.IO_DEPTH`; 1 = one I/O thread).
         trace: activation trace file (default ``MODEL.trace.json``).
 
     Returns:
@@ -114,7 +117,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         source.metadata.pop("tokenizer.json", None)
         if budgeted:
             engine = _engine(source, parse_size(memory_budget, source), policy, eviction, workers,
-                             direct, trace, verify)
+                             direct, trace, verify, io_depth)
         model = Model(source, build_model(source, executor=engine), tok, path, engine)
         if budgeted:
             _release_load_memory(source)
@@ -142,7 +145,7 @@ def _release_load_memory(source) -> None:
     release_heap()
 
 
-def _engine(source, budget, policy, eviction, workers, direct, trace, verify):
+def _engine(source, budget, policy, eviction, workers, direct, trace, verify, io_depth=None):
     import dataclasses
     import os
 
@@ -157,7 +160,7 @@ def _engine(source, budget, policy, eviction, workers, direct, trace, verify):
     workers = workers or os.cpu_count() or 1
     if policy != "zipmoe":
         return ExpertEngine(source, budget, policy, eviction, workers=workers, direct=direct,
-                            verify=verify)
+                            verify=verify, io_depth=io_depth)
     tr = prof.load_trace(trace_path, source)
     calib = prof.load_calibration(prof.sidecar(source.path, prof.CALIB_SUFFIX)) or \
         prof.calibrate(source, direct=direct)
@@ -171,7 +174,8 @@ def _engine(source, budget, policy, eviction, workers, direct, trace, verify):
     tier_budget = budget_split(source, budget)[2]
     plan, ranks = prof.make_plan(tr, delay, tier_budget, int(source.hparams["num_experts_per_tok"]))
     return ExpertEngine(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
-                        workers=workers, direct=direct, verify=verify, delay=delay)
+                        workers=workers, direct=direct, verify=verify, delay=delay,
+                        io_depth=io_depth)
 
 
 def _tokenizer(source) -> Tokenizer:

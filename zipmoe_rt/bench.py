@@ -76,9 +76,11 @@ def raw_companion(model_path, progress: bool = False) -> Path:
     return out
 
 
-def _one_config(model_path, budget, policy, pp, tg, reps, workers, direct, eviction, trace):
+def _one_config(model_path, budget, policy, pp, tg, reps, workers, direct, eviction, trace,
+                io_depth=None):
     from .api import load
     m = load(model_path, memory_budget=budget, policy=policy, workers=workers, direct=direct,
+             io_depth=io_depth,
              eviction=eviction, trace=trace, progress=False)
     net, eng = m.net, m.engine
     ids_pp = prompt_ids(m.tokenizer, pp)
@@ -208,7 +210,7 @@ def _ms(a):
 
 def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 3,
         workers: int | None = None, direct: bool = False, eviction: str = "lru",
-        raw_model=None, trace=None, log=print) -> dict:
+        raw_model=None, trace=None, log=print, io_depth: int | None = None) -> dict:
     """Benchmark every (budget, policy) pair; returns the JSON-able result (rows + environment).
 
     ``budgets``: sizes as accepted by :func:`zipmoe_rt.api.parse_size` (``None`` = unbudgeted,
@@ -217,6 +219,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     from .api import parse_size
     from .engine.store import ZmoeSource
     from .engine import profile as prof
+    from .engine.pipeline import ExpertEngine
     src = ZmoeSource(model_path)
     hp = src.hparams
     rows = []
@@ -240,7 +243,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
             log(f"bench: budget {b} ({(nbytes or 0) / 1e6:.0f} MB), policy {pol} ...")
             runs, mem = _in_subprocess(str(path), nbytes, pol if b is not None else "auto", pp,
                                        tg, reps, workers, direct, eviction,
-                                       str(trace) if trace else None)
+                                       str(trace) if trace else None, io_depth)
             row = {"budget": b, "budget_bytes": nbytes, "policy": pol, "runs": runs,
                    "memory": mem}
             if pp:
@@ -268,6 +271,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     env = {"model": str(model_path), "baseline_rss": baseline_rss(model_path), "name": src.metadata.get("general.name"),
            "experts": hp["num_experts"], "top_k": hp["num_experts_per_tok"],
            "cpus": os.cpu_count(), "workers": workers or os.cpu_count(), "direct": direct,
+           "io_depth": io_depth or ExpertEngine.IO_DEPTH,
            "eviction": eviction, "pp": pp, "tg": tg, "reps": reps, "machine": platform.node(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit,
            "file_bytes": Path(model_path).stat().st_size}
@@ -302,7 +306,8 @@ def table(result: dict) -> str:
             f"{(r['peak_rss'] - env.get('baseline_rss', 0)) / r['budget_bytes']:.2f}"
             if r["budget_bytes"] else "-"]) + " |")
     lines.append(f"\n{env['name']}: {env['experts']} experts, top-{env['top_k']}; {env['cpus']} "
-                 f"CPUs, {env['workers']} decode workers, O_DIRECT {env['direct']}; fixed overhead "
+                 f"CPUs, {env['workers']} decode workers, {env.get('io_depth', 1)} reads in flight, "
+                 f"O_DIRECT {env['direct']}; fixed overhead "
                  f"(runtime + tokenizer + JIT, no weights) {env.get('baseline_rss', 0) / 1e6:.0f} MB; "
                  f"page cache evicted before every run; commit {env['commit']}, {env['date']}")
     return "\n".join(lines)

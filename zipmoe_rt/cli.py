@@ -181,6 +181,8 @@ ENGINE_OPTIONS = [
     click.option("--workers", type=click.IntRange(min=1), default=None,
                  help="decode workers [default: all cores]"),
     click.option("--direct", is_flag=True, help="read experts with O_DIRECT (bypass the page cache)"),
+    click.option("--io-depth", type=click.IntRange(min=1), default=None,
+                 help="expert reads in flight at once [default: 4; 1 = one I/O thread]"),
 ]
 
 
@@ -224,7 +226,7 @@ def _load(model, kw):
     from .api import load
     return load(model, verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
                 policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
-                direct=kw["direct"])
+                direct=kw["direct"], io_depth=kw["io_depth"])
 
 
 def _stats_line(st) -> str:
@@ -422,6 +424,8 @@ def calibrate(model, samples, direct):
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="decode workers [default: all cores]")
 @click.option("--direct", is_flag=True, help="O_DIRECT reads")
+@click.option("--io-depth", type=click.IntRange(min=1), default=None,
+              help="expert reads in flight at once [default: 4]")
 @click.option("--raw-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="raw-expert file for raw-lru [default: built once as NAME.raw.zmoe]")
 @click.option("--trace", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -430,7 +434,7 @@ def calibrate(model, samples, direct):
               help="write the full results as JSON here")
 @friendly_errors
 def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
-          raw_model, trace, json_out):
+          io_depth, raw_model, trace, json_out):
     """Benchmark prefill/decode tokens/s under memory budgets, all policies in one run.
 
     Prints a llama-bench-style table (mean ± sd over repetitions, TTFT, TPOT, hits per tier,
@@ -443,7 +447,8 @@ def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, work
     bl = [None if b.lower() == "none" else b for b in (budgets or ("25%",))]
     res = B.run(model, bl, list(policies or ("raw-lru", "zip-lru", "zipmoe")), pp=n_prompt,
                 tg=n_gen, reps=repetitions, workers=workers, direct=direct, eviction=eviction,
-                raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True))
+                raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True),
+                io_depth=io_depth)
     click.echo(B.table(res))
     if json_out:
         B.save(res, json_out)
