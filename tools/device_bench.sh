@@ -18,6 +18,10 @@
 #   DEVICE_BENCH_DEADLINE    seconds after start by which everything must be over (default 555)
 #   DEVICE_BENCH_WORK        work folder (default: first non-tmpfs of /var/tmp, /root, /tmp)
 #   DEVICE_BENCH_DROP=0|1    drop the page cache before each bench (default 1; 0 when SMALL)
+#   DEVICE_BENCH_REUSE=1     keep the model, trace and calibration a previous call left in the
+#                            work folder (same machine, still warm) and only run the benches
+#   DEVICE_BENCH_IO_DEPTH    --io-depth of every bench (default: the runtime's default); the
+#                            JSON files are then named bench_wW_dD.json
 #   PYTHON                   interpreter (default python3)
 set -u -o pipefail
 T0=$(date +%s)
@@ -78,12 +82,12 @@ rawpp = [S.mean(r["pp_tps"]) for x in res for r in x["rows"] if r["policy"] == "
 ref, refpp = (S.mean(raw) if raw else None), (S.mean(rawpp) if rawpp else None)
 L = ["# Summary (all runs; ratios to the mean raw-lru tg/pp over all its rows: "
      + (f"tg {ref:.2f} t/s from {len(raw)} rows" if ref else "no raw-lru row") + ")", "",
-     "| workers | policy | pp t/s | tg t/s | tg × raw-lru | pp × raw-lru | TTFT s | TPOT ms | "
+     "| workers (io depth) | policy | pp t/s | tg t/s | tg × raw-lru | pp × raw-lru | TTFT s | TPOT ms | "
      "hits F/C/S/E/miss % | MB read/tok | io/dec/wait/mm ms/tok | peak RSS MB |",
      "|" + "---|" * 12]
 def sd(a):
     return S.stdev(a) if len(a) > 1 else 0.0
-for x in sorted(res, key=lambda x: x["env"]["workers"]):
+for x in sorted(res, key=lambda x: (x["env"]["workers"], x["env"].get("io_depth", 1))):
     for r in x["rows"]:
         tg, pp = S.mean(r["tg_tps"]), S.mean(r["pp_tps"])
         h = "/".join(f"{100 * r['hit_rate'][k]:.0f}" for k in ("F", "C", "S", "E", "miss")) \
@@ -91,7 +95,7 @@ for x in sorted(res, key=lambda x: x["env"]["workers"]):
         st = r.get("stage_ms_per_token")
         st = "/".join(f"{st[k]:.1f}" for k in ("io_s", "decode_s", "wait_s", "compute_s")) if st else "-"
         L.append(" | ".join([
-            f"| {x['env']['workers']}", r["policy"], f"{pp:.2f} ± {sd(r['pp_tps']):.2f}",
+            f"| {x['env']['workers']} ({x['env'].get('io_depth', 1)})", r["policy"], f"{pp:.2f} ± {sd(r['pp_tps']):.2f}",
             f"{tg:.2f} ± {sd(r['tg_tps']):.2f}", f"{tg / ref:.2f}" if ref else "-",
             f"{pp / refpp:.2f}" if refpp else "-", f"{S.mean(r['ttft_s']):.3f}",
             f"{1e3 * S.mean(r['tpot_s']):.1f}", h,
@@ -166,7 +170,13 @@ fi
 # Numba JIT warm-up in the background, while the (mostly one-thread) generator runs: a tiny model
 # of the same family compiles the same kernel specialisations into $NUMBA_CACHE_DIR (first
 # compile ~30-100 s of one core), so the profile and bench processes only load them.
+REUSE=0
+if [ "${DEVICE_BENCH_REUSE:-0}" = 1 ] && [ -f "$WORK/model.zmoe" ] && [ -f "$WORK/model.raw.zmoe" ] \
+    && [ -f "$WORK/model.zmoe.calib.json" ] && [ -f "$WORK/model.zmoe.trace.json" ]; then
+  REUSE=1
+fi
 rm -rf "$WORK/warm" "$WORK"/warm.*
+[ "$REUSE" = 1 ] || {
 head -2 tools/prompts.txt > "$WORK/warm_prompts.txt"
 (
   timeout -k 5 240 "$PY" tools/make_synthetic_checkpoint.py "$WORK/warm/hf" --layers 1 --hidden 256 --heads 4 \
@@ -178,38 +188,48 @@ head -2 tools/prompts.txt > "$WORK/warm_prompts.txt"
 ) > "$WORK/warm.log" 2>&1 &
 WARM_PID=$!
 echo "JIT warm-up started (pid $WARM_PID)"
+}
 
 # -------------------------------------------------------------------------------------------
+IOD=${DEVICE_BENCH_IO_DEPTH:-}
+SUFFIX=${IOD:+_d$IOD}
+[ -n "$IOD" ] && BENCH_ARGS+=(--io-depth "$IOD")
 HF=$WORK/qwen1.5-moe-synth-$([ "$SMALL" = 1 ] && echo small || echo "L${DEVICE_BENCH_LAYERS:-5}")
 MODEL=$WORK/model.zmoe
 RAW=$WORK/model.raw.zmoe
-phase "generate synthetic checkpoint: ${GEN_ARGS[*]}"
-rm -rf "$WORK"/qwen1.5-moe-synth-* "$MODEL" "$RAW" "$MODEL".*.json "$WORK"/synthetic.json "$WORK"/config.json \
-    "$WORK"/convert*.txt "$WORK"/table_w*.md
-limited $(( $(left) - 200 )) "$PY" tools/make_synthetic_checkpoint.py "$HF" "${GEN_ARGS[@]}" \
-    --gguf .dev/smollm2-reduced.gguf --overwrite "${CALIB[@]}" || die "generation failed"
-du -sh "$HF"
+if [ "$REUSE" = 1 ]; then
+  phase "reuse the model, trace and calibration in $WORK"
+  ls -la "$WORK"
+else
+  phase "generate synthetic checkpoint: ${GEN_ARGS[*]}"
+  rm -rf "$WORK"/qwen1.5-moe-synth-* "$MODEL" "$RAW" "$MODEL".*.json "$WORK"/synthetic.json "$WORK"/config.json \
+      "$WORK"/convert*.txt "$WORK"/table_w*.md
+  limited $(( $(left) - 200 )) "$PY" tools/make_synthetic_checkpoint.py "$HF" "${GEN_ARGS[@]}" \
+      --gguf .dev/smollm2-reduced.gguf --overwrite "${CALIB[@]}" || die "generation failed"
+  du -sh "$HF"
 
-phase "convert (bit-plane experts)"
-limited $(( $(left) - 150 )) "$PY" -m zipmoe_rt.cli convert "$HF" -o "$MODEL" -f -q \
-    | tee "$WORK/convert.txt" || die "convert failed"
-phase "convert (raw experts)"
-limited $(( $(left) - 120 )) "$PY" -m zipmoe_rt.cli convert "$HF" -o "$RAW" \
-    --expert-encoding raw --no-verify -f -q | tee "$WORK/convert_raw.txt" || die "raw convert failed"
-# keep the generator's summary, drop the checkpoint (its dirty pages need not reach the disk)
-cp "$HF/synthetic.json" "$WORK/synthetic.json"; cp "$HF/config.json" "$WORK/config.json"
-rm -rf "$HF"
-ls -la "$WORK"; df -h "$WORK"
+  phase "convert (bit-plane experts)"
+  limited $(( $(left) - 150 )) "$PY" -m zipmoe_rt.cli convert "$HF" -o "$MODEL" -f -q \
+      | tee "$WORK/convert.txt" || die "convert failed"
+  phase "convert (raw experts)"
+  limited $(( $(left) - 120 )) "$PY" -m zipmoe_rt.cli convert "$HF" -o "$RAW" \
+      --expert-encoding raw --no-verify -f -q | tee "$WORK/convert_raw.txt" || die "raw convert failed"
+  # keep the generator's summary, drop the checkpoint (its dirty pages need not reach the disk)
+  cp "$HF/synthetic.json" "$WORK/synthetic.json"; cp "$HF/config.json" "$WORK/config.json"
+  rm -rf "$HF"
+  ls -la "$WORK"; df -h "$WORK"
 
-phase "wait for the JIT warm-up"
-wait "$WARM_PID"; echo "warm-up rc $?"; cat "$WORK/warm.log"; rm -rf "$WORK/warm"
+  phase "wait for the JIT warm-up"
+  wait "$WARM_PID"; echo "warm-up rc $?"; cat "$WORK/warm.log"; rm -rf "$WORK/warm"
 
-phase "profile (activation trace)"
-limited $(( $(left) - 100 )) "$PY" -m zipmoe_rt.cli profile "$MODEL" --prompts tools/prompts.txt \
-    -n 16 -q || die "profile failed"
-phase "calibrate"
-limited $(( $(left) < 60 ? $(left) : 60 )) "$PY" -m zipmoe_rt.cli calibrate "$MODEL" || die "calibrate failed"
-cat "$MODEL.calib.json"
+  phase "profile (activation trace)"
+  limited $(( $(left) - 100 )) "$PY" -m zipmoe_rt.cli profile "$MODEL" --prompts tools/prompts.txt \
+      -n 16 -q || die "profile failed"
+  phase "calibrate"
+  limited $(( $(left) < 60 ? $(left) : 60 )) "$PY" -m zipmoe_rt.cli calibrate "$MODEL" || die "calibrate failed"
+  cat "$MODEL.calib.json"
+
+fi
 
 # -------------------------------------------------------------------------------------------
 declare -A LAST   # seconds the last bench with this many policies took
@@ -229,13 +249,13 @@ for W in $WLIST; do
   if [ "$DROP" = 1 ]; then echo "sync + drop_caches"; sync; echo 3 > /proc/sys/vm/drop_caches || echo "(drop_caches failed)"; fi
   s=$(date +%s)
   limited "$budget" "$PY" -m zipmoe_rt.cli bench "$MODEL" "${BENCH_ARGS[@]}" "${POL[@]}" \
-      --raw-model "$RAW" --workers "$W" --json "$OUT/bench_w$W.json" > "$WORK/table_w$W.md"
+      --raw-model "$RAW" --workers "$W" --json "$OUT/bench_w$W$SUFFIX.json" > "$WORK/table_w$W.md"
   rc=$?
   cat "$WORK/table_w$W.md"
   LAST[$np]=$(( $(date +%s) - s ))
   [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && LAST[$np]=$(( LAST[$np] * 2 ))   # cut short: longer
   echo "bench workers=$W: rc $rc, ${LAST[$np]}s"
-  { echo "## workers $W (rc $rc, ${LAST[$np]} s)"; echo; cat "$WORK/table_w$W.md"; echo; } \
+  { echo "## workers $W${IOD:+, io depth $IOD} (rc $rc, ${LAST[$np]} s)"; echo; cat "$WORK/table_w$W.md"; echo; } \
       >> "$OUT/tables.md"
 done
 
