@@ -760,7 +760,7 @@ def test_api_plan_fits_when_calibrated_expert_is_small(tiny_case, tmp_path):
     lays = list(c.layouts.values())
     smallest = min(lays, key=lambda l: l.exp_region[1])
     assert smallest.exp_region[1] < max(l.exp_region[1] for l in lays)
-    calib = {"version": 1, "sm_read_s": 1e-3, "exp_read_s": 1e-3, "decode_s": 1e-3,
+    calib = {"version": prof.CALIB_VERSION, "sm_read_s": 1e-3, "exp_read_s": 1e-3, "decode_s": 1e-3,
              "matmul_s": 1e-6, "bytes_F": smallest.full_bytes,
              "bytes_sm": smallest.sm_region[1], "bytes_exp": smallest.exp_region[1],
              "chunks": sum(len(p.chunks) for p in smallest.pieces)}
@@ -1111,3 +1111,123 @@ def test_io_depth_below_one_is_refused(tiny_case):
             ExpertEngine(source, case.budget("min"), "zip-lru", workers=WORKERS, io_depth=-1)
     finally:
         source.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# stale or mismatched machine calibration (MODEL.zmoe.calib.json)
+
+
+def _fitting_calibration(case: Case, **changes) -> dict:
+    """A calibration dict that fits a buffered-read run on this machine, with ``changes``."""
+    import os
+    import platform
+
+    lay = max(case.layouts.values(), key=lambda l: l.exp_region[1])
+    calib = {"version": prof.CALIB_VERSION, "direct": False, "cpus": os.cpu_count(),
+             "machine": platform.node(), "sm_read_s": 1e-3, "exp_read_s": 1e-3,
+             "decode_s": 1e-3, "matmul_s": 1e-6, "bytes_F": lay.full_bytes,
+             "bytes_sm": lay.sm_region[1], "bytes_exp": lay.exp_region[1],
+             "chunks": sum(len(p.chunks) for p in lay.pieces)}
+    calib.update(changes)
+    return calib
+
+
+def _calibrated_copy(case: Case, folder: Path, calib: dict) -> tuple[Path, Path]:
+    """(model, calibration file): a copy of the case's model with its trace and ``calib`` next
+    to it."""
+    z = folder / "m.zmoe"
+    shutil.copy(case.zmoe, z)
+    shutil.copy(case.trace_path, prof.sidecar(z, prof.TRACE_SUFFIX))
+    cpath = prof.sidecar(z, prof.CALIB_SUFFIX)
+    cpath.write_text(json.dumps(calib))
+    return z, cpath
+
+
+def test_calibration_mismatch_reasons():
+    import os
+    import platform
+
+    assert prof.CALIB_VERSION == 2
+    ok = {"version": prof.CALIB_VERSION, "direct": False, "cpus": os.cpu_count(),
+          "machine": platform.node()}
+    assert prof.calibration_mismatch(ok, direct=False) == []
+    assert prof.calibration_mismatch(dict(ok, direct=True), direct=True) == []
+    assert prof.calibration_mismatch({k: v for k, v in ok.items() if k != "machine"}, False) == []
+    [why] = prof.calibration_mismatch(dict(ok, version=1), direct=False)
+    assert "version 1" in why and "2-5x too cheap" in why
+    [why] = prof.calibration_mismatch({k: v for k, v in ok.items() if k != "version"}, False)
+    assert "version unknown" in why
+    [why] = prof.calibration_mismatch(ok, direct=True)
+    assert why == "it timed buffered (page-cache) reads, this run uses O_DIRECT reads"
+    [why] = prof.calibration_mismatch(dict(ok, direct=True), direct=False)
+    assert why == "it timed O_DIRECT reads, this run uses buffered (page-cache) reads"
+    [why] = prof.calibration_mismatch(dict(ok, cpus=os.cpu_count() + 3), direct=False)
+    assert why == f"it was measured with {os.cpu_count() + 3} CPUs, this machine has {os.cpu_count()}"
+    [why] = prof.calibration_mismatch(dict(ok, machine="elsewhere"), direct=False)
+    assert "'elsewhere'" in why
+    # an old file without direct/cpus/machine: buffered, cpus and machine unknown
+    assert len(prof.calibration_mismatch({"version": 1}, direct=True)) == 2
+
+
+def test_stale_calibration_warns_once_and_is_used(tiny_case, tmp_path):
+    """A calibration timed in the other read mode: load() warns once (naming the file and the
+    fix) and plans with it; a fitting one: no warning."""
+    import warnings
+
+    c = tiny_case("mixtral")
+    z, cpath = _calibrated_copy(c, tmp_path, _fitting_calibration(c, direct=True))
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        m = zipmoe_rt.load(z, memory_budget=c.budget("mid"), policy="zipmoe")
+        m.close()
+    cw = [w for w in got if issubclass(w.category, prof.CalibrationWarning)]
+    assert len(cw) == 1, [str(w.message) for w in got]
+    msg = str(cw[0].message)
+    assert msg.startswith(f"{cpath}: ") and "it timed O_DIRECT reads" in msg
+    assert "uses it anyway" in msg and msg.endswith(f"run: zipmoe-rt calibrate {z}")
+    assert cw[0].filename == __file__    # attributed to the caller of load()
+    assert issubclass(prof.CalibrationWarning, UserWarning)
+
+    cpath.write_text(json.dumps(_fitting_calibration(c)))
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        zipmoe_rt.load(z, memory_budget=c.budget("mid"), policy="zipmoe").close()
+    assert not [w for w in got if issubclass(w.category, prof.CalibrationWarning)]
+
+    # an O_DIRECT run's fix calibrates with --direct; no calibration file: no warning
+    cpath.write_text(json.dumps(_fitting_calibration(c, version=1)))
+    with pytest.warns(prof.CalibrationWarning, match="version 1") as rec:
+        assert prof.load_checked_calibration(z, direct=True)["version"] == 1
+    assert str(rec[0].message).endswith(f"zipmoe-rt calibrate {z} --direct")
+    cpath.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert prof.load_checked_calibration(z, direct=False) is None
+
+
+def test_cli_shows_a_stale_calibration_as_one_warning_line(tiny_case, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from zipmoe_rt import bench as B
+    from zipmoe_rt.cli import main
+
+    c = tiny_case("mixtral")
+    z, cpath = _calibrated_copy(c, tmp_path, _fitting_calibration(c, version=1))
+    want = (f"zipmoe-rt: warning: {cpath}: this calibration does not fit the run: it was written "
+            f"by an older zipmoe-rt (calibration version 1, current 2), which timed exponent reads "
+            f"2-5x too cheap. The plan uses it anyway; to fix, run: zipmoe-rt calibrate {z}")
+
+    def invoke(*args):
+        return CliRunner().invoke(main, [str(a) for a in args], env={"ZIPMOE_RT_DEBUG": None},
+                                  prog_name="zipmoe-rt")
+
+    r = invoke("run", z, "-p", "hello", "-n", 2, "--memory-budget", c.budget("mid"),
+               "--policy", "zipmoe")
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert lines.count(want) == 1, r.stderr
+    assert lines[0] == want and "Warning" not in r.stderr
+    # bench's rows run in subprocesses whose stderr is not shown: it warns before them
+    monkeypatch.setattr(B, "run", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("stop")))
+    r = invoke("bench", z, "-m", c.budget("mid"), "--policy", "zipmoe")
+    assert r.stderr.splitlines() == [want, "error: stop"], r.stderr

@@ -197,7 +197,8 @@ def zipmoe_cli(*args) -> subprocess.CompletedProcess:
 
 def ensure_zmoe(p: Paths, recalibrate: bool, direct: bool = False) -> None:
     """Convert, profile and calibrate the model once (cached). The calibration is redone when
-    asked, or when it timed reads in another mode than the run's (``--direct``)."""
+    asked, or when it does not fit the run (``calibration_mismatch``: an older calibration
+    version, reads timed in another mode than the run's ``--direct``, another machine)."""
     import zmoe
     trace = p.zmoe.with_name(p.zmoe.name + ".trace.json")
     calib = p.zmoe.with_name(p.zmoe.name + ".calib.json")
@@ -210,9 +211,14 @@ def ensure_zmoe(p: Paths, recalibrate: bool, direct: bool = False) -> None:
     if not trace.exists():
         zipmoe_cli("profile", p.zmoe, "--prompts", REPO / "tools" / "prompts.txt", "-q")
     if not recalibrate and calib.exists():
+        sys.path.insert(0, str(REPO))
+        from zipmoe_rt.engine.profile import calibration_mismatch
         try:
-            recalibrate = bool(json.loads(calib.read_text()).get("direct")) != bool(direct)
-        except (OSError, ValueError):
+            why = calibration_mismatch(json.loads(calib.read_text()), direct)
+        except (OSError, ValueError, AttributeError):
+            why = ["unreadable"]
+        if why:
+            log(f"{calib}: recalibrating ({'; '.join(why)})")
             recalibrate = True
     if recalibrate or not calib.exists():
         log(zipmoe_cli("calibrate", p.zmoe, *(["--direct"] if direct else []))

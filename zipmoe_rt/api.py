@@ -95,6 +95,11 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         FileNotFoundError: no such file.
         zmoe.ZmoeError: not a ``.zmoe``, corrupt, truncated, or from a newer format version.
         ValueError: an architecture this runtime does not run, or a file without a tokenizer.
+
+    Warns:
+        zipmoe_rt.engine.profile.CalibrationWarning: policy ``zipmoe`` with a stored
+            calibration (``MODEL.calib.json``) from an older version, the other read mode
+            (``direct``) or another machine; the plan uses it anyway.
     """
     from .engine.store import ZmoeSource
     from .models import build_model
@@ -162,7 +167,10 @@ def _engine(source, budget, policy, eviction, workers, direct, trace, verify, io
         return ExpertEngine(source, budget, policy, eviction, workers=workers, direct=direct,
                             verify=verify, io_depth=io_depth)
     tr = prof.load_trace(trace_path, source)
-    calib = prof.load_calibration(prof.sidecar(source.path, prof.CALIB_SUFFIX)) or \
+    # a stored calibration that does not fit this run (older version, other read mode, other
+    # machine) is used anyway, with one CalibrationWarning attributed to load()'s caller; none
+    # stored: calibrate now (not saved)
+    calib = prof.load_checked_calibration(source.path, direct, stacklevel=3) or \
         prof.calibrate(source, direct=direct)
     # plan with the largest region sizes of any expert: a calibration measures one sample
     # expert, and compressed exponent regions differ in size from expert to expert, so planning

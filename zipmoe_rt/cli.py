@@ -78,6 +78,25 @@ def _sigterm_as_interrupt():
         pass
 
 
+def _plain_calibration_warnings():
+    """Show a :class:`~zipmoe_rt.engine.profile.CalibrationWarning` as one ``zipmoe-rt: warning:
+    ...`` line on stderr (not Python's ``file:line: Category:`` form); other warnings as before."""
+    import warnings
+
+    if getattr(warnings.showwarning, "_zipmoe_rt", False):
+        return
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        from .engine.profile import CalibrationWarning
+        if issubclass(category, CalibrationWarning):
+            click.echo(f"zipmoe-rt: warning: {message}", err=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+    show._zipmoe_rt = True
+    warnings.showwarning = show
+
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="zipmoe-rt")
 def main():
@@ -87,6 +106,7 @@ def main():
     model.zmoe` then `zipmoe-rt chat model.zmoe`.
     """
     _sigterm_as_interrupt()
+    _plain_calibration_warnings()
 
 
 # -- format verbs -------------------------------------------------------------------------------
@@ -445,7 +465,13 @@ def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, work
     from .default_model import ensure_default_model
     model = model or ensure_default_model()
     bl = [None if b.lower() == "none" else b for b in (budgets or ("25%",))]
-    res = B.run(model, bl, list(policies or ("raw-lru", "zip-lru", "zipmoe")), pp=n_prompt,
+    policies = list(policies or ("raw-lru", "zip-lru", "zipmoe"))
+    from .engine import profile as prof
+    if ("zipmoe" in policies and any(b is not None for b in bl)
+            and (trace or prof.sidecar(model, prof.TRACE_SUFFIX)).exists()):
+        # each row runs in a subprocess whose stderr is not shown: warn about the calibration here
+        prof.load_checked_calibration(model, direct)
+    res = B.run(model, bl, policies, pp=n_prompt,
                 tg=n_gen, reps=repetitions, workers=workers, direct=direct, eviction=eviction,
                 raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True),
                 io_depth=io_depth)

@@ -7,7 +7,8 @@
   is refused.
 * ``calibrate``: measure this machine's constants on the model's own experts (SM read, exponent
   read from a cold page cache, decode of one expert on one worker, one expert's matmul) and store
-  them as ``MODEL.calib.json``.
+  them as ``MODEL.calib.json``; :func:`load_checked_calibration` reads it back and warns
+  (:class:`CalibrationWarning`) when it does not fit the run (:func:`calibration_mismatch`).
 * :func:`make_plan`: planner inputs from both, and the per-layer tier plan under a budget.
 """
 from __future__ import annotations
@@ -16,7 +17,9 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +31,19 @@ from .planner import (DelayModel, inclusion_probabilities, locality_pool_model, 
 
 TRACE_SUFFIX = ".trace.json"
 CALIB_SUFFIX = ".calib.json"
+#: version :func:`calibrate` writes. 2: each sample's exponent region is read before its SM
+#: region, as the engine reads a missing expert (version 1 read SM first, so read-ahead served
+#: part of the exponent read and timed it 2-5x too cheap).
+CALIB_VERSION = 2
 
 
 class TraceError(ValueError):
     """A missing, malformed or foreign activation trace / calibration file."""
+
+
+class CalibrationWarning(UserWarning):
+    """A stored machine calibration does not fit this run (older version, other read mode,
+    other machine); the plan is made with it anyway. Filter it with :mod:`warnings`."""
 
 
 def fingerprint(source) -> str:
@@ -205,6 +217,12 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) ->
     thread, and times one expert's matmul for one token. Also measures how decoding scales with
     concurrent workers (``decode_speedup``: {workers: speedup over one}), since zstd + merge
     rarely scale linearly (shared memory bandwidth, Python between chunks).
+
+    The result records ``version`` (:data:`CALIB_VERSION`, 2: each sample's exponent region is
+    read before its SM region, as the engine reads a miss; version-1 files read SM first and
+    timed exponent reads 2-5x too cheap), ``direct`` (whether reads were timed with O_DIRECT),
+    ``machine`` (``platform.node()``) and ``cpus`` (``os.cpu_count()``), which
+    :func:`calibration_mismatch` compares with the run that uses it.
     """
     from ..kernels.linear import experts_decode
     import zstandard as zstd
@@ -261,7 +279,7 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) ->
         times[w] = best
     speedup = {str(w): float(times[1] / times[w]) for w in counts}
     lay0 = pick[0]
-    return {"version": 1, "decode_speedup": speedup, "machine": platform.node(), "cpus": os.cpu_count(), "direct": direct,
+    return {"version": CALIB_VERSION, "decode_speedup": speedup, "machine": platform.node(), "cpus": os.cpu_count(), "direct": direct,
             "sm_read_s": float(np.median(sm_t)), "exp_read_s": float(np.median(exp_t)),
             "decode_s": float(np.median(dec_t)), "matmul_s": float(np.median(mm_t)),
             "bytes_F": int(lay0.full_bytes), "bytes_sm": int(lay0.sm_region[1]),
@@ -273,6 +291,11 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) ->
 
 
 def load_calibration(path) -> dict | None:
+    """The calibration dict stored at ``path``, or None when there is no such file.
+
+    Raises:
+        TraceError: the file is not valid JSON.
+    """
     path = Path(path)
     if not path.exists():
         return None
@@ -280,6 +303,65 @@ def load_calibration(path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise TraceError(f"{path}: not a valid calibration file ({e})") from None
+
+
+def _read_mode(direct) -> str:
+    return "O_DIRECT reads" if direct else "buffered (page-cache) reads"
+
+
+def calibration_mismatch(calib: dict, direct: bool) -> list[str]:
+    """Why a calibration (a :func:`calibrate` dict) does not fit a run on this machine.
+
+    Args:
+        calib: the calibration, as :func:`load_calibration` returns it.
+        direct: whether this run reads expert regions with O_DIRECT.
+
+    Returns:
+        Human-readable reasons, one per mismatch (empty: the calibration fits): a ``version``
+        older than :data:`CALIB_VERSION` (or none); reads timed in the other mode than
+        ``direct`` (a missing ``direct`` counts as buffered); ``cpus`` other than
+        ``os.cpu_count()``; ``machine`` other than ``platform.node()`` (only when both are
+        known).
+    """
+    reasons = []
+    v = calib.get("version")
+    if not isinstance(v, int) or v < CALIB_VERSION:
+        reasons.append(f"it was written by an older zipmoe-rt (calibration version "
+                       f"{'unknown' if v is None else v}, current {CALIB_VERSION}), which timed "
+                       f"exponent reads 2-5x too cheap")
+    if bool(calib.get("direct")) != bool(direct):
+        reasons.append(f"it timed {_read_mode(calib.get('direct'))}, this run uses "
+                       f"{_read_mode(direct)}")
+    cpus = calib.get("cpus")
+    if cpus is not None and cpus != os.cpu_count():
+        reasons.append(f"it was measured with {cpus} CPUs, this machine has {os.cpu_count()}")
+    machine, node = calib.get("machine"), platform.node()
+    if machine and node and machine != node:
+        reasons.append(f"it was measured on machine {machine!r}, this is {node!r}")
+    return reasons
+
+
+def load_checked_calibration(model_path, direct: bool, stacklevel: int = 1) -> dict | None:
+    """The calibration stored next to ``model_path`` (``MODEL.calib.json``), or None if absent.
+
+    When it does not fit this run (:func:`calibration_mismatch`), emits one
+    :class:`CalibrationWarning` naming the file, the reasons and the command that refreshes
+    it (``zipmoe-rt calibrate MODEL``, plus ``--direct`` when ``direct``); the calibration is
+    returned all the same. ``stacklevel`` is as for :func:`warnings.warn`, counted from the
+    caller of this function.
+
+    Raises:
+        TraceError: the file is not valid JSON.
+    """
+    path = sidecar(model_path, CALIB_SUFFIX)
+    calib = load_calibration(path)
+    reasons = calibration_mismatch(calib, direct) if calib is not None else []
+    if reasons:
+        fix = "zipmoe-rt calibrate " + shlex.quote(str(model_path)) + (" --direct" if direct else "")
+        warnings.warn(f"{path}: this calibration does not fit the run: {'; '.join(reasons)}. "
+                      f"The plan uses it anyway; to fix, run: {fix}", CalibrationWarning,
+                      stacklevel=stacklevel + 1)
+    return calib
 
 
 def effective_workers(calib: dict, workers: int) -> int:
