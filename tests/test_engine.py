@@ -1108,7 +1108,7 @@ def test_io_depth_below_one_is_refused(tiny_case):
     source = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
     try:
         with pytest.raises(ValueError, match="--io-depth"):
-            ExpertEngine(source, case.budget("min"), "zip-lru", workers=WORKERS, io_depth=-1)
+            ExpertEngine(source, case.budget("min"), "zip-lru", workers=WORKERS, io_depth=0)
     finally:
         source.close()
 
@@ -1124,7 +1124,8 @@ def _fitting_calibration(case: Case, **changes) -> dict:
 
     lay = max(case.layouts.values(), key=lambda l: l.exp_region[1])
     calib = {"version": prof.CALIB_VERSION, "direct": False, "cpus": os.cpu_count(),
-             "machine": platform.node(), "sm_read_s": 1e-3, "exp_read_s": 1e-3,
+             "machine": platform.node(), "io_depth": pipeline.ExpertEngine.IO_DEPTH,
+             "sm_read_s": 1e-3, "exp_read_s": 1e-3,
              "decode_s": 1e-3, "matmul_s": 1e-6, "bytes_F": lay.full_bytes,
              "bytes_sm": lay.sm_region[1], "bytes_exp": lay.exp_region[1],
              "chunks": sum(len(p.chunks) for p in lay.pieces)}
@@ -1147,7 +1148,7 @@ def test_calibration_mismatch_reasons():
     import os
     import platform
 
-    assert prof.CALIB_VERSION == 2
+    assert prof.CALIB_VERSION == 3
     ok = {"version": prof.CALIB_VERSION, "direct": False, "cpus": os.cpu_count(),
           "machine": platform.node()}
     assert prof.calibration_mismatch(ok, direct=False) == []
@@ -1167,6 +1168,58 @@ def test_calibration_mismatch_reasons():
     assert "'elsewhere'" in why
     # an old file without direct/cpus/machine: buffered, cpus and machine unknown
     assert len(prof.calibration_mismatch({"version": 1}, direct=True)) == 2
+    [why] = prof.calibration_mismatch(dict(ok, version=2), direct=False)
+    assert "version 2" in why and "one at a time" in why
+    # reads in flight: compared when the calibration records them
+    d = pipeline.ExpertEngine.IO_DEPTH
+    assert prof.calibration_mismatch(dict(ok, io_depth=d), direct=False) == []
+    assert prof.calibration_mismatch(dict(ok, io_depth=2), direct=False, io_depth=2) == []
+    [why] = prof.calibration_mismatch(dict(ok, io_depth=1), direct=False)
+    assert why == f"it timed reads 1 at a time, this run keeps {d} in flight"
+
+
+def test_calibration_prices_reads_at_the_io_depth_throughput(tiny_case, monkeypatch):
+    """calibrate() times every sample's reads one at a time, then io_depth at a time (really
+    concurrent), and prices the planner's reads at the faster throughput."""
+    import threading
+    import time as _time
+
+    from zipmoe_rt.engine import io as io_mod
+
+    c = tiny_case("mixtral")
+    state = {"now": 0, "most": 0, "calls": 0}
+    lock = threading.Lock()
+    real = io_mod.RegionReader.read
+
+    def slow_read(self, offset, size, **kw):   # a disk whose reads overlap perfectly
+        with lock:
+            state["now"] += 1
+            state["calls"] += 1
+            state["most"] = max(state["most"], state["now"])
+        _time.sleep(0.004)
+        try:
+            return real(self, offset, size, **kw)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(io_mod.RegionReader, "read", slow_read)
+    src = ZmoeSource(c.zmoe, keep_experts=False)
+    try:
+        cal = prof.calibrate(src, samples=6, io_depth=3)
+        n = min(6, len(src.layouts))
+        assert state["calls"] == 4 * n and state["most"] == 3
+        assert cal["version"] == prof.CALIB_VERSION and cal["io_depth"] == 3
+        assert 1.5 < cal["io_speedup"] <= 3.5
+        assert cal["sm_read_s"] == pytest.approx(cal["sm_read_qd1_s"] / cal["io_speedup"])
+        assert cal["exp_read_s"] == pytest.approx(cal["exp_read_qd1_s"] / cal["io_speedup"])
+        state.update(calls=0, most=0)
+        one = prof.calibrate(src, samples=6, io_depth=1)
+        assert state["calls"] == 2 * n and state["most"] == 1 and one["io_speedup"] == 1.0
+        with pytest.raises(ValueError, match="--io-depth"):
+            prof.calibrate(src, samples=2, io_depth=0)
+    finally:
+        src.close()
 
 
 def test_stale_calibration_warns_once_and_is_used(tiny_case, tmp_path):
@@ -1214,7 +1267,7 @@ def test_cli_shows_a_stale_calibration_as_one_warning_line(tiny_case, tmp_path, 
     c = tiny_case("mixtral")
     z, cpath = _calibrated_copy(c, tmp_path, _fitting_calibration(c, version=1))
     want = (f"zipmoe-rt: warning: {cpath}: this calibration does not fit the run: it was written "
-            f"by an older zipmoe-rt (calibration version 1, current 2), which timed exponent reads "
+            f"by an older zipmoe-rt (calibration version 1, current 3), which timed exponent reads "
             f"2-5x too cheap. The plan uses it anyway; to fix, run: zipmoe-rt calibrate {z}")
 
     def invoke(*args):

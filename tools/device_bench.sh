@@ -18,8 +18,8 @@
 #   DEVICE_BENCH_DEADLINE    seconds after start by which everything must be over (default 555)
 #   DEVICE_BENCH_WORK        work folder (default: first non-tmpfs of /var/tmp, /root, /tmp)
 #   DEVICE_BENCH_DROP=0|1    drop the page cache before each bench (default 1; 0 when SMALL)
-#   DEVICE_BENCH_REUSE=1     keep the model, trace and calibration a previous call left in the
-#                            work folder (same machine, still warm) and only run the benches
+#   DEVICE_BENCH_REUSE=1     keep the model and trace a previous call left in the work folder
+#                            (same machine, still warm): recalibrate, then only run the benches
 #   DEVICE_BENCH_IO_DEPTH    --io-depth of every bench (default: the runtime's default); the
 #                            JSON files are then named bench_wW_dD.json
 #   PYTHON                   interpreter (default python3)
@@ -198,8 +198,11 @@ HF=$WORK/qwen1.5-moe-synth-$([ "$SMALL" = 1 ] && echo small || echo "L${DEVICE_B
 MODEL=$WORK/model.zmoe
 RAW=$WORK/model.raw.zmoe
 if [ "$REUSE" = 1 ]; then
-  phase "reuse the model, trace and calibration in $WORK"
+  phase "reuse the model and trace in $WORK; recalibrate (this code, this io depth)"
   ls -la "$WORK"
+  limited $(( $(left) < 90 ? $(left) : 90 )) "$PY" -m zipmoe_rt.cli calibrate "$MODEL" \
+      ${IOD:+--io-depth "$IOD"} || die "calibrate failed"
+  cat "$MODEL.calib.json"
 else
   phase "generate synthetic checkpoint: ${GEN_ARGS[*]}"
   rm -rf "$WORK"/qwen1.5-moe-synth-* "$MODEL" "$RAW" "$MODEL".*.json "$WORK"/synthetic.json "$WORK"/config.json \
@@ -226,7 +229,8 @@ else
   limited $(( $(left) - 100 )) "$PY" -m zipmoe_rt.cli profile "$MODEL" --prompts tools/prompts.txt \
       -n 16 -q || die "profile failed"
   phase "calibrate"
-  limited $(( $(left) < 60 ? $(left) : 60 )) "$PY" -m zipmoe_rt.cli calibrate "$MODEL" || die "calibrate failed"
+  limited $(( $(left) < 60 ? $(left) : 60 )) "$PY" -m zipmoe_rt.cli calibrate "$MODEL" \
+      ${IOD:+--io-depth "$IOD"} || die "calibrate failed"
   cat "$MODEL.calib.json"
 
 fi

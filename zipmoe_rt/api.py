@@ -170,8 +170,8 @@ def _engine(source, budget, policy, eviction, workers, direct, trace, verify, io
     # a stored calibration that does not fit this run (older version, other read mode, other
     # machine) is used anyway, with one CalibrationWarning attributed to load()'s caller; none
     # stored: calibrate now (not saved)
-    calib = prof.load_checked_calibration(source.path, direct, stacklevel=3) or \
-        prof.calibrate(source, direct=direct)
+    calib = prof.load_checked_calibration(source.path, direct, stacklevel=3, io_depth=io_depth) \
+        or prof.calibrate(source, direct=direct, io_depth=io_depth)
     # plan with the largest region sizes of any expert: a calibration measures one sample
     # expert, and compressed exponent regions differ in size from expert to expert, so planning
     # with the sample's sizes can make the tiers outgrow the budget (BudgetError at load)

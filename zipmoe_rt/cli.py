@@ -408,15 +408,17 @@ def profile(model, prompts, max_tokens, raw, output, quiet, **kw):
 @click.option("--samples", type=click.IntRange(min=1), default=12, show_default=True,
               help="experts to time")
 @click.option("--direct", is_flag=True, help="time O_DIRECT reads")
+@click.option("--io-depth", type=click.IntRange(min=1), default=None,
+              help="reads in flight, as the runs that use it [default: 4]")
 @friendly_errors
-def calibrate(model, samples, direct):
+def calibrate(model, samples, direct, io_depth):
     """Measure this machine's planner constants on MODEL (cold SM/exponent reads, decode, matmul)."""
     import json
 
     from .engine import profile as prof
     from .engine.store import ZmoeSource
     src = ZmoeSource(model)
-    cal = prof.calibrate(src, samples=samples, direct=direct)
+    cal = prof.calibrate(src, samples=samples, direct=direct, io_depth=io_depth)
     out = prof.sidecar(model, prof.CALIB_SUFFIX)
     out.write_text(json.dumps(cal, indent=2))
     click.echo(f"wrote {out}")
@@ -470,7 +472,7 @@ def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, work
     if ("zipmoe" in policies and any(b is not None for b in bl)
             and (trace or prof.sidecar(model, prof.TRACE_SUFFIX)).exists()):
         # each row runs in a subprocess whose stderr is not shown: warn about the calibration here
-        prof.load_checked_calibration(model, direct)
+        prof.load_checked_calibration(model, direct, io_depth=io_depth)
     res = B.run(model, bl, policies, pp=n_prompt,
                 tg=n_gen, reps=repetitions, workers=workers, direct=direct, eviction=eviction,
                 raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True),

@@ -35,7 +35,7 @@ import zstandard as zstd
 
 from ..kernels.linear import expert_accumulate, experts_decode
 from . import layout as L_
-from .io import RegionReader, anon_array
+from .io import IO_DEPTH, RegionReader, anon_array
 from .planner import admission_window
 from .scheduler import Task, execution_order, schedule
 from .tiers import EVICTIONS, POLICIES, BudgetError, FullPool, Slot
@@ -171,7 +171,7 @@ class ExpertEngine:
         self.workers = int(workers or os.cpu_count() or 1)
         self.delay = delay
         self.reader = RegionReader(self.path, direct=direct)
-        self.io_depth = int(io_depth or self.IO_DEPTH)
+        self.io_depth = self.IO_DEPTH if io_depth is None else int(io_depth)
         if self.io_depth < 1:
             raise ValueError(f"--io-depth must be at least 1, got {io_depth}")
         self.io = ThreadPoolExecutor(self.io_depth, thread_name_prefix="zipmoe-io")
@@ -198,9 +198,8 @@ class ExpertEngine:
             shared = FullPool(int(cap), eviction)
             self.fpools = {layer: shared for layer in self.hp["moe_layers"]}
 
-    #: default reads in flight (measured on the 2-core VM's virtual disk, O_DIRECT: 1 MB reads
-    #: 1.0 GB/s at one in flight, 1.6 GB/s at four; 2.6 MB reads 1.55 -> 1.77 GB/s)
-    IO_DEPTH = 4
+    #: default reads in flight (:data:`~zipmoe_rt.engine.io.IO_DEPTH`)
+    IO_DEPTH = IO_DEPTH
 
     # -- tiers -------------------------------------------------------------------------------
     def _fill_tiers(self, plan, ranks):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import layout as L_
-from .io import RegionReader, evict_page_cache
+from .io import IO_DEPTH, RegionReader, evict_page_cache
 from .planner import (DelayModel, inclusion_probabilities, locality_pool_model, lru_pool_model,
                       plan_model)
 
@@ -33,8 +33,12 @@ TRACE_SUFFIX = ".trace.json"
 CALIB_SUFFIX = ".calib.json"
 #: version :func:`calibrate` writes. 2: each sample's exponent region is read before its SM
 #: region, as the engine reads a missing expert (version 1 read SM first, so read-ahead served
-#: part of the exponent read and timed it 2-5x too cheap).
-CALIB_VERSION = 2
+#: part of the exponent read and timed it 2-5x too cheap). 3: reads are also timed ``io_depth``
+#: at a time, as the engine issues them, and priced at that throughput (version 2 priced reads
+#: one at a time).
+CALIB_VERSION = 3
+#: what was wrong with each older calibration version
+_OLD_VERSIONS = {1: "timed exponent reads 2-5x too cheap", 2: "timed reads one at a time"}
 
 
 class TraceError(ValueError):
@@ -210,7 +214,8 @@ def load_trace(path, source) -> dict:
 
 
 # -- calibration -----------------------------------------------------------------------------------
-def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) -> dict:
+def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
+              io_depth: int | None = None) -> dict:
     """Measure the delay-model constants on this machine for this model (medians, seconds).
 
     Reads ``samples`` random experts' regions from a cold page cache, decodes them on one
@@ -218,12 +223,23 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) ->
     concurrent workers (``decode_speedup``: {workers: speedup over one}), since zstd + merge
     rarely scale linearly (shared memory bandwidth, Python between chunks).
 
-    The result records ``version`` (:data:`CALIB_VERSION`, 2: each sample's exponent region is
-    read before its SM region, as the engine reads a miss; version-1 files read SM first and
-    timed exponent reads 2-5x too cheap), ``direct`` (whether reads were timed with O_DIRECT),
-    ``machine`` (``platform.node()``) and ``cpus`` (``os.cpu_count()``), which
-    :func:`calibration_mismatch` compares with the run that uses it.
+    Reads are timed twice from a cold cache: one at a time (``sm_read_qd1_s``,
+    ``exp_read_qd1_s``: the latency of one read), then ``io_depth`` at a time with both regions
+    of each sample in flight, as the engine reads misses. The planner's single I/O channel is
+    priced at the second pass's throughput: ``sm_read_s``/``exp_read_s`` are the one-at-a-time
+    medians divided by ``io_speedup`` (bytes per second with ``io_depth`` in flight over one at
+    a time, at least 1).
+
+    The result records ``version`` (:data:`CALIB_VERSION`, 3: exponent region read before the
+    SM region, as the engine reads a miss, and reads timed ``io_depth`` at a time), ``direct``
+    (whether reads were timed with O_DIRECT), ``io_depth``, ``machine`` (``platform.node()``)
+    and ``cpus`` (``os.cpu_count()``), which :func:`calibration_mismatch` compares with the run
+    that uses it.
+
+    Raises:
+        ValueError: ``io_depth`` below 1.
     """
+    from concurrent.futures import ThreadPoolExecutor
     from ..kernels.linear import experts_decode
     import zstandard as zstd
 
@@ -245,6 +261,18 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) ->
         exp_t.append(t1 - t0)
         sm_t.append(t2 - t1)
         bufs.append((lay, sm, exp))
+    io_depth = IO_DEPTH if io_depth is None else int(io_depth)
+    if io_depth < 1:
+        raise ValueError(f"--io-depth must be at least 1, got {io_depth}")
+    io_speedup = 1.0
+    if io_depth > 1:   # the same reads again, io_depth in flight (exponents, then SM, queued)
+        evict_page_cache(source.path)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(io_depth) as pool:
+            list(pool.map(lambda r: rr.read(*r), [r for lay in pick
+                                                  for r in (lay.exp_region, lay.sm_region)]))
+        wall = time.perf_counter() - t0
+        io_speedup = max(1.0, (sum(sm_t) + sum(exp_t)) / max(wall, 1e-9))
     rr.close()
     dctx = zstd.ZstdDecompressor()
     x = np.random.default_rng(1).standard_normal(source.hparams["hidden_size"]).astype(np.float32)
@@ -264,7 +292,6 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) ->
         for lay, sm, exp in items:
             L_.decode_expert(source.path, lay, sm, exp, d)
 
-    from concurrent.futures import ThreadPoolExecutor
     jobs = [[b] for b in bufs] * 2
     counts = sorted({w for w in (1, 2, 4, 8, 16) if w <= (os.cpu_count() or 1)}
                     | {os.cpu_count() or 1})
@@ -279,8 +306,12 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0) ->
         times[w] = best
     speedup = {str(w): float(times[1] / times[w]) for w in counts}
     lay0 = pick[0]
-    return {"version": CALIB_VERSION, "decode_speedup": speedup, "machine": platform.node(), "cpus": os.cpu_count(), "direct": direct,
-            "sm_read_s": float(np.median(sm_t)), "exp_read_s": float(np.median(exp_t)),
+    return {"version": CALIB_VERSION, "decode_speedup": speedup, "machine": platform.node(),
+            "cpus": os.cpu_count(), "direct": direct, "io_depth": io_depth,
+            "io_speedup": float(io_speedup),
+            "sm_read_s": float(np.median(sm_t)) / io_speedup,
+            "exp_read_s": float(np.median(exp_t)) / io_speedup,
+            "sm_read_qd1_s": float(np.median(sm_t)), "exp_read_qd1_s": float(np.median(exp_t)),
             "decode_s": float(np.median(dec_t)), "matmul_s": float(np.median(mm_t)),
             "bytes_F": int(lay0.full_bytes), "bytes_sm": int(lay0.sm_region[1]),
             "bytes_exp": int(lay0.exp_region[1]),
@@ -309,12 +340,14 @@ def _read_mode(direct) -> str:
     return "O_DIRECT reads" if direct else "buffered (page-cache) reads"
 
 
-def calibration_mismatch(calib: dict, direct: bool) -> list[str]:
+def calibration_mismatch(calib: dict, direct: bool, io_depth: int | None = None) -> list[str]:
     """Why a calibration (a :func:`calibrate` dict) does not fit a run on this machine.
 
     Args:
         calib: the calibration, as :func:`load_calibration` returns it.
         direct: whether this run reads expert regions with O_DIRECT.
+        io_depth: reads this run keeps in flight (default :data:`~zipmoe_rt.engine.io.IO_DEPTH`);
+            compared with the calibration's ``io_depth`` when it has one.
 
     Returns:
         Human-readable reasons, one per mismatch (empty: the calibration fits): a ``version``
@@ -327,11 +360,15 @@ def calibration_mismatch(calib: dict, direct: bool) -> list[str]:
     v = calib.get("version")
     if not isinstance(v, int) or v < CALIB_VERSION:
         reasons.append(f"it was written by an older zipmoe-rt (calibration version "
-                       f"{'unknown' if v is None else v}, current {CALIB_VERSION}), which timed "
-                       f"exponent reads 2-5x too cheap")
+                       f"{'unknown' if v is None else v}, current {CALIB_VERSION}), which "
+                       f"{_OLD_VERSIONS.get(v, _OLD_VERSIONS[1])}")
     if bool(calib.get("direct")) != bool(direct):
         reasons.append(f"it timed {_read_mode(calib.get('direct'))}, this run uses "
                        f"{_read_mode(direct)}")
+    depth = int(io_depth or IO_DEPTH)
+    if calib.get("io_depth") is not None and int(calib["io_depth"]) != depth:
+        reasons.append(f"it timed reads {calib['io_depth']} at a time, this run keeps {depth} in "
+                       f"flight")
     cpus = calib.get("cpus")
     if cpus is not None and cpus != os.cpu_count():
         reasons.append(f"it was measured with {cpus} CPUs, this machine has {os.cpu_count()}")
@@ -341,7 +378,8 @@ def calibration_mismatch(calib: dict, direct: bool) -> list[str]:
     return reasons
 
 
-def load_checked_calibration(model_path, direct: bool, stacklevel: int = 1) -> dict | None:
+def load_checked_calibration(model_path, direct: bool, stacklevel: int = 1,
+                             io_depth: int | None = None) -> dict | None:
     """The calibration stored next to ``model_path`` (``MODEL.calib.json``), or None if absent.
 
     When it does not fit this run (:func:`calibration_mismatch`), emits one
@@ -355,9 +393,11 @@ def load_checked_calibration(model_path, direct: bool, stacklevel: int = 1) -> d
     """
     path = sidecar(model_path, CALIB_SUFFIX)
     calib = load_calibration(path)
-    reasons = calibration_mismatch(calib, direct) if calib is not None else []
+    reasons = calibration_mismatch(calib, direct, io_depth) if calib is not None else []
     if reasons:
         fix = "zipmoe-rt calibrate " + shlex.quote(str(model_path)) + (" --direct" if direct else "")
+        if io_depth and int(io_depth) != IO_DEPTH:
+            fix += f" --io-depth {int(io_depth)}"
         warnings.warn(f"{path}: this calibration does not fit the run: {'; '.join(reasons)}. "
                       f"The plan uses it anyway; to fix, run: {fix}", CalibrationWarning,
                       stacklevel=stacklevel + 1)
