@@ -1284,3 +1284,50 @@ def test_cli_shows_a_stale_calibration_as_one_warning_line(tiny_case, tmp_path, 
     monkeypatch.setattr(B, "run", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("stop")))
     r = invoke("bench", z, "-m", c.budget("mid"), "--policy", "zipmoe")
     assert r.stderr.splitlines() == [want, "error: stop"], r.stderr
+
+
+def test_read_buffers_are_reused_and_never_shared_with_a_slot(tiny_case, monkeypatch):
+    """Misses read into pooled buffers: over many misses only a few buffers are ever mapped
+    (no page faults or heap growth per read), outputs stay bit-identical, and no buffer that a
+    moving zipmoe slot adopted is handed to a later read."""
+    case = tiny_case("mixtral")
+    made = []
+    real = pipeline.anon_array
+
+    def counting(nbytes):
+        made.append(nbytes)
+        return real(nbytes)
+
+    monkeypatch.setattr(pipeline, "anon_array", counting)
+    source = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
+    engine = ExpertEngine(source, case.budget("min"), "zip-lru", workers=WORKERS, io_depth=4)
+    try:
+        logits, tokens = generate(build_model(source, executor=engine), case.ids, DECODE_STEPS)
+        misses = engine.stats.hits["miss"]
+        pooled = {w: len(q) for w, q in engine._read_pool.items()}
+    finally:
+        engine.close()
+        source.close()
+    assert_same_logits(logits, case.ref_logits)
+    assert tokens == case.ref_tokens
+    caps = set(engine._read_cap.values())
+    reads = [n for n in made if n in caps]
+    assert misses > 4 * engine.window
+    # the prefill's window of experts plus the decode steps' k: a few buffers per region kind
+    assert 0 < len(reads) <= 2 * 2 * engine.window, (len(reads), misses)
+    assert all(0 < n <= engine.window for n in pooled.values())
+
+    # zipmoe with moving slots: every slot region is a distinct buffer from any pooled one
+    delay = case.delay("CE")
+    src2, eng2, _ = make_engine(case, case.budget("mid"), "zipmoe", delay=delay)
+    try:
+        logits2, _ = generate(build_model(src2, executor=eng2), case.ids, DECODE_STEPS)
+        moves = eng2.slot_moves
+        pool = [b for q in eng2._read_pool.values() for b in q]
+        held = [a for sl in eng2.slots.values() for a in (sl.sm, sl.exp) if a is not None]
+        assert not any(np.may_share_memory(a, b) for a in held for b in pool)
+    finally:
+        eng2.close()
+        src2.close()
+    assert_same_logits(logits2, case.ref_logits)
+    assert moves > 0   # slots did adopt read buffers
