@@ -560,18 +560,21 @@ def test_budget_split_values(case):
 
 def test_budget_below_dense_plus_working_set(tiny_case):
     c = tiny_case("mixtral")
+    import math
     minimum = c.dense + c.k * c.bytes_F
+    shown = math.ceil(minimum / 1e5) / 10      # rounded up: the figure shown is enough
+    assert shown * 1e6 >= minimum
     for budget in (minimum - 1, c.dense, 1):   # 0 and below: "must be positive"
         with pytest.raises(BudgetError) as ei:
             zipmoe_rt.load(c.zmoe, memory_budget=budget, policy="zip-lru")
         assert isinstance(ei.value, ValueError)
         msg = str(ei.value)
-        assert f"at least {minimum / 1e6:.1f} MB" in msg
+        assert f"at least {shown:.1f} MB" in msg
         assert f"dense weights ({c.dense / 1e6:.1f} MB)" in msg
         assert f"the {c.k} experts one token uses ({c.k} x {c.bytes_F / 1e6:.1f} MB)" in msg
     src = ZmoeSource(c.zmoe, keep_experts=False, copy_dense=True)
     try:
-        with pytest.raises(BudgetError, match=re.escape(f"{minimum / 1e6:.1f} MB is needed")):
+        with pytest.raises(BudgetError, match=re.escape(f"{shown:.1f} MB is needed")):
             ExpertEngine(src, minimum - 1, "zip-lru", workers=1)
         ExpertEngine(src, minimum, "zip-lru", workers=1).close()   # the minimum itself runs
     finally:
@@ -579,6 +582,8 @@ def test_budget_below_dense_plus_working_set(tiny_case):
 
 
 def test_cli_budget_too_small_is_one_line_error(tiny_case):
+    import math
+
     from click.testing import CliRunner
 
     from zipmoe_rt.cli import main
@@ -590,7 +595,7 @@ def test_cli_budget_too_small_is_one_line_error(tiny_case):
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("error: --memory-budget 0.1 MB is below the dense weights")
-    assert f"at least {(c.dense + c.k * c.bytes_F) / 1e6:.1f} MB" in lines[0]
+    assert f"at least {math.ceil((c.dense + c.k * c.bytes_F) / 1e5) / 10:.1f} MB" in lines[0]
     assert r.stdout == ""
 
 
@@ -1157,7 +1162,11 @@ def test_calibration_mismatch_reasons():
     [why] = prof.calibration_mismatch(dict(ok, version=1), direct=False)
     assert "version 1" in why and "2-5x too cheap" in why
     [why] = prof.calibration_mismatch({k: v for k, v in ok.items() if k != "version"}, False)
-    assert "version unknown" in why
+    assert why == f"it has no version (current {prof.CALIB_VERSION}): an older zipmoe-rt wrote it"
+    [why] = prof.calibration_mismatch(dict(ok, version=prof.CALIB_VERSION + 1), direct=False)
+    assert "newer zipmoe-rt" in why and f"version {prof.CALIB_VERSION + 1}" in why
+    [why] = prof.calibration_mismatch(dict(ok, version="3"), direct=False)
+    assert why.startswith("its version '3' is not a number")
     [why] = prof.calibration_mismatch(ok, direct=True)
     assert why == "it timed buffered (page-cache) reads, this run uses O_DIRECT reads"
     [why] = prof.calibration_mismatch(dict(ok, direct=True), direct=False)
@@ -1169,7 +1178,7 @@ def test_calibration_mismatch_reasons():
     # an old file without direct/cpus/machine: buffered, cpus and machine unknown
     assert len(prof.calibration_mismatch({"version": 1}, direct=True)) == 2
     [why] = prof.calibration_mismatch(dict(ok, version=2), direct=False)
-    assert "version 2" in why and "one at a time" in why
+    assert "version 2" in why and "one at a time" in why and "2-5x" not in why
     # reads in flight: compared when the calibration records them
     d = pipeline.ExpertEngine.IO_DEPTH
     assert prof.calibration_mismatch(dict(ok, io_depth=d), direct=False) == []
@@ -1331,3 +1340,44 @@ def test_read_buffers_are_reused_and_never_shared_with_a_slot(tiny_case, monkeyp
         src2.close()
     assert_same_logits(logits2, case.ref_logits)
     assert moves > 0   # slots did adopt read buffers
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("[1, 2]", "expected a JSON object, got list"),
+    ("null", "expected a JSON object, got NoneType"),
+    ('{"exp_read_s": 1}', "'sm_read_s' must be a positive number, got None"),
+    ("CALIB:sm_read_s=fast", "'sm_read_s' must be a positive number, got 'fast'"),
+    ("CALIB:io_depth=four", "'io_depth' must be an integer, got 'four'"),
+    ("CALIB:version=3.0", "'version' must be an integer, got 3.0"),
+    ("CALIB:decode_speedup=[1]", "'decode_speedup' must map worker counts"),
+    (b"\xff\xfe{", "codec can't decode"),
+])
+def test_malformed_calibration_names_the_file(tiny_case, tmp_path, content, needle):
+    """A calibration that is JSON but not a calibration (or not UTF-8) is refused with an error
+    that names the file and the fix, from load() and from the CLI."""
+    from click.testing import CliRunner
+
+    from zipmoe_rt.cli import main
+
+    c = tiny_case("mixtral")
+    if isinstance(content, str) and content.startswith("CALIB:"):
+        key, value = content[6:].split("=")
+        content = json.dumps(_fitting_calibration(c, **{key: json.loads(value) if value[0] in "[0123456789" else value}))
+    z, cpath = _calibrated_copy(c, tmp_path, {})
+    (cpath.write_bytes if isinstance(content, bytes) else cpath.write_text)(content)
+    with pytest.raises(TraceError) as ei:
+        zipmoe_rt.load(z, memory_budget=c.budget("mid"), policy="zipmoe")
+    msg = str(ei.value)
+    assert msg.startswith(f"{cpath}: not a valid calibration file (") and needle in msg, msg
+    assert msg.endswith("re-run `zipmoe-rt calibrate` on the model")
+    r = CliRunner().invoke(main, ["run", str(z), "-p", "x", "-n", "1", "-m", str(c.budget("mid")),
+                                  "--policy", "zipmoe"], env={"ZIPMOE_RT_DEBUG": None})
+    assert r.exit_code == 1 and r.stderr.strip() == f"error: {msg}", r.stderr
+
+
+def test_io_depth_must_be_a_whole_number_even_unbudgeted(tiny_case):
+    c = tiny_case("mixtral")
+    for bad in (0, 1.5, True, "abc"):
+        for budget in (None, c.budget("mid")):
+            with pytest.raises(ValueError, match=r"io_depth \(--io-depth\) must be an integer"):
+                zipmoe_rt.load(c.zmoe, memory_budget=budget, policy="zip-lru", io_depth=bad)

@@ -98,8 +98,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
 
     Warns:
         zipmoe_rt.engine.profile.CalibrationWarning: policy ``zipmoe`` with a stored
-            calibration (``MODEL.calib.json``) from an older version, the other read mode
-            (``direct``) or another machine; the plan uses it anyway.
+            calibration (``MODEL.calib.json``) from another version, the other read mode
+            (``direct``), another ``io_depth`` or another machine; the plan uses it anyway.
     """
     from .engine.store import ZmoeSource
     from .models import build_model
@@ -111,6 +111,9 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         raise ValueError(f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} "
                          f"-o model.zmoe`")
     budgeted = memory_budget is not None
+    if io_depth is not None:
+        from .engine.io import check_io_depth
+        check_io_depth(io_depth)
     from . import kernels
     if kernels.USER_WAIT_POLICY is None:  # see zipmoe_rt/kernels/__init__.py
         kernels.set_wait_policy("passive" if budgeted else "active")
@@ -166,8 +169,9 @@ def _engine(source, budget, policy, eviction, workers, direct, trace, verify, io
     if policy != "zipmoe":
         return ExpertEngine(source, budget, policy, eviction, workers=workers, direct=direct,
                             verify=verify, io_depth=io_depth)
+    tier_budget = budget_split(source, budget)[2]   # too small a budget: no calibration noise first
     tr = prof.load_trace(trace_path, source)
-    # a stored calibration that does not fit this run (older version, other read mode, other
+    # a stored calibration that does not fit this run (other version, read mode, io depth or
     # machine) is used anyway, with one CalibrationWarning attributed to load()'s caller; none
     # stored: calibrate now (not saved)
     calib = prof.load_checked_calibration(source.path, direct, stacklevel=3, io_depth=io_depth) \
@@ -179,7 +183,6 @@ def _engine(source, budget, policy, eviction, workers, direct, trace, verify, io
                                 bytes_F=max(l.full_bytes for l in lays),
                                 bytes_sm=max(l.sm_region[1] for l in lays),
                                 bytes_exp=max(l.exp_region[1] for l in lays))
-    tier_budget = budget_split(source, budget)[2]
     plan, ranks = prof.make_plan(tr, delay, tier_budget, int(source.hparams["num_experts_per_tok"]))
     return ExpertEngine(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
                         workers=workers, direct=direct, verify=verify, delay=delay,

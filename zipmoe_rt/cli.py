@@ -32,6 +32,10 @@ def friendly_errors(fn):
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt:
+            # a second Ctrl-C (or `timeout -s INT`, which signals the process group too) while
+            # the worker threads shut down would print a traceback from threading._shutdown
+            import signal
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             click.echo("\ninterrupted", err=True)
             sys.exit(130)
         except FileNotFoundError as e:

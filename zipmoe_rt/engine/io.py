@@ -19,6 +19,18 @@ PAGE = 4096
 IO_DEPTH = 4
 
 
+def check_io_depth(value) -> int:
+    """``value`` as a number of reads in flight.
+
+    Raises:
+        ValueError: not an integer (bools and floats included) or below 1; names the option.
+    """
+    import numbers
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"io_depth (--io-depth) must be an integer of at least 1, got {value!r}")
+    return int(value)
+
+
 def aligned_empty(nbytes: int, align: int = PAGE) -> np.ndarray:
     """A uint8 [nbytes] array whose data pointer is a multiple of ``align`` (for O_DIRECT)."""
     raw = np.empty(nbytes + align, np.uint8)

@@ -23,6 +23,7 @@ experts and, with ``adapt`` (default), move to the experts the running text uses
 """
 from __future__ import annotations
 
+import math
 import mmap
 import threading
 import time
@@ -35,7 +36,7 @@ import zstandard as zstd
 
 from ..kernels.linear import expert_accumulate, experts_decode
 from . import layout as L_
-from .io import IO_DEPTH, RegionReader, anon_array
+from .io import IO_DEPTH, RegionReader, anon_array, check_io_depth
 from .planner import admission_window
 from .scheduler import Task, execution_order, schedule
 from .tiers import EVICTIONS, POLICIES, BudgetError, FullPool, Slot
@@ -115,7 +116,8 @@ def budget_split(source, budget_bytes: int) -> tuple[int, int, int]:
         raise BudgetError(
             f"--memory-budget {budget_bytes / 1e6:.1f} MB is below the dense weights "
             f"({dense / 1e6:.1f} MB) plus the {k} experts one token uses ({k} x "
-            f"{bytes_F / 1e6:.1f} MB): at least {(dense + k * bytes_F) / 1e6:.1f} MB is needed")
+            f"{bytes_F / 1e6:.1f} MB): at least {math.ceil((dense + k * bytes_F) / 1e5) / 10:.1f} MB "
+            f"is needed")
     return bytes_F, k, free
 
 
@@ -172,9 +174,7 @@ class ExpertEngine:
         self.workers = int(workers or os.cpu_count() or 1)
         self.delay = delay
         self.reader = RegionReader(self.path, direct=direct)
-        self.io_depth = self.IO_DEPTH if io_depth is None else int(io_depth)
-        if self.io_depth < 1:
-            raise ValueError(f"--io-depth must be at least 1, got {io_depth}")
+        self.io_depth = self.IO_DEPTH if io_depth is None else check_io_depth(io_depth)
         self.io = ThreadPoolExecutor(self.io_depth, thread_name_prefix="zipmoe-io")
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zipmoe-decode")
         self._tls = threading.local()

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import layout as L_
-from .io import IO_DEPTH, RegionReader, evict_page_cache
+from .io import IO_DEPTH, RegionReader, check_io_depth, evict_page_cache
 from .planner import (DelayModel, inclusion_probabilities, locality_pool_model, lru_pool_model,
                       plan_model)
 
@@ -261,9 +261,7 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
         exp_t.append(t1 - t0)
         sm_t.append(t2 - t1)
         bufs.append((lay, sm, exp))
-    io_depth = IO_DEPTH if io_depth is None else int(io_depth)
-    if io_depth < 1:
-        raise ValueError(f"--io-depth must be at least 1, got {io_depth}")
+    io_depth = IO_DEPTH if io_depth is None else check_io_depth(io_depth)
     io_speedup = 1.0
     if io_depth > 1:   # the same reads again, io_depth in flight (exponents, then SM, queued)
         evict_page_cache(source.path)
@@ -321,19 +319,51 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
             "decode_Gweights_per_s": float(lay0.elements / np.median(dec_t) / 1e9)}
 
 
+#: keys every calibration needs, all positive numbers (what :func:`delay_model` reads)
+_CALIB_NUMBERS = ("sm_read_s", "exp_read_s", "decode_s", "matmul_s", "bytes_F", "bytes_sm",
+                  "bytes_exp")
+
+
 def load_calibration(path) -> dict | None:
     """The calibration dict stored at ``path``, or None when there is no such file.
 
     Raises:
-        TraceError: the file is not valid JSON.
+        TraceError: the file is not UTF-8 JSON, not an object, lacks one of the delay-model
+            constants (:data:`_CALIB_NUMBERS`, positive numbers), or has a ``version``,
+            ``io_depth``, ``chunks`` that is not an integer or a ``decode_speedup`` that is not
+            an object of numbers. The message names the file and says to re-run
+            ``zipmoe-rt calibrate``.
     """
     path = Path(path)
     if not path.exists():
         return None
+
+    def bad(why):
+        return TraceError(f"{path}: not a valid calibration file ({why}); re-run "
+                          f"`zipmoe-rt calibrate` on the model")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TraceError(f"{path}: not a valid calibration file ({e})") from None
+        calib = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(e) from None
+    if not isinstance(calib, dict):
+        raise bad(f"expected a JSON object, got {type(calib).__name__}")
+    for k in _CALIB_NUMBERS:
+        v = calib.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise bad(f"{k!r} must be a positive number, got {v!r}")
+    for k in ("version", "io_depth", "chunks", "cpus"):
+        v = calib.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise bad(f"{k!r} must be an integer, got {v!r}")
+    sp = calib.get("decode_speedup")
+    if sp is not None:
+        try:
+            if not isinstance(sp, dict) or not all(float(v) > 0 and int(k) > 0
+                                                   for k, v in sp.items()):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise bad(f"'decode_speedup' must map worker counts to speedups, got {sp!r}") from None
+    return calib
 
 
 def _read_mode(direct) -> str:
@@ -358,10 +388,16 @@ def calibration_mismatch(calib: dict, direct: bool, io_depth: int | None = None)
     """
     reasons = []
     v = calib.get("version")
-    if not isinstance(v, int) or v < CALIB_VERSION:
-        reasons.append(f"it was written by an older zipmoe-rt (calibration version "
-                       f"{'unknown' if v is None else v}, current {CALIB_VERSION}), which "
-                       f"{_OLD_VERSIONS.get(v, _OLD_VERSIONS[1])}")
+    if isinstance(v, bool) or not isinstance(v, (int, type(None))):
+        reasons.append(f"its version {v!r} is not a number (current {CALIB_VERSION})")
+    elif v is None:
+        reasons.append(f"it has no version (current {CALIB_VERSION}): an older zipmoe-rt wrote it")
+    elif v < CALIB_VERSION:
+        reasons.append(f"it was written by an older zipmoe-rt (calibration version {v}, current "
+                       f"{CALIB_VERSION}), which {_OLD_VERSIONS.get(v, 'measured differently')}")
+    elif v > CALIB_VERSION:
+        reasons.append(f"it was written by a newer zipmoe-rt (calibration version {v}, this one "
+                       f"reads {CALIB_VERSION})")
     if bool(calib.get("direct")) != bool(direct):
         reasons.append(f"it timed {_read_mode(calib.get('direct'))}, this run uses "
                        f"{_read_mode(direct)}")
