@@ -1381,3 +1381,36 @@ def test_io_depth_must_be_a_whole_number_even_unbudgeted(tiny_case):
         for budget in (None, c.budget("mid")):
             with pytest.raises(ValueError, match=r"io_depth \(--io-depth\) must be an integer"):
                 zipmoe_rt.load(c.zmoe, memory_budget=budget, policy="zip-lru", io_depth=bad)
+
+
+def test_bench_rows_and_planner_prediction_beside_measurement(tiny_case):
+    """`zipmoe-rt bench` end to end on a tiny model: one row per policy with real rates, hit
+    rates over every use, and for zipmoe the planner's predicted layer makespan beside the
+    measured one (also printed under the table)."""
+    from zipmoe_rt import bench as B
+
+    c = tiny_case("mixtral")
+    res = B.run(c.zmoe, [c.budget("mid")], ["raw-lru", "zip-lru", "zipmoe"], pp=8, tg=4,
+                reps=1, workers=WORKERS, raw_model=c.raw, trace=c.trace_path, log=lambda s: None)
+    rows = {r["policy"]: r for r in res["rows"]}
+    assert set(rows) == {"raw-lru", "zip-lru", "zipmoe"}
+    for r in rows.values():
+        assert r["tg_tps"][0] > 0 and r["pp_tps"][0] > 0
+        assert sum(r["hit_rate"].values()) == pytest.approx(1.0)
+        assert r["measured_layer_ms"] > 0
+    assert "predicted_layer_ms" not in rows["zip-lru"] and "predicted_layer_ms" not in rows["raw-lru"]
+    z = rows["zipmoe"]
+    # the prediction is the plan's: the mean of its layers' expected makespans
+    src = ZmoeSource(c.zmoe, keep_experts=False, copy_dense=True)
+    try:
+        from zipmoe_rt.api import _engine
+        eng = _engine(src, c.budget("mid"), "zipmoe", "lru", WORKERS, False, c.trace_path, True)
+        want = 1e3 * float(np.mean([tp.predicted_makespan_s for tp in eng.plan]))
+        eng.close()
+    finally:
+        src.close()
+    assert z["predicted_layer_ms"] == pytest.approx(want, rel=0.5)   # calibrated afresh each load
+    table = B.table(res)
+    assert re.search(r"planner \(zipmoe, budget \d+\): predicted \d+\.\d\d ms per MoE layer per "
+                     r"decode token, measured \d+\.\d\d ms \(\d+\.\d\dx\)", table), table
+    json.dumps(res)

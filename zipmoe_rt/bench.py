@@ -119,6 +119,8 @@ def _one_config(model_path, budget, policy, pp, tg, reps, workers, direct, evict
         r["peak_rss"] = peak_rss()
         runs.append(r)
     mem = m.memory_report()
+    if eng is not None and eng.predicted_layer_s() is not None:
+        mem["predicted_layer_s"] = eng.predicted_layer_s()
     m.close()
     del m, net, eng
     gc.collect()
@@ -262,6 +264,11 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                 row["bytes_read_per_token"] = sum(x["bytes_read"] for x in e) / n
                 row["stage_ms_per_token"] = {k: 1e3 * sum(x[k] for x in e) / n
                                              for k in ("io_s", "decode_s", "wait_s", "compute_s", "layer_s")}
+                calls = sum(x.get("decode_layer_calls", 0) for x in e)
+                if calls:
+                    row["measured_layer_ms"] = 1e3 * sum(x["decode_layer_s"] for x in e) / calls
+            if mem.get("predicted_layer_s") is not None:
+                row["predicted_layer_ms"] = 1e3 * mem.pop("predicted_layer_s")
             rows.append(row)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -305,6 +312,12 @@ def table(result: dict) -> str:
             stages, f"{r['peak_rss'] / 1e6:.0f}",
             f"{(r['peak_rss'] - env.get('baseline_rss', 0)) / r['budget_bytes']:.2f}"
             if r["budget_bytes"] else "-"]) + " |")
+    for r in rows:
+        if r.get("predicted_layer_ms") is not None and r.get("measured_layer_ms") is not None:
+            lines.append(f"\nplanner ({r['policy']}, budget {r['budget']}): predicted "
+                         f"{r['predicted_layer_ms']:.2f} ms per MoE layer per decode token, "
+                         f"measured {r['measured_layer_ms']:.2f} ms "
+                         f"({r['measured_layer_ms'] / r['predicted_layer_ms']:.2f}x)")
     lines.append(f"\n{env['name']}: {env['experts']} experts, top-{env['top_k']}; {env['cpus']} "
                  f"CPUs, {env['workers']} decode workers, {env.get('io_depth', 1)} reads in flight, "
                  f"O_DIRECT {env['direct']}; fixed overhead "

@@ -52,6 +52,8 @@ class StageTimes:
     compute_s: float = 0.0     # main thread in expert kernels
     layer_s: float = 0.0       # wall time inside run()
     layer_calls: int = 0
+    decode_layer_s: float = 0.0   # wall time inside run() for one-token calls (decode steps)
+    decode_layer_calls: int = 0
     bytes_read: int = 0
     reads: int = 0
     hits: dict = field(default_factory=lambda: {"F": 0, "C": 0, "S": 0, "E": 0, "miss": 0})
@@ -62,7 +64,8 @@ class StageTimes:
     def as_dict(self) -> dict:
         return {"io_s": self.io_s, "decode_s": self.decode_s, "wait_s": self.wait_s,
                 "compute_s": self.compute_s, "layer_s": self.layer_s,
-                "layer_calls": self.layer_calls, "bytes_read": self.bytes_read,
+                "layer_calls": self.layer_calls, "decode_layer_s": self.decode_layer_s,
+                "decode_layer_calls": self.decode_layer_calls, "bytes_read": self.bytes_read,
                 "reads": self.reads, "hits": dict(self.hits)}
 
 
@@ -374,6 +377,15 @@ class ExpertEngine:
             raise p.error
         return p.weights
 
+    def predicted_layer_s(self) -> float | None:
+        """The planner's expected makespan of one MoE layer for one decode token (seconds; the
+        mean of the layers' ``TierPlan.predicted_makespan_s``, design note §3), to set beside
+        the measured ``stats.decode_layer_s / stats.decode_layer_calls``; None without a plan
+        (policies other than ``zipmoe``)."""
+        if not self.plan:
+            return None
+        return float(np.mean([tp.predicted_makespan_s for tp in self.plan]))
+
     def tier_of(self, layer: int, e: int) -> str:
         """Current tier of an expert: F, C, S, E or miss."""
         key = (layer, e)
@@ -584,8 +596,12 @@ class ExpertEngine:
                                       w.gate, w.up, w.down)
                     self.stats.compute_s += time.perf_counter() - t0
                     self._recycle()
-        self.stats.layer_s += time.perf_counter() - t_start
+        dt = time.perf_counter() - t_start
+        self.stats.layer_s += dt
         self.stats.layer_calls += 1
+        if T == 1:
+            self.stats.decode_layer_s += dt
+            self.stats.decode_layer_calls += 1
         return out
 
     def close(self):
