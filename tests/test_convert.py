@@ -655,3 +655,40 @@ def test_verify_mismatch_is_conversion_error(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match="round-trip"):
         convert(folder, out, progress=False)
     assert leftovers(out.parent) == []
+
+
+def test_convert_without_tokenizer_warns_once_and_writes_the_file(tmp_path):
+    """No tokenizer.json: the weights convert (and round-trip), with one ConversionWarning that
+    names the folder and says what is missing; the CLI shows it as one plain line. With a
+    tokenizer.json present: no warning."""
+    import warnings
+
+    from click.testing import CliRunner
+
+    from zipmoe_rt.cli import main
+    from zipmoe_rt.convert.converter import ConversionWarning
+
+    cfg, T = mixtral(L=1, E=2)
+    folder = write_folder(tmp_path / "m", cfg, T)
+    out = tmp_path / "a.zmoe"
+    with pytest.warns(ConversionWarning) as rec:
+        convert(folder, out, progress=False)
+    assert len(rec) == 1
+    msg = str(rec[0].message)
+    assert msg.startswith(f"{folder}: no tokenizer.json: {out} will hold the weights")
+    export(out, tmp_path / "exp", progress=False)
+    assert folder_tensors(tmp_path / "exp") == expected(T)
+
+    r = CliRunner().invoke(main, ["convert", str(folder), "-o", str(tmp_path / "b.zmoe"), "-q"],
+                           env={"ZIPMOE_RT_DEBUG": None})
+    assert r.exit_code == 0, r.stderr
+    warn = [l for l in r.stderr.splitlines() if "warning" in l.lower()]
+    assert warn == [f"zipmoe-rt: warning: {folder}: no tokenizer.json: {tmp_path / 'b.zmoe'} "
+                    f"will hold the weights but `zipmoe-rt run/chat` and zipmoe_rt.load() need a "
+                    f"tokenizer; copy the model's tokenizer.json (and tokenizer_config.json) into "
+                    f"the folder and convert again"], r.stderr
+
+    (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConversionWarning)
+        convert(folder, tmp_path / "c.zmoe", progress=False)

@@ -83,8 +83,9 @@ def _sigterm_as_interrupt():
 
 
 def _plain_calibration_warnings():
-    """Show a :class:`~zipmoe_rt.engine.profile.CalibrationWarning` as one ``zipmoe-rt: warning:
-    ...`` line on stderr (not Python's ``file:line: Category:`` form); other warnings as before."""
+    """Show a :class:`~zipmoe_rt.engine.profile.CalibrationWarning` or
+    :class:`~zipmoe_rt.convert.converter.ConversionWarning` as one ``zipmoe-rt: warning: ...``
+    line on stderr (not Python's ``file:line: Category:`` form); other warnings as before."""
     import warnings
 
     if getattr(warnings.showwarning, "_zipmoe_rt", False):
@@ -92,8 +93,9 @@ def _plain_calibration_warnings():
     previous = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
+        from .convert.converter import ConversionWarning
         from .engine.profile import CalibrationWarning
-        if issubclass(category, CalibrationWarning):
+        if issubclass(category, (CalibrationWarning, ConversionWarning)):
             click.echo(f"zipmoe-rt: warning: {message}", err=True)
         else:
             previous(message, category, filename, lineno, file, line)

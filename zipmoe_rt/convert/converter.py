@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +28,11 @@ from .safetensors_io import Checkpoint, SafetensorsError
 
 class ConversionError(ValueError):
     """The checkpoint cannot be converted; the message names the file, tensor or option."""
+
+
+class ConversionWarning(UserWarning):
+    """The conversion succeeds but the output lacks something a user will need (e.g. no
+    tokenizer: ``run``/``chat`` cannot use the file)."""
 
 
 def _read_json(path: Path, required: bool = False) -> dict | None:
@@ -221,6 +227,8 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
     Returns: the output path.
     Raises:
         ConversionError: any problem with the input or the options (file/tensor/option named).
+    Warns:
+        ConversionWarning: the folder has no tokenizer.json (the file is written all the same).
     """
     folder, output = Path(folder), Path(output)
     if not folder.is_dir():
@@ -239,6 +247,11 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
     if output.exists() and not overwrite:
         raise ConversionError(f"{output}: exists (pass --force to replace it)")
     arch, hp, ckpt, dense, experts = plan_conversion(folder)
+    if not (folder / "tokenizer.json").exists():
+        warnings.warn(f"{folder}: no tokenizer.json: {output} will hold the weights but "
+                      f"`zipmoe-rt run/chat` and zipmoe_rt.load() need a tokenizer; copy the "
+                      f"model's tokenizer.json (and tokenizer_config.json) into the folder and "
+                      f"convert again", ConversionWarning, stacklevel=2)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
     threads = threads or os.cpu_count() or 1
