@@ -1039,6 +1039,13 @@ def test_long_lived_slot_buffers_live_in_their_own_memory_maps(tmp_path):
     h[:] = a
     m = _long_lived(h)
     assert m is not h and m.tobytes() == h.tobytes() and _long_lived(m) is m
+    # a region at the start of a much bigger map (a pooled read buffer sized for the largest
+    # region) is copied, so a slot never holds more than it counts; two pages of slack are kept
+    big = anon_array(64 * PAGE)
+    big[:5000] = a
+    small = _long_lived(big[:5000])
+    assert not np.may_share_memory(small, big) and small.tobytes() == a.tobytes()
+    assert np.may_share_memory(_long_lived(big[:62 * PAGE]), big)
 
 
 class _SlowReads:

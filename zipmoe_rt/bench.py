@@ -312,12 +312,14 @@ def table(result: dict) -> str:
             stages, f"{r['peak_rss'] / 1e6:.0f}",
             f"{(r['peak_rss'] - env.get('baseline_rss', 0)) / r['budget_bytes']:.2f}"
             if r["budget_bytes"] else "-"]) + " |")
-    for r in rows:
-        if r.get("predicted_layer_ms") is not None and r.get("measured_layer_ms") is not None:
-            lines.append(f"\nplanner ({r['policy']}, budget {r['budget']}): predicted "
-                         f"{r['predicted_layer_ms']:.2f} ms per MoE layer per decode token, "
-                         f"measured {r['measured_layer_ms']:.2f} ms "
-                         f"({r['measured_layer_ms'] / r['predicted_layer_ms']:.2f}x)")
+    planner = [f"planner ({r['policy']}, budget {r['budget']}): predicted "
+               f"{r['predicted_layer_ms']:.2f} ms per MoE layer per decode token, "
+               f"measured {r['measured_layer_ms']:.2f} ms "
+               f"({r['measured_layer_ms'] / r['predicted_layer_ms']:.2f}x)"
+               for r in rows if r.get("predicted_layer_ms") is not None
+               and r.get("measured_layer_ms") is not None]
+    if planner:
+        lines.append("\n" + "\n".join(planner))
     lines.append(f"\n{env['name']}: {env['experts']} experts, top-{env['top_k']}; {env['cpus']} "
                  f"CPUs, {env['workers']} decode workers, {env.get('io_depth', 1)} reads in flight, "
                  f"O_DIRECT {env['direct']}; fixed overhead "

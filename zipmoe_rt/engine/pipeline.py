@@ -90,12 +90,16 @@ class _Pending:
 
 def _long_lived(buf: np.ndarray) -> np.ndarray:
     """``buf`` in its own memory map (:func:`~zipmoe_rt.engine.io.anon_array`), unless it
-    already is one: slot buffers come and go one by one, and from the C heap they would leave
-    resident holes."""
+    already is one of about its size: slot buffers come and go one by one, and from the C heap
+    they would leave resident holes."""
     b = buf
     while isinstance(b, np.ndarray):
         b = b.base
-    if isinstance(b, memoryview) and isinstance(b.obj, mmap.mmap):
+    # kept as is only if the map is about the region's size: a pooled read buffer is sized for
+    # the largest region of its kind, and a slot must not hold (uncounted) more than a page or
+    # two beyond the bytes it reports
+    if isinstance(b, memoryview) and isinstance(b.obj, mmap.mmap) \
+            and len(b.obj) - buf.nbytes <= 2 * mmap.PAGESIZE:
         return buf
     out = anon_array(buf.nbytes)
     out[:] = buf
