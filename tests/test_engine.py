@@ -31,6 +31,7 @@ import zmoe
 import zipmoe_rt
 from zipmoe_rt.api import parse_size
 from zipmoe_rt.engine import layout as L_
+from zipmoe_rt.engine.io import IO_DEPTH
 from zipmoe_rt.engine import pipeline
 from zipmoe_rt.engine import profile as prof
 from zipmoe_rt.engine.pipeline import ExpertEngine, budget_split
@@ -1136,7 +1137,7 @@ def _fitting_calibration(case: Case, **changes) -> dict:
 
     lay = max(case.layouts.values(), key=lambda l: l.exp_region[1])
     calib = {"version": prof.CALIB_VERSION, "direct": False, "cpus": os.cpu_count(),
-             "machine": platform.node(), "io_depth": pipeline.ExpertEngine.IO_DEPTH,
+             "machine": platform.node(), "io_depth": IO_DEPTH,
              "sm_read_s": 1e-3, "exp_read_s": 1e-3,
              "decode_s": 1e-3, "matmul_s": 1e-6, "bytes_F": lay.full_bytes,
              "bytes_sm": lay.sm_region[1], "bytes_exp": lay.exp_region[1],
@@ -1156,7 +1157,7 @@ def _calibrated_copy(case: Case, folder: Path, calib: dict) -> tuple[Path, Path]
     return z, cpath
 
 
-def test_calibration_mismatch_reasons():
+def test_calibration_mismatch_reasons(tmp_path):
     import os
     import platform
 
@@ -1172,8 +1173,12 @@ def test_calibration_mismatch_reasons():
     assert why == f"it has no version (current {prof.CALIB_VERSION}): an older zipmoe-rt wrote it"
     [why] = prof.calibration_mismatch(dict(ok, version=prof.CALIB_VERSION + 1), direct=False)
     assert "newer zipmoe-rt" in why and f"version {prof.CALIB_VERSION + 1}" in why
-    [why] = prof.calibration_mismatch(dict(ok, version="3"), direct=False)
-    assert why.startswith("its version '3' is not a number")
+    # a version that is not an integer never gets this far: load_calibration refuses it
+    f = tmp_path / "m.zmoe.calib.json"
+    f.write_text(json.dumps(dict(ok, version="3", sm_read_s=1, exp_read_s=1, decode_s=1,
+                                 matmul_s=1, bytes_F=1, bytes_sm=1, bytes_exp=1)))
+    with pytest.raises(TraceError, match="'version' must be an integer, got '3'"):
+        prof.load_calibration(f)
     [why] = prof.calibration_mismatch(ok, direct=True)
     assert why == "it timed buffered (page-cache) reads, this run uses O_DIRECT reads"
     [why] = prof.calibration_mismatch(dict(ok, direct=True), direct=False)
@@ -1187,7 +1192,7 @@ def test_calibration_mismatch_reasons():
     [why] = prof.calibration_mismatch(dict(ok, version=2), direct=False)
     assert "version 2" in why and "one at a time" in why and "2-5x" not in why
     # reads in flight: compared when the calibration records them
-    d = pipeline.ExpertEngine.IO_DEPTH
+    d = IO_DEPTH
     assert prof.calibration_mismatch(dict(ok, io_depth=d), direct=False) == []
     assert prof.calibration_mismatch(dict(ok, io_depth=2), direct=False, io_depth=2) == []
     [why] = prof.calibration_mismatch(dict(ok, io_depth=1), direct=False)

@@ -212,11 +212,11 @@ def ensure_zmoe(p: Paths, recalibrate: bool, direct: bool = False) -> None:
         zipmoe_cli("profile", p.zmoe, "--prompts", REPO / "tools" / "prompts.txt", "-q")
     if not recalibrate and calib.exists():
         sys.path.insert(0, str(REPO))
-        from zipmoe_rt.engine.profile import calibration_mismatch
+        from zipmoe_rt.engine.profile import TraceError, calibration_mismatch, load_calibration
         try:
-            why = calibration_mismatch(json.loads(calib.read_text()), direct)
-        except (OSError, ValueError, AttributeError):
-            why = ["unreadable"]
+            why = calibration_mismatch(load_calibration(calib), direct)
+        except (OSError, TraceError) as e:
+            why = [f"unreadable: {e}"]
         if why:
             log(f"{calib}: recalibrating ({'; '.join(why)})")
             recalibrate = True

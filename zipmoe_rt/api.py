@@ -85,7 +85,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         workers: decode workers L (default: all cores).
         direct: O_DIRECT reads of expert regions.
         io_depth: expert-region reads in flight at once (default
-            :attr:`~zipmoe_rt.engine.pipeline.ExpertEngine.IO_DEPTH`; 1 = one I/O thread).
+            :data:`~zipmoe_rt.engine.io.IO_DEPTH`; 1 = one I/O thread).
         trace: activation trace file (default ``MODEL.trace.json``).
 
     Returns:
@@ -111,9 +111,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         raise ValueError(f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} "
                          f"-o model.zmoe`")
     budgeted = memory_budget is not None
-    if io_depth is not None:
-        from .engine.io import check_io_depth
-        check_io_depth(io_depth)
+    from .engine.io import check_io_depth
+    check_io_depth(io_depth)   # also unbudgeted: a bad value is an error, not ignored
     from . import kernels
     if kernels.USER_WAIT_POLICY is None:  # see zipmoe_rt/kernels/__init__.py
         kernels.set_wait_policy("passive" if budgeted else "active")

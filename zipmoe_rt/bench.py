@@ -116,11 +116,11 @@ def _one_config(model_path, budget, policy, pp, tg, reps, workers, direct, evict
                      decoded=st.generated_tokens)
             if eng:
                 r["engine"] = eng.stats.as_dict()
+                if eng.predicted_layer_s() is not None:
+                    r["engine"]["predicted_layer_s"] = eng.predicted_layer_s()
         r["peak_rss"] = peak_rss()
         runs.append(r)
     mem = m.memory_report()
-    if eng is not None and eng.predicted_layer_s() is not None:
-        mem["predicted_layer_s"] = eng.predicted_layer_s()
     m.close()
     del m, net, eng
     gc.collect()
@@ -221,7 +221,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     from .api import parse_size
     from .engine.store import ZmoeSource
     from .engine import profile as prof
-    from .engine.pipeline import ExpertEngine
+    from .engine.io import check_io_depth
     src = ZmoeSource(model_path)
     hp = src.hparams
     rows = []
@@ -267,8 +267,8 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                 calls = sum(x.get("decode_layer_calls", 0) for x in e)
                 if calls:
                     row["measured_layer_ms"] = 1e3 * sum(x["decode_layer_s"] for x in e) / calls
-            if mem.get("predicted_layer_s") is not None:
-                row["predicted_layer_ms"] = 1e3 * mem.pop("predicted_layer_s")
+                if e[0].get("predicted_layer_s") is not None:
+                    row["predicted_layer_ms"] = 1e3 * e[0]["predicted_layer_s"]
             rows.append(row)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -278,7 +278,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     env = {"model": str(model_path), "baseline_rss": baseline_rss(model_path), "name": src.metadata.get("general.name"),
            "experts": hp["num_experts"], "top_k": hp["num_experts_per_tok"],
            "cpus": os.cpu_count(), "workers": workers or os.cpu_count(), "direct": direct,
-           "io_depth": io_depth or ExpertEngine.IO_DEPTH,
+           "io_depth": check_io_depth(io_depth),
            "eviction": eviction, "pp": pp, "tg": tg, "reps": reps, "machine": platform.node(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit,
            "file_bytes": Path(model_path).stat().st_size}

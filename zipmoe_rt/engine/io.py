@@ -20,12 +20,14 @@ IO_DEPTH = 4
 
 
 def check_io_depth(value) -> int:
-    """``value`` as a number of reads in flight.
+    """``value`` as a number of reads in flight; None gives the default :data:`IO_DEPTH`.
 
     Raises:
         ValueError: not an integer (bools and floats included) or below 1; names the option.
     """
     import numbers
+    if value is None:
+        return IO_DEPTH
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"io_depth (--io-depth) must be an integer of at least 1, got {value!r}")
     return int(value)

@@ -36,7 +36,7 @@ import zstandard as zstd
 
 from ..kernels.linear import expert_accumulate, experts_decode
 from . import layout as L_
-from .io import IO_DEPTH, RegionReader, anon_array, check_io_depth
+from .io import RegionReader, anon_array, check_io_depth
 from .planner import admission_window
 from .scheduler import Task, execution_order, schedule
 from .tiers import EVICTIONS, POLICIES, BudgetError, FullPool, Slot
@@ -142,7 +142,7 @@ class ExpertEngine:
         ranks: per MoE layer, expert ids by descending popularity (from the trace) for ``zipmoe``.
         workers: L decode workers (default: cores).
         io_depth: reads in flight at once (threads issuing ``pread``; default
-            :attr:`IO_DEPTH`). 1 is the paper's single I/O thread; more lets the device overlap
+            :data:`~zipmoe_rt.engine.io.IO_DEPTH`). 1 is the paper's single I/O thread; more lets the device overlap
             the two region reads of a miss and the reads of different experts (SSDs and
             virtual disks serve small reads faster with several queued).
         direct: O_DIRECT reads.
@@ -181,7 +181,7 @@ class ExpertEngine:
         self.workers = int(workers or os.cpu_count() or 1)
         self.delay = delay
         self.reader = RegionReader(self.path, direct=direct)
-        self.io_depth = self.IO_DEPTH if io_depth is None else check_io_depth(io_depth)
+        self.io_depth = check_io_depth(io_depth)
         self.io = ThreadPoolExecutor(self.io_depth, thread_name_prefix="zipmoe-io")
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zipmoe-decode")
         self._tls = threading.local()
@@ -190,10 +190,10 @@ class ExpertEngine:
         self._spare: dict = {}              # piece shapes -> deque of reusable output arrays
         # reusable read buffers per region kind, each big enough for that region of any expert
         # (+ a page for O_DIRECT rounding); see :meth:`_take_read_buf`
-        self._read_cap = {
-            "sm": max(l.sm_region[1] for l in self.layouts.values()),
-            "exp": max(l.exp_region[1] for l in self.layouts.values())}
-        self._read_cap = {r: -(-n // 4096) * 4096 + 4096 for r, n in self._read_cap.items()}
+        biggest = {r: max(getattr(l, f"{r}_region")[1] for l in self.layouts.values())
+                   for r in ("sm", "exp")}
+        self._read_cap = {r: (-(-n // mmap.PAGESIZE) + 1) * mmap.PAGESIZE
+                          for r, n in biggest.items()}
         self._read_pool = {"sm": [], "exp": []}
         self._done_with: list = []          # (layout, arrays) computed and not kept in F
         self.slots: dict = {}               # (layer, e) -> Slot for C/S/E (and static F)
@@ -212,9 +212,6 @@ class ExpertEngine:
             cap = self.tier_budget // self.bytes_F
             shared = FullPool(int(cap), eviction)
             self.fpools = {layer: shared for layer in self.hp["moe_layers"]}
-
-    #: default reads in flight (:data:`~zipmoe_rt.engine.io.IO_DEPTH`)
-    IO_DEPTH = IO_DEPTH
 
     # -- tiers -------------------------------------------------------------------------------
     def _fill_tiers(self, plan, ranks):
@@ -560,7 +557,7 @@ class ExpertEngine:
                 self._adapt_slots(layer, e, sm, exp)
             slot = self.slots.get((layer, e))
             for which, buf in item.bufs.items():   # back to the pool unless a slot adopted it
-                held = getattr(slot, which, None) if slot is not None else None
+                held = getattr(slot, which, None)
                 if held is None or not np.may_share_memory(held, buf):
                     self._give_read_buf(which, buf)
             item.bufs = {}

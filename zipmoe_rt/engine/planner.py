@@ -520,7 +520,7 @@ class DelayModel:
     Makespan of one layer for one token (:meth:`layer_makespan`), given the hits per tier
     ``h = (hF, hC, hS, hE, hmiss)`` and ``k = Σh``::
 
-        reads   = sm_read_s·(hE + hmiss) + exp_read_s·(hS + hmiss)            # one I/O thread
+        reads   = sm_read_s·(hE + hmiss) + exp_read_s·(hS + hmiss)            # one I/O channel
         io      = reads + (decode_s/chunks)·ceil(chunks / workers)  if reads > 0, else 0
         d       = hC + hS + hE + hmiss                                        # experts to decode
         compute = (decode_s/chunks) · ceil(d·chunks / workers)                # decodes on L workers

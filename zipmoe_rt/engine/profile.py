@@ -243,6 +243,7 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
     from ..kernels.linear import experts_decode
     import zstandard as zstd
 
+    io_depth = check_io_depth(io_depth)   # before any I/O
     lays = list(source.layouts.values())
     rng = np.random.default_rng(seed)
     pick = [lays[i] for i in rng.choice(len(lays), min(samples, len(lays)), replace=False)]
@@ -261,7 +262,6 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
         exp_t.append(t1 - t0)
         sm_t.append(t2 - t1)
         bufs.append((lay, sm, exp))
-    io_depth = IO_DEPTH if io_depth is None else check_io_depth(io_depth)
     io_speedup = 1.0
     if io_depth > 1:   # the same reads again, io_depth in flight (exponents, then SM, queued)
         evict_page_cache(source.path)
@@ -374,7 +374,8 @@ def calibration_mismatch(calib: dict, direct: bool, io_depth: int | None = None)
     """Why a calibration (a :func:`calibrate` dict) does not fit a run on this machine.
 
     Args:
-        calib: the calibration, as :func:`load_calibration` returns it.
+        calib: the calibration, as :func:`load_calibration` returns it (validated: an integer
+            ``version`` if any).
         direct: whether this run reads expert regions with O_DIRECT.
         io_depth: reads this run keeps in flight (default :data:`~zipmoe_rt.engine.io.IO_DEPTH`);
             compared with the calibration's ``io_depth`` when it has one.
@@ -388,9 +389,7 @@ def calibration_mismatch(calib: dict, direct: bool, io_depth: int | None = None)
     """
     reasons = []
     v = calib.get("version")
-    if isinstance(v, bool) or not isinstance(v, (int, type(None))):
-        reasons.append(f"its version {v!r} is not a number (current {CALIB_VERSION})")
-    elif v is None:
+    if v is None:
         reasons.append(f"it has no version (current {CALIB_VERSION}): an older zipmoe-rt wrote it")
     elif v < CALIB_VERSION:
         reasons.append(f"it was written by an older zipmoe-rt (calibration version {v}, current "
@@ -401,7 +400,7 @@ def calibration_mismatch(calib: dict, direct: bool, io_depth: int | None = None)
     if bool(calib.get("direct")) != bool(direct):
         reasons.append(f"it timed {_read_mode(calib.get('direct'))}, this run uses "
                        f"{_read_mode(direct)}")
-    depth = int(io_depth or IO_DEPTH)
+    depth = check_io_depth(io_depth)
     if calib.get("io_depth") is not None and int(calib["io_depth"]) != depth:
         reasons.append(f"it timed reads {calib['io_depth']} at a time, this run keeps {depth} in "
                        f"flight")
@@ -432,8 +431,8 @@ def load_checked_calibration(model_path, direct: bool, stacklevel: int = 1,
     reasons = calibration_mismatch(calib, direct, io_depth) if calib is not None else []
     if reasons:
         fix = "zipmoe-rt calibrate " + shlex.quote(str(model_path)) + (" --direct" if direct else "")
-        if io_depth and int(io_depth) != IO_DEPTH:
-            fix += f" --io-depth {int(io_depth)}"
+        if check_io_depth(io_depth) != IO_DEPTH:
+            fix += f" --io-depth {check_io_depth(io_depth)}"
         warnings.warn(f"{path}: this calibration does not fit the run: {'; '.join(reasons)}. "
                       f"The plan uses it anyway; to fix, run: {fix}", CalibrationWarning,
                       stacklevel=stacklevel + 1)
