@@ -1202,41 +1202,27 @@ def test_calibration_mismatch_reasons(tmp_path):
 def test_calibration_prices_reads_at_the_io_depth_throughput(tiny_case, monkeypatch):
     """calibrate() times every sample's reads one at a time, then io_depth at a time (really
     concurrent), and prices the planner's reads at the faster throughput."""
-    import threading
-    import time as _time
-
     from zipmoe_rt.engine import io as io_mod
 
     c = tiny_case("mixtral")
-    state = {"now": 0, "most": 0, "calls": 0}
-    lock = threading.Lock()
-    real = io_mod.RegionReader.read
+    made = []   # calibrate() opens one reader per call: each wrapped to count reads in flight
 
-    def slow_read(self, offset, size, **kw):   # a disk whose reads overlap perfectly
-        with lock:
-            state["now"] += 1
-            state["calls"] += 1
-            state["most"] = max(state["most"], state["now"])
-        _time.sleep(0.004)
-        try:
-            return real(self, offset, size, **kw)
-        finally:
-            with lock:
-                state["now"] -= 1
+    def slow_reader(*a, **kw):   # a disk whose reads overlap perfectly
+        made.append(_SlowReads(io_mod.RegionReader(*a, **kw)))
+        return made[-1]
 
-    monkeypatch.setattr(io_mod.RegionReader, "read", slow_read)
+    monkeypatch.setattr(prof, "RegionReader", slow_reader)
     src = ZmoeSource(c.zmoe, keep_experts=False)
     try:
         cal = prof.calibrate(src, samples=6, io_depth=3)
         n = min(6, len(src.layouts))
-        assert state["calls"] == 4 * n and state["most"] == 3
+        assert len(made) == 1 and made[0].calls == 4 * n and made[0].most == 3
         assert cal["version"] == prof.CALIB_VERSION and cal["io_depth"] == 3
         assert 1.5 < cal["io_speedup"] <= 3.5
         assert cal["sm_read_s"] == pytest.approx(cal["sm_read_qd1_s"] / cal["io_speedup"])
         assert cal["exp_read_s"] == pytest.approx(cal["exp_read_qd1_s"] / cal["io_speedup"])
-        state.update(calls=0, most=0)
         one = prof.calibrate(src, samples=6, io_depth=1)
-        assert state["calls"] == 2 * n and state["most"] == 1 and one["io_speedup"] == 1.0
+        assert made[1].calls == 2 * n and made[1].most == 1 and one["io_speedup"] == 1.0
         with pytest.raises(ValueError, match="--io-depth"):
             prof.calibrate(src, samples=2, io_depth=0)
     finally:
