@@ -491,7 +491,7 @@ def test_plan_model_respects_budget_and_is_near_optimal(seed, frac, scale):
         # quantised DP or greedy: OPT <= plan <= OPT + one convex-hull step's makespan gain
         step_gain = 0.0
         for f in fronts:
-            h = P._lower_hull(f.bytes, f.makespan_s)
+            h = P.lower_hull(f.bytes, f.makespan_s)
             if len(h) > 1:
                 step_gain = max(step_gain, float(np.max(-np.diff(f.makespan_s[h]))))
         assert opt * (1 - 1e-9) <= plan.predicted_makespan_s <= opt + step_gain + 1e-12
