@@ -758,7 +758,7 @@ def test_policy_must_match_the_expert_encoding(tiny_case):
 def test_api_plan_fits_when_calibrated_expert_is_small(tiny_case, tmp_path):
     """A calibration measures one sample expert's region sizes; the plan must still fit the
     budget when other experts' compressed exponents are larger (they differ per expert)."""
-    from zipmoe_rt.api import _engine
+    from zipmoe_rt.engine.factory import build_engine
 
     c = tiny_case("qwen3_moe")
     z = tmp_path / "m.zmoe"
@@ -777,7 +777,7 @@ def test_api_plan_fits_when_calibrated_expert_is_small(tiny_case, tmp_path):
     try:
         lo = c.dense + c.k * c.bytes_F
         for extra in extras:
-            eng = _engine(src, lo + extra, "zipmoe", "lru", WORKERS, False, c.trace_path, True)
+            eng = build_engine(src, lo + extra, "zipmoe", "lru", WORKERS, False, c.trace_path, True)
             try:
                 assert resident_total(eng.memory_report()) <= lo + extra
                 built += 1
@@ -1401,8 +1401,8 @@ def test_bench_rows_and_planner_prediction_beside_measurement(tiny_case):
     # the prediction is the plan's: the mean of its layers' expected makespans
     src = ZmoeSource(c.zmoe, keep_experts=False, copy_dense=True)
     try:
-        from zipmoe_rt.api import _engine
-        eng = _engine(src, c.budget("mid"), "zipmoe", "lru", WORKERS, False, c.trace_path, True)
+        from zipmoe_rt.engine.factory import build_engine
+        eng = build_engine(src, c.budget("mid"), "zipmoe", "lru", WORKERS, False, c.trace_path, True)
         want = 1e3 * float(np.mean([tp.predicted_makespan_s for tp in eng.plan]))
         eng.close()
     finally:
