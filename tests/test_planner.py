@@ -182,18 +182,27 @@ def test_esp_errors():
         P.elementary_symmetric([1.0], -1)
 
 
-def test_cp_inclusion_vs_enumeration():
-    rng = np.random.default_rng(3)
-    for trial in range(40):
-        n = int(rng.integers(1, 9))
+def weight_trials(seed, n_min, decades, period, trials=40):
+    """Random conditional-Poisson designs: per trial ``n`` in ``n_min..8``, ``k`` in ``1..n``,
+    float64 weights ``w [n]`` log-uniform over ``±decades`` decades; trial ``1 (mod period)``
+    sets one weight to 0 (if ``n > k``), trial ``2 (mod period)`` one to ``inf`` (if ``k > 1``).
+    Yields ``(rng, n, k, w)`` for the trials with at least ``k`` positive weights; the caller
+    may draw from ``rng`` between trials."""
+    rng = np.random.default_rng(seed)
+    for trial in range(trials):
+        n = int(rng.integers(n_min, 9))
         k = int(rng.integers(1, n + 1))
-        w = 10.0 ** rng.uniform(-4, 4, n)
-        if trial % 4 == 1 and n > k:
+        w = 10.0 ** rng.uniform(-decades, decades, n)
+        if trial % period == 1 and n > k:
             w[rng.integers(n)] = 0.0
-        if trial % 4 == 2 and k > 1:
+        if trial % period == 2 and k > 1:
             w[rng.integers(n)] = np.inf
-        if (w > 0).sum() < k:
-            continue
+        if (w > 0).sum() >= k:
+            yield rng, n, k, w
+
+
+def test_cp_inclusion_vs_enumeration():
+    for _, n, k, w in weight_trials(3, n_min=1, decades=4, period=4):
         pi = P.cp_inclusion(w, k)
         np.testing.assert_allclose(pi, bf_inclusion(w, k), rtol=1e-10, atol=1e-14)
         assert pi.sum() == pytest.approx(k, rel=1e-12)
@@ -284,17 +293,7 @@ def random_pools(rng, n, parts):
 
 
 def test_pool_hit_distribution_vs_enumeration():
-    rng = np.random.default_rng(6)
-    for trial in range(40):
-        n = int(rng.integers(2, 9))
-        k = int(rng.integers(1, n + 1))
-        w = 10.0 ** rng.uniform(-3, 3, n)
-        if trial % 3 == 1 and n > k:
-            w[rng.integers(n)] = 0.0
-        if trial % 3 == 2 and k > 1:
-            w[rng.integers(n)] = np.inf
-        if (w > 0).sum() < k:
-            continue
+    for rng, n, k, w in weight_trials(6, n_min=2, decades=3, period=3):
         pools = random_pools(rng, n, int(rng.integers(1, 6)))
         dist = P.pool_hit_distribution(w, pools, k)
         ref: dict = {}
