@@ -138,6 +138,12 @@ def _prefix_suffix(w: np.ndarray, k: int):
     return P, S
 
 
+def _loo(P: np.ndarray, S: np.ndarray, degree: int) -> np.ndarray:
+    """``e_degree(w without i)`` for every ``i`` from :func:`_prefix_suffix`'s tables, as
+    ``Σ_j P[i, j]·S[i+1, degree−j]`` (non-negative terms only): float64 ``[N]``."""
+    return np.einsum("ij,ij->i", P[:-1, : degree + 1], S[1:, degree::-1])
+
+
 def elementary_symmetric_leave_one_out(w, k) -> np.ndarray:
     """``e_0..e_k`` of ``w`` with element ``i`` removed, for every ``i`` (§3.3).
 
@@ -163,7 +169,7 @@ def elementary_symmetric_leave_one_out(w, k) -> np.ndarray:
     P, S = _prefix_suffix(w, k)
     out = np.zeros((w.shape[0], k + 1))
     for j in range(k + 1):
-        out[:, j] = np.einsum("ij,ij->i", P[:-1, : j + 1], S[1:, j::-1])
+        out[:, j] = _loo(P, S, j)
     return out
 
 
@@ -231,7 +237,7 @@ def _cp_inclusion_finite(x: np.ndarray, k: int) -> np.ndarray:
     x = x / x.max()
     P, S = _prefix_suffix(x, k)
     ek = P[-1, k]
-    loo = np.einsum("ij,ij->i", P[:-1, :k], S[1:, k - 1::-1])
+    loo = _loo(P, S, k - 1)
     return x * loo / ek
 
 
@@ -292,8 +298,8 @@ def fit_conditional_poisson(pi, k, tol: float = 1e-12, max_iter: int = 10000) ->
 
     def evaluate(x):
         P, S = _prefix_suffix(x, kf)
-        l0 = np.einsum("ij,ij->i", P[:-1, : kf + 1], S[1:, kf::-1])      # e_kf(x_{-i})
-        l1 = np.einsum("ij,ij->i", P[:-1, :kf], S[1:, kf - 1::-1])       # e_kf-1(x_{-i})
+        l0 = _loo(P, S, kf)                                               # e_kf(x_{-i})
+        l1 = _loo(P, S, kf - 1)                                           # e_kf-1(x_{-i})
         q = x * l1 / (l0 + x * l1)                                        # π_i(x)
         return float(np.max(np.abs(q - t))), l0, l1
 

@@ -101,10 +101,8 @@ class LayerFrontier(NamedTuple):
         """The Pareto-optimal plans (no other plan is both cheaper-or-equal in bytes and faster),
         sorted by bytes ascending (makespan strictly descending); ties keep the plan that
         :func:`plan_layer` would pick."""
-        # cheap superset first: plans no slower (up to 1e-9) than every plan sorted before them
-        pre = np.argsort(self.bytes, kind="stable")
-        e = self.makespan_s[pre]
-        pre = pre[e <= np.minimum.accumulate(e) * (1 + 1e-9) + 1e-300]
+        # cheap superset first
+        pre = pareto_superset(np.argsort(self.bytes, kind="stable"), self.makespan_s)
         sub = LayerFrontier(self.counts[pre], self.bytes[pre], self.makespan_s[pre])
         order = pre[_preference_order(sub)]
         em = self.makespan_s[order]
@@ -114,6 +112,22 @@ class LayerFrontier(NamedTuple):
         keep[1:] = em[1:] < best[:-1] * (1 - 1e-12) - 1e-300
         sel = order[keep]
         return LayerFrontier(self.counts[sel], self.bytes[sel], self.makespan_s[sel])
+
+
+def pareto_superset(by_bytes: np.ndarray, makespan_s: np.ndarray) -> np.ndarray:
+    """The plans that may be Pareto-optimal, found cheaply: those no slower (up to a relative
+    ``1e-9``) than every plan before them in ``by_bytes`` order. A superset of the Pareto
+    plans, which :meth:`LayerFrontier.pareto` then filters exactly.
+
+    Args:
+        by_bytes: int ``[M]`` plan indices sorted by bytes ascending (stable).
+        makespan_s: float64 ``[≥ M]`` makespan per plan index (seconds).
+
+    Returns:
+        The kept entries of ``by_bytes``, in its order.
+    """
+    e = makespan_s[by_bytes]
+    return by_bytes[e <= np.minimum.accumulate(e) * (1 + 1e-9) + 1e-300]
 
 
 def _preference_order(t: LayerFrontier) -> np.ndarray:

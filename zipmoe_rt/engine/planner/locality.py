@@ -17,7 +17,7 @@ import numpy as np
 
 from .checks import check_int, check_k, check_vector
 from .delay import DelayModel
-from .frontier import LayerFrontier, boundary_grid, range_esp, tail_sums
+from .frontier import LayerFrontier, boundary_grid, pareto_superset, range_esp, tail_sums
 
 
 class FPoolModel(NamedTuple):
@@ -329,8 +329,7 @@ def layer_frontier_lru(model: FPoolModel, k, delay: DelayModel, step: int = 1,
         em = np.einsum("qs,qs->q", W[i2, ip], R[grid[i2], a3p[ip]]) + delay.matmul_time(k)
         keep = slice(None)
         if pareto:   # cheap superset first (as LayerFrontier.pareto), then the exact filter
-            eo = em[by_bytes]
-            keep = by_bytes[eo <= np.minimum.accumulate(eo) * (1 + 1e-9) + 1e-300]
+            keep = pareto_superset(by_bytes, em)
         cnt = np.empty((len(stat[keep]), 4), dtype=np.int64)
         cnt[:, 0] = C
         cnt[:, 1:] = stat[keep]
