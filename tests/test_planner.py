@@ -348,6 +348,45 @@ def test_layer_makespan_formula():
         DelayModel(1.0, 1.0, 1.0, 1.0, 0, 1, 1, 1)
 
 
+def test_delay_model_sides_and_matmul_time():
+    d = DelayModel(sm_read_s=3.0, exp_read_s=1.0, decode_s=2.0, matmul_s=0.5, workers=2,
+                   bytes_F=10, bytes_sm=5, bytes_exp=2)
+    # 2 SM reads, 2 exponent reads: io = 3·2 + 1·2 + decode of the last read 2·ceil(1/2) = 10;
+    # 4 decodes on 2 workers: 2·ceil(4/2) = 4
+    io, comp = d.io_and_compute(4, 2, 2)
+    assert (float(io), float(comp)) == (10.0, 4.0)
+    # broadcast; nothing read: no decode tail on the io side
+    io, comp = d.io_and_compute(np.array([0, 3]), np.array([0, 1]), 0)
+    np.testing.assert_array_equal(io, [0.0, 5.0])
+    np.testing.assert_array_equal(comp, [0.0, 4.0])
+    assert d.matmul_time(0) == 0.0
+    assert d.matmul_time(3) == 1.0          # 0.5·ceil(3/2)
+    assert d.matmul_time(4) == 1.0
+
+
+def test_lower_hull_hand_case():
+    # (1, 5) is below the chord (0, 10)-(3, 0); (2, 4) lies above the chord (1, 5)-(3, 0)
+    assert P.lower_hull(np.array([0.0, 1, 2, 3]), np.array([10.0, 5, 4, 0])) == [0, 1, 3]
+    # collinear middle point dropped; one or two points kept as they are
+    assert P.lower_hull(np.array([0.0, 1, 2]), np.array([2.0, 1, 0])) == [0, 2]
+    assert P.lower_hull(np.array([0.0]), np.array([1.0])) == [0]
+
+
+def test_package_exports_every_public_name():
+    import importlib
+    for name in P.__all__:
+        assert hasattr(P, name), name
+    # each module's public names are the ones the package re-exports (no second copy)
+    for mod, names in {"conditional_poisson": ["fit_conditional_poisson", "cp_inclusion"],
+                       "delay": ["DelayModel", "TIERS"], "frontier": ["layer_frontier"],
+                       "locality": ["lru_pool_model", "ADMISSION_WINDOW"],
+                       "plan": ["plan_model", "TierPlan"], "split": ["lower_hull"]}.items():
+        m = importlib.import_module(f"zipmoe_rt.engine.planner.{mod}")
+        for name in names:
+            assert getattr(m, name) is getattr(P, name)
+    assert P.ADMISSION_WINDOW == 16 and P.TIERS == ("F", "C", "S", "E", "miss")
+
+
 def test_expected_layer_makespan_vs_enumeration():
     rng = np.random.default_rng(7)
     for trial in range(25):
