@@ -755,10 +755,41 @@ def test_policy_must_match_the_expert_encoding(tiny_case):
         src.close()
 
 
+def test_build_engine_resolves_the_policy(tiny_case, tmp_path, monkeypatch):
+    from zipmoe_rt.engine.factory import build_engine
+
+    c = tiny_case("qwen3_moe")
+    z = tmp_path / "m.zmoe"
+    shutil.copy(c.zmoe, z)
+    lay = next(iter(c.layouts.values()))
+    prof.sidecar(z, prof.CALIB_SUFFIX).write_text(json.dumps(
+        {"version": prof.CALIB_VERSION, "sm_read_s": 1e-3, "exp_read_s": 1e-3, "decode_s": 1e-3,
+         "matmul_s": 1e-6, "bytes_F": lay.full_bytes, "bytes_sm": lay.sm_region[1],
+         "bytes_exp": lay.exp_region[1], "chunks": sum(len(p.chunks) for p in lay.pieces)}))
+    budget = c.budget("mid")
+    for path, trace, want in ((z, c.trace_path, "zipmoe"), (z, tmp_path / "none.json", "zip-lru"),
+                              (c.raw, c.trace_path, "raw-lru")):
+        src = ZmoeSource(path, keep_experts=False, copy_dense=True)
+        try:
+            eng = build_engine(src, budget, "auto", "lru", WORKERS, False, trace, True)
+            try:
+                assert eng.policy == want
+                assert (eng.plan is not None) == (want == "zipmoe")
+            finally:
+                eng.close()
+            # too small a budget fails before any calibration
+            monkeypatch.setattr(prof, "calibrate", lambda *a, **kw: pytest.fail("calibrated"))
+            with pytest.raises(BudgetError):
+                build_engine(src, c.dense, "zipmoe", "lru", WORKERS, False, trace, True)
+            monkeypatch.undo()
+        finally:
+            src.close()
+
+
 def test_api_plan_fits_when_calibrated_expert_is_small(tiny_case, tmp_path):
     """A calibration measures one sample expert's region sizes; the plan must still fit the
     budget when other experts' compressed exponents are larger (they differ per expert)."""
-    from zipmoe_rt.api import _engine
+    from zipmoe_rt.engine.factory import build_engine
 
     c = tiny_case("qwen3_moe")
     z = tmp_path / "m.zmoe"
@@ -777,7 +808,7 @@ def test_api_plan_fits_when_calibrated_expert_is_small(tiny_case, tmp_path):
     try:
         lo = c.dense + c.k * c.bytes_F
         for extra in extras:
-            eng = _engine(src, lo + extra, "zipmoe", "lru", WORKERS, False, c.trace_path, True)
+            eng = build_engine(src, lo + extra, "zipmoe", "lru", WORKERS, False, c.trace_path, True)
             try:
                 assert resident_total(eng.memory_report()) <= lo + extra
                 built += 1
@@ -1401,8 +1432,8 @@ def test_bench_rows_and_planner_prediction_beside_measurement(tiny_case):
     # the prediction is the plan's: the mean of its layers' expected makespans
     src = ZmoeSource(c.zmoe, keep_experts=False, copy_dense=True)
     try:
-        from zipmoe_rt.api import _engine
-        eng = _engine(src, c.budget("mid"), "zipmoe", "lru", WORKERS, False, c.trace_path, True)
+        from zipmoe_rt.engine.factory import build_engine
+        eng = build_engine(src, c.budget("mid"), "zipmoe", "lru", WORKERS, False, c.trace_path, True)
         want = 1e3 * float(np.mean([tp.predicted_makespan_s for tp in eng.plan]))
         eng.close()
     finally:

@@ -545,3 +545,15 @@ def test_greedy_matches_transformers_generate_on_tiny_moe(name, tiny_moe_dir):
     g2 = generate(model, g1.pending_ids + [3, 4], SamplingParams(max_tokens=6), cache=g1.state)
     assert g2.collect() == generate(model, prompt + g1.output_ids + [3, 4], SamplingParams(max_tokens=6)).collect()
     assert g1.state.cache.get_seq_length() == len(g1.state.token_ids)
+
+
+def test_sampling_lives_in_its_own_module():
+    import zipmoe_rt.generate as G
+    import zipmoe_rt.sampling as S
+    assert G.Sampler is S.Sampler is Sampler and G.SamplingParams is S.SamplingParams
+    assert set(S.__all__) == {"Sampler", "SamplingParams"} <= set(G.__all__)
+    p = S.Sampler(S.SamplingParams(temperature=0.5, top_k=2, seed=1))
+    logits = np.array([0.0, 1.0, 3.0, 2.0], np.float32)
+    # top-2 of the temperature-scaled logits: ids 2, 3 with softmax of (6, 4)
+    e = np.exp([6.0 - 6.0, 4.0 - 6.0])
+    np.testing.assert_allclose(p.probs(logits), [0, 0, e[0] / e.sum(), e[1] / e.sum()], rtol=1e-12)

@@ -951,3 +951,31 @@ def test_runtime_decode_expert_corrupt_huffman_chunk(mixed):
         with pytest.raises(zmoe.ChecksumError) as ei:
             L_.decode_expert(path, lay, sm, exp, zstd.ZstdDecompressor())
         assert p.name in str(ei.value) and "chunk 1" in str(ei.value)
+
+
+def test_public_names_for_the_runtime():
+    # what zipmoe_rt's fused decode+merge kernel uses, under public names of zmoe.huffman
+    from zmoe.huffman import DECODE_STATUS, decode_into, table_cache
+    assert decode_into is _huffjit.decode_into
+    assert DECODE_STATUS is _huffjit.STATUS and sorted(DECODE_STATUS) == [1, 2, 3, 4]
+    tc = table_cache()
+    assert tc is table_cache() and isinstance(tc, _huffjit.TableCache)
+    with ThreadPoolExecutor(1) as ex:
+        assert ex.submit(table_cache).result() is not tc          # one per thread
+    x = np.random.default_rng(0).integers(100, 140, 5000).astype(np.uint8)
+    chunk = np.frombuffer(H.encode(x), np.uint8)
+    out = np.empty(x.size, np.uint8)
+    assert decode_into(chunk, x.size, out, tc.keys, tc.ent, tc.len1, tc.state) == 0
+    np.testing.assert_array_equal(out, x)
+    bad = chunk[:100].copy()                                       # shorter than its header
+    st = decode_into(bad, x.size, out, tc.keys, tc.ent, tc.len1, tc.state)
+    assert DECODE_STATUS[st] == "chunk shorter than its header"
+    with pytest.raises(HuffmanError, match="chunk shorter than its header"):
+        H.decode(bad, x.size)
+    with pytest.raises(AttributeError):
+        H.no_such_name
+    from zmoe import codec
+    codec.check_codec("huffman")
+    codec.check_codec("zstd")
+    with pytest.raises(ValueError, match="unknown exponent codec 'lz4'"):
+        codec.check_codec("lz4")

@@ -182,18 +182,27 @@ def test_esp_errors():
         P.elementary_symmetric([1.0], -1)
 
 
-def test_cp_inclusion_vs_enumeration():
-    rng = np.random.default_rng(3)
-    for trial in range(40):
-        n = int(rng.integers(1, 9))
+def weight_trials(seed, n_min, decades, period, trials=40):
+    """Random conditional-Poisson designs: per trial ``n`` in ``n_min..8``, ``k`` in ``1..n``,
+    float64 weights ``w [n]`` log-uniform over ``±decades`` decades; trial ``1 (mod period)``
+    sets one weight to 0 (if ``n > k``), trial ``2 (mod period)`` one to ``inf`` (if ``k > 1``).
+    Yields ``(rng, n, k, w)`` for the trials with at least ``k`` positive weights; the caller
+    may draw from ``rng`` between trials."""
+    rng = np.random.default_rng(seed)
+    for trial in range(trials):
+        n = int(rng.integers(n_min, 9))
         k = int(rng.integers(1, n + 1))
-        w = 10.0 ** rng.uniform(-4, 4, n)
-        if trial % 4 == 1 and n > k:
+        w = 10.0 ** rng.uniform(-decades, decades, n)
+        if trial % period == 1 and n > k:
             w[rng.integers(n)] = 0.0
-        if trial % 4 == 2 and k > 1:
+        if trial % period == 2 and k > 1:
             w[rng.integers(n)] = np.inf
-        if (w > 0).sum() < k:
-            continue
+        if (w > 0).sum() >= k:
+            yield rng, n, k, w
+
+
+def test_cp_inclusion_vs_enumeration():
+    for _, n, k, w in weight_trials(3, n_min=1, decades=4, period=4):
         pi = P.cp_inclusion(w, k)
         np.testing.assert_allclose(pi, bf_inclusion(w, k), rtol=1e-10, atol=1e-14)
         assert pi.sum() == pytest.approx(k, rel=1e-12)
@@ -284,17 +293,7 @@ def random_pools(rng, n, parts):
 
 
 def test_pool_hit_distribution_vs_enumeration():
-    rng = np.random.default_rng(6)
-    for trial in range(40):
-        n = int(rng.integers(2, 9))
-        k = int(rng.integers(1, n + 1))
-        w = 10.0 ** rng.uniform(-3, 3, n)
-        if trial % 3 == 1 and n > k:
-            w[rng.integers(n)] = 0.0
-        if trial % 3 == 2 and k > 1:
-            w[rng.integers(n)] = np.inf
-        if (w > 0).sum() < k:
-            continue
+    for rng, n, k, w in weight_trials(6, n_min=2, decades=3, period=3):
         pools = random_pools(rng, n, int(rng.integers(1, 6)))
         dist = P.pool_hit_distribution(w, pools, k)
         ref: dict = {}
@@ -347,6 +346,45 @@ def test_layer_makespan_formula():
         DelayModel(-1.0, 1.0, 1.0, 1.0, 1, 1, 1, 1)
     with pytest.raises(ValueError):
         DelayModel(1.0, 1.0, 1.0, 1.0, 0, 1, 1, 1)
+
+
+def test_delay_model_sides_and_matmul_time():
+    d = DelayModel(sm_read_s=3.0, exp_read_s=1.0, decode_s=2.0, matmul_s=0.5, workers=2,
+                   bytes_F=10, bytes_sm=5, bytes_exp=2)
+    # 2 SM reads, 2 exponent reads: io = 3·2 + 1·2 + decode of the last read 2·ceil(1/2) = 10;
+    # 4 decodes on 2 workers: 2·ceil(4/2) = 4
+    io, comp = d.io_and_compute(4, 2, 2)
+    assert (float(io), float(comp)) == (10.0, 4.0)
+    # broadcast; nothing read: no decode tail on the io side
+    io, comp = d.io_and_compute(np.array([0, 3]), np.array([0, 1]), 0)
+    np.testing.assert_array_equal(io, [0.0, 5.0])
+    np.testing.assert_array_equal(comp, [0.0, 4.0])
+    assert d.matmul_time(0) == 0.0
+    assert d.matmul_time(3) == 1.0          # 0.5·ceil(3/2)
+    assert d.matmul_time(4) == 1.0
+
+
+def test_lower_hull_hand_case():
+    # (1, 5) is below the chord (0, 10)-(3, 0); (2, 4) lies above the chord (1, 5)-(3, 0)
+    assert P.lower_hull(np.array([0.0, 1, 2, 3]), np.array([10.0, 5, 4, 0])) == [0, 1, 3]
+    # collinear middle point dropped; one or two points kept as they are
+    assert P.lower_hull(np.array([0.0, 1, 2]), np.array([2.0, 1, 0])) == [0, 2]
+    assert P.lower_hull(np.array([0.0]), np.array([1.0])) == [0]
+
+
+def test_package_exports_every_public_name():
+    import importlib
+    for name in P.__all__:
+        assert hasattr(P, name), name
+    # each module's public names are the ones the package re-exports (no second copy)
+    for mod, names in {"conditional_poisson": ["fit_conditional_poisson", "cp_inclusion"],
+                       "delay": ["DelayModel", "TIERS"], "frontier": ["layer_frontier"],
+                       "locality": ["lru_pool_model", "ADMISSION_WINDOW"],
+                       "plan": ["plan_model", "TierPlan"], "split": ["lower_hull"]}.items():
+        m = importlib.import_module(f"zipmoe_rt.engine.planner.{mod}")
+        for name in names:
+            assert getattr(m, name) is getattr(P, name)
+    assert P.ADMISSION_WINDOW == 16 and P.TIERS == ("F", "C", "S", "E", "miss")
 
 
 def test_expected_layer_makespan_vs_enumeration():
@@ -491,7 +529,7 @@ def test_plan_model_respects_budget_and_is_near_optimal(seed, frac, scale):
         # quantised DP or greedy: OPT <= plan <= OPT + one convex-hull step's makespan gain
         step_gain = 0.0
         for f in fronts:
-            h = P._lower_hull(f.bytes, f.makespan_s)
+            h = P.lower_hull(f.bytes, f.makespan_s)
             if len(h) > 1:
                 step_gain = max(step_gain, float(np.max(-np.diff(f.makespan_s[h]))))
         assert opt * (1 - 1e-9) <= plan.predicted_makespan_s <= opt + step_gain + 1e-12

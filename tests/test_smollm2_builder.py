@@ -17,6 +17,7 @@ import pytest
 
 import zipmoe_rt.convert.smollm2 as sm
 from zipmoe_rt.convert.safetensors_io import Checkpoint
+from zipmoe_rt.util import sha256_file
 
 TOKENIZER_SAMPLES = [
     "Hello world",
@@ -201,7 +202,7 @@ def test_checkpoint_layout(default_hf_dir, smollm2_gguf):
         ("<|im_start|>", "<|im_end|>", "<|im_end|>")
     assert tcfg["chat_template"].startswith("{% for message in messages %}")
     prov = json.loads((d / "provenance.json").read_text())
-    assert prov["source"]["sha256"] == sm.SMOLLM2_GGUF_SHA256 == sm._sha256_file(smollm2_gguf)
+    assert prov["source"]["sha256"] == sm.SMOLLM2_GGUF_SHA256 == sha256_file(smollm2_gguf)
 
     ck = Checkpoint(d)
     try:

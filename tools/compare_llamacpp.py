@@ -234,11 +234,11 @@ def zipmoe_chat_check(p: Paths) -> str:
 
 def bench_prompt(p: Paths, n: int) -> tuple[list[int], str]:
     """The prompt of ``zipmoe-rt bench``'s tg runs: its ``prompt_ids(tokenizer, n)``."""
-    from zipmoe_rt.api import _tokenizer
+    from zipmoe_rt.api import tokenizer_from_source
     from zipmoe_rt.bench import prompt_ids
     from zipmoe_rt.engine.store import ZmoeSource
     src = ZmoeSource(p.zmoe)
-    tok = _tokenizer(src)
+    tok = tokenizer_from_source(src)
     ids = [int(i) for i in prompt_ids(tok, n)]
     text = tok.decode(ids)
     src.close()
@@ -262,19 +262,17 @@ def zipmoe_greedy_tokens(p: Paths, ids, n: int) -> list[int]:
 # 3. cgroup runner
 # =============================================================================================
 def drop_page_cache(files=()) -> str:
-    """``sync; echo 3 > /proc/sys/vm/drop_caches``; where that is refused, fadvise DONTNEED."""
+    """``sync; echo 3 > /proc/sys/vm/drop_caches``; where that is refused, fadvise DONTNEED
+    (:func:`zipmoe_rt.engine.io.evict_page_cache`) on each of ``files``."""
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3")
         return "drop_caches"
     except OSError:
+        from zipmoe_rt.engine.io import evict_page_cache
         for fn in files:
-            fd = os.open(fn, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            evict_page_cache(fn)
         return "fadvise"
 
 
@@ -392,21 +390,6 @@ def _remove_cgroup(cg: Path) -> None:
 # =============================================================================================
 # workers (run as children; the llama one under the llama.cpp venv's Python)
 # =============================================================================================
-def _vm_hwm() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def _open_llama(model: str, n_threads: int, n_ctx: int = 512):
     from llama_cpp import Llama
     return Llama(model_path=model, n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
@@ -424,6 +407,9 @@ def llama_chat_worker(a) -> None:
 def llama_bench_worker(a) -> None:
     """tg benchmark: eval the prompt ids, then n_gen - 1 single-token evals, greedy, no EOS stop."""
     import numpy as np
+    sys.path.insert(0, str(REPO))     # this venv has numpy, not zipmoe-rt: the repository's copy
+    from zipmoe_rt.engine.io import evict_page_cache
+    from zipmoe_rt.util import peak_rss, reset_peak_rss
     ids = [int(x) for x in a.prompt_ids.split(",")]
     t_load = time.perf_counter()
     llm = _open_llama(a.model, a.threads)
@@ -443,12 +429,8 @@ def llama_bench_worker(a) -> None:
     llm.eval([greedy()])
     runs = []
     for _ in range(a.reps):
-        fd = os.open(a.model, os.O_RDONLY)        # cold reads: drop the file's unmapped pages
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-        _reset_hwm()
+        evict_page_cache(a.model)                 # cold reads: drop the file's unmapped pages
+        reset_peak_rss()
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
@@ -460,17 +442,17 @@ def llama_bench_worker(a) -> None:
         t2 = time.perf_counter()
         runs.append({"ttft_s": t1 - t0, "decode_s": t2 - t1,
                      "decode_tps": (a.n_gen - 1) / (t2 - t1) if a.n_gen > 1 else None,
-                     "decoded": len(out), "peak_rss": _vm_hwm(), "tokens": out})
+                     "decoded": len(out), "peak_rss": peak_rss(), "tokens": out})
     print(json.dumps({"load_s": load_s, "prompt_tokens_match": same_tokens, "runs": runs}))
 
 
 def _one_zipmoe_config(a, reps: int):
-    """``zipmoe_rt.bench._one_config`` with this script's options: (runs, memory report)."""
+    """``zipmoe_rt.bench.run_config`` with this script's options: (runs, memory report)."""
     sys.path.insert(0, str(REPO))
     from zipmoe_rt import bench as B
     budget = None if a.budget == "none" else int(a.budget)
     policy = a.policy if budget is not None else "auto"
-    return B._one_config(a.model, budget, policy, 0, a.n_gen, reps, None,
+    return B.run_config(a.model, budget, policy, 0, a.n_gen, reps, None,
                          bool(a.direct) and budget is not None, "lru", None)
 
 
@@ -479,15 +461,13 @@ def zipmoe_overhead_worker(a) -> None:
     one tg run, the same read mode as the measured rows); prints the memory report and this
     process's final anonymous RSS."""
     runs, mem = _one_zipmoe_config(a, 1)
-    anon = 0
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            anon = int(line.split()[1]) * 1024
+    from zipmoe_rt.util import status_bytes     # the repository's copy, as _one_zipmoe_config's
+    anon = status_bytes("RssAnon")
     print(json.dumps({"memory": mem, "rss_anon_end": anon, "runs": runs}))
 
 
 def zipmoe_bench_worker(a) -> None:
-    """One configuration exactly as ``zipmoe-rt bench`` runs it (zipmoe_rt.bench._one_config)."""
+    """One configuration exactly as ``zipmoe-rt bench`` runs it (zipmoe_rt.bench.run_config)."""
     runs, mem = _one_zipmoe_config(a, a.reps)
     print(json.dumps({"runs": runs, "memory": mem}))
 

@@ -101,6 +101,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             calibration (``MODEL.calib.json``) from another version, the other read mode
             (``direct``), another ``io_depth`` or another machine; the plan uses it anyway.
     """
+    from .engine.factory import build_engine
     from .engine.store import ZmoeSource
     from .models import build_model
 
@@ -119,12 +120,12 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     source = ZmoeSource(path, verify=verify, keep_experts=not budgeted, copy_dense=budgeted)
     engine = None
     try:
-        tok = _tokenizer(source)
+        tok = tokenizer_from_source(source)
         # the tokenizer holds its own parsed copy; the JSON text (~7 MB as a str) is not needed
         source.metadata.pop("tokenizer.json", None)
         if budgeted:
-            engine = _engine(source, parse_size(memory_budget, source), policy, eviction, workers,
-                             direct, trace, verify, io_depth)
+            engine = build_engine(source, parse_size(memory_budget, source), policy, eviction,
+                                  workers, direct, trace, verify, io_depth, warn_stacklevel=2)
         model = Model(source, build_model(source, executor=engine), tok, path, engine)
         if budgeted:
             _release_load_memory(source)
@@ -152,43 +153,13 @@ def _release_load_memory(source) -> None:
     release_heap()
 
 
-def _engine(source, budget, policy, eviction, workers, direct, trace, verify, io_depth=None):
-    import dataclasses
-    import os
+def tokenizer_from_source(source) -> Tokenizer:
+    """The tokenizer stored in a model file: ``tokenizer.json``, ``tokenizer.config`` and
+    ``tokenizer.chat_template`` of ``source.metadata`` (a :class:`~zipmoe_rt.engine.store.ZmoeSource`).
 
-    from .engine import profile as prof
-    from .engine.pipeline import ExpertEngine, budget_split
-
-    lays = list(source.layouts.values())
-    raw = all(p.raw for l in lays for p in l.pieces)
-    trace_path = Path(trace) if trace else prof.sidecar(source.path, prof.TRACE_SUFFIX)
-    if policy == "auto":
-        policy = "raw-lru" if raw else ("zipmoe" if trace_path.exists() else "zip-lru")
-    workers = workers or os.cpu_count() or 1
-    if policy != "zipmoe":
-        return ExpertEngine(source, budget, policy, eviction, workers=workers, direct=direct,
-                            verify=verify, io_depth=io_depth)
-    tier_budget = budget_split(source, budget)[2]   # too small a budget: no calibration noise first
-    tr = prof.load_trace(trace_path, source)
-    # a stored calibration that does not fit this run (other version, read mode, io depth or
-    # machine) is used anyway, with one CalibrationWarning attributed to load()'s caller; none
-    # stored: calibrate now (not saved)
-    calib = prof.load_checked_calibration(source.path, direct, stacklevel=3, io_depth=io_depth) \
-        or prof.calibrate(source, direct=direct, io_depth=io_depth)
-    # plan with the largest region sizes of any expert: a calibration measures one sample
-    # expert, and compressed exponent regions differ in size from expert to expert, so planning
-    # with the sample's sizes can make the tiers outgrow the budget (BudgetError at load)
-    delay = dataclasses.replace(prof.delay_model(calib, workers),
-                                bytes_F=max(l.full_bytes for l in lays),
-                                bytes_sm=max(l.sm_region[1] for l in lays),
-                                bytes_exp=max(l.exp_region[1] for l in lays))
-    plan, ranks = prof.make_plan(tr, delay, tier_budget, int(source.hparams["num_experts_per_tok"]))
-    return ExpertEngine(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
-                        workers=workers, direct=direct, verify=verify, delay=delay,
-                        io_depth=io_depth)
-
-
-def _tokenizer(source) -> Tokenizer:
+    Raises:
+        ValueError: the file has no ``tokenizer.json`` (converted from a folder without one).
+    """
     meta = source.metadata
     tok_json = meta.get("tokenizer.json")
     if tok_json is None:

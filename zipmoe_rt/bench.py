@@ -24,29 +24,11 @@ import numpy as np
 
 from .engine.io import evict_page_cache
 from .generate import SamplingParams, generate
+from .util import peak_rss, reset_peak_rss
 
 _FILLER = ("It was a bright cold day in April, and the clocks were striking thirteen. "
            "The quick brown fox jumps over the lazy dog while the old sailor mends his nets "
            "by the harbour and children run along the shore collecting shells. ")
-
-
-def _reset_peak_rss():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process in bytes (VmHWM), 0 where unknown."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -76,8 +58,25 @@ def raw_companion(model_path, progress: bool = False) -> Path:
     return out
 
 
-def _one_config(model_path, budget, policy, pp, tg, reps, workers, direct, eviction, trace,
-                io_depth=None):
+def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, eviction, trace,
+               io_depth=None):
+    """One benchmark configuration in this process: load the model with these options, warm the
+    JIT up, then ``reps`` timed runs, each after evicting the model file from the page cache and
+    resetting the peak RSS.
+
+    Args:
+        model_path: the ``.zmoe`` file.
+        budget: memory budget in bytes, or None (unbudgeted).
+        policy, workers, direct, eviction, trace, io_depth: as for :func:`zipmoe_rt.api.load`.
+        pp: prompt tokens of the prefill run (one forward pass); 0 skips it.
+        tg: tokens of the decode run (greedy, EOS ignored); 0 skips it.
+        reps: timed repetitions.
+
+    Returns:
+        ``(runs, memory)``: per repetition a dict (``pp_s``; ``ttft_s``, ``decode_tps``,
+        ``tpot_s``, ``decoded``, ``engine`` stats; ``peak_rss`` in bytes), and the model's
+        :meth:`~zipmoe_rt.api.Model.memory_report` after the runs.
+    """
     from .api import load
     m = load(model_path, memory_budget=budget, policy=policy, workers=workers, direct=direct,
              io_depth=io_depth,
@@ -93,7 +92,7 @@ def _one_config(model_path, budget, policy, pp, tg, reps, workers, direct, evict
     for _ in range(reps):
         gc.collect()
         evict_page_cache(m.path)
-        _reset_peak_rss()
+        reset_peak_rss()
         r = {}
         if pp:
             if eng:
@@ -128,7 +127,7 @@ def _one_config(model_path, budget, policy, pp, tg, reps, workers, direct, evict
 
 
 def _in_subprocess(*args):
-    """Run :func:`_one_config` in a fresh interpreter, so each row's peak RSS is its own."""
+    """Run :func:`run_config` in a fresh interpreter, so each row's peak RSS is its own."""
     import sys
     r = subprocess.run([sys.executable, "-m", "zipmoe_rt.bench", json.dumps(args)],
                        capture_output=True, text=True)
@@ -194,11 +193,11 @@ class _TinySource:
 
 
 def _baseline_worker(model_path) -> int:
-    from .api import _tokenizer
+    from .api import tokenizer_from_source
     from .engine.store import ZmoeSource
     from .models import build_model
     src = ZmoeSource(model_path, keep_experts=False, copy_dense=True)
-    _tokenizer(src)
+    tokenizer_from_source(src)
     net = build_model(_TinySource(src.hparams))
     c = net.new_cache()
     net.forward(np.arange(8, dtype=np.int64), c)
@@ -337,4 +336,4 @@ def save(result: dict, path) -> Path:
 if __name__ == "__main__":  # worker of _in_subprocess
     import sys
     a = json.loads(sys.argv[1])
-    print(json.dumps(_baseline_worker(a[1]) if a[0] == "baseline" else _one_config(*a)))
+    print(json.dumps(_baseline_worker(a[1]) if a[0] == "baseline" else run_config(*a)))

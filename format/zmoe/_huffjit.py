@@ -18,6 +18,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from .huffman import DECODE_STATUS
+
 MAX_BITS = 12
 TABLE = 1 << MAX_BITS
 MASK = TABLE - 1
@@ -26,13 +28,8 @@ MASK = TABLE - 1
 MAX_SYMS = 6
 HEADER_BYTES = 128 + 16
 
-#: decode status -> message
-STATUS = {
-    1: "code lengths above 12 bits or not a complete prefix code",
-    2: "stream sizes do not add up to the chunk",
-    3: "a stream does not decode to exactly its exponents within exactly its bytes",
-    4: "chunk shorter than its header",
-}
+#: decode status -> message (defined with the reference codec, which reports the same failures)
+STATUS = DECODE_STATUS
 
 
 @intrinsic

@@ -110,9 +110,18 @@ def chunk_bounds(n: int, chunks: int, min_chunk: int = MIN_CHUNK) -> list[tuple[
     return [(i, min(n, i + step)) for i in range(0, n, step)] if n else [(0, 0)]
 
 
-def _check_codec(exp_codec: str):
+def check_codec(exp_codec: str) -> None:
+    """Check an exponent-chunk codec name (SPEC §5.2: ``huffman`` or ``zstd``).
+
+    Raises:
+        ValueError: a name outside :data:`zmoe.constants.EXP_CODECS` (the known ones listed).
+    """
     if exp_codec not in EXP_CODECS:
         raise ValueError(f"unknown exponent codec {exp_codec!r} (known: {', '.join(EXP_CODECS)})")
+
+
+#: the former private name, still called by writer.py
+_check_codec = check_codec
 
 
 def compress_chunks(exp: np.ndarray, chunks: int, min_chunk: int = MIN_CHUNK,
@@ -133,7 +142,7 @@ def compress_chunks(exp: np.ndarray, chunks: int, min_chunk: int = MIN_CHUNK,
     Raises:
         ValueError: an unknown codec.
     """
-    _check_codec(exp_codec)
+    check_codec(exp_codec)
     buf = np.ascontiguousarray(exp).reshape(-1).view(np.uint8)
     bounds = chunk_bounds(len(buf), chunks, min_chunk)
     if exp_codec == EXP_HUFFMAN:
@@ -153,7 +162,7 @@ def decompress_chunk(chunk, raw_size: int, exp_codec: str = DEFAULT_EXP_CODEC,
         ValueError: an unknown codec, or a chunk that does not decode to exactly ``raw_size``
             exponents (corruption).
     """
-    _check_codec(exp_codec)
+    check_codec(exp_codec)
     if exp_codec == EXP_HUFFMAN:
         return huffman.decode(chunk, raw_size, out)
     d = decompressor or zstd.ZstdDecompressor()

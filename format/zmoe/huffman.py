@@ -37,6 +37,13 @@ LENGTHS_BYTES = 128
 HEADER_BYTES = LENGTHS_BYTES + 4 * STREAMS
 #: Most codes one decode-table entry holds (6 symbol bytes + count + bits in a uint64).
 MAX_SYMS_PER_ENTRY = 6
+#: Status codes of the compiled decoder (:func:`decode_into`) -> message; 0 is success.
+DECODE_STATUS = {
+    1: "code lengths above 12 bits or not a complete prefix code",
+    2: "stream sizes do not add up to the chunk",
+    3: "a stream does not decode to exactly its exponents within exactly its bytes",
+    4: "chunk shorter than its header",
+}
 
 _JIT = []   # [module or None] once resolved
 
@@ -56,12 +63,40 @@ def _jit():
 _tls = threading.local()
 
 
-def _table_cache():
-    """This thread's :class:`zmoe._huffjit.TableCache`."""
+def table_cache():
+    """This thread's decode-table cache for the compiled decoder (imports Numba on first use).
+
+    Returns:
+        a ``TableCache``, one per thread: ``keys`` uint8 ``[S, 128]``, ``ent`` uint64
+        ``[S, 4096]``, ``len1`` uint8 ``[S, 4096]``, ``state`` int64 ``[S + 1]`` (the arrays
+        :func:`decode_into` takes), and ``decode(src, n, out) -> status``.
+
+    Raises:
+        AttributeError: Numba is not installed (no compiled decoder).
+    """
     c = getattr(_tls, "cache", None)
     if c is None:
         c = _tls.cache = _jit().TableCache()
     return c
+
+
+def __getattr__(name):
+    """``decode_into``: the compiled chunk decoder, for callers that run it inside their own
+    Numba kernels (``zipmoe_rt.kernels.planes`` decodes and merges without the GIL); resolved on
+    first access, so importing this module does not import Numba.
+
+    ``decode_into(src, n, out, keys, ent, len1, state) -> int``: decode the chunk ``src``
+    (uint8) into ``out[:n]`` (uint8) with a :func:`table_cache`'s arrays; returns 0 or a
+    :data:`DECODE_STATUS` code, never reading or writing outside the arrays.
+
+    Raises:
+        AttributeError: another name, or ``decode_into`` without Numba.
+    """
+    if name == "decode_into":
+        jit = _jit()
+        if jit is not None:
+            return jit.decode_into
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class HuffmanError(ValueError):
@@ -325,9 +360,9 @@ def decode(chunk, n: int, out: np.ndarray | None = None, use_jit: bool | None = 
         raise ValueError(f"out must be uint8 [{n}], got {out.dtype} {out.shape}")
     src = chunk if isinstance(chunk, np.ndarray) else np.frombuffer(memoryview(chunk).cast("B"), np.uint8)
     if _jit() is not None if use_jit is None else use_jit:
-        status = _table_cache().decode(src.reshape(-1).view(np.uint8), n, out)
+        status = table_cache().decode(src.reshape(-1).view(np.uint8), n, out)
         if status:
-            raise HuffmanError(f"malformed Huffman chunk: {_jit().STATUS[status]}")
+            raise HuffmanError(f"malformed Huffman chunk: {DECODE_STATUS[status]}")
         return out
     lengths, spans = parse_header(src, n)
     if n == 0:

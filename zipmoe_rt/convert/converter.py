@@ -7,7 +7,6 @@ the temporary file is removed and nothing else is touched.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -22,6 +21,7 @@ import zmoe
 from zmoe.codec import zstd_parameters
 
 from .. import __version__
+from ..util import sha256_file
 from .registry import ConfigError, UnsupportedArchitectureError, get_architecture
 from .safetensors_io import Checkpoint, SafetensorsError
 
@@ -44,14 +44,6 @@ def _read_json(path: Path, required: bool = False) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path}: invalid JSON ({e})") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 22), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _eos_ids(gen: dict, config: dict, tok_cfg: dict, tokenizer_json: str | None) -> list[int]:
@@ -155,7 +147,7 @@ def _metadata(folder: Path, arch, hp: dict, ckpt: Checkpoint, chunks: int,
              ("tokenizer.config", tok_cfg, "json"),
              ("generation.config", gen, "json"),
              ("generation.eos_token_ids", _eos_ids(gen, config, tok_cfg, tokenizer_json), "int[]"),
-             ("provenance.files", [{"name": p.name, "size": p.stat().st_size, "sha256": _sha256(p)}
+             ("provenance.files", [{"name": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)}
                                    for p in files], "json"),
              ("provenance.converter", f"zipmoe-rt {__version__}", "str"),
              ("encoding.chunks", int(chunks), "int"),

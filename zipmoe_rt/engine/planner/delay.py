@@ -1,0 +1,155 @@
+"""The delay model: what one MoE layer costs one token, given how many of its experts each
+cache tier serves (ZipMoE, arXiv 2601.21198 §3.5 and §4).
+
+Tier names used throughout the planner: ``"F"`` (full BF16), ``"C"`` (sign+mantissa +
+compressed exponent), ``"S"`` (sign+mantissa only), ``"E"`` (compressed exponent only),
+``"miss"`` (nothing) (§2).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .checks import check_int
+
+#: Cache tiers in rank order: the most popular experts go to the first one (§2, §3.4).
+TIERS = ("F", "C", "S", "E", "miss")
+
+
+@dataclass(frozen=True)
+class DelayModel:
+    """Profiled per-expert costs of one MoE layer, and the layer makespan they imply (§3.5, §4).
+
+    Times are seconds, sizes bytes, all for one expert of the layer.
+
+    Attributes:
+        sm_read_s: read one expert's sign+mantissa planes from flash (on the single I/O thread).
+        exp_read_s: read one expert's compressed exponent region from flash.
+        decode_s: decompress + merge one whole expert on one worker.
+        matmul_s: one expert's SwiGLU for one token.
+        workers: L, the decode workers.
+        bytes_F: cache bytes of a full BF16 expert (tier F).
+        bytes_sm: bytes of its sign+mantissa planes (tier S; tier C holds ``bytes_sm + bytes_exp``).
+        bytes_exp: bytes of its compressed exponent planes (tier E).
+        chunks: independent decode pieces per expert (the engine's decode jobs,
+            ``ExpertLayout.jobs``: runs of the paper's K exponent chunks, §1); a decode occupies
+            one worker for ``decode_s / chunks`` per piece. Default 1.
+
+    Makespan of one layer for one token (:meth:`layer_makespan`), given the hits per tier
+    ``h = (hF, hC, hS, hE, hmiss)`` and ``k = Σh``::
+
+        reads   = sm_read_s·(hE + hmiss) + exp_read_s·(hS + hmiss)            # one I/O channel
+        io      = reads + (decode_s/chunks)·ceil(chunks / workers)  if reads > 0, else 0
+        d       = hC + hS + hE + hmiss                                        # experts to decode
+        compute = (decode_s/chunks) · ceil(d·chunks / workers)                # decodes on L workers
+        matmul  = matmul_s · ceil(k / workers)
+        makespan = max(io, compute) + matmul                                  (0 when k = 0)
+
+    Why: §3 step 5 prices a layer as ``max(compute side, I/O side)``: the single I/O thread
+    serialises the reads (Type-I tasks E and miss read the SM planes, S and miss read the
+    exponent), and the decodes of C/S/E/miss are indivisible pieces spread over L identical
+    workers, which take exactly ``ceil(pieces/L)`` rounds. The two overlap (§4's blocks exist to
+    make them overlap), except that the expert read last cannot be decoded before its read ends:
+    its own decode (its pieces over L workers) follows the I/O side. With that tail the max is the
+    pipeline's two-resource lower bound; the §4 scheduler's list schedule is within ``(3 − 1/L)``
+    of the true optimum. (Without the tail the model called an I/O-bound layer as fast as its
+    reads alone, and planned S/E tiers that ran ~14 % slower on the default model at 444 MB
+    than the plan the tail gives.) The token's ``k`` matmuls follow
+    the weights they need; the last-ready expert's matmul cannot overlap its own preparation,
+    and with ``k > L`` the matmuls take ``ceil(k/L)`` rounds, hence the additive term. It does
+    not depend on the tiers, so it shifts every plan equally and never changes a planning
+    decision; it only makes the predicted makespan an absolute time.
+
+    Raises:
+        ValueError: negative or non-finite times, ``workers < 1``, ``chunks < 1``, negative byte
+            sizes.
+    """
+
+    sm_read_s: float
+    exp_read_s: float
+    decode_s: float
+    matmul_s: float
+    workers: int
+    bytes_F: int
+    bytes_sm: int
+    bytes_exp: int
+    chunks: int = 1
+
+    def __post_init__(self):
+        for name in ("sm_read_s", "exp_read_s", "decode_s", "matmul_s"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+        for name in ("workers", "chunks"):
+            if check_int(getattr(self, name), name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("bytes_F", "bytes_sm", "bytes_exp"):
+            v = getattr(self, name)
+            if not math.isfinite(float(v)) or v < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+
+    @property
+    def bytes_C(self):
+        """Bytes of a tier-C expert: sign+mantissa plus compressed exponent."""
+        return self.bytes_sm + self.bytes_exp
+
+    def tier_bytes(self) -> dict[str, float]:
+        """Cache bytes per expert of each tier, ``{"F", "C", "S", "E", "miss"}`` (miss = 0)."""
+        return {"F": self.bytes_F, "C": self.bytes_C, "S": self.bytes_sm, "E": self.bytes_exp,
+                "miss": 0}
+
+    def plan_bytes(self, nF: int, nC: int, nS: int, nE: int):
+        """Cache bytes of a layer plan with ``nF, nC, nS, nE`` experts in tiers F, C, S, E."""
+        return nF * self.bytes_F + nC * self.bytes_C + nS * self.bytes_sm + nE * self.bytes_exp
+
+    def io_and_compute(self, d, n_sm, n_exp):
+        """The two sides of :meth:`layer_makespan` before the max (class docstring's formulas).
+
+        Args:
+            d: experts to decode (int or int array).
+            n_sm: sign+mantissa region reads (int or int array).
+            n_exp: exponent region reads (int or int array); the three broadcast together.
+
+        Returns:
+            ``(io, compute)`` float64 arrays of the broadcast shape, seconds: the I/O side (the
+            reads on the one I/O channel, plus the decode of the expert read last when anything
+            is read) and the compute side (decode pieces over ``workers``).
+        """
+        reads = self.sm_read_s * np.asarray(n_sm) + self.exp_read_s * np.asarray(n_exp)
+        piece = self.decode_s / self.chunks
+        tail = piece * math.ceil(self.chunks / self.workers)
+        io = reads + np.where((np.asarray(n_sm) + np.asarray(n_exp)) > 0, tail, 0.0)
+        comp = piece * np.ceil(np.asarray(d) * self.chunks / self.workers)
+        return io, comp
+
+    def matmul_time(self, k: int) -> float:
+        """Seconds of a token's ``k`` expert matmuls on ``workers`` workers:
+        ``matmul_s · ceil(k / workers)``, 0 when ``k = 0`` (the class docstring's ``matmul``)."""
+        return self.matmul_s * math.ceil(k / self.workers) if k > 0 else 0.0
+
+    def layer_makespan(self, hits: dict) -> float:
+        """Makespan in seconds of one layer for one token with ``hits[tier]`` experts per tier.
+
+        Args:
+            hits: ``{tier: count}`` over tiers ``"F", "C", "S", "E", "miss"`` (absent = 0).
+
+        Returns:
+            ``max(io, compute) + matmul`` as in the class docstring (seconds).
+
+        Raises:
+            ValueError: unknown tier or negative / non-integer count.
+        """
+        unknown = set(hits) - set(TIERS)
+        if unknown:
+            raise ValueError(f"unknown tiers {sorted(unknown)}; expected {TIERS}")
+        h = {t: check_int(hits.get(t, 0), f"hits[{t}]") for t in TIERS}
+        if any(v < 0 for v in h.values()):
+            raise ValueError(f"negative hit count in {hits}")
+        k = sum(h.values())
+        if k == 0:
+            return 0.0
+        d = h["C"] + h["S"] + h["E"] + h["miss"]
+        io, comp = self.io_and_compute(d, h["E"] + h["miss"], h["S"] + h["miss"])
+        return float(max(io, float(comp))) + self.matmul_time(k)
