@@ -334,3 +334,24 @@ def test_numba_kernels_only_under_kernels():
     for p in (root / "models").glob("*.py"):
         if p.name != "base.py":    # base.py re-exports rms_norm and route for old imports
             assert "kernels" not in p.read_text(), p.name
+
+
+def test_numpy_backend_runs_without_numba(tiny_moe_dir):
+    """A model on the NumPy backend never imports Numba (nor any kernels/ module)."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tiny_moe_dir("qwen3_moe")
+    code = (
+        "import sys, numpy as np\n"
+        "from zipmoe_rt.models import build_model\n"
+        "from zipmoe_rt.models.weights import CheckpointSource\n"
+        f"m = build_model(CheckpointSource({str(folder)!r}), backend='numpy')\n"
+        "out = m.forward(np.arange(5), m.new_cache())\n"
+        "assert out.shape == (256,) and np.isfinite(out).all()\n"
+        "print(sorted(k for k in sys.modules if k.startswith('numba') or '.kernels' in k))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -27,8 +27,6 @@ decision.
 from __future__ import annotations
 
 from ..backends import to_f32
-from ..kernels.norm import rms_norm
-from ..kernels.routing import route
 from .args import ModelArgs
 from .attention import Attention
 from .cache import KVCache, LayerCache, ModelCache
@@ -41,3 +39,15 @@ __all__ = [
     "ModelCache", "Attention", "MLP", "route", "Executor", "ExpertExecutor", "accumulate_experts",
     "RouteHook", "SparseMoeBlock", "DecoderLayer", "Model",
 ]
+
+
+def __getattr__(name):
+    """``rms_norm`` and ``route`` (Numba kernels' wrappers, :mod:`zipmoe_rt.kernels`) on first
+    use, so that importing the model code does not import Numba (the NumPy backend needs none)."""
+    if name == "rms_norm":
+        from ..kernels.norm import rms_norm
+        return rms_norm
+    if name == "route":
+        from ..kernels.routing import route
+        return route
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,16 +6,15 @@ window today (:class:`KVCache`); a compressed latent per token (MLA) or a recurr
 attention) later, each implementing :class:`LayerCache`. transformers' ``cache_utils.py``
 (``DynamicCache`` of ``DynamicLayer`` / ``DynamicSlidingWindowLayer``) is the model.
 
-Commit protocol: a forward call of ``T`` tokens first reserves room (:meth:`ModelCache.reserve`), each
-layer then writes its entries for positions ``length .. length + T - 1`` (pending: not counted
-in ``length``), and :meth:`ModelCache.commit` advances every layer once all layers ran. A forward
-interrupted in between leaves every layer's committed contents as they were.
+Commit protocol: a forward call of ``T`` tokens first reserves room
+(:meth:`ModelCache.reserve`), each layer then writes its entries for positions ``length ..
+length + T - 1`` (pending: not counted in ``length``), and :meth:`ModelCache.commit` advances
+every layer once all layers ran. A forward interrupted in between leaves every layer's committed
+contents as they were.
 """
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
-
-import numpy as np
 
 from ..backends import get_backend
 

@@ -136,7 +136,8 @@ class Model:
                             self.args.rms_norm_eps, self.backend)
 
     def dense_mlp(self, prefix: str) -> MLP:
-        """:class:`~zipmoe_rt.models.moe.MLP` from ``{prefix}gate_proj/up_proj/down_proj.weight``."""
+        """:class:`~zipmoe_rt.models.moe.MLP` from
+        ``{prefix}gate_proj/up_proj/down_proj.weight``."""
         t = self.source.tensor
         return MLP(t(prefix + "gate_proj.weight"), t(prefix + "up_proj.weight"),
                    t(prefix + "down_proj.weight"), self.backend)
