@@ -176,6 +176,7 @@ class ModelCache:
 
     @property
     def offset(self) -> int:
+        """Tokens held, the same in every layer (see :meth:`commit`)."""
         return self._offset
 
     def __getitem__(self, i: int):
