@@ -38,24 +38,30 @@ class NumpyBackend(Backend):
     name = "numpy"
 
     def empty(self, shape, dtype=np.float32):
+        """``np.empty``."""
         return np.empty(shape, dtype)
 
     def zeros(self, shape, dtype=np.float32):
+        """``np.zeros``."""
         return np.zeros(shape, dtype)
 
     def from_host(self, a):
+        """``np.ascontiguousarray``."""
         return np.ascontiguousarray(a)
 
     def to_host(self, a):
+        """``np.asarray``."""
         return np.asarray(a)
 
     def embed(self, W, ids):
+        """``W[ids]`` widened to float32."""
         ids = np.asarray(ids, np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= W.shape[0]):
             raise IndexError(f"token id out of range [0, {W.shape[0]})")
         return to_f32(W[ids])
 
     def linear(self, x, W, bias=None, out=None):
+        """``x @ W.T + bias`` with the weight widened to float32."""
         if W.dtype not in (np.uint16, np.float16, np.float32):
             raise TypeError(f"weight dtype {W.dtype} is not supported")
         y = x @ to_f32(W).T
@@ -67,22 +73,27 @@ class NumpyBackend(Backend):
         return out
 
     def swiglu(self, x, gate, up):
+        """``silu(x @ gate.T) * (x @ up.T)``."""
         return _silu(self.linear(x, gate)) * self.linear(x, up)
 
     def _expert(self, x, e):
+        """``down(silu(gate(x)) * up(x))`` of one expert, float32 [T, H]."""
         return self.linear(self.swiglu(x, e.gate, e.up), e.down)
 
     def expert_accumulate(self, out, x, rows, weights, expert):
+        """``out[rows] += weights[:, None] * expert(x[rows])``."""
         if expert.down.shape != expert.gate.shape[::-1] or x.shape[1] != expert.gate.shape[1]:
             raise ValueError(f"expert_accumulate: x {x.shape}, gate {expert.gate.shape}, "
                              f"down {expert.down.shape} disagree")
         out[rows] += np.asarray(weights, np.float32)[:, None] * self._expert(x[rows], expert)
 
     def experts_token(self, out, x, experts, weights):
+        """One :meth:`expert_accumulate`-like sum per expert, in order."""
         for w, e in zip(np.asarray(weights, np.float32), experts):
             out += w * self._expert(x[None, :], e)[0]
 
     def rmsnorm(self, x, w, eps, out=None):
+        """``w * x / sqrt(mean(x**2) + eps)``."""
         y = _rms(x, w, eps)
         if out is None:
             return y.astype(np.float32)
@@ -90,14 +101,17 @@ class NumpyBackend(Backend):
         return out
 
     def add_(self, a, b):
+        """``a += b``."""
         a += b
         return a
 
     def sigmoid_gate_add_(self, y, g, s):
+        """``y += sigmoid(g) * s``."""
         y += (_F32(1.0) / (_F32(1.0) + np.exp(-g))) * s
         return y
 
     def rope_qk_cache(self, qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0):
+        """Per-head views of ``qkv``: RMSNorm, ``x * cos + rotate_half(x) * sin``, cache slices."""
         T = qkv.shape[0]
         q = qkv[:, :nq * hd].reshape(T, nq, hd)                 # views into qkv
         k = qkv[:, nq * hd:(nq + nkv) * hd].reshape(T, nkv, hd)
@@ -112,6 +126,7 @@ class NumpyBackend(Backend):
         vc[:, pos0:pos0 + T] = v.transpose(1, 0, 2)
 
     def attention(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
+        """Per query head: masked score matrix, softmax, times the values."""
         T = qkv.shape[0]
         n = pos0 + T
         q = qkv[:, :nq * hd].reshape(T, nq, hd)
@@ -131,6 +146,7 @@ class NumpyBackend(Backend):
         return out
 
     def route(self, logits, k, renorm):
+        """Softmax, stable descending argsort, the first k (renormalised)."""
         logits = np.asarray(logits, np.float32)
         p = np.exp(logits - logits.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
