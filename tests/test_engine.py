@@ -326,7 +326,7 @@ def test_decode_working_set_within_budget(case, budget, monkeypatch):
     kernel that are not F-resident must fit the budget."""
     b = case.budget(budget)
     source, engine, _ = make_engine(case, b, "zip-lru")
-    real = pipeline.experts_decode
+    real = engine.backend.experts_token
     totals = []
 
     def spy(out, x, experts, weights):
@@ -337,7 +337,7 @@ def test_decode_working_set_within_budget(case, budget, monkeypatch):
                       + transient * engine.bytes_F)
         return real(out, x, experts, weights)
 
-    monkeypatch.setattr(pipeline, "experts_decode", spy)
+    monkeypatch.setattr(engine.backend, "experts_token", spy)
     try:
         logits, tokens = generate(build_model(source, executor=engine), case.ids, DECODE_STEPS)
     finally:

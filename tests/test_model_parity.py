@@ -279,16 +279,16 @@ def test_routing_matches_transformers(loaded):
 
 
 def test_kvcache_growth_and_crop():
-    c = KVCache(2, 3, 4, capacity=2)
-    c.k[0][:, :2] = 1.0
-    c.offset = 2
+    c = KVCache(3, 4, capacity=2)   # one layer: 3 kv heads of 4 keys / values
+    c.k[:, :2] = 1.0
+    c.commit(2)
     c.reserve(5)
-    assert c.capacity == 8 and c.k[0].shape == (3, 8, 4)
-    assert (c.k[0][:, :2] == 1.0).all()
+    assert c.capacity == 8 and c.k.shape == (3, 8, 4) and c.v.shape == (3, 8, 4)
+    assert (c.k[:, :2] == 1.0).all()
     with pytest.raises(ValueError):
         c.crop(3)
     c.crop(1)
-    assert c.offset == 1
+    assert c.length == 1
 
 
 def test_build_model_unknown_family():

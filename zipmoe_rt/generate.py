@@ -12,7 +12,8 @@ The model interface this module drives (the model side must match it)::
 ``forward`` appends the ``T`` ids after what the cache holds. A ``[T, vocab]`` or ``[1, vocab]``
 result is accepted too (its last row is used). For safe cancellation, the cache should offer
 ``get_seq_length() -> int`` and, ideally, ``crop(n)`` (the names of transformers' ``DynamicCache``),
-see :class:`CacheState`.
+with ``can_crop(n) -> bool`` when some crops are impossible (a recurrent layer state; see
+:class:`zipmoe_rt.models.cache.ModelCache`), see :class:`CacheState`.
 """
 from __future__ import annotations
 
@@ -65,6 +66,21 @@ def _cache_len(cache: Any) -> int | None:
     return None
 
 
+def _can_crop(cache: Any, n: int) -> bool:
+    """Whether ``cache.crop(n)`` may be called: the cache has a ``crop`` and, when it also has
+    ``can_crop`` (:class:`~zipmoe_rt.models.cache.ModelCache`: every layer cache can drop
+    positions; a recurrent state cannot), that agrees."""
+    if not callable(getattr(cache, "crop", None)):
+        return False
+    can = getattr(cache, "can_crop", None)
+    if not callable(can):
+        return True
+    try:
+        return bool(can(n))
+    except Exception:
+        return False
+
+
 @dataclass
 class CacheState:
     """A model's KV cache plus the token ids it holds.
@@ -106,8 +122,9 @@ class CacheState:
         Keeps the longest common prefix of ``token_ids`` and ``target_ids`` (at most
         ``len(target_ids) - 1`` ids, so at least one id is left to prefill), drops the rest of
         the cache with ``cache.crop(n)``, and returns the ids still to feed. If the cache must
-        shrink but has no ``crop`` (or the state is not ``valid``), it is replaced by
-        ``model.new_cache()`` and all of ``target_ids`` is returned.
+        shrink but cannot (no ``crop``, or ``cache.can_crop(n)`` is False: a layer cache that
+        cannot drop positions, such as a recurrent state), or the state is not ``valid``, it is
+        replaced by ``model.new_cache()`` and all of ``target_ids`` is returned.
 
         Typical chat use: ``new = state.sync_prefix(tok.encode_chat(messages), model)`` then
         ``generate(model, new, params, stop_ids, cache=state)``.
@@ -128,9 +145,8 @@ class CacheState:
             raise ValueError("target_ids: empty")
         keep = min(common_prefix_len(self.token_ids, target), len(target) - 1) if self.valid else 0
         if keep < len(self.token_ids):
-            crop = getattr(self.cache, "crop", None)
-            if self.valid and callable(crop):
-                crop(keep)
+            if self.valid and _can_crop(self.cache, keep):
+                self.cache.crop(keep)
                 del self.token_ids[keep:]
             else:
                 if model is None:
@@ -351,10 +367,9 @@ class Generation(Iterator[GenerationStep]):
             state.token_ids.extend(ids)
             self._unfed = []
             return
-        crop = getattr(state.cache, "crop", None)
-        if callable(crop):
+        if _can_crop(state.cache, n0):
             try:
-                crop(n0)
+                state.cache.crop(n0)
                 after = _cache_len(state.cache)
                 if after is None or after == n0:
                     return

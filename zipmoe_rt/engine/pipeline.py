@@ -5,11 +5,12 @@ tasks (Type-I: an SM read from flash, tiers E/miss; Type-II: SM resident, tiers 
 with the cache-affinity scheduler (design note §4), and runs them on an I/O stage (one ``pread``
 per region, optionally O_DIRECT, ``io_depth`` in flight in the scheduler's order; 1 is the
 paper's single I/O thread) and L decode workers (zstd + the Numba merge, both without the GIL). The
-main thread computes each expert as soon as its weights are ready, with exactly the kernels and
-summation order of the unbudgeted path, so logits are identical bit for bit:
+main thread computes each expert as soon as its weights are ready, through the same routine as
+the unbudgeted path (:func:`~zipmoe_rt.models.moe.accumulate_experts` on the model's backend), so
+logits are identical bit for bit:
 
-* one token (decode): the k experts go through the fused ``experts_decode`` call of
-  :class:`~zipmoe_rt.models.base.ExpertExecutor` once all k are ready (their loads overlap);
+* one token (decode): the k experts go through one fused ``backend.experts_token`` call once
+  all k are ready (their loads overlap);
 * several tokens (prefill): experts are accumulated in ascending index order, each as soon as it
   is ready, while later ones are still loading (a bounded prefetch window keeps memory flat).
 
@@ -34,7 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import zstandard as zstd
 
-from ..kernels.linear import expert_accumulate, experts_decode
+from ..backends import get_backend
+from ..models.moe import accumulate_experts
 from . import layout as L_
 from .io import RegionReader, anon_array, check_io_depth
 from .planner import admission_window
@@ -129,7 +131,7 @@ def budget_split(source, budget_bytes: int) -> tuple[int, int, int]:
 
 
 class ExpertEngine:
-    """Expert executor under a memory budget (``Executor`` protocol of models/base.py).
+    """Expert executor under a memory budget (``Executor`` protocol of models/moe.py).
 
     Args:
         source: :class:`~zipmoe_rt.engine.store.ZmoeSource` of the model (dense weights, layout).
@@ -149,6 +151,9 @@ class ExpertEngine:
         verify: CRC-check every piece read or loaded.
         adapt: ``zipmoe`` only: let C/S/E slots move to hotter experts while running
             (:meth:`_adapt_slots`); False keeps them where the plan put them.
+        backend: compute backend of the experts (:func:`~zipmoe_rt.backends.get_backend`;
+            default numba); the model using this engine must use the same one. Decoding
+            (Huffman + plane merge) always runs on the host.
 
     Raises:
         BudgetError: a budget below dense weights + one expert.
@@ -158,13 +163,15 @@ class ExpertEngine:
 
     def __init__(self, source, budget_bytes: int, policy: str = "zip-lru", eviction: str = "lru",
                  plan=None, ranks=None, workers: int | None = None, direct: bool = False,
-                 verify: bool = True, delay=None, adapt: bool = True, io_depth: int | None = None):
+                 verify: bool = True, delay=None, adapt: bool = True, io_depth: int | None = None,
+                 backend=None):
         import os
         if policy not in POLICIES:
             raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if eviction not in EVICTIONS:
             raise ValueError(f"--eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
         self.source, self.policy, self.eviction, self.verify = source, policy, eviction, verify
+        self.backend = get_backend(backend)
         self.path = source.path
         self.hp = source.hparams
         self.k = int(self.hp["num_experts_per_tok"])
@@ -566,37 +573,29 @@ class ExpertEngine:
 
     # -- Executor protocol -------------------------------------------------------------------
     def run(self, layer, x, topk_idx, topk_w):
-        """``out[t] = sum_j topk_w[t, j] * expert_{topk_idx[t, j]}(x[t])`` (models/base.py)."""
+        """``out[t] = sum_j topk_w[t, j] * expert_{topk_idx[t, j]}(x[t])`` (the ``Executor``
+        protocol of :mod:`zipmoe_rt.models.moe`), through
+        :func:`~zipmoe_rt.models.moe.accumulate_experts`: the non-resident experts of each group
+        (all of one token's; :attr:`window` at a time for several tokens) are started in
+        scheduler order, then each is waited for and computed in ascending index order."""
         t_start = time.perf_counter()
-        T, k = topk_idx.shape
-        out = np.zeros((T, x.shape[1]), np.float32)
+        T = topk_idx.shape[0]
         if self.adapt:
             self._note_use(layer, topk_idx)
-        if T == 1:
-            order = np.argsort(topk_idx[0], kind="stable")
-            experts = [int(topk_idx[0, j]) for j in order]
-            uniq = sorted(set(experts))
-            ready = {}
-            started = self._prepare(layer, uniq, {e: 1 for e in uniq})  # window == top-k
-            ready.update({e: self._resolve(layer, e, started[e]) for e in uniq})
-            t0 = time.perf_counter()
-            experts_decode(out[0], x[0], [ready[e] for e in experts], topk_w[0, order])
-            self.stats.compute_s += time.perf_counter() - t0
+        started = {}
+
+        def prepare(group, work):
+            started.update(self._prepare(layer, group, work))
+
+        def fetch(e):
+            return self._resolve(layer, e, started.pop(e))
+
+        def computed(dt):
+            self.stats.compute_s += dt
             self._recycle()
-        else:
-            uniq = [int(e) for e in np.unique(topk_idx)]
-            work = {e: int((topk_idx == e).sum()) for e in uniq}
-            for i in range(0, len(uniq), self.window):
-                group = uniq[i:i + self.window]
-                started = self._prepare(layer, group, work)
-                for e in group:  # ascending: the unbudgeted path's summation order
-                    w = self._resolve(layer, e, started[e])
-                    rows, slots = np.nonzero(topk_idx == e)
-                    t0 = time.perf_counter()
-                    expert_accumulate(out, x, rows.astype(np.int64), topk_w[rows, slots],
-                                      w.gate, w.up, w.down)
-                    self.stats.compute_s += time.perf_counter() - t0
-                    self._recycle()
+
+        out = accumulate_experts(self.backend, x, topk_idx, topk_w, fetch, prepare, self.window,
+                                 computed)
         dt = time.perf_counter() - t_start
         self.stats.layer_s += dt
         self.stats.layer_calls += 1

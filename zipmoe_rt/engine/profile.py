@@ -240,7 +240,7 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
         ValueError: ``io_depth`` below 1.
     """
     from concurrent.futures import ThreadPoolExecutor
-    from ..kernels.linear import experts_decode
+    from ..backends import get_backend
     import zstandard as zstd
 
     io_depth = check_io_depth(io_depth)   # before any I/O
@@ -280,7 +280,7 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
             w = L_.decode_expert(source.path, lay, sm, exp, dctx)
             t1 = time.perf_counter()
             out = np.zeros_like(x)
-            experts_decode(out, x, [w], np.ones(1, np.float32))
+            get_backend("numba").experts_token(out, x, [w], np.ones(1, np.float32))
             t2 = time.perf_counter()
             if rep:  # first pass warms the JIT
                 dec_t.append(t1 - t0)

@@ -1,5 +1,6 @@
-"""Model architectures (one small module per family, shared blocks in :mod:`.base`) and the
-weight-source interface they consume (:mod:`.weights`).
+"""Model architectures (one small module per family; shared blocks in :mod:`.args`,
+:mod:`.rope`, :mod:`.cache`, :mod:`.attention`, :mod:`.moe`, :mod:`.model`, re-exported by
+:mod:`.base`) and the weight-source interface they consume (:mod:`.weights`).
 
 Use :func:`build_model` to get the right class for a source's ``hparams["family"]``.
 """
@@ -15,18 +16,22 @@ FAMILIES = {
 }
 
 
-def build_model(source, executor=None):
+def build_model(source, executor=None, backend=None):
     """Build the runtime model for a weight source.
 
     Args:
         source: a :class:`~zipmoe_rt.models.weights.WeightSource` (``hparams["family"]`` picks
             the architecture module).
         executor: optional expert executor (default:
-            :class:`~zipmoe_rt.models.base.ExpertExecutor`).
+            :class:`~zipmoe_rt.models.moe.ExpertExecutor` on ``backend``); one with a
+            ``backend`` attribute must use the same backend.
+        backend: compute backend, a name (``"numba"``, the default; ``"numpy"``) or a
+            :class:`~zipmoe_rt.backends.base.Backend`.
     Returns:
-        a :class:`~zipmoe_rt.models.base.Model` subclass instance.
+        a :class:`~zipmoe_rt.models.model.Model` subclass instance.
     Raises:
-        ValueError: unknown or missing family (message lists the supported ones).
+        ValueError: unknown or missing family (message lists the supported ones), unknown
+            backend, or an executor on another backend.
         KeyError: a dense tensor is missing from the source.
     """
     family = source.hparams.get("family")
@@ -34,4 +39,4 @@ def build_model(source, executor=None):
     if mod is None:
         raise ValueError(f"unsupported model family {family!r}; supported: "
                          f"{', '.join(sorted(FAMILIES))}")
-    return importlib.import_module(f".{mod}", __name__).Model(source, executor)
+    return importlib.import_module(f".{mod}", __name__).Model(source, executor, backend)

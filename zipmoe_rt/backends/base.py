@@ -1,0 +1,220 @@
+"""The compute-backend contract: every array allocation and compute op the model and the expert
+executors need, one method each, so that another backend (NumPy reference, CuPy later) slots in
+without touching model code.
+
+Conventions, for every backend:
+
+* Activations are float32 arrays of the backend (numpy arrays for the CPU backends, device arrays
+  for a GPU backend), shaped ``[T, n]`` for ``T`` tokens of one sequence, C-contiguous.
+* Weights are ``[out, in]`` like ``torch.nn.Linear.weight``: BF16 as ``uint16`` bit patterns (the
+  fast path), float16 or float32. Dense weights pass through :meth:`Backend.from_host` once, when
+  the model is built; expert weights are host :class:`~zipmoe_rt.models.weights.ExpertWeights`
+  handed over on every use (a device backend uploads or caches them itself).
+* Small index arrays (token ids, routed rows) and routing decisions are host numpy arrays: the
+  executor decides on the host which experts to fetch.
+* Methods ending in ``_`` update their first argument in place.
+
+The math of each op names the transformers source it follows; ``numba_cpu`` is the reference for
+bit-exact outputs, ``numpy_ref`` for readability.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["Backend", "to_f32"]
+
+
+def to_f32(a) -> np.ndarray:
+    """A host weight vector/matrix as float32: BF16 ``uint16`` bits widened exactly
+    (``float32 bits = bf16 bits << 16``), float16/float32 converted. For small tensors (norm
+    weights, biases) and the NumPy reference backend.
+
+    Args:
+        a: array-like, uint16 (BF16 bits), float16 or float32.
+    Returns:
+        float32 array of the same shape (a new array, or ``a`` itself when already contiguous
+        float32).
+    """
+    a = np.asarray(a)
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+class Backend:
+    """Base class of compute backends; each op documents shapes, dtypes and the source it
+    follows. Subclasses implement every method (the defaults raise NotImplementedError).
+
+    Attributes:
+        name: the name :func:`zipmoe_rt.backends.get_backend` knows it by.
+    """
+
+    name = "abstract"
+
+    # -- arrays --------------------------------------------------------------------------------
+
+    def empty(self, shape, dtype=np.float32):
+        """Uninitialised array of ``shape`` (tuple of ints) and ``dtype`` (default float32)."""
+        raise NotImplementedError
+
+    def zeros(self, shape, dtype=np.float32):
+        """Zero-filled array of ``shape`` and ``dtype`` (default float32)."""
+        raise NotImplementedError
+
+    def from_host(self, a: np.ndarray):
+        """A host numpy array (a dense weight, a RoPE table) as a C-contiguous backend array of
+        the same dtype and shape. May return ``a`` itself on CPU backends."""
+        raise NotImplementedError
+
+    def to_host(self, a) -> np.ndarray:
+        """A backend array as a host numpy array (may share memory on CPU backends)."""
+        raise NotImplementedError
+
+    # -- dense algebra -------------------------------------------------------------------------
+
+    def embed(self, W, ids: np.ndarray):
+        """Embedding rows ``W[ids]`` as float32 (``nn.Embedding`` of the modeling files).
+
+        Args:
+            W: [V, H] weight (BF16 bits, float16 or float32).  ids: host int64 [T].
+        Returns:
+            float32 [T, H].
+        Raises:
+            IndexError: an id outside [0, V).
+        """
+        raise NotImplementedError
+
+    def linear(self, x, W, bias=None, out=None):
+        """``x @ W.T (+ bias)`` with float32 accumulation (``nn.functional.linear`` on the
+        up-cast weight, as every ``nn.Linear`` of the modeling files).
+
+        Args:
+            x: float32 [T, in].  W: [out, in] (BF16 bits, float16 or float32).
+            bias: optional float32 [out].  out: optional float32 [T, out] to write into.
+        Returns:
+            float32 [T, out] (``out`` when given).
+        Raises:
+            TypeError: unsupported weight dtype.
+        """
+        raise NotImplementedError
+
+    def swiglu(self, x, gate, up):
+        """The hidden activation of a SwiGLU MLP, ``silu(x @ gate.T) * (x @ up.T)``
+        (``act_fn(gate_proj(x)) * up_proj(x)`` in ``Qwen2MoeMLP`` / ``MixtralExperts``).
+
+        Args:
+            x: float32 [T, H].  gate, up: [I, H] weights.
+        Returns:
+            float32 [T, I].
+        """
+        raise NotImplementedError
+
+    def expert_accumulate(self, out, x, rows: np.ndarray, weights: np.ndarray, expert) -> None:
+        """``out[rows[i]] += weights[i] * expert(x[rows[i]])`` for one SwiGLU expert, its
+        ``down @ (silu(gate @ x) * (up @ x))`` (loop body of ``MixtralExperts.forward``: the
+        ``index_add_`` of the weighted expert output).
+
+        Args:
+            out: float32 [T, H], updated in place.  x: float32 [T, H].
+            rows: host int64 [n], distinct token indices.  weights: host float32 [n].
+            expert: :class:`~zipmoe_rt.models.weights.ExpertWeights` (gate, up [I, H],
+                down [H, I]; host arrays).
+        Raises:
+            ValueError: shapes disagree.
+        """
+        raise NotImplementedError
+
+    def experts_token(self, out, x, experts, weights: np.ndarray) -> None:
+        """``out += sum_e weights[e] * expert_e(x)`` for ONE token and its k experts (the decode
+        step of ``MixtralExperts.forward``; the Numba backend fuses all k into two parallel
+        regions).
+
+        Args:
+            out: float32 [H], updated in place.  x: float32 [H].
+            experts: sequence of k :class:`~zipmoe_rt.models.weights.ExpertWeights` of one shape.
+            weights: host float32 [k] routing weights, in the order of ``experts``.
+        Raises:
+            ValueError: shapes disagree.
+        """
+        raise NotImplementedError
+
+    # -- normalisation, elementwise ------------------------------------------------------------
+
+    def rmsnorm(self, x, w, eps, out=None):
+        """RMSNorm as ``MixtralRMSNorm``: ``w * (x / sqrt(mean(x**2) + eps))`` per row, float32.
+
+        Args:
+            x: float32 [T, n].  w: float32 [n].  eps: float (used as float32).
+            out: optional float32 [T, n] (not aliasing ``x``).
+        Returns:
+            float32 [T, n] (``out`` when given).
+        """
+        raise NotImplementedError
+
+    def add_(self, a, b):
+        """``a += b`` (the residual connection); float32 [T, n]. Returns ``a``."""
+        raise NotImplementedError
+
+    def sigmoid_gate_add_(self, y, g, s):
+        """``y += sigmoid(g) * s`` (``Qwen2MoeSparseMoeBlock``'s shared expert:
+        ``F.sigmoid(shared_expert_gate(x)) * shared_expert(x)``).
+
+        Args:
+            y: float32 [T, H], updated in place.  g: float32 [T, 1].  s: float32 [T, H].
+        Returns:
+            ``y``.
+        """
+        raise NotImplementedError
+
+    # -- attention -----------------------------------------------------------------------------
+
+    def rope_qk_cache(self, qkv, nq: int, nkv: int, hd: int, q_norm, k_norm, eps, cos, sin,
+                      kc, vc, pos0: int) -> None:
+        """In place on ``qkv`` (q heads, then k heads, then v heads of each token): optional
+        RMSNorm over head_dim of each q / k head (``Qwen3MoeAttention``'s ``q_norm`` /
+        ``k_norm``, before RoPE), RoPE (``apply_rotary_pos_emb`` with ``rotate_half``); then
+        token ``t``'s k and v are written to ``kc[:, pos0 + t]`` and ``vc[:, pos0 + t]``.
+
+        Args:
+            qkv: float32 [T, (nq + 2 nkv) * hd].  nq, nkv, hd: heads and head size.
+            q_norm, k_norm: float32 [hd], or float32 [0] for none.  eps: np.float32.
+            cos, sin: float32 [T, hd / 2] (:meth:`~zipmoe_rt.models.rope.RoPE.cos_sin`, through
+                :meth:`from_host`).
+            kc, vc: float32 [nkv, capacity, hd], ``capacity >= pos0 + T``
+                (:class:`~zipmoe_rt.models.cache.KVCache` buffers).  pos0: first position.
+        """
+        raise NotImplementedError
+
+    def attention(self, qkv, nq: int, nkv: int, hd: int, kc, vc, pos0: int, window: int,
+                  scale, out):
+        """Causal grouped-query softmax attention (``eager_attention_forward``): query head
+        ``h`` of token ``t`` (position ``p = pos0 + t``) attends to keys ``j <= p`` (and
+        ``j > p - window`` when ``window > 0``, sliding window) of kv head ``h // (nq // nkv)``
+        with scores ``q . k * scale``.
+
+        Args:
+            qkv: float32 [T, (nq + 2 nkv) * hd] after :meth:`rope_qk_cache` (q is read).
+            kc, vc: float32 [nkv, capacity, hd], positions ``< pos0 + T`` valid.
+            window: tokens, 0 = full attention.  scale: np.float32.
+            out: float32 [T, nq * hd], overwritten.
+        Returns:
+            ``out``.
+        """
+        raise NotImplementedError
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def route(self, logits, k: int, renorm: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k softmax routing (``MixtralTopKRouter`` / ``Qwen2MoeTopKRouter``): float32
+        softmax over all experts, the k largest in descending order (lowest index first on ties),
+        divided by their sum when ``renorm`` (``norm_topk_prob``).
+
+        Args:
+            logits: float32 [T, E] router logits.  k: experts per token.  renorm: bool.
+        Returns:
+            host (topk_idx int64 [T, k], topk_w float32 [T, k]).
+        """
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name!r}>"

@@ -1,0 +1,92 @@
+"""The default backend: numpy arrays on the host and the Numba CPU kernels of
+:mod:`zipmoe_rt.kernels` (BF16 weights read in place, float32 accumulation).
+
+Each op calls the kernel the model called directly before the backend seam existed, with the
+same arguments, so outputs are bit-identical to that code path. See :class:`Backend
+<zipmoe_rt.backends.base.Backend>` for the contract of every op.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels import attention as _att
+from ..kernels import norm as _norm
+from ..kernels import routing as _routing
+from ..kernels import swiglu as _swiglu
+from ..kernels.linear import bf16_rows, linear_into
+from .base import Backend
+
+
+class NumbaBackend(Backend):
+    """Numba CPU kernels over numpy arrays (``get_backend("numba")``, the default).
+
+    Parallel kernels run on Numba's threading layer and must be called from one thread (the
+    model's); see :mod:`zipmoe_rt.kernels` for the OpenMP wait policy.
+    """
+
+    name = "numba"
+
+    def empty(self, shape, dtype=np.float32):
+        """``np.empty``."""
+        return np.empty(shape, dtype)
+
+    def zeros(self, shape, dtype=np.float32):
+        """``np.zeros``."""
+        return np.zeros(shape, dtype)
+
+    def from_host(self, a):
+        """``np.ascontiguousarray`` (no copy when already contiguous)."""
+        return np.ascontiguousarray(a)
+
+    def to_host(self, a):
+        """``np.asarray`` (no copy)."""
+        return np.asarray(a)
+
+    def embed(self, W, ids):
+        """:func:`~zipmoe_rt.kernels.linear.bf16_rows`."""
+        return bf16_rows(W, ids)
+
+    def linear(self, x, W, bias=None, out=None):
+        """:func:`~zipmoe_rt.kernels.linear.linear_into` (GEMV for one token, blocked GEMM else)."""
+        if out is None:
+            out = np.empty((x.shape[0], W.shape[0]), np.float32)
+        return linear_into(x, W, out, bias)
+
+    def swiglu(self, x, gate, up):
+        """:func:`~zipmoe_rt.kernels.swiglu.swiglu_hidden` (fused gate/up for BF16)."""
+        return _swiglu.swiglu_hidden(x, gate, up)
+
+    def expert_accumulate(self, out, x, rows, weights, expert):
+        """:func:`~zipmoe_rt.kernels.swiglu.expert_accumulate`."""
+        _swiglu.expert_accumulate(out, x, rows, weights, expert.gate, expert.up, expert.down)
+
+    def experts_token(self, out, x, experts, weights):
+        """:func:`~zipmoe_rt.kernels.swiglu.experts_decode` (k experts, two parallel regions)."""
+        _swiglu.experts_decode(out, x, experts, weights)
+
+    def rmsnorm(self, x, w, eps, out=None):
+        """:func:`~zipmoe_rt.kernels.norm.rms_norm_into`."""
+        if out is None:
+            out = np.empty_like(x)
+        return _norm.rms_norm_into(x, w, eps, out)
+
+    def add_(self, a, b):
+        """:func:`~zipmoe_rt.kernels.norm.add_inplace`."""
+        return _norm.add_inplace(a, b)
+
+    def sigmoid_gate_add_(self, y, g, s):
+        """NumPy float32 expression (as the model computed it before the seam)."""
+        y += (np.float32(1.0) / (np.float32(1.0) + np.exp(-g))) * s
+        return y
+
+    def rope_qk_cache(self, qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0):
+        """:func:`~zipmoe_rt.kernels.attention.rope_qk_cache`."""
+        _att.rope_qk_cache(qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0)
+
+    def attention(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
+        """:func:`~zipmoe_rt.kernels.attention.attention` (parallel over (token, head) if large)."""
+        return _att.attention(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out)
+
+    def route(self, logits, k, renorm):
+        """:func:`~zipmoe_rt.kernels.routing.route`."""
+        return _routing.route(logits, k, renorm)

@@ -1,0 +1,157 @@
+"""A plain-NumPy float32 reference backend: every op written as the transformers modeling code
+reads (matrix products, softmax over a masked score matrix), no Numba, no fused kernels.
+
+Slow (weights are widened to float32 on every use) but short and readable; it exists to check
+the fast backends and to serve as the template for a new one. Results match the Numba backend up
+to float32 summation order (``tests/test_backends.py``: logits within 1e-4, same greedy tokens).
+See :class:`Backend <zipmoe_rt.backends.base.Backend>` for the contract of every op.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Backend, to_f32
+
+_F32 = np.float32
+
+
+def _silu(g: np.ndarray) -> np.ndarray:
+    """``g * sigmoid(g)`` as ``nn.SiLU``, float32."""
+    return g / (_F32(1.0) + np.exp(-g))
+
+
+def _rms(v: np.ndarray, w: np.ndarray, eps) -> np.ndarray:
+    """RMSNorm over the last axis of ``v`` (``MixtralRMSNorm``), float32."""
+    var = np.mean(v * v, axis=-1, keepdims=True, dtype=np.float32)
+    return w * (v / np.sqrt(var + _F32(eps)))
+
+
+def _rotate_half(v: np.ndarray) -> np.ndarray:
+    """``cat(-v[..., d/2:], v[..., :d/2])`` (transformers' ``rotate_half``)."""
+    half = v.shape[-1] // 2
+    return np.concatenate([-v[..., half:], v[..., :half]], axis=-1)
+
+
+class NumpyBackend(Backend):
+    """Reference ops in NumPy float32 (``get_backend("numpy")``)."""
+
+    name = "numpy"
+
+    def empty(self, shape, dtype=np.float32):
+        """``np.empty``."""
+        return np.empty(shape, dtype)
+
+    def zeros(self, shape, dtype=np.float32):
+        """``np.zeros``."""
+        return np.zeros(shape, dtype)
+
+    def from_host(self, a):
+        """``np.ascontiguousarray``."""
+        return np.ascontiguousarray(a)
+
+    def to_host(self, a):
+        """``np.asarray``."""
+        return np.asarray(a)
+
+    def embed(self, W, ids):
+        """``W[ids]`` widened to float32."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= W.shape[0]):
+            raise IndexError(f"token id out of range [0, {W.shape[0]})")
+        return to_f32(W[ids])
+
+    def linear(self, x, W, bias=None, out=None):
+        """``x @ W.T + bias`` with the weight widened to float32."""
+        if W.dtype not in (np.uint16, np.float16, np.float32):
+            raise TypeError(f"weight dtype {W.dtype} is not supported")
+        y = x @ to_f32(W).T
+        if bias is not None:
+            y = y + bias
+        if out is None:
+            return np.ascontiguousarray(y, np.float32)
+        out[...] = y
+        return out
+
+    def swiglu(self, x, gate, up):
+        """``silu(x @ gate.T) * (x @ up.T)``."""
+        return _silu(self.linear(x, gate)) * self.linear(x, up)
+
+    def _expert(self, x, e):
+        """``down(silu(gate(x)) * up(x))`` of one expert, float32 [T, H]."""
+        return self.linear(self.swiglu(x, e.gate, e.up), e.down)
+
+    def expert_accumulate(self, out, x, rows, weights, expert):
+        """``out[rows] += weights[:, None] * expert(x[rows])``."""
+        if expert.down.shape != expert.gate.shape[::-1] or x.shape[1] != expert.gate.shape[1]:
+            raise ValueError(f"expert_accumulate: x {x.shape}, gate {expert.gate.shape}, "
+                             f"down {expert.down.shape} disagree")
+        out[rows] += np.asarray(weights, np.float32)[:, None] * self._expert(x[rows], expert)
+
+    def experts_token(self, out, x, experts, weights):
+        """One :meth:`expert_accumulate`-like sum per expert, in order."""
+        for w, e in zip(np.asarray(weights, np.float32), experts):
+            out += w * self._expert(x[None, :], e)[0]
+
+    def rmsnorm(self, x, w, eps, out=None):
+        """``w * x / sqrt(mean(x**2) + eps)``."""
+        y = _rms(x, w, eps)
+        if out is None:
+            return y.astype(np.float32)
+        out[...] = y
+        return out
+
+    def add_(self, a, b):
+        """``a += b``."""
+        a += b
+        return a
+
+    def sigmoid_gate_add_(self, y, g, s):
+        """``y += sigmoid(g) * s``."""
+        y += (_F32(1.0) / (_F32(1.0) + np.exp(-g))) * s
+        return y
+
+    def rope_qk_cache(self, qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0):
+        """Per-head views of ``qkv``: RMSNorm, ``x * cos + rotate_half(x) * sin``, cache slices."""
+        T = qkv.shape[0]
+        q = qkv[:, :nq * hd].reshape(T, nq, hd)                 # views into qkv
+        k = qkv[:, nq * hd:(nq + nkv) * hd].reshape(T, nkv, hd)
+        v = qkv[:, (nq + nkv) * hd:].reshape(T, nkv, hd)
+        c = np.concatenate([cos, cos], axis=-1)[:, None, :]    # [T, 1, hd]
+        s = np.concatenate([sin, sin], axis=-1)[:, None, :]
+        for heads, w in ((q, q_norm), (k, k_norm)):
+            if w.size:
+                heads[...] = _rms(heads, w, eps)
+            heads[...] = heads * c + _rotate_half(heads) * s
+        kc[:, pos0:pos0 + T] = k.transpose(1, 0, 2)
+        vc[:, pos0:pos0 + T] = v.transpose(1, 0, 2)
+
+    def attention(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
+        """Per query head: masked score matrix, softmax, times the values."""
+        T = qkv.shape[0]
+        n = pos0 + T
+        q = qkv[:, :nq * hd].reshape(T, nq, hd)
+        qpos = np.arange(pos0, n)[:, None]
+        kpos = np.arange(n)[None, :]
+        visible = kpos <= qpos
+        if window > 0:
+            visible &= kpos > qpos - window
+        group = nq // nkv
+        for h in range(nq):
+            K, V = kc[h // group, :n], vc[h // group, :n]
+            scores = (q[:, h] @ K.T) * _F32(scale)
+            scores = np.where(visible, scores, -np.inf)
+            p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            p /= p.sum(axis=-1, keepdims=True)
+            out[:, h * hd:(h + 1) * hd] = p.astype(np.float32) @ V
+        return out
+
+    def route(self, logits, k, renorm):
+        """Softmax, stable descending argsort, the first k (renormalised)."""
+        logits = np.asarray(logits, np.float32)
+        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        idx = np.argsort(-p, axis=-1, kind="stable")[:, :k].astype(np.int64)
+        w = np.take_along_axis(p, idx, axis=-1).astype(np.float32)
+        if renorm:
+            w /= w.sum(axis=-1, keepdims=True)
+        return idx, w

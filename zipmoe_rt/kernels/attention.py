@@ -1,0 +1,160 @@
+"""Numba CPU kernels for grouped-query self-attention over a KV cache: per-head q/k RMSNorm and
+RoPE applied in place with the cache write fused in, then causal (optionally sliding-window)
+softmax attention.
+
+The math follows ``MixtralAttention`` / ``Qwen2MoeAttention`` / ``Qwen3MoeAttention`` (transformers
+``modeling_mixtral.py`` etc.) with ``eager_attention_forward`` and ``apply_rotary_pos_emb``
+(``rotate_half`` pairs ``i`` and ``i + head_dim/2``), in float32.
+
+Layouts: ``qkv`` float32 [T, (nq + 2 nkv) * hd] holds the q heads, then the k heads, then the v
+heads of each token (one fused projection). The cache of a layer is ``kc``, ``vc`` float32
+[nkv, capacity, hd]; token ``t`` of the call sits at position ``pos0 + t``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = ["rope_qk_cache", "attention", "ATTN_PAR_MIN"]
+
+_PAR = dict(parallel=True, nogil=True, cache=True, fastmath=True)
+_SER = dict(nogil=True, cache=True, fastmath=True)
+
+#: attention work (query heads x keys x head_dim) below which one thread is faster than a
+#: parallel region.
+ATTN_PAR_MIN = 1 << 18
+
+
+@njit(inline="always")
+def _norm_rope_head(v, w, use_norm, eps, c, s, half):
+    if use_norm:
+        ss = np.float32(0.0)
+        for d in range(v.shape[0]):
+            ss += v[d] * v[d]
+        r = np.float32(1.0) / np.sqrt(ss / np.float32(v.shape[0]) + eps)
+        for d in range(v.shape[0]):
+            v[d] = w[d] * (v[d] * r)
+    for i in range(half):
+        a = v[i]
+        b = v[i + half]
+        v[i] = a * c[i] - b * s[i]
+        v[i + half] = b * c[i] + a * s[i]
+
+
+@njit(**_SER)
+def _qk_prepare(qkv, nq, nkv, hd, qn, kn, eps, cos, sin, kc, vc, pos0):
+    """In place on qkv [T, (nq+2nkv)*hd] (q heads, k heads, v heads): q/k RMSNorm (when qn/kn
+    are non-empty) and RoPE; then k, v written to the cache at positions pos0..pos0+T-1."""
+    T = qkv.shape[0]
+    half = hd // 2
+    koff = nq * hd
+    voff = koff + nkv * hd
+    use_qn = qn.size > 0
+    use_kn = kn.size > 0
+    for t in range(T):
+        c = cos[t]
+        s = sin[t]
+        for h in range(nq):
+            _norm_rope_head(qkv[t, h * hd:(h + 1) * hd], qn, use_qn, eps, c, s, half)
+        for h in range(nkv):
+            kv = qkv[t, koff + h * hd:koff + (h + 1) * hd]
+            _norm_rope_head(kv, kn, use_kn, eps, c, s, half)
+            kdst = kc[h, pos0 + t]
+            vdst = vc[h, pos0 + t]
+            for d in range(hd):
+                kdst[d] = kv[d]
+                vdst[d] = qkv[t, voff + h * hd + d]
+
+
+@njit(inline="always")
+def _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
+    """Causal (optionally windowed) softmax attention of one (token, head) pair ``th``."""
+    group = nq // nkv
+    t = th // nq
+    h = th - t * nq
+    kh = h // group
+    p = pos0 + t
+    start = 0
+    if window > 0 and p - window + 1 > 0:
+        start = p - window + 1
+    n = p + 1 - start
+    sc = np.empty(n, np.float32)
+    q = qkv[t, h * hd:(h + 1) * hd]
+    m = -np.inf
+    for j in range(n):
+        kr = kc[kh, start + j]
+        acc = np.float32(0.0)
+        for d in range(hd):
+            acc += q[d] * kr[d]
+        acc *= scale
+        sc[j] = acc
+        if acc > m:
+            m = acc
+    tot = np.float32(0.0)
+    for j in range(n):
+        e = np.exp(sc[j] - m)
+        sc[j] = e
+        tot += e
+    inv = np.float32(1.0) / tot
+    o = out[t, h * hd:(h + 1) * hd]
+    for d in range(hd):
+        o[d] = 0.0
+    for j in range(n):
+        wj = sc[j] * inv
+        vr = vc[kh, start + j]
+        for d in range(hd):
+            o[d] += wj * vr[d]
+
+
+@njit(**_PAR)
+def _attention_par(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
+    for th in prange(qkv.shape[0] * nq):
+        _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out)
+
+
+@njit(**_SER)
+def _attention_ser(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
+    for th in range(qkv.shape[0] * nq):
+        _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out)
+
+
+def rope_qk_cache(qkv: np.ndarray, nq: int, nkv: int, hd: int, q_norm: np.ndarray,
+                  k_norm: np.ndarray, eps: np.float32, cos: np.ndarray, sin: np.ndarray,
+                  kc: np.ndarray, vc: np.ndarray, pos0: int) -> None:
+    """In place on ``qkv``: RMSNorm over head_dim of every q head (``q_norm`` non-empty) and k
+    head (``k_norm`` non-empty), RoPE on q and k; then k and v of token ``t`` are written to
+    ``kc[:, pos0 + t]``, ``vc[:, pos0 + t]``.
+
+    Args:
+        qkv: float32 [T, (nq + 2 nkv) * hd], C-contiguous.  nq, nkv, hd: heads and head size.
+        q_norm, k_norm: float32 [hd] weights, or empty float32 [0] for none (Qwen3 has both).
+        eps: np.float32 RMSNorm epsilon.
+        cos, sin: float32 [T, hd / 2] (:meth:`zipmoe_rt.models.rope.RoPE.cos_sin`).
+        kc, vc: float32 [nkv, capacity, hd] with ``capacity >= pos0 + T``.  pos0: position of
+            the first token.
+    """
+    _qk_prepare(qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0)
+
+
+def attention(qkv: np.ndarray, nq: int, nkv: int, hd: int, kc: np.ndarray, vc: np.ndarray,
+              pos0: int, window: int, scale: np.float32, out: np.ndarray) -> np.ndarray:
+    """``out[t, h] = softmax(q[t, h] . k[j] * scale) v[j]`` over the visible keys of query
+    position ``p = pos0 + t``: ``j <= p``, and ``j > p - window`` when ``window > 0``. Query head
+    ``h`` reads kv head ``h // (nq // nkv)`` (grouped-query). One thread below
+    :data:`ATTN_PAR_MIN` units of work, else a parallel region over (token, head) pairs (same
+    results either way).
+
+    Args:
+        qkv: float32 [T, (nq + 2 nkv) * hd] after :func:`rope_qk_cache` (only q is read).
+        kc, vc: float32 [nkv, capacity, hd], positions ``0 .. pos0 + T - 1`` valid.
+        pos0: position of the first token.  window: sliding window in tokens, 0 = full.
+        scale: np.float32 score scale (``head_dim ** -0.5``).
+        out: float32 [T, nq * hd], overwritten.
+    Returns:
+        ``out``.
+    """
+    T = qkv.shape[0]
+    keys = pos0 + T if window <= 0 else min(pos0 + T, window)
+    attend = _attention_par if T * nq * keys * hd >= ATTN_PAR_MIN else _attention_ser
+    attend(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out)
+    return out

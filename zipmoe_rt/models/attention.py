@@ -1,0 +1,75 @@
+"""Grouped-query self-attention with RoPE over a per-layer :class:`~zipmoe_rt.models.cache.KVCache`
+(``MixtralAttention``, ``Qwen2MoeAttention``, ``Qwen3MoeAttention`` in transformers' modeling
+files). The compute runs through the model's backend (:mod:`zipmoe_rt.backends`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backends import get_backend, to_f32
+from .args import ModelArgs
+from .cache import KVCache
+
+_EMPTY = np.zeros(0, np.float32)
+
+
+class Attention:
+    """Grouped-query self-attention with RoPE and a KV cache (``MixtralAttention``,
+    ``Qwen2MoeAttention``, ``Qwen3MoeAttention``): q/k/v projections (optional bias), optional
+    per-head q/k RMSNorm (Qwen3, before RoPE), softmax(q k^T * head_dim**-0.5 + causal mask) v,
+    then o_proj.
+
+    The q, k, v weights are concatenated once into one [(nq+2nkv)*hd, H] matrix of the source
+    dtype (one GEMV per token instead of three).
+
+    Args:
+        args: :class:`~zipmoe_rt.models.args.ModelArgs`.  layer: index.
+        wq, wk, wv: [heads*hd, H]; wo: [H, nq*hd] (BF16 bits, float16 or float32).
+        bq, bk, bv, bo: optional biases (any float dtype / BF16 bits).
+        q_norm, k_norm: optional [hd] weights (Qwen3).
+        backend: compute backend (:func:`~zipmoe_rt.backends.get_backend`; default numba).
+    """
+
+    def __init__(self, args: ModelArgs, layer: int, wq, wk, wv, wo, bq=None, bk=None, bv=None,
+                 bo=None, q_norm=None, k_norm=None, backend=None):
+        be = self.backend = get_backend(backend)
+        self.layer = layer
+        self.nq, self.nkv = args.num_attention_heads, args.num_key_value_heads
+        self.hd = args.head_dim
+        self.eps = np.float32(args.rms_norm_eps)
+        self.window = args.window(layer)
+        self.scale = np.float32(self.hd ** -0.5)
+        mats = [np.asarray(w) for w in (wq, wk, wv)]
+        if len({m.dtype for m in mats}) > 1:
+            mats = [to_f32(m) for m in mats]
+        self.wqkv = be.from_host(np.ascontiguousarray(np.concatenate(mats, axis=0)))
+        self.wo = be.from_host(np.ascontiguousarray(wo))
+        if any(b is not None for b in (bq, bk, bv)):
+            sizes = (self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd)
+            self.bqkv = be.from_host(np.concatenate(
+                [to_f32(b) if b is not None else np.zeros(n, np.float32)
+                 for b, n in zip((bq, bk, bv), sizes)]))
+        else:
+            self.bqkv = None
+        self.bo = None if bo is None else be.from_host(to_f32(bo))
+        self.q_norm = be.from_host(_EMPTY if q_norm is None else to_f32(q_norm))
+        self.k_norm = be.from_host(_EMPTY if k_norm is None else to_f32(k_norm))
+
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        """An empty :class:`~zipmoe_rt.models.cache.KVCache` for this layer (nkv heads of hd
+        keys and values, this layer's window) holding ``capacity`` positions before growing."""
+        return KVCache(self.nkv, self.hd, self.hd, self.window, capacity, self.backend)
+
+    def __call__(self, x, cache: KVCache, pos0: int, cos, sin):
+        """x float32 [T, H] at positions pos0.. -> float32 [T, H]; writes k/v into this layer's
+        ``cache`` at positions pos0.. (pending until the model commits; the cache must have
+        room: :meth:`KVCache.reserve`). cos, sin: float32 [T, hd/2] backend arrays."""
+        be = self.backend
+        T = x.shape[0]
+        qkv = be.linear(x, self.wqkv, self.bqkv)
+        att = be.empty((T, self.nq * self.hd))
+        kc, vc = cache.k, cache.v
+        be.rope_qk_cache(qkv, self.nq, self.nkv, self.hd, self.q_norm, self.k_norm, self.eps,
+                         cos, sin, kc, vc, pos0)
+        be.attention(qkv, self.nq, self.nkv, self.hd, kc, vc, pos0, self.window, self.scale, att)
+        return be.linear(att, self.wo, self.bo)

@@ -1,0 +1,235 @@
+"""What a model keeps between forward calls: one cache per decoder layer behind a small contract
+(:class:`LayerCache`), and :class:`ModelCache`, the list of them plus the tokens committed.
+
+Per-layer caches let layers differ: their own K and V head sizes, kv-head count and attention
+window today (:class:`KVCache`); a compressed latent per token (MLA) or a recurrent state (linear
+attention) later, each implementing :class:`LayerCache`. transformers' ``cache_utils.py``
+(``DynamicCache`` of ``DynamicLayer`` / ``DynamicSlidingWindowLayer``) is the model.
+
+Commit protocol: a forward call of ``T`` tokens first reserves room
+(:meth:`ModelCache.reserve`), each layer then writes its entries for positions ``length ..
+length + T - 1`` (pending: not counted in ``length``), and :meth:`ModelCache.commit` advances
+every layer once all layers ran. A forward interrupted in between leaves every layer's committed
+contents as they were.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from ..backends import get_backend
+
+__all__ = ["LayerCache", "KVCache", "ModelCache"]
+
+
+@runtime_checkable
+class LayerCache(Protocol):
+    """The contract between one decoder layer's cache and :class:`ModelCache`.
+
+    How entries are written is the layer's own business (:meth:`KVCache.update`, or a fused
+    kernel writing into its buffers); what every layer cache offers is this.
+
+    Attributes:
+        length: positions committed (int).
+    """
+
+    length: int
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` pending positions past ``length``."""
+
+    def commit(self, n: int) -> None:
+        """Count the ``n`` pending positions written by the last forward call as held.
+
+        Raises:
+            ValueError: fewer than ``n`` positions were reserved.
+        """
+
+    def can_crop(self, n: int) -> bool:
+        """Whether :meth:`crop` ``(n)`` is possible. A cache that keeps every position (a KV
+        cache) can crop to any ``0 <= n <= length``; a recurrent state only to ``n == length``
+        (nothing to drop)."""
+
+    def crop(self, n: int) -> None:
+        """Forget positions ``n`` and later.
+
+        Raises:
+            ValueError: ``can_crop(n)`` is False.
+        """
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (not only those in use)."""
+
+
+class KVCache:
+    """Keys and values of ONE attention layer, growing by doubling (transformers'
+    ``DynamicLayer``). Implements :class:`LayerCache`.
+
+    Storage keeps every position, also for a sliding-window layer (``window`` is recorded for the
+    attention op and for a future trimming cache), so any prefix can be cropped back to.
+
+    Args:
+        num_kv_heads: kv heads.  k_head_dim: key size per head.
+        v_head_dim: value size per head (default ``k_head_dim``).
+        window: the layer's attention window in tokens, 0 = full attention.
+        capacity: positions allocated up front (at least 1; grows by doubling on demand).
+        backend: where the buffers live (:func:`~zipmoe_rt.backends.get_backend`; default
+            numba = host numpy).
+    Attributes:
+        k: float32 [num_kv_heads, capacity, k_head_dim] (keys stored after RoPE).
+        v: float32 [num_kv_heads, capacity, v_head_dim].
+        length: positions committed; slots past it are scratch (a pending or interrupted
+            forward's entries, overwritten by the next call).
+        capacity: positions allocated.
+    """
+
+    def __init__(self, num_kv_heads: int, k_head_dim: int, v_head_dim: int | None = None,
+                 window: int = 0, capacity: int = 256, backend=None):
+        self.backend = get_backend(backend)
+        self.num_kv_heads, self.k_head_dim = int(num_kv_heads), int(k_head_dim)
+        self.v_head_dim = self.k_head_dim if v_head_dim is None else int(v_head_dim)
+        self.window = int(window)
+        self.capacity = max(1, int(capacity))
+        self.k = self.backend.zeros((self.num_kv_heads, self.capacity, self.k_head_dim))
+        self.v = self.backend.zeros((self.num_kv_heads, self.capacity, self.v_head_dim))
+        self.length = 0
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` positions past ``length`` (doubling the capacity as needed; the
+        committed positions are copied, pending ones are not)."""
+        need = self.length + int(n)
+        if need <= self.capacity:
+            return
+        cap = self.capacity
+        while cap < need:
+            cap *= 2
+        for name, d in (("k", self.k_head_dim), ("v", self.v_head_dim)):
+            a = getattr(self, name)
+            b = self.backend.zeros((self.num_kv_heads, cap, d))
+            b[:, :self.length] = a[:, :self.length]
+            setattr(self, name, b)
+        self.capacity = cap
+
+    def update(self, k, v):
+        """Append entries (pending until :meth:`commit`): ``k`` float32 [num_kv_heads, T,
+        k_head_dim] and ``v`` [num_kv_heads, T, v_head_dim] go to positions ``length ..
+        length + T - 1`` (room is made as needed).
+
+        Returns:
+            (keys, values): views of positions ``0 .. length + T - 1``.
+        Raises:
+            ValueError: shapes do not match the cache.
+        """
+        T = k.shape[1]
+        if (tuple(k.shape) != (self.num_kv_heads, T, self.k_head_dim)
+                or tuple(v.shape) != (self.num_kv_heads, T, self.v_head_dim)):
+            raise ValueError(f"update: k {tuple(k.shape)} / v {tuple(v.shape)} do not match a "
+                             f"cache of {self.num_kv_heads} heads x ({self.k_head_dim}, "
+                             f"{self.v_head_dim})")
+        self.reserve(T)
+        end = self.length + T
+        self.k[:, self.length:end] = k
+        self.v[:, self.length:end] = v
+        return self.k[:, :end], self.v[:, :end]
+
+    def commit(self, n: int) -> None:
+        """``length += n`` (see :meth:`LayerCache.commit`). Raises ValueError past capacity."""
+        if not 0 <= int(n) <= self.capacity - self.length:
+            raise ValueError(f"commit({n}): only {self.capacity - self.length} positions reserved")
+        self.length += int(n)
+
+    def can_crop(self, n: int) -> bool:
+        """True for any ``0 <= n <= length``."""
+        return 0 <= int(n) <= self.length
+
+    def crop(self, n: int) -> None:
+        """Forget positions ``n`` and later. Raises ValueError when ``n`` is not in 0..length."""
+        if not self.can_crop(n):
+            raise ValueError(f"crop({n}): cache holds {self.length} tokens")
+        self.length = int(n)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (capacity, not length)."""
+        return int(self.k.nbytes + self.v.nbytes)
+
+
+class ModelCache:
+    """The caches of every decoder layer of one sequence, plus the tokens committed (the spelling
+    of transformers' ``Cache``: ``get_seq_length``, ``crop``).
+
+    Args:
+        layers: one :class:`LayerCache` per decoder layer, all empty.
+    Attributes:
+        layers: list of the layer caches (``cache[i]`` is layer ``i``'s).
+        offset: tokens held (read-only; :meth:`commit` advances it after all layers ran, so an
+            interrupted forward leaves the cache as it was).
+    Raises:
+        ValueError: a layer cache that is not empty.
+    """
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+        if any(lc.length for lc in self.layers):
+            raise ValueError("ModelCache: layer caches must start empty")
+        self._offset = 0
+
+    @property
+    def offset(self) -> int:
+        """Tokens held, the same in every layer (see :meth:`commit`)."""
+        return self._offset
+
+    def __getitem__(self, i: int):
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        """Number of layers (not tokens: see :meth:`get_seq_length`)."""
+        return len(self.layers)
+
+    def get_seq_length(self) -> int:
+        """Tokens held (``offset``)."""
+        return self._offset
+
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` more tokens in every layer."""
+        for lc in self.layers:
+            lc.reserve(n)
+
+    def commit(self, n: int) -> None:
+        """Count the ``n`` tokens the forward call wrote into every layer as held."""
+        for lc in self.layers:
+            lc.commit(n)
+        self._offset += int(n)
+
+    def can_crop(self, n: int) -> bool:
+        """Whether :meth:`crop` ``(n)`` would succeed: ``0 <= n <= offset`` and every layer can."""
+        return 0 <= int(n) <= self._offset and all(lc.can_crop(n) for lc in self.layers)
+
+    def crop(self, n: int) -> None:
+        """Forget tokens from position ``n`` on (e.g. to reuse a shared prompt prefix), in every
+        layer or, when one cannot, in none.
+
+        Raises:
+            ValueError: ``n`` not in 0..offset, or a layer cannot crop to ``n`` (the message
+                lists them; the cache is unchanged, rebuild it instead).
+        """
+        if not 0 <= int(n) <= self._offset:
+            raise ValueError(f"crop({n}): cache holds {self._offset} tokens")
+        stuck = [i for i, lc in enumerate(self.layers) if not lc.can_crop(n)]
+        if stuck:
+            raise ValueError(f"crop({n}): layer cache(s) {stuck} cannot crop")
+        for lc in self.layers:
+            lc.crop(n)
+        self._offset = int(n)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated by all layers."""
+        return sum(int(lc.nbytes) for lc in self.layers)
+
+    @property
+    def capacity(self) -> int | None:
+        """Smallest ``capacity`` of the layers that have one (positions held without growing);
+        None when no layer has a capacity."""
+        caps = [lc.capacity for lc in self.layers if getattr(lc, "capacity", None) is not None]
+        return min(caps) if caps else None

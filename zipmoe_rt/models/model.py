@@ -1,0 +1,208 @@
+"""The decoder skeleton shared by every family: the pre-norm residual layer and the causal LM
+over a weight source (the ``*ForCausalLM`` classes of transformers' ``modeling_mixtral.py``,
+``modeling_qwen2_moe.py``, ``modeling_qwen3_moe.py``). Family modules subclass :class:`Model`
+and build each layer's feed-forward block; every array and compute op goes through the model's
+backend (:mod:`zipmoe_rt.backends`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backends import Backend, get_backend, to_f32
+from .args import ModelArgs
+from .attention import Attention
+from .cache import ModelCache
+from .moe import MLP, ExpertExecutor, RouteHook
+from .rope import RoPE
+
+
+class DecoderLayer:
+    """Pre-norm residual layer (``MixtralDecoderLayer``):
+    ``x += attn(input_layernorm(x)); x += mlp(post_attention_layernorm(x))``.
+
+    Args:
+        attn: :class:`~zipmoe_rt.models.attention.Attention`.  mlp: a
+            :class:`~zipmoe_rt.models.moe.SparseMoeBlock` or :class:`~zipmoe_rt.models.moe.MLP`
+            (any callable float32 [T, H] -> [T, H]).  input_norm, post_norm: [H] RMSNorm weights.
+        eps: RMSNorm epsilon.  backend: compute backend (default numba).
+    """
+
+    def __init__(self, attn: Attention, mlp, input_norm, post_norm, eps: float, backend=None):
+        be = self.backend = get_backend(backend)
+        self.attn, self.mlp = attn, mlp
+        self.input_norm = be.from_host(to_f32(input_norm))
+        self.post_norm = be.from_host(to_f32(post_norm))
+        self.eps = np.float32(eps)
+
+    def __call__(self, x, cache, pos0, cos, sin):
+        """x float32 [T, H], updated in place and returned; ``cache`` is this layer's cache
+        (:meth:`Attention.new_cache`)."""
+        be = self.backend
+        h = be.rmsnorm(x, self.input_norm, self.eps)
+        be.add_(x, self.attn(h, cache, pos0, cos, sin))
+        be.rmsnorm(x, self.post_norm, self.eps, out=h)
+        be.add_(x, self.mlp(h))
+        return x
+
+
+class Model:
+    """A decoder-only MoE language model over a weight source (the ``*ForCausalLM`` classes).
+
+    Subclasses (one per family) set the tensor names and build each layer's feed-forward block
+    in :meth:`build_mlp`. Dense weights are fetched from the source once, here; expert weights
+    are fetched by the executor on every use.
+
+    Args:
+        source: a :class:`~zipmoe_rt.models.weights.WeightSource`.
+        executor: an :class:`~zipmoe_rt.models.moe.Executor`; default
+            :class:`~zipmoe_rt.models.moe.ExpertExecutor` over ``source`` on ``backend``.
+        backend: compute backend: a name (``"numba"``, the default; ``"numpy"``) or a
+            :class:`~zipmoe_rt.backends.base.Backend` (:func:`~zipmoe_rt.backends.get_backend`).
+    Attributes:
+        args / config: :class:`~zipmoe_rt.models.args.ModelArgs` (``config.vocab_size`` etc.).
+        hparams: the source's dict.
+        backend: the :class:`~zipmoe_rt.backends.base.Backend` every op runs on.
+        executor: swappable.
+        route_hook: None or ``f(layer, x, logits, topk_idx, topk_w)`` called before experts run.
+        layers: list of :class:`DecoderLayer` (``layers[i].mlp`` is a
+            :class:`~zipmoe_rt.models.moe.SparseMoeBlock` for MoE layers, whose
+            ``router_logits`` an engine may use for prefetching).
+    Raises:
+        KeyError: a dense tensor is missing.  ValueError: inconsistent hparams, an unknown
+        backend, or an executor computing on another backend.
+    """
+
+    args_class = ModelArgs
+
+    def __init__(self, source, executor=None, backend=None):
+        self.source = source
+        self.hparams = dict(source.hparams)
+        self.args = self.args_class.from_hparams(self.hparams)
+        self.config = self.args
+        be = self.backend = get_backend(backend)
+        eb = getattr(executor, "backend", None)
+        if isinstance(eb, Backend) and eb.name != be.name:
+            raise ValueError(f"the executor computes on backend {eb.name!r}, the model on "
+                             f"{be.name!r}: build both with the same backend")
+        self.executor = executor if executor is not None else ExpertExecutor(source, be)
+        self.route_hook: RouteHook | None = None
+        a = self.args
+        self.rope = RoPE(a)
+        self.embed = be.from_host(np.ascontiguousarray(source.tensor("model.embed_tokens.weight")))
+        if source.has("lm_head.weight"):
+            self.lm_head = be.from_host(np.ascontiguousarray(source.tensor("lm_head.weight")))
+        else:
+            self.lm_head = self.embed
+        self.norm = be.from_host(to_f32(source.tensor("model.norm.weight")))
+        self.moe_layers = set(a.moe_layers)
+        self.layers = [self.build_layer(i) for i in range(a.num_hidden_layers)]
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def _opt(self, name):
+        return self.source.tensor(name) if self.source.has(name) else None
+
+    def _first(self, *names):
+        for n in names:
+            if self.source.has(n):
+                return self.source.tensor(n)
+        raise KeyError(f"none of {names} in the weight source")
+
+    def build_attention(self, i: int) -> Attention:
+        """Attention of layer ``i`` from ``model.layers.{i}.self_attn.*``."""
+        p = f"model.layers.{i}.self_attn."
+        t = self.source.tensor
+        kw = {}
+        if self.args.attention_bias or self.source.has(p + "q_proj.bias"):
+            kw.update(bq=self._opt(p + "q_proj.bias"), bk=self._opt(p + "k_proj.bias"),
+                      bv=self._opt(p + "v_proj.bias"))
+        kw["bo"] = self._opt(p + "o_proj.bias")
+        if self.args.qk_norm:
+            kw.update(q_norm=t(p + "q_norm.weight"), k_norm=t(p + "k_norm.weight"))
+        return Attention(self.args, i, t(p + "q_proj.weight"), t(p + "k_proj.weight"),
+                         t(p + "v_proj.weight"), t(p + "o_proj.weight"), backend=self.backend,
+                         **kw)
+
+    def build_mlp(self, i: int):
+        """The feed-forward block of layer ``i`` (family specific)."""
+        raise NotImplementedError
+
+    def build_layer(self, i: int) -> DecoderLayer:
+        """Decoder layer ``i`` (attention, feed-forward block, both norms)."""
+        p = f"model.layers.{i}."
+        return DecoderLayer(self.build_attention(i), self.build_mlp(i),
+                            self.source.tensor(p + "input_layernorm.weight"),
+                            self.source.tensor(p + "post_attention_layernorm.weight"),
+                            self.args.rms_norm_eps, self.backend)
+
+    def dense_mlp(self, prefix: str) -> MLP:
+        """:class:`~zipmoe_rt.models.moe.MLP` from
+        ``{prefix}gate_proj/up_proj/down_proj.weight``."""
+        t = self.source.tensor
+        return MLP(t(prefix + "gate_proj.weight"), t(prefix + "up_proj.weight"),
+                   t(prefix + "down_proj.weight"), self.backend)
+
+    # -- inference -----------------------------------------------------------------------------
+
+    def new_cache(self, capacity: int = 256, max_tokens: int | None = None) -> ModelCache:
+        """An empty :class:`~zipmoe_rt.models.cache.ModelCache`: one layer cache per decoder
+        layer, each from its attention (:meth:`Attention.new_cache`).
+
+        Args:
+            capacity: positions allocated up front (the caches grow by doubling past it).
+            max_tokens: the most positions the caller will store, if known: the initial
+                allocation is then ``min(capacity, max_tokens)`` (a short run does not hold
+                ``capacity`` positions of every layer: 12 MB for the default model).
+        """
+        if max_tokens is not None:
+            capacity = max(1, min(capacity, int(max_tokens)))
+        return ModelCache(layer.attn.new_cache(capacity) for layer in self.layers)
+
+    def embed_tokens(self, ids: np.ndarray):
+        """float32 [T, H] embedding rows (BF16 rows widened on the fly).
+
+        Raises:
+            IndexError: an id outside the vocabulary.
+        """
+        return self.backend.embed(self.embed, ids)
+
+    def logits(self, h):
+        """Final norm + lm_head: float32 [T, H] -> float32 [T, vocab] (backend arrays)."""
+        be = self.backend
+        hn = be.rmsnorm(h, self.norm, np.float32(self.args.rms_norm_eps))
+        return be.linear(hn, self.lm_head)
+
+    def forward(self, ids, cache: ModelCache, last_only: bool = True) -> np.ndarray:
+        """Run tokens ``ids`` after the ``cache.offset`` tokens already in ``cache`` and append
+        their keys/values (``cache.offset += T`` once every layer ran).
+
+        Args:
+            ids: int [T] token ids (T >= 1).
+            cache: from :meth:`new_cache`.
+            last_only: return only the last position's logits.
+        Returns:
+            host float32 [vocab] (last_only) or [T, vocab] logits.
+        Raises:
+            ValueError: empty ``ids``, or a cache of another layer count.  IndexError: an id
+            outside the vocabulary.
+        """
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        T = ids.shape[0]
+        if T == 0:
+            raise ValueError("forward: no tokens")
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(f"forward: the cache has {len(cache.layers)} layers, the model "
+                             f"{len(self.layers)}")
+        be = self.backend
+        x = self.embed_tokens(ids)
+        pos0 = cache.offset
+        cache.reserve(T)
+        cos, sin = (be.from_host(a) for a in self.rope.cos_sin(pos0, T))
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            layer(x, layer_cache, pos0, cos, sin)
+        cache.commit(T)
+        if last_only:
+            return be.to_host(self.logits(x[T - 1:]))[0]
+        return be.to_host(self.logits(x))
+
+    __call__ = forward

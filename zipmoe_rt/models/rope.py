@@ -1,0 +1,118 @@
+"""Rotary position embeddings: inverse frequencies of the RoPE variants (transformers'
+``modeling_rope_utils.py``) and the cos/sin tables of a run of positions (``*RotaryEmbedding``
+of the modeling files). Host numpy; the tables are small and go through the backend's
+``from_host``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .args import ModelArgs
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE (modeling_rope_utils.py)
+
+
+def rope_inv_freq(args: ModelArgs) -> tuple[np.ndarray, float]:
+    """Inverse frequencies and the cos/sin scale, as transformers' ``ROPE_INIT_FUNCTIONS``.
+
+    Supports rope_type ``default``, ``linear``, ``llama3`` and ``yarn`` (float32 arithmetic in
+    the same order as ``modeling_rope_utils.py``).
+
+    Args:
+        args: uses ``rope`` (rope_theta, factor, ...), ``head_dim``, ``max_position_embeddings``.
+    Returns:
+        (inv_freq float32 [head_dim // 2] in radians per position, attention_scaling float).
+    Raises:
+        ValueError: an unsupported rope_type or partial_rotary_factor != 1, or missing keys.
+    """
+    rp = args.rope or {}
+    rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
+    base = float(rp.get("rope_theta", 10000.0))
+    if float(rp.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported")
+    dim = args.head_dim
+    f32 = np.float32
+    expo = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / f32(dim)
+    pos_freqs = np.power(f32(base), expo, dtype=np.float32)
+    inv = (f32(1.0) / pos_freqs).astype(np.float32)
+    try:
+        if rtype == "default":
+            return inv, 1.0
+        if rtype == "linear":
+            return (inv / f32(rp["factor"])).astype(np.float32), 1.0
+        if rtype == "llama3":
+            factor = float(rp["factor"])
+            lo, hi = float(rp["low_freq_factor"]), float(rp["high_freq_factor"])
+            old = float(rp["original_max_position_embeddings"])
+            lo_wl, hi_wl = old / lo, old / hi
+            wavelen = (f32(2 * math.pi) / inv).astype(np.float32)
+            inv_l = np.where(wavelen > lo_wl, inv / f32(factor), inv).astype(np.float32)
+            smooth = ((f32(old) / wavelen - f32(lo)) / f32(hi - lo)).astype(np.float32)
+            smoothed = ((f32(1) - smooth) * inv_l / f32(factor) + smooth * inv_l).astype(np.float32)
+            medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
+            return np.where(medium, smoothed, inv_l).astype(np.float32), 1.0
+        if rtype == "yarn":
+            orig = float(rp.get("original_max_position_embeddings") or args.max_position_embeddings)
+            factor = rp.get("factor")
+            factor = float(factor) if factor is not None else args.max_position_embeddings / orig
+            attn = rp.get("attention_factor")
+            mscale, mscale_all = rp.get("mscale"), rp.get("mscale_all_dim")
+
+            def get_mscale(scale, m=1.0):
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+            if attn is None:
+                if mscale and mscale_all:
+                    attn = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all))
+                else:
+                    attn = get_mscale(factor)
+            beta_fast = rp.get("beta_fast") or 32
+            beta_slow = rp.get("beta_slow") or 1
+
+            def corr_dim(rot):
+                return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+            low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+            if rp.get("truncate", True):
+                low, high = math.floor(low), math.ceil(high)
+            low, high = max(low, 0), min(high, dim - 1)
+            if low == high:
+                high += 0.001
+            ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - f32(low)) / f32(high - low),
+                           0, 1).astype(np.float32)
+            extra = (f32(1) - ramp).astype(np.float32)
+            inv_interp = (f32(1.0) / (f32(factor) * pos_freqs)).astype(np.float32)
+            inv_y = (inv_interp * (f32(1) - extra) + inv * extra).astype(np.float32)
+            return inv_y, float(attn)
+    except KeyError as e:
+        raise ValueError(f"rope_parameters: {rtype} needs {e.args[0]!r}") from None
+    raise ValueError(f"rope_type {rtype!r} is not supported (default, linear, llama3, yarn)")
+
+
+class RoPE:
+    """Rotary embedding tables for positions, as ``MixtralRotaryEmbedding.forward``:
+    ``freqs = float32(pos) * inv_freq``; ``cos = cos(freqs) * attention_scaling`` (same for sin).
+    Applied with ``rotate_half`` (pairs ``i`` and ``i + head_dim/2``).
+
+    Args:
+        args: :class:`ModelArgs`.
+    Raises:
+        ValueError: from :func:`rope_inv_freq`.
+    """
+
+    def __init__(self, args: ModelArgs):
+        self.inv_freq, self.scaling = rope_inv_freq(args)
+
+    def cos_sin(self, pos0: int, T: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tables for positions ``pos0 .. pos0+T-1``: (cos, sin), each float32 [T, head_dim/2]."""
+        pos = np.arange(pos0, pos0 + T, dtype=np.float32)
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        cos, sin = np.cos(freqs), np.sin(freqs)
+        if self.scaling != 1.0:
+            cos *= np.float32(self.scaling)
+            sin *= np.float32(self.scaling)
+        return np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32)
