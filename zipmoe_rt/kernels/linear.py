@@ -24,7 +24,7 @@ Layout of the work:
 All kernels are ``@njit(nogil=True, cache=True, fastmath=True)``; the big ones are
 ``parallel=True`` and use Numba's default threading layer. Call parallel kernels from one thread
 only (the model's main thread); ``parallel=False`` selects single-threaded kernels, safe from
-worker threads. Small products run single-threaded anyway (see ``_PAR_MIN_WORK``; the threshold
+worker threads. Small products run single-threaded anyway (see ``PAR_MIN_WORK``; the threshold
 is higher when OpenMP workers sleep, :mod:`zipmoe_rt.kernels`).
 """
 from __future__ import annotations
@@ -42,15 +42,17 @@ __all__ = [
 #: names defined in :mod:`.swiglu`, importable from this module too (see :func:`__getattr__`)
 _SWIGLU_NAMES = ("swiglu_expert", "swiglu_hidden", "expert_accumulate", "experts_decode")
 
-_PAR = dict(parallel=True, nogil=True, cache=True, fastmath=True)
-_SER = dict(nogil=True, cache=True, fastmath=True)
+#: Numba options of the parallel kernels (shared by the kernel modules of this package).
+JIT_PARALLEL = dict(parallel=True, nogil=True, cache=True, fastmath=True)
+#: Numba options of the single-threaded kernels.
+JIT_SERIAL = dict(nogil=True, cache=True, fastmath=True)
 
 #: rows handled together by one step of the kernels (shares each x load between four rows).
 _RB = 4
 #: below this many multiply-adds (T x out x in) one thread beats a parallel region, whose
 #: fork/join costs ~2 us with spinning OpenMP workers but ~75 us with sleeping ones in a VM
 #: (see :mod:`zipmoe_rt.kernels`): then only the big matrices (experts, lm_head) are split.
-_PAR_MIN_WORK = int(os.environ.get("ZIPMOE_PAR_MIN_WORK", 0)) or (
+PAR_MIN_WORK = int(os.environ.get("ZIPMOE_PAR_MIN_WORK", 0)) or (
     1 << 17 if os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE" else 1 << 20)
 
 _NO_BIAS = np.zeros(0, np.float32)
@@ -61,7 +63,7 @@ _NO_BIAS = np.zeros(0, np.float32)
 
 
 @njit(inline="always")
-def _bf16(h):
+def bf16_to_f32(h):
     """BF16 bits (uint16) -> float32, exact."""
     return np.uint32(np.uint32(h) << 16).view(np.float32)
 
@@ -81,17 +83,18 @@ def _f16(h):
     return np.uint32(bits | sign).view(np.float32)
 
 
-@njit(**_SER)
-def _widen_rows_bf16(W, r0, r1, buf):
+@njit(**JIT_SERIAL)
+def widen_rows_bf16(W, r0, r1, buf):
+    """buf[:r1-r0] = float32 of BF16 rows W[r0:r1] (uint16 bits, exact widening)."""
     n = W.shape[1]
     for r in range(r0, r1):
         row = W[r]
         b = buf[r - r0]
         for j in range(n):
-            b[j] = _bf16(row[j])
+            b[j] = bf16_to_f32(row[j])
 
 
-@njit(**_SER)
+@njit(**JIT_SERIAL)
 def _widen_rows_f16(W, r0, r1, buf):
     n = W.shape[1]
     for r in range(r0, r1):
@@ -101,7 +104,7 @@ def _widen_rows_f16(W, r0, r1, buf):
             b[j] = _f16(row[j])
 
 
-@njit(**_SER)
+@njit(**JIT_SERIAL)
 def _copy_rows_f32(W, r0, r1, buf):
     n = W.shape[1]
     for r in range(r0, r1):
@@ -111,14 +114,14 @@ def _copy_rows_f32(W, r0, r1, buf):
             b[j] = row[j]
 
 
-@njit(**_PAR)
+@njit(**JIT_PARALLEL)
 def _widen_bf16_par(W, out):
     rows = W.shape[0]
     for r in prange(rows):
         row = W[r]
         o = out[r]
         for j in range(W.shape[1]):
-            o[j] = _bf16(row[j])
+            o[j] = bf16_to_f32(row[j])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,10 +143,10 @@ def _gemv_bf16_block(x, W, y, bias, o, q):
     r3 = W[o + 3 * q]
     for j in range(n):
         xj = x[j]
-        a0 += _bf16(r0[j]) * xj
-        a1 += _bf16(r1[j]) * xj
-        a2 += _bf16(r2[j]) * xj
-        a3 += _bf16(r3[j]) * xj
+        a0 += bf16_to_f32(r0[j]) * xj
+        a1 += bf16_to_f32(r1[j]) * xj
+        a2 += bf16_to_f32(r2[j]) * xj
+        a3 += bf16_to_f32(r3[j]) * xj
     if bias.size:
         a0 += bias[o]
         a1 += bias[o + q]
@@ -161,13 +164,13 @@ def _gemv_bf16_row(x, W, y, bias, o):
     acc = np.float32(0.0)
     row = W[o]
     for j in range(n):
-        acc += _bf16(row[j]) * x[j]
+        acc += bf16_to_f32(row[j]) * x[j]
     if bias.size:
         acc += bias[o]
     y[o] = acc
 
 
-@njit(**_PAR)
+@njit(**JIT_PARALLEL)
 def _gemv_bf16_par(x, W, y, bias):
     out = W.shape[0]
     q = out // 4
@@ -177,7 +180,7 @@ def _gemv_bf16_par(x, W, y, bias):
         _gemv_bf16_row(x, W, y, bias, o)
 
 
-@njit(**_SER)
+@njit(**JIT_SERIAL)
 def _gemv_bf16_serial(x, W, y, bias):
     out = W.shape[0]
     q = out // 4
@@ -192,7 +195,7 @@ def _gemv_bf16_serial(x, W, y, bias):
 
 
 @njit(inline="always")
-def _dot_block(x, buf, nr, y, bias, o):
+def dot_block(x, buf, nr, y, bias, o):
     """y[t, o:o+nr] = buf[:nr] @ x[t] (+ bias) for every t; buf holds float32 rows."""
     T = x.shape[0]
     n = x.shape[1]
@@ -263,7 +266,7 @@ def _dot_block(x, buf, nr, y, bias, o):
                 y[t, o + r] += bias[o + r]
 
 
-@njit(**_PAR)
+@njit(**JIT_PARALLEL)
 def _gemm_bf16_par(x, W, y, bias, nthreads):
     out, n = W.shape
     nblocks = (out + 3) // 4
@@ -275,11 +278,11 @@ def _gemm_bf16_par(x, W, y, bias, nthreads):
         for b in range(b0, b1):
             o = b * 4
             e = min(o + 4, out)
-            _widen_rows_bf16(W, o, e, buf)
-            _dot_block(x, buf, e - o, y, bias, o)
+            widen_rows_bf16(W, o, e, buf)
+            dot_block(x, buf, e - o, y, bias, o)
 
 
-@njit(**_PAR)
+@njit(**JIT_PARALLEL)
 def _gemm_f16_par(x, W, y, bias, nthreads):
     out, n = W.shape
     nblocks = (out + 3) // 4
@@ -292,10 +295,10 @@ def _gemm_f16_par(x, W, y, bias, nthreads):
             o = b * 4
             e = min(o + 4, out)
             _widen_rows_f16(W, o, e, buf)
-            _dot_block(x, buf, e - o, y, bias, o)
+            dot_block(x, buf, e - o, y, bias, o)
 
 
-@njit(**_PAR)
+@njit(**JIT_PARALLEL)
 def _gemm_f32_par(x, W, y, bias, nthreads):
     out, n = W.shape
     nblocks = (out + 3) // 4
@@ -308,37 +311,37 @@ def _gemm_f32_par(x, W, y, bias, nthreads):
             o = b * 4
             e = min(o + 4, out)
             _copy_rows_f32(W, o, e, buf)
-            _dot_block(x, buf, e - o, y, bias, o)
+            dot_block(x, buf, e - o, y, bias, o)
 
 
-@njit(**_SER)
+@njit(**JIT_SERIAL)
 def _gemm_bf16_serial(x, W, y, bias):
     out, n = W.shape
     buf = np.empty((4, n), np.float32)
     for o in range(0, out, 4):
         e = min(o + 4, out)
-        _widen_rows_bf16(W, o, e, buf)
-        _dot_block(x, buf, e - o, y, bias, o)
+        widen_rows_bf16(W, o, e, buf)
+        dot_block(x, buf, e - o, y, bias, o)
 
 
-@njit(**_SER)
+@njit(**JIT_SERIAL)
 def _gemm_f16_serial(x, W, y, bias):
     out, n = W.shape
     buf = np.empty((4, n), np.float32)
     for o in range(0, out, 4):
         e = min(o + 4, out)
         _widen_rows_f16(W, o, e, buf)
-        _dot_block(x, buf, e - o, y, bias, o)
+        dot_block(x, buf, e - o, y, bias, o)
 
 
-@njit(**_SER)
+@njit(**JIT_SERIAL)
 def _gemm_f32_serial(x, W, y, bias):
     out, n = W.shape
     buf = np.empty((4, n), np.float32)
     for o in range(0, out, 4):
         e = min(o + 4, out)
         _copy_rows_f32(W, o, e, buf)
-        _dot_block(x, buf, e - o, y, bias, o)
+        dot_block(x, buf, e - o, y, bias, o)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +380,7 @@ def linear_into(x: np.ndarray, W: np.ndarray, y: np.ndarray, bias: np.ndarray | 
     """
     b = _NO_BIAS if bias is None else bias
     kind = _KINDS.get(W.dtype)
-    par = parallel and x.shape[0] * W.shape[0] * W.shape[1] >= _PAR_MIN_WORK and W.shape[0] >= 8
+    par = parallel and x.shape[0] * W.shape[0] * W.shape[1] >= PAR_MIN_WORK and W.shape[0] >= 8
     if kind == "bf16":
         if x.shape[0] == 1:
             (_gemv_bf16_par if par else _gemv_bf16_serial)(x[0], W, y[0], b)
@@ -449,16 +452,16 @@ def widen_bf16(W: np.ndarray) -> np.ndarray:
     return (W.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-@njit(**_SER)
+@njit(**JIT_SERIAL)
 def _rows_bf16(W, ids, out):
     for i in range(ids.shape[0]):
         row = W[ids[i]]
         o = out[i]
         for j in range(W.shape[1]):
-            o[j] = _bf16(row[j])
+            o[j] = bf16_to_f32(row[j])
 
 
-@njit(**_SER)
+@njit(**JIT_SERIAL)
 def _rows_f16(W, ids, out):
     for i in range(ids.shape[0]):
         row = W[ids[i]]

@@ -12,7 +12,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from . import linear as _lin
-from .linear import _PAR, _SER, _bf16, _dot_block, _widen_rows_bf16, linear, linear_into
+from .linear import JIT_PARALLEL, JIT_SERIAL, bf16_to_f32, dot_block, widen_rows_bf16, linear, linear_into
 
 __all__ = ["swiglu_expert", "swiglu_hidden", "expert_accumulate", "experts_decode"]
 
@@ -26,7 +26,7 @@ def _silu(g):
     return g / (np.float32(1.0) + np.exp(-g))
 
 
-@njit(**_PAR)
+@njit(**JIT_PARALLEL)
 def _swiglu_gate_up_gemv(x, gate, up, h):
     """h[i] = silu(gate[i] . x) * (up[i] . x) for one token; rows i and i + I/2 of both
     matrices together (four sequential streams per thread)."""
@@ -45,22 +45,22 @@ def _swiglu_gate_up_gemv(x, gate, up, h):
         ur1 = up[k]
         for j in range(n):
             xj = x[j]
-            g0 += _bf16(gr0[j]) * xj
-            g1 += _bf16(gr1[j]) * xj
-            u0 += _bf16(ur0[j]) * xj
-            u1 += _bf16(ur1[j]) * xj
+            g0 += bf16_to_f32(gr0[j]) * xj
+            g1 += bf16_to_f32(gr1[j]) * xj
+            u0 += bf16_to_f32(ur0[j]) * xj
+            u1 += bf16_to_f32(ur1[j]) * xj
         h[i] = _silu(g0) * u0
         h[k] = _silu(g1) * u1
     for i in range(q * 2, inter):
         g = np.float32(0.0)
         u = np.float32(0.0)
         for j in range(n):
-            g += _bf16(gate[i, j]) * x[j]
-            u += _bf16(up[i, j]) * x[j]
+            g += bf16_to_f32(gate[i, j]) * x[j]
+            u += bf16_to_f32(up[i, j]) * x[j]
         h[i] = _silu(g) * u
 
 
-@njit(**_PAR)
+@njit(**JIT_PARALLEL)
 def _swiglu_gate_up_gemm(x, gate, up, h, nthreads):
     """h[t, i] = silu(gate[i] . x[t]) * (up[i] . x[t]); each weight row widened once."""
     T = x.shape[0]
@@ -77,9 +77,9 @@ def _swiglu_gate_up_gemm(x, gate, up, h, nthreads):
             i = b * 2
             e = min(i + 2, inter)
             nr = e - i
-            _widen_rows_bf16(gate, i, e, buf[0:nr])
-            _widen_rows_bf16(up, i, e, buf[nr:2 * nr])
-            _dot_block(x, buf, 2 * nr, tmp, nobias, 0)
+            widen_rows_bf16(gate, i, e, buf[0:nr])
+            widen_rows_bf16(up, i, e, buf[nr:2 * nr])
+            dot_block(x, buf, 2 * nr, tmp, nobias, 0)
             for t in range(T):
                 for r in range(nr):
                     h[t, i + r] = _silu(tmp[t, r]) * tmp[t, nr + r]
@@ -121,7 +121,7 @@ def swiglu_hidden(x2: np.ndarray, gate: np.ndarray, up: np.ndarray) -> np.ndarra
         float32 [T, I].
     """
     T = x2.shape[0]
-    big = 2 * T * gate.shape[0] * gate.shape[1] >= _lin._PAR_MIN_WORK
+    big = 2 * T * gate.shape[0] * gate.shape[1] >= _lin.PAR_MIN_WORK
     if big and gate.dtype == np.uint16 and up.dtype == np.uint16:
         h = np.empty((T, gate.shape[0]), np.float32)
         if T == 1:
@@ -134,7 +134,7 @@ def swiglu_hidden(x2: np.ndarray, gate: np.ndarray, up: np.ndarray) -> np.ndarra
     return (g / (np.float32(1.0) + np.exp(-g))) * u
 
 
-@njit(**_SER)
+@njit(**JIT_SERIAL)
 def _scatter_add(out, rows, w, y):
     for i in range(rows.shape[0]):
         r = rows[i]
@@ -179,7 +179,7 @@ def expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray, weights:
 # fused k experts for one token (decode): two parallel regions per MoE layer instead of 2k
 
 
-@njit(**_PAR)
+@njit(**JIT_PARALLEL)
 def _experts_gemv(x, gates, ups, downs, w, out):
     """out[:] = sum_e w[e] * down_e @ (silu(gate_e @ x) * (up_e @ x)) for one token.
 
@@ -205,10 +205,10 @@ def _experts_gemv(x, gates, ups, downs, w, out):
         ur1 = up[m]
         for j in range(n):
             xj = x[j]
-            g0 += _bf16(gr0[j]) * xj
-            g1 += _bf16(gr1[j]) * xj
-            u0 += _bf16(ur0[j]) * xj
-            u1 += _bf16(ur1[j]) * xj
+            g0 += bf16_to_f32(gr0[j]) * xj
+            g1 += bf16_to_f32(gr1[j]) * xj
+            u0 += bf16_to_f32(ur0[j]) * xj
+            u1 += bf16_to_f32(ur1[j]) * xj
         h[e, i] = _silu(g0) * u0
         h[e, m] = _silu(g1) * u1
     for e in range(k):
@@ -216,8 +216,8 @@ def _experts_gemv(x, gates, ups, downs, w, out):
             g = np.float32(0.0)
             u = np.float32(0.0)
             for j in range(n):
-                g += _bf16(gates[e][i, j]) * x[j]
-                u += _bf16(ups[e][i, j]) * x[j]
+                g += bf16_to_f32(gates[e][i, j]) * x[j]
+                u += bf16_to_f32(ups[e][i, j]) * x[j]
             h[e, i] = _silu(g) * u
     qd = hid // 4
     for b in prange(qd):
@@ -238,10 +238,10 @@ def _experts_gemv(x, gates, ups, downs, w, out):
             s3 = np.float32(0.0)
             for j in range(inter):
                 hj = he[j]
-                s0 += _bf16(r0[j]) * hj
-                s1 += _bf16(r1[j]) * hj
-                s2 += _bf16(r2[j]) * hj
-                s3 += _bf16(r3[j]) * hj
+                s0 += bf16_to_f32(r0[j]) * hj
+                s1 += bf16_to_f32(r1[j]) * hj
+                s2 += bf16_to_f32(r2[j]) * hj
+                s3 += bf16_to_f32(r3[j]) * hj
             we = w[e]
             a0 += we * s0
             a1 += we * s1
@@ -256,7 +256,7 @@ def _experts_gemv(x, gates, ups, downs, w, out):
         for e in range(k):
             s = np.float32(0.0)
             for j in range(inter):
-                s += _bf16(downs[e][o, j]) * h[e, j]
+                s += bf16_to_f32(downs[e][o, j]) * h[e, j]
             a += w[e] * s
         out[o] += a
 
@@ -286,7 +286,7 @@ def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray)
                    for g, u, d in zip(gates, ups, downs))):
         raise ValueError("experts_decode: shapes disagree")
     types = {(a.dtype, a.flags.writeable, a.flags.aligned) for a in gates + ups + downs}
-    big = 3 * len(gates) * inter * hid >= _lin._PAR_MIN_WORK
+    big = 3 * len(gates) * inter * hid >= _lin.PAR_MIN_WORK
     if big and len(types) == 1 and gates[0].dtype == np.uint16:
         _experts_gemv(x, gates, ups, downs, w, out)
         return
