@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from zmoe.constants import Keys
 
 from .engine.io import evict_page_cache
 from .generate import SamplingParams, generate
@@ -275,7 +276,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                                 text=True, cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
-    env = {"model": str(model_path), "baseline_rss": baseline_rss(model_path), "name": src.metadata.get("general.name"),
+    env = {"model": str(model_path), "baseline_rss": baseline_rss(model_path), "name": src.metadata.get(Keys.General.NAME),
            "experts": hp["num_experts"], "top_k": hp["num_experts_per_tok"],
            "cpus": os.cpu_count(), "workers": workers or os.cpu_count(), "direct": direct,
            "io_depth": check_io_depth(io_depth),
