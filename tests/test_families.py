@@ -301,3 +301,24 @@ def test_importable_without_torch_and_numba():
     assert r.returncode == 0, r.stderr
     # 24 layers x (10 dense + 60 experts x 3 + 4 shared) + embed + norm + lm_head
     assert int(r.stdout) == 24 * (10 + 180 + 4) + 3
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_bench_warmup_source_builds_from_the_specs(name):
+    """bench's JIT warm-up model has exactly its family's tensors at the tiny shape, and builds
+    and runs also when the hparams carry layer_types (transformers-5 Qwen2-MoE configs)."""
+    import numpy as np
+
+    from zipmoe_rt.bench import _TinySource
+    from zipmoe_rt.models import build_model
+
+    fam, _, d = _hf_config(name)
+    src = _TinySource(get_architecture(d).hparams())
+    specs = [s for s in fam.tensor_specs(src.hparams) if not s.is_expert and not s.tied]
+    assert {n: src.tensor(n).shape for n in src._shapes} == {s.name: s.shape for s in specs}
+    assert src.has("model.layers.0.self_attn.q_proj.bias") == (fam.family == "qwen2_moe")
+    assert src.has("model.layers.1.self_attn.k_norm.weight") == (fam.family == "qwen3_moe")
+    assert src.has("lm_head.weight") != SPECS[name][1]["tie_word_embeddings"]
+    net = build_model(src)
+    logits = net.forward(np.arange(8), net.new_cache())
+    assert logits.shape == (128,) and np.isfinite(logits).all()
