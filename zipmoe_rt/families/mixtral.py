@@ -16,7 +16,8 @@ class MixtralHParams(HParams):
     """Mixtral's hyper-parameters; defaults are ``MixtralConfig``'s (Mixtral-8x7B).
 
     config.json: ``num_local_experts`` (or ``num_experts``) experts of ``intermediate_size``
-    (so ``moe_intermediate_size == intermediate_size``); ``norm_topk_prob`` is always True,
+    (``intermediate_size`` always equals ``moe_intermediate_size``: Mixtral has no dense MLP,
+    config.json one width); ``norm_topk_prob`` is always True,
     no biases, no q/k norm, no shared expert, every layer sparse; ``default_theta`` 1e6.
     """
 
@@ -43,6 +44,10 @@ class MixtralHParams(HParams):
     REQUIRED = HParams.REQUIRED + ("moe_intermediate_size",)
     FIXED = HParams.FIXED + ("norm_topk_prob", "attention_bias", "qk_norm",
                              "shared_expert_intermediate_size")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.intermediate_size = self.moe_intermediate_size   # no dense MLP: one width
 
     def validate(self):
         """Base checks; then ``norm_topk_prob`` forced True and, when empty, every layer
