@@ -1,5 +1,6 @@
-"""Tests of tools/make_synthetic_checkpoint.py: synthetic Qwen1.5-MoE / OLMoE checkpoints with
-weights resampled from the real SmolLM2 weights and a router calibrated for skew and locality.
+"""Tests of tools/make_synthetic_checkpoint.py: synthetic checkpoints of the registry's families
+(Qwen1.5-MoE, Qwen3-MoE, Mixtral shapes) with weights resampled from the real SmolLM2 weights and
+a router calibrated for skew and locality on the runtime's own forward pass.
 
 A tiny Qwen2-MoE shape (hidden 128, 16 experts, top-4, 2 layers, SmolLM2 vocabulary) is built once
 per module; transformers must load it without missing or unexpected keys, and its routing on text
@@ -7,7 +8,6 @@ the calibration never saw must show the requested skew and locality.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import sys
@@ -41,10 +41,7 @@ def pools(msc, smollm2_gguf):
 
 
 def _tiny_spec(msc, arch="qwen1.5-moe"):
-    spec = dataclasses.replace(msc.ARCHS[arch], **msc.TINY, vocab=msc.SMOLLM_VOCAB)
-    if arch == "olmoe":
-        spec.shared_intermediate = 0
-    return spec
+    return msc.preset(arch, tiny=True, vocab_size=msc.SMOLLM_VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +97,12 @@ def test_files_index_and_shards(tiny, msc):
             assert len(held) == 1 or sum(ckpt.tensors[n].nbytes for n in held) <= SHARD_BYTES
         spec = summary["spec"]
         assert ckpt.tensors["model.layers.1.mlp.experts.15.down_proj.weight"].shape == \
-            (spec["hidden"], spec["moe_intermediate"])
+            (spec["hidden_size"], spec["moe_intermediate_size"]) == (128, 64)
         gate = ckpt.tensors["model.layers.0.mlp.shared_expert_gate.weight"]
-        assert gate.shape == (1, spec["hidden"])
-        assert ckpt.tensors["model.layers.0.self_attn.q_proj.bias"].shape == (spec["hidden"],)
+        assert gate.shape == (1, spec["hidden_size"])
+        assert ckpt.tensors["model.layers.0.self_attn.q_proj.bias"].shape == (spec["hidden_size"],)
         emb = ckpt.array("model.embed_tokens.weight")
-        assert emb.shape == (msc.SMOLLM_VOCAB, spec["hidden"])
+        assert emb.shape == (msc.SMOLLM_VOCAB, spec["hidden_size"])
         assert np.isfinite(msc.bf16_to_f32(np.asarray(emb))).all()
     finally:
         ckpt.close()
@@ -124,7 +121,8 @@ def test_converter_accepts_config(tiny):
         assert arch.name == "Qwen2MoeForCausalLM"
         assert hp["num_experts"] == 16 and hp["num_experts_per_tok"] == 4
         assert hp["moe_layers"] == [0, 1] and hp["norm_topk_prob"] is False
-        assert hp["shared_expert_intermediate_size"] == summary["spec"]["shared_intermediate"]
+        assert hp["shared_expert_intermediate_size"] == 128
+        assert summary["spec"]["shared_expert_intermediate_size"] == 128
         assert hp["attention_bias"] is True and hp["rope"]["rope_theta"] == 1e6
         assert len(experts) == 2 * 16
     finally:
@@ -161,8 +159,8 @@ def test_loads_in_transformers_and_routes_with_skew_and_locality(tiny, msc):
     torch, model, info = _load(folder)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     spec = summary["spec"]
-    E, k = spec["experts"], spec["top_k"]
-    ids = _heldout_ids(msc, folder / "tokenizer.json", spec["vocab"])
+    E, k = spec["num_experts"], spec["num_experts_per_tok"]
+    ids = _heldout_ids(msc, folder / "tokenizer.json", spec["vocab_size"])
     with torch.no_grad():
         out = model(torch.from_numpy(ids), output_router_logits=True)
     assert torch.isfinite(out.logits).all()
@@ -179,8 +177,8 @@ def test_loads_in_transformers_and_routes_with_skew_and_locality(tiny, msc):
     assert abs(np.mean(repeats) - LOCALITY) < 0.1
 
 
-def test_numpy_calibration_matches_transformers(tiny, msc):
-    """The generator's own forward pass (which the router was fitted on) routes exactly like
+def test_runtime_calibration_matches_transformers(tiny, msc):
+    """The runtime's forward pass (which the router was fitted on, layer by layer) routes like
     transformers on the calibration tokens."""
     from tokenizers import Tokenizer
 
@@ -188,11 +186,12 @@ def test_numpy_calibration_matches_transformers(tiny, msc):
     torch, model, _ = _load(folder)
     c, spec = summary["calibration"], summary["spec"]
     ids, _ = msc.calibration_ids(Tokenizer.from_file(str(folder / "tokenizer.json")), c["seqs"],
-                                 c["len"], spec["vocab"], summary["seed"], msc.DEFAULT_CORPUS)
+                                 c["len"], spec["vocab_size"], summary["seed"], msc.DEFAULT_CORPUS)
     with torch.no_grad():
         out = model(torch.from_numpy(ids), output_router_logits=True)
     for layer, rl in zip(summary["layers"], out.router_logits):
-        counts = msc.routing_stats(rl.float().numpy(), spec["top_k"], c["seqs"])["counts"]
+        k = spec["num_experts_per_tok"]
+        counts = msc.routing_stats(rl.float().numpy(), k, c["seqs"])["counts"]
         diff = np.abs(counts - np.asarray(layer["calibration_counts"])).sum()
         assert diff <= 0.01 * counts.sum(), (layer["layer"], diff)
 
@@ -205,16 +204,41 @@ def test_proxy_simulation_hits_targets(msc):
     assert held["share_by_rank"][0] > held["share_by_rank"][5] > held["share_by_rank"][30]
 
 
-def test_olmoe_tiny_loads(msc, pools, tmp_path):
-    out = tmp_path / "tiny-olmoe"
-    msc.build(out, _tiny_spec(msc, "olmoe"), skew=SKEW, locality=None, seed=1, pools=pools,
-              log=_quiet)
+@pytest.mark.parametrize("arch,model_cls", [("qwen3-moe", "Qwen3MoeForCausalLM"),
+                                            ("mixtral", "MixtralForCausalLM")])
+def test_other_family_tiny_loads(msc, pools, tmp_path, arch, model_cls):
+    """Every registry family's preset gives a checkpoint transformers loads without missing or
+    unexpected keys, and the converter reads its config as the preset's hyper-parameters."""
+    from zipmoe_rt.convert.converter import plan_conversion
+
+    out = tmp_path / f"tiny-{arch}"
+    summary = msc.build(out, _tiny_spec(msc, arch), skew=SKEW, locality=None, seed=1,
+                        pools=pools, log=_quiet)
     torch, model, info = _load(out)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert type(model).__name__ == "OlmoeForCausalLM"
+    assert type(model).__name__ == model_cls
     with torch.no_grad():
         logits = model(torch.arange(40).reshape(2, 20) * 97).logits
     assert torch.isfinite(logits).all()
+    _, hp, ckpt, _, experts = plan_conversion(out)
+    ckpt.close()
+    assert hp == summary["spec"] and len(experts) == 2 * 16
+
+
+def test_presets_are_registry_hparams(msc):
+    """Presets are their family's typed hparams (transformers defaults + the released model's
+    values); --tiny and the CLI overrides (None = not given) apply on top, fixed fields stay."""
+    q = msc.preset("qwen1.5-moe")
+    assert type(q).__name__ == "Qwen2MoeHParams" and q.architecture == "Qwen2MoeForCausalLM"
+    assert (q.hidden_size, q.num_experts, q.num_experts_per_tok, q.moe_intermediate_size,
+            q.shared_expert_intermediate_size, q.num_hidden_layers) == (2048, 60, 4, 1408, 5632, 24)
+    assert q.rope["rope_theta"] == 1e6 and q.attention_bias is True and q.norm_topk_prob is False
+    t = msc.preset("mixtral", tiny=True, num_hidden_layers=None, hidden_size=None)
+    assert (t.hidden_size, t.num_hidden_layers, t.head_dim, t.num_experts) == (128, 2, 32, 16)
+    assert t.shared_expert_intermediate_size == 0 and t.intermediate_size == 64
+    q3 = msc.preset("qwen3-moe", num_hidden_layers=6)
+    assert (q3.num_hidden_layers, q3.head_dim, q3.num_experts, q3.qk_norm) == (6, 128, 128, True)
+    assert msc.preset("qwen3-moe", num_attention_heads=16).head_dim == 128   # 2048 / 16
 
 
 def test_cli_rejects_bad_knobs_and_documents_them(msc, tmp_path, capsys):

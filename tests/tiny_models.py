@@ -17,31 +17,44 @@ COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention
               num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
               initializer_range=INIT_STD, tie_word_embeddings=False)
 
-#: name -> (transformers class names, config kwargs)
+#: name -> (family, config kwargs); the transformers config / model classes come from the
+#: family's registry entry (:func:`hf_classes`).
 SPECS = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+    "mixtral": ("mixtral", dict(
         COMMON, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
         rope_theta=10000.0)),
-    "mixtral_tied_swa": ("MixtralConfig", "MixtralForCausalLM", dict(
+    "mixtral_tied_swa": ("mixtral", dict(
         COMMON, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
         tie_word_embeddings=True, sliding_window=6, rope_theta=10000.0)),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+    "qwen2_moe": ("qwen2_moe", dict(
         COMMON, intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80,
         num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
         mlp_only_layers=[1], qkv_bias=True, rope_theta=10000.0)),
-    "qwen2_moe_step2": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+    "qwen2_moe_step2": ("qwen2_moe", dict(
         COMMON, intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80,
         num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=2,
         mlp_only_layers=[], rope_theta=10000.0)),
-    "qwen2_moe_swa": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+    "qwen2_moe_swa": ("qwen2_moe", dict(
         COMMON, intermediate_size=128, moe_intermediate_size=48, shared_expert_intermediate_size=80,
         num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, use_sliding_window=True,
         sliding_window=5, max_window_layers=2, rope_theta=10000.0)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+    "qwen3_moe": ("qwen3_moe", dict(
         COMMON, head_dim=32, intermediate_size=128, moe_intermediate_size=48, num_experts=8,
         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
         rope_theta=1000000.0)),
 }
+
+
+def hf_classes(name: str) -> tuple[str, str]:
+    """(transformers config class name, model class name) of spec ``name``, from the registry.
+
+    Raises:
+        KeyError: unknown name.
+    """
+    from zipmoe_rt.families import get_family
+
+    fam = get_family(SPECS[name][0])
+    return fam.hf_config_class, fam.hf_names[0]
 
 
 def _randomize_norms(model, torch, gen):
@@ -66,7 +79,8 @@ def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
     import torch
     import transformers
 
-    cfg_cls, model_cls, kw = SPECS[name]
+    cfg_cls, model_cls = hf_classes(name)
+    kw = SPECS[name][1]
     folder = Path(folder)
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_cls)(**kw)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from zmoe.constants import Keys
+
 from .default_model import default_model_path, ensure_default_model
 from .generate import CacheState, GenerationStats, SamplingParams, generate
 from .tokenizer import Tokenizer
@@ -122,7 +124,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     try:
         tok = tokenizer_from_source(source)
         # the tokenizer holds its own parsed copy; the JSON text (~7 MB as a str) is not needed
-        source.metadata.pop("tokenizer.json", None)
+        source.metadata.pop(Keys.Tokenizer.JSON, None)
         if budgeted:
             engine = build_engine(source, parse_size(memory_budget, source), policy, eviction,
                                   workers, direct, trace, verify, io_depth, warn_stacklevel=2)
@@ -161,11 +163,11 @@ def tokenizer_from_source(source) -> Tokenizer:
         ValueError: the file has no ``tokenizer.json`` (converted from a folder without one).
     """
     meta = source.metadata
-    tok_json = meta.get("tokenizer.json")
+    tok_json = meta.get(Keys.Tokenizer.JSON)
     if tok_json is None:
         raise ValueError(f"{source.path}: has no tokenizer (convert a folder with tokenizer.json)")
-    return Tokenizer.from_hf_config(tok_json, meta.get("tokenizer.config") or {},
-                                    meta.get("tokenizer.chat_template"))
+    return Tokenizer.from_hf_config(tok_json, meta.get(Keys.Tokenizer.CONFIG) or {},
+                                    meta.get(Keys.Tokenizer.CHAT_TEMPLATE))
 
 
 class Model:
@@ -184,7 +186,7 @@ class Model:
         self.source, self.net, self.tokenizer, self.path = source, net, tokenizer, Path(path)
         #: the budgeted expert engine (None when unbudgeted)
         self.engine = engine
-        ids = set(source.metadata.get("generation.eos_token_ids") or [])
+        ids = set(source.metadata.get(Keys.Generation.EOS_TOKEN_IDS) or [])
         if tokenizer.eos_token_id is not None:
             ids.add(tokenizer.eos_token_id)
         self.stop_ids = frozenset(ids)
@@ -197,7 +199,7 @@ class Model:
 
     @property
     def name(self) -> str:
-        return self.source.metadata.get("general.name", self.path.stem)
+        return self.source.metadata.get(Keys.General.NAME, self.path.stem)
 
     # -- sampling ----------------------------------------------------------------------------
     @staticmethod

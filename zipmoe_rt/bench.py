@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from zmoe.constants import Keys
 
 from .engine.io import evict_page_cache
 from .generate import SamplingParams, generate
@@ -152,38 +153,35 @@ def baseline_rss(model_path) -> int:
 
 
 class _TinySource:
-    """A WeightSource with the family of ``hp`` but tiny random BF16 weights (JIT warm-up)."""
+    """A WeightSource with the family of ``hp`` but tiny random BF16 weights (JIT warm-up): two
+    layers, hidden 64, the tensors its family's registry entry lists for that shape
+    (:meth:`zipmoe_rt.families.Family.tensor_specs`).
+
+    Raises:
+        ValueError: unknown family (UnknownFamilyError lists the supported ones).
+    """
 
     def __init__(self, hp: dict):
+        from .families import get_family
         from .models.weights import ExpertWeights
         hp = dict(hp, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   vocab_size=128, moe_intermediate_size=32, intermediate_size=32,
                   shared_expert_intermediate_size=min(32, hp.get("shared_expert_intermediate_size", 0)),
                   num_hidden_layers=2, moe_layers=[i for i in (0, 1) if i in hp["moe_layers"]] or [0])
+        if hp.get("layer_types") is not None:
+            hp["layer_types"] = list(hp["layer_types"][:2])
         self.hparams = hp
-        rng = np.random.default_rng(0)
-        self._rng, self._ew = rng, ExpertWeights
+        specs = get_family(hp.get("family")).tensor_specs(hp)
+        self._shapes = {s.name: s.shape for s in specs if not s.is_expert and not s.tied}
+        self._rng, self._ew = np.random.default_rng(0), ExpertWeights
         self._cache: dict = {}
 
     def has(self, name):
-        return name != "lm_head.weight" or not self.hparams.get("tie_word_embeddings")
+        return name in self._shapes
 
     def tensor(self, name):
-        hp = self.hparams
         if name not in self._cache:
-            H, D = hp["hidden_size"], hp["head_dim"]
-            q, kv = hp["num_attention_heads"] * D, hp["num_key_value_heads"] * D
-            I, E = hp["intermediate_size"], hp["num_experts"]
-            leaf = name.split(".")[-2] if name.endswith((".weight", ".bias")) else name
-            shapes = {"embed_tokens": (hp["vocab_size"], H), "lm_head": (hp["vocab_size"], H),
-                      "q_proj": (q, H), "k_proj": (kv, H), "v_proj": (kv, H), "o_proj": (H, q),
-                      "gate": (E, H), "shared_expert_gate": (1, H),
-                      "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I),
-                      "q_norm": (D,), "k_norm": (D,)}
-            shape = shapes.get(leaf, (H,))
-            if name.endswith(".bias"):
-                shape = shape[:1]
-            self._cache[name] = self._rng.integers(0x3C00, 0x3D00, shape).astype(np.uint16)
+            self._cache[name] = self._rng.integers(0x3C00, 0x3D00, self._shapes[name]).astype(np.uint16)
         return self._cache[name]
 
     def expert(self, layer, e):
@@ -274,7 +272,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                                 text=True, cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
-    env = {"model": str(model_path), "baseline_rss": baseline_rss(model_path), "name": src.metadata.get("general.name"),
+    env = {"model": str(model_path), "baseline_rss": baseline_rss(model_path), "name": src.metadata.get(Keys.General.NAME),
            "experts": hp["num_experts"], "top_k": hp["num_experts_per_tok"],
            "cpus": os.cpu_count(), "workers": workers or os.cpu_count(), "direct": direct,
            "io_depth": check_io_depth(io_depth),

@@ -44,3 +44,81 @@ DEFAULT_EXP_CODEC = EXP_HUFFMAN
 DEFAULT_CHUNKS = 4
 #: Chunks are never cut smaller than this many exponents (zstd table overhead stays < 1 %).
 MIN_CHUNK = 64 * 1024
+
+
+class Keys:
+    """Metadata keys (SPEC §3), one constant per key, grouped by prefix (gguf-py's ``Keys``).
+
+    Readers must ignore keys they do not know. ``hparams.*`` holds the normalised
+    hyper-parameters of the model (the converter's family registry writes them; which ones a
+    family has is the registry's business, this list is the union).
+    """
+
+    class General:
+        ARCHITECTURE = "general.architecture"   # str: HF architectures[0]
+        FAMILY = "general.family"               # str: runtime family
+        NAME = "general.name"                   # str: model name (source folder name)
+
+    class HParams:
+        PREFIX = "hparams."
+        ARCHITECTURE = "hparams.architecture"
+        FAMILY = "hparams.family"
+        VOCAB_SIZE = "hparams.vocab_size"
+        HIDDEN_SIZE = "hparams.hidden_size"
+        NUM_HIDDEN_LAYERS = "hparams.num_hidden_layers"
+        NUM_ATTENTION_HEADS = "hparams.num_attention_heads"
+        NUM_KEY_VALUE_HEADS = "hparams.num_key_value_heads"
+        HEAD_DIM = "hparams.head_dim"
+        RMS_NORM_EPS = "hparams.rms_norm_eps"
+        MAX_POSITION_EMBEDDINGS = "hparams.max_position_embeddings"
+        TIE_WORD_EMBEDDINGS = "hparams.tie_word_embeddings"
+        ROPE = "hparams.rope"
+        HIDDEN_ACT = "hparams.hidden_act"
+        SLIDING_WINDOW = "hparams.sliding_window"
+        LAYER_TYPES = "hparams.layer_types"
+        MAX_WINDOW_LAYERS = "hparams.max_window_layers"
+        NUM_EXPERTS = "hparams.num_experts"
+        NUM_EXPERTS_PER_TOK = "hparams.num_experts_per_tok"
+        MOE_INTERMEDIATE_SIZE = "hparams.moe_intermediate_size"
+        INTERMEDIATE_SIZE = "hparams.intermediate_size"
+        NORM_TOPK_PROB = "hparams.norm_topk_prob"
+        ATTENTION_BIAS = "hparams.attention_bias"
+        QK_NORM = "hparams.qk_norm"
+        SHARED_EXPERT_INTERMEDIATE_SIZE = "hparams.shared_expert_intermediate_size"
+        MOE_LAYERS = "hparams.moe_layers"
+
+    class HF:
+        CONFIG = "hf.config"                    # json: the source config.json verbatim
+
+    class Tokenizer:
+        JSON = "tokenizer.json"                 # str: the source tokenizer.json verbatim
+        CONFIG = "tokenizer.config"             # json: tokenizer_config.json minus its template
+        CHAT_TEMPLATE = "tokenizer.chat_template"  # str: jinja chat template
+
+    class Generation:
+        CONFIG = "generation.config"            # json: generation_config.json ({} if absent)
+        EOS_TOKEN_IDS = "generation.eos_token_ids"  # int[]: ids that end generation
+
+    class Provenance:
+        FILES = "provenance.files"              # json: [{"name", "size", "sha256"}]
+        CONVERTER = "provenance.converter"      # str: e.g. "zipmoe-rt 0.1.0"
+
+    class Encoding:
+        CHUNKS = "encoding.chunks"              # int: requested exponent chunks per tensor
+        EXP_CODEC = "encoding.exp_codec"        # str: "huffman" or "zstd" (§5.2)
+        ZSTD = "encoding.zstd"                  # json: zstd parameters (zstd codec only)
+
+
+def hparam_key(name: str) -> str:
+    """The metadata key of hyper-parameter ``name`` (``"hparams." + name``)."""
+    return Keys.HParams.PREFIX + name
+
+
+def metadata_keys() -> tuple[str, ...]:
+    """Every metadata key defined in :class:`Keys`, sorted (``Keys.HParams.PREFIX`` excluded)."""
+    out = []
+    for group in vars(Keys).values():
+        if isinstance(group, type):
+            out += [v for k, v in vars(group).items()
+                    if k.isupper() and k != "PREFIX" and isinstance(v, str)]
+    return tuple(sorted(out))

@@ -6,7 +6,7 @@ file that was not closed has an all-zero header and is rejected by the reader.
 Typical use::
 
     w = ZmoeWriter(path)
-    w.add_metadata("general.architecture", "MixtralForCausalLM")
+    w.add_metadata(Keys.General.ARCHITECTURE, "MixtralForCausalLM")   # zmoe.Keys
     w.add_tensor("model.norm.weight", "BF16", (576,), data)
     w.write_expert(encode_expert(layer, expert, pieces, chunks=4))
     w.close()

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 import zmoe
 from zmoe.codec import zstd_parameters
+from zmoe.constants import Keys, hparam_key
 
 from .. import __version__
 from ..util import sha256_file
@@ -138,28 +139,30 @@ def _metadata(folder: Path, arch, hp: dict, ckpt: Checkpoint, chunks: int,
         template = (_read_json(folder / "chat_template.json") or {}).get("chat_template")
     tok_cfg = {k: v for k, v in tok_cfg.items() if k != "chat_template"}
     files = sorted({t.file for t in ckpt} | {p for p in folder.iterdir() if p.suffix in (".json", ".jinja")})
-    meta = [("general.architecture", arch.name, "str"), ("general.family", arch.family, "str"),
-            ("general.name", folder.resolve().name, "str")]
+    meta = [(Keys.General.ARCHITECTURE, arch.name, "str"),
+            (Keys.General.FAMILY, arch.family, "str"),
+            (Keys.General.NAME, folder.resolve().name, "str")]
     for k, v in hp.items():
-        meta.append((f"hparams.{k}", v, "json" if isinstance(v, (dict, list)) and not
+        meta.append((hparam_key(k), v, "json" if isinstance(v, (dict, list)) and not
                      (isinstance(v, list) and v and all(isinstance(x, int) for x in v)) else None))
-    meta += [("hf.config", config, "json"),
-             ("tokenizer.config", tok_cfg, "json"),
-             ("generation.config", gen, "json"),
-             ("generation.eos_token_ids", _eos_ids(gen, config, tok_cfg, tokenizer_json), "int[]"),
-             ("provenance.files", [{"name": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)}
-                                   for p in files], "json"),
-             ("provenance.converter", f"zipmoe-rt {__version__}", "str"),
-             ("encoding.chunks", int(chunks), "int"),
-             ("encoding.exp_codec", exp_codec, "str")]
+    meta += [(Keys.HF.CONFIG, config, "json"),
+             (Keys.Tokenizer.CONFIG, tok_cfg, "json"),
+             (Keys.Generation.CONFIG, gen, "json"),
+             (Keys.Generation.EOS_TOKEN_IDS, _eos_ids(gen, config, tok_cfg, tokenizer_json),
+              "int[]"),
+             (Keys.Provenance.FILES, [{"name": p.name, "size": p.stat().st_size,
+                                       "sha256": sha256_file(p)} for p in files], "json"),
+             (Keys.Provenance.CONVERTER, f"zipmoe-rt {__version__}", "str"),
+             (Keys.Encoding.CHUNKS, int(chunks), "int"),
+             (Keys.Encoding.EXP_CODEC, exp_codec, "str")]
     if exp_codec == "zstd":
-        meta.append(("encoding.zstd", {k: getattr(zstd_parameters(), k) for k in
+        meta.append((Keys.Encoding.ZSTD, {k: getattr(zstd_parameters(), k) for k in
                                        ("strategy", "window_log", "chain_log", "hash_log",
                                         "search_log", "min_match", "target_length")}, "json"))
     if tokenizer_json is not None:
-        meta.append(("tokenizer.json", tokenizer_json, "str"))
+        meta.append((Keys.Tokenizer.JSON, tokenizer_json, "str"))
     if template is not None:
-        meta.append(("tokenizer.chat_template", template, "str"))
+        meta.append((Keys.Tokenizer.CHAT_TEMPLATE, template, "str"))
     return meta
 
 

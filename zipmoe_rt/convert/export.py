@@ -15,6 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import zmoe
+from zmoe.constants import Keys
 from zmoe.reader import element_count
 
 from .safetensors_io import DTYPE_SIZES, write_safetensors
@@ -86,15 +87,15 @@ def export(path, out_dir, max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool
 def _write_side_files(meta: dict, folder: Path):
     def dump(name, obj):
         (folder / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if "hf.config" in meta:
-        dump("config.json", meta["hf.config"])
-    if meta.get("generation.config"):
-        dump("generation_config.json", meta["generation.config"])
-    if "tokenizer.json" in meta:
-        (folder / "tokenizer.json").write_text(meta["tokenizer.json"], encoding="utf-8")
-    tok_cfg = dict(meta.get("tokenizer.config") or {})
-    if "tokenizer.chat_template" in meta:
-        tok_cfg["chat_template"] = meta["tokenizer.chat_template"]
+    if Keys.HF.CONFIG in meta:
+        dump("config.json", meta[Keys.HF.CONFIG])
+    if meta.get(Keys.Generation.CONFIG):
+        dump("generation_config.json", meta[Keys.Generation.CONFIG])
+    if Keys.Tokenizer.JSON in meta:
+        (folder / "tokenizer.json").write_text(meta[Keys.Tokenizer.JSON], encoding="utf-8")
+    tok_cfg = dict(meta.get(Keys.Tokenizer.CONFIG) or {})
+    if Keys.Tokenizer.CHAT_TEMPLATE in meta:
+        tok_cfg["chat_template"] = meta[Keys.Tokenizer.CHAT_TEMPLATE]
     if tok_cfg:
         dump("tokenizer_config.json", tok_cfg)
 

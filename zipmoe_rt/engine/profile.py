@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from zmoe.constants import Keys
 
 from . import layout as L_
 from .io import IO_DEPTH, RegionReader, check_io_depth, evict_page_cache
@@ -53,8 +54,8 @@ class CalibrationWarning(UserWarning):
 def fingerprint(source) -> str:
     """sha256 of the architecture, hyper-parameters and source files: identifies the model."""
     m = source.metadata
-    blob = json.dumps({"arch": m.get("general.architecture"), "hparams": source.hparams,
-                       "files": sorted(f["sha256"] for f in m.get("provenance.files", []))},
+    blob = json.dumps({"arch": m.get(Keys.General.ARCHITECTURE), "hparams": source.hparams,
+                       "files": sorted(f["sha256"] for f in m.get(Keys.Provenance.FILES, []))},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -14,6 +14,7 @@ import numpy as np
 import zstandard as zstd
 
 import zmoe
+from zmoe.constants import Keys
 from zmoe.reader import NUMPY_DTYPES
 
 from ..models.weights import ExpertWeights
@@ -45,10 +46,11 @@ class ZmoeSource:
         self.reader = zmoe.ZmoeReader(path)
         self.path = self.reader.path
         self.metadata = self.reader.metadata
-        self.hparams = {k[len("hparams."):]: v for k, v in self.metadata.items()
-                        if k.startswith("hparams.")}
+        prefix = Keys.HParams.PREFIX
+        self.hparams = {k[len(prefix):]: v for k, v in self.metadata.items()
+                        if k.startswith(prefix)}
         if "family" not in self.hparams:
-            self.hparams["family"] = self.metadata.get("general.family", "")
+            self.hparams["family"] = self.metadata.get(Keys.General.FAMILY, "")
         self.verify = verify
         self.keep_experts = keep_experts
         self.copy_dense = copy_dense

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import importlib
 
-#: family (``hparams["family"]``, set by the converter registry) -> module under this package.
-FAMILIES = {
-    "mixtral": "mixtral",
-    "qwen2_moe": "qwen2_moe",
-    "qwen3_moe": "qwen3_moe",
-}
+from ..families import all_families
+
+#: family (``hparams["family"]``) -> module under this package, from the family registry
+#: (:mod:`zipmoe_rt.families`, each family's ``model_module``).
+FAMILIES = {f.family: f.model_module for f in all_families()}
 
 
 def build_model(source, executor=None, backend=None):

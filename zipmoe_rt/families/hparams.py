@@ -1,0 +1,275 @@
+"""Typed hyper-parameters of a model family and how ``config.json`` maps to them.
+
+:class:`HParams` is the base dataclass. Each family subclasses it with transformers' class
+defaults (``models/<family>/configuration_<family>.py``) and says only what differs: config key
+aliases (:attr:`HParams.CONFIG_KEYS`), keys config.json must give (:attr:`HParams.REQUIRED`),
+values the family fixes (:attr:`HParams.FIXED`) and derived values (:meth:`HParams._derive`).
+
+One instance is, at once:
+
+- what the converter stores as ``hparams.*`` metadata (:meth:`HParams.to_hparams`; field order
+  is the stored key order, so files stay byte-identical),
+- what the runtime can use as its model arguments (:meth:`HParams.from_hparams`,
+  :meth:`HParams.validate`, :meth:`HParams.window`, the same contract as
+  ``zipmoe_rt.models.base.ModelArgs``),
+- the source of a ``config.json`` transformers can load (:meth:`HParams.to_config`).
+
+Importable without torch and Numba.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+_MISSING = object()
+
+
+class ConfigError(ValueError):
+    """config.json lacks a required key or has an invalid value (the message names it)."""
+
+
+def config_value(config: dict, keys, default=_MISSING):
+    """The first of ``keys`` present in ``config`` with a non-null value.
+
+    Args:
+        config: a parsed config.json.  keys: a key or a sequence of alias keys, in priority order.
+        default: returned when none is present; without it the key is required.
+    Raises:
+        ConfigError: none present and no default (``"config.json: missing a / b"``).
+    """
+    keys = (keys,) if isinstance(keys, str) else tuple(keys)
+    for k in keys:
+        if config.get(k) is not None:
+            return config[k]
+    if default is _MISSING:
+        raise ConfigError(f"config.json: missing {' / '.join(keys)}")
+    return default
+
+
+def rope_parameters(config: dict, default_theta: float = 10000.0) -> dict:
+    """RoPE settings from either spelling: ``rope_parameters`` (transformers >= 5) or
+    ``rope_theta`` + ``rope_scaling`` (transformers 4), as ``PreTrainedConfig`` reads them.
+
+    Args:
+        config: a parsed config.json.
+        default_theta: the family's ``default_theta`` (used when no rope_theta is given).
+    Returns:
+        a new dict with at least ``rope_type`` (``"default"`` when unset) and ``rope_theta``
+        (float); scaling fields as given (``type`` renamed to ``rope_type``).
+    """
+    rp = config.get("rope_parameters")
+    if isinstance(rp, dict) and "rope_theta" in rp:
+        out = dict(rp)
+    else:
+        out = dict(config.get("rope_scaling") or {})
+        out["rope_theta"] = float(config_value(config, "rope_theta", default_theta))
+    t = out.pop("type", None)
+    out["rope_type"] = out.get("rope_type") or t or "default"
+    out["rope_theta"] = float(out["rope_theta"])
+    return out
+
+
+_CASTS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+@dataclass
+class HParams:
+    """Normalised hyper-parameters shared by the MoE families (units: element counts unless
+    noted). Subclasses redeclare fields with their transformers defaults (a redeclared field
+    keeps its place in the order) and append their own.
+
+    Attributes:
+        architecture: HF ``architectures[0]``.  family: runtime family name.
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads:
+            shapes.
+        head_dim: per-head width; None resolves to ``hidden_size // num_attention_heads``.
+        rms_norm_eps: epsilon added to the mean square in every RMSNorm.
+        max_position_embeddings: trained context length (tokens; yarn defaults only).
+        tie_word_embeddings: lm_head is the embedding matrix (no ``lm_head.weight`` in files).
+        rope: ``{"rope_type", "rope_theta", scaling fields}``; None resolves to the default
+            rope with :attr:`DEFAULT_ROPE_THETA`.
+        hidden_act: MLP activation (only ``"silu"`` is supported).
+        sliding_window: attention window in tokens (0 = full attention).
+        num_experts, num_experts_per_tok (top-k), moe_intermediate_size: the sparse block.
+        intermediate_size: dense MLP width (layers outside ``moe_layers``).
+        norm_topk_prob: renormalise the top-k router probabilities to sum 1.
+        layer_types: per layer ``"full_attention"`` / ``"sliding_attention"``, or None (absent:
+            every layer uses ``sliding_window``; not stored).
+
+    Families append ``attention_bias``, ``qk_norm``, ``shared_expert_intermediate_size`` and
+    ``moe_layers`` (indices of sparse layers), in their stored order.
+    """
+
+    architecture: str = ""
+    family: str = ""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    rope: dict | None = None
+    hidden_act: str = "silu"
+    sliding_window: int = 0
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 14336
+    intermediate_size: int = 14336
+    norm_topk_prob: bool = False
+    layer_types: list | None = None
+
+    #: transformers' ``default_theta`` of the family's config class.
+    DEFAULT_ROPE_THETA: ClassVar[float] = 10000.0
+    #: field -> config.json keys tried in order (default: the field's own name).
+    CONFIG_KEYS: ClassVar[dict] = {}
+    #: fields config.json must give (the shapes): ConfigError when absent.
+    REQUIRED: ClassVar[tuple] = ("vocab_size", "hidden_size", "num_hidden_layers",
+                                 "num_attention_heads", "num_experts", "num_experts_per_tok",
+                                 "intermediate_size")
+    #: fields not read from config.json: fixed by the family (their class default) or set by
+    #: :meth:`_derive`.
+    FIXED: ClassVar[tuple] = ("architecture", "family", "rope", "sliding_window", "layer_types",
+                              "moe_layers")
+    #: fields left out of :meth:`to_hparams` while None.
+    OPTIONAL: ClassVar[tuple] = ("layer_types", "max_window_layers")
+    #: keys an ``hparams`` dict must give to :meth:`from_hparams`.
+    REQUIRED_HPARAMS: ClassVar[tuple] = ("family", "vocab_size", "hidden_size",
+                                         "num_hidden_layers", "num_attention_heads",
+                                         "num_key_value_heads", "head_dim")
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rope is None:
+            self.rope = {"rope_type": "default", "rope_theta": float(self.DEFAULT_ROPE_THETA)}
+        if getattr(self, "moe_layers", ()) is None:
+            self.moe_layers = list(range(self.num_hidden_layers))
+
+    # -- config.json --------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: dict, architecture: str = "", family: str = "") -> "HParams":
+        """Hyper-parameters of an HF config.json: the family's keys, with transformers' class
+        defaults for the optional ones.
+
+        Args:
+            config: parsed config.json.  architecture, family: stored as given.
+        Raises:
+            ConfigError: a required key is missing (all of them are named), ``hidden_act`` is
+                not silu, or the head counts do not divide.
+        """
+        kw = {"architecture": architecture, "family": family}
+        missing = []
+        for f in fields(cls):
+            if f.name in cls.FIXED or f.name in kw:
+                continue
+            keys = cls.CONFIG_KEYS.get(f.name, (f.name,))
+            v = config_value(config, keys, None)
+            if v is None:
+                if f.name in cls.REQUIRED and " / ".join(keys) not in missing:
+                    missing.append(" / ".join(keys))
+                continue
+            kw[f.name] = _CASTS.get(str(f.type).split(" |")[0], lambda x: x)(v)
+        if missing:
+            raise ConfigError(f"config.json: missing {', '.join(missing)}")
+        if "num_key_value_heads" in config and config["num_key_value_heads"] is None:
+            kw["num_key_value_heads"] = kw["num_attention_heads"]    # transformers' rule
+        cls._derive(config, kw)
+        hp = cls(**kw)
+        if hp.hidden_act != "silu":
+            raise ConfigError(f"config.json: hidden_act {hp.hidden_act!r} is not supported "
+                              f"(silu only)")
+        if hp.num_attention_heads % hp.num_key_value_heads:
+            raise ConfigError("config.json: num_attention_heads must be a multiple of "
+                              "num_key_value_heads")
+        return hp
+
+    @classmethod
+    def _derive(cls, config: dict, kw: dict) -> None:
+        """Set the :attr:`FIXED` fields that come from config.json in a family-specific way
+        (base: ``rope``, ``sliding_window``, and every layer sparse)."""
+        kw["rope"] = rope_parameters(config, cls.DEFAULT_ROPE_THETA)
+        kw["sliding_window"] = int(config.get("sliding_window") or 0)
+        kw["moe_layers"] = list(range(kw.get("num_hidden_layers", 0)))
+
+    def to_config(self) -> dict:
+        """config.json keys for these values (the inverse of :meth:`from_config`; without
+        ``architectures`` / ``model_type``, which the family adds).
+
+        Raises:
+            ValueError: two fields stored under one config key disagree.
+        """
+        cfg: dict = {}
+        for f in fields(self):
+            if f.name in self.FIXED:
+                continue
+            key = self.CONFIG_KEYS.get(f.name, (f.name,))[0]
+            v = copy.deepcopy(getattr(self, f.name))
+            if key in cfg and cfg[key] != v:
+                raise ValueError(f"{f.name}={v!r} and another field both map to config key "
+                                 f"{key!r} ({cfg[key]!r})")
+            cfg[key] = v
+        cfg["rope_theta"] = float(self.rope["rope_theta"])
+        cfg["rope_parameters"] = dict(self.rope)
+        cfg["sliding_window"] = self.sliding_window or None
+        return cfg
+
+    # -- stored hparams (runtime) -------------------------------------------------------------
+
+    def to_hparams(self) -> dict:
+        """The ``hparams`` dict the converter stores (field order; :attr:`OPTIONAL` fields
+        left out while None; values copied)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.name in self.OPTIONAL:
+                continue
+            out[f.name] = copy.deepcopy(v)
+        return out
+
+    @classmethod
+    def from_hparams(cls, hp: dict) -> "HParams":
+        """Model arguments from a stored ``hparams`` dict (unknown keys ignored), normalised
+        and checked by :meth:`validate`.
+
+        Raises:
+            ValueError: a key of :attr:`REQUIRED_HPARAMS` is missing (named) or values are
+                inconsistent.
+        """
+        missing = [k for k in cls.REQUIRED_HPARAMS if k not in hp]
+        if missing:
+            raise ValueError(f"hparams: missing {', '.join(missing)}")
+        names = {f.name for f in fields(cls)}
+        args = cls(**{k: copy.deepcopy(v) for k, v in hp.items() if k in names})
+        args.validate()
+        return args
+
+    def validate(self) -> None:
+        """Check consistency (families also apply their fixed choices here, as the runtime's
+        ``ModelArgs.validate`` does).
+
+        Raises:
+            ValueError: heads not a multiple of KV heads, odd head_dim (RoPE), top-k outside
+                1..num_experts with sparse layers, or ``layer_types`` of the wrong length.
+        """
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even (RoPE)")
+        if self.moe_layers and not (0 < self.num_experts_per_tok <= self.num_experts):
+            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} not in "
+                             f"1..num_experts {self.num_experts}")
+        if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError("layer_types must list one entry per layer")
+
+    def window(self, layer: int) -> int:
+        """Sliding window of ``layer`` in tokens, 0 for full attention."""
+        if self.sliding_window <= 0:
+            return 0
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return 0
+        return int(self.sliding_window)

@@ -1,0 +1,73 @@
+"""Qwen3-MoE (transformers ``models/qwen3_moe/configuration_qwen3_moe.py``,
+``modeling_qwen3_moe.py``): RMSNorm over head_dim on q and k (``q_norm`` / ``k_norm``, before
+RoPE), optional attention biases (``attention_bias``, o_proj included), softmax top-k
+renormalised when ``norm_topk_prob``, no shared expert, dense ``Qwen3MoeMLP`` layers outside
+``moe_layers``. config.json rules are Qwen2-MoE's (:class:`~.qwen2_moe.QwenMoeHParams`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Family, register
+from .qwen2_moe import QwenMoeHParams
+
+
+@dataclass
+class Qwen3MoeHParams(QwenMoeHParams):
+    """Qwen3-MoE's hyper-parameters; defaults are ``Qwen3MoeConfig``'s (``head_dim`` absent
+    there: hidden_size // num_attention_heads, as the modeling code's fallback). ``qk_norm`` is
+    always True and there is no shared expert."""
+
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 4
+    num_experts: int = 128
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    intermediate_size: int = 6144
+    qk_norm: bool = True
+
+    FIXED = QwenMoeHParams.FIXED + ("shared_expert_intermediate_size",)
+
+    def validate(self):
+        """Base checks; ``qk_norm`` forced True (Qwen3 always normalises q and k)."""
+        super().validate()
+        self.qk_norm = True
+
+
+@register("Qwen3MoeForCausalLM")
+class Qwen3Moe(Family):
+    """Qwen3-MoE family."""
+
+    family = "qwen3_moe"
+    model_type = "qwen3_moe"
+    hf_config_class = "Qwen3MoeConfig"
+    model_module = "qwen3_moe"
+    hparams_class = Qwen3MoeHParams
+    tensors = {
+        "embed": "model.embed_tokens.weight",
+        "attn_norm": "model.layers.{i}.input_layernorm.weight",
+        "attn_q": "model.layers.{i}.self_attn.q_proj.weight",
+        "attn_q_bias": "model.layers.{i}.self_attn.q_proj.bias",
+        "attn_k": "model.layers.{i}.self_attn.k_proj.weight",
+        "attn_k_bias": "model.layers.{i}.self_attn.k_proj.bias",
+        "attn_v": "model.layers.{i}.self_attn.v_proj.weight",
+        "attn_v_bias": "model.layers.{i}.self_attn.v_proj.bias",
+        "attn_o": "model.layers.{i}.self_attn.o_proj.weight",
+        "attn_o_bias": "model.layers.{i}.self_attn.o_proj.bias",
+        "attn_q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+        "attn_k_norm": "model.layers.{i}.self_attn.k_norm.weight",
+        "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+        "router": "model.layers.{i}.mlp.gate.weight",
+        "expert_gate": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
+        "expert_up": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
+        "expert_down": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
+        "mlp_gate": "model.layers.{i}.mlp.gate_proj.weight",
+        "mlp_up": "model.layers.{i}.mlp.up_proj.weight",
+        "mlp_down": "model.layers.{i}.mlp.down_proj.weight",
+        "norm": "model.norm.weight",
+        "lm_head": "lm_head.weight",
+    }
+    fused_tensors = {
+        "experts_gate_up": "model.layers.{i}.mlp.experts.gate_up_proj",
+        "experts_down": "model.layers.{i}.mlp.experts.down_proj",
+    }

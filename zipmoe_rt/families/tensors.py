@@ -1,0 +1,198 @@
+"""Tensor names and shapes of a family, expanded from its name table.
+
+A family's name table maps *logical keys* (the same for every family, :data:`KEYS`) to Hugging
+Face name templates, ``{i}`` standing for the layer and ``{e}`` for the expert, e.g.
+``"attn_q": "model.layers.{i}.self_attn.q_proj.weight"``. A family lists only the tensors it
+can have; which of them a given model has follows from its hyper-parameters (:func:`present`),
+their shapes too (:func:`shape`), as transformers' ``modeling_<family>.py`` creates them.
+
+Two layouts of the expert tensors:
+
+- :data:`HUB`: one tensor per expert and projection, as checkpoints on the Hub are published
+  and as transformers' ``save_pretrained`` writes them (``experts.{e}.gate_proj.weight`` ...).
+- :data:`FUSED`: transformers 5's in-memory ``state_dict()``: experts stacked per layer,
+  ``gate_up_proj`` [E, 2I, H] (gate rows first) and ``down_proj`` [E, H, I]; transformers 5 can
+  also save this layout. A family's ``fused_tensors`` gives the names that differ in it.
+
+Importable without torch and Numba.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+HUB = "hub"
+FUSED = "fused"
+LAYOUTS = (HUB, FUSED)
+
+#: logical key -> what it is (transformers module). Families use these keys only.
+KEYS = {
+    "embed": "token embedding [V, H]",
+    "attn_q": "self_attn.q_proj weight [heads*hd, H]",
+    "attn_q_bias": "q_proj bias [heads*hd] (attention_bias)",
+    "attn_k": "self_attn.k_proj weight [kv_heads*hd, H]",
+    "attn_k_bias": "k_proj bias [kv_heads*hd] (attention_bias)",
+    "attn_v": "self_attn.v_proj weight [kv_heads*hd, H]",
+    "attn_v_bias": "v_proj bias [kv_heads*hd] (attention_bias)",
+    "attn_o": "self_attn.o_proj weight [H, heads*hd]",
+    "attn_o_bias": "o_proj bias [H] (attention_bias, families whose o_proj has one)",
+    "attn_q_norm": "per-head RMSNorm on q [hd] (qk_norm)",
+    "attn_k_norm": "per-head RMSNorm on k [hd] (qk_norm)",
+    "router": "router (gate) weight [E, H] (MoE layers)",
+    "expert_gate": "expert e gate projection [I, H] (HUB)",
+    "expert_up": "expert e up projection [I, H] (HUB)",
+    "expert_down": "expert e down projection [H, I] (HUB)",
+    "experts_gate_up": "stacked gate+up projections [E, 2I, H] (FUSED)",
+    "experts_down": "stacked down projections [E, H, I] (FUSED)",
+    "shared_gate": "shared expert gate projection [SI, H] (SI > 0)",
+    "shared_up": "shared expert up projection [SI, H] (SI > 0)",
+    "shared_down": "shared expert down projection [H, SI] (SI > 0)",
+    "shared_expert_gate": "sigmoid gate of the shared expert [1, H] (SI > 0)",
+    "mlp_gate": "dense MLP gate projection [intermediate, H] (layers outside moe_layers)",
+    "mlp_up": "dense MLP up projection [intermediate, H]",
+    "mlp_down": "dense MLP down projection [H, intermediate]",
+    "attn_norm": "input_layernorm weight [H]",
+    "ffn_norm": "post_attention_layernorm weight [H]",
+    "norm": "final norm weight [H]",
+    "lm_head": "output projection [V, H] (the embedding when tie_word_embeddings)",
+}
+#: per-expert keys of the HUB layout -> expert role (see ``ExpertRef.role``).
+EXPERT_ROLES = {"expert_gate": "gate", "expert_up": "up", "expert_down": "down"}
+#: stacked keys of the FUSED layout -> expert role.
+STACKED_ROLES = {"experts_gate_up": "gate_up", "experts_down": "down"}
+
+_BIAS = ("attn_q_bias", "attn_k_bias", "attn_v_bias", "attn_o_bias")
+_SHARED = ("shared_gate", "shared_up", "shared_down", "shared_expert_gate")
+_DENSE = ("mlp_gate", "mlp_up", "mlp_down")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor a model of the family has.
+
+    Attributes:
+        name: HF tensor name.  shape: dims as torch/safetensors list them (``[out, in]``).
+        key: logical key (:data:`KEYS`).  layer: decoder layer, None for global tensors.
+        expert: expert index of a per-expert tensor, else None.
+        role: expert role (``gate``, ``up``, ``down``, ``gate_up``) of expert tensors, else None.
+        stacked: an expert-stacked tensor ([E, ...], axis 0 = expert).
+        tied: ``lm_head.weight`` of a model with tied embeddings: the embedding matrix itself;
+            ``state_dict()`` lists it, checkpoint files do not hold it.
+    """
+
+    name: str
+    shape: tuple
+    key: str
+    layer: int | None = None
+    expert: int | None = None
+    role: str | None = None
+    stacked: bool = False
+    tied: bool = False
+
+    @property
+    def is_expert(self) -> bool:
+        """Whether the tensor belongs to routed experts (stored as expert blocks)."""
+        return self.role is not None
+
+
+def shape(key: str, hp) -> tuple:
+    """Shape of tensor ``key`` for hyper-parameters ``hp`` (an :class:`~.hparams.HParams`).
+
+    Raises:
+        KeyError: unknown key.
+    """
+    H, V, hd = hp.hidden_size, hp.vocab_size, hp.head_dim
+    q, kv = hp.num_attention_heads * hd, hp.num_key_value_heads * hd
+    E, I = hp.num_experts, hp.moe_intermediate_size
+    SI, D = hp.shared_expert_intermediate_size, hp.intermediate_size
+    return {
+        "embed": (V, H), "lm_head": (V, H), "norm": (H,), "attn_norm": (H,), "ffn_norm": (H,),
+        "attn_q": (q, H), "attn_q_bias": (q,), "attn_k": (kv, H), "attn_k_bias": (kv,),
+        "attn_v": (kv, H), "attn_v_bias": (kv,), "attn_o": (H, q), "attn_o_bias": (H,),
+        "attn_q_norm": (hd,), "attn_k_norm": (hd,), "router": (E, H),
+        "expert_gate": (I, H), "expert_up": (I, H), "expert_down": (H, I),
+        "experts_gate_up": (E, 2 * I, H), "experts_down": (E, H, I),
+        "shared_gate": (SI, H), "shared_up": (SI, H), "shared_down": (H, SI),
+        "shared_expert_gate": (1, H),
+        "mlp_gate": (D, H), "mlp_up": (D, H), "mlp_down": (H, D),
+    }[key]
+
+
+def present(key: str, hp, layer: int | None) -> bool:
+    """Whether a model with ``hp`` has tensor ``key`` (in ``layer`` for per-layer keys), given
+    that its family lists the key: biases with ``attention_bias``, q/k norms with ``qk_norm``,
+    router and experts in ``moe_layers``, the shared expert there when its size is > 0, the
+    dense MLP elsewhere."""
+    if key in _BIAS:
+        return bool(hp.attention_bias)
+    if key in ("attn_q_norm", "attn_k_norm"):
+        return bool(hp.qk_norm)
+    moe = layer is not None and layer in hp.moe_layers
+    if key in _SHARED:
+        return moe and hp.shared_expert_intermediate_size > 0
+    if key in _DENSE:
+        return layer is not None and not moe
+    if key == "router" or key in EXPERT_ROLES or key in STACKED_ROLES:
+        return moe
+    return True
+
+
+def layout_table(tensors: dict, fused: dict, layout: str) -> dict:
+    """The name table of ``layout``: ``tensors`` (HUB) as is, or for FUSED with the names of
+    ``fused`` replacing theirs and the stacked expert keys in place of the per-expert ones.
+
+    Raises:
+        ValueError: unknown layout.
+    """
+    if layout == HUB:
+        return {k: v for k, v in tensors.items() if k not in STACKED_ROLES}
+    if layout != FUSED:
+        raise ValueError(f"unknown tensor layout {layout!r} (one of {', '.join(LAYOUTS)})")
+    out = {}
+    for k, v in tensors.items():
+        if k in EXPERT_ROLES:
+            out.update((s, fused[s]) for s in STACKED_ROLES if s in fused)
+        else:
+            out[k] = fused.get(k, v)
+    return out
+
+
+def expand(table: dict, hp) -> list[TensorSpec]:
+    """Every tensor of a model: ``table`` (from :func:`layout_table`) expanded over layers and
+    experts, in table order: global keys before the first per-layer key, then layer by layer
+    (per-expert tensors expert by expert), then the remaining global keys.
+
+    Args:
+        table: logical key -> template.  hp: :class:`~.hparams.HParams`.
+    Returns:
+        list of :class:`TensorSpec` (``lm_head`` included, marked ``tied`` when tied).
+    """
+    keys = list(table)
+    per_layer = [k for k in keys if "{i}" in table[k]]
+    first = keys.index(per_layer[0]) if per_layer else len(keys)
+    head = [k for k in keys[:first] if k not in per_layer]
+    tail = [k for k in keys[first:] if k not in per_layer]
+
+    def glob(k):
+        return TensorSpec(table[k], shape(k, hp), k,
+                          tied=k == "lm_head" and bool(hp.tie_word_embeddings))
+
+    experts = [k for k in per_layer if k in EXPERT_ROLES]
+    out = [glob(k) for k in head if present(k, hp, None)]
+    for i in range(hp.num_hidden_layers):
+        for k in per_layer:
+            if not present(k, hp, i) or (k in EXPERT_ROLES and k != experts[0]):
+                continue
+            if k in EXPERT_ROLES:      # expert by expert, its projections in table order
+                out += [TensorSpec(table[x].format(i=i, e=e), shape(x, hp), x, i, e,
+                                   EXPERT_ROLES[x]) for e in range(hp.num_experts) for x in experts]
+            else:
+                out.append(TensorSpec(table[k].format(i=i), shape(k, hp), k, i,
+                                      role=STACKED_ROLES.get(k), stacked=k in STACKED_ROLES))
+    return out + [glob(k) for k in tail if present(k, hp, None)]
+
+
+def template_regex(template: str) -> str:
+    """A regex matching the names of ``template``: groups ``layer`` ({i}) and ``expert`` ({e})."""
+    rx = re.escape(template)
+    return rx.replace(r"\{i\}", r"(?P<layer>\d+)").replace(r"\{e\}", r"(?P<expert>\d+)")
