@@ -149,7 +149,7 @@ def test_sampler_is_deterministic_and_draws_pool_values(msc, pools):
 
     pool = msc.bf16_to_f32(float32_to_bf16_bits(pools.pools["down"][:4096]))
     out = np.empty(20000, np.uint16)
-    msc._kernels()(pool, out, np.uint64(3), np.float32(1.0), np.zeros(1, np.float32))
+    msc.pool_kernels()(pool, out, np.uint64(3), np.float32(1.0), np.zeros(1, np.float32))
     assert np.isin(out, float32_to_bf16_bits(pool)).all()
     assert len(np.unique(out)) > 1000
 

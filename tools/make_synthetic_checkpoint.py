@@ -99,7 +99,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from synthetic_pools import (POOL_SIZE, SOURCE_FAN_IN, RealPools, _kernels, _key,  # noqa: E402,F401
+from synthetic_pools import (POOL_SIZE, SOURCE_FAN_IN, RealPools, pool_kernels, tensor_seed,  # noqa: E402,F401
                              bf16_to_f32, exponent_entropy, one_blas_thread)
 from synthetic_router import fit_router, routing_stats, simulate  # noqa: E402,F401
 from zipmoe_rt.convert.atomic import replace_dir  # noqa: E402
@@ -226,7 +226,7 @@ class Sampler:
 
     def draw(self, name, kind, shape, fan_in=None, scale=1.0, offset=None) -> np.ndarray:
         """BF16 bits of pool ``kind`` draws keyed by ``name``, fan-in scaled and jittered."""
-        key = _key(self.seed, name)
+        key = tensor_seed(self.seed, name)
         if fan_in is not None:
             scale *= math.sqrt(SOURCE_FAN_IN[kind] / fan_in)
         scale *= math.exp(self.jitter * np.random.default_rng(key).standard_normal())
@@ -236,7 +236,7 @@ class Sampler:
         """BF16 bits (uint16) of tensor ``spec`` (a registry TensorSpec)."""
         if spec.key == "embed":
             mean = self.pools.pools["embed_mean"]
-            rng = np.random.default_rng(_key(self.seed, "embed_offset"))
+            rng = np.random.default_rng(tensor_seed(self.seed, "embed_offset"))
             bits = self.draw(spec.name, "embed", spec.shape,
                              offset=mean[rng.integers(0, mean.size, spec.shape[1])])
             self.entropy["embed_tokens"] = exponent_entropy(bits)

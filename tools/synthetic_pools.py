@@ -62,13 +62,13 @@ def one_blas_thread():
 
 
 
-def _key(seed: int, name: str) -> int:
+def tensor_seed(seed: int, name: str) -> int:
     """A 63-bit key per (seed, tensor name)."""
     return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(),
                           "little") >> 1
 
 
-def _kernels():
+def pool_kernels():
     """Numba kernels, compiled on first use (not cached on disk: a cache entry records the
     importing module's name, and this file is run both as a script and imported by tests)."""
     global _FILL
@@ -178,6 +178,6 @@ class RealPools:
         out = np.empty(int(np.prod(shape)), np.uint16)
         off = (np.zeros(1, np.float32) if offset is None
                else np.ascontiguousarray(offset, np.float32))
-        _kernels()(self.pools[kind], out, np.uint64(key), np.float32(scale), off)
+        pool_kernels()(self.pools[kind], out, np.uint64(key), np.float32(scale), off)
         return out.reshape(shape)
 
