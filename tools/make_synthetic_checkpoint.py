@@ -321,7 +321,7 @@ def run_layer(net, x: np.ndarray, hook=None) -> np.ndarray:
     cache = net.new_cache(capacity=S)
     cache.reserve(S)
     net.route_hook = hook
-    return net.layers[0](np.array(x, np.float32), cache, 0, cos, sin)
+    return net.layers[0](np.array(x, np.float32), cache.layers[0], 0, cos, sin)
 
 
 def router_inputs(net, xs) -> np.ndarray:
