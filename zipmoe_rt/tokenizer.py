@@ -555,9 +555,11 @@ class StreamDecoder:
     """Incremental detokenizer: turns a stream of token ids into text pieces.
 
     Each :meth:`push` decodes a small window of recent ids and returns only the newly completed
-    text. Text is held back while the window's decode ends in U+FFFD, which is what an incomplete
-    UTF-8 byte sequence (e.g. the first byte token of an emoji in a byte-level BPE vocabulary)
-    decodes to; it is released once a later token completes it.
+    text. When the window's decode ends in U+FFFD, which is what an incomplete UTF-8 byte
+    sequence (e.g. the first bytes of an emoji in a byte-level BPE vocabulary) decodes to, only
+    that last character is held back: every character before it is complete and is returned with
+    the token that completed it (a token ``" \xf0\x9f"`` returns ``" "``), and the held
+    character is released once a later token completes it.
 
     The algorithm is that of Hugging Face text-generation-inference (``decode_token``) and vLLM's
     incremental detokenization: ``prefix_offset`` and ``read_offset`` index the ids; the text
@@ -597,17 +599,33 @@ class StreamDecoder:
         self._ids: list[int] = list(self._context)  # ids[prefix_offset:] of the stream
         self._read = len(self._ids)                  # read_offset, relative to self._ids
         self._prefix_text = self._decode(self._ids)  # decode(ids[prefix_offset:read_offset])
+        self._sent = 0  # characters past prefix_text already returned (complete characters
+        #                 of tokens after read_offset whose decode ends in an incomplete one)
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip) if ids else ""
 
     def _advance(self, new_read: int, new_text: str) -> str:
-        """Emit ``new_text[len(prefix_text):]`` and move the window to ``[read, new_read)``."""
-        piece = new_text[len(self._prefix_text):]
+        """Emit ``new_text`` (the decode of ``ids[:new_read]``) past what was already returned
+        and move the window to ``[read, new_read)``. Characters already returned beyond
+        ``new_text`` (complete characters of later tokens) stay counted in ``_sent``."""
+        done = len(self._prefix_text) + self._sent
+        piece = new_text[done:]
         del self._ids[: self._read]
         self._prefix_text = self._decode(self._ids[: new_read - self._read])
         self._read = new_read - self._read
+        self._sent = max(0, done - len(new_text))
         return piece
+
+    def _emit_complete(self, new_text: str) -> str:
+        """``new_text`` ends in U+FFFD (an incomplete UTF-8 sequence, or an invalid byte): return
+        the characters before that last one not yet returned, keeping the window as it is."""
+        done = len(self._prefix_text) + self._sent
+        stable = new_text[:-1]
+        if len(stable) > done and stable.startswith(self._prefix_text):
+            self._sent = len(stable) - len(self._prefix_text)
+            return stable[done:]
+        return ""
 
     def push(self, token_id: int) -> str:
         """Add one token id; return the text it completes (often ``""`` or one token's text).
@@ -622,9 +640,10 @@ class StreamDecoder:
         new_text = self._decode(self._ids)
         if len(new_text) > len(self._prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
             return self._advance(len(self._ids), new_text)
+        piece = self._emit_complete(new_text) if new_text.endswith(REPLACEMENT_CHAR) else ""
         if len(self._ids) - self._read > self._max_hold:
-            return self._release_stable(new_text)
-        return ""
+            return piece + self._release_stable(new_text)
+        return piece
 
     def _release_stable(self, new_text: str) -> str:
         # Held back for long: find the latest split point j, at least 4 tokens before the end (an
@@ -645,7 +664,7 @@ class StreamDecoder:
         After ``flush`` the decoder starts a new stream (with the same ``context_ids``).
         """
         new_text = self._decode(self._ids)
-        piece = new_text[len(self._prefix_text):]
+        piece = new_text[len(self._prefix_text) + self._sent:]
         self._reset()
         return piece
 
