@@ -139,43 +139,57 @@ class SafetensorsFile:
 class Checkpoint:
     """All tensors of a Hugging Face checkpoint folder, single-file or sharded.
 
-    Reads ``model.safetensors``, or ``model.safetensors.index.json`` and the shards it names;
-    any other ``*.safetensors`` set is read as a whole if neither exists.
+    Reads the files transformers loads (``modeling_utils._get_resolved_checkpoint_files``):
+    ``model.safetensors`` when present, else the shards ``model.safetensors.index.json`` lists.
+    Other ``*.safetensors`` files in the folder are never read (transformers does not load a
+    folder of unindexed shards either). A tensor name found in two of the files read is an
+    error, so no tensor is taken silently from the wrong file.
 
+    Attributes:
+        unread: names of ``*.safetensors`` files in the folder that were not read.
     Raises:
-        FileNotFoundError: no safetensors in ``folder``, or a shard named by the index is missing
-            (the message names it).
-        SafetensorsError: a malformed file, or a tensor the index places in a shard that lacks it.
+        FileNotFoundError: no ``model.safetensors`` and no index (the message lists the unindexed
+            shards found, if any), or a shard named by the index is missing (named).
+        SafetensorsError: a malformed file or index, a tensor the index places in a shard that
+            lacks it, or a tensor name in two files (both named).
     """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         single = self.folder / "model.safetensors"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        if single.exists():
+            weight_map, shards = None, ["model.safetensors"]
+        elif index.exists():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise SafetensorsError(f"{index}: not a safetensors index with a weight_map "
+                                       f"({e!r})") from None
             shards = sorted(set(weight_map.values()))
             for s in shards:
                 if not (self.folder / s).exists():
                     raise FileNotFoundError(f"{self.folder / s}: shard named by {index.name} is missing")
-        elif single.exists():
-            weight_map, shards = None, ["model.safetensors"]
         else:
-            shards = sorted(p.name for p in self.folder.glob("*.safetensors"))
-            weight_map = None
-            if not shards:
-                raise FileNotFoundError(f"{self.folder}: no model.safetensors or "
-                                        f"model.safetensors.index.json")
+            found = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            hint = (f"; found {', '.join(found)} without an index (transformers cannot load "
+                    f"them either): add the model.safetensors.index.json that came with them"
+                    if found else "")
+            raise FileNotFoundError(f"{self.folder}: no model.safetensors or "
+                                    f"model.safetensors.index.json{hint}")
+        self.unread = sorted(p.name for p in self.folder.glob("*.safetensors")
+                             if p.name not in shards)
         self.files = {s: SafetensorsFile(self.folder / s) for s in shards}
         self.tensors: dict[str, TensorInfo] = {}
         for s, f in self.files.items():
             for name, t in f.tensors.items():
-                if weight_map is not None and weight_map.get(name) != s:
-                    continue
+                if name in self.tensors:
+                    raise SafetensorsError(f"tensor {name!r} is in two files: "
+                                           f"{self.tensors[name].file} and {t.file}")
                 self.tensors[name] = t
         if weight_map is not None:
             for name, s in weight_map.items():
-                if name not in self.tensors:
+                if name not in self.tensors or self.tensors[name].file.name != s:
                     raise SafetensorsError(f"{self.folder / s}: tensor {name!r} named by the index "
                                            f"is not in the shard")
 
