@@ -22,6 +22,7 @@ from zmoe.codec import zstd_parameters
 from zmoe.constants import Keys, hparam_key
 
 from .. import __version__
+from ..families import tensors as T
 from ..util import sha256_file
 from .registry import ConfigError, UnsupportedArchitectureError, get_architecture
 from .safetensors_io import Checkpoint, SafetensorsError
@@ -75,8 +76,9 @@ def plan_conversion(folder: Path):
         (arch, hparams, checkpoint, dense_names, experts) where experts maps
         (layer, expert) -> [(name, ExpertRef)].
     Raises:
-        ConversionError: unsupported architecture, missing shard or config key, an expert tensor
-            whose shape does not match the config, a missing expert tensor.
+        ConversionError: unsupported architecture, missing shard or config key, a tensor whose
+            shape does not match the config, a missing tensor (``lm_head.weight`` included when
+            the config does not tie it to the embedding), a tensor name in two files.
     """
     config = _read_json(folder / "config.json", required=True)
     try:
@@ -113,14 +115,83 @@ def plan_conversion(folder: Path):
             if not ({"gate", "up", "down"} <= roles or {"gate_up", "down"} <= roles):
                 raise ConversionError(f"{folder}: layer {layer} expert {e} lacks tensors "
                                       f"(has roles {sorted(roles) or 'none'})")
-    embed = "model.embed_tokens.weight"
-    if embed not in ckpt.tensors:
-        raise ConversionError(f"{folder}: no tensor {embed!r}")
-    if tuple(ckpt.tensors[embed].shape) != (hp["vocab_size"], hp["hidden_size"]):
-        raise ConversionError(f"{ckpt.tensors[embed].file}: tensor {embed!r} has shape "
-                              f"{list(ckpt.tensors[embed].shape)}, expected "
-                              f"[{hp['vocab_size']}, {hp['hidden_size']}] from config.json")
+    _check_dense_tensors(folder, arch, ckpt)
     return arch, hp, ckpt, dense, experts
+
+
+#: logical tensor key -> the config.json field its shape depends on beyond hidden_size /
+#: vocab_size / heads (named in shape errors).
+_WIDTH_FIELD = {"shared_gate": "shared_expert_intermediate_size",
+                "shared_up": "shared_expert_intermediate_size",
+                "shared_down": "shared_expert_intermediate_size",
+                "mlp_gate": "intermediate_size", "mlp_up": "intermediate_size",
+                "mlp_down": "intermediate_size", "router": "num_experts",
+                "embed": "vocab_size", "lm_head": "vocab_size"}
+
+
+def _model_specs(arch) -> dict:
+    """Every tensor name a model of ``arch``'s config may have in a checkpoint (either expert
+    layout) -> :class:`~zipmoe_rt.families.tensors.TensorSpec` (HUB spec first)."""
+    typed = arch.typed_hparams()
+    specs: dict = {}
+    for layout in T.LAYOUTS:
+        for spec in arch.tensor_specs(typed, layout):
+            specs.setdefault(spec.name, spec)
+    return specs
+
+
+def _check_dense_tensors(folder: Path, arch, ckpt: Checkpoint) -> None:
+    """Every non-expert tensor the config implies is present with the shape it implies (as
+    transformers' modeling code creates it); the output head follows ``tie_word_embeddings``.
+
+    Raises:
+        ConversionError: a tensor with another shape (tensor, both shapes and the config field
+            named), or a missing tensor (named), ``lm_head.weight`` included when the config says
+            the head is not tied to the embedding.
+    """
+    typed = arch.typed_hparams()
+    specs = _model_specs(arch)
+    for name, spec in specs.items():
+        t = ckpt.tensors.get(name)
+        if t is None or spec.is_expert:
+            continue
+        if tuple(t.shape) != tuple(spec.shape):
+            field = _WIDTH_FIELD.get(spec.key)
+            why = f" (config.json {field}={getattr(typed, field)})" if field else ""
+            raise ConversionError(f"{t.file}: tensor {name!r} has shape {list(t.shape)}, but "
+                                  f"config.json implies {list(spec.shape)}{why}")
+    for layer in [None] + list(range(typed.num_hidden_layers)):
+        keys = dict.fromkeys(s.key for s in specs.values()
+                             if s.layer == layer and not s.is_expert and not s.tied)
+        for key in keys:
+            names = arch.tensor_names(key, layer)
+            if any(n in ckpt.tensors for n in names):
+                continue
+            if key == "lm_head":
+                raise ConversionError(
+                    f"{folder}: no tensor 'lm_head.weight', and config.json says "
+                    f"tie_word_embeddings: false, so the output head is not the embedding "
+                    f"matrix: the checkpoint is incomplete (a missing shard?)")
+            raise ConversionError(f"{folder}: no tensor {names[0]!r}, which config.json "
+                                  f"implies" + (f" for layer {layer}" if layer is not None else ""))
+
+
+def unused_tensors(arch, ckpt: Checkpoint) -> list[str]:
+    """Checkpoint tensors a model of ``arch``'s config does not use (names outside the family's
+    tensors for this config), in checkpoint order. A stored ``lm_head.weight`` is always used:
+    transformers ties a tied config's head to the embedding only where it is absent or equal."""
+    specs = _model_specs(arch)
+    return [t.name for t in ckpt if t.name not in specs]
+
+
+def _tied_head_differs(arch, ckpt: Checkpoint) -> bool:
+    """config.json ties the head, yet the checkpoint stores an ``lm_head.weight`` that differs
+    from the embedding (transformers then does not tie them and uses the stored head)."""
+    head, embed = ckpt.tensors.get("lm_head.weight"), ckpt.tensors.get("model.embed_tokens.weight")
+    if not arch.typed_hparams().tie_word_embeddings or head is None or embed is None:
+        return False
+    return not (head.dtype == embed.dtype and head.shape == embed.shape
+                and np.array_equal(ckpt.raw(head.name), ckpt.raw(embed.name)))
 
 
 def _metadata(folder: Path, arch, hp: dict, ckpt: Checkpoint, chunks: int,
@@ -223,7 +294,9 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
     Raises:
         ConversionError: any problem with the input or the options (file/tensor/option named).
     Warns:
-        ConversionWarning: the folder has no tokenizer.json (the file is written all the same).
+        ConversionWarning: the folder has no tokenizer.json, holds checkpoint tensors the model
+            does not use (one warning listing them), or ``*.safetensors`` files transformers
+            would not load (not read); the file is written all the same.
     """
     folder, output = Path(folder), Path(output)
     if not folder.is_dir():
@@ -242,6 +315,19 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
     if output.exists() and not overwrite:
         raise ConversionError(f"{output}: exists (pass --force to replace it)")
     arch, hp, ckpt, dense, experts = plan_conversion(folder)
+    unused = unused_tensors(arch, ckpt)
+    if unused:
+        warnings.warn(f"{folder}: {len(unused)} checkpoint tensor(s) not used by a {arch.name} "
+                      f"with this config.json (stored, but the model ignores them): "
+                      f"{', '.join(unused)}", ConversionWarning, stacklevel=2)
+    if _tied_head_differs(arch, ckpt):
+        warnings.warn(f"{folder}: config.json says tie_word_embeddings: true, but lm_head.weight "
+                      f"differs from model.embed_tokens.weight: the stored lm_head.weight is the "
+                      f"output head (as transformers loads it)", ConversionWarning, stacklevel=2)
+    if ckpt.unread:
+        warnings.warn(f"{folder}: not read: {', '.join(ckpt.unread)} (transformers loads only "
+                      f"model.safetensors or the shards model.safetensors.index.json lists)",
+                      ConversionWarning, stacklevel=2)
     if not (folder / "tokenizer.json").exists():
         warnings.warn(f"{folder}: no tokenizer.json: {output} will hold the weights but "
                       f"`zipmoe-rt run/chat` and zipmoe_rt.load() need a tokenizer; copy the "

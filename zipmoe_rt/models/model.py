@@ -89,10 +89,16 @@ class Model:
         a = self.args
         self.rope = RoPE(a)
         self.embed = be.from_host(np.ascontiguousarray(source.tensor("model.embed_tokens.weight")))
+        # As transformers' tie_weights: a stored lm_head.weight is the head (tied or not: a
+        # tied config whose stored head differs from the embedding is not tied); without one
+        # the head is the embedding only when tie_word_embeddings says so.
         if source.has("lm_head.weight"):
             self.lm_head = be.from_host(np.ascontiguousarray(source.tensor("lm_head.weight")))
-        else:
+        elif a.tie_word_embeddings:
             self.lm_head = self.embed
+        else:
+            raise KeyError("no tensor 'lm_head.weight' in the weight source, and "
+                           "tie_word_embeddings is false: the output head is missing")
         self.norm = be.from_host(to_f32(source.tensor("model.norm.weight")))
         self.moe_layers = set(a.moe_layers)
         self.layers = [self.build_layer(i) for i in range(a.num_hidden_layers)]

@@ -1,0 +1,201 @@
+"""Checkpoints that used to convert into a silently wrong model: each is built from a tiny
+transformers checkpoint (``tiny_models.make_tiny``) edited the way published checkpoints were
+found to be, converted, and compared with transformers (the oracle)."""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from tiny_models import load_hf, make_tiny  # noqa: E402
+from zmoe_edit import mutate, rewrite_index  # noqa: E402
+from zipmoe_rt.convert.converter import ConversionError, ConversionWarning, convert  # noqa: E402
+from zipmoe_rt.convert.safetensors_io import SafetensorsFile, write_safetensors  # noqa: E402
+from zipmoe_rt.engine.store import ZmoeSource  # noqa: E402
+from zipmoe_rt.models import build_model  # noqa: E402
+
+PROMPT = np.random.default_rng(7).integers(0, 256, 12)
+TOL = 1e-3
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def tiny(name: str, folder: Path, sharded: bool = False, seed: int = 0, **config) -> Path:
+    """make_tiny(name) in ``folder``, then config.json keys set (value None: key deleted)."""
+    make_tiny(name, folder, sharded=sharded, seed=seed)
+    if config:
+        edit_config(folder, **config)
+    return folder
+
+
+def edit_config(folder: Path, **config):
+    """Set config.json keys (value None deletes the key)."""
+    p = folder / "config.json"
+    cfg = json.loads(p.read_text())
+    for k, v in config.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    p.write_text(json.dumps(cfg, indent=2))
+
+
+def edit_tensors(path: Path, fn):
+    """Rewrite a safetensors file after ``fn(tensors)`` edited ``{name: np.ndarray}`` (float32
+    arrays stay BF16 on disk, truncated)."""
+    f = SafetensorsFile(path)
+    ts = {}
+    for name, t in f.tensors.items():
+        a = f.array(name)
+        ts[name] = (a.astype(np.uint32) << 16).view(np.float32) if t.dtype == "BF16" else a.copy()
+    f.close()
+    fn(ts)
+    out = {}
+    for name, a in ts.items():
+        a = np.ascontiguousarray(a, np.float32)
+        out[name] = ("BF16", a.shape, (a.view(np.uint32) >> 16).astype(np.uint16))
+    write_safetensors(path, out, metadata={"format": "pt"})
+
+
+def hf_logits(folder: Path) -> np.ndarray:
+    with torch.no_grad():
+        hf = load_hf(folder)
+        return hf(torch.tensor(PROMPT, dtype=torch.long)[None]).logits[0].numpy()
+
+
+def our_logits(path: Path) -> np.ndarray:
+    model = build_model(ZmoeSource(path))
+    return model.forward(PROMPT, model.new_cache(), last_only=False)
+
+
+def convert_quiet(folder: Path, out: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConversionWarning)
+        return convert(folder, out, progress=False)
+
+
+def assert_parity(folder: Path, out: Path):
+    convert_quiet(folder, out)
+    ref, got = hf_logits(folder), our_logits(out)
+    np.testing.assert_allclose(got, ref, atol=TOL * max(1.0, np.abs(ref).max()), rtol=0)
+    return ref, got
+
+
+# ------------------------------------------------------------------ 1. the output head
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_missing_untied_head_is_refused(tmp_path, name):
+    """tie_word_embeddings false and no lm_head.weight: used to convert and run with the
+    embedding as the head (|dlogit| ~ 4-5 against transformers); now a convert-time error."""
+    folder = tiny(name, tmp_path / name)
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is False
+    edit_tensors(folder / "model.safetensors", lambda ts: ts.pop("lm_head.weight"))
+    with pytest.raises(ConversionError) as ei:
+        convert_quiet(folder, tmp_path / "out.zmoe")
+    msg = str(ei.value)
+    assert "lm_head.weight" in msg and "tie_word_embeddings" in msg
+    assert not (tmp_path / "out.zmoe").exists()
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_tied_config_with_a_stored_head_follows_transformers(tmp_path, same):
+    """tie_word_embeddings true and a stored lm_head.weight: transformers (tie_weights) ties
+    the head to the embedding only when the stored head equals it; one of other values is kept
+    as the head. The runtime uses what transformers uses (convert warns when they differ)."""
+    folder = tiny("qwen3_moe", tmp_path / "m", tie_word_embeddings=True)
+    if same:
+        edit_tensors(folder / "model.safetensors", lambda ts: ts.__setitem__(
+            "lm_head.weight", ts["model.embed_tokens.weight"].copy()))
+    hf = load_hf(folder)
+    tied = hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert tied == same
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        convert(folder, tmp_path / "m.zmoe", progress=False)
+    differs = [w for w in rec if "differs from model.embed_tokens.weight" in str(w.message)]
+    assert len(differs) == (0 if same else 1)
+    ref, got = hf_logits(folder), our_logits(tmp_path / "m.zmoe")
+    np.testing.assert_allclose(got, ref, atol=TOL * np.abs(ref).max(), rtol=0)
+
+
+def test_crafted_container_without_untied_head_fails_at_load(tmp_path):
+    """A .zmoe whose hparams say untied but which holds no lm_head.weight: a clear error when the
+    model is built, never the embedding used as the head."""
+    folder = tiny("mixtral", tmp_path / "m")
+    good = convert_quiet(folder, tmp_path / "good.zmoe")
+
+    def drop(index):
+        index["tensors"] = [t for t in index["tensors"] if t["name"] != "lm_head.weight"]
+    bad = mutate(good, tmp_path / "bad.zmoe", lambda b: rewrite_index(b, drop))
+    with pytest.raises(KeyError, match=r"lm_head\.weight.*tie_word_embeddings"):
+        build_model(ZmoeSource(bad))
+
+
+# ------------------------------------------------------------------ 2. which safetensors are read
+
+
+def test_unindexed_shards_are_refused(tmp_path):
+    """A folder of shards without model.safetensors.index.json (transformers cannot load it)
+    used to convert from every *.safetensors in it; now an error naming the missing index."""
+    folder = tiny("qwen3_moe", tmp_path / "m", sharded=True)
+    (folder / "model.safetensors.index.json").unlink()
+    _stray(folder, ["model.embed_tokens.weight", "lm_head.weight"])
+    with pytest.raises(ConversionError, match=r"model\.safetensors\.index\.json.*model-00001-of"):
+        convert_quiet(folder, tmp_path / "m.zmoe")
+
+
+def _stray(folder: Path, names: list[str]) -> Path:
+    """zz-stray.safetensors with ``names`` (taken from the checkpoint) holding other values."""
+    src = {}
+    for p in sorted(folder.glob("model*.safetensors")):
+        f = SafetensorsFile(p)
+        for n in names:
+            if n in f.tensors:
+                src[n] = f.tensors[n].shape
+        f.close()
+    rng = np.random.default_rng(5)
+    stray = folder / "zz-stray.safetensors"
+    write_safetensors(stray, {n: ("BF16", s, (rng.standard_normal(s).astype(np.float32)
+                                              .view(np.uint32) >> 16).astype(np.uint16))
+                              for n, s in src.items()})
+    return stray
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_stray_safetensors_file_is_not_read(tmp_path, sharded):
+    """A stray file with the same tensor names and other values: only the files transformers
+    loads are read (a warning names the stray one) and the output matches transformers."""
+    folder = tiny("qwen2_moe", tmp_path / "m", sharded=sharded)
+    _stray(folder, ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                    "model.layers.0.mlp.experts.0.up_proj.weight", "lm_head.weight"])
+    with pytest.warns(ConversionWarning, match="zz-stray.safetensors"):
+        convert(folder, tmp_path / "m.zmoe", progress=False)
+    ref, got = hf_logits(folder), our_logits(tmp_path / "m.zmoe")
+    np.testing.assert_allclose(got, ref, atol=TOL * np.abs(ref).max(), rtol=0)
+
+
+def test_tensor_in_two_listed_shards_is_an_error(tmp_path):
+    """A tensor name in two of the files read is an error naming both files."""
+    folder = tiny("qwen3_moe", tmp_path / "m", sharded=True)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    other = next(s for s in sorted(set(index.values())) if s != index[name])
+    q = {}
+    f = SafetensorsFile(folder / index[name])
+    q[name] = f.array(name).copy()
+    f.close()
+    edit_tensors(folder / other, lambda ts: ts.__setitem__(name, (q[name].astype(np.uint32) << 16)
+                                                           .view(np.float32) * 2))
+    with pytest.raises(ConversionError) as ei:
+        convert_quiet(folder, tmp_path / "m.zmoe")
+    msg = str(ei.value)
+    assert name in msg and index[name] in msg and other in msg
