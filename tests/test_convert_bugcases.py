@@ -199,3 +199,66 @@ def test_tensor_in_two_listed_shards_is_an_error(tmp_path):
         convert_quiet(folder, tmp_path / "m.zmoe")
     msg = str(ei.value)
     assert name in msg and index[name] in msg and other in msg
+
+
+# ------------------------------------------------------------------ 3. stop ids
+
+
+def _hf_greedy(folder: Path, prompt: list[int], n: int) -> list[int]:
+    hf = load_hf(folder)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_stop_ids_are_the_union_of_config_generation_config_and_tokenizer(tmp_path):
+    """config.json eos_token_id = the chat end token, generation_config.json's = [<|endoftext|>],
+    the tokenizer's EOS <|endoftext|>: the model's own end token used to be ignored (generation
+    ran to the length limit); now all three stop it, the container stores them and `inspect`
+    shows them with their text."""
+    from click.testing import CliRunner
+    from test_tokenizer import tokenizer_json
+
+    import zmoe
+    import zipmoe_rt
+    from zipmoe_rt.cli import main
+    from zmoe.constants import Keys
+
+    folder = tiny("qwen3_moe", tmp_path / "m")
+    prompt = [5, 9, 100, 42]
+    greedy = _hf_greedy(folder, prompt, 12)
+    k = 3
+    im_end = greedy[k]                     # the token the model says at step k plays <|im_end|>
+    k = greedy.index(im_end)
+    assert im_end not in (0, 1, 2) and k > 0
+    tj = json.loads(tokenizer_json())
+    # give that id the <|im_end|> special token (swap it with the trained id 2)
+    inv = {v: t for t, v in tj["model"]["vocab"].items()}
+    tj["model"]["vocab"][inv[im_end]], tj["model"]["vocab"]["<|im_end|>"] = 2, im_end
+    for t in tj["added_tokens"]:
+        if t["content"] == "<|im_end|>":
+            t["id"] = im_end
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [0]}))
+    edit_config(folder, eos_token_id=im_end)
+
+    out = convert_quiet(folder, tmp_path / "m.zmoe")
+    with zmoe.ZmoeReader(out) as r:
+        assert r.metadata[Keys.Generation.EOS_TOKEN_IDS] == [0, im_end]
+    m = zipmoe_rt.load(out)
+    try:
+        assert m.stop_ids == {0, im_end}
+        text = "".join(m.stream(prompt, max_tokens=12))
+        stats = m.last_stats
+        assert stats.finish_reason == "stop" and stats.stop_token_id == im_end
+        assert stats.output_tokens == k
+        assert text == m.tokenizer.decode(greedy[:k])
+    finally:
+        m.close()
+    r = CliRunner().invoke(main, ["inspect", str(out), "--no-tensors"])
+    assert r.exit_code == 0, r.output
+    lines = [l for l in r.output.splitlines() if l.startswith("stop tokens:")]
+    assert lines == [f'stop tokens: 0 "<|endoftext|>", {im_end} "<|im_end|>"']

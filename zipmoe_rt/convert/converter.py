@@ -49,18 +49,27 @@ def _read_json(path: Path, required: bool = False) -> dict | None:
 
 
 def _eos_ids(gen: dict, config: dict, tok_cfg: dict, tokenizer_json: str | None) -> list[int]:
+    """Stop token ids: the union of generation_config.json's and config.json's
+    ``eos_token_id`` (an int or a list) and the tokenizer's EOS token (tokenizer_config.json's
+    ``eos_token``, looked up in tokenizer.json), in that order, without repeats. Sources often
+    disagree (a chat model whose config says ``<|im_end|>`` and whose generation config says
+    ``<|endoftext|>``): stopping on any of them is what the model needs."""
+    ids: list[int] = []
     for src in (gen, config):
         e = src.get("eos_token_id")
         if e is not None:
-            return [int(x) for x in (e if isinstance(e, list) else [e])]
+            ids += [int(x) for x in (e if isinstance(e, list) else [e])]
     tok = tok_cfg.get("eos_token")
     if isinstance(tok, dict):
         tok = tok.get("content")
     if tok and tokenizer_json:
-        for t in json.loads(tokenizer_json).get("added_tokens", []):
-            if t["content"] == tok:
-                return [int(t["id"])]
-    return []
+        tj = json.loads(tokenizer_json)
+        found = [int(t["id"]) for t in tj.get("added_tokens", []) if t.get("content") == tok]
+        vocab = (tj.get("model") or {}).get("vocab")
+        if not found and isinstance(vocab, dict) and tok in vocab:
+            found = [int(vocab[tok])]
+        ids += found[:1]
+    return list(dict.fromkeys(ids))
 
 
 def _expected_expert_shape(role: str, hp: dict, stacked: bool) -> tuple:

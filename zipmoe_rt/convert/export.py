@@ -100,9 +100,20 @@ def _write_side_files(meta: dict, folder: Path):
         dump("tokenizer_config.json", tok_cfg)
 
 
+def _token_text(tokenizer_json: str | None, token_id: int) -> str:
+    """The token's text, JSON-quoted (``"<|im_end|>"``), or ``?`` without a tokenizer or
+    when the id is outside the vocabulary."""
+    if not tokenizer_json:
+        return "?"
+    from tokenizers import Tokenizer as _HFTokenizer
+
+    tok = _HFTokenizer.from_str(tokenizer_json).id_to_token(int(token_id))
+    return "?" if tok is None else json.dumps(tok, ensure_ascii=False)
+
+
 def summarize(path, show_tensors: bool = True, max_value: int = 80) -> str:
-    """Human-readable summary of a ``.zmoe`` file: metadata, the tensor table, bits per weight
-    for expert and dense tensors. Does not decode anything."""
+    """Human-readable summary of a ``.zmoe`` file: metadata, the stop tokens (ids and text), the
+    tensor table, bits per weight for expert and dense tensors. Does not decode anything."""
     lines = []
     with zmoe.ZmoeReader(path) as r:
         size = r.header.file_size
@@ -116,6 +127,11 @@ def summarize(path, show_tensors: bool = True, max_value: int = 80) -> str:
             if len(s) > max_value:
                 s = s[:max_value - 3] + f"... ({len(s)} chars)"
             lines.append(f"  {k:<36} {r.metadata_types[k]:<6} {s}")
+        stops = r.metadata.get(Keys.Generation.EOS_TOKEN_IDS)
+        if stops is not None:
+            lines.append("stop tokens: " + (", ".join(
+                f"{i} {_token_text(r.metadata.get(Keys.Tokenizer.JSON), i)}" for i in stops)
+                or "none"))
         groups = {"expert": [0, 0, 0], "dense": [0, 0, 0]}  # elements, stored bytes, source bytes
         codecs = {"expert": set(), "dense": set()}
         rows = []
