@@ -262,3 +262,152 @@ def test_stop_ids_are_the_union_of_config_generation_config_and_tokenizer(tmp_pa
     assert r.exit_code == 0, r.output
     lines = [l for l in r.output.splitlines() if l.startswith("stop tokens:")]
     assert lines == [f'stop tokens: 0 "<|endoftext|>", {im_end} "<|im_end|>"']
+
+
+# ------------------------------------------------------------------ 4. norm_topk_prob
+
+
+def _transformers_default(family: str, field: str):
+    import transformers
+
+    from zipmoe_rt.families import get_family
+    return getattr(getattr(transformers, get_family(family).hf_config_class)(), field)
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "qwen3_moe"])
+def test_norm_topk_prob_true_false_and_absent_match_transformers(tmp_path, name):
+    """True, False and the key deleted (the family's transformers default) all match
+    transformers, and the flag changes the output (so each case tests something)."""
+    results = {}
+    for value in (True, False, None):
+        folder = tiny(name, tmp_path / str(value), norm_topk_prob=value)
+        assert ("norm_topk_prob" in json.loads((folder / "config.json").read_text())) == \
+            (value is not None)
+        out = tmp_path / f"{value}.zmoe"
+        ref, got = assert_parity(folder, out)
+        want = _transformers_default(name, "norm_topk_prob") if value is None else value
+        assert load_hf(folder).config.norm_topk_prob == want
+        assert ZmoeSource(out).hparams["norm_topk_prob"] == want
+        results[value] = got
+    assert np.abs(results[True] - results[False]).max() > 10 * TOL
+
+
+# ------------------------------------------------------------------ 5. shared-expert gate
+
+
+class _ZeroTensor:
+    """A weight source with one dense tensor zeroed (delegates the rest)."""
+
+    def __init__(self, source, name):
+        self._source, self._name = source, name
+
+    def __getattr__(self, attr):
+        return getattr(self._source, attr)
+
+    def tensor(self, name):
+        t = self._source.tensor(name)
+        return np.zeros_like(t) if name == self._name else t
+
+
+def test_shared_expert_gate_from_a_normal_draw(tmp_path):
+    """A shared_expert_gate drawn from N(0,1) (zeros would give a constant 0.5 and hide a
+    missing sigmoid): parity with transformers; zeroing it in the converted weights changes the
+    output (the gate is used)."""
+    folder = tiny("qwen2_moe", tmp_path / "m")
+    rng = np.random.default_rng(11)
+
+    def gates(ts):
+        for n in ts:
+            if n.endswith("mlp.shared_expert_gate.weight"):
+                ts[n] = rng.standard_normal(ts[n].shape).astype(np.float32)
+    edit_tensors(folder / "model.safetensors", gates)
+    ref, got = assert_parity(folder, tmp_path / "m.zmoe")
+    name = "model.layers.0.mlp.shared_expert_gate.weight"
+    model = build_model(_ZeroTensor(ZmoeSource(tmp_path / "m.zmoe"), name))
+    zeroed = model.forward(PROMPT, model.new_cache(), last_only=False)
+    assert np.abs(zeroed - ref).max() > 100 * TOL * max(1.0, np.abs(ref).max())
+
+
+# ------------------------------------------------------------------ 6. widths from the right keys
+
+
+WIDTHS = dict(intermediate_size=96, moe_intermediate_size=40, shared_expert_intermediate_size=72)
+
+
+@pytest.fixture
+def widths_folder(tmp_path, monkeypatch):
+    """A Qwen2-MoE (dense layer 1, top-2) whose three widths are unrelated."""
+    import tiny_models
+
+    fam, kw = tiny_models.SPECS["qwen2_moe"]
+    monkeypatch.setitem(tiny_models.SPECS, "qwen2_moe_widths",
+                        (fam, dict(kw, num_experts_per_tok=2, **WIDTHS)))
+    return tiny("qwen2_moe_widths", tmp_path / "m")
+
+
+def test_unrelated_widths_match_transformers(widths_folder, tmp_path):
+    hp = ZmoeSource(convert_quiet(widths_folder, tmp_path / "w.zmoe")).hparams
+    assert {k: hp[k] for k in WIDTHS} == WIDTHS
+    assert_parity(widths_folder, tmp_path / "w2.zmoe")
+
+
+@pytest.mark.parametrize("field, prefix, lie", [
+    ("intermediate_size", "model.layers.1.mlp.", 128),
+    ("moe_intermediate_size", "model.layers.0.mlp.experts.", 48),
+    ("shared_expert_intermediate_size", "model.layers.0.mlp.shared_expert.", 80),
+])
+def test_config_lying_about_a_width_is_refused(widths_folder, tmp_path, field, prefix, lie):
+    """The tensors keep their true shape; the error names the tensor and both shapes."""
+    import re
+
+    true = WIDTHS[field]
+    edit_config(widths_folder, **{field: lie})
+    with pytest.raises(ConversionError) as ei:
+        convert_quiet(widths_folder, tmp_path / "w.zmoe")
+    msg = str(ei.value)
+    m = re.search(r"tensor '([^']+)' has shape \[(\d+), (\d+)\], (?:expected|but config\.json "
+                  r"implies) \[(\d+), (\d+)\]", msg)
+    assert m and m.group(1).startswith(prefix), msg
+    got, want = {int(m.group(2)), int(m.group(3))}, {int(m.group(4)), int(m.group(5))}
+    assert got == {true, 64} and want == {lie, 64}, msg
+    assert f"{field}={lie}" in msg
+
+
+# ------------------------------------------------------------------ 7. unused and missing tensors
+
+
+EXTRA = "model.layers.0.mlp.extra_proj.weight"
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_unused_tensors_are_reported_in_one_warning(tmp_path, name):
+    folder = tiny(name, tmp_path / name)
+    (folder / "tokenizer.json").write_text("{}")   # silence the no-tokenizer warning
+
+    def add(ts):
+        ts[EXTRA] = np.ones((4, 64), np.float32)
+        ts["model.layers.1.self_attn.rotary.inv_freq"] = np.ones(8, np.float32)
+    edit_tensors(folder / "model.safetensors", add)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        convert(folder, tmp_path / "m.zmoe", progress=False, verify=False)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, ConversionWarning)]
+    assert len(msgs) == 1, msgs
+    assert EXTRA in msgs[0] and "model.layers.1.self_attn.rotary.inv_freq" in msgs[0]
+    assert "2 checkpoint tensor(s) not used" in msgs[0]
+
+
+@pytest.mark.parametrize("name, missing", [
+    ("mixtral", "model.layers.2.post_attention_layernorm.weight"),
+    ("mixtral", "model.layers.1.block_sparse_moe.gate.weight"),
+    ("qwen2_moe", "model.layers.1.mlp.down_proj.weight"),
+    ("qwen2_moe", "model.layers.0.mlp.shared_expert_gate.weight"),
+    ("qwen2_moe", "model.layers.2.self_attn.k_proj.bias"),
+    ("qwen3_moe", "model.layers.0.self_attn.q_norm.weight"),
+    ("qwen3_moe", "model.norm.weight"),
+])
+def test_missing_tensor_is_named(tmp_path, name, missing):
+    folder = tiny(name, tmp_path / name)
+    edit_tensors(folder / "model.safetensors", lambda ts: ts.pop(missing))
+    with pytest.raises(ConversionError, match=missing.replace(".", r"\.")):
+        convert_quiet(folder, tmp_path / "m.zmoe")

@@ -111,7 +111,9 @@ def plan_conversion(folder: Path):
         want = _expected_expert_shape(ref.role, hp, ref.expert is None)
         if tuple(t.shape) != want:
             raise ConversionError(f"{t.file}: tensor {t.name!r} has shape {list(t.shape)}, "
-                                  f"expected {list(want)} from config.json")
+                                  f"expected {list(want)} from config.json "
+                                  f"(moe_intermediate_size={hp['moe_intermediate_size']}, "
+                                  f"hidden_size={hp['hidden_size']})")
         es = range(hp["num_experts"]) if ref.expert is None else [ref.expert]
         for e in es:
             if not 0 <= e < hp["num_experts"]:
