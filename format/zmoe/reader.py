@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import zstandard as zstd
 
-from . import codec
+from . import codec, validate
 from .constants import EXP_CODECS, EXP_ZSTD, HEADER_SIZE, MAGIC, READABLE_VERSIONS, VERSION
 from .errors import (ChecksumError, CorruptIndexError, NotZmoeError, TruncatedFileError,
                      UnsupportedCodecError,
@@ -89,12 +89,14 @@ class ZmoeReader:
             if size > fsize:
                 raise CorruptIndexError(f"{self.path}: {size - fsize} trailing bytes after the "
                                         f"recorded end ({fsize})")
+            validate.check_header(self.path, self.header)   # bounds the index before reading it
             f.seek(ioff)
             blob = f.read(isize)
         if zlib.crc32(blob) & 0xFFFFFFFF != icrc:
             raise CorruptIndexError(f"{self.path}: index checksum mismatch (corrupt index)")
         try:
-            index = json.loads(blob.decode("utf-8"))
+            index = validate.parse_index(self.path, blob)
+            validate.check_index(self.path, self.header, index)   # SPEC §9, before any decode
             self.metadata_types = {k: v["type"] for k, v in index["metadata"].items()}
             self.metadata = {k: v["value"] for k, v in index["metadata"].items()}
             self.tensors = {t["name"]: t for t in index["tensors"]}
