@@ -186,11 +186,15 @@ def decompress_chunks(frames, raw_sizes, decompressor: zstd.ZstdDecompressor | N
     """Decode chunks from :func:`compress_chunks` back into one uint8 exponent plane.
 
     Raises:
-        ValueError: an unknown codec, or a chunk that does not decode to its recorded size.
+        ValueError: an unknown codec, or a chunk that does not decode to its recorded size
+            (the message starts with ``exponent chunk i:``).
     """
     out = np.empty(sum(raw_sizes), np.uint8)
     pos = 0
-    for f, n in zip(frames, raw_sizes):
-        decompress_chunk(f, n, exp_codec, decompressor, out[pos:pos + n])
+    for i, (f, n) in enumerate(zip(frames, raw_sizes)):
+        try:
+            decompress_chunk(f, n, exp_codec, decompressor, out[pos:pos + n])
+        except ValueError as e:
+            raise type(e)(f"exponent chunk {i}: {e}") from None
         pos += n
     return out
