@@ -136,16 +136,26 @@ def _path(stack) -> str:
             out += f".{key}" if _IDENT.match(key) else f"[{_q(key)}]"
         else:
             out += f"[{key}]"
-    return out.lstrip(".") or "top level"
+    out = out.lstrip(".") or "top level"
+    return out if len(out) <= 160 else out[:100] + "..." + out[-40:]
 
 
 def _locate(text: str, stop: int | None = None) -> tuple[str, str | None]:
-    """Walk the index text to name where a parse failed: ``(JSON path, problem)`` of the first
+    """Walk the index text to name where a parse failed: ``(where, problem)`` of the first
     duplicate key, nesting deeper than :data:`MAX_JSON_DEPTH`, integer too long to parse or
-    NaN/Infinity; or the path at byte ``stop`` with problem None. Slow (Python per token): run
-    only on a failed parse."""
+    NaN/Infinity; or where byte ``stop`` lies, with problem None. ``where`` is a JSON path
+    (``tensors[3].shape[0]``), with the tensor's name when the walk has passed it. Slow (Python
+    per token): run only on a failed parse."""
     stack = []      # frames [is_object, current key or index, keys seen]
     want_key = False
+    name = None     # "name" of the tensor record being walked
+
+    def where(frames):
+        p = _path(frames)
+        if name is not None and len(frames) >= 3 and frames[0][1] == "tensors":
+            return f"tensor {_q(name)} ({p})"
+        return p
+
     for m in _TOKEN.finditer(text):
         if stop is not None and m.end() > stop:
             break
@@ -153,8 +163,10 @@ def _locate(text: str, stop: int | None = None) -> tuple[str, str | None]:
         if punct in ("{", "["):
             stack.append([punct == "{", None if punct == "{" else 0, set()])
             want_key = punct == "{"
+            if len(stack) == 3:
+                name = None
             if len(stack) > MAX_JSON_DEPTH:
-                return _path(stack[:-1]), f"nested deeper than {MAX_JSON_DEPTH} levels"
+                return where(stack[:-1]), f"nested deeper than {MAX_JSON_DEPTH} levels"
         elif punct in ("}", "]"):
             if stack:
                 stack.pop()
@@ -166,21 +178,24 @@ def _locate(text: str, stop: int | None = None) -> tuple[str, str | None]:
                 stack[-1][1] += 1
         elif punct == ":":
             want_key = False
-        elif s is not None and want_key and stack:
+        elif s is not None and stack and stack[-1][0]:
             try:
-                key = json.loads(s)
+                v = json.loads(s)
             except ValueError:
-                key = s
+                v = s
             frame = stack[-1]
-            frame[1] = key
-            if key in frame[2]:
-                return _path(stack), "the key appears twice in its object"
-            frame[2].add(key)
+            if want_key:
+                frame[1] = v
+                if v in frame[2]:
+                    return where(stack), "the key appears twice in its object"
+                frame[2].add(v)
+            elif len(stack) == 3 and frame[1] == "name" and stack[0][1] == "tensors":
+                name = v
         elif num is not None and num.lstrip("-").isdigit() and len(num.lstrip("-")) > _INT_DIGITS:
-            return _path(stack), f"an integer of {len(num.lstrip('-'))} digits"
+            return where(stack), f"an integer of {len(num.lstrip('-'))} digits"
         elif lit is not None and lit.lstrip("-") in ("NaN", "Infinity"):
-            return _path(stack), f"{lit} is not JSON"
-    return _path(stack), None
+            return where(stack), f"{lit} is not JSON"
+    return where(stack), None
 
 
 def parse_index(path, blob) -> dict:
@@ -399,9 +414,10 @@ class _Checker:
         else:
             nparts, per = 1, n
         parts = t.get("parts")
-        if type(parts) is not list or len(parts) != nparts:
-            got = len(parts) if type(parts) is list else _show(parts)
-            self.fail(where, "parts", f"{got} parts, expected {nparts}"
+        if type(parts) is not list:
+            self.fail(where, "parts", f"{_show(parts)} is not a list of parts (SPEC §4)")
+        if len(parts) != nparts:
+            self.fail(where, "parts", f"{len(parts)} parts, expected {nparts}"
                                       + (f" (one per expert: shape[0] of {_show(shape)})"
                                          if stacked else ""))
         for k, p in enumerate(parts):
