@@ -152,6 +152,14 @@ def _scratch(n: int) -> np.ndarray:
     return buf[:n]
 
 
+def _out_of_bounds(path, p: Piece, what: str):
+    """The error for kernel arguments that would leave their buffers: the index that
+    :func:`zmoe.validate.check_index` accepted cannot produce them, so a Piece or region
+    buffer was built around it (or the validator has a gap); never hand them to a kernel."""
+    return zmoe.CorruptIndexError(f"{path}: tensor {p.name!r}: {what} lies outside its region "
+                                  f"buffer (refused before decoding; SPEC §9)")
+
+
 def decode_chunk(path, p: Piece, i: int, sm: np.ndarray, exp: np.ndarray, out: np.ndarray,
                  start: int, dctx: zstd.ZstdDecompressor):
     """Decode exponent chunk ``i`` of piece ``p`` (:func:`zmoe.codec.decompress_chunk`: Huffman
@@ -160,16 +168,23 @@ def decode_chunk(path, p: Piece, i: int, sm: np.ndarray, exp: np.ndarray, out: n
 
     Raises:
         zmoe.ChecksumError: the chunk does not decode to its recorded size.
+        zmoe.CorruptIndexError: the chunk, its SM bytes or its output range lie outside ``exp``,
+            ``sm`` or ``out`` (the merge kernel's preconditions, checked before the call).
     """
     o, n, raw, _ = p.chunks[i]
     merge, smb, _ = MERGE[p.dtype]
+    s0 = p.sm[0] + start * smb
+    if not (0 <= o <= o + n <= exp.size and raw >= 0 and 0 <= s0 and s0 + raw * smb <= sm.size
+            and 0 <= start and start + raw <= out.size):
+        raise _out_of_bounds(path, p, f"exponent chunk {i} (or its sign+mantissa bytes)")
     try:
         e = codec.decompress_chunk(exp[o:o + n], raw, p.codec, dctx,
                                    _scratch(raw) if p.codec == EXP_HUFFMAN else None)
     except ValueError as err:
         raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} does not "
                                  f"decode ({err})") from None
-    s0 = p.sm[0] + start * smb
+    if e.size != raw:   # decompress_chunk guarantees it; the kernel reads e.size exponents
+        raise _out_of_bounds(path, p, f"exponent chunk {i}'s decoded exponents")
     merge(e, sm[s0:s0 + raw * smb], out[start:start + raw])
 
 
@@ -206,16 +221,28 @@ def decode_chunks(path, p: Piece, c0: int, c1: int, sm: np.ndarray, exp: np.ndar
     Raises:
         zmoe.ChecksumError: a chunk does not decode to its recorded size (names file, tensor,
             chunk).
+        zmoe.CorruptIndexError: a chunk, the SM bytes or the output range lie outside ``exp``,
+            ``sm`` or ``out`` (the kernels' preconditions, checked before the call).
     """
     offs, sizes, raws, starts = p.chunk_arrays
     if p.codec != EXP_HUFFMAN or p.dtype != "BF16":
         for ci in range(c0, c1):
             decode_chunk(path, p, ci, sm, exp, out, int(starts[ci]), dctx)
         return
+    if not 0 <= c0 < c1 <= len(p.chunks):
+        raise _out_of_bounds(path, p, f"exponent chunks {c0}..{c1 - 1}")
     a = int(starts[c0])
     b = int(starts[c1 - 1] + raws[c1 - 1])
     tc = _table_cache()
     s0 = p.sm[0]
+    # decode_merge_bf16_chunks's preconditions (kernels/planes.py): every chunk inside exp, the
+    # raws >= 0 and consecutive, and sm / out holding exactly their sum from a
+    o, z, r = offs[c0:c1], sizes[c0:c1], raws[c0:c1]
+    if not (0 <= a and 0 <= s0 and s0 + b <= sm.size and b <= out.size and (o >= 0).all()
+            and (z >= 0).all() and (r >= 0).all() and (o + z <= exp.size).all()
+            and int(r.sum()) == b - a):
+        raise _out_of_bounds(path, p, f"exponent chunks {c0}..{c1 - 1} (or their sign+mantissa "
+                                      f"bytes)")
     bad, st = decode_merge_bf16_chunks(exp, offs[c0:c1], sizes[c0:c1], raws[c0:c1],
                                        sm[s0 + a:s0 + b], out[a:b], _scratch(int(raws[c0:c1].max())),
                                        tc.keys, tc.ent, tc.len1, tc.state)
