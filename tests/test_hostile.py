@@ -563,6 +563,26 @@ def test_block_and_record_disagreements(tiny, tmp_path):
         open_error(bad, CorruptIndexError, *needles)
 
 
+@pytest.mark.parametrize("edit,needles", [
+    (lambda i: rec(i, W2)["expert"].__setitem__("role", "down_proj"),
+     ("expert block 0/0: tensors: roles", "an expert needs down")),
+    (lambda i: rec(i, W3).__setitem__("shape", [64, 96]),
+     ("expert block 0/0", repr(W3), "shape: up [64, 96], but down [64, 96] needs [96, 64]")),
+])
+def test_expert_block_the_runtime_cannot_build(tiny, tmp_path, edit, needles):
+    """A block without a down projection (roles are the runtime's business: the index is
+    otherwise valid) or with gate/up/down shapes that do not fit together: `run` raised a
+    KeyError or a shape error deep in the model; the runtime and `verify` now refuse it."""
+    bad = edited(tiny["huffman"], tmp_path / "roles.zmoe", lambda index, b: edit(index))
+    ZmoeReader(bad).close()     # the index itself is consistent
+    with pytest.raises(CorruptIndexError) as ei:
+        ZmoeSource(bad).layouts
+    for n in (str(bad),) + needles:
+        assert n in str(ei.value), (n, str(ei.value))
+    r = CliRunner().invoke(cli_main, ["verify", "-q", str(bad)], env={"ZIPMOE_RT_DEBUG": None})
+    assert r.exit_code == 1 and r.stderr.strip() == f"error: {ei.value}", r.stderr
+
+
 def test_good_files_open_verify_and_decode(tiny):
     """The unmodified files pass every check (no false positive)."""
     for path in tiny.values():

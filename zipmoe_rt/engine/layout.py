@@ -92,8 +92,39 @@ class ExpertLayout:
         return tuple((p.elements, p.dtype, p.raw) for p in self.pieces)
 
 
+def check_expert(path, lay: "ExpertLayout"):
+    """An expert block holds what :func:`~zipmoe_rt.models.weights.assemble_expert` builds a
+    SwiGLU expert from (SPEC §4 roles; the converter's own rule): ``down`` [H, I], and
+    ``gate`` and ``up`` [I, H] each or ``gate_up`` [2I, H]. The index validator does not know
+    roles (other tensors may ride along in a block); the runtime does.
+
+    Raises:
+        zmoe.CorruptIndexError: naming the file, the block and the tensor or role at fault.
+    """
+    roles = {p.role: p for p in lay.pieces}
+    where = f"{path}: expert block {lay.layer}/{lay.expert}"
+    if "down" not in roles or not ({"gate", "up"} <= roles.keys() or "gate_up" in roles):
+        raise zmoe.CorruptIndexError(f"{where}: tensors: roles {sorted(roles)}: an expert needs "
+                                     f"down, and gate and up or gate_up (SPEC §4)")
+    down = roles["down"]
+    if len(down.shape) != 2:
+        raise zmoe.CorruptIndexError(f"{where}: tensor {down.name!r}: shape: down {list(down.shape)} "
+                                     f"is not [hidden, intermediate]")
+    h, i = down.shape
+    want = {"gate_up": (2 * i, h)} if "gate_up" in roles else {"gate": (i, h), "up": (i, h)}
+    for role, shape in want.items():
+        if tuple(roles[role].shape) != shape:
+            raise zmoe.CorruptIndexError(
+                f"{where}: tensor {roles[role].name!r}: shape: {role} {list(roles[role].shape)}, "
+                f"but down {list(down.shape)} needs {list(shape)}")
+
+
 def expert_layouts(reader: zmoe.ZmoeReader) -> dict:
-    """``{(layer, expert): ExpertLayout}`` for every expert block of a file."""
+    """``{(layer, expert): ExpertLayout}`` for every expert block of a file.
+
+    Raises:
+        zmoe.CorruptIndexError: a block that is not a SwiGLU expert (:func:`check_expert`).
+    """
     out = {}
     for (layer, e), b in reader.experts.items():
         sm0, ex0 = b["sm"][0], b["exp"][0]
@@ -111,7 +142,9 @@ def expert_layouts(reader: zmoe.ZmoeReader) -> dict:
                 chunks = tuple((co - ex0, cn, raw, cc) for co, cn, raw, cc in part["exp"])
                 pieces.append(Piece(name, t["expert"]["role"], t["dtype"], shape, (o - sm0, n, c), chunks,
                                     t["exp_codec"]))
-        out[(layer, e)] = ExpertLayout(layer, e, tuple(b["sm"]), tuple(b["exp"]), tuple(pieces))
+        out[(layer, e)] = lay = ExpertLayout(layer, e, tuple(b["sm"]), tuple(b["exp"]),
+                                             tuple(pieces))
+        check_expert(reader.path, lay)
     return out
 
 
