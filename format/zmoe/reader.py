@@ -55,11 +55,15 @@ class ZmoeReader:
         tensors: ``{name: record}`` index records (SPEC §4), in file order.
         experts: ``{(layer, expert): block}`` expert blocks (SPEC §6).
 
+    Opening validates the header and the whole index (:mod:`zmoe.validate`, SPEC §9) before
+    any piece is read: every size a decoder is handed is then one the file's shape implies.
+
     Raises:
         FileNotFoundError: no such file.
         NotZmoeError: wrong magic.  UnsupportedVersionError: a version other than 1 or 2.
         UnsupportedCodecError: an exponent codec this reader does not know.
-        TruncatedFileError: shorter than recorded.  CorruptIndexError: header/index CRC or JSON bad.
+        TruncatedFileError: shorter than recorded.  CorruptIndexError: header/index CRC or JSON
+            bad, or an index that breaks SPEC §9 (the message names the tensor and field).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -220,7 +224,8 @@ class ZmoeReader:
         return out
 
     def verify(self, progress=None):
-        """Check every CRC-32 in the file and that every exponent chunk decodes to its size.
+        """Check every CRC-32 in the file and that every exponent chunk decodes to its size (the
+        index itself was validated when the file was opened, SPEC §9).
 
         Args:
             progress: optional callable(bytes_done) called after each tensor.
