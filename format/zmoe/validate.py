@@ -37,7 +37,9 @@ from .errors import CorruptIndexError, UnsupportedCodecError
 #: tokenizer: ~60 MB for a model of 45,000 expert tensors; a header claiming more is refused
 #: before anything is allocated.
 MAX_INDEX_BYTES = 256 << 20
-#: Deepest nesting of JSON arrays/objects anywhere in the index (SPEC §9); the schema needs 6.
+#: Deepest nesting of JSON arrays/objects in the index (SPEC §9): enforced for metadata ``json``
+#: values (all other schema fields have flat types) and when naming where a parse failed; the
+#: schema itself needs 6.
 MAX_JSON_DEPTH = 64
 #: Most dimensions of a tensor shape.
 MAX_NDIM = 32
@@ -56,15 +58,33 @@ def _kind(v) -> str:
             dict: "object"}.get(type(v), type(v).__name__)
 
 
-def _show(v, limit: int = 60) -> str:
-    """A short rendering of a JSON value for messages (long values are cut, never printed
-    whole: a hostile index may hold megabytes in one field)."""
+def _brief(v, depth: int = 3, items: int = 8) -> str:
+    """JSON-like text of ``v`` that stays short whatever ``v`` is: at most ``items`` members per
+    array/object, ``depth`` levels, 40 characters per string (never recursing deeper)."""
+    if type(v) is list:
+        if not depth:
+            return "[...]" if v else "[]"
+        more = ", ..." if len(v) > items else ""
+        return "[" + ", ".join(_brief(x, depth - 1, items) for x in v[:items]) + more + "]"
+    if type(v) is dict:
+        if not depth:
+            return "{...}" if v else "{}"
+        kv = [f"{_brief(k)}: {_brief(x, depth - 1, items)}" for k, x in list(v.items())[:items]]
+        return "{" + ", ".join(kv) + (", ..." if len(v) > items else "") + "}"
+    if type(v) is str:
+        return json.dumps(v[:40]) + ("..." if len(v) > 40 else "")
     if type(v) is int and v.bit_length() > 200:
         return f"an integer of {len(str(abs(v))) if v.bit_length() < 14000 else 'over 4000'} digits"
     try:
-        s = json.dumps(v)
-    except (TypeError, ValueError, RecursionError):
-        s = repr(v)
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+def _show(v, limit: int = 60) -> str:
+    """A short rendering of a JSON value for messages (long or deep values are cut, never
+    printed whole: a hostile index may hold megabytes, or 900 levels, in one field)."""
+    s = _brief(v)
     return s if len(s) <= limit else s[:limit] + f"... ({_kind(v)})"
 
 
