@@ -753,6 +753,22 @@ def test_index_range_outside_data_section(good, tmp_path, field):
     assert str(bad) in str(ei.value)
 
 
+def test_two_pieces_of_one_tensor_on_the_same_bytes(good, tmp_path):
+    """SPEC §9: a bit-plane tensor whose exponent chunk is pointed at its own SM plane (same
+    offset and size, CRC and raw_size consistent) is refused as overlapping pieces."""
+    path, _ = good
+
+    def edit(index):
+        p = _rec(index, "bp.bf16")["parts"][0]
+        off, size, crc = p["sm"]
+        p["exp"] = [[off, size, 300, crc]]
+    bad = mutate(path, tmp_path / "same.zmoe", lambda b: rewrite_index(b, edit))
+    with pytest.raises(CorruptIndexError) as ei:
+        ZmoeReader(bad)
+    assert str(bad) in str(ei.value) and "'bp.bf16'" in str(ei.value)
+    assert "overlaps" in str(ei.value)
+
+
 @pytest.mark.parametrize("delta", [1, -1])
 def test_wrong_raw_size_is_corruption(good, tmp_path, delta):
     """SPEC §5.2: a chunk that does not decode to exactly raw_size bytes is corruption.

@@ -362,7 +362,7 @@ class _Checker:
             if err:
                 self.fail(where, "value", f"{err} (type {t}, SPEC §3)")
 
-    # -- tensor records (SPEC §4, §5) -------------------------------------------------------------
+    # -- tensor records (SPEC §4, §5) -----------------------------------------------------------
     def tensor(self, i, t, names):
         if type(t) is not dict:
             self.fail("index", f"tensors[{i}]", f"{_show(t)} is not a tensor record (SPEC §4)")
@@ -462,7 +462,8 @@ class _Checker:
             off, size, _ = self.entry(where, f"{f}.raw", p.get("raw"), 3)
             need = per * DTYPE_SIZES[dtype]
             if size != need:
-                self.fail(where, f"{f}.raw.size", f"{size} bytes, but {dtype} {what()} needs {need}")
+                self.fail(where, f"{f}.raw.size",
+                          f"{size} bytes, but {dtype} {what()} needs {need}")
             first = off
         else:
             if "raw" in p:
@@ -479,9 +480,10 @@ class _Checker:
                 self.entry(where, (k, ci), c, 4)
                 raw = c[2]
                 if raw == 0 and per:
-                    self.fail(where, f"{f}.exp[{ci}].raw_size", "0: every chunk of a non-empty "
-                                                                "plane holds exponents (SPEC §5.2)")
-                if huff and (c[1] < HUFFMAN_HEADER_BYTES or raw > 8 * (c[1] - HUFFMAN_HEADER_BYTES)):
+                    self.fail(where, f"{f}.exp[{ci}].raw_size",
+                              "0: every chunk of a non-empty plane holds exponents (SPEC §5.2)")
+                if huff and (c[1] < HUFFMAN_HEADER_BYTES
+                             or raw > 8 * (c[1] - HUFFMAN_HEADER_BYTES)):
                     self.fail(where, f"{f}.exp[{ci}].raw_size",
                               f"{raw} exponents cannot be coded in a Huffman chunk of {c[1]} bytes "
                               f"({HUFFMAN_HEADER_BYTES}-byte header, then at least 1 bit each, "
@@ -546,9 +548,11 @@ class _Checker:
                     self.fail(where, f"tensors[{j}]", f"{_show(name)} is not a tensor of the index")
                 ex = t.get("expert")
                 if ex is None:
-                    self.fail(where, f"tensors[{j}]", f"tensor {_q(name)} is dense (no expert field)")
+                    self.fail(where, f"tensors[{j}]",
+                              f"tensor {_q(name)} is dense (no expert field)")
                 if ex["layer"] != layer:
-                    self.fail(where, f"tensors[{j}]", f"tensor {_q(name)} is of layer {ex['layer']}")
+                    self.fail(where, f"tensors[{j}]",
+                              f"tensor {_q(name)} is of layer {ex['layer']}")
                 if ex.get("stacked") is True:
                     k = e
                     if k >= len(t["parts"]):
@@ -586,14 +590,16 @@ class _Checker:
             if "expert" in t:
                 for k in range(len(t["parts"])):
                     if (name, k) not in covered:
-                        self.fail(f"tensor {_q(name)}", f"parts[{k}]", "in no expert block (SPEC §6)")
+                        self.fail(f"tensor {_q(name)}", f"parts[{k}]",
+                                  "in no expert block (SPEC §6)")
         self.disjoint(regions, "expert regions")
 
     def disjoint(self, ranges, what):
-        ranges = sorted(r for r in ranges if r[1] > r[0])
+        ranges = sorted((r for r in ranges if r[1] > r[0]), key=lambda r: r[:2])
         for a, b in zip(ranges, ranges[1:]):
             if b[0] < a[1]:
-                self.fail(b[2], b[3], f"[{b[0]}, {b[1]}) overlaps {a[2]} {_field(a[3])} [{a[0]}, {a[1]}) "
+                self.fail(b[2], b[3], f"[{b[0]}, {b[1]}) overlaps {a[2]} {_field(a[3])} "
+                                      f"[{a[0]}, {a[1]}) "
                                       f"({what} never share bytes, SPEC §9)")
 
 
