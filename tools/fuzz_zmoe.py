@@ -7,10 +7,10 @@
 Each input is a real container (two tiny ones built here with the format library, one per
 exponent codec, or the ``--base`` files) with 1 to 3 mutations: a header field, an index value
 (set to an edge value, copied from elsewhere in the index, deleted, duplicated...), bytes of a
-stored piece (Huffman code lengths and stream sizes included) or JSON the writer never emits
-(deep nesting, 5000-digit integers, NaN, duplicate keys, bad UTF-8). Every CRC is recomputed
-after the mutation, so it reaches the structural checks and the decoders instead of stopping at
-a checksum.
+stored piece (Huffman code lengths and stream sizes included) or where it points (another
+piece's bytes), or JSON the writer never emits (deep nesting, 5000-digit integers, NaN,
+duplicate keys, bad UTF-8). Every CRC is recomputed after the mutation, so it reaches the
+structural checks and the decoders instead of stopping at a checksum.
 
 Inputs are examined one at a time in a worker process limited to ``--memory-mb`` of address
 space and ``--timeout`` seconds per input: open, ``verify``, read every tensor and expert block,
@@ -124,7 +124,7 @@ def make_base(path, exp_codec: str = "huffman", seed: int = 0) -> Path:
 HEADER_FIELDS = {"version": 32, "index_offset": 64, "index_size": 64, "data_offset": 64,
                  "file_size": 64, "alignment": 32}
 INDEX_ACTIONS = ("set", "set", "set", "copy", "delete", "dup", "drop")
-BYTE_KINDS = ("xor", "set", "lengths", "streams")
+BYTE_KINDS = ("xor", "set", "lengths", "streams", "alias")
 TEXT_KINDS = ("deep", "deep-parses", "digits", "nan", "dupkey", "badutf8", "syntax")
 
 
@@ -218,6 +218,13 @@ def _bytes_op(data: bytearray, index, op):
     if size <= 0 or off < 0 or off + size > len(data):
         return
     kind = op["kind"]
+    if kind == "alias":   # point the piece at another piece's bytes (overlaps that CRCs accept)
+        other = pieces[op["where"] % len(pieces)][1]
+        entry[0], entry[1] = other[0], other[1]
+        off, size = entry[0], entry[1]
+        if 0 <= off and size >= 0 and off + size <= len(data):
+            entry[-1] = zlib.crc32(bytes(data[off:off + size])) & 0xFFFFFFFF
+        return
     huff = is_chunk and isinstance(t, dict) and t.get("exp_codec") == "huffman" and size >= 144
     if kind == "lengths" and huff:        # one code length nibble of a Huffman chunk
         i = off + op["where"] % 128
@@ -315,7 +322,8 @@ def random_op(rng: random.Random) -> dict:
         return {"op": "bytes", "piece": rng.randrange(1 << 16), "where": rng.randrange(1 << 20),
                 "kind": rng.choice(BYTE_KINDS), "value": rng.randrange(256)}
     if kind == "header":
-        return {"op": "header", "field": rng.choice(list(HEADER_FIELDS)), "vpick": rng.randrange(64)}
+        return {"op": "header", "field": rng.choice(list(HEADER_FIELDS)),
+                "vpick": rng.randrange(64)}
     return {"op": "text", "pick": rng.randrange(1 << 16), "kind": rng.choice(TEXT_KINDS)}
 
 
@@ -336,6 +344,8 @@ def examine(path: str) -> dict:
         except ZmoeError as e:
             if str(path) not in str(e):
                 raise RuntimeError(f"ZmoeError without the file's name: {e}") from None
+            if "index is not valid (" in str(e):   # the reader's catch-all around validation
+                raise RuntimeError(f"an index error that names no field: {e}") from None
             stages[name] = type(e).__name__
             return False
 
