@@ -359,7 +359,8 @@ def _zstd_frame_header(content_size: int) -> bytes:
     """A zstd frame (RFC 8878 §3.1.1) declaring ``content_size`` bytes (8-byte field, single
     segment), followed by one empty last raw block."""
     import struct
-    return struct.pack("<IB", 0xFD2FB528, 0b11100000) + struct.pack("<Q", content_size) + b"\x01\0\0"
+    return (struct.pack("<IB", 0xFD2FB528, 0b11100000) + struct.pack("<Q", content_size)
+            + b"\x01\0\0")
 
 
 @pytest.mark.parametrize("declared", [1 << 40, 1 << 33, 5001, 4999])

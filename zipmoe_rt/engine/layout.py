@@ -108,8 +108,8 @@ def check_expert(path, lay: "ExpertLayout"):
                                      f"down, and gate and up or gate_up (SPEC §4)")
     down = roles["down"]
     if len(down.shape) != 2:
-        raise zmoe.CorruptIndexError(f"{where}: tensor {down.name!r}: shape: down {list(down.shape)} "
-                                     f"is not [hidden, intermediate]")
+        raise zmoe.CorruptIndexError(f"{where}: tensor {down.name!r}: shape: down "
+                                     f"{list(down.shape)} is not [hidden, intermediate]")
     h, i = down.shape
     want = {"gate_up": (2 * i, h)} if "gate_up" in roles else {"gate": (i, h), "up": (i, h)}
     for role, shape in want.items():
