@@ -3,6 +3,7 @@
 
     python tools/fuzz_zmoe.py [--count 2000] [--seconds 600] [--seed 1] [--base FILE ...]
                               [--timeout 30] [--memory-mb 3072] [--keep DIR]
+    python tools/fuzz_zmoe.py --replay FILE ...
 
 Each input is a real container (two tiny ones built here with the format library, one per
 exponent codec, or the ``--base`` files) with 1 to 3 mutations: a header field, an index value
@@ -26,7 +27,9 @@ Outcomes, counted and printed at the end:
     hang     no answer within --timeout
 
 Exit status 1 if any input ends other/memory/crash/hang; with ``--keep``, those inputs and
-their mutations are saved there. tests/test_fuzz_container.py runs the same mutations and
+their mutations are saved there. One worker examines input after input, so heap damage done by
+one input may only crash the worker on a later one: ``--replay FILE ...`` examines each file in
+a fresh worker, to find the culprit. tests/test_fuzz_container.py runs the same mutations and
 worker for a short hypothesis-driven campaign.
 """
 from __future__ import annotations
@@ -330,16 +333,15 @@ def random_op(rng: random.Random) -> dict:
 # -- the worker: examine one input -------------------------------------------------------------
 def examine(path: str) -> dict:
     """Open, verify and decode ``path`` every way the runtime does. Returns ``{"stages":
-    {stage: "ok" | ZmoeError class}, "other": None | "Type: message"}``; stops at the first
-    exception that is not a ZmoeError naming the file."""
+    {stage: "ok" | "skipped" | ZmoeError class}, "other": None | "Type: message"}``; stops at
+    the first exception that is not a ZmoeError naming the file."""
     from zmoe import ZmoeError
     from zipmoe_rt.engine.store import ZmoeSource
     stages = {}
 
     def stage(name, fn):
         try:
-            fn()
-            stages[name] = "ok"
+            stages[name] = fn() or "ok"
             return True
         except ZmoeError as e:
             if str(path) not in str(e):
@@ -397,7 +399,7 @@ def _engine(path):
                 ENGINE_SHAPES.get(p.role) != src.reader.tensors[p.name]["shape"]
                 for layer in BASE_HPARAMS["moe_layers"] for e in range(E)
                 for p in lays[(layer, e)].pieces):
-            return
+            return "skipped"
         bytes_F, k, _ = budget_split(src, 1 << 40)
         eng = ExpertEngine(src, src.dense_bytes() + k * bytes_F, "zip-lru", workers=2)
         try:
@@ -486,7 +488,7 @@ class Worker:
             res["outcome"] = "memory"
         elif res["other"]:
             res["outcome"] = "other"
-        elif any(v != "ok" for v in res["stages"].values()):
+        elif any(v not in ("ok", "skipped") for v in res["stages"].values()):
             res["outcome"] = "refused"
         else:
             res["outcome"] = "ok"
@@ -525,7 +527,8 @@ def campaign(bases: list, count: int, seconds: float, seed: int, timeout: float,
                 o = res["outcome"]
                 outcomes[o] += 1
                 if o == "refused":
-                    st, cls = next((s, c) for s, c in res["stages"].items() if c != "ok")
+                    st, cls = next((s, c) for s, c in res["stages"].items()
+                                   if c not in ("ok", "skipped"))
                     refusals[cls] += 1
                     stages[st] += 1
                 if o in BAD:
@@ -567,11 +570,24 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-mb", type=int, default=3072,
                     help="worker address-space limit in MiB (default 3072)")
     ap.add_argument("--keep", type=Path, help="save failing inputs and their mutations here")
+    ap.add_argument("--replay", type=Path, nargs="+",
+                    help="examine these files, each in a fresh worker, and print the outcomes")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         worker_main()
         return 0
+    if a.replay:
+        bad = 0
+        for f in a.replay:
+            w = Worker(a.memory_mb)
+            try:
+                res = w.examine(f.resolve(), a.timeout)
+            finally:
+                w.close()
+            bad += res["outcome"] in BAD
+            print(f"{f}: {json.dumps(res)}")
+        return 1 if bad else 0
     with tempfile.TemporaryDirectory() as d:
         bases = a.base or [make_base(Path(d) / f"base-{c}.zmoe", c) for c in ("huffman", "zstd")]
         outcomes = campaign(bases, a.count, a.seconds, a.seed, a.timeout, a.memory_mb, a.keep)
