@@ -350,9 +350,36 @@ def test_decompress_detects_wrong_raw_size_and_garbage(exp_codec, data):
         codec.decompress_chunks([b"\x00" * len(frame)], [n], exp_codec=exp_codec)
     with pytest.raises(ValueError):
         codec.decompress_chunks([frame[: len(frame) // 2]], [n], exp_codec=exp_codec)
-    if exp_codec == "huffman":  # the stream sizes must add up to the chunk (zstd ignores the byte)
-        with pytest.raises(ValueError):
-            codec.decompress_chunks([frame + b"\x00"], [n], exp_codec=exp_codec)
+    # Huffman: the stream sizes must add up to the chunk; zstd: a chunk is one frame, nothing after
+    with pytest.raises(ValueError):
+        codec.decompress_chunks([frame + b"\x00"], [n], exp_codec=exp_codec)
+
+
+def _zstd_frame_header(content_size: int) -> bytes:
+    """A zstd frame (RFC 8878 §3.1.1) declaring ``content_size`` bytes (8-byte field, single
+    segment), followed by one empty last raw block."""
+    import struct
+    return (struct.pack("<IB", 0xFD2FB528, 0b11100000) + struct.pack("<Q", content_size)
+            + b"\x01\0\0")
+
+
+@pytest.mark.parametrize("declared", [1 << 40, 1 << 33, 5001, 4999])
+def test_zstd_declared_size_is_checked_before_anything_is_allocated(declared):
+    """A frame's declared content size is what zstd allocates: it must equal raw_size before
+    the frame is decompressed (1 TiB used to raise MemoryError, or allocate)."""
+    frame = _zstd_frame_header(declared)
+    assert zstd.get_frame_parameters(frame).content_size == declared
+    with pytest.raises(ValueError, match=f"zstd frame declares {declared} bytes, expected "
+                                         f"raw_size 5000"):
+        codec.decompress_chunk(frame, 5000, "zstd")
+
+
+def test_zstd_frame_without_content_size_is_refused():
+    frame = zstd.ZstdCompressor(write_content_size=False).compress(b"\x7f" * 5000)
+    with pytest.raises(ValueError, match="zstd frame declares no size"):
+        codec.decompress_chunk(frame, 5000, "zstd")
+    ok = zstd.ZstdCompressor(write_content_size=True).compress(b"\x7f" * 5000)
+    assert codec.decompress_chunk(ok, 5000, "zstd").tolist() == [0x7F] * 5000
 
 
 def test_default_codec_is_huffman():

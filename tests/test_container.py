@@ -753,21 +753,48 @@ def test_index_range_outside_data_section(good, tmp_path, field):
     assert str(bad) in str(ei.value)
 
 
+def test_two_pieces_of_one_tensor_on_the_same_bytes(good, tmp_path):
+    """SPEC §9: a bit-plane tensor whose exponent chunk is pointed at its own SM plane (same
+    offset and size, CRC and raw_size consistent) is refused as overlapping pieces."""
+    path, _ = good
+
+    def edit(index):
+        p = _rec(index, "bp.bf16")["parts"][0]
+        off, size, crc = p["sm"]
+        p["exp"] = [[off, size, 300, crc]]
+    bad = mutate(path, tmp_path / "same.zmoe", lambda b: rewrite_index(b, edit))
+    with pytest.raises(CorruptIndexError) as ei:
+        ZmoeReader(bad)
+    assert str(bad) in str(ei.value) and "'bp.bf16'" in str(ei.value)
+    assert "overlaps" in str(ei.value)
+
+
 @pytest.mark.parametrize("delta", [1, -1])
 def test_wrong_raw_size_is_corruption(good, tmp_path, delta):
     """SPEC §5.2: a chunk that does not decode to exactly raw_size bytes is corruption.
 
-    (A zstd frame records its size. A Huffman chunk does not: raw_size +- 1 shows only when a
-    stream cannot decode that many exponents within exactly its bytes, SPEC §5.3. This tensor's
-    random words spread the exponents over ~all 256 values, so its codes are ~8 bits long and
-    there is not enough padding to hide an exponent more or less; test_huffman.py checks the
-    general case against a SPEC decoder.)"""
+    A raw_size that no longer sums to the shape's elements is refused when the file is opened
+    (SPEC §9). One moved between two chunks keeps the sum and shows only at decode: a zstd frame
+    records its size; a Huffman chunk does not, and raw_size +- 1 shows when a stream cannot
+    decode that many exponents within exactly its bytes (SPEC §5.3). This tensor's random words
+    spread the exponents over ~all 256 values, so its codes are ~8 bits long and there is not
+    enough padding to hide an exponent more or less; test_huffman.py checks the general case
+    against a SPEC decoder."""
     path, _ = good
     name = _expert_names(0, 0)[1]
+    assert len(_rec(parse(path)[1], name)["parts"][0]["exp"]) >= 2
 
-    def edit(index):
+    def one(index):
         _rec(index, name)["parts"][0]["exp"][0][2] += delta
-    bad = mutate(path, tmp_path / "rawsize.zmoe", lambda b: rewrite_index(b, edit))
+
+    def moved(index):
+        one(index)
+        _rec(index, name)["parts"][0]["exp"][1][2] -= delta
+    bad = mutate(path, tmp_path / "rawsize.zmoe", lambda b: rewrite_index(b, one))
+    with pytest.raises(CorruptIndexError) as ei:
+        ZmoeReader(bad)
+    assert str(bad) in str(ei.value) and name in str(ei.value) and "parts[0].exp" in str(ei.value)
+    bad = mutate(path, tmp_path / "moved.zmoe", lambda b: rewrite_index(b, moved))
     with ZmoeReader(bad) as r:
         with pytest.raises(ChecksumError) as ei:
             r.read_tensor(name)

@@ -173,7 +173,10 @@ def verify(model, quiet):
     """Check every checksum of a .zmoe file and that every exponent chunk decodes."""
     import zmoe
     from tqdm.auto import tqdm
-    with zmoe.ZmoeReader(model) as r:
+
+    from .engine.layout import expert_layouts
+    with zmoe.ZmoeReader(model) as r:   # opening validates the index (format/SPEC.md §9)
+        expert_layouts(r)               # and every expert block is one the runtime can build
         with tqdm(total=len(r.tensors), unit="tensor", desc="verify", disable=quiet) as bar:
             r.verify(progress=lambda _: bar.update(1))
         click.echo(f"{model}: OK ({len(r.tensors)} tensors, {len(r.experts)} expert blocks, "

@@ -299,6 +299,11 @@ def decode_into(src, n, out, keys, ent_c, len1_c, state):
     """Decode one Huffman chunk (uint8 ``src``, header included) into ``out[:n]`` (uint8),
     with decode tables from the cache arrays of a :class:`TableCache`.
 
+    Preconditions (unchecked; the only ones): ``n >= 0`` and ``out.shape[0] >= n``
+    (:func:`zmoe.huffman.decode` requires ``out.size == n``; the index's ``raw_size`` is the
+    ``n`` and :mod:`zmoe.validate` bounds it by the tensor's shape). ``src`` is untrusted: its
+    code lengths, stream sizes and bit counts are all checked.
+
     Returns 0 on success, else a :data:`STATUS` code; never reads or writes outside the arrays.
     """
     if src.shape[0] < HEADER_BYTES:

@@ -158,6 +158,11 @@ def decompress_chunk(chunk, raw_size: int, exp_codec: str = DEFAULT_EXP_CODEC,
                      out: np.ndarray | None = None) -> np.ndarray:
     """Decode one exponent chunk to uint8 [raw_size] (into ``out`` if given).
 
+    Nothing is allocated from what the chunk claims: a zstd frame must declare exactly
+    ``raw_size`` bytes of content (checked from its header before decompressing, which would
+    allocate the declared size) and be the whole chunk; a Huffman chunk decodes into
+    ``raw_size`` bytes (:func:`zmoe.huffman.decode`).
+
     Raises:
         ValueError: an unknown codec, or a chunk that does not decode to exactly ``raw_size``
             exponents (corruption).
@@ -167,7 +172,13 @@ def decompress_chunk(chunk, raw_size: int, exp_codec: str = DEFAULT_EXP_CODEC,
         return huffman.decode(chunk, raw_size, out)
     d = decompressor or zstd.ZstdDecompressor()
     try:
-        b = d.decompress(chunk, max_output_size=raw_size)
+        # the frame's declared size is what zstd would allocate: compare it with raw_size first
+        declared = zstd.get_frame_parameters(chunk).content_size
+        if declared != raw_size:
+            shown = "no size" if declared == zstd.CONTENTSIZE_UNKNOWN else f"{declared} bytes"
+            raise ValueError(f"zstd frame declares {shown}, expected raw_size {raw_size} "
+                             f"(SPEC §5.2: one frame with its content size)")
+        b = d.decompress(chunk, max_output_size=raw_size, allow_extra_data=False)
     except zstd.ZstdError as e:
         raise ValueError(f"corrupt exponent chunk: {e}") from None
     if len(b) != raw_size:
@@ -184,11 +195,15 @@ def decompress_chunks(frames, raw_sizes, decompressor: zstd.ZstdDecompressor | N
     """Decode chunks from :func:`compress_chunks` back into one uint8 exponent plane.
 
     Raises:
-        ValueError: an unknown codec, or a chunk that does not decode to its recorded size.
+        ValueError: an unknown codec, or a chunk that does not decode to its recorded size
+            (the message starts with ``exponent chunk i:``).
     """
     out = np.empty(sum(raw_sizes), np.uint8)
     pos = 0
-    for f, n in zip(frames, raw_sizes):
-        decompress_chunk(f, n, exp_codec, decompressor, out[pos:pos + n])
+    for i, (f, n) in enumerate(zip(frames, raw_sizes)):
+        try:
+            decompress_chunk(f, n, exp_codec, decompressor, out[pos:pos + n])
+        except ValueError as e:
+            raise type(e)(f"exponent chunk {i}: {e}") from None
         pos += n
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import zstandard as zstd
 
-from . import codec
+from . import codec, validate
 from .constants import EXP_CODECS, EXP_ZSTD, HEADER_SIZE, MAGIC, READABLE_VERSIONS, VERSION
 from .errors import (ChecksumError, CorruptIndexError, NotZmoeError, TruncatedFileError,
                      UnsupportedCodecError,
@@ -55,11 +55,15 @@ class ZmoeReader:
         tensors: ``{name: record}`` index records (SPEC §4), in file order.
         experts: ``{(layer, expert): block}`` expert blocks (SPEC §6).
 
+    Opening validates the header and the whole index (:mod:`zmoe.validate`, SPEC §9) before
+    any piece is read: every size a decoder is handed is then one the file's shape implies.
+
     Raises:
         FileNotFoundError: no such file.
         NotZmoeError: wrong magic.  UnsupportedVersionError: a version other than 1 or 2.
         UnsupportedCodecError: an exponent codec this reader does not know.
-        TruncatedFileError: shorter than recorded.  CorruptIndexError: header/index CRC or JSON bad.
+        TruncatedFileError: shorter than recorded.  CorruptIndexError: header/index CRC or JSON
+            bad, or an index that breaks SPEC §9 (the message names the tensor and field).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -89,12 +93,14 @@ class ZmoeReader:
             if size > fsize:
                 raise CorruptIndexError(f"{self.path}: {size - fsize} trailing bytes after the "
                                         f"recorded end ({fsize})")
+            validate.check_header(self.path, self.header)   # bounds the index before reading it
             f.seek(ioff)
             blob = f.read(isize)
         if zlib.crc32(blob) & 0xFFFFFFFF != icrc:
             raise CorruptIndexError(f"{self.path}: index checksum mismatch (corrupt index)")
         try:
-            index = json.loads(blob.decode("utf-8"))
+            index = validate.parse_index(self.path, blob)
+            validate.check_index(self.path, self.header, index)   # SPEC §9, before any decode
             self.metadata_types = {k: v["type"] for k, v in index["metadata"].items()}
             self.metadata = {k: v["value"] for k, v in index["metadata"].items()}
             self.tensors = {t["name"]: t for t in index["tensors"]}
@@ -218,7 +224,8 @@ class ZmoeReader:
         return out
 
     def verify(self, progress=None):
-        """Check every CRC-32 in the file and that every exponent chunk decodes to its size.
+        """Check every CRC-32 in the file and that every exponent chunk decodes to its size (the
+        index itself was validated when the file was opened, SPEC §9).
 
         Args:
             progress: optional callable(bytes_done) called after each tensor.

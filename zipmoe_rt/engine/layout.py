@@ -91,8 +91,39 @@ class ExpertLayout:
         return tuple((p.elements, p.dtype, p.raw) for p in self.pieces)
 
 
+def check_expert(path, lay: "ExpertLayout"):
+    """An expert block holds what :func:`~zipmoe_rt.models.weights.assemble_expert` builds a
+    SwiGLU expert from (SPEC §4 roles; the converter's own rule): ``down`` [H, I], and
+    ``gate`` and ``up`` [I, H] each or ``gate_up`` [2I, H]. The index validator does not know
+    roles (other tensors may ride along in a block); the runtime does.
+
+    Raises:
+        zmoe.CorruptIndexError: naming the file, the block and the tensor or role at fault.
+    """
+    roles = {p.role: p for p in lay.pieces}
+    where = f"{path}: expert block {lay.layer}/{lay.expert}"
+    if "down" not in roles or not ({"gate", "up"} <= roles.keys() or "gate_up" in roles):
+        raise zmoe.CorruptIndexError(f"{where}: tensors: roles {sorted(roles)}: an expert needs "
+                                     f"down, and gate and up or gate_up (SPEC §4)")
+    down = roles["down"]
+    if len(down.shape) != 2:
+        raise zmoe.CorruptIndexError(f"{where}: tensor {down.name!r}: shape: down "
+                                     f"{list(down.shape)} is not [hidden, intermediate]")
+    h, i = down.shape
+    want = {"gate_up": (2 * i, h)} if "gate_up" in roles else {"gate": (i, h), "up": (i, h)}
+    for role, shape in want.items():
+        if tuple(roles[role].shape) != shape:
+            raise zmoe.CorruptIndexError(
+                f"{where}: tensor {roles[role].name!r}: shape: {role} {list(roles[role].shape)}, "
+                f"but down {list(down.shape)} needs {list(shape)}")
+
+
 def expert_layouts(reader: zmoe.ZmoeReader) -> dict:
-    """``{(layer, expert): ExpertLayout}`` for every expert block of a file."""
+    """``{(layer, expert): ExpertLayout}`` for every expert block of a file.
+
+    Raises:
+        zmoe.CorruptIndexError: a block that is not a SwiGLU expert (:func:`check_expert`).
+    """
     out = {}
     for (layer, e), b in reader.experts.items():
         sm0, ex0 = b["sm"][0], b["exp"][0]
@@ -110,7 +141,9 @@ def expert_layouts(reader: zmoe.ZmoeReader) -> dict:
                 chunks = tuple((co - ex0, cn, raw, cc) for co, cn, raw, cc in part["exp"])
                 pieces.append(Piece(name, t["expert"]["role"], t["dtype"], shape, (o - sm0, n, c), chunks,
                                     t["exp_codec"]))
-        out[(layer, e)] = ExpertLayout(layer, e, tuple(b["sm"]), tuple(b["exp"]), tuple(pieces))
+        out[(layer, e)] = lay = ExpertLayout(layer, e, tuple(b["sm"]), tuple(b["exp"]),
+                                             tuple(pieces))
+        check_expert(reader.path, lay)
     return out
 
 
@@ -151,6 +184,14 @@ def _scratch(n: int) -> np.ndarray:
     return buf[:n]
 
 
+def _out_of_bounds(path, p: Piece, what: str):
+    """The error for kernel arguments that would leave their buffers: the index that
+    :func:`zmoe.validate.check_index` accepted cannot produce them, so a Piece or region
+    buffer was built around it (or the validator has a gap); never hand them to a kernel."""
+    return zmoe.CorruptIndexError(f"{path}: tensor {p.name!r}: {what} lies outside its region "
+                                  f"buffer (refused before decoding; SPEC §9)")
+
+
 def decode_chunk(path, p: Piece, i: int, sm: np.ndarray, exp: np.ndarray, out: np.ndarray,
                  start: int, dctx: zstd.ZstdDecompressor):
     """Decode exponent chunk ``i`` of piece ``p`` (:func:`zmoe.codec.decompress_chunk`: Huffman
@@ -159,16 +200,23 @@ def decode_chunk(path, p: Piece, i: int, sm: np.ndarray, exp: np.ndarray, out: n
 
     Raises:
         zmoe.ChecksumError: the chunk does not decode to its recorded size.
+        zmoe.CorruptIndexError: the chunk, its SM bytes or its output range lie outside ``exp``,
+            ``sm`` or ``out`` (the merge kernel's preconditions, checked before the call).
     """
     o, n, raw, _ = p.chunks[i]
     merge, smb, _ = MERGE[p.dtype]
+    s0 = p.sm[0] + start * smb
+    if not (0 <= o <= o + n <= exp.size and raw >= 0 and 0 <= s0 and s0 + raw * smb <= sm.size
+            and 0 <= start and start + raw <= out.size):
+        raise _out_of_bounds(path, p, f"exponent chunk {i} (or its sign+mantissa bytes)")
     try:
         e = codec.decompress_chunk(exp[o:o + n], raw, p.codec, dctx,
                                    _scratch(raw) if p.codec == EXP_HUFFMAN else None)
     except ValueError as err:
         raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} does not "
                                  f"decode ({err})") from None
-    s0 = p.sm[0] + start * smb
+    if e.size != raw:   # decompress_chunk guarantees it; the kernel reads e.size exponents
+        raise _out_of_bounds(path, p, f"exponent chunk {i}'s decoded exponents")
     merge(e, sm[s0:s0 + raw * smb], out[start:start + raw])
 
 
@@ -205,16 +253,28 @@ def decode_chunks(path, p: Piece, c0: int, c1: int, sm: np.ndarray, exp: np.ndar
     Raises:
         zmoe.ChecksumError: a chunk does not decode to its recorded size (names file, tensor,
             chunk).
+        zmoe.CorruptIndexError: a chunk, the SM bytes or the output range lie outside ``exp``,
+            ``sm`` or ``out`` (the kernels' preconditions, checked before the call).
     """
     offs, sizes, raws, starts = p.chunk_arrays
     if p.codec != EXP_HUFFMAN or p.dtype != "BF16":
         for ci in range(c0, c1):
             decode_chunk(path, p, ci, sm, exp, out, int(starts[ci]), dctx)
         return
+    if not 0 <= c0 < c1 <= len(p.chunks):
+        raise _out_of_bounds(path, p, f"exponent chunks {c0}..{c1 - 1}")
     a = int(starts[c0])
     b = int(starts[c1 - 1] + raws[c1 - 1])
     tc = table_cache()
     s0 = p.sm[0]
+    # decode_merge_bf16_chunks's preconditions (kernels/planes.py): every chunk inside exp, the
+    # raws >= 0 and consecutive, and sm / out holding exactly their sum from a
+    o, z, r = offs[c0:c1], sizes[c0:c1], raws[c0:c1]
+    if not (0 <= a and 0 <= s0 and s0 + b <= sm.size and b <= out.size and (o >= 0).all()
+            and (z >= 0).all() and (r >= 0).all() and (o + z <= exp.size).all()
+            and int(r.sum()) == b - a):
+        raise _out_of_bounds(path, p, f"exponent chunks {c0}..{c1 - 1} (or their sign+mantissa "
+                                      f"bytes)")
     bad, st = decode_merge_bf16_chunks(exp, offs[c0:c1], sizes[c0:c1], raws[c0:c1],
                                        sm[s0 + a:s0 + b], out[a:b], _scratch(int(raws[c0:c1].max())),
                                        tc.keys, tc.ent, tc.len1, tc.state)

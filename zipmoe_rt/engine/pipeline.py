@@ -509,10 +509,13 @@ class ExpertEngine:
             last = pend.reads_left == 0
         if not last:
             return
-        if pend.error is not None:
-            pend.done.set()
-        else:
-            self._decode(pend)
+        if pend.error is None:
+            try:
+                self._decode(pend)
+                return
+            except BaseException as e:  # noqa: BLE001 - a decode that cannot start (say, bad
+                pend.error = e          # decode jobs) must wake the main thread, not vanish here
+        pend.done.set()
 
     def _task(self, key, tier: str, work: int) -> Task:
         lay = self.layouts[key]
