@@ -174,8 +174,16 @@ def verify(model, quiet):
     import zmoe
     from tqdm.auto import tqdm
 
+    from zmoe.constants import Keys
+
     from .engine.layout import expert_layouts
+    from .families.check import check_stored_tensors
     with zmoe.ZmoeReader(model) as r:   # opening validates the index (format/SPEC.md §9)
+        hp = {k[len(Keys.HParams.PREFIX):]: v for k, v in r.metadata.items()
+              if k.startswith(Keys.HParams.PREFIX)}
+        hp.setdefault("family", r.metadata.get(Keys.General.FAMILY, ""))
+        # the hyper-parameters agree with the stored shapes (as the runtime checks on load)
+        check_stored_tensors(hp, {n: t["shape"] for n, t in r.tensors.items()}, str(model))
         expert_layouts(r)               # and every expert block is one the runtime can build
         with tqdm(total=len(r.tensors), unit="tensor", desc="verify", disable=quiet) as bar:
             r.verify(progress=lambda _: bar.update(1))

@@ -17,6 +17,7 @@ import zmoe
 from zmoe.constants import Keys
 from zmoe.reader import NUMPY_DTYPES
 
+from ..families.check import check_stored_tensors
 from ..models.weights import ExpertWeights
 from . import layout as L_
 from .io import RegionReader
@@ -51,6 +52,14 @@ class ZmoeSource:
                         if k.startswith(prefix)}
         if "family" not in self.hparams:
             self.hparams["family"] = self.metadata.get(Keys.General.FAMILY, "")
+        # hyper-parameters size the runtime's buffers: they must agree with the stored shapes
+        try:
+            check_stored_tensors(self.hparams,
+                                 {n: t["shape"] for n, t in self.reader.tensors.items()},
+                                 str(self.path))
+        except zmoe.ZmoeError:
+            self.reader.close()
+            raise
         self.verify = verify
         self.keep_experts = keep_experts
         self.copy_dense = copy_dense

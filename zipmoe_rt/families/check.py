@@ -1,0 +1,104 @@
+"""Stored hyper-parameters against stored tensors: a container whose ``hparams`` lie about the
+shapes its tensors have is refused before any model code (or kernel) trusts them.
+
+The runtime sizes its buffers and indexes its kernels from the hyper-parameters (heads, head
+size, widths, expert counts); a file that says ``num_attention_heads: 8`` over q/k/v weights of
+four heads would otherwise make the attention kernels read past their arrays. This module
+checks, from the family's registry entry (:mod:`zipmoe_rt.families`), that every tensor a model
+with these hyper-parameters has is stored with the shape they imply, and that the routed experts
+of every sparse layer are all there. It reads shapes only (no tensor data), so it is cheap enough
+to run on every load and in ``zipmoe-rt verify``.
+"""
+from __future__ import annotations
+
+import zmoe
+
+from . import tensors as T
+from .base import UnknownFamilyError, get_family
+
+#: logical tensor key -> the hyper-parameters its shape comes from (named in errors).
+SHAPE_FIELDS = {
+    "embed": "vocab_size, hidden_size", "lm_head": "vocab_size, hidden_size",
+    "attn_q": "num_attention_heads, head_dim", "attn_q_bias": "num_attention_heads, head_dim",
+    "attn_k": "num_key_value_heads, head_dim", "attn_k_bias": "num_key_value_heads, head_dim",
+    "attn_v": "num_key_value_heads, head_dim", "attn_v_bias": "num_key_value_heads, head_dim",
+    "attn_o": "num_attention_heads, head_dim", "attn_q_norm": "head_dim",
+    "attn_k_norm": "head_dim", "router": "num_experts",
+    "expert_gate": "moe_intermediate_size", "expert_up": "moe_intermediate_size",
+    "expert_down": "moe_intermediate_size",
+    "experts_gate_up": "num_experts, moe_intermediate_size",
+    "experts_down": "num_experts, moe_intermediate_size",
+    "shared_gate": "shared_expert_intermediate_size", "shared_up": "shared_expert_intermediate_size",
+    "shared_down": "shared_expert_intermediate_size", "mlp_gate": "intermediate_size",
+    "mlp_up": "intermediate_size", "mlp_down": "intermediate_size",
+}
+
+#: hyper-parameters that size arrays: each must be an int in 0..2**31-1.
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
+          "moe_intermediate_size", "intermediate_size", "shared_expert_intermediate_size")
+
+
+def _fail(where: str, msg: str):
+    raise zmoe.CorruptIndexError(f"{where}: {msg}")
+
+
+def check_stored_tensors(hparams: dict, shapes: dict, where: str):
+    """Check stored hyper-parameters against the stored tensors' shapes.
+
+    Args:
+        hparams: the container's ``hparams.*`` metadata without the prefix (``family`` included),
+            as :class:`~zipmoe_rt.engine.store.ZmoeSource` reads it.
+        shapes: every stored tensor name -> its shape (list of ints), experts included.
+        where: the file, for messages.
+    Returns:
+        the family's typed hyper-parameters (:class:`~zipmoe_rt.families.hparams.HParams`).
+    Raises:
+        zmoe.CorruptIndexError: an unknown family, a size hyper-parameter that is not a
+            non-negative int below 2**31, inconsistent hyper-parameters, a tensor whose shape
+            differs from the one they imply (tensor, both shapes and the hyper-parameters named),
+            a missing dense tensor, or a sparse layer without all of its routed experts.
+    """
+    try:
+        fam = get_family(hparams.get("family"))
+    except UnknownFamilyError as e:
+        _fail(where, f"hparams.family: {e}")
+    for k in _SIZES:
+        v = hparams.get(k)
+        if v is not None and (type(v) is not int or not 0 <= v < 2 ** 31):
+            _fail(where, f"hparams.{k}: {str(v)[:40]!r} is not an integer in 0..2**31-1")
+    layers = hparams.get("num_hidden_layers")
+    if isinstance(layers, int) and layers > len(shapes):
+        _fail(where, f"hparams.num_hidden_layers: {layers} layers, but the file holds only "
+                     f"{len(shapes)} tensors")
+    try:
+        hp = fam.hparams_class.from_hparams(hparams)
+    except (ValueError, TypeError, KeyError) as e:
+        _fail(where, f"hparams: {e}")
+    moe = [i for i in hp.moe_layers if isinstance(i, int) and 0 <= i < hp.num_hidden_layers]
+    if len(moe) != len(hp.moe_layers):
+        _fail(where, f"hparams.moe_layers: entries outside 0..{hp.num_hidden_layers - 1}")
+    fused = any(fam.expert_tensor(n) is not None and fam.expert_tensor(n).expert is None
+                for n in shapes)
+    if not fused and len(moe) * hp.num_experts * 3 > len(shapes):
+        _fail(where, f"hparams.num_experts: {hp.num_experts} experts in {len(moe)} sparse "
+                     f"layers need {len(moe) * hp.num_experts * 3} expert tensors, but the file "
+                     f"holds only {len(shapes)} tensors")
+    specs = fam.tensor_specs(hp, T.FUSED if fused else T.HUB)
+    by_name = {s.name: s for s in specs}
+    for name, shape in shapes.items():
+        s = by_name.get(name)
+        if s is not None and list(shape) != list(s.shape):
+            field = SHAPE_FIELDS.get(s.key, "")
+            _fail(where, f"tensor {name!r} has shape {list(shape)}, but the stored "
+                         f"hyper-parameters imply {list(s.shape)}"
+                         + (f" (hparams {field})" if field else ""))
+    for s in specs:
+        if s.tied or s.name in shapes:
+            continue
+        alternatives = fam.tensor_names(s.key, s.layer) if s.expert is None else [s.name]
+        if not any(n in shapes for n in alternatives):
+            kind = "routed expert tensor" if s.is_expert else "tensor"
+            _fail(where, f"no {kind} {s.name!r}, which the stored hyper-parameters imply"
+                         + (f" for layer {s.layer}" if s.layer is not None else ""))
+    return hp
