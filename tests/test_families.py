@@ -186,25 +186,53 @@ def test_config_rules():
     assert get_architecture(dict(q, use_sliding_window=True)).typed_hparams().sliding_window == 4096
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen2_moe_swa", "qwen3_moe"])
-def test_hparams_class_serves_as_model_args(name):
-    """from_hparams + validate give the runtime ModelArgs' values, field for field (also when
-    the Qwen2 window layers must be derived from max_window_layers)."""
-    import importlib
-
+@pytest.mark.parametrize("name,norm_topk,qk_norm,windows,moe_layers", [
+    ("mixtral", True, False, [0, 0, 0], [0, 1, 2]),
+    ("qwen2_moe", False, False, [0, 0, 0], [0, 2]),
+    ("qwen2_moe_swa", False, False, [5, 0, 0], [0, 1, 2]),
+    ("qwen3_moe", True, True, [0, 0, 0], [0, 1, 2]),
+])
+def test_hparams_class_serves_as_model_args(name, norm_topk, qk_norm, windows, moe_layers):
+    """The runtime model's arguments are its family's hparams_class (from_hparams + validate,
+    with the family's fixed choices), also when the Qwen2 window layers must be derived from
+    max_window_layers."""
     fam, _, d = _hf_config(name)
     hp = get_architecture(d).hparams()
     if name == "qwen2_moe_swa":
         hp.pop("layer_types")
-    args_cls = importlib.import_module(f"zipmoe_rt.models.{fam.model_module}").ModelArgs
-    want = args_cls.from_hparams(hp)
     got = fam.hparams_class.from_hparams(hp)
-    common = set(vars(want))
-    assert common <= set(vars(got)) and len(common) >= 22
-    assert {k: getattr(got, k) for k in common} == {k: getattr(want, k) for k in common}
-    assert [got.window(i) for i in range(3)] == [want.window(i) for i in range(3)]
+    assert type(got) is fam.hparams_class
+    assert (got.norm_topk_prob, got.qk_norm, got.moe_layers) == (norm_topk, qk_norm, moe_layers)
+    assert (got.num_attention_heads, got.num_key_value_heads, got.head_dim) == (
+        (4, 2, 32) if name == "qwen3_moe" else (4, 2, 16))
+    assert [got.window(i) for i in range(3)] == windows
     with pytest.raises(ValueError, match="hparams: missing hidden_size"):
         fam.hparams_class.from_hparams({k: v for k, v in hp.items() if k != "hidden_size"})
+
+
+def test_model_takes_its_args_and_names_from_the_registry(tiny_moe_dir):
+    """build_model picks the family's module; the model's args are the family's hparams_class
+    and its dense weights are the checkpoint tensors the registry names."""
+    import numpy as np
+
+    from zipmoe_rt.backends import to_f32
+    from zipmoe_rt.models import build_model
+    from zipmoe_rt.models.weights import CheckpointSource
+
+    src = CheckpointSource(tiny_moe_dir("qwen2_moe"))
+    net = build_model(src)
+    fam = get_family("qwen2_moe")
+    assert net.fam is fam and type(net.args) is fam.hparams_class
+    assert type(net).__module__ == f"zipmoe_rt.models.{fam.model_module}"
+    assert net.tensor_name("attn_k_bias", 2) == "model.layers.2.self_attn.k_proj.bias"
+    assert np.array_equal(net.norm, to_f32(src.tensor("model.norm.weight")))
+    assert np.array_equal(net.layers[0].post_norm, to_f32(
+        src.tensor("model.layers.0.post_attention_layernorm.weight")))
+    assert np.array_equal(net.layers[2].mlp.gate, src.tensor("model.layers.2.mlp.gate.weight"))
+    assert np.array_equal(net.layers[1].mlp.down, src.tensor("model.layers.1.mlp.down_proj.weight"))
+    assert net.has_weight("shared_expert_gate", 0) and not net.has_weight("attn_o_bias", 0)
+    with pytest.raises(KeyError, match="qwen2_moe: no tensor 'attn_q_norm'"):
+        net.weight("attn_q_norm", 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 from zipmoe_rt.kernels.linear import (bf16_rows, expert_accumulate, linear, swiglu_expert,
                                       widen_bf16)
 from zipmoe_rt.models import build_model
-from zipmoe_rt.models.base import ExpertExecutor, KVCache, ModelArgs, rope_inv_freq
+from zipmoe_rt.families import HParams
+from zipmoe_rt.models.base import ExpertExecutor, KVCache, rope_inv_freq
 from zipmoe_rt.models.weights import CheckpointSource
 
 ARCHS = ["mixtral", "mixtral_tied_swa", "qwen2_moe", "qwen2_moe_step2", "qwen3_moe"]
@@ -113,7 +114,7 @@ def test_rope_inv_freq_matches_transformers(rope):
         ref, ref_scale = LlamaRotaryEmbedding.compute_default_rope_parameters(cfg)
     else:
         ref, ref_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](cfg)
-    args = ModelArgs(family="x", vocab_size=8, hidden_size=256, num_hidden_layers=1,
+    args = HParams(family="x", vocab_size=8, hidden_size=256, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=4, head_dim=64, rope=dict(rope),
                      max_position_embeddings=4096)
     inv, scale = rope_inv_freq(args)
@@ -122,7 +123,7 @@ def test_rope_inv_freq_matches_transformers(rope):
 
 
 def test_rope_unknown_type():
-    args = ModelArgs(family="x", vocab_size=8, hidden_size=8, num_hidden_layers=1,
+    args = HParams(family="x", vocab_size=8, hidden_size=8, num_hidden_layers=1,
                      num_attention_heads=1, num_key_value_heads=1, head_dim=8,
                      rope={"rope_type": "longrope", "rope_theta": 1.0})
     with pytest.raises(ValueError, match="longrope"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends import get_backend, to_f32
-from .args import ModelArgs
+from ..families.hparams import HParams
 from .cache import KVCache
 
 _EMPTY = np.zeros(0, np.float32)
@@ -23,14 +23,14 @@ class Attention:
     dtype (one GEMV per token instead of three).
 
     Args:
-        args: :class:`~zipmoe_rt.models.args.ModelArgs`.  layer: index.
+        args: the family's :class:`~zipmoe_rt.families.HParams`.  layer: index.
         wq, wk, wv: [heads*hd, H]; wo: [H, nq*hd] (BF16 bits, float16 or float32).
         bq, bk, bv, bo: optional biases (any float dtype / BF16 bits).
         q_norm, k_norm: optional [hd] weights (Qwen3).
         backend: compute backend (:func:`~zipmoe_rt.backends.get_backend`; default numba).
     """
 
-    def __init__(self, args: ModelArgs, layer: int, wq, wk, wv, wo, bq=None, bk=None, bv=None,
+    def __init__(self, args: HParams, layer: int, wq, wk, wv, wo, bq=None, bk=None, bv=None,
                  bo=None, q_norm=None, k_norm=None, backend=None):
         be = self.backend = get_backend(backend)
         self.layer = layer
