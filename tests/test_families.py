@@ -291,10 +291,13 @@ def test_runtime_families_and_converter_registry_agree():
     from zipmoe_rt.convert import registry
     from zipmoe_rt.models import FAMILIES
 
-    assert FAMILIES == {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe"}
-    assert {a: c.family for a, c in registry.ARCHITECTURES.items()} == {
-        "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
-        "Qwen3MoeForCausalLM": "qwen3_moe"}
+    assert FAMILIES == {f.family: f.model_module for f in families.all_families()}
+    assert {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe",
+            "qwen3_moe": "qwen3_moe"}.items() <= FAMILIES.items()
+    archs = {a: c.family for a, c in registry.ARCHITECTURES.items()}
+    assert {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+            "Qwen3MoeForCausalLM": "qwen3_moe"}.items() <= archs.items()
+    assert archs == {n: f.family for f in families.all_families() for n in f.hf_names}
     for fam in families.all_families():
         assert FAMILIES[fam.family] == fam.model_module
         assert hasattr(importlib.import_module(f"zipmoe_rt.models.{fam.model_module}"), "Model")
@@ -306,12 +309,15 @@ def test_runtime_families_and_converter_registry_agree():
 def test_unknown_names_list_the_supported_ones():
     with pytest.raises(UnknownFamilyError) as ei:
         get_family("gpt2")
-    assert str(ei.value) == ("unsupported model family 'gpt2'; supported: mixtral, qwen2_moe, "
-                             "qwen3_moe")
+    assert str(ei.value) == ("unsupported model family 'gpt2'; supported: "
+                             + ", ".join(families.family_names()))
+    assert {"mixtral", "qwen2_moe", "qwen3_moe"} <= set(families.family_names())
     with pytest.raises(UnsupportedArchitectureError) as ei:
         get_architecture({"architectures": ["LlamaForCausalLM"]})
     assert str(ei.value) == ("unsupported architecture 'LlamaForCausalLM'; supported: "
-                             "MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM")
+                             + ", ".join(sorted(families.ARCHITECTURES)))
+    assert {"MixtralForCausalLM", "Qwen2MoeForCausalLM",
+            "Qwen3MoeForCausalLM"} <= set(families.ARCHITECTURES)
     with pytest.raises(UnsupportedArchitectureError, match="no 'architectures' entry"):
         get_architecture({})
     with pytest.raises(ValueError, match="already registered"):
@@ -341,11 +347,12 @@ def test_bench_warmup_source_builds_from_the_specs(name):
     from zipmoe_rt.models import build_model
 
     fam, _, d = _hf_config(name)
-    src = _TinySource(get_architecture(d).hparams())
+    hp = get_architecture(d).typed_hparams()
+    src = _TinySource(hp.to_hparams())
     specs = [s for s in fam.tensor_specs(src.hparams) if not s.is_expert and not s.tied]
     assert {n: src.tensor(n).shape for n in src._shapes} == {s.name: s.shape for s in specs}
-    assert src.has("model.layers.0.self_attn.q_proj.bias") == (fam.family == "qwen2_moe")
-    assert src.has("model.layers.1.self_attn.k_norm.weight") == (fam.family == "qwen3_moe")
+    assert src.has("model.layers.0.self_attn.q_proj.bias") == hp.attention_bias
+    assert src.has("model.layers.1.self_attn.k_norm.weight") == hp.qk_norm
     assert src.has("lm_head.weight") != SPECS[name][1]["tie_word_embeddings"]
     net = build_model(src)
     logits = net.forward(np.arange(8), net.new_cache())
