@@ -105,6 +105,25 @@ def test_qwen3_attention_bias_includes_o_proj():
     assert len([n for n in names if ".experts." in n]) == 128 * 3
 
 
+def test_qk_norm_scope_sets_the_norm_shapes():
+    """QK_NORM_SCOPE "projection" (a norm over the whole q / k projection) gives q/k norm
+    weights of heads * head_dim and kv_heads * head_dim; "head" (Qwen3) head_dim."""
+    from dataclasses import dataclass
+
+    fam = get_family("qwen3_moe")
+
+    @dataclass
+    class Whole(fam.hparams_class):
+        QK_NORM_SCOPE = "projection"
+
+    for cls, want in ((fam.hparams_class, ((16,), (16,))), (Whole, ((64,), (32,)))):
+        hp = cls(num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, num_experts=2)
+        shapes = {s.key: s.shape for s in families.tensors.expand(fam.tensor_table(), hp)}
+        assert (shapes["attn_q_norm"], shapes["attn_k_norm"]) == want
+        assert shapes["attn_q"] == (64, 64) and shapes["attn_k"] == (32, 64)
+
+
 # ---------------------------------------------------------------------------------------------
 # hyper-parameters
 

@@ -123,6 +123,10 @@ class HParams:
 
     #: transformers' ``default_theta`` of the family's config class.
     DEFAULT_ROPE_THETA: ClassVar[float] = 10000.0
+    #: what the q/k RMSNorm (``qk_norm``) normalises: ``"head"``, each head over head_dim
+    #: (Qwen3: weights [head_dim]), or ``"projection"``, the token's whole q / k projection
+    #: before the split into heads (OLMoE: weights [heads * head_dim], [kv_heads * head_dim]).
+    QK_NORM_SCOPE: ClassVar[str] = "head"
     #: field -> config.json keys tried in order (default: the field's own name).
     CONFIG_KEYS: ClassVar[dict] = {}
     #: fields config.json must give (the shapes): ConfigError when absent.

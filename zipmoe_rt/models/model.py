@@ -138,11 +138,13 @@ class Model:
                 return self.source.tensor(n)
         raise KeyError(f"none of {names} in the weight source")
 
-    def build_attention(self, i: int) -> Attention:
+    def build_attention(self, i: int, **options) -> Attention:
         """Attention of layer ``i``: q/k/v/o weights (``attn_q`` ... ``attn_o``), the biases
         the family lists and the source holds (``attn_q_bias`` ...; q/k/v biases looked up with
         ``attention_bias`` or when the source has a q bias), and with ``qk_norm`` the q/k norm
-        weights (``attn_q_norm``, ``attn_k_norm``)."""
+        weights (``attn_q_norm``, ``attn_k_norm``; their size says per head or whole
+        projection). ``options`` go to :class:`~zipmoe_rt.models.attention.Attention` as they
+        are (a family's override passes e.g. ``clip``)."""
         t = self.weight
         kw = {}
         if self.args.attention_bias or self.has_weight("attn_q_bias", i):
@@ -152,7 +154,7 @@ class Model:
         if self.args.qk_norm:
             kw.update(q_norm=t("attn_q_norm", i), k_norm=t("attn_k_norm", i))
         return Attention(self.args, i, t("attn_q", i), t("attn_k", i), t("attn_v", i),
-                         t("attn_o", i), backend=self.backend, **kw)
+                         t("attn_o", i), backend=self.backend, **kw, **options)
 
     def build_mlp(self, i: int):
         """The feed-forward block of layer ``i`` (family specific)."""
