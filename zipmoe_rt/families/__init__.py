@@ -14,7 +14,7 @@ from .base import (ARCHITECTURES, BY_NAME, ExpertRef, Family, UnknownFamilyError
                    family_names, get_architecture, get_family, register)
 from .hparams import ConfigError, HParams, config_value, rope_parameters
 from .tensors import FUSED, HUB, KEYS, LAYOUTS, TensorSpec
-from . import mixtral, qwen2_moe, qwen3_moe  # noqa: E402,F401  (registration)
+from . import mixtral, olmoe, qwen2_moe, qwen3_moe  # noqa: E402,F401  (registration)
 
 __all__ = [
     "ARCHITECTURES", "BY_NAME", "ExpertRef", "Family", "UnknownFamilyError",
