@@ -155,6 +155,42 @@ def test_hparams_known_values():
     assert q3.moe_layers == list(range(24))
 
 
+def test_olmoe_hparams_and_shapes():
+    """OlmoeConfig's defaults (OLMoE-1B-7B's shape), kv heads defaulting to heads, the q/k norms
+    over the whole projection, and the head_dim rule."""
+    fam = get_family("olmoe")
+    hp = fam.hparams_class()
+    assert (hp.vocab_size, hp.hidden_size, hp.num_hidden_layers, hp.num_attention_heads,
+            hp.num_key_value_heads, hp.head_dim) == (50304, 2048, 16, 16, 16, 128)
+    assert (hp.num_experts, hp.num_experts_per_tok, hp.moe_intermediate_size,
+            hp.intermediate_size) == (64, 8, 2048, 2048)
+    assert (hp.norm_topk_prob, hp.attention_bias, hp.qk_norm, hp.clip_qkv, hp.rms_norm_eps,
+            hp.shared_expert_intermediate_size) == (False, False, True, None, 1e-5, 0)
+    assert hp.moe_layers == list(range(16)) and "clip_qkv" not in hp.to_hparams()
+    assert fam.hparams_class(num_attention_heads=8).num_key_value_heads == 8
+    specs = {s.name: s.shape for s in fam.tensor_specs(hp)}
+    assert specs["model.layers.3.self_attn.q_norm.weight"] == (2048,)
+    assert specs["model.layers.3.self_attn.k_norm.weight"] == (2048,)
+    assert len(specs) == 3 + 16 * (9 + 64 * 3)      # 9: 2 norms, q k v o, q/k norm, router
+    gqa = fam.hparams_class(num_key_value_heads=4, attention_bias=True, num_hidden_layers=1)
+    specs = {s.name: s.shape for s in fam.tensor_specs(gqa)}
+    assert specs["model.layers.0.self_attn.k_norm.weight"] == (512,)
+    assert specs["model.layers.0.self_attn.o_proj.bias"] == (2048,)
+    # config.json: a released config (intermediate_size 1024) and the head_dim rule
+    cfg = {"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "vocab_size": 50304,
+           "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16,
+           "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
+           "num_experts_per_tok": 8, "rope_theta": 10000.0, "clip_qkv": None,
+           "norm_topk_prob": False, "sliding_window": 4096}
+    got = get_architecture(cfg).typed_hparams()
+    assert (got.moe_intermediate_size, got.intermediate_size, got.sliding_window) == (1024, 1024, 0)
+    assert get_architecture(dict(cfg, clip_qkv=8)).hparams()["clip_qkv"] == 8.0
+    with pytest.raises(ConfigError, match="head_dim 64 \\* num_attention_heads 16 != hidden_size"):
+        get_architecture(dict(cfg, head_dim=64)).hparams()
+    with pytest.raises(ValueError, match="head_dim 64 \\* num_attention_heads 16"):
+        fam.hparams_class.from_hparams(dict(got.to_hparams(), head_dim=64))
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 def test_config_roundtrip_and_transformers_loads_it(name):
     """hf_config(hp) reads back as hp, and transformers builds the same tensors from it."""

@@ -281,6 +281,55 @@ def test_routing_matches_transformers(loaded):
         np.testing.assert_allclose(np.sort(ours[layer][1], 1), np.sort(w.numpy(), 1), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["olmoe", "olmoe_clip"])
+def test_olmoe_routing_matches_transformers(loaded, name):
+    """OLMoE's router (softmax top-k, renormalised only with norm_topk_prob) picks transformers'
+    experts with transformers' weights, on every layer."""
+    import torch
+
+    model, hf = loaded(name)
+    renorm = bool(hf.config.norm_topk_prob)
+    assert renorm == (name == "olmoe_clip") and model.args.norm_topk_prob == renorm
+    ours = {}
+    model.route_hook = lambda layer, x, logits, idx, w: ours.setdefault(layer, (idx.copy(),
+                                                                                w.copy()))
+    try:
+        model.forward(PROMPT, model.new_cache())
+    finally:
+        model.route_hook = None
+    with torch.no_grad():
+        out = hf(torch.tensor(PROMPT)[None], output_router_logits=True)
+    assert len(out.router_logits) == len(ours) == 3
+    for layer, logits in enumerate(out.router_logits):
+        w, idx = torch.topk(torch.softmax(logits.float(), dim=-1), 2, dim=-1)
+        if renorm:
+            w = w / w.sum(-1, keepdim=True)
+        np.testing.assert_array_equal(np.sort(ours[layer][0], 1), np.sort(idx.numpy(), 1))
+        np.testing.assert_allclose(np.sort(ours[layer][1], 1), np.sort(w.numpy(), 1), atol=1e-5)
+        assert (ours[layer][1].sum(1) < 0.999).any() != renorm
+
+
+def test_olmoe_clip_qkv_matters(tiny_moe_dir):
+    """olmoe_clip's clip_qkv (1.0) really cuts: without it the logits move by far more than the
+    parity tolerance, and transformers without it agrees with us without it."""
+    from tiny_models import load_hf
+
+    d = tiny_moe_dir("olmoe_clip")
+    src = CheckpointSource(d)
+    assert src.hparams["clip_qkv"] == 1.0
+    clipped = build_model(src)
+    assert all(layer.attn.clip == 1.0 for layer in clipped.layers)
+    src.hparams = {k: v for k, v in src.hparams.items() if k != "clip_qkv"}
+    free = build_model(src)
+    assert all(layer.attn.clip is None for layer in free.layers)
+    a = clipped.forward(PROMPT, clipped.new_cache(), last_only=False)
+    b = free.forward(PROMPT, free.new_cache(), last_only=False)
+    assert np.abs(a - b).max() > 100 * LOGITS_TOL
+    hf = load_hf(d)
+    hf.config.clip_qkv = None
+    assert np.abs(b - _hf_logits(hf, PROMPT)).max() <= LOGITS_TOL
+
+
 def test_kvcache_growth_and_crop():
     c = KVCache(3, 4, capacity=2)   # one layer: 3 kv heads of 4 keys / values
     c.k[:, :2] = 1.0
