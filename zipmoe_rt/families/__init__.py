@@ -1,6 +1,6 @@
 """Model families: the one home of everything the project knows about each family.
 
-Each family (:mod:`.mixtral`, :mod:`.qwen2_moe`, :mod:`.qwen3_moe`) is a
+Each family (:mod:`.mixtral`, :mod:`.olmoe`, :mod:`.qwen2_moe`, :mod:`.qwen3_moe`) is a
 :class:`~.base.Family` subclass registered under its Hugging Face ``architectures`` names: its
 names, typed hyper-parameters with transformers' defaults and their config.json mapping
 (:mod:`.hparams`), its tensor names and shapes (:mod:`.tensors`) and the runtime module that

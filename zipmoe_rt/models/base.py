@@ -13,11 +13,11 @@ the :class:`~zipmoe_rt.models.weights.WeightSource` hands them out (BF16 as uint
 place by the kernels). Only the small 1-D vectors (norm weights, biases) are widened to float32.
 
 The math follows transformers' ``models/mixtral/modeling_mixtral.py``,
-``models/qwen2_moe/modeling_qwen2_moe.py`` and ``models/qwen3_moe/modeling_qwen3_moe.py`` in
-float32, and ``modeling_rope_utils.py`` for the RoPE frequencies. Hyper-parameters (an
+``models/qwen2_moe/modeling_qwen2_moe.py``, ``models/qwen3_moe/modeling_qwen3_moe.py`` and
+``models/olmoe/modeling_olmoe.py`` in float32, and ``modeling_rope_utils.py`` for the RoPE frequencies. Hyper-parameters (an
 :class:`~zipmoe_rt.families.HParams` subclass) and tensor names come from the family's registry
 entry (:mod:`zipmoe_rt.families`); the per-family files next to this one (``mixtral.py``,
-``qwen2_moe.py``, ``qwen3_moe.py``) build the feed-forward block of each layer.
+``qwen2_moe.py``, ``qwen3_moe.py``, ``olmoe.py``) build the feed-forward block of each layer.
 
 Experts are never computed by the blocks themselves: :class:`SparseMoeBlock` routes and hands
 the tokens to an *executor* (``executor.run(layer, x, topk_idx, topk_w)``), so an engine can
