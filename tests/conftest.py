@@ -53,8 +53,8 @@ def default_hf_dir(smollm2_gguf, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_moe_dir(tmp_path_factory):
     """Factory ``tiny_moe_dir(name, sharded=False) -> Path``: a tiny random HF MoE checkpoint
-    (BF16; ``name`` a key of ``tiny_models.SPECS``: mixtral, mixtral_tied_swa, qwen2_moe,
-    qwen2_moe_step2, qwen3_moe), built once per session per (name, sharded). Read-only.
+    (BF16; ``name`` a key of ``tiny_models.SPECS``, e.g. mixtral, qwen2_moe_swa, qwen3_moe),
+    built once per session per (name, sharded). Read-only.
     Skips when torch/transformers are absent."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")

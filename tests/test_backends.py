@@ -188,6 +188,94 @@ def test_rope_qk_cache(qk_norm, nq, nkv):
         np.testing.assert_allclose(n1, n0, rtol=1e-5)
 
 
+def _rope64(x, cos, sin):
+    """float64 ``x * cos + rotate_half(x) * sin`` over the last axis (head_dim)."""
+    c = np.concatenate([cos, cos], -1).astype(np.float64)[:, None, :]
+    s = np.concatenate([sin, sin], -1).astype(np.float64)[:, None, :]
+    half = x.shape[-1] // 2
+    return x * c + np.concatenate([-x[..., half:], x[..., :half]], -1) * s
+
+
+@pytest.mark.parametrize("clip", [None, 0.8])
+@pytest.mark.parametrize("nq,nkv", [(4, 4), (4, 2), (6, 1)])   # MHA, GQA, MQA
+def test_rope_qk_cache_whole_projection_norm(clip, nq, nkv):
+    """q/k RMSNorm over the whole projection (OLMoE: weights [nq*hd], [nkv*hd]) and clip_qkv,
+    against a float64 reference of ``OlmoeAttention``: norm, clamp q/k/v, split, RoPE."""
+    rng = np.random.default_rng(nq * 10 + nkv + (clip is not None))
+    T, hd, pos0, eps = 3, 16, 5, 1e-6
+    qkv, cos, sin, kc, vc = _rope_case(rng, T, nq, nkv, hd, pos0, 12)
+    qn = (1 + 0.2 * rng.standard_normal(nq * hd)).astype(np.float32)
+    kn = (1 + 0.2 * rng.standard_normal(nkv * hd)).astype(np.float32)
+    x = qkv.astype(np.float64)
+    q, k, v = x[:, :nq * hd], x[:, nq * hd:(nq + nkv) * hd], x[:, (nq + nkv) * hd:]
+    q = qn * q / np.sqrt((q * q).mean(-1, keepdims=True) + eps)
+    k = kn * k / np.sqrt((k * k).mean(-1, keepdims=True) + eps)
+    if clip is not None:
+        q, k, v = (np.clip(a, -clip, clip) for a in (q, k, v))
+    q_ref = _rope64(q.reshape(T, nq, hd), cos, sin).reshape(T, -1)
+    k_ref = _rope64(k.reshape(T, nkv, hd), cos, sin)
+    for be in (NB, NP):
+        a, kk, vv = qkv.copy(), kc.copy(), vc.copy()
+        be.rope_qk_cache(a, nq, nkv, hd, qn, kn, np.float32(eps), cos, sin, kk, vv, pos0, clip)
+        np.testing.assert_allclose(a[:, :nq * hd], q_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(kk[:, pos0:pos0 + T], k_ref.transpose(1, 0, 2), rtol=1e-5,
+                                   atol=1e-5)
+        assert np.array_equal(vv[:, pos0:pos0 + T],
+                              v.reshape(T, nkv, hd).transpose(1, 0, 2).astype(np.float32))
+        assert np.array_equal(kk[:, :pos0], kc[:, :pos0])
+    if clip is not None:                   # the bound really cut values of q, k and v
+        assert (np.abs(x) > clip).sum() > 10 and (np.abs(v) == clip).any()
+        assert (np.abs(q) == clip).any() and (np.abs(k) == clip).any()
+
+
+def test_rope_qk_cache_per_head_norm_with_clip_and_errors():
+    """Per-head norms with a clip (the grouped kernel) agree across backends; norm weights of
+    another size and a negative clip are refused by both."""
+    rng = np.random.default_rng(7)
+    T, nq, nkv, hd, pos0 = 2, 4, 2, 8, 3
+    qkv, cos, sin, kc, vc = _rope_case(rng, T, nq, nkv, hd, pos0, 8)
+    qn, kn = (1 + 0.2 * rng.standard_normal((2, hd))).astype(np.float32)
+    got = []
+    for be in (NB, NP):
+        a, kk, vv = qkv.copy(), kc.copy(), vc.copy()
+        be.rope_qk_cache(a, nq, nkv, hd, qn, kn, np.float32(1e-6), cos, sin, kk, vv, pos0, 0.5)
+        got.append((a, kk, vv))
+        assert np.abs(vv[:, pos0:pos0 + T]).max() == np.float32(0.5)
+    for x, y in zip(*got):
+        _close(y, x, tol=1e-6)
+    bad = [((np.ones(2 * hd, np.float32), kn, None), "q_norm has 16 weights: expected 8 "
+            "(per head) or 32 (whole projection)"),
+           ((qn, np.ones(3, np.float32), None), "k_norm has 3 weights"),
+           ((qn, kn, -1.0), "clip must be >= 0")]
+    for be in (NB, NP):
+        for (q_w, k_w, clip), msg in bad:
+            with pytest.raises(ValueError, match=re.escape(msg)):
+                be.rope_qk_cache(qkv.copy(), nq, nkv, hd, q_w, k_w, np.float32(1e-6), cos, sin,
+                                 kc.copy(), vc.copy(), pos0, clip)
+
+
+def test_attention_checks_the_norm_scope():
+    """Attention refuses q/k norm weights of the size the family's QK_NORM_SCOPE does not give."""
+    from dataclasses import dataclass
+
+    from zipmoe_rt.families import HParams
+    from zipmoe_rt.models.attention import Attention
+
+    @dataclass
+    class Whole(HParams):
+        QK_NORM_SCOPE = "projection"
+
+    w = [np.zeros((n, 32), np.float32) for n in (32, 16, 16)] + [np.zeros((32, 32), np.float32)]
+    kw = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    head, whole = np.ones(8, np.float32), (np.ones(32, np.float32), np.ones(16, np.float32))
+    Attention(HParams(**kw), 0, *w, q_norm=head, k_norm=head, backend="numpy")
+    Attention(Whole(**kw), 0, *w, q_norm=whole[0], k_norm=whole[1], clip=2.0, backend="numpy")
+    with pytest.raises(ValueError, match=r"layer 0: q_norm has 32 weights, expected 8"):
+        Attention(HParams(**kw), 0, *w, q_norm=whole[0], k_norm=whole[1], backend="numpy")
+    with pytest.raises(ValueError, match=r"layer 3: k_norm has 8 weights, expected 16"):
+        Attention(Whole(**kw), 3, *w, q_norm=whole[0], k_norm=head, backend="numpy")
+
+
 @pytest.mark.parametrize("window", [0, 3])
 @pytest.mark.parametrize("T,pos0,nq,nkv,hd", [(1, 9, 4, 2, 16), (5, 0, 4, 2, 16),
                                               (4, 6, 6, 3, 8), (16, 48, 8, 2, 64)])

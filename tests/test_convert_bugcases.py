@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 
 from tiny_models import load_hf, make_tiny  # noqa: E402
 from zmoe_edit import mutate, rewrite_index  # noqa: E402
+import zmoe  # noqa: E402
 from zipmoe_rt.convert.converter import ConversionError, ConversionWarning, convert  # noqa: E402
 from zipmoe_rt.convert.safetensors_io import SafetensorsFile, write_safetensors  # noqa: E402
 from zipmoe_rt.engine.store import ZmoeSource  # noqa: E402
@@ -129,15 +130,20 @@ def test_tied_config_with_a_stored_head_follows_transformers(tmp_path, same):
 
 def test_crafted_container_without_untied_head_fails_at_load(tmp_path):
     """A .zmoe whose hparams say untied but which holds no lm_head.weight: a clear error when the
-    model is built, never the embedding used as the head."""
+    file is loaded (and when a model is built from any source without it), never the embedding
+    used as the head."""
     folder = tiny("mixtral", tmp_path / "m")
     good = convert_quiet(folder, tmp_path / "good.zmoe")
 
     def drop(index):
         index["tensors"] = [t for t in index["tensors"] if t["name"] != "lm_head.weight"]
     bad = mutate(good, tmp_path / "bad.zmoe", lambda b: rewrite_index(b, drop))
+    with pytest.raises(zmoe.CorruptIndexError, match=r"lm_head\.weight.*tie_word_embeddings"):
+        ZmoeSource(bad)
+    src = ZmoeSource(good)
+    src.has = lambda name, has=src.has: name != "lm_head.weight" and has(name)
     with pytest.raises(KeyError, match=r"lm_head\.weight.*tie_word_embeddings"):
-        build_model(ZmoeSource(bad))
+        build_model(src)
 
 
 # ------------------------------------------------------------------ 2. which safetensors are read

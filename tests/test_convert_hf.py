@@ -1,9 +1,8 @@
 """Real transformers checkpoints -> .zmoe -> HF folder, bit for bit.
 
-Tiny random Mixtral / Qwen2-MoE / Qwen3-MoE models are saved by transformers' own
-``save_pretrained`` in BF16 (tests/tiny_models.py via the ``tiny_moe_dir`` fixture), single-file
-and sharded; source and exported tensors are read with the ``safetensors`` package, not with
-zipmoe-rt's reader.
+Every tiny random model of tests/tiny_models.py (each family) is saved by transformers' own
+``save_pretrained`` in BF16 (via the ``tiny_moe_dir`` fixture), single-file and sharded; source
+and exported tensors are read with the ``safetensors`` package, not with zipmoe-rt's reader.
 """
 from __future__ import annotations
 
@@ -18,10 +17,12 @@ safetensors = pytest.importorskip("safetensors")
 from safetensors import safe_open  # noqa: E402
 
 import zmoe  # noqa: E402
+from tiny_models import SPECS  # noqa: E402
 from zipmoe_rt.convert.converter import convert  # noqa: E402
 from zipmoe_rt.convert.export import export  # noqa: E402
 
-#: model -> (family, num_experts, moe layers, per-expert tensor suffixes) per tests/tiny_models.py
+#: hand-checked expectations per tests/tiny_models.py, name -> (family, num_experts, moe layers,
+#: per-expert tensor suffixes); every spec is also checked against its registry entry's specs.
 MODELS = {
     "mixtral": ("mixtral", 4, [0, 1, 2], ("w1", "w3", "w2")),
     "qwen2_moe": ("qwen2_moe", 8, [0, 2], ("gate_proj", "up_proj", "down_proj")),
@@ -30,8 +31,21 @@ MODELS = {
     "mixtral_tied_swa": ("mixtral", 4, [0, 1, 2], ("w1", "w3", "w2")),
     "qwen2_moe_step2": ("qwen2_moe", 4, [1], ("gate_proj", "up_proj", "down_proj")),
 }
-CASES = [(n, s) for n in ("mixtral", "qwen2_moe", "qwen3_moe") for s in (False, True)] + [
-    ("mixtral_tied_swa", False), ("qwen2_moe_step2", True)]
+#: every tiny spec, single-file and sharded
+CASES = [(n, s) for n in SPECS for s in (False, True)]
+
+
+def expected_experts(folder: Path) -> dict:
+    """{(layer, expert): sorted tensor names} of the Hub-layout expert tensors the family's
+    registry entry lists for the checkpoint's config.json."""
+    from zipmoe_rt.families import HUB, get_architecture
+
+    arch = get_architecture(json.loads((folder / "config.json").read_text()))
+    out: dict = {}
+    for spec in arch.tensor_specs(arch.typed_hparams(), HUB):
+        if spec.is_expert:
+            out.setdefault((spec.layer, spec.expert), []).append(spec.name)
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def load_tensors(folder: Path) -> dict:
@@ -68,17 +82,23 @@ def test_hf_roundtrip_bit_exact(tiny_moe_dir, tmp_path, name, sharded):
     out = convert(src_dir, tmp_path / f"{name}.zmoe", chunks=3, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.zmoe"]
 
-    family, n_exp, moe_layers, suffixes = MODELS[name]
+    experts = expected_experts(src_dir)
+    moe_layers = sorted({layer for layer, _ in experts})
+    if name in MODELS:
+        family, n_exp, layers, suffixes = MODELS[name]
+        assert family == SPECS[name][0]
+        assert moe_layers == layers and len(experts) == len(layers) * n_exp
+        assert all(sorted(t.rsplit(".", 2)[-2] for t in names) == sorted(suffixes)
+                   for names in experts.values())
     with zmoe.ZmoeReader(out) as r:
         r.verify()
-        assert r.metadata["general.family"] == family
+        assert r.metadata["general.family"] == SPECS[name][0]
         assert r.metadata["hparams.moe_layers"] == moe_layers
-        assert sorted(r.experts) == [(l, e) for l in moe_layers for e in range(n_exp)]
+        assert sorted(r.experts) == sorted(experts)
         for (l, e), blk in r.experts.items():
             assert blk["sm"][0] % 4096 == 0 and blk["exp"][0] % 4096 == 0
-            assert len(blk["tensors"]) == 3
+            assert sorted(blk["tensors"]) == experts[(l, e)] and len(blk["tensors"]) == 3
             assert all(f".experts.{e}." in t for t in blk["tensors"])
-            assert sorted(t.rsplit(".", 2)[-2] for t in blk["tensors"]) == sorted(suffixes)
         for t in r.tensors.values():
             if "shared_expert" in t["name"] or ".experts." not in t["name"]:
                 assert "expert" not in t and t["encoding"] == "raw", t["name"]

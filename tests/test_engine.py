@@ -42,7 +42,9 @@ from zipmoe_rt.engine.store import ZmoeSource
 from zipmoe_rt.engine.tiers import BudgetError
 from zipmoe_rt.models import build_model
 
-ARCHS = ["mixtral", "mixtral_tied_swa", "qwen2_moe", "qwen2_moe_step2", "qwen3_moe"]
+from tiny_models import SPECS
+
+ARCHS = list(SPECS)             # every tiny spec, every family
 PROMPT_LEN = 16
 DECODE_STEPS = 10
 WORKERS = 2

@@ -105,6 +105,25 @@ def test_qwen3_attention_bias_includes_o_proj():
     assert len([n for n in names if ".experts." in n]) == 128 * 3
 
 
+def test_qk_norm_scope_sets_the_norm_shapes():
+    """QK_NORM_SCOPE "projection" (a norm over the whole q / k projection) gives q/k norm
+    weights of heads * head_dim and kv_heads * head_dim; "head" (Qwen3) head_dim."""
+    from dataclasses import dataclass
+
+    fam = get_family("qwen3_moe")
+
+    @dataclass
+    class Whole(fam.hparams_class):
+        QK_NORM_SCOPE = "projection"
+
+    for cls, want in ((fam.hparams_class, ((16,), (16,))), (Whole, ((64,), (32,)))):
+        hp = cls(num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, num_experts=2)
+        shapes = {s.key: s.shape for s in families.tensors.expand(fam.tensor_table(), hp)}
+        assert (shapes["attn_q_norm"], shapes["attn_k_norm"]) == want
+        assert shapes["attn_q"] == (64, 64) and shapes["attn_k"] == (32, 64)
+
+
 # ---------------------------------------------------------------------------------------------
 # hyper-parameters
 
@@ -134,6 +153,42 @@ def test_hparams_known_values():
     q3 = get_family("qwen3_moe").hparams_class()
     assert (q3.num_experts, q3.num_key_value_heads, q3.head_dim, q3.qk_norm) == (128, 4, 64, True)
     assert q3.moe_layers == list(range(24))
+
+
+def test_olmoe_hparams_and_shapes():
+    """OlmoeConfig's defaults (OLMoE-1B-7B's shape), kv heads defaulting to heads, the q/k norms
+    over the whole projection, and the head_dim rule."""
+    fam = get_family("olmoe")
+    hp = fam.hparams_class()
+    assert (hp.vocab_size, hp.hidden_size, hp.num_hidden_layers, hp.num_attention_heads,
+            hp.num_key_value_heads, hp.head_dim) == (50304, 2048, 16, 16, 16, 128)
+    assert (hp.num_experts, hp.num_experts_per_tok, hp.moe_intermediate_size,
+            hp.intermediate_size) == (64, 8, 2048, 2048)
+    assert (hp.norm_topk_prob, hp.attention_bias, hp.qk_norm, hp.clip_qkv, hp.rms_norm_eps,
+            hp.shared_expert_intermediate_size) == (False, False, True, None, 1e-5, 0)
+    assert hp.moe_layers == list(range(16)) and "clip_qkv" not in hp.to_hparams()
+    assert fam.hparams_class(num_attention_heads=8).num_key_value_heads == 8
+    specs = {s.name: s.shape for s in fam.tensor_specs(hp)}
+    assert specs["model.layers.3.self_attn.q_norm.weight"] == (2048,)
+    assert specs["model.layers.3.self_attn.k_norm.weight"] == (2048,)
+    assert len(specs) == 3 + 16 * (9 + 64 * 3)      # 9: 2 norms, q k v o, q/k norm, router
+    gqa = fam.hparams_class(num_key_value_heads=4, attention_bias=True, num_hidden_layers=1)
+    specs = {s.name: s.shape for s in fam.tensor_specs(gqa)}
+    assert specs["model.layers.0.self_attn.k_norm.weight"] == (512,)
+    assert specs["model.layers.0.self_attn.o_proj.bias"] == (2048,)
+    # config.json: a released config (intermediate_size 1024) and the head_dim rule
+    cfg = {"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "vocab_size": 50304,
+           "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16,
+           "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
+           "num_experts_per_tok": 8, "rope_theta": 10000.0, "clip_qkv": None,
+           "norm_topk_prob": False, "sliding_window": 4096}
+    got = get_architecture(cfg).typed_hparams()
+    assert (got.moe_intermediate_size, got.intermediate_size, got.sliding_window) == (1024, 1024, 0)
+    assert get_architecture(dict(cfg, clip_qkv=8)).hparams()["clip_qkv"] == 8.0
+    with pytest.raises(ConfigError, match="head_dim 64 \\* num_attention_heads 16 != hidden_size"):
+        get_architecture(dict(cfg, head_dim=64)).hparams()
+    with pytest.raises(ValueError, match="head_dim 64 \\* num_attention_heads 16"):
+        fam.hparams_class.from_hparams(dict(got.to_hparams(), head_dim=64))
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -186,25 +241,53 @@ def test_config_rules():
     assert get_architecture(dict(q, use_sliding_window=True)).typed_hparams().sliding_window == 4096
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen2_moe_swa", "qwen3_moe"])
-def test_hparams_class_serves_as_model_args(name):
-    """from_hparams + validate give the runtime ModelArgs' values, field for field (also when
-    the Qwen2 window layers must be derived from max_window_layers)."""
-    import importlib
-
+@pytest.mark.parametrize("name,norm_topk,qk_norm,windows,moe_layers", [
+    ("mixtral", True, False, [0, 0, 0], [0, 1, 2]),
+    ("qwen2_moe", False, False, [0, 0, 0], [0, 2]),
+    ("qwen2_moe_swa", False, False, [5, 0, 0], [0, 1, 2]),
+    ("qwen3_moe", True, True, [0, 0, 0], [0, 1, 2]),
+])
+def test_hparams_class_serves_as_model_args(name, norm_topk, qk_norm, windows, moe_layers):
+    """The runtime model's arguments are its family's hparams_class (from_hparams + validate,
+    with the family's fixed choices), also when the Qwen2 window layers must be derived from
+    max_window_layers."""
     fam, _, d = _hf_config(name)
     hp = get_architecture(d).hparams()
     if name == "qwen2_moe_swa":
         hp.pop("layer_types")
-    args_cls = importlib.import_module(f"zipmoe_rt.models.{fam.model_module}").ModelArgs
-    want = args_cls.from_hparams(hp)
     got = fam.hparams_class.from_hparams(hp)
-    common = set(vars(want))
-    assert common <= set(vars(got)) and len(common) >= 22
-    assert {k: getattr(got, k) for k in common} == {k: getattr(want, k) for k in common}
-    assert [got.window(i) for i in range(3)] == [want.window(i) for i in range(3)]
+    assert type(got) is fam.hparams_class
+    assert (got.norm_topk_prob, got.qk_norm, got.moe_layers) == (norm_topk, qk_norm, moe_layers)
+    assert (got.num_attention_heads, got.num_key_value_heads, got.head_dim) == (
+        (4, 2, 32) if name == "qwen3_moe" else (4, 2, 16))
+    assert [got.window(i) for i in range(3)] == windows
     with pytest.raises(ValueError, match="hparams: missing hidden_size"):
         fam.hparams_class.from_hparams({k: v for k, v in hp.items() if k != "hidden_size"})
+
+
+def test_model_takes_its_args_and_names_from_the_registry(tiny_moe_dir):
+    """build_model picks the family's module; the model's args are the family's hparams_class
+    and its dense weights are the checkpoint tensors the registry names."""
+    import numpy as np
+
+    from zipmoe_rt.backends import to_f32
+    from zipmoe_rt.models import build_model
+    from zipmoe_rt.models.weights import CheckpointSource
+
+    src = CheckpointSource(tiny_moe_dir("qwen2_moe"))
+    net = build_model(src)
+    fam = get_family("qwen2_moe")
+    assert net.fam is fam and type(net.args) is fam.hparams_class
+    assert type(net).__module__ == f"zipmoe_rt.models.{fam.model_module}"
+    assert net.tensor_name("attn_k_bias", 2) == "model.layers.2.self_attn.k_proj.bias"
+    assert np.array_equal(net.norm, to_f32(src.tensor("model.norm.weight")))
+    assert np.array_equal(net.layers[0].post_norm, to_f32(
+        src.tensor("model.layers.0.post_attention_layernorm.weight")))
+    assert np.array_equal(net.layers[2].mlp.gate, src.tensor("model.layers.2.mlp.gate.weight"))
+    assert np.array_equal(net.layers[1].mlp.down, src.tensor("model.layers.1.mlp.down_proj.weight"))
+    assert net.has_weight("shared_expert_gate", 0) and not net.has_weight("attn_o_bias", 0)
+    with pytest.raises(KeyError, match="qwen2_moe: no tensor 'attn_q_norm'"):
+        net.weight("attn_q_norm", 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,10 +346,13 @@ def test_runtime_families_and_converter_registry_agree():
     from zipmoe_rt.convert import registry
     from zipmoe_rt.models import FAMILIES
 
-    assert FAMILIES == {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe"}
-    assert {a: c.family for a, c in registry.ARCHITECTURES.items()} == {
-        "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
-        "Qwen3MoeForCausalLM": "qwen3_moe"}
+    assert FAMILIES == {f.family: f.model_module for f in families.all_families()}
+    assert {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe",
+            "qwen3_moe": "qwen3_moe"}.items() <= FAMILIES.items()
+    archs = {a: c.family for a, c in registry.ARCHITECTURES.items()}
+    assert {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+            "Qwen3MoeForCausalLM": "qwen3_moe"}.items() <= archs.items()
+    assert archs == {n: f.family for f in families.all_families() for n in f.hf_names}
     for fam in families.all_families():
         assert FAMILIES[fam.family] == fam.model_module
         assert hasattr(importlib.import_module(f"zipmoe_rt.models.{fam.model_module}"), "Model")
@@ -278,12 +364,15 @@ def test_runtime_families_and_converter_registry_agree():
 def test_unknown_names_list_the_supported_ones():
     with pytest.raises(UnknownFamilyError) as ei:
         get_family("gpt2")
-    assert str(ei.value) == ("unsupported model family 'gpt2'; supported: mixtral, qwen2_moe, "
-                             "qwen3_moe")
+    assert str(ei.value) == ("unsupported model family 'gpt2'; supported: "
+                             + ", ".join(families.family_names()))
+    assert {"mixtral", "qwen2_moe", "qwen3_moe"} <= set(families.family_names())
     with pytest.raises(UnsupportedArchitectureError) as ei:
         get_architecture({"architectures": ["LlamaForCausalLM"]})
     assert str(ei.value) == ("unsupported architecture 'LlamaForCausalLM'; supported: "
-                             "MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM")
+                             + ", ".join(sorted(families.ARCHITECTURES)))
+    assert {"MixtralForCausalLM", "Qwen2MoeForCausalLM",
+            "Qwen3MoeForCausalLM"} <= set(families.ARCHITECTURES)
     with pytest.raises(UnsupportedArchitectureError, match="no 'architectures' entry"):
         get_architecture({})
     with pytest.raises(ValueError, match="already registered"):
@@ -313,11 +402,12 @@ def test_bench_warmup_source_builds_from_the_specs(name):
     from zipmoe_rt.models import build_model
 
     fam, _, d = _hf_config(name)
-    src = _TinySource(get_architecture(d).hparams())
+    hp = get_architecture(d).typed_hparams()
+    src = _TinySource(hp.to_hparams())
     specs = [s for s in fam.tensor_specs(src.hparams) if not s.is_expert and not s.tied]
     assert {n: src.tensor(n).shape for n in src._shapes} == {s.name: s.shape for s in specs}
-    assert src.has("model.layers.0.self_attn.q_proj.bias") == (fam.family == "qwen2_moe")
-    assert src.has("model.layers.1.self_attn.k_norm.weight") == (fam.family == "qwen3_moe")
+    assert src.has("model.layers.0.self_attn.q_proj.bias") == hp.attention_bias
+    assert src.has("model.layers.1.self_attn.k_norm.weight") == hp.qk_norm
     assert src.has("lm_head.weight") != SPECS[name][1]["tie_word_embeddings"]
     net = build_model(src)
     logits = net.forward(np.arange(8), net.new_cache())

@@ -27,7 +27,7 @@ def spec_table() -> dict:
 
 def test_spec_lists_exactly_the_constants():
     table = spec_table()
-    assert len(table) == 39
+    assert len(table) == 40
     assert sorted(table) == list(metadata_keys())
     assert Keys.General.ARCHITECTURE == "general.architecture"
     assert Keys.HParams.MOE_LAYERS == hparam_key("moe_layers") == "hparams.moe_layers"
@@ -83,3 +83,21 @@ def test_qwen2_window_keys_have_the_spec_types(tiny_moe_dir, tmp_path):
     assert meta[Keys.HParams.LAYER_TYPES] == ["sliding_attention", "full_attention",
                                               "full_attention"]
     assert meta[Keys.HParams.MAX_WINDOW_LAYERS] == 2
+
+
+def test_olmoe_clip_qkv_is_stored_only_when_set(tiny_moe_dir, tmp_path):
+    """hparams.clip_qkv (float) is written for a config.json that sets clip_qkv, left out for
+    one that has null (the released OLMoE checkpoints)."""
+    from zipmoe_rt.convert.converter import convert
+
+    got = {}
+    for name in ("olmoe", "olmoe_clip"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = convert(tiny_moe_dir(name), tmp_path / f"{name}.zmoe", progress=False)
+        with zmoe.ZmoeReader(out) as r:
+            got[name] = (r.metadata.get("hparams.clip_qkv"),
+                         r.metadata_types.get("hparams.clip_qkv"),
+                         r.metadata[Keys.HParams.QK_NORM], r.metadata[Keys.General.FAMILY])
+    assert got == {"olmoe": (None, None, True, "olmoe"),
+                   "olmoe_clip": (1.0, "float", True, "olmoe")}

@@ -9,10 +9,13 @@ import pytest
 from zipmoe_rt.kernels.linear import (bf16_rows, expert_accumulate, linear, swiglu_expert,
                                       widen_bf16)
 from zipmoe_rt.models import build_model
-from zipmoe_rt.models.base import ExpertExecutor, KVCache, ModelArgs, rope_inv_freq
+from zipmoe_rt.families import HParams
+from zipmoe_rt.models.base import ExpertExecutor, KVCache, rope_inv_freq
 from zipmoe_rt.models.weights import CheckpointSource
 
-ARCHS = ["mixtral", "mixtral_tied_swa", "qwen2_moe", "qwen2_moe_step2", "qwen3_moe"]
+from tiny_models import SPECS
+
+ARCHS = list(SPECS)             # every tiny spec, every family
 LOGITS_TOL = 1e-3
 
 
@@ -113,7 +116,7 @@ def test_rope_inv_freq_matches_transformers(rope):
         ref, ref_scale = LlamaRotaryEmbedding.compute_default_rope_parameters(cfg)
     else:
         ref, ref_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](cfg)
-    args = ModelArgs(family="x", vocab_size=8, hidden_size=256, num_hidden_layers=1,
+    args = HParams(family="x", vocab_size=8, hidden_size=256, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=4, head_dim=64, rope=dict(rope),
                      max_position_embeddings=4096)
     inv, scale = rope_inv_freq(args)
@@ -122,7 +125,7 @@ def test_rope_inv_freq_matches_transformers(rope):
 
 
 def test_rope_unknown_type():
-    args = ModelArgs(family="x", vocab_size=8, hidden_size=8, num_hidden_layers=1,
+    args = HParams(family="x", vocab_size=8, hidden_size=8, num_hidden_layers=1,
                      num_attention_heads=1, num_key_value_heads=1, head_dim=8,
                      rope={"rope_type": "longrope", "rope_theta": 1.0})
     with pytest.raises(ValueError, match="longrope"):
@@ -276,6 +279,55 @@ def test_routing_matches_transformers(loaded):
         w = w / w.sum(-1, keepdim=True)
         np.testing.assert_array_equal(np.sort(ours[layer][0], 1), np.sort(idx.numpy(), 1))
         np.testing.assert_allclose(np.sort(ours[layer][1], 1), np.sort(w.numpy(), 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["olmoe", "olmoe_clip"])
+def test_olmoe_routing_matches_transformers(loaded, name):
+    """OLMoE's router (softmax top-k, renormalised only with norm_topk_prob) picks transformers'
+    experts with transformers' weights, on every layer."""
+    import torch
+
+    model, hf = loaded(name)
+    renorm = bool(hf.config.norm_topk_prob)
+    assert renorm == (name == "olmoe_clip") and model.args.norm_topk_prob == renorm
+    ours = {}
+    model.route_hook = lambda layer, x, logits, idx, w: ours.setdefault(layer, (idx.copy(),
+                                                                                w.copy()))
+    try:
+        model.forward(PROMPT, model.new_cache())
+    finally:
+        model.route_hook = None
+    with torch.no_grad():
+        out = hf(torch.tensor(PROMPT)[None], output_router_logits=True)
+    assert len(out.router_logits) == len(ours) == 3
+    for layer, logits in enumerate(out.router_logits):
+        w, idx = torch.topk(torch.softmax(logits.float(), dim=-1), 2, dim=-1)
+        if renorm:
+            w = w / w.sum(-1, keepdim=True)
+        np.testing.assert_array_equal(np.sort(ours[layer][0], 1), np.sort(idx.numpy(), 1))
+        np.testing.assert_allclose(np.sort(ours[layer][1], 1), np.sort(w.numpy(), 1), atol=1e-5)
+        assert (ours[layer][1].sum(1) < 0.999).any() != renorm
+
+
+def test_olmoe_clip_qkv_matters(tiny_moe_dir):
+    """olmoe_clip's clip_qkv (1.0) really cuts: without it the logits move by far more than the
+    parity tolerance, and transformers without it agrees with us without it."""
+    from tiny_models import load_hf
+
+    d = tiny_moe_dir("olmoe_clip")
+    src = CheckpointSource(d)
+    assert src.hparams["clip_qkv"] == 1.0
+    clipped = build_model(src)
+    assert all(layer.attn.clip == 1.0 for layer in clipped.layers)
+    src.hparams = {k: v for k, v in src.hparams.items() if k != "clip_qkv"}
+    free = build_model(src)
+    assert all(layer.attn.clip is None for layer in free.layers)
+    a = clipped.forward(PROMPT, clipped.new_cache(), last_only=False)
+    b = free.forward(PROMPT, free.new_cache(), last_only=False)
+    assert np.abs(a - b).max() > 100 * LOGITS_TOL
+    hf = load_hf(d)
+    hf.config.clip_qkv = None
+    assert np.abs(b - _hf_logits(hf, PROMPT)).max() <= LOGITS_TOL
 
 
 def test_kvcache_growth_and_crop():

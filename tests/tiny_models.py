@@ -42,6 +42,12 @@ SPECS = {
         COMMON, head_dim=32, intermediate_size=128, moe_intermediate_size=48, num_experts=8,
         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
         rope_theta=1000000.0)),
+    "olmoe": ("olmoe", dict(
+        COMMON, num_key_value_heads=4, intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=False, rope_theta=10000.0)),
+    "olmoe_clip": ("olmoe", dict(
+        COMMON, intermediate_size=48, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+        attention_bias=True, clip_qkv=1.0, rope_theta=10000.0)),
 }
 
 

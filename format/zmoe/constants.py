@@ -86,6 +86,7 @@ class Keys:
         QK_NORM = "hparams.qk_norm"
         SHARED_EXPERT_INTERMEDIATE_SIZE = "hparams.shared_expert_intermediate_size"
         MOE_LAYERS = "hparams.moe_layers"
+        CLIP_QKV = "hparams.clip_qkv"
 
     class HF:
         CONFIG = "hf.config"                    # json: the source config.json verbatim

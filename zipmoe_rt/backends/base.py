@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Backend", "to_f32"]
+__all__ = ["Backend", "check_qk_norm", "to_f32"]
 
 
 def to_f32(a) -> np.ndarray:
@@ -39,6 +39,26 @@ def to_f32(a) -> np.ndarray:
     if a.dtype == np.uint16:
         return (a.astype(np.uint32) << np.uint32(16)).view(np.float32)
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def check_qk_norm(q_size: int, k_size: int, nq: int, nkv: int, hd: int, clip=None) -> None:
+    """Check the q/k norm weight sizes and ``clip`` given to :meth:`Backend.rope_qk_cache`.
+
+    Args:
+        q_size, k_size: number of q / k norm weights (0 = no norm).  nq, nkv, hd: heads and
+            head size.  clip: None or the clamp bound.
+    Raises:
+        ValueError: ``q_size`` not 0, ``hd`` or ``nq * hd``; ``k_size`` not 0, ``hd`` or
+            ``nkv * hd``; ``clip`` negative or NaN.
+    """
+    if q_size not in (0, hd, nq * hd):
+        raise ValueError(f"q_norm has {q_size} weights: expected {hd} (per head) or {nq * hd} "
+                         f"(whole projection)")
+    if k_size not in (0, hd, nkv * hd):
+        raise ValueError(f"k_norm has {k_size} weights: expected {hd} (per head) or "
+                         f"{nkv * hd} (whole projection)")
+    if clip is not None and not clip >= 0:
+        raise ValueError(f"clip must be >= 0 or None, not {clip!r}")
 
 
 class Backend:
@@ -169,19 +189,34 @@ class Backend:
     # -- attention -----------------------------------------------------------------------------
 
     def rope_qk_cache(self, qkv, nq: int, nkv: int, hd: int, q_norm, k_norm, eps, cos, sin,
-                      kc, vc, pos0: int) -> None:
-        """In place on ``qkv`` (q heads, then k heads, then v heads of each token): optional
-        RMSNorm over head_dim of each q / k head (``Qwen3MoeAttention``'s ``q_norm`` /
-        ``k_norm``, before RoPE), RoPE (``apply_rotary_pos_emb`` with ``rotate_half``); then
-        token ``t``'s k and v are written to ``kc[:, pos0 + t]`` and ``vc[:, pos0 + t]``.
+                      kc, vc, pos0: int, clip: float | None = None) -> None:
+        """In place on ``qkv`` (q heads, then k heads, then v heads of each token), in this
+        order: optional RMSNorm of q and of k, optional clamping of q, k and v, RoPE
+        (``apply_rotary_pos_emb`` with ``rotate_half``); then token ``t``'s k and v are written
+        to ``kc[:, pos0 + t]`` and ``vc[:, pos0 + t]``.
+
+        The size of a norm weight says what it normalises:
+
+        * ``hd``: each head on its own (``Qwen3MoeAttention``'s ``q_norm`` / ``k_norm`` over
+          head_dim, applied after the split into heads);
+        * ``nq * hd`` for q, ``nkv * hd`` for k: the whole projection of the token
+          (``OlmoeAttention``: ``q_norm(q_proj(x))``, before the split into heads).
+
+        With one head both readings are the same computation.
 
         Args:
             qkv: float32 [T, (nq + 2 nkv) * hd].  nq, nkv, hd: heads and head size.
-            q_norm, k_norm: float32 [hd], or float32 [0] for none.  eps: np.float32.
+            q_norm: float32 [hd] or [nq * hd], or float32 [0] for none.
+            k_norm: float32 [hd] or [nkv * hd], or float32 [0] for none.  eps: np.float32.
             cos, sin: float32 [T, hd / 2] (:meth:`~zipmoe_rt.models.rope.RoPE.cos_sin`, through
                 :meth:`from_host`).
             kc, vc: float32 [nkv, capacity, hd], ``capacity >= pos0 + T``
                 (:class:`~zipmoe_rt.models.cache.KVCache` buffers).  pos0: first position.
+            clip: None, or clamp q, k and v to ``[-clip, clip]`` after the norms and before
+                RoPE (``OlmoeAttention``'s ``clip_qkv``: ``clamp_(min=-clip, max=clip)``).
+        Raises:
+            ValueError: a norm weight of another size or a negative ``clip``
+                (:func:`check_qk_norm`).
         """
         raise NotImplementedError
 

@@ -14,7 +14,7 @@ from ..kernels import norm as _norm
 from ..kernels import routing as _routing
 from ..kernels import swiglu as _swiglu
 from ..kernels.linear import bf16_rows, linear_into
-from .base import Backend
+from .base import Backend, check_qk_norm
 
 
 class NumbaBackend(Backend):
@@ -79,9 +79,12 @@ class NumbaBackend(Backend):
         y += (np.float32(1.0) / (np.float32(1.0) + np.exp(-g))) * s
         return y
 
-    def rope_qk_cache(self, qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0):
-        """:func:`~zipmoe_rt.kernels.attention.rope_qk_cache`."""
-        _att.rope_qk_cache(qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0)
+    def rope_qk_cache(self, qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0,
+                      clip=None):
+        """:func:`~zipmoe_rt.kernels.attention.rope_qk_cache` (per-head norms without ``clip``:
+        the one-pass kernel; whole-projection norms or ``clip``: the grouped one)."""
+        check_qk_norm(q_norm.size, k_norm.size, nq, nkv, hd, clip)
+        _att.rope_qk_cache(qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0, clip)
 
     def attention(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
         """:func:`~zipmoe_rt.kernels.attention.attention` (parallel over (token, head) if large)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Backend, to_f32
+from .base import Backend, check_qk_norm, to_f32
 
 _F32 = np.float32
 
@@ -110,17 +110,23 @@ class NumpyBackend(Backend):
         y += (_F32(1.0) / (_F32(1.0) + np.exp(-g))) * s
         return y
 
-    def rope_qk_cache(self, qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0):
-        """Per-head views of ``qkv``: RMSNorm, ``x * cos + rotate_half(x) * sin``, cache slices."""
+    def rope_qk_cache(self, qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0,
+                      clip=None):
+        """RMSNorm over rows of ``w.size`` (a head, or the whole q / k projection), ``np.clip``
+        of q, k, v, then per head ``x * cos + rotate_half(x) * sin``, cache slices."""
+        check_qk_norm(q_norm.size, k_norm.size, nq, nkv, hd, clip)
         T = qkv.shape[0]
         q = qkv[:, :nq * hd].reshape(T, nq, hd)                 # views into qkv
         k = qkv[:, nq * hd:(nq + nkv) * hd].reshape(T, nkv, hd)
         v = qkv[:, (nq + nkv) * hd:].reshape(T, nkv, hd)
+        for heads, w in ((q, q_norm), (k, k_norm)):
+            if w.size:              # rows of w.size: [T, heads, hd] or [T, 1, heads * hd]
+                heads[...] = _rms(heads.reshape(T, -1, w.size), w, eps).reshape(heads.shape)
+        if clip is not None:
+            np.clip(qkv, -_F32(clip), _F32(clip), out=qkv)
         c = np.concatenate([cos, cos], axis=-1)[:, None, :]    # [T, 1, hd]
         s = np.concatenate([sin, sin], axis=-1)[:, None, :]
-        for heads, w in ((q, q_norm), (k, k_norm)):
-            if w.size:
-                heads[...] = _rms(heads, w, eps)
+        for heads in (q, k):
             heads[...] = heads * c + _rotate_half(heads) * s
         kc[:, pos0:pos0 + T] = k.transpose(1, 0, 2)
         vc[:, pos0:pos0 + T] = v.transpose(1, 0, 2)

@@ -1,6 +1,6 @@
 """Model families: the one home of everything the project knows about each family.
 
-Each family (:mod:`.mixtral`, :mod:`.qwen2_moe`, :mod:`.qwen3_moe`) is a
+Each family (:mod:`.mixtral`, :mod:`.olmoe`, :mod:`.qwen2_moe`, :mod:`.qwen3_moe`) is a
 :class:`~.base.Family` subclass registered under its Hugging Face ``architectures`` names: its
 names, typed hyper-parameters with transformers' defaults and their config.json mapping
 (:mod:`.hparams`), its tensor names and shapes (:mod:`.tensors`) and the runtime module that
@@ -14,7 +14,7 @@ from .base import (ARCHITECTURES, BY_NAME, ExpertRef, Family, UnknownFamilyError
                    family_names, get_architecture, get_family, register)
 from .hparams import ConfigError, HParams, config_value, rope_parameters
 from .tensors import FUSED, HUB, KEYS, LAYOUTS, TensorSpec
-from . import mixtral, qwen2_moe, qwen3_moe  # noqa: E402,F401  (registration)
+from . import mixtral, olmoe, qwen2_moe, qwen3_moe  # noqa: E402,F401  (registration)
 
 __all__ = [
     "ARCHITECTURES", "BY_NAME", "ExpertRef", "Family", "UnknownFamilyError",

@@ -98,6 +98,9 @@ def check_stored_tensors(hparams: dict, shapes: dict, where: str):
             continue
         alternatives = fam.tensor_names(s.key, s.layer) if s.expert is None else [s.name]
         if not any(n in shapes for n in alternatives):
+            if s.key == "lm_head":
+                _fail(where, f"no tensor {s.name!r}, and hparams.tie_word_embeddings is false: "
+                             f"the output head is missing")
             kind = "routed expert tensor" if s.is_expert else "tensor"
             _fail(where, f"no {kind} {s.name!r}, which the stored hyper-parameters imply"
                          + (f" for layer {s.layer}" if s.layer is not None else ""))

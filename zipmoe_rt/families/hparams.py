@@ -9,9 +9,8 @@ One instance is, at once:
 
 - what the converter stores as ``hparams.*`` metadata (:meth:`HParams.to_hparams`; field order
   is the stored key order, so files stay byte-identical),
-- what the runtime can use as its model arguments (:meth:`HParams.from_hparams`,
-  :meth:`HParams.validate`, :meth:`HParams.window`, the same contract as
-  ``zipmoe_rt.models.base.ModelArgs``),
+- the runtime model's arguments (``Model.args``, :mod:`zipmoe_rt.models.model`:
+  :meth:`HParams.from_hparams`, :meth:`HParams.validate`, :meth:`HParams.window`),
 - the source of a ``config.json`` transformers can load (:meth:`HParams.to_config`).
 
 Importable without torch and Numba.
@@ -124,6 +123,10 @@ class HParams:
 
     #: transformers' ``default_theta`` of the family's config class.
     DEFAULT_ROPE_THETA: ClassVar[float] = 10000.0
+    #: what the q/k RMSNorm (``qk_norm``) normalises: ``"head"``, each head over head_dim
+    #: (Qwen3: weights [head_dim]), or ``"projection"``, the token's whole q / k projection
+    #: before the split into heads (OLMoE: weights [heads * head_dim], [kv_heads * head_dim]).
+    QK_NORM_SCOPE: ClassVar[str] = "head"
     #: field -> config.json keys tried in order (default: the field's own name).
     CONFIG_KEYS: ClassVar[dict] = {}
     #: fields config.json must give (the shapes): ConfigError when absent.
@@ -249,8 +252,9 @@ class HParams:
         return args
 
     def validate(self) -> None:
-        """Check consistency (families also apply their fixed choices here, as the runtime's
-        ``ModelArgs.validate`` does).
+        """Check consistency; families also apply their fixed choices here (Mixtral's
+        ``norm_topk_prob``, Qwen3's ``qk_norm``, Qwen2's ``layer_types`` derived from
+        ``max_window_layers``).
 
         Raises:
             ValueError: heads not a multiple of KV heads, odd head_dim (RoPE), top-k outside

@@ -36,8 +36,8 @@ KEYS = {
     "attn_v_bias": "v_proj bias [kv_heads*hd] (attention_bias)",
     "attn_o": "self_attn.o_proj weight [H, heads*hd]",
     "attn_o_bias": "o_proj bias [H] (attention_bias, families whose o_proj has one)",
-    "attn_q_norm": "per-head RMSNorm on q [hd] (qk_norm)",
-    "attn_k_norm": "per-head RMSNorm on k [hd] (qk_norm)",
+    "attn_q_norm": "RMSNorm on q (qk_norm): [hd] per head, or [heads*hd] over the projection",
+    "attn_k_norm": "RMSNorm on k (qk_norm): [hd] per head, or [kv_heads*hd] over the projection",
     "router": "router (gate) weight [E, H] (MoE layers)",
     "expert_gate": "expert e gate projection [I, H] (HUB)",
     "expert_up": "expert e up projection [I, H] (HUB)",
@@ -96,20 +96,22 @@ class TensorSpec:
 
 
 def shape(key: str, hp) -> tuple:
-    """Shape of tensor ``key`` for hyper-parameters ``hp`` (an :class:`~.hparams.HParams`).
+    """Shape of tensor ``key`` for hyper-parameters ``hp`` (an :class:`~.hparams.HParams`; its
+    ``QK_NORM_SCOPE`` sets the q/k norm shapes).
 
     Raises:
         KeyError: unknown key.
     """
     H, V, hd = hp.hidden_size, hp.vocab_size, hp.head_dim
     q, kv = hp.num_attention_heads * hd, hp.num_key_value_heads * hd
+    qn, kn = (q, kv) if hp.QK_NORM_SCOPE == "projection" else (hd, hd)
     E, I = hp.num_experts, hp.moe_intermediate_size
     SI, D = hp.shared_expert_intermediate_size, hp.intermediate_size
     return {
         "embed": (V, H), "lm_head": (V, H), "norm": (H,), "attn_norm": (H,), "ffn_norm": (H,),
         "attn_q": (q, H), "attn_q_bias": (q,), "attn_k": (kv, H), "attn_k_bias": (kv,),
         "attn_v": (kv, H), "attn_v_bias": (kv,), "attn_o": (H, q), "attn_o_bias": (H,),
-        "attn_q_norm": (hd,), "attn_k_norm": (hd,), "router": (E, H),
+        "attn_q_norm": (qn,), "attn_k_norm": (kn,), "router": (E, H),
         "expert_gate": (I, H), "expert_up": (I, H), "expert_down": (H, I),
         "experts_gate_up": (E, 2 * I, H), "experts_down": (E, H, I),
         "shared_gate": (SI, H), "shared_up": (SI, H), "shared_down": (H, SI),

@@ -1,10 +1,10 @@
-"""Numba CPU kernels for grouped-query self-attention over a KV cache: per-head q/k RMSNorm and
-RoPE applied in place with the cache write fused in, then causal (optionally sliding-window)
-softmax attention.
+"""Numba CPU kernels for grouped-query self-attention over a KV cache: q/k RMSNorm (per head, or
+over the whole q / k projection), optional q/k/v clipping and RoPE applied in place with the
+cache write fused in, then causal (optionally sliding-window) softmax attention.
 
-The math follows ``MixtralAttention`` / ``Qwen2MoeAttention`` / ``Qwen3MoeAttention`` (transformers
-``modeling_mixtral.py`` etc.) with ``eager_attention_forward`` and ``apply_rotary_pos_emb``
-(``rotate_half`` pairs ``i`` and ``i + head_dim/2``), in float32.
+The math follows ``MixtralAttention`` / ``Qwen2MoeAttention`` / ``Qwen3MoeAttention`` /
+``OlmoeAttention`` (transformers ``modeling_mixtral.py`` etc.) with ``eager_attention_forward``
+and ``apply_rotary_pos_emb`` (``rotate_half`` pairs ``i`` and ``i + head_dim/2``), in float32.
 
 Layouts: ``qkv`` float32 [T, (nq + 2 nkv) * hd] holds the q heads, then the k heads, then the v
 heads of each token (one fused projection). The cache of a layer is ``kc``, ``vc`` float32
@@ -67,6 +67,58 @@ def _qk_prepare(qkv, nq, nkv, hd, qn, kn, eps, cos, sin, kc, vc, pos0):
 
 
 @njit(inline="always")
+def _rms_segment(v, w, eps):
+    """``v = w * (v / sqrt(mean(v**2) + eps))`` in place (one RMSNorm row of ``w.size``)."""
+    ss = np.float32(0.0)
+    for d in range(v.shape[0]):
+        ss += v[d] * v[d]
+    r = np.float32(1.0) / np.sqrt(ss / np.float32(v.shape[0]) + eps)
+    for d in range(v.shape[0]):
+        v[d] = w[d] * (v[d] * r)
+
+
+@njit(**_SER)
+def _qk_prepare_groups(qkv, nq, nkv, hd, qn, kn, eps, clip, cos, sin, kc, vc, pos0):
+    """:func:`_qk_prepare` with q/k RMSNorm over groups of ``qn.size`` / ``kn.size`` elements
+    (``hd``: per head; ``nq * hd`` / ``nkv * hd``: the whole projection, OLMoE) and, when
+    ``clip >= 0``, q, k and v clamped to [-clip, clip] after the norms; then RoPE and the
+    cache write."""
+    T = qkv.shape[0]
+    half = hd // 2
+    koff = nq * hd
+    voff = koff + nkv * hd
+    gq = qn.size
+    gk = kn.size
+    empty = qn[:0]
+    for t in range(T):
+        row = qkv[t]
+        if gq > 0:
+            for g in range(koff // gq):
+                _rms_segment(row[g * gq:(g + 1) * gq], qn, eps)
+        if gk > 0:
+            for g in range(nkv * hd // gk):
+                _rms_segment(row[koff + g * gk:koff + (g + 1) * gk], kn, eps)
+        if clip >= 0:
+            for d in range(row.shape[0]):
+                if row[d] > clip:
+                    row[d] = clip
+                elif row[d] < -clip:
+                    row[d] = -clip
+        c = cos[t]
+        s = sin[t]
+        for h in range(nq):
+            _norm_rope_head(row[h * hd:(h + 1) * hd], empty, False, eps, c, s, half)
+        for h in range(nkv):
+            kv = row[koff + h * hd:koff + (h + 1) * hd]
+            _norm_rope_head(kv, empty, False, eps, c, s, half)
+            kdst = kc[h, pos0 + t]
+            vdst = vc[h, pos0 + t]
+            for d in range(hd):
+                kdst[d] = kv[d]
+                vdst[d] = row[voff + h * hd + d]
+
+
+@njit(inline="always")
 def _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
     """Causal (optionally windowed) softmax attention of one (token, head) pair ``th``."""
     group = nq // nkv
@@ -120,20 +172,35 @@ def _attention_ser(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
 
 def rope_qk_cache(qkv: np.ndarray, nq: int, nkv: int, hd: int, q_norm: np.ndarray,
                   k_norm: np.ndarray, eps: np.float32, cos: np.ndarray, sin: np.ndarray,
-                  kc: np.ndarray, vc: np.ndarray, pos0: int) -> None:
-    """In place on ``qkv``: RMSNorm over head_dim of every q head (``q_norm`` non-empty) and k
-    head (``k_norm`` non-empty), RoPE on q and k; then k and v of token ``t`` are written to
+                  kc: np.ndarray, vc: np.ndarray, pos0: int, clip: float | None = None) -> None:
+    """In place on ``qkv``: RMSNorm of q (``q_norm`` non-empty) and k (``k_norm`` non-empty),
+    optional clamping of q, k and v, RoPE on q and k; then k and v of token ``t`` are written to
     ``kc[:, pos0 + t]``, ``vc[:, pos0 + t]``.
+
+    The norm weight's size says what is normalised: ``hd`` elements, every head on its own
+    (``Qwen3MoeAttention``'s ``q_norm`` / ``k_norm``), or the whole projection, ``nq * hd`` for
+    q and ``nkv * hd`` for k (``OlmoeAttention``: ``q_norm(q_proj(x))`` before the split into
+    heads). ``clip`` clamps q, k and v to ``[-clip, clip]`` after the norms, before RoPE
+    (``OlmoeAttention``'s ``clip_qkv``). Per-head norms without ``clip`` run the original
+    one-pass kernel (``_qk_prepare``).
 
     Args:
         qkv: float32 [T, (nq + 2 nkv) * hd], C-contiguous.  nq, nkv, hd: heads and head size.
-        q_norm, k_norm: float32 [hd] weights, or empty float32 [0] for none (Qwen3 has both).
+        q_norm: float32 [hd] or [nq * hd] weights, or empty float32 [0] for none.
+        k_norm: float32 [hd] or [nkv * hd] weights, or empty float32 [0] for none.
         eps: np.float32 RMSNorm epsilon.
         cos, sin: float32 [T, hd / 2] (:meth:`zipmoe_rt.models.rope.RoPE.cos_sin`).
         kc, vc: float32 [nkv, capacity, hd] with ``capacity >= pos0 + T``.  pos0: position of
             the first token.
+        clip: None (no clamping) or a float >= 0.
+    The sizes and ``clip`` are not checked here
+    (:func:`zipmoe_rt.backends.base.check_qk_norm` does, in the backend op).
     """
-    _qk_prepare(qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0)
+    if clip is None and q_norm.size in (0, hd) and k_norm.size in (0, hd):
+        _qk_prepare(qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0)
+    else:
+        _qk_prepare_groups(qkv, nq, nkv, hd, q_norm, k_norm, eps,
+                           np.float32(-1.0 if clip is None else clip), cos, sin, kc, vc, pos0)
 
 
 def attention(qkv: np.ndarray, nq: int, nkv: int, hd: int, kc: np.ndarray, vc: np.ndarray,

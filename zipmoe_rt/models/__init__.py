@@ -1,4 +1,4 @@
-"""Model architectures (one small module per family; shared blocks in :mod:`.args`,
+"""Model architectures (one small module per family; shared blocks in
 :mod:`.rope`, :mod:`.cache`, :mod:`.attention`, :mod:`.moe`, :mod:`.model`, re-exported by
 :mod:`.base`) and the weight-source interface they consume (:mod:`.weights`).
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..families import all_families
+from ..families import all_families, get_family
 
 #: family (``hparams["family"]``) -> module under this package, from the family registry
 #: (:mod:`zipmoe_rt.families`, each family's ``model_module``).
@@ -29,13 +29,10 @@ def build_model(source, executor=None, backend=None):
     Returns:
         a :class:`~zipmoe_rt.models.model.Model` subclass instance.
     Raises:
-        ValueError: unknown or missing family (message lists the supported ones), unknown
-            backend, or an executor on another backend.
+        ValueError: unknown or missing family (:class:`~zipmoe_rt.families.UnknownFamilyError`,
+            the message lists the supported ones), unknown backend, or an executor on another
+            backend.
         KeyError: a dense tensor is missing from the source.
     """
-    family = source.hparams.get("family")
-    mod = FAMILIES.get(family)
-    if mod is None:
-        raise ValueError(f"unsupported model family {family!r}; supported: "
-                         f"{', '.join(sorted(FAMILIES))}")
+    mod = get_family(source.hparams.get("family")).model_module
     return importlib.import_module(f".{mod}", __name__).Model(source, executor, backend)

@@ -1,13 +1,15 @@
 """Grouped-query self-attention with RoPE over a per-layer :class:`~zipmoe_rt.models.cache.KVCache`
-(``MixtralAttention``, ``Qwen2MoeAttention``, ``Qwen3MoeAttention`` in transformers' modeling
-files). The compute runs through the model's backend (:mod:`zipmoe_rt.backends`).
+(``MixtralAttention``, ``Qwen2MoeAttention``, ``Qwen3MoeAttention``, ``OlmoeAttention`` in
+transformers' modeling files). The compute runs through the model's backend
+(:mod:`zipmoe_rt.backends`).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..backends import get_backend, to_f32
-from .args import ModelArgs
+from ..backends.base import check_qk_norm
+from ..families.hparams import HParams
 from .cache import KVCache
 
 _EMPTY = np.zeros(0, np.float32)
@@ -15,23 +17,29 @@ _EMPTY = np.zeros(0, np.float32)
 
 class Attention:
     """Grouped-query self-attention with RoPE and a KV cache (``MixtralAttention``,
-    ``Qwen2MoeAttention``, ``Qwen3MoeAttention``): q/k/v projections (optional bias), optional
-    per-head q/k RMSNorm (Qwen3, before RoPE), softmax(q k^T * head_dim**-0.5 + causal mask) v,
-    then o_proj.
+    ``Qwen2MoeAttention``, ``Qwen3MoeAttention``, ``OlmoeAttention``): q/k/v projections
+    (optional bias), optional q/k RMSNorm (per head, Qwen3; or over the whole projection, OLMoE),
+    optional clamping of q, k, v (OLMoE's ``clip_qkv``), RoPE,
+    softmax(q k^T * head_dim**-0.5 + causal mask) v, then o_proj.
 
     The q, k, v weights are concatenated once into one [(nq+2nkv)*hd, H] matrix of the source
     dtype (one GEMV per token instead of three).
 
     Args:
-        args: :class:`~zipmoe_rt.models.args.ModelArgs`.  layer: index.
+        args: the family's :class:`~zipmoe_rt.families.HParams`.  layer: index.
         wq, wk, wv: [heads*hd, H]; wo: [H, nq*hd] (BF16 bits, float16 or float32).
         bq, bk, bv, bo: optional biases (any float dtype / BF16 bits).
-        q_norm, k_norm: optional [hd] weights (Qwen3).
+        q_norm, k_norm: optional RMSNorm weights: [hd] each (per head, Qwen3), or [nq*hd] and
+            [nkv*hd] (the whole q / k projection, OLMoE), as ``args.QK_NORM_SCOPE`` says.
+        clip: None, or clamp q, k and v to [-clip, clip] after the norms (``clip_qkv``).
         backend: compute backend (:func:`~zipmoe_rt.backends.get_backend`; default numba).
+    Raises:
+        ValueError: norm weights of another size than ``args.QK_NORM_SCOPE`` gives, or a
+            negative ``clip``.
     """
 
-    def __init__(self, args: ModelArgs, layer: int, wq, wk, wv, wo, bq=None, bk=None, bv=None,
-                 bo=None, q_norm=None, k_norm=None, backend=None):
+    def __init__(self, args: HParams, layer: int, wq, wk, wv, wo, bq=None, bk=None, bv=None,
+                 bo=None, q_norm=None, k_norm=None, clip: float | None = None, backend=None):
         be = self.backend = get_backend(backend)
         self.layer = layer
         self.nq, self.nkv = args.num_attention_heads, args.num_key_value_heads
@@ -54,6 +62,14 @@ class Attention:
         self.bo = None if bo is None else be.from_host(to_f32(bo))
         self.q_norm = be.from_host(_EMPTY if q_norm is None else to_f32(q_norm))
         self.k_norm = be.from_host(_EMPTY if k_norm is None else to_f32(k_norm))
+        self.clip = None if clip is None else float(clip)
+        check_qk_norm(self.q_norm.size, self.k_norm.size, self.nq, self.nkv, self.hd, self.clip)
+        whole = args.QK_NORM_SCOPE == "projection"
+        for name, w, heads in (("q_norm", self.q_norm, self.nq), ("k_norm", self.k_norm, self.nkv)):
+            want = heads * self.hd if whole else self.hd
+            if w.size and w.size != want:
+                raise ValueError(f"layer {layer}: {name} has {w.size} weights, expected {want} "
+                                 f"(QK_NORM_SCOPE {args.QK_NORM_SCOPE!r})")
 
     def new_cache(self, capacity: int = 256) -> KVCache:
         """An empty :class:`~zipmoe_rt.models.cache.KVCache` for this layer (nkv heads of hd
@@ -70,6 +86,6 @@ class Attention:
         att = be.empty((T, self.nq * self.hd))
         kc, vc = cache.k, cache.v
         be.rope_qk_cache(qkv, self.nq, self.nkv, self.hd, self.q_norm, self.k_norm, self.eps,
-                         cos, sin, kc, vc, pos0)
+                         cos, sin, kc, vc, pos0, self.clip)
         be.attention(qkv, self.nq, self.nkv, self.hd, kc, vc, pos0, self.window, self.scale, att)
         return be.linear(att, self.wo, self.bo)

@@ -1,6 +1,5 @@
 """Shared decoder blocks for the MoE families, re-exported from the modules that hold them:
 
-* :mod:`.args`: :class:`ModelArgs` (hyper-parameters);
 * :mod:`.rope`: :func:`rope_inv_freq`, :class:`RoPE`;
 * :mod:`.cache`: :class:`LayerCache` (contract), :class:`KVCache` (one layer), :class:`ModelCache`;
 * :mod:`.attention`: :class:`Attention`;
@@ -14,10 +13,11 @@ the :class:`~zipmoe_rt.models.weights.WeightSource` hands them out (BF16 as uint
 place by the kernels). Only the small 1-D vectors (norm weights, biases) are widened to float32.
 
 The math follows transformers' ``models/mixtral/modeling_mixtral.py``,
-``models/qwen2_moe/modeling_qwen2_moe.py`` and ``models/qwen3_moe/modeling_qwen3_moe.py`` in
-float32, and ``modeling_rope_utils.py`` for the RoPE frequencies. The per-family files next to
-this one (``mixtral.py``, ``qwen2_moe.py``, ``qwen3_moe.py``) choose the tensor names and the
-feed-forward block of each layer.
+``models/qwen2_moe/modeling_qwen2_moe.py``, ``models/qwen3_moe/modeling_qwen3_moe.py`` and
+``models/olmoe/modeling_olmoe.py`` in float32, and ``modeling_rope_utils.py`` for the RoPE frequencies. Hyper-parameters (an
+:class:`~zipmoe_rt.families.HParams` subclass) and tensor names come from the family's registry
+entry (:mod:`zipmoe_rt.families`); the per-family files next to this one (``mixtral.py``,
+``qwen2_moe.py``, ``qwen3_moe.py``, ``olmoe.py``) build the feed-forward block of each layer.
 
 Experts are never computed by the blocks themselves: :class:`SparseMoeBlock` routes and hands
 the tokens to an *executor* (``executor.run(layer, x, topk_idx, topk_w)``), so an engine can
@@ -27,7 +27,6 @@ decision.
 from __future__ import annotations
 
 from ..backends import to_f32
-from .args import ModelArgs
 from .attention import Attention
 from .cache import KVCache, LayerCache, ModelCache
 from .model import DecoderLayer, Model
@@ -35,7 +34,7 @@ from .moe import MLP, Executor, ExpertExecutor, RouteHook, SparseMoeBlock, accum
 from .rope import RoPE, rope_inv_freq
 
 __all__ = [
-    "ModelArgs", "to_f32", "rms_norm", "rope_inv_freq", "RoPE", "LayerCache", "KVCache",
+    "to_f32", "rms_norm", "rope_inv_freq", "RoPE", "LayerCache", "KVCache",
     "ModelCache", "Attention", "MLP", "route", "Executor", "ExpertExecutor", "accumulate_experts",
     "RouteHook", "SparseMoeBlock", "DecoderLayer", "Model",
 ]

@@ -2,37 +2,21 @@
 biases, every layer a sparse MoE block whose top-k softmax weights are always renormalised to
 sum 1 (``MixtralTopKRouter``), no shared expert.
 
-Tensor names: ``model.layers.{i}.block_sparse_moe.gate.weight`` for the router (transformers 5
-in-memory spelling ``model.layers.{i}.mlp.gate.weight`` also accepted); experts come from the
-weight source (``w1`` = gate, ``w3`` = up, ``w2`` = down).
+Hyper-parameters and tensor names come from the registry entry
+(:mod:`zipmoe_rt.families.mixtral`): the router is ``router`` (Hub name
+``model.layers.{i}.block_sparse_moe.gate.weight``; transformers 5's in-memory
+``model.layers.{i}.mlp.gate.weight`` also accepted); experts come from the weight source
+(``w1`` = gate, ``w3`` = up, ``w2`` = down).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from . import base
 
 
-@dataclass
-class ModelArgs(base.ModelArgs):
-    """:class:`~zipmoe_rt.models.base.ModelArgs` with Mixtral's fixed choices."""
-
-    def validate(self):
-        """Base checks; ``norm_topk_prob`` forced True and every layer sparse (Mixtral)."""
-        super().validate()
-        self.norm_topk_prob = True  # MixtralTopKRouter always renormalises
-        if not self.moe_layers:
-            self.moe_layers = list(range(self.num_hidden_layers))
-
-
 class Model(base.Model):
-    """``MixtralForCausalLM`` over a weight source. See :class:`~zipmoe_rt.models.base.Model`."""
-
-    args_class = ModelArgs
+    """``MixtralForCausalLM`` over a weight source. See :class:`~zipmoe_rt.models.model.Model`."""
 
     def build_mlp(self, i):
-        """Layer ``i``: :class:`~zipmoe_rt.models.base.SparseMoeBlock` (router renormalised)."""
-        a = self.args
-        gate = self._first(f"model.layers.{i}.block_sparse_moe.gate.weight",
-                           f"model.layers.{i}.mlp.gate.weight")
-        return base.SparseMoeBlock(self, i, gate, a.num_experts_per_tok, True)
+        """Layer ``i``: :class:`~zipmoe_rt.models.moe.SparseMoeBlock` (router renormalised)."""
+        gate = self._first(*self.fam.tensor_names("router", i))
+        return base.SparseMoeBlock(self, i, gate, self.args.num_experts_per_tok, True)

@@ -1,15 +1,16 @@
 """The decoder skeleton shared by every family: the pre-norm residual layer and the causal LM
 over a weight source (the ``*ForCausalLM`` classes of transformers' ``modeling_mixtral.py``,
-``modeling_qwen2_moe.py``, ``modeling_qwen3_moe.py``). Family modules subclass :class:`Model`
-and build each layer's feed-forward block; every array and compute op goes through the model's
-backend (:mod:`zipmoe_rt.backends`).
+``modeling_qwen2_moe.py``, ``modeling_qwen3_moe.py``, ``modeling_olmoe.py``). Hyper-parameters and tensor names come
+from the family's registry entry (:mod:`zipmoe_rt.families`); family modules subclass
+:class:`Model` and build each layer's feed-forward block; every array and compute op goes
+through the model's backend (:mod:`zipmoe_rt.backends`).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..backends import Backend, get_backend, to_f32
-from .args import ModelArgs
+from ..families import get_family
 from .attention import Attention
 from .cache import ModelCache
 from .moe import MLP, ExpertExecutor, RouteHook
@@ -48,9 +49,12 @@ class DecoderLayer:
 class Model:
     """A decoder-only MoE language model over a weight source (the ``*ForCausalLM`` classes).
 
-    Subclasses (one per family) set the tensor names and build each layer's feed-forward block
-    in :meth:`build_mlp`. Dense weights are fetched from the source once, here; expert weights
-    are fetched by the executor on every use.
+    The family's registry entry (:func:`zipmoe_rt.families.get_family` of
+    ``hparams["family"]``) gives the typed hyper-parameters (its ``hparams_class``) and every
+    tensor name (:meth:`~zipmoe_rt.families.Family.tensor_name`, logical keys such as
+    ``"attn_q"``); subclasses (one module per family) build each layer's feed-forward block in
+    :meth:`build_mlp`. Dense weights are fetched from the source once, here; expert weights are
+    fetched by the executor on every use.
 
     Args:
         source: a :class:`~zipmoe_rt.models.weights.WeightSource`.
@@ -59,7 +63,9 @@ class Model:
         backend: compute backend: a name (``"numba"``, the default; ``"numpy"``) or a
             :class:`~zipmoe_rt.backends.base.Backend` (:func:`~zipmoe_rt.backends.get_backend`).
     Attributes:
-        args / config: :class:`~zipmoe_rt.models.args.ModelArgs` (``config.vocab_size`` etc.).
+        fam: the family's registry class (:class:`~zipmoe_rt.families.Family` subclass).
+        args / config: its :class:`~zipmoe_rt.families.HParams` subclass instance
+            (``config.vocab_size`` etc.; :meth:`~zipmoe_rt.families.HParams.window` per layer).
         hparams: the source's dict.
         backend: the :class:`~zipmoe_rt.backends.base.Backend` every op runs on.
         executor: swappable.
@@ -68,16 +74,15 @@ class Model:
             :class:`~zipmoe_rt.models.moe.SparseMoeBlock` for MoE layers, whose
             ``router_logits`` an engine may use for prefetching).
     Raises:
-        KeyError: a dense tensor is missing.  ValueError: inconsistent hparams, an unknown
-        backend, or an executor computing on another backend.
+        KeyError: a dense tensor is missing.  ValueError: an unknown family (UnknownFamilyError),
+        inconsistent hparams, an unknown backend, or an executor computing on another backend.
     """
-
-    args_class = ModelArgs
 
     def __init__(self, source, executor=None, backend=None):
         self.source = source
         self.hparams = dict(source.hparams)
-        self.args = self.args_class.from_hparams(self.hparams)
+        self.fam = get_family(self.hparams.get("family"))
+        self.args = self.fam.hparams_class.from_hparams(self.hparams)
         self.config = self.args
         be = self.backend = get_backend(backend)
         eb = getattr(executor, "backend", None)
@@ -88,65 +93,96 @@ class Model:
         self.route_hook: RouteHook | None = None
         a = self.args
         self.rope = RoPE(a)
-        self.embed = be.from_host(np.ascontiguousarray(source.tensor("model.embed_tokens.weight")))
+        self.embed = be.from_host(np.ascontiguousarray(self.weight("embed")))
         # As transformers' tie_weights: a stored lm_head.weight is the head (tied or not: a
         # tied config whose stored head differs from the embedding is not tied); without one
         # the head is the embedding only when tie_word_embeddings says so.
-        if source.has("lm_head.weight"):
-            self.lm_head = be.from_host(np.ascontiguousarray(source.tensor("lm_head.weight")))
+        head = self.tensor_name("lm_head")
+        if source.has(head):
+            self.lm_head = be.from_host(np.ascontiguousarray(source.tensor(head)))
         elif a.tie_word_embeddings:
             self.lm_head = self.embed
         else:
-            raise KeyError("no tensor 'lm_head.weight' in the weight source, and "
+            raise KeyError(f"no tensor {head!r} in the weight source, and "
                            "tie_word_embeddings is false: the output head is missing")
-        self.norm = be.from_host(to_f32(source.tensor("model.norm.weight")))
+        self.norm = be.from_host(to_f32(self.weight("norm")))
         self.moe_layers = set(a.moe_layers)
         self.layers = [self.build_layer(i) for i in range(a.num_hidden_layers)]
 
     # -- weights -------------------------------------------------------------------------------
 
-    def _opt(self, name):
-        return self.source.tensor(name) if self.source.has(name) else None
+    def tensor_name(self, key: str, layer: int | None = None) -> str:
+        """The checkpoint name of tensor ``key`` (a logical key of
+        :data:`zipmoe_rt.families.KEYS`) of ``layer``, from the family's registry entry.
+
+        Raises:
+            KeyError: the family lists no such key.
+        """
+        return self.fam.tensor_name(key, layer)
+
+    def weight(self, key: str, layer: int | None = None):
+        """Dense tensor ``key`` of ``layer`` from the source (:meth:`tensor_name`).
+
+        Raises:
+            KeyError: the family lists no such key, or the source lacks the tensor.
+        """
+        return self.source.tensor(self.tensor_name(key, layer))
+
+    def has_weight(self, key: str, layer: int | None = None) -> bool:
+        """Whether the family lists tensor ``key`` and the source holds it for ``layer``."""
+        return key in self.fam.tensor_table() and self.source.has(self.tensor_name(key, layer))
+
+    def _opt(self, key, layer):
+        """Tensor ``key`` of ``layer`` when :meth:`has_weight`, else None."""
+        return self.weight(key, layer) if self.has_weight(key, layer) else None
 
     def _first(self, *names):
+        """The first of the checkpoint ``names`` the source holds (e.g. the names of
+        :meth:`~zipmoe_rt.families.Family.tensor_names`). Raises KeyError when none."""
         for n in names:
             if self.source.has(n):
                 return self.source.tensor(n)
         raise KeyError(f"none of {names} in the weight source")
 
-    def build_attention(self, i: int) -> Attention:
-        """Attention of layer ``i`` from ``model.layers.{i}.self_attn.*``."""
-        p = f"model.layers.{i}.self_attn."
-        t = self.source.tensor
+    def build_attention(self, i: int, **options) -> Attention:
+        """Attention of layer ``i``: q/k/v/o weights (``attn_q`` ... ``attn_o``), the biases
+        the family lists and the source holds (``attn_q_bias`` ...; q/k/v biases looked up with
+        ``attention_bias`` or when the source has a q bias), and with ``qk_norm`` the q/k norm
+        weights (``attn_q_norm``, ``attn_k_norm``; their size says per head or whole
+        projection). ``options`` go to :class:`~zipmoe_rt.models.attention.Attention` as they
+        are (a family's override passes e.g. ``clip``)."""
+        t = self.weight
         kw = {}
-        if self.args.attention_bias or self.source.has(p + "q_proj.bias"):
-            kw.update(bq=self._opt(p + "q_proj.bias"), bk=self._opt(p + "k_proj.bias"),
-                      bv=self._opt(p + "v_proj.bias"))
-        kw["bo"] = self._opt(p + "o_proj.bias")
+        if self.args.attention_bias or self.has_weight("attn_q_bias", i):
+            kw.update(bq=self._opt("attn_q_bias", i), bk=self._opt("attn_k_bias", i),
+                      bv=self._opt("attn_v_bias", i))
+        kw["bo"] = self._opt("attn_o_bias", i)
         if self.args.qk_norm:
-            kw.update(q_norm=t(p + "q_norm.weight"), k_norm=t(p + "k_norm.weight"))
-        return Attention(self.args, i, t(p + "q_proj.weight"), t(p + "k_proj.weight"),
-                         t(p + "v_proj.weight"), t(p + "o_proj.weight"), backend=self.backend,
-                         **kw)
+            kw.update(q_norm=t("attn_q_norm", i), k_norm=t("attn_k_norm", i))
+        return Attention(self.args, i, t("attn_q", i), t("attn_k", i), t("attn_v", i),
+                         t("attn_o", i), backend=self.backend, **kw, **options)
 
     def build_mlp(self, i: int):
         """The feed-forward block of layer ``i`` (family specific)."""
         raise NotImplementedError
 
     def build_layer(self, i: int) -> DecoderLayer:
-        """Decoder layer ``i`` (attention, feed-forward block, both norms)."""
-        p = f"model.layers.{i}."
+        """Decoder layer ``i`` (attention, feed-forward block, both norms: ``attn_norm``,
+        ``ffn_norm``)."""
         return DecoderLayer(self.build_attention(i), self.build_mlp(i),
-                            self.source.tensor(p + "input_layernorm.weight"),
-                            self.source.tensor(p + "post_attention_layernorm.weight"),
+                            self.weight("attn_norm", i), self.weight("ffn_norm", i),
                             self.args.rms_norm_eps, self.backend)
 
-    def dense_mlp(self, prefix: str) -> MLP:
-        """:class:`~zipmoe_rt.models.moe.MLP` from
-        ``{prefix}gate_proj/up_proj/down_proj.weight``."""
-        t = self.source.tensor
-        return MLP(t(prefix + "gate_proj.weight"), t(prefix + "up_proj.weight"),
-                   t(prefix + "down_proj.weight"), self.backend)
+    def dense_mlp(self, i: int, keys=("mlp_gate", "mlp_up", "mlp_down")) -> MLP:
+        """:class:`~zipmoe_rt.models.moe.MLP` of layer ``i`` from the tensors of the logical
+        ``keys`` (gate, up, down): ``("mlp_gate", "mlp_up", "mlp_down")`` for a dense layer,
+        ``("shared_gate", "shared_up", "shared_down")`` for a shared expert.
+
+        Raises:
+            KeyError: the family lists no such key, or the source lacks the tensor.
+        """
+        gate, up, down = (self.weight(k, i) for k in keys)
+        return MLP(gate, up, down, self.backend)
 
     # -- inference -----------------------------------------------------------------------------
 

@@ -9,21 +9,22 @@ import math
 
 import numpy as np
 
-from .args import ModelArgs
+from ..families.hparams import HParams
 
 
 # ---------------------------------------------------------------------------------------------
 # RoPE (modeling_rope_utils.py)
 
 
-def rope_inv_freq(args: ModelArgs) -> tuple[np.ndarray, float]:
+def rope_inv_freq(args: HParams) -> tuple[np.ndarray, float]:
     """Inverse frequencies and the cos/sin scale, as transformers' ``ROPE_INIT_FUNCTIONS``.
 
     Supports rope_type ``default``, ``linear``, ``llama3`` and ``yarn`` (float32 arithmetic in
     the same order as ``modeling_rope_utils.py``).
 
     Args:
-        args: uses ``rope`` (rope_theta, factor, ...), ``head_dim``, ``max_position_embeddings``.
+        args: a family's :class:`~zipmoe_rt.families.HParams`; uses ``rope`` (rope_theta,
+            factor, ...), ``head_dim``, ``max_position_embeddings``.
     Returns:
         (inv_freq float32 [head_dim // 2] in radians per position, attention_scaling float).
     Raises:
@@ -99,12 +100,12 @@ class RoPE:
     Applied with ``rotate_half`` (pairs ``i`` and ``i + head_dim/2``).
 
     Args:
-        args: :class:`ModelArgs`.
+        args: the family's :class:`~zipmoe_rt.families.HParams`.
     Raises:
         ValueError: from :func:`rope_inv_freq`.
     """
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: HParams):
         self.inv_freq, self.scaling = rope_inv_freq(args)
 
     def cos_sin(self, pos0: int, T: int) -> tuple[np.ndarray, np.ndarray]:
