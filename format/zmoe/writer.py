@@ -328,10 +328,14 @@ class ZmoeWriter:
         self.closed = True
 
     def abort(self):
-        """Close the file without writing the index (the caller deletes it)."""
+        """Close the file without writing the index (the caller deletes it). Never raises for
+        the file itself: a flush that fails (disk full) while giving up is ignored."""
         if not self.closed:
-            self.f.close()
             self.closed = True
+            try:
+                self.f.close()
+            except OSError:
+                pass
 
     def __enter__(self):
         return self
