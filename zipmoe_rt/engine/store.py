@@ -22,7 +22,7 @@ from zmoe.reader import NUMPY_DTYPES
 
 from ..models.weights import ExpertWeights
 from . import layout as L_
-from .io import ModelFileError, RegionReader
+from .io import ModelFileError, RegionReader, aligned_empty
 
 
 class ZmoeSource:
@@ -53,7 +53,9 @@ class ZmoeSource:
         # or deleted while the model runs does not matter, one changed in place is detected by
         # the reads (RegionReader.read)
         import os
-        self._rr = RegionReader(path)
+        # page-cache pages are left as they are: an unbudgeted model reads each expert once,
+        # and a budgeted load evicts the file's pages when it is done (api.load)
+        self._rr = RegionReader(path, keep_cache=True)
         try:
             self.reader = zmoe.ZmoeReader(path)
             self.path = self.reader.path
@@ -178,11 +180,24 @@ class ZmoeSource:
                 truncated), or the read failed (e.g. EIO); names the file.
         """
         lay = self.layout(layer, expert)
-        sm = self._rr.read(*lay.sm_region)
-        exp = self._rr.read(*lay.exp_region)
+        (s0, sn), (e0, en) = lay.sm_region, lay.exp_region
+        if s0 <= e0 and e0 - (s0 + sn) < 1 << 16:   # one read for both (SPEC §6: adjacent)
+            both = self._rr.read(s0, e0 + en - s0, alloc=self._read_buffer)
+            sm, exp = both[:sn], both[e0 - s0:]
+        else:
+            sm = self._rr.read(s0, sn)
+            exp = self._rr.read(e0, en, alloc=self._read_buffer)
         if self.verify:
             L_.check_regions(self.path, lay, sm, exp)
         return L_.decode_expert(self.path, lay, sm, exp, self._dctx())
+
+    def _read_buffer(self, n: int) -> np.ndarray:
+        """This thread's reusable read buffer, at least ``n`` bytes (a decoded expert keeps no
+        view of it: raw pieces are copied out), so reading an expert allocates nothing."""
+        buf = getattr(self._tls, "buf", None)
+        if buf is None or buf.size < n:
+            buf = self._tls.buf = aligned_empty(max(n, 1 << 20))
+        return buf[:n]
 
     def expert(self, layer: int, expert: int) -> ExpertWeights:
         """One expert's weights; decoded on first use and kept if ``keep_experts``."""
