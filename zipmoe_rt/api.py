@@ -96,6 +96,9 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         FileNotFoundError: no such file.
         zmoe.ZmoeError: not a ``.zmoe``, corrupt, truncated, or from a newer format version.
         ValueError: an architecture this runtime does not run, or a file without a tokenizer.
+        zipmoe_rt.engine.io.ModelFileError: the file was replaced or changed while loading, or
+            a read failed (EIO). Later, the calls of the :class:`Model` raise it when the file
+            is changed in place under them (see :class:`Model` for what is guaranteed).
 
     Warns:
         zipmoe_rt.engine.profile.CalibrationWarning: policy ``zipmoe`` with a stored
