@@ -140,7 +140,7 @@ def run_tokens(soak: Soak, deadline: float) -> int:
     from zipmoe_rt.generate import CacheState, SamplingParams, generate
 
     a, m = soak.args, soak.m
-    made, i, next_sample = 0, 0, 0
+    made, i, next_sample, state = 0, 0, 0, None
     soak.sample("tokens", 0, None)
     while made < a.tokens and time.perf_counter() < deadline:
         ids = m.tokenizer.encode(PROMPTS[i % len(PROMPTS)])
@@ -159,7 +159,7 @@ def run_tokens(soak: Soak, deadline: float) -> int:
                 break
         gen.close()
         i += 1
-    soak.sample("tokens", made, None)
+    soak.sample("tokens", made, None if state is None else state.cache)  # the last run's cache
     if made < a.tokens:
         print(f"(generation phase stopped on time: {made} of {a.tokens} tokens)", flush=True)
     return made
