@@ -14,15 +14,16 @@ Loads MODEL (default: the bundled model, built on first use) once, then
 
 Each phase stops early when its share of ``--minutes`` is spent (said in the output). Every
 ``--sample-every`` tokens (phase 1) or turns (phase 2) it prints a sample: elapsed seconds,
-RSS, the KV cache's bytes (allocated) and positions held, RSS minus the KV cache, and, under
-``--memory-budget``, the expert cache's resident bytes (tiers F/C/S/E) beside what the budget
-leaves for them.
+RSS, the KV cache's bytes (allocated) and positions held, the experts held (decoded experts
+without a budget; under ``--memory-budget`` the tiers F/C/S/E, beside what the budget leaves
+for them), and RSS minus both caches: the memory that must not grow.
 
 Checks (exit status 1 if one fails, 0 otherwise; 2 for a usage or load error):
 
 * flat memory: after the warm-up (the first ``--warmup`` share of each phase's samples), RSS
-  minus the KV cache never exceeds its value at the end of the warm-up by more than
-  ``--rss-tolerance-mb`` + ``--rss-tolerance-pct`` % of it;
+  minus the caches (KV cache and experts held) never exceeds its value at the end of the
+  warm-up by more than ``--rss-tolerance-mb`` + ``--rss-tolerance-pct`` % of it (without a
+  budget, experts are decoded on first use, so RSS itself grows until every expert was used);
 * bounded KV cache: the positions held never exceed the model's context
   (``max_position_embeddings``), and the allocated positions never exceed twice those held or
   the initial allocation (the cache grows by doubling), with the memory given back at
@@ -66,12 +67,12 @@ def kv_of(cache) -> tuple[int, int, int]:
     return int(cache.nbytes), int(cache.capacity), int(cache.get_seq_length())
 
 
-def expert_cache(model) -> tuple[int, int] | None:
-    """(resident expert bytes in tiers F/C/S/E, bytes the budget leaves for them), or None
-    when the model runs without a budget."""
-    if model.engine is None:
-        return None
+def expert_cache(model) -> tuple[int, int | None]:
+    """(resident expert bytes, bytes the budget leaves for them): the tiers F/C/S/E under a
+    budget; without one, the decoded experts kept and None."""
     rep = model.memory_report()
+    if model.engine is None:
+        return rep["experts"], None
     held = sum(rep[t] for t in ("F", "C", "S", "E"))
     allowed = rep["budget"] - rep["dense"] - rep["working set (max)"]
     return held, allowed
@@ -91,10 +92,10 @@ class Soak:
         kv_bytes, kv_cap, kv_held = kv_of(cache) if cache is not None else (0, 0, 0)
         s = {"phase": phase, "count": count, "t_s": round(time.perf_counter() - self.t0, 2),
              "rss": rss(), "kv_bytes": kv_bytes, "kv_capacity": kv_cap, "kv_held": kv_held}
-        s["rss_minus_kv"] = s["rss"] - kv_bytes
         ec = expert_cache(self.m)
-        if ec is not None:
-            s["experts"], s["experts_allowed"] = ec
+        s["experts"], s["experts_allowed"] = ec
+        s["rss_minus_caches"] = s["rss"] - kv_bytes - ec[0]
+        if ec[1] is not None:
             if ec[0] > ec[1]:
                 self.failures.append(f"{phase} {count}: expert cache {ec[0] / MB:.1f} MB over "
                                      f"its {ec[1] / MB:.1f} MB")
@@ -106,9 +107,9 @@ class Soak:
                                  f"{kv_held} held")
         self.samples.append(s)
         print(f"{phase:<8} {count:>7} {s['t_s']:>8.1f} {s['rss'] / MB:>8.1f} "
-              f"{s['rss_minus_kv'] / MB:>9.1f} {kv_bytes / MB:>7.2f} {kv_held:>6}"
-              + (f" {s['experts'] / MB:>8.2f} / {s['experts_allowed'] / MB:.2f}"
-                 if ec is not None else ""), flush=True)
+              f"{kv_bytes / MB:>7.2f} {kv_held:>6} {ec[0] / MB:>10.2f}"
+              + (f" / {ec[1] / MB:<8.2f}" if ec[1] is not None else " " * 11)
+              + f" {s['rss_minus_caches'] / MB:>13.1f}", flush=True)
         return s
 
     @property
@@ -116,21 +117,21 @@ class Soak:
         return self.m.net.new_cache().capacity
 
     def check_flat(self, phase: str) -> dict:
-        """Growth of RSS minus the KV cache after the warm-up of ``phase``'s samples."""
+        """Growth of RSS minus the caches after the warm-up of ``phase``'s samples."""
         ss = [s for s in self.samples if s["phase"] == phase]
         if len(ss) < 3:
             return {"phase": phase, "samples": len(ss), "checked": False}
         w = min(len(ss) - 2, max(1, int(len(ss) * self.args.warmup)))
-        base = ss[w]["rss_minus_kv"]
+        base = ss[w]["rss_minus_caches"]
         after = ss[w + 1:]
-        growth = max(s["rss_minus_kv"] for s in after) - base
+        growth = max(s["rss_minus_caches"] for s in after) - base
         tol = self.args.rss_tolerance_mb * MB + self.args.rss_tolerance_pct / 100 * base
         out = {"phase": phase, "samples": len(ss), "warmup_samples": w + 1, "checked": True,
                "baseline_mb": round(base / MB, 2), "growth_mb": round(growth / MB, 2),
                "tolerance_mb": round(tol / MB, 2),
-               "last_mb": round(after[-1]["rss_minus_kv"] / MB, 2)}
+               "last_mb": round(after[-1]["rss_minus_caches"] / MB, 2)}
         if growth > tol:
-            self.failures.append(f"{phase}: RSS minus the KV cache grew {growth / MB:.1f} MB after "
+            self.failures.append(f"{phase}: RSS minus the caches grew {growth / MB:.1f} MB after "
                                  f"the warm-up (tolerance {tol / MB:.1f} MB)")
         return out
 
@@ -234,8 +235,8 @@ def main(argv=None) -> int:
               f"budget {a.memory_budget or 'none'}; {a.tokens} tokens in runs of "
               f"{a.run_tokens}, {a.turns} turns of <= {a.turn_tokens} tokens with /reset every "
               f"{a.reset_every}; limit {a.minutes:g} min", flush=True)
-        print(f"{'phase':<8} {'count':>7} {'t_s':>8} {'rss_MB':>8} {'rss-kv_MB':>9} {'kv_MB':>7} "
-              f"{'kv_pos':>6}" + (" experts_MB / allowed" if model.engine else ""), flush=True)
+        print(f"{'phase':<8} {'count':>7} {'t_s':>8} {'rss_MB':>8} {'kv_MB':>7} {'kv_pos':>6} "
+              f"{'experts_MB':>10} {'/ allowed':<9} {'rss-caches_MB':>13}", flush=True)
         start = time.perf_counter()
         half = start + a.minutes * 30
         made = run_tokens(soak, half)
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
                   "max_rss_mb": round(max(s["rss"] for s in soak.samples) / MB, 1)}
     for f in flat:
         if f["checked"]:
-            print(f"{f['phase']}: RSS-KV {f['baseline_mb']:.1f} MB after warm-up, max growth "
+            print(f"{f['phase']}: RSS minus caches {f['baseline_mb']:.1f} MB after warm-up, max growth "
                   f"{f['growth_mb']:+.1f} MB (tolerance {f['tolerance_mb']:.1f} MB), last "
                   f"{f['last_mb']:.1f} MB")
         else:
