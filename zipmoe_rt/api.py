@@ -203,8 +203,9 @@ class Model:
     The model file: weights are read with ``pread`` into process memory (never through a memory
     map). Replacing the file by renaming another over it, or deleting it, while a model runs
     from it is harmless: the open file is still read. A file truncated, extended or rewritten
-    in place is detected (size and modification time of the open file) at the next read from
-    it, i.e. the next expert that is not in memory, and that call raises
+    in place is detected (size and modification time of the open file; so a ``touch`` of the
+    file counts as a change) at the next read from it, i.e. the next expert that is not in
+    memory, and that call raises
     :class:`~zipmoe_rt.engine.io.ModelFileError` naming the file: bytes of a changed file are
     never used, and the process is never killed by SIGBUS. Weights already in memory keep
     working, so an unbudgeted model whose experts have all been used may never read the file
