@@ -257,7 +257,7 @@ def test_region_reader_names_the_file_for_changes_and_read_errors(tmp_path, monk
         rr.close()
 
 
-# -- read errors in expert reads ---------------------------------------------------------------------
+# -- read errors in expert reads -------------------------------------------------------------------
 @pytest.mark.parametrize("budget", [None, "350KB"], ids=["unbudgeted", "budgeted"])
 def test_read_error_in_expert_reads_is_one_cli_line(tiny_zmoe, monkeypatch, budget):
     """EIO from every read at or past the first expert region (dense weights load fine): `run`
@@ -279,7 +279,7 @@ def test_read_error_in_expert_reads_is_one_cli_line(tiny_zmoe, monkeypatch, budg
     one_error_line(r.stderr, tiny_zmoe, "read error at byte", "Input/output error")
 
 
-# -- convert killed outright, stale temporaries --------------------------------------------------------
+# -- convert killed outright, stale temporaries ----------------------------------------------------
 _KILLED_CONVERT = """
 import os, signal, sys
 import zmoe
@@ -348,7 +348,7 @@ def test_remove_stale_temporaries_keeps_live_and_unrelated_names(tmp_path):
     assert remove_stale_temporaries(tmp_path / "missing-dir" / "m.zmoe") == []
 
 
-# -- disk full -------------------------------------------------------------------------------------------
+# -- disk full -------------------------------------------------------------------------------------
 @pytest.fixture
 def small_fs(tmp_path):
     """A 256 KiB tmpfs mounted on a new folder (root only; skips where mounting is refused)."""

@@ -1,7 +1,8 @@
 """A short soak (tools/soak.py) on the tiny chat model: 2,000 generated tokens and 100 chat
 turns with /reset, in a child process with a time limit; memory must stay flat after the
-warm-up (RSS minus the KV cache and the experts held, within the tool's tolerance), the KV cache within the context
-and the expert cache within its budget. The long version is run by hand (see the tool)."""
+warm-up (RSS minus the most the KV cache and the experts have held, within the tool's tolerance), the
+KV cache within the context and the expert cache within its budget. The long version is run
+by hand (see the tool)."""
 from __future__ import annotations
 
 import json

@@ -16,14 +16,17 @@ Each phase stops early when its share of ``--minutes`` is spent (said in the out
 ``--sample-every`` tokens (phase 1) or turns (phase 2) it prints a sample: elapsed seconds,
 RSS, the KV cache's bytes (allocated) and positions held, the experts held (decoded experts
 without a budget; under ``--memory-budget`` the tiers F/C/S/E, beside what the budget leaves
-for them), and RSS minus both caches: the memory that must not grow.
+for them), and RSS minus the most both caches have held so far: the memory that must not grow
+(a KV cache that shrinks, at a new run or a ``/reset``, leaves its memory with the allocator for
+the next one, so RSS does not fall with it; that memory is counted until it is reused).
 
 Checks (exit status 1 if one fails, 0 otherwise; 2 for a usage or load error):
 
 * flat memory: after the warm-up (the first ``--warmup`` share of each phase's samples), RSS
-  minus the caches (KV cache and experts held) never exceeds its value at the end of the
-  warm-up by more than ``--rss-tolerance-mb`` + ``--rss-tolerance-pct`` % of it (without a
-  budget, experts are decoded on first use, so RSS itself grows until every expert was used);
+  minus the caches' high-water mark (KV cache and experts held) never exceeds its value at the
+  end of the warm-up by more than ``--rss-tolerance-mb`` + ``--rss-tolerance-pct`` % of it
+  (without a budget, experts are decoded on first use, so RSS itself grows until every expert
+  was used);
 * bounded KV cache: the positions held never exceed the model's context
   (``max_position_embeddings``), and the allocated positions never exceed twice those held or
   the initial allocation (the cache grows by doubling), with the memory given back at
@@ -87,6 +90,7 @@ class Soak:
         self.samples: list[dict] = []
         self.failures: list[str] = []
         self.context = int(model.hparams.get("max_position_embeddings") or 4096)
+        self.caches_hw = 0      # the most the KV cache and the experts held have taken together
 
     def sample(self, phase: str, count: int, cache) -> dict:
         kv_bytes, kv_cap, kv_held = kv_of(cache) if cache is not None else (0, 0, 0)
@@ -94,7 +98,9 @@ class Soak:
              "rss": rss(), "kv_bytes": kv_bytes, "kv_capacity": kv_cap, "kv_held": kv_held}
         ec = expert_cache(self.m)
         s["experts"], s["experts_allowed"] = ec
-        s["rss_minus_caches"] = s["rss"] - kv_bytes - ec[0]
+        self.caches_hw = max(self.caches_hw, kv_bytes + ec[0])
+        s["caches_hw"] = self.caches_hw
+        s["rss_minus_caches"] = s["rss"] - self.caches_hw
         if ec[1] is not None:
             if ec[0] > ec[1]:
                 self.failures.append(f"{phase} {count}: expert cache {ec[0] / MB:.1f} MB over "
@@ -249,7 +255,8 @@ def main(argv=None) -> int:
                   "max_rss_mb": round(max(s["rss"] for s in soak.samples) / MB, 1)}
     for f in flat:
         if f["checked"]:
-            print(f"{f['phase']}: RSS minus caches {f['baseline_mb']:.1f} MB after warm-up, max growth "
+            print(f"{f['phase']}: RSS minus caches {f['baseline_mb']:.1f} MB after warm-up, "
+                  f"max growth "
                   f"{f['growth_mb']:+.1f} MB (tolerance {f['tolerance_mb']:.1f} MB), last "
                   f"{f['last_mb']:.1f} MB")
         else:
