@@ -393,3 +393,102 @@ def test_package_exports_what_api_all_lists():
     from zipmoe_rt import api
     for name in api.__all__:
         assert getattr(zipmoe_rt, name) is getattr(api, name)
+
+
+# -- threads ------------------------------------------------------------------------------------
+THREAD_PROMPTS = ["hello world, the quick brown fox", "tell me a story about a cat"]
+
+
+def _run_threads(fns, timeout=120):
+    """Run each callable in its own thread; return their results (re-raising the first error)."""
+    import threading
+    out, errors = [None] * len(fns), []
+
+    def call(i):
+        try:
+            out[i] = fns[i]()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    ts = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(len(fns))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in ts), "a thread is stuck"
+    if errors:
+        raise errors[0]
+    return out
+
+
+@pytest.mark.parametrize("budgeted", [False, True], ids=["unbudgeted", "budgeted"])
+def test_two_threads_sharing_a_model_get_the_sequential_greedy_outputs(tiny_zmoe, budgeted):
+    """Two threads generate on one Model at once (started together, and forced to alternate
+    token by token with both streams open): each gets exactly the text of the same call made
+    alone; forward passes are serialised by the model's lock, so nothing waits forever."""
+    import threading
+    kw = {"memory_budget": "60%", "policy": "zip-lru"} if budgeted else {}
+    with zipmoe_rt.load(tiny_zmoe, **kw) as m:
+        want = [m.generate(p, max_tokens=20) for p in THREAD_PROMPTS]
+        assert want[0] != want[1]
+        barrier = threading.Barrier(2)
+
+        def together(p):
+            def run():
+                barrier.wait(timeout=60)
+                return m.generate(p, max_tokens=20)
+            return run
+        assert _run_threads([together(p) for p in THREAD_PROMPTS]) == want
+
+        turn = threading.Condition()
+        state = {"next": 0, "done": [False, False]}
+
+        def alternating(i):
+            def run():
+                pieces = []
+                it = m.stream(THREAD_PROMPTS[i], max_tokens=20)
+                while True:
+                    with turn:   # wait for our turn (or for the other stream to have ended)
+                        assert turn.wait_for(lambda: state["next"] == i or state["done"][1 - i],
+                                             timeout=60)
+                    piece = next(it, None)
+                    with turn:
+                        state["next"] = 1 - i
+                        if piece is None:
+                            state["done"][i] = True
+                        turn.notify_all()
+                    if piece is None:
+                        return "".join(pieces)
+                    pieces.append(piece)
+            return run
+        assert _run_threads([alternating(0), alternating(1)]) == want
+
+
+def test_a_chat_session_takes_one_reply_at_a_time(model):
+    """A second send() on a session whose reply is still streaming (another thread's, or this
+    thread's own unfinished one) raises a clear RuntimeError and leaves the conversation as it
+    was; once the first reply is closed, the session goes on as if nothing happened."""
+    s = model.chat_session()
+    first = s.send("hello world", max_tokens=8)
+    assert next(first)
+    with pytest.raises(RuntimeError, match="still being generated"):
+        next(s.send("tell me a story", max_tokens=8))
+    with pytest.raises(RuntimeError, match="still being generated"):
+        _run_threads([lambda: next(s.send("tell me a story", max_tokens=8))])
+    with pytest.raises(RuntimeError, match="still being generated"):
+        s.reset()
+    rest = "".join(first)
+    assert [m["role"] for m in s.messages] == ["user", "assistant"]
+    reply = "".join(s.send("tell me a story", max_tokens=8))
+    fresh = model.chat([{"role": "user", "content": "hello world"},
+                        {"role": "assistant", "content": s.messages[1]["content"]},
+                        {"role": "user", "content": "tell me a story"}], max_tokens=8)
+    assert reply == fresh and s.messages[1]["content"].endswith(rest)
+
+
+def test_closed_model_refuses_new_work(tiny_zmoe):
+    m = zipmoe_rt.load(tiny_zmoe)
+    it = m.stream("hello world", max_tokens=5)
+    m.close()
+    m.close()   # twice is harmless
+    with pytest.raises(RuntimeError, match="closed"):
+        next(it)

@@ -426,3 +426,149 @@ def test_exponent_plane_compresses_normal_weights(exp_codec):
         p = np.bincount(exp, minlength=256) / exp.size
         entropy = float(-np.sum(p[p > 0] * np.log2(p[p > 0])))
         assert entropy < bits < entropy + 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming: same bytes as whole-array code, memory bounded by the planes plus one chunk
+# ---------------------------------------------------------------------------------------------
+def whole_array_split(words, dtype):
+    """The former whole-array split (numpy on every element at once): the reference bytes."""
+    e, m, wb, sb = LAYOUT[dtype]
+    w = np.ascontiguousarray(words).reshape(-1).view(np.uint8).view(WORD[dtype])
+    exp = ((w >> m) & ((1 << e) - 1)).astype(np.uint8)
+    smv = ((w >> (e + m)) << m) | (w & ((1 << m) - 1))
+    sm = smv.astype(WORD[dtype]).view(np.uint8).reshape(-1, wb)[:, :sb].reshape(-1)
+    return exp, np.ascontiguousarray(sm)
+
+
+def whole_array_merge(exp, sm, dtype):
+    e, m, wb, sb = LAYOUT[dtype]
+    wt = WORD[dtype]
+    b = sm.reshape(-1, sb).astype(wt)
+    smv = sum(b[:, i] << (8 * i) for i in range(sb)).astype(wt)
+    return (((smv >> m) << (e + m)) | (exp.astype(wt) << m) | (smv & ((1 << m) - 1))).astype(wt)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("n", [0, 1, 999, 1000, 1001, 4097])
+def test_streamed_split_and_merge_match_whole_array_code(dtype, n, monkeypatch):
+    """Blocks of 1000 elements (boundaries inside, at and past the end of the data) give the
+    bytes of the whole-array code, for random words of every bit pattern, NaNs and infinities
+    included; corrupt planes (exponent bytes past the field, SM bits past the sign) merge to
+    the same words as the whole-array code too."""
+    monkeypatch.setattr(codec, "STREAM_ELEMENTS", 1000)
+    rng = np.random.default_rng(n)
+    wt = WORD[dtype]
+    words = rng.integers(0, np.iinfo(wt).max, n, dtype=wt, endpoint=True)
+    exp, sm = codec.split_planes(words, dtype)
+    want_exp, want_sm = whole_array_split(words, dtype)
+    assert exp.tobytes() == want_exp.tobytes() and sm.tobytes() == want_sm.tobytes()
+    np.testing.assert_array_equal(codec.merge_planes(exp, sm, dtype), words)
+    bad_exp = rng.integers(0, 256, n, dtype=np.uint8)
+    bad_sm = rng.integers(0, 256, sm.size, dtype=np.uint8)
+    np.testing.assert_array_equal(codec.merge_planes(bad_exp, bad_sm, dtype),
+                                  whole_array_merge(bad_exp, bad_sm, dtype))
+    out = np.full(n, 7, wt)
+    assert codec.merge_planes(exp, sm, dtype, out=out) is out
+    np.testing.assert_array_equal(out, words)
+
+
+@pytest.mark.parametrize("exp_codec", CODECS)
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+def test_merge_chunks_matches_decompress_then_merge(dtype, exp_codec, monkeypatch):
+    monkeypatch.setattr(codec, "STREAM_ELEMENTS", 777)
+    words = np.random.default_rng(3).integers(0, 2**16, 10_000).astype(WORD[dtype])
+    exp, sm = codec.split_planes(words, dtype)
+    frames = codec.compress_chunks(exp, 7, 1, exp_codec=exp_codec)
+    sizes = [n for _, n in frames]
+    got = codec.merge_chunks([f for f, _ in frames], sizes, sm, dtype, exp_codec)
+    np.testing.assert_array_equal(got, words)
+    with pytest.raises(ValueError, match="do not match"):
+        codec.merge_chunks([f for f, _ in frames], sizes[:-1] + [sizes[-1] + 1], sm, dtype,
+                           exp_codec)
+    with pytest.raises(ValueError, match="do not match"):
+        codec.merge_chunks([f for f, _ in frames][:-1], sizes, sm, dtype, exp_codec)
+
+
+def test_histogram_in_blocks_equals_bincount(monkeypatch):
+    monkeypatch.setattr(huffman, "HIST_BLOCK", 1000)
+    x = np.random.default_rng(4).integers(0, 256, 12_345).astype(np.uint8)
+    np.testing.assert_array_equal(huffman.histogram(x), np.bincount(x, minlength=256))
+    # the chunks a plane codes to do not change with the counting
+    exp = (np.random.default_rng(5).standard_normal(300_000) * 4 + 120).astype(np.uint8)
+    monkeypatch.setattr(huffman, "HIST_BLOCK", 1 << 30)
+    whole = codec.compress_chunks(exp, 3, 1)
+    monkeypatch.setattr(huffman, "HIST_BLOCK", 1000)
+    assert codec.compress_chunks(exp, 3, 1) == whole
+    assert list(codec.iter_compress_chunks(exp, 3, 1)) == whole
+
+
+MiB = 1 << 20
+BIG = 64 * MiB       # bytes of the tensor in the memory tests
+BIG_CHUNKS = 16      # exponent chunks of the stored tensor: one chunk is BIG / 16 = 4 MiB
+
+
+def _big_words(dtype):
+    """BIG bytes of normal-looking weights as words of ``dtype`` (BF16: the top half of F32)."""
+    rng = np.random.default_rng(0)
+    if dtype == "F32":
+        return rng.standard_normal(BIG // 4, dtype=np.float32).view(np.uint32)
+    if dtype == "F16":
+        return rng.standard_normal(BIG // 4, dtype=np.float32).astype(np.float16).view(np.uint16)
+    f = rng.standard_normal(BIG // 4, dtype=np.float32)
+    return np.concatenate([f, f[::-1]]).view(np.uint32).__rshift__(16).astype(np.uint16)
+
+
+def _traced_peak(fn):
+    """(result, peak bytes allocated while ``fn`` ran), with tracemalloc (numpy reports its
+    array allocations to it); what existed before the call is not counted."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_split_and_merge_memory_is_the_planes_plus_one_block(dtype):
+    """On a 64 MiB tensor, splitting peaks at its planes (1x the tensor's bytes, 1.5x for F16)
+    plus two blocks of words, and merging at the output words plus the same: at most 1.5x the
+    tensor plus one chunk (whole-array numpy code peaked at 3.5x and 5x)."""
+    words = _big_words(dtype)
+    chunk = BIG // BIG_CHUNKS
+    (exp, sm), peak = _traced_peak(lambda: codec.split_planes(words, dtype))
+    assert peak <= exp.nbytes + sm.nbytes + 2 * codec.STREAM_ELEMENTS * words.itemsize + 4096
+    assert peak <= 1.5 * BIG + chunk
+    back, peak = _traced_peak(lambda: codec.merge_planes(exp, sm, dtype))
+    assert peak <= BIG + 2 * codec.STREAM_ELEMENTS * words.itemsize + 4096
+    assert np.array_equal(back, words)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_writer_and_reader_memory_is_at_most_1_5x_the_tensor_plus_one_chunk(dtype, tmp_path):
+    """Storing a 64 MiB bit-plane tensor (ZmoeWriter.add_tensor, Huffman chunks) and reading it
+    back (ZmoeReader.read_tensor), and encoding it as an expert (encode_expert, BF16 as experts
+    are) each peak at <= 1.5x its bytes plus one exponent chunk's elements."""
+    import zmoe
+    words = _big_words(dtype)
+    chunk = BIG // BIG_CHUNKS
+    path = tmp_path / "big.zmoe"
+
+    def write():
+        with zmoe.ZmoeWriter(path) as w:
+            w.add_tensor("t", dtype, (words.size,), words, encoding="bitplane", chunks=BIG_CHUNKS)
+    _, peak = _traced_peak(write)
+    assert peak <= 1.5 * BIG + chunk, peak / BIG
+    with zmoe.ZmoeReader(path) as r:
+        got, peak = _traced_peak(lambda: r.read_tensor("t"))
+        assert peak <= 1.5 * BIG + chunk, peak / BIG
+        assert np.array_equal(got.view(words.dtype), words)
+        del got
+    if dtype == "BF16":
+        piece = zmoe.ExpertPiece("t", dtype, (words.size,), "gate", words)
+        _, peak = _traced_peak(lambda: zmoe.encode_expert(0, 0, [piece], chunks=BIG_CHUNKS))
+        assert peak <= 1.5 * BIG + chunk, peak / BIG

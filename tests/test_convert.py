@@ -646,8 +646,8 @@ def test_verify_mismatch_is_conversion_error(tmp_path, monkeypatch):
     out = tmp_path / "out" / "model.zmoe"
     real = zmoe.codec.merge_planes
 
-    def broken(exp, sm, dtype):
-        w = real(exp, sm, dtype).copy()
+    def broken(exp, sm, dtype, out=None):
+        w = real(exp, sm, dtype, out=out)
         if w.size:
             w[0] ^= 1
         return w

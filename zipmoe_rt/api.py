@@ -8,6 +8,7 @@ Sampling defaults to greedy (``temperature=0``); pass ``temperature``, ``top_k``
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -97,6 +98,9 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         FileNotFoundError: no such file.
         zmoe.ZmoeError: not a ``.zmoe``, corrupt, truncated, or from a newer format version.
         ValueError: an architecture this runtime does not run, or a file without a tokenizer.
+        zipmoe_rt.engine.io.ModelFileError: the file was replaced or changed while loading, or
+            a read failed (EIO). Later, the calls of the :class:`Model` raise it when the file
+            is changed in place under them (see :class:`Model` for what is guaranteed).
 
     Warns:
         zipmoe_rt.engine.profile.CalibrationWarning: policy ``zipmoe`` with a stored
@@ -128,6 +132,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         if budgeted:
             engine = build_engine(source, parse_size(memory_budget, source), policy, eviction,
                                   workers, direct, trace, verify, io_depth, warn_stacklevel=2)
+            _check_same_file(source, engine.reader)
         model = Model(source, build_model(source, executor=engine), tok, path, engine)
         if budgeted:
             _release_load_memory(source)
@@ -137,6 +142,21 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             engine.close()
         source.close()
         raise
+
+
+def _check_same_file(source, reader) -> None:
+    """The engine opened the file the source opened (not one renamed over it meanwhile).
+
+    Raises:
+        zipmoe_rt.engine.io.ModelFileError: they differ.
+    """
+    import os
+
+    from .engine.io import ModelFileError
+    a, b = os.fstat(source.reader_fd), os.fstat(reader.fd)
+    if (a.st_ino, a.st_dev) != (b.st_ino, b.st_dev):
+        raise ModelFileError(f"{source.path}: the file was replaced while the model was being "
+                             f"loaded; load it again")
 
 
 def _release_load_memory(source) -> None:
@@ -173,6 +193,28 @@ def tokenizer_from_source(source) -> Tokenizer:
 class Model:
     """A loaded model: weights (:attr:`source`), runtime network (:attr:`net`), tokenizer.
 
+    Threads: one model may be shared by several threads. Its forward passes are serialised by
+    a lock, one token step at a time: a call made while another thread generates waits for
+    each step in turn (it does not fail), and calls that run together interleave their tokens
+    (each keeps its own KV cache, so outputs are exactly those of the same calls one after the
+    other, e.g. the same greedy text). An unconsumed :meth:`stream` holds nothing between its
+    steps. A :class:`ChatSession` is one conversation: a second :meth:`ChatSession.send` while
+    its previous reply is still being streamed raises RuntimeError. :meth:`close` waits for the
+    step in progress. :attr:`last_stats` is the last call finished by any thread.
+
+    The model file: weights are read with ``pread`` into process memory (never through a memory
+    map). Replacing the file by renaming another over it, or deleting it, while a model runs
+    from it is harmless: the open file is still read. A file truncated, extended or rewritten
+    in place is detected (size and modification time of the open file; so a ``touch`` of the
+    file counts as a change) at the next read from it, i.e. the next expert that is not in
+    memory, and that call raises
+    :class:`~zipmoe_rt.engine.io.ModelFileError` naming the file: bytes of a changed file are
+    never used, and the process is never killed by SIGBUS. Weights already in memory keep
+    working, so an unbudgeted model whose experts have all been used may never read the file
+    again and then does not notice a change. A write that lands between that check and the read
+    is caught by the pieces' CRC-32 (``verify=True``, the default) as
+    :class:`zmoe.ChecksumError`; with ``verify=False`` it is not.
+
     Attributes:
         path: the ``.zmoe`` file.
         tokenizer: :class:`~zipmoe_rt.tokenizer.Tokenizer`.
@@ -191,6 +233,8 @@ class Model:
             ids.add(tokenizer.eos_token_id)
         self.stop_ids = frozenset(ids)
         self.last_stats: GenerationStats | None = None
+        # one forward pass at a time (the engine's pools, caches and Numba's threads are shared)
+        self._lock = threading.RLock()
 
     @property
     def hparams(self) -> dict:
@@ -222,11 +266,17 @@ class Model:
 
     def _stream_ids(self, ids: list[int], params: SamplingParams, state: CacheState | None = None,
                     on_finish=None) -> Iterator[str]:
+        if self.net is None:
+            raise RuntimeError(f"{self.path}: the model was closed")
         dec = self.tokenizer.stream_decoder(skip_special_tokens=True, context_ids=ids[-4:])
         gen = generate(self.net, ids, params, self.stop_ids, cache=state)
         try:
-            for step in gen:
-                if step.token_id is None:
+            while True:
+                with self._lock:      # one token step: other threads' steps wait (see Model)
+                    if self.net is None:
+                        raise RuntimeError(f"{self.path}: the model was closed")
+                    step = next(gen, None)
+                if step is None or step.token_id is None:
                     break
                 piece = dec.push(step.token_id)
                 if piece:
@@ -279,10 +329,15 @@ class Model:
         return self.engine.memory_report() if self.engine else self.source.memory_report()
 
     def close(self):
-        """Release the file map and decoded weights."""
-        if self.engine is not None:
-            self.engine.close()
-        self.source.close()
+        """Release the model file and the weights (waits for a token step in progress in
+        another thread; calls after this raise RuntimeError). Closing twice is harmless."""
+        with self._lock:
+            if self.net is None:
+                return
+            self.net = None
+            if self.engine is not None:
+                self.engine.close()
+            self.source.close()
 
     def __enter__(self):
         return self
@@ -304,13 +359,29 @@ class ChatSession:
         self.system = system
         self.messages: list[dict] = []
         self.state = CacheState.new(model.net)
+        self._busy = threading.Lock()     # held while a reply is being generated
+
+    def _claim(self, what: str):
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(f"chat session: cannot {what} while a reply is still being "
+                               f"generated (finish or close the previous send() first; one "
+                               f"conversation is one reply at a time)")
 
     def reset(self, system: str | None = ...):
-        """Forget the conversation (and optionally set a new system prompt)."""
-        if system is not ...:
-            self.system = system
-        self.messages = []
-        self.state = CacheState.new(self.model.net)
+        """Forget the conversation (and optionally set a new system prompt); the KV cache's
+        memory is released.
+
+        Raises:
+            RuntimeError: a reply of this session is still being generated.
+        """
+        self._claim("reset")
+        try:
+            if system is not ...:
+                self.system = system
+            self.messages = []
+            self.state = CacheState.new(self.model.net)
+        finally:
+            self._busy.release()
 
     def _all_messages(self):
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
@@ -318,9 +389,15 @@ class ChatSession:
     def send(self, text: str, max_tokens: int = 512, **sampling) -> Iterator[str]:
         """Add a user turn and stream the assistant's reply (text pieces).
 
+        Nothing runs until the iterator is first advanced; from then until it is exhausted or
+        closed, the reply holds the session.
+
         Raises:
             ValueError: a bad sampling option or message (raised here, before anything changes:
                 the conversation is left as it was).
+            RuntimeError: (when the iterator is first advanced) another reply of this session is
+                still being generated, by this or another thread; the conversation is left as
+                it was.
         """
         params = self.model.sampling(max_tokens, **sampling)
         user = {"role": "user", "content": text}
@@ -329,6 +406,17 @@ class ChatSession:
         return self._send(user, ids, params)
 
     def _send(self, user: dict, ids: list[int], params) -> Iterator[str]:
+        self._claim("send")
+        try:
+            it = self._reply(user, ids, params)
+            try:
+                yield from it
+            finally:
+                it.close()
+        finally:
+            self._busy.release()
+
+    def _reply(self, user: dict, ids: list[int], params) -> Iterator[str]:
         self.messages.append(user)
         new = self.state.sync_prefix(ids, self.model.net)
         reply: list[str] = []

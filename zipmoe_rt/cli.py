@@ -83,8 +83,9 @@ def _sigterm_as_interrupt():
 
 
 def _plain_calibration_warnings():
-    """Show a :class:`~zipmoe_rt.engine.profile.CalibrationWarning` or
-    :class:`~zipmoe_rt.convert.converter.ConversionWarning` as one ``zipmoe-rt: warning: ...``
+    """Show a :class:`~zipmoe_rt.engine.profile.CalibrationWarning`,
+    :class:`~zipmoe_rt.convert.converter.ConversionWarning` or
+    :class:`~zipmoe_rt.convert.atomic.StaleTemporaryWarning` as one ``zipmoe-rt: warning: ...``
     line on stderr (not Python's ``file:line: Category:`` form); other warnings as before."""
     import warnings
 
@@ -93,9 +94,10 @@ def _plain_calibration_warnings():
     previous = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
+        from .convert.atomic import StaleTemporaryWarning
         from .convert.converter import ConversionWarning
         from .engine.profile import CalibrationWarning
-        if issubclass(category, (CalibrationWarning, ConversionWarning)):
+        if issubclass(category, (CalibrationWarning, ConversionWarning, StaleTemporaryWarning)):
             click.echo(f"zipmoe-rt: warning: {message}", err=True)
         else:
             previous(message, category, filename, lineno, file, line)

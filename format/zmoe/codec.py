@@ -33,12 +33,29 @@ def is_bitplane_dtype(dtype: str) -> bool:
     return dtype in BITPLANE_DTYPES
 
 
+#: elements converted per step by :func:`split_planes` and :func:`merge_planes`: their
+#: temporaries are two word arrays of this many elements (2 MiB for F32), whatever the tensor's
+#: size, so a multi-GB tensor splits and merges in its planes' memory plus this
+STREAM_ELEMENTS = 1 << 18
+
+
+def _planes_layout(dtype: str):
+    if dtype not in BITPLANE_DTYPES:
+        raise ValueError(f"bit-plane encoding does not support dtype {dtype!r}")
+    return BITPLANE_DTYPES[dtype]
+
+
 def split_planes(words: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Split words into planes.
 
+    Streams: the two planes are allocated once and filled :data:`STREAM_ELEMENTS` words at a
+    time, so the memory used is the planes (1x the input's bytes for BF16 and F32, 1.5x for
+    F16) plus two blocks of words, however large the tensor.
+
     Args:
         words: any array whose bytes are little-endian elements of ``dtype`` (uint8 bytes, the
-            uint16/uint32 words, or float16/float32 values); read in C order.
+            uint16/uint32 words, or float16/float32 values); read in C order (a non-contiguous
+            array is copied first).
         dtype: ``"BF16"``, ``"F16"`` or ``"F32"``.
 
     Returns:
@@ -48,56 +65,133 @@ def split_planes(words: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]
     Raises:
         ValueError: unsupported dtype or a byte count not a multiple of the word size.
     """
-    if dtype not in BITPLANE_DTYPES:
-        raise ValueError(f"bit-plane encoding does not support dtype {dtype!r}")
-    eb, mb, wb, sb = BITPLANE_DTYPES[dtype]
+    eb, mb, wb, sb = _planes_layout(dtype)
     raw = np.ascontiguousarray(words).reshape(-1).view(np.uint8)
     if raw.size % wb:
         raise ValueError(f"{raw.size} bytes is not a whole number of {dtype} elements")
-    w = raw.view(_WORD[wb])
-    exp = ((w >> mb) & ((1 << eb) - 1)).astype(np.uint8)
-    sign = w >> (eb + mb)
-    smv = (sign << mb) | (w & ((1 << mb) - 1))
-    if sb == 1:
-        sm = smv.astype(np.uint8)
-    elif sb == 2:
-        sm = smv.astype(np.uint16).view(np.uint8)
-    else:  # 3 bytes of a uint32, little-endian
-        sm = np.ascontiguousarray(smv.astype(np.uint32).view(np.uint8).reshape(-1, 4)[:, :3]).reshape(-1)
+    wt = _WORD[wb]
+    w = raw.view(wt)
+    n = w.size
+    exp = np.empty(n, np.uint8)
+    sm = np.empty(n * sb, np.uint8)
+    sm_words = sm.view(np.uint16) if sb == 2 else sm.reshape(-1, 3) if sb == 3 else sm
+    step = min(n, STREAM_ELEMENTS)
+    u, v = np.empty(step, wt), np.empty(step, wt)
+    emask, mmask = wt((1 << eb) - 1), wt((1 << mb) - 1)
+    for a in range(0, n, STREAM_ELEMENTS):
+        b = min(n, a + STREAM_ELEMENTS)
+        x, uu, vv = w[a:b], u[:b - a], v[:b - a]
+        np.right_shift(x, mb, out=uu)
+        np.bitwise_and(uu, emask, out=uu)
+        exp[a:b] = uu
+        np.right_shift(x, eb + mb, out=uu)              # sign
+        np.left_shift(uu, mb, out=uu)
+        np.bitwise_and(x, mmask, out=vv)
+        np.bitwise_or(uu, vv, out=uu)
+        if sb == 3:   # the low 3 bytes of each little-endian uint32
+            sm_words[a:b] = uu.view(np.uint8).reshape(-1, 4)[:, :3]
+        else:
+            sm_words[a:b] = uu
     return exp, sm
 
 
-def merge_planes(exp: np.ndarray, sm: np.ndarray, dtype: str) -> np.ndarray:
+def merge_planes(exp: np.ndarray, sm: np.ndarray, dtype: str,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """Inverse of :func:`split_planes`.
 
+    Streams like :func:`split_planes`: the words are written :data:`STREAM_ELEMENTS` at a time
+    into one output array, so the memory used is the output plus two blocks of words.
+
     Args:
-        exp: uint8 [n] exponent plane.
-        sm: uint8 [n * sm_bytes] sign+mantissa plane.
+        exp: uint8 [n] exponent plane (or a bytes-like object).
+        sm: uint8 [n * sm_bytes] sign+mantissa plane (or a bytes-like object).
+        dtype: ``"BF16"``, ``"F16"`` or ``"F32"``.
+        out: optional C-contiguous array of n words (uint16 for BF16/F16, uint32 for F32) to
+            write into (e.g. a slice of a whole tensor's words, for chunk-by-chunk merging).
 
     Returns:
-        1-D array of the words: uint16 for BF16/F16, uint32 for F32.
+        1-D array of the words: uint16 for BF16/F16, uint32 for F32 (``out`` when given).
 
     Raises:
-        ValueError: unsupported dtype, or plane sizes that do not match each other.
+        ValueError: unsupported dtype, plane sizes that do not match each other, or an ``out``
+            of the wrong dtype or size.
     """
-    if dtype not in BITPLANE_DTYPES:
-        raise ValueError(f"bit-plane encoding does not support dtype {dtype!r}")
-    eb, mb, wb, sb = BITPLANE_DTYPES[dtype]
+    eb, mb, wb, sb = _planes_layout(dtype)
     exp = np.frombuffer(exp, np.uint8) if not isinstance(exp, np.ndarray) else exp.reshape(-1)
     sm = np.frombuffer(sm, np.uint8) if not isinstance(sm, np.ndarray) else sm.reshape(-1)
     n = exp.size
     if sm.size != n * sb:
         raise ValueError(f"sign+mantissa plane has {sm.size} bytes, expected {n * sb} for {n} {dtype}")
     wt = _WORD[wb]
-    if sb == 1:
-        smv = sm.astype(wt)
-    elif sb == 2:
-        smv = sm.view(np.uint16).astype(wt)
-    else:
-        b = sm.reshape(-1, 3).astype(np.uint32)
-        smv = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-    sign = smv >> mb
-    return ((sign << (eb + mb)) | (exp.astype(wt) << mb) | (smv & ((1 << mb) - 1))).astype(wt)
+    if out is None:
+        out = np.empty(n, wt)
+    elif out.dtype != wt or out.size != n or not out.flags.c_contiguous:
+        raise ValueError(f"out: expected a contiguous {np.dtype(wt).name} array of {n} words, "
+                         f"got {out.dtype} {out.shape}")
+    words = out.reshape(-1)
+    sm_words = sm.view(np.uint16) if sb == 2 else sm.reshape(-1, 3) if sb == 3 else sm
+    step = min(n, STREAM_ELEMENTS)
+    u, v = np.empty(step, wt), np.empty(step, wt)
+    mmask = wt((1 << mb) - 1)
+    for a in range(0, n, STREAM_ELEMENTS):
+        b = min(n, a + STREAM_ELEMENTS)
+        uu, vv = u[:b - a], v[:b - a]
+        if sb == 3:   # 3 little-endian bytes into the low bytes of each uint32
+            ub = uu.view(np.uint8).reshape(-1, 4)
+            ub[:, :3] = sm_words[a:b]
+            ub[:, 3] = 0
+        else:
+            uu[:] = sm_words[a:b]                     # sign << mant_bits | mantissa
+        np.right_shift(uu, mb, out=vv)                # sign
+        np.left_shift(vv, eb + mb, out=vv)
+        np.bitwise_and(uu, mmask, out=uu)
+        np.bitwise_or(uu, vv, out=uu)
+        vv[:] = exp[a:b]
+        np.left_shift(vv, mb, out=vv)
+        np.bitwise_or(uu, vv, out=words[a:b])
+    return out
+
+
+def merge_chunks(chunks, raw_sizes, sm, dtype: str, exp_codec: str = DEFAULT_EXP_CODEC,
+                 decompressor: zstd.ZstdDecompressor | None = None,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """Decode exponent chunks and merge each with its slice of the sign+mantissa plane, one
+    chunk at a time (:func:`decompress_chunk`, then :func:`merge_planes` into the output).
+
+    The memory used is the output words plus one chunk's exponents and two blocks of words,
+    instead of the whole exponent plane and the temporaries of a whole-tensor merge.
+
+    Args:
+        chunks: the exponent chunks (bytes-like), in order.
+        raw_sizes: exponents in each chunk (ints).
+        sm: uint8 [n * sm_bytes] sign+mantissa plane, n = ``sum(raw_sizes)``.
+        dtype, exp_codec, decompressor: as for :func:`merge_planes` and :func:`decompress_chunk`.
+        out: optional array of n words to write into.
+
+    Returns:
+        1-D array of the words: uint16 for BF16/F16, uint32 for F32.
+
+    Raises:
+        ValueError: an unknown codec or dtype, a chunk that does not decode to its recorded
+            size, or raw sizes that do not add up to the sign+mantissa plane's elements.
+    """
+    _, _, wb, sb = _planes_layout(dtype)
+    check_codec(exp_codec)
+    sizes = [int(r) for r in raw_sizes]
+    sm = np.frombuffer(sm, np.uint8) if not isinstance(sm, np.ndarray) else sm.reshape(-1)
+    n = sum(sizes)
+    if len(sizes) != len(chunks) or any(r < 0 for r in sizes) or sm.size != n * sb:
+        raise ValueError(f"exponent chunks of {sizes} exponents do not match a sign+mantissa "
+                         f"plane of {sm.size} bytes ({sm.size / sb:g} {dtype})")
+    if out is None:
+        out = np.empty(n, _WORD[wb])
+    buf = np.empty(max(sizes, default=0), np.uint8)
+    pos = 0
+    for c, r in zip(chunks, sizes):
+        e = decompress_chunk(c, r, exp_codec, decompressor, buf[:r])
+        merge_planes(e, sm[pos * sb:(pos + r) * sb], dtype, out=out[pos:pos + r])
+        pos += r
+    return out
 
 
 def chunk_bounds(n: int, chunks: int, min_chunk: int = MIN_CHUNK) -> list[tuple[int, int]]:
@@ -142,15 +236,30 @@ def compress_chunks(exp: np.ndarray, chunks: int, min_chunk: int = MIN_CHUNK,
     Raises:
         ValueError: an unknown codec.
     """
+    return list(iter_compress_chunks(exp, chunks, min_chunk, compressor, exp_codec))
+
+
+def iter_compress_chunks(exp: np.ndarray, chunks: int, min_chunk: int = MIN_CHUNK,
+                         compressor: zstd.ZstdCompressor | None = None,
+                         exp_codec: str = DEFAULT_EXP_CODEC):
+    """:func:`compress_chunks` one chunk at a time: yields ``(chunk bytes, raw_size)`` in order,
+    so a writer can store each chunk before the next is made (memory: one compressed chunk).
+
+    Raises:
+        ValueError: an unknown codec (when the first chunk is asked for).
+    """
     check_codec(exp_codec)
     buf = np.ascontiguousarray(exp).reshape(-1).view(np.uint8)
     bounds = chunk_bounds(len(buf), chunks, min_chunk)
     if exp_codec == EXP_HUFFMAN:
-        lengths = huffman.code_lengths(np.bincount(buf, minlength=256))
-        return [(huffman.encode(buf[a:b], lengths), b - a) for a, b in bounds]
+        lengths = huffman.code_lengths(huffman.histogram(buf))
+        for a, b in bounds:
+            yield huffman.encode(buf[a:b], lengths), b - a
+        return
     c = compressor or zstd.ZstdCompressor(compression_params=zstd_parameters())
     mv = memoryview(buf)
-    return [(c.compress(mv[a:b]), b - a) for a, b in bounds]
+    for a, b in bounds:
+        yield c.compress(mv[a:b]), b - a
 
 
 def decompress_chunk(chunk, raw_size: int, exp_codec: str = DEFAULT_EXP_CODEC,

@@ -194,6 +194,23 @@ def stream_ranges(n: int) -> list[tuple[int, int]]:
 
 
 # -- encoding -------------------------------------------------------------------------------
+#: exponents counted per step by :func:`histogram` (``np.bincount`` widens its input to int64:
+#: over a whole plane that was 8 bytes of temporary memory per exponent)
+HIST_BLOCK = 1 << 18
+
+
+def histogram(x: np.ndarray) -> np.ndarray:
+    """int64 [256] counts of each byte value of uint8 [n] ``x``, counted
+    :data:`HIST_BLOCK` bytes at a time (temporary memory: 8 x HIST_BLOCK bytes, whatever n)."""
+    x = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+    if x.size <= HIST_BLOCK:
+        return np.bincount(x, minlength=256)
+    hist = np.zeros(256, np.int64)
+    for a in range(0, x.size, HIST_BLOCK):
+        hist += np.bincount(x[a:a + HIST_BLOCK], minlength=256)
+    return hist
+
+
 def _pack_numpy(x: np.ndarray, codes: np.ndarray, lengths: np.ndarray) -> bytes:
     """LSB-first bit packing of one stream, vectorised: codes never overlap, so bytes are sums."""
     if x.size == 0:
@@ -229,7 +246,7 @@ def encode(exp, lengths=None, use_jit: bool | None = None) -> bytes:
     """
     x = np.frombuffer(memoryview(exp).cast("B"), np.uint8) if not isinstance(exp, np.ndarray) \
         else np.ascontiguousarray(exp).reshape(-1).view(np.uint8)
-    hist = np.bincount(x, minlength=256)
+    hist = histogram(x)
     if lengths is None:
         lengths = code_lengths(hist)
     lengths = np.asarray(lengths, dtype=np.uint8)

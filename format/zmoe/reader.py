@@ -181,10 +181,9 @@ class ZmoeReader:
         if "raw" in part:
             return self._checked(name, "raw data", part["raw"], verify)
         sm, chunks = self.part_planes(name, part, verify)
-        try:
-            exp = codec.decompress_chunks([c for c, _ in chunks], [n for _, n in chunks], self._dctx,
-                                          t["exp_codec"])
-            words = codec.merge_planes(exp, sm, t["dtype"])
+        try:   # chunk by chunk: memory is the words plus one chunk's exponents
+            words = codec.merge_chunks([c for c, _ in chunks], [n for _, n in chunks], sm,
+                                       t["dtype"], t["exp_codec"], self._dctx)
         except ValueError as e:
             raise ChecksumError(f"{self.path}: tensor {name!r}: {e}") from None
         return words.view(np.uint8)

@@ -200,14 +200,18 @@ class ZmoeWriter:
         return rec
 
     def _encode_part(self, dtype, data, chunks, min_chunk, exp_codec):
+        # memory: the two planes while the SM plane is written, then the exponent plane and one
+        # compressed chunk at a time (each chunk is written before the next is made)
         buf = as_bytes(data)
         exp, sm = codec.split_planes(buf, dtype)
         off, size = self._write(sm)
         part = {"sm": [off, size, _crc(sm)], "exp": []}
+        del sm
         zc = _compressor() if exp_codec == EXP_ZSTD else None
-        for frame, raw in codec.compress_chunks(exp, chunks, min_chunk, zc, exp_codec):
+        for frame, raw in codec.iter_compress_chunks(exp, chunks, min_chunk, zc, exp_codec):
             o, s = self._write(frame)
             part["exp"].append([o, s, raw, _crc(frame)])
+            del frame
         return part
 
     def add_tensor(self, name: str, dtype: str, shape, data, encoding: str = ENC_RAW,
@@ -324,10 +328,14 @@ class ZmoeWriter:
         self.closed = True
 
     def abort(self):
-        """Close the file without writing the index (the caller deletes it)."""
+        """Close the file without writing the index (the caller deletes it). Never raises for
+        the file itself: a flush that fails (disk full) while giving up is ignored."""
         if not self.closed:
-            self.f.close()
             self.closed = True
+            try:
+                self.f.close()
+            except OSError:
+                pass
 
     def __enter__(self):
         return self

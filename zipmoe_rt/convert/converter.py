@@ -24,6 +24,8 @@ from zmoe.constants import Keys, hparam_key
 from .. import __version__
 from ..families import tensors as T
 from ..util import sha256_file
+from .atomic import (StaleTemporaryWarning, WriteError, remove_stale_temporaries, stale_message,
+                     temporary_name, write_error)
 from .registry import ConfigError, UnsupportedArchitectureError, get_architecture
 from .safetensors_io import Checkpoint, SafetensorsError
 
@@ -304,10 +306,15 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
     Returns: the output path.
     Raises:
         ConversionError: any problem with the input or the options (file/tensor/option named).
+        zipmoe_rt.convert.atomic.WriteError: the output cannot be written (disk full, I/O error:
+            the output and the reason named); the temporary file is removed, an existing
+            output and the source are untouched.
     Warns:
         ConversionWarning: the folder has no tokenizer.json, holds checkpoint tensors the model
             does not use (one warning listing them), or ``*.safetensors`` files transformers
             would not load (not read); the file is written all the same.
+        StaleTemporaryWarning: ``output.tmp-<pid>`` files of earlier conversions killed
+            outright (SIGKILL, a crash), whose process no longer runs, were found and removed.
     """
     folder, output = Path(folder), Path(output)
     if not folder.is_dir():
@@ -345,7 +352,10 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
                       f"model's tokenizer.json (and tokenizer_config.json) into the folder and "
                       f"convert again", ConversionWarning, stacklevel=2)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
+    removed = remove_stale_temporaries(output)
+    if removed:
+        warnings.warn(stale_message(removed), StaleTemporaryWarning, stacklevel=2)
+    tmp = temporary_name(output)
     threads = threads or os.cpu_count() or 1
     total = sum(t.nbytes for t in ckpt)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {folder.name}",
@@ -386,6 +396,10 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
         os.replace(tmp, output)
     except ValueError as e:
         raise ConversionError(str(e)) from None
+    except OSError as e:
+        if isinstance(e, WriteError):
+            raise
+        raise write_error(output, e) from None
     finally:
         bar.close()
         ckpt.close()

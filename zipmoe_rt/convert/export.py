@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ import zmoe
 from zmoe.constants import Keys
 from zmoe.reader import element_count
 
+from .atomic import (StaleTemporaryWarning, WriteError, remove_stale_temporaries, stale_message,
+                     temporary_name, write_error)
 from .safetensors_io import DTYPE_SIZES, write_safetensors
 
 #: Shards are cut at this many bytes (transformers' default max_shard_size is 5 GB).
@@ -34,12 +37,24 @@ def export(path, out_dir, max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool
     Raises:
         zmoe.ZmoeError: corrupt input (checksums are verified while exporting).
         FileExistsError: ``out_dir`` exists and is not empty.
+        zipmoe_rt.convert.atomic.WriteError: the folder cannot be written (disk full, I/O
+            error: the output and the reason named); the temporary folder is removed and
+            ``path`` is untouched.
+    Warns:
+        StaleTemporaryWarning: ``out_dir.tmp-<pid>`` folders of earlier exports killed outright,
+            whose process no longer runs, were found and removed.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir}: exists and is not empty")
-    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=False)
+    removed = remove_stale_temporaries(out_dir)
+    if removed:
+        warnings.warn(stale_message(removed), StaleTemporaryWarning, stacklevel=2)
+    tmp = temporary_name(out_dir)
+    try:
+        tmp.mkdir(parents=True, exist_ok=False)
+    except OSError as e:
+        raise write_error(out_dir, e) from None
     try:
         with zmoe.ZmoeReader(path) as r:
             shards, cur, size = [], [], 0
@@ -78,6 +93,14 @@ def export(path, out_dir, max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
+    except FileNotFoundError as e:
+        if e.filename is None:   # not the model file (reported as missing): a write failed
+            raise write_error(out_dir, e) from None
+        raise
+    except OSError as e:
+        if isinstance(e, WriteError):
+            raise
+        raise write_error(out_dir, e) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -99,6 +99,19 @@ def release_heap() -> bool:
 _LIBC = None
 
 
+class ModelFileError(OSError):
+    """A read of a model file failed, or the file changed while a model ran from it.
+
+    The message names the file and says what happened (truncated, rewritten in place, or the
+    system's read error with the offset); ``errno`` is the system's error number for a failed
+    read, else None. Raised by :meth:`RegionReader.read`.
+    """
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+
 class RegionReader:
     """Reads byte ranges of one file with ``os.preadv`` (thread-safe: no shared file offset).
 
@@ -116,6 +129,14 @@ class RegionReader:
     Attributes:
         bytes_read: total bytes requested so far (for "bytes read per token").
         reads: number of reads.
+        size: the file's size in bytes when it was opened.
+
+    The file stays open until :meth:`close`: replacing it by a rename (or deleting it) does not
+    affect the reads, which go on reading the file that was opened. Every read first checks
+    (one ``fstat``, ~1 us) that the open file still has the size and modification time it had
+    when opened: a file truncated, extended or rewritten in place is reported by the next read
+    (:class:`ModelFileError`), instead of returning bytes of another file or, through a memory
+    map, killing the process with SIGBUS.
 
     Raises:
         OSError: O_DIRECT not supported by the file system (the message says so).
@@ -136,10 +157,33 @@ class RegionReader:
             if direct:
                 raise OSError(f"{path}: cannot open with O_DIRECT ({e.strerror})") from None
             raise
-        self.size = os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        self.size = st.st_size
+        self._mtime_ns = st.st_mtime_ns
         self.bytes_read = 0
         self.reads = 0
         self._lock = threading.Lock()
+
+    def changed(self) -> str | None:
+        """What changed in the open file since it was opened (``"truncated to N bytes"``, ...),
+        or None if its size and modification time are as they were."""
+        st = os.fstat(self.fd)
+        if st.st_size < self.size:
+            return f"truncated to {st.st_size} bytes (it had {self.size})"
+        if st.st_size > self.size:
+            return f"extended to {st.st_size} bytes (it had {self.size})"
+        if st.st_mtime_ns != self._mtime_ns:
+            return "rewritten in place (its modification time changed)"
+        return None
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`ModelFileError` if the open file changed since it was opened (see
+        :meth:`changed`)."""
+        what = self.changed()
+        if what is not None:
+            raise ModelFileError(f"{self.path}: the file was {what} while in use; a model file "
+                                 f"must not be modified while a model runs from it (to update "
+                                 f"it, write a new file and rename it over the old one)")
 
     def read(self, offset: int, size: int, alloc=aligned_empty) -> np.ndarray:
         """Read ``size`` bytes at ``offset`` into a new uint8 array (page-aligned memory).
@@ -148,8 +192,28 @@ class RegionReader:
         :func:`anon_array` for long-lived ones).
 
         Raises:
-            OSError: a short read (file truncated underneath us) or an unaligned O_DIRECT offset.
+            ModelFileError: the file changed since it was opened (:meth:`check_unchanged`), a
+                short read (the file is shorter than the index says), or a read error from the
+                system (e.g. EIO; its errno kept); the message names the file and offset.
+            OSError: an unaligned O_DIRECT offset.
         """
+        self.check_unchanged()
+        try:
+            out = self._pread(offset, size, alloc)
+        except ModelFileError:
+            self.check_unchanged()     # truncated between the check and the read
+            raise
+        except OSError as e:
+            if e.errno is None:
+                raise
+            raise ModelFileError(f"{self.path}: read error at byte {offset} ({size} bytes): "
+                                 f"{e.strerror or e}", e.errno) from None
+        with self._lock:
+            self.bytes_read += size
+            self.reads += 1
+        return out
+
+    def _pread(self, offset, size, alloc):
         if self.direct:
             if offset % PAGE:
                 raise OSError(f"{self.path}: O_DIRECT read at unaligned offset {offset}")
@@ -157,21 +221,19 @@ class RegionReader:
             buf = alloc(max(n, PAGE))
             got = os.preadv(self.fd, [buf], offset)
             if got < size:
-                raise OSError(f"{self.path}: short read at {offset}: {got} of {size} bytes")
-            out = buf[:size]
-        else:
-            out = alloc(size)
-            got = 0
-            while got < size:
-                k = os.preadv(self.fd, [out[got:]], offset + got)
-                if k <= 0:
-                    raise OSError(f"{self.path}: short read at {offset}: {got} of {size} bytes")
-                got += k
-            if self.drop:
-                os.posix_fadvise(self.fd, offset, size, os.POSIX_FADV_DONTNEED)
-        with self._lock:
-            self.bytes_read += size
-            self.reads += 1
+                raise ModelFileError(f"{self.path}: short read at byte {offset}: {got} of "
+                                     f"{size} bytes (the file is shorter than its index says)")
+            return buf[:size]
+        out = alloc(size)
+        got = 0
+        while got < size:
+            k = os.preadv(self.fd, [out[got:]], offset + got)
+            if k <= 0:
+                raise ModelFileError(f"{self.path}: short read at byte {offset}: {got} of "
+                                     f"{size} bytes (the file is shorter than its index says)")
+            got += k
+        if self.drop:
+            os.posix_fadvise(self.fd, offset, size, os.POSIX_FADV_DONTNEED)
         return out
 
     def close(self):

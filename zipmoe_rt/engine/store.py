@@ -1,10 +1,14 @@
 """The ``.zmoe`` expert store: a :class:`~zipmoe_rt.models.weights.WeightSource` over a
-memory-mapped ``.zmoe`` file (format/SPEC.md).
+``.zmoe`` file (format/SPEC.md).
 
-Dense tensors are loaded once (raw tensors are zero-copy views of the map, CRC-checked once).
-An expert is rebuilt from its planes on request: each exponent chunk is zstd-decoded and merged
-with its sign+mantissa bytes by a Numba kernel while still in cache (ZipMoE §3.1). Every piece's
-CRC-32 is checked before use unless ``verify=False``.
+Everything is read with ``pread`` into memory this process owns
+(:class:`~zipmoe_rt.engine.io.RegionReader`), never through a memory map of the file: a model
+file truncated while mapped kills the process with SIGBUS at the next access to a lost page,
+whereas a read reports it (see :class:`~zipmoe_rt.engine.io.ModelFileError`). Dense tensors are
+read once (CRC-checked once). An expert is rebuilt from its planes on request: its two regions
+are read, then each exponent chunk is decoded and merged with its sign+mantissa bytes by a Numba
+kernel while still in cache (ZipMoE §3.1). Every piece's CRC-32 is checked before use unless
+``verify=False``.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from zmoe.reader import NUMPY_DTYPES
 from ..families.check import check_stored_tensors
 from ..models.weights import ExpertWeights
 from . import layout as L_
-from .io import RegionReader
+from .io import ModelFileError, RegionReader, aligned_empty
 
 
 class ZmoeSource:
@@ -30,9 +34,10 @@ class ZmoeSource:
         path: the ``.zmoe`` file.
         verify: check the CRC-32 of every piece read (recommended; ~4 GB/s per core).
         keep_experts: keep decoded experts in memory after first use (unbudgeted runs).
-        copy_dense: copy dense tensors into process memory instead of viewing the file map
-            (budgeted runs: resident bytes are then exactly what the budget counts, and evicting
-            the page cache cannot push dense weights back to the disk).
+        copy_dense: every :meth:`tensor` call returns a new array that the caller owns (the
+            source keeps none: budgeted runs, where resident bytes are then exactly what the
+            budget counts); otherwise each dense tensor is read once and kept by the source.
+            Either way dense tensors are in process memory, not in a map of the file.
 
     Attributes:
         hparams: normalised hyper-parameters (``hparams.*`` metadata, format/SPEC.md §3).
@@ -40,12 +45,31 @@ class ZmoeSource:
 
     Raises:
         zmoe.ZmoeError subclasses: corrupt, truncated or foreign files (see the reader).
+        zipmoe_rt.engine.io.ModelFileError: the file was replaced or changed while it was being
+            opened.
     """
 
     def __init__(self, path, verify: bool = True, keep_experts: bool = True,
                  copy_dense: bool = False):
-        self.reader = zmoe.ZmoeReader(path)
-        self.path = self.reader.path
+        # every read after the index goes through this descriptor: a file renamed over ``path``
+        # or deleted while the model runs does not matter, one changed in place is detected by
+        # the reads (RegionReader.read)
+        import os
+        # page-cache pages are left as they are: an unbudgeted model reads each expert once,
+        # and a budgeted load evicts the file's pages when it is done (api.load)
+        self._rr = RegionReader(path, keep_cache=True)
+        try:
+            self.reader = zmoe.ZmoeReader(path)
+            self.path = self.reader.path
+            ours, now = os.fstat(self._rr.fd), os.stat(self.path)
+            if ((ours.st_ino, ours.st_dev) != (now.st_ino, now.st_dev)
+                    or self._rr.size != self.reader.header.file_size):
+                self.reader.close()
+                raise ModelFileError(f"{self.path}: the file was replaced or changed while it "
+                                     f"was being opened; load it again")
+        except BaseException:
+            self._rr.close()
+            raise
         self.metadata = self.reader.metadata
         prefix = Keys.HParams.PREFIX
         self.hparams = {k[len(prefix):]: v for k, v in self.metadata.items()
@@ -66,7 +90,6 @@ class ZmoeSource:
         self._dense: dict = {}
         self._experts: dict = {}
         self._layouts = None
-        self._rr = None                     # RegionReader for copied raw dense tensors
         self._tls = threading.local()
         self.bytes_read = 0
 
@@ -76,41 +99,62 @@ class ZmoeSource:
         return t is not None and "expert" not in t
 
     def tensor(self, name: str) -> np.ndarray:
-        """Dense tensor ``name`` (BF16 as uint16), shaped. Raises KeyError naming it if absent.
+        """Dense tensor ``name`` (BF16 as uint16), shaped, in process memory.
 
-        Views of the file map are cached; with ``copy_dense`` every call returns a new copy
-        that the caller owns (the source keeps none, so a model that converts or concatenates
-        a tensor holds the only copy in memory)."""
+        Read once and kept by the source; with ``copy_dense`` every call reads a new copy that
+        the caller owns (the source keeps none, so a model that converts or concatenates a
+        tensor holds the only copy in memory).
+
+        Raises:
+            KeyError: no such dense tensor (named).
+            zmoe.ChecksumError: a piece fails its CRC-32 (``verify``) or does not decode.
+            zipmoe_rt.engine.io.ModelFileError: the file changed since it was opened, or a read
+                failed.
+        """
         a = self._dense.get(name)
         if a is None:
             if not self.has(name):
                 raise KeyError(f"{self.path}: no dense tensor {name!r}")
-            t = self.reader.tensors[name]
-            if self.copy_dense and t["encoding"] == "raw":
-                a = self._pread_raw(name, t)     # never maps file pages into this process
-            else:
-                a = self.reader.read_tensor(name, verify=self.verify)
-                if self.copy_dense:
-                    a = np.array(a)
+            a = self._read_dense(name, self.reader.tensors[name])
             if not self.copy_dense:
                 self._dense[name] = a
         return a
 
-    def _pread_raw(self, name: str, t: dict) -> np.ndarray:
-        """A raw tensor read with pread (:class:`~zipmoe_rt.engine.io.RegionReader`: its pages
-        leave the page cache right after), CRC-checked if ``verify``."""
+    def _read_piece(self, name: str, what: str, entry) -> np.ndarray:
+        """One stored piece (``[offset, size, ..., crc32]``) read with pread, CRC-checked if
+        ``verify``."""
         import zlib
-        off, size, crc = t["parts"][0]["raw"]
-        if self._rr is None:
-            self._rr = RegionReader(self.path)
-        try:
-            buf = self._rr.read(off, size)
-        except OSError as e:
-            raise zmoe.TruncatedFileError(f"{self.path}: tensor {name!r}: {e}") from None
+        off, size, crc = entry[0], entry[1], entry[-1]
+        buf = self._rr.read(off, size)
         if self.verify and zlib.crc32(buf) & 0xFFFFFFFF != crc:
-            raise zmoe.ChecksumError(f"{self.path}: tensor {name!r}: raw data fails its CRC-32 "
+            raise zmoe.ChecksumError(f"{self.path}: tensor {name!r}: {what} fails its CRC-32 "
                                      f"(corrupt file)")
-        return buf.view(NUMPY_DTYPES[t["dtype"]]).reshape(t["shape"])
+        return buf
+
+    def _read_dense(self, name: str, t: dict) -> np.ndarray:
+        """A dense tensor read with pread (:class:`~zipmoe_rt.engine.io.RegionReader`: its pages
+        leave the page cache right after) and decoded if stored as bit-planes."""
+        parts = []
+        for part in t["parts"]:
+            if "raw" in part:
+                parts.append(self._read_piece(name, "raw data", part["raw"]))
+                continue
+            sm = self._read_piece(name, "sign+mantissa plane", part["sm"])
+            chunks = [self._read_piece(name, f"exponent chunk {i}", c)
+                      for i, c in enumerate(part["exp"])]
+            try:
+                words = zmoe.codec.merge_chunks(chunks, [c[2] for c in part["exp"]], sm,
+                                                t["dtype"], t["exp_codec"], self._dctx())
+            except ValueError as e:
+                raise zmoe.ChecksumError(f"{self.path}: tensor {name!r}: {e}") from None
+            parts.append(words.view(np.uint8))
+        raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return raw.view(NUMPY_DTYPES[t["dtype"]]).reshape(t["shape"])
+
+    @property
+    def reader_fd(self) -> int:
+        """The descriptor every read of the file goes through (open since construction)."""
+        return self._rr.fd
 
     def dense_bytes(self) -> int:
         """Bytes of all dense tensors (what stays resident)."""
@@ -139,17 +183,32 @@ class ZmoeSource:
         return lay
 
     def decode_expert(self, layer: int, expert: int) -> ExpertWeights:
-        """Read (from the map, CRC-checked if ``verify``) and rebuild one expert, no caching.
+        """Read (pread, CRC-checked if ``verify``) and rebuild one expert, no caching.
 
         Raises:
             zmoe.ChecksumError: a piece fails its CRC or a chunk does not decode to its size.
+            zipmoe_rt.engine.io.ModelFileError: the file changed since it was opened (e.g.
+                truncated), or the read failed (e.g. EIO); names the file.
         """
         lay = self.layout(layer, expert)
-        sm = self.reader.view(*lay.sm_region)
-        exp = self.reader.view(*lay.exp_region)
+        (s0, sn), (e0, en) = lay.sm_region, lay.exp_region
+        if s0 <= e0 and e0 - (s0 + sn) < 1 << 16:   # one read for both (SPEC §6: adjacent)
+            both = self._rr.read(s0, e0 + en - s0, alloc=self._read_buffer)
+            sm, exp = both[:sn], both[e0 - s0:]
+        else:
+            sm = self._rr.read(s0, sn)
+            exp = self._rr.read(e0, en, alloc=self._read_buffer)
         if self.verify:
             L_.check_regions(self.path, lay, sm, exp)
         return L_.decode_expert(self.path, lay, sm, exp, self._dctx())
+
+    def _read_buffer(self, n: int) -> np.ndarray:
+        """This thread's reusable read buffer, at least ``n`` bytes (a decoded expert keeps no
+        view of it: raw pieces are copied out), so reading an expert allocates nothing."""
+        buf = getattr(self._tls, "buf", None)
+        if buf is None or buf.size < n:
+            buf = self._tls.buf = aligned_empty(max(n, 1 << 20))
+        return buf[:n]
 
     def expert(self, layer: int, expert: int) -> ExpertWeights:
         """One expert's weights; decoded on first use and kept if ``keep_experts``."""
@@ -168,7 +227,5 @@ class ZmoeSource:
     def close(self):
         self._dense.clear()
         self._experts.clear()
-        if self._rr is not None:
-            self._rr.close()
-            self._rr = None
+        self._rr.close()
         self.reader.close()
