@@ -83,6 +83,7 @@ class ZmoeSource:
                                  str(self.path))
         except zmoe.ZmoeError:
             self.reader.close()
+            self._rr.close()
             raise
         self.verify = verify
         self.keep_experts = keep_experts
