@@ -359,7 +359,7 @@ def examine(path: str) -> dict:
                 r.expert_tensors(layer, e)
 
     def runtime(verify):
-        src = ZmoeSource(path, verify=verify)
+        src = ZmoeSource(path, verify=verify, check_model=False)   # a partial model
         try:
             for name, t in src.reader.tensors.items():
                 if "expert" not in t:
@@ -391,7 +391,7 @@ def _engine(path):
     shapes are the base's (matching weights to hyper-parameters is the model's business)."""
     from zipmoe_rt.engine.pipeline import ExpertEngine, budget_split
     from zipmoe_rt.engine.store import ZmoeSource
-    src = ZmoeSource(path, keep_experts=False, copy_dense=True)
+    src = ZmoeSource(path, keep_experts=False, copy_dense=True, check_model=False)
     try:
         src.hparams.update(BASE_HPARAMS)
         lays = src.layouts

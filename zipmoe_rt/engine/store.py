@@ -38,6 +38,9 @@ class ZmoeSource:
             source keeps none: budgeted runs, where resident bytes are then exactly what the
             budget counts); otherwise each dense tensor is read once and kept by the source.
             Either way dense tensors are in process memory, not in a map of the file.
+        check_model: check the stored hyper-parameters against the stored tensor shapes
+            (:func:`zipmoe_rt.families.check.check_stored_tensors`); off only for tools that
+            read containers which are not whole models (the fuzzer's partial bases).
 
     Attributes:
         hparams: normalised hyper-parameters (``hparams.*`` metadata, format/SPEC.md §3).
@@ -50,7 +53,7 @@ class ZmoeSource:
     """
 
     def __init__(self, path, verify: bool = True, keep_experts: bool = True,
-                 copy_dense: bool = False):
+                 copy_dense: bool = False, check_model: bool = True):
         # every read after the index goes through this descriptor: a file renamed over ``path``
         # or deleted while the model runs does not matter, one changed in place is detected by
         # the reads (RegionReader.read)
@@ -78,9 +81,10 @@ class ZmoeSource:
             self.hparams["family"] = self.metadata.get(Keys.General.FAMILY, "")
         # hyper-parameters size the runtime's buffers: they must agree with the stored shapes
         try:
-            check_stored_tensors(self.hparams,
-                                 {n: t["shape"] for n, t in self.reader.tensors.items()},
-                                 str(self.path))
+            if check_model:
+                check_stored_tensors(self.hparams,
+                                     {n: t["shape"] for n, t in self.reader.tensors.items()},
+                                     str(self.path))
         except zmoe.ZmoeError:
             self.reader.close()
             self._rr.close()
