@@ -28,7 +28,8 @@ SHAPE_FIELDS = {
     "expert_down": "moe_intermediate_size",
     "experts_gate_up": "num_experts, moe_intermediate_size",
     "experts_down": "num_experts, moe_intermediate_size",
-    "shared_gate": "shared_expert_intermediate_size", "shared_up": "shared_expert_intermediate_size",
+    "shared_gate": "shared_expert_intermediate_size",
+    "shared_up": "shared_expert_intermediate_size",
     "shared_down": "shared_expert_intermediate_size", "mlp_gate": "intermediate_size",
     "mlp_up": "intermediate_size", "mlp_down": "intermediate_size",
 }

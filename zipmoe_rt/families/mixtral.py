@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import tensors as T
 from .base import Family, register
 from .hparams import HParams
 
@@ -68,23 +69,12 @@ class Mixtral(Family):
     hf_config_class = "MixtralConfig"
     model_module = "mixtral"
     hparams_class = MixtralHParams
-    tensors = {
-        "embed": "model.embed_tokens.weight",
-        "attn_norm": "model.layers.{i}.input_layernorm.weight",
-        "attn_q": "model.layers.{i}.self_attn.q_proj.weight",
-        "attn_k": "model.layers.{i}.self_attn.k_proj.weight",
-        "attn_v": "model.layers.{i}.self_attn.v_proj.weight",
-        "attn_o": "model.layers.{i}.self_attn.o_proj.weight",
-        "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
-        "router": "model.layers.{i}.block_sparse_moe.gate.weight",
-        "expert_gate": "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
-        "expert_up": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
-        "expert_down": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
-        "norm": "model.norm.weight",
-        "lm_head": "lm_head.weight",
-    }
-    fused_tensors = {
-        "router": "model.layers.{i}.mlp.gate.weight",
-        "experts_gate_up": "model.layers.{i}.mlp.experts.gate_up_proj",
-        "experts_down": "model.layers.{i}.mlp.experts.down_proj",
-    }
+    tensors = T.llama_names(
+        without=("attn_q_bias", "attn_k_bias", "attn_v_bias", "attn_o_bias", "attn_q_norm",
+                 "attn_k_norm", "shared_gate", "shared_up", "shared_down", "shared_expert_gate",
+                 "mlp_gate", "mlp_up", "mlp_down"),
+        router="model.layers.{i}.block_sparse_moe.gate.weight",
+        expert_gate="model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
+        expert_up="model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
+        expert_down="model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight")
+    fused_tensors = dict(T.FUSED_EXPERT_NAMES, router="model.layers.{i}.mlp.gate.weight")

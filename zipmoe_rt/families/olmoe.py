@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import tensors as T
 from .base import Family, register
 from .hparams import ConfigError, HParams
 
@@ -106,28 +107,6 @@ class Olmoe(Family):
     hf_config_class = "OlmoeConfig"
     model_module = "olmoe"
     hparams_class = OlmoeHParams
-    tensors = {
-        "embed": "model.embed_tokens.weight",
-        "attn_norm": "model.layers.{i}.input_layernorm.weight",
-        "attn_q": "model.layers.{i}.self_attn.q_proj.weight",
-        "attn_q_bias": "model.layers.{i}.self_attn.q_proj.bias",
-        "attn_k": "model.layers.{i}.self_attn.k_proj.weight",
-        "attn_k_bias": "model.layers.{i}.self_attn.k_proj.bias",
-        "attn_v": "model.layers.{i}.self_attn.v_proj.weight",
-        "attn_v_bias": "model.layers.{i}.self_attn.v_proj.bias",
-        "attn_o": "model.layers.{i}.self_attn.o_proj.weight",
-        "attn_o_bias": "model.layers.{i}.self_attn.o_proj.bias",
-        "attn_q_norm": "model.layers.{i}.self_attn.q_norm.weight",
-        "attn_k_norm": "model.layers.{i}.self_attn.k_norm.weight",
-        "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
-        "router": "model.layers.{i}.mlp.gate.weight",
-        "expert_gate": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
-        "expert_up": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
-        "expert_down": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
-        "norm": "model.norm.weight",
-        "lm_head": "lm_head.weight",
-    }
-    fused_tensors = {
-        "experts_gate_up": "model.layers.{i}.mlp.experts.gate_up_proj",
-        "experts_down": "model.layers.{i}.mlp.experts.down_proj",
-    }
+    tensors = T.llama_names(without=("shared_gate", "shared_up", "shared_down",
+                                     "shared_expert_gate", "mlp_gate", "mlp_up", "mlp_down"))
+    fused_tensors = T.FUSED_EXPERT_NAMES

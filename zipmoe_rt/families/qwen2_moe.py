@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import tensors as T
 from .base import Family, register
 from .hparams import HParams, config_value, rope_parameters
 
@@ -110,32 +111,5 @@ class Qwen2Moe(Family):
     hf_config_class = "Qwen2MoeConfig"
     model_module = "qwen2_moe"
     hparams_class = Qwen2MoeHParams
-    tensors = {
-        "embed": "model.embed_tokens.weight",
-        "attn_norm": "model.layers.{i}.input_layernorm.weight",
-        "attn_q": "model.layers.{i}.self_attn.q_proj.weight",
-        "attn_q_bias": "model.layers.{i}.self_attn.q_proj.bias",
-        "attn_k": "model.layers.{i}.self_attn.k_proj.weight",
-        "attn_k_bias": "model.layers.{i}.self_attn.k_proj.bias",
-        "attn_v": "model.layers.{i}.self_attn.v_proj.weight",
-        "attn_v_bias": "model.layers.{i}.self_attn.v_proj.bias",
-        "attn_o": "model.layers.{i}.self_attn.o_proj.weight",
-        "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
-        "router": "model.layers.{i}.mlp.gate.weight",
-        "expert_gate": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
-        "expert_up": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
-        "expert_down": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
-        "shared_gate": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
-        "shared_up": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
-        "shared_down": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
-        "shared_expert_gate": "model.layers.{i}.mlp.shared_expert_gate.weight",
-        "mlp_gate": "model.layers.{i}.mlp.gate_proj.weight",
-        "mlp_up": "model.layers.{i}.mlp.up_proj.weight",
-        "mlp_down": "model.layers.{i}.mlp.down_proj.weight",
-        "norm": "model.norm.weight",
-        "lm_head": "lm_head.weight",
-    }
-    fused_tensors = {
-        "experts_gate_up": "model.layers.{i}.mlp.experts.gate_up_proj",
-        "experts_down": "model.layers.{i}.mlp.experts.down_proj",
-    }
+    tensors = T.llama_names(without=("attn_o_bias", "attn_q_norm", "attn_k_norm"))
+    fused_tensors = T.FUSED_EXPERT_NAMES

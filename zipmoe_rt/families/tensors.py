@@ -56,6 +56,59 @@ KEYS = {
     "norm": "final norm weight [H]",
     "lm_head": "output projection [V, H] (the embedding when tie_word_embeddings)",
 }
+#: the tensor names transformers' Llama-style MoE decoders use (Qwen2/3-MoE, OLMoE, and Mixtral
+#: apart from its ``block_sparse_moe`` experts): one table that families pick their keys from
+#: (:func:`llama_names`) instead of each spelling the names again.
+LLAMA_NAMES = {
+    "embed": "model.embed_tokens.weight",
+    "attn_norm": "model.layers.{i}.input_layernorm.weight",
+    "attn_q": "model.layers.{i}.self_attn.q_proj.weight",
+    "attn_q_bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "attn_k": "model.layers.{i}.self_attn.k_proj.weight",
+    "attn_k_bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "attn_v": "model.layers.{i}.self_attn.v_proj.weight",
+    "attn_v_bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "attn_o": "model.layers.{i}.self_attn.o_proj.weight",
+    "attn_o_bias": "model.layers.{i}.self_attn.o_proj.bias",
+    "attn_q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "attn_k_norm": "model.layers.{i}.self_attn.k_norm.weight",
+    "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "router": "model.layers.{i}.mlp.gate.weight",
+    "expert_gate": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
+    "expert_up": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
+    "expert_down": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
+    "shared_gate": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+    "shared_up": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+    "shared_down": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
+    "shared_expert_gate": "model.layers.{i}.mlp.shared_expert_gate.weight",
+    "mlp_gate": "model.layers.{i}.mlp.gate_proj.weight",
+    "mlp_up": "model.layers.{i}.mlp.up_proj.weight",
+    "mlp_down": "model.layers.{i}.mlp.down_proj.weight",
+    "norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+}
+#: transformers 5's in-memory names of expert-stacked tensors (the FUSED layout).
+FUSED_EXPERT_NAMES = {
+    "experts_gate_up": "model.layers.{i}.mlp.experts.gate_up_proj",
+    "experts_down": "model.layers.{i}.mlp.experts.down_proj",
+}
+
+
+def llama_names(without=(), **names) -> dict:
+    """A family's HUB name table: :data:`LLAMA_NAMES` less the keys in ``without`` (tensors the
+    family never has), with ``names`` (key=template) replacing or adding entries.
+
+    Raises:
+        KeyError: a key in ``without`` or ``names`` that is not in :data:`KEYS`.
+    """
+    for k in list(without) + list(names):
+        if k not in KEYS:
+            raise KeyError(f"unknown tensor key {k!r}")
+    table = {k: v for k, v in LLAMA_NAMES.items() if k not in without}
+    table.update(names)
+    return table
+
+
 #: per-expert keys of the HUB layout -> expert role (see ``ExpertRef.role``).
 EXPERT_ROLES = {"expert_gate": "gate", "expert_up": "up", "expert_down": "down"}
 #: stacked keys of the FUSED layout -> expert role.
