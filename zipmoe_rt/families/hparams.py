@@ -72,6 +72,39 @@ def rope_parameters(config: dict, default_theta: float = 10000.0) -> dict:
 _CASTS = {"int": int, "float": float, "bool": bool, "str": str}
 
 
+def _cast(field: str, key: str, kind: str, v):
+    """config.json value ``v`` of ``key`` as the field's type, refusing what transformers'
+    config classes would not hold (a string or a fraction where a count belongs, a bool where a
+    number belongs). Raises ConfigError naming the key."""
+    if kind == "int":
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if type(v) is not int:
+            raise ConfigError(f"config.json: {key} must be an integer, not {str(v)[:40]!r}")
+        return v
+    if kind == "float":
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"config.json: {key} must be a number, not {str(v)[:40]!r}")
+        return float(v)
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise ConfigError(f"config.json: {key} must be true or false, not {str(v)[:40]!r}")
+        return v
+    if kind == "str" and not isinstance(v, str):
+        raise ConfigError(f"config.json: {key} must be a string, not {str(v)[:40]!r}")
+    return v
+
+
+#: integer fields and the smallest value each may take.
+_COUNTS = {"vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
+           "num_key_value_heads": 1, "head_dim": 2, "max_position_embeddings": 1,
+           "sliding_window": 0, "num_experts": 0, "num_experts_per_tok": 0,
+           "moe_intermediate_size": 0, "intermediate_size": 0,
+           "shared_expert_intermediate_size": 0, "max_window_layers": 0}
+#: RoPE types the runtime implements (models/rope.py).
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
 @dataclass
 class HParams:
     """Normalised hyper-parameters shared by the MoE families (units: element counts unless
@@ -145,7 +178,8 @@ class HParams:
                                          "num_key_value_heads", "head_dim")
 
     def __post_init__(self):
-        if self.head_dim is None:
+        if (self.head_dim is None and type(self.num_attention_heads) is int
+                and self.num_attention_heads > 0 and type(self.hidden_size) is int):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.rope is None:
             self.rope = {"rope_type": "default", "rope_theta": float(self.DEFAULT_ROPE_THETA)}
@@ -176,7 +210,7 @@ class HParams:
                 if f.name in cls.REQUIRED and " / ".join(keys) not in missing:
                     missing.append(" / ".join(keys))
                 continue
-            kw[f.name] = _CASTS.get(str(f.type).split(" |")[0], lambda x: x)(v)
+            kw[f.name] = _cast(f.name, keys[0], str(f.type).split(" |")[0], v)
         if missing:
             raise ConfigError(f"config.json: missing {', '.join(missing)}")
         if "num_key_value_heads" in config and config["num_key_value_heads"] is None:
@@ -186,6 +220,10 @@ class HParams:
         if hp.hidden_act != "silu":
             raise ConfigError(f"config.json: hidden_act {hp.hidden_act!r} is not supported "
                               f"(silu only)")
+        try:    # every check the runtime makes on load, on a copy (validate fills fields in)
+            copy.deepcopy(hp).validate()
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config.json: {e}") from None
         if hp.num_attention_heads % hp.num_key_value_heads:
             raise ConfigError("config.json: num_attention_heads must be a multiple of "
                               "num_key_value_heads")
@@ -260,6 +298,7 @@ class HParams:
             ValueError: heads not a multiple of KV heads, odd head_dim (RoPE), top-k outside
                 1..num_experts with sparse layers, or ``layer_types`` of the wrong length.
         """
+        self._check_values()
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim % 2:
@@ -269,6 +308,46 @@ class HParams:
                              f"1..num_experts {self.num_experts}")
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ValueError("layer_types must list one entry per layer")
+
+    def _check_values(self) -> None:
+        """Types and ranges of every value the kernels and tables are sized or computed from
+        (a file or config from a stranger may hold anything). Raises ValueError naming the
+        field."""
+        import math
+        for name, lo in _COUNTS.items():
+            v = getattr(self, name, None)
+            if v is None:
+                continue
+            if type(v) is not int or not lo <= v < 2 ** 31:
+                raise ValueError(f"{name}: {str(v)[:40]!r} is not an integer in {lo}..2**31-1")
+        eps = self.rms_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
+                math.isfinite(eps) and eps > 0):
+            raise ValueError(f"rms_norm_eps: {str(eps)[:40]!r} is not a positive finite number")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act: {str(self.hidden_act)[:40]!r} is not supported "
+                             f"(silu only)")
+        rope = self.rope if self.rope is not None else {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope: {str(rope)[:40]!r} is not an object")
+        theta = rope.get("rope_theta", self.DEFAULT_ROPE_THETA)
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (
+                math.isfinite(theta) and theta > 0):
+            raise ValueError(f"rope.rope_theta: {str(theta)[:40]!r} is not a positive finite "
+                             f"number")
+        rtype = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if rtype not in ROPE_TYPES:
+            raise ValueError(f"rope.rope_type: {str(rtype)[:40]!r} is not supported "
+                             f"({', '.join(ROPE_TYPES)})")
+        for k in ("factor", "attention_factor", "original_max_position_embeddings"):
+            v = rope.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not (math.isfinite(v) and v > 0)):
+                raise ValueError(f"rope.{k}: {str(v)[:40]!r} is not a positive finite number")
+        clip = getattr(self, "clip_qkv", None)
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                                 or not (math.isfinite(clip) and clip > 0)):
+            raise ValueError(f"clip_qkv: {str(clip)[:40]!r} is not a positive finite number")
 
     def window(self, layer: int) -> int:
         """Sliding window of ``layer`` in tokens, 0 for full attention."""
