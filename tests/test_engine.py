@@ -32,7 +32,7 @@ import zipmoe_rt
 from zipmoe_rt.api import parse_size
 from zipmoe_rt.engine import layout as L_
 from zipmoe_rt.engine.io import IO_DEPTH
-from zipmoe_rt.engine import pipeline
+from zipmoe_rt.engine import buffers
 from zipmoe_rt.engine import calibration
 from zipmoe_rt.engine import profile as prof
 from zipmoe_rt.engine.pipeline import ExpertEngine, budget_split
@@ -1059,7 +1059,7 @@ def test_long_lived_slot_buffers_live_in_their_own_memory_maps(tmp_path):
     copied into an anonymous map, one already mapped is kept as is; a read can go straight
     into such a map, page-aligned, with the file's bytes."""
     from zipmoe_rt.engine.io import PAGE, RegionReader, aligned_empty, anon_array
-    from zipmoe_rt.engine.pipeline import _long_lived
+    from zipmoe_rt.engine.slots import _long_lived
     data = bytes(range(256)) * 40
     f = tmp_path / "blob"
     f.write_bytes(data)
@@ -1333,13 +1333,13 @@ def test_read_buffers_are_reused_and_never_shared_with_a_slot(tiny_case, monkeyp
     moving zipmoe slot adopted is handed to a later read."""
     case = tiny_case("mixtral")
     made = []
-    real = pipeline.anon_array
+    real = buffers.anon_array
 
     def counting(nbytes):
         made.append(nbytes)
         return real(nbytes)
 
-    monkeypatch.setattr(pipeline, "anon_array", counting)
+    monkeypatch.setattr(buffers, "anon_array", counting)
     source = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
     engine = ExpertEngine(source, case.budget("min"), "zip-lru", workers=WORKERS, io_depth=4)
     try:
