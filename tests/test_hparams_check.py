@@ -110,3 +110,55 @@ def test_verify_refuses_hparams_lying_about_shapes(tiny, tmp_path):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert "num_attention_heads" in r.stderr and "self_attn." in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("rms_norm_eps", -1.0, "rms_norm_eps"),
+    ("rms_norm_eps", "x", "rms_norm_eps"),
+    ("rope", {"rope_type": "default", "rope_theta": 0.0}, "rope.rope_theta"),
+    ("rope", {"rope_type": "weird", "rope_theta": 1e4}, "rope.rope_type"),
+    ("rope", [1, 2], "rope"),
+    ("hidden_act", "relu", "hidden_act"),
+    ("num_experts_per_tok", 9, "num_experts_per_tok"),
+])
+def test_stored_values_the_model_cannot_use_are_refused(tiny, tmp_path, key, value, needle):
+    """Values that made `run` fail with 'division by zero' or compute SiLU for another
+    activation: refused on load naming the file and the field."""
+    bad = edited(tiny["huffman"], tmp_path / "bad.zmoe", _set_hparam(key, value))
+    msg = _load_error(bad)
+    assert needle in msg and str(bad) in msg, msg
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("num_experts_per_tok", 9, "num_experts_per_tok"),
+    ("rms_norm_eps", -1.0, "rms_norm_eps"),
+    ("rms_norm_eps", "tiny", "rms_norm_eps"),
+    ("rope_theta", 0, "rope_theta"),
+    ("rope_theta", "big", "rope_theta"),
+    ("hidden_size", 64.5, "hidden_size"),
+    ("num_attention_heads", "four", "num_attention_heads"),
+    ("num_hidden_layers", True, "num_hidden_layers"),
+    ("num_hidden_layers", -2, "num_hidden_layers"),
+    ("num_key_value_heads", 0, "num_key_value_heads"),
+])
+def test_convert_refuses_config_values_the_runtime_would_refuse(tiny_moe_dir, tmp_path, key,
+                                                                value, needle):
+    """convert used to accept these and write a file `run` then refused (or read 64.5 as 64,
+    true as 1 layer): now a ConversionError naming config.json and the key, nothing written."""
+    import json
+    import shutil
+
+    from zipmoe_rt.convert.converter import ConversionError, convert
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_moe_dir("mixtral"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    if key == "rope_theta" and isinstance(cfg.get("rope_parameters"), dict):
+        cfg["rope_parameters"][key] = value        # transformers 5 spelling
+    else:
+        cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "m.zmoe"
+    with pytest.raises(ConversionError) as ei:
+        convert(folder, out, progress=False)
+    assert "config.json" in str(ei.value) and needle in str(ei.value), str(ei.value)
+    assert not out.exists() and not list(tmp_path.glob("m.zmoe.tmp*"))

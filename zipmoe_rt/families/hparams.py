@@ -56,16 +56,28 @@ def rope_parameters(config: dict, default_theta: float = 10000.0) -> dict:
     Returns:
         a new dict with at least ``rope_type`` (``"default"`` when unset) and ``rope_theta``
         (float); scaling fields as given (``type`` renamed to ``rope_type``).
+    Raises:
+        ConfigError: ``rope_parameters`` / ``rope_scaling`` not an object, or a rope_theta
+            that is not a number.
     """
     rp = config.get("rope_parameters")
+    if rp is not None and not isinstance(rp, dict):
+        raise ConfigError(f"config.json: rope_parameters must be an object, not {str(rp)[:40]!r}")
+    scaling = config.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"config.json: rope_scaling must be an object, not "
+                          f"{str(scaling)[:40]!r}")
     if isinstance(rp, dict) and "rope_theta" in rp:
         out = dict(rp)
     else:
-        out = dict(config.get("rope_scaling") or {})
-        out["rope_theta"] = float(config_value(config, "rope_theta", default_theta))
+        out = dict(scaling or {})
+        out["rope_theta"] = config_value(config, "rope_theta", default_theta)
     t = out.pop("type", None)
     out["rope_type"] = out.get("rope_type") or t or "default"
-    out["rope_theta"] = float(out["rope_theta"])
+    theta = out["rope_theta"]
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ConfigError(f"config.json: rope_theta must be a number, not {str(theta)[:40]!r}")
+    out["rope_theta"] = float(theta)
     return out
 
 
