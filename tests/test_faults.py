@@ -49,7 +49,7 @@ def tiny_zmoe(tiny_src, tmp_path_factory) -> Path:
 def child_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "ZIPMOE_RT_DEBUG"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "format"), str(ROOT / "tests")]
-                                        + [env["PYTHONPATH"]] * bool(env.get("PYTHONPATH")))
+                                        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
