@@ -173,7 +173,8 @@ def merge_chunks(chunks, raw_sizes, sm, dtype: str, exp_codec: str = DEFAULT_EXP
 
     Raises:
         ValueError: an unknown codec or dtype, a chunk that does not decode to its recorded
-            size, or raw sizes that do not add up to the sign+mantissa plane's elements.
+            size (the message starts with ``exponent chunk i:``), or raw sizes that do not add
+            up to the sign+mantissa plane's elements.
     """
     _, _, wb, sb = _planes_layout(dtype)
     check_codec(exp_codec)
@@ -187,8 +188,11 @@ def merge_chunks(chunks, raw_sizes, sm, dtype: str, exp_codec: str = DEFAULT_EXP
         out = np.empty(n, _WORD[wb])
     buf = np.empty(max(sizes, default=0), np.uint8)
     pos = 0
-    for c, r in zip(chunks, sizes):
-        e = decompress_chunk(c, r, exp_codec, decompressor, buf[:r])
+    for i, (c, r) in enumerate(zip(chunks, sizes)):
+        try:
+            e = decompress_chunk(c, r, exp_codec, decompressor, buf[:r])
+        except ValueError as err:
+            raise type(err)(f"exponent chunk {i}: {err}") from None
         merge_planes(e, sm[pos * sb:(pos + r) * sb], dtype, out=out[pos:pos + r])
         pos += r
     return out
