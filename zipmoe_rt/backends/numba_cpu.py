@@ -14,10 +14,10 @@ from ..kernels import norm as _norm
 from ..kernels import routing as _routing
 from ..kernels import swiglu as _swiglu
 from ..kernels.linear import bf16_rows, linear_into
-from .base import Backend, check_qk_norm
+from .base import Backend, HostArrays, check_qk_norm
 
 
-class NumbaBackend(Backend):
+class NumbaBackend(HostArrays, Backend):
     """Numba CPU kernels over numpy arrays (``get_backend("numba")``, the default).
 
     Parallel kernels run on Numba's threading layer and must be called from one thread (the
@@ -25,22 +25,6 @@ class NumbaBackend(Backend):
     """
 
     name = "numba"
-
-    def empty(self, shape, dtype=np.float32):
-        """``np.empty``."""
-        return np.empty(shape, dtype)
-
-    def zeros(self, shape, dtype=np.float32):
-        """``np.zeros``."""
-        return np.zeros(shape, dtype)
-
-    def from_host(self, a):
-        """``np.ascontiguousarray`` (no copy when already contiguous)."""
-        return np.ascontiguousarray(a)
-
-    def to_host(self, a):
-        """``np.asarray`` (no copy)."""
-        return np.asarray(a)
 
     def embed(self, W, ids):
         """:func:`~zipmoe_rt.kernels.linear.bf16_rows`."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Backend, check_qk_norm, to_f32
+from .base import Backend, HostArrays, check_qk_norm, to_f32
 
 _F32 = np.float32
 
@@ -32,26 +32,10 @@ def _rotate_half(v: np.ndarray) -> np.ndarray:
     return np.concatenate([-v[..., half:], v[..., :half]], axis=-1)
 
 
-class NumpyBackend(Backend):
+class NumpyBackend(HostArrays, Backend):
     """Reference ops in NumPy float32 (``get_backend("numpy")``)."""
 
     name = "numpy"
-
-    def empty(self, shape, dtype=np.float32):
-        """``np.empty``."""
-        return np.empty(shape, dtype)
-
-    def zeros(self, shape, dtype=np.float32):
-        """``np.zeros``."""
-        return np.zeros(shape, dtype)
-
-    def from_host(self, a):
-        """``np.ascontiguousarray``."""
-        return np.ascontiguousarray(a)
-
-    def to_host(self, a):
-        """``np.asarray``."""
-        return np.asarray(a)
 
     def embed(self, W, ids):
         """``W[ids]`` widened to float32."""
