@@ -683,3 +683,15 @@ def test_run_and_chat_default_model(default_zmoe):
                        input=f"{q}\nAnd of Italy?\n", capture_output=True, text=True)
     assert c.returncode == 0, c.stderr
     assert c.stdout == ref["want"] + "\n" + ref["follow"] + "\n"
+
+
+def test_convert_output_naming_a_folder_is_refused(tmp_path):
+    """`convert -o DIR/` (a trailing slash: the user means a folder) used to write a file named
+    DIR; now one error line naming the option, and nothing is written."""
+    out = tmp_path / "models"
+    r = cli("convert", tmp_path, "-o", f"{out}/")
+    assert r.exit_code != 0 and "names a folder" in r.stderr and "--output" in r.stderr, r.stderr
+    assert not out.exists()
+    out.mkdir()
+    r = cli("convert", tmp_path, "-o", out)
+    assert r.exit_code != 0 and "is a directory" in r.stderr, r.stderr

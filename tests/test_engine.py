@@ -1252,7 +1252,7 @@ def test_calibration_prices_reads_at_the_io_depth_throughput(tiny_case, monkeypa
         n = min(6, len(src.layouts))
         assert len(made) == 1 and made[0].calls == 4 * n and made[0].most == 3
         assert cal["version"] == prof.CALIB_VERSION and cal["io_depth"] == 3
-        assert 1.5 < cal["io_speedup"] <= 3.5
+        assert cal["io_speedup"] > 1.0     # overlapped reads priced faster (no timing bound)
         assert cal["sm_read_s"] == pytest.approx(cal["sm_read_qd1_s"] / cal["io_speedup"])
         assert cal["exp_read_s"] == pytest.approx(cal["exp_read_qd1_s"] / cal["io_speedup"])
         one = prof.calibrate(src, samples=6, io_depth=1)

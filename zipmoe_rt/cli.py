@@ -120,7 +120,7 @@ def main():
 # -- format verbs -------------------------------------------------------------------------------
 @main.command()
 @click.argument("hf_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
               help="the .zmoe file to write")
 @click.option("--chunks", type=click.IntRange(min=1), default=4, show_default=True,
               help="independently compressed exponent chunks per expert tensor (K)")
@@ -146,6 +146,10 @@ def convert(hf_dir, output, chunks, dense_encoding, expert_encoding, exp_codec, 
     """
     from .convert.converter import convert as do_convert
     from .convert.export import summarize
+    if output.endswith(("/", os.sep)):
+        raise click.BadParameter(f"{output} names a folder; give the .zmoe file to write",
+                                 param_hint="'-o' / '--output'")
+    output = Path(output)
     out = do_convert(hf_dir, output, chunks=chunks, dense_encoding=dense_encoding, threads=threads,
                      verify=not no_verify, progress=not quiet, overwrite=force,
                      expert_encoding=expert_encoding, exp_codec=exp_codec)
