@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zipmoe_rt.kernels.linear import (bf16_rows, expert_accumulate, linear, swiglu_expert,
-                                      widen_bf16)
+from zipmoe_rt.kernels.linear import bf16_rows, linear, widen_bf16
+from zipmoe_rt.kernels.swiglu import expert_accumulate, swiglu_expert
 from zipmoe_rt.models import build_model
 from zipmoe_rt.families import HParams
 from zipmoe_rt.models.base import ExpertExecutor, KVCache, rope_inv_freq
@@ -363,7 +363,7 @@ def test_forward_rejects_bad_ids(loaded):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_experts_decode_matches_per_expert(k):
-    from zipmoe_rt.kernels.linear import experts_decode
+    from zipmoe_rt.kernels.swiglu import experts_decode
     from zipmoe_rt.models.weights import ExpertWeights
 
     rng = np.random.default_rng(k)

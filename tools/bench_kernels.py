@@ -53,7 +53,8 @@ def main(argv=None) -> None:
     from zipmoe_rt.kernels import set_wait_policy
 
     set_wait_policy(args.wait_policy)
-    from zipmoe_rt.kernels.linear import linear, linear_into, swiglu_expert, widen_bf16
+    from zipmoe_rt.kernels.linear import linear, linear_into, widen_bf16
+    from zipmoe_rt.kernels.swiglu import swiglu_expert
 
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     linear(np.ones((1, 1024), np.float32), np.zeros((1024, 1024), np.uint16))  # start threads

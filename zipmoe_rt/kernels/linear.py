@@ -1,6 +1,6 @@
 """Numba CPU kernels for the dense algebra of a decoder: ``y = x @ W.T (+ bias)`` on BF16 weights
 read in place, and embedding rows widened on the fly. The fused SwiGLU expert kernels built on
-these live in :mod:`zipmoe_rt.kernels.swiglu` (also importable from here, as before).
+these live in :mod:`zipmoe_rt.kernels.swiglu`.
 
 Weights arrive the way :mod:`zipmoe_rt.models.weights` hands them out: ``[out, in]`` like
 ``torch.nn.Linear.weight``, BF16 as ``uint16`` bit patterns (the fast path), FP16 as ``float16``
@@ -34,13 +34,7 @@ import os
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-__all__ = [
-    "linear", "linear_into", "swiglu_expert", "swiglu_hidden", "expert_accumulate", "widen_bf16",
-    "bf16_rows", "weight_kind", "experts_decode",
-]
-
-#: names defined in :mod:`.swiglu`, importable from this module too (see :func:`__getattr__`)
-_SWIGLU_NAMES = ("swiglu_expert", "swiglu_hidden", "expert_accumulate", "experts_decode")
+__all__ = ["linear", "linear_into", "widen_bf16", "bf16_rows", "weight_kind"]
 
 #: Numba options of the parallel kernels (shared by the kernel modules of this package).
 JIT_PARALLEL = dict(parallel=True, nogil=True, cache=True, fastmath=True)
@@ -492,11 +486,3 @@ def bf16_rows(W: np.ndarray, ids: np.ndarray) -> np.ndarray:
     (_rows_bf16 if kind == "bf16" else _rows_f16)(W.view(np.uint16), ids, out)
     return out
 
-
-def __getattr__(name):
-    """The SwiGLU expert kernels (:mod:`.swiglu`) under their old home, loaded on first use
-    (``from zipmoe_rt.kernels.linear import experts_decode`` keeps working)."""
-    if name in _SWIGLU_NAMES:
-        from . import swiglu
-        return getattr(swiglu, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
