@@ -18,10 +18,9 @@ import numpy as np
 import zstandard as zstd
 
 import zmoe
-from zmoe.constants import Keys
 from zmoe.reader import NUMPY_DTYPES
 
-from ..families.check import check_stored_tensors
+from ..families.check import check_reader, stored_hparams
 from ..models.weights import ExpertWeights
 from . import layout as L_
 from .io import ModelFileError, RegionReader, aligned_empty
@@ -74,17 +73,11 @@ class ZmoeSource:
             self._rr.close()
             raise
         self.metadata = self.reader.metadata
-        prefix = Keys.HParams.PREFIX
-        self.hparams = {k[len(prefix):]: v for k, v in self.metadata.items()
-                        if k.startswith(prefix)}
-        if "family" not in self.hparams:
-            self.hparams["family"] = self.metadata.get(Keys.General.FAMILY, "")
+        self.hparams = stored_hparams(self.metadata)
         # hyper-parameters size the runtime's buffers: they must agree with the stored shapes
         try:
             if check_model:
-                check_stored_tensors(self.hparams,
-                                     {n: t["shape"] for n, t in self.reader.tensors.items()},
-                                     str(self.path))
+                check_reader(self.reader, str(self.path))
         except zmoe.ZmoeError:
             self.reader.close()
             self._rr.close()

@@ -12,6 +12,7 @@ to run on every load and in ``zipmoe-rt verify``.
 from __future__ import annotations
 
 import zmoe
+from zmoe.constants import Keys
 
 from . import tensors as T
 from .base import UnknownFamilyError, get_family
@@ -79,8 +80,8 @@ def check_stored_tensors(hparams: dict, shapes: dict, where: str):
     moe = [i for i in hp.moe_layers if isinstance(i, int) and 0 <= i < hp.num_hidden_layers]
     if len(moe) != len(hp.moe_layers):
         _fail(where, f"hparams.moe_layers: entries outside 0..{hp.num_hidden_layers - 1}")
-    fused = any(fam.expert_tensor(n) is not None and fam.expert_tensor(n).expert is None
-                for n in shapes)
+    fused = any(ref is not None and ref.expert is None
+                for ref in map(fam.expert_tensor, shapes))
     if not fused and len(moe) * hp.num_experts * 3 > len(shapes):
         _fail(where, f"hparams.num_experts: {hp.num_experts} experts in {len(moe)} sparse "
                      f"layers need {len(moe) * hp.num_experts * 3} expert tensors, but the file "
@@ -106,3 +107,19 @@ def check_stored_tensors(hparams: dict, shapes: dict, where: str):
             _fail(where, f"no {kind} {s.name!r}, which the stored hyper-parameters imply"
                          + (f" for layer {s.layer}" if s.layer is not None else ""))
     return hp
+
+
+def stored_hparams(metadata: dict) -> dict:
+    """The ``hparams.*`` metadata of a container without the prefix, ``family`` filled from
+    ``general.family`` when absent (format/SPEC.md §3)."""
+    prefix = Keys.HParams.PREFIX
+    hp = {k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix)}
+    hp.setdefault("family", metadata.get(Keys.General.FAMILY, ""))
+    return hp
+
+
+def check_reader(reader, where: str):
+    """:func:`check_stored_tensors` for an open :class:`zmoe.ZmoeReader` (as ``verify`` and the
+    runtime's :class:`~zipmoe_rt.engine.store.ZmoeSource` run it). Raises like it."""
+    return check_stored_tensors(stored_hparams(reader.metadata),
+                                {n: t["shape"] for n, t in reader.tensors.items()}, where)

@@ -1,0 +1,94 @@
+"""The container verbs of the ``zipmoe-rt`` command line: ``convert``, ``export``, ``verify`` and
+``inspect`` (registered on :func:`zipmoe_rt.cli.main`, which imports this module; the
+generation verbs live in :mod:`zipmoe_rt.cli`)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from .cli import friendly_errors, main
+
+
+@main.command()
+@click.argument("hf_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="the .zmoe file to write")
+@click.option("--chunks", type=click.IntRange(min=1), default=4, show_default=True,
+              help="independently compressed exponent chunks per expert tensor (K)")
+@click.option("--dense-encoding", type=click.Choice(["raw", "bitplane"]), default="raw",
+              show_default=True, help="how to store non-expert tensors")
+@click.option("--expert-encoding", type=click.Choice(["bitplane", "raw"]), default="bitplane",
+              show_default=True, help="raw keeps experts uncompressed (the raw-lru baseline)")
+@click.option("--exp-codec", type=click.Choice(["huffman", "zstd"]), default="huffman",
+              show_default=True, help="codec of the exponent chunks (format/SPEC.md §5.2)")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="compression threads [default: all cores]")
+@click.option("--no-verify", is_flag=True, help="skip decoding the result and comparing it with the source")
+@click.option("-f", "--force", is_flag=True, help="replace OUTPUT if it exists")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+@friendly_errors
+def convert(hf_dir, output, chunks, dense_encoding, expert_encoding, exp_codec, threads, no_verify,
+            force, quiet):
+    """Convert a Hugging Face MoE checkpoint folder to .zmoe (lossless).
+
+    Reads config.json, safetensors (single or sharded), tokenizer.json, tokenizer_config.json or
+    chat_template.jinja and generation_config.json. Writes a temporary file and renames it only
+    when complete and verified bit for bit against the source.
+    """
+    from .convert.converter import convert as do_convert
+    from .convert.export import summarize
+    if output.endswith(("/", os.sep)):
+        raise click.BadParameter(f"{output} names a folder; give the .zmoe file to write",
+                                 param_hint="'-o' / '--output'")
+    output = Path(output)
+    out = do_convert(hf_dir, output, chunks=chunks, dense_encoding=dense_encoding, threads=threads,
+                     verify=not no_verify, progress=not quiet, overwrite=force,
+                     expert_encoding=expert_encoding, exp_codec=exp_codec)
+    click.echo(summarize(out, show_tensors=False).split("\n")[0])
+    click.echo("\n".join(l for l in summarize(out, show_tensors=False).split("\n")
+                         if l.startswith("  expert") or l.startswith("  dense")))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="folder to write (must not exist or be empty)")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+@friendly_errors
+def export(model, output, quiet):
+    """Write a .zmoe back as a Hugging Face folder (safetensors byte-identical to the source)."""
+    from .convert.export import export as do_export
+    do_export(model, output, progress=not quiet)
+    click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+@friendly_errors
+def verify(model, quiet):
+    """Check every checksum of a .zmoe file and that every exponent chunk decodes."""
+    import zmoe
+    from tqdm.auto import tqdm
+
+    from .engine.layout import expert_layouts
+    from .families.check import check_reader
+    with zmoe.ZmoeReader(model) as r:   # opening validates the index (format/SPEC.md §9)
+        check_reader(r, str(model))     # hyper-parameters agree with the shapes, as on load
+        expert_layouts(r)               # and every expert block is one the runtime can build
+        with tqdm(total=len(r.tensors), unit="tensor", desc="verify", disable=quiet) as bar:
+            r.verify(progress=lambda _: bar.update(1))
+        click.echo(f"{model}: OK ({len(r.tensors)} tensors, {len(r.experts)} expert blocks, "
+                   f"all checksums match)")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--no-tensors", is_flag=True, help="metadata and totals only")
+@friendly_errors
+def inspect(model, no_tensors):
+    """Print a .zmoe's metadata, tensor table and bits per weight (experts and dense)."""
+    from .convert.export import summarize
+    click.echo(summarize(model, show_tensors=not no_tensors))
