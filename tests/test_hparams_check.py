@@ -162,3 +162,12 @@ def test_convert_refuses_config_values_the_runtime_would_refuse(tiny_moe_dir, tm
         convert(folder, out, progress=False)
     assert "config.json" in str(ei.value) and needle in str(ei.value), str(ei.value)
     assert not out.exists() and not list(tmp_path.glob("m.zmoe.tmp*"))
+
+
+def test_layer_count_beyond_the_file_is_refused_before_layers_are_listed(tiny):
+    """moe_layers empty lets a family list every layer: a claimed 2**31-1 layers must be
+    refused from the tensor count first, not expanded."""
+    hp, shapes = _shapes(tiny["huffman"])
+    hp.update(num_hidden_layers=2 ** 31 - 1, moe_layers=[])
+    with pytest.raises(zmoe.CorruptIndexError, match="num_hidden_layers: 2147483647 layers"):
+        check_stored_tensors(hp, shapes, "f")

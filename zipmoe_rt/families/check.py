@@ -35,11 +35,6 @@ SHAPE_FIELDS = {
     "mlp_up": "intermediate_size", "mlp_down": "intermediate_size",
 }
 
-#: hyper-parameters that size arrays: each must be an int in 0..2**31-1.
-_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-          "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
-          "moe_intermediate_size", "intermediate_size", "shared_expert_intermediate_size")
-
 
 def _fail(where: str, msg: str):
     raise zmoe.CorruptIndexError(f"{where}: {msg}")
@@ -56,8 +51,8 @@ def check_stored_tensors(hparams: dict, shapes: dict, where: str):
     Returns:
         the family's typed hyper-parameters (:class:`~zipmoe_rt.families.hparams.HParams`).
     Raises:
-        zmoe.CorruptIndexError: an unknown family, a size hyper-parameter that is not a
-            non-negative int below 2**31, inconsistent hyper-parameters, a tensor whose shape
+        zmoe.CorruptIndexError: an unknown family, a hyper-parameter of the wrong type or out
+            of range (:meth:`~.hparams.HParams.validate`), inconsistent hyper-parameters, a tensor whose shape
             differs from the one they imply (tensor, both shapes and the hyper-parameters named),
             a missing dense tensor, or a sparse layer without all of its routed experts.
     """
@@ -65,15 +60,11 @@ def check_stored_tensors(hparams: dict, shapes: dict, where: str):
         fam = get_family(hparams.get("family"))
     except UnknownFamilyError as e:
         _fail(where, f"hparams.family: {e}")
-    for k in _SIZES:
-        v = hparams.get(k)
-        if v is not None and (type(v) is not int or not 0 <= v < 2 ** 31):
-            _fail(where, f"hparams.{k}: {str(v)[:40]!r} is not an integer in 0..2**31-1")
     layers = hparams.get("num_hidden_layers")
-    if isinstance(layers, int) and layers > len(shapes):
+    if type(layers) is int and layers > len(shapes):    # before validate lists every layer
         _fail(where, f"hparams.num_hidden_layers: {layers} layers, but the file holds only "
                      f"{len(shapes)} tensors")
-    try:
+    try:    # types and ranges of every value (HParams.validate)
         hp = fam.hparams_class.from_hparams(hparams)
     except (ValueError, TypeError, KeyError) as e:
         _fail(where, f"hparams: {e}")

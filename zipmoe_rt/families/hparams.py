@@ -18,6 +18,7 @@ Importable without torch and Numba.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -325,7 +326,6 @@ class HParams:
         """Types and ranges of every value the kernels and tables are sized or computed from
         (a file or config from a stranger may hold anything). Raises ValueError naming the
         field."""
-        import math
         for name, lo in _COUNTS.items():
             v = getattr(self, name, None)
             if v is None:
