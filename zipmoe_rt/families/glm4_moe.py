@@ -155,7 +155,7 @@ class Glm4MoeHParams(HParams):
         prf = 1.0 if prf is None else prf
         if isinstance(prf, bool) or not isinstance(prf, (int, float)) or not 0 < prf <= 1 or (
                 int(self.head_dim * prf) % 2 or int(self.head_dim * prf) < 2):
-            raise ValueError(f"rope.partial_rotary_factor: {str(prf)[:40]!r} must be in (0, 1] "
+            raise ValueError(f"rope.partial_rotary_factor {str(prf)[:40]} must be in (0, 1] "
                              f"and give an even, non-zero number of the {self.head_dim} head "
                              f"dimensions")
         rsf = self.routed_scaling_factor
