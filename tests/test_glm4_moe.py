@@ -232,3 +232,35 @@ def test_missing_correction_bias_is_named(tiny_moe_dir, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             convert(folder, tmp_path / "x.zmoe", progress=False)
+
+
+def test_multi_token_prediction_layer_is_stored_and_skipped(tiny_moe_dir, tmp_path):
+    """Released GLM-4.5 files carry a multi-token-prediction layer past the decoder
+    (``model.layers.{num_hidden_layers}.*``, experts included), which transformers skips: the
+    converter keeps it as unused tensors (one warning naming them, byte-identical export) and
+    the model is the same."""
+    from zipmoe_rt.convert.converter import ConversionWarning, convert
+    from zipmoe_rt.convert.export import export
+    from zipmoe_rt.engine.store import ZmoeSource
+
+    def add_mtp(t):
+        for name in [n for n in t if n.startswith("model.layers.2.")]:
+            t[name.replace("model.layers.2.", "model.layers.3.")] = t[name].clone()
+        t["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128, dtype=torch.bfloat16)
+
+    src = tiny_moe_dir("glm4_moe")
+    folder = _variant(src, tmp_path / "mtp", config=lambda c: c.update(num_nextn_predict_layers=1),
+                      tensors=add_mtp)
+    with pytest.warns(ConversionWarning, match=r"not used .*model\.layers\.3\.eh_proj\.weight"):
+        out = convert(folder, tmp_path / "mtp.zmoe", progress=False)
+    source = ZmoeSource(out)
+    try:
+        m = build_model(source)
+        a = m.forward(PROMPT, m.new_cache(), last_only=False)
+    finally:
+        source.close()
+    b = build_model(CheckpointSource(src))
+    assert np.array_equal(a, b.forward(PROMPT, b.new_cache(), last_only=False))
+    export(out, tmp_path / "exported", progress=False)
+    assert ((tmp_path / "exported" / "model.safetensors").read_bytes()
+            == (folder / "model.safetensors").read_bytes())
