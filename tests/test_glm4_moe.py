@@ -150,6 +150,11 @@ def _cfg(**kw):
                           "partial_rotary_factor": 0.75}, partial_rotary_factor=0.25),
     dict(rope_parameters={"rope_type": "default", "rope_theta": 7.0}),
     dict(first_k_dense_replace=2, n_shared_experts=3, use_qk_norm=True),
+    # as GLM-4.5's config.json spells it (transformers 4 keys, head_dim given)
+    dict(rope_parameters=..., rope_theta=1000000, rope_scaling=None, partial_rotary_factor=0.5,
+         head_dim=128, num_hidden_layers=5, first_k_dense_replace=3, n_routed_experts=16,
+         num_experts_per_tok=8, routed_scaling_factor=2.5, use_qk_norm=True,
+         num_nextn_predict_layers=1, torch_dtype="bfloat16"),
     dict(first_k_dense_replace=..., n_shared_experts=..., n_group=..., topk_group=...,
          routed_scaling_factor=..., norm_topk_prob=...),
 ])
