@@ -171,11 +171,17 @@ class SparseMoeBlock:
         """float32 [T, E] router logits for x float32 [T, H] (usable for look-ahead)."""
         return self.backend.linear(x, self.gate)
 
+    def route(self, logits) -> tuple[np.ndarray, np.ndarray]:
+        """Routing decisions for float32 [T, E] router logits: host (topk_idx int64 [T, k],
+        topk_w float32 [T, k]); here softmax top-k (``backend.route``). Router variants
+        override it."""
+        return self.backend.route(logits, self.top_k, self.renorm)
+
     def __call__(self, x):
         """x float32 [T, H] -> float32 [T, H]."""
         be = self.backend
         logits = self.router_logits(x)
-        idx, w = be.route(logits, self.top_k, self.renorm)
+        idx, w = self.route(logits)
         hook = self.model.route_hook
         if hook is not None:
             hook(self.layer, x, logits, idx, w)
