@@ -48,6 +48,21 @@ SPECS = {
     "olmoe_clip": ("olmoe", dict(
         COMMON, intermediate_size=48, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
         attention_bias=True, clip_qkv=1.0, rope_theta=10000.0)),
+    # PhiMoE: LayerNorms, biases on attention and head, the sparsemixer router with the released
+    # jitter (0.01) and LongRoPE with distinct factors and mscales around a short original length
+    # (prompts of 16 stay short, greedy decoding crosses it at 33 tokens); then a variant with a
+    # jitter whose masks keep several experts (weights far from 1), a sliding window, no biases
+    # and the default rope.
+    "phimoe": ("phimoe", dict(
+        COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+        attention_bias=True, lm_head_bias=True, router_jitter_noise=0.01, rope_theta=10000.0,
+        rope_scaling=dict(type="longrope", original_max_position_embeddings=32,
+                          short_factor=[1.0 + 0.15 * i for i in range(8)],
+                          long_factor=[1.5 + 0.9 * i for i in range(8)],
+                          short_mscale=1.15, long_mscale=1.4))),
+    "phimoe_jitter_swa": ("phimoe", dict(
+        COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+        router_jitter_noise=0.3, sliding_window=6, rope_theta=10000.0)),
 }
 
 

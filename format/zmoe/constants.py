@@ -87,6 +87,9 @@ class Keys:
         SHARED_EXPERT_INTERMEDIATE_SIZE = "hparams.shared_expert_intermediate_size"
         MOE_LAYERS = "hparams.moe_layers"
         CLIP_QKV = "hparams.clip_qkv"
+        # PhiMoE
+        LM_HEAD_BIAS = "hparams.lm_head_bias"
+        ROUTER_JITTER_NOISE = "hparams.router_jitter_noise"
 
     class HF:
         CONFIG = "hf.config"                    # json: the source config.json verbatim
