@@ -83,3 +83,157 @@ def test_sparsemixer_backends_agree_and_refuse_one_expert():
     for backend in BACKENDS:
         with pytest.raises(ValueError, match="at least 2 experts"):
             get_backend(backend).route_sparsemixer(np.zeros((3, 1), np.float32), 0.01)
+
+
+# ------------------------------------------------------------------ LongRoPE
+
+
+def _longrope_cfg(**over):
+    import transformers
+
+    rs = dict(type="longrope", original_max_position_embeddings=16,
+              short_factor=[1.0 + 0.1 * i for i in range(8)],
+              long_factor=[2.0 + 0.5 * i for i in range(8)], short_mscale=1.1, long_mscale=1.3)
+    rs.update(over.pop("rope_scaling", {}))
+    kw = dict(vocab_size=64, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+              num_hidden_layers=1, max_position_embeddings=64, rope_theta=10000.0,
+              rope_scaling=rs)
+    kw.update(over)
+    return transformers.PhimoeConfig(**kw)
+
+
+def _args(cfg):
+    from zipmoe_rt.families import get_architecture
+
+    d = dict(cfg.to_dict(), architectures=["PhimoeForCausalLM"])
+    return get_architecture(d).typed_hparams()
+
+
+@pytest.mark.parametrize("seq_len", [None, 1, 16, 17, 40])
+@pytest.mark.parametrize("over", [{}, {"rope_scaling": {"factor": 3.0}},
+                                  {"rope_scaling": {"attention_factor": 0.7}}])
+def test_longrope_inv_freq_matches_transformers(seq_len, over):
+    """rope_inv_freq = transformers' longrope init function: the long factors past
+    original_max_position_embeddings, the short ones up to it or without a length."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from zipmoe_rt.models.rope import rope_inv_freq
+
+    cfg = _longrope_cfg(**over)
+    ref, ref_scale = ROPE_INIT_FUNCTIONS["longrope"](cfg, seq_len=seq_len)
+    inv, scale = rope_inv_freq(_args(cfg), seq_len)
+    np.testing.assert_allclose(inv, ref.numpy(), rtol=2e-7)
+    assert scale == pytest.approx(ref_scale, rel=1e-12)
+    short, _ = rope_inv_freq(_args(cfg), None)
+    assert np.array_equal(inv, short) == (not seq_len or seq_len <= 16)
+
+
+@pytest.mark.parametrize("n", [10, 16, 17, 40])
+def test_phimoe_rope_tables_match_phimoe_rotary_embedding(n):
+    """PhimoeRotaryEmbedding (transformers 5.25) keeps the short factors at every length and
+    switches short_mscale -> long_mscale past original_max_position_embeddings; the model's RoPE
+    gives the same cos/sin for every position of a sequence of n tokens."""
+    from transformers.models.phimoe.modeling_phimoe import PhimoeRotaryEmbedding
+    from zipmoe_rt.models.rope import RoPE, rope_inv_freq
+
+    cfg = _longrope_cfg()
+    with torch.no_grad():
+        cos, sin = PhimoeRotaryEmbedding(cfg)(torch.zeros(1, 4), torch.arange(n)[None])
+    args = _args(cfg)
+    rope = RoPE(args, switch_freqs=False, mscale=(1.1, 1.3))
+    assert rope.regime(n) == int(n > 16)
+    c, s = rope.cos_sin(0, n)
+    np.testing.assert_allclose(c, cos[0, :, :8].numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(s, sin[0, :, :8].numpy(), rtol=0, atol=2e-6)
+    # the last rows alone (a decode step) are the same rows
+    c1, s1 = rope.cos_sin(n - 1, 1)
+    np.testing.assert_allclose(c1, c[-1:], rtol=0, atol=1e-7)
+    # the long factors (transformers' init function at this length) would give other angles
+    # past 16: PhiMoE's rotary embedding never uses them
+    inv, _ = rope_inv_freq(args, n)
+    other = np.cos(np.arange(n, dtype=np.float32)[:, None] * inv) * (1.3 if n > 16 else 1.1)
+    assert (np.abs(other - c).max() > 0.05) == (n > 16)
+
+
+def test_generic_longrope_matches_dynamic_rope_update():
+    """Without a family's options, longrope switches its frequencies on the sequence length as
+    transformers' dynamic_rope_update does for Llama-style rotary embeddings."""
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from zipmoe_rt.families import HParams
+    from zipmoe_rt.models.rope import RoPE
+
+    rp = dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=16,
+              short_factor=[1.0 + 0.1 * i for i in range(8)],
+              long_factor=[2.0 + 0.5 * i for i in range(8)], factor=4.0)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16,
+                                   max_position_embeddings=64, rope_parameters=dict(rp))
+    emb = LlamaRotaryEmbedding(cfg)
+    args = HParams(family="x", vocab_size=8, hidden_size=64, num_hidden_layers=1,
+                   num_attention_heads=4, num_key_value_heads=4, head_dim=16, rope=dict(rp),
+                   max_position_embeddings=64)
+    rope = RoPE(args)
+    for n in (10, 40):
+        with torch.no_grad():
+            cos, _ = emb(torch.zeros(1, 4), torch.arange(n)[None])
+        np.testing.assert_allclose(rope.cos_sin(0, n)[0], cos[0, :, :8].numpy(), rtol=0,
+                                   atol=2e-6)
+
+
+# ------------------------------------------------------------------ config rules
+
+
+def _phimoe_config(**over):
+    d = dict(architectures=["PhimoeForCausalLM"], model_type="phimoe", vocab_size=64,
+             hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+             max_position_embeddings=128, rope_theta=10000.0,
+             rope_scaling=dict(type="longrope", original_max_position_embeddings=32,
+                               short_factor=[1.0] * 8, long_factor=[2.0] * 8, short_mscale=1.1,
+                               long_mscale=1.2))
+    d.update(over)
+    return d
+
+
+def test_config_rules():
+    from zipmoe_rt.families import ConfigError, get_architecture
+
+    hp = get_architecture(_phimoe_config()).typed_hparams()
+    assert hp.rope["rope_type"] == "longrope" and hp.rope["original_max_position_embeddings"] == 32
+    assert (hp.router_jitter_noise, hp.lm_head_bias, hp.attention_bias) == (0.01, False, False)
+    assert (hp.rms_norm_eps, hp.sliding_window, hp.norm_topk_prob, hp.qk_norm) == (
+        1e-5, 0, False, False)
+    # "su" is read as longrope; a top-level original_max_position_embeddings wins (as
+    # standardize_rope_params); without either, max_position_embeddings
+    rs = dict(_phimoe_config()["rope_scaling"], type="su")
+    hp = get_architecture(_phimoe_config(rope_scaling=rs, original_max_position_embeddings=20)
+                          ).typed_hparams()
+    assert hp.rope["rope_type"] == "longrope" and hp.rope["original_max_position_embeddings"] == 20
+    rs = {k: v for k, v in rs.items() if k != "original_max_position_embeddings"}
+    hp = get_architecture(_phimoe_config(rope_scaling=rs)).typed_hparams()
+    assert hp.rope["original_max_position_embeddings"] == 128
+    # what transformers refuses or cannot run is named
+    rs = {k: v for k, v in _phimoe_config()["rope_scaling"].items() if k != "long_mscale"}
+    with pytest.raises(ConfigError, match="longrope needs long_mscale"):
+        get_architecture(_phimoe_config(rope_scaling=rs)).hparams()
+    rs = dict(_phimoe_config()["rope_scaling"], short_factor=[1.0] * 7)
+    with pytest.raises(ConfigError, match=r"rope.short_factor: expected 8 positive numbers"):
+        get_architecture(_phimoe_config(rope_scaling=rs)).hparams()
+    with pytest.raises(ConfigError, match="selects exactly 2 experts"):
+        get_architecture(_phimoe_config(num_experts_per_tok=4)).hparams()
+    with pytest.raises(ConfigError, match="router_jitter_noise"):
+        get_architecture(_phimoe_config(router_jitter_noise=-0.1)).hparams()
+    with pytest.raises(ConfigError, match="rope_type: 'yarn' is not supported"):
+        get_architecture(_phimoe_config(rope_scaling=dict(type="yarn", factor=2.0))).hparams()
+
+
+def test_stored_hparams_are_checked():
+    """A container whose stored longrope fields lie is refused when the model is built."""
+    from zipmoe_rt.families import get_architecture, get_family
+
+    cls = get_family("phimoe").hparams_class
+    hp = get_architecture(_phimoe_config()).hparams()
+    assert cls.from_hparams(hp).rope == hp["rope"]
+    for key, bad in (("long_factor", [1.0, -2.0]), ("short_mscale", 0),
+                     ("original_max_position_embeddings", None)):
+        with pytest.raises(ValueError, match=f"rope.{key}"):
+            cls.from_hparams(dict(hp, rope=dict(hp["rope"], **{key: bad})))
