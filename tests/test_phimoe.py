@@ -237,3 +237,129 @@ def test_stored_hparams_are_checked():
                      ("original_max_position_embeddings", None)):
         with pytest.raises(ValueError, match=f"rope.{key}"):
             cls.from_hparams(dict(hp, rope=dict(hp["rope"], **{key: bad})))
+
+
+# ------------------------------------------------------------------ whole model vs transformers
+
+from tiny_models import SPECS  # noqa: E402
+
+ORIGINAL = SPECS["phimoe"][1]["rope_scaling"]["original_max_position_embeddings"]
+LOGITS_TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def phimoe(tiny_moe_dir):
+    """(folder, HF model in float32, {backend: our model}) of the ``phimoe`` spec."""
+    from tiny_models import load_hf
+    from zipmoe_rt.models import build_model
+    from zipmoe_rt.models.weights import CheckpointSource
+
+    d = tiny_moe_dir("phimoe")
+    return d, load_hf(d), {b: build_model(CheckpointSource(d), backend=b) for b in BACKENDS}
+
+
+def _hf_logits(hf, ids):
+    with torch.no_grad():
+        return hf(torch.tensor(np.asarray(ids), dtype=torch.long)[None]).logits[0].numpy()
+
+
+def _hf_greedy(hf, prompt, n):
+    """n greedy tokens of transformers with a full recompute each step (no cache), and the
+    last-position logits of each step."""
+    seq, steps = list(prompt), []
+    for _ in range(n):
+        steps.append(_hf_logits(hf, seq)[-1])
+        seq.append(int(np.argmax(steps[-1])))
+    return seq[len(prompt):], steps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [10, 20, 40])
+def test_prompts_shorter_and_longer_than_the_original_length(phimoe, backend, n):
+    """The bug-report case: LongRoPE with distinct short and long factors and mscales, prompts
+    shorter (10, 20) and longer (40) than original_max_position_embeddings (32): the logits at
+    every prompt position and at every one of 20 greedy steps through the KV cache equal
+    transformers' (full recompute each step), and so do the tokens; from 20 tokens the
+    decoding crosses the original length (the cache is recomputed at 33 tokens)."""
+    _, hf, models = phimoe
+    model = models[backend]
+    assert ORIGINAL == 32 and model.rope.original == 32
+    prompt = np.random.default_rng(n).integers(0, 256, n)
+    ref = _hf_logits(hf, prompt)
+    cache = model.new_cache(capacity=8)
+    ours = model.forward(prompt, cache, last_only=False)
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= LOGITS_TOL
+    assert cache.regime == int(n > ORIGINAL)
+    ref_toks, ref_steps = _hf_greedy(hf, prompt, 20)
+    toks, worst = [], 0.0
+    for step in range(20):
+        logits = ours[-1] if step == 0 else model.forward(np.array(toks[-1:]), cache)
+        worst = max(worst, float(np.abs(logits - ref_steps[step]).max()))
+        toks.append(int(np.argmax(logits)))
+    assert worst <= LOGITS_TOL
+    assert toks == ref_toks
+    assert cache.offset == n + 19 and cache.token_ids[n:] == toks[:-1]
+    assert cache.regime == int(n + 19 > ORIGINAL)
+
+
+def test_the_regime_switch_needs_the_recompute(phimoe):
+    """Keys cached with short_mscale are wrong once the sequence is longer than the original
+    length: without the recompute the logits after the switch leave transformers' by far."""
+    _, hf, models = phimoe
+    model = models["numba"]
+    prompt = np.random.default_rng(5).integers(0, 256, ORIGINAL + 1)
+    ref = _hf_logits(hf, prompt)[-1]
+    cache = model.new_cache()
+    model.forward(prompt[:-1], cache)
+    assert cache.regime == 0
+    good = model.forward(prompt[-1:], cache)                # recomputes all 33 positions
+    assert np.abs(good - ref).max() <= LOGITS_TOL and cache.regime == 1
+    cache = model.new_cache()
+    model.forward(prompt[:-1], cache)
+    cache.regime = 1                     # pretend the short-regime keys were long ones
+    stale = model.forward(prompt[-1:], cache)
+    assert np.abs(stale - ref).max() > 100 * LOGITS_TOL
+
+
+def _hf_routing(hf, ids):
+    """[(selected experts int64 [T, 2], weights float32 [T, 2]) per layer] of transformers'
+    PhimoeTopKRouter (eval mode) for ``ids``."""
+    seen = []
+    hooks = [layer.mlp.router.register_forward_hook(
+        lambda mod, inp, out: seen.append((out[2].numpy(), out[1].numpy())))
+        for layer in hf.model.layers]
+    try:
+        _hf_logits(hf, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["phimoe", "phimoe_jitter_swa"])
+def test_routing_equals_transformers_router(tiny_moe_dir, name):
+    """Every layer's experts and weights equal PhimoeTopKRouter's in eval mode (the same model,
+    the same tokens); with a large jitter the masked softmaxes hold several experts, so the
+    weights are far from 1 (a renormalisation or a plain top-2 softmax would show)."""
+    from tiny_models import load_hf
+    from zipmoe_rt.models import build_model
+    from zipmoe_rt.models.weights import CheckpointSource
+
+    d = tiny_moe_dir(name)
+    hf = load_hf(d)
+    ids = np.random.default_rng(7).integers(0, 256, 24)
+    ref = _hf_routing(hf, ids)
+    model = build_model(CheckpointSource(d))
+    ours = []
+    model.route_hook = lambda layer, x, logits, idx, w: ours.append((layer, idx.copy(), w.copy()))
+    model.forward(ids, model.new_cache())
+    assert [o[0] for o in ours] == [0, 1, 2] and len(ref) == 3
+    for (_, idx, w), (ref_idx, ref_w) in zip(ours, ref):
+        assert np.array_equal(idx, ref_idx)
+        assert np.abs(w - ref_w).max() <= 1e-5
+    w = np.concatenate([o[2] for o in ours])
+    if name == "phimoe_jitter_swa":
+        assert (w < 0.9).mean() > 0.3 and (np.abs(w.sum(axis=1) - 1) > 0.2).mean() > 0.5
+    else:                                  # the released 0.01: mostly one expert per mask
+        assert (w == 1).mean() > 0.5
