@@ -363,3 +363,47 @@ def test_routing_equals_transformers_router(tiny_moe_dir, name):
         assert (w < 0.9).mean() > 0.3 and (np.abs(w.sum(axis=1) - 1) > 0.2).mean() > 0.5
     else:                                  # the released 0.01: mostly one expert per mask
         assert (w == 1).mean() > 0.5
+
+
+@pytest.mark.parametrize("policy", ["zip-lru", "raw-lru"])
+def test_budgeted_engine_across_the_switch(tiny_moe_dir, tmp_path, policy):
+    """Under a memory budget that evicts experts, a prompt of 20 and 20 greedy steps (crossing
+    the original length, so the sequence is recomputed through the engine) give the unbudgeted
+    model's logits bit for bit."""
+    import warnings
+
+    from zipmoe_rt.bench import raw_companion
+    from zipmoe_rt.convert.converter import convert
+    from zipmoe_rt.engine.pipeline import ExpertEngine
+    from zipmoe_rt.engine.store import ZmoeSource
+    from zipmoe_rt.models import build_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")            # no tokenizer.json in the tiny folder
+        path = convert(tiny_moe_dir("phimoe"), tmp_path / "m.zmoe", progress=False)
+        if policy == "raw-lru":
+            path = raw_companion(path)
+    prompt = np.random.default_rng(20).integers(0, 256, 20)
+
+    def run(model):
+        cache = model.new_cache(capacity=4)
+        out = [model.forward(prompt, cache, last_only=False)]
+        for _ in range(20):
+            out.append(model.forward(np.array([int(np.argmax(out[-1][-1]))]), cache,
+                                     last_only=False))
+        assert cache.regime == 1 and cache.offset == 40
+        return out
+
+    full = ZmoeSource(path)
+    plain = run(build_model(full))
+    full.close()
+    src = ZmoeSource(path, keep_experts=False, copy_dense=True)
+    bytes_F = max(l.full_bytes for l in src.layouts.values())
+    engine = ExpertEngine(src, src.dense_bytes() + 4 * bytes_F, policy, workers=2)
+    try:
+        budgeted = run(build_model(src, executor=engine))
+        assert engine.stats.hits["miss"] > 0          # experts really were evicted and reloaded
+    finally:
+        engine.close()
+        src.close()
+    assert all(np.array_equal(a, b) for a, b in zip(budgeted, plain))
