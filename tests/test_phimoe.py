@@ -407,3 +407,45 @@ def test_budgeted_engine_across_the_switch(tiny_moe_dir, tmp_path, policy):
         engine.close()
         src.close()
     assert all(np.array_equal(a, b) for a, b in zip(budgeted, plain))
+
+
+def test_released_architecture_name_and_layout(tiny_moe_dir, tmp_path):
+    """The released config.json files name the architecture ``PhiMoEForCausalLM``: such a
+    checkpoint, with the Hub names (``block_sparse_moe.gate``, experts ``w1/w3/w2``, LayerNorm
+    and head biases), converts and runs as PhiMoE."""
+    import json
+    import shutil
+    import warnings
+
+    from safetensors import safe_open
+
+    from zipmoe_rt.convert.converter import convert
+    from zipmoe_rt.engine.store import ZmoeSource
+    from zipmoe_rt.families import family_for_architecture, get_family
+    from zipmoe_rt.models import build_model
+    from zipmoe_rt.models.weights import CheckpointSource
+
+    assert family_for_architecture("PhiMoEForCausalLM") is get_family("phimoe")
+    src = tiny_moe_dir("phimoe")
+    d = shutil.copytree(src, tmp_path / "released")
+    with safe_open(str(d / "model.safetensors"), "np") as f:
+        names = set(f.keys())
+    assert {"model.layers.0.block_sparse_moe.gate.weight", "model.norm.bias", "lm_head.bias",
+            "model.layers.2.input_layernorm.bias", "model.layers.0.self_attn.o_proj.bias",
+            "model.layers.1.block_sparse_moe.experts.7.w3.weight"} <= names
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, architectures=["PhiMoEForCausalLM"])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")            # no tokenizer.json in the tiny folder
+        path = convert(d, tmp_path / "r.zmoe", progress=False)
+    ids = np.random.default_rng(3).integers(0, 256, 12)
+    z = ZmoeSource(path)
+    try:
+        assert z.hparams["family"] == "phimoe" and z.hparams["lm_head_bias"] is True
+        assert z.hparams["router_jitter_noise"] == 0.01
+        model = build_model(z)
+        got = model.forward(ids, model.new_cache(), last_only=False)
+    finally:
+        z.close()
+    ref = build_model(CheckpointSource(src))
+    assert np.array_equal(got, ref.forward(ids, ref.new_cache(), last_only=False))

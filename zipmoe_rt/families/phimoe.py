@@ -137,10 +137,12 @@ class PhimoeHParams(HParams):
                 raise ValueError(f"rope.{k}: expected {want}, got {str(v)[:60]!r}")
 
 
-@register("PhimoeForCausalLM")
+@register("PhimoeForCausalLM", "PhiMoEForCausalLM")
 class Phimoe(Family):
-    """PhiMoE family. transformers 5 keeps the router as ``mlp.router`` and the stacked experts
-    under ``mlp.experts`` in memory (``conversion_mapping.py``: ``phimoe``)."""
+    """PhiMoE family: ``PhimoeForCausalLM`` as transformers names it, ``PhiMoEForCausalLM`` as
+    the released config.json files do (written for the original remote code). transformers 5
+    keeps the router as ``mlp.router`` and the stacked experts under ``mlp.experts`` in memory
+    (``conversion_mapping.py``: ``phimoe``)."""
 
     family = "phimoe"
     model_type = "phimoe"
