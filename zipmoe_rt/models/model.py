@@ -1,6 +1,7 @@
 """The decoder skeleton shared by every family: the pre-norm residual layer and the causal LM
 over a weight source (the ``*ForCausalLM`` classes of transformers' ``modeling_mixtral.py``,
-``modeling_qwen2_moe.py``, ``modeling_qwen3_moe.py``, ``modeling_olmoe.py``). Hyper-parameters and tensor names come
+``modeling_qwen2_moe.py``, ``modeling_qwen3_moe.py``, ``modeling_olmoe.py``,
+``modeling_phimoe.py``). Hyper-parameters and tensor names come
 from the family's registry entry (:mod:`zipmoe_rt.families`); family modules subclass
 :class:`Model` and build each layer's feed-forward block; every array and compute op goes
 through the model's backend (:mod:`zipmoe_rt.backends`).
