@@ -340,3 +340,37 @@ def test_kv_values_per_token_equal_the_caches(tiny_moe_dir, name):
             == per_token
     else:
         pytest.skip("layer caches other than KVCache: their family's test checks them")
+
+
+# -- /stats of the chat REPL -------------------------------------------------------------------
+KV_RE = re.compile(r"^KV cache: ([\d,]+) bytes per token, (\d+) tokens = ([\d.]+) MB in use, "
+                   r"([\d.]+) MB allocated$", re.M)
+
+
+def test_chat_stats_show_kv_bytes(tiny_moe_dir, tmp_path):
+    """/stats gives the KV cache's bytes per token and its bytes in use and allocated, equal to
+    the buffers of the same conversation's cache run through the API."""
+    import zipmoe_rt
+    from test_api import make_chat_model
+
+    zm = make_chat_model(tiny_moe_dir("mixtral"), tmp_path / "chat")
+    r = CliRunner().invoke(main, ["chat", str(zm), "-n", "5"],
+                           input="/stats\nhello world\n/stats\nagain\n/stats\n")
+    assert r.exit_code == 0, r.output
+    rows = [(int(a.replace(",", "")), int(t), float(u), float(al))
+            for a, t, u, al in KV_RE.findall(r.stderr)]
+    assert len(rows) == 3
+    with zipmoe_rt.load(zm) as m:
+        per_token = 4 * m.net.args.kv_values_per_token()
+        assert per_token == 4 * 3 * 2 * 2 * 16            # layers x (k, v) x kv heads x head_dim
+        s = m.chat_session()
+        assert rows[0] == (per_token, 0, 0.0, pytest.approx(s.state.cache.nbytes / 1e6, abs=5e-4))
+        for row, text in zip(rows[1:], ("hello world", "again")):
+            "".join(s.send(text, max_tokens=5))
+            cache = s.state.cache
+            held = sum(lc.k[:, :lc.length].nbytes + lc.v[:, :lc.length].nbytes
+                       for lc in cache.layers)
+            assert row[0] == per_token and row[1] == cache.offset > 0
+            assert held == cache.offset * per_token
+            assert row[2] == pytest.approx(held / 1e6, abs=5e-4)
+            assert row[3] == pytest.approx(cache.nbytes / 1e6, abs=5e-4) and cache.nbytes >= held

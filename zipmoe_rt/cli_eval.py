@@ -87,5 +87,5 @@ def perplexity(model, file, ctx, stride, no_verify, quiet, **kw):
     click.echo(f"{file}: {r.tokens:,d} tokens, ctx {r.ctx}, stride {r.stride}, {r.windows} "
                f"window{'s' if r.windows != 1 else ''}")
     click.echo(f"tokens scored {r.scored:,d}")
-    click.echo(f"mean NLL      {r.mean_nll:.4f} nats/token")
-    click.echo(f"PPL           {r.ppl:.4f}")
+    click.echo(f"mean NLL      {r.mean_nll:.6f} nats/token")
+    click.echo(f"PPL           {r.ppl:.6g}")
