@@ -249,7 +249,8 @@ def test_plan_command_text_and_json(tmp_path):
     assert r.exit_code == 0, r.output
     out = r.stdout
     assert f"parameters  {p.params:>17,d}" in out
-    assert "Qwen3MoeForCausalLM (qwen3_moe), 48 layers (48 MoE), 128 experts per MoE layer, top-8" in out
+    assert ("Qwen3MoeForCausalLM (qwen3_moe), 48 layers (48 MoE), 128 experts per MoE layer, "
+            "top-8") in out
     assert "196,608 B/token" in out                         # 48 x 2 x 4 x 128 x 4 bytes
     assert re.search(r"expert tiers .* (\d[\d,]*) of 6,144 experts decoded", out)
     j = json.loads(cli("plan", d / "config.json", "--json", "-m", "25%").stdout)

@@ -59,7 +59,7 @@ def perplexity(model, file, ctx, stride, no_verify, quiet, **kw):
     """
     from tqdm.auto import tqdm
 
-    from .cli import _load
+    from .api import load
     from .perplexity import check_windows, perplexity as measure
     if not file.is_file():
         raise CliError(f"{file}: no such file")
@@ -69,8 +69,7 @@ def perplexity(model, file, ctx, stride, no_verify, quiet, **kw):
         raise CliError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if ctx is not None:     # bad options fail before the model loads
         check_windows(2, ctx, stride if stride is not None else max(1, ctx // 2))
-    kw["no_verify"] = no_verify
-    m = _load(model, kw)
+    m = load(model, verify=not no_verify, **kw)     # kw: the engine options, as `run` takes
     try:
         max_ctx = int(m.hparams["max_position_embeddings"])
         ctx = min(DEFAULT_CTX, max_ctx) if ctx is None else ctx

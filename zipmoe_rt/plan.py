@@ -270,12 +270,12 @@ def format_plan(p: SizePlan) -> str:
         f"{p.config}: {p.architecture} ({p.family}), {hp.num_hidden_layers} layers "
         f"({len(hp.moe_layers)} MoE), {hp.num_experts} experts per MoE layer, top-"
         f"{hp.num_experts_per_tok}",
-        f"parameters  {p.params:>17,d}  experts {p.expert_params:,d} ({_pct(p.expert_params, p.params)}), "
-        f"dense {p.dense_params:,d}",
+        f"parameters  {p.params:>17,d}  experts {p.expert_params:,d} "
+        f"({_pct(p.expert_params, p.params)}), dense {p.dense_params:,d}",
         f"BF16 bytes  {_mb(total):>17}  experts {_mb(p.expert_bytes)}, dense {_mb(p.dense_bytes)}",
-        f".zmoe       {_mb(p.zmoe_bytes):>17}  expected: experts at {100 * EXPERT_STORED_RATIO:.2f} % "
-        f"of BF16 ({_mb(p.zmoe_bytes - p.dense_bytes)}), dense as stored ({_mb(p.dense_bytes)}); "
-        f"plus the index",
+        f".zmoe       {_mb(p.zmoe_bytes):>17}  expected: experts at "
+        f"{100 * EXPERT_STORED_RATIO:.2f} % of BF16 ({_mb(p.zmoe_bytes - p.dense_bytes)}), dense "
+        f"as stored ({_mb(p.dense_bytes)}); plus the index",
         f"KV cache    {p.kv_bytes_per_token:>11,d} B/token  {p.kv_values_per_token:,d} values x "
         f"{p.kv_bytes_per_token // max(p.kv_values_per_token, 1)} bytes (float32); "
         f"{_mb(p.kv_bytes_per_token * hp.max_position_embeddings)} at "
