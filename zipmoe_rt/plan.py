@@ -275,7 +275,7 @@ def format_plan(p: SizePlan) -> str:
         f"BF16 bytes  {_mb(total):>17}  experts {_mb(p.expert_bytes)}, dense {_mb(p.dense_bytes)}",
         f".zmoe       {_mb(p.zmoe_bytes):>17}  expected: experts at "
         f"{100 * EXPERT_STORED_RATIO:.2f} % of BF16 ({_mb(p.zmoe_bytes - p.dense_bytes)}), dense "
-        f"as stored ({_mb(p.dense_bytes)}); plus the index",
+        f"as stored ({_mb(p.dense_bytes)}), plus the index",
         f"KV cache    {p.kv_bytes_per_token:>11,d} B/token  {p.kv_values_per_token:,d} values x "
         f"{p.kv_bytes_per_token // max(p.kv_values_per_token, 1)} bytes (float32); "
         f"{_mb(p.kv_bytes_per_token * hp.max_position_embeddings)} at "
@@ -289,7 +289,8 @@ def format_plan(p: SizePlan) -> str:
             f"  working set  {_mb(b.working_set):>11}  the {hp.num_experts_per_tok} experts of "
             f"one token, decoded ({_mb(b.expert_full)} each)",
             f"  expert tiers {_mb(b.tiers):>11}  {b.full_experts:,d} of {p.experts:,d} experts "
-            f"decoded (zip-lru), or {b.compressed_experts:,d} compressed (tier C, "
-            f"{_mb(b.expert_compressed)} each); zipmoe mixes F/C/S/E per layer from a trace",
+            f"decoded (zip-lru), or {b.compressed_experts:,d} in tier C ({_mb(b.expert_compressed)}"
+            f" each);",
+            f"{'':28}zipmoe mixes F/C/S/E per layer from a trace (zipmoe-rt profile)",
         ]
     return "\n".join(lines)
