@@ -148,13 +148,16 @@ def _hf_meta_model(cfg):
 # -- published configs against transformers --------------------------------------------------
 @pytest.mark.parametrize("hub_id", list(PUBLISHED))
 def test_parameters_equal_transformers(hub_id, tmp_path):
-    """plan's parameter count is the sum of the parameters transformers creates for the same
-    config.json (a tied head counted once), and its expert share is transformers' experts."""
+    """plan's parameter count is the sum of the tensors transformers creates for the same
+    config.json and saves (parameters, a tied head counted once, and persistent buffers such as
+    a router's score-correction bias), and its expert share is transformers' experts."""
     _registered(hub_id)
     cfg = PUBLISHED[hub_id]
     p = size_plan(write_config(tmp_path / "m", cfg))
     hf = _hf_meta_model(cfg)
     params = dict(hf.named_parameters())          # shared (tied) tensors appear once
+    saved = hf.state_dict()
+    params.update((n, b) for n, b in hf.named_buffers() if n in saved)   # not inv_freq
     total = sum(t.numel() for t in params.values())
     experts = sum(t.numel() for n, t in params.items() if ".experts." in n)
     assert p.params == total
