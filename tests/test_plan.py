@@ -270,6 +270,7 @@ def test_plan_command_text_and_json(tmp_path):
     ("list", ("not a JSON object",)),
     ("unknown", ("unsupported architecture 'LlamaForCausalLM'", "MixtralForCausalLM")),
     ("no_arch", ("no 'architectures' entry",)),
+    ("arch_str", ("architectures must be a list of class names",)),
     ("no_hidden", ("config.json: missing hidden_size",)),
     ("bad_type", ("num_hidden_layers must be an integer",)),
 ])
@@ -291,6 +292,8 @@ def test_plan_errors_are_one_line(tmp_path, case, needles):
             cfg["architectures"] = ["LlamaForCausalLM"]
         elif case == "no_arch":
             del cfg["architectures"]
+        elif case == "arch_str":
+            cfg["architectures"] = "MixtralForCausalLM"
         elif case == "no_hidden":
             del cfg["hidden_size"]
         elif case == "bad_type":

@@ -10,7 +10,8 @@ creates for that config with its shape. The budget is divided by the engine's ow
 run on a stand-in for the model file (:class:`ConfigSource`), so the figures are those
 ``zipmoe-rt run --memory-budget`` would use.
 
-Importable without torch and Numba.
+Importable without torch and Numba (a budget loads the engine's sizing code, which imports
+Numba).
 """
 from __future__ import annotations
 
@@ -160,7 +161,8 @@ def read_config(path) -> tuple[Path, dict]:
 
     Raises:
         FileNotFoundError: no such file or folder, or a folder without config.json.
-        PlanError: not UTF-8 JSON, or not a JSON object (the message names the file).
+        PlanError: not UTF-8 JSON, not a JSON object, or ``architectures`` not a list of
+            names (the message names the file).
     """
     path = Path(path)
     if path.is_dir():
@@ -175,6 +177,11 @@ def read_config(path) -> tuple[Path, dict]:
         raise PlanError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(config, dict):
         raise PlanError(f"{path}: not a JSON object")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list)
+                                  and all(isinstance(a, str) for a in archs)):
+        raise PlanError(f"{path}: architectures must be a list of class names, not "
+                        f"{str(archs)[:40]!r}")
     return path, config
 
 
