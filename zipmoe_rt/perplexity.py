@@ -15,10 +15,11 @@ every other token is scored exactly once, and with ``stride == ctx`` the first t
 window is not scored either (the guide's labels leave it out the same way). The result is the
 mean of the scored tokens' negative log-likelihoods (natural log) and its exponential.
 
-The guide multiplies each window's mean loss by its unmasked labels minus one; that is the
-number of tokens scored for the first window but one less than it for the next ones (their
-first unmasked label is predicted too). Here every scored token counts once, which is what
-transformers' own loss over the same labels sums to (the tests compare with that).
+The guide's loop weights each window's mean loss by its unmasked labels minus one (older
+versions: by ``trg_len``); that is the number of tokens scored for the first window but one
+less than it for the next ones (their first unmasked label is predicted too). Here every
+scored token counts once, which is the sum transformers' own loss gives over the same labels
+(the tests compare with that: each window's loss times the labels it averaged).
 
 Log-probabilities are computed in float64 from the model's float32 logits. Importable without
 Numba (the model passed in brings its own backend).
