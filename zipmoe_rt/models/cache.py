@@ -22,7 +22,7 @@ from ..backends import get_backend
 
 __all__ = ["LayerCache", "KVCache", "ModelCache", "KV_DTYPE"]
 
-#: dtype of the keys and values a :class:`KVCache` holds (float32, as the attention kernels
+#: dtype of the keys and values a :class:`KVCache` holds (float32, as the attention ops
 #: compute; ``np.dtype(KV_DTYPE).itemsize`` bytes per cached value).
 KV_DTYPE = np.float32
 
