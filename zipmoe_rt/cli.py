@@ -305,7 +305,19 @@ def _session_stats(m, session) -> str:
              f"tokens in the KV cache"]
     mem = m.memory_report()
     lines.append("memory: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in mem.items()))
+    lines.append(_kv_stats(m, session.state.cache))
     return "\n".join(lines)
+
+
+def _kv_stats(m, cache) -> str:
+    """The KV cache line of ``/stats``: bytes per token (the family's
+    ``HParams.kv_values_per_token`` values of :data:`~zipmoe_rt.models.cache.KV_DTYPE`), the
+    bytes its tokens use and the bytes it has allocated."""
+    from .models.cache import KV_DTYPE
+    per_token = m.net.args.kv_values_per_token() * np.dtype(KV_DTYPE).itemsize
+    return (f"KV cache: {per_token:,d} bytes per token, {cache.offset} tokens = "
+            f"{cache.offset * per_token / 1e6:.3f} MB in use, {cache.nbytes / 1e6:.3f} MB "
+            f"allocated")
 
 
 @main.command()
@@ -417,6 +429,7 @@ def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, work
 
 
 from . import cli_format  # noqa: E402,F401  (registers convert, export, verify, inspect on main)
+from . import cli_eval  # noqa: E402,F401  (registers plan, perplexity on main)
 
 if __name__ == "__main__":   # python -m zipmoe_rt.cli: the group the verb modules registered on
     from zipmoe_rt.cli import main as registered_main
