@@ -91,7 +91,9 @@ def test_cpu_run_does_not_import_cupy(tiny_moe_dir):
         "c = m.new_cache()\n"
         "print(int(np.argmax(m.forward(np.arange(5), c))))\n"
         "print('cupy' in sys.modules)\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "format")]))
+    path = [str(ROOT), str(ROOT / "format")] + [p for p in os.environ.get(
+        "PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr
@@ -455,6 +457,8 @@ def test_load_device_cuda_with_and_without_budget(chat_models, name):
     gl, gt = _run(m.net, ids)
     assert m.memory_report()["experts"] > 0                    # held on the GPU
     m.close()
+    print(f"{name}: load(device='cuda') max|dlogit| vs device='cpu' {_max_diff(gl, ref_l):.2e}, "
+          f"greedy {STEPS} tokens identical: {gt == ref_t}")
     assert gt == ref_t and _max_diff(gl, ref_l) <= LOGITS_TOL
     for policy, path in (("zip-lru", z), ("raw-lru", raw), ("zipmoe", z)):
         from zipmoe_rt.engine.store import ZmoeSource

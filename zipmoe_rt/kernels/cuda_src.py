@@ -135,6 +135,7 @@ __global__ void rope_qk_cache(float* qkv, const float* __restrict__ cs,
 }
 
 #define ATT_MAXE 8   /* head_dim <= 256: 8 elements per lane */
+#define NEG_INF __uint_as_float(0xff800000u)
 
 // Backend.attention: query head h = blockIdx.y of token t = blockIdx.x attends to keys
 // lo..p of kv head h / (nq / nkv); each warp of the block takes every NW-th key with an
@@ -159,7 +160,7 @@ __global__ void attention(const float* __restrict__ qkv, const float* __restrict
         qv[e] = i < hd ? q[i] : 0.f;
         acc[e] = 0.f;
     }
-    float m = -INFINITY, l = 0.f;
+    float m = NEG_INF, l = 0.f;
     for (int j = lo + warp; j <= p; j += NW) {
         const float* kj = K + (long long)j * hd;
         const float* vj = V + (long long)j * hd;
@@ -191,13 +192,13 @@ __global__ void attention(const float* __restrict__ qkv, const float* __restrict
     }
     if (lane == 0) { sm[warp] = m; sl[warp] = l; }
     __syncthreads();
-    float M = -INFINITY;
+    float M = NEG_INF;
     for (int w = 0; w < NW; w++) M = fmaxf(M, sm[w]);
     float L = 0.f;
-    for (int w = 0; w < NW; w++) if (sm[w] > -INFINITY) L += sl[w] * expf(sm[w] - M);
+    for (int w = 0; w < NW; w++) if (sm[w] > NEG_INF) L += sl[w] * expf(sm[w] - M);
     for (int i = threadIdx.x; i < hd; i += blockDim.x) {
         float a = 0.f;
-        for (int w = 0; w < NW; w++) if (sm[w] > -INFINITY) a += sacc[w * hd + i] * expf(sm[w] - M);
+        for (int w = 0; w < NW; w++) if (sm[w] > NEG_INF) a += sacc[w * hd + i] * expf(sm[w] - M);
         out[t * ldo + (long long)h * hd + i] = a / L;
     }
 }
