@@ -2,10 +2,10 @@
 
 Without CuPy or a GPU (CI) the GPU tests are skipped with the reason shown; what runs
 everywhere: the device option's errors and notice (CuPy hidden), and that a CPU run never
-imports CuPy. On a GPU: the bit-plane merge over every BF16 and F16 pattern, every backend op
-against the NumPy reference backend, and for every tiny spec of tests/tiny_models.py the logits
-at every position within 1e-3 of transformers and of the CPU path with the same 20 greedy
-tokens, unbudgeted and under a memory budget with each policy.
+imports CuPy. On a GPU: every backend op against the NumPy reference backend, and for every
+tiny spec of tests/tiny_models.py the logits at every position within 1e-3 of transformers and
+of the CPU path with the same 20 greedy tokens, unbudgeted and under a memory budget with each
+policy. The bit-plane merge and the Huffman decoder: tests/test_gpu_planes.py.
 """
 from __future__ import annotations
 
@@ -99,51 +99,6 @@ def test_cpu_run_does_not_import_cupy(tiny_moe_dir):
     assert r.returncode == 0, r.stderr
     tok, imported = r.stdout.split()
     assert 0 <= int(tok) < 256 and imported == "False"
-
-
-# ------------------------------------------------------------------ bit planes (GPU)
-
-
-@gpu
-@pytest.mark.parametrize("dtype", ["BF16", "F16"])
-def test_merge_every_16_bit_pattern(dtype):
-    """All 65,536 words: split on the host (zmoe.codec), merged on the GPU, equal bit for bit to
-    the words and to the host merges (codec and the Numba kernel)."""
-    from zmoe import codec
-
-    from zipmoe_rt.kernels.planes import MERGE
-    be = get_backend("cuda")
-    words = np.arange(1 << 16, dtype=np.uint16)
-    exp, sm = codec.split_planes(words, dtype)
-    got = be.to_host(be.merge_planes(exp, sm, dtype))
-    assert got.dtype == np.uint16 and np.array_equal(got, words)
-    assert np.array_equal(got, codec.merge_planes(exp, sm, dtype))
-    kern, _, wt = MERGE[dtype]
-    host = np.empty(words.size, wt)
-    kern(exp, sm, host)
-    assert np.array_equal(got, host)
-    # from device planes too, and a length that is not a multiple of the block
-    got = be.to_host(be.merge_planes(be.from_host(exp[:1001]),
-                                     be.from_host(sm[:1001 * sm.size // exp.size]), dtype))
-    assert np.array_equal(got, words[:1001])
-
-
-@gpu
-def test_merge_f32_and_errors():
-    from zmoe import codec
-    be = get_backend("cuda")
-    rng = np.random.default_rng(0)
-    words = np.concatenate([rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint32),
-                            np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001,
-                                      0x00000001, 0xFFFFFFFF], np.uint32)])
-    exp, sm = codec.split_planes(words, "F32")
-    got = be.to_host(be.merge_planes(exp, sm, "F32"))
-    assert got.dtype == np.uint32 and np.array_equal(got, words)
-    assert be.to_host(be.merge_planes(exp[:0], sm[:0], "BF16")).size == 0
-    with pytest.raises(ValueError, match="sign\\+mantissa plane has 5 bytes, expected 4"):
-        be.merge_planes(exp[:4], sm[:5], "BF16")
-    with pytest.raises(ValueError, match="dtype 'F8'"):
-        be.merge_planes(exp[:4], sm[:4], "F8")
 
 
 # ------------------------------------------------------------------ ops vs the NumPy reference

@@ -6,7 +6,7 @@ set -u
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python3 -c "import cupy; print('cupy', cupy.__version__)"
-python3 -m pytest -q -p no:cacheprovider -rs -s tests/test_gpu.py 2>&1 | grep -v "^$"
+python3 -m pytest -q -p no:cacheprovider -rs -s tests/test_gpu.py tests/test_gpu_planes.py 2>&1 | grep -v "^$"
 rc=${PIPESTATUS[0]}
 python3 tools/gpu_bench.py "$@"
 exit $rc

@@ -28,6 +28,7 @@ import cupy as cp
 
 from ..kernels import cuda_src
 from ..models.weights import ExpertWeights
+from . import cuda_planes
 from .base import Backend, check_qk_norm
 
 #: token counts from this on go through widened weights and cuBLAS instead of the GEMV kernel
@@ -296,34 +297,33 @@ class CupyBackend(Backend):
     # -- bit planes ----------------------------------------------------------------------------
 
     def merge_planes(self, exp, sm, dtype: str):
-        """Rebuild words from an exponent plane and a sign+mantissa plane on the GPU, bit for
-        bit as :func:`zmoe.codec.merge_planes` (format/SPEC.md §5.1).
+        """Words from an exponent plane and a sign+mantissa plane on the GPU, bit for bit as
+        :func:`zmoe.codec.merge_planes` (format/SPEC.md §5.1); see
+        :func:`~zipmoe_rt.backends.cuda_planes.merge_planes` (device words; ValueError for
+        another dtype or plane sizes that disagree)."""
+        return cuda_planes.merge_planes(self.k, exp, sm, dtype)
+
+    def decode_exponents(self, exp, offs, sizes, raws):
+        """Huffman exponent chunks decoded on the GPU, byte for byte as
+        :func:`zmoe.huffman.decode` (format/SPEC.md §5.3); see
+        :func:`~zipmoe_rt.backends.cuda_planes.decode_exponents` (device uint8 [Σ raws];
+        HuffmanError naming a malformed chunk)."""
+        return cuda_planes.decode_exponents(self.k, exp, offs, sizes, raws)
+
+    def decode_merge(self, exp, offs, sizes, raws, sm, dtype: str):
+        """One tensor's words from its Huffman exponent chunks and its sign+mantissa plane,
+        decoded and merged on the GPU (:meth:`decode_exponents`, then :meth:`merge_planes`).
 
         Args:
-            exp: uint8 [n] exponent plane (host or device).  sm: uint8 [n * sm_bytes]
-                sign+mantissa plane (1 byte for BF16, 2 for F16, 3 for F32, little-endian).
+            exp: buffer holding the chunks.  offs, sizes, raws: the chunks' offsets, sizes and
+                exponent counts (int [m]).  sm: uint8 sign+mantissa plane of Σ raws elements.
             dtype: ``"BF16"``, ``"F16"`` or ``"F32"``.
         Returns:
-            device array of n words: uint16 (BF16, F16) or uint32 (F32).
+            device words (uint16 or uint32) [Σ raws].
         Raises:
-            ValueError: another dtype, or plane sizes that disagree.
+            zmoe.huffman.HuffmanError: a malformed chunk.  ValueError: sizes that disagree.
         """
-        kinds = {"BF16": ("merge_bf16", 1, cp.uint16), "F16": ("merge_f16", 2, cp.uint16),
-                 "F32": ("merge_f32", 3, cp.uint32)}
-        if dtype not in kinds:
-            raise ValueError(f"merge_planes: dtype {dtype!r} is not BF16, F16 or F32")
-        kern, sb, wt = kinds[dtype]
-        exp = cp.ascontiguousarray(cp.asarray(exp, cp.uint8).reshape(-1))
-        sm = cp.ascontiguousarray(cp.asarray(sm, cp.uint8).reshape(-1))
-        n = exp.size
-        if sm.size != n * sb:
-            raise ValueError(f"sign+mantissa plane has {sm.size} bytes, expected {n * sb} for "
-                             f"{n} {dtype}")
-        out = cp.empty(n, wt)
-        if n:
-            blocks = min(4096, (n + 255) // 256)
-            self.k[kern]((blocks,), (256,), (exp, sm, out, _i64(n)))
-        return out
+        return self.merge_planes(self.decode_exponents(exp, offs, sizes, raws), sm, dtype)
 
 
 class ResidentExperts:

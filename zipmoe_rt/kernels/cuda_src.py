@@ -12,7 +12,7 @@ from __future__ import annotations
 
 #: names of the kernels in :data:`SOURCE` (``cupy.RawModule(name_expressions=...)``).
 KERNELS = ("gemv_bf16", "swiglu_bf16", "rmsnorm_rows", "rope_qk_cache", "attention",
-           "route_topk", "merge_bf16", "merge_f16", "merge_f32")
+           "route_topk", "merge_bf16", "merge_f16", "merge_f32", "huffman_streams")
 
 SOURCE = r"""
 extern "C" {
@@ -261,6 +261,47 @@ __global__ void merge_f32(const unsigned char* __restrict__ ex,
                        | ((unsigned int)sm[3 * i + 2] << 16);
         out[i] = ((v & 0x800000u) << 8) | ((unsigned int)ex[i] << 23) | (v & 0x7FFFFFu);
     }
+}
+
+// Huffman exponent streams (format/SPEC.md 5.3), one thread per stream: stream i is
+// src[s_start[i] : s_start[i] + s_size[i]] and codes o_count[i] exponents written from
+// out[o_start[i]]; tab[i] selects the 4096-entry tables (sym: first code's symbol, len: its
+// bits) indexed by the next 12 bits, LSB first. status[i] = 0, or 3 when the stream does not
+// decode to exactly its exponents within exactly its bytes (bits past the end read as 0, as
+// the host decoder's bounds-checked loop).
+__global__ void huffman_streams(const unsigned char* __restrict__ src,
+                                const long long* __restrict__ s_start,
+                                const long long* __restrict__ s_size,
+                                const long long* __restrict__ o_start,
+                                const long long* __restrict__ o_count,
+                                const int* __restrict__ tab,
+                                const unsigned char* __restrict__ sym,
+                                const unsigned char* __restrict__ len,
+                                unsigned char* out, int* status, int nstreams) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nstreams) return;
+    const unsigned char* s = src + s_start[i];
+    long long size = s_size[i], nbits = size * 8, cnt = o_count[i];
+    unsigned char* o = out + o_start[i];
+    const unsigned char* sy = sym + (long long)tab[i] * 4096;
+    const unsigned char* ln = len + (long long)tab[i] * 4096;
+    unsigned long long buf = 0;
+    int have = 0;
+    long long next = 0, bitpos = 0;
+    for (long long k = 0; k < cnt; k++) {
+        while (have <= 56 && next < size) {
+            buf |= (unsigned long long)s[next++] << have;
+            have += 8;
+        }
+        unsigned int idx = (unsigned int)(buf & 4095ull);
+        int l = ln[idx];
+        o[k] = sy[idx];
+        buf >>= l;
+        have -= l;
+        bitpos += l;
+        if (bitpos > nbits) { status[i] = 3; return; }
+    }
+    status[i] = ((bitpos + 7) >> 3) == size ? 0 : 3;
 }
 
 }  // extern "C"
