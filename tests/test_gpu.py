@@ -186,8 +186,11 @@ def test_swiglu_and_expert_accumulate(be, T, H, I):
         be.expert_accumulate(be.zeros((T, H)), xd, rows, w, ExpertWeights(g, u, g))
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("k,H,I", [(1, 40, 37), (3, 40, 37), (2, 320, 640), (8, 64, 48)])
-def test_experts_token(be, k, H, I):
+def test_experts_token(be, k, H, I, fused, monkeypatch):
+    from zipmoe_rt.backends import cupy_cuda
+    monkeypatch.setattr(cupy_cuda, "FUSED_EXPERTS", fused)
     rng = np.random.default_rng(k * H)
     experts = [ExpertWeights(_weight(rng, (I, H), "bf16"), _weight(rng, (I, H), "bf16"),
                              _weight(rng, (H, I), "bf16")) for _ in range(k)]
@@ -196,9 +199,11 @@ def test_experts_token(be, k, H, I):
     ref = np.full(H, 0.5, np.float32)
     NP.experts_token(ref, x, experts, w)
     xs = be.from_host(x[None])
-    out = be.from_host(np.full((1, H), 0.5, np.float32))
-    be.experts_token(out[0], xs[0], experts, w)
-    _close(be.to_host(out)[0] - 0.5, ref - 0.5, tol=1e-4)
+    for ex in (experts, [ExpertWeights(*(be.from_host(a) for a in (e.gate, e.up, e.down)))
+                         for e in experts]):              # host (uploaded) and resident
+        out = be.from_host(np.full((1, H), 0.5, np.float32))
+        be.experts_token(out[0], xs[0], ex, w)
+        _close(be.to_host(out)[0] - 0.5, ref - 0.5, tol=1e-4)
     with pytest.raises(ValueError):
         be.experts_token(out[0], xs[0], [ExpertWeights(experts[0].gate, experts[0].up,
                                                        experts[0].gate)], w[:1])

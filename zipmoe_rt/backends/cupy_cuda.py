@@ -35,6 +35,9 @@ from .base import Backend, check_qk_norm
 GEMV_MAX_T = 8
 #: bytes of float32 weight rows widened at a time on the cuBLAS path
 WIDEN_BYTES = 64 << 20
+#: one token's k BF16 experts in two launches (gate/up of all, then the down projections
+#: summed in registers) instead of two per expert
+FUSED_EXPERTS = True
 _ROWS_PER_BLOCK = 8          # warps (output rows) per block of the GEMV kernels
 _F32 = np.float32
 
@@ -201,19 +204,47 @@ class CupyBackend(Backend):
         out[r] += w[:, None] * y
 
     def experts_token(self, out, x, experts, weights):
-        """For each expert in order: the fused gate/up kernel, then the down GEMV adding
-        ``weights[e]`` times its output to ``out`` (one stream: the sum order is fixed)."""
+        """BF16 experts of one shape (:data:`FUSED_EXPERTS`): one launch for the gate/up rows of
+        all k experts, one for the down rows adding ``sum_e weights[e] * down_e(h_e)`` (experts
+        summed in order in registers) to ``out``; the weights' addresses and the routing weights
+        go up in one small copy. Otherwise, for each expert in order: the gate/up kernel, then
+        the down GEMV adding ``weights[e]`` times its output (one stream: a fixed order)."""
         weights = np.asarray(weights, np.float32)
         H = x.shape[-1]
         o2 = out.reshape(1, -1)
-        for w, e in zip(weights, experts):
-            gate, up, down = self._dev_expert(e)
+        devs = [self._dev_expert(e) for e in experts]
+        for gate, up, down in devs:
             self._check_expert(H, gate, up, down, "experts_token")
+        if FUSED_EXPERTS and devs and len({d[0].shape for d in devs}) == 1 \
+                and all(a.dtype == cp.uint16 for d in devs for a in d):
+            self._experts_fused(o2, x, devs, weights)
+            return
+        for w, (gate, up, down) in zip(weights, devs):
             h = self.swiglu(x, gate, up)
             if down.dtype == cp.uint16:
                 self._gemv(h, down, o2, alpha=float(w), accumulate=True)
             else:
                 o2 += _F32(w) * self.linear(h, down)
+
+    def _experts_fused(self, o2, x, devs, weights):
+        """:meth:`experts_token` for k BF16 experts of one shape in two launches."""
+        k = len(devs)
+        n_int, H = devs[0][0].shape
+        x2, _ = self._rows(x, H)
+        if x2.data.ptr % 16:
+            x2 = x2.copy()
+        meta = np.zeros(3 * k + (k + 1) // 2, np.uint64)
+        for j in range(3):                     # gate, up, down addresses
+            meta[j * k:(j + 1) * k] = [d[j].data.ptr for d in devs]
+        meta[3 * k:].view(np.float32)[:k] = weights
+        ptrs = cp.asarray(meta)
+        vec = int(H % 8 == 0 and n_int % 8 == 0 and all(int(p) % 16 == 0 for p in meta[:3 * k]))
+        h = cp.empty((k, n_int), cp.float32)
+        rows = _ROWS_PER_BLOCK
+        self.k["swiglu_bf16_k"](((n_int + rows - 1) // rows, 1, k), (32 * rows,),
+                                (x2, ptrs, h, _i32(k), _i32(n_int), _i32(H), _i32(vec)))
+        self.k["down_bf16_k"](((H + rows - 1) // rows,), (32 * rows,),
+                              (h, ptrs, o2, _i32(k), _i32(H), _i32(n_int), _i32(vec)))
 
     # -- normalisation, elementwise ------------------------------------------------------------
 

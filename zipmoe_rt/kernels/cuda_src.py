@@ -11,7 +11,7 @@ transformers sources as the CPU kernels (:mod:`zipmoe_rt.kernels`).
 from __future__ import annotations
 
 #: names of the kernels in :data:`SOURCE` (``cupy.RawModule(name_expressions=...)``).
-KERNELS = ("gemv_bf16", "swiglu_bf16", "rmsnorm_rows", "rope_qk_cache", "attention",
+KERNELS = ("gemv_bf16", "swiglu_bf16", "swiglu_bf16_k", "down_bf16_k", "rmsnorm_rows", "rope_qk_cache", "attention",
            "route_topk", "merge_bf16", "merge_f16", "merge_f32", "huffman_streams")
 
 SOURCE = r"""
@@ -78,6 +78,43 @@ __global__ void swiglu_bf16(const float* __restrict__ x, const unsigned short* _
     float g = warp_sum(dot_bf16(xt, G + (long long)r * n_in, n_in, lane, vec));
     float u = warp_sum(dot_bf16(xt, U + (long long)r * n_in, n_in, lane, vec));
     if (lane == 0) h[t * ldh + r] = (g / (1.f + expf(-g))) * u;
+}
+
+// Backend.experts_token, gate/up of k experts in one launch: expert e = blockIdx.z; its
+// weights at the device addresses ptr[e] (gate) and ptr[k + e] (up);
+// h[e, r] = silu(x . gate_e[r]) * (x . up_e[r]). One warp per row r.
+__global__ void swiglu_bf16_k(const float* __restrict__ x,
+                              const unsigned long long* __restrict__ ptr, float* __restrict__ h,
+                              int k, int n_out, int n_in, int vec) {
+    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (r >= n_out) return;
+    int e = blockIdx.z;
+    const unsigned short* G = reinterpret_cast<const unsigned short*>(ptr[e]);
+    const unsigned short* U = reinterpret_cast<const unsigned short*>(ptr[k + e]);
+    float g = warp_sum(dot_bf16(x, G + (long long)r * n_in, n_in, lane, vec));
+    float u = warp_sum(dot_bf16(x, U + (long long)r * n_in, n_in, lane, vec));
+    if (lane == 0) h[(long long)e * n_out + r] = (g / (1.f + expf(-g))) * u;
+}
+
+// Backend.experts_token, down projections of k experts in one launch:
+// y[r] += sum_e w[e] * (h[e] . down_e[r]), the experts summed in order e = 0..k-1 in registers;
+// down_e at ptr[2k + e], the k float32 weights w right after the 3k addresses.
+__global__ void down_bf16_k(const float* __restrict__ h,
+                            const unsigned long long* __restrict__ ptr, float* y, int k,
+                            int n_out, int n_in, int vec) {
+    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (r >= n_out) return;
+    const float* w = reinterpret_cast<const float*>(ptr + 3 * k);
+    float total = 0.f;
+    for (int e = 0; e < k; e++) {
+        const unsigned short* D = reinterpret_cast<const unsigned short*>(ptr[2 * k + e]);
+        float acc = warp_sum(dot_bf16(h + (long long)e * n_in, D + (long long)r * n_in, n_in,
+                                      lane, vec));
+        total += w[e] * acc;
+    }
+    if (lane == 0) y[r] += total;
 }
 
 __device__ float block_sum(float v, float* sh) {
