@@ -78,6 +78,37 @@ def test_cli_device_cuda_without_cupy_is_one_line_error(monkeypatch, tmp_path):
         assert r.exit_code == 0 and "--device [auto|cpu|cuda]" in r.output, verb
 
 
+def test_device_auto_without_cupy_runs_on_the_cpu_with_one_notice(monkeypatch, tiny_moe_dir,
+                                                                    tmp_path):
+    """``run --device auto`` without CuPy: one notice line on stderr, then the same completion
+    as ``--device cpu``; ``load(device="auto")`` gives a CPU model and one DeviceWarning."""
+    from click.testing import CliRunner
+    from test_api import make_chat_model
+
+    from zipmoe_rt.cli import main
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        z = make_chat_model(tiny_moe_dir("mixtral"), tmp_path / "m")
+    _hide_cupy(monkeypatch)
+    outs = {}
+    for dev in ("cpu", "auto"):
+        r = CliRunner().invoke(main, ["run", str(z), "-p", "hello", "--raw", "-n", "8",
+                                      "--device", dev])
+        assert r.exit_code == 0, r.output
+        outs[dev] = r.stdout
+        notes = [l for l in r.stderr.splitlines() if "warning" in l]
+        if dev == "auto":
+            assert notes == [f"zipmoe-rt: warning: device (--device) auto: "
+                             f"{cuda_unavailable()}; running on the CPU"]
+        else:
+            assert notes == []
+    assert outs["auto"] == outs["cpu"] and outs["cpu"].strip()
+    with pytest.warns(DeviceWarning) as rec:
+        m = zipmoe_rt.load(z, device="auto")
+    assert len(rec) == 1 and m.device == "cpu" and m.net.backend.name == "numba"
+    m.close()
+
+
 def test_cpu_run_does_not_import_cupy(tiny_moe_dir):
     """Importing the package, the CLI and running a model on the CPU leave CuPy unimported
     (a CPU-only install never needs it), also with device="cpu" resolved."""
