@@ -1,19 +1,24 @@
 """The CUDA backend: CuPy device arrays and the RawKernels of :mod:`zipmoe_rt.kernels.cuda_src`
 (BF16 weights held as ``uint16`` bit patterns on the GPU, float32 accumulation).
 
-Imported only when ``get_backend("cuda")`` (``--device cuda`` / ``auto``) asks for it: this is
-the one module of the package that imports CuPy, so a CPU-only install never does.
+Imported only when ``get_backend("cuda")`` (``--device cuda`` / ``auto``) asks for it: this
+module and its helper :mod:`~zipmoe_rt.backends.cuda_planes` are the only ones of the package
+that import CuPy, so a CPU-only install never does.
 
 Where each op runs:
 
 * one to :data:`GEMV_MAX_T` - 1 tokens (decode): a warp-per-row BF16 GEMV kernel (fused gate/up
-  for SwiGLU), the weights read in place;
+  for SwiGLU; one token's k experts in two launches, :data:`FUSED_EXPERTS`), the weights read in
+  place;
 * more tokens (prefill): the BF16 weight is widened to float32 on the GPU, :data:`WIDEN_BYTES`
   at a time, and multiplied with cuBLAS (``cupy.matmul``, FP32, no TF32);
 * RMSNorm, q/k norms, RoPE + KV-cache write, causal GQA attention (online softmax) and top-k
   routing: kernels of their own; routing results go to the host (the executor decides there
   which experts to fetch);
-* float16 / float32 weights: widened with CuPy and multiplied with cuBLAS.
+* float16 / float32 weights: widened with CuPy and multiplied with cuBLAS;
+* bit planes: the plane merge and the Huffman exponent decoder of
+  :mod:`~zipmoe_rt.backends.cuda_planes` (:meth:`CupyBackend.merge_planes`,
+  :meth:`CupyBackend.decode_exponents`, :meth:`CupyBackend.decode_merge`).
 
 Expert weights handed over as host arrays (the budgeted engine's decoded experts) are uploaded
 on every use; :meth:`CupyBackend.resident_experts` wraps a weight source so that each expert is
@@ -373,9 +378,11 @@ class ResidentExperts:
         self._experts: dict = {}
 
     def tensor(self, name):
+        """The source's dense tensor ``name`` (host array; KeyError naming it when absent)."""
         return self.source.tensor(name)
 
     def has(self, name):
+        """Whether the source holds dense tensor ``name``."""
         return self.source.has(name)
 
     def expert(self, layer, expert):

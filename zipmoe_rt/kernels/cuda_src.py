@@ -10,9 +10,10 @@ transformers sources as the CPU kernels (:mod:`zipmoe_rt.kernels`).
 """
 from __future__ import annotations
 
-#: names of the kernels in :data:`SOURCE` (``cupy.RawModule(name_expressions=...)``).
-KERNELS = ("gemv_bf16", "swiglu_bf16", "swiglu_bf16_k", "down_bf16_k", "rmsnorm_rows", "rope_qk_cache", "attention",
-           "route_topk", "merge_bf16", "merge_f16", "merge_f32", "huffman_streams")
+#: names of the kernels in :data:`SOURCE` (each looked up with ``RawModule.get_function``).
+KERNELS = ("gemv_bf16", "swiglu_bf16", "swiglu_bf16_k", "down_bf16_k", "rmsnorm_rows",
+           "rope_qk_cache", "attention", "route_topk", "merge_bf16", "merge_f16", "merge_f32",
+           "huffman_streams")
 
 SOURCE = r"""
 extern "C" {
