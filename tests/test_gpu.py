@@ -109,6 +109,17 @@ def test_device_auto_without_cupy_runs_on_the_cpu_with_one_notice(monkeypatch, t
     m.close()
 
 
+def test_host_backends_keep_experts_where_they_are():
+    """The device hooks of the host backends: the source itself (no wrapper, no copies) and a
+    synchronize that returns at once."""
+    class Source:
+        hparams: dict = {}
+    src = Source()
+    for name in ("numba", "numpy"):
+        be = get_backend(name)
+        assert be.resident_experts(src) is src and be.synchronize() is None
+
+
 def test_cpu_run_does_not_import_cupy(tiny_moe_dir):
     """Importing the package, the CLI and running a model on the CPU leave CuPy unimported
     (a CPU-only install never needs it), also with device="cpu" resolved."""
