@@ -449,3 +449,31 @@ def test_released_architecture_name_and_layout(tiny_moe_dir, tmp_path):
         z.close()
     ref = build_model(CheckpointSource(src))
     assert np.array_equal(got, ref.forward(ids, ref.new_cache(), last_only=False))
+
+
+@pytest.mark.parametrize("change", ["drop", "shape"])
+@pytest.mark.parametrize("tensor", ["model.norm.bias", "model.layers.1.input_layernorm.bias",
+                                    "lm_head.bias"])
+def test_bad_bias_tensors_are_named(tiny_moe_dir, tmp_path, change, tensor):
+    """A checkpoint missing a LayerNorm or head bias its config implies, or holding one of the
+    wrong shape, is refused by the converter with the tensor's name."""
+    import shutil
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    from zipmoe_rt.convert.converter import convert
+
+    d = shutil.copytree(tiny_moe_dir("phimoe"), tmp_path / "bad")
+    tensors = load_file(str(d / "model.safetensors"))
+    if change == "drop":
+        del tensors[tensor]
+    else:
+        tensors[tensor] = tensors[tensor][:-1].clone()
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception, match=tensor.replace(".", r"\.")) as ei:
+            convert(d, tmp_path / "bad.zmoe", progress=False)
+    assert "Traceback" not in str(ei.value)
+    assert not (tmp_path / "bad.zmoe").exists()
