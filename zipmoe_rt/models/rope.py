@@ -16,33 +16,60 @@ from ..families.hparams import HParams
 # RoPE (modeling_rope_utils.py)
 
 
+def rotary_dim(args: HParams) -> int:
+    """``dim = int(head_dim * partial_rotary_factor)`` (the factor from ``args.rope``, 1.0 when
+    absent), as ``modeling_rope_utils.py`` computes it: the frequencies are
+    ``base ** -(arange(0, dim, 2) / dim)``, ``ceil(dim / 2)`` of them, and the first
+    ``2 * ceil(dim / 2)`` dimensions of each head turn (one more than ``dim`` when it is odd, as
+    transformers' tables are that wide).
+
+    Raises:
+        ValueError: a factor that is not a number in (0, 1], or one that gives no dimension.
+    """
+    prf = (args.rope or {}).get("partial_rotary_factor", 1.0)
+    if prf is None:
+        prf = 1.0
+    if isinstance(prf, bool) or not isinstance(prf, (int, float)) or not 0 < prf <= 1:
+        raise ValueError(f"rope.partial_rotary_factor: {str(prf)[:40]!r} is not a number in "
+                         f"(0, 1]")
+    dim = int(args.head_dim * float(prf))
+    if dim < 1 or 2 * ((dim + 1) // 2) > args.head_dim:
+        raise ValueError(f"rope.partial_rotary_factor {prf} gives {dim} rotary dimensions of "
+                         f"head_dim {args.head_dim}")
+    return dim
+
+
 def rope_inv_freq(args: HParams, seq_len: int | None = None) -> tuple[np.ndarray, float]:
     """Inverse frequencies and the cos/sin scale, as transformers' ``ROPE_INIT_FUNCTIONS``.
 
     Supports rope_type ``default``, ``linear``, ``llama3``, ``yarn`` and ``longrope`` (float32
-    arithmetic in the same order as ``modeling_rope_utils.py``). ``longrope``
-    (``_compute_longrope_parameters``): ``inv_freq = 1 / (ext * theta ** (2i / hd))`` with
-    ``ext`` = ``long_factor`` when ``seq_len > original_max_position_embeddings``, else
-    ``short_factor`` (also when ``seq_len`` is None); the scale is ``attention_factor``, by
-    default ``sqrt(1 + ln(factor) / ln(original))`` (1 when ``factor <= 1``), ``factor``
-    defaulting to ``max_position_embeddings / original``.
+    arithmetic in the same order as ``modeling_rope_utils.py``), each with
+    ``partial_rotary_factor``: only the first ``rotary_dim = int(head_dim *
+    partial_rotary_factor)`` dimensions of a head rotate (``Glm4MoeRotaryEmbedding``,
+    ``apply_rotary_pos_emb`` of ``modeling_glm4_moe.py``), and the frequencies are those of a
+    head of ``rotary_dim``. ``longrope`` (``_compute_longrope_parameters``):
+    ``inv_freq = 1 / (ext * theta ** (2i / hd))`` with ``ext`` = ``long_factor`` when
+    ``seq_len > original_max_position_embeddings``, else ``short_factor`` (also when
+    ``seq_len`` is None); the scale is ``attention_factor``, by default
+    ``sqrt(1 + ln(factor) / ln(original))`` (1 when ``factor <= 1``), ``factor`` defaulting to
+    ``max_position_embeddings / original``.
 
     Args:
         args: a family's :class:`~zipmoe_rt.families.HParams`; uses ``rope`` (rope_theta,
-            factor, ...), ``head_dim``, ``max_position_embeddings``.
+            partial_rotary_factor, factor, ...), ``head_dim``, ``max_position_embeddings``.
         seq_len: the current sequence length in tokens (only ``longrope`` reads it).
     Returns:
-        (inv_freq float32 [head_dim // 2] in radians per position, attention_scaling float).
+        (inv_freq float32 [ceil(rotary_dim / 2)] in radians per position, attention_scaling
+        float).
     Raises:
-        ValueError: an unsupported rope_type or partial_rotary_factor != 1, missing keys, or
-            longrope factors that are not ``head_dim / 2`` positive numbers.
+        ValueError: an unsupported rope_type, a partial_rotary_factor outside (0, 1] or giving
+            no rotary dimension (:func:`rotary_dim`), an odd rotary dimension with yarn,
+            missing keys, or longrope factors that are not ``head_dim / 2`` positive numbers.
     """
     rp = args.rope or {}
     rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
     base = float(rp.get("rope_theta", 10000.0))
-    if float(rp.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported")
-    dim = args.head_dim
+    dim = rotary_dim(args)
     f32 = np.float32
     expo = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / f32(dim)
     pos_freqs = np.power(f32(base), expo, dtype=np.float32)
@@ -64,6 +91,9 @@ def rope_inv_freq(args: HParams, seq_len: int | None = None) -> tuple[np.ndarray
             medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
             return np.where(medium, smoothed, inv_l).astype(np.float32), 1.0
         if rtype == "yarn":
+            if dim % 2:         # transformers' ramp (dim // 2) would not fit the frequencies
+                raise ValueError(f"rope_parameters: yarn needs an even rotary dimension, not "
+                                 f"{dim} (partial_rotary_factor)")
             orig = float(rp.get("original_max_position_embeddings") or args.max_position_embeddings)
             factor = rp.get("factor")
             factor = float(factor) if factor is not None else args.max_position_embeddings / orig
@@ -132,7 +162,9 @@ def longrope_factors(rp: dict, key: str, dim: int) -> np.ndarray:
 class RoPE:
     """Rotary embedding tables for positions, as ``MixtralRotaryEmbedding.forward``:
     ``freqs = float32(pos) * inv_freq``; ``cos = cos(freqs) * attention_scaling`` (same for sin).
-    Applied with ``rotate_half`` (pairs ``i`` and ``i + head_dim/2``).
+    Applied with ``rotate_half`` to the first ``rotary_dim`` dimensions of each head (pairs
+    ``i`` and ``i + rotary_dim/2``), the rest left as they are (``rotary_dim`` = ``head_dim``
+    unless ``partial_rotary_factor`` < 1; the backends read it from the tables' width).
 
     ``longrope`` has two *regimes*, chosen on the length ``pos0 + T`` of the sequence a forward
     call ends with (transformers' ``seq_len = max(position_ids) + 1``): 0 while it is at most
@@ -181,7 +213,7 @@ class RoPE:
 
     def cos_sin(self, pos0: int, T: int) -> tuple[np.ndarray, np.ndarray]:
         """Tables for positions ``pos0 .. pos0+T-1`` in the regime of a sequence of ``pos0 + T``
-        tokens: (cos, sin), each float32 [T, head_dim/2]."""
+        tokens: (cos, sin), each float32 [T, rotary_dim/2]."""
         inv_freq, scaling = self._tables[self.regime(pos0 + T)]
         pos = np.arange(pos0, pos0 + T, dtype=np.float32)
         freqs = pos[:, None] * inv_freq[None, :]

@@ -25,6 +25,6 @@ class SparsemixerMoeBlock(SparseMoeBlock):
         super().__init__(model, layer, gate, 2, False)
         self.jitter_eps = float(jitter_eps)
 
-    def route(self, logits) -> tuple[np.ndarray, np.ndarray]:
+    def select(self, logits) -> tuple[np.ndarray, np.ndarray]:
         """host (topk_idx int64 [T, 2], topk_w float32 [T, 2]) of float32 [T, E] logits."""
         return self.backend.route_sparsemixer(logits, self.jitter_eps)
