@@ -365,16 +365,18 @@ def test_routing_equals_transformers_router(tiny_moe_dir, name):
         assert (w == 1).mean() > 0.5
 
 
-@pytest.mark.parametrize("policy", ["zip-lru", "raw-lru"])
+@pytest.mark.parametrize("policy", ["zip-lru", "raw-lru", "zipmoe"])
 def test_budgeted_engine_across_the_switch(tiny_moe_dir, tmp_path, policy):
-    """Under a memory budget that evicts experts, a prompt of 20 and 20 greedy steps (crossing
-    the original length, so the sequence is recomputed through the engine) give the unbudgeted
-    model's logits bit for bit."""
+    """Under a memory budget that evicts experts, with each policy, a prompt of 20 and 20 greedy
+    steps (crossing the original length, so the sequence is recomputed through the engine) give
+    the unbudgeted model's logits bit for bit."""
     import warnings
 
     from zipmoe_rt.bench import raw_companion
     from zipmoe_rt.convert.converter import convert
-    from zipmoe_rt.engine.pipeline import ExpertEngine
+    from zipmoe_rt.engine import profile as prof
+    from zipmoe_rt.engine.pipeline import ExpertEngine, budget_split
+    from zipmoe_rt.engine.planner import DelayModel
     from zipmoe_rt.engine.store import ZmoeSource
     from zipmoe_rt.models import build_model
 
@@ -395,14 +397,33 @@ def test_budgeted_engine_across_the_switch(tiny_moe_dir, tmp_path, policy):
         return out
 
     full = ZmoeSource(path)
-    plain = run(build_model(full))
+    model = build_model(full)
+    rec = prof.TraceRecorder(full.hparams, decode_only=False)    # for the zipmoe plan
+    model.route_hook = rec
+    plain = run(model)
+    model.route_hook = None
     full.close()
     src = ZmoeSource(path, keep_experts=False, copy_dense=True)
     bytes_F = max(l.full_bytes for l in src.layouts.values())
-    engine = ExpertEngine(src, src.dense_bytes() + 4 * bytes_F, policy, workers=2)
+    budget = src.dense_bytes() + 4 * bytes_F
+    kw = {}
+    if policy == "zipmoe":                 # static tiers planned from the counts, cheap decode
+        lays = src.layouts.values()
+        delay = DelayModel(sm_read_s=1e-3, exp_read_s=1e-3, decode_s=1e-5, matmul_s=1e-6,
+                           workers=2, bytes_F=bytes_F,
+                           bytes_sm=max(l.sm_region[1] for l in lays),
+                           bytes_exp=max(l.exp_region[1] for l in lays),
+                           chunks=max(1, max(sum(len(p.chunks) for p in l.pieces) for l in lays)))
+        plan, ranks = prof.make_plan({"counts": rec.counts.tolist()}, delay,
+                                     budget_split(src, budget)[2], 2, locality=False)
+        kw = dict(plan=plan.layers, ranks=ranks, delay=delay)
+    engine = ExpertEngine(src, budget, policy, workers=2, **kw)
     try:
         budgeted = run(build_model(src, executor=engine))
-        assert engine.stats.hits["miss"] > 0          # experts really were evicted and reloaded
+        hits = engine.stats.hits
+        assert hits["miss"] > 0                # experts really were evicted and reloaded
+        if policy == "zipmoe":
+            assert hits["C"] + hits["S"] + hits["E"] > 0
     finally:
         engine.close()
         src.close()
