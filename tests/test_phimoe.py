@@ -498,3 +498,51 @@ def test_bad_bias_tensors_are_named(tiny_moe_dir, tmp_path, change, tensor):
             convert(d, tmp_path / "bad.zmoe", progress=False)
     assert "Traceback" not in str(ei.value)
     assert not (tmp_path / "bad.zmoe").exists()
+
+
+def test_crop_back_below_the_original_length(phimoe):
+    """A cache that held a long sequence (long_mscale keys), cropped to a shared prefix and fed
+    a suffix that ends below the original length (a chat turn that restarts), is recomputed in
+    the short regime: the logits are transformers' for the new sequence."""
+    _, hf, models = phimoe
+    model = models["numba"]
+    long_ids = np.random.default_rng(11).integers(0, 256, 40)
+    cache = model.new_cache()
+    model.forward(long_ids, cache)
+    assert cache.regime == 1
+    cache.crop(20)
+    assert cache.token_ids == [int(t) for t in long_ids[:20]] and cache.regime == 1
+    suffix = np.random.default_rng(12).integers(0, 256, 5)
+    ours = model.forward(suffix, cache, last_only=False)
+    ref = _hf_logits(hf, np.concatenate([long_ids[:20], suffix]))
+    assert ours.shape == (5, 256) and cache.regime == 0 and cache.offset == 25
+    assert np.abs(ours - ref[20:]).max() <= LOGITS_TOL
+
+
+def test_model_cache_keeps_token_ids():
+    """ModelCache records the ids of each commit (what a recompute at a RoPE switch needs),
+    trims them on crop, forgets them after a commit without ids, and adopt takes another
+    cache's contents."""
+    from zipmoe_rt.models.cache import KVCache, ModelCache
+
+    def new():
+        return ModelCache(KVCache(1, 4, 4, 0, 2) for _ in range(2))
+
+    c = new()
+    for ids in ([5, 6, 7], [8]):
+        c.reserve(len(ids))
+        c.commit(len(ids), np.array(ids))
+    assert c.token_ids == [5, 6, 7, 8] and c.offset == 4 and c.regime == 0
+    c.crop(2)
+    assert c.token_ids == [5, 6]
+    c.reserve(1)
+    c.commit(1)
+    assert c.token_ids is None and c.offset == 3
+    c.crop(0)
+    assert c.token_ids == []
+    other = new()
+    other.reserve(2)
+    other.commit(2, [1, 2])
+    other.regime = 1
+    c.adopt(other)
+    assert (c.offset, c.token_ids, c.regime, c.layers) == (2, [1, 2], 1, other.layers)
