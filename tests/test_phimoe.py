@@ -546,3 +546,30 @@ def test_model_cache_keeps_token_ids():
     other.regime = 1
     c.adopt(other)
     assert (c.offset, c.token_ids, c.regime, c.layers) == (2, [1, 2], 1, other.layers)
+
+
+def test_head_dim_wider_than_hidden_over_heads(tmp_path):
+    """A config.json head_dim other than hidden_size / heads (as Phi-tiny-MoE's 128 with hidden
+    4096 and 16 heads), with LongRoPE factors of head_dim / 2: logits equal transformers'."""
+    import transformers
+    from tiny_models import COMMON, _randomize_norms, load_hf
+    from zipmoe_rt.models import build_model
+    from zipmoe_rt.models.weights import CheckpointSource
+
+    torch.manual_seed(0)
+    rs = dict(type="longrope", original_max_position_embeddings=8, short_mscale=1.2,
+              long_mscale=1.3, short_factor=[1.0 + 0.1 * i for i in range(16)],
+              long_factor=[2.0 + 0.2 * i for i in range(16)])
+    cfg = transformers.PhimoeConfig(**dict(COMMON, intermediate_size=48, num_local_experts=4,
+                                           head_dim=32, attention_bias=True, rope_scaling=rs,
+                                           rope_theta=10000.0))
+    hf = transformers.PhimoeForCausalLM(cfg)
+    _randomize_norms(hf, torch, torch.Generator().manual_seed(1))
+    hf.to(torch.bfloat16).save_pretrained(tmp_path)
+    assert hf.model.layers[0].self_attn.q_proj.weight.shape == (4 * 32, 64)
+    ref_model = load_hf(tmp_path)
+    model = build_model(CheckpointSource(tmp_path))
+    assert model.args.head_dim == 32
+    ids = np.random.default_rng(2).integers(0, 256, 12)
+    ours = model.forward(ids, model.new_cache(), last_only=False)
+    assert np.abs(ours - _hf_logits(ref_model, ids)).max() <= LOGITS_TOL
