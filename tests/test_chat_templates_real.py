@@ -203,3 +203,37 @@ def test_deepseek_v3_template_with_real_tokenizer(templates):
         got = ours.encode_chat(messages, add_generation_prompt=True, **kwargs)
         assert got == list(want), case
         assert got[0] == ours.bos_token_id == 0
+
+
+#: conversations ending in an assistant message to continue: (messages, continue_final_message)
+CONTINUE_CASES = [
+    ([SYS, U1, {"role": "assistant", "content": "The answer is"}], True),
+    ([U1, {"role": "assistant", "content": "Let me see "}], "content"),
+    ([U1, {"role": "assistant", "content": [{"type": "text", "text": "It is"}]}], True),
+    ([U1, {"role": "assistant", "content": "", "reasoning_content": "First, 2+2"}], "reasoning_content"),
+]
+
+
+def test_continue_final_message_as_transformers(templates):
+    """``continue_final_message`` leaves the last message open exactly where transformers does,
+    and refuses (ValueError, same reason) where transformers refuses."""
+    equal = 0
+    for name in FAMILY_TEMPLATES + ["openai-gpt-oss-120b", "meta-llama-Llama-3.1-8B-Instruct"]:
+        ours, ref = _pair(name, templates[name])
+        for messages, cont in CONTINUE_CASES:
+            r, r_err = _render(ref, True, messages, False, {"continue_final_message": cont})
+            o, o_err = _render(ours, False, messages, None, {"continue_final_message": cont})
+            if r_err is None:
+                assert o_err is None and o == r, (name, cont, o, r, o_err)
+                assert not o.endswith("<|im_end|>\n")
+                equal += 1
+            else:
+                assert isinstance(o_err, ValueError), (name, cont, r_err, o_err)
+    assert equal >= 2 * len(FAMILY_TEMPLATES)
+    ours, _ = _pair("Qwen-Qwen2.5-7B-Instruct", templates["Qwen-Qwen2.5-7B-Instruct"])
+    assert ours.apply_chat_template(CONTINUE_CASES[0][0], continue_final_message=True).endswith(
+        "<|im_start|>assistant\nThe answer is")
+    with pytest.raises(ValueError, match="not compatible with add_generation_prompt"):
+        ours.apply_chat_template(CONTINUE_CASES[0][0], True, continue_final_message=True)
+    with pytest.raises(ValueError, match='has no "reasoning" to continue'):
+        ours.apply_chat_template(CONTINUE_CASES[0][0], continue_final_message="reasoning")
