@@ -19,10 +19,11 @@ tokenizer of the original Hugging Face repository:
   and the ``Replace / ByteFallback / Fuse / Strip`` decoder of those repositories'
   ``tokenizer.json``.
 
-CONTROL and UNKNOWN tokens (types 3, 2) become special added tokens and USER_DEFINED ones (type 4) plain added
-tokens, as llama.cpp matches both whole in the text. The result is checked against llama.cpp's
-test vectors (``models/ggml-vocab-*.gguf.inp/.out``, made with transformers' ``AutoTokenizer``
-on the original repositories) in ``tests/test_gguf_vocab.py``.
+CONTROL and UNKNOWN tokens (types 3, 2) become special added tokens and USER_DEFINED ones
+(type 4) plain added tokens, as llama.cpp matches both whole in the text. The result is checked
+against llama.cpp's test vectors (``models/ggml-vocab-*.gguf.inp/.out``, made with transformers'
+``AutoTokenizer`` on the original repositories) in ``tests/test_gguf_vocab.py``, and against
+original ``tokenizer.json`` files in ``tests/test_hf_tokenizer_files.py``.
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ BPE_PRE_TOKENIZERS: dict[str, _Recipe] = {
     "llama-bpe": (None, _splits(_LLAMA3) + (("bytes", False),), True),
     "llama3": (None, _splits(_LLAMA3) + (("bytes", False),), True),
     "llama-v3": (None, _splits(_LLAMA3) + (("bytes", False),), True),
-    "dbrx": (None, _splits(_LLAMA3) + (("bytes", False),), False),   # cl100k (OLMoE-0125 too)
+    "dbrx": (None, _splits(_LLAMA3) + (("bytes", False),), False),   # cl100k, as OLMoE-0125 splits
     "glm4": (None, _splits(_LLAMA3) + (("bytes", False),), True),    # GLM-4.5
     "chatglm-bpe": (None, _splits(_LLAMA3) + (("bytes", False),), False),
     "qwen2": ("nfc", _splits(_QWEN2) + (("bytes", False),), False),
