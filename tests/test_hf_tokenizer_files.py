@@ -158,8 +158,31 @@ def test_sentencepiece_model_errors():
     bpe += b"\x12\x03\x98\x02\x01"                     # trainer_spec { byte_fallback: true }
     with pytest.raises(ValueError, match="remove_extra_whitespaces is set"):
         sentencepiece_model_tokenizer(bpe, "spm.model")
-    tok = sentencepiece_model_tokenizer(bpe + b"\x1a\x02\x20\x00", "spm.model")
-    assert tok.encode("a").ids == [0, 0]                    # "▁" unknown, then "a"
+    bpe += b"\x1a\x02\x20\x00"                          # normalizer_spec { remove_extra_whitespaces: false }
+    # "a" is the unknown piece (unk_id 0); "▁" is not in the vocabulary and becomes it too
+    assert sentencepiece_model_tokenizer(bpe, "spm.model").encode("a").ids == [0, 0]
+
+
+def test_sentencepiece_model_merges_by_score():
+    """A hand-written model: ``▁a`` (score -1) merges before ``ab`` (-2), so "ab" is ▁a + b
+    (the other order would give ▁ + ab)."""
+    import struct
+
+    from zipmoe_rt.convert.sentencepiece_model import sentencepiece_model_tokenizer
+
+    def piece(text, score, ptype):
+        body = b"\x0a" + bytes([len(text.encode())]) + text.encode() + b"\x15" + struct.pack("<f", score)
+        body += b"\x18" + bytes([ptype])
+        return b"\x0a" + bytes([len(body)]) + body
+
+    model = b"".join(piece(t, sc, ty) for t, sc, ty in [
+        ("<unk>", 0.0, 2), ("▁", -3.0, 1), ("a", -4.0, 1), ("b", -4.0, 1), ("▁a", -1.0, 1),
+        ("ab", -2.0, 1), ("ba", -5.0, 1)])
+    model += b"\x12\x02\x18\x02" + b"\x12\x03\x98\x02\x01" + b"\x1a\x02\x20\x00"
+    tok = sentencepiece_model_tokenizer(model)
+    assert tok.encode("ab").ids == [4, 3]       # ▁a + b, not ▁ + ab
+    assert tok.encode("b a").ids == [1, 3, 4]   # ▁ b ▁a
+    assert tok.decode([1, 3, 4]) == "b a"
 
 
 def _gguf_metadata_of(tokenizer_json: dict, pre: str) -> dict:
