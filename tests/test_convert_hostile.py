@@ -220,6 +220,7 @@ def test_bad_config_value_is_named(bases, tmp_path, which, kw, words):
     (b'{"architectures": ["MixtralForCausalLM"], "rms_norm_eps": NaN}', ["NaN"]),
     (b"\xff\xfe{}", ["not UTF-8"]),
     (b"[1, 2]", ["not a JSON object"]),
+    (b'{"architectures": ["MixtralForCausalLM"], "initializer_range": 1e999}', ["1e999"]),
 ])
 def test_malformed_config_is_named(bases, tmp_path, text, words):
     folder = _copy(bases, "single", tmp_path)
@@ -251,11 +252,12 @@ def _tokenizer(folder: Path):
     ("tokenizer_config.json", {"chat_template": "{% for %}"}, ["chat_template does not compile"]),
     ("tokenizer_config.json", [], ["not a JSON object"]),
     ("tokenizer.json", {"model": 5}, ["tokenizers library"]),
+    ("generation_config.json", '{"eos_token_id": 1e999}', ["1e999", "invalid JSON"]),
 ])
 def test_bad_generation_or_tokenizer_file_is_named(bases, tmp_path, name, doc, words):
     folder = _copy(bases, "single", tmp_path)
     _tokenizer(folder)
-    (folder / name).write_text(json.dumps(doc))
+    (folder / name).write_text(doc if isinstance(doc, str) else json.dumps(doc))
     _refused(folder, tmp_path, name, *words)
 
 

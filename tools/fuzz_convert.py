@@ -117,7 +117,8 @@ OPS = {"st_len": 2, "st_json": 3, "st_text": 2, "st_offsets": 3, "st_shape": 3, 
        "config": 8, "config_json": 2, "config_text": 1, "aux": 3, "aux_json": 2, "aux_text": 1,
        "delete": 1}
 AUX = ("generation_config.json", "tokenizer_config.json", "tokenizer.json")
-BIG = [0, -1, 1, 2, 3, 7, 10**12, 2**31, 2**32 + 1, 2**63, 10**30, -2**63, 0.5, 2.0, 1e308,
+BIG = [0, -1, 1, 2, 3, 7, 10**6, 10**12, 2**31 - 1, 2**31, 2**32 + 1, 2**63, 10**30, -2**63, 0.5,
+       2.0, 1e308,
        float("nan"), float("inf"), -float("inf"), "8", "", True, False, None, [], {}, [8],
        {"a": [1]}]
 #: config.json field -> values beyond :data:`BIG`

@@ -75,6 +75,13 @@ def _no_constants(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite(text):
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"{text[:40]} is out of the range of a double")
+    return v
+
+
 def _unique_keys(pairs):
     out = {}
     for k, v in pairs:
@@ -86,7 +93,8 @@ def _unique_keys(pairs):
 
 def strict_json(data: bytes | str):
     """Parse JSON as strictly as the reference readers (Rust serde_json, which safetensors and
-    tokenizers use): no NaN / Infinity, no key twice in an object, UTF-8 only.
+    tokenizers use): no NaN / Infinity (nor numbers that overflow a double, such as 1e999), no
+    key twice in an object, UTF-8 only.
 
     Raises:
         ValueError: not such JSON (also for nesting too deep to parse or integers of more than
@@ -95,7 +103,8 @@ def strict_json(data: bytes | str):
     try:
         if isinstance(data, bytes):
             data = data.decode("utf-8")
-        return json.loads(data, parse_constant=_no_constants, object_pairs_hook=_unique_keys)
+        return json.loads(data, parse_constant=_no_constants, parse_float=_finite,
+                          object_pairs_hook=_unique_keys)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     except UnicodeDecodeError as e:
