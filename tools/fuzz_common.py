@@ -68,7 +68,8 @@ def candidates(v) -> list:
         return [0, -1, 1, v + 1, v - 1, 2 * v, v // 2, 2**31, 2**32, 2**63 - 1, 2**63, 2**64,
                 -2**63, 10**30, str(v), float(v), [v], v + 4096, v - 4096, 144] + common
     if type(v) is float:
-        return [0.0, -v, 1e308, 0, int(v), str(v)] + common
+        return [0.0, -v, 1e308, 0, int(v) if v == v and abs(v) != float("inf") else 0,
+                str(v)] + common
     if type(v) is str:
         return ["", v + "x", "BF16", "F32", "F16", "I32", "huffman", "zstd", "raw", "bitplane",
                 "gate", "up", "down", "gate_up", 0, [v]] + common

@@ -321,7 +321,7 @@ def _index_op(doc, op):
         return doc
     names = sorted(wm)
     name = names[op["target"] % len(names)]
-    shards = sorted(set(wm.values()), key=str)
+    shards = sorted({str(s) for s in wm.values()})
     cands = ["missing.safetensors", "../model-00001-of-00002.safetensors", "/etc/passwd",
              "/dev/zero", "", ".", "..", "sub/x.safetensors", "config.json", 5, None,
              shards[op["src"] % len(shards)], "tokenizer.json", "model.safetensors.index.json",
@@ -361,29 +361,38 @@ def _aux_op(doc, op):
 
 
 def apply_ops(folder: Path, ops: list) -> None:
-    """Mutate the checkpoint ``folder`` in place with ``ops`` (see :func:`random_op`)."""
+    """Mutate the checkpoint ``folder`` in place with ``ops`` (see :func:`random_op`). An op
+    that does not apply to what earlier ops left (a header no longer an object...) is skipped."""
     for op in ops:
-        shards = sorted(folder.glob("*.safetensors"))
-        kind = op["op"]
-        if kind.startswith("st_"):
-            if shards:
-                _st_op(shards[op["src"] % len(shards)] if kind == "st_dup" else
-                       shards[op["pick"] % len(shards)], op, shards)
-        elif kind.startswith("index"):
-            p = folder / "model.safetensors.index.json"
-            if p.exists():
-                _json_file_op(p, op, _index_op)
-        elif kind.startswith("config"):
-            if (folder / "config.json").exists():
-                _json_file_op(folder / "config.json", op, _config_op)
-        elif kind.startswith("aux"):
-            p = folder / AUX[op["target"] % len(AUX)]
-            if p.exists():
-                _json_file_op(p, op, _aux_op)
-        elif kind == "delete":
-            files = sorted(folder.iterdir())
-            if files:
-                files[op["target"] % len(files)].unlink()
+        try:
+            _apply(folder, op)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError,
+                OverflowError):
+            pass
+
+
+def _apply(folder: Path, op: dict) -> None:
+    shards = sorted(folder.glob("*.safetensors"))
+    kind = op["op"]
+    if kind.startswith("st_"):
+        if shards:
+            _st_op(shards[op["src"] % len(shards)] if kind == "st_dup" else
+                   shards[op["pick"] % len(shards)], op, shards)
+    elif kind.startswith("index"):
+        p = folder / "model.safetensors.index.json"
+        if p.exists():
+            _json_file_op(p, op, _index_op)
+    elif kind.startswith("config"):
+        if (folder / "config.json").exists():
+            _json_file_op(folder / "config.json", op, _config_op)
+    elif kind.startswith("aux"):
+        p = folder / AUX[op["target"] % len(AUX)]
+        if p.exists():
+            _json_file_op(p, op, _aux_op)
+    elif kind == "delete":
+        files = sorted(folder.iterdir())
+        if files:
+            files[op["target"] % len(files)].unlink()
 
 
 def write_input(base: Path, ops: list, folder: Path) -> Path:

@@ -75,7 +75,8 @@ def verify(model, quiet):
 
     from .engine.layout import expert_layouts
     from .families.check import check_reader
-    with zmoe.ZmoeReader(model) as r:   # opening validates the index (format/SPEC.md §9)
+    with zmoe.ZmoeReader(model, use_mmap=False) as r:   # opening validates the index (SPEC §9);
+        # pread, not a memory map: a file truncated meanwhile is an error, not SIGBUS
         check_reader(r, str(model))     # hyper-parameters agree with the shapes, as on load
         expert_layouts(r)               # and every expert block is one the runtime can build
         with tqdm(total=len(r.tensors), unit="tensor", desc="verify", disable=quiet) as bar:

@@ -365,7 +365,7 @@ def verify_against(path: Path, ckpt: Checkpoint, progress: bool = False):
     Raises:
         ConversionError: a tensor missing or different (named).
     """
-    with zmoe.ZmoeReader(path) as r:
+    with zmoe.ZmoeReader(path, use_mmap=False) as r:
         names = set(r.tensors)
         if names != set(ckpt.tensors):
             raise ConversionError(f"{path}: tensor set differs from the source "
