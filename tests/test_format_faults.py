@@ -1,8 +1,13 @@
-"""The container verbs (``verify``, ``export``, ``inspect``) on a file truncated while they read
-it: they read with ``pread`` (``ZmoeReader(use_mmap=False)``), so the truncation is one error
-line naming the file, never a SIGBUS (a memory-mapped read past the new end of the file kills
-the process). Each verb runs in a child process with a time limit; the file is truncated from
-inside the reader, after the first pieces were read."""
+"""The container verbs on damaged files.
+
+- ``verify``, ``export`` (and ``inspect``) on a file truncated while they read it: they read
+  with ``pread`` (``ZmoeReader(use_mmap=False)``), so the truncation is one error line naming
+  the file, never a SIGBUS (a memory-mapped read past the new end of the file kills the
+  process). Each verb runs in a child process with a time limit; the file is truncated from
+  inside the reader, after the first pieces were read.
+- ``verify`` on a file whose stored tokenizer.json, chat template or tokenizer config does not
+  load: one error line naming the metadata key (run / chat would fail on it).
+"""
 from __future__ import annotations
 
 import os
@@ -16,7 +21,13 @@ import numpy as np
 import pytest
 
 import zmoe
+from click.testing import CliRunner
+from zmoe_edit import mutate, rewrite_index
+
+from zipmoe_rt.cli import main
 from zipmoe_rt.convert.converter import convert
+
+from test_api import make_chat_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,3 +105,50 @@ def test_pread_reader_names_the_file_on_truncation(tiny, tmp_path):
         os.truncate(model, 100)
         with pytest.raises(zmoe.TruncatedFileError, match=f"{model}: truncated while being read"):
             r.read_tensor(last)
+
+
+@pytest.fixture(scope="module")
+def chat_zmoe(tiny_moe_dir, tmp_path_factory) -> Path:
+    return make_chat_model(tiny_moe_dir("mixtral"), tmp_path_factory.mktemp("fmtchat") / "chat")
+
+
+def _verify(path):
+    return CliRunner().invoke(main, ["verify", str(path), "-q"], env={"ZIPMOE_RT_DEBUG": None},
+                              prog_name="zipmoe-rt")
+
+
+def _with_metadata(src: Path, dst: Path, key: str, value) -> Path:
+    def fn(b):
+        def edit(index):
+            if value is None:
+                del index["metadata"][key]
+            else:
+                index["metadata"][key]["value"] = value
+        rewrite_index(b, edit)
+    return mutate(src, dst, fn)
+
+
+def test_verify_loads_the_stored_tokenizer(chat_zmoe, tmp_path):
+    r = _verify(chat_zmoe)
+    assert r.exit_code == 0 and r.stdout.strip().endswith(
+        "all checksums match; tokenizer and chat template load)"), r.output
+    no_template = _with_metadata(chat_zmoe, tmp_path / "t.zmoe", "tokenizer.chat_template", None)
+    r = _verify(no_template)
+    assert r.exit_code == 0 and r.stdout.strip().endswith("match; tokenizer loads)"), r.output
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("tokenizer.json", '{"model": 5}', "is not a tokenizer the tokenizers library loads"),
+    ("tokenizer.json", "not json", "is not a tokenizer the tokenizers library loads"),
+    ("tokenizer.chat_template", "{% for m in messages %}", "does not compile"),
+    ("tokenizer.chat_template", "{{ x }", "does not compile"),
+    ("tokenizer.config", {"eos_token": "<nope>"}, "does not fit the stored tokenizer"),
+])
+def test_verify_names_a_stored_tokenizer_that_does_not_load(chat_zmoe, tmp_path, key, value,
+                                                           words):
+    bad = _with_metadata(chat_zmoe, tmp_path / "bad.zmoe", key, value)
+    r = _verify(bad)
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: metadata {key!r} "), r.output
+    assert words in lines[0], lines[0]
