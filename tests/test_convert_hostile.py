@@ -282,3 +282,14 @@ def test_stop_ids_from_every_source_after_the_checks(bases, tmp_path):
     out = convert(folder, tmp_path / "out.zmoe", progress=False, threads=1)
     with zmoe.ZmoeReader(out) as r:
         assert list(r.metadata["generation.eos_token_ids"]) == [7, 2, 1]
+
+
+@pytest.mark.parametrize("spelling", ["01", "\u0661", "+1"])
+def test_layer_number_spelled_otherwise_is_not_that_layer(bases, tmp_path, spelling):
+    """transformers matches ``model.layers.1.`` literally: a tensor named ``layers.01`` (or with
+    a non-ASCII digit) is not layer 1's, so layer 1 lacks that expert weight."""
+    folder = _copy(bases, "single", tmp_path)
+    old = "model.layers.1.block_sparse_moe.experts.0.w1.weight"
+    new = old.replace("layers.1.", f"layers.{spelling}.")
+    _edit_header(_st(folder), lambda h: h.__setitem__(new, h.pop(old)))
+    _refused(folder, tmp_path, "layer 1 expert 0 lacks tensors")

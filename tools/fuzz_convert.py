@@ -17,8 +17,9 @@ transformers; later runs only read them), with 1 to 3 mutations:
   duplicate keys or bad UTF-8; a tensor's ``data_offsets`` past the end, reversed, overlapping
   another's, or not matching shape x dtype; its ``shape`` negative, NaN, fractional, a string,
   huge or with a product that overflows int64 (offsets kept consistent with the wrapped size);
-  its ``dtype`` unknown or changed; ``__metadata__`` odd; the file truncated or extended; a
-  tensor copied into another shard;
+  its ``dtype`` unknown or changed; its name changed (layer / expert numbers huge, negative,
+  with leading zeros or non-ASCII digits; the name empty or huge); ``__metadata__`` odd; the
+  file truncated or extended; a tensor copied into another shard;
 - model.safetensors.index.json: ``weight_map`` entries pointing to missing files, outside the
   folder (``../x``, absolute paths) or to the wrong shard, entries added or removed, and the
   JSON mutations above;
@@ -45,6 +46,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import struct
 import sys
@@ -112,7 +114,7 @@ def build_bases(cache: Path) -> dict:
 
 # -- mutations ------------------------------------------------------------------------------------
 #: op -> weight in random inputs
-OPS = {"st_len": 2, "st_json": 3, "st_text": 2, "st_offsets": 3, "st_shape": 3, "st_dtype": 2,
+OPS = {"st_len": 2, "st_json": 3, "st_rename": 3, "st_text": 2, "st_offsets": 3, "st_shape": 3, "st_dtype": 2,
        "st_meta": 1, "st_trunc": 1, "st_dup": 1, "index": 3, "index_json": 1, "index_text": 1,
        "config": 8, "config_json": 2, "config_text": 1, "aux": 3, "aux_json": 2, "aux_text": 1,
        "delete": 1}
@@ -257,6 +259,16 @@ def _st_op(path: Path, op: dict, shards: list) -> None:
             t["data_offsets"] = [b, b]
         else:
             t["shape"] = cands[v % len(cands)]
+    elif kind == "st_rename":
+        digits = [m.span() for m in re.finditer(r"\d+", name)]
+        subs = ["99", "4294967296", "9" * 30, "-1", "01", "\u0663", "", "1e3", " 1", "1_0"]
+        if digits and v % 16 < 12:
+            a, z = digits[pick % len(digits)]
+            new = name[:a] + subs[v % len(subs)] + name[z:]
+        else:
+            new = [name + "2", "x." + name, "", "a" * 100_000, name.replace(".", "/"),
+                   name + "\u0000", name.upper(), "__metadata__"][v % 8]
+        header[new] = header.pop(name)
     elif kind == "st_dtype":
         cands = ["Q4_K", "bf16", "F64", "F16", "I16", "U16", "F32", "U8", "BOOL", "I64",
                  "F8_E4M3", None, 5, ["BF16"], ""]
