@@ -151,7 +151,7 @@ def test_unpadded_header_is_read(bases, tmp_path):
     convert(folder, tmp_path / "out.zmoe", progress=False, threads=1)
 
 
-# -- the shard index --------------------------------------------------------------------------------
+# -- the shard index ------------------------------------------------------------------------------
 @pytest.mark.parametrize("target, words", [
     ("../model.safetensors", ["not a file in the checkpoint folder"]),
     ("/etc/passwd", ["not a file in the checkpoint folder"]),
@@ -235,7 +235,7 @@ def test_integer_weights_are_refused(bases, tmp_path):
     _refused(folder, tmp_path, "model.safetensors", "'model.embed_tokens.weight'", "dtype I16")
 
 
-# -- generation / tokenizer files -------------------------------------------------------------------
+# -- generation / tokenizer files ------------------------------------------------------------------
 def _tokenizer(folder: Path):
     from tokenizers import Tokenizer, models
     tok = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "a": 2}, unk_token="<unk>"))

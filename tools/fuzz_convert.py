@@ -114,21 +114,21 @@ def build_bases(cache: Path) -> dict:
 
 # -- mutations ------------------------------------------------------------------------------------
 #: op -> weight in random inputs
-OPS = {"st_len": 2, "st_json": 3, "st_rename": 3, "st_text": 2, "st_offsets": 3, "st_shape": 3, "st_dtype": 2,
-       "st_meta": 1, "st_trunc": 1, "st_dup": 1, "index": 3, "index_json": 1, "index_text": 1,
-       "config": 8, "config_json": 2, "config_text": 1, "aux": 3, "aux_json": 2, "aux_text": 1,
-       "delete": 1}
+OPS = {"st_len": 2, "st_json": 3, "st_rename": 3, "st_text": 2, "st_offsets": 3, "st_shape": 3,
+       "st_dtype": 2, "st_meta": 1, "st_trunc": 1, "st_dup": 1, "index": 3, "index_json": 1,
+       "index_text": 1, "config": 8, "config_json": 2, "config_text": 1, "aux": 3, "aux_json": 2,
+       "aux_text": 1, "delete": 1}
 AUX = ("generation_config.json", "tokenizer_config.json", "tokenizer.json")
 BIG = [0, -1, 1, 2, 3, 7, 10**6, 10**12, 2**31 - 1, 2**31, 2**32 + 1, 2**63, 10**30, -2**63, 0.5,
-       2.0, 1e308,
-       float("nan"), float("inf"), -float("inf"), "8", "", True, False, None, [], {}, [8],
-       {"a": [1]}]
+       2.0, 1e308, float("nan"), float("inf"), -float("inf"), "8", "", True, False, None, [], {},
+       [8], {"a": [1]}]
 #: config.json field -> values beyond :data:`BIG`
 CONFIG = {
     "num_local_experts": [], "num_experts": [], "num_experts_per_tok": [9, 64, 1000],
     "hidden_size": [63, 65, 66, 128], "intermediate_size": [95, 97, 192],
     "moe_intermediate_size": [47, 96], "shared_expert_intermediate_size": [79, 160],
-    "num_attention_heads": [5, 6, 8, 64], "num_key_value_heads": [3, 4, 5], "head_dim": [15, 17, 33],
+    "num_attention_heads": [5, 6, 8, 64], "num_key_value_heads": [3, 4, 5],
+    "head_dim": [15, 17, 33],
     "vocab_size": [255, 257, 512], "num_hidden_layers": [2, 4, 100, 2**31 - 1],
     "rms_norm_eps": [-1e-6, 1e-300, 1e30], "rope_theta": [-10000.0, 1e-300, 1e300],
     "rope_scaling": [{"rope_type": "nope"}, {"type": "yarn"}, {"rope_type": "yarn", "factor": -1},

@@ -16,9 +16,10 @@ structural checks and the decoders instead of stopping at a checksum.
 
 Inputs are examined one at a time in a worker process (``--workers N`` run side by side; the
 inputs of a seed do not depend on N; the machinery is ``tools/fuzz_common.py``) limited to
-``--memory-mb`` of address space and ``--timeout`` seconds per input: open, ``verify``, read every tensor and expert block,
-the runtime's decode of every expert (with and without CRC checks) and, where the expert shapes
-are the base's, the budgeted expert engine (I/O and decode threads) over every MoE layer.
+``--memory-mb`` of address space and ``--timeout`` seconds per input: open, ``verify``, read
+every tensor and expert block, the runtime's decode of every expert (with and without CRC
+checks) and, where the expert shapes are the base's, the budgeted expert engine (I/O and decode
+threads) over every MoE layer.
 Outcomes, counted and printed at the end:
 
     ok       opened, verified and decoded (the mutation was harmless or undetectable)

@@ -183,9 +183,9 @@ class SafetensorsFile:
         pos = 0   # the byte ranges tile the data section (Metadata::validate)
         for t in sorted(self.tensors.values(), key=lambda t: (t.begin, t.end)):
             if t.begin != pos:
-                raise SafetensorsError(
-                    f"{self.path}: tensor {t.name!r} starts at byte {t.begin} of the data, "
-                    f"expected {pos} ({'overlaps the tensor before' if t.begin < pos else 'a gap'})")
+                why = "overlaps the tensor before" if t.begin < pos else "a gap"
+                raise SafetensorsError(f"{self.path}: tensor {t.name!r} starts at byte {t.begin} "
+                                       f"of the data, expected {pos} ({why})")
             pos = t.end
         if pos != data_size:
             raise SafetensorsError(f"{self.path}: the tensors cover {pos} bytes of data, the file "

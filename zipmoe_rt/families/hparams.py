@@ -383,9 +383,11 @@ class HParams:
                              f"1..num_experts {self.num_experts}")
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ValueError("layer_types must list one entry per layer")
-        if self.layer_types is not None and not set(self.layer_types) <= set(LAYER_TYPES):
+        if self.layer_types is not None and not all(
+                isinstance(t, str) and t in LAYER_TYPES for t in self.layer_types):
+            odd = sorted({str(t) for t in self.layer_types} - set(LAYER_TYPES))
             raise ValueError(f"layer_types: only {', '.join(LAYER_TYPES)} are supported, not "
-                             f"{str(sorted(set(map(str, self.layer_types)) - set(LAYER_TYPES)))[:60]}")
+                             f"{str(odd)[:60]}")
 
     def _check_values(self) -> None:
         """Types and ranges of every value the kernels and tables are sized or computed from
