@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Structure-aware fuzzing of ``convert`` (Hugging Face folder -> ``.zmoe``).
 
-    python tools/fuzz_convert.py [--count 2000] [--seconds 600] [--seed 1] [--workers N]
+    python tools/fuzz_convert.py [--count 2000] [--seconds S] [--seed 1] [--workers N]
                                  [--timeout 60] [--memory-mb 3072] [--cache DIR] [--json OUT]
                                  [--keep DIR]
     python tools/fuzz_convert.py --replay FOLDER ...
@@ -37,7 +37,12 @@ forward pass. Outcomes (tools/fuzz_common.py): ``refused`` is a ``ConversionErro
 message names the input folder (every file in it is named by a path under it); any other
 exception (a load or forward failure of a converted file included), a MemoryError, a crash or a
 hang fails the campaign (exit status 1). ``--keep`` saves those inputs (folders) and their
-mutations; ``--replay`` examines saved folders, each in a fresh worker.
+mutations; ``--replay`` examines saved folders, each in a fresh worker. The inputs of a seed do
+not depend on ``--workers``. A long unattended campaign on a 16-core machine (needs only the
+repository and its test environment; the bases are built on the first run):
+
+    python tools/fuzz_convert.py --count 100000 --workers 16 --json out.json
+
 tests/test_fuzz_convert.py runs a short hypothesis-driven version.
 """
 from __future__ import annotations
@@ -507,8 +512,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=2000, help="most inputs (default 2000)")
-    ap.add_argument("--seconds", type=float, default=600,
-                    help="most wall time (default 600; 0: no limit)")
+    ap.add_argument("--seconds", type=float, default=0,
+                    help="most wall time (default 0: no limit, run --count inputs)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1,
                     help="worker processes examining inputs at once (default 1)")
