@@ -34,9 +34,9 @@ Each input goes through :func:`zipmoe_rt.convert.converter.convert` (what ``zipm
 calls, verification on) in a worker process limited to ``--memory-mb`` of address space and
 ``--timeout`` seconds, and, when it converts, the result is loaded by the runtime and runs a
 forward pass. Outcomes (tools/fuzz_common.py): ``refused`` is a ``ConversionError`` whose
-message names the input folder (every file in it is named by a path under it); any other
-exception (a load or forward failure of a converted file included), a MemoryError, a crash or a
-hang fails the campaign (exit status 1). ``--keep`` saves those inputs (folders) and their
+message names the input folder (every file in it is named by a path under it; refusals are
+counted by the file named); any other exception (a load or forward failure of a converted file
+included), a MemoryError, a crash or a hang fails the campaign (exit status 1). ``--keep`` saves those inputs (folders) and their
 mutations; ``--replay`` examines saved folders, each in a fresh worker. The inputs of a seed do
 not depend on ``--workers``. A long unattended campaign on a 16-core machine (needs only the
 repository and its test environment; the bases are built on the first run):
@@ -446,7 +446,11 @@ def examine(folder: str) -> dict:
         except ConversionError as e:
             if str(folder) not in str(e):
                 raise RuntimeError(f"ConversionError not naming the folder: {e}") from None
-            stages["convert"] = type(e).__name__
+            m = re.search(re.escape(str(folder)) + r"/([^\s:'\"]+)", str(e))
+            named = m.group(1) if m else "the folder"
+            if named.endswith(".safetensors"):
+                named = "a .safetensors file"
+            stages["convert"] = f"{type(e).__name__} naming {named}"
             return {"stages": stages, "other": None}
         src = ZmoeSource(out)
         try:
