@@ -309,9 +309,10 @@ def test_expert_tensor_classifies_every_spec(name, layout):
 
 def test_expert_patterns_as_before():
     """The converter's patterns are derived from the name tables; same set as the literal
-    patterns the converter used to list."""
-    layer = r"model\.layers\.(?P<layer>\d+)\."
-    e = r"(?P<expert>\d+)"
+    patterns the converter used to list (numbers spelled as ``str(int)`` writes them)."""
+    num = "0|[1-9][0-9]*"
+    layer = rf"model\.layers\.(?P<layer>{num})\."
+    e = rf"(?P<expert>{num})"
     assert get_family("mixtral").expert_patterns() == (
         (layer + rf"block_sparse_moe\.experts\.{e}\.w1\.weight", "gate"),
         (layer + rf"block_sparse_moe\.experts\.{e}\.w3\.weight", "up"),

@@ -262,6 +262,10 @@ def expand(table: dict, hp) -> list[TensorSpec]:
 
 
 def template_regex(template: str) -> str:
-    """A regex matching the names of ``template``: groups ``layer`` ({i}) and ``expert`` ({e})."""
+    """A regex matching the names of ``template``: groups ``layer`` ({i}) and ``expert`` ({e}),
+    each a number as Python's ``str(int)`` writes it (ASCII digits, no leading zero), the only
+    spelling transformers' module names match (``layers.01`` or ``layers.\u0661`` is not layer
+    1)."""
     rx = re.escape(template)
-    return rx.replace(r"\{i\}", r"(?P<layer>\d+)").replace(r"\{e\}", r"(?P<expert>\d+)")
+    num = "0|[1-9][0-9]*"
+    return rx.replace(r"\{i\}", rf"(?P<layer>{num})").replace(r"\{e\}", rf"(?P<expert>{num})")
