@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Backend", "check_qk_norm", "to_f32"]
+__all__ = ["Backend", "check_qk_norm", "check_route", "to_f32", "ROUTE_METHODS", "ROUTE_SCORINGS"]
 
 
 def to_f32(a) -> np.ndarray:
@@ -59,6 +59,44 @@ def check_qk_norm(q_size: int, k_size: int, nq: int, nkv: int, hd: int, clip=Non
                          f"{nkv * hd} (whole projection)")
     if clip is not None and not clip >= 0:
         raise ValueError(f"clip must be >= 0 or None, not {clip!r}")
+
+
+#: router selection methods (transformers' ``topk_method``; :meth:`Backend.route`).
+ROUTE_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+#: router scoring functions (:meth:`Backend.route`).
+ROUTE_SCORINGS = ("softmax", "sigmoid")
+
+
+def check_route(E: int, k: int, scoring: str = "softmax", method: str = "greedy",
+                n_group: int = 1, topk_group: int = 1, bias=None, scale: float = 1.0) -> None:
+    """Check the routing arguments of :meth:`Backend.route` for ``E`` experts.
+
+    Raises:
+        ValueError: ``k`` outside 1..E; an unknown ``scoring`` / ``method``; ``n_group`` not a
+            divisor of ``E``; ``topk_group`` outside 1..n_group; fewer than ``k`` experts in the
+            ``topk_group`` kept groups; ``noaux_tc`` with groups of one expert (its group score
+            sums the top two); a ``bias`` that is not ``E`` values; a non-finite ``scale``.
+    """
+    if not 0 < k <= E:
+        raise ValueError(f"route: top-k {k} not in 1..{E} experts")
+    if scoring not in ROUTE_SCORINGS:
+        raise ValueError(f"route: scoring {scoring!r} is not one of {', '.join(ROUTE_SCORINGS)}")
+    if method not in ROUTE_METHODS:
+        raise ValueError(f"route: method {method!r} is not one of {', '.join(ROUTE_METHODS)}")
+    if type(n_group) is not int or n_group < 1 or E % n_group:
+        raise ValueError(f"route: n_group {n_group!r} does not divide {E} experts")
+    if type(topk_group) is not int or not 1 <= topk_group <= n_group:
+        raise ValueError(f"route: topk_group {topk_group!r} not in 1..n_group {n_group}")
+    if method != "greedy" and k > topk_group * (E // n_group):
+        raise ValueError(f"route: top-k {k} exceeds the {topk_group * (E // n_group)} experts "
+                         f"of the {topk_group} kept groups")
+    if method == "noaux_tc" and E // n_group < 2:
+        raise ValueError(f"route: noaux_tc needs at least 2 experts per group, not "
+                         f"{E // n_group}")
+    if bias is not None and np.shape(bias) != (E,):
+        raise ValueError(f"route: bias has shape {np.shape(bias)}, expected ({E},)")
+    if not np.isfinite(scale):
+        raise ValueError(f"route: scale {scale!r} is not finite")
 
 
 class Backend:
@@ -239,15 +277,36 @@ class Backend:
 
     # -- routing -------------------------------------------------------------------------------
 
-    def route(self, logits, k: int, renorm: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k softmax routing (``MixtralTopKRouter`` / ``Qwen2MoeTopKRouter``): float32
-        softmax over all experts, the k largest in descending order (lowest index first on ties),
-        divided by their sum when ``renorm`` (``norm_topk_prob``).
+    def route(self, logits, k: int, renorm: bool, scoring: str = "softmax",
+              method: str = "greedy", n_group: int = 1, topk_group: int = 1, bias=None,
+              scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k routing of router logits, in float32. With the defaults, softmax top-k
+        (``MixtralTopKRouter`` / ``Qwen2MoeTopKRouter``): softmax over all experts, the k
+        largest in descending order (lowest index first on ties), divided by their sum when
+        ``renorm`` (``norm_topk_prob``). The other arguments give the routers of the DeepSeek /
+        GLM lineage (``DeepseekV2TopkRouter``, ``DeepseekV3TopkRouter``, ``Glm4MoeTopkRouter``):
+
+        * ``scoring``: ``"softmax"`` or ``"sigmoid"`` of the logits gives the scores;
+        * ``bias``: added to the scores for the choice only (``e_score_correction_bias``);
+        * ``method``: ``"greedy"`` (every expert eligible); ``"group_limited_greedy"`` (V2:
+          experts in ``n_group`` equal groups, only the ``topk_group`` groups with the largest
+          maximum choice score eligible); ``"noaux_tc"`` (V3 / GLM: the same, the group score
+          being the sum of the group's two largest choice scores);
+        * the weights are the unbiased scores of the chosen experts, divided by their sum when
+          ``renorm`` (sigmoid scoring: by ``sum + 1e-20``, as ``DeepseekV3TopkRouter``), then
+          multiplied by ``scale`` (``routed_scaling_factor``).
+
+        The experts come in descending choice score, lowest index first on ties (transformers'
+        ``topk(sorted=False)`` promises no order; the sparse block sums experts by index).
 
         Args:
             logits: float32 [T, E] router logits.  k: experts per token.  renorm: bool.
+            scoring, method: see above.  n_group, topk_group: ints (``E % n_group == 0``).
+            bias: None or float32 [E] (host).  scale: float.
         Returns:
             host (topk_idx int64 [T, k], topk_w float32 [T, k]).
+        Raises:
+            ValueError: from :func:`check_route`.
         """
         raise NotImplementedError
 

@@ -14,7 +14,7 @@ from ..kernels import norm as _norm
 from ..kernels import routing as _routing
 from ..kernels import swiglu as _swiglu
 from ..kernels.linear import bf16_rows, linear_into
-from .base import Backend, HostArrays, check_qk_norm
+from .base import Backend, HostArrays, check_qk_norm, check_route
 
 
 class NumbaBackend(HostArrays, Backend):
@@ -74,6 +74,13 @@ class NumbaBackend(HostArrays, Backend):
         """:func:`~zipmoe_rt.kernels.attention.attention` (parallel over (token, head) if large)."""
         return _att.attention(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out)
 
-    def route(self, logits, k, renorm):
-        """:func:`~zipmoe_rt.kernels.routing.route`."""
-        return _routing.route(logits, k, renorm)
+    def route(self, logits, k, renorm, scoring="softmax", method="greedy", n_group=1,
+              topk_group=1, bias=None, scale=1.0):
+        """:func:`~zipmoe_rt.kernels.routing.route` for softmax top-k without bias or scale
+        (the kernel every family before the DeepSeek / GLM lineage ran), else
+        :func:`~zipmoe_rt.kernels.routing.route_grouped`."""
+        check_route(logits.shape[1], k, scoring, method, n_group, topk_group, bias, scale)
+        if scoring == "softmax" and method == "greedy" and bias is None and scale == 1.0:
+            return _routing.route(logits, k, renorm)
+        return _routing.route_grouped(logits, k, renorm, scoring, method, n_group, topk_group,
+                                      bias, scale)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Backend, HostArrays, check_qk_norm, to_f32
+from .base import Backend, HostArrays, check_qk_norm, check_route, to_f32
 
 _F32 = np.float32
 
@@ -135,13 +135,33 @@ class NumpyBackend(HostArrays, Backend):
             out[:, h * hd:(h + 1) * hd] = p.astype(np.float32) @ V
         return out
 
-    def route(self, logits, k, renorm):
-        """Softmax, stable descending argsort, the first k (renormalised)."""
+    def route(self, logits, k, renorm, scoring="softmax", method="greedy", n_group=1,
+              topk_group=1, bias=None, scale=1.0):
+        """As ``DeepseekV3TopkRouter.forward`` reads: scores, choice scores (+ bias), group
+        scores (max, or sum of the top two), the kept groups, a stable descending argsort of the
+        masked choice scores, the first k, their scores (renormalised, scaled)."""
         logits = np.asarray(logits, np.float32)
-        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        p /= p.sum(axis=-1, keepdims=True)
-        idx = np.argsort(-p, axis=-1, kind="stable")[:, :k].astype(np.int64)
+        T, E = logits.shape
+        check_route(E, k, scoring, method, n_group, topk_group, bias, scale)
+        if scoring == "sigmoid":
+            p = _F32(1.0) / (_F32(1.0) + np.exp(-logits))
+        else:
+            p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            p /= p.sum(axis=-1, keepdims=True)
+        choice = p if bias is None else p + np.asarray(bias, np.float32)
+        if method != "greedy" and n_group > 1:
+            grouped = np.sort(choice.reshape(T, n_group, E // n_group), axis=-1)
+            gs = grouped[..., -1] if method == "group_limited_greedy" else (
+                grouped[..., -1] + grouped[..., -2])
+            kept = np.argsort(-gs, axis=-1, kind="stable")[:, :topk_group]
+            mask = np.zeros((T, n_group), bool)
+            np.put_along_axis(mask, kept, True, axis=-1)
+            choice = np.where(np.repeat(mask, E // n_group, axis=-1), choice, -np.inf)
+        idx = np.argsort(-choice, axis=-1, kind="stable")[:, :k].astype(np.int64)
         w = np.take_along_axis(p, idx, axis=-1).astype(np.float32)
         if renorm:
-            w /= w.sum(axis=-1, keepdims=True)
+            eps = _F32(1e-20 if scoring == "sigmoid" else 0.0)
+            w /= w.sum(axis=-1, keepdims=True) + eps
+        if scale != 1.0:
+            w *= _F32(scale)
         return idx, w

@@ -5,6 +5,8 @@
 * :mod:`.attention`: :class:`Attention`;
 * :mod:`.moe`: :class:`MLP`, :class:`SparseMoeBlock`, :class:`Executor`,
   :class:`ExpertExecutor`, :func:`accumulate_experts`;
+* :mod:`.routing`: :class:`Router`, :class:`RoutingRule` (softmax / sigmoid scoring, grouped
+  selection, correction bias, scaling);
 * :mod:`.model`: :class:`DecoderLayer`, :class:`Model`.
 
 Everything runs on a compute backend (:mod:`zipmoe_rt.backends`; Numba CPU kernels by default,
@@ -32,11 +34,12 @@ from .cache import KVCache, LayerCache, ModelCache
 from .model import DecoderLayer, Model
 from .moe import MLP, Executor, ExpertExecutor, RouteHook, SparseMoeBlock, accumulate_experts
 from .rope import RoPE, rope_inv_freq
+from .routing import Router, RoutingRule
 
 __all__ = [
     "to_f32", "rms_norm", "rope_inv_freq", "RoPE", "LayerCache", "KVCache",
     "ModelCache", "Attention", "MLP", "route", "Executor", "ExpertExecutor", "accumulate_experts",
-    "RouteHook", "SparseMoeBlock", "DecoderLayer", "Model",
+    "RouteHook", "SparseMoeBlock", "DecoderLayer", "Model", "Router", "RoutingRule",
 ]
 
 
