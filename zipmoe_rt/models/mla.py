@@ -167,7 +167,7 @@ class MLAttention:
 def build_mla(model, i: int) -> MLAttention:
     """The :class:`MLAttention` of layer ``i`` of ``model`` (a
     :class:`~zipmoe_rt.models.model.Model` of an MLA family), its weights by the registry's
-    logical keys: ``attn_q`` (``q_lora_rank`` null) or ``attn_q_a`` / ``attn_q_a_norm`` /
+    logical keys: ``attn_q`` (``q_lora_rank`` 0 / null) or ``attn_q_a`` / ``attn_q_a_norm`` /
     ``attn_q_b``, ``attn_kv_a``, ``attn_kv_a_norm``, ``attn_kv_b``, ``attn_o``, and with
     ``attention_bias`` ``attn_q_a_bias``, ``attn_kv_a_bias``, ``attn_o_bias``.
 
@@ -179,13 +179,13 @@ def build_mla(model, i: int) -> MLAttention:
 
     a, t = model.args, model.weight
     kw = {}
-    if a.q_lora_rank is None:
+    if not a.q_lora_rank:
         kw["wq"] = t("attn_q", i)
     else:
         kw.update(wq_a=t("attn_q_a", i), q_a_norm=t("attn_q_a_norm", i), wq_b=t("attn_q_b", i))
     if a.attention_bias:
         kw.update(bkv_a=t("attn_kv_a_bias", i), bo=t("attn_o_bias", i))
-        if a.q_lora_rank is not None:
+        if a.q_lora_rank:
             kw["bq_a"] = t("attn_q_a_bias", i)
     scale = softmax_scale(a, a.qk_nope_head_dim + a.qk_rope_head_dim)
     return MLAttention(a, i, t("attn_kv_a", i), t("attn_kv_a_norm", i), t("attn_kv_b", i),
