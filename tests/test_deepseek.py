@@ -1,0 +1,258 @@
+"""DeepSeek lineage: Multi-head Latent Attention against transformers' attention modules (q
+low-rank or not, interleaved or half-split RoPE, YaRN with mscale, both backends, through the
+latent cache), YaRN frequencies and score scale against transformers' rope functions, the latent
+cache's size, the DeepSeek-V2 config rules, and the DeepSeek-V2-Lite shaped checkpoint with
+random norms: every tensor read, none missing, logits as transformers'."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from zipmoe_rt.families import ConfigError, get_architecture, get_family  # noqa: E402
+from zipmoe_rt.families.deepseek_v2 import DeepseekV2HParams  # noqa: E402
+from zipmoe_rt.models import build_model  # noqa: E402
+from zipmoe_rt.models.cache import LatentCache  # noqa: E402
+from zipmoe_rt.models.mla import MLAttention, deinterleave  # noqa: E402
+from zipmoe_rt.models.rope import RoPE, rope_inv_freq, softmax_scale  # noqa: E402
+from zipmoe_rt.models.weights import CheckpointSource  # noqa: E402
+
+from tiny_models import SPECS, load_hf, make_tiny  # noqa: E402
+
+YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=0.707, mscale_all_dim=0.707,
+            original_max_position_embeddings=128, beta_fast=32, beta_slow=1)
+SHAPE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=24,
+             qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, attention_bias=True,
+             max_position_embeddings=512, num_experts_per_tok=2)
+
+
+def _hf_attention(version, q_lora, interleave, rope):
+    """A transformers DeepseekV{2,3}Attention with random weights and norms, its rotary
+    embedding and config."""
+    kw = dict(SHAPE, vocab_size=64, num_hidden_layers=1, q_lora_rank=q_lora, n_routed_experts=4)
+    if rope is not None:
+        kw["rope_parameters"] = dict(rope)
+    if version == 3:
+        kw["rope_interleave"] = interleave
+        mod = transformers.models.deepseek_v3.modeling_deepseek_v3
+        cfg = transformers.DeepseekV3Config(**kw)
+        att_cls, rot_cls = mod.DeepseekV3Attention, mod.DeepseekV3RotaryEmbedding
+    else:
+        mod = transformers.models.deepseek_v2.modeling_deepseek_v2
+        cfg = transformers.DeepseekV2Config(**kw)
+        att_cls, rot_cls = mod.DeepseekV2Attention, mod.DeepseekV2RotaryEmbedding
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(q_lora or 0)
+    att = att_cls(cfg, 0).eval()
+    with torch.no_grad():
+        for n, p in att.named_parameters():
+            p.copy_(0.5 + torch.rand(p.shape) if "norm" in n else 0.1 * torch.randn(p.shape))
+    return att, rot_cls(cfg), cfg
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("version,q_lora,interleave,yarn", [
+    (2, 16, True, False), (2, None, True, True), (3, 16, True, True), (3, None, False, False),
+    (3, 16, False, True)])
+def test_mla_matches_transformers_attention(backend, version, q_lora, interleave, yarn):
+    """Outputs of MLAttention over a latent cache filled in three calls equal transformers'
+    attention run over the whole sequence (causal mask), and the cache holds exactly the
+    normalised latent and the rotated k_pe transformers caches."""
+    att, rot, cfg = _hf_attention(version, q_lora, interleave, YARN if yarn else None)
+    T = 9
+    x = torch.randn(1, T, 64, generator=torch.Generator().manual_seed(5))
+    pe = rot(x, torch.arange(T)[None])
+    mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+    cache = transformers.DynamicCache(config=cfg)
+    with torch.no_grad():
+        ref = att(x, position_embeddings=pe, attention_mask=mask, cache=cache)[0][0].numpy()
+    hp = DeepseekV2HParams(**SHAPE, num_experts=4, q_lora_rank=q_lora or 0,
+                           rope=dict(cfg.rope_parameters), rope_interleave=interleave)
+    hp.validate()
+    sd = {k: v.numpy() for k, v in att.state_dict().items()}
+    w = dict(wkv_a=sd["kv_a_proj_with_mqa.weight"], kv_a_norm=sd["kv_a_layernorm.weight"],
+             wkv_b=sd["kv_b_proj.weight"], wo=sd["o_proj.weight"],
+             bkv_a=sd["kv_a_proj_with_mqa.bias"], bo=sd["o_proj.bias"])
+    if q_lora:
+        w.update(wq_a=sd["q_a_proj.weight"], q_a_norm=sd["q_a_layernorm.weight"],
+                 wq_b=sd["q_b_proj.weight"], bq_a=sd["q_a_proj.bias"])
+    else:
+        w["wq"] = sd["q_proj.weight"]
+    m = MLAttention(hp, 0, scale=softmax_scale(hp, 20), backend=backend, **w)
+    assert np.float32(att.scaling) == m.scale
+    rope, c = RoPE(hp), m.new_cache(2)
+    xs, outs = x[0].numpy(), []
+    for a, b in ((0, 4), (4, 5), (5, T)):
+        c.reserve(b - a)
+        outs.append(m(np.ascontiguousarray(xs[a:b]), c, a, *rope.cos_sin(a, b - a)))
+        c.commit(b - a)
+    got = np.concatenate(outs)
+    assert np.abs(got - ref).max() < 1e-5 * max(1.0, np.abs(ref).max())
+    # the cache: [latent, rope(k_pe)] per position; k_pe in rotate_half order
+    lat, kpe = (t[0, 0].numpy() for t in (cache.layers[0].keys, cache.layers[0].values))
+    perm = deinterleave(8) if interleave else np.arange(8)
+    if version == 2:     # V2's complex product leaves the pairs interleaved (V3's
+        kpe = kpe[:, perm]   # interleave function returns the two halves already)
+    assert c.length == T and c.kv.shape[1] == 24 + 8
+    np.testing.assert_allclose(c.kv[:T, :24], lat, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(c.kv[:T, 24:], kpe, rtol=1e-6, atol=1e-6)
+
+
+def test_yarn_frequencies_and_score_scale_match_transformers():
+    """rope_inv_freq and softmax_scale against ROPE_INIT_FUNCTIONS["yarn"] and
+    yarn_apply_mscale for DeepSeek-V2's and -V3's YaRN settings (tiny head sizes); mscale_all_dim
+    changes the score scale, the default rope does not."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, yarn_apply_mscale
+
+    for rope, mpe in ((YARN, 512), (dict(YARN, factor=40.0, original_max_position_embeddings=4096,
+                                          mscale=1.0, mscale_all_dim=1.0), 163840)):
+        cfg = transformers.DeepseekV3Config(**dict(SHAPE, max_position_embeddings=mpe),
+                                            rope_parameters=dict(rope))
+        inv, attn = ROPE_INIT_FUNCTIONS["yarn"](cfg)
+        hp = DeepseekV2HParams(**dict(SHAPE, max_position_embeddings=mpe), num_experts=4,
+                               rope=dict(cfg.rope_parameters))
+        hp.validate()
+        got_inv, got_attn = rope_inv_freq(hp)
+        np.testing.assert_array_equal(got_inv, inv.numpy())
+        assert got_attn == pytest.approx(attn, rel=1e-12)
+        want = yarn_apply_mscale(cfg.rope_parameters, 20 ** -0.5)
+        assert softmax_scale(hp, 20) == pytest.approx(want, rel=1e-12)
+        assert softmax_scale(hp, 20) > 1.05 * 20 ** -0.5
+    assert softmax_scale(DeepseekV2HParams(num_experts_per_tok=2), 192) == 192 ** -0.5
+
+
+@pytest.mark.parametrize("name", [n for n, (f, _) in SPECS.items() if f == "deepseek_v2"])
+def test_latent_cache_holds_the_latent_only(tiny_moe_dir, name):
+    """Every layer's cache is a LatentCache of kv_lora_rank + qk_rope_head_dim float32 values
+    per position; Model.new_cache's nbytes says so; kv_values_per_token sums the layers."""
+    net = build_model(CheckpointSource(tiny_moe_dir(name)))
+    a = net.args
+    width = a.kv_lora_rank + a.qk_rope_head_dim
+    assert a.kv_values_per_token() == a.num_hidden_layers * width == 3 * 40
+    cache = net.new_cache(capacity=16)
+    assert all(type(lc) is LatentCache and lc.kv.shape == (16, width) for lc in cache.layers)
+    assert cache.nbytes == 16 * a.kv_values_per_token() * 4
+    net.forward(np.arange(20), cache)            # grows by doubling, still only the latent
+    assert cache.offset == 20 and cache.nbytes == 32 * a.kv_values_per_token() * 4
+
+
+class _Recording(CheckpointSource):
+    """A CheckpointSource that records every tensor and expert asked for."""
+
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.asked, self.experts = [], set()
+
+    def tensor(self, name):
+        self.asked.append(name)
+        return super().tensor(name)
+
+    def expert(self, layer, expert):
+        self.experts.add((layer, expert))
+        return super().expert(layer, expert)
+
+
+def test_v2_lite_shape_random_norms_reads_every_tensor(tmp_path):
+    """DeepSeek-V2-Lite's shape (q_lora_rank null, kv_lora_rank, a dense first layer, two shared
+    experts, greedy routing) with every RMSNorm weight uniform in [0.5, 1.5]: the runtime reads
+    each tensor of the checkpoint (every expert used at least once over the prompt), asks for
+    none that is absent, and its logits match transformers'."""
+    folder = make_tiny("deepseek_v2_lite", tmp_path / "ck", seed=3)
+    hf = load_hf(folder)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_((0.5 + torch.rand(p.shape, generator=g)).to(torch.bfloat16).float())
+    hf.save_pretrained(folder)                      # float32 now: the norms exactly as set
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["q_lora_rank"] is None and cfg["first_k_dense_replace"] == 1
+    src = _Recording(folder)
+    assert src.hparams["q_lora_rank"] == 0
+    net = build_model(src)
+    ids = np.arange(0, 256, 5)
+    ours = net.forward(ids, net.new_cache(), last_only=False)
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
+    assert np.abs(ours - ref).max() <= 1e-3
+    names = set(src.ckpt.tensors)
+    dense = {n for n in names if src.arch.expert_tensor(n) is None}
+    assert set(src.asked) == dense                  # every dense tensor, nothing absent
+    assert not [n for n in dense if "q_a_proj" in n or "q_b_proj" in n]
+    norms = [n for n in dense if n.endswith("norm.weight")]
+    assert len(norms) == 3 * 3 + 1                  # input, post-attention, kv_a; final
+    assert src.experts == {(i, e) for i in (1, 2) for e in range(8)}
+
+
+def _v2_config(**over):
+    cfg = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+           "vocab_size": 102400, "hidden_size": 2048, "num_hidden_layers": 27,
+           "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 10944,
+           "moe_intermediate_size": 1408, "n_routed_experts": 64, "num_experts_per_tok": 6,
+           "n_shared_experts": 2, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+           "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+           "qk_rope_head_dim": 64, "v_head_dim": 128, "topk_method": "greedy",
+           "routed_scaling_factor": 1.0, "norm_topk_prob": False, "rms_norm_eps": 1e-6,
+           "max_position_embeddings": 163840, "rope_theta": 10000,
+           "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1,
+                            "mscale": 0.707, "mscale_all_dim": 0.707,
+                            "original_max_position_embeddings": 4096}}
+    cfg.update(over)
+    return cfg
+
+
+def test_v2_lite_config_reads_as_the_released_model():
+    """DeepSeek-V2-Lite's config.json: the values the runtime stores and the derived ones."""
+    hp = get_architecture(_v2_config()).typed_hparams()
+    assert (hp.q_lora_rank, hp.head_dim, hp.shared_expert_intermediate_size) == (0, 64, 2816)
+    assert hp.moe_layers == list(range(1, 27)) and hp.num_experts == 64
+    assert hp.rope["rope_type"] == "yarn" and hp.rope["mscale_all_dim"] == 0.707
+    assert hp.kv_values_per_token() == 27 * 576
+    fam = get_family("deepseek_v2")
+    assert fam.hf_config(hp)["q_lora_rank"] is None
+    names = {s.name for s in fam.tensor_specs(hp)}
+    assert "model.layers.0.self_attn.q_proj.weight" in names
+    assert "model.layers.0.mlp.gate_proj.weight" in names
+    assert "model.layers.1.mlp.shared_experts.up_proj.weight" in names
+    assert not any("q_a_proj" in n or "k_proj" in n for n in names)
+    full = get_architecture(_v2_config(q_lora_rank=1536, topk_method="group_limited_greedy",
+                                       n_group=8, topk_group=3, num_experts_per_tok=6,
+                                       n_routed_experts=160)).typed_hparams()
+    assert (full.q_lora_rank, full.n_group, full.topk_group) == (1536, 8, 3)
+
+
+@pytest.mark.parametrize("over,needle", [
+    (dict(moe_layer_freq=2), "moe_layer_freq"),
+    (dict(norm_topk_prob=True), "norm_topk_prob"),
+    (dict(topk_method="noaux_tc"), "topk_method"),
+    (dict(topk_method="group_limited_greedy"), "n_group"),
+    (dict(topk_method="group_limited_greedy", n_group=5, topk_group=2), "n_group"),
+    (dict(topk_method="group_limited_greedy", n_group=8, topk_group=9), "topk_group"),
+    (dict(qk_rope_head_dim=63), "qk_rope_head_dim"),
+    (dict(kv_lora_rank=0), "kv_lora_rank"),
+    (dict(q_lora_rank="1536"), "q_lora_rank"),
+    (dict(routed_scaling_factor=0), "routed_scaling_factor"),
+    (dict(num_experts_per_tok=None), "num_experts_per_tok"),
+])
+def test_v2_config_errors_name_the_field(over, needle):
+    with pytest.raises(ConfigError, match=needle):
+        get_architecture(_v2_config(**over)).typed_hparams()
+
+
+def test_stored_hparams_that_lie_about_mla_shapes_are_refused():
+    """A container whose kv_lora_rank disagrees with its MLA tensors is refused naming the
+    tensor and the field."""
+    import zmoe
+
+    from zipmoe_rt.families.check import check_stored_tensors
+
+    hp = get_architecture(_v2_config(num_hidden_layers=2)).typed_hparams()
+    fam = get_family("deepseek_v2")
+    shapes = {s.name: list(s.shape) for s in fam.tensor_specs(hp)}
+    check_stored_tensors(hp.to_hparams(), shapes, "x.zmoe")
+    with pytest.raises(zmoe.CorruptIndexError, match="kv_a_proj_with_mqa.*hparams kv_lora_rank"):
+        check_stored_tensors(dict(hp.to_hparams(), kv_lora_rank=256), shapes, "x.zmoe")
