@@ -48,6 +48,19 @@ SPECS = {
     "olmoe_clip": ("olmoe", dict(
         COMMON, intermediate_size=48, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
         attention_bias=True, clip_qkv=1.0, rope_theta=10000.0)),
+    # GLM-4-MoE: a dense first layer, shared experts, sigmoid router with a random F32
+    # correction bias (make_tiny), partial rotary; renormalised and scaled (weights sum 2.5) or
+    # not, one group or four groups of which two are kept, q/k norms
+    "glm4_moe": ("glm4_moe", dict(
+        COMMON, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True,
+        routed_scaling_factor=2.5, attention_bias=True, partial_rotary_factor=0.5,
+        rope_theta=10000.0)),
+    "glm4_moe_groups": ("glm4_moe", dict(
+        COMMON, head_dim=32, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=1, n_group=4,
+        topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.5, use_qk_norm=True,
+        partial_rotary_factor=0.25, rope_theta=1000000.0)),
     # DeepSeek-V2 (MLA): the V2-Lite shape (plain q_proj, greedy routing) and the V2 shape
     # (low-rank q, group-limited routing, YaRN with mscale, attention biases)
     "deepseek_v2_lite": ("deepseek_v2", dict(
@@ -88,6 +101,15 @@ def _randomize_norms(model, torch, gen):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
+def _randomize_correction_bias(model, torch, gen):
+    """Router ``e_score_correction_bias`` buffers (DeepSeek-V3 / GLM-4-MoE): random values of the
+    scale of the sigmoid scores' spread, kept F32 as released checkpoints store them."""
+    for mod in model.modules():
+        b = getattr(mod, "e_score_correction_bias", None)
+        if isinstance(b, torch.Tensor):
+            mod.e_score_correction_bias = 0.1 * torch.randn(b.shape, generator=gen)
+
+
 def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
     """Create tiny checkpoint ``name`` (a key of :data:`SPECS`) in ``folder`` (BF16 safetensors,
     ``config.json``); with ``sharded`` the weights are split over several shards with an index.
@@ -108,6 +130,7 @@ def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
     model = getattr(transformers, model_cls)(cfg)
     _randomize_norms(model, torch, torch.Generator().manual_seed(seed + 1))
     model = model.to(torch.bfloat16)
+    _randomize_correction_bias(model, torch, torch.Generator().manual_seed(seed + 2))
     model.save_pretrained(folder, max_shard_size="200KB" if sharded else "2GB")
     return folder
 

@@ -41,16 +41,22 @@ def to_f32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def check_qk_norm(q_size: int, k_size: int, nq: int, nkv: int, hd: int, clip=None) -> None:
-    """Check the q/k norm weight sizes and ``clip`` given to :meth:`Backend.rope_qk_cache`.
+def check_qk_norm(q_size: int, k_size: int, nq: int, nkv: int, hd: int, clip=None,
+                  half: int | None = None) -> None:
+    """Check the q/k norm weight sizes, ``clip`` and the RoPE tables' width given to
+    :meth:`Backend.rope_qk_cache`.
 
     Args:
         q_size, k_size: number of q / k norm weights (0 = no norm).  nq, nkv, hd: heads and
-            head size.  clip: None or the clamp bound.
+            head size.  clip: None or the clamp bound.  half: None, or the width of the cos /
+            sin tables (half the rotary dimensions).
     Raises:
         ValueError: ``q_size`` not 0, ``hd`` or ``nq * hd``; ``k_size`` not 0, ``hd`` or
-            ``nkv * hd``; ``clip`` negative or NaN.
+            ``nkv * hd``; ``clip`` negative or NaN; ``half`` not in 1..hd/2.
     """
+    if half is not None and not 0 < half <= hd // 2:
+        raise ValueError(f"RoPE tables of width {half}: expected 1..{hd // 2} (half the rotary "
+                         f"dimensions of head_dim {hd})")
     if q_size not in (0, hd, nq * hd):
         raise ValueError(f"q_norm has {q_size} weights: expected {hd} (per head) or {nq * hd} "
                          f"(whole projection)")
@@ -246,15 +252,17 @@ class Backend:
             qkv: float32 [T, (nq + 2 nkv) * hd].  nq, nkv, hd: heads and head size.
             q_norm: float32 [hd] or [nq * hd], or float32 [0] for none.
             k_norm: float32 [hd] or [nkv * hd], or float32 [0] for none.  eps: np.float32.
-            cos, sin: float32 [T, hd / 2] (:meth:`~zipmoe_rt.models.rope.RoPE.cos_sin`, through
-                :meth:`from_host`).
+            cos, sin: float32 [T, rot / 2] (:meth:`~zipmoe_rt.models.rope.RoPE.cos_sin`, through
+                :meth:`from_host`): RoPE turns the first ``rot`` dimensions of each head
+                (``rot = hd``, or less with a partial rotary factor, as GLM-4-MoE's
+                ``apply_rotary_pos_emb``: pairs ``i`` and ``i + rot/2``; the rest pass).
             kc, vc: float32 [nkv, capacity, hd], ``capacity >= pos0 + T``
                 (:class:`~zipmoe_rt.models.cache.KVCache` buffers).  pos0: first position.
             clip: None, or clamp q, k and v to ``[-clip, clip]`` after the norms and before
                 RoPE (``OlmoeAttention``'s ``clip_qkv``: ``clamp_(min=-clip, max=clip)``).
         Raises:
-            ValueError: a norm weight of another size or a negative ``clip``
-                (:func:`check_qk_norm`).
+            ValueError: a norm weight of another size, a negative ``clip`` or tables wider than
+                the head (:func:`check_qk_norm`).
         """
         raise NotImplementedError
 

@@ -67,7 +67,7 @@ class NumbaBackend(HostArrays, Backend):
                       clip=None):
         """:func:`~zipmoe_rt.kernels.attention.rope_qk_cache` (per-head norms without ``clip``:
         the one-pass kernel; whole-projection norms or ``clip``: the grouped one)."""
-        check_qk_norm(q_norm.size, k_norm.size, nq, nkv, hd, clip)
+        check_qk_norm(q_norm.size, k_norm.size, nq, nkv, hd, clip, cos.shape[1])
         _att.rope_qk_cache(qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0, clip)
 
     def attention(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):

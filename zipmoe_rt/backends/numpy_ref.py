@@ -97,8 +97,10 @@ class NumpyBackend(HostArrays, Backend):
     def rope_qk_cache(self, qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0,
                       clip=None):
         """RMSNorm over rows of ``w.size`` (a head, or the whole q / k projection), ``np.clip``
-        of q, k, v, then per head ``x * cos + rotate_half(x) * sin``, cache slices."""
-        check_qk_norm(q_norm.size, k_norm.size, nq, nkv, hd, clip)
+        of q, k, v, then per head ``x * cos + rotate_half(x) * sin`` on the first ``rot`` dimensions
+        (the tables' width; the rest pass, as ``apply_rotary_pos_emb`` of GLM-4-MoE), cache
+        slices."""
+        check_qk_norm(q_norm.size, k_norm.size, nq, nkv, hd, clip, cos.shape[1])
         T = qkv.shape[0]
         q = qkv[:, :nq * hd].reshape(T, nq, hd)                 # views into qkv
         k = qkv[:, nq * hd:(nq + nkv) * hd].reshape(T, nkv, hd)
@@ -108,10 +110,12 @@ class NumpyBackend(HostArrays, Backend):
                 heads[...] = _rms(heads.reshape(T, -1, w.size), w, eps).reshape(heads.shape)
         if clip is not None:
             np.clip(qkv, -_F32(clip), _F32(clip), out=qkv)
-        c = np.concatenate([cos, cos], axis=-1)[:, None, :]    # [T, 1, hd]
+        c = np.concatenate([cos, cos], axis=-1)[:, None, :]    # [T, 1, rot]
         s = np.concatenate([sin, sin], axis=-1)[:, None, :]
+        rot = c.shape[-1]                                       # partial rotary: rot < hd
         for heads in (q, k):
-            heads[...] = heads * c + _rotate_half(heads) * s
+            r = heads[..., :rot]
+            r[...] = r * c + _rotate_half(r) * s
         kc[:, pos0:pos0 + T] = k.transpose(1, 0, 2)
         vc[:, pos0:pos0 + T] = v.transpose(1, 0, 2)
 

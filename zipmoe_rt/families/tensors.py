@@ -55,6 +55,8 @@ KEYS = {
     "ffn_norm": "post_attention_layernorm weight [H]",
     "norm": "final norm weight [H]",
     "lm_head": "output projection [V, H] (the embedding when tie_word_embeddings)",
+    # DeepSeek-V3 / GLM-4-MoE routers (noaux_tc)
+    "router_bias": "router e_score_correction_bias [E], F32, for the choice only (MoE layers)",
     # Multi-head Latent Attention (DeepSeek-V2/V3, GLM-4-MoE-Lite); attn_q is then q_proj
     # [heads*(nope+rope), H] (q_lora_rank null) and attn_o [H, heads*v_head_dim]
     "attn_q_a": "MLA q_a_proj weight [q_lora_rank, H] (q_lora_rank set)",
@@ -183,6 +185,7 @@ def shape(key: str, hp) -> tuple:
         "shared_gate": (SI, H), "shared_up": (SI, H), "shared_down": (H, SI),
         "shared_expert_gate": (1, H),
         "mlp_gate": (D, H), "mlp_up": (D, H), "mlp_down": (H, D),
+        "router_bias": (E,),        # DeepSeek-V3 / GLM-4-MoE
     }[key]
 
 
@@ -190,7 +193,8 @@ def present(key: str, hp, layer: int | None) -> bool:
     """Whether a model with ``hp`` has tensor ``key`` (in ``layer`` for per-layer keys), given
     that its family lists the key: biases with ``attention_bias``, q/k norms with ``qk_norm``,
     router and experts in ``moe_layers``, the shared expert there when its size is > 0, the
-    dense MLP elsewhere; a family's ``hp.tensor_present(key)`` decides first (MLA)."""
+    dense MLP elsewhere, the router's correction bias with the router; a family's
+    ``hp.tensor_present(key)`` decides first (MLA)."""
     own = getattr(hp, "tensor_present", None)
     if own is not None and own(key) is not None:
         return own(key)
@@ -203,7 +207,7 @@ def present(key: str, hp, layer: int | None) -> bool:
         return moe and hp.shared_expert_intermediate_size > 0
     if key in _DENSE:
         return layer is not None and not moe
-    if key == "router" or key in EXPERT_ROLES or key in STACKED_ROLES:
+    if key in ("router", "router_bias") or key in EXPERT_ROLES or key in STACKED_ROLES:
         return moe
     return True
 

@@ -16,26 +16,48 @@ from ..families.hparams import HParams
 # RoPE (modeling_rope_utils.py)
 
 
+def rotary_dim(args: HParams) -> int:
+    """Dimensions of a head that rotate: ``int(head_dim * partial_rotary_factor)`` (the factor
+    from ``args.rope``, 1.0 when absent), as ``modeling_rope_utils.py`` computes ``dim``.
+
+    Raises:
+        ValueError: a factor that is not a number in (0, 1], or a result that is odd or 0.
+    """
+    prf = (args.rope or {}).get("partial_rotary_factor", 1.0)
+    if prf is None:
+        prf = 1.0
+    if isinstance(prf, bool) or not isinstance(prf, (int, float)) or not 0 < prf <= 1:
+        raise ValueError(f"rope.partial_rotary_factor: {str(prf)[:40]!r} is not a number in "
+                         f"(0, 1]")
+    dim = int(args.head_dim * float(prf))
+    if dim < 2 or dim % 2:
+        raise ValueError(f"rope.partial_rotary_factor {prf} gives {dim} rotary dimensions of "
+                         f"head_dim {args.head_dim}: must be even and > 0")
+    return dim
+
+
 def rope_inv_freq(args: HParams) -> tuple[np.ndarray, float]:
     """Inverse frequencies and the cos/sin scale, as transformers' ``ROPE_INIT_FUNCTIONS``.
 
     Supports rope_type ``default``, ``linear``, ``llama3`` and ``yarn`` (float32 arithmetic in
-    the same order as ``modeling_rope_utils.py``).
+    the same order as ``modeling_rope_utils.py``), each with ``partial_rotary_factor``: only the
+    first ``rotary_dim = int(head_dim * partial_rotary_factor)`` dimensions of a head rotate
+    (``Glm4MoeRotaryEmbedding``, ``apply_rotary_pos_emb`` of ``modeling_glm4_moe.py``), and the
+    frequencies are those of a head of ``rotary_dim``.
 
     Args:
         args: a family's :class:`~zipmoe_rt.families.HParams`; uses ``rope`` (rope_theta,
-            factor, ...), ``head_dim``, ``max_position_embeddings``.
+            partial_rotary_factor, factor, ...), ``head_dim``, ``max_position_embeddings``.
     Returns:
-        (inv_freq float32 [head_dim // 2] in radians per position, attention_scaling float).
+        (inv_freq float32 [rotary_dim // 2] in radians per position, attention_scaling float).
     Raises:
-        ValueError: an unsupported rope_type or partial_rotary_factor != 1, or missing keys.
+        ValueError: an unsupported rope_type, a partial_rotary_factor outside (0, 1] or giving
+            an odd or zero ``rotary_dim``, or missing keys.
     """
     rp = args.rope or {}
     rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
     base = float(rp.get("rope_theta", 10000.0))
-    if float(rp.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported")
-    dim = args.head_dim
+    dim = rotary_dim(args)
     f32 = np.float32
     expo = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / f32(dim)
     pos_freqs = np.power(f32(base), expo, dtype=np.float32)
@@ -97,7 +119,9 @@ def rope_inv_freq(args: HParams) -> tuple[np.ndarray, float]:
 class RoPE:
     """Rotary embedding tables for positions, as ``MixtralRotaryEmbedding.forward``:
     ``freqs = float32(pos) * inv_freq``; ``cos = cos(freqs) * attention_scaling`` (same for sin).
-    Applied with ``rotate_half`` (pairs ``i`` and ``i + head_dim/2``).
+    Applied with ``rotate_half`` to the first ``rotary_dim`` dimensions of each head (pairs
+    ``i`` and ``i + rotary_dim/2``), the rest left as they are (``rotary_dim`` = ``head_dim``
+    unless ``partial_rotary_factor`` < 1; the backends read it from the tables' width).
 
     Args:
         args: the family's :class:`~zipmoe_rt.families.HParams`.
@@ -109,7 +133,8 @@ class RoPE:
         self.inv_freq, self.scaling = rope_inv_freq(args)
 
     def cos_sin(self, pos0: int, T: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tables for positions ``pos0 .. pos0+T-1``: (cos, sin), each float32 [T, head_dim/2]."""
+        """Tables for positions ``pos0 .. pos0+T-1``: (cos, sin), each float32
+        [T, rotary_dim/2]."""
         pos = np.arange(pos0, pos0 + T, dtype=np.float32)
         freqs = pos[:, None] * self.inv_freq[None, :]
         cos, sin = np.cos(freqs), np.sin(freqs)
