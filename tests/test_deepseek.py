@@ -256,3 +256,122 @@ def test_stored_hparams_that_lie_about_mla_shapes_are_refused():
     check_stored_tensors(hp.to_hparams(), shapes, "x.zmoe")
     with pytest.raises(zmoe.CorruptIndexError, match="kv_a_proj_with_mqa.*hparams kv_lora_rank"):
         check_stored_tensors(dict(hp.to_hparams(), kv_lora_rank=256), shapes, "x.zmoe")
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeek-V3 and GLM-4-MoE-Lite
+
+
+def test_v3_and_glm_lite_configs():
+    """DeepSeek-V3's released config.json (BF16) and GLM-4.7-Flash's read as the models are;
+    a quantised (FP8) release, another router or scoring function, or a partial rotary factor
+    are refused naming the key."""
+    v3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+          "vocab_size": 129280, "hidden_size": 7168, "num_hidden_layers": 61,
+          "num_attention_heads": 128, "num_key_value_heads": 128, "intermediate_size": 18432,
+          "moe_intermediate_size": 2048, "n_routed_experts": 256, "num_experts_per_tok": 8,
+          "n_shared_experts": 1, "first_k_dense_replace": 3, "q_lora_rank": 1536,
+          "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+          "v_head_dim": 128, "n_group": 8, "topk_group": 4, "topk_method": "noaux_tc",
+          "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+          "num_nextn_predict_layers": 1, "rope_theta": 10000,
+          "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1,
+                           "mscale": 1.0, "mscale_all_dim": 1.0,
+                           "original_max_position_embeddings": 4096},
+          "max_position_embeddings": 163840}
+    hp = get_architecture(v3).typed_hparams()
+    assert (hp.topk_method, hp.norm_topk_prob, hp.rope_interleave, hp.n_group) == (
+        "noaux_tc", True, True, 8)
+    assert hp.moe_layers == list(range(3, 61)) and hp.shared_expert_intermediate_size == 2048
+    assert hp.kv_values_per_token() == 61 * 576
+    assert softmax_scale(hp, 192) == pytest.approx(192 ** -0.5 * (0.1 * np.log(40) + 1) ** 2)
+    names = {s.name for s in get_family("deepseek_v3").tensor_specs(hp)}
+    assert "model.layers.3.mlp.gate.e_score_correction_bias" in names
+    assert "model.layers.2.mlp.gate.e_score_correction_bias" not in names
+    for over, needle in ((dict(quantization_config={"quant_method": "fp8"}), "quantization"),
+                         (dict(topk_method="greedy"), "topk_method"),
+                         (dict(scoring_func="softmax"), "scoring_func"),
+                         (dict(n_group=7), "n_group"),
+                         (dict(n_group=256, topk_group=256), "fewer than 2 experts"),
+                         (dict(rope_scaling=None, rope_parameters={
+                             "rope_type": "default", "rope_theta": 1e4,
+                             "partial_rotary_factor": 0.5}), "partial_rotary_factor")):
+        with pytest.raises(ConfigError, match=needle):
+            get_architecture(dict(v3, **over)).typed_hparams()
+    glm = {"architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite",
+           "vocab_size": 154880, "hidden_size": 2048, "num_hidden_layers": 47,
+           "num_attention_heads": 20, "num_key_value_heads": 20, "intermediate_size": 10240,
+           "moe_intermediate_size": 1536, "n_routed_experts": 64, "num_experts_per_tok": 4,
+           "q_lora_rank": 768, "kv_lora_rank": 512, "qk_nope_head_dim": 192,
+           "qk_rope_head_dim": 64, "v_head_dim": 256, "rope_theta": 1000000}
+    g = get_architecture(glm).typed_hparams()
+    assert (g.moe_layers, g.first_k_dense_replace) == (list(range(1, 47)), 1)
+    assert (g.routed_scaling_factor, g.norm_topk_prob, g.rms_norm_eps) == (1.8, True, 1e-5)
+    types = ["dense", "sparse", "dense"] + ["sparse"] * 44
+    g2 = get_architecture(dict(glm, mlp_layer_types=types)).typed_hparams()
+    assert g2.moe_layers == [1] + list(range(3, 47))
+    assert get_family("glm4_moe_lite").hf_config(g2)["mlp_layer_types"] == types
+    with pytest.raises(ConfigError, match="mlp_layer_types"):
+        get_architecture(dict(glm, mlp_layer_types=["dense"] * 3)).typed_hparams()
+
+
+def _route_choices(net, ids):
+    seen = {}
+    net.route_hook = lambda layer, x, logits, idx, w: seen.setdefault(layer, idx.copy())
+    logits = net.forward(ids, net.new_cache(), last_only=False)
+    net.route_hook = None
+    return logits, seen
+
+
+def test_v3_correction_bias_is_read_f32_and_steers_the_choice(tiny_moe_dir, tmp_path):
+    """The F32 e_score_correction_bias reaches the router bit for bit; raising it for three
+    experts of one group changes which experts are chosen (and the output), and transformers
+    agrees on the changed model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tiny_moe_dir("deepseek_v3")
+    src = CheckpointSource(folder)
+    net = build_model(src)
+    name = "model.layers.1.mlp.gate.e_score_correction_bias"
+    stored = src.tensor(name)
+    assert stored.dtype == np.float32 and np.abs(stored).max() > 0
+    assert np.array_equal(net.layers[1].mlp.router.bias, stored)
+    ids = np.arange(3, 200, 9)
+    before, chosen = _route_choices(net, ids)
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    tensors = load_file(moved / "model.safetensors")
+    tensors[name] = tensors[name] + (torch.arange(8) >= 5).float()
+    save_file(tensors, moved / "model.safetensors", metadata={"format": "pt"})
+    net2 = build_model(CheckpointSource(moved))
+    after, chosen2 = _route_choices(net2, ids)
+    assert set(chosen2[1].ravel()) >= {5, 6, 7} and not np.array_equal(chosen[1], chosen2[1])
+    assert np.abs(after - before).max() > 1e-2
+    hf = load_hf(moved)
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
+    assert np.abs(after - ref).max() <= 1e-3
+
+
+def test_glm_lite_dense_layers_follow_mlp_layer_types(tmp_path):
+    """A GLM-4-MoE-Lite checkpoint whose middle layer is dense (mlp_layer_types) matches
+    transformers, with the dense MLP in layer 1 and routed experts in layers 0 and 2."""
+
+
+    SPECS["_glm_lite_mid_dense"] = ("glm4_moe_lite", dict(
+        SPECS["glm4_moe_lite"][1], mlp_layer_types=["sparse", "dense", "sparse"]))
+    try:
+        folder = make_tiny("_glm_lite_mid_dense", tmp_path / "ck")
+    finally:
+        del SPECS["_glm_lite_mid_dense"]
+    src = CheckpointSource(folder)
+    assert src.hparams["moe_layers"] == [0, 2] and src.hparams["first_k_dense_replace"] == 0
+    net = build_model(src)
+    ids = np.arange(1, 250, 7)
+    ours = net.forward(ids, net.new_cache(), last_only=False)
+    with torch.no_grad():
+        ref = load_hf(folder)(torch.from_numpy(ids)[None]).logits[0].numpy()
+    assert np.abs(ours - ref).max() <= 1e-3
+    assert hasattr(net.layers[1].mlp, "down") and hasattr(net.layers[2].mlp, "router")

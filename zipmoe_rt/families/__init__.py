@@ -16,7 +16,7 @@ from .hparams import ConfigError, HParams, config_value, rope_parameters
 from .tensors import FUSED, HUB, KEYS, LAYOUTS, TensorSpec
 from . import mixtral, olmoe, qwen2_moe, qwen3_moe  # noqa: E402,F401  (registration)
 from . import glm4_moe  # noqa: E402,F401  (registration: GLM-4-MoE)
-from . import deepseek_v2  # noqa: E402,F401  (registration: DeepSeek-V2)
+from . import deepseek_v2, deepseek_v3, glm4_moe_lite  # noqa: E402,F401  (registration: MLA families)
 
 __all__ = [
     "ARCHITECTURES", "BY_NAME", "ExpertRef", "Family", "UnknownFamilyError",

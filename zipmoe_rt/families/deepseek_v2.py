@@ -99,11 +99,18 @@ class MlaHParams(HParams):
 
     @classmethod
     def _derive(cls, config, kw):
-        """Base rules, then: an explicit ``q_lora_rank: null`` is 0 (plain ``q_proj``);
+        """Base rules, then: a ``quantization_config`` (FP8 releases) is refused; an explicit
+        ``q_lora_rank: null`` is 0 (plain ``q_proj``);
         ``head_dim`` is ``qk_rope_head_dim``; sparse layers from ``first_k_dense_replace``
         (``moe_layer_freq`` other than 1 is refused: transformers ignores it, DeepSeek's
         original code does not)."""
         super()._derive(config, kw)
+        quant = config.get("quantization_config")
+        if quant is not None:
+            method = quant.get("quant_method") if isinstance(quant, dict) else quant
+            raise ConfigError(f"config.json: quantization_config ({str(method)[:40]}) is not "
+                              f"supported: convert a BF16 checkpoint (the FP8 weights of the "
+                              f"DeepSeek-V3 / R1 releases dequantised to BF16)")
         if "q_lora_rank" in config and config["q_lora_rank"] is None:
             kw["q_lora_rank"] = 0
         freq = config.get("moe_layer_freq", 1)
@@ -145,6 +152,10 @@ class MlaHParams(HParams):
                 math.isfinite(f) and f > 0):
             raise ValueError(f"routed_scaling_factor: {str(f)[:40]!r} is not a positive finite "
                              f"number")
+        prf = (self.rope or {}).get("partial_rotary_factor", 1.0)
+        if prf != 1.0:
+            raise ValueError(f"rope.partial_rotary_factor: {str(prf)[:40]!r} is not supported "
+                             f"with MLA (the whole qk_rope_head_dim rotates)")
         if self.topk_method not in self.TOPK_METHODS:
             raise ValueError(f"topk_method: {str(self.topk_method)[:40]!r} is not supported "
                              f"({', '.join(self.TOPK_METHODS)})")
@@ -152,13 +163,21 @@ class MlaHParams(HParams):
             self._check_groups()
 
     def _check_groups(self):
-        """``n_group`` divides the experts and ``topk_group`` is in 1..n_group."""
+        """``n_group`` divides the experts, ``topk_group`` is in 1..n_group, the kept groups
+        hold at least top-k experts, and (``noaux_tc``, which scores a group by its two best)
+        every group holds two or more."""
         g, k = self.n_group, self.topk_group
         if type(g) is not int or g < 1 or self.num_experts % g:
             raise ValueError(f"n_group: {str(g)[:40]!r} must be a positive divisor of "
                              f"num_experts {self.num_experts} ({self.topk_method})")
         if type(k) is not int or not 1 <= k <= g:
             raise ValueError(f"topk_group: {str(k)[:40]!r} is not in 1..n_group {g}")
+        per = self.num_experts // g
+        if self.moe_layers and self.num_experts_per_tok > k * per:
+            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} exceeds the "
+                             f"{k * per} experts of topk_group {k} groups")
+        if self.topk_method == "noaux_tc" and per < 2:
+            raise ValueError(f"n_group {g} leaves fewer than 2 experts per group (noaux_tc)")
 
     def kv_values_per_token(self) -> int:
         """Values the KV cache holds per token, summed over layers: the latent and the rotated
