@@ -358,8 +358,6 @@ def test_v3_correction_bias_is_read_f32_and_steers_the_choice(tiny_moe_dir, tmp_
 def test_glm_lite_dense_layers_follow_mlp_layer_types(tmp_path):
     """A GLM-4-MoE-Lite checkpoint whose middle layer is dense (mlp_layer_types) matches
     transformers, with the dense MLP in layer 1 and routed experts in layers 0 and 2."""
-
-
     SPECS["_glm_lite_mid_dense"] = ("glm4_moe_lite", dict(
         SPECS["glm4_moe_lite"][1], mlp_layer_types=["sparse", "dense", "sparse"]))
     try:
