@@ -69,7 +69,7 @@ SPECS = {
         n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1,
         topk_method="greedy", routed_scaling_factor=1.0, rope_theta=10000.0)),
     "deepseek_v2": ("deepseek_v2", dict(
-        COMMON, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+        COMMON, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
         qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96, moe_intermediate_size=32,
         n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
         topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.5,
