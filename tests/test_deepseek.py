@@ -102,6 +102,36 @@ def test_mla_matches_transformers_attention(backend, version, q_lora, interleave
     np.testing.assert_allclose(c.kv[:T, 24:], kpe, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["bf16", "f16", "f32"])
+@pytest.mark.parametrize("nh,T,n_out,n_in", [(4, 1, 24, 12), (3, 5, 10, 24), (16, 2, 512, 128)])
+def test_heads_linear_both_backends(kind, nh, T, n_out, n_in):
+    """The per-head product of the absorbed kv_b_proj against a float64 reference on both
+    backends (the last shape runs the parallel kernel), and its errors."""
+    from zipmoe_rt.backends import get_backend
+
+    rng = np.random.default_rng(nh * 100 + T)
+    w = rng.standard_normal((nh, n_out, n_in)).astype(np.float32)
+    if kind == "bf16":
+        W = (w.view(np.uint32) >> 16).astype(np.uint16)
+        wf = (W.astype(np.uint32) << 16).view(np.float32)
+    else:
+        W = w.astype(np.float16 if kind == "f16" else np.float32)
+        wf = W.astype(np.float32)
+    x = rng.standard_normal((nh, T, n_in)).astype(np.float32)
+    ref = np.einsum("hti,hoi->hto", x.astype(np.float64), wf.astype(np.float64))
+    for name in ("numba", "numpy"):
+        be = get_backend(name)
+        y = be.heads_linear(x, W)
+        assert y.shape == (nh, T, n_out) and y.dtype == np.float32
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        out = np.full((nh, T, n_out), np.nan, np.float32)
+        assert be.heads_linear(x, W, out) is out and np.array_equal(out, y)
+        with pytest.raises(TypeError):
+            be.heads_linear(x, W.astype(np.int32))
+        with pytest.raises(ValueError, match="disagree"):
+            be.heads_linear(x[:-1] if nh > 1 else x[:, :, :-1], W)
+
+
 def test_yarn_frequencies_and_score_scale_match_transformers():
     """rope_inv_freq and softmax_scale against ROPE_INIT_FUNCTIONS["yarn"] and
     yarn_apply_mscale for DeepSeek-V2's and -V3's YaRN settings (tiny head sizes); mscale_all_dim

@@ -162,6 +162,20 @@ class Backend:
         """
         raise NotImplementedError
 
+    def heads_linear(self, x, W, out=None):
+        """One product per head, ``out[h] = x[h] @ W[h].T`` with float32 accumulation (the
+        absorbed ``kv_b_proj`` of Multi-head Latent Attention, :mod:`zipmoe_rt.models.mla`).
+
+        Args:
+            x: float32 [nh, T, in].  W: [nh, out, in] (BF16 bits, float16 or float32).
+            out: optional float32 [nh, T, out] to write into.
+        Returns:
+            float32 [nh, T, out] (``out`` when given).
+        Raises:
+            TypeError: unsupported weight dtype.  ValueError: shapes disagree.
+        """
+        raise NotImplementedError
+
     def swiglu(self, x, gate, up):
         """The hidden activation of a SwiGLU MLP, ``silu(x @ gate.T) * (x @ up.T)``
         (``act_fn(gate_proj(x)) * up_proj(x)`` in ``Qwen2MoeMLP`` / ``MixtralExperts``).

@@ -15,7 +15,8 @@ The cache holds only ``[c, rope(k_pe)]`` per position (:class:`~.cache.LatentCac
 values), as transformers' cache does. The attention never expands keys and values: ``kv_b_proj``
 is absorbed, ``q_nope . (W_k c) = (W_k^T q_nope) . c`` and ``softmax . (W_v c) = W_v (softmax .
 c)``, so each head is one query of width ``r + dr`` against the shared latent (multi-query
-attention over the cache), and the heads' latent outputs go through ``W_v`` before ``o_proj``.
+attention over the cache), and the heads' latent outputs go through ``W_v`` before ``o_proj``
+(both absorbed products are the backend's ``heads_linear``).
 The scores get the scale ``qk_head_dim ** -0.5`` with YaRN's ``mscale_all_dim`` correction
 (:func:`~.rope.softmax_scale`).
 
@@ -110,9 +111,9 @@ class MLAttention:
         self.b_kpe = None if b is None else be.from_host(host(b[r:][perm]))
         self.kv_a_norm = be.from_host(to_f32(kv_a_norm))
         kvb = np.asarray(wkv_b).reshape(nh, dn + dv, r)
-        # absorbed per-head matrices: W_k^T [r, dn] (q_nope -> latent), W_v [dv, r]
-        self.w_kT = [be.from_host(host(kvb[h, :dn].T)) for h in range(nh)]
-        self.w_v = [be.from_host(host(kvb[h, dn:])) for h in range(nh)]
+        # absorbed per-head matrices: W_k^T [nh, r, dn] (q_nope -> latent), W_v [nh, dv, r]
+        self.w_kT = be.from_host(host(kvb[:, :dn].transpose(0, 2, 1)))
+        self.w_v = be.from_host(host(kvb[:, dn:]))
         self.wo = be.from_host(host(wo))
         self.bo = None if bo is None else be.from_host(to_f32(bo))
 
@@ -149,19 +150,15 @@ class MLAttention:
         w = r + dr
         qa = be.empty((T, nh * w))
         qa3 = qa.reshape(T, nh, w)
-        qn = q_nope.reshape(T, nh, dn)
-        for h in range(nh):
-            qa3[:, h, :r] = be.linear(np.ascontiguousarray(qn[:, h]), self.w_kT[h])
+        qn = be.from_host(np.ascontiguousarray(q_nope.reshape(T, nh, dn).transpose(1, 0, 2)))
+        qa3[:, :, :r] = be.heads_linear(qn, self.w_kT).transpose(1, 0, 2)
         qa3[:, :, r:] = rot[:, :nh * dr].reshape(T, nh, dr)
         lat_out = be.empty((T, nh * w))
         cv = kv.reshape(1, kv.shape[0], w)
         be.attention(qa, nh, 1, w, cv, cv, pos0, 0, self.scale, lat_out)
-        lo = lat_out.reshape(T, nh, w)
-        att = be.empty((T, nh * dv))
-        for h in range(nh):
-            att[:, h * dv:(h + 1) * dv] = be.linear(np.ascontiguousarray(lo[:, h, :r]),
-                                                    self.w_v[h])
-        return be.linear(att, self.wo, self.bo)
+        lo = np.ascontiguousarray(lat_out.reshape(T, nh, w)[:, :, :r].transpose(1, 0, 2))
+        att = np.ascontiguousarray(be.heads_linear(lo, self.w_v).transpose(1, 0, 2))
+        return be.linear(att.reshape(T, nh * dv), self.wo, self.bo)
 
 
 def build_mla(model, i: int) -> MLAttention:
