@@ -288,7 +288,9 @@ class Backend:
         with scores ``q . k * scale``.
 
         Args:
-            qkv: float32 [T, (nq + 2 nkv) * hd] after :meth:`rope_qk_cache` (q is read).
+            qkv: float32 [T, (nq + 2 nkv) * hd] after :meth:`rope_qk_cache` (only the first
+                ``nq * hd`` columns, q, are read: Multi-head Latent Attention passes q alone,
+                [T, nq * hd], :mod:`zipmoe_rt.models.mla`).
             kc, vc: float32 [nkv, capacity, hd], positions ``< pos0 + T`` valid.
             window: tokens, 0 = full attention.  scale: np.float32.
             out: float32 [T, nq * hd], overwritten.
