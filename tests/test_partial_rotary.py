@@ -24,6 +24,7 @@ def _args(hd=32, **rope):
 @pytest.mark.parametrize("rope", [
     dict(partial_rotary_factor=0.5),
     dict(partial_rotary_factor=0.25, rope_theta=1e6),
+    dict(partial_rotary_factor=0.3),        # int(9.6) = 9: 5 frequencies, 10 dimensions turn
     dict(partial_rotary_factor=0.5, rope_type="yarn", factor=4.0,
          original_max_position_embeddings=64),
     dict(),
@@ -46,7 +47,8 @@ def test_tables_match_transformers(rope):
     cos, sin = ours.cos_sin(5, 40)
     rot = rotary_dim(args)
     assert rot == int(32 * rp["partial_rotary_factor"])
-    assert cos.shape == (40, rot // 2) and ours.inv_freq.shape == (rot // 2,)
+    half = (rot + 1) // 2
+    assert cos.shape == (40, half) and ours.inv_freq.shape == (half,)
     assert np.array_equal(ours.inv_freq, emb.inv_freq.numpy())
     np.testing.assert_allclose(np.concatenate([cos, cos], -1), cos_t[0].numpy(), atol=2e-6)
     np.testing.assert_allclose(np.concatenate([sin, sin], -1), sin_t[0].numpy(), atol=2e-6)
@@ -54,10 +56,15 @@ def test_tables_match_transformers(rope):
 
 @pytest.mark.parametrize("prf, msg", [(0.0, "not a number in"), (1.5, "not a number in"),
                                       ("half", "not a number in"),
-                                      (0.03, "gives 0 rotary"), (0.1875 / 2, "gives 3 rotary")])
+                                      (0.03, "gives 0 rotary"),
+                                      (dict(rope_type="yarn", factor=2.0), "yarn needs an even")])
 def test_bad_factor_is_refused(prf, msg):
+    """A factor outside (0, 1] or turning nothing; yarn with an odd rotary dimension (9 of 32),
+    which transformers cannot build either."""
+    rope = dict(partial_rotary_factor=0.3, **prf) if isinstance(prf, dict) else dict(
+        partial_rotary_factor=prf)
     with pytest.raises(ValueError, match=msg):
-        RoPE(_args(partial_rotary_factor=prf))
+        RoPE(_args(**rope))
 
 
 def _rope_partial64(x, cos, sin):
@@ -72,7 +79,7 @@ def _rope_partial64(x, cos, sin):
 
 
 @pytest.mark.parametrize("kernel", ["per_head", "grouped"])
-@pytest.mark.parametrize("rot", [8, 16, 32])
+@pytest.mark.parametrize("rot", [8, 10, 16, 32])
 def test_rope_qk_cache_partial(kernel, rot):
     """per_head: q/k norms of head_dim (the one-pass kernel); grouped: a clip, which takes the
     grouped kernel (a clip larger than every value, so it cuts nothing)."""

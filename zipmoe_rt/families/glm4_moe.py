@@ -131,7 +131,7 @@ class Glm4MoeHParams(HParams):
     def validate(self):
         """Base checks, and what GLM-4-MoE's config can express: sparse layers a contiguous
         run to the last layer, shared experts a whole number of experts wide, a partial rotary
-        factor that turns an even number of dimensions, a group structure the router can use.
+        factor that turns some dimensions, a group structure the router can use.
 
         Raises:
             ValueError: any of these broken (the field is named).
@@ -154,10 +154,9 @@ class Glm4MoeHParams(HParams):
         prf = self.rope.get("partial_rotary_factor", 1.0)
         prf = 1.0 if prf is None else prf
         if isinstance(prf, bool) or not isinstance(prf, (int, float)) or not 0 < prf <= 1 or (
-                int(self.head_dim * prf) % 2 or int(self.head_dim * prf) < 2):
-            raise ValueError(f"rope.partial_rotary_factor: {str(prf)[:40]!r} must be in (0, 1] "
-                             f"and give an even, non-zero number of the {self.head_dim} head "
-                             f"dimensions")
+                int(self.head_dim * prf) < 1):
+            raise ValueError(f"rope.partial_rotary_factor {str(prf)[:40]} must be in (0, 1] "
+                             f"and turn at least one of the {self.head_dim} head dimensions")
         rsf = self.routed_scaling_factor
         if isinstance(rsf, bool) or not isinstance(rsf, (int, float)) or not abs(rsf) < float("inf"):
             raise ValueError(f"routed_scaling_factor: {str(rsf)[:40]!r} is not a finite number")

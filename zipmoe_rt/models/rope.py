@@ -17,11 +17,14 @@ from ..families.hparams import HParams
 
 
 def rotary_dim(args: HParams) -> int:
-    """Dimensions of a head that rotate: ``int(head_dim * partial_rotary_factor)`` (the factor
-    from ``args.rope``, 1.0 when absent), as ``modeling_rope_utils.py`` computes ``dim``.
+    """``dim = int(head_dim * partial_rotary_factor)`` (the factor from ``args.rope``, 1.0 when
+    absent), as ``modeling_rope_utils.py`` computes it: the frequencies are
+    ``base ** -(arange(0, dim, 2) / dim)``, ``ceil(dim / 2)`` of them, and the first
+    ``2 * ceil(dim / 2)`` dimensions of each head turn (one more than ``dim`` when it is odd, as
+    transformers' tables are that wide).
 
     Raises:
-        ValueError: a factor that is not a number in (0, 1], or a result that is odd or 0.
+        ValueError: a factor that is not a number in (0, 1], or one that gives no dimension.
     """
     prf = (args.rope or {}).get("partial_rotary_factor", 1.0)
     if prf is None:
@@ -30,9 +33,9 @@ def rotary_dim(args: HParams) -> int:
         raise ValueError(f"rope.partial_rotary_factor: {str(prf)[:40]!r} is not a number in "
                          f"(0, 1]")
     dim = int(args.head_dim * float(prf))
-    if dim < 2 or dim % 2:
+    if dim < 1 or 2 * ((dim + 1) // 2) > args.head_dim:
         raise ValueError(f"rope.partial_rotary_factor {prf} gives {dim} rotary dimensions of "
-                         f"head_dim {args.head_dim}: must be even and > 0")
+                         f"head_dim {args.head_dim}")
     return dim
 
 
@@ -49,10 +52,12 @@ def rope_inv_freq(args: HParams) -> tuple[np.ndarray, float]:
         args: a family's :class:`~zipmoe_rt.families.HParams`; uses ``rope`` (rope_theta,
             partial_rotary_factor, factor, ...), ``head_dim``, ``max_position_embeddings``.
     Returns:
-        (inv_freq float32 [rotary_dim // 2] in radians per position, attention_scaling float).
+        (inv_freq float32 [ceil(rotary_dim / 2)] in radians per position, attention_scaling
+        float).
     Raises:
         ValueError: an unsupported rope_type, a partial_rotary_factor outside (0, 1] or giving
-            an odd or zero ``rotary_dim``, or missing keys.
+            no rotary dimension (:func:`rotary_dim`), an odd rotary dimension with yarn, or
+            missing keys.
     """
     rp = args.rope or {}
     rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
@@ -79,6 +84,9 @@ def rope_inv_freq(args: HParams) -> tuple[np.ndarray, float]:
             medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
             return np.where(medium, smoothed, inv_l).astype(np.float32), 1.0
         if rtype == "yarn":
+            if dim % 2:         # transformers' ramp (dim // 2) would not fit the frequencies
+                raise ValueError(f"rope_parameters: yarn needs an even rotary dimension, not "
+                                 f"{dim} (partial_rotary_factor)")
             orig = float(rp.get("original_max_position_embeddings") or args.max_position_embeddings)
             factor = rp.get("factor")
             factor = float(factor) if factor is not None else args.max_position_embeddings / orig
