@@ -3,7 +3,8 @@ the absorbed ``kv_b_proj`` of Multi-head Latent Attention (:mod:`zipmoe_rt.model
 each head maps its query into the latent space and its latent output to its value width.
 
 Weights as in :mod:`zipmoe_rt.kernels.linear`: BF16 as ``uint16`` bits (widened exactly,
-``bits << 16``), float16 or float32; float32 accumulation. One parallel region over (head, output
+``bits << 16``, the fast path), float32, or float16 (widened to float32 first, exactly);
+float32 accumulation. One parallel region over (head, output
 row) pairs when the work is large enough (:data:`~zipmoe_rt.kernels.linear.PAR_MIN_WORK`), one
 thread otherwise; the sums are the same either way.
 """
@@ -12,11 +13,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .linear import JIT_PARALLEL, JIT_SERIAL, PAR_MIN_WORK, _f16, bf16_to_f32, weight_kind
+from .linear import JIT_PARALLEL, JIT_SERIAL, PAR_MIN_WORK, bf16_to_f32, weight_kind
 
 __all__ = ["heads_linear"]
 
-_KIND = {"bf16": 0, "f16": 1, "f32": 2}
+_KIND = {"bf16": 0, "f16": 1, "f32": 1}
 
 
 @njit(inline="always")
@@ -31,9 +32,6 @@ def _row(x, W, y, r, nout, kind):
         if kind == 0:
             for j in range(xt.shape[0]):
                 acc += xt[j] * bf16_to_f32(w[j])
-        elif kind == 1:
-            for j in range(xt.shape[0]):
-                acc += xt[j] * _f16(w[j])
         else:
             for j in range(xt.shape[0]):
                 acc += xt[j] * np.float32(w[j])
@@ -72,7 +70,7 @@ def heads_linear(x: np.ndarray, W: np.ndarray, out: np.ndarray | None = None) ->
         raise ValueError(f"heads_linear: x {x.shape} and W {W.shape} disagree")
     if out is None:
         out = np.empty((nh, T, W.shape[1]), np.float32)
-    Wk = W.view(np.uint16) if kind == 1 else W
+    Wk = W.astype(np.float32) if W.dtype == np.float16 else W    # exact; F16 is rare here
     par = T * W.size >= PAR_MIN_WORK
     (_heads_par if par else _heads_ser)(x, Wk, out, kind)
     return out

@@ -111,6 +111,8 @@ class MLAttention:
         self.b_kpe = None if b is None else be.from_host(host(b[r:][perm]))
         self.kv_a_norm = be.from_host(to_f32(kv_a_norm))
         kvb = np.asarray(wkv_b).reshape(nh, dn + dv, r)
+        if kvb.dtype == np.float16:     # heads_linear's fast paths are BF16 and F32
+            kvb = kvb.astype(np.float32)
         # absorbed per-head matrices: W_k^T [nh, r, dn] (q_nope -> latent), W_v [nh, dv, r]
         self.w_kT = be.from_host(host(kvb[:, :dn].transpose(0, 2, 1)))
         self.w_v = be.from_host(host(kvb[:, dn:]))
