@@ -325,7 +325,8 @@ def test_v3_and_glm_lite_configs():
                          (dict(n_group=256, topk_group=256), "fewer than 2 experts"),
                          (dict(rope_scaling=None, rope_parameters={
                              "rope_type": "default", "rope_theta": 1e4,
-                             "partial_rotary_factor": 0.5}), "partial_rotary_factor")):
+                             "partial_rotary_factor": 0.5}), "partial_rotary_factor"),
+                         (dict(partial_rotary_factor=0.5), "partial_rotary_factor")):
         with pytest.raises(ConfigError, match=needle):
             get_architecture(dict(v3, **over)).typed_hparams()
     glm = {"architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite",

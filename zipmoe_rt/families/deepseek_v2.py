@@ -113,6 +113,10 @@ class MlaHParams(HParams):
                               f"DeepSeek-V3 / R1 releases dequantised to BF16)")
         if "q_lora_rank" in config and config["q_lora_rank"] is None:
             kw["q_lora_rank"] = 0
+        prf = config.get("partial_rotary_factor")
+        if prf is not None and prf != 1:
+            raise ConfigError(f"config.json: partial_rotary_factor {str(prf)[:40]!r} is not "
+                              f"supported with MLA (the whole qk_rope_head_dim rotates)")
         freq = config.get("moe_layer_freq", 1)
         if freq != 1:
             raise ConfigError(f"config.json: moe_layer_freq {str(freq)[:40]!r} is not supported "
