@@ -132,6 +132,25 @@ def test_heads_linear_both_backends(kind, nh, T, n_out, n_in):
             be.heads_linear(x[:-1] if nh > 1 else x[:, :, :-1], W)
 
 
+def test_mla_refuses_a_backend_without_its_ops():
+    """A backend lacking heads_linear (the CUDA one today) is refused by name at build time."""
+    from zipmoe_rt.backends.base import Backend
+    from zipmoe_rt.backends.numpy_ref import NumpyBackend
+
+    class NoHeads(NumpyBackend):
+        name = "noheads"
+        heads_linear = Backend.heads_linear
+
+    att, _, cfg = _hf_attention(2, None, True, None)
+    hp = DeepseekV2HParams(**SHAPE, num_experts=4, q_lora_rank=0)
+    hp.validate()
+    sd = {k: v.numpy() for k, v in att.state_dict().items()}
+    with pytest.raises(ValueError, match="backend 'noheads' cannot run Multi-head Latent"):
+        MLAttention(hp, 0, sd["kv_a_proj_with_mqa.weight"], sd["kv_a_layernorm.weight"],
+                    sd["kv_b_proj.weight"], sd["o_proj.weight"], 0.2, wq=sd["q_proj.weight"],
+                    backend=NoHeads())
+
+
 def test_yarn_frequencies_and_score_scale_match_transformers():
     """rope_inv_freq and softmax_scale against ROPE_INIT_FUNCTIONS["yarn"] and
     yarn_apply_mscale for DeepSeek-V2's and -V3's YaRN settings (tiny head sizes); mscale_all_dim

@@ -61,6 +61,21 @@ SPECS = {
         num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=1, n_group=4,
         topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.5, use_qk_norm=True,
         partial_rotary_factor=0.25, rope_theta=1000000.0)),
+    # PhiMoE: LayerNorms, biases on attention and head, the sparsemixer router with the released
+    # jitter (0.01) and LongRoPE with distinct factors and mscales around a short original length
+    # (prompts of 16 stay short, greedy decoding crosses it at 33 tokens); then a variant with a
+    # jitter whose masks keep several experts (weights far from 1), a sliding window, no biases
+    # and the default rope.
+    "phimoe": ("phimoe", dict(
+        COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+        attention_bias=True, lm_head_bias=True, router_jitter_noise=0.01, rope_theta=10000.0,
+        rope_scaling=dict(type="longrope", original_max_position_embeddings=32,
+                          short_factor=[1.0 + 0.15 * i for i in range(8)],
+                          long_factor=[1.5 + 0.9 * i for i in range(8)],
+                          short_mscale=1.15, long_mscale=1.4))),
+    "phimoe_jitter_swa": ("phimoe", dict(
+        COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+        router_jitter_noise=0.3, sliding_window=6, rope_theta=10000.0)),
     # DeepSeek-V2 (MLA): the V2-Lite shape (plain q_proj, greedy routing) and the V2 shape
     # (low-rank q, group-limited routing, YaRN with mscale, attention biases)
     "deepseek_v2_lite": ("deepseek_v2", dict(

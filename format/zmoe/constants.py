@@ -100,6 +100,9 @@ class Keys:
         TOPK_METHOD = "hparams.topk_method"
         N_GROUP = "hparams.n_group"
         TOPK_GROUP = "hparams.topk_group"
+        # PhiMoE
+        LM_HEAD_BIAS = "hparams.lm_head_bias"
+        ROUTER_JITTER_NOISE = "hparams.router_jitter_noise"
 
     class HF:
         CONFIG = "hf.config"                    # json: the source config.json verbatim

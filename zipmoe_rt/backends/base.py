@@ -334,6 +334,55 @@ class Backend:
         """
         raise NotImplementedError
 
+    # -- PhiMoE: LayerNorm and the sparsemixer router ----------------------------------------
+
+    def layer_norm(self, x, w, b, eps, out=None):
+        """LayerNorm as ``torch.nn.LayerNorm(n, eps, elementwise_affine=True)`` (PhiMoE's
+        ``input_layernorm``, ``post_attention_layernorm`` and final ``norm``,
+        ``modeling_phimoe.py``): ``(x - mean) / sqrt(var + eps) * w + b`` per row, with the
+        biased variance, float32.
+
+        Args:
+            x: float32 [T, n].  w, b: float32 [n].  eps: float (used as float32).
+            out: optional float32 [T, n] (not aliasing ``x``).
+        Returns:
+            float32 [T, n] (``out`` when given).
+        """
+        raise NotImplementedError
+
+    def route_sparsemixer(self, logits, jitter_eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """PhiMoE's router at inference (``sparsemixer(scores, jitter_eps, training=False)`` in
+        ``modeling_phimoe.py``): the best expert ``i1`` with weight ``softmax(masked)[i1]``,
+        where the softmax keeps only experts ``j`` with
+        ``(s[i1] - s[j]) / max(|s[j]|, s[i1]) <= 2 * jitter_eps``; then, with ``i1`` removed,
+        the best remaining expert ``i2`` with the same rule around ``s[i2]``. No noise (eval);
+        the two weights are not renormalised.
+
+        Args:
+            logits: float32 [T, E] router logits (E >= 2).  jitter_eps: ``router_jitter_noise``.
+        Returns:
+            host (topk_idx int64 [T, 2] as ``[i1, i2]``, topk_w float32 [T, 2]).
+        Raises:
+            ValueError: fewer than 2 experts.
+        """
+        raise NotImplementedError
+
+    # -- device ------------------------------------------------------------------------------
+
+    def synchronize(self) -> None:
+        """Wait until every op queued so far has finished (a no-op on the host backends, whose
+        ops run synchronously); for timing."""
+
+    def resident_experts(self, source):
+        """``source`` as the model's default executor should read it on this backend: host
+        backends use the source's arrays as they are (returned unchanged); a device backend
+        returns a wrapper that keeps each expert on the device after its first use.
+
+        Args:
+            source: a :class:`~zipmoe_rt.models.weights.WeightSource`.
+        """
+        return source
+
     def __repr__(self):
         return f"<{type(self).__name__} {self.name!r}>"
 

@@ -13,6 +13,7 @@ from ..kernels import attention as _att
 from ..kernels import heads as _heads
 from ..kernels import norm as _norm
 from ..kernels import routing as _routing
+from ..kernels import sparsemixer as _sparsemixer
 from ..kernels import swiglu as _swiglu
 from ..kernels.linear import bf16_rows, linear_into
 from .base import Backend, HostArrays, check_qk_norm, check_route
@@ -89,3 +90,15 @@ class NumbaBackend(HostArrays, Backend):
             return _routing.route(logits, k, renorm)
         return _routing.route_grouped(logits, k, renorm, scoring, method, n_group, topk_group,
                                       bias, scale)
+
+    # -- PhiMoE ----------------------------------------------------------------------------------
+
+    def layer_norm(self, x, w, b, eps, out=None):
+        """:func:`~zipmoe_rt.kernels.norm.layer_norm_into`."""
+        if out is None:
+            out = np.empty_like(x)
+        return _norm.layer_norm_into(x, w, b, eps, out)
+
+    def route_sparsemixer(self, logits, jitter_eps):
+        """:func:`~zipmoe_rt.kernels.sparsemixer.sparsemixer_top2`."""
+        return _sparsemixer.sparsemixer_top2(logits, jitter_eps)

@@ -181,3 +181,39 @@ class NumpyBackend(HostArrays, Backend):
         if scale != 1.0:
             w *= _F32(scale)
         return idx, w
+
+    # -- PhiMoE ----------------------------------------------------------------------------------
+
+    def layer_norm(self, x, w, b, eps, out=None):
+        """``(x - mean) / sqrt(var + eps) * w + b`` (``nn.LayerNorm``, biased variance)."""
+        mean = np.mean(x, axis=-1, keepdims=True, dtype=np.float32)
+        var = np.mean((x - mean) ** 2, axis=-1, keepdims=True, dtype=np.float32)
+        y = (x - mean) / np.sqrt(var + _F32(eps)) * w + b
+        if out is None:
+            return y.astype(np.float32)
+        out[...] = y
+        return out
+
+    def route_sparsemixer(self, logits, jitter_eps):
+        """``sparsemixer`` at eval, as ``modeling_phimoe.py`` reads: mask, masked softmax,
+        gather; the first expert set to -inf; again."""
+        s = np.asarray(logits, np.float32)
+        if s.ndim != 2 or s.shape[1] < 2:
+            raise ValueError(f"sparsemixer routing needs at least 2 experts, got {s.shape}")
+        thr = _F32(2.0 * jitter_eps)
+        rows = np.arange(s.shape[0])
+        scores, idx, w = s, [], []
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            for _ in range(2):
+                best = np.argmax(scores, axis=-1)
+                m = scores[rows, best][:, None]
+                mask = ((m - s) / np.maximum(np.abs(s), m)) > thr
+                gates = np.where(mask, -np.inf, scores)
+                p = np.exp(gates - m)
+                p /= p.sum(axis=-1, keepdims=True)
+                idx.append(best)
+                w.append(p[rows, best])
+                scores = scores.copy()
+                scores[rows, best] = -np.inf
+        return (np.stack(idx, axis=1).astype(np.int64),
+                np.stack(w, axis=1).astype(np.float32))

@@ -173,6 +173,11 @@ class HParams:
     #: (Qwen3: weights [head_dim]), or ``"projection"``, the token's whole q / k projection
     #: before the split into heads (OLMoE: weights [heads * head_dim], [kv_heads * head_dim]).
     QK_NORM_SCOPE: ClassVar[str] = "head"
+    #: the decoder norms: ``"rms"`` (RMSNorm, weight only) or ``"layer"`` (LayerNorm with weight
+    #: and bias, PhiMoE: ``attn_norm_bias``, ``ffn_norm_bias``, ``norm_bias`` tensors).
+    NORM: ClassVar[str] = "rms"
+    #: RoPE types the family runs (``rope.rope_type`` outside them is refused).
+    ROPE_TYPES: ClassVar[tuple] = ROPE_TYPES
     #: field -> config.json keys tried in order (default: the field's own name).
     CONFIG_KEYS: ClassVar[dict] = {}
     #: fields config.json must give (the shapes): ConfigError when absent.
@@ -348,9 +353,9 @@ class HParams:
             raise ValueError(f"rope.rope_theta: {str(theta)[:40]!r} is not a positive finite "
                              f"number")
         rtype = rope.get("rope_type", rope.get("type", "default")) or "default"
-        if rtype not in ROPE_TYPES:
+        if rtype not in self.ROPE_TYPES:
             raise ValueError(f"rope.rope_type: {str(rtype)[:40]!r} is not supported "
-                             f"({', '.join(ROPE_TYPES)})")
+                             f"({', '.join(self.ROPE_TYPES)})")
         for k in ("factor", "attention_factor", "original_max_position_embeddings"):
             v = rope.get(k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
@@ -360,6 +365,20 @@ class HParams:
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
                                  or not (math.isfinite(clip) and clip > 0)):
             raise ValueError(f"clip_qkv: {str(clip)[:40]!r} is not a positive finite number")
+
+    def kv_values_per_token(self) -> int:
+        """Values the KV cache holds per token, summed over the decoder layers: a key and a
+        value of ``head_dim`` for each of the ``num_key_value_heads`` heads of every layer,
+        ``2 * num_key_value_heads * head_dim`` per layer (transformers' ``DynamicLayer``
+        caches ``key_states`` and ``value_states`` of shape [batch, kv_heads, T, head_dim]).
+        Sliding-window layers cost the same per token: the runtime's cache keeps every position
+        (:class:`~zipmoe_rt.models.cache.KVCache`). Families whose attention caches something
+        else (multi-head latent attention: a compressed latent per token) override it.
+
+        Multiply by the KV cache's element size
+        (:data:`~zipmoe_rt.models.cache.KV_DTYPE`) for bytes.
+        """
+        return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim
 
     def window(self, layer: int) -> int:
         """Sliding window of ``layer`` in tokens, 0 for full attention."""

@@ -57,6 +57,11 @@ KEYS = {
     "lm_head": "output projection [V, H] (the embedding when tie_word_embeddings)",
     # DeepSeek-V3 / GLM-4-MoE routers (noaux_tc)
     "router_bias": "router e_score_correction_bias [E], F32, for the choice only (MoE layers)",
+    # PhiMoE: LayerNorm biases, lm_head bias
+    "attn_norm_bias": "input_layernorm bias [H] (LayerNorm families, HParams.NORM 'layer')",
+    "ffn_norm_bias": "post_attention_layernorm bias [H] (HParams.NORM 'layer')",
+    "norm_bias": "final norm bias [H] (HParams.NORM 'layer')",
+    "lm_head_bias": "output projection bias [V] (lm_head_bias)",
     # Multi-head Latent Attention (DeepSeek-V2/V3, GLM-4-MoE-Lite); attn_q is then q_proj
     # [heads*(nope+rope), H] (q_lora_rank null) and attn_o [H, heads*v_head_dim]
     "attn_q_a": "MLA q_a_proj weight [q_lora_rank, H] (q_lora_rank set)",
@@ -186,6 +191,8 @@ def shape(key: str, hp) -> tuple:
         "shared_expert_gate": (1, H),
         "mlp_gate": (D, H), "mlp_up": (D, H), "mlp_down": (H, D),
         "router_bias": (E,),        # DeepSeek-V3 / GLM-4-MoE
+        # PhiMoE
+        "attn_norm_bias": (H,), "ffn_norm_bias": (H,), "norm_bias": (H,), "lm_head_bias": (V,),
     }[key]
 
 
@@ -200,6 +207,10 @@ def present(key: str, hp, layer: int | None) -> bool:
         return own(key)
     if key in _BIAS:
         return bool(hp.attention_bias)
+    if key in ("attn_norm_bias", "ffn_norm_bias", "norm_bias"):      # PhiMoE's LayerNorms
+        return getattr(hp, "NORM", "rms") == "layer"
+    if key == "lm_head_bias":                                          # PhiMoE
+        return bool(getattr(hp, "lm_head_bias", False))
     if key in ("attn_q_norm", "attn_k_norm"):
         return bool(hp.qk_norm)
     moe = layer is not None and layer in hp.moe_layers

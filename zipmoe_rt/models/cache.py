@@ -16,9 +16,15 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from ..backends import get_backend
 
-__all__ = ["LayerCache", "KVCache", "LatentCache", "ModelCache"]
+__all__ = ["LayerCache", "KVCache", "LatentCache", "ModelCache", "KV_DTYPE"]
+
+#: dtype of the keys and values a :class:`KVCache` holds (float32, as the attention ops
+#: compute; ``np.dtype(KV_DTYPE).itemsize`` bytes per cached value).
+KV_DTYPE = np.float32
 
 
 @runtime_checkable
@@ -90,8 +96,8 @@ class KVCache:
         self.v_head_dim = self.k_head_dim if v_head_dim is None else int(v_head_dim)
         self.window = int(window)
         self.capacity = max(1, int(capacity))
-        self.k = self.backend.zeros((self.num_kv_heads, self.capacity, self.k_head_dim))
-        self.v = self.backend.zeros((self.num_kv_heads, self.capacity, self.v_head_dim))
+        self.k = self.backend.zeros((self.num_kv_heads, self.capacity, self.k_head_dim), KV_DTYPE)
+        self.v = self.backend.zeros((self.num_kv_heads, self.capacity, self.v_head_dim), KV_DTYPE)
         self.length = 0
 
     def reserve(self, n: int) -> None:
@@ -105,7 +111,7 @@ class KVCache:
             cap *= 2
         for name, d in (("k", self.k_head_dim), ("v", self.v_head_dim)):
             a = getattr(self, name)
-            b = self.backend.zeros((self.num_kv_heads, cap, d))
+            b = self.backend.zeros((self.num_kv_heads, cap, d), KV_DTYPE)
             b[:, :self.length] = a[:, :self.length]
             setattr(self, name, b)
         self.capacity = cap
@@ -221,6 +227,10 @@ class ModelCache:
         layers: list of the layer caches (``cache[i]`` is layer ``i``'s).
         offset: tokens held (read-only; :meth:`commit` advances it after all layers ran, so an
             interrupted forward leaves the cache as it was).
+        token_ids: the ids of the tokens held, when every :meth:`commit` gave them (a model
+            whose RoPE has several regimes recomputes the sequence from them).
+        regime: the RoPE regime the held keys were rotated in
+            (:meth:`~zipmoe_rt.models.rope.RoPE.regime`; 0 for one-regime RoPE).
     Raises:
         ValueError: a layer cache that is not empty.
     """
@@ -230,6 +240,8 @@ class ModelCache:
         if any(lc.length for lc in self.layers):
             raise ValueError("ModelCache: layer caches must start empty")
         self._offset = 0
+        self._ids: list[int] | None = []
+        self.regime = 0
 
     @property
     def offset(self) -> int:
@@ -252,11 +264,27 @@ class ModelCache:
         for lc in self.layers:
             lc.reserve(n)
 
-    def commit(self, n: int) -> None:
-        """Count the ``n`` tokens the forward call wrote into every layer as held."""
+    def commit(self, n: int, ids=None) -> None:
+        """Count the ``n`` tokens the forward call wrote into every layer as held; ``ids``: their
+        token ids (int [n]), kept in :attr:`token_ids` (without them, it becomes None)."""
         for lc in self.layers:
             lc.commit(n)
         self._offset += int(n)
+        if ids is None or self._ids is None or len(ids) != int(n):
+            self._ids = None
+        else:
+            self._ids.extend(int(t) for t in ids)
+
+    @property
+    def token_ids(self) -> list[int] | None:
+        """Ids of the tokens held (a copy), or None when a commit came without them."""
+        return None if self._ids is None else list(self._ids)
+
+    def adopt(self, other: "ModelCache") -> None:
+        """Take ``other``'s layers, tokens, ids and regime (a sequence recomputed into a fresh
+        cache replaces this one's contents only once it is complete)."""
+        self.layers, self._offset = other.layers, other._offset
+        self._ids, self.regime = other._ids, other.regime
 
     def can_crop(self, n: int) -> bool:
         """Whether :meth:`crop` ``(n)`` would succeed: ``0 <= n <= offset`` and every layer can."""
@@ -278,6 +306,10 @@ class ModelCache:
         for lc in self.layers:
             lc.crop(n)
         self._offset = int(n)
+        if int(n) == 0:
+            self._ids = []
+        elif self._ids is not None:
+            del self._ids[int(n):]
 
     @property
     def nbytes(self) -> int:

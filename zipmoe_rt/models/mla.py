@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends import get_backend, to_f32
+from ..backends.base import Backend, HostArrays
 from .cache import LatentCache
 
 _EMPTY = np.zeros(0, np.float32)
@@ -64,14 +65,19 @@ class MLAttention:
         backend: compute backend (default numba).
         Weights are BF16 bits (uint16), float16 or float32 ``[out, in]``.
     Raises:
-        ValueError: a weight whose shape disagrees with ``args`` (named), or neither / both of
-            ``wq`` and ``wq_a``.
+        ValueError: a weight whose shape disagrees with ``args`` (named), neither / both of
+            ``wq`` and ``wq_a``, or a backend that cannot run it (the CPU backends can; the
+            CUDA backend has no ``heads_linear`` and a 256-wide attention kernel).
     """
 
     def __init__(self, args, layer: int, wkv_a, kv_a_norm, wkv_b, wo, scale: float, wq=None,
                  wq_a=None, q_a_norm=None, wq_b=None, bq_a=None, bkv_a=None, bo=None,
                  backend=None):
         be = self.backend = get_backend(backend)
+        if type(be).heads_linear is Backend.heads_linear or not isinstance(be, HostArrays):
+            raise ValueError(f"backend {be.name!r} cannot run Multi-head Latent Attention yet "
+                             f"(it needs host arrays and the heads_linear op): use the CPU "
+                             f"backends (numba, numpy)")
         self.layer = layer
         nh, r = args.num_attention_heads, args.kv_lora_rank
         dn, dr, dv = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim

@@ -189,15 +189,23 @@ class SparseMoeBlock:
         """float32 [T, E] router logits for x float32 [T, H] (usable for look-ahead)."""
         return self.router.logits(x)
 
+    def select(self, logits) -> tuple[np.ndarray, np.ndarray]:
+        """Routing decisions for float32 [T, E] router logits: host (topk_idx int64 [T, k],
+        topk_w float32 [T, k]); here the router's rule (:meth:`Router.select`). A block with a
+        router of its own (PhiMoE's sparsemixer) overrides it."""
+        return self.router.select(logits)
+
     def route(self, x):
         """The routing decision for x float32 [T, H]: (logits float32 [T, E], host topk_idx
         int64 [T, k], host topk_w float32 [T, k]), as :meth:`__call__` computes it."""
-        return self.router(x)
+        logits = self.router_logits(x)
+        idx, w = self.select(logits)
+        return logits, idx, w
 
     def __call__(self, x):
         """x float32 [T, H] -> float32 [T, H]."""
         be = self.backend
-        logits, idx, w = self.router(x)
+        logits, idx, w = self.route(x)
         hook = self.model.route_hook
         if hook is not None:
             hook(self.layer, x, logits, idx, w)
