@@ -423,3 +423,16 @@ def test_glm_lite_dense_layers_follow_mlp_layer_types(tmp_path):
         ref = load_hf(folder)(torch.from_numpy(ids)[None]).logits[0].numpy()
     assert np.abs(ours - ref).max() <= 1e-3
     assert hasattr(net.layers[1].mlp, "down") and hasattr(net.layers[2].mlp, "router")
+
+
+def test_size_plan_of_a_v2_lite_config_counts_the_latent_cache(tmp_path):
+    """`zipmoe-rt plan` on DeepSeek-V2-Lite's config.json: the KV cache per token is the latent
+    (27 layers x 576 float32 values), the parameter counts those of the released model."""
+    from zipmoe_rt.plan import size_plan
+
+    (tmp_path / "config.json").write_text(json.dumps(_v2_config()))
+    p = size_plan(tmp_path)
+    assert (p.kv_values_per_token, p.kv_bytes_per_token) == (27 * 576, 27 * 576 * 4)
+    assert p.family == "deepseek_v2" and p.experts == 26 * 64
+    total = p.expert_params + p.dense_params
+    assert 15.6e9 < total < 15.8e9            # DeepSeek-V2-Lite: 15.7 B parameters
