@@ -436,3 +436,27 @@ def test_size_plan_of_a_v2_lite_config_counts_the_latent_cache(tmp_path):
     assert p.family == "deepseek_v2" and p.experts == 26 * 64
     total = p.expert_params + p.dense_params
     assert 15.6e9 < total < 15.8e9            # DeepSeek-V2-Lite: 15.7 B parameters
+
+
+@pytest.mark.parametrize("config,billions,kv", [
+    (dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=129280, hidden_size=7168,
+          num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+          intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=256,
+          num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=3, q_lora_rank=1536,
+          kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+          n_group=8, topk_group=4), 671.0, 61 * 576),
+    (dict(architectures=["Glm4MoeLiteForCausalLM"], vocab_size=154880, hidden_size=2048,
+          num_hidden_layers=47, num_attention_heads=20, num_key_value_heads=20,
+          intermediate_size=10240, moe_intermediate_size=1536, n_routed_experts=64,
+          num_experts_per_tok=4, q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=192,
+          qk_rope_head_dim=64, v_head_dim=256), 29.9, 47 * 576),
+])
+def test_size_plan_of_v3_and_glm_flash_shapes(tmp_path, config, billions, kv):
+    """The registry's tensor shapes add up to the released models' sizes (DeepSeek-V3: 671 B
+    without the multi-token-prediction layer; GLM-4.7-Flash: about 30 B), with the latent cache."""
+    from zipmoe_rt.plan import size_plan
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    p = size_plan(tmp_path)
+    assert (p.expert_params + p.dense_params) / 1e9 == pytest.approx(billions, abs=0.05)
+    assert p.kv_values_per_token == kv
