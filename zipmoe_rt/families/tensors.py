@@ -62,6 +62,16 @@ KEYS = {
     "ffn_norm_bias": "post_attention_layernorm bias [H] (HParams.NORM 'layer')",
     "norm_bias": "final norm bias [H] (HParams.NORM 'layer')",
     "lm_head_bias": "output projection bias [V] (lm_head_bias)",
+    # Multi-head Latent Attention (DeepSeek-V2/V3, GLM-4-MoE-Lite); attn_q is then q_proj
+    # [heads*(nope+rope), H] (q_lora_rank null) and attn_o [H, heads*v_head_dim]
+    "attn_q_a": "MLA q_a_proj weight [q_lora_rank, H] (q_lora_rank set)",
+    "attn_q_a_bias": "MLA q_a_proj bias [q_lora_rank] (attention_bias)",
+    "attn_q_a_norm": "MLA q_a_layernorm weight [q_lora_rank]",
+    "attn_q_b": "MLA q_b_proj weight [heads*(nope+rope), q_lora_rank]",
+    "attn_kv_a": "MLA kv_a_proj_with_mqa weight [kv_lora_rank+rope, H]",
+    "attn_kv_a_bias": "MLA kv_a_proj_with_mqa bias [kv_lora_rank+rope] (attention_bias)",
+    "attn_kv_a_norm": "MLA kv_a_layernorm weight [kv_lora_rank]",
+    "attn_kv_b": "MLA kv_b_proj weight [heads*(nope+v_head_dim), kv_lora_rank]",
 }
 #: the tensor names transformers' Llama-style MoE decoders use (Qwen2/3-MoE, OLMoE, and Mixtral
 #: apart from its ``block_sparse_moe`` experts): one table that families pick their keys from
@@ -162,6 +172,9 @@ def shape(key: str, hp) -> tuple:
     Raises:
         KeyError: unknown key.
     """
+    own = getattr(hp, "tensor_shape", None)     # a family's own shapes (MLA)
+    if own is not None and own(key) is not None:
+        return own(key)
     H, V, hd = hp.hidden_size, hp.vocab_size, hp.head_dim
     q, kv = hp.num_attention_heads * hd, hp.num_key_value_heads * hd
     qn, kn = (q, kv) if hp.QK_NORM_SCOPE == "projection" else (hd, hd)
@@ -187,7 +200,11 @@ def present(key: str, hp, layer: int | None) -> bool:
     """Whether a model with ``hp`` has tensor ``key`` (in ``layer`` for per-layer keys), given
     that its family lists the key: biases with ``attention_bias``, q/k norms with ``qk_norm``,
     router and experts in ``moe_layers``, the shared expert there when its size is > 0, the
-    dense MLP elsewhere, the router's correction bias with the router."""
+    dense MLP elsewhere, the router's correction bias with the router; a family's
+    ``hp.tensor_present(key)`` decides first (MLA)."""
+    own = getattr(hp, "tensor_present", None)
+    if own is not None and own(key) is not None:
+        return own(key)
     if key in _BIAS:
         return bool(hp.attention_bias)
     if key in ("attn_norm_bias", "ffn_norm_bias", "norm_bias"):      # PhiMoE's LayerNorms
