@@ -12,7 +12,9 @@ from numba import njit
 __all__ = ["route", "route_grouped", "METHODS", "SCORINGS"]
 
 
-@njit(nogil=True, cache=True)  # no fastmath: the sum order must not depend on memory layout
+# no fastmath: the sum order must not depend on memory layout; IEEE division (no exception on
+# non-finite logits)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _route(logits, k, renorm, idx, w):
     """Softmax over all experts (float32), top-k (descending, lowest index first on ties),
     optional renormalisation of the k weights. Compiled without fastmath so that the same
@@ -39,6 +41,12 @@ def _route(logits, k, renorm, idx, w):
                 if p[e] > bv:
                     bv = p[e]
                     best = e
+            if best < 0:        # non-finite logits (NaN weights): the lowest expert not taken
+                for e in range(E):
+                    if p[e] != np.float32(-2.0):
+                        bv = p[e]
+                        best = e
+                        break
             idx[t, j] = best
             w[t, j] = bv
             s += bv
@@ -71,7 +79,7 @@ METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORINGS = ("softmax", "sigmoid")
 
 
-@njit(nogil=True, cache=True)  # no fastmath, as _route
+@njit(nogil=True, cache=True, error_model="numpy")  # no fastmath, as _route
 def _route_grouped(logits, k, sigmoid, method, n_group, topk_group, bias, use_bias, renorm,
                    eps, scale, idx, w):
     """Score (softmax or sigmoid, float32), add the choice bias, keep ``topk_group`` of
