@@ -14,7 +14,7 @@ from ..kernels import norm as _norm
 from ..kernels import routing as _routing
 from ..kernels import swiglu as _swiglu
 from ..kernels.linear import bf16_rows, linear_into
-from .base import Backend, HostArrays, check_qk_norm
+from .base import Backend, HostArrays, check_choice_bias, check_qk_norm
 
 
 class NumbaBackend(HostArrays, Backend):
@@ -77,3 +77,18 @@ class NumbaBackend(HostArrays, Backend):
     def route(self, logits, k, renorm):
         """:func:`~zipmoe_rt.kernels.routing.route`."""
         return _routing.route(logits, k, renorm)
+
+    # Granite-MoE
+    def scale_(self, x, s, divide=False):
+        """NumPy float32 in-place expression (one rounding per element, as torch)."""
+        if divide:
+            x /= np.float32(s)
+        else:
+            x *= np.float32(s)
+        return x
+
+    # ERNIE 4.5 MoE
+    def route_choice_bias(self, logits, k, bias, norm_min):
+        """:func:`~zipmoe_rt.kernels.routing.route_choice_bias`."""
+        check_choice_bias(bias, logits.shape[1])
+        return _routing.route_choice_bias(logits, k, bias, norm_min)

@@ -33,6 +33,8 @@ SHAPE_FIELDS = {
     "shared_up": "shared_expert_intermediate_size",
     "shared_down": "shared_expert_intermediate_size", "mlp_gate": "intermediate_size",
     "mlp_up": "intermediate_size", "mlp_down": "intermediate_size",
+    "shared_gate_up": "shared_expert_intermediate_size",        # Granite-MoE-Shared
+    "moe_statics": "num_experts",                               # ERNIE 4.5 MoE
 }
 
 
@@ -71,12 +73,16 @@ def check_stored_tensors(hparams: dict, shapes: dict, where: str):
     moe = [i for i in hp.moe_layers if isinstance(i, int) and 0 <= i < hp.num_hidden_layers]
     if len(moe) != len(hp.moe_layers):
         _fail(where, f"hparams.moe_layers: entries outside 0..{hp.num_hidden_layers - 1}")
-    fused = any(ref is not None and ref.expert is None
-                for ref in map(fam.expert_tensor, shapes))
-    if not fused and len(moe) * hp.num_experts * 3 > len(shapes):
+    stacked = any(ref is not None and ref.expert is None
+                  for ref in map(fam.expert_tensor, shapes))
+    hub_stacked = any(k in T.STACKED_ROLES for k in fam.tensor_table(T.HUB))
+    if not stacked and len(moe) * hp.num_experts * 3 > len(shapes):
         _fail(where, f"hparams.num_experts: {hp.num_experts} experts in {len(moe)} sparse "
                      f"layers need {len(moe) * hp.num_experts * 3} expert tensors, but the file "
                      f"holds only {len(shapes)} tensors")
+    fused = stacked and not (hub_stacked and any(
+        n in shapes for n in (fam.tensor_name(k, i) for i in moe[:1] for k in T.STACKED_ROLES
+                              if k in fam.tensor_table(T.HUB))))
     specs = fam.tensor_specs(hp, T.FUSED if fused else T.HUB)
     by_name = {s.name: s for s in specs}
     for name, shape in shapes.items():

@@ -173,6 +173,9 @@ class HParams:
     #: (Qwen3: weights [head_dim]), or ``"projection"``, the token's whole q / k projection
     #: before the split into heads (OLMoE: weights [heads * head_dim], [kv_heads * head_dim]).
     QK_NORM_SCOPE: ClassVar[str] = "head"
+    #: RoPE rotates the pairs (2i, 2i+1) of each head instead of (i, i + head_dim/2)
+    #: (ERNIE 4.5's ``apply_rotary_pos_emb``; models/attention.py).
+    ROPE_INTERLEAVED: ClassVar[bool] = False
     #: field -> config.json keys tried in order (default: the field's own name).
     CONFIG_KEYS: ClassVar[dict] = {}
     #: fields config.json must give (the shapes): ConfigError when absent.

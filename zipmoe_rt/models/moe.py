@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from ..backends import get_backend
+from ..backends import get_backend, to_f32
 
 
 class MLP:
@@ -148,14 +148,17 @@ class SparseMoeBlock:
     """Sparse MoE feed-forward (``MixtralSparseMoeBlock`` / ``Qwen2MoeSparseMoeBlock`` /
     ``Qwen3MoeSparseMoeBlock``): float32 router logits ``x @ gate.T``, top-k routing
     (``backend.route``), the routed experts through ``model.executor``, plus an optional shared
-    expert scaled by ``sigmoid(x @ shared_expert_gate.T)`` (Qwen2-MoE).
+    expert scaled by ``sigmoid(x @ shared_expert_gate.T)`` (Qwen2-MoE) or, without
+    ``shared_gate``, added as it is (``GraniteMoeSharedDecoderLayer``,
+    ``Ernie4_5_MoeSparseMoeBlock``).
 
     Args:
         model: the owning :class:`~zipmoe_rt.models.model.Model` (its ``backend`` is read once;
             its ``executor`` and ``route_hook`` per call, so they can be swapped after
             construction).
         layer: index.  gate: router weight [E, H].  top_k: experts per token.
-        renorm: norm_topk_prob.  shared: optional :class:`MLP`.  shared_gate: optional [1, H].
+        renorm: norm_topk_prob.  shared: optional :class:`MLP`.  shared_gate: optional [1, H]
+            (None with a ``shared``: the shared expert's output is added ungated).
     """
 
     def __init__(self, model, layer, gate, top_k, renorm, shared=None, shared_gate=None):
@@ -175,13 +178,52 @@ class SparseMoeBlock:
         """x float32 [T, H] -> float32 [T, H]."""
         be = self.backend
         logits = self.router_logits(x)
-        idx, w = be.route(logits, self.top_k, self.renorm)
+        idx, w = self.route(logits)
         hook = self.model.route_hook
         if hook is not None:
             hook(self.layer, x, logits, idx, w)
         y = self.model.executor.run(self.layer, x, idx, w)
-        if self.shared is not None:
+        if self.shared is not None and self.shared_gate is None:    # ungated (Granite, ERNIE)
+            be.add_(y, self.shared(x))
+        elif self.shared is not None:
             s = self.shared(x)
             g = be.linear(x, self.shared_gate)
             be.sigmoid_gate_add_(y, g, s)
         return y
+
+    def route(self, logits):
+        """Routing decisions for float32 [T, E] router logits: host (topk_idx int64 [T, k],
+        topk_w float32 [T, k]) (``backend.route``: softmax top-k, renormalised when
+        ``renorm``)."""
+        return self.backend.route(logits, self.top_k, self.renorm)
+
+
+# -- ERNIE 4.5 MoE ----------------------------------------------------------------------------
+
+class ChoiceBiasMoeBlock(SparseMoeBlock):
+    """:class:`SparseMoeBlock` whose router biases the choice of experts only
+    (``Ernie4_5_MoeTopKRouter``, ``modeling_ernie4_5_moe.py``): softmax over all experts, the
+    top-k of ``p + bias``, weights ``p`` divided by ``max(sum, norm_min)``
+    (``backend.route_choice_bias``). Shared experts are added ungated.
+
+    Args:
+        model, layer, gate, top_k, shared: as :class:`SparseMoeBlock`.
+        bias: [E] or [1, E] choice bias (``moe_statics.e_score_correction_bias``, any float
+            dtype or BF16 bits; widened to float32).
+        norm_min: the clamp of the weight sum (``moe_norm_min``).
+    Raises:
+        ValueError: ``bias`` not of E values.
+    """
+
+    def __init__(self, model, layer, gate, top_k, bias, norm_min: float, shared=None):
+        super().__init__(model, layer, gate, top_k, True, shared)
+        b = to_f32(bias).reshape(-1)
+        if b.size != self.gate.shape[0]:
+            raise ValueError(f"layer {layer}: the choice bias has {b.size} values for "
+                             f"{self.gate.shape[0]} experts")
+        self.bias = self.backend.from_host(b)
+        self.norm_min = float(norm_min)
+
+    def route(self, logits):
+        """See :meth:`SparseMoeBlock.route` (``backend.route_choice_bias``)."""
+        return self.backend.route_choice_bias(logits, self.top_k, self.bias, self.norm_min)
