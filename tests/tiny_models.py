@@ -48,6 +48,28 @@ SPECS = {
     "olmoe_clip": ("olmoe", dict(
         COMMON, intermediate_size=48, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
         attention_bias=True, clip_qkv=1.0, rope_theta=10000.0)),
+    # Granite-MoE / Granite-MoE-Shared: every multiplier away from 1 (the attention scale 0.1
+    # instead of head_dim**-0.5 = 0.25), the shared MLP, biases on q/k/v/o in one spec.
+    "granitemoe": ("granitemoe", dict(
+        COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+        embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.1,
+        logits_scaling=3.0, tie_word_embeddings=True, rope_theta=10000.0)),
+    "granitemoe_shared": ("granitemoeshared", dict(
+        COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+        shared_intermediate_size=40, embedding_multiplier=4.0, residual_multiplier=0.7,
+        attention_multiplier=0.5, logits_scaling=0.5, attention_bias=True,
+        rope_theta=10000.0)),
+    # ERNIE 4.5 MoE: a dense first layer, two shared experts, the choice bias (random, F32),
+    # interleaved RoPE; the second spec: sparse every other layer, no shared expert, tied head.
+    "ernie4_5_moe": ("ernie4_5_moe", dict(
+        COMMON, intermediate_size=96, moe_intermediate_size=32, moe_num_experts=8, moe_k=2,
+        moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=-1,
+        moe_layer_interval=1, rope_theta=500000.0)),
+    "ernie4_5_moe_interval": ("ernie4_5_moe", dict(
+        COMMON, num_hidden_layers=5, intermediate_size=96, moe_intermediate_size=32,
+        moe_num_experts=4, moe_k=2, moe_num_shared_experts=0, moe_layer_start_index=0,
+        moe_layer_end_index=3, moe_layer_interval=2, tie_word_embeddings=True,
+        rope_theta=10000.0)),
 }
 
 
@@ -71,6 +93,8 @@ def _randomize_norms(model, torch, gen):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("e_score_correction_bias"):     # ERNIE 4.5's choice bias
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
 def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
@@ -92,7 +116,14 @@ def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
     cfg = getattr(transformers, cfg_cls)(**kw)
     model = getattr(transformers, model_cls)(cfg)
     _randomize_norms(model, torch, torch.Generator().manual_seed(seed + 1))
+    # parameters transformers keeps in float32 whatever the dtype (ERNIE 4.5's router and
+    # choice bias: _keep_in_fp32_modules_strict) stay float32 in the checkpoint
+    keep = getattr(model, "_keep_in_fp32_modules_strict", None) or []
+    f32 = {n: p.detach().clone() for n, p in model.named_parameters() if any(k in n for k in keep)}
     model = model.to(torch.bfloat16)
+    for n, p in model.named_parameters():
+        if n in f32:
+            p.data = f32[n]
     model.save_pretrained(folder, max_shard_size="200KB" if sharded else "2GB")
     return folder
 

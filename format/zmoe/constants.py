@@ -87,6 +87,13 @@ class Keys:
         SHARED_EXPERT_INTERMEDIATE_SIZE = "hparams.shared_expert_intermediate_size"
         MOE_LAYERS = "hparams.moe_layers"
         CLIP_QKV = "hparams.clip_qkv"
+        # Granite-MoE
+        EMBEDDING_MULTIPLIER = "hparams.embedding_multiplier"
+        RESIDUAL_MULTIPLIER = "hparams.residual_multiplier"
+        ATTENTION_MULTIPLIER = "hparams.attention_multiplier"
+        LOGITS_SCALING = "hparams.logits_scaling"
+        # ERNIE 4.5 MoE
+        MOE_NORM_MIN = "hparams.moe_norm_min"
 
     class HF:
         CONFIG = "hf.config"                    # json: the source config.json verbatim

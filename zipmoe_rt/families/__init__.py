@@ -15,6 +15,8 @@ from .base import (ARCHITECTURES, BY_NAME, ExpertRef, Family, UnknownFamilyError
 from .hparams import ConfigError, HParams, config_value, rope_parameters
 from .tensors import FUSED, HUB, KEYS, LAYOUTS, TensorSpec
 from . import mixtral, olmoe, qwen2_moe, qwen3_moe  # noqa: E402,F401  (registration)
+from . import granitemoe  # noqa: E402,F401  (Granite-MoE, Granite-MoE-Shared)
+from . import ernie4_5_moe  # noqa: E402,F401  (ERNIE 4.5 MoE)
 
 __all__ = [
     "ARCHITECTURES", "BY_NAME", "ExpertRef", "Family", "UnknownFamilyError",
