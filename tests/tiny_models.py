@@ -55,7 +55,7 @@ SPECS = {
         embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.1,
         logits_scaling=3.0, tie_word_embeddings=True, rope_theta=10000.0)),
     "granitemoe_shared": ("granitemoeshared", dict(
-        COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+        COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
         shared_intermediate_size=40, embedding_multiplier=4.0, residual_multiplier=0.7,
         attention_multiplier=0.5, logits_scaling=0.5, attention_bias=True,
         rope_theta=10000.0)),
