@@ -53,7 +53,7 @@ SPECS = {
     "granitemoe": ("granitemoe", dict(
         COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
         embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.1,
-        logits_scaling=3.0, tie_word_embeddings=True, rope_theta=10000.0)),
+        logits_scaling=3.0, rope_theta=10000.0)),
     "granitemoe_shared": ("granitemoeshared", dict(
         COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
         shared_intermediate_size=40, embedding_multiplier=4.0, residual_multiplier=0.7,
