@@ -198,3 +198,29 @@ def test_scale_op_both_backends(divide):
         y = x.copy()
         assert get_backend(name).scale_(y, s, divide=divide) is y
         np.testing.assert_array_equal(y, want)
+
+
+def test_stored_hparams_are_checked_against_the_stacked_shapes(tiny_moe_dir, tmp_path):
+    """families.check reads a Granite container's stacked Hub names: stored hyper-parameters
+    that disagree with them, or a missing stacked tensor, are refused naming the tensor."""
+    import zmoe
+
+    from zipmoe_rt.convert.converter import convert
+    from zipmoe_rt.families.check import check_stored_tensors, stored_hparams
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = convert(tiny_moe_dir("granitemoe"), tmp_path / "g.zmoe", progress=False)
+    with zmoe.ZmoeReader(out) as r:
+        hp = stored_hparams(r.metadata)
+        shapes = {n: t["shape"] for n, t in r.tensors.items()}
+    assert check_stored_tensors(hp, shapes, "g.zmoe").moe_layers == [0, 1, 2]
+    name = "model.layers.0.block_sparse_moe.input_linear.weight"
+    with pytest.raises(zmoe.CorruptIndexError,
+                       match=rf"tensor '{name}' has shape \[8, 96, 64\], but the stored "
+                             r"hyper-parameters imply \[8, 80, 64\]"):
+        check_stored_tensors(dict(hp, moe_intermediate_size=40, intermediate_size=40), shapes,
+                             "g.zmoe")
+    down = "model.layers.2.block_sparse_moe.output_linear.weight"
+    with pytest.raises(zmoe.CorruptIndexError, match=f"no routed expert tensor '{down}'"):
+        check_stored_tensors(hp, {n: s for n, s in shapes.items() if n != down}, "g.zmoe")

@@ -75,14 +75,13 @@ def check_stored_tensors(hparams: dict, shapes: dict, where: str):
         _fail(where, f"hparams.moe_layers: entries outside 0..{hp.num_hidden_layers - 1}")
     stacked = any(ref is not None and ref.expert is None
                   for ref in map(fam.expert_tensor, shapes))
-    hub_stacked = any(k in T.STACKED_ROLES for k in fam.tensor_table(T.HUB))
     if not stacked and len(moe) * hp.num_experts * 3 > len(shapes):
         _fail(where, f"hparams.num_experts: {hp.num_experts} experts in {len(moe)} sparse "
                      f"layers need {len(moe) * hp.num_experts * 3} expert tensors, but the file "
                      f"holds only {len(shapes)} tensors")
-    fused = stacked and not (hub_stacked and any(
-        n in shapes for n in (fam.tensor_name(k, i) for i in moe[:1] for k in T.STACKED_ROLES
-                              if k in fam.tensor_table(T.HUB))))
+    hub = fam.tensor_table(T.HUB)    # stacked under Hub names (Granite) or transformers 5's
+    fused = stacked and not any(hub[k].format(i=i) in shapes for i in moe[:1]
+                                for k in T.STACKED_ROLES if k in hub)
     specs = fam.tensor_specs(hp, T.FUSED if fused else T.HUB)
     by_name = {s.name: s for s in specs}
     for name, shape in shapes.items():

@@ -15,6 +15,7 @@ router is ``block_sparse_moe.router.layer.weight`` (transformers 5 renames them 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from . import tensors as T
@@ -105,8 +106,8 @@ class GraniteMoeHParams(HParams):
         super().validate()
         for name in self.MULTIPLIERS:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or \
-                    v in (float("inf"), float("-inf")) or (name == "logits_scaling" and v == 0):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or (name == "logits_scaling" and v == 0):
                 raise ValueError(f"{name}: {str(v)[:40]!r} is not a finite"
                                  f"{' non-zero' if name == 'logits_scaling' else ''} number")
             setattr(self, name, float(v))
