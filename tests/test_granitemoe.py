@@ -224,3 +224,47 @@ def test_stored_hparams_are_checked_against_the_stacked_shapes(tiny_moe_dir, tmp
     down = "model.layers.2.block_sparse_moe.output_linear.weight"
     with pytest.raises(zmoe.CorruptIndexError, match=f"no routed expert tensor '{down}'"):
         check_stored_tensors(hp, {n: s for n, s in shapes.items() if n != down}, "g.zmoe")
+
+
+def test_transformers5_names_convert_and_run(tiny_moe_dir, tmp_path):
+    """A Granite checkpoint under transformers 5's in-memory names (``experts.gate_up_proj``,
+    ``experts.down_proj``, ``router.weight``) converts, exports byte-identically and gives the
+    Hub-named checkpoint's logits bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from zipmoe_rt.convert.converter import convert
+    from zipmoe_rt.convert.export import export
+    from zipmoe_rt.engine.store import ZmoeSource
+
+    src = tiny_moe_dir("granitemoe")
+    dst = tmp_path / "fused"
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    ren = {".block_sparse_moe.input_linear.weight": ".block_sparse_moe.experts.gate_up_proj",
+           ".block_sparse_moe.output_linear.weight": ".block_sparse_moe.experts.down_proj",
+           ".block_sparse_moe.router.layer.weight": ".block_sparse_moe.router.weight"}
+    tensors = {}
+    for n, t in load_file(str(src / "model.safetensors")).items():
+        for a, b in ren.items():
+            n = n.replace(a, b)
+        tensors[n] = t
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    logits = []
+    for folder in (src, dst):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = convert(folder, tmp_path / f"{folder.name}.zmoe", progress=False)
+        s = ZmoeSource(out)
+        try:
+            m = build_model(s)
+            logits.append(m.forward(PROMPT, m.new_cache(), last_only=False))
+        finally:
+            s.close()
+    np.testing.assert_array_equal(logits[0], logits[1])
+    back = load_file(str(export(tmp_path / "fused.zmoe", tmp_path / "exp", progress=False)
+                         / "model.safetensors"))
+    assert set(back) == set(tensors)
+    assert all(torch.equal(back[n].view(torch.int16), tensors[n].view(torch.int16))
+               for n in tensors)
