@@ -32,13 +32,10 @@ MODELS = {
     "qwen2_moe_step2": ("qwen2_moe", 4, [1], ("gate_proj", "up_proj", "down_proj")),
     # Granite: the Hub stacks the experts per layer; each expert block holds its slices
     "granitemoe": ("granitemoe", 8, [0, 1, 2], ("input_linear", "output_linear")),
-    # ERNIE 4.5: dense layer 0; sparse layers 1 and 3 (interval 2, end index 3)
+    # ERNIE 4.5: dense layer 0, sparse 1 and 2; the interval spec: sparse 1 and 3 only
     "ernie4_5_moe": ("ernie4_5_moe", 8, [1, 2], ("gate_proj", "up_proj", "down_proj")),
     "ernie4_5_moe_interval": ("ernie4_5_moe", 4, [1, 3], ("gate_proj", "up_proj", "down_proj")),
 }
-#: family -> tensors transformers keeps in F32 whatever the dtype (ERNIE 4.5's router and
-#: choice bias), kept so by tiny_models.make_tiny
-F32_TENSORS = {"ernie4_5_moe": (".mlp.gate.weight", ".e_score_correction_bias")}
 #: every tiny spec, single-file and sharded
 CASES = [(n, s) for n in SPECS for s in (False, True)]
 
@@ -88,9 +85,9 @@ def test_hf_roundtrip_bit_exact(tiny_moe_dir, tmp_path, name, sharded):
     src_dir = tiny_moe_dir(name, sharded=sharded)
     assert (src_dir / "model.safetensors.index.json").exists() == sharded
     src = load_tensors(src_dir)
-    f32 = F32_TENSORS.get(SPECS[name][0], ())
-    assert all(dt == (torch.float32 if f32 and k.endswith(f32) else torch.bfloat16)
-               for k, (dt, _, _) in src.items())
+    # BF16, except the F32 router correction bias of DeepSeek-V3 / GLM-4-MoE / ERNIE 4.5 specs
+    assert all(dt == (torch.float32 if n.endswith("e_score_correction_bias") else torch.bfloat16)
+               for n, (dt, _, _) in src.items())
 
     out = convert(src_dir, tmp_path / f"{name}.zmoe", chunks=3, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.zmoe"]

@@ -1,7 +1,7 @@
 """ERNIE 4.5 MoE against transformers (``modeling_ernie4_5_moe.py``) on the tiny specs
 ``ernie4_5_moe`` / ``ernie4_5_moe_interval``: the choice-biased router (op on both backends and
 per layer in the model), the choice bias and interleaved RoPE each matter, the dense and sparse
-layer placement, the F32 router and bias kept through convert, and the config rules. (Logits,
+layer placement, the F32 choice bias kept through convert, and the config rules. (Logits,
 greedy decoding, export and budgeted runs are covered for every spec by the parametrised
 tests.)"""
 from __future__ import annotations
@@ -130,7 +130,7 @@ def test_choice_bias_matters_and_matches(tiny_moe_dir, pair):
     d = tiny_moe_dir("ernie4_5_moe")
     free = build_model(CheckpointSource(d))
     for i in free.args.moe_layers:
-        free.layers[i].mlp.bias = np.zeros(8, np.float32)
+        free.layers[i].mlp.choice_bias = np.zeros(8, np.float32)
     a = model.forward(PROMPT, model.new_cache(), last_only=False)
     b = free.forward(PROMPT, free.new_cache(), last_only=False)
     assert np.abs(a - b).max() > 100 * TOL
@@ -171,9 +171,9 @@ def test_layer_placement(pair):
     assert all(layer.mlp.shared is None for layer in model2.layers[1::2])
 
 
-def test_f32_router_and_bias_through_convert(tiny_moe_dir, tmp_path):
-    """The router weight and the choice bias are F32 in the checkpoint (as transformers keeps
-    them) and come out of the container as the same float32 values."""
+def test_f32_choice_bias_through_convert(tiny_moe_dir, tmp_path):
+    """The choice bias is F32 in the checkpoint (as released checkpoints store it) and comes out
+    of the container as the same float32 values, beside the BF16 router."""
     from safetensors.torch import load_file
 
     from zipmoe_rt.convert.converter import convert
@@ -186,7 +186,8 @@ def test_f32_router_and_bias_through_convert(tiny_moe_dir, tmp_path):
     raw = load_file(str(d / "model.safetensors"))
     src = ZmoeSource(out)
     try:
-        for n in ("model.layers.1.mlp.gate.weight",
+        assert raw["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
+        for n in ("model.layers.1.mlp.moe_statics.e_score_correction_bias",
                   "model.layers.2.mlp.moe_statics.e_score_correction_bias"):
             assert raw[n].dtype == torch.float32
             got = src.tensor(n)
@@ -230,3 +231,6 @@ def test_config_rules():
         get_architecture(dict(d, moe_layer_start_index="1")).hparams()
     with pytest.raises(ConfigError, match="moe_norm_min must be a number"):
         get_architecture(dict(d, moe_norm_min="x")).hparams()
+    with pytest.raises(ConfigError, match="partial_rotary_factor 0.5 is not supported"):
+        get_architecture(dict(d, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                  "partial_rotary_factor": 0.5})).hparams()

@@ -48,6 +48,34 @@ SPECS = {
     "olmoe_clip": ("olmoe", dict(
         COMMON, intermediate_size=48, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
         attention_bias=True, clip_qkv=1.0, rope_theta=10000.0)),
+    # GLM-4-MoE: a dense first layer, shared experts, sigmoid router with a random F32
+    # correction bias (make_tiny), partial rotary; renormalised and scaled (weights sum 2.5) or
+    # not, one group or four groups of which two are kept, q/k norms
+    "glm4_moe": ("glm4_moe", dict(
+        COMMON, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True,
+        routed_scaling_factor=2.5, attention_bias=True, partial_rotary_factor=0.5,
+        rope_theta=10000.0)),
+    "glm4_moe_groups": ("glm4_moe", dict(
+        COMMON, head_dim=32, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=1, n_group=4,
+        topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.5, use_qk_norm=True,
+        partial_rotary_factor=0.25, rope_theta=1000000.0)),
+    # PhiMoE: LayerNorms, biases on attention and head, the sparsemixer router with the released
+    # jitter (0.01) and LongRoPE with distinct factors and mscales around a short original length
+    # (prompts of 16 stay short, greedy decoding crosses it at 33 tokens); then a variant with a
+    # jitter whose masks keep several experts (weights far from 1), a sliding window, no biases
+    # and the default rope.
+    "phimoe": ("phimoe", dict(
+        COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+        attention_bias=True, lm_head_bias=True, router_jitter_noise=0.01, rope_theta=10000.0,
+        rope_scaling=dict(type="longrope", original_max_position_embeddings=32,
+                          short_factor=[1.0 + 0.15 * i for i in range(8)],
+                          long_factor=[1.5 + 0.9 * i for i in range(8)],
+                          short_mscale=1.15, long_mscale=1.4))),
+    "phimoe_jitter_swa": ("phimoe", dict(
+        COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+        router_jitter_noise=0.3, sliding_window=6, rope_theta=10000.0)),
     # Granite-MoE / Granite-MoE-Shared: every multiplier away from 1 (the attention scale 0.1
     # instead of head_dim**-0.5 = 0.25), the shared MLP, biases on q/k/v/o in one spec.
     "granitemoe": ("granitemoe", dict(
@@ -93,8 +121,19 @@ def _randomize_norms(model, torch, gen):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("e_score_correction_bias"):     # ERNIE 4.5's choice bias
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def _randomize_correction_bias(model, torch, gen):
+    """Router ``e_score_correction_bias`` buffers (DeepSeek-V3 / GLM-4-MoE) and parameters (ERNIE
+    4.5's ``moe_statics``): random values of the scale of the scores' spread, kept F32 as
+    released checkpoints store them."""
+    for mod in model.modules():
+        b = getattr(mod, "e_score_correction_bias", None)
+        if isinstance(b, torch.nn.Parameter):       # ERNIE 4.5's moe_statics
+            mod.e_score_correction_bias = torch.nn.Parameter(
+                0.1 * torch.randn(b.shape, generator=gen), requires_grad=False)
+        elif isinstance(b, torch.Tensor):
+            mod.e_score_correction_bias = 0.1 * torch.randn(b.shape, generator=gen)
 
 
 def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
@@ -116,14 +155,8 @@ def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
     cfg = getattr(transformers, cfg_cls)(**kw)
     model = getattr(transformers, model_cls)(cfg)
     _randomize_norms(model, torch, torch.Generator().manual_seed(seed + 1))
-    # parameters transformers keeps in float32 whatever the dtype (ERNIE 4.5's router and
-    # choice bias: _keep_in_fp32_modules_strict) stay float32 in the checkpoint
-    keep = getattr(model, "_keep_in_fp32_modules_strict", None) or []
-    f32 = {n: p.detach().clone() for n, p in model.named_parameters() if any(k in n for k in keep)}
     model = model.to(torch.bfloat16)
-    for n, p in model.named_parameters():
-        if n in f32:
-            p.data = f32[n]
+    _randomize_correction_bias(model, torch, torch.Generator().manual_seed(seed + 2))
     model.save_pretrained(folder, max_shard_size="200KB" if sharded else "2GB")
     return folder
 

@@ -87,6 +87,13 @@ class Keys:
         SHARED_EXPERT_INTERMEDIATE_SIZE = "hparams.shared_expert_intermediate_size"
         MOE_LAYERS = "hparams.moe_layers"
         CLIP_QKV = "hparams.clip_qkv"
+        # GLM-4-MoE (DeepSeek-V3-style router)
+        ROUTED_SCALING_FACTOR = "hparams.routed_scaling_factor"
+        N_GROUP = "hparams.n_group"
+        TOPK_GROUP = "hparams.topk_group"
+        # PhiMoE
+        LM_HEAD_BIAS = "hparams.lm_head_bias"
+        ROUTER_JITTER_NOISE = "hparams.router_jitter_noise"
         # Granite-MoE
         EMBEDDING_MULTIPLIER = "hparams.embedding_multiplier"
         RESIDUAL_MULTIPLIER = "hparams.residual_multiplier"

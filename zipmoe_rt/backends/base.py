@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Backend", "check_qk_norm", "check_choice_bias", "to_f32"]
+__all__ = ["Backend", "check_qk_norm", "check_route", "check_choice_bias", "to_f32",
+           "ROUTE_METHODS", "ROUTE_SCORINGS"]
 
 
 def to_f32(a) -> np.ndarray:
@@ -51,16 +52,22 @@ def check_choice_bias(bias, E: int) -> None:
         raise ValueError(f"route_choice_bias: {np.size(bias)} bias values for {E} experts")
 
 
-def check_qk_norm(q_size: int, k_size: int, nq: int, nkv: int, hd: int, clip=None) -> None:
-    """Check the q/k norm weight sizes and ``clip`` given to :meth:`Backend.rope_qk_cache`.
+def check_qk_norm(q_size: int, k_size: int, nq: int, nkv: int, hd: int, clip=None,
+                  half: int | None = None) -> None:
+    """Check the q/k norm weight sizes, ``clip`` and the RoPE tables' width given to
+    :meth:`Backend.rope_qk_cache`.
 
     Args:
         q_size, k_size: number of q / k norm weights (0 = no norm).  nq, nkv, hd: heads and
-            head size.  clip: None or the clamp bound.
+            head size.  clip: None or the clamp bound.  half: None, or the width of the cos /
+            sin tables (half the rotary dimensions).
     Raises:
         ValueError: ``q_size`` not 0, ``hd`` or ``nq * hd``; ``k_size`` not 0, ``hd`` or
-            ``nkv * hd``; ``clip`` negative or NaN.
+            ``nkv * hd``; ``clip`` negative or NaN; ``half`` not in 1..hd/2.
     """
+    if half is not None and not 0 < half <= hd // 2:
+        raise ValueError(f"RoPE tables of width {half}: expected 1..{hd // 2} (half the rotary "
+                         f"dimensions of head_dim {hd})")
     if q_size not in (0, hd, nq * hd):
         raise ValueError(f"q_norm has {q_size} weights: expected {hd} (per head) or {nq * hd} "
                          f"(whole projection)")
@@ -69,6 +76,44 @@ def check_qk_norm(q_size: int, k_size: int, nq: int, nkv: int, hd: int, clip=Non
                          f"{nkv * hd} (whole projection)")
     if clip is not None and not clip >= 0:
         raise ValueError(f"clip must be >= 0 or None, not {clip!r}")
+
+
+#: router selection methods (transformers' ``topk_method``; :meth:`Backend.route`).
+ROUTE_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+#: router scoring functions (:meth:`Backend.route`).
+ROUTE_SCORINGS = ("softmax", "sigmoid")
+
+
+def check_route(E: int, k: int, scoring: str = "softmax", method: str = "greedy",
+                n_group: int = 1, topk_group: int = 1, bias=None, scale: float = 1.0) -> None:
+    """Check the routing arguments of :meth:`Backend.route` for ``E`` experts.
+
+    Raises:
+        ValueError: ``k`` outside 1..E; an unknown ``scoring`` / ``method``; ``n_group`` not a
+            divisor of ``E``; ``topk_group`` outside 1..n_group; fewer than ``k`` experts in the
+            ``topk_group`` kept groups; ``noaux_tc`` with groups of one expert (its group score
+            sums the top two); a ``bias`` that is not ``E`` values; a non-finite ``scale``.
+    """
+    if not 0 < k <= E:
+        raise ValueError(f"route: top-k {k} not in 1..{E} experts")
+    if scoring not in ROUTE_SCORINGS:
+        raise ValueError(f"route: scoring {scoring!r} is not one of {', '.join(ROUTE_SCORINGS)}")
+    if method not in ROUTE_METHODS:
+        raise ValueError(f"route: method {method!r} is not one of {', '.join(ROUTE_METHODS)}")
+    if type(n_group) is not int or n_group < 1 or E % n_group:
+        raise ValueError(f"route: n_group {n_group!r} does not divide {E} experts")
+    if type(topk_group) is not int or not 1 <= topk_group <= n_group:
+        raise ValueError(f"route: topk_group {topk_group!r} not in 1..n_group {n_group}")
+    if method != "greedy" and k > topk_group * (E // n_group):
+        raise ValueError(f"route: top-k {k} exceeds the {topk_group * (E // n_group)} experts "
+                         f"of the {topk_group} kept groups")
+    if method == "noaux_tc" and E // n_group < 2:
+        raise ValueError(f"route: noaux_tc needs at least 2 experts per group, not "
+                         f"{E // n_group}")
+    if bias is not None and np.shape(bias) != (E,):
+        raise ValueError(f"route: bias has shape {np.shape(bias)}, expected ({E},)")
+    if not np.isfinite(scale):
+        raise ValueError(f"route: scale {scale!r} is not finite")
 
 
 class Backend:
@@ -218,15 +263,17 @@ class Backend:
             qkv: float32 [T, (nq + 2 nkv) * hd].  nq, nkv, hd: heads and head size.
             q_norm: float32 [hd] or [nq * hd], or float32 [0] for none.
             k_norm: float32 [hd] or [nkv * hd], or float32 [0] for none.  eps: np.float32.
-            cos, sin: float32 [T, hd / 2] (:meth:`~zipmoe_rt.models.rope.RoPE.cos_sin`, through
-                :meth:`from_host`).
+            cos, sin: float32 [T, rot / 2] (:meth:`~zipmoe_rt.models.rope.RoPE.cos_sin`, through
+                :meth:`from_host`): RoPE turns the first ``rot`` dimensions of each head
+                (``rot = hd``, or less with a partial rotary factor, as GLM-4-MoE's
+                ``apply_rotary_pos_emb``: pairs ``i`` and ``i + rot/2``; the rest pass).
             kc, vc: float32 [nkv, capacity, hd], ``capacity >= pos0 + T``
                 (:class:`~zipmoe_rt.models.cache.KVCache` buffers).  pos0: first position.
             clip: None, or clamp q, k and v to ``[-clip, clip]`` after the norms and before
                 RoPE (``OlmoeAttention``'s ``clip_qkv``: ``clamp_(min=-clip, max=clip)``).
         Raises:
-            ValueError: a norm weight of another size or a negative ``clip``
-                (:func:`check_qk_norm`).
+            ValueError: a norm weight of another size, a negative ``clip`` or tables wider than
+                the head (:func:`check_qk_norm`).
         """
         raise NotImplementedError
 
@@ -249,15 +296,69 @@ class Backend:
 
     # -- routing -------------------------------------------------------------------------------
 
-    def route(self, logits, k: int, renorm: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k softmax routing (``MixtralTopKRouter`` / ``Qwen2MoeTopKRouter``): float32
-        softmax over all experts, the k largest in descending order (lowest index first on ties),
-        divided by their sum when ``renorm`` (``norm_topk_prob``).
+    def route(self, logits, k: int, renorm: bool, scoring: str = "softmax",
+              method: str = "greedy", n_group: int = 1, topk_group: int = 1, bias=None,
+              scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k routing of router logits, in float32. With the defaults, softmax top-k
+        (``MixtralTopKRouter`` / ``Qwen2MoeTopKRouter``): softmax over all experts, the k
+        largest in descending order (lowest index first on ties), divided by their sum when
+        ``renorm`` (``norm_topk_prob``). The other arguments give the routers of the DeepSeek /
+        GLM lineage (``DeepseekV2TopkRouter``, ``DeepseekV3TopkRouter``, ``Glm4MoeTopkRouter``):
+
+        * ``scoring``: ``"softmax"`` or ``"sigmoid"`` of the logits gives the scores;
+        * ``bias``: added to the scores for the choice only (``e_score_correction_bias``);
+        * ``method``: ``"greedy"`` (every expert eligible); ``"group_limited_greedy"`` (V2:
+          experts in ``n_group`` equal groups, only the ``topk_group`` groups with the largest
+          maximum choice score eligible); ``"noaux_tc"`` (V3 / GLM: the same, the group score
+          being the sum of the group's two largest choice scores);
+        * the weights are the unbiased scores of the chosen experts, divided by their sum when
+          ``renorm`` (sigmoid scoring: by ``sum + 1e-20``, as ``DeepseekV3TopkRouter``), then
+          multiplied by ``scale`` (``routed_scaling_factor``).
+
+        The experts come in descending choice score, lowest index first on ties (transformers'
+        ``topk(sorted=False)`` promises no order; the sparse block sums experts by index).
 
         Args:
             logits: float32 [T, E] router logits.  k: experts per token.  renorm: bool.
+            scoring, method: see above.  n_group, topk_group: ints (``E % n_group == 0``).
+            bias: None or float32 [E] (host).  scale: float.
         Returns:
             host (topk_idx int64 [T, k], topk_w float32 [T, k]).
+        Raises:
+            ValueError: from :func:`check_route`.
+        """
+        raise NotImplementedError
+
+    # -- PhiMoE: LayerNorm and the sparsemixer router ----------------------------------------
+
+    def layer_norm(self, x, w, b, eps, out=None):
+        """LayerNorm as ``torch.nn.LayerNorm(n, eps, elementwise_affine=True)`` (PhiMoE's
+        ``input_layernorm``, ``post_attention_layernorm`` and final ``norm``,
+        ``modeling_phimoe.py``): ``(x - mean) / sqrt(var + eps) * w + b`` per row, with the
+        biased variance, float32.
+
+        Args:
+            x: float32 [T, n].  w, b: float32 [n].  eps: float (used as float32).
+            out: optional float32 [T, n] (not aliasing ``x``).
+        Returns:
+            float32 [T, n] (``out`` when given).
+        """
+        raise NotImplementedError
+
+    def route_sparsemixer(self, logits, jitter_eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """PhiMoE's router at inference (``sparsemixer(scores, jitter_eps, training=False)`` in
+        ``modeling_phimoe.py``): the best expert ``i1`` with weight ``softmax(masked)[i1]``,
+        where the softmax keeps only experts ``j`` with
+        ``(s[i1] - s[j]) / max(|s[j]|, s[i1]) <= 2 * jitter_eps``; then, with ``i1`` removed,
+        the best remaining expert ``i2`` with the same rule around ``s[i2]``. No noise (eval);
+        the two weights are not renormalised.
+
+        Args:
+            logits: float32 [T, E] router logits (E >= 2).  jitter_eps: ``router_jitter_noise``.
+        Returns:
+            host (topk_idx int64 [T, 2] as ``[i1, i2]``, topk_w float32 [T, 2]).
+        Raises:
+            ValueError: fewer than 2 experts.
         """
         raise NotImplementedError
 

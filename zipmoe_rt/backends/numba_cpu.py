@@ -12,9 +12,10 @@ import numpy as np
 from ..kernels import attention as _att
 from ..kernels import norm as _norm
 from ..kernels import routing as _routing
+from ..kernels import sparsemixer as _sparsemixer
 from ..kernels import swiglu as _swiglu
 from ..kernels.linear import bf16_rows, linear_into
-from .base import Backend, HostArrays, check_choice_bias, check_qk_norm
+from .base import Backend, HostArrays, check_choice_bias, check_qk_norm, check_route
 
 
 class NumbaBackend(HostArrays, Backend):
@@ -67,16 +68,35 @@ class NumbaBackend(HostArrays, Backend):
                       clip=None):
         """:func:`~zipmoe_rt.kernels.attention.rope_qk_cache` (per-head norms without ``clip``:
         the one-pass kernel; whole-projection norms or ``clip``: the grouped one)."""
-        check_qk_norm(q_norm.size, k_norm.size, nq, nkv, hd, clip)
+        check_qk_norm(q_norm.size, k_norm.size, nq, nkv, hd, clip, cos.shape[1])
         _att.rope_qk_cache(qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0, clip)
 
     def attention(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
         """:func:`~zipmoe_rt.kernels.attention.attention` (parallel over (token, head) if large)."""
         return _att.attention(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out)
 
-    def route(self, logits, k, renorm):
-        """:func:`~zipmoe_rt.kernels.routing.route`."""
-        return _routing.route(logits, k, renorm)
+    def route(self, logits, k, renorm, scoring="softmax", method="greedy", n_group=1,
+              topk_group=1, bias=None, scale=1.0):
+        """:func:`~zipmoe_rt.kernels.routing.route` for softmax top-k without bias or scale
+        (the kernel every family before the DeepSeek / GLM lineage ran), else
+        :func:`~zipmoe_rt.kernels.routing.route_grouped`."""
+        check_route(logits.shape[1], k, scoring, method, n_group, topk_group, bias, scale)
+        if scoring == "softmax" and method == "greedy" and bias is None and scale == 1.0:
+            return _routing.route(logits, k, renorm)
+        return _routing.route_grouped(logits, k, renorm, scoring, method, n_group, topk_group,
+                                      bias, scale)
+
+    # -- PhiMoE ----------------------------------------------------------------------------------
+
+    def layer_norm(self, x, w, b, eps, out=None):
+        """:func:`~zipmoe_rt.kernels.norm.layer_norm_into`."""
+        if out is None:
+            out = np.empty_like(x)
+        return _norm.layer_norm_into(x, w, b, eps, out)
+
+    def route_sparsemixer(self, logits, jitter_eps):
+        """:func:`~zipmoe_rt.kernels.sparsemixer.sparsemixer_top2`."""
+        return _sparsemixer.sparsemixer_top2(logits, jitter_eps)
 
     # Granite-MoE
     def scale_(self, x, s, divide=False):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Backend, HostArrays, check_choice_bias, check_qk_norm, to_f32
+from .base import Backend, HostArrays, check_choice_bias, check_qk_norm, check_route, to_f32
 
 _F32 = np.float32
 
@@ -97,8 +97,10 @@ class NumpyBackend(HostArrays, Backend):
     def rope_qk_cache(self, qkv, nq, nkv, hd, q_norm, k_norm, eps, cos, sin, kc, vc, pos0,
                       clip=None):
         """RMSNorm over rows of ``w.size`` (a head, or the whole q / k projection), ``np.clip``
-        of q, k, v, then per head ``x * cos + rotate_half(x) * sin``, cache slices."""
-        check_qk_norm(q_norm.size, k_norm.size, nq, nkv, hd, clip)
+        of q, k, v, then per head ``x * cos + rotate_half(x) * sin`` on the first ``rot`` dimensions
+        (the tables' width; the rest pass, as ``apply_rotary_pos_emb`` of GLM-4-MoE), cache
+        slices."""
+        check_qk_norm(q_norm.size, k_norm.size, nq, nkv, hd, clip, cos.shape[1])
         T = qkv.shape[0]
         q = qkv[:, :nq * hd].reshape(T, nq, hd)                 # views into qkv
         k = qkv[:, nq * hd:(nq + nkv) * hd].reshape(T, nkv, hd)
@@ -108,10 +110,12 @@ class NumpyBackend(HostArrays, Backend):
                 heads[...] = _rms(heads.reshape(T, -1, w.size), w, eps).reshape(heads.shape)
         if clip is not None:
             np.clip(qkv, -_F32(clip), _F32(clip), out=qkv)
-        c = np.concatenate([cos, cos], axis=-1)[:, None, :]    # [T, 1, hd]
+        c = np.concatenate([cos, cos], axis=-1)[:, None, :]    # [T, 1, rot]
         s = np.concatenate([sin, sin], axis=-1)[:, None, :]
+        rot = c.shape[-1]                                       # partial rotary: rot < hd
         for heads in (q, k):
-            heads[...] = heads * c + _rotate_half(heads) * s
+            r = heads[..., :rot]
+            r[...] = r * c + _rotate_half(r) * s
         kc[:, pos0:pos0 + T] = k.transpose(1, 0, 2)
         vc[:, pos0:pos0 + T] = v.transpose(1, 0, 2)
 
@@ -135,16 +139,72 @@ class NumpyBackend(HostArrays, Backend):
             out[:, h * hd:(h + 1) * hd] = p.astype(np.float32) @ V
         return out
 
-    def route(self, logits, k, renorm):
-        """Softmax, stable descending argsort, the first k (renormalised)."""
+    def route(self, logits, k, renorm, scoring="softmax", method="greedy", n_group=1,
+              topk_group=1, bias=None, scale=1.0):
+        """As ``DeepseekV3TopkRouter.forward`` reads: scores, choice scores (+ bias), group
+        scores (max, or sum of the top two), the kept groups, a stable descending argsort of the
+        masked choice scores, the first k, their scores (renormalised, scaled)."""
         logits = np.asarray(logits, np.float32)
-        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        p /= p.sum(axis=-1, keepdims=True)
-        idx = np.argsort(-p, axis=-1, kind="stable")[:, :k].astype(np.int64)
+        T, E = logits.shape
+        check_route(E, k, scoring, method, n_group, topk_group, bias, scale)
+        if scoring == "sigmoid":
+            p = _F32(1.0) / (_F32(1.0) + np.exp(-logits))
+        else:
+            p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            p /= p.sum(axis=-1, keepdims=True)
+        choice = p if bias is None else p + np.asarray(bias, np.float32)
+        if method != "greedy" and n_group > 1:
+            grouped = np.sort(choice.reshape(T, n_group, E // n_group), axis=-1)
+            gs = grouped[..., -1] if method == "group_limited_greedy" else (
+                grouped[..., -1] + grouped[..., -2])
+            kept = np.argsort(-gs, axis=-1, kind="stable")[:, :topk_group]
+            mask = np.zeros((T, n_group), bool)
+            np.put_along_axis(mask, kept, True, axis=-1)
+            choice = np.where(np.repeat(mask, E // n_group, axis=-1), choice, -np.inf)
+        idx = np.argsort(-choice, axis=-1, kind="stable")[:, :k].astype(np.int64)
         w = np.take_along_axis(p, idx, axis=-1).astype(np.float32)
         if renorm:
-            w /= w.sum(axis=-1, keepdims=True)
+            eps = _F32(1e-20 if scoring == "sigmoid" else 0.0)
+            w /= w.sum(axis=-1, keepdims=True) + eps
+        if scale != 1.0:
+            w *= _F32(scale)
         return idx, w
+
+    # -- PhiMoE ----------------------------------------------------------------------------------
+
+    def layer_norm(self, x, w, b, eps, out=None):
+        """``(x - mean) / sqrt(var + eps) * w + b`` (``nn.LayerNorm``, biased variance)."""
+        mean = np.mean(x, axis=-1, keepdims=True, dtype=np.float32)
+        var = np.mean((x - mean) ** 2, axis=-1, keepdims=True, dtype=np.float32)
+        y = (x - mean) / np.sqrt(var + _F32(eps)) * w + b
+        if out is None:
+            return y.astype(np.float32)
+        out[...] = y
+        return out
+
+    def route_sparsemixer(self, logits, jitter_eps):
+        """``sparsemixer`` at eval, as ``modeling_phimoe.py`` reads: mask, masked softmax,
+        gather; the first expert set to -inf; again."""
+        s = np.asarray(logits, np.float32)
+        if s.ndim != 2 or s.shape[1] < 2:
+            raise ValueError(f"sparsemixer routing needs at least 2 experts, got {s.shape}")
+        thr = _F32(2.0 * jitter_eps)
+        rows = np.arange(s.shape[0])
+        scores, idx, w = s, [], []
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            for _ in range(2):
+                best = np.argmax(scores, axis=-1)
+                m = scores[rows, best][:, None]
+                mask = ((m - s) / np.maximum(np.abs(s), m)) > thr
+                gates = np.where(mask, -np.inf, scores)
+                p = np.exp(gates - m)
+                p /= p.sum(axis=-1, keepdims=True)
+                idx.append(best)
+                w.append(p[rows, best])
+                scores = scores.copy()
+                scores[rows, best] = -np.inf
+        return (np.stack(idx, axis=1).astype(np.int64),
+                np.stack(w, axis=1).astype(np.float32))
 
     # Granite-MoE
     def scale_(self, x, s, divide=False):

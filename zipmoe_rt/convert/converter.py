@@ -104,6 +104,9 @@ def plan_conversion(folder: Path):
     dense, experts = [], {}
     for t in ckpt:
         ref = arch.expert_tensor(t.name)
+        if ref is not None and ref.layer >= hp["num_hidden_layers"]:
+            ref = None      # a layer past the decoder (GLM-4-MoE's / DeepSeek-V3's multi-token
+            #                 prediction layer, which transformers skips): stored as it is, unused
         if ref is None:
             dense.append(t.name)
             continue

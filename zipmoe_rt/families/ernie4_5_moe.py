@@ -148,13 +148,18 @@ class Ernie45MoeHParams(HParams):
         """Base checks; ``moe_norm_min`` a finite number >= 0; the fixed choices applied.
 
         Raises:
-            ValueError: as the base, or a bad ``moe_norm_min``.
+            ValueError: as the base, a bad ``moe_norm_min``, or a partial rotary factor (the
+                interleaved RoPE turns whole heads).
         """
         super().validate()
         v = self.moe_norm_min
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
             raise ValueError(f"moe_norm_min: {str(v)[:40]!r} is not a finite number >= 0")
         self.moe_norm_min = float(v)
+        prf = (self.rope or {}).get("partial_rotary_factor", 1.0)
+        if prf not in (None, 1.0):      # the interleaved reorder (models/attention.py) is whole-head
+            raise ValueError(f"rope.partial_rotary_factor {prf} is not supported with "
+                             f"interleaved RoPE")
         self.norm_topk_prob, self.attention_bias, self.qk_norm = True, False, False
 
 

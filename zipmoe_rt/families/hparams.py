@@ -173,6 +173,11 @@ class HParams:
     #: (Qwen3: weights [head_dim]), or ``"projection"``, the token's whole q / k projection
     #: before the split into heads (OLMoE: weights [heads * head_dim], [kv_heads * head_dim]).
     QK_NORM_SCOPE: ClassVar[str] = "head"
+    #: the decoder norms: ``"rms"`` (RMSNorm, weight only) or ``"layer"`` (LayerNorm with weight
+    #: and bias, PhiMoE: ``attn_norm_bias``, ``ffn_norm_bias``, ``norm_bias`` tensors).
+    NORM: ClassVar[str] = "rms"
+    #: RoPE types the family runs (``rope.rope_type`` outside them is refused).
+    ROPE_TYPES: ClassVar[tuple] = ROPE_TYPES
     #: RoPE rotates the pairs (2i, 2i+1) of each head instead of (i, i + head_dim/2)
     #: (ERNIE 4.5's ``apply_rotary_pos_emb``; models/attention.py).
     ROPE_INTERLEAVED: ClassVar[bool] = False
@@ -351,9 +356,9 @@ class HParams:
             raise ValueError(f"rope.rope_theta: {str(theta)[:40]!r} is not a positive finite "
                              f"number")
         rtype = rope.get("rope_type", rope.get("type", "default")) or "default"
-        if rtype not in ROPE_TYPES:
+        if rtype not in self.ROPE_TYPES:
             raise ValueError(f"rope.rope_type: {str(rtype)[:40]!r} is not supported "
-                             f"({', '.join(ROPE_TYPES)})")
+                             f"({', '.join(self.ROPE_TYPES)})")
         for k in ("factor", "attention_factor", "original_max_position_embeddings"):
             v = rope.get(k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))

@@ -55,6 +55,13 @@ KEYS = {
     "ffn_norm": "post_attention_layernorm weight [H]",
     "norm": "final norm weight [H]",
     "lm_head": "output projection [V, H] (the embedding when tie_word_embeddings)",
+    # DeepSeek-V3 / GLM-4-MoE routers (noaux_tc)
+    "router_bias": "router e_score_correction_bias [E], F32, for the choice only (MoE layers)",
+    # PhiMoE: LayerNorm biases, lm_head bias
+    "attn_norm_bias": "input_layernorm bias [H] (LayerNorm families, HParams.NORM 'layer')",
+    "ffn_norm_bias": "post_attention_layernorm bias [H] (HParams.NORM 'layer')",
+    "norm_bias": "final norm bias [H] (HParams.NORM 'layer')",
+    "lm_head_bias": "output projection bias [V] (lm_head_bias)",
     # Granite-MoE-Shared
     "shared_gate_up": "shared expert gate+up projections, gate rows first [2*SI, H] (SI > 0)",
     # ERNIE 4.5 MoE
@@ -176,6 +183,9 @@ def shape(key: str, hp) -> tuple:
         "shared_gate": (SI, H), "shared_up": (SI, H), "shared_down": (H, SI),
         "shared_expert_gate": (1, H),
         "mlp_gate": (D, H), "mlp_up": (D, H), "mlp_down": (H, D),
+        "router_bias": (E,),        # DeepSeek-V3 / GLM-4-MoE
+        # PhiMoE
+        "attn_norm_bias": (H,), "ffn_norm_bias": (H,), "norm_bias": (H,), "lm_head_bias": (V,),
         "shared_gate_up": (2 * SI, H),      # Granite-MoE-Shared
         "moe_statics": (1, E),              # ERNIE 4.5 MoE
     }[key]
@@ -185,9 +195,13 @@ def present(key: str, hp, layer: int | None) -> bool:
     """Whether a model with ``hp`` has tensor ``key`` (in ``layer`` for per-layer keys), given
     that its family lists the key: biases with ``attention_bias``, q/k norms with ``qk_norm``,
     router and experts in ``moe_layers``, the shared expert there when its size is > 0, the
-    dense MLP elsewhere."""
+    dense MLP elsewhere, the router's correction bias with the router."""
     if key in _BIAS:
         return bool(hp.attention_bias)
+    if key in ("attn_norm_bias", "ffn_norm_bias", "norm_bias"):      # PhiMoE's LayerNorms
+        return getattr(hp, "NORM", "rms") == "layer"
+    if key == "lm_head_bias":                                          # PhiMoE
+        return bool(getattr(hp, "lm_head_bias", False))
     if key in ("attn_q_norm", "attn_k_norm"):
         return bool(hp.qk_norm)
     moe = layer is not None and layer in hp.moe_layers
@@ -195,7 +209,7 @@ def present(key: str, hp, layer: int | None) -> bool:
         return moe and hp.shared_expert_intermediate_size > 0
     if key in _DENSE:
         return layer is not None and not moe
-    if key == "router" or key in EXPERT_ROLES or key in STACKED_ROLES:
+    if key in ("router", "router_bias") or key in EXPERT_ROLES or key in STACKED_ROLES:
         return moe
     if key == "moe_statics":        # ERNIE 4.5 MoE
         return moe

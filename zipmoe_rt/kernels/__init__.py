@@ -1,8 +1,9 @@
 """Numba CPU kernels, the only place of the package that defines any: :mod:`.linear` (BF16
 GEMV/GEMM, embedding rows), :mod:`.swiglu` (fused SwiGLU experts), :mod:`.norm` (RMSNorm,
-residual add), :mod:`.attention` (q/k norm + RoPE + cache write, causal attention),
-:mod:`.routing` (top-k softmax routing) and :mod:`.planes` (bit-plane merge after the host-side
-Huffman decode). Model code reaches them through :mod:`zipmoe_rt.backends.numba_cpu`.
+LayerNorm, residual add), :mod:`.attention` (q/k norm + RoPE + cache write, causal attention),
+:mod:`.routing` (top-k softmax routing), :mod:`.sparsemixer` (PhiMoE's top-2 router) and
+:mod:`.planes` (bit-plane merge after the host-side Huffman decode). Model code reaches them
+through :mod:`zipmoe_rt.backends.numba_cpu`.
 
 Threading: the parallel kernels use Numba's default threading layer (OpenMP here) and must be
 called from one thread only. How idle OpenMP workers wait matters a lot on 2 cores:

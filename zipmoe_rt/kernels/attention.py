@@ -4,7 +4,8 @@ cache write fused in, then causal (optionally sliding-window) softmax attention.
 
 The math follows ``MixtralAttention`` / ``Qwen2MoeAttention`` / ``Qwen3MoeAttention`` /
 ``OlmoeAttention`` (transformers ``modeling_mixtral.py`` etc.) with ``eager_attention_forward``
-and ``apply_rotary_pos_emb`` (``rotate_half`` pairs ``i`` and ``i + head_dim/2``), in float32.
+and ``apply_rotary_pos_emb`` (``rotate_half`` pairs ``i`` and ``i + rot/2`` of the first ``rot``
+dimensions of a head, ``rot`` = ``head_dim`` or less with a partial rotary factor), in float32.
 
 Layouts: ``qkv`` float32 [T, (nq + 2 nkv) * hd] holds the q heads, then the k heads, then the v
 heads of each token (one fused projection). The cache of a layer is ``kc``, ``vc`` float32
@@ -46,7 +47,7 @@ def _qk_prepare(qkv, nq, nkv, hd, qn, kn, eps, cos, sin, kc, vc, pos0):
     """In place on qkv [T, (nq+2nkv)*hd] (q heads, k heads, v heads): q/k RMSNorm (when qn/kn
     are non-empty) and RoPE; then k, v written to the cache at positions pos0..pos0+T-1."""
     T = qkv.shape[0]
-    half = hd // 2
+    half = cos.shape[1]
     koff = nq * hd
     voff = koff + nkv * hd
     use_qn = qn.size > 0
@@ -84,7 +85,7 @@ def _qk_prepare_groups(qkv, nq, nkv, hd, qn, kn, eps, clip, cos, sin, kc, vc, po
     ``clip >= 0``, q, k and v clamped to [-clip, clip] after the norms; then RoPE and the
     cache write."""
     T = qkv.shape[0]
-    half = hd // 2
+    half = cos.shape[1]
     koff = nq * hd
     voff = koff + nkv * hd
     gq = qn.size
@@ -189,7 +190,9 @@ def rope_qk_cache(qkv: np.ndarray, nq: int, nkv: int, hd: int, q_norm: np.ndarra
         q_norm: float32 [hd] or [nq * hd] weights, or empty float32 [0] for none.
         k_norm: float32 [hd] or [nkv * hd] weights, or empty float32 [0] for none.
         eps: np.float32 RMSNorm epsilon.
-        cos, sin: float32 [T, hd / 2] (:meth:`zipmoe_rt.models.rope.RoPE.cos_sin`).
+        cos, sin: float32 [T, rot / 2] (:meth:`zipmoe_rt.models.rope.RoPE.cos_sin`): RoPE turns
+            the first ``rot <= hd`` dimensions of each head, pairs ``i`` and ``i + rot/2``
+            (``rot < hd``: partial rotary, ``modeling_glm4_moe.apply_rotary_pos_emb``).
         kc, vc: float32 [nkv, capacity, hd] with ``capacity >= pos0 + T``.  pos0: position of
             the first token.
         clip: None (no clamping) or a float >= 0.

@@ -1,15 +1,17 @@
-"""Numba CPU kernels for RMSNorm and the residual add of a decoder layer.
+"""Numba CPU kernels for the norms (RMSNorm, LayerNorm) and the residual add of a decoder layer.
 
 RMSNorm follows ``MixtralRMSNorm`` / ``Qwen2MoeRMSNorm`` / ``Qwen3MoeRMSNorm`` (transformers
 ``modeling_mixtral.py`` etc.) in float32: ``weight * (x * rsqrt(mean(x**2) + eps))``, the mean
-accumulated sequentially per row. Single-threaded (``nogil``): rows are short.
+accumulated sequentially per row. LayerNorm follows ``torch.nn.LayerNorm`` with weight and bias
+(``PhimoeDecoderLayer``'s norms, ``modeling_phimoe.py``). Single-threaded (``nogil``): rows are
+short.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-__all__ = ["rms_norm", "rms_norm_into", "add_inplace"]
+__all__ = ["rms_norm", "rms_norm_into", "layer_norm_into", "add_inplace"]
 
 _SER = dict(nogil=True, cache=True, fastmath=True)
 
@@ -61,3 +63,39 @@ def add_inplace(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a += b`` for float32 [T, n] arrays (the residual connection). Returns ``a``."""
     _add_inplace(a, b)
     return a
+
+
+# -- LayerNorm (PhiMoE) --------------------------------------------------------------------------
+
+
+@njit(**_SER)
+def _layernorm(x, w, b, eps, out):
+    T, n = x.shape
+    for t in range(T):
+        s = np.float32(0.0)
+        for j in range(n):
+            s += x[t, j]
+        mean = s / np.float32(n)
+        v = np.float32(0.0)
+        for j in range(n):
+            d = x[t, j] - mean
+            v += d * d
+        r = np.float32(1.0) / np.sqrt(v / np.float32(n) + eps)
+        for j in range(n):
+            out[t, j] = (x[t, j] - mean) * r * w[j] + b[j]
+
+
+def layer_norm_into(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps,
+                    out: np.ndarray) -> np.ndarray:
+    """LayerNorm as ``torch.nn.LayerNorm(n, eps, elementwise_affine=True)``:
+    ``out[t] = (x[t] - mean) / sqrt(var + eps) * w + b`` row by row, with the biased variance
+    (divided by ``n``), float32 (two passes: the mean, then the centred squares).
+
+    Args:
+        x: float32 [T, n], C-contiguous.  w, b: float32 [n].  eps: float (taken as float32).
+        out: float32 [T, n]; may not alias ``x``.
+    Returns:
+        ``out``.
+    """
+    _layernorm(x, w, b, np.float32(eps), out)
+    return out

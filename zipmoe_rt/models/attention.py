@@ -110,7 +110,8 @@ class Attention:
     def __call__(self, x, cache: KVCache, pos0: int, cos, sin):
         """x float32 [T, H] at positions pos0.. -> float32 [T, H]; writes k/v into this layer's
         ``cache`` at positions pos0.. (pending until the model commits; the cache must have
-        room: :meth:`KVCache.reserve`). cos, sin: float32 [T, hd/2] backend arrays."""
+        room: :meth:`KVCache.reserve`). cos, sin: float32 [T, rot/2] backend arrays (``rot``
+        rotary dimensions, ``hd`` unless the rope has a partial rotary factor)."""
         be = self.backend
         T = x.shape[0]
         qkv = be.linear(x, self.wqkv, self.bqkv)

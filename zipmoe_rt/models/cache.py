@@ -164,6 +164,10 @@ class ModelCache:
         layers: list of the layer caches (``cache[i]`` is layer ``i``'s).
         offset: tokens held (read-only; :meth:`commit` advances it after all layers ran, so an
             interrupted forward leaves the cache as it was).
+        token_ids: the ids of the tokens held, when every :meth:`commit` gave them (a model
+            whose RoPE has several regimes recomputes the sequence from them).
+        regime: the RoPE regime the held keys were rotated in
+            (:meth:`~zipmoe_rt.models.rope.RoPE.regime`; 0 for one-regime RoPE).
     Raises:
         ValueError: a layer cache that is not empty.
     """
@@ -173,6 +177,8 @@ class ModelCache:
         if any(lc.length for lc in self.layers):
             raise ValueError("ModelCache: layer caches must start empty")
         self._offset = 0
+        self._ids: list[int] | None = []
+        self.regime = 0
 
     @property
     def offset(self) -> int:
@@ -195,11 +201,27 @@ class ModelCache:
         for lc in self.layers:
             lc.reserve(n)
 
-    def commit(self, n: int) -> None:
-        """Count the ``n`` tokens the forward call wrote into every layer as held."""
+    def commit(self, n: int, ids=None) -> None:
+        """Count the ``n`` tokens the forward call wrote into every layer as held; ``ids``: their
+        token ids (int [n]), kept in :attr:`token_ids` (without them, it becomes None)."""
         for lc in self.layers:
             lc.commit(n)
         self._offset += int(n)
+        if ids is None or self._ids is None or len(ids) != int(n):
+            self._ids = None
+        else:
+            self._ids.extend(int(t) for t in ids)
+
+    @property
+    def token_ids(self) -> list[int] | None:
+        """Ids of the tokens held (a copy), or None when a commit came without them."""
+        return None if self._ids is None else list(self._ids)
+
+    def adopt(self, other: "ModelCache") -> None:
+        """Take ``other``'s layers, tokens, ids and regime (a sequence recomputed into a fresh
+        cache replaces this one's contents only once it is complete)."""
+        self.layers, self._offset = other.layers, other._offset
+        self._ids, self.regime = other._ids, other.regime
 
     def can_crop(self, n: int) -> bool:
         """Whether :meth:`crop` ``(n)`` would succeed: ``0 <= n <= offset`` and every layer can."""
@@ -221,6 +243,10 @@ class ModelCache:
         for lc in self.layers:
             lc.crop(n)
         self._offset = int(n)
+        if int(n) == 0:
+            self._ids = []
+        elif self._ids is not None:
+            del self._ids[int(n):]
 
     @property
     def nbytes(self) -> int:

@@ -1,6 +1,7 @@
 """The decoder skeleton shared by every family: the pre-norm residual layer and the causal LM
 over a weight source (the ``*ForCausalLM`` classes of transformers' ``modeling_mixtral.py``,
-``modeling_qwen2_moe.py``, ``modeling_qwen3_moe.py``, ``modeling_olmoe.py``). Hyper-parameters and tensor names come
+``modeling_qwen2_moe.py``, ``modeling_qwen3_moe.py``, ``modeling_olmoe.py``,
+``modeling_phimoe.py``). Hyper-parameters and tensor names come
 from the family's registry entry (:mod:`zipmoe_rt.families`); family modules subclass
 :class:`Model` and build each layer's feed-forward block; every array and compute op goes
 through the model's backend (:mod:`zipmoe_rt.backends`).
@@ -17,6 +18,33 @@ from .moe import MLP, ExpertExecutor, RouteHook
 from .rope import RoPE
 
 
+class Norm:
+    """A decoder norm: RMSNorm (``MixtralRMSNorm``, ``backend.rmsnorm``) or, with a ``bias``,
+    LayerNorm with weight and bias (``nn.LayerNorm`` of ``PhimoeDecoderLayer`` and
+    ``PhimoeModel.norm``, ``backend.layer_norm``).
+
+    Args:
+        weight: [n] (any float dtype / BF16 bits).  eps: epsilon (used as float32).
+        bias: None (RMSNorm) or [n] (LayerNorm).  backend: compute backend (default numba).
+    Raises:
+        ValueError: a bias of another size than the weight.
+    """
+
+    def __init__(self, weight, eps: float, bias=None, backend=None):
+        be = self.backend = get_backend(backend)
+        self.weight = be.from_host(to_f32(weight))
+        self.bias = None if bias is None else be.from_host(to_f32(bias))
+        if self.bias is not None and self.bias.shape != self.weight.shape:
+            raise ValueError(f"norm bias {self.bias.shape} and weight {self.weight.shape} differ")
+        self.eps = np.float32(eps)
+
+    def __call__(self, x, out=None):
+        """float32 [T, n] -> float32 [T, n] (``out`` when given; it may not alias ``x``)."""
+        if self.bias is None:
+            return self.backend.rmsnorm(x, self.weight, self.eps, out=out)
+        return self.backend.layer_norm(x, self.weight, self.bias, self.eps, out=out)
+
+
 class DecoderLayer:
     """Pre-norm residual layer (``MixtralDecoderLayer``):
     ``x += attn(input_layernorm(x)); x += mlp(post_attention_layernorm(x))``, each branch
@@ -26,17 +54,23 @@ class DecoderLayer:
     Args:
         attn: :class:`~zipmoe_rt.models.attention.Attention`.  mlp: a
             :class:`~zipmoe_rt.models.moe.SparseMoeBlock` or :class:`~zipmoe_rt.models.moe.MLP`
-            (any callable float32 [T, H] -> [T, H]).  input_norm, post_norm: [H] RMSNorm weights.
-        eps: RMSNorm epsilon.  backend: compute backend (default numba).
+            (any callable float32 [T, H] -> [T, H]).  input_norm, post_norm: [H] RMSNorm
+            weights, or :class:`Norm` objects (a LayerNorm for PhiMoE).
+        eps: RMSNorm epsilon (for weights).  backend: compute backend (default numba).
         residual_multiplier: the branch scale (1.0: none).
+    Attributes:
+        input_layernorm, post_attention_layernorm: the two :class:`Norm` objects.
+        input_norm, post_norm: their weights (float32 [H]).
     """
 
     def __init__(self, attn: Attention, mlp, input_norm, post_norm, eps: float, backend=None,
                  residual_multiplier: float = 1.0):
         be = self.backend = get_backend(backend)
         self.attn, self.mlp = attn, mlp
-        self.input_norm = be.from_host(to_f32(input_norm))
-        self.post_norm = be.from_host(to_f32(post_norm))
+        self.input_layernorm, self.post_attention_layernorm = (
+            n if isinstance(n, Norm) else Norm(n, eps, backend=be) for n in (input_norm, post_norm))
+        self.input_norm = self.input_layernorm.weight        # the weights, float32 [H]
+        self.post_norm = self.post_attention_layernorm.weight
         self.eps = np.float32(eps)
         self.residual_multiplier = float(residual_multiplier)
 
@@ -50,9 +84,9 @@ class DecoderLayer:
         """x float32 [T, H], updated in place and returned; ``cache`` is this layer's cache
         (:meth:`Attention.new_cache`)."""
         be = self.backend
-        h = be.rmsnorm(x, self.input_norm, self.eps)
+        h = self.input_layernorm(x)
         be.add_(x, self._branch(self.attn(h, cache, pos0, cos, sin)))
-        be.rmsnorm(x, self.post_norm, self.eps, out=h)
+        self.post_attention_layernorm(x, out=h)
         be.add_(x, self._branch(self.mlp(h)))
         return x
 
@@ -109,7 +143,7 @@ class Model:
         self.executor = executor if executor is not None else ExpertExecutor(source, be)
         self.route_hook: RouteHook | None = None
         a = self.args
-        self.rope = RoPE(a)
+        self.rope = self.build_rope()
         self.embed = be.from_host(np.ascontiguousarray(self.weight("embed")))
         # As transformers' tie_weights: a stored lm_head.weight is the head (tied or not: a
         # tied config whose stored head differs from the embedding is not tied); without one
@@ -122,7 +156,10 @@ class Model:
         else:
             raise KeyError(f"no tensor {head!r} in the weight source, and "
                            "tie_word_embeddings is false: the output head is missing")
-        self.norm = be.from_host(to_f32(self.weight("norm")))
+        self.final_norm = self.build_norm("norm")
+        self.norm = self.final_norm.weight
+        self.lm_head_bias = (be.from_host(to_f32(self.weight("lm_head_bias")))
+                             if self.has_weight("lm_head_bias") else None)
         self.moe_layers = set(a.moe_layers)
         self.layers = [self.build_layer(i) for i in range(a.num_hidden_layers)]
 
@@ -161,6 +198,22 @@ class Model:
                 return self.source.tensor(n)
         raise KeyError(f"none of {names} in the weight source")
 
+    def build_rope(self) -> RoPE:
+        """The rotary embedding (:class:`~zipmoe_rt.models.rope.RoPE` of the args; a family
+        whose rotary embedding differs passes its options)."""
+        return RoPE(self.args)
+
+    def build_norm(self, key: str, layer: int | None = None) -> Norm:
+        """Norm ``key`` (``attn_norm``, ``ffn_norm``, ``norm``) of ``layer``: RMSNorm, or a
+        LayerNorm with the bias ``<key>_bias`` when the family's ``HParams.NORM`` is
+        ``"layer"``; epsilon ``rms_norm_eps``.
+
+        Raises:
+            KeyError: the source lacks the weight or bias.
+        """
+        bias = self.weight(key + "_bias", layer) if self.args.NORM == "layer" else None
+        return Norm(self.weight(key, layer), self.args.rms_norm_eps, bias, self.backend)
+
     def build_attention(self, i: int, **options) -> Attention:
         """Attention of layer ``i``: q/k/v/o weights (``attn_q`` ... ``attn_o``), the biases
         the family lists and the source holds (``attn_q_bias`` ...; q/k/v biases looked up with
@@ -188,9 +241,9 @@ class Model:
 
     def build_layer(self, i: int) -> DecoderLayer:
         """Decoder layer ``i`` (attention, feed-forward block, both norms: ``attn_norm``,
-        ``ffn_norm``)."""
+        ``ffn_norm``, :meth:`build_norm`)."""
         return DecoderLayer(self.build_attention(i), self.build_mlp(i),
-                            self.weight("attn_norm", i), self.weight("ffn_norm", i),
+                            self.build_norm("attn_norm", i), self.build_norm("ffn_norm", i),
                             self.args.rms_norm_eps, self.backend,
                             getattr(self.args, "residual_multiplier", 1.0))
 
@@ -235,19 +288,25 @@ class Model:
         return x
 
     def logits(self, h):
-        """Final norm + lm_head: float32 [T, H] -> float32 [T, vocab] (backend arrays),
-        divided by ``logits_scaling`` where the family has one that is not 1."""
-        be = self.backend
-        hn = be.rmsnorm(h, self.norm, np.float32(self.args.rms_norm_eps))
-        out = be.linear(hn, self.lm_head)
+        """Final norm + lm_head (with its bias, when the family has ``lm_head_bias``):
+        float32 [T, H] -> float32 [T, vocab] (backend arrays), divided by ``logits_scaling``
+        where the family has one that is not 1."""
+        out = self.backend.linear(self.final_norm(h), self.lm_head, self.lm_head_bias)
         d = getattr(self.args, "logits_scaling", 1.0)
         if d != 1.0:
-            be.scale_(out, d, divide=True)
+            self.backend.scale_(out, d, divide=True)
         return out
 
     def forward(self, ids, cache: ModelCache, last_only: bool = True) -> np.ndarray:
         """Run tokens ``ids`` after the ``cache.offset`` tokens already in ``cache`` and append
         their keys/values (``cache.offset += T`` once every layer ran).
+
+        When the RoPE regime of the sequence's new length (:meth:`RoPE.regime
+        <zipmoe_rt.models.rope.RoPE.regime>`: longrope past ``original_max_position_embeddings``)
+        differs from the one the cached keys were rotated in, the whole sequence (the cache's
+        ``token_ids``, then ``ids``) is recomputed into a fresh cache that then replaces the
+        contents of ``cache``: the logits are those of a full recompute, as transformers'
+        ``PhimoeForCausalLM.prepare_inputs_for_generation`` drops its cache at the switch.
 
         Args:
             ids: int [T] token ids (T >= 1).
@@ -256,8 +315,8 @@ class Model:
         Returns:
             host float32 [vocab] (last_only) or [T, vocab] logits.
         Raises:
-            ValueError: empty ``ids``, or a cache of another layer count.  IndexError: an id
-            outside the vocabulary.
+            ValueError: empty ``ids``, a cache of another layer count, or a regime switch over a
+            cache whose token ids are unknown.  IndexError: an id outside the vocabulary.
         """
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         T = ids.shape[0]
@@ -266,14 +325,26 @@ class Model:
         if len(cache.layers) != len(self.layers):
             raise ValueError(f"forward: the cache has {len(cache.layers)} layers, the model "
                              f"{len(self.layers)}")
+        pos0 = cache.offset
+        regime = self.rope.regime(pos0 + T)
+        if pos0 and regime != cache.regime:
+            held = cache.token_ids
+            if held is None:
+                raise ValueError("forward: the RoPE regime changes at this length and the "
+                                 "cache's token ids are unknown: cannot recompute its keys")
+            fresh = self.new_cache(capacity=pos0 + T)
+            out = self.forward(np.concatenate([np.asarray(held, np.int64), ids]), fresh,
+                               last_only)
+            cache.adopt(fresh)
+            return out if last_only else out[pos0:]
         be = self.backend
         x = self.embed_tokens(ids)
-        pos0 = cache.offset
         cache.reserve(T)
         cos, sin = (be.from_host(a) for a in self.rope.cos_sin(pos0, T))
         for layer, layer_cache in zip(self.layers, cache.layers):
             layer(x, layer_cache, pos0, cos, sin)
-        cache.commit(T)
+        cache.commit(T, ids)
+        cache.regime = regime
         if last_only:
             return be.to_host(self.logits(x[T - 1:]))[0]
         return be.to_host(self.logits(x))

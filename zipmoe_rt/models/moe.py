@@ -4,8 +4,10 @@ experts (:func:`accumulate_experts`), shared by :class:`ExpertExecutor` and the 
 (:class:`zipmoe_rt.engine.pipeline.ExpertEngine`) so both sum in the same order, bit for bit.
 
 The math follows transformers' ``MixtralSparseMoeBlock`` / ``MixtralExperts``
-(``modeling_mixtral.py``), ``Qwen2MoeSparseMoeBlock`` / ``Qwen2MoeMLP`` (``modeling_qwen2_moe.py``)
-and ``Qwen3MoeSparseMoeBlock`` (``modeling_qwen3_moe.py``), in float32 on the model's backend.
+(``modeling_mixtral.py``), ``Qwen2MoeSparseMoeBlock`` / ``Qwen2MoeMLP`` (``modeling_qwen2_moe.py``),
+``Qwen3MoeSparseMoeBlock`` (``modeling_qwen3_moe.py``) and ``DeepseekV3MoE`` (the shared experts
+added without a gate; ``modeling_deepseek_v3.py``), in float32 on the model's backend; the
+routing rules are in :mod:`zipmoe_rt.models.routing`.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from ..backends import get_backend, to_f32
+from .routing import Router, RoutingRule
 
 
 class MLP:
@@ -146,64 +149,82 @@ RouteHook = Callable[[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None
 
 class SparseMoeBlock:
     """Sparse MoE feed-forward (``MixtralSparseMoeBlock`` / ``Qwen2MoeSparseMoeBlock`` /
-    ``Qwen3MoeSparseMoeBlock``): float32 router logits ``x @ gate.T``, top-k routing
-    (``backend.route``), the routed experts through ``model.executor``, plus an optional shared
-    expert scaled by ``sigmoid(x @ shared_expert_gate.T)`` (Qwen2-MoE) or, without
-    ``shared_gate``, added as it is (``GraniteMoeSharedDecoderLayer``,
-    ``Ernie4_5_MoeSparseMoeBlock``).
+    ``Qwen3MoeSparseMoeBlock`` / ``DeepseekV3MoE`` / ``Glm4MoeMoE``): the layer's
+    :class:`~zipmoe_rt.models.routing.Router` (float32 router logits ``x @ gate.T``, then the
+    routing rule), the routed experts through ``model.executor``, plus an optional shared
+    expert, scaled by ``sigmoid(x @ shared_expert_gate.T)`` when there is such a gate
+    (Qwen2-MoE), added as it is otherwise (``DeepseekV3MoE``: ``experts(x) + shared_experts(x)``).
 
     Args:
         model: the owning :class:`~zipmoe_rt.models.model.Model` (its ``backend`` is read once;
             its ``executor`` and ``route_hook`` per call, so they can be swapped after
             construction).
         layer: index.  gate: router weight [E, H].  top_k: experts per token.
-        renorm: norm_topk_prob.  shared: optional :class:`MLP`.  shared_gate: optional [1, H]
-            (None with a ``shared``: the shared expert's output is added ungated).
+        renorm: norm_topk_prob.  shared: optional :class:`MLP`.  shared_gate: optional [1, H].
+        rule: optional :class:`~zipmoe_rt.models.routing.RoutingRule` (scoring, groups, scale);
+            default softmax top-k with ``top_k`` and ``renorm`` (which must then agree with it).
+        bias: optional [E] choice bias of the router (``e_score_correction_bias``).
+    Raises:
+        ValueError: a rule whose top_k / renorm disagree with the arguments, or one that cannot
+            route this many experts.
     """
 
-    def __init__(self, model, layer, gate, top_k, renorm, shared=None, shared_gate=None):
+    def __init__(self, model, layer, gate, top_k, renorm, shared=None, shared_gate=None,
+                 rule: RoutingRule | None = None, bias=None):
         self.model, self.layer = model, layer
         be = self.backend = model.backend
-        self.gate = be.from_host(np.ascontiguousarray(gate))
-        self.top_k, self.renorm = int(top_k), bool(renorm)
+        if rule is None:
+            rule = RoutingRule(int(top_k), bool(renorm))
+        elif (rule.top_k, rule.renorm) != (int(top_k), bool(renorm)):
+            raise ValueError(f"layer {layer}: routing rule {rule} disagrees with top_k {top_k}, "
+                             f"renorm {renorm}")
+        self.router = Router(gate, rule, bias, be)
+        self.gate = self.router.weight
+        self.top_k, self.renorm = rule.top_k, rule.renorm
         self.shared = shared
         self.shared_gate = None if shared_gate is None else be.from_host(
             np.ascontiguousarray(shared_gate))
 
     def router_logits(self, x):
         """float32 [T, E] router logits for x float32 [T, H] (usable for look-ahead)."""
-        return self.backend.linear(x, self.gate)
+        return self.router.logits(x)
+
+    def select(self, logits) -> tuple[np.ndarray, np.ndarray]:
+        """Routing decisions for float32 [T, E] router logits: host (topk_idx int64 [T, k],
+        topk_w float32 [T, k]); here the router's rule (:meth:`Router.select`). A block with a
+        router of its own (PhiMoE's sparsemixer) overrides it."""
+        return self.router.select(logits)
+
+    def route(self, x):
+        """The routing decision for x float32 [T, H]: (logits float32 [T, E], host topk_idx
+        int64 [T, k], host topk_w float32 [T, k]), as :meth:`__call__` computes it."""
+        logits = self.router_logits(x)
+        idx, w = self.select(logits)
+        return logits, idx, w
 
     def __call__(self, x):
         """x float32 [T, H] -> float32 [T, H]."""
         be = self.backend
-        logits = self.router_logits(x)
-        idx, w = self.route(logits)
+        logits, idx, w = self.route(x)
         hook = self.model.route_hook
         if hook is not None:
             hook(self.layer, x, logits, idx, w)
         y = self.model.executor.run(self.layer, x, idx, w)
-        if self.shared is not None and self.shared_gate is None:    # ungated (Granite, ERNIE)
-            be.add_(y, self.shared(x))
-        elif self.shared is not None:
+        if self.shared is not None:
             s = self.shared(x)
-            g = be.linear(x, self.shared_gate)
-            be.sigmoid_gate_add_(y, g, s)
+            if self.shared_gate is None:
+                be.add_(y, s)
+            else:
+                be.sigmoid_gate_add_(y, be.linear(x, self.shared_gate), s)
         return y
-
-    def route(self, logits):
-        """Routing decisions for float32 [T, E] router logits: host (topk_idx int64 [T, k],
-        topk_w float32 [T, k]) (``backend.route``: softmax top-k, renormalised when
-        ``renorm``)."""
-        return self.backend.route(logits, self.top_k, self.renorm)
 
 
 # -- ERNIE 4.5 MoE ----------------------------------------------------------------------------
 
 class ChoiceBiasMoeBlock(SparseMoeBlock):
-    """:class:`SparseMoeBlock` whose router biases the choice of experts only
-    (``Ernie4_5_MoeTopKRouter``, ``modeling_ernie4_5_moe.py``): softmax over all experts, the
-    top-k of ``p + bias``, weights ``p`` divided by ``max(sum, norm_min)``
+    """:class:`SparseMoeBlock` with ERNIE 4.5's router (``Ernie4_5_MoeTopKRouter``,
+    ``modeling_ernie4_5_moe.py``): softmax over all experts ``p``, the top-k of ``p + bias``
+    (the bias for the choice only), weights ``p`` divided by ``max(sum, norm_min)``
     (``backend.route_choice_bias``). Shared experts are added ungated.
 
     Args:
@@ -221,9 +242,10 @@ class ChoiceBiasMoeBlock(SparseMoeBlock):
         if b.size != self.gate.shape[0]:
             raise ValueError(f"layer {layer}: the choice bias has {b.size} values for "
                              f"{self.gate.shape[0]} experts")
-        self.bias = self.backend.from_host(b)
+        self.choice_bias = self.backend.from_host(b)
         self.norm_min = float(norm_min)
 
-    def route(self, logits):
-        """See :meth:`SparseMoeBlock.route` (``backend.route_choice_bias``)."""
-        return self.backend.route_choice_bias(logits, self.top_k, self.bias, self.norm_min)
+    def select(self, logits):
+        """See :meth:`SparseMoeBlock.select` (``backend.route_choice_bias``)."""
+        return self.backend.route_choice_bias(logits, self.top_k, self.choice_bias,
+                                              self.norm_min)
