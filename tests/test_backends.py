@@ -42,10 +42,11 @@ def _weight(rng, shape, kind):
 
 
 def test_get_backend_names_and_errors():
-    assert NB.name == "numba" and NP.name == "numpy" and set(BACKENDS) == {"numba", "numpy"}
+    assert NB.name == "numba" and NP.name == "numpy"
+    assert set(BACKENDS) == {"numba", "numpy", "cuda"}
     assert get_backend() is NB and get_backend("numba") is NB and get_backend(NP) is NP
     assert isinstance(NB, Backend) and isinstance(NP, Backend)
-    with pytest.raises(ValueError, match="unknown backend 'cupy'; known: numba, numpy"):
+    with pytest.raises(ValueError, match="unknown backend 'cupy'; known: cuda, numba, numpy"):
         get_backend("cupy")
     with pytest.raises(TypeError):
         get_backend(3)

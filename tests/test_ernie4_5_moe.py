@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from zipmoe_rt.backends import get_backend  # noqa: E402
+from zipmoe_rt.backends import cuda_unavailable, get_backend  # noqa: E402
 from zipmoe_rt.families import ConfigError, get_architecture  # noqa: E402
 from zipmoe_rt.families.ernie4_5_moe import Ernie45MoeHParams  # noqa: E402
 from zipmoe_rt.models import build_model  # noqa: E402
@@ -26,6 +26,8 @@ from zipmoe_rt.models.weights import CheckpointSource  # noqa: E402
 from tiny_models import SPECS, load_hf  # noqa: E402
 
 PROMPT = np.random.default_rng(5).integers(0, 256, 14)
+#: the backends here: the CPU ones, and the CUDA one where CuPy sees a GPU
+BACKENDS = ["numba", "numpy"] + ([] if cuda_unavailable() else ["cuda"])
 TOL = 1e-3
 
 
@@ -58,7 +60,7 @@ def _torch_router(logits, bias, k, norm_min):
 @pytest.mark.parametrize("norm_min", [1e-12, 0.9])
 @pytest.mark.parametrize("E,k", [(8, 2), (64, 6), (5, 5)])
 def test_route_choice_bias_op(E, k, norm_min):
-    """Both backends give transformers' choice and weights; the bias changes the choice of
+    """Every backend here gives transformers' choice and weights; the bias changes the choice of
     some tokens; a norm_min above the sum clamps it (weights sum to sum / norm_min)."""
     rng = np.random.default_rng(E * 10 + k)
     logits = rng.standard_normal((40, E)).astype(np.float32)
@@ -67,8 +69,9 @@ def test_route_choice_bias_op(E, k, norm_min):
     plain = _torch_router(torch.from_numpy(logits), torch.zeros(E), k, norm_min)[0]
     if k < E:
         assert (np.sort(sel.numpy(), 1) != np.sort(plain.numpy(), 1)).any()
-    for name in ("numba", "numpy"):
-        idx, got = get_backend(name).route_choice_bias(logits, k, bias, norm_min)
+    for name in BACKENDS:
+        be = get_backend(name)
+        idx, got = be.route_choice_bias(be.from_host(logits), k, be.from_host(bias), norm_min)
         assert idx.dtype == np.int64 and got.dtype == np.float32 and idx.shape == (40, k)
         np.testing.assert_array_equal(np.sort(idx, 1), np.sort(sel.numpy(), 1))
         order = np.argsort(idx, 1)
@@ -80,14 +83,15 @@ def test_route_choice_bias_op(E, k, norm_min):
         else:
             np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-6)
         with pytest.raises(ValueError, match="3 bias values for"):
-            get_backend(name).route_choice_bias(logits, k, bias[:3], norm_min)
+            be.route_choice_bias(be.from_host(logits), k, be.from_host(bias[:3]), norm_min)
 
 
 def test_route_choice_bias_ties_lowest_index_first():
     logits = np.zeros((2, 6), np.float32)
     bias = np.array([0, 0.1, 0, 0.1, 0, 0], np.float32)
-    for name in ("numba", "numpy"):
-        idx, w = get_backend(name).route_choice_bias(logits, 3, bias, 1e-12)
+    for name in BACKENDS:
+        be = get_backend(name)
+        idx, w = be.route_choice_bias(be.from_host(logits), 3, be.from_host(bias), 1e-12)
         assert idx.tolist() == [[1, 3, 0], [1, 3, 0]]
         np.testing.assert_allclose(w, 1 / 3, rtol=1e-6)
 

@@ -203,8 +203,12 @@ def test_container_keeps_the_f32_bias_and_runs_the_same(tiny_moe_dir, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = convert(src, tmp_path / "g.zmoe", progress=False)
+    from test_metadata_keys import spec_table
+
     with zmoe.ZmoeReader(out) as r:
         meta = r.metadata
+        table = spec_table()
+        assert {k: r.metadata_types[k] for k in meta} == {k: table[k] for k in meta}
         rec = r.tensors[BIAS.format(i=1)]
         stored = np.array(r.read_tensor(BIAS.format(i=1)))
     assert (meta["hparams.routed_scaling_factor"], meta["hparams.n_group"],

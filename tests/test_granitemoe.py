@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from zipmoe_rt.backends import get_backend  # noqa: E402
+from zipmoe_rt.backends import cuda_unavailable, get_backend  # noqa: E402
 from zipmoe_rt.families import ConfigError, get_architecture  # noqa: E402
 from zipmoe_rt.models import build_model  # noqa: E402
 from zipmoe_rt.models.weights import CheckpointSource  # noqa: E402
@@ -23,6 +23,8 @@ from zipmoe_rt.models.weights import CheckpointSource  # noqa: E402
 from tiny_models import SPECS, load_hf  # noqa: E402
 
 PROMPT = np.random.default_rng(3).integers(0, 256, 14)
+#: the backends here: the CPU ones, and the CUDA one where CuPy sees a GPU
+BACKENDS = ["numba", "numpy"] + ([] if cuda_unavailable() else ["cuda"])
 TOL = 1e-3
 
 
@@ -190,14 +192,16 @@ def test_config_rules():
 
 @pytest.mark.parametrize("divide", [False, True])
 def test_scale_op_both_backends(divide):
-    """Backend.scale_: one float32 multiplication (division) per element, as torch's."""
+    """Backend.scale_ on every backend here: one float32 multiplication (division) per
+    element, as torch's."""
     x = np.random.default_rng(2).standard_normal((7, 33)).astype(np.float32)
     s = 0.22
     want = (torch.from_numpy(x) / s if divide else torch.from_numpy(x) * s).numpy()
-    for name in ("numba", "numpy"):
-        y = x.copy()
-        assert get_backend(name).scale_(y, s, divide=divide) is y
-        np.testing.assert_array_equal(y, want)
+    for name in BACKENDS:
+        be = get_backend(name)
+        y = be.from_host(x.copy())
+        assert be.scale_(y, s, divide=divide) is y
+        np.testing.assert_array_equal(be.to_host(y), want)
 
 
 def test_stored_hparams_are_checked_against_the_stacked_shapes(tiny_moe_dir, tmp_path):

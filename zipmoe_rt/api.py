@@ -72,7 +72,7 @@ def parse_size(text, source=None) -> int:
 def load(path: str | Path | None = None, *, verify: bool = True, progress: bool = True,
          memory_budget=None, policy: str = "auto", eviction: str = "lru",
          workers: int | None = None, direct: bool = False, trace=None,
-         io_depth: int | None = None) -> "Model":
+         io_depth: int | None = None, device: str = "cpu") -> "Model":
     """Load a ``.zmoe`` model (or the bundled default model when ``path`` is None).
 
     Args:
@@ -90,6 +90,11 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         io_depth: expert-region reads in flight at once (default
             :data:`~zipmoe_rt.engine.io.IO_DEPTH`; 1 = one I/O thread).
         trace: activation trace file (default ``MODEL.trace.json``).
+        device: ``cpu`` (Numba kernels), ``cuda`` (the CuPy backend on the GPU: dense weights,
+            KV cache and compute there; unbudgeted, every expert is uploaded once and stays on
+            the GPU; under a budget the engine still reads and decodes on the CPU and each
+            decoded expert is uploaded when used), or ``auto`` (cuda when CuPy imports and sees
+            a GPU, else cpu with one :class:`~zipmoe_rt.backends.DeviceWarning`).
 
     Returns:
         a :class:`Model`.
@@ -97,7 +102,10 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     Raises:
         FileNotFoundError: no such file.
         zmoe.ZmoeError: not a ``.zmoe``, corrupt, truncated, or from a newer format version.
-        ValueError: an architecture this runtime does not run, or a file without a tokenizer.
+        ValueError: an architecture this runtime does not run, a file without a tokenizer, or
+            a ``device`` other than auto, cpu, cuda.
+        zipmoe_rt.backends.DeviceError: ``device="cuda"`` without CuPy or a GPU (the message
+            names the option and the extra to install).
         zipmoe_rt.engine.io.ModelFileError: the file was replaced or changed while loading, or
             a read failed (EIO). Later, the calls of the :class:`Model` raise it when the file
             is changed in place under them (see :class:`Model` for what is guaranteed).
@@ -107,9 +115,11 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             calibration (``MODEL.calib.json``) from another version, the other read mode
             (``direct``), another ``io_depth`` or another machine; the plan uses it anyway.
     """
+    from .backends import get_backend, resolve_device
     from .engine.factory import build_engine
     from .engine.store import ZmoeSource
     from .models import build_model
+    from .models.moe import ExpertExecutor
 
     path = Path(path) if path is not None else ensure_default_model(progress=progress)
     if not path.exists():
@@ -118,12 +128,17 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         raise ValueError(f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} "
                          f"-o model.zmoe`")
     budgeted = memory_budget is not None
+    backend = get_backend(resolve_device(device, "device (--device)"))
+    on_host = backend.name != "cuda"
     from .engine.io import check_io_depth
     check_io_depth(io_depth)   # also unbudgeted: a bad value is an error, not ignored
     from . import kernels
     if kernels.USER_WAIT_POLICY is None:  # see zipmoe_rt/kernels/__init__.py
         kernels.set_wait_policy("passive" if budgeted else "active")
-    source = ZmoeSource(path, verify=verify, keep_experts=not budgeted, copy_dense=budgeted)
+    # on the GPU the device holds the dense weights and (unbudgeted) the experts: the source
+    # keeps no host copies of its own
+    source = ZmoeSource(path, verify=verify, keep_experts=not budgeted and on_host,
+                        copy_dense=budgeted or not on_host)
     engine = None
     try:
         tok = tokenizer_from_source(source)
@@ -131,9 +146,14 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         source.metadata.pop(Keys.Tokenizer.JSON, None)
         if budgeted:
             engine = build_engine(source, parse_size(memory_budget, source), policy, eviction,
-                                  workers, direct, trace, verify, io_depth, warn_stacklevel=2)
+                                  workers, direct, trace, verify, io_depth, warn_stacklevel=2,
+                                  backend=backend)
             _check_same_file(source, engine.reader)
-        model = Model(source, build_model(source, executor=engine), tok, path, engine)
+            executor = engine
+        else:
+            executor = ExpertExecutor(backend.resident_experts(source), backend)
+        model = Model(source, build_model(source, executor=executor, backend=backend), tok, path,
+                      engine)
         if budgeted:
             _release_load_memory(source)
         return model
@@ -326,7 +346,18 @@ class Model:
     def memory_report(self) -> dict:
         """Bytes held for weights by kind: ``dense`` and ``experts`` (unbudgeted), or
         ``dense``, tiers ``F``/``C``/``S``/``E``, the working set and the budget."""
-        return self.engine.memory_report() if self.engine else self.source.memory_report()
+        if self.engine:
+            return self.engine.memory_report()
+        rep = self.source.memory_report()
+        held = getattr(getattr(self.net, "executor", None), "source", self.source)
+        if held is not self.source and hasattr(held, "nbytes"):
+            rep["experts"] = held.nbytes        # experts resident on the GPU
+        return rep
+
+    @property
+    def device(self) -> str:
+        """``"cuda"`` when the model computes on the GPU, else ``"cpu"``."""
+        return "cuda" if self.net is not None and self.net.backend.name == "cuda" else "cpu"
 
     def close(self):
         """Release the model file and the weights (waits for a token step in progress in

@@ -60,7 +60,7 @@ def raw_companion(model_path, progress: bool = False) -> Path:
 
 
 def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, eviction, trace,
-               io_depth=None):
+               io_depth=None, device="cpu"):
     """One benchmark configuration in this process: load the model with these options, warm the
     JIT up, then ``reps`` timed runs, each after evicting the model file from the page cache and
     resetting the peak RSS.
@@ -68,7 +68,8 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
     Args:
         model_path: the ``.zmoe`` file.
         budget: memory budget in bytes, or None (unbudgeted).
-        policy, workers, direct, eviction, trace, io_depth: as for :func:`zipmoe_rt.api.load`.
+        policy, workers, direct, eviction, trace, io_depth, device: as for
+            :func:`zipmoe_rt.api.load`.
         pp: prompt tokens of the prefill run (one forward pass); 0 skips it.
         tg: tokens of the decode run (greedy, EOS ignored); 0 skips it.
         reps: timed repetitions.
@@ -80,7 +81,7 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
     """
     from .api import load
     m = load(model_path, memory_budget=budget, policy=policy, workers=workers, direct=direct,
-             io_depth=io_depth,
+             io_depth=io_depth, device=device,
              eviction=eviction, trace=trace, progress=False)
     net, eng = m.net, m.engine
     ids_pp = prompt_ids(m.tokenizer, pp)
@@ -209,8 +210,10 @@ def _ms(a):
 
 def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 3,
         workers: int | None = None, direct: bool = False, eviction: str = "lru",
-        raw_model=None, trace=None, log=print, io_depth: int | None = None) -> dict:
+        raw_model=None, trace=None, log=print, io_depth: int | None = None,
+        device: str = "cpu") -> dict:
     """Benchmark every (budget, policy) pair; returns the JSON-able result (rows + environment).
+    ``device``: ``cpu`` or ``cuda`` (as for :func:`zipmoe_rt.api.load`).
 
     ``budgets``: sizes as accepted by :func:`zipmoe_rt.api.parse_size` (``None`` = unbudgeted,
     every expert decoded in memory). ``policies``: ``zipmoe``, ``zip-lru``, ``raw-lru``.
@@ -242,7 +245,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
             log(f"bench: budget {b} ({(nbytes or 0) / 1e6:.0f} MB), policy {pol} ...")
             runs, mem = _in_subprocess(str(path), nbytes, pol if b is not None else "auto", pp,
                                        tg, reps, workers, direct, eviction,
-                                       str(trace) if trace else None, io_depth)
+                                       str(trace) if trace else None, io_depth, device)
             row = {"budget": b, "budget_bytes": nbytes, "policy": pol, "runs": runs,
                    "memory": mem}
             if pp:
@@ -275,7 +278,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     env = {"model": str(model_path), "baseline_rss": baseline_rss(model_path), "name": src.metadata.get(Keys.General.NAME),
            "experts": hp["num_experts"], "top_k": hp["num_experts_per_tok"],
            "cpus": os.cpu_count(), "workers": workers or os.cpu_count(), "direct": direct,
-           "io_depth": check_io_depth(io_depth),
+           "io_depth": check_io_depth(io_depth), "device": device,
            "eviction": eviction, "pp": pp, "tg": tg, "reps": reps, "machine": platform.node(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit,
            "file_bytes": Path(model_path).stat().st_size}

@@ -84,7 +84,8 @@ def _sigterm_as_interrupt():
 
 def _plain_calibration_warnings():
     """Show a :class:`~zipmoe_rt.engine.profile.CalibrationWarning`,
-    :class:`~zipmoe_rt.convert.converter.ConversionWarning` or
+    :class:`~zipmoe_rt.convert.converter.ConversionWarning`,
+    :class:`~zipmoe_rt.backends.DeviceWarning` or
     :class:`~zipmoe_rt.convert.atomic.StaleTemporaryWarning` as one ``zipmoe-rt: warning: ...``
     line on stderr (not Python's ``file:line: Category:`` form); other warnings as before."""
     import warnings
@@ -96,8 +97,10 @@ def _plain_calibration_warnings():
     def show(message, category, filename, lineno, file=None, line=None):
         from .convert.atomic import StaleTemporaryWarning
         from .convert.converter import ConversionWarning
+        from .backends import DeviceWarning
         from .engine.profile import CalibrationWarning
-        if issubclass(category, (CalibrationWarning, ConversionWarning, StaleTemporaryWarning)):
+        if issubclass(category, (CalibrationWarning, ConversionWarning, StaleTemporaryWarning,
+                                 DeviceWarning)):
             click.echo(f"zipmoe-rt: warning: {message}", err=True)
         else:
             previous(message, category, filename, lineno, file, line)
@@ -137,6 +140,12 @@ ENGINE_OPTIONS = [
     click.option("--io-depth", type=click.IntRange(min=1), default=None,
                  help="expert reads in flight at once [default: 4; 1 = one I/O thread]"),
 ]
+
+DEVICE_OPTION = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+    help="where to compute: cuda = NVIDIA GPU through CuPy (pip install 'zipmoe-rt[cuda]'); "
+         "auto = cuda when CuPy sees a GPU, else cpu")
+ENGINE_OPTIONS.append(DEVICE_OPTION)
 
 
 def engine_options(fn):
@@ -179,7 +188,7 @@ def _load(model, kw):
     from .api import load
     return load(model, verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
                 policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
-                direct=kw["direct"], io_depth=kw["io_depth"])
+                direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"])
 
 
 def _stats_line(st) -> str:
@@ -305,7 +314,19 @@ def _session_stats(m, session) -> str:
              f"tokens in the KV cache"]
     mem = m.memory_report()
     lines.append("memory: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in mem.items()))
+    lines.append(_kv_stats(m, session.state.cache))
     return "\n".join(lines)
+
+
+def _kv_stats(m, cache) -> str:
+    """The KV cache line of ``/stats``: bytes per token (the family's
+    ``HParams.kv_values_per_token`` values of :data:`~zipmoe_rt.models.cache.KV_DTYPE`), the
+    bytes its tokens use and the bytes it has allocated."""
+    from .models.cache import KV_DTYPE
+    per_token = m.net.args.kv_values_per_token() * np.dtype(KV_DTYPE).itemsize
+    return (f"KV cache: {per_token:,d} bytes per token, {cache.offset} tokens = "
+            f"{cache.offset * per_token / 1e6:.3f} MB in use, {cache.nbytes / 1e6:.3f} MB "
+            f"allocated")
 
 
 @main.command()
@@ -343,15 +364,18 @@ def profile(model, prompts, max_tokens, raw, output, quiet, **kw):
 @click.option("--direct", is_flag=True, help="time O_DIRECT reads")
 @click.option("--io-depth", type=click.IntRange(min=1), default=None,
               help="reads in flight, as the runs that use it [default: 4]")
+@DEVICE_OPTION
 @friendly_errors
-def calibrate(model, samples, direct, io_depth):
+def calibrate(model, samples, direct, io_depth, device):
     """Measure this machine's planner constants on MODEL (cold SM/exponent reads, decode, matmul)."""
     import json
 
     from .engine import profile as prof
     from .engine.store import ZmoeSource
     src = ZmoeSource(model)
-    cal = prof.calibrate(src, samples=samples, direct=direct, io_depth=io_depth)
+    from .backends import get_backend, resolve_device
+    backend = get_backend(resolve_device(device))
+    cal = prof.calibrate(src, samples=samples, direct=direct, io_depth=io_depth, backend=backend)
     out = prof.sidecar(model, prof.CALIB_SUFFIX)
     out.write_text(json.dumps(cal, indent=2))
     click.echo(f"wrote {out}")
@@ -387,9 +411,10 @@ def calibrate(model, samples, direct, io_depth):
               help="activation trace for zipmoe [default: MODEL.trace.json]")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="write the full results as JSON here")
+@DEVICE_OPTION
 @friendly_errors
 def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
-          io_depth, raw_model, trace, json_out):
+          io_depth, raw_model, trace, json_out, device):
     """Benchmark prefill/decode tokens/s under memory budgets, all policies in one run.
 
     Prints a llama-bench-style table (mean ± sd over repetitions, TTFT, TPOT, hits per tier,
@@ -398,6 +423,8 @@ def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, work
     """
     from . import bench as B
     from .default_model import ensure_default_model
+    from .backends import resolve_device
+    device = "cuda" if resolve_device(device) == "cuda" else "cpu"   # once, here (one notice)
     model = model or ensure_default_model()
     bl = [None if b.lower() == "none" else b for b in (budgets or ("25%",))]
     policies = list(policies or ("raw-lru", "zip-lru", "zipmoe"))
@@ -409,7 +436,7 @@ def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, work
     res = B.run(model, bl, policies, pp=n_prompt,
                 tg=n_gen, reps=repetitions, workers=workers, direct=direct, eviction=eviction,
                 raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True),
-                io_depth=io_depth)
+                io_depth=io_depth, device=device)
     click.echo(B.table(res))
     if json_out:
         B.save(res, json_out)
@@ -417,6 +444,7 @@ def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, work
 
 
 from . import cli_format  # noqa: E402,F401  (registers convert, export, verify, inspect on main)
+from . import cli_eval  # noqa: E402,F401  (registers plan, perplexity on main)
 
 if __name__ == "__main__":   # python -m zipmoe_rt.cli: the group the verb modules registered on
     from zipmoe_rt.cli import main as registered_main

@@ -48,8 +48,9 @@ def check_choice_bias(bias, E: int) -> None:
     Raises:
         ValueError: not E values.
     """
-    if np.size(bias) != E:
-        raise ValueError(f"route_choice_bias: {np.size(bias)} bias values for {E} experts")
+    n = int(bias.size) if hasattr(bias, "size") else np.size(bias)    # device arrays too
+    if n != E:
+        raise ValueError(f"route_choice_bias: {n} bias values for {E} experts")
 
 
 def check_qk_norm(q_size: int, k_size: int, nq: int, nkv: int, hd: int, clip=None,
@@ -398,6 +399,22 @@ class Backend:
             ValueError: ``bias`` not of E values.
         """
         raise NotImplementedError
+
+    # -- device ------------------------------------------------------------------------------
+
+    def synchronize(self) -> None:
+        """Wait until every op queued so far has finished (a no-op on the host backends, whose
+        ops run synchronously); for timing."""
+
+    def resident_experts(self, source):
+        """``source`` as the model's default executor should read it on this backend: host
+        backends use the source's arrays as they are (returned unchanged); a device backend
+        returns a wrapper that keeps each expert on the device after its first use.
+
+        Args:
+            source: a :class:`~zipmoe_rt.models.weights.WeightSource`.
+        """
+        return source
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name!r}>"

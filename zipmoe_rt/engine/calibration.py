@@ -40,7 +40,7 @@ class CalibrationWarning(UserWarning):
 
 
 def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
-              io_depth: int | None = None) -> dict:
+              io_depth: int | None = None, backend=None) -> dict:
     """Measure the delay-model constants on this machine for this model (medians, seconds).
 
     Reads ``samples`` random experts' regions from a cold page cache, decodes them on one
@@ -60,6 +60,10 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
     (whether reads were timed with O_DIRECT), ``io_depth``, ``machine`` (``platform.node()``)
     and ``cpus`` (``os.cpu_count()``), which :func:`calibration_mismatch` compares with the run
     that uses it.
+
+    ``backend`` (default numba) is the compute backend the matmul is timed on (``--device``;
+    a device backend uploads the decoded expert, as a budgeted run does, and the time includes
+    the upload and a synchronisation).
 
     Raises:
         ValueError: ``io_depth`` below 1.
@@ -98,14 +102,17 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
         io_speedup = max(1.0, (sum(sm_t) + sum(exp_t)) / max(wall, 1e-9))
     rr.close()
     dctx = zstd.ZstdDecompressor()
-    x = np.random.default_rng(1).standard_normal(source.hparams["hidden_size"]).astype(np.float32)
+    be = get_backend(backend)
+    x = be.from_host(np.random.default_rng(1).standard_normal(
+        source.hparams["hidden_size"]).astype(np.float32))
     for rep in range(2):
         for lay, sm, exp in bufs:
             t0 = time.perf_counter()
             w = L_.decode_expert(source.path, lay, sm, exp, dctx)
             t1 = time.perf_counter()
-            out = np.zeros_like(x)
-            get_backend("numba").experts_token(out, x, [w], np.ones(1, np.float32))
+            out = be.zeros(x.shape)
+            be.experts_token(out, x, [w], np.ones(1, np.float32))
+            be.synchronize()
             t2 = time.perf_counter()
             if rep:  # first pass warms the JIT
                 dec_t.append(t1 - t0)

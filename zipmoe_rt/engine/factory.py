@@ -12,7 +12,7 @@ from .pipeline import ExpertEngine, budget_split
 
 
 def build_engine(source, budget, policy, eviction, workers, direct, trace, verify,
-                 io_depth=None, *, warn_stacklevel: int = 1) -> ExpertEngine:
+                 io_depth=None, *, warn_stacklevel: int = 1, backend=None) -> ExpertEngine:
     """The :class:`~zipmoe_rt.engine.pipeline.ExpertEngine` that runs ``source``'s experts
     within ``budget`` bytes.
 
@@ -39,6 +39,8 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
         io_depth: expert-region reads in flight (None = :data:`~zipmoe_rt.engine.io.IO_DEPTH`).
         warn_stacklevel: as for :func:`warnings.warn`, counted from the caller of this
             function: the frame a calibration warning is attributed to.
+        backend: the compute backend of the experts (that of the model; default numba). The
+            engine reads and decodes on the host whatever the backend.
 
     Returns:
         the engine (the caller closes it).
@@ -57,7 +59,7 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     workers = workers or os.cpu_count() or 1
     if policy != "zipmoe":
         return ExpertEngine(source, budget, policy, eviction, workers=workers, direct=direct,
-                            verify=verify, io_depth=io_depth)
+                            verify=verify, io_depth=io_depth, backend=backend)
     tier_budget = budget_split(source, budget)[2]   # too small a budget: no calibration noise first
     tr = prof.load_trace(trace_path, source)
     # a stored calibration that does not fit this run (other version, read mode, io depth or
@@ -76,4 +78,4 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     plan, ranks = prof.make_plan(tr, delay, tier_budget, int(source.hparams["num_experts_per_tok"]))
     return ExpertEngine(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
                         workers=workers, direct=direct, verify=verify, delay=delay,
-                        io_depth=io_depth)
+                        io_depth=io_depth, backend=backend)

@@ -369,6 +369,20 @@ class HParams:
                                  or not (math.isfinite(clip) and clip > 0)):
             raise ValueError(f"clip_qkv: {str(clip)[:40]!r} is not a positive finite number")
 
+    def kv_values_per_token(self) -> int:
+        """Values the KV cache holds per token, summed over the decoder layers: a key and a
+        value of ``head_dim`` for each of the ``num_key_value_heads`` heads of every layer,
+        ``2 * num_key_value_heads * head_dim`` per layer (transformers' ``DynamicLayer``
+        caches ``key_states`` and ``value_states`` of shape [batch, kv_heads, T, head_dim]).
+        Sliding-window layers cost the same per token: the runtime's cache keeps every position
+        (:class:`~zipmoe_rt.models.cache.KVCache`). Families whose attention caches something
+        else (multi-head latent attention: a compressed latent per token) override it.
+
+        Multiply by the KV cache's element size
+        (:data:`~zipmoe_rt.models.cache.KV_DTYPE`) for bytes.
+        """
+        return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim
+
     def window(self, layer: int) -> int:
         """Sliding window of ``layer`` in tokens, 0 for full attention."""
         if self.sliding_window <= 0:

@@ -4,6 +4,8 @@ LayerNorm, residual add), :mod:`.attention` (q/k norm + RoPE + cache write, caus
 :mod:`.routing` (top-k softmax routing), :mod:`.sparsemixer` (PhiMoE's top-2 router) and
 :mod:`.planes` (bit-plane merge after the host-side Huffman decode). Model code reaches them
 through :mod:`zipmoe_rt.backends.numba_cpu`.
+:mod:`.cuda_src` holds the CUDA C sources of the GPU backend (plain strings, compiled by
+:mod:`zipmoe_rt.backends.cupy_cuda`).
 
 Threading: the parallel kernels use Numba's default threading layer (OpenMP here) and must be
 called from one thread only. How idle OpenMP workers wait matters a lot on 2 cores:

@@ -16,9 +16,15 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from ..backends import get_backend
 
-__all__ = ["LayerCache", "KVCache", "ModelCache"]
+__all__ = ["LayerCache", "KVCache", "ModelCache", "KV_DTYPE"]
+
+#: dtype of the keys and values a :class:`KVCache` holds (float32, as the attention ops
+#: compute; ``np.dtype(KV_DTYPE).itemsize`` bytes per cached value).
+KV_DTYPE = np.float32
 
 
 @runtime_checkable
@@ -90,8 +96,8 @@ class KVCache:
         self.v_head_dim = self.k_head_dim if v_head_dim is None else int(v_head_dim)
         self.window = int(window)
         self.capacity = max(1, int(capacity))
-        self.k = self.backend.zeros((self.num_kv_heads, self.capacity, self.k_head_dim))
-        self.v = self.backend.zeros((self.num_kv_heads, self.capacity, self.v_head_dim))
+        self.k = self.backend.zeros((self.num_kv_heads, self.capacity, self.k_head_dim), KV_DTYPE)
+        self.v = self.backend.zeros((self.num_kv_heads, self.capacity, self.v_head_dim), KV_DTYPE)
         self.length = 0
 
     def reserve(self, n: int) -> None:
@@ -105,7 +111,7 @@ class KVCache:
             cap *= 2
         for name, d in (("k", self.k_head_dim), ("v", self.v_head_dim)):
             a = getattr(self, name)
-            b = self.backend.zeros((self.num_kv_heads, cap, d))
+            b = self.backend.zeros((self.num_kv_heads, cap, d), KV_DTYPE)
             b[:, :self.length] = a[:, :self.length]
             setattr(self, name, b)
         self.capacity = cap
