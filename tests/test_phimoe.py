@@ -365,16 +365,18 @@ def test_routing_equals_transformers_router(tiny_moe_dir, name):
         assert (w == 1).mean() > 0.5
 
 
-@pytest.mark.parametrize("policy", ["zip-lru", "raw-lru"])
+@pytest.mark.parametrize("policy", ["zip-lru", "raw-lru", "zipmoe"])
 def test_budgeted_engine_across_the_switch(tiny_moe_dir, tmp_path, policy):
-    """Under a memory budget that evicts experts, a prompt of 20 and 20 greedy steps (crossing
-    the original length, so the sequence is recomputed through the engine) give the unbudgeted
-    model's logits bit for bit."""
+    """Under a memory budget that evicts experts, with each policy, a prompt of 20 and 20 greedy
+    steps (crossing the original length, so the sequence is recomputed through the engine) give
+    the unbudgeted model's logits bit for bit."""
     import warnings
 
     from zipmoe_rt.bench import raw_companion
     from zipmoe_rt.convert.converter import convert
-    from zipmoe_rt.engine.pipeline import ExpertEngine
+    from zipmoe_rt.engine import profile as prof
+    from zipmoe_rt.engine.pipeline import ExpertEngine, budget_split
+    from zipmoe_rt.engine.planner import DelayModel
     from zipmoe_rt.engine.store import ZmoeSource
     from zipmoe_rt.models import build_model
 
@@ -395,14 +397,33 @@ def test_budgeted_engine_across_the_switch(tiny_moe_dir, tmp_path, policy):
         return out
 
     full = ZmoeSource(path)
-    plain = run(build_model(full))
+    model = build_model(full)
+    rec = prof.TraceRecorder(full.hparams, decode_only=False)    # for the zipmoe plan
+    model.route_hook = rec
+    plain = run(model)
+    model.route_hook = None
     full.close()
     src = ZmoeSource(path, keep_experts=False, copy_dense=True)
     bytes_F = max(l.full_bytes for l in src.layouts.values())
-    engine = ExpertEngine(src, src.dense_bytes() + 4 * bytes_F, policy, workers=2)
+    budget = src.dense_bytes() + 4 * bytes_F
+    kw = {}
+    if policy == "zipmoe":                 # static tiers planned from the counts, cheap decode
+        lays = src.layouts.values()
+        delay = DelayModel(sm_read_s=1e-3, exp_read_s=1e-3, decode_s=1e-5, matmul_s=1e-6,
+                           workers=2, bytes_F=bytes_F,
+                           bytes_sm=max(l.sm_region[1] for l in lays),
+                           bytes_exp=max(l.exp_region[1] for l in lays),
+                           chunks=max(1, max(sum(len(p.chunks) for p in l.pieces) for l in lays)))
+        plan, ranks = prof.make_plan({"counts": rec.counts.tolist()}, delay,
+                                     budget_split(src, budget)[2], 2, locality=False)
+        kw = dict(plan=plan.layers, ranks=ranks, delay=delay)
+    engine = ExpertEngine(src, budget, policy, workers=2, **kw)
     try:
         budgeted = run(build_model(src, executor=engine))
-        assert engine.stats.hits["miss"] > 0          # experts really were evicted and reloaded
+        hits = engine.stats.hits
+        assert hits["miss"] > 0                # experts really were evicted and reloaded
+        if policy == "zipmoe":
+            assert hits["C"] + hits["S"] + hits["E"] > 0
     finally:
         engine.close()
         src.close()
@@ -449,3 +470,106 @@ def test_released_architecture_name_and_layout(tiny_moe_dir, tmp_path):
         z.close()
     ref = build_model(CheckpointSource(src))
     assert np.array_equal(got, ref.forward(ids, ref.new_cache(), last_only=False))
+
+
+@pytest.mark.parametrize("change", ["drop", "shape"])
+@pytest.mark.parametrize("tensor", ["model.norm.bias", "model.layers.1.input_layernorm.bias",
+                                    "lm_head.bias"])
+def test_bad_bias_tensors_are_named(tiny_moe_dir, tmp_path, change, tensor):
+    """A checkpoint missing a LayerNorm or head bias its config implies, or holding one of the
+    wrong shape, is refused by the converter with the tensor's name."""
+    import shutil
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    from zipmoe_rt.convert.converter import convert
+
+    d = shutil.copytree(tiny_moe_dir("phimoe"), tmp_path / "bad")
+    tensors = load_file(str(d / "model.safetensors"))
+    if change == "drop":
+        del tensors[tensor]
+    else:
+        tensors[tensor] = tensors[tensor][:-1].clone()
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception, match=tensor.replace(".", r"\.")) as ei:
+            convert(d, tmp_path / "bad.zmoe", progress=False)
+    assert "Traceback" not in str(ei.value)
+    assert not (tmp_path / "bad.zmoe").exists()
+
+
+def test_crop_back_below_the_original_length(phimoe):
+    """A cache that held a long sequence (long_mscale keys), cropped to a shared prefix and fed
+    a suffix that ends below the original length (a chat turn that restarts), is recomputed in
+    the short regime: the logits are transformers' for the new sequence."""
+    _, hf, models = phimoe
+    model = models["numba"]
+    long_ids = np.random.default_rng(11).integers(0, 256, 40)
+    cache = model.new_cache()
+    model.forward(long_ids, cache)
+    assert cache.regime == 1
+    cache.crop(20)
+    assert cache.token_ids == [int(t) for t in long_ids[:20]] and cache.regime == 1
+    suffix = np.random.default_rng(12).integers(0, 256, 5)
+    ours = model.forward(suffix, cache, last_only=False)
+    ref = _hf_logits(hf, np.concatenate([long_ids[:20], suffix]))
+    assert ours.shape == (5, 256) and cache.regime == 0 and cache.offset == 25
+    assert np.abs(ours - ref[20:]).max() <= LOGITS_TOL
+
+
+def test_model_cache_keeps_token_ids():
+    """ModelCache records the ids of each commit (what a recompute at a RoPE switch needs),
+    trims them on crop, forgets them after a commit without ids, and adopt takes another
+    cache's contents."""
+    from zipmoe_rt.models.cache import KVCache, ModelCache
+
+    def new():
+        return ModelCache(KVCache(1, 4, 4, 0, 2) for _ in range(2))
+
+    c = new()
+    for ids in ([5, 6, 7], [8]):
+        c.reserve(len(ids))
+        c.commit(len(ids), np.array(ids))
+    assert c.token_ids == [5, 6, 7, 8] and c.offset == 4 and c.regime == 0
+    c.crop(2)
+    assert c.token_ids == [5, 6]
+    c.reserve(1)
+    c.commit(1)
+    assert c.token_ids is None and c.offset == 3
+    c.crop(0)
+    assert c.token_ids == []
+    other = new()
+    other.reserve(2)
+    other.commit(2, [1, 2])
+    other.regime = 1
+    c.adopt(other)
+    assert (c.offset, c.token_ids, c.regime, c.layers) == (2, [1, 2], 1, other.layers)
+
+
+def test_head_dim_wider_than_hidden_over_heads(tmp_path):
+    """A config.json head_dim other than hidden_size / heads (as Phi-tiny-MoE's 128 with hidden
+    4096 and 16 heads), with LongRoPE factors of head_dim / 2: logits equal transformers'."""
+    import transformers
+    from tiny_models import COMMON, _randomize_norms, load_hf
+    from zipmoe_rt.models import build_model
+    from zipmoe_rt.models.weights import CheckpointSource
+
+    torch.manual_seed(0)
+    rs = dict(type="longrope", original_max_position_embeddings=8, short_mscale=1.2,
+              long_mscale=1.3, short_factor=[1.0 + 0.1 * i for i in range(16)],
+              long_factor=[2.0 + 0.2 * i for i in range(16)])
+    cfg = transformers.PhimoeConfig(**dict(COMMON, intermediate_size=48, num_local_experts=4,
+                                           head_dim=32, attention_bias=True, rope_scaling=rs,
+                                           rope_theta=10000.0))
+    hf = transformers.PhimoeForCausalLM(cfg)
+    _randomize_norms(hf, torch, torch.Generator().manual_seed(1))
+    hf.to(torch.bfloat16).save_pretrained(tmp_path)
+    assert hf.model.layers[0].self_attn.q_proj.weight.shape == (4 * 32, 64)
+    ref_model = load_hf(tmp_path)
+    model = build_model(CheckpointSource(tmp_path))
+    assert model.args.head_dim == 32
+    ids = np.random.default_rng(2).integers(0, 256, 12)
+    ours = model.forward(ids, model.new_cache(), last_only=False)
+    assert np.abs(ours - _hf_logits(ref_model, ids)).max() <= LOGITS_TOL

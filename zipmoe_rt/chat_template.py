@@ -192,6 +192,43 @@ def _normalize_messages(messages: Any) -> list[dict]:
 
 
 
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final_message(chat: list[dict], field: str, source: str) -> str:
+    """Append the continuation tag to the final message's ``field`` (every reasoning alias of it,
+    or the last text block of list content); return the text being continued."""
+    final = chat[-1].get(field)
+    if final is None:
+        raise ValueError(f'continue_final_message: the final message has no "{field}" to continue')
+    fields = [field]
+    if field in _REASONING_FIELDS:   # reasoning is present under several names: tag every copy
+        fields = [f for f in _REASONING_FIELDS if chat[-1].get(f) == final]
+    if not any(f in source for f in fields):
+        raise ValueError(f'continue_final_message: the chat template never reads "{field}"')
+    if isinstance(final, (list, tuple)):
+        for block in reversed(final):
+            if isinstance(block, dict) and "text" in block:
+                final, block["text"] = block["text"], block["text"] + _CONTINUE_TAG
+                return final
+        raise ValueError("continue_final_message: the final message has no text block to continue")
+    for f in fields:
+        chat[-1][f] = chat[-1][f] + _CONTINUE_TAG
+    return final
+
+
+def _cut_at_tag(rendered: str, final: str) -> str:
+    """The rendered prompt up to where the continued text ends (before the end-of-turn markup)."""
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in rendered or tag not in rendered:
+        raise ValueError("continue_final_message: the chat template drops part of the final message, "
+                         "so it cannot be continued")
+    at = rendered.rindex(tag)
+    if rendered[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return rendered[:at]
+    return rendered[:at].rstrip()   # the template trimmed the message's trailing space
+
+
 def render_chat_template(
     template: jinja2.Template,
     messages: Sequence[Mapping[str, Any]],
@@ -200,6 +237,8 @@ def render_chat_template(
     tools: list[dict] | None,
     documents: list[dict] | None,
     variables: Mapping[str, Any],
+    continue_final_message: bool | str = False,
+    source: str | None = None,
 ) -> str:
     """Render a conversation with a :func:`compile_chat_template` template.
 
@@ -209,9 +248,16 @@ def render_chat_template(
     and ``variables`` (e.g. the special tokens and the caller's extra keyword arguments), all
     rebuilt from plain JSON types.
 
+    ``continue_final_message`` (``True`` for ``"content"``, or the name of the field, e.g.
+    ``"reasoning_content"``) renders the final message open, so that generation continues it: a
+    tag is appended to that field, the conversation rendered, and the text cut where the tag
+    begins (what follows it is the template's end-of-turn markup). ``source`` is the template's
+    text, which must read that field.
+
     Raises:
         ValueError: a message lacks ``role`` / ``content`` (the message names ``messages[i]``);
-            the template raised (``raise_exception``) or failed to render.
+            the template raised (``raise_exception``) or failed to render; ``continue_final_message``
+            with ``add_generation_prompt``, or a final message / template that cannot be continued.
         TypeError: ``messages`` is not a list of dicts, or ``tools`` / ``documents`` are not
             lists of dicts.
     """
@@ -221,8 +267,14 @@ def render_chat_template(
     if documents is not None and not all(isinstance(d, Mapping) for d in documents):
         raise TypeError("documents: expected a list of dicts with 'title' and 'text' keys")
     variables = _plain_template_data(dict(variables))
+    final = None
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ValueError("continue_final_message: not compatible with add_generation_prompt")
+        field = continue_final_message if isinstance(continue_final_message, str) else "content"
+        final = _tag_final_message(chat, field, source or "")
     try:
-        return template.render(
+        rendered = template.render(
             messages=chat,
             tools=_plain_template_data(tools),
             documents=_plain_template_data(documents),
@@ -233,3 +285,4 @@ def render_chat_template(
         raise ValueError(f"chat_template: {e}") from e
     except (TypeError, KeyError, AttributeError, IndexError) as e:
         raise ValueError(f"chat_template: rendering failed: {type(e).__name__}: {e}") from e
+    return rendered if final is None else _cut_at_tag(rendered, final)

@@ -280,7 +280,7 @@ class Tokenizer:
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
         *,
         tools: list[dict] | None = None,
         documents: list[dict] | None = None,
@@ -294,37 +294,45 @@ class Tokenizer:
         (``bos_token``, ``eos_token``, ...) and ``kwargs`` (which override the special tokens).
         Keys whose value is ``None`` are dropped from messages, and reasoning given as
         ``reasoning_content``, ``thinking`` or ``reasoning`` is exposed under the first two.
-        Unlike transformers, ``add_generation_prompt`` defaults to ``True`` and
-        ``continue_final_message`` is not supported.
+        Unlike transformers, ``add_generation_prompt`` defaults to ``True`` (to ``False`` with
+        ``continue_final_message``).
 
         Args:
             messages: ``[{"role": str, "content": str | list, ...}, ...]``, at least one message.
                 ``content`` may be absent only when the message has ``tool_calls``.
-            add_generation_prompt: append the header that starts an assistant turn.
+            add_generation_prompt: append the header that starts an assistant turn; ``None``
+                (default) means ``True`` unless ``continue_final_message`` is given.
             tools: JSON-schema tool descriptions for templates that support tools.
             documents: retrieval documents for templates that support them.
-            **kwargs: extra template variables (e.g. ``enable_thinking=False``).
+            **kwargs: extra template variables (e.g. ``enable_thinking=False``), and
+                ``continue_final_message`` (``True`` or a field name such as
+                ``"reasoning_content"``): leave the final message open so that generation
+                continues it, as transformers does (:func:`~zipmoe_rt.chat_template.render_chat_template`).
 
         Returns:
             The rendered prompt text (special tokens as text, e.g. ``"<|im_start|>"``).
 
         Raises:
             ValueError: no chat template; a message lacks ``role`` / ``content`` (the message names
-                ``messages[i]``); the template raised (``raise_exception``) or failed to render.
+                ``messages[i]``); the template raised (``raise_exception``) or failed to render;
+                ``continue_final_message`` with ``add_generation_prompt=True`` or on a final
+                message the template does not render whole.
             TypeError: ``messages`` is not a list of dicts.
         """
         if self._compiled_template is None:
             raise ValueError("chat_template: this tokenizer has no chat template")
-        if "continue_final_message" in kwargs:
-            raise ValueError("continue_final_message: not supported")
+        cont = kwargs.pop("continue_final_message", False)
+        if add_generation_prompt is None:
+            add_generation_prompt = not cont
         return render_chat_template(
             self._compiled_template, messages, add_generation_prompt=bool(add_generation_prompt),
-            tools=tools, documents=documents, variables={**self.special_tokens_map, **kwargs})
+            tools=tools, documents=documents, variables={**self.special_tokens_map, **kwargs},
+            continue_final_message=cont, source=self.chat_template)
 
     def encode_chat(
         self,
         messages: Sequence[Mapping[str, Any]],
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
         **kwargs: Any,
     ) -> list[int]:
         """Render a conversation with :meth:`apply_chat_template` and tokenize it.

