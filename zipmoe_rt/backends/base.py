@@ -174,6 +174,20 @@ class Backend:
         """
         raise NotImplementedError
 
+    def heads_linear(self, x, W, out=None):
+        """One product per head, ``out[h] = x[h] @ W[h].T`` with float32 accumulation (the
+        absorbed ``kv_b_proj`` of Multi-head Latent Attention, :mod:`zipmoe_rt.models.mla`).
+
+        Args:
+            x: float32 [nh, T, in].  W: [nh, out, in] (BF16 bits, float16 or float32).
+            out: optional float32 [nh, T, out] to write into.
+        Returns:
+            float32 [nh, T, out] (``out`` when given).
+        Raises:
+            TypeError: unsupported weight dtype.  ValueError: shapes disagree.
+        """
+        raise NotImplementedError
+
     def swiglu(self, x, gate, up):
         """The hidden activation of a SwiGLU MLP, ``silu(x @ gate.T) * (x @ up.T)``
         (``act_fn(gate_proj(x)) * up_proj(x)`` in ``Qwen2MoeMLP`` / ``MixtralExperts``).
@@ -286,7 +300,9 @@ class Backend:
         with scores ``q . k * scale``.
 
         Args:
-            qkv: float32 [T, (nq + 2 nkv) * hd] after :meth:`rope_qk_cache` (q is read).
+            qkv: float32 [T, (nq + 2 nkv) * hd] after :meth:`rope_qk_cache` (only the first
+                ``nq * hd`` columns, q, are read: Multi-head Latent Attention passes q alone,
+                [T, nq * hd], :mod:`zipmoe_rt.models.mla`).
             kc, vc: float32 [nkv, capacity, hd], positions ``< pos0 + T`` valid.
             window: tokens, 0 = full attention.  scale: np.float32.
             out: float32 [T, nq * hd], overwritten.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import attention as _att
+from ..kernels import heads as _heads
 from ..kernels import norm as _norm
 from ..kernels import routing as _routing
 from ..kernels import sparsemixer as _sparsemixer
@@ -36,6 +37,10 @@ class NumbaBackend(HostArrays, Backend):
         if out is None:
             out = np.empty((x.shape[0], W.shape[0]), np.float32)
         return linear_into(x, W, out, bias)
+
+    def heads_linear(self, x, W, out=None):
+        """:func:`~zipmoe_rt.kernels.heads.heads_linear`."""
+        return _heads.heads_linear(x, W, out)
 
     def swiglu(self, x, gate, up):
         """:func:`~zipmoe_rt.kernels.swiglu.swiglu_hidden` (fused gate/up for BF16)."""

@@ -56,6 +56,18 @@ class NumpyBackend(HostArrays, Backend):
         out[...] = y
         return out
 
+    def heads_linear(self, x, W, out=None):
+        """``x @ W.transpose(0, 2, 1)`` per head with the weights widened to float32."""
+        if W.dtype not in (np.uint16, np.float16, np.float32):
+            raise TypeError(f"weight dtype {W.dtype} is not supported")
+        if W.ndim != 3 or W.shape[0] != x.shape[0] or W.shape[2] != x.shape[2]:
+            raise ValueError(f"heads_linear: x {x.shape} and W {W.shape} disagree")
+        y = np.matmul(x, to_f32(W).transpose(0, 2, 1))
+        if out is None:
+            return np.ascontiguousarray(y, np.float32)
+        out[...] = y
+        return out
+
     def swiglu(self, x, gate, up):
         """``silu(x @ gate.T) * (x @ up.T)``."""
         return _silu(self.linear(x, gate)) * self.linear(x, up)

@@ -107,11 +107,15 @@ def get_architecture(config: dict) -> "Family":
     """The registered family for an HF config dict, bound to it.
 
     Raises:
-        UnsupportedArchitectureError: unknown or missing ``architectures`` (lists supported ones).
+        UnsupportedArchitectureError: unknown or missing ``architectures`` (lists supported ones),
+            or one that is not a list of names.
     """
     archs = config.get("architectures") or []
     if not archs:
         raise UnsupportedArchitectureError("config.json has no 'architectures' entry")
+    if not isinstance(archs, list) or not isinstance(archs[0], str):
+        raise UnsupportedArchitectureError(f"config.json: architectures must be a list of names, "
+                                           f"not {str(archs)[:60]!r}")
     return family_for_architecture(archs[0])(config)
 
 

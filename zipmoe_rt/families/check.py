@@ -33,6 +33,12 @@ SHAPE_FIELDS = {
     "shared_up": "shared_expert_intermediate_size",
     "shared_down": "shared_expert_intermediate_size", "mlp_gate": "intermediate_size",
     "mlp_up": "intermediate_size", "mlp_down": "intermediate_size",
+    # Multi-head Latent Attention
+    "attn_q_a": "q_lora_rank", "attn_q_a_bias": "q_lora_rank", "attn_q_a_norm": "q_lora_rank",
+    "attn_q_b": "num_attention_heads, qk_nope_head_dim, qk_rope_head_dim, q_lora_rank",
+    "attn_kv_a": "kv_lora_rank, qk_rope_head_dim", "attn_kv_a_bias": "kv_lora_rank, qk_rope_head_dim",
+    "attn_kv_a_norm": "kv_lora_rank",
+    "attn_kv_b": "num_attention_heads, qk_nope_head_dim, v_head_dim, kv_lora_rank",
     "shared_gate_up": "shared_expert_intermediate_size",        # Granite-MoE-Shared
     "moe_statics": "num_experts",                               # ERNIE 4.5 MoE
 }
