@@ -103,6 +103,13 @@ class Keys:
         # PhiMoE
         LM_HEAD_BIAS = "hparams.lm_head_bias"
         ROUTER_JITTER_NOISE = "hparams.router_jitter_noise"
+        # Granite-MoE
+        EMBEDDING_MULTIPLIER = "hparams.embedding_multiplier"
+        RESIDUAL_MULTIPLIER = "hparams.residual_multiplier"
+        ATTENTION_MULTIPLIER = "hparams.attention_multiplier"
+        LOGITS_SCALING = "hparams.logits_scaling"
+        # ERNIE 4.5 MoE
+        MOE_NORM_MIN = "hparams.moe_norm_min"
 
     class HF:
         CONFIG = "hf.config"                    # json: the source config.json verbatim

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Backend", "check_qk_norm", "check_route", "to_f32", "ROUTE_METHODS", "ROUTE_SCORINGS"]
+__all__ = ["Backend", "check_qk_norm", "check_route", "check_choice_bias", "to_f32",
+           "ROUTE_METHODS", "ROUTE_SCORINGS"]
 
 
 def to_f32(a) -> np.ndarray:
@@ -39,6 +40,17 @@ def to_f32(a) -> np.ndarray:
     if a.dtype == np.uint16:
         return (a.astype(np.uint32) << np.uint32(16)).view(np.float32)
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def check_choice_bias(bias, E: int) -> None:
+    """Check the ``bias`` given to :meth:`Backend.route_choice_bias` for E experts.
+
+    Raises:
+        ValueError: not E values.
+    """
+    n = int(bias.size) if hasattr(bias, "size") else np.size(bias)    # device arrays too
+    if n != E:
+        raise ValueError(f"route_choice_bias: {n} bias values for {E} experts")
 
 
 def check_qk_norm(q_size: int, k_size: int, nq: int, nkv: int, hd: int, clip=None,
@@ -364,6 +376,43 @@ class Backend:
             host (topk_idx int64 [T, 2] as ``[i1, i2]``, topk_w float32 [T, 2]).
         Raises:
             ValueError: fewer than 2 experts.
+        """
+        raise NotImplementedError
+
+    # -- Granite-MoE: scalar multipliers --------------------------------------------------------
+
+    def scale_(self, x, s: float, divide: bool = False):
+        """``x *= s`` (or ``x /= s`` with ``divide``), float32: Granite's
+        ``embedding_multiplier`` and ``residual_multiplier`` (``inputs_embeds *
+        embedding_multiplier``, ``hidden_states * residual_multiplier``) and its
+        ``logits / logits_scaling`` (``modeling_granitemoe.py``), rounded as torch does (a
+        division is not a multiplication by the reciprocal).
+
+        Args:
+            x: float32 [T, n], updated in place.  s: the scalar (cast to float32).
+            divide: divide instead of multiply.
+        Returns:
+            ``x``.
+        """
+        raise NotImplementedError
+
+    # -- ERNIE 4.5 MoE: routing with a choice bias ----------------------------------------------
+
+    def route_choice_bias(self, logits, k: int, bias, norm_min: float
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k routing whose choice is biased (``Ernie4_5_MoeTopKRouter``): float32 softmax
+        over all experts ``p``; the k experts with the largest ``p + bias`` (descending, lowest
+        index first on ties); their weights are ``p`` (unbiased) divided by
+        ``max(sum of the k p, norm_min)``.
+
+        Args:
+            logits: float32 [T, E] router logits.  k: experts per token.
+            bias: float32 [E] (``moe_statics.e_score_correction_bias``), used for the choice
+                only.  norm_min: the clamp of the sum (``moe_norm_min``).
+        Returns:
+            host (topk_idx int64 [T, k], topk_w float32 [T, k]).
+        Raises:
+            ValueError: ``bias`` not of E values.
         """
         raise NotImplementedError
 

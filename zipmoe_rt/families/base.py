@@ -131,7 +131,8 @@ class Family:
         hparams_class: the family's :class:`~.hparams.HParams` subclass.
         tensors: logical key (:data:`~.tensors.KEYS`) -> name template, HUB layout, in
             checkpoint order (embedding, per layer: norms, attention, MoE / MLP; final norm,
-            head). Lists the stacked FUSED keys too only if their names are the same in HUB.
+            head). A family whose Hub checkpoints store the experts stacked (Granite's
+            ``input_linear`` [E, 2I, H]) lists the stacked keys instead of the per-expert ones.
         fused_tensors: the names that differ in transformers 5's FUSED layout.
 
     Args:
@@ -230,7 +231,8 @@ class Family:
         """(regex over a tensor name, role) for every expert tensor name the family may have in
         a checkpoint, both layouts; groups ``layer`` and ``expert`` (absent when stacked)."""
         out = []
-        for layout, roles in ((T.HUB, T.EXPERT_ROLES), (T.FUSED, T.STACKED_ROLES)):
+        hub_roles = {**T.EXPERT_ROLES, **T.STACKED_ROLES}   # a Hub layout may stack (Granite)
+        for layout, roles in ((T.HUB, hub_roles), (T.FUSED, T.STACKED_ROLES)):
             table = cls.tensor_table(layout)
             out += [(T.template_regex(table[k]), r) for k, r in roles.items() if k in table]
         return tuple(dict.fromkeys(out))

@@ -228,6 +228,9 @@ class HParams:
     NORM: ClassVar[str] = "rms"
     #: RoPE types the family runs (``rope.rope_type`` outside them is refused).
     ROPE_TYPES: ClassVar[tuple] = ROPE_TYPES
+    #: RoPE rotates the pairs (2i, 2i+1) of each head instead of (i, i + head_dim/2)
+    #: (ERNIE 4.5's ``apply_rotary_pos_emb``; models/attention.py).
+    ROPE_INTERLEAVED: ClassVar[bool] = False
     #: field -> config.json keys tried in order (default: the field's own name).
     CONFIG_KEYS: ClassVar[dict] = {}
     #: fields config.json must give (the shapes): ConfigError when absent.

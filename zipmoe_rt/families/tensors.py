@@ -72,6 +72,11 @@ KEYS = {
     "attn_kv_a_bias": "MLA kv_a_proj_with_mqa bias [kv_lora_rank+rope] (attention_bias)",
     "attn_kv_a_norm": "MLA kv_a_layernorm weight [kv_lora_rank]",
     "attn_kv_b": "MLA kv_b_proj weight [heads*(nope+v_head_dim), kv_lora_rank]",
+    # Granite-MoE-Shared
+    "shared_gate_up": "shared expert gate+up projections, gate rows first [2*SI, H] (SI > 0)",
+    # ERNIE 4.5 MoE
+    "moe_statics": "e_score_correction_bias [1, E], F32: added to the router's probabilities "
+                   "for the choice of experts only (MoE layers)",
 }
 #: the tensor names transformers' Llama-style MoE decoders use (Qwen2/3-MoE, OLMoE, and Mixtral
 #: apart from its ``block_sparse_moe`` experts): one table that families pick their keys from
@@ -132,7 +137,8 @@ EXPERT_ROLES = {"expert_gate": "gate", "expert_up": "up", "expert_down": "down"}
 STACKED_ROLES = {"experts_gate_up": "gate_up", "experts_down": "down"}
 
 _BIAS = ("attn_q_bias", "attn_k_bias", "attn_v_bias", "attn_o_bias")
-_SHARED = ("shared_gate", "shared_up", "shared_down", "shared_expert_gate")
+_SHARED = ("shared_gate", "shared_up", "shared_down", "shared_expert_gate",
+           "shared_gate_up")       # Granite-MoE-Shared
 _DENSE = ("mlp_gate", "mlp_up", "mlp_down")
 
 
@@ -193,6 +199,8 @@ def shape(key: str, hp) -> tuple:
         "router_bias": (E,),        # DeepSeek-V3 / GLM-4-MoE
         # PhiMoE
         "attn_norm_bias": (H,), "ffn_norm_bias": (H,), "norm_bias": (H,), "lm_head_bias": (V,),
+        "shared_gate_up": (2 * SI, H),      # Granite-MoE-Shared
+        "moe_statics": (1, E),              # ERNIE 4.5 MoE
     }[key]
 
 
@@ -220,17 +228,22 @@ def present(key: str, hp, layer: int | None) -> bool:
         return layer is not None and not moe
     if key in ("router", "router_bias") or key in EXPERT_ROLES or key in STACKED_ROLES:
         return moe
+    if key == "moe_statics":        # ERNIE 4.5 MoE
+        return moe
     return True
 
 
 def layout_table(tensors: dict, fused: dict, layout: str) -> dict:
-    """The name table of ``layout``: ``tensors`` (HUB) as is, or for FUSED with the names of
-    ``fused`` replacing theirs and the stacked expert keys in place of the per-expert ones.
+    """The name table of ``layout``: ``tensors`` (HUB) as is (less the stacked expert keys when
+    it has per-expert ones), or for FUSED with the names of ``fused`` replacing theirs and the
+    stacked expert keys in place of the per-expert ones.
 
     Raises:
         ValueError: unknown layout.
     """
-    if layout == HUB:
+    if layout == HUB:   # stacked keys are HUB names only for a family whose Hub files stack
+        if not any(k in EXPERT_ROLES for k in tensors):     # (Granite: input_linear)
+            return dict(tensors)
         return {k: v for k, v in tensors.items() if k not in STACKED_ROLES}
     if layout != FUSED:
         raise ValueError(f"unknown tensor layout {layout!r} (one of {', '.join(LAYOUTS)})")
