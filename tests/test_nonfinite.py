@@ -61,6 +61,17 @@ def test_sparsemixer_indices_stay_in_range(backend, v):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("v", BAD)
+def test_choice_bias_router_indices_stay_in_range(backend, v):
+    be = get_backend(backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        idx, _ = be.route_choice_bias(_logits(v), 2, np.linspace(-1, 1, 8).astype(np.float32),
+                                      1e-12)
+    assert _in_range(idx, 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", BAD)
 def test_norms_do_not_raise(backend, v):
     be = get_backend(backend)
     x = np.ones((2, 16), np.float32)
@@ -99,7 +110,7 @@ class _Poisoned:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("spec", ["mixtral", "qwen2_moe", "olmoe_clip", "phimoe",
-                                  "glm4_moe", "deepseek_v2_lite"])
+                                  "glm4_moe", "deepseek_v2_lite", "granitemoe_shared", "ernie4_5_moe"])
 def test_forward_with_nonfinite_embedding_rows(tiny_moe_dir, spec, backend):
     from tiny_models import SPECS
 
