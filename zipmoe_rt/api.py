@@ -91,16 +91,12 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         io_depth: expert-region reads in flight at once (default
             :data:`~zipmoe_rt.engine.io.IO_DEPTH`; 1 = one I/O thread).
         trace: activation trace file (default ``MODEL.trace.json``).
-        memory_limit: a bound on the whole process (bytes, "600MB", "80%" of the detected
-            memory, or "auto": the memory cgroup's limit or the available memory, less a
-            margin): the weight budget is what is left after the measured fixed overhead, the
-            KV cache for ``context`` tokens and the read buffers
-            (:func:`~zipmoe_rt.engine.limit.plan_memory`; the division is
-            :attr:`Model.memory_plan`). With ``memory_budget`` too, that budget is used and
-            must fit the limit.
+        memory_limit: a bound on the whole process ("600MB", "80%", "auto", bytes): the
+            weight budget is what the measured overhead, the KV cache for ``context`` tokens
+            and the read buffers leave (:func:`~zipmoe_rt.engine.limit.plan_memory`, result
+            in :attr:`Model.memory_plan`); a ``memory_budget`` given too must fit it.
         context: tokens the KV cache is sized for under ``memory_limit`` (default
-            :data:`~zipmoe_rt.engine.limit.DEFAULT_CONTEXT`); a longer conversation grows
-            the cache past the limit's share.
+            :data:`~zipmoe_rt.engine.limit.DEFAULT_CONTEXT`).
         device: ``cpu`` (Numba kernels), ``cuda`` (the CuPy backend on the GPU: dense weights,
             KV cache and compute there; unbudgeted, every expert is uploaded once and stays on
             the GPU; under a budget the engine still reads and decodes on the CPU and each
@@ -385,14 +381,9 @@ class Model:
         return self.engine.policy if self.engine is not None else "in-memory"
 
     def memory_line(self) -> str:
-        """One line on memory for the banner and ``/stats``: the limit and how it divides
-        (under ``memory_limit``), the weight budget and the policy."""
-        pol = f"policy {self.policy}"
-        if self.memory_plan is not None:
-            return f"{self.memory_plan.describe()}; {pol}"
-        if self.engine is not None:
-            return f"no memory limit; weight budget {self.engine.budget / 1e6:.1f} MB; {pol}"
-        return f"no memory limit, no weight budget (every expert kept once decoded); {pol}"
+        """The banner's and ``/stats``' memory line (:func:`~zipmoe_rt.engine.limit.memory_line`)."""
+        from .engine.limit import memory_line
+        return memory_line(self.memory_plan, self.engine and self.engine.budget, self.policy)
 
     @property
     def device(self) -> str:

@@ -38,7 +38,7 @@ from .tiers import BudgetError
 
 __all__ = ["MemoryLimitError", "MemoryPlan", "parse_limit", "cgroup_limit", "mem_available",
            "detect_memory", "resolve_limit", "fixed_overhead", "kv_bytes", "read_buffer_bytes",
-           "plan_memory", "DEFAULT_CONTEXT", "MARGIN_FRACTION", "MARGIN_MIN"]
+           "plan_memory", "memory_line", "DEFAULT_CONTEXT", "MARGIN_FRACTION", "MARGIN_MIN"]
 
 #: tokens of context the KV cache is sized for when the caller does not say (``chat``, ``load``)
 DEFAULT_CONTEXT = 2048
@@ -382,3 +382,14 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
             f"token's experts): at least {(need + minimum) / 1e6:.1f} MB")
     return MemoryPlan(limit=lim, how=how, overhead=ov, kv=kv, buffers=buf, budget=int(free),
                       context=context, minimum=minimum)
+
+
+def memory_line(plan: MemoryPlan | None, budget: int | None, policy: str) -> str:
+    """One line on a loaded model's memory for the banner and ``/stats``: the limit and how it
+    divides (``plan``), else the weight budget (bytes, or None: unbudgeted), and the policy."""
+    pol = f"policy {policy}"
+    if plan is not None:
+        return f"{plan.describe()}; {pol}"
+    if budget is not None:
+        return f"no memory limit; weight budget {budget / 1e6:.1f} MB; {pol}"
+    return f"no memory limit, no weight budget (every expert kept once decoded); {pol}"
