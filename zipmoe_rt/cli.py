@@ -195,8 +195,8 @@ def _load(model, kw, context=None):
              policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
              direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"],
              memory_limit=kw.get("memory_limit"), context=context)
-    if kw.get("memory_limit") is not None or kw["memory_budget"] is not None:
-        click.echo(f"zipmoe-rt: {m.memory_line()}", err=True)      # the banner's memory line
+    if kw.get("memory_limit") is not None:      # the banner's memory line
+        click.echo(f"zipmoe-rt: {m.memory_line()}", err=True)
     return m
 
 
@@ -276,7 +276,7 @@ def chat(model, system, **kw):
         click.echo(f"zipmoe-rt chat: {m.name} ({m.hparams['architecture']}, "
                    f"{m.hparams['num_experts']} experts, top-{m.hparams['num_experts_per_tok']})",
                    err=True)
-        if kw.get("memory_limit") is None and kw["memory_budget"] is None:
+        if kw.get("memory_limit") is None:
             click.echo(m.memory_line(), err=True)
         click.echo(REPL_HELP, err=True)
     while True:
