@@ -381,7 +381,8 @@ class Model:
         return self.engine.policy if self.engine is not None else "in-memory"
 
     def memory_line(self) -> str:
-        """The banner's and ``/stats``' memory line (:func:`~zipmoe_rt.engine.limit.memory_line`)."""
+        """The banner's and ``/stats``' memory line
+        (:func:`~zipmoe_rt.engine.limit.memory_line`)."""
         from .engine.limit import memory_line
         return memory_line(self.memory_plan, self.engine and self.engine.budget, self.policy)
 

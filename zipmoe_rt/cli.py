@@ -229,8 +229,8 @@ def run(model, prompt, raw, system, **kw):
         prompt = sys.stdin.read().rstrip("\n")
     sp = _sampling(kw, 256)
     # a token covers at least one byte of text; 64 tokens for the chat template's markup
-    m = _load(model, kw, context=len(prompt.encode("utf-8")) + len(system or "") + 64
-              + sp["max_tokens"])
+    text_bytes = len(prompt.encode("utf-8")) + len((system or "").encode("utf-8"))
+    m = _load(model, kw, context=text_bytes + 64 + sp["max_tokens"])
     if raw:
         pieces = m.stream(prompt, **sp)
     else:
