@@ -125,6 +125,11 @@ ENGINE_OPTIONS = [
     click.option("--memory-budget", "-m", default=None, metavar="SIZE",
                  help="bytes for all weights, e.g. 600MB, 1.5GiB, or 25% (= dense + 25% of the "
                       "experts' BF16 bytes); default: no limit, experts kept once decoded"),
+    click.option("--memory-limit", default=None, metavar="SIZE|auto",
+                 help="bound on the whole process (runtime, KV cache, buffers and weights), "
+                      "e.g. 600MB, 80% of the memory, or auto (the memory cgroup's limit, else "
+                      "the available memory, less 5% / at least 32 MiB); the weight budget is "
+                      "what is left. With --memory-budget, that budget must fit the limit"),
     click.option("--policy", type=click.Choice(["auto", "zipmoe", "zip-lru", "raw-lru"]),
                  default="auto", show_default=True,
                  help="expert cache policy under a budget: zipmoe = tiers planned from the "
@@ -184,11 +189,15 @@ def _sampling(kw, default_max):
                 repetition_penalty=kw["repeat_penalty"], seed=kw["seed"])
 
 
-def _load(model, kw):
+def _load(model, kw, context=None):
     from .api import load
-    return load(model, verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
-                policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
-                direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"])
+    m = load(model, verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
+             policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
+             direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"],
+             memory_limit=kw.get("memory_limit"), context=context)
+    if kw.get("memory_limit") is not None:      # the banner's memory line
+        click.echo(f"zipmoe-rt: {m.memory_line()}", err=True)
+    return m
 
 
 def _stats_line(st) -> str:
@@ -218,8 +227,10 @@ def run(model, prompt, raw, system, **kw):
     """
     if prompt == "-":
         prompt = sys.stdin.read().rstrip("\n")
-    m = _load(model, kw)
     sp = _sampling(kw, 256)
+    # a token covers at least one byte of text; 64 tokens for the chat template's markup
+    text_bytes = len(prompt.encode("utf-8")) + len((system or "").encode("utf-8"))
+    m = _load(model, kw, context=text_bytes + 64 + sp["max_tokens"])
     if raw:
         pieces = m.stream(prompt, **sp)
     else:
@@ -265,6 +276,8 @@ def chat(model, system, **kw):
         click.echo(f"zipmoe-rt chat: {m.name} ({m.hparams['architecture']}, "
                    f"{m.hparams['num_experts']} experts, top-{m.hparams['num_experts_per_tok']})",
                    err=True)
+        if kw.get("memory_limit") is None:
+            click.echo(m.memory_line(), err=True)
         click.echo(REPL_HELP, err=True)
     while True:
         try:
@@ -312,6 +325,7 @@ def _session_stats(m, session) -> str:
     lines = [_stats_line(m.last_stats) or "(no reply yet)",
              f"conversation: {len(session.messages)} messages, {len(session.state.token_ids)} "
              f"tokens in the KV cache"]
+    lines.append(m.memory_line())
     mem = m.memory_report()
     lines.append("memory: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in mem.items()))
     lines.append(_kv_stats(m, session.state.cache))
@@ -390,6 +404,10 @@ def calibrate(model, samples, direct, io_depth, device):
 @click.option("--memory-budget", "-m", "budgets", multiple=True, metavar="SIZE",
               help="budget(s) to test (repeatable), e.g. 10% 25% 50% 100% or 600MB "
                    "[default: 25%]; 'none' adds an unbudgeted in-memory row")
+@click.option("--memory-limit", "limits", multiple=True, metavar="SIZE|auto",
+              help="memory limit(s) of the whole process to test (repeatable), e.g. 600MB or "
+                   "auto: each row's budget is the one the limit gives, and its peak RSS is "
+                   "shown beside the limit")
 @click.option("--policy", "policies", multiple=True,
               type=click.Choice(["zipmoe", "zip-lru", "raw-lru"]),
               help="policies to compare (repeatable) [default: all three]")
@@ -413,7 +431,7 @@ def calibrate(model, samples, direct, io_depth, device):
               help="write the full results as JSON here")
 @DEVICE_OPTION
 @friendly_errors
-def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
+def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
           io_depth, raw_model, trace, json_out, device):
     """Benchmark prefill/decode tokens/s under memory budgets, all policies in one run.
 
@@ -426,17 +444,18 @@ def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, work
     from .backends import resolve_device
     device = "cuda" if resolve_device(device) == "cuda" else "cpu"   # once, here (one notice)
     model = model or ensure_default_model()
-    bl = [None if b.lower() == "none" else b for b in (budgets or ("25%",))]
+    bl = [None if b.lower() == "none" else b
+          for b in (budgets or (() if limits else ("25%",)))]
     policies = list(policies or ("raw-lru", "zip-lru", "zipmoe"))
     from .engine import profile as prof
-    if ("zipmoe" in policies and any(b is not None for b in bl)
+    if ("zipmoe" in policies and (any(b is not None for b in bl) or limits)
             and (trace or prof.sidecar(model, prof.TRACE_SUFFIX)).exists()):
         # each row runs in a subprocess whose stderr is not shown: warn about the calibration here
         prof.load_checked_calibration(model, direct, io_depth=io_depth)
     res = B.run(model, bl, policies, pp=n_prompt,
                 tg=n_gen, reps=repetitions, workers=workers, direct=direct, eviction=eviction,
                 raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True),
-                io_depth=io_depth, device=device)
+                io_depth=io_depth, device=device, limits=limits)
     click.echo(B.table(res))
     if json_out:
         B.save(res, json_out)
