@@ -72,7 +72,7 @@ def parse_size(text, source=None) -> int:
 def load(path: str | Path | None = None, *, verify: bool = True, progress: bool = True,
          memory_budget=None, policy: str = "auto", eviction: str = "lru",
          workers: int | None = None, direct: bool = False, trace=None,
-         io_depth: int | None = None) -> "Model":
+         io_depth: int | None = None, resident: str = "full") -> "Model":
     """Load a ``.zmoe`` model (or the bundled default model when ``path`` is None).
 
     Args:
@@ -90,6 +90,10 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         io_depth: expert-region reads in flight at once (default
             :data:`~zipmoe_rt.engine.io.IO_DEPTH`; 1 = one I/O thread).
         trace: activation trace file (default ``MODEL.trace.json``).
+        resident: without a budget, how experts are held: ``full`` (decoded to BF16 on first
+            use and kept) or ``compressed`` (every expert read at load and kept in the compute
+            form, ~75 % of the BF16 bytes, and computed in place by the packed kernels; no reads
+            after loading; outputs bit-identical; design note §6.5).
 
     Returns:
         a :class:`Model`.
@@ -97,7 +101,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     Raises:
         FileNotFoundError: no such file.
         zmoe.ZmoeError: not a ``.zmoe``, corrupt, truncated, or from a newer format version.
-        ValueError: an architecture this runtime does not run, or a file without a tokenizer.
+        ValueError: an architecture this runtime does not run, a file without a tokenizer, an
+            unknown ``resident`` value, or ``resident="compressed"`` with a memory budget.
         zipmoe_rt.engine.io.ModelFileError: the file was replaced or changed while loading, or
             a read failed (EIO). Later, the calls of the :class:`Model` raise it when the file
             is changed in place under them (see :class:`Model` for what is guaranteed).
@@ -118,12 +123,17 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         raise ValueError(f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} "
                          f"-o model.zmoe`")
     budgeted = memory_budget is not None
+    from .engine.resident import check_resident
+    if check_resident(resident) == "compressed" and budgeted:
+        raise ValueError("resident (--resident): 'compressed' holds every expert and does not "
+                         "combine with a memory budget (--memory-budget)")
     from .engine.io import check_io_depth
     check_io_depth(io_depth)   # also unbudgeted: a bad value is an error, not ignored
     from . import kernels
     if kernels.USER_WAIT_POLICY is None:  # see zipmoe_rt/kernels/__init__.py
         kernels.set_wait_policy("passive" if budgeted else "active")
-    source = ZmoeSource(path, verify=verify, keep_experts=not budgeted, copy_dense=budgeted)
+    source = ZmoeSource(path, verify=verify, keep_experts=not budgeted, copy_dense=budgeted,
+                        resident=resident)
     engine = None
     try:
         tok = tokenizer_from_source(source)
@@ -133,8 +143,10 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             engine = build_engine(source, parse_size(memory_budget, source), policy, eviction,
                                   workers, direct, trace, verify, io_depth, warn_stacklevel=2)
             _check_same_file(source, engine.reader)
+        if resident == "compressed":
+            source.admit_all()
         model = Model(source, build_model(source, executor=engine), tok, path, engine)
-        if budgeted:
+        if budgeted or resident == "compressed":
             _release_load_memory(source)
         return model
     except BaseException:

@@ -136,6 +136,10 @@ ENGINE_OPTIONS = [
     click.option("--direct", is_flag=True, help="read experts with O_DIRECT (bypass the page cache)"),
     click.option("--io-depth", type=click.IntRange(min=1), default=None,
                  help="expert reads in flight at once [default: 4; 1 = one I/O thread]"),
+    click.option("--resident", type=click.Choice(["full", "compressed"]), default="full",
+                 show_default=True,
+                 help="without a budget: keep experts decoded (full) or all in a compressed "
+                      "compute form (~75% of BF16), computed in place, same outputs"),
 ]
 
 
@@ -179,7 +183,7 @@ def _load(model, kw):
     from .api import load
     return load(model, verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
                 policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
-                direct=kw["direct"], io_depth=kw["io_depth"])
+                direct=kw["direct"], io_depth=kw["io_depth"], resident=kw.get("resident", "full"))
 
 
 def _stats_line(st) -> str:
@@ -399,9 +403,12 @@ def calibrate(model, samples, direct, io_depth):
               help="activation trace for zipmoe [default: MODEL.trace.json]")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="write the full results as JSON here")
+@click.option("--resident", "residents", multiple=True,
+              type=click.Choice(["full", "compressed"]),
+              help="how the unbudgeted rows hold experts (repeatable: a row each) [default: full]")
 @friendly_errors
 def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
-          io_depth, raw_model, trace, json_out):
+          io_depth, raw_model, trace, json_out, residents):
     """Benchmark prefill/decode tokens/s under memory budgets, all policies in one run.
 
     Prints a llama-bench-style table (mean ± sd over repetitions, TTFT, TPOT, hits per tier,
@@ -421,7 +428,7 @@ def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, work
     res = B.run(model, bl, policies, pp=n_prompt,
                 tg=n_gen, reps=repetitions, workers=workers, direct=direct, eviction=eviction,
                 raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True),
-                io_depth=io_depth)
+                io_depth=io_depth, residents=residents or ("full",))
     click.echo(B.table(res))
     if json_out:
         B.save(res, json_out)

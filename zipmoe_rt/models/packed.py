@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .weights import ExpertWeights
+
 
 @dataclass
 class PackedMatrix:
@@ -53,6 +55,20 @@ class PackedMatrix:
         """Bytes of the same matrix in BF16."""
         return 2 * self.shape[0] * self.shape[1]
 
+    def bf16(self) -> np.ndarray:
+        """The BF16 bits, uint16 ``[out, in]`` (a new array), decoded with NumPy: the reference
+        of the packed kernels' decode and the form for backends without packed kernels."""
+        rows, cols = self.shape
+        h = (cols + 1) // 2
+        e = np.empty((rows, cols), np.uint16)
+        e[:, :h] = self.nib & 15
+        e[:, h:] = self.nib[:, :cols - h] >> 4
+        e += np.uint16(self.base)
+        r = np.repeat(np.arange(rows), np.diff(self.esc_ptr))
+        e[r, self.esc_col] = self.esc_val
+        sm = self.sm.astype(np.uint16)
+        return ((sm >> 7) << 15) | (e << 7) | (sm & 0x7F)
+
 
 @dataclass
 class PackedExpert:
@@ -71,7 +87,17 @@ class PackedExpert:
     def bf16_nbytes(self) -> int:
         return self.gate.bf16_nbytes + self.up.bf16_nbytes + self.down.bf16_nbytes
 
+    def weights(self) -> ExpertWeights:
+        """The decoded expert (:meth:`PackedMatrix.bf16` of each role)."""
+        return ExpertWeights(self.gate.bf16(), self.up.bf16(), self.down.bf16())
+
 
 def is_packed(expert) -> bool:
     """Whether ``expert`` is a :class:`PackedExpert` (else ExpertWeights-like)."""
     return isinstance(expert, PackedExpert)
+
+
+def as_weights(expert):
+    """``expert`` as ExpertWeights-like arrays: a :class:`PackedExpert` decoded, anything else
+    as it is."""
+    return expert.weights() if isinstance(expert, PackedExpert) else expert
