@@ -128,28 +128,29 @@ def pack_plane(exp: np.ndarray, rows: int, cols: int, base: int | None = None):
 
 
 @njit(inline="always")
+def _unpack_half(nib, sm, b, dst, shift):
+    """dst[j] = BF16 bits from sm[j] and the nibble ``(nib[j] << shift) & 0x780`` (shift 7:
+    low nibble, 3: high nibble), exponent offset ``b = base << 7``. Slices in, so the indices
+    are plain loop counters and the loop vectorises; int32 arithmetic, stored as uint16."""
+    for j in range(dst.shape[0]):
+        s = np.int32(sm[j])
+        dst[j] = (((s | (s << 8)) & 0x807F) | ((np.int32(nib[j]) << shift) & 0x780)) + b
+
+
+@njit(inline="always")
 def _unpack_row(nib, sm, base, ep, ec, ev, r, dst):
     """dst uint16 [in] = BF16 bits of row r of a packed matrix."""
     n = dst.shape[0]
     h = (n + 1) >> 1
     nr = nib[r]
     sr = sm[r]
-    b = np.uint32(base)
-    for j in range(h):
-        s = np.uint32(sr[j])
-        dst[j] = np.uint16(((s & np.uint32(0x80)) << np.uint32(8))
-                           | ((b + (np.uint32(nr[j]) & np.uint32(15))) << np.uint32(7))
-                           | (s & np.uint32(0x7F)))
-    for j in range(n - h):
-        s = np.uint32(sr[h + j])
-        dst[h + j] = np.uint16(((s & np.uint32(0x80)) << np.uint32(8))
-                               | ((b + (np.uint32(nr[j]) >> np.uint32(4))) << np.uint32(7))
-                               | (s & np.uint32(0x7F)))
+    b = np.int32(base) << 7
+    _unpack_half(nr, sr[:h], b, dst[:h], 7)
+    _unpack_half(nr, sr[h:], b, dst[h:], 3)
     for t in range(ep[r], ep[r + 1]):
         c = ec[t]
-        s = np.uint32(sr[c])
-        dst[c] = np.uint16(((s & np.uint32(0x80)) << np.uint32(8))
-                           | (np.uint32(ev[t]) << np.uint32(7)) | (s & np.uint32(0x7F)))
+        s = np.int32(sr[c])
+        dst[c] = ((s | (s << 8)) & 0x807F) | (np.int32(ev[t]) << 7)
 
 
 @njit(**JIT_SERIAL)
