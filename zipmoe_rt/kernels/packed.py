@@ -29,9 +29,9 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from . import linear as _lin
-from .linear import (JIT_PARALLEL, JIT_SERIAL, _gemv_bf16_block, _gemv_bf16_row, bf16_to_f32,
-                     dot_block, widen_rows_bf16)
-from .swiglu import _scatter_add, _silu
+from .linear import (JIT_PARALLEL, JIT_SERIAL, bf16_to_f32, dot_block, gemv_bf16_block,
+                     gemv_bf16_row, widen_rows_bf16)
+from .swiglu import scatter_add, silu
 
 __all__ = ["window_base", "pack_plane", "unpack_bf16", "packed_linear", "packed_linear_into",
            "packed_swiglu_hidden", "packed_expert_accumulate", "packed_experts_decode",
@@ -191,14 +191,14 @@ def _pk_gemv_par(x, nib, sm, base, ep, ec, ev, y, nthreads):
         for b in range(c * q // nchunks, (c + 1) * q // nchunks):
             for r in range(4):
                 _unpack_row(nib, sm, base, ep, ec, ev, b + r * q, s[r])
-            _gemv_bf16_block(x, s, t4, nb, 0, 1)
+            gemv_bf16_block(x, s, t4, nb, 0, 1)
             for r in range(4):
                 y[b + r * q] = t4[r]
     s1 = np.empty((1, n), np.uint16)
     t1 = np.empty(1, np.float32)
     for o in range(q * 4, out):
         _unpack_row(nib, sm, base, ep, ec, ev, o, s1[0])
-        _gemv_bf16_row(x, s1, t1, nb, 0)
+        gemv_bf16_row(x, s1, t1, nb, 0)
         y[o] = t1[0]
 
 
@@ -213,12 +213,12 @@ def _pk_gemv_serial(x, nib, sm, base, ep, ec, ev, y):
     for b in range(q):
         for r in range(4):
             _unpack_row(nib, sm, base, ep, ec, ev, b + r * q, s[r])
-        _gemv_bf16_block(x, s, t4, nb, 0, 1)
+        gemv_bf16_block(x, s, t4, nb, 0, 1)
         for r in range(4):
             y[b + r * q] = t4[r]
     for o in range(q * 4, out):
         _unpack_row(nib, sm, base, ep, ec, ev, o, s[0])
-        _gemv_bf16_row(x, s, t4, nb, 0)
+        gemv_bf16_row(x, s, t4, nb, 0)
         y[o] = t4[0]
 
 
@@ -333,8 +333,8 @@ def _pk_swiglu_gemv(x, gn, gs, gb, gp, gc, gv, un, us, ub, up_, uc, uv, h, nthre
                 g1 += bf16_to_f32(gr1[j]) * xj
                 u0 += bf16_to_f32(ur0[j]) * xj
                 u1 += bf16_to_f32(ur1[j]) * xj
-            h[i] = _silu(g0) * u0
-            h[k] = _silu(g1) * u1
+            h[i] = silu(g0) * u0
+            h[k] = silu(g1) * u1
     s2 = np.empty((2, n), np.uint16)
     for i in range(q * 2, inter):
         _unpack_row(gn, gs, gb, gp, gc, gv, i, s2[0])
@@ -344,7 +344,7 @@ def _pk_swiglu_gemv(x, gn, gs, gb, gp, gc, gv, un, us, ub, up_, uc, uv, h, nthre
         for j in range(n):
             g += bf16_to_f32(s2[0, j]) * x[j]
             u += bf16_to_f32(s2[1, j]) * x[j]
-        h[i] = _silu(g) * u
+        h[i] = silu(g) * u
 
 
 @njit(**JIT_PARALLEL)
@@ -373,7 +373,7 @@ def _pk_swiglu_gemm(x, gn, gs, gb, gp, gc, gv, un, us, ub, up_, uc, uv, h, nthre
             dot_block(x, buf, 2 * nr, tmp, nobias, 0)
             for t in range(T):
                 for r in range(nr):
-                    h[t, i + r] = _silu(tmp[t, r]) * tmp[t, nr + r]
+                    h[t, i + r] = silu(tmp[t, r]) * tmp[t, nr + r]
 
 
 def packed_swiglu_hidden(x2: np.ndarray, G, U) -> np.ndarray:
@@ -424,7 +424,7 @@ def packed_expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray,
     h = packed_swiglu_hidden(xs, E.gate, E.up)
     y = np.empty((h.shape[0], E.down.shape[0]), np.float32)
     packed_linear_into(h, E.down, y)
-    _scatter_add(out, np.ascontiguousarray(rows, dtype=np.int64),
+    scatter_add(out, np.ascontiguousarray(rows, dtype=np.int64),
                  np.ascontiguousarray(weights, dtype=np.float32), y)
 
 
@@ -469,8 +469,8 @@ def _pk_experts_gemv(x, gn, gs, gb, gp, gc, gv, un, us, ub, up_, uc, uv,
                 g1 += bf16_to_f32(gr1[j]) * xj
                 u0 += bf16_to_f32(ur0[j]) * xj
                 u1 += bf16_to_f32(ur1[j]) * xj
-            h[e, i] = _silu(g0) * u0
-            h[e, m] = _silu(g1) * u1
+            h[e, i] = silu(g0) * u0
+            h[e, m] = silu(g1) * u1
     s2 = np.empty((2, n), np.uint16)
     for e in range(k):
         for i in range(q * 2, inter):
@@ -481,7 +481,7 @@ def _pk_experts_gemv(x, gn, gs, gb, gp, gc, gv, un, us, ub, up_, uc, uv,
             for j in range(n):
                 g += bf16_to_f32(s2[0, j]) * x[j]
                 u += bf16_to_f32(s2[1, j]) * x[j]
-            h[e, i] = _silu(g) * u
+            h[e, i] = silu(g) * u
     qd = hid // 4
     dchunks = max(1, min(qd, nthreads))
     for c in prange(dchunks):
