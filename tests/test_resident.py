@@ -318,3 +318,5 @@ def test_bench_rows_for_each_resident_mode(tiny_moe_dir, tmp_path):
     assert "in-memory compressed" in B.table(res)
     with pytest.raises(ValueError, match="--resident"):
         B.run(z, [None], [], residents=("half",), log=lambda s: None)
+    with pytest.raises(ValueError, match="add --memory-budget none"):
+        B.run(z, ["50%"], ["zip-lru"], residents=("compressed",), log=lambda s: None)

@@ -226,6 +226,9 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     from .engine.resident import check_resident
     for r in residents:
         check_resident(r)
+    if "compressed" in residents and None not in budgets:
+        raise ValueError("--resident compressed applies to the unbudgeted rows: add "
+                         "--memory-budget none")
     from .api import parse_size
     from .engine.store import ZmoeSource
     from .engine import profile as prof

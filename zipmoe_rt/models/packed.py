@@ -1,6 +1,6 @@
 """The compute form of resident BF16 experts (design note §6.5): what ``--resident compressed``
-keeps in memory instead of BF16 weights, and what the packed kernels
-(:mod:`zipmoe_rt.kernels.packed`) compute from in place.
+keeps in memory instead of BF16 weights, and what the Numba backend's expert ops
+(:class:`~zipmoe_rt.backends.numba_cpu.NumbaBackend`) compute from in place.
 
 A :class:`PackedMatrix` holds a BF16 ``[out, in]`` matrix as its raw sign+mantissa plane
 (8 bits per weight, format/SPEC.md §5.1) plus the exponent as a 4-bit index into a window of
@@ -57,7 +57,7 @@ class PackedMatrix:
 
     def bf16(self) -> np.ndarray:
         """The BF16 bits, uint16 ``[out, in]`` (a new array), decoded with NumPy: the reference
-        of the packed kernels' decode and the form for backends without packed kernels."""
+        of the Numba backend's packed decode, and the form for backends without packed ops."""
         rows, cols = self.shape
         h = (cols + 1) // 2
         e = np.empty((rows, cols), np.uint16)
