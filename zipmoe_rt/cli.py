@@ -144,6 +144,10 @@ ENGINE_OPTIONS = [
     click.option("--direct", is_flag=True, help="read experts with O_DIRECT (bypass the page cache)"),
     click.option("--io-depth", type=click.IntRange(min=1), default=None,
                  help="expert reads in flight at once [default: 4; 1 = one I/O thread]"),
+    click.option("--resident", type=click.Choice(["full", "compressed"]), default="full",
+                 show_default=True,
+                 help="without a budget: keep experts decoded (full) or all in a compressed "
+                      "compute form (~75% of BF16), computed in place, same outputs"),
 ]
 
 DEVICE_OPTION = click.option(
@@ -194,7 +198,8 @@ def _load(model, kw, context=None):
     m = load(model, verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
              policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
              direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"],
-             memory_limit=kw.get("memory_limit"), context=context)
+             memory_limit=kw.get("memory_limit"), context=context,
+             resident=kw.get("resident", "full"))
     if kw.get("memory_limit") is not None:      # the banner's memory line
         click.echo(f"zipmoe-rt: {m.memory_line()}", err=True)
     return m
@@ -430,9 +435,12 @@ def calibrate(model, samples, direct, io_depth, device):
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="write the full results as JSON here")
 @DEVICE_OPTION
+@click.option("--resident", "residents", multiple=True,
+              type=click.Choice(["full", "compressed"]),
+              help="how the unbudgeted rows hold experts (repeatable: a row each) [default: full]")
 @friendly_errors
 def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
-          io_depth, raw_model, trace, json_out, device):
+          io_depth, raw_model, trace, json_out, device, residents):
     """Benchmark prefill/decode tokens/s under memory budgets, all policies in one run.
 
     Prints a llama-bench-style table (mean ± sd over repetitions, TTFT, TPOT, hits per tier,
@@ -455,7 +463,8 @@ def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, evicti
     res = B.run(model, bl, policies, pp=n_prompt,
                 tg=n_gen, reps=repetitions, workers=workers, direct=direct, eviction=eviction,
                 raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True),
-                io_depth=io_depth, device=device, limits=limits)
+                io_depth=io_depth, device=device, limits=limits,
+                residents=residents or ("full",))
     click.echo(B.table(res))
     if json_out:
         B.save(res, json_out)
