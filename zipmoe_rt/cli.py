@@ -464,6 +464,7 @@ def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, evicti
 
 from . import cli_format  # noqa: E402,F401  (registers convert, export, verify, inspect on main)
 from . import cli_eval  # noqa: E402,F401  (registers plan, perplexity on main)
+from . import cli_serve  # noqa: E402,F401  (registers serve on main)
 
 if __name__ == "__main__":   # python -m zipmoe_rt.cli: the group the verb modules registered on
     from zipmoe_rt.cli import main as registered_main
