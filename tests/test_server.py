@@ -427,6 +427,24 @@ def test_disconnect_stops_generation_and_queue_full_is_429(model):
             time.sleep(0.01)
         assert host.last_result["finish_reason"] == "cancelled"
         assert host.last_result["completion_tokens"] < 200
+        # a non-streamed request whose client leaves is stopped too
+        sock = socket.create_connection((h, int(port)), timeout=HARD_LIMIT_S)
+        body = json.dumps({"messages": HI, "max_tokens": 400, "temperature": 0}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        while not host.pending:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        calls = slow.net.calls
+        while slow.net.calls < calls + 3:           # it is generating
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        sock.close()
+        while host.pending:
+            assert time.monotonic() < deadline, "generation went on after the client left"
+            time.sleep(0.01)
+        assert host.last_result["finish_reason"] == "cancelled"
+        assert host.last_result["completion_tokens"] < 200
         # the server is free: a new request runs
         status, body = _raw(base, "POST", "/v1/chat/completions",
                             {"messages": HI, "max_tokens": 3, "temperature": 0})

@@ -200,6 +200,10 @@ def _load(model, kw, context=None):
     return m
 
 
+#: ``load_from_options(model, kw)``: the model loaded with the parsed engine options (``serve``)
+load_from_options = _load
+
+
 def _stats_line(st) -> str:
     if st is None:
         return ""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .cli import CliError, _load, engine_options, friendly_errors, main
+from .cli import CliError, engine_options, friendly_errors, load_from_options, main
 
 
 @main.command()
@@ -41,9 +41,14 @@ def serve(model, host, port, api_key, cors, queue_size, model_id, **kw):
         require_server_extra()
     except RuntimeError as e:
         raise CliError(str(e)) from None
+    from . import kernels
+    if kernels.USER_WAIT_POLICY is None:
+        # a server idles between requests: its kernel threads must sleep, not spin, meanwhile
+        kernels.USER_WAIT_POLICY = "PASSIVE"
+        kernels.set_wait_policy("passive")
     if model is not None and not model.exists():
         raise CliError(f"{model}: no such file")
     click.echo(f"zipmoe-rt serve: http://{host}:{port}/ (loading {model or 'the default model'}"
                f"; /health answers 503 until it is ready)", err=True)
-    run_server(functools.partial(_load, model, kw), host=host, port=port, api_key=api_key,
+    run_server(functools.partial(load_from_options, model, kw), host=host, port=port, api_key=api_key,
                cors=cors, queue_size=queue_size, model_id=model_id)

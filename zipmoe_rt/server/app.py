@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .schemas import APIError, parse_chat, parse_completion
@@ -104,8 +104,9 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
                 return tok.encode_chat(req.messages, add_generation_prompt=True, **kw)
             if isinstance(req.prompt, str):
                 return tok.encode(req.prompt)
-            vocab = host.model.net.config.vocab_size if hasattr(
-                host.model.net.config, "vocab_size") else tok.vocab_size
+            cfg = host.model.net.config
+            vocab = (cfg.get("vocab_size") if isinstance(cfg, dict)
+                     else getattr(cfg, "vocab_size", None)) or tok.vocab_size
             bad = [t for t in req.prompt if t >= vocab]
             if bad:
                 raise APIError(400, f"prompt: token id {bad[0]} is out of range (vocabulary "
@@ -172,6 +173,8 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
                     lps.extend(ev[2] or ())
                 elif ev[0] == "error":
                     raise ev[1]
+                elif ev[0] == "cancelled":      # the client has gone: nobody reads this
+                    return Response(status_code=499)
                 else:
                     result = ev[1]
                     break

@@ -98,6 +98,8 @@ async def sse_events(req, meta: dict, events: asyncio.Queue):
         elif ev[0] == "error":
             yield _sse(ev[1].body())
             break
+        elif ev[0] == "cancelled":
+            return
         else:
             result = ev[1]
             if chat and result.get("tool_calls"):

@@ -28,8 +28,8 @@ class Job:
         params: :class:`~zipmoe_rt.generate.SamplingParams` (``max_tokens`` already fitted to
             the context).
         emit: called from the worker thread with each event: ``("text", str, [logprob
-            entries])`` as the reply grows, then ``("done", result dict)`` or ``("error",
-            APIError)``.
+            entries])`` as the reply grows, then ``("done", result dict)``, ``("error",
+            APIError)`` or ``("cancelled",)`` (after :attr:`cancel` was set).
         stops: stop strings.
         logprobs: None, or the number of top alternatives per token.
         tool_format: a key of :data:`~zipmoe_rt.server.textproc.TOOL_FORMATS` when the request
@@ -141,7 +141,9 @@ class ModelHost:
             if job is None:
                 break
             try:
-                if not job.cancel.is_set():
+                if job.cancel.is_set():
+                    job.emit(("cancelled",))
+                else:
                     self._run(job)
             except APIError as e:
                 job.emit(("error", e))
@@ -201,6 +203,7 @@ class ModelHost:
             steps.close()
         if finish == "cancelled":
             self.last_result = {"finish_reason": "cancelled", "completion_tokens": n_tokens}
+            job.emit(("cancelled",))
             return
         if not stopped:
             out(dec.flush(), None)
