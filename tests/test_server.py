@@ -617,6 +617,83 @@ def test_models_tokenize_detokenize_and_page(server, model, client):
     assert status == 200 and "v1/chat/completions" in html and "tokens/s" in html
 
 
+def _chromium_eval(exe, url, expression, timeout=90):
+    """Open ``url`` in headless chromium and return the value of ``expression`` (a promise is
+    awaited), over the DevTools protocol on a pipe (``--remote-debugging-pipe``: JSON messages
+    ending in NUL on file descriptors 3 and 4)."""
+    import os
+    import select
+
+    to_r, to_w = os.pipe()
+    from_r, from_w = os.pipe()
+
+    def fds():
+        os.dup2(to_r, 3)
+        os.dup2(from_w, 4)
+    proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu",
+                             "--remote-debugging-pipe", "about:blank"], preexec_fn=fds,
+                            close_fds=False,     # else 3 and 4 are closed after preexec_fn
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(to_r)
+    os.close(from_w)
+    buf, deadline = b"", time.monotonic() + timeout
+
+    def call(id_, method, params, session=None):
+        nonlocal buf
+        msg = {"id": id_, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        os.write(to_w, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" in buf:
+                raw, buf = buf.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == id_:
+                    return reply
+            left = deadline - time.monotonic()
+            assert left > 0, "chromium did not answer in time"
+            if select.select([from_r], [], [], left)[0]:
+                chunk = os.read(from_r, 65536)
+                assert chunk, "chromium closed the pipe"
+                buf += chunk
+
+    try:
+        target = call(1, "Target.createTarget", {"url": url})["result"]["targetId"]
+        session = call(2, "Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "result"]["sessionId"]
+        for n in range(3, 100):    # until it runs in the page (not the blank one it replaced)
+            res = call(n, "Runtime.evaluate", {"expression": expression, "awaitPromise": True,
+                                               "returnByValue": True}, session)
+            if "error" not in res:
+                return res["result"]["result"].get("value")
+            assert "context was destroyed" in res["error"]["message"], res
+    finally:
+        os.close(to_w)
+        os.close(from_r)
+        proc.kill()
+        proc.wait(timeout=20)
+
+
+def test_chat_page_streams_a_reply_in_headless_chromium(server, model):
+    """The page at / sends ?q=..., streams the reply into the log and prints tokens/s
+    (checked in Debian's chromium when installed, skipped otherwise)."""
+    import shutil
+    import urllib.parse
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed")
+    url = f"{server[0]}/?q={urllib.parse.quote(HI[0]['content'])}&max_tokens=12"
+    got = _chromium_eval(exe, url, """new Promise(resolve => {
+        const wait = () => window.done ? window.done.then(() => resolve([
+            [...document.querySelectorAll('#log .assistant')].map(d => d.textContent),
+            document.querySelector('#log .stats').textContent])) : setTimeout(wait, 20);
+        wait(); })""")
+    replies, stats = got
+    assert replies == [model.chat(HI, max_tokens=12)]
+    assert "12 generated" in stats and "tokens/s" in stats
+
+
 # --------------------------------------------------------------------------------------------
 # the command line
 # --------------------------------------------------------------------------------------------
