@@ -225,6 +225,34 @@ def test_completions_match_api(client, model):
     assert by_ids.choices[0].text == want
 
 
+def test_greedy_20_and_logprobs_match_transformers(client, model, tiny_zmoe):
+    """20 greedy tokens from the server equal transformers' (fp32, full forward per step), and
+    each token's log-probability is within 1e-3 of transformers' log_softmax."""
+    torch = pytest.importorskip("torch")
+    from tiny_models import load_hf
+
+    prompt = "the quick brown fox jumps over"
+    ids = model.tokenizer.encode(prompt)
+    hf = load_hf(tiny_zmoe.with_suffix(""))
+    seq, want, want_lp = list(ids), [], []
+    with torch.no_grad():
+        for _ in range(20):
+            lsm = torch.log_softmax(hf(torch.tensor([seq])).logits[0, -1].double(), -1)
+            t = int(lsm.argmax())
+            if t in model.stop_ids:
+                break
+            want.append(t)
+            want_lp.append(float(lsm[t]))
+            seq.append(t)
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0,
+                                  logprobs=1)
+    assert r.choices[0].text == model.tokenizer.decode(want, skip_special_tokens=True)
+    assert r.usage.completion_tokens == len(want) + (len(want) < 20)   # + the stop token
+    got_lp = r.choices[0].logprobs.token_logprobs[:len(want)]
+    assert len(got_lp) == len(want) >= 1
+    assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) <= 1e-3
+
+
 def test_stop_strings_are_cut_and_never_sent(client, model):
     base = model.chat(HI, max_tokens=30)
     assert len(base) > 12
