@@ -253,6 +253,23 @@ def test_greedy_20_and_logprobs_match_transformers(client, model, tiny_zmoe):
     assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) <= 1e-3
 
 
+def test_budgeted_model_serves_the_same_replies(model, tiny_zmoe):
+    """Under --memory-budget (zip-lru: experts streamed through a small cache) the served
+    greedy replies, streamed or not, are those of the unbudgeted model."""
+    budgeted = zipmoe_rt.load(tiny_zmoe, memory_budget="30%", policy="zip-lru")
+    try:
+        with running(create_app(_host(budgeted))) as base:
+            _wait_ready(base)
+            cl = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0,
+                               timeout=HARD_LIMIT_S)
+            for msgs in (HI, [{"role": "user", "content": "tell me a story about a cat"}]):
+                want = model.chat(msgs, max_tokens=20)
+                assert _chat(cl, msgs, max_tokens=20).choices[0].message.content == want
+                assert _stream_text(_chat(cl, msgs, max_tokens=20, stream=True))[0] == want
+    finally:
+        budgeted.close()
+
+
 def test_stop_strings_are_cut_and_never_sent(client, model):
     base = model.chat(HI, max_tokens=30)
     assert len(base) > 12

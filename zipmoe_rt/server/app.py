@@ -129,7 +129,8 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
                            f"tokens (prompt plus reply)", param="messages" if kind == "chat"
                            else "prompt", code="context_length_exceeded")
         room = ctx - len(ids)
-        gen_cfg = host.model.source.metadata.get("generation.config") or {}
+        from zmoe.constants import Keys
+        gen_cfg = host.model.source.metadata.get(Keys.Generation.CONFIG) or {}
         from ..sampling import SamplingParams
         try:
             params = SamplingParams.from_generation_config(
