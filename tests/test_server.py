@@ -300,6 +300,9 @@ def test_sampling_options_are_passed(client, model):
     assert r.choices[0].message.content == greedy
     r = _chat(client, HI, max_tokens=3)
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    # no sampling fields: the model's generation_config defaults (none here: greedy)
+    r = client.chat.completions.create(model="tiny", messages=HI, max_tokens=12)
+    assert r.choices[0].message.content == greedy
 
 
 def test_logprobs(client, model):
