@@ -6,6 +6,7 @@ that forwards them into its event loop).
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -82,12 +83,15 @@ class ModelHost:
         threading.Thread(target=self._work, name="zipmoe-rt-worker", daemon=True).start()
 
     def _load(self) -> None:
+        log = logging.getLogger("uvicorn.error")     # the server's console log
         try:
             self.model = self.loader()
             self.status = "ok"
+            log.info("model %s loaded: ready", self.model.name)
         except BaseException as e:  # noqa: BLE001 - reported by /health and every request
             self.error = f"{type(e).__name__}: {e}"
             self.status = "error"
+            log.error("the model failed to load: %s (every request answers 503)", self.error)
 
     def close(self) -> None:
         """Stop the worker after the job in progress and close the model."""
