@@ -345,6 +345,54 @@ class Model:
             if on_finish is not None:
                 on_finish(gen)
 
+    def token_steps(self, ids: Sequence[int], params: SamplingParams,
+                    state: CacheState | None = None, on_logits=None) -> Iterator:
+        """Run one generation step by step: the low-level loop behind servers and custom UIs.
+
+        Yields the :class:`~zipmoe_rt.generate.GenerationStep` items of
+        :func:`~zipmoe_rt.generate.generate` (sampled token ids, then one final step with the
+        stats), each computed under the model's lock (see :class:`Model`), so a caller can stop
+        between any two tokens: closing the iterator (``break``) ends generation at once with
+        ``finish_reason="cancelled"``. :attr:`last_stats` is set when it ends.
+
+        Args:
+            ids: prompt token ids to feed (with ``state``: those after what its cache holds).
+            params: :class:`SamplingParams` (see :meth:`sampling`).
+            state: a :class:`~zipmoe_rt.generate.CacheState` to continue and update in place
+                (e.g. for prompt-prefix reuse through ``state.sync_prefix``); default a new one.
+            on_logits: called with each step's raw logits (float32 ``[vocab]``, before any
+                sampling processor) before the token is drawn, e.g. for log-probabilities.
+
+        Raises:
+            ValueError: as for :func:`~zipmoe_rt.generate.generate`.
+            RuntimeError: the model was closed.
+        """
+        if self.net is None:
+            raise RuntimeError(f"{self.path}: the model was closed")
+        gen = generate(self.net, list(ids), params, self.stop_ids, cache=state)
+        if on_logits is not None:
+            inner = gen.sampler
+
+            class _Watch:
+                def sample(self, logits, context_ids=None):
+                    on_logits(logits)
+                    return inner.sample(logits, context_ids)
+            gen.sampler = _Watch()
+        try:
+            while True:
+                with self._lock:
+                    if self.net is None:
+                        raise RuntimeError(f"{self.path}: the model was closed")
+                    step = next(gen, None)
+                if step is None:
+                    break
+                yield step
+                if step.token_id is None:
+                    break
+        finally:
+            gen.close()
+            self.last_stats = gen.stats
+
     # -- public ------------------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, **sampling) -> Iterator[str]:
         """Complete a raw prompt (no chat template), yielding text pieces as they are decoded.

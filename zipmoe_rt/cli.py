@@ -205,6 +205,10 @@ def _load(model, kw, context=None):
     return m
 
 
+#: ``load_from_options(model, kw)``: the model loaded with the parsed engine options (``serve``)
+load_from_options = _load
+
+
 def _stats_line(st) -> str:
     if st is None:
         return ""
@@ -473,6 +477,7 @@ def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, evicti
 
 from . import cli_format  # noqa: E402,F401  (registers convert, export, verify, inspect on main)
 from . import cli_eval  # noqa: E402,F401  (registers plan, perplexity on main)
+from . import cli_serve  # noqa: E402,F401  (registers serve on main)
 
 if __name__ == "__main__":   # python -m zipmoe_rt.cli: the group the verb modules registered on
     from zipmoe_rt.cli import main as registered_main
