@@ -133,7 +133,7 @@ def test_heads_linear_both_backends(kind, nh, T, n_out, n_in):
 
 
 def test_mla_refuses_a_backend_without_its_ops():
-    """A backend lacking heads_linear (the CUDA one today) is refused by name at build time."""
+    """A backend lacking heads_linear is refused by name at build time."""
     from zipmoe_rt.backends.base import Backend
     from zipmoe_rt.backends.numpy_ref import NumpyBackend
 

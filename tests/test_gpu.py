@@ -336,6 +336,115 @@ def test_route(be, renorm, T, E, k):
     _close(w1, w2, tol=1e-6)
 
 
+@pytest.mark.parametrize("nq,nkv,hd,half", [(4, 2, 16, 4), (6, 1, 12, 3), (2, 2, 64, 16)])
+def test_rope_qk_cache_partial_rotary(be, nq, nkv, hd, half):
+    """Tables narrower than half the head (partial rotary, GLM-4-MoE): pairs i, i + half
+    rotate, the last hd - 2 * half dimensions of q and k pass unchanged (also into the cache)."""
+    rng = np.random.default_rng(hd + half)
+    T, pos0 = 3, 2
+    qkv, cos, sin, kc, vc = _rope_case(rng, T, nq, nkv, hd, pos0, 8)
+    cos, sin = np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin[:, :half])
+    e = np.zeros(0, np.float32)
+    a, kk, vv = qkv.copy(), kc.copy(), vc.copy()
+    NP.rope_qk_cache(a, nq, nkv, hd, e, e, np.float32(1e-6), cos, sin, kk, vv, pos0)
+    assert np.array_equal(a.reshape(T, -1, hd)[:, :nq + nkv, 2 * half:],
+                          qkv.reshape(T, -1, hd)[:, :nq + nkv, 2 * half:])
+    d = [be.from_host(v) for v in (qkv, kc, vc)]
+    be.rope_qk_cache(d[0], nq, nkv, hd, be.from_host(e), be.from_host(e), np.float32(1e-6),
+                     be.from_host(cos), be.from_host(sin), d[1], d[2], pos0)
+    for got, ref in zip(d, (a, kk, vv)):
+        _close(be.to_host(got), ref, tol=1e-6)
+    with pytest.raises(ValueError, match="RoPE tables of width"):
+        wide = be.from_host(np.ones((T, hd // 2 + 1), np.float32))
+        be.rope_qk_cache(d[0], nq, nkv, hd, be.from_host(e), be.from_host(e), np.float32(1e-6),
+                         wide, wide, d[1], d[2], pos0)
+
+
+@pytest.mark.parametrize("T,pos0,nq,hd", [(5, 0, 4, 96), (1, 20, 8, 576), (3, 7, 2, 640)])
+def test_attention_wide_heads(be, T, pos0, nq, hd):
+    """MLA's latent queries: one kv head of width kv_lora_rank + qk_rope_head_dim (up to 640),
+    k and v the same cache; wider heads are refused by name."""
+    rng = np.random.default_rng(hd + T)
+    qkv, _, _, kc, _ = _rope_case(rng, T, nq, 1, hd, pos0, pos0 + T)
+    q = np.ascontiguousarray(qkv[:, :nq * hd])
+    scale = np.float32(0.1)
+    ref = NP.attention(q, nq, 1, hd, kc, kc, pos0, 0, scale, np.empty((T, nq * hd), np.float32))
+    kd = be.from_host(kc)
+    got = be.attention(be.from_host(q), nq, 1, hd, kd, kd, pos0, 0, scale, be.empty((T, nq * hd)))
+    _close(be.to_host(got), ref, tol=1e-5)
+    with pytest.raises(ValueError, match="head_dim 648 > 640"):
+        be.attention(be.zeros((1, 648)), 1, 1, 648, be.zeros((1, 2, 648)), be.zeros((1, 2, 648)),
+                     0, 0, scale, be.empty((1, 648)))
+
+
+@pytest.mark.parametrize("kind", ["bf16", "f32"])
+@pytest.mark.parametrize("nh,T,n_out,n_in", [(3, 1, 24, 16), (4, 9, 16, 40), (2, 5, 128, 64)])
+def test_heads_linear(be, kind, nh, T, n_out, n_in):
+    rng = np.random.default_rng(nh * T + n_out)
+    W = _weight(rng, (nh, n_out, n_in), kind)
+    x = rng.standard_normal((nh, T, n_in)).astype(np.float32)
+    ref = NP.heads_linear(x, W)
+    got = be.heads_linear(be.from_host(x), be.from_host(W))
+    _close(be.to_host(got), ref)
+    out = be.from_host(np.full((nh, T, n_out), np.nan, np.float32))
+    assert be.heads_linear(be.from_host(x), be.from_host(W), out) is out
+    _close(be.to_host(out), ref)
+    with pytest.raises(ValueError, match="heads_linear"):
+        be.heads_linear(be.from_host(x[:, :, :-1]), be.from_host(W))
+
+
+def test_layer_norm_and_scale(be):
+    rng = np.random.default_rng(5)
+    for n in (24, 3000):
+        x = (rng.standard_normal((4, n)) * 3 + 1).astype(np.float32)
+        w = (1 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+        b = (0.1 * rng.standard_normal(n)).astype(np.float32)
+        ref = NP.layer_norm(x, w, b, 1e-5)
+        _close(be.to_host(be.layer_norm(be.from_host(x), be.from_host(w), be.from_host(b), 1e-5)),
+               ref, tol=1e-5)
+        out = be.empty(x.shape)
+        assert be.layer_norm(be.from_host(x), be.from_host(w), be.from_host(b), 1e-5,
+                             out=out) is out
+        _close(be.to_host(out), ref, tol=1e-5)
+    for divide in (False, True):
+        d = be.from_host(x.copy())
+        assert be.scale_(d, 0.37, divide) is d
+        assert np.array_equal(be.to_host(d), NP.scale_(x.copy(), 0.37, divide))
+
+
+@pytest.mark.parametrize("scoring,method,n_group,topk_group,biased,scale", [
+    ("sigmoid", "noaux_tc", 4, 2, True, 2.5), ("softmax", "group_limited_greedy", 4, 2, False,
+                                                16.0), ("sigmoid", "greedy", 1, 1, True, 1.0)])
+def test_route_grouped_biased_scaled(be, scoring, method, n_group, topk_group, biased, scale):
+    rng = np.random.default_rng(n_group + int(biased))
+    T, E, k = 9, 16, 4
+    logits = (rng.standard_normal((T, E)) * 2).astype(np.float32)
+    bias = (0.3 * rng.standard_normal(E)).astype(np.float32) if biased else None
+    for renorm in (False, True):
+        i1, w1 = be.route(be.from_host(logits), k, renorm, scoring, method, n_group, topk_group,
+                          bias, scale)
+        i2, w2 = NP.route(logits, k, renorm, scoring, method, n_group, topk_group, bias, scale)
+        assert np.array_equal(i1, i2) and w1.dtype == np.float32
+        _close(w1, w2, tol=1e-6)
+    with pytest.raises(ValueError, match="n_group 3 does not divide"):
+        be.route(be.from_host(logits), k, True, scoring, method, 3, 1, bias, scale)
+
+
+def test_route_sparsemixer_and_choice_bias(be):
+    rng = np.random.default_rng(11)
+    logits = (rng.standard_normal((7, 8)) * 2).astype(np.float32)
+    for eps in (0.01, 0.5):
+        i1, w1 = be.route_sparsemixer(be.from_host(logits), eps)
+        i2, w2 = NP.route_sparsemixer(logits, eps)
+        assert np.array_equal(i1, i2) and np.array_equal(w1, w2)
+    bias = (0.5 * rng.standard_normal(8)).astype(np.float32)
+    i1, w1 = be.route_choice_bias(be.from_host(logits), 3, be.from_host(bias), 1e-12)
+    i2, w2 = NP.route_choice_bias(logits, 3, bias, 1e-12)
+    assert np.array_equal(i1, i2) and np.array_equal(w1, w2)
+    with pytest.raises(ValueError, match="3 bias values for 8 experts"):
+        be.route_choice_bias(be.from_host(logits), 3, be.from_host(bias[:3]), 1e-12)
+
+
 @pytest.mark.parametrize("kind", ["bf16", "f16", "f32"])
 def test_embed(be, kind):
     rng = np.random.default_rng(2)

@@ -5,6 +5,7 @@
 # test and cuda extras).
 set -u
 export PYTHONUNBUFFERED=1
+export USE_HUB_KERNELS=NO     # the parity reference is transformers' eager modules, no Hub kernels
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python3 -c "import cupy; print('cupy', cupy.__version__)"
 python3 -m pytest -q -p no:cacheprovider -rs -s tests/test_gpu.py tests/test_gpu_planes.py 2>&1 \

@@ -12,9 +12,15 @@ Where each op runs:
   place;
 * more tokens (prefill): the BF16 weight is widened to float32 on the GPU, :data:`WIDEN_BYTES`
   at a time, and multiplied with cuBLAS (``cupy.matmul``, FP32, no TF32);
-* RMSNorm, q/k norms, RoPE + KV-cache write, causal GQA attention (online softmax) and top-k
-  routing: kernels of their own; routing results go to the host (the executor decides there
-  which experts to fetch);
+* RMSNorm, q/k norms, RoPE (full or partial rotary) + KV-cache write, causal GQA attention
+  (online softmax, head sizes up to :data:`ATT_MAX_HD`, MLA's latent queries included) and
+  softmax top-k routing: kernels of their own; routing results go to the host (the executor
+  decides there which experts to fetch);
+* the other routers (sigmoid / grouped / biased / scaled :meth:`CupyBackend.route`, PhiMoE's
+  sparsemixer, ERNIE's choice bias): the [T, E] logits are copied to the host and routed by
+  the NumPy reference backend (the decisions go to the host anyway);
+* LayerNorm, :meth:`CupyBackend.scale_` and the per-head products of MLA
+  (:meth:`CupyBackend.heads_linear`): CuPy array code and the linear path above;
 * float16 / float32 weights: widened with CuPy and multiplied with cuBLAS;
 * bit planes: the plane merge and the Huffman exponent decoder of
   :mod:`~zipmoe_rt.backends.cuda_planes` (:meth:`CupyBackend.merge_planes`,
@@ -34,7 +40,7 @@ import cupy as cp
 from ..kernels import cuda_src
 from ..models.weights import ExpertWeights
 from . import cuda_planes
-from .base import Backend, check_qk_norm
+from .base import Backend, check_choice_bias, check_qk_norm, check_route
 from .numpy_ref import NumpyBackend
 
 #: token counts from this on go through widened weights and cuBLAS instead of the GEMV kernel
@@ -44,8 +50,11 @@ WIDEN_BYTES = 64 << 20
 #: one token's k BF16 experts in two launches (gate/up of all, then the down projections
 #: summed in registers) instead of two per expert
 FUSED_EXPERTS = True
+#: the widest head the attention kernel takes (ATT_MAXE = 20 elements per lane of a warp)
+ATT_MAX_HD = 640
 _ROWS_PER_BLOCK = 8          # warps (output rows) per block of the GEMV kernels
 _F32 = np.float32
+_NP = NumpyBackend()                 # host routing of the routers without a kernel here
 
 
 def _i32(v) -> np.int32:
@@ -284,9 +293,8 @@ class CupyBackend(Backend):
                       clip=None):
         """Norm kernel over rows of ``w.size`` (a head or the whole projection) in place,
         ``cupy.clip``, then the RoPE + cache-write kernel (one block per token and q/k head)."""
-        check_qk_norm(q_norm.size, k_norm.size, nq, nkv, hd, clip)
-        if hd % 2:
-            raise ValueError(f"head_dim {hd} is odd: RoPE needs pairs")
+        check_qk_norm(q_norm.size, k_norm.size, nq, nkv, hd, clip, cos.shape[1])
+        half = int(cos.shape[1])
         T, ld = qkv.shape[0], qkv.strides[0] // 4
         for w, base, heads in ((q_norm, 0, nq), (k_norm, nq * hd, nkv)):
             if w.size:
@@ -298,13 +306,14 @@ class CupyBackend(Backend):
         sin = cp.ascontiguousarray(sin, cp.float32)
         self.k["rope_qk_cache"]((T, nq + nkv), (min(128, max(32, hd // 2)),),
                                 (qkv, cos, sin, kc, vc, _i32(nq), _i32(nkv), _i32(hd),
-                                 _i64(ld), _i64(kc.shape[1]), _i32(pos0)))
+                                 _i64(ld), _i64(kc.shape[1]), _i32(pos0), _i32(half)))
 
     def attention(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
         """The attention kernel: one block of 4 warps per (token, query head), keys split
         between the warps (online softmax), partial results combined in shared memory."""
-        if hd > 256:
-            raise ValueError(f"head_dim {hd} > 256 is not supported by the CUDA attention kernel")
+        if hd > ATT_MAX_HD:
+            raise ValueError(f"head_dim {hd} > {ATT_MAX_HD} is not supported by the CUDA "
+                             f"attention kernel")
         T = qkv.shape[0]
         nw = 4
         shared = 4 * nw * (hd + 2)
@@ -317,19 +326,64 @@ class CupyBackend(Backend):
 
     # -- routing -------------------------------------------------------------------------------
 
-    def route(self, logits, k, renorm):
-        """The routing kernel (one thread per token) on the GPU; the [T, k] results are copied
-        to the host."""
-        logits = cp.ascontiguousarray(logits, cp.float32)
+    def route(self, logits, k, renorm, scoring="softmax", method="greedy", n_group=1,
+              topk_group=1, bias=None, scale=1.0):
+        """Softmax top-k without bias or scale: the routing kernel (one thread per token) on
+        the GPU, the [T, k] results copied to the host. Any other router (sigmoid scoring,
+        grouped selection, a score-correction bias, a scale): the logits copied to the host and
+        routed by :meth:`NumpyBackend.route <zipmoe_rt.backends.numpy_ref.NumpyBackend.route>`.
+        Raises ValueError from :func:`~zipmoe_rt.backends.base.check_route`."""
         T, E = logits.shape
-        if not 0 < k <= E:
-            raise ValueError(f"route: k = {k} experts of {E}")
+        check_route(E, k, scoring, method, n_group, topk_group, bias, scale)
+        if not (scoring == "softmax" and method == "greedy" and bias is None and scale == 1.0):
+            return _NP.route(self.to_host(logits), k, renorm, scoring, method, n_group,
+                             topk_group, None if bias is None else self.to_host(bias), scale)
+        logits = cp.ascontiguousarray(logits, cp.float32)
         p = cp.empty((T, E), cp.float32)
         idx = cp.empty((T, k), cp.int64)
         w = cp.empty((T, k), cp.float32)
         self.k["route_topk"](((T + 127) // 128,), (128,),
                              (logits, p, idx, w, _i32(T), _i32(E), _i32(k), _i32(bool(renorm))))
         return cp.asnumpy(idx), cp.asnumpy(w)
+
+    # -- PhiMoE --------------------------------------------------------------------------------
+
+    def layer_norm(self, x, w, b, eps, out=None):
+        """``(x - mean) / sqrt(var + eps) * w + b`` per row with the biased variance (CuPy
+        float32 reductions and elementwise ops, as ``nn.LayerNorm``)."""
+        mean = cp.mean(x, axis=-1, keepdims=True, dtype=cp.float32)
+        d = x - mean
+        var = cp.mean(d * d, axis=-1, keepdims=True, dtype=cp.float32)
+        y = d / cp.sqrt(var + _F32(eps)) * w + b
+        if out is None:
+            return y.astype(cp.float32, copy=False)
+        out[...] = y
+        return out
+
+    def route_sparsemixer(self, logits, jitter_eps):
+        """The [T, E] logits copied to the host and routed by :meth:`NumpyBackend.route_sparsemixer
+        <zipmoe_rt.backends.numpy_ref.NumpyBackend.route_sparsemixer>` (ValueError for fewer
+        than 2 experts)."""
+        return _NP.route_sparsemixer(self.to_host(logits), jitter_eps)
+
+    # -- Multi-head Latent Attention -------------------------------------------------------------
+
+    def heads_linear(self, x, W, out=None):
+        """``out[h] = x[h] @ W[h].T`` for each head with :meth:`linear` (GEMV kernel or
+        cuBLAS). Raises ValueError when the shapes disagree, TypeError for another weight
+        dtype."""
+        if x.ndim != 3 or W.ndim != 3 or x.shape[0] != W.shape[0] or x.shape[2] != W.shape[2]:
+            raise ValueError(f"heads_linear: x {tuple(x.shape)} and W {tuple(W.shape)} disagree "
+                             f"(expected [nh, T, in] and [nh, out, in])")
+        nh, T = x.shape[:2]
+        if out is None:
+            out = cp.empty((nh, T, W.shape[1]), cp.float32)
+        elif tuple(out.shape) != (nh, T, W.shape[1]):
+            raise ValueError(f"heads_linear: out {tuple(out.shape)}, expected "
+                             f"{(nh, T, W.shape[1])}")
+        for h in range(nh):
+            out[h] = self.linear(x[h], W[h])
+        return out
 
     # -- Granite-MoE ---------------------------------------------------------------------------
 
@@ -346,8 +400,8 @@ class CupyBackend(Backend):
     def route_choice_bias(self, logits, k, bias, norm_min):
         """On the host with the NumPy reference (:class:`~zipmoe_rt.backends.numpy_ref.NumpyBackend`):
         the [T, E] logits are copied over, as the decisions go to the host anyway."""
-        return NumpyBackend().route_choice_bias(cp.asnumpy(logits), k, cp.asnumpy(bias),
-                                                norm_min)
+        check_choice_bias(bias, logits.shape[1])
+        return _NP.route_choice_bias(cp.asnumpy(logits), k, cp.asnumpy(bias), norm_min)
 
     # -- bit planes ----------------------------------------------------------------------------
 

@@ -145,12 +145,14 @@ __global__ void rmsnorm_rows(const float* x, float* y, const float* __restrict__
 }
 
 // Backend.rope_qk_cache after the norms/clip: RoPE (x * cos + rotate_half(x) * sin) of the
-// q and k heads of token t = blockIdx.x, head blockIdx.y in [0, nq + nkv); k and v of the
-// token to kc/vc[kv head, pos0 + t, :].
+// q and k heads of token t = blockIdx.x, head blockIdx.y in [0, nq + nkv), pairs i and
+// i + half for i < half (half = width of the cos/sin tables; 2 * half < hd: partial rotary,
+// the rest passes unchanged); k and v of the token to kc/vc[kv head, pos0 + t, :].
 __global__ void rope_qk_cache(float* qkv, const float* __restrict__ cs,
                               const float* __restrict__ sn, float* kc, float* vc, int nq,
-                              int nkv, int hd, long long ld, long long cap, int pos0) {
-    int t = blockIdx.x, h = blockIdx.y, half = hd >> 1;
+                              int nkv, int hd, long long ld, long long cap, int pos0,
+                              int half) {
+    int t = blockIdx.x, h = blockIdx.y;
     float* row = qkv + t * ld;
     float* xh = row + (long long)h * hd;
     const float* c = cs + (long long)t * half;
@@ -165,6 +167,8 @@ __global__ void rope_qk_cache(float* qkv, const float* __restrict__ cs,
         xh[i + half] = o2;
         if (kh >= 0) { kd[i] = o1; kd[i + half] = o2; }
     }
+    if (kh >= 0)                 // partial rotary: dimensions 2 * half .. hd pass unrotated
+        for (int i = 2 * half + threadIdx.x; i < hd; i += blockDim.x) kd[i] = xh[i];
     if (kh >= 0) {
         const float* v = row + (long long)(nq + nkv) * hd + (long long)kh * hd;
         float* vd = vc + ((long long)kh * cap + pos0 + t) * hd;
@@ -172,7 +176,7 @@ __global__ void rope_qk_cache(float* qkv, const float* __restrict__ cs,
     }
 }
 
-#define ATT_MAXE 8   /* head_dim <= 256: 8 elements per lane */
+#define ATT_MAXE 20  /* head_dim <= 640 (MLA: kv_lora_rank 512 + rope 64): 20 elements per lane */
 #define NEG_INF __uint_as_float(0xff800000u)
 
 // Backend.attention: query head h = blockIdx.y of token t = blockIdx.x attends to keys

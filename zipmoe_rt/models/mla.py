@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends import get_backend, to_f32
-from ..backends.base import Backend, HostArrays
+from ..backends.base import Backend
 from .cache import LatentCache
 
 _EMPTY = np.zeros(0, np.float32)
@@ -66,18 +66,16 @@ class MLAttention:
         Weights are BF16 bits (uint16), float16 or float32 ``[out, in]``.
     Raises:
         ValueError: a weight whose shape disagrees with ``args`` (named), neither / both of
-            ``wq`` and ``wq_a``, or a backend that cannot run it (the CPU backends can; the
-            CUDA backend has no ``heads_linear`` and a 256-wide attention kernel).
+            ``wq`` and ``wq_a``, or a backend without the ``heads_linear`` op.
     """
 
     def __init__(self, args, layer: int, wkv_a, kv_a_norm, wkv_b, wo, scale: float, wq=None,
                  wq_a=None, q_a_norm=None, wq_b=None, bq_a=None, bkv_a=None, bo=None,
                  backend=None):
         be = self.backend = get_backend(backend)
-        if type(be).heads_linear is Backend.heads_linear or not isinstance(be, HostArrays):
-            raise ValueError(f"backend {be.name!r} cannot run Multi-head Latent Attention yet "
-                             f"(it needs host arrays and the heads_linear op): use the CPU "
-                             f"backends (numba, numpy)")
+        if type(be).heads_linear is Backend.heads_linear:
+            raise ValueError(f"backend {be.name!r} cannot run Multi-head Latent Attention "
+                             f"(it has no heads_linear op)")
         self.layer = layer
         nh, r = args.num_attention_heads, args.kv_lora_rank
         dn, dr, dv = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
@@ -158,14 +156,14 @@ class MLAttention:
         w = r + dr
         qa = be.empty((T, nh * w))
         qa3 = qa.reshape(T, nh, w)
-        qn = be.from_host(np.ascontiguousarray(q_nope.reshape(T, nh, dn).transpose(1, 0, 2)))
+        qn = be.from_host(q_nope.reshape(T, nh, dn).transpose(1, 0, 2))    # contiguous copy
         qa3[:, :, :r] = be.heads_linear(qn, self.w_kT).transpose(1, 0, 2)
         qa3[:, :, r:] = rot[:, :nh * dr].reshape(T, nh, dr)
         lat_out = be.empty((T, nh * w))
         cv = kv.reshape(1, kv.shape[0], w)
         be.attention(qa, nh, 1, w, cv, cv, pos0, 0, self.scale, lat_out)
-        lo = np.ascontiguousarray(lat_out.reshape(T, nh, w)[:, :, :r].transpose(1, 0, 2))
-        att = np.ascontiguousarray(be.heads_linear(lo, self.w_v).transpose(1, 0, 2))
+        lo = be.from_host(lat_out.reshape(T, nh, w)[:, :, :r].transpose(1, 0, 2))
+        att = be.from_host(be.heads_linear(lo, self.w_v).transpose(1, 0, 2))
         return be.linear(att.reshape(T, nh * dv), self.wo, self.bo)
 
 
