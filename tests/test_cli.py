@@ -626,7 +626,7 @@ def test_repl_streams_survives_ctrl_c_and_quits(tiny_zmoe):
     env = {k: v for k, v in os.environ.items() if k != "ZIPMOE_RT_DEBUG"}
     env.update(TERM="dumb", PYTHONUNBUFFERED="1")
     # the tiny random model never stops on its own: with -n this large a reply runs until Ctrl-C
-    argv = _cli_argv() + ["chat", str(tiny_zmoe), "-n", "1000000"]
+    argv = _cli_argv() + ["chat", str(tiny_zmoe), "-n", "1000000", "-c", "1000000"]
     try:
         proc = Pty(argv, env)
     except OSError as e:
