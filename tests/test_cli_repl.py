@@ -313,3 +313,39 @@ def test_repl_ctrl_c_works_when_started_with_sigint_ignored(greedy_zmoe):
     except BaseException:
         proc.kill()
         raise
+
+
+# -- the kernel warm-up (item 4) ---------------------------------------------------------------------
+def test_warm_up_says_when_kernels_compile_and_runs_them_before_the_prompt(capsys):
+    """The notice comes from Numba's compile event: shown while a kernel compiles, not when
+    it is already compiled (or loaded from Numba's on-disk cache, which sends no event)."""
+    import threading
+    from types import SimpleNamespace
+
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def kernel(ids):   # a fresh function: compiled on its first call
+        return ids.sum() + 1
+
+    calls = []
+
+    class Net:
+        def new_cache(self, max_tokens=None):
+            return []
+
+        def forward(self, ids, cache, last_only=True):
+            calls.append((ids.tolist(), kernel(ids)))
+            return np.zeros(4, np.float32)
+
+    m = SimpleNamespace(device="cpu", net=Net(), _lock=threading.Lock(),
+                        tokenizer=SimpleNamespace(bos_token_id=5, eos_token_id=7))
+    cli_repl.warm_up(m, notice=True)
+    err = capsys.readouterr().err
+    assert "compiling kernels (first run only)..." in err
+    assert re.search(r"kernels compiled in \d+ s", err)
+    assert calls == [([5, 7], 13), ([5], 6)]        # a prefill of two ids, then a decode step
+    cli_repl.warm_up(m, notice=True)
+    assert capsys.readouterr().err == ""
+    assert len(calls) == 4
