@@ -349,3 +349,32 @@ def test_warm_up_says_when_kernels_compile_and_runs_them_before_the_prompt(capsy
     cli_repl.warm_up(m, notice=True)
     assert capsys.readouterr().err == ""
     assert len(calls) == 4
+
+
+# -- progress bars and the first build (items 7, 9) ----------------------------------------------------
+def test_no_progress_bars_off_a_terminal(tiny_src, greedy_zmoe, tmp_path):
+    """Without -q, standard error not a terminal (CliRunner's): no tqdm bar (``%|``, ``it/s``)."""
+    r = cli("convert", tiny_src, "-o", tmp_path / "m.zmoe", "--chunks", 2)
+    assert r.exit_code == 0, r.stderr
+    v = cli("verify", greedy_zmoe)
+    assert v.exit_code == 0 and "OK" in v.stdout
+    for err in (r.stderr, v.stderr):
+        assert "%|" not in err and "it/s" not in err and "tensor/s" not in err, err
+
+
+def test_first_build_of_the_default_model_says_where_it_went(greedy_zmoe, tmp_path,
+                                                              monkeypatch, capsys):
+    import zipmoe_rt.convert.converter as converter
+    import zipmoe_rt.convert.smollm2 as smollm2
+    from zipmoe_rt import default_model
+
+    monkeypatch.setenv("ZIPMOE_RT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(smollm2, "locate_smollm2_gguf", lambda d, progress: d / "x.gguf")
+    monkeypatch.setattr(smollm2, "build_upcycled_checkpoint", lambda gguf, out, progress: out)
+    monkeypatch.setattr(converter, "convert",
+                        lambda hf, path, progress: shutil.copy(greedy_zmoe, path))
+    path = default_model.ensure_default_model(progress=False)
+    assert path == tmp_path / "home" / DEFAULT_MODEL_NAME and path.exists()
+    assert f"default model written to {path}" in capsys.readouterr().err
+    assert default_model.ensure_default_model(progress=False) == path    # built: nothing said
+    assert capsys.readouterr().err == ""
