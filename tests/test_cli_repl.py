@@ -339,7 +339,7 @@ def test_warm_up_says_when_kernels_compile_and_runs_them_before_the_prompt(capsy
             calls.append((ids.tolist(), kernel(ids)))
             return np.zeros(4, np.float32)
 
-    m = SimpleNamespace(device="cpu", net=Net(), _lock=threading.Lock(),
+    m = SimpleNamespace(device="cpu", net=Net(), _lock=threading.Lock(), ctx_size=3,
                         tokenizer=SimpleNamespace(bos_token_id=5, eos_token_id=7))
     cli_repl.warm_up(m, notice=True)
     err = capsys.readouterr().err
@@ -349,6 +349,15 @@ def test_warm_up_says_when_kernels_compile_and_runs_them_before_the_prompt(capsy
     cli_repl.warm_up(m, notice=True)
     assert capsys.readouterr().err == ""
     assert len(calls) == 4
+
+
+def test_warm_up_prefill_reaches_the_parallel_attention_kernel(model):
+    from zipmoe_rt.kernels.attention import ATTN_PAR_MIN
+    h = model.hparams
+    n = cli_repl.warm_up_tokens(model)
+    hd = h.get("head_dim") or h["hidden_size"] // h["num_attention_heads"]
+    assert n * n * h["num_attention_heads"] * hd >= ATTN_PAR_MIN or n == 256
+    assert n >= 2
 
 
 # -- progress bars and the first build (items 7, 9) ----------------------------------------------------

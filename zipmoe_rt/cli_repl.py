@@ -114,10 +114,11 @@ def _mem_available() -> int | None:
 
 
 def warm_up(model, notice: bool) -> None:
-    """Run the kernels once (a two-token prefill and one decode step on a scratch cache) so
-    that Numba's compilation, or loading its on-disk cache (``cache=True``: ``__pycache__``
-    next to the kernels, or ``NUMBA_CACHE_DIR``), is not counted in the first reply's TTFT
-    and tokens/s. When ``notice`` and a kernel really compiles (Numba's ``numba:compile``
+    """Run the kernels once (a short prefill and one decode step on a scratch cache) so that
+    Numba's compilation, or loading its on-disk cache (``cache=True``: ``__pycache__`` next
+    to the kernels, or ``NUMBA_CACHE_DIR``), is not counted in the first reply's TTFT and
+    tokens/s. The prefill is :func:`warm_up_tokens` long, so the parallel attention kernel
+    compiles too. When ``notice`` and a kernel really compiles (Numba's ``numba:compile``
     event, which a cache hit does not send), "compiling kernels (first run only)..." is
     printed on stderr as it starts, and "kernels compiled in N s" at the end."""
     import time
@@ -141,9 +142,10 @@ def warm_up(model, notice: bool) -> None:
     try:
         ids = [t for t in (model.tokenizer.bos_token_id, model.tokenizer.eos_token_id)
                if t is not None] or [0]
-        ids = (ids * 2)[:2]
+        n = warm_up_tokens(model)
+        ids = (ids * n)[:n]
         with model._lock:
-            cache = model.net.new_cache(max_tokens=3)
+            cache = model.net.new_cache(max_tokens=n + 1)
             model.net.forward(np.asarray(ids, np.int64), cache, last_only=True)
             model.net.forward(np.asarray(ids[:1], np.int64), cache, last_only=True)
     finally:
@@ -151,6 +153,19 @@ def warm_up(model, notice: bool) -> None:
             event.unregister("numba:compile", listener)
     if started:
         click.echo(f"kernels compiled in {time.perf_counter() - started[0]:.0f} s", err=True)
+
+
+def warm_up_tokens(model) -> int:
+    """The warm-up prefill's length: 2, or enough tokens for causal attention over them to
+    take the parallel kernel (``T * T * heads * head_dim >= ATTN_PAR_MIN``,
+    :mod:`zipmoe_rt.kernels.attention`), at most 256 and less than ``model.ctx_size``."""
+    from .kernels.attention import ATTN_PAR_MIN
+    h = getattr(model, "hparams", None) or {}
+    heads = int(h.get("num_attention_heads") or 1)
+    head_dim = int(h.get("head_dim") or (h.get("hidden_size") or 64) // heads)
+    n = int(np.ceil(np.sqrt(ATTN_PAR_MIN / max(heads * head_dim, 1))))
+    ctx = getattr(model, "ctx_size", None) or n + 1
+    return max(2, min(n, 256, ctx - 1))
 
 
 def stop_at(pieces: Iterator[str], stops: Sequence[str], model=None) -> Iterator[str]:
