@@ -319,7 +319,6 @@ def test_repl_ctrl_c_works_when_started_with_sigint_ignored(greedy_zmoe):
 def test_warm_up_says_when_kernels_compile_and_runs_them_before_the_prompt(capsys):
     """The notice comes from Numba's compile event: shown while a kernel compiles, not when
     it is already compiled (or loaded from Numba's on-disk cache, which sends no event)."""
-    import threading
     from types import SimpleNamespace
 
     import numba
@@ -339,7 +338,7 @@ def test_warm_up_says_when_kernels_compile_and_runs_them_before_the_prompt(capsy
             calls.append((ids.tolist(), kernel(ids)))
             return np.zeros(4, np.float32)
 
-    m = SimpleNamespace(device="cpu", net=Net(), _lock=threading.Lock(), ctx_size=3,
+    m = SimpleNamespace(device="cpu", net=Net(), ctx_size=3,
                         tokenizer=SimpleNamespace(bos_token_id=5, eos_token_id=7))
     cli_repl.warm_up(m, notice=True)
     err = capsys.readouterr().err

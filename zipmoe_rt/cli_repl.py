@@ -144,10 +144,9 @@ def warm_up(model, notice: bool) -> None:
                if t is not None] or [0]
         n = warm_up_tokens(model)
         ids = (ids * n)[:n]
-        with model._lock:
-            cache = model.net.new_cache(max_tokens=n + 1)
-            model.net.forward(np.asarray(ids, np.int64), cache, last_only=True)
-            model.net.forward(np.asarray(ids[:1], np.int64), cache, last_only=True)
+        cache = model.net.new_cache(max_tokens=n + 1)   # (before any reply: no other thread)
+        model.net.forward(np.asarray(ids, np.int64), cache, last_only=True)
+        model.net.forward(np.asarray(ids[:1], np.int64), cache, last_only=True)
     finally:
         if notice:
             event.unregister("numba:compile", listener)
@@ -304,7 +303,8 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
             continue
         n_new = 0
         if interactive:
-            msgs = session._all_messages() + [{"role": "user", "content": line}]
+            msgs = ([{"role": "system", "content": session.system}] if session.system else []) \
+                + session.messages + [{"role": "user", "content": line}]
             n_new = len(model.tokenizer.encode_chat(msgs, add_generation_prompt=True)) - \
                 len(session.state.token_ids)
         try:
