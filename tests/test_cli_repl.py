@@ -251,6 +251,12 @@ def test_repl_paste_reset_and_ctrl_d(greedy_zmoe):
         proc.send(b"/stats\r")
         proc.expect(rb"conversation: 2 messages")
         proc.expect(rb">>> ")
+        # a long prompt shows a line while it is prefilled (erased when the reply starts)
+        proc.send(b"word " * 150 + b"\r")             # ~300 tokens of the tiny tokenizer
+        m = proc.expect(rb"\(prefilling (\d+) tokens\.\.\.\)")
+        assert int(m.group(1)) >= 256
+        proc.expect(rb"\[(\d+) prompt \+ \d+ cached tokens")
+        proc.expect(rb">>> ")
         proc.send(b"/reset\r")
         proc.expect(rb"\(conversation cleared; system prompt kept: 'be brief'\)")
         proc.expect(rb">>> ")
