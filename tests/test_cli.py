@@ -220,7 +220,8 @@ def test_verify_good_file(tiny_zmoe):
     assert r.exit_code == 0, r.output
     with zmoe.ZmoeReader(tiny_zmoe) as rd:
         n = len(rd.tensors)
-    assert r.stdout.strip() == f"{tiny_zmoe}: OK ({n} tensors, 12 expert blocks, all checksums match)"
+    assert r.stdout.strip() == (f"{tiny_zmoe}: OK ({n} tensors, 12 expert blocks, all checksums "
+                                f"match; tokenizer and chat template load)")
 
 
 def _flip_expert_exponent_byte(src: Path, dest: Path, layer: int = 1, expert: int = 2):

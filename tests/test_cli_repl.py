@@ -242,7 +242,8 @@ def test_repl_paste_reset_and_ctrl_d(greedy_zmoe):
         pytest.skip(f"no pty: {e}")
     try:
         proc.expect(rb"zipmoe-rt chat: tiny-chat \(MixtralForCausalLM, 4 experts, top-2\) on "
-                    rb"cpu; no memory budget \(experts kept once decoded\); context \d+ tokens")
+                    rb"cpu; context 512 tokens\r?\nno memory limit, no weight budget \(every "
+                    rb"expert kept once decoded\); policy ")
         proc.expect(rb">>> ")
         # a paste of three lines arrives at once: one turn
         proc.send(b"first line\rsecond line\rthird line\r")

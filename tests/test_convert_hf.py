@@ -30,6 +30,11 @@ MODELS = {
     # tied embeddings (no lm_head.weight saved) + sliding window; MoE only every 2nd layer
     "mixtral_tied_swa": ("mixtral", 4, [0, 1, 2], ("w1", "w3", "w2")),
     "qwen2_moe_step2": ("qwen2_moe", 4, [1], ("gate_proj", "up_proj", "down_proj")),
+    # Granite: the Hub stacks the experts per layer; each expert block holds its slices
+    "granitemoe": ("granitemoe", 8, [0, 1, 2], ("input_linear", "output_linear")),
+    # ERNIE 4.5: dense layer 0, sparse 1 and 2; the interval spec: sparse 1 and 3 only
+    "ernie4_5_moe": ("ernie4_5_moe", 8, [1, 2], ("gate_proj", "up_proj", "down_proj")),
+    "ernie4_5_moe_interval": ("ernie4_5_moe", 4, [1, 3], ("gate_proj", "up_proj", "down_proj")),
 }
 #: every tiny spec, single-file and sharded
 CASES = [(n, s) for n in SPECS for s in (False, True)]
@@ -37,14 +42,17 @@ CASES = [(n, s) for n in SPECS for s in (False, True)]
 
 def expected_experts(folder: Path) -> dict:
     """{(layer, expert): sorted tensor names} of the Hub-layout expert tensors the family's
-    registry entry lists for the checkpoint's config.json."""
+    registry entry lists for the checkpoint's config.json (a stacked tensor under every
+    expert)."""
     from zipmoe_rt.families import HUB, get_architecture
 
     arch = get_architecture(json.loads((folder / "config.json").read_text()))
+    hp = arch.typed_hparams()
     out: dict = {}
-    for spec in arch.tensor_specs(arch.typed_hparams(), HUB):
-        if spec.is_expert:
-            out.setdefault((spec.layer, spec.expert), []).append(spec.name)
+    for spec in arch.tensor_specs(hp, HUB):
+        for e in range(hp.num_experts) if spec.stacked else [spec.expert]:
+            if spec.is_expert:
+                out.setdefault((spec.layer, e), []).append(spec.name)
     return {k: sorted(v) for k, v in out.items()}
 
 
@@ -77,7 +85,7 @@ def test_hf_roundtrip_bit_exact(tiny_moe_dir, tmp_path, name, sharded):
     src_dir = tiny_moe_dir(name, sharded=sharded)
     assert (src_dir / "model.safetensors.index.json").exists() == sharded
     src = load_tensors(src_dir)
-    # BF16, except the F32 router correction bias of DeepSeek-V3 / GLM-4-MoE specs
+    # BF16, except the F32 router correction bias of DeepSeek-V3 / GLM-4-MoE / ERNIE 4.5 specs
     assert all(dt == (torch.float32 if n.endswith("e_score_correction_bias") else torch.bfloat16)
                for n, (dt, _, _) in src.items())
 
@@ -99,10 +107,11 @@ def test_hf_roundtrip_bit_exact(tiny_moe_dir, tmp_path, name, sharded):
         assert sorted(r.experts) == sorted(experts)
         for (l, e), blk in r.experts.items():
             assert blk["sm"][0] % 4096 == 0 and blk["exp"][0] % 4096 == 0
-            assert sorted(blk["tensors"]) == experts[(l, e)] and len(blk["tensors"]) == 3
-            assert all(f".experts.{e}." in t for t in blk["tensors"])
+            assert sorted(blk["tensors"]) == experts[(l, e)] and len(blk["tensors"]) in (2, 3)
+            assert all(f".experts.{e}." in t or "_linear" in t for t in blk["tensors"])
+        routed = {n for names in experts.values() for n in names}
         for t in r.tensors.values():
-            if "shared_expert" in t["name"] or ".experts." not in t["name"]:
+            if t["name"] not in routed:
                 assert "expert" not in t and t["encoding"] == "raw", t["name"]
             else:
                 assert t["encoding"] == "bitplane" and t["dtype"] == "BF16", t["name"]

@@ -257,6 +257,15 @@ CONFIGS = ([("raw-lru", b, e, None) for b in BUDGETS for e in EVICTIONS]
            + [("zip-lru", b, e, None) for b in BUDGETS for e in EVICTIONS]
            + [("zipmoe", b, e, d) for b in BUDGETS for e in EVICTIONS for d in DELAYS])
 CONFIG_IDS = [f"{p}-{b}-{e}" + (f"-{d}" if d else "") for p, b, e, d in CONFIGS]
+#: specs that run the whole matrix above (plain experts, a shared expert with dense layers,
+#: MLA with shared experts, the sparsemixer router); every other spec runs REDUCED: each policy
+#: at each budget with LRU, and zipmoe with every delay set at the middle budget. Eviction
+#: orders are the engine's own logic, the same for every family.
+FULL_MATRIX_SPECS = ("mixtral", "qwen2_moe", "deepseek_v2_lite", "phimoe")
+REDUCED = [c for c in CONFIGS if c[2] == "lru" and (c[0] != "zipmoe" or c[1] == "mid"
+                                                     or c[3] == "CE")]
+MATRIX = [(a, *c) for a in ARCHS for c in (CONFIGS if a in FULL_MATRIX_SPECS else REDUCED)]
+MATRIX_IDS = [f"{a}-" + (f"{p}-{b}-{e}" + (f"-{d}" if d else "")) for a, p, b, e, d in MATRIX]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,7 +288,8 @@ def test_raw_companion_is_the_same_model(case):
     assert tokens == case.ref_tokens
 
 
-@pytest.mark.parametrize("policy,budget,eviction,delay", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("case,policy,budget,eviction,delay", MATRIX, ids=MATRIX_IDS,
+                         indirect=["case"])
 def test_budgeted_generation_is_bit_identical(case, policy, budget, eviction, delay):
     run = budgeted_run(case, policy, budget, eviction, delay)
     assert run["window"] == case.k
@@ -304,7 +314,8 @@ def test_zipmoe_plans_cover_every_tier(case):
 # 4. accounting
 
 
-@pytest.mark.parametrize("policy,budget,eviction,delay", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("case,policy,budget,eviction,delay", MATRIX, ids=MATRIX_IDS,
+                         indirect=["case"])
 def test_memory_within_budget_and_hits_count_every_use(case, policy, budget, eviction, delay):
     run = budgeted_run(case, policy, budget, eviction, delay)
     b = run["budget"]
@@ -377,11 +388,17 @@ def test_second_pass_with_everything_cached_is_all_F_hits(case, eviction):
     assert tokens == case.ref_tokens
 
 
-@pytest.mark.parametrize("trace,locality", [("recorded", True), ("counts-only", True),
-                                            ("recorded", False)],
-                         ids=["sequences", "counts-only", "static-plan"])
-@pytest.mark.parametrize("delay", list(DELAYS))
-@pytest.mark.parametrize("budget", ["mid", "all"])
+TIER_TRACES = [("recorded", True), ("counts-only", True), ("recorded", False)]
+TIER_TRACE_IDS = ["sequences", "counts-only", "static-plan"]
+#: the full set for FULL_MATRIX_SPECS; the middle budget with recorded sequences elsewhere
+TIER_MATRIX = [(a, b, d, tr, loc, tid) for a in ARCHS for b in ("mid", "all") for d in DELAYS
+               for (tr, loc), tid in zip(TIER_TRACES, TIER_TRACE_IDS)
+               if a in FULL_MATRIX_SPECS or (b == "mid" and tid == "sequences")]
+
+
+@pytest.mark.parametrize("case,budget,delay,trace,locality", [m[:5] for m in TIER_MATRIX],
+                         ids=[f"{a}-{b}-{d}-{t}" for a, b, d, _, _, t in TIER_MATRIX],
+                         indirect=["case"])
 def test_zipmoe_tiers_follow_the_plan(case, budget, delay, trace, locality):
     """F starts with the nF most popular experts (LRU order: the most popular the most recent);
     C/S/E slots sit on the plan's static order (recency plans) or on the popularity ranks after
@@ -1432,16 +1449,10 @@ def test_bench_rows_and_planner_prediction_beside_measurement(tiny_case):
         assert r["measured_layer_ms"] > 0
     assert "predicted_layer_ms" not in rows["zip-lru"] and "predicted_layer_ms" not in rows["raw-lru"]
     z = rows["zipmoe"]
-    # the prediction is the plan's: the mean of its layers' expected makespans
-    src = ZmoeSource(c.zmoe, keep_experts=False, copy_dense=True)
-    try:
-        from zipmoe_rt.engine.factory import build_engine
-        eng = build_engine(src, c.budget("mid"), "zipmoe", "lru", WORKERS, False, c.trace_path, True)
-        want = 1e3 * float(np.mean([tp.predicted_makespan_s for tp in eng.plan]))
-        eng.close()
-    finally:
-        src.close()
-    assert z["predicted_layer_ms"] == pytest.approx(want, rel=0.5)   # calibrated afresh each load
+    # the prediction is the plan's (the mean of its layers' expected makespans) under a
+    # calibration measured afresh at each load, so only its presence and sign are checked here;
+    # tests/test_planner.py checks the makespan arithmetic on fixed calibrations
+    assert np.isfinite(z["predicted_layer_ms"]) and z["predicted_layer_ms"] > 0
     table = B.table(res)
     assert re.search(r"planner \(zipmoe, budget \d+\): predicted \d+\.\d\d ms per MoE layer per "
                      r"decode token, measured \d+\.\d\d ms \(\d+\.\d\dx\)", table), table

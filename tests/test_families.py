@@ -136,13 +136,20 @@ def test_hparams_defaults_are_transformers_defaults(family):
     fam = get_family(family)
     cfg = getattr(transformers, fam.hf_config_class)()
     d = dict(json.loads(cfg.to_json_string(use_diff=False)), architectures=[fam.hf_names[0]])
-    got = fam(d).typed_hparams().to_hparams()
-    want = fam.hparams_class(architecture=fam.hf_names[0], family=family).to_hparams()
+    # DeepseekV2Config leaves num_experts_per_tok None (no runnable default): config.json must
+    # give it, and the rest still reads back as the class defaults
+    fill = {"num_experts_per_tok": 6} if d.get("num_experts_per_tok", 0) is None else {}
+    if fill:
+        with pytest.raises(ConfigError, match="num_experts_per_tok"):
+            fam(d).typed_hparams()
+    got = fam(dict(d, **fill)).typed_hparams().to_hparams()
+    want = fam.hparams_class(architecture=fam.hf_names[0], family=family, **fill).to_hparams()
     for k in ("layer_types", "max_window_layers"):
         got.pop(k, None)
     assert got == want
     assert type(got["rms_norm_eps"]) is float and type(got["vocab_size"]) is int
-    assert got["rope"]["rope_theta"] == {"mixtral": 1e6, "phimoe": 1e6}.get(family, 1e4)
+    assert got["rope"]["rope_theta"] == {"mixtral": 1e6, "phimoe": 1e6,
+                                         "ernie4_5_moe": 5e5}.get(family, 1e4)
 
 
 def test_hparams_known_values():
@@ -309,9 +316,10 @@ def test_expert_tensor_classifies_every_spec(name, layout):
 
 def test_expert_patterns_as_before():
     """The converter's patterns are derived from the name tables; same set as the literal
-    patterns the converter used to list."""
-    layer = r"model\.layers\.(?P<layer>\d+)\."
-    e = r"(?P<expert>\d+)"
+    patterns the converter used to list (numbers spelled as ``str(int)`` writes them)."""
+    num = "0|[1-9][0-9]*"
+    layer = rf"model\.layers\.(?P<layer>{num})\."
+    e = rf"(?P<expert>{num})"
     assert get_family("mixtral").expert_patterns() == (
         (layer + rf"block_sparse_moe\.experts\.{e}\.w1\.weight", "gate"),
         (layer + rf"block_sparse_moe\.experts\.{e}\.w3\.weight", "up"),
@@ -409,7 +417,10 @@ def test_bench_warmup_source_builds_from_the_specs(name):
     src = _TinySource(hp.to_hparams())
     specs = [s for s in fam.tensor_specs(src.hparams) if not s.is_expert and not s.tied]
     assert {n: src.tensor(n).shape for n in src._shapes} == {s.name: s.shape for s in specs}
-    assert src.has("model.layers.0.self_attn.q_proj.bias") == hp.attention_bias
+    if "attn_kv_a" in fam.tensor_table():      # MLA: the biases are on kv_a_proj_with_mqa
+        assert src.has(fam.tensor_name("attn_kv_a_bias", 0)) == hp.attention_bias
+    else:
+        assert src.has("model.layers.0.self_attn.q_proj.bias") == hp.attention_bias
     assert src.has("model.layers.1.self_attn.k_norm.weight") == hp.qk_norm
     assert src.has("lm_head.weight") != SPECS[name][1]["tie_word_embeddings"]
     net = build_model(src)

@@ -76,6 +76,66 @@ SPECS = {
     "phimoe_jitter_swa": ("phimoe", dict(
         COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
         router_jitter_noise=0.3, sliding_window=6, rope_theta=10000.0)),
+    # DeepSeek-V2 (MLA): the V2-Lite shape (plain q_proj, greedy routing) and the V2 shape
+    # (low-rank q, group-limited routing, YaRN with mscale, attention biases)
+    "deepseek_v2_lite": ("deepseek_v2", dict(
+        COMMON, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=24, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1,
+        topk_method="greedy", routed_scaling_factor=1.0, rope_theta=10000.0)),
+    "deepseek_v2": ("deepseek_v2", dict(
+        COMMON, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        attention_bias=True, rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=0.707, mscale_all_dim=0.707,
+            original_max_position_embeddings=128, beta_fast=32, beta_slow=1))),
+    # DeepSeek-V3: noaux_tc router with a random F32 correction bias (make_tiny), interleaved
+    # RoPE with YaRN and renormalised, scaled weights (sum 2.5); or half-split RoPE, a plain
+    # q_proj, one group and weights not renormalised. GLM-4-MoE-Lite: its own layer pattern
+    "deepseek_v3": ("deepseek_v3", dict(
+        COMMON, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
+        n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+        rope_interleave=True, rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0, mscale_all_dim=1.0,
+            original_max_position_embeddings=128, beta_fast=32, beta_slow=1))),
+    "deepseek_v3_plain": ("deepseek_v3", dict(
+        COMMON, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=8,
+        qk_rope_head_dim=16, v_head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=2,
+        n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.5,
+        rope_interleave=False, attention_bias=True, rope_theta=10000.0)),
+    "glm4_moe_lite": ("glm4_moe_lite", dict(
+        COMMON, num_key_value_heads=4, rms_norm_eps=1e-5, q_lora_rank=24, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.8,
+        mlp_layer_types=["dense", "sparse", "sparse"], rope_theta=1000000.0)),
+    # Granite-MoE / Granite-MoE-Shared: every multiplier away from 1 (the attention scale 0.1
+    # instead of head_dim**-0.5 = 0.25), the shared MLP, biases on q/k/v/o in one spec.
+    "granitemoe": ("granitemoe", dict(
+        COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+        embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.1,
+        logits_scaling=3.0, rope_theta=10000.0)),
+    "granitemoe_shared": ("granitemoeshared", dict(
+        COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+        shared_intermediate_size=40, embedding_multiplier=4.0, residual_multiplier=0.7,
+        attention_multiplier=0.5, logits_scaling=0.5, attention_bias=True,
+        rope_theta=10000.0)),
+    # ERNIE 4.5 MoE: a dense first layer, two shared experts, the choice bias (random, F32),
+    # interleaved RoPE; the second spec: sparse every other layer, no shared expert, tied head.
+    "ernie4_5_moe": ("ernie4_5_moe", dict(
+        COMMON, intermediate_size=96, moe_intermediate_size=32, moe_num_experts=8, moe_k=2,
+        moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=-1,
+        moe_layer_interval=1, rope_theta=500000.0)),
+    "ernie4_5_moe_interval": ("ernie4_5_moe", dict(
+        COMMON, num_hidden_layers=5, intermediate_size=96, moe_intermediate_size=32,
+        moe_num_experts=4, moe_k=2, moe_num_shared_experts=0, moe_layer_start_index=0,
+        moe_layer_end_index=3, moe_layer_interval=2, tie_word_embeddings=True,
+        rope_theta=10000.0)),
 }
 
 
@@ -102,11 +162,15 @@ def _randomize_norms(model, torch, gen):
 
 
 def _randomize_correction_bias(model, torch, gen):
-    """Router ``e_score_correction_bias`` buffers (DeepSeek-V3 / GLM-4-MoE): random values of the
-    scale of the sigmoid scores' spread, kept F32 as released checkpoints store them."""
+    """Router ``e_score_correction_bias`` buffers (DeepSeek-V3 / GLM-4-MoE) and parameters (ERNIE
+    4.5's ``moe_statics``): random values of the scale of the scores' spread, kept F32 as
+    released checkpoints store them."""
     for mod in model.modules():
         b = getattr(mod, "e_score_correction_bias", None)
-        if isinstance(b, torch.Tensor):
+        if isinstance(b, torch.nn.Parameter):       # ERNIE 4.5's moe_statics
+            mod.e_score_correction_bias = torch.nn.Parameter(
+                0.1 * torch.randn(b.shape, generator=gen), requires_grad=False)
+        elif isinstance(b, torch.Tensor):
             mod.e_score_correction_bias = 0.1 * torch.randn(b.shape, generator=gen)
 
 

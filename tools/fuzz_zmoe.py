@@ -2,7 +2,8 @@
 """Structure-aware fuzzing of ``.zmoe`` readers and the runtime's decode (format/SPEC.md §9).
 
     python tools/fuzz_zmoe.py [--count 2000] [--seconds 600] [--seed 1] [--base FILE ...]
-                              [--timeout 30] [--memory-mb 3072] [--keep DIR]
+                              [--timeout 30] [--memory-mb 3072] [--workers N] [--json OUT]
+                              [--keep DIR]
     python tools/fuzz_zmoe.py --replay FILE ...
 
 Each input is a real container (two tiny ones built here with the format library, one per
@@ -13,10 +14,12 @@ piece's bytes), or JSON the writer never emits (deep nesting, 5000-digit integer
 duplicate keys, bad UTF-8). Every CRC is recomputed after the mutation, so it reaches the
 structural checks and the decoders instead of stopping at a checksum.
 
-Inputs are examined one at a time in a worker process limited to ``--memory-mb`` of address
-space and ``--timeout`` seconds per input: open, ``verify``, read every tensor and expert block,
-the runtime's decode of every expert (with and without CRC checks) and, where the expert shapes
-are the base's, the budgeted expert engine (I/O and decode threads) over every MoE layer.
+Inputs are examined one at a time in a worker process (``--workers N`` run side by side; the
+inputs of a seed do not depend on N; the machinery is ``tools/fuzz_common.py``) limited to
+``--memory-mb`` of address space and ``--timeout`` seconds per input: open, ``verify``, read
+every tensor and expert block, the runtime's decode of every expert (with and without CRC
+checks) and, where the expert shapes are the base's, the budgeted expert engine (I/O and decode
+threads) over every MoE layer.
 Outcomes, counted and printed at the end:
 
     ok       opened, verified and decoded (the mutation was harmless or undetectable)
@@ -35,21 +38,17 @@ worker for a short hypothesis-driven campaign.
 from __future__ import annotations
 
 import argparse
-import collections
-import copy
 import json
-import os
 import random
-import select
 import struct
-import subprocess
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import fuzz_common as fc  # noqa: E402
 try:
     import zmoe  # noqa: F401
 except ImportError:
@@ -126,44 +125,9 @@ def make_base(path, exp_codec: str = "huffman", seed: int = 0) -> Path:
 # -- mutations ------------------------------------------------------------------------------------
 HEADER_FIELDS = {"version": 32, "index_offset": 64, "index_size": 64, "data_offset": 64,
                  "file_size": 64, "alignment": 32}
-INDEX_ACTIONS = ("set", "set", "set", "copy", "delete", "dup", "drop")
+INDEX_ACTIONS = fc.JSON_ACTIONS
 BYTE_KINDS = ("xor", "set", "lengths", "streams", "alias")
-TEXT_KINDS = ("deep", "deep-parses", "digits", "nan", "dupkey", "badutf8", "syntax")
-
-
-def _paths(node, prefix=()):
-    """Every (path, value) below ``node``, depth first."""
-    out = []
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) \
-        else ()
-    for k, v in items:
-        out.append((prefix + (k,), v))
-        out.extend(_paths(v, prefix + (k,)))
-    return out
-
-
-def _get(root, path):
-    for k in path:
-        root = root[k]
-    return root
-
-
-def _candidates(v) -> list:
-    """Edge values to put where ``v`` was."""
-    common = [None, True, "x", [], {}]
-    if type(v) is int:
-        return [0, -1, 1, v + 1, v - 1, 2 * v, v // 2, 2**31, 2**32, 2**63 - 1, 2**63, 2**64,
-                -2**63, 10**30, str(v), float(v), [v], v + 4096, v - 4096, 144] + common
-    if type(v) is float:
-        return [0.0, -v, 1e308, 0, int(v), str(v)] + common
-    if type(v) is str:
-        return ["", v + "x", "BF16", "F32", "F16", "I32", "huffman", "zstd", "raw", "bitplane",
-                "gate", "up", "down", "gate_up", 0, [v]] + common
-    if type(v) is list:
-        return [v[:-1], v + v[-1:], v * 2, v[::-1], [v], v[:1]] + common if v else [[0]] + common
-    if type(v) is dict:
-        return [dict(list(v.items())[1:]), [v]] + common
-    return [False, 0, 1, "true"] + common
+TEXT_KINDS = fc.TEXT_KINDS
 
 
 def _list(v) -> list:
@@ -185,31 +149,6 @@ def _pieces(index):
                 if isinstance(c, list):
                     out.append((t, c, True))
     return [x for x in out if len(x[1]) >= 3 and all(type(v) is int for v in x[1])]
-
-
-def _index_op(index, op):
-    paths = _paths(index)
-    if not paths:
-        return
-    path, v = paths[op["pick"] % len(paths)]
-    parent = _get(index, path[:-1])
-    key = path[-1]
-    act = op["action"]
-    if act == "set":
-        cands = _candidates(v)
-        parent[key] = copy.deepcopy(cands[op["vpick"] % len(cands)])
-    elif act == "copy":   # a value from elsewhere in the index: lies that look consistent
-        src = paths[op["src"] % len(paths)][1]
-        parent[key] = copy.deepcopy(src)
-    elif act == "delete":
-        if isinstance(parent, dict):
-            del parent[key]
-        else:
-            parent.pop(key)
-    elif act == "dup" and isinstance(parent, list):
-        parent.insert(key, copy.deepcopy(v))
-    elif act == "drop" and isinstance(v, list) and v:
-        v.pop(op["vpick"] % len(v))
 
 
 def _bytes_op(data: bytearray, index, op):
@@ -248,29 +187,6 @@ def _bytes_op(data: bytearray, index, op):
     entry[-1] = zlib.crc32(bytes(data[off:off + size])) & 0xFFFFFFFF   # the mutation gets past it
 
 
-_SENTINEL = "\u0000fuzz{}\u0000"
-
-
-def _text_op(index, op) -> tuple[str, str] | None:
-    """Put a sentinel in the index for a text-level edit; returns (quoted sentinel, text)."""
-    paths = _paths(index)
-    kind = op["kind"]
-    if kind in ("badutf8", "syntax") or not paths:
-        return None
-    s = _SENTINEL.format(op["pick"])
-    if kind == "dupkey":
-        dicts = [p for p, v in paths if isinstance(v, dict) and v] + ([()] if index else [])
-        d = _get(index, dicts[op["pick"] % len(dicts)])
-        first = next(iter(d))
-        d[s] = copy.deepcopy(d[first])
-        return json.dumps(s), json.dumps(first)
-    path, _ = paths[op["pick"] % len(paths)]
-    _get(index, path[:-1])[path[-1]] = s
-    text = {"deep": "[" * 100_000 + "]" * 100_000, "deep-parses": "[" * 80 + "]" * 80,
-            "digits": "9" * 5000, "nan": ("NaN", "Infinity", "-Infinity", "1e400")[op["pick"] % 4]}
-    return json.dumps(s), text[kind]
-
-
 def build(base: bytes, ops: list) -> bytes:
     """``base`` with ``ops`` applied (see :func:`random_op`); the index, both CRCs and every
     stored piece's CRC recomputed, so the mutations reach the checks behind the checksums."""
@@ -281,7 +197,7 @@ def build(base: bytes, ops: list) -> bytes:
     for op in ops:
         kind = op["op"]
         if kind == "index":
-            _index_op(index, op)
+            fc.json_op(index, op)
         elif kind == "bytes":
             _bytes_op(data, index, op)
         elif kind == "header":
@@ -289,7 +205,7 @@ def build(base: bytes, ops: list) -> bytes:
         elif op["kind"] in ("badutf8", "syntax"):
             raw_text.append(op)
         else:
-            r = _text_op(index, op)
+            r = fc.text_op(index, op)
             if r:
                 replace.append(r)
     text = json.dumps(index, separators=(",", ":"), ensure_ascii=False)
@@ -415,147 +331,44 @@ def _engine(path):
         src.close()
 
 
-def worker_main():
-    """Serve :func:`examine` over stdin/stdout, one path / one JSON line at a time. Anything else
-    written to fd 1 (by a library) goes to stderr."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    with tempfile.TemporaryDirectory() as d:   # warm the JIT on a good file
+def _warm():
+    """Examine a fresh base container (warms the JIT; SystemExit if it is not clean)."""
+    with tempfile.TemporaryDirectory() as d:
         base = make_base(Path(d) / "warm.zmoe")
         res = examine(str(base))
         if res["other"] or set(res["stages"].values()) != {"ok"}:
             raise SystemExit(f"the base container does not examine cleanly: {res}")
-    proto.write("ready\n")
-    for line in sys.stdin:
-        proto.write(json.dumps(examine(line.rstrip("\n"))) + "\n")
 
 
-class Worker:
-    """A worker process (``--worker``) with an address-space limit; :meth:`examine` gives each
-    input ``timeout`` seconds and restarts the worker after a crash or a hang."""
-
-    def __init__(self, memory_mb: int = 3072, start_timeout: float = 600):
-        self.memory_mb, self.start_timeout = memory_mb, start_timeout
-        self.p = None
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.starts = 0
-
-    def _start(self):
-        import resource
-        lim = self.memory_mb << 20
-
-        def limit():
-            resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(ROOT), str(ROOT / "format")] + ([os.environ["PYTHONPATH"]]
-                                                 if os.environ.get("PYTHONPATH") else [])),
-            NUMBA_NUM_THREADS="2", OMP_NUM_THREADS="2")
-        self.p = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1,
-                                  env=env, preexec_fn=limit)
-        self.starts += 1
-        line = self._readline(self.start_timeout)
-        if line != "ready\n":
-            self.close()
-            self.log.seek(0)
-            raise RuntimeError(f"fuzz worker did not start: {line!r}\n{self.log.read()[-3000:]}")
-
-    def _readline(self, timeout):
-        r, _, _ = select.select([self.p.stdout], [], [], timeout)
-        return self.p.stdout.readline() if r else None
-
-    def examine(self, path, timeout: float = 30) -> dict:
-        """``{"outcome": ok|refused|other|memory|crash|hang, ...}`` for one input file."""
-        if self.p is None or self.p.poll() is not None:
-            self._start()
-        self.log.seek(0)
-        self.log.truncate()
-        self.p.stdin.write(f"{path}\n")
-        self.p.stdin.flush()
-        line = self._readline(timeout)
-        if line is None:
-            self.close()
-            return {"outcome": "hang", "timeout_s": timeout}
-        if not line:
-            rc = self.p.wait()
-            self.p = None
-            self.log.seek(0)
-            return {"outcome": "crash", "returncode": rc, "stderr": self.log.read()[-2000:]}
-        res = json.loads(line)
-        if res.get("memory"):
-            res["outcome"] = "memory"
-        elif res["other"]:
-            res["outcome"] = "other"
-        elif any(v not in ("ok", "skipped") for v in res["stages"].values()):
-            res["outcome"] = "refused"
-        else:
-            res["outcome"] = "ok"
-        return res
-
-    def close(self):
-        if self.p is not None:
-            if self.p.poll() is None:
-                self.p.kill()
-            self.p.wait()
-            self.p = None
+def Worker(memory_mb: int = 3072, start_timeout: float = 600) -> fc.Worker:
+    """A worker process of this tool (:class:`fuzz_common.Worker`) serving :func:`examine`."""
+    return fc.Worker(__file__, memory_mb, start_timeout)
 
 
-BAD = ("other", "memory", "crash", "hang")
+BAD = fc.BAD
 
 
 def campaign(bases: list, count: int, seconds: float, seed: int, timeout: float,
-             memory_mb: int, keep: Path | None, out=sys.stdout) -> collections.Counter:
-    """Run up to ``count`` inputs or ``seconds``, whichever ends first; print and return the
-    outcome counts."""
+             memory_mb: int, keep: Path | None, out=sys.stdout, workers: int = 1) -> dict:
+    """Run up to ``count`` inputs or ``seconds``, whichever ends first, over ``workers``
+    worker processes; print and return the figures (:func:`fuzz_common.campaign`)."""
     rng = random.Random(seed)
     blobs = [Path(b).read_bytes() for b in bases]
-    outcomes, refusals, stages = collections.Counter(), collections.Counter(), collections.Counter()
-    worker = Worker(memory_mb)
-    t0 = time.monotonic()
-    n = 0
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            while n < count and time.monotonic() - t0 < seconds:
-                bi = rng.randrange(len(blobs))
-                ops = [random_op(rng) for _ in range(rng.randint(1, 3))]
-                path = Path(d) / f"in{n % 2}.zmoe"
-                path.write_bytes(build(blobs[bi], ops))
-                res = worker.examine(path, timeout)
-                n += 1
-                o = res["outcome"]
-                outcomes[o] += 1
-                if o == "refused":
-                    st, cls = next((s, c) for s, c in res["stages"].items()
-                                   if c not in ("ok", "skipped"))
-                    refusals[cls] += 1
-                    stages[st] += 1
-                if o in BAD:
-                    print(f"input {n} (base {bases[bi]}): {o}: {json.dumps(ops)}\n  "
-                          f"{res.get('other') or res.get('stderr', '')[-500:]}", file=out)
-                    if keep:
-                        keep.mkdir(parents=True, exist_ok=True)
-                        (keep / f"{o}-{n}.zmoe").write_bytes(path.read_bytes())
-                        (keep / f"{o}-{n}.json").write_text(json.dumps(
-                            {"base": str(bases[bi]), "ops": ops, "result": res}, indent=1))
-                if n % 200 == 0:
-                    print(f"  {n} inputs, {time.monotonic() - t0:.0f} s: {dict(outcomes)}",
-                          file=out, flush=True)
-        finally:
-            worker.close()
-    dt = time.monotonic() - t0
-    print(f"{n} inputs in {dt:.0f} s ({n / max(dt, 1e-9):.1f}/s), seed {seed}, "
-          f"{worker.starts} worker start(s), limits {timeout:g} s / {memory_mb} MiB per input",
-          file=out)
-    for o in ("ok", "refused") + BAD:
-        print(f"  {o:8s} {outcomes[o]}", file=out)
-    if refusals:
-        print("  refused by class: " + ", ".join(f"{k} {v}" for k, v in refusals.most_common()),
-              file=out)
-        print("  refused at stage: " + ", ".join(f"{k} {v}" for k, v in stages.most_common()),
-              file=out)
-    return outcomes
+
+    def make_input(n):
+        bi = rng.randrange(len(blobs))
+        return {"base": str(bases[bi]), "bi": bi,
+                "ops": [random_op(rng) for _ in range(rng.randint(1, 3))]}
+
+    def write_input(spec, folder):
+        path = folder / "in.zmoe"
+        path.write_bytes(build(blobs[spec["bi"]], spec["ops"]))
+        return path
+
+    res = fc.campaign(make_input, write_input, lambda: Worker(memory_mb), count, seconds,
+                      timeout, workers, keep, out)
+    res["seed"] = seed
+    return res
 
 
 def main(argv=None) -> int:
@@ -569,13 +382,16 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=30, help="seconds per input (default 30)")
     ap.add_argument("--memory-mb", type=int, default=3072,
                     help="worker address-space limit in MiB (default 3072)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="worker processes examining inputs at once (default 1)")
+    ap.add_argument("--json", type=Path, help="write the figures here (JSON)")
     ap.add_argument("--keep", type=Path, help="save failing inputs and their mutations here")
     ap.add_argument("--replay", type=Path, nargs="+",
                     help="examine these files, each in a fresh worker, and print the outcomes")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        worker_main()
+        fc.serve(examine, _warm)
         return 0
     if a.replay:
         bad = 0
@@ -590,8 +406,11 @@ def main(argv=None) -> int:
         return 1 if bad else 0
     with tempfile.TemporaryDirectory() as d:
         bases = a.base or [make_base(Path(d) / f"base-{c}.zmoe", c) for c in ("huffman", "zstd")]
-        outcomes = campaign(bases, a.count, a.seconds, a.seed, a.timeout, a.memory_mb, a.keep)
-    return 1 if any(outcomes[o] for o in BAD) else 0
+        res = campaign(bases, a.count, a.seconds, a.seed, a.timeout, a.memory_mb, a.keep,
+                       workers=a.workers)
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+    return 1 if any(res["outcomes"][o] for o in BAD) else 0
 
 
 if __name__ == "__main__":

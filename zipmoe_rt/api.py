@@ -72,7 +72,8 @@ def parse_size(text, source=None) -> int:
 def load(path: str | Path | None = None, *, verify: bool = True, progress: bool = True,
          memory_budget=None, policy: str = "auto", eviction: str = "lru",
          workers: int | None = None, direct: bool = False, trace=None,
-         io_depth: int | None = None, device: str = "cpu") -> "Model":
+         io_depth: int | None = None, device: str = "cpu", memory_limit=None,
+         context: int | None = None) -> "Model":
     """Load a ``.zmoe`` model (or the bundled default model when ``path`` is None).
 
     Args:
@@ -90,6 +91,12 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         io_depth: expert-region reads in flight at once (default
             :data:`~zipmoe_rt.engine.io.IO_DEPTH`; 1 = one I/O thread).
         trace: activation trace file (default ``MODEL.trace.json``).
+        memory_limit: a bound on the whole process ("600MB", "80%", "auto", bytes): the
+            weight budget is what the measured overhead, the KV cache for ``context`` tokens
+            and the read buffers leave (:func:`~zipmoe_rt.engine.limit.plan_memory`, result
+            in :attr:`Model.memory_plan`); a ``memory_budget`` given too must fit it.
+        context: tokens the KV cache is sized for under ``memory_limit`` (default
+            :data:`~zipmoe_rt.engine.limit.DEFAULT_CONTEXT`).
         device: ``cpu`` (Numba kernels), ``cuda`` (the CuPy backend on the GPU: dense weights,
             KV cache and compute there; unbudgeted, every expert is uploaded once and stays on
             the GPU; under a budget the engine still reads and decodes on the CPU and each
@@ -104,6 +111,9 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         zmoe.ZmoeError: not a ``.zmoe``, corrupt, truncated, or from a newer format version.
         ValueError: an architecture this runtime does not run, a file without a tokenizer, or
             a ``device`` other than auto, cpu, cuda.
+        zipmoe_rt.engine.limit.MemoryLimitError: an unreadable ``memory_limit``, one too small
+            for the fixed overhead plus the smallest budget (both stated), or a
+            ``memory_budget`` that does not fit it.
         zipmoe_rt.backends.DeviceError: ``device="cuda"`` without CuPy or a GPU (the message
             names the option and the extra to install).
         zipmoe_rt.engine.io.ModelFileError: the file was replaced or changed while loading, or
@@ -127,7 +137,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     if path.is_dir():
         raise ValueError(f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} "
                          f"-o model.zmoe`")
-    budgeted = memory_budget is not None
+    budgeted = memory_budget is not None or memory_limit is not None
     backend = get_backend(resolve_device(device, "device (--device)"))
     on_host = backend.name != "cuda"
     from .engine.io import check_io_depth
@@ -144,8 +154,14 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         tok = tokenizer_from_source(source)
         # the tokenizer holds its own parsed copy; the JSON text (~7 MB as a str) is not needed
         source.metadata.pop(Keys.Tokenizer.JSON, None)
+        mplan = None
         if budgeted:
-            engine = build_engine(source, parse_size(memory_budget, source), policy, eviction,
+            budget = None if memory_budget is None else parse_size(memory_budget, source)
+            if memory_limit is not None:
+                from .engine.limit import plan_memory
+                mplan = plan_memory(source, memory_limit, context, budget=budget)
+                budget = mplan.budget
+            engine = build_engine(source, budget, policy, eviction,
                                   workers, direct, trace, verify, io_depth, warn_stacklevel=2,
                                   backend=backend)
             _check_same_file(source, engine.reader)
@@ -154,6 +170,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             executor = ExpertExecutor(backend.resident_experts(source), backend)
         model = Model(source, build_model(source, executor=executor, backend=backend), tok, path,
                       engine)
+        model.memory_plan = mplan
         if budgeted:
             _release_load_memory(source)
         return model
@@ -256,6 +273,9 @@ class Model:
         #: the most positions one sequence may hold (prompt, earlier turns and reply), or None
         #: for no limit; see :meth:`fit_context`
         self.ctx_size: int | None = None
+        #: how ``load(memory_limit=...)`` divided the limit
+        #: (:class:`~zipmoe_rt.engine.limit.MemoryPlan`), else None
+        self.memory_plan = None
         # one forward pass at a time (the engine's pools, caches and Numba's threads are shared)
         self._lock = threading.RLock()
 
@@ -378,6 +398,18 @@ class Model:
         if held is not self.source and hasattr(held, "nbytes"):
             rep["experts"] = held.nbytes        # experts resident on the GPU
         return rep
+
+    @property
+    def policy(self) -> str:
+        """The expert policy in use (``zipmoe``, ``zip-lru``, ``raw-lru``; ``auto`` resolved),
+        or ``in-memory`` without a budget."""
+        return self.engine.policy if self.engine is not None else "in-memory"
+
+    def memory_line(self) -> str:
+        """The banner's and ``/stats``' memory line
+        (:func:`~zipmoe_rt.engine.limit.memory_line`)."""
+        from .engine.limit import memory_line
+        return memory_line(self.memory_plan, self.engine and self.engine.budget, self.policy)
 
     @property
     def device(self) -> str:

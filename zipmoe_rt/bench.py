@@ -60,7 +60,7 @@ def raw_companion(model_path, progress: bool = False) -> Path:
 
 
 def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, eviction, trace,
-               io_depth=None, device="cpu"):
+               io_depth=None, device="cpu", memory_limit=None):
     """One benchmark configuration in this process: load the model with these options, warm the
     JIT up, then ``reps`` timed runs, each after evicting the model file from the page cache and
     resetting the peak RSS.
@@ -70,6 +70,8 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
         budget: memory budget in bytes, or None (unbudgeted).
         policy, workers, direct, eviction, trace, io_depth, device: as for
             :func:`zipmoe_rt.api.load`.
+        memory_limit: as for :func:`zipmoe_rt.api.load` (then ``budget`` is None, or a
+            budget that must fit it), with the KV cache sized for the longer of the two runs.
         pp: prompt tokens of the prefill run (one forward pass); 0 skips it.
         tg: tokens of the decode run (greedy, EOS ignored); 0 skips it.
         reps: timed repetitions.
@@ -81,7 +83,8 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
     """
     from .api import load
     m = load(model_path, memory_budget=budget, policy=policy, workers=workers, direct=direct,
-             io_depth=io_depth, device=device,
+             io_depth=io_depth, device=device, memory_limit=memory_limit,
+             context=max(pp, 16 + tg) if memory_limit is not None else None,
              eviction=eviction, trace=trace, progress=False)
     net, eng = m.net, m.engine
     ids_pp = prompt_ids(m.tokenizer, pp)
@@ -122,6 +125,8 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
         r["peak_rss"] = peak_rss()
         runs.append(r)
     mem = m.memory_report()
+    if m.memory_plan is not None:
+        mem["limit plan"] = m.memory_plan.as_dict()
     m.close()
     del m, net, eng
     gc.collect()
@@ -136,6 +141,8 @@ def _in_subprocess(*args):
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
         budget = "none" if args[1] is None else f"{args[1] / 1e6:.0f} MB"
+        if len(args) > 12 and args[12] is not None:
+            budget = f"memory limit {args[12]}"
         raise RuntimeError(f"bench run {args[2]} at budget {budget} failed: "
                            f"{msg.split(': ', 1)[-1]}")
     runs, mem = json.loads(r.stdout.strip().splitlines()[-1])
@@ -211,9 +218,15 @@ def _ms(a):
 def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 3,
         workers: int | None = None, direct: bool = False, eviction: str = "lru",
         raw_model=None, trace=None, log=print, io_depth: int | None = None,
-        device: str = "cpu") -> dict:
+        device: str = "cpu", limits=()) -> dict:
     """Benchmark every (budget, policy) pair; returns the JSON-able result (rows + environment).
     ``device``: ``cpu`` or ``cuda`` (as for :func:`zipmoe_rt.api.load`).
+
+    ``limits``: ``--memory-limit`` values (``600MB``, ``auto``, ...; see
+    :func:`zipmoe_rt.engine.limit.parse_limit`), each run with every policy as
+    ``load(memory_limit=...)``: the row's budget is the one the limit gives, and its
+    ``peak_rss`` (VmHWM of the child process, the interpreter's start included) is set beside
+    the limit (``limit_bytes``).
 
     ``budgets``: sizes as accepted by :func:`zipmoe_rt.api.parse_size` (``None`` = unbudgeted,
     every expert decoded in memory). ``policies``: ``zipmoe``, ``zip-lru``, ``raw-lru``.
@@ -233,21 +246,33 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
         except prof.TraceError as e:
             policies.remove("zipmoe")
             log(f"bench: skipping policy zipmoe: {e}")
-    for b in budgets:
+    from .engine.limit import resolve_limit
+    cases = [(b, None) for b in budgets] + [(None, lim) for lim in limits]
+    for b, lim in cases:
         nbytes = parse_size(b, src) if b is not None else None
-        for pol in (policies if b is not None else ["in-memory"]):
+        lim_bytes = None
+        if lim is not None:
+            lim_bytes = resolve_limit(lim)[0]       # auto: resolved once, here, for all rows
+        for pol in (policies if b is not None or lim is not None else ["in-memory"]):
             path = model_path
             if pol == "raw-lru":
                 if raw_model is None and not Path(model_path).with_name(
                         Path(model_path).stem + ".raw.zmoe").exists():
                     log("bench: building the raw-expert copy for raw-lru once (NAME.raw.zmoe)")
                 path = raw_model or raw_companion(model_path)
-            log(f"bench: budget {b} ({(nbytes or 0) / 1e6:.0f} MB), policy {pol} ...")
-            runs, mem = _in_subprocess(str(path), nbytes, pol if b is not None else "auto", pp,
+            what = (f"memory limit {lim} ({lim_bytes / 1e6:.0f} MB)" if lim is not None
+                    else f"budget {b} ({(nbytes or 0) / 1e6:.0f} MB)")
+            log(f"bench: {what}, policy {pol} ...")
+            runs, mem = _in_subprocess(str(path), nbytes,
+                                       pol if (b is not None or lim is not None) else "auto", pp,
                                        tg, reps, workers, direct, eviction,
-                                       str(trace) if trace else None, io_depth, device)
+                                       str(trace) if trace else None, io_depth, device,
+                                       lim_bytes)
             row = {"budget": b, "budget_bytes": nbytes, "policy": pol, "runs": runs,
                    "memory": mem}
+            if lim is not None:
+                row.update(budget=f"limit {lim}", budget_bytes=mem["budget"], limit=lim,
+                           limit_bytes=lim_bytes)
             if pp:
                 row["pp_tps"] = [pp / r["pp_s"] for r in runs]
             if tg:
@@ -291,7 +316,8 @@ def table(result: dict) -> str:
     env, rows = result["env"], result["rows"]
     pp, tg = env["pp"], env["tg"]
     head = ["budget", "policy", f"pp{pp} t/s", f"tg{tg} t/s", "× raw-lru", "TTFT s", "TPOT ms",
-            "hits F/C/S/E/miss %", "MB read/tok", "io/dec/wait/mm ms/tok", "peak RSS MB", "(RSS−base)/budget"]
+            "hits F/C/S/E/miss %", "MB read/tok", "io/dec/wait/mm ms/tok", "peak RSS MB", "(RSS−base)/budget",
+            "peak RSS / limit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = {r["budget"]: statistics.mean(r["tg_tps"]) for r in rows
             if r["policy"] == "raw-lru" and r.get("tg_tps")}
@@ -311,7 +337,10 @@ def table(result: dict) -> str:
             hits, f"{r['bytes_read_per_token'] / 1e6:.1f}" if "bytes_read_per_token" in r else "-",
             stages, f"{r['peak_rss'] / 1e6:.0f}",
             f"{(r['peak_rss'] - env.get('baseline_rss', 0)) / r['budget_bytes']:.2f}"
-            if r["budget_bytes"] else "-"]) + " |")
+            if r["budget_bytes"] else "-",
+            (f"{r['peak_rss'] / 1e6:.0f} / {r['limit_bytes'] / 1e6:.0f} MB "
+             f"({'within' if r['peak_rss'] <= r['limit_bytes'] else 'OVER'})")
+            if r.get("limit_bytes") else "-"]) + " |")
     planner = [f"planner ({r['policy']}, budget {r['budget']}): predicted "
                f"{r['predicted_layer_ms']:.2f} ms per MoE layer per decode token, "
                f"measured {r['measured_layer_ms']:.2f} ms "

@@ -148,6 +148,11 @@ ENGINE_OPTIONS = [
     click.option("--memory-budget", "-m", default=None, metavar="SIZE",
                  help="bytes for all weights, e.g. 600MB, 1.5GiB, or 25% (= dense + 25% of the "
                       "experts' BF16 bytes); default: no limit, experts kept once decoded"),
+    click.option("--memory-limit", default=None, metavar="SIZE|auto",
+                 help="bound on the whole process (runtime, KV cache, buffers and weights), "
+                      "e.g. 600MB, 80% of the memory, or auto (the memory cgroup's limit, else "
+                      "the available memory, less 5% / at least 32 MiB); the weight budget is "
+                      "what is left. With --memory-budget, that budget must fit the limit"),
     click.option("--policy", type=click.Choice(["auto", "zipmoe", "zip-lru", "raw-lru"]),
                  default="auto", show_default=True,
                  help="expert cache policy under a budget: zipmoe = tiers planned from the "
@@ -215,17 +220,18 @@ def sampling_options(fn):
     return fn
 
 
-def _prepare(model, kw, default_max):
+def _prepare(model, kw, default_max, context=None):
     """Load MODEL for run/chat: threads, context size, kernel warm-up; returns (model,
-    sampling keyword arguments, context size)."""
+    sampling keyword arguments, context size). ``context``: tokens the run may hold, for
+    ``--memory-limit`` (see :func:`_load`)."""
     from zmoe.constants import Keys
 
     from . import cli_repl
     cli_repl.set_threads(kw["threads"])
-    m = _load(model, kw)
+    m = _load(model, kw, context=context)
     try:
         m.ctx_size = cli_repl.context_size(m, kw["ctx_size"])
-        cli_repl.warm_up(m, notice=True)
+        cli_repl.warm_up(m, notice=sys.stderr.isatty())   # (like the progress bars)
         opts = dict(kw, repetition_penalty=kw["repeat_penalty"])
         sp = cli_repl.resolve_sampling(m.source.metadata.get(Keys.Generation.CONFIG), opts,
                                        kw["max_tokens"] or default_max)
@@ -235,11 +241,15 @@ def _prepare(model, kw, default_max):
     return m, sp, m.ctx_size
 
 
-def _load(model, kw):
+def _load(model, kw, context=None):
     from .api import load
-    return load(model, progress=progress_wanted(), verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
-                policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
-                direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"])
+    m = load(model, progress=progress_wanted(), verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
+             policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
+             direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"],
+             memory_limit=kw.get("memory_limit"), context=context)
+    if kw.get("memory_limit") is not None:      # the banner's memory line
+        click.echo(f"zipmoe-rt: {m.memory_line()}", err=True)
+    return m
 
 
 def _stats_line(st) -> str:
@@ -270,7 +280,9 @@ def run(model, prompt, raw, system, **kw):
     from .cli_repl import prefill_notice, stop_at
     if prompt == "-":
         prompt = sys.stdin.read().rstrip("\n")
-    m, sp, _ = _prepare(model, kw, 256)
+    # a token covers at least one byte of text; 64 tokens for the chat template's markup
+    text_bytes = len(prompt.encode("utf-8")) + len((system or "").encode("utf-8"))
+    m, sp, _ = _prepare(model, kw, 256, context=text_bytes + 64 + (kw["max_tokens"] or 256))
     if raw:
         n = len(m.tokenizer.encode(prompt))
         pieces = m.stream(prompt, **sp)
@@ -305,14 +317,16 @@ def chat(model, system, **kw):
     m, sp, ctx = _prepare(model, kw, 512)
     session = m.chat_session(system)
     interactive = sys.stdin.isatty()
+    memory = m.memory_line() if kw.get("memory_limit") is None else None  # else _load said it
     cli_repl.repl(m, session, sp, kw["stops"], _stats_line, _session_stats, interactive,
-                  cli_repl.banner(m, kw, ctx))
+                  cli_repl.banner(m, ctx, memory))
 
 
 def _session_stats(m, session) -> str:
     lines = [_stats_line(m.last_stats) or "(no reply yet)",
              f"conversation: {len(session.messages)} messages, {len(session.state.token_ids)} "
              f"tokens in the KV cache"]
+    lines.append(m.memory_line())
     mem = m.memory_report()
     lines.append("memory: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in mem.items()))
     lines.append(_kv_stats(m, session.state.cache))
@@ -398,6 +412,10 @@ def calibrate(model, samples, direct, io_depth, device):
 @click.option("--memory-budget", "-m", "budgets", multiple=True, metavar="SIZE",
               help="budget(s) to test (repeatable), e.g. 10% 25% 50% 100% or 600MB "
                    "[default: 25%]; 'none' adds an unbudgeted in-memory row")
+@click.option("--memory-limit", "limits", multiple=True, metavar="SIZE|auto",
+              help="memory limit(s) of the whole process to test (repeatable), e.g. 600MB or "
+                   "auto: each row's budget is the one the limit gives, and its peak RSS is "
+                   "shown beside the limit")
 @click.option("--policy", "policies", multiple=True,
               type=click.Choice(["zipmoe", "zip-lru", "raw-lru"]),
               help="policies to compare (repeatable) [default: all three]")
@@ -421,7 +439,7 @@ def calibrate(model, samples, direct, io_depth, device):
               help="write the full results as JSON here")
 @DEVICE_OPTION
 @friendly_errors
-def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
+def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
           io_depth, raw_model, trace, json_out, device):
     """Benchmark prefill/decode tokens/s under memory budgets, all policies in one run.
 
@@ -436,17 +454,18 @@ def bench(model, budgets, policies, n_prompt, n_gen, repetitions, eviction, work
     from .backends import resolve_device
     device = "cuda" if resolve_device(device) == "cuda" else "cpu"   # once, here (one notice)
     model = model or ensure_default_model()
-    bl = [None if b.lower() == "none" else b for b in (budgets or ("25%",))]
+    bl = [None if b.lower() == "none" else b
+          for b in (budgets or (() if limits else ("25%",)))]
     policies = list(policies or ("raw-lru", "zip-lru", "zipmoe"))
     from .engine import profile as prof
-    if ("zipmoe" in policies and any(b is not None for b in bl)
+    if ("zipmoe" in policies and (any(b is not None for b in bl) or limits)
             and (trace or prof.sidecar(model, prof.TRACE_SUFFIX)).exists()):
         # each row runs in a subprocess whose stderr is not shown: warn about the calibration here
         prof.load_checked_calibration(model, direct, io_depth=io_depth)
     res = B.run(model, bl, policies, pp=n_prompt,
                 tg=n_gen, reps=repetitions, workers=workers, direct=direct, eviction=eviction,
                 raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True),
-                io_depth=io_depth, device=device)
+                io_depth=io_depth, device=device, limits=limits)
     click.echo(B.table(res))
     if json_out:
         B.save(res, json_out)

@@ -76,7 +76,8 @@ def export(model, output, quiet):
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @friendly_errors
 def verify(model, quiet):
-    """Check every checksum of a .zmoe file and that every exponent chunk decodes.
+    """Check every checksum of a .zmoe file, that every exponent chunk decodes and that the
+    stored tokenizer and chat template load.
 
     MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
     """
@@ -86,14 +87,57 @@ def verify(model, quiet):
 
     from .engine.layout import expert_layouts
     from .families.check import check_reader
-    with zmoe.ZmoeReader(model) as r:   # opening validates the index (format/SPEC.md §9)
+    with zmoe.ZmoeReader(model, use_mmap=False) as r:   # opening validates the index (SPEC §9);
+        # pread, not a memory map: a file truncated meanwhile is an error, not SIGBUS
         check_reader(r, str(model))     # hyper-parameters agree with the shapes, as on load
         expert_layouts(r)               # and every expert block is one the runtime can build
+        tok = check_stored_tokenizer(r.metadata, model)   # what run / chat load
         with tqdm(total=len(r.tensors), unit="tensor", desc="verify",
                   disable=not progress_wanted(quiet)) as bar:
             r.verify(progress=lambda _: bar.update(1))
         click.echo(f"{model}: OK ({len(r.tensors)} tensors, {len(r.experts)} expert blocks, "
-                   f"all checksums match)")
+                   f"all checksums match{tok})")
+
+
+def check_stored_tokenizer(metadata: dict, path) -> str:
+    """Load the tokenizer and compile the chat template stored in a container's metadata, as
+    ``run`` / ``chat`` do (:func:`zipmoe_rt.api.tokenizer_from_source`).
+
+    Args:
+        metadata: the container's metadata (``ZmoeReader.metadata``).  path: named in errors.
+    Returns:
+        what was checked, for the verify summary (``"; tokenizer and chat template load"``),
+        or "" when the file stores no tokenizer.
+    Raises:
+        ValueError: naming the file and the metadata key (``tokenizer.json``,
+            ``tokenizer.chat_template`` or ``tokenizer.config``) that does not load.
+    """
+    from zmoe.constants import Keys
+
+    from .chat_template import compile_chat_template
+    from .tokenizer import Tokenizer
+    tok_json = metadata.get(Keys.Tokenizer.JSON)
+    template = metadata.get(Keys.Tokenizer.CHAT_TEMPLATE)
+    if template is not None:
+        try:
+            compile_chat_template(template)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: metadata {Keys.Tokenizer.CHAT_TEMPLATE!r} does not "
+                             f"compile: {e}") from None
+    if tok_json is None:
+        return ""
+    from tokenizers import Tokenizer as HFTokenizer
+    try:
+        HFTokenizer.from_str(tok_json)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+        raise ValueError(f"{path}: metadata {Keys.Tokenizer.JSON!r} is not a tokenizer the "
+                         f"tokenizers library loads: {e}") from None
+    try:
+        Tokenizer.from_hf_config(tok_json, metadata.get(Keys.Tokenizer.CONFIG) or {}, template)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: metadata {Keys.Tokenizer.CONFIG!r} does not fit the stored "
+                         f"tokenizer: {e}") from None
+    return "; tokenizer" + (" and chat template load" if template is not None else " loads")
 
 
 @main.command()

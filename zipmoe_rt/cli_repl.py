@@ -209,14 +209,14 @@ REPL_HELP = """commands: /reset  forget the conversation (the system prompt is k
           a multi-line paste is one turn; end a line with \\ to continue it"""
 
 
-def banner(model, options: dict, ctx: int) -> str:
-    """The REPL's first line: model, architecture, device, memory budget and policy, context."""
+def banner(model, ctx: int, memory: str | None) -> str:
+    """The REPL's first lines: model, architecture, device and context size; then ``memory``
+    (:meth:`~zipmoe_rt.api.Model.memory_line`: limit or weight budget, and the policy) if
+    given."""
     h = model.hparams
-    budget = options.get("memory_budget")
-    mem = (f"budget {budget}, policy {options.get('policy', 'auto')}" if budget is not None
-           else "no memory budget (experts kept once decoded)")
-    return (f"zipmoe-rt chat: {model.name} ({h['architecture']}, {h['num_experts']} experts, "
-            f"top-{h['num_experts_per_tok']}) on {model.device}; {mem}; context {ctx} tokens")
+    first = (f"zipmoe-rt chat: {model.name} ({h['architecture']}, {h['num_experts']} experts, "
+             f"top-{h['num_experts_per_tok']}) on {model.device}; context {ctx} tokens")
+    return first if memory is None else f"{first}\n{memory}"
 
 
 def _pending_input(timeout_s: float = 0.05) -> bool:

@@ -87,13 +87,29 @@ class Keys:
         SHARED_EXPERT_INTERMEDIATE_SIZE = "hparams.shared_expert_intermediate_size"
         MOE_LAYERS = "hparams.moe_layers"
         CLIP_QKV = "hparams.clip_qkv"
-        # GLM-4-MoE (DeepSeek-V3-style router)
+        # Multi-head Latent Attention and the DeepSeek MoE block (DeepSeek-V2/V3, GLM-4-MoE-Lite)
+        Q_LORA_RANK = "hparams.q_lora_rank"
+        KV_LORA_RANK = "hparams.kv_lora_rank"
+        QK_NOPE_HEAD_DIM = "hparams.qk_nope_head_dim"
+        QK_ROPE_HEAD_DIM = "hparams.qk_rope_head_dim"
+        V_HEAD_DIM = "hparams.v_head_dim"
+        ROPE_INTERLEAVE = "hparams.rope_interleave"
+        N_SHARED_EXPERTS = "hparams.n_shared_experts"
+        FIRST_K_DENSE_REPLACE = "hparams.first_k_dense_replace"
         ROUTED_SCALING_FACTOR = "hparams.routed_scaling_factor"
+        TOPK_METHOD = "hparams.topk_method"
         N_GROUP = "hparams.n_group"
         TOPK_GROUP = "hparams.topk_group"
         # PhiMoE
         LM_HEAD_BIAS = "hparams.lm_head_bias"
         ROUTER_JITTER_NOISE = "hparams.router_jitter_noise"
+        # Granite-MoE
+        EMBEDDING_MULTIPLIER = "hparams.embedding_multiplier"
+        RESIDUAL_MULTIPLIER = "hparams.residual_multiplier"
+        ATTENTION_MULTIPLIER = "hparams.attention_multiplier"
+        LOGITS_SCALING = "hparams.logits_scaling"
+        # ERNIE 4.5 MoE
+        MOE_NORM_MIN = "hparams.moe_norm_min"
 
     class HF:
         CONFIG = "hf.config"                    # json: the source config.json verbatim

@@ -58,6 +58,14 @@ class ZmoeReader:
     Opening validates the header and the whole index (:mod:`zmoe.validate`, SPEC §9) before
     any piece is read: every size a decoder is handed is then one the file's shape implies.
 
+    Args:
+        path: the file.
+        use_mmap: read pieces through a memory map of the file (zero-copy views; default).
+            False reads each piece with ``pread`` into new memory: a file truncated while it
+            is read then raises :class:`TruncatedFileError` naming it, where a memory map
+            kills the process with SIGBUS (what whole-file passes such as verify and export
+            use).
+
     Raises:
         FileNotFoundError: no such file.
         NotZmoeError: wrong magic.  UnsupportedVersionError: a version other than 1 or 2.
@@ -66,8 +74,9 @@ class ZmoeReader:
             bad, or an index that breaks SPEC §9 (the message names the tensor and field).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, use_mmap: bool = True):
         self.path = Path(path)
+        self._fd = None
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(HEADER_SIZE)
@@ -111,6 +120,8 @@ class ZmoeReader:
         self._check_codecs(version)
         self._mm = None
         self._dctx = zstd.ZstdDecompressor()
+        if not use_mmap:
+            self._fd = os.open(self.path, os.O_RDONLY)
 
     def _check_codecs(self, version):
         """Every bit-plane tensor gets ``exp_codec`` (version 1 files: always zstd, SPEC §5.2)."""
@@ -157,8 +168,27 @@ class ZmoeReader:
         return self._mm
 
     def view(self, offset: int, size: int) -> np.ndarray:
-        """uint8 [size] view of the file at ``offset`` (no copy)."""
-        return np.frombuffer(self.buffer, np.uint8, size, offset)
+        """uint8 [size] read-only view of the file at ``offset`` (no copy; with
+        ``use_mmap=False`` a ``pread`` into new memory).
+
+        Raises:
+            TruncatedFileError: (``use_mmap=False``) the file ends before ``offset + size``:
+                it was truncated after it was opened.
+        """
+        if self._fd is None:
+            return np.frombuffer(self.buffer, np.uint8, size, offset)
+        out = np.empty(size, np.uint8)
+        got = 0
+        while got < size:
+            k = os.preadv(self._fd, [out[got:]], offset + got)
+            if k <= 0:
+                raise TruncatedFileError(
+                    f"{self.path}: truncated while being read: {got} of {size} bytes at byte "
+                    f"{offset} (now {os.fstat(self._fd).st_size} bytes; the header records "
+                    f"{self.header.file_size}): was the file changed while in use?")
+            got += k
+        out.flags.writeable = False
+        return out
 
     def _checked(self, name, what, entry, verify):
         off, size, crc = entry[0], entry[1], entry[-1]
@@ -246,6 +276,9 @@ class ZmoeReader:
         return n
 
     def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._mm is not None:
             try:
                 self._mm.close()

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Backend", "check_qk_norm", "check_route", "to_f32", "ROUTE_METHODS", "ROUTE_SCORINGS"]
+__all__ = ["Backend", "check_qk_norm", "check_route", "check_choice_bias", "to_f32",
+           "ROUTE_METHODS", "ROUTE_SCORINGS"]
 
 
 def to_f32(a) -> np.ndarray:
@@ -39,6 +40,17 @@ def to_f32(a) -> np.ndarray:
     if a.dtype == np.uint16:
         return (a.astype(np.uint32) << np.uint32(16)).view(np.float32)
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def check_choice_bias(bias, E: int) -> None:
+    """Check the ``bias`` given to :meth:`Backend.route_choice_bias` for E experts.
+
+    Raises:
+        ValueError: not E values.
+    """
+    n = int(bias.size) if hasattr(bias, "size") else np.size(bias)    # device arrays too
+    if n != E:
+        raise ValueError(f"route_choice_bias: {n} bias values for {E} experts")
 
 
 def check_qk_norm(q_size: int, k_size: int, nq: int, nkv: int, hd: int, clip=None,
@@ -162,6 +174,20 @@ class Backend:
         """
         raise NotImplementedError
 
+    def heads_linear(self, x, W, out=None):
+        """One product per head, ``out[h] = x[h] @ W[h].T`` with float32 accumulation (the
+        absorbed ``kv_b_proj`` of Multi-head Latent Attention, :mod:`zipmoe_rt.models.mla`).
+
+        Args:
+            x: float32 [nh, T, in].  W: [nh, out, in] (BF16 bits, float16 or float32).
+            out: optional float32 [nh, T, out] to write into.
+        Returns:
+            float32 [nh, T, out] (``out`` when given).
+        Raises:
+            TypeError: unsupported weight dtype.  ValueError: shapes disagree.
+        """
+        raise NotImplementedError
+
     def swiglu(self, x, gate, up):
         """The hidden activation of a SwiGLU MLP, ``silu(x @ gate.T) * (x @ up.T)``
         (``act_fn(gate_proj(x)) * up_proj(x)`` in ``Qwen2MoeMLP`` / ``MixtralExperts``).
@@ -274,7 +300,9 @@ class Backend:
         with scores ``q . k * scale``.
 
         Args:
-            qkv: float32 [T, (nq + 2 nkv) * hd] after :meth:`rope_qk_cache` (q is read).
+            qkv: float32 [T, (nq + 2 nkv) * hd] after :meth:`rope_qk_cache` (only the first
+                ``nq * hd`` columns, q, are read: Multi-head Latent Attention passes q alone,
+                [T, nq * hd], :mod:`zipmoe_rt.models.mla`).
             kc, vc: float32 [nkv, capacity, hd], positions ``< pos0 + T`` valid.
             window: tokens, 0 = full attention.  scale: np.float32.
             out: float32 [T, nq * hd], overwritten.
@@ -348,6 +376,43 @@ class Backend:
             host (topk_idx int64 [T, 2] as ``[i1, i2]``, topk_w float32 [T, 2]).
         Raises:
             ValueError: fewer than 2 experts.
+        """
+        raise NotImplementedError
+
+    # -- Granite-MoE: scalar multipliers --------------------------------------------------------
+
+    def scale_(self, x, s: float, divide: bool = False):
+        """``x *= s`` (or ``x /= s`` with ``divide``), float32: Granite's
+        ``embedding_multiplier`` and ``residual_multiplier`` (``inputs_embeds *
+        embedding_multiplier``, ``hidden_states * residual_multiplier``) and its
+        ``logits / logits_scaling`` (``modeling_granitemoe.py``), rounded as torch does (a
+        division is not a multiplication by the reciprocal).
+
+        Args:
+            x: float32 [T, n], updated in place.  s: the scalar (cast to float32).
+            divide: divide instead of multiply.
+        Returns:
+            ``x``.
+        """
+        raise NotImplementedError
+
+    # -- ERNIE 4.5 MoE: routing with a choice bias ----------------------------------------------
+
+    def route_choice_bias(self, logits, k: int, bias, norm_min: float
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k routing whose choice is biased (``Ernie4_5_MoeTopKRouter``): float32 softmax
+        over all experts ``p``; the k experts with the largest ``p + bias`` (descending, lowest
+        index first on ties); their weights are ``p`` (unbiased) divided by
+        ``max(sum of the k p, norm_min)``.
+
+        Args:
+            logits: float32 [T, E] router logits.  k: experts per token.
+            bias: float32 [E] (``moe_statics.e_score_correction_bias``), used for the choice
+                only.  norm_min: the clamp of the sum (``moe_norm_min``).
+        Returns:
+            host (topk_idx int64 [T, k], topk_w float32 [T, k]).
+        Raises:
+            ValueError: ``bias`` not of E values.
         """
         raise NotImplementedError
 

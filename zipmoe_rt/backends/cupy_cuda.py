@@ -35,6 +35,7 @@ from ..kernels import cuda_src
 from ..models.weights import ExpertWeights
 from . import cuda_planes
 from .base import Backend, check_qk_norm
+from .numpy_ref import NumpyBackend
 
 #: token counts from this on go through widened weights and cuBLAS instead of the GEMV kernel
 GEMV_MAX_T = 8
@@ -329,6 +330,24 @@ class CupyBackend(Backend):
         self.k["route_topk"](((T + 127) // 128,), (128,),
                              (logits, p, idx, w, _i32(T), _i32(E), _i32(k), _i32(bool(renorm))))
         return cp.asnumpy(idx), cp.asnumpy(w)
+
+    # -- Granite-MoE ---------------------------------------------------------------------------
+
+    def scale_(self, x, s, divide=False):
+        """``x *= s`` or ``x /= s`` (CuPy elementwise, float32)."""
+        if divide:
+            x /= _F32(s)
+        else:
+            x *= _F32(s)
+        return x
+
+    # -- ERNIE 4.5 MoE -------------------------------------------------------------------------
+
+    def route_choice_bias(self, logits, k, bias, norm_min):
+        """On the host with the NumPy reference (:class:`~zipmoe_rt.backends.numpy_ref.NumpyBackend`):
+        the [T, E] logits are copied over, as the decisions go to the host anyway."""
+        return NumpyBackend().route_choice_bias(cp.asnumpy(logits), k, cp.asnumpy(bias),
+                                                norm_min)
 
     # -- bit planes ----------------------------------------------------------------------------
 

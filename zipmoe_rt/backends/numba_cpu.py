@@ -10,12 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import attention as _att
+from ..kernels import heads as _heads
 from ..kernels import norm as _norm
 from ..kernels import routing as _routing
 from ..kernels import sparsemixer as _sparsemixer
 from ..kernels import swiglu as _swiglu
 from ..kernels.linear import bf16_rows, linear_into
-from .base import Backend, HostArrays, check_qk_norm, check_route
+from .base import Backend, HostArrays, check_choice_bias, check_qk_norm, check_route
 
 
 class NumbaBackend(HostArrays, Backend):
@@ -36,6 +37,10 @@ class NumbaBackend(HostArrays, Backend):
         if out is None:
             out = np.empty((x.shape[0], W.shape[0]), np.float32)
         return linear_into(x, W, out, bias)
+
+    def heads_linear(self, x, W, out=None):
+        """:func:`~zipmoe_rt.kernels.heads.heads_linear`."""
+        return _heads.heads_linear(x, W, out)
 
     def swiglu(self, x, gate, up):
         """:func:`~zipmoe_rt.kernels.swiglu.swiglu_hidden` (fused gate/up for BF16)."""
@@ -97,3 +102,18 @@ class NumbaBackend(HostArrays, Backend):
     def route_sparsemixer(self, logits, jitter_eps):
         """:func:`~zipmoe_rt.kernels.sparsemixer.sparsemixer_top2`."""
         return _sparsemixer.sparsemixer_top2(logits, jitter_eps)
+
+    # Granite-MoE
+    def scale_(self, x, s, divide=False):
+        """NumPy float32 in-place expression (one rounding per element, as torch)."""
+        if divide:
+            x /= np.float32(s)
+        else:
+            x *= np.float32(s)
+        return x
+
+    # ERNIE 4.5 MoE
+    def route_choice_bias(self, logits, k, bias, norm_min):
+        """:func:`~zipmoe_rt.kernels.routing.route_choice_bias`."""
+        check_choice_bias(bias, logits.shape[1])
+        return _routing.route_choice_bias(logits, k, bias, norm_min)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Backend, HostArrays, check_qk_norm, check_route, to_f32
+from .base import Backend, HostArrays, check_choice_bias, check_qk_norm, check_route, to_f32
 
 _F32 = np.float32
 
@@ -51,6 +51,18 @@ class NumpyBackend(HostArrays, Backend):
         y = x @ to_f32(W).T
         if bias is not None:
             y = y + bias
+        if out is None:
+            return np.ascontiguousarray(y, np.float32)
+        out[...] = y
+        return out
+
+    def heads_linear(self, x, W, out=None):
+        """``x @ W.transpose(0, 2, 1)`` per head with the weights widened to float32."""
+        if W.dtype not in (np.uint16, np.float16, np.float32):
+            raise TypeError(f"weight dtype {W.dtype} is not supported")
+        if W.ndim != 3 or W.shape[0] != x.shape[0] or W.shape[2] != x.shape[2]:
+            raise ValueError(f"heads_linear: x {x.shape} and W {W.shape} disagree")
+        y = np.matmul(x, to_f32(W).transpose(0, 2, 1))
         if out is None:
             return np.ascontiguousarray(y, np.float32)
         out[...] = y
@@ -205,3 +217,26 @@ class NumpyBackend(HostArrays, Backend):
                 scores[rows, best] = -np.inf
         return (np.stack(idx, axis=1).astype(np.int64),
                 np.stack(w, axis=1).astype(np.float32))
+
+    # Granite-MoE
+    def scale_(self, x, s, divide=False):
+        """``x *= s`` or ``x /= s`` in float32."""
+        if divide:
+            x /= _F32(s)
+        else:
+            x *= _F32(s)
+        return x
+
+    # ERNIE 4.5 MoE
+    def route_choice_bias(self, logits, k, bias, norm_min):
+        """Softmax, stable descending argsort of ``p + bias``, the first k of ``p``, divided by
+        the clamped sum."""
+        logits = np.asarray(logits, np.float32)
+        bias = np.asarray(bias, np.float32).reshape(-1)
+        check_choice_bias(bias, logits.shape[1])
+        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        idx = np.argsort(-(p + bias), axis=-1, kind="stable")[:, :k].astype(np.int64)
+        w = np.take_along_axis(p, idx, axis=-1).astype(np.float32)
+        w /= np.maximum(w.sum(axis=-1, keepdims=True), _F32(norm_min))
+        return idx, w

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 import zmoe
 from zmoe.codec import zstd_parameters
 from zmoe.constants import Keys, hparam_key
+from zmoe.validate_json import MAX_JSON_DEPTH
 
 from .. import __version__
 from ..families import tensors as T
@@ -27,7 +28,7 @@ from ..util import sha256_file
 from .atomic import (StaleTemporaryWarning, WriteError, remove_stale_temporaries, stale_message,
                      temporary_name, write_error)
 from .registry import ConfigError, UnsupportedArchitectureError, get_architecture
-from .safetensors_io import Checkpoint, SafetensorsError
+from .safetensors_io import Checkpoint, SafetensorsError, strict_json
 
 
 class ConversionError(ValueError):
@@ -40,38 +41,117 @@ class ConversionWarning(UserWarning):
 
 
 def _read_json(path: Path, required: bool = False) -> dict | None:
+    """The JSON object in ``path`` (None when absent and not ``required``).
+
+    Raises:
+        ConversionError: missing (when required), not JSON (as strict as transformers' Rust
+            readers: no NaN, no key twice, UTF-8) or not an object; the file named.
+    """
     if not path.exists():
         if required:
             raise ConversionError(f"{path}: missing")
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        doc = strict_json(path.read_bytes())
+    except ValueError as e:
         raise ConversionError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ConversionError(f"{path}: not a JSON object")
+    stack = [(doc, 1)]   # stored as a json metadata value 3 levels into the index (SPEC §3)
+    while stack:
+        x, d = stack.pop()
+        if d > MAX_JSON_DEPTH - 3:
+            raise ConversionError(f"{path}: nested deeper than {MAX_JSON_DEPTH - 3} levels")
+        stack.extend((c, d + 1) for c in (x.values() if isinstance(x, dict) else x)
+                     if isinstance(c, (dict, list)))
+    return doc
 
 
-def _eos_ids(gen: dict, config: dict, tok_cfg: dict, tokenizer_json: str | None) -> list[int]:
+def _token_ids(v, where: str) -> list[int]:
+    """An ``eos_token_id`` value (an int or a list of ints) as a list; ConversionError naming
+    ``where`` (file and key) otherwise."""
+    ids = v if isinstance(v, list) else [v]
+    if not all(type(x) is int and 0 <= x < 2**31 for x in ids):
+        raise ConversionError(f"{where}: {str(v)[:60]!r} is not a token id or a list of token "
+                              f"ids (integers in 0..2**31-1)")
+    return ids
+
+
+def _eos_ids(gen: dict, config: dict, tok_cfg: dict, tokenizer_json: str | None,
+             folder: Path = Path(".")) -> list[int]:
     """Stop token ids: the union of generation_config.json's and config.json's
     ``eos_token_id`` (an int or a list) and the tokenizer's EOS token (tokenizer_config.json's
     ``eos_token``, looked up in tokenizer.json), in that order, without repeats. Sources often
     disagree (a chat model whose config says ``<|im_end|>`` and whose generation config says
-    ``<|endoftext|>``): stopping on any of them is what the model needs."""
+    ``<|endoftext|>``): stopping on any of them is what the model needs.
+
+    Raises:
+        ConversionError: an ``eos_token_id`` that is not a token id or a list of them, or an
+            ``eos_token`` that is not a string (or ``{"content": str}``); file and key named.
+    """
     ids: list[int] = []
-    for src in (gen, config):
+    for src, fname in ((gen, "generation_config.json"), (config, "config.json")):
         e = src.get("eos_token_id")
         if e is not None:
-            ids += [int(x) for x in (e if isinstance(e, list) else [e])]
+            ids += _token_ids(e, f"{folder / fname}: eos_token_id")
     tok = tok_cfg.get("eos_token")
     if isinstance(tok, dict):
         tok = tok.get("content")
+    if tok is not None and not isinstance(tok, str):
+        raise ConversionError(f"{folder / 'tokenizer_config.json'}: eos_token {str(tok)[:40]!r} "
+                              f"is not a string")
     if tok and tokenizer_json:
         tj = json.loads(tokenizer_json)
-        found = [int(t["id"]) for t in tj.get("added_tokens", []) if t.get("content") == tok]
-        vocab = (tj.get("model") or {}).get("vocab")
-        if not found and isinstance(vocab, dict) and tok in vocab:
-            found = [int(vocab[tok])]
+        added = tj.get("added_tokens")
+        found = [t["id"] for t in added if isinstance(t, dict) and t.get("content") == tok
+                 and type(t.get("id")) is int and 0 <= t["id"] < 2**31] \
+            if isinstance(added, list) else []
+        model = tj.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+        if not found and isinstance(vocab, dict) and type(vocab.get(tok)) is int \
+                and 0 <= vocab[tok] < 2**31:
+            found = [vocab[tok]]
         ids += found[:1]
     return list(dict.fromkeys(ids))
+
+
+def _check_tokenizer(folder: Path, tokenizer_json: str | None, template: str | None,
+                     template_file: str) -> None:
+    """tokenizer.json loads with ``tokenizers`` and the chat template compiles (as
+    transformers compiles it), so a converted file never holds a tokenizer or template that
+    ``run`` / ``chat`` cannot use.
+
+    Raises:
+        ConversionError: naming tokenizer.json or the file the template came from.
+    """
+    if tokenizer_json is not None:
+        from tokenizers import Tokenizer
+        try:
+            Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise ConversionError(f"{folder / 'tokenizer.json'}: not a tokenizer the "
+                                  f"tokenizers library loads ({str(e)[:200]})") from None
+    if template is not None:
+        from ..chat_template import compile_chat_template
+        if not isinstance(template, str):
+            raise ConversionError(f"{folder / template_file}: chat_template is not a string")
+        try:
+            compile_chat_template(template)
+        except (TypeError, ValueError) as e:
+            raise ConversionError(f"{folder / template_file}: chat_template does not compile "
+                                  f"({str(e)[:200]})") from None
+
+
+#: safetensors dtypes of the weights the runtime's kernels compute with
+WEIGHT_DTYPES = ("BF16", "F16", "F32")
+
+
+def _check_dtype(t) -> None:
+    """A tensor the model computes with has a float dtype the kernels take (ConversionError
+    naming the file, tensor and dtype otherwise)."""
+    if t.dtype not in WEIGHT_DTYPES:
+        raise ConversionError(f"{t.file}: tensor {t.name!r} has dtype {t.dtype}; the model's "
+                              f"weights must be {', '.join(WEIGHT_DTYPES)}")
 
 
 def _expected_expert_shape(role: str, hp: dict, stacked: bool) -> tuple:
@@ -110,6 +190,7 @@ def plan_conversion(folder: Path):
         if ref is None:
             dense.append(t.name)
             continue
+        _check_dtype(t)
         if ref.layer not in hp["moe_layers"]:
             raise ConversionError(f"{t.file}: tensor {t.name!r} is an expert of layer {ref.layer}, "
                                   f"which the config says is not a MoE layer")
@@ -171,6 +252,7 @@ def _check_dense_tensors(folder: Path, arch, ckpt: Checkpoint) -> None:
         t = ckpt.tensors.get(name)
         if t is None or spec.is_expert:
             continue
+        _check_dtype(t)
         if tuple(t.shape) != tuple(spec.shape):
             field = _WIDTH_FIELD.get(spec.key)
             why = f" (config.json {field}={getattr(typed, field)})" if field else ""
@@ -216,14 +298,27 @@ def _metadata(folder: Path, arch, hp: dict, ckpt: Checkpoint, chunks: int,
     tok_cfg = _read_json(folder / "tokenizer_config.json") or {}
     gen = _read_json(folder / "generation_config.json") or {}
     tj = folder / "tokenizer.json"
-    tokenizer_json = tj.read_text(encoding="utf-8") if tj.exists() else None
-    template = None
+    tokenizer_json = None
+    if tj.exists():
+        try:
+            tokenizer_json = tj.read_bytes().decode("utf-8")
+            strict_json(tokenizer_json)
+        except ValueError as e:
+            raise ConversionError(f"{tj}: invalid JSON ({e})") from None
+    template, template_file = None, None
     if (folder / "chat_template.jinja").exists():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        template_file = "chat_template.jinja"
+        try:
+            template = (folder / template_file).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConversionError(f"{folder / template_file}: not UTF-8 ({e.reason} at byte "
+                                  f"{e.start})") from None
     elif isinstance(tok_cfg.get("chat_template"), str):
-        template = tok_cfg["chat_template"]
+        template, template_file = tok_cfg["chat_template"], "tokenizer_config.json"
     elif (folder / "chat_template.json").exists():
         template = (_read_json(folder / "chat_template.json") or {}).get("chat_template")
+        template_file = "chat_template.json"
+    _check_tokenizer(folder, tokenizer_json, template, template_file)
     tok_cfg = {k: v for k, v in tok_cfg.items() if k != "chat_template"}
     files = sorted({t.file for t in ckpt} | {p for p in folder.iterdir() if p.suffix in (".json", ".jinja")})
     meta = [(Keys.General.ARCHITECTURE, arch.name, "str"),
@@ -235,7 +330,8 @@ def _metadata(folder: Path, arch, hp: dict, ckpt: Checkpoint, chunks: int,
     meta += [(Keys.HF.CONFIG, config, "json"),
              (Keys.Tokenizer.CONFIG, tok_cfg, "json"),
              (Keys.Generation.CONFIG, gen, "json"),
-             (Keys.Generation.EOS_TOKEN_IDS, _eos_ids(gen, config, tok_cfg, tokenizer_json),
+             (Keys.Generation.EOS_TOKEN_IDS,
+              _eos_ids(gen, config, tok_cfg, tokenizer_json, folder),
               "int[]"),
              (Keys.Provenance.FILES, [{"name": p.name, "size": p.stat().st_size,
                                        "sha256": sha256_file(p)} for p in files], "json"),
@@ -273,7 +369,7 @@ def verify_against(path: Path, ckpt: Checkpoint, progress: bool = False):
     Raises:
         ConversionError: a tensor missing or different (named).
     """
-    with zmoe.ZmoeReader(path) as r:
+    with zmoe.ZmoeReader(path, use_mmap=False) as r:
         names = set(r.tensors)
         if names != set(ckpt.tensors):
             raise ConversionError(f"{path}: tensor set differs from the source "
@@ -367,7 +463,11 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
         w = zmoe.ZmoeWriter(tmp)
         try:
             for key, value, typ in _metadata(folder, arch, hp, ckpt, chunks, exp_codec):
-                w.add_metadata(key, value, typ)
+                try:
+                    w.add_metadata(key, value, typ)
+                except ValueError as e:   # what the format cannot store (SPEC §3)
+                    raise ConversionError(f"{folder}: metadata {key!r} from the checkpoint "
+                                          f"cannot be stored: {e}") from None
             for name in dense:
                 t = ckpt.tensors[name]
                 w.add_tensor(name, t.dtype, t.shape, ckpt.raw(name), encoding=dense_encoding,

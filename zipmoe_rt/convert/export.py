@@ -56,7 +56,7 @@ def export(path, out_dir, max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool
     except OSError as e:
         raise write_error(out_dir, e) from None
     try:
-        with zmoe.ZmoeReader(path) as r:
+        with zmoe.ZmoeReader(path, use_mmap=False) as r:   # truncation: an error, not SIGBUS
             shards, cur, size = [], [], 0
             for name, t in r.tensors.items():
                 n = element_count(t) * DTYPE_SIZES[t["dtype"]]
@@ -138,7 +138,7 @@ def summarize(path, show_tensors: bool = True, max_value: int = 80) -> str:
     """Human-readable summary of a ``.zmoe`` file: metadata, the stop tokens (ids and text), the
     tensor table, bits per weight for expert and dense tensors. Does not decode anything."""
     lines = []
-    with zmoe.ZmoeReader(path) as r:
+    with zmoe.ZmoeReader(path, use_mmap=False) as r:
         size = r.header.file_size
         lines.append(f"{path}: .zmoe v{r.header.version}, {size / 1e6:.1f} MB, "
                      f"{len(r.tensors)} tensors, {len(r.experts)} expert blocks, "

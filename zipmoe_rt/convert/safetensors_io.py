@@ -12,6 +12,7 @@ touches only its bytes.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -66,12 +67,66 @@ class TensorInfo:
         return self.end - self.begin
 
 
-class SafetensorsFile:
-    """A memory-mapped safetensors file.
+#: the largest header the reference reader accepts (safetensors ``MAX_HEADER_SIZE``, bytes)
+MAX_HEADER_SIZE = 100_000_000
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text):
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"{text[:40]} is out of the range of a double")
+    return v
+
+
+def _unique_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def strict_json(data: bytes | str):
+    """Parse JSON as strictly as the reference readers (Rust serde_json, which safetensors and
+    tokenizers use): no NaN / Infinity (nor numbers that overflow a double, such as 1e999), no
+    key twice in an object, UTF-8 only.
 
     Raises:
-        SafetensorsError: truncated file, bad header JSON, unknown dtype, or a tensor whose
-            byte range does not match dtype x shape or lies outside the file.
+        ValueError: not such JSON (also for nesting too deep to parse or integers of more than
+            4300 digits); the caller names the file.
+    """
+    try:
+        if isinstance(data, bytes):
+            data = data.decode("utf-8")
+        return json.loads(data, parse_constant=_no_constants, parse_float=_finite,
+                          object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file, its header checked as the reference reader checks it
+    (safetensors ``SafeTensors::read_metadata`` / ``Metadata::validate``).
+
+    Raises:
+        SafetensorsError: truncated file, a header length past the end of the file or above
+            :data:`MAX_HEADER_SIZE`, header not a JSON object (or NaN, a key twice, bad
+            UTF-8), ``__metadata__`` not an object of strings, a tensor entry without a known
+            ``dtype``, a ``shape`` of non-negative integers or ``data_offsets`` [begin, end]
+            of integers, a byte range not matching dtype x shape, or byte ranges that do not
+            tile the data section exactly (overlapping, a gap, past the end, bytes left over).
+            The message names the file and the tensor.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -80,32 +135,61 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise SafetensorsError(f"{self.path}: truncated safetensors header")
+                raise SafetensorsError(f"{self.path}: truncated safetensors header "
+                                       f"({size} bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
                 raise SafetensorsError(f"{self.path}: header length {n} exceeds file size {size}")
+            if n > MAX_HEADER_SIZE:
+                raise SafetensorsError(f"{self.path}: header length {n} exceeds the "
+                                       f"{MAX_HEADER_SIZE}-byte limit of safetensors")
             try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                header = strict_json(f.read(n))
+            except ValueError as e:
                 raise SafetensorsError(f"{self.path}: header is not valid JSON ({e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{self.path}: header is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise SafetensorsError(f"{self.path}: __metadata__ is not an object of strings")
+        self.metadata = meta
         self.data_start = 8 + n
+        data_size = size - self.data_start
         self.tensors: dict[str, TensorInfo] = {}
         for name, h in header.items():
+            where = f"{self.path}: tensor {name!r}"
+            if not isinstance(h, dict):
+                raise SafetensorsError(f"{where}: entry is not an object")
             dtype = h.get("dtype")
-            if dtype not in DTYPE_SIZES:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} has unknown dtype {dtype!r}")
-            shape = tuple(int(s) for s in h["shape"])
-            begin, end = (int(x) for x in h["data_offsets"])
-            expect = DTYPE_SIZES[dtype] * int(np.prod(shape, dtype=np.int64))
+            if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+                raise SafetensorsError(f"{where} has unknown dtype {str(dtype)[:40]!r}")
+            shape, offs = h.get("shape"), h.get("data_offsets")
+            if not isinstance(shape, list) or not all(_count(d) for d in shape):
+                raise SafetensorsError(f"{where}: shape {str(shape)[:60]} is not a list of "
+                                       f"non-negative integers")
+            if not (isinstance(offs, list) and len(offs) == 2 and all(_count(x) for x in offs)
+                    and offs[0] <= offs[1]):
+                raise SafetensorsError(f"{where}: data_offsets {str(offs)[:60]} is not "
+                                       f"[begin, end] with 0 <= begin <= end")
+            begin, end = offs
+            expect = DTYPE_SIZES[dtype] * math.prod(shape)   # Python ints: no overflow
             if end - begin != expect:
                 raise SafetensorsError(
-                    f"{self.path}: tensor {name!r} has {end - begin} bytes, "
-                    f"expected {expect} for {dtype}{list(shape)}")
-            if self.data_start + end > size:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} lies past the end of the file "
+                    f"{where} has {end - begin} bytes, expected {expect} for {dtype}{shape}")
+            if end > data_size:
+                raise SafetensorsError(f"{where} lies past the end of the file "
                                        f"(truncated shard?)")
-            self.tensors[name] = TensorInfo(name, dtype, shape, self.path, begin, end)
+            self.tensors[name] = TensorInfo(name, dtype, tuple(shape), self.path, begin, end)
+        pos = 0   # the byte ranges tile the data section (Metadata::validate)
+        for t in sorted(self.tensors.values(), key=lambda t: (t.begin, t.end)):
+            if t.begin != pos:
+                why = "overlaps the tensor before" if t.begin < pos else "a gap"
+                raise SafetensorsError(f"{self.path}: tensor {t.name!r} starts at byte {t.begin} "
+                                       f"of the data, expected {pos} ({why})")
+            pos = t.end
+        if pos != data_size:
+            raise SafetensorsError(f"{self.path}: the tensors cover {pos} bytes of data, the file "
+                                   f"holds {data_size} (truncated or extra bytes)")
         self._mm = None
 
     def _map(self):
@@ -136,6 +220,32 @@ class SafetensorsFile:
         self._mm = None
 
 
+def read_index(path: Path) -> dict:
+    """The ``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard file name.
+
+    Raises:
+        SafetensorsError (naming ``path``): not a JSON object with a ``weight_map`` object of
+            strings, or a shard name that is not a plain file name in the folder (``../x``,
+            an absolute path, a subfolder: transformers joins it to the folder as given, so it
+            could read any file; HF checkpoints keep their shards beside the index).
+    """
+    try:
+        doc = strict_json(path.read_bytes())
+    except ValueError as e:
+        raise SafetensorsError(f"{path}: not valid JSON ({e})") from None
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict):
+        raise SafetensorsError(f"{path}: not a safetensors index (no weight_map object)")
+    for name, s in wm.items():
+        if not isinstance(s, str):
+            raise SafetensorsError(f"{path}: weight_map[{name!r}] is {str(s)[:40]!r}, not a file "
+                                   f"name")
+        if s in ("", ".", "..") or "/" in s or "\\" in s or os.sep in s or "\0" in s:
+            raise SafetensorsError(f"{path}: weight_map[{name!r}] = {s[:80]!r} is not a file in "
+                                   f"the checkpoint folder")
+    return wm
+
+
 class Checkpoint:
     """All tensors of a Hugging Face checkpoint folder, single-file or sharded.
 
@@ -161,14 +271,10 @@ class Checkpoint:
         if single.exists():
             weight_map, shards = None, ["model.safetensors"]
         elif index.exists():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise SafetensorsError(f"{index}: not a safetensors index with a weight_map "
-                                       f"({e!r})") from None
+            weight_map = read_index(index)
             shards = sorted(set(weight_map.values()))
             for s in shards:
-                if not (self.folder / s).exists():
+                if not (self.folder / s).is_file():
                     raise FileNotFoundError(f"{self.folder / s}: shard named by {index.name} is missing")
         else:
             found = sorted(p.name for p in self.folder.glob("*.safetensors"))

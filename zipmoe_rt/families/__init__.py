@@ -17,6 +17,9 @@ from .tensors import FUSED, HUB, KEYS, LAYOUTS, TensorSpec
 from . import mixtral, olmoe, qwen2_moe, qwen3_moe  # noqa: E402,F401  (registration)
 from . import glm4_moe  # noqa: E402,F401  (registration: GLM-4-MoE)
 from . import phimoe  # noqa: E402,F401  (registration: PhiMoE)
+from . import deepseek_v2, deepseek_v3, glm4_moe_lite  # noqa: E402,F401  (registration: MLA families)
+from . import granitemoe  # noqa: E402,F401  (Granite-MoE, Granite-MoE-Shared)
+from . import ernie4_5_moe  # noqa: E402,F401  (ERNIE 4.5 MoE)
 
 __all__ = [
     "ARCHITECTURES", "BY_NAME", "ExpertRef", "Family", "UnknownFamilyError",

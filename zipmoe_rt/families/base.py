@@ -107,11 +107,15 @@ def get_architecture(config: dict) -> "Family":
     """The registered family for an HF config dict, bound to it.
 
     Raises:
-        UnsupportedArchitectureError: unknown or missing ``architectures`` (lists supported ones).
+        UnsupportedArchitectureError: unknown or missing ``architectures`` (lists supported ones),
+            or one that is not a list of names.
     """
     archs = config.get("architectures") or []
     if not archs:
         raise UnsupportedArchitectureError("config.json has no 'architectures' entry")
+    if not isinstance(archs, list) or not isinstance(archs[0], str):
+        raise UnsupportedArchitectureError(f"config.json: architectures must be a list of names, "
+                                           f"not {str(archs)[:60]!r}")
     return family_for_architecture(archs[0])(config)
 
 
@@ -127,7 +131,8 @@ class Family:
         hparams_class: the family's :class:`~.hparams.HParams` subclass.
         tensors: logical key (:data:`~.tensors.KEYS`) -> name template, HUB layout, in
             checkpoint order (embedding, per layer: norms, attention, MoE / MLP; final norm,
-            head). Lists the stacked FUSED keys too only if their names are the same in HUB.
+            head). A family whose Hub checkpoints store the experts stacked (Granite's
+            ``input_linear`` [E, 2I, H]) lists the stacked keys instead of the per-expert ones.
         fused_tensors: the names that differ in transformers 5's FUSED layout.
 
     Args:
@@ -226,7 +231,8 @@ class Family:
         """(regex over a tensor name, role) for every expert tensor name the family may have in
         a checkpoint, both layouts; groups ``layer`` and ``expert`` (absent when stacked)."""
         out = []
-        for layout, roles in ((T.HUB, T.EXPERT_ROLES), (T.FUSED, T.STACKED_ROLES)):
+        hub_roles = {**T.EXPERT_ROLES, **T.STACKED_ROLES}   # a Hub layout may stack (Granite)
+        for layout, roles in ((T.HUB, hub_roles), (T.FUSED, T.STACKED_ROLES)):
             table = cls.tensor_table(layout)
             out += [(T.template_regex(table[k]), r) for k, r in roles.items() if k in table]
         return tuple(dict.fromkeys(out))

@@ -33,6 +33,14 @@ SHAPE_FIELDS = {
     "shared_up": "shared_expert_intermediate_size",
     "shared_down": "shared_expert_intermediate_size", "mlp_gate": "intermediate_size",
     "mlp_up": "intermediate_size", "mlp_down": "intermediate_size",
+    # Multi-head Latent Attention
+    "attn_q_a": "q_lora_rank", "attn_q_a_bias": "q_lora_rank", "attn_q_a_norm": "q_lora_rank",
+    "attn_q_b": "num_attention_heads, qk_nope_head_dim, qk_rope_head_dim, q_lora_rank",
+    "attn_kv_a": "kv_lora_rank, qk_rope_head_dim", "attn_kv_a_bias": "kv_lora_rank, qk_rope_head_dim",
+    "attn_kv_a_norm": "kv_lora_rank",
+    "attn_kv_b": "num_attention_heads, qk_nope_head_dim, v_head_dim, kv_lora_rank",
+    "shared_gate_up": "shared_expert_intermediate_size",        # Granite-MoE-Shared
+    "moe_statics": "num_experts",                               # ERNIE 4.5 MoE
 }
 
 
@@ -71,12 +79,15 @@ def check_stored_tensors(hparams: dict, shapes: dict, where: str):
     moe = [i for i in hp.moe_layers if isinstance(i, int) and 0 <= i < hp.num_hidden_layers]
     if len(moe) != len(hp.moe_layers):
         _fail(where, f"hparams.moe_layers: entries outside 0..{hp.num_hidden_layers - 1}")
-    fused = any(ref is not None and ref.expert is None
-                for ref in map(fam.expert_tensor, shapes))
-    if not fused and len(moe) * hp.num_experts * 3 > len(shapes):
+    stacked = any(ref is not None and ref.expert is None
+                  for ref in map(fam.expert_tensor, shapes))
+    if not stacked and len(moe) * hp.num_experts * 3 > len(shapes):
         _fail(where, f"hparams.num_experts: {hp.num_experts} experts in {len(moe)} sparse "
                      f"layers need {len(moe) * hp.num_experts * 3} expert tensors, but the file "
                      f"holds only {len(shapes)} tensors")
+    hub = fam.tensor_table(T.HUB)    # stacked under Hub names (Granite) or transformers 5's
+    fused = stacked and not any(hub[k].format(i=i) in shapes for i in moe[:1]
+                                for k in T.STACKED_ROLES if k in hub)
     specs = fam.tensor_specs(hp, T.FUSED if fused else T.HUB)
     by_name = {s.name: s for s in specs}
     for name, shape in shapes.items():

@@ -108,14 +108,64 @@ def _cast(field: str, key: str, kind: str, v):
     return v
 
 
+def config_int(config: dict, key: str, default: int, lo: int = 0) -> int:
+    """config.json's integer ``key`` (``default`` when absent or null), for the values a
+    family derives from config.json beyond its fields (``decoder_sparse_step``...).
+
+    Raises:
+        ConfigError: not an integer in ``lo``..2**31-1 (key named).
+    """
+    v = config.get(key)
+    if v is None:
+        return default
+    v = _cast(key, key, "int", v)
+    if not lo <= v < 2 ** 31:
+        raise ConfigError(f"config.json: {key} {v} is not in {lo}..2**31-1")
+    return v
+
+
+def config_bool(config: dict, key: str, default: bool) -> bool:
+    """config.json's boolean ``key`` (``default`` when absent or null).
+
+    Raises:
+        ConfigError: not true or false (key named).
+    """
+    v = config.get(key)
+    return default if v is None else _cast(key, key, "bool", v)
+
+
+def config_list(config: dict, key: str, kind: str) -> list | None:
+    """config.json's ``key`` as a list of ``kind`` (``"int"`` or ``"str"``), None when absent
+    or null.
+
+    Raises:
+        ConfigError: not a list of such values (key named).
+    """
+    v = config.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list):
+        raise ConfigError(f"config.json: {key} must be a list, not {str(v)[:40]!r}")
+    return [_cast(key, f"{key}[{i}]", kind, x) for i, x in enumerate(v)]
+
+
 #: integer fields and the smallest value each may take.
 _COUNTS = {"vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
            "num_key_value_heads": 1, "head_dim": 2, "max_position_embeddings": 1,
            "sliding_window": 0, "num_experts": 0, "num_experts_per_tok": 0,
            "moe_intermediate_size": 0, "intermediate_size": 0,
            "shared_expert_intermediate_size": 0, "max_window_layers": 0}
+#: the most layers a config.json may give (per-layer lists are built from it before any
+#: tensor is read; the largest released models have ~100)
+MAX_LAYERS = 1 << 16
 #: RoPE types the runtime implements (models/rope.py).
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+#: scaling fields each RoPE type needs (transformers' modeling_rope_utils ``_validate_*``)
+ROPE_REQUIRED = {"linear": ("factor",), "yarn": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                            "original_max_position_embeddings")}
+#: attention kinds of ``layer_types`` the runtime implements
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -178,6 +228,9 @@ class HParams:
     NORM: ClassVar[str] = "rms"
     #: RoPE types the family runs (``rope.rope_type`` outside them is refused).
     ROPE_TYPES: ClassVar[tuple] = ROPE_TYPES
+    #: RoPE rotates the pairs (2i, 2i+1) of each head instead of (i, i + head_dim/2)
+    #: (ERNIE 4.5's ``apply_rotary_pos_emb``; models/attention.py).
+    ROPE_INTERLEAVED: ClassVar[bool] = False
     #: field -> config.json keys tried in order (default: the field's own name).
     CONFIG_KEYS: ClassVar[dict] = {}
     #: fields config.json must give (the shapes): ConfigError when absent.
@@ -231,9 +284,20 @@ class HParams:
             kw[f.name] = _cast(f.name, keys[0], str(f.type).split(" |")[0], v)
         if missing:
             raise ConfigError(f"config.json: missing {', '.join(missing)}")
+        for name, lo in _COUNTS.items():    # before _derive sizes lists from them
+            v = kw.get(name)
+            hi = MAX_LAYERS if name == "num_hidden_layers" else 2 ** 31 - 1
+            if v is not None and not lo <= v <= hi:
+                key = cls.CONFIG_KEYS.get(name, (name,))[0]
+                raise ConfigError(f"config.json: {key} {v} is not in {lo}..{hi}")
         if "num_key_value_heads" in config and config["num_key_value_heads"] is None:
             kw["num_key_value_heads"] = kw["num_attention_heads"]    # transformers' rule
-        cls._derive(config, kw)
+        try:
+            cls._derive(config, kw)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, OverflowError, KeyError) as e:  # a family's own reading
+            raise ConfigError(f"config.json: {type(e).__name__}: {e}") from None
         hp = cls(**kw)
         if hp.hidden_act != "silu":
             raise ConfigError(f"config.json: hidden_act {hp.hidden_act!r} is not supported "
@@ -252,7 +316,8 @@ class HParams:
         """Set the :attr:`FIXED` fields that come from config.json in a family-specific way
         (base: ``rope``, ``sliding_window``, and every layer sparse)."""
         kw["rope"] = rope_parameters(config, cls.DEFAULT_ROPE_THETA)
-        kw["sliding_window"] = int(config.get("sliding_window") or 0)
+        kw["sliding_window"] = config_int(config, "sliding_window", 0) \
+            if config.get("sliding_window") is not False else 0
         kw["moe_layers"] = list(range(kw.get("num_hidden_layers", 0)))
 
     def to_config(self) -> dict:
@@ -326,6 +391,11 @@ class HParams:
                              f"1..num_experts {self.num_experts}")
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ValueError("layer_types must list one entry per layer")
+        if self.layer_types is not None and not all(
+                isinstance(t, str) and t in LAYER_TYPES for t in self.layer_types):
+            odd = sorted({str(t) for t in self.layer_types} - set(LAYER_TYPES))
+            raise ValueError(f"layer_types: only {', '.join(LAYER_TYPES)} are supported, not "
+                             f"{str(odd)[:60]}")
 
     def _check_values(self) -> None:
         """Types and ranges of every value the kernels and tables are sized or computed from
@@ -356,11 +426,18 @@ class HParams:
         if rtype not in self.ROPE_TYPES:
             raise ValueError(f"rope.rope_type: {str(rtype)[:40]!r} is not supported "
                              f"({', '.join(self.ROPE_TYPES)})")
-        for k in ("factor", "attention_factor", "original_max_position_embeddings"):
+        missing = [k for k in ROPE_REQUIRED.get(rtype, ()) if rope.get(k) is None]
+        if missing:
+            raise ValueError(f"rope: type {rtype} needs {', '.join(missing)}")
+        for k in ("factor", "attention_factor", "original_max_position_embeddings",
+                  "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale",
+                  "mscale_all_dim"):
             v = rope.get(k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                   or not (math.isfinite(v) and v > 0)):
                 raise ValueError(f"rope.{k}: {str(v)[:40]!r} is not a positive finite number")
+        if rtype == "llama3" and not rope["high_freq_factor"] > rope["low_freq_factor"]:
+            raise ValueError("rope: llama3 needs high_freq_factor > low_freq_factor")
         clip = getattr(self, "clip_qkv", None)
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
                                  or not (math.isfinite(clip) and clip > 0)):

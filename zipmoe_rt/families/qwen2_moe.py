@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from . import tensors as T
 from .base import Family, register
-from .hparams import HParams, config_value, rope_parameters
+from .hparams import HParams, config_bool, config_int, config_list, rope_parameters
 
 
 @dataclass
@@ -51,12 +51,13 @@ class QwenMoeHParams(HParams):
         (``Qwen2MoeDecoderLayer``)."""
         kw["rope"] = rope_parameters(config, cls.DEFAULT_ROPE_THETA)
         kw["sliding_window"] = 0
-        if config.get("use_sliding_window", False):
-            kw["sliding_window"] = int(config.get("sliding_window", cls.DEFAULT_WINDOW) or 0)
+        if config_bool(config, "use_sliding_window", False):
+            kw["sliding_window"] = config_int(   # an explicit null: no window, as transformers
+                config, "sliding_window", 0 if "sliding_window" in config else cls.DEFAULT_WINDOW)
         if config.get("layer_types"):
-            kw["layer_types"] = [str(t) for t in config["layer_types"]]
-        step = int(config_value(config, "decoder_sparse_step", 1))
-        only = set(config_value(config, "mlp_only_layers", []) or [])
+            kw["layer_types"] = config_list(config, "layer_types", "str")
+        step = config_int(config, "decoder_sparse_step", 1)
+        only = set(config_list(config, "mlp_only_layers", "int") or [])
         kw["moe_layers"] = [i for i in range(kw["num_hidden_layers"])
                             if i not in only and kw["num_experts"] > 0 and step > 0
                             and (i + 1) % step == 0]

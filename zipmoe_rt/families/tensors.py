@@ -62,6 +62,21 @@ KEYS = {
     "ffn_norm_bias": "post_attention_layernorm bias [H] (HParams.NORM 'layer')",
     "norm_bias": "final norm bias [H] (HParams.NORM 'layer')",
     "lm_head_bias": "output projection bias [V] (lm_head_bias)",
+    # Multi-head Latent Attention (DeepSeek-V2/V3, GLM-4-MoE-Lite); attn_q is then q_proj
+    # [heads*(nope+rope), H] (q_lora_rank null) and attn_o [H, heads*v_head_dim]
+    "attn_q_a": "MLA q_a_proj weight [q_lora_rank, H] (q_lora_rank set)",
+    "attn_q_a_bias": "MLA q_a_proj bias [q_lora_rank] (attention_bias)",
+    "attn_q_a_norm": "MLA q_a_layernorm weight [q_lora_rank]",
+    "attn_q_b": "MLA q_b_proj weight [heads*(nope+rope), q_lora_rank]",
+    "attn_kv_a": "MLA kv_a_proj_with_mqa weight [kv_lora_rank+rope, H]",
+    "attn_kv_a_bias": "MLA kv_a_proj_with_mqa bias [kv_lora_rank+rope] (attention_bias)",
+    "attn_kv_a_norm": "MLA kv_a_layernorm weight [kv_lora_rank]",
+    "attn_kv_b": "MLA kv_b_proj weight [heads*(nope+v_head_dim), kv_lora_rank]",
+    # Granite-MoE-Shared
+    "shared_gate_up": "shared expert gate+up projections, gate rows first [2*SI, H] (SI > 0)",
+    # ERNIE 4.5 MoE
+    "moe_statics": "e_score_correction_bias [1, E], F32: added to the router's probabilities "
+                   "for the choice of experts only (MoE layers)",
 }
 #: the tensor names transformers' Llama-style MoE decoders use (Qwen2/3-MoE, OLMoE, and Mixtral
 #: apart from its ``block_sparse_moe`` experts): one table that families pick their keys from
@@ -122,7 +137,8 @@ EXPERT_ROLES = {"expert_gate": "gate", "expert_up": "up", "expert_down": "down"}
 STACKED_ROLES = {"experts_gate_up": "gate_up", "experts_down": "down"}
 
 _BIAS = ("attn_q_bias", "attn_k_bias", "attn_v_bias", "attn_o_bias")
-_SHARED = ("shared_gate", "shared_up", "shared_down", "shared_expert_gate")
+_SHARED = ("shared_gate", "shared_up", "shared_down", "shared_expert_gate",
+           "shared_gate_up")       # Granite-MoE-Shared
 _DENSE = ("mlp_gate", "mlp_up", "mlp_down")
 
 
@@ -162,6 +178,9 @@ def shape(key: str, hp) -> tuple:
     Raises:
         KeyError: unknown key.
     """
+    own = getattr(hp, "tensor_shape", None)     # a family's own shapes (MLA)
+    if own is not None and own(key) is not None:
+        return own(key)
     H, V, hd = hp.hidden_size, hp.vocab_size, hp.head_dim
     q, kv = hp.num_attention_heads * hd, hp.num_key_value_heads * hd
     qn, kn = (q, kv) if hp.QK_NORM_SCOPE == "projection" else (hd, hd)
@@ -180,6 +199,8 @@ def shape(key: str, hp) -> tuple:
         "router_bias": (E,),        # DeepSeek-V3 / GLM-4-MoE
         # PhiMoE
         "attn_norm_bias": (H,), "ffn_norm_bias": (H,), "norm_bias": (H,), "lm_head_bias": (V,),
+        "shared_gate_up": (2 * SI, H),      # Granite-MoE-Shared
+        "moe_statics": (1, E),              # ERNIE 4.5 MoE
     }[key]
 
 
@@ -187,7 +208,11 @@ def present(key: str, hp, layer: int | None) -> bool:
     """Whether a model with ``hp`` has tensor ``key`` (in ``layer`` for per-layer keys), given
     that its family lists the key: biases with ``attention_bias``, q/k norms with ``qk_norm``,
     router and experts in ``moe_layers``, the shared expert there when its size is > 0, the
-    dense MLP elsewhere, the router's correction bias with the router."""
+    dense MLP elsewhere, the router's correction bias with the router; a family's
+    ``hp.tensor_present(key)`` decides first (MLA)."""
+    own = getattr(hp, "tensor_present", None)
+    if own is not None and own(key) is not None:
+        return own(key)
     if key in _BIAS:
         return bool(hp.attention_bias)
     if key in ("attn_norm_bias", "ffn_norm_bias", "norm_bias"):      # PhiMoE's LayerNorms
@@ -203,17 +228,22 @@ def present(key: str, hp, layer: int | None) -> bool:
         return layer is not None and not moe
     if key in ("router", "router_bias") or key in EXPERT_ROLES or key in STACKED_ROLES:
         return moe
+    if key == "moe_statics":        # ERNIE 4.5 MoE
+        return moe
     return True
 
 
 def layout_table(tensors: dict, fused: dict, layout: str) -> dict:
-    """The name table of ``layout``: ``tensors`` (HUB) as is, or for FUSED with the names of
-    ``fused`` replacing theirs and the stacked expert keys in place of the per-expert ones.
+    """The name table of ``layout``: ``tensors`` (HUB) as is (less the stacked expert keys when
+    it has per-expert ones), or for FUSED with the names of ``fused`` replacing theirs and the
+    stacked expert keys in place of the per-expert ones.
 
     Raises:
         ValueError: unknown layout.
     """
-    if layout == HUB:
+    if layout == HUB:   # stacked keys are HUB names only for a family whose Hub files stack
+        if not any(k in EXPERT_ROLES for k in tensors):     # (Granite: input_linear)
+            return dict(tensors)
         return {k: v for k, v in tensors.items() if k not in STACKED_ROLES}
     if layout != FUSED:
         raise ValueError(f"unknown tensor layout {layout!r} (one of {', '.join(LAYOUTS)})")
@@ -262,6 +292,10 @@ def expand(table: dict, hp) -> list[TensorSpec]:
 
 
 def template_regex(template: str) -> str:
-    """A regex matching the names of ``template``: groups ``layer`` ({i}) and ``expert`` ({e})."""
+    """A regex matching the names of ``template``: groups ``layer`` ({i}) and ``expert`` ({e}),
+    each a number as Python's ``str(int)`` writes it (ASCII digits, no leading zero), the only
+    spelling transformers' module names match (``layers.01`` or ``layers.\u0661`` is not layer
+    1)."""
     rx = re.escape(template)
-    return rx.replace(r"\{i\}", r"(?P<layer>\d+)").replace(r"\{e\}", r"(?P<expert>\d+)")
+    num = "0|[1-9][0-9]*"
+    return rx.replace(r"\{i\}", rf"(?P<layer>{num})").replace(r"\{e\}", rf"(?P<expert>{num})")

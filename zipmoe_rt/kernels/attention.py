@@ -18,8 +18,8 @@ from numba import njit, prange
 
 __all__ = ["rope_qk_cache", "attention", "ATTN_PAR_MIN"]
 
-_PAR = dict(parallel=True, nogil=True, cache=True, fastmath=True)
-_SER = dict(nogil=True, cache=True, fastmath=True)
+_PAR = dict(parallel=True, nogil=True, cache=True, fastmath=True, error_model="numpy")
+_SER = dict(nogil=True, cache=True, fastmath=True, error_model="numpy")
 
 #: attention work (query heads x keys x head_dim) below which one thread is faster than a
 #: parallel region.

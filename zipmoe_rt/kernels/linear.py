@@ -37,9 +37,9 @@ from numba import get_num_threads, njit, prange
 __all__ = ["linear", "linear_into", "widen_bf16", "bf16_rows", "weight_kind"]
 
 #: Numba options of the parallel kernels (shared by the kernel modules of this package).
-JIT_PARALLEL = dict(parallel=True, nogil=True, cache=True, fastmath=True)
+JIT_PARALLEL = dict(parallel=True, nogil=True, cache=True, fastmath=True, error_model="numpy")
 #: Numba options of the single-threaded kernels.
-JIT_SERIAL = dict(nogil=True, cache=True, fastmath=True)
+JIT_SERIAL = dict(nogil=True, cache=True, fastmath=True, error_model="numpy")
 
 #: rows handled together by one step of the kernels (shares each x load between four rows).
 _RB = 4

@@ -13,7 +13,7 @@ from numba import njit
 
 __all__ = ["rms_norm", "rms_norm_into", "layer_norm_into", "add_inplace"]
 
-_SER = dict(nogil=True, cache=True, fastmath=True)
+_SER = dict(nogil=True, cache=True, fastmath=True, error_model="numpy")
 
 
 @njit(**_SER)

@@ -2,17 +2,20 @@
 (``MixtralTopKRouter``, ``Qwen2MoeTopKRouter``, ``Qwen3MoeTopKRouter`` in transformers' modeling
 files; :func:`route`) and the scored, grouped, biased and scaled routers of the DeepSeek / GLM
 lineage (``DeepseekV2TopkRouter``, ``DeepseekV3TopkRouter``, ``Glm4MoeTopkRouter``;
-:func:`route_grouped`).
+:func:`route_grouped`); ERNIE 4.5's softmax router with a choice bias and a clamped
+renormalisation (``Ernie4_5_MoeTopKRouter``; :func:`route_choice_bias`).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-__all__ = ["route", "route_grouped", "METHODS", "SCORINGS"]
+__all__ = ["route", "route_grouped", "route_choice_bias", "METHODS", "SCORINGS"]
 
 
-@njit(nogil=True, cache=True)  # no fastmath: the sum order must not depend on memory layout
+# no fastmath: the sum order must not depend on memory layout; IEEE division (no exception on
+# non-finite logits)
+@njit(nogil=True, cache=True, error_model="numpy")
 def _route(logits, k, renorm, idx, w):
     """Softmax over all experts (float32), top-k (descending, lowest index first on ties),
     optional renormalisation of the k weights. Compiled without fastmath so that the same
@@ -39,6 +42,12 @@ def _route(logits, k, renorm, idx, w):
                 if p[e] > bv:
                     bv = p[e]
                     best = e
+            if best < 0:        # non-finite logits (NaN weights): the lowest expert not taken
+                for e in range(E):
+                    if p[e] != np.float32(-2.0):
+                        bv = p[e]
+                        best = e
+                        break
             idx[t, j] = best
             w[t, j] = bv
             s += bv
@@ -71,7 +80,7 @@ METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORINGS = ("softmax", "sigmoid")
 
 
-@njit(nogil=True, cache=True)  # no fastmath, as _route
+@njit(nogil=True, cache=True, error_model="numpy")  # no fastmath, as _route
 def _route_grouped(logits, k, sigmoid, method, n_group, topk_group, bias, use_bias, renorm,
                    eps, scale, idx, w):
     """Score (softmax or sigmoid, float32), add the choice bias, keep ``topk_group`` of
@@ -181,4 +190,67 @@ def route_grouped(logits: np.ndarray, k: int, renorm: bool, scoring: str = "soft
     _route_grouped(np.ascontiguousarray(logits, np.float32), k, scoring == "sigmoid",
                    METHODS.index(method), n_group, topk_group, b, use_bias, renorm,
                    np.float32(1e-20 if scoring == "sigmoid" else 0.0), np.float32(scale), idx, w)
+    return idx, w
+
+
+# -- ERNIE 4.5 MoE ----------------------------------------------------------------------------
+
+@njit(nogil=True, cache=True)  # no fastmath, as _route
+def _route_choice_bias(logits, k, bias, norm_min, idx, w):
+    """Softmax over all experts (float32, as :func:`_route`), the k largest ``p + bias``
+    (descending, lowest index first on ties), weights ``p`` divided by max(their sum,
+    norm_min)."""
+    T, E = logits.shape
+    p = np.empty(E, np.float32)
+    c = np.empty(E, np.float32)
+    used = np.empty(E, np.bool_)
+    for t in range(T):
+        m = logits[t, 0]
+        for e in range(1, E):
+            if logits[t, e] > m:
+                m = logits[t, e]
+        tot = np.float32(0.0)
+        for e in range(E):
+            p[e] = np.exp(logits[t, e] - m)
+            tot += p[e]
+        for e in range(E):
+            p[e] = p[e] / tot
+            c[e] = p[e] + bias[e]
+            used[e] = False
+        s = np.float32(0.0)
+        for j in range(k):
+            best = -1
+            for e in range(E):
+                if not used[e] and (best < 0 or c[e] > c[best]):
+                    best = e
+            used[best] = True
+            idx[t, j] = best
+            w[t, j] = p[best]
+            s += p[best]
+        if s < norm_min:
+            s = norm_min
+        for j in range(k):
+            w[t, j] = w[t, j] / s
+
+
+def route_choice_bias(logits: np.ndarray, k: int, bias: np.ndarray, norm_min: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k routing as ``Ernie4_5_MoeTopKRouter``: softmax of the router logits in float32
+    over all experts ``p``, ``topk(p + bias)``, weights ``p`` of the chosen experts divided by
+    ``clamp(sum, min=norm_min)``.
+
+    Args:
+        logits: float32 [T, E] router logits.  k: experts per token.
+        bias: float32 [E] (or [1, E]) choice bias (``e_score_correction_bias``).
+        norm_min: the clamp of the weight sum (``moe_norm_min``).
+    Returns:
+        (topk_idx int64 [T, k] in descending ``p + bias``, lowest index first on ties;
+        topk_w float32 [T, k]).
+    """
+    T = logits.shape[0]
+    idx = np.empty((T, k), np.int64)
+    w = np.empty((T, k), np.float32)
+    _route_choice_bias(np.ascontiguousarray(logits, np.float32), k,
+                       np.ascontiguousarray(bias, np.float32).reshape(-1),
+                       np.float32(norm_min), idx, w)
     return idx, w

@@ -15,6 +15,22 @@ from .cache import KVCache
 _EMPTY = np.zeros(0, np.float32)
 
 
+def interleaved_to_halves(hd: int) -> np.ndarray:
+    """The order of a head's dimensions that turns interleaved RoPE (pairs ``(2i, 2i+1)``) into
+    half-split RoPE (pairs ``(i, i + hd/2)``): ``[0, 2, ..., hd-2, 1, 3, ..., hd-1]`` (int64 [hd])."""
+    return np.concatenate([np.arange(0, hd, 2), np.arange(1, hd, 2)])
+
+
+def _permute_heads(w, heads: int, perm: np.ndarray):
+    """Rows of each of ``heads`` heads of ``w`` ([heads*hd, ...] weight or [heads*hd] bias)
+    reordered by ``perm``; None stays None."""
+    if w is None:
+        return None
+    w = np.asarray(w)
+    hd = perm.size
+    return np.ascontiguousarray(w.reshape(heads, hd, *w.shape[1:])[:, perm].reshape(w.shape))
+
+
 class Attention:
     """Grouped-query self-attention with RoPE and a KV cache (``MixtralAttention``,
     ``Qwen2MoeAttention``, ``Qwen3MoeAttention``, ``OlmoeAttention``): q/k/v projections
@@ -33,20 +49,35 @@ class Attention:
             [nkv*hd] (the whole q / k projection, OLMoE), as ``args.QK_NORM_SCOPE`` says.
         clip: None, or clamp q, k and v to [-clip, clip] after the norms (``clip_qkv``).
         backend: compute backend (:func:`~zipmoe_rt.backends.get_backend`; default numba).
+        scale: the softmax scale; None = ``head_dim ** -0.5`` (Granite: ``attention_multiplier``).
+
+    With ``args.ROPE_INTERLEAVED`` (ERNIE 4.5: RoPE rotates the pairs ``(2i, 2i+1)`` of each
+    head, ``modeling_ernie4_5.py``'s ``apply_rotary_pos_emb``), the rows of each q and k head
+    (and their biases) are reordered once, even dimensions first
+    (:func:`interleaved_to_halves`): the usual half-split RoPE of the reordered head is the
+    interleaved RoPE of the head, reordered the same way, and q·k is unchanged by a common
+    reordering, so the backend ops stay as they are (the cached keys are in that order).
     Raises:
         ValueError: norm weights of another size than ``args.QK_NORM_SCOPE`` gives, or a
             negative ``clip``.
     """
 
     def __init__(self, args: HParams, layer: int, wq, wk, wv, wo, bq=None, bk=None, bv=None,
-                 bo=None, q_norm=None, k_norm=None, clip: float | None = None, backend=None):
+                 bo=None, q_norm=None, k_norm=None, clip: float | None = None, backend=None,
+                 scale: float | None = None):
         be = self.backend = get_backend(backend)
         self.layer = layer
         self.nq, self.nkv = args.num_attention_heads, args.num_key_value_heads
         self.hd = args.head_dim
         self.eps = np.float32(args.rms_norm_eps)
         self.window = args.window(layer)
-        self.scale = np.float32(self.hd ** -0.5)
+        self.scale = np.float32(self.hd ** -0.5 if scale is None else scale)
+        if args.ROPE_INTERLEAVED:   # rotate pairs (2i, 2i+1): as halves after a row permutation
+            perm = interleaved_to_halves(self.hd)
+            wq, bq = _permute_heads(wq, self.nq, perm), _permute_heads(bq, self.nq, perm)
+            wk, bk = _permute_heads(wk, self.nkv, perm), _permute_heads(bk, self.nkv, perm)
+            q_norm, k_norm = (None if n is None else _permute_heads(n, np.size(n) // self.hd, perm)
+                              for n in (q_norm, k_norm))
         mats = [np.asarray(w) for w in (wq, wk, wv)]
         if len({m.dtype for m in mats}) > 1:
             mats = [to_f32(m) for m in mats]

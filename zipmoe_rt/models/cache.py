@@ -20,7 +20,7 @@ import numpy as np
 
 from ..backends import get_backend
 
-__all__ = ["LayerCache", "KVCache", "ModelCache", "KV_DTYPE"]
+__all__ = ["LayerCache", "KVCache", "LatentCache", "ModelCache", "KV_DTYPE"]
 
 #: dtype of the keys and values a :class:`KVCache` holds (float32, as the attention ops
 #: compute; ``np.dtype(KV_DTYPE).itemsize`` bytes per cached value).
@@ -158,6 +158,63 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes allocated (capacity, not length)."""
         return int(self.k.nbytes + self.v.nbytes)
+
+
+class LatentCache:
+    """One vector per position of ONE layer, growing by doubling: the compressed key/value
+    latent of Multi-head Latent Attention (DeepSeek-V2/V3, GLM-4-MoE-Lite; transformers caches
+    the same two tensors, ``kv_a_layernorm(kv_nope)`` and the rotated ``k_pe``, in
+    ``DeepseekV2Attention.forward``). Implements :class:`LayerCache`.
+
+    Args:
+        width: values per position (``kv_lora_rank + qk_rope_head_dim`` for MLA).
+        capacity: positions allocated up front (at least 1; grows by doubling on demand).
+        backend: where the buffer lives (:func:`~zipmoe_rt.backends.get_backend`).
+    Attributes:
+        kv: float32 [capacity, width]; row ``p`` is position ``p`` (rows past ``length`` are
+            scratch: pending entries of the running forward call).
+        length: positions committed.  capacity: positions allocated.  width: as given.
+    """
+
+    def __init__(self, width: int, capacity: int = 256, backend=None):
+        self.backend = get_backend(backend)
+        self.width = int(width)
+        self.capacity = max(1, int(capacity))
+        self.kv = self.backend.zeros((self.capacity, self.width))
+        self.length = 0
+
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` positions past ``length`` (doubling; committed rows are copied)."""
+        need = self.length + int(n)
+        if need <= self.capacity:
+            return
+        cap = self.capacity
+        while cap < need:
+            cap *= 2
+        b = self.backend.zeros((cap, self.width))
+        b[:self.length] = self.kv[:self.length]
+        self.kv, self.capacity = b, cap
+
+    def commit(self, n: int) -> None:
+        """``length += n`` (see :meth:`LayerCache.commit`). Raises ValueError past capacity."""
+        if not 0 <= int(n) <= self.capacity - self.length:
+            raise ValueError(f"commit({n}): only {self.capacity - self.length} positions reserved")
+        self.length += int(n)
+
+    def can_crop(self, n: int) -> bool:
+        """True for any ``0 <= n <= length``."""
+        return 0 <= int(n) <= self.length
+
+    def crop(self, n: int) -> None:
+        """Forget positions ``n`` and later. Raises ValueError when ``n`` is not in 0..length."""
+        if not self.can_crop(n):
+            raise ValueError(f"crop({n}): cache holds {self.length} tokens")
+        self.length = int(n)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (``capacity * width * 4``)."""
+        return int(self.kv.nbytes)
 
 
 class ModelCache:

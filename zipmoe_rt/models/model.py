@@ -47,7 +47,9 @@ class Norm:
 
 class DecoderLayer:
     """Pre-norm residual layer (``MixtralDecoderLayer``):
-    ``x += attn(input_layernorm(x)); x += mlp(post_attention_layernorm(x))``.
+    ``x += attn(input_layernorm(x)); x += mlp(post_attention_layernorm(x))``, each branch
+    scaled by ``residual_multiplier`` first when it is not 1 (``GraniteMoeDecoderLayer``:
+    ``residual + hidden_states * residual_multiplier``).
 
     Args:
         attn: :class:`~zipmoe_rt.models.attention.Attention`.  mlp: a
@@ -55,12 +57,14 @@ class DecoderLayer:
             (any callable float32 [T, H] -> [T, H]).  input_norm, post_norm: [H] RMSNorm
             weights, or :class:`Norm` objects (a LayerNorm for PhiMoE).
         eps: RMSNorm epsilon (for weights).  backend: compute backend (default numba).
+        residual_multiplier: the branch scale (1.0: none).
     Attributes:
         input_layernorm, post_attention_layernorm: the two :class:`Norm` objects.
         input_norm, post_norm: their weights (float32 [H]).
     """
 
-    def __init__(self, attn: Attention, mlp, input_norm, post_norm, eps: float, backend=None):
+    def __init__(self, attn: Attention, mlp, input_norm, post_norm, eps: float, backend=None,
+                 residual_multiplier: float = 1.0):
         be = self.backend = get_backend(backend)
         self.attn, self.mlp = attn, mlp
         self.input_layernorm, self.post_attention_layernorm = (
@@ -68,15 +72,22 @@ class DecoderLayer:
         self.input_norm = self.input_layernorm.weight        # the weights, float32 [H]
         self.post_norm = self.post_attention_layernorm.weight
         self.eps = np.float32(eps)
+        self.residual_multiplier = float(residual_multiplier)
+
+    def _branch(self, y):
+        """A branch's output [T, H], scaled in place by ``residual_multiplier`` unless 1."""
+        if self.residual_multiplier != 1.0:
+            self.backend.scale_(y, self.residual_multiplier)
+        return y
 
     def __call__(self, x, cache, pos0, cos, sin):
         """x float32 [T, H], updated in place and returned; ``cache`` is this layer's cache
         (:meth:`Attention.new_cache`)."""
         be = self.backend
         h = self.input_layernorm(x)
-        be.add_(x, self.attn(h, cache, pos0, cos, sin))
+        be.add_(x, self._branch(self.attn(h, cache, pos0, cos, sin)))
         self.post_attention_layernorm(x, out=h)
-        be.add_(x, self.mlp(h))
+        be.add_(x, self._branch(self.mlp(h)))
         return x
 
 
@@ -89,6 +100,12 @@ class Model:
     ``"attn_q"``); subclasses (one module per family) build each layer's feed-forward block in
     :meth:`build_mlp`. Dense weights are fetched from the source once, here; expert weights are
     fetched by the executor on every use.
+
+    Scalar multipliers, taken from ``args`` where the family has them (Granite's
+    ``GraniteMoeModel`` / ``GraniteMoeForCausalLM``; 1.0 or absent: not applied):
+    ``embedding_multiplier`` (embeddings times it), ``residual_multiplier``
+    (:class:`DecoderLayer`), ``attention_multiplier`` (the softmax scale instead of
+    ``head_dim ** -0.5``) and ``logits_scaling`` (logits divided by it).
 
     Args:
         source: a :class:`~zipmoe_rt.models.weights.WeightSource`.
@@ -212,6 +229,9 @@ class Model:
         kw["bo"] = self._opt("attn_o_bias", i)
         if self.args.qk_norm:
             kw.update(q_norm=t("attn_q_norm", i), k_norm=t("attn_k_norm", i))
+        scale = getattr(self.args, "attention_multiplier", None)
+        if scale is not None:
+            options.setdefault("scale", scale)
         return Attention(self.args, i, t("attn_q", i), t("attn_k", i), t("attn_v", i),
                          t("attn_o", i), backend=self.backend, **kw, **options)
 
@@ -224,7 +244,8 @@ class Model:
         ``ffn_norm``, :meth:`build_norm`)."""
         return DecoderLayer(self.build_attention(i), self.build_mlp(i),
                             self.build_norm("attn_norm", i), self.build_norm("ffn_norm", i),
-                            self.args.rms_norm_eps, self.backend)
+                            self.args.rms_norm_eps, self.backend,
+                            getattr(self.args, "residual_multiplier", 1.0))
 
     def dense_mlp(self, i: int, keys=("mlp_gate", "mlp_up", "mlp_down")) -> MLP:
         """:class:`~zipmoe_rt.models.moe.MLP` of layer ``i`` from the tensors of the logical
@@ -254,17 +275,27 @@ class Model:
         return ModelCache(layer.attn.new_cache(capacity) for layer in self.layers)
 
     def embed_tokens(self, ids: np.ndarray):
-        """float32 [T, H] embedding rows (BF16 rows widened on the fly).
+        """float32 [T, H] embedding rows (BF16 rows widened on the fly), times
+        ``embedding_multiplier`` where the family has one that is not 1.
 
         Raises:
             IndexError: an id outside the vocabulary.
         """
-        return self.backend.embed(self.embed, ids)
+        x = self.backend.embed(self.embed, ids)
+        m = getattr(self.args, "embedding_multiplier", 1.0)
+        if m != 1.0:
+            self.backend.scale_(x, m)
+        return x
 
     def logits(self, h):
         """Final norm + lm_head (with its bias, when the family has ``lm_head_bias``):
-        float32 [T, H] -> float32 [T, vocab] (backend arrays)."""
-        return self.backend.linear(self.final_norm(h), self.lm_head, self.lm_head_bias)
+        float32 [T, H] -> float32 [T, vocab] (backend arrays), divided by ``logits_scaling``
+        where the family has one that is not 1."""
+        out = self.backend.linear(self.final_norm(h), self.lm_head, self.lm_head_bias)
+        d = getattr(self.args, "logits_scaling", 1.0)
+        if d != 1.0:
+            self.backend.scale_(out, d, divide=True)
+        return out
 
     def forward(self, ids, cache: ModelCache, last_only: bool = True) -> np.ndarray:
         """Run tokens ``ids`` after the ``cache.offset`` tokens already in ``cache`` and append

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from ..backends import get_backend
+from ..backends import get_backend, to_f32
 from .routing import Router, RoutingRule
 
 
@@ -217,3 +217,35 @@ class SparseMoeBlock:
             else:
                 be.sigmoid_gate_add_(y, be.linear(x, self.shared_gate), s)
         return y
+
+
+# -- ERNIE 4.5 MoE ----------------------------------------------------------------------------
+
+class ChoiceBiasMoeBlock(SparseMoeBlock):
+    """:class:`SparseMoeBlock` with ERNIE 4.5's router (``Ernie4_5_MoeTopKRouter``,
+    ``modeling_ernie4_5_moe.py``): softmax over all experts ``p``, the top-k of ``p + bias``
+    (the bias for the choice only), weights ``p`` divided by ``max(sum, norm_min)``
+    (``backend.route_choice_bias``). Shared experts are added ungated.
+
+    Args:
+        model, layer, gate, top_k, shared: as :class:`SparseMoeBlock`.
+        bias: [E] or [1, E] choice bias (``moe_statics.e_score_correction_bias``, any float
+            dtype or BF16 bits; widened to float32).
+        norm_min: the clamp of the weight sum (``moe_norm_min``).
+    Raises:
+        ValueError: ``bias`` not of E values.
+    """
+
+    def __init__(self, model, layer, gate, top_k, bias, norm_min: float, shared=None):
+        super().__init__(model, layer, gate, top_k, True, shared)
+        b = to_f32(bias).reshape(-1)
+        if b.size != self.gate.shape[0]:
+            raise ValueError(f"layer {layer}: the choice bias has {b.size} values for "
+                             f"{self.gate.shape[0]} experts")
+        self.choice_bias = self.backend.from_host(b)
+        self.norm_min = float(norm_min)
+
+    def select(self, logits):
+        """See :meth:`SparseMoeBlock.select` (``backend.route_choice_bias``)."""
+        return self.backend.route_choice_bias(logits, self.top_k, self.choice_bias,
+                                              self.norm_min)

@@ -222,3 +222,34 @@ class RoPE:
             cos *= np.float32(scaling)
             sin *= np.float32(scaling)
         return np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude factor ``0.1 * mscale * ln(scale) + 1`` (1 for ``scale <= 1``), as
+    transformers' ``yarn_get_mscale`` (``modeling_rope_utils.py``)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def softmax_scale(args: HParams, qk_head_dim: int) -> float:
+    """The attention score scale ``qk_head_dim ** -0.5``, times ``yarn_mscale(factor,
+    mscale_all_dim) ** 2`` when the rope is not the default one and sets ``mscale_all_dim``
+    (transformers' ``yarn_apply_mscale``, used by the DeepSeek-V2/V3 and GLM-4-MoE-Lite
+    attention: YaRN scales every q/k dimension, not only the rotary ones).
+
+    Args:
+        args: a family's :class:`~zipmoe_rt.families.HParams` (``rope``).
+        qk_head_dim: the width of one query/key head (elements).
+    Returns:
+        the scale as a Python float (the caller narrows it to float32).
+    Raises:
+        ValueError: ``mscale_all_dim`` set without a ``factor``.
+    """
+    scale = qk_head_dim ** -0.5
+    rp = args.rope or {}
+    rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
+    if rtype != "default" and rp.get("mscale_all_dim"):
+        if rp.get("factor") is None:
+            raise ValueError("rope_parameters: mscale_all_dim needs 'factor'")
+        m = yarn_mscale(float(rp["factor"]), float(rp["mscale_all_dim"]))
+        scale = scale * m * m
+    return scale

@@ -1,0 +1,287 @@
+"""``--memory-limit`` (zipmoe_rt/engine/limit.py): parsing, cgroup v1/v2 and MemAvailable
+detection from fixture files, how a limit divides into overhead, KV cache, buffers and weight
+budget, the errors, the CLI and API plumbing, and bench's peak RSS under a limit (a child
+process, VmHWM) against the limit.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import zipmoe_rt
+from zipmoe_rt.engine import limit as L
+from zipmoe_rt.engine.store import ZmoeSource
+
+from test_api import make_chat_model
+
+MB = 10**6
+
+
+# -- parsing ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, want", [
+    ("600MB", 600 * MB), ("600mb", 600 * MB), (" 1.5 GiB ", int(1.5 * 2**30)),
+    ("750000000", 750000000), ("512MiB", 512 * 2**20), ("2G", 2 * 10**9), ("100kB", 100_000),
+    (123456789, 123456789), ("auto", "auto"), ("AUTO", "auto"), ("80%", 0.8), ("100%", 1.0),
+    ("12.5%", 0.125)])
+def test_parse_limit(text, want):
+    assert L.parse_limit(text) == want
+
+
+@pytest.mark.parametrize("text", ["lots", "-5MB", "0", "0MB", "150%", "0%", "-1%", "nan",
+                                  "infGB", "", "MB", "5 XB", True, -3, 0.0])
+def test_parse_limit_bad_values_are_named(text):
+    with pytest.raises(L.MemoryLimitError) as e:
+        L.parse_limit(text)
+    assert "--memory-limit" in str(e.value)
+    if text != "":
+        assert str(text) in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+# -- cgroup and MemAvailable detection from fixture files -----------------------------------------
+def write(p: Path, text: str) -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def test_cgroup_v2_smallest_limit_along_the_path(tmp_path):
+    proc = write(tmp_path / "cgroup", "0::/user.slice/bench\n")
+    root = tmp_path / "fs"
+    write(root / "user.slice" / "bench" / "memory.max", "max\n")
+    write(root / "user.slice" / "memory.max", "600000000\n")
+    assert L.cgroup_limit(proc, root) == (600000000, str(root / "user.slice" / "memory.max"))
+    write(root / "user.slice" / "bench" / "memory.max", "400000000\n")
+    assert L.cgroup_limit(proc, root) == (400000000,
+                                          str(root / "user.slice" / "bench" / "memory.max"))
+
+
+def test_cgroup_v2_max_means_unlimited(tmp_path):
+    proc = write(tmp_path / "cgroup", "0::/a\n")
+    root = tmp_path / "fs"
+    write(root / "a" / "memory.max", "max\n")
+    assert L.cgroup_limit(proc, root) == (None, None)
+
+
+def test_cgroup_v2_namespace_root_and_hybrid_mount(tmp_path):
+    # inside a cgroup namespace the process's cgroup is "/", the mount's root
+    proc = write(tmp_path / "cgroup", "0::/\n")
+    root = tmp_path / "fs"
+    write(root / "memory.max", "314572800\n")
+    assert L.cgroup_limit(proc, root)[0] == 314572800
+    # hybrid: cgroup2 mounted at root/unified
+    root2 = tmp_path / "fs2"
+    write(root2 / "unified" / "memory.max", "271000000\n")
+    assert L.cgroup_limit(proc, root2) == (271000000, str(root2 / "unified" / "memory.max"))
+
+
+def test_cgroup_v1(tmp_path):
+    proc = write(tmp_path / "cgroup", "9:name=systemd:/\n4:memory:/docker/abc\n1:cpu:/\n0::/\n")
+    root = tmp_path / "fs"
+    unlimited = "9223372036854771712\n"
+    write(root / "memory" / "docker" / "abc" / "memory.limit_in_bytes", unlimited)
+    write(root / "memory" / "docker" / "memory.limit_in_bytes", unlimited)
+    write(root / "memory" / "memory.limit_in_bytes", unlimited)
+    assert L.cgroup_limit(proc, root) == (None, None)       # the v1 "no limit" value
+    f = write(root / "memory" / "docker" / "abc" / "memory.limit_in_bytes", "524288000\n")
+    assert L.cgroup_limit(proc, root) == (524288000, str(f))
+    # the controller may share its hierarchy with others ("cpuacct,memory")
+    proc2 = write(tmp_path / "cgroup2", "3:cpuacct,memory:/docker/abc\n")
+    assert L.cgroup_limit(proc2, root) == (524288000, str(f))
+
+
+def test_cgroup_absent(tmp_path):
+    assert L.cgroup_limit(tmp_path / "nope", tmp_path) == (None, None)
+    proc = write(tmp_path / "cgroup", "1:cpu:/\n")          # no memory controller
+    assert L.cgroup_limit(proc, tmp_path) == (None, None)
+
+
+def fixture_machine(tmp_path, cgroup_bytes=None, avail_kb=8_000_000):
+    proc = write(tmp_path / "cgroup", "0::/job\n")
+    root = tmp_path / "fs"
+    write(root / "job" / "memory.max", "max\n" if cgroup_bytes is None else f"{cgroup_bytes}\n")
+    meminfo = write(tmp_path / "meminfo", f"MemTotal: 16000000 kB\nMemFree: 1000 kB\n"
+                                          f"MemAvailable: {avail_kb} kB\n")
+    return dict(proc_cgroup=proc, root=root, meminfo=meminfo)
+
+
+def test_detect_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr("zipmoe_rt.util.status_bytes", lambda f: 50 * MB if f == "VmRSS" else 0)
+    kw = fixture_machine(tmp_path, cgroup_bytes=600 * MB)
+    got, how = L.detect_memory(**kw)
+    assert got == 600 * MB and "cgroup limit 600.0 MB" in how and "memory.max" in how
+    # no cgroup limit: MemAvailable plus this process's own RSS
+    kw = fixture_machine(tmp_path / "b", cgroup_bytes=None, avail_kb=1_000_000)
+    got, how = L.detect_memory(**kw)
+    assert got == 1_000_000 * 1024 + 50 * MB and "MemAvailable" in how
+    # a cgroup limit above what is available: the available memory binds
+    kw = fixture_machine(tmp_path / "c", cgroup_bytes=10**12, avail_kb=1_000_000)
+    assert L.detect_memory(**kw)[0] == 1_000_000 * 1024 + 50 * MB
+    with pytest.raises(L.MemoryLimitError, match="MemAvailable"):
+        L.detect_memory(tmp_path / "x", tmp_path / "x", tmp_path / "x")
+
+
+def test_resolve_limit_auto_margin_and_share(tmp_path, monkeypatch):
+    monkeypatch.setattr("zipmoe_rt.util.status_bytes", lambda f: 0)
+    kw = fixture_machine(tmp_path, cgroup_bytes=600 * MB)
+    got, how = L.resolve_limit("auto", **kw)
+    assert got == 600 * MB - L.MARGIN_MIN          # 5 % of 600 MB is below the 32 MiB floor
+    assert "margin 33.6 MB" in how
+    kw = fixture_machine(tmp_path / "b", cgroup_bytes=4 * 10**9)
+    assert L.resolve_limit("auto", **kw)[0] == 4 * 10**9 - 200 * MB          # 5 %
+    assert L.resolve_limit("50%", **kw)[0] == 2 * 10**9
+    assert L.resolve_limit("700MB", **kw) == (700 * MB, "given")
+    kw = fixture_machine(tmp_path / "c", cgroup_bytes=30 * MB)
+    with pytest.raises(L.MemoryLimitError, match="nothing after the margin"):
+        L.resolve_limit("auto", **kw)
+
+
+# -- dividing a limit ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_zmoe(tiny_moe_dir, tmp_path_factory) -> Path:
+    return make_chat_model(tiny_moe_dir("mixtral"), tmp_path_factory.mktemp("memlimit") / "tiny")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A cache folder of the test's own (overhead.json)."""
+    monkeypatch.setenv("ZIPMOE_RT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+OVERHEAD = 50 * MB
+
+
+def parts(src, context):
+    return L.kv_bytes(src.hparams, context), L.read_buffer_bytes(src)
+
+
+def test_kv_bytes_follows_the_cache_growth(tiny_zmoe):
+    from zipmoe_rt.api import load
+    m = load(tiny_zmoe)
+    try:
+        for n in (1, 256, 257, 700):
+            c = m.net.new_cache()
+            for lc in c.layers:
+                lc.reserve(n)
+            # every layer at the capacity n needs, plus one layer's old copy while it grows
+            assert L.kv_bytes(m.hparams, n) == c.nbytes + c.nbytes // len(c.layers) // 2
+    finally:
+        m.close()
+
+
+def test_plan_memory_divides_the_limit_and_names_both_numbers(tiny_zmoe, home):
+    src = ZmoeSource(tiny_zmoe)
+    try:
+        kv, buf = parts(src, 300)
+        plan0 = L.plan_memory(src, 10**9, context=300, overhead=OVERHEAD)
+        minimum = plan0.minimum
+        assert plan0.budget == 10**9 - OVERHEAD - kv - buf
+        assert plan0.overhead + plan0.kv + plan0.buffers + plan0.budget == plan0.limit
+        assert plan0.kv == kv > 0 and plan0.buffers == buf > 0 and plan0.context == 300
+        # exactly enough: the smallest budget
+        need = OVERHEAD + kv + buf + minimum
+        assert L.plan_memory(src, need, context=300, overhead=OVERHEAD).budget == minimum
+        with pytest.raises(L.MemoryLimitError) as e:
+            L.plan_memory(src, need - 1, context=300, overhead=OVERHEAD)
+        msg = str(e.value)
+        assert f"{(need - 1) / 1e6:.1f} MB" in msg                        # the limit
+        assert f"at least {need / 1e6:.1f} MB" in msg                     # what is needed
+        assert f"fixed overhead {OVERHEAD / 1e6:.1f} MB" in msg
+        assert f"smallest weight budget {minimum / 1e6:.1f} MB" in msg
+        # with --memory-budget: it must fit
+        plan = L.plan_memory(src, 10**9, context=300, overhead=OVERHEAD, budget=minimum + 1000)
+        assert plan.budget == minimum + 1000
+        with pytest.raises(L.MemoryLimitError, match="does not fit --memory-limit"):
+            L.plan_memory(src, need, context=300, overhead=OVERHEAD, budget=minimum + 1)
+        from zipmoe_rt.engine.tiers import BudgetError
+        with pytest.raises(BudgetError, match="at least"):
+            L.plan_memory(src, 10**9, context=300, overhead=OVERHEAD, budget=minimum - 1)
+    finally:
+        src.close()
+
+
+def test_fixed_overhead_is_measured_once_per_file(tiny_zmoe, home):
+    calls = []
+
+    def measure(p):
+        calls.append(p)
+        return 123 * MB
+    assert L.fixed_overhead(tiny_zmoe, measure) == 123 * MB
+    assert L.fixed_overhead(tiny_zmoe, measure) == 123 * MB
+    assert len(calls) == 1 and (home / "overhead.json").exists()
+    with pytest.raises(L.MemoryLimitError, match="could not measure"):
+        L.fixed_overhead(Path(__file__), lambda p: 0)
+
+
+# -- API and CLI -----------------------------------------------------------------------------------
+@pytest.fixture
+def fixed(monkeypatch, home):
+    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None: OVERHEAD)
+
+
+def test_load_under_a_limit_gives_the_same_tokens(tiny_zmoe, fixed):
+    free = zipmoe_rt.load(tiny_zmoe)
+    want = free.generate("hello there", max_tokens=20)
+    assert free.memory_plan is None and free.policy == "in-memory"
+    free.close()
+    src = ZmoeSource(tiny_zmoe)
+    kv, buf = parts(src, 128)
+    minimum = L.plan_memory(src, 10**9, context=128, overhead=OVERHEAD).minimum
+    src.close()
+    lim = OVERHEAD + kv + buf + minimum + 3 * 4096     # a few KB above the smallest budget
+    with zipmoe_rt.load(tiny_zmoe, memory_limit=lim, context=128, policy="zip-lru") as m:
+        assert m.memory_plan.budget == m.engine.budget == minimum + 3 * 4096
+        assert m.generate("hello there", max_tokens=20) == want
+        line = m.memory_line()
+        assert f"memory limit {lim / 1e6:.1f} MB" in line and "policy zip-lru" in line
+        assert f"weight budget {m.engine.budget / 1e6:.1f} MB" in line
+
+
+def cli(*args, input=None):
+    from zipmoe_rt.cli import main
+    return CliRunner().invoke(main, [str(a) for a in args], input=input,
+                              env={"ZIPMOE_RT_DEBUG": None}, prog_name="zipmoe-rt")
+
+
+def test_cli_banner_stats_and_errors(tiny_zmoe, fixed):
+    r = cli("run", tiny_zmoe, "-p", "hi", "-n", 3, "--memory-limit", "1GB")
+    assert r.exit_code == 0, r.output
+    banner = r.stderr.splitlines()[0]
+    assert banner.startswith("zipmoe-rt: memory limit 1000.0 MB (given) = fixed overhead "
+                             "50.0 MB"), banner
+    assert "weight budget" in banner and "policy zip-lru" in banner
+    r = cli("chat", tiny_zmoe, "--memory-limit", "1GB", input="/stats\n")
+    assert r.exit_code == 0, r.output
+    assert sum("memory limit 1000.0 MB" in l and "weight budget" in l and "policy" in l
+               for l in r.stderr.splitlines()) == 2          # banner and /stats
+    for bad in ("lots", "0", "150%"):
+        r = cli("run", tiny_zmoe, "-p", "hi", "--memory-limit", bad)
+        assert r.exit_code == 1 and r.stderr.startswith("error: --memory-limit"), r.stderr
+        assert bad in r.stderr and "Traceback" not in r.stderr
+    r = cli("run", tiny_zmoe, "-p", "hi", "--memory-limit", "50.2MB")
+    assert r.exit_code == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "--memory-limit 50.2 MB (given) is too small" in r.stderr and "at least" in r.stderr
+    r = cli("run", tiny_zmoe, "-p", "hi", "--memory-limit", "60MB", "--memory-budget", "9GB")
+    assert r.exit_code == 1 and "does not fit --memory-limit" in r.stderr, r.stderr
+
+
+# -- bench: peak RSS of a child process under a limit ---------------------------------------------
+def test_bench_peak_rss_stays_within_the_limit(tiny_zmoe, home):
+    """A real limit: the measured overhead, the KV cache and buffers plus 16 MB of weights; the
+    child's VmHWM (from its start) must not pass it."""
+    from zipmoe_rt import bench as B
+    src = ZmoeSource(tiny_zmoe)
+    ov = L.fixed_overhead(tiny_zmoe)                 # measured in a child process
+    kv, buf = parts(src, max(8, 16 + 4))
+    minimum = L.plan_memory(src, 10**9, context=20, overhead=ov).minimum
+    src.close()
+    lim = ov + kv + buf + minimum + 16 * MB
+    res = B.run(tiny_zmoe, [], ["zip-lru"], pp=8, tg=4, reps=1, limits=[str(lim)],
+                log=lambda s: None)
+    (row,) = res["rows"]
+    assert row["limit_bytes"] == lim and row["budget_bytes"] == minimum + 16 * MB
+    assert 0 < row["peak_rss"] <= lim, (row["peak_rss"], lim)
+    assert f"/ {lim / 1e6:.0f} MB (within)" in B.table(res)

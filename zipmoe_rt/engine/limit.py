@@ -1,0 +1,395 @@
+"""``--memory-limit``: a bound on the whole process, and the weight budget it leaves.
+
+A memory budget (``--memory-budget``) counts weights only: dense weights, the experts' cache
+tiers and one token's decoded experts (:func:`~zipmoe_rt.engine.pipeline.budget_split`). A
+memory limit counts everything the process holds, and derives the budget from it::
+
+    budget = limit - fixed overhead - KV cache - read buffers
+
+* **fixed overhead**: the peak RSS of a fresh interpreter that imports the runtime, reads the
+  model's index and tokenizer and runs the same kernels on a tiny model of the same family
+  (interpreter, numpy, Numba and its JIT code, tokenizer, index), measured in a child process
+  (:func:`zipmoe_rt.bench.baseline_rss`) and remembered in ``overhead.json`` of the cache folder
+  (one entry per model file, runtime version and Python);
+* **KV cache**: the allocation a context of ``context`` tokens ends at (the caches grow by
+  doubling from 256 positions: :class:`~zipmoe_rt.models.cache.KVCache`), plus the old copy of
+  one layer while it grows;
+* **read buffers**: the expert-region read buffers of the engine, ``top-k x (SM region +
+  exponent region)`` of the largest expert (:mod:`~zipmoe_rt.engine.buffers`), which the budget
+  does not count.
+
+``auto`` takes the memory cgroup's limit of this process (cgroup v2 ``memory.max``, v1
+``memory.limit_in_bytes``, the smallest along its path; ``max`` or the v1 "no limit" value mean
+none), capped by the memory available (``MemAvailable`` of ``/proc/meminfo`` plus this process's
+own RSS), and leaves a margin of :data:`MARGIN_FRACTION` of it, at least :data:`MARGIN_MIN`
+bytes, for the file-backed pages a cgroup also charges (page cache of expert reads, library
+code). ``N%`` is that share of the same detected memory, without margin; a size is taken as is.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .tiers import BudgetError
+
+__all__ = ["MemoryLimitError", "MemoryPlan", "parse_limit", "cgroup_limit", "mem_available",
+           "detect_memory", "resolve_limit", "fixed_overhead", "kv_bytes", "read_buffer_bytes",
+           "plan_memory", "memory_line", "DEFAULT_CONTEXT", "MARGIN_FRACTION", "MARGIN_MIN"]
+
+#: tokens of context the KV cache is sized for when the caller does not say (``chat``, ``load``)
+DEFAULT_CONTEXT = 2048
+#: ``auto`` leaves this share of the detected memory unused ...
+MARGIN_FRACTION = 0.05
+#: ... and at least this many bytes (32 MiB)
+MARGIN_MIN = 32 << 20
+#: cgroup v1 reports "no limit" as the largest page-aligned counter (9223372036854771712 with
+#: 4 KiB pages); any value from here up means none
+V1_UNLIMITED = 1 << 62
+_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6,
+          "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "B": 1}
+_OPT = "--memory-limit"
+
+
+class MemoryLimitError(BudgetError):
+    """A memory limit that cannot be read or that cannot run the model (the message states
+    the limit and what is needed). A ValueError (through BudgetError)."""
+
+
+def parse_limit(text):
+    """Read a ``--memory-limit`` value.
+
+    Args:
+        text: ``"auto"``; a size ``"600MB"``, ``"1.5GiB"``, ``"750000000"`` (SI and binary
+            units, case-insensitive); a share ``"80%"`` of the detected memory; or a positive
+            int (bytes).
+    Returns:
+        ``"auto"``, an int of bytes, or a float share in (0, 1] for a percentage.
+    Raises:
+        MemoryLimitError: unreadable text, a value not positive or a share above 100 % (the
+            option and the value are named).
+    """
+    if isinstance(text, bool):
+        raise MemoryLimitError(f"{_OPT}: cannot read {text!r} (use e.g. 600MB, 1.5GiB, 80%, auto)")
+    if isinstance(text, (int, float)):
+        if not (math.isfinite(text) and text > 0):
+            raise MemoryLimitError(f"{_OPT}: must be positive, got {text!r}")
+        return int(text)
+    t = str(text).strip().upper().replace(" ", "")
+    bad = MemoryLimitError(f"{_OPT}: cannot read {text!r} (use e.g. 600MB, 1.5GiB, 80%, auto)")
+    if t == "AUTO":
+        return "auto"
+    if t.endswith("%"):
+        try:
+            share = float(t[:-1]) / 100
+        except ValueError:
+            raise bad from None
+        if not (math.isfinite(share) and 0 < share <= 1):
+            raise MemoryLimitError(f"{_OPT}: a share must be in (0, 100] %, got {text!r}")
+        return share
+    mul = 1
+    for u, m in _UNITS.items():
+        if t.endswith(u):
+            t, mul = t[:-len(u)], m
+            break
+    try:
+        v = float(t)
+    except ValueError:
+        raise bad from None
+    if not (math.isfinite(v) and v * mul >= 1):
+        raise MemoryLimitError(f"{_OPT}: must be positive, got {text!r}")
+    return int(v * mul)
+
+
+def _read_int(path: Path):
+    """The integer in a cgroup file, None for ``max``, a missing or unreadable file."""
+    try:
+        s = path.read_text().strip()
+    except OSError:
+        return None
+    if s == "max":
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        return None
+
+
+def _ancestors(root: Path, cg_path: str):
+    """``root/cg_path`` and each folder above it up to ``root`` (inclusive), deepest first."""
+    parts = [p for p in cg_path.strip().split("/") if p and p != ".."]
+    for i in range(len(parts), -1, -1):
+        yield root.joinpath(*parts[:i])
+
+
+def cgroup_limit(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup"):
+    """The memory limit of this process's cgroup, and where it was read.
+
+    cgroup v2 (a ``0::PATH`` line): ``memory.max`` under ``root`` (or ``root/unified`` on a
+    hybrid mount); cgroup v1 (a line whose controllers include ``memory``):
+    ``memory.limit_in_bytes`` under ``root/memory``. Each folder from the process's cgroup up
+    to the mount's root counts (a parent's limit binds its children too; inside a cgroup
+    namespace the process's own cgroup is the mount's root): the smallest limit wins. ``max``
+    (v2) and values from :data:`V1_UNLIMITED` up (v1) mean no limit.
+
+    Args:
+        proc_cgroup: the ``/proc/self/cgroup`` file to read.
+        root: where the cgroup file systems are mounted.
+    Returns:
+        ``(bytes, file)`` of the smallest limit, or ``(None, None)`` without one (no cgroup
+        files, no memory controller, every level unlimited).
+    """
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None, None
+    root = Path(root)
+    best = (None, None)
+    for line in lines:
+        hid, _, rest = line.partition(":")
+        ctrls, _, path = rest.partition(":")
+        if hid == "0" and ctrls == "":
+            cands = [(d, "memory.max") for base in (root, root / "unified")
+                     for d in _ancestors(base, path)]
+        elif "memory" in ctrls.split(","):
+            cands = [(d, "memory.limit_in_bytes") for d in _ancestors(root / "memory", path)]
+        else:
+            continue
+        for d, name in cands:
+            v = _read_int(d / name)
+            if v is None or v <= 0 or v >= V1_UNLIMITED:
+                continue
+            if best[0] is None or v < best[0]:
+                best = (v, str(d / name))
+    return best
+
+
+def mem_available(meminfo="/proc/meminfo"):
+    """``MemAvailable`` of ``meminfo`` in bytes, None where unknown."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def detect_memory(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup",
+                  meminfo="/proc/meminfo"):
+    """The memory this process may use: its cgroup's limit (:func:`cgroup_limit`), capped by
+    ``MemAvailable`` plus this process's RSS (memory it already holds is not "available").
+
+    Returns:
+        ``(bytes, text)``: the amount and where it comes from, e.g. ``"cgroup limit 600.0 MB
+        (/sys/fs/cgroup/.../memory.max)"``.
+    Raises:
+        MemoryLimitError: neither a cgroup limit nor ``MemAvailable`` can be read.
+    """
+    from ..util import status_bytes
+    cg, where = cgroup_limit(proc_cgroup, root)
+    avail = mem_available(meminfo)
+    if avail is not None:
+        avail += status_bytes("VmRSS")
+    if cg is not None and (avail is None or cg <= avail):
+        return cg, f"cgroup limit {cg / 1e6:.1f} MB ({where})"
+    if avail is not None:
+        extra = f"; below the cgroup limit {cg / 1e6:.1f} MB" if cg is not None else ""
+        return avail, f"available memory {avail / 1e6:.1f} MB (MemAvailable + own RSS{extra})"
+    raise MemoryLimitError(f"{_OPT} auto: no memory cgroup limit and no MemAvailable in "
+                           f"{meminfo}; give a size (e.g. {_OPT} 600MB)")
+
+
+def resolve_limit(value, **detect_kw):
+    """The limit in bytes of a :func:`parse_limit` value, and how it was obtained.
+
+    ``auto``: :func:`detect_memory` minus the margin (:data:`MARGIN_FRACTION`, at least
+    :data:`MARGIN_MIN`); a share: that share of :func:`detect_memory`; bytes: as given.
+    ``detect_kw`` go to :func:`detect_memory` (file paths).
+
+    Returns:
+        ``(bytes, text)``.
+    Raises:
+        MemoryLimitError: as :func:`parse_limit` and :func:`detect_memory`; ``auto`` leaving
+            nothing after the margin.
+    """
+    v = parse_limit(value)
+    if isinstance(v, int):
+        return v, "given"
+    mem, how = detect_memory(**detect_kw)
+    if v == "auto":
+        margin = max(MARGIN_MIN, int(MARGIN_FRACTION * mem))
+        if mem - margin <= 0:
+            raise MemoryLimitError(f"{_OPT} auto: {how} leaves nothing after the margin of "
+                                   f"{margin / 1e6:.1f} MB")
+        return mem - margin, f"auto: {how} - margin {margin / 1e6:.1f} MB"
+    return int(v * mem), f"{100 * v:g}% of {how}"
+
+
+def _overhead_store() -> Path:
+    from ..default_model import cache_dir
+    return cache_dir() / "overhead.json"
+
+
+def fixed_overhead(model_path, measure=None) -> int:
+    """The runtime's fixed memory for ``model_path`` in bytes: the peak RSS of a child process
+    that loads the runtime, the model's index and tokenizer and runs the kernels on a tiny model
+    of the family (:func:`zipmoe_rt.bench.baseline_rss`), remembered per model file (path, size,
+    modification time), runtime version and Python in ``overhead.json`` of the cache folder.
+
+    Args:
+        model_path: the ``.zmoe`` file.
+        measure: the measuring function (default :func:`zipmoe_rt.bench.baseline_rss`).
+    Raises:
+        MemoryLimitError: the measurement failed (the child exited with an error).
+    """
+    from .. import __version__
+    p = Path(model_path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{__version__}|{sys.version.split()[0]}"
+    store = _overhead_store()
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), int) and known[key] > 0:
+        return known[key]
+    if measure is None:
+        from ..bench import baseline_rss as measure
+    v = int(measure(p))
+    if v <= 0:
+        raise MemoryLimitError(f"{p}: could not measure the runtime's fixed memory overhead "
+                               f"(the measuring child process failed; run `python -m "
+                               f"zipmoe_rt.bench '[\"baseline\", \"{p}\"]'` to see why)")
+    known[key] = v
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, store)
+    except OSError:
+        pass      # a read-only cache folder: measured again next time
+    return v
+
+
+def kv_bytes(hparams: dict, context: int) -> int:
+    """Bytes the KV cache holds at its largest for ``context`` tokens: the capacity the caches
+    reach (256 positions doubled until ``context`` fits, as
+    :meth:`~zipmoe_rt.models.cache.KVCache.reserve` grows them) for every layer, plus the old
+    copy of one layer while it grows. ``hparams``: the stored hyper-parameters (format/SPEC.md
+    §3); per token: ``HParams.kv_values_per_token`` values of
+    :data:`~zipmoe_rt.models.cache.KV_DTYPE`."""
+    import numpy as np
+
+    from ..families import get_family
+    from ..models.cache import KV_DTYPE
+    hp = get_family(hparams.get("family")).hparams_class.from_hparams(hparams)
+    per_token = int(hp.kv_values_per_token()) * np.dtype(KV_DTYPE).itemsize
+    cap = 256
+    while cap < context:
+        cap *= 2
+    layers = max(1, int(hparams["num_hidden_layers"]))
+    return per_token * cap + (per_token // layers) * (cap // 2)
+
+
+def read_buffer_bytes(source) -> int:
+    """Bytes of the engine's expert-region read buffers that a budget does not count: top-k
+    buffers of each region kind (SM and exponent), each as big as that region of the largest
+    expert (:class:`~zipmoe_rt.engine.buffers.BufferPools`)."""
+    lays = list(source.layouts.values())
+    k = int(source.hparams["num_experts_per_tok"])
+    return k * (max(l.sm_region[1] for l in lays) + max(l.exp_region[1] for l in lays))
+
+
+@dataclass
+class MemoryPlan:
+    """How a memory limit divides (bytes): ``limit`` = ``overhead`` + ``kv`` + ``buffers`` +
+    ``budget`` (the weight budget, ``--memory-budget``). ``how``: where the limit came from;
+    ``context``: tokens the KV cache is sized for; ``minimum``: the smallest budget the model
+    runs with (dense weights + one token's experts)."""
+    limit: int
+    how: str
+    overhead: int
+    kv: int
+    buffers: int
+    budget: int
+    context: int
+    minimum: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One line for the banner and ``/stats``."""
+        return (f"memory limit {self.limit / 1e6:.1f} MB ({self.how}) = fixed overhead "
+                f"{self.overhead / 1e6:.1f} MB + KV cache {self.kv / 1e6:.1f} MB ({self.context} "
+                f"tokens) + read buffers {self.buffers / 1e6:.1f} MB + weight budget "
+                f"{self.budget / 1e6:.1f} MB")
+
+
+def plan_memory(source, limit, context: int | None = None, overhead: int | None = None,
+                budget=None, **detect_kw) -> MemoryPlan:
+    """Divide a memory limit for ``source`` (a :class:`~zipmoe_rt.engine.store.ZmoeSource`).
+
+    Args:
+        source: the model.
+        limit: a :func:`parse_limit` value (``"auto"``, ``"600MB"``, ``"80%"``, bytes).
+        context: tokens the KV cache must hold (default :data:`DEFAULT_CONTEXT`).
+        overhead: the fixed overhead in bytes (default: :func:`fixed_overhead`, measured).
+        budget: a weight budget also given (``--memory-budget``, bytes): used as is, and it
+            must fit the limit.
+        detect_kw: file paths for :func:`detect_memory`.
+    Returns:
+        the :class:`MemoryPlan`.
+    Raises:
+        MemoryLimitError: an unreadable limit; a limit below the overhead plus the smallest
+            budget (both numbers stated); a ``budget`` that does not fit the limit.
+    """
+    from .pipeline import budget_split
+    lim, how = resolve_limit(limit, **detect_kw)
+    context = DEFAULT_CONTEXT if context is None else int(context)
+    if context < 1:
+        raise MemoryLimitError(f"context: must be at least 1 token, got {context}")
+    ov = fixed_overhead(source.path) if overhead is None else int(overhead)
+    kv = kv_bytes(source.hparams, context)
+    buf = read_buffer_bytes(source)
+    lays = list(source.layouts.values())
+    minimum = source.dense_bytes() + int(source.hparams["num_experts_per_tok"]) * \
+        max(l.full_bytes for l in lays)
+    need = ov + kv + buf
+    free = lim - need
+    parts = (f"fixed overhead {ov / 1e6:.1f} MB + KV cache {kv / 1e6:.1f} MB for {context} "
+             f"tokens + read buffers {buf / 1e6:.1f} MB = {need / 1e6:.1f} MB")
+    if budget is not None:
+        budget = int(budget)
+        if budget > free:
+            raise MemoryLimitError(
+                f"--memory-budget {budget / 1e6:.1f} MB does not fit {_OPT} {lim / 1e6:.1f} MB "
+                f"({how}): the limit holds {parts} and at most {max(free, 0) / 1e6:.1f} MB of "
+                f"weights; drop --memory-budget to use that")
+        budget_split(source, budget)          # BudgetError below the smallest budget
+        free = budget
+    elif free < minimum:
+        raise MemoryLimitError(
+            f"{_OPT} {lim / 1e6:.1f} MB ({how}) is too small for this model: it needs {parts}, "
+            f"plus the smallest weight budget {minimum / 1e6:.1f} MB (dense weights and one "
+            f"token's experts): at least {(need + minimum) / 1e6:.1f} MB")
+    return MemoryPlan(limit=lim, how=how, overhead=ov, kv=kv, buffers=buf, budget=int(free),
+                      context=context, minimum=minimum)
+
+
+def memory_line(plan: MemoryPlan | None, budget: int | None, policy: str) -> str:
+    """One line on a loaded model's memory for the banner and ``/stats``: the limit and how it
+    divides (``plan``), else the weight budget (bytes, or None: unbudgeted), and the policy."""
+    pol = f"policy {policy}"
+    if plan is not None:
+        return f"{plan.describe()}; {pol}"
+    if budget is not None:
+        return f"no memory limit; weight budget {budget / 1e6:.1f} MB; {pol}"
+    return f"no memory limit, no weight budget (every expert kept once decoded); {pol}"
