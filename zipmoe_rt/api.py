@@ -73,7 +73,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
          memory_budget=None, policy: str = "auto", eviction: str = "lru",
          workers: int | None = None, direct: bool = False, trace=None,
          io_depth: int | None = None, device: str = "cpu", memory_limit=None,
-         context: int | None = None) -> "Model":
+         context: int | None = None, resident: str = "full") -> "Model":
     """Load a ``.zmoe`` model (or the bundled default model when ``path`` is None).
 
     Args:
@@ -102,6 +102,10 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             the GPU; under a budget the engine still reads and decodes on the CPU and each
             decoded expert is uploaded when used), or ``auto`` (cuda when CuPy imports and sees
             a GPU, else cpu with one :class:`~zipmoe_rt.backends.DeviceWarning`).
+        resident: without a budget, how experts are held: ``full`` (decoded to BF16 on first
+            use and kept) or ``compressed`` (every expert read at load and kept in the compute
+            form, ~75 % of the BF16 bytes, and computed in place by the packed kernels; no reads
+            after loading; outputs bit-identical; design note §6.5; CPU only).
 
     Returns:
         a :class:`Model`.
@@ -109,8 +113,9 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     Raises:
         FileNotFoundError: no such file.
         zmoe.ZmoeError: not a ``.zmoe``, corrupt, truncated, or from a newer format version.
-        ValueError: an architecture this runtime does not run, a file without a tokenizer, or
-            a ``device`` other than auto, cpu, cuda.
+        ValueError: an architecture this runtime does not run, a file without a tokenizer, a
+            ``device`` other than auto, cpu, cuda, an unknown ``resident`` value, or
+            ``resident="compressed"`` with a memory budget or limit or on the GPU.
         zipmoe_rt.engine.limit.MemoryLimitError: an unreadable ``memory_limit``, one too small
             for the fixed overhead plus the smallest budget (both stated), or a
             ``memory_budget`` that does not fit it.
@@ -140,6 +145,14 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     budgeted = memory_budget is not None or memory_limit is not None
     backend = get_backend(resolve_device(device, "device (--device)"))
     on_host = backend.name != "cuda"
+    from .engine.resident import check_resident
+    if check_resident(resident) == "compressed":
+        if budgeted:
+            raise ValueError("resident (--resident): 'compressed' holds every expert and does "
+                             "not combine with a memory budget (--memory-budget, --memory-limit)")
+        if not on_host:
+            raise ValueError("resident (--resident): 'compressed' runs on the CPU kernels only "
+                             "(not with --device cuda)")
     from .engine.io import check_io_depth
     check_io_depth(io_depth)   # also unbudgeted: a bad value is an error, not ignored
     from . import kernels
@@ -148,7 +161,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     # on the GPU the device holds the dense weights and (unbudgeted) the experts: the source
     # keeps no host copies of its own
     source = ZmoeSource(path, verify=verify, keep_experts=not budgeted and on_host,
-                        copy_dense=budgeted or not on_host)
+                        copy_dense=budgeted or not on_host, resident=resident)
     engine = None
     try:
         tok = tokenizer_from_source(source)
@@ -167,11 +180,13 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             _check_same_file(source, engine.reader)
             executor = engine
         else:
+            if resident == "compressed":
+                source.admit_all()
             executor = ExpertExecutor(backend.resident_experts(source), backend)
         model = Model(source, build_model(source, executor=executor, backend=backend), tok, path,
                       engine)
         model.memory_plan = mplan
-        if budgeted:
+        if budgeted or resident == "compressed":
             _release_load_memory(source)
         return model
     except BaseException:
@@ -350,6 +365,54 @@ class Model:
             self.last_stats = gen.stats
             if on_finish is not None:
                 on_finish(gen)
+
+    def token_steps(self, ids: Sequence[int], params: SamplingParams,
+                    state: CacheState | None = None, on_logits=None) -> Iterator:
+        """Run one generation step by step: the low-level loop behind servers and custom UIs.
+
+        Yields the :class:`~zipmoe_rt.generate.GenerationStep` items of
+        :func:`~zipmoe_rt.generate.generate` (sampled token ids, then one final step with the
+        stats), each computed under the model's lock (see :class:`Model`), so a caller can stop
+        between any two tokens: closing the iterator (``break``) ends generation at once with
+        ``finish_reason="cancelled"``. :attr:`last_stats` is set when it ends.
+
+        Args:
+            ids: prompt token ids to feed (with ``state``: those after what its cache holds).
+            params: :class:`SamplingParams` (see :meth:`sampling`).
+            state: a :class:`~zipmoe_rt.generate.CacheState` to continue and update in place
+                (e.g. for prompt-prefix reuse through ``state.sync_prefix``); default a new one.
+            on_logits: called with each step's raw logits (float32 ``[vocab]``, before any
+                sampling processor) before the token is drawn, e.g. for log-probabilities.
+
+        Raises:
+            ValueError: as for :func:`~zipmoe_rt.generate.generate`.
+            RuntimeError: the model was closed.
+        """
+        if self.net is None:
+            raise RuntimeError(f"{self.path}: the model was closed")
+        gen = generate(self.net, list(ids), params, self.stop_ids, cache=state)
+        if on_logits is not None:
+            inner = gen.sampler
+
+            class _Watch:
+                def sample(self, logits, context_ids=None):
+                    on_logits(logits)
+                    return inner.sample(logits, context_ids)
+            gen.sampler = _Watch()
+        try:
+            while True:
+                with self._lock:
+                    if self.net is None:
+                        raise RuntimeError(f"{self.path}: the model was closed")
+                    step = next(gen, None)
+                if step is None:
+                    break
+                yield step
+                if step.token_id is None:
+                    break
+        finally:
+            gen.close()
+            self.last_stats = gen.stats
 
     # -- public ------------------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, **sampling) -> Iterator[str]:

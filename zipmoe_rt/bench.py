@@ -60,7 +60,7 @@ def raw_companion(model_path, progress: bool = False) -> Path:
 
 
 def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, eviction, trace,
-               io_depth=None, device="cpu", memory_limit=None):
+               io_depth=None, device="cpu", memory_limit=None, resident="full"):
     """One benchmark configuration in this process: load the model with these options, warm the
     JIT up, then ``reps`` timed runs, each after evicting the model file from the page cache and
     resetting the peak RSS.
@@ -75,6 +75,8 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
         pp: prompt tokens of the prefill run (one forward pass); 0 skips it.
         tg: tokens of the decode run (greedy, EOS ignored); 0 skips it.
         reps: timed repetitions.
+        resident: as for :func:`zipmoe_rt.api.load`; an unbudgeted run loads every expert
+            before the timed runs in either mode.
 
     Returns:
         ``(runs, memory)``: per repetition a dict (``pp_s``; ``ttft_s``, ``decode_tps``,
@@ -85,8 +87,10 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
     m = load(model_path, memory_budget=budget, policy=policy, workers=workers, direct=direct,
              io_depth=io_depth, device=device, memory_limit=memory_limit,
              context=max(pp, 16 + tg) if memory_limit is not None else None,
-             eviction=eviction, trace=trace, progress=False)
+             eviction=eviction, trace=trace, progress=False, resident=resident)
     net, eng = m.net, m.engine
+    if budget is None:
+        m.source.admit_all()               # steady state: no expert decoded in a timed run
     ids_pp = prompt_ids(m.tokenizer, pp)
     ids_tg = prompt_ids(m.tokenizer, 16)
     warm = net.new_cache()                 # JIT warm-up outside the timed runs
@@ -218,7 +222,7 @@ def _ms(a):
 def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 3,
         workers: int | None = None, direct: bool = False, eviction: str = "lru",
         raw_model=None, trace=None, log=print, io_depth: int | None = None,
-        device: str = "cpu", limits=()) -> dict:
+        device: str = "cpu", limits=(), residents=("full",)) -> dict:
     """Benchmark every (budget, policy) pair; returns the JSON-able result (rows + environment).
     ``device``: ``cpu`` or ``cuda`` (as for :func:`zipmoe_rt.api.load`).
 
@@ -229,8 +233,17 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     the limit (``limit_bytes``).
 
     ``budgets``: sizes as accepted by :func:`zipmoe_rt.api.parse_size` (``None`` = unbudgeted,
-    every expert decoded in memory). ``policies``: ``zipmoe``, ``zip-lru``, ``raw-lru``.
+    every expert in memory). ``policies``: ``zipmoe``, ``zip-lru``, ``raw-lru``.
+    ``residents``: how unbudgeted rows hold the experts, one row each: ``full`` (decoded,
+    policy ``in-memory``) and/or ``compressed`` (the compute form, policy
+    ``in-memory compressed``).
     """
+    from .engine.resident import check_resident
+    for r in residents:
+        check_resident(r)
+    if "compressed" in residents and None not in budgets:
+        raise ValueError("--resident compressed applies to the unbudgeted rows: add "
+                         "--memory-budget none")
     from .api import parse_size
     from .engine.store import ZmoeSource
     from .engine import profile as prof
@@ -253,7 +266,8 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
         lim_bytes = None
         if lim is not None:
             lim_bytes = resolve_limit(lim)[0]       # auto: resolved once, here, for all rows
-        for pol in (policies if b is not None or lim is not None else ["in-memory"]):
+        unbudgeted = [("in-memory" if r == "full" else f"in-memory {r}") for r in residents]
+        for pol in (policies if b is not None or lim is not None else unbudgeted):
             path = model_path
             if pol == "raw-lru":
                 if raw_model is None and not Path(model_path).with_name(
@@ -267,7 +281,8 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                                        pol if (b is not None or lim is not None) else "auto", pp,
                                        tg, reps, workers, direct, eviction,
                                        str(trace) if trace else None, io_depth, device,
-                                       lim_bytes)
+                                       lim_bytes,
+                                       "compressed" if pol.endswith("compressed") else "full")
             row = {"budget": b, "budget_bytes": nbytes, "policy": pol, "runs": runs,
                    "memory": mem}
             if lim is not None:

@@ -167,6 +167,10 @@ ENGINE_OPTIONS = [
     click.option("--direct", is_flag=True, help="read experts with O_DIRECT (bypass the page cache)"),
     click.option("--io-depth", type=click.IntRange(min=1), default=None,
                  help="expert reads in flight at once [default: 4; 1 = one I/O thread]"),
+    click.option("--resident", type=click.Choice(["full", "compressed"]), default="full",
+                 show_default=True,
+                 help="without a budget: keep experts decoded (full) or all in a compressed "
+                      "compute form (~75% of BF16), computed in place, same outputs"),
 ]
 
 DEVICE_OPTION = click.option(
@@ -246,10 +250,15 @@ def _load(model, kw, context=None):
     m = load(model, progress=progress_wanted(), verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
              policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
              direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"],
-             memory_limit=kw.get("memory_limit"), context=context)
+             memory_limit=kw.get("memory_limit"), context=context,
+             resident=kw.get("resident", "full"))
     if kw.get("memory_limit") is not None:      # the banner's memory line
         click.echo(f"zipmoe-rt: {m.memory_line()}", err=True)
     return m
+
+
+#: ``load_from_options(model, kw)``: the model loaded with the parsed engine options (``serve``)
+load_from_options = _load
 
 
 def _stats_line(st) -> str:
@@ -438,9 +447,12 @@ def calibrate(model, samples, direct, io_depth, device):
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="write the full results as JSON here")
 @DEVICE_OPTION
+@click.option("--resident", "residents", multiple=True,
+              type=click.Choice(["full", "compressed"]),
+              help="how the unbudgeted rows hold experts (repeatable: a row each) [default: full]")
 @friendly_errors
 def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
-          io_depth, raw_model, trace, json_out, device):
+          io_depth, raw_model, trace, json_out, device, residents):
     """Benchmark prefill/decode tokens/s under memory budgets, all policies in one run.
 
     Prints a llama-bench-style table (mean ± sd over repetitions, TTFT, TPOT, hits per tier,
@@ -465,7 +477,8 @@ def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, evicti
     res = B.run(model, bl, policies, pp=n_prompt,
                 tg=n_gen, reps=repetitions, workers=workers, direct=direct, eviction=eviction,
                 raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True),
-                io_depth=io_depth, device=device, limits=limits)
+                io_depth=io_depth, device=device, limits=limits,
+                residents=residents or ("full",))
     click.echo(B.table(res))
     if json_out:
         B.save(res, json_out)
@@ -474,6 +487,7 @@ def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, evicti
 
 from . import cli_format  # noqa: E402,F401  (registers convert, export, verify, inspect on main)
 from . import cli_eval  # noqa: E402,F401  (registers plan, perplexity on main)
+from . import cli_serve  # noqa: E402,F401  (registers serve on main)
 
 if __name__ == "__main__":   # python -m zipmoe_rt.cli: the group the verb modules registered on
     from zipmoe_rt.cli import main as registered_main

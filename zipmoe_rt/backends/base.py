@@ -208,7 +208,9 @@ class Backend:
             out: float32 [T, H], updated in place.  x: float32 [T, H].
             rows: host int64 [n], distinct token indices.  weights: host float32 [n].
             expert: :class:`~zipmoe_rt.models.weights.ExpertWeights` (gate, up [I, H],
-                down [H, I]; host arrays).
+                down [H, I]; host arrays) or a :class:`~zipmoe_rt.models.packed.PackedExpert`
+                (the compute form of ``--resident compressed``; the result must be the one
+                of its decoded weights, :func:`~zipmoe_rt.models.packed.as_weights`).
         Raises:
             ValueError: shapes disagree.
         """
@@ -221,7 +223,8 @@ class Backend:
 
         Args:
             out: float32 [H], updated in place.  x: float32 [H].
-            experts: sequence of k :class:`~zipmoe_rt.models.weights.ExpertWeights` of one shape.
+            experts: sequence of k :class:`~zipmoe_rt.models.weights.ExpertWeights` (or
+                :class:`~zipmoe_rt.models.packed.PackedExpert`) of one shape.
             weights: host float32 [k] routing weights, in the order of ``experts``.
         Raises:
             ValueError: shapes disagree.

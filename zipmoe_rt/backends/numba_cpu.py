@@ -14,8 +14,10 @@ from ..kernels import heads as _heads
 from ..kernels import norm as _norm
 from ..kernels import routing as _routing
 from ..kernels import sparsemixer as _sparsemixer
+from ..kernels import packed as _packed
 from ..kernels import swiglu as _swiglu
 from ..kernels.linear import bf16_rows, linear_into
+from ..models.packed import as_weights, is_packed
 from .base import Backend, HostArrays, check_choice_bias, check_qk_norm, check_route
 
 
@@ -47,11 +49,24 @@ class NumbaBackend(HostArrays, Backend):
         return _swiglu.swiglu_hidden(x, gate, up)
 
     def expert_accumulate(self, out, x, rows, weights, expert):
-        """:func:`~zipmoe_rt.kernels.swiglu.expert_accumulate`."""
+        """:func:`~zipmoe_rt.kernels.swiglu.expert_accumulate`; a packed expert (compute form,
+        :mod:`zipmoe_rt.models.packed`) through
+        :func:`~zipmoe_rt.kernels.packed.packed_expert_accumulate`, bit-identical."""
+        if is_packed(expert):
+            _packed.packed_expert_accumulate(out, x, rows, weights, expert)
+            return
         _swiglu.expert_accumulate(out, x, rows, weights, expert.gate, expert.up, expert.down)
 
     def experts_token(self, out, x, experts, weights):
-        """:func:`~zipmoe_rt.kernels.swiglu.experts_decode` (k experts, two parallel regions)."""
+        """:func:`~zipmoe_rt.kernels.swiglu.experts_decode` (k experts, two parallel regions);
+        packed experts through :func:`~zipmoe_rt.kernels.packed.packed_experts_decode`
+        (bit-identical; a mix of packed and decoded experts decodes the packed ones)."""
+        n_packed = sum(map(is_packed, experts))
+        if n_packed == len(experts):
+            _packed.packed_experts_decode(out, x, experts, weights)
+            return
+        if n_packed:
+            experts = [as_weights(e) for e in experts]
         _swiglu.experts_decode(out, x, experts, weights)
 
     def rmsnorm(self, x, w, eps, out=None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..models.packed import as_weights
 from .base import Backend, HostArrays, check_choice_bias, check_qk_norm, check_route, to_f32
 
 _F32 = np.float32
@@ -77,7 +78,9 @@ class NumpyBackend(HostArrays, Backend):
         return self.linear(self.swiglu(x, e.gate, e.up), e.down)
 
     def expert_accumulate(self, out, x, rows, weights, expert):
-        """``out[rows] += weights[:, None] * expert(x[rows])``."""
+        """``out[rows] += weights[:, None] * expert(x[rows])`` (a packed expert is decoded
+        first, :func:`~zipmoe_rt.models.packed.as_weights`)."""
+        expert = as_weights(expert)
         if expert.down.shape != expert.gate.shape[::-1] or x.shape[1] != expert.gate.shape[1]:
             raise ValueError(f"expert_accumulate: x {x.shape}, gate {expert.gate.shape}, "
                              f"down {expert.down.shape} disagree")
@@ -86,7 +89,7 @@ class NumpyBackend(HostArrays, Backend):
     def experts_token(self, out, x, experts, weights):
         """One :meth:`expert_accumulate`-like sum per expert, in order."""
         for w, e in zip(np.asarray(weights, np.float32), experts):
-            out += w * self._expert(x[None, :], e)[0]
+            out += w * self._expert(x[None, :], as_weights(e))[0]
 
     def rmsnorm(self, x, w, eps, out=None):
         """``w * x / sqrt(mean(x**2) + eps)``."""

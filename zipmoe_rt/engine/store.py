@@ -40,6 +40,8 @@ class ZmoeSource:
         check_model: check the stored hyper-parameters against the stored tensor shapes
             (:func:`zipmoe_rt.families.check.check_stored_tensors`); off only for tools that
             read containers which are not whole models (the fuzzer's partial bases).
+        resident: ``"full"`` keeps experts as decoded weights, ``"compressed"`` in the compute
+            form (:mod:`zipmoe_rt.engine.resident`; ValueError for any other value).
 
     Attributes:
         hparams: normalised hyper-parameters (``hparams.*`` metadata, format/SPEC.md §3).
@@ -52,7 +54,9 @@ class ZmoeSource:
     """
 
     def __init__(self, path, verify: bool = True, keep_experts: bool = True,
-                 copy_dense: bool = False, check_model: bool = True):
+                 copy_dense: bool = False, check_model: bool = True, resident: str = "full"):
+        from .resident import check_resident
+        self.resident = check_resident(resident)
         # every read after the index goes through this descriptor: a file renamed over ``path``
         # or deleted while the model runs does not matter, one changed in place is detected by
         # the reads (RegionReader.read)
@@ -189,8 +193,30 @@ class ZmoeSource:
                 truncated), or the read failed (e.g. EIO); names the file.
         """
         lay = self.layout(layer, expert)
+        sm, exp = self._read_regions(lay, own_sm=False)
+        return L_.decode_expert(self.path, lay, sm, exp, self._dctx())
+
+    def pack_expert(self, layer: int, expert: int):
+        """Read one expert (as :meth:`decode_expert`) and transcode it into the compute form
+        (:func:`zipmoe_rt.engine.resident.pack_expert`), no caching; the packed matrices keep
+        the SM region buffer read here.
+
+        Returns:
+            :class:`~zipmoe_rt.models.packed.PackedExpert` (ExpertWeights for an expert that is
+            not all BF16 bit-planes).
+        Raises:
+            as :meth:`decode_expert`.
+        """
+        from .resident import pack_expert
+        lay = self.layout(layer, expert)
+        sm, exp = self._read_regions(lay, own_sm=True)
+        return pack_expert(self.path, lay, sm, exp, self._dctx())
+
+    def _read_regions(self, lay: L_.ExpertLayout, own_sm: bool):
+        """An expert's SM and exponent region buffers (CRC-checked if ``verify``); with
+        ``own_sm`` the SM region is a new buffer the caller may keep."""
         (s0, sn), (e0, en) = lay.sm_region, lay.exp_region
-        if s0 <= e0 and e0 - (s0 + sn) < 1 << 16:   # one read for both (SPEC §6: adjacent)
+        if not own_sm and s0 <= e0 and e0 - (s0 + sn) < 1 << 16:   # one read (SPEC §6)
             both = self._rr.read(s0, e0 + en - s0, alloc=self._read_buffer)
             sm, exp = both[:sn], both[e0 - s0:]
         else:
@@ -198,7 +224,7 @@ class ZmoeSource:
             exp = self._rr.read(e0, en, alloc=self._read_buffer)
         if self.verify:
             L_.check_regions(self.path, lay, sm, exp)
-        return L_.decode_expert(self.path, lay, sm, exp, self._dctx())
+        return sm, exp
 
     def _read_buffer(self, n: int) -> np.ndarray:
         """This thread's reusable read buffer, at least ``n`` bytes (a decoded expert keeps no
@@ -209,18 +235,38 @@ class ZmoeSource:
         return buf[:n]
 
     def expert(self, layer: int, expert: int) -> ExpertWeights:
-        """One expert's weights; decoded on first use and kept if ``keep_experts``."""
+        """One expert's weights; decoded (``resident="full"``) or transcoded into the compute
+        form (``"compressed"``) on first use, and kept if ``keep_experts``."""
         w = self._experts.get((layer, expert))
         if w is None:
-            w = self.decode_expert(layer, expert)
+            if self.resident == "compressed":
+                w = self.pack_expert(layer, expert)
+            else:
+                w = self.decode_expert(layer, expert)
             if self.keep_experts:
                 self._experts[(layer, expert)] = w
         return w
 
+    def admit_all(self) -> None:
+        """Load every expert now (:meth:`expert` of each, in file order), so that running the
+        model reads nothing more from the file."""
+        for layer, e in sorted(self.layouts):
+            self.expert(layer, e)
+
+    def expert_bytes(self) -> dict:
+        """``{"held": bytes of the experts held, "bf16": their bytes decoded}``."""
+        held = sum(w.nbytes for w in self._experts.values())
+        full = sum(getattr(w, "bf16_nbytes", w.nbytes) for w in self._experts.values())
+        return {"held": held, "bf16": full}
+
     def memory_report(self) -> dict:
-        """Bytes held for weights: ``{"dense": ..., "experts": ...}`` (decoded experts kept)."""
-        return {"dense": self.dense_bytes(),
-                "experts": sum(w.nbytes for w in self._experts.values())}
+        """Bytes held for weights: ``{"dense": ..., "experts": ...}`` (experts kept); with
+        ``resident="compressed"`` also ``experts_bf16``, the same experts' bytes in BF16."""
+        rep = {"dense": self.dense_bytes(),
+               "experts": sum(w.nbytes for w in self._experts.values())}
+        if self.resident == "compressed":
+            rep["experts_bf16"] = self.expert_bytes()["bf16"]
+        return rep
 
     def close(self):
         self._dense.clear()

@@ -486,3 +486,9 @@ def bf16_rows(W: np.ndarray, ids: np.ndarray) -> np.ndarray:
     (_rows_bf16 if kind == "bf16" else _rows_f16)(W.view(np.uint16), ids, out)
     return out
 
+
+
+#: the GEMV's four-row and one-row steps (inline), shared with the packed kernels of
+#: :mod:`zipmoe_rt.kernels.packed`, which must sum exactly as these do
+gemv_bf16_block = _gemv_bf16_block
+gemv_bf16_row = _gemv_bf16_row

@@ -296,3 +296,9 @@ def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray)
 
 
 _ROW0 = np.zeros(1, np.int64)
+
+
+#: SiLU (inline) and the weighted scatter-add of :func:`expert_accumulate`, shared with the
+#: packed kernels of :mod:`zipmoe_rt.kernels.packed`, which must round exactly as these do
+silu = _silu
+scatter_add = _scatter_add

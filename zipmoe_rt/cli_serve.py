@@ -1,0 +1,54 @@
+"""The ``zipmoe-rt serve`` verb: the OpenAI-compatible HTTP server of :mod:`zipmoe_rt.server`.
+Registered on :func:`zipmoe_rt.cli.main`, which imports this module; the server package itself
+(and Starlette/uvicorn) is imported only when the command runs."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from .cli import CliError, engine_options, friendly_errors, load_from_options, main
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (0.0.0.0 exposes the server to the network)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--api-key", default=None, metavar="KEY",
+              help="require 'Authorization: Bearer KEY' on the API (default: no key)")
+@click.option("--cors", is_flag=True, help="allow cross-origin requests from browsers (any origin)")
+@click.option("--queue", "queue_size", type=click.IntRange(min=0), default=16, show_default=True,
+              help="requests that may wait while one runs; more get HTTP 429")
+@click.option("--model-id", default=None, help="model id reported by /v1/models "
+              "[default: the model's name]")
+@click.option("--no-verify", is_flag=True,
+              help="skip CRC checks of pieces read from the .zmoe (not recommended)")
+@engine_options
+@friendly_errors
+def serve(model, host, port, api_key, cors, queue_size, model_id, **kw):
+    """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models,
+    /health, /tokenize, /detokenize, and a chat page at /.
+
+    Requests run one at a time (the rest wait in a queue of --queue); the KV cache of the
+    previous request is reused for a shared prompt prefix. Needs the server extra: pip install
+    'zipmoe-rt[server]'. MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first
+    use).
+    """
+    from .server import require_server_extra, serve as run_server
+    try:
+        require_server_extra()
+    except RuntimeError as e:
+        raise CliError(str(e)) from None
+    from . import kernels
+    if kernels.USER_WAIT_POLICY is None:
+        # a server idles between requests: its kernel threads must sleep, not spin, meanwhile
+        kernels.USER_WAIT_POLICY = "PASSIVE"
+        kernels.set_wait_policy("passive")
+    if model is not None and not model.exists():
+        raise CliError(f"{model}: no such file")
+    click.echo(f"zipmoe-rt serve: http://{host}:{port}/ (loading {model or 'the default model'}"
+               f"; /health answers 503 until it is ready)", err=True)
+    run_server(functools.partial(load_from_options, model, kw), host=host, port=port, api_key=api_key,
+               cors=cors, queue_size=queue_size, model_id=model_id)

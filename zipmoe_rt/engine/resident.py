@@ -1,0 +1,134 @@
+"""Admission of experts into the compute form (``--resident compressed``; design note §6.5).
+
+An expert is read in its storage form (Huffman-coded exponent chunks + raw sign+mantissa plane,
+format/SPEC.md §5), its exponent chunks are decoded into a byte plane (never merged into BF16
+words), and each BF16 tensor is transcoded into a
+:class:`~zipmoe_rt.models.packed.PackedMatrix`: a 4-bit index into the window of 15 exponents
+that holds most of the tensor, an escape list for the others, and the sign+mantissa plane as
+read. Experts with pieces that are not BF16 bit-planes (F16, F32, raw) are decoded as usual and
+kept as :class:`~zipmoe_rt.models.weights.ExpertWeights`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import zmoe
+from zmoe import codec
+
+from ..kernels.packed import pack_plane, unpack_bf16
+from ..models.packed import PackedExpert, PackedMatrix
+from . import layout as L_
+
+__all__ = ["RESIDENT_MODES", "check_resident", "pack_planes", "pack_bf16", "unpack_bf16",
+           "pack_expert", "packable"]
+
+#: ``full``: experts kept as decoded weights (BF16); ``compressed``: kept in the compute form.
+RESIDENT_MODES = ("full", "compressed")
+
+
+def check_resident(value) -> str:
+    """The resident mode named by ``value`` (``full`` or ``compressed``).
+
+    Raises:
+        ValueError: any other value, naming the option and the accepted values.
+    """
+    if value not in RESIDENT_MODES:
+        raise ValueError(f"resident (--resident): {value!r} is not one of "
+                         f"{', '.join(RESIDENT_MODES)}")
+    return value
+
+
+def pack_planes(exp: np.ndarray, sm: np.ndarray, shape) -> PackedMatrix:
+    """A BF16 matrix's compute form from its two planes.
+
+    Args:
+        exp: uint8 [out * in] exponent plane.  sm: uint8 [out * in] sign+mantissa plane (kept
+            as a view, not copied).  shape: ``(out, in)``.
+    Returns:
+        :class:`~zipmoe_rt.models.packed.PackedMatrix`.
+    Raises:
+        ValueError: a plane of the wrong size.
+    """
+    rows, cols = (int(s) for s in shape)
+    sm = np.asarray(sm, np.uint8).reshape(-1)
+    if sm.size != rows * cols:
+        raise ValueError(f"pack_planes: sign+mantissa plane of {sm.size} bytes for a "
+                         f"[{rows}, {cols}] matrix")
+    base, nib, ptr, col, val = pack_plane(exp, rows, cols)
+    return PackedMatrix((rows, cols), base, nib, sm.reshape(rows, cols), ptr, col, val)
+
+
+def pack_bf16(w: np.ndarray) -> PackedMatrix:
+    """The compute form of BF16 bits ``w`` (uint16 ``[out, in]``), split into planes as the
+    converter does (format/SPEC.md §5.1). For tests and tools.
+
+    Raises:
+        ValueError: ``w`` not a 2-D uint16 array.
+    """
+    if w.dtype != np.uint16 or w.ndim != 2:
+        raise ValueError(f"pack_bf16: wants uint16 [out, in] BF16 bits, got {w.dtype} {w.shape}")
+    exp, sm = codec.split_planes(np.ascontiguousarray(w).reshape(-1), "BF16")
+    return pack_planes(exp, sm, w.shape)
+
+
+def packable(lay: L_.ExpertLayout) -> bool:
+    """Whether every piece of an expert is a BF16 bit-plane tensor (what the compute form
+    holds)."""
+    return all(p.dtype == "BF16" and not p.raw for p in lay.pieces)
+
+
+def _exponent_plane(path, p: L_.Piece, exp: np.ndarray, dctx) -> np.ndarray:
+    """Piece ``p``'s exponent chunks decoded into one uint8 plane.
+
+    Raises:
+        zmoe.ChecksumError: a chunk that does not decode to its recorded size.
+        zmoe.CorruptIndexError: a chunk outside the exponent region.
+    """
+    plane = np.empty(p.elements, np.uint8)
+    pos = 0
+    for i, (o, n, raw, _) in enumerate(p.chunks):
+        if not (0 <= o <= o + n <= exp.size and 0 <= raw and pos + raw <= plane.size):
+            raise zmoe.CorruptIndexError(f"{path}: tensor {p.name!r}: exponent chunk {i} lies "
+                                         f"outside its region buffer (SPEC §9)")
+        try:
+            codec.decompress_chunk(exp[o:o + n], raw, p.codec, dctx, plane[pos:pos + raw])
+        except ValueError as err:
+            raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {i} does not "
+                                     f"decode ({err})") from None
+        pos += raw
+    if pos != plane.size:
+        raise zmoe.CorruptIndexError(f"{path}: tensor {p.name!r}: exponent chunks hold {pos} of "
+                                     f"{plane.size} exponents (SPEC §9)")
+    return plane
+
+
+def pack_expert(path, lay: L_.ExpertLayout, sm: np.ndarray, exp: np.ndarray, dctx):
+    """One expert admitted from its region buffers into the compute form.
+
+    Args:
+        path: the model file (for messages).  lay: its layout.  sm, exp: its SM and exponent
+            region buffers (CRC-checked by the caller if wanted); the packed matrices keep views
+            of ``sm``.  dctx: a zstd decompressor (zstd-coded chunks).
+    Returns:
+        :class:`~zipmoe_rt.models.packed.PackedExpert`, or decoded
+        :class:`~zipmoe_rt.models.weights.ExpertWeights` when :func:`packable` is False.
+    Raises:
+        zmoe.ChecksumError / zmoe.CorruptIndexError: as :func:`_exponent_plane`.
+    """
+    if not packable(lay):
+        return L_.decode_expert(path, lay, sm, exp, dctx)
+    roles = {}
+    for p in lay.pieces:
+        o, n, _ = p.sm
+        if not 0 <= o <= o + n <= sm.size or n != p.elements:
+            raise zmoe.CorruptIndexError(f"{path}: tensor {p.name!r}: sign+mantissa plane lies "
+                                         f"outside its region buffer (SPEC §9)")
+        plane = _exponent_plane(path, p, exp, dctx)
+        s = sm[o:o + n]
+        if p.role == "gate_up":   # transformers' fused layout: gate rows, then up rows
+            half, cols = p.shape[0] // 2, p.shape[1]
+            k = half * cols
+            roles["gate"] = pack_planes(plane[:k], s[:k], (half, cols))
+            roles["up"] = pack_planes(plane[k:], s[k:], (half, cols))
+        else:
+            roles[p.role] = pack_planes(plane, s, p.shape)
+    return PackedExpert(roles["gate"], roles["up"], roles["down"])

@@ -1,0 +1,62 @@
+"""``zipmoe-rt serve``: an OpenAI-compatible HTTP server (optional extra ``server``).
+
+Modules: :mod:`.app` (Starlette routes, auth, errors), :mod:`.schemas` (request validation),
+:mod:`.worker` (model loading, the one-at-a-time request queue, prompt-prefix KV reuse),
+:mod:`.streaming` (response objects and server-sent events), :mod:`.textproc` (stop strings,
+tool calls), ``static/index.html`` (the chat page at ``/``).
+
+The core runtime never imports this package; it needs ``pip install 'zipmoe-rt[server]'``
+(Starlette and uvicorn).
+"""
+from __future__ import annotations
+
+__all__ = ["require_server_extra", "serve", "EXTRA_HINT"]
+
+EXTRA_HINT = "pip install 'zipmoe-rt[server]'"
+
+
+def require_server_extra() -> None:
+    """Check that the server's packages import.
+
+    Raises:
+        RuntimeError: Starlette or uvicorn is missing; the message says what to install.
+    """
+    missing = []
+    for mod in ("starlette", "uvicorn"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise RuntimeError(f"zipmoe-rt serve needs {' and '.join(missing)}, which are not "
+                           f"installed: {EXTRA_HINT}")
+
+
+def serve(loader, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
+          cors: bool = False, queue_size: int = 16, model_id: str | None = None,
+          log_level: str = "info") -> None:
+    """Run the server until interrupted (blocking). The model is loaded in the background
+    while the server already answers (``/health`` is 503 until it is ready).
+
+    Args:
+        loader: a callable returning a :class:`~zipmoe_rt.api.Model` (e.g. a
+            ``functools.partial`` of :func:`zipmoe_rt.load`).
+        host, port: where to listen (default 127.0.0.1:8080, this machine only).
+        api_key: require ``Authorization: Bearer KEY`` (see :func:`.app.create_app`).
+        cors: allow cross-origin browser requests.
+        queue_size: requests that may wait behind the running one (429 above).
+        model_id: the model id to report (default: the model's name).
+
+    Raises:
+        RuntimeError: the server extra is not installed.
+        OSError: the address is in use or cannot be bound.
+    """
+    require_server_extra()
+    import uvicorn
+
+    from .app import create_app
+    from .worker import ModelHost
+
+    app = create_app(ModelHost(loader, queue_size=queue_size), api_key=api_key, cors=cors,
+                     model_id=model_id)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)

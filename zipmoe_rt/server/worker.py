@@ -1,0 +1,256 @@
+"""The model side of the server: loading in the background, one worker thread that runs the
+requests one at a time from a bounded queue, the prompt-prefix KV cache, cancellation.
+
+No ASGI import here: a request's events are handed to an ``emit`` callable (the app passes one
+that forwards them into its event loop).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .schemas import APIError
+from .textproc import StopText, ToolCallSplitter, parse_tool_calls
+
+__all__ = ["Job", "ModelHost"]
+
+
+@dataclass
+class Job:
+    """One generation request handed to :class:`ModelHost`.
+
+    Attributes:
+        ids: the full prompt, token ids.
+        params: :class:`~zipmoe_rt.generate.SamplingParams` (``max_tokens`` already fitted to
+            the context).
+        emit: called from the worker thread with each event: ``("text", str, [logprob
+            entries])`` as the reply grows, then ``("done", result dict)``, ``("error",
+            APIError)`` or ``("cancelled",)`` (after :attr:`cancel` was set).
+        stops: stop strings.
+        logprobs: None, or the number of top alternatives per token.
+        tool_format: a key of :data:`~zipmoe_rt.server.textproc.TOOL_FORMATS` when the request
+            gave tools and the template writes calls in that syntax, else None.
+        cancel: set it to stop the generation before its next token (client gone).
+    """
+
+    ids: list
+    params: Any
+    emit: Callable
+    stops: list = field(default_factory=list)
+    logprobs: int | None = None
+    tool_format: str | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class ModelHost:
+    """Owns the model: loads it in the background and serves :class:`Job` s one at a time.
+
+    Args:
+        loader: a callable returning a loaded :class:`~zipmoe_rt.api.Model` (called once, in a
+            thread, by :meth:`start`).
+        queue_size: the most requests that may wait while one runs; one more is refused with
+            429 by :meth:`submit`.
+        close_model: :meth:`close` also closes the model (False when the caller shares it).
+
+    Attributes:
+        model: the model once loaded, else None.
+        status: ``"loading"``, ``"ok"`` or ``"error"``; ``error`` holds the message then.
+        served: requests finished (any outcome); ``last_result``: the last one's result dict.
+    """
+
+    def __init__(self, loader: Callable, queue_size: int = 16, close_model: bool = True):
+        if queue_size < 0:
+            raise ValueError(f"queue_size (--queue): must be >= 0, got {queue_size}")
+        self.loader, self.queue_size, self.close_model = loader, queue_size, close_model
+        self.model = None
+        self.status, self.error = "loading", None
+        self.served, self.last_result = 0, None
+        self._jobs: queue.Queue = queue.Queue()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._state = None              # CacheState of the previous request (prefix reuse)
+        self._stop = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start loading (a thread) and the worker thread; returns at once."""
+        threading.Thread(target=self._load, name="zipmoe-rt-load", daemon=True).start()
+        threading.Thread(target=self._work, name="zipmoe-rt-worker", daemon=True).start()
+
+    def _load(self) -> None:
+        log = logging.getLogger("uvicorn.error")     # the server's console log
+        try:
+            self.model = self.loader()
+            self.status = "ok"
+            log.info("model %s loaded: ready", self.model.name)
+        except BaseException as e:  # noqa: BLE001 - reported by /health and every request
+            self.error = f"{type(e).__name__}: {e}"
+            self.status = "error"
+            log.error("the model failed to load: %s (every request answers 503)", self.error)
+
+    def close(self) -> None:
+        """Stop the worker after the job in progress and close the model."""
+        self._stop = True
+        self._jobs.put(None)
+        if self.model is not None and self.close_model:
+            self.model.close()
+
+    def ready(self) -> None:
+        """Raise unless the model is loaded.
+
+        Raises:
+            APIError: 503 while loading, or after a failed load (with its message).
+        """
+        if self.status == "loading":
+            raise APIError(503, "the model is still loading; retry when GET /health returns 200",
+                           type="service_unavailable", code="model_loading")
+        if self.status == "error":
+            raise APIError(503, f"the model failed to load: {self.error}",
+                           type="service_unavailable", code="model_load_failed")
+
+    @property
+    def context_length(self) -> int:
+        """The model's context (``max_position_embeddings``; a very large number if unknown)."""
+        n = self.model.hparams.get("max_position_embeddings") if self.model else None
+        return int(n) if n else 2**31 - 1
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or running."""
+        return self._pending
+
+    # -- requests ----------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` (runs after those ahead of it).
+
+        Raises:
+            APIError: 429 when ``queue_size`` requests already wait behind the running one.
+        """
+        with self._lock:
+            if self._pending > self.queue_size:
+                raise APIError(429, f"the server is busy: {self._pending} requests are queued "
+                               f"or running (--queue {self.queue_size}); retry later",
+                               type="rate_limit_error", code="queue_full")
+            self._pending += 1
+        self._jobs.put(job)
+
+    def _work(self) -> None:
+        while not self._stop:
+            job = self._jobs.get()
+            if job is None:
+                break
+            try:
+                if job.cancel.is_set():
+                    job.emit(("cancelled",))
+                else:
+                    self._run(job)
+            except APIError as e:
+                job.emit(("error", e))
+            except Exception as e:  # noqa: BLE001 - answered as a JSON 500, never a traceback
+                self._state = None
+                job.emit(("error", APIError(500, f"generation failed: {type(e).__name__}: {e}",
+                                            type="server_error")))
+            finally:
+                self.served += 1
+                with self._lock:
+                    self._pending -= 1
+
+    def _run(self, job: Job) -> None:
+        from ..generate import CacheState
+
+        model = self.model
+        state = self._state
+        if state is None or not state.valid:
+            state = self._state = CacheState.new(model.net)
+        new = state.sync_prefix(job.ids, model.net)
+        cached = len(job.ids) - len(new)
+        tok = model.tokenizer
+        dec = tok.stream_decoder(skip_special_tokens=True, context_ids=job.ids[-4:])
+        stopper = StopText(job.stops)
+        splitter = ToolCallSplitter(job.tool_format) if job.tool_format else None
+        seen = {"logits": None}
+        on_logits = (lambda x: seen.__setitem__("logits", x)) if job.logprobs is not None else None
+        n_tokens, finish, stopped, texts = 0, "length", False, []
+
+        def out(piece: str, lps) -> None:
+            nonlocal stopped
+            text, stopped = stopper.push(piece)
+            if splitter is not None:
+                text = splitter.push(text)
+            if text or lps:
+                texts.append(text)
+                job.emit(("text", text, lps))
+
+        steps = model.token_steps(new, job.params, state, on_logits=on_logits)
+        try:
+            for step in steps:
+                if step.token_id is None:
+                    finish = step.stats.finish_reason
+                    n_tokens = step.stats.generated_tokens
+                    break
+                n_tokens += 1
+                lps = ([self._logprob(tok, seen["logits"], step.token_id, job.logprobs)]
+                       if job.logprobs is not None else None)
+                out(dec.push(step.token_id), lps)
+                if stopped:
+                    finish = "stop"
+                    break
+                if job.cancel.is_set():
+                    finish = "cancelled"
+                    break
+        finally:
+            steps.close()
+        if finish == "cancelled":
+            self.last_result = {"finish_reason": "cancelled", "completion_tokens": n_tokens}
+            job.emit(("cancelled",))
+            return
+        if not stopped:
+            out(dec.flush(), None)
+            if not stopped:
+                tail = stopper.flush()
+                if splitter is not None:
+                    tail = splitter.push(tail) + splitter.flush()
+                if tail:
+                    texts.append(tail)
+                    job.emit(("text", tail, None))
+        if stopped:
+            finish = "stop"
+        result = {"finish_reason": finish, "prompt_tokens": len(job.ids),
+                  "cached_tokens": cached, "completion_tokens": n_tokens,
+                  "text": "".join(texts), "tool_calls": None}
+        if splitter is not None and splitter.calls_text is not None:
+            calls, rest = parse_tool_calls(splitter.calls_text, job.tool_format)
+            if calls:
+                result["tool_calls"] = calls
+                result["finish_reason"] = "tool_calls"
+            if rest:        # unparsable call text is returned as content, not lost
+                result["text"] += rest
+                result["extra_text"] = rest
+        self.last_result = result
+        job.emit(("done", result))
+
+    @staticmethod
+    def _logprob(tok, logits, token_id: int, top: int) -> dict:
+        """OpenAI's ``{"token", "logprob", "bytes", "top_logprobs"}`` from raw logits (the
+        model's distribution before sampling processors, as vLLM reports by default)."""
+        x = np.asarray(logits, dtype=np.float64)
+        m = x.max()
+        lsm = x - (m + np.log(np.exp(x - m).sum()))
+
+        def entry(i: int) -> dict:
+            s = tok.decode([int(i)])
+            return {"token": s, "logprob": float(lsm[i]), "bytes": list(s.encode("utf-8"))}
+
+        e = entry(token_id)
+        if top:
+            idx = np.argpartition(-lsm, top - 1)[:top] if top < lsm.size else np.arange(lsm.size)
+            idx = idx[np.argsort(-lsm[idx], kind="stable")]
+            e["top_logprobs"] = [entry(int(i)) for i in idx]
+        else:
+            e["top_logprobs"] = []
+        return e
