@@ -441,6 +441,6 @@ def test_numpy_backend_runs_without_numba(tiny_moe_dir):
         "assert out.shape == (256,) and np.isfinite(out).all()\n"
         "print(sorted(k for k in sys.modules if k.startswith('numba') or '.kernels' in k))\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"

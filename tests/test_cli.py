@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,10 @@ def tiny_src(tiny_moe_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_zmoe(tiny_src, tmp_path_factory) -> Path:
-    return make_chat_model(tiny_src, tmp_path_factory.mktemp("cli") / "tiny-chat")
+    # its generation_config.json asks for greedy decoding, so the CLI's default output is the
+    # API's greedy text (test_cli_repl.py covers a model that asks for sampling)
+    return make_chat_model(tiny_src, tmp_path_factory.mktemp("cli") / "tiny-chat",
+                           generation_config={"do_sample": False})
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +334,7 @@ def test_run_greedy_is_deterministic_and_sampling_follows_the_seed(model, tiny_z
     assert s1.stdout == s2.stdout == model.chat([user("hello")], max_tokens=16, temperature=0.8,
                                                 seed=1) + "\n"
     assert s3.stdout != s1.stdout
-    k = cli("run", tiny_zmoe, "-p", "hello", "-n", 16, "-t", 1.2, "--top-k", 5, "--top-p", 0.9,
+    k = cli("run", tiny_zmoe, "-p", "hello", "-n", 16, "--temp", 1.2, "--top-k", 5, "--top-p", 0.9,
             "--min-p", 0.05, "--repeat-penalty", 1.3, "--seed", 4)
     assert k.stdout == model.chat([user("hello")], max_tokens=16, temperature=1.2, top_k=5,
                                   top_p=0.9, min_p=0.05, repetition_penalty=1.3, seed=4) + "\n"
@@ -458,7 +462,7 @@ def test_chat_piped_commands(model, tiny_zmoe):
     a4 = model.chat(conv, max_tokens=5)
     assert r.stdout.splitlines() == [a1, a2, a3, a4]
     err = r.stderr
-    assert "(conversation cleared)" in err
+    assert "(conversation cleared; no system prompt)" in err
     assert "(system prompt set; conversation cleared)" in err
     assert "unknown command /bogus" in err
     # /stats after the first reply, then after the last: stats line, conversation, memory
@@ -492,7 +496,7 @@ def test_chat_ctrl_c_during_prefill_keeps_the_conversation(model, tiny_zmoe, mon
 
         def interrupted_once(*fa, **fkw):
             calls.append(1)
-            if len(calls) == 1:
+            if len(calls) == 3:   # the first prefill (two forwards before it warm the kernels)
                 raise KeyboardInterrupt
             return forward(*fa, **fkw)
         m.net.forward = interrupted_once
@@ -518,20 +522,30 @@ def test_chat_stats_before_any_reply(tiny_zmoe):
 
 # -- chat REPL under a pseudo-terminal ----------------------------------------------------------------
 class Pty:
-    """A child process whose controlling terminal is a pty we drive (like pexpect)."""
+    """A child process whose controlling terminal is a pty we drive (like pexpect).
 
-    def __init__(self, argv, env):
+    ``limit_s`` is a hard limit on the whole conversation: any wait past it fails (and the
+    caller kills the child), whatever the child prints meanwhile. ``ignore_sigint`` starts the
+    child with SIGINT ignored, as ``nohup`` and a script's ``cmd &`` do."""
+
+    def __init__(self, argv, env, limit_s: float = 600, ignore_sigint: bool = False):
         import pty
         pid, fd = pty.fork()
         if pid == 0:  # child: exec at once
             try:
+                if ignore_sigint:
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
                 os.execve(argv[0], argv, env)
             finally:
                 os._exit(127)
         self.pid, self.fd, self.buf, self.pos = pid, fd, b"", 0
+        self.deadline = time.monotonic() + limit_s
 
     def _read(self, deadline_s):
-        r, _, _ = select.select([self.fd], [], [], deadline_s)
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"over the hard time limit; so far: {self.buf[-3000:]!r}")
+        r, _, _ = select.select([self.fd], [], [], min(deadline_s, left))
         if not r:
             raise AssertionError(f"no output; so far: {self.buf[-3000:]!r}")
         try:
@@ -571,6 +585,8 @@ class Pty:
         except OSError:
             return False
         for _ in range(int(guard_s * 100)):
+            if time.monotonic() > self.deadline:
+                return False
             with open(f"/proc/{self.pid}/wchan") as f:
                 if re.search("poll|select", f.read()):
                     return True
@@ -580,6 +596,8 @@ class Pty:
     def wait(self, guard_s: float = 120) -> int:
         """Exit code of the child, draining its output meanwhile; fails if it does not end."""
         for _ in range(int(guard_s * 10)):
+            if time.monotonic() > self.deadline:
+                break
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 os.close(self.fd)
@@ -609,7 +627,7 @@ def test_repl_streams_survives_ctrl_c_and_quits(tiny_zmoe):
     env = {k: v for k, v in os.environ.items() if k != "ZIPMOE_RT_DEBUG"}
     env.update(TERM="dumb", PYTHONUNBUFFERED="1")
     # the tiny random model never stops on its own: with -n this large a reply runs until Ctrl-C
-    argv = _cli_argv() + ["chat", str(tiny_zmoe), "-n", "1000000"]
+    argv = _cli_argv() + ["chat", str(tiny_zmoe), "-n", "1000000", "-c", "1000000"]
     try:
         proc = Pty(argv, env)
     except OSError as e:
@@ -672,16 +690,17 @@ def test_run_and_chat_default_model(default_zmoe):
     env = {k: v for k, v in os.environ.items() if k != "ZIPMOE_RT_DEBUG"}
     q = "What is the capital of France?"
     api = subprocess.run([sys.executable, "-c", _API_REPLIES, str(default_zmoe), q], env=env,
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, timeout=900)
     ref = json.loads(api.stdout)
     assert ref["finish"] == "stop" and "Paris" in ref["want"]
-    r = subprocess.run(_cli_argv() + ["run", str(default_zmoe), "-p", q, "-n", "40"], env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(_cli_argv() + ["run", str(default_zmoe), "-p", q, "-n", "40", "--temp", "0"],
+                       env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     assert r.stdout == ref["want"] + "\n"
     assert stats_of(r.stderr) == (ref["prompt"], 0, ref["output"], "stop")  # EOS not counted
-    c = subprocess.run(_cli_argv() + ["chat", str(default_zmoe), "-n", "40"], env=env,
-                       input=f"{q}\nAnd of Italy?\n", capture_output=True, text=True)
+    c = subprocess.run(_cli_argv() + ["chat", str(default_zmoe), "-n", "40", "--temp", "0"],
+                       env=env, input=f"{q}\nAnd of Italy?\n", capture_output=True, text=True,
+                       timeout=900)
     assert c.returncode == 0, c.stderr
     assert c.stdout == ref["want"] + "\n" + ref["follow"] + "\n"
 

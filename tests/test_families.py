@@ -396,7 +396,8 @@ def test_importable_without_torch_and_numba():
             "from zipmoe_rt.families import get_family\n"
             "print(len(get_family('qwen2_moe').tensor_specs(get_family('qwen2_moe').hparams_class())))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       env={"PYTHONPATH": f"{ROOT}:{ROOT / 'format'}", "PATH": "/usr/bin:/bin"})
+                       env={"PYTHONPATH": f"{ROOT}:{ROOT / 'format'}", "PATH": "/usr/bin:/bin"},
+                       timeout=600)
     assert r.returncode == 0, r.stderr
     # 24 layers x (10 dense + 60 experts x 3 + 4 shared) + embed + norm + lm_head
     assert int(r.stdout) == 24 * (10 + 180 + 4) + 3

@@ -109,9 +109,9 @@ class Chat:
             self.p.stdin.close()
         except BrokenPipeError:
             pass
-        try:
-            err = self.p.stderr.read()
+        try:   # wait first (bounded), then read what is left: a read alone could block for ever
             rc = self.p.wait(timeout=CHILD_TIMEOUT)
+            err = self.p.stderr.read()
         except subprocess.TimeoutExpired:
             self.p.kill()
             self.p.wait()

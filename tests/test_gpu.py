@@ -93,7 +93,7 @@ def test_device_auto_without_cupy_runs_on_the_cpu_with_one_notice(monkeypatch, t
     outs = {}
     for dev in ("cpu", "auto"):
         r = CliRunner().invoke(main, ["run", str(z), "-p", "hello", "--raw", "-n", "8",
-                                      "--device", dev])
+                                      "--temp", "0", "--device", dev])
         assert r.exit_code == 0, r.output
         outs[dev] = r.stdout
         notes = [l for l in r.stderr.splitlines() if "warning" in l]

@@ -285,6 +285,9 @@ class Model:
             ids.add(tokenizer.eos_token_id)
         self.stop_ids = frozenset(ids)
         self.last_stats: GenerationStats | None = None
+        #: the most positions one sequence may hold (prompt, earlier turns and reply), or None
+        #: for no limit; see :meth:`fit_context`
+        self.ctx_size: int | None = None
         #: how ``load(memory_limit=...)`` divided the limit
         #: (:class:`~zipmoe_rt.engine.limit.MemoryPlan`), else None
         self.memory_plan = None
@@ -309,6 +312,24 @@ class Model:
         return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                               repetition_penalty=repetition_penalty, seed=seed,
                               max_tokens=max_tokens)
+
+    def fit_context(self, n_tokens: int, max_tokens: int) -> int:
+        """Check a sequence of ``n_tokens`` ids (cached and new) against :attr:`ctx_size`.
+
+        Returns:
+            ``max_tokens`` lowered so that the reply fits the context (the last sampled token
+            is never fed, so ``ctx_size - n_tokens + 1`` tokens fit); unchanged without a limit.
+        Raises:
+            ValueError: the prompt alone fills the context (the message gives both sizes and
+                names ``ctx_size`` / ``--ctx-size``).
+        """
+        limit = self.ctx_size
+        if limit is None:
+            return max_tokens
+        if n_tokens >= limit:
+            raise ValueError(f"prompt: {n_tokens} tokens do not fit the context of {limit} tokens "
+                             f"(ctx_size / --ctx-size); shorten it or start a new conversation")
+        return min(max_tokens, limit - n_tokens + 1)
 
     def _ids(self, prompt: str | Sequence[int], add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
@@ -401,7 +422,9 @@ class Model:
         Closing the iterator early (``break``, Ctrl-C) stops generation; :attr:`last_stats`
         then says ``finish_reason="cancelled"``.
         """
-        return self._stream_ids(self._ids(prompt), self.sampling(max_tokens, **sampling))
+        ids = self._ids(prompt)
+        max_tokens = self.fit_context(len(ids), max_tokens)
+        return self._stream_ids(ids, self.sampling(max_tokens, **sampling))
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **sampling) -> str:
         """Complete a raw prompt and return the completion text (prompt not included)."""
@@ -416,9 +439,11 @@ class Model:
         Returns:
             the assistant's reply (str), or an iterator of pieces when ``stream``.
         Raises:
-            ValueError: malformed messages (index and field named) or no chat template.
+            ValueError: malformed messages (index and field named), no chat template, or a
+                prompt that fills :attr:`ctx_size`.
         """
         ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        max_tokens = self.fit_context(len(ids), max_tokens)
         it = self._stream_ids(ids, self.sampling(max_tokens, **sampling))
         return it if stream else "".join(it)
 
@@ -519,16 +544,18 @@ class ChatSession:
         closed, the reply holds the session.
 
         Raises:
-            ValueError: a bad sampling option or message (raised here, before anything changes:
-                the conversation is left as it was).
+            ValueError: a bad sampling option or message, or a conversation that no longer
+                fits :attr:`Model.ctx_size` (raised here, before anything changes: the
+                conversation is left as it was).
             RuntimeError: (when the iterator is first advanced) another reply of this session is
                 still being generated, by this or another thread; the conversation is left as
                 it was.
         """
-        params = self.model.sampling(max_tokens, **sampling)
         user = {"role": "user", "content": text}
         ids = self.model.tokenizer.encode_chat(self._all_messages() + [user],
                                                add_generation_prompt=True)
+        max_tokens = self.model.fit_context(len(ids), max_tokens)
+        params = self.model.sampling(max_tokens, **sampling)
         return self._send(user, ids, params)
 
     def _send(self, user: dict, ids: list[int], params) -> Iterator[str]:

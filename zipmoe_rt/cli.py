@@ -46,8 +46,31 @@ def friendly_errors(fn):
             if os.environ.get("ZIPMOE_RT_DEBUG"):
                 raise
             msg = str(e) if not isinstance(e, KeyError) else str(e.args[0] if e.args else e)
-            raise CliError(msg or type(e).__name__) from None
+            raise CliError((msg or type(e).__name__) + _hint(e)) from None
     return wrapper
+
+
+def _hint(e: Exception) -> str:
+    """What to do about a file that is not a ``.zmoe`` (a GGUF, safetensors, ...): convert."""
+    from zmoe.errors import NotZmoeError
+    if not isinstance(e, NotZmoeError):
+        return ""
+    what = "GGUF files are not run directly; " if "GGUF" in str(e) else ""
+    return (f"; {what}convert the Hugging Face checkpoint folder (config.json + safetensors) "
+            f"first: zipmoe-rt convert HF_DIR -o model.zmoe")
+
+
+def progress_wanted(quiet: bool = False) -> bool:
+    """Progress bars only on a terminal (standard error), and not with ``--quiet``."""
+    return not quiet and sys.stderr.isatty()
+
+
+def default_model_if_none(model):
+    """MODEL, or the bundled default model (built on first use) when MODEL is left out."""
+    if model is not None:
+        return model
+    from .default_model import ensure_default_model
+    return ensure_default_model(progress=progress_wanted())
 
 
 class OneLineUsageErrors(click.Command):
@@ -164,21 +187,35 @@ def engine_options(fn):
 
 
 def sampling_options(fn):
-    """--temperature/--top-k/--top-p/--min-p/--repeat-penalty/--seed/-n, shared by run and chat."""
+    """Sampling, context and thread options shared by run and chat (llama.cpp's spellings).
+
+    Sampling options left out take the model's generation_config.json defaults
+    (:func:`zipmoe_rt.cli_repl.resolve_sampling`)."""
     opts = [
         click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=None,
                      help="most tokens to generate per reply [default: 256 for run, 512 for chat]"),
-        click.option("--temperature", "-t", type=click.FloatRange(min=0.0), default=0.0,
-                     show_default=True, help="sampling temperature; 0 = greedy"),
-        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="keep the k most likely tokens; 0 = off"),
-        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0,
-                     show_default=True, help="nucleus sampling mass; 1 = off"),
-        click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
-                     help="drop tokens below min_p x the top probability; 0 = off"),
-        click.option("--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
-                     show_default=True, help="repetition penalty (transformers' semantics); 1 = off"),
-        click.option("--seed", type=int, default=None, help="random seed for sampling"),
+        click.option("--temperature", "--temp", type=click.FloatRange(min=0.0), default=None,
+                     help="sampling temperature; 0 = greedy [default: the model's "
+                          "generation_config.json, else 0.8]"),
+        click.option("--top-k", type=click.IntRange(min=0), default=None,
+                     help="keep the k most likely tokens; 0 = off [default: the model's, else 40]"),
+        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+                     help="nucleus sampling mass; 1 = off [default: the model's, else 0.95]"),
+        click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=None,
+                     help="drop tokens below min_p x the top probability; 0 = off [default: the "
+                          "model's, else 0.05]"),
+        click.option("--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True),
+                     default=None, help="repetition penalty (transformers' semantics); 1 = off "
+                                        "[default: the model's, else 1]"),
+        click.option("--seed", type=click.IntRange(min=-1), default=None,
+                     help="random seed for sampling; -1 = random [default: random]"),
+        click.option("--stop", "stops", multiple=True, metavar="TEXT",
+                     help="end the reply where TEXT appears (not printed); repeatable"),
+        click.option("-c", "--ctx-size", type=int, default=None,
+                     help="context size in tokens (prompt, earlier turns and reply) [default: "
+                          "the model's max_position_embeddings, capped by free memory]"),
+        click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
+                     help="threads of the compute kernels [default: all cores]"),
         click.option("--no-verify", is_flag=True,
                      help="skip CRC checks of pieces read from the .zmoe (not recommended)"),
     ] + ENGINE_OPTIONS
@@ -187,15 +224,30 @@ def sampling_options(fn):
     return fn
 
 
-def _sampling(kw, default_max):
-    return dict(max_tokens=kw["max_tokens"] or default_max, temperature=kw["temperature"],
-                top_k=kw["top_k"], top_p=kw["top_p"], min_p=kw["min_p"],
-                repetition_penalty=kw["repeat_penalty"], seed=kw["seed"])
+def _prepare(model, kw, default_max, context=None):
+    """Load MODEL for run/chat: threads, context size, kernel warm-up; returns (model,
+    sampling keyword arguments, context size). ``context``: tokens the run may hold, for
+    ``--memory-limit`` (see :func:`_load`)."""
+    from zmoe.constants import Keys
+
+    from . import cli_repl
+    cli_repl.set_threads(kw["threads"])
+    m = _load(model, kw, context=context)
+    try:
+        m.ctx_size = cli_repl.context_size(m, kw["ctx_size"])
+        cli_repl.warm_up(m, notice=sys.stderr.isatty())   # (like the progress bars)
+        opts = dict(kw, repetition_penalty=kw["repeat_penalty"])
+        sp = cli_repl.resolve_sampling(m.source.metadata.get(Keys.Generation.CONFIG), opts,
+                                       kw["max_tokens"] or default_max)
+    except BaseException:
+        m.close()
+        raise
+    return m, sp, m.ctx_size
 
 
 def _load(model, kw, context=None):
     from .api import load
-    m = load(model, verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
+    m = load(model, progress=progress_wanted(), verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
              policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
              direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"],
              memory_limit=kw.get("memory_limit"), context=context,
@@ -234,18 +286,21 @@ def run(model, prompt, raw, system, **kw):
     The prompt is wrapped in the model's chat template as one user turn, unless --raw.
     MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
     """
+    from .cli_repl import prefill_notice, stop_at
     if prompt == "-":
         prompt = sys.stdin.read().rstrip("\n")
-    sp = _sampling(kw, 256)
     # a token covers at least one byte of text; 64 tokens for the chat template's markup
     text_bytes = len(prompt.encode("utf-8")) + len((system or "").encode("utf-8"))
-    m = _load(model, kw, context=text_bytes + 64 + sp["max_tokens"])
+    m, sp, _ = _prepare(model, kw, 256, context=text_bytes + 64 + (kw["max_tokens"] or 256))
     if raw:
+        n = len(m.tokenizer.encode(prompt))
         pieces = m.stream(prompt, **sp)
     else:
         msgs = ([{"role": "system", "content": system}] if system else []) + \
                [{"role": "user", "content": prompt}]
+        n = len(m.tokenizer.encode_chat(msgs, add_generation_prompt=True))
         pieces = m.chat(msgs, stream=True, **sp)
+    pieces = stop_at(prefill_notice(pieces, n), kw["stops"], m)
     try:
         for piece in pieces:
             click.echo(piece, nl=False)
@@ -253,12 +308,6 @@ def run(model, prompt, raw, system, **kw):
         pieces.close()
         click.echo("")
     click.echo(_stats_line(m.last_stats), err=True)
-
-
-REPL_HELP = """commands: /reset  forget the conversation
-          /system TEXT  set the system prompt (and reset)
-          /stats  timings of the last reply and memory in use
-          /quit  leave (also Ctrl-D); Ctrl-C stops a reply"""
 
 
 @main.command()
@@ -273,61 +322,13 @@ def chat(model, system, **kw):
     printed on its own line, so it can be scripted.
     MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
     """
-    m = _load(model, kw)
-    sp = _sampling(kw, 512)
+    from . import cli_repl
+    m, sp, ctx = _prepare(model, kw, 512)
     session = m.chat_session(system)
     interactive = sys.stdin.isatty()
-    if interactive:
-        try:
-            import readline  # noqa: F401 - line editing and history for input()
-        except ImportError:
-            pass
-        click.echo(f"zipmoe-rt chat: {m.name} ({m.hparams['architecture']}, "
-                   f"{m.hparams['num_experts']} experts, top-{m.hparams['num_experts_per_tok']})",
-                   err=True)
-        if kw.get("memory_limit") is None:
-            click.echo(m.memory_line(), err=True)
-        click.echo(REPL_HELP, err=True)
-    while True:
-        try:
-            line = input(">>> ") if interactive else sys.stdin.readline()
-        except EOFError:
-            break
-        except KeyboardInterrupt:
-            click.echo("\n(use /quit or Ctrl-D to leave)", err=True)
-            continue
-        if not interactive and line == "":
-            break
-        line = line.rstrip("\n")
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("/"):
-            cmd, _, arg = text.partition(" ")
-            if cmd in ("/quit", "/exit", "/bye"):
-                break
-            if cmd == "/reset":
-                session.reset()
-                click.echo("(conversation cleared)", err=True)
-            elif cmd == "/system":
-                session.reset(system=arg.strip() or None)
-                click.echo(f"(system prompt {'set' if arg.strip() else 'cleared'}; conversation "
-                           f"cleared)", err=True)
-            elif cmd == "/stats":
-                click.echo(_session_stats(m, session), err=True)
-            elif cmd in ("/help", "/?"):
-                click.echo(REPL_HELP, err=True)
-            else:
-                click.echo(f"unknown command {cmd}; /help lists them", err=True)
-            continue
-        try:
-            for piece in session.send(line, **sp):
-                click.echo(piece, nl=False)
-        except KeyboardInterrupt:
-            click.echo(" [stopped]", nl=False)
-        click.echo("")
-        if interactive:
-            click.secho(_stats_line(m.last_stats), err=True, dim=True)
+    memory = m.memory_line() if kw.get("memory_limit") is None else None  # else _load said it
+    cli_repl.repl(m, session, sp, kw["stops"], _stats_line, _session_stats, interactive,
+                  cli_repl.banner(m, ctx, memory))
 
 
 def _session_stats(m, session) -> str:
@@ -353,7 +354,7 @@ def _kv_stats(m, cache) -> str:
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--prompts", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               required=True, help="text file, one prompt per line")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=32, show_default=True,
@@ -365,13 +366,17 @@ def _kv_stats(m, cache) -> str:
 @engine_options
 @friendly_errors
 def profile(model, prompts, max_tokens, raw, output, quiet, **kw):
-    """Record an activation trace (decode tokens: layer x expert counts) for the planner."""
+    """Record an activation trace (decode tokens: layer x expert counts) for the planner.
+
+    MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use)."""
     from .engine import profile as prof
+    model = default_model_if_none(model)
     lines = [l.strip() for l in prompts.read_text(encoding="utf-8").splitlines() if l.strip()]
     if not lines:
         raise CliError(f"{prompts}: no prompts (one per line)")
     m = _load(model, kw)
-    tr = prof.record_trace(m, lines, max_tokens=max_tokens, chat=not raw, progress=not quiet)
+    tr = prof.record_trace(m, lines, max_tokens=max_tokens, chat=not raw,
+                           progress=progress_wanted(quiet))
     out = prof.save_trace(tr, output or prof.sidecar(model, prof.TRACE_SUFFIX))
     c = np.asarray(tr["counts"], float)
     top = (np.sort(c, axis=1)[:, ::-1] / c.sum(axis=1, keepdims=True))[:, 0]
@@ -381,7 +386,7 @@ def profile(model, prompts, max_tokens, raw, output, quiet, **kw):
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--samples", type=click.IntRange(min=1), default=12, show_default=True,
               help="experts to time")
 @click.option("--direct", is_flag=True, help="time O_DIRECT reads")
@@ -390,8 +395,11 @@ def profile(model, prompts, max_tokens, raw, output, quiet, **kw):
 @DEVICE_OPTION
 @friendly_errors
 def calibrate(model, samples, direct, io_depth, device):
-    """Measure this machine's planner constants on MODEL (cold SM/exponent reads, decode, matmul)."""
+    """Measure this machine's planner constants on MODEL (cold SM/exponent reads, decode, matmul).
+
+    MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use)."""
     import json
+    model = default_model_if_none(model)
 
     from .engine import profile as prof
     from .engine.store import ZmoeSource
@@ -451,6 +459,8 @@ def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, evicti
     bytes read per token, time per pipeline stage, peak RSS); the page cache is evicted before
     every run. MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
     """
+    if n_prompt == 0 and n_gen == 0:
+        raise CliError("nothing to run: --n-prompt and --n-gen are both 0")
     from . import bench as B
     from .default_model import ensure_default_model
     from .backends import resolve_device

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .cli import friendly_errors, main
+from .cli import CliError, default_model_if_none, friendly_errors, main, progress_wanted
 
 
 @main.command()
@@ -43,8 +43,11 @@ def convert(hf_dir, output, chunks, dense_encoding, expert_encoding, exp_codec, 
         raise click.BadParameter(f"{output} names a folder; give the .zmoe file to write",
                                  param_hint="'-o' / '--output'")
     output = Path(output)
+    if not output.parent.is_dir():
+        raise CliError(f"-o/--output: the folder {output.parent} does not exist (create it "
+                       f"first)")
     out = do_convert(hf_dir, output, chunks=chunks, dense_encoding=dense_encoding, threads=threads,
-                     verify=not no_verify, progress=not quiet, overwrite=force,
+                     verify=not no_verify, progress=progress_wanted(quiet), overwrite=force,
                      expert_encoding=expert_encoding, exp_codec=exp_codec)
     click.echo(summarize(out, show_tensors=False).split("\n")[0])
     click.echo("\n".join(l for l in summarize(out, show_tensors=False).split("\n")
@@ -52,25 +55,33 @@ def convert(hf_dir, output, chunks, dense_encoding, expert_encoding, exp_codec, 
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="folder to write (must not exist or be empty)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @friendly_errors
 def export(model, output, quiet):
-    """Write a .zmoe back as a Hugging Face folder (safetensors byte-identical to the source)."""
+    """Write a .zmoe back as a Hugging Face folder (safetensors byte-identical to the source).
+
+    MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
+    """
+    model = default_model_if_none(model)
     from .convert.export import export as do_export
-    do_export(model, output, progress=not quiet)
+    do_export(model, output, progress=progress_wanted(quiet))
     click.echo(f"wrote {output}")
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @friendly_errors
 def verify(model, quiet):
     """Check every checksum of a .zmoe file, that every exponent chunk decodes and that the
-    stored tokenizer and chat template load."""
+    stored tokenizer and chat template load.
+
+    MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
+    """
+    model = default_model_if_none(model)
     import zmoe
     from tqdm.auto import tqdm
 
@@ -81,7 +92,8 @@ def verify(model, quiet):
         check_reader(r, str(model))     # hyper-parameters agree with the shapes, as on load
         expert_layouts(r)               # and every expert block is one the runtime can build
         tok = check_stored_tokenizer(r.metadata, model)   # what run / chat load
-        with tqdm(total=len(r.tensors), unit="tensor", desc="verify", disable=quiet) as bar:
+        with tqdm(total=len(r.tensors), unit="tensor", desc="verify",
+                  disable=not progress_wanted(quiet)) as bar:
             r.verify(progress=lambda _: bar.update(1))
         click.echo(f"{model}: OK ({len(r.tensors)} tensors, {len(r.experts)} expert blocks, "
                    f"all checksums match{tok})")
@@ -129,10 +141,14 @@ def check_stored_tokenizer(metadata: dict, path) -> str:
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--no-tensors", is_flag=True, help="metadata and totals only")
 @friendly_errors
 def inspect(model, no_tensors):
-    """Print a .zmoe's metadata, tensor table and bits per weight (experts and dense)."""
+    """Print a .zmoe's metadata, tensor table and bits per weight (experts and dense).
+
+    MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
+    """
+    model = default_model_if_none(model)
     from .convert.export import summarize
     click.echo(summarize(model, show_tensors=not no_tensors))

@@ -38,6 +38,8 @@ def ensure_default_model(progress: bool = True) -> Path:
     into a temporary folder, convert it to ``.zmoe`` (verified, renamed into place when
     complete), delete the temporary folder. About 750 MB of disk while building, ~530 MB after.
 
+    A build ends with one line on stderr naming the file written.
+
     Raises:
         RuntimeError: the GGUF cannot be found or downloaded.
     """
@@ -60,4 +62,6 @@ def ensure_default_model(progress: bool = True) -> Path:
         convert(hf, path, progress=progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(f"zipmoe-rt: default model written to {path} (reused from now on; set ZIPMOE_RT_HOME "
+          f"to keep it elsewhere)", file=sys.stderr)
     return path

@@ -144,12 +144,14 @@ def summarize(path, show_tensors: bool = True, max_value: int = 80) -> str:
                      f"{len(r.tensors)} tensors, {len(r.experts)} expert blocks, "
                      f"alignment {r.header.alignment}")
         lines.append("metadata:")
+        kw = max((len(k) for k in r.metadata), default=0)     # columns line up for any key
+        tw = max((len(r.metadata_types[k]) for k in r.metadata), default=0)
         for k, v in r.metadata.items():
             s = json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v
             s = s.replace("\n", "\\n")
             if len(s) > max_value:
                 s = s[:max_value - 3] + f"... ({len(s)} chars)"
-            lines.append(f"  {k:<36} {r.metadata_types[k]:<6} {s}")
+            lines.append(f"  {k:<{kw}} {r.metadata_types[k]:<{tw}} {s}")
         stops = r.metadata.get(Keys.Generation.EOS_TOKEN_IDS)
         if stops is not None:
             lines.append("stop tokens: " + (", ".join(
@@ -158,6 +160,8 @@ def summarize(path, show_tensors: bool = True, max_value: int = 80) -> str:
         groups = {"expert": [0, 0, 0], "dense": [0, 0, 0]}  # elements, stored bytes, source bytes
         codecs = {"expert": set(), "dense": set()}
         rows = []
+        nw = max([len("name")] + [len(n) for n in r.tensors])
+        sw = max([len("shape")] + [len(str(t["shape"])) for t in r.tensors.values()])
         for name, t in r.tensors.items():
             if "exp_codec" in t:
                 codecs["expert" if "expert" in t else "dense"].add(t["exp_codec"])
@@ -168,10 +172,10 @@ def summarize(path, show_tensors: bool = True, max_value: int = 80) -> str:
             g[0] += n
             g[1] += stored
             g[2] += src
-            rows.append(f"  {name:<60} {t['dtype']:<5} {str(t['shape']):<18} {t['encoding']:<8} "
+            rows.append(f"  {name:<{nw}} {t['dtype']:<5} {str(t['shape']):<{sw}} {t['encoding']:<8} "
                         f"{stored:>12,d} {8 * stored / max(n, 1):6.2f}")
         if show_tensors:
-            lines.append(f"tensors:\n  {'name':<60} {'dtype':<5} {'shape':<18} {'encoding':<8} "
+            lines.append(f"tensors:\n  {'name':<{nw}} {'dtype':<5} {'shape':<{sw}} {'encoding':<8} "
                          f"{'stored bytes':>12} {'bits/w':>6}")
             lines += rows
         lines.append("totals:")

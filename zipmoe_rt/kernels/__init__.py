@@ -22,6 +22,12 @@ Importing this package selects ``PASSIVE`` unless ``OMP_WAIT_POLICY`` is already
 ``zipmoe_rt.load`` then picks ``ACTIVE`` for unbudgeted runs (no decode workers of ours compete;
 fastest on an otherwise idle machine) and keeps ``PASSIVE`` under a memory budget, unless the
 user set the variable.
+
+``ACTIVE`` alone makes GNU OpenMP (libgomp) spin for 3e10 iterations, i.e. for ever: an idle
+chat REPL waiting at its prompt kept a core busy. :func:`set_wait_policy` therefore bounds the
+spin with ``GOMP_SPINCOUNT`` (:data:`ACTIVE_SPIN_COUNT`, a fraction of a second; far longer than
+the microseconds between two parallel regions of a token step) unless the user set it, the
+libgomp counterpart of ``KMP_BLOCKTIME`` for Intel's runtime (libgomp's manual, "GOMP_SPINCOUNT").
 """
 from __future__ import annotations
 
@@ -31,6 +37,10 @@ import os
 USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("KMP_BLOCKTIME", "0")
+#: the user's own GOMP_SPINCOUNT, if any (then zipmoe-rt never changes it)
+USER_SPIN_COUNT = os.environ.get("GOMP_SPINCOUNT")
+#: libgomp spin iterations before an idle worker sleeps under ``ACTIVE`` (~0.05-0.3 s)
+ACTIVE_SPIN_COUNT = 10_000_000
 
 
 def set_wait_policy(policy: str) -> bool:
@@ -55,4 +65,6 @@ def set_wait_policy(policy: str) -> bool:
         return False
     os.environ["OMP_WAIT_POLICY"] = p
     os.environ["KMP_BLOCKTIME"] = "200" if p == "ACTIVE" else "0"
+    if USER_SPIN_COUNT is None:   # bounded spinning, then sleep (see the module docstring)
+        os.environ["GOMP_SPINCOUNT"] = str(ACTIVE_SPIN_COUNT) if p == "ACTIVE" else "0"
     return True
