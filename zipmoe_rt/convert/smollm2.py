@@ -249,7 +249,10 @@ def build_upcycled_checkpoint(gguf_path, out_dir, num_experts: int = 4, top_k: i
 
         # ---- config, tokenizer, provenance
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
+        # sampling as the SmolLM2-135M-Instruct model card generates (temperature 0.2, top_p
+        # 0.9, do_sample): the defaults `run` / `chat` take from generation_config.json
+        gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
+               "do_sample": True, "temperature": 0.2, "top_p": 0.9}
         if cfg["pad_token_id"] is not None:
             gen["pad_token_id"] = cfg["pad_token_id"]
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
