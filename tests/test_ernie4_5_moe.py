@@ -19,7 +19,7 @@ from zipmoe_rt.backends import cuda_unavailable, get_backend  # noqa: E402
 from zipmoe_rt.families import ConfigError, get_architecture  # noqa: E402
 from zipmoe_rt.families.ernie4_5_moe import Ernie45MoeHParams  # noqa: E402
 from zipmoe_rt.models import build_model  # noqa: E402
-from zipmoe_rt.models.attention import interleaved_to_halves  # noqa: E402
+from zipmoe_rt.models.rope import interleaved_to_halves  # noqa: E402
 from zipmoe_rt.models.moe import MLP, ChoiceBiasMoeBlock  # noqa: E402
 from zipmoe_rt.models.weights import CheckpointSource  # noqa: E402
 
