@@ -149,6 +149,19 @@ def config_list(config: dict, key: str, kind: str) -> list | None:
     return [_cast(key, f"{key}[{i}]", kind, x) for i, x in enumerate(v)]
 
 
+def layers_from(first_k_dense_replace: int, num_layers: int) -> list[int]:
+    """The sparse layers of the DeepSeek lineage: ``first_k_dense_replace .. num_layers - 1``
+    (none when ``first_k_dense_replace >= num_layers``), as ``DeepseekV2DecoderLayer`` /
+    ``Glm4MoeDecoderLayer`` pick their MoE block (``layer_idx >= first_k_dense_replace``).
+
+    Args:
+        first_k_dense_replace: leading dense layers (int >= 0).  num_layers: layers (int).
+    Returns:
+        list of int layer indices (the ``moe_layers`` field).
+    """
+    return list(range(min(first_k_dense_replace, num_layers), num_layers))
+
+
 #: integer fields and the smallest value each may take.
 _COUNTS = {"vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
            "num_key_value_heads": 1, "head_dim": 2, "max_position_embeddings": 1,
