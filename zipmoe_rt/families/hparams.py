@@ -108,18 +108,19 @@ def _cast(field: str, key: str, kind: str, v):
     return v
 
 
-def config_int(config: dict, key: str, default: int, lo: int = 0) -> int:
-    """config.json's integer ``key`` (``default`` when absent or null), for the values a
-    family derives from config.json beyond its fields (``decoder_sparse_step``...).
+def config_int(config: dict, key: str, default: int, lo: int | None = 0) -> int:
+    """config.json's integer ``key`` (``default`` when absent or null; 3.0 reads as 3), for the
+    values a family derives from config.json beyond its fields (``decoder_sparse_step``...).
+    ``lo`` None: any integer (the caller checks the range).
 
     Raises:
-        ConfigError: not an integer in ``lo``..2**31-1 (key named).
+        ConfigError: not an integer, or (``lo`` given) not in ``lo``..2**31-1 (key named).
     """
     v = config.get(key)
     if v is None:
         return default
     v = _cast(key, key, "int", v)
-    if not lo <= v < 2 ** 31:
+    if lo is not None and not lo <= v < 2 ** 31:
         raise ConfigError(f"config.json: {key} {v} is not in {lo}..2**31-1")
     return v
 
