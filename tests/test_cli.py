@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import zmoe
 import zipmoe_rt
 from zipmoe_rt.cli import main
 
+from cli_runner import cli
 from test_api import make_chat_model  # the tiny model + tokenizer builder shared with the API tests
 
 STATS_RE = re.compile(r"^\[(\d+) prompt \+ (\d+) cached tokens, (\d+) generated \((\w+)\); "
@@ -47,15 +47,6 @@ def model(tiny_zmoe):
     m = zipmoe_rt.load(tiny_zmoe)
     yield m
     m.close()
-
-
-def cli(*args, input=None):
-    """Run ``zipmoe-rt ARGS`` in-process; return the click Result (stdout and stderr apart)."""
-    r = CliRunner().invoke(main, [str(a) for a in args], input=input,
-                           env={"ZIPMOE_RT_DEBUG": None}, prog_name="zipmoe-rt")
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return r
 
 
 def assert_one_line_error(r, *needles):

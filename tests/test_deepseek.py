@@ -17,7 +17,8 @@ from zipmoe_rt.families import ConfigError, get_architecture, get_family  # noqa
 from zipmoe_rt.families.deepseek_v2 import DeepseekV2HParams  # noqa: E402
 from zipmoe_rt.models import build_model  # noqa: E402
 from zipmoe_rt.models.cache import LatentCache  # noqa: E402
-from zipmoe_rt.models.mla import MLAttention, deinterleave  # noqa: E402
+from zipmoe_rt.models.mla import MLAttention  # noqa: E402
+from zipmoe_rt.models.rope import interleaved_to_halves  # noqa: E402
 from zipmoe_rt.models.rope import RoPE, rope_inv_freq, softmax_scale  # noqa: E402
 from zipmoe_rt.models.weights import CheckpointSource  # noqa: E402
 
@@ -94,7 +95,7 @@ def test_mla_matches_transformers_attention(backend, version, q_lora, interleave
     assert np.abs(got - ref).max() < 1e-5 * max(1.0, np.abs(ref).max())
     # the cache: [latent, rope(k_pe)] per position; k_pe in rotate_half order
     lat, kpe = (t[0, 0].numpy() for t in (cache.layers[0].keys, cache.layers[0].values))
-    perm = deinterleave(8) if interleave else np.arange(8)
+    perm = interleaved_to_halves(8) if interleave else np.arange(8)
     if version == 2:     # V2's complex product leaves the pairs interleaved (V3's
         kpe = kpe[:, perm]   # interleave function returns the two halves already)
     assert c.length == T and c.kv.shape[1] == 24 + 8

@@ -19,10 +19,11 @@ from zipmoe_rt.backends import cuda_unavailable, get_backend  # noqa: E402
 from zipmoe_rt.families import ConfigError, get_architecture  # noqa: E402
 from zipmoe_rt.families.ernie4_5_moe import Ernie45MoeHParams  # noqa: E402
 from zipmoe_rt.models import build_model  # noqa: E402
-from zipmoe_rt.models.attention import interleaved_to_halves  # noqa: E402
+from zipmoe_rt.models.rope import interleaved_to_halves  # noqa: E402
 from zipmoe_rt.models.moe import MLP, ChoiceBiasMoeBlock  # noqa: E402
 from zipmoe_rt.models.weights import CheckpointSource  # noqa: E402
 
+from hf_parity import hf_logits, model_pair  # noqa: E402
 from tiny_models import SPECS, load_hf  # noqa: E402
 
 PROMPT = np.random.default_rng(5).integers(0, 256, 14)
@@ -31,22 +32,10 @@ BACKENDS = ["numba", "numpy"] + ([] if cuda_unavailable() else ["cuda"])
 TOL = 1e-3
 
 
-def _hf_logits(hf, ids):
-    with torch.no_grad():
-        return hf(torch.tensor(np.asarray(ids), dtype=torch.long)[None]).logits[0].numpy()
-
-
 @pytest.fixture(scope="module")
 def pair(tiny_moe_dir):
     """name -> (our model on the checkpoint, transformers' model in float32)."""
-    made = {}
-
-    def get(name):
-        if name not in made:
-            d = tiny_moe_dir(name)
-            made[name] = (build_model(CheckpointSource(d)), load_hf(d))
-        return made[name]
-    return get
+    return model_pair(tiny_moe_dir)
 
 
 def _torch_router(logits, bias, k, norm_min):
@@ -142,7 +131,7 @@ def test_choice_bias_matters_and_matches(tiny_moe_dir, pair):
     with torch.no_grad():
         for layer in hf.model.layers[1:]:
             layer.mlp.gate.moe_statics.e_score_correction_bias.zero_()
-    assert np.abs(b - _hf_logits(hf, PROMPT)).max() <= TOL
+    assert np.abs(b - hf_logits(hf, PROMPT)).max() <= TOL
 
 
 def test_interleaved_rope_matters(tiny_moe_dir, pair, monkeypatch):
@@ -150,7 +139,7 @@ def test_interleaved_rope_matters(tiny_moe_dir, pair, monkeypatch):
     transformers, the interleaved one (parity test) within the tolerance."""
     assert interleaved_to_halves(8).tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
     model, hf = pair("ernie4_5_moe")
-    ref = _hf_logits(hf, PROMPT)
+    ref = hf_logits(hf, PROMPT)
     assert np.abs(model.forward(PROMPT, model.new_cache(), last_only=False) - ref).max() <= TOL
     monkeypatch.setattr(Ernie45MoeHParams, "ROPE_INTERLEAVED", False)
     halves = build_model(CheckpointSource(tiny_moe_dir("ernie4_5_moe")))

@@ -19,16 +19,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 import zmoe
 import zipmoe_rt
-from zipmoe_rt.cli import main
 from zipmoe_rt.convert.atomic import StaleTemporaryWarning, WriteError, remove_stale_temporaries
 from zipmoe_rt.convert.converter import convert
 from zipmoe_rt.convert.export import export
 from zipmoe_rt.engine.io import ModelFileError
 
+from cli_runner import cli
 from test_api import make_chat_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,14 +51,6 @@ def child_env() -> dict:
                                         + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def cli(*args, input=None):
-    r = CliRunner().invoke(main, [str(a) for a in args], input=input,
-                           env={"ZIPMOE_RT_DEBUG": None}, prog_name="zipmoe-rt")
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return r
 
 
 def one_error_line(stderr: str, *needles) -> str:

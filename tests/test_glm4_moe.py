@@ -19,6 +19,7 @@ from zipmoe_rt.families import ConfigError, get_architecture  # noqa: E402
 from zipmoe_rt.models import build_model  # noqa: E402
 from zipmoe_rt.models.weights import CheckpointSource  # noqa: E402
 
+from hf_parity import checkpoint_logits, zmoe_logits  # noqa: E402
 from tiny_models import SPECS, load_hf  # noqa: E402
 
 PROMPT = np.random.default_rng(1).integers(0, 256, 16)
@@ -197,7 +198,6 @@ def test_container_keeps_the_f32_bias_and_runs_the_same(tiny_moe_dir, tmp_path):
     import zmoe
     from safetensors import safe_open
     from zipmoe_rt.convert.converter import convert
-    from zipmoe_rt.engine.store import ZmoeSource
 
     src = tiny_moe_dir("glm4_moe")
     with warnings.catch_warnings():
@@ -219,17 +219,13 @@ def test_container_keeps_the_f32_bias_and_runs_the_same(tiny_moe_dir, tmp_path):
     assert rec["dtype"] == "F32" and rec["encoding"] == "raw"
     with safe_open(str(src / "model.safetensors"), "np") as f:
         want = f.get_tensor(BIAS.format(i=1))
-    source = ZmoeSource(out)
-    try:
+
+    def check(source):
         got = np.asarray(source.tensor(BIAS.format(i=1)))
         assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
         assert stored.tobytes() == want.tobytes()
-        m = build_model(source)
-        a = m.forward(PROMPT, m.new_cache(), last_only=False)
-    finally:
-        source.close()
-    b = build_model(CheckpointSource(src))
-    assert np.array_equal(a, b.forward(PROMPT, b.new_cache(), last_only=False))
+    a = zmoe_logits(out, PROMPT, check)
+    assert np.array_equal(a, checkpoint_logits(src, PROMPT))
 
 
 def test_missing_correction_bias_is_named(tiny_moe_dir, tmp_path):
@@ -250,7 +246,6 @@ def test_multi_token_prediction_layer_is_stored_and_skipped(tiny_moe_dir, tmp_pa
     the model is the same."""
     from zipmoe_rt.convert.converter import ConversionWarning, convert
     from zipmoe_rt.convert.export import export
-    from zipmoe_rt.engine.store import ZmoeSource
 
     def add_mtp(t):
         for name in [n for n in t if n.startswith("model.layers.2.")]:
@@ -262,14 +257,7 @@ def test_multi_token_prediction_layer_is_stored_and_skipped(tiny_moe_dir, tmp_pa
                       tensors=add_mtp)
     with pytest.warns(ConversionWarning, match=r"not used .*model\.layers\.3\.eh_proj\.weight"):
         out = convert(folder, tmp_path / "mtp.zmoe", progress=False)
-    source = ZmoeSource(out)
-    try:
-        m = build_model(source)
-        a = m.forward(PROMPT, m.new_cache(), last_only=False)
-    finally:
-        source.close()
-    b = build_model(CheckpointSource(src))
-    assert np.array_equal(a, b.forward(PROMPT, b.new_cache(), last_only=False))
+    assert np.array_equal(zmoe_logits(out, PROMPT), checkpoint_logits(src, PROMPT))
     export(out, tmp_path / "exported", progress=False)
     assert ((tmp_path / "exported" / "model.safetensors").read_bytes()
             == (folder / "model.safetensors").read_bytes())

@@ -20,6 +20,7 @@ from zipmoe_rt.families import ConfigError, get_architecture  # noqa: E402
 from zipmoe_rt.models import build_model  # noqa: E402
 from zipmoe_rt.models.weights import CheckpointSource  # noqa: E402
 
+from hf_parity import hf_logits, model_pair  # noqa: E402
 from tiny_models import SPECS, load_hf  # noqa: E402
 
 PROMPT = np.random.default_rng(3).integers(0, 256, 14)
@@ -28,22 +29,10 @@ BACKENDS = ["numba", "numpy"] + ([] if cuda_unavailable() else ["cuda"])
 TOL = 1e-3
 
 
-def _hf_logits(hf, ids):
-    with torch.no_grad():
-        return hf(torch.tensor(np.asarray(ids), dtype=torch.long)[None]).logits[0].numpy()
-
-
 @pytest.fixture(scope="module")
 def pair(tiny_moe_dir):
     """name -> (our model on the checkpoint, transformers' model in float32)."""
-    made = {}
-
-    def get(name):
-        if name not in made:
-            d = tiny_moe_dir(name)
-            made[name] = (build_model(CheckpointSource(d)), load_hf(d))
-        return made[name]
-    return get
+    return model_pair(tiny_moe_dir)
 
 
 @pytest.mark.parametrize("name", ["granitemoe", "granitemoe_shared"])
@@ -100,7 +89,7 @@ def test_each_multiplier_matters_and_matches(tiny_moe_dir, pair, field):
             layer.self_attn.scaling = 1.0
     else:
         hf.config.logits_scaling = 1.0
-    assert np.abs(b - _hf_logits(hf, PROMPT)).max() <= TOL
+    assert np.abs(b - hf_logits(hf, PROMPT)).max() <= TOL
 
 
 def test_attention_scale_is_the_multiplier(pair):

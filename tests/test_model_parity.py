@@ -13,6 +13,7 @@ from zipmoe_rt.families import HParams
 from zipmoe_rt.models.base import ExpertExecutor, KVCache, rope_inv_freq
 from zipmoe_rt.models.weights import CheckpointSource
 
+from hf_parity import hf_logits, model_pair
 from tiny_models import SPECS
 
 ARCHS = list(SPECS)             # every tiny spec, every family
@@ -135,27 +136,10 @@ def test_rope_unknown_type():
 # ------------------------------------------------------------------ models vs transformers
 
 
-def _hf_logits(hf, ids):
-    import torch
-
-    with torch.no_grad():
-        return hf(torch.tensor(np.asarray(ids), dtype=torch.long)[None]).logits[0].numpy()
-
-
 @pytest.fixture(scope="module")
 def loaded(tiny_moe_dir):
-    """name -> (our model, HF model in float32)."""
-    from tiny_models import load_hf
-
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            d = tiny_moe_dir(name, sharded=(name == "mixtral"))
-            cache[name] = (build_model(CheckpointSource(d)), load_hf(d))
-        return cache[name]
-
-    return get
+    """name -> (our model, HF model in float32); mixtral from a sharded checkpoint."""
+    return model_pair(tiny_moe_dir, sharded=("mixtral",))
 
 
 PROMPT = np.random.default_rng(1).integers(0, 256, 16)
@@ -164,7 +148,7 @@ PROMPT = np.random.default_rng(1).integers(0, 256, 16)
 @pytest.mark.parametrize("name", ARCHS)
 def test_logits_parity(loaded, name):
     model, hf = loaded(name)
-    ref = _hf_logits(hf, PROMPT)
+    ref = hf_logits(hf, PROMPT)
     ours = model.forward(PROMPT, model.new_cache(), last_only=False)
     assert ours.shape == (16, model.config.vocab_size) and ours.dtype == np.float32
     assert np.abs(ours - ref).max() <= LOGITS_TOL
@@ -179,7 +163,7 @@ def test_greedy_20_tokens(loaded, name):
     # reference: transformers, full recompute each step (no cache involved)
     seq = list(PROMPT)
     for _ in range(20):
-        seq.append(int(np.argmax(_hf_logits(hf, seq)[-1])))
+        seq.append(int(np.argmax(hf_logits(hf, seq)[-1])))
     ref_tokens = seq[16:]
     # ours: prefill, then one token at a time through the KV cache
     cache = model.new_cache(capacity=8)  # forces growth by doubling
@@ -217,7 +201,7 @@ def test_qwen2_sliding_window_layer_types(tiny_moe_dir):
     hf = load_hf(d)
     layer_types = list(hf.config.layer_types)
     assert layer_types == ["sliding_attention", "full_attention", "full_attention"]
-    ref = _hf_logits(hf, PROMPT)
+    ref = hf_logits(hf, PROMPT)
     for extra in ({"layer_types": layer_types}, {"max_window_layers": 2}):
         src = CheckpointSource(d)
         assert src.hparams["sliding_window"] == 5
@@ -327,7 +311,7 @@ def test_olmoe_clip_qkv_matters(tiny_moe_dir):
     assert np.abs(a - b).max() > 100 * LOGITS_TOL
     hf = load_hf(d)
     hf.config.clip_qkv = None
-    assert np.abs(b - _hf_logits(hf, PROMPT)).max() <= LOGITS_TOL
+    assert np.abs(b - hf_logits(hf, PROMPT)).max() <= LOGITS_TOL
 
 
 def test_kvcache_growth_and_crop():
@@ -393,7 +377,7 @@ def test_default_model_parity(default_hf_dir):
     model = build_model(CheckpointSource(default_hf_dir))
     hf = load_hf(default_hf_dir)
     ids = np.random.default_rng(5).integers(0, model.config.vocab_size, 16)
-    ref = _hf_logits(hf, ids)
+    ref = hf_logits(hf, ids)
     cache = model.new_cache()
     ours = model.forward(ids, cache, last_only=False)
     assert np.abs(ours - ref).max() <= LOGITS_TOL
@@ -403,5 +387,5 @@ def test_default_model_parity(default_hf_dir):
         toks.append(int(np.argmax(logits)))
         logits = model.forward(np.array(toks[-1:]), cache)
     for t in toks:
-        seq.append(int(np.argmax(_hf_logits(hf, seq)[-1])))
+        seq.append(int(np.argmax(hf_logits(hf, seq)[-1])))
     assert toks == seq[16:]

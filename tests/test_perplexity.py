@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from zipmoe_rt.cli import main
 from zipmoe_rt.perplexity import PerplexityError, check_windows, token_nll, windows
 
+from cli_runner import cli
 from test_api import make_chat_model
 
 DATA = Path(__file__).parent / "data"
@@ -22,14 +21,6 @@ DATA = Path(__file__).parent / "data"
 GUTENBERG = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "gutenberg"
 OUT_RE = re.compile(r"^(.*): ([\d,]+) tokens, ctx (\d+), stride (\d+), (\d+) windows?\n"
                     r"tokens scored ([\d,]+)\nmean NLL +([\d.]+) nats/token\nPPL +([\d.]+)\n$")
-
-
-def cli(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args], env={"ZIPMOE_RT_DEBUG": None},
-                           prog_name="zipmoe-rt")
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return r
 
 
 def parse(r) -> dict:

@@ -241,6 +241,7 @@ def test_stored_hparams_are_checked():
 
 # ------------------------------------------------------------------ whole model vs transformers
 
+from hf_parity import checkpoint_logits, hf_logits, zmoe_logits  # noqa: E402
 from tiny_models import SPECS  # noqa: E402
 
 ORIGINAL = SPECS["phimoe"][1]["rope_scaling"]["original_max_position_embeddings"]
@@ -258,17 +259,12 @@ def phimoe(tiny_moe_dir):
     return d, load_hf(d), {b: build_model(CheckpointSource(d), backend=b) for b in BACKENDS}
 
 
-def _hf_logits(hf, ids):
-    with torch.no_grad():
-        return hf(torch.tensor(np.asarray(ids), dtype=torch.long)[None]).logits[0].numpy()
-
-
 def _hf_greedy(hf, prompt, n):
     """n greedy tokens of transformers with a full recompute each step (no cache), and the
     last-position logits of each step."""
     seq, steps = list(prompt), []
     for _ in range(n):
-        steps.append(_hf_logits(hf, seq)[-1])
+        steps.append(hf_logits(hf, seq)[-1])
         seq.append(int(np.argmax(steps[-1])))
     return seq[len(prompt):], steps
 
@@ -285,7 +281,7 @@ def test_prompts_shorter_and_longer_than_the_original_length(phimoe, backend, n)
     model = models[backend]
     assert ORIGINAL == 32 and model.rope.original == 32
     prompt = np.random.default_rng(n).integers(0, 256, n)
-    ref = _hf_logits(hf, prompt)
+    ref = hf_logits(hf, prompt)
     cache = model.new_cache(capacity=8)
     ours = model.forward(prompt, cache, last_only=False)
     assert ours.shape == ref.shape
@@ -309,7 +305,7 @@ def test_the_regime_switch_needs_the_recompute(phimoe):
     _, hf, models = phimoe
     model = models["numba"]
     prompt = np.random.default_rng(5).integers(0, 256, ORIGINAL + 1)
-    ref = _hf_logits(hf, prompt)[-1]
+    ref = hf_logits(hf, prompt)[-1]
     cache = model.new_cache()
     model.forward(prompt[:-1], cache)
     assert cache.regime == 0
@@ -330,7 +326,7 @@ def _hf_routing(hf, ids):
         lambda mod, inp, out: seen.append((out[2].numpy(), out[1].numpy())))
         for layer in hf.model.layers]
     try:
-        _hf_logits(hf, ids)
+        hf_logits(hf, ids)
     finally:
         for h in hooks:
             h.remove()
@@ -441,10 +437,7 @@ def test_released_architecture_name_and_layout(tiny_moe_dir, tmp_path):
     from safetensors import safe_open
 
     from zipmoe_rt.convert.converter import convert
-    from zipmoe_rt.engine.store import ZmoeSource
     from zipmoe_rt.families import family_for_architecture, get_family
-    from zipmoe_rt.models import build_model
-    from zipmoe_rt.models.weights import CheckpointSource
 
     assert family_for_architecture("PhiMoEForCausalLM") is get_family("phimoe")
     src = tiny_moe_dir("phimoe")
@@ -460,16 +453,11 @@ def test_released_architecture_name_and_layout(tiny_moe_dir, tmp_path):
         warnings.simplefilter("ignore")            # no tokenizer.json in the tiny folder
         path = convert(d, tmp_path / "r.zmoe", progress=False)
     ids = np.random.default_rng(3).integers(0, 256, 12)
-    z = ZmoeSource(path)
-    try:
+
+    def check(z):
         assert z.hparams["family"] == "phimoe" and z.hparams["lm_head_bias"] is True
         assert z.hparams["router_jitter_noise"] == 0.01
-        model = build_model(z)
-        got = model.forward(ids, model.new_cache(), last_only=False)
-    finally:
-        z.close()
-    ref = build_model(CheckpointSource(src))
-    assert np.array_equal(got, ref.forward(ids, ref.new_cache(), last_only=False))
+    assert np.array_equal(zmoe_logits(path, ids, check), checkpoint_logits(src, ids))
 
 
 @pytest.mark.parametrize("change", ["drop", "shape"])
@@ -514,7 +502,7 @@ def test_crop_back_below_the_original_length(phimoe):
     assert cache.token_ids == [int(t) for t in long_ids[:20]] and cache.regime == 1
     suffix = np.random.default_rng(12).integers(0, 256, 5)
     ours = model.forward(suffix, cache, last_only=False)
-    ref = _hf_logits(hf, np.concatenate([long_ids[:20], suffix]))
+    ref = hf_logits(hf, np.concatenate([long_ids[:20], suffix]))
     assert ours.shape == (5, 256) and cache.regime == 0 and cache.offset == 25
     assert np.abs(ours - ref[20:]).max() <= LOGITS_TOL
 
@@ -572,4 +560,4 @@ def test_head_dim_wider_than_hidden_over_heads(tmp_path):
     assert model.args.head_dim == 32
     ids = np.random.default_rng(2).integers(0, 256, 12)
     ours = model.forward(ids, model.new_cache(), last_only=False)
-    assert np.abs(ours - _hf_logits(ref_model, ids)).max() <= LOGITS_TOL
+    assert np.abs(ours - hf_logits(ref_model, ids)).max() <= LOGITS_TOL

@@ -15,6 +15,7 @@ from zipmoe_rt.cli import main
 from zipmoe_rt.families import ARCHITECTURES, family_for_architecture
 from zipmoe_rt.plan import EXPERT_STORED_RATIO, PlanError, size_plan
 
+from cli_runner import cli
 from tiny_models import SPECS
 
 #: config.json of released checkpoints, as published on the Hugging Face Hub (every field).
@@ -102,14 +103,6 @@ PUBLISHED = {
         "sliding_window": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
         "transformers_version": "4.43.3", "use_cache": True, "vocab_size": 32064},
 }
-
-
-def cli(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args], env={"ZIPMOE_RT_DEBUG": None},
-                           prog_name="zipmoe-rt")
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return r
 
 
 def one_line_error(r, *needles):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from . import tensors as T
 from .base import Family, register
-from .hparams import ConfigError, HParams
+from .hparams import ConfigError, HParams, layers_from
 
 #: Hub names of the MLA projections and the DeepSeek MoE block (``DeepseekV2Attention``,
 #: ``DeepseekV2Moe.shared_experts``).
@@ -94,7 +94,7 @@ class MlaHParams(HParams):
         if type(self.n_shared_experts) is int and type(self.moe_intermediate_size) is int:
             self.shared_expert_intermediate_size = self.n_shared_experts * self.moe_intermediate_size
         if self.moe_layers is None and type(self.first_k_dense_replace) is int:
-            self.moe_layers = list(range(self.first_k_dense_replace, self.num_hidden_layers))
+            self.moe_layers = layers_from(self.first_k_dense_replace, self.num_hidden_layers)
         super().__post_init__()
 
     @classmethod
@@ -123,7 +123,7 @@ class MlaHParams(HParams):
                               f"(only 1: transformers' DeepSeek models ignore it)")
         first = kw.get("first_k_dense_replace", cls.first_k_dense_replace)
         if type(first) is int:
-            kw["moe_layers"] = list(range(first, kw.get("num_hidden_layers", 0)))
+            kw["moe_layers"] = layers_from(first, kw.get("num_hidden_layers", 0))
 
     def to_config(self):
         """:meth:`HParams.to_config` with ``q_lora_rank`` 0 written as null."""

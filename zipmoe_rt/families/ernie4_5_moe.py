@@ -19,23 +19,7 @@ from dataclasses import dataclass
 
 from . import tensors as T
 from .base import Family, register
-from .hparams import ConfigError, HParams
-
-
-def _int_key(config: dict, key: str, default: int) -> int:
-    """config.json's integer ``key`` (``default`` when absent or null; 3.0 reads as 3).
-
-    Raises:
-        ConfigError: not an integer (the key named).
-    """
-    v = config.get(key)
-    if v is None:
-        return default
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    if type(v) is not int:
-        raise ConfigError(f"config.json: {key} must be an integer, not {str(v)[:40]!r}")
-    return v
+from .hparams import ConfigError, HParams, config_int
 
 
 @dataclass
@@ -108,7 +92,7 @@ class Ernie45MoeHParams(HParams):
         if config.get("use_bias"):
             raise ConfigError("config.json: use_bias true (biases on every projection and "
                               "the head) is not supported")
-        v = {k: _int_key(config, k, d) for k, d in cls.LAYER_KEYS.items()}
+        v = {k: config_int(config, k, d, lo=None) for k, d in cls.LAYER_KEYS.items()}
         if v["moe_layer_interval"] < 1 or v["moe_num_shared_experts"] < 0:
             bad = "moe_layer_interval" if v["moe_layer_interval"] < 1 else "moe_num_shared_experts"
             raise ConfigError(f"config.json: {bad} {v[bad]} is out of range")

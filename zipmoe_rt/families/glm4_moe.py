@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from . import tensors as T
 from .base import Family, register
-from .hparams import ConfigError, HParams
+from .hparams import ConfigError, HParams, layers_from
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Glm4MoeHParams(HParams):
             self.rope = {"rope_type": "default", "rope_theta": float(self.DEFAULT_ROPE_THETA),
                          "partial_rotary_factor": self.PARTIAL_ROTARY_FACTOR}
         if self.moe_layers is None:
-            self.moe_layers = list(range(self.FIRST_K_DENSE_REPLACE, self.num_hidden_layers))
+            self.moe_layers = layers_from(self.FIRST_K_DENSE_REPLACE, self.num_hidden_layers)
         if self.shared_expert_intermediate_size is None:
             self.shared_expert_intermediate_size = self.moe_intermediate_size * self.N_SHARED_EXPERTS
         super().__post_init__()
@@ -112,7 +112,7 @@ class Glm4MoeHParams(HParams):
                                   f"{str(v)[:40]!r}")
             counts[key] = v
         L = kw.get("num_hidden_layers", cls.num_hidden_layers)
-        kw["moe_layers"] = list(range(min(counts["first_k_dense_replace"], L), L))
+        kw["moe_layers"] = layers_from(counts["first_k_dense_replace"], L)
         kw["shared_expert_intermediate_size"] = (
             kw.get("moe_intermediate_size", cls.moe_intermediate_size)
             * counts["n_shared_experts"])

@@ -108,18 +108,19 @@ def _cast(field: str, key: str, kind: str, v):
     return v
 
 
-def config_int(config: dict, key: str, default: int, lo: int = 0) -> int:
-    """config.json's integer ``key`` (``default`` when absent or null), for the values a
-    family derives from config.json beyond its fields (``decoder_sparse_step``...).
+def config_int(config: dict, key: str, default: int, lo: int | None = 0) -> int:
+    """config.json's integer ``key`` (``default`` when absent or null; 3.0 reads as 3), for the
+    values a family derives from config.json beyond its fields (``decoder_sparse_step``...).
+    ``lo`` None: any integer (the caller checks the range).
 
     Raises:
-        ConfigError: not an integer in ``lo``..2**31-1 (key named).
+        ConfigError: not an integer, or (``lo`` given) not in ``lo``..2**31-1 (key named).
     """
     v = config.get(key)
     if v is None:
         return default
     v = _cast(key, key, "int", v)
-    if not lo <= v < 2 ** 31:
+    if lo is not None and not lo <= v < 2 ** 31:
         raise ConfigError(f"config.json: {key} {v} is not in {lo}..2**31-1")
     return v
 
@@ -147,6 +148,19 @@ def config_list(config: dict, key: str, kind: str) -> list | None:
     if not isinstance(v, list):
         raise ConfigError(f"config.json: {key} must be a list, not {str(v)[:40]!r}")
     return [_cast(key, f"{key}[{i}]", kind, x) for i, x in enumerate(v)]
+
+
+def layers_from(first_k_dense_replace: int, num_layers: int) -> list[int]:
+    """The sparse layers of the DeepSeek lineage: ``first_k_dense_replace .. num_layers - 1``
+    (none when ``first_k_dense_replace >= num_layers``), as ``DeepseekV2DecoderLayer`` /
+    ``Glm4MoeDecoderLayer`` pick their MoE block (``layer_idx >= first_k_dense_replace``).
+
+    Args:
+        first_k_dense_replace: leading dense layers (int >= 0).  num_layers: layers (int).
+    Returns:
+        list of int layer indices (the ``moe_layers`` field).
+    """
+    return list(range(min(first_k_dense_replace, num_layers), num_layers))
 
 
 #: integer fields and the smallest value each may take.

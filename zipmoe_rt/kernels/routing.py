@@ -15,25 +15,35 @@ __all__ = ["route", "route_grouped", "route_choice_bias", "METHODS", "SCORINGS"]
 
 # no fastmath: the sum order must not depend on memory layout; IEEE division (no exception on
 # non-finite logits)
-@njit(nogil=True, cache=True, error_model="numpy")
+@njit(inline="always", error_model="numpy")
+def _softmax_into(x, p):
+    """``p[:] = softmax(x)`` in float32 (x: float32 [E] row of router logits; p: float32 [E]
+    scratch): max-subtracted ``exp``, summed in index order, each divided by the sum
+    (``softmax(router_logits, dtype=float32)`` of transformers' routers). Inlined into every
+    router kernel, whose compile flags (no fastmath) keep the result bit-stable."""
+    E = x.shape[0]
+    m = x[0]
+    for e in range(1, E):
+        if x[e] > m:
+            m = x[e]
+    tot = np.float32(0.0)
+    for e in range(E):
+        p[e] = np.exp(x[e] - m)
+        tot += p[e]
+    for e in range(E):
+        p[e] = p[e] / tot
+
+
+@njit(nogil=True, cache=True, error_model="numpy")  # no fastmath, as _softmax_into
 def _route(logits, k, renorm, idx, w):
-    """Softmax over all experts (float32), top-k (descending, lowest index first on ties),
-    optional renormalisation of the k weights. Compiled without fastmath so that the same
-    logits always give the same weights, bit for bit (LLVM otherwise picks a vector or scalar
-    summation depending on whether the scratch array aliases the input)."""
+    """Softmax over all experts (float32, :func:`_softmax_into`), top-k (descending, lowest
+    index first on ties), optional renormalisation of the k weights. Compiled without fastmath
+    so that the same logits always give the same weights, bit for bit (LLVM otherwise picks a
+    vector or scalar summation depending on whether the scratch array aliases the input)."""
     T, E = logits.shape
     p = np.empty(E, np.float32)
     for t in range(T):
-        m = logits[t, 0]
-        for e in range(1, E):
-            if logits[t, e] > m:
-                m = logits[t, e]
-        tot = np.float32(0.0)
-        for e in range(E):
-            p[e] = np.exp(logits[t, e] - m)
-            tot += p[e]
-        for e in range(E):
-            p[e] = p[e] / tot
+        _softmax_into(logits[t], p)
         s = np.float32(0.0)
         for j in range(k):
             best = -1
@@ -80,7 +90,7 @@ METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORINGS = ("softmax", "sigmoid")
 
 
-@njit(nogil=True, cache=True, error_model="numpy")  # no fastmath, as _route
+@njit(nogil=True, cache=True, error_model="numpy")  # no fastmath, as _softmax_into
 def _route_grouped(logits, k, sigmoid, method, n_group, topk_group, bias, use_bias, renorm,
                    eps, scale, idx, w):
     """Score (softmax or sigmoid, float32), add the choice bias, keep ``topk_group`` of
@@ -98,16 +108,7 @@ def _route_grouped(logits, k, sigmoid, method, n_group, topk_group, bias, use_bi
             for e in range(E):
                 p[e] = np.float32(1.0) / (np.float32(1.0) + np.exp(-logits[t, e]))
         else:
-            m = logits[t, 0]
-            for e in range(1, E):
-                if logits[t, e] > m:
-                    m = logits[t, e]
-            tot = np.float32(0.0)
-            for e in range(E):
-                p[e] = np.exp(logits[t, e] - m)
-                tot += p[e]
-            for e in range(E):
-                p[e] = p[e] / tot
+            _softmax_into(logits[t], p)
         for e in range(E):
             c[e] = p[e] + bias[e] if use_bias else p[e]
         if method > 0 and n_group > 1:
@@ -197,7 +198,7 @@ def route_grouped(logits: np.ndarray, k: int, renorm: bool, scoring: str = "soft
 
 @njit(nogil=True, cache=True)  # no fastmath, as _route
 def _route_choice_bias(logits, k, bias, norm_min, idx, w):
-    """Softmax over all experts (float32, as :func:`_route`), the k largest ``p + bias``
+    """Softmax over all experts (float32, :func:`_softmax_into`), the k largest ``p + bias``
     (descending, lowest index first on ties), weights ``p`` divided by max(their sum,
     norm_min)."""
     T, E = logits.shape
@@ -205,16 +206,8 @@ def _route_choice_bias(logits, k, bias, norm_min, idx, w):
     c = np.empty(E, np.float32)
     used = np.empty(E, np.bool_)
     for t in range(T):
-        m = logits[t, 0]
-        for e in range(1, E):
-            if logits[t, e] > m:
-                m = logits[t, e]
-        tot = np.float32(0.0)
+        _softmax_into(logits[t], p)
         for e in range(E):
-            p[e] = np.exp(logits[t, e] - m)
-            tot += p[e]
-        for e in range(E):
-            p[e] = p[e] / tot
             c[e] = p[e] + bias[e]
             used[e] = False
         s = np.float32(0.0)

@@ -11,14 +11,9 @@ from ..backends import get_backend, to_f32
 from ..backends.base import check_qk_norm
 from ..families.hparams import HParams
 from .cache import KVCache
+from .rope import interleaved_to_halves
 
 _EMPTY = np.zeros(0, np.float32)
-
-
-def interleaved_to_halves(hd: int) -> np.ndarray:
-    """The order of a head's dimensions that turns interleaved RoPE (pairs ``(2i, 2i+1)``) into
-    half-split RoPE (pairs ``(i, i + hd/2)``): ``[0, 2, ..., hd-2, 1, 3, ..., hd-1]`` (int64 [hd])."""
-    return np.concatenate([np.arange(0, hd, 2), np.arange(1, hd, 2)])
 
 
 def _permute_heads(w, heads: int, perm: np.ndarray):
@@ -54,7 +49,7 @@ class Attention:
     With ``args.ROPE_INTERLEAVED`` (ERNIE 4.5: RoPE rotates the pairs ``(2i, 2i+1)`` of each
     head, ``modeling_ernie4_5.py``'s ``apply_rotary_pos_emb``), the rows of each q and k head
     (and their biases) are reordered once, even dimensions first
-    (:func:`interleaved_to_halves`): the usual half-split RoPE of the reordered head is the
+    (:func:`~.rope.interleaved_to_halves`): the usual half-split RoPE of the reordered head is the
     interleaved RoPE of the head, reordered the same way, and q·k is unchanged by a common
     reordering, so the backend ops stay as they are (the cached keys are in that order).
     Raises:

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..backends import get_backend
 
-__all__ = ["LayerCache", "KVCache", "LatentCache", "ModelCache", "KV_DTYPE"]
+__all__ = ["LayerCache", "GrowingCache", "KVCache", "LatentCache", "ModelCache", "KV_DTYPE"]
 
 #: dtype of the keys and values a :class:`KVCache` holds (float32, as the attention ops
 #: compute; ``np.dtype(KV_DTYPE).itemsize`` bytes per cached value).
@@ -67,7 +67,64 @@ class LayerCache(Protocol):
         """Bytes allocated (not only those in use)."""
 
 
-class KVCache:
+class GrowingCache:
+    """The bookkeeping :class:`KVCache` and :class:`LatentCache` share: ``length`` positions
+    committed out of ``capacity`` allocated, growth by doubling, commit and crop (transformers'
+    ``DynamicLayer`` keeps every position the same way). Implements :class:`LayerCache` given a
+    subclass's :meth:`_grow` (reallocate its buffers) and :meth:`_buffers`.
+
+    Attributes:
+        backend: where the buffers live.  length: positions committed (int).
+        capacity: positions allocated (int, at least 1).
+    """
+
+    backend = None
+    length = 0
+    capacity = 1
+
+    def _grow(self, cap: int) -> None:
+        """Reallocate the buffers to ``cap`` positions, copying positions ``0 .. length - 1``."""
+        raise NotImplementedError
+
+    def _buffers(self) -> tuple:
+        """The backend arrays this cache holds (for :attr:`nbytes`)."""
+        raise NotImplementedError
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` positions past ``length`` (doubling the capacity as needed; the
+        committed positions are copied, pending ones are not)."""
+        need = self.length + int(n)
+        if need <= self.capacity:
+            return
+        cap = self.capacity
+        while cap < need:
+            cap *= 2
+        self._grow(cap)
+        self.capacity = cap
+
+    def commit(self, n: int) -> None:
+        """``length += n`` (see :meth:`LayerCache.commit`). Raises ValueError past capacity."""
+        if not 0 <= int(n) <= self.capacity - self.length:
+            raise ValueError(f"commit({n}): only {self.capacity - self.length} positions reserved")
+        self.length += int(n)
+
+    def can_crop(self, n: int) -> bool:
+        """True for any ``0 <= n <= length``."""
+        return 0 <= int(n) <= self.length
+
+    def crop(self, n: int) -> None:
+        """Forget positions ``n`` and later. Raises ValueError when ``n`` is not in 0..length."""
+        if not self.can_crop(n):
+            raise ValueError(f"crop({n}): cache holds {self.length} tokens")
+        self.length = int(n)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (capacity, not length)."""
+        return int(sum(b.nbytes for b in self._buffers()))
+
+
+class KVCache(GrowingCache):
     """Keys and values of ONE attention layer, growing by doubling (transformers'
     ``DynamicLayer``). Implements :class:`LayerCache`.
 
@@ -100,21 +157,15 @@ class KVCache:
         self.v = self.backend.zeros((self.num_kv_heads, self.capacity, self.v_head_dim), KV_DTYPE)
         self.length = 0
 
-    def reserve(self, n: int) -> None:
-        """Make room for ``n`` positions past ``length`` (doubling the capacity as needed; the
-        committed positions are copied, pending ones are not)."""
-        need = self.length + int(n)
-        if need <= self.capacity:
-            return
-        cap = self.capacity
-        while cap < need:
-            cap *= 2
+    def _grow(self, cap: int) -> None:
         for name, d in (("k", self.k_head_dim), ("v", self.v_head_dim)):
             a = getattr(self, name)
             b = self.backend.zeros((self.num_kv_heads, cap, d), KV_DTYPE)
             b[:, :self.length] = a[:, :self.length]
             setattr(self, name, b)
-        self.capacity = cap
+
+    def _buffers(self) -> tuple:
+        return self.k, self.v
 
     def update(self, k, v):
         """Append entries (pending until :meth:`commit`): ``k`` float32 [num_kv_heads, T,
@@ -138,29 +189,8 @@ class KVCache:
         self.v[:, self.length:end] = v
         return self.k[:, :end], self.v[:, :end]
 
-    def commit(self, n: int) -> None:
-        """``length += n`` (see :meth:`LayerCache.commit`). Raises ValueError past capacity."""
-        if not 0 <= int(n) <= self.capacity - self.length:
-            raise ValueError(f"commit({n}): only {self.capacity - self.length} positions reserved")
-        self.length += int(n)
 
-    def can_crop(self, n: int) -> bool:
-        """True for any ``0 <= n <= length``."""
-        return 0 <= int(n) <= self.length
-
-    def crop(self, n: int) -> None:
-        """Forget positions ``n`` and later. Raises ValueError when ``n`` is not in 0..length."""
-        if not self.can_crop(n):
-            raise ValueError(f"crop({n}): cache holds {self.length} tokens")
-        self.length = int(n)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated (capacity, not length)."""
-        return int(self.k.nbytes + self.v.nbytes)
-
-
-class LatentCache:
+class LatentCache(GrowingCache):
     """One vector per position of ONE layer, growing by doubling: the compressed key/value
     latent of Multi-head Latent Attention (DeepSeek-V2/V3, GLM-4-MoE-Lite; transformers caches
     the same two tensors, ``kv_a_layernorm(kv_nope)`` and the rotated ``k_pe``, in
@@ -183,38 +213,13 @@ class LatentCache:
         self.kv = self.backend.zeros((self.capacity, self.width))
         self.length = 0
 
-    def reserve(self, n: int) -> None:
-        """Room for ``n`` positions past ``length`` (doubling; committed rows are copied)."""
-        need = self.length + int(n)
-        if need <= self.capacity:
-            return
-        cap = self.capacity
-        while cap < need:
-            cap *= 2
+    def _grow(self, cap: int) -> None:
         b = self.backend.zeros((cap, self.width))
         b[:self.length] = self.kv[:self.length]
-        self.kv, self.capacity = b, cap
+        self.kv = b
 
-    def commit(self, n: int) -> None:
-        """``length += n`` (see :meth:`LayerCache.commit`). Raises ValueError past capacity."""
-        if not 0 <= int(n) <= self.capacity - self.length:
-            raise ValueError(f"commit({n}): only {self.capacity - self.length} positions reserved")
-        self.length += int(n)
-
-    def can_crop(self, n: int) -> bool:
-        """True for any ``0 <= n <= length``."""
-        return 0 <= int(n) <= self.length
-
-    def crop(self, n: int) -> None:
-        """Forget positions ``n`` and later. Raises ValueError when ``n`` is not in 0..length."""
-        if not self.can_crop(n):
-            raise ValueError(f"crop({n}): cache holds {self.length} tokens")
-        self.length = int(n)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated (``capacity * width * 4``)."""
-        return int(self.kv.nbytes)
+    def _buffers(self) -> tuple:
+        return (self.kv,)
 
 
 class ModelCache:

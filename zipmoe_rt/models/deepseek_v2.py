@@ -35,9 +35,7 @@ class Model(base.Model):
         a = self.args
         if i not in self.moe_layers:
             return self.dense_mlp(i)
-        shared = None
-        if a.shared_expert_intermediate_size > 0:
-            shared = self.dense_mlp(i, ("shared_gate", "shared_up", "shared_down"))
+        shared = self.shared_mlp(i)
         rule = self.routing_rule()
         return base.SparseMoeBlock(self, i, self.weight("router", i), rule.top_k, rule.renorm,
                                    shared, rule=rule, bias=self.router_bias(i))

@@ -22,9 +22,7 @@ class Model(base.Model):
         a = self.args
         if i not in self.moe_layers:
             return self.dense_mlp(i)
-        shared = None
-        if a.shared_expert_intermediate_size > 0:
-            shared = self.dense_mlp(i, ("shared_gate", "shared_up", "shared_down"))
+        shared = self.shared_mlp(i)
         bias = self._first(*self.fam.tensor_names("moe_statics", i))
         return ChoiceBiasMoeBlock(self, i, self._first(*self.fam.tensor_names("router", i)),
                                   a.num_experts_per_tok, bias, a.moe_norm_min, shared)

@@ -22,9 +22,7 @@ class Model(base.Model):
             return self.dense_mlp(i)
         rule = base.RoutingRule(a.num_experts_per_tok, a.norm_topk_prob, "sigmoid", "noaux_tc",
                                 a.n_group, a.topk_group, a.routed_scaling_factor)
-        shared = None
-        if a.shared_expert_intermediate_size > 0:
-            shared = self.dense_mlp(i, ("shared_gate", "shared_up", "shared_down"))
+        shared = self.shared_mlp(i)
         return base.SparseMoeBlock(self, i, self.weight("router", i), a.num_experts_per_tok,
                                    a.norm_topk_prob, shared, rule=rule,
                                    bias=self.weight("router_bias", i))

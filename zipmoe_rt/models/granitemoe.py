@@ -14,14 +14,18 @@ from . import base
 class Model(base.Model):
     """``GraniteMoeForCausalLM`` / ``GraniteMoeSharedForCausalLM`` over a weight source."""
 
+    def shared_mlp(self, i):
+        """The ungated shared MLP of layer ``i`` from the fused ``shared_gate_up`` ([2 * SI, H]:
+        gate rows, then up rows) and ``shared_down``, or None when
+        ``shared_expert_intermediate_size`` is 0."""
+        if self.args.shared_expert_intermediate_size <= 0:
+            return None
+        gu = self.weight("shared_gate_up", i)
+        si = gu.shape[0] // 2
+        return base.MLP(gu[:si], gu[si:], self.weight("shared_down", i), self.backend)
+
     def build_mlp(self, i):
         """Layer ``i``: :class:`~zipmoe_rt.models.moe.SparseMoeBlock` with renormalised top-k
-        weights, plus the ungated shared MLP when ``shared_expert_intermediate_size`` > 0."""
-        a = self.args
-        shared = None
-        if a.shared_expert_intermediate_size > 0:
-            gu = self.weight("shared_gate_up", i)       # [2 * SI, H]: gate rows, then up rows
-            si = gu.shape[0] // 2
-            shared = base.MLP(gu[:si], gu[si:], self.weight("shared_down", i), self.backend)
+        weights, plus the ungated shared MLP (:meth:`shared_mlp`)."""
         return base.SparseMoeBlock(self, i, self._first(*self.fam.tensor_names("router", i)),
-                                   a.num_experts_per_tok, True, shared)
+                                   self.args.num_experts_per_tok, True, self.shared_mlp(i))

@@ -34,17 +34,12 @@ import numpy as np
 from ..backends import get_backend, to_f32
 from ..backends.base import Backend
 from .cache import LatentCache
+from .rope import interleaved_to_halves
 
 _EMPTY = np.zeros(0, np.float32)
 #: epsilon of ``q_a_layernorm`` and ``kv_a_layernorm``: transformers builds them with the
 #: RMSNorm default (``DeepseekV2RMSNorm(q_lora_rank)``), not ``rms_norm_eps``.
 LATENT_NORM_EPS = 1e-6
-
-
-def deinterleave(n: int) -> np.ndarray:
-    """int64 [n] permutation ``0, 2, 4, ..., 1, 3, 5, ...`` (n even): the rows that turn
-    interleaved rotary pairs into the ``rotate_half`` halves."""
-    return np.concatenate([np.arange(0, n, 2), np.arange(1, n, 2)])
 
 
 class MLAttention:
@@ -98,7 +93,7 @@ class MLAttention:
                 raise ValueError(f"layer {layer}: {name} has shape "
                                  f"{None if w is None else list(np.shape(w))}, expected "
                                  f"{list(shape)}")
-        perm = deinterleave(dr) if args.rope_interleave else np.arange(dr)
+        perm = interleaved_to_halves(dr) if args.rope_interleave else np.arange(dr)
         qw = np.asarray(wq if wq is not None else wq_b)
         qw = qw.reshape(nh, dn + dr, qw.shape[1])
         host = np.ascontiguousarray

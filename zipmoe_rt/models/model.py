@@ -258,6 +258,22 @@ class Model:
         gate, up, down = (self.weight(k, i) for k in keys)
         return MLP(gate, up, down, self.backend)
 
+    def shared_mlp(self, i: int) -> MLP | None:
+        """The shared experts of sparse layer ``i`` as one :class:`~zipmoe_rt.models.moe.MLP`
+        (``shared_gate``, ``shared_up``, ``shared_down``; width
+        ``shared_expert_intermediate_size``, i.e. ``n_shared_experts * moe_intermediate_size``
+        where the family counts experts), or None when that width is 0. Without a gate of their
+        own they are added to the routed output as they are (DeepSeek-V2/V3's and GLM-4-MoE's
+        ``shared_experts``, ERNIE 4.5's ``shared_experts``, Granite-MoE-Shared's
+        ``shared_mlp``).
+
+        Raises:
+            KeyError: the family lists no such key, or the source lacks the tensor.
+        """
+        if self.args.shared_expert_intermediate_size <= 0:
+            return None
+        return self.dense_mlp(i, ("shared_gate", "shared_up", "shared_down"))
+
     # -- inference -----------------------------------------------------------------------------
 
     def new_cache(self, capacity: int = 256, max_tokens: int | None = None) -> ModelCache:

@@ -224,6 +224,16 @@ class RoPE:
         return np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32)
 
 
+def interleaved_to_halves(n: int) -> np.ndarray:
+    """The order of ``n`` rotary dimensions (``n`` even) that turns interleaved RoPE (pairs
+    ``(2i, 2i+1)``: DeepSeek's complex product / ``apply_rotary_pos_emb_interleave``, ERNIE 4.5's
+    ``rotate_half`` on stacked pairs) into half-split RoPE (pairs ``(i, i + n/2)``, transformers'
+    ``rotate_half``): ``[0, 2, ..., n-2, 1, 3, ..., n-1]`` (int64 [n]). Permuting the rows of the
+    q and k projections by it leaves every q.k dot product unchanged.
+    """
+    return np.concatenate([np.arange(0, n, 2), np.arange(1, n, 2)])
+
+
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN's magnitude factor ``0.1 * mscale * ln(scale) + 1`` (1 for ``scale <= 1``), as
     transformers' ``yarn_get_mscale`` (``modeling_rope_utils.py``)."""
