@@ -198,6 +198,7 @@ def test_checkpoint_layout(default_hf_dir, smollm2_gguf):
     assert vocab["<|im_start|>"] == 1 and vocab["<|im_end|>"] == 2
     gen = json.loads((d / "generation_config.json").read_text())
     assert gen["eos_token_id"] == 2 and gen["bos_token_id"] == 1
+    assert (gen["do_sample"], gen["temperature"], gen["top_p"]) == (True, 0.2, 0.9)
     tcfg = json.loads((d / "tokenizer_config.json").read_text())
     assert (tcfg["bos_token"], tcfg["eos_token"], tcfg["pad_token"]) == \
         ("<|im_start|>", "<|im_end|>", "<|im_end|>")
