@@ -297,9 +297,9 @@ def test_api_and_cli_options(tiny_moe_dir, tmp_path):
     r = CliRunner().invoke(main, ["run", str(z), "-p", "hi", "-n", "4", "--raw",
                                   "--resident", "compressed", "--memory-budget", "50%"])
     assert r.exit_code == 1 and "does not combine with a memory budget" in r.output
-    r1 = CliRunner().invoke(main, ["run", str(z), "-p", "hi", "-n", "6", "--raw",
+    r1 = CliRunner().invoke(main, ["run", str(z), "-p", "hi", "-n", "6", "--raw", "--temp", "0",
                                    "--resident", "compressed"])
-    r2 = CliRunner().invoke(main, ["run", str(z), "-p", "hi", "-n", "6", "--raw"])
+    r2 = CliRunner().invoke(main, ["run", str(z), "-p", "hi", "-n", "6", "--raw", "--temp", "0"])
     assert r1.exit_code == r2.exit_code == 0, r1.output + r2.output
     assert r1.stdout == r2.stdout and r1.stdout.strip()
 
