@@ -629,13 +629,18 @@ def test_unparseable_budget_names_the_option(tiny_case, text):
         parse_size(text)
 
 
-@pytest.mark.parametrize("value", [0, -1, -1.5, "0", "-5MB", "0%", "-5%"])
-def test_budget_must_be_positive(tiny_case, value):
+@pytest.mark.parametrize("value,needle", [(0, "must be positive"), (-1, "must be positive"),
+                                          (-1.5, "must be positive"), ("0", "must be positive"),
+                                          ("-5MB", "must be positive"), ("0%", r"in \(0, 100\]"),
+                                          ("-5%", r"in \(0, 100\]"), ("101%", r"in \(0, 100\]")])
+def test_budget_must_be_positive(tiny_case, value, needle):
     c = tiny_case("mixtral")
     src = ZmoeSource(c.zmoe)
     try:
-        with pytest.raises(ValueError, match="must be positive"):
+        with pytest.raises(ValueError, match=needle):
             parse_size(value, src)
+        assert parse_size("100%", src) == src.dense_bytes() + sum(
+            l.full_bytes for l in src.layouts.values())
     finally:
         src.close()
 

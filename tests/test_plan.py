@@ -374,3 +374,19 @@ def test_chat_stats_show_kv_bytes(tiny_moe_dir, tmp_path):
             assert held == cache.offset * per_token
             assert row[2] == pytest.approx(held / 1e6, abs=5e-4)
             assert row[3] == pytest.approx(cache.nbytes / 1e6, abs=5e-4) and cache.nbytes >= held
+
+
+def test_a_config_with_too_many_experts_is_refused_without_listing_them(tmp_path):
+    """A config.json whose values are each in range but describe millions of experts is refused
+    at once (the planner lists every expert tensor), naming the file and the count."""
+    from zipmoe_rt.plan import MAX_EXPERTS, PlanError, size_plan
+
+    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+           "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+           "moe_intermediate_size": 32, "num_hidden_layers": 64, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "num_experts": 65536,
+           "num_experts_per_tok": 2}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PlanError, match=r"config\.json: 64 MoE layers x 65536 experts") as e:
+        size_plan(tmp_path)
+    assert f"{MAX_EXPERTS:,}" in str(e.value)

@@ -137,6 +137,14 @@ def test_encode_decode_match_transformers(text, add_special_tokens):
     assert ours().decode(ids) == text  # byte-level BPE is lossless
 
 
+def test_encode_refuses_text_that_is_not_unicode():
+    """A lone surrogate has no UTF-8 form: a ValueError naming its index, not the tokenizers
+    library's TypeError ("TextInputSequence must be str")."""
+    with pytest.raises(ValueError, match=r"text: not valid Unicode: .* at index 1"):
+        ours().encode("\x00\udcff")
+    assert ours().encode("\x00\u00ff") == hf().encode("\x00\u00ff")
+
+
 @pytest.mark.parametrize("add_bos,add_eos", [(True, False), (False, True), (True, True), (False, False)])
 def test_explicit_add_bos_eos_matches_transformers(add_bos, add_eos):
     ref = hf(add_bos_token=add_bos, add_eos_token=add_eos)

@@ -44,8 +44,8 @@ def parse_size(text, source=None) -> int:
         except ValueError:
             raise ValueError(f"--memory-budget: cannot read {text!r} (use e.g. 600MB, 1.5GiB, "
                              f"25%)") from None
-        if not frac > 0:
-            raise ValueError(f"--memory-budget: must be positive, got {text!r}")
+        if not 0 < frac <= 1:
+            raise ValueError(f"--memory-budget: a share must be in (0, 100] %, got {text!r}")
         experts = sum(l.full_bytes for l in source.layouts.values())
         return int(source.dense_bytes() + frac * experts)
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,

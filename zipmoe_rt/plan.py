@@ -35,6 +35,11 @@ EXPERT_STORED_RATIO = 423_208_640 / 637_009_920
 SOURCE_BYTES_PER_WEIGHT = 2
 
 
+#: the most routed experts (MoE layers x experts per layer) a config may describe: 16x
+#: DeepSeek-V3's 58 x 256 (every expert is one spec per projection in the listing).
+MAX_EXPERTS = 1 << 18
+
+
 class PlanError(ValueError):
     """A config.json that cannot be sized (the message names the file and what is wrong)."""
 
@@ -211,6 +216,11 @@ def size_plan(path, memory_budget=None) -> SizePlan:
     try:
         fam = get_architecture(config)
         hp = fam.typed_hparams()
+        n_expert = len(hp.moe_layers) * hp.num_experts
+        if n_expert > MAX_EXPERTS:      # listed one by one below: bound the work a file asks
+            raise PlanError(f"{path}: {len(hp.moe_layers)} MoE layers x {hp.num_experts} "
+                            f"experts = {n_expert:,} experts, more than the {MAX_EXPERTS:,} "
+                            f"this planner lists")
         specs = fam.tensor_specs(hp)
     except ValueError as e:     # UnsupportedArchitectureError, ConfigError: name the file
         msg = str(e).removeprefix("config.json: ")

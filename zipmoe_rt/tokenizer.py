@@ -254,9 +254,16 @@ class Tokenizer:
 
         Raises:
             TypeError: ``text`` is not a ``str``.
+            ValueError: ``text`` is not valid Unicode (a lone surrogate such as ``"\\udcff"``,
+                which has no UTF-8 form; the message gives its index).
         """
         if not isinstance(text, str):
             raise TypeError(f"text: expected a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text: not valid Unicode: {e.reason} at index {e.start} "
+                             f"({text[e.start]!r})") from None
         return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
