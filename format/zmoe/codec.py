@@ -266,6 +266,49 @@ def iter_compress_chunks(exp: np.ndarray, chunks: int, min_chunk: int = MIN_CHUN
         yield c.compress(mv[a:b]), b - a
 
 
+def split_compress(words: np.ndarray, dtype: str, chunks: int, min_chunk: int = MIN_CHUNK,
+                   compressor: zstd.ZstdCompressor | None = None,
+                   exp_codec: str = DEFAULT_EXP_CODEC) -> tuple[np.ndarray, list[tuple[bytes, int]]]:
+    """:func:`split_planes` then :func:`compress_chunks`, chunk by chunk: the exponent plane is
+    never held whole, so the memory used is the sign+mantissa plane (1/2 of the input's bytes
+    for BF16, 1x for F16, 3/4 for F32), the compressed chunks and one chunk's planes. The
+    result is byte-identical to ``compress_chunks(split_planes(words)[0])`` (the Huffman code is
+    the whole plane's: a first pass counts the exponents chunk by chunk).
+
+    Args:
+        words, dtype: as :func:`split_planes`.  chunks, min_chunk, compressor, exp_codec: as
+            :func:`compress_chunks`.
+    Returns:
+        ``(sm, [(chunk bytes, raw_size)])``.
+    Raises:
+        ValueError: as :func:`split_planes` and :func:`compress_chunks`.
+    """
+    check_codec(exp_codec)
+    eb, mb, wb, sb = _planes_layout(dtype)
+    raw = np.ascontiguousarray(words).reshape(-1).view(np.uint8)
+    if raw.size % wb:
+        raise ValueError(f"{raw.size} bytes is not a whole number of {dtype} elements")
+    n = raw.size // wb
+    bounds = chunk_bounds(n, chunks, min_chunk)
+    sm = np.empty(n * sb, np.uint8)
+    lengths = None
+    if exp_codec == EXP_HUFFMAN:
+        hist = np.zeros(256, np.int64)
+        for a, b in bounds:
+            hist += huffman.histogram(split_planes(raw[a * wb:b * wb], dtype)[0])
+        lengths = huffman.code_lengths(hist)
+    else:
+        c = compressor or zstd.ZstdCompressor(compression_params=zstd_parameters())
+    out = []
+    for a, b in bounds:
+        exp, part = split_planes(raw[a * wb:b * wb], dtype)
+        sm[a * sb:b * sb] = part
+        del part
+        out.append((huffman.encode(exp, lengths) if lengths is not None
+                    else c.compress(memoryview(exp)), b - a))
+    return sm, out
+
+
 def decompress_chunk(chunk, raw_size: int, exp_codec: str = DEFAULT_EXP_CODEC,
                      decompressor: zstd.ZstdDecompressor | None = None,
                      out: np.ndarray | None = None) -> np.ndarray:

@@ -108,10 +108,11 @@ def encode_expert(layer: int, expert: int, pieces: list[ExpertPiece], chunks: in
     for p in pieces:
         buf = as_bytes(p.data)
         if codec.is_bitplane_dtype(p.dtype) and not raw:
-            exp, sm = codec.split_planes(buf, p.dtype)
+            sm, parts = codec.split_compress(buf, p.dtype, chunks, min_chunk,
+                                             _compressor() if exp_codec == EXP_ZSTD else None,
+                                             exp_codec)
             enc.sm.append(sm)
-            enc.chunks.append(codec.compress_chunks(
-                exp, chunks, min_chunk, _compressor() if exp_codec == EXP_ZSTD else None, exp_codec))
+            enc.chunks.append(parts)
         else:
             enc.sm.append(buf)
             enc.chunks.append(None)
