@@ -390,3 +390,10 @@ def test_a_config_with_too_many_experts_is_refused_without_listing_them(tmp_path
     with pytest.raises(PlanError, match=r"config\.json: 64 MoE layers x 65536 experts") as e:
         size_plan(tmp_path)
     assert f"{MAX_EXPERTS:,}" in str(e.value)
+
+
+def test_a_device_file_is_not_a_config():
+    from zipmoe_rt.plan import PlanError, size_plan
+
+    with pytest.raises(PlanError, match="/dev/zero: not a regular file"):
+        size_plan("/dev/zero")

@@ -172,8 +172,10 @@ def read_config(path) -> tuple[Path, dict]:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(2, "no such file", str(path))
+    if not path.is_file():
+        raise PlanError(f"{path}: not a regular file (give a config.json or a folder holding one)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
