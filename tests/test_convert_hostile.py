@@ -213,7 +213,8 @@ def _config(folder: Path, **kw):
 def test_bad_config_value_is_named(bases, tmp_path, which, kw, words):
     folder = _copy(bases, which, tmp_path)
     _config(folder, **kw)
-    _refused(folder, tmp_path, "config.json", *words)
+    msg = _refused(folder, tmp_path, "config.json", *words)
+    assert "config.json: config.json" not in msg, msg       # the file is named once
 
 
 @pytest.mark.parametrize("text, words", [

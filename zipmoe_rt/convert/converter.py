@@ -176,7 +176,8 @@ def plan_conversion(folder: Path):
         arch = get_architecture(config)
         hp = arch.hparams()
     except (UnsupportedArchitectureError, ConfigError) as e:
-        raise ConversionError(f"{folder / 'config.json'}: {e}") from None
+        msg = str(e).removeprefix("config.json: ")      # the path below names the file
+        raise ConversionError(f"{folder / 'config.json'}: {msg}") from None
     try:
         ckpt = Checkpoint(folder)
     except (FileNotFoundError, SafetensorsError) as e:
