@@ -299,7 +299,8 @@ def test_plan_errors_are_one_line(tmp_path, case, needles):
 def test_plan_bad_budget_text(tmp_path):
     d = write_config(tmp_path / "m", PUBLISHED["mistralai/Mixtral-8x7B-v0.1"])
     one_line_error(cli("plan", d, "-m", "lots"), "--memory-budget: cannot read 'lots'")
-    one_line_error(cli("plan", d, "-m", "0%"), "--memory-budget: must be positive")
+    one_line_error(cli("plan", d, "-m", "0%"), "--memory-budget: a share must be in (0, 100] %")
+    one_line_error(cli("plan", d, "-m", "101%"), "--memory-budget: a share must be in (0, 100] %")
 
 
 def test_plan_error_type(tmp_path):
