@@ -612,7 +612,7 @@ def test_cli_run_on_gpu(chat_models):
     outs = {}
     for dev in ("cpu", "cuda"):
         r = CliRunner().invoke(main, ["run", str(z), "-p", "hello", "--raw", "-n", "12",
-                                      "--device", dev])
+                                      "--temp", "0", "--device", dev])
         assert r.exit_code == 0, r.output
         outs[dev] = r.stdout
     assert outs["cpu"] == outs["cuda"] and outs["cpu"].strip()

@@ -355,7 +355,7 @@ def test_chat_stats_show_kv_bytes(tiny_moe_dir, tmp_path):
     from test_api import make_chat_model
 
     zm = make_chat_model(tiny_moe_dir("mixtral"), tmp_path / "chat")
-    r = CliRunner().invoke(main, ["chat", str(zm), "-n", "5"],
+    r = CliRunner().invoke(main, ["chat", str(zm), "-n", "5", "--temp", "0"],
                            input="/stats\nhello world\n/stats\nagain\n/stats\n")
     assert r.exit_code == 0, r.output
     rows = [(int(a.replace(",", "")), int(t), float(u), float(al))
