@@ -1,0 +1,241 @@
+"""Loading a ``.zmoe`` file for the embedding API: :func:`load` (weights, tokenizer, the
+budgeted expert engine or resident experts, the compute backend) and :func:`parse_size` (the
+``--memory-budget`` text). :mod:`zipmoe_rt.api` re-exports both; :class:`~zipmoe_rt.api.Model`
+is what :func:`load` returns.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from zmoe.constants import Keys
+
+from .default_model import ensure_default_model
+from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .api import Model
+
+__all__ = ["load", "parse_size", "tokenizer_from_source"]
+
+
+def parse_size(text, source=None) -> int:
+    """A byte count from ``"600MB"``, ``"1.5GiB"``, ``"750000000"`` or ``"25%"``.
+
+    A percentage means the dense weights plus that share of the experts' full BF16 bytes
+    (``source`` required), so ``100%`` holds the whole model decoded.
+
+    Raises:
+        ValueError: unparseable text, or a size or percentage that is not positive (the
+            option is named).
+    """
+    if isinstance(text, (int, float)):
+        if text <= 0:
+            raise ValueError(f"memory_budget (--memory-budget): must be positive, got {text!r}")
+        return int(text)
+    t = str(text).strip().upper().replace(" ", "")
+    if t.endswith("%"):
+        if source is None:
+            raise ValueError("--memory-budget: a percentage needs the model")
+        try:
+            frac = float(t[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"--memory-budget: cannot read {text!r} (use e.g. 600MB, 1.5GiB, "
+                             f"25%)") from None
+        if not 0 < frac <= 1:
+            raise ValueError(f"--memory-budget: a share must be in (0, 100] %, got {text!r}")
+        experts = sum(l.full_bytes for l in source.layouts.values())
+        return int(source.dense_bytes() + frac * experts)
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
+    value = None
+    for u, mul in units.items():
+        if t.endswith(u):
+            try:
+                value = int(float(t[:-len(u)]) * mul)
+            except ValueError:
+                pass
+            break
+    if value is None:
+        try:
+            value = int(float(t))
+        except ValueError:
+            raise ValueError(f"--memory-budget: cannot read {text!r} (use e.g. 600MB, 1.5GiB, "
+                             f"25%)") from None
+    if value <= 0:
+        raise ValueError(f"--memory-budget: must be positive, got {text!r}")
+    return value
+
+
+def load(path: str | Path | None = None, *, verify: bool = True, progress: bool = True,
+         memory_budget=None, policy: str = "auto", eviction: str = "lru",
+         workers: int | None = None, direct: bool = False, trace=None,
+         io_depth: int | None = None, device: str = "cpu", memory_limit=None,
+         context: int | None = None, resident: str = "full") -> "Model":
+    """Load a ``.zmoe`` model (or the bundled default model when ``path`` is None).
+
+    Args:
+        path: a ``.zmoe`` file. None builds/reuses the default model in the cache folder.
+        verify: check the CRC-32 of every piece read from the file.
+        progress: show progress bars when building the default model.
+        memory_budget: bytes (or "600MB", "25%", see :func:`parse_size`) for all weights; None
+            keeps every expert decoded after first use. Dense weights always stay resident.
+        policy: ``zipmoe`` (tiers planned from an activation trace), ``zip-lru``, ``raw-lru``
+            (needs a file converted with ``--expert-encoding raw``), or ``auto``: zipmoe when a
+            trace exists next to the model, else zip-lru (raw-lru for raw files).
+        eviction: ``lru``, ``lfu`` or ``tlfu`` (token-weighted LFU) for F caches.
+        workers: decode workers L (default: all cores).
+        direct: O_DIRECT reads of expert regions.
+        io_depth: expert-region reads in flight at once (default
+            :data:`~zipmoe_rt.engine.io.IO_DEPTH`; 1 = one I/O thread).
+        trace: activation trace file (default ``MODEL.trace.json``).
+        memory_limit: a bound on the whole process ("600MB", "80%", "auto", bytes): the
+            weight budget is what the measured overhead, the KV cache for ``context`` tokens
+            and the read buffers leave (:func:`~zipmoe_rt.engine.limit.plan_memory`, result
+            in :attr:`Model.memory_plan`); a ``memory_budget`` given too must fit it.
+        context: tokens the KV cache is sized for under ``memory_limit`` (default
+            :data:`~zipmoe_rt.engine.limit.DEFAULT_CONTEXT`).
+        device: ``cpu`` (Numba kernels), ``cuda`` (the CuPy backend on the GPU: dense weights,
+            KV cache and compute there; unbudgeted, every expert is uploaded once and stays on
+            the GPU; under a budget the engine still reads and decodes on the CPU and each
+            decoded expert is uploaded when used), or ``auto`` (cuda when CuPy imports and sees
+            a GPU, else cpu with one :class:`~zipmoe_rt.backends.DeviceWarning`).
+        resident: without a budget, how experts are held: ``full`` (decoded to BF16 on first
+            use and kept) or ``compressed`` (every expert read at load and kept in the compute
+            form, ~75 % of the BF16 bytes, and computed in place by the packed kernels; no reads
+            after loading; outputs bit-identical; design note §6.5; CPU only).
+
+    Returns:
+        a :class:`Model`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        zmoe.ZmoeError: not a ``.zmoe``, corrupt, truncated, or from a newer format version.
+        ValueError: an architecture this runtime does not run, a file without a tokenizer, a
+            ``device`` other than auto, cpu, cuda, an unknown ``resident`` value, or
+            ``resident="compressed"`` with a memory budget or limit or on the GPU.
+        zipmoe_rt.engine.limit.MemoryLimitError: an unreadable ``memory_limit``, one too small
+            for the fixed overhead plus the smallest budget (both stated), or a
+            ``memory_budget`` that does not fit it.
+        zipmoe_rt.backends.DeviceError: ``device="cuda"`` without CuPy or a GPU (the message
+            names the option and the extra to install).
+        zipmoe_rt.engine.io.ModelFileError: the file was replaced or changed while loading, or
+            a read failed (EIO). Later, the calls of the :class:`Model` raise it when the file
+            is changed in place under them (see :class:`Model` for what is guaranteed).
+
+    Warns:
+        zipmoe_rt.engine.profile.CalibrationWarning: policy ``zipmoe`` with a stored
+            calibration (``MODEL.calib.json``) from another version, the other read mode
+            (``direct``), another ``io_depth`` or another machine; the plan uses it anyway.
+    """
+    from .api import Model
+    from .backends import get_backend, resolve_device
+    from .engine.factory import build_engine
+    from .engine.store import ZmoeSource
+    from .models import build_model
+    from .models.moe import ExpertExecutor
+
+    path = Path(path) if path is not None else ensure_default_model(progress=progress)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} "
+                         f"-o model.zmoe`")
+    budgeted = memory_budget is not None or memory_limit is not None
+    backend = get_backend(resolve_device(device, "device (--device)"))
+    on_host = backend.name != "cuda"
+    from .engine.resident import check_resident
+    if check_resident(resident) == "compressed":
+        if budgeted:
+            raise ValueError("resident (--resident): 'compressed' holds every expert and does "
+                             "not combine with a memory budget (--memory-budget, --memory-limit)")
+        if not on_host:
+            raise ValueError("resident (--resident): 'compressed' runs on the CPU kernels only "
+                             "(not with --device cuda)")
+    from .engine.io import check_io_depth
+    check_io_depth(io_depth)   # also unbudgeted: a bad value is an error, not ignored
+    from . import kernels
+    if kernels.USER_WAIT_POLICY is None:  # see zipmoe_rt/kernels/__init__.py
+        kernels.set_wait_policy("passive" if budgeted else "active")
+    # on the GPU the device holds the dense weights and (unbudgeted) the experts: the source
+    # keeps no host copies of its own
+    source = ZmoeSource(path, verify=verify, keep_experts=not budgeted and on_host,
+                        copy_dense=budgeted or not on_host, resident=resident)
+    engine = None
+    try:
+        tok = tokenizer_from_source(source)
+        # the tokenizer holds its own parsed copy; the JSON text (~7 MB as a str) is not needed
+        source.metadata.pop(Keys.Tokenizer.JSON, None)
+        mplan = None
+        if budgeted:
+            budget = None if memory_budget is None else parse_size(memory_budget, source)
+            if memory_limit is not None:
+                from .engine.limit import plan_memory
+                mplan = plan_memory(source, memory_limit, context, budget=budget)
+                budget = mplan.budget
+            engine = build_engine(source, budget, policy, eviction,
+                                  workers, direct, trace, verify, io_depth, warn_stacklevel=2,
+                                  backend=backend)
+            _check_same_file(source, engine.reader)
+            executor = engine
+        else:
+            if resident == "compressed":
+                source.admit_all()
+            executor = ExpertExecutor(backend.resident_experts(source), backend)
+        model = Model(source, build_model(source, executor=executor, backend=backend), tok, path,
+                      engine)
+        model.memory_plan = mplan
+        if budgeted or resident == "compressed":
+            _release_load_memory(source)
+        return model
+    except BaseException:
+        if engine is not None:
+            engine.close()
+        source.close()
+        raise
+
+
+def _check_same_file(source, reader) -> None:
+    """The engine opened the file the source opened (not one renamed over it meanwhile).
+
+    Raises:
+        zipmoe_rt.engine.io.ModelFileError: they differ.
+    """
+    import os
+
+    from .engine.io import ModelFileError
+    a, b = os.fstat(source.reader_fd), os.fstat(reader.fd)
+    if (a.st_ino, a.st_dev) != (b.st_ino, b.st_dev):
+        raise ModelFileError(f"{source.path}: the file was replaced while the model was being "
+                             f"loaded; load it again")
+
+
+def _release_load_memory(source) -> None:
+    """After a budgeted load, give back what loading left behind and a memory cgroup would
+    keep charging: the model file's pages in the page cache (dense weights and tiers were read
+    into process memory with pread, so nothing maps them) and the freed C heap."""
+    import gc
+
+    from .engine.io import evict_page_cache, release_heap
+
+    try:
+        evict_page_cache(source.path)
+    except OSError:
+        pass
+    gc.collect()
+    release_heap()
+
+
+def tokenizer_from_source(source) -> Tokenizer:
+    """The tokenizer stored in a model file: ``tokenizer.json``, ``tokenizer.config`` and
+    ``tokenizer.chat_template`` of ``source.metadata`` (a :class:`~zipmoe_rt.engine.store.ZmoeSource`).
+
+    Raises:
+        ValueError: the file has no ``tokenizer.json`` (converted from a folder without one).
+    """
+    meta = source.metadata
+    tok_json = meta.get(Keys.Tokenizer.JSON)
+    if tok_json is None:
+        raise ValueError(f"{source.path}: has no tokenizer (convert a folder with tokenizer.json)")
+    return Tokenizer.from_hf_config(tok_json, meta.get(Keys.Tokenizer.CONFIG) or {},
+                                    meta.get(Keys.Tokenizer.CHAT_TEMPLATE))
