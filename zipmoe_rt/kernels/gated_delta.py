@@ -5,7 +5,9 @@ recurrence for one token), and the gated RMSNorm.
 They follow the eager fallbacks of transformers' ``models/qwen3_next/modeling_qwen3_next.py``
 (``torch_chunk_gated_delta_rule``, ``torch_recurrent_gated_delta_rule``,
 ``Qwen3NextRMSNormGated``) and ``models/mamba/modeling_mamba.py`` (``causal_conv1d_fn`` /
-``causal_conv1d_update``), in float32 with float32 states. The delta rule runs one value head
+``causal_conv1d_update``), in float64 inside the kernel (q, k, v and the
+state widened once), with float32 inputs, outputs and stored states, so that a prompt run in
+one call and token by token agree to float32 rounding of the stored state. The delta rule runs one value head
 per iteration of a parallel loop; every kernel releases the GIL (``nogil``).
 """
 from __future__ import annotations
@@ -56,15 +58,15 @@ def conv1d_silu(x, w, state, new_state):
 
 @njit(**_SER)
 def _softplus(x):
-    return x if x > np.float32(20.0) else np.float32(np.log1p(np.exp(x)))
+    return x if x > 20.0 else np.log1p(np.exp(x))
 
 
 @njit(**_SER)
 def _l2norm_scaled(src, dst, scale):
-    s = np.float32(0.0)
+    s = 0.0
     for i in range(src.shape[0]):
-        s += src[i] * src[i]
-    r = scale / np.sqrt(s + L2_EPS)
+        s += np.float64(src[i]) * src[i]
+    r = scale / np.sqrt(s + np.float64(L2_EPS))
     for i in range(src.shape[0]):
         dst[i] = src[i] * r
 
@@ -73,48 +75,49 @@ def _l2norm_scaled(src, dst, scale):
 def _gdr(qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state, out, chunk):
     T = qkv.shape[0]
     r = nv // nk
-    qscale = np.float32(1.0) / np.sqrt(np.float32(dk))
+    qscale = 1.0 / np.sqrt(np.float64(dk))
     for h in prange(nv):
         kh = h // r
-        S = new_state[h]
+        S = np.empty((dk, dv), np.float64)      # the state in float64 while it is updated
         S[:, :] = state[h]
-        A = -np.exp(np.float32(A_log[h]))
-        q = np.empty((T, dk), np.float32)
-        k = np.empty((T, dk), np.float32)
-        v = np.empty((T, dv), np.float32)
-        g = np.empty(T, np.float32)
-        beta = np.empty(T, np.float32)
+        A = -np.exp(np.float64(A_log[h]))
+        q = np.empty((T, dk), np.float64)
+        k = np.empty((T, dk), np.float64)
+        v = np.empty((T, dv), np.float64)
+        g = np.empty(T, np.float64)
+        beta = np.empty(T, np.float64)
         for t in range(T):
             _l2norm_scaled(qkv[t, kh * dk:(kh + 1) * dk], q[t], qscale)
-            _l2norm_scaled(qkv[t, (nk + kh) * dk:(nk + kh + 1) * dk], k[t], np.float32(1.0))
+            _l2norm_scaled(qkv[t, (nk + kh) * dk:(nk + kh + 1) * dk], k[t], 1.0)
             v[t] = qkv[t, 2 * nk * dk + h * dv:2 * nk * dk + (h + 1) * dv]
-            beta[t] = np.float32(1.0) / (np.float32(1.0) + np.exp(-ba[t, h]))
-            g[t] = A * _softplus(ba[t, nv + h] + dt_bias[h])
+            beta[t] = 1.0 / (1.0 + np.exp(-np.float64(ba[t, h])))
+            g[t] = A * _softplus(np.float64(ba[t, nv + h]) + dt_bias[h])
         if T == 1:                      # torch_recurrent_gated_delta_rule
             d = np.exp(g[0])
             for i in range(dk):
                 for j in range(dv):
                     S[i, j] *= d
             for j in range(dv):
-                m = np.float32(0.0)
+                m = 0.0
                 for i in range(dk):
                     m += S[i, j] * k[0, i]
                 delta = (v[0, j] - m) * beta[0]
-                o = np.float32(0.0)
+                o = 0.0
                 for i in range(dk):
                     S[i, j] += k[0, i] * delta
                     o += S[i, j] * q[0, i]
                 out[0, h * dv + j] = o
+            new_state[h] = S
             continue
         for c0 in range(0, T, chunk):   # torch_chunk_gated_delta_rule
             c = min(T, c0 + chunk) - c0
-            G = np.empty(c, np.float32)
-            acc = np.float32(0.0)
+            G = np.empty(c, np.float64)
+            acc = 0.0
             for i in range(c):
                 acc += g[c0 + i]
                 G[i] = acc
             # X = (I + strict_lower(kb k^T * decay))^-1 [vb | kb * exp(G)]
-            X = np.empty((c, dv + dk), np.float32)
+            X = np.empty((c, dv + dk), np.float64)
             for i in range(c):
                 b = beta[c0 + i]
                 for j in range(dv):
@@ -123,14 +126,14 @@ def _gdr(qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state, out, chunk):
                 for j in range(dk):
                     X[i, dv + j] = k[c0 + i, j] * b * eg
                 for m in range(i):
-                    a = np.float32(0.0)
+                    a = 0.0
                     for j in range(dk):
                         a += k[c0 + i, j] * b * k[c0 + m, j]
                     a *= np.exp(G[i] - G[m])
                     for j in range(dv + dk):
                         X[i, j] -= a * X[m, j]
             # v_new = U - W S
-            vn = np.empty((c, dv), np.float32)
+            vn = np.empty((c, dv), np.float64)
             for i in range(c):
                 for j in range(dv):
                     vn[i, j] = X[i, j]
@@ -141,13 +144,13 @@ def _gdr(qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state, out, chunk):
             # o_i = (q_i exp(G_i)) S + sum_{m <= i} (q_i . k_m) exp(G_i - G_m) vn_m
             for i in range(c):
                 eg = np.exp(G[i])
-                o = np.zeros(dv, np.float32)
+                o = np.zeros(dv, np.float64)
                 for m in range(dk):
                     qm = q[c0 + i, m] * eg
                     for j in range(dv):
                         o[j] += qm * S[m, j]
                 for m in range(i + 1):
-                    a = np.float32(0.0)
+                    a = 0.0
                     for j in range(dk):
                         a += q[c0 + i, j] * k[c0 + m, j]
                     a *= np.exp(G[i] - G[m])
@@ -167,6 +170,7 @@ def _gdr(qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state, out, chunk):
                     km = k[c0 + m, i] * e
                     for j in range(dv):
                         S[i, j] += km * vn[m, j]
+        new_state[h] = S
 
 
 def gated_delta_rule(qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state, chunk=CHUNK):
