@@ -145,7 +145,8 @@ def test_hparams_defaults_are_transformers_defaults(family):
     got = fam(dict(d, **fill)).typed_hparams().to_hparams()
     want = fam.hparams_class(architecture=fam.hf_names[0], family=family, **fill).to_hparams()
     for k in ("layer_types", "max_window_layers"):
-        got.pop(k, None)
+        if k not in want:       # kept where the family derives it (Qwen3-Next)
+            got.pop(k, None)
     assert got == want
     assert type(got["rms_norm_eps"]) is float and type(got["vocab_size"]) is int
     assert got["rope"]["rope_theta"] == {"mixtral": 1e6, "phimoe": 1e6,

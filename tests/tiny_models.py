@@ -150,7 +150,7 @@ SPECS = {
         norm_topk_prob=False, mlp_only_layers=[0], attention_bias=True,
         linear_conv_kernel_dim=3, linear_key_head_dim=8, linear_value_head_dim=16,
         linear_num_key_heads=2, linear_num_value_heads=2,
-        layer_types=["linear_attention", "full_attention", "linear_attention"])),
+        layer_types=["full_attention", "full_attention", "linear_attention"])),
     "qwen3_5_moe": ("qwen3_5_moe", dict(
         COMMON, num_hidden_layers=4, head_dim=16, moe_intermediate_size=32,
         shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
