@@ -243,6 +243,10 @@ class RecurrentCache:
         length: tokens folded into the state.
     """
 
+    #: copies of each buffer held (committed + pending): :attr:`nbytes` is this many times
+    #: the state's size.
+    COPIES = 2
+
     def __init__(self, conv_shape, state_shape, backend=None):
         self.backend = be = get_backend(backend)
         self.conv = be.zeros(tuple(conv_shape))
