@@ -468,3 +468,25 @@ def test_memory_limit_counts_the_state(tmp_path):
     assert st == 2 * 4 * 36 * (3 * 8192 + 32 * 128 * 128)
     per_token = 4 * 12 * 1024
     assert kv_bytes(hp, 256) == per_token * 256 + (per_token // 48) * 128 + st
+
+
+def test_chat_session_turns_equal_fresh_runs(tiny_moe_dir, tmp_path):
+    """``ChatSession`` over three turns (its cache reused where the new prompt extends what it
+    holds, rebuilt where it does not) replies as a fresh ``chat`` over the whole conversation."""
+    import zipmoe_rt
+    from test_api import make_chat_model
+    path = make_chat_model(tiny_moe_dir("qwen3_next"), tmp_path / "chat")
+    model = zipmoe_rt.load(path)
+    try:
+        session = model.chat_session(system="be brief")
+        history = [{"role": "system", "content": "be brief"}]
+        for i, text in enumerate(("hello world", "tell me a story",
+                                   "what is the capital of france")):
+            reply = "".join(session.send(text, max_tokens=8, temperature=0))
+            assert (model.last_stats.cached_tokens > 0) == (i > 0)      # the state was reused
+            history.append({"role": "user", "content": text})
+            assert reply == model.chat(history, max_tokens=8, temperature=0)
+            history.append({"role": "assistant", "content": reply})
+            assert len(session.state.token_ids) == session.state.cache.offset
+    finally:
+        model.close()
