@@ -490,3 +490,27 @@ def test_chat_session_turns_equal_fresh_runs(tiny_moe_dir, tmp_path):
             assert len(session.state.token_ids) == session.state.cache.offset
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_cache_contents_match_transformers(loaded, name):
+    """After a prompt, each full-attention layer holds the keys and values of transformers'
+    ``DynamicLayer`` (per position, as many values) and each linear layer the conv and
+    recurrent states of its ``LinearAttentionLayer`` (transformers' conv state keeps one more,
+    oldest, input column)."""
+    model, hf = loaded(name)
+    ids = PROMPT[:7]
+    cache = model.new_cache()
+    model.forward(ids, cache)
+    with torch.no_grad():
+        hc = hf(torch.tensor(ids[None]), use_cache=True).past_key_values.layers
+    per_token = 0
+    for lc, hl in zip(cache.layers, hc):
+        if isinstance(lc, RecurrentCache):
+            conv, rec = hl.conv_states[0][0].numpy(), hl.recurrent_states[0][0].numpy()
+            np.testing.assert_allclose(lc.conv, conv[:, 1:].T, rtol=2e-5, atol=2e-5)
+            np.testing.assert_allclose(lc.state, rec, rtol=2e-5, atol=2e-5)
+        else:
+            per_token += (hl.keys.numel() + hl.values.numel()) // hl.keys.shape[-2]
+            np.testing.assert_allclose(lc.v[:, :7], hl.values[0].numpy(), rtol=2e-5, atol=2e-5)
+    assert per_token == model.args.kv_values_per_token()
