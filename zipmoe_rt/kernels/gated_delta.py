@@ -5,10 +5,9 @@ recurrence for one token), and the gated RMSNorm.
 They follow the eager fallbacks of transformers' ``models/qwen3_next/modeling_qwen3_next.py``
 (``torch_chunk_gated_delta_rule``, ``torch_recurrent_gated_delta_rule``,
 ``Qwen3NextRMSNormGated``) and ``models/mamba/modeling_mamba.py`` (``causal_conv1d_fn`` /
-``causal_conv1d_update``), in float64 inside the kernel (q, k, v and the
-state widened once), with float32 inputs, outputs and stored states, so that a prompt run in
-one call and token by token agree to float32 rounding of the stored state. The delta rule runs one value head
-per iteration of a parallel loop; every kernel releases the GIL (``nogil``).
+``causal_conv1d_update``), in float32 with float32 states, every inner loop over contiguous
+rows. The delta rule runs one value head per iteration of a parallel loop; every kernel
+releases the GIL (``nogil``).
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from numba import njit, prange
 __all__ = ["conv1d_silu", "gated_delta_rule", "rmsnorm_gated"]
 
 _SER = dict(nogil=True, cache=True, error_model="numpy")
-_PAR = dict(nogil=True, cache=True, error_model="numpy", parallel=True)
+_PAR = dict(nogil=True, cache=True, error_model="numpy", parallel=True, fastmath=True)
 #: the epsilon of the L2 norm of q and k (transformers' ``l2norm``).
 L2_EPS = np.float32(1e-6)
 #: tokens per chunk of the chunked scan (``torch_chunk_gated_delta_rule``'s ``chunk_size``).
@@ -58,15 +57,15 @@ def conv1d_silu(x, w, state, new_state):
 
 @njit(**_SER)
 def _softplus(x):
-    return x if x > 20.0 else np.log1p(np.exp(x))
+    return x if x > np.float32(20.0) else np.float32(np.log1p(np.exp(x)))
 
 
 @njit(**_SER)
 def _l2norm_scaled(src, dst, scale):
-    s = 0.0
+    s = np.float32(0.0)
     for i in range(src.shape[0]):
-        s += np.float64(src[i]) * src[i]
-    r = scale / np.sqrt(s + np.float64(L2_EPS))
+        s += src[i] * src[i]
+    r = np.float32(scale / np.sqrt(s + L2_EPS))
     for i in range(src.shape[0]):
         dst[i] = src[i] * r
 
@@ -75,49 +74,51 @@ def _l2norm_scaled(src, dst, scale):
 def _gdr(qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state, out, chunk):
     T = qkv.shape[0]
     r = nv // nk
-    qscale = 1.0 / np.sqrt(np.float64(dk))
+    qscale = np.float32(1.0 / np.sqrt(np.float64(dk)))
+    one = np.float32(1.0)
     for h in prange(nv):
         kh = h // r
-        S = np.empty((dk, dv), np.float64)      # the state in float64 while it is updated
+        S = new_state[h]                # [dk, dv], updated in place from the old state
         S[:, :] = state[h]
-        A = -np.exp(np.float64(A_log[h]))
-        q = np.empty((T, dk), np.float64)
-        k = np.empty((T, dk), np.float64)
-        v = np.empty((T, dv), np.float64)
-        g = np.empty(T, np.float64)
-        beta = np.empty(T, np.float64)
+        A = -np.exp(np.float32(A_log[h]))
+        q = np.empty((T, dk), np.float32)
+        k = np.empty((T, dk), np.float32)
+        v = np.empty((T, dv), np.float32)
+        g = np.empty(T, np.float32)
+        beta = np.empty(T, np.float32)
         for t in range(T):
             _l2norm_scaled(qkv[t, kh * dk:(kh + 1) * dk], q[t], qscale)
-            _l2norm_scaled(qkv[t, (nk + kh) * dk:(nk + kh + 1) * dk], k[t], 1.0)
+            _l2norm_scaled(qkv[t, (nk + kh) * dk:(nk + kh + 1) * dk], k[t], one)
             v[t] = qkv[t, 2 * nk * dk + h * dv:2 * nk * dk + (h + 1) * dv]
-            beta[t] = 1.0 / (1.0 + np.exp(-np.float64(ba[t, h])))
-            g[t] = A * _softplus(np.float64(ba[t, nv + h]) + dt_bias[h])
+            beta[t] = one / (one + np.exp(-ba[t, h]))
+            g[t] = A * _softplus(ba[t, nv + h] + dt_bias[h])
         if T == 1:                      # torch_recurrent_gated_delta_rule
             d = np.exp(g[0])
-            for i in range(dk):
+            m = np.zeros(dv, np.float32)
+            for i in range(dk):         # S *= exp(g); m = S^T k
+                ki, Si = k[0, i], S[i]
                 for j in range(dv):
-                    S[i, j] *= d
+                    Si[j] *= d
+                    m[j] += Si[j] * ki
             for j in range(dv):
-                m = 0.0
-                for i in range(dk):
-                    m += S[i, j] * k[0, i]
-                delta = (v[0, j] - m) * beta[0]
-                o = 0.0
-                for i in range(dk):
-                    S[i, j] += k[0, i] * delta
-                    o += S[i, j] * q[0, i]
-                out[0, h * dv + j] = o
-            new_state[h] = S
+                m[j] = (v[0, j] - m[j]) * beta[0]       # delta
+            o = np.zeros(dv, np.float32)
+            for i in range(dk):         # S += k (x) delta; o = S^T q
+                ki, qi, Si = k[0, i], q[0, i], S[i]
+                for j in range(dv):
+                    Si[j] += ki * m[j]
+                    o[j] += Si[j] * qi
+            out[0, h * dv:(h + 1) * dv] = o
             continue
         for c0 in range(0, T, chunk):   # torch_chunk_gated_delta_rule
             c = min(T, c0 + chunk) - c0
-            G = np.empty(c, np.float64)
-            acc = 0.0
+            G = np.empty(c, np.float32)
+            acc = np.float32(0.0)
             for i in range(c):
                 acc += g[c0 + i]
                 G[i] = acc
             # X = (I + strict_lower(kb k^T * decay))^-1 [vb | kb * exp(G)]
-            X = np.empty((c, dv + dk), np.float64)
+            X = np.empty((c, dv + dk), np.float32)
             for i in range(c):
                 b = beta[c0 + i]
                 for j in range(dv):
@@ -125,52 +126,58 @@ def _gdr(qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state, out, chunk):
                 eg = np.exp(G[i])
                 for j in range(dk):
                     X[i, dv + j] = k[c0 + i, j] * b * eg
+                Xi, ki = X[i], k[c0 + i]
                 for m in range(i):
-                    a = 0.0
+                    km, Xm = k[c0 + m], X[m]
+                    a = np.float32(0.0)
                     for j in range(dk):
-                        a += k[c0 + i, j] * b * k[c0 + m, j]
-                    a *= np.exp(G[i] - G[m])
+                        a += ki[j] * km[j]
+                    a *= b * np.exp(G[i] - G[m])
                     for j in range(dv + dk):
-                        X[i, j] -= a * X[m, j]
+                        Xi[j] -= a * Xm[j]
             # v_new = U - W S
-            vn = np.empty((c, dv), np.float64)
+            vn = np.empty((c, dv), np.float32)
             for i in range(c):
+                vi, Xi = vn[i], X[i]
                 for j in range(dv):
-                    vn[i, j] = X[i, j]
+                    vi[j] = Xi[j]
                 for m in range(dk):
-                    w = X[i, dv + m]
+                    w, Sm = Xi[dv + m], S[m]
                     for j in range(dv):
-                        vn[i, j] -= w * S[m, j]
+                        vi[j] -= w * Sm[j]
             # o_i = (q_i exp(G_i)) S + sum_{m <= i} (q_i . k_m) exp(G_i - G_m) vn_m
+            o = np.empty(dv, np.float32)
             for i in range(c):
                 eg = np.exp(G[i])
-                o = np.zeros(dv, np.float64)
+                o[:] = 0.0
+                qi = q[c0 + i]
                 for m in range(dk):
-                    qm = q[c0 + i, m] * eg
+                    qm, Sm = qi[m] * eg, S[m]
                     for j in range(dv):
-                        o[j] += qm * S[m, j]
+                        o[j] += qm * Sm[j]
                 for m in range(i + 1):
-                    a = 0.0
+                    km, vm = k[c0 + m], vn[m]
+                    a = np.float32(0.0)
                     for j in range(dk):
-                        a += q[c0 + i, j] * k[c0 + m, j]
+                        a += qi[j] * km[j]
                     a *= np.exp(G[i] - G[m])
                     for j in range(dv):
-                        o[j] += a * vn[m, j]
-                for j in range(dv):
-                    out[c0 + i, h * dv + j] = o[j]
+                        o[j] += a * vm[j]
+                out[c0 + i, h * dv:(h + 1) * dv] = o
             # S = S exp(G_last) + sum_m (k_m exp(G_last - G_m)) (x) vn_m
             last = G[c - 1]
             el = np.exp(last)
             for i in range(dk):
+                Si = S[i]
                 for j in range(dv):
-                    S[i, j] *= el
+                    Si[j] *= el
             for m in range(c):
                 e = np.exp(last - G[m])
+                km, vm = k[c0 + m], vn[m]
                 for i in range(dk):
-                    km = k[c0 + m, i] * e
+                    kmi, Si = km[i] * e, S[i]
                     for j in range(dv):
-                        S[i, j] += km * vn[m, j]
-        new_state[h] = S
+                        Si[j] += kmi * vm[j]
 
 
 def gated_delta_rule(qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state, chunk=CHUNK):
