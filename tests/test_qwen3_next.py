@@ -514,3 +514,38 @@ def test_cache_contents_match_transformers(loaded, name):
             per_token += (hl.keys.numel() + hl.values.numel()) // hl.keys.shape[-2]
             np.testing.assert_allclose(lc.v[:, :7], hl.values[0].numpy(), rtol=2e-5, atol=2e-5)
     assert per_token == model.args.kv_values_per_token()
+
+
+def test_server_prompt_cache_reuses_only_a_prefix(tiny_moe_dir, tmp_path):
+    """The server's prompt-prefix cache over a Qwen3-Next model: a follow-up turn reuses the
+    held state (cached tokens reported) and answers as a cold run; the same prompt again, or a
+    prompt that diverges from the held tokens, needs an earlier position the recurrent state
+    cannot go back to: nothing is reported cached and the answers are the cold runs'."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    openai = pytest.importorskip("openai")
+    import zipmoe_rt
+    from test_api import make_chat_model
+    from test_server import _chat, _host, _wait_ready, running
+    from zipmoe_rt.server.app import create_app
+    model = zipmoe_rt.load(make_chat_model(tiny_moe_dir("qwen3_next"), tmp_path / "serve"))
+    try:
+        with running(create_app(_host(model, queue_size=4))) as base:
+            _wait_ready(base)
+            client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=120,
+                                   max_retries=0)
+            turn1 = [{"role": "user", "content": "tell me a story about a cat"}]
+            r1 = _chat(client, turn1, max_tokens=8)
+            turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                             {"role": "user", "content": "and then again please"}]
+            r2 = _chat(client, turn2, max_tokens=8)
+            assert r2.usage.prompt_tokens_details.cached_tokens > 0
+            assert r2.choices[0].message.content == model.chat(turn2, max_tokens=8,
+                                                               temperature=0)
+            for msgs in (turn2, [{"role": "user", "content": "tell me a story about a dog"}]):
+                r = _chat(client, msgs, max_tokens=8)
+                assert r.usage.prompt_tokens_details.cached_tokens == 0
+                assert r.choices[0].message.content == model.chat(msgs, max_tokens=8,
+                                                                  temperature=0)
+    finally:
+        model.close()

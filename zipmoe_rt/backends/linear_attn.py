@@ -89,10 +89,10 @@ def _chunk(xp, q, k, v, g, beta, S):
     [nv, c, d]); updates ``S`` [nv, dk, dv] in place and returns the chunk's output
     [nv, c, dv]."""
     c = q.shape[1]
-    G = xp.cumsum(g, axis=1)                                         # [nv, c]
-    lower = xp.tril(xp.ones((c, c), dtype=bool))
-    decay = xp.where(lower, xp.exp(xp.where(lower, G[:, :, None] - G[:, None, :], 0)), 0)
-    decay = decay.astype(_F32)
+    G = xp.cumsum(g, axis=1)                                         # [nv, c], decreasing
+    lower = xp.tril(xp.ones((c, c), dtype=_F32))
+    # exp(G_i - G_j) for j <= i (<= 0 there: g <= 0), 0 above the diagonal
+    decay = xp.exp(xp.minimum(G[:, :, None] - G[:, None, :], _F32(0.0))) * lower
     kb = k * beta[:, :, None]
     vb = v * beta[:, :, None]
     A = xp.matmul(kb, k.transpose(0, 2, 1)) * decay                 # [nv, c, c]
