@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from transformers.models.qwen3_next import modeling_qwen3_next as hf_next  # noqa: E402
 
-SPECS = ("qwen3_next", "qwen3_next_dense_bias", "qwen3_5_moe")
+SPECS = ("qwen3_next", "qwen3_next_dense_bias", "qwen3_5_moe", "qwen3_5_moe_vl")
 PROMPT = np.random.default_rng(1).integers(0, 256, 16)
 BACKENDS = ("numba", "numpy")
 
@@ -275,23 +275,7 @@ def test_zero_centred_norms_matter(tiny_moe_dir, loaded):
 
 # -- the ConditionalGeneration checkpoint: its text model ------------------------------------
 
-def _tiny_vl(folder):
-    """A tiny ``Qwen3_5MoeForConditionalGeneration`` (small vision tower) saved in BF16."""
-    from tiny_models import SPECS as TINY, _randomize_norms
-    text = {k: v for k, v in TINY["qwen3_5_moe"][1].items() if k != "tie_word_embeddings"}
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3_5MoeConfig(
-        text_config=text, tie_word_embeddings=False,
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
-                           out_hidden_size=64, patch_size=4, temporal_patch_size=2,
-                           spatial_merge_size=2, num_position_embeddings=16))
-    m = transformers.Qwen3_5MoeForConditionalGeneration(cfg)
-    _randomize_norms(m, torch, torch.Generator().manual_seed(1))
-    m.to(torch.bfloat16).save_pretrained(folder)
-    return folder
-
-
-def test_conditional_generation_text_model(tmp_path):
+def test_conditional_generation_text_model(tiny_moe_dir, tmp_path):
     """The ConditionalGeneration checkpoint converts (the text model runs from
     ``model.language_model.*`` and ``lm_head``; the vision tower's tensors are listed as
     unused and kept as stored) and runs as transformers' text model; export gives every tensor
@@ -300,7 +284,7 @@ def test_conditional_generation_text_model(tmp_path):
     from zipmoe_rt.convert.export import export
     from zipmoe_rt.engine.store import ZmoeSource
     from safetensors.torch import load_file
-    src = _tiny_vl(tmp_path / "vl")
+    src = tiny_moe_dir("qwen3_5_moe_vl")
     cfg = json.loads((src / "config.json").read_text())
     fam = get_architecture(cfg)
     assert fam.family == "qwen3_5_moe_vl" and fam.typed_hparams().hidden_size == 64

@@ -158,6 +158,17 @@ SPECS = {
         linear_num_key_heads=2, linear_num_value_heads=4,
         layer_types=["linear_attention", "full_attention", "linear_attention",
                      "full_attention"])),
+    # the text model of Qwen3_5MoeForConditionalGeneration (a small vision tower, not run)
+    "qwen3_5_moe_vl": ("qwen3_5_moe_vl", dict(
+        tie_word_embeddings=False, text_config=dict(
+            {k: v for k, v in COMMON.items() if k != "tie_word_embeddings"}, num_hidden_layers=4,
+            head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            num_experts=4, num_experts_per_tok=2, linear_conv_kernel_dim=4,
+            linear_key_head_dim=16, linear_value_head_dim=8, linear_num_key_heads=2,
+            linear_num_value_heads=4, full_attention_interval=2),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                           out_hidden_size=64, patch_size=4, temporal_patch_size=2,
+                           spatial_merge_size=2, num_position_embeddings=16))),
 }
 
 

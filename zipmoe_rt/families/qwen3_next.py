@@ -328,6 +328,9 @@ class Qwen3_5MoeVL(Family):
                      without=("mlp_gate", "mlp_up", "mlp_down"))
     fused_tensors = {k: v.replace("model.", "model.language_model.", 1)
                      for k, v in T.FUSED_EXPERT_NAMES.items()}
+    #: name prefixes of the checkpoint's tensors that belong to towers this family does not
+    #: run (stored as unused tensors, exported as they came).
+    other_towers = ("model.visual.",)
 
     @classmethod
     def hf_config(cls, hp) -> dict:
