@@ -533,3 +533,43 @@ def test_server_prompt_cache_reuses_only_a_prefix(tiny_moe_dir, tmp_path):
                                                                   temperature=0)
     finally:
         model.close()
+
+
+# -- a container whose metadata lies -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def next_zmoe(tiny_moe_dir, tmp_path_factory):
+    import warnings
+
+    from zipmoe_rt.convert.converter import convert
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # no tokenizer here
+        return convert(tiny_moe_dir("qwen3_next"), tmp_path_factory.mktemp("q3n") / "q.zmoe",
+                       progress=False)
+
+
+@pytest.mark.parametrize("key, value, needles", [
+    ("linear_value_head_dim", 16, ["linear_attn.", "linear_value_head_dim"]),
+    ("linear_num_key_heads", 4, ["linear_attn.", "linear_num_key_heads"]),
+    ("linear_num_value_heads", 3, ["linear_num_value_heads", "multiple"]),
+    ("linear_conv_kernel_dim", 0, ["linear_conv_kernel_dim"]),
+    ("layer_types", ["full_attention"] * 4, ["self_attn.", "imply for layer 0"]),
+    ("layer_types", ["linear_attention", "sliding_attention"] * 2, ["layer_types"]),
+    ("layer_types", ["linear_attention"] * 3, ["layer_types"]),
+])
+def test_stored_hparams_lying_are_refused_at_load(next_zmoe, tmp_path, key, value, needles):
+    """Stored linear-attention sizes or layer kinds that the stored tensors contradict, or that
+    the model cannot run, are refused when the file is opened, naming the file and the field."""
+    import zmoe
+    from test_hostile import edited
+    from zipmoe_rt.engine.store import ZmoeSource
+
+    def fn(index, _b):
+        index["metadata"][f"hparams.{key}"]["value"] = value
+    bad = edited(next_zmoe, tmp_path / "bad.zmoe", fn)
+    with pytest.raises(zmoe.CorruptIndexError) as ei:
+        ZmoeSource(bad).reader.close()
+    msg = str(ei.value)
+    assert str(bad) in msg
+    for n in needles:
+        assert n in msg, msg
