@@ -315,7 +315,8 @@ def format_plan(p: SizePlan) -> str:
     b = p.budget
     if b is not None:
         lines += [
-            f"memory budget {_mb(b.budget)} (the KV cache comes on top):",
+            f"memory budget {_mb(b.budget)} (the KV cache "
+            f"{'and the fixed state come' if p.state_values else 'comes'} on top):",
             f"  dense        {_mb(b.dense):>11}  always resident",
             f"  working set  {_mb(b.working_set):>11}  the {hp.num_experts_per_tok} experts of "
             f"one token, decoded ({_mb(b.expert_full)} each)",
