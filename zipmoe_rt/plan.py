@@ -123,7 +123,8 @@ class SizePlan:
         budget: the budget split, or None.
         state_values: values of the fixed per-sequence state of linear-attention layers (one
             copy; Qwen3-Next's Gated DeltaNet), 0 without such layers.
-        state_bytes: bytes the runtime allocates for it (float32, committed and pending copy).
+        state_bytes: bytes the runtime allocates for it (float32, the copies a
+            :class:`~zipmoe_rt.models.cache.RecurrentCache` holds).
     """
 
     config: Path
@@ -309,9 +310,10 @@ def format_plan(p: SizePlan) -> str:
         f"{hp.max_position_embeddings:,d} tokens",
     ]
     if p.state_values:
+        from .models.cache import RecurrentCache
         lines.append(f"state       {_mb(p.state_bytes):>17}  per sequence, fixed: the conv and "
                      f"recurrent state of {len(hp.linear_layers())} linear-attention layers "
-                     f"({p.state_values:,d} values, float32, two copies)")
+                     f"({p.state_values:,d} values, float32, {RecurrentCache.COPIES} copies)")
     b = p.budget
     if b is not None:
         lines += [
