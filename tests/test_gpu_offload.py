@@ -44,21 +44,23 @@ def test_segment_tables_rebuild_every_expert(tiny_case, name, segment):
         for lay in case.layouts.values():
             sm, exp = rd.read(*lay.sm_region), rd.read(*lay.exp_region)
             m = build_meta(lay, exp, segment=segment)
-            assert m.rows.shape[1] == 6 and m.rows.shape[0] >= sum(
+            assert m.runs.shape[1] == 6 and m.runs.shape[0] >= sum(
                 4 * len(p.chunks) for p in lay.pieces)
+            assert m.bits.size >= m.runs.shape[0] and m.segment == segment
             assert m.meta_bytes <= meta_bound(lay, segment)
             out = np.zeros(m.words, np.uint16)
-            decode_segments(exp, sm, m.rows, m.tabs, out)
+            decode_segments(exp, sm, m.runs, m.bits, m.tabs, segment, out)
             want = _host_words(case.zmoe, lay, sm, exp)
             for role, w0, shape in m.outs:
                 got = out[w0:w0 + int(np.prod(shape))].reshape(shape)
                 assert np.array_equal(got, want[role]), (lay.layer, lay.expert, role)
-            # the packed block holds the same rows and tables at their offsets
-            _, r0, t0, end = block_layout(lay, m)
+            # the packed block holds the same runs, bits and tables at their offsets
+            _, r0, b0, t0, end = block_layout(lay, m)
             blk = np.zeros(end, np.uint8)
             pack_meta(m, blk, lay)
-            assert np.array_equal(blk[r0:r0 + m.rows.nbytes].view(np.int32).reshape(-1, 6),
-                                  m.rows)
+            assert np.array_equal(blk[r0:r0 + m.runs.nbytes].view(np.int32).reshape(-1, 6),
+                                  m.runs)
+            assert np.array_equal(blk[b0:b0 + m.bits.nbytes].view(np.int32), m.bits)
             assert np.array_equal(blk[t0:end].view(np.uint16).reshape(-1, 4096), m.tabs)
     finally:
         rd.close()
@@ -145,7 +147,7 @@ def test_pcie_bytes_are_the_compressed_regions(tiny_case):
                 assert st.pcie_bytes == st.uploads * lay.sm_region[1]
             else:
                 m = eng._meta[(lay.layer, lay.expert)]
-                per = block_layout(lay, m)[3]
+                per = block_layout(lay, m)[4]
                 assert st.uploads * lay.full_bytes // 2 < st.pcie_bytes <= st.uploads * per + \
                     st.uploads * 4096 * 3   # tables of a few KB per expert
         finally:

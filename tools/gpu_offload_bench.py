@@ -81,10 +81,22 @@ def write_checkpoint(pools_path, out: Path, layers: int, seed: int = 0, tiny: bo
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
 
+    from synthetic_pools import bf16_to_f32, tensor_seed
+    mean = sampler.pools.pools["embed_mean"]
+    orng = np.random.default_rng(tensor_seed(seed, "embed_offset"))   # as Sampler's embedding
+    offset = mean[orng.integers(0, mean.size, hp.hidden_size)].astype(np.float32)
+    norms = {s.layer: s for s in fam.tensor_specs(hp) if s.key == "ffn_norm"}
+
     def make(s):
         if s.key == "router":
-            w = rng.standard_normal(s.shape).astype(np.float32) * np.float32(
-                2.0 / math.sqrt(s.shape[1]))
+            # random rows orthogonal to the router inputs' common direction (the embedding's
+            # offset through the layer's norm weight): else that direction alone picks the
+            # same experts for every token
+            u = offset * bf16_to_f32(sampler(norms[s.layer]))
+            u /= np.linalg.norm(u)
+            w = rng.standard_normal(s.shape).astype(np.float32)
+            w -= np.outer(w @ u, u)
+            w *= np.float32(4.0 / math.sqrt(s.shape[1]))
             return (w.view(np.uint32) >> 16).astype(np.uint16)
         if s.key == "lm_head":
             return sampler.draw(s.name, "embed", s.shape, scale=math.sqrt(576 / s.shape[1]))
@@ -173,17 +185,19 @@ def time_accelerate(hf, budget_bytes, tokens, warm) -> dict:
     placed = {}
     for dev in getattr(model, "hf_device_map", {}).values():
         placed[str(dev)] = placed.get(str(dev), 0) + 1
-    ids = torch.tensor(_stream(16 + warm + tokens))
+    w = model.get_input_embeddings().weight
+    dev = w.device if w.device.type != "meta" else torch.device("cuda", 0)
+    ids = torch.tensor(_stream(16 + warm + tokens)).to(dev)
     with torch.no_grad():
-        out = model(input_ids=ids[None, :16].to(0), use_cache=True)
+        out = model(input_ids=ids[None, :16], use_cache=True)
         pkv = out.past_key_values
         for i in range(16, 16 + warm):
-            pkv = model(input_ids=ids[None, i:i + 1].to(0), past_key_values=pkv,
+            pkv = model(input_ids=ids[None, i:i + 1], past_key_values=pkv,
                         use_cache=True).past_key_values
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(16 + warm, 16 + warm + tokens):
-            pkv = model(input_ids=ids[None, i:i + 1].to(0), past_key_values=pkv,
+            pkv = model(input_ids=ids[None, i:i + 1], past_key_values=pkv,
                         use_cache=True).past_key_values
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0

@@ -4,7 +4,8 @@ kernel that rebuilds an expert's BF16 words from its compressed regions on the G
 
 The kernel follows format/SPEC.md §5.1 (plane merge) and §5.3 (Huffman streams, LSB first,
 12-bit windows): one thread per segment of :data:`~zipmoe_rt.engine.gpu_meta.SEGMENT` symbols
-of a stream, starting at the bit the segment table gives (:func:`~zipmoe_rt.engine.gpu_meta.
+of a stream (its run found by a binary search over the expert's runs), starting at the bit the
+segment table gives (:func:`~zipmoe_rt.engine.gpu_meta.
 build_meta`), writes ``(sm >> 7) << 15 | e << 7 | sm & 0x7F`` for each symbol. Its host twin is
 :func:`zipmoe_rt.kernels.gpu_segments.decode_segments`. Imported only on ``device="cuda"``.
 """
@@ -16,16 +17,23 @@ import cupy as cp
 
 SOURCE = r"""
 extern "C" __global__ void zx_decode_segments(const unsigned char* __restrict__ exp,
-        const unsigned char* __restrict__ sm, const int* __restrict__ rows,
-        const unsigned short* __restrict__ tabs, unsigned short* __restrict__ out, int nseg) {
-    int r = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= nseg) return;
-    const int* row = rows + 6LL * r;
-    long long bit = row[0], end = row[1];
-    unsigned short* o = out + row[2];
-    const unsigned char* s = sm + row[3];
-    int cnt = row[4];
-    const unsigned short* t = tabs + 4096LL * row[5];
+        const unsigned char* __restrict__ sm, const int* __restrict__ runs, int nruns,
+        const int* __restrict__ bits, const unsigned short* __restrict__ tabs, int seg,
+        unsigned short* __restrict__ out, int nseg) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= nseg) return;
+    int lo = 0, hi = nruns - 1;                 // the last run whose first segment <= j
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (runs[6 * mid] <= j) lo = mid; else hi = mid - 1;
+    }
+    const int* r = runs + 6 * lo;
+    long long k0 = (long long)(j - r[0]) * seg;
+    int cnt = (int)min((long long)seg, (long long)r[4] - k0);
+    long long bit = bits[j], end = r[1];
+    unsigned short* o = out + r[2] + k0;
+    const unsigned char* s = sm + r[3] + k0;
+    const unsigned short* t = tabs + 4096LL * r[5];
     long long nxt = bit >> 3;
     unsigned long long buf = 0ull;
     int have = 0;
@@ -106,13 +114,14 @@ class CudaOps:
         cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.ctypes.data, src.nbytes,
                                     cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
 
-    def decode(self, exp, sm, rows, tabs, out, stream):
-        """The segment decode kernel on ``stream`` (one thread per row of ``rows``)."""
-        n = int(rows.shape[0])
+    def decode(self, exp, sm, runs, bits, tabs, seg, out, stream):
+        """The segment decode kernel on ``stream`` (one thread per segment, ``bits.size``)."""
+        n = int(bits.shape[0])
         if n:
             with stream:
                 self._k(((n + _THREADS - 1) // _THREADS,), (_THREADS,),
-                        (exp, sm, rows, tabs, out, np.int32(n)))
+                        (exp, sm, runs, np.int32(runs.shape[0]), bits, tabs, np.int32(seg), out,
+                         np.int32(n)))
 
     def copy(self, a, stream):
         """A contiguous copy of device array ``a`` made on ``stream`` (memory from the compute

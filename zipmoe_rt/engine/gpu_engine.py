@@ -118,7 +118,7 @@ class GpuExpertEngine(ExpertEngine):
         self.ops = ops
         self._copy_s, self._dec_s = ops.stream(), ops.stream()
         self._meta: dict = {}        # key -> ExpertMeta (host)
-        self._dmeta: dict = {}       # key -> (rows, tabs) on the device, C/E slots
+        self._dmeta: dict = {}       # key -> (runs, bits, tabs) on the device, C/E slots
         self._host: dict = {}        # key -> pinned block (host cache)
         self._staging: list = []     # free pinned staging blocks: (block, event of last copy)
         self.host_budget = int(host_budget)
@@ -159,7 +159,7 @@ class GpuExpertEngine(ExpertEngine):
             if s.exp is not None:
                 m = self._meta_of(lay, s.exp)
                 if not m.raw:
-                    self._dmeta[key] = (ops.to_device(m.rows), ops.to_device(m.tabs))
+                    self._dmeta[key] = tuple(ops.to_device(a) for a in (m.runs, m.bits, m.tabs))
             self.slots[key] = Slot(s.tier, sm=None if s.sm is None else ops.to_device(s.sm),
                                    exp=None if s.exp is None else ops.to_device(s.exp))
 
@@ -187,7 +187,7 @@ class GpuExpertEngine(ExpertEngine):
                     return
                 blk = self.ops.pinned(block_layout(lay, None)[1] + meta_bound(lay))
                 self._read_regions(lay, blk, True, comp)
-                self._host[key] = blk[:block_layout(lay, self._meta.get(key))[3]]
+                self._host[key] = blk[:block_layout(lay, self._meta.get(key))[4]]
                 self._host_regions += need
                 used += need
         self.reader.bytes_read = 0
@@ -287,7 +287,7 @@ class GpuExpertEngine(ExpertEngine):
         if m is None:       # raw experts (no exponents); compressed ones got theirs when read
             raw = all(q.raw for q in lay.pieces)
             m = self._meta_of(lay, None if raw else ops.to_host(p.slot.exp))
-        e0, r0, t0, end = block_layout(lay, m)
+        e0, r0, b0, t0, end = block_layout(lay, m)
         sm_n, exp_n = lay.sm_region[1], lay.exp_region[1]
         ev_c = ops.record(ops.current())         # memory the compute stream freed is reusable
         dbuf, lo = None, 0
@@ -315,14 +315,15 @@ class GpuExpertEngine(ExpertEngine):
         else:
             if p.need_exp:
                 exp = dbuf[e0 - lo:e0 - lo + exp_n]
-                rows = dbuf[r0 - lo:r0 - lo + m.rows.nbytes].view(np.int32).reshape(-1, 6)
+                runs = dbuf[r0 - lo:r0 - lo + m.runs.nbytes].view(np.int32).reshape(-1, 6)
+                bits = dbuf[b0 - lo:b0 - lo + m.bits.nbytes].view(np.int32)
                 tabs = dbuf[t0 - lo:end - lo].view(np.uint16).reshape(-1, 4096)
             else:
                 exp = p.slot.exp
-                rows, tabs = self._dmeta[p.key]
+                runs, bits, tabs = self._dmeta[p.key]
             out = ops.empty(m.words, np.uint16)
             a = ops.record(self._dec_s, timing=True)
-            ops.decode(exp, sm, rows, tabs, out, self._dec_s)
+            ops.decode(exp, sm, runs, bits, tabs, m.segment, out, self._dec_s)
             b = ops.record(self._dec_s, timing=True)
             self.stats.events.append((a, b))
             self.stats.gpu_decodes += 1
@@ -365,7 +366,7 @@ class GpuExpertEngine(ExpertEngine):
         """Bytes held: on the GPU the dense weights, tiers F/C/S/E (C and E with their segment
         tables) and the budget; in host memory the pinned host cache and staging blocks."""
         rep = super().memory_report()
-        tables = sum(r.nbytes + t.nbytes for r, t in self._dmeta.values())
+        tables = sum(sum(a.nbytes for a in d) for d in self._dmeta.values())
         rep["tables (C/E)"] = tables
         rep["host pinned"] = self._host_regions
         rep["host tables"] = sum(b.nbytes for b in self._host.values()) - self._host_regions

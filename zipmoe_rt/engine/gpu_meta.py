@@ -8,12 +8,13 @@ exponents coded LSB-first. One GPU thread per stream (:mod:`~zipmoe_rt.backends.
 correct but serial: an expert of the Qwen3-30B-A3B shape has 48 streams of ~98 K symbols. As
 DFloat11 does with its per-thread start table, the runtime records, once per expert, the bit
 position of every :data:`SEGMENT`-th symbol of every stream (a host decode of the chunk, then the
-running sum of the code lengths), so each GPU thread decodes :data:`SEGMENT` symbols from a known
-bit and merges them with their sign+mantissa bytes into BF16 words (one kernel per expert). The
-table is derived from the file's own bytes (CRC-checked) and changes nothing in the format.
+running sum of the code lengths: 4 bytes per 256 weights, ~1 % of the compressed expert), so each
+GPU thread decodes :data:`SEGMENT` symbols from a known bit and merges them with their
+sign+mantissa bytes into BF16 words (one kernel per expert). The table is derived from the
+file's own bytes (CRC-checked) and changes nothing in the format.
 
 **Block.** An expert's host block (pinned staging buffer or host cache entry) and its device
-copy hold ``[SM region | exponent region | segment rows | decode tables]`` at 256-byte aligned
+copy hold ``[SM region | exponent region | runs | segment bits | decode tables]`` at 256-byte aligned
 offsets, so one ``cudaMemcpyAsync`` moves a miss.
 """
 from __future__ import annotations
@@ -25,13 +26,13 @@ import numpy as np
 from zmoe import huffman
 from zmoe.constants import EXP_HUFFMAN
 
-#: symbols decoded by one GPU thread (the segment table holds one row per segment)
-SEGMENT = 2048
+#: symbols decoded by one GPU thread
+SEGMENT = 256
 #: alignment (bytes) of the parts of a block and of each tensor in a decoded expert
 ALIGN = 256
-#: int32 fields per segment row: bit start (in the exponent region), end byte of its stream,
-#: first output element, first SM byte, symbol count, decode table index
-ROW_FIELDS = 6
+#: int32 fields per run: first segment, end byte of its stream (in the exponent region),
+#: first output word, first SM byte, symbol count, decode table index
+RUN_FIELDS = 6
 _MAX_I32 = (1 << 31) - 1
 
 
@@ -43,27 +44,35 @@ def _al(n: int) -> int:
 class ExpertMeta:
     """How to rebuild one expert on the device from its two regions.
 
+    A *run* is a range of consecutive symbols of one Huffman stream whose words are consecutive
+    in the output (a stream, or its part before / after the start of an output array); it is
+    cut into segments of ``segment`` symbols (the last one shorter), one GPU thread each.
+
     Attributes:
-        rows: int32 [nseg, :data:`ROW_FIELDS`] segment rows (empty for a raw expert).
+        runs: int32 [nruns, :data:`RUN_FIELDS`] (empty for a raw expert).
+        bits: int32 [nseg]: each segment's first bit in the exponent region.
         tabs: uint16 [ntab, 4096] decode tables, ``symbol | code length << 8`` per 12-bit
             window (LSB first).
-        outs: per output array ``(role, first element, shape)`` in the decoded word buffer
+        outs: per output array ``(role, first word, shape)`` in the decoded word buffer
             (``gate_up`` pieces are split into ``gate`` and ``up``, each aligned).
         words: uint16 words of the decoded buffer (padding included).
+        segment: symbols per segment.
         raw: the expert is stored raw (``raw-lru`` files): ``outs`` index the SM region's
             bytes as uint16 words instead, and nothing is decoded.
     """
 
-    rows: np.ndarray
+    runs: np.ndarray
+    bits: np.ndarray
     tabs: np.ndarray
     outs: list
     words: int
+    segment: int = SEGMENT
     raw: bool = False
 
     @property
     def meta_bytes(self) -> int:
-        """Bytes of rows + tables in a block."""
-        return _al(self.rows.nbytes) + self.tabs.nbytes
+        """Bytes of runs + segment bits + tables in a block."""
+        return _al(self.runs.nbytes) + _al(self.bits.nbytes) + self.tabs.nbytes
 
 
 def gpu_decodable(lay) -> bool:
@@ -74,15 +83,16 @@ def gpu_decodable(lay) -> bool:
     return all(p.dtype == "BF16" and p.codec == EXP_HUFFMAN and p.chunks for p in lay.pieces)
 
 
-def block_layout(lay, meta: ExpertMeta | None) -> tuple[int, int, int, int]:
-    """``(exp offset, rows offset, tables offset, total bytes)`` of the expert's block (the SM
-    region is at 0)."""
+def block_layout(lay, meta: ExpertMeta | None) -> tuple[int, int, int, int, int]:
+    """``(exp offset, runs offset, bits offset, tables offset, total bytes)`` of the expert's
+    block (the SM region is at 0)."""
     e0 = _al(lay.sm_region[1])
     r0 = _al(e0 + lay.exp_region[1])
     if meta is None or meta.raw:
-        return e0, r0, r0, r0
-    t0 = r0 + _al(meta.rows.nbytes)
-    return e0, r0, t0, t0 + meta.tabs.nbytes
+        return e0, r0, r0, r0, r0
+    b0 = r0 + _al(meta.runs.nbytes)
+    t0 = b0 + _al(meta.bits.nbytes)
+    return e0, r0, b0, t0, t0 + meta.tabs.nbytes
 
 
 def meta_bound(lay, segment: int = SEGMENT) -> int:
@@ -90,12 +100,13 @@ def meta_bound(lay, segment: int = SEGMENT) -> int:
     before the exponent region is read)."""
     if all(p.raw for p in lay.pieces):
         return 0
-    rows = tabs = 0
+    runs = segs = tabs = 0
     for p in lay.pieces:
         for _, _, raw, _ in p.chunks:
-            rows += huffman.STREAMS * (-(-raw // (huffman.STREAMS * segment)) + 2) + 1
+            runs += 2 * huffman.STREAMS
+            segs += huffman.STREAMS * (-(-raw // (huffman.STREAMS * segment)) + 2)
             tabs += 1
-    return _al(rows * ROW_FIELDS * 4) + tabs * 4096 * 2
+    return _al(runs * RUN_FIELDS * 4) + _al(segs * 4) + tabs * 4096 * 2
 
 
 def _tables(lengths: np.ndarray) -> np.ndarray:
@@ -111,9 +122,8 @@ def _tables(lengths: np.ndarray) -> np.ndarray:
 
 def _bit_offsets(exps: np.ndarray, lengths: np.ndarray, at: np.ndarray) -> np.ndarray:
     """Bits used by ``exps[:j]`` for each ``j`` of ``at`` (sorted)."""
-    bits = lengths.astype(np.int64)[exps]
-    cum = np.concatenate(([0], np.cumsum(bits)))
-    return cum[at]
+    from ..kernels.gpu_segments import bit_offsets
+    return bit_offsets(exps, lengths.astype(np.uint8), np.ascontiguousarray(at, np.int64))
 
 
 def _out_splits(p, base: int, shape) -> tuple[list, list]:
@@ -131,30 +141,31 @@ def _out_splits(p, base: int, shape) -> tuple[list, list]:
 
 
 def build_meta(lay, exp: np.ndarray | None, segment: int = SEGMENT) -> ExpertMeta:
-    """The segment rows and decode tables of one expert, from its exponent region bytes.
+    """The runs, segment bits and decode tables of one expert, from its exponent region bytes.
 
     Args:
         lay: the expert's :class:`~zipmoe_rt.engine.layout.ExpertLayout` (must be
             :func:`gpu_decodable`).
         exp: uint8 exponent region (CRC-checked by the caller); ignored for a raw expert.
-        segment: symbols per segment.
+        segment: symbols per segment (per GPU thread).
     Returns:
         :class:`ExpertMeta`.
     Raises:
         zmoe.huffman.HuffmanError: a malformed chunk (names the tensor and chunk).
-        ValueError: regions too large for the int32 rows (> 256 MiB).
+        ValueError: regions too large for int32 offsets (> 256 MiB).
     """
     outs, word = [], 0
     if all(p.raw for p in lay.pieces):
         for p in lay.pieces:
             for role, s0, cnt, _, shape in _out_splits(p, 0, p.shape)[0]:
                 outs.append((role, p.sm[0] // 2 + s0, shape))
-        return ExpertMeta(np.zeros((0, ROW_FIELDS), np.int32), np.zeros((0, 4096), np.uint16),
-                          outs, lay.sm_region[1] // 2, raw=True)
+        return ExpertMeta(np.zeros((0, RUN_FIELDS), np.int32), np.zeros(0, np.int32),
+                          np.zeros((0, 4096), np.uint16), outs, lay.sm_region[1] // 2,
+                          segment, raw=True)
     if 8 * lay.exp_region[1] > _MAX_I32 or lay.sm_region[1] > _MAX_I32:
         raise ValueError(f"expert {lay.layer}/{lay.expert}: regions above 256 MiB are not "
                          f"decoded on the GPU")
-    rows, tabs, keys = [], [], {}
+    runs, bits, tabs, keys = [], [], [], {}
     for p in lay.pieces:
         splits, nxt = _out_splits(p, word, p.shape)
         word = nxt[0]
@@ -177,41 +188,32 @@ def build_meta(lay, exp: np.ndarray | None, segment: int = SEGMENT) -> ExpertMet
             for (so, size), (a, b) in zip(spans, huffman.stream_ranges(raw)):
                 if b <= a:
                     continue
-                cuts = set(range(a, b, segment))
-                for _, s_0, _, _, _ in splits:            # an output array starts here
-                    if a < s_0 - first < b:
-                        cuts.add(s_0 - first)
-                at = np.array(sorted(cuts), np.int64)
-                bits = _bit_offsets(exps[a:b], lengths, at - a)
-                ends = np.append(at[1:], b)
-                for j, j1, bit in zip(at, ends, bits):
-                    el = first + int(j)                  # element in the piece
-                    role_w = next(w0 + el - s_0 for _, s_0, c, w0, _ in splits
-                                  if s_0 <= el < s_0 + c)
-                    rows.append((8 * (o + so) + int(bit), o + so + size, role_w,
-                                 p.sm[0] + el, int(j1 - j), t))
+                cuts = sorted({a, b} | {s_0 - first for _, s_0, _, _, _ in splits
+                                        if a < s_0 - first < b})
+                starts = np.concatenate([np.arange(c0, c1, segment)
+                                         for c0, c1 in zip(cuts[:-1], cuts[1:])])
+                offs = _bit_offsets(exps[a:b], lengths, starts - a)
+                seg_of = dict(zip(starts.tolist(), range(len(bits), len(bits) + len(starts))))
+                bits.extend((8 * (o + so) + offs).tolist())
+                for c0, c1 in zip(cuts[:-1], cuts[1:]):
+                    el = first + c0                      # element in the piece
+                    w = next(w0 + el - s_0 for _, s_0, c, w0, _ in splits if s_0 <= el < s_0 + c)
+                    runs.append((seg_of[c0], o + so + size, w, p.sm[0] + el, c1 - c0, t))
             first += raw
-    return ExpertMeta(np.array(rows, np.int32).reshape(-1, ROW_FIELDS),
-                      np.stack(tabs) if tabs else np.zeros((0, 4096), np.uint16), outs, word)
+    return ExpertMeta(np.array(runs, np.int32).reshape(-1, RUN_FIELDS),
+                      np.array(bits, np.int64).astype(np.int32),
+                      np.stack(tabs) if tabs else np.zeros((0, 4096), np.uint16), outs, word,
+                      segment)
 
 
 def pack_meta(meta: ExpertMeta, block: np.ndarray, lay) -> None:
-    """Write ``meta``'s rows and tables into their place in an expert's ``block``."""
-    _, r0, t0, end = block_layout(lay, meta)
+    """Write ``meta``'s runs, bits and tables into their places in an expert's ``block``."""
+    _, r0, b0, t0, end = block_layout(lay, meta)
     if meta.raw:
         return
-    block[r0:r0 + meta.rows.nbytes] = meta.rows.reshape(-1).view(np.uint8)
+    block[r0:r0 + meta.runs.nbytes] = meta.runs.reshape(-1).view(np.uint8)
+    block[b0:b0 + meta.bits.nbytes] = meta.bits.view(np.uint8)
     block[t0:end] = meta.tabs.reshape(-1).view(np.uint8)
-
-
-def decode_segments_host(exp: np.ndarray, sm: np.ndarray, rows: np.ndarray, tabs: np.ndarray,
-                         out: np.ndarray) -> None:
-    """Reference of the GPU segment kernel (:mod:`~zipmoe_rt.backends.cuda_experts`), one
-    segment after the other: decode each row's symbols from its bit start and merge them with
-    their sign+mantissa bytes into ``out`` (uint16 words). Used by the host device model of the
-    tests and to check tables."""
-    from ..kernels.gpu_segments import decode_segments
-    decode_segments(exp, sm, rows, tabs, out)
 
 
 def parse_host_budget(text, source) -> int:

@@ -64,10 +64,10 @@ class HostOps:
         """Copy host ``src`` into device ``dst`` (same byte size) on ``stream``."""
         dst[...] = src
 
-    def decode(self, exp, sm, rows, tabs, out, stream):
+    def decode(self, exp, sm, runs, bits, tabs, seg, out, stream):
         """The segment decode (:func:`~zipmoe_rt.kernels.gpu_segments.decode_segments`) on
-        ``stream``: rows int32 [n, 6], tabs uint16 [t, 4096], out uint16."""
-        decode_segments(exp, sm, rows, tabs, out)
+        ``stream``: runs int32 [r, 6], bits int32 [n], tabs uint16 [t, 4096], out uint16."""
+        decode_segments(exp, sm, runs, bits, tabs, seg, out)
 
     def copy(self, a, stream):
         """A contiguous device copy of ``a`` made on ``stream``."""

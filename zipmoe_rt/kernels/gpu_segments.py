@@ -1,7 +1,7 @@
 """Host (Numba) twin of the GPU segment decode kernel of
-:mod:`zipmoe_rt.backends.cuda_experts`: the same per-segment loop, for the host device model
-(:class:`~zipmoe_rt.engine.gpu_ops.HostOps`) and the tests of the segment tables
-(:mod:`zipmoe_rt.engine.gpu_meta`).
+:mod:`zipmoe_rt.backends.cuda_experts` (the same per-segment loop, for the host device model
+:class:`~zipmoe_rt.engine.gpu_ops.HostOps` and the tests of the segment tables), and the bit
+offsets the tables of :mod:`zipmoe_rt.engine.gpu_meta` are built from.
 """
 from __future__ import annotations
 
@@ -10,19 +10,40 @@ import numpy as np
 
 
 @nb.njit(cache=True, nogil=True)
-def decode_segments(exp, sm, rows, tabs, out):
-    """For each row ``(bit, end, w0, s0, count, table)`` of ``rows`` (int32 [n, 6]): decode
-    ``count`` Huffman symbols of ``exp`` (uint8) from bit ``bit`` (LSB first, 12-bit windows
-    of table ``tabs[table]``: ``symbol | length << 8``), reading no byte at or beyond ``end``,
-    and write the BF16 words ``(sm >> 7) << 15 | e << 7 | sm & 0x7F`` with the SM bytes
-    ``sm[s0:s0 + count]`` to ``out[w0:w0 + count]`` (uint16). format/SPEC.md §5.1, §5.3."""
-    for r in range(rows.shape[0]):
-        bit = np.int64(rows[r, 0])
-        end = np.int64(rows[r, 1])
-        w0 = np.int64(rows[r, 2])
-        s0 = np.int64(rows[r, 3])
-        cnt = np.int64(rows[r, 4])
-        t = rows[r, 5]
+def bit_offsets(exps, lengths, at):
+    """Bits used by ``exps[:j]`` (code ``lengths`` uint8 [256]) for each ``j`` of ``at``
+    (ascending int64): int64 [len(at)]."""
+    out = np.empty(at.size, np.int64)
+    acc = np.int64(0)
+    i = 0
+    for j in range(at.size):
+        stop = at[j]
+        while i < stop:
+            acc += lengths[exps[i]]
+            i += 1
+        out[j] = acc
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
+def decode_segments(exp, sm, runs, bits, tabs, seg, out):
+    """For each segment ``j`` (``bits[j]``: its first bit in ``exp``) of the run ``r`` holding
+    it (``runs[r] = (first segment, end byte, first word, first SM byte, symbols, table)``):
+    decode its symbols from that bit (LSB first, 12-bit windows of table ``tabs[table]``:
+    ``symbol | length << 8``), reading no byte at or beyond the end byte, and write the BF16
+    words ``(sm >> 7) << 15 | e << 7 | sm & 0x7F`` to ``out`` (uint16). format/SPEC.md §5.1,
+    §5.3."""
+    r = 0
+    for j in range(bits.size):
+        while r + 1 < runs.shape[0] and runs[r + 1, 0] <= j:
+            r += 1
+        k0 = np.int64(j - runs[r, 0]) * seg
+        cnt = min(np.int64(seg), np.int64(runs[r, 4]) - k0)
+        bit = np.int64(bits[j])
+        end = np.int64(runs[r, 1])
+        w0 = np.int64(runs[r, 2]) + k0
+        s0 = np.int64(runs[r, 3]) + k0
+        t = runs[r, 5]
         nxt = bit >> 3
         buf = np.uint64(0)
         have = 0
