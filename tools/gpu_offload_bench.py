@@ -147,11 +147,10 @@ def time_zipmoe(path, tokens, warm, **load_kw) -> dict:
             m.engine.stats.reset()
         net.backend.synchronize()
         t0 = time.perf_counter()
-        for t in ids[16 + warm:]:
-            net.forward(np.array([t]), cache)
+        logits = [net.forward(np.array([t]), cache) for t in ids[16 + warm:]]
         net.backend.synchronize()
         dt = time.perf_counter() - t0
-        r = {"tps": tokens / dt, "memory": m.memory_report()}
+        r = {"tps": tokens / dt, "memory": m.memory_report(), "logits": logits}
         if m.engine is not None and hasattr(m.engine, "gpu_report"):
             st = m.engine.stats.as_dict()
             tot = max(1, sum(st["hits"].values()))
@@ -251,19 +250,22 @@ def run(a):
           flush=True)
     res = {"layers": a.layers, "budget": a.budget, "budget_bytes": budget,
            "host_budget": a.host_budget, "tokens": a.tokens, "rows": {}}
-    unb = time_zipmoe(z, a.tokens, 4)
+    unb = time_zipmoe(z, a.tokens, 8)
     res["rows"]["zipmoe-rt, all experts on the GPU (no budget)"] = unb
     for pol, path in (("raw-lru", raw), ("zip-lru", z), ("zipmoe", z)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             r = time_zipmoe(path, a.tokens, 8, memory_budget=budget, policy=pol,
                             host_budget=a.host_budget)
+        r["bit_identical_to_unbudgeted"] = all(
+            np.array_equal(x, y) for x, y in zip(r.pop("logits"), unb["logits"]))
         res["rows"][pol] = r
         print(f"{pol}: {r['tps']:.1f} tok/s  {json.dumps({k: v for k, v in r.items() if k != 'memory'})}",
               flush=True)
     hfr = time_accelerate(hf, budget, a.hf_tokens, 2)
     res["rows"]["transformers + accelerate offload"] = hfr
     print(f"transformers + accelerate: {json.dumps(hfr)}", flush=True)
+    unb.pop("logits", None)
     base = res["rows"]["raw-lru"]["tps"]
     acc = hfr.get("tps")
     print("\n| configuration | decode tok/s | x raw-lru | x transformers+accelerate | "
