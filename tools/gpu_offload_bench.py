@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tools"), str(ROOT), str(ROOT / "format"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT), str(ROOT / "format")]
 
 KINDS = ("gate", "up", "down", "q", "k", "v", "o", "embed", "embed_mean", "attn_norm",
          "ffn_norm", "out_norm")
@@ -69,10 +69,35 @@ class NpzPools:
         return self._sample(self, *a, **kw)
 
 
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
+
+
+def tokenizer_json(vocab_size: int) -> str:
+    """A byte-level BPE over printable ASCII with exactly ``vocab_size`` ids (the model is
+    synthetic: the tokenizer only has to cover its ids)."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    words = ("the of and to in is was for on that with as by at from his her it be are this "
+             "which or had an not but they one all were their has there been more when will "
+             "would who so if no out up what about into than them can only other new some time")
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    alphabet = [chr(c) for c in range(0x21, 0x7F)] + ["\u0120"]
+    rng = random.Random(0)
+    text = " ".join(rng.choice(words.split()) for _ in range(3000))
+    tk.train_from_iterator([text], trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=alphabet, limit_alphabet=len(alphabet), show_progress=False))
+    tk.add_tokens([f"<x{i}>" for i in range(vocab_size - tk.get_vocab_size())])
+    return tk.to_str()
+
+
 def write_checkpoint(pools_path, out: Path, layers: int, seed: int = 0, tiny: bool = False):
     """The HF folder: config.json, safetensors, a synthetic tokenizer; returns hparams."""
     from make_synthetic_checkpoint import CONFIG_EXTRA, Sampler, preset
-    from test_api import TEMPLATE, _tokenizer_json
     from zipmoe_rt.convert.safetensors_io import write_safetensors
     from zipmoe_rt.families import get_family
     hp = preset("qwen3-moe", tiny, num_hidden_layers=layers, vocab_size=VOCAB)
@@ -81,34 +106,21 @@ def write_checkpoint(pools_path, out: Path, layers: int, seed: int = 0, tiny: bo
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
 
-    from synthetic_pools import bf16_to_f32, tensor_seed
-    mean = sampler.pools.pools["embed_mean"]
-    orng = np.random.default_rng(tensor_seed(seed, "embed_offset"))   # as Sampler's embedding
-    offset = mean[orng.integers(0, mean.size, hp.hidden_size)].astype(np.float32)
-    norms = {s.layer: s for s in fam.tensor_specs(hp) if s.key == "ffn_norm"}
-
     def make(s):
-        if s.key == "router":
-            # random rows orthogonal to the router inputs' common direction (the embedding's
-            # offset through the layer's norm weight): else that direction alone picks the
-            # same experts for every token
-            u = offset * bf16_to_f32(sampler(norms[s.layer]))
-            u /= np.linalg.norm(u)
-            w = rng.standard_normal(s.shape).astype(np.float32)
-            w -= np.outer(w @ u, u)
-            w *= np.float32(4.0 / math.sqrt(s.shape[1]))
-            return (w.view(np.uint32) >> 16).astype(np.uint16)
+        if s.key == "router":        # provisional; replaced by calibrate_routers
+            return np.zeros(s.shape, np.uint16)
         if s.key == "lm_head":
             return sampler.draw(s.name, "embed", s.shape, scale=math.sqrt(576 / s.shape[1]))
         return sampler(s)
 
     specs = [s for s in fam.tensor_specs(hp) if not s.tied]
     per_layer: dict = {}
-    for s in specs:
-        per_layer.setdefault(s.layer if s.layer is not None else -1, []).append(s)
+    for s in specs:     # one shard per layer; the routers in a small shard of their own
+        per_layer.setdefault("routers" if s.key == "router" else
+                             (s.layer if s.layer is not None else -1), []).append(s)
     wm = {}
-    for i, (layer, group) in enumerate(sorted(per_layer.items(), key=lambda kv: kv[0])):
-        fname = f"model-{i + 1:05d}.safetensors"
+    for i, (layer, group) in enumerate(sorted(per_layer.items(), key=lambda kv: str(kv[0]))):
+        fname = "routers.safetensors" if layer == "routers" else f"model-{i + 1:05d}.safetensors"
         write_safetensors(out / fname, {s.name: ("BF16", s.shape, (lambda s=s: make(s)))
                                         for s in group}, metadata={"format": "pt"})
         wm.update({s.name: fname for s in group})
@@ -117,10 +129,59 @@ def write_checkpoint(pools_path, out: Path, layers: int, seed: int = 0, tiny: bo
     cfg = {**fam.hf_config(hp), **CONFIG_EXTRA, "bos_token_id": None, "eos_token_id": VOCAB - 1,
            "pad_token_id": None}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out / "tokenizer.json").write_text(_tokenizer_json(VOCAB))
+    (out / "tokenizer.json").write_text(tokenizer_json(VOCAB))
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "chat_template": TEMPLATE}))
     return hp
+
+
+def calibrate_routers(folder: Path, device: str, sigma: float = 2.0, seed: int = 0) -> list:
+    """Replace the routers of ``folder`` by random rows orthogonal to the mean of each layer's
+    router inputs (measured by running the model on random tokens), scaled so that the logits
+    vary with standard deviation ``sigma`` from token to token (as
+    ``make_synthetic_checkpoint.py`` does, without its fitted skew and locality): otherwise the
+    inputs' common direction alone picks the same experts for every token. Returns the distinct
+    experts per layer selected over the calibration tokens afterwards."""
+    from zipmoe_rt.convert.safetensors_io import write_safetensors
+    from zipmoe_rt.models import build_model
+    from zipmoe_rt.models.weights import CheckpointSource
+
+    def run():
+        src = CheckpointSource(folder)
+        if device == "cuda":
+            from zipmoe_rt.backends import get_backend
+            from zipmoe_rt.models.moe import ExpertExecutor
+            be = get_backend("cuda")
+            net = build_model(src, executor=ExpertExecutor(be.resident_experts(src), be),
+                              backend="cuda")
+        else:
+            net = build_model(src)
+        xs, used = {}, {}
+
+        def hook(layer, x, logits, idx, w):
+            xs.setdefault(layer, []).append(np.asarray(net.backend.to_host(x), np.float32))
+            used.setdefault(layer, set()).update(np.asarray(idx).reshape(-1).tolist())
+        net.route_hook = hook
+        for i in range(2):
+            net.forward(_stream(48, seed=100 + i), net.new_cache(), last_only=True)
+        return {k: np.concatenate(v) for k, v in xs.items()}, used
+
+    xs, _ = run()
+    E = int(json.loads((folder / "config.json").read_text())["num_experts"])
+    rng = np.random.default_rng(seed + 7)
+    routers = {}
+    idx = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    names = sorted(n for n, f in idx.items() if f == "routers.safetensors")
+    for name, (layer, x) in zip(names, sorted(xs.items())):
+        u = x.mean(0)
+        u /= np.linalg.norm(u)
+        w = rng.standard_normal((E, x.shape[1])).astype(np.float32)
+        w -= np.outer(w @ u, u)
+        w *= np.float32(sigma / float(np.std((x - x.mean(0)) @ w.T)))
+        routers[name] = ("BF16", w.shape, (lambda w=w: (w.view(np.uint32) >> 16).astype(np.uint16)))
+    write_safetensors(folder / "routers.safetensors", routers, metadata={"format": "pt"})
+    _, used = run()
+    return [len(used[k]) for k in sorted(used)]
 
 
 def _stream(n, seed=5):
@@ -219,7 +280,9 @@ def run(a):
     global DEVICE
     DEVICE = a.device
     write_checkpoint(a.pools, hf, a.layers, tiny=a.tiny)
-    print(f"checkpoint written ({time.perf_counter() - t0:.0f} s)", flush=True)
+    distinct = calibrate_routers(hf, DEVICE)
+    print(f"checkpoint written ({time.perf_counter() - t0:.0f} s); routers calibrated: "
+          f"{distinct} distinct experts per layer over 96 tokens", flush=True)
     z = convert(hf, work / "model.zmoe", progress=False)
     raw = convert(hf, work / "model.raw.zmoe", expert_encoding="raw", progress=False)
     print(f"converted ({time.perf_counter() - t0:.0f} s): {z.stat().st_size / 1e9:.2f} GB "

@@ -97,8 +97,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             :data:`~zipmoe_rt.engine.limit.DEFAULT_CONTEXT`).
         device: ``cpu`` (Numba kernels), ``cuda`` (the CuPy backend on the GPU: dense weights,
             KV cache and compute there; unbudgeted, every expert is uploaded once and stays on
-            the GPU; under a budget the engine still reads and decodes on the CPU and each
-            decoded expert is uploaded when used), or ``auto`` (cuda when CuPy imports and sees
+            the GPU; under a budget the budget counts GPU memory and misses are copied
+            compressed and decoded on the GPU, :mod:`zipmoe_rt.engine.gpu_engine`), or ``auto`` (cuda when CuPy imports and sees
             a GPU, else cpu with one :class:`~zipmoe_rt.backends.DeviceWarning`).
         resident: without a budget, how experts are held: ``full`` (decoded to BF16 on first
             use and kept) or ``compressed`` (every expert read at load and kept in the compute
