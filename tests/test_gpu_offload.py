@@ -215,3 +215,27 @@ def test_cli_host_budget_on_cpu_is_one_line_error(tiny_case):
     assert r.exit_code != 0
     msg = r.output.strip().splitlines()
     assert len(msg) == 1 and "--host-budget" in msg[0] and "Traceback" not in r.output
+
+
+def test_bench_host_budget_needs_cuda(tiny_case):
+    from zipmoe_rt import bench
+    with pytest.raises(ValueError, match=r"host_budget \(--host-budget\): applies to --device cuda"):
+        bench.run(tiny_case("mixtral").zmoe, ["50%"], ["zip-lru"], host_budget="1GB")
+
+
+def test_gpu_report_lines():
+    """bench's per-row GPU line and /stats' GPU line state the device, tiers, PCIe bytes and
+    kernel time they are given."""
+    from zipmoe_rt.bench import gpu_line, gpu_row_line
+    row = {"policy": "zipmoe", "budget": "25%", "gpu": "NVIDIA H100",
+           "memory": {"dense": 110e6, "F": 300e6, "C": 50e6, "S": 0, "E": 2e6,
+                      "host pinned": 1.6e9},
+           "pcie_bytes_per_token": 12.5e6, "gpu_decode_ms_per_token": 0.25}
+    line = gpu_row_line(row)
+    assert "NVIDIA H100" in line and "110/300/50/0/2" in line and "1600 MB" in line
+    assert "12.50 MB over PCIe" in line and "0.250 ms of decode kernels" in line
+    rep = {"device": "NVIDIA H100", "uploads": 7, "pcie_bytes": 3.5e6, "gpu_decodes": 5,
+           "gpu_decode_s": 0.0012, "host_hits": 4, "file_misses": 3}
+    s = gpu_line(rep)
+    assert s == ("GPU NVIDIA H100: 7 expert uploads, 3.5 MB over PCIe, 5 GPU decodes (1.20 ms "
+                 "in kernels), 4 from host memory, 3 read from the file")

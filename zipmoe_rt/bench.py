@@ -246,6 +246,9 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     from .engine.resident import check_resident
     for r in residents:
         check_resident(r)
+    if host_budget is not None and device != "cuda":
+        raise ValueError("host_budget (--host-budget): applies to --device cuda with "
+                         "--memory-budget")
     if "compressed" in residents and None not in budgets:
         raise ValueError("--resident compressed applies to the unbudgeted rows: add "
                          "--memory-budget none")
