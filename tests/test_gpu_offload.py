@@ -131,6 +131,31 @@ def test_gpu_engine_bit_identical_and_really_reloads(tiny_case, name):
                 source.close()
 
 
+def test_partial_host_cache_serves_some_misses(tiny_case):
+    """A host budget of 40 % keeps the first expert ranks of every layer in host memory within
+    the budget; the other misses are read from the file; the logits do not change."""
+    case = tiny_case("mixtral")
+    src = ZmoeSource(case.zmoe)
+    hb = parse_host_budget("40%", src)
+    src.close()
+    source, eng = _engine(case, "zip-lru", case.budget("min"), hb)
+    try:
+        held = set(eng._host)
+        n_layers = len(eng.hp["moe_layers"])
+        assert 0 < len(held) < len(eng.layouts)
+        assert all((layer, 0) in held for layer in eng.hp["moe_layers"])   # rank 0 first
+        assert len({e for _, e in held}) <= -(-len(held) // n_layers)     # whole ranks
+        assert eng.memory_report()["host pinned"] <= hb
+        net = build_model(source, executor=eng)
+        logits, tokens = generate(net, case.ids, 10)
+        assert tokens == case.ref_tokens
+        assert_same_logits(logits, case.ref_logits)
+        assert eng.stats.host_hits > 0 and eng.stats.file_misses > 0
+    finally:
+        eng.close()
+        source.close()
+
+
 def test_pcie_bytes_are_the_compressed_regions(tiny_case):
     """A miss of a compressed expert sends its two regions and its tables (less than its BF16
     bytes for real-size experts; here the tables of a tiny expert weigh more), a raw miss its

@@ -175,6 +175,8 @@ class GpuExpertEngine(ExpertEngine):
         used = 0
         for r in range(n):
             for li, layer in enumerate(layers):
+                if ranks is not None and r >= len(ranks[li]):
+                    continue
                 e = int(ranks[li][r]) if ranks is not None else r
                 key = (layer, e)
                 s = self.slots.get(key)
