@@ -103,7 +103,6 @@ def write_checkpoint(pools_path, out: Path, layers: int, seed: int = 0, tiny: bo
     hp = preset("qwen3-moe", tiny, num_hidden_layers=layers, vocab_size=VOCAB)
     fam = get_family(hp.family)
     sampler = Sampler(hp, NpzPools(pools_path), seed, 0.05)
-    rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
 
     def make(s):

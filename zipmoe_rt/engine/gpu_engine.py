@@ -385,6 +385,8 @@ class GpuExpertEngine(ExpertEngine):
                 "file_misses": d["file_misses"], "gpu_decode_s": d["gpu_decode_s"]}
 
     def close(self):
+        """Stop the I/O threads and drop every buffer the engine holds on the GPU and in pinned
+        host memory (they go back to CuPy's pools)."""
         super().close()
         self.slots.clear()
         self._dmeta.clear()
