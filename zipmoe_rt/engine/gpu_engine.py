@@ -309,11 +309,11 @@ class GpuExpertEngine(ExpertEngine):
             ops.wait(self._dec_s, ev_c)
         sm = dbuf[0:sm_n] if p.need_sm else p.slot.sm
         roles = {}
-        if m.raw:
-            words = sm.view(np.uint16)
+        if m.raw:           # views of the copied words; a copy only where one is misaligned
+            words = sm.view(np.uint16)          # for the 16-byte loads of the GEMV kernels
             for role, w0, shape in m.outs:
-                n = int(np.prod(shape))
-                roles[role] = ops.copy(words[w0:w0 + n], self._dec_s).reshape(shape)
+                v = words[w0:w0 + int(np.prod(shape))]
+                roles[role] = (v if (2 * w0) % 16 == 0 else ops.copy(v, self._dec_s)).reshape(shape)
         else:
             if p.need_exp:
                 exp = dbuf[e0 - lo:e0 - lo + exp_n]
