@@ -147,7 +147,8 @@ class ModelHost:
             if job is None:
                 break
             try:
-                if job.cancel.is_set():
+                if job.cancel.is_set():          # the client left while it was queued
+                    self.last_result = {"finish_reason": "cancelled", "completion_tokens": 0}
                     job.emit(("cancelled",))
                 else:
                     self._run(job)
