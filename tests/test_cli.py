@@ -435,6 +435,7 @@ def test_chat_piped_commands(model, tiny_zmoe):
     script = ("hello world\n"
               "/stats\n"
               "/reset\n"
+              "/stats\n"
               "tell me a story\n"
               "/system be brief\n"
               "tell me a story\n"
@@ -456,6 +457,10 @@ def test_chat_piped_commands(model, tiny_zmoe):
     assert "(conversation cleared; no system prompt)" in err
     assert "(system prompt set; conversation cleared)" in err
     assert "unknown command /bogus" in err
+    # /stats right after /reset: no reply timings from before the reset, an empty KV cache
+    after_reset = err.split("(conversation cleared; no system prompt)", 1)[1]
+    assert after_reset.lstrip().startswith("(no reply in this conversation yet)\n"
+                                           "conversation: 0 messages, 0 tokens in the KV cache")
     # /stats after the first reply, then after the last: stats line, conversation, memory
     stats = [STATS_RE.match(l) for l in err.splitlines()]
     stats = [m.groups() for m in stats if m]
@@ -466,9 +471,9 @@ def test_chat_piped_commands(model, tiny_zmoe):
     assert conv_lines[0] == ("2", str(p1 + 5 - 1))
     p4, c4 = int(stats[1][0]), int(stats[1][1])
     assert p4 + c4 == len(model.tokenizer.encode_chat(conv)) and c4 > 0
-    assert conv_lines[1] == ("4", str(p4 + c4 + 5 - 1))
+    assert conv_lines[2] == ("4", str(p4 + c4 + 5 - 1))
     mem = re.findall(r"^memory: dense ([\d.]+) MB, experts ([\d.]+) MB$", err, re.M)
-    assert len(mem) == 2
+    assert len(mem) == 3
     assert float(mem[0][0]) == pytest.approx(model.source.dense_bytes() / 1e6, abs=0.05)
     assert float(mem[0][0]) > 0 and float(mem[1][1]) > 0
 

@@ -332,7 +332,7 @@ def chat(model, system, **kw):
 
 
 def _session_stats(m, session) -> str:
-    lines = [_stats_line(m.last_stats) or "(no reply yet)",
+    lines = [_stats_line(m.last_stats) or "(no reply in this conversation yet)",
              f"conversation: {len(session.messages)} messages, {len(session.state.token_ids)} "
              f"tokens in the KV cache"]
     lines.append(m.memory_line())
