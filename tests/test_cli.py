@@ -512,7 +512,7 @@ def test_chat_ctrl_c_during_prefill_keeps_the_conversation(model, tiny_zmoe, mon
 def test_chat_stats_before_any_reply(tiny_zmoe):
     r = cli("chat", tiny_zmoe, input="/stats\n")
     assert r.exit_code == 0 and r.stdout == ""
-    assert "(no reply yet)" in r.stderr
+    assert "(no reply in this conversation yet)" in r.stderr
     assert "conversation: 0 messages, 0 tokens in the KV cache" in r.stderr
 
 
