@@ -711,3 +711,22 @@ def test_convert_output_naming_a_folder_is_refused(tmp_path):
     out.mkdir()
     r = cli("convert", tmp_path, "-o", out)
     assert r.exit_code != 0 and "is a directory" in r.stderr, r.stderr
+
+
+def test_verify_names_every_corrupt_tensor(tiny_zmoe, tmp_path):
+    """verify checks the whole file: two corrupt experts are both named in its one error line."""
+    once = tmp_path / "once.zmoe"
+    bad = tmp_path / "bad.zmoe"
+    first = _flip_expert_exponent_byte(tiny_zmoe, once, layer=0, expert=1)
+    second = _flip_expert_exponent_byte(once, bad, layer=1, expert=2)
+    assert first != second
+    r = cli("verify", bad, "-q")
+    line = assert_one_line_error(r, bad, repr(first), "CRC-32", "2 corrupt tensors in all",
+                                 f"also {second!r}")
+    assert "OK" not in r.stdout, line
+    with zmoe.ZmoeReader(bad) as rd:
+        assert [n for n, _ in rd.verify(keep_going=True)] == [first, second]
+        with pytest.raises(zmoe.ChecksumError, match=repr(first)):
+            rd.verify()
+    with zmoe.ZmoeReader(tiny_zmoe) as rd:
+        assert rd.verify(keep_going=True) == []
