@@ -344,6 +344,10 @@ def test_run_under_a_memory_budget_gives_the_same_text(model, tiny_zmoe):
     r = cli("run", tiny_zmoe, "-p", "hello", "-n", 12, "--memory-budget", "30%")
     assert r.exit_code == 0, r.output
     assert r.stdout == want
+    # the budget is stated on stderr, as with --memory-limit
+    with zipmoe_rt.load(tiny_zmoe, memory_budget="30%") as m:
+        line = f"zipmoe-rt: no memory limit; weight budget {m.engine.budget / 1e6:.1f} MB; policy "
+    assert r.stderr.splitlines()[0].startswith(line), r.stderr
     assert_one_line_error(cli("run", tiny_zmoe, "-p", "hello", "-m", "lots"), "--memory-budget",
                           "lots")
 
