@@ -203,11 +203,45 @@ def bench_huffman(be, src, layer=0):
     raws = np.array([r for _, r in chunks], np.int64)
     dev = cp.asarray(buf)
     n = int(raws.sum())
-    t = timed(lambda: be.decode_exponents(dev, offs, sizes, raws), 3, be.synchronize)
+    from zipmoe_rt.backends import cuda_huffman
+    res = {}
+    for parallel in (False, True):
+        cuda_huffman.PARALLEL = parallel
+        got = be.decode_exponents(dev, offs, sizes, raws)
+        res[parallel] = (timed(lambda: be.decode_exponents(dev, offs, sizes, raws), 3,
+                               be.synchronize), cp.asnumpy(got))
+    # the kernels alone (headers parsed and tables built once, as decode_exponents does)
+    from zmoe import huffman
+
+    from zipmoe_rt.backends.cuda_planes import _tables
+    starts = np.concatenate([[0], np.cumsum(raws)])
+    keys, syms, lens, rows = {}, [], [], []
+    for i in range(len(chunks)):
+        c = buf[offs[i]:offs[i] + sizes[i]]
+        lengths, spans = huffman.parse_header(c, int(raws[i]))
+        key = c[:huffman.LENGTHS_BYTES].tobytes()
+        if key not in keys:
+            keys[key] = len(syms)
+            a, b = _tables(lengths)
+            syms.append(a)
+            lens.append(b)
+        for (so, sz), (x0, x1) in zip(spans, huffman.stream_ranges(int(raws[i]))):
+            rows.append((offs[i] + so, sz, starts[i] + x0, x1 - x0, keys[key]))
+    rows = np.array(rows, np.int64)
+    sy, ln = cp.asarray(np.concatenate(syms)), cp.asarray(np.concatenate(lens))
+    out = cp.empty(n, cp.uint8)
+    tk = timed(lambda: cuda_huffman.decode_streams(dev, rows, sy, ln, out), 5, be.synchronize)
+    print(f"Huffman decode kernels alone (segments, passes, prefix sum, write): "
+          f"{2 * n / tk / 1e9:.1f} GB/s of BF16 output ({tk * 1e3:.1f} ms); equal: "
+          f"{np.array_equal(cp.asnumpy(out), res[True][1])}")
+    same = np.array_equal(res[False][1], res[True][1])
+    ts, tp = res[False][0], res[True][0]
     print(f"Huffman exponent decode: {len(mats)} tensors, {len(chunks)} chunks "
           f"({4 * len(chunks)} streams), {n / 1e6:.0f} M exponents at "
-          f"{8 * buf.size / n:.2f} bits: {2 * n / t / 1e9:.1f} GB/s of BF16 output "
-          f"({t * 1e3:.1f} ms)")
+          f"{8 * buf.size / n:.2f} bits: one thread per {cuda_huffman.SEG_BITS}-bit segment "
+          f"{2 * n / tp / 1e9:.1f} GB/s of BF16 output ({tp * 1e3:.1f} ms, host preparation "
+          f"included), one thread per stream {2 * n / ts / 1e9:.1f} GB/s ({ts * 1e3:.1f} ms): "
+          f"{ts / tp:.1f}x; outputs equal: {same}")
 
 
 def bench_experts(be, src, srcp, reps=200):
@@ -232,7 +266,7 @@ def bench_experts(be, src, srcp, reps=200):
     o = cp.zeros(H, cp.float32)
     tb = timed(lambda: be.experts_token(o, x, bf, w), reps, be.synchronize)
     tp = timed(lambda: be.experts_token(o, x, pk, w), reps, be.synchronize)
-    nb = sum(2 * a.size for e in bf for a in e)
+    nb = sum(2 * a.size for e in bf for a in (e.gate, e.up, e.down))
     npk = sum(e.nbytes for e in pk)
     print(f"experts_token (k={k}, {H}x{hp['moe_intermediate_size']}): BF16 {tb * 1e6:.1f} us "
           f"({nb / tb / 1e9:.0f} GB/s), packed {tp * 1e6:.1f} us ({npk / tp / 1e9:.0f} GB/s of "
