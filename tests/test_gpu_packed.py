@@ -155,7 +155,7 @@ def test_expert_accumulate_bit_identical(be, T, H, I):
     got, want = be.to_host(out), be.to_host(ref)
     assert np.array_equal(got, want) and not np.array_equal(got, np.ones_like(got))
     d = cuda_packed.unpack_expert(be, cuda_packed.upload(packed))
-    for a, b in zip(d, bf):
+    for a, b in zip((d.gate, d.up, d.down), (bf.gate, bf.up, bf.down)):
         assert np.array_equal(be.to_host(a), b)
     with pytest.raises(ValueError, match="expert_accumulate"):
         be.expert_accumulate(out, x[:, :-1], rows, w, cuda_packed.upload(packed))
@@ -204,3 +204,23 @@ def test_load_cuda_compressed_equals_bf16_gpu(tiny_moe_dir, tmp_path, name):
           f"tokens identical: {ct == ft}, experts {rep['experts']} B vs BF16 "
           f"{rep['experts_bf16']} B ({rep['experts'] / rep['experts_bf16']:.3f})")
     assert ct == ft and same
+
+
+@gpu
+def test_cli_run_cuda_compressed(tiny_moe_dir, tmp_path):
+    """``zipmoe-rt run --device cuda --resident compressed`` prints the completion of
+    ``--device cuda``."""
+    from click.testing import CliRunner
+    from test_api import make_chat_model
+
+    from zipmoe_rt.cli import main
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        z = make_chat_model(tiny_moe_dir("qwen2_moe"), tmp_path / "q")
+    outs = []
+    for extra in ([], ["--resident", "compressed"]):
+        r = CliRunner().invoke(main, ["run", str(z), "-p", "hello", "--raw", "-n", "12",
+                                      "--temp", "0", "--device", "cuda", *extra])
+        assert r.exit_code == 0, r.output
+        outs.append(r.stdout)
+    assert outs[0] == outs[1] and outs[0].strip()

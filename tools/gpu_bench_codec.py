@@ -230,10 +230,12 @@ def bench_huffman(be, src, layer=0):
     rows = np.array(rows, np.int64)
     sy, ln = cp.asarray(np.concatenate(syms)), cp.asarray(np.concatenate(lens))
     out = cp.empty(n, cp.uint8)
-    tk = timed(lambda: cuda_huffman.decode_streams(dev, rows, sy, ln, out), 5, be.synchronize)
-    print(f"Huffman decode kernels alone (segments, passes, prefix sum, write): "
-          f"{2 * n / tk / 1e9:.1f} GB/s of BF16 output ({tk * 1e3:.1f} ms); equal: "
-          f"{np.array_equal(cp.asnumpy(out), res[True][1])}")
+    for seg in (512, 1024, 2048, 4096):
+        tk = timed(lambda: cuda_huffman.decode_streams(dev, rows, sy, ln, out, seg), 5,
+                   be.synchronize)
+        print(f"Huffman decode kernels alone ({seg}-bit segments; passes, prefix sum, write): "
+              f"{2 * n / tk / 1e9:.1f} GB/s of BF16 output ({tk * 1e3:.1f} ms); equal: "
+              f"{np.array_equal(cp.asnumpy(out), res[True][1])}")
     same = np.array_equal(res[False][1], res[True][1])
     ts, tp = res[False][0], res[True][0]
     print(f"Huffman exponent decode: {len(mats)} tensors, {len(chunks)} chunks "
