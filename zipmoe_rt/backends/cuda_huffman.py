@@ -15,7 +15,7 @@ import cupy as cp
 from ..kernels import cuda_huffman_src
 
 #: bits per segment (one thread each); codewords are at most 12 bits.
-SEG_BITS = 1024
+SEG_BITS = 512
 #: :func:`zipmoe_rt.backends.cuda_planes.decode_exponents` decodes with :func:`decode_streams`
 #: (False: its one-thread-per-stream kernel, for comparison)
 PARALLEL = True

@@ -213,8 +213,7 @@ class CupyBackend(Backend):
         """``out[rows] += weights[:, None] * down(swiglu(x[rows]))`` (rows distinct); a packed
         expert (compute form) through :func:`~zipmoe_rt.backends.cuda_packed.expert_accumulate`,
         bit-identical."""
-        # -- compressed experts (cuda_packed) --
-        if cuda_packed.is_packed_any(expert):
+        if cuda_packed.is_packed_any(expert):      # compressed experts (cuda_packed)
             return cuda_packed.expert_accumulate(self, out, x, rows, weights,
                                                  cuda_packed.on_device(expert))
         gate, up, down = self._dev_expert(expert)
@@ -482,8 +481,7 @@ class ResidentExperts:
         return w
 
     def load_all(self):
-        """Upload every expert of the source now (``resident="compressed"``: the whole model
-        held on the GPU from loading on; the source keeps no host copy)."""
+        """Upload every expert of the source now (``resident="compressed"``)."""
         for layer, e in sorted(self.source.layouts):
             self.expert(layer, e)
 
