@@ -1,6 +1,8 @@
 """Numba CPU kernels of SwiGLU experts on BF16 weights read in place: the hidden activation
 ``silu(x @ gate.T) * (x @ up.T)``, one expert applied to the tokens routed to it, and the k
-experts of one token fused into two parallel regions (decode).
+experts of one token fused into two parallel regions (decode). Every kernel takes ``act``, the
+index of the gate's activation in :data:`zipmoe_rt.backends.base.ACTIVATIONS`: 0 SiLU, 1
+GELU-tanh (Gemma 4's ``gelu_pytorch_tanh`` experts and MLP).
 
 They follow ``MixtralExperts`` / ``Qwen2MoeMLP`` (transformers ``modeling_mixtral.py``,
 ``modeling_qwen2_moe.py``) in float32, and share the widening and blocked-dot helpers of
@@ -26,8 +28,42 @@ def _silu(g):
     return g / (np.float32(1.0) + np.exp(-g))
 
 
+#: GELU-tanh constants as ATen's GeluKernel spells them: sqrt(2) * (2 / sqrt(pi)) / 2, 0.044715
+_GELU_BETA = np.float32(0.7978845608028654)
+_GELU_KAPPA = np.float32(0.044715)
+
+
+@njit(inline="always")
+def _gelu_tanh(g):
+    """``0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))`` in float32 (``nn.GELU(approximate=
+    "tanh")``, transformers' ``gelu_pytorch_tanh``)."""
+    inner = _GELU_BETA * (g + _GELU_KAPPA * (g * g * g))
+    return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(inner))
+
+
+@njit(inline="always")
+def _act(g, act):
+    """The gate activation ``act`` (0 SiLU, 1 GELU-tanh) of one float32 value."""
+    if act == 1:
+        return _gelu_tanh(g)
+    return _silu(g)
+
+
+def gelu_tanh_np(g: np.ndarray) -> np.ndarray:
+    """:func:`_gelu_tanh` over a float32 array (NumPy, the same operations)."""
+    inner = _GELU_BETA * (g + _GELU_KAPPA * (g * g * g))
+    return (np.float32(0.5) * g * (np.float32(1.0) + np.tanh(inner))).astype(np.float32)
+
+
+def act_np(g: np.ndarray, act: int) -> np.ndarray:
+    """The gate activation ``act`` (0 SiLU, 1 GELU-tanh) over a float32 array (NumPy)."""
+    if act == 1:
+        return gelu_tanh_np(g)
+    return g / (np.float32(1.0) + np.exp(-g))
+
+
 @njit(**JIT_PARALLEL)
-def _swiglu_gate_up_gemv(x, gate, up, h):
+def _swiglu_gate_up_gemv(x, gate, up, h, act):
     """h[i] = silu(gate[i] . x) * (up[i] . x) for one token; rows i and i + I/2 of both
     matrices together (four sequential streams per thread)."""
     inter = gate.shape[0]
@@ -49,19 +85,19 @@ def _swiglu_gate_up_gemv(x, gate, up, h):
             g1 += bf16_to_f32(gr1[j]) * xj
             u0 += bf16_to_f32(ur0[j]) * xj
             u1 += bf16_to_f32(ur1[j]) * xj
-        h[i] = _silu(g0) * u0
-        h[k] = _silu(g1) * u1
+        h[i] = _act(g0, act) * u0
+        h[k] = _act(g1, act) * u1
     for i in range(q * 2, inter):
         g = np.float32(0.0)
         u = np.float32(0.0)
         for j in range(n):
             g += bf16_to_f32(gate[i, j]) * x[j]
             u += bf16_to_f32(up[i, j]) * x[j]
-        h[i] = _silu(g) * u
+        h[i] = _act(g, act) * u
 
 
 @njit(**JIT_PARALLEL)
-def _swiglu_gate_up_gemm(x, gate, up, h, nthreads):
+def _swiglu_gate_up_gemm(x, gate, up, h, nthreads, act):
     """h[t, i] = silu(gate[i] . x[t]) * (up[i] . x[t]); each weight row widened once."""
     T = x.shape[0]
     inter, n = gate.shape
@@ -82,10 +118,11 @@ def _swiglu_gate_up_gemm(x, gate, up, h, nthreads):
             dot_block(x, buf, 2 * nr, tmp, nobias, 0)
             for t in range(T):
                 for r in range(nr):
-                    h[t, i + r] = _silu(tmp[t, r]) * tmp[t, nr + r]
+                    h[t, i + r] = _act(tmp[t, r], act) * tmp[t, nr + r]
 
 
-def swiglu_expert(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+def swiglu_expert(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+                  act: int = 0) -> np.ndarray:
     """One SwiGLU expert ``down @ (silu(gate @ x) * (up @ x))`` per token, float32 accumulation.
 
     Follows ``MixtralExperts`` / ``Qwen2MoeMLP`` (transformers ``modeling_mixtral.py``,
@@ -95,6 +132,7 @@ def swiglu_expert(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndar
         x: float32 [T, H] (or [H]).
         gate, up: [I, H]; down: [H, I]. BF16 bits (uint16) take the fused path; float16/float32
             go through :func:`linear`.
+        act: the gate activation (0 SiLU, 1 GELU-tanh).
     Returns:
         float32 [T, H] (or [H] for 1-D x).
     Raises:
@@ -107,16 +145,18 @@ def swiglu_expert(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndar
     if up.shape != gate.shape or down.shape != (hid, inter) or x2.shape[1] != hid:
         raise ValueError(f"swiglu_expert: x {x.shape}, gate {gate.shape}, up {up.shape}, "
                          f"down {down.shape} disagree")
-    h = swiglu_hidden(x2, gate, up)
+    h = swiglu_hidden(x2, gate, up, act)
     y = linear(h, down)
     return y[0] if one else y
 
 
-def swiglu_hidden(x2: np.ndarray, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """``silu(x2 @ gate.T) * (x2 @ up.T)``: the hidden activation of a SwiGLU MLP.
+def swiglu_hidden(x2: np.ndarray, gate: np.ndarray, up: np.ndarray, act: int = 0) -> np.ndarray:
+    """``silu(x2 @ gate.T) * (x2 @ up.T)``: the hidden activation of a SwiGLU MLP (GELU-tanh in
+    place of SiLU with ``act`` 1).
 
     Args:
         x2: float32 [T, H], C-contiguous.  gate, up: [I, H] (BF16 bits fused; else via linear).
+        act: the gate activation (0 SiLU, 1 GELU-tanh).
     Returns:
         float32 [T, I].
     """
@@ -125,12 +165,14 @@ def swiglu_hidden(x2: np.ndarray, gate: np.ndarray, up: np.ndarray) -> np.ndarra
     if big and gate.dtype == np.uint16 and up.dtype == np.uint16:
         h = np.empty((T, gate.shape[0]), np.float32)
         if T == 1:
-            _swiglu_gate_up_gemv(x2[0], gate, up, h[0])
+            _swiglu_gate_up_gemv(x2[0], gate, up, h[0], act)
         elif T:
-            _swiglu_gate_up_gemm(x2, gate, up, h, get_num_threads())
+            _swiglu_gate_up_gemm(x2, gate, up, h, get_num_threads(), act)
         return h
     g = linear(x2, gate, parallel=big)
     u = linear(x2, up, parallel=big)
+    if act:
+        return gelu_tanh_np(g) * u
     return (g / (np.float32(1.0) + np.exp(-g))) * u
 
 
@@ -146,7 +188,7 @@ def _scatter_add(out, rows, w, y):
 
 
 def expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray, weights: np.ndarray,
-                      gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> None:
+                      gate: np.ndarray, up: np.ndarray, down: np.ndarray, act: int = 0) -> None:
     """``out[rows[i]] += weights[i] * expert(x[rows[i]])``: one expert applied to the tokens
     routed to it, as the loop body of ``MixtralExperts.forward`` (``index_add_`` of the
     weighted expert output).
@@ -157,6 +199,7 @@ def expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray, weights:
         rows: int64 [n] token indices (distinct).
         weights: float32 [n] routing weights.
         gate, up: [I, H]; down: [H, I] (BF16 bits, float16 or float32).
+        act: the gate activation (0 SiLU, 1 GELU-tanh).
     Raises:
         ValueError / TypeError: as :func:`swiglu_expert`.
     """
@@ -168,7 +211,7 @@ def expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray, weights:
     if up.shape != gate.shape or down.shape != (hid, inter) or xs.shape[1] != hid:
         raise ValueError(f"expert_accumulate: x {x.shape}, gate {gate.shape}, up {up.shape}, "
                          f"down {down.shape} disagree")
-    h = swiglu_hidden(xs, gate, up)
+    h = swiglu_hidden(xs, gate, up, act)
     y = np.empty((h.shape[0], hid), np.float32)
     linear_into(h, down, y)
     _scatter_add(out, np.ascontiguousarray(rows, dtype=np.int64),
@@ -180,7 +223,7 @@ def expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray, weights:
 
 
 @njit(**JIT_PARALLEL)
-def _experts_gemv(x, gates, ups, downs, w, out):
+def _experts_gemv(x, gates, ups, downs, w, out, act):
     """out[:] = sum_e w[e] * down_e @ (silu(gate_e @ x) * (up_e @ x)) for one token.
 
     gates/ups/downs are homogeneous tuples of BF16 (uint16) matrices."""
@@ -209,8 +252,8 @@ def _experts_gemv(x, gates, ups, downs, w, out):
             g1 += bf16_to_f32(gr1[j]) * xj
             u0 += bf16_to_f32(ur0[j]) * xj
             u1 += bf16_to_f32(ur1[j]) * xj
-        h[e, i] = _silu(g0) * u0
-        h[e, m] = _silu(g1) * u1
+        h[e, i] = _act(g0, act) * u0
+        h[e, m] = _act(g1, act) * u1
     for e in range(k):
         for i in range(q * 2, inter):
             g = np.float32(0.0)
@@ -218,7 +261,7 @@ def _experts_gemv(x, gates, ups, downs, w, out):
             for j in range(n):
                 g += bf16_to_f32(gates[e][i, j]) * x[j]
                 u += bf16_to_f32(ups[e][i, j]) * x[j]
-            h[e, i] = _silu(g) * u
+            h[e, i] = _act(g, act) * u
     qd = hid // 4
     for b in prange(qd):
         a0 = np.float32(0.0)
@@ -261,7 +304,8 @@ def _experts_gemv(x, gates, ups, downs, w, out):
         out[o] += a
 
 
-def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray) -> None:
+def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray,
+                   act: int = 0) -> None:
     """``out += sum_e weights[e] * expert_e(x)`` for ONE token and k experts in two parallel
     regions (decode path of ``MixtralExperts.forward``; the per-expert partial sums are combined
     in float32).
@@ -272,6 +316,7 @@ def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray)
         experts: sequence of k :class:`~zipmoe_rt.models.weights.ExpertWeights` (or
             (gate [I,H], up [I,H], down [H,I]) triples), all BF16 (uint16) of one shape.
         weights: float32 [k] routing weights.
+        act: the gate activation (0 SiLU, 1 GELU-tanh).
     Raises:
         ValueError: shapes disagree.  Falls back to :func:`expert_accumulate` per expert for
             non-BF16 or mixed array types.
@@ -288,11 +333,11 @@ def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray)
     types = {(a.dtype, a.flags.writeable, a.flags.aligned) for a in gates + ups + downs}
     big = 3 * len(gates) * inter * hid >= _lin.PAR_MIN_WORK
     if big and len(types) == 1 and gates[0].dtype == np.uint16:
-        _experts_gemv(x, gates, ups, downs, w, out)
+        _experts_gemv(x, gates, ups, downs, w, out, act)
         return
     o2, x2 = out.reshape(1, -1), x.reshape(1, -1)
     for j, (g, u, d) in enumerate(zip(gates, ups, downs)):
-        expert_accumulate(o2, x2, _ROW0, w[j:j + 1], g, u, d)
+        expert_accumulate(o2, x2, _ROW0, w[j:j + 1], g, u, d, act)
 
 
 _ROW0 = np.zeros(1, np.int64)
