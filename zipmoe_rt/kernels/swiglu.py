@@ -1,8 +1,10 @@
 """Numba CPU kernels of SwiGLU experts on BF16 weights read in place: the hidden activation
 ``silu(x @ gate.T) * (x @ up.T)``, one expert applied to the tokens routed to it, and the k
-experts of one token fused into two parallel regions (decode). Every kernel takes ``act``, the
-index of the gate's activation in :data:`zipmoe_rt.backends.base.ACTIVATIONS`: 0 SiLU, 1
-GELU-tanh (Gemma 4's ``gelu_pytorch_tanh`` experts and MLP).
+experts of one token fused into two parallel regions (decode). With ``act`` 1 (GELU-tanh in
+place of SiLU: Gemma 4's ``gelu_pytorch_tanh`` experts and MLP, index 1 of
+:data:`zipmoe_rt.backends.base.ACTIVATIONS`) the gate and up projections go through the
+parallel :func:`~zipmoe_rt.kernels.linear.linear` kernels and the activation through NumPy
+(:func:`gelu_tanh_np`), so the fused SiLU kernels stay as they are.
 
 They follow ``MixtralExperts`` / ``Qwen2MoeMLP`` (transformers ``modeling_mixtral.py``,
 ``modeling_qwen2_moe.py``) in float32, and share the widening and blocked-dot helpers of
@@ -33,37 +35,15 @@ _GELU_BETA = np.float32(0.7978845608028654)
 _GELU_KAPPA = np.float32(0.044715)
 
 
-@njit(inline="always")
-def _gelu_tanh(g):
-    """``0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))`` in float32 (``nn.GELU(approximate=
-    "tanh")``, transformers' ``gelu_pytorch_tanh``)."""
-    inner = _GELU_BETA * (g + _GELU_KAPPA * (g * g * g))
-    return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(inner))
-
-
-@njit(inline="always")
-def _act(g, act):
-    """The gate activation ``act`` (0 SiLU, 1 GELU-tanh) of one float32 value."""
-    if act == 1:
-        return _gelu_tanh(g)
-    return _silu(g)
-
-
 def gelu_tanh_np(g: np.ndarray) -> np.ndarray:
-    """:func:`_gelu_tanh` over a float32 array (NumPy, the same operations)."""
+    """``0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))`` over a float32 array
+    (``nn.GELU(approximate="tanh")``, transformers' ``gelu_pytorch_tanh``), float32."""
     inner = _GELU_BETA * (g + _GELU_KAPPA * (g * g * g))
     return (np.float32(0.5) * g * (np.float32(1.0) + np.tanh(inner))).astype(np.float32)
 
 
-def act_np(g: np.ndarray, act: int) -> np.ndarray:
-    """The gate activation ``act`` (0 SiLU, 1 GELU-tanh) over a float32 array (NumPy)."""
-    if act == 1:
-        return gelu_tanh_np(g)
-    return g / (np.float32(1.0) + np.exp(-g))
-
-
 @njit(**JIT_PARALLEL)
-def _swiglu_gate_up_gemv(x, gate, up, h, act):
+def _swiglu_gate_up_gemv(x, gate, up, h):
     """h[i] = silu(gate[i] . x) * (up[i] . x) for one token; rows i and i + I/2 of both
     matrices together (four sequential streams per thread)."""
     inter = gate.shape[0]
@@ -85,19 +65,19 @@ def _swiglu_gate_up_gemv(x, gate, up, h, act):
             g1 += bf16_to_f32(gr1[j]) * xj
             u0 += bf16_to_f32(ur0[j]) * xj
             u1 += bf16_to_f32(ur1[j]) * xj
-        h[i] = _act(g0, act) * u0
-        h[k] = _act(g1, act) * u1
+        h[i] = _silu(g0) * u0
+        h[k] = _silu(g1) * u1
     for i in range(q * 2, inter):
         g = np.float32(0.0)
         u = np.float32(0.0)
         for j in range(n):
             g += bf16_to_f32(gate[i, j]) * x[j]
             u += bf16_to_f32(up[i, j]) * x[j]
-        h[i] = _act(g, act) * u
+        h[i] = _silu(g) * u
 
 
 @njit(**JIT_PARALLEL)
-def _swiglu_gate_up_gemm(x, gate, up, h, nthreads, act):
+def _swiglu_gate_up_gemm(x, gate, up, h, nthreads):
     """h[t, i] = silu(gate[i] . x[t]) * (up[i] . x[t]); each weight row widened once."""
     T = x.shape[0]
     inter, n = gate.shape
@@ -118,7 +98,7 @@ def _swiglu_gate_up_gemm(x, gate, up, h, nthreads, act):
             dot_block(x, buf, 2 * nr, tmp, nobias, 0)
             for t in range(T):
                 for r in range(nr):
-                    h[t, i + r] = _act(tmp[t, r], act) * tmp[t, nr + r]
+                    h[t, i + r] = _silu(tmp[t, r]) * tmp[t, nr + r]
 
 
 def swiglu_expert(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
@@ -152,7 +132,7 @@ def swiglu_expert(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndar
 
 def swiglu_hidden(x2: np.ndarray, gate: np.ndarray, up: np.ndarray, act: int = 0) -> np.ndarray:
     """``silu(x2 @ gate.T) * (x2 @ up.T)``: the hidden activation of a SwiGLU MLP (GELU-tanh in
-    place of SiLU with ``act`` 1).
+    place of SiLU with ``act`` 1, never fused).
 
     Args:
         x2: float32 [T, H], C-contiguous.  gate, up: [I, H] (BF16 bits fused; else via linear).
@@ -162,12 +142,12 @@ def swiglu_hidden(x2: np.ndarray, gate: np.ndarray, up: np.ndarray, act: int = 0
     """
     T = x2.shape[0]
     big = 2 * T * gate.shape[0] * gate.shape[1] >= _lin.PAR_MIN_WORK
-    if big and gate.dtype == np.uint16 and up.dtype == np.uint16:
+    if big and gate.dtype == np.uint16 and up.dtype == np.uint16 and not act:
         h = np.empty((T, gate.shape[0]), np.float32)
         if T == 1:
-            _swiglu_gate_up_gemv(x2[0], gate, up, h[0], act)
+            _swiglu_gate_up_gemv(x2[0], gate, up, h[0])
         elif T:
-            _swiglu_gate_up_gemm(x2, gate, up, h, get_num_threads(), act)
+            _swiglu_gate_up_gemm(x2, gate, up, h, get_num_threads())
         return h
     g = linear(x2, gate, parallel=big)
     u = linear(x2, up, parallel=big)
@@ -223,7 +203,7 @@ def expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray, weights:
 
 
 @njit(**JIT_PARALLEL)
-def _experts_gemv(x, gates, ups, downs, w, out, act):
+def _experts_gemv(x, gates, ups, downs, w, out):
     """out[:] = sum_e w[e] * down_e @ (silu(gate_e @ x) * (up_e @ x)) for one token.
 
     gates/ups/downs are homogeneous tuples of BF16 (uint16) matrices."""
@@ -252,8 +232,8 @@ def _experts_gemv(x, gates, ups, downs, w, out, act):
             g1 += bf16_to_f32(gr1[j]) * xj
             u0 += bf16_to_f32(ur0[j]) * xj
             u1 += bf16_to_f32(ur1[j]) * xj
-        h[e, i] = _act(g0, act) * u0
-        h[e, m] = _act(g1, act) * u1
+        h[e, i] = _silu(g0) * u0
+        h[e, m] = _silu(g1) * u1
     for e in range(k):
         for i in range(q * 2, inter):
             g = np.float32(0.0)
@@ -261,7 +241,7 @@ def _experts_gemv(x, gates, ups, downs, w, out, act):
             for j in range(n):
                 g += bf16_to_f32(gates[e][i, j]) * x[j]
                 u += bf16_to_f32(ups[e][i, j]) * x[j]
-            h[e, i] = _act(g, act) * u
+            h[e, i] = _silu(g) * u
     qd = hid // 4
     for b in prange(qd):
         a0 = np.float32(0.0)
@@ -316,7 +296,7 @@ def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray,
         experts: sequence of k :class:`~zipmoe_rt.models.weights.ExpertWeights` (or
             (gate [I,H], up [I,H], down [H,I]) triples), all BF16 (uint16) of one shape.
         weights: float32 [k] routing weights.
-        act: the gate activation (0 SiLU, 1 GELU-tanh).
+        act: the gate activation (0 SiLU; 1 GELU-tanh, one expert at a time).
     Raises:
         ValueError: shapes disagree.  Falls back to :func:`expert_accumulate` per expert for
             non-BF16 or mixed array types.
@@ -332,8 +312,8 @@ def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray,
         raise ValueError("experts_decode: shapes disagree")
     types = {(a.dtype, a.flags.writeable, a.flags.aligned) for a in gates + ups + downs}
     big = 3 * len(gates) * inter * hid >= _lin.PAR_MIN_WORK
-    if big and len(types) == 1 and gates[0].dtype == np.uint16:
-        _experts_gemv(x, gates, ups, downs, w, out, act)
+    if big and len(types) == 1 and gates[0].dtype == np.uint16 and not act:
+        _experts_gemv(x, gates, ups, downs, w, out)
         return
     o2, x2 = out.reshape(1, -1), x.reshape(1, -1)
     for j, (g, u, d) in enumerate(zip(gates, ups, downs)):
