@@ -152,6 +152,16 @@ SPECS = {
         COMMON, head_dim=16, global_head_dim=32, intermediate_size=48, enable_moe_block=True,
         num_experts=4, top_k_experts=2, moe_intermediate_size=32, hidden_size_per_layer_input=0,
         sliding_window=6, tie_word_embeddings=True)),
+    # the text model of Gemma4ForConditionalGeneration (no vision or audio tower here; a tower
+    # is tested in test_gemma4.py): tensors under model.language_model., config in text_config
+    "gemma4_vl": ("gemma4", dict(
+        text_config=dict(
+            COMMON, num_hidden_layers=2, head_dim=16, global_head_dim=32,
+            num_global_key_value_heads=1, attention_k_eq_v=True, intermediate_size=48,
+            enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+            hidden_size_per_layer_input=0, sliding_window=5, final_logit_softcapping=30.0),
+        vision_config=None, audio_config=None, initializer_range=INIT_STD,
+        tie_word_embeddings=False)),
 }
 
 

@@ -110,6 +110,12 @@ class Keys:
         LOGITS_SCALING = "hparams.logits_scaling"
         # ERNIE 4.5 MoE
         MOE_NORM_MIN = "hparams.moe_norm_min"
+        # Gemma 4
+        GLOBAL_HEAD_DIM = "hparams.global_head_dim"
+        NUM_GLOBAL_KEY_VALUE_HEADS = "hparams.num_global_key_value_heads"
+        ATTENTION_K_EQ_V = "hparams.attention_k_eq_v"
+        GLOBAL_ROPE = "hparams.global_rope"
+        FINAL_LOGIT_SOFTCAPPING = "hparams.final_logit_softcapping"
 
     class HF:
         CONFIG = "hf.config"                    # json: the source config.json verbatim
