@@ -198,9 +198,13 @@ class Gemma4HParams(HParams):
         k_eq_v = config_bool(config, "attention_k_eq_v", False)
         kv = kw.get("num_key_value_heads", 4)
         plc = config.get("per_layer_config")
-        if plc is not None:
-            full = {str(i) for i, t in enumerate(types) if t == "full_attention"}
-            if not isinstance(plc, dict) or set(map(str, plc)) != full or not all(
+        if plc is not None:     # keys as transformers reads them: layer numbers ("05" = 5)
+            full = {i for i, t in enumerate(types) if t == "full_attention"}
+            try:
+                got = {int(k) for k in plc} if isinstance(plc, dict) else None
+            except (TypeError, ValueError):
+                got = None
+            if got != full or not all(
                     isinstance(v, dict) and set(v) <= {"head_dim", "num_key_value_heads"}
                     and "head_dim" in v for v in plc.values()):
                 raise ConfigError("config.json: per_layer_config must give head_dim (and "

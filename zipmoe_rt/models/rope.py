@@ -177,7 +177,9 @@ def proportional_inv_freq(args: HParams) -> np.ndarray:
     hd = int(args.head_dim)
     n = int(float(prf) * hd // 2)
     expo = np.arange(0, 2 * n, 2, dtype=np.int64).astype(np.float32) / f32(hd)
-    inv = (f32(1.0) / np.power(f32(base), expo, dtype=np.float32)).astype(np.float32)
+    # the power in float64, rounded once: within an ulp of torch's float32 pow
+    pw = np.power(float(base), expo.astype(np.float64)).astype(np.float32)
+    inv = (f32(1.0) / pw).astype(np.float32)
     inv = np.concatenate([inv, np.zeros(hd // 2 - n, np.float32)])
     return (inv / f32(factor)).astype(np.float32)
 
