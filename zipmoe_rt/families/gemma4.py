@@ -244,7 +244,14 @@ class Gemma4HParams(HParams):
         if self.num_attention_heads % self.num_global_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of "
                              "num_global_key_value_heads")
-        replace(self, rope=self.global_rope, head_dim=self.global_head_dim)._check_values()
+        rope, hd = self.rope, self.head_dim     # the full layers' RoPE, checked as the base does
+        self.rope, self.head_dim = self.global_rope, self.global_head_dim
+        try:
+            self._check_values()
+        except ValueError as e:
+            raise ValueError(f"global_rope (full_attention): {e}") from None
+        finally:
+            self.rope, self.head_dim = rope, hd
         cap = self.final_logit_softcapping
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))
                                 or not (math.isfinite(cap) and cap > 0)):
