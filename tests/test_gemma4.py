@@ -364,3 +364,19 @@ def test_plan_published_26b_a4b(tmp_path):
     assert {lay.full_bytes for lay in src.layouts.values()} == {3 * 704 * 2816 * 2}
     b = size_plan(tmp_path, memory_budget="25%").budget
     assert b.expert_full == 3 * 704 * 2816 * 2 and b.working_set == 8 * b.expert_full
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("global_rope", "x", "global_rope \\(full_attention\\): rope: 'x' is not an object"),
+    ("num_global_key_value_heads", 0, "num_global_key_value_heads: '0' is not a positive"),
+    ("global_head_dim", 33, "global_head_dim 33 must be even"),
+    ("attention_k_eq_v", "yes", "attention_k_eq_v: 'yes'"),
+    ("final_logit_softcapping", "30", "final_logit_softcapping: '30'"),
+    ("layer_types", None, "Gemma 4 needs the layer pattern"),
+])
+def test_stored_hparams_are_checked_on_load(field, value, needle):
+    """A container whose Gemma 4 hyper-parameters lie is refused on load, naming the field."""
+    hp = get_architecture(_text()).hparams()
+    hp[field] = value
+    with pytest.raises(ValueError, match=needle):
+        Gemma4HParams.from_hparams(hp)

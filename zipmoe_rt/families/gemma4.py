@@ -239,6 +239,9 @@ class Gemma4HParams(HParams):
                         ("num_global_key_value_heads", self.num_global_key_value_heads)):
             if type(v) is not int or not 1 <= v < 2 ** 31:
                 raise ValueError(f"{name}: {str(v)[:40]!r} is not a positive integer")
+        if not isinstance(self.attention_k_eq_v, bool):
+            raise ValueError(f"attention_k_eq_v: {str(self.attention_k_eq_v)[:40]!r} is not "
+                             f"true or false")
         if self.global_head_dim % 2:
             raise ValueError(f"global_head_dim {self.global_head_dim} must be even (RoPE)")
         if self.num_attention_heads % self.num_global_key_value_heads:
