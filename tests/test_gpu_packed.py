@@ -182,9 +182,6 @@ def test_load_cuda_compressed_equals_bf16_gpu(tiny_moe_dir, tmp_path, name):
     fused kernels for the experts with fewer rows) and every decode step, same 20 tokens."""
     import zipmoe_rt
     from test_api import make_chat_model
-    if SPECS[name][0] in ("gemma4", "gemma4_text"):     # Gemma 4: GELU-tanh experts
-        pytest.skip("the packed CUDA kernels compute SiLU experts only: load refuses "
-                    "resident='compressed' on cuda for Gemma 4's gelu_pytorch_tanh experts")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         z = make_chat_model(tiny_moe_dir(name), tmp_path / name)

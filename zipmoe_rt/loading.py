@@ -173,11 +173,6 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                         copy_dense=budgeted or not on_host, resident=resident)
     engine = None
     try:
-        act = str(source.hparams.get("hidden_act") or "silu")
-        if resident == "compressed" and not on_host and act != "silu":    # Gemma 4
-            raise ValueError(f"{path}: --resident compressed on --device cuda computes SiLU "
-                             f"experts only; the {source.hparams.get('family')} experts use "
-                             f"{act}: run without --resident compressed (or on the CPU)")
         tok = tokenizer_from_source(source)
         # the tokenizer holds its own parsed copy; the JSON text (~7 MB as a str) is not needed
         source.metadata.pop(Keys.Tokenizer.JSON, None)

@@ -58,15 +58,13 @@ _F32 = np.float32
 _NP = NumpyBackend()                 # host routing of the routers without a kernel here
 
 
-def _silu_only_packed(act: str) -> None:
-    """The packed (``--resident compressed``) CUDA kernels compute SiLU experts only.
-
-    Raises:
-        ValueError: another activation (Gemma 4's gelu_pytorch_tanh), naming the op and option.
-    """
-    if check_act(act):
-        raise ValueError(f"--resident compressed on --device cuda computes SiLU experts only, "
-                         f"not {act} (Gemma 4): run without --resident compressed")
+def _unpacked(be, e):
+    """A packed expert (``--resident compressed``, or a compressed GPU tier) decoded to device
+    BF16 :class:`~zipmoe_rt.models.weights.ExpertWeights` for the activations the packed
+    kernels do not compute (GELU-tanh); anything else as it is."""
+    if cuda_packed.is_packed_any(e):
+        return cuda_packed.unpack_expert(be, cuda_packed.on_device(e))
+    return e
 
 
 def _i32(v) -> np.int32:
@@ -229,9 +227,10 @@ class CupyBackend(Backend):
     def expert_accumulate(self, out, x, rows, weights, expert, act="silu"):
         """``out[rows] += weights[:, None] * down(swiglu(x[rows]))`` (rows distinct); a packed
         expert (compute form) through :func:`~zipmoe_rt.backends.cuda_packed.expert_accumulate`,
-        bit-identical (SiLU only: :func:`_silu_only_packed`)."""
+        bit-identical (SiLU; for another activation it is decoded first, :func:`_unpacked`)."""
+        if cuda_packed.is_packed_any(expert) and check_act(act):   # GELU-tanh: decoded
+            expert = _unpacked(self, expert)
         if cuda_packed.is_packed_any(expert):      # compressed experts (cuda_packed)
-            _silu_only_packed(act)
             return cuda_packed.expert_accumulate(self, out, x, rows, weights,
                                                  cuda_packed.on_device(expert))
         gate, up, down = self._dev_expert(expert)
@@ -248,8 +247,9 @@ class CupyBackend(Backend):
         go up in one small copy. Otherwise, for each expert in order: the gate/up kernel, then
         the down GEMV adding ``weights[e]`` times its output (one stream: a fixed order)."""
         # -- compressed experts (cuda_packed): fused decode + GEMV kernels, bit-identical --
+        if check_act(act):                          # GELU-tanh: packed experts decoded
+            experts = [_unpacked(self, e) for e in experts]
         if any(map(cuda_packed.is_packed_any, experts)):
-            _silu_only_packed(act)
             return cuda_packed.experts_token(self, out, x, list(map(cuda_packed.on_device,
                                                                     experts)), weights)
         weights = np.asarray(weights, np.float32)
