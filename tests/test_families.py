@@ -136,9 +136,6 @@ def test_hparams_defaults_are_transformers_defaults(family):
     if family in ("gemma4", "gemma4_text"):     # Gemma 4
         pytest.skip("Gemma4TextConfig() describes a dense model with per-layer inputs, which "
                     "the runtime refuses; tests/test_gemma4.py reads its defaults with MoE on")
-    if family == "lfm2_moe":
-        pytest.skip("Lfm2MoeConfig() has no layer_types, which its model needs; "
-                    "tests/test_lfm2_moe.py reads its defaults with layer_types given")
     fam = get_family(family)
     cfg = getattr(transformers, fam.hf_config_class)()
     d = dict(json.loads(cfg.to_json_string(use_diff=False)), architectures=[fam.hf_names[0]])
@@ -427,9 +424,8 @@ def test_bench_warmup_source_builds_from_the_specs(name):
         assert src.has(fam.tensor_name("attn_kv_a_bias", 0)) == hp.attention_bias
     else:
         assert src.has("model.layers.0.self_attn.q_proj.bias") == hp.attention_bias
-    conv1 = getattr(hp, "is_conv", lambda i: False)(1)        # LFM2-MoE: a conv layer 1
     assert src.has(fam.tensor_name("attn_k_norm", 1) if "attn_k_norm" in fam.tensor_table()
-                   else "model.layers.1.self_attn.k_norm.weight") == (hp.qk_norm and not conv1)
+                   else "model.layers.1.self_attn.k_norm.weight") == hp.qk_norm
     assert src.has("lm_head.weight") != SPECS[name][1]["tie_word_embeddings"]
     net = build_model(src)
     logits = net.forward(np.arange(8), net.new_cache())

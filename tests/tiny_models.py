@@ -162,18 +162,6 @@ SPECS = {
             hidden_size_per_layer_input=0, sliding_window=5, final_logit_softcapping=30.0),
         vision_config=None, audio_config=None, initializer_range=INIT_STD,
         tie_word_embeddings=False)),
-    # LFM2-MoE: conv and attention layers, a dense first layer, the sigmoid router with its
-    # random F32 expert bias (make_tiny), scaled weights; then biases on the convolutions, no
-    # expert bias, weights not renormalised, a tied head
-    "lfm2_moe": ("lfm2_moe", dict(
-        COMMON, num_hidden_layers=4, intermediate_size=96, moe_intermediate_size=32,
-        num_experts=8, num_experts_per_tok=2, num_dense_layers=1, routed_scaling_factor=1.5,
-        layer_types=["conv", "full_attention", "conv", "conv"], norm_eps=1e-5)),
-    "lfm2_moe_bias": ("lfm2_moe", dict(
-        COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
-        num_experts=4, num_experts_per_tok=2, num_dense_layers=0, conv_bias=True,
-        conv_L_cache=4, use_expert_bias=False, norm_topk_prob=False,
-        layer_types=["full_attention", "conv", "conv"], tie_word_embeddings=True)),
 }
 
 
@@ -225,15 +213,6 @@ def _randomize_gemma4(model, torch, gen):
                 p.copy_(0.5 + torch.rand(p.shape, generator=gen))
 
 
-def _randomize_lfm2(model, torch, gen):
-    """LFM2-MoE's router ``expert_bias`` buffers (zeros at init): random F32 values of the
-    sigmoid scores' spread, kept F32 as the released checkpoints store them."""
-    for mod in model.modules():
-        b = getattr(mod, "expert_bias", None)
-        if isinstance(b, torch.Tensor):
-            mod.expert_bias = 0.1 * torch.randn(b.shape, generator=gen)
-
-
 def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
     """Create tiny checkpoint ``name`` (a key of :data:`SPECS`) in ``folder`` (BF16 safetensors,
     ``config.json``); with ``sharded`` the weights are split over several shards with an index.
@@ -256,7 +235,6 @@ def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
     _randomize_gemma4(model, torch, torch.Generator().manual_seed(seed + 3))  # Gemma 4
     model = model.to(torch.bfloat16)
     _randomize_correction_bias(model, torch, torch.Generator().manual_seed(seed + 2))
-    _randomize_lfm2(model, torch, torch.Generator().manual_seed(seed + 4))  # LFM2-MoE
     model.save_pretrained(folder, max_shard_size="200KB" if sharded else "2GB")
     return folder
 

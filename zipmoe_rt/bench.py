@@ -186,8 +186,6 @@ class _TinySource:
                   num_hidden_layers=2, moe_layers=[i for i in (0, 1) if i in hp["moe_layers"]] or [0])
         if hp.get("layer_types") is not None:
             hp["layer_types"] = list(hp["layer_types"][:2])
-        if hp.get("conv_layers") is not None:       # LFM2-MoE's short-convolution layers
-            hp["conv_layers"] = [i for i in hp["conv_layers"] if i < 2]
         self.hparams = hp
         specs = get_family(hp.get("family")).tensor_specs(hp)
         self._shapes = {s.name: s.shape for s in specs if not s.is_expert and not s.tied}

@@ -116,11 +116,6 @@ class Keys:
         ATTENTION_K_EQ_V = "hparams.attention_k_eq_v"
         GLOBAL_ROPE = "hparams.global_rope"
         FINAL_LOGIT_SOFTCAPPING = "hparams.final_logit_softcapping"
-        # LFM2-MoE
-        CONV_LAYERS = "hparams.conv_layers"
-        CONV_KERNEL_SIZE = "hparams.conv_kernel_size"
-        CONV_BIAS = "hparams.conv_bias"
-        USE_EXPERT_BIAS = "hparams.use_expert_bias"
 
     class HF:
         CONFIG = "hf.config"                    # json: the source config.json verbatim

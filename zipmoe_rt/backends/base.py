@@ -458,25 +458,6 @@ class Backend:
         """
         raise NotImplementedError
 
-    # -- LFM2-MoE: short convolution ---------------------------------------------------------
-
-    def short_conv(self, bcx, w, b, hist, pos0: int):
-        """``C * (conv(B * x) + b)`` of one short-convolution layer (``Lfm2MoeShortConv``,
-        ``modeling_lfm2_moe.py``): ``B, C, x`` = the thirds of ``bcx``; ``B * x`` of the tokens
-        is written to rows ``pos0 ..`` of ``hist`` (the layer's cache: every position, so any
-        prefix can be cropped back to), and the causal depthwise convolution of ``L`` taps
-        reads the ``L - 1`` rows before each token (zeros before position 0).
-
-        Args:
-            bcx: float32 [T, 3H].  w: float32 [H, L] taps.  b: None or float32 [H].
-            hist: float32 [capacity, H], updated in place.  pos0: the first token's position.
-        Returns:
-            float32 [T, H].
-        Raises:
-            ValueError: shapes disagree or ``hist`` lacks room.
-        """
-        raise NotImplementedError
-
     # -- device ------------------------------------------------------------------------------
 
     def synchronize(self) -> None:

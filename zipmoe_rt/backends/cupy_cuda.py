@@ -40,7 +40,6 @@ import cupy as cp
 from ..kernels import cuda_src
 from ..models.weights import ExpertWeights
 from . import cuda_packed, cuda_planes
-from .conv import short_conv_xp
 from .base import Backend, check_act, check_cap, check_choice_bias, check_qk_norm, check_route
 from .numpy_ref import NumpyBackend
 
@@ -432,12 +431,6 @@ class CupyBackend(Backend):
         cp.tanh(x, out=x)
         x *= c
         return x
-
-    # -- LFM2-MoE ------------------------------------------------------------------------------
-
-    def short_conv(self, bcx, w, b, hist, pos0):
-        """:func:`~zipmoe_rt.backends.conv.short_conv_xp` on CuPy arrays (plain CuPy code)."""
-        return short_conv_xp(cp, bcx, w, b, hist, pos0)
 
     # -- ERNIE 4.5 MoE -------------------------------------------------------------------------
 

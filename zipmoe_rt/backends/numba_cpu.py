@@ -18,7 +18,6 @@ from ..kernels import packed as _packed
 from ..kernels import swiglu as _swiglu
 from ..kernels.linear import bf16_rows, linear_into
 from ..models.packed import as_weights, is_packed
-from .conv import short_conv_xp
 from .base import (Backend, HostArrays, check_act, check_cap, check_choice_bias, check_qk_norm,
                    check_route)
 
@@ -149,8 +148,3 @@ class NumbaBackend(HostArrays, Backend):
         np.tanh(x, out=x)
         x *= c
         return x
-
-    # LFM2-MoE
-    def short_conv(self, bcx, w, b, hist, pos0):
-        """:func:`~zipmoe_rt.backends.conv.short_conv_xp` on NumPy arrays."""
-        return short_conv_xp(np, bcx, w, b, hist, pos0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..models.packed import as_weights
-from .conv import short_conv_xp
 from .base import (Backend, HostArrays, check_act, check_cap, check_choice_bias, check_qk_norm,
                    check_route, to_f32)
 
@@ -262,8 +261,3 @@ class NumpyBackend(HostArrays, Backend):
         c = check_cap(cap)
         x[...] = np.tanh(x / c) * c
         return x
-
-    # LFM2-MoE
-    def short_conv(self, bcx, w, b, hist, pos0):
-        """:func:`~zipmoe_rt.backends.conv.short_conv_xp` on NumPy arrays."""
-        return short_conv_xp(np, bcx, w, b, hist, pos0)

@@ -87,13 +87,6 @@ KEYS = {
     "router_scale": "router.scale [H]: multiplies the router's unweighted RMSNorm",
     "router_expert_scale": "router.per_expert_scale [E]: multiplies each chosen expert's weight",
     "layer_scalar": "layer_scalar [1]: the decoder layer's output is multiplied by it",
-    # LFM2-MoE short-convolution layers (shapes from the family's tensor_shape_at)
-    "conv_weight": "conv.conv.weight [H, 1, L]: the causal depthwise convolution's taps",
-    "conv_weight_bias": "conv.conv.bias [H] (conv_bias)",
-    "conv_in": "conv.in_proj.weight [3H, H]: B, C and x",
-    "conv_in_bias": "conv.in_proj.bias [3H] (conv_bias)",
-    "conv_out": "conv.out_proj.weight [H, H]",
-    "conv_out_bias": "conv.out_proj.bias [H] (conv_bias)",
 }
 #: the tensor names transformers' Llama-style MoE decoders use (Qwen2/3-MoE, OLMoE, and Mixtral
 #: apart from its ``block_sparse_moe`` experts): one table that families pick their keys from
