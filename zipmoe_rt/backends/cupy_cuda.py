@@ -38,9 +38,9 @@ import numpy as np
 import cupy as cp
 
 from ..kernels import cuda_src
-from ..models.weights import ExpertWeights
 from . import cuda_planes
-from .base import Backend, check_choice_bias, check_qk_norm, check_route
+from .base import (Backend, check_biased_expert, check_choice_bias, check_qk_norm, check_route,
+                   check_sinks)
 from .numpy_ref import NumpyBackend
 
 #: token counts from this on go through widened weights and cuBLAS instead of the GEMV kernel
@@ -209,8 +209,16 @@ class CupyBackend(Backend):
             raise ValueError(f"{op}: x has {H} features, gate {tuple(gate.shape)}, up "
                              f"{tuple(up.shape)}, down {tuple(down.shape)} disagree")
 
-    def expert_accumulate(self, out, x, rows, weights, expert):
-        """``out[rows] += weights[:, None] * down(swiglu(x[rows]))`` (rows distinct)."""
+    def expert_accumulate(self, out, x, rows, weights, expert, glu=None):
+        """``out[rows] += weights[:, None] * down(swiglu(x[rows]))`` (rows distinct); with
+        ``glu``, gpt-oss's ``out[rows] += expert(x[rows]) * weights[:, None]``
+        (:meth:`_clamped_expert`)."""
+        if glu is not None:
+            check_biased_expert("expert_accumulate", x.shape[1], expert)
+            r = cp.asarray(np.asarray(rows, np.int64))
+            w = cp.asarray(np.asarray(weights, np.float32))
+            out[r] += self._clamped_expert(x[r], expert, glu) * w[:, None]
+            return
         gate, up, down = self._dev_expert(expert)
         self._check_expert(x.shape[1], gate, up, down, "expert_accumulate")
         r = cp.asarray(np.asarray(rows, np.int64))
@@ -218,8 +226,9 @@ class CupyBackend(Backend):
         y = self.linear(self.swiglu(x[r], gate, up), down)
         out[r] += w[:, None] * y
 
-    def experts_token(self, out, x, experts, weights):
-        """BF16 experts of one shape (:data:`FUSED_EXPERTS`): one launch for the gate/up rows of
+    def experts_token(self, out, x, experts, weights, glu=None):
+        """With ``glu`` (gpt-oss): each expert's :meth:`_clamped_expert` output times its weight
+        added to the row, in order. Else: BF16 experts of one shape (:data:`FUSED_EXPERTS`): one launch for the gate/up rows of
         all k experts, one for the down rows adding ``sum_e weights[e] * down_e(h_e)`` (experts
         summed in order in registers) to ``out``; the weights' addresses and the routing weights
         go up in one small copy. Otherwise, for each expert in order: the gate/up kernel, then
@@ -227,6 +236,11 @@ class CupyBackend(Backend):
         weights = np.asarray(weights, np.float32)
         H = x.shape[-1]
         o2 = out.reshape(1, -1)
+        if glu is not None:
+            for w, e in zip(weights, experts):
+                check_biased_expert("experts_token", H, e)
+                o2 += self._clamped_expert(x.reshape(1, -1), e, glu) * _F32(w)
+            return
         devs = [self._dev_expert(e) for e in experts]
         for gate, up, down in devs:
             self._check_expert(H, gate, up, down, "experts_token")
@@ -435,6 +449,57 @@ class CupyBackend(Backend):
         return self.merge_planes(self.decode_exponents(exp, offs, sizes, raws), sm, dtype)
 
 
+    # -- gpt-oss: attention sinks, the biased experts' clamped SwiGLU ------------------------
+
+    #: query tokens per step of :meth:`attention_sinks` (bounds its score matrices)
+    SINK_QUERY_STEP = 256
+
+    def attention_sinks(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
+        """CuPy array code, as :meth:`NumpyBackend.attention_sinks
+        <zipmoe_rt.backends.numpy_ref.NumpyBackend.attention_sinks>` reads, batched over the
+        heads of each kv group and done :data:`SINK_QUERY_STEP` query tokens at a time: masked
+        scores, the row maximum taken with the sink, the sink's exponential added to the
+        denominator, times the values."""
+        check_sinks(sinks, nq)
+        T = qkv.shape[0]
+        g = nq // nkv
+        sk = cp.asarray(sinks, cp.float32).reshape(nkv, g, 1, 1)
+        for t0 in range(0, T, self.SINK_QUERY_STEP):
+            t1 = min(T, t0 + self.SINK_QUERY_STEP)
+            n = pos0 + t1                                   # keys these queries may see
+            q = qkv[t0:t1, :nq * hd].reshape(t1 - t0, nkv, g, hd).transpose(1, 2, 0, 3)
+            K, V = kc[:, :n], vc[:, :n]
+            s = cp.matmul(q.reshape(nkv, g * (t1 - t0), hd), K.transpose(0, 2, 1))
+            s = s.reshape(nkv, g, t1 - t0, n) * _F32(scale)
+            qpos = cp.arange(pos0 + t0, pos0 + t1)[:, None]
+            kpos = cp.arange(n)[None, :]
+            vis = kpos <= qpos
+            if window > 0:
+                vis &= kpos > qpos - window
+            s = cp.where(vis, s, _F32(-np.inf))
+            m = cp.maximum(s.max(axis=-1, keepdims=True), sk)
+            p = cp.exp(s - m)
+            p /= p.sum(axis=-1, keepdims=True) + cp.exp(sk - m)
+            o = cp.matmul(p.reshape(nkv, g * (t1 - t0), n), V)
+            out[t0:t1] = o.reshape(nkv, g, t1 - t0, hd).transpose(2, 0, 1, 3).reshape(
+                t1 - t0, nq * hd)
+        return out
+
+    def _clamped_expert(self, x, e, glu):
+        """``GptOssExperts`` for one expert on the GPU (weights and biases uploaded when on
+        the host, biases widened to float32): gate/up through :meth:`linear` with their
+        biases, the clamped SwiGLU as CuPy array code, down with its bias; float32 [T, H]."""
+        e = e.map(lambda a: a if isinstance(a, cp.ndarray) else cp.asarray(
+            np.ascontiguousarray(a)))
+        gb, ub, db = (self._widened(b.reshape(-1, 1), 0, b.size).reshape(-1)
+                      for b in (e.gate_bias, e.up_bias, e.down_bias))
+        lim = _F32(glu.limit)
+        g = cp.minimum(self.linear(x, e.gate, gb), lim)
+        u = cp.clip(self.linear(x, e.up, ub), -lim, lim)
+        h = (u + _F32(1.0)) * (g * (_F32(1.0) / (_F32(1.0) + cp.exp(-(g * _F32(glu.alpha))))))
+        return self.linear(h, e.down, db)
+
+
 class ResidentExperts:
     """A weight source whose experts live on the GPU: each is fetched from ``source`` once,
     uploaded, and kept (unbudgeted ``--device cuda`` runs). Dense tensors and the rest of the
@@ -464,7 +529,7 @@ class ResidentExperts:
         w = self._experts.get((layer, expert))
         if w is None:
             e = self.source.expert(layer, expert)
-            w = ExpertWeights(*(self.backend.from_host(a) for a in (e.gate, e.up, e.down)))
+            w = e.map(self.backend.from_host)     # biases too (gpt-oss)
             self._experts[(layer, expert)] = w
         return w
 

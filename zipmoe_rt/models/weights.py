@@ -18,33 +18,63 @@ from typing import Protocol
 import numpy as np
 
 from ..convert.registry import get_architecture
+from ..families.expert_roles import EXPERT_ROLE_SETS, expert_shapes  # noqa: F401 (re-export)
 from ..convert.safetensors_io import Checkpoint
 
 
 @dataclass
 class ExpertWeights:
-    """One SwiGLU expert: ``down @ (silu(gate @ x) * (up @ x))``.
+    """One SwiGLU expert: ``down @ (silu(gate @ x) * (up @ x))``, or with biases
+    ``down @ act(gate @ x + gate_bias, up @ x + up_bias) + down_bias`` (gpt-oss, whose
+    activation is a clamped SwiGLU: :class:`~zipmoe_rt.backends.base.ClampedSwiGLU`).
 
     Attributes:
         gate: [I, H] weight.  up: [I, H] weight.  down: [H, I] weight.
+        gate_bias, up_bias: None or [I].  down_bias: None or [H] (the source dtype: BF16 bits,
+            float16 or float32, widened by the backend when used).
     """
 
     gate: np.ndarray
     up: np.ndarray
     down: np.ndarray
+    gate_bias: np.ndarray | None = None
+    up_bias: np.ndarray | None = None
+    down_bias: np.ndarray | None = None
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the expert has biases (they come together: gpt-oss's experts)."""
+        return self.down_bias is not None
+
+    def map(self, f) -> "ExpertWeights":
+        """The expert with ``f`` applied to every array (biases included), e.g. an upload."""
+        return ExpertWeights(*(None if a is None else f(a) for a in (
+            self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias)))
 
     @property
     def nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+        return sum(a.nbytes for a in (self.gate, self.up, self.down, self.gate_bias,
+                                      self.up_bias, self.down_bias) if a is not None)
 
 
 def assemble_expert(roles: dict) -> ExpertWeights:
-    """Build :class:`ExpertWeights` from ``{role: array}`` with roles gate/up/down or gate_up
-    (gate rows first, then up rows; transformers' fused layout).
+    """Build :class:`ExpertWeights` from ``{role: array}`` with roles gate/up/down, gate_up
+    (gate rows first, then up rows; transformers' fused layout) and down, or gpt-oss's
+    ``gate_up_cols`` / ``down_cols`` / ``gate_up_bias`` / ``down_bias`` (in x out slices of
+    ``GptOssExperts.gate_up_proj`` / ``down_proj``: the gate is the even columns, up the odd
+    ones, both transposed to [I, H] here, and down to [H, I]; the biases split the same way
+    and kept in their dtype).
 
     Raises:
         KeyError: a role is missing (message names it).
     """
+    if "gate_up_cols" in roles:
+        gu, b = roles["gate_up_cols"], roles["gate_up_bias"]
+        return ExpertWeights(np.ascontiguousarray(gu[:, 0::2].T),
+                             np.ascontiguousarray(gu[:, 1::2].T),
+                             np.ascontiguousarray(roles["down_cols"].T),
+                             np.ascontiguousarray(b[0::2]), np.ascontiguousarray(b[1::2]),
+                             np.ascontiguousarray(roles["down_bias"]))
     if "gate_up" in roles:
         gu = roles["gate_up"]
         half = gu.shape[0] // 2
