@@ -110,6 +110,9 @@ class Keys:
         LOGITS_SCALING = "hparams.logits_scaling"
         # ERNIE 4.5 MoE
         MOE_NORM_MIN = "hparams.moe_norm_min"
+        # gpt-oss
+        SWIGLU_ALPHA = "hparams.swiglu_alpha"
+        SWIGLU_LIMIT = "hparams.swiglu_limit"
 
     class HF:
         CONFIG = "hf.config"                    # json: the source config.json verbatim

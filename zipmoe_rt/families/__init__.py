@@ -20,6 +20,7 @@ from . import phimoe  # noqa: E402,F401  (registration: PhiMoE)
 from . import deepseek_v2, deepseek_v3, glm4_moe_lite  # noqa: E402,F401  (registration: MLA families)
 from . import granitemoe  # noqa: E402,F401  (Granite-MoE, Granite-MoE-Shared)
 from . import ernie4_5_moe  # noqa: E402,F401  (ERNIE 4.5 MoE)
+from . import gpt_oss  # noqa: E402,F401  (gpt-oss)
 
 __all__ = [
     "ARCHITECTURES", "BY_NAME", "ExpertRef", "Family", "UnknownFamilyError",
