@@ -69,7 +69,10 @@ class ConfigSource:
         self._dense = 0
         for s in specs:
             n = int(np.prod(s.shape, dtype=np.int64)) * SOURCE_BYTES_PER_WEIGHT
-            if s.is_expert:
+            if s.is_expert and s.stacked:      # [E, ...]: one slice per expert (Granite, gpt-oss)
+                for e in range(s.shape[0]):
+                    full[(s.layer, e)] = full.get((s.layer, e), 0) + n // s.shape[0]
+            elif s.is_expert:
                 full[(s.layer, s.expert)] = full.get((s.layer, s.expert), 0) + n
             elif not s.tied:
                 self._dense += n

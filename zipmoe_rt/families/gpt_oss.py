@@ -41,6 +41,8 @@ EXPERT_NAMES = {
 }
 #: suffixes of the MXFP4 release's expert tensors (``integrations/mxfp4.py``).
 MXFP4_SUFFIXES = ("_blocks", "_scales")
+#: the expert tensors the MXFP4 release quantises (the biases stay BF16).
+MXFP4_KEYS = ("experts_gate_up_cols", "experts_down_cols")
 
 _NAMES = T.llama_names(
     without=("attn_q_norm", "attn_k_norm", "router", "expert_gate", "expert_up", "expert_down",
@@ -181,7 +183,7 @@ class GptOss(Family):
     def unsupported_tensor(cls, name: str, dtype: str) -> str | None:
         """Why a checkpoint tensor cannot be converted, or None: the MXFP4 release's expert
         blocks and scales (``<expert tensor>_blocks`` / ``_scales``)."""
-        for template in EXPERT_NAMES.values():
+        for template in (EXPERT_NAMES[k] for k in MXFP4_KEYS):
             for suffix in MXFP4_SUFFIXES:
                 if re.fullmatch(T.template_regex(template + suffix), name):
                     return (f"tensor {name!r} ({dtype}) is an MXFP4 expert tensor of the "
@@ -191,4 +193,4 @@ class GptOss(Family):
         return None
 
 
-__all__ = ["GptOss", "GptOssHParams", "EXPERT_NAMES", "MXFP4_SUFFIXES"]
+__all__ = ["GptOss", "GptOssHParams", "EXPERT_NAMES", "MXFP4_KEYS", "MXFP4_SUFFIXES"]
