@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from zipmoe_rt.backends import get_backend  # noqa: E402
+from zipmoe_rt.backends import cuda_unavailable, get_backend  # noqa: E402
 from zipmoe_rt.backends.base import ClampedSwiGLU  # noqa: E402
 from zipmoe_rt.families import ConfigError, get_architecture, get_family  # noqa: E402
 from zipmoe_rt.models import build_model  # noqa: E402
@@ -27,7 +27,8 @@ from tiny_models import SPECS  # noqa: E402
 
 PROMPT = np.random.default_rng(5).integers(0, 256, 14)
 TOL = 1e-3
-CPU = ["numba", "numpy"]
+#: the backends of the op tests: the CPU ones, and the CUDA one where CuPy sees a GPU
+BACKENDS = ["numba", "numpy"] + ([] if cuda_unavailable() else ["cuda"])
 
 
 @pytest.fixture(scope="module")
@@ -179,11 +180,11 @@ def _attention_sinks_ref(q, K, V, sinks, pos0, window, scale, group):
     return out
 
 
-@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T,pos0,window,nq,nkv", [(1, 9, 0, 4, 2), (7, 0, 3, 4, 4),
                                                    (5, 6, 4, 8, 2), (64, 0, 0, 8, 2)])
 def test_attention_sinks_op(backend, T, pos0, window, nq, nkv):
-    """``attention_sinks`` on both CPU backends against the float64 reference (GQA, windows,
+    """``attention_sinks`` on every backend here against the float64 reference (GQA, windows,
     a cache offset, one token and a parallel-sized prefill), and sinks that dominate some
     heads; a wrong number of sinks is a ValueError."""
     be = get_backend(backend)
@@ -195,18 +196,21 @@ def test_attention_sinks_op(backend, T, pos0, window, nq, nkv):
     vc = rng.standard_normal((nkv, n + 3, hd)).astype(np.float32)
     sinks = (rng.standard_normal(nq) * 2).astype(np.float32)
     sinks[0] = 8.0                                  # a head the sink nearly silences
-    out = np.empty((T, nq * hd), np.float32)
     scale = np.float32(hd ** -0.5)
-    be.attention_sinks(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out)
+    d_qkv, d_kc, d_vc, d_sinks = (be.from_host(a) for a in (qkv, kc, vc, sinks))
+    d_out = be.empty((T, nq * hd))
+    be.attention_sinks(d_qkv, nq, nkv, hd, d_kc, d_vc, pos0, window, scale, d_sinks, d_out)
+    out = be.to_host(d_out)
     ref = _attention_sinks_ref(qkv[:, :nq * hd].reshape(T, nq, hd).astype(np.float64),
                                kc.astype(np.float64), vc.astype(np.float64),
                                sinks.astype(np.float64), pos0, window, float(scale), nq // nkv)
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6)
-    plain = np.empty_like(out)
-    be.attention(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, plain)
-    assert np.abs(plain - out).max() > 0.1           # the sinks change the result
+    plain = be.empty((T, nq * hd))
+    be.attention(d_qkv, nq, nkv, hd, d_kc, d_vc, pos0, window, scale, plain)
+    assert np.abs(be.to_host(plain) - out).max() > 0.1     # the sinks change the result
     with pytest.raises(ValueError, match="sinks"):
-        be.attention_sinks(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks[:-1], out)
+        be.attention_sinks(d_qkv, nq, nkv, hd, d_kc, d_vc, pos0, window, scale,
+                           be.from_host(sinks[:-1]), d_out)
 
 
 def _expert_ref(x, w: ExpertWeights, glu):
@@ -224,10 +228,10 @@ def _random_expert(rng, H, I):
                            ((I, H), (I, H), (H, I), (I,), (I,), (H,))))
 
 
-@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T,H,I", [(1, 32, 24), (6, 64, 40), (40, 128, 96)])
 def test_clamped_expert_ops(backend, T, H, I):
-    """``expert_accumulate`` and ``experts_token`` with ``glu`` on both CPU backends against
+    """``expert_accumulate`` and ``experts_token`` with ``glu`` on every backend here against
     the float64 reference of ``GptOssExperts`` (weights and biases BF16); an expert without
     biases is refused."""
     be = get_backend(backend)
@@ -240,20 +244,23 @@ def test_clamped_expert_ops(backend, T, H, I):
     out = rng.standard_normal((T, H)).astype(np.float32)
     want = out.astype(np.float64)
     want[rows] += _expert_ref(x[rows].astype(np.float64), e, glu) * w[:, None]
-    be.expert_accumulate(out, x, rows, w, e, glu=glu)
-    np.testing.assert_allclose(out, want, rtol=0, atol=2e-4 * np.abs(want).max())
+    d_out, d_x = be.from_host(out), be.from_host(x)
+    be.expert_accumulate(d_out, d_x, rows, w, e, glu=glu)
+    np.testing.assert_allclose(be.to_host(d_out), want, rtol=0,
+                               atol=2e-4 * np.abs(want).max())
     experts = [e, _random_expert(rng, H, I), _random_expert(rng, H, I)]
     ws = rng.random(3).astype(np.float32)
-    o1 = np.zeros(H, np.float32)
-    be.experts_token(o1, x[0], experts, ws, glu=glu)
+    o1 = be.zeros((1, H))
+    be.experts_token(o1[0], d_x[0], experts, ws, glu=glu)
     want1 = sum(wi * _expert_ref(x[:1].astype(np.float64), ei, glu)[0]
                 for wi, ei in zip(ws, experts))
-    np.testing.assert_allclose(o1, want1, rtol=0, atol=2e-4 * np.abs(want1).max())
+    np.testing.assert_allclose(be.to_host(o1)[0], want1, rtol=0,
+                               atol=2e-4 * np.abs(want1).max())
     bare = ExpertWeights(e.gate, e.up, e.down)
     with pytest.raises(ValueError, match="no biases"):
-        be.expert_accumulate(out, x, rows, w, bare, glu=glu)
+        be.expert_accumulate(d_out, d_x, rows, w, bare, glu=glu)
     with pytest.raises(ValueError, match="no biases"):
-        be.experts_token(o1, x[0], [bare], ws[:1], glu=glu)
+        be.experts_token(o1[0], d_x[0], [bare], ws[:1], glu=glu)
 
 
 # -- config rules ---------------------------------------------------------------------------------
