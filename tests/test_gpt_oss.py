@@ -418,3 +418,85 @@ def test_plan_gpt_oss_20b(tmp_path):
     assert p.params == total
     assert p.expert_params == sum(t.numel() for n, t in hf.named_parameters()
                                   if ".experts." in n)
+
+
+# -- the chat template (harmony) and the reply splitter ------------------------------------------
+
+def _harmony_template():
+    from pypi_data import pypi_files
+
+    root = pypi_files("llama-cpp-python", ["models/templates/openai-gpt-oss-120b.jinja"])
+    return (root / "models" / "templates" / "openai-gpt-oss-120b.jinja").read_text("utf-8")
+
+
+HARMONY_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string", "description": "The city"}}}}}]
+HARMONY_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "thinking": "I need the tool.", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather",
+                                          "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": '{"temperature": 21}'},
+    {"role": "assistant", "content": "It is 21 C in Paris.", "thinking": "Done."},
+    {"role": "user", "content": "Thanks"}]
+
+
+@pytest.mark.parametrize("effort", [None, "high"])
+def test_harmony_template_renders_as_transformers(effort):
+    """gpt-oss's template (llama.cpp's copy of openai/gpt-oss-120b's) renders a conversation
+    with a system turn, analysis, a tool call to=functions.NAME, its result and a final answer
+    exactly as transformers' apply_chat_template does, with the harmony channels in place."""
+    from test_chat_templates_real import _pair
+
+    ours, ref = _pair("openai-gpt-oss-120b", _harmony_template())
+    kw = {"tools": HARMONY_TOOLS, **({"reasoning_effort": effort} if effort else {})}
+    got = ours.apply_chat_template(HARMONY_TURNS, add_generation_prompt=True, **kw)
+    want = ref.apply_chat_template(HARMONY_TURNS, add_generation_prompt=True, tokenize=False,
+                                   **kw)
+    assert got == want
+    assert f"Reasoning: {effort or 'medium'}" in got
+    assert ("<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>"
+            '{"city": "Paris"}<|call|>') in got
+    assert "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>" in got
+    assert "<|start|>assistant<|channel|>final<|message|>It is 21 C in Paris.<|end|>" in got
+    assert got.endswith("<|start|>user<|message|>Thanks<|end|><|start|>assistant")
+    assert "type get_weather = (_: {" in got
+
+
+REPLY_CALL = ("<|channel|>analysis<|message|>Need the weather.<|end|>"
+              "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+              '<|message|>{"city": "Paris"}<|call|>')
+REPLY_FINAL = ("<|channel|>analysis<|message|>Simple.<|end|><|start|>assistant<|channel|>final"
+               "<|message|>Paris is the capital <|of| France.<|return|>")
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 1000])
+def test_harmony_splitter(step):
+    """Streamed in pieces of any size: the final channel is the content (a '<|' inside it is
+    text), the analysis the reasoning, a commentary message to=functions.NAME a tool call
+    (recipient in the channel header or in the role header); text outside the format is
+    content."""
+    from zipmoe_rt.server.harmony import HarmonySplitter
+
+    def run(text):
+        s = HarmonySplitter()
+        out = "".join(s.push(text[i:i + step]) for i in range(0, len(text), step)) + s.flush()
+        return out, s.finish()[0], s.reasoning
+
+    content, calls, reasoning = run(REPLY_FINAL)
+    assert content == "Paris is the capital <|of| France." and calls == []
+    assert reasoning == "Simple."
+    for reply in (REPLY_CALL, REPLY_CALL.replace(
+            "<|start|>assistant<|channel|>commentary to=functions.get_weather",
+            "<|start|>assistant to=functions.get_weather<|channel|>commentary")):
+        content, calls, reasoning = run(reply)
+        assert content == "" and reasoning == "Need the weather."
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                for c in calls] == [("get_weather", {"city": "Paris"})]
+        assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert run("no channels here")[0] == "no channels here"
+    content, _, _ = run("<|channel|>final<|message|>cut off mid-answer")   # max_tokens reached
+    assert content == "cut off mid-answer"
