@@ -500,3 +500,19 @@ def test_harmony_splitter(step):
     assert run("no channels here")[0] == "no channels here"
     content, _, _ = run("<|channel|>final<|message|>cut off mid-answer")   # max_tokens reached
     assert content == "cut off mid-answer"
+
+
+@pytest.mark.parametrize("shape,parts", [((1, 2), 2), ((130, 2 * 257), 2), ((300, 129), 1),
+                                         ((5, 7), 1)])
+def test_transposed_parts_is_the_strided_transpose(shape, parts):
+    """The tiled copy equals ``src[:, p::parts].T`` bit for bit on shapes that are not tile
+    multiples (NaN payloads included: uint16 bits), C-contiguous; odd splits are refused."""
+    from zipmoe_rt.models.weights import transposed_parts
+
+    src = np.random.default_rng(1).integers(0, 1 << 16, shape, dtype=np.uint16)
+    out = transposed_parts(src, parts)
+    assert out.flags.c_contiguous and out.dtype == np.uint16
+    for p in range(parts):
+        np.testing.assert_array_equal(out[p], src[:, p::parts].T)
+    with pytest.raises(ValueError, match="not"):
+        transposed_parts(np.zeros((4, 3), np.uint16), 2)

@@ -57,6 +57,32 @@ class ExpertWeights:
                                       self.up_bias, self.down_bias) if a is not None)
 
 
+#: tile edge (elements) of :func:`transposed_parts`
+TILE = 128
+
+
+def transposed_parts(src: np.ndarray, parts: int = 1) -> np.ndarray:
+    """``out[p, c, r] = src[r, c * parts + p]``: the transpose of ``src`` [R, C * parts] with
+    its columns dealt into ``parts`` matrices (``parts=2``: gpt-oss's gate and up, interleaved
+    column by column), as one new C-contiguous [parts, C, R] array of ``src``'s dtype (bits
+    unchanged). Copied tile by tile (:data:`TILE`), so that the rows read and written stay in
+    cache: about 4x faster than one strided copy on a gpt-oss-20b expert.
+
+    Raises:
+        ValueError: ``src`` not 2-D or its columns not a multiple of ``parts``.
+    """
+    if src.ndim != 2 or src.shape[1] % parts:
+        raise ValueError(f"transposed_parts: shape {src.shape} is not [R, C * {parts}]")
+    R, C = src.shape[0], src.shape[1] // parts
+    v = src.reshape(R, C, parts)
+    out = np.empty((parts, C, R), src.dtype)
+    for r0 in range(0, R, TILE):
+        block = v[r0:r0 + TILE]
+        for c0 in range(0, C, TILE):
+            out[:, c0:c0 + TILE, r0:r0 + TILE] = block[:, c0:c0 + TILE].transpose(2, 1, 0)
+    return out
+
+
 def assemble_expert(roles: dict) -> ExpertWeights:
     """Build :class:`ExpertWeights` from ``{role: array}`` with roles gate/up/down, gate_up
     (gate rows first, then up rows; transformers' fused layout) and down, or gpt-oss's
@@ -69,10 +95,9 @@ def assemble_expert(roles: dict) -> ExpertWeights:
         KeyError: a role is missing (message names it).
     """
     if "gate_up_cols" in roles:
-        gu, b = roles["gate_up_cols"], roles["gate_up_bias"]
-        return ExpertWeights(np.ascontiguousarray(gu[:, 0::2].T),
-                             np.ascontiguousarray(gu[:, 1::2].T),
-                             np.ascontiguousarray(roles["down_cols"].T),
+        gate, up = transposed_parts(roles["gate_up_cols"], 2)
+        b = roles["gate_up_bias"]
+        return ExpertWeights(gate, up, transposed_parts(roles["down_cols"])[0],
                              np.ascontiguousarray(b[0::2]), np.ascontiguousarray(b[1::2]),
                              np.ascontiguousarray(roles["down_bias"]))
     if "gate_up" in roles:
