@@ -124,6 +124,8 @@ class SizePlan:
         kv_values_per_token: values the KV cache holds per token, all layers.
         kv_bytes_per_token: the same in bytes (float32 cache).
         budget: the budget split, or None.
+        quantized: the config's ``quantization_config.quant_method`` (``"mxfp4"`` for
+            gpt-oss's release), or None: the figures are then those of the BF16 weights.
     """
 
     config: Path
@@ -139,6 +141,7 @@ class SizePlan:
     kv_values_per_token: int
     kv_bytes_per_token: int
     budget: BudgetPlan | None = None
+    quantized: str | None = None
 
     @property
     def params(self) -> int:
@@ -157,7 +160,7 @@ class SizePlan:
                + self.dense_bytes, "expert_bytes": self.expert_bytes,
                "dense_bytes": self.dense_bytes, "expert_stored_ratio": EXPERT_STORED_RATIO,
                "zmoe_bytes": self.zmoe_bytes, "kv_values_per_token": self.kv_values_per_token,
-               "kv_bytes_per_token": self.kv_bytes_per_token,
+               "kv_bytes_per_token": self.kv_bytes_per_token, "quantized": self.quantized,
                "max_position_embeddings": hp.max_position_embeddings}
         if self.budget is not None:
             out["budget"] = dict(vars(self.budget))
@@ -247,6 +250,9 @@ def size_plan(path, memory_budget=None) -> SizePlan:
         zmoe_bytes=src.dense_bytes() + round(groups[True] * SOURCE_BYTES_PER_WEIGHT
                                              * EXPERT_STORED_RATIO),
         kv_values_per_token=kv, kv_bytes_per_token=kv * np.dtype(KV_DTYPE).itemsize)
+    q = config.get("quantization_config")
+    if isinstance(q, dict) and isinstance(q.get("quant_method"), str):
+        plan.quantized = q["quant_method"][:40]
     if memory_budget is not None:
         plan.budget = budget_plan(src, memory_budget, path)
     return plan
@@ -303,6 +309,10 @@ def format_plan(p: SizePlan) -> str:
         f"{_mb(p.kv_bytes_per_token * hp.max_position_embeddings)} at "
         f"{hp.max_position_embeddings:,d} tokens",
     ]
+    if p.quantized:
+        lines.append(f"note        config.json describes a quantised release (quant_method "
+                     f"{p.quantized}): these are the figures of its BF16 weights, the layout "
+                     f"convert takes")
     b = p.budget
     if b is not None:
         lines += [
