@@ -38,7 +38,7 @@ import numpy as np
 import cupy as cp
 
 from ..kernels import cuda_src
-from . import cuda_planes
+from . import cuda_packed, cuda_planes
 from .base import (Backend, check_biased_expert, check_choice_bias, check_qk_norm, check_route,
                    check_sinks)
 from .numpy_ref import NumpyBackend
@@ -113,7 +113,7 @@ class CupyBackend(Backend):
     # -- helpers -------------------------------------------------------------------------------
 
     @staticmethod
-    def _rows(x, n):
+    def rows_view(x, n):
         """x as [T, n] float32 rows with unit element stride; (array, row stride)."""
         if x.ndim == 1:
             x = x.reshape(1, -1)
@@ -138,7 +138,7 @@ class CupyBackend(Backend):
 
     def _gemv(self, x, W, y, bias=None, alpha=1.0, accumulate=False):
         """y[t] (+)= alpha * W @ x[t] (+ bias) with the BF16 GEMV kernel; y [T, out] rows."""
-        x, ldx = self._rows(x, W.shape[1])
+        x, ldx = self.rows_view(x, W.shape[1])
         T, n_out = x.shape[0], W.shape[0]
         ldy = y.strides[0] // 4 if y.ndim == 2 else n_out
         grid = ((n_out + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, T)
@@ -166,7 +166,7 @@ class CupyBackend(Backend):
         float16/float32: cuBLAS on the float32 weight."""
         if W.dtype not in (cp.uint16, cp.float16, cp.float32):
             raise TypeError(f"weight dtype {W.dtype} is not supported")
-        x2, _ = self._rows(x, W.shape[1])
+        x2, _ = self.rows_view(x, W.shape[1])
         T, n_out = x2.shape[0], W.shape[0]
         if out is None:
             out = cp.empty((T, n_out), cp.float32)
@@ -183,7 +183,7 @@ class CupyBackend(Backend):
 
     def swiglu(self, x, gate, up):
         """``silu(x @ gate.T) * (x @ up.T)``: one fused kernel for BF16 and few tokens."""
-        x2, ldx = self._rows(x, gate.shape[1])
+        x2, ldx = self.rows_view(x, gate.shape[1])
         T, n_out = x2.shape[0], gate.shape[0]
         if gate.dtype == up.dtype == cp.uint16 and T < GEMV_MAX_T:
             h = cp.empty((T, n_out), cp.float32)
@@ -210,15 +210,19 @@ class CupyBackend(Backend):
                              f"{tuple(up.shape)}, down {tuple(down.shape)} disagree")
 
     def expert_accumulate(self, out, x, rows, weights, expert, glu=None):
-        """``out[rows] += weights[:, None] * down(swiglu(x[rows]))`` (rows distinct); with
-        ``glu``, gpt-oss's ``out[rows] += expert(x[rows]) * weights[:, None]``
-        (:meth:`_clamped_expert`)."""
+        """``out[rows] += weights[:, None] * down(swiglu(x[rows]))`` (rows distinct); a packed
+        expert (compute form) through :func:`~zipmoe_rt.backends.cuda_packed.expert_accumulate`,
+        bit-identical; with ``glu``, gpt-oss's ``out[rows] += expert(x[rows]) *
+        weights[:, None]`` (:meth:`_clamped_expert`)."""
         if glu is not None:
             check_biased_expert("expert_accumulate", x.shape[1], expert)
             r = cp.asarray(np.asarray(rows, np.int64))
             w = cp.asarray(np.asarray(weights, np.float32))
             out[r] += self._clamped_expert(x[r], expert, glu) * w[:, None]
             return
+        if cuda_packed.is_packed_any(expert):      # compressed experts (cuda_packed)
+            return cuda_packed.expert_accumulate(self, out, x, rows, weights,
+                                                 cuda_packed.on_device(expert))
         gate, up, down = self._dev_expert(expert)
         self._check_expert(x.shape[1], gate, up, down, "expert_accumulate")
         r = cp.asarray(np.asarray(rows, np.int64))
@@ -228,11 +232,15 @@ class CupyBackend(Backend):
 
     def experts_token(self, out, x, experts, weights, glu=None):
         """With ``glu`` (gpt-oss): each expert's :meth:`_clamped_expert` output times its weight
-        added to the row, in order. Else: BF16 experts of one shape (:data:`FUSED_EXPERTS`): one launch for the gate/up rows of
-        all k experts, one for the down rows adding ``sum_e weights[e] * down_e(h_e)`` (experts
+        added to the row, in order. Else: BF16 experts of one shape (:data:`FUSED_EXPERTS`): one
+        launch for the gate/up rows of all k experts, one for the down rows adding ``sum_e weights[e] * down_e(h_e)`` (experts
         summed in order in registers) to ``out``; the weights' addresses and the routing weights
         go up in one small copy. Otherwise, for each expert in order: the gate/up kernel, then
         the down GEMV adding ``weights[e]`` times its output (one stream: a fixed order)."""
+        # -- compressed experts (cuda_packed): fused decode + GEMV kernels, bit-identical --
+        if any(map(cuda_packed.is_packed_any, experts)):
+            return cuda_packed.experts_token(self, out, x, list(map(cuda_packed.on_device,
+                                                                    experts)), weights)
         weights = np.asarray(weights, np.float32)
         H = x.shape[-1]
         o2 = out.reshape(1, -1)
@@ -259,7 +267,7 @@ class CupyBackend(Backend):
         """:meth:`experts_token` for k BF16 experts of one shape in two launches."""
         k = len(devs)
         n_int, H = devs[0][0].shape
-        x2, _ = self._rows(x, H)
+        x2, _ = self.rows_view(x, H)
         if x2.data.ptr % 16:
             x2 = x2.copy()
         meta = np.zeros(3 * k + (k + 1) // 2, np.uint64)
@@ -284,7 +292,7 @@ class CupyBackend(Backend):
 
     def rmsnorm(self, x, w, eps, out=None):
         """The RMSNorm kernel, one block per row."""
-        x2, ldx = self._rows(x, w.shape[0])
+        x2, ldx = self.rows_view(x, w.shape[0])
         if out is None:
             out = cp.empty(x2.shape, cp.float32)
         self._norm_rows(x2, ldx, out, out.strides[0] // 4 if out.ndim == 2 else w.shape[0],
@@ -529,9 +537,22 @@ class ResidentExperts:
         w = self._experts.get((layer, expert))
         if w is None:
             e = self.source.expert(layer, expert)
-            w = e.map(self.backend.from_host)     # biases too (gpt-oss)
+            if cuda_packed.is_packed_any(e):        # compressed: kept packed (cuda_packed)
+                w = cuda_packed.on_device(e)
+            else:
+                w = e.map(self.backend.from_host)     # biases too (gpt-oss)
             self._experts[(layer, expert)] = w
         return w
+
+    def load_all(self):
+        """Upload every expert of the source now (``resident="compressed"``)."""
+        for layer, e in sorted(self.source.layouts):
+            self.expert(layer, e)
+
+    @property
+    def bf16_nbytes(self) -> int:
+        """Bytes the experts uploaded so far would take in BF16."""
+        return sum(getattr(w, "bf16_nbytes", w.nbytes) for w in self._experts.values())
 
     @property
     def nbytes(self) -> int:

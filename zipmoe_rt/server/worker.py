@@ -39,6 +39,7 @@ class Job:
             request to a model whose template writes gpt-oss's harmony format (its reply is
             split into content, tool calls and reasoning by
             :class:`~zipmoe_rt.server.harmony.HarmonySplitter`); else None.
+        tools: the request's OpenAI ``tools`` (parameter types for the XML call syntaxes).
         cancel: set it to stop the generation before its next token (client gone).
     """
 
@@ -48,6 +49,7 @@ class Job:
     stops: list = field(default_factory=list)
     logprobs: int | None = None
     tool_format: str | None = None
+    tools: list | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -149,7 +151,8 @@ class ModelHost:
             if job is None:
                 break
             try:
-                if job.cancel.is_set():
+                if job.cancel.is_set():          # the client left while it was queued
+                    self.last_result = {"finish_reason": "cancelled", "completion_tokens": 0}
                     job.emit(("cancelled",))
                 else:
                     self._run(job)
@@ -234,7 +237,7 @@ class ModelHost:
             if splitter.reasoning:
                 result["reasoning"] = splitter.reasoning
         elif splitter is not None and splitter.calls_text is not None:
-            calls, rest = parse_tool_calls(splitter.calls_text, job.tool_format)
+            calls, rest = parse_tool_calls(splitter.calls_text, job.tool_format, job.tools)
         else:
             calls, rest = None, ""
         if calls is not None:
