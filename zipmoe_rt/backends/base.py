@@ -432,6 +432,25 @@ class Backend:
         """
         raise NotImplementedError
 
+    # -- device ------------------------------------------------------------------------------
+
+    def synchronize(self) -> None:
+        """Wait until every op queued so far has finished (a no-op on the host backends, whose
+        ops run synchronously); for timing."""
+
+    def resident_experts(self, source):
+        """``source`` as the model's default executor should read it on this backend: host
+        backends use the source's arrays as they are (returned unchanged); a device backend
+        returns a wrapper that keeps each expert on the device after its first use.
+
+        Args:
+            source: a :class:`~zipmoe_rt.models.weights.WeightSource`.
+        """
+        return source
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name!r}>"
+
     # -- gpt-oss: attention sinks -----------------------------------------------------------
 
     def attention_sinks(self, qkv, nq: int, nkv: int, hd: int, kc, vc, pos0: int, window: int,
@@ -451,25 +470,6 @@ class Backend:
             ValueError: ``sinks`` not of ``nq`` values.
         """
         raise NotImplementedError
-
-    # -- device ------------------------------------------------------------------------------
-
-    def synchronize(self) -> None:
-        """Wait until every op queued so far has finished (a no-op on the host backends, whose
-        ops run synchronously); for timing."""
-
-    def resident_experts(self, source):
-        """``source`` as the model's default executor should read it on this backend: host
-        backends use the source's arrays as they are (returned unchanged); a device backend
-        returns a wrapper that keeps each expert on the device after its first use.
-
-        Args:
-            source: a :class:`~zipmoe_rt.models.weights.WeightSource`.
-        """
-        return source
-
-    def __repr__(self):
-        return f"<{type(self).__name__} {self.name!r}>"
 
 
 class HostArrays:
