@@ -38,9 +38,8 @@ import numpy as np
 import cupy as cp
 
 from ..kernels import cuda_src
-from . import cuda_packed, cuda_planes
-from .base import (Backend, check_biased_expert, check_choice_bias, check_qk_norm, check_route,
-                   check_sinks)
+from . import cuda_gpt_oss, cuda_packed, cuda_planes
+from .base import Backend, check_biased_expert, check_choice_bias, check_qk_norm, check_route
 from .numpy_ref import NumpyBackend
 
 #: token counts from this on go through widened weights and cuBLAS instead of the GEMV kernel
@@ -457,55 +456,16 @@ class CupyBackend(Backend):
         return self.merge_planes(self.decode_exponents(exp, offs, sizes, raws), sm, dtype)
 
 
-    # -- gpt-oss: attention sinks, the biased experts' clamped SwiGLU ------------------------
-
-    #: query tokens per step of :meth:`attention_sinks` (bounds its score matrices)
-    SINK_QUERY_STEP = 256
+    # -- gpt-oss: attention sinks, the biased experts' clamped SwiGLU (cuda_gpt_oss) --------
 
     def attention_sinks(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
-        """CuPy array code, as :meth:`NumpyBackend.attention_sinks
-        <zipmoe_rt.backends.numpy_ref.NumpyBackend.attention_sinks>` reads, batched over the
-        heads of each kv group and done :data:`SINK_QUERY_STEP` query tokens at a time: masked
-        scores, the row maximum taken with the sink, the sink's exponential added to the
-        denominator, times the values."""
-        check_sinks(sinks, nq)
-        T = qkv.shape[0]
-        g = nq // nkv
-        sk = cp.asarray(sinks, cp.float32).reshape(nkv, g, 1, 1)
-        for t0 in range(0, T, self.SINK_QUERY_STEP):
-            t1 = min(T, t0 + self.SINK_QUERY_STEP)
-            n = pos0 + t1                                   # keys these queries may see
-            q = qkv[t0:t1, :nq * hd].reshape(t1 - t0, nkv, g, hd).transpose(1, 2, 0, 3)
-            K, V = kc[:, :n], vc[:, :n]
-            s = cp.matmul(q.reshape(nkv, g * (t1 - t0), hd), K.transpose(0, 2, 1))
-            s = s.reshape(nkv, g, t1 - t0, n) * _F32(scale)
-            qpos = cp.arange(pos0 + t0, pos0 + t1)[:, None]
-            kpos = cp.arange(n)[None, :]
-            vis = kpos <= qpos
-            if window > 0:
-                vis &= kpos > qpos - window
-            s = cp.where(vis, s, _F32(-np.inf))
-            m = cp.maximum(s.max(axis=-1, keepdims=True), sk)
-            p = cp.exp(s - m)
-            p /= p.sum(axis=-1, keepdims=True) + cp.exp(sk - m)
-            o = cp.matmul(p.reshape(nkv, g * (t1 - t0), n), V)
-            out[t0:t1] = o.reshape(nkv, g, t1 - t0, hd).transpose(2, 0, 1, 3).reshape(
-                t1 - t0, nq * hd)
-        return out
+        """:func:`~zipmoe_rt.backends.cuda_gpt_oss.attention_sinks`."""
+        return cuda_gpt_oss.attention_sinks(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale,
+                                            sinks, out)
 
     def _clamped_expert(self, x, e, glu):
-        """``GptOssExperts`` for one expert on the GPU (weights and biases uploaded when on
-        the host, biases widened to float32): gate/up through :meth:`linear` with their
-        biases, the clamped SwiGLU as CuPy array code, down with its bias; float32 [T, H]."""
-        e = e.map(lambda a: a if isinstance(a, cp.ndarray) else cp.asarray(
-            np.ascontiguousarray(a)))
-        gb, ub, db = (self._widened(b.reshape(-1, 1), 0, b.size).reshape(-1)
-                      for b in (e.gate_bias, e.up_bias, e.down_bias))
-        lim = _F32(glu.limit)
-        g = cp.minimum(self.linear(x, e.gate, gb), lim)
-        u = cp.clip(self.linear(x, e.up, ub), -lim, lim)
-        h = (u + _F32(1.0)) * (g * (_F32(1.0) / (_F32(1.0) + cp.exp(-(g * _F32(glu.alpha))))))
-        return self.linear(h, e.down, db)
+        """:func:`~zipmoe_rt.backends.cuda_gpt_oss.clamped_expert`: float32 [T, H]."""
+        return cuda_gpt_oss.clamped_expert(self, x, e, glu)
 
 
 class ResidentExperts:
