@@ -127,6 +127,8 @@ class SizePlan:
             copy; Qwen3-Next's Gated DeltaNet), 0 without such layers.
         state_bytes: bytes the runtime allocates for it (float32, the copies a
             :class:`~zipmoe_rt.models.cache.RecurrentCache` holds).
+        quantized: the config's ``quantization_config.quant_method`` (``"mxfp4"`` for
+            gpt-oss's release), or None: the figures are then those of the BF16 weights.
     """
 
     config: Path
@@ -144,6 +146,7 @@ class SizePlan:
     budget: BudgetPlan | None = None
     state_values: int = 0
     state_bytes: int = 0
+    quantized: str | None = None
 
     @property
     def params(self) -> int:
@@ -164,7 +167,8 @@ class SizePlan:
                "zmoe_bytes": self.zmoe_bytes, "kv_values_per_token": self.kv_values_per_token,
                "kv_bytes_per_token": self.kv_bytes_per_token,
                "max_position_embeddings": hp.max_position_embeddings,
-               "state_values": self.state_values, "state_bytes": self.state_bytes}
+               "state_values": self.state_values, "state_bytes": self.state_bytes,
+               "quantized": self.quantized}
         if self.budget is not None:
             out["budget"] = dict(vars(self.budget))
         return out
@@ -255,6 +259,9 @@ def size_plan(path, memory_budget=None) -> SizePlan:
                                              * EXPERT_STORED_RATIO),
         kv_values_per_token=kv, kv_bytes_per_token=kv * np.dtype(KV_DTYPE).itemsize,
         state_values=int(getattr(hp, "state_values", lambda: 0)()), state_bytes=state_bytes(hp))
+    q = config.get("quantization_config")
+    if isinstance(q, dict) and isinstance(q.get("quant_method"), str):
+        plan.quantized = q["quant_method"][:40]
     if memory_budget is not None:
         plan.budget = budget_plan(src, memory_budget, path)
     return plan
@@ -316,6 +323,10 @@ def format_plan(p: SizePlan) -> str:
         lines.append(f"state       {_mb(p.state_bytes):>17}  per sequence, fixed: the conv and "
                      f"recurrent state of {len(hp.linear_layers())} linear-attention layers "
                      f"({p.state_values:,d} values, float32, {RecurrentCache.COPIES} copies)")
+    if p.quantized:
+        lines.append(f"note        config.json describes a quantised release (quant_method "
+                     f"{p.quantized}): these are the figures of its BF16 weights, the layout "
+                     f"convert takes")
     b = p.budget
     if b is not None:
         lines += [
