@@ -20,7 +20,8 @@ import numpy as np
 
 from ..backends import get_backend
 
-__all__ = ["LayerCache", "GrowingCache", "KVCache", "LatentCache", "ModelCache", "KV_DTYPE"]
+__all__ = ["LayerCache", "GrowingCache", "KVCache", "LatentCache", "RecurrentCache", "ModelCache",
+           "KV_DTYPE"]
 
 #: dtype of the keys and values a :class:`KVCache` holds (float32, as the attention ops
 #: compute; ``np.dtype(KV_DTYPE).itemsize`` bytes per cached value).
@@ -220,6 +221,88 @@ class LatentCache(GrowingCache):
 
     def _buffers(self) -> tuple:
         return (self.kv,)
+
+
+class RecurrentCache:
+    """The state of ONE linear-attention layer (Gated DeltaNet: Qwen3-Next, Qwen3.5-MoE): the
+    last ``K - 1`` inputs of its causal conv1d and its recurrent state, of a size that does not
+    grow with the sequence (transformers keeps the same two tensors per linear layer in
+    ``DynamicCache``: ``conv_states`` and ``recurrent_states``). Implements :class:`LayerCache`.
+
+    Each buffer is held twice: the forward call reads the committed copy and writes the pending
+    one (:meth:`pending`), and :meth:`commit` swaps them, so an interrupted forward leaves the
+    committed state as it was. A recurrent state cannot be rolled back to an earlier position:
+    :meth:`crop` accepts only ``n == length`` (nothing to drop) and ``n == 0`` (back to the zero
+    state); a caller that needs an earlier position recomputes from scratch.
+
+    Args:
+        conv_shape: (K - 1, C) of the conv state.  state_shape: (nv, dk, dv) of the recurrent
+            state.  backend: where the buffers live (:func:`~zipmoe_rt.backends.get_backend`).
+    Attributes:
+        conv, state: the committed float32 buffers (zeros at length 0).
+        length: tokens folded into the state.
+    """
+
+    #: copies of each buffer held (committed + pending): :attr:`nbytes` is this many times
+    #: the state's size.
+    COPIES = 2
+
+    def __init__(self, conv_shape, state_shape, backend=None):
+        self.backend = be = get_backend(backend)
+        self.conv = be.zeros(tuple(conv_shape))
+        self.state = be.zeros(tuple(state_shape))
+        self._next = (be.zeros(tuple(conv_shape)), be.zeros(tuple(state_shape)))
+        self._written = False
+        self.length = 0
+
+    def pending(self):
+        """(conv, state) buffers the running forward call writes; they become the committed
+        ones at :meth:`commit`."""
+        self._written = True
+        return self._next
+
+    def reserve(self, n: int) -> None:
+        """Nothing to allocate: the state has a fixed size."""
+
+    def commit(self, n: int) -> None:
+        """``length += n``; the pending buffers become the committed ones when ``n > 0``.
+
+        Raises:
+            ValueError: ``n > 0`` but the forward call wrote no state (:meth:`pending`).
+        """
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"commit({n}): negative")
+        if n:
+            if not self._written:
+                raise ValueError(f"commit({n}): no state was written for these tokens")
+            (self.conv, self.state), self._next = self._next, (self.conv, self.state)
+        self._written = False
+        self.length += n
+
+    def can_crop(self, n: int) -> bool:
+        """Only ``n == length`` (nothing dropped) or ``n == 0`` (the empty state)."""
+        return int(n) in (0, self.length)
+
+    def crop(self, n: int) -> None:
+        """``n == length``: nothing; ``n == 0``: the zero state.
+
+        Raises:
+            ValueError: any other ``n`` (a recurrent state cannot go back to position ``n``).
+        """
+        if not self.can_crop(n):
+            raise ValueError(f"crop({n}): a recurrent state holding {self.length} tokens can "
+                             f"only be kept whole or reset to 0")
+        if int(n) == 0 and self.length:
+            self.conv[...] = 0
+            self.state[...] = 0
+            self.length = 0
+        self._written = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated: both copies of both buffers."""
+        return int(self.conv.nbytes + self.state.nbytes + sum(b.nbytes for b in self._next))
 
 
 class ModelCache:
