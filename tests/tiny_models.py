@@ -169,6 +169,22 @@ SPECS = {
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
                            out_hidden_size=64, patch_size=4, temporal_patch_size=2,
                            spatial_merge_size=2, num_position_embeddings=16))),
+    # LFM2-MoE: short-convolution layers mixed with attention (layer_types), dense leading
+    # layers, the sigmoid router with a random F32 expert_bias (make_tiny), tied embeddings as
+    # released; then attention first, conv biases, a kernel of 4, no dense layer, no expert
+    # bias, weights not renormalised and scaled (sum far from 1), an untied head
+    "lfm2_moe": ("lfm2_moe", dict(
+        {k: v for k, v in COMMON.items() if k != "rms_norm_eps"}, num_hidden_layers=4,
+        norm_eps=1e-5, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+        num_experts_per_tok=3, num_dense_layers=1, conv_L_cache=3, conv_bias=False,
+        use_expert_bias=True, norm_topk_prob=True, tie_word_embeddings=True,
+        layer_types=["conv", "full_attention", "conv", "conv"], rope_theta=1000000.0)),
+    "lfm2_moe_bias": ("lfm2_moe", dict(
+        {k: v for k, v in COMMON.items() if k != "rms_norm_eps"}, num_hidden_layers=4,
+        norm_eps=1e-6, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, num_dense_layers=0, conv_L_cache=4, conv_bias=True,
+        use_expert_bias=False, norm_topk_prob=False, routed_scaling_factor=2.5,
+        layer_types=["full_attention", "full_attention", "conv", "conv"], rope_theta=10000.0)),
 }
 
 
@@ -207,6 +223,9 @@ def _randomize_correction_bias(model, torch, gen):
                 0.1 * torch.randn(b.shape, generator=gen), requires_grad=False)
         elif isinstance(b, torch.Tensor):
             mod.e_score_correction_bias = 0.1 * torch.randn(b.shape, generator=gen)
+        b = getattr(mod, "expert_bias", None)       # LFM2-MoE's router bias (a buffer)
+        if isinstance(b, torch.Tensor) and not isinstance(b, torch.nn.Parameter):
+            mod.expert_bias = 0.1 * torch.randn(b.shape, generator=gen)
 
 
 def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:

@@ -116,6 +116,11 @@ class Keys:
         LINEAR_VALUE_HEAD_DIM = "hparams.linear_value_head_dim"
         LINEAR_NUM_KEY_HEADS = "hparams.linear_num_key_heads"
         LINEAR_NUM_VALUE_HEADS = "hparams.linear_num_value_heads"
+        # LFM2-MoE: short-convolution layers, dense leading layers, the router's expert bias
+        CONV_BIAS = "hparams.conv_bias"
+        CONV_L_CACHE = "hparams.conv_l_cache"
+        NUM_DENSE_LAYERS = "hparams.num_dense_layers"
+        USE_EXPERT_BIAS = "hparams.use_expert_bias"
 
     class HF:
         CONFIG = "hf.config"                    # json: the source config.json verbatim
