@@ -309,8 +309,10 @@ def format_plan(p: SizePlan) -> str:
         f"{hp.max_position_embeddings:,d} tokens",
     ]
     if p.state_values:
-        lines.append(f"state       {_mb(p.state_bytes):>17}  per sequence, fixed: the conv and "
-                     f"recurrent state of {len(hp.linear_layers())} linear-attention layers "
+        what = getattr(hp, "STATE_OF", "the conv and recurrent state of {n} linear-attention "
+                                        "layers")
+        lines.append(f"state       {_mb(p.state_bytes):>17}  per sequence, fixed: "
+                     f"{what.format(n=len(hp.linear_layers()))} "
                      f"({p.state_values:,d} values, float32, two copies)")
     b = p.budget
     if b is not None:

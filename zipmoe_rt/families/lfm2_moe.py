@@ -64,6 +64,8 @@ class Lfm2MoeHParams(HParams):
     routed_scaling_factor: float = 1.0
 
     DEFAULT_ROPE_THETA = 1000000.0
+    #: what the fixed per-sequence state is (``plan``'s state line; ``{n}``: conv layers).
+    STATE_OF = "the conv state of {n} short-convolution layers"
     CONFIG_KEYS = {"rms_norm_eps": ("norm_eps",),
                    "tie_word_embeddings": ("tie_embedding", "tie_word_embeddings"),
                    "conv_l_cache": ("conv_L_cache",)}
