@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from zipmoe_rt.backends import get_backend
+from zipmoe_rt.backends import cuda_unavailable, get_backend
 from zipmoe_rt.families import ConfigError, get_architecture, get_family
 from zipmoe_rt.generate import CacheState, generate
 from zipmoe_rt.models import build_model
@@ -28,6 +28,10 @@ from transformers.models.lfm2_moe import modeling_lfm2_moe as hf_lfm2  # noqa: E
 SPECS = ("lfm2_moe", "lfm2_moe_bias")
 PROMPT = np.random.default_rng(1).integers(0, 256, 16)
 BACKENDS = ("numba", "numpy")
+#: the block tests also run on the CUDA backend where there is one (skipped otherwise)
+WHY = cuda_unavailable()
+ALL_BACKENDS = BACKENDS + (pytest.param("cuda", marks=pytest.mark.skipif(
+    WHY is not None, reason=f"no CUDA backend here: {WHY}")),)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def _hf_config(**kw):
 
 # -- blocks against transformers' modules ----------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("bias, L", [(False, 3), (True, 4), (True, 1)])
 def test_short_conv_matches_transformers(backend, bias, L):
     """:class:`ShortConv` against ``Lfm2MoeShortConv`` (random weights and biases): a prompt
@@ -68,19 +72,20 @@ def test_short_conv_matches_transformers(backend, bias, L):
                    backend=be)
     xs = x[0].numpy()
     cache = sc.new_cache()
-    got = sc(xs, cache, 0)
+    got = be.to_host(sc(be.from_host(xs), cache, 0))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
     cache = sc.new_cache()
     parts = []
     for a, e in ((0, 4), (4, 5), (5, 11)):
-        parts.append(sc(np.ascontiguousarray(xs[a:e]), cache, a))
+        parts.append(be.to_host(sc(be.from_host(np.ascontiguousarray(xs[a:e])), cache, a)))
         cache.commit(e - a)
     np.testing.assert_allclose(np.concatenate(parts), want, rtol=0, atol=2e-5)
     assert cache.conv.shape == (L - 1, 32) and sc.state_values() == (L - 1) * 32
     if bias:        # the biases change the output
         plain = ShortConv(args, 0, sd["in_proj.weight"], sd["conv.weight"],
                           sd["out_proj.weight"], backend=be)
-        assert np.abs(plain(xs, plain.new_cache(), 0) - want).max() > 1e-2
+        out = be.to_host(plain(be.from_host(xs), plain.new_cache(), 0))
+        assert np.abs(out - want).max() > 1e-2
 
 
 def test_short_conv_refuses_wrong_shapes():
@@ -94,7 +99,7 @@ def test_short_conv_refuses_wrong_shapes():
                   np.zeros((32, 32), np.float32))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("use_bias, renorm, scale", [(True, True, 1.0), (False, False, 2.5),
                                                      (True, False, 0.7), (False, True, 1.5)])
 def test_router_matches_transformers(backend, use_bias, renorm, scale):
@@ -113,7 +118,8 @@ def test_router_matches_transformers(backend, use_bias, renorm, scale):
     rule = RoutingRule(3, renorm, scoring="sigmoid", scale=scale, renorm_eps=1e-6)
     router = Router(hf.weight.detach().numpy(), rule, bias.numpy() if use_bias else None,
                     get_backend(backend))
-    _, idx, w = router(x.numpy())
+    be = get_backend(backend)
+    _, idx, w = router(be.from_host(x.numpy()))
     assert np.array_equal(np.sort(idx, -1), np.sort(idx_want.numpy(), -1))
     order = np.argsort(idx, -1), np.argsort(idx_want.numpy(), -1)
     np.testing.assert_allclose(np.take_along_axis(w, order[0], -1),
@@ -124,7 +130,8 @@ def test_router_matches_transformers(backend, use_bias, renorm, scale):
     else:           # sigmoid scores, not renormalised: their sum is far from 1
         assert np.abs(w.sum(-1) / scale - 1).min() > 0.1
     plain = Router(hf.weight.detach().numpy(), rule, None, get_backend(backend))
-    assert (not use_bias) == np.array_equal(np.sort(plain(x.numpy())[1], -1), np.sort(idx, -1))
+    assert (not use_bias) == np.array_equal(np.sort(plain(be.from_host(x.numpy()))[1], -1),
+                                            np.sort(idx, -1))
 
 
 # -- cache rules -------------------------------------------------------------------------------
