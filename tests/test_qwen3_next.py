@@ -127,22 +127,30 @@ def test_split_qkvz_is_transformers_ordering():
 
 def test_recurrent_cache_rules():
     c = RecurrentCache((3, 5), (2, 4, 4))
-    assert c.nbytes == 2 * 4 * (15 + 32) and c.can_crop(0) and c.length == 0
+    assert c.nbytes == RecurrentCache.COPIES * 4 * (15 + 32) and c.crop_points() == [0]
     with pytest.raises(ValueError, match="no state was written"):
         c.commit(2)
-    conv, state = c.pending()
-    conv[...] = 1.0
-    state[...] = 2.0
-    assert not c.conv.any()             # pending until commit
-    c.commit(2)
+
+    def step(n, value):
+        conv, state = c.pending()
+        conv[...] = value
+        state[...] = value + 1
+        assert not (c.state == value + 1).all()       # pending until commit
+        c.commit(n)
+    step(2, 1.0)
     assert c.length == 2 and (c.conv == 1).all() and (c.state == 2).all()
     assert c.can_crop(2) and c.can_crop(0) and not c.can_crop(1)
-    with pytest.raises(ValueError, match="only be kept whole or reset"):
+    with pytest.raises(ValueError, match="kept whole, reset to 0 or returned to its mark"):
         c.crop(1)
+    c.mark()
+    step(3, 5.0)
+    assert c.crop_points() == [0, 2, 5] and not c.can_crop(4)
+    c.crop(2)                           # back to the mark: its copy
+    assert c.length == 2 and (c.conv == 1).all() and (c.state == 2).all()
     c.crop(2)
     assert c.length == 2 and (c.state == 2).all()
     c.crop(0)
-    assert c.length == 0 and not c.state.any() and not c.conv.any()
+    assert c.length == 0 and not c.state.any() and not c.conv.any() and c.crop_points() == [0]
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -156,7 +164,7 @@ def test_layer_caches_follow_layer_types(loaded, name):
              for lc in cache.layers]
     assert kinds == model.args.layer_types and "linear_attention" in kinds
     rec = sum(lc.nbytes for lc in cache.layers if isinstance(lc, RecurrentCache))
-    assert rec == state_bytes(model.args) == 2 * 4 * model.state_values()
+    assert rec == state_bytes(model.args) == RecurrentCache.COPIES * 4 * model.state_values()
     assert model.state_values() == model.args.state_values()
 
 
@@ -210,11 +218,12 @@ def test_prefill_one_call_equals_token_by_token(tiny_moe_dir, loaded, name, back
 
 @pytest.mark.parametrize("name", SPECS)
 def test_chat_turns_reuse_the_cache_only_for_a_prefix(loaded, name):
-    """Three turns through one :class:`CacheState` (what ``ChatSession`` and the server's
-    prompt cache do): a turn that extends the held sequence reuses the state and gives the
-    logits of a fresh run over the whole conversation; a turn whose prompt diverges from the
-    held tokens cannot roll a recurrent state back, so the cache is rebuilt, with the fresh
-    run's logits exactly."""
+    """Turns through one :class:`CacheState` (what ``ChatSession`` and the server's prompt
+    cache do): a turn that extends the held sequence reuses the state and gives the logits of a
+    fresh run over the whole conversation; a turn that shares only the last prompt (a reply
+    rendered differently) returns to the state marked at that prompt's end; a turn that
+    diverges earlier cannot roll the recurrent state back and is recomputed from scratch, with
+    the fresh run's logits exactly."""
     model, hf = loaded(name)
     greedy = SamplingParams(temperature=0.0, max_tokens=6)
     state = CacheState.new(model)
@@ -223,24 +232,28 @@ def test_chat_turns_reuse_the_cache_only_for_a_prefix(loaded, name):
     assert new == conv
     conv += [s.token_id for s in generate(model, new, greedy, cache=state)
              if s.token_id is not None]
-    assert state.token_ids == conv[:-1] or state.token_ids == conv
+    assert state.cache.crop_points() == [0, 10, len(state.token_ids)]     # marked after prefill
     held_cache = state.cache
-    turn = [int(t) for t in PROMPT[10:16]]
-    target = conv + turn
-    new = state.sync_prefix(target, model)
-    assert state.cache is held_cache and new == target[len(state.token_ids):]
-    logits = model.forward(np.array(new), state.cache, last_only=False)
-    state.token_ids.extend(new)
-    fresh = model.forward(np.array(target), model.new_cache(), last_only=False)
-    np.testing.assert_allclose(logits, fresh[-len(new):], rtol=0, atol=1e-4)
-    assert np.abs(logits - hf_logits(hf, target)[-len(new):]).max() <= 1e-3
-    # an edited history: not a prefix of what is held
-    edited = target[:8] + [7, 8, 9]
-    new = state.sync_prefix(edited, model)
-    assert new == edited and state.cache is not held_cache and state.cache.offset == 0
-    got = model.forward(np.array(new), state.cache, last_only=False)
-    np.testing.assert_array_equal(got, model.forward(np.array(edited), model.new_cache(),
-                                                     last_only=False))
+
+    def turn(target, reused):
+        new = state.sync_prefix(target, model)
+        assert state.cache is held_cache and len(state.token_ids) == reused
+        assert new == target[reused:] and state.cache.offset == reused
+        logits = model.forward(np.array(new), state.cache, last_only=False)
+        state.token_ids.extend(new)
+        fresh = model.forward(np.array(target), model.new_cache(), last_only=False)
+        np.testing.assert_allclose(logits, fresh[reused:], rtol=0, atol=1e-4)
+        assert np.abs(logits - hf_logits(hf, target)[reused:]).max() <= 1e-3
+        return logits, fresh
+
+    target = conv + [int(t) for t in PROMPT[10:16]]
+    turn(target, len(conv) - 1 if len(state.token_ids) < len(conv) else len(conv))
+    # the previous prompt, then another reply: back to the mark at its end
+    turn(conv[:10] + [5, 6, 7, 8], 10)
+    # an edited history: no position to return to but 0
+    edited = conv[:8] + [7, 8, 9]
+    logits, fresh = turn(edited, 0)
+    np.testing.assert_array_equal(logits, fresh)
 
 
 def test_model_cache_crop_is_all_or_nothing(loaded):
@@ -420,7 +433,7 @@ def _hf_meta_text_model(cfg):
 def test_plan_published(tmp_path, cfg, linear, full):
     """``plan``: parameters as transformers creates them; the KV cache of the full-attention
     layers only (2 x 2 kv heads x 256 per layer and token); the fixed state of the linear
-    layers (conv 3 x 8192 + recurrent 32 x 128 x 128 values each), float32, two copies."""
+    layers (conv 3 x 8192 + recurrent 32 x 128 x 128 values each), float32, three copies."""
     from zipmoe_rt.plan import format_plan, size_plan
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     p = size_plan(tmp_path)
@@ -433,7 +446,8 @@ def test_plan_published(tmp_path, cfg, linear, full):
     assert len(hp.linear_layers()) == linear
     assert p.kv_values_per_token == full * 2 * 2 * 256 and p.kv_bytes_per_token == 4 * full * 1024
     per_layer = 3 * (2 * 16 * 128 + 32 * 128) + 32 * 128 * 128
-    assert p.state_values == linear * per_layer and p.state_bytes == 8 * linear * per_layer
+    assert p.state_values == linear * per_layer
+    assert p.state_bytes == RecurrentCache.COPIES * 4 * linear * per_layer
     text = format_plan(p)
     assert "state" in text and f"{linear} linear-attention layers" in text
     if cfg is QWEN3_NEXT_80B:
@@ -449,7 +463,7 @@ def test_memory_limit_counts_the_state(tmp_path):
     hp = fam.hparams()
     typed = get_family("qwen3_next").hparams_class.from_hparams(hp)
     st = state_bytes(typed)
-    assert st == 2 * 4 * 36 * (3 * 8192 + 32 * 128 * 128)
+    assert st == RecurrentCache.COPIES * 4 * 36 * (3 * 8192 + 32 * 128 * 128)
     per_token = 4 * 12 * 1024
     assert kv_bytes(hp, 256) == per_token * 256 + (per_token // 48) * 128 + st
 
@@ -533,3 +547,43 @@ def test_server_prompt_cache_reuses_only_a_prefix(tiny_moe_dir, tmp_path):
                                                                   temperature=0)
     finally:
         model.close()
+
+
+# -- a container whose metadata lies -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def next_zmoe(tiny_moe_dir, tmp_path_factory):
+    import warnings
+
+    from zipmoe_rt.convert.converter import convert
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # no tokenizer here
+        return convert(tiny_moe_dir("qwen3_next"), tmp_path_factory.mktemp("q3n") / "q.zmoe",
+                       progress=False)
+
+
+@pytest.mark.parametrize("key, value, needles", [
+    ("linear_value_head_dim", 16, ["linear_attn.", "linear_value_head_dim"]),
+    ("linear_num_key_heads", 4, ["linear_attn.", "linear_num_key_heads"]),
+    ("linear_num_value_heads", 3, ["linear_num_value_heads", "multiple"]),
+    ("linear_conv_kernel_dim", 0, ["linear_conv_kernel_dim"]),
+    ("layer_types", ["full_attention"] * 4, ["self_attn.", "imply for layer 0"]),
+    ("layer_types", ["linear_attention", "sliding_attention"] * 2, ["layer_types"]),
+    ("layer_types", ["linear_attention"] * 3, ["layer_types"]),
+])
+def test_stored_hparams_lying_are_refused_at_load(next_zmoe, tmp_path, key, value, needles):
+    """Stored linear-attention sizes or layer kinds that the stored tensors contradict, or that
+    the model cannot run, are refused when the file is opened, naming the file and the field."""
+    import zmoe
+    from test_hostile import edited
+    from zipmoe_rt.engine.store import ZmoeSource
+
+    def fn(index, _b):
+        index["metadata"][f"hparams.{key}"]["value"] = value
+    bad = edited(next_zmoe, tmp_path / "bad.zmoe", fn)
+    with pytest.raises(zmoe.CorruptIndexError) as ei:
+        ZmoeSource(bad).reader.close()
+    msg = str(ei.value)
+    assert str(bad) in msg
+    for n in needles:
+        assert n in msg, msg

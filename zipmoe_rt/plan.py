@@ -123,7 +123,8 @@ class SizePlan:
         budget: the budget split, or None.
         state_values: values of the fixed per-sequence state of linear-attention layers (one
             copy; Qwen3-Next's Gated DeltaNet), 0 without such layers.
-        state_bytes: bytes the runtime allocates for it (float32, committed and pending copy).
+        state_bytes: bytes the runtime allocates for it (float32, the copies a
+            :class:`~zipmoe_rt.models.cache.RecurrentCache` holds).
     """
 
     config: Path
@@ -309,15 +310,17 @@ def format_plan(p: SizePlan) -> str:
         f"{hp.max_position_embeddings:,d} tokens",
     ]
     if p.state_values:
+        from .models.cache import RecurrentCache
         what = getattr(hp, "STATE_OF", "the conv and recurrent state of {n} linear-attention "
                                         "layers")
         lines.append(f"state       {_mb(p.state_bytes):>17}  per sequence, fixed: "
                      f"{what.format(n=len(hp.linear_layers()))} "
-                     f"({p.state_values:,d} values, float32, two copies)")
+                     f"({p.state_values:,d} values, float32, {RecurrentCache.COPIES} copies)")
     b = p.budget
     if b is not None:
         lines += [
-            f"memory budget {_mb(b.budget)} (the KV cache comes on top):",
+            f"memory budget {_mb(b.budget)} (the KV cache "
+            f"{'and the fixed state come' if p.state_values else 'comes'} on top):",
             f"  dense        {_mb(b.dense):>11}  always resident",
             f"  working set  {_mb(b.working_set):>11}  the {hp.num_experts_per_tok} experts of "
             f"one token, decoded ({_mb(b.expert_full)} each)",

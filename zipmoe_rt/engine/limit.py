@@ -301,8 +301,9 @@ def kv_bytes(hparams: dict, context: int) -> int:
 
 def state_bytes(hp) -> int:
     """Bytes of the fixed per-sequence state of linear-attention layers (Qwen3-Next's Gated
-    DeltaNet: ``HParams.state_values``, float32, in the two copies a
-    :class:`~zipmoe_rt.models.cache.RecurrentCache` holds); 0 for families without one.
+    DeltaNet: ``HParams.state_values``, float32, in the copies a
+    :class:`~zipmoe_rt.models.cache.RecurrentCache` holds: committed, pending, marked); 0 for
+    families without one.
     ``hp``: typed hyper-parameters (:class:`~zipmoe_rt.families.HParams`)."""
     from ..models.cache import RecurrentCache
     f = getattr(hp, "state_values", None)

@@ -173,8 +173,8 @@ class Qwen3NextHParams(QwenMoeHParams):
         """Values of the fixed per-sequence state of all linear layers, one copy each: the conv
         state ``(K - 1) * conv_dim`` and the recurrent state ``nv * dk * dv`` per layer
         (transformers' ``conv_states`` and ``recurrent_states``). The runtime's
-        :class:`~zipmoe_rt.models.cache.RecurrentCache` holds two copies (committed and
-        pending)."""
+        :class:`~zipmoe_rt.models.cache.RecurrentCache` holds three copies (committed, pending
+        and marked)."""
         per = ((self.linear_conv_kernel_dim - 1) * self.conv_dim()
                + self.linear_num_value_heads * self.linear_key_head_dim
                * self.linear_value_head_dim)

@@ -229,11 +229,12 @@ class RecurrentCache:
     grow with the sequence (transformers keeps the same two tensors per linear layer in
     ``DynamicCache``: ``conv_states`` and ``recurrent_states``). Implements :class:`LayerCache`.
 
-    Each buffer is held twice: the forward call reads the committed copy and writes the pending
-    one (:meth:`pending`), and :meth:`commit` swaps them, so an interrupted forward leaves the
-    committed state as it was. A recurrent state cannot be rolled back to an earlier position:
-    :meth:`crop` accepts only ``n == length`` (nothing to drop) and ``n == 0`` (back to the zero
-    state); a caller that needs an earlier position recomputes from scratch.
+    Each buffer is held three times: the forward call reads the committed copy and writes the
+    pending one (:meth:`pending`), and :meth:`commit` swaps them, so an interrupted forward leaves
+    the committed state as it was; :meth:`mark` copies the committed state aside (the end of a
+    prompt). A recurrent state cannot be rolled back to an arbitrary position: :meth:`crop`
+    accepts ``n == length`` (nothing to drop), ``n == 0`` (the zero state) and the marked
+    position (the copy comes back); a caller that needs another position recomputes.
 
     Args:
         conv_shape: (K - 1, C) of the conv state.  state_shape: (nv, dk, dv) of the recurrent
@@ -243,17 +244,26 @@ class RecurrentCache:
         length: tokens folded into the state.
     """
 
-    #: copies of each buffer held (committed + pending): :attr:`nbytes` is this many times
-    #: the state's size.
-    COPIES = 2
+    #: copies of each buffer held (committed, pending, marked): :attr:`nbytes` is this many
+    #: times the state's size.
+    COPIES = 3
 
     def __init__(self, conv_shape, state_shape, backend=None):
         self.backend = be = get_backend(backend)
         self.conv = be.zeros(tuple(conv_shape))
         self.state = be.zeros(tuple(state_shape))
         self._next = (be.zeros(tuple(conv_shape)), be.zeros(tuple(state_shape)))
+        self._marked = (be.zeros(tuple(conv_shape)), be.zeros(tuple(state_shape)))
+        self.mark_length: int | None = None
         self._written = False
         self.length = 0
+
+    def mark(self) -> None:
+        """Copy the committed state aside as the state at position :attr:`length`
+        (:attr:`mark_length`), which :meth:`crop` can then return to."""
+        self._marked[0][...] = self.conv
+        self._marked[1][...] = self.state
+        self.mark_length = self.length
 
     def pending(self):
         """(conv, state) buffers the running forward call writes; they become the committed
@@ -280,29 +290,46 @@ class RecurrentCache:
         self._written = False
         self.length += n
 
+    def crop_points(self) -> list[int]:
+        """The positions :meth:`crop` accepts: 0, the marked one (if not past ``length``) and
+        ``length``."""
+        pts = {0, self.length}
+        if self.mark_length is not None and self.mark_length <= self.length:
+            pts.add(self.mark_length)
+        return sorted(pts)
+
     def can_crop(self, n: int) -> bool:
-        """Only ``n == length`` (nothing dropped) or ``n == 0`` (the empty state)."""
-        return int(n) in (0, self.length)
+        """Only ``n`` in :meth:`crop_points`."""
+        return int(n) in self.crop_points()
 
     def crop(self, n: int) -> None:
-        """``n == length``: nothing; ``n == 0``: the zero state.
+        """``n == length``: nothing; ``n == 0``: the zero state (the mark is dropped); the marked
+        position: the marked copy becomes the state.
 
         Raises:
             ValueError: any other ``n`` (a recurrent state cannot go back to position ``n``).
         """
+        n = int(n)
         if not self.can_crop(n):
             raise ValueError(f"crop({n}): a recurrent state holding {self.length} tokens can "
-                             f"only be kept whole or reset to 0")
-        if int(n) == 0 and self.length:
-            self.conv[...] = 0
-            self.state[...] = 0
-            self.length = 0
+                             f"only be kept whole, reset to 0 or returned to its mark "
+                             f"({self.mark_length})")
+        if n == 0:
+            if self.length:
+                self.conv[...] = 0
+                self.state[...] = 0
+            self.length, self.mark_length = 0, None
+        elif n != self.length:          # the mark
+            self.conv[...] = self._marked[0]
+            self.state[...] = self._marked[1]
+            self.length = n
         self._written = False
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated: both copies of both buffers."""
-        return int(self.conv.nbytes + self.state.nbytes + sum(b.nbytes for b in self._next))
+        """Bytes allocated: the three copies of both buffers."""
+        return int(self.conv.nbytes + self.state.nbytes
+                   + sum(b.nbytes for b in self._next + self._marked))
 
 
 class ModelCache:
@@ -373,6 +400,26 @@ class ModelCache:
         cache replaces this one's contents only once it is complete)."""
         self.layers, self._offset = other.layers, other._offset
         self._ids, self.regime = other._ids, other.regime
+
+    def mark(self) -> None:
+        """Have every layer that cannot crop freely (a recurrent state) keep a copy of its
+        state at the current position, so that :meth:`crop` can return there (the end of a
+        prompt, for the next chat turn)."""
+        for lc in self.layers:
+            f = getattr(lc, "mark", None)
+            if callable(f):
+                f()
+
+    def crop_points(self) -> list[int] | None:
+        """The positions every layer can crop to, ascending, or None when every position
+        ``0..offset`` is one (no layer restricts it)."""
+        common = None
+        for lc in self.layers:
+            f = getattr(lc, "crop_points", None)
+            if callable(f):
+                pts = set(f())
+                common = pts if common is None else common & pts
+        return None if common is None else sorted(p for p in common if p <= self._offset)
 
     def can_crop(self, n: int) -> bool:
         """Whether :meth:`crop` ``(n)`` would succeed: ``0 <= n <= offset`` and every layer can."""
