@@ -147,7 +147,7 @@ def test_layer_caches_follow_layer_types(loaded, name):
              for lc in cache.layers]
     assert kinds == model.args.layer_types and "conv" in kinds
     rec = sum(lc.nbytes for lc in cache.layers if isinstance(lc, RecurrentCache))
-    assert rec == state_bytes(model.args) == 2 * 4 * model.state_values()
+    assert rec == state_bytes(model.args) == RecurrentCache.COPIES * 4 * model.state_values()
     assert model.state_values() == model.args.state_values() == (
         kinds.count("conv") * (model.args.conv_l_cache - 1) * model.args.hidden_size)
 
@@ -221,9 +221,10 @@ def test_prefill_one_call_equals_token_by_token(tiny_moe_dir, loaded, name, back
 @pytest.mark.parametrize("name", SPECS)
 def test_chat_turns_reuse_the_cache_only_for_a_prefix(loaded, name):
     """Turns through one :class:`CacheState` (what ``ChatSession`` and the server's prompt
-    cache do): a turn that extends the held sequence reuses the state and gives the logits of
-    a fresh run over the whole conversation (and transformers'); a prompt that diverges from
-    the held tokens cannot roll a conv state back, so the cache is rebuilt."""
+    cache do): a turn that extends the held sequence reuses the conv state and gives the logits
+    of a fresh run over the whole conversation (and transformers'); a turn that shares only
+    the last prompt returns to the state marked at that prompt's end; a turn that diverges
+    earlier cannot roll the conv state back and is recomputed from scratch."""
     model, hf = loaded(name)
     greedy = SamplingParams(temperature=0.0, max_tokens=6)
     state = CacheState.new(model)
@@ -232,21 +233,25 @@ def test_chat_turns_reuse_the_cache_only_for_a_prefix(loaded, name):
     assert new == conv
     conv += [s.token_id for s in generate(model, new, greedy, cache=state)
              if s.token_id is not None]
+    assert state.cache.crop_points() == [0, 10, len(state.token_ids)]     # marked after prefill
     held_cache = state.cache
+
+    def turn(target, reused):
+        new = state.sync_prefix(target, model)
+        assert state.cache is held_cache and len(state.token_ids) == reused
+        assert new == target[reused:] and state.cache.offset == reused
+        logits = model.forward(np.array(new), state.cache, last_only=False)
+        state.token_ids.extend(new)
+        fresh = model.forward(np.array(target), model.new_cache(), last_only=False)
+        np.testing.assert_allclose(logits, fresh[reused:], rtol=0, atol=1e-5)
+        assert np.abs(logits - hf_logits(hf, target)[reused:]).max() <= 1e-3
+        return logits, fresh
+
     target = conv + [int(t) for t in PROMPT[10:16]]
-    new = state.sync_prefix(target, model)
-    assert state.cache is held_cache and new == target[len(state.token_ids):]
-    logits = model.forward(np.array(new), state.cache, last_only=False)
-    state.token_ids.extend(new)
-    fresh = model.forward(np.array(target), model.new_cache(), last_only=False)
-    np.testing.assert_allclose(logits, fresh[-len(new):], rtol=0, atol=1e-5)
-    assert np.abs(logits - hf_logits(hf, target)[-len(new):]).max() <= 1e-3
-    edited = target[:8] + [7, 8, 9]
-    new = state.sync_prefix(edited, model)
-    assert new == edited and state.cache is not held_cache and state.cache.offset == 0
-    got = model.forward(np.array(new), state.cache, last_only=False)
-    np.testing.assert_array_equal(got, model.forward(np.array(edited), model.new_cache(),
-                                                     last_only=False))
+    turn(target, len(conv) - 1 if len(state.token_ids) < len(conv) else len(conv))
+    turn(conv[:10] + [5, 6, 7, 8], 10)          # the previous prompt, another reply: the mark
+    logits, fresh = turn(conv[:8] + [7, 8, 9], 0)   # an edited history: only 0
+    np.testing.assert_array_equal(logits, fresh)
 
 
 def test_chat_session_turns_equal_fresh_runs(tiny_moe_dir, tmp_path):
@@ -359,7 +364,7 @@ def test_plan_published(tmp_path):
     """``plan`` on LFM2-8B-A1B: parameters as transformers creates them (8.3B, 22 x 32 experts;
     the tied head counted once); the KV cache of the 6 attention layers only (2 x 8 kv heads x
     64 per layer and token); the conv state of the 18 conv layers (2 x 2048 values each),
-    float32, two copies; ``--memory-limit``'s KV figure holds it."""
+    float32, in the cache's copies; ``--memory-limit``'s KV figure holds it."""
     from zipmoe_rt.engine.limit import kv_bytes, state_bytes
     from zipmoe_rt.plan import format_plan, size_plan
     (tmp_path / "config.json").write_text(json.dumps(LFM2_8B_A1B))
@@ -376,9 +381,50 @@ def test_plan_published(tmp_path):
     hp = p.hparams
     assert len(hp.linear_layers()) == 18 and hp.moe_layers == list(range(2, 24))
     assert p.kv_values_per_token == 6 * 2 * 8 * 64 and p.kv_bytes_per_token == 4 * 6144
-    assert p.state_values == 18 * 2 * 2048 and p.state_bytes == 8 * 18 * 2 * 2048
+    assert p.state_values == 18 * 2 * 2048
+    assert p.state_bytes == RecurrentCache.COPIES * 4 * 18 * 2 * 2048
     assert "the conv state of 18 short-convolution layers (73,728 values" in format_plan(p)
     typed = get_family("lfm2_moe").hparams_class.from_hparams(
         get_architecture(LFM2_8B_A1B).hparams())
     assert state_bytes(typed) == p.state_bytes
     assert kv_bytes(typed.to_hparams(), 256) - p.state_bytes >= 256 * p.kv_bytes_per_token
+
+
+# -- a container whose metadata lies -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lfm2_zmoe(tiny_moe_dir, tmp_path_factory):
+    import warnings
+
+    from zipmoe_rt.convert.converter import convert
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # no tokenizer here
+        return convert(tiny_moe_dir("lfm2_moe_bias"), tmp_path_factory.mktemp("lfm2") / "l.zmoe",
+                       progress=False)
+
+
+@pytest.mark.parametrize("key, value, needles", [
+    ("conv_l_cache", 3, ["conv.conv.weight", "conv_l_cache"]),
+    ("conv_l_cache", 0, ["conv_l_cache"]),
+    ("num_dense_layers", 1, ["feed_forward.w1.weight"]),
+    ("use_expert_bias", "yes", ["use_expert_bias"]),
+    ("layer_types", ["conv"] * 4, ["conv.", "imply for layer 0"]),
+    ("layer_types", ["conv", "linear_attention"] * 2, ["layer_types"]),
+])
+def test_stored_hparams_lying_are_refused_at_load(lfm2_zmoe, tmp_path, key, value, needles):
+    """Stored conv sizes, dense layers or layer kinds that the stored tensors contradict, or
+    that the model cannot run, are refused when the file is opened, naming the file and the
+    field or tensor."""
+    import zmoe
+    from test_hostile import edited
+    from zipmoe_rt.engine.store import ZmoeSource
+
+    def fn(index, _b):
+        index["metadata"][f"hparams.{key}"]["value"] = value
+    bad = edited(lfm2_zmoe, tmp_path / "bad.zmoe", fn)
+    with pytest.raises(zmoe.CorruptIndexError) as ei:
+        ZmoeSource(bad).reader.close()
+    msg = str(ei.value)
+    assert str(bad) in msg
+    for n in needles:
+        assert n in msg, msg

@@ -20,12 +20,13 @@ class Model(base.Model):
 
     def build_attention(self, i, **options):
         """Layer ``i``'s token mixer: a :class:`~zipmoe_rt.models.short_conv.ShortConv` on
-        ``conv`` layers (biases with ``conv_bias``), else attention with per-head q/k norms."""
+        ``conv`` layers (biases with ``conv_bias`` or where the source holds them), else
+        attention with per-head q/k norms."""
         if self.args.layer_types[i] != CONV:
             return super().build_attention(i, **options)
-        t = self.weight
+        t = self.weight     # biases where conv_bias says so or the source holds them
         biases = ([t(k, i) for k in ("conv_in_bias", "conv_kernel_bias", "conv_out_bias")]
-                  if self.args.conv_bias else [None] * 3)
+                  if self.args.conv_bias or self.has_weight("conv_in_bias", i) else [None] * 3)
         return ShortConv(self.args, i, t("conv_in", i), t("conv_kernel", i), t("conv_out", i),
                          *biases, backend=self.backend)
 
