@@ -276,6 +276,41 @@ def test_chat_session_turns_equal_fresh_runs(tiny_moe_dir, tmp_path):
         model.close()
 
 
+def test_server_prompt_cache_reuses_only_a_prefix(tiny_moe_dir, tmp_path):
+    """The server's prompt-prefix cache over an LFM2-MoE model: a follow-up turn reuses the
+    held conv state (cached tokens reported) and answers as a cold run; a prompt that diverges
+    from the held tokens before any position the state can return to reuses nothing and
+    answers as a cold run."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    openai = pytest.importorskip("openai")
+    import zipmoe_rt
+    from test_api import make_chat_model
+    from test_server import _chat, _host, _wait_ready, running
+    from zipmoe_rt.server.app import create_app
+    model = zipmoe_rt.load(make_chat_model(tiny_moe_dir("lfm2_moe"), tmp_path / "serve"))
+    try:
+        with running(create_app(_host(model, queue_size=4))) as base:
+            _wait_ready(base)
+            client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=120,
+                                   max_retries=0)
+            turn1 = [{"role": "user", "content": "tell me a story about a cat"}]
+            r1 = _chat(client, turn1, max_tokens=8)
+            turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                             {"role": "user", "content": "and then again please"}]
+            r2 = _chat(client, turn2, max_tokens=8)
+            assert r2.usage.prompt_tokens_details.cached_tokens > 0
+            assert r2.choices[0].message.content == model.chat(turn2, max_tokens=8,
+                                                               temperature=0)
+            other = [{"role": "system", "content": "x"}, {"role": "user", "content": "a dog"}]
+            r = _chat(client, other, max_tokens=8)
+            assert r.usage.prompt_tokens_details.cached_tokens == 0
+            assert r.choices[0].message.content == model.chat(other, max_tokens=8,
+                                                              temperature=0)
+    finally:
+        model.close()
+
+
 # -- config rules --------------------------------------------------------------------------------
 
 def _cfg(**kw):
