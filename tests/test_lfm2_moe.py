@@ -254,6 +254,45 @@ def test_chat_turns_reuse_the_cache_only_for_a_prefix(loaded, name):
     np.testing.assert_array_equal(logits, fresh)
 
 
+def test_lfm25_template_turns_and_the_conv_state(loaded):
+    """LFM2.5's real chat template keeps the reasoning of the last assistant turn only: the
+    second turn's prompt extends what the cache holds (first prompt + reply with ``<think>``)
+    and reuses all of it; the third re-renders the first reply without its reasoning, so the
+    prompt diverges inside it, before any position a conv state can return to, and is
+    recomputed from scratch. Every turn's logits are those of a fresh run (and within 1e-3 of
+    transformers')."""
+    from pypi_data import pypi_files
+    from test_api import SPECIALS as TEST_SPECIALS, _tokenizer_json
+    from zipmoe_rt.tokenizer import Tokenizer
+    root = pypi_files("llama-cpp-python", ["models/templates/*"]) / "models" / "templates"
+    template = (root / "LFM2.5-Instruct.jinja").read_text(encoding="utf-8")
+    tok = Tokenizer(_tokenizer_json(256), template, bos_token=TEST_SPECIALS[0],
+                    eos_token="<|im_end|>")
+    model, hf = loaded("lfm2_moe")
+    state = CacheState.new(model)
+    messages = []
+    for k, (user, reply, reused) in enumerate((("2+2?", "<think>two and two</think>4.", 0),
+                                               ("and 3+3?", "<think>three</think>6.", -1),
+                                               ("and 4+4?", None, 0))):
+        messages.append({"role": "user", "content": user})
+        prompt = tok.encode_chat(messages, add_generation_prompt=True)
+        held = len(state.token_ids)
+        new = state.sync_prefix(prompt, model)
+        want = held if reused < 0 else reused
+        assert state.cache.offset == want and new == prompt[want:], k
+        logits = model.forward(np.array(new), state.cache, last_only=False)
+        state.token_ids.extend(new)
+        fresh = model.forward(np.array(prompt), model.new_cache(), last_only=False)
+        np.testing.assert_allclose(logits, fresh[want:], rtol=0, atol=1e-5)
+        assert np.abs(logits - hf_logits(hf, prompt)[want:]).max() <= 1e-3
+        if reply is not None:
+            state.cache.mark()                  # what generate does after a prefill
+            ids = tok.encode(reply + "<|im_end|>\n", add_special_tokens=False)
+            model.forward(np.array(ids), state.cache)
+            state.token_ids.extend(ids)
+            messages.append({"role": "assistant", "content": reply})
+
+
 def test_chat_session_turns_equal_fresh_runs(tiny_moe_dir, tmp_path):
     """``ChatSession`` over three turns (its cache reused where the new prompt extends what it
     holds) replies as a fresh ``chat`` over the whole conversation."""
