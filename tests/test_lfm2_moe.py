@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from transformers.models.lfm2_moe import modeling_lfm2_moe as hf_lfm2  # noqa: E402
 
-SPECS = ("lfm2_moe", "lfm2_moe_bias")
+SPECS = ("lfm2_moe", "lfm2_moe_bias", "lfm2_moe_dense2")
 PROMPT = np.random.default_rng(1).integers(0, 256, 16)
 BACKENDS = ("numba", "numpy")
 #: the block tests also run on the CUDA backend where there is one (skipped otherwise)

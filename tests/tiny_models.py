@@ -185,6 +185,14 @@ SPECS = {
         num_experts_per_tok=2, num_dense_layers=0, conv_L_cache=4, conv_bias=True,
         use_expert_bias=False, norm_topk_prob=False, routed_scaling_factor=2.5,
         layer_types=["full_attention", "full_attention", "conv", "conv"], rope_theta=10000.0)),
+    # the released layout in small: two dense layers, conv layers around attention, top-4, a
+    # kernel of 2, one kv head, expert bias, renormalised and scaled by 1.5
+    "lfm2_moe_dense2": ("lfm2_moe", dict(
+        {k: v for k, v in COMMON.items() if k != "rms_norm_eps"}, num_hidden_layers=5,
+        num_key_value_heads=1, norm_eps=1e-5, intermediate_size=96, moe_intermediate_size=32,
+        num_experts=8, num_experts_per_tok=4, num_dense_layers=2, conv_L_cache=2,
+        use_expert_bias=True, norm_topk_prob=True, routed_scaling_factor=1.5,
+        layer_types=["conv", "full_attention", "conv", "full_attention", "conv"])),
 }
 
 
