@@ -320,8 +320,10 @@ def format_plan(p: SizePlan) -> str:
     ]
     if p.state_values:
         from .models.cache import RecurrentCache
-        lines.append(f"state       {_mb(p.state_bytes):>17}  per sequence, fixed: the conv and "
-                     f"recurrent state of {len(hp.linear_layers())} linear-attention layers "
+        what = getattr(hp, "STATE_OF", "the conv and recurrent state of {n} linear-attention "
+                                        "layers")
+        lines.append(f"state       {_mb(p.state_bytes):>17}  per sequence, fixed: "
+                     f"{what.format(n=len(hp.linear_layers()))} "
                      f"({p.state_values:,d} values, float32, {RecurrentCache.COPIES} copies)")
     if p.quantized:
         lines.append(f"note        config.json describes a quantised release (quant_method "

@@ -125,6 +125,11 @@ class Keys:
         # gpt-oss
         SWIGLU_ALPHA = "hparams.swiglu_alpha"
         SWIGLU_LIMIT = "hparams.swiglu_limit"
+        # LFM2-MoE: short-convolution layers, dense leading layers, the router's expert bias
+        CONV_BIAS = "hparams.conv_bias"
+        CONV_L_CACHE = "hparams.conv_l_cache"
+        NUM_DENSE_LAYERS = "hparams.num_dense_layers"
+        USE_EXPERT_BIAS = "hparams.use_expert_bias"
 
     class HF:
         CONFIG = "hf.config"                    # json: the source config.json verbatim
