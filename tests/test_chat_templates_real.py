@@ -76,6 +76,7 @@ FAMILY_TEMPLATES = [
     "ibm-granite-granite-3.3-2B-Instruct", "ibm-granite-granite-4.0", "gguf-qwen2", "gguf-phi-3",
     "openai-gpt-oss-120b",      # gpt-oss (harmony)
     "LFM2-8B-A1B", "LFM2.5-Instruct", "LFM2.5-8B-A1B",      # LFM2-MoE
+    "google-gemma-4-31B-it", "gguf-gemma-4",                # Gemma 4 (same template family)
 ]
 
 
