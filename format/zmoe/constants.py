@@ -1,9 +1,12 @@
-"""Constants of the ``.zmoe`` container, version 2 (format/SPEC.md §1-§5)."""
+"""Constants of the ``.zmoe`` container, versions 2 and 3 (format/SPEC.md §1-§5, §8)."""
 
 MAGIC = b"ZMOE"
+#: Version written for a file without low-precision bit-plane tensors (SPEC §8).
 VERSION = 2
-#: Versions this reader understands (1: zstd exponent chunks only).
-READABLE_VERSIONS = (1, 2)
+#: Version written for a file holding an F8_E4M3 bit-plane tensor (SPEC §5.1, §8).
+VERSION_LOWPREC = 3
+#: Versions this reader understands (1: zstd exponent chunks only; 3: FP8 bit-planes).
+READABLE_VERSIONS = (1, 2, 3)
 #: Size of the fixed header at offset 0 (SPEC §1).
 HEADER_SIZE = 64
 #: Default alignment of the data section and of every expert region (O_DIRECT friendly).
@@ -21,6 +24,13 @@ BITPLANE_DTYPES = {
     "BF16": (8, 7, 2, 1),
     "F16": (5, 10, 2, 2),
     "F32": (8, 23, 4, 3),
+}
+
+#: Nibble bit-plane layouts (SPEC §5.1): dtype -> (exponent bits, mantissa bits). The exponent
+#: plane has one byte per element; the SM plane packs two 4-bit ``sign << 3 | mantissa`` values
+#: per byte (element 2i in the low nibble, 2i+1 in the high one). Files holding one are version 3.
+NIBBLE_PLANE_DTYPES = {
+    "F8_E4M3": (4, 3),
 }
 
 #: Element size in bytes of every dtype the container stores (safetensors names).

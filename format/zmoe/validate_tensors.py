@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 
 from .constants import (BITPLANE_DTYPES, DENSE_ALIGNMENT, DTYPE_SIZES, ENC_BITPLANE, ENC_RAW,
-                        EXP_CODECS, EXP_HUFFMAN, EXP_ZSTD, META_TYPES)
+                        EXP_CODECS, EXP_HUFFMAN, EXP_ZSTD, META_TYPES, NIBBLE_PLANE_DTYPES,
+                        VERSION_LOWPREC)
 from .errors import CorruptIndexError, UnsupportedCodecError
+from .fp8 import sm_bytes as nibble_sm_bytes
 from .validate_json import MAX_JSON_DEPTH, json_kind, quote_name, show
 
 #: Most dimensions of a tensor shape.
@@ -172,9 +174,14 @@ class IndexChecker:
             self.fail(where, "encoding", f"{show(enc)} is not {ENC_RAW!r} or {ENC_BITPLANE!r}")
         codec = None
         if enc == ENC_BITPLANE:
-            if dtype not in BITPLANE_DTYPES:
+            if dtype not in BITPLANE_DTYPES and dtype not in NIBBLE_PLANE_DTYPES:
                 self.fail(where, "encoding", f"bit-plane encoding of a {dtype} tensor (only "
-                                             f"{', '.join(BITPLANE_DTYPES)}, SPEC §5.1)")
+                                             f"{', '.join([*BITPLANE_DTYPES, *NIBBLE_PLANE_DTYPES])}"
+                                             f", SPEC §5.1)")
+            if dtype in NIBBLE_PLANE_DTYPES and self.version < VERSION_LOWPREC:
+                self.fail(where, "encoding", f"bit-plane encoding of a {dtype} tensor in a "
+                                             f"version-{self.version} file (from version "
+                                             f"{VERSION_LOWPREC}, SPEC §8)")
             codec = t.get("exp_codec", EXP_ZSTD if self.version == 1 else None)
             if codec is None:
                 self.fail(where, "exp_codec", "missing: a bit-plane tensor names its exponent "
@@ -245,7 +252,8 @@ class IndexChecker:
             if "raw" in p:
                 self.fail(where, f, "a bit-plane tensor's part holds raw data (SPEC §4)")
             off, size, _ = self.entry(where, f"{f}.sm", p.get("sm"), 3)
-            sb = BITPLANE_DTYPES[dtype][3]
+            need_sm = nibble_sm_bytes(per) if dtype in NIBBLE_PLANE_DTYPES \
+                else per * BITPLANE_DTYPES[dtype][3]
             chunks = p.get("exp")
             if type(chunks) is not list or not chunks:
                 self.fail(where, f"{f}.exp", f"{show(chunks)} is not a non-empty list of "
@@ -271,10 +279,12 @@ class IndexChecker:
             if not per and len(chunks) != 1:
                 self.fail(where, f"{f}.exp", f"{len(chunks)} chunks for 0 exponents (one empty "
                                              f"chunk, SPEC §5.2)")
-            if size != per * sb:
+            if size != need_sm:
+                per_el = "two per byte" if dtype in NIBBLE_PLANE_DTYPES \
+                    else f"{BITPLANE_DTYPES[dtype][3]} per element"
                 self.fail(where, f"{f}.sm.size", f"sign+mantissa plane of {size} bytes, but "
-                                                  f"{dtype} {what()} needs {per * sb} "
-                                                  f"({sb} per element, SPEC §5.1)")
+                                                  f"{dtype} {what()} needs {need_sm} "
+                                                  f"({per_el}, SPEC §5.1)")
             first = off
         if ex is None and k == 0 and first % DENSE_ALIGNMENT:
             self.fail(where, f"{f}.{'raw' if enc == ENC_RAW else 'sm'}.offset",

@@ -24,7 +24,7 @@ import zstandard as zstd
 from . import codec
 from .constants import (ALIGNMENT, DEFAULT_CHUNKS, DEFAULT_EXP_CODEC, DENSE_ALIGNMENT, DTYPE_SIZES,
                         ENC_BITPLANE, ENC_RAW, EXP_ZSTD, HEADER_SIZE, MAGIC, META_TYPES, MIN_CHUNK,
-                        VERSION)
+                        NIBBLE_PLANE_DTYPES, VERSION, VERSION_LOWPREC)
 
 HEADER_STRUCT = struct.Struct("<4sIQQQQI I 12x")  # 60 bytes, then header crc32 (u32)
 assert HEADER_STRUCT.size == 60
@@ -316,7 +316,12 @@ class ZmoeWriter:
                           allow_nan=False).encode("utf-8")
         index_off, index_size = self._write(blob)
         file_size = self.pos
-        head = HEADER_STRUCT.pack(MAGIC, VERSION, index_off, index_size, self.alignment,
+        # version 3 only where a tensor needs it, so other files stay readable by version-2
+        # readers (SPEC §8)
+        version = VERSION_LOWPREC if any(
+            t["encoding"] == ENC_BITPLANE and t["dtype"] in NIBBLE_PLANE_DTYPES
+            for t in self.tensors.values()) else VERSION
+        head = HEADER_STRUCT.pack(MAGIC, version, index_off, index_size, self.alignment,
                                   file_size, self.alignment, _crc(blob))
         head += struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF)
         self.f.flush()
