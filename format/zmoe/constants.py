@@ -120,6 +120,8 @@ class Keys:
         LOGITS_SCALING = "hparams.logits_scaling"
         # ERNIE 4.5 MoE
         MOE_NORM_MIN = "hparams.moe_norm_min"
+        # low-precision sources (FP8 with block scales)
+        FP8_BLOCK_SIZE = "hparams.fp8_block_size"
 
     class HF:
         CONFIG = "hf.config"                    # json: the source config.json verbatim

@@ -25,18 +25,12 @@ from .registry import ConfigError, UnsupportedArchitectureError, get_architectur
 from .safetensors_io import Checkpoint, SafetensorsError
 from .errors import ConversionError, ConversionWarning
 from .metadata import container_metadata, read_json
+from . import lowprec
 
 
-#: safetensors dtypes of the weights the runtime's kernels compute with
-WEIGHT_DTYPES = ("BF16", "F16", "F32")
-
-
-def _check_dtype(t) -> None:
-    """A tensor the model computes with has a float dtype the kernels take (ConversionError
-    naming the file, tensor and dtype otherwise)."""
-    if t.dtype not in WEIGHT_DTYPES:
-        raise ConversionError(f"{t.file}: tensor {t.name!r} has dtype {t.dtype}; the model's "
-                              f"weights must be {', '.join(WEIGHT_DTYPES)}")
+#: safetensors dtypes of the weights the runtime's kernels compute with (F8_E4M3 too for an
+#: FP8 checkpoint: convert/lowprec.py)
+WEIGHT_DTYPES = lowprec.WEIGHT_DTYPES
 
 
 def _expected_expert_shape(role: str, hp: dict, stacked: bool) -> tuple:
@@ -76,7 +70,7 @@ def plan_conversion(folder: Path):
         if ref is None:
             dense.append(t.name)
             continue
-        _check_dtype(t)
+        lowprec.check_dtype(t, hp)
         if ref.layer not in hp["moe_layers"]:
             raise ConversionError(f"{t.file}: tensor {t.name!r} is an expert of layer {ref.layer}, "
                                   f"which the config says is not a MoE layer")
@@ -98,6 +92,7 @@ def plan_conversion(folder: Path):
             if not ({"gate", "up", "down"} <= roles or {"gate_up", "down"} <= roles):
                 raise ConversionError(f"{folder}: layer {layer} expert {e} lacks tensors "
                                       f"(has roles {sorted(roles) or 'none'})")
+    lowprec.attach_scales(arch, hp, ckpt, dense, experts)
     _check_dense_tensors(folder, arch, ckpt)
     return arch, hp, ckpt, dense, experts
 
@@ -134,11 +129,12 @@ def _check_dense_tensors(folder: Path, arch, ckpt: Checkpoint) -> None:
     """
     typed = arch.typed_hparams()
     specs = _model_specs(arch)
+    hp = arch.hparams()
     for name, spec in specs.items():
         t = ckpt.tensors.get(name)
         if t is None or spec.is_expert:
             continue
-        _check_dtype(t)
+        lowprec.check_dtype(t, hp)
         if tuple(t.shape) != tuple(spec.shape):
             field = _WIDTH_FIELD.get(spec.key)
             why = f" (config.json {field}={getattr(typed, field)})" if field else ""
@@ -165,7 +161,7 @@ def unused_tensors(arch, ckpt: Checkpoint) -> list[str]:
     tensors for this config), in checkpoint order. A stored ``lm_head.weight`` is always used:
     transformers ties a tied config's head to the embedding only where it is absent or equal."""
     specs = _model_specs(arch)
-    return [t.name for t in ckpt if t.name not in specs]
+    return [t.name for t in ckpt if t.name not in specs and not lowprec.is_used_scale(t.name, ckpt)]
 
 
 def _tied_head_differs(arch, ckpt: Checkpoint) -> bool:

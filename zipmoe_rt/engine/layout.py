@@ -22,6 +22,7 @@ from zmoe.reader import NUMPY_DTYPES
 
 from ..kernels.planes import MERGE, decode_merge_bf16_chunks
 from ..models.weights import ExpertWeights, assemble_expert
+from . import lowprec
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,16 @@ class ExpertLayout:
     sm_region: tuple     # (offset, size)
     exp_region: tuple    # (offset, size)
     pieces: tuple
+    fp8_block: tuple | None = None   # (rows, cols) of the FP8 block scales (engine/lowprec.py)
 
     @property
     def full_bytes(self) -> int:
-        """Bytes of the decoded expert (tier F)."""
-        return sum(p.elements * np.dtype(NUMPY_DTYPES[p.dtype]).itemsize for p in self.pieces)
+        """Bytes of the decoded expert (tier F); FP8 projections count as the float32 weights
+        they are dequantised into, their block scales as nothing."""
+        return sum(0 if p.role.endswith(lowprec.SCALE_SUFFIX)
+                   else p.elements * (4 if lowprec.is_f8(p.dtype)
+                                      else np.dtype(NUMPY_DTYPES[p.dtype]).itemsize)
+                   for p in self.pieces)
 
     @property
     def elements(self) -> int:
@@ -125,6 +131,7 @@ def expert_layouts(reader: zmoe.ZmoeReader) -> dict:
         zmoe.CorruptIndexError: a block that is not a SwiGLU expert (:func:`check_expert`).
     """
     out = {}
+    block = lowprec.fp8_block(reader.metadata)
     for (layer, e), b in reader.experts.items():
         sm0, ex0 = b["sm"][0], b["exp"][0]
         pieces = []
@@ -142,8 +149,9 @@ def expert_layouts(reader: zmoe.ZmoeReader) -> dict:
                 pieces.append(Piece(name, t["expert"]["role"], t["dtype"], shape, (o - sm0, n, c), chunks,
                                     t["exp_codec"]))
         out[(layer, e)] = lay = ExpertLayout(layer, e, tuple(b["sm"]), tuple(b["exp"]),
-                                             tuple(pieces))
+                                             tuple(pieces), block)
         check_expert(reader.path, lay)
+        lowprec.check_expert(reader.path, lay)
     return out
 
 
@@ -169,7 +177,8 @@ def check_regions(path, lay: ExpertLayout, sm: np.ndarray | None, exp: np.ndarra
 
 def alloc_expert(lay: ExpertLayout) -> list:
     """Empty output arrays (one per piece) for a decoded expert."""
-    return [np.empty(p.elements, MERGE[p.dtype][2] if not p.raw else NUMPY_DTYPES[p.dtype])
+    return [np.empty(p.elements, MERGE[p.dtype][2] if not p.raw and p.dtype in MERGE
+                     else NUMPY_DTYPES[p.dtype])
             for p in lay.pieces]
 
 
@@ -256,6 +265,9 @@ def decode_chunks(path, p: Piece, c0: int, c1: int, sm: np.ndarray, exp: np.ndar
         zmoe.CorruptIndexError: a chunk, the SM bytes or the output range lie outside ``exp``,
             ``sm`` or ``out`` (the kernels' preconditions, checked before the call).
     """
+    if lowprec.is_f8(p.dtype):
+        return lowprec.decode_f8_chunks(path, p, c0, c1, sm, exp, out, _scratch, dctx,
+                                        _out_of_bounds)
     offs, sizes, raws, starts = p.chunk_arrays
     if p.codec != EXP_HUFFMAN or p.dtype != "BF16":
         for ci in range(c0, c1):
@@ -304,4 +316,7 @@ def finish_expert(lay: ExpertLayout, outs: list, sm: np.ndarray) -> ExpertWeight
             o, n, _ = p.sm
             out[...] = sm[o:o + n].view(out.dtype)
         roles[p.role] = out.view(NUMPY_DTYPES[p.dtype]).reshape(p.shape)
+    if lay.fp8_block is not None:
+        roles = lowprec.dequantize_roles(
+            "", f"expert block {lay.layer}/{lay.expert}", roles, lay.fp8_block)
     return assemble_expert(roles)
