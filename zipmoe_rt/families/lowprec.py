@@ -43,7 +43,7 @@ def fp8_block_size(config: dict) -> list | None:
     if (not isinstance(block, (list, tuple)) or len(block) != 2
             or not all(type(b) is int and 1 <= b <= 1 << 20 for b in block)):
         raise ConfigError(f"config.json: quantization_config.weight_block_size "
-                          f"{str(block)[:40]!r} is not two integers in 1..2**20")
+                          f"{str(block)[:40]} is not two integers in 1..2**20")
     return [int(block[0]), int(block[1])]
 
 
