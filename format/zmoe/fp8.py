@@ -62,8 +62,14 @@ def unpack_sm(sm, n: int) -> np.ndarray:
 
 
 def merge_unpacked(exp: np.ndarray, nib: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """E4M3 bytes from exponents and unpacked SM values (one per byte), both uint8 [n]."""
+    """E4M3 bytes from exponents and unpacked SM values (one per byte), both uint8 [n].
+
+    Raises:
+        ValueError: an exponent above 15 (a corrupt plane).
+    """
     exp = np.asarray(exp, np.uint8).reshape(-1)
+    if exp.size and int(exp.max()) > 15:
+        raise ValueError(f"exponent {int(exp.max())} above 15 in an F8_E4M3 plane")
     if out is None:
         out = np.empty(exp.size, np.uint8)
     np.bitwise_or(((nib & 0x08) << 4) | (nib & 0x07), (exp & 0x0F) << 3, out=out)

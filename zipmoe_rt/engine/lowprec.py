@@ -18,13 +18,14 @@ from zmoe import codec
 from zmoe.constants import EXP_HUFFMAN, NIBBLE_PLANE_DTYPES, Keys
 from zmoe.huffman import DECODE_STATUS, table_cache
 
-from ..kernels.lowprec import decode_merge_f8_chunks, dequant_fp8, merge_f8
+from ..kernels.lowprec import EXPONENT_TOO_LARGE, decode_merge_f8_chunks, dequant_fp8, merge_f8
 
 #: expert role of a projection's block scales: ``gate`` -> ``gate_scale`` (SPEC §4 roles)
 SCALE_SUFFIX = "_scale"
 #: suffix of the scale tensor of an FP8 ``...weight`` (DeepSeek-V3's ``weight_scale_inv``)
 SCALE_NAME_SUFFIX = "_scale_inv"
 FP8 = "F8_E4M3"
+TOO_LARGE = "an exponent above 15 in an F8_E4M3 plane"
 
 
 def fp8_block(metadata: dict) -> tuple | None:
@@ -66,8 +67,10 @@ def decode_f8_chunks(path, p, c0: int, c1: int, sm: np.ndarray, exp: np.ndarray,
         bad, st = decode_merge_f8_chunks(exp, o, z, r, plane, a, out[a:b],
                                          scratch(int(r.max())), tc.keys, tc.ent, tc.len1, tc.state)
         if bad >= 0:
+            why = (TOO_LARGE if st == EXPONENT_TOO_LARGE
+                   else f"malformed Huffman chunk: {DECODE_STATUS[st]}")
             raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {c0 + bad} does "
-                                     f"not decode (malformed Huffman chunk: {DECODE_STATUS[st]})")
+                                     f"not decode ({why})")
         return
     for ci in range(c0, c1):
         n, st = int(raws[ci]), int(starts[ci])
@@ -76,7 +79,9 @@ def decode_f8_chunks(path, p, c0: int, c1: int, sm: np.ndarray, exp: np.ndarray,
         except ValueError as err:
             raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {ci} does not "
                                      f"decode ({err})") from None
-        merge_f8(e, plane, st, out[st:st + n])
+        if not merge_f8(e, plane, st, out[st:st + n]):
+            raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {ci} does not "
+                                     f"decode ({TOO_LARGE})")
 
 
 def check_expert(path, lay) -> None:

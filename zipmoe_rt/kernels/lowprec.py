@@ -20,6 +20,9 @@ from zmoe.huffman import decode_into
 
 _OPT = dict(nogil=True, cache=True, boundscheck=False)
 
+#: decode status of an F8_E4M3 chunk that decodes to an exponent above 15 (a 4-bit field)
+EXPONENT_TOO_LARGE = 100
+
 #: E2M1 (FP4) code -> float32 value, sign in bit 3 (OCP MX specification; transformers'
 #: ``FP4_VALUES`` in ``integrations/mxfp4.py``)
 E2M1_TO_F32 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
@@ -27,21 +30,58 @@ E2M1_TO_F32 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
 
 
 @nb.njit(**_OPT)
+def _merge_pairs(e16, sm, out16):
+    """Two E4M3 bytes per uint16 lane from two exponents (one uint16) and one SM byte (its low
+    nibble the first element); returns the OR of the exponent lanes (to check they are ≤ 15)."""
+    acc = np.uint16(0)
+    for p in range(e16.shape[0]):
+        s = np.uint16(sm[p])
+        e = e16[p]
+        acc |= e
+        out16[p] = (((s & np.uint16(8)) << np.uint16(4)) | (s & np.uint16(7))
+                    | ((s & np.uint16(0x80)) << np.uint16(8))
+                    | ((s & np.uint16(0x70)) << np.uint16(4)) | (e << np.uint16(3)))
+    return acc
+
+
+@nb.njit(**_OPT)
+def _merge_one(e, sm, j):
+    s = (sm[j >> 1] >> ((j & 1) << 2)) & 15
+    return np.uint8(((s & 8) << 4) | ((e & 15) << 3) | (s & 7))
+
+
+@nb.njit(**_OPT)
 def merge_f8(exp, sm, start, out):
     """E4M3 bytes from an exponent chunk and the packed SM plane:
     ``out[i] = (s >> 3) << 7 | exp[i] << 3 | (s & 7)`` with ``s`` the 4-bit value of element
     ``start + i`` (low nibble of ``sm[(start + i) // 2]`` when even, high nibble when odd).
+    Two elements per uint16 lane (vectorised), whatever the alignment of ``start``.
 
     Args:
-        exp: uint8 [n] exponents (0..15).  sm: uint8 packed SM plane of the whole tensor.
+        exp: uint8 [n] exponents.  sm: uint8 packed SM plane of the whole tensor.
         start: index of the chunk's first element in the tensor.  out: uint8 [n].
+
+    Returns:
+        True when every exponent is ≤ 15 (else the output is wrong: the plane is corrupt).
 
     Preconditions (unchecked): ``sm.shape[0] >= (start + n + 1) // 2``, ``out.shape[0] >= n``.
     """
-    for i in range(exp.shape[0]):
-        j = start + i
-        s = (sm[j >> 1] >> ((j & 1) << 2)) & 15
-        out[i] = np.uint8(((s & 8) << 4) | ((exp[i] & 15) << 3) | (s & 7))
+    n = exp.shape[0]
+    i = 0
+    bad = np.uint16(0)
+    if start & 1 and n > 0:
+        bad |= np.uint16(exp[0])
+        out[0] = _merge_one(exp[0], sm, start)
+        i = 1
+    k = (start + i) >> 1
+    m = (n - i) >> 1
+    if m > 0:
+        bad |= _merge_pairs(exp[i:i + 2 * m].view(np.uint16), sm[k:k + m],
+                            out[i:i + 2 * m].view(np.uint16))
+    if (n - i) & 1:
+        bad |= np.uint16(exp[n - 1])
+        out[n - 1] = _merge_one(exp[n - 1], sm, start + n - 1)
+    return (bad & np.uint16(0xF0F0)) == 0
 
 
 @nb.njit(**_OPT)
@@ -61,7 +101,8 @@ def decode_merge_f8_chunks(exp, offs, sizes, raws, sm, start, out, scratch, keys
     The chunk bytes are untrusted: :func:`zmoe._huffjit.decode_into` checks them.
 
     Returns:
-        (-1, 0) on success, else (index of the failing chunk, its decode status).
+        (-1, 0) on success, else (index of the failing chunk, its decode status:
+        :data:`zmoe.huffman.DECODE_STATUS`, or :data:`EXPONENT_TOO_LARGE`).
     """
     pos = 0
     for i in range(offs.shape[0]):
@@ -69,7 +110,8 @@ def decode_merge_f8_chunks(exp, offs, sizes, raws, sm, start, out, scratch, keys
         st = decode_into(exp[offs[i]:offs[i] + sizes[i]], n, scratch[:n], keys, ent, len1, state)
         if st != 0:
             return i, st
-        merge_f8(scratch[:n], sm, start + pos, out[pos:pos + n])
+        if not merge_f8(scratch[:n], sm, start + pos, out[pos:pos + n]):
+            return i, EXPONENT_TOO_LARGE
         pos += n
     return -1, 0
 
@@ -79,8 +121,11 @@ def _dequant_fp8(q, scale, bm, bn, lut, out):
     rows, cols = q.shape
     for r in range(rows):
         srow = scale[r // bm]
-        for c in range(cols):
-            out[r, c] = lut[q[r, c]] * srow[c // bn]
+        qr, orow = q[r], out[r]
+        for cb in range(srow.shape[0]):
+            f = srow[cb]
+            for c in range(cb * bn, min(cols, (cb + 1) * bn)):
+                orow[c] = lut[qr[c]] * f
 
 
 def dequant_fp8(q: np.ndarray, scale: np.ndarray, block, out: np.ndarray | None = None):
@@ -115,14 +160,16 @@ def dequant_fp8(q: np.ndarray, scale: np.ndarray, block, out: np.ndarray | None 
 def _dequant_mxfp4(blocks, scales, lut, out):
     rows, groups, width = blocks.shape
     for r in range(rows):
+        orow = out[r]
         for g in range(groups):
             e = np.int32(scales[r, g]) - 127
             f = np.float32(2.0 ** e)      # exact in float64; 2^128 -> inf, as ldexp
+            blk = blocks[r, g]
             base = g * 2 * width
             for j in range(width):
-                b = blocks[r, g, j]
-                out[r, base + 2 * j] = lut[b & 15] * f
-                out[r, base + 2 * j + 1] = lut[b >> 4] * f
+                b = blk[j]
+                orow[base + 2 * j] = lut[b & 15] * f
+                orow[base + 2 * j + 1] = lut[b >> 4] * f
 
 
 def dequant_mxfp4(blocks: np.ndarray, scales: np.ndarray, out: np.ndarray | None = None):
