@@ -84,3 +84,60 @@ def test_shape_errors_name_the_shapes():
     with pytest.raises(ValueError, match=r"x \[1, 32\], blocks \[4, 2, 16\]"):
         mxfp4_linear(np.zeros((1, 32), np.float32), np.zeros((4, 2, 16), np.uint8),
                      np.zeros((4, 2), np.uint8))
+
+
+# ------------------------------------------------------------------ container (SPEC §5.4)
+
+
+def _mx_expert(rng, rows=64, groups=4):
+    import zmoe
+    blocks = rng.integers(0, 256, (rows, groups, 16)).astype(np.uint8)
+    scales = (120 + rng.integers(0, 8, (rows, groups)) // 3).astype(np.uint8)   # few values
+    return blocks, scales, [
+        zmoe.ExpertPiece("x.blocks", "U8", blocks.shape, "down_blocks", blocks,
+                         encoding="mxfp4"),
+        zmoe.ExpertPiece("x.scales", "U8", scales.shape, "down_scales", scales,
+                         encoding="bitplane")]
+
+
+@pytest.mark.parametrize("exp_codec", ["huffman", "zstd"])
+def test_blocks_keep_their_bytes_and_scales_are_entropy_coded(tmp_path, exp_codec):
+    import zmoe
+    rng = np.random.default_rng(2)
+    blocks, scales, pieces = _mx_expert(rng, rows=512)
+    p = tmp_path / "m.zmoe"
+    with zmoe.ZmoeWriter(p) as w:
+        w.write_expert(zmoe.encode_expert(0, 0, pieces, exp_codec=exp_codec))
+    with zmoe.ZmoeReader(p) as r:
+        assert r.header.version == 3
+        b, s = r.tensors["x.blocks"], r.tensors["x.scales"]
+        assert (b["encoding"], b["dtype"], s["encoding"], s["dtype"]) == (
+            "mxfp4", "U8", "bitplane", "U8")
+        assert b["parts"][0]["raw"][1] == blocks.size                 # the source bytes
+        assert s["parts"][0]["sm"][1] == 0                             # exponents only
+        stored = sum(c[1] for c in s["parts"][0]["exp"])
+        assert stored < scales.size / 2                                # ~1.6 bits per scale
+        assert r.read_tensor("x.blocks").tobytes() == blocks.tobytes()
+        assert r.read_tensor("x.scales").tobytes() == scales.tobytes()
+        r.verify()
+
+
+def test_mxfp4_encoding_needs_u8_blocks_of_16_and_version_3(tmp_path):
+    import struct
+    import zlib
+
+    import zmoe
+    with pytest.raises(ValueError, match="encoding 'mxfp4' of a BF16 tensor"):
+        zmoe.encode_expert(0, 0, [zmoe.ExpertPiece("x", "BF16", (4,), "down", np.zeros(4, np.uint16),
+                                                   encoding="mxfp4")])
+    _, _, pieces = _mx_expert(np.random.default_rng(0))
+    p = tmp_path / "m.zmoe"
+    with zmoe.ZmoeWriter(p) as w:
+        w.write_expert(zmoe.encode_expert(0, 0, pieces))
+    b = bytearray(p.read_bytes())
+    b[4:8] = struct.pack("<I", 2)
+    b[60:64] = struct.pack("<I", zlib.crc32(bytes(b[:60])) & 0xFFFFFFFF)
+    p.write_bytes(bytes(b))
+    with pytest.raises(zmoe.CorruptIndexError, match=r"tensor 'x.blocks'.*mxfp4 blocks are U8 "
+                                                     r"\[..., 16\] from version 3"):
+        zmoe.ZmoeReader(p)

@@ -11,8 +11,8 @@ import numpy as np
 import zstandard as zstd
 
 from . import fp8, huffman
-from .constants import (BITPLANE_DTYPES, DEFAULT_EXP_CODEC, EXP_CODECS, EXP_HUFFMAN, MIN_CHUNK,
-                        NIBBLE_PLANE_DTYPES)
+from .constants import (BITPLANE_DTYPES, DEFAULT_EXP_CODEC, EXP_CODECS, EXP_HUFFMAN,
+                        EXPONENT_ONLY_DTYPES, MIN_CHUNK, NIBBLE_PLANE_DTYPES)
 
 _WORD = {2: np.uint16, 4: np.uint32}
 
@@ -35,15 +35,23 @@ def is_bitplane_dtype(dtype: str) -> bool:
     return dtype in BITPLANE_DTYPES or dtype in NIBBLE_PLANE_DTYPES
 
 
+def has_planes(dtype: str) -> bool:
+    """True for every dtype with a bit-plane layout (SPEC §5.1): :func:`is_bitplane_dtype`'s and
+    the exponent-only U8 (MXFP4 scales, bit-plane coded only when asked for)."""
+    return is_bitplane_dtype(dtype) or dtype in EXPONENT_ONLY_DTYPES
+
+
 def sm_plane_bytes(dtype: str, n: int) -> int:
-    """Bytes of the SM plane of ``n`` elements of ``dtype`` (SPEC §5.1): ``n`` x SM bytes, or
-    ``ceil(n / 2)`` for F8_E4M3.
+    """Bytes of the SM plane of ``n`` elements of ``dtype`` (SPEC §5.1): ``n`` x SM bytes,
+    ``ceil(n / 2)`` for F8_E4M3, 0 for the exponent-only U8.
 
     Raises:
         ValueError: a dtype without a bit-plane layout.
     """
     if dtype in NIBBLE_PLANE_DTYPES:
         return fp8.sm_bytes(n)
+    if dtype in EXPONENT_ONLY_DTYPES:
+        return 0
     return int(n) * _planes_layout(dtype)[3]
 
 
@@ -84,6 +92,10 @@ def split_planes(words: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]
     """
     if dtype in NIBBLE_PLANE_DTYPES:
         return fp8.split(words)
+    if dtype in EXPONENT_ONLY_DTYPES:   # every byte is an exponent, no SM plane
+        return np.array(np.ascontiguousarray(words).reshape(-1).view(np.uint8)) \
+            if isinstance(words, np.ndarray) else np.frombuffer(bytes(words), np.uint8).copy(), \
+            np.zeros(0, np.uint8)
     eb, mb, wb, sb = _planes_layout(dtype)
     raw = np.ascontiguousarray(words).reshape(-1).view(np.uint8)
     if raw.size % wb:
@@ -139,6 +151,13 @@ def merge_planes(exp: np.ndarray, sm: np.ndarray, dtype: str,
     """
     if dtype in NIBBLE_PLANE_DTYPES:
         return fp8.merge(exp, sm, out)
+    if dtype in EXPONENT_ONLY_DTYPES:
+        exp = np.frombuffer(exp, np.uint8) if not isinstance(exp, np.ndarray) else exp.reshape(-1)
+        if len(sm):
+            raise ValueError(f"sign+mantissa plane has {len(sm)} bytes, expected 0 for {dtype}")
+        out = np.empty(exp.size, np.uint8) if out is None else out
+        out[:] = exp
+        return out
     eb, mb, wb, sb = _planes_layout(dtype)
     exp = np.frombuffer(exp, np.uint8) if not isinstance(exp, np.ndarray) else exp.reshape(-1)
     sm = np.frombuffer(sm, np.uint8) if not isinstance(sm, np.ndarray) else sm.reshape(-1)
@@ -201,7 +220,8 @@ def merge_chunks(chunks, raw_sizes, sm, dtype: str, exp_codec: str = DEFAULT_EXP
     """
     check_codec(exp_codec)
     nibble = dtype in NIBBLE_PLANE_DTYPES
-    wb, sb = (1, 1) if nibble else _planes_layout(dtype)[2:]
+    wb, sb = (1, 1) if nibble else (1, 0) if dtype in EXPONENT_ONLY_DTYPES \
+        else _planes_layout(dtype)[2:]
     sizes = [int(r) for r in raw_sizes]
     sm = np.frombuffer(sm, np.uint8) if not isinstance(sm, np.ndarray) else sm.reshape(-1)
     n = sum(sizes)
@@ -209,7 +229,7 @@ def merge_chunks(chunks, raw_sizes, sm, dtype: str, exp_codec: str = DEFAULT_EXP
         raise ValueError(f"exponent chunks of {sizes} exponents do not match a sign+mantissa "
                          f"plane of {sm.size} bytes ({sm.size / sb:g} {dtype})")
     if out is None:
-        out = np.empty(n, np.uint8 if nibble else _WORD[wb])
+        out = np.empty(n, np.uint8 if wb == 1 else _WORD[wb])
     buf = np.empty(max(sizes, default=0), np.uint8)
     nib = fp8.unpack_sm(sm, n) if nibble else None   # chunks may start on an odd element
     pos = 0
@@ -312,7 +332,7 @@ def split_compress(words: np.ndarray, dtype: str, chunks: int, min_chunk: int = 
         ValueError: as :func:`split_planes` and :func:`compress_chunks`.
     """
     check_codec(exp_codec)
-    if dtype in NIBBLE_PLANE_DTYPES:   # 1-byte words: the planes together are 1.5x the input
+    if dtype in NIBBLE_PLANE_DTYPES or dtype in EXPONENT_ONLY_DTYPES:   # 1-byte words
         exp, sm = split_planes(words, dtype)
         return sm, compress_chunks(exp, chunks, min_chunk, compressor, exp_codec)
     eb, mb, wb, sb = _planes_layout(dtype)

@@ -17,6 +17,9 @@ DENSE_ALIGNMENT = 64
 #: Tensor encodings (SPEC §4).
 ENC_RAW = "raw"
 ENC_BITPLANE = "bitplane"
+#: MXFP4 blocks (SPEC §5.4): the source's U8 bytes as they are (two E2M1 codes per byte, low
+#: nibble first), scaled by the ``*_scales`` tensor beside them. Files holding one are version 3.
+ENC_MXFP4 = "mxfp4"
 
 #: Bit-plane layouts per floating dtype: (exponent bits, mantissa bits, word bytes, SM bytes).
 #: SM = sign bit above the mantissa bits, little-endian, in the fewest whole bytes (SPEC §5).
@@ -32,6 +35,11 @@ BITPLANE_DTYPES = {
 NIBBLE_PLANE_DTYPES = {
     "F8_E4M3": (4, 3),
 }
+
+#: Exponent-only bit-plane layouts (SPEC §5.1): every byte is an exponent (MXFP4's e8m0
+#: scales, U8 in the checkpoint), coded in chunks like an exponent plane; no SM plane. Only when
+#: the writer is asked for it (a U8 tensor is raw by default). Files holding one are version 3.
+EXPONENT_ONLY_DTYPES = ("U8",)
 
 #: Element size in bytes of every dtype the container stores (safetensors names).
 DTYPE_SIZES = {

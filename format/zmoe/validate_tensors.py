@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 
-from .constants import (BITPLANE_DTYPES, DENSE_ALIGNMENT, DTYPE_SIZES, ENC_BITPLANE, ENC_RAW,
-                        EXP_CODECS, EXP_HUFFMAN, EXP_ZSTD, META_TYPES, NIBBLE_PLANE_DTYPES,
-                        VERSION_LOWPREC)
+from .constants import (BITPLANE_DTYPES, DENSE_ALIGNMENT, DTYPE_SIZES, ENC_BITPLANE, ENC_MXFP4,
+                        ENC_RAW, EXP_CODECS, EXP_HUFFMAN, EXP_ZSTD, EXPONENT_ONLY_DTYPES,
+                        META_TYPES, NIBBLE_PLANE_DTYPES, VERSION_LOWPREC)
 from .errors import CorruptIndexError, UnsupportedCodecError
 from .fp8 import sm_bytes as nibble_sm_bytes
 from .validate_json import MAX_JSON_DEPTH, json_kind, quote_name, show
@@ -170,15 +170,21 @@ class IndexChecker:
             if nonzero * size > INT64_MAX:
                 self.fail(where, "shape", f"{show(shape)} of {dtype} is more than 2^63 bytes")
         enc = t.get("encoding")
-        if type(enc) is not str or enc not in (ENC_RAW, ENC_BITPLANE):
-            self.fail(where, "encoding", f"{show(enc)} is not {ENC_RAW!r} or {ENC_BITPLANE!r}")
+        if type(enc) is not str or enc not in (ENC_RAW, ENC_BITPLANE, ENC_MXFP4):
+            self.fail(where, "encoding", f"{show(enc)} is not {ENC_RAW!r}, {ENC_BITPLANE!r} or "
+                                         f"{ENC_MXFP4!r}")
+        if enc == ENC_MXFP4 and (dtype != "U8" or not shape or shape[-1] != 16
+                                 or self.version < VERSION_LOWPREC):
+            self.fail(where, "encoding", f"mxfp4 blocks are U8 [..., 16] from version "
+                                         f"{VERSION_LOWPREC} (SPEC §5.4), not {dtype} "
+                                         f"{show(shape)} in a version-{self.version} file")
         codec = None
+        planes = (*BITPLANE_DTYPES, *NIBBLE_PLANE_DTYPES, *EXPONENT_ONLY_DTYPES)
         if enc == ENC_BITPLANE:
-            if dtype not in BITPLANE_DTYPES and dtype not in NIBBLE_PLANE_DTYPES:
+            if dtype not in planes:
                 self.fail(where, "encoding", f"bit-plane encoding of a {dtype} tensor (only "
-                                             f"{', '.join([*BITPLANE_DTYPES, *NIBBLE_PLANE_DTYPES])}"
-                                             f", SPEC §5.1)")
-            if dtype in NIBBLE_PLANE_DTYPES and self.version < VERSION_LOWPREC:
+                                             f"{', '.join(planes)}, SPEC §5.1)")
+            if dtype not in BITPLANE_DTYPES and self.version < VERSION_LOWPREC:
                 self.fail(where, "encoding", f"bit-plane encoding of a {dtype} tensor in a "
                                              f"version-{self.version} file (from version "
                                              f"{VERSION_LOWPREC}, SPEC §8)")
@@ -239,7 +245,7 @@ class IndexChecker:
 
         def what():
             return f"shape {show(shape)} ({per} elements{' per part' if stacked else ''})"
-        if enc == ENC_RAW:
+        if enc in (ENC_RAW, ENC_MXFP4):
             if "sm" in p or "exp" in p:
                 self.fail(where, f, "a raw tensor's part holds bit-planes (sm/exp) (SPEC §4)")
             off, size, _ = self.entry(where, f"{f}.raw", p.get("raw"), 3)
@@ -253,7 +259,7 @@ class IndexChecker:
                 self.fail(where, f, "a bit-plane tensor's part holds raw data (SPEC §4)")
             off, size, _ = self.entry(where, f"{f}.sm", p.get("sm"), 3)
             need_sm = nibble_sm_bytes(per) if dtype in NIBBLE_PLANE_DTYPES \
-                else per * BITPLANE_DTYPES[dtype][3]
+                else 0 if dtype in EXPONENT_ONLY_DTYPES else per * BITPLANE_DTYPES[dtype][3]
             chunks = p.get("exp")
             if type(chunks) is not list or not chunks:
                 self.fail(where, f"{f}.exp", f"{show(chunks)} is not a non-empty list of "
@@ -281,13 +287,14 @@ class IndexChecker:
                                              f"chunk, SPEC §5.2)")
             if size != need_sm:
                 per_el = "two per byte" if dtype in NIBBLE_PLANE_DTYPES \
+                    else "none: exponents only" if dtype in EXPONENT_ONLY_DTYPES \
                     else f"{BITPLANE_DTYPES[dtype][3]} per element"
                 self.fail(where, f"{f}.sm.size", f"sign+mantissa plane of {size} bytes, but "
                                                   f"{dtype} {what()} needs {need_sm} "
                                                   f"({per_el}, SPEC §5.1)")
             first = off
         if ex is None and k == 0 and first % DENSE_ALIGNMENT:
-            self.fail(where, f"{f}.{'raw' if enc == ENC_RAW else 'sm'}.offset",
+            self.fail(where, f"{f}.{'sm' if enc == ENC_BITPLANE else 'raw'}.offset",
                       f"{first} is not a multiple of {DENSE_ALIGNMENT} (dense tensors start "
                       f"aligned, SPEC §6)")
 
