@@ -319,5 +319,5 @@ def test_cuda_is_refused_naming_the_encoding(fp8_model):
     with zmoe.ZmoeReader(fp8_model[1]) as r:
         refuse_device(r, "cpu")
         with pytest.raises(ValueError, match=r"is F8_E4M3 \((raw|bitplane) encoding\): FP8 "
-                                             r"weights run on the CPU only, not on --device cuda"):
+                                             r"and MXFP4 weights run on the CPU only, not on --device cuda"):
             refuse_device(r, "cuda")

@@ -141,3 +141,59 @@ def test_mxfp4_encoding_needs_u8_blocks_of_16_and_version_3(tmp_path):
     with pytest.raises(zmoe.CorruptIndexError, match=r"tensor 'x.blocks'.*mxfp4 blocks are U8 "
                                                      r"\[..., 16\] from version 3"):
         zmoe.ZmoeReader(p)
+
+
+def test_runtime_decodes_scales_and_dequantises_blocks(tmp_path):
+    """The runtime's decode of an expert block with MXFP4 roles (engine/layout.py): the blocks
+    come out as stored, the entropy-coded scales decode to their bytes, and the pair becomes the
+    float32 [in, out] weight ``<proj>_cols`` (the layout gpt-oss's expert assembly takes)."""
+    import zstandard as zstd
+
+    import zmoe
+    from zipmoe_rt.engine import layout as L_
+    from zipmoe_rt.engine import lowprec
+
+    rng = np.random.default_rng(4)
+    blocks, scales, pieces = _mx_expert(rng, rows=96, groups=2)
+    bf = [zmoe.ExpertPiece(f"x.{r}", "BF16", s, r, rng.integers(0, 1 << 15, s).astype(np.uint16))
+          for r, s in (("gate", (4, 8)), ("up", (4, 8)), ("down", (8, 4)))]
+    p = tmp_path / "m.zmoe"
+    with zmoe.ZmoeWriter(p) as w:
+        w.write_expert(zmoe.encode_expert(0, 0, bf + pieces))
+    with zmoe.ZmoeReader(p) as r:
+        lay = L_.expert_layouts(r)[(0, 0)]
+        sm, exp = np.array(r.view(*lay.sm_region)), np.array(r.view(*lay.exp_region))
+    assert lay.full_bytes == 3 * 32 * 2 + blocks.size * 8        # BF16, float32 blocks, no scales
+    outs = L_.alloc_expert(lay)
+    for pi, c0, c1 in lay.jobs:
+        L_.decode_chunks(p, lay.pieces[pi], c0, c1, sm, exp, outs[pi], zstd.ZstdDecompressor())
+    got = {}
+    for piece, out in zip(lay.pieces, outs):
+        if piece.raw:
+            o, n, _ = piece.sm
+            out[...] = sm[o:o + n].view(out.dtype)
+        got[piece.role] = out.view(zmoe.NUMPY_DTYPES[piece.dtype]).reshape(piece.shape)
+    assert got["down_blocks"].tobytes() == blocks.tobytes()
+    assert got["down_scales"].tobytes() == scales.tobytes()
+    roles = lowprec.dequantize_roles(p, "expert block 0/0", got, None)
+    assert sorted(roles) == ["down", "down_cols", "gate", "up"]
+    assert roles["down_cols"].shape == (64, 96)
+    assert roles["down_cols"].T.tobytes() == dequant_mxfp4(blocks, scales).tobytes()
+
+
+def test_blocks_without_their_scales_are_refused(tmp_path):
+    import zmoe
+    from zipmoe_rt.engine import layout as L_
+
+    rng = np.random.default_rng(4)
+    _, _, pieces = _mx_expert(rng)
+    bf = [zmoe.ExpertPiece(f"x.{r}", "BF16", s, r, np.zeros(s, np.uint16))
+          for r, s in (("gate", (4, 8)), ("up", (4, 8)), ("down", (8, 4)))]
+    p = tmp_path / "m.zmoe"
+    with zmoe.ZmoeWriter(p) as w:
+        w.write_expert(zmoe.encode_expert(0, 0, bf + pieces[:1]))
+    with zmoe.ZmoeReader(p) as r, pytest.raises(
+            zmoe.CorruptIndexError, match=r"expert block 0/0: tensor 'x.blocks': MXFP4 "
+                                          r"down_blocks U8 \[rows, groups, 16\] needs a U8 role "
+                                          r"down_scales"):
+        L_.expert_layouts(r)

@@ -75,11 +75,10 @@ class ExpertLayout:
 
     @property
     def full_bytes(self) -> int:
-        """Bytes of the decoded expert (tier F); FP8 projections count as the float32 weights
-        they are dequantised into, their block scales as nothing."""
-        return sum(0 if p.role.endswith(lowprec.SCALE_SUFFIX)
-                   else p.elements * (4 if lowprec.is_f8(p.dtype)
-                                      else np.dtype(NUMPY_DTYPES[p.dtype]).itemsize)
+        """Bytes of the decoded expert (tier F); FP8 and MXFP4 projections count as the float32
+        weights they are dequantised into, their block scales as nothing."""
+        return sum(lowprec.decoded_bytes(p) if lowprec.decoded_bytes(p) >= 0
+                   else p.elements * np.dtype(NUMPY_DTYPES[p.dtype]).itemsize
                    for p in self.pieces)
 
     @property
@@ -268,6 +267,8 @@ def decode_chunks(path, p: Piece, c0: int, c1: int, sm: np.ndarray, exp: np.ndar
     if lowprec.is_f8(p.dtype):
         return lowprec.decode_f8_chunks(path, p, c0, c1, sm, exp, out, _scratch, dctx,
                                         _out_of_bounds)
+    if p.dtype in lowprec.EXPONENT_ONLY_DTYPES:
+        return lowprec.decode_byte_chunks(path, p, c0, c1, exp, out, dctx, _out_of_bounds)
     offs, sizes, raws, starts = p.chunk_arrays
     if p.codec != EXP_HUFFMAN or p.dtype != "BF16":
         for ci in range(c0, c1):
@@ -316,7 +317,6 @@ def finish_expert(lay: ExpertLayout, outs: list, sm: np.ndarray) -> ExpertWeight
             o, n, _ = p.sm
             out[...] = sm[o:o + n].view(out.dtype)
         roles[p.role] = out.view(NUMPY_DTYPES[p.dtype]).reshape(p.shape)
-    if lay.fp8_block is not None:
-        roles = lowprec.dequantize_roles(
-            "", f"expert block {lay.layer}/{lay.expert}", roles, lay.fp8_block)
+    roles = lowprec.dequantize_roles("", f"expert block {lay.layer}/{lay.expert}", roles,
+                                     lay.fp8_block)
     return assemble_expert(roles)

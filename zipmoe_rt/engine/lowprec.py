@@ -1,5 +1,6 @@
 """Low-precision experts and dense tensors of a ``.zmoe`` file: FP8 E4M3 with per-block
-``weight_scale_inv`` (DeepSeek-V3's release format; format/SPEC.md §5.1).
+``weight_scale_inv`` (DeepSeek-V3's release format; format/SPEC.md §5.1), and MXFP4 experts
+(gpt-oss's release format: ``*_blocks`` and their e8m0 ``*_scales``; SPEC §5.4).
 
 Where the dequantisation happens: an FP8 expert is decoded from its bit-planes into its E4M3
 bytes (:func:`decode_f8_chunks`, the decode workers' job, like a BF16 expert's), then dequantised
@@ -7,7 +8,10 @@ bytes (:func:`decode_f8_chunks`, the decode workers' job, like a BF16 expert's),
 :func:`zipmoe_rt.engine.layout.finish_expert`): the weights the kernels compute with are the
 exact products ``e4m3 * scale_inv`` that transformers' ``Fp8Dequantize`` computes (float32, one
 rounding). A dense FP8 tensor is dequantised the same way when it is read
-(:func:`dequantize_dense`). The CUDA backend does not take FP8 files (:func:`refuse_device`).
+(:func:`dequantize_dense`). An MXFP4 expert's blocks are read as they are stored and its
+entropy-coded scales decoded (:func:`decode_byte_chunks`), then dequantised per expert into
+float32 the same way (exact: an E2M1 value times a power of two). The CUDA backend does not take
+these files (:func:`refuse_device`).
 """
 from __future__ import annotations
 
@@ -15,10 +19,11 @@ import numpy as np
 
 import zmoe
 from zmoe import codec
-from zmoe.constants import EXP_HUFFMAN, NIBBLE_PLANE_DTYPES, Keys
+from zmoe.constants import ENC_MXFP4, EXP_HUFFMAN, EXPONENT_ONLY_DTYPES, NIBBLE_PLANE_DTYPES, Keys
 from zmoe.huffman import DECODE_STATUS, table_cache
 
-from ..kernels.lowprec import EXPONENT_TOO_LARGE, decode_merge_f8_chunks, dequant_fp8, merge_f8
+from ..kernels.lowprec import (EXPONENT_TOO_LARGE, decode_merge_f8_chunks, dequant_fp8,
+                               dequant_mxfp4, merge_f8)
 
 #: expert role of a projection's block scales: ``gate`` -> ``gate_scale`` (SPEC §4 roles)
 SCALE_SUFFIX = "_scale"
@@ -37,6 +42,46 @@ def fp8_block(metadata: dict) -> tuple | None:
 def is_f8(dtype: str) -> bool:
     """Whether a stored dtype is decoded by this module (F8_E4M3)."""
     return dtype in NIBBLE_PLANE_DTYPES
+
+
+#: roles of an MXFP4 projection: ``<proj>_blocks`` U8 [rows, groups, 16] and ``<proj>_scales``
+#: U8 [rows, groups]; dequantised into ``<proj>_cols`` (the [in, out] slice the BF16 layout of
+#: gpt-oss stores, :func:`zipmoe_rt.models.weights.assemble_expert`)
+BLOCKS, SCALES, COLS = "_blocks", "_scales", "_cols"
+
+
+def decoded_bytes(p) -> int:
+    """Bytes a piece takes once its expert is decoded and dequantised: float32 for an FP8
+    projection (4 per weight) and an MXFP4 one (2 weights of 4 bytes per block byte), nothing
+    for block scales; -1 for other pieces (their stored dtype's size applies)."""
+    if p.role.endswith(SCALE_SUFFIX) or p.role.endswith(SCALES):
+        return 0
+    if is_f8(p.dtype):
+        return 4 * p.elements
+    if p.role.endswith(BLOCKS):
+        return 8 * p.elements
+    return -1
+
+
+def decode_byte_chunks(path, p, c0: int, c1: int, exp: np.ndarray, out: np.ndarray, dctx,
+                       out_of_bounds):
+    """Decode chunks ``c0..c1-1`` of an exponent-only U8 piece (MXFP4 scales, SPEC §5.1) into
+    their range of ``out`` (uint8): the decoded bytes are the tensor's bytes.
+
+    Raises:
+        zmoe.ChecksumError: a chunk does not decode.  zmoe.CorruptIndexError: from
+            ``out_of_bounds`` when a chunk or its output range lies outside its buffer.
+    """
+    offs, sizes, raws, starts = p.chunk_arrays
+    for ci in range(c0, c1):
+        o, z, n, st = int(offs[ci]), int(sizes[ci]), int(raws[ci]), int(starts[ci])
+        if not (0 <= o and o + z <= exp.size and n >= 0 and 0 <= st and st + n <= out.size):
+            raise out_of_bounds(path, p, f"exponent chunk {ci}")
+        try:
+            codec.decompress_chunk(exp[o:o + z], n, p.codec, dctx, out[st:st + n])
+        except ValueError as err:
+            raise zmoe.ChecksumError(f"{path}: tensor {p.name!r}: exponent chunk {ci} does not "
+                                     f"decode ({err})") from None
 
 
 def decode_f8_chunks(path, p, c0: int, c1: int, sm: np.ndarray, exp: np.ndarray,
@@ -94,6 +139,18 @@ def check_expert(path, lay) -> None:
     """
     roles = {p.role: p for p in lay.pieces}
     where = f"{path}: expert block {lay.layer}/{lay.expert}"
+    for r, p in roles.items():      # MXFP4: blocks [rows, groups, 16] with scales [rows, groups]
+        if r.endswith(BLOCKS):
+            s = roles.get(r[:-len(BLOCKS)] + SCALES)
+            if (s is None or p.dtype != "U8" or s.dtype != "U8" or len(p.shape) != 3
+                    or p.shape[2] != 16 or tuple(s.shape) != tuple(p.shape[:2])):
+                raise zmoe.CorruptIndexError(
+                    f"{where}: tensor {p.name!r}: MXFP4 {r} U8 [rows, groups, 16] needs a U8 "
+                    f"role {r[:-len(BLOCKS)]}{SCALES} [rows, groups]"
+                    + (f", not {list(s.shape)}" if s is not None else ""))
+        elif r.endswith(SCALES) and r[:-len(SCALES)] + BLOCKS not in roles:
+            raise zmoe.CorruptIndexError(f"{where}: tensor {p.name!r}: role {r} without a role "
+                                         f"{r[:-len(SCALES)]}{BLOCKS}")
     f8 = [r for r, p in roles.items() if is_f8(p.dtype)]
     sc = [r for r in roles if r.endswith(SCALE_SUFFIX)]
     if not f8 and not sc:
@@ -128,6 +185,7 @@ def dequantize_roles(path, where: str, roles: dict, block) -> dict:
         zmoe.CorruptIndexError: a scale without its projection, or a block size missing or not
             fitting the shapes (names the file and the expert block).
     """
+    roles = _dequantize_mxfp4(roles)
     scales = {r[:-len(SCALE_SUFFIX)]: roles[r] for r in roles if r.endswith(SCALE_SUFFIX)}
     if not scales:
         return roles
@@ -144,6 +202,19 @@ def dequantize_roles(path, where: str, roles: dict, block) -> dict:
             out[role] = dequant_fp8(q.view(np.uint8), s.view(np.float32), block)
         except ValueError as e:
             raise zmoe.CorruptIndexError(f"{path}: {where}: role {role}: {e}") from None
+    return out
+
+
+def _dequantize_mxfp4(roles: dict) -> dict:
+    """Each ``<proj>_blocks`` / ``<proj>_scales`` pair of roles replaced by ``<proj>_cols``, the
+    float32 dequantised weight [rows, 32 groups] transposed to [in, out] (a view)."""
+    if not any(r.endswith(BLOCKS) for r in roles):
+        return roles
+    out = {r: a for r, a in roles.items() if not (r.endswith(BLOCKS) or r.endswith(SCALES))}
+    for r, b in roles.items():
+        if r.endswith(BLOCKS):
+            base = r[:-len(BLOCKS)]
+            out[base + COLS] = dequant_mxfp4(b.view(np.uint8), roles[base + SCALES].view(np.uint8)).T
     return out
 
 
@@ -171,7 +242,7 @@ def refuse_device(reader, device: str) -> None:
     if device == "cpu":
         return
     for name, t in reader.tensors.items():
-        if is_f8(t["dtype"]):
+        if is_f8(t["dtype"]) or t["encoding"] == ENC_MXFP4:
             raise ValueError(f"{reader.path}: tensor {name!r} is {t['dtype']} "
-                             f"({t['encoding']} encoding): FP8 weights run on the CPU only, not "
-                             f"on --device {device}")
+                             f"({t['encoding']} encoding): FP8 and MXFP4 weights run on the CPU "
+                             f"only, not on --device {device}")
