@@ -245,6 +245,10 @@ def _prepare(model, kw, default_max, context=None):
     return m, sp, m.ctx_size
 
 
+def _memory_asked(kw) -> bool:
+    return kw.get("memory_limit") is not None or kw.get("memory_budget") is not None
+
+
 def _load(model, kw, context=None):
     from .api import load
     m = load(model, progress=progress_wanted(), verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
@@ -252,7 +256,7 @@ def _load(model, kw, context=None):
              direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"],
              memory_limit=kw.get("memory_limit"), context=context,
              resident=kw.get("resident", "full"))
-    if kw.get("memory_limit") is not None:      # the banner's memory line
+    if _memory_asked(kw):      # the banner's memory line: a limit or a budget was given
         click.echo(f"zipmoe-rt: {m.memory_line()}", err=True)
     return m
 
@@ -326,13 +330,13 @@ def chat(model, system, **kw):
     m, sp, ctx = _prepare(model, kw, 512)
     session = m.chat_session(system)
     interactive = sys.stdin.isatty()
-    memory = m.memory_line() if kw.get("memory_limit") is None else None  # else _load said it
+    memory = None if _memory_asked(kw) else m.memory_line()   # else _load said it
     cli_repl.repl(m, session, sp, kw["stops"], _stats_line, _session_stats, interactive,
                   cli_repl.banner(m, ctx, memory))
 
 
 def _session_stats(m, session) -> str:
-    lines = [_stats_line(m.last_stats) or "(no reply yet)",
+    lines = [_stats_line(m.last_stats) or "(no reply in this conversation yet)",
              f"conversation: {len(session.messages)} messages, {len(session.state.token_ids)} "
              f"tokens in the KV cache"]
     lines.append(m.memory_line())

@@ -103,7 +103,10 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         resident: without a budget, how experts are held: ``full`` (decoded to BF16 on first
             use and kept) or ``compressed`` (every expert read at load and kept in the compute
             form, ~75 % of the BF16 bytes, and computed in place by the packed kernels; no reads
-            after loading; outputs bit-identical; design note §6.5; CPU only).
+            after loading; outputs bit-identical; design note §6.5). On ``cuda`` every expert
+            is transcoded on the host, uploaded packed at load and computed in place by the
+            fused decode + GEMV kernels (:mod:`zipmoe_rt.backends.cuda_packed`; logits equal
+            the BF16 GPU path's bit for bit).
 
     Returns:
         a :class:`Model`.
@@ -113,7 +116,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         zmoe.ZmoeError: not a ``.zmoe``, corrupt, truncated, or from a newer format version.
         ValueError: an architecture this runtime does not run, a file without a tokenizer, a
             ``device`` other than auto, cpu, cuda, an unknown ``resident`` value, or
-            ``resident="compressed"`` with a memory budget or limit or on the GPU.
+            ``resident="compressed"`` with a memory budget or limit.
         zipmoe_rt.engine.limit.MemoryLimitError: an unreadable ``memory_limit``, one too small
             for the fixed overhead plus the smallest budget (both stated), or a
             ``memory_budget`` that does not fit it.
@@ -149,9 +152,6 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         if budgeted:
             raise ValueError("resident (--resident): 'compressed' holds every expert and does "
                              "not combine with a memory budget (--memory-budget, --memory-limit)")
-        if not on_host:
-            raise ValueError("resident (--resident): 'compressed' runs on the CPU kernels only "
-                             "(not with --device cuda)")
     from .engine.io import check_io_depth
     check_io_depth(io_depth)   # also unbudgeted: a bad value is an error, not ignored
     from . import kernels
@@ -181,9 +181,12 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             _check_same_file(source, engine.reader)
             executor = engine
         else:
-            if resident == "compressed":
-                source.admit_all()
             executor = ExpertExecutor(backend.resident_experts(source), backend)
+            if resident == "compressed":   # every expert now: on the host, or uploaded packed
+                if on_host:
+                    source.admit_all()
+                else:
+                    executor.source.load_all()
         model = Model(source, build_model(source, executor=executor, backend=backend), tok, path,
                       engine)
         model.memory_plan = mplan

@@ -39,7 +39,7 @@ import cupy as cp
 
 from ..kernels import cuda_src
 from ..models.weights import ExpertWeights
-from . import cuda_planes
+from . import cuda_packed, cuda_planes
 from .base import Backend, check_choice_bias, check_qk_norm, check_route
 from .numpy_ref import NumpyBackend
 
@@ -210,7 +210,12 @@ class CupyBackend(Backend):
                              f"{tuple(up.shape)}, down {tuple(down.shape)} disagree")
 
     def expert_accumulate(self, out, x, rows, weights, expert):
-        """``out[rows] += weights[:, None] * down(swiglu(x[rows]))`` (rows distinct)."""
+        """``out[rows] += weights[:, None] * down(swiglu(x[rows]))`` (rows distinct); a packed
+        expert (compute form) through :func:`~zipmoe_rt.backends.cuda_packed.expert_accumulate`,
+        bit-identical."""
+        if cuda_packed.is_packed_any(expert):      # compressed experts (cuda_packed)
+            return cuda_packed.expert_accumulate(self, out, x, rows, weights,
+                                                 cuda_packed.on_device(expert))
         gate, up, down = self._dev_expert(expert)
         self._check_expert(x.shape[1], gate, up, down, "expert_accumulate")
         r = cp.asarray(np.asarray(rows, np.int64))
@@ -224,6 +229,10 @@ class CupyBackend(Backend):
         summed in order in registers) to ``out``; the weights' addresses and the routing weights
         go up in one small copy. Otherwise, for each expert in order: the gate/up kernel, then
         the down GEMV adding ``weights[e]`` times its output (one stream: a fixed order)."""
+        # -- compressed experts (cuda_packed): fused decode + GEMV kernels, bit-identical --
+        if any(map(cuda_packed.is_packed_any, experts)):
+            return cuda_packed.experts_token(self, out, x, list(map(cuda_packed.on_device,
+                                                                    experts)), weights)
         weights = np.asarray(weights, np.float32)
         H = x.shape[-1]
         o2 = out.reshape(1, -1)
@@ -464,9 +473,22 @@ class ResidentExperts:
         w = self._experts.get((layer, expert))
         if w is None:
             e = self.source.expert(layer, expert)
-            w = ExpertWeights(*(self.backend.from_host(a) for a in (e.gate, e.up, e.down)))
+            if cuda_packed.is_packed_any(e):        # compressed: kept packed (cuda_packed)
+                w = cuda_packed.on_device(e)
+            else:
+                w = ExpertWeights(*(self.backend.from_host(a) for a in (e.gate, e.up, e.down)))
             self._experts[(layer, expert)] = w
         return w
+
+    def load_all(self):
+        """Upload every expert of the source now (``resident="compressed"``)."""
+        for layer, e in sorted(self.source.layouts):
+            self.expert(layer, e)
+
+    @property
+    def bf16_nbytes(self) -> int:
+        """Bytes the experts uploaded so far would take in BF16."""
+        return sum(getattr(w, "bf16_nbytes", w.nbytes) for w in self._experts.values())
 
     @property
     def nbytes(self) -> int:
