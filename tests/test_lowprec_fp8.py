@@ -133,6 +133,15 @@ def test_logits_match_transformers_dequantised(fp8_model):
     assert np.abs(ours - ref).max() <= LOGITS_TOL
 
 
+def test_checkpoint_folder_source_dequantises_too(fp8_model):
+    """Building the model straight from the FP8 folder (CheckpointSource) gives the logits of
+    the converted file, bit for bit."""
+    from hf_parity import checkpoint_logits, zmoe_logits
+
+    folder, z, _ = fp8_model
+    assert checkpoint_logits(folder, PROMPT).tobytes() == zmoe_logits(z, PROMPT).tobytes()
+
+
 def test_greedy_20_tokens(fp8_model):
     from hf_parity import hf_logits
     from zipmoe_rt.engine.store import ZmoeSource
