@@ -186,9 +186,9 @@ def test_experts_are_float32_products(fp8_model):
 # ------------------------------------------------------------------ budgets
 
 
-@pytest.fixture(scope="module")
-def fp8_case(fp8_model, tmp_path_factory):
-    """A test_engine Case over the FP8 file: its unbudgeted reference run and a trace."""
+def engine_case(z, folder, name):
+    """A test_engine Case over the container ``z``: its unbudgeted reference run (prompt and
+    greedy steps of test_engine) and a recorded activation trace in ``folder``."""
     import test_engine as te
     from zipmoe_rt.bench import raw_companion
     from zipmoe_rt.engine import layout as L_
@@ -196,33 +196,37 @@ def fp8_case(fp8_model, tmp_path_factory):
     from zipmoe_rt.engine.store import ZmoeSource
     from zipmoe_rt.models import build_model
 
-    _, z, _ = fp8_model
-    folder = tmp_path_factory.mktemp("fp8_engine")
     raw = raw_companion(z)
     src = ZmoeSource(z)
     try:
         layouts = L_.expert_layouts(src.reader)
         net = build_model(src)
         rng = np.random.default_rng(5)
-        ids = rng.integers(0, 256, te.PROMPT_LEN)
+        vocab = int(src.hparams["vocab_size"])
+        ids = rng.integers(0, vocab, te.PROMPT_LEN)
         ref_logits, ref_tokens = te.generate(net, ids, te.DECODE_STEPS)
         rec = prof.TraceRecorder(src.hparams, decode_only=False)
         net.route_hook = rec
-        te.generate(net, rng.integers(0, 256, te.PROMPT_LEN), 8)
-        trace = {"version": 1, "fingerprint": prof.fingerprint(src), "model": "fp8",
+        te.generate(net, rng.integers(0, vocab, te.PROMPT_LEN), 8)
+        trace = {"version": 1, "fingerprint": prof.fingerprint(src), "model": name,
                  "moe_layers": rec.moe_layers, "num_experts": int(src.hparams["num_experts"]),
                  "top_k": int(src.hparams["num_experts_per_tok"]), "tokens": rec.tokens,
                  "prompts": 1, "locality": None, "counts": rec.counts.tolist(),
                  "sequences": rec.sequences()}
         trace_path = prof.save_trace(trace, folder / "recorded.trace.json")
-        case = te.Case(name="fp8", zmoe=z, raw=raw, folder=folder, hp=dict(src.hparams),
+        return te.Case(name=name, zmoe=z, raw=raw, folder=folder, hp=dict(src.hparams),
                        layouts=layouts, dense=src.dense_bytes(),
                        bytes_F=max(l.full_bytes for l in layouts.values()), ids=ids,
                        ref_logits=ref_logits, ref_tokens=ref_tokens, trace_path=trace_path,
                        counts=rec.counts.copy())
     finally:
         src.close()
-    return case
+
+
+@pytest.fixture(scope="module")
+def fp8_case(fp8_model, tmp_path_factory):
+    """A test_engine Case over the FP8 file."""
+    return engine_case(fp8_model[1], tmp_path_factory.mktemp("fp8_engine"), "fp8")
 
 
 def test_raw_companion_keeps_fp8(fp8_case):

@@ -115,6 +115,8 @@ def encode_expert(layer: int, expert: int, pieces: list[ExpertPiece], chunks: in
         buf = as_bytes(p.data)
         name = p.encoding or (ENC_BITPLANE if codec.is_bitplane_dtype(p.dtype) and not raw
                               else ENC_RAW)
+        if raw and name == ENC_BITPLANE:    # ``raw``: every piece's bytes as they are
+            name = ENC_RAW
         if name not in (ENC_RAW, ENC_BITPLANE, ENC_MXFP4) or (
                 name == ENC_BITPLANE and not codec.has_planes(p.dtype)) or (
                 name == ENC_MXFP4 and p.dtype != "U8"):

@@ -86,13 +86,13 @@ def plan_conversion(folder: Path):
                 raise ConversionError(f"{t.file}: tensor {t.name!r}: expert index {e} out of range "
                                       f"(num_experts={hp['num_experts']})")
             experts.setdefault((ref.layer, e), []).append((t.name, ref))
+    lowprec.attach_scales(arch, hp, ckpt, dense, experts)    # FP8 scales, MXFP4 blocks/scales
     for layer in hp["moe_layers"]:
         for e in range(hp["num_experts"]):
             roles = {ref.role for _, ref in experts.get((layer, e), [])}
             if not ({"gate", "up", "down"} <= roles or {"gate_up", "down"} <= roles):
                 raise ConversionError(f"{folder}: layer {layer} expert {e} lacks tensors "
                                       f"(has roles {sorted(roles) or 'none'})")
-    lowprec.attach_scales(arch, hp, ckpt, dense, experts)
     _check_dense_tensors(folder, arch, ckpt)
     return arch, hp, ckpt, dense, experts
 
@@ -161,7 +161,7 @@ def unused_tensors(arch, ckpt: Checkpoint) -> list[str]:
     tensors for this config), in checkpoint order. A stored ``lm_head.weight`` is always used:
     transformers ties a tied config's head to the embedding only where it is absent or equal."""
     specs = _model_specs(arch)
-    return [t.name for t in ckpt if t.name not in specs and not lowprec.is_used_scale(t.name, ckpt)]
+    return [t.name for t in ckpt if t.name not in specs and not lowprec.is_used_scale(t.name, ckpt, arch)]
 
 
 def _tied_head_differs(arch, ckpt: Checkpoint) -> bool:
@@ -182,9 +182,11 @@ def _expert_pieces(ckpt: Checkpoint, refs, expert: int) -> list:
         if ref.expert is None:  # stacked [E, ...]: this expert's contiguous slice
             n = raw.size // t.shape[0]
             pieces.append(zmoe.ExpertPiece(name, t.dtype, t.shape, ref.role,
-                                           raw[expert * n:(expert + 1) * n], part=expert))
+                                           raw[expert * n:(expert + 1) * n], part=expert,
+                                           encoding=lowprec.piece_encoding(ref.role)))
         else:
-            pieces.append(zmoe.ExpertPiece(name, t.dtype, t.shape, ref.role, raw))
+            pieces.append(zmoe.ExpertPiece(name, t.dtype, t.shape, ref.role, raw,
+                                           encoding=lowprec.piece_encoding(ref.role)))
     return pieces
 
 

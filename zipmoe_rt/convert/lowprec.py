@@ -1,7 +1,11 @@
 """The converter's rules for low-precision checkpoints: FP8 E4M3 weights with per-block F32
 ``weight_scale_inv`` (DeepSeek-V3's release format; transformers
 ``integrations/finegrained_fp8.py``), allowed when config.json's ``quantization_config`` gave
-the model an ``fp8_block_size`` (zipmoe_rt/families/lowprec.py).
+the model an ``fp8_block_size`` (zipmoe_rt/families/lowprec.py); and MXFP4 expert tensors
+(gpt-oss's release: ``<expert weight>_blocks`` U8 [E, out, in / 32, 16] and ``_scales`` U8
+[E, out, in / 32], transformers ``integrations/mxfp4.py``), with a ``quantization_config`` of
+``quant_method: mxfp4``: stored in their expert blocks as roles ``<proj>_blocks`` (encoding
+``mxfp4``, the source bytes) and ``<proj>_scales`` (U8 bit-planes), format/SPEC.md §5.4.
 
 Every F8_E4M3 tensor must come with its ``<name>_scale_inv`` (F32, one value per block:
 ``[ceil(rows / bm), ceil(cols / bn)]``, with a leading expert axis for a stacked tensor), and
@@ -41,14 +45,67 @@ def check_dtype(t, hp: dict) -> None:
                               f"weights must be {', '.join(allowed)}{why}")
 
 
+#: suffixes of MXFP4 expert tensors and of their roles
+MXFP4_SUFFIXES = ("_blocks", "_scales")
+
+
+def piece_encoding(role: str) -> str | None:
+    """The encoding of an expert piece of ``role``: ``mxfp4`` for MXFP4 blocks, ``bitplane``
+    (exponent-only U8) for their scales, None (the writer's choice) otherwise."""
+    if role.endswith("_blocks"):
+        return "mxfp4"
+    if role.endswith("_scales"):
+        return "bitplane"
+    return None
+
+
+def _attach_mxfp4(arch, hp: dict, ckpt, dense: list, experts: dict) -> None:
+    """Move MXFP4 expert tensors from ``dense`` into their experts (see the module docstring).
+
+    Raises:
+        ConversionError: MXFP4 tensors without ``quant_method: mxfp4`` in config.json, a dtype
+            other than U8, or a shape other than the weight's [E, out, in / 32, 16] /
+            [E, out, in / 32] (file, tensor and shapes named).
+    """
+    moved = []
+    for name in dense:
+        suffix = next((s for s in MXFP4_SUFFIXES if name.endswith(s)), None)
+        ref = None if suffix is None else arch.expert_tensor(name[:-len(suffix)])
+        if ref is None or ref.layer >= hp["num_hidden_layers"] or not ref.role.endswith("_cols"):
+            continue
+        t = ckpt.tensors[name]
+        q = arch.config.get("quantization_config") or {}
+        if not isinstance(q, dict) or q.get("quant_method") != "mxfp4":
+            raise ConversionError(f"{t.file}: tensor {name!r} is an MXFP4 expert tensor, but "
+                                  f"config.json has no quantization_config with quant_method "
+                                  f"mxfp4")
+        E, h, i = hp["num_experts"], hp["hidden_size"], hp["moe_intermediate_size"]
+        rows, cols = (2 * i, h) if ref.role.startswith("gate_up") else (h, i)
+        want = (E, rows, cols // 32, 16) if suffix == "_blocks" else (E, rows, cols // 32)
+        if t.dtype != "U8" or tuple(t.shape) != want or cols % 32:
+            raise ConversionError(f"{t.file}: tensor {name!r} is {t.dtype} {list(t.shape)}; "
+                                  f"MXFP4 {suffix[1:]} of a [{rows}, {cols}] projection are U8 "
+                                  f"{list(want)} (in / 32 groups of 32 weights)")
+        role = ref.role[:-len("_cols")] + suffix
+        for e in range(E):
+            experts.setdefault((ref.layer, e), []).append((name, ExpertRef(ref.layer, None, role)))
+        moved.append(name)
+    dense[:] = [n for n in dense if n not in moved]
+
+
 def _grid(shape, block) -> tuple:
     return tuple(shape[:-2]) + (-(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
 
 
-def is_used_scale(name: str, ckpt) -> bool:
-    """Whether ``name`` is the ``weight_scale_inv`` of an F8_E4M3 tensor of ``ckpt``."""
+def is_used_scale(name: str, ckpt, arch=None) -> bool:
+    """Whether ``name`` is the ``weight_scale_inv`` of an F8_E4M3 tensor of ``ckpt``, or (with
+    the family ``arch``) an MXFP4 ``_blocks`` / ``_scales`` tensor of an expert weight."""
     base = ckpt.tensors.get(name[:-len(SCALE)]) if name.endswith(SCALE) else None
-    return base is not None and base.dtype == FP8
+    if base is not None and base.dtype == FP8:
+        return True
+    suffix = next((s for s in MXFP4_SUFFIXES if name.endswith(s)), None)
+    return arch is not None and suffix is not None and \
+        arch.expert_tensor(name[:-len(suffix)]) is not None
 
 
 def attach_scales(arch, hp: dict, ckpt, dense: list, experts: dict) -> None:
@@ -94,3 +151,4 @@ def attach_scales(arch, hp: dict, ckpt, dense: list, experts: dict) -> None:
                 (name, ExpertRef(ref.layer, ref.expert, ref.role + "_scale")))
         moved.add(name)
     dense[:] = [n for n in dense if n not in moved]
+    _attach_mxfp4(arch, hp, ckpt, dense, experts)
