@@ -103,3 +103,23 @@ def _table() -> np.ndarray:
 
 
 E4M3_TO_F32 = _table()
+
+
+def dequantize_blocks(q: np.ndarray, scale: np.ndarray, block) -> np.ndarray:
+    """NumPy reference of the block dequantisation of FP8 weights: float32
+    ``E4M3_TO_F32[q[r, c]] * scale[r // bm, c // bn]`` (one float32 product per weight, as
+    transformers' ``Fp8Dequantize``; the runtime's Numba kernel gives the same bits).
+
+    Args:
+        q: uint8 [R, C] E4M3 bytes.  scale: float32 [ceil(R / bm), ceil(C / bn)].
+        block: (bm, bn).
+    Raises:
+        ValueError: a scale grid that does not fit the weight and the block.
+    """
+    bm, bn = int(block[0]), int(block[1])
+    R, C = q.shape
+    if scale.shape != (-(-R // bm), -(-C // bn)):
+        raise ValueError(f"scale shape {list(scale.shape)}, but a {[R, C]} weight in blocks of "
+                         f"{[bm, bn]} needs {[-(-R // bm), -(-C // bn)]}")
+    s = np.repeat(np.repeat(np.asarray(scale, np.float32), bm, 0), bn, 1)[:R, :C]
+    return E4M3_TO_F32[np.asarray(q, np.uint8)] * s

@@ -102,11 +102,11 @@ class CheckpointSource:
         a = self.ckpt.array(name)
         if self.ckpt.tensors[name].dtype != "F8_E4M3":
             return a if expert is None else a[expert]
-        from ..kernels.lowprec import dequant_fp8
+        from zmoe.fp8 import dequantize_blocks
         s = self.ckpt.array(name + "_scale_inv")
         if expert is not None:
             a, s = a[expert], s[expert]
-        return dequant_fp8(a, s, self.hparams["fp8_block_size"])
+        return dequantize_blocks(a, s, self.hparams["fp8_block_size"])
 
     def has(self, name):
         return name in self.ckpt.tensors
