@@ -334,3 +334,33 @@ def test_cuda_is_refused_naming_the_encoding(fp8_model):
         with pytest.raises(ValueError, match=r"is F8_E4M3 \((raw|bitplane) encoding\): FP8 "
                                              r"and MXFP4 weights run on the CPU only, not on --device cuda"):
             refuse_device(r, "cuda")
+
+
+def test_plan_of_the_v3_fp8_release(tmp_path):
+    """``plan`` on DeepSeek-V3's FP8 config.json: the FP8 line (source bytes with the 128x128
+    scales, the stored estimate, float32 in memory) after the BF16 figures."""
+    from zipmoe_rt.plan import FP8_STORED_RATIO, format_plan, size_plan
+
+    v3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+          "vocab_size": 129280, "hidden_size": 7168, "num_hidden_layers": 61,
+          "num_attention_heads": 128, "num_key_value_heads": 128, "intermediate_size": 18432,
+          "moe_intermediate_size": 2048, "n_routed_experts": 256, "num_experts_per_tok": 8,
+          "n_shared_experts": 1, "first_k_dense_replace": 3, "q_lora_rank": 1536,
+          "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+          "v_head_dim": 128, "n_group": 8, "topk_group": 4, "topk_method": "noaux_tc",
+          "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+          "rope_theta": 10000, "max_position_embeddings": 163840,
+          "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                  "quant_method": "fp8", "weight_block_size": [128, 128]}}
+    (tmp_path / "config.json").write_text(json.dumps(v3))
+    p = size_plan(tmp_path)
+    assert p.hparams.fp8_block_size == [128, 128]
+    assert p.expert_params == 58 * 256 * 3 * 7168 * 2048
+    src = p.expert_params * (1 + 4 / 128 ** 2)
+    line = format_plan(p).splitlines()[-1]
+    assert line.startswith(f"FP8 source  {src / 1e9:>14,.2f} GB  experts as F8_E4M3 + F32 scales "
+                           f"per 128x128 block; stored at ~83.7 % "
+                           f"({src * FP8_STORED_RATIO / 1e9:,.2f} GB)")
+    v3.pop("quantization_config")
+    (tmp_path / "config.json").write_text(json.dumps(v3))
+    assert "FP8" not in format_plan(size_plan(tmp_path))

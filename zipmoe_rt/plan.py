@@ -300,6 +300,9 @@ def format_plan(p: SizePlan) -> str:
         f"{_mb(p.kv_bytes_per_token * hp.max_position_embeddings)} at "
         f"{hp.max_position_embeddings:,d} tokens",
     ]
+    block = getattr(hp, "fp8_block_size", None)
+    if block:       # an FP8 release: the figures above are those of its BF16 copy
+        lines.append(fp8_line(p.expert_params, block))
     b = p.budget
     if b is not None:
         lines += [
@@ -313,3 +316,22 @@ def format_plan(p: SizePlan) -> str:
             f"{'':28}zipmoe mixes F/C/S/E per layer from a trace (zipmoe-rt profile)",
         ]
     return "\n".join(lines)
+
+
+#: stored bytes of FP8 experts (F8_E4M3 bit-planes with Huffman exponents, F32 128x128 scales)
+#: per source byte, measured on the default model's experts quantised to FP8: 6.70 bits per
+#: weight of 8.002 (``python tools/bench_lowprec.py``, docs/benchmarks.md "Low-precision
+#: sources")
+FP8_STORED_RATIO = 6.70 / 8.002
+
+
+def fp8_line(expert_params: int, block) -> str:
+    """The ``plan`` line of an FP8 release (``hparams.fp8_block_size`` set): the experts' FP8
+    bytes with their F32 block scales, their expected stored bytes, and what a decoded expert
+    takes (float32, engine/lowprec.py)."""
+    src = expert_params * (1 + 4 / (block[0] * block[1]))
+    return (f"FP8 source  {_mb(round(src)):>17}  experts as F8_E4M3 + F32 scales per "
+            f"{block[0]}x{block[1]} block; stored at ~{100 * FP8_STORED_RATIO:.1f} % "
+            f"({_mb(round(src * FP8_STORED_RATIO))}); decoded experts are float32 (4 bytes per "
+            f"weight); the BF16 figures above are those of a BF16 copy")
+
