@@ -213,7 +213,7 @@ def bench_huffman(be, src, layer=0):
     # the kernels alone (headers parsed and tables built once, as decode_exponents does)
     from zmoe import huffman
 
-    from zipmoe_rt.backends.cuda_planes import _tables
+    from zipmoe_rt.backends.cuda_planes import decode_tables
     starts = np.concatenate([[0], np.cumsum(raws)])
     keys, syms, lens, rows = {}, [], [], []
     for i in range(len(chunks)):
@@ -222,7 +222,7 @@ def bench_huffman(be, src, layer=0):
         key = c[:huffman.LENGTHS_BYTES].tobytes()
         if key not in keys:
             keys[key] = len(syms)
-            a, b = _tables(lengths)
+            a, b = decode_tables(lengths)
             syms.append(a)
             lens.append(b)
         for (so, sz), (x0, x1) in zip(spans, huffman.stream_ranges(int(raws[i]))):

@@ -178,6 +178,13 @@ DEVICE_OPTION = click.option(
     help="where to compute: cuda = NVIDIA GPU through CuPy (pip install 'zipmoe-rt[cuda]'); "
          "auto = cuda when CuPy sees a GPU, else cpu")
 ENGINE_OPTIONS.append(DEVICE_OPTION)
+# GPU expert offloading (docs/gpu.md)
+HOST_BUDGET_OPTION = click.option(
+    "--host-budget", default=None, metavar="SIZE",
+    help="with --device cuda and --memory-budget: pinned host RAM for experts kept in host "
+         "memory in compressed form, e.g. 8GB or 50% (of the experts' stored bytes); the rest "
+         "are read from the file [default: 0]")
+ENGINE_OPTIONS.append(HOST_BUDGET_OPTION)
 
 
 def engine_options(fn):
@@ -255,7 +262,7 @@ def _load(model, kw, context=None):
              policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
              direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"],
              memory_limit=kw.get("memory_limit"), context=context,
-             resident=kw.get("resident", "full"))
+             resident=kw.get("resident", "full"), host_budget=kw.get("host_budget"))
     if _memory_asked(kw):      # the banner's memory line: a limit or a budget was given
         click.echo(f"zipmoe-rt: {m.memory_line()}", err=True)
     return m
@@ -343,6 +350,10 @@ def _session_stats(m, session) -> str:
     mem = m.memory_report()
     lines.append("memory: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in mem.items()))
     lines.append(_kv_stats(m, session.state.cache))
+    gpu = getattr(m.engine, "gpu_report", None)
+    if gpu is not None:                               # budgeted GPU runs (docs/gpu.md)
+        from .bench import gpu_line
+        lines.append(gpu_line(gpu()))
     return "\n".join(lines)
 
 
@@ -454,9 +465,10 @@ def calibrate(model, samples, direct, io_depth, device):
 @click.option("--resident", "residents", multiple=True,
               type=click.Choice(["full", "compressed"]),
               help="how the unbudgeted rows hold experts (repeatable: a row each) [default: full]")
+@HOST_BUDGET_OPTION
 @friendly_errors
 def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
-          io_depth, raw_model, trace, json_out, device, residents):
+          io_depth, raw_model, trace, json_out, device, residents, host_budget):
     """Benchmark prefill/decode tokens/s under memory budgets, all policies in one run.
 
     Prints a llama-bench-style table (mean ± sd over repetitions, TTFT, TPOT, hits per tier,
@@ -482,7 +494,7 @@ def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, evicti
                 tg=n_gen, reps=repetitions, workers=workers, direct=direct, eviction=eviction,
                 raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True),
                 io_depth=io_depth, device=device, limits=limits,
-                residents=residents or ("full",))
+                residents=residents or ("full",), host_budget=host_budget)
     click.echo(B.table(res))
     if json_out:
         B.save(res, json_out)

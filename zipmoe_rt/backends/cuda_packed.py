@@ -155,7 +155,7 @@ def _swiglu(be, x2, ldx, E: GpuPackedExpert):
 
 def _gemv(be, x, M: GpuPackedMatrix, y, alpha=1.0, accumulate=False):
     """``gemv_bf16`` (no bias) on a packed matrix: y[t] (+)= alpha * M @ x[t]."""
-    x, ldx = be._rows(x, M.shape[1])
+    x, ldx = be.rows_view(x, M.shape[1])
     T, n_out = x.shape[0], M.shape[0]
     ldy = y.strides[0] // 4 if y.ndim == 2 else n_out
     vec = int(M.shape[1] % 8 == 0 and ldx % 4 == 0 and x.data.ptr % 16 == 0)
@@ -180,7 +180,7 @@ def expert_accumulate(be, out, x, rows, weights, E: GpuPackedExpert) -> None:
         d = unpack_expert(be, E)
         y = be.linear(be.swiglu(xs, d.gate, d.up), d.down)
     else:
-        x2, ldx = be._rows(xs, E.gate.shape[1])
+        x2, ldx = be.rows_view(xs, E.gate.shape[1])
         h = _swiglu(be, x2, ldx, E)
         y = _gemv(be, h, E.down, cp.empty((h.shape[0], E.down.shape[0]), cp.float32))
     out[r] += w[:, None] * y
@@ -215,7 +215,7 @@ def experts_token(be, out, x, experts, weights) -> None:
     if cupy_cuda.FUSED_EXPERTS and experts and len({E.gate.shape for E in experts}) == 1:
         k = len(experts)
         n_int = experts[0].gate.shape[0]
-        x2, _ = be._rows(x, H)
+        x2, _ = be.rows_view(x, H)
         if x2.data.ptr % 16:
             x2 = x2.copy()
         desc = np.stack([E.desc for E in experts], axis=1)    # [3, k, 6]
@@ -231,7 +231,7 @@ def experts_token(be, out, x, experts, weights) -> None:
                         (h, d, o2, np.int32(k), np.int32(H), np.int32(n_int), np.int32(vec)))
         return
     for w, E in zip(weights, experts):
-        x2, ldx = be._rows(x, H)
+        x2, ldx = be.rows_view(x, H)
         h = _swiglu(be, x2, ldx, E)
         _gemv(be, h, E.down, o2, alpha=float(w), accumulate=True)
 

@@ -53,7 +53,7 @@ def merge_planes(kernels: dict, exp, sm, dtype: str):
     return out
 
 
-def _tables(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def decode_tables(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(symbol, bits) of the first code in each of the 4096 12-bit windows (LSB first) of a
     complete canonical code (``lengths`` uint8 [256], validated)."""
     codes = huffman.canonical_codes(lengths)       # bit-reversed: the first bit is bit 0
@@ -113,7 +113,7 @@ def decode_exponents(kernels: dict, exp, offs, sizes, raws):
         key = chunk[:huffman.LENGTHS_BYTES].tobytes()
         if key not in keys:
             keys[key] = len(syms)
-            s, b = _tables(lengths)
+            s, b = decode_tables(lengths)
             syms.append(s)
             bits.append(b)
         for (so, size), (a, b) in zip(spans, huffman.stream_ranges(int(raws[i]))):

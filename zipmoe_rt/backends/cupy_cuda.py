@@ -113,7 +113,7 @@ class CupyBackend(Backend):
     # -- helpers -------------------------------------------------------------------------------
 
     @staticmethod
-    def _rows(x, n):
+    def rows_view(x, n):
         """x as [T, n] float32 rows with unit element stride; (array, row stride)."""
         if x.ndim == 1:
             x = x.reshape(1, -1)
@@ -138,7 +138,7 @@ class CupyBackend(Backend):
 
     def _gemv(self, x, W, y, bias=None, alpha=1.0, accumulate=False):
         """y[t] (+)= alpha * W @ x[t] (+ bias) with the BF16 GEMV kernel; y [T, out] rows."""
-        x, ldx = self._rows(x, W.shape[1])
+        x, ldx = self.rows_view(x, W.shape[1])
         T, n_out = x.shape[0], W.shape[0]
         ldy = y.strides[0] // 4 if y.ndim == 2 else n_out
         grid = ((n_out + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, T)
@@ -166,7 +166,7 @@ class CupyBackend(Backend):
         float16/float32: cuBLAS on the float32 weight."""
         if W.dtype not in (cp.uint16, cp.float16, cp.float32):
             raise TypeError(f"weight dtype {W.dtype} is not supported")
-        x2, _ = self._rows(x, W.shape[1])
+        x2, _ = self.rows_view(x, W.shape[1])
         T, n_out = x2.shape[0], W.shape[0]
         if out is None:
             out = cp.empty((T, n_out), cp.float32)
@@ -183,7 +183,7 @@ class CupyBackend(Backend):
 
     def swiglu(self, x, gate, up):
         """``silu(x @ gate.T) * (x @ up.T)``: one fused kernel for BF16 and few tokens."""
-        x2, ldx = self._rows(x, gate.shape[1])
+        x2, ldx = self.rows_view(x, gate.shape[1])
         T, n_out = x2.shape[0], gate.shape[0]
         if gate.dtype == up.dtype == cp.uint16 and T < GEMV_MAX_T:
             h = cp.empty((T, n_out), cp.float32)
@@ -254,7 +254,7 @@ class CupyBackend(Backend):
         """:meth:`experts_token` for k BF16 experts of one shape in two launches."""
         k = len(devs)
         n_int, H = devs[0][0].shape
-        x2, _ = self._rows(x, H)
+        x2, _ = self.rows_view(x, H)
         if x2.data.ptr % 16:
             x2 = x2.copy()
         meta = np.zeros(3 * k + (k + 1) // 2, np.uint64)
@@ -279,7 +279,7 @@ class CupyBackend(Backend):
 
     def rmsnorm(self, x, w, eps, out=None):
         """The RMSNorm kernel, one block per row."""
-        x2, ldx = self._rows(x, w.shape[0])
+        x2, ldx = self.rows_view(x, w.shape[0])
         if out is None:
             out = cp.empty(x2.shape, cp.float32)
         self._norm_rows(x2, ldx, out, out.strides[0] // 4 if out.ndim == 2 else w.shape[0],
