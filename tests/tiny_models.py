@@ -136,6 +136,39 @@ SPECS = {
         moe_num_experts=4, moe_k=2, moe_num_shared_experts=0, moe_layer_start_index=0,
         moe_layer_end_index=3, moe_layer_interval=2, tie_word_embeddings=True,
         rope_theta=10000.0)),
+    # Qwen3-Next / Qwen3.5-MoE: Gated DeltaNet layers (2 key heads, 4 value heads) mixed with
+    # gated full attention (layer_types / full_attention_interval), zero-centred norms, partial
+    # rotary, shared expert with its gate; a dense layer and q/k/v/o biases in the second
+    "qwen3_next": ("qwen3_next", dict(
+        COMMON, num_hidden_layers=4, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=3,
+        linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4, full_attention_interval=2)),
+    "qwen3_next_dense_bias": ("qwen3_next", dict(
+        COMMON, num_hidden_layers=3, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=False, mlp_only_layers=[0], attention_bias=True,
+        linear_conv_kernel_dim=3, linear_key_head_dim=8, linear_value_head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=2,
+        layer_types=["full_attention", "full_attention", "linear_attention"])),
+    "qwen3_5_moe": ("qwen3_5_moe", dict(
+        COMMON, num_hidden_layers=4, head_dim=16, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+        linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention",
+                     "full_attention"])),
+    # the text model of Qwen3_5MoeForConditionalGeneration (a small vision tower, not run)
+    "qwen3_5_moe_vl": ("qwen3_5_moe_vl", dict(
+        tie_word_embeddings=False, text_config=dict(
+            {k: v for k, v in COMMON.items() if k != "tie_word_embeddings"}, num_hidden_layers=4,
+            head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            num_experts=4, num_experts_per_tok=2, linear_conv_kernel_dim=4,
+            linear_key_head_dim=16, linear_value_head_dim=8, linear_num_key_heads=2,
+            linear_num_value_heads=4, full_attention_interval=2),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                           out_hidden_size=64, patch_size=4, temporal_patch_size=2,
+                           spatial_merge_size=2, num_position_embeddings=16))),
 }
 
 
@@ -159,6 +192,8 @@ def _randomize_norms(model, torch, gen):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".dt_bias"):     # Gated DeltaNet (Qwen3-Next, Qwen3.5-MoE)
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
 
 
 def _randomize_correction_bias(model, torch, gen):

@@ -363,9 +363,14 @@ def _kv_stats(m, cache) -> str:
     bytes its tokens use and the bytes it has allocated."""
     from .models.cache import KV_DTYPE
     per_token = m.net.args.kv_values_per_token() * np.dtype(KV_DTYPE).itemsize
-    return (f"KV cache: {per_token:,d} bytes per token, {cache.offset} tokens = "
+    line = (f"KV cache: {per_token:,d} bytes per token, {cache.offset} tokens = "
             f"{cache.offset * per_token / 1e6:.3f} MB in use, {cache.nbytes / 1e6:.3f} MB "
             f"allocated")
+    from .engine.limit import state_bytes
+    state = state_bytes(m.net.args)
+    if state:       # linear-attention layers (Qwen3-Next): a fixed state, counted in the total
+        line += f" (of which {state / 1e6:.3f} MB the fixed linear-attention state)"
+    return line
 
 
 @main.command()

@@ -128,6 +128,12 @@ class Keys:
         LOGITS_SCALING = "hparams.logits_scaling"
         # ERNIE 4.5 MoE
         MOE_NORM_MIN = "hparams.moe_norm_min"
+        # Qwen3-Next / Qwen3.5-MoE: Gated DeltaNet (linear-attention) layers
+        LINEAR_CONV_KERNEL_DIM = "hparams.linear_conv_kernel_dim"
+        LINEAR_KEY_HEAD_DIM = "hparams.linear_key_head_dim"
+        LINEAR_VALUE_HEAD_DIM = "hparams.linear_value_head_dim"
+        LINEAR_NUM_KEY_HEADS = "hparams.linear_num_key_heads"
+        LINEAR_NUM_VALUE_HEADS = "hparams.linear_num_value_heads"
         # low-precision sources (FP8 with block scales)
         FP8_BLOCK_SIZE = "hparams.fp8_block_size"
 

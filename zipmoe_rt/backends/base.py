@@ -117,6 +117,23 @@ def check_route(E: int, k: int, scoring: str = "softmax", method: str = "greedy"
         raise ValueError(f"route: scale {scale!r} is not finite")
 
 
+def check_gated_delta(qkv, ba, state, nk: int, nv: int, dk: int, dv: int) -> None:
+    """Shapes of :meth:`Backend.gated_delta_rule`. Raises ValueError naming the one that
+    disagrees."""
+    if nk < 1 or nv % nk:
+        raise ValueError(f"gated_delta_rule: {nv} value heads are not a multiple of {nk} key "
+                         f"heads")
+    T = qkv.shape[0]
+    if tuple(qkv.shape) != (T, 2 * nk * dk + nv * dv):
+        raise ValueError(f"gated_delta_rule: qkv {tuple(qkv.shape)}, expected "
+                         f"({T}, {2 * nk * dk + nv * dv})")
+    if tuple(ba.shape) != (T, 2 * nv):
+        raise ValueError(f"gated_delta_rule: ba {tuple(ba.shape)}, expected ({T}, {2 * nv})")
+    if tuple(state.shape) != (nv, dk, dv):
+        raise ValueError(f"gated_delta_rule: state {tuple(state.shape)}, expected "
+                         f"({nv}, {dk}, {dv})")
+
+
 class Backend:
     """Base class of compute backends; each op documents shapes, dtypes and the source it
     follows. Subclasses implement every method (the defaults raise NotImplementedError).
@@ -437,6 +454,66 @@ class Backend:
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name!r}>"
+
+    # -- Qwen3-Next / Qwen3.5-MoE: gated attention and Gated DeltaNet ---------------------------
+
+    def sigmoid_mul_(self, x, g):
+        """``x *= sigmoid(g)`` (``Qwen3NextAttention``'s output gate:
+        ``attn_output * torch.sigmoid(gate)``), float32 [T, n] both. Returns ``x``."""
+        raise NotImplementedError
+
+    def conv1d_silu(self, x, w, state, new_state):
+        """Causal depthwise conv1d of kernel ``K`` over each channel, continuing the ``K - 1``
+        inputs held in ``state``, then SiLU (``causal_conv1d_fn`` / ``causal_conv1d_update`` of
+        transformers' ``models/mamba/modeling_mamba.py`` with ``activation="silu"``, as
+        ``Qwen3NextGatedDeltaNet`` calls them): ``y[t, c] = silu(sum_j w[c, j] *
+        ext[t + j, c])`` with ``ext = concat(state, x)``.
+
+        Args:
+            x: float32 [T, C].  w: float32 [C, K] (``conv1d.weight`` [C, 1, K] squeezed).
+            state: float32 [K - 1, C], the previous inputs, oldest first (zeros at the start).
+            new_state: float32 [K - 1, C], written with the last ``K - 1`` rows of ``ext``;
+                must not alias ``state``.
+        Returns:
+            float32 [T, C].
+        """
+        raise NotImplementedError
+
+    def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk: int, nv: int, dk: int, dv: int,
+                         state, new_state):
+        """The gated delta rule of ``Qwen3NextGatedDeltaNet`` after its convolution: per value
+        head ``h`` (key head ``h // (nv / nk)``), ``beta = sigmoid(b)``,
+        ``g = -exp(A_log) * softplus(a + dt_bias)``, q and k L2-normalised (eps 1e-6), q
+        scaled by ``dk ** -0.5``; then for each token ``S *= exp(g)``,
+        ``S += k (x) ((v - S^T k) * beta)``, ``o = S^T q``. Several tokens run as the chunked
+        scan of ``torch_chunk_gated_delta_rule`` (chunks of 64), one token as the recurrence of
+        ``torch_recurrent_gated_delta_rule``; both give the same values up to float32 rounding.
+
+        Args:
+            qkv: float32 [T, 2 nk dk + nv dv]: q heads, k heads, v heads (after the conv).
+            ba: float32 [T, 2 nv]: ``b`` (beta's logits) then ``a``.
+            A_log, dt_bias: float32 [nv].
+            state: float32 [nv, dk, dv], the recurrent state before the tokens (zeros at the
+                start).  new_state: float32 [nv, dk, dv], written with the state after them;
+                must not alias ``state``.
+        Returns:
+            float32 [T, nv * dv], the core attention output per head.
+        Raises:
+            ValueError: shapes that disagree (:func:`check_gated_delta`).
+        """
+        raise NotImplementedError
+
+    def rmsnorm_gated(self, x, w, z, eps, out=None):
+        """``w * rmsnorm(x) * silu(z)`` per row (``Qwen3NextRMSNormGated``: norm before gate,
+        float32).
+
+        Args:
+            x, z: float32 [R, n].  w: float32 [n].  eps: float (used as float32).
+            out: optional float32 [R, n] (not aliasing ``x`` or ``z``).
+        Returns:
+            float32 [R, n] (``out`` when given).
+        """
+        raise NotImplementedError
 
 
 class HostArrays:

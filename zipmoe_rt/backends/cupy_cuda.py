@@ -40,7 +40,8 @@ import cupy as cp
 from ..kernels import cuda_src
 from ..models.weights import ExpertWeights
 from . import cuda_packed, cuda_planes
-from .base import Backend, check_choice_bias, check_qk_norm, check_route
+from . import linear_attn as _lin
+from .base import Backend, check_choice_bias, check_gated_delta, check_qk_norm, check_route
 from .numpy_ref import NumpyBackend
 
 #: token counts from this on go through widened weights and cuBLAS instead of the GEMV kernel
@@ -442,6 +443,32 @@ class CupyBackend(Backend):
             zmoe.huffman.HuffmanError: a malformed chunk.  ValueError: sizes that disagree.
         """
         return self.merge_planes(self.decode_exponents(exp, offs, sizes, raws), sm, dtype)
+
+    # -- Qwen3-Next / Qwen3.5-MoE: plain CuPy array code (backends/linear_attn.py) -------------
+
+    def sigmoid_mul_(self, x, g):
+        """``x *= sigmoid(g)`` (CuPy elementwise)."""
+        x *= _F32(1.0) / (_F32(1.0) + cp.exp(-g))
+        return x
+
+    def conv1d_silu(self, x, w, state, new_state):
+        """:func:`~zipmoe_rt.backends.linear_attn.conv1d_silu` over CuPy."""
+        return _lin.conv1d_silu(cp, x, w, state, new_state)
+
+    def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
+        """:func:`~zipmoe_rt.backends.linear_attn.gated_delta_rule` over CuPy (chunked scan for
+        several tokens, the recurrence for one)."""
+        check_gated_delta(qkv, ba, state, nk, nv, dk, dv)
+        return _lin.gated_delta_rule(cp, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state,
+                                     new_state)
+
+    def rmsnorm_gated(self, x, w, z, eps, out=None):
+        """:func:`~zipmoe_rt.backends.linear_attn.rmsnorm_gated` over CuPy."""
+        y = _lin.rmsnorm_gated(cp, x, w, z, eps)
+        if out is None:
+            return y
+        out[...] = y
+        return out
 
 
 class ResidentExperts:

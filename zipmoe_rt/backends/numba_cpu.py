@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import attention as _att
+from ..kernels import gated_delta as _gdn
 from ..kernels import heads as _heads
 from ..kernels import norm as _norm
 from ..kernels import routing as _routing
@@ -18,7 +19,8 @@ from ..kernels import packed as _packed
 from ..kernels import swiglu as _swiglu
 from ..kernels.linear import bf16_rows, linear_into
 from ..models.packed import as_weights, is_packed
-from .base import Backend, HostArrays, check_choice_bias, check_qk_norm, check_route
+from .base import (Backend, HostArrays, check_choice_bias, check_gated_delta, check_qk_norm,
+                   check_route)
 
 
 class NumbaBackend(HostArrays, Backend):
@@ -132,3 +134,22 @@ class NumbaBackend(HostArrays, Backend):
         """:func:`~zipmoe_rt.kernels.routing.route_choice_bias`."""
         check_choice_bias(bias, logits.shape[1])
         return _routing.route_choice_bias(logits, k, bias, norm_min)
+
+    # Qwen3-Next / Qwen3.5-MoE
+    def sigmoid_mul_(self, x, g):
+        """NumPy float32 in-place expression (``x * sigmoid(g)``, as torch)."""
+        x *= np.float32(1.0) / (np.float32(1.0) + np.exp(-g))
+        return x
+
+    def conv1d_silu(self, x, w, state, new_state):
+        """:func:`~zipmoe_rt.kernels.gated_delta.conv1d_silu`."""
+        return _gdn.conv1d_silu(x, w, state, new_state)
+
+    def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
+        """:func:`~zipmoe_rt.kernels.gated_delta.gated_delta_rule` (parallel over value heads)."""
+        check_gated_delta(qkv, ba, state, nk, nv, dk, dv)
+        return _gdn.gated_delta_rule(qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state)
+
+    def rmsnorm_gated(self, x, w, z, eps, out=None):
+        """:func:`~zipmoe_rt.kernels.gated_delta.rmsnorm_gated`."""
+        return _gdn.rmsnorm_gated(x, w, z, eps, out)

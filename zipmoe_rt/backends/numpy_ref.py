@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..models.packed import as_weights
-from .base import Backend, HostArrays, check_choice_bias, check_qk_norm, check_route, to_f32
+from . import linear_attn as _lin
+from .base import (Backend, HostArrays, check_choice_bias, check_gated_delta, check_qk_norm,
+                   check_route, to_f32)
 
 _F32 = np.float32
 
@@ -243,3 +245,28 @@ class NumpyBackend(HostArrays, Backend):
         w = np.take_along_axis(p, idx, axis=-1).astype(np.float32)
         w /= np.maximum(w.sum(axis=-1, keepdims=True), _F32(norm_min))
         return idx, w
+
+    # Qwen3-Next / Qwen3.5-MoE (array code shared with the CUDA backend: backends/linear_attn.py)
+    def sigmoid_mul_(self, x, g):
+        """``x *= sigmoid(g)``."""
+        x *= _F32(1.0) / (_F32(1.0) + np.exp(-g))
+        return x
+
+    def conv1d_silu(self, x, w, state, new_state):
+        """:func:`~zipmoe_rt.backends.linear_attn.conv1d_silu` over NumPy."""
+        return _lin.conv1d_silu(np, x, w, state, new_state)
+
+    def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
+        """:func:`~zipmoe_rt.backends.linear_attn.gated_delta_rule` over NumPy (chunked scan for
+        several tokens, the recurrence for one)."""
+        check_gated_delta(qkv, ba, state, nk, nv, dk, dv)
+        return _lin.gated_delta_rule(np, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state,
+                                     new_state)
+
+    def rmsnorm_gated(self, x, w, z, eps, out=None):
+        """:func:`~zipmoe_rt.backends.linear_attn.rmsnorm_gated` over NumPy."""
+        y = _lin.rmsnorm_gated(np, x, w, z, eps)
+        if out is None:
+            return y
+        out[...] = y
+        return out

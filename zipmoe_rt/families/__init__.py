@@ -28,3 +28,4 @@ __all__ = [
     "ConfigError", "HParams", "config_value", "rope_parameters",
     "FUSED", "HUB", "KEYS", "LAYOUTS", "TensorSpec",
 ]
+from . import qwen3_next  # noqa: E402,F401  (Qwen3-Next, Qwen3.5-MoE: hybrid linear attention)

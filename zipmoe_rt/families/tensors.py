@@ -77,6 +77,20 @@ KEYS = {
     # ERNIE 4.5 MoE
     "moe_statics": "e_score_correction_bias [1, E], F32: added to the router's probabilities "
                    "for the choice of experts only (MoE layers)",
+    # Qwen3-Next / Qwen3.5-MoE: Gated DeltaNet (linear-attention) layers; their attn_q is
+    # q_proj [heads*hd*2, H] (each head's query rows, then its output-gate rows)
+    "lin_qkvz": "Qwen3-Next in_proj_qkvz [2*nk*dk + 2*nv*dv, H], grouped by key head: q, k, "
+                "v, z of each (linear-attention layers)",
+    "lin_ba": "Qwen3-Next in_proj_ba [2*nv, H], grouped by key head: b, a of each",
+    "lin_qkv": "Qwen3.5 in_proj_qkv [2*nk*dk + nv*dv, H]: q heads, k heads, v heads",
+    "lin_z": "Qwen3.5 in_proj_z [nv*dv, H]: the output gate",
+    "lin_b": "Qwen3.5 in_proj_b [nv, H]: beta's logits",
+    "lin_a": "Qwen3.5 in_proj_a [nv, H]: the decay's input",
+    "lin_conv": "causal depthwise conv1d weight [2*nk*dk + nv*dv, 1, K]",
+    "lin_dt_bias": "dt_bias [nv]",
+    "lin_A_log": "A_log [nv]",
+    "lin_norm": "gated RMSNorm weight [dv]",
+    "lin_out": "out_proj weight [H, nv*dv]",
 }
 #: the tensor names transformers' Llama-style MoE decoders use (Qwen2/3-MoE, OLMoE, and Mixtral
 #: apart from its ``block_sparse_moe`` experts): one table that families pick their keys from
@@ -213,6 +227,9 @@ def present(key: str, hp, layer: int | None) -> bool:
     own = getattr(hp, "tensor_present", None)
     if own is not None and own(key) is not None:
         return own(key)
+    own_layer = getattr(hp, "tensor_present_in_layer", None)     # hybrid layers (Qwen3-Next)
+    if own_layer is not None and layer is not None and own_layer(key, layer) is not None:
+        return own_layer(key, layer)
     if key in _BIAS:
         return bool(hp.attention_bias)
     if key in ("attn_norm_bias", "ffn_norm_bias", "norm_bias"):      # PhiMoE's LayerNorms
