@@ -119,13 +119,17 @@ def decode_merge_f8_chunks(exp, offs, sizes, raws, sm, start, out, scratch, keys
 @nb.njit(**_OPT)
 def _dequant_fp8(q, scale, bm, bn, lut, out):
     rows, cols = q.shape
-    for r in range(rows):
-        srow = scale[r // bm]
-        qr, orow = q[r], out[r]
-        for cb in range(srow.shape[0]):
-            f = srow[cb]
-            for c in range(cb * bn, min(cols, (cb + 1) * bn)):
-                orow[c] = lut[qr[c]] * f
+    tab = np.empty(256, np.float32)       # the block's 256 products: a look-up per weight
+    for rb in range(scale.shape[0]):
+        for cb in range(scale.shape[1]):
+            f = scale[rb, cb]
+            for k in range(256):
+                tab[k] = lut[k] * f
+            c0, c1 = cb * bn, min(cols, (cb + 1) * bn)
+            for r in range(rb * bm, min(rows, (rb + 1) * bm)):
+                qr, orow = q[r], out[r]
+                for c in range(c0, c1):
+                    orow[c] = tab[qr[c]]
 
 
 def dequant_fp8(q: np.ndarray, scale: np.ndarray, block, out: np.ndarray | None = None):
