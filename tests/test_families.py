@@ -137,6 +137,9 @@ def test_hparams_defaults_are_transformers_defaults(family):
     """A config.json written from transformers' default config class reads back as the
     dataclass defaults (layer_types / max_window_layers are kept only when given)."""
     transformers = pytest.importorskip("transformers")
+    if family in ("gemma4", "gemma4_text"):     # Gemma 4
+        pytest.skip("Gemma4TextConfig() describes a dense model with per-layer inputs, which "
+                    "the runtime refuses; tests/test_gemma4.py reads its defaults with MoE on")
     fam = get_family(family)
     cfg = getattr(transformers, fam.hf_config_class)()
     d = dict(json.loads(cfg.to_json_string(use_diff=False)), architectures=[fam.hf_names[0]])

@@ -169,6 +169,32 @@ SPECS = {
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
                            out_hidden_size=64, patch_size=4, temporal_patch_size=2,
                            spatial_merge_size=2, num_position_embeddings=16))),
+    # Gemma 4 (26B-A4B's structure): sliding layers (head_dim 16, 2 kv heads, window 5) and
+    # full layers (head 32, proportional RoPE) with one kv head whose values are the keys
+    # (attention_k_eq_v), a soft cap that really bends the logits (3.0); then the default
+    # pattern and RoPE of a 3-layer model (last layer full), v_proj everywhere, no cap, a tied
+    # head. Router scales, layer scalars and every norm are random (make_tiny).
+    "gemma4": ("gemma4_text", dict(
+        COMMON, num_hidden_layers=4, head_dim=16, global_head_dim=32,
+        num_global_key_value_heads=1, attention_k_eq_v=True, intermediate_size=48,
+        enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
+        hidden_size_per_layer_input=0, sliding_window=5, final_logit_softcapping=3.0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                     "full_attention"])),
+    "gemma4_default_pattern": ("gemma4_text", dict(
+        COMMON, head_dim=16, global_head_dim=32, intermediate_size=48, enable_moe_block=True,
+        num_experts=4, top_k_experts=2, moe_intermediate_size=32, hidden_size_per_layer_input=0,
+        sliding_window=6, tie_word_embeddings=True)),
+    # the text model of Gemma4ForConditionalGeneration (no vision or audio tower here; a tower
+    # is tested in test_gemma4.py): tensors under model.language_model., config in text_config
+    "gemma4_vl": ("gemma4", dict(
+        text_config=dict(
+            COMMON, num_hidden_layers=2, head_dim=16, global_head_dim=32,
+            num_global_key_value_heads=1, attention_k_eq_v=True, intermediate_size=48,
+            enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+            hidden_size_per_layer_input=0, sliding_window=5, final_logit_softcapping=30.0),
+        vision_config=None, audio_config=None, initializer_range=INIT_STD,
+        tie_word_embeddings=False)),
 }
 
 
@@ -209,6 +235,19 @@ def _randomize_correction_bias(model, torch, gen):
             mod.e_score_correction_bias = 0.1 * torch.randn(b.shape, generator=gen)
 
 
+def _randomize_gemma4(model, torch, gen):
+    """Gemma 4's router ``scale`` and ``per_expert_scale`` (in 0.5..1.5), ``layer_scalar``
+    buffers and the numbered sandwich norms (``*_layernorm_1`` / ``_2``), which are ones at
+    init: random values so that a model ignoring them differs."""
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith(("router.scale", "layer_scalar")) or name.endswith(
+                    ("layernorm_1.weight", "layernorm_2.weight")):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("router.per_expert_scale"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+
+
 def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
     """Create tiny checkpoint ``name`` (a key of :data:`SPECS`) in ``folder`` (BF16 safetensors,
     ``config.json``); with ``sharded`` the weights are split over several shards with an index.
@@ -228,6 +267,7 @@ def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
     cfg = getattr(transformers, cfg_cls)(**kw)
     model = getattr(transformers, model_cls)(cfg)
     _randomize_norms(model, torch, torch.Generator().manual_seed(seed + 1))
+    _randomize_gemma4(model, torch, torch.Generator().manual_seed(seed + 3))  # Gemma 4
     model = model.to(torch.bfloat16)
     _randomize_correction_bias(model, torch, torch.Generator().manual_seed(seed + 2))
     model.save_pretrained(folder, max_shard_size="200KB" if sharded else "2GB")

@@ -69,8 +69,10 @@ class ConfigSource:
         self._dense = 0
         for s in specs:
             n = int(np.prod(s.shape, dtype=np.int64)) * SOURCE_BYTES_PER_WEIGHT
-            if s.is_expert:
-                full[(s.layer, s.expert)] = full.get((s.layer, s.expert), 0) + n
+            if s.is_expert:     # a stacked tensor ([E, ...]: Granite, Gemma 4) is E experts'
+                es = range(hparams.num_experts) if s.expert is None else (s.expert,)
+                for e in es:
+                    full[(s.layer, e)] = full.get((s.layer, e), 0) + n // len(es)
             elif not s.tied:
                 self._dense += n
         self.layouts = {k: _ExpertSize(v) for k, v in full.items()}

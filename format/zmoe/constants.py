@@ -134,6 +134,12 @@ class Keys:
         LINEAR_VALUE_HEAD_DIM = "hparams.linear_value_head_dim"
         LINEAR_NUM_KEY_HEADS = "hparams.linear_num_key_heads"
         LINEAR_NUM_VALUE_HEADS = "hparams.linear_num_value_heads"
+        # Gemma 4
+        GLOBAL_HEAD_DIM = "hparams.global_head_dim"
+        NUM_GLOBAL_KEY_VALUE_HEADS = "hparams.num_global_key_value_heads"
+        ATTENTION_K_EQ_V = "hparams.attention_k_eq_v"
+        GLOBAL_ROPE = "hparams.global_rope"
+        FINAL_LOGIT_SOFTCAPPING = "hparams.final_logit_softcapping"
         # low-precision sources (FP8 with block scales)
         FP8_BLOCK_SIZE = "hparams.fp8_block_size"
 

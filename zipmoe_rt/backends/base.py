@@ -22,7 +22,25 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["Backend", "check_qk_norm", "check_route", "check_choice_bias", "to_f32",
-           "ROUTE_METHODS", "ROUTE_SCORINGS"]
+           "ROUTE_METHODS", "ROUTE_SCORINGS", "ACTIVATIONS", "check_act"]
+
+#: activations of the gated MLPs and experts (``act`` of :meth:`Backend.swiglu`,
+#: :meth:`Backend.expert_accumulate`, :meth:`Backend.experts_token`), as transformers'
+#: ``ACT2FN`` names them: ``silu`` (``nn.SiLU``) and ``gelu_pytorch_tanh`` (``nn.GELU(
+#: approximate="tanh")``: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, Gemma 4).
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+
+def check_act(act: str) -> int:
+    """The index of activation ``act`` in :data:`ACTIVATIONS` (what the kernels take).
+
+    Raises:
+        ValueError: an activation the backends do not implement (named, with the known ones).
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation {str(act)[:40]!r} is not supported "
+                         f"({', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS.index(act)
 
 
 def to_f32(a) -> np.ndarray:
@@ -205,21 +223,27 @@ class Backend:
         """
         raise NotImplementedError
 
-    def swiglu(self, x, gate, up):
+    def swiglu(self, x, gate, up, act: str = "silu"):
         """The hidden activation of a SwiGLU MLP, ``silu(x @ gate.T) * (x @ up.T)``
-        (``act_fn(gate_proj(x)) * up_proj(x)`` in ``Qwen2MoeMLP`` / ``MixtralExperts``).
+        (``act_fn(gate_proj(x)) * up_proj(x)`` in ``Qwen2MoeMLP`` / ``MixtralExperts``), or with
+        another ``act`` of :data:`ACTIVATIONS` in place of SiLU (Gemma 4's GELU-tanh:
+        ``Gemma4TextMLP``, ``Gemma4TextExperts``).
 
         Args:
-            x: float32 [T, H].  gate, up: [I, H] weights.
+            x: float32 [T, H].  gate, up: [I, H] weights.  act: a name of :data:`ACTIVATIONS`.
         Returns:
             float32 [T, I].
+        Raises:
+            ValueError: an unknown ``act``.
         """
         raise NotImplementedError
 
-    def expert_accumulate(self, out, x, rows: np.ndarray, weights: np.ndarray, expert) -> None:
+    def expert_accumulate(self, out, x, rows: np.ndarray, weights: np.ndarray, expert,
+                          act: str = "silu") -> None:
         """``out[rows[i]] += weights[i] * expert(x[rows[i]])`` for one SwiGLU expert, its
         ``down @ (silu(gate @ x) * (up @ x))`` (loop body of ``MixtralExperts.forward``: the
-        ``index_add_`` of the weighted expert output).
+        ``index_add_`` of the weighted expert output); ``act`` replaces SiLU as in
+        :meth:`swiglu`.
 
         Args:
             out: float32 [T, H], updated in place.  x: float32 [T, H].
@@ -233,10 +257,10 @@ class Backend:
         """
         raise NotImplementedError
 
-    def experts_token(self, out, x, experts, weights: np.ndarray) -> None:
+    def experts_token(self, out, x, experts, weights: np.ndarray, act: str = "silu") -> None:
         """``out += sum_e weights[e] * expert_e(x)`` for ONE token and its k experts (the decode
         step of ``MixtralExperts.forward``; the Numba backend fuses all k into two parallel
-        regions).
+        regions); ``act`` replaces SiLU as in :meth:`swiglu`.
 
         Args:
             out: float32 [H], updated in place.  x: float32 [H].
@@ -436,6 +460,21 @@ class Backend:
         """
         raise NotImplementedError
 
+    # -- Gemma 4: logit soft-capping -----------------------------------------------------------
+
+    def softcap_(self, x, cap: float):
+        """``x = tanh(x / cap) * cap`` in place, float32 (``Gemma4ForCausalLM.forward``'s
+        ``final_logit_softcapping``: ``logits / cap``, ``tanh``, ``* cap``, each rounded).
+
+        Args:
+            x: float32 [T, n], updated in place.  cap: the positive cap (cast to float32).
+        Returns:
+            ``x``.
+        Raises:
+            ValueError: a cap that is not a positive finite number.
+        """
+        raise NotImplementedError
+
     # -- device ------------------------------------------------------------------------------
 
     def synchronize(self) -> None:
@@ -514,6 +553,15 @@ class Backend:
             float32 [R, n] (``out`` when given).
         """
         raise NotImplementedError
+
+
+def check_cap(cap) -> np.float32:
+    """``cap`` of :meth:`Backend.softcap_` as float32. Raises ValueError unless it is a
+    positive finite number."""
+    if isinstance(cap, bool) or not isinstance(cap, (int, float, np.floating)) or not (
+            np.isfinite(cap) and cap > 0):
+        raise ValueError(f"softcap: cap {cap!r} is not a positive finite number")
+    return np.float32(cap)
 
 
 class HostArrays:

@@ -41,7 +41,8 @@ from ..kernels import cuda_src
 from ..models.weights import ExpertWeights
 from . import cuda_packed, cuda_planes
 from . import linear_attn as _lin
-from .base import Backend, check_choice_bias, check_gated_delta, check_qk_norm, check_route
+from .base import (Backend, check_act, check_cap, check_choice_bias, check_gated_delta,
+                   check_qk_norm, check_route)
 from .numpy_ref import NumpyBackend
 
 #: token counts from this on go through widened weights and cuBLAS instead of the GEMV kernel
@@ -56,6 +57,15 @@ ATT_MAX_HD = 640
 _ROWS_PER_BLOCK = 8          # warps (output rows) per block of the GEMV kernels
 _F32 = np.float32
 _NP = NumpyBackend()                 # host routing of the routers without a kernel here
+
+
+def _unpacked(be, e):
+    """A packed expert (``--resident compressed``, or a compressed GPU tier) decoded to device
+    BF16 :class:`~zipmoe_rt.models.weights.ExpertWeights` for the activations the packed
+    kernels do not compute (GELU-tanh); anything else as it is."""
+    if cuda_packed.is_packed_any(e):
+        return cuda_packed.unpack_expert(be, cuda_packed.on_device(e))
+    return e
 
 
 def _i32(v) -> np.int32:
@@ -182,10 +192,15 @@ class CupyBackend(Backend):
             out[:, r0:r1] = y
         return out
 
-    def swiglu(self, x, gate, up):
-        """``silu(x @ gate.T) * (x @ up.T)``: one fused kernel for BF16 and few tokens."""
+    def swiglu(self, x, gate, up, act="silu"):
+        """``silu(x @ gate.T) * (x @ up.T)``: one fused kernel for BF16 and few tokens; another
+        activation (GELU-tanh) as plain CuPy float32 expressions over :meth:`linear`."""
         x2, ldx = self.rows_view(x, gate.shape[1])
         T, n_out = x2.shape[0], gate.shape[0]
+        if check_act(act):
+            g = self.linear(x2, gate)
+            inner = _F32(0.7978845608028654) * (g + _F32(0.044715) * (g * g * g))
+            return (_F32(0.5) * g * (_F32(1.0) + cp.tanh(inner))) * self.linear(x2, up)
         if gate.dtype == up.dtype == cp.uint16 and T < GEMV_MAX_T:
             h = cp.empty((T, n_out), cp.float32)
             grid = ((n_out + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, T)
@@ -210,10 +225,12 @@ class CupyBackend(Backend):
             raise ValueError(f"{op}: x has {H} features, gate {tuple(gate.shape)}, up "
                              f"{tuple(up.shape)}, down {tuple(down.shape)} disagree")
 
-    def expert_accumulate(self, out, x, rows, weights, expert):
+    def expert_accumulate(self, out, x, rows, weights, expert, act="silu"):
         """``out[rows] += weights[:, None] * down(swiglu(x[rows]))`` (rows distinct); a packed
         expert (compute form) through :func:`~zipmoe_rt.backends.cuda_packed.expert_accumulate`,
-        bit-identical."""
+        bit-identical (SiLU; for another activation it is decoded first, :func:`_unpacked`)."""
+        if cuda_packed.is_packed_any(expert) and check_act(act):   # GELU-tanh: decoded
+            expert = _unpacked(self, expert)
         if cuda_packed.is_packed_any(expert):      # compressed experts (cuda_packed)
             return cuda_packed.expert_accumulate(self, out, x, rows, weights,
                                                  cuda_packed.on_device(expert))
@@ -221,16 +238,18 @@ class CupyBackend(Backend):
         self._check_expert(x.shape[1], gate, up, down, "expert_accumulate")
         r = cp.asarray(np.asarray(rows, np.int64))
         w = cp.asarray(np.asarray(weights, np.float32))
-        y = self.linear(self.swiglu(x[r], gate, up), down)
+        y = self.linear(self.swiglu(x[r], gate, up, act), down)
         out[r] += w[:, None] * y
 
-    def experts_token(self, out, x, experts, weights):
+    def experts_token(self, out, x, experts, weights, act="silu"):
         """BF16 experts of one shape (:data:`FUSED_EXPERTS`): one launch for the gate/up rows of
         all k experts, one for the down rows adding ``sum_e weights[e] * down_e(h_e)`` (experts
         summed in order in registers) to ``out``; the weights' addresses and the routing weights
         go up in one small copy. Otherwise, for each expert in order: the gate/up kernel, then
         the down GEMV adding ``weights[e]`` times its output (one stream: a fixed order)."""
         # -- compressed experts (cuda_packed): fused decode + GEMV kernels, bit-identical --
+        if check_act(act):                          # GELU-tanh: packed experts decoded
+            experts = [_unpacked(self, e) for e in experts]
         if any(map(cuda_packed.is_packed_any, experts)):
             return cuda_packed.experts_token(self, out, x, list(map(cuda_packed.on_device,
                                                                     experts)), weights)
@@ -241,11 +260,11 @@ class CupyBackend(Backend):
         for gate, up, down in devs:
             self._check_expert(H, gate, up, down, "experts_token")
         if FUSED_EXPERTS and devs and len({d[0].shape for d in devs}) == 1 \
-                and all(a.dtype == cp.uint16 for d in devs for a in d):
+                and all(a.dtype == cp.uint16 for d in devs for a in d) and not check_act(act):
             self._experts_fused(o2, x, devs, weights)
             return
         for w, (gate, up, down) in zip(weights, devs):
-            h = self.swiglu(x, gate, up)
+            h = self.swiglu(x, gate, up, act)
             if down.dtype == cp.uint16:
                 self._gemv(h, down, o2, alpha=float(w), accumulate=True)
             else:
@@ -403,6 +422,16 @@ class CupyBackend(Backend):
             x /= _F32(s)
         else:
             x *= _F32(s)
+        return x
+
+    # -- Gemma 4 -------------------------------------------------------------------------------
+
+    def softcap_(self, x, cap):
+        """``x = tanh(x / cap) * cap`` (CuPy elementwise, float32)."""
+        c = check_cap(cap)
+        x /= c
+        cp.tanh(x, out=x)
+        x *= c
         return x
 
     # -- ERNIE 4.5 MoE -------------------------------------------------------------------------

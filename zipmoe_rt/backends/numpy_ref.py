@@ -12,7 +12,8 @@ import numpy as np
 
 from ..models.packed import as_weights
 from . import linear_attn as _lin
-from .base import (Backend, HostArrays, check_choice_bias, check_gated_delta, check_qk_norm,
+from .base import (Backend, HostArrays, check_act, check_cap, check_choice_bias,
+                   check_gated_delta, check_qk_norm,
                    check_route, to_f32)
 
 _F32 = np.float32
@@ -21,6 +22,15 @@ _F32 = np.float32
 def _silu(g: np.ndarray) -> np.ndarray:
     """``g * sigmoid(g)`` as ``nn.SiLU``, float32."""
     return g / (_F32(1.0) + np.exp(-g))
+
+
+def _act(g: np.ndarray, act: str) -> np.ndarray:
+    """The gate activation ``act``: SiLU, or GELU-tanh as ``nn.GELU(approximate="tanh")``
+    (``0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))``), float32."""
+    if check_act(act) == 1:
+        inner = _F32(0.7978845608028654) * (g + _F32(0.044715) * (g * g * g))
+        return (_F32(0.5) * g * (_F32(1.0) + np.tanh(inner))).astype(np.float32)
+    return _silu(g)
 
 
 def _rms(v: np.ndarray, w: np.ndarray, eps) -> np.ndarray:
@@ -71,27 +81,28 @@ class NumpyBackend(HostArrays, Backend):
         out[...] = y
         return out
 
-    def swiglu(self, x, gate, up):
-        """``silu(x @ gate.T) * (x @ up.T)``."""
-        return _silu(self.linear(x, gate)) * self.linear(x, up)
+    def swiglu(self, x, gate, up, act="silu"):
+        """``act(x @ gate.T) * (x @ up.T)`` (SiLU by default)."""
+        return _act(self.linear(x, gate), act) * self.linear(x, up)
 
-    def _expert(self, x, e):
-        """``down(silu(gate(x)) * up(x))`` of one expert, float32 [T, H]."""
-        return self.linear(self.swiglu(x, e.gate, e.up), e.down)
+    def _expert(self, x, e, act="silu"):
+        """``down(act(gate(x)) * up(x))`` of one expert, float32 [T, H]."""
+        return self.linear(self.swiglu(x, e.gate, e.up, act), e.down)
 
-    def expert_accumulate(self, out, x, rows, weights, expert):
+    def expert_accumulate(self, out, x, rows, weights, expert, act="silu"):
         """``out[rows] += weights[:, None] * expert(x[rows])`` (a packed expert is decoded
         first, :func:`~zipmoe_rt.models.packed.as_weights`)."""
         expert = as_weights(expert)
         if expert.down.shape != expert.gate.shape[::-1] or x.shape[1] != expert.gate.shape[1]:
             raise ValueError(f"expert_accumulate: x {x.shape}, gate {expert.gate.shape}, "
                              f"down {expert.down.shape} disagree")
-        out[rows] += np.asarray(weights, np.float32)[:, None] * self._expert(x[rows], expert)
+        out[rows] += np.asarray(weights, np.float32)[:, None] * self._expert(x[rows], expert,
+                                                                             act)
 
-    def experts_token(self, out, x, experts, weights):
+    def experts_token(self, out, x, experts, weights, act="silu"):
         """One :meth:`expert_accumulate`-like sum per expert, in order."""
         for w, e in zip(np.asarray(weights, np.float32), experts):
-            out += w * self._expert(x[None, :], as_weights(e))[0]
+            out += w * self._expert(x[None, :], as_weights(e), act)[0]
 
     def rmsnorm(self, x, w, eps, out=None):
         """``w * x / sqrt(mean(x**2) + eps)``."""
@@ -270,3 +281,9 @@ class NumpyBackend(HostArrays, Backend):
             return y
         out[...] = y
         return out
+    # Gemma 4
+    def softcap_(self, x, cap):
+        """``x = tanh(x / cap) * cap`` (``Gemma4ForCausalLM.forward``)."""
+        c = check_cap(cap)
+        x[...] = np.tanh(x / c) * c
+        return x

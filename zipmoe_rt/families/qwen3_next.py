@@ -195,9 +195,11 @@ class Qwen3NextHParams(QwenMoeHParams):
                 "lin_conv": (C, 1, self.linear_conv_kernel_dim), "lin_dt_bias": (nv,),
                 "lin_A_log": (nv,), "lin_norm": (dv,), "lin_out": (H, nv * dv)}.get(key)
 
-    def tensor_present_in_layer(self, key: str, layer: int):
+    def tensor_present_at(self, key: str, layer: int | None):
         """Attention tensors only in full-attention layers, ``lin_*`` only in linear ones (for
-        :func:`~.tensors.present`); None (the usual rules) otherwise."""
+        :func:`~.tensors.present`); None (the usual rules) otherwise and outside a layer."""
+        if layer is None:
+            return None
         linear = self.layer_types[layer] == LINEAR
         if key.startswith("lin_"):
             return linear
