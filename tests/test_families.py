@@ -157,7 +157,8 @@ def test_hparams_defaults_are_transformers_defaults(family):
     assert got == want
     assert type(got["rms_norm_eps"]) is float and type(got["vocab_size"]) is int
     assert got["rope"]["rope_theta"] == {"mixtral": 1e6, "phimoe": 1e6,
-                                         "ernie4_5_moe": 5e5}.get(family, 1e4)
+                                         "ernie4_5_moe": 5e5,
+                                         "gpt_oss": 1.5e5}.get(family, 1e4)
 
 
 def test_hparams_known_values():

@@ -195,6 +195,22 @@ SPECS = {
             hidden_size_per_layer_input=0, sliding_window=5, final_logit_softcapping=30.0),
         vision_config=None, audio_config=None, initializer_range=INIT_STD,
         tie_word_embeddings=False)),
+    # gpt-oss: sliding (window 5) and full layers alternating, random sinks (std 1), router and
+    # expert biases, YaRN; a SwiGLU limit low enough to clamp (about a third of the gate and
+    # up pre-activations). The second: other sizes, MHA-like 4/4 heads, head_dim 32, top-3 of
+    # 6, the layer pattern given explicitly, a window of 3, another alpha and limit.
+    "gpt_oss": ("gpt_oss", dict(
+        COMMON, num_hidden_layers=4, head_dim=16, intermediate_size=48, num_local_experts=8,
+        num_experts_per_tok=2, sliding_window=5, swiglu_alpha=1.702, swiglu_limit=0.3,
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
+                             beta_slow=1.0, truncate=False,
+                             original_max_position_embeddings=128))),
+    "gpt_oss_sizes": ("gpt_oss", dict(
+        COMMON, hidden_size=48, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+        intermediate_size=40, num_local_experts=6, num_experts_per_tok=3, sliding_window=3,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+        swiglu_alpha=1.2, swiglu_limit=0.5, rope_theta=10000.0,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
 }
 
 
@@ -248,6 +264,18 @@ def _randomize_gemma4(model, torch, gen):
                 p.copy_(0.5 + torch.rand(p.shape, generator=gen))
 
 
+def _randomize_gpt_oss(model, torch, gen):
+    """gpt-oss: expert biases (``gate_up_proj_bias``, ``down_proj_bias``, zero at init) random
+    like the other biases, and the attention sinks with std 1 (the scale of the scores) so that
+    they take a visible share of each softmax."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gate_up_proj_bias", "down_proj_bias")):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("self_attn.sinks"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+
+
 def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
     """Create tiny checkpoint ``name`` (a key of :data:`SPECS`) in ``folder`` (BF16 safetensors,
     ``config.json``); with ``sharded`` the weights are split over several shards with an index.
@@ -268,6 +296,8 @@ def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
     model = getattr(transformers, model_cls)(cfg)
     _randomize_norms(model, torch, torch.Generator().manual_seed(seed + 1))
     _randomize_gemma4(model, torch, torch.Generator().manual_seed(seed + 3))  # Gemma 4
+    if SPECS[name][0] == "gpt_oss":
+        _randomize_gpt_oss(model, torch, torch.Generator().manual_seed(seed + 3))
     model = model.to(torch.bfloat16)
     _randomize_correction_bias(model, torch, torch.Generator().manual_seed(seed + 2))
     model.save_pretrained(folder, max_shard_size="200KB" if sharded else "2GB")

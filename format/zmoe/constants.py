@@ -140,6 +140,9 @@ class Keys:
         ATTENTION_K_EQ_V = "hparams.attention_k_eq_v"
         GLOBAL_ROPE = "hparams.global_rope"
         FINAL_LOGIT_SOFTCAPPING = "hparams.final_logit_softcapping"
+        # gpt-oss
+        SWIGLU_ALPHA = "hparams.swiglu_alpha"
+        SWIGLU_LIMIT = "hparams.swiglu_limit"
         # low-precision sources (FP8 with block scales)
         FP8_BLOCK_SIZE = "hparams.fp8_block_size"
 

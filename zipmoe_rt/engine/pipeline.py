@@ -405,12 +405,13 @@ class ExpertEngine(SlotTiers, BufferPools):
         return item
 
     # -- Executor protocol -------------------------------------------------------------------
-    def run(self, layer, x, topk_idx, topk_w):
+    def run(self, layer, x, topk_idx, topk_w, glu=None):
         """``out[t] = sum_j topk_w[t, j] * expert_{topk_idx[t, j]}(x[t])`` (the ``Executor``
         protocol of :mod:`zipmoe_rt.models.moe`), through
         :func:`~zipmoe_rt.models.moe.accumulate_experts`: the non-resident experts of each group
         (all of one token's; :attr:`window` at a time for several tokens) are started in
-        scheduler order, then each is waited for and computed in ascending index order."""
+        scheduler order, then each is waited for and computed in ascending index order.
+        ``glu``: gpt-oss's clamped SwiGLU, or None."""
         t_start = time.perf_counter()
         T = topk_idx.shape[0]
         if self.adapt:
@@ -428,7 +429,7 @@ class ExpertEngine(SlotTiers, BufferPools):
             self._recycle()
 
         out = accumulate_experts(self.backend, x, topk_idx, topk_w, fetch, prepare, self.window,
-                                 computed, self.act)
+                                 computed, self.act, glu)
         dt = time.perf_counter() - t_start
         self.stats.layer_s += dt
         self.stats.layer_calls += 1
