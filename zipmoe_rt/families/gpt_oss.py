@@ -180,16 +180,21 @@ class GptOss(Family):
     fused_tensors = {}
 
     @classmethod
+    def tensor_names(cls, key: str, layer: int | None = None) -> tuple[str, ...]:
+        """:meth:`Family.tensor_names`, and for the two expert weights the MXFP4 release's
+        ``<name>_blocks`` (which stands for the weight with its ``_scales``)."""
+        names = super().tensor_names(key, layer)
+        return names + tuple(n + "_blocks" for n in names) if key in MXFP4_KEYS else names
+
+    @classmethod
     def unsupported_tensor(cls, name: str, dtype: str) -> str | None:
-        """Why a checkpoint tensor cannot be converted, or None: the MXFP4 release's expert
-        blocks and scales (``<expert tensor>_blocks`` / ``_scales``)."""
+        """Why a checkpoint tensor cannot be converted, or None: an MXFP4 expert tensor
+        (``<expert tensor>_blocks`` / ``_scales``) that is not U8."""
         for template in (EXPERT_NAMES[k] for k in MXFP4_KEYS):
             for suffix in MXFP4_SUFFIXES:
-                if re.fullmatch(T.template_regex(template + suffix), name):
-                    return (f"tensor {name!r} ({dtype}) is an MXFP4 expert tensor of the "
-                            f"quantised gpt-oss release, which this version cannot store; "
-                            f"convert the BF16 release (experts as gate_up_proj / down_proj "
-                            f"in BF16) instead")
+                if re.fullmatch(T.template_regex(template + suffix), name) and dtype != "U8":
+                    return (f"tensor {name!r} is {dtype}: MXFP4 expert blocks and scales are "
+                            f"U8 (two FP4 values a byte; e8m0 exponents)")
         return None
 
 
