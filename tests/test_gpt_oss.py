@@ -418,10 +418,11 @@ def test_plan_gpt_oss_20b(tmp_path):
     assert [hp.window(i) for i in range(2)] == [128, 0] and hp.num_experts_per_tok == 4
     from zipmoe_rt.plan import format_plan
     assert p.quantized == "mxfp4" and p.as_dict()["quantized"] == "mxfp4"
-    assert "quantised release (quant_method mxfp4)" in format_plan(p) and "BF16 weights" in format_plan(p)
+    text = format_plan(p)       # the MXFP4 line of zipmoe_rt/plan.py after the BF16 figures
+    assert "MXFP4 source" in text and "stored at ~95.1 %" in text and "BF16 copy" in text
     bf16 = size_plan(write_config(tmp_path / "b", {k: v for k, v in GPT_OSS_20B.items()
                                                    if k != "quantization_config"}))
-    assert bf16.quantized is None and "note" not in format_plan(bf16)
+    assert bf16.quantized is None and "MXFP4" not in format_plan(bf16)
     hf = _hf_meta_model({k: v for k, v in GPT_OSS_20B.items() if k != "quantization_config"})
     total = sum(t.numel() for t in hf.parameters())
     assert p.params == total

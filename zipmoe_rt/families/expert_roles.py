@@ -28,7 +28,7 @@ def expert_shapes(roles: dict) -> dict:
     Raises:
         KeyError: no down projection among the roles.  ValueError: it is not 2-D.
     """
-    if "down_blocks" in roles:      # MXFP4: down [H, I / 32, 16], gate_up [2I, H / 32, 16]
+    if "down_blocks" in roles and "gate_up_blocks" in roles:   # MXFP4 (gpt-oss release)
         d = tuple(roles["down_blocks"])
         if len(d) != 3 or d[2] != 16:
             raise ValueError(f"down_blocks {list(d)} is not [hidden, intermediate / 32, 16]")
