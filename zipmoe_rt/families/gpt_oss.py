@@ -15,9 +15,12 @@ gives the tensors back byte for byte); :func:`zipmoe_rt.models.weights.assemble_
 a slice into the runtime's [out, in] gate, up and down matrices and float32 biases.
 
 The MXFP4 release stores ``gate_up_proj_blocks`` / ``_scales`` and ``down_proj_blocks`` /
-``_scales`` instead of the two weights (``quantization_config.quant_method`` ``mxfp4``); such a
-checkpoint is refused by tensor (:meth:`GptOss.unsupported_tensor`) until the container has an
-MXFP4 encoding. :data:`EXPERT_NAMES` is the one table of the expert tensors' names.
+``_scales`` instead of the two weights (``quantization_config.quant_method`` ``mxfp4``): the
+converter stores them in the expert blocks as they are (roles ``<proj>_blocks`` / ``_scales``,
+zipmoe_rt/convert/lowprec.py; format/SPEC.md §5.4) and the runtime dequantises each expert
+(zipmoe_rt/engine/lowprec.py); a blocks or scales tensor that is not U8 is refused
+(:meth:`GptOss.unsupported_tensor`). :data:`EXPERT_NAMES` is the one table of the expert
+tensors' names.
 """
 from __future__ import annotations
 
@@ -169,7 +172,8 @@ class GptOssHParams(HParams):
 
 @register("GptOssForCausalLM")
 class GptOss(Family):
-    """gpt-oss family (openai/gpt-oss-20b, openai/gpt-oss-120b and their BF16 copies)."""
+    """gpt-oss family (openai/gpt-oss-20b, openai/gpt-oss-120b: the MXFP4 release and BF16
+    copies)."""
 
     family = "gpt_oss"
     model_type = "gpt_oss"
