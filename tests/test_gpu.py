@@ -461,6 +461,11 @@ def test_embed(be, kind):
 
 from tiny_models import SPECS  # noqa: E402 - after the op tests
 
+#: specs whose model the CUDA backend refuses (models/gpt_oss.py), with the reason
+CUDA_REFUSED = {"gpt_oss": "gpt-oss is refused on --device cuda (its GPU logits differ)"}
+GPU_SPECS = [pytest.param(n, marks=pytest.mark.skip(reason=CUDA_REFUSED[SPECS[n][0]]))
+             if SPECS[n][0] in CUDA_REFUSED else n for n in SPECS]
+
 PROMPT = np.random.default_rng(1).integers(0, 256, 16)
 STEPS = 20
 
@@ -494,7 +499,7 @@ def _max_diff(a, b) -> float:
 
 
 @gpu
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", GPU_SPECS)
 def test_model_on_gpu_matches_transformers_and_cpu(tiny_moe_dir, name):
     from tiny_models import load_hf
 
@@ -552,7 +557,7 @@ def chat_models(tiny_moe_dir, tmp_path_factory):
 
 
 @gpu
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", GPU_SPECS)
 def test_load_device_cuda_with_and_without_budget(chat_models, name):
     """zipmoe_rt.load(device="cuda"): unbudgeted (experts resident on the GPU) and under a
     memory budget with each policy (tiers in GPU memory, misses decoded on the GPU): the
@@ -623,7 +628,7 @@ def test_cli_run_on_gpu(chat_models):
 
 
 @gpu
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", GPU_SPECS)
 def test_gpu_budget_reloads_through_pcie_and_gpu_decode(chat_models, name):
     """Under a GPU budget, each policy, host cache empty (misses read from the file into pinned
     staging) and full (--host-budget 100%): logits bit-identical to the unbudgeted GPU run with
@@ -658,10 +663,15 @@ def test_gpu_budget_reloads_through_pcie_and_gpu_decode(chat_models, name):
                 assert bt == gt, where
                 assert all(np.array_equal(x, y) for x, y in zip(bl, gl)), where
                 st = eng.stats
-                assert st.uploads > 0 and st.pcie_bytes > 0, where
+                # zipmoe may hold every expert the prompt uses in its planned tiers (F hits
+                # only: nothing to bring over); the LRU pools must miss and reload
+                moved = policy != "zipmoe" or st.hits["F"] < sum(st.hits.values())
+                if moved:
+                    assert st.uploads > 0 and st.pcie_bytes > 0, where
                 if policy != "zipmoe":
                     assert st.hits["miss"] > 0, where
-                assert (st.gpu_decodes > 0) == (policy != "raw-lru") and st.host_decodes == 0
+                assert (st.gpu_decodes > 0) == (policy != "raw-lru" and moved), where
+                assert st.host_decodes == 0, where
                 assert (st.file_misses == 0) if hb else (st.host_hits == 0), where
                 g = eng.gpu_report()
                 assert g["gpu_decode_s"] >= 0 and g["device"]

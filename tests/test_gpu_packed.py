@@ -24,6 +24,7 @@ from zipmoe_rt.models.packed import PackedExpert
 from zipmoe_rt.models.weights import ExpertWeights
 
 from tiny_models import SPECS
+from test_gpu import GPU_SPECS
 
 WHY = cuda_unavailable()
 gpu = pytest.mark.skipif(WHY is not None, reason=f"no CUDA backend here: {WHY}")
@@ -175,7 +176,7 @@ def _run(model, prompt, steps=STEPS):
 
 
 @gpu
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", GPU_SPECS)
 def test_load_cuda_compressed_equals_bf16_gpu(tiny_moe_dir, tmp_path, name):
     """``load(device="cuda", resident="compressed")`` against ``load(device="cuda")``: logits
     equal bit for bit at every prompt position (prefill through the unpacked path and the
