@@ -211,9 +211,9 @@ def test_packed_gemv_equals_bf16_gemv_bit_for_bit(name, w):
     x = rng.standard_normal(w.shape[1]).astype(np.float32)
     want, got = np.empty(w.shape[0], np.float32), np.empty(w.shape[0], np.float32)
     lin._gemv_bf16_serial(x, w, want, nb)
-    pk._pk_gemv_serial(x, *pk._args(P), got)
+    lin._gemv_bf16_serial(x, pk._args(P), got, nb)
     assert _same_bits(got, want)
-    pk._pk_gemv_par(x, *pk._args(P), got, 2)
+    lin._gemv_bf16_par(x, pk._args(P), got, nb, 2)
     assert _same_bits(got, want)
     if not np.isnan(want).any():
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

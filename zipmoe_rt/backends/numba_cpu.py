@@ -17,7 +17,7 @@ from ..kernels import sparsemixer as _sparsemixer
 from ..kernels import packed as _packed
 from ..kernels import swiglu as _swiglu
 from ..kernels.linear import bf16_rows, linear_into
-from ..models.packed import as_weights, is_packed
+from ..models.packed import is_packed
 from .base import Backend, HostArrays, check_choice_bias, check_qk_norm, check_route
 
 
@@ -59,14 +59,11 @@ class NumbaBackend(HostArrays, Backend):
 
     def experts_token(self, out, x, experts, weights):
         """:func:`~zipmoe_rt.kernels.swiglu.experts_decode` (k experts, two parallel regions);
-        packed experts through :func:`~zipmoe_rt.kernels.packed.packed_experts_decode`
-        (bit-identical; a mix of packed and decoded experts decodes the packed ones)."""
-        n_packed = sum(map(is_packed, experts))
-        if n_packed == len(experts):
+        any packed expert through :func:`~zipmoe_rt.kernels.packed.packed_experts_decode`,
+        which computes a mix of packed and BF16 experts in the same kernels (bit-identical)."""
+        if any(map(is_packed, experts)):
             _packed.packed_experts_decode(out, x, experts, weights)
             return
-        if n_packed:
-            experts = [as_weights(e) for e in experts]
         _swiglu.experts_decode(out, x, experts, weights)
 
     def rmsnorm(self, x, w, eps, out=None):
