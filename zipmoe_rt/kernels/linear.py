@@ -21,6 +21,11 @@ Layout of the work:
   widened once into a small float32 scratch (L1-resident) and reused for all ``T`` tokens, so a
   weight is widened once per call, not ``T`` times.
 
+The BF16 GEMV and GEMM read weight rows through :func:`~zipmoe_rt.kernels.rows.row_of`, so
+Numba compiles them both for BF16 matrices (rows read in place) and for matrices in the compute
+form of :mod:`zipmoe_rt.kernels.packed` (rows decoded into an L1 scratch), with the same dot
+loops and hence the same results.
+
 All kernels are ``@njit(nogil=True, cache=True, fastmath=True)``; the big ones are
 ``parallel=True`` and use Numba's default threading layer. Call parallel kernels from one thread
 only (the model's main thread); ``parallel=False`` selects single-threaded kernels, safe from

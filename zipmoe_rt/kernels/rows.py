@@ -118,19 +118,26 @@ def _row_k(W, N, S, B, P, C, V, e, r, buf):
 
 def packed_source(P) -> tuple:
     """The row source of a :class:`~zipmoe_rt.models.packed.PackedMatrix`: ``(nib, sm,
-    base << 7 as uint16, esc_ptr, esc_col, esc_val)``."""
-    return P.nib, P.sm, U16(P.base << 7), P.esc_ptr, P.esc_col, P.esc_val
+    base << 7 as uint16, esc_ptr, esc_col, esc_val)`` (built once per matrix)."""
+    return P.source
 
 
-_EMPTY = {}
+_NIB0 = np.zeros((0, 0), np.uint8)
+_PTR0 = np.zeros(1, np.int64)
+_COL0 = np.zeros(0, np.int32)
+_VAL0 = np.zeros(0, np.uint8)
+_W0: dict = {}
 
 
-def _empty(shape, dtype, writeable=True):
-    """A shared empty array (never written), read-only or not so that tuple types agree."""
-    key = (shape, np.dtype(dtype), writeable)
-    a = _EMPTY.get(key)
+#: the compute-form components of a BF16 matrix in a mixed call (never read)
+_BF16_STANDIN = (_NIB0, _NIB0, U16(0), _PTR0, _COL0, _VAL0)
+
+
+def _no_rows(cols: int, writeable: bool) -> np.ndarray:
+    """A shared uint16 ``[0, cols]`` stand-in for the BF16 matrix of a packed one."""
+    a = _W0.get((cols, writeable))
     if a is None:
-        a = _EMPTY[key] = np.zeros(shape, dtype)
+        a = _W0[(cols, writeable)] = np.zeros((0, cols), np.uint16)
         a.flags.writeable = writeable
     return a
 
@@ -141,32 +148,35 @@ def _readonly(a):
     return v
 
 
+def _uniform(arrays, empty):
+    """``arrays`` (None marks a stand-in, filled with ``empty``) with one ``writeable`` flag:
+    as they are when all are writeable (the common case: no copies, no views), else as
+    read-only views."""
+    if all(a is None or a.flags.writeable for a in arrays):
+        return tuple(empty if a is None else a for a in arrays)
+    ro = _readonly(empty)
+    return tuple(ro if a is None else _readonly(a) for a in arrays)
+
+
 def k_sources(mats, cols: int):
     """The seven component arguments ``(W, N, S, B, P, C, V)`` of :func:`row_k` for k
     matrices of one shape, each BF16 bits (uint16 ``[out, in]``, C-contiguous) or a
     :class:`~zipmoe_rt.models.packed.PackedMatrix`; ``cols`` is ``in``.
 
     A BF16 matrix has empty stand-ins for the compute form's arrays, a packed one a ``W`` with
-    no rows; ``W`` and ``S`` are passed as read-only views. So whatever the mix of kinds, the
-    kernel is compiled once per k, and all-BF16, all-packed and mixed calls run the same machine
-    code: the same summation order and the same floating-point contractions (a kernel compiled
-    separately per kind may fuse a multiply-add in one and not in the other)."""
-    W, N, S, B, P, C, V = [], [], [], [], [], [], []
-    for m in mats:
-        if isinstance(m, np.ndarray):
-            W.append(_readonly(m))
-            N.append(_empty((0, 0), np.uint8))
-            S.append(_empty((0, 0), np.uint8, False))
-            B.append(0)
-            P.append(_empty((1,), np.int64))
-            C.append(_empty((0,), np.int32))
-            V.append(_empty((0,), np.uint8))
-        else:
-            W.append(_empty((0, cols), np.uint16, False))
-            N.append(m.nib)
-            S.append(_readonly(m.sm))
-            B.append(m.base << 7)
-            P.append(m.esc_ptr)
-            C.append(m.esc_col)
-            V.append(m.esc_val)
-    return tuple(W), tuple(N), tuple(S), np.array(B, np.uint16), tuple(P), tuple(C), tuple(V)
+    no rows; within ``W`` and within ``S`` all arrays share one ``writeable`` flag. So whatever
+    the mix of kinds, the kernel is compiled once per k, and all-BF16, all-packed and mixed
+    calls run the same machine code: the same summation order and the same floating-point
+    contractions (kernels compiled separately per kind may fuse a multiply-add in one and not
+    in the other)."""
+    dense = [m if isinstance(m, np.ndarray) else None for m in mats]
+    packed = [None if isinstance(m, np.ndarray) else m for m in mats]
+    W = _uniform(dense, _no_rows(cols, True))
+    if all(m is None for m in packed):
+        k = len(mats)
+        return (W, (_NIB0,) * k, (_NIB0,) * k, np.zeros(k, np.uint16), (_PTR0,) * k,
+                (_COL0,) * k, (_VAL0,) * k)
+    N, S, B, P, C, V = zip(*(_BF16_STANDIN if m is None else m.source for m in packed))
+    if not all(a.flags.writeable for a in S):
+        S = tuple(_readonly(a) for a in S)
+    return W, N, S, np.array(B, np.uint16), P, C, V
