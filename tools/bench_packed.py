@@ -101,15 +101,15 @@ def main(argv=None) -> int:
     nb = np.zeros(0, np.float32)
     scratch = np.empty((4, n), np.uint16)
     srcs = [packed_source(P) for P in Ps]
-    lin._gemv_bf16_serial(x, Ws[0], y1, nb)
-    lin._gemv_bf16_serial(x, srcs[0], y2, nb)
+    lin.gemv_bf16_serial(x, Ws[0], y1, nb)
+    lin.gemv_bf16_serial(x, srcs[0], y2, nb)
     _plain_gemv(x, Ws[0], y3)
     if not (np.array_equal(y1, y2) and np.array_equal(y1, y3)):
         print("the GEMVs differ: BF16 / packed / plain")
         return 1
     cases = {
-        "bf16": lambda i: lin._gemv_bf16_serial(x, Ws[i], y1, nb),
-        "packed": lambda i: lin._gemv_bf16_serial(x, srcs[i], y2, nb),
+        "bf16": lambda i: lin.gemv_bf16_serial(x, Ws[i], y1, nb),
+        "packed": lambda i: lin.gemv_bf16_serial(x, srcs[i], y2, nb),
         "decode": lambda i: _decode_rows(*srcs[i], scratch),
         "plain": lambda i: _plain_gemv(x, Ws[i], y3),
     }

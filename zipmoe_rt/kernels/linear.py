@@ -525,3 +525,9 @@ def bf16_rows(W: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return out
 
 
+#: the BF16 GEMV and GEMM kernels (weights: any row source of :mod:`zipmoe_rt.kernels.rows`),
+#: which the entry points of :mod:`zipmoe_rt.kernels.packed` run on the compute form
+gemv_bf16_par = _gemv_bf16_par
+gemv_bf16_serial = _gemv_bf16_serial
+gemm_bf16_par = _gemm_bf16_par
+gemm_bf16_serial = _gemm_bf16_serial

@@ -86,13 +86,13 @@ def packed_linear_into(x: np.ndarray, P, y: np.ndarray, parallel: bool = True) -
     src = _args(P)
     if x.shape[0] == 1:
         if par:
-            _lin._gemv_bf16_par(x[0], src, y[0], _NO_BIAS, get_num_threads())
+            _lin.gemv_bf16_par(x[0], src, y[0], _NO_BIAS, get_num_threads())
         else:
-            _lin._gemv_bf16_serial(x[0], src, y[0], _NO_BIAS)
+            _lin.gemv_bf16_serial(x[0], src, y[0], _NO_BIAS)
     elif par:
-        _lin._gemm_bf16_par(x, src, y, _NO_BIAS, get_num_threads())
+        _lin.gemm_bf16_par(x, src, y, _NO_BIAS, get_num_threads())
     else:
-        _lin._gemm_bf16_serial(x, src, y, _NO_BIAS)
+        _lin.gemm_bf16_serial(x, src, y, _NO_BIAS)
     return y
 
 
@@ -125,9 +125,9 @@ def packed_swiglu_hidden(x2: np.ndarray, G, U) -> np.ndarray:
     if big:
         h = np.empty((T, G.shape[0]), np.float32)
         if T == 1:
-            _sw._swiglu_gate_up_gemv(x2[0], _args(G), _args(U), h[0], get_num_threads())
+            _sw.swiglu_gate_up_gemv(x2[0], _args(G), _args(U), h[0], get_num_threads())
         elif T:
-            _sw._swiglu_gate_up_gemm(x2, _args(G), _args(U), h, get_num_threads())
+            _sw.swiglu_gate_up_gemm(x2, _args(G), _args(U), h, get_num_threads())
         return h
     g = packed_linear(x2, G, parallel=big)
     u = packed_linear(x2, U, parallel=big)
@@ -164,11 +164,11 @@ def packed_expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray,
 
 
 # ---------------------------------------------------------------------------------------------
-# k experts of one token: the two parallel regions of ``swiglu._experts_gemv``
+# k experts of one token: the two parallel regions of ``swiglu.experts_gemv``
 
 
 def _sources(experts, inter, hid):
-    """The 21 matrix arguments of ``swiglu._experts_gemv`` for ``experts`` (gate, up, down
+    """The 21 matrix arguments of ``swiglu.experts_gemv`` for ``experts`` (gate, up, down
     through :func:`~zipmoe_rt.kernels.rows.k_sources`), or None when a BF16 matrix is not
     uint16 (then the experts run one at a time, as in ``swiglu.experts_decode``)."""
     if any(a.dtype != np.uint16 for E in experts if not is_packed(E)
@@ -210,7 +210,7 @@ def packed_experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.n
     if 3 * len(experts) * inter * hid >= _lin.PAR_MIN_WORK:
         srcs = _sources(experts, inter, hid)
     if srcs is not None:
-        _sw._experts_gemv(x, *srcs, w, out, inter, get_num_threads())
+        _sw.experts_gemv(x, *srcs, w, out, inter, get_num_threads())
         return
     o2, x2 = out.reshape(1, -1), x.reshape(1, -1)
     for j, E in enumerate(experts):

@@ -272,7 +272,12 @@ def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray)
 _ROW0 = np.zeros(1, np.int64)
 
 
-#: SiLU (inline) and the weighted scatter-add of :func:`expert_accumulate`, shared with the
-#: packed kernels of :mod:`zipmoe_rt.kernels.packed`, which must round exactly as these do
-silu = _silu
+#: the weighted scatter-add of :func:`expert_accumulate`, shared with
+#: :func:`zipmoe_rt.kernels.packed.packed_expert_accumulate`, which must round exactly as it does
 scatter_add = _scatter_add
+
+#: the SwiGLU gate/up and k-expert kernels (weights: any row source of
+#: :mod:`zipmoe_rt.kernels.rows`), run on the compute form by :mod:`zipmoe_rt.kernels.packed`
+swiglu_gate_up_gemv = _swiglu_gate_up_gemv
+swiglu_gate_up_gemm = _swiglu_gate_up_gemm
+experts_gemv = _experts_gemv

@@ -48,8 +48,8 @@ class PackedMatrix:
 
     @property
     def source(self) -> tuple:
-        """The kernels' row source (:func:`~zipmoe_rt.kernels.rows.packed_source`): ``(nib,
-        sm, base << 7 as uint16, esc_ptr, esc_col, esc_val)``, built once."""
+        """The row source the Numba backend computes from: ``(nib, sm, base << 7 as uint16,
+        esc_ptr, esc_col, esc_val)``, built once."""
         src = self.__dict__.get("_source")
         if src is None:
             src = self.__dict__["_source"] = (self.nib, self.sm, np.uint16(self.base << 7),
