@@ -73,6 +73,7 @@ FAMILY_TEMPLATES = [
     "deepseek-ai-DeepSeek-R1-Distill-Llama-8B", "mistralai-Mistral-Nemo-Instruct-2407",
     "Mistral-Small-3.2-24B-Instruct-2506", "GLM-4.6", "GLM-4.7-Flash", "microsoft-Phi-3.5-mini-instruct",
     "ibm-granite-granite-3.3-2B-Instruct", "ibm-granite-granite-4.0", "gguf-qwen2", "gguf-phi-3",
+    "openai-gpt-oss-120b",      # gpt-oss (harmony)
 ]
 
 

@@ -60,7 +60,7 @@ def raw_companion(model_path, progress: bool = False) -> Path:
 
 
 def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, eviction, trace,
-               io_depth=None, device="cpu", memory_limit=None, resident="full"):
+               io_depth=None, device="cpu", memory_limit=None, resident="full", host_budget=None):
     """One benchmark configuration in this process: load the model with these options, warm the
     JIT up, then ``reps`` timed runs, each after evicting the model file from the page cache and
     resetting the peak RSS.
@@ -77,6 +77,7 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
         reps: timed repetitions.
         resident: as for :func:`zipmoe_rt.api.load`; an unbudgeted run loads every expert
             before the timed runs in either mode.
+        host_budget: as for :func:`zipmoe_rt.api.load` (budgeted ``cuda`` rows only).
 
     Returns:
         ``(runs, memory)``: per repetition a dict (``pp_s``; ``ttft_s``, ``decode_tps``,
@@ -87,7 +88,8 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
     m = load(model_path, memory_budget=budget, policy=policy, workers=workers, direct=direct,
              io_depth=io_depth, device=device, memory_limit=memory_limit,
              context=max(pp, 16 + tg) if memory_limit is not None else None,
-             eviction=eviction, trace=trace, progress=False, resident=resident)
+             eviction=eviction, trace=trace, progress=False, resident=resident,
+             host_budget=host_budget if budget is not None and device == "cuda" else None)
     net, eng = m.net, m.engine
     if budget is None:
         m.source.admit_all()               # steady state: no expert decoded in a timed run
@@ -124,6 +126,8 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
                      decoded=st.generated_tokens)
             if eng:
                 r["engine"] = eng.stats.as_dict()
+                if hasattr(eng, "gpu_report"):
+                    r["gpu"] = eng.gpu_report()["device"]
                 if eng.predicted_layer_s() is not None:
                     r["engine"]["predicted_layer_s"] = eng.predicted_layer_s()
         r["peak_rss"] = peak_rss()
@@ -175,7 +179,7 @@ class _TinySource:
 
     def __init__(self, hp: dict):
         from .families import get_family
-        from .models.weights import ExpertWeights
+        from .models.weights import assemble_expert
         hp = dict(hp, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   vocab_size=128, moe_intermediate_size=32, intermediate_size=32,
                   shared_expert_intermediate_size=min(32, hp.get("shared_expert_intermediate_size", 0)),
@@ -185,7 +189,10 @@ class _TinySource:
         self.hparams = hp
         specs = get_family(hp.get("family")).tensor_specs(hp)
         self._shapes = {s.name: s.shape for s in specs if not s.is_expert and not s.tied}
-        self._rng, self._ew = np.random.default_rng(0), ExpertWeights
+        #: one expert's roles and shapes as the family stores them (a stacked tensor's slice)
+        self._roles = {s.role: tuple(s.shape[1:] if s.stacked else s.shape)
+                       for s in specs if s.is_expert}
+        self._rng, self._assemble = np.random.default_rng(0), assemble_expert
         self._cache: dict = {}
 
     def has(self, name):
@@ -197,9 +204,8 @@ class _TinySource:
         return self._cache[name]
 
     def expert(self, layer, e):
-        H, I = self.hparams["hidden_size"], self.hparams["moe_intermediate_size"]
-        g = lambda *s: self._rng.integers(0x3C00, 0x3D00, s).astype(np.uint16)  # noqa: E731
-        return self._ew(g(I, H), g(I, H), g(H, I))
+        return self._assemble({r: self._rng.integers(0x3C00, 0x3D00, s).astype(np.uint16)
+                               for r, s in self._roles.items()})
 
 
 def _baseline_worker(model_path) -> int:
@@ -222,7 +228,7 @@ def _ms(a):
 def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 3,
         workers: int | None = None, direct: bool = False, eviction: str = "lru",
         raw_model=None, trace=None, log=print, io_depth: int | None = None,
-        device: str = "cpu", limits=(), residents=("full",)) -> dict:
+        device: str = "cpu", limits=(), residents=("full",), host_budget=None) -> dict:
     """Benchmark every (budget, policy) pair; returns the JSON-able result (rows + environment).
     ``device``: ``cpu`` or ``cuda`` (as for :func:`zipmoe_rt.api.load`).
 
@@ -236,11 +242,15 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     every expert in memory). ``policies``: ``zipmoe``, ``zip-lru``, ``raw-lru``.
     ``residents``: how unbudgeted rows hold the experts, one row each: ``full`` (decoded,
     policy ``in-memory``) and/or ``compressed`` (the compute form, policy
-    ``in-memory compressed``).
+    ``in-memory compressed``). ``host_budget``: pinned host memory of the budgeted ``cuda``
+    rows (:func:`zipmoe_rt.api.load`).
     """
     from .engine.resident import check_resident
     for r in residents:
         check_resident(r)
+    if host_budget is not None and device != "cuda":
+        raise ValueError("host_budget (--host-budget): applies to --device cuda with "
+                         "--memory-budget")
     if "compressed" in residents and None not in budgets:
         raise ValueError("--resident compressed applies to the unbudgeted rows: add "
                          "--memory-budget none")
@@ -282,7 +292,8 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                                        tg, reps, workers, direct, eviction,
                                        str(trace) if trace else None, io_depth, device,
                                        lim_bytes,
-                                       "compressed" if pol.endswith("compressed") else "full")
+                                       "compressed" if pol.endswith("compressed") else "full",
+                                       host_budget)
             row = {"budget": b, "budget_bytes": nbytes, "policy": pol, "runs": runs,
                    "memory": mem}
             if lim is not None:
@@ -307,6 +318,10 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                 calls = sum(x.get("decode_layer_calls", 0) for x in e)
                 if calls:
                     row["measured_layer_ms"] = 1e3 * sum(x["decode_layer_s"] for x in e) / calls
+                if "pcie_bytes" in e[0]:                 # budgeted GPU rows
+                    row["pcie_bytes_per_token"] = sum(x["pcie_bytes"] for x in e) / n
+                    row["gpu_decode_ms_per_token"] = 1e3 * sum(x["gpu_decode_s"] for x in e) / n
+                    row["gpu"] = runs[0].get("gpu")
                 if e[0].get("predicted_layer_s") is not None:
                     row["predicted_layer_ms"] = 1e3 * e[0]["predicted_layer_s"]
             rows.append(row)
@@ -364,12 +379,35 @@ def table(result: dict) -> str:
                and r.get("measured_layer_ms") is not None]
     if planner:
         lines.append("\n" + "\n".join(planner))
+    gpu = [gpu_row_line(r) for r in rows if "pcie_bytes_per_token" in r]
+    if gpu:
+        lines.append("\n" + "\n".join(gpu))
     lines.append(f"\n{env['name']}: {env['experts']} experts, top-{env['top_k']}; {env['cpus']} "
                  f"CPUs, {env['workers']} decode workers, {env.get('io_depth', 1)} reads in flight, "
                  f"O_DIRECT {env['direct']}; fixed overhead "
                  f"(runtime + tokenizer + JIT, no weights) {env.get('baseline_rss', 0) / 1e6:.0f} MB; "
                  f"page cache evicted before every run; commit {env['commit']}, {env['date']}")
     return "\n".join(lines)
+
+
+def gpu_row_line(r: dict) -> str:
+    """One budgeted GPU row's device, GPU memory per tier, PCIe bytes and decode-kernel time
+    per decoded token (:class:`~zipmoe_rt.engine.gpu_engine.GpuExpertEngine`)."""
+    mem = r.get("memory", {})
+    tiers = "/".join(f"{mem.get(k, 0) / 1e6:.0f}" for k in ("dense", "F", "C", "S", "E"))
+    return (f"gpu ({r['policy']}, budget {r['budget']}) on {r.get('gpu')}: GPU MB dense/F/C/S/E "
+            f"{tiers}, host pinned {mem.get('host pinned', 0) / 1e6:.0f} MB; "
+            f"{r['pcie_bytes_per_token'] / 1e6:.2f} MB over PCIe and "
+            f"{r['gpu_decode_ms_per_token']:.3f} ms of decode kernels per token")
+
+
+def gpu_line(rep: dict) -> str:
+    """``/stats``' GPU line: the device and the GPU expert path's counters since loading
+    (:meth:`~zipmoe_rt.engine.gpu_engine.GpuExpertEngine.gpu_report`)."""
+    return (f"GPU {rep['device']}: {rep['uploads']} expert uploads, "
+            f"{rep['pcie_bytes'] / 1e6:.1f} MB over PCIe, {rep['gpu_decodes']} GPU decodes "
+            f"({1e3 * rep['gpu_decode_s']:.2f} ms in kernels), {rep['host_hits']} from host "
+            f"memory, {rep['file_misses']} read from the file")
 
 
 def save(result: dict, path) -> Path:

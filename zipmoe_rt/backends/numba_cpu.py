@@ -10,15 +10,24 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import attention as _att
+from ..kernels import gated_delta as _gdn
 from ..kernels import heads as _heads
 from ..kernels import norm as _norm
 from ..kernels import routing as _routing
 from ..kernels import sparsemixer as _sparsemixer
 from ..kernels import packed as _packed
 from ..kernels import swiglu as _swiglu
+from ..kernels import clamped_swiglu as _clamped
+from ..kernels import sinks as _sinks
 from ..kernels.linear import bf16_rows, linear_into
-from ..models.packed import is_packed
-from .base import Backend, HostArrays, check_choice_bias, check_qk_norm, check_route
+from ..models.packed import as_weights, is_packed
+from .base import (Backend, HostArrays, check_act, check_biased_expert, check_cap,
+                   check_choice_bias, check_gated_delta, check_qk_norm, check_route, check_sinks,
+                   to_f32)
+
+
+#: row index 0, the one row of a token
+_ROW0 = np.zeros(1, np.int64)
 
 
 class NumbaBackend(HostArrays, Backend):
@@ -44,27 +53,45 @@ class NumbaBackend(HostArrays, Backend):
         """:func:`~zipmoe_rt.kernels.heads.heads_linear`."""
         return _heads.heads_linear(x, W, out)
 
-    def swiglu(self, x, gate, up):
+    def swiglu(self, x, gate, up, act="silu"):
         """:func:`~zipmoe_rt.kernels.swiglu.swiglu_hidden` (fused gate/up for BF16)."""
-        return _swiglu.swiglu_hidden(x, gate, up)
+        return _swiglu.swiglu_hidden(x, gate, up, check_act(act))
 
-    def expert_accumulate(self, out, x, rows, weights, expert):
+    def expert_accumulate(self, out, x, rows, weights, expert, act="silu", glu=None):
         """:func:`~zipmoe_rt.kernels.swiglu.expert_accumulate`; a packed expert (compute form,
         :mod:`zipmoe_rt.models.packed`) through
-        :func:`~zipmoe_rt.kernels.packed.packed_expert_accumulate`, bit-identical."""
+        :func:`~zipmoe_rt.kernels.packed.packed_expert_accumulate`, bit-identical (SiLU; with
+        another activation the packed expert is decoded first). With ``glu`` (gpt-oss):
+        :meth:`_clamped_accumulate`."""
+        if glu is not None:
+            self._clamped_accumulate(out, x, rows, weights, expert, glu)
+            return
+        a = check_act(act)
         if is_packed(expert):
-            _packed.packed_expert_accumulate(out, x, rows, weights, expert)
-            return
-        _swiglu.expert_accumulate(out, x, rows, weights, expert.gate, expert.up, expert.down)
+            if a == 0:
+                _packed.packed_expert_accumulate(out, x, rows, weights, expert)
+                return
+            expert = as_weights(expert)
+        _swiglu.expert_accumulate(out, x, rows, weights, expert.gate, expert.up, expert.down, a)
 
-    def experts_token(self, out, x, experts, weights):
+    def experts_token(self, out, x, experts, weights, act="silu", glu=None):
         """:func:`~zipmoe_rt.kernels.swiglu.experts_decode` (k experts, two parallel regions);
-        any packed expert through :func:`~zipmoe_rt.kernels.packed.packed_experts_decode`,
-        which computes a mix of packed and BF16 experts in the same kernels (bit-identical)."""
-        if any(map(is_packed, experts)):
-            _packed.packed_experts_decode(out, x, experts, weights)
+        any packed expert through :func:`~zipmoe_rt.kernels.packed.packed_experts_decode`, which
+        computes a mix of packed and BF16 experts in the same kernels (bit-identical; with an
+        activation other than SiLU the packed ones are decoded first). With ``glu`` (gpt-oss):
+        :meth:`_clamped_accumulate` of each expert in order on the row."""
+        if glu is not None:
+            x2, o2 = np.ascontiguousarray(x.reshape(1, -1)), out.reshape(1, -1)
+            for w, e in zip(np.asarray(weights, np.float32), experts):
+                self._clamped_accumulate(o2, x2, _ROW0, np.full(1, w, np.float32), e, glu)
             return
-        _swiglu.experts_decode(out, x, experts, weights)
+        a = check_act(act)
+        if any(map(is_packed, experts)):
+            if a == 0:
+                _packed.packed_experts_decode(out, x, experts, weights)
+                return
+            experts = [as_weights(e) for e in experts]
+        _swiglu.experts_decode(out, x, experts, weights, a)
 
     def rmsnorm(self, x, w, eps, out=None):
         """:func:`~zipmoe_rt.kernels.norm.rms_norm_into`."""
@@ -129,3 +156,50 @@ class NumbaBackend(HostArrays, Backend):
         """:func:`~zipmoe_rt.kernels.routing.route_choice_bias`."""
         check_choice_bias(bias, logits.shape[1])
         return _routing.route_choice_bias(logits, k, bias, norm_min)
+
+    # Qwen3-Next / Qwen3.5-MoE
+    def sigmoid_mul_(self, x, g):
+        """NumPy float32 in-place expression (``x * sigmoid(g)``, as torch)."""
+        x *= np.float32(1.0) / (np.float32(1.0) + np.exp(-g))
+        return x
+
+    def conv1d_silu(self, x, w, state, new_state):
+        """:func:`~zipmoe_rt.kernels.gated_delta.conv1d_silu`."""
+        return _gdn.conv1d_silu(x, w, state, new_state)
+
+    def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
+        """:func:`~zipmoe_rt.kernels.gated_delta.gated_delta_rule` (parallel over value heads)."""
+        check_gated_delta(qkv, ba, state, nk, nv, dk, dv)
+        return _gdn.gated_delta_rule(qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state)
+
+    def rmsnorm_gated(self, x, w, z, eps, out=None):
+        """:func:`~zipmoe_rt.kernels.gated_delta.rmsnorm_gated`."""
+        return _gdn.rmsnorm_gated(x, w, z, eps, out)
+    # Gemma 4
+    def softcap_(self, x, cap):
+        """NumPy float32 in-place expression: ``x /= cap``, ``tanh``, ``x *= cap``."""
+        c = check_cap(cap)
+        x /= c
+        np.tanh(x, out=x)
+        x *= c
+        return x
+    # gpt-oss
+    def attention_sinks(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
+        """:func:`~zipmoe_rt.kernels.sinks.attention_sinks`."""
+        check_sinks(sinks, nq)
+        return _sinks.attention_sinks(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out)
+
+    def _clamped_expert(self, x, e, glu):
+        """``down(glu(gate(x) + bg, up(x) + bu)) + bd`` of one expert, float32 [n, H]."""
+        g = self.linear(x, e.gate, to_f32(e.gate_bias))
+        u = self.linear(x, e.up, to_f32(e.up_bias))
+        return self.linear(_clamped.clamped_swiglu(g, u, glu.alpha, glu.limit), e.down,
+                           to_f32(e.down_bias))
+
+    def _clamped_accumulate(self, out, x, rows, weights, expert, glu):
+        """gpt-oss's biased expert with the clamped SwiGLU: the rows through :meth:`linear`
+        (biases in the kernels), :func:`~zipmoe_rt.kernels.clamped_swiglu.clamped_swiglu` and
+        :func:`~zipmoe_rt.kernels.clamped_swiglu.scatter_add_weighted`."""
+        check_biased_expert("expert_accumulate", x.shape[1], expert)
+        xs = np.ascontiguousarray(x[rows])
+        _clamped.scatter_add_weighted(out, rows, weights, self._clamped_expert(xs, expert, glu))

@@ -24,6 +24,7 @@ from .atomic import (StaleTemporaryWarning, WriteError, remove_stale_temporaries
 from .registry import ConfigError, UnsupportedArchitectureError, get_architecture
 from .safetensors_io import Checkpoint, SafetensorsError
 from .errors import ConversionError, ConversionWarning
+from ..families.expert_roles import EXPERT_ROLE_SETS, expert_shapes
 from .metadata import container_metadata, read_json
 
 
@@ -41,7 +42,8 @@ def _check_dtype(t) -> None:
 
 def _expected_expert_shape(role: str, hp: dict, stacked: bool) -> tuple:
     h, i = hp["hidden_size"], hp["moe_intermediate_size"]
-    shape = {"gate": (i, h), "up": (i, h), "down": (h, i), "gate_up": (2 * i, h)}[role]
+    shape = {"gate": (i, h), "up": (i, h), "down": (h, i), "gate_up": (2 * i, h),
+             **expert_shapes({"down_cols": (i, h)})}[role]     # gpt-oss's in x out slices
     return (hp["num_experts"],) + shape if stacked else shape
 
 
@@ -69,6 +71,9 @@ def plan_conversion(folder: Path):
         raise ConversionError(str(e)) from None
     dense, experts = [], {}
     for t in ckpt:
+        why = arch.unsupported_tensor(t.name, t.dtype)
+        if why is not None:
+            raise ConversionError(f"{t.file}: {why}")
         ref = arch.expert_tensor(t.name)
         if ref is not None and ref.layer >= hp["num_hidden_layers"]:
             ref = None      # a layer past the decoder (GLM-4-MoE's / DeepSeek-V3's multi-token
@@ -95,7 +100,7 @@ def plan_conversion(folder: Path):
     for layer in hp["moe_layers"]:
         for e in range(hp["num_experts"]):
             roles = {ref.role for _, ref in experts.get((layer, e), [])}
-            if not ({"gate", "up", "down"} <= roles or {"gate_up", "down"} <= roles):
+            if not any(want <= roles for want in EXPERT_ROLE_SETS):
                 raise ConversionError(f"{folder}: layer {layer} expert {e} lacks tensors "
                                       f"(has roles {sorted(roles) or 'none'})")
     _check_dense_tensors(folder, arch, ckpt)

@@ -21,6 +21,7 @@ from zmoe.huffman import DECODE_STATUS, table_cache
 from zmoe.reader import NUMPY_DTYPES
 
 from ..kernels.planes import MERGE, decode_merge_bf16_chunks
+from ..families.expert_roles import EXPERT_ROLE_SETS, expert_shapes
 from ..models.weights import ExpertWeights, assemble_expert
 
 
@@ -102,20 +103,19 @@ def check_expert(path, lay: "ExpertLayout"):
     """
     roles = {p.role: p for p in lay.pieces}
     where = f"{path}: expert block {lay.layer}/{lay.expert}"
-    if "down" not in roles or not ({"gate", "up"} <= roles.keys() or "gate_up" in roles):
+    if not any(want <= roles.keys() for want in EXPERT_ROLE_SETS):
         raise zmoe.CorruptIndexError(f"{where}: tensors: roles {sorted(roles)}: an expert needs "
                                      f"down, and gate and up or gate_up (SPEC §4)")
-    down = roles["down"]
-    if len(down.shape) != 2:
-        raise zmoe.CorruptIndexError(f"{where}: tensor {down.name!r}: shape: down "
-                                     f"{list(down.shape)} is not [hidden, intermediate]")
-    h, i = down.shape
-    want = {"gate_up": (2 * i, h)} if "gate_up" in roles else {"gate": (i, h), "up": (i, h)}
+    try:
+        want = expert_shapes({r: tuple(p.shape) for r, p in roles.items()})
+    except ValueError as e:
+        down = roles.get("down_cols", roles.get("down"))
+        raise zmoe.CorruptIndexError(f"{where}: tensor {down.name!r}: shape: {e}") from None
     for role, shape in want.items():
         if tuple(roles[role].shape) != shape:
             raise zmoe.CorruptIndexError(
                 f"{where}: tensor {roles[role].name!r}: shape: {role} {list(roles[role].shape)}, "
-                f"but down {list(down.shape)} needs {list(shape)}")
+                f"but the down projection needs {list(shape)}")
 
 
 def expert_layouts(reader: zmoe.ZmoeReader) -> dict:

@@ -39,7 +39,7 @@ import numpy as np
 import zstandard as zstd
 
 from ..backends import get_backend
-from ..models.moe import accumulate_experts
+from ..models.moe import accumulate_experts, expert_act
 from . import layout as L_
 from .buffers import BufferPools
 from .io import RegionReader, check_io_depth
@@ -160,6 +160,7 @@ class ExpertEngine(SlotTiers, BufferPools):
         self.backend = get_backend(backend)
         self.path = source.path
         self.hp = source.hparams
+        self.act = expert_act(source)
         self.k = int(self.hp["num_experts_per_tok"])
         self.layouts = source.layouts
         raw_experts = all(p.raw for lay in self.layouts.values() for p in lay.pieces)
@@ -404,12 +405,13 @@ class ExpertEngine(SlotTiers, BufferPools):
         return item
 
     # -- Executor protocol -------------------------------------------------------------------
-    def run(self, layer, x, topk_idx, topk_w):
+    def run(self, layer, x, topk_idx, topk_w, glu=None):
         """``out[t] = sum_j topk_w[t, j] * expert_{topk_idx[t, j]}(x[t])`` (the ``Executor``
         protocol of :mod:`zipmoe_rt.models.moe`), through
         :func:`~zipmoe_rt.models.moe.accumulate_experts`: the non-resident experts of each group
         (all of one token's; :attr:`window` at a time for several tokens) are started in
-        scheduler order, then each is waited for and computed in ascending index order."""
+        scheduler order, then each is waited for and computed in ascending index order.
+        ``glu``: gpt-oss's clamped SwiGLU, or None."""
         t_start = time.perf_counter()
         T = topk_idx.shape[0]
         if self.adapt:
@@ -427,7 +429,7 @@ class ExpertEngine(SlotTiers, BufferPools):
             self._recycle()
 
         out = accumulate_experts(self.backend, x, topk_idx, topk_w, fetch, prepare, self.window,
-                                 computed)
+                                 computed, self.act, glu)
         dt = time.perf_counter() - t_start
         self.stats.layer_s += dt
         self.stats.layer_calls += 1

@@ -69,23 +69,32 @@ class Router:
         bias: None or the [E] choice bias (``e_score_correction_bias``), taken as float32
             (released checkpoints store it as F32; other dtypes are widened exactly).
         backend: compute backend (default numba).
+        logit_bias: None or the [E] bias of the router's linear layer (gpt-oss's
+            ``GptOssTopKRouter``: ``F.linear(x, weight, bias)``), widened to float32.
     Raises:
         ValueError: the rule does not fit the weight's E (:meth:`RoutingRule.check`), or a bias
             of another length.
     """
 
-    def __init__(self, weight, rule: RoutingRule, bias=None, backend=None):
+    def __init__(self, weight, rule: RoutingRule, bias=None, backend=None, logit_bias=None):
         be = self.backend = get_backend(backend)
         self.weight = be.from_host(np.ascontiguousarray(weight))
+        self.logit_bias = None
+        if logit_bias is not None:
+            lb = to_f32(logit_bias).reshape(-1)
+            if lb.size != self.weight.shape[0]:
+                raise ValueError(f"router logit bias has {lb.size} values for "
+                                 f"{self.weight.shape[0]} experts")
+            self.logit_bias = be.from_host(np.ascontiguousarray(lb))
         self.rule = rule
         self.bias = None if bias is None else np.ascontiguousarray(to_f32(bias))
         self.num_experts = int(self.weight.shape[0])
         rule.check(self.num_experts, bias)
 
     def logits(self, x):
-        """float32 [T, E] router logits ``x @ weight.T`` for x float32 [T, H] (backend
-        arrays)."""
-        return self.backend.linear(x, self.weight)
+        """float32 [T, E] router logits ``x @ weight.T (+ logit_bias)`` for x float32 [T, H]
+        (backend arrays)."""
+        return self.backend.linear(x, self.weight, self.logit_bias)
 
     def select(self, logits) -> tuple[np.ndarray, np.ndarray]:
         """The rule applied to router logits float32 [T, E]: host (topk_idx int64 [T, k],

@@ -141,6 +141,10 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
         if req.tools:
             from .textproc import tool_format
             fmt = tool_format(host.model.tokenizer.chat_template)
+        if kind == "chat":          # gpt-oss: channels and tool calls split with or without tools
+            from .harmony import is_harmony
+            if is_harmony(host.model.tokenizer.chat_template):
+                fmt = "harmony"
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -151,7 +155,7 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
                 pass
 
         job = Job(ids=ids, params=params, emit=emit, stops=req.stop, logprobs=req.logprobs,
-                  tool_format=fmt)
+                  tool_format=fmt, tools=req.tools)
         host.submit(job)
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "created": int(time.time()), "model": req.model or name()}
