@@ -21,6 +21,7 @@ from zipmoe_rt.engine.store import ZmoeSource
 from zipmoe_rt.kernels import linear as lin
 from zipmoe_rt.kernels import packed as pk
 from zipmoe_rt.kernels import swiglu as sw
+from zipmoe_rt.kernels.rows import packed_source
 from zipmoe_rt.models import build_model
 from zipmoe_rt.models.packed import PackedExpert, PackedMatrix
 from zipmoe_rt.models.weights import ExpertWeights
@@ -210,10 +211,10 @@ def test_packed_gemv_equals_bf16_gemv_bit_for_bit(name, w):
     # the one-token kernels themselves, serial and parallel, whatever the size threshold
     x = rng.standard_normal(w.shape[1]).astype(np.float32)
     want, got = np.empty(w.shape[0], np.float32), np.empty(w.shape[0], np.float32)
-    lin._gemv_bf16_serial(x, w, want, nb)
-    lin._gemv_bf16_serial(x, pk._args(P), got, nb)
+    lin.gemv_bf16_serial(x, w, want, nb)
+    lin.gemv_bf16_serial(x, packed_source(P), got, nb)
     assert _same_bits(got, want)
-    lin._gemv_bf16_par(x, pk._args(P), got, nb, 2)
+    lin.gemv_bf16_par(x, packed_source(P), got, nb, 2)
     assert _same_bits(got, want)
     if not np.isnan(want).any():
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -6,9 +6,9 @@ For one matrix shape it builds ``--matrices`` random BF16 matrices (normal weigh
 0.04 % escapes, as on the default model; together larger than the caches) and their compute
 forms, then times, alternating the four in every round:
 
-* ``bf16``: the BF16 GEMV (``linear._gemv_bf16_serial`` on a uint16 matrix: rows read in
+* ``bf16``: the BF16 GEMV (``linear.gemv_bf16_serial`` on a uint16 matrix: rows read in
   place, the weights read once from memory);
-* ``packed``: the same kernel on the compute form (``linear._gemv_bf16_serial`` on
+* ``packed``: the same kernel on the compute form (``linear.gemv_bf16_serial`` on
   ``packed_source(P)``: each row decoded into an L1 scratch, then the same dot loop);
 * ``decode``: the row decode alone (every row into the same 4-row scratch, no dot product);
 * ``plain``: a BF16 GEMV written out without row sources (the kernel before the row-source

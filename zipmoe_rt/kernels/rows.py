@@ -19,6 +19,10 @@ exponent index of column ``j`` (low nibble) and of column ``h + j`` (high nibble
 (in + 1) // 2``); index ``v < 15`` is exponent ``base + v``, 15 an escape whose exponent is in
 the row's escape list. A weight's bits are ``(sm & 0x80) << 8 | exponent << 7 | (sm & 0x7F)``
 (format/SPEC.md §5.1 split backwards).
+
+Numba's on-disk cache keys each kernel on its own source file only: after a change to this
+module, touch :mod:`~zipmoe_rt.kernels.linear` and :mod:`~zipmoe_rt.kernels.swiglu` (or delete
+their ``__pycache__/*.nbi``/``*.nbc``) so that their kernels are compiled again.
 """
 from __future__ import annotations
 
