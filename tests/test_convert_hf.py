@@ -86,7 +86,8 @@ def test_hf_roundtrip_bit_exact(tiny_moe_dir, tmp_path, name, sharded):
     assert (src_dir / "model.safetensors.index.json").exists() == sharded
     src = load_tensors(src_dir)
     # BF16, except the F32 router correction bias of DeepSeek-V3 / GLM-4-MoE / ERNIE 4.5 specs
-    assert all(dt == (torch.float32 if n.endswith("e_score_correction_bias") else torch.bfloat16)
+    assert all(dt == (torch.float32 if n.endswith(("e_score_correction_bias", "expert_bias"))
+                      else torch.bfloat16)
                for n, (dt, _, _) in src.items())
 
     out = convert(src_dir, tmp_path / f"{name}.zmoe", chunks=3, progress=False)

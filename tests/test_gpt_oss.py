@@ -311,10 +311,11 @@ def test_config_rules():
 
 # -- the MXFP4 release ------------------------------------------------------------------------
 
-def test_mxfp4_checkpoint_is_refused_by_tensor(tiny_moe_dir, tmp_path):
-    """A checkpoint laid out as the MXFP4 release (``*_blocks`` / ``*_scales`` uint8 expert
-    tensors, quantization_config mxfp4) is refused naming the first such tensor and the BF16
-    release, by the API and by the CLI (one line, no traceback), and nothing is written."""
+def test_mxfp4_checkpoint_of_unfit_widths_is_refused(tiny_moe_dir, tmp_path):
+    """A checkpoint laid out as the MXFP4 release whose projections' input width is not a
+    multiple of 32 (this spec's intermediate_size 48) is refused naming the tensor and the
+    shape it would need, by the API and by the CLI (one line, no traceback), and nothing is
+    written. (MXFP4 checkpoints that fit convert and run: tests/test_lowprec_gptoss.py.)"""
     from safetensors.torch import load_file, save_file
 
     from cli_runner import cli
@@ -342,9 +343,8 @@ def test_mxfp4_checkpoint_is_refused_by_tensor(tiny_moe_dir, tmp_path):
         warnings.simplefilter("ignore")
         convert(folder, out, progress=False)
     msg = str(e.value)
-    assert "model.layers.0.mlp.experts.down_proj_blocks" in msg or \
-        "model.layers.0.mlp.experts.gate_up_proj_blocks" in msg
-    assert "MXFP4" in msg and "BF16 release" in msg and "model.safetensors" in msg
+    assert "model.layers.0.mlp.experts.down_proj_blocks" in msg and "model.safetensors" in msg
+    assert "MXFP4 blocks of a [64, 48] projection are U8 [8, 64, 1, 16]" in msg
     assert not out.exists()
     r = cli("convert", folder, "-o", out)
     assert r.exit_code == 1 and "Traceback" not in r.output
@@ -353,12 +353,15 @@ def test_mxfp4_checkpoint_is_refused_by_tensor(tiny_moe_dir, tmp_path):
 
 
 def test_mxfp4_names_come_from_the_expert_table():
-    """The refusal covers exactly the blocks and scales of the expert tensors (the one table an
-    MXFP4 storage will map), not the biases or any other name."""
+    """Blocks and scales of the expert tensors (the one table the MXFP4 storage maps) must be
+    U8; the biases or any other name are not MXFP4 tensors."""
     fam = get_family("gpt_oss")
     for base in ("gate_up_proj", "down_proj"):
         for suffix in ("_blocks", "_scales"):
-            assert fam.unsupported_tensor(f"model.layers.11.mlp.experts.{base}{suffix}", "U8")
+            name = f"model.layers.11.mlp.experts.{base}{suffix}"
+            assert fam.unsupported_tensor(name, "U8") is None
+            assert "is BF16: MXFP4 expert blocks and scales are U8" in \
+                fam.unsupported_tensor(name, "BF16")
     for name in ("model.layers.0.mlp.experts.gate_up_proj",
                  "model.layers.0.mlp.experts.down_proj_bias",
                  "model.layers.0.mlp.experts.gate_up_proj_bias_blocks",
@@ -415,10 +418,11 @@ def test_plan_gpt_oss_20b(tmp_path):
     assert [hp.window(i) for i in range(2)] == [128, 0] and hp.num_experts_per_tok == 4
     from zipmoe_rt.plan import format_plan
     assert p.quantized == "mxfp4" and p.as_dict()["quantized"] == "mxfp4"
-    assert "quantised release (quant_method mxfp4)" in format_plan(p) and "BF16 weights" in format_plan(p)
+    text = format_plan(p)       # the MXFP4 line of zipmoe_rt/plan.py after the BF16 figures
+    assert "MXFP4 source" in text and "stored at ~95.1 %" in text and "BF16 copy" in text
     bf16 = size_plan(write_config(tmp_path / "b", {k: v for k, v in GPT_OSS_20B.items()
                                                    if k != "quantization_config"}))
-    assert bf16.quantized is None and "note" not in format_plan(bf16)
+    assert bf16.quantized is None and "MXFP4" not in format_plan(bf16)
     hf = _hf_meta_model({k: v for k, v in GPT_OSS_20B.items() if k != "quantization_config"})
     total = sum(t.numel() for t in hf.parameters())
     assert p.params == total

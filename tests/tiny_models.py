@@ -211,6 +211,30 @@ SPECS = {
         layer_types=["full_attention", "sliding_attention", "sliding_attention"],
         swiglu_alpha=1.2, swiglu_limit=0.5, rope_theta=10000.0,
         rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    # LFM2-MoE: short-convolution layers mixed with attention (layer_types), dense leading
+    # layers, the sigmoid router with a random F32 expert_bias (make_tiny), tied embeddings as
+    # released; then attention first, conv biases, a kernel of 4, no dense layer, no expert
+    # bias, weights not renormalised and scaled (sum far from 1), an untied head
+    "lfm2_moe": ("lfm2_moe", dict(
+        {k: v for k, v in COMMON.items() if k != "rms_norm_eps"}, num_hidden_layers=4,
+        norm_eps=1e-5, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+        num_experts_per_tok=3, num_dense_layers=1, conv_L_cache=3, conv_bias=False,
+        use_expert_bias=True, norm_topk_prob=True, tie_word_embeddings=True,
+        layer_types=["conv", "full_attention", "conv", "conv"], rope_theta=1000000.0)),
+    "lfm2_moe_bias": ("lfm2_moe", dict(
+        {k: v for k, v in COMMON.items() if k != "rms_norm_eps"}, num_hidden_layers=4,
+        norm_eps=1e-6, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, num_dense_layers=0, conv_L_cache=4, conv_bias=True,
+        use_expert_bias=False, norm_topk_prob=False, routed_scaling_factor=2.5,
+        layer_types=["full_attention", "full_attention", "conv", "conv"], rope_theta=10000.0)),
+    # the released layout in small: two dense layers, conv layers around attention, top-4, a
+    # kernel of 2, one kv head, expert bias, renormalised and scaled by 1.5
+    "lfm2_moe_dense2": ("lfm2_moe", dict(
+        {k: v for k, v in COMMON.items() if k != "rms_norm_eps"}, num_hidden_layers=5,
+        num_key_value_heads=1, norm_eps=1e-5, intermediate_size=96, moe_intermediate_size=32,
+        num_experts=8, num_experts_per_tok=4, num_dense_layers=2, conv_L_cache=2,
+        use_expert_bias=True, norm_topk_prob=True, routed_scaling_factor=1.5,
+        layer_types=["conv", "full_attention", "conv", "full_attention", "conv"])),
 }
 
 
@@ -249,6 +273,9 @@ def _randomize_correction_bias(model, torch, gen):
                 0.1 * torch.randn(b.shape, generator=gen), requires_grad=False)
         elif isinstance(b, torch.Tensor):
             mod.e_score_correction_bias = 0.1 * torch.randn(b.shape, generator=gen)
+        b = getattr(mod, "expert_bias", None)       # LFM2-MoE's router bias (a buffer)
+        if isinstance(b, torch.Tensor) and not isinstance(b, torch.nn.Parameter):
+            mod.expert_bias = 0.1 * torch.randn(b.shape, generator=gen)
 
 
 def _randomize_gemma4(model, torch, gen):

@@ -515,18 +515,21 @@ class Backend:
         ``attn_output * torch.sigmoid(gate)``), float32 [T, n] both. Returns ``x``."""
         raise NotImplementedError
 
-    def conv1d_silu(self, x, w, state, new_state):
+    def conv1d_silu(self, x, w, state, new_state, silu=True, bias=None):
         """Causal depthwise conv1d of kernel ``K`` over each channel, continuing the ``K - 1``
         inputs held in ``state``, then SiLU (``causal_conv1d_fn`` / ``causal_conv1d_update`` of
         transformers' ``models/mamba/modeling_mamba.py`` with ``activation="silu"``, as
         ``Qwen3NextGatedDeltaNet`` calls them): ``y[t, c] = silu(sum_j w[c, j] *
-        ext[t + j, c])`` with ``ext = concat(state, x)``.
+        ext[t + j, c])`` with ``ext = concat(state, x)``. With ``silu=False`` and a ``bias``,
+        LFM2's short convolution (``Lfm2MoeShortConv``: ``activation=None``, ``conv_bias``):
+        ``y[t, c] = sum_j w[c, j] * ext[t + j, c] + bias[c]``.
 
         Args:
             x: float32 [T, C].  w: float32 [C, K] (``conv1d.weight`` [C, 1, K] squeezed).
             state: float32 [K - 1, C], the previous inputs, oldest first (zeros at the start).
             new_state: float32 [K - 1, C], written with the last ``K - 1`` rows of ``ext``;
                 must not alias ``state``.
+            silu: apply the SiLU (default True).  bias: None or float32 [C], added before it.
         Returns:
             float32 [T, C].
         """
@@ -565,6 +568,19 @@ class Backend:
             out: optional float32 [R, n] (not aliasing ``x`` or ``z``).
         Returns:
             float32 [R, n] (``out`` when given).
+        """
+        raise NotImplementedError
+
+    # -- LFM2-MoE: the gates of the short convolution ------------------------------------------
+
+    def mul(self, a, b):
+        """``a * b`` elementwise, a new float32 array (``Lfm2MoeShortConv``'s ``B * x`` and
+        ``C * conv_out``).
+
+        Args:
+            a, b: float32 [T, n] (views of a wider array allowed).
+        Returns:
+            float32 [T, n], contiguous.
         """
         raise NotImplementedError
 

@@ -494,9 +494,9 @@ class CupyBackend(Backend):
         x *= _F32(1.0) / (_F32(1.0) + cp.exp(-g))
         return x
 
-    def conv1d_silu(self, x, w, state, new_state):
+    def conv1d_silu(self, x, w, state, new_state, silu=True, bias=None):
         """:func:`~zipmoe_rt.backends.linear_attn.conv1d_silu` over CuPy."""
-        return _lin.conv1d_silu(cp, x, w, state, new_state)
+        return _lin.conv1d_silu(cp, x, w, state, new_state, silu, bias)
 
     def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
         """:func:`~zipmoe_rt.backends.linear_attn.gated_delta_rule` over CuPy (chunked scan for
@@ -512,6 +512,11 @@ class CupyBackend(Backend):
             return y
         out[...] = y
         return out
+
+    # LFM2-MoE
+    def mul(self, a, b):
+        """``a * b`` (CuPy float32 elementwise, as torch)."""
+        return cp.ascontiguousarray(a * b, dtype=cp.float32)
 
 
     # -- gpt-oss: attention sinks, the biased experts' clamped SwiGLU (cuda_gpt_oss) --------

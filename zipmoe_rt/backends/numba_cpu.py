@@ -163,9 +163,9 @@ class NumbaBackend(HostArrays, Backend):
         x *= np.float32(1.0) / (np.float32(1.0) + np.exp(-g))
         return x
 
-    def conv1d_silu(self, x, w, state, new_state):
+    def conv1d_silu(self, x, w, state, new_state, silu=True, bias=None):
         """:func:`~zipmoe_rt.kernels.gated_delta.conv1d_silu`."""
-        return _gdn.conv1d_silu(x, w, state, new_state)
+        return _gdn.conv1d_silu(x, w, state, new_state, silu, bias)
 
     def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
         """:func:`~zipmoe_rt.kernels.gated_delta.gated_delta_rule` (parallel over value heads)."""
@@ -203,3 +203,8 @@ class NumbaBackend(HostArrays, Backend):
         check_biased_expert("expert_accumulate", x.shape[1], expert)
         xs = np.ascontiguousarray(x[rows])
         _clamped.scatter_add_weighted(out, rows, weights, self._clamped_expert(xs, expert, glu))
+
+    # LFM2-MoE
+    def mul(self, a, b):
+        """``a * b`` (NumPy float32 elementwise, as torch)."""
+        return np.ascontiguousarray(a * b, dtype=np.float32)

@@ -274,9 +274,9 @@ class NumpyBackend(HostArrays, Backend):
         x *= _F32(1.0) / (_F32(1.0) + np.exp(-g))
         return x
 
-    def conv1d_silu(self, x, w, state, new_state):
+    def conv1d_silu(self, x, w, state, new_state, silu=True, bias=None):
         """:func:`~zipmoe_rt.backends.linear_attn.conv1d_silu` over NumPy."""
-        return _lin.conv1d_silu(np, x, w, state, new_state)
+        return _lin.conv1d_silu(np, x, w, state, new_state, silu, bias)
 
     def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
         """:func:`~zipmoe_rt.backends.linear_attn.gated_delta_rule` over NumPy (chunked scan for
@@ -330,3 +330,8 @@ class NumpyBackend(HostArrays, Backend):
         u = np.clip(self.linear(x, e.up, to_f32(e.up_bias)), -_F32(glu.limit), _F32(glu.limit))
         h = (u + _F32(1.0)) * (g * (_F32(1.0) / (_F32(1.0) + np.exp(-(g * _F32(glu.alpha))))))
         return self.linear(h.astype(np.float32), e.down, to_f32(e.down_bias))
+
+    # LFM2-MoE
+    def mul(self, a, b):
+        """``a * b`` (NumPy float32 elementwise, as torch)."""
+        return np.ascontiguousarray(a * b, dtype=np.float32)

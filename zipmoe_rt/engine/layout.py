@@ -23,6 +23,7 @@ from zmoe.reader import NUMPY_DTYPES
 from ..kernels.planes import MERGE, decode_merge_bf16_chunks
 from ..families.expert_roles import EXPERT_ROLE_SETS, expert_shapes
 from ..models.weights import ExpertWeights, assemble_expert
+from . import lowprec
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,15 @@ class ExpertLayout:
     sm_region: tuple     # (offset, size)
     exp_region: tuple    # (offset, size)
     pieces: tuple
+    fp8_block: tuple | None = None   # (rows, cols) of the FP8 block scales (engine/lowprec.py)
 
     @property
     def full_bytes(self) -> int:
-        """Bytes of the decoded expert (tier F)."""
-        return sum(p.elements * np.dtype(NUMPY_DTYPES[p.dtype]).itemsize for p in self.pieces)
+        """Bytes of the decoded expert (tier F); FP8 and MXFP4 projections count as the float32
+        weights they are dequantised into, their block scales as nothing."""
+        return sum(lowprec.decoded_bytes(p) if lowprec.decoded_bytes(p) >= 0
+                   else p.elements * np.dtype(NUMPY_DTYPES[p.dtype]).itemsize
+                   for p in self.pieces)
 
     @property
     def elements(self) -> int:
@@ -125,6 +130,7 @@ def expert_layouts(reader: zmoe.ZmoeReader) -> dict:
         zmoe.CorruptIndexError: a block that is not a SwiGLU expert (:func:`check_expert`).
     """
     out = {}
+    block = lowprec.fp8_block(reader.metadata)
     for (layer, e), b in reader.experts.items():
         sm0, ex0 = b["sm"][0], b["exp"][0]
         pieces = []
@@ -142,8 +148,9 @@ def expert_layouts(reader: zmoe.ZmoeReader) -> dict:
                 pieces.append(Piece(name, t["expert"]["role"], t["dtype"], shape, (o - sm0, n, c), chunks,
                                     t["exp_codec"]))
         out[(layer, e)] = lay = ExpertLayout(layer, e, tuple(b["sm"]), tuple(b["exp"]),
-                                             tuple(pieces))
+                                             tuple(pieces), block)
         check_expert(reader.path, lay)
+        lowprec.check_expert(reader.path, lay)
     return out
 
 
@@ -169,7 +176,8 @@ def check_regions(path, lay: ExpertLayout, sm: np.ndarray | None, exp: np.ndarra
 
 def alloc_expert(lay: ExpertLayout) -> list:
     """Empty output arrays (one per piece) for a decoded expert."""
-    return [np.empty(p.elements, MERGE[p.dtype][2] if not p.raw else NUMPY_DTYPES[p.dtype])
+    return [np.empty(p.elements, MERGE[p.dtype][2] if not p.raw and p.dtype in MERGE
+                     else NUMPY_DTYPES[p.dtype])
             for p in lay.pieces]
 
 
@@ -256,6 +264,11 @@ def decode_chunks(path, p: Piece, c0: int, c1: int, sm: np.ndarray, exp: np.ndar
         zmoe.CorruptIndexError: a chunk, the SM bytes or the output range lie outside ``exp``,
             ``sm`` or ``out`` (the kernels' preconditions, checked before the call).
     """
+    if lowprec.is_f8(p.dtype):
+        return lowprec.decode_f8_chunks(path, p, c0, c1, sm, exp, out, _scratch, dctx,
+                                        _out_of_bounds)
+    if p.dtype in lowprec.EXPONENT_ONLY_DTYPES:
+        return lowprec.decode_byte_chunks(path, p, c0, c1, exp, out, dctx, _out_of_bounds)
     offs, sizes, raws, starts = p.chunk_arrays
     if p.codec != EXP_HUFFMAN or p.dtype != "BF16":
         for ci in range(c0, c1):
@@ -304,4 +317,6 @@ def finish_expert(lay: ExpertLayout, outs: list, sm: np.ndarray) -> ExpertWeight
             o, n, _ = p.sm
             out[...] = sm[o:o + n].view(out.dtype)
         roles[p.role] = out.view(NUMPY_DTYPES[p.dtype]).reshape(p.shape)
+    roles = lowprec.dequantize_roles("", f"expert block {lay.layer}/{lay.expert}", roles,
+                                     lay.fp8_block)
     return assemble_expert(roles)

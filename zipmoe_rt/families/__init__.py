@@ -31,3 +31,4 @@ __all__ = [
     "FUSED", "HUB", "KEYS", "LAYOUTS", "TensorSpec",
 ]
 from . import qwen3_next  # noqa: E402,F401  (Qwen3-Next, Qwen3.5-MoE: hybrid linear attention)
+from . import lfm2_moe  # noqa: E402,F401  (LFM2-MoE: short-convolution layers)

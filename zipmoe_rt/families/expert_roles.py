@@ -12,7 +12,11 @@ from __future__ import annotations
 #: column) and ``down_cols`` [I, H] with their biases ``gate_up_bias`` [2I] (interleaved the
 #: same way) and ``down_bias`` [H].
 EXPERT_ROLE_SETS = ({"gate", "up", "down"}, {"gate_up", "down"},
-                    {"gate_up_cols", "gate_up_bias", "down_cols", "down_bias"})
+                    {"gate_up_cols", "gate_up_bias", "down_cols", "down_bias"},
+                    # gpt-oss's MXFP4 release: each [out, in] projection as blocks U8
+                    # [out, in / 32, 16] and e8m0 scales U8 [out, in / 32] (engine/lowprec.py)
+                    {"gate_up_blocks", "gate_up_scales", "gate_up_bias", "down_blocks",
+                     "down_scales", "down_bias"})
 
 
 def expert_shapes(roles: dict) -> dict:
@@ -24,6 +28,17 @@ def expert_shapes(roles: dict) -> dict:
     Raises:
         KeyError: no down projection among the roles.  ValueError: it is not 2-D.
     """
+    if "down_blocks" in roles and "gate_up_blocks" in roles:   # MXFP4 (gpt-oss release)
+        d = tuple(roles["down_blocks"])
+        if len(d) != 3 or d[2] != 16:
+            raise ValueError(f"down_blocks {list(d)} is not [hidden, intermediate / 32, 16]")
+        h, g = d[0], d[1]
+        i = 32 * g
+        if h % 32:
+            raise ValueError(f"down_blocks {list(d)}: hidden {h} is not a multiple of 32 (MXFP4)")
+        return {"gate_up_blocks": (2 * i, h // 32, 16), "gate_up_scales": (2 * i, h // 32),
+                "gate_up_bias": (2 * i,), "down_blocks": (h, g, 16), "down_scales": (h, g),
+                "down_bias": (h,)}
     if "down_cols" in roles:
         d = tuple(roles["down_cols"])
         if len(d) != 2:

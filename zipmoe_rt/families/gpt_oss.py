@@ -15,9 +15,12 @@ gives the tensors back byte for byte); :func:`zipmoe_rt.models.weights.assemble_
 a slice into the runtime's [out, in] gate, up and down matrices and float32 biases.
 
 The MXFP4 release stores ``gate_up_proj_blocks`` / ``_scales`` and ``down_proj_blocks`` /
-``_scales`` instead of the two weights (``quantization_config.quant_method`` ``mxfp4``); such a
-checkpoint is refused by tensor (:meth:`GptOss.unsupported_tensor`) until the container has an
-MXFP4 encoding. :data:`EXPERT_NAMES` is the one table of the expert tensors' names.
+``_scales`` instead of the two weights (``quantization_config.quant_method`` ``mxfp4``): the
+converter stores them in the expert blocks as they are (roles ``<proj>_blocks`` / ``_scales``,
+zipmoe_rt/convert/lowprec.py; format/SPEC.md §5.4) and the runtime dequantises each expert
+(zipmoe_rt/engine/lowprec.py); a blocks or scales tensor that is not U8 is refused
+(:meth:`GptOss.unsupported_tensor`). :data:`EXPERT_NAMES` is the one table of the expert
+tensors' names.
 """
 from __future__ import annotations
 
@@ -169,7 +172,8 @@ class GptOssHParams(HParams):
 
 @register("GptOssForCausalLM")
 class GptOss(Family):
-    """gpt-oss family (openai/gpt-oss-20b, openai/gpt-oss-120b and their BF16 copies)."""
+    """gpt-oss family (openai/gpt-oss-20b, openai/gpt-oss-120b: the MXFP4 release and BF16
+    copies)."""
 
     family = "gpt_oss"
     model_type = "gpt_oss"
@@ -180,16 +184,21 @@ class GptOss(Family):
     fused_tensors = {}
 
     @classmethod
+    def tensor_names(cls, key: str, layer: int | None = None) -> tuple[str, ...]:
+        """:meth:`Family.tensor_names`, and for the two expert weights the MXFP4 release's
+        ``<name>_blocks`` (which stands for the weight with its ``_scales``)."""
+        names = super().tensor_names(key, layer)
+        return names + tuple(n + "_blocks" for n in names) if key in MXFP4_KEYS else names
+
+    @classmethod
     def unsupported_tensor(cls, name: str, dtype: str) -> str | None:
-        """Why a checkpoint tensor cannot be converted, or None: the MXFP4 release's expert
-        blocks and scales (``<expert tensor>_blocks`` / ``_scales``)."""
+        """Why a checkpoint tensor cannot be converted, or None: an MXFP4 expert tensor
+        (``<expert tensor>_blocks`` / ``_scales``) that is not U8."""
         for template in (EXPERT_NAMES[k] for k in MXFP4_KEYS):
             for suffix in MXFP4_SUFFIXES:
-                if re.fullmatch(T.template_regex(template + suffix), name):
-                    return (f"tensor {name!r} ({dtype}) is an MXFP4 expert tensor of the "
-                            f"quantised gpt-oss release, which this version cannot store; "
-                            f"convert the BF16 release (experts as gate_up_proj / down_proj "
-                            f"in BF16) instead")
+                if re.fullmatch(T.template_regex(template + suffix), name) and dtype != "U8":
+                    return (f"tensor {name!r} is {dtype}: MXFP4 expert blocks and scales are "
+                            f"U8 (two FP4 values a byte; e8m0 exponents)")
         return None
 
 

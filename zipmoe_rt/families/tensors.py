@@ -109,6 +109,14 @@ KEYS = {
     "experts_gate_up_bias": "stacked gate+up biases [E, 2I], interleaved as the columns",
     "experts_down_cols": "stacked down [E, I, H], in x out",
     "experts_down_bias": "stacked down biases [E, H]",
+    # LFM2-MoE: gated short-convolution layers (``layer_types`` "conv"); router_bias is its
+    # expert_bias, attn_o its self_attn.out_proj
+    "conv_in": "short conv in_proj [3*H, H]: B, C and x rows (conv layers)",
+    "conv_in_bias": "short conv in_proj bias [3*H] (conv_bias)",
+    "conv_kernel": "short conv depthwise causal conv1d weight [H, 1, L] (L = conv_L_cache)",
+    "conv_kernel_bias": "short conv conv1d bias [H] (conv_bias)",
+    "conv_out": "short conv out_proj [H, H]",
+    "conv_out_bias": "short conv out_proj bias [H] (conv_bias)",
 }
 #: the tensor names transformers' Llama-style MoE decoders use (Qwen2/3-MoE, OLMoE, and Mixtral
 #: apart from its ``block_sparse_moe`` experts): one table that families pick their keys from

@@ -149,7 +149,19 @@ class CheckpointSource:
     def tensor(self, name):
         if name not in self.ckpt.tensors or self.arch.expert_tensor(name) is not None:
             raise KeyError(f"{self.folder}: no dense tensor {name!r}")
-        return self.ckpt.array(name)
+        return self._array(name)
+
+    def _array(self, name, expert=None):
+        """A stored array (``[expert]`` of a stacked one); an F8_E4M3 weight dequantised with
+        its ``weight_scale_inv`` into float32 (FP8 releases; zipmoe_rt/engine/lowprec.py)."""
+        a = self.ckpt.array(name)
+        if self.ckpt.tensors[name].dtype != "F8_E4M3":
+            return a if expert is None else a[expert]
+        from zmoe.fp8 import dequantize_blocks
+        s = self.ckpt.array(name + "_scale_inv")
+        if expert is not None:
+            a, s = a[expert], s[expert]
+        return dequantize_blocks(a, s, self.hparams["fp8_block_size"])
 
     def has(self, name):
         return name in self.ckpt.tensors
@@ -158,9 +170,9 @@ class CheckpointSource:
         roles = {}
         for name, ref in self._experts.get(layer, ()):
             if ref.expert is None:
-                roles[ref.role] = self.ckpt.array(name)[expert]
+                roles[ref.role] = self._array(name, expert)
             elif ref.expert == expert:
-                roles[ref.role] = self.ckpt.array(name)
+                roles[ref.role] = self._array(name)
         if not roles:
             raise KeyError(f"{self.folder}: no expert {expert} in layer {layer}")
         return assemble_expert(roles)
