@@ -21,6 +21,7 @@ from zipmoe_rt.engine.store import ZmoeSource
 from zipmoe_rt.kernels import linear as lin
 from zipmoe_rt.kernels import packed as pk
 from zipmoe_rt.kernels import swiglu as sw
+from zipmoe_rt.kernels.rows import packed_source
 from zipmoe_rt.models import build_model
 from zipmoe_rt.models.packed import PackedExpert, PackedMatrix
 from zipmoe_rt.models.weights import ExpertWeights
@@ -154,6 +155,69 @@ def test_packed_experts_decode_is_bit_identical(inter, hid, k):
     be.experts_token(got2, x, mixed, w)
     sw.experts_decode(want2, x, [e for e, _ in pairs], w)
     assert np.array_equal(got2, want2)
+
+
+def _exponent_cases():
+    """BF16 matrices whose exponents stress the window and the escape list."""
+    rng = np.random.default_rng(11)
+
+    def build(exps, shape):
+        sm = rng.integers(0, 256, shape).astype(np.uint16)
+        return ((sm >> 7) << 15) | (np.asarray(exps, np.uint16) << 7) | (sm & 0x7F)
+
+    shape = (37, 70)
+    yield "random", _weights(rng, shape, 1.0)
+    yield "no escapes", build(rng.integers(120, 135, shape), shape)
+    # 16 exponents far apart: any window of 15 holds one, so nearly every weight escapes
+    yield "all escapes", build(rng.choice(np.arange(0, 256, 16), shape), shape)
+    yield "window at 0 (zeros, subnormals)", build(rng.integers(0, 15, shape), shape)
+    yield "window at 241 (Inf, NaN)", build(rng.integers(241, 256, shape), shape)
+    yield "exponents 0 and 255 around a window", build(
+        rng.choice([0, 255, 120, 121, 122, 123], shape), shape)
+    w = _weights(rng, shape, 0.5)
+    w.reshape(-1)[rng.choice(w.size, 60, replace=False)] = np.resize(SPECIALS, 60)
+    yield "NaN, Inf, subnormal, -0 among weights", w
+    yield "every pattern", np.arange(1 << 16, dtype=np.uint16).reshape(128, 512)
+
+
+def _same_bits(got, want):
+    """Identical float32 bits, except that a NaN's payload may differ (the kernels are
+    compiled with fast-math: which NaN operand of a sum survives is not fixed)."""
+    gn, wn = np.isnan(got), np.isnan(want)
+    return np.array_equal(gn, wn) and np.array_equal(got.view(np.uint32)[~gn],
+                                                     want.view(np.uint32)[~wn])
+
+
+@pytest.mark.parametrize("name,w", list(_exponent_cases()), ids=[c[0] for c in _exponent_cases()])
+def test_packed_gemv_equals_bf16_gemv_bit_for_bit(name, w):
+    """Every GEMV / GEMM kernel on the compute form gives the BF16 kernel's bits (NaN where it
+    gives NaN), whatever the exponents: the window at either end, no escapes, all escapes."""
+    P = pack_bf16(w)
+    assert np.array_equal(pk.unpack_bf16(P), w)
+    if name == "no escapes":
+        assert P.n_escapes == 0
+    if name == "all escapes":
+        assert P.n_escapes >= 0.9 * w.size
+    if name.startswith("window at"):
+        assert P.base == (0 if "at 0" in name else 241) and P.n_escapes == 0
+    rng = np.random.default_rng(len(name))
+    nb = np.zeros(0, np.float32)
+    for T in (1, 3):
+        x = rng.standard_normal((T, w.shape[1])).astype(np.float32)
+        for par in (False, True):
+            want = lin.linear(x, w, parallel=par)
+            got = pk.packed_linear(x, P, parallel=par)
+            assert _same_bits(got, want), (T, par)
+    # the one-token kernels themselves, serial and parallel, whatever the size threshold
+    x = rng.standard_normal(w.shape[1]).astype(np.float32)
+    want, got = np.empty(w.shape[0], np.float32), np.empty(w.shape[0], np.float32)
+    lin.gemv_bf16_serial(x, w, want, nb)
+    lin.gemv_bf16_serial(x, packed_source(P), got, nb)
+    assert _same_bits(got, want)
+    lin.gemv_bf16_par(x, packed_source(P), got, nb, 2)
+    assert _same_bits(got, want)
+    if not np.isnan(want).any():
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 def test_packed_kernels_refuse_mismatched_shapes():

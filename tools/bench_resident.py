@@ -5,7 +5,8 @@ Loads a model twice, ``resident="full"`` (every expert decoded to BF16) and
 every expert loaded before timing. Checks that the two give bit-identical logits (a prefill
 and each of the greedy steps) and the same greedy tokens, then times greedy decoding,
 alternating the two models ``--rounds`` times, and prints the medians and their ratio with
-the resident expert bytes of each.
+the resident expert bytes of each, and the process CPU time per token (which, on a shared
+machine, leaves out the time spent waiting for a core).
 
     python tools/bench_resident.py [MODEL.zmoe] [--tokens 64] [--rounds 7] [--json out.json]
 
@@ -45,12 +46,14 @@ def greedy(net, ids, steps):
 
 
 def decode_tps(net, ids, n):
+    """Greedy decode of ``n`` tokens: (tokens/s of wall-clock time, process CPU ms per token).
+    CPU time (all threads) leaves out the time spent waiting for a core on a shared machine."""
     cache = net.new_cache()
     out = net.forward(np.array(ids, np.int64), cache)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         out = net.forward(np.array([int(np.argmax(out[-1]))], np.int64), cache)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), (time.process_time() - c0) * 1e3 / n
 
 
 def main(argv=None):
@@ -74,18 +77,25 @@ def main(argv=None):
     identical = all(np.array_equal(x, y) for x, y in zip(lf, lc)) and tf == tc
     maxd = max(float(np.abs(x - y).max()) for x, y in zip(lf, lc))
     tps = {"full": [], "compressed": []}
+    cpu = {"full": [], "compressed": []}
     for mode in tps:    # warm-up
         decode_tps(models[mode][0].net, ids[:16], 4)
     for _ in range(a.rounds):
         for mode in tps:
-            tps[mode].append(decode_tps(models[mode][0].net, ids[:16], a.tokens))
+            t, c = decode_tps(models[mode][0].net, ids[:16], a.tokens)
+            tps[mode].append(t)
+            cpu[mode].append(c)
     med = {k: statistics.median(v) for k, v in tps.items()}
     ratios = [c / f for f, c in zip(tps["full"], tps["compressed"])]
+    cpu_ratios = [c / f for f, c in zip(cpu["full"], cpu["compressed"])]
     bytes_ = {k: models[k][0].source.expert_bytes() for k in models}
     res = {"model": str(full.path), "identical_logits_and_tokens": identical,
            "max_abs_dlogit": maxd, "greedy_tokens": tf, "tokens": a.tokens, "rounds": a.rounds,
            "tps": tps, "median_tps": med, "ratio_of_medians": med["compressed"] / med["full"],
            "median_ratio": statistics.median(ratios),
+           "cpu_ms_per_token": cpu,
+           "median_cpu_ms_per_token": {k: statistics.median(v) for k, v in cpu.items()},
+           "median_cpu_ratio": statistics.median(cpu_ratios),
            "expert_bytes_full": bytes_["full"]["held"],
            "expert_bytes_compressed": bytes_["compressed"]["held"],
            "expert_bytes_ratio": bytes_["compressed"]["held"] / bytes_["full"]["held"],
@@ -99,6 +109,10 @@ def main(argv=None):
     print(f"decode tg{a.tokens} tokens/s, median of {a.rounds} alternating runs: full "
           f"{med['full']:.1f}, compressed {med['compressed']:.1f}; ratio of medians "
           f"{res['ratio_of_medians']:.3f}, median of per-round ratios {res['median_ratio']:.3f}")
+    print(f"process CPU ms per token (all threads), median: full "
+          f"{res['median_cpu_ms_per_token']['full']:.1f}, compressed "
+          f"{res['median_cpu_ms_per_token']['compressed']:.1f}; median of per-round ratios "
+          f"(compressed / full) {res['median_cpu_ratio']:.3f}")
     print(f"load s: full {res['load_s']['full']:.1f}, compressed {res['load_s']['compressed']:.1f}")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

@@ -76,21 +76,20 @@ class NumbaBackend(HostArrays, Backend):
 
     def experts_token(self, out, x, experts, weights, act="silu", glu=None):
         """:func:`~zipmoe_rt.kernels.swiglu.experts_decode` (k experts, two parallel regions);
-        packed experts through :func:`~zipmoe_rt.kernels.packed.packed_experts_decode`
-        (bit-identical; a mix of packed and decoded experts, or an activation other than SiLU,
-        decodes the packed ones). With ``glu`` (gpt-oss): :meth:`_clamped_accumulate` of each
-        expert in order on the row."""
+        any packed expert through :func:`~zipmoe_rt.kernels.packed.packed_experts_decode`, which
+        computes a mix of packed and BF16 experts in the same kernels (bit-identical; with an
+        activation other than SiLU the packed ones are decoded first). With ``glu`` (gpt-oss):
+        :meth:`_clamped_accumulate` of each expert in order on the row."""
         if glu is not None:
             x2, o2 = np.ascontiguousarray(x.reshape(1, -1)), out.reshape(1, -1)
             for w, e in zip(np.asarray(weights, np.float32), experts):
                 self._clamped_accumulate(o2, x2, _ROW0, np.full(1, w, np.float32), e, glu)
             return
         a = check_act(act)
-        n_packed = sum(map(is_packed, experts))
-        if n_packed == len(experts) and a == 0:
-            _packed.packed_experts_decode(out, x, experts, weights)
-            return
-        if n_packed:
+        if any(map(is_packed, experts)):
+            if a == 0:
+                _packed.packed_experts_decode(out, x, experts, weights)
+                return
             experts = [as_weights(e) for e in experts]
         _swiglu.experts_decode(out, x, experts, weights, a)
 

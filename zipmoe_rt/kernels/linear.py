@@ -21,6 +21,11 @@ Layout of the work:
   widened once into a small float32 scratch (L1-resident) and reused for all ``T`` tokens, so a
   weight is widened once per call, not ``T`` times.
 
+The BF16 GEMV and GEMM read weight rows through :func:`~zipmoe_rt.kernels.rows.row_of`, so
+Numba compiles them both for BF16 matrices (rows read in place) and for matrices in the compute
+form of :mod:`zipmoe_rt.kernels.packed` (rows decoded into an L1 scratch), with the same dot
+loops and hence the same results.
+
 All kernels are ``@njit(nogil=True, cache=True, fastmath=True)``; the big ones are
 ``parallel=True`` and use Numba's default threading layer. Call parallel kernels from one thread
 only (the model's main thread); ``parallel=False`` selects single-threaded kernels, safe from
@@ -33,6 +38,8 @@ import os
 
 import numpy as np
 from numba import get_num_threads, njit, prange
+
+from .rows import row_of
 
 __all__ = ["linear", "linear_into", "widen_bf16", "bf16_rows", "weight_kind"]
 
@@ -77,14 +84,15 @@ def _f16(h):
     return np.uint32(bits | sign).view(np.float32)
 
 
-@njit(**JIT_SERIAL)
-def widen_rows_bf16(W, r0, r1, buf):
-    """buf[:r1-r0] = float32 of BF16 rows W[r0:r1] (uint16 bits, exact widening)."""
-    n = W.shape[1]
+@njit(inline="always")
+def widen_rows_bf16(W, r0, r1, buf, s):
+    """buf[:r1-r0] = float32 of the BF16 rows r0 .. r1-1 of W (any row source of
+    :mod:`zipmoe_rt.kernels.rows`; exact widening); ``s``: uint16 scratch rows for a source
+    that must be decoded."""
     for r in range(r0, r1):
-        row = W[r]
+        row = row_of(W, r, s[r - r0])
         b = buf[r - r0]
-        for j in range(n):
+        for j in range(row.shape[0]):
             b[j] = bf16_to_f32(row[j])
 
 
@@ -119,28 +127,45 @@ def _widen_bf16_par(W, out):
 
 
 # ---------------------------------------------------------------------------------------------
-# BF16 GEMV (T == 1)
+# BF16 GEMV (T == 1), on any row source (kernels/rows.py: BF16 bits in place, or decoded)
 
 
 @njit(inline="always")
-def _gemv_bf16_block(x, W, y, bias, o, q):
-    """Rows o, o+q, o+2q, o+3q: four far-apart sequential streams per thread keep more memory
-    requests in flight than one (measured here: 15 -> 19 GB/s on 2 cores)."""
-    n = W.shape[1]
+def dot4_bf16(x, r0, r1, r2, r3):
+    """The dot products of four BF16 rows (uint16 ``[n]``) with float32 ``x`` ``[n]``: one
+    loaded ``x[j]`` feeds four FMAs. The one dot loop of every four-row GEMV step (plain,
+    SwiGLU gate/up, experts' down), whatever the rows' source."""
+    n = x.shape[0]
     a0 = np.float32(0.0)
     a1 = np.float32(0.0)
     a2 = np.float32(0.0)
     a3 = np.float32(0.0)
-    r0 = W[o]
-    r1 = W[o + q]
-    r2 = W[o + 2 * q]
-    r3 = W[o + 3 * q]
     for j in range(n):
         xj = x[j]
         a0 += bf16_to_f32(r0[j]) * xj
         a1 += bf16_to_f32(r1[j]) * xj
         a2 += bf16_to_f32(r2[j]) * xj
         a3 += bf16_to_f32(r3[j]) * xj
+    return a0, a1, a2, a3
+
+
+@njit(inline="always")
+def dot1_bf16(x, r0):
+    """The dot product of one BF16 row with ``x`` (the tails of the four-row steps)."""
+    n = x.shape[0]
+    acc = np.float32(0.0)
+    for j in range(n):
+        acc += bf16_to_f32(r0[j]) * x[j]
+    return acc
+
+
+@njit(inline="always")
+def _gemv_block(x, W, y, bias, o, q, s):
+    """Rows o, o+q, o+2q, o+3q: four far-apart sequential streams per thread keep more memory
+    requests in flight than one (measured here: 15 -> 19 GB/s on 2 cores). ``s``: uint16
+    ``[4, in]`` scratch for rows that must be decoded."""
+    a0, a1, a2, a3 = dot4_bf16(x, row_of(W, o, s[0]), row_of(W, o + q, s[1]),
+                               row_of(W, o + 2 * q, s[2]), row_of(W, o + 3 * q, s[3]))
     if bias.size:
         a0 += bias[o]
         a1 += bias[o + q]
@@ -153,35 +178,39 @@ def _gemv_bf16_block(x, W, y, bias, o, q):
 
 
 @njit(inline="always")
-def _gemv_bf16_row(x, W, y, bias, o):
-    n = W.shape[1]
-    acc = np.float32(0.0)
-    row = W[o]
-    for j in range(n):
-        acc += bf16_to_f32(row[j]) * x[j]
+def _gemv_row(x, W, y, bias, o, s):
+    acc = dot1_bf16(x, row_of(W, o, s[0]))
     if bias.size:
         acc += bias[o]
     y[o] = acc
 
 
 @njit(**JIT_PARALLEL)
-def _gemv_bf16_par(x, W, y, bias):
-    out = W.shape[0]
+def _gemv_bf16_par(x, W, y, bias, nthreads):
+    """y = W @ x (+ bias): one chunk of four-row blocks per thread (each with its scratch)."""
+    out = y.shape[0]
+    n = x.shape[0]
     q = out // 4
-    for b in prange(q):
-        _gemv_bf16_block(x, W, y, bias, b, q)
+    nchunks = max(1, min(q, nthreads))
+    for c in prange(nchunks):
+        s = np.empty((4, n), np.uint16)
+        for b in range(c * q // nchunks, (c + 1) * q // nchunks):
+            _gemv_block(x, W, y, bias, b, q, s)
+    s1 = np.empty((1, n), np.uint16)
     for o in range(q * 4, out):
-        _gemv_bf16_row(x, W, y, bias, o)
+        _gemv_row(x, W, y, bias, o, s1)
 
 
 @njit(**JIT_SERIAL)
 def _gemv_bf16_serial(x, W, y, bias):
-    out = W.shape[0]
+    out = y.shape[0]
+    n = x.shape[0]
     q = out // 4
+    s = np.empty((4, n), np.uint16)
     for b in range(q):
-        _gemv_bf16_block(x, W, y, bias, b, q)
+        _gemv_block(x, W, y, bias, b, q, s)
     for o in range(q * 4, out):
-        _gemv_bf16_row(x, W, y, bias, o)
+        _gemv_row(x, W, y, bias, o, s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,17 +291,21 @@ def dot_block(x, buf, nr, y, bias, o):
 
 @njit(**JIT_PARALLEL)
 def _gemm_bf16_par(x, W, y, bias, nthreads):
-    out, n = W.shape
+    """y = x @ W.T (+ bias) for several tokens, W any row source: each block of four rows is
+    widened once into an L1 scratch and reused for every token."""
+    out = y.shape[1]
+    n = x.shape[1]
     nblocks = (out + 3) // 4
     nchunks = max(1, min(nblocks, nthreads))
     for c in prange(nchunks):
         buf = np.empty((4, n), np.float32)
+        s = np.empty((4, n), np.uint16)
         b0 = c * nblocks // nchunks
         b1 = (c + 1) * nblocks // nchunks
         for b in range(b0, b1):
             o = b * 4
             e = min(o + 4, out)
-            widen_rows_bf16(W, o, e, buf)
+            widen_rows_bf16(W, o, e, buf, s)
             dot_block(x, buf, e - o, y, bias, o)
 
 
@@ -310,11 +343,13 @@ def _gemm_f32_par(x, W, y, bias, nthreads):
 
 @njit(**JIT_SERIAL)
 def _gemm_bf16_serial(x, W, y, bias):
-    out, n = W.shape
+    out = y.shape[1]
+    n = x.shape[1]
     buf = np.empty((4, n), np.float32)
+    s = np.empty((4, n), np.uint16)
     for o in range(0, out, 4):
         e = min(o + 4, out)
-        widen_rows_bf16(W, o, e, buf)
+        widen_rows_bf16(W, o, e, buf, s)
         dot_block(x, buf, e - o, y, bias, o)
 
 
@@ -377,7 +412,10 @@ def linear_into(x: np.ndarray, W: np.ndarray, y: np.ndarray, bias: np.ndarray | 
     par = parallel and x.shape[0] * W.shape[0] * W.shape[1] >= PAR_MIN_WORK and W.shape[0] >= 8
     if kind == "bf16":
         if x.shape[0] == 1:
-            (_gemv_bf16_par if par else _gemv_bf16_serial)(x[0], W, y[0], b)
+            if par:
+                _gemv_bf16_par(x[0], W, y[0], b, get_num_threads())
+            else:
+                _gemv_bf16_serial(x[0], W, y[0], b)
         else:
             if par:
                 _gemm_bf16_par(x, W, y, b, get_num_threads())
@@ -487,8 +525,9 @@ def bf16_rows(W: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return out
 
 
-
-#: the GEMV's four-row and one-row steps (inline), shared with the packed kernels of
-#: :mod:`zipmoe_rt.kernels.packed`, which must sum exactly as these do
-gemv_bf16_block = _gemv_bf16_block
-gemv_bf16_row = _gemv_bf16_row
+#: the BF16 GEMV and GEMM kernels (weights: any row source of :mod:`zipmoe_rt.kernels.rows`),
+#: which the entry points of :mod:`zipmoe_rt.kernels.packed` run on the compute form
+gemv_bf16_par = _gemv_bf16_par
+gemv_bf16_serial = _gemv_bf16_serial
+gemm_bf16_par = _gemm_bf16_par
+gemm_bf16_serial = _gemm_bf16_serial

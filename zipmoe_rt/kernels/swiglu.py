@@ -16,7 +16,9 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from . import linear as _lin
-from .linear import JIT_PARALLEL, JIT_SERIAL, bf16_to_f32, dot_block, widen_rows_bf16, linear, linear_into
+from .linear import (JIT_PARALLEL, JIT_SERIAL, dot1_bf16, dot4_bf16, dot_block, linear,
+                     linear_into, widen_rows_bf16)
+from .rows import k_sources, row_k, row_of
 
 __all__ = ["swiglu_expert", "swiglu_hidden", "expert_accumulate", "experts_decode"]
 
@@ -43,58 +45,48 @@ def gelu_tanh_np(g: np.ndarray) -> np.ndarray:
 
 
 @njit(**JIT_PARALLEL)
-def _swiglu_gate_up_gemv(x, gate, up, h):
+def _swiglu_gate_up_gemv(x, gate, up, h, nthreads):
     """h[i] = silu(gate[i] . x) * (up[i] . x) for one token; rows i and i + I/2 of both
-    matrices together (four sequential streams per thread)."""
-    inter = gate.shape[0]
-    n = gate.shape[1]
+    matrices together (four sequential streams per thread). gate, up: any row source of
+    :mod:`zipmoe_rt.kernels.rows`."""
+    inter = h.shape[0]
+    n = x.shape[0]
     q = inter // 2
-    for i in prange(q):
-        k = i + q
-        g0 = np.float32(0.0)
-        g1 = np.float32(0.0)
-        u0 = np.float32(0.0)
-        u1 = np.float32(0.0)
-        gr0 = gate[i]
-        gr1 = gate[k]
-        ur0 = up[i]
-        ur1 = up[k]
-        for j in range(n):
-            xj = x[j]
-            g0 += bf16_to_f32(gr0[j]) * xj
-            g1 += bf16_to_f32(gr1[j]) * xj
-            u0 += bf16_to_f32(ur0[j]) * xj
-            u1 += bf16_to_f32(ur1[j]) * xj
-        h[i] = _silu(g0) * u0
-        h[k] = _silu(g1) * u1
+    nchunks = max(1, min(q, nthreads))
+    for c in prange(nchunks):
+        s = np.empty((4, n), np.uint16)
+        for i in range(c * q // nchunks, (c + 1) * q // nchunks):
+            k = i + q
+            g0, g1, u0, u1 = dot4_bf16(x, row_of(gate, i, s[0]), row_of(gate, k, s[1]),
+                                       row_of(up, i, s[2]), row_of(up, k, s[3]))
+            h[i] = _silu(g0) * u0
+            h[k] = _silu(g1) * u1
+    s2 = np.empty((2, n), np.uint16)
     for i in range(q * 2, inter):
-        g = np.float32(0.0)
-        u = np.float32(0.0)
-        for j in range(n):
-            g += bf16_to_f32(gate[i, j]) * x[j]
-            u += bf16_to_f32(up[i, j]) * x[j]
-        h[i] = _silu(g) * u
+        h[i] = _silu(dot1_bf16(x, row_of(gate, i, s2[0]))) * dot1_bf16(x, row_of(up, i, s2[1]))
 
 
 @njit(**JIT_PARALLEL)
 def _swiglu_gate_up_gemm(x, gate, up, h, nthreads):
     """h[t, i] = silu(gate[i] . x[t]) * (up[i] . x[t]); each weight row widened once."""
     T = x.shape[0]
-    inter, n = gate.shape
+    inter = h.shape[1]
+    n = x.shape[1]
     nblocks = (inter + 1) // 2
     nchunks = max(1, min(nblocks, nthreads))
     nobias = np.zeros(0, np.float32)
     for c in prange(nchunks):
         buf = np.empty((4, n), np.float32)
         tmp = np.empty((T, 4), np.float32)
+        s = np.empty((4, n), np.uint16)
         b0 = c * nblocks // nchunks
         b1 = (c + 1) * nblocks // nchunks
         for b in range(b0, b1):
             i = b * 2
             e = min(i + 2, inter)
             nr = e - i
-            widen_rows_bf16(gate, i, e, buf[0:nr])
-            widen_rows_bf16(up, i, e, buf[nr:2 * nr])
+            widen_rows_bf16(gate, i, e, buf[0:nr], s)
+            widen_rows_bf16(up, i, e, buf[nr:2 * nr], s[2:])
             dot_block(x, buf, 2 * nr, tmp, nobias, 0)
             for t in range(T):
                 for r in range(nr):
@@ -145,7 +137,7 @@ def swiglu_hidden(x2: np.ndarray, gate: np.ndarray, up: np.ndarray, act: int = 0
     if big and gate.dtype == np.uint16 and up.dtype == np.uint16 and not act:
         h = np.empty((T, gate.shape[0]), np.float32)
         if T == 1:
-            _swiglu_gate_up_gemv(x2[0], gate, up, h[0])
+            _swiglu_gate_up_gemv(x2[0], gate, up, h[0], get_num_threads())
         elif T:
             _swiglu_gate_up_gemm(x2, gate, up, h, get_num_threads())
         return h
@@ -203,84 +195,66 @@ def expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray, weights:
 
 
 @njit(**JIT_PARALLEL)
-def _experts_gemv(x, gates, ups, downs, w, out):
-    """out[:] = sum_e w[e] * down_e @ (silu(gate_e @ x) * (up_e @ x)) for one token.
+def _experts_gemv(x, gW, gN, gS, gB, gP, gC, gV, uW, uN, uS, uB, uP, uC, uV,
+                  dW, dN, dS, dB, dP, dC, dV, w, out, inter, nthreads):
+    """out[:] += sum_e w[e] * down_e @ (silu(gate_e @ x) * (up_e @ x)) for one token.
 
-    gates/ups/downs are homogeneous tuples of BF16 (uint16) matrices."""
-    k = len(gates)
-    inter, n = gates[0].shape
-    hid = downs[0].shape[0]
+    The k gate, up and down matrices come as the seven component arguments of
+    :func:`~zipmoe_rt.kernels.rows.row_k` each (``g*``, ``u*``, ``d*``; from
+    :func:`~zipmoe_rt.kernels.rows.k_sources`): BF16 bits, compute forms, or a mix, all
+    through one compiled kernel per k; ``inter``: the experts' intermediate size I."""
+    k = w.shape[0]
+    n = x.shape[0]
+    hid = out.shape[0]
     h = np.empty((k, inter), np.float32)
     q = inter // 2
-    for b in prange(k * q):
-        e = b // q
-        i = b - e * q
-        m = i + q
-        gate = gates[e]
-        up = ups[e]
-        g0 = np.float32(0.0)
-        g1 = np.float32(0.0)
-        u0 = np.float32(0.0)
-        u1 = np.float32(0.0)
-        gr0 = gate[i]
-        gr1 = gate[m]
-        ur0 = up[i]
-        ur1 = up[m]
-        for j in range(n):
-            xj = x[j]
-            g0 += bf16_to_f32(gr0[j]) * xj
-            g1 += bf16_to_f32(gr1[j]) * xj
-            u0 += bf16_to_f32(ur0[j]) * xj
-            u1 += bf16_to_f32(ur1[j]) * xj
-        h[e, i] = _silu(g0) * u0
-        h[e, m] = _silu(g1) * u1
+    nblk = k * q
+    nchunks = max(1, min(nblk, nthreads))
+    for c in prange(nchunks):
+        s = np.empty((4, n), np.uint16)
+        for b in range(c * nblk // nchunks, (c + 1) * nblk // nchunks):
+            e = b // q
+            i = b - e * q
+            m = i + q
+            g0, g1, u0, u1 = dot4_bf16(x, row_k(gW, gN, gS, gB, gP, gC, gV, e, i, s[0]),
+                                       row_k(gW, gN, gS, gB, gP, gC, gV, e, m, s[1]),
+                                       row_k(uW, uN, uS, uB, uP, uC, uV, e, i, s[2]),
+                                       row_k(uW, uN, uS, uB, uP, uC, uV, e, m, s[3]))
+            h[e, i] = _silu(g0) * u0
+            h[e, m] = _silu(g1) * u1
+    s2 = np.empty((2, n), np.uint16)
     for e in range(k):
         for i in range(q * 2, inter):
-            g = np.float32(0.0)
-            u = np.float32(0.0)
-            for j in range(n):
-                g += bf16_to_f32(gates[e][i, j]) * x[j]
-                u += bf16_to_f32(ups[e][i, j]) * x[j]
-            h[e, i] = _silu(g) * u
+            h[e, i] = (_silu(dot1_bf16(x, row_k(gW, gN, gS, gB, gP, gC, gV, e, i, s2[0])))
+                       * dot1_bf16(x, row_k(uW, uN, uS, uB, uP, uC, uV, e, i, s2[1])))
     qd = hid // 4
-    for b in prange(qd):
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        a2 = np.float32(0.0)
-        a3 = np.float32(0.0)
-        for e in range(k):
-            d = downs[e]
-            he = h[e]
-            r0 = d[b]
-            r1 = d[b + qd]
-            r2 = d[b + 2 * qd]
-            r3 = d[b + 3 * qd]
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            s3 = np.float32(0.0)
-            for j in range(inter):
-                hj = he[j]
-                s0 += bf16_to_f32(r0[j]) * hj
-                s1 += bf16_to_f32(r1[j]) * hj
-                s2 += bf16_to_f32(r2[j]) * hj
-                s3 += bf16_to_f32(r3[j]) * hj
-            we = w[e]
-            a0 += we * s0
-            a1 += we * s1
-            a2 += we * s2
-            a3 += we * s3
-        out[b] += a0
-        out[b + qd] += a1
-        out[b + 2 * qd] += a2
-        out[b + 3 * qd] += a3
+    dchunks = max(1, min(qd, nthreads))
+    for c in prange(dchunks):
+        s = np.empty((4, inter), np.uint16)
+        for b in range(c * qd // dchunks, (c + 1) * qd // dchunks):
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for e in range(k):
+                s0, s1, s2_, s3 = dot4_bf16(h[e], row_k(dW, dN, dS, dB, dP, dC, dV, e, b, s[0]),
+                                            row_k(dW, dN, dS, dB, dP, dC, dV, e, b + qd, s[1]),
+                                            row_k(dW, dN, dS, dB, dP, dC, dV, e, b + 2 * qd, s[2]),
+                                            row_k(dW, dN, dS, dB, dP, dC, dV, e, b + 3 * qd, s[3]))
+                we = w[e]
+                a0 += we * s0
+                a1 += we * s1
+                a2 += we * s2_
+                a3 += we * s3
+            out[b] += a0
+            out[b + qd] += a1
+            out[b + 2 * qd] += a2
+            out[b + 3 * qd] += a3
+    s1r = np.empty((1, inter), np.uint16)
     for o in range(qd * 4, hid):
         a = np.float32(0.0)
         for e in range(k):
-            s = np.float32(0.0)
-            for j in range(inter):
-                s += bf16_to_f32(downs[e][o, j]) * h[e, j]
-            a += w[e] * s
+            a += w[e] * dot1_bf16(h[e], row_k(dW, dN, dS, dB, dP, dC, dV, e, o, s1r[0]))
         out[o] += a
 
 
@@ -299,7 +273,7 @@ def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray,
         act: the gate activation (0 SiLU; 1 GELU-tanh, one expert at a time).
     Raises:
         ValueError: shapes disagree.  Falls back to :func:`expert_accumulate` per expert for
-            non-BF16 or mixed array types.
+            non-BF16 weights or small products.
     """
     gates = tuple(np.ascontiguousarray(e[0] if isinstance(e, tuple) else e.gate) for e in experts)
     ups = tuple(np.ascontiguousarray(e[1] if isinstance(e, tuple) else e.up) for e in experts)
@@ -310,10 +284,10 @@ def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray,
             or any(g.shape != (inter, hid) or u.shape != (inter, hid) or d.shape != (hid, inter)
                    for g, u, d in zip(gates, ups, downs))):
         raise ValueError("experts_decode: shapes disagree")
-    types = {(a.dtype, a.flags.writeable, a.flags.aligned) for a in gates + ups + downs}
     big = 3 * len(gates) * inter * hid >= _lin.PAR_MIN_WORK
-    if big and len(types) == 1 and gates[0].dtype == np.uint16 and not act:
-        _experts_gemv(x, gates, ups, downs, w, out)
+    if big and not act and all(a.dtype == np.uint16 for a in gates + ups + downs):
+        _experts_gemv(x, *k_sources(gates, hid), *k_sources(ups, hid), *k_sources(downs, inter),
+                      w, out, inter, get_num_threads())
         return
     o2, x2 = out.reshape(1, -1), x.reshape(1, -1)
     for j, (g, u, d) in enumerate(zip(gates, ups, downs)):
@@ -323,7 +297,12 @@ def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray,
 _ROW0 = np.zeros(1, np.int64)
 
 
-#: SiLU (inline) and the weighted scatter-add of :func:`expert_accumulate`, shared with the
-#: packed kernels of :mod:`zipmoe_rt.kernels.packed`, which must round exactly as these do
-silu = _silu
+#: the weighted scatter-add of :func:`expert_accumulate`, shared with
+#: :func:`zipmoe_rt.kernels.packed.packed_expert_accumulate`, which must round exactly as it does
 scatter_add = _scatter_add
+
+#: the SwiGLU gate/up and k-expert kernels (weights: any row source of
+#: :mod:`zipmoe_rt.kernels.rows`), run on the compute form by :mod:`zipmoe_rt.kernels.packed`
+swiglu_gate_up_gemv = _swiglu_gate_up_gemv
+swiglu_gate_up_gemm = _swiglu_gate_up_gemm
+experts_gemv = _experts_gemv

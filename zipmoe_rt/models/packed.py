@@ -47,6 +47,16 @@ class PackedMatrix:
                 + self.esc_val.nbytes)
 
     @property
+    def source(self) -> tuple:
+        """The row source the Numba backend computes from: ``(nib, sm, base << 7 as uint16,
+        esc_ptr, esc_col, esc_val)``, built once."""
+        src = self.__dict__.get("_source")
+        if src is None:
+            src = self.__dict__["_source"] = (self.nib, self.sm, np.uint16(self.base << 7),
+                                              self.esc_ptr, self.esc_col, self.esc_val)
+        return src
+
+    @property
     def n_escapes(self) -> int:
         return int(self.esc_col.size)
 
