@@ -71,7 +71,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
          memory_budget=None, policy: str = "auto", eviction: str = "lru",
          workers: int | None = None, direct: bool = False, trace=None,
          io_depth: int | None = None, device: str = "cpu", memory_limit=None,
-         context: int | None = None, resident: str = "full") -> "Model":
+         context: int | None = None, resident: str = "full",
+         prefetch=None) -> "Model":
     """Load a ``.zmoe`` model (or the bundled default model when ``path`` is None).
 
     Args:
@@ -104,6 +105,10 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             use and kept) or ``compressed`` (every expert read at load and kept in the compute
             form, ~75 % of the BF16 bytes, and computed in place by the packed kernels; no reads
             after loading; outputs bit-identical; design note §6.5; CPU only).
+        prefetch: under a budget, ``on``/``off`` (or a bool): while a layer computes, start
+            loading the experts the next MoE layer's router predicts from the current hidden
+            state (engine/prefetch.py; outputs bit-identical either way). None: the default,
+            :data:`~zipmoe_rt.engine.prefetch.DEFAULT_PREFETCH`. No effect without a budget.
 
     Returns:
         a :class:`Model`.
@@ -113,7 +118,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         zmoe.ZmoeError: not a ``.zmoe``, corrupt, truncated, or from a newer format version.
         ValueError: an architecture this runtime does not run, a file without a tokenizer, a
             ``device`` other than auto, cpu, cuda, an unknown ``resident`` value, or
-            ``resident="compressed"`` with a memory budget or limit or on the GPU.
+            ``resident="compressed"`` with a memory budget or limit or on the GPU, or a
+            ``prefetch`` other than on, off or a bool.
         zipmoe_rt.engine.limit.MemoryLimitError: an unreadable ``memory_limit``, one too small
             for the fixed overhead plus the smallest budget (both stated), or a
             ``memory_budget`` that does not fit it.
@@ -154,6 +160,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                              "(not with --device cuda)")
     from .engine.io import check_io_depth
     check_io_depth(io_depth)   # also unbudgeted: a bad value is an error, not ignored
+    from .engine.prefetch import DEFAULT_PREFETCH, attach, check_prefetch
+    prefetch = check_prefetch(DEFAULT_PREFETCH if prefetch is None else prefetch)
     from . import kernels
     if kernels.USER_WAIT_POLICY is None:  # see zipmoe_rt/kernels/__init__.py
         kernels.set_wait_policy("passive" if budgeted else "active")
@@ -175,15 +183,17 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                 budget = mplan.budget
             engine = build_engine(source, budget, policy, eviction,
                                   workers, direct, trace, verify, io_depth, warn_stacklevel=2,
-                                  backend=backend)
+                                  backend=backend, prefetch=prefetch)
             _check_same_file(source, engine.reader)
             executor = engine
         else:
             if resident == "compressed":
                 source.admit_all()
             executor = ExpertExecutor(backend.resident_experts(source), backend)
-        model = Model(source, build_model(source, executor=executor, backend=backend), tok, path,
-                      engine)
+        net = build_model(source, executor=executor, backend=backend)
+        if engine is not None:
+            attach(net, engine)
+        model = Model(source, net, tok, path, engine)
         model.memory_plan = mplan
         if budgeted or resident == "compressed":
             _release_load_memory(source)

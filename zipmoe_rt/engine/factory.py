@@ -12,7 +12,8 @@ from .pipeline import ExpertEngine, budget_split
 
 
 def build_engine(source, budget, policy, eviction, workers, direct, trace, verify,
-                 io_depth=None, *, warn_stacklevel: int = 1, backend=None) -> ExpertEngine:
+                 io_depth=None, *, warn_stacklevel: int = 1, backend=None,
+                 prefetch: bool = False) -> ExpertEngine:
     """The :class:`~zipmoe_rt.engine.pipeline.ExpertEngine` that runs ``source``'s experts
     within ``budget`` bytes.
 
@@ -41,6 +42,8 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
             function: the frame a calibration warning is attributed to.
         backend: the compute backend of the experts (that of the model; default numba). The
             engine reads and decodes on the host whatever the backend.
+        prefetch: cross-layer prefetch (engine/prefetch.py); its second working set is taken
+            from the budget before the tiers are planned.
 
     Returns:
         the engine (the caller closes it).
@@ -59,8 +62,9 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     workers = workers or os.cpu_count() or 1
     if policy != "zipmoe":
         return ExpertEngine(source, budget, policy, eviction, workers=workers, direct=direct,
-                            verify=verify, io_depth=io_depth, backend=backend)
-    tier_budget = budget_split(source, budget)[2]   # too small a budget: no calibration noise first
+                            verify=verify, io_depth=io_depth, backend=backend,
+                            prefetch=prefetch)
+    tier_budget = budget_split(source, budget, prefetch)[2]   # too small a budget: no calibration noise first
     tr = prof.load_trace(trace_path, source)
     # a stored calibration that does not fit this run (other version, read mode, io depth or
     # machine) is used anyway, with one CalibrationWarning (attributed as warn_stacklevel says);
@@ -78,4 +82,4 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     plan, ranks = prof.make_plan(tr, delay, tier_budget, int(source.hparams["num_experts_per_tok"]))
     return ExpertEngine(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
                         workers=workers, direct=direct, verify=verify, delay=delay,
-                        io_depth=io_depth, backend=backend)
+                        io_depth=io_depth, backend=backend, prefetch=prefetch)

@@ -1,0 +1,163 @@
+"""Cross-layer prefetch (zipmoe_rt/engine/prefetch.py).
+
+* Parity: generation under a budget is bit-identical with prefetch on and off, for every
+  policy, at a budget with no tiers (only the second working set), a middle one and one that
+  holds everything, on specs covering plain experts, dense layers before the MoE layers with a
+  shared expert, MLA with a grouped router, and PhiMoE's sparsemixer; the reference is the
+  unbudgeted executor (itself checked against transformers by test_model_parity).
+* Prefetch really runs: predictions are made on every decode step of every MoE layer after
+  the first, loads are started and claimed.
+* Recall and wasted bytes on a constructed case: a prediction of {0, 1} against a use of {1, 2}
+  is recall 1/2, and the unclaimed expert 0's two regions are the wasted bytes.
+* Budget accounting: prefetch reserves a second working set, and a budget without room for
+  it runs without prefetch; ``--prefetch`` values are checked.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from zipmoe_rt.engine.pipeline import ExpertEngine, budget_split
+from zipmoe_rt.engine.prefetch import attach, check_prefetch
+from zipmoe_rt.engine.store import ZmoeSource
+from zipmoe_rt.models import build_model
+
+from test_engine import (DECODE_STEPS, WORKERS, assert_same_logits, generate,  # noqa: F401
+                         make_engine, tiny_case)
+
+SPECS_PF = ["mixtral", "deepseek_v2_lite", "glm4_moe_groups", "phimoe"]
+
+
+def budget_of(case, which: str) -> int:
+    """``pf-min``: the minimum plus a second working set (no tiers); ``mid``; ``all``."""
+    if which == "pf-min":
+        return case.dense + 2 * case.k * case.bytes_F
+    return case.budget(which)
+
+
+def run_prefetch(case, policy, which, prefetch: bool):
+    b = budget_of(case, which)
+    delay = case.delay("CE") if policy == "zipmoe" else None
+    source, engine, _plan = make_engine(case, b, policy, "lru", delay)
+    try:
+        if prefetch:   # make_engine builds without prefetch: rebuild the same engine with it
+            engine.close()
+            source.close()
+            source, engine = _with_prefetch(case, b, policy, delay)
+        net = build_model(source, executor=engine)
+        n = attach(net, engine)
+        logits, tokens = generate(net, case.ids, DECODE_STEPS)
+        return logits, tokens, engine.stats, n, engine
+    finally:
+        engine.close()
+        source.close()
+
+
+def _with_prefetch(case, b, policy, delay):
+    from zipmoe_rt.engine import profile as prof
+    path = case.raw if policy == "raw-lru" else case.zmoe
+    source = ZmoeSource(path, keep_experts=False, copy_dense=True)
+    if policy == "zipmoe":
+        tr = prof.load_trace(case.trace_path, source)
+        plan, ranks = prof.make_plan(tr, delay, budget_split(source, b, True)[2], case.k)
+        engine = ExpertEngine(source, b, "zipmoe", "lru", plan=plan.layers, ranks=ranks,
+                              workers=WORKERS, delay=delay, prefetch=True)
+    else:
+        engine = ExpertEngine(source, b, policy, "lru", workers=WORKERS, prefetch=True)
+    return source, engine
+
+
+MATRIX = [(s, p, b) for s in SPECS_PF for p in ("raw-lru", "zip-lru", "zipmoe")
+          for b in ("pf-min", "mid", "all")]
+
+
+@pytest.mark.parametrize("spec,policy,which", MATRIX,
+                         ids=[f"{s}-{p}-{b}" for s, p, b in MATRIX])
+def test_prefetch_on_is_bit_identical_and_runs(tiny_case, spec, policy, which):
+    case = tiny_case(spec)
+    logits, tokens, st, n_look, engine = run_prefetch(case, policy, which, True)
+    assert engine.prefetch and engine.window == 2 * case.k
+    assert_same_logits(logits, case.ref_logits)
+    assert tokens == case.ref_tokens
+    moe = sorted(case.hp["moe_layers"])
+    # every layer before the last MoE layer looks ahead; every MoE layer but the first is
+    # predicted on each of the DECODE_STEPS one-token calls (k distinct experts each)
+    assert n_look == moe[-1]
+    assert sorted(st.recall_used) == moe[1:]
+    assert all(st.recall_used[l] == DECODE_STEPS * case.k for l in moe[1:])
+    assert all(0 <= st.recall_hits[l] <= st.recall_used[l] for l in moe[1:])
+    if which == "pf-min":   # nothing resident: every prediction is a load, most are claimed
+        assert st.prefetch_issued > 0 and st.prefetch_used > 0
+    assert st.prefetch_used + st.prefetch_wasted <= st.prefetch_issued
+
+
+@pytest.mark.parametrize("spec", ["mixtral", "deepseek_v2_lite"])
+def test_prefetch_off_is_bit_identical(tiny_case, spec):
+    case = tiny_case(spec)
+    logits, tokens, st, n_look, engine = run_prefetch(case, "zip-lru", "pf-min", False)
+    assert not engine.prefetch and n_look == 0 and st.prefetch_issued == 0
+    assert_same_logits(logits, case.ref_logits)
+    assert tokens == case.ref_tokens
+
+
+def test_recall_and_wasted_bytes_on_a_constructed_case(tiny_case):
+    case = tiny_case("mixtral")
+    b = budget_of(case, "pf-min")            # no tiers: every expert is read and decoded
+    source = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
+    engine = ExpertEngine(source, b, "zip-lru", workers=WORKERS, prefetch=True)
+    try:
+        assert engine.tier_budget < engine.bytes_F   # no F pool
+        layer = sorted(case.hp["moe_layers"])[1]
+        H = int(case.hp["hidden_size"])
+        x = np.random.default_rng(0).standard_normal((1, H)).astype(np.float32)
+        w = np.array([[0.75, 0.25]], np.float32)
+        engine.predict(layer, [1, 0], issue_now=True)
+        assert engine.stats.prefetch_issued == 2
+        engine.run(layer, x, np.array([[2, 1]], np.int64), w)
+        st = engine.stats
+        assert st.recall_hits == {layer: 1} and st.recall_used == {layer: 2}
+        assert st.prefetch_used == 1
+        engine._sweep_discarded(wait=True)
+        lay = case.layouts[(layer, 0)]
+        assert st.prefetch_wasted == 1
+        assert st.prefetch_wasted_bytes == lay.sm_region[1] + lay.exp_region[1]
+        # the output equals the executor's without any prediction
+        ref = ExpertEngine(source, b, "zip-lru", workers=WORKERS, prefetch=False)
+        try:
+            want = ref.run(layer, x, np.array([[2, 1]], np.int64), w)
+        finally:
+            ref.close()
+        got = engine.run(layer, x, np.array([[2, 1]], np.int64), w)
+        assert np.array_equal(got, want)
+        # a call without a prediction counts nothing
+        assert st.recall_used == {layer: 2}
+    finally:
+        engine.close()
+        source.close()
+
+
+def test_budget_without_room_for_a_second_working_set_runs_without_prefetch(tiny_case):
+    case = tiny_case("mixtral")
+    src = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
+    try:
+        b = case.budget("min")
+        assert budget_split(src, b, True) == (case.bytes_F, case.k, 0)
+        assert budget_split(src, b + case.k * case.bytes_F, True) == (case.bytes_F, 2 * case.k, 0)
+        extra = 5 * case.bytes_F
+        assert budget_split(src, b + extra, True) == (case.bytes_F, 2 * case.k,
+                                                      extra - case.k * case.bytes_F)
+        eng = ExpertEngine(src, b, "zip-lru", workers=WORKERS, prefetch=True)
+        try:
+            assert not eng.prefetch and eng.window == case.k
+        finally:
+            eng.close()
+    finally:
+        src.close()
+
+
+def test_check_prefetch_values():
+    assert check_prefetch("on") is True and check_prefetch("off") is False
+    assert check_prefetch(True) is True and check_prefetch(False) is False
+    with pytest.raises(ValueError, match=r"prefetch \(--prefetch\) must be one of on, off, "
+                                         r"got 'yes'"):
+        check_prefetch("yes")
