@@ -162,3 +162,20 @@ def test_check_prefetch_values():
     with pytest.raises(ValueError, match=r"prefetch \(--prefetch\) must be one of on, off, "
                                          r"got 'yes'"):
         check_prefetch("yes")
+
+
+def test_bench_prefetch_summary_sums_runs_per_layer():
+    from zipmoe_rt.bench import prefetch_summary
+    runs = [dict(recall_hits={"1": 3, "2": 4}, recall_used={"1": 4, "2": 4}, prefetch_issued=5,
+                 prefetch_used=4, prefetch_wasted=1, prefetch_wasted_bytes=1000),
+            dict(recall_hits={"1": 1, "2": 4}, recall_used={"1": 4, "2": 4}, prefetch_issued=3,
+                 prefetch_used=3, prefetch_wasted=0, prefetch_wasted_bytes=0)]
+    s = prefetch_summary(runs, tokens=4)
+    assert s["prefetch"] == "on"
+    assert s["prefetch_recall"] == {"1": 0.5, "2": 1.0}
+    assert s["prefetch_recall_min"] == 0.5 and s["prefetch_recall_mean"] == 12 / 16
+    assert s["wasted_bytes_per_token"] == 250.0 and s["prefetch_loads_per_token"] == 2.0
+    off = [dict(recall_hits={}, recall_used={}, prefetch_issued=0, prefetch_used=0,
+                prefetch_wasted=0, prefetch_wasted_bytes=0)]
+    assert prefetch_summary(off, tokens=4) == {"prefetch": "off"}
+    assert prefetch_summary([{"hits": {}}], tokens=4) == {}
