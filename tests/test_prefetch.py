@@ -112,8 +112,10 @@ def test_recall_and_wasted_bytes_on_a_constructed_case(tiny_case):
         H = int(case.hp["hidden_size"])
         x = np.random.default_rng(0).standard_normal((1, H)).astype(np.float32)
         w = np.array([[0.75, 0.25]], np.float32)
-        engine.predict(layer, [1, 0], issue_now=True)
-        assert engine.stats.prefetch_issued == 2
+        assert case.k == 2 and int(case.hp["num_experts"]) >= 4
+        engine.predict(layer, [3, 1, 0], issue_now=True)   # at most k loads alive: 3 waits
+        assert engine.stats.prefetch_issued == 2 and engine.stats.prefetch_skipped == 1
+        assert sorted(engine._inflight) == [(layer, 0), (layer, 1)]
         engine.run(layer, x, np.array([[2, 1]], np.int64), w)
         st = engine.stats
         assert st.recall_hits == {layer: 1} and st.recall_used == {layer: 2}

@@ -174,7 +174,7 @@ ENGINE_OPTIONS = [
     # cross-layer prefetch (engine/prefetch.py)
     click.option("--prefetch", type=click.Choice(["on", "off"]), default=None,
                  help="under a budget: while a layer computes, load the experts the next "
-                      "layer's router predicts (same outputs) [default: on]"),
+                      "layer's router predicts (same outputs) [default: off]"),
 ]
 
 DEVICE_OPTION = click.option(
@@ -456,7 +456,7 @@ def calibrate(model, samples, direct, io_depth, device):
               help="how the unbudgeted rows hold experts (repeatable: a row each) [default: full]")
 @click.option("--prefetch", "prefetches", multiple=True, type=click.Choice(["on", "off"]),
               help="cross-layer prefetch of the budgeted rows (repeatable: a row each) "
-                   "[default: on]")
+                   "[default: off]")
 @friendly_errors
 def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
           io_depth, raw_model, trace, json_out, device, residents, prefetches):

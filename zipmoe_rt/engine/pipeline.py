@@ -72,6 +72,7 @@ class StageTimes:
     prefetch_used: int = 0
     prefetch_wasted: int = 0
     prefetch_wasted_bytes: int = 0
+    prefetch_skipped: int = 0     # predicted, not started: k predicted loads already alive
 
     def reset(self):
         self.__init__()
@@ -86,7 +87,8 @@ class StageTimes:
                 "recall_used": {str(k): v for k, v in self.recall_used.items()},
                 "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
                 "prefetch_wasted": self.prefetch_wasted,
-                "prefetch_wasted_bytes": self.prefetch_wasted_bytes}
+                "prefetch_wasted_bytes": self.prefetch_wasted_bytes,
+                "prefetch_skipped": self.prefetch_skipped}
 
 
 class _Pending:

@@ -33,7 +33,7 @@ import numpy as np
 #: values of ``--prefetch``.
 PREFETCH_MODES = ("on", "off")
 #: the default of ``--prefetch`` / ``load(prefetch=None)`` (docs/benchmarks.md §12 measures it).
-DEFAULT_PREFETCH = "on"
+DEFAULT_PREFETCH = "off"
 
 
 def check_prefetch(value) -> bool:
@@ -81,13 +81,24 @@ class PrefetchMixin:
             return
         layer, experts = nxt
         self._predicted[layer] = experts
+        # loads of other layers nobody claimed (the running layer has claimed its own by now)
+        # are discarded first; at most k predicted loads are alive at once (in flight or
+        # discarded and still running), so decoded experts stay within the 2k working set
+        for key in [k for k in self._inflight if k[0] != layer]:
+            self._discard.append(self._inflight.pop(key))
+        self._sweep_discarded()
+        room = self.k - len(self._discard) - len(self._inflight)
         pool = self.fpools[layer]
         for e in experts:
             key = (layer, e)
             if key in pool.slots or key in self._inflight:
                 continue
+            if room <= 0:
+                self.stats.prefetch_skipped += 1
+                continue
             self._inflight[key] = self._start(self.layouts[key], self.slots.get(key))
             self.stats.prefetch_issued += 1
+            room -= 1
 
     def _claim_prefetched(self, key, in_f: bool):
         """The load in flight for ``key`` if a prediction started one (None otherwise); when
