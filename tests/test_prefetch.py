@@ -181,3 +181,28 @@ def test_bench_prefetch_summary_sums_runs_per_layer():
                 prefetch_wasted=0, prefetch_wasted_bytes=0)]
     assert prefetch_summary(off, tokens=4) == {"prefetch": "off"}
     assert prefetch_summary([{"hits": {}}], tokens=4) == {}
+
+
+def test_bench_rows_with_prefetch_off_and_on(tiny_case):
+    """`bench --prefetch off --prefetch on`: a row each, the same tokens decoded, recall per
+    predicted layer in [0, 1] on the "on" row only, and the prefetch line under the table."""
+    import json
+    import re
+
+    from zipmoe_rt import bench as B
+
+    c = tiny_case("mixtral")
+    res = B.run(c.zmoe, [budget_of(c, "pf-min")], ["zip-lru"], pp=0, tg=4, reps=1,
+                workers=WORKERS, log=lambda s: None, prefetches=("off", "on"))
+    rows = {r["prefetch"]: r for r in res["rows"]}
+    assert set(rows) == {"off", "on"}
+    assert "prefetch_recall" not in rows["off"]
+    rec = rows["on"]["prefetch_recall"]
+    assert sorted(rec, key=int) == [str(l) for l in sorted(c.hp["moe_layers"])[1:]]
+    assert all(0.0 <= v <= 1.0 for v in rec.values())
+    assert rows["on"]["wasted_bytes_per_token"] >= 0
+    table = B.table(res)
+    assert re.search(r"prefetch \(zip-lru, budget \d+\): recall per MoE layer [\d ]+ % \(min "
+                     r"\d+ %, mean \d+ %\); \d+\.\d loads started, \d+\.\d\d MB wasted per "
+                     r"token", table), table
+    json.dumps(res)
