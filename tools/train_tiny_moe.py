@@ -8,7 +8,8 @@ files and saves a Hugging Face folder that ``zipmoe-rt convert`` takes: ``config
 ``model.safetensors`` (BF16), ``tokenizer.json`` (a byte-level BPE trained on the same corpus with
 ``tokenizers``), ``tokenizer_config.json`` and ``generation_config.json``.
 
-It needs torch, transformers and tokenizers (a tool dependency, never imported by the runtime).
+It needs torch, transformers and tokenizers (`pip install zipmoe-rt[train]`; never imported by
+the runtime).
 After training it prints, per MoE layer, on held-out text:
 
 - the expert-load entropy in bits, and as a share of ``log2(num_experts)`` (1.0 = uniform);
