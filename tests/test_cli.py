@@ -344,6 +344,10 @@ def test_run_under_a_memory_budget_gives_the_same_text(model, tiny_zmoe):
     r = cli("run", tiny_zmoe, "-p", "hello", "-n", 12, "--memory-budget", "30%")
     assert r.exit_code == 0, r.output
     assert r.stdout == want
+    # the budget is stated on stderr, as with --memory-limit
+    with zipmoe_rt.load(tiny_zmoe, memory_budget="30%") as m:
+        line = f"zipmoe-rt: no memory limit; weight budget {m.engine.budget / 1e6:.1f} MB; policy "
+    assert r.stderr.splitlines()[0].startswith(line), r.stderr
     assert_one_line_error(cli("run", tiny_zmoe, "-p", "hello", "-m", "lots"), "--memory-budget",
                           "lots")
 
@@ -435,6 +439,7 @@ def test_chat_piped_commands(model, tiny_zmoe):
     script = ("hello world\n"
               "/stats\n"
               "/reset\n"
+              "/stats\n"
               "tell me a story\n"
               "/system be brief\n"
               "tell me a story\n"
@@ -456,6 +461,10 @@ def test_chat_piped_commands(model, tiny_zmoe):
     assert "(conversation cleared; no system prompt)" in err
     assert "(system prompt set; conversation cleared)" in err
     assert "unknown command /bogus" in err
+    # /stats right after /reset: no reply timings from before the reset, an empty KV cache
+    after_reset = err.split("(conversation cleared; no system prompt)", 1)[1]
+    assert after_reset.lstrip().startswith("(no reply in this conversation yet)\n"
+                                           "conversation: 0 messages, 0 tokens in the KV cache")
     # /stats after the first reply, then after the last: stats line, conversation, memory
     stats = [STATS_RE.match(l) for l in err.splitlines()]
     stats = [m.groups() for m in stats if m]
@@ -466,9 +475,9 @@ def test_chat_piped_commands(model, tiny_zmoe):
     assert conv_lines[0] == ("2", str(p1 + 5 - 1))
     p4, c4 = int(stats[1][0]), int(stats[1][1])
     assert p4 + c4 == len(model.tokenizer.encode_chat(conv)) and c4 > 0
-    assert conv_lines[1] == ("4", str(p4 + c4 + 5 - 1))
+    assert conv_lines[2] == ("4", str(p4 + c4 + 5 - 1))
     mem = re.findall(r"^memory: dense ([\d.]+) MB, experts ([\d.]+) MB$", err, re.M)
-    assert len(mem) == 2
+    assert len(mem) == 3
     assert float(mem[0][0]) == pytest.approx(model.source.dense_bytes() / 1e6, abs=0.05)
     assert float(mem[0][0]) > 0 and float(mem[1][1]) > 0
 
@@ -507,7 +516,7 @@ def test_chat_ctrl_c_during_prefill_keeps_the_conversation(model, tiny_zmoe, mon
 def test_chat_stats_before_any_reply(tiny_zmoe):
     r = cli("chat", tiny_zmoe, input="/stats\n")
     assert r.exit_code == 0 and r.stdout == ""
-    assert "(no reply yet)" in r.stderr
+    assert "(no reply in this conversation yet)" in r.stderr
     assert "conversation: 0 messages, 0 tokens in the KV cache" in r.stderr
 
 
@@ -706,3 +715,22 @@ def test_convert_output_naming_a_folder_is_refused(tmp_path):
     out.mkdir()
     r = cli("convert", tmp_path, "-o", out)
     assert r.exit_code != 0 and "is a directory" in r.stderr, r.stderr
+
+
+def test_verify_names_every_corrupt_tensor(tiny_zmoe, tmp_path):
+    """verify checks the whole file: two corrupt experts are both named in its one error line."""
+    once = tmp_path / "once.zmoe"
+    bad = tmp_path / "bad.zmoe"
+    first = _flip_expert_exponent_byte(tiny_zmoe, once, layer=0, expert=1)
+    second = _flip_expert_exponent_byte(once, bad, layer=1, expert=2)
+    assert first != second
+    r = cli("verify", bad, "-q")
+    line = assert_one_line_error(r, bad, repr(first), "CRC-32", "2 corrupt tensors in all",
+                                 f"also {second!r}")
+    assert "OK" not in r.stdout, line
+    with zmoe.ZmoeReader(bad) as rd:
+        assert [n for n, _ in rd.verify(keep_going=True)] == [first, second]
+        with pytest.raises(zmoe.ChecksumError, match=repr(first)):
+            rd.verify()
+    with zmoe.ZmoeReader(tiny_zmoe) as rd:
+        assert rd.verify(keep_going=True) == []

@@ -33,12 +33,15 @@ def _hf_config(name: str) -> tuple:
     return fam, cfg, d
 
 
-def _state_dict_shapes(cfg, model_cls: str) -> dict:
+def _state_dict_shapes(cfg, model_cls: str, towers=()) -> dict:
+    """Names and shapes of transformers' state_dict, less the tensors of the ``towers`` (name
+    prefixes) a family does not run (a vision tower)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if not k.startswith(tuple(towers))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,7 +57,7 @@ def test_fused_specs_equal_transformers_state_dict(name):
     specs = fam.tensor_specs(hp, FUSED)
     got = {s.name: tuple(s.shape) for s in specs}
     assert len(got) == len(specs)                                   # no name twice
-    assert got == _state_dict_shapes(cfg, d["architectures"][0])
+    assert got == _state_dict_shapes(cfg, d["architectures"][0], getattr(fam, "other_towers", ()))
     tied = [s.name for s in specs if s.tied]
     assert tied == (["lm_head.weight"] if SPECS[name][1]["tie_word_embeddings"] else [])
 
@@ -70,7 +73,8 @@ def test_hub_specs_equal_saved_checkpoint(tiny_moe_dir, name):
     specs = [s for s in arch.tensor_specs(arch.typed_hparams(), HUB) if not s.tied]
     ckpt = Checkpoint(folder)
     try:
-        saved = {t.name: tuple(t.shape) for t in ckpt}
+        saved = {t.name: tuple(t.shape) for t in ckpt
+                 if not t.name.startswith(getattr(arch, "other_towers", ()))}
     finally:
         ckpt.close()
     assert {s.name: tuple(s.shape) for s in specs} == saved
@@ -133,6 +137,9 @@ def test_hparams_defaults_are_transformers_defaults(family):
     """A config.json written from transformers' default config class reads back as the
     dataclass defaults (layer_types / max_window_layers are kept only when given)."""
     transformers = pytest.importorskip("transformers")
+    if family in ("gemma4", "gemma4_text"):     # Gemma 4
+        pytest.skip("Gemma4TextConfig() describes a dense model with per-layer inputs, which "
+                    "the runtime refuses; tests/test_gemma4.py reads its defaults with MoE on")
     fam = get_family(family)
     cfg = getattr(transformers, fam.hf_config_class)()
     d = dict(json.loads(cfg.to_json_string(use_diff=False)), architectures=[fam.hf_names[0]])
@@ -145,7 +152,8 @@ def test_hparams_defaults_are_transformers_defaults(family):
     got = fam(dict(d, **fill)).typed_hparams().to_hparams()
     want = fam.hparams_class(architecture=fam.hf_names[0], family=family, **fill).to_hparams()
     for k in ("layer_types", "max_window_layers"):
-        got.pop(k, None)
+        if k not in want:       # kept where the family derives it (Qwen3-Next)
+            got.pop(k, None)
     assert got == want
     assert type(got["rms_norm_eps"]) is float and type(got["vocab_size"]) is int
     assert got["rope"]["rope_theta"] == {"mixtral": 1e6, "phimoe": 1e6,
@@ -209,7 +217,10 @@ def test_config_roundtrip_and_transformers_loads_it(name):
     transformers = pytest.importorskip("transformers")
     cfg_cls, model_cls = hf_classes(name)
     kw = {k: v for k, v in cfg2.items() if k not in ("architectures", "model_type")}
-    shapes = _state_dict_shapes(getattr(transformers, cfg_cls)(**kw), model_cls)
+    towers = getattr(fam, "other_towers", ())
+    if towers:      # the towers' own config (not stored) as the spec gives it
+        kw = {**SPECS[name][1], **kw}
+    shapes = _state_dict_shapes(getattr(transformers, cfg_cls)(**kw), model_cls, towers)
     assert shapes == {s.name: tuple(s.shape) for s in fam.tensor_specs(hp, FUSED)}
 
 
@@ -421,7 +432,8 @@ def test_bench_warmup_source_builds_from_the_specs(name):
         assert src.has(fam.tensor_name("attn_kv_a_bias", 0)) == hp.attention_bias
     else:
         assert src.has("model.layers.0.self_attn.q_proj.bias") == hp.attention_bias
-    assert src.has("model.layers.1.self_attn.k_norm.weight") == hp.qk_norm
+    assert ("attn_k_norm" in fam.tensor_table()
+            and src.has(fam.tensor_name("attn_k_norm", 1))) == hp.qk_norm
     assert src.has("lm_head.weight") != SPECS[name][1]["tie_word_embeddings"]
     net = build_model(src)
     logits = net.forward(np.arange(8), net.new_cache())

@@ -27,7 +27,8 @@ def spec_table() -> dict:
 
 def test_spec_lists_exactly_the_constants():
     table = spec_table()
-    assert len(table) == 59     # 45 + MLA / DeepSeek MoE 9 + Granite-MoE 4 + ERNIE 4.5 MoE 1
+    assert len(table) == 59 + 5 + 5  # 45 + MLA / DeepSeek MoE 9 + Granite-MoE 4 + ERNIE 4.5 MoE 1
+    #                                   + Gated DeltaNet 5 + Gemma 4 5
     assert sorted(table) == list(metadata_keys())
     assert Keys.General.ARCHITECTURE == "general.architecture"
     assert Keys.HParams.MOE_LAYERS == hparam_key("moe_layers") == "hparams.moe_layers"

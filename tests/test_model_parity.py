@@ -12,6 +12,7 @@ from zipmoe_rt.models import build_model
 from zipmoe_rt.families import HParams
 from zipmoe_rt.models.base import ExpertExecutor, KVCache, rope_inv_freq
 from zipmoe_rt.models.weights import CheckpointSource
+from zipmoe_rt.models.cache import RecurrentCache
 
 from hf_parity import hf_logits, model_pair
 from tiny_models import SPECS
@@ -184,7 +185,15 @@ def test_prefill_in_pieces(loaded, name):
     cache = model.new_cache(capacity=4)
     parts = [model.forward(PROMPT[a:b], cache, last_only=False)
              for a, b in ((0, 7), (7, 8), (8, 13), (13, 16))]
-    np.testing.assert_allclose(np.concatenate(parts), full, rtol=0, atol=1e-5)
+    # a recurrent state (Qwen3-Next) is stored in float32 between calls: its rounding shows
+    recurrent = any(isinstance(lc, RecurrentCache) for lc in cache.layers)
+    np.testing.assert_allclose(np.concatenate(parts), full, rtol=0,
+                               atol=1e-4 if recurrent else 1e-5)
+    if not cache.can_crop(8):       # a recurrent state (Qwen3-Next) cannot go back: refused
+        with pytest.raises(ValueError, match="cannot crop"):
+            cache.crop(8)
+        assert cache.offset == 16
+        return
     # crop and redo the tail: same logits
     cache.crop(8)
     again = model.forward(PROMPT[8:], cache, last_only=False)

@@ -398,3 +398,22 @@ def test_a_device_file_is_not_a_config():
 
     with pytest.raises(PlanError, match="/dev/zero: not a regular file"):
         size_plan("/dev/zero")
+
+
+def test_qwen3_moe_dense_width_takes_the_class_default(tmp_path):
+    """Qwen3-MoE configs may leave out ``intermediate_size`` (no dense layer uses it):
+    transformers' ``Qwen3MoeConfig`` default applies, and the plan is the one with it given."""
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(PUBLISHED["Qwen/Qwen3-30B-A3B"])
+    del cfg["intermediate_size"]
+    given = size_plan(write_config(tmp_path / "given", PUBLISHED["Qwen/Qwen3-30B-A3B"]), None)
+    absent = size_plan(write_config(tmp_path / "absent", cfg), None)
+    assert transformers.Qwen3MoeConfig().intermediate_size == 6144
+    a, g = absent.as_dict(), given.as_dict()
+    assert a.pop("config") != g.pop("config")
+    assert a == g
+    # still required where the family has no such default (Mixtral's is its MLP width)
+    mix = dict(PUBLISHED["mistralai/Mixtral-8x7B-v0.1"])
+    del mix["intermediate_size"]
+    r = cli("plan", write_config(tmp_path / "mix", mix))
+    assert r.exit_code != 0 and "missing intermediate_size" in r.output

@@ -66,7 +66,8 @@ def tiny_zmoe(tiny_moe_dir, tmp_path_factory):
     dest.mkdir()
     for f in src.iterdir():
         shutil.copy(f, dest / f.name)
-    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    cfg = json.loads((src / "config.json").read_text())
+    vocab = cfg.get("text_config", cfg)["vocab_size"]      # text_config: Gemma 4 (VL)
     (dest / "tokenizer.json").write_text(_tokenizer_json(vocab))
     (dest / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "chat_template": TEMPLATE}))

@@ -136,6 +136,65 @@ SPECS = {
         moe_num_experts=4, moe_k=2, moe_num_shared_experts=0, moe_layer_start_index=0,
         moe_layer_end_index=3, moe_layer_interval=2, tie_word_embeddings=True,
         rope_theta=10000.0)),
+    # Qwen3-Next / Qwen3.5-MoE: Gated DeltaNet layers (2 key heads, 4 value heads) mixed with
+    # gated full attention (layer_types / full_attention_interval), zero-centred norms, partial
+    # rotary, shared expert with its gate; a dense layer and q/k/v/o biases in the second
+    "qwen3_next": ("qwen3_next", dict(
+        COMMON, num_hidden_layers=4, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=3,
+        linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4, full_attention_interval=2)),
+    "qwen3_next_dense_bias": ("qwen3_next", dict(
+        COMMON, num_hidden_layers=3, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=False, mlp_only_layers=[0], attention_bias=True,
+        linear_conv_kernel_dim=3, linear_key_head_dim=8, linear_value_head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=2,
+        layer_types=["full_attention", "full_attention", "linear_attention"])),
+    "qwen3_5_moe": ("qwen3_5_moe", dict(
+        COMMON, num_hidden_layers=4, head_dim=16, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+        linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention",
+                     "full_attention"])),
+    # the text model of Qwen3_5MoeForConditionalGeneration (a small vision tower, not run)
+    "qwen3_5_moe_vl": ("qwen3_5_moe_vl", dict(
+        tie_word_embeddings=False, text_config=dict(
+            {k: v for k, v in COMMON.items() if k != "tie_word_embeddings"}, num_hidden_layers=4,
+            head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            num_experts=4, num_experts_per_tok=2, linear_conv_kernel_dim=4,
+            linear_key_head_dim=16, linear_value_head_dim=8, linear_num_key_heads=2,
+            linear_num_value_heads=4, full_attention_interval=2),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                           out_hidden_size=64, patch_size=4, temporal_patch_size=2,
+                           spatial_merge_size=2, num_position_embeddings=16))),
+    # Gemma 4 (26B-A4B's structure): sliding layers (head_dim 16, 2 kv heads, window 5) and
+    # full layers (head 32, proportional RoPE) with one kv head whose values are the keys
+    # (attention_k_eq_v), a soft cap that really bends the logits (3.0); then the default
+    # pattern and RoPE of a 3-layer model (last layer full), v_proj everywhere, no cap, a tied
+    # head. Router scales, layer scalars and every norm are random (make_tiny).
+    "gemma4": ("gemma4_text", dict(
+        COMMON, num_hidden_layers=4, head_dim=16, global_head_dim=32,
+        num_global_key_value_heads=1, attention_k_eq_v=True, intermediate_size=48,
+        enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
+        hidden_size_per_layer_input=0, sliding_window=5, final_logit_softcapping=3.0,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                     "full_attention"])),
+    "gemma4_default_pattern": ("gemma4_text", dict(
+        COMMON, head_dim=16, global_head_dim=32, intermediate_size=48, enable_moe_block=True,
+        num_experts=4, top_k_experts=2, moe_intermediate_size=32, hidden_size_per_layer_input=0,
+        sliding_window=6, tie_word_embeddings=True)),
+    # the text model of Gemma4ForConditionalGeneration (no vision or audio tower here; a tower
+    # is tested in test_gemma4.py): tensors under model.language_model., config in text_config
+    "gemma4_vl": ("gemma4", dict(
+        text_config=dict(
+            COMMON, num_hidden_layers=2, head_dim=16, global_head_dim=32,
+            num_global_key_value_heads=1, attention_k_eq_v=True, intermediate_size=48,
+            enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+            hidden_size_per_layer_input=0, sliding_window=5, final_logit_softcapping=30.0),
+        vision_config=None, audio_config=None, initializer_range=INIT_STD,
+        tie_word_embeddings=False)),
 }
 
 
@@ -159,6 +218,8 @@ def _randomize_norms(model, torch, gen):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".dt_bias"):     # Gated DeltaNet (Qwen3-Next, Qwen3.5-MoE)
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
 
 
 def _randomize_correction_bias(model, torch, gen):
@@ -172,6 +233,19 @@ def _randomize_correction_bias(model, torch, gen):
                 0.1 * torch.randn(b.shape, generator=gen), requires_grad=False)
         elif isinstance(b, torch.Tensor):
             mod.e_score_correction_bias = 0.1 * torch.randn(b.shape, generator=gen)
+
+
+def _randomize_gemma4(model, torch, gen):
+    """Gemma 4's router ``scale`` and ``per_expert_scale`` (in 0.5..1.5), ``layer_scalar``
+    buffers and the numbered sandwich norms (``*_layernorm_1`` / ``_2``), which are ones at
+    init: random values so that a model ignoring them differs."""
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith(("router.scale", "layer_scalar")) or name.endswith(
+                    ("layernorm_1.weight", "layernorm_2.weight")):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("router.per_expert_scale"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
 
 
 def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
@@ -193,6 +267,7 @@ def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
     cfg = getattr(transformers, cfg_cls)(**kw)
     model = getattr(transformers, model_cls)(cfg)
     _randomize_norms(model, torch, torch.Generator().manual_seed(seed + 1))
+    _randomize_gemma4(model, torch, torch.Generator().manual_seed(seed + 3))  # Gemma 4
     model = model.to(torch.bfloat16)
     _randomize_correction_bias(model, torch, torch.Generator().manual_seed(seed + 2))
     model.save_pretrained(folder, max_shard_size="200KB" if sharded else "2GB")

@@ -241,6 +241,8 @@ class Model:
         held = getattr(getattr(self.net, "executor", None), "source", self.source)
         if held is not self.source and hasattr(held, "nbytes"):
             rep["experts"] = held.nbytes        # experts resident on the GPU
+            if getattr(self.source, "resident", "full") == "compressed":
+                rep["experts_bf16"] = held.bf16_nbytes   # the same experts in BF16
         return rep
 
     @property

@@ -60,7 +60,8 @@ def raw_companion(model_path, progress: bool = False) -> Path:
 
 
 def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, eviction, trace,
-               io_depth=None, device="cpu", memory_limit=None, resident="full", prefetch=None):
+               io_depth=None, device="cpu", memory_limit=None, resident="full", host_budget=None,
+               prefetch=None):
     """One benchmark configuration in this process: load the model with these options, warm the
     JIT up, then ``reps`` timed runs, each after evicting the model file from the page cache and
     resetting the peak RSS.
@@ -77,6 +78,7 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
         reps: timed repetitions.
         resident: as for :func:`zipmoe_rt.api.load`; an unbudgeted run loads every expert
             before the timed runs in either mode.
+        host_budget: as for :func:`zipmoe_rt.api.load` (budgeted ``cuda`` rows only).
         prefetch: as for :func:`zipmoe_rt.api.load` (None: its default).
 
     Returns:
@@ -89,6 +91,7 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
              io_depth=io_depth, device=device, memory_limit=memory_limit,
              context=max(pp, 16 + tg) if memory_limit is not None else None,
              eviction=eviction, trace=trace, progress=False, resident=resident,
+             host_budget=host_budget if budget is not None and device == "cuda" else None,
              prefetch=prefetch)
     net, eng = m.net, m.engine
     if budget is None:
@@ -126,6 +129,8 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
                      decoded=st.generated_tokens)
             if eng:
                 r["engine"] = eng.stats.as_dict()
+                if hasattr(eng, "gpu_report"):
+                    r["gpu"] = eng.gpu_report()["device"]
                 if eng.predicted_layer_s() is not None:
                     r["engine"]["predicted_layer_s"] = eng.predicted_layer_s()
         r["peak_rss"] = peak_rss()
@@ -224,7 +229,8 @@ def _ms(a):
 def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 3,
         workers: int | None = None, direct: bool = False, eviction: str = "lru",
         raw_model=None, trace=None, log=print, io_depth: int | None = None,
-        device: str = "cpu", limits=(), residents=("full",), prefetches=(None,)) -> dict:
+        device: str = "cpu", limits=(), residents=("full",), host_budget=None,
+        prefetches=(None,)) -> dict:
     """Benchmark every (budget, policy) pair; returns the JSON-able result (rows + environment).
     ``device``: ``cpu`` or ``cuda`` (as for :func:`zipmoe_rt.api.load`).
 
@@ -238,7 +244,8 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     every expert in memory). ``policies``: ``zipmoe``, ``zip-lru``, ``raw-lru``.
     ``residents``: how unbudgeted rows hold the experts, one row each: ``full`` (decoded,
     policy ``in-memory``) and/or ``compressed`` (the compute form, policy
-    ``in-memory compressed``).
+    ``in-memory compressed``). ``host_budget``: pinned host memory of the budgeted ``cuda``
+    rows (:func:`zipmoe_rt.api.load`).
     ``prefetches``: ``on``/``off``/None (the default) per budgeted row (a row each): the
     row's ``prefetch`` is what the engine ran (off when the budget has no room for it), with
     its ``prefetch_recall`` per MoE layer and ``wasted_bytes_per_token``.
@@ -246,6 +253,9 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     from .engine.resident import check_resident
     for r in residents:
         check_resident(r)
+    if host_budget is not None and device != "cuda":
+        raise ValueError("host_budget (--host-budget): applies to --device cuda with "
+                         "--memory-budget")
     if "compressed" in residents and None not in budgets:
         raise ValueError("--resident compressed applies to the unbudgeted rows: add "
                          "--memory-budget none")
@@ -290,7 +300,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                                        str(trace) if trace else None, io_depth, device,
                                        lim_bytes,
                                        "compressed" if pol.endswith("compressed") else "full",
-                                       pf)
+                                       host_budget, pf)
             row = {"budget": b, "budget_bytes": nbytes, "policy": pol, "runs": runs,
                    "memory": mem}
             if lim is not None:
@@ -315,6 +325,10 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                 calls = sum(x.get("decode_layer_calls", 0) for x in e)
                 if calls:
                     row["measured_layer_ms"] = 1e3 * sum(x["decode_layer_s"] for x in e) / calls
+                if "pcie_bytes" in e[0]:                 # budgeted GPU rows
+                    row["pcie_bytes_per_token"] = sum(x["pcie_bytes"] for x in e) / n
+                    row["gpu_decode_ms_per_token"] = 1e3 * sum(x["gpu_decode_s"] for x in e) / n
+                    row["gpu"] = runs[0].get("gpu")
                 if e[0].get("predicted_layer_s") is not None:
                     row["predicted_layer_ms"] = 1e3 * e[0]["predicted_layer_s"]
                 row.update(prefetch_summary(e, n))
@@ -402,6 +416,9 @@ def table(result: dict) -> str:
                and r.get("measured_layer_ms") is not None]
     if planner:
         lines.append("\n" + "\n".join(planner))
+    gpu = [gpu_row_line(r) for r in rows if "pcie_bytes_per_token" in r]
+    if gpu:
+        lines.append("\n" + "\n".join(gpu))
     pf = [f"prefetch ({r['policy']}, budget {r['budget']}): recall per MoE layer "
           + " ".join(f"{100 * v:.0f}" for v in r["prefetch_recall"].values())
           + f" % (min {100 * r['prefetch_recall_min']:.0f} %, mean "
@@ -416,6 +433,26 @@ def table(result: dict) -> str:
                  f"(runtime + tokenizer + JIT, no weights) {env.get('baseline_rss', 0) / 1e6:.0f} MB; "
                  f"page cache evicted before every run; commit {env['commit']}, {env['date']}")
     return "\n".join(lines)
+
+
+def gpu_row_line(r: dict) -> str:
+    """One budgeted GPU row's device, GPU memory per tier, PCIe bytes and decode-kernel time
+    per decoded token (:class:`~zipmoe_rt.engine.gpu_engine.GpuExpertEngine`)."""
+    mem = r.get("memory", {})
+    tiers = "/".join(f"{mem.get(k, 0) / 1e6:.0f}" for k in ("dense", "F", "C", "S", "E"))
+    return (f"gpu ({r['policy']}, budget {r['budget']}) on {r.get('gpu')}: GPU MB dense/F/C/S/E "
+            f"{tiers}, host pinned {mem.get('host pinned', 0) / 1e6:.0f} MB; "
+            f"{r['pcie_bytes_per_token'] / 1e6:.2f} MB over PCIe and "
+            f"{r['gpu_decode_ms_per_token']:.3f} ms of decode kernels per token")
+
+
+def gpu_line(rep: dict) -> str:
+    """``/stats``' GPU line: the device and the GPU expert path's counters since loading
+    (:meth:`~zipmoe_rt.engine.gpu_engine.GpuExpertEngine.gpu_report`)."""
+    return (f"GPU {rep['device']}: {rep['uploads']} expert uploads, "
+            f"{rep['pcie_bytes'] / 1e6:.1f} MB over PCIe, {rep['gpu_decodes']} GPU decodes "
+            f"({1e3 * rep['gpu_decode_s']:.2f} ms in kernels), {rep['host_hits']} from host "
+            f"memory, {rep['file_misses']} read from the file")
 
 
 def save(result: dict, path) -> Path:

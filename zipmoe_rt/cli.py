@@ -182,6 +182,13 @@ DEVICE_OPTION = click.option(
     help="where to compute: cuda = NVIDIA GPU through CuPy (pip install 'zipmoe-rt[cuda]'); "
          "auto = cuda when CuPy sees a GPU, else cpu")
 ENGINE_OPTIONS.append(DEVICE_OPTION)
+# GPU expert offloading (docs/gpu.md)
+HOST_BUDGET_OPTION = click.option(
+    "--host-budget", default=None, metavar="SIZE",
+    help="with --device cuda and --memory-budget: pinned host RAM for experts kept in host "
+         "memory in compressed form, e.g. 8GB or 50% (of the experts' stored bytes); the rest "
+         "are read from the file [default: 0]")
+ENGINE_OPTIONS.append(HOST_BUDGET_OPTION)
 
 
 def engine_options(fn):
@@ -249,14 +256,19 @@ def _prepare(model, kw, default_max, context=None):
     return m, sp, m.ctx_size
 
 
+def _memory_asked(kw) -> bool:
+    return kw.get("memory_limit") is not None or kw.get("memory_budget") is not None
+
+
 def _load(model, kw, context=None):
     from .api import load
     m = load(model, progress=progress_wanted(), verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
              policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
              direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"],
              memory_limit=kw.get("memory_limit"), context=context,
-             resident=kw.get("resident", "full"), prefetch=kw.get("prefetch"))
-    if kw.get("memory_limit") is not None:      # the banner's memory line
+             resident=kw.get("resident", "full"), host_budget=kw.get("host_budget"),
+             prefetch=kw.get("prefetch"))
+    if _memory_asked(kw):      # the banner's memory line: a limit or a budget was given
         click.echo(f"zipmoe-rt: {m.memory_line()}", err=True)
     return m
 
@@ -330,19 +342,23 @@ def chat(model, system, **kw):
     m, sp, ctx = _prepare(model, kw, 512)
     session = m.chat_session(system)
     interactive = sys.stdin.isatty()
-    memory = m.memory_line() if kw.get("memory_limit") is None else None  # else _load said it
+    memory = None if _memory_asked(kw) else m.memory_line()   # else _load said it
     cli_repl.repl(m, session, sp, kw["stops"], _stats_line, _session_stats, interactive,
                   cli_repl.banner(m, ctx, memory))
 
 
 def _session_stats(m, session) -> str:
-    lines = [_stats_line(m.last_stats) or "(no reply yet)",
+    lines = [_stats_line(m.last_stats) or "(no reply in this conversation yet)",
              f"conversation: {len(session.messages)} messages, {len(session.state.token_ids)} "
              f"tokens in the KV cache"]
     lines.append(m.memory_line())
     mem = m.memory_report()
     lines.append("memory: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in mem.items()))
     lines.append(_kv_stats(m, session.state.cache))
+    gpu = getattr(m.engine, "gpu_report", None)
+    if gpu is not None:                               # budgeted GPU runs (docs/gpu.md)
+        from .bench import gpu_line
+        lines.append(gpu_line(gpu()))
     return "\n".join(lines)
 
 
@@ -352,9 +368,14 @@ def _kv_stats(m, cache) -> str:
     bytes its tokens use and the bytes it has allocated."""
     from .models.cache import KV_DTYPE
     per_token = m.net.args.kv_values_per_token() * np.dtype(KV_DTYPE).itemsize
-    return (f"KV cache: {per_token:,d} bytes per token, {cache.offset} tokens = "
+    line = (f"KV cache: {per_token:,d} bytes per token, {cache.offset} tokens = "
             f"{cache.offset * per_token / 1e6:.3f} MB in use, {cache.nbytes / 1e6:.3f} MB "
             f"allocated")
+    from .engine.limit import state_bytes
+    state = state_bytes(m.net.args)
+    if state:       # linear-attention layers (Qwen3-Next): a fixed state, counted in the total
+        line += f" (of which {state / 1e6:.3f} MB the fixed linear-attention state)"
+    return line
 
 
 @main.command()
@@ -454,12 +475,13 @@ def calibrate(model, samples, direct, io_depth, device):
 @click.option("--resident", "residents", multiple=True,
               type=click.Choice(["full", "compressed"]),
               help="how the unbudgeted rows hold experts (repeatable: a row each) [default: full]")
+@HOST_BUDGET_OPTION
 @click.option("--prefetch", "prefetches", multiple=True, type=click.Choice(["on", "off"]),
               help="cross-layer prefetch of the budgeted rows (repeatable: a row each) "
                    "[default: off]")
 @friendly_errors
 def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
-          io_depth, raw_model, trace, json_out, device, residents, prefetches):
+          io_depth, raw_model, trace, json_out, device, residents, host_budget, prefetches):
     """Benchmark prefill/decode tokens/s under memory budgets, all policies in one run.
 
     Prints a llama-bench-style table (mean ± sd over repetitions, TTFT, TPOT, hits per tier,
@@ -485,7 +507,8 @@ def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, evicti
                 tg=n_gen, reps=repetitions, workers=workers, direct=direct, eviction=eviction,
                 raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True),
                 io_depth=io_depth, device=device, limits=limits,
-                residents=residents or ("full",), prefetches=prefetches or (None,))
+                residents=residents or ("full",), host_budget=host_budget,
+                prefetches=prefetches or (None,))
     click.echo(B.table(res))
     if json_out:
         B.save(res, json_out)

@@ -94,7 +94,15 @@ def verify(model, quiet):
         tok = check_stored_tokenizer(r.metadata, model)   # what run / chat load
         with tqdm(total=len(r.tensors), unit="tensor", desc="verify",
                   disable=not progress_wanted(quiet)) as bar:
-            r.verify(progress=lambda _: bar.update(1))
+            bad = r.verify(progress=lambda _: bar.update(1), keep_going=True)
+        if bad:
+            first = str(bad[0][1])
+            more = ""
+            if len(bad) > 1:
+                names = ", ".join(repr(n) for n, _ in bad[1:9])
+                more = (f"; {len(bad)} corrupt tensors in all, also {names}"
+                        + (f" and {len(bad) - 9} more" if len(bad) > 9 else ""))
+            raise zmoe.ZmoeError(first + more)
         click.echo(f"{model}: OK ({len(r.tensors)} tensors, {len(r.experts)} expert blocks, "
                    f"all checksums match{tok})")
 

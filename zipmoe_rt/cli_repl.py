@@ -282,11 +282,13 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
                 break
             if cmd == "/reset":
                 session.reset()
+                model.last_stats = None      # /stats speaks of replies in this conversation
                 kept = (f"system prompt kept: {session.system!r}" if session.system
                         else "no system prompt")
                 click.echo(f"(conversation cleared; {kept})", err=True)
             elif cmd == "/system":
                 session.reset(system=arg.strip() or None)
+                model.last_stats = None
                 click.echo(f"(system prompt {'set' if arg.strip() else 'cleared'}; conversation "
                            f"cleared)", err=True)
             elif cmd == "/stats":

@@ -121,10 +121,12 @@ class CacheState:
 
         Keeps the longest common prefix of ``token_ids`` and ``target_ids`` (at most
         ``len(target_ids) - 1`` ids, so at least one id is left to prefill), drops the rest of
-        the cache with ``cache.crop(n)``, and returns the ids still to feed. If the cache must
-        shrink but cannot (no ``crop``, or ``cache.can_crop(n)`` is False: a layer cache that
-        cannot drop positions, such as a recurrent state), or the state is not ``valid``, it is
-        replaced by ``model.new_cache()`` and all of ``target_ids`` is returned.
+        the cache with ``cache.crop(n)``, and returns the ids still to feed. A cache with
+        ``crop_points()`` (recurrent layer states: only some positions come back, e.g. the end
+        of the last prompt, :meth:`~zipmoe_rt.models.cache.ModelCache.mark`) keeps the largest
+        of them within the common prefix. If the cache must shrink but cannot (no ``crop``, or
+        ``cache.can_crop(n)`` is False), or the state is not ``valid``, it is replaced by
+        ``model.new_cache()`` and all of ``target_ids`` is returned.
 
         Typical chat use: ``new = state.sync_prefix(tok.encode_chat(messages), model)`` then
         ``generate(model, new, params, stop_ids, cache=state)``.
@@ -144,6 +146,11 @@ class CacheState:
         if not target:
             raise ValueError("target_ids: empty")
         keep = min(common_prefix_len(self.token_ids, target), len(target) - 1) if self.valid else 0
+        points = getattr(self.cache, "crop_points", None)
+        if keep < len(self.token_ids) and callable(points):
+            pts = points()          # a recurrent layer state: only some positions come back
+            if pts is not None:
+                keep = max((p for p in pts if p <= keep), default=0)
         if keep < len(self.token_ids):
             if self.valid and _can_crop(self.cache, keep):
                 self.cache.crop(keep)
@@ -321,6 +328,9 @@ class Generation(Iterator[GenerationStep]):
         if self._phase == "new":
             self._ttft = dt
             self._phase = "running"
+            mark = getattr(self.state.cache, "mark", None)
+            if callable(mark):      # the prompt's end: a recurrent state can come back here
+                mark()
         else:
             self._decode_s += dt
         self._n_sampled += 1

@@ -71,7 +71,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
          memory_budget=None, policy: str = "auto", eviction: str = "lru",
          workers: int | None = None, direct: bool = False, trace=None,
          io_depth: int | None = None, device: str = "cpu", memory_limit=None,
-         context: int | None = None, resident: str = "full",
+         context: int | None = None, resident: str = "full", host_budget=None,
          prefetch=None) -> "Model":
     """Load a ``.zmoe`` model (or the bundled default model when ``path`` is None).
 
@@ -98,17 +98,26 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             :data:`~zipmoe_rt.engine.limit.DEFAULT_CONTEXT`).
         device: ``cpu`` (Numba kernels), ``cuda`` (the CuPy backend on the GPU: dense weights,
             KV cache and compute there; unbudgeted, every expert is uploaded once and stays on
-            the GPU; under a budget the engine still reads and decodes on the CPU and each
-            decoded expert is uploaded when used), or ``auto`` (cuda when CuPy imports and sees
-            a GPU, else cpu with one :class:`~zipmoe_rt.backends.DeviceWarning`).
+            the GPU; under a budget the budget counts GPU memory and misses are copied
+            compressed and decoded on the GPU, :mod:`zipmoe_rt.engine.gpu_engine`), or
+            ``auto`` (cuda when CuPy imports and sees a GPU, else cpu with one
+            :class:`~zipmoe_rt.backends.DeviceWarning`).
         resident: without a budget, how experts are held: ``full`` (decoded to BF16 on first
             use and kept) or ``compressed`` (every expert read at load and kept in the compute
             form, ~75 % of the BF16 bytes, and computed in place by the packed kernels; no reads
-            after loading; outputs bit-identical; design note §6.5; CPU only).
+            after loading; outputs bit-identical; design note §6.5). On ``cuda`` every expert
+            is transcoded on the host, uploaded packed at load and computed in place by the
+            fused decode + GEMV kernels (:mod:`zipmoe_rt.backends.cuda_packed`; logits equal
+            the BF16 GPU path's bit for bit).
+        host_budget: with ``device="cuda"`` and a ``memory_budget``: pinned host memory for
+            experts kept in host RAM in compressed form ("2GB", "40%" of the experts' stored
+            bytes, bytes; :func:`~zipmoe_rt.engine.gpu_meta.parse_host_budget`); the other
+            misses are read from the file. Default 0 (docs/gpu.md).
         prefetch: under a budget, ``on``/``off`` (or a bool): while a layer computes, start
             loading the experts the next MoE layer's router predicts from the current hidden
-            state (engine/prefetch.py; outputs bit-identical either way). None: the default,
-            :data:`~zipmoe_rt.engine.prefetch.DEFAULT_PREFETCH`. No effect without a budget.
+            state (engine/prefetch.py; outputs bit-identical either way; the host engine only).
+            None: the default, :data:`~zipmoe_rt.engine.prefetch.DEFAULT_PREFETCH`. No effect
+            without a budget.
 
     Returns:
         a :class:`Model`.
@@ -116,10 +125,11 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     Raises:
         FileNotFoundError: no such file.
         zmoe.ZmoeError: not a ``.zmoe``, corrupt, truncated, or from a newer format version.
-        ValueError: an architecture this runtime does not run, a file without a tokenizer, a
+        ValueError: a ``host_budget`` that cannot be read, or given without ``device="cuda"``
+            and a ``memory_budget``; an architecture this runtime does not run, a file without a tokenizer, a
             ``device`` other than auto, cpu, cuda, an unknown ``resident`` value, or
-            ``resident="compressed"`` with a memory budget or limit or on the GPU, or a
-            ``prefetch`` other than on, off or a bool.
+            ``resident="compressed"`` with a memory budget or limit, or a ``prefetch`` other
+            than on, off or a bool.
         zipmoe_rt.engine.limit.MemoryLimitError: an unreadable ``memory_limit``, one too small
             for the fixed overhead plus the smallest budget (both stated), or a
             ``memory_budget`` that does not fit it.
@@ -155,9 +165,10 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         if budgeted:
             raise ValueError("resident (--resident): 'compressed' holds every expert and does "
                              "not combine with a memory budget (--memory-budget, --memory-limit)")
-        if not on_host:
-            raise ValueError("resident (--resident): 'compressed' runs on the CPU kernels only "
-                             "(not with --device cuda)")
+    if host_budget is not None and (on_host or memory_budget is None):
+        raise ValueError("host_budget (--host-budget): applies to --device cuda with "
+                         "--memory-budget (it bounds the pinned host memory of experts the GPU "
+                         "budget leaves out)")
     from .engine.io import check_io_depth
     check_io_depth(io_depth)   # also unbudgeted: a bad value is an error, not ignored
     from .engine.prefetch import DEFAULT_PREFETCH, attach, check_prefetch
@@ -181,15 +192,22 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                 from .engine.limit import plan_memory
                 mplan = plan_memory(source, memory_limit, context, budget=budget)
                 budget = mplan.budget
+            hb = 0
+            if host_budget is not None:
+                from .engine.gpu_meta import parse_host_budget
+                hb = parse_host_budget(host_budget, source)
             engine = build_engine(source, budget, policy, eviction,
                                   workers, direct, trace, verify, io_depth, warn_stacklevel=2,
-                                  backend=backend, prefetch=prefetch)
+                                  backend=backend, host_budget=hb, prefetch=prefetch)
             _check_same_file(source, engine.reader)
             executor = engine
         else:
-            if resident == "compressed":
-                source.admit_all()
             executor = ExpertExecutor(backend.resident_experts(source), backend)
+            if resident == "compressed":   # every expert now: on the host, or uploaded packed
+                if on_host:
+                    source.admit_all()
+                else:
+                    executor.source.load_all()
         net = build_model(source, executor=executor, backend=backend)
         if engine is not None:
             attach(net, engine)

@@ -69,8 +69,10 @@ class ConfigSource:
         self._dense = 0
         for s in specs:
             n = int(np.prod(s.shape, dtype=np.int64)) * SOURCE_BYTES_PER_WEIGHT
-            if s.is_expert:
-                full[(s.layer, s.expert)] = full.get((s.layer, s.expert), 0) + n
+            if s.is_expert:     # a stacked tensor ([E, ...]: Granite, Gemma 4) is E experts'
+                es = range(hparams.num_experts) if s.expert is None else (s.expert,)
+                for e in es:
+                    full[(s.layer, e)] = full.get((s.layer, e), 0) + n // len(es)
             elif not s.tied:
                 self._dense += n
         self.layouts = {k: _ExpertSize(v) for k, v in full.items()}
@@ -121,6 +123,10 @@ class SizePlan:
         kv_values_per_token: values the KV cache holds per token, all layers.
         kv_bytes_per_token: the same in bytes (float32 cache).
         budget: the budget split, or None.
+        state_values: values of the fixed per-sequence state of linear-attention layers (one
+            copy; Qwen3-Next's Gated DeltaNet), 0 without such layers.
+        state_bytes: bytes the runtime allocates for it (float32, the copies a
+            :class:`~zipmoe_rt.models.cache.RecurrentCache` holds).
     """
 
     config: Path
@@ -136,6 +142,8 @@ class SizePlan:
     kv_values_per_token: int
     kv_bytes_per_token: int
     budget: BudgetPlan | None = None
+    state_values: int = 0
+    state_bytes: int = 0
 
     @property
     def params(self) -> int:
@@ -155,7 +163,8 @@ class SizePlan:
                "dense_bytes": self.dense_bytes, "expert_stored_ratio": EXPERT_STORED_RATIO,
                "zmoe_bytes": self.zmoe_bytes, "kv_values_per_token": self.kv_values_per_token,
                "kv_bytes_per_token": self.kv_bytes_per_token,
-               "max_position_embeddings": hp.max_position_embeddings}
+               "max_position_embeddings": hp.max_position_embeddings,
+               "state_values": self.state_values, "state_bytes": self.state_bytes}
         if self.budget is not None:
             out["budget"] = dict(vars(self.budget))
         return out
@@ -211,6 +220,7 @@ def size_plan(path, memory_budget=None) -> SizePlan:
             experts (the message gives the minimum).
         ValueError: an unreadable budget.
     """
+    from .engine.limit import state_bytes
     from .families import get_architecture
     from .models.cache import KV_DTYPE
 
@@ -243,7 +253,8 @@ def size_plan(path, memory_budget=None) -> SizePlan:
         dense_bytes=src.dense_bytes(),
         zmoe_bytes=src.dense_bytes() + round(groups[True] * SOURCE_BYTES_PER_WEIGHT
                                              * EXPERT_STORED_RATIO),
-        kv_values_per_token=kv, kv_bytes_per_token=kv * np.dtype(KV_DTYPE).itemsize)
+        kv_values_per_token=kv, kv_bytes_per_token=kv * np.dtype(KV_DTYPE).itemsize,
+        state_values=int(getattr(hp, "state_values", lambda: 0)()), state_bytes=state_bytes(hp))
     if memory_budget is not None:
         plan.budget = budget_plan(src, memory_budget, path)
     return plan
@@ -300,10 +311,16 @@ def format_plan(p: SizePlan) -> str:
         f"{_mb(p.kv_bytes_per_token * hp.max_position_embeddings)} at "
         f"{hp.max_position_embeddings:,d} tokens",
     ]
+    if p.state_values:
+        from .models.cache import RecurrentCache
+        lines.append(f"state       {_mb(p.state_bytes):>17}  per sequence, fixed: the conv and "
+                     f"recurrent state of {len(hp.linear_layers())} linear-attention layers "
+                     f"({p.state_values:,d} values, float32, {RecurrentCache.COPIES} copies)")
     b = p.budget
     if b is not None:
         lines += [
-            f"memory budget {_mb(b.budget)} (the KV cache comes on top):",
+            f"memory budget {_mb(b.budget)} (the KV cache "
+            f"{'and the fixed state come' if p.state_values else 'comes'} on top):",
             f"  dense        {_mb(b.dense):>11}  always resident",
             f"  working set  {_mb(b.working_set):>11}  the {hp.num_experts_per_tok} experts of "
             f"one token, decoded ({_mb(b.expert_full)} each)",

@@ -110,6 +110,18 @@ class Keys:
         LOGITS_SCALING = "hparams.logits_scaling"
         # ERNIE 4.5 MoE
         MOE_NORM_MIN = "hparams.moe_norm_min"
+        # Qwen3-Next / Qwen3.5-MoE: Gated DeltaNet (linear-attention) layers
+        LINEAR_CONV_KERNEL_DIM = "hparams.linear_conv_kernel_dim"
+        LINEAR_KEY_HEAD_DIM = "hparams.linear_key_head_dim"
+        LINEAR_VALUE_HEAD_DIM = "hparams.linear_value_head_dim"
+        LINEAR_NUM_KEY_HEADS = "hparams.linear_num_key_heads"
+        LINEAR_NUM_VALUE_HEADS = "hparams.linear_num_value_heads"
+        # Gemma 4
+        GLOBAL_HEAD_DIM = "hparams.global_head_dim"
+        NUM_GLOBAL_KEY_VALUE_HEADS = "hparams.num_global_key_value_heads"
+        ATTENTION_K_EQ_V = "hparams.attention_k_eq_v"
+        GLOBAL_ROPE = "hparams.global_rope"
+        FINAL_LOGIT_SOFTCAPPING = "hparams.final_logit_softcapping"
 
     class HF:
         CONFIG = "hf.config"                    # json: the source config.json verbatim

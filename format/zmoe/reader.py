@@ -19,8 +19,7 @@ import zstandard as zstd
 from . import codec, validate
 from .constants import EXP_CODECS, EXP_ZSTD, HEADER_SIZE, MAGIC, READABLE_VERSIONS, VERSION
 from .errors import (ChecksumError, CorruptIndexError, NotZmoeError, TruncatedFileError,
-                     UnsupportedCodecError,
-                     UnsupportedVersionError)
+                     UnsupportedCodecError, UnsupportedVersionError, ZmoeError)
 from .writer import HEADER_STRUCT
 
 #: numpy dtype that a stored dtype is returned as (BF16 as its uint16 bit pattern).
@@ -252,21 +251,33 @@ class ZmoeReader:
             out[name] = self.read_part(name, part, verify).view(NUMPY_DTYPES[t["dtype"]]).reshape(shape)
         return out
 
-    def verify(self, progress=None):
+    def verify(self, progress=None, keep_going: bool = False):
         """Check every CRC-32 in the file and that every exponent chunk decodes to its size (the
         index itself was validated when the file was opened, SPEC §9).
 
         Args:
-            progress: optional callable(bytes_done) called after each tensor.
+            progress: optional callable(tensor_name) called after each tensor.
+            keep_going: check every tensor and return the failures instead of raising at the
+                first.
 
+        Returns:
+            with ``keep_going``: ``[(tensor name, ZmoeError)]``, the first failure of each
+            corrupt tensor (empty when the file is intact); otherwise None.
         Raises:
-            ChecksumError: the first corrupt piece, named.
+            ChecksumError: (without ``keep_going``) the first corrupt piece, named.
         """
+        bad = []
         for name, t in self.tensors.items():
-            for p in t["parts"]:
-                self.read_part(name, p, verify=True)
+            try:
+                for p in t["parts"]:
+                    self.read_part(name, p, verify=True)
+            except ZmoeError as e:
+                if not keep_going:
+                    raise
+                bad.append((name, e))
             if progress:
                 progress(name)
+        return bad if keep_going else None
 
     def stored_bytes(self, name: str) -> int:
         """Bytes tensor ``name`` occupies in the file (planes and chunks, no padding)."""

@@ -22,7 +22,25 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["Backend", "check_qk_norm", "check_route", "check_choice_bias", "to_f32",
-           "ROUTE_METHODS", "ROUTE_SCORINGS"]
+           "ROUTE_METHODS", "ROUTE_SCORINGS", "ACTIVATIONS", "check_act"]
+
+#: activations of the gated MLPs and experts (``act`` of :meth:`Backend.swiglu`,
+#: :meth:`Backend.expert_accumulate`, :meth:`Backend.experts_token`), as transformers'
+#: ``ACT2FN`` names them: ``silu`` (``nn.SiLU``) and ``gelu_pytorch_tanh`` (``nn.GELU(
+#: approximate="tanh")``: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, Gemma 4).
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+
+def check_act(act: str) -> int:
+    """The index of activation ``act`` in :data:`ACTIVATIONS` (what the kernels take).
+
+    Raises:
+        ValueError: an activation the backends do not implement (named, with the known ones).
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation {str(act)[:40]!r} is not supported "
+                         f"({', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS.index(act)
 
 
 def to_f32(a) -> np.ndarray:
@@ -117,6 +135,23 @@ def check_route(E: int, k: int, scoring: str = "softmax", method: str = "greedy"
         raise ValueError(f"route: scale {scale!r} is not finite")
 
 
+def check_gated_delta(qkv, ba, state, nk: int, nv: int, dk: int, dv: int) -> None:
+    """Shapes of :meth:`Backend.gated_delta_rule`. Raises ValueError naming the one that
+    disagrees."""
+    if nk < 1 or nv % nk:
+        raise ValueError(f"gated_delta_rule: {nv} value heads are not a multiple of {nk} key "
+                         f"heads")
+    T = qkv.shape[0]
+    if tuple(qkv.shape) != (T, 2 * nk * dk + nv * dv):
+        raise ValueError(f"gated_delta_rule: qkv {tuple(qkv.shape)}, expected "
+                         f"({T}, {2 * nk * dk + nv * dv})")
+    if tuple(ba.shape) != (T, 2 * nv):
+        raise ValueError(f"gated_delta_rule: ba {tuple(ba.shape)}, expected ({T}, {2 * nv})")
+    if tuple(state.shape) != (nv, dk, dv):
+        raise ValueError(f"gated_delta_rule: state {tuple(state.shape)}, expected "
+                         f"({nv}, {dk}, {dv})")
+
+
 class Backend:
     """Base class of compute backends; each op documents shapes, dtypes and the source it
     follows. Subclasses implement every method (the defaults raise NotImplementedError).
@@ -188,21 +223,27 @@ class Backend:
         """
         raise NotImplementedError
 
-    def swiglu(self, x, gate, up):
+    def swiglu(self, x, gate, up, act: str = "silu"):
         """The hidden activation of a SwiGLU MLP, ``silu(x @ gate.T) * (x @ up.T)``
-        (``act_fn(gate_proj(x)) * up_proj(x)`` in ``Qwen2MoeMLP`` / ``MixtralExperts``).
+        (``act_fn(gate_proj(x)) * up_proj(x)`` in ``Qwen2MoeMLP`` / ``MixtralExperts``), or with
+        another ``act`` of :data:`ACTIVATIONS` in place of SiLU (Gemma 4's GELU-tanh:
+        ``Gemma4TextMLP``, ``Gemma4TextExperts``).
 
         Args:
-            x: float32 [T, H].  gate, up: [I, H] weights.
+            x: float32 [T, H].  gate, up: [I, H] weights.  act: a name of :data:`ACTIVATIONS`.
         Returns:
             float32 [T, I].
+        Raises:
+            ValueError: an unknown ``act``.
         """
         raise NotImplementedError
 
-    def expert_accumulate(self, out, x, rows: np.ndarray, weights: np.ndarray, expert) -> None:
+    def expert_accumulate(self, out, x, rows: np.ndarray, weights: np.ndarray, expert,
+                          act: str = "silu") -> None:
         """``out[rows[i]] += weights[i] * expert(x[rows[i]])`` for one SwiGLU expert, its
         ``down @ (silu(gate @ x) * (up @ x))`` (loop body of ``MixtralExperts.forward``: the
-        ``index_add_`` of the weighted expert output).
+        ``index_add_`` of the weighted expert output); ``act`` replaces SiLU as in
+        :meth:`swiglu`.
 
         Args:
             out: float32 [T, H], updated in place.  x: float32 [T, H].
@@ -216,10 +257,10 @@ class Backend:
         """
         raise NotImplementedError
 
-    def experts_token(self, out, x, experts, weights: np.ndarray) -> None:
+    def experts_token(self, out, x, experts, weights: np.ndarray, act: str = "silu") -> None:
         """``out += sum_e weights[e] * expert_e(x)`` for ONE token and its k experts (the decode
         step of ``MixtralExperts.forward``; the Numba backend fuses all k into two parallel
-        regions).
+        regions); ``act`` replaces SiLU as in :meth:`swiglu`.
 
         Args:
             out: float32 [H], updated in place.  x: float32 [H].
@@ -419,6 +460,21 @@ class Backend:
         """
         raise NotImplementedError
 
+    # -- Gemma 4: logit soft-capping -----------------------------------------------------------
+
+    def softcap_(self, x, cap: float):
+        """``x = tanh(x / cap) * cap`` in place, float32 (``Gemma4ForCausalLM.forward``'s
+        ``final_logit_softcapping``: ``logits / cap``, ``tanh``, ``* cap``, each rounded).
+
+        Args:
+            x: float32 [T, n], updated in place.  cap: the positive cap (cast to float32).
+        Returns:
+            ``x``.
+        Raises:
+            ValueError: a cap that is not a positive finite number.
+        """
+        raise NotImplementedError
+
     # -- device ------------------------------------------------------------------------------
 
     def synchronize(self) -> None:
@@ -437,6 +493,75 @@ class Backend:
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name!r}>"
+
+    # -- Qwen3-Next / Qwen3.5-MoE: gated attention and Gated DeltaNet ---------------------------
+
+    def sigmoid_mul_(self, x, g):
+        """``x *= sigmoid(g)`` (``Qwen3NextAttention``'s output gate:
+        ``attn_output * torch.sigmoid(gate)``), float32 [T, n] both. Returns ``x``."""
+        raise NotImplementedError
+
+    def conv1d_silu(self, x, w, state, new_state):
+        """Causal depthwise conv1d of kernel ``K`` over each channel, continuing the ``K - 1``
+        inputs held in ``state``, then SiLU (``causal_conv1d_fn`` / ``causal_conv1d_update`` of
+        transformers' ``models/mamba/modeling_mamba.py`` with ``activation="silu"``, as
+        ``Qwen3NextGatedDeltaNet`` calls them): ``y[t, c] = silu(sum_j w[c, j] *
+        ext[t + j, c])`` with ``ext = concat(state, x)``.
+
+        Args:
+            x: float32 [T, C].  w: float32 [C, K] (``conv1d.weight`` [C, 1, K] squeezed).
+            state: float32 [K - 1, C], the previous inputs, oldest first (zeros at the start).
+            new_state: float32 [K - 1, C], written with the last ``K - 1`` rows of ``ext``;
+                must not alias ``state``.
+        Returns:
+            float32 [T, C].
+        """
+        raise NotImplementedError
+
+    def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk: int, nv: int, dk: int, dv: int,
+                         state, new_state):
+        """The gated delta rule of ``Qwen3NextGatedDeltaNet`` after its convolution: per value
+        head ``h`` (key head ``h // (nv / nk)``), ``beta = sigmoid(b)``,
+        ``g = -exp(A_log) * softplus(a + dt_bias)``, q and k L2-normalised (eps 1e-6), q
+        scaled by ``dk ** -0.5``; then for each token ``S *= exp(g)``,
+        ``S += k (x) ((v - S^T k) * beta)``, ``o = S^T q``. Several tokens run as the chunked
+        scan of ``torch_chunk_gated_delta_rule`` (chunks of 64), one token as the recurrence of
+        ``torch_recurrent_gated_delta_rule``; both give the same values up to float32 rounding.
+
+        Args:
+            qkv: float32 [T, 2 nk dk + nv dv]: q heads, k heads, v heads (after the conv).
+            ba: float32 [T, 2 nv]: ``b`` (beta's logits) then ``a``.
+            A_log, dt_bias: float32 [nv].
+            state: float32 [nv, dk, dv], the recurrent state before the tokens (zeros at the
+                start).  new_state: float32 [nv, dk, dv], written with the state after them;
+                must not alias ``state``.
+        Returns:
+            float32 [T, nv * dv], the core attention output per head.
+        Raises:
+            ValueError: shapes that disagree (:func:`check_gated_delta`).
+        """
+        raise NotImplementedError
+
+    def rmsnorm_gated(self, x, w, z, eps, out=None):
+        """``w * rmsnorm(x) * silu(z)`` per row (``Qwen3NextRMSNormGated``: norm before gate,
+        float32).
+
+        Args:
+            x, z: float32 [R, n].  w: float32 [n].  eps: float (used as float32).
+            out: optional float32 [R, n] (not aliasing ``x`` or ``z``).
+        Returns:
+            float32 [R, n] (``out`` when given).
+        """
+        raise NotImplementedError
+
+
+def check_cap(cap) -> np.float32:
+    """``cap`` of :meth:`Backend.softcap_` as float32. Raises ValueError unless it is a
+    positive finite number."""
+    if isinstance(cap, bool) or not isinstance(cap, (int, float, np.floating)) or not (
+            np.isfinite(cap) and cap > 0):
+        raise ValueError(f"softcap: cap {cap!r} is not a positive finite number")
+    return np.float32(cap)
 
 
 class HostArrays:

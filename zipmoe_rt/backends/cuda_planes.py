@@ -5,8 +5,10 @@ bit for bit to the host codec (:mod:`zmoe.codec`, :mod:`zmoe.huffman`,
 
 Imported by :mod:`zipmoe_rt.backends.cupy_cuda` only (it imports CuPy). Headers are parsed and
 checked on the host (:func:`zmoe.huffman.parse_header`: stream sizes, complete prefix code);
-the streams are decoded on the GPU, one thread per stream, and each stream's end is checked
-there as the host decoder checks it.
+the streams are decoded on the GPU, one thread per segment of a stream
+(:mod:`~zipmoe_rt.backends.cuda_huffman`; one thread per stream when
+``cuda_huffman.PARALLEL`` is off), and each stream's end is checked there as the host decoder
+checks it.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import numpy as np
 
 import cupy as cp
 from zmoe import huffman
+
+from . import cuda_huffman
 
 #: dtype -> (merge kernel, sign+mantissa bytes per element, word dtype)
 MERGES = {"BF16": ("merge_bf16", 1, np.uint16), "F16": ("merge_f16", 2, np.uint16),
@@ -49,7 +53,7 @@ def merge_planes(kernels: dict, exp, sm, dtype: str):
     return out
 
 
-def _tables(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def decode_tables(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(symbol, bits) of the first code in each of the 4096 12-bit windows (LSB first) of a
     complete canonical code (``lengths`` uint8 [256], validated)."""
     codes = huffman.canonical_codes(lengths)       # bit-reversed: the first bit is bit 0
@@ -109,7 +113,7 @@ def decode_exponents(kernels: dict, exp, offs, sizes, raws):
         key = chunk[:huffman.LENGTHS_BYTES].tobytes()
         if key not in keys:
             keys[key] = len(syms)
-            s, b = _tables(lengths)
+            s, b = decode_tables(lengths)
             syms.append(s)
             bits.append(b)
         for (so, size), (a, b) in zip(spans, huffman.stream_ranges(int(raws[i]))):
@@ -119,6 +123,14 @@ def decode_exponents(kernels: dict, exp, offs, sizes, raws):
         return out
     r = np.array(rows, np.int64)
     dev = cp.asarray(host) if not isinstance(exp, cp.ndarray) else cp.asarray(exp).reshape(-1)
+    if cuda_huffman.PARALLEL:     # one thread per segment of a stream (cuda_huffman.py)
+        st = cuda_huffman.decode_streams(dev, r, cp.asarray(np.concatenate(syms)),
+                                         cp.asarray(np.concatenate(bits)), out)
+        if st.any():
+            j = int(np.nonzero(st)[0][0])
+            raise huffman.HuffmanError(f"exponent chunk {int(r[j, 5])}: "
+                                       f"{huffman.DECODE_STATUS[int(st[j])]}")
+        return out
     status = cp.zeros(len(rows), cp.int32)
     n = len(rows)
     kernels["huffman_streams"](((n + 127) // 128,), (128,),

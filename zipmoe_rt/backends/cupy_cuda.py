@@ -39,8 +39,10 @@ import cupy as cp
 
 from ..kernels import cuda_src
 from ..models.weights import ExpertWeights
-from . import cuda_planes
-from .base import Backend, check_choice_bias, check_qk_norm, check_route
+from . import cuda_packed, cuda_planes
+from . import linear_attn as _lin
+from .base import (Backend, check_act, check_cap, check_choice_bias, check_gated_delta,
+                   check_qk_norm, check_route)
 from .numpy_ref import NumpyBackend
 
 #: token counts from this on go through widened weights and cuBLAS instead of the GEMV kernel
@@ -55,6 +57,15 @@ ATT_MAX_HD = 640
 _ROWS_PER_BLOCK = 8          # warps (output rows) per block of the GEMV kernels
 _F32 = np.float32
 _NP = NumpyBackend()                 # host routing of the routers without a kernel here
+
+
+def _unpacked(be, e):
+    """A packed expert (``--resident compressed``, or a compressed GPU tier) decoded to device
+    BF16 :class:`~zipmoe_rt.models.weights.ExpertWeights` for the activations the packed
+    kernels do not compute (GELU-tanh); anything else as it is."""
+    if cuda_packed.is_packed_any(e):
+        return cuda_packed.unpack_expert(be, cuda_packed.on_device(e))
+    return e
 
 
 def _i32(v) -> np.int32:
@@ -113,7 +124,7 @@ class CupyBackend(Backend):
     # -- helpers -------------------------------------------------------------------------------
 
     @staticmethod
-    def _rows(x, n):
+    def rows_view(x, n):
         """x as [T, n] float32 rows with unit element stride; (array, row stride)."""
         if x.ndim == 1:
             x = x.reshape(1, -1)
@@ -138,7 +149,7 @@ class CupyBackend(Backend):
 
     def _gemv(self, x, W, y, bias=None, alpha=1.0, accumulate=False):
         """y[t] (+)= alpha * W @ x[t] (+ bias) with the BF16 GEMV kernel; y [T, out] rows."""
-        x, ldx = self._rows(x, W.shape[1])
+        x, ldx = self.rows_view(x, W.shape[1])
         T, n_out = x.shape[0], W.shape[0]
         ldy = y.strides[0] // 4 if y.ndim == 2 else n_out
         grid = ((n_out + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, T)
@@ -166,7 +177,7 @@ class CupyBackend(Backend):
         float16/float32: cuBLAS on the float32 weight."""
         if W.dtype not in (cp.uint16, cp.float16, cp.float32):
             raise TypeError(f"weight dtype {W.dtype} is not supported")
-        x2, _ = self._rows(x, W.shape[1])
+        x2, _ = self.rows_view(x, W.shape[1])
         T, n_out = x2.shape[0], W.shape[0]
         if out is None:
             out = cp.empty((T, n_out), cp.float32)
@@ -181,10 +192,15 @@ class CupyBackend(Backend):
             out[:, r0:r1] = y
         return out
 
-    def swiglu(self, x, gate, up):
-        """``silu(x @ gate.T) * (x @ up.T)``: one fused kernel for BF16 and few tokens."""
-        x2, ldx = self._rows(x, gate.shape[1])
+    def swiglu(self, x, gate, up, act="silu"):
+        """``silu(x @ gate.T) * (x @ up.T)``: one fused kernel for BF16 and few tokens; another
+        activation (GELU-tanh) as plain CuPy float32 expressions over :meth:`linear`."""
+        x2, ldx = self.rows_view(x, gate.shape[1])
         T, n_out = x2.shape[0], gate.shape[0]
+        if check_act(act):
+            g = self.linear(x2, gate)
+            inner = _F32(0.7978845608028654) * (g + _F32(0.044715) * (g * g * g))
+            return (_F32(0.5) * g * (_F32(1.0) + cp.tanh(inner))) * self.linear(x2, up)
         if gate.dtype == up.dtype == cp.uint16 and T < GEMV_MAX_T:
             h = cp.empty((T, n_out), cp.float32)
             grid = ((n_out + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, T)
@@ -209,21 +225,34 @@ class CupyBackend(Backend):
             raise ValueError(f"{op}: x has {H} features, gate {tuple(gate.shape)}, up "
                              f"{tuple(up.shape)}, down {tuple(down.shape)} disagree")
 
-    def expert_accumulate(self, out, x, rows, weights, expert):
-        """``out[rows] += weights[:, None] * down(swiglu(x[rows]))`` (rows distinct)."""
+    def expert_accumulate(self, out, x, rows, weights, expert, act="silu"):
+        """``out[rows] += weights[:, None] * down(swiglu(x[rows]))`` (rows distinct); a packed
+        expert (compute form) through :func:`~zipmoe_rt.backends.cuda_packed.expert_accumulate`,
+        bit-identical (SiLU; for another activation it is decoded first, :func:`_unpacked`)."""
+        if cuda_packed.is_packed_any(expert) and check_act(act):   # GELU-tanh: decoded
+            expert = _unpacked(self, expert)
+        if cuda_packed.is_packed_any(expert):      # compressed experts (cuda_packed)
+            return cuda_packed.expert_accumulate(self, out, x, rows, weights,
+                                                 cuda_packed.on_device(expert))
         gate, up, down = self._dev_expert(expert)
         self._check_expert(x.shape[1], gate, up, down, "expert_accumulate")
         r = cp.asarray(np.asarray(rows, np.int64))
         w = cp.asarray(np.asarray(weights, np.float32))
-        y = self.linear(self.swiglu(x[r], gate, up), down)
+        y = self.linear(self.swiglu(x[r], gate, up, act), down)
         out[r] += w[:, None] * y
 
-    def experts_token(self, out, x, experts, weights):
+    def experts_token(self, out, x, experts, weights, act="silu"):
         """BF16 experts of one shape (:data:`FUSED_EXPERTS`): one launch for the gate/up rows of
         all k experts, one for the down rows adding ``sum_e weights[e] * down_e(h_e)`` (experts
         summed in order in registers) to ``out``; the weights' addresses and the routing weights
         go up in one small copy. Otherwise, for each expert in order: the gate/up kernel, then
         the down GEMV adding ``weights[e]`` times its output (one stream: a fixed order)."""
+        # -- compressed experts (cuda_packed): fused decode + GEMV kernels, bit-identical --
+        if check_act(act):                          # GELU-tanh: packed experts decoded
+            experts = [_unpacked(self, e) for e in experts]
+        if any(map(cuda_packed.is_packed_any, experts)):
+            return cuda_packed.experts_token(self, out, x, list(map(cuda_packed.on_device,
+                                                                    experts)), weights)
         weights = np.asarray(weights, np.float32)
         H = x.shape[-1]
         o2 = out.reshape(1, -1)
@@ -231,11 +260,11 @@ class CupyBackend(Backend):
         for gate, up, down in devs:
             self._check_expert(H, gate, up, down, "experts_token")
         if FUSED_EXPERTS and devs and len({d[0].shape for d in devs}) == 1 \
-                and all(a.dtype == cp.uint16 for d in devs for a in d):
+                and all(a.dtype == cp.uint16 for d in devs for a in d) and not check_act(act):
             self._experts_fused(o2, x, devs, weights)
             return
         for w, (gate, up, down) in zip(weights, devs):
-            h = self.swiglu(x, gate, up)
+            h = self.swiglu(x, gate, up, act)
             if down.dtype == cp.uint16:
                 self._gemv(h, down, o2, alpha=float(w), accumulate=True)
             else:
@@ -245,7 +274,7 @@ class CupyBackend(Backend):
         """:meth:`experts_token` for k BF16 experts of one shape in two launches."""
         k = len(devs)
         n_int, H = devs[0][0].shape
-        x2, _ = self._rows(x, H)
+        x2, _ = self.rows_view(x, H)
         if x2.data.ptr % 16:
             x2 = x2.copy()
         meta = np.zeros(3 * k + (k + 1) // 2, np.uint64)
@@ -270,7 +299,7 @@ class CupyBackend(Backend):
 
     def rmsnorm(self, x, w, eps, out=None):
         """The RMSNorm kernel, one block per row."""
-        x2, ldx = self._rows(x, w.shape[0])
+        x2, ldx = self.rows_view(x, w.shape[0])
         if out is None:
             out = cp.empty(x2.shape, cp.float32)
         self._norm_rows(x2, ldx, out, out.strides[0] // 4 if out.ndim == 2 else w.shape[0],
@@ -395,6 +424,16 @@ class CupyBackend(Backend):
             x *= _F32(s)
         return x
 
+    # -- Gemma 4 -------------------------------------------------------------------------------
+
+    def softcap_(self, x, cap):
+        """``x = tanh(x / cap) * cap`` (CuPy elementwise, float32)."""
+        c = check_cap(cap)
+        x /= c
+        cp.tanh(x, out=x)
+        x *= c
+        return x
+
     # -- ERNIE 4.5 MoE -------------------------------------------------------------------------
 
     def route_choice_bias(self, logits, k, bias, norm_min):
@@ -434,6 +473,32 @@ class CupyBackend(Backend):
         """
         return self.merge_planes(self.decode_exponents(exp, offs, sizes, raws), sm, dtype)
 
+    # -- Qwen3-Next / Qwen3.5-MoE: plain CuPy array code (backends/linear_attn.py) -------------
+
+    def sigmoid_mul_(self, x, g):
+        """``x *= sigmoid(g)`` (CuPy elementwise)."""
+        x *= _F32(1.0) / (_F32(1.0) + cp.exp(-g))
+        return x
+
+    def conv1d_silu(self, x, w, state, new_state):
+        """:func:`~zipmoe_rt.backends.linear_attn.conv1d_silu` over CuPy."""
+        return _lin.conv1d_silu(cp, x, w, state, new_state)
+
+    def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
+        """:func:`~zipmoe_rt.backends.linear_attn.gated_delta_rule` over CuPy (chunked scan for
+        several tokens, the recurrence for one)."""
+        check_gated_delta(qkv, ba, state, nk, nv, dk, dv)
+        return _lin.gated_delta_rule(cp, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state,
+                                     new_state)
+
+    def rmsnorm_gated(self, x, w, z, eps, out=None):
+        """:func:`~zipmoe_rt.backends.linear_attn.rmsnorm_gated` over CuPy."""
+        y = _lin.rmsnorm_gated(cp, x, w, z, eps)
+        if out is None:
+            return y
+        out[...] = y
+        return out
+
 
 class ResidentExperts:
     """A weight source whose experts live on the GPU: each is fetched from ``source`` once,
@@ -464,9 +529,22 @@ class ResidentExperts:
         w = self._experts.get((layer, expert))
         if w is None:
             e = self.source.expert(layer, expert)
-            w = ExpertWeights(*(self.backend.from_host(a) for a in (e.gate, e.up, e.down)))
+            if cuda_packed.is_packed_any(e):        # compressed: kept packed (cuda_packed)
+                w = cuda_packed.on_device(e)
+            else:
+                w = ExpertWeights(*(self.backend.from_host(a) for a in (e.gate, e.up, e.down)))
             self._experts[(layer, expert)] = w
         return w
+
+    def load_all(self):
+        """Upload every expert of the source now (``resident="compressed"``)."""
+        for layer, e in sorted(self.source.layouts):
+            self.expert(layer, e)
+
+    @property
+    def bf16_nbytes(self) -> int:
+        """Bytes the experts uploaded so far would take in BF16."""
+        return sum(getattr(w, "bf16_nbytes", w.nbytes) for w in self._experts.values())
 
     @property
     def nbytes(self) -> int:

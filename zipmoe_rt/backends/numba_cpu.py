@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import attention as _att
+from ..kernels import gated_delta as _gdn
 from ..kernels import heads as _heads
 from ..kernels import norm as _norm
 from ..kernels import routing as _routing
@@ -18,7 +19,9 @@ from ..kernels import packed as _packed
 from ..kernels import swiglu as _swiglu
 from ..kernels.linear import bf16_rows, linear_into
 from ..models.packed import as_weights, is_packed
-from .base import Backend, HostArrays, check_choice_bias, check_qk_norm, check_route
+from .base import (Backend, HostArrays, check_act, check_cap, check_choice_bias,
+                   check_gated_delta, check_qk_norm,
+                   check_route)
 
 
 class NumbaBackend(HostArrays, Backend):
@@ -44,30 +47,36 @@ class NumbaBackend(HostArrays, Backend):
         """:func:`~zipmoe_rt.kernels.heads.heads_linear`."""
         return _heads.heads_linear(x, W, out)
 
-    def swiglu(self, x, gate, up):
+    def swiglu(self, x, gate, up, act="silu"):
         """:func:`~zipmoe_rt.kernels.swiglu.swiglu_hidden` (fused gate/up for BF16)."""
-        return _swiglu.swiglu_hidden(x, gate, up)
+        return _swiglu.swiglu_hidden(x, gate, up, check_act(act))
 
-    def expert_accumulate(self, out, x, rows, weights, expert):
+    def expert_accumulate(self, out, x, rows, weights, expert, act="silu"):
         """:func:`~zipmoe_rt.kernels.swiglu.expert_accumulate`; a packed expert (compute form,
         :mod:`zipmoe_rt.models.packed`) through
-        :func:`~zipmoe_rt.kernels.packed.packed_expert_accumulate`, bit-identical."""
+        :func:`~zipmoe_rt.kernels.packed.packed_expert_accumulate`, bit-identical (SiLU; with
+        another activation the packed expert is decoded first)."""
+        a = check_act(act)
         if is_packed(expert):
-            _packed.packed_expert_accumulate(out, x, rows, weights, expert)
-            return
-        _swiglu.expert_accumulate(out, x, rows, weights, expert.gate, expert.up, expert.down)
+            if a == 0:
+                _packed.packed_expert_accumulate(out, x, rows, weights, expert)
+                return
+            expert = as_weights(expert)
+        _swiglu.expert_accumulate(out, x, rows, weights, expert.gate, expert.up, expert.down, a)
 
-    def experts_token(self, out, x, experts, weights):
+    def experts_token(self, out, x, experts, weights, act="silu"):
         """:func:`~zipmoe_rt.kernels.swiglu.experts_decode` (k experts, two parallel regions);
         packed experts through :func:`~zipmoe_rt.kernels.packed.packed_experts_decode`
-        (bit-identical; a mix of packed and decoded experts decodes the packed ones)."""
+        (bit-identical; a mix of packed and decoded experts, or an activation other than SiLU,
+        decodes the packed ones)."""
+        a = check_act(act)
         n_packed = sum(map(is_packed, experts))
-        if n_packed == len(experts):
+        if n_packed == len(experts) and a == 0:
             _packed.packed_experts_decode(out, x, experts, weights)
             return
         if n_packed:
             experts = [as_weights(e) for e in experts]
-        _swiglu.experts_decode(out, x, experts, weights)
+        _swiglu.experts_decode(out, x, experts, weights, a)
 
     def rmsnorm(self, x, w, eps, out=None):
         """:func:`~zipmoe_rt.kernels.norm.rms_norm_into`."""
@@ -132,3 +141,30 @@ class NumbaBackend(HostArrays, Backend):
         """:func:`~zipmoe_rt.kernels.routing.route_choice_bias`."""
         check_choice_bias(bias, logits.shape[1])
         return _routing.route_choice_bias(logits, k, bias, norm_min)
+
+    # Qwen3-Next / Qwen3.5-MoE
+    def sigmoid_mul_(self, x, g):
+        """NumPy float32 in-place expression (``x * sigmoid(g)``, as torch)."""
+        x *= np.float32(1.0) / (np.float32(1.0) + np.exp(-g))
+        return x
+
+    def conv1d_silu(self, x, w, state, new_state):
+        """:func:`~zipmoe_rt.kernels.gated_delta.conv1d_silu`."""
+        return _gdn.conv1d_silu(x, w, state, new_state)
+
+    def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
+        """:func:`~zipmoe_rt.kernels.gated_delta.gated_delta_rule` (parallel over value heads)."""
+        check_gated_delta(qkv, ba, state, nk, nv, dk, dv)
+        return _gdn.gated_delta_rule(qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state)
+
+    def rmsnorm_gated(self, x, w, z, eps, out=None):
+        """:func:`~zipmoe_rt.kernels.gated_delta.rmsnorm_gated`."""
+        return _gdn.rmsnorm_gated(x, w, z, eps, out)
+    # Gemma 4
+    def softcap_(self, x, cap):
+        """NumPy float32 in-place expression: ``x /= cap``, ``tanh``, ``x *= cap``."""
+        c = check_cap(cap)
+        x /= c
+        np.tanh(x, out=x)
+        x *= c
+        return x

@@ -11,7 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..models.packed import as_weights
-from .base import Backend, HostArrays, check_choice_bias, check_qk_norm, check_route, to_f32
+from . import linear_attn as _lin
+from .base import (Backend, HostArrays, check_act, check_cap, check_choice_bias,
+                   check_gated_delta, check_qk_norm,
+                   check_route, to_f32)
 
 _F32 = np.float32
 
@@ -19,6 +22,15 @@ _F32 = np.float32
 def _silu(g: np.ndarray) -> np.ndarray:
     """``g * sigmoid(g)`` as ``nn.SiLU``, float32."""
     return g / (_F32(1.0) + np.exp(-g))
+
+
+def _act(g: np.ndarray, act: str) -> np.ndarray:
+    """The gate activation ``act``: SiLU, or GELU-tanh as ``nn.GELU(approximate="tanh")``
+    (``0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))``), float32."""
+    if check_act(act) == 1:
+        inner = _F32(0.7978845608028654) * (g + _F32(0.044715) * (g * g * g))
+        return (_F32(0.5) * g * (_F32(1.0) + np.tanh(inner))).astype(np.float32)
+    return _silu(g)
 
 
 def _rms(v: np.ndarray, w: np.ndarray, eps) -> np.ndarray:
@@ -69,27 +81,28 @@ class NumpyBackend(HostArrays, Backend):
         out[...] = y
         return out
 
-    def swiglu(self, x, gate, up):
-        """``silu(x @ gate.T) * (x @ up.T)``."""
-        return _silu(self.linear(x, gate)) * self.linear(x, up)
+    def swiglu(self, x, gate, up, act="silu"):
+        """``act(x @ gate.T) * (x @ up.T)`` (SiLU by default)."""
+        return _act(self.linear(x, gate), act) * self.linear(x, up)
 
-    def _expert(self, x, e):
-        """``down(silu(gate(x)) * up(x))`` of one expert, float32 [T, H]."""
-        return self.linear(self.swiglu(x, e.gate, e.up), e.down)
+    def _expert(self, x, e, act="silu"):
+        """``down(act(gate(x)) * up(x))`` of one expert, float32 [T, H]."""
+        return self.linear(self.swiglu(x, e.gate, e.up, act), e.down)
 
-    def expert_accumulate(self, out, x, rows, weights, expert):
+    def expert_accumulate(self, out, x, rows, weights, expert, act="silu"):
         """``out[rows] += weights[:, None] * expert(x[rows])`` (a packed expert is decoded
         first, :func:`~zipmoe_rt.models.packed.as_weights`)."""
         expert = as_weights(expert)
         if expert.down.shape != expert.gate.shape[::-1] or x.shape[1] != expert.gate.shape[1]:
             raise ValueError(f"expert_accumulate: x {x.shape}, gate {expert.gate.shape}, "
                              f"down {expert.down.shape} disagree")
-        out[rows] += np.asarray(weights, np.float32)[:, None] * self._expert(x[rows], expert)
+        out[rows] += np.asarray(weights, np.float32)[:, None] * self._expert(x[rows], expert,
+                                                                             act)
 
-    def experts_token(self, out, x, experts, weights):
+    def experts_token(self, out, x, experts, weights, act="silu"):
         """One :meth:`expert_accumulate`-like sum per expert, in order."""
         for w, e in zip(np.asarray(weights, np.float32), experts):
-            out += w * self._expert(x[None, :], as_weights(e))[0]
+            out += w * self._expert(x[None, :], as_weights(e), act)[0]
 
     def rmsnorm(self, x, w, eps, out=None):
         """``w * x / sqrt(mean(x**2) + eps)``."""
@@ -243,3 +256,34 @@ class NumpyBackend(HostArrays, Backend):
         w = np.take_along_axis(p, idx, axis=-1).astype(np.float32)
         w /= np.maximum(w.sum(axis=-1, keepdims=True), _F32(norm_min))
         return idx, w
+
+    # Qwen3-Next / Qwen3.5-MoE (array code shared with the CUDA backend: backends/linear_attn.py)
+    def sigmoid_mul_(self, x, g):
+        """``x *= sigmoid(g)``."""
+        x *= _F32(1.0) / (_F32(1.0) + np.exp(-g))
+        return x
+
+    def conv1d_silu(self, x, w, state, new_state):
+        """:func:`~zipmoe_rt.backends.linear_attn.conv1d_silu` over NumPy."""
+        return _lin.conv1d_silu(np, x, w, state, new_state)
+
+    def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
+        """:func:`~zipmoe_rt.backends.linear_attn.gated_delta_rule` over NumPy (chunked scan for
+        several tokens, the recurrence for one)."""
+        check_gated_delta(qkv, ba, state, nk, nv, dk, dv)
+        return _lin.gated_delta_rule(np, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state,
+                                     new_state)
+
+    def rmsnorm_gated(self, x, w, z, eps, out=None):
+        """:func:`~zipmoe_rt.backends.linear_attn.rmsnorm_gated` over NumPy."""
+        y = _lin.rmsnorm_gated(np, x, w, z, eps)
+        if out is None:
+            return y
+        out[...] = y
+        return out
+    # Gemma 4
+    def softcap_(self, x, cap):
+        """``x = tanh(x / cap) * cap`` (``Gemma4ForCausalLM.forward``)."""
+        c = check_cap(cap)
+        x[...] = np.tanh(x / c) * c
+        return x

@@ -13,6 +13,7 @@ from .pipeline import ExpertEngine, budget_split
 
 def build_engine(source, budget, policy, eviction, workers, direct, trace, verify,
                  io_depth=None, *, warn_stacklevel: int = 1, backend=None,
+                 host_budget: int = 0, gpu_ops=None,
                  prefetch: bool = False) -> ExpertEngine:
     """The :class:`~zipmoe_rt.engine.pipeline.ExpertEngine` that runs ``source``'s experts
     within ``budget`` bytes.
@@ -40,10 +41,15 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
         io_depth: expert-region reads in flight (None = :data:`~zipmoe_rt.engine.io.IO_DEPTH`).
         warn_stacklevel: as for :func:`warnings.warn`, counted from the caller of this
             function: the frame a calibration warning is attributed to.
-        backend: the compute backend of the experts (that of the model; default numba). The
-            engine reads and decodes on the host whatever the backend.
-        prefetch: cross-layer prefetch (engine/prefetch.py); its second working set is taken
-            from the budget before the tiers are planned.
+        backend: the compute backend of the experts (that of the model; default numba). On
+            the ``cuda`` backend the engine is a
+            :class:`~zipmoe_rt.engine.gpu_engine.GpuExpertEngine` (tiers in GPU memory,
+            compressed uploads decoded on the GPU).
+        host_budget: ``cuda`` only: bytes of pinned host memory for experts kept in host RAM.
+        gpu_ops: device operations for the GPU engine (default: CUDA's); the host model
+            :class:`~zipmoe_rt.engine.gpu_ops.HostOps` runs the GPU engine on the CPU (tests).
+        prefetch: cross-layer prefetch (engine/prefetch.py; the host engine only); its second
+            working set is taken from the budget before the tiers are planned.
 
     Returns:
         the engine (the caller closes it).
@@ -60,11 +66,13 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     if policy == "auto":
         policy = "raw-lru" if raw else ("zipmoe" if trace_path.exists() else "zip-lru")
     workers = workers or os.cpu_count() or 1
+    cls, extra = _engine_class(backend, host_budget, gpu_ops)
+    if cls is ExpertEngine and prefetch:
+        extra = dict(extra, prefetch=True)
     if policy != "zipmoe":
-        return ExpertEngine(source, budget, policy, eviction, workers=workers, direct=direct,
-                            verify=verify, io_depth=io_depth, backend=backend,
-                            prefetch=prefetch)
-    tier_budget = budget_split(source, budget, prefetch)[2]   # too small a budget: no calibration noise first
+        return cls(source, budget, policy, eviction, workers=workers, direct=direct,
+                   verify=verify, io_depth=io_depth, backend=backend, **extra)
+    tier_budget = budget_split(source, budget, extra.get("prefetch", False))[2]   # too small a budget: no calibration noise first
     tr = prof.load_trace(trace_path, source)
     # a stored calibration that does not fit this run (other version, read mode, io depth or
     # machine) is used anyway, with one CalibrationWarning (attributed as warn_stacklevel says);
@@ -80,6 +88,18 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
                                 bytes_sm=max(l.sm_region[1] for l in lays),
                                 bytes_exp=max(l.exp_region[1] for l in lays))
     plan, ranks = prof.make_plan(tr, delay, tier_budget, int(source.hparams["num_experts_per_tok"]))
-    return ExpertEngine(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
-                        workers=workers, direct=direct, verify=verify, delay=delay,
-                        io_depth=io_depth, backend=backend, prefetch=prefetch)
+    return cls(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
+               workers=workers, direct=direct, verify=verify, delay=delay,
+               io_depth=io_depth, backend=backend, **extra)
+
+
+def _engine_class(backend, host_budget, gpu_ops):
+    """(engine class, its extra arguments): the GPU engine for the ``cuda`` backend or given
+    device operations, else :class:`~zipmoe_rt.engine.pipeline.ExpertEngine`."""
+    if gpu_ops is None and getattr(backend, "name", backend) != "cuda":
+        return ExpertEngine, {}
+    from .gpu_engine import GpuExpertEngine
+    if gpu_ops is None:
+        from ..backends.cuda_experts import CudaOps
+        gpu_ops = CudaOps()
+    return GpuExpertEngine, {"ops": gpu_ops, "host_budget": int(host_budget or 0)}

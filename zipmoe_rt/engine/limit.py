@@ -284,7 +284,8 @@ def kv_bytes(hparams: dict, context: int) -> int:
     :meth:`~zipmoe_rt.models.cache.KVCache.reserve` grows them) for every layer, plus the old
     copy of one layer while it grows. ``hparams``: the stored hyper-parameters (format/SPEC.md
     §3); per token: ``HParams.kv_values_per_token`` values of
-    :data:`~zipmoe_rt.models.cache.KV_DTYPE`."""
+    :data:`~zipmoe_rt.models.cache.KV_DTYPE`; plus the fixed state of linear-attention layers
+    (:func:`state_bytes`)."""
     import numpy as np
 
     from ..families import get_family
@@ -295,7 +296,18 @@ def kv_bytes(hparams: dict, context: int) -> int:
     while cap < context:
         cap *= 2
     layers = max(1, int(hparams["num_hidden_layers"]))
-    return per_token * cap + (per_token // layers) * (cap // 2)
+    return per_token * cap + (per_token // layers) * (cap // 2) + state_bytes(hp)
+
+
+def state_bytes(hp) -> int:
+    """Bytes of the fixed per-sequence state of linear-attention layers (Qwen3-Next's Gated
+    DeltaNet: ``HParams.state_values``, float32, in the copies a
+    :class:`~zipmoe_rt.models.cache.RecurrentCache` holds: committed, pending, marked); 0 for
+    families without one.
+    ``hp``: typed hyper-parameters (:class:`~zipmoe_rt.families.HParams`)."""
+    from ..models.cache import RecurrentCache
+    f = getattr(hp, "state_values", None)
+    return 0 if f is None else int(f()) * 4 * RecurrentCache.COPIES
 
 
 def read_buffer_bytes(source) -> int:

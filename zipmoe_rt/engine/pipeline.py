@@ -39,7 +39,7 @@ import numpy as np
 import zstandard as zstd
 
 from ..backends import get_backend
-from ..models.moe import accumulate_experts
+from ..models.moe import accumulate_experts, expert_act
 from . import layout as L_
 from .buffers import BufferPools
 from .io import RegionReader, check_io_depth
@@ -185,6 +185,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
         self.backend = get_backend(backend)
         self.path = source.path
         self.hp = source.hparams
+        self.act = expert_act(source)
         self.k = int(self.hp["num_experts_per_tok"])
         self.layouts = source.layouts
         raw_experts = all(p.raw for lay in self.layouts.values() for p in lay.pieces)
@@ -460,7 +461,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
             self._recycle()
 
         out = accumulate_experts(self.backend, x, topk_idx, topk_w, fetch, prepare, self.window,
-                                 computed)
+                                 computed, self.act)
         if self.prefetch:
             self._end_prefetch(layer, topk_idx)
         dt = time.perf_counter() - t_start

@@ -20,6 +20,7 @@ from . import phimoe  # noqa: E402,F401  (registration: PhiMoE)
 from . import deepseek_v2, deepseek_v3, glm4_moe_lite  # noqa: E402,F401  (registration: MLA families)
 from . import granitemoe  # noqa: E402,F401  (Granite-MoE, Granite-MoE-Shared)
 from . import ernie4_5_moe  # noqa: E402,F401  (ERNIE 4.5 MoE)
+from . import gemma4  # noqa: E402,F401  (Gemma 4: Gemma4ForCausalLM, Gemma4ForConditionalGeneration)
 
 __all__ = [
     "ARCHITECTURES", "BY_NAME", "ExpertRef", "Family", "UnknownFamilyError",
@@ -28,3 +29,4 @@ __all__ = [
     "ConfigError", "HParams", "config_value", "rope_parameters",
     "FUSED", "HUB", "KEYS", "LAYOUTS", "TensorSpec",
 ]
+from . import qwen3_next  # noqa: E402,F401  (Qwen3-Next, Qwen3.5-MoE: hybrid linear attention)

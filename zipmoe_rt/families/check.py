@@ -41,6 +41,14 @@ SHAPE_FIELDS = {
     "attn_kv_b": "num_attention_heads, qk_nope_head_dim, v_head_dim, kv_lora_rank",
     "shared_gate_up": "shared_expert_intermediate_size",        # Granite-MoE-Shared
     "moe_statics": "num_experts",                               # ERNIE 4.5 MoE
+    # Gated DeltaNet (Qwen3-Next, Qwen3.5-MoE)
+    **{k: "linear_num_key_heads, linear_key_head_dim, linear_num_value_heads, "
+          "linear_value_head_dim" for k in ("lin_qkvz", "lin_qkv", "lin_out")},
+    **{k: "linear_num_value_heads" for k in ("lin_ba", "lin_b", "lin_a", "lin_dt_bias",
+                                              "lin_A_log")},
+    "lin_z": "linear_num_value_heads, linear_value_head_dim", "lin_norm": "linear_value_head_dim",
+    "lin_conv": "linear_num_key_heads, linear_key_head_dim, linear_num_value_heads, "
+                "linear_value_head_dim, linear_conv_kernel_dim",
 }
 
 

@@ -242,6 +242,9 @@ class HParams:
     NORM: ClassVar[str] = "rms"
     #: RoPE types the family runs (``rope.rope_type`` outside them is refused).
     ROPE_TYPES: ClassVar[tuple] = ROPE_TYPES
+    #: the gate activations the family's MLPs and experts may use (``hidden_act``; names of
+    #: :data:`zipmoe_rt.backends.base.ACTIVATIONS`).
+    ACTIVATIONS: ClassVar[tuple] = ("silu",)
     #: RoPE rotates the pairs (2i, 2i+1) of each head instead of (i, i + head_dim/2)
     #: (ERNIE 4.5's ``apply_rotary_pos_emb``; models/attention.py).
     ROPE_INTERLEAVED: ClassVar[bool] = False
@@ -313,9 +316,10 @@ class HParams:
         except (TypeError, ValueError, OverflowError, KeyError) as e:  # a family's own reading
             raise ConfigError(f"config.json: {type(e).__name__}: {e}") from None
         hp = cls(**kw)
-        if hp.hidden_act != "silu":
-            raise ConfigError(f"config.json: hidden_act {hp.hidden_act!r} is not supported "
-                              f"(silu only)")
+        if hp.hidden_act not in cls.ACTIVATIONS:
+            key = cls.CONFIG_KEYS.get("hidden_act", ("hidden_act",))[0]
+            raise ConfigError(f"config.json: {key} {hp.hidden_act!r} is not supported "
+                              f"({', '.join(cls.ACTIVATIONS)} only)")
         try:    # every check the runtime makes on load, on a copy (validate fills fields in)
             copy.deepcopy(hp).validate()
         except (ValueError, TypeError) as e:
@@ -425,9 +429,9 @@ class HParams:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
                 math.isfinite(eps) and eps > 0):
             raise ValueError(f"rms_norm_eps: {str(eps)[:40]!r} is not a positive finite number")
-        if self.hidden_act != "silu":
+        if self.hidden_act not in self.ACTIVATIONS:
             raise ValueError(f"hidden_act: {str(self.hidden_act)[:40]!r} is not supported "
-                             f"(silu only)")
+                             f"({', '.join(self.ACTIVATIONS)} only)")
         rope = self.rope if self.rope is not None else {}
         if not isinstance(rope, dict):
             raise ValueError(f"rope: {str(rope)[:40]!r} is not an object")

@@ -28,6 +28,9 @@ class Qwen3MoeHParams(QwenMoeHParams):
     qk_norm: bool = True
 
     FIXED = QwenMoeHParams.FIXED + ("shared_expert_intermediate_size",)
+    #: ``intermediate_size`` (the dense layers' width) may be absent: the published
+    #: Qwen3-MoE configs have no dense layer and ``Qwen3MoeConfig`` defaults it to 6144.
+    REQUIRED = tuple(f for f in QwenMoeHParams.REQUIRED if f != "intermediate_size")
 
     def validate(self):
         """Base checks; ``qk_norm`` forced True (Qwen3 always normalises q and k)."""

@@ -77,6 +77,30 @@ KEYS = {
     # ERNIE 4.5 MoE
     "moe_statics": "e_score_correction_bias [1, E], F32: added to the router's probabilities "
                    "for the choice of experts only (MoE layers)",
+    # Qwen3-Next / Qwen3.5-MoE: Gated DeltaNet (linear-attention) layers; their attn_q is
+    # q_proj [heads*hd*2, H] (each head's query rows, then its output-gate rows)
+    "lin_qkvz": "Qwen3-Next in_proj_qkvz [2*nk*dk + 2*nv*dv, H], grouped by key head: q, k, "
+                "v, z of each (linear-attention layers)",
+    "lin_ba": "Qwen3-Next in_proj_ba [2*nv, H], grouped by key head: b, a of each",
+    "lin_qkv": "Qwen3.5 in_proj_qkv [2*nk*dk + nv*dv, H]: q heads, k heads, v heads",
+    "lin_z": "Qwen3.5 in_proj_z [nv*dv, H]: the output gate",
+    "lin_b": "Qwen3.5 in_proj_b [nv, H]: beta's logits",
+    "lin_a": "Qwen3.5 in_proj_a [nv, H]: the decay's input",
+    "lin_conv": "causal depthwise conv1d weight [2*nk*dk + nv*dv, 1, K]",
+    "lin_dt_bias": "dt_bias [nv]",
+    "lin_A_log": "A_log [nv]",
+    "lin_norm": "gated RMSNorm weight [dv]",
+    "lin_out": "out_proj weight [H, nv*dv]",
+    # Gemma 4 (sandwich norms, router scales, the layer scalar)
+    "attn_post_norm": "post_attention_layernorm weight [H]: RMSNorm of the attention output",
+    "ffn_post_norm": "post_feedforward_layernorm weight [H]: RMSNorm of the feed-forward output",
+    "ffn_post_norm_1": "post_feedforward_layernorm_1 weight [H]: RMSNorm of the dense MLP's "
+                       "output in a MoE layer",
+    "ffn_pre_norm_2": "pre_feedforward_layernorm_2 weight [H]: RMSNorm of the experts' input",
+    "ffn_post_norm_2": "post_feedforward_layernorm_2 weight [H]: RMSNorm of the experts' output",
+    "router_scale": "router.scale [H]: multiplies the router's unweighted RMSNorm",
+    "router_expert_scale": "router.per_expert_scale [E]: multiplies each chosen expert's weight",
+    "layer_scalar": "layer_scalar [1]: the decoder layer's output is multiplied by it",
 }
 #: the tensor names transformers' Llama-style MoE decoders use (Qwen2/3-MoE, OLMoE, and Mixtral
 #: apart from its ``block_sparse_moe`` experts): one table that families pick their keys from
@@ -171,9 +195,10 @@ class TensorSpec:
         return self.role is not None
 
 
-def shape(key: str, hp) -> tuple:
-    """Shape of tensor ``key`` for hyper-parameters ``hp`` (an :class:`~.hparams.HParams`; its
-    ``QK_NORM_SCOPE`` sets the q/k norm shapes).
+def shape(key: str, hp, layer: int | None = None) -> tuple:
+    """Shape of tensor ``key`` (of ``layer``, for a family whose layers differ: its
+    ``hp.tensor_shape_at(key, layer)``) for hyper-parameters ``hp`` (an
+    :class:`~.hparams.HParams`; its ``QK_NORM_SCOPE`` sets the q/k norm shapes).
 
     Raises:
         KeyError: unknown key.
@@ -181,6 +206,9 @@ def shape(key: str, hp) -> tuple:
     own = getattr(hp, "tensor_shape", None)     # a family's own shapes (MLA)
     if own is not None and own(key) is not None:
         return own(key)
+    own = getattr(hp, "tensor_shape_at", None)  # shapes per layer (Gemma 4's global layers)
+    if own is not None and own(key, layer) is not None:
+        return own(key, layer)
     H, V, hd = hp.hidden_size, hp.vocab_size, hp.head_dim
     q, kv = hp.num_attention_heads * hd, hp.num_key_value_heads * hd
     qn, kn = (q, kv) if hp.QK_NORM_SCOPE == "projection" else (hd, hd)
@@ -201,6 +229,10 @@ def shape(key: str, hp) -> tuple:
         "attn_norm_bias": (H,), "ffn_norm_bias": (H,), "norm_bias": (H,), "lm_head_bias": (V,),
         "shared_gate_up": (2 * SI, H),      # Granite-MoE-Shared
         "moe_statics": (1, E),              # ERNIE 4.5 MoE
+        # Gemma 4
+        "attn_post_norm": (H,), "ffn_post_norm": (H,), "ffn_post_norm_1": (H,),
+        "ffn_pre_norm_2": (H,), "ffn_post_norm_2": (H,), "router_scale": (H,),
+        "router_expert_scale": (E,), "layer_scalar": (1,),
     }[key]
 
 
@@ -209,10 +241,14 @@ def present(key: str, hp, layer: int | None) -> bool:
     that its family lists the key: biases with ``attention_bias``, q/k norms with ``qk_norm``,
     router and experts in ``moe_layers``, the shared expert there when its size is > 0, the
     dense MLP elsewhere, the router's correction bias with the router; a family's
-    ``hp.tensor_present(key)`` decides first (MLA)."""
+    ``hp.tensor_present(key)`` decides first (MLA), then ``hp.tensor_present_at(key, layer)``
+    (per layer: Gemma 4)."""
     own = getattr(hp, "tensor_present", None)
     if own is not None and own(key) is not None:
         return own(key)
+    own = getattr(hp, "tensor_present_at", None)     # per layer: Gemma 4, hybrid Qwen3-Next
+    if own is not None and own(key, layer) is not None:
+        return own(key, layer)
     if key in _BIAS:
         return bool(hp.attention_bias)
     if key in ("attn_norm_bias", "ffn_norm_bias", "norm_bias"):      # PhiMoE's LayerNorms
@@ -283,10 +319,10 @@ def expand(table: dict, hp) -> list[TensorSpec]:
             if not present(k, hp, i) or (k in EXPERT_ROLES and k != experts[0]):
                 continue
             if k in EXPERT_ROLES:      # expert by expert, its projections in table order
-                out += [TensorSpec(table[x].format(i=i, e=e), shape(x, hp), x, i, e,
+                out += [TensorSpec(table[x].format(i=i, e=e), shape(x, hp, i), x, i, e,
                                    EXPERT_ROLES[x]) for e in range(hp.num_experts) for x in experts]
             else:
-                out.append(TensorSpec(table[k].format(i=i), shape(k, hp), k, i,
+                out.append(TensorSpec(table[k].format(i=i), shape(k, hp, i), k, i,
                                       role=STACKED_ROLES.get(k), stacked=k in STACKED_ROLES))
     return out + [glob(k) for k in tail if present(k, hp, None)]
 

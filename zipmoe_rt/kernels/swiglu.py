@@ -1,6 +1,10 @@
 """Numba CPU kernels of SwiGLU experts on BF16 weights read in place: the hidden activation
 ``silu(x @ gate.T) * (x @ up.T)``, one expert applied to the tokens routed to it, and the k
-experts of one token fused into two parallel regions (decode).
+experts of one token fused into two parallel regions (decode). With ``act`` 1 (GELU-tanh in
+place of SiLU: Gemma 4's ``gelu_pytorch_tanh`` experts and MLP, index 1 of
+:data:`zipmoe_rt.backends.base.ACTIVATIONS`) the gate and up projections go through the
+parallel :func:`~zipmoe_rt.kernels.linear.linear` kernels and the activation through NumPy
+(:func:`gelu_tanh_np`), so the fused SiLU kernels stay as they are.
 
 They follow ``MixtralExperts`` / ``Qwen2MoeMLP`` (transformers ``modeling_mixtral.py``,
 ``modeling_qwen2_moe.py``) in float32, and share the widening and blocked-dot helpers of
@@ -24,6 +28,18 @@ __all__ = ["swiglu_expert", "swiglu_hidden", "expert_accumulate", "experts_decod
 @njit(inline="always")
 def _silu(g):
     return g / (np.float32(1.0) + np.exp(-g))
+
+
+#: GELU-tanh constants as ATen's GeluKernel spells them: sqrt(2) * (2 / sqrt(pi)) / 2, 0.044715
+_GELU_BETA = np.float32(0.7978845608028654)
+_GELU_KAPPA = np.float32(0.044715)
+
+
+def gelu_tanh_np(g: np.ndarray) -> np.ndarray:
+    """``0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))`` over a float32 array
+    (``nn.GELU(approximate="tanh")``, transformers' ``gelu_pytorch_tanh``), float32."""
+    inner = _GELU_BETA * (g + _GELU_KAPPA * (g * g * g))
+    return (np.float32(0.5) * g * (np.float32(1.0) + np.tanh(inner))).astype(np.float32)
 
 
 @njit(**JIT_PARALLEL)
@@ -85,7 +101,8 @@ def _swiglu_gate_up_gemm(x, gate, up, h, nthreads):
                     h[t, i + r] = _silu(tmp[t, r]) * tmp[t, nr + r]
 
 
-def swiglu_expert(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+def swiglu_expert(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+                  act: int = 0) -> np.ndarray:
     """One SwiGLU expert ``down @ (silu(gate @ x) * (up @ x))`` per token, float32 accumulation.
 
     Follows ``MixtralExperts`` / ``Qwen2MoeMLP`` (transformers ``modeling_mixtral.py``,
@@ -95,6 +112,7 @@ def swiglu_expert(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndar
         x: float32 [T, H] (or [H]).
         gate, up: [I, H]; down: [H, I]. BF16 bits (uint16) take the fused path; float16/float32
             go through :func:`linear`.
+        act: the gate activation (0 SiLU, 1 GELU-tanh).
     Returns:
         float32 [T, H] (or [H] for 1-D x).
     Raises:
@@ -107,22 +125,24 @@ def swiglu_expert(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndar
     if up.shape != gate.shape or down.shape != (hid, inter) or x2.shape[1] != hid:
         raise ValueError(f"swiglu_expert: x {x.shape}, gate {gate.shape}, up {up.shape}, "
                          f"down {down.shape} disagree")
-    h = swiglu_hidden(x2, gate, up)
+    h = swiglu_hidden(x2, gate, up, act)
     y = linear(h, down)
     return y[0] if one else y
 
 
-def swiglu_hidden(x2: np.ndarray, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """``silu(x2 @ gate.T) * (x2 @ up.T)``: the hidden activation of a SwiGLU MLP.
+def swiglu_hidden(x2: np.ndarray, gate: np.ndarray, up: np.ndarray, act: int = 0) -> np.ndarray:
+    """``silu(x2 @ gate.T) * (x2 @ up.T)``: the hidden activation of a SwiGLU MLP (GELU-tanh in
+    place of SiLU with ``act`` 1, never fused).
 
     Args:
         x2: float32 [T, H], C-contiguous.  gate, up: [I, H] (BF16 bits fused; else via linear).
+        act: the gate activation (0 SiLU, 1 GELU-tanh).
     Returns:
         float32 [T, I].
     """
     T = x2.shape[0]
     big = 2 * T * gate.shape[0] * gate.shape[1] >= _lin.PAR_MIN_WORK
-    if big and gate.dtype == np.uint16 and up.dtype == np.uint16:
+    if big and gate.dtype == np.uint16 and up.dtype == np.uint16 and not act:
         h = np.empty((T, gate.shape[0]), np.float32)
         if T == 1:
             _swiglu_gate_up_gemv(x2[0], gate, up, h[0])
@@ -131,6 +151,8 @@ def swiglu_hidden(x2: np.ndarray, gate: np.ndarray, up: np.ndarray) -> np.ndarra
         return h
     g = linear(x2, gate, parallel=big)
     u = linear(x2, up, parallel=big)
+    if act:
+        return gelu_tanh_np(g) * u
     return (g / (np.float32(1.0) + np.exp(-g))) * u
 
 
@@ -146,7 +168,7 @@ def _scatter_add(out, rows, w, y):
 
 
 def expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray, weights: np.ndarray,
-                      gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> None:
+                      gate: np.ndarray, up: np.ndarray, down: np.ndarray, act: int = 0) -> None:
     """``out[rows[i]] += weights[i] * expert(x[rows[i]])``: one expert applied to the tokens
     routed to it, as the loop body of ``MixtralExperts.forward`` (``index_add_`` of the
     weighted expert output).
@@ -157,6 +179,7 @@ def expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray, weights:
         rows: int64 [n] token indices (distinct).
         weights: float32 [n] routing weights.
         gate, up: [I, H]; down: [H, I] (BF16 bits, float16 or float32).
+        act: the gate activation (0 SiLU, 1 GELU-tanh).
     Raises:
         ValueError / TypeError: as :func:`swiglu_expert`.
     """
@@ -168,7 +191,7 @@ def expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray, weights:
     if up.shape != gate.shape or down.shape != (hid, inter) or xs.shape[1] != hid:
         raise ValueError(f"expert_accumulate: x {x.shape}, gate {gate.shape}, up {up.shape}, "
                          f"down {down.shape} disagree")
-    h = swiglu_hidden(xs, gate, up)
+    h = swiglu_hidden(xs, gate, up, act)
     y = np.empty((h.shape[0], hid), np.float32)
     linear_into(h, down, y)
     _scatter_add(out, np.ascontiguousarray(rows, dtype=np.int64),
@@ -261,7 +284,8 @@ def _experts_gemv(x, gates, ups, downs, w, out):
         out[o] += a
 
 
-def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray) -> None:
+def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray,
+                   act: int = 0) -> None:
     """``out += sum_e weights[e] * expert_e(x)`` for ONE token and k experts in two parallel
     regions (decode path of ``MixtralExperts.forward``; the per-expert partial sums are combined
     in float32).
@@ -272,6 +296,7 @@ def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray)
         experts: sequence of k :class:`~zipmoe_rt.models.weights.ExpertWeights` (or
             (gate [I,H], up [I,H], down [H,I]) triples), all BF16 (uint16) of one shape.
         weights: float32 [k] routing weights.
+        act: the gate activation (0 SiLU; 1 GELU-tanh, one expert at a time).
     Raises:
         ValueError: shapes disagree.  Falls back to :func:`expert_accumulate` per expert for
             non-BF16 or mixed array types.
@@ -287,12 +312,12 @@ def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray)
         raise ValueError("experts_decode: shapes disagree")
     types = {(a.dtype, a.flags.writeable, a.flags.aligned) for a in gates + ups + downs}
     big = 3 * len(gates) * inter * hid >= _lin.PAR_MIN_WORK
-    if big and len(types) == 1 and gates[0].dtype == np.uint16:
+    if big and len(types) == 1 and gates[0].dtype == np.uint16 and not act:
         _experts_gemv(x, gates, ups, downs, w, out)
         return
     o2, x2 = out.reshape(1, -1), x.reshape(1, -1)
     for j, (g, u, d) in enumerate(zip(gates, ups, downs)):
-        expert_accumulate(o2, x2, _ROW0, w[j:j + 1], g, u, d)
+        expert_accumulate(o2, x2, _ROW0, w[j:j + 1], g, u, d, act)
 
 
 _ROW0 = np.zeros(1, np.int64)

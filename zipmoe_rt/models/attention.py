@@ -44,7 +44,10 @@ class Attention:
             [nkv*hd] (the whole q / k projection, OLMoE), as ``args.QK_NORM_SCOPE`` says.
         clip: None, or clamp q, k and v to [-clip, clip] after the norms (``clip_qkv``).
         backend: compute backend (:func:`~zipmoe_rt.backends.get_backend`; default numba).
-        scale: the softmax scale; None = ``head_dim ** -0.5`` (Granite: ``attention_multiplier``).
+        scale: the softmax scale; None = ``head_dim ** -0.5`` (Granite: ``attention_multiplier``;
+            Gemma 4: 1).
+        v_norm: RMSNorm each value head over ``head_dim`` without a weight before it is cached
+            (``Gemma4TextAttention.v_norm``, ``with_scale=False``).
 
     With ``args.ROPE_INTERLEAVED`` (ERNIE 4.5: RoPE rotates the pairs ``(2i, 2i+1)`` of each
     head, ``modeling_ernie4_5.py``'s ``apply_rotary_pos_emb``), the rows of each q and k head
@@ -59,7 +62,7 @@ class Attention:
 
     def __init__(self, args: HParams, layer: int, wq, wk, wv, wo, bq=None, bk=None, bv=None,
                  bo=None, q_norm=None, k_norm=None, clip: float | None = None, backend=None,
-                 scale: float | None = None):
+                 scale: float | None = None, v_norm: bool = False):
         be = self.backend = get_backend(backend)
         self.layer = layer
         self.nq, self.nkv = args.num_attention_heads, args.num_key_value_heads
@@ -89,6 +92,7 @@ class Attention:
         self.q_norm = be.from_host(_EMPTY if q_norm is None else to_f32(q_norm))
         self.k_norm = be.from_host(_EMPTY if k_norm is None else to_f32(k_norm))
         self.clip = None if clip is None else float(clip)
+        self.v_norm = be.from_host(np.ones(self.hd, np.float32)) if v_norm else None
         check_qk_norm(self.q_norm.size, self.k_norm.size, self.nq, self.nkv, self.hd, self.clip)
         whole = args.QK_NORM_SCOPE == "projection"
         for name, w, heads in (("q_norm", self.q_norm, self.nq), ("k_norm", self.k_norm, self.nkv)):
@@ -110,6 +114,10 @@ class Attention:
         be = self.backend
         T = x.shape[0]
         qkv = be.linear(x, self.wqkv, self.bqkv)
+        if self.v_norm is not None:     # weightless RMSNorm of each value head (Gemma 4)
+            off = (self.nq + self.nkv) * self.hd
+            v = qkv[:, off:].reshape(T * self.nkv, self.hd)
+            qkv[:, off:] = be.rmsnorm(v, self.v_norm, self.eps).reshape(T, self.nkv * self.hd)
         att = be.empty((T, self.nq * self.hd))
         kc, vc = cache.k, cache.v
         be.rope_qk_cache(qkv, self.nq, self.nkv, self.hd, self.q_norm, self.k_norm, self.eps,

@@ -20,7 +20,8 @@ import numpy as np
 
 from ..backends import get_backend
 
-__all__ = ["LayerCache", "GrowingCache", "KVCache", "LatentCache", "ModelCache", "KV_DTYPE"]
+__all__ = ["LayerCache", "GrowingCache", "KVCache", "LatentCache", "RecurrentCache", "ModelCache",
+           "KV_DTYPE"]
 
 #: dtype of the keys and values a :class:`KVCache` holds (float32, as the attention ops
 #: compute; ``np.dtype(KV_DTYPE).itemsize`` bytes per cached value).
@@ -222,6 +223,115 @@ class LatentCache(GrowingCache):
         return (self.kv,)
 
 
+class RecurrentCache:
+    """The state of ONE linear-attention layer (Gated DeltaNet: Qwen3-Next, Qwen3.5-MoE): the
+    last ``K - 1`` inputs of its causal conv1d and its recurrent state, of a size that does not
+    grow with the sequence (transformers keeps the same two tensors per linear layer in
+    ``DynamicCache``: ``conv_states`` and ``recurrent_states``). Implements :class:`LayerCache`.
+
+    Each buffer is held three times: the forward call reads the committed copy and writes the
+    pending one (:meth:`pending`), and :meth:`commit` swaps them, so an interrupted forward leaves
+    the committed state as it was; :meth:`mark` copies the committed state aside (the end of a
+    prompt). A recurrent state cannot be rolled back to an arbitrary position: :meth:`crop`
+    accepts ``n == length`` (nothing to drop), ``n == 0`` (the zero state) and the marked
+    position (the copy comes back); a caller that needs another position recomputes.
+
+    Args:
+        conv_shape: (K - 1, C) of the conv state.  state_shape: (nv, dk, dv) of the recurrent
+            state.  backend: where the buffers live (:func:`~zipmoe_rt.backends.get_backend`).
+    Attributes:
+        conv, state: the committed float32 buffers (zeros at length 0).
+        length: tokens folded into the state.
+    """
+
+    #: copies of each buffer held (committed, pending, marked): :attr:`nbytes` is this many
+    #: times the state's size.
+    COPIES = 3
+
+    def __init__(self, conv_shape, state_shape, backend=None):
+        self.backend = be = get_backend(backend)
+        self.conv = be.zeros(tuple(conv_shape))
+        self.state = be.zeros(tuple(state_shape))
+        self._next = (be.zeros(tuple(conv_shape)), be.zeros(tuple(state_shape)))
+        self._marked = (be.zeros(tuple(conv_shape)), be.zeros(tuple(state_shape)))
+        self.mark_length: int | None = None
+        self._written = False
+        self.length = 0
+
+    def mark(self) -> None:
+        """Copy the committed state aside as the state at position :attr:`length`
+        (:attr:`mark_length`), which :meth:`crop` can then return to."""
+        self._marked[0][...] = self.conv
+        self._marked[1][...] = self.state
+        self.mark_length = self.length
+
+    def pending(self):
+        """(conv, state) buffers the running forward call writes; they become the committed
+        ones at :meth:`commit`."""
+        self._written = True
+        return self._next
+
+    def reserve(self, n: int) -> None:
+        """Nothing to allocate: the state has a fixed size."""
+
+    def commit(self, n: int) -> None:
+        """``length += n``; the pending buffers become the committed ones when ``n > 0``.
+
+        Raises:
+            ValueError: ``n > 0`` but the forward call wrote no state (:meth:`pending`).
+        """
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"commit({n}): negative")
+        if n:
+            if not self._written:
+                raise ValueError(f"commit({n}): no state was written for these tokens")
+            (self.conv, self.state), self._next = self._next, (self.conv, self.state)
+        self._written = False
+        self.length += n
+
+    def crop_points(self) -> list[int]:
+        """The positions :meth:`crop` accepts: 0, the marked one (if not past ``length``) and
+        ``length``."""
+        pts = {0, self.length}
+        if self.mark_length is not None and self.mark_length <= self.length:
+            pts.add(self.mark_length)
+        return sorted(pts)
+
+    def can_crop(self, n: int) -> bool:
+        """Only ``n`` in :meth:`crop_points`."""
+        return int(n) in self.crop_points()
+
+    def crop(self, n: int) -> None:
+        """``n == length``: nothing; ``n == 0``: the zero state (the mark is dropped); the marked
+        position: the marked copy becomes the state.
+
+        Raises:
+            ValueError: any other ``n`` (a recurrent state cannot go back to position ``n``).
+        """
+        n = int(n)
+        if not self.can_crop(n):
+            raise ValueError(f"crop({n}): a recurrent state holding {self.length} tokens can "
+                             f"only be kept whole, reset to 0 or returned to its mark "
+                             f"({self.mark_length})")
+        if n == 0:
+            if self.length:
+                self.conv[...] = 0
+                self.state[...] = 0
+            self.length, self.mark_length = 0, None
+        elif n != self.length:          # the mark
+            self.conv[...] = self._marked[0]
+            self.state[...] = self._marked[1]
+            self.length = n
+        self._written = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated: the three copies of both buffers."""
+        return int(self.conv.nbytes + self.state.nbytes
+                   + sum(b.nbytes for b in self._next + self._marked))
+
+
 class ModelCache:
     """The caches of every decoder layer of one sequence, plus the tokens committed (the spelling
     of transformers' ``Cache``: ``get_seq_length``, ``crop``).
@@ -290,6 +400,26 @@ class ModelCache:
         cache replaces this one's contents only once it is complete)."""
         self.layers, self._offset = other.layers, other._offset
         self._ids, self.regime = other._ids, other.regime
+
+    def mark(self) -> None:
+        """Have every layer that cannot crop freely (a recurrent state) keep a copy of its
+        state at the current position, so that :meth:`crop` can return there (the end of a
+        prompt, for the next chat turn)."""
+        for lc in self.layers:
+            f = getattr(lc, "mark", None)
+            if callable(f):
+                f()
+
+    def crop_points(self) -> list[int] | None:
+        """The positions every layer can crop to, ascending, or None when every position
+        ``0..offset`` is one (no layer restricts it)."""
+        common = None
+        for lc in self.layers:
+            f = getattr(lc, "crop_points", None)
+            if callable(f):
+                pts = set(f())
+                common = pts if common is None else common & pts
+        return None if common is None else sorted(p for p in common if p <= self._offset)
 
     def can_crop(self, n: int) -> bool:
         """Whether :meth:`crop` ``(n)`` would succeed: ``0 <= n <= offset`` and every layer can."""

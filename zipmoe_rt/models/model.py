@@ -312,11 +312,15 @@ class Model:
     def logits(self, h):
         """Final norm + lm_head (with its bias, when the family has ``lm_head_bias``):
         float32 [T, H] -> float32 [T, vocab] (backend arrays), divided by ``logits_scaling``
-        where the family has one that is not 1."""
+        where the family has one that is not 1, soft-capped where it sets
+        ``final_logit_softcapping`` (``backend.softcap_``)."""
         out = self.backend.linear(self.final_norm(h), self.lm_head, self.lm_head_bias)
         d = getattr(self.args, "logits_scaling", 1.0)
         if d != 1.0:
             self.backend.scale_(out, d, divide=True)
+        cap = getattr(self.args, "final_logit_softcapping", None)
+        if cap is not None:     # Gemma 4: tanh(logits / cap) * cap
+            self.backend.softcap_(out, cap)
         return out
 
     def forward(self, ids, cache: ModelCache, last_only: bool = True) -> np.ndarray:

@@ -17,32 +17,48 @@ from typing import Callable, Protocol
 import numpy as np
 
 from ..backends import get_backend, to_f32
+from ..backends.base import check_act
 from .routing import Router, RoutingRule
 
 
+def expert_act(source) -> str:
+    """The activation of a weight source's experts and gated MLPs: its hyper-parameters'
+    ``hidden_act`` (``"silu"`` when absent; Gemma 4: ``"gelu_pytorch_tanh"``), a name of
+    :data:`~zipmoe_rt.backends.base.ACTIVATIONS`."""
+    return str((getattr(source, "hparams", None) or {}).get("hidden_act") or "silu")
+
+
 class MLP:
-    """Dense SwiGLU MLP ``down(silu(gate(x)) * up(x))`` (``Qwen2MoeMLP``; also the shared expert).
+    """Dense SwiGLU MLP ``down(silu(gate(x)) * up(x))`` (``Qwen2MoeMLP``; also the shared expert),
+    or with another gate activation (``Gemma4TextMLP``: GELU-tanh).
 
     Args:
         gate, up: [I, H]; down: [H, I] (BF16 bits, float16 or float32).
         backend: compute backend (default numba).
+        act: the gate activation, a name of :data:`~zipmoe_rt.backends.base.ACTIVATIONS`.
+    Raises:
+        ValueError: an unknown ``act``.
     """
 
-    def __init__(self, gate, up, down, backend=None):
+    def __init__(self, gate, up, down, backend=None, act: str = "silu"):
         be = self.backend = get_backend(backend)
+        check_act(act)
+        self.act = act
         self.gate, self.up, self.down = (be.from_host(np.ascontiguousarray(a))
                                          for a in (gate, up, down))
 
     def __call__(self, x):
         """x float32 [T, H] -> float32 [T, H]."""
         be = self.backend
-        return be.linear(be.swiglu(x, self.gate, self.up), self.down)
+        if self.act == "silu":
+            return be.linear(be.swiglu(x, self.gate, self.up), self.down)
+        return be.linear(be.swiglu(x, self.gate, self.up, self.act), self.down)
 
 
 def accumulate_experts(backend, x, topk_idx: np.ndarray, topk_w: np.ndarray,
                        fetch: Callable[[int], object],
                        prepare: Callable[[list, dict], None] | None = None, window: int = 0,
-                       after_compute: Callable[[float], None] | None = None):
+                       after_compute: Callable[[float], None] | None = None, act: str = "silu"):
     """``out[t] = sum_j topk_w[t, j] * expert_{topk_idx[t, j]}(x[t])`` in the summation order of
     ``MixtralExperts.forward``, whatever supplies the expert weights.
 
@@ -64,6 +80,7 @@ def accumulate_experts(backend, x, topk_idx: np.ndarray, topk_w: np.ndarray,
         window: experts per prepared group for several tokens; 0 = all at once.
         after_compute: optional ``after_compute(seconds)`` called after each compute call with
             the time it took.
+        act: the experts' gate activation (:func:`expert_act`; ``"silu"`` by default).
     Returns:
         float32 [T, H] backend array.
     Raises:
@@ -79,7 +96,11 @@ def accumulate_experts(backend, x, topk_idx: np.ndarray, topk_w: np.ndarray,
             prepare(uniq, {e: 1 for e in uniq})
         got = {e: fetch(e) for e in uniq}
         t0 = time.perf_counter()
-        backend.experts_token(out[0], x[0], [got[e] for e in experts], topk_w[0, order])
+        ex, w0 = [got[e] for e in experts], topk_w[0, order]
+        if act == "silu":
+            backend.experts_token(out[0], x[0], ex, w0)
+        else:
+            backend.experts_token(out[0], x[0], ex, w0, act)
         if after_compute is not None:
             after_compute(time.perf_counter() - t0)
         return out
@@ -94,7 +115,11 @@ def accumulate_experts(backend, x, topk_idx: np.ndarray, topk_w: np.ndarray,
             w = fetch(e)
             rows, slots = np.nonzero(topk_idx == e)
             t0 = time.perf_counter()
-            backend.expert_accumulate(out, x, rows.astype(np.int64), topk_w[rows, slots], w)
+            if act == "silu":
+                backend.expert_accumulate(out, x, rows.astype(np.int64), topk_w[rows, slots], w)
+            else:
+                backend.expert_accumulate(out, x, rows.astype(np.int64), topk_w[rows, slots], w,
+                                          act)
             if after_compute is not None:
                 after_compute(time.perf_counter() - t0)
     return out
@@ -122,7 +147,8 @@ class ExpertExecutor:
     :func:`accumulate_experts`. No caching of its own: the source decides.
 
     Args:
-        source: a :class:`~zipmoe_rt.models.weights.WeightSource`.
+        source: a :class:`~zipmoe_rt.models.weights.WeightSource` (its ``hidden_act`` gives the
+            experts' activation, :func:`expert_act`).
         backend: compute backend (default numba).
     Attributes:
         calls: number of ``source.expert`` fetches so far (statistics).
@@ -131,6 +157,7 @@ class ExpertExecutor:
     def __init__(self, source, backend=None):
         self.source = source
         self.backend = get_backend(backend)
+        self.act = expert_act(source)
         self.calls = 0
 
     def run(self, layer, x, topk_idx, topk_w):
@@ -140,7 +167,7 @@ class ExpertExecutor:
             self.calls += 1
             return w
 
-        return accumulate_experts(self.backend, x, topk_idx, topk_w, fetch)
+        return accumulate_experts(self.backend, x, topk_idx, topk_w, fetch, act=self.act)
 
 
 #: route hook signature: (layer, x [T,H], router_logits [T,E], topk_idx [T,k], topk_w [T,k]).
@@ -249,3 +276,61 @@ class ChoiceBiasMoeBlock(SparseMoeBlock):
         """See :meth:`SparseMoeBlock.select` (``backend.route_choice_bias``)."""
         return self.backend.route_choice_bias(logits, self.top_k, self.choice_bias,
                                               self.norm_min)
+
+
+# -- Gemma 4 ----------------------------------------------------------------------------------
+
+class ScaledRouterMoeBlock(SparseMoeBlock):
+    """:class:`SparseMoeBlock` with Gemma 4's router and its own norms around the experts
+    (``Gemma4TextRouter`` and the MoE half of ``Gemma4TextDecoderLayer.forward``,
+    ``modeling_gemma4.py``), called on the layer's residual stream ``x``:
+
+    * router logits ``proj(rmsnorm(x) * scale * hidden_size ** -0.5)``, the RMSNorm without a
+      weight of its own (``with_scale=False``; ``scale`` serves as its weight);
+    * float32 softmax over all experts, top-k, renormalised, each weight times
+      ``per_expert_scale`` of its expert;
+    * the experts (through the executor) on ``pre_norm(x)``, their sum through ``post_norm``.
+
+    Args:
+        model, layer, gate, top_k: as :class:`SparseMoeBlock` (the top-k always renormalised).
+        scale: [H] ``router.scale``.  expert_scale: [E] ``router.per_expert_scale``.
+        pre_norm, post_norm: the experts' input and output norms (callables float32 [T, H] ->
+            [T, H], e.g. :class:`~zipmoe_rt.models.model.Norm`).
+        eps: the router RMSNorm's epsilon.
+    Raises:
+        ValueError: ``scale`` not of H values or ``expert_scale`` not of E.
+    """
+
+    def __init__(self, model, layer, gate, top_k, scale, expert_scale, pre_norm, post_norm,
+                 eps: float):
+        super().__init__(model, layer, gate, top_k, True)
+        E, H = self.gate.shape
+        s, es = to_f32(scale).reshape(-1), to_f32(expert_scale).reshape(-1)
+        if s.size != H or es.size != E:
+            raise ValueError(f"layer {layer}: router scale has {s.size} values (hidden {H}), "
+                             f"per_expert_scale {es.size} (experts {E})")
+        self.scale = self.backend.from_host(s)
+        self.expert_scale = np.ascontiguousarray(es)
+        self.root = float(H) ** -0.5
+        self.eps = np.float32(eps)
+        self.pre_norm, self.post_norm = pre_norm, post_norm
+
+    def router_logits(self, x):
+        """float32 [T, E] logits of the residual stream x float32 [T, H]."""
+        h = self.backend.rmsnorm(x, self.scale, self.eps)
+        self.backend.scale_(h, self.root)
+        return self.router.logits(h)
+
+    def select(self, logits):
+        """Softmax top-k renormalised, times ``per_expert_scale`` (host arrays)."""
+        idx, w = self.router.select(logits)
+        return idx, (w * self.expert_scale[idx]).astype(np.float32)
+
+    def __call__(self, x):
+        """x float32 [T, H] (the residual stream) -> ``post_norm(experts(pre_norm(x)))``."""
+        logits, idx, w = self.route(x)
+        xe = self.pre_norm(x)
+        hook = self.model.route_hook
+        if hook is not None:
+            hook(self.layer, xe, logits, idx, w)
+        return self.post_norm(self.model.executor.run(self.layer, xe, idx, w))

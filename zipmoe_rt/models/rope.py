@@ -69,6 +69,8 @@ def rope_inv_freq(args: HParams, seq_len: int | None = None) -> tuple[np.ndarray
     rp = args.rope or {}
     rtype = rp.get("rope_type", rp.get("type", "default")) or "default"
     base = float(rp.get("rope_theta", 10000.0))
+    if rtype == "proportional":
+        return proportional_inv_freq(args), 1.0
     dim = rotary_dim(args)
     f32 = np.float32
     expo = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / f32(dim)
@@ -140,6 +142,46 @@ def rope_inv_freq(args: HParams, seq_len: int | None = None) -> tuple[np.ndarray
         raise ValueError(f"rope_parameters: {rtype} needs {e.args[0]!r}") from None
     raise ValueError(f"rope_type {rtype!r} is not supported (default, linear, llama3, yarn, "
                      f"longrope)")
+
+
+def proportional_inv_freq(args: HParams) -> np.ndarray:
+    """Proportional RoPE (``_compute_proportional_rope_parameters`` of transformers'
+    ``modeling_rope_utils.py``; Gemma 4's full-attention layers): ``head_dim / 2`` frequencies
+    for the whole head, of which the first ``n = int(partial_rotary_factor * head_dim // 2)``
+    are ``theta ** -(2i / head_dim)`` (exponents over the *whole* head width, unlike
+    ``partial_rotary_factor`` elsewhere) and the rest 0 (cos 1, sin 0: those pairs do not
+    turn); all divided by ``factor`` (1 when absent). Applied with ``rotate_half`` over the
+    whole head, pairs ``(i, i + head_dim/2)``.
+
+    Args:
+        args: :class:`~zipmoe_rt.families.HParams` with ``rope`` (``rope_theta``,
+            ``partial_rotary_factor``, ``factor``) and ``head_dim``.
+    Returns:
+        float32 [head_dim / 2] inverse frequencies in radians per position.
+    Raises:
+        ValueError: a ``partial_rotary_factor`` outside [0, 1] or a ``factor`` that is not a
+            positive number.
+    """
+    rp = args.rope or {}
+    f32 = np.float32
+    base = float(rp.get("rope_theta", 10000.0))
+    prf = rp.get("partial_rotary_factor", 1.0)
+    prf = 1.0 if prf is None else prf
+    factor = rp.get("factor", 1.0)
+    factor = 1.0 if factor is None else factor
+    for name, v, lo in (("partial_rotary_factor", prf, 0.0), ("factor", factor, None)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (
+                v < 0 or v > 1 if lo is not None else v <= 0):
+            raise ValueError(f"rope.{name}: {str(v)[:40]!r} is out of range for proportional "
+                             f"RoPE")
+    hd = int(args.head_dim)
+    n = int(float(prf) * hd // 2)
+    expo = np.arange(0, 2 * n, 2, dtype=np.int64).astype(np.float32) / f32(hd)
+    # the power in float64, rounded once: within an ulp of torch's float32 pow
+    pw = np.power(float(base), expo.astype(np.float64)).astype(np.float32)
+    inv = (f32(1.0) / pw).astype(np.float32)
+    inv = np.concatenate([inv, np.zeros(hd // 2 - n, np.float32)])
+    return (inv / f32(factor)).astype(np.float32)
 
 
 def longrope_factors(rp: dict, key: str, dim: int) -> np.ndarray:

@@ -151,7 +151,7 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
                 pass
 
         job = Job(ids=ids, params=params, emit=emit, stops=req.stop, logprobs=req.logprobs,
-                  tool_format=fmt)
+                  tool_format=fmt, tools=req.tools)
         host.submit(job)
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "created": int(time.time()), "model": req.model or name()}

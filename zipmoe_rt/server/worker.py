@@ -35,6 +35,7 @@ class Job:
         logprobs: None, or the number of top alternatives per token.
         tool_format: a key of :data:`~zipmoe_rt.server.textproc.TOOL_FORMATS` when the request
             gave tools and the template writes calls in that syntax, else None.
+        tools: the request's OpenAI ``tools`` (parameter types for the XML call syntaxes).
         cancel: set it to stop the generation before its next token (client gone).
     """
 
@@ -44,6 +45,7 @@ class Job:
     stops: list = field(default_factory=list)
     logprobs: int | None = None
     tool_format: str | None = None
+    tools: list | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -145,7 +147,8 @@ class ModelHost:
             if job is None:
                 break
             try:
-                if job.cancel.is_set():
+                if job.cancel.is_set():          # the client left while it was queued
+                    self.last_result = {"finish_reason": "cancelled", "completion_tokens": 0}
                     job.emit(("cancelled",))
                 else:
                     self._run(job)
@@ -224,7 +227,7 @@ class ModelHost:
                   "cached_tokens": cached, "completion_tokens": n_tokens,
                   "text": "".join(texts), "tool_calls": None}
         if splitter is not None and splitter.calls_text is not None:
-            calls, rest = parse_tool_calls(splitter.calls_text, job.tool_format)
+            calls, rest = parse_tool_calls(splitter.calls_text, job.tool_format, job.tools)
             if calls:
                 result["tool_calls"] = calls
                 result["finish_reason"] = "tool_calls"

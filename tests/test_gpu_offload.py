@@ -1,0 +1,266 @@
+"""The GPU expert engine (zipmoe_rt/engine/gpu_engine.py) on any machine, and ``--host-budget``.
+
+The engine runs here on :class:`~zipmoe_rt.engine.gpu_ops.HostOps` (its device operations done
+at once on host arrays, the segment decode by the Numba twin of the CUDA kernel) with the CPU
+kernels, so its tiers, host cache, staging, segment tables and counters are checked without a
+GPU: for every tiny spec and every policy, the logits equal the unbudgeted run's bit for bit and
+experts are really evicted and brought back through uploads and segment decodes. The same engine
+on CUDA (CudaOps): tests/test_gpu.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zstandard as zstd
+
+import zmoe
+from test_engine import ARCHS, DELAYS, WORKERS, assert_same_logits, generate, tiny_case  # noqa: F401
+from zipmoe_rt.engine import layout as L_
+from zipmoe_rt.engine import profile as prof
+from zipmoe_rt.engine.gpu_engine import GpuExpertEngine
+from zipmoe_rt.engine.gpu_meta import (block_layout, build_meta, meta_bound, pack_meta,
+                                       parse_host_budget)
+from zipmoe_rt.engine.gpu_ops import HostOps
+from zipmoe_rt.engine.pipeline import budget_split
+from zipmoe_rt.engine.store import ZmoeSource
+from zipmoe_rt.kernels.gpu_segments import decode_segments
+from zipmoe_rt.models import build_model
+
+
+def _host_words(path, lay, sm, exp) -> dict:
+    w = L_.decode_expert(path, lay, sm, exp, zstd.ZstdDecompressor())
+    return {"gate": w.gate, "up": w.up, "down": w.down}
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3", "phimoe"])
+@pytest.mark.parametrize("segment", [2048, 37])
+def test_segment_tables_rebuild_every_expert(tiny_case, name, segment):
+    """build_meta + the segment decode give every expert's BF16 words exactly (the host decode's),
+    with segments of many sizes (37: many per stream, some cut where gate/up/down begin)."""
+    case = tiny_case(name)
+    from zipmoe_rt.engine.io import RegionReader
+    rd = RegionReader(case.zmoe)
+    try:
+        for lay in case.layouts.values():
+            sm, exp = rd.read(*lay.sm_region), rd.read(*lay.exp_region)
+            m = build_meta(lay, exp, segment=segment)
+            assert m.runs.shape[1] == 6 and m.runs.shape[0] >= sum(
+                4 * len(p.chunks) for p in lay.pieces)
+            assert m.bits.size >= m.runs.shape[0] and m.segment == segment
+            assert m.meta_bytes <= meta_bound(lay, segment)
+            out = np.zeros(m.words, np.uint16)
+            decode_segments(exp, sm, m.runs, m.bits, m.tabs, segment, out)
+            want = _host_words(case.zmoe, lay, sm, exp)
+            for role, w0, shape in m.outs:
+                got = out[w0:w0 + int(np.prod(shape))].reshape(shape)
+                assert np.array_equal(got, want[role]), (lay.layer, lay.expert, role)
+            # the packed block holds the same runs, bits and tables at their offsets
+            _, r0, b0, t0, end = block_layout(lay, m)
+            blk = np.zeros(end, np.uint8)
+            pack_meta(m, blk, lay)
+            assert np.array_equal(blk[r0:r0 + m.runs.nbytes].view(np.int32).reshape(-1, 6),
+                                  m.runs)
+            assert np.array_equal(blk[b0:b0 + m.bits.nbytes].view(np.int32), m.bits)
+            assert np.array_equal(blk[t0:end].view(np.uint16).reshape(-1, 4096), m.tabs)
+    finally:
+        rd.close()
+
+
+def _engine(case, policy, budget, host_budget, delay=None):
+    path = case.raw if policy == "raw-lru" else case.zmoe
+    source = ZmoeSource(path, keep_experts=False, copy_dense=True)
+    kw = dict(workers=WORKERS, ops=HostOps(), host_budget=host_budget)
+    if policy == "zipmoe":
+        tr = prof.load_trace(case.trace_path, source)
+        plan, ranks = prof.make_plan(tr, delay, budget_split(source, budget)[2], case.k)
+        eng = GpuExpertEngine(source, budget, "zipmoe", plan=plan.layers, ranks=ranks,
+                              delay=delay, **kw)
+    else:
+        eng = GpuExpertEngine(source, budget, policy, **kw)
+    return source, eng
+
+
+POLICIES = [("zip-lru", None), ("raw-lru", None)] + [("zipmoe", d) for d in DELAYS]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_gpu_engine_bit_identical_and_really_reloads(tiny_case, name):
+    """For every spec and policy, host cache empty and full: logits equal the unbudgeted run's
+    bit for bit; misses go through uploads (PCIe bytes counted) and, for compressed files, the
+    segment decode; the host cache serves every miss when it holds every expert."""
+    case = tiny_case(name)
+    for policy, delay in POLICIES:
+        budget = case.budget("min") if policy != "zipmoe" else case.budget("mid")
+        for hb in (0, "100%"):
+            source, eng = _engine(case, policy, budget, 0, case.delay(delay) if delay else None)
+            if hb:
+                eng.close()
+                source.close()
+                source = ZmoeSource(case.raw if policy == "raw-lru" else case.zmoe,
+                                    keep_experts=False, copy_dense=True)
+                hbytes = parse_host_budget(hb, source)
+                source.close()
+                source, eng = _engine(case, policy, budget, hbytes,
+                                      case.delay(delay) if delay else None)
+            try:
+                net = build_model(source, executor=eng)
+                logits, tokens = generate(net, case.ids, 10)
+                assert tokens == case.ref_tokens, (policy, delay, hb)
+                assert_same_logits(logits, case.ref_logits)
+                st = eng.stats
+                where = (policy, delay, hb)
+                assert st.uploads > 0 and st.pcie_bytes > 0, where
+                if policy != "zipmoe":
+                    assert st.hits["miss"] > 0, where           # evicted and brought back
+                if policy != "raw-lru":
+                    assert st.gpu_decodes > 0 and st.host_decodes == 0, where
+                else:
+                    assert st.gpu_decodes == 0, where          # raw words cross as they are
+                if hb:
+                    assert st.file_misses == 0 and st.host_hits > 0, where
+                    assert eng.memory_report()["host pinned"] > 0
+                else:
+                    assert st.host_hits == 0 and st.file_misses > 0, where
+                rep = eng.memory_report()
+                assert rep["host budget"] == eng.host_budget
+                assert rep["host pinned"] <= eng.host_budget
+                g = eng.gpu_report()
+                assert g["pcie_bytes"] == st.pcie_bytes and g["device"]
+            finally:
+                eng.close()
+                source.close()
+
+
+def test_partial_host_cache_serves_some_misses(tiny_case):
+    """A host budget of 40 % keeps the first expert ranks of every layer in host memory within
+    the budget; the other misses are read from the file; the logits do not change."""
+    case = tiny_case("mixtral")
+    src = ZmoeSource(case.zmoe)
+    hb = parse_host_budget("40%", src)
+    src.close()
+    source, eng = _engine(case, "zip-lru", case.budget("min"), hb)
+    try:
+        held = set(eng._host)
+        n_layers = len(eng.hp["moe_layers"])
+        assert 0 < len(held) < len(eng.layouts)
+        assert all((layer, 0) in held for layer in eng.hp["moe_layers"])   # rank 0 first
+        assert len({e for _, e in held}) <= -(-len(held) // n_layers)     # whole ranks
+        assert eng.memory_report()["host pinned"] <= hb
+        net = build_model(source, executor=eng)
+        logits, tokens = generate(net, case.ids, 10)
+        assert tokens == case.ref_tokens
+        assert_same_logits(logits, case.ref_logits)
+        assert eng.stats.host_hits > 0 and eng.stats.file_misses > 0
+    finally:
+        eng.close()
+        source.close()
+
+
+def test_pcie_bytes_are_the_compressed_regions(tiny_case):
+    """A miss of a compressed expert sends its two regions and its tables (less than its BF16
+    bytes for real-size experts; here the tables of a tiny expert weigh more), a raw miss its
+    BF16 bytes."""
+    case = tiny_case("mixtral")
+    for policy in ("zip-lru", "raw-lru"):
+        source, eng = _engine(case, policy, case.budget("min"), 0)
+        try:
+            net = build_model(source, executor=eng)
+            generate(net, case.ids, 3)
+            st = eng.stats
+            lay = next(iter(eng.layouts.values()))
+            if policy == "raw-lru":
+                assert st.pcie_bytes == st.uploads * lay.sm_region[1]
+            else:
+                m = eng._meta[(lay.layer, lay.expert)]
+                per = block_layout(lay, m)[4]
+                assert st.uploads * lay.full_bytes // 2 < st.pcie_bytes <= st.uploads * per + \
+                    st.uploads * 4096 * 3   # tables of a few KB per expert
+        finally:
+            eng.close()
+            source.close()
+
+
+def test_corrupt_expert_in_host_cache_is_named(tiny_case, tmp_path):
+    """Filling the host cache checks each expert's CRCs: a flipped byte names the file."""
+    case = tiny_case("mixtral")
+    bad = tmp_path / "bad.zmoe"
+    data = bytearray(case.zmoe.read_bytes())
+    lay = next(iter(case.layouts.values()))
+    data[lay.sm_region[0] + 3] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    source = ZmoeSource(bad, keep_experts=False, copy_dense=True, verify=False)
+    try:
+        with pytest.raises(zmoe.ChecksumError, match="bad.zmoe"):
+            GpuExpertEngine(source, case.budget("min"), "zip-lru", workers=WORKERS,
+                            ops=HostOps(), host_budget=10**9)
+    finally:
+        source.close()
+
+
+# ------------------------------------------------------------------ --host-budget
+
+
+def test_parse_host_budget(tiny_case):
+    case = tiny_case("mixtral")
+    src = ZmoeSource(case.zmoe)
+    try:
+        stored = sum(l.sm_region[1] + l.exp_region[1] for l in src.layouts.values())
+        assert parse_host_budget("100%", src) == stored
+        assert parse_host_budget("50%", src) == int(0.5 * stored)
+        assert parse_host_budget("0", src) == 0 and parse_host_budget("0%", src) == 0
+        assert parse_host_budget("2GB", src) == 2 * 10**9
+        assert parse_host_budget("1.5GiB", src) == int(1.5 * 2**30)
+        assert parse_host_budget(12345, src) == 12345
+        for text, needle in (("lots", "cannot read"), ("-5", "must be positive"),
+                             ("150%", r"\[0, 100\] %"), ("x%", "cannot read"), (-1, "0 or more"),
+                             (True, "expected a size")):
+            with pytest.raises(ValueError, match=needle) as ei:
+                parse_host_budget(text, src)
+            assert "--host-budget" in str(ei.value) and "--memory-budget" not in str(ei.value)
+    finally:
+        src.close()
+
+
+def test_host_budget_needs_cuda_and_a_budget(tiny_case):
+    import zipmoe_rt
+    case = tiny_case("mixtral")
+    for kw in ({"memory_budget": "50%"}, {}):
+        with pytest.raises(ValueError, match=r"host_budget \(--host-budget\): applies to "
+                                             r"--device cuda with --memory-budget"):
+            zipmoe_rt.load(case.zmoe, host_budget="1GB", **kw)
+
+
+def test_cli_host_budget_on_cpu_is_one_line_error(tiny_case):
+    from click.testing import CliRunner
+
+    from zipmoe_rt.cli import main
+    case = tiny_case("mixtral")
+    r = CliRunner().invoke(main, ["run", str(case.zmoe), "-p", "hi", "--raw", "-n", "2",
+                                  "--memory-budget", "50%", "--host-budget", "1GB"])
+    assert r.exit_code != 0
+    msg = r.output.strip().splitlines()
+    assert len(msg) == 1 and "--host-budget" in msg[0] and "Traceback" not in r.output
+
+
+def test_bench_host_budget_needs_cuda(tiny_case):
+    from zipmoe_rt import bench
+    with pytest.raises(ValueError, match=r"host_budget \(--host-budget\): applies to --device cuda"):
+        bench.run(tiny_case("mixtral").zmoe, ["50%"], ["zip-lru"], host_budget="1GB")
+
+
+def test_gpu_report_lines():
+    """bench's per-row GPU line and /stats' GPU line state the device, tiers, PCIe bytes and
+    kernel time they are given."""
+    from zipmoe_rt.bench import gpu_line, gpu_row_line
+    row = {"policy": "zipmoe", "budget": "25%", "gpu": "NVIDIA H100",
+           "memory": {"dense": 110e6, "F": 300e6, "C": 50e6, "S": 0, "E": 2e6,
+                      "host pinned": 1.6e9},
+           "pcie_bytes_per_token": 12.5e6, "gpu_decode_ms_per_token": 0.25}
+    line = gpu_row_line(row)
+    assert "NVIDIA H100" in line and "110/300/50/0/2" in line and "1600 MB" in line
+    assert "12.50 MB over PCIe" in line and "0.250 ms of decode kernels" in line
+    rep = {"device": "NVIDIA H100", "uploads": 7, "pcie_bytes": 3.5e6, "gpu_decodes": 5,
+           "gpu_decode_s": 0.0012, "host_hits": 4, "file_misses": 3}
+    s = gpu_line(rep)
+    assert s == ("GPU NVIDIA H100: 7 expert uploads, 3.5 MB over PCIe, 5 GPU decodes (1.20 ms "
+                 "in kernels), 4 from host memory, 3 read from the file")

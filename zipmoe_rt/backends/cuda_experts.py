@@ -1,0 +1,137 @@
+"""GPU side of the budgeted expert path (:mod:`zipmoe_rt.engine.gpu_engine`): pinned host
+memory, CUDA streams and events, asynchronous host-to-device copies and the segment decode
+kernel that rebuilds an expert's BF16 words from its compressed regions on the GPU.
+
+The kernel follows format/SPEC.md §5.1 (plane merge) and §5.3 (Huffman streams, LSB first,
+12-bit windows): one thread per segment of :data:`~zipmoe_rt.engine.gpu_meta.SEGMENT` symbols
+of a stream (its run found by a binary search over the expert's runs), starting at the bit the
+segment table gives (:func:`~zipmoe_rt.engine.gpu_meta.
+build_meta`), writes ``(sm >> 7) << 15 | e << 7 | sm & 0x7F`` for each symbol. Its host twin is
+:func:`zipmoe_rt.kernels.gpu_segments.decode_segments`. Imported only on ``device="cuda"``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import cupy as cp
+
+SOURCE = r"""
+extern "C" __global__ void zx_decode_segments(const unsigned char* __restrict__ exp,
+        const unsigned char* __restrict__ sm, const int* __restrict__ runs, int nruns,
+        const int* __restrict__ bits, const unsigned short* __restrict__ tabs, int seg,
+        unsigned short* __restrict__ out, int nseg) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= nseg) return;
+    int lo = 0, hi = nruns - 1;                 // the last run whose first segment <= j
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (runs[6 * mid] <= j) lo = mid; else hi = mid - 1;
+    }
+    const int* r = runs + 6 * lo;
+    long long k0 = (long long)(j - r[0]) * seg;
+    int cnt = (int)min((long long)seg, (long long)r[4] - k0);
+    long long bit = bits[j], end = r[1];
+    unsigned short* o = out + r[2] + k0;
+    const unsigned char* s = sm + r[3] + k0;
+    const unsigned short* t = tabs + 4096LL * r[5];
+    long long nxt = bit >> 3;
+    unsigned long long buf = 0ull;
+    int have = 0;
+    while (have <= 56 && nxt < end) { buf |= (unsigned long long)exp[nxt++] << have; have += 8; }
+    int skip = (int)(bit & 7);
+    buf >>= skip;
+    have -= skip;
+    for (int k = 0; k < cnt; k++) {
+        while (have <= 56 && nxt < end) { buf |= (unsigned long long)exp[nxt++] << have; have += 8; }
+        unsigned int v = t[buf & 4095ull];
+        unsigned int b = s[k];
+        o[k] = (unsigned short)(((b >> 7) << 15) | ((v & 0xffu) << 7) | (b & 0x7fu));
+        buf >>= (v >> 8);
+        have -= (int)(v >> 8);
+    }
+}
+"""
+_THREADS = 128
+
+
+class CudaOps:
+    """The device operations of :class:`~zipmoe_rt.engine.gpu_engine.GpuExpertEngine` on the
+    current CUDA device (the interface of :class:`~zipmoe_rt.engine.gpu_ops.HostOps`)."""
+
+    name = "cuda"
+
+    def __init__(self):
+        self._k = cp.RawModule(code=SOURCE, options=("-std=c++14",)).get_function(
+            "zx_decode_segments")
+
+    def pinned(self, nbytes: int) -> np.ndarray:
+        """uint8 [nbytes] in page-locked host memory (``cupy.cuda.alloc_pinned_memory``)."""
+        mem = cp.cuda.alloc_pinned_memory(int(nbytes))
+        return np.frombuffer(mem, np.uint8, int(nbytes))
+
+    def empty(self, n: int, dtype=np.uint8):
+        """``cupy.empty`` (allocated for the compute stream)."""
+        return cp.empty(int(n), dtype)
+
+    def to_device(self, host):
+        """A device copy (synchronous)."""
+        return cp.asarray(np.ascontiguousarray(host))
+
+    def to_host(self, dev):
+        """A host copy (synchronous)."""
+        return cp.asnumpy(dev)
+
+    def stream(self):
+        """A new non-blocking CUDA stream."""
+        return cp.cuda.Stream(non_blocking=True)
+
+    def current(self):
+        """The stream the model computes on (CuPy's current stream)."""
+        return cp.cuda.get_current_stream()
+
+    def record(self, stream, timing: bool = False):
+        """A CUDA event recorded on ``stream``."""
+        ev = cp.cuda.Event(disable_timing=not timing)
+        ev.record(stream)
+        return ev
+
+    def wait(self, stream, event):
+        """``cudaStreamWaitEvent``."""
+        stream.wait_event(event)
+
+    def sync(self, event):
+        """``cudaEventSynchronize``."""
+        event.synchronize()
+
+    def elapsed(self, start, end) -> float:
+        """Seconds between two timing events (both finished)."""
+        return cp.cuda.get_elapsed_time(start, end) / 1e3
+
+    def h2d(self, dst, src: np.ndarray, stream):
+        """``cudaMemcpyAsync`` of pinned ``src`` into ``dst`` on ``stream``."""
+        if src.nbytes != dst.nbytes:
+            raise ValueError(f"h2d: {src.nbytes} host bytes into {dst.nbytes} device bytes")
+        cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.ctypes.data, src.nbytes,
+                                    cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
+
+    def decode(self, exp, sm, runs, bits, tabs, seg, out, stream):
+        """The segment decode kernel on ``stream`` (one thread per segment, ``bits.size``)."""
+        n = int(bits.shape[0])
+        if n:
+            with stream:
+                self._k(((n + _THREADS - 1) // _THREADS,), (_THREADS,),
+                        (exp, sm, runs, np.int32(runs.shape[0]), bits, tabs, np.int32(seg), out,
+                         np.int32(n)))
+
+    def copy(self, a, stream):
+        """A contiguous copy of device array ``a`` made on ``stream`` (memory from the compute
+        stream's pool)."""
+        out = cp.empty(a.shape, a.dtype)
+        cp.cuda.runtime.memcpyAsync(out.data.ptr, a.data.ptr, a.nbytes,
+                                    cp.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
+        return out
+
+    def device_name(self) -> str:
+        """The GPU's name."""
+        dev = cp.cuda.Device()
+        return cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()

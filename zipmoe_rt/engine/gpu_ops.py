@@ -1,0 +1,77 @@
+"""The device operations the GPU expert engine (:mod:`zipmoe_rt.engine.gpu_engine`) needs, and
+their host model.
+
+:class:`HostOps` performs each operation at once on NumPy arrays (streams and events are
+tokens, copies are plain copies, the segment decode is the Numba twin of the CUDA kernel), so
+the engine's tiers, host cache, staging and accounting run and are tested on any machine with
+the CPU backend. :class:`~zipmoe_rt.backends.cuda_experts.CudaOps` is the same interface on
+CuPy: pinned host memory, CUDA streams and events, ``cudaMemcpyAsync`` and the segment kernel.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..kernels.gpu_segments import decode_segments
+
+
+class HostOps:
+    """Device operations done at once on host memory (the interface of
+    :class:`~zipmoe_rt.backends.cuda_experts.CudaOps`; see the module docstring)."""
+
+    name = "host"
+
+    def pinned(self, nbytes: int) -> np.ndarray:
+        """uint8 [nbytes] host staging memory (pinned on a GPU)."""
+        return np.empty(nbytes, np.uint8)
+
+    def empty(self, n: int, dtype=np.uint8):
+        """A device array of ``n`` elements."""
+        return np.empty(n, dtype)
+
+    def to_device(self, host: np.ndarray):
+        """A device copy of a host array (synchronous; tier filling)."""
+        return np.array(host, copy=True)
+
+    def to_host(self, dev) -> np.ndarray:
+        """A host copy of a device array (synchronous)."""
+        return np.array(dev, copy=True)
+
+    def stream(self):
+        """A new stream (a token here)."""
+        return object()
+
+    def current(self):
+        """The stream the model computes on."""
+        return None
+
+    def record(self, stream, timing: bool = False):
+        """An event marking the work queued on ``stream`` so far."""
+        return time.perf_counter()
+
+    def wait(self, stream, event):
+        """Make ``stream`` wait for ``event`` (no host wait)."""
+
+    def sync(self, event):
+        """Block the host until ``event`` has happened."""
+
+    def elapsed(self, start, end) -> float:
+        """Seconds between two timing events."""
+        return max(0.0, end - start)
+
+    def h2d(self, dst, src: np.ndarray, stream):
+        """Copy host ``src`` into device ``dst`` (same byte size) on ``stream``."""
+        dst[...] = src
+
+    def decode(self, exp, sm, runs, bits, tabs, seg, out, stream):
+        """The segment decode (:func:`~zipmoe_rt.kernels.gpu_segments.decode_segments`) on
+        ``stream``: runs int32 [r, 6], bits int32 [n], tabs uint16 [t, 4096], out uint16."""
+        decode_segments(exp, sm, runs, bits, tabs, seg, out)
+
+    def copy(self, a, stream):
+        """A contiguous device copy of ``a`` made on ``stream``."""
+        return np.array(a, copy=True)
+
+    def device_name(self) -> str:
+        return "host model (no GPU)"
