@@ -206,3 +206,13 @@ def test_bench_rows_with_prefetch_off_and_on(tiny_case):
                      r"\d+ %, mean \d+ %\); \d+\.\d loads started, \d+\.\d\d MB wasted per "
                      r"token", table), table
     json.dumps(res)
+
+
+def test_family_with_its_own_decoder_layer_runs_unpredicted(tiny_case):
+    """Gemma 4's decoder layer is its own: prefetch installs no look-ahead there and the
+    budgeted run stays bit-identical."""
+    case = tiny_case("gemma4")
+    logits, tokens, st, n_look, engine = run_prefetch(case, "zip-lru", "pf-min", True)
+    assert engine.prefetch and n_look == 0 and st.prefetch_issued == 0
+    assert_same_logits(logits, case.ref_logits)
+    assert tokens == case.ref_tokens

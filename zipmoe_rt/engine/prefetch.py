@@ -159,7 +159,8 @@ def attach(model, engine) -> int:
     """Install the look-ahead of ``engine`` (an :class:`~zipmoe_rt.engine.pipeline.
     ExpertEngine` with ``prefetch`` on) on ``model``'s decoder layers.
 
-    Layer i (MoE or dense) whose next MoE layer is j gets ``lookahead(x)``: for one-token
+    Layer i (MoE or dense) whose next MoE layer is j, both the shared
+    :class:`~zipmoe_rt.models.model.DecoderLayer`, gets ``lookahead(x)``: for one-token
     calls, ``x`` (float32 [1, H], the residual stream before layer i's feed-forward norm) goes
     through layer j's ``post_attention_layernorm`` and its block's routing, and the engine is
     told the experts chosen (issued after layer i's own loads when layer i is an MoE layer,
@@ -171,20 +172,23 @@ def attach(model, engine) -> int:
     Returns:
         the number of layers given a look-ahead (0 when the engine's prefetch is off).
     """
-    for layer in model.layers:
-        layer.lookahead = None
+    from ..models.model import DecoderLayer
+    shared = [isinstance(layer, DecoderLayer) for layer in model.layers]
+    for layer, ok in zip(model.layers, shared):
+        if ok:
+            layer.lookahead = None
     if not getattr(engine, "prefetch", False):
         return 0
     moe = sorted(model.moe_layers)
     n = 0
     for i, layer in enumerate(model.layers):
         nxt = [j for j in moe if j > i]
-        if not nxt:
+        if not nxt or not shared[i]:
             continue
         j = nxt[0]
         target = model.layers[j]
-        if not hasattr(target.mlp, "route"):
-            continue
+        if not shared[j] or not hasattr(target.mlp, "route"):
+            continue   # a family with a decoder layer of its own (Gemma 4): not predicted
         layer.lookahead = _lookahead(engine, j, target, i in model.moe_layers)
         n += 1
     return n
