@@ -64,6 +64,7 @@ SPECIALS = {
     "meta-llama-": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
     "microsoft-Phi-3.5": {"bos_token": "<s>", "eos_token": "<|endoftext|>"},
     "ibm-granite-": {"bos_token": "<|end_of_text|>", "eos_token": "<|end_of_text|>"},
+    "LFM2": {"bos_token": "<|startoftext|>", "eos_token": "<|im_end|>"},    # LFM2-MoE
 }
 #: the templates of the model families the runtime runs or is adding; each must render every
 #: case it supports (not only agree with transformers)
@@ -73,6 +74,9 @@ FAMILY_TEMPLATES = [
     "deepseek-ai-DeepSeek-R1-Distill-Llama-8B", "mistralai-Mistral-Nemo-Instruct-2407",
     "Mistral-Small-3.2-24B-Instruct-2506", "GLM-4.6", "GLM-4.7-Flash", "microsoft-Phi-3.5-mini-instruct",
     "ibm-granite-granite-3.3-2B-Instruct", "ibm-granite-granite-4.0", "gguf-qwen2", "gguf-phi-3",
+    "openai-gpt-oss-120b",      # gpt-oss (harmony)
+    "LFM2-8B-A1B", "LFM2.5-Instruct", "LFM2.5-8B-A1B",      # LFM2-MoE
+    "google-gemma-4-31B-it", "gguf-gemma-4",                # Gemma 4 (same template family)
 ]
 
 
@@ -237,3 +241,25 @@ def test_continue_final_message_as_transformers(templates):
         ours.apply_chat_template(CONTINUE_CASES[0][0], True, continue_final_message=True)
     with pytest.raises(ValueError, match='has no "reasoning" to continue'):
         ours.apply_chat_template(CONTINUE_CASES[0][0], continue_final_message="reasoning")
+
+
+def test_lfm2_templates_tools_and_past_thinking(templates):
+    """LFM2's templates (LFM2-8B-A1B, LFM2.5): the tool list in the system turn, the tool
+    result wrapped in LFM2-8B-A1B's markers, and LFM2.5 keeping only the last assistant turn's
+    reasoning, as transformers renders them."""
+    ours, ref = _pair("LFM2-8B-A1B", templates["LFM2-8B-A1B"])
+    messages, kw = CASES["tools"]
+    got = ours.apply_chat_template(messages, add_generation_prompt=True, **kw)
+    assert got == ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                          **kw)
+    assert got.startswith("<|startoftext|><|im_start|>system\nYou are a helpful assistant.\n"
+                          "List of tools: <|tool_list_start|>[{\"type\": \"function\"")
+    assert ("<|im_start|>tool\n<|tool_response_start|>{\"temperature\": 21, \"unit\": "
+            "\"celsius\"}<|tool_response_end|><|im_end|>\n<|im_start|>assistant\n") in got
+    ours, ref = _pair("LFM2.5-Instruct", templates["LFM2.5-Instruct"])
+    turns = [U1, {"role": "assistant", "content": "<think>add</think> 4."}, U2,
+             {"role": "assistant", "content": "<think>add again</think>6."}]
+    got = ours.apply_chat_template(turns, add_generation_prompt=False)
+    assert got == ref.apply_chat_template(turns, add_generation_prompt=False, tokenize=False)
+    assert "<|im_start|>assistant\n4.<|im_end|>" in got
+    assert got.endswith("<|im_start|>assistant\n<think>add again</think>6.<|im_end|>\n")

@@ -683,7 +683,7 @@ def test_safetensors_file_is_not_zmoe(tmp_path):
         ZmoeReader(bad)
 
 
-@pytest.mark.parametrize("version", [3, 0, 0xFFFFFFFF])
+@pytest.mark.parametrize("version", [4, 0, 0xFFFFFFFF])
 def test_unsupported_version(good, tmp_path, version):
     path, _ = good
 

@@ -86,7 +86,8 @@ def test_hf_roundtrip_bit_exact(tiny_moe_dir, tmp_path, name, sharded):
     assert (src_dir / "model.safetensors.index.json").exists() == sharded
     src = load_tensors(src_dir)
     # BF16, except the F32 router correction bias of DeepSeek-V3 / GLM-4-MoE / ERNIE 4.5 specs
-    assert all(dt == (torch.float32 if n.endswith("e_score_correction_bias") else torch.bfloat16)
+    assert all(dt == (torch.float32 if n.endswith(("e_score_correction_bias", "expert_bias"))
+                      else torch.bfloat16)
                for n, (dt, _, _) in src.items())
 
     out = convert(src_dir, tmp_path / f"{name}.zmoe", chunks=3, progress=False)
@@ -107,10 +108,9 @@ def test_hf_roundtrip_bit_exact(tiny_moe_dir, tmp_path, name, sharded):
         assert sorted(r.experts) == sorted(experts)
         for (l, e), blk in r.experts.items():
             assert blk["sm"][0] % 4096 == 0 and blk["exp"][0] % 4096 == 0
-            assert sorted(blk["tensors"]) == experts[(l, e)] and len(blk["tensors"]) in (2, 3)
-            assert all(f".experts.{e}." in t or "_linear" in t     # stacked: Granite, Gemma 4
-                       or t.endswith((".experts.gate_up_proj", ".experts.down_proj"))
-                       for t in blk["tensors"])
+            assert sorted(blk["tensors"]) == experts[(l, e)] and len(blk["tensors"]) in (2, 3, 4)
+            assert all(f".experts.{e}." in t or r.tensors[t]["expert"].get("stacked")
+                       for t in blk["tensors"])   # stacked: Granite, Gemma 4, gpt-oss (4: biases)
         routed = {n for names in experts.values() for n in names}
         for t in r.tensors.values():
             if t["name"] not in routed:

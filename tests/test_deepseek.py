@@ -314,8 +314,8 @@ def test_stored_hparams_that_lie_about_mla_shapes_are_refused():
 
 def test_v3_and_glm_lite_configs():
     """DeepSeek-V3's released config.json (BF16) and GLM-4.7-Flash's read as the models are;
-    a quantised (FP8) release, another router or scoring function, or a partial rotary factor
-    are refused naming the key."""
+    a quantisation other than FP8 blocks (tests/test_lowprec_fp8.py), another router or scoring
+    function, or a partial rotary factor are refused naming the key."""
     v3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
           "vocab_size": 129280, "hidden_size": 7168, "num_hidden_layers": 61,
           "num_attention_heads": 128, "num_key_value_heads": 128, "intermediate_size": 18432,
@@ -338,7 +338,8 @@ def test_v3_and_glm_lite_configs():
     names = {s.name for s in get_family("deepseek_v3").tensor_specs(hp)}
     assert "model.layers.3.mlp.gate.e_score_correction_bias" in names
     assert "model.layers.2.mlp.gate.e_score_correction_bias" not in names
-    for over, needle in ((dict(quantization_config={"quant_method": "fp8"}), "quantization"),
+    for over, needle in ((dict(quantization_config={"quant_method": "awq"}),
+                          "quantization_config.quant_method 'awq' is not supported"),
                          (dict(topk_method="greedy"), "topk_method"),
                          (dict(scoring_func="softmax"), "scoring_func"),
                          (dict(n_group=7), "n_group"),

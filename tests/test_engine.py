@@ -343,13 +343,13 @@ def test_decode_working_set_within_budget(case, budget, monkeypatch):
     real = engine.backend.experts_token
     totals = []
 
-    def spy(out, x, experts, weights, *act):
+    def spy(out, x, experts, weights, *a, **kw):
         in_f = {id(w) for pool in engine.fpools.values() for w in pool.slots.values()}
         transient = sum(1 for w in experts if id(w) not in in_f)
         rep = engine.memory_report()
         totals.append(rep["dense"] + rep["F"] + rep["C"] + rep["S"] + rep["E"]
                       + transient * engine.bytes_F)
-        return real(out, x, experts, weights, *act)
+        return real(out, x, experts, weights, *a, **kw)
 
     monkeypatch.setattr(engine.backend, "experts_token", spy)
     try:

@@ -22,13 +22,13 @@ def spec_table() -> dict:
     text = SPEC.read_text(encoding="utf-8")
     section = text[text.index("## 3. Metadata"):text.index("## 4. Tensor records")]
     section = section[section.index("| key | type | content |"):]
-    return dict(re.findall(r"^\| `([a-z_.]+)` \| ([a-z\[\]]+) \|", section, re.M))
+    return dict(re.findall(r"^\| `([a-z0-9_.]+)` \| ([a-z\[\]]+) \|", section, re.M))
 
 
 def test_spec_lists_exactly_the_constants():
     table = spec_table()
-    assert len(table) == 59 + 5 + 5  # 45 + MLA / DeepSeek MoE 9 + Granite-MoE 4 + ERNIE 4.5 MoE 1
-    #                                   + Gated DeltaNet 5 + Gemma 4 5
+    assert len(table) == 59 + 5 + 5 + 2 + 4 + 1  # 45 + MLA / DeepSeek MoE 9 + Granite-MoE 4
+    #    + ERNIE 4.5 1 + Gated DeltaNet 5 + Gemma 4 5 + gpt-oss 2 + LFM2-MoE 4 + low-precision 1
     assert sorted(table) == list(metadata_keys())
     assert Keys.General.ARCHITECTURE == "general.architecture"
     assert Keys.HParams.MOE_LAYERS == hparam_key("moe_layers") == "hparams.moe_layers"

@@ -195,6 +195,46 @@ SPECS = {
             hidden_size_per_layer_input=0, sliding_window=5, final_logit_softcapping=30.0),
         vision_config=None, audio_config=None, initializer_range=INIT_STD,
         tie_word_embeddings=False)),
+    # gpt-oss: sliding (window 5) and full layers alternating, random sinks (std 1), router and
+    # expert biases, YaRN; a SwiGLU limit low enough to clamp (about a third of the gate and
+    # up pre-activations). The second: other sizes, MHA-like 4/4 heads, head_dim 32, top-3 of
+    # 6, the layer pattern given explicitly, a window of 3, another alpha and limit.
+    "gpt_oss": ("gpt_oss", dict(
+        COMMON, num_hidden_layers=4, head_dim=16, intermediate_size=48, num_local_experts=8,
+        num_experts_per_tok=2, sliding_window=5, swiglu_alpha=1.702, swiglu_limit=0.3,
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
+                             beta_slow=1.0, truncate=False,
+                             original_max_position_embeddings=128))),
+    "gpt_oss_sizes": ("gpt_oss", dict(
+        COMMON, hidden_size=48, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+        intermediate_size=40, num_local_experts=6, num_experts_per_tok=3, sliding_window=3,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+        swiglu_alpha=1.2, swiglu_limit=0.5, rope_theta=10000.0,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    # LFM2-MoE: short-convolution layers mixed with attention (layer_types), dense leading
+    # layers, the sigmoid router with a random F32 expert_bias (make_tiny), tied embeddings as
+    # released; then attention first, conv biases, a kernel of 4, no dense layer, no expert
+    # bias, weights not renormalised and scaled (sum far from 1), an untied head
+    "lfm2_moe": ("lfm2_moe", dict(
+        {k: v for k, v in COMMON.items() if k != "rms_norm_eps"}, num_hidden_layers=4,
+        norm_eps=1e-5, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+        num_experts_per_tok=3, num_dense_layers=1, conv_L_cache=3, conv_bias=False,
+        use_expert_bias=True, norm_topk_prob=True, tie_word_embeddings=True,
+        layer_types=["conv", "full_attention", "conv", "conv"], rope_theta=1000000.0)),
+    "lfm2_moe_bias": ("lfm2_moe", dict(
+        {k: v for k, v in COMMON.items() if k != "rms_norm_eps"}, num_hidden_layers=4,
+        norm_eps=1e-6, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, num_dense_layers=0, conv_L_cache=4, conv_bias=True,
+        use_expert_bias=False, norm_topk_prob=False, routed_scaling_factor=2.5,
+        layer_types=["full_attention", "full_attention", "conv", "conv"], rope_theta=10000.0)),
+    # the released layout in small: two dense layers, conv layers around attention, top-4, a
+    # kernel of 2, one kv head, expert bias, renormalised and scaled by 1.5
+    "lfm2_moe_dense2": ("lfm2_moe", dict(
+        {k: v for k, v in COMMON.items() if k != "rms_norm_eps"}, num_hidden_layers=5,
+        num_key_value_heads=1, norm_eps=1e-5, intermediate_size=96, moe_intermediate_size=32,
+        num_experts=8, num_experts_per_tok=4, num_dense_layers=2, conv_L_cache=2,
+        use_expert_bias=True, norm_topk_prob=True, routed_scaling_factor=1.5,
+        layer_types=["conv", "full_attention", "conv", "full_attention", "conv"])),
 }
 
 
@@ -233,6 +273,9 @@ def _randomize_correction_bias(model, torch, gen):
                 0.1 * torch.randn(b.shape, generator=gen), requires_grad=False)
         elif isinstance(b, torch.Tensor):
             mod.e_score_correction_bias = 0.1 * torch.randn(b.shape, generator=gen)
+        b = getattr(mod, "expert_bias", None)       # LFM2-MoE's router bias (a buffer)
+        if isinstance(b, torch.Tensor) and not isinstance(b, torch.nn.Parameter):
+            mod.expert_bias = 0.1 * torch.randn(b.shape, generator=gen)
 
 
 def _randomize_gemma4(model, torch, gen):
@@ -246,6 +289,18 @@ def _randomize_gemma4(model, torch, gen):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             elif name.endswith("router.per_expert_scale"):
                 p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+
+
+def _randomize_gpt_oss(model, torch, gen):
+    """gpt-oss: expert biases (``gate_up_proj_bias``, ``down_proj_bias``, zero at init) random
+    like the other biases, and the attention sinks with std 1 (the scale of the scores) so that
+    they take a visible share of each softmax."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gate_up_proj_bias", "down_proj_bias")):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("self_attn.sinks"):
+                p.copy_(torch.randn(p.shape, generator=gen))
 
 
 def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
@@ -268,6 +323,8 @@ def make_tiny(name: str, folder, sharded: bool = False, seed: int = 0) -> Path:
     model = getattr(transformers, model_cls)(cfg)
     _randomize_norms(model, torch, torch.Generator().manual_seed(seed + 1))
     _randomize_gemma4(model, torch, torch.Generator().manual_seed(seed + 3))  # Gemma 4
+    if SPECS[name][0] == "gpt_oss":
+        _randomize_gpt_oss(model, torch, torch.Generator().manual_seed(seed + 3))
     model = model.to(torch.bfloat16)
     _randomize_correction_bias(model, torch, torch.Generator().manual_seed(seed + 2))
     model.save_pretrained(folder, max_shard_size="200KB" if sharded else "2GB")

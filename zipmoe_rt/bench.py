@@ -182,7 +182,7 @@ class _TinySource:
 
     def __init__(self, hp: dict):
         from .families import get_family
-        from .models.weights import ExpertWeights
+        from .models.weights import assemble_expert
         hp = dict(hp, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   vocab_size=128, moe_intermediate_size=32, intermediate_size=32,
                   shared_expert_intermediate_size=min(32, hp.get("shared_expert_intermediate_size", 0)),
@@ -192,7 +192,10 @@ class _TinySource:
         self.hparams = hp
         specs = get_family(hp.get("family")).tensor_specs(hp)
         self._shapes = {s.name: s.shape for s in specs if not s.is_expert and not s.tied}
-        self._rng, self._ew = np.random.default_rng(0), ExpertWeights
+        #: one expert's roles and shapes as the family stores them (a stacked tensor's slice)
+        self._roles = {s.role: tuple(s.shape[1:] if s.stacked else s.shape)
+                       for s in specs if s.is_expert}
+        self._rng, self._assemble = np.random.default_rng(0), assemble_expert
         self._cache: dict = {}
 
     def has(self, name):
@@ -204,9 +207,8 @@ class _TinySource:
         return self._cache[name]
 
     def expert(self, layer, e):
-        H, I = self.hparams["hidden_size"], self.hparams["moe_intermediate_size"]
-        g = lambda *s: self._rng.integers(0x3C00, 0x3D00, s).astype(np.uint16)  # noqa: E731
-        return self._ew(g(I, H), g(I, H), g(H, I))
+        return self._assemble({r: self._rng.integers(0x3C00, 0x3D00, s).astype(np.uint16)
+                               for r, s in self._roles.items()})
 
 
 def _baseline_worker(model_path) -> int:

@@ -182,6 +182,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                         copy_dense=budgeted or not on_host, resident=resident)
     engine = None
     try:
+        from .engine.lowprec import refuse_device
+        refuse_device(source.reader, backend.name)     # FP8 files: CPU only
         tok = tokenizer_from_source(source)
         # the tokenizer holds its own parsed copy; the JSON text (~7 MB as a str) is not needed
         source.metadata.pop(Keys.Tokenizer.JSON, None)

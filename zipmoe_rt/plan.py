@@ -127,6 +127,8 @@ class SizePlan:
             copy; Qwen3-Next's Gated DeltaNet), 0 without such layers.
         state_bytes: bytes the runtime allocates for it (float32, the copies a
             :class:`~zipmoe_rt.models.cache.RecurrentCache` holds).
+        quantized: the config's ``quantization_config.quant_method`` (``"mxfp4"`` for
+            gpt-oss's release), or None: the figures are then those of the BF16 weights.
     """
 
     config: Path
@@ -144,6 +146,7 @@ class SizePlan:
     budget: BudgetPlan | None = None
     state_values: int = 0
     state_bytes: int = 0
+    quantized: str | None = None
 
     @property
     def params(self) -> int:
@@ -164,7 +167,8 @@ class SizePlan:
                "zmoe_bytes": self.zmoe_bytes, "kv_values_per_token": self.kv_values_per_token,
                "kv_bytes_per_token": self.kv_bytes_per_token,
                "max_position_embeddings": hp.max_position_embeddings,
-               "state_values": self.state_values, "state_bytes": self.state_bytes}
+               "state_values": self.state_values, "state_bytes": self.state_bytes,
+               "quantized": self.quantized}
         if self.budget is not None:
             out["budget"] = dict(vars(self.budget))
         return out
@@ -255,6 +259,9 @@ def size_plan(path, memory_budget=None) -> SizePlan:
                                              * EXPERT_STORED_RATIO),
         kv_values_per_token=kv, kv_bytes_per_token=kv * np.dtype(KV_DTYPE).itemsize,
         state_values=int(getattr(hp, "state_values", lambda: 0)()), state_bytes=state_bytes(hp))
+    q = config.get("quantization_config")
+    if isinstance(q, dict) and isinstance(q.get("quant_method"), str):
+        plan.quantized = q["quant_method"][:40]
     if memory_budget is not None:
         plan.budget = budget_plan(src, memory_budget, path)
     return plan
@@ -313,9 +320,19 @@ def format_plan(p: SizePlan) -> str:
     ]
     if p.state_values:
         from .models.cache import RecurrentCache
-        lines.append(f"state       {_mb(p.state_bytes):>17}  per sequence, fixed: the conv and "
-                     f"recurrent state of {len(hp.linear_layers())} linear-attention layers "
+        what = getattr(hp, "STATE_OF", "the conv and recurrent state of {n} linear-attention "
+                                        "layers")
+        lines.append(f"state       {_mb(p.state_bytes):>17}  per sequence, fixed: "
+                     f"{what.format(n=len(hp.linear_layers()))} "
                      f"({p.state_values:,d} values, float32, {RecurrentCache.COPIES} copies)")
+    block = getattr(hp, "fp8_block_size", None)
+    if block:       # an FP8 release: the figures above are those of its BF16 copy
+        lines.append(fp8_line(p.expert_params, block))
+    elif p.quantized == "mxfp4":
+        lines.append(mxfp4_line(p.expert_params))
+    elif p.quantized:
+        lines.append(f"note        config.json describes a quantised release (quant_method "
+                     f"{p.quantized}): these are the figures of its BF16 weights")
     b = p.budget
     if b is not None:
         lines += [
@@ -330,3 +347,38 @@ def format_plan(p: SizePlan) -> str:
             f"{'':28}zipmoe mixes F/C/S/E per layer from a trace (zipmoe-rt profile)",
         ]
     return "\n".join(lines)
+
+
+#: stored bytes of FP8 experts (F8_E4M3 bit-planes with Huffman exponents, F32 128x128 scales)
+#: per source byte, measured on the default model's experts quantised to FP8: 6.70 bits per
+#: weight of 8.002 (``python tools/bench_lowprec.py``, docs/benchmarks.md "Low-precision
+#: sources")
+FP8_STORED_RATIO = 6.70 / 8.002
+
+
+def fp8_line(expert_params: int, block) -> str:
+    """The ``plan`` line of an FP8 release (``hparams.fp8_block_size`` set): the experts' FP8
+    bytes with their F32 block scales, their expected stored bytes, and what a decoded expert
+    takes (float32, engine/lowprec.py)."""
+    src = expert_params * (1 + 4 / (block[0] * block[1]))
+    return (f"FP8 source  {_mb(round(src)):>17}  experts as F8_E4M3 + F32 scales per "
+            f"{block[0]}x{block[1]} block; stored at ~{100 * FP8_STORED_RATIO:.1f} % "
+            f"({_mb(round(src * FP8_STORED_RATIO))}); decoded experts are float32 (4 bytes per "
+            f"weight); the BF16 figures above are those of a BF16 copy")
+
+
+#: stored bytes of MXFP4 experts (blocks as stored, e8m0 scales as U8 bit-planes) per source
+#: byte, measured on the default model's experts quantised to MXFP4: 4.04 bits per weight of
+#: 4.25 (``python tools/bench_lowprec.py``, docs/benchmarks.md "Low-precision sources")
+MXFP4_STORED_RATIO = 4.04 / 4.25
+
+
+def mxfp4_line(expert_params: int) -> str:
+    """The ``plan`` line of an MXFP4 release: the experts' source bytes (half a byte per weight
+    and a scale byte per 32), their expected stored bytes, and the float32 decoded form."""
+    src = expert_params * (0.5 + 1 / 32)
+    return (f"MXFP4 source {_mb(round(src)):>16}  experts as FP4 blocks + e8m0 scales per 32; "
+            f"stored at ~{100 * MXFP4_STORED_RATIO:.1f} % ({_mb(round(src * MXFP4_STORED_RATIO))}"
+            f"); decoded experts are float32 (4 bytes per weight); the BF16 figures above are "
+            f"those of a BF16 copy")
+

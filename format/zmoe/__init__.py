@@ -4,7 +4,8 @@ Stands alone (numpy + zstandard), like gguf-py: it knows nothing of inference. W
 installed, the Huffman exponent codec uses its compiled kernels (same bytes, ~100x faster).
 """
 from .constants import (ALIGNMENT, BITPLANE_DTYPES, DEFAULT_CHUNKS, DEFAULT_EXP_CODEC, ENC_BITPLANE,
-                        ENC_RAW, EXP_CODECS, MAGIC, VERSION, Keys, hparam_key, metadata_keys)
+                        ENC_MXFP4, ENC_RAW, EXP_CODECS, MAGIC, VERSION, VERSION_LOWPREC, Keys,
+                        hparam_key, metadata_keys)
 from .errors import (ChecksumError, CorruptIndexError, NotZmoeError, TruncatedFileError,
                      UnsupportedCodecError, UnsupportedVersionError, ZmoeError)
 from .reader import NUMPY_DTYPES, ZmoeReader, bits_per_weight, file_version
@@ -12,7 +13,8 @@ from .writer import EncodedExpert, ExpertPiece, ZmoeWriter, encode_expert
 
 __all__ = [
     "ALIGNMENT", "BITPLANE_DTYPES", "DEFAULT_CHUNKS", "DEFAULT_EXP_CODEC", "ENC_BITPLANE", "ENC_RAW",
-    "EXP_CODECS", "MAGIC", "VERSION", "Keys", "hparam_key", "metadata_keys",
+    "ENC_MXFP4", "EXP_CODECS", "MAGIC", "VERSION", "VERSION_LOWPREC", "Keys", "hparam_key",
+    "metadata_keys",
     "ChecksumError", "CorruptIndexError", "NotZmoeError", "TruncatedFileError",
     "UnsupportedCodecError", "UnsupportedVersionError", "ZmoeError",
     "NUMPY_DTYPES", "ZmoeReader", "bits_per_weight", "file_version",

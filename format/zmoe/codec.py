@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import zstandard as zstd
 
-from . import huffman
-from .constants import BITPLANE_DTYPES, DEFAULT_EXP_CODEC, EXP_CODECS, EXP_HUFFMAN, MIN_CHUNK
+from . import fp8, huffman
+from .constants import (BITPLANE_DTYPES, DEFAULT_EXP_CODEC, EXP_CODECS, EXP_HUFFMAN,
+                        EXPONENT_ONLY_DTYPES, MIN_CHUNK, NIBBLE_PLANE_DTYPES)
 
 _WORD = {2: np.uint16, 4: np.uint32}
 
@@ -29,8 +30,29 @@ def zstd_parameters() -> zstd.ZstdCompressionParameters:
 
 
 def is_bitplane_dtype(dtype: str) -> bool:
-    """True for dtypes the bit-plane encoding supports (BF16, F16, F32)."""
-    return dtype in BITPLANE_DTYPES
+    """True for dtypes the bit-plane encoding supports (BF16, F16, F32; F8_E4M3 with a
+    nibble-packed SM plane, SPEC §5.1)."""
+    return dtype in BITPLANE_DTYPES or dtype in NIBBLE_PLANE_DTYPES
+
+
+def has_planes(dtype: str) -> bool:
+    """True for every dtype with a bit-plane layout (SPEC §5.1): :func:`is_bitplane_dtype`'s and
+    the exponent-only U8 (MXFP4 scales, bit-plane coded only when asked for)."""
+    return is_bitplane_dtype(dtype) or dtype in EXPONENT_ONLY_DTYPES
+
+
+def sm_plane_bytes(dtype: str, n: int) -> int:
+    """Bytes of the SM plane of ``n`` elements of ``dtype`` (SPEC §5.1): ``n`` x SM bytes,
+    ``ceil(n / 2)`` for F8_E4M3, 0 for the exponent-only U8.
+
+    Raises:
+        ValueError: a dtype without a bit-plane layout.
+    """
+    if dtype in NIBBLE_PLANE_DTYPES:
+        return fp8.sm_bytes(n)
+    if dtype in EXPONENT_ONLY_DTYPES:
+        return 0
+    return int(n) * _planes_layout(dtype)[3]
 
 
 #: elements converted per step by :func:`split_planes` and :func:`merge_planes`: their
@@ -64,7 +86,16 @@ def split_planes(words: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]
 
     Raises:
         ValueError: unsupported dtype or a byte count not a multiple of the word size.
+
+    F8_E4M3 (:mod:`zmoe.fp8`): exp uint8 [n] (0..15), sm uint8 [ceil(n / 2)], two 4-bit values
+    per byte.
     """
+    if dtype in NIBBLE_PLANE_DTYPES:
+        return fp8.split(words)
+    if dtype in EXPONENT_ONLY_DTYPES:   # every byte is an exponent, no SM plane
+        return np.array(np.ascontiguousarray(words).reshape(-1).view(np.uint8)) \
+            if isinstance(words, np.ndarray) else np.frombuffer(bytes(words), np.uint8).copy(), \
+            np.zeros(0, np.uint8)
     eb, mb, wb, sb = _planes_layout(dtype)
     raw = np.ascontiguousarray(words).reshape(-1).view(np.uint8)
     if raw.size % wb:
@@ -115,7 +146,18 @@ def merge_planes(exp: np.ndarray, sm: np.ndarray, dtype: str,
     Raises:
         ValueError: unsupported dtype, plane sizes that do not match each other, or an ``out``
             of the wrong dtype or size.
+
+    F8_E4M3: uint8 bytes from the nibble-packed SM plane (:func:`zmoe.fp8.merge`).
     """
+    if dtype in NIBBLE_PLANE_DTYPES:
+        return fp8.merge(exp, sm, out)
+    if dtype in EXPONENT_ONLY_DTYPES:
+        exp = np.frombuffer(exp, np.uint8) if not isinstance(exp, np.ndarray) else exp.reshape(-1)
+        if len(sm):
+            raise ValueError(f"sign+mantissa plane has {len(sm)} bytes, expected 0 for {dtype}")
+        out = np.empty(exp.size, np.uint8) if out is None else out
+        out[:] = exp
+        return out
     eb, mb, wb, sb = _planes_layout(dtype)
     exp = np.frombuffer(exp, np.uint8) if not isinstance(exp, np.ndarray) else exp.reshape(-1)
     sm = np.frombuffer(sm, np.uint8) if not isinstance(sm, np.ndarray) else sm.reshape(-1)
@@ -169,31 +211,37 @@ def merge_chunks(chunks, raw_sizes, sm, dtype: str, exp_codec: str = DEFAULT_EXP
         out: optional array of n words to write into.
 
     Returns:
-        1-D array of the words: uint16 for BF16/F16, uint32 for F32.
+        1-D array of the words: uint16 for BF16/F16, uint32 for F32, uint8 for F8_E4M3.
 
     Raises:
         ValueError: an unknown codec or dtype, a chunk that does not decode to its recorded
             size (the message starts with ``exponent chunk i:``), or raw sizes that do not add
             up to the sign+mantissa plane's elements.
     """
-    _, _, wb, sb = _planes_layout(dtype)
     check_codec(exp_codec)
+    nibble = dtype in NIBBLE_PLANE_DTYPES
+    wb, sb = (1, 1) if nibble else (1, 0) if dtype in EXPONENT_ONLY_DTYPES \
+        else _planes_layout(dtype)[2:]
     sizes = [int(r) for r in raw_sizes]
     sm = np.frombuffer(sm, np.uint8) if not isinstance(sm, np.ndarray) else sm.reshape(-1)
     n = sum(sizes)
-    if len(sizes) != len(chunks) or any(r < 0 for r in sizes) or sm.size != n * sb:
+    if len(sizes) != len(chunks) or any(r < 0 for r in sizes) or sm.size != sm_plane_bytes(dtype, n):
         raise ValueError(f"exponent chunks of {sizes} exponents do not match a sign+mantissa "
                          f"plane of {sm.size} bytes ({sm.size / sb:g} {dtype})")
     if out is None:
-        out = np.empty(n, _WORD[wb])
+        out = np.empty(n, np.uint8 if wb == 1 else _WORD[wb])
     buf = np.empty(max(sizes, default=0), np.uint8)
+    nib = fp8.unpack_sm(sm, n) if nibble else None   # chunks may start on an odd element
     pos = 0
     for i, (c, r) in enumerate(zip(chunks, sizes)):
         try:
             e = decompress_chunk(c, r, exp_codec, decompressor, buf[:r])
         except ValueError as err:
             raise type(err)(f"exponent chunk {i}: {err}") from None
-        merge_planes(e, sm[pos * sb:(pos + r) * sb], dtype, out=out[pos:pos + r])
+        if nibble:
+            fp8.merge_unpacked(e, nib[pos:pos + r], out[pos:pos + r])
+        else:
+            merge_planes(e, sm[pos * sb:(pos + r) * sb], dtype, out=out[pos:pos + r])
         pos += r
     return out
 
@@ -284,6 +332,9 @@ def split_compress(words: np.ndarray, dtype: str, chunks: int, min_chunk: int = 
         ValueError: as :func:`split_planes` and :func:`compress_chunks`.
     """
     check_codec(exp_codec)
+    if dtype in NIBBLE_PLANE_DTYPES or dtype in EXPONENT_ONLY_DTYPES:   # 1-byte words
+        exp, sm = split_planes(words, dtype)
+        return sm, compress_chunks(exp, chunks, min_chunk, compressor, exp_codec)
     eb, mb, wb, sb = _planes_layout(dtype)
     raw = np.ascontiguousarray(words).reshape(-1).view(np.uint8)
     if raw.size % wb:

@@ -1,9 +1,12 @@
-"""Constants of the ``.zmoe`` container, version 2 (format/SPEC.md §1-§5)."""
+"""Constants of the ``.zmoe`` container, versions 2 and 3 (format/SPEC.md §1-§5, §8)."""
 
 MAGIC = b"ZMOE"
+#: Version written for a file without low-precision bit-plane tensors (SPEC §8).
 VERSION = 2
-#: Versions this reader understands (1: zstd exponent chunks only).
-READABLE_VERSIONS = (1, 2)
+#: Version written for a file holding an F8_E4M3 bit-plane tensor (SPEC §5.1, §8).
+VERSION_LOWPREC = 3
+#: Versions this reader understands (1: zstd exponent chunks only; 3: FP8 bit-planes).
+READABLE_VERSIONS = (1, 2, 3)
 #: Size of the fixed header at offset 0 (SPEC §1).
 HEADER_SIZE = 64
 #: Default alignment of the data section and of every expert region (O_DIRECT friendly).
@@ -14,6 +17,9 @@ DENSE_ALIGNMENT = 64
 #: Tensor encodings (SPEC §4).
 ENC_RAW = "raw"
 ENC_BITPLANE = "bitplane"
+#: MXFP4 blocks (SPEC §5.4): the source's U8 bytes as they are (two E2M1 codes per byte, low
+#: nibble first), scaled by the ``*_scales`` tensor beside them. Files holding one are version 3.
+ENC_MXFP4 = "mxfp4"
 
 #: Bit-plane layouts per floating dtype: (exponent bits, mantissa bits, word bytes, SM bytes).
 #: SM = sign bit above the mantissa bits, little-endian, in the fewest whole bytes (SPEC §5).
@@ -22,6 +28,18 @@ BITPLANE_DTYPES = {
     "F16": (5, 10, 2, 2),
     "F32": (8, 23, 4, 3),
 }
+
+#: Nibble bit-plane layouts (SPEC §5.1): dtype -> (exponent bits, mantissa bits). The exponent
+#: plane has one byte per element; the SM plane packs two 4-bit ``sign << 3 | mantissa`` values
+#: per byte (element 2i in the low nibble, 2i+1 in the high one). Files holding one are version 3.
+NIBBLE_PLANE_DTYPES = {
+    "F8_E4M3": (4, 3),
+}
+
+#: Exponent-only bit-plane layouts (SPEC §5.1): every byte is an exponent (MXFP4's e8m0
+#: scales, U8 in the checkpoint), coded in chunks like an exponent plane; no SM plane. Only when
+#: the writer is asked for it (a U8 tensor is raw by default). Files holding one are version 3.
+EXPONENT_ONLY_DTYPES = ("U8",)
 
 #: Element size in bytes of every dtype the container stores (safetensors names).
 DTYPE_SIZES = {
@@ -122,6 +140,16 @@ class Keys:
         ATTENTION_K_EQ_V = "hparams.attention_k_eq_v"
         GLOBAL_ROPE = "hparams.global_rope"
         FINAL_LOGIT_SOFTCAPPING = "hparams.final_logit_softcapping"
+        # gpt-oss
+        SWIGLU_ALPHA = "hparams.swiglu_alpha"
+        SWIGLU_LIMIT = "hparams.swiglu_limit"
+        # LFM2-MoE: short-convolution layers, dense leading layers, the router's expert bias
+        CONV_BIAS = "hparams.conv_bias"
+        CONV_L_CACHE = "hparams.conv_l_cache"
+        NUM_DENSE_LAYERS = "hparams.num_dense_layers"
+        USE_EXPERT_BIAS = "hparams.use_expert_bias"
+        # low-precision sources (FP8 with block scales)
+        FP8_BLOCK_SIZE = "hparams.fp8_block_size"
 
     class HF:
         CONFIG = "hf.config"                    # json: the source config.json verbatim

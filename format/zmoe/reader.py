@@ -17,7 +17,7 @@ import numpy as np
 import zstandard as zstd
 
 from . import codec, validate
-from .constants import EXP_CODECS, EXP_ZSTD, HEADER_SIZE, MAGIC, READABLE_VERSIONS, VERSION
+from .constants import EXP_CODECS, EXP_ZSTD, HEADER_SIZE, MAGIC, READABLE_VERSIONS
 from .errors import (ChecksumError, CorruptIndexError, NotZmoeError, TruncatedFileError,
                      UnsupportedCodecError, UnsupportedVersionError, ZmoeError)
 from .writer import HEADER_STRUCT
@@ -89,7 +89,8 @@ class ZmoeReader:
                 raise UnsupportedVersionError(
                     f"{self.path}: .zmoe format version {version}; this reader supports versions "
                     f"{', '.join(map(str, READABLE_VERSIONS))}"
-                    + (" (file written by a newer zipmoe-rt: upgrade)" if version > VERSION else ""))
+                    + (" (file written by a newer zipmoe-rt: upgrade)"
+                       if version > max(READABLE_VERSIONS) else ""))
             (hcrc,) = struct.unpack_from("<I", head, 60)
             if zlib.crc32(head[:60]) & 0xFFFFFFFF != hcrc:
                 raise CorruptIndexError(f"{self.path}: header checksum mismatch (corrupt header)")

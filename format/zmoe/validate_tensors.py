@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 
-from .constants import (BITPLANE_DTYPES, DENSE_ALIGNMENT, DTYPE_SIZES, ENC_BITPLANE, ENC_RAW,
-                        EXP_CODECS, EXP_HUFFMAN, EXP_ZSTD, META_TYPES)
+from .constants import (BITPLANE_DTYPES, DENSE_ALIGNMENT, DTYPE_SIZES, ENC_BITPLANE, ENC_MXFP4,
+                        ENC_RAW, EXP_CODECS, EXP_HUFFMAN, EXP_ZSTD, EXPONENT_ONLY_DTYPES,
+                        META_TYPES, NIBBLE_PLANE_DTYPES, VERSION_LOWPREC)
 from .errors import CorruptIndexError, UnsupportedCodecError
+from .fp8 import sm_bytes as nibble_sm_bytes
 from .validate_json import MAX_JSON_DEPTH, json_kind, quote_name, show
 
 #: Most dimensions of a tensor shape.
@@ -168,13 +170,24 @@ class IndexChecker:
             if nonzero * size > INT64_MAX:
                 self.fail(where, "shape", f"{show(shape)} of {dtype} is more than 2^63 bytes")
         enc = t.get("encoding")
-        if type(enc) is not str or enc not in (ENC_RAW, ENC_BITPLANE):
-            self.fail(where, "encoding", f"{show(enc)} is not {ENC_RAW!r} or {ENC_BITPLANE!r}")
+        if type(enc) is not str or enc not in (ENC_RAW, ENC_BITPLANE, ENC_MXFP4):
+            self.fail(where, "encoding", f"{show(enc)} is not {ENC_RAW!r}, {ENC_BITPLANE!r} or "
+                                         f"{ENC_MXFP4!r}")
+        if enc == ENC_MXFP4 and (dtype != "U8" or not shape or shape[-1] != 16
+                                 or self.version < VERSION_LOWPREC):
+            self.fail(where, "encoding", f"mxfp4 blocks are U8 [..., 16] from version "
+                                         f"{VERSION_LOWPREC} (SPEC §5.4), not {dtype} "
+                                         f"{show(shape)} in a version-{self.version} file")
         codec = None
+        planes = (*BITPLANE_DTYPES, *NIBBLE_PLANE_DTYPES, *EXPONENT_ONLY_DTYPES)
         if enc == ENC_BITPLANE:
-            if dtype not in BITPLANE_DTYPES:
+            if dtype not in planes:
                 self.fail(where, "encoding", f"bit-plane encoding of a {dtype} tensor (only "
-                                             f"{', '.join(BITPLANE_DTYPES)}, SPEC §5.1)")
+                                             f"{', '.join(planes)}, SPEC §5.1)")
+            if dtype not in BITPLANE_DTYPES and self.version < VERSION_LOWPREC:
+                self.fail(where, "encoding", f"bit-plane encoding of a {dtype} tensor in a "
+                                             f"version-{self.version} file (from version "
+                                             f"{VERSION_LOWPREC}, SPEC §8)")
             codec = t.get("exp_codec", EXP_ZSTD if self.version == 1 else None)
             if codec is None:
                 self.fail(where, "exp_codec", "missing: a bit-plane tensor names its exponent "
@@ -232,7 +245,7 @@ class IndexChecker:
 
         def what():
             return f"shape {show(shape)} ({per} elements{' per part' if stacked else ''})"
-        if enc == ENC_RAW:
+        if enc in (ENC_RAW, ENC_MXFP4):
             if "sm" in p or "exp" in p:
                 self.fail(where, f, "a raw tensor's part holds bit-planes (sm/exp) (SPEC §4)")
             off, size, _ = self.entry(where, f"{f}.raw", p.get("raw"), 3)
@@ -245,7 +258,8 @@ class IndexChecker:
             if "raw" in p:
                 self.fail(where, f, "a bit-plane tensor's part holds raw data (SPEC §4)")
             off, size, _ = self.entry(where, f"{f}.sm", p.get("sm"), 3)
-            sb = BITPLANE_DTYPES[dtype][3]
+            need_sm = nibble_sm_bytes(per) if dtype in NIBBLE_PLANE_DTYPES \
+                else 0 if dtype in EXPONENT_ONLY_DTYPES else per * BITPLANE_DTYPES[dtype][3]
             chunks = p.get("exp")
             if type(chunks) is not list or not chunks:
                 self.fail(where, f"{f}.exp", f"{show(chunks)} is not a non-empty list of "
@@ -271,13 +285,16 @@ class IndexChecker:
             if not per and len(chunks) != 1:
                 self.fail(where, f"{f}.exp", f"{len(chunks)} chunks for 0 exponents (one empty "
                                              f"chunk, SPEC §5.2)")
-            if size != per * sb:
+            if size != need_sm:
+                per_el = "two per byte" if dtype in NIBBLE_PLANE_DTYPES \
+                    else "none: exponents only" if dtype in EXPONENT_ONLY_DTYPES \
+                    else f"{BITPLANE_DTYPES[dtype][3]} per element"
                 self.fail(where, f"{f}.sm.size", f"sign+mantissa plane of {size} bytes, but "
-                                                  f"{dtype} {what()} needs {per * sb} "
-                                                  f"({sb} per element, SPEC §5.1)")
+                                                  f"{dtype} {what()} needs {need_sm} "
+                                                  f"({per_el}, SPEC §5.1)")
             first = off
         if ex is None and k == 0 and first % DENSE_ALIGNMENT:
-            self.fail(where, f"{f}.{'raw' if enc == ENC_RAW else 'sm'}.offset",
+            self.fail(where, f"{f}.{'sm' if enc == ENC_BITPLANE else 'raw'}.offset",
                       f"{first} is not a multiple of {DENSE_ALIGNMENT} (dense tensors start "
                       f"aligned, SPEC §6)")
 

@@ -23,8 +23,9 @@ import zstandard as zstd
 
 from . import codec
 from .constants import (ALIGNMENT, DEFAULT_CHUNKS, DEFAULT_EXP_CODEC, DENSE_ALIGNMENT, DTYPE_SIZES,
-                        ENC_BITPLANE, ENC_RAW, EXP_ZSTD, HEADER_SIZE, MAGIC, META_TYPES, MIN_CHUNK,
-                        VERSION)
+                        ENC_BITPLANE, ENC_MXFP4, ENC_RAW, EXP_ZSTD, EXPONENT_ONLY_DTYPES,
+                        HEADER_SIZE, MAGIC, META_TYPES, MIN_CHUNK, NIBBLE_PLANE_DTYPES, VERSION,
+                        VERSION_LOWPREC)
 
 HEADER_STRUCT = struct.Struct("<4sIQQQQI I 12x")  # 60 bytes, then header crc32 (u32)
 assert HEADER_STRUCT.size == 60
@@ -58,6 +59,9 @@ class ExpertPiece:
         role: "gate", "up", "down", "gate_up", ... (what the runtime uses it for).
         data: bytes-like of this expert's elements (C order).
         part: index of this slice along axis 0 for a stacked tensor, None for a whole tensor.
+        encoding: None (bit-planes for BF16 / F16 / F32 / F8_E4M3, raw otherwise), or one to
+            force: ``raw``, ``bitplane`` (also the exponent-only U8 of MXFP4 scales) or
+            ``mxfp4`` (U8 MXFP4 blocks, stored as they are; SPEC §5.4).
     """
 
     name: str
@@ -66,6 +70,7 @@ class ExpertPiece:
     role: str
     data: object
     part: int | None = None
+    encoding: str | None = None
 
 
 @dataclass
@@ -78,6 +83,7 @@ class EncodedExpert:
     chunks: list = field(default_factory=list)    # per piece: [(chunk, raw_size)] or None for raw
     pieces: list = field(default_factory=list)
     exp_codec: str = DEFAULT_EXP_CODEC             # codec of the exponent chunks (SPEC §5.2)
+    encodings: list = field(default_factory=list)  # per piece: its record's encoding (SPEC §4)
 
 
 _tls_compressors = {}
@@ -107,7 +113,16 @@ def encode_expert(layer: int, expert: int, pieces: list[ExpertPiece], chunks: in
     enc = EncodedExpert(layer, expert, pieces=pieces, exp_codec=exp_codec)
     for p in pieces:
         buf = as_bytes(p.data)
-        if codec.is_bitplane_dtype(p.dtype) and not raw:
+        name = p.encoding or (ENC_BITPLANE if codec.is_bitplane_dtype(p.dtype) and not raw
+                              else ENC_RAW)
+        if raw and name == ENC_BITPLANE:    # ``raw``: every piece's bytes as they are
+            name = ENC_RAW
+        if name not in (ENC_RAW, ENC_BITPLANE, ENC_MXFP4) or (
+                name == ENC_BITPLANE and not codec.has_planes(p.dtype)) or (
+                name == ENC_MXFP4 and p.dtype != "U8"):
+            raise ValueError(f"tensor {p.name!r}: encoding {name!r} of a {p.dtype} tensor")
+        enc.encodings.append(name)
+        if name == ENC_BITPLANE:
             sm, parts = codec.split_compress(buf, p.dtype, chunks, min_chunk,
                                              _compressor() if exp_codec == EXP_ZSTD else None,
                                              exp_codec)
@@ -268,7 +283,8 @@ class ZmoeWriter:
                                  f"bytes, expected {n_elem * DTYPE_SIZES[p.dtype]}")
             rec = self.tensors.get(p.name)
             if rec is None:
-                enc_name = ENC_BITPLANE if "exp" in part else ENC_RAW
+                enc_name = enc.encodings[len(block["tensors"])] if enc.encodings \
+                    else ENC_BITPLANE if "exp" in part else ENC_RAW
                 if p.part is None:
                     exp_info = {"layer": enc.layer, "expert": enc.expert, "role": p.role}
                     rec = self._record(p.name, p.dtype, p.shape, enc_name, exp_info, 1)
@@ -316,7 +332,13 @@ class ZmoeWriter:
                           allow_nan=False).encode("utf-8")
         index_off, index_size = self._write(blob)
         file_size = self.pos
-        head = HEADER_STRUCT.pack(MAGIC, VERSION, index_off, index_size, self.alignment,
+        # version 3 only where a tensor needs it, so other files stay readable by version-2
+        # readers (SPEC §8)
+        version = VERSION_LOWPREC if any(
+            t["encoding"] == ENC_MXFP4 or (t["encoding"] == ENC_BITPLANE and (
+                t["dtype"] in NIBBLE_PLANE_DTYPES or t["dtype"] in EXPONENT_ONLY_DTYPES))
+            for t in self.tensors.values()) else VERSION
+        head = HEADER_STRUCT.pack(MAGIC, version, index_off, index_size, self.alignment,
                                   file_size, self.alignment, _crc(blob))
         head += struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF)
         self.f.flush()

@@ -19,6 +19,8 @@ bit-exact outputs, ``numpy_ref`` for readability.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 __all__ = ["Backend", "check_qk_norm", "check_route", "check_choice_bias", "to_f32",
@@ -239,11 +241,15 @@ class Backend:
         raise NotImplementedError
 
     def expert_accumulate(self, out, x, rows: np.ndarray, weights: np.ndarray, expert,
-                          act: str = "silu") -> None:
+                          act: str = "silu", glu: "ClampedSwiGLU | None" = None) -> None:
         """``out[rows[i]] += weights[i] * expert(x[rows[i]])`` for one SwiGLU expert, its
         ``down @ (silu(gate @ x) * (up @ x))`` (loop body of ``MixtralExperts.forward``: the
         ``index_add_`` of the weighted expert output); ``act`` replaces SiLU as in
         :meth:`swiglu`.
+
+        With ``glu`` (gpt-oss, loop body of ``GptOssExperts.forward``) the expert has biases
+        and a clamped SwiGLU: ``g = x gate^T + gate_bias``, ``u = x up^T + up_bias``,
+        ``y = glu(g, u) down^T + down_bias`` (:class:`ClampedSwiGLU`), ``y * weight`` added.
 
         Args:
             out: float32 [T, H], updated in place.  x: float32 [T, H].
@@ -252,12 +258,17 @@ class Backend:
                 down [H, I]; host arrays) or a :class:`~zipmoe_rt.models.packed.PackedExpert`
                 (the compute form of ``--resident compressed``; the result must be the one
                 of its decoded weights, :func:`~zipmoe_rt.models.packed.as_weights`).
+            act: the gate activation (a name of :data:`ACTIVATIONS`; ignored with ``glu``).
+            glu: None (gated with ``act``), or the constants of gpt-oss's clamped SwiGLU; the expert then
+                has float32 ``gate_bias``, ``up_bias`` [I] and ``down_bias`` [H]
+                (:func:`check_biased_expert`).
         Raises:
-            ValueError: shapes disagree.
+            ValueError: shapes disagree; with ``glu``, an expert without biases.
         """
         raise NotImplementedError
 
-    def experts_token(self, out, x, experts, weights: np.ndarray, act: str = "silu") -> None:
+    def experts_token(self, out, x, experts, weights: np.ndarray, act: str = "silu",
+                      glu: "ClampedSwiGLU | None" = None) -> None:
         """``out += sum_e weights[e] * expert_e(x)`` for ONE token and its k experts (the decode
         step of ``MixtralExperts.forward``; the Numba backend fuses all k into two parallel
         regions); ``act`` replaces SiLU as in :meth:`swiglu`.
@@ -267,8 +278,11 @@ class Backend:
             experts: sequence of k :class:`~zipmoe_rt.models.weights.ExpertWeights` (or
                 :class:`~zipmoe_rt.models.packed.PackedExpert`) of one shape.
             weights: host float32 [k] routing weights, in the order of ``experts``.
+            act: as in :meth:`expert_accumulate`.
+            glu: None, or gpt-oss's clamped SwiGLU (:meth:`expert_accumulate`): each expert's
+                output added in order.
         Raises:
-            ValueError: shapes disagree.
+            ValueError: shapes disagree; with ``glu``, an expert without biases.
         """
         raise NotImplementedError
 
@@ -501,18 +515,21 @@ class Backend:
         ``attn_output * torch.sigmoid(gate)``), float32 [T, n] both. Returns ``x``."""
         raise NotImplementedError
 
-    def conv1d_silu(self, x, w, state, new_state):
+    def conv1d_silu(self, x, w, state, new_state, silu=True, bias=None):
         """Causal depthwise conv1d of kernel ``K`` over each channel, continuing the ``K - 1``
         inputs held in ``state``, then SiLU (``causal_conv1d_fn`` / ``causal_conv1d_update`` of
         transformers' ``models/mamba/modeling_mamba.py`` with ``activation="silu"``, as
         ``Qwen3NextGatedDeltaNet`` calls them): ``y[t, c] = silu(sum_j w[c, j] *
-        ext[t + j, c])`` with ``ext = concat(state, x)``.
+        ext[t + j, c])`` with ``ext = concat(state, x)``. With ``silu=False`` and a ``bias``,
+        LFM2's short convolution (``Lfm2MoeShortConv``: ``activation=None``, ``conv_bias``):
+        ``y[t, c] = sum_j w[c, j] * ext[t + j, c] + bias[c]``.
 
         Args:
             x: float32 [T, C].  w: float32 [C, K] (``conv1d.weight`` [C, 1, K] squeezed).
             state: float32 [K - 1, C], the previous inputs, oldest first (zeros at the start).
             new_state: float32 [K - 1, C], written with the last ``K - 1`` rows of ``ext``;
                 must not alias ``state``.
+            silu: apply the SiLU (default True).  bias: None or float32 [C], added before it.
         Returns:
             float32 [T, C].
         """
@@ -554,6 +571,19 @@ class Backend:
         """
         raise NotImplementedError
 
+    # -- LFM2-MoE: the gates of the short convolution ------------------------------------------
+
+    def mul(self, a, b):
+        """``a * b`` elementwise, a new float32 array (``Lfm2MoeShortConv``'s ``B * x`` and
+        ``C * conv_out``).
+
+        Args:
+            a, b: float32 [T, n] (views of a wider array allowed).
+        Returns:
+            float32 [T, n], contiguous.
+        """
+        raise NotImplementedError
+
 
 def check_cap(cap) -> np.float32:
     """``cap`` of :meth:`Backend.softcap_` as float32. Raises ValueError unless it is a
@@ -562,6 +592,26 @@ def check_cap(cap) -> np.float32:
             np.isfinite(cap) and cap > 0):
         raise ValueError(f"softcap: cap {cap!r} is not a positive finite number")
     return np.float32(cap)
+
+    # -- gpt-oss: attention sinks -----------------------------------------------------------
+
+    def attention_sinks(self, qkv, nq: int, nkv: int, hd: int, kc, vc, pos0: int, window: int,
+                        scale, sinks, out):
+        """:meth:`attention` with a learned sink logit per query head in the softmax
+        denominator (``GptOssAttention``'s ``sinks`` in ``eager_attention_forward``: the sink is
+        concatenated to the scores, the softmax taken over both, the sink's column dropped):
+        ``out[t, h] = sum_j p_j v_j`` with ``p_j = exp(s_j - m) / (sum_i exp(s_i - m) +
+        exp(sinks[h] - m))``, ``m`` the largest of the scores and the sink.
+
+        Args:
+            qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out: as :meth:`attention`.
+            sinks: float32 [nq] backend array.
+        Returns:
+            ``out``.
+        Raises:
+            ValueError: ``sinks`` not of ``nq`` values.
+        """
+        raise NotImplementedError
 
 
 class HostArrays:
@@ -583,3 +633,44 @@ class HostArrays:
     def to_host(self, a):
         """``np.asarray`` (no copy)."""
         return np.asarray(a)
+
+
+# -- gpt-oss --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation (``GptOssExperts._apply_gate``, ``modeling_gpt_oss.py``):
+    ``g = min(g, limit)``, ``u = clamp(u, -limit, limit)``, ``(u + 1) * g * sigmoid(alpha * g)``,
+    in float32.
+
+    Attributes:
+        alpha: the sigmoid gain (``swiglu_alpha``).  limit: the clamp (``swiglu_limit``).
+    """
+
+    alpha: float
+    limit: float
+
+
+def check_biased_expert(op: str, H: int, e) -> None:
+    """The shapes of a biased expert (:meth:`Backend.expert_accumulate` with ``glu``): gate, up [I, H],
+    down [H, I], gate_bias, up_bias [I], down_bias [H].
+
+    Raises:
+        ValueError: naming ``op`` and the shapes, or an expert without biases.
+    """
+    if getattr(e, "down_bias", None) is None:
+        raise ValueError(f"{op}: the expert has no biases (gpt-oss experts have them)")
+    I = e.gate.shape[0]
+    if (tuple(e.gate.shape) != (I, H) or tuple(e.up.shape) != (I, H)
+            or tuple(e.down.shape) != (H, I) or tuple(e.gate_bias.shape) != (I,)
+            or tuple(e.up_bias.shape) != (I,) or tuple(e.down_bias.shape) != (H,)):
+        raise ValueError(f"{op}: x has {H} features; gate {tuple(e.gate.shape)}, up "
+                         f"{tuple(e.up.shape)}, down {tuple(e.down.shape)}, biases "
+                         f"{tuple(e.gate_bias.shape)}, {tuple(e.up_bias.shape)}, "
+                         f"{tuple(e.down_bias.shape)} disagree")
+
+
+def check_sinks(sinks, nq: int) -> None:
+    """Raise ValueError unless ``sinks`` holds one value per query head."""
+    if tuple(sinks.shape) != (nq,):
+        raise ValueError(f"attention sinks: {tuple(sinks.shape)} values for {nq} query heads")

@@ -39,10 +39,10 @@ import cupy as cp
 
 from ..kernels import cuda_src
 from ..models.weights import ExpertWeights
-from . import cuda_packed, cuda_planes
+from . import cuda_gpt_oss, cuda_packed, cuda_planes
 from . import linear_attn as _lin
-from .base import (Backend, check_act, check_cap, check_choice_bias, check_gated_delta,
-                   check_qk_norm, check_route)
+from .base import (Backend, check_act, check_biased_expert, check_cap, check_choice_bias,
+                   check_gated_delta, check_qk_norm, check_route)
 from .numpy_ref import NumpyBackend
 
 #: token counts from this on go through widened weights and cuBLAS instead of the GEMV kernel
@@ -225,10 +225,18 @@ class CupyBackend(Backend):
             raise ValueError(f"{op}: x has {H} features, gate {tuple(gate.shape)}, up "
                              f"{tuple(up.shape)}, down {tuple(down.shape)} disagree")
 
-    def expert_accumulate(self, out, x, rows, weights, expert, act="silu"):
+    def expert_accumulate(self, out, x, rows, weights, expert, act="silu", glu=None):
         """``out[rows] += weights[:, None] * down(swiglu(x[rows]))`` (rows distinct); a packed
         expert (compute form) through :func:`~zipmoe_rt.backends.cuda_packed.expert_accumulate`,
-        bit-identical (SiLU; for another activation it is decoded first, :func:`_unpacked`)."""
+        bit-identical (SiLU; for another activation it is decoded first, :func:`_unpacked`);
+        with ``glu``, gpt-oss's ``out[rows] += expert(x[rows]) * weights[:, None]``
+        (:meth:`_clamped_expert`)."""
+        if glu is not None:
+            check_biased_expert("expert_accumulate", x.shape[1], expert)
+            r = cp.asarray(np.asarray(rows, np.int64))
+            w = cp.asarray(np.asarray(weights, np.float32))
+            out[r] += self._clamped_expert(x[r], expert, glu) * w[:, None]
+            return
         if cuda_packed.is_packed_any(expert) and check_act(act):   # GELU-tanh: decoded
             expert = _unpacked(self, expert)
         if cuda_packed.is_packed_any(expert):      # compressed experts (cuda_packed)
@@ -241,9 +249,10 @@ class CupyBackend(Backend):
         y = self.linear(self.swiglu(x[r], gate, up, act), down)
         out[r] += w[:, None] * y
 
-    def experts_token(self, out, x, experts, weights, act="silu"):
-        """BF16 experts of one shape (:data:`FUSED_EXPERTS`): one launch for the gate/up rows of
-        all k experts, one for the down rows adding ``sum_e weights[e] * down_e(h_e)`` (experts
+    def experts_token(self, out, x, experts, weights, act="silu", glu=None):
+        """With ``glu`` (gpt-oss): each expert's :meth:`_clamped_expert` output times its weight
+        added to the row, in order. Else: BF16 experts of one shape (:data:`FUSED_EXPERTS`): one
+        launch for the gate/up rows of all k experts, one for the down rows adding ``sum_e weights[e] * down_e(h_e)`` (experts
         summed in order in registers) to ``out``; the weights' addresses and the routing weights
         go up in one small copy. Otherwise, for each expert in order: the gate/up kernel, then
         the down GEMV adding ``weights[e]`` times its output (one stream: a fixed order)."""
@@ -256,6 +265,11 @@ class CupyBackend(Backend):
         weights = np.asarray(weights, np.float32)
         H = x.shape[-1]
         o2 = out.reshape(1, -1)
+        if glu is not None:
+            for w, e in zip(weights, experts):
+                check_biased_expert("experts_token", H, e)
+                o2 += self._clamped_expert(x.reshape(1, -1), e, glu) * _F32(w)
+            return
         devs = [self._dev_expert(e) for e in experts]
         for gate, up, down in devs:
             self._check_expert(H, gate, up, down, "experts_token")
@@ -480,9 +494,9 @@ class CupyBackend(Backend):
         x *= _F32(1.0) / (_F32(1.0) + cp.exp(-g))
         return x
 
-    def conv1d_silu(self, x, w, state, new_state):
+    def conv1d_silu(self, x, w, state, new_state, silu=True, bias=None):
         """:func:`~zipmoe_rt.backends.linear_attn.conv1d_silu` over CuPy."""
-        return _lin.conv1d_silu(cp, x, w, state, new_state)
+        return _lin.conv1d_silu(cp, x, w, state, new_state, silu, bias)
 
     def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
         """:func:`~zipmoe_rt.backends.linear_attn.gated_delta_rule` over CuPy (chunked scan for
@@ -498,6 +512,23 @@ class CupyBackend(Backend):
             return y
         out[...] = y
         return out
+
+    # LFM2-MoE
+    def mul(self, a, b):
+        """``a * b`` (CuPy float32 elementwise, as torch)."""
+        return cp.ascontiguousarray(a * b, dtype=cp.float32)
+
+
+    # -- gpt-oss: attention sinks, the biased experts' clamped SwiGLU (cuda_gpt_oss) --------
+
+    def attention_sinks(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
+        """:func:`~zipmoe_rt.backends.cuda_gpt_oss.attention_sinks`."""
+        return cuda_gpt_oss.attention_sinks(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale,
+                                            sinks, out)
+
+    def _clamped_expert(self, x, e, glu):
+        """:func:`~zipmoe_rt.backends.cuda_gpt_oss.clamped_expert`: float32 [T, H]."""
+        return cuda_gpt_oss.clamped_expert(self, x, e, glu)
 
 
 class ResidentExperts:
@@ -532,7 +563,7 @@ class ResidentExperts:
             if cuda_packed.is_packed_any(e):        # compressed: kept packed (cuda_packed)
                 w = cuda_packed.on_device(e)
             else:
-                w = ExpertWeights(*(self.backend.from_host(a) for a in (e.gate, e.up, e.down)))
+                w = e.map(self.backend.from_host)     # biases too (gpt-oss)
             self._experts[(layer, expert)] = w
         return w
 

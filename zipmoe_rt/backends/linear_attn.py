@@ -23,11 +23,13 @@ def silu(xp, x):
     return x / (_F32(1.0) + xp.exp(-x))
 
 
-def conv1d_silu(xp, x, w, state, new_state):
+def conv1d_silu(xp, x, w, state, new_state, silu=True, bias=None):
     """Causal depthwise conv1d over the channels of ``x`` after the ``K - 1`` inputs held in
-    ``state``, then SiLU; ``new_state`` receives the last ``K - 1`` inputs.
+    ``state``, plus ``bias`` when given, then SiLU unless ``silu`` is False; ``new_state``
+    receives the last ``K - 1`` inputs.
 
-    Args: x float32 [T, C]; w float32 [C, K]; state, new_state float32 [K - 1, C].
+    Args: x float32 [T, C]; w float32 [C, K]; state, new_state float32 [K - 1, C];
+        bias None or float32 [C].
     Returns: float32 [T, C].
     """
     T = x.shape[0]
@@ -37,7 +39,9 @@ def conv1d_silu(xp, x, w, state, new_state):
     for j in range(K):
         y += ext[j:j + T] * w[:, j]
     new_state[...] = ext[T:]
-    return silu(xp, y)
+    if bias is not None:
+        y += bias
+    return y / (_F32(1.0) + xp.exp(-y)) if silu else y      # silu(xp, y)
 
 
 def _softplus(xp, x):

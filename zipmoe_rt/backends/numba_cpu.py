@@ -17,11 +17,17 @@ from ..kernels import routing as _routing
 from ..kernels import sparsemixer as _sparsemixer
 from ..kernels import packed as _packed
 from ..kernels import swiglu as _swiglu
+from ..kernels import clamped_swiglu as _clamped
+from ..kernels import sinks as _sinks
 from ..kernels.linear import bf16_rows, linear_into
 from ..models.packed import as_weights, is_packed
-from .base import (Backend, HostArrays, check_act, check_cap, check_choice_bias,
-                   check_gated_delta, check_qk_norm,
-                   check_route)
+from .base import (Backend, HostArrays, check_act, check_biased_expert, check_cap,
+                   check_choice_bias, check_gated_delta, check_qk_norm, check_route, check_sinks,
+                   to_f32)
+
+
+#: row index 0, the one row of a token
+_ROW0 = np.zeros(1, np.int64)
 
 
 class NumbaBackend(HostArrays, Backend):
@@ -51,11 +57,15 @@ class NumbaBackend(HostArrays, Backend):
         """:func:`~zipmoe_rt.kernels.swiglu.swiglu_hidden` (fused gate/up for BF16)."""
         return _swiglu.swiglu_hidden(x, gate, up, check_act(act))
 
-    def expert_accumulate(self, out, x, rows, weights, expert, act="silu"):
+    def expert_accumulate(self, out, x, rows, weights, expert, act="silu", glu=None):
         """:func:`~zipmoe_rt.kernels.swiglu.expert_accumulate`; a packed expert (compute form,
         :mod:`zipmoe_rt.models.packed`) through
         :func:`~zipmoe_rt.kernels.packed.packed_expert_accumulate`, bit-identical (SiLU; with
-        another activation the packed expert is decoded first)."""
+        another activation the packed expert is decoded first). With ``glu`` (gpt-oss):
+        :meth:`_clamped_accumulate`."""
+        if glu is not None:
+            self._clamped_accumulate(out, x, rows, weights, expert, glu)
+            return
         a = check_act(act)
         if is_packed(expert):
             if a == 0:
@@ -64,11 +74,17 @@ class NumbaBackend(HostArrays, Backend):
             expert = as_weights(expert)
         _swiglu.expert_accumulate(out, x, rows, weights, expert.gate, expert.up, expert.down, a)
 
-    def experts_token(self, out, x, experts, weights, act="silu"):
+    def experts_token(self, out, x, experts, weights, act="silu", glu=None):
         """:func:`~zipmoe_rt.kernels.swiglu.experts_decode` (k experts, two parallel regions);
         packed experts through :func:`~zipmoe_rt.kernels.packed.packed_experts_decode`
         (bit-identical; a mix of packed and decoded experts, or an activation other than SiLU,
-        decodes the packed ones)."""
+        decodes the packed ones). With ``glu`` (gpt-oss): :meth:`_clamped_accumulate` of each
+        expert in order on the row."""
+        if glu is not None:
+            x2, o2 = np.ascontiguousarray(x.reshape(1, -1)), out.reshape(1, -1)
+            for w, e in zip(np.asarray(weights, np.float32), experts):
+                self._clamped_accumulate(o2, x2, _ROW0, np.full(1, w, np.float32), e, glu)
+            return
         a = check_act(act)
         n_packed = sum(map(is_packed, experts))
         if n_packed == len(experts) and a == 0:
@@ -148,9 +164,9 @@ class NumbaBackend(HostArrays, Backend):
         x *= np.float32(1.0) / (np.float32(1.0) + np.exp(-g))
         return x
 
-    def conv1d_silu(self, x, w, state, new_state):
+    def conv1d_silu(self, x, w, state, new_state, silu=True, bias=None):
         """:func:`~zipmoe_rt.kernels.gated_delta.conv1d_silu`."""
-        return _gdn.conv1d_silu(x, w, state, new_state)
+        return _gdn.conv1d_silu(x, w, state, new_state, silu, bias)
 
     def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
         """:func:`~zipmoe_rt.kernels.gated_delta.gated_delta_rule` (parallel over value heads)."""
@@ -168,3 +184,28 @@ class NumbaBackend(HostArrays, Backend):
         np.tanh(x, out=x)
         x *= c
         return x
+    # gpt-oss
+    def attention_sinks(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
+        """:func:`~zipmoe_rt.kernels.sinks.attention_sinks`."""
+        check_sinks(sinks, nq)
+        return _sinks.attention_sinks(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out)
+
+    def _clamped_expert(self, x, e, glu):
+        """``down(glu(gate(x) + bg, up(x) + bu)) + bd`` of one expert, float32 [n, H]."""
+        g = self.linear(x, e.gate, to_f32(e.gate_bias))
+        u = self.linear(x, e.up, to_f32(e.up_bias))
+        return self.linear(_clamped.clamped_swiglu(g, u, glu.alpha, glu.limit), e.down,
+                           to_f32(e.down_bias))
+
+    def _clamped_accumulate(self, out, x, rows, weights, expert, glu):
+        """gpt-oss's biased expert with the clamped SwiGLU: the rows through :meth:`linear`
+        (biases in the kernels), :func:`~zipmoe_rt.kernels.clamped_swiglu.clamped_swiglu` and
+        :func:`~zipmoe_rt.kernels.clamped_swiglu.scatter_add_weighted`."""
+        check_biased_expert("expert_accumulate", x.shape[1], expert)
+        xs = np.ascontiguousarray(x[rows])
+        _clamped.scatter_add_weighted(out, rows, weights, self._clamped_expert(xs, expert, glu))
+
+    # LFM2-MoE
+    def mul(self, a, b):
+        """``a * b`` (NumPy float32 elementwise, as torch)."""
+        return np.ascontiguousarray(a * b, dtype=np.float32)

@@ -12,9 +12,9 @@ import numpy as np
 
 from ..models.packed import as_weights
 from . import linear_attn as _lin
-from .base import (Backend, HostArrays, check_act, check_cap, check_choice_bias,
-                   check_gated_delta, check_qk_norm,
-                   check_route, to_f32)
+from .base import (Backend, HostArrays, check_act, check_biased_expert, check_cap,
+                   check_choice_bias, check_gated_delta, check_qk_norm, check_route, check_sinks,
+                   to_f32)
 
 _F32 = np.float32
 
@@ -89,9 +89,15 @@ class NumpyBackend(HostArrays, Backend):
         """``down(act(gate(x)) * up(x))`` of one expert, float32 [T, H]."""
         return self.linear(self.swiglu(x, e.gate, e.up, act), e.down)
 
-    def expert_accumulate(self, out, x, rows, weights, expert, act="silu"):
+    def expert_accumulate(self, out, x, rows, weights, expert, act="silu", glu=None):
         """``out[rows] += weights[:, None] * expert(x[rows])`` (a packed expert is decoded
-        first, :func:`~zipmoe_rt.models.packed.as_weights`)."""
+        first, :func:`~zipmoe_rt.models.packed.as_weights`); with ``glu``, gpt-oss's
+        ``out[rows] += expert(x[rows]) * weights[:, None]``."""
+        if glu is not None:
+            check_biased_expert("expert_accumulate", x.shape[1], expert)
+            out[rows] += self._clamped_expert(x[rows], expert, glu) * np.asarray(
+                weights, np.float32)[:, None]
+            return
         expert = as_weights(expert)
         if expert.down.shape != expert.gate.shape[::-1] or x.shape[1] != expert.gate.shape[1]:
             raise ValueError(f"expert_accumulate: x {x.shape}, gate {expert.gate.shape}, "
@@ -99,8 +105,13 @@ class NumpyBackend(HostArrays, Backend):
         out[rows] += np.asarray(weights, np.float32)[:, None] * self._expert(x[rows], expert,
                                                                              act)
 
-    def experts_token(self, out, x, experts, weights, act="silu"):
+    def experts_token(self, out, x, experts, weights, act="silu", glu=None):
         """One :meth:`expert_accumulate`-like sum per expert, in order."""
+        if glu is not None:
+            for w, e in zip(np.asarray(weights, np.float32), experts):
+                check_biased_expert("experts_token", x.shape[-1], e)
+                out += self._clamped_expert(x[None, :], e, glu)[0] * w
+            return
         for w, e in zip(np.asarray(weights, np.float32), experts):
             out += w * self._expert(x[None, :], as_weights(e), act)[0]
 
@@ -263,9 +274,9 @@ class NumpyBackend(HostArrays, Backend):
         x *= _F32(1.0) / (_F32(1.0) + np.exp(-g))
         return x
 
-    def conv1d_silu(self, x, w, state, new_state):
+    def conv1d_silu(self, x, w, state, new_state, silu=True, bias=None):
         """:func:`~zipmoe_rt.backends.linear_attn.conv1d_silu` over NumPy."""
-        return _lin.conv1d_silu(np, x, w, state, new_state)
+        return _lin.conv1d_silu(np, x, w, state, new_state, silu, bias)
 
     def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
         """:func:`~zipmoe_rt.backends.linear_attn.gated_delta_rule` over NumPy (chunked scan for
@@ -287,3 +298,40 @@ class NumpyBackend(HostArrays, Backend):
         c = check_cap(cap)
         x[...] = np.tanh(x / c) * c
         return x
+
+    # gpt-oss
+    def attention_sinks(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
+        """Per query head: masked scores with the sink as one more column, a softmax over
+        both after subtracting the row maximum, the sink's column dropped, times the values."""
+        check_sinks(sinks, nq)
+        T = qkv.shape[0]
+        n = pos0 + T
+        q = qkv[:, :nq * hd].reshape(T, nq, hd)
+        qpos = np.arange(pos0, n)[:, None]
+        kpos = np.arange(n)[None, :]
+        visible = kpos <= qpos
+        if window > 0:
+            visible &= kpos > qpos - window
+        group = nq // nkv
+        for h in range(nq):
+            K, V = kc[h // group, :n], vc[h // group, :n]
+            scores = np.where(visible, (q[:, h] @ K.T) * _F32(scale), -np.inf)
+            combined = np.concatenate([scores, np.full((T, 1), sinks[h], np.float32)], axis=-1)
+            combined = combined - combined.max(axis=-1, keepdims=True)
+            p = np.exp(combined)
+            p /= p.sum(axis=-1, keepdims=True)
+            out[:, h * hd:(h + 1) * hd] = p[:, :-1].astype(np.float32) @ V
+        return out
+
+    def _clamped_expert(self, x, e, glu):
+        """``GptOssExperts`` for one expert: gate/up with biases, ``_apply_gate``, down with
+        its bias, float32 [T, H]."""
+        g = np.minimum(self.linear(x, e.gate, to_f32(e.gate_bias)), _F32(glu.limit))
+        u = np.clip(self.linear(x, e.up, to_f32(e.up_bias)), -_F32(glu.limit), _F32(glu.limit))
+        h = (u + _F32(1.0)) * (g * (_F32(1.0) / (_F32(1.0) + np.exp(-(g * _F32(glu.alpha))))))
+        return self.linear(h.astype(np.float32), e.down, to_f32(e.down_bias))
+
+    # LFM2-MoE
+    def mul(self, a, b):
+        """``a * b`` (NumPy float32 elementwise, as torch)."""
+        return np.ascontiguousarray(a * b, dtype=np.float32)

@@ -24,24 +24,20 @@ from .atomic import (StaleTemporaryWarning, WriteError, remove_stale_temporaries
 from .registry import ConfigError, UnsupportedArchitectureError, get_architecture
 from .safetensors_io import Checkpoint, SafetensorsError
 from .errors import ConversionError, ConversionWarning
+from ..families.expert_roles import EXPERT_ROLE_SETS, expert_shapes
 from .metadata import container_metadata, read_json
+from . import lowprec
 
 
-#: safetensors dtypes of the weights the runtime's kernels compute with
-WEIGHT_DTYPES = ("BF16", "F16", "F32")
-
-
-def _check_dtype(t) -> None:
-    """A tensor the model computes with has a float dtype the kernels take (ConversionError
-    naming the file, tensor and dtype otherwise)."""
-    if t.dtype not in WEIGHT_DTYPES:
-        raise ConversionError(f"{t.file}: tensor {t.name!r} has dtype {t.dtype}; the model's "
-                              f"weights must be {', '.join(WEIGHT_DTYPES)}")
+#: safetensors dtypes of the weights the runtime's kernels compute with (F8_E4M3 too for an
+#: FP8 checkpoint: convert/lowprec.py)
+WEIGHT_DTYPES = lowprec.WEIGHT_DTYPES
 
 
 def _expected_expert_shape(role: str, hp: dict, stacked: bool) -> tuple:
     h, i = hp["hidden_size"], hp["moe_intermediate_size"]
-    shape = {"gate": (i, h), "up": (i, h), "down": (h, i), "gate_up": (2 * i, h)}[role]
+    shape = {"gate": (i, h), "up": (i, h), "down": (h, i), "gate_up": (2 * i, h),
+             **expert_shapes({"down_cols": (i, h)})}[role]     # gpt-oss's in x out slices
     return (hp["num_experts"],) + shape if stacked else shape
 
 
@@ -69,6 +65,9 @@ def plan_conversion(folder: Path):
         raise ConversionError(str(e)) from None
     dense, experts = [], {}
     for t in ckpt:
+        why = arch.unsupported_tensor(t.name, t.dtype)
+        if why is not None:
+            raise ConversionError(f"{t.file}: {why}")
         ref = arch.expert_tensor(t.name)
         if ref is not None and ref.layer >= hp["num_hidden_layers"]:
             ref = None      # a layer past the decoder (GLM-4-MoE's / DeepSeek-V3's multi-token
@@ -76,7 +75,7 @@ def plan_conversion(folder: Path):
         if ref is None:
             dense.append(t.name)
             continue
-        _check_dtype(t)
+        lowprec.check_dtype(t, hp)
         if ref.layer not in hp["moe_layers"]:
             raise ConversionError(f"{t.file}: tensor {t.name!r} is an expert of layer {ref.layer}, "
                                   f"which the config says is not a MoE layer")
@@ -92,10 +91,11 @@ def plan_conversion(folder: Path):
                 raise ConversionError(f"{t.file}: tensor {t.name!r}: expert index {e} out of range "
                                       f"(num_experts={hp['num_experts']})")
             experts.setdefault((ref.layer, e), []).append((t.name, ref))
+    lowprec.attach_scales(arch, hp, ckpt, dense, experts)    # FP8 scales, MXFP4 blocks/scales
     for layer in hp["moe_layers"]:
         for e in range(hp["num_experts"]):
             roles = {ref.role for _, ref in experts.get((layer, e), [])}
-            if not ({"gate", "up", "down"} <= roles or {"gate_up", "down"} <= roles):
+            if not any(want <= roles for want in EXPERT_ROLE_SETS):
                 raise ConversionError(f"{folder}: layer {layer} expert {e} lacks tensors "
                                       f"(has roles {sorted(roles) or 'none'})")
     _check_dense_tensors(folder, arch, ckpt)
@@ -134,11 +134,12 @@ def _check_dense_tensors(folder: Path, arch, ckpt: Checkpoint) -> None:
     """
     typed = arch.typed_hparams()
     specs = _model_specs(arch)
+    hp = arch.hparams()
     for name, spec in specs.items():
         t = ckpt.tensors.get(name)
         if t is None or spec.is_expert:
             continue
-        _check_dtype(t)
+        lowprec.check_dtype(t, hp)
         if tuple(t.shape) != tuple(spec.shape):
             field = _WIDTH_FIELD.get(spec.key)
             why = f" (config.json {field}={getattr(typed, field)})" if field else ""
@@ -165,7 +166,7 @@ def unused_tensors(arch, ckpt: Checkpoint) -> list[str]:
     tensors for this config), in checkpoint order. A stored ``lm_head.weight`` is always used:
     transformers ties a tied config's head to the embedding only where it is absent or equal."""
     specs = _model_specs(arch)
-    return [t.name for t in ckpt if t.name not in specs]
+    return [t.name for t in ckpt if t.name not in specs and not lowprec.is_used_scale(t.name, ckpt, arch)]
 
 
 def _tied_head_differs(arch, ckpt: Checkpoint) -> bool:
@@ -186,9 +187,11 @@ def _expert_pieces(ckpt: Checkpoint, refs, expert: int) -> list:
         if ref.expert is None:  # stacked [E, ...]: this expert's contiguous slice
             n = raw.size // t.shape[0]
             pieces.append(zmoe.ExpertPiece(name, t.dtype, t.shape, ref.role,
-                                           raw[expert * n:(expert + 1) * n], part=expert))
+                                           raw[expert * n:(expert + 1) * n], part=expert,
+                                           encoding=lowprec.piece_encoding(ref.role)))
         else:
-            pieces.append(zmoe.ExpertPiece(name, t.dtype, t.shape, ref.role, raw))
+            pieces.append(zmoe.ExpertPiece(name, t.dtype, t.shape, ref.role, raw,
+                                           encoding=lowprec.piece_encoding(ref.role)))
     return pieces
 
 

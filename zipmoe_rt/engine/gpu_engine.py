@@ -277,7 +277,9 @@ class GpuExpertEngine(ExpertEngine):
         if p.staging:
             self._give_staging(p.block, None)
         self.stats.host_decodes += 1
-        p.weights = ExpertWeights(*(self.ops.to_device(a) for a in (w.gate, w.up, w.down)))
+        p.weights = w.map(self.ops.to_device)      # biases too (gpt-oss)
+        self.stats.uploads += 1
+        self.stats.pcie_bytes += w.nbytes
 
     def _launch(self, p):
         """Queue the upload (copy stream) and the decode (decode stream) of a ready expert."""

@@ -77,7 +77,10 @@ class ExpertMeta:
 
 def gpu_decodable(lay) -> bool:
     """Whether the GPU path can rebuild the expert: every piece BF16 with Huffman exponents, or
-    every piece raw BF16 (else the engine decodes it on the host and uploads the words)."""
+    every piece raw BF16 (else the engine decodes it on the host and uploads the words), of the
+    [out, in] roles (gpt-oss's in x out slices and biases are assembled on the host)."""
+    if not all(p.role in ("gate", "up", "down", "gate_up") for p in lay.pieces):
+        return False
     if all(p.raw for p in lay.pieces):
         return all(p.dtype == "BF16" and p.sm[0] % 2 == 0 for p in lay.pieces)
     return all(p.dtype == "BF16" and p.codec == EXP_HUFFMAN and p.chunks for p in lay.pieces)

@@ -21,7 +21,9 @@ from zmoe.huffman import DECODE_STATUS, table_cache
 from zmoe.reader import NUMPY_DTYPES
 
 from ..kernels.planes import MERGE, decode_merge_bf16_chunks
+from ..families.expert_roles import EXPERT_ROLE_SETS, expert_shapes
 from ..models.weights import ExpertWeights, assemble_expert
+from . import lowprec
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,15 @@ class ExpertLayout:
     sm_region: tuple     # (offset, size)
     exp_region: tuple    # (offset, size)
     pieces: tuple
+    fp8_block: tuple | None = None   # (rows, cols) of the FP8 block scales (engine/lowprec.py)
 
     @property
     def full_bytes(self) -> int:
-        """Bytes of the decoded expert (tier F)."""
-        return sum(p.elements * np.dtype(NUMPY_DTYPES[p.dtype]).itemsize for p in self.pieces)
+        """Bytes of the decoded expert (tier F); FP8 and MXFP4 projections count as the float32
+        weights they are dequantised into, their block scales as nothing."""
+        return sum(lowprec.decoded_bytes(p) if lowprec.decoded_bytes(p) >= 0
+                   else p.elements * np.dtype(NUMPY_DTYPES[p.dtype]).itemsize
+                   for p in self.pieces)
 
     @property
     def elements(self) -> int:
@@ -102,20 +108,19 @@ def check_expert(path, lay: "ExpertLayout"):
     """
     roles = {p.role: p for p in lay.pieces}
     where = f"{path}: expert block {lay.layer}/{lay.expert}"
-    if "down" not in roles or not ({"gate", "up"} <= roles.keys() or "gate_up" in roles):
+    if not any(want <= roles.keys() for want in EXPERT_ROLE_SETS):
         raise zmoe.CorruptIndexError(f"{where}: tensors: roles {sorted(roles)}: an expert needs "
                                      f"down, and gate and up or gate_up (SPEC §4)")
-    down = roles["down"]
-    if len(down.shape) != 2:
-        raise zmoe.CorruptIndexError(f"{where}: tensor {down.name!r}: shape: down "
-                                     f"{list(down.shape)} is not [hidden, intermediate]")
-    h, i = down.shape
-    want = {"gate_up": (2 * i, h)} if "gate_up" in roles else {"gate": (i, h), "up": (i, h)}
+    try:
+        want = expert_shapes({r: tuple(p.shape) for r, p in roles.items()})
+    except ValueError as e:
+        down = roles.get("down_cols", roles.get("down"))
+        raise zmoe.CorruptIndexError(f"{where}: tensor {down.name!r}: shape: {e}") from None
     for role, shape in want.items():
         if tuple(roles[role].shape) != shape:
             raise zmoe.CorruptIndexError(
                 f"{where}: tensor {roles[role].name!r}: shape: {role} {list(roles[role].shape)}, "
-                f"but down {list(down.shape)} needs {list(shape)}")
+                f"but the down projection needs {list(shape)}")
 
 
 def expert_layouts(reader: zmoe.ZmoeReader) -> dict:
@@ -125,6 +130,7 @@ def expert_layouts(reader: zmoe.ZmoeReader) -> dict:
         zmoe.CorruptIndexError: a block that is not a SwiGLU expert (:func:`check_expert`).
     """
     out = {}
+    block = lowprec.fp8_block(reader.metadata)
     for (layer, e), b in reader.experts.items():
         sm0, ex0 = b["sm"][0], b["exp"][0]
         pieces = []
@@ -142,8 +148,9 @@ def expert_layouts(reader: zmoe.ZmoeReader) -> dict:
                 pieces.append(Piece(name, t["expert"]["role"], t["dtype"], shape, (o - sm0, n, c), chunks,
                                     t["exp_codec"]))
         out[(layer, e)] = lay = ExpertLayout(layer, e, tuple(b["sm"]), tuple(b["exp"]),
-                                             tuple(pieces))
+                                             tuple(pieces), block)
         check_expert(reader.path, lay)
+        lowprec.check_expert(reader.path, lay)
     return out
 
 
@@ -169,7 +176,8 @@ def check_regions(path, lay: ExpertLayout, sm: np.ndarray | None, exp: np.ndarra
 
 def alloc_expert(lay: ExpertLayout) -> list:
     """Empty output arrays (one per piece) for a decoded expert."""
-    return [np.empty(p.elements, MERGE[p.dtype][2] if not p.raw else NUMPY_DTYPES[p.dtype])
+    return [np.empty(p.elements, MERGE[p.dtype][2] if not p.raw and p.dtype in MERGE
+                     else NUMPY_DTYPES[p.dtype])
             for p in lay.pieces]
 
 
@@ -256,6 +264,11 @@ def decode_chunks(path, p: Piece, c0: int, c1: int, sm: np.ndarray, exp: np.ndar
         zmoe.CorruptIndexError: a chunk, the SM bytes or the output range lie outside ``exp``,
             ``sm`` or ``out`` (the kernels' preconditions, checked before the call).
     """
+    if lowprec.is_f8(p.dtype):
+        return lowprec.decode_f8_chunks(path, p, c0, c1, sm, exp, out, _scratch, dctx,
+                                        _out_of_bounds)
+    if p.dtype in lowprec.EXPONENT_ONLY_DTYPES:
+        return lowprec.decode_byte_chunks(path, p, c0, c1, exp, out, dctx, _out_of_bounds)
     offs, sizes, raws, starts = p.chunk_arrays
     if p.codec != EXP_HUFFMAN or p.dtype != "BF16":
         for ci in range(c0, c1):
@@ -304,4 +317,6 @@ def finish_expert(lay: ExpertLayout, outs: list, sm: np.ndarray) -> ExpertWeight
             o, n, _ = p.sm
             out[...] = sm[o:o + n].view(out.dtype)
         roles[p.role] = out.view(NUMPY_DTYPES[p.dtype]).reshape(p.shape)
+    roles = lowprec.dequantize_roles("", f"expert block {lay.layer}/{lay.expert}", roles,
+                                     lay.fp8_block)
     return assemble_expert(roles)

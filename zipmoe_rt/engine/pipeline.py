@@ -436,12 +436,13 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
         return item
 
     # -- Executor protocol -------------------------------------------------------------------
-    def run(self, layer, x, topk_idx, topk_w):
+    def run(self, layer, x, topk_idx, topk_w, glu=None):
         """``out[t] = sum_j topk_w[t, j] * expert_{topk_idx[t, j]}(x[t])`` (the ``Executor``
         protocol of :mod:`zipmoe_rt.models.moe`), through
         :func:`~zipmoe_rt.models.moe.accumulate_experts`: the non-resident experts of each group
         (all of one token's; :attr:`window` at a time for several tokens) are started in
-        scheduler order, then each is waited for and computed in ascending index order."""
+        scheduler order, then each is waited for and computed in ascending index order.
+        ``glu``: gpt-oss's clamped SwiGLU, or None."""
         t_start = time.perf_counter()
         T = topk_idx.shape[0]
         if self.adapt:
@@ -461,7 +462,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
             self._recycle()
 
         out = accumulate_experts(self.backend, x, topk_idx, topk_w, fetch, prepare, self.window,
-                                 computed, self.act)
+                                 computed, self.act, glu)
         if self.prefetch:
             self._end_prefetch(layer, topk_idx)
         dt = time.perf_counter() - t_start

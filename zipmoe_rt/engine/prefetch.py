@@ -32,7 +32,7 @@ import numpy as np
 
 #: values of ``--prefetch``.
 PREFETCH_MODES = ("on", "off")
-#: the default of ``--prefetch`` / ``load(prefetch=None)`` (docs/benchmarks.md §15 measures it).
+#: the default of ``--prefetch`` / ``load(prefetch=None)`` (docs/benchmarks.md §16 measures it).
 DEFAULT_PREFETCH = "off"
 
 

@@ -70,10 +70,16 @@ def pack_bf16(w: np.ndarray) -> PackedMatrix:
     return pack_planes(exp, sm, w.shape)
 
 
+#: the roles the compute form holds: [out, in] matrices without biases (gpt-oss's in x out
+#: slices and biased experts are kept decoded)
+PACKABLE_ROLES = ("gate", "up", "down", "gate_up")
+
+
 def packable(lay: L_.ExpertLayout) -> bool:
-    """Whether every piece of an expert is a BF16 bit-plane tensor (what the compute form
-    holds)."""
-    return all(p.dtype == "BF16" and not p.raw for p in lay.pieces)
+    """Whether every piece of an expert is a BF16 bit-plane tensor of a role in
+    :data:`PACKABLE_ROLES` (what the compute form holds)."""
+    return all(p.dtype == "BF16" and not p.raw and p.role in PACKABLE_ROLES
+               for p in lay.pieces)
 
 
 def _exponent_plane(path, p: L_.Piece, exp: np.ndarray, dctx) -> np.ndarray:

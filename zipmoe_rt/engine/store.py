@@ -23,6 +23,7 @@ from zmoe.reader import NUMPY_DTYPES
 from ..families.check import check_reader, stored_hparams
 from ..models.weights import ExpertWeights
 from . import layout as L_
+from . import lowprec
 from .io import ModelFileError, RegionReader, aligned_empty
 
 
@@ -118,9 +119,25 @@ class ZmoeSource:
             if not self.has(name):
                 raise KeyError(f"{self.path}: no dense tensor {name!r}")
             a = self._read_dense(name, self.reader.tensors[name])
+            if lowprec.is_f8(self.reader.tensors[name]["dtype"]):   # FP8: float32 at load
+                a = self._dequantize(name, a)
             if not self.copy_dense:
                 self._dense[name] = a
         return a
+
+    def _dequantize(self, name: str, q: np.ndarray) -> np.ndarray:
+        """An F8_E4M3 dense tensor dequantised with its ``<name>_scale_inv`` (float32,
+        :func:`zipmoe_rt.engine.lowprec.dequantize_dense`).
+
+        Raises:
+            zmoe.CorruptIndexError: the scale tensor is missing or does not fit (named).
+        """
+        sname = name + lowprec.SCALE_NAME_SUFFIX
+        if not self.has(sname) or self.reader.tensors[sname]["dtype"] != "F32":
+            raise zmoe.CorruptIndexError(f"{self.path}: tensor {name!r} is F8_E4M3 but the file "
+                                         f"has no F32 {sname!r}")
+        scale = self._read_dense(sname, self.reader.tensors[sname])
+        return lowprec.dequantize_dense(self.path, name, q, scale, lowprec.fp8_block(self.metadata))
 
     def _read_piece(self, name: str, what: str, entry) -> np.ndarray:
         """One stored piece (``[offset, size, ..., crc32]``) read with pread, CRC-checked if

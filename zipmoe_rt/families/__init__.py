@@ -21,6 +21,7 @@ from . import deepseek_v2, deepseek_v3, glm4_moe_lite  # noqa: E402,F401  (regis
 from . import granitemoe  # noqa: E402,F401  (Granite-MoE, Granite-MoE-Shared)
 from . import ernie4_5_moe  # noqa: E402,F401  (ERNIE 4.5 MoE)
 from . import gemma4  # noqa: E402,F401  (Gemma 4: Gemma4ForCausalLM, Gemma4ForConditionalGeneration)
+from . import gpt_oss  # noqa: E402,F401  (gpt-oss)
 
 __all__ = [
     "ARCHITECTURES", "BY_NAME", "ExpertRef", "Family", "UnknownFamilyError",
@@ -30,3 +31,4 @@ __all__ = [
     "FUSED", "HUB", "KEYS", "LAYOUTS", "TensorSpec",
 ]
 from . import qwen3_next  # noqa: E402,F401  (Qwen3-Next, Qwen3.5-MoE: hybrid linear attention)
+from . import lfm2_moe  # noqa: E402,F401  (LFM2-MoE: short-convolution layers)

@@ -244,6 +244,13 @@ class Family:
         return cls._re
 
     @classmethod
+    def unsupported_tensor(cls, name: str, dtype: str) -> str | None:
+        """Why the converter cannot store checkpoint tensor ``name`` of safetensors ``dtype``
+        (a sentence naming it), or None. Base: None; a family refuses a layout it cannot run
+        yet (gpt-oss: the MXFP4 release)."""
+        return None
+
+    @classmethod
     def expert_tensor(cls, name: str) -> ExpertRef | None:
         """The :class:`ExpertRef` of a checkpoint tensor, or None for a dense tensor."""
         for pat, role in cls._compiled():

@@ -49,6 +49,10 @@ SHAPE_FIELDS = {
     "lin_z": "linear_num_value_heads, linear_value_head_dim", "lin_norm": "linear_value_head_dim",
     "lin_conv": "linear_num_key_heads, linear_key_head_dim, linear_num_value_heads, "
                 "linear_value_head_dim, linear_conv_kernel_dim",
+    # LFM2-MoE short convolution
+    **{k: "hidden_size" for k in ("conv_in", "conv_in_bias", "conv_kernel_bias", "conv_out",
+                                  "conv_out_bias")},
+    "conv_kernel": "hidden_size, conv_l_cache",
 }
 
 

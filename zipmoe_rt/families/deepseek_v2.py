@@ -12,11 +12,12 @@ reuse (:mod:`.deepseek_v3`, :mod:`.glm4_moe_lite`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from . import tensors as T
 from .base import Family, register
 from .hparams import ConfigError, HParams, layers_from
+from .lowprec import fp8_block_size
 
 #: Hub names of the MLA projections and the DeepSeek MoE block (``DeepseekV2Attention``,
 #: ``DeepseekV2Moe.shared_experts``).
@@ -106,7 +107,9 @@ class MlaHParams(HParams):
         original code does not)."""
         super()._derive(config, kw)
         quant = config.get("quantization_config")
-        if quant is not None:
+        if quant is not None and "fp8_block_size" in {f.name for f in fields(cls)}:
+            kw["fp8_block_size"] = fp8_block_size(config)     # DeepSeek-V3's FP8 releases
+        elif quant is not None:
             method = quant.get("quant_method") if isinstance(quant, dict) else quant
             raise ConfigError(f"config.json: quantization_config ({str(method)[:40]}) is not "
                               f"supported: convert a BF16 checkpoint (the FP8 weights of the "

@@ -14,6 +14,7 @@ from . import tensors as T
 from .base import Family, register
 from .deepseek_v2 import MlaHParams, mla_names
 from .hparams import ConfigError
+from .lowprec import check_fp8_block_size
 
 
 @dataclass
@@ -39,8 +40,13 @@ class DeepseekV3HParams(MlaHParams):
     topk_method: str = "noaux_tc"
     n_group: int | None = 8
     topk_group: int | None = 4
+    #: FP8 releases: ``quantization_config.weight_block_size`` (families/lowprec.py); None for
+    #: a BF16 checkpoint (not stored)
+    fp8_block_size: list | None = None
 
-    FIXED = tuple(f for f in MlaHParams.FIXED if f != "rope_interleave") + ("topk_method",)
+    FIXED = tuple(f for f in MlaHParams.FIXED if f != "rope_interleave") + ("topk_method",
+                                                                            "fp8_block_size")
+    OPTIONAL = MlaHParams.OPTIONAL + ("fp8_block_size",)
     TOPK_METHODS = ("noaux_tc",)
 
     @classmethod
@@ -52,6 +58,12 @@ class DeepseekV3HParams(MlaHParams):
             if config.get(key, want) != want:
                 raise ConfigError(f"config.json: {key} {str(config[key])[:40]!r} is not "
                                   f"supported ({want} only)")
+
+    def validate(self):
+        """:meth:`MlaHParams.validate`, and a stored ``fp8_block_size`` is two positive
+        integers. Raises ValueError naming the field."""
+        check_fp8_block_size(self.fp8_block_size)
+        super().validate()
 
 
 @register("DeepseekV3ForCausalLM")

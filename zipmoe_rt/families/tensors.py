@@ -101,6 +101,22 @@ KEYS = {
     "router_scale": "router.scale [H]: multiplies the router's unweighted RMSNorm",
     "router_expert_scale": "router.per_expert_scale [E]: multiplies each chosen expert's weight",
     "layer_scalar": "layer_scalar [1]: the decoder layer's output is multiplied by it",
+    # gpt-oss: attention sinks, router bias, experts stacked as [E, in, out] with biases
+    "attn_sinks": "self_attn.sinks [heads]: a learned logit per head in the softmax denominator",
+    "router_logit_bias": "router bias [E], added to the router logits (MoE layers)",
+    "experts_gate_up_cols": "stacked gate+up [E, H, 2I], in x out, gate and up interleaved "
+                            "column by column (even columns gate, odd up)",
+    "experts_gate_up_bias": "stacked gate+up biases [E, 2I], interleaved as the columns",
+    "experts_down_cols": "stacked down [E, I, H], in x out",
+    "experts_down_bias": "stacked down biases [E, H]",
+    # LFM2-MoE: gated short-convolution layers (``layer_types`` "conv"); router_bias is its
+    # expert_bias, attn_o its self_attn.out_proj
+    "conv_in": "short conv in_proj [3*H, H]: B, C and x rows (conv layers)",
+    "conv_in_bias": "short conv in_proj bias [3*H] (conv_bias)",
+    "conv_kernel": "short conv depthwise causal conv1d weight [H, 1, L] (L = conv_L_cache)",
+    "conv_kernel_bias": "short conv conv1d bias [H] (conv_bias)",
+    "conv_out": "short conv out_proj [H, H]",
+    "conv_out_bias": "short conv out_proj bias [H] (conv_bias)",
 }
 #: the tensor names transformers' Llama-style MoE decoders use (Qwen2/3-MoE, OLMoE, and Mixtral
 #: apart from its ``block_sparse_moe`` experts): one table that families pick their keys from
@@ -158,7 +174,10 @@ def llama_names(without=(), **names) -> dict:
 #: per-expert keys of the HUB layout -> expert role (see ``ExpertRef.role``).
 EXPERT_ROLES = {"expert_gate": "gate", "expert_up": "up", "expert_down": "down"}
 #: stacked keys of the FUSED layout -> expert role.
-STACKED_ROLES = {"experts_gate_up": "gate_up", "experts_down": "down"}
+STACKED_ROLES = {"experts_gate_up": "gate_up", "experts_down": "down",
+                 # gpt-oss (in x out layouts and expert biases; models/weights.py assembles them)
+                 "experts_gate_up_cols": "gate_up_cols", "experts_gate_up_bias": "gate_up_bias",
+                 "experts_down_cols": "down_cols", "experts_down_bias": "down_bias"}
 
 _BIAS = ("attn_q_bias", "attn_k_bias", "attn_v_bias", "attn_o_bias")
 _SHARED = ("shared_gate", "shared_up", "shared_down", "shared_expert_gate",
@@ -233,6 +252,10 @@ def shape(key: str, hp, layer: int | None = None) -> tuple:
         "attn_post_norm": (H,), "ffn_post_norm": (H,), "ffn_post_norm_1": (H,),
         "ffn_pre_norm_2": (H,), "ffn_post_norm_2": (H,), "router_scale": (H,),
         "router_expert_scale": (E,), "layer_scalar": (1,),
+        # gpt-oss
+        "attn_sinks": (hp.num_attention_heads,), "router_logit_bias": (E,),
+        "experts_gate_up_cols": (E, H, 2 * I), "experts_gate_up_bias": (E, 2 * I),
+        "experts_down_cols": (E, I, H), "experts_down_bias": (E, H),
     }[key]
 
 
@@ -262,7 +285,8 @@ def present(key: str, hp, layer: int | None) -> bool:
         return moe and hp.shared_expert_intermediate_size > 0
     if key in _DENSE:
         return layer is not None and not moe
-    if key in ("router", "router_bias") or key in EXPERT_ROLES or key in STACKED_ROLES:
+    if key in ("router", "router_bias", "router_logit_bias") or key in EXPERT_ROLES \
+            or key in STACKED_ROLES:
         return moe
     if key == "moe_statics":        # ERNIE 4.5 MoE
         return moe

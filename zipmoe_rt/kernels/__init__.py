@@ -1,8 +1,9 @@
 """Numba CPU kernels, the only place of the package that defines any: :mod:`.linear` (BF16
 GEMV/GEMM, embedding rows), :mod:`.swiglu` (fused SwiGLU experts), :mod:`.norm` (RMSNorm,
 LayerNorm, residual add), :mod:`.attention` (q/k norm + RoPE + cache write, causal attention),
-:mod:`.routing` (top-k softmax routing), :mod:`.sparsemixer` (PhiMoE's top-2 router) and
-:mod:`.planes` (bit-plane merge after the host-side Huffman decode). Model code reaches them
+:mod:`.routing` (top-k softmax routing), :mod:`.sparsemixer` (PhiMoE's top-2 router),
+:mod:`.sinks` (attention with gpt-oss's sinks), :mod:`.clamped_swiglu` (gpt-oss's expert
+activation) and :mod:`.planes` (bit-plane merge after the host-side Huffman decode). Model code reaches them
 through :mod:`zipmoe_rt.backends.numba_cpu`.
 :mod:`.cuda_src` holds the CUDA C sources of the GPU backend (plain strings, compiled by
 :mod:`zipmoe_rt.backends.cupy_cuda`).

@@ -25,10 +25,11 @@ CHUNK = 64
 
 
 @njit(**_SER)
-def _conv1d_silu(x, w, state, new_state, y):
+def _conv1d_silu(x, w, state, new_state, y, b, act):
     T, C = x.shape
     K = w.shape[1]
     P = K - 1
+    biased = b.shape[0] > 0
     for t in range(T):
         for c in range(C):
             s = np.float32(0.0)
@@ -36,22 +37,27 @@ def _conv1d_silu(x, w, state, new_state, y):
                 p = t + j               # index into concat(state, x)
                 v = state[p, c] if p < P else x[p - P, c]
                 s += w[c, j] * v
-            y[t, c] = s / (np.float32(1.0) + np.exp(-s))
+            if biased:
+                s += b[c]
+            y[t, c] = s / (np.float32(1.0) + np.exp(-s)) if act else s
     for p in range(P):
         src = T + p                     # the last P rows of concat(state, x)
         for c in range(C):
             new_state[p, c] = state[src, c] if src < P else x[src - P, c]
 
 
-def conv1d_silu(x, w, state, new_state):
-    """``y[t, c] = silu(sum_j w[c, j] * ext[t + j, c])``, ``ext = concat(state, x)``;
-    ``new_state`` gets the last ``K - 1`` rows of ``ext``.
+def conv1d_silu(x, w, state, new_state, silu=True, bias=None):
+    """``y[t, c] = silu(sum_j w[c, j] * ext[t + j, c] + bias[c])``, ``ext = concat(state, x)``
+    (without the SiLU when ``silu`` is False, without the bias when None); ``new_state`` gets
+    the last ``K - 1`` rows of ``ext``.
 
-    Args: x float32 [T, C]; w float32 [C, K]; state, new_state float32 [K - 1, C] (distinct).
+    Args: x float32 [T, C]; w float32 [C, K]; state, new_state float32 [K - 1, C] (distinct);
+        bias None or float32 [C].
     Returns: float32 [T, C].
     """
     y = np.empty(x.shape, np.float32)
-    _conv1d_silu(x, w, state, new_state, y)
+    b = np.zeros(0, np.float32) if bias is None else bias
+    _conv1d_silu(x, w, state, new_state, y, b, bool(silu))
     return y
 
 

@@ -48,6 +48,9 @@ class Attention:
             Gemma 4: 1).
         v_norm: RMSNorm each value head over ``head_dim`` without a weight before it is cached
             (``Gemma4TextAttention.v_norm``, ``with_scale=False``).
+        sinks: None, or [nq] attention sink logits (gpt-oss's ``self_attn.sinks``; any float
+            dtype / BF16 bits): each head's softmax has the sink in its denominator
+            (``backend.attention_sinks``).
 
     With ``args.ROPE_INTERLEAVED`` (ERNIE 4.5: RoPE rotates the pairs ``(2i, 2i+1)`` of each
     head, ``modeling_ernie4_5.py``'s ``apply_rotary_pos_emb``), the rows of each q and k head
@@ -62,7 +65,7 @@ class Attention:
 
     def __init__(self, args: HParams, layer: int, wq, wk, wv, wo, bq=None, bk=None, bv=None,
                  bo=None, q_norm=None, k_norm=None, clip: float | None = None, backend=None,
-                 scale: float | None = None, v_norm: bool = False):
+                 scale: float | None = None, v_norm: bool = False, sinks=None):
         be = self.backend = get_backend(backend)
         self.layer = layer
         self.nq, self.nkv = args.num_attention_heads, args.num_key_value_heads
@@ -93,6 +96,12 @@ class Attention:
         self.k_norm = be.from_host(_EMPTY if k_norm is None else to_f32(k_norm))
         self.clip = None if clip is None else float(clip)
         self.v_norm = be.from_host(np.ones(self.hd, np.float32)) if v_norm else None
+        self.sinks = None
+        if sinks is not None:
+            sk = to_f32(sinks).reshape(-1)
+            if sk.size != self.nq:
+                raise ValueError(f"layer {layer}: {sk.size} attention sinks for {self.nq} heads")
+            self.sinks = be.from_host(np.ascontiguousarray(sk))
         check_qk_norm(self.q_norm.size, self.k_norm.size, self.nq, self.nkv, self.hd, self.clip)
         whole = args.QK_NORM_SCOPE == "projection"
         for name, w, heads in (("q_norm", self.q_norm, self.nq), ("k_norm", self.k_norm, self.nkv)):
@@ -122,5 +131,10 @@ class Attention:
         kc, vc = cache.k, cache.v
         be.rope_qk_cache(qkv, self.nq, self.nkv, self.hd, self.q_norm, self.k_norm, self.eps,
                          cos, sin, kc, vc, pos0, self.clip)
-        be.attention(qkv, self.nq, self.nkv, self.hd, kc, vc, pos0, self.window, self.scale, att)
+        if self.sinks is None:
+            be.attention(qkv, self.nq, self.nkv, self.hd, kc, vc, pos0, self.window, self.scale,
+                         att)
+        else:
+            be.attention_sinks(qkv, self.nq, self.nkv, self.hd, kc, vc, pos0, self.window,
+                               self.scale, self.sinks, att)
         return be.linear(att, self.wo, self.bo)

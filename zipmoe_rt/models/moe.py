@@ -58,7 +58,8 @@ class MLP:
 def accumulate_experts(backend, x, topk_idx: np.ndarray, topk_w: np.ndarray,
                        fetch: Callable[[int], object],
                        prepare: Callable[[list, dict], None] | None = None, window: int = 0,
-                       after_compute: Callable[[float], None] | None = None, act: str = "silu"):
+                       after_compute: Callable[[float], None] | None = None, act: str = "silu",
+                       glu=None):
     """``out[t] = sum_j topk_w[t, j] * expert_{topk_idx[t, j]}(x[t])`` in the summation order of
     ``MixtralExperts.forward``, whatever supplies the expert weights.
 
@@ -81,6 +82,10 @@ def accumulate_experts(backend, x, topk_idx: np.ndarray, topk_w: np.ndarray,
         after_compute: optional ``after_compute(seconds)`` called after each compute call with
             the time it took.
         act: the experts' gate activation (:func:`expert_act`; ``"silu"`` by default).
+        glu: None (gated experts with ``act``) or a :class:`~zipmoe_rt.backends.base.ClampedSwiGLU`
+            (gpt-oss's biased experts), passed to ``experts_token`` / ``expert_accumulate``.
+        glu: None (SwiGLU experts) or a :class:`~zipmoe_rt.backends.base.ClampedSwiGLU`
+            (gpt-oss's biased experts), passed to ``experts_token`` / ``expert_accumulate``.
     Returns:
         float32 [T, H] backend array.
     Raises:
@@ -88,6 +93,9 @@ def accumulate_experts(backend, x, topk_idx: np.ndarray, topk_w: np.ndarray,
     """
     T = topk_idx.shape[0]
     out = backend.zeros((T, x.shape[1]))
+    kw = {} if glu is None else {"glu": glu}        # the backends' defaults otherwise
+    if act != "silu":
+        kw["act"] = act
     if T == 1:
         order = np.argsort(topk_idx[0], kind="stable")
         experts = [int(topk_idx[0, j]) for j in order]
@@ -96,11 +104,7 @@ def accumulate_experts(backend, x, topk_idx: np.ndarray, topk_w: np.ndarray,
             prepare(uniq, {e: 1 for e in uniq})
         got = {e: fetch(e) for e in uniq}
         t0 = time.perf_counter()
-        ex, w0 = [got[e] for e in experts], topk_w[0, order]
-        if act == "silu":
-            backend.experts_token(out[0], x[0], ex, w0)
-        else:
-            backend.experts_token(out[0], x[0], ex, w0, act)
+        backend.experts_token(out[0], x[0], [got[e] for e in experts], topk_w[0, order], **kw)
         if after_compute is not None:
             after_compute(time.perf_counter() - t0)
         return out
@@ -115,11 +119,8 @@ def accumulate_experts(backend, x, topk_idx: np.ndarray, topk_w: np.ndarray,
             w = fetch(e)
             rows, slots = np.nonzero(topk_idx == e)
             t0 = time.perf_counter()
-            if act == "silu":
-                backend.expert_accumulate(out, x, rows.astype(np.int64), topk_w[rows, slots], w)
-            else:
-                backend.expert_accumulate(out, x, rows.astype(np.int64), topk_w[rows, slots], w,
-                                          act)
+            backend.expert_accumulate(out, x, rows.astype(np.int64), topk_w[rows, slots], w,
+                                      **kw)
             if after_compute is not None:
                 after_compute(time.perf_counter() - t0)
     return out
@@ -128,13 +129,15 @@ def accumulate_experts(backend, x, topk_idx: np.ndarray, topk_w: np.ndarray,
 class Executor(Protocol):
     """What :class:`SparseMoeBlock` calls to compute the routed experts."""
 
-    def run(self, layer: int, x, topk_idx: np.ndarray, topk_w: np.ndarray):
+    def run(self, layer: int, x, topk_idx: np.ndarray, topk_w: np.ndarray, glu=None):
         """``out[t] = sum_j topk_w[t, j] * expert_{topk_idx[t, j]}(x[t])``.
 
         Args:
             layer: decoder layer index.  x: float32 [T, H] (post-attention-norm hidden states,
                 a backend array).
             topk_idx: host int64 [T, k].  topk_w: host float32 [T, k].
+            glu: None, or the experts' :class:`~zipmoe_rt.backends.base.ClampedSwiGLU`
+                (gpt-oss; passed only by blocks that have one).
         Returns:
             float32 [T, H] backend array.
         """
@@ -160,14 +163,14 @@ class ExpertExecutor:
         self.act = expert_act(source)
         self.calls = 0
 
-    def run(self, layer, x, topk_idx, topk_w):
+    def run(self, layer, x, topk_idx, topk_w, glu=None):
         """See :meth:`Executor.run`. Raises KeyError when the source lacks an expert."""
         def fetch(e):
             w = self.source.expert(layer, e)
             self.calls += 1
             return w
 
-        return accumulate_experts(self.backend, x, topk_idx, topk_w, fetch, act=self.act)
+        return accumulate_experts(self.backend, x, topk_idx, topk_w, fetch, act=self.act, glu=glu)
 
 
 #: route hook signature: (layer, x [T,H], router_logits [T,E], topk_idx [T,k], topk_w [T,k]).
@@ -191,13 +194,16 @@ class SparseMoeBlock:
         rule: optional :class:`~zipmoe_rt.models.routing.RoutingRule` (scoring, groups, scale);
             default softmax top-k with ``top_k`` and ``renorm`` (which must then agree with it).
         bias: optional [E] choice bias of the router (``e_score_correction_bias``).
+        logit_bias: optional [E] bias added to the router logits (gpt-oss's router).
+        glu: None (SwiGLU experts) or a :class:`~zipmoe_rt.backends.base.ClampedSwiGLU`
+            handed to the executor (gpt-oss's biased experts).
     Raises:
         ValueError: a rule whose top_k / renorm disagree with the arguments, or one that cannot
             route this many experts.
     """
 
     def __init__(self, model, layer, gate, top_k, renorm, shared=None, shared_gate=None,
-                 rule: RoutingRule | None = None, bias=None):
+                 rule: RoutingRule | None = None, bias=None, logit_bias=None, glu=None):
         self.model, self.layer = model, layer
         be = self.backend = model.backend
         if rule is None:
@@ -205,7 +211,8 @@ class SparseMoeBlock:
         elif (rule.top_k, rule.renorm) != (int(top_k), bool(renorm)):
             raise ValueError(f"layer {layer}: routing rule {rule} disagrees with top_k {top_k}, "
                              f"renorm {renorm}")
-        self.router = Router(gate, rule, bias, be)
+        self.router = Router(gate, rule, bias, be, logit_bias=logit_bias)
+        self.glu = glu
         self.gate = self.router.weight
         self.top_k, self.renorm = rule.top_k, rule.renorm
         self.shared = shared
@@ -236,7 +243,10 @@ class SparseMoeBlock:
         hook = self.model.route_hook
         if hook is not None:
             hook(self.layer, x, logits, idx, w)
-        y = self.model.executor.run(self.layer, x, idx, w)
+        if self.glu is None:
+            y = self.model.executor.run(self.layer, x, idx, w)
+        else:
+            y = self.model.executor.run(self.layer, x, idx, w, glu=self.glu)
         if self.shared is not None:
             s = self.shared(x)
             if self.shared_gate is None:

@@ -12,7 +12,10 @@ Rules (transformers' modeling files):
 * ``DeepseekV3TopkRouter`` / ``Glm4MoeTopkRouter`` (``noaux_tc``): sigmoid scores, the float32
   ``e_score_correction_bias`` added for the choice only, groups ranked by the sum of their two
   largest choice scores, weights the unbiased scores, renormalised with ``norm_topk_prob`` and
-  times ``routed_scaling_factor``.
+  times ``routed_scaling_factor``;
+* ``Lfm2MoeTopKRouter``: sigmoid scores, the float32 ``expert_bias`` added for the choice only
+  (``use_expert_bias``), plain top-k (no groups), weights the unbiased scores divided by their
+  sum plus 1e-6 (``norm_topk_prob``; ``renorm_eps``), times ``routed_scaling_factor``.
 
 The sparse block (:class:`~zipmoe_rt.models.moe.SparseMoeBlock`) routes every token through its
 :class:`Router`, and hands the choice to the model's executor: the default
@@ -42,6 +45,8 @@ class RoutingRule:
         method: ``"greedy"``, ``"group_limited_greedy"`` (V2) or ``"noaux_tc"`` (V3 / GLM).
         n_group, topk_group: expert groups and groups kept (``n_group`` / ``topk_group``).
         scale: ``routed_scaling_factor`` (1.0 = none).
+        renorm_eps: None (the backend's rule: 1e-20 with sigmoid scores, as V3 / GLM) or the
+            epsilon added to the sum of the k weights before the division (LFM2: 1e-6).
     """
 
     top_k: int
@@ -51,6 +56,7 @@ class RoutingRule:
     n_group: int = 1
     topk_group: int = 1
     scale: float = 1.0
+    renorm_eps: float | None = None      # LFM2-MoE
 
     def check(self, num_experts: int, bias=None) -> None:
         """Raise ValueError when the rule cannot route ``num_experts`` experts (with ``bias``):
@@ -69,28 +75,46 @@ class Router:
         bias: None or the [E] choice bias (``e_score_correction_bias``), taken as float32
             (released checkpoints store it as F32; other dtypes are widened exactly).
         backend: compute backend (default numba).
+        logit_bias: None or the [E] bias of the router's linear layer (gpt-oss's
+            ``GptOssTopKRouter``: ``F.linear(x, weight, bias)``), widened to float32.
     Raises:
         ValueError: the rule does not fit the weight's E (:meth:`RoutingRule.check`), or a bias
             of another length.
     """
 
-    def __init__(self, weight, rule: RoutingRule, bias=None, backend=None):
+    def __init__(self, weight, rule: RoutingRule, bias=None, backend=None, logit_bias=None):
         be = self.backend = get_backend(backend)
         self.weight = be.from_host(np.ascontiguousarray(weight))
+        self.logit_bias = None
+        if logit_bias is not None:
+            lb = to_f32(logit_bias).reshape(-1)
+            if lb.size != self.weight.shape[0]:
+                raise ValueError(f"router logit bias has {lb.size} values for "
+                                 f"{self.weight.shape[0]} experts")
+            self.logit_bias = be.from_host(np.ascontiguousarray(lb))
         self.rule = rule
         self.bias = None if bias is None else np.ascontiguousarray(to_f32(bias))
         self.num_experts = int(self.weight.shape[0])
         rule.check(self.num_experts, bias)
 
     def logits(self, x):
-        """float32 [T, E] router logits ``x @ weight.T`` for x float32 [T, H] (backend
-        arrays)."""
-        return self.backend.linear(x, self.weight)
+        """float32 [T, E] router logits ``x @ weight.T (+ logit_bias)`` for x float32 [T, H]
+        (backend arrays)."""
+        return self.backend.linear(x, self.weight, self.logit_bias)
 
     def select(self, logits) -> tuple[np.ndarray, np.ndarray]:
         """The rule applied to router logits float32 [T, E]: host (topk_idx int64 [T, k],
         topk_w float32 [T, k]) (:meth:`~zipmoe_rt.backends.base.Backend.route`)."""
         r = self.rule
+        if r.renorm_eps is not None and r.renorm:     # LFM2: w / (sum(w) + eps) * scale
+            idx, w = self.backend.route(logits, r.top_k, False, scoring=r.scoring,
+                                        method=r.method, n_group=r.n_group,
+                                        topk_group=r.topk_group, bias=self.bias)
+            w = np.asarray(w, np.float32)
+            w = w / (w.sum(axis=-1, keepdims=True) + np.float32(r.renorm_eps))
+            if r.scale != 1.0:
+                w = w * np.float32(r.scale)
+            return idx, w.astype(np.float32)
         if (r.scoring, r.method, r.scale) == ("softmax", "greedy", 1.0) and self.bias is None:
             return self.backend.route(logits, r.top_k, r.renorm)
         return self.backend.route(logits, r.top_k, r.renorm, scoring=r.scoring, method=r.method,

@@ -141,6 +141,10 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
         if req.tools:
             from .textproc import tool_format
             fmt = tool_format(host.model.tokenizer.chat_template)
+        if kind == "chat":          # gpt-oss: channels and tool calls split with or without tools
+            from .harmony import is_harmony
+            if is_harmony(host.model.tokenizer.chat_template):
+                fmt = "harmony"
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 

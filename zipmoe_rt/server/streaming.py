@@ -39,6 +39,8 @@ def _legacy_logprobs(entries: list, offset0: int = 0) -> dict | None:
 def chat_response(req, meta: dict, result: dict, lps: list) -> dict:
     """A ``chat.completion`` object."""
     msg = {"role": "assistant", "content": result["text"]}
+    if result.get("reasoning"):         # gpt-oss's analysis channel
+        msg["reasoning_content"] = result["reasoning"]
     if result.get("tool_calls"):
         msg["tool_calls"] = result["tool_calls"]
         msg["content"] = result["text"] or None
@@ -102,6 +104,8 @@ async def sse_events(req, meta: dict, events: asyncio.Queue):
             return
         else:
             result = ev[1]
+            if chat and result.get("reasoning"):
+                yield chunk({"reasoning_content": result["reasoning"]})
             if chat and result.get("tool_calls"):
                 calls = [dict(c, index=i) for i, c in enumerate(result["tool_calls"])]
                 yield chunk({"tool_calls": calls})

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .schemas import APIError
+from .harmony import HarmonySplitter
 from .textproc import StopText, ToolCallSplitter, parse_tool_calls
 
 __all__ = ["Job", "ModelHost"]
@@ -34,7 +35,10 @@ class Job:
         stops: stop strings.
         logprobs: None, or the number of top alternatives per token.
         tool_format: a key of :data:`~zipmoe_rt.server.textproc.TOOL_FORMATS` when the request
-            gave tools and the template writes calls in that syntax, else None.
+            gave tools and the template writes calls in that syntax; ``"harmony"`` for a chat
+            request to a model whose template writes gpt-oss's harmony format (its reply is
+            split into content, tool calls and reasoning by
+            :class:`~zipmoe_rt.server.harmony.HarmonySplitter`); else None.
         tools: the request's OpenAI ``tools`` (parameter types for the XML call syntaxes).
         cancel: set it to stop the generation before its next token (client gone).
     """
@@ -173,9 +177,11 @@ class ModelHost:
         new = state.sync_prefix(job.ids, model.net)
         cached = len(job.ids) - len(new)
         tok = model.tokenizer
-        dec = tok.stream_decoder(skip_special_tokens=True, context_ids=job.ids[-4:])
+        harmony = job.tool_format == "harmony"      # gpt-oss: its markers are special tokens
+        dec = tok.stream_decoder(skip_special_tokens=not harmony, context_ids=job.ids[-4:])
         stopper = StopText(job.stops)
-        splitter = ToolCallSplitter(job.tool_format) if job.tool_format else None
+        splitter = (HarmonySplitter() if harmony else
+                    ToolCallSplitter(job.tool_format) if job.tool_format else None)
         seen = {"logits": None}
         on_logits = (lambda x: seen.__setitem__("logits", x)) if job.logprobs is not None else None
         n_tokens, finish, stopped, texts = 0, "length", False, []
@@ -226,8 +232,15 @@ class ModelHost:
         result = {"finish_reason": finish, "prompt_tokens": len(job.ids),
                   "cached_tokens": cached, "completion_tokens": n_tokens,
                   "text": "".join(texts), "tool_calls": None}
-        if splitter is not None and splitter.calls_text is not None:
+        if harmony:
+            calls, rest = splitter.finish()
+            if splitter.reasoning:
+                result["reasoning"] = splitter.reasoning
+        elif splitter is not None and splitter.calls_text is not None:
             calls, rest = parse_tool_calls(splitter.calls_text, job.tool_format, job.tools)
+        else:
+            calls, rest = None, ""
+        if calls is not None:
             if calls:
                 result["tool_calls"] = calls
                 result["finish_reason"] = "tool_calls"

@@ -1,0 +1,117 @@
+"""gpt-oss in the layout of its MXFP4 release (expert weights as ``*_blocks`` / ``*_scales``,
+quantised here with the OCP MX rule, :func:`lowprec_models.quantize_mxfp4`): the tiny checkpoint
+converts (blocks in the ``mxfp4`` encoding, the source bytes; scales as U8 bit-planes), exports
+byte-identically, matches transformers' forward with the checkpoint dequantised at load
+(``Mxfp4Config(dequantize=True)``: max |Δlogit| ≤ 1e-3 at every position, 20 identical greedy
+tokens) and runs bit-identically under memory budgets with each policy."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import zmoe
+
+LOGITS_TOL = 1e-3
+PROMPT = np.random.default_rng(7).integers(0, 256, 16)
+
+
+@pytest.fixture(scope="module")
+def mx_model(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from lowprec_models import load_hf_mxfp4, make_tiny_mxfp4
+    from test_api import make_chat_model
+
+    root = tmp_path_factory.mktemp("mxfp4")
+    src = make_tiny_mxfp4(root / "src")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")       # no tensor left unused, no other warning
+        z = make_chat_model(src, root / "mx")
+    return root / "mx", z, load_hf_mxfp4(src)
+
+
+def test_converted_file_keeps_the_mxfp4_bytes(mx_model):
+    _, z, _ = mx_model
+    with zmoe.ZmoeReader(z) as r:
+        assert r.header.version == 3
+        b = r.tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"]
+        s = r.tensors["model.layers.0.mlp.experts.gate_up_proj_scales"]
+        assert (b["encoding"], b["dtype"], b["expert"]["role"]) == ("mxfp4", "U8", "gate_up_blocks")
+        assert (s["encoding"], s["dtype"], s["expert"]["role"]) == ("bitplane", "U8", "gate_up_scales")
+        assert b["expert"]["stacked"] and len(b["parts"]) == 8
+        blocks = sum(p["raw"][1] for p in b["parts"])
+        scales = sum(sum(c[1] for c in p["exp"]) for p in s["parts"])
+        assert blocks == 8 * 128 * 2 * 16 and scales < 8 * 128 * 2   # scales coded below 1 byte
+
+
+def test_export_is_byte_identical(mx_model, tmp_path):
+    from test_lowprec_fp8 import _tensor_bytes
+    from zipmoe_rt.convert.export import export
+
+    folder, z, _ = mx_model
+    out = export(z, tmp_path / "hf", progress=False)
+    a, b = _tensor_bytes(folder / "model.safetensors"), _tensor_bytes(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    assert sum(k.endswith("_blocks") for k in a) == 8
+
+
+def test_logits_match_transformers_dequantised(mx_model):
+    from hf_parity import hf_logits, zmoe_logits
+
+    _, z, hf = mx_model
+    ref = hf_logits(hf, PROMPT)
+    ours = zmoe_logits(z, PROMPT)
+    assert ours.shape == ref.shape == (16, 256)
+    assert np.abs(ours - ref).max() <= LOGITS_TOL
+
+
+def test_greedy_20_tokens(mx_model):
+    from hf_parity import hf_logits
+    from zipmoe_rt.engine.store import ZmoeSource
+    from zipmoe_rt.models import build_model
+
+    _, z, hf = mx_model
+    seq = list(PROMPT)
+    for _ in range(20):
+        seq.append(int(np.argmax(hf_logits(hf, seq)[-1])))
+    src = ZmoeSource(z)
+    try:
+        net = build_model(src)
+        cache = net.new_cache()
+        logits = net.forward(PROMPT, cache)
+        ours = []
+        for _ in range(20):
+            ours.append(int(np.argmax(logits)))
+            logits = net.forward(np.array([ours[-1]]), cache)
+    finally:
+        src.close()
+    assert ours == seq[16:]
+
+
+@pytest.fixture(scope="module")
+def mx_case(mx_model, tmp_path_factory):
+    from test_lowprec_fp8 import engine_case
+    return engine_case(mx_model[1], tmp_path_factory.mktemp("mx_engine"), "mxfp4")
+
+
+@pytest.mark.parametrize("policy,budget,delay", [
+    ("raw-lru", "min", None), ("raw-lru", "mid", None), ("zip-lru", "min", None),
+    ("zip-lru", "mid", None), ("zip-lru", "all", None), ("zipmoe", "mid", "CE"),
+    ("zipmoe", "mid", "S"), ("zipmoe", "mid", "FE"), ("zipmoe", "all", "CE")])
+def test_budgeted_generation_is_bit_identical(mx_case, policy, budget, delay):
+    import test_engine as te
+
+    run = te.budgeted_run(mx_case, policy, budget, "lru", delay)
+    te.assert_same_logits(run["logits"], mx_case.ref_logits)
+    assert run["tokens"] == mx_case.ref_tokens
+    assert sum(run["hits"].values()) == run["uses"] > 0
+
+
+def test_cuda_is_refused_naming_the_encoding(mx_model):
+    from zipmoe_rt.engine.lowprec import refuse_device
+    with zmoe.ZmoeReader(mx_model[1]) as r, pytest.raises(
+            ValueError, match=r"is U8 \(mxfp4 encoding\): FP8 and MXFP4 weights run on the CPU "
+                              r"only, not on --device cuda"):
+        refuse_device(r, "cuda")
