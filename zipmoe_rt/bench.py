@@ -60,7 +60,8 @@ def raw_companion(model_path, progress: bool = False) -> Path:
 
 
 def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, eviction, trace,
-               io_depth=None, device="cpu", memory_limit=None, resident="full", host_budget=None):
+               io_depth=None, device="cpu", memory_limit=None, resident="full", host_budget=None,
+               prefetch=None):
     """One benchmark configuration in this process: load the model with these options, warm the
     JIT up, then ``reps`` timed runs, each after evicting the model file from the page cache and
     resetting the peak RSS.
@@ -78,6 +79,7 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
         resident: as for :func:`zipmoe_rt.api.load`; an unbudgeted run loads every expert
             before the timed runs in either mode.
         host_budget: as for :func:`zipmoe_rt.api.load` (budgeted ``cuda`` rows only).
+        prefetch: as for :func:`zipmoe_rt.api.load` (None: its default).
 
     Returns:
         ``(runs, memory)``: per repetition a dict (``pp_s``; ``ttft_s``, ``decode_tps``,
@@ -89,7 +91,8 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
              io_depth=io_depth, device=device, memory_limit=memory_limit,
              context=max(pp, 16 + tg) if memory_limit is not None else None,
              eviction=eviction, trace=trace, progress=False, resident=resident,
-             host_budget=host_budget if budget is not None and device == "cuda" else None)
+             host_budget=host_budget if budget is not None and device == "cuda" else None,
+             prefetch=prefetch)
     net, eng = m.net, m.engine
     if budget is None:
         m.source.admit_all()               # steady state: no expert decoded in a timed run
@@ -228,7 +231,8 @@ def _ms(a):
 def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 3,
         workers: int | None = None, direct: bool = False, eviction: str = "lru",
         raw_model=None, trace=None, log=print, io_depth: int | None = None,
-        device: str = "cpu", limits=(), residents=("full",), host_budget=None) -> dict:
+        device: str = "cpu", limits=(), residents=("full",), host_budget=None,
+        prefetches=(None,)) -> dict:
     """Benchmark every (budget, policy) pair; returns the JSON-able result (rows + environment).
     ``device``: ``cpu`` or ``cuda`` (as for :func:`zipmoe_rt.api.load`).
 
@@ -244,6 +248,9 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     policy ``in-memory``) and/or ``compressed`` (the compute form, policy
     ``in-memory compressed``). ``host_budget``: pinned host memory of the budgeted ``cuda``
     rows (:func:`zipmoe_rt.api.load`).
+    ``prefetches``: ``on``/``off``/None (the default) per budgeted row (a row each): the
+    row's ``prefetch`` is what the engine ran (off when the budget has no room for it), with
+    its ``prefetch_recall`` per MoE layer and ``wasted_bytes_per_token``.
     """
     from .engine.resident import check_resident
     for r in residents:
@@ -277,7 +284,9 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
         if lim is not None:
             lim_bytes = resolve_limit(lim)[0]       # auto: resolved once, here, for all rows
         unbudgeted = [("in-memory" if r == "full" else f"in-memory {r}") for r in residents]
-        for pol in (policies if b is not None or lim is not None else unbudgeted):
+        budgeted = b is not None or lim is not None
+        for pol, pf in [(p, f) for p in (policies if budgeted else unbudgeted)
+                        for f in (prefetches if budgeted else (None,))]:
             path = model_path
             if pol == "raw-lru":
                 if raw_model is None and not Path(model_path).with_name(
@@ -286,14 +295,14 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                 path = raw_model or raw_companion(model_path)
             what = (f"memory limit {lim} ({lim_bytes / 1e6:.0f} MB)" if lim is not None
                     else f"budget {b} ({(nbytes or 0) / 1e6:.0f} MB)")
-            log(f"bench: {what}, policy {pol} ...")
+            log(f"bench: {what}, policy {pol}" + (f", prefetch {pf}" if pf else "") + " ...")
             runs, mem = _in_subprocess(str(path), nbytes,
                                        pol if (b is not None or lim is not None) else "auto", pp,
                                        tg, reps, workers, direct, eviction,
                                        str(trace) if trace else None, io_depth, device,
                                        lim_bytes,
                                        "compressed" if pol.endswith("compressed") else "full",
-                                       host_budget)
+                                       host_budget, pf)
             row = {"budget": b, "budget_bytes": nbytes, "policy": pol, "runs": runs,
                    "memory": mem}
             if lim is not None:
@@ -324,6 +333,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                     row["gpu"] = runs[0].get("gpu")
                 if e[0].get("predicted_layer_s") is not None:
                     row["predicted_layer_ms"] = 1e3 * e[0]["predicted_layer_s"]
+                row.update(prefetch_summary(e, n))
             rows.append(row)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -341,16 +351,44 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     return {"env": env, "rows": rows}
 
 
+def prefetch_summary(engines: list, tokens: int) -> dict:
+    """A row's prefetch figures from its runs' engine stats (``StageTimes.as_dict``): whether
+    prefetch ran (``prefetch``: on/off), ``prefetch_recall`` per MoE layer (str -> share of
+    the experts used by decode steps that were predicted), ``prefetch_recall_min``, and
+    ``wasted_bytes_per_token`` (bytes read for predicted experts nobody used, per decoded
+    token). Empty when the stats have no prefetch fields."""
+    if not engines or "recall_used" not in engines[0]:
+        return {}
+    hits, used = {}, {}
+    for x in engines:
+        for l, v in x["recall_used"].items():
+            used[l] = used.get(l, 0) + v
+            hits[l] = hits.get(l, 0) + x["recall_hits"].get(l, 0)
+    issued = sum(x["prefetch_issued"] for x in engines)
+    out = {"prefetch": "on" if used or issued else "off"}
+    if used:
+        rec = {l: hits[l] / used[l] for l in sorted(used, key=int) if used[l]}
+        out.update(prefetch_recall=rec, prefetch_recall_min=min(rec.values()),
+                   prefetch_recall_mean=sum(hits.values()) / max(1, sum(used.values())),
+                   wasted_bytes_per_token=sum(x["prefetch_wasted_bytes"] for x in engines)
+                   / max(1, tokens),
+                   prefetch_loads_per_token=issued / max(1, tokens))
+    return out
+
+
 def table(result: dict) -> str:
     """llama-bench-style markdown table of :func:`run`'s result, with ratios to raw-lru."""
     env, rows = result["env"], result["rows"]
     pp, tg = env["pp"], env["tg"]
-    head = ["budget", "policy", f"pp{pp} t/s", f"tg{tg} t/s", "× raw-lru", "TTFT s", "TPOT ms",
+    head = ["budget", "policy", "prefetch", f"pp{pp} t/s", f"tg{tg} t/s", "× raw-lru", "TTFT s", "TPOT ms",
             "hits F/C/S/E/miss %", "MB read/tok", "io/dec/wait/mm ms/tok", "peak RSS MB", "(RSS−base)/budget",
             "peak RSS / limit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = {r["budget"]: statistics.mean(r["tg_tps"]) for r in rows
-            if r["policy"] == "raw-lru" and r.get("tg_tps")}
+    base = {}
+    for r in rows:   # the first raw-lru row of each budget (prefetch off if there is one)
+        if r["policy"] == "raw-lru" and r.get("tg_tps") and (
+                r["budget"] not in base or r.get("prefetch") == "off"):
+            base[r["budget"]] = statistics.mean(r["tg_tps"])
     for r in rows:
         bud = "none" if r["budget"] is None else f"{r['budget']} ({r['budget_bytes'] / 1e6:.0f} MB)"
         tgm = statistics.mean(r["tg_tps"]) if r.get("tg_tps") else None
@@ -360,7 +398,8 @@ def table(result: dict) -> str:
         st = r.get("stage_ms_per_token")
         stages = "/".join(f"{st[k]:.1f}" for k in ("io_s", "decode_s", "wait_s", "compute_s")) if st else "-"
         lines.append("| " + " | ".join([
-            bud, r["policy"], _ms(r["pp_tps"]) if r.get("pp_tps") else "-",
+            bud, r["policy"], r.get("prefetch", "-"),
+            _ms(r["pp_tps"]) if r.get("pp_tps") else "-",
             _ms(r["tg_tps"]) if tgm else "-", ratio,
             f"{statistics.mean(r['ttft_s']):.3f}" if r.get("ttft_s") else "-",
             f"{1e3 * statistics.mean(r['tpot_s']):.1f}" if r.get("tpot_s") else "-",
@@ -382,6 +421,14 @@ def table(result: dict) -> str:
     gpu = [gpu_row_line(r) for r in rows if "pcie_bytes_per_token" in r]
     if gpu:
         lines.append("\n" + "\n".join(gpu))
+    pf = [f"prefetch ({r['policy']}, budget {r['budget']}): recall per MoE layer "
+          + " ".join(f"{100 * v:.0f}" for v in r["prefetch_recall"].values())
+          + f" % (min {100 * r['prefetch_recall_min']:.0f} %, mean "
+          f"{100 * r['prefetch_recall_mean']:.0f} %); {r['prefetch_loads_per_token']:.1f} loads "
+          f"started, {r['wasted_bytes_per_token'] / 1e6:.2f} MB wasted per token"
+          for r in rows if r.get("prefetch_recall")]
+    if pf:
+        lines.append("\n" + "\n".join(pf))
     lines.append(f"\n{env['name']}: {env['experts']} experts, top-{env['top_k']}; {env['cpus']} "
                  f"CPUs, {env['workers']} decode workers, {env.get('io_depth', 1)} reads in flight, "
                  f"O_DIRECT {env['direct']}; fixed overhead "

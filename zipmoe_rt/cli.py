@@ -171,6 +171,10 @@ ENGINE_OPTIONS = [
                  show_default=True,
                  help="without a budget: keep experts decoded (full) or all in a compressed "
                       "compute form (~75% of BF16), computed in place, same outputs"),
+    # cross-layer prefetch (engine/prefetch.py)
+    click.option("--prefetch", type=click.Choice(["on", "off"]), default=None,
+                 help="under a budget: while a layer computes, load the experts the next "
+                      "layer's router predicts (same outputs) [default: off]"),
 ]
 
 DEVICE_OPTION = click.option(
@@ -262,7 +266,8 @@ def _load(model, kw, context=None):
              policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
              direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"],
              memory_limit=kw.get("memory_limit"), context=context,
-             resident=kw.get("resident", "full"), host_budget=kw.get("host_budget"))
+             resident=kw.get("resident", "full"), host_budget=kw.get("host_budget"),
+             prefetch=kw.get("prefetch"))
     if _memory_asked(kw):      # the banner's memory line: a limit or a budget was given
         click.echo(f"zipmoe-rt: {m.memory_line()}", err=True)
     return m
@@ -471,9 +476,12 @@ def calibrate(model, samples, direct, io_depth, device):
               type=click.Choice(["full", "compressed"]),
               help="how the unbudgeted rows hold experts (repeatable: a row each) [default: full]")
 @HOST_BUDGET_OPTION
+@click.option("--prefetch", "prefetches", multiple=True, type=click.Choice(["on", "off"]),
+              help="cross-layer prefetch of the budgeted rows (repeatable: a row each) "
+                   "[default: off]")
 @friendly_errors
 def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
-          io_depth, raw_model, trace, json_out, device, residents, host_budget):
+          io_depth, raw_model, trace, json_out, device, residents, host_budget, prefetches):
     """Benchmark prefill/decode tokens/s under memory budgets, all policies in one run.
 
     Prints a llama-bench-style table (mean ± sd over repetitions, TTFT, TPOT, hits per tier,
@@ -499,7 +507,8 @@ def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, evicti
                 tg=n_gen, reps=repetitions, workers=workers, direct=direct, eviction=eviction,
                 raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True),
                 io_depth=io_depth, device=device, limits=limits,
-                residents=residents or ("full",), host_budget=host_budget)
+                residents=residents or ("full",), host_budget=host_budget,
+                prefetches=prefetches or (None,))
     click.echo(B.table(res))
     if json_out:
         B.save(res, json_out)

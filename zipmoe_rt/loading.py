@@ -71,7 +71,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
          memory_budget=None, policy: str = "auto", eviction: str = "lru",
          workers: int | None = None, direct: bool = False, trace=None,
          io_depth: int | None = None, device: str = "cpu", memory_limit=None,
-         context: int | None = None, resident: str = "full", host_budget=None) -> "Model":
+         context: int | None = None, resident: str = "full", host_budget=None,
+         prefetch=None) -> "Model":
     """Load a ``.zmoe`` model (or the bundled default model when ``path`` is None).
 
     Args:
@@ -112,6 +113,11 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             experts kept in host RAM in compressed form ("2GB", "40%" of the experts' stored
             bytes, bytes; :func:`~zipmoe_rt.engine.gpu_meta.parse_host_budget`); the other
             misses are read from the file. Default 0 (docs/gpu.md).
+        prefetch: under a budget, ``on``/``off`` (or a bool): while a layer computes, start
+            loading the experts the next MoE layer's router predicts from the current hidden
+            state (engine/prefetch.py; outputs bit-identical either way; the host engine only).
+            None: the default, :data:`~zipmoe_rt.engine.prefetch.DEFAULT_PREFETCH`. No effect
+            without a budget.
 
     Returns:
         a :class:`Model`.
@@ -122,7 +128,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         ValueError: a ``host_budget`` that cannot be read, or given without ``device="cuda"``
             and a ``memory_budget``; an architecture this runtime does not run, a file without a tokenizer, a
             ``device`` other than auto, cpu, cuda, an unknown ``resident`` value, or
-            ``resident="compressed"`` with a memory budget or limit.
+            ``resident="compressed"`` with a memory budget or limit, or a ``prefetch`` other
+            than on, off or a bool.
         zipmoe_rt.engine.limit.MemoryLimitError: an unreadable ``memory_limit``, one too small
             for the fixed overhead plus the smallest budget (both stated), or a
             ``memory_budget`` that does not fit it.
@@ -164,6 +171,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                          "budget leaves out)")
     from .engine.io import check_io_depth
     check_io_depth(io_depth)   # also unbudgeted: a bad value is an error, not ignored
+    from .engine.prefetch import DEFAULT_PREFETCH, attach, check_prefetch
+    prefetch = check_prefetch(DEFAULT_PREFETCH if prefetch is None else prefetch)
     from . import kernels
     if kernels.USER_WAIT_POLICY is None:  # see zipmoe_rt/kernels/__init__.py
         kernels.set_wait_policy("passive" if budgeted else "active")
@@ -191,7 +200,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                 hb = parse_host_budget(host_budget, source)
             engine = build_engine(source, budget, policy, eviction,
                                   workers, direct, trace, verify, io_depth, warn_stacklevel=2,
-                                  backend=backend, host_budget=hb)
+                                  backend=backend, host_budget=hb, prefetch=prefetch)
             _check_same_file(source, engine.reader)
             executor = engine
         else:
@@ -201,8 +210,10 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                     source.admit_all()
                 else:
                     executor.source.load_all()
-        model = Model(source, build_model(source, executor=executor, backend=backend), tok, path,
-                      engine)
+        net = build_model(source, executor=executor, backend=backend)
+        if engine is not None:
+            attach(net, engine)
+        model = Model(source, net, tok, path, engine)
         model.memory_plan = mplan
         if budgeted or resident == "compressed":
             _release_load_memory(source)

@@ -13,7 +13,8 @@ from .pipeline import ExpertEngine, budget_split
 
 def build_engine(source, budget, policy, eviction, workers, direct, trace, verify,
                  io_depth=None, *, warn_stacklevel: int = 1, backend=None,
-                 host_budget: int = 0, gpu_ops=None) -> ExpertEngine:
+                 host_budget: int = 0, gpu_ops=None,
+                 prefetch: bool = False) -> ExpertEngine:
     """The :class:`~zipmoe_rt.engine.pipeline.ExpertEngine` that runs ``source``'s experts
     within ``budget`` bytes.
 
@@ -47,6 +48,8 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
         host_budget: ``cuda`` only: bytes of pinned host memory for experts kept in host RAM.
         gpu_ops: device operations for the GPU engine (default: CUDA's); the host model
             :class:`~zipmoe_rt.engine.gpu_ops.HostOps` runs the GPU engine on the CPU (tests).
+        prefetch: cross-layer prefetch (engine/prefetch.py; the host engine only); its second
+            working set is taken from the budget before the tiers are planned.
 
     Returns:
         the engine (the caller closes it).
@@ -64,10 +67,12 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
         policy = "raw-lru" if raw else ("zipmoe" if trace_path.exists() else "zip-lru")
     workers = workers or os.cpu_count() or 1
     cls, extra = _engine_class(backend, host_budget, gpu_ops)
+    if cls is ExpertEngine and prefetch:
+        extra = dict(extra, prefetch=True)
     if policy != "zipmoe":
         return cls(source, budget, policy, eviction, workers=workers, direct=direct,
                    verify=verify, io_depth=io_depth, backend=backend, **extra)
-    tier_budget = budget_split(source, budget)[2]   # too small a budget: no calibration noise first
+    tier_budget = budget_split(source, budget, extra.get("prefetch", False))[2]   # too small a budget: no calibration noise first
     tr = prof.load_trace(trace_path, source)
     # a stored calibration that does not fit this run (other version, read mode, io depth or
     # machine) is used anyway, with one CalibrationWarning (attributed as warn_stacklevel says);

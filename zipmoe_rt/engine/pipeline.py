@@ -43,6 +43,7 @@ from ..models.moe import accumulate_experts, expert_act
 from . import layout as L_
 from .buffers import BufferPools
 from .io import RegionReader, check_io_depth
+from .prefetch import PrefetchMixin
 from .scheduler import Task, execution_order, schedule
 from .slots import SlotTiers
 from .tiers import EVICTIONS, POLICIES, BudgetError, FullPool, Slot
@@ -63,6 +64,15 @@ class StageTimes:
     bytes_read: int = 0
     reads: int = 0
     hits: dict = field(default_factory=lambda: {"F": 0, "C": 0, "S": 0, "E": 0, "miss": 0})
+    # cross-layer prefetch (engine/prefetch.py): per MoE layer, experts used by one-token calls
+    # that were predicted / all of them; loads started, claimed, discarded and their bytes read
+    recall_hits: dict = field(default_factory=dict)
+    recall_used: dict = field(default_factory=dict)
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+    prefetch_wasted_bytes: int = 0
+    prefetch_skipped: int = 0     # predicted, not started: k predicted loads already alive
 
     def reset(self):
         self.__init__()
@@ -72,7 +82,13 @@ class StageTimes:
                 "compute_s": self.compute_s, "layer_s": self.layer_s,
                 "layer_calls": self.layer_calls, "decode_layer_s": self.decode_layer_s,
                 "decode_layer_calls": self.decode_layer_calls, "bytes_read": self.bytes_read,
-                "reads": self.reads, "hits": dict(self.hits)}
+                "reads": self.reads, "hits": dict(self.hits),
+                "recall_hits": {str(k): v for k, v in self.recall_hits.items()},
+                "recall_used": {str(k): v for k, v in self.recall_used.items()},
+                "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
+                "prefetch_wasted": self.prefetch_wasted,
+                "prefetch_wasted_bytes": self.prefetch_wasted_bytes,
+                "prefetch_skipped": self.prefetch_skipped}
 
 
 class _Pending:
@@ -94,11 +110,14 @@ class _Pending:
         self.lock = threading.Lock()
 
 
-def budget_split(source, budget_bytes: int) -> tuple[int, int, int]:
+def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int, int, int]:
     """How a budget divides: ``(bytes of one full expert, working-set experts, tier bytes)``.
 
     The budget holds the dense weights, the working set of one token (its top-k experts
-    decoded, which the fused decode kernel needs together) and the cache tiers.
+    decoded, which the fused decode kernel needs together) and the cache tiers. With
+    ``prefetch`` the working set is ``2k`` experts (the next layer's predicted experts load
+    while this layer's compute; engine/prefetch.py) when the budget leaves room for them,
+    else ``k`` (the engine then runs without prefetch).
 
     Raises:
         BudgetError: below dense weights + top-k experts (the message gives the minimum).
@@ -113,10 +132,12 @@ def budget_split(source, budget_bytes: int) -> tuple[int, int, int]:
             f"({dense / 1e6:.1f} MB) plus the {k} experts one token uses ({k} x "
             f"{bytes_F / 1e6:.1f} MB): at least {math.ceil((dense + k * bytes_F) / 1e5) / 10:.1f} MB "
             f"is needed")
+    if prefetch and free >= k * bytes_F:
+        return bytes_F, 2 * k, free - k * bytes_F
     return bytes_F, k, free
 
 
-class ExpertEngine(SlotTiers, BufferPools):
+class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
     """Expert executor under a memory budget (``Executor`` protocol of models/moe.py).
 
     Args:
@@ -140,6 +161,10 @@ class ExpertEngine(SlotTiers, BufferPools):
         backend: compute backend of the experts (:func:`~zipmoe_rt.backends.get_backend`;
             default numba); the model using this engine must use the same one. Decoding
             (Huffman + plane merge) always runs on the host.
+        prefetch: start the loads of the next MoE layer's predicted experts while a layer
+            computes (engine/prefetch.py; the model's look-ahead is installed by
+            :func:`~zipmoe_rt.engine.prefetch.attach`). Off when the budget has no room for a
+            second working set (:func:`budget_split`); :attr:`prefetch` says which.
 
     Raises:
         BudgetError: a budget below dense weights + one expert.
@@ -150,7 +175,7 @@ class ExpertEngine(SlotTiers, BufferPools):
     def __init__(self, source, budget_bytes: int, policy: str = "zip-lru", eviction: str = "lru",
                  plan=None, ranks=None, workers: int | None = None, direct: bool = False,
                  verify: bool = True, delay=None, adapt: bool = True, io_depth: int | None = None,
-                 backend=None):
+                 backend=None, prefetch: bool = False):
         import os
         if policy not in POLICIES:
             raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -169,7 +194,9 @@ class ExpertEngine(SlotTiers, BufferPools):
                              f"(convert with --expert-encoding raw)")
         if policy != "raw-lru" and raw_experts:
             raise ValueError(f"{self.path}: experts are stored raw; use --policy raw-lru")
-        self.bytes_F, self.window, self.tier_budget = budget_split(source, budget_bytes)
+        self.bytes_F, self.window, self.tier_budget = budget_split(source, budget_bytes,
+                                                                   prefetch)
+        self._prefetch_setup(self.window > self.k)
         self.dense_bytes = source.dense_bytes()
         self.budget = int(budget_bytes)
         self.workers = int(workers or os.cpu_count() or 1)
@@ -368,6 +395,7 @@ class ExpertEngine(SlotTiers, BufferPools):
             key = (layer, e)
             pool.touch(key, work[e])
             w = pool.get(key)
+            early = self._claim_prefetched(key, w is not None) if self.prefetch else None
             if w is not None:
                 ready[e] = w
                 self.stats.hits["F"] += 1
@@ -375,6 +403,9 @@ class ExpertEngine(SlotTiers, BufferPools):
             tier = self.slots[key].tier if key in self.slots else "miss"
             self.stats.hits[tier] += 1
             tiers[e] = tier
+            if early is not None:      # started by the previous layer's prediction
+                ready[e] = early
+                continue
             tasks.append(self._task(key, tier, work[e]))
         if tasks:
             for t in execution_order(schedule(tasks, self.workers)):
@@ -420,6 +451,8 @@ class ExpertEngine(SlotTiers, BufferPools):
 
         def prepare(group, work):
             started.update(self._prepare(layer, group, work))
+            if self.prefetch:
+                self._issue_prefetch()   # the next layer's predicted experts, queued behind
 
         def fetch(e):
             return self._resolve(layer, e, started.pop(e))
@@ -430,6 +463,8 @@ class ExpertEngine(SlotTiers, BufferPools):
 
         out = accumulate_experts(self.backend, x, topk_idx, topk_w, fetch, prepare, self.window,
                                  computed, self.act, glu)
+        if self.prefetch:
+            self._end_prefetch(layer, topk_idx)
         dt = time.perf_counter() - t_start
         self.stats.layer_s += dt
         self.stats.layer_calls += 1
@@ -439,6 +474,8 @@ class ExpertEngine(SlotTiers, BufferPools):
         return out
 
     def close(self):
+        if self.prefetch:
+            self._drop_prefetch()
         self.io.shutdown(wait=True)
         self.pool.shutdown(wait=True)
         self.reader.close()

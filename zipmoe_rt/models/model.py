@@ -61,6 +61,9 @@ class DecoderLayer:
     Attributes:
         input_layernorm, post_attention_layernorm: the two :class:`Norm` objects.
         input_norm, post_norm: their weights (float32 [H]).
+        lookahead: None, or ``f(x)`` called with the residual stream (float32 [T, H]) before
+            the feed-forward norm; the expert engine's cross-layer prefetch sets it
+            (:func:`zipmoe_rt.engine.prefetch.attach`). It must not modify ``x``.
     """
 
     def __init__(self, attn: Attention, mlp, input_norm, post_norm, eps: float, backend=None,
@@ -73,6 +76,7 @@ class DecoderLayer:
         self.post_norm = self.post_attention_layernorm.weight
         self.eps = np.float32(eps)
         self.residual_multiplier = float(residual_multiplier)
+        self.lookahead = None
 
     def _branch(self, y):
         """A branch's output [T, H], scaled in place by ``residual_multiplier`` unless 1."""
@@ -86,6 +90,8 @@ class DecoderLayer:
         be = self.backend
         h = self.input_layernorm(x)
         be.add_(x, self._branch(self.attn(h, cache, pos0, cos, sin)))
+        if self.lookahead is not None:
+            self.lookahead(x)
         self.post_attention_layernorm(x, out=h)
         be.add_(x, self._branch(self.mlp(h)))
         return x
