@@ -358,7 +358,7 @@ def main():
         bench_experts(be, src, srcp)
     if "model" in a.skip:
         return
-    from zipmoe_rt.backends.cupy_cuda import ResidentExperts
+    from zipmoe_rt.backends.cuda_resident import ResidentExperts
     from zipmoe_rt.models import build_model
     from zipmoe_rt.models.moe import ExpertExecutor
     prompt = np.random.default_rng(0).integers(0, hp["vocab_size"], a.prompt)

@@ -38,7 +38,6 @@ import numpy as np
 import cupy as cp
 
 from ..kernels import cuda_src
-from ..models.weights import ExpertWeights
 from . import cuda_gpt_oss, cuda_packed, cuda_planes
 from . import linear_attn as _lin
 from .base import (Backend, check_act, check_biased_expert, check_cap, check_choice_bias,
@@ -118,7 +117,8 @@ class CupyBackend(Backend):
 
     def resident_experts(self, source):
         """``source`` with each expert uploaded once and kept on the GPU
-        (:class:`ResidentExperts`)."""
+        (:class:`~zipmoe_rt.backends.cuda_resident.ResidentExperts`)."""
+        from .cuda_resident import ResidentExperts
         return ResidentExperts(source, self)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -529,59 +529,3 @@ class CupyBackend(Backend):
     def _clamped_expert(self, x, e, glu):
         """:func:`~zipmoe_rt.backends.cuda_gpt_oss.clamped_expert`: float32 [T, H]."""
         return cuda_gpt_oss.clamped_expert(self, x, e, glu)
-
-
-class ResidentExperts:
-    """A weight source whose experts live on the GPU: each is fetched from ``source`` once,
-    uploaded, and kept (unbudgeted ``--device cuda`` runs). Dense tensors and the rest of the
-    source's interface are passed through.
-
-    Args:
-        source: a :class:`~zipmoe_rt.models.weights.WeightSource`.  backend: a
-            :class:`CupyBackend`.
-    """
-
-    def __init__(self, source, backend: CupyBackend):
-        self.source, self.backend = source, backend
-        self.hparams = source.hparams
-        self._experts: dict = {}
-
-    def tensor(self, name):
-        """The source's dense tensor ``name`` (host array; KeyError naming it when absent)."""
-        return self.source.tensor(name)
-
-    def has(self, name):
-        """Whether the source holds dense tensor ``name``."""
-        return self.source.has(name)
-
-    def expert(self, layer, expert):
-        """The expert's weights as device arrays (uploaded on first use). Raises what the
-        source raises (KeyError for a missing expert)."""
-        w = self._experts.get((layer, expert))
-        if w is None:
-            e = self.source.expert(layer, expert)
-            if cuda_packed.is_packed_any(e):        # compressed: kept packed (cuda_packed)
-                w = cuda_packed.on_device(e)
-            else:
-                w = e.map(self.backend.from_host)     # biases too (gpt-oss)
-            self._experts[(layer, expert)] = w
-        return w
-
-    def load_all(self):
-        """Upload every expert of the source now (``resident="compressed"``)."""
-        for layer, e in sorted(self.source.layouts):
-            self.expert(layer, e)
-
-    @property
-    def bf16_nbytes(self) -> int:
-        """Bytes the experts uploaded so far would take in BF16."""
-        return sum(getattr(w, "bf16_nbytes", w.nbytes) for w in self._experts.values())
-
-    @property
-    def nbytes(self) -> int:
-        """GPU bytes of the experts uploaded so far."""
-        return sum(w.nbytes for w in self._experts.values())
-
-    def clear(self):
-        """Drop every uploaded expert."""
-        self._experts.clear()
