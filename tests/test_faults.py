@@ -54,9 +54,10 @@ def child_env() -> dict:
 
 
 def one_error_line(stderr: str, *needles) -> str:
-    """The only line of ``stderr`` that is not a warning: ``error: ...``, no traceback."""
+    """The only line of ``stderr`` that is not a warning or the memory banner (``zipmoe-rt:
+    ...``, printed at load with a budget): ``error: ...``, no traceback."""
     assert "Traceback" not in stderr, stderr
-    lines = [l for l in stderr.splitlines() if l.strip() and not l.startswith("zipmoe-rt: warning")]
+    lines = [l for l in stderr.splitlines() if l.strip() and not l.startswith("zipmoe-rt: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     for n in needles:
         assert str(n) in lines[0], (n, lines[0])
