@@ -456,6 +456,17 @@ class HParams:
                 raise ValueError(f"rope.{k}: {str(v)[:40]!r} is not a positive finite number")
         if rtype == "llama3" and not rope["high_freq_factor"] > rope["low_freq_factor"]:
             raise ValueError("rope: llama3 needs high_freq_factor > low_freq_factor")
+        prf = rope.get("partial_rotary_factor")
+        if prf is not None:     # models/rope.py's rotary_dim / proportional_inv_freq ranges
+            prop = rtype == "proportional"
+            if isinstance(prf, bool) or not isinstance(prf, (int, float)) or not (
+                    math.isfinite(prf) and (0 <= prf <= 1 if prop else 0 < prf <= 1)):
+                raise ValueError(f"rope.partial_rotary_factor: {str(prf)[:40]!r} is not a "
+                                 f"number in {'[0, 1]' if prop else '(0, 1]'}")
+            hd = self.head_dim
+            if not prop and type(hd) is int and hd > 0 and int(hd * float(prf)) < 1:
+                raise ValueError(f"rope.partial_rotary_factor {prf} gives no rotary dimension "
+                                 f"of head_dim {hd}")
         clip = getattr(self, "clip_qkv", None)
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
                                  or not (math.isfinite(clip) and clip > 0)):

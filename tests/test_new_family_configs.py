@@ -1,0 +1,65 @@
+"""Hostile config.json values for the families with per-layer shapes and RoPE variants
+(Qwen3-Next, Qwen3.5-MoE, Gemma 4, gpt-oss, LFM2-MoE): ``convert`` refuses each with a
+ConversionError naming config.json and the field, and writes nothing; a value the runtime
+would refuse only when loading the file never reaches a container."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from zipmoe_rt.convert.converter import ConversionError, convert  # noqa: E402
+
+
+def _edit(folder: Path, path: str, value):
+    """Set the config.json entry at dotted ``path`` to ``value``."""
+    p = folder / "config.json"
+    cfg = json.loads(p.read_text())
+    *head, last = path.split(".")
+    d = cfg
+    for k in head:
+        d = d[k]
+    d[last] = value
+    p.write_text(json.dumps(cfg))
+
+
+def _refused(src: Path, tmp_path: Path, path: str, value, *words) -> str:
+    folder = tmp_path / "ckpt"
+    shutil.copytree(src, folder)
+    _edit(folder, path, value)
+    out = tmp_path / "out.zmoe"
+    with pytest.raises(ConversionError) as ei:
+        convert(folder, out, progress=False, threads=1)
+    msg = str(ei.value)
+    assert f"{folder}/config.json" in msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+    assert not out.exists() and not list(tmp_path.glob("out.zmoe*"))
+    return msg
+
+
+@pytest.mark.parametrize("spec, path, value, words", [
+    # partial_rotary_factor outside (0, 1] (or [0, 1] for Gemma 4's proportional RoPE), or
+    # one that leaves no rotary dimension: convert used to accept these and `run` refused the
+    # container afterwards, without naming the file
+    ("qwen3_next", "rope_parameters.partial_rotary_factor", 0.0,
+     ["rope.partial_rotary_factor", "'0.0'", "(0, 1]"]),
+    ("qwen3_next", "rope_parameters.partial_rotary_factor", 1.5,
+     ["rope.partial_rotary_factor", "'1.5'"]),
+    ("qwen3_next", "rope_parameters.partial_rotary_factor", "half",
+     ["partial_rotary_factor", "'half'"]),
+    ("qwen3_next", "rope_parameters.partial_rotary_factor", 0.01,
+     ["rope.partial_rotary_factor 0.01 gives no rotary dimension of head_dim 16"]),
+    ("qwen3_5_moe", "rope_parameters.partial_rotary_factor", 2,
+     ["rope.partial_rotary_factor", "'2'"]),
+    ("gemma4", "rope_parameters.full_attention.partial_rotary_factor", 2.0,
+     ["full_attention", "rope.partial_rotary_factor", "'2.0'", "[0, 1]"]),
+])
+def test_out_of_range_rope_is_refused_at_convert(tiny_moe_dir, tmp_path, spec, path, value,
+                                                 words):
+    _refused(tiny_moe_dir(spec), tmp_path, path, value, *words)
