@@ -23,7 +23,8 @@ DEFAULT_CTX = 512
 @click.option("--json", "as_json", is_flag=True, help="print the figures as one JSON object")
 @friendly_errors
 def plan(config, memory_budget, as_json):
-    """Size a model from its config.json alone (a file, or a folder holding one).
+    """Size a model from its config.json alone (a file, a folder holding one, or a .zmoe,
+    whose stored config.json is read).
 
     Prints parameters and BF16 bytes of the experts and of the dense tensors, the expected
     .zmoe size, the KV cache's bytes per token and, with --memory-budget, how the budget is
