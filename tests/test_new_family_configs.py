@@ -63,3 +63,26 @@ def _refused(src: Path, tmp_path: Path, path: str, value, *words) -> str:
 def test_out_of_range_rope_is_refused_at_convert(tiny_moe_dir, tmp_path, spec, path, value,
                                                  words):
     _refused(tiny_moe_dir(spec), tmp_path, path, value, *words)
+
+
+@pytest.mark.parametrize("spec, value", [
+    ("gpt_oss", 0), ("gpt_oss", None), ("gemma4", 0), ("gemma4", None)])
+def test_sliding_layers_without_a_window_are_refused(tiny_moe_dir, tmp_path, spec, value):
+    """``sliding_window`` 0 or null beside ``sliding_attention`` layers: transformers cannot
+    run such a model (its sliding mask and cache disagree, or its config refuses null), and
+    the runtime used to run those layers as full attention, or (Gemma 4, null) with the class
+    default window: a model nobody can check. Refused at convert, naming the field."""
+    _refused(tiny_moe_dir(spec), tmp_path, "sliding_window", value, "sliding_window",
+             "sliding_attention")
+
+
+@pytest.mark.parametrize("spec", ["gpt_oss", "gemma4"])
+def test_a_window_of_one_token_still_converts(tiny_moe_dir, tmp_path, spec):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_moe_dir(spec), folder)
+    _edit(folder, "sliding_window", 1)
+    with pytest.warns(UserWarning, match="no tokenizer.json"):
+        convert(folder, tmp_path / "out.zmoe", progress=False, threads=1)
+    from zmoe.reader import ZmoeReader
+    with ZmoeReader(tmp_path / "out.zmoe") as r:
+        assert r.metadata["hparams.sliding_window"] == 1

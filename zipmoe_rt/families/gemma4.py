@@ -185,7 +185,8 @@ class Gemma4HParams(HParams):
                 raise ConfigError(f"config.json: rope_parameters has no {t}")
         kw["rope"] = _rope(rp["sliding_attention"], "sliding_attention")
         kw["global_rope"] = _rope(rp["full_attention"], "full_attention")
-        kw["sliding_window"] = config_int(config, "sliding_window", 512)
+        kw["sliding_window"] = (0 if "sliding_window" in config and config["sliding_window"]
+                                is None else config_int(config, "sliding_window", 512))
         n = kw.get("num_hidden_layers", 30)
         types = config_list(config, "layer_types", "str")
         if types is None:
@@ -229,9 +230,11 @@ class Gemma4HParams(HParams):
         RoPEs, the global head size (even) and kv heads (dividing the heads), the soft cap.
 
         Raises:
-            ValueError: as the base, or a bad global shape, RoPE or cap (named).
+            ValueError: as the base, a bad global shape, RoPE or cap, or a sliding window below
+                1 token (:meth:`~.hparams.HParams.require_window`) (named).
         """
         super().validate()
+        self.require_window()
         self.norm_topk_prob, self.qk_norm = True, True
         if not self.moe_layers:
             self.moe_layers = list(range(self.num_hidden_layers))

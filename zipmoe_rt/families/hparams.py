@@ -486,6 +486,21 @@ class HParams:
         """
         return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim
 
+    def require_window(self) -> None:
+        """For families whose ``sliding_attention`` layers always take ``sliding_window``
+        (gpt-oss, Gemma 4): a positive window when ``layer_types`` has such a layer.
+        transformers cannot run one with a window of 0 or null (its mask and the cache's
+        shapes disagree), so such a config is refused rather than run as full attention.
+
+        Raises:
+            ValueError: a sliding layer and a window below 1 (named).
+        """
+        if (self.layer_types is not None and "sliding_attention" in self.layer_types
+                and not self.sliding_window > 0):
+            raise ValueError(f"sliding_window: {self.sliding_window or 'null'} is not a "
+                             f"window of at least 1 token, which the sliding_attention layers "
+                             f"of layer_types need")
+
     def window(self, layer: int) -> int:
         """Sliding window of ``layer`` in tokens, 0 for full attention."""
         if self.sliding_window <= 0:
