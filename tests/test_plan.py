@@ -441,5 +441,6 @@ def test_plan_of_a_container_is_the_plan_of_its_source(tiny_moe_dir, tmp_path, n
     cut = tmp_path / "cut.zmoe"
     cut.write_bytes(out.read_bytes()[:100])
     r = cli("plan", cut)
+    assert f"{cut}: {cut}" not in r.stderr, r.stderr            # the file is named once
     assert r.exit_code != 0 and r.stderr.startswith(f"error: {cut}: ") and len(
         r.stderr.strip().splitlines()) == 1, r.stderr

@@ -199,7 +199,8 @@ def _container_config(path: Path) -> dict:
         with ZmoeReader(path, use_mmap=False) as r:
             config = r.metadata.get(Keys.HF.CONFIG)
     except (ZmoeError, OSError) as e:
-        raise PlanError(f"{path}: {e}") from None
+        msg = str(e)                            # the reader's errors name the file already
+        raise PlanError(msg if str(path) in msg else f"{path}: {msg}") from None
     if not isinstance(config, dict):
         raise PlanError(f"{path}: the container holds no config.json ({Keys.HF.CONFIG})")
     return config
