@@ -86,3 +86,15 @@ def test_a_window_of_one_token_still_converts(tiny_moe_dir, tmp_path, spec):
     from zmoe.reader import ZmoeReader
     with ZmoeReader(tmp_path / "out.zmoe") as r:
         assert r.metadata["hparams.sliding_window"] == 1
+
+
+@pytest.mark.parametrize("path, value, words", [
+    ("norm_eps", 0, ["config.json: norm_eps: '0.0' is not a positive finite number"]),
+    ("conv_L_cache", 0, ["config.json: conv_L_cache: '0' is not an integer"]),
+])
+def test_lfm2_fields_are_named_as_config_json_spells_them(tiny_moe_dir, tmp_path, path, value,
+                                                           words):
+    """LFM2's config.json says ``norm_eps`` and ``conv_L_cache``: the error names those keys,
+    not the runtime's field names (``rms_norm_eps``, ``conv_l_cache``) that the file lacks."""
+    msg = _refused(tiny_moe_dir("lfm2_moe"), tmp_path, path, value, *words)
+    assert "rms_norm_eps" not in msg and "conv_l_cache" not in msg, msg

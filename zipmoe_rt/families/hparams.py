@@ -323,7 +323,12 @@ class HParams:
         try:    # every check the runtime makes on load, on a copy (validate fills fields in)
             copy.deepcopy(hp).validate()
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"config.json: {e}") from None
+            msg = str(e)    # a field is named as config.json spells it (LFM2's norm_eps)
+            for name, keys in cls.CONFIG_KEYS.items():
+                if keys[0] != name and msg.startswith((f"{name}:", f"{name} ")):
+                    msg = keys[0] + msg[len(name):]
+                    break
+            raise ConfigError(f"config.json: {msg}") from None
         if hp.num_attention_heads % hp.num_key_value_heads:
             raise ConfigError("config.json: num_attention_heads must be a multiple of "
                               "num_key_value_heads")
