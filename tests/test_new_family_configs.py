@@ -98,3 +98,37 @@ def test_lfm2_fields_are_named_as_config_json_spells_them(tiny_moe_dir, tmp_path
     not the runtime's field names (``rms_norm_eps``, ``conv_l_cache``) that the file lacks."""
     msg = _refused(tiny_moe_dir("lfm2_moe"), tmp_path, path, value, *words)
     assert "rms_norm_eps" not in msg and "conv_l_cache" not in msg, msg
+
+
+def test_a_missing_expert_projection_is_named(tiny_moe_dir, tmp_path):
+    """One expert's down projection deleted: the error says which role is missing."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_moe_dir("qwen3_next"), folder)
+    st = folder / "model.safetensors"
+    tensors = load_file(st)
+    del tensors["model.layers.2.mlp.experts.5.down_proj.weight"]
+    save_file(tensors, st, metadata={"format": "pt"})
+    with pytest.raises(ConversionError) as ei:
+        convert(folder, tmp_path / "out.zmoe", progress=False, threads=1)
+    assert str(ei.value) == (f"{folder}: layer 2 expert 5 lacks tensors: no down "
+                             f"(has roles ['gate', 'up'])")
+
+
+def test_a_dense_layer_the_config_calls_sparse_is_named(tiny_moe_dir, tmp_path):
+    """LFM2 with ``num_dense_layers`` 0 while layer 0 of the checkpoint is dense: the error
+    says config.json makes it a MoE layer, not that the expert "has roles none"."""
+    msg = _refused_folder(tiny_moe_dir("lfm2_moe"), tmp_path, "num_dense_layers", 0)
+    assert "no tensors of layer 0 expert 0, which config.json makes a MoE layer" in msg, msg
+
+
+def _refused_folder(src: Path, tmp_path: Path, path: str, value) -> str:
+    folder = tmp_path / "ckpt"
+    shutil.copytree(src, folder)
+    _edit(folder, path, value)
+    with pytest.raises(ConversionError) as ei:
+        convert(folder, tmp_path / "out.zmoe", progress=False, threads=1)
+    assert str(folder) in str(ei.value)
+    assert not (tmp_path / "out.zmoe").exists()
+    return str(ei.value)

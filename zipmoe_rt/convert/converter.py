@@ -101,8 +101,15 @@ def plan_conversion(folder: Path):
         for e in range(hp["num_experts"]):
             roles = {ref.role for _, ref in experts.get((layer, e), [])}
             if not any(want <= roles for want in EXPERT_ROLE_SETS):
-                raise ConversionError(f"{folder}: layer {layer} expert {e} lacks tensors "
-                                      f"(has roles {sorted(roles) or 'none'})")
+                if not roles:
+                    raise ConversionError(
+                        f"{folder}: no tensors of layer {layer} expert {e}, which config.json "
+                        f"makes a MoE layer of {hp['num_experts']} experts (a dense layer "
+                        f"in the checkpoint, or num_experts too large?)")
+                near = min(EXPERT_ROLE_SETS, key=lambda w: (len(w - roles), sorted(w)))
+                raise ConversionError(f"{folder}: layer {layer} expert {e} lacks tensors: "
+                                      f"no {', '.join(sorted(near - roles))} "
+                                      f"(has roles {sorted(roles)})")
     _check_dense_tensors(folder, arch, ckpt)
     return arch, hp, ckpt, dense, experts
 
