@@ -567,6 +567,11 @@ BAD = [  # (method, path, body, status, param)
     ("GET", "/v1/nope", None, 404, None),
     ("GET", "/v1/chat/completions", None, 405, None),
     ("DELETE", "/health", None, 405, None),
+    # logit_bias is not applied: refused rather than ignored (an empty object is accepted)
+    ("POST", "/v1/chat/completions", {"messages": HI, "logit_bias": {"5": 100}}, 400,
+     "logit_bias"),
+    ("POST", "/v1/completions", {"prompt": "x", "logit_bias": {"99999": -100}}, 400,
+     "logit_bias"),
 ]
 
 
@@ -798,3 +803,14 @@ def test_serve_command_end_to_end(tiny_zmoe, model):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_empty_logit_bias_is_accepted(server):
+    """Clients that always send ``logit_bias`` (null or {}) are served as without it."""
+    want = _raw(server[0], "POST", "/v1/completions",
+                {"prompt": "hello", "max_tokens": 4, "temperature": 0})
+    for lb in (None, {}):
+        got = _raw(server[0], "POST", "/v1/completions",
+                   {"prompt": "hello", "max_tokens": 4, "temperature": 0, "logit_bias": lb})
+        assert got[0] == want[0] == 200, got
+        assert got[1]["choices"][0]["text"] == want[1]["choices"][0]["text"]
