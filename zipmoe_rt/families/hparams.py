@@ -502,9 +502,8 @@ class HParams:
         """
         if (self.layer_types is not None and "sliding_attention" in self.layer_types
                 and not self.sliding_window > 0):
-            raise ValueError(f"sliding_window: {self.sliding_window or 'null'} is not a "
-                             f"window of at least 1 token, which the sliding_attention layers "
-                             f"of layer_types need")
+            raise ValueError("sliding_window: 0 or null is not a window of at least 1 token, "
+                             "which the sliding_attention layers of layer_types need")
 
     def window(self, layer: int) -> int:
         """Sliding window of ``layer`` in tokens, 0 for full attention."""
