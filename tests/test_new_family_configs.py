@@ -132,3 +132,10 @@ def _refused_folder(src: Path, tmp_path: Path, path: str, value) -> str:
     assert str(folder) in str(ei.value)
     assert not (tmp_path / "out.zmoe").exists()
     return str(ei.value)
+
+
+@pytest.mark.parametrize("value", [[], ["sliding_attention"], ["sliding_attention"] * 5])
+def test_gemma4_layer_types_of_the_wrong_length_are_named(tiny_moe_dir, tmp_path, value):
+    """The error is about layer_types, not per_layer_config (keyed by those layers)."""
+    _refused(tiny_moe_dir("gemma4"), tmp_path, "layer_types", value,
+             f"layer_types must list one entry per layer (4), not {len(value)}")

@@ -192,8 +192,10 @@ class Gemma4HParams(HParams):
         if types is None:
             types = ["sliding_attention" if (i + 1) % PATTERN else "full_attention"
                      for i in range(n)]
-        if types:
-            types[-1] = "full_attention"        # Gemma4TextConfig forces it (with a warning)
+        if len(types) != n:     # before per_layer_config, which is keyed by these layers
+            raise ConfigError(f"config.json: layer_types must list one entry per layer "
+                              f"({n}), not {len(types)}")
+        types[-1] = "full_attention"            # Gemma4TextConfig forces it (with a warning)
         kw["layer_types"] = types
         kw["moe_layers"] = list(range(n))
         k_eq_v = config_bool(config, "attention_k_eq_v", False)
