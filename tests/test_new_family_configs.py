@@ -139,3 +139,29 @@ def test_gemma4_layer_types_of_the_wrong_length_are_named(tiny_moe_dir, tmp_path
     """The error is about layer_types, not per_layer_config (keyed by those layers)."""
     _refused(tiny_moe_dir("gemma4"), tmp_path, "layer_types", value,
              f"layer_types must list one entry per layer (4), not {len(value)}")
+
+
+def test_tokenizer_with_more_ids_than_the_model_warns(tiny_moe_dir, tmp_path):
+    """A tokenizer.json of 400 ids beside a model of 256: convert warns naming the file and
+    both sizes (a prompt with an id past the embedding is refused at run time, so the likely
+    cause, a tokenizer of another model, is reported when the file is made); the model's own
+    size of tokenizer gives no such warning."""
+    from test_api import _tokenizer_json
+
+    from zipmoe_rt.convert.converter import ConversionWarning
+
+    for n, warns in ((400, True), (256, False)):
+        folder = tmp_path / f"ckpt{n}"
+        shutil.copytree(tiny_moe_dir("lfm2_moe"), folder)
+        (folder / "tokenizer.json").write_text(_tokenizer_json(n))
+        with pytest.warns(ConversionWarning) as rec:
+            import warnings
+            warnings.warn("sentinel", ConversionWarning)     # pytest.warns needs one
+            convert(folder, tmp_path / f"out{n}.zmoe", progress=False, threads=1)
+        msgs = [str(w.message) for w in rec if "token ids" in str(w.message)]
+        if warns:
+            assert msgs == [f"{folder}/tokenizer.json: 400 token ids, more than the model's "
+                            f"vocab_size 256 (config.json): a prompt holding an id of 256 or "
+                            f"more is refused at run time; is this the model's own tokenizer?"]
+        else:
+            assert msgs == []
