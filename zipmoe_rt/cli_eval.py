@@ -62,12 +62,14 @@ def perplexity(model, file, ctx, stride, no_verify, quiet, **kw):
 
     from .api import load
     from .perplexity import check_windows, perplexity as measure
-    if not file.is_file():
+    if not file.exists():
         raise CliError(f"{file}: no such file")
-    try:
+    try:                    # a regular file, or a pipe (/dev/stdin, <(...))
         text = file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise CliError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise CliError(f"{file}: cannot be read ({e.strerror or e})") from None
     if ctx is not None:     # bad options fail before the model loads
         check_windows(2, ctx, stride if stride is not None else max(1, ctx // 2))
     m = load(model, verify=not no_verify, **kw)     # kw: the engine options, as `run` takes
