@@ -64,6 +64,9 @@ def perplexity(model, file, ctx, stride, no_verify, quiet, **kw):
     from .perplexity import check_windows, perplexity as measure
     if not file.exists():
         raise CliError(f"{file}: no such file")
+    import stat
+    if not (file.is_file() or stat.S_ISFIFO(file.stat().st_mode)):     # /dev/zero: endless
+        raise CliError(f"{file}: not a regular file or a pipe")
     try:                    # a regular file, or a pipe (/dev/stdin, <(...))
         text = file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
