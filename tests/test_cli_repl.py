@@ -393,3 +393,18 @@ def test_first_build_of_the_default_model_says_where_it_went(greedy_zmoe, tmp_pa
     assert f"default model written to {path}" in capsys.readouterr().err
     assert default_model.ensure_default_model(progress=False) == path    # built: nothing said
     assert capsys.readouterr().err == ""
+
+
+def test_scripted_backslash_continues_the_turn(model, greedy_zmoe):
+    """``echo -e 'hello \\\\\\nworld' | zipmoe-rt chat``: a line ending in a backslash continues
+    on the next in scripted input too, as on a terminal: one turn "hello \\nworld" (the reply
+    of that one message), not two turns, the first ending in a backslash."""
+    r = cli("chat", greedy_zmoe, "-n", 3, input="hello \\\nworld\n")
+    assert r.exit_code == 0, r.stderr
+    want = model.chat([{"role": "user", "content": "hello \nworld"}], max_tokens=3)
+    assert r.stdout.splitlines() == [want]
+    # a backslash on the last line of input ends the turn there
+    r = cli("chat", greedy_zmoe, "-n", 3, input="hello\\")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.splitlines() == [model.chat([{"role": "user", "content": "hello"}],
+                                                max_tokens=3)]

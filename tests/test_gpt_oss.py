@@ -293,9 +293,13 @@ def test_config_defaults_are_transformers():
 
 
 def test_config_rules():
-    """A null window is no window; given layer_types are kept; values gpt-oss cannot run are
-    refused naming the key."""
-    hp = get_architecture(_config(sliding_window=None)).typed_hparams()
+    """A null window is refused beside sliding layers (transformers cannot run them without
+    one) and no window with full-attention layers only; given layer_types are kept; values
+    gpt-oss cannot run are refused naming the key."""
+    with pytest.raises(ConfigError, match="sliding_window: 0 or null is not a window"):
+        get_architecture(_config(sliding_window=None)).typed_hparams()
+    hp = get_architecture(_config(sliding_window=None, layer_types=["full_attention"] * 4)
+                          ).typed_hparams()
     assert [hp.window(i) for i in range(4)] == [0, 0, 0, 0]
     hp = get_architecture(_config(layer_types=["full_attention"] * 3 + ["sliding_attention"],
                                   sliding_window=9)).typed_hparams()

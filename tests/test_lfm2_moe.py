@@ -367,7 +367,7 @@ def _cfg(**kw):
     (dict(layer_types=["conv", "sliding_attention", "conv", "conv"]), "layer_types must list"),
     (dict(layer_types=["conv"] * 3), "layer_types must list"),
     (dict(layer_types="conv"), "layer_types must be a list"),
-    (dict(conv_L_cache=0), "conv_l_cache"),
+    (dict(conv_L_cache=0), "conv_L_cache: .0. is not an integer"),
     (dict(conv_L_cache="3"), "conv_L_cache must be an integer"),
     (dict(num_dense_layers=-1), "num_dense_layers"),
     (dict(use_expert_bias="yes"), "use_expert_bias must be true or false"),

@@ -252,3 +252,31 @@ def test_default_model_matches_transformers(default_hf_dir, default_zmoe, tmp_pa
     assert got["tokens"] == len(ids) and got["scored"] == scored == len(ids) - 1
     assert agree4(got["nll"], nll) and agree4(got["ppl"], math.exp(nll)), (got, nll)
     assert 5 < got["ppl"] < 100        # a trained model on English prose
+
+
+def test_text_from_a_pipe_and_a_folder(tiny_chat, tmp_path, text_file):
+    """The text may come from a pipe (``/dev/stdin``, ``<(...)``): the same figures as from the
+    file (it used to be refused as "no such file"); a folder is named as such."""
+    import os
+    import threading
+
+    _, zm = tiny_chat("mixtral")
+    want = cli("perplexity", zm, text_file, "--ctx", 16, "-q")
+    assert want.exit_code == 0, want.stderr
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    data = Path(text_file).read_bytes()
+    th = threading.Thread(target=fifo.write_bytes, args=(data,), daemon=True)
+    th.start()
+    got = cli("perplexity", zm, fifo, "--ctx", 16, "-q")
+    if th.is_alive():       # the pipe was never read: open it so the writer does not hang
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        th.join(5)
+        os.close(fd)
+    th.join(5)
+    assert got.exit_code == 0, got.stderr
+    assert got.stdout.replace(str(fifo), "F") == want.stdout.replace(str(text_file), "F")
+    r = cli("perplexity", zm, tmp_path, "--ctx", 16, "-q")
+    assert r.exit_code != 0 and f"{tmp_path}' is a directory" in r.stderr, r.stderr
+    r = cli("perplexity", zm, "/dev/zero", "--ctx", 16, "-q")      # endless: never read
+    assert r.exit_code == 1 and r.stderr == "error: /dev/zero: not a regular file or a pipe\n"

@@ -417,3 +417,30 @@ def test_qwen3_moe_dense_width_takes_the_class_default(tmp_path):
     del mix["intermediate_size"]
     r = cli("plan", write_config(tmp_path / "mix", mix))
     assert r.exit_code != 0 and "missing intermediate_size" in r.output
+
+
+# -- plan of a .zmoe: the config.json the container stores ------------------------------------
+@pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
+@pytest.mark.parametrize("name", ["gpt_oss", "lfm2_moe"])
+def test_plan_of_a_container_is_the_plan_of_its_source(tiny_moe_dir, tmp_path, name):
+    """``plan MODEL.zmoe`` (as every other verb takes a model) sizes the config.json stored in
+    the container: the same figures as ``plan`` of the source folder, not a "not a JSON config"
+    error. A file that starts like a container but is cut short is one named error line."""
+    from zipmoe_rt.convert.converter import convert
+
+    src = tiny_moe_dir(name)
+    out = convert(src, tmp_path / "m.zmoe", progress=False, threads=1)
+    from_src, from_file = size_plan(src, "50%").as_dict(), size_plan(out, "50%").as_dict()
+    assert from_src.pop("config") == str(src / "config.json")
+    assert from_file.pop("config") == str(out)
+    assert from_file == from_src
+    r = cli("plan", out, "-m", "50%")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == cli("plan", src, "-m", "50%").stdout.replace(str(src / "config.json"),
+                                                                    str(out))
+    cut = tmp_path / "cut.zmoe"
+    cut.write_bytes(out.read_bytes()[:100])
+    r = cli("plan", cut)
+    assert f"{cut}: {cut}" not in r.stderr, r.stderr            # the file is named once
+    assert r.exit_code != 0 and r.stderr.startswith(f"error: {cut}: ") and len(
+        r.stderr.strip().splitlines()) == 1, r.stderr

@@ -567,6 +567,11 @@ BAD = [  # (method, path, body, status, param)
     ("GET", "/v1/nope", None, 404, None),
     ("GET", "/v1/chat/completions", None, 405, None),
     ("DELETE", "/health", None, 405, None),
+    # logit_bias is not applied: refused rather than ignored (an empty object is accepted)
+    ("POST", "/v1/chat/completions", {"messages": HI, "logit_bias": {"5": 100}}, 400,
+     "logit_bias"),
+    ("POST", "/v1/completions", {"prompt": "x", "logit_bias": {"99999": -100}}, 400,
+     "logit_bias"),
 ]
 
 
@@ -798,3 +803,40 @@ def test_serve_command_end_to_end(tiny_zmoe, model):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_empty_logit_bias_is_accepted(server):
+    """Clients that always send ``logit_bias`` (null or {}) are served as without it."""
+    want = _raw(server[0], "POST", "/v1/completions",
+                {"prompt": "hello", "max_tokens": 4, "temperature": 0})
+    for lb in (None, {}):
+        got = _raw(server[0], "POST", "/v1/completions",
+                   {"prompt": "hello", "max_tokens": 4, "temperature": 0, "logit_bias": lb})
+        assert got[0] == want[0] == 200, got
+        assert got[1]["choices"][0]["text"] == want[1]["choices"][0]["text"]
+
+
+def test_ctx_size_bounds_each_request(model):
+    """``serve -c N``: /v1/models reports N, a prompt of N tokens or more is a 400
+    context_length_exceeded naming N, and max_tokens is fitted to what is left of N."""
+    app = create_app(_host(model, ctx_size=24))
+    with running(app) as base:
+        _wait_ready(base)
+        status, body = _raw(base, "GET", "/v1/models")
+        assert status == 200 and body["data"][0]["max_model_len"] == 24
+        status, body = _raw(base, "POST", "/v1/completions", {"prompt": list(range(1, 25))})
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+        assert "the model's context is 24 tokens" in body["error"]["message"]
+        status, body = _raw(base, "POST", "/v1/completions",
+                            {"prompt": list(range(1, 21)), "max_tokens": 100, "temperature": 0})
+        assert status == 200 and body["usage"]["prompt_tokens"] == 20
+        assert body["usage"]["completion_tokens"] <= 4
+    with pytest.raises(ValueError, match="ctx_size"):
+        _host(model, ctx_size=0)
+
+
+def test_serve_ctx_size_option_is_refused_below_one():
+    from cli_runner import cli
+
+    r = cli("serve", "--ctx-size", "0")
+    assert r.exit_code != 0 and "--ctx-size" in r.stderr

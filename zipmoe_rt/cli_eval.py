@@ -23,7 +23,8 @@ DEFAULT_CTX = 512
 @click.option("--json", "as_json", is_flag=True, help="print the figures as one JSON object")
 @friendly_errors
 def plan(config, memory_budget, as_json):
-    """Size a model from its config.json alone (a file, or a folder holding one).
+    """Size a model from its config.json alone (a file, a folder holding one, or a .zmoe,
+    whose stored config.json is read).
 
     Prints parameters and BF16 bytes of the experts and of the dense tensors, the expected
     .zmoe size, the KV cache's bytes per token and, with --memory-budget, how the budget is
@@ -61,12 +62,17 @@ def perplexity(model, file, ctx, stride, no_verify, quiet, **kw):
 
     from .api import load
     from .perplexity import check_windows, perplexity as measure
-    if not file.is_file():
+    if not file.exists():
         raise CliError(f"{file}: no such file")
-    try:
+    import stat
+    if not (file.is_file() or stat.S_ISFIFO(file.stat().st_mode)):     # /dev/zero: endless
+        raise CliError(f"{file}: not a regular file or a pipe")
+    try:                    # a regular file, or a pipe (/dev/stdin, <(...))
         text = file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise CliError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise CliError(f"{file}: cannot be read ({e.strerror or e})") from None
     if ctx is not None:     # bad options fail before the model loads
         check_windows(2, ctx, stride if stride is not None else max(1, ctx // 2))
     m = load(model, verify=not no_verify, **kw)     # kw: the engine options, as `run` takes

@@ -228,11 +228,21 @@ def _pending_input(timeout_s: float = 0.05) -> bool:
 
 
 def read_turn(interactive: bool) -> str | None:
-    """One user turn; None at end of input. On a terminal, the lines of a paste (input that
-    arrived together) and lines ended by a backslash join into one turn."""
+    """One user turn; None at end of input. Lines ended by a backslash join the next line
+    into one turn (on a terminal and in scripted input); on a terminal, so do the lines of a
+    paste (input that arrived together)."""
     if not interactive:
         line = sys.stdin.readline()
-        return None if line == "" else line.rstrip("\n")
+        if line == "":
+            return None
+        lines = [line.rstrip("\n")]
+        while lines[-1].endswith("\\"):
+            lines[-1] = lines[-1][:-1]
+            more = sys.stdin.readline()
+            if more == "":
+                break
+            lines.append(more.rstrip("\n"))
+        return "\n".join(lines)
     lines = [input(">>> ")]
     while True:
         if lines[-1].endswith("\\"):

@@ -23,11 +23,14 @@ from .cli import CliError, engine_options, friendly_errors, load_from_options, m
               help="requests that may wait while one runs; more get HTTP 429")
 @click.option("--model-id", default=None, help="model id reported by /v1/models "
               "[default: the model's name]")
+@click.option("-c", "--ctx-size", "ctx_size", type=click.IntRange(min=1), default=None,
+              help="tokens of prompt plus reply per request (a longer prompt gets HTTP 400) "
+                   "[default: the model's max_position_embeddings]")
 @click.option("--no-verify", is_flag=True,
               help="skip CRC checks of pieces read from the .zmoe (not recommended)")
 @engine_options
 @friendly_errors
-def serve(model, host, port, api_key, cors, queue_size, model_id, **kw):
+def serve(model, host, port, api_key, cors, queue_size, model_id, ctx_size, **kw):
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models,
     /health, /tokenize, /detokenize, and a chat page at /.
 
@@ -51,4 +54,4 @@ def serve(model, host, port, api_key, cors, queue_size, model_id, **kw):
     click.echo(f"zipmoe-rt serve: http://{host}:{port}/ (loading {model or 'the default model'}"
                f"; /health answers 503 until it is ready)", err=True)
     run_server(functools.partial(load_from_options, model, kw), host=host, port=port, api_key=api_key,
-               cors=cors, queue_size=queue_size, model_id=model_id)
+               cors=cors, queue_size=queue_size, model_id=model_id, ctx_size=ctx_size)

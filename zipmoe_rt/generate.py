@@ -462,7 +462,8 @@ def generate(
     vocab = _vocab_size(model)
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or (vocab is not None and hi >= vocab):
-        raise ValueError(f"prompt_ids: ids must be in [0, {vocab}), got min {lo}, max {hi}")
+        raise ValueError(f"prompt_ids: ids must be in [0, {vocab}) (the model's vocab_size), "
+                         f"got min {lo}, max {hi}: the tokenizer has ids the model does not")
     try:
         stops = frozenset(int(s) for s in stop_ids)
     except (TypeError, ValueError) as e:

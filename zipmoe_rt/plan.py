@@ -174,13 +174,46 @@ class SizePlan:
         return out
 
 
+def _is_container(path: Path) -> bool:
+    """Whether ``path`` starts with the ``.zmoe`` magic (format/SPEC.md §2)."""
+    from zmoe.constants import MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def _container_config(path: Path) -> dict:
+    """The source config.json a ``.zmoe`` stores (``hf.config``, format/SPEC.md §3).
+
+    Raises:
+        PlanError: the container cannot be opened, or holds no config (named).
+    """
+    from zmoe.constants import Keys
+    from zmoe.errors import ZmoeError
+    from zmoe.reader import ZmoeReader
+
+    try:
+        with ZmoeReader(path, use_mmap=False) as r:
+            config = r.metadata.get(Keys.HF.CONFIG)
+    except (ZmoeError, OSError) as e:
+        msg = str(e)                            # the reader's errors name the file already
+        raise PlanError(msg if str(path) in msg else f"{path}: {msg}") from None
+    if not isinstance(config, dict):
+        raise PlanError(f"{path}: the container holds no config.json ({Keys.HF.CONFIG})")
+    return config
+
+
 def read_config(path) -> tuple[Path, dict]:
-    """The parsed config.json at ``path`` (the file, or a folder holding ``config.json``).
+    """The parsed config.json at ``path`` (the file, or a folder holding ``config.json``), or
+    the one a ``.zmoe`` container stores.
 
     Raises:
         FileNotFoundError: no such file or folder, or a folder without config.json.
-        PlanError: not UTF-8 JSON, not a JSON object, or ``architectures`` not a list of
-            names (the message names the file).
+        PlanError: not UTF-8 JSON, not a JSON object, ``architectures`` not a list of
+            names, or a container that cannot be read (the message names the file).
     """
     path = Path(path)
     if path.is_dir():
@@ -189,6 +222,8 @@ def read_config(path) -> tuple[Path, dict]:
         raise FileNotFoundError(2, "no such file", str(path))
     if not path.is_file():
         raise PlanError(f"{path}: not a regular file (give a config.json or a folder holding one)")
+    if _is_container(path):
+        return path, _container_config(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

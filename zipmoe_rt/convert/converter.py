@@ -96,8 +96,15 @@ def plan_conversion(folder: Path):
         for e in range(hp["num_experts"]):
             roles = {ref.role for _, ref in experts.get((layer, e), [])}
             if not any(want <= roles for want in EXPERT_ROLE_SETS):
-                raise ConversionError(f"{folder}: layer {layer} expert {e} lacks tensors "
-                                      f"(has roles {sorted(roles) or 'none'})")
+                if not roles:
+                    raise ConversionError(
+                        f"{folder}: no tensors of layer {layer} expert {e}, which config.json "
+                        f"makes a MoE layer of {hp['num_experts']} experts (a dense layer "
+                        f"in the checkpoint, or num_experts too large?)")
+                near = min(EXPERT_ROLE_SETS, key=lambda w: (len(w - roles), sorted(w)))
+                raise ConversionError(f"{folder}: layer {layer} expert {e} lacks tensors: "
+                                      f"no {', '.join(sorted(near - roles))} "
+                                      f"(has roles {sorted(roles)})")
     _check_dense_tensors(folder, arch, ckpt)
     return arch, hp, ckpt, dense, experts
 
@@ -213,6 +220,26 @@ def verify_against(path: Path, ckpt: Checkpoint, progress: bool = False):
                 raise ConversionError(f"{path}: tensor {name!r} does not round-trip (converter bug)")
 
 
+def _warn_tokenizer_past_vocab(folder: Path, vocab_size: int) -> None:
+    """Warn (ConversionWarning) when ``folder/tokenizer.json`` has ids at or past the model's
+    ``vocab_size`` (its embedding rows): a prompt holding such an id cannot be run. A
+    tokenizer that does not load is left to the metadata checks, which name it."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return
+    try:
+        from tokenizers import Tokenizer
+
+        n = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception:  # noqa: BLE001 - reported by the metadata checks
+        return
+    if n > vocab_size:
+        warnings.warn(f"{path}: {n} token ids, more than the model's vocab_size {vocab_size} "
+                      f"(config.json): a prompt holding an id of {vocab_size} or more is refused "
+                      f"at run time; is this the model's own tokenizer?", ConversionWarning,
+                      stacklevel=3)
+
+
 def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: str = "raw",
             threads: int | None = None, verify: bool = True, progress: bool = True,
             overwrite: bool = True, expert_encoding: str = "bitplane",
@@ -241,8 +268,9 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
             the output and the reason named); the temporary file is removed, an existing
             output and the source are untouched.
     Warns:
-        ConversionWarning: the folder has no tokenizer.json, holds checkpoint tensors the model
-            does not use (one warning listing them), or ``*.safetensors`` files transformers
+        ConversionWarning: the folder has no tokenizer.json, its tokenizer.json has more ids
+            than the model's vocab_size, it holds checkpoint tensors the model does not use
+            (one warning listing them), or ``*.safetensors`` files transformers
             would not load (not read); the file is written all the same.
         StaleTemporaryWarning: ``output.tmp-<pid>`` files of earlier conversions killed
             outright (SIGKILL, a crash), whose process no longer runs, were found and removed.
@@ -282,6 +310,7 @@ def convert(folder, output, chunks: int = zmoe.DEFAULT_CHUNKS, dense_encoding: s
                       f"`zipmoe-rt run/chat` and zipmoe_rt.load() need a tokenizer; copy the "
                       f"model's tokenizer.json (and tokenizer_config.json) into the folder and "
                       f"convert again", ConversionWarning, stacklevel=2)
+    _warn_tokenizer_past_vocab(folder, hp["vocab_size"])
     output.parent.mkdir(parents=True, exist_ok=True)
     removed = remove_stale_temporaries(output)
     if removed:

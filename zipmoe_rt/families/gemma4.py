@@ -185,14 +185,17 @@ class Gemma4HParams(HParams):
                 raise ConfigError(f"config.json: rope_parameters has no {t}")
         kw["rope"] = _rope(rp["sliding_attention"], "sliding_attention")
         kw["global_rope"] = _rope(rp["full_attention"], "full_attention")
-        kw["sliding_window"] = config_int(config, "sliding_window", 512)
+        kw["sliding_window"] = (0 if "sliding_window" in config and config["sliding_window"]
+                                is None else config_int(config, "sliding_window", 512))
         n = kw.get("num_hidden_layers", 30)
         types = config_list(config, "layer_types", "str")
         if types is None:
             types = ["sliding_attention" if (i + 1) % PATTERN else "full_attention"
                      for i in range(n)]
-        if types:
-            types[-1] = "full_attention"        # Gemma4TextConfig forces it (with a warning)
+        if len(types) != n:     # before per_layer_config, which is keyed by these layers
+            raise ConfigError(f"config.json: layer_types must list one entry per layer "
+                              f"({n}), not {len(types)}")
+        types[-1] = "full_attention"            # Gemma4TextConfig forces it (with a warning)
         kw["layer_types"] = types
         kw["moe_layers"] = list(range(n))
         k_eq_v = config_bool(config, "attention_k_eq_v", False)
@@ -229,9 +232,11 @@ class Gemma4HParams(HParams):
         RoPEs, the global head size (even) and kv heads (dividing the heads), the soft cap.
 
         Raises:
-            ValueError: as the base, or a bad global shape, RoPE or cap (named).
+            ValueError: as the base, a bad global shape, RoPE or cap, or a sliding window below
+                1 token (:meth:`~.hparams.HParams.require_window`) (named).
         """
         super().validate()
+        self.require_window()
         self.norm_topk_prob, self.qk_norm = True, True
         if not self.moe_layers:
             self.moe_layers = list(range(self.num_hidden_layers))

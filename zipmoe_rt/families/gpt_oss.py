@@ -75,8 +75,8 @@ class GptOssHParams(HParams):
 
     config.json: ``num_local_experts`` experts of width ``intermediate_size`` (no dense MLP:
     ``intermediate_size`` = ``moe_intermediate_size``); ``layer_types`` absent means sliding
-    and full attention alternating, sliding first; ``sliding_window`` absent means 128, null
-    means none; no rope given means YaRN with factor 32 over 4096 positions (``__post_init__``).
+    and full attention alternating, sliding first; ``sliding_window`` absent means 128 (null
+    or 0 is refused: transformers cannot run sliding layers without a window); no rope given means YaRN with factor 32 over 4096 positions (``__post_init__``).
     Fixed: q/k/v/o biases, no q/k norm, no shared expert, every layer sparse, the k weights sum
     to 1 (a softmax over the top-k logits).
 
@@ -121,8 +121,8 @@ class GptOssHParams(HParams):
 
     @classmethod
     def _derive(cls, config, kw):
-        """rope (``GptOssConfig``'s YaRN when none is given), window (128 when absent, none
-        when null), ``layer_types`` (alternating when absent), every layer sparse."""
+        """rope (``GptOssConfig``'s YaRN when none is given), window (128 when absent; null is
+        kept as 0, which :meth:`validate` refuses), ``layer_types`` (alternating when absent), every layer sparse."""
         if config.get("rope_parameters") is None and config.get("rope_scaling") is None:
             kw["rope"] = {**DEFAULT_ROPE, "rope_theta": rope_parameters(
                 config, cls.DEFAULT_ROPE_THETA)["rope_theta"]}
@@ -148,12 +148,14 @@ class GptOssHParams(HParams):
         expert).
 
         Raises:
-            ValueError: as the base, or a SwiGLU constant that is not a positive finite number
+            ValueError: as the base, a SwiGLU constant that is not a positive finite number, or
+                a sliding window below 1 token (:meth:`~.hparams.HParams.require_window`)
                 (named).
         """
         if self.layer_types is None:        # GptOssConfig.__post_init__'s pattern
             self.layer_types = alternating_layers(self.num_hidden_layers)
         super().validate()
+        self.require_window()
         for name in ("swiglu_alpha", "swiglu_limit"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (

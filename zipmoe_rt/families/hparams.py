@@ -323,7 +323,12 @@ class HParams:
         try:    # every check the runtime makes on load, on a copy (validate fills fields in)
             copy.deepcopy(hp).validate()
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"config.json: {e}") from None
+            msg = str(e)    # a field is named as config.json spells it (LFM2's norm_eps)
+            for name, keys in cls.CONFIG_KEYS.items():
+                if keys[0] != name and msg.startswith((f"{name}:", f"{name} ")):
+                    msg = keys[0] + msg[len(name):]
+                    break
+            raise ConfigError(f"config.json: {msg}") from None
         if hp.num_attention_heads % hp.num_key_value_heads:
             raise ConfigError("config.json: num_attention_heads must be a multiple of "
                               "num_key_value_heads")
@@ -456,6 +461,17 @@ class HParams:
                 raise ValueError(f"rope.{k}: {str(v)[:40]!r} is not a positive finite number")
         if rtype == "llama3" and not rope["high_freq_factor"] > rope["low_freq_factor"]:
             raise ValueError("rope: llama3 needs high_freq_factor > low_freq_factor")
+        prf = rope.get("partial_rotary_factor")
+        if prf is not None:     # models/rope.py's rotary_dim / proportional_inv_freq ranges
+            prop = rtype == "proportional"
+            if isinstance(prf, bool) or not isinstance(prf, (int, float)) or not (
+                    math.isfinite(prf) and (0 <= prf <= 1 if prop else 0 < prf <= 1)):
+                raise ValueError(f"rope.partial_rotary_factor: {str(prf)[:40]!r} is not a "
+                                 f"number in {'[0, 1]' if prop else '(0, 1]'}")
+            hd = self.head_dim
+            if not prop and type(hd) is int and hd > 0 and int(hd * float(prf)) < 1:
+                raise ValueError(f"rope.partial_rotary_factor {prf} gives no rotary dimension "
+                                 f"of head_dim {hd}")
         clip = getattr(self, "clip_qkv", None)
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
                                  or not (math.isfinite(clip) and clip > 0)):
@@ -474,6 +490,20 @@ class HParams:
         (:data:`~zipmoe_rt.models.cache.KV_DTYPE`) for bytes.
         """
         return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim
+
+    def require_window(self) -> None:
+        """For families whose ``sliding_attention`` layers always take ``sliding_window``
+        (gpt-oss, Gemma 4): a positive window when ``layer_types`` has such a layer.
+        transformers cannot run one with a window of 0 or null (its mask and the cache's
+        shapes disagree), so such a config is refused rather than run as full attention.
+
+        Raises:
+            ValueError: a sliding layer and a window below 1 (named).
+        """
+        if (self.layer_types is not None and "sliding_attention" in self.layer_types
+                and not self.sliding_window > 0):
+            raise ValueError("sliding_window: 0 or null is not a window of at least 1 token, "
+                             "which the sliding_attention layers of layer_types need")
 
     def window(self, layer: int) -> int:
         """Sliding window of ``layer`` in tokens, 0 for full attention."""

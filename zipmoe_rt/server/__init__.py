@@ -34,7 +34,7 @@ def require_server_extra() -> None:
 
 def serve(loader, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           cors: bool = False, queue_size: int = 16, model_id: str | None = None,
-          log_level: str = "info") -> None:
+          log_level: str = "info", ctx_size: int | None = None) -> None:
     """Run the server until interrupted (blocking). The model is loaded in the background
     while the server already answers (``/health`` is 503 until it is ready).
 
@@ -46,6 +46,8 @@ def serve(loader, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | N
         cors: allow cross-origin browser requests.
         queue_size: requests that may wait behind the running one (429 above).
         model_id: the model id to report (default: the model's name).
+        ctx_size: tokens of prompt plus reply per request (default: the model's
+            ``max_position_embeddings``).
 
     Raises:
         RuntimeError: the server extra is not installed.
@@ -57,6 +59,6 @@ def serve(loader, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | N
     from .app import create_app
     from .worker import ModelHost
 
-    app = create_app(ModelHost(loader, queue_size=queue_size), api_key=api_key, cors=cors,
-                     model_id=model_id)
+    app = create_app(ModelHost(loader, queue_size=queue_size, ctx_size=ctx_size),
+                     api_key=api_key, cors=cors, model_id=model_id)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)

@@ -152,6 +152,9 @@ def _common(body: Any, kind: str) -> Request:
         v = _number(body, name, -2.0, 2.0)
         if v:
             raise _bad(name, "not supported (use repetition_penalty); only 0 is accepted")
+    lb = body.get("logit_bias")
+    if lb is not None and lb != {}:     # applying it is not implemented: never ignore it
+        raise _bad("logit_bias", "not supported by this server; leave logit_bias out (or {})")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]

@@ -62,6 +62,8 @@ class ModelHost:
         queue_size: the most requests that may wait while one runs; one more is refused with
             429 by :meth:`submit`.
         close_model: :meth:`close` also closes the model (False when the caller shares it).
+        ctx_size: the context in tokens (prompt plus reply) each request may use (``serve
+            -c``); None: the model's ``max_position_embeddings``.
 
     Attributes:
         model: the model once loaded, else None.
@@ -69,9 +71,14 @@ class ModelHost:
         served: requests finished (any outcome); ``last_result``: the last one's result dict.
     """
 
-    def __init__(self, loader: Callable, queue_size: int = 16, close_model: bool = True):
+    def __init__(self, loader: Callable, queue_size: int = 16, close_model: bool = True,
+                 ctx_size: int | None = None):
         if queue_size < 0:
             raise ValueError(f"queue_size (--queue): must be >= 0, got {queue_size}")
+        if ctx_size is not None and (isinstance(ctx_size, bool) or not isinstance(ctx_size, int)
+                                     or ctx_size < 1):
+            raise ValueError(f"ctx_size (-c/--ctx-size): must be at least 1, got {ctx_size!r}")
+        self.ctx_size = ctx_size
         self.loader, self.queue_size, self.close_model = loader, queue_size, close_model
         self.model = None
         self.status, self.error = "loading", None
@@ -121,7 +128,10 @@ class ModelHost:
 
     @property
     def context_length(self) -> int:
-        """The model's context (``max_position_embeddings``; a very large number if unknown)."""
+        """The context of a request in tokens: ``ctx_size`` when given, else the model's
+        ``max_position_embeddings`` (a very large number if unknown)."""
+        if self.ctx_size is not None:
+            return self.ctx_size
         n = self.model.hparams.get("max_position_embeddings") if self.model else None
         return int(n) if n else 2**31 - 1
 
