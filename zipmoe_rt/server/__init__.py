@@ -12,7 +12,8 @@ from __future__ import annotations
 
 __all__ = ["require_server_extra", "serve", "EXTRA_HINT"]
 
-EXTRA_HINT = "pip install 'zipmoe-rt[server]'"
+EXTRA_HINT = ("pip install 'zipmoe-rt[server]' (from a source checkout: pip install -e "
+              "'.[server]')")
 
 
 def require_server_extra() -> None:
