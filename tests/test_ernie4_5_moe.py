@@ -214,7 +214,7 @@ def test_config_rules():
     assert hp["tie_word_embeddings"] is True
     assert get_architecture(dict(d, moe_layer_end_index=-1, moe_layer_start_index=0)
                             ).hparams()["moe_layers"] == [0, 1, 2]
-    with pytest.raises(ConfigError, match="num_experts_per_tok 2 not in 1..num_experts 0"):
+    with pytest.raises(ConfigError, match="moe_k 2 not in 1..num_experts 0"):
         get_architecture(dict(d, moe_num_experts=0)).hparams()
     with pytest.raises(ConfigError, match="use_bias true"):
         get_architecture(dict(d, use_bias=True)).hparams()

@@ -183,7 +183,7 @@ def test_config_rules_match_transformers(kw):
     (dict(first_k_dense_replace="one"), "first_k_dense_replace must be a non-negative"),
     (dict(n_shared_experts=-1), "n_shared_experts must be a non-negative"),
     (dict(partial_rotary_factor="half", rope_parameters=...), "partial_rotary_factor must be a"),
-    (dict(partial_rotary_factor=0.05, rope_parameters=...), "partial_rotary_factor 0.05 must be"),
+    (dict(partial_rotary_factor=0.05, rope_parameters=...), "partial_rotary_factor 0.05 gives no rotary dimension of head_dim 16"),
     (dict(routed_scaling_factor="x"), "routed_scaling_factor must be a number"),
 ])
 def test_bad_config_is_named(kw, msg):

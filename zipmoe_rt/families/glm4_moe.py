@@ -151,12 +151,6 @@ class Glm4MoeHParams(HParams):
             raise ValueError(f"shared_expert_intermediate_size {si!r} is not a whole number "
                              f"(n_shared_experts) of moe_intermediate_size "
                              f"{self.moe_intermediate_size}")
-        prf = self.rope.get("partial_rotary_factor", 1.0)
-        prf = 1.0 if prf is None else prf
-        if isinstance(prf, bool) or not isinstance(prf, (int, float)) or not 0 < prf <= 1 or (
-                int(self.head_dim * prf) < 1):
-            raise ValueError(f"rope.partial_rotary_factor {str(prf)[:40]} must be in (0, 1] "
-                             f"and turn at least one of the {self.head_dim} head dimensions")
         rsf = self.routed_scaling_factor
         if isinstance(rsf, bool) or not isinstance(rsf, (int, float)) or not abs(rsf) < float("inf"):
             raise ValueError(f"routed_scaling_factor: {str(rsf)[:40]!r} is not a finite number")

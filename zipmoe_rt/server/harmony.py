@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 import uuid
 
+from .textproc import held_tail
+
 __all__ = ["HarmonySplitter", "is_harmony"]
 
 _MESSAGE = "<|message|>"
@@ -27,18 +29,6 @@ def is_harmony(chat_template: str | None) -> bool:
     """Whether a chat template writes the harmony format (gpt-oss's)."""
     return bool(chat_template) and "<|channel|>" in chat_template \
         and "<|message|>" in chat_template
-
-
-def _held(text: str, needles) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of one of
-    ``needles``."""
-    best = 0
-    for s in needles:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
 
 class HarmonySplitter:
@@ -119,7 +109,7 @@ class HarmonySplitter:
                 self._close()
                 text = text[j + (0 if m == "<|start|>" else len(m)):]
                 continue
-            keep = _held(text, _ENDS)
+            keep = held_tail(text, _ENDS)
             body = text[:len(text) - keep]
             self.body.append(body)
             if self._streams():

@@ -24,7 +24,7 @@ import json
 import re
 import uuid
 
-__all__ = ["StopText", "ToolCallSplitter", "parse_tool_calls", "tool_format"]
+__all__ = ["held_tail", "StopText", "ToolCallSplitter", "parse_tool_calls", "tool_format"]
 
 #: tool-call syntaxes: name -> (start tag, end tag), detected in the chat template's text
 TOOL_FORMATS = {"hermes": ("<tool_call>", "</tool_call>"),
@@ -35,7 +35,7 @@ TOOL_FORMATS = {"hermes": ("<tool_call>", "</tool_call>"),
 _TEMPLATE_MARKERS = (("<arg_key>", "glm"), ("<function=", "qwen3_xml"), ("<tool_call>", "hermes"))
 
 
-def _held_tail(text: str, needles) -> int:
+def held_tail(text: str, needles) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of one of ``needles``."""
     best = 0
     for s in needles:
@@ -68,7 +68,7 @@ class StopText:
         if hits:
             self.stopped, self.buf = True, ""
             return text[:min(hits)], True
-        keep = _held_tail(text, self.stops)
+        keep = held_tail(text, self.stops)
         self.buf = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep], False
 
@@ -110,7 +110,7 @@ class ToolCallSplitter:
         if i >= 0:
             self.calls_text, self.buf = text[i:], ""
             return text[:i]
-        keep = _held_tail(text, [self.start])
+        keep = held_tail(text, [self.start])
         self.buf = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep]
 
