@@ -38,10 +38,9 @@ import numpy as np
 import cupy as cp
 
 from ..kernels import cuda_src
-from . import cuda_gpt_oss, cuda_packed, cuda_planes
-from . import linear_attn as _lin
-from .base import (Backend, check_act, check_biased_expert, check_cap, check_choice_bias,
-                   check_gated_delta, check_qk_norm, check_route)
+from . import cuda_packed, cuda_planes
+from .base import Backend, check_act, check_biased_expert, check_qk_norm, check_route
+from .cuda_family_ops import CudaFamilyOps
 from .numpy_ref import NumpyBackend
 
 #: token counts from this on go through widened weights and cuBLAS instead of the GEMV kernel
@@ -75,7 +74,7 @@ def _i64(v) -> np.int64:
     return np.int64(v)
 
 
-class CupyBackend(Backend):
+class CupyBackend(CudaFamilyOps, Backend):
     """Ops on CuPy arrays of the current CUDA device (``get_backend("cuda")``).
 
     Raises (on construction):
@@ -389,73 +388,6 @@ class CupyBackend(Backend):
                              (logits, p, idx, w, _i32(T), _i32(E), _i32(k), _i32(bool(renorm))))
         return cp.asnumpy(idx), cp.asnumpy(w)
 
-    # -- PhiMoE --------------------------------------------------------------------------------
-
-    def layer_norm(self, x, w, b, eps, out=None):
-        """``(x - mean) / sqrt(var + eps) * w + b`` per row with the biased variance (CuPy
-        float32 reductions and elementwise ops, as ``nn.LayerNorm``)."""
-        mean = cp.mean(x, axis=-1, keepdims=True, dtype=cp.float32)
-        d = x - mean
-        var = cp.mean(d * d, axis=-1, keepdims=True, dtype=cp.float32)
-        y = d / cp.sqrt(var + _F32(eps)) * w + b
-        if out is None:
-            return y.astype(cp.float32, copy=False)
-        out[...] = y
-        return out
-
-    def route_sparsemixer(self, logits, jitter_eps):
-        """The [T, E] logits copied to the host and routed by :meth:`NumpyBackend.route_sparsemixer
-        <zipmoe_rt.backends.numpy_ref.NumpyBackend.route_sparsemixer>` (ValueError for fewer
-        than 2 experts)."""
-        return _NP.route_sparsemixer(self.to_host(logits), jitter_eps)
-
-    # -- Multi-head Latent Attention -------------------------------------------------------------
-
-    def heads_linear(self, x, W, out=None):
-        """``out[h] = x[h] @ W[h].T`` for each head with :meth:`linear` (GEMV kernel or
-        cuBLAS). Raises ValueError when the shapes disagree, TypeError for another weight
-        dtype."""
-        if x.ndim != 3 or W.ndim != 3 or x.shape[0] != W.shape[0] or x.shape[2] != W.shape[2]:
-            raise ValueError(f"heads_linear: x {tuple(x.shape)} and W {tuple(W.shape)} disagree "
-                             f"(expected [nh, T, in] and [nh, out, in])")
-        nh, T = x.shape[:2]
-        if out is None:
-            out = cp.empty((nh, T, W.shape[1]), cp.float32)
-        elif tuple(out.shape) != (nh, T, W.shape[1]):
-            raise ValueError(f"heads_linear: out {tuple(out.shape)}, expected "
-                             f"{(nh, T, W.shape[1])}")
-        for h in range(nh):
-            out[h] = self.linear(x[h], W[h])
-        return out
-
-    # -- Granite-MoE ---------------------------------------------------------------------------
-
-    def scale_(self, x, s, divide=False):
-        """``x *= s`` or ``x /= s`` (CuPy elementwise, float32)."""
-        if divide:
-            x /= _F32(s)
-        else:
-            x *= _F32(s)
-        return x
-
-    # -- Gemma 4 -------------------------------------------------------------------------------
-
-    def softcap_(self, x, cap):
-        """``x = tanh(x / cap) * cap`` (CuPy elementwise, float32)."""
-        c = check_cap(cap)
-        x /= c
-        cp.tanh(x, out=x)
-        x *= c
-        return x
-
-    # -- ERNIE 4.5 MoE -------------------------------------------------------------------------
-
-    def route_choice_bias(self, logits, k, bias, norm_min):
-        """On the host with the NumPy reference (:class:`~zipmoe_rt.backends.numpy_ref.NumpyBackend`):
-        the [T, E] logits are copied over, as the decisions go to the host anyway."""
-        check_choice_bias(bias, logits.shape[1])
-        return _NP.route_choice_bias(cp.asnumpy(logits), k, cp.asnumpy(bias), norm_min)
-
     # -- bit planes ----------------------------------------------------------------------------
 
     def merge_planes(self, exp, sm, dtype: str):
@@ -486,46 +418,3 @@ class CupyBackend(Backend):
             zmoe.huffman.HuffmanError: a malformed chunk.  ValueError: sizes that disagree.
         """
         return self.merge_planes(self.decode_exponents(exp, offs, sizes, raws), sm, dtype)
-
-    # -- Qwen3-Next / Qwen3.5-MoE: plain CuPy array code (backends/linear_attn.py) -------------
-
-    def sigmoid_mul_(self, x, g):
-        """``x *= sigmoid(g)`` (CuPy elementwise)."""
-        x *= _F32(1.0) / (_F32(1.0) + cp.exp(-g))
-        return x
-
-    def conv1d_silu(self, x, w, state, new_state, silu=True, bias=None):
-        """:func:`~zipmoe_rt.backends.linear_attn.conv1d_silu` over CuPy."""
-        return _lin.conv1d_silu(cp, x, w, state, new_state, silu, bias)
-
-    def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
-        """:func:`~zipmoe_rt.backends.linear_attn.gated_delta_rule` over CuPy (chunked scan for
-        several tokens, the recurrence for one)."""
-        check_gated_delta(qkv, ba, state, nk, nv, dk, dv)
-        return _lin.gated_delta_rule(cp, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state,
-                                     new_state)
-
-    def rmsnorm_gated(self, x, w, z, eps, out=None):
-        """:func:`~zipmoe_rt.backends.linear_attn.rmsnorm_gated` over CuPy."""
-        y = _lin.rmsnorm_gated(cp, x, w, z, eps)
-        if out is None:
-            return y
-        out[...] = y
-        return out
-
-    # LFM2-MoE
-    def mul(self, a, b):
-        """``a * b`` (CuPy float32 elementwise, as torch)."""
-        return cp.ascontiguousarray(a * b, dtype=cp.float32)
-
-
-    # -- gpt-oss: attention sinks, the biased experts' clamped SwiGLU (cuda_gpt_oss) --------
-
-    def attention_sinks(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
-        """:func:`~zipmoe_rt.backends.cuda_gpt_oss.attention_sinks`."""
-        return cuda_gpt_oss.attention_sinks(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale,
-                                            sinks, out)
-
-    def _clamped_expert(self, x, e, glu):
-        """:func:`~zipmoe_rt.backends.cuda_gpt_oss.clamped_expert`: float32 [T, H]."""
-        return cuda_gpt_oss.clamped_expert(self, x, e, glu)
