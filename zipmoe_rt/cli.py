@@ -238,12 +238,12 @@ def sampling_options(fn):
 def _prepare(model, kw, default_max, context=None):
     """Load MODEL for run/chat: threads, context size, kernel warm-up; returns (model,
     sampling keyword arguments, context size). ``context``: tokens the run may hold, for
-    ``--memory-limit`` (see :func:`_load`)."""
+    ``--memory-limit`` (see :func:`load_from_options`)."""
     from zmoe.constants import Keys
 
     from . import cli_repl
     cli_repl.set_threads(kw["threads"])
-    m = _load(model, kw, context=context)
+    m = load_from_options(model, kw, context=context)
     try:
         m.ctx_size = cli_repl.context_size(m, kw["ctx_size"])
         cli_repl.warm_up(m, notice=sys.stderr.isatty())   # (like the progress bars)
@@ -260,7 +260,9 @@ def _memory_asked(kw) -> bool:
     return kw.get("memory_limit") is not None or kw.get("memory_budget") is not None
 
 
-def _load(model, kw, context=None):
+def load_from_options(model, kw, context=None):
+    """``zipmoe_rt.load`` with the engine options a verb took (``kw``), then the memory banner
+    on stderr when a limit or budget was given."""
     from .api import load
     m = load(model, progress=progress_wanted(), verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
              policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
@@ -271,10 +273,6 @@ def _load(model, kw, context=None):
     if _memory_asked(kw):      # the banner's memory line: a limit or a budget was given
         click.echo(f"zipmoe-rt: {m.memory_line()}", err=True)
     return m
-
-
-#: ``load_from_options(model, kw)``: the model loaded with the parsed engine options (``serve``)
-load_from_options = _load
 
 
 def _stats_line(st) -> str:
@@ -342,7 +340,7 @@ def chat(model, system, **kw):
     m, sp, ctx = _prepare(model, kw, 512)
     session = m.chat_session(system)
     interactive = sys.stdin.isatty()
-    memory = None if _memory_asked(kw) else m.memory_line()   # else _load said it
+    memory = None if _memory_asked(kw) else m.memory_line()   # else load_from_options said it
     cli_repl.repl(m, session, sp, kw["stops"], _stats_line, _session_stats, interactive,
                   cli_repl.banner(m, ctx, memory))
 
@@ -378,143 +376,7 @@ def _kv_stats(m, cache) -> str:
     return line
 
 
-@main.command()
-@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--prompts", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              required=True, help="text file, one prompt per line")
-@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=32, show_default=True,
-              help="tokens generated per prompt (greedy)")
-@click.option("--raw", is_flag=True, help="prompts as raw text, not chat turns")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="trace file [default: MODEL.trace.json next to the model]")
-@click.option("-q", "--quiet", is_flag=True)
-@engine_options
-@friendly_errors
-def profile(model, prompts, max_tokens, raw, output, quiet, **kw):
-    """Record an activation trace (decode tokens: layer x expert counts) for the planner.
-
-    MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use)."""
-    from .engine import profile as prof
-    model = default_model_if_none(model)
-    lines = [l.strip() for l in prompts.read_text(encoding="utf-8").splitlines() if l.strip()]
-    if not lines:
-        raise CliError(f"{prompts}: no prompts (one per line)")
-    m = _load(model, kw)
-    tr = prof.record_trace(m, lines, max_tokens=max_tokens, chat=not raw,
-                           progress=progress_wanted(quiet))
-    out = prof.save_trace(tr, output or prof.sidecar(model, prof.TRACE_SUFFIX))
-    c = np.asarray(tr["counts"], float)
-    top = (np.sort(c, axis=1)[:, ::-1] / c.sum(axis=1, keepdims=True))[:, 0]
-    click.echo(f"wrote {out}: {tr['tokens']} decode tokens over {tr['prompts']} prompts; top-1 "
-               f"expert share per layer {top.mean():.3f} (mean), locality "
-               f"{tr['locality'] if tr['locality'] is not None else float('nan'):.3f}")
-
-
-@main.command()
-@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--samples", type=click.IntRange(min=1), default=12, show_default=True,
-              help="experts to time")
-@click.option("--direct", is_flag=True, help="time O_DIRECT reads")
-@click.option("--io-depth", type=click.IntRange(min=1), default=None,
-              help="reads in flight, as the runs that use it [default: 4]")
-@DEVICE_OPTION
-@friendly_errors
-def calibrate(model, samples, direct, io_depth, device):
-    """Measure this machine's planner constants on MODEL (cold SM/exponent reads, decode, matmul).
-
-    MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use)."""
-    import json
-    model = default_model_if_none(model)
-
-    from .engine import profile as prof
-    from .engine.store import ZmoeSource
-    src = ZmoeSource(model)
-    from .backends import get_backend, resolve_device
-    backend = get_backend(resolve_device(device))
-    cal = prof.calibrate(src, samples=samples, direct=direct, io_depth=io_depth, backend=backend)
-    out = prof.sidecar(model, prof.CALIB_SUFFIX)
-    out.write_text(json.dumps(cal, indent=2))
-    click.echo(f"wrote {out}")
-    click.echo(f"  SM read {cal['sm_read_s'] * 1e3:.2f} ms, exponent read {cal['exp_read_s'] * 1e3:.2f} ms, "
-               f"decode {cal['decode_s'] * 1e3:.2f} ms ({cal['decode_Gweights_per_s']:.2f} G weights/s "
-               f"per core), matmul {cal['matmul_s'] * 1e3:.2f} ms per expert; reads "
-               f"{cal['read_GBps']:.2f} GB/s")
-
-
-@main.command()
-@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--memory-budget", "-m", "budgets", multiple=True, metavar="SIZE",
-              help="budget(s) to test (repeatable), e.g. 10% 25% 50% 100% or 600MB "
-                   "[default: 25%]; 'none' adds an unbudgeted in-memory row")
-@click.option("--memory-limit", "limits", multiple=True, metavar="SIZE|auto",
-              help="memory limit(s) of the whole process to test (repeatable), e.g. 600MB or "
-                   "auto: each row's budget is the one the limit gives, and its peak RSS is "
-                   "shown beside the limit")
-@click.option("--policy", "policies", multiple=True,
-              type=click.Choice(["zipmoe", "zip-lru", "raw-lru"]),
-              help="policies to compare (repeatable) [default: all three]")
-@click.option("-p", "--n-prompt", type=click.IntRange(min=0), default=512, show_default=True,
-              help="prefill length (pp); 0 skips")
-@click.option("-n", "--n-gen", type=click.IntRange(min=0), default=64, show_default=True,
-              help="decode length (tg); 0 skips")
-@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--eviction", type=click.Choice(["lru", "lfu", "tlfu"]), default="lru",
-              show_default=True, help="eviction of full (F) experts (see `run --help`)")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="decode workers [default: all cores]")
-@click.option("--direct", is_flag=True, help="O_DIRECT reads")
-@click.option("--io-depth", type=click.IntRange(min=1), default=None,
-              help="expert reads in flight at once [default: 4]")
-@click.option("--raw-model", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="raw-expert file for raw-lru [default: built once as NAME.raw.zmoe]")
-@click.option("--trace", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="activation trace for zipmoe [default: MODEL.trace.json]")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
-              help="write the full results as JSON here")
-@DEVICE_OPTION
-@click.option("--resident", "residents", multiple=True,
-              type=click.Choice(["full", "compressed"]),
-              help="how the unbudgeted rows hold experts (repeatable: a row each) [default: full]")
-@HOST_BUDGET_OPTION
-@click.option("--prefetch", "prefetches", multiple=True, type=click.Choice(["on", "off"]),
-              help="cross-layer prefetch of the budgeted rows (repeatable: a row each) "
-                   "[default: off]")
-@friendly_errors
-def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
-          io_depth, raw_model, trace, json_out, device, residents, host_budget, prefetches):
-    """Benchmark prefill/decode tokens/s under memory budgets, all policies in one run.
-
-    Prints a llama-bench-style table (mean ± sd over repetitions, TTFT, TPOT, hits per tier,
-    bytes read per token, time per pipeline stage, peak RSS); the page cache is evicted before
-    every run. MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
-    """
-    if n_prompt == 0 and n_gen == 0:
-        raise CliError("nothing to run: --n-prompt and --n-gen are both 0")
-    from . import bench as B
-    from .default_model import ensure_default_model
-    from .backends import resolve_device
-    device = "cuda" if resolve_device(device) == "cuda" else "cpu"   # once, here (one notice)
-    model = model or ensure_default_model()
-    bl = [None if b.lower() == "none" else b
-          for b in (budgets or (() if limits else ("25%",)))]
-    policies = list(policies or ("raw-lru", "zip-lru", "zipmoe"))
-    from .engine import profile as prof
-    if ("zipmoe" in policies and (any(b is not None for b in bl) or limits)
-            and (trace or prof.sidecar(model, prof.TRACE_SUFFIX)).exists()):
-        # each row runs in a subprocess whose stderr is not shown: warn about the calibration here
-        prof.load_checked_calibration(model, direct, io_depth=io_depth)
-    res = B.run(model, bl, policies, pp=n_prompt,
-                tg=n_gen, reps=repetitions, workers=workers, direct=direct, eviction=eviction,
-                raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True),
-                io_depth=io_depth, device=device, limits=limits,
-                residents=residents or ("full",), host_budget=host_budget,
-                prefetches=prefetches or (None,))
-    click.echo(B.table(res))
-    if json_out:
-        B.save(res, json_out)
-        click.echo(f"wrote {json_out}", err=True)
-
-
+from . import cli_engine  # noqa: E402,F401  (registers profile, calibrate, bench on main)
 from . import cli_format  # noqa: E402,F401  (registers convert, export, verify, inspect on main)
 from . import cli_eval  # noqa: E402,F401  (registers plan, perplexity on main)
 from . import cli_serve  # noqa: E402,F401  (registers serve on main)
