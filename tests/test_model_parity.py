@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zipmoe_rt.kernels.linear import bf16_rows, linear, widen_bf16
+from zipmoe_rt.kernels.embed import bf16_rows
+from zipmoe_rt.kernels.linear import linear, widen_bf16
 from zipmoe_rt.kernels.swiglu import expert_accumulate, swiglu_expert
 from zipmoe_rt.models import build_model
 from zipmoe_rt.families import HParams

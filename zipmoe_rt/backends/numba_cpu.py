@@ -19,7 +19,8 @@ from ..kernels import packed as _packed
 from ..kernels import swiglu as _swiglu
 from ..kernels import clamped_swiglu as _clamped
 from ..kernels import sinks as _sinks
-from ..kernels.linear import bf16_rows, linear_into
+from ..kernels.embed import bf16_rows
+from ..kernels.linear import linear_into
 from ..models.packed import as_weights, is_packed
 from .base import (Backend, HostArrays, check_act, check_biased_expert, check_cap,
                    check_choice_bias, check_gated_delta, check_qk_norm, check_route, check_sinks,
@@ -40,7 +41,7 @@ class NumbaBackend(HostArrays, Backend):
     name = "numba"
 
     def embed(self, W, ids):
-        """:func:`~zipmoe_rt.kernels.linear.bf16_rows`."""
+        """:func:`~zipmoe_rt.kernels.embed.bf16_rows`."""
         return bf16_rows(W, ids)
 
     def linear(self, x, W, bias=None, out=None):

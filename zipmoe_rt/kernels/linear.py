@@ -41,7 +41,7 @@ from numba import get_num_threads, njit, prange
 
 from .rows import row_of
 
-__all__ = ["linear", "linear_into", "widen_bf16", "bf16_rows", "weight_kind"]
+__all__ = ["linear", "linear_into", "widen_bf16", "weight_kind", "bf16_to_f32", "f16_to_f32"]
 
 #: Numba options of the parallel kernels (shared by the kernel modules of this package).
 JIT_PARALLEL = dict(parallel=True, nogil=True, cache=True, fastmath=True, error_model="numpy")
@@ -70,7 +70,7 @@ def bf16_to_f32(h):
 
 
 @njit(inline="always")
-def _f16(h):
+def f16_to_f32(h):
     """IEEE half bits (uint16) -> float32, exact incl. subnormals, inf and NaN."""
     h32 = np.uint32(h)
     em = h32 & np.uint32(0x7FFF)
@@ -103,7 +103,7 @@ def _widen_rows_f16(W, r0, r1, buf):
         row = W[r]
         b = buf[r - r0]
         for j in range(n):
-            b[j] = _f16(row[j])
+            b[j] = f16_to_f32(row[j])
 
 
 @njit(**JIT_SERIAL)
@@ -482,47 +482,6 @@ def widen_bf16(W: np.ndarray) -> np.ndarray:
     if W.dtype != np.uint16:
         raise TypeError(f"widen_bf16 wants uint16 BF16 bits, got {W.dtype}")
     return (W.astype(np.uint32) << np.uint32(16)).view(np.float32)
-
-
-@njit(**JIT_SERIAL)
-def _rows_bf16(W, ids, out):
-    for i in range(ids.shape[0]):
-        row = W[ids[i]]
-        o = out[i]
-        for j in range(W.shape[1]):
-            o[j] = bf16_to_f32(row[j])
-
-
-@njit(**JIT_SERIAL)
-def _rows_f16(W, ids, out):
-    for i in range(ids.shape[0]):
-        row = W[ids[i]]
-        o = out[i]
-        for j in range(W.shape[1]):
-            o[j] = _f16(row[j])
-
-
-def bf16_rows(W: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Rows ``W[ids]`` widened to float32 on the fly (embedding lookup without an fp32 table).
-
-    Args:
-        W: [V, H] uint16 (BF16), float16 or float32.
-        ids: int64 [T], each in [0, V).
-    Returns:
-        float32 [T, H].
-    Raises:
-        IndexError: an id outside [0, V).
-        TypeError: unsupported dtype.
-    """
-    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-    if ids.size and (ids.min() < 0 or ids.max() >= W.shape[0]):
-        raise IndexError(f"token id out of range [0, {W.shape[0]})")
-    kind = weight_kind(W)
-    if kind == "f32":
-        return np.ascontiguousarray(W[ids])
-    out = np.empty((ids.shape[0], W.shape[1]), np.float32)
-    (_rows_bf16 if kind == "bf16" else _rows_f16)(W.view(np.uint16), ids, out)
-    return out
 
 
 #: the BF16 GEMV and GEMM kernels (weights: any row source of :mod:`zipmoe_rt.kernels.rows`),
