@@ -120,8 +120,10 @@ def _qk_prepare_groups(qkv, nq, nkv, hd, qn, kn, eps, clip, cos, sin, kc, vc, po
 
 
 @njit(inline="always")
-def _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
-    """Causal (optionally windowed) softmax attention of one (token, head) pair ``th``."""
+def _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
+    """Causal (optionally windowed) softmax attention of one (token, head) pair ``th``; with
+    ``sinks`` (float32 [nq], empty for none) the head's sink logit joins the maximum and the
+    denominator (gpt-oss, :mod:`zipmoe_rt.kernels.sinks`)."""
     group = nq // nkv
     t = th // nq
     h = th - t * nq
@@ -133,7 +135,10 @@ def _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
     n = p + 1 - start
     sc = np.empty(n, np.float32)
     q = qkv[t, h * hd:(h + 1) * hd]
+    has_sink = sinks.shape[0] > 0
     m = -np.inf
+    if has_sink:
+        m = sinks[h]
     for j in range(n):
         kr = kc[kh, start + j]
         acc = np.float32(0.0)
@@ -148,6 +153,8 @@ def _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
         e = np.exp(sc[j] - m)
         sc[j] = e
         tot += e
+    if has_sink:
+        tot += np.exp(sinks[h] - m)
     inv = np.float32(1.0) / tot
     o = out[t, h * hd:(h + 1) * hd]
     for d in range(hd):
@@ -160,15 +167,21 @@ def _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
 
 
 @njit(**_PAR)
-def _attention_par(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
+def attention_par(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
+    """:func:`_attend` over every (token, head) pair, in parallel."""
     for th in prange(qkv.shape[0] * nq):
-        _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out)
+        _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out)
 
 
 @njit(**_SER)
-def _attention_ser(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
+def attention_ser(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
+    """:func:`_attend` over every (token, head) pair, one thread."""
     for th in range(qkv.shape[0] * nq):
-        _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out)
+        _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out)
+
+
+#: the ``sinks`` argument of the kernels when the attention has none
+NO_SINKS = np.zeros(0, np.float32)
 
 
 def rope_qk_cache(qkv: np.ndarray, nq: int, nkv: int, hd: int, q_norm: np.ndarray,
@@ -225,6 +238,6 @@ def attention(qkv: np.ndarray, nq: int, nkv: int, hd: int, kc: np.ndarray, vc: n
     """
     T = qkv.shape[0]
     keys = pos0 + T if window <= 0 else min(pos0 + T, window)
-    attend = _attention_par if T * nq * keys * hd >= ATTN_PAR_MIN else _attention_ser
-    attend(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out)
+    attend = attention_par if T * nq * keys * hd >= ATTN_PAR_MIN else attention_ser
+    attend(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, NO_SINKS, out)
     return out

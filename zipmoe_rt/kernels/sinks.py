@@ -1,6 +1,6 @@
-"""Numba CPU kernel of causal (optionally sliding-window) grouped-query softmax attention with
-attention sinks: a learned logit per query head that joins the softmax denominator and has no
-value (``GptOssAttention`` in transformers' ``modeling_gpt_oss.py``, ``eager_attention_forward``:
+"""Causal (optionally sliding-window) grouped-query softmax attention with attention sinks, on
+the Numba attention kernel of :mod:`zipmoe_rt.kernels.attention`: a learned logit per query
+head that joins the softmax denominator and has no value (``GptOssAttention`` in transformers' ``modeling_gpt_oss.py``, ``eager_attention_forward``:
 the sink is concatenated to the scores, the softmax runs over both, the sink's column is
 dropped).
 
@@ -11,68 +11,10 @@ is read), caches ``kc``, ``vc`` float32 [nkv, capacity, hd], token ``t`` at posi
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
-from .attention import ATTN_PAR_MIN
+from .attention import ATTN_PAR_MIN, attention_par, attention_ser
 
 __all__ = ["attention_sinks"]
-
-_PAR = dict(parallel=True, nogil=True, cache=True, fastmath=True, error_model="numpy")
-_SER = dict(nogil=True, cache=True, fastmath=True, error_model="numpy")
-
-
-@njit(inline="always")
-def _attend_sink(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
-    """Attention of one (token, head) pair ``th`` with the head's sink in the denominator."""
-    group = nq // nkv
-    t = th // nq
-    h = th - t * nq
-    kh = h // group
-    p = pos0 + t
-    start = 0
-    if window > 0 and p - window + 1 > 0:
-        start = p - window + 1
-    n = p + 1 - start
-    sc = np.empty(n, np.float32)
-    q = qkv[t, h * hd:(h + 1) * hd]
-    sink = sinks[h]
-    m = sink
-    for j in range(n):
-        kr = kc[kh, start + j]
-        acc = np.float32(0.0)
-        for d in range(hd):
-            acc += q[d] * kr[d]
-        acc *= scale
-        sc[j] = acc
-        if acc > m:
-            m = acc
-    tot = np.float32(0.0)
-    for j in range(n):
-        e = np.exp(sc[j] - m)
-        sc[j] = e
-        tot += e
-    tot += np.exp(sink - m)
-    inv = np.float32(1.0) / tot
-    o = out[t, h * hd:(h + 1) * hd]
-    for d in range(hd):
-        o[d] = 0.0
-    for j in range(n):
-        wj = sc[j] * inv
-        vr = vc[kh, start + j]
-        for d in range(hd):
-            o[d] += wj * vr[d]
-
-
-@njit(**_PAR)
-def _sinks_par(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
-    for th in prange(qkv.shape[0] * nq):
-        _attend_sink(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out)
-
-
-@njit(**_SER)
-def _sinks_ser(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
-    for th in range(qkv.shape[0] * nq):
-        _attend_sink(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out)
 
 
 def attention_sinks(qkv: np.ndarray, nq: int, nkv: int, hd: int, kc: np.ndarray,
@@ -95,6 +37,6 @@ def attention_sinks(qkv: np.ndarray, nq: int, nkv: int, hd: int, kc: np.ndarray,
     """
     T = qkv.shape[0]
     keys = pos0 + T if window <= 0 else min(pos0 + T, window)
-    attend = _sinks_par if T * nq * keys * hd >= ATTN_PAR_MIN else _sinks_ser
+    attend = attention_par if T * nq * keys * hd >= ATTN_PAR_MIN else attention_ser
     attend(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out)
     return out
