@@ -15,7 +15,7 @@ import cupy as cp
 
 from . import cuda_gpt_oss
 from . import linear_attn as _lin
-from .checks import check_cap, check_choice_bias, check_gated_delta
+from .checks import check_cap, check_choice_bias
 from .numpy_ref import NumpyBackend
 
 __all__ = ["CudaFamilyOps"]
@@ -24,8 +24,11 @@ _F32 = np.float32
 _NP = NumpyBackend()                 # host routing of the routers without a kernel here
 
 
-class CudaFamilyOps:
-    """Family-specific ops of the CUDA backend (mixed into ``CupyBackend``)."""
+class CudaFamilyOps(_lin.LinearAttnOps):
+    """Family-specific ops of the CUDA backend (mixed into ``CupyBackend``); Qwen3-Next's from
+    :class:`~zipmoe_rt.backends.linear_attn.LinearAttnOps` over CuPy."""
+
+    XP = cp
 
     # -- PhiMoE --------------------------------------------------------------------------------
 
@@ -93,32 +96,6 @@ class CudaFamilyOps:
         the [T, E] logits are copied over, as the decisions go to the host anyway."""
         check_choice_bias(bias, logits.shape[1])
         return _NP.route_choice_bias(cp.asnumpy(logits), k, cp.asnumpy(bias), norm_min)
-
-    # -- Qwen3-Next / Qwen3.5-MoE: plain CuPy array code (backends/linear_attn.py) -------------
-
-    def sigmoid_mul_(self, x, g):
-        """``x *= sigmoid(g)`` (CuPy elementwise)."""
-        x *= _F32(1.0) / (_F32(1.0) + cp.exp(-g))
-        return x
-
-    def conv1d_silu(self, x, w, state, new_state, silu=True, bias=None):
-        """:func:`~zipmoe_rt.backends.linear_attn.conv1d_silu` over CuPy."""
-        return _lin.conv1d_silu(cp, x, w, state, new_state, silu, bias)
-
-    def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
-        """:func:`~zipmoe_rt.backends.linear_attn.gated_delta_rule` over CuPy (chunked scan for
-        several tokens, the recurrence for one)."""
-        check_gated_delta(qkv, ba, state, nk, nv, dk, dv)
-        return _lin.gated_delta_rule(cp, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state,
-                                     new_state)
-
-    def rmsnorm_gated(self, x, w, z, eps, out=None):
-        """:func:`~zipmoe_rt.backends.linear_attn.rmsnorm_gated` over CuPy."""
-        y = _lin.rmsnorm_gated(cp, x, w, z, eps)
-        if out is None:
-            return y
-        out[...] = y
-        return out
 
     # LFM2-MoE
     def mul(self, a, b):

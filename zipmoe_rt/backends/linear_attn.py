@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .checks import check_gated_delta
+
 _F32 = np.float32
 #: the epsilon of ``l2norm`` on q and k inside the gated delta rule (transformers' ``l2norm``).
 L2_EPS = 1e-6
@@ -120,3 +122,36 @@ def rmsnorm_gated(xp, x, w, z, eps):
     """``w * rmsnorm(x) * silu(z)`` per row (``Qwen3NextRMSNormGated``), float32 [R, n]."""
     var = (x * x).mean(axis=-1, keepdims=True, dtype=_F32)
     return (w * (x / xp.sqrt(var + _F32(eps)))) * silu(xp, z)
+
+
+class LinearAttnOps:
+    """The backend methods of the Qwen3-Next / Qwen3.5-MoE ops (contracts in
+    :class:`~zipmoe_rt.backends.base.Backend`) over the array module :attr:`XP`: a mixin of the
+    NumPy reference backend (``XP`` NumPy) and of the CUDA backend (``XP`` CuPy)."""
+
+    #: the array module the ops run on
+    XP = np
+
+    def sigmoid_mul_(self, x, g):
+        """``x *= sigmoid(g)`` (``attn_output * torch.sigmoid(gate)``), elementwise float32."""
+        x *= _F32(1.0) / (_F32(1.0) + self.XP.exp(-g))
+        return x
+
+    def conv1d_silu(self, x, w, state, new_state, silu=True, bias=None):
+        """:func:`conv1d_silu` over :attr:`XP`."""
+        return conv1d_silu(self.XP, x, w, state, new_state, silu, bias)
+
+    def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
+        """:func:`gated_delta_rule` over :attr:`XP` (chunked scan for several tokens, the
+        recurrence for one), its shapes checked first."""
+        check_gated_delta(qkv, ba, state, nk, nv, dk, dv)
+        return gated_delta_rule(self.XP, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state,
+                                new_state)
+
+    def rmsnorm_gated(self, x, w, z, eps, out=None):
+        """:func:`rmsnorm_gated` over :attr:`XP`, into ``out`` when given."""
+        y = rmsnorm_gated(self.XP, x, w, z, eps)
+        if out is None:
+            return y
+        out[...] = y
+        return out

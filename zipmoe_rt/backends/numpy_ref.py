@@ -13,7 +13,7 @@ import numpy as np
 from ..models.packed import as_weights
 from . import linear_attn as _lin
 from .base import (Backend, HostArrays, check_act, check_biased_expert, check_cap,
-                   check_choice_bias, check_gated_delta, check_qk_norm, check_route, check_sinks,
+                   check_choice_bias, check_qk_norm, check_route, check_sinks,
                    to_f32)
 
 _F32 = np.float32
@@ -45,7 +45,7 @@ def _rotate_half(v: np.ndarray) -> np.ndarray:
     return np.concatenate([-v[..., half:], v[..., :half]], axis=-1)
 
 
-class NumpyBackend(HostArrays, Backend):
+class NumpyBackend(_lin.LinearAttnOps, HostArrays, Backend):
     """Reference ops in NumPy float32 (``get_backend("numpy")``)."""
 
     name = "numpy"
@@ -268,30 +268,6 @@ class NumpyBackend(HostArrays, Backend):
         w /= np.maximum(w.sum(axis=-1, keepdims=True), _F32(norm_min))
         return idx, w
 
-    # Qwen3-Next / Qwen3.5-MoE (array code shared with the CUDA backend: backends/linear_attn.py)
-    def sigmoid_mul_(self, x, g):
-        """``x *= sigmoid(g)``."""
-        x *= _F32(1.0) / (_F32(1.0) + np.exp(-g))
-        return x
-
-    def conv1d_silu(self, x, w, state, new_state, silu=True, bias=None):
-        """:func:`~zipmoe_rt.backends.linear_attn.conv1d_silu` over NumPy."""
-        return _lin.conv1d_silu(np, x, w, state, new_state, silu, bias)
-
-    def gated_delta_rule(self, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state, new_state):
-        """:func:`~zipmoe_rt.backends.linear_attn.gated_delta_rule` over NumPy (chunked scan for
-        several tokens, the recurrence for one)."""
-        check_gated_delta(qkv, ba, state, nk, nv, dk, dv)
-        return _lin.gated_delta_rule(np, qkv, ba, A_log, dt_bias, nk, nv, dk, dv, state,
-                                     new_state)
-
-    def rmsnorm_gated(self, x, w, z, eps, out=None):
-        """:func:`~zipmoe_rt.backends.linear_attn.rmsnorm_gated` over NumPy."""
-        y = _lin.rmsnorm_gated(np, x, w, z, eps)
-        if out is None:
-            return y
-        out[...] = y
-        return out
     # Gemma 4
     def softcap_(self, x, cap):
         """``x = tanh(x / cap) * cap`` (``Gemma4ForCausalLM.forward``)."""
