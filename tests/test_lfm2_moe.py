@@ -1,7 +1,7 @@
 """LFM2-MoE: the short convolution and the router against transformers' modules, the conv
-state's cache rules, prefill in one call against token by token, cache reuse across chat turns
-(only where the held sequence is a prefix of the new one), config rules and errors, and
-``plan`` on the published LFM2-8B-A1B config."""
+state's cache rules, config rules and errors, and ``plan`` on the published LFM2-8B-A1B config
+(prefill in one call against token by token and cache reuse across chat turns:
+tests/test_recurrent_cache.py)."""
 from __future__ import annotations
 
 import json
@@ -11,13 +11,10 @@ import pytest
 
 from zipmoe_rt.backends import cuda_unavailable, get_backend
 from zipmoe_rt.families import ConfigError, get_architecture, get_family
-from zipmoe_rt.generate import CacheState, generate
-from zipmoe_rt.models import build_model
+from zipmoe_rt.generate import CacheState
 from zipmoe_rt.models.cache import RecurrentCache
 from zipmoe_rt.models.routing import Router, RoutingRule
 from zipmoe_rt.models.short_conv import ShortConv
-from zipmoe_rt.models.weights import CheckpointSource
-from zipmoe_rt.sampling import SamplingParams
 
 from hf_parity import hf_logits, model_pair
 
@@ -200,59 +197,6 @@ def test_interrupted_forward_leaves_the_state(loaded, name):
 
 
 # -- prefill, decode, chat turns -----------------------------------------------------------------
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", SPECS)
-def test_prefill_one_call_equals_token_by_token(tiny_moe_dir, loaded, name, backend):
-    """The whole prompt in one call and one token per call (conv state carried) give the same
-    logits at every position, both within the parity bar of transformers."""
-    _, hf = loaded(name)
-    model = build_model(CheckpointSource(tiny_moe_dir(name)), backend=backend)
-    ref = hf_logits(hf, PROMPT)
-    full = model.forward(PROMPT, model.new_cache(), last_only=False)
-    cache = model.new_cache()
-    steps = np.stack([model.forward(PROMPT[i:i + 1], cache) for i in range(len(PROMPT))])
-    assert cache.offset == len(PROMPT)
-    assert np.abs(full - ref).max() <= 1e-3 and np.abs(steps - ref).max() <= 1e-3
-    np.testing.assert_allclose(steps, full, rtol=0, atol=1e-5)
-    assert np.array_equal(steps.argmax(-1), full.argmax(-1))
-
-
-@pytest.mark.parametrize("name", SPECS)
-def test_chat_turns_reuse_the_cache_only_for_a_prefix(loaded, name):
-    """Turns through one :class:`CacheState` (what ``ChatSession`` and the server's prompt
-    cache do): a turn that extends the held sequence reuses the conv state and gives the logits
-    of a fresh run over the whole conversation (and transformers'); a turn that shares only
-    the last prompt returns to the state marked at that prompt's end; a turn that diverges
-    earlier cannot roll the conv state back and is recomputed from scratch."""
-    model, hf = loaded(name)
-    greedy = SamplingParams(temperature=0.0, max_tokens=6)
-    state = CacheState.new(model)
-    conv = [int(t) for t in PROMPT[:10]]
-    new = state.sync_prefix(conv, model)
-    assert new == conv
-    conv += [s.token_id for s in generate(model, new, greedy, cache=state)
-             if s.token_id is not None]
-    assert state.cache.crop_points() == [0, 10, len(state.token_ids)]     # marked after prefill
-    held_cache = state.cache
-
-    def turn(target, reused):
-        new = state.sync_prefix(target, model)
-        assert state.cache is held_cache and len(state.token_ids) == reused
-        assert new == target[reused:] and state.cache.offset == reused
-        logits = model.forward(np.array(new), state.cache, last_only=False)
-        state.token_ids.extend(new)
-        fresh = model.forward(np.array(target), model.new_cache(), last_only=False)
-        np.testing.assert_allclose(logits, fresh[reused:], rtol=0, atol=1e-5)
-        assert np.abs(logits - hf_logits(hf, target)[reused:]).max() <= 1e-3
-        return logits, fresh
-
-    target = conv + [int(t) for t in PROMPT[10:16]]
-    turn(target, len(conv) - 1 if len(state.token_ids) < len(conv) else len(conv))
-    turn(conv[:10] + [5, 6, 7, 8], 10)          # the previous prompt, another reply: the mark
-    logits, fresh = turn(conv[:8] + [7, 8, 9], 0)   # an edited history: only 0
-    np.testing.assert_array_equal(logits, fresh)
-
 
 def test_lfm25_template_turns_and_the_conv_state(loaded):
     """LFM2.5's real chat template keeps the reasoning of the last assistant turn only: the
