@@ -20,6 +20,22 @@ ESCAPE = 15
 # transcoder
 
 
+@njit(**JIT_SERIAL)
+def _histogram(x):
+    """int64 [256] counts of the uint8 values of ``x`` (four partial tables, so that runs of
+    one value do not serialise on one counter)."""
+    h = np.zeros((4, 256), np.int64)
+    n4 = x.size & ~3
+    for i in range(0, n4, 4):
+        h[0, x[i]] += 1
+        h[1, x[i + 1]] += 1
+        h[2, x[i + 2]] += 1
+        h[3, x[i + 3]] += 1
+    for i in range(n4, x.size):
+        h[0, x[i]] += 1
+    return h[0] + h[1] + h[2] + h[3]
+
+
 def window_base(exp: np.ndarray) -> int:
     """The ``base`` whose window ``base .. base + 14`` holds the most exponents of ``exp``.
 
@@ -28,31 +44,41 @@ def window_base(exp: np.ndarray) -> int:
     Returns:
         int in ``0 .. 241`` (ties: the lowest base).
     """
-    h = np.bincount(np.asarray(exp, np.uint8).reshape(-1), minlength=256).astype(np.int64)
+    h = _histogram(np.ascontiguousarray(exp, np.uint8).reshape(-1))
     c = np.convolve(h, np.ones(WINDOW, np.int64), "valid")   # c[b] = sum h[b : b + 15]
     return int(np.argmax(c))
 
 
 @njit(**JIT_SERIAL)
 def _pack(exp, rows, cols, base, nib, esc_ptr):
-    """nib (escapes as 15) and per-row escape counts -> esc_ptr prefix sums; returns total."""
+    """nib (escapes as 15) and per-row escape counts -> esc_ptr prefix sums; returns total.
+
+    Works on 8-bit lanes (``(e - base) mod 256``, an escape when ``>= 15``) in unit-stride loops
+    over the two halves of a row, so that LLVM vectorises them."""
     h = (cols + 1) >> 1
+    b = np.uint8(base)
+    esc = np.uint8(ESCAPE)
     total = 0
     for r in range(rows):
         esc_ptr[r] = total
         er = exp[r * cols:(r + 1) * cols]
         nr = nib[r]
-        for j in range(h):
-            nr[j] = 0
-        for j in range(cols):
-            v = np.int64(er[j]) - base
-            if v < 0 or v >= ESCAPE:
-                v = ESCAPE
-                total += 1
-            if j < h:
-                nr[j] |= np.uint8(v)
-            else:
-                nr[j - h] |= np.uint8(v << 4)
+        n = 0
+        for j in range(cols - h):        # both nibbles
+            lo = np.uint8(er[j] - b)
+            hi = np.uint8(er[h + j] - b)
+            el = lo >= esc
+            eh = hi >= esc
+            lo = esc if el else lo
+            hi = esc if eh else hi
+            n += np.int64(el) + np.int64(eh)
+            nr[j] = np.uint8(lo | np.uint8(hi << np.uint8(4)))
+        for j in range(cols - h, h):     # odd cols: the last low nibble has no high partner
+            lo = np.uint8(er[j] - b)
+            el = lo >= esc
+            n += np.int64(el)
+            nr[j] = esc if el else lo
+        total += n
     esc_ptr[rows] = total
     return total
 
