@@ -36,7 +36,10 @@ from zipmoe_rt.engine import buffers
 from zipmoe_rt.engine import calibration
 from zipmoe_rt.engine import profile as prof
 from zipmoe_rt.engine.pipeline import ExpertEngine, budget_split
+from zipmoe_rt.engine.ctier import ESCAPE_SHARE
 from zipmoe_rt.engine.planner import DelayModel
+from zipmoe_rt.engine.resident import compute_form_bytes, packable
+from zipmoe_rt.models.packed import PackedExpert
 from zipmoe_rt.engine.profile import TraceError
 from zipmoe_rt.engine.store import ZmoeSource
 from zipmoe_rt.engine.tiers import BudgetError
@@ -142,14 +145,23 @@ class Case:
             return self.dense + self.k * self.bytes_F + self.n_total * self.bytes_F // 3
         return self.dense + (self.k + self.n_total) * self.bytes_F
 
+    @property
+    def packable(self) -> bool:
+        """Every expert has a compute form (then C slots hold it, engine/ctier.py)."""
+        return all(packable(l) for l in self.layouts.values())
+
     def delay(self, which: str) -> DelayModel:
+        """The delay constants ``which``, with the C tier priced in the form the engine holds
+        it (the compute form when every expert is packable, as build_engine does)."""
         sm_s, exp_s, dec_s = DELAYS[which]
         lays = self.layouts.values()
+        c_form = max(compute_form_bytes(l, ESCAPE_SHARE) for l in lays) if self.packable else 0
         return DelayModel(sm_read_s=sm_s, exp_read_s=exp_s, decode_s=dec_s, matmul_s=1e-6,
                           workers=WORKERS, bytes_F=self.bytes_F,
                           bytes_sm=max(l.sm_region[1] for l in lays),
                           bytes_exp=max(l.exp_region[1] for l in lays),
-                          chunks=max(1, max(sum(len(p.chunks) for p in l.pieces) for l in lays)))
+                          chunks=max(1, max(sum(len(p.chunks) for p in l.pieces) for l in lays)),
+                          bytes_c_form=c_form, c_matmul_s=1.05e-6 if c_form else 0.0)
 
 
 def make_engine(case: Case, budget: int, policy: str, eviction: str = "lru", delay=None,
@@ -427,6 +439,11 @@ def test_zipmoe_tiers_follow_the_plan(case, budget, delay, trace, locality):
             for e, t in zip(slot_order, tiers):
                 static[(layer, e)] = t
                 lay = case.layouts[(layer, e)]
+                if t == "C" and case.packable:   # the compute form, computed in place
+                    held = engine.slots[(layer, e)].packed
+                    assert isinstance(held, PackedExpert)
+                    want_bytes[t] += held.nbytes
+                    continue
                 want_bytes[t] += {"C": lay.sm_region[1] + lay.exp_region[1],
                                   "S": lay.sm_region[1], "E": lay.exp_region[1]}[t]
             want_bytes["F"] += sum(case.layouts[(layer, e)].full_bytes for e in order[:tp.nF])
@@ -978,12 +995,18 @@ def default_case(default_zmoe, tmp_path_factory):
     return dict(path=link, ids=ids, logits=logits, tokens=tokens, trace=trace_path)
 
 
-@pytest.mark.parametrize("policy", ["zipmoe", "zip-lru"])
-def test_default_model_budgeted_is_bit_identical(default_case, policy):
+@pytest.mark.parametrize("policy,resident,c_tier", [
+    ("zipmoe", "full", "packed"), ("zipmoe", "full", "planes"), ("zipmoe", "compressed", "packed"),
+    ("zip-lru", "full", "packed"), ("zip-lru", "compressed", "packed")])
+def test_default_model_budgeted_is_bit_identical(default_case, policy, resident, c_tier):
+    """At 25 %, every policy, with the caches in BF16 or in the compute form and zipmoe's C
+    slots in either form: the unbudgeted logits and tokens, bit for bit."""
     m = zipmoe_rt.load(default_case["path"], memory_budget="25%", policy=policy,
-                       trace=default_case["trace"], workers=WORKERS, progress=False)
+                       trace=default_case["trace"], workers=WORKERS, progress=False,
+                       resident=resident, c_tier=c_tier)
     try:
         assert m.engine is not None and m.engine.policy == policy
+        assert (m.engine.resident, m.engine.c_form) == (resident, c_tier)
         log = CallLog(m.engine)
         m.net.route_hook = log
         logits, tokens = generate(m.net, default_case["ids"], 8)
@@ -993,6 +1016,11 @@ def test_default_model_budgeted_is_bit_identical(default_case, policy):
         for r in log.reports + [rep]:
             assert resident_total(r) <= rep["budget"]
         assert sum(m.engine.stats.hits.values()) == log.uses
+        f_held = [w for pool in m.engine.fpools.values() for w in pool.slots.values()]
+        assert f_held and all(isinstance(w, PackedExpert) == (resident == "compressed")
+                              for w in f_held)
+        c_slots = [s for s in m.engine.slots.values() if s.tier == "C"]
+        assert all((s.packed is not None) == (c_tier == "packed") for s in c_slots)
     finally:
         m.close()
     assert_same_logits(logits, default_case["logits"])

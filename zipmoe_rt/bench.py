@@ -61,7 +61,7 @@ def raw_companion(model_path, progress: bool = False) -> Path:
 
 def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, eviction, trace,
                io_depth=None, device="cpu", memory_limit=None, resident="full", host_budget=None,
-               prefetch=None):
+               prefetch=None, c_tier="packed"):
     """One benchmark configuration in this process: load the model with these options, warm the
     JIT up, then ``reps`` timed runs, each after evicting the model file from the page cache and
     resetting the peak RSS.
@@ -80,6 +80,7 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
             before the timed runs in either mode.
         host_budget: as for :func:`zipmoe_rt.api.load` (budgeted ``cuda`` rows only).
         prefetch: as for :func:`zipmoe_rt.api.load` (None: its default).
+        c_tier: as for :func:`zipmoe_rt.api.load`.
 
     Returns:
         ``(runs, memory)``: per repetition a dict (``pp_s``; ``ttft_s``, ``decode_tps``,
@@ -92,7 +93,7 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
              context=max(pp, 16 + tg) if memory_limit is not None else None,
              eviction=eviction, trace=trace, progress=False, resident=resident,
              host_budget=host_budget if budget is not None and device == "cuda" else None,
-             prefetch=prefetch)
+             prefetch=prefetch, c_tier=c_tier)
     net, eng = m.net, m.engine
     if budget is None:
         m.source.admit_all()               # steady state: no expert decoded in a timed run
@@ -232,7 +233,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
         workers: int | None = None, direct: bool = False, eviction: str = "lru",
         raw_model=None, trace=None, log=print, io_depth: int | None = None,
         device: str = "cpu", limits=(), residents=("full",), host_budget=None,
-        prefetches=(None,)) -> dict:
+        prefetches=(None,), c_tiers=("packed",)) -> dict:
     """Benchmark every (budget, policy) pair; returns the JSON-able result (rows + environment).
     ``device``: ``cpu`` or ``cuda`` (as for :func:`zipmoe_rt.api.load`).
 
@@ -244,9 +245,11 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
 
     ``budgets``: sizes as accepted by :func:`zipmoe_rt.api.parse_size` (``None`` = unbudgeted,
     every expert in memory). ``policies``: ``zipmoe``, ``zip-lru``, ``raw-lru``.
-    ``residents``: how unbudgeted rows hold the experts, one row each: ``full`` (decoded,
-    policy ``in-memory``) and/or ``compressed`` (the compute form, policy
-    ``in-memory compressed``). ``host_budget``: pinned host memory of the budgeted ``cuda``
+    ``residents``: how rows hold the experts, one row each: ``full`` (decoded, policy
+    ``in-memory``) and/or ``compressed`` (the compute form, policy ``in-memory compressed``;
+    budgeted rows: the policy's caches in the compute form, policy ``POLICY compressed``).
+    ``c_tiers``: ``packed``/``planes`` per budgeted ``zipmoe`` row (a row each; ``planes``
+    rows are named ``zipmoe C-planes``): the form of its C slots (:func:`zipmoe_rt.api.load`). ``host_budget``: pinned host memory of the budgeted ``cuda``
     rows (:func:`zipmoe_rt.api.load`).
     ``prefetches``: ``on``/``off``/None (the default) per budgeted row (a row each): the
     row's ``prefetch`` is what the engine ran (off when the budget has no room for it), with
@@ -258,9 +261,9 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     if host_budget is not None and device != "cuda":
         raise ValueError("host_budget (--host-budget): applies to --device cuda with "
                          "--memory-budget")
-    if "compressed" in residents and None not in budgets:
-        raise ValueError("--resident compressed applies to the unbudgeted rows: add "
-                         "--memory-budget none")
+    from .engine.ctier import check_c_form
+    for c in c_tiers:
+        check_c_form(c)
     from .api import parse_size
     from .engine.store import ZmoeSource
     from .engine import profile as prof
@@ -285,8 +288,12 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
             lim_bytes = resolve_limit(lim)[0]       # auto: resolved once, here, for all rows
         unbudgeted = [("in-memory" if r == "full" else f"in-memory {r}") for r in residents]
         budgeted = b is not None or lim is not None
-        for pol, pf in [(p, f) for p in (policies if budgeted else unbudgeted)
-                        for f in (prefetches if budgeted else (None,))]:
+        combos = ([(p + ("" if r == "full" else f" {r}") + ("" if c == "packed" else " C-planes"),
+                    p, f, r, c) for p in policies for r in residents
+                   for c in (c_tiers if p == "zipmoe" else ("packed",)) for f in prefetches]
+                  if budgeted else [(p, p, None, "compressed" if p.endswith("compressed")
+                                     else "full", "packed") for p in unbudgeted])
+        for label, pol, pf, res_mode, c_tier in combos:
             path = model_path
             if pol == "raw-lru":
                 if raw_model is None and not Path(model_path).with_name(
@@ -295,16 +302,14 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                 path = raw_model or raw_companion(model_path)
             what = (f"memory limit {lim} ({lim_bytes / 1e6:.0f} MB)" if lim is not None
                     else f"budget {b} ({(nbytes or 0) / 1e6:.0f} MB)")
-            log(f"bench: {what}, policy {pol}" + (f", prefetch {pf}" if pf else "") + " ...")
+            log(f"bench: {what}, policy {label}" + (f", prefetch {pf}" if pf else "") + " ...")
             runs, mem = _in_subprocess(str(path), nbytes,
                                        pol if (b is not None or lim is not None) else "auto", pp,
                                        tg, reps, workers, direct, eviction,
                                        str(trace) if trace else None, io_depth, device,
-                                       lim_bytes,
-                                       "compressed" if pol.endswith("compressed") else "full",
-                                       host_budget, pf)
-            row = {"budget": b, "budget_bytes": nbytes, "policy": pol, "runs": runs,
-                   "memory": mem}
+                                       lim_bytes, res_mode, host_budget, pf, c_tier)
+            row = {"budget": b, "budget_bytes": nbytes, "policy": label, "runs": runs,
+                   "memory": mem, "resident": res_mode, "c_tier": c_tier}
             if lim is not None:
                 row.update(budget=f"limit {lim}", budget_bytes=mem["budget"], limit=lim,
                            limit_bytes=lim_bytes)

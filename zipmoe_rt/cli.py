@@ -170,7 +170,12 @@ ENGINE_OPTIONS = [
     click.option("--resident", type=click.Choice(["full", "compressed"]), default="full",
                  show_default=True,
                  help="without a budget: keep experts decoded (full) or all in a compressed "
-                      "compute form (~75% of BF16), computed in place, same outputs"),
+                      "compute form (~75% of BF16), computed in place, same outputs; under a "
+                      "budget: the form of the experts the policy caches"),
+    click.option("--c-tier", type=click.Choice(["packed", "planes"]), default="packed",
+                 show_default=True,
+                 help="zipmoe's C slots: the compute form computed in place (packed) or the "
+                      "storage form decoded at every use (planes)"),
     # cross-layer prefetch (engine/prefetch.py)
     click.option("--prefetch", type=click.Choice(["on", "off"]), default=None,
                  help="under a budget: while a layer computes, load the experts the next "
@@ -269,7 +274,7 @@ def load_from_options(model, kw, context=None):
              direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"],
              memory_limit=kw.get("memory_limit"), context=context,
              resident=kw.get("resident", "full"), host_budget=kw.get("host_budget"),
-             prefetch=kw.get("prefetch"))
+             prefetch=kw.get("prefetch"), c_tier=kw.get("c_tier", "packed"))
     if _memory_asked(kw):      # the banner's memory line: a limit or a budget was given
         click.echo(f"zipmoe-rt: {m.memory_line()}", err=True)
     return m

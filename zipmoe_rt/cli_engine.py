@@ -110,14 +110,18 @@ def calibrate(model, samples, direct, io_depth, device):
 @DEVICE_OPTION
 @click.option("--resident", "residents", multiple=True,
               type=click.Choice(["full", "compressed"]),
-              help="how the unbudgeted rows hold experts (repeatable: a row each) [default: full]")
+              help="how rows hold experts (repeatable: a row each; budgeted rows: the "
+                   "policy's caches) [default: full]")
+@click.option("--c-tier", "c_tiers", multiple=True, type=click.Choice(["packed", "planes"]),
+              help="form of zipmoe's C slots (repeatable: a row each) [default: packed]")
 @HOST_BUDGET_OPTION
 @click.option("--prefetch", "prefetches", multiple=True, type=click.Choice(["on", "off"]),
               help="cross-layer prefetch of the budgeted rows (repeatable: a row each) "
                    "[default: off]")
 @friendly_errors
 def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, eviction, workers, direct,
-          io_depth, raw_model, trace, json_out, device, residents, host_budget, prefetches):
+          io_depth, raw_model, trace, json_out, device, residents, host_budget, prefetches,
+          c_tiers):
     """Benchmark prefill/decode tokens/s under memory budgets, all policies in one run.
 
     Prints a llama-bench-style table (mean ± sd over repetitions, TTFT, TPOT, hits per tier,
@@ -144,7 +148,7 @@ def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, evicti
                 raw_model=raw_model, trace=trace, log=lambda s: click.echo(s, err=True),
                 io_depth=io_depth, device=device, limits=limits,
                 residents=residents or ("full",), host_budget=host_budget,
-                prefetches=prefetches or (None,))
+                prefetches=prefetches or (None,), c_tiers=c_tiers or ("packed",))
     click.echo(B.table(res))
     if json_out:
         B.save(res, json_out)

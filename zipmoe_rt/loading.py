@@ -72,7 +72,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
          workers: int | None = None, direct: bool = False, trace=None,
          io_depth: int | None = None, device: str = "cpu", memory_limit=None,
          context: int | None = None, resident: str = "full", host_budget=None,
-         prefetch=None) -> "Model":
+         prefetch=None, c_tier: str = "packed") -> "Model":
     """Load a ``.zmoe`` model (or the bundled default model when ``path`` is None).
 
     Args:
@@ -105,7 +105,11 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         resident: without a budget, how experts are held: ``full`` (decoded to BF16 on first
             use and kept) or ``compressed`` (every expert read at load and kept in the compute
             form, ~75 % of the BF16 bytes, and computed in place by the packed kernels; no reads
-            after loading; outputs bit-identical; design note §6.5). On ``cuda`` every expert
+            after loading; outputs bit-identical; design note §6.5). Under a budget or limit
+            (CPU): the experts the policy caches (zip-lru's and raw-lru's LRU cache, zipmoe's
+            F pools) are held in the compute form, misses transcoded when loaded, so about
+            1.3x as many fit; the policy (``auto`` too) is chosen as with ``full``
+            (engine/ctier.py). The C tier of ``zipmoe`` is in the compute form either way. On ``cuda`` every expert
             is transcoded on the host, uploaded packed at load and computed in place by the
             fused decode + GEMV kernels (:mod:`zipmoe_rt.backends.cuda_packed`; logits equal
             the BF16 GPU path's bit for bit).
@@ -118,6 +122,10 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             state (engine/prefetch.py; outputs bit-identical either way; the host engine only).
             None: the default, :data:`~zipmoe_rt.engine.prefetch.DEFAULT_PREFETCH`. No effect
             without a budget.
+        c_tier: under a budget, how ``zipmoe``'s C slots hold their experts: ``packed`` (the
+            compute form, transcoded once when a slot is filled, computed in place with no
+            decode) or ``planes`` (the storage form, SM + Huffman exponents, decoded into BF16
+            at every use). Experts that are not packable keep the storage form either way.
 
     Returns:
         a :class:`Model`.
@@ -128,8 +136,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         ValueError: a ``host_budget`` that cannot be read, or given without ``device="cuda"``
             and a ``memory_budget``; an architecture this runtime does not run, a file without a tokenizer, a
             ``device`` other than auto, cpu, cuda, an unknown ``resident`` value, or
-            ``resident="compressed"`` with a memory budget or limit, or a ``prefetch`` other
-            than on, off or a bool.
+            ``resident="compressed"`` with a memory budget or limit on ``cuda``, or a
+            ``prefetch`` other than on, off or a bool.
         zipmoe_rt.engine.limit.MemoryLimitError: an unreadable ``memory_limit``, one too small
             for the fixed overhead plus the smallest budget (both stated), or a
             ``memory_budget`` that does not fit it.
@@ -161,15 +169,18 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     backend = get_backend(resolve_device(device, "device (--device)"))
     on_host = backend.name != "cuda"
     from .engine.resident import check_resident
-    if check_resident(resident) == "compressed":
-        if budgeted:
-            raise ValueError("resident (--resident): 'compressed' holds every expert and does "
-                             "not combine with a memory budget (--memory-budget, --memory-limit)")
+    if check_resident(resident) == "compressed" and budgeted and not on_host:
+        raise ValueError("resident (--resident): 'compressed' with a memory budget "
+                         "(--memory-budget, --memory-limit) runs on the CPU engine only; "
+                         "--device cuda budgets hold experts compressed on the host with "
+                         "--host-budget instead")
     if host_budget is not None and (on_host or memory_budget is None):
         raise ValueError("host_budget (--host-budget): applies to --device cuda with "
                          "--memory-budget (it bounds the pinned host memory of experts the GPU "
                          "budget leaves out)")
     from .engine.io import check_io_depth
+    from .engine.ctier import check_c_form
+    check_c_form(c_tier)
     check_io_depth(io_depth)   # also unbudgeted: a bad value is an error, not ignored
     from .engine.prefetch import DEFAULT_PREFETCH, attach, check_prefetch
     prefetch = check_prefetch(DEFAULT_PREFETCH if prefetch is None else prefetch)
@@ -200,7 +211,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                 hb = parse_host_budget(host_budget, source)
             engine = build_engine(source, budget, policy, eviction,
                                   workers, direct, trace, verify, io_depth, warn_stacklevel=2,
-                                  backend=backend, host_budget=hb, prefetch=prefetch)
+                                  backend=backend, host_budget=hb, prefetch=prefetch,
+                                  resident=resident, c_form=c_tier)
             _check_same_file(source, engine.reader)
             executor = engine
         else:

@@ -136,7 +136,8 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
         times[w] = best
     speedup = {str(w): float(times[1] / times[w]) for w in counts}
     lay0 = pick[0]
-    return {"version": CALIB_VERSION, "decode_speedup": speedup, "machine": platform.node(),
+    cform = compute_form_costs(source, bufs, be, float(np.median(mm_t)))
+    return {**cform, "version": CALIB_VERSION, "decode_speedup": speedup, "machine": platform.node(),
             "cpus": os.cpu_count(), "direct": direct, "io_depth": io_depth,
             "io_speedup": float(io_speedup),
             "sm_read_s": float(np.median(sm_t)) / io_speedup,
@@ -149,6 +150,54 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
             "read_GBps": float(sum(l.sm_region[1] + l.exp_region[1] for l, _, _ in bufs)
                                / max(sum(sm_t) + sum(exp_t), 1e-9) / 1e9),
             "decode_Gweights_per_s": float(lay0.elements / np.median(dec_t) / 1e9)}
+
+
+def compute_form_costs(source, bufs, backend, matmul_s: float) -> dict:
+    """The compute form's costs on sample experts (design note §6.5; the C tier computed in
+    place and ``--resident compressed`` under a budget, engine/ctier.py): medians over the
+    packable samples, seconds, on one thread for the transcode.
+
+    Args:
+        source: the model's :class:`~zipmoe_rt.engine.store.ZmoeSource` (its path).
+        bufs: ``[(layout, sm region, exponent region)]`` of sample experts, read.
+        backend: the compute backend the matmuls are timed on.
+        matmul_s: the BF16 matmul time of one expert for one token measured beside.
+    Returns:
+        ``{}`` without packable samples, else ``c_matmul_s`` (``matmul_s`` times the median
+        ratio of the packed to the BF16 matmul of the same expert, each the best of three
+        runs: the ratio is steadier on a busy machine than either time), ``transcode_s`` (read
+        regions to compute form: decode the exponents into a plane and transcode) and
+        ``escape_share`` (the largest share of escapes in any sample).
+    """
+    from .resident import pack_expert, packable
+    import zstandard as zstd
+    dctx = zstd.ZstdDecompressor()
+    ratios, trans, share = [], [], 0.0
+    x = backend.from_host(np.random.default_rng(2).standard_normal(
+        source.hparams["hidden_size"]).astype(np.float32))
+    one = np.ones(1, np.float32)
+    for lay, sm, exp in bufs:
+        if not packable(lay):
+            continue
+        t0 = time.perf_counter()
+        P = pack_expert(source.path, lay, sm, exp, dctx)
+        trans.append(time.perf_counter() - t0)
+        W = L_.decode_expert(source.path, lay, sm, exp, dctx)
+        share = max(share, sum(m.n_escapes for m in (P.gate, P.up, P.down)) / lay.elements)
+        best = {}
+        for _ in range(3):
+            for name, w in (("bf16", W), ("packed", P)):
+                out = backend.zeros(x.shape)
+                t0 = time.perf_counter()
+                backend.experts_token(out, x, [w], one)
+                backend.synchronize()
+                best[name] = min(best.get(name, np.inf), time.perf_counter() - t0)
+        ratios.append(best["packed"] / max(best["bf16"], 1e-9))
+    if not ratios:
+        return {}
+    return {"c_matmul_s": float(matmul_s * np.median(ratios)),
+            "transcode_s": float(np.median(trans[1:] or trans)),   # the first warms the JIT
+            "escape_share": float(share)}
 
 
 #: keys every calibration needs, all positive numbers (what :func:`delay_model` reads)

@@ -14,7 +14,8 @@ from .pipeline import ExpertEngine, budget_split
 def build_engine(source, budget, policy, eviction, workers, direct, trace, verify,
                  io_depth=None, *, warn_stacklevel: int = 1, backend=None,
                  host_budget: int = 0, gpu_ops=None,
-                 prefetch: bool = False) -> ExpertEngine:
+                 prefetch: bool = False, resident: str = "full",
+                 c_form: str = "packed") -> ExpertEngine:
     """The :class:`~zipmoe_rt.engine.pipeline.ExpertEngine` that runs ``source``'s experts
     within ``budget`` bytes.
 
@@ -50,6 +51,13 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
             :class:`~zipmoe_rt.engine.gpu_ops.HostOps` runs the GPU engine on the CPU (tests).
         prefetch: cross-layer prefetch (engine/prefetch.py; the host engine only); its second
             working set is taken from the budget before the tiers are planned.
+        resident: ``full`` or ``compressed``: the F caches of the host engine hold decoded
+            BF16 experts or the compute form (engine/ctier.py); the policy is chosen the same
+            way for both (``auto`` as above).
+        c_form: ``packed`` (C slots computed in place from the compute form) or ``planes``
+            (the storage form, decoded at use); ``planes`` is used whenever some expert is not
+            packable. The planner prices C (and with ``compressed`` F) experts in the form they
+            are held (:func:`~zipmoe_rt.engine.ctier.compute_form_delay`).
 
     Returns:
         the engine (the caller closes it).
@@ -69,6 +77,11 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     cls, extra = _engine_class(backend, host_budget, gpu_ops)
     if cls is ExpertEngine and prefetch:
         extra = dict(extra, prefetch=True)
+    if cls is ExpertEngine:
+        from .resident import packable
+        if not all(packable(l) for l in lays):
+            c_form = "planes"
+        extra = dict(extra, resident=resident, c_form=c_form)
     if policy != "zipmoe":
         return cls(source, budget, policy, eviction, workers=workers, direct=direct,
                    verify=verify, io_depth=io_depth, backend=backend, **extra)
@@ -87,6 +100,10 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
                                 bytes_F=max(l.full_bytes for l in lays),
                                 bytes_sm=max(l.sm_region[1] for l in lays),
                                 bytes_exp=max(l.exp_region[1] for l in lays))
+    if cls is ExpertEngine:
+        from .ctier import compute_form_delay
+        delay, share = compute_form_delay(delay, source, calib, resident, c_form, backend)
+        extra = dict(extra, escape_share=share)
     plan, ranks = prof.make_plan(tr, delay, tier_budget, int(source.hparams["num_experts_per_tok"]))
     return cls(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
                workers=workers, direct=direct, verify=verify, delay=delay,

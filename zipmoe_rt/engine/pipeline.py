@@ -42,6 +42,7 @@ from ..backends import get_backend
 from ..models.moe import accumulate_experts, expert_act
 from . import layout as L_
 from .buffers import BufferPools
+from .ctier import CTierMixin
 from .io import RegionReader, check_io_depth
 from .prefetch import PrefetchMixin
 from .scheduler import Task, execution_order, schedule
@@ -95,7 +96,7 @@ class _Pending:
     """An expert being prepared: resolves to ExpertWeights when all its jobs are done."""
 
     __slots__ = ("lay", "sm", "exp", "outs", "left", "reads_left", "done", "error", "weights",
-                 "lock", "bufs")
+                 "lock", "bufs", "packing", "parts", "held")
 
     def __init__(self, lay):
         self.lay = lay
@@ -108,6 +109,9 @@ class _Pending:
         self.error = None
         self.weights = None
         self.lock = threading.Lock()
+        self.packing = False    # ends in the compute form (engine/ctier.py)
+        self.parts = None       # role -> PackedMatrix, filled by the packing jobs
+        self.held = False       # weights a slot holds (a C hit in the compute form)
 
 
 def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int, int, int]:
@@ -137,7 +141,7 @@ def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int
     return bytes_F, k, free
 
 
-class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
+class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
     """Expert executor under a memory budget (``Executor`` protocol of models/moe.py).
 
     Args:
@@ -165,6 +169,13 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
             computes (engine/prefetch.py; the model's look-ahead is installed by
             :func:`~zipmoe_rt.engine.prefetch.attach`). Off when the budget has no room for a
             second working set (:func:`budget_split`); :attr:`prefetch` says which.
+        resident: ``full`` (F caches hold decoded BF16 experts) or ``compressed`` (every
+            packable expert is transcoded into the compute form when loaded and the F caches
+            hold that, ~76 % of the bytes; engine/ctier.py).
+        c_form: ``packed`` (C slots of packable experts hold the compute form, computed in
+            place) or ``planes`` (C slots hold the storage form and decode at every use).
+        escape_share: escapes per weight assumed when sizing compute-form caches (default
+            :data:`~zipmoe_rt.engine.ctier.ESCAPE_SHARE`).
 
     Raises:
         BudgetError: a budget below dense weights + one expert.
@@ -175,7 +186,8 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
     def __init__(self, source, budget_bytes: int, policy: str = "zip-lru", eviction: str = "lru",
                  plan=None, ranks=None, workers: int | None = None, direct: bool = False,
                  verify: bool = True, delay=None, adapt: bool = True, io_depth: int | None = None,
-                 backend=None, prefetch: bool = False):
+                 backend=None, prefetch: bool = False, resident: str = "full",
+                 c_form: str = "packed", escape_share: float | None = None):
         import os
         if policy not in POLICIES:
             raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -189,6 +201,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
         self.k = int(self.hp["num_experts_per_tok"])
         self.layouts = source.layouts
         raw_experts = all(p.raw for lay in self.layouts.values() for p in lay.pieces)
+        self._setup_compute_form(resident, c_form, escape_share, raw_experts)
         if policy == "raw-lru" and not raw_experts:
             raise ValueError(f"{self.path}: policy raw-lru needs a file with raw BF16 experts "
                              f"(convert with --expert-encoding raw)")
@@ -230,8 +243,11 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
             self._fill_tiers(plan, ranks)
             self._seed_heat(ranks)
         else:
-            cap = self.tier_budget // self.bytes_F
-            shared = FullPool(int(cap), eviction)
+            if self.resident == "compressed":   # sized by the planned bytes, bounded by the real
+                shared = FullPool(int(self.tier_budget // self.bytes_P), eviction,
+                                  max_bytes=int(self.tier_budget))
+            else:
+                shared = FullPool(int(self.tier_budget // self.bytes_F), eviction)
             self.fpools = {layer: shared for layer in self.hp["moe_layers"]}
 
     # -- tiers -------------------------------------------------------------------------------
@@ -283,7 +299,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
     def _read(self, pend: _Pending, which: str):
         t0 = time.perf_counter()
         lay = pend.lay
-        whole = pend.bufs[which]
+        whole = pend.bufs[which] if which in pend.bufs else pend.sm   # pend.sm: a region map
         buf = self.reader.read(*(lay.sm_region if which == "sm" else lay.exp_region),
                                alloc=lambda n: whole[:n])
         if self.verify:
@@ -322,7 +338,11 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
         pend.done.set()   # its regions and arrays are released by :meth:`_resolve`
 
     def _decode(self, pend: _Pending):
-        """Submit the expert's chunk decodes to the workers (or finish a raw expert)."""
+        """Submit the expert's chunk decodes to the workers (or finish a raw expert); a load
+        into the compute form runs one decode + transcode job per tensor instead."""
+        if pend.packing:
+            self._pack_jobs(pend)
+            return
         jobs = pend.lay.jobs
         if not jobs:
             self._finish(pend)
@@ -336,9 +356,14 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
         regions are read in parallel (one ``pread`` each, up to :attr:`io_depth` in flight
         over all experts, in submission order), and its decode starts when the last arrives."""
         pend = _Pending(lay)
+        if slot is not None and slot.packed is not None:   # C in the compute form: ready
+            pend.weights, pend.held = slot.packed, True
+            pend.done.set()
+            return pend
+        pend.packing = self._packing(lay)
         # output arrays are taken here, on the main thread: allocated on the I/O threads they
         # would come from per-thread malloc arenas that keep freed memory resident
-        pend.outs = self._take_outs(lay)
+        pend.outs = None if pend.packing else self._take_outs(lay)
         need_sm = slot is None or slot.sm is None
         need_exp = (slot is None or slot.exp is None) and any(p.chunks for p in lay.pieces)
         if slot is not None:
@@ -348,7 +373,11 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
             self._decode(pend)
             return pend
         pend.reads_left = len(reads)
-        pend.bufs = {which: self._take_read_buf(which) for which in reads}
+        own = self._sm_alloc(pend) if pend.packing else None
+        pend.bufs = {which: self._take_read_buf(which) for which in reads
+                     if not (which == "sm" and own is not None)}
+        if "sm" in reads and own is not None:    # kept by the compute form: its own map
+            pend.sm = own(lay.sm_region[1] + (mmap.PAGESIZE if self.reader.direct else 0))
         for which in reads:
             self.io.submit(self._read_task, pend, which)
         return pend
@@ -395,10 +424,12 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
             key = (layer, e)
             pool.touch(key, work[e])
             w = pool.get(key)
-            early = self._claim_prefetched(key, w is not None) if self.prefetch else None
-            if w is not None:
-                ready[e] = w
-                self.stats.hits["F"] += 1
+            c = self._c_hit(key) if w is None else None
+            early = (self._claim_prefetched(key, w is not None or c is not None)
+                     if self.prefetch else None)
+            if w is not None or c is not None:    # F, or C in the compute form: no decode
+                ready[e] = w if w is not None else c
+                self.stats.hits["F" if w is not None else "C"] += 1
                 continue
             tier = self.slots[key].tier if key in self.slots else "miss"
             self.stats.hits[tier] += 1
@@ -422,10 +453,12 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
                 raise item.error
             w, sm, exp, outs = item.weights, item.sm, item.exp, item.outs
             item.weights = item.sm = item.exp = item.outs = None
-            if not self.fpools[layer].admit((layer, e), w, in_use=()):
+            if item.held:                 # a C slot's compute form: nothing to admit
+                return w
+            if not self.fpools[layer].admit((layer, e), w, in_use=()) and outs is not None:
                 self._done_with.append((item.lay, outs))   # reusable once computed
             if self.adapt and sm is not None and exp is not None:
-                self._adapt_slots(layer, e, sm, exp)
+                self._adapt_slots(layer, e, sm, exp, w)
             slot = self.slots.get((layer, e))
             for which, buf in item.bufs.items():   # back to the pool unless a slot adopted it
                 held = getattr(slot, which, None)

@@ -91,8 +91,8 @@ class PrefetchMixin:
         pool = self.fpools[layer]
         for e in experts:
             key = (layer, e)
-            if key in pool.slots or key in self._inflight:
-                continue
+            if key in pool.slots or key in self._inflight or self._c_hit(key) is not None:
+                continue     # resident, computed in place (F, compute-form C), or loading
             if room <= 0:
                 self.stats.prefetch_skipped += 1
                 continue

@@ -58,18 +58,24 @@ class SlotTiers:
         popularity ranks after the ``nF`` F experts. An expert evicted from F falls back to its
         slot (or to a miss)."""
         used = 0
+        filled = []
+        compressed = self.resident == "compressed"
         for layer, tp, order in zip(self.hp["moe_layers"], plan, ranks):
             order = [int(e) for e in order]
             nF, nC, nS, nE = tp.nF, tp.nC, tp.nS, tp.nE
             pool = FullPool(nF, self.eviction,
-                            admit_window=admission_window(nF, self.k) if self.eviction == "lru" else 0)
+                            admit_window=admission_window(nF, self.k) if self.eviction == "lru" else 0,
+                            max_bytes=nF * self.bytes_P if compressed else 0)
             if self.eviction != "lru":
                 for r, e in enumerate(order):
                     pool.score[(layer, e)] = len(order) - r   # seed scores with the trace's ranks
             self.fpools[layer] = pool
             for e in reversed(order[:nF]):
-                pool.slots[(layer, e)] = self._load_now(self.layouts[(layer, e)])
-                used += self.bytes_F
+                w = self._load_now(self.layouts[(layer, e)])
+                if compressed and pool.nbytes + w.nbytes > pool.max_bytes:
+                    continue    # more escapes than planned: the pool starts one short
+                pool.slots[(layer, e)] = w
+                used += w.nbytes if compressed else self.bytes_F
             static = [int(e) for e in tp.order] if tp.order is not None else order[nF:]
             for r, e in enumerate(static):
                 key, lay = (layer, e), self.layouts[(layer, e)]
@@ -80,8 +86,11 @@ class SlotTiers:
                 exp = self.reader.read(*lay.exp_region, alloc=anon_array) if tier in ("C", "E") else None
                 if self.verify:
                     L_.check_regions(self.path, lay, sm, exp)
-                self.slots[key] = Slot(tier, sm=sm, exp=exp)
-                used += (sm.nbytes if sm is not None else 0) + (exp.nbytes if exp is not None else 0)
+                self.slots[key] = slot = (self._c_slot(lay, sm, exp) if tier == "C"
+                                          else Slot(tier, sm=sm, exp=exp))
+                used += slot.nbytes
+                filled.append(key)
+        used = self._shrink_c_slots(used, filled)
         if used > self.tier_budget:
             raise BudgetError(f"the tier plan needs {used / 1e6:.1f} MB but only "
                               f"{self.tier_budget / 1e6:.1f} MB of the budget is left for experts")
@@ -115,11 +124,14 @@ class SlotTiers:
     #: move copies the regions into new memory)
     MOVE_MARGIN = 1.0
 
-    def _adapt_slots(self, layer: int, e: int, sm: np.ndarray, exp: np.ndarray):
+    def _adapt_slots(self, layer: int, e: int, sm: np.ndarray, exp: np.ndarray, weights=None):
         """Move a resident C/S/E slot to expert ``e`` of ``layer`` if ``e`` is now hotter.
 
         ``sm``, ``exp``: both regions of ``e``, just used for its decode (read from flash or
-        already in its slot), so a move costs no I/O. ``e`` takes the tier of the coldest slot
+        already in its slot), so a move costs no I/O; ``weights``: what the decode made (a
+        compute form of it becomes a compute-form C slot as it is, else the C slot is
+        transcoded from the regions, engine/ctier.py). A compute-form C slot hands on only its
+        SM region, so it can drop to S or out, not to E. ``e`` takes the tier of the coldest slot
         ``z`` of the layer that is better than its own and holds every region ``e``'s old tier
         holds (C > S > E > miss), if ``z`` is colder than ``e`` by :attr:`MOVE_MARGIN`; ``z``
         drops to ``e``'s old tier, keeping those regions. Resident bytes stay within the tier
@@ -137,7 +149,7 @@ class SlotTiers:
         for z in range(h.shape[0]):
             sz = self.slots.get((layer, z))
             if (sz is None or z == e or self._RANK[sz.tier] <= self._RANK[t_old]
-                    or not need <= set(self._HOLDS[sz.tier])):
+                    or not need <= set(self._holds(sz))):
                 continue
             if h[z] + self.MOVE_MARGIN <= h[e] and (best is None or h[z] < h[best]):
                 best = z
@@ -145,7 +157,10 @@ class SlotTiers:
             return
         sz = self.slots[(layer, best)]
         regions = {"sm": sm, "exp": exp}
-        new_e = Slot(sz.tier, **{r: _long_lived(regions[r]) for r in self._HOLDS[sz.tier]})
+        if sz.tier == "C":
+            new_e = self._c_slot(self.layouts[(layer, e)], _long_lived(sm), exp, weights)
+        else:
+            new_e = Slot(sz.tier, **{r: _long_lived(regions[r]) for r in self._HOLDS[sz.tier]})
         new_z = Slot(t_old, **{r: getattr(sz, r) for r in need}) if need else None
         delta = new_e.nbytes + (new_z.nbytes if new_z else 0) - sz.nbytes - (cur.nbytes if cur else 0)
         resident = sum(sl.nbytes for sl in self.slots.values())
@@ -160,4 +175,4 @@ class SlotTiers:
 
     def _fpool_reserved(self) -> int:
         """Bytes the F pools may hold at capacity (planned, not current)."""
-        return sum(p.capacity for p in self.fpools.values()) * self.bytes_F
+        return sum(p.max_bytes or p.capacity * self.bytes_F for p in self.fpools.values())

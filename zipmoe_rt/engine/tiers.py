@@ -32,15 +32,20 @@ class BudgetError(ValueError):
 
 @dataclass
 class Slot:
-    """What is resident for one expert. Exactly the fields of its tier are set."""
+    """What is resident for one expert. Exactly the fields of its tier are set; a C slot
+    computed in place (``packed``, design note §6.5) holds the compute form and, in ``sm``,
+    the SM region its matrices are views of (counted once, in ``packed``), no exponents."""
 
     tier: str
     full: ExpertWeights | None = None
     sm: np.ndarray | None = None     # uint8, the expert's whole SM region
     exp: np.ndarray | None = None    # uint8, the expert's whole exponent region
+    packed: object = None            # PackedExpert (C tier in the compute form)
 
     @property
     def nbytes(self) -> int:
+        if self.packed is not None:
+            return self.packed.nbytes
         n = 0
         if self.full is not None:
             n += self.full.nbytes
@@ -76,6 +81,9 @@ class FullPool:
     admit_window: int = 0
     freq: dict = field(default_factory=dict)                    # key -> recent uses (admission)
     uses: int = 0
+    # bytes the pool may hold (0: no bound beyond ``capacity``); pools of compute-form experts,
+    # whose sizes differ by their escapes, evict until a newcomer fits
+    max_bytes: int = 0
 
     def get(self, key):
         w = self.slots.get(key)
@@ -116,7 +124,20 @@ class FullPool:
                 if self.score.get(victim, 0) > self.score.get(key, 0):
                     return False  # the newcomer is colder than everything resident
             del self.slots[victim]
+        if self.max_bytes and not self._make_room(weights.nbytes, in_use):
+            return False
         self.slots[key] = weights
+        return True
+
+    def _make_room(self, need: int, in_use) -> bool:
+        """Evict least recently admitted/used experts outside ``in_use`` until ``need`` more
+        bytes fit :attr:`max_bytes`; False (nothing evicted beyond what fits) if they cannot."""
+        have = self.nbytes
+        while have + need > self.max_bytes:
+            cands = [k for k in self.slots if k not in in_use]
+            if not cands:
+                return False
+            have -= self.slots.pop(cands[0]).nbytes
         return True
 
     @property

@@ -9,7 +9,7 @@ from numba import njit
 
 from .linear import JIT_SERIAL
 
-__all__ = ["window_base", "pack_plane", "ESCAPE", "WINDOW"]
+__all__ = ["window_base", "pack_plane", "split_bf16_into", "ESCAPE", "WINDOW"]
 
 #: exponents a 4-bit index covers (``base .. base + 14``); index 15 marks an escape.
 WINDOW = 15
@@ -96,13 +96,15 @@ def _pack_escapes(exp, rows, cols, base, esc_col, esc_val):
                 t += 1
 
 
-def pack_plane(exp: np.ndarray, rows: int, cols: int, base: int | None = None):
+def pack_plane(exp: np.ndarray, rows: int, cols: int, base: int | None = None, alloc=None):
     """Transcode a BF16 tensor's exponent plane into the compute form's index and escapes.
 
     Args:
         exp: uint8 ``[rows * cols]`` exponent plane, row-major (format/SPEC.md §5.1).
         rows, cols: the matrix shape ``[out, in]``.
         base: first exponent of the window (default :func:`window_base`).
+        alloc: ``alloc(nbytes) -> uint8 [nbytes]`` for the index array (default: the C heap;
+            the engine passes :func:`~zipmoe_rt.engine.io.anon_array` for cached experts).
     Returns:
         ``(base, nib uint8 [rows, (cols + 1) // 2], esc_ptr int64 [rows + 1], esc_col int32
         [n_esc], esc_val uint8 [n_esc])``.
@@ -117,7 +119,8 @@ def pack_plane(exp: np.ndarray, rows: int, cols: int, base: int | None = None):
         base = window_base(exp)
     if not 0 <= base <= 256 - WINDOW:
         raise ValueError(f"pack_plane: base {base} outside 0..{256 - WINDOW}")
-    nib = np.empty((rows, (cols + 1) // 2), np.uint8)
+    nib = (np.empty((rows, (cols + 1) // 2), np.uint8) if alloc is None
+           else alloc(rows * ((cols + 1) // 2)).reshape(rows, (cols + 1) // 2))
     esc_ptr = np.empty(rows + 1, np.int64)
     n_esc = _pack(exp, rows, cols, base, nib, esc_ptr)
     esc_col = np.empty(n_esc, np.int32)
@@ -125,3 +128,18 @@ def pack_plane(exp: np.ndarray, rows: int, cols: int, base: int | None = None):
     if n_esc:
         _pack_escapes(exp, rows, cols, base, esc_col, esc_val)
     return base, nib, esc_ptr, esc_col, esc_val
+
+
+@njit(**JIT_SERIAL)
+def split_bf16_into(words, exp, sm):
+    """Split BF16 words into their exponent and sign+mantissa planes (format/SPEC.md §5.1):
+    ``exp[i] = (w >> 7) & 0xFF``, ``sm[i] = (w >> 15) << 7 | (w & 0x7F)``, as
+    :func:`zmoe.codec.split_planes` does, into caller-given arrays (no allocation).
+
+    Args:
+        words: uint16 [n].  exp, sm: uint8 [n], overwritten.
+    """
+    for i in range(words.size):
+        w = words[i]
+        exp[i] = np.uint8((w >> np.uint16(7)) & np.uint16(0xFF))
+        sm[i] = np.uint8(((w >> np.uint16(8)) & np.uint16(0x80)) | (w & np.uint16(0x7F)))

@@ -36,16 +36,25 @@ class DelayModel:
         chunks: independent decode pieces per expert (the engine's decode jobs,
             ``ExpertLayout.jobs``: runs of the paper's K exponent chunks, §1); a decode occupies
             one worker for ``decode_s / chunks`` per piece. Default 1.
+        bytes_c_form: the C tier in the compute form (design note §6.5; 0 = the storage form,
+            the default): cache bytes of a tier-C expert, which then needs no decode
+            (:meth:`c_hit_cost`).
+        c_matmul_s: with ``bytes_c_form``: one C-hit expert's SwiGLU for one token computed
+            from the compute form; each C hit costs ``c_matmul_s - matmul_s`` beside the
+            matmul term.
 
     Makespan of one layer for one token (:meth:`layer_makespan`), given the hits per tier
     ``h = (hF, hC, hS, hE, hmiss)`` and ``k = Σh``::
 
         reads   = sm_read_s·(hE + hmiss) + exp_read_s·(hS + hmiss)            # one I/O channel
         io      = reads + (decode_s/chunks)·ceil(chunks / workers)  if reads > 0, else 0
-        d       = hC + hS + hE + hmiss                                        # experts to decode
+        d       = dC + hS + hE + hmiss                                        # experts to decode
         compute = (decode_s/chunks) · ceil(d·chunks / workers)                # decodes on L workers
         matmul  = matmul_s · ceil(k / workers)
-        makespan = max(io, compute) + matmul                                  (0 when k = 0)
+        makespan = max(io, compute) + xC + matmul                             (0 when k = 0)
+
+    with ``(dC, xC) = c_hit_cost(hC)``: ``(hC, 0)`` for a C tier in the storage form, ``(0,
+    hC·(c_matmul_s − matmul_s))`` in the compute form (C hits computed in place).
 
     Why: §3 step 5 prices a layer as ``max(compute side, I/O side)``: the single I/O thread
     serialises the reads (Type-I tasks E and miss read the SM planes, S and miss read the
@@ -76,24 +85,42 @@ class DelayModel:
     bytes_sm: int
     bytes_exp: int
     chunks: int = 1
+    bytes_c_form: int = 0
+    c_matmul_s: float = 0.0
 
     def __post_init__(self):
-        for name in ("sm_read_s", "exp_read_s", "decode_s", "matmul_s"):
+        for name in ("sm_read_s", "exp_read_s", "decode_s", "matmul_s", "c_matmul_s"):
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
         for name in ("workers", "chunks"):
             if check_int(getattr(self, name), name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("bytes_F", "bytes_sm", "bytes_exp"):
+        for name in ("bytes_F", "bytes_sm", "bytes_exp", "bytes_c_form"):
             v = getattr(self, name)
             if not math.isfinite(float(v)) or v < 0:
                 raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
 
     @property
     def bytes_C(self):
-        """Bytes of a tier-C expert: sign+mantissa plus compressed exponent."""
-        return self.bytes_sm + self.bytes_exp
+        """Bytes of a tier-C expert: sign+mantissa plus compressed exponent, or its compute
+        form (``bytes_c_form``)."""
+        return self.bytes_c_form if self.bytes_c_form else self.bytes_sm + self.bytes_exp
+
+    def c_hit_cost(self, hC):
+        """What ``hC`` C hits add to a layer: ``(decodes, seconds)``. In the storage form each
+        is one decode (``hC``, 0 s); in the compute form (``bytes_c_form``) none is decoded
+        and each computes in place for ``c_matmul_s - matmul_s`` more than an F hit.
+
+        Args:
+            hC: C hits (int or int array).
+        Returns:
+            ``(decodes, extra)``: int (array) and float64 (array) of ``hC``'s shape.
+        """
+        hC = np.asarray(hC)
+        if not self.bytes_c_form:
+            return hC, np.zeros(hC.shape)
+        return np.zeros_like(hC), hC * (float(self.c_matmul_s) - float(self.matmul_s))
 
     def tier_bytes(self) -> dict[str, float]:
         """Cache bytes per expert of each tier, ``{"F", "C", "S", "E", "miss"}`` (miss = 0)."""
@@ -150,6 +177,7 @@ class DelayModel:
         k = sum(h.values())
         if k == 0:
             return 0.0
-        d = h["C"] + h["S"] + h["E"] + h["miss"]
+        dC, xC = self.c_hit_cost(h["C"])
+        d = int(dC) + h["S"] + h["E"] + h["miss"]
         io, comp = self.io_and_compute(d, h["E"] + h["miss"], h["S"] + h["miss"])
-        return float(max(io, float(comp))) + self.matmul_time(k)
+        return float(max(io, float(comp))) + float(xC) + self.matmul_time(k)

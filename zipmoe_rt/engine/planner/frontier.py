@@ -192,8 +192,10 @@ def tail_sums(R: np.ndarray, n: int, grid: np.ndarray, k: int, delay: DelayModel
     hm = np.arange(k + 1)
     # M(hF, r, hS + hm) for hm <= r (zero weight otherwise)
     valid = hm[None, :] <= hr[:, None]
-    io, comp = delay.io_and_compute(k - hF[:, None], hr[:, None], hS[:, None] + hm[None, :])
-    Mrow = np.where(valid, np.maximum(io, comp), 0.0)                      # [T, k+1]
+    dC, xC = delay.c_hit_cost(hC)                                          # C hits' decodes, extra s
+    io, comp = delay.io_and_compute((k - hF - hC + dC)[:, None], hr[:, None],
+                                    hS[:, None] + hm[None, :])
+    Mrow = np.where(valid, np.maximum(io, comp) + xC[:, None], 0.0)        # [T, k+1]
     rm = np.clip(hr[:, None] - hm[None, :], 0, k)                          # hE = r − hm
 
     # tail over all (a3, a4) pairs, ordered by a3 then a4:
