@@ -348,29 +348,37 @@ def test_api_and_cli_options(tiny_moe_dir, tmp_path):
     z = make_chat_model(tiny_moe_dir("qwen2_moe"), tmp_path / "q")
     with pytest.raises(ValueError, match="not one of full, compressed"):
         load(z, resident="yes")
-    with pytest.raises(ValueError, match="does not combine with a memory budget"):
-        load(z, resident="compressed", memory_budget="50%")
     m = load(z, resident="compressed")
     f = load(z)
+    mb = load(z, resident="compressed", memory_budget="50%", policy="zip-lru")
     try:
         assert all(isinstance(w, PackedExpert) for w in m.source._experts.values())
         assert len(m.source._experts) == len(m.source.layouts)
         a = m.generate("hello", max_tokens=8, temperature=0)
         b = f.generate("hello", max_tokens=8, temperature=0)
         assert a == b
+        # under a budget: the LRU cache holds the compute form (test_ctier.py for the rest)
+        assert mb.generate("hello", max_tokens=8, temperature=0) == b
+        held = list(mb.engine.fpools[mb.hparams["moe_layers"][0]].slots.values())
+        assert held and all(isinstance(w, PackedExpert) for w in held)
     finally:
         m.close()
         f.close()
+        mb.close()
     r = CliRunner().invoke(main, ["run", str(z), "-p", "hi", "--resident", "bogus"])
     assert r.exit_code != 0 and "--resident" in r.output and "bogus" in r.output
-    r = CliRunner().invoke(main, ["run", str(z), "-p", "hi", "-n", "4", "--raw",
-                                  "--resident", "compressed", "--memory-budget", "50%"])
-    assert r.exit_code == 1 and "does not combine with a memory budget" in r.output
     r1 = CliRunner().invoke(main, ["run", str(z), "-p", "hi", "-n", "6", "--raw", "--temp", "0",
                                    "--resident", "compressed"])
     r2 = CliRunner().invoke(main, ["run", str(z), "-p", "hi", "-n", "6", "--raw", "--temp", "0"])
-    assert r1.exit_code == r2.exit_code == 0, r1.output + r2.output
-    assert r1.stdout == r2.stdout and r1.stdout.strip()
+    r3 = CliRunner().invoke(main, ["run", str(z), "-p", "hi", "-n", "6", "--raw", "--temp", "0",
+                                   "--resident", "compressed", "--memory-budget", "50%"])
+    assert r1.exit_code == r2.exit_code == r3.exit_code == 0, r1.output + r2.output + r3.output
+    assert r1.stdout == r2.stdout == r3.stdout and r1.stdout.strip()
+    r = CliRunner().invoke(main, ["run", str(z), "-p", "hi", "--c-tier", "bf16"])
+    assert r.exit_code != 0 and "--c-tier" in r.output and "bf16" in r.output
+    with pytest.raises(ValueError, match=r"c_tier \(--c-tier\): 'bf16' is not one of packed, "
+                                         r"planes"):
+        load(z, memory_budget="50%", c_tier="bf16")
 
 
 def test_bench_rows_for_each_resident_mode(tiny_moe_dir, tmp_path):
@@ -387,5 +395,5 @@ def test_bench_rows_for_each_resident_mode(tiny_moe_dir, tmp_path):
     assert "in-memory compressed" in B.table(res)
     with pytest.raises(ValueError, match="--resident"):
         B.run(z, [None], [], residents=("half",), log=lambda s: None)
-    with pytest.raises(ValueError, match="add --memory-budget none"):
-        B.run(z, ["50%"], ["zip-lru"], residents=("compressed",), log=lambda s: None)
+    with pytest.raises(ValueError, match="--c-tier"):
+        B.run(z, ["50%"], ["zipmoe"], c_tiers=("bf16",), log=lambda s: None)
