@@ -549,8 +549,9 @@ def zipmoe_bench_worker(a) -> None:
     policy = a.policy if limit is not None else "auto"
     direct = bool(a.direct) and limit is not None
     runs, mem = B.run_config(a.model, None, policy, 0, a.n_gen, a.reps, None, direct, "lru",
-                             None, memory_limit=limit)
-    settings = {"memory_limit": a.limit, "policy": policy, "workers": os.cpu_count(),
+                             None, memory_limit=limit, resident=a.resident)
+    settings = {"memory_limit": a.limit, "policy": policy, "resident": a.resident,
+                "workers": os.cpu_count(),
                 "io_depth": "default (4)", "direct": direct, "eviction": "lru",
                 "budget": mem.get("budget")}
     print(json.dumps({"runs": runs, "memory": mem, "settings": settings,
@@ -564,9 +565,11 @@ def fmt_mb(x) -> str:
     return "-" if not x else f"{x / 1e6:.0f}"
 
 
-def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, ids, text) -> dict:
+def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, ids, text,
+             resident: str = "full") -> dict:
     lim = "none" if limit is None else f"{limit / 1e6:.0f}MB"
-    name = f"{program}-{policy or 'mmap'}-{lim}"
+    name = f"{program}-{policy or 'mmap'}-{lim}" + ("-compressed" if resident == "compressed"
+                                                    else "")
     if program == "llama.cpp":
         cmd = [a.llama_py, __file__, "_llama-bench", "--model", p.gguf, "--threads", a.threads,
                "--prompt-ids", ",".join(map(str, ids)), "--prompt-text", text,
@@ -575,15 +578,16 @@ def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, i
     else:
         zlim = "none" if limit is None else a.zipmoe_limit
         cmd = [sys.executable, __file__, "_zipmoe-bench", "--model", p.zmoe, "--limit", zlim,
-               "--policy", policy, "--n-gen", a.n_gen, "--reps", a.reps] + \
-            (["--direct"] if a.direct else [])
+               "--policy", policy, "--n-gen", a.n_gen, "--reps", a.reps,
+               "--resident", resident] + (["--direct"] if a.direct else [])
         files = [p.zmoe]
     how = drop_page_cache(files)
     log(f"run {name} (cache dropped via {how}) ...")
     load0 = os.getloadavg()[0]
     r = run_in_cgroup(name, cmd, limit, timeout=a.timeout, cwd=REPO, env=child_env())
     load1 = os.getloadavg()[0]
-    row = {"program": program, "policy": policy, "limit": limit, "name": name,
+    shown = policy and policy + (" --resident compressed" if resident == "compressed" else "")
+    row = {"program": program, "policy": shown, "resident": resident, "limit": limit, "name": name,
            "budget": None,
            "cgroup": {k: r.get(k) for k in ("max_usage", "memsw_max_usage", "failcnt",
                                             "memsw_failcnt", "oom_kill", "stat_peaks",
@@ -690,6 +694,9 @@ def main(argv=None) -> int:
                          "from the sdist on first use)")
     ap.add_argument("--policy", action="append", choices=["zipmoe", "zip-lru", "raw-lru"],
                     help="zipmoe-rt policies under the limit (repeatable; default zipmoe, zip-lru)")
+    ap.add_argument("--resident", action="append", choices=["full", "compressed"],
+                    help="how zipmoe-rt's limited rows hold cached experts (repeatable: rows "
+                         "for each; default full)")
     ap.add_argument("--n-prompt", type=int, default=16, help="prompt tokens (default 16)")
     ap.add_argument("--n-gen", type=int, default=64, help="tokens generated (default 64)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
@@ -733,13 +740,14 @@ def main(argv=None) -> int:
         log(f"prompt ({len(ids)} tokens): {text!r}")
         limit = parse_bytes(a.limit)
         swap_on = any(l.strip() for l in open("/proc/swaps").read().splitlines()[1:])
-        cases = [("llama.cpp", None, limit)] + [("zipmoe-rt", pol, limit) for pol in policies]
+        cases = [("llama.cpp", None, limit, "full")] + [
+            ("zipmoe-rt", pol, limit, res) for res in (a.resident or ["full"]) for pol in policies]
         if not a.no_unlimited:
-            cases += [("llama.cpp", None, None), ("zipmoe-rt", None, None)]
+            cases += [("llama.cpp", None, None, "full"), ("zipmoe-rt", None, None, "full")]
         if a.zipmoe_only:
             cases = [c for c in cases if c[0] == "zipmoe-rt" and c[2] is not None]
         t0 = time.strftime("%Y-%m-%d %H:%M:%S")
-        rows = [run_case(p, a, prog, pol, lim, ids, text) for prog, pol, lim in cases]
+        rows = [run_case(p, a, prog, pol, lim, ids, text, res) for prog, pol, lim, res in cases]
         ref_tokens = [] if a.zipmoe_only else zipmoe_greedy_tokens(p, ids, a.n_gen)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -790,6 +798,7 @@ def _worker(argv) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--limit", default="none")
     ap.add_argument("--policy", default="zipmoe")
+    ap.add_argument("--resident", default="full")
     ap.add_argument("--direct", action="store_true")
     a = ap.parse_args(argv)
     {"_llama-chat": llama_chat_worker, "_llama-bench": llama_bench_worker,
