@@ -125,7 +125,8 @@ class GpuExpertEngine(ExpertEngine):
         self._host_regions = 0       # bytes of expert regions in the host cache
         super().__init__(source, budget_bytes, policy, eviction, plan=plan, ranks=ranks,
                          workers=workers, direct=direct, verify=verify, delay=delay, adapt=False,
-                         io_depth=io_depth, backend=backend)
+                         io_depth=io_depth, backend=backend,
+                         c_form="planes")   # C slots: both regions, decoded on the GPU per use
         self._slots_to_device()
         self._fill_host(ranks)
         self.stats = GpuStageTimes(ops=ops)
