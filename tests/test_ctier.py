@@ -97,8 +97,8 @@ def test_compressed_caches_are_bit_identical_and_within_budget(tiny_case, arch, 
                 assert isinstance(w, PackedExpert) == packs[key]
         if budget == "min":
             assert engine.stats.hits["miss"] == log.uses
-        if budget != "min" and any(packs.values()):
-            assert engine.transcodes > 0
+        if any(packs.values()) and any(p.capacity for p in engine.fpools.values()):
+            assert engine.transcodes > 0       # what the F caches keep is transcoded
         for key, s in engine.slots.items():
             if s.tier == "C":
                 assert (s.packed is not None) == (c_form == "packed" and packs[key])
@@ -218,6 +218,22 @@ def test_f_pool_bounded_in_bytes_evicts_until_a_newcomer_fits():
     assert not pool.admit(6, _Blob(10), in_use={3, 4})   # nothing evictable: refused
     assert list(pool.slots) == [3, 4]
     assert pool.admit(5, _Blob(100)) and list(pool.slots) == [5] and pool.nbytes == 100
+
+
+@pytest.mark.parametrize("eviction,window", [("lru", 0), ("lru", 4), ("lfu", 0), ("tlfu", 0)])
+def test_would_admit_is_what_admit_does(eviction, window):
+    """The engine transcodes only what the F cache will keep: would_admit predicts admit."""
+    rng = np.random.default_rng(len(eviction) + window)
+    pool = FullPool(3, eviction, admit_window=window)
+    said = set()
+    for _ in range(400):
+        key = int(rng.integers(8))
+        pool.touch(key, int(rng.integers(1, 4)))
+        want = pool.would_admit(key)
+        said.add(want)
+        assert pool.admit(key, _Blob(1)) == want
+    assert said == {True, False} or eviction == "lru" and window == 0
+    assert not FullPool(0).would_admit(1)
 
 
 def test_c_slots_that_outgrow_the_plan_drop_to_s(tiny_case):

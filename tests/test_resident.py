@@ -361,6 +361,8 @@ def test_api_and_cli_options(tiny_moe_dir, tmp_path):
         assert mb.generate("hello", max_tokens=8, temperature=0) == b
         held = list(mb.engine.fpools[mb.hparams["moe_layers"][0]].slots.values())
         assert held and all(isinstance(w, PackedExpert) for w in held)
+        assert mb.memory_line().endswith("policy zip-lru (experts cached in the compute form)")
+        assert f.memory_line().endswith("policy in-memory")
     finally:
         m.close()
         f.close()

@@ -255,7 +255,10 @@ class Model:
         """The banner's and ``/stats``' memory line
         (:func:`~zipmoe_rt.engine.limit.memory_line`)."""
         from .engine.limit import memory_line
-        return memory_line(self.memory_plan, self.engine and self.engine.budget, self.policy)
+        pol = self.policy
+        if getattr(self.engine, "resident", "full") == "compressed":
+            pol += " (experts cached in the compute form)"
+        return memory_line(self.memory_plan, self.engine and self.engine.budget, pol)
 
     @property
     def device(self) -> str:

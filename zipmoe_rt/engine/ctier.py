@@ -12,9 +12,10 @@ exponent window index + escape list + the raw sign+mantissa plane, ~76 % of the 
   exponent region) and decodes it into BF16 at every use, as the paper's C tier does.
   Experts that are not packable always keep the storage form.
 * **compressed caches** (``resident="compressed"``): every expert the engine prepares (misses
-  and S/E hits) is read, its exponent chunks decoded into a byte plane and transcoded into the
-  compute form, one decode job per tensor on the decode workers, instead of being merged into
-  BF16; the F caches (zip-lru's and raw-lru's shared LRU cache, zipmoe's per-layer F pools)
+  and S/E hits) that its F cache would keep is read, its exponent chunks decoded into a byte
+  plane and transcoded into the compute form, one decode job per tensor on the decode workers,
+  instead of being merged into BF16 (one the cache would not keep is decoded as usual and
+  dropped after use); the F caches (zip-lru's and raw-lru's shared LRU cache, zipmoe's per-layer F pools)
   then hold compute-form experts, so about 1.3x as many experts fit the same bytes. Raw-expert
   files (raw-lru) are split into planes at admission.
 
@@ -95,8 +96,21 @@ class CTierMixin:
         return self.c_form == "packed"
 
     def _packing(self, lay) -> bool:
-        """Whether a load of ``lay`` ends in the compute form (``resident="compressed"``)."""
-        return self.resident == "compressed" and self._packs[(lay.layer, lay.expert)]
+        """Whether a load of ``lay`` ends in the compute form: ``resident="compressed"``, a
+        packable expert, and its layer's F cache would keep it (:meth:`~zipmoe_rt.engine.
+        tiers.FullPool.would_admit`). An expert the cache would not keep is decoded into BF16
+        (1.3 ms on the default model's experts against 3.5 ms for the transcode) and not
+        admitted (:meth:`_admits`)."""
+        key = (lay.layer, lay.expert)
+        return (self.resident == "compressed" and self._packs[key]
+                and self.fpools[lay.layer].would_admit(key))
+
+    def _admits(self, key, weights) -> bool:
+        """Whether ``weights`` may enter ``key``'s F cache: with ``resident="compressed"`` only
+        the compute form of a packable expert (a BF16 one was decoded because the cache would
+        not keep it)."""
+        return not (self.resident == "compressed" and self._packs[key]
+                    and not isinstance(weights, PackedExpert))
 
     def _c_hit(self, key):
         """The compute form held by ``key``'s C slot, or None (no slot, or a storage-form

@@ -455,7 +455,9 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             item.weights = item.sm = item.exp = item.outs = None
             if item.held:                 # a C slot's compute form: nothing to admit
                 return w
-            if not self.fpools[layer].admit((layer, e), w, in_use=()) and outs is not None:
+            if not (self._admits((layer, e), w) and self.fpools[layer].admit((layer, e), w,
+                                                                            in_use=())) \
+                    and outs is not None:
                 self._done_with.append((item.lay, outs))   # reusable once computed
             if self.adapt and sm is not None and exp is not None:
                 self._adapt_slots(layer, e, sm, exp, w)

@@ -129,6 +129,21 @@ class FullPool:
         self.slots[key] = weights
         return True
 
+    def would_admit(self, key) -> bool:
+        """Whether :meth:`admit` of ``key`` now would keep it (experts in use aside): the same
+        capacity, admission and victim rules, nothing changed. The engine asks it before a
+        load, to make the compute form only of experts a compressed cache will keep."""
+        if self.capacity <= 0:
+            return False
+        if key in self.slots or len(self.slots) < self.capacity:
+            return True
+        if self.eviction == "lru":
+            victim = next(iter(self.slots))
+            return not (self.admit_window > 0
+                        and self.freq.get(key, 0) < self.freq.get(victim, 0))
+        victim = min(self.slots, key=lambda k: (self.score.get(k, 0), list(self.slots).index(k)))
+        return self.score.get(victim, 0) <= self.score.get(key, 0)
+
     def _make_room(self, need: int, in_use) -> bool:
         """Evict least recently admitted/used experts outside ``in_use`` until ``need`` more
         bytes fit :attr:`max_bytes`; False (nothing evicted beyond what fits) if they cannot."""
