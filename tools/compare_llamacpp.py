@@ -309,7 +309,7 @@ def ensure_zmoe(p: Paths, recalibrate: bool, direct: bool = False) -> None:
 
 
 def zipmoe_chat_check(p: Paths) -> str:
-    r = zipmoe_cli("run", p.zmoe, "-p", QUESTION, "-n", "32")
+    r = zipmoe_cli("run", p.zmoe, "-p", QUESTION, "-n", "32", "--temp", "0")   # greedy, as llama.cpp
     if "paris" not in r.stdout.lower():
         raise RuntimeError(f"zipmoe-rt's answer to {QUESTION!r} lacks Paris: {r.stdout!r}")
     return r.stdout.strip()
