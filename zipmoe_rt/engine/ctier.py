@@ -30,6 +30,7 @@ It is a mixin: it works on the engine's ``layouts``, ``slots``, ``pool`` (decode
 """
 from __future__ import annotations
 
+import mmap
 import threading
 import time
 
@@ -38,7 +39,7 @@ import numpy as np
 from ..models.packed import PackedExpert
 from .io import anon_array
 from .resident import compute_form_bytes, pack_expert, pack_piece, packable
-from .tiers import Slot
+from .tiers import FullPool, Slot
 
 #: values of ``c_form``: ``packed`` computes C slots in place; ``planes`` decodes them at use
 C_FORMS = ("packed", "planes")
@@ -119,11 +120,23 @@ class CTierMixin:
         return s.packed if s is not None else None
 
     # -- loads into the compute form -------------------------------------------------------
-    def _sm_alloc(self, pend):
-        """How the SM region of a packing load is read: into its own memory map of the
-        region's size (the compute form keeps views of it) for bit-plane experts; into a pooled
-        read buffer for raw experts (split into new planes, nothing kept)."""
-        return None if self._raw_file else anon_array
+    def _shared_pool(self, eviction: str):
+        """zip-lru's / raw-lru's one F cache for all layers, as many experts as the tier budget
+        holds in their form (compressed: by the planned bytes, bounded by the real ones)."""
+        if self.resident == "compressed":
+            return FullPool(int(self.tier_budget // self.bytes_P), eviction,
+                            max_bytes=int(self.tier_budget))
+        return FullPool(int(self.tier_budget // self.bytes_F), eviction)
+
+    def _own_sm(self, pend) -> bool:
+        """Whether a load reads its SM region into its own memory map of the region's size
+        (``pend.sm``, set here): a packing load of a bit-plane expert, whose compute form keeps
+        views of it; other loads (and raw experts, split into new planes) use a pooled read
+        buffer."""
+        if not pend.packing or self._raw_file:
+            return False
+        pend.sm = anon_array(pend.lay.sm_region[1] + (mmap.PAGESIZE if self.reader.direct else 0))
+        return True
 
     def _pack_jobs(self, pend) -> None:
         """Submit one job per tensor: decode its exponent chunks, transcode (runs on the

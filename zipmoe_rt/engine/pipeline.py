@@ -47,7 +47,7 @@ from .io import RegionReader, check_io_depth
 from .prefetch import PrefetchMixin
 from .scheduler import Task, execution_order, schedule
 from .slots import SlotTiers
-from .tiers import EVICTIONS, POLICIES, BudgetError, FullPool, Slot
+from .tiers import EVICTIONS, POLICIES, BudgetError, Slot
 
 
 @dataclass
@@ -109,9 +109,8 @@ class _Pending:
         self.error = None
         self.weights = None
         self.lock = threading.Lock()
-        self.packing = False    # ends in the compute form (engine/ctier.py)
-        self.parts = None       # role -> PackedMatrix, filled by the packing jobs
-        self.held = False       # weights a slot holds (a C hit in the compute form)
+        # compute form (engine/ctier.py): ends in it; its parts by role; a C slot's own weights
+        self.packing, self.parts, self.held = False, None, False
 
 
 def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int, int, int]:
@@ -169,13 +168,9 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             computes (engine/prefetch.py; the model's look-ahead is installed by
             :func:`~zipmoe_rt.engine.prefetch.attach`). Off when the budget has no room for a
             second working set (:func:`budget_split`); :attr:`prefetch` says which.
-        resident: ``full`` (F caches hold decoded BF16 experts) or ``compressed`` (every
-            packable expert is transcoded into the compute form when loaded and the F caches
-            hold that, ~76 % of the bytes; engine/ctier.py).
-        c_form: ``packed`` (C slots of packable experts hold the compute form, computed in
-            place) or ``planes`` (C slots hold the storage form and decode at every use).
-        escape_share: escapes per weight assumed when sizing compute-form caches (default
-            :data:`~zipmoe_rt.engine.ctier.ESCAPE_SHARE`).
+        resident, c_form, escape_share: the form of cached experts (``full``/``compressed``),
+            of C slots (``packed``/``planes``) and the escape bound that sizes compute-form
+            caches (:class:`~zipmoe_rt.engine.ctier.CTierMixin`).
 
     Raises:
         BudgetError: a budget below dense weights + one expert.
@@ -243,11 +238,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             self._fill_tiers(plan, ranks)
             self._seed_heat(ranks)
         else:
-            if self.resident == "compressed":   # sized by the planned bytes, bounded by the real
-                shared = FullPool(int(self.tier_budget // self.bytes_P), eviction,
-                                  max_bytes=int(self.tier_budget))
-            else:
-                shared = FullPool(int(self.tier_budget // self.bytes_F), eviction)
+            shared = self._shared_pool(eviction)
             self.fpools = {layer: shared for layer in self.hp["moe_layers"]}
 
     # -- tiers -------------------------------------------------------------------------------
@@ -373,11 +364,8 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             self._decode(pend)
             return pend
         pend.reads_left = len(reads)
-        own = self._sm_alloc(pend) if pend.packing else None
         pend.bufs = {which: self._take_read_buf(which) for which in reads
-                     if not (which == "sm" and own is not None)}
-        if "sm" in reads and own is not None:    # kept by the compute form: its own map
-            pend.sm = own(lay.sm_region[1] + (mmap.PAGESIZE if self.reader.direct else 0))
+                     if not (which == "sm" and self._own_sm(pend))}
         for which in reads:
             self.io.submit(self._read_task, pend, which)
         return pend
