@@ -692,8 +692,8 @@ def test_gpu_budget_reloads_through_pcie_and_gpu_decode(chat_models, name):
     m.close()
     for policy, path in (("zip-lru", z), ("raw-lru", raw), ("zipmoe", z)):
         src = ZmoeSource(path)
-        # experts of other roles than [out, in] matrices (gpt-oss's in x out slices and
-        # biases) are decoded on the host and uploaded (gpu_meta.gpu_decodable)
+        # experts the GPU segment decoder does not take are decoded on the host and uploaded
+        # (gpu_meta.gpu_decodable: F16/F32 pieces, zstd-coded exponents)
         on_gpu = all(gpu_decodable(l) for l in src.layouts.values())
         k, full = int(src.hparams["num_experts_per_tok"]), max(
             l.full_bytes for l in src.layouts.values())

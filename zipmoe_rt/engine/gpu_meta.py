@@ -75,11 +75,17 @@ class ExpertMeta:
         return _al(self.runs.nbytes) + _al(self.bits.nbytes) + self.tabs.nbytes
 
 
+#: the expert roles the GPU path rebuilds: [out, in] matrices, or gpt-oss's in x out slices
+#: and biases (rearranged on the GPU after the decode, gpu_engine.assemble)
+GPU_ROLE_SETS = ({"gate", "up", "down"}, {"gate_up", "down"},
+                 {"gate_up_cols", "down_cols", "gate_up_bias", "down_bias"})
+
+
 def gpu_decodable(lay) -> bool:
     """Whether the GPU path can rebuild the expert: every piece BF16 with Huffman exponents, or
-    every piece raw BF16 (else the engine decodes it on the host and uploads the words), of the
-    [out, in] roles (gpt-oss's in x out slices and biases are assembled on the host)."""
-    if not all(p.role in ("gate", "up", "down", "gate_up") for p in lay.pieces):
+    every piece raw BF16 (else the engine decodes it on the host and uploads the words), of
+    one of the :data:`GPU_ROLE_SETS`."""
+    if {p.role for p in lay.pieces} not in GPU_ROLE_SETS:
         return False
     if all(p.raw for p in lay.pieces):
         return all(p.dtype == "BF16" and p.sm[0] % 2 == 0 for p in lay.pieces)
