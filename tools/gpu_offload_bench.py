@@ -379,6 +379,53 @@ def record_trace(z):
     m.close()
 
 
+def time_segment_kernels(z, reps: int = 20) -> dict:
+    """GB/s of BF16 output of the two CUDA segment decode kernels (two-step and one-step,
+    :mod:`zipmoe_rt.backends.cuda_experts`) on the largest expert of ``z``, and of a
+    device-to-device copy of the same bytes, from CUDA events over ``reps`` runs each; the
+    two kernels' words compared."""
+    import cupy as cp
+
+    from zipmoe_rt.backends import cuda_experts
+    from zipmoe_rt.engine.gpu_meta import build_meta
+    from zipmoe_rt.engine.io import RegionReader
+    from zipmoe_rt.engine.store import ZmoeSource
+    src = ZmoeSource(z)
+    lay = max(src.layouts.values(), key=lambda l: l.full_bytes)
+    rd = RegionReader(z)
+    sm, exp = rd.read(*lay.sm_region), rd.read(*lay.exp_region)
+    rd.close()
+    src.close()
+    m = build_meta(lay, exp)
+    ops = cuda_experts.CudaOps()
+    dev = [cp.asarray(a) for a in (exp, sm, m.runs, m.bits, m.tabs)]
+    res, words = {}, {}
+    st = cp.cuda.get_current_stream()
+    for name, coop in (("two-step", True), ("one-step", False)):
+        cuda_experts.COOP = coop
+        out = cp.zeros(m.words, cp.uint16)
+        ops.decode(*dev, m.segment, out, st)
+        a = ops.record(st, timing=True)
+        for _ in range(reps):
+            ops.decode(*dev, m.segment, out, st)
+        b = ops.record(st, timing=True)
+        b.synchronize()
+        res[name] = 2 * m.words * reps / ops.elapsed(a, b) / 1e9
+        words[name] = cp.asnumpy(out)
+    cuda_experts.COOP = True
+    buf = cp.zeros(m.words, cp.uint16)
+    dst = cp.empty_like(buf)
+    a = ops.record(st, timing=True)
+    for _ in range(reps):
+        dst[...] = buf
+    b = ops.record(st, timing=True)
+    b.synchronize()
+    res["device copy"] = 2 * m.words * reps / ops.elapsed(a, b) / 1e9
+    res["same words"] = bool(np.array_equal(words["two-step"], words["one-step"]))
+    res["expert MB (BF16)"] = 2 * m.words / 1e6
+    return res
+
+
 def run(a):
     import warnings
 
@@ -399,6 +446,14 @@ def run(a):
     raw = convert(hf, work / "model.raw.zmoe", expert_encoding="raw", progress=False)
     print(f"converted ({time.perf_counter() - t0:.0f} s): {z.stat().st_size / 1e9:.2f} GB "
           f"bit-planes, {raw.stat().st_size / 1e9:.2f} GB raw", flush=True)
+    if DEVICE == "cuda":
+        from zipmoe_rt.backends import cuda_experts
+        try:
+            kt = time_segment_kernels(z)
+        except Exception as e:  # noqa: BLE001 - reported, the timing rows still run
+            kt = {"error": f"{type(e).__name__}: {e}"[:300]}
+        print(f"segment decode kernels, GB/s of BF16 output: {json.dumps(kt)}", flush=True)
+        cuda_experts.COOP = not a.plain_segments
     src = ZmoeSource(z)
     budget = parse_size(a.budget, src)
     experts = sum(l.full_bytes for l in src.layouts.values())
@@ -471,6 +526,8 @@ def main(argv=None):
     r.add_argument("--json", type=Path, default=None)
     r.add_argument("--device", default="cuda", help="cpu: a smoke test of the script")
     r.add_argument("--tiny", action="store_true", help="the --tiny shape (smoke test)")
+    r.add_argument("--plain-segments", action="store_true",
+                   help="the one-step segment decode kernel in the engine (cuda_experts.COOP off)")
     r.add_argument("--routing", choices=("model", "uniform", "both"), default="both",
                    help="the model's routers, uniform random routing (uniform_routing), or both")
     a = ap.parse_args(argv)
