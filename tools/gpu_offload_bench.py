@@ -462,7 +462,7 @@ def run(a):
           flush=True)
     res = {"layers": a.layers, "budget": a.budget, "budget_bytes": budget,
            "host_budget": a.host_budget, "tokens": a.tokens, "rows": {}}
-    modes = ("model", "uniform") if a.routing == "both" else (a.routing,)
+    modes = ("uniform", "model") if a.routing == "both" else (a.routing,)
     for mode in modes:
         uniform_routing(mode == "uniform")
         record_trace(z)
