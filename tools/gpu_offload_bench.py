@@ -16,12 +16,15 @@ Two steps, because the value pools come from a GGUF file the GPU machine does no
 
     python tools/gpu_offload_bench.py pools POOLS.npz        # here: ~6 MB of pooled values
     python tools/gpu_offload_bench.py run POOLS.npz --work DIR [--layers 2] [--budget 25%]
-        [--host-budget 100%] [--tokens 32] [--hf-tokens 6] [--json OUT.json]
+        [--host-budget 100%] [--tokens 32] [--hf-tokens 6] [--routing both]
+        [--two-step-segments] [--json OUT.json]
 
-``run`` writes the checkpoint, converts it twice (bit-planes; raw experts for raw-lru), records
-an activation trace for zipmoe (teacher-forced tokens, unbudgeted GPU run), then times each
-configuration after a warm-up and prints a table with the ratios; every figure comes from this
-one run on this machine.
+``run`` writes the checkpoint, calibrates its routers (:func:`calibrate_routers`), converts it
+twice (bit-planes; raw experts for raw-lru), times the two segment decode kernels on one expert,
+then for each routing (the model's routers, and/or :func:`uniform_routing`) records an
+activation trace for zipmoe (teacher-forced tokens, unbudgeted GPU run) and times each
+configuration after a warm-up; last transformers + accelerate; it prints a table with the
+ratios. Every figure comes from this one run on this machine.
 """
 from __future__ import annotations
 
@@ -412,7 +415,7 @@ def time_segment_kernels(z, reps: int = 20) -> dict:
         b.synchronize()
         res[name] = 2 * m.words * reps / ops.elapsed(a, b) / 1e9
         words[name] = cp.asnumpy(out)
-    cuda_experts.COOP = True
+    cuda_experts.COOP = False
     buf = cp.zeros(m.words, cp.uint16)
     dst = cp.empty_like(buf)
     a = ops.record(st, timing=True)
@@ -453,7 +456,7 @@ def run(a):
         except Exception as e:  # noqa: BLE001 - reported, the timing rows still run
             kt = {"error": f"{type(e).__name__}: {e}"[:300]}
         print(f"segment decode kernels, GB/s of BF16 output: {json.dumps(kt)}", flush=True)
-        cuda_experts.COOP = not a.plain_segments
+        cuda_experts.COOP = a.two_step_segments
     src = ZmoeSource(z)
     budget = parse_size(a.budget, src)
     experts = sum(l.full_bytes for l in src.layouts.values())
@@ -526,8 +529,8 @@ def main(argv=None):
     r.add_argument("--json", type=Path, default=None)
     r.add_argument("--device", default="cuda", help="cpu: a smoke test of the script")
     r.add_argument("--tiny", action="store_true", help="the --tiny shape (smoke test)")
-    r.add_argument("--plain-segments", action="store_true",
-                   help="the one-step segment decode kernel in the engine (cuda_experts.COOP off)")
+    r.add_argument("--two-step-segments", action="store_true",
+                   help="the two-step segment decode kernel in the engine (cuda_experts.COOP)")
     r.add_argument("--routing", choices=("model", "uniform", "both"), default="both",
                    help="the model's routers, uniform random routing (uniform_routing), or both")
     a = ap.parse_args(argv)

@@ -7,10 +7,12 @@ The kernel follows format/SPEC.md §5.1 (plane merge) and §5.3 (Huffman streams
 of a stream (its run found by a binary search over the expert's runs), starting at the bit the
 segment table gives (:func:`~zipmoe_rt.engine.gpu_meta.
 build_meta`), writes ``(sm >> 7) << 15 | e << 7 | sm & 0x7F`` for each symbol. Its host twin is
-:func:`zipmoe_rt.kernels.gpu_segments.decode_segments`. With :data:`COOP` (the default) the
-threads of a block first decode their segments' exponents into shared memory, then merge them
-with the sign+mantissa bytes together, consecutive threads on consecutive words (coalesced
-reads and writes); the words are the same. Imported only on ``device="cuda"``.
+:func:`zipmoe_rt.kernels.gpu_segments.decode_segments`. With :data:`COOP` the threads of a
+block first decode their segments' exponents into shared memory, then merge them with the
+sign+mantissa bytes together, consecutive threads on consecutive words (coalesced reads and
+writes); the words are the same, but on an H100 it ran at 47.5 GB/s of BF16 output against the
+one-step kernel's 64.1 (docs/benchmarks.md §13), so it is off by default. Imported only on
+``device="cuda"``.
 """
 from __future__ import annotations
 
@@ -113,8 +115,9 @@ extern "C" __global__ void zx_decode_segments_coop(const unsigned char* __restri
 """
 _THREADS = 128
 #: the two-step kernel (``zx_decode_segments_coop``: coalesced merge through shared memory)
-#: instead of one thread writing its segment's words alone; the same words either way
-COOP = True
+#: instead of one thread writing its segment's words alone; the same words either way (off:
+#: slower on an H100, see the module docstring)
+COOP = False
 #: shared memory the two-step kernel may take per block (exponents of its segments)
 _COOP_SHARED = 32 << 10
 
