@@ -5,7 +5,8 @@ at once on host arrays, the segment decode by the Numba twin of the CUDA kernel)
 kernels, so its tiers, host cache, staging, segment tables and counters are checked without a
 GPU: for every tiny spec and every policy, the logits equal the unbudgeted run's bit for bit and
 experts are really evicted and brought back through uploads and segment decodes. The same engine
-on CUDA (CudaOps): tests/test_gpu.py.
+on CUDA (CudaOps): tests/test_gpu.py; the CUDA segment kernels against their host twin: here, on
+a GPU (skipped with the reason elsewhere).
 """
 from __future__ import annotations
 
