@@ -2,9 +2,12 @@
 measured in the same run (one NVIDIA GPU with CuPy, torch and transformers installed):
 
 1. the bit-plane merge kernel's bandwidth against a device-to-device copy of the same bytes;
-2. the GPU Huffman exponent decoder (``decode_exponents``), in GB/s of BF16 output, on the
-   exponent planes of one layer's experts coded as the converter codes them (4 chunks per
-   tensor, 4 streams per chunk);
+2. the two GPU Huffman exponent decoders, in GB/s of BF16 output, on the planes of experts of
+   the model's shape drawn from the pools and coded as the converter codes them (4 chunks per
+   tensor, 4 streams per chunk), beside a device-to-device copy of the output bytes: the
+   self-synchronising decoder behind ``decode_exponents`` (no start table) and the engine's
+   segment decode (:mod:`zipmoe_rt.engine.gpu_meta` start tables), each kernel variant checked
+   word for word against the weights;
 3. one token's k experts (``experts_token``): fused decode + GEMV on the packed form against the
    BF16 GEMV kernels on the same weights (bit-identical outputs checked);
 4. batch-1 decode tokens/s and prefill tokens/s of a Qwen3-30B-A3B-shaped model at reduced
@@ -22,6 +25,7 @@ the same weights for both), so nothing is written to disk.
 Usage:
     python tools/gpu_bench_codec.py --save-pools pools.npz          # CPU, needs the GGUF
     python tools/gpu_bench_codec.py --pools pools.npz [--layers 4] [--tokens 32] [--prompt 512]
+    python tools/gpu_bench_codec.py --pools pools.npz --codec-only [--experts 16]   # 1 and 2
 """
 from __future__ import annotations
 
@@ -184,19 +188,59 @@ def bench_merge(be, n=1 << 28):
           f"device-to-device copy {gc:.0f} GB/s: {gm / gc:.0%} of the copy")
 
 
-def bench_huffman(be, src, layer=0):
-    """Decode of one layer's expert exponent planes, coded as the converter codes them."""
+def draw_experts(pools, n, hidden=2048, inter=768, seed=0):
+    """``n`` experts of the model's shape (gate, up: [inter, hidden]; down: [hidden, inter]) as
+    BF16 words, drawn from the pools as :func:`build_hf` draws them (round to nearest even)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(kind, shape, fan_in):
+        pool = pools[kind]
+        v = pool[rng.integers(0, pool.size, shape)] * np.float32(
+            math.sqrt(SOURCE_FAN_IN[kind] / fan_in))
+        u = v.astype(np.float32).view(np.uint32)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return [{"gate": draw("gate", (inter, hidden), hidden), "up": draw("gate", (inter, hidden),
+                                                                     hidden),
+             "down": draw("down", (hidden, inter), inter)} for _ in range(n)]
+
+
+def _gpu_time(fn, reps=5):
+    """Seconds per call of ``fn`` on the GPU (CUDA events; one warm-up; the best of ``reps``)."""
+    import cupy as cp
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        best = min(best, cp.cuda.get_elapsed_time(a, b) / 1e3)
+    return best
+
+
+def bench_copy(nbytes):
+    """Device-to-device copy of ``nbytes``: GB/s counting bytes read and written."""
+    import cupy as cp
+    a, b = cp.zeros(nbytes, cp.uint8), cp.empty(nbytes, cp.uint8)
+    t = _gpu_time(lambda: cp.copyto(b, a), 10)
+    return 2 * nbytes / t / 1e9
+
+
+def bench_huffman(be, experts):
+    """The self-synchronising decoder (``decode_exponents``) on the experts' exponent planes."""
     import cupy as cp
     from zmoe import codec
     from zmoe.constants import DEFAULT_CHUNKS
-    mats = [a for e in range(src.hparams["num_experts"]) for a in src._dev[(layer, e)]]
+    mats = [a for e in experts for a in e.values()]
 
     def code(a):
-        exp, _ = codec.split_planes(cp.asnumpy(a).reshape(-1), "BF16")
-        return codec.compress_chunks(exp, DEFAULT_CHUNKS), exp.size
+        exp, _ = codec.split_planes(a.reshape(-1), "BF16")
+        return codec.compress_chunks(exp, DEFAULT_CHUNKS), exp
     with ThreadPoolExecutor(16) as ex:
         coded = list(ex.map(code, mats))
     chunks = [c for cs, _ in coded for c in cs]
+    want = np.concatenate([e for _, e in coded])
     buf = np.frombuffer(b"".join(c for c, _ in chunks), np.uint8)
     sizes = np.array([len(c) for c, _ in chunks], np.int64)
     offs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -209,7 +253,7 @@ def bench_huffman(be, src, layer=0):
         cuda_huffman.PARALLEL = parallel
         got = be.decode_exponents(dev, offs, sizes, raws)
         res[parallel] = (timed(lambda: be.decode_exponents(dev, offs, sizes, raws), 3,
-                               be.synchronize), cp.asnumpy(got))
+                               be.synchronize), np.array_equal(cp.asnumpy(got), want))
     # the kernels alone (headers parsed and tables built once, as decode_exponents does)
     from zmoe import huffman
 
@@ -230,20 +274,96 @@ def bench_huffman(be, src, layer=0):
     rows = np.array(rows, np.int64)
     sy, ln = cp.asarray(np.concatenate(syms)), cp.asarray(np.concatenate(lens))
     out = cp.empty(n, cp.uint8)
-    for seg in (512, 1024, 2048, 4096):
-        tk = timed(lambda: cuda_huffman.decode_streams(dev, rows, sy, ln, out, seg), 5,
-                   be.synchronize)
-        print(f"Huffman decode kernels alone ({seg}-bit segments; passes, prefix sum, write): "
-              f"{2 * n / tk / 1e9:.1f} GB/s of BF16 output ({tk * 1e3:.1f} ms); equal: "
-              f"{np.array_equal(cp.asnumpy(out), res[True][1])}")
-    same = np.array_equal(res[False][1], res[True][1])
+    for staged in (False, True):
+        cuda_huffman.STAGED = staged
+        for seg in (512, 1024, 2048):
+            out.fill(0)
+            tk = timed(lambda: cuda_huffman.decode_streams(dev, rows, sy, ln, out, seg), 5,
+                       be.synchronize)
+            print(f"self-synchronising decode, kernels alone ({seg}-bit segments, write pass "
+                  f"{'staged multi-symbol' if staged else 'hf_write'}): "
+                  f"{2 * n / tk / 1e9:.1f} GB/s of BF16 output ({tk * 1e3:.2f} ms); equal: "
+                  f"{np.array_equal(cp.asnumpy(out), want)}")
     ts, tp = res[False][0], res[True][0]
-    print(f"Huffman exponent decode: {len(mats)} tensors, {len(chunks)} chunks "
+    print(f"decode_exponents: {len(mats)} tensors, {len(chunks)} chunks "
           f"({4 * len(chunks)} streams), {n / 1e6:.0f} M exponents at "
-          f"{8 * buf.size / n:.2f} bits: one thread per {cuda_huffman.SEG_BITS}-bit segment "
+          f"{8 * buf.size / n:.2f} bits: segments of {cuda_huffman.SEG_BITS} bits "
           f"{2 * n / tp / 1e9:.1f} GB/s of BF16 output ({tp * 1e3:.1f} ms, host preparation "
-          f"included), one thread per stream {2 * n / ts / 1e9:.1f} GB/s ({ts * 1e3:.1f} ms): "
-          f"{ts / tp:.1f}x; outputs equal: {same}")
+          f"included; equal: {res[True][1]}), one thread per stream {2 * n / ts / 1e9:.1f} GB/s "
+          f"({ts * 1e3:.1f} ms; equal: {res[False][1]})")
+    return n
+
+
+def bench_segments(experts):
+    """The engine's segment decode (start tables of :mod:`zipmoe_rt.engine.gpu_meta`): the
+    one-symbol kernel and each staged variant, per expert as the engine calls it and in one
+    launch over all experts; every output checked word for word."""
+    import cupy as cp
+
+    from zipmoe_rt.backends import cuda_experts, cuda_segdec
+    from zipmoe_rt.engine.gpu_meta import build_meta, pack_expert
+
+    def prep(mats):
+        lay, sm, exp = pack_expert(mats)
+        return sm, exp, build_meta(lay, exp)
+    with ThreadPoolExecutor(16) as ex:
+        packed = list(ex.map(prep, experts))
+    ops = cuda_experts.CudaOps()
+    # one expert per call (device buffers as the engine holds them) and all in one buffer
+    dev, cat, off = [], {k: [] for k in ("sm", "exp", "runs", "bits", "tabs")}, [0, 0, 0, 0, 0]
+    for sm, exp, m in packed:
+        dev.append((cp.asarray(exp), cp.asarray(sm), cp.asarray(m.runs), cp.asarray(m.bits),
+                    cp.asarray(m.tabs), m.segment, cp.empty(m.words, cp.uint16)))
+        # runs: first segment, end byte, first word, first SM byte, symbols, table
+        cat["runs"].append(m.runs.astype(np.int64) + np.array([off[0], off[1], off[2], off[3],
+                                                                0, off[4]]))
+        cat["bits"].append(m.bits.astype(np.int64) + 8 * off[1])
+        cat["sm"].append(sm)
+        cat["exp"].append(exp)
+        cat["tabs"].append(m.tabs)
+        off = [off[0] + m.bits.size, off[1] + exp.size, off[2] + m.words, off[3] + sm.size,
+               off[4] + m.tabs.shape[0]]
+    big = (cp.asarray(np.concatenate(cat["exp"])), cp.asarray(np.concatenate(cat["sm"])),
+           cp.asarray(np.concatenate(cat["runs"]).astype(np.int32)),
+           cp.asarray(np.concatenate(cat["bits"]).astype(np.int32)),
+           cp.asarray(np.concatenate(cat["tabs"])), packed[0][2].segment,
+           cp.empty(off[2], cp.uint16))
+    n = sum(a.size for e in experts for a in e.values())
+    firsts = np.cumsum([0] + [m.words for _, _, m in packed[:-1]])
+
+    def good(outs):      # every expert's words equal the weights
+        return all(np.array_equal(cp.asnumpy(o[w0:w0 + int(np.prod(shape))]),
+                                  mats[role].reshape(-1))
+                   for o, (_, _, m), mats in zip(outs, packed, experts)
+                   for role, w0, shape in m.outs)
+
+    def unstaged(d):
+        cuda_experts.STAGED = False
+        ops.decode(*d, cp.cuda.get_current_stream())
+        cuda_experts.STAGED = True
+    kinds = [("one symbol per lookup, one word per thread and store (zx_decode_segments)",
+              unstaged)]
+    for v, (t, rnd, smt) in cuda_segdec.VARIANTS.items():
+        kinds.append((f"staged multi-symbol {v} ({t} threads, {rnd}-symbol rounds, table in "
+                      f"{'shared' if smt else 'global'} memory)",
+                      lambda d, v=v: cuda_segdec.decode_runs(*d, variant=v)))
+    gc = bench_copy(2 * n)
+    print(f"segment decode: {len(packed)} experts of {n // len(packed) / 1e6:.2f} M weights "
+          f"({sum(e.size for _, e, _ in packed) * 8 / n:.2f} exponent bits each), "
+          f"{packed[0][2].segment} symbols per thread; device-to-device copy of the {2 * n / 1e6:.0f} MB "
+          f"output: {gc:.0f} GB/s (read + written)")
+    for name, fn in kinds:
+        for d in dev:
+            d[-1].fill(0)
+        t1 = _gpu_time(lambda: [fn(d) for d in dev])
+        ok1 = good([d[-1] for d in dev])
+        big[-1].fill(0)
+        ta = _gpu_time(lambda: fn(big))
+        oka = good([big[-1][a:] for a in firsts])
+        print(f"  {name}: one launch for all {2 * n / ta / 1e9:.0f} GB/s of BF16 output "
+              f"({ta * 1e3:.3f} ms, {2 * n / ta / 1e9 / gc:.0%} of the copy's GB/s; equal: {oka}); "
+              f"per expert as the engine calls it {2 * n / t1 / 1e9:.0f} GB/s "
+              f"({t1 / len(dev) * 1e6:.1f} us per expert, launches included; equal: {ok1})")
 
 
 def bench_experts(be, src, srcp, reps=200):
@@ -327,6 +447,10 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--codec-only", action="store_true",
+                    help="the merge and the two Huffman decoders only (no model)")
+    ap.add_argument("--experts", type=int, default=16,
+                    help="experts drawn for the Huffman decoders")
     ap.add_argument("--skip", nargs="*", default=[], choices=["merge", "huffman", "experts",
                                                              "model", "hf"])
     a = ap.parse_args()
@@ -345,6 +469,13 @@ def main():
     if "merge" not in a.skip:
         bench_merge(be)
     pools = dict(np.load(a.pools))
+    if "huffman" not in a.skip:
+        experts = draw_experts(pools, a.experts)
+        bench_huffman(be, experts)
+        bench_segments(experts)
+        del experts
+    if a.codec_only:
+        return
     t0 = time.perf_counter()
     hf = build_hf(a.layers, pools)
     hp = get_architecture(config(a.layers)).hparams()
@@ -352,8 +483,6 @@ def main():
     srcp = HFSource(hf, hp, packed=True)
     print(f"model: Qwen3-30B-A3B shape, {a.layers} layers, built and transcoded in "
           f"{time.perf_counter() - t0:.0f} s")
-    if "huffman" not in a.skip:
-        bench_huffman(be, src)
     if "experts" not in a.skip:
         bench_experts(be, src, srcp)
     if "model" in a.skip:

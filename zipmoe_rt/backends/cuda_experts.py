@@ -15,6 +15,8 @@ import numpy as np
 
 import cupy as cp
 
+from . import cuda_segdec
+
 SOURCE = r"""
 extern "C" __global__ void zx_decode_segments(const unsigned char* __restrict__ exp,
         const unsigned char* __restrict__ sm, const int* __restrict__ runs, int nruns,
@@ -52,6 +54,10 @@ extern "C" __global__ void zx_decode_segments(const unsigned char* __restrict__ 
 }
 """
 _THREADS = 128
+#: :meth:`CudaOps.decode` runs the staged multi-symbol decoder of
+#: :mod:`~zipmoe_rt.backends.cuda_segdec` (False: ``zx_decode_segments`` above, one symbol per
+#: lookup and one word per thread and store; same words)
+STAGED = True
 
 
 class CudaOps:
@@ -115,9 +121,14 @@ class CudaOps:
                                     cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
 
     def decode(self, exp, sm, runs, bits, tabs, seg, out, stream):
-        """The segment decode kernel on ``stream`` (one thread per segment, ``bits.size``)."""
+        """The segment decode on ``stream`` (one thread per segment, ``bits.size``): the staged
+        decoder (:func:`~zipmoe_rt.backends.cuda_segdec.decode_runs`) or, with
+        :data:`STAGED` off, ``zx_decode_segments``."""
         n = int(bits.shape[0])
-        if n:
+        if n and STAGED:
+            with stream:
+                cuda_segdec.decode_runs(exp, sm, runs, bits, tabs, seg, out)
+        elif n:
             with stream:
                 self._k(((n + _THREADS - 1) // _THREADS,), (_THREADS,),
                         (exp, sm, runs, np.int32(runs.shape[0]), bits, tabs, np.int32(seg), out,

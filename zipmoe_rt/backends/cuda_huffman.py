@@ -13,12 +13,16 @@ import numpy as np
 import cupy as cp
 
 from ..kernels import cuda_huffman_src
+from . import cuda_segdec
 
 #: bits per segment (one thread each); codewords are at most 12 bits.
 SEG_BITS = 512
 #: :func:`zipmoe_rt.backends.cuda_planes.decode_exponents` decodes with :func:`decode_streams`
 #: (False: its one-thread-per-stream kernel, for comparison)
 PARALLEL = True
+#: the write pass: the staged multi-symbol kernel of :mod:`~zipmoe_rt.backends.cuda_segdec`
+#: (False: ``hf_write``, one symbol per lookup, one byte per thread and store)
+STAGED = True
 _T = 256
 _MADE: dict = {}
 
@@ -81,8 +85,13 @@ def decode_streams(src, rows: np.ndarray, sym, bits, out, seg_bits: int | None =
                 break
         incl = cp.cumsum(cnt.astype(cp.int64))
         dev_status = cp.zeros(n, cp.int32)
-        k["hf_write"](grid, (_T,), (*common, sym, bits, start, cnt, incl, o_base, o_cnt, out,
-                                    dev_status, np.int64(nseg)))
+        if STAGED:
+            tabs = (sym.astype(cp.uint16) | (bits.astype(cp.uint16) << 8)).reshape(-1, 4096)
+            cuda_segdec.write_streams(src, s_src, s_sz, tab, seg_first, start, cnt, incl,
+                                      o_base, o_cnt, tabs, out, dev_status)
+        else:
+            k["hf_write"](grid, (_T,), (*common, sym, bits, start, cnt, incl, o_base, o_cnt,
+                                        out, dev_status, np.int64(nseg)))
         status = cp.asnumpy(dev_status)
         last = seg_first[1:] - 1                  # each stream's last segment (or before it)
         upto = np.where(last >= 0, cp.asnumpy(incl[cp.asarray(np.maximum(last, 0))]), 0)
