@@ -59,7 +59,7 @@ def test_in_memory_expert_rebuilds_on_the_host(seg):
 
 
 @gpu
-@pytest.mark.parametrize("variant", ["t128", "t256", "t64s"])
+@pytest.mark.parametrize("variant", ["t128", "t256", "t128r128", "t512", "t64s"])
 def test_staged_decode_every_variant(variant):
     import cupy as cp
 
@@ -158,8 +158,8 @@ def test_engine_decode_equals_the_one_symbol_kernel(tiny_moe_dir, tmp_path, monk
 
 
 @gpu
-@pytest.mark.parametrize("variant", ["t128", "t64s"])
-@pytest.mark.parametrize("seg_bits", [16, 512, 1 << 20])
+@pytest.mark.parametrize("variant", ["t128", "t256", "t64s"])
+@pytest.mark.parametrize("seg_bits", [16, 512, 2048, 1 << 20])
 def test_staged_write_pass_of_decode_exponents(monkeypatch, variant, seg_bits):
     """decode_exponents with the staged write pass and with hf_write: the host decoder's bytes,
     and the same acceptance of corrupt chunks (flipped bytes, a count one too high, a stream

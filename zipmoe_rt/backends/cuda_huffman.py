@@ -20,8 +20,9 @@ SEG_BITS = 512
 #: :func:`zipmoe_rt.backends.cuda_planes.decode_exponents` decodes with :func:`decode_streams`
 #: (False: its one-thread-per-stream kernel, for comparison)
 PARALLEL = True
-#: the write pass: the staged multi-symbol kernel of :mod:`~zipmoe_rt.backends.cuda_segdec`
-#: (False: ``hf_write``, one symbol per lookup, one byte per thread and store)
+#: multi-symbol lookups in the first pass and the staged write pass of
+#: :mod:`~zipmoe_rt.backends.cuda_segdec` (False: one symbol per lookup in both, ``hf_write``
+#: writing one byte per thread and store)
 STAGED = True
 _T = 256
 _MADE: dict = {}
@@ -72,12 +73,14 @@ def decode_streams(src, rows: np.ndarray, sym, bits, out, seg_bits: int | None =
         changed = cp.zeros(1, cp.int32)
         grid = ((nseg + _T - 1) // _T,)
         common = (src, s_src, s_sz, tab, first, np.int32(n))
+        tabs = (sym.astype(cp.uint16) | (bits.astype(cp.uint16) << 8)).reshape(-1, 4096)
+        multi = cuda_segdec.multi_tables(tabs)
 
         def seg_pass(pass0, e_old, e_new):
             k["hf_segments"](grid, (_T,), (*common, np.int64(seg_bits), bits, start, e_old,
                                            e_new, cnt, changed, np.int64(nseg),
-                                           np.int32(pass0)))
-        seg_pass(1, ends[1], ends[0])
+                                           np.int32(pass0), multi))
+        seg_pass(2 if STAGED else 1, ends[1], ends[0])
         for p in range(int(nseg_s.max())):    # pass p makes segment p of each stream exact
             changed.fill(0)
             seg_pass(0, ends[p % 2], ends[1 - p % 2])
@@ -86,9 +89,8 @@ def decode_streams(src, rows: np.ndarray, sym, bits, out, seg_bits: int | None =
         incl = cp.cumsum(cnt.astype(cp.int64))
         dev_status = cp.zeros(n, cp.int32)
         if STAGED:
-            tabs = (sym.astype(cp.uint16) | (bits.astype(cp.uint16) << 8)).reshape(-1, 4096)
             cuda_segdec.write_streams(src, s_src, s_sz, tab, seg_first, start, cnt, incl,
-                                      o_base, o_cnt, tabs, out, dev_status)
+                                      o_base, o_cnt, tabs, out, dev_status, multi=multi)
         else:
             k["hf_write"](grid, (_T,), (*common, sym, bits, start, cnt, incl, o_base, o_cnt,
                                         out, dev_status, np.int64(nseg)))

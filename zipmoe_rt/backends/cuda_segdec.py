@@ -21,7 +21,8 @@ import cupy as cp
 from ..kernels import cuda_segdec_src
 
 #: compile-time variants: name -> (threads per block, symbols per round, table in shared memory)
-VARIANTS = {"t128": (128, 256, 0), "t256": (256, 128, 0), "t64s": (64, 128, 1)}
+VARIANTS = {"t128": (128, 256, 0), "t256": (256, 128, 0), "t128r128": (128, 128, 0),
+            "t512": (512, 64, 0), "t64s": (64, 128, 1)}
 #: the variant :func:`decode_runs` and :func:`write_streams` use unless told
 DEFAULT = "t128"
 _MADE: dict = {}
@@ -92,7 +93,7 @@ def decode_runs(exp, sm, runs, bits, tabs, seg: int, out, variant: str | None = 
 
 
 def write_streams(src, s_src, s_size, tab, seg_first, start, cnt, incl, o_base, o_count,
-                  tabs, out, status, variant: str | None = None) -> None:
+                  tabs, out, status, variant: str | None = None, multi=None) -> None:
     """The write pass of :func:`zipmoe_rt.backends.cuda_huffman.decode_streams`: every segment's
     symbols (exact start bits and counts from its synchronisation passes) to their place in
     ``out``, each stream's end checked.
@@ -107,12 +108,15 @@ def write_streams(src, s_src, s_size, tab, seg_first, start, cnt, incl, o_base, 
         tabs: device uint16 [ntab, 4096] single-symbol tables.
         out: device uint8.  status: device int32 [n], set to 3 for a stream whose last symbol
             does not end in its last byte.
+        variant: a name of :data:`VARIANTS`.  multi: :func:`multi_tables` of ``tabs`` if
+            already made.
     """
     nseg = int(seg_first[-1])
     if not nseg:
         return
     k, t, rnd = kernels(variant)
-    multi = multi_tables(tabs, variant)
+    if multi is None:
+        multi = multi_tables(tabs, variant)
     counts = np.diff(seg_first)
     sq = cp.asarray(np.repeat(np.arange(counts.size, dtype=np.int32), counts))
     excl = incl - cnt.astype(cp.int64)
