@@ -2,11 +2,13 @@
 memory, CUDA streams and events, asynchronous host-to-device copies and the segment decode
 kernel that rebuilds an expert's BF16 words from its compressed regions on the GPU.
 
-The kernel follows format/SPEC.md §5.1 (plane merge) and §5.3 (Huffman streams, LSB first,
+The decode follows format/SPEC.md §5.1 (plane merge) and §5.3 (Huffman streams, LSB first,
 12-bit windows): one thread per segment of :data:`~zipmoe_rt.engine.gpu_meta.SEGMENT` symbols
 of a stream (its run found by a binary search over the expert's runs), starting at the bit the
-segment table gives (:func:`~zipmoe_rt.engine.gpu_meta.
-build_meta`), writes ``(sm >> 7) << 15 | e << 7 | sm & 0x7F`` for each symbol. Its host twin is
+segment table gives (:func:`~zipmoe_rt.engine.gpu_meta.build_meta`), writes
+``(sm >> 7) << 15 | e << 7 | sm & 0x7F`` for each symbol. It runs the staged multi-symbol
+kernel of :mod:`~zipmoe_rt.backends.cuda_segdec`; ``zx_decode_segments`` below (one symbol per
+lookup, one word per thread and store) is kept for comparison (:data:`STAGED`). Its host twin is
 :func:`zipmoe_rt.kernels.gpu_segments.decode_segments`. Imported only on ``device="cuda"``.
 """
 from __future__ import annotations

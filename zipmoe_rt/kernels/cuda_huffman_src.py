@@ -73,17 +73,13 @@ __device__ __forceinline__ int seg_stream(const long long* __restrict__ seg_firs
 // start, from which on they agree: the end stays and the count changes by the symbols before
 // the meeting point; if they do not meet below hi, the new decoding's end and count are taken
 // and changed = 1.
-// pass0 == 2: the first pass looks up several codes at once in multi (the multi-symbol tables
-// of cuda_segdec_src.py) while 12 bits or more remain below hi (every code of an entry then
-// starts below hi), then one code at a time: the same end and count as pass0 == 1.
 __global__ void hf_segments(const unsigned char* __restrict__ src,
                             const long long* __restrict__ s_src,
                             const long long* __restrict__ s_size, const int* __restrict__ tab,
                             const long long* __restrict__ seg_first, int n, long long B,
                             const unsigned char* __restrict__ len, long long* start,
                             const long long* __restrict__ end_old, long long* end_new,
-                            int* cnt, int* changed, long long nseg, int pass0,
-                            const unsigned long long* __restrict__ multi) {
+                            int* cnt, int* changed, long long nseg, int pass0) {
     long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (t >= nseg) return;
     int q = seg_stream(seg_first, n, t);
@@ -97,18 +93,6 @@ __global__ void hf_segments(const unsigned char* __restrict__ src,
         BitReader r;
         r.start(s, size, pos);
         int c = 0;
-        if (pass0 == 2) {
-            const unsigned long long* mt = multi + (long long)tab[q] * 4096;
-            while (pos + 12 <= h) {
-                if (r.have < 12) r.fill();
-                unsigned long long e = __ldg(mt + (unsigned int)(r.buf & 4095ull));
-                int l = (int)(e >> 52) & 15;
-                r.buf >>= l;
-                r.have -= l;
-                pos += l;
-                c += (int)(e >> 48) & 15;
-            }
-        }
         while (pos < h) {
             if (r.have < 12) r.fill();
             int l = ln[(unsigned int)(r.buf & 4095ull)];
