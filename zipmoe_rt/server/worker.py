@@ -63,7 +63,8 @@ class ModelHost:
             429 by :meth:`submit`.
         close_model: :meth:`close` also closes the model (False when the caller shares it).
         ctx_size: the context in tokens (prompt plus reply) each request may use (``serve
-            -c``); None: the model's ``max_position_embeddings``.
+            -c``); None: the model's ``max_position_embeddings``. A longer one is allowed, with
+            one warning in the log once the model is loaded.
 
     Attributes:
         model: the model once loaded, else None.
@@ -99,6 +100,12 @@ class ModelHost:
         log = logging.getLogger("uvicorn.error")     # the server's console log
         try:
             self.model = self.loader()
+            if self.ctx_size is not None:
+                from ..cli_repl import over_trained_context
+                warning = over_trained_context(
+                    self.ctx_size, self.model.hparams.get("max_position_embeddings"))
+                if warning:
+                    log.warning(warning)
             self.status = "ok"
             log.info("model %s loaded: ready", self.model.name)
         except BaseException as e:  # noqa: BLE001 - reported by /health and every request
