@@ -197,6 +197,15 @@ def engine_options(fn):
     return fn
 
 
+def _nonempty_stops(ctx, param, value):
+    """``--stop``: every stop string has at least one character (an empty one would match
+    everywhere, or, as llama.cpp treats it, never: either way not what was meant)."""
+    if any(v == "" for v in value):
+        raise click.BadParameter("an empty stop string; give the text that ends the reply",
+                                 ctx=ctx, param=param)
+    return value
+
+
 def sampling_options(fn):
     """Sampling, context and thread options shared by run and chat (llama.cpp's spellings).
 
@@ -220,7 +229,7 @@ def sampling_options(fn):
                                         "[default: the model's, else 1]"),
         click.option("--seed", type=click.IntRange(min=-1), default=None,
                      help="random seed for sampling; -1 = random [default: random]"),
-        click.option("--stop", "stops", multiple=True, metavar="TEXT",
+        click.option("--stop", "stops", multiple=True, metavar="TEXT", callback=_nonempty_stops,
                      help="end the reply where TEXT appears (not printed); repeatable"),
         click.option("-c", "--ctx-size", type=int, default=None,
                      help="context size in tokens (prompt, earlier turns and reply) [default: "
@@ -260,10 +269,43 @@ def _memory_asked(kw) -> bool:
     return kw.get("memory_limit") is not None or kw.get("memory_budget") is not None
 
 
+#: options that act only under a memory budget or limit (an error without one, as for
+#: ``--host-budget``)
+BUDGET_ONLY_OPTIONS = ("policy", "eviction", "prefetch")
+
+
+def check_budget_options(kw) -> None:
+    """Refuse ``--policy``, ``--eviction`` or ``--prefetch`` given on the command line without
+    ``--memory-budget`` or ``--memory-limit``: unbudgeted, every expert is kept once decoded,
+    so there is no expert cache for them to act on (``--host-budget`` is refused likewise, by
+    :func:`zipmoe_rt.load`). Call it in the verb's own thread (it reads click's context).
+
+    Raises:
+        CliError: naming the first such option.
+    """
+    if _memory_asked(kw):
+        return
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return
+    from click.core import ParameterSource
+    for name in BUDGET_ONLY_OPTIONS:
+        if name in ctx.params and ctx.get_parameter_source(name) not in (
+                ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            raise CliError(f"--{name}: applies under a memory budget (--memory-budget or "
+                           f"--memory-limit); without one every expert is kept once decoded "
+                           f"and there is no expert cache to {_BUDGET_ONLY_ROLE[name]}")
+
+
+_BUDGET_ONLY_ROLE = {"policy": "choose a policy for", "eviction": "evict from",
+                     "prefetch": "prefetch into"}
+
+
 def load_from_options(model, kw, context=None):
     """``zipmoe_rt.load`` with the engine options a verb took (``kw``), then the memory banner
     on stderr when a limit or budget was given."""
     from .api import load
+    check_budget_options(kw)
     m = load(model, progress=progress_wanted(), verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
              policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
              direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"],
