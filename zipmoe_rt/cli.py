@@ -238,6 +238,10 @@ def sampling_options(fn):
                      help="threads of the compute kernels [default: all cores]"),
         click.option("--no-verify", is_flag=True,
                      help="skip CRC checks of pieces read from the .zmoe (not recommended)"),
+        click.option("--show-reasoning", is_flag=True,
+                     help="gpt-oss (harmony format): also print the analysis channel (the "
+                          "reasoning) on stderr, dimmed on a terminal; by default only the "
+                          "final channel is printed"),
     ] + ENGINE_OPTIONS
     for o in reversed(opts):
         fn = o(fn)
@@ -336,7 +340,7 @@ def _stats_line(st) -> str:
 @click.option("--system", default=None, help="system prompt (chat template only)")
 @sampling_options
 @friendly_errors
-def run(model, prompt, raw, system, **kw):
+def run(model, prompt, raw, system, show_reasoning, **kw):
     """One-shot generation: the completion goes to stdout, timings to stderr.
 
     The prompt is wrapped in the model's chat template as one user turn, unless --raw.
@@ -348,6 +352,7 @@ def run(model, prompt, raw, system, **kw):
     # a token covers at least one byte of text; 64 tokens for the chat template's markup
     text_bytes = len(prompt.encode("utf-8")) + len((system or "").encode("utf-8"))
     m, sp, _ = _prepare(model, kw, 256, context=text_bytes + 64 + (kw["max_tokens"] or 256))
+    harmony = _harmony_reply(m, show_reasoning, raw)
     if raw:
         n = len(m.tokenizer.encode(prompt))
         pieces = m.stream(prompt, **sp)
@@ -355,7 +360,9 @@ def run(model, prompt, raw, system, **kw):
         msgs = ([{"role": "system", "content": system}] if system else []) + \
                [{"role": "user", "content": prompt}]
         n = len(m.tokenizer.encode_chat(msgs, add_generation_prompt=True))
-        pieces = m.chat(msgs, stream=True, **sp)
+        pieces = m.chat(msgs, stream=True, skip_special_tokens=harmony is None, **sp)
+        if harmony is not None:
+            pieces = harmony.filter(pieces)
     pieces = stop_at(prefill_notice(pieces, n), kw["stops"], m)
     try:
         for piece in pieces:
@@ -371,7 +378,7 @@ def run(model, prompt, raw, system, **kw):
 @click.option("--system", default=None, help="system prompt")
 @sampling_options
 @friendly_errors
-def chat(model, system, **kw):
+def chat(model, system, show_reasoning, **kw):
     """Interactive chat REPL that streams replies and keeps the conversation.
 
     With standard input not a terminal, each input line is one user turn and each reply is
@@ -383,8 +390,24 @@ def chat(model, system, **kw):
     session = m.chat_session(system)
     interactive = sys.stdin.isatty()
     memory = None if _memory_asked(kw) else m.memory_line()   # else load_from_options said it
+    harmony = _harmony_reply(m, show_reasoning, False)
     cli_repl.repl(m, session, sp, kw["stops"], _stats_line, _session_stats, interactive,
-                  cli_repl.banner(m, ctx, memory))
+                  cli_repl.banner(m, ctx, memory),
+                  harmony=None if harmony is None else harmony.show_reasoning)
+
+
+def _harmony_reply(m, show_reasoning: bool, raw: bool):
+    """A :class:`~zipmoe_rt.cli_harmony.HarmonyReply` when the model's chat template writes
+    gpt-oss's harmony format (and the prompt goes through it: not ``--raw``), else None, with
+    one warning line when ``--show-reasoning`` then has nothing to show."""
+    from .cli_harmony import HarmonyReply, is_harmony
+    if not raw and is_harmony(m.tokenizer.chat_template):
+        return HarmonyReply(show_reasoning)
+    if show_reasoning:
+        why = ("--raw completes the prompt without the chat template" if raw else
+               "the model's chat template has no separate reasoning channel (harmony format)")
+        click.echo(f"zipmoe-rt: warning: --show-reasoning: no effect: {why}", err=True)
+    return None
 
 
 def _session_stats(m, session) -> str:

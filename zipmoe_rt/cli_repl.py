@@ -274,8 +274,13 @@ def read_turn(interactive: bool) -> str | None:
 
 
 def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, session_stats,
-         interactive: bool, banner_text: str) -> None:
+         interactive: bool, banner_text: str, harmony: bool | None = None) -> None:
     """The ``chat`` loop: read a turn, stream the reply, print the stats line (terminal only).
+
+    ``harmony``: None for a model whose replies are plain text; for gpt-oss's harmony format,
+    whether to show the reasoning: each reply is split by
+    :class:`~zipmoe_rt.cli_harmony.HarmonyReply` (the final channel printed) and kept in the
+    conversation as its final text with the reasoning as ``thinking``.
 
     SIGINT is restored to Python's handler first: a shell starts background jobs (``cmd &``,
     ``nohup``) with SIGINT ignored, which a child inherits, and Ctrl-C would then do nothing.
@@ -327,11 +332,17 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
             else:
                 click.echo(f"unknown command {cmd}; /help lists them", err=True)
             continue
+        reply = None
+        if harmony is not None:
+            from .cli_harmony import HarmonyReply
+            reply = HarmonyReply(harmony)
         try:
-            pieces = session.send(line, **sampling)
+            pieces = session.send(line, skip_special_tokens=reply is None, **sampling)
         except ValueError as e:           # e.g. the conversation no longer fits the context
             click.echo(f"error: {e}", err=True)
             continue
+        if reply is not None:
+            pieces = reply.filter(pieces)
         n_new = 0
         if interactive:
             msgs = ([{"role": "system", "content": session.system}] if session.system else []) \
@@ -343,6 +354,9 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
                 click.echo(piece, nl=False)
         except KeyboardInterrupt:
             click.echo(" [stopped]", nl=False)
+        if reply is not None and session.messages and \
+                session.messages[-1].get("role") == "assistant":
+            session.messages[-1] = reply.message()    # the final text, not the markup
         click.echo("")
         if interactive:
             click.secho(stats_line(model.last_stats), err=True, dim=True)
