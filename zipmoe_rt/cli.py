@@ -400,8 +400,9 @@ def _harmony_reply(m, show_reasoning: bool, raw: bool):
     """A :class:`~zipmoe_rt.cli_harmony.HarmonyReply` when the model's chat template writes
     gpt-oss's harmony format (and the prompt goes through it: not ``--raw``), else None, with
     one warning line when ``--show-reasoning`` then has nothing to show."""
-    from .cli_harmony import HarmonyReply, is_harmony
+    from .chat_template import is_harmony
     if not raw and is_harmony(m.tokenizer.chat_template):
+        from .cli_harmony import HarmonyReply
         return HarmonyReply(show_reasoning)
     if show_reasoning:
         why = ("--raw completes the prompt without the chat template" if raw else

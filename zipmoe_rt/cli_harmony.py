@@ -12,9 +12,7 @@ from typing import Iterator
 
 import click
 
-from .server.harmony import HarmonySplitter, is_harmony
-
-__all__ = ["HarmonyReply", "is_harmony"]
+__all__ = ["HarmonyReply"]
 
 
 class HarmonyReply:
@@ -29,6 +27,7 @@ class HarmonyReply:
     """
 
     def __init__(self, show_reasoning: bool = False):
+        from .server.harmony import HarmonySplitter    # (pure Python: no server extra needed)
         self.show_reasoning = show_reasoning
         self.splitter = HarmonySplitter()
         self.content = ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import uuid
 
+from ..chat_template import is_harmony
 from .textproc import held_tail
 
 __all__ = ["HarmonySplitter", "is_harmony"]
@@ -23,12 +24,6 @@ _MESSAGE = "<|message|>"
 _ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")
 _CHANNEL = re.compile(r"<\|channel\|>\s*([A-Za-z_]+)")
 _RECIPIENT = re.compile(r"\bto=([^\s<]+)")
-
-
-def is_harmony(chat_template: str | None) -> bool:
-    """Whether a chat template writes the harmony format (gpt-oss's)."""
-    return bool(chat_template) and "<|channel|>" in chat_template \
-        and "<|message|>" in chat_template
 
 
 class HarmonySplitter:
