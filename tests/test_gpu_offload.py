@@ -5,8 +5,7 @@ at once on host arrays, the segment decode by the Numba twin of the CUDA kernel)
 kernels, so its tiers, host cache, staging, segment tables and counters are checked without a
 GPU: for every tiny spec and every policy, the logits equal the unbudgeted run's bit for bit and
 experts are really evicted and brought back through uploads and segment decodes. The same engine
-on CUDA (CudaOps): tests/test_gpu.py; the CUDA segment kernels against their host twin: here, on
-a GPU (skipped with the reason elsewhere).
+on CUDA (CudaOps): tests/test_gpu.py.
 """
 from __future__ import annotations
 
@@ -63,40 +62,6 @@ def test_segment_tables_rebuild_every_expert(tiny_case, name, segment):
                                   m.runs)
             assert np.array_equal(blk[b0:b0 + m.bits.nbytes].view(np.int32), m.bits)
             assert np.array_equal(blk[t0:end].view(np.uint16).reshape(-1, 4096), m.tabs)
-    finally:
-        rd.close()
-
-
-@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
-@pytest.mark.parametrize("segment", [37, 256, 2048])
-@pytest.mark.parametrize("coop", [True, False])
-def test_cuda_segment_kernels_equal_the_host_twin(tiny_case, name, segment, coop, monkeypatch):
-    """On a GPU: both CUDA segment decode kernels (the two-step one with the coalesced merge,
-    and one thread per segment) write every expert's words exactly as the host twin does,
-    at segments of 37 symbols (many per stream), 256 (the engine's) and 2048 (fewer threads
-    per block)."""
-    from zipmoe_rt.backends import cuda_unavailable
-    why = cuda_unavailable()
-    if why is not None:
-        pytest.skip(f"no CUDA backend here: {why}")
-    import cupy as cp
-
-    from zipmoe_rt.backends import cuda_experts
-    from zipmoe_rt.engine.io import RegionReader
-    monkeypatch.setattr(cuda_experts, "COOP", coop)
-    ops = cuda_experts.CudaOps()
-    case = tiny_case(name)
-    rd = RegionReader(case.zmoe)
-    try:
-        for lay in case.layouts.values():
-            sm, exp = rd.read(*lay.sm_region), rd.read(*lay.exp_region)
-            m = build_meta(lay, exp, segment=segment)
-            want = np.zeros(m.words, np.uint16)
-            decode_segments(exp, sm, m.runs, m.bits, m.tabs, segment, want)
-            got = cp.zeros(m.words, cp.uint16)
-            ops.decode(*(cp.asarray(a) for a in (exp, sm, m.runs, m.bits, m.tabs)), segment,
-                       got, ops.current())
-            assert np.array_equal(cp.asnumpy(got), want), (lay.layer, lay.expert)
     finally:
         rd.close()
 

@@ -17,7 +17,7 @@ Two steps, because the value pools come from a GGUF file the GPU machine does no
     python tools/gpu_offload_bench.py pools POOLS.npz        # here: ~6 MB of pooled values
     python tools/gpu_offload_bench.py run POOLS.npz --work DIR [--layers 2] [--budget 25%]
         [--host-budget 100%] [--tokens 32] [--hf-tokens 6] [--routing both]
-        [--two-step-segments] [--json OUT.json]
+        [--one-step-segments] [--json OUT.json]
 
 ``run`` writes the checkpoint, calibrates its routers (:func:`calibrate_routers`), converts it
 twice (bit-planes; raw experts for raw-lru), times the two segment decode kernels on one expert,
@@ -383,10 +383,11 @@ def record_trace(z):
 
 
 def time_segment_kernels(z, reps: int = 20) -> dict:
-    """GB/s of BF16 output of the two CUDA segment decode kernels (two-step and one-step,
-    :mod:`zipmoe_rt.backends.cuda_experts`) on the largest expert of ``z``, and of a
-    device-to-device copy of the same bytes, from CUDA events over ``reps`` runs each; the
-    two kernels' words compared."""
+    """GB/s of BF16 output of the engine's segment decode (:meth:`CudaOps.decode
+    <zipmoe_rt.backends.cuda_experts.CudaOps.decode>`: the staged decoder, and the one-step
+    kernel with ``STAGED`` off) on the largest expert of ``z``, one launch per decode, and of a
+    device-to-device copy of the same bytes, from CUDA events over ``reps`` runs each; the two
+    decoders' words compared."""
     import cupy as cp
 
     from zipmoe_rt.backends import cuda_experts
@@ -404,8 +405,8 @@ def time_segment_kernels(z, reps: int = 20) -> dict:
     dev = [cp.asarray(a) for a in (exp, sm, m.runs, m.bits, m.tabs)]
     res, words = {}, {}
     st = cp.cuda.get_current_stream()
-    for name, coop in (("two-step", True), ("one-step", False)):
-        cuda_experts.COOP = coop
+    for name, staged in (("staged", True), ("one-step", False)):
+        cuda_experts.STAGED = staged
         out = cp.zeros(m.words, cp.uint16)
         ops.decode(*dev, m.segment, out, st)
         a = ops.record(st, timing=True)
@@ -415,7 +416,7 @@ def time_segment_kernels(z, reps: int = 20) -> dict:
         b.synchronize()
         res[name] = 2 * m.words * reps / ops.elapsed(a, b) / 1e9
         words[name] = cp.asnumpy(out)
-    cuda_experts.COOP = False
+    cuda_experts.STAGED = True
     buf = cp.zeros(m.words, cp.uint16)
     dst = cp.empty_like(buf)
     a = ops.record(st, timing=True)
@@ -424,7 +425,7 @@ def time_segment_kernels(z, reps: int = 20) -> dict:
     b = ops.record(st, timing=True)
     b.synchronize()
     res["device copy"] = 2 * m.words * reps / ops.elapsed(a, b) / 1e9
-    res["same words"] = bool(np.array_equal(words["two-step"], words["one-step"]))
+    res["same words"] = bool(np.array_equal(words["staged"], words["one-step"]))
     res["expert MB (BF16)"] = 2 * m.words / 1e6
     return res
 
@@ -456,7 +457,7 @@ def run(a):
         except Exception as e:  # noqa: BLE001 - reported, the timing rows still run
             kt = {"error": f"{type(e).__name__}: {e}"[:300]}
         print(f"segment decode kernels, GB/s of BF16 output: {json.dumps(kt)}", flush=True)
-        cuda_experts.COOP = a.two_step_segments
+        cuda_experts.STAGED = not a.one_step_segments
     src = ZmoeSource(z)
     budget = parse_size(a.budget, src)
     experts = sum(l.full_bytes for l in src.layouts.values())
@@ -529,8 +530,8 @@ def main(argv=None):
     r.add_argument("--json", type=Path, default=None)
     r.add_argument("--device", default="cuda", help="cpu: a smoke test of the script")
     r.add_argument("--tiny", action="store_true", help="the --tiny shape (smoke test)")
-    r.add_argument("--two-step-segments", action="store_true",
-                   help="the two-step segment decode kernel in the engine (cuda_experts.COOP)")
+    r.add_argument("--one-step-segments", action="store_true",
+                   help="the one-step segment decode kernel in the engine (cuda_experts.STAGED off)")
     r.add_argument("--routing", choices=("model", "uniform", "both"), default="both",
                    help="the model's routers, uniform random routing (uniform_routing), or both")
     a = ap.parse_args(argv)

@@ -2,23 +2,22 @@
 memory, CUDA streams and events, asynchronous host-to-device copies and the segment decode
 kernel that rebuilds an expert's BF16 words from its compressed regions on the GPU.
 
-The kernel follows format/SPEC.md §5.1 (plane merge) and §5.3 (Huffman streams, LSB first,
+The decode follows format/SPEC.md §5.1 (plane merge) and §5.3 (Huffman streams, LSB first,
 12-bit windows): one thread per segment of :data:`~zipmoe_rt.engine.gpu_meta.SEGMENT` symbols
 of a stream (its run found by a binary search over the expert's runs), starting at the bit the
-segment table gives (:func:`~zipmoe_rt.engine.gpu_meta.
-build_meta`), writes ``(sm >> 7) << 15 | e << 7 | sm & 0x7F`` for each symbol. Its host twin is
-:func:`zipmoe_rt.kernels.gpu_segments.decode_segments`. With :data:`COOP` the threads of a
-block first decode their segments' exponents into shared memory, then merge them with the
-sign+mantissa bytes together, consecutive threads on consecutive words (coalesced reads and
-writes); the words are the same, but on an H100 it ran at 47.5 GB/s of BF16 output against the
-one-step kernel's 64.1 (docs/benchmarks.md §13), so it is off by default. Imported only on
-``device="cuda"``.
+segment table gives (:func:`~zipmoe_rt.engine.gpu_meta.build_meta`), writes
+``(sm >> 7) << 15 | e << 7 | sm & 0x7F`` for each symbol. It runs the staged multi-symbol
+kernel of :mod:`~zipmoe_rt.backends.cuda_segdec`; ``zx_decode_segments`` below (one symbol per
+lookup, one word per thread and store) is kept for comparison (:data:`STAGED`). Its host twin is
+:func:`zipmoe_rt.kernels.gpu_segments.decode_segments`. Imported only on ``device="cuda"``.
 """
 from __future__ import annotations
 
 import numpy as np
 
 import cupy as cp
+
+from . import cuda_segdec
 
 SOURCE = r"""
 extern "C" __global__ void zx_decode_segments(const unsigned char* __restrict__ exp,
@@ -55,71 +54,12 @@ extern "C" __global__ void zx_decode_segments(const unsigned char* __restrict__ 
         have -= (int)(v >> 8);
     }
 }
-
-// The same words, in two steps per block of nt = blockDim.x segments: each thread decodes its
-// segment's exponents into shared memory (ex[tid * seg + k]) and notes where its words go;
-// then the block merges them with their sign+mantissa bytes, thread e on element e, e + nt, ...
-// (consecutive threads, consecutive words of one segment). Shared: nt * seg bytes + 3 nt
-// long longs at the next 8-byte boundary.
-extern "C" __global__ void zx_decode_segments_coop(const unsigned char* __restrict__ exp,
-        const unsigned char* __restrict__ sm, const int* __restrict__ runs, int nruns,
-        const int* __restrict__ bits, const unsigned short* __restrict__ tabs, int seg,
-        unsigned short* __restrict__ out, int nseg) {
-    extern __shared__ unsigned char shm[];
-    int nt = blockDim.x, tid = threadIdx.x;
-    unsigned char* ex = shm;
-    long long* where = reinterpret_cast<long long*>(shm + (((long long)nt * seg + 7) & ~7LL));
-    int j = blockIdx.x * nt + tid;
-    int cnt = 0;
-    if (j < nseg) {
-        int lo = 0, hi = nruns - 1;
-        while (lo < hi) {
-            int mid = (lo + hi + 1) >> 1;
-            if (runs[6 * mid] <= j) lo = mid; else hi = mid - 1;
-        }
-        const int* r = runs + 6 * lo;
-        long long k0 = (long long)(j - r[0]) * seg;
-        cnt = (int)min((long long)seg, (long long)r[4] - k0);
-        long long bit = bits[j], end = r[1];
-        const unsigned short* t = tabs + 4096LL * r[5];
-        unsigned char* e = ex + (long long)tid * seg;
-        long long nxt = bit >> 3;
-        unsigned long long buf = 0ull;
-        int have = 0;
-        while (have <= 56 && nxt < end) { buf |= (unsigned long long)exp[nxt++] << have; have += 8; }
-        int skip = (int)(bit & 7);
-        buf >>= skip;
-        have -= skip;
-        for (int k = 0; k < cnt; k++) {
-            while (have <= 56 && nxt < end) { buf |= (unsigned long long)exp[nxt++] << have; have += 8; }
-            unsigned int v = t[buf & 4095ull];
-            e[k] = (unsigned char)(v & 0xffu);
-            buf >>= (v >> 8);
-            have -= (int)(v >> 8);
-        }
-        where[3 * tid] = (long long)r[2] + k0;
-        where[3 * tid + 1] = (long long)r[3] + k0;
-    }
-    where[3 * tid + 2] = cnt;
-    __syncthreads();
-    long long total = (long long)nt * seg;
-    for (long long i = tid; i < total; i += nt) {
-        int q = (int)(i / seg), k = (int)(i - (long long)q * seg);
-        if (k < where[3 * q + 2]) {
-            unsigned int b = sm[where[3 * q + 1] + k];
-            out[where[3 * q] + k] = (unsigned short)(((b >> 7) << 15) | ((unsigned int)ex[i] << 7)
-                                                     | (b & 0x7fu));
-        }
-    }
-}
 """
 _THREADS = 128
-#: the two-step kernel (``zx_decode_segments_coop``: coalesced merge through shared memory)
-#: instead of one thread writing its segment's words alone; the same words either way (off:
-#: slower on an H100, see the module docstring)
-COOP = False
-#: shared memory the two-step kernel may take per block (exponents of its segments)
-_COOP_SHARED = 32 << 10
+#: :meth:`CudaOps.decode` runs the staged multi-symbol decoder of
+#: :mod:`~zipmoe_rt.backends.cuda_segdec` (False: ``zx_decode_segments`` above, one symbol per
+#: lookup and one word per thread and store; same words)
+STAGED = True
 
 
 class CudaOps:
@@ -129,9 +69,8 @@ class CudaOps:
     name = "cuda"
 
     def __init__(self):
-        mod = cp.RawModule(code=SOURCE, options=("-std=c++14",))
-        self._k = mod.get_function("zx_decode_segments")
-        self._kc = mod.get_function("zx_decode_segments_coop")
+        self._k = cp.RawModule(code=SOURCE, options=("-std=c++14",)).get_function(
+            "zx_decode_segments")
 
     def pinned(self, nbytes: int) -> np.ndarray:
         """uint8 [nbytes] in page-locked host memory (``cupy.cuda.alloc_pinned_memory``)."""
@@ -189,21 +128,18 @@ class CudaOps:
                                     cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
 
     def decode(self, exp, sm, runs, bits, tabs, seg, out, stream):
-        """The segment decode kernel on ``stream`` (one thread per segment, ``bits.size``):
-        the two-step kernel with :data:`COOP` (blocks of up to 128 segments, their exponents
-        within :data:`_COOP_SHARED` bytes of shared memory), else the one-step kernel."""
+        """The segment decode on ``stream`` (one thread per segment, ``bits.size``): the staged
+        decoder (:func:`~zipmoe_rt.backends.cuda_segdec.decode_runs`) or, with
+        :data:`STAGED` off, ``zx_decode_segments``."""
         n = int(bits.shape[0])
-        if not n:
-            return
-        args = (exp, sm, runs, np.int32(runs.shape[0]), bits, tabs, np.int32(seg), out,
-                np.int32(n))
-        with stream:
-            if COOP and 0 < seg <= _COOP_SHARED:
-                nt = max(1, min(_THREADS, _COOP_SHARED // seg))
-                shared = ((nt * seg + 7) & ~7) + 24 * nt
-                self._kc(((n + nt - 1) // nt,), (nt,), args, shared_mem=shared)
-            else:
-                self._k(((n + _THREADS - 1) // _THREADS,), (_THREADS,), args)
+        if n and STAGED:
+            with stream:
+                cuda_segdec.decode_runs(exp, sm, runs, bits, tabs, seg, out)
+        elif n:
+            with stream:
+                self._k(((n + _THREADS - 1) // _THREADS,), (_THREADS,),
+                        (exp, sm, runs, np.int32(runs.shape[0]), bits, tabs, np.int32(seg), out,
+                         np.int32(n)))
 
     def copy(self, a, stream):
         """A contiguous copy of device array ``a`` made on ``stream`` (memory from the compute

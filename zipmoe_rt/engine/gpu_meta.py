@@ -260,3 +260,37 @@ def parse_host_budget(text, source) -> int:
     except ValueError as e:
         raise ValueError(str(e).replace("--memory-budget", opt).replace("600MB", "2GB")
                          .replace("25%", "40%")) from None
+
+
+def pack_expert(mats: dict, chunks: int = 4, min_chunk: int = 1 << 14, layer: int = 0,
+                expert: int = 0):
+    """An expert held in memory as the converter stores it: each BF16 matrix split into its
+    planes (format/SPEC.md §5.1), its exponent plane Huffman-coded in ``chunks`` chunks that
+    share the plane's code (§5.2, §5.3), the SM planes and the chunks laid back to back.
+
+    Args:
+        mats: role (``gate``, ``up``, ``down``) -> uint16 [out, in] BF16 words.
+        chunks, min_chunk: as :func:`zmoe.codec.compress_chunks`.
+        layer, expert: the layout's key.
+    Returns:
+        ``(layout, sm region uint8, exponent region uint8)``: an
+        :class:`~zipmoe_rt.engine.layout.ExpertLayout` whose regions start at 0, for
+        :func:`build_meta` and the segment decoders (tests, benchmarks).
+    """
+    from zmoe import codec
+    from .layout import ExpertLayout, Piece
+    pieces, sms, exps, so, eo = [], [], [], 0, 0
+    for role, w in mats.items():
+        w = np.ascontiguousarray(w, np.uint16)
+        e, s = codec.split_planes(w.reshape(-1), "BF16")
+        cs = []
+        for c, raw in codec.compress_chunks(e, chunks, min_chunk, exp_codec=EXP_HUFFMAN):
+            cs.append((eo, len(c), raw, 0))
+            exps.append(np.frombuffer(c, np.uint8))
+            eo += len(c)
+        pieces.append(Piece(f"experts.{expert}.{role}", role, "BF16", tuple(w.shape),
+                            (so, s.size, 0), tuple(cs), EXP_HUFFMAN))
+        sms.append(s)
+        so += s.size
+    lay = ExpertLayout(layer, expert, (0, so), (0, eo), tuple(pieces))
+    return lay, np.concatenate(sms), np.concatenate(exps) if exps else np.zeros(0, np.uint8)
