@@ -109,20 +109,23 @@ def test_gpu_engine_bit_identical_and_really_reloads(tiny_case, name):
                 assert_same_logits(logits, case.ref_logits)
                 st = eng.stats
                 where = (policy, delay, hb)
-                assert st.uploads > 0 and st.pcie_bytes > 0, where
+                # uses that cross PCIe (S, E, miss) and that decode on the GPU (C too); zipmoe's
+                # plan may hold every expert the prompt uses in F (the plan follows the trace)
+                pcie = sum(st.hits[t] for t in ("S", "E", "miss"))
+                decoded = pcie + st.hits["C"]
                 if policy != "zipmoe":
                     assert st.hits["miss"] > 0, where           # evicted and brought back
-                if case.name.startswith("gpt_oss"):    # in x out slices: assembled on the host
-                    assert st.host_decodes > 0 and st.gpu_decodes == 0, where
-                elif policy != "raw-lru":
-                    assert st.gpu_decodes > 0 and st.host_decodes == 0, where
+                assert (st.uploads > 0 and st.pcie_bytes > 0) == (pcie > 0), where
+                if policy != "raw-lru":        # gpt-oss's slices too (rearranged on the GPU)
+                    assert (st.gpu_decodes > 0) == (decoded > 0), where
+                    assert st.host_decodes == 0, where
                 else:
                     assert st.gpu_decodes == 0, where          # raw words cross as they are
                 if hb:
-                    assert st.file_misses == 0 and st.host_hits > 0, where
+                    assert st.file_misses == 0 and (st.host_hits > 0) == (pcie > 0), where
                     assert eng.memory_report()["host pinned"] > 0
                 else:
-                    assert st.host_hits == 0 and st.file_misses > 0, where
+                    assert st.host_hits == 0 and (st.file_misses > 0) == (pcie > 0), where
                 rep = eng.memory_report()
                 assert rep["host budget"] == eng.host_budget
                 assert rep["host pinned"] <= eng.host_budget

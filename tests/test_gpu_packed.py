@@ -185,6 +185,8 @@ def test_load_cuda_compressed_equals_bf16_gpu(tiny_moe_dir, tmp_path, name):
     fused kernels for the experts with fewer rows) and every decode step, same 20 tokens."""
     import zipmoe_rt
     from test_api import make_chat_model
+
+    from zipmoe_rt.engine.resident import packable
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         z = make_chat_model(tiny_moe_dir(name), tmp_path / name)
@@ -197,7 +199,11 @@ def test_load_cuda_compressed_equals_bf16_gpu(tiny_moe_dir, tmp_path, name):
         held = m.net.executor.source
         assert len(held._experts) == len(m.source.layouts)          # all uploaded at load
         rep = m.memory_report()
-        assert 0 < rep["experts"] <= 0.78 * rep["experts_bf16"] + 4096 * len(held._experts)
+        packed = [packable(lay) for lay in m.source.layouts.values()]
+        if all(packed):
+            assert 0 < rep["experts"] <= 0.78 * rep["experts_bf16"] + 4096 * len(held._experts)
+        else:   # gpt-oss's in x out slices and biased experts stay decoded (engine/resident.py)
+            assert not any(packed) and rep["experts"] == rep["experts_bf16"] > 0
         cl, ct = _run(m.net, ids)
     finally:
         m.close()

@@ -2,9 +2,12 @@
 measured in the same run (one NVIDIA GPU with CuPy, torch and transformers installed):
 
 1. the bit-plane merge kernel's bandwidth against a device-to-device copy of the same bytes;
-2. the GPU Huffman exponent decoder (``decode_exponents``), in GB/s of BF16 output, on the
-   exponent planes of one layer's experts coded as the converter codes them (4 chunks per
-   tensor, 4 streams per chunk);
+2. the two GPU Huffman exponent decoders, in GB/s of BF16 output, on the planes of experts of
+   the model's shape drawn from the pools and coded as the converter codes them (4 chunks per
+   tensor, 4 streams per chunk), beside a device-to-device copy of the output bytes: the
+   self-synchronising decoder behind ``decode_exponents`` (no start table) and the engine's
+   segment decode (:mod:`zipmoe_rt.engine.gpu_meta` start tables), each kernel variant checked
+   word for word against the weights;
 3. one token's k experts (``experts_token``): fused decode + GEMV on the packed form against the
    BF16 GEMV kernels on the same weights (bit-identical outputs checked);
 4. batch-1 decode tokens/s and prefill tokens/s of a Qwen3-30B-A3B-shaped model at reduced
@@ -22,6 +25,7 @@ the same weights for both), so nothing is written to disk.
 Usage:
     python tools/gpu_bench_codec.py --save-pools pools.npz          # CPU, needs the GGUF
     python tools/gpu_bench_codec.py --pools pools.npz [--layers 4] [--tokens 32] [--prompt 512]
+    python tools/gpu_bench_codec.py --pools pools.npz --codec-only [--experts 16]   # 1 and 2
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 POOL_KEEP = 1 << 18                  # values kept per kind in the .npz
-SOURCE_FAN_IN = {"gate": 576, "up": 576, "down": 1536, "q": 576, "k": 576, "v": 576, "o": 576}
+from gpu_bench_decoders import SOURCE_FAN_IN, bench_huffman, bench_segments, draw_experts, timed  # noqa: E402,E501
 
 
 def save_pools(path):
@@ -157,17 +161,6 @@ class HFSource:
         return ExpertWeights(*self._dev[(layer, e)])
 
 
-def timed(fn, reps, sync):
-    """Seconds per call of ``fn`` (one warm-up call, then the mean of ``reps``)."""
-    fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / reps
-
-
 def bench_merge(be, n=1 << 28):
     import cupy as cp
     rng = cp.random.default_rng(0)
@@ -182,68 +175,6 @@ def bench_merge(be, n=1 << 28):
     gm, gc = 4 * n / t_merge / 1e9, 4 * n / t_copy / 1e9
     print(f"merge kernel: {n >> 20} Mi BF16 words: {gm:.0f} GB/s (read + written), "
           f"device-to-device copy {gc:.0f} GB/s: {gm / gc:.0%} of the copy")
-
-
-def bench_huffman(be, src, layer=0):
-    """Decode of one layer's expert exponent planes, coded as the converter codes them."""
-    import cupy as cp
-    from zmoe import codec
-    from zmoe.constants import DEFAULT_CHUNKS
-    mats = [a for e in range(src.hparams["num_experts"]) for a in src._dev[(layer, e)]]
-
-    def code(a):
-        exp, _ = codec.split_planes(cp.asnumpy(a).reshape(-1), "BF16")
-        return codec.compress_chunks(exp, DEFAULT_CHUNKS), exp.size
-    with ThreadPoolExecutor(16) as ex:
-        coded = list(ex.map(code, mats))
-    chunks = [c for cs, _ in coded for c in cs]
-    buf = np.frombuffer(b"".join(c for c, _ in chunks), np.uint8)
-    sizes = np.array([len(c) for c, _ in chunks], np.int64)
-    offs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    raws = np.array([r for _, r in chunks], np.int64)
-    dev = cp.asarray(buf)
-    n = int(raws.sum())
-    from zipmoe_rt.backends import cuda_huffman
-    res = {}
-    for parallel in (False, True):
-        cuda_huffman.PARALLEL = parallel
-        got = be.decode_exponents(dev, offs, sizes, raws)
-        res[parallel] = (timed(lambda: be.decode_exponents(dev, offs, sizes, raws), 3,
-                               be.synchronize), cp.asnumpy(got))
-    # the kernels alone (headers parsed and tables built once, as decode_exponents does)
-    from zmoe import huffman
-
-    from zipmoe_rt.backends.cuda_planes import decode_tables
-    starts = np.concatenate([[0], np.cumsum(raws)])
-    keys, syms, lens, rows = {}, [], [], []
-    for i in range(len(chunks)):
-        c = buf[offs[i]:offs[i] + sizes[i]]
-        lengths, spans = huffman.parse_header(c, int(raws[i]))
-        key = c[:huffman.LENGTHS_BYTES].tobytes()
-        if key not in keys:
-            keys[key] = len(syms)
-            a, b = decode_tables(lengths)
-            syms.append(a)
-            lens.append(b)
-        for (so, sz), (x0, x1) in zip(spans, huffman.stream_ranges(int(raws[i]))):
-            rows.append((offs[i] + so, sz, starts[i] + x0, x1 - x0, keys[key]))
-    rows = np.array(rows, np.int64)
-    sy, ln = cp.asarray(np.concatenate(syms)), cp.asarray(np.concatenate(lens))
-    out = cp.empty(n, cp.uint8)
-    for seg in (512, 1024, 2048, 4096):
-        tk = timed(lambda: cuda_huffman.decode_streams(dev, rows, sy, ln, out, seg), 5,
-                   be.synchronize)
-        print(f"Huffman decode kernels alone ({seg}-bit segments; passes, prefix sum, write): "
-              f"{2 * n / tk / 1e9:.1f} GB/s of BF16 output ({tk * 1e3:.1f} ms); equal: "
-              f"{np.array_equal(cp.asnumpy(out), res[True][1])}")
-    same = np.array_equal(res[False][1], res[True][1])
-    ts, tp = res[False][0], res[True][0]
-    print(f"Huffman exponent decode: {len(mats)} tensors, {len(chunks)} chunks "
-          f"({4 * len(chunks)} streams), {n / 1e6:.0f} M exponents at "
-          f"{8 * buf.size / n:.2f} bits: one thread per {cuda_huffman.SEG_BITS}-bit segment "
-          f"{2 * n / tp / 1e9:.1f} GB/s of BF16 output ({tp * 1e3:.1f} ms, host preparation "
-          f"included), one thread per stream {2 * n / ts / 1e9:.1f} GB/s ({ts * 1e3:.1f} ms): "
-          f"{ts / tp:.1f}x; outputs equal: {same}")
 
 
 def bench_experts(be, src, srcp, reps=200):
@@ -327,6 +258,10 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--codec-only", action="store_true",
+                    help="the merge and the two Huffman decoders only (no model)")
+    ap.add_argument("--experts", type=int, default=16,
+                    help="experts drawn for the Huffman decoders")
     ap.add_argument("--skip", nargs="*", default=[], choices=["merge", "huffman", "experts",
                                                              "model", "hf"])
     a = ap.parse_args()
@@ -345,6 +280,13 @@ def main():
     if "merge" not in a.skip:
         bench_merge(be)
     pools = dict(np.load(a.pools))
+    if "huffman" not in a.skip:
+        experts = draw_experts(pools, a.experts)
+        bench_huffman(be, experts)
+        bench_segments(experts)
+        del experts
+    if a.codec_only:
+        return
     t0 = time.perf_counter()
     hf = build_hf(a.layers, pools)
     hp = get_architecture(config(a.layers)).hparams()
@@ -352,8 +294,6 @@ def main():
     srcp = HFSource(hf, hp, packed=True)
     print(f"model: Qwen3-30B-A3B shape, {a.layers} layers, built and transcoded in "
           f"{time.perf_counter() - t0:.0f} s")
-    if "huffman" not in a.skip:
-        bench_huffman(be, src)
     if "experts" not in a.skip:
         bench_experts(be, src, srcp)
     if "model" in a.skip:

@@ -9,7 +9,7 @@ export USE_HUB_KERNELS=NO     # the parity reference is transformers' eager modu
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python3 -c "import cupy; print('cupy', cupy.__version__)"
 python3 -m pytest -q -p no:cacheprovider -rs -s tests/test_gpu.py tests/test_gpu_planes.py \
-    tests/test_gpu_packed.py tests/test_gpu_huffman.py 2>&1 \
+    tests/test_gpu_packed.py tests/test_gpu_huffman.py tests/test_gpu_offload.py 2>&1 \
     | grep -v -e "^$" -e "Writing model shards" -e "Loading weights"
 rc=${PIPESTATUS[0]}
 python3 tools/gpu_bench.py                                   # Mixtral-8x7B layer shape, 2 layers

@@ -16,20 +16,25 @@ Two steps, because the value pools come from a GGUF file the GPU machine does no
 
     python tools/gpu_offload_bench.py pools POOLS.npz        # here: ~6 MB of pooled values
     python tools/gpu_offload_bench.py run POOLS.npz --work DIR [--layers 2] [--budget 25%]
-        [--host-budget 100%] [--tokens 32] [--hf-tokens 6] [--json OUT.json]
+        [--host-budget 100%] [--tokens 32] [--hf-tokens 6] [--routing both]
+        [--one-step-segments] [--json OUT.json]
 
-``run`` writes the checkpoint, converts it twice (bit-planes; raw experts for raw-lru), records
-an activation trace for zipmoe (teacher-forced tokens, unbudgeted GPU run), then times each
-configuration after a warm-up and prints a table with the ratios; every figure comes from this
-one run on this machine.
+``run`` writes the checkpoint, calibrates its routers (:func:`calibrate_routers`), converts it
+twice (bit-planes; raw experts for raw-lru), times the two segment decode kernels on one expert,
+then for each routing (the model's routers, and/or :func:`uniform_routing`) records an
+activation trace for zipmoe (teacher-forced tokens, unbudgeted GPU run) and times each
+configuration after a warm-up; last transformers + accelerate; it prints a table with the
+ratios. Every figure comes from this one run on this machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -134,13 +139,26 @@ def write_checkpoint(pools_path, out: Path, layers: int, seed: int = 0, tiny: bo
     return hp
 
 
+#: calibration: runs of random tokens (each a prefill of CALIB_TOKENS), the leading positions
+#: of each left out of the statistics, and the directions of the router inputs the routers are
+#: drawn over
+CALIB_RUNS, CALIB_TOKENS, CALIB_SKIP, CALIB_DIRECTIONS = 16, 48, 8, 16
+
+
 def calibrate_routers(folder: Path, device: str, sigma: float = 2.0, seed: int = 0) -> list:
-    """Replace the routers of ``folder`` by random rows orthogonal to the mean of each layer's
-    router inputs (measured by running the model on random tokens), scaled so that the logits
-    vary with standard deviation ``sigma`` from token to token (as
-    ``make_synthetic_checkpoint.py`` does, without its fitted skew and locality): otherwise the
-    inputs' common direction alone picks the same experts for every token. Returns the distinct
-    experts per layer selected over the calibration tokens afterwards."""
+    """Replace the routers of ``folder``, one layer at a time (a layer's inputs follow the
+    routers before it), by random rows over the directions in which that layer's router inputs
+    change most from one token to the next relative to how much they vary along a sequence
+    (measured on :data:`CALIB_RUNS` runs of random tokens): with ``Cd`` the covariance of the
+    differences of consecutive inputs and ``Cl`` that of the inputs (each run's mean removed),
+    the :data:`CALIB_DIRECTIONS` leading solutions of ``Cd v = lambda Cl v``; the router is ``R
+    V.T`` with ``R`` Gaussian, scaled so that each logit varies with standard deviation
+    ``sigma`` from token to token, blind to the span of the runs' means. The experts of a token then depend on the token rather than
+    on what drifts slowly along its sequence: near-uniform routing with little locality, the
+    hard case for a cache (``make_synthetic_checkpoint.py``'s fitted skew and locality are left
+    out). Rows drawn over the raw inputs follow the slow part, and a few dozen experts take
+    most of a sequence's tokens. Returns the distinct experts per layer selected over the
+    calibration tokens afterwards."""
     from zipmoe_rt.convert.safetensors_io import write_safetensors
     from zipmoe_rt.models import build_model
     from zipmoe_rt.models.weights import CheckpointSource
@@ -158,33 +176,51 @@ def calibrate_routers(folder: Path, device: str, sigma: float = 2.0, seed: int =
         xs, used = {}, {}
 
         def hook(layer, x, logits, idx, w):
-            xs.setdefault(layer, []).append(np.asarray(net.backend.to_host(x), np.float32))
+            x = np.asarray(net.backend.to_host(x), np.float32)
+            xs.setdefault(layer, []).append(x[CALIB_SKIP:])     # one run's [T, H]
             used.setdefault(layer, set()).update(np.asarray(idx).reshape(-1).tolist())
         net.route_hook = hook
-        for i in range(2):
-            net.forward(_stream(48, seed=100 + i), net.new_cache(), last_only=True)
-        return {k: np.concatenate(v) for k, v in xs.items()}, used
+        for i in range(CALIB_RUNS):
+            net.forward(_stream(CALIB_TOKENS, seed=100 + i), net.new_cache(), last_only=True)
+        return xs, used
 
-    xs, _ = run()
     E = int(json.loads((folder / "config.json").read_text())["num_experts"])
     rng = np.random.default_rng(seed + 7)
-    routers = {}
     idx = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    names = sorted(n for n, f in idx.items() if f == "routers.safetensors")
-    for name, (layer, x) in zip(names, sorted(xs.items())):
-        u = x.mean(0)
-        u /= np.linalg.norm(u)
-        w = rng.standard_normal((E, x.shape[1])).astype(np.float32)
-        w -= np.outer(w @ u, u)
-        w *= np.float32(sigma / float(np.std((x - x.mean(0)) @ w.T)))
-        routers[name] = ("BF16", w.shape, (lambda w=w: (w.view(np.uint32) >> 16).astype(np.uint16)))
-    write_safetensors(folder / "routers.safetensors", routers, metadata={"format": "pt"})
+    names = {int(re.search(r"layers\.(\d+)\.", n).group(1)): n
+             for n, f in idx.items() if f == "routers.safetensors"}
+    routers: dict = {}
+    for layer in sorted(names):     # one layer at a time: its inputs follow the routers before it
+        runs = [a.astype(np.float64) for a in run()[0][layer]]
+        lv = np.concatenate([a - a.mean(0) for a in runs])
+        df = np.concatenate([np.diff(a, axis=0) for a in runs])
+        H = lv.shape[1]
+        cl, cd = lv.T @ lv / len(lv), df.T @ df / len(df)
+        d, q = np.linalg.eigh(cl + np.eye(H) * (1e-3 * np.trace(cl) / H))
+        wh = (q / np.sqrt(d)) @ q.T                       # Cl^(-1/2) (regularised)
+        lam, u = np.linalg.eigh(wh @ cd @ wh)
+        v = wh @ u[:, ::-1][:, :CALIB_DIRECTIONS]         # fastest directions first
+        q = np.linalg.qr(np.stack([a.mean(0) for a in runs]).T)[0]
+        v -= q @ (q.T @ v)              # blind to the runs' means: no fixed preference
+        w = rng.standard_normal((E, v.shape[1])) @ v.T
+        w *= sigma / float(np.std(lv @ w.T))
+        routers[layer] = (w.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        H = w.shape[1]
+        write_safetensors(folder / "routers.safetensors", {
+            n: ("BF16", (E, H), (lambda a=routers.get(i, np.zeros((E, H), np.uint16)): a))
+            for i, n in names.items()}, metadata={"format": "pt"})
     _, used = run()
     return [len(used[k]) for k in sorted(used)]
 
 
 def _stream(n, seed=5):
-    return np.random.default_rng(seed).integers(0, VOCAB - 1, n)
+    """``n`` token ids: a fixed first token (a BOS, as real prompts start), then random ids.
+    The first token's value vector reaches every later position through attention, so a
+    random first token would give each sequence a fixed part of its own in the router inputs
+    (and experts of its own)."""
+    ids = np.random.default_rng(seed).integers(0, VOCAB - 1, n)
+    ids[0] = 0
+    return ids
 
 
 DEVICE = "cuda"
@@ -198,6 +234,9 @@ def time_zipmoe(path, tokens, warm, **load_kw) -> dict:
     m = zipmoe_rt.load(path, device=DEVICE, progress=False, **load_kw)
     try:
         net = m.net
+        held = getattr(net.executor, "source", None)
+        if m.engine is None and hasattr(held, "load_all"):
+            held.load_all()     # unbudgeted: every expert on the GPU before timing
         ids = _stream(16 + warm + tokens)
         cache = net.new_cache(capacity=16 + warm + tokens + 1)
         net.forward(ids[:16], cache)
@@ -290,28 +329,41 @@ def _time_accelerate(hf, budget_bytes, tokens, warm, device_map) -> dict:
             "gpu_param_bytes": on_gpu, "hook_execution_devices": sorted(hooks)}
 
 
-def run(a):
-    import warnings
+def uniform_routing(on: bool) -> None:
+    """Switch every sparse block's choice of experts to (``on``) or back from uniform random
+    routing: each token's k experts drawn uniformly without replacement, seeded by its router
+    logits' bytes and the layer (so every configuration of the run, whose logits are equal bit
+    for bit, routes alike), weighted by the softmax of their logits as the block's rule weighs
+    its own top k (renormalised with ``norm_topk_prob``). No locality, no skew: the hard case
+    for an expert cache, whatever the model's own routers do."""
+    from zipmoe_rt.models import moe
+    cls = moe.SparseMoeBlock
+    if "_model_select" not in cls.__dict__:
+        cls._model_select = cls.select
+    if not on:
+        cls.select = cls._model_select
+        return
 
+    def select(self, logits):
+        lg = np.asarray(self.backend.to_host(logits), np.float32)
+        T, E = lg.shape
+        idx = np.empty((T, self.top_k), np.int64)
+        for t in range(T):
+            rng = np.random.default_rng([zlib.crc32(lg[t].tobytes()), self.layer])
+            pick = rng.choice(E, self.top_k, replace=False)
+            idx[t] = pick[np.argsort(-lg[t, pick], kind="stable")]
+        p = np.exp(lg - lg.max(axis=1, keepdims=True))
+        w = np.take_along_axis(p, idx, axis=1)
+        w /= (w.sum(axis=1, keepdims=True) if self.renorm else p.sum(axis=1, keepdims=True))
+        return idx, w.astype(np.float32)
+    cls.select = select
+
+
+def record_trace(z):
+    """zipmoe's activation trace: teacher-forced tokens through the unbudgeted model (with the
+    routing in force), saved next to ``z``."""
     import zipmoe_rt
-    from zipmoe_rt.convert.converter import convert
     from zipmoe_rt.engine import profile as prof
-    from zipmoe_rt.engine.store import ZmoeSource
-    from zipmoe_rt.loading import parse_size
-    work = Path(a.work)
-    t0 = time.perf_counter()
-    hf = work / "hf"
-    global DEVICE
-    DEVICE = a.device
-    write_checkpoint(a.pools, hf, a.layers, tiny=a.tiny)
-    distinct = calibrate_routers(hf, DEVICE)
-    print(f"checkpoint written ({time.perf_counter() - t0:.0f} s); routers calibrated: "
-          f"{distinct} distinct experts per layer over 96 tokens", flush=True)
-    z = convert(hf, work / "model.zmoe", progress=False)
-    raw = convert(hf, work / "model.raw.zmoe", expert_encoding="raw", progress=False)
-    print(f"converted ({time.perf_counter() - t0:.0f} s): {z.stat().st_size / 1e9:.2f} GB "
-          f"bit-planes, {raw.stat().st_size / 1e9:.2f} GB raw", flush=True)
-    # activation trace for zipmoe: teacher-forced tokens through the unbudgeted GPU model
     m = zipmoe_rt.load(z, device=DEVICE, progress=False)
     rec = prof.TraceRecorder(m.source.hparams, decode_only=False)
     m.net.route_hook = rec
@@ -327,8 +379,85 @@ def run(a):
              "prompts": 1, "locality": None, "counts": rec.counts.tolist(),
              "sequences": rec.sequences()}
     prof.save_trace(trace, prof.sidecar(z, prof.TRACE_SUFFIX))
-    unb = None
     m.close()
+
+
+def time_segment_kernels(z, reps: int = 20) -> dict:
+    """GB/s of BF16 output of the engine's segment decode (:meth:`CudaOps.decode
+    <zipmoe_rt.backends.cuda_experts.CudaOps.decode>`: the staged decoder, and the one-step
+    kernel with ``STAGED`` off) on the largest expert of ``z``, one launch per decode, and of a
+    device-to-device copy of the same bytes, from CUDA events over ``reps`` runs each; the two
+    decoders' words compared."""
+    import cupy as cp
+
+    from zipmoe_rt.backends import cuda_experts
+    from zipmoe_rt.engine.gpu_meta import build_meta
+    from zipmoe_rt.engine.io import RegionReader
+    from zipmoe_rt.engine.store import ZmoeSource
+    src = ZmoeSource(z)
+    lay = max(src.layouts.values(), key=lambda l: l.full_bytes)
+    rd = RegionReader(z)
+    sm, exp = rd.read(*lay.sm_region), rd.read(*lay.exp_region)
+    rd.close()
+    src.close()
+    m = build_meta(lay, exp)
+    ops = cuda_experts.CudaOps()
+    dev = [cp.asarray(a) for a in (exp, sm, m.runs, m.bits, m.tabs)]
+    res, words = {}, {}
+    st = cp.cuda.get_current_stream()
+    for name, staged in (("staged", True), ("one-step", False)):
+        cuda_experts.STAGED = staged
+        out = cp.zeros(m.words, cp.uint16)
+        ops.decode(*dev, m.segment, out, st)
+        a = ops.record(st, timing=True)
+        for _ in range(reps):
+            ops.decode(*dev, m.segment, out, st)
+        b = ops.record(st, timing=True)
+        b.synchronize()
+        res[name] = 2 * m.words * reps / ops.elapsed(a, b) / 1e9
+        words[name] = cp.asnumpy(out)
+    cuda_experts.STAGED = True
+    buf = cp.zeros(m.words, cp.uint16)
+    dst = cp.empty_like(buf)
+    a = ops.record(st, timing=True)
+    for _ in range(reps):
+        dst[...] = buf
+    b = ops.record(st, timing=True)
+    b.synchronize()
+    res["device copy"] = 2 * m.words * reps / ops.elapsed(a, b) / 1e9
+    res["same words"] = bool(np.array_equal(words["staged"], words["one-step"]))
+    res["expert MB (BF16)"] = 2 * m.words / 1e6
+    return res
+
+
+def run(a):
+    import warnings
+
+    from zipmoe_rt.convert.converter import convert
+    from zipmoe_rt.engine.store import ZmoeSource
+    from zipmoe_rt.loading import parse_size
+    work = Path(a.work)
+    t0 = time.perf_counter()
+    hf = work / "hf"
+    global DEVICE
+    DEVICE = a.device
+    write_checkpoint(a.pools, hf, a.layers, tiny=a.tiny)
+    distinct = calibrate_routers(hf, DEVICE)
+    print(f"checkpoint written ({time.perf_counter() - t0:.0f} s); routers calibrated: "
+          f"{distinct} distinct experts per layer over {CALIB_RUNS * CALIB_TOKENS} tokens",
+          flush=True)
+    z = convert(hf, work / "model.zmoe", progress=False)
+    raw = convert(hf, work / "model.raw.zmoe", expert_encoding="raw", progress=False)
+    print(f"converted ({time.perf_counter() - t0:.0f} s): {z.stat().st_size / 1e9:.2f} GB "
+          f"bit-planes, {raw.stat().st_size / 1e9:.2f} GB raw", flush=True)
+    if DEVICE == "cuda":
+        from zipmoe_rt.backends import cuda_experts
+        try:
+            kt = time_segment_kernels(z)
+        except Exception as e:  # noqa: BLE001 - reported, the timing rows still run
+            kt = {"error": f"{type(e).__name__}: {e}"[:300]}
+        print(f"segment decode kernels, GB/s of BF16 output: {json.dumps(kt)}", flush=True)
+        cuda_experts.STAGED = not a.one_step_segments
     src = ZmoeSource(z)
     budget = parse_size(a.budget, src)
     experts = sum(l.full_bytes for l in src.layouts.values())
@@ -337,18 +466,24 @@ def run(a):
           flush=True)
     res = {"layers": a.layers, "budget": a.budget, "budget_bytes": budget,
            "host_budget": a.host_budget, "tokens": a.tokens, "rows": {}}
-    unb = time_zipmoe(z, a.tokens, 8)
-    res["rows"]["zipmoe-rt, all experts on the GPU (no budget)"] = unb
-    for pol, path in (("raw-lru", raw), ("zip-lru", z), ("zipmoe", z)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            r = time_zipmoe(path, a.tokens, 8, memory_budget=budget, policy=pol,
-                            host_budget=a.host_budget)
-        r["bit_identical_to_unbudgeted"] = all(
-            np.array_equal(x, y) for x, y in zip(r.pop("logits"), unb["logits"]))
-        res["rows"][pol] = r
-        print(f"{pol}: {r['tps']:.1f} tok/s  {json.dumps({k: v for k, v in r.items() if k != 'memory'})}",
-              flush=True)
+    modes = ("uniform", "model") if a.routing == "both" else (a.routing,)
+    for mode in modes:
+        uniform_routing(mode == "uniform")
+        record_trace(z)
+        unb = time_zipmoe(z, a.tokens, 8)
+        res["rows"][f"{mode} routing: zipmoe-rt, all experts on the GPU (no budget)"] = unb
+        for pol, path in (("raw-lru", raw), ("zip-lru", z), ("zipmoe", z)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r = time_zipmoe(path, a.tokens, 8, memory_budget=budget, policy=pol,
+                                host_budget=a.host_budget)
+            r["bit_identical_to_unbudgeted"] = all(
+                np.array_equal(x, y) for x, y in zip(r.pop("logits"), unb["logits"]))
+            res["rows"][f"{mode} routing: {pol}"] = r
+            print(f"{mode} routing, {pol}: {r['tps']:.1f} tok/s  "
+                  f"{json.dumps({k: v for k, v in r.items() if k != 'memory'})}", flush=True)
+        unb.pop("logits", None)
+    uniform_routing(False)
     hfr = time_accelerate(hf, budget, a.hf_tokens, 2)
     res["rows"]["transformers + accelerate offload"] = hfr
     print(f"transformers + accelerate (device_map auto, max_memory): {json.dumps(hfr)}",
@@ -356,20 +491,20 @@ def run(a):
     r2 = time_accelerate(hf, budget, a.hf_tokens, 2, experts_on_cpu_map(a.layers))
     res["rows"]["transformers + accelerate, experts offloaded to CPU"] = r2
     print(f"transformers + accelerate (experts on cpu): {json.dumps(r2)}", flush=True)
-    unb.pop("logits", None)
-    base = res["rows"]["raw-lru"]["tps"]
     # the faster of the two offload configurations is the baseline (the conservative ratio)
     acc = max((r.get("tps") or 0.0 for r in (hfr, r2)), default=0.0) or None
-    print("\n| configuration | decode tok/s | x raw-lru | x transformers+accelerate (faster) | "
-          "PCIe MB/token | decode kernels ms/token | hits F/C/S/E/miss % |")
+    print("\n| configuration | decode tok/s | x raw-lru (same routing) | x transformers+accelerate "
+          "(faster) | PCIe MB/token | decode kernels ms/token | hits F/C/S/E/miss % |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for name, r in res["rows"].items():
         if "tps" not in r:
             print(f"| {name} | {r.get('error')} | | | | | |")
             continue
+        mode = name.split(" routing")[0]
+        base = res["rows"].get(f"{mode} routing: raw-lru", {}).get("tps")
         hits = "/".join(f"{100 * r['hits'][k]:.0f}" for k in ("F", "C", "S", "E", "miss")) \
             if "hits" in r else "-"
-        print(f"| {name} | {r['tps']:.2f} | {r['tps'] / base:.2f} | "
+        print(f"| {name} | {r['tps']:.2f} | {(r['tps'] / base) if base else float('nan'):.2f} | "
               f"{(r['tps'] / acc) if acc else float('nan'):.1f} | "
               f"{r.get('pcie_MB_per_token', float('nan')):.1f} | "
               f"{r.get('decode_kernel_ms_per_token', float('nan')):.3f} | {hits} |")
@@ -395,6 +530,10 @@ def main(argv=None):
     r.add_argument("--json", type=Path, default=None)
     r.add_argument("--device", default="cuda", help="cpu: a smoke test of the script")
     r.add_argument("--tiny", action="store_true", help="the --tiny shape (smoke test)")
+    r.add_argument("--one-step-segments", action="store_true",
+                   help="the one-step segment decode kernel in the engine (cuda_experts.STAGED off)")
+    r.add_argument("--routing", choices=("model", "uniform", "both"), default="both",
+                   help="the model's routers, uniform random routing (uniform_routing), or both")
     a = ap.parse_args(argv)
     if a.cmd == "pools":
         make_pools(a.out)

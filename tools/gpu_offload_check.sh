@@ -9,9 +9,11 @@ export PYTHONUNBUFFERED=1
 export USE_HUB_KERNELS=NO     # the parity reference is transformers' eager modules
 POOLS=${POOLS:-pools.npz}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 -m pytest -q -p no:cacheprovider -rs -s tests/test_gpu.py -k reloads_through 2>&1 \
+python3 -m pytest -q -p no:cacheprovider -rs -s tests/test_gpu.py tests/test_gpu_offload.py \
+    -k "reloads_through or cuda_segment" 2>&1 \
     | grep -v -e "^$" -e "Writing model shards" -e "Loading weights"
 rc=${PIPESTATUS[0]}
 python3 tools/gpu_offload_bench.py run "$POOLS" --work "${WORK:-/tmp/zipmoe-offload-bench}" \
-    --layers 2 --tokens 24 --hf-tokens 3 ${JSON:+--json "$JSON"} 2>&1 | grep -v "Loading weights"
+    --layers 2 --tokens 256 --hf-tokens 3 --routing both ${JSON:+--json "$JSON"} 2>&1 \
+    | grep -v "Loading weights"
 exit $rc

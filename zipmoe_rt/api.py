@@ -122,10 +122,11 @@ class Model:
         return ids
 
     def _stream_ids(self, ids: list[int], params: SamplingParams, state: CacheState | None = None,
-                    on_finish=None) -> Iterator[str]:
+                    on_finish=None, skip_special_tokens: bool = True) -> Iterator[str]:
         if self.net is None:
             raise RuntimeError(f"{self.path}: the model was closed")
-        dec = self.tokenizer.stream_decoder(skip_special_tokens=True, context_ids=ids[-4:])
+        dec = self.tokenizer.stream_decoder(skip_special_tokens=skip_special_tokens,
+                                            context_ids=ids[-4:])
         gen = generate(self.net, ids, params, self.stop_ids, cache=state)
         try:
             while True:
@@ -211,12 +212,16 @@ class Model:
         """Complete a raw prompt and return the completion text (prompt not included)."""
         return "".join(self.stream(prompt, max_tokens, **sampling))
 
-    def chat(self, messages: list[dict], max_tokens: int = 512, stream: bool = False, **sampling):
+    def chat(self, messages: list[dict], max_tokens: int = 512, stream: bool = False,
+             skip_special_tokens: bool = True, **sampling):
         """Reply to an OpenAI-style conversation using the model's chat template.
 
         Args:
             messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
             stream: return an iterator of text pieces instead of the whole reply.
+            skip_special_tokens: leave the tokenizer's special tokens out of the text (default);
+                False keeps them, e.g. gpt-oss's harmony markers (``<|channel|>``, ...) for
+                :class:`zipmoe_rt.server.harmony.HarmonySplitter` to split the channels.
         Returns:
             the assistant's reply (str), or an iterator of pieces when ``stream``.
         Raises:
@@ -225,7 +230,8 @@ class Model:
         """
         ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
         max_tokens = self.fit_context(len(ids), max_tokens)
-        it = self._stream_ids(ids, self.sampling(max_tokens, **sampling))
+        it = self._stream_ids(ids, self.sampling(max_tokens, **sampling),
+                              skip_special_tokens=skip_special_tokens)
         return it if stream else "".join(it)
 
     def chat_session(self, system: str | None = None) -> "ChatSession":
@@ -323,11 +329,15 @@ class ChatSession:
     def _all_messages(self):
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
-    def send(self, text: str, max_tokens: int = 512, **sampling) -> Iterator[str]:
+    def send(self, text: str, max_tokens: int = 512, skip_special_tokens: bool = True,
+             **sampling) -> Iterator[str]:
         """Add a user turn and stream the assistant's reply (text pieces).
 
         Nothing runs until the iterator is first advanced; from then until it is exhausted or
-        closed, the reply holds the session.
+        closed, the reply holds the session. The reply is kept in :attr:`messages` as the
+        assistant's turn (``content``: the text streamed; a caller that splits it, as the
+        ``chat`` command does gpt-oss's channels, may replace that entry before the next turn).
+        ``skip_special_tokens``: as for :meth:`Model.chat`.
 
         Raises:
             ValueError: a bad sampling option or message, or a conversation that no longer
@@ -342,12 +352,13 @@ class ChatSession:
                                                add_generation_prompt=True)
         max_tokens = self.model.fit_context(len(ids), max_tokens)
         params = self.model.sampling(max_tokens, **sampling)
-        return self._send(user, ids, params)
+        return self._send(user, ids, params, skip_special_tokens)
 
-    def _send(self, user: dict, ids: list[int], params) -> Iterator[str]:
+    def _send(self, user: dict, ids: list[int], params, skip_special_tokens: bool = True
+              ) -> Iterator[str]:
         self._claim("send")
         try:
-            it = self._reply(user, ids, params)
+            it = self._reply(user, ids, params, skip_special_tokens)
             try:
                 yield from it
             finally:
@@ -355,7 +366,8 @@ class ChatSession:
         finally:
             self._busy.release()
 
-    def _reply(self, user: dict, ids: list[int], params) -> Iterator[str]:
+    def _reply(self, user: dict, ids: list[int], params, skip_special_tokens: bool = True
+               ) -> Iterator[str]:
         self.messages.append(user)
         new = self.state.sync_prefix(ids, self.model.net)
         reply: list[str] = []
@@ -363,7 +375,8 @@ class ChatSession:
         def finish(gen):
             self.messages.append({"role": "assistant", "content": "".join(reply)})
 
-        inner = self.model._stream_ids(new, params, self.state, on_finish=finish)
+        inner = self.model._stream_ids(new, params, self.state, on_finish=finish,
+                                       skip_special_tokens=skip_special_tokens)
         try:
             for piece in inner:
                 reply.append(piece)

@@ -25,7 +25,7 @@ from zmoe.constants import Keys
 
 from .engine.io import evict_page_cache
 from .generate import SamplingParams, generate
-from .util import peak_rss, reset_peak_rss
+from .util import format_bytes, peak_rss, reset_peak_rss
 
 _FILLER = ("It was a bright cold day in April, and the clocks were striking thirteen. "
            "The quick brown fox jumps over the lazy dog while the old sailor mends his nets "
@@ -152,7 +152,7 @@ def _in_subprocess(*args):
                        capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-        budget = "none" if args[1] is None else f"{args[1] / 1e6:.0f} MB"
+        budget = "none" if args[1] is None else format_bytes(args[1])
         if len(args) > 12 and args[12] is not None:
             budget = f"memory limit {args[12]}"
         raise RuntimeError(f"bench run {args[2]} at budget {budget} failed: "
@@ -300,8 +300,8 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                         Path(model_path).stem + ".raw.zmoe").exists():
                     log("bench: building the raw-expert copy for raw-lru once (NAME.raw.zmoe)")
                 path = raw_model or raw_companion(model_path)
-            what = (f"memory limit {lim} ({lim_bytes / 1e6:.0f} MB)" if lim is not None
-                    else f"budget {b} ({(nbytes or 0) / 1e6:.0f} MB)")
+            what = (f"memory limit {lim} ({format_bytes(lim_bytes)})" if lim is not None
+                    else f"budget {b} ({format_bytes(nbytes or 0)})")
             log(f"bench: {what}, policy {label}" + (f", prefetch {pf}" if pf else "") + " ...")
             runs, mem = _in_subprocess(str(path), nbytes,
                                        pol if (b is not None or lim is not None) else "auto", pp,
@@ -395,7 +395,7 @@ def table(result: dict) -> str:
                 r["budget"] not in base or r.get("prefetch") == "off"):
             base[r["budget"]] = statistics.mean(r["tg_tps"])
     for r in rows:
-        bud = "none" if r["budget"] is None else f"{r['budget']} ({r['budget_bytes'] / 1e6:.0f} MB)"
+        bud = "none" if r["budget"] is None else f"{r['budget']} ({format_bytes(r['budget_bytes'])})"
         tgm = statistics.mean(r["tg_tps"]) if r.get("tg_tps") else None
         ratio = f"{tgm / base[r['budget']]:.2f}" if tgm and r["budget"] in base else "-"
         hits = "/".join(f"{100 * r['hit_rate'][k]:.0f}" for k in ("F", "C", "S", "E", "miss")) \

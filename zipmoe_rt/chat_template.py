@@ -23,7 +23,7 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["compile_chat_template", "render_chat_template", "SPECIAL_TOKEN_NAMES"]
+__all__ = ["compile_chat_template", "render_chat_template", "SPECIAL_TOKEN_NAMES", "is_harmony"]
 
 #: The named special-token attributes that ``transformers`` passes to chat templates
 #: (``PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES``).
@@ -286,3 +286,11 @@ def render_chat_template(
     except (TypeError, KeyError, AttributeError, IndexError) as e:
         raise ValueError(f"chat_template: rendering failed: {type(e).__name__}: {e}") from e
     return rendered if final is None else _cut_at_tag(rendered, final)
+
+
+def is_harmony(chat_template: str | None) -> bool:
+    """Whether a chat template writes OpenAI's harmony format (gpt-oss's: messages
+    ``<|start|>ROLE<|channel|>CHANNEL<|message|>BODY``), whose replies are split into
+    channels by :class:`zipmoe_rt.server.harmony.HarmonySplitter`."""
+    return bool(chat_template) and "<|channel|>" in chat_template \
+        and "<|message|>" in chat_template

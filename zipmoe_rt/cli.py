@@ -202,6 +202,15 @@ def engine_options(fn):
     return fn
 
 
+def _nonempty_stops(ctx, param, value):
+    """``--stop``: every stop string has at least one character (an empty one would match
+    everywhere, or, as llama.cpp treats it, never: either way not what was meant)."""
+    if any(v == "" for v in value):
+        raise click.BadParameter("an empty stop string; give the text that ends the reply",
+                                 ctx=ctx, param=param)
+    return value
+
+
 def sampling_options(fn):
     """Sampling, context and thread options shared by run and chat (llama.cpp's spellings).
 
@@ -225,7 +234,7 @@ def sampling_options(fn):
                                         "[default: the model's, else 1]"),
         click.option("--seed", type=click.IntRange(min=-1), default=None,
                      help="random seed for sampling; -1 = random [default: random]"),
-        click.option("--stop", "stops", multiple=True, metavar="TEXT",
+        click.option("--stop", "stops", multiple=True, metavar="TEXT", callback=_nonempty_stops,
                      help="end the reply where TEXT appears (not printed); repeatable"),
         click.option("-c", "--ctx-size", type=int, default=None,
                      help="context size in tokens (prompt, earlier turns and reply) [default: "
@@ -234,6 +243,10 @@ def sampling_options(fn):
                      help="threads of the compute kernels [default: all cores]"),
         click.option("--no-verify", is_flag=True,
                      help="skip CRC checks of pieces read from the .zmoe (not recommended)"),
+        click.option("--show-reasoning", is_flag=True,
+                     help="gpt-oss (harmony format): also print the analysis channel (the "
+                          "reasoning) on stderr, dimmed on a terminal; by default only the "
+                          "final channel is printed"),
     ] + ENGINE_OPTIONS
     for o in reversed(opts):
         fn = o(fn)
@@ -265,10 +278,43 @@ def _memory_asked(kw) -> bool:
     return kw.get("memory_limit") is not None or kw.get("memory_budget") is not None
 
 
+#: options that act only under a memory budget or limit (an error without one, as for
+#: ``--host-budget``)
+BUDGET_ONLY_OPTIONS = ("policy", "eviction", "prefetch")
+
+
+def check_budget_options(kw) -> None:
+    """Refuse ``--policy``, ``--eviction`` or ``--prefetch`` given on the command line without
+    ``--memory-budget`` or ``--memory-limit``: unbudgeted, every expert is kept once decoded,
+    so there is no expert cache for them to act on (``--host-budget`` is refused likewise, by
+    :func:`zipmoe_rt.load`). Call it in the verb's own thread (it reads click's context).
+
+    Raises:
+        CliError: naming the first such option.
+    """
+    if _memory_asked(kw):
+        return
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return
+    from click.core import ParameterSource
+    for name in BUDGET_ONLY_OPTIONS:
+        if name in ctx.params and ctx.get_parameter_source(name) not in (
+                ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            raise CliError(f"--{name}: applies under a memory budget (--memory-budget or "
+                           f"--memory-limit); without one every expert is kept once decoded "
+                           f"and there is no expert cache to {_BUDGET_ONLY_ROLE[name]}")
+
+
+_BUDGET_ONLY_ROLE = {"policy": "choose a policy for", "eviction": "evict from",
+                     "prefetch": "prefetch into"}
+
+
 def load_from_options(model, kw, context=None):
     """``zipmoe_rt.load`` with the engine options a verb took (``kw``), then the memory banner
     on stderr when a limit or budget was given."""
     from .api import load
+    check_budget_options(kw)
     m = load(model, progress=progress_wanted(), verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
              policy=kw["policy"], eviction=kw["eviction"], workers=kw["workers"],
              direct=kw["direct"], io_depth=kw["io_depth"], device=kw["device"],
@@ -299,7 +345,7 @@ def _stats_line(st) -> str:
 @click.option("--system", default=None, help="system prompt (chat template only)")
 @sampling_options
 @friendly_errors
-def run(model, prompt, raw, system, **kw):
+def run(model, prompt, raw, system, show_reasoning, **kw):
     """One-shot generation: the completion goes to stdout, timings to stderr.
 
     The prompt is wrapped in the model's chat template as one user turn, unless --raw.
@@ -311,6 +357,7 @@ def run(model, prompt, raw, system, **kw):
     # a token covers at least one byte of text; 64 tokens for the chat template's markup
     text_bytes = len(prompt.encode("utf-8")) + len((system or "").encode("utf-8"))
     m, sp, _ = _prepare(model, kw, 256, context=text_bytes + 64 + (kw["max_tokens"] or 256))
+    harmony = _harmony_reply(m, show_reasoning, raw)
     if raw:
         n = len(m.tokenizer.encode(prompt))
         pieces = m.stream(prompt, **sp)
@@ -318,7 +365,9 @@ def run(model, prompt, raw, system, **kw):
         msgs = ([{"role": "system", "content": system}] if system else []) + \
                [{"role": "user", "content": prompt}]
         n = len(m.tokenizer.encode_chat(msgs, add_generation_prompt=True))
-        pieces = m.chat(msgs, stream=True, **sp)
+        pieces = m.chat(msgs, stream=True, skip_special_tokens=harmony is None, **sp)
+        if harmony is not None:
+            pieces = harmony.filter(pieces)
     pieces = stop_at(prefill_notice(pieces, n), kw["stops"], m)
     try:
         for piece in pieces:
@@ -334,7 +383,7 @@ def run(model, prompt, raw, system, **kw):
 @click.option("--system", default=None, help="system prompt")
 @sampling_options
 @friendly_errors
-def chat(model, system, **kw):
+def chat(model, system, show_reasoning, **kw):
     """Interactive chat REPL that streams replies and keeps the conversation.
 
     With standard input not a terminal, each input line is one user turn and each reply is
@@ -346,8 +395,25 @@ def chat(model, system, **kw):
     session = m.chat_session(system)
     interactive = sys.stdin.isatty()
     memory = None if _memory_asked(kw) else m.memory_line()   # else load_from_options said it
+    harmony = _harmony_reply(m, show_reasoning, False)
     cli_repl.repl(m, session, sp, kw["stops"], _stats_line, _session_stats, interactive,
-                  cli_repl.banner(m, ctx, memory))
+                  cli_repl.banner(m, ctx, memory),
+                  harmony=None if harmony is None else harmony.show_reasoning)
+
+
+def _harmony_reply(m, show_reasoning: bool, raw: bool):
+    """A :class:`~zipmoe_rt.cli_harmony.HarmonyReply` when the model's chat template writes
+    gpt-oss's harmony format (and the prompt goes through it: not ``--raw``), else None, with
+    one warning line when ``--show-reasoning`` then has nothing to show."""
+    from .chat_template import is_harmony
+    if not raw and is_harmony(m.tokenizer.chat_template):
+        from .cli_harmony import HarmonyReply
+        return HarmonyReply(show_reasoning)
+    if show_reasoning:
+        why = ("--raw completes the prompt without the chat template" if raw else
+               "the model's chat template has no separate reasoning channel (harmony format)")
+        click.echo(f"zipmoe-rt: warning: --show-reasoning: no effect: {why}", err=True)
+    return None
 
 
 def _session_stats(m, session) -> str:

@@ -137,6 +137,11 @@ def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, evicti
     model = model or ensure_default_model()
     bl = [None if b.lower() == "none" else b
           for b in (budgets or (() if limits else ("25%",)))]
+    from click.core import ParameterSource
+    if (all(b is None for b in bl) and not limits and click.get_current_context()
+            .get_parameter_source("eviction") != ParameterSource.DEFAULT):
+        raise CliError("--eviction: applies to budgeted rows (--memory-budget SIZE or "
+                       "--memory-limit); the 'none' rows keep every expert once decoded")
     policies = list(policies or ("raw-lru", "zip-lru", "zipmoe"))
     from .engine import profile as prof
     if ("zipmoe" in policies and (any(b is not None for b in bl) or limits)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .cli import CliError, engine_options, friendly_errors, main
+from .cli import CliError, check_budget_options, engine_options, friendly_errors, main
 
 #: window length of ``perplexity`` when --ctx is not given (capped at the model's context).
 DEFAULT_CTX = 512
@@ -75,6 +75,7 @@ def perplexity(model, file, ctx, stride, no_verify, quiet, **kw):
         raise CliError(f"{file}: cannot be read ({e.strerror or e})") from None
     if ctx is not None:     # bad options fail before the model loads
         check_windows(2, ctx, stride if stride is not None else max(1, ctx // 2))
+    check_budget_options(kw)
     m = load(model, verify=not no_verify, **kw)     # kw: the engine options, as `run` takes
     try:
         max_ctx = int(m.hparams["max_position_embeddings"])

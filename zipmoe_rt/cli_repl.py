@@ -83,8 +83,9 @@ def context_size(model, requested: int | None) -> int:
 
     Default: the model's ``hparams.max_position_embeddings``, capped so that the KV cache
     fits half of the memory available now (``MemAvailable`` of ``/proc/meminfo`` where there
-    is one). A request over the trained length is allowed (RoPE scaling may cover it), one
-    over the memory cap too (the user asked for it).
+    is one). A request over the trained length is allowed, as llama.cpp allows it (RoPE
+    scaling may cover it), with one warning line on stderr (:func:`over_trained_context`);
+    one over the memory cap too (the user asked for it).
 
     Raises:
         ValueError: ``requested`` below 1 (the message names the option).
@@ -92,6 +93,9 @@ def context_size(model, requested: int | None) -> int:
     if requested is not None:
         if requested < 1:
             raise ValueError(f"-c/--ctx-size: must be at least 1, got {requested}")
+        warning = over_trained_context(requested, model.hparams.get("max_position_embeddings"))
+        if warning:
+            click.echo(f"zipmoe-rt: warning: {warning}", err=True)
         return requested
     from .models.cache import KV_DTYPE
     n = int(model.hparams.get("max_position_embeddings") or 0) or 1 << 20
@@ -100,6 +104,21 @@ def context_size(model, requested: int | None) -> int:
     if avail and per_token:
         n = min(n, max(256, avail // 2 // per_token))
     return n
+
+
+def over_trained_context(requested: int, trained, option: str = "-c/--ctx-size") -> str | None:
+    """The warning for a context longer than the model was trained for (llama.cpp's
+    ``n_ctx > n_ctx_train`` warning), or None when it fits or the trained length is unknown.
+
+    Args:
+        requested: the context asked for, in tokens.  trained: the model's
+            ``max_position_embeddings`` (None or 0: unknown).  option: named in the text.
+    """
+    if not trained or requested <= int(trained):
+        return None
+    return (f"{option} {requested} is more than the {int(trained)} tokens the model was "
+            f"trained on (n_ctx_train, its max_position_embeddings); output past that position "
+            f"may degrade")
 
 
 def _mem_available() -> int | None:
@@ -255,8 +274,13 @@ def read_turn(interactive: bool) -> str | None:
 
 
 def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, session_stats,
-         interactive: bool, banner_text: str) -> None:
+         interactive: bool, banner_text: str, harmony: bool | None = None) -> None:
     """The ``chat`` loop: read a turn, stream the reply, print the stats line (terminal only).
+
+    ``harmony``: None for a model whose replies are plain text; for gpt-oss's harmony format,
+    whether to show the reasoning: each reply is split by
+    :class:`~zipmoe_rt.cli_harmony.HarmonyReply` (the final channel printed) and kept in the
+    conversation as its final text with the reasoning as ``thinking``.
 
     SIGINT is restored to Python's handler first: a shell starts background jobs (``cmd &``,
     ``nohup``) with SIGINT ignored, which a child inherits, and Ctrl-C would then do nothing.
@@ -308,11 +332,17 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
             else:
                 click.echo(f"unknown command {cmd}; /help lists them", err=True)
             continue
+        reply = None
+        if harmony is not None:
+            from .cli_harmony import HarmonyReply
+            reply = HarmonyReply(harmony)
         try:
-            pieces = session.send(line, **sampling)
+            pieces = session.send(line, skip_special_tokens=reply is None, **sampling)
         except ValueError as e:           # e.g. the conversation no longer fits the context
             click.echo(f"error: {e}", err=True)
             continue
+        if reply is not None:
+            pieces = reply.filter(pieces)
         n_new = 0
         if interactive:
             msgs = ([{"role": "system", "content": session.system}] if session.system else []) \
@@ -324,6 +354,9 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
                 click.echo(piece, nl=False)
         except KeyboardInterrupt:
             click.echo(" [stopped]", nl=False)
+        if reply is not None and session.messages and \
+                session.messages[-1].get("role") == "assistant":
+            session.messages[-1] = reply.message()    # the final text, not the markup
         click.echo("")
         if interactive:
             click.secho(stats_line(model.last_stats), err=True, dim=True)

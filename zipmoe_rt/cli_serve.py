@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from .cli import CliError, engine_options, friendly_errors, load_from_options, main
+from .cli import (CliError, check_budget_options, engine_options, friendly_errors,
+                  load_from_options, main)
 
 
 @main.command()
@@ -49,6 +50,7 @@ def serve(model, host, port, api_key, cors, queue_size, model_id, ctx_size, **kw
         # a server idles between requests: its kernel threads must sleep, not spin, meanwhile
         kernels.USER_WAIT_POLICY = "PASSIVE"
         kernels.set_wait_policy("passive")
+    check_budget_options(kw)          # here: the model loads in another thread
     if model is not None and not model.exists():
         raise CliError(f"{model}: no such file")
     click.echo(f"zipmoe-rt serve: http://{host}:{port}/ (loading {model or 'the default model'}"

@@ -64,3 +64,19 @@ def reset_peak_rss() -> None:
             f.write("5")
     except OSError:
         pass
+
+
+def format_bytes(n: int | float) -> str:
+    """A size for a table or a log line, in decimal units: ``"512 B"`` under 1 kB, ``"196.6
+    kB"`` under 1 MB, else whole megabytes (``"600 MB"``, as the bench table always printed).
+
+    Args:
+        n: bytes (int or float, >= 0).
+    Returns:
+        the size with its unit (B, kB or MB; 1 kB = 1000 bytes, 1 MB = 10**6 bytes).
+    """
+    if n < 1e3:
+        return f"{n:.0f} B"
+    if n < 1e6:
+        return f"{n / 1e3:.1f} kB"
+    return f"{n / 1e6:.0f} MB"

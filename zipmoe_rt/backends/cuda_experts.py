@@ -2,11 +2,13 @@
 memory, CUDA streams and events, asynchronous host-to-device copies and the segment decode
 kernel that rebuilds an expert's BF16 words from its compressed regions on the GPU.
 
-The kernel follows format/SPEC.md §5.1 (plane merge) and §5.3 (Huffman streams, LSB first,
+The decode follows format/SPEC.md §5.1 (plane merge) and §5.3 (Huffman streams, LSB first,
 12-bit windows): one thread per segment of :data:`~zipmoe_rt.engine.gpu_meta.SEGMENT` symbols
 of a stream (its run found by a binary search over the expert's runs), starting at the bit the
-segment table gives (:func:`~zipmoe_rt.engine.gpu_meta.
-build_meta`), writes ``(sm >> 7) << 15 | e << 7 | sm & 0x7F`` for each symbol. Its host twin is
+segment table gives (:func:`~zipmoe_rt.engine.gpu_meta.build_meta`), writes
+``(sm >> 7) << 15 | e << 7 | sm & 0x7F`` for each symbol. It runs the staged multi-symbol
+kernel of :mod:`~zipmoe_rt.backends.cuda_segdec`; ``zx_decode_segments`` below (one symbol per
+lookup, one word per thread and store) is kept for comparison (:data:`STAGED`). Its host twin is
 :func:`zipmoe_rt.kernels.gpu_segments.decode_segments`. Imported only on ``device="cuda"``.
 """
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 import cupy as cp
+
+from . import cuda_segdec
 
 SOURCE = r"""
 extern "C" __global__ void zx_decode_segments(const unsigned char* __restrict__ exp,
@@ -52,6 +56,10 @@ extern "C" __global__ void zx_decode_segments(const unsigned char* __restrict__ 
 }
 """
 _THREADS = 128
+#: :meth:`CudaOps.decode` runs the staged multi-symbol decoder of
+#: :mod:`~zipmoe_rt.backends.cuda_segdec` (False: ``zx_decode_segments`` above, one symbol per
+#: lookup and one word per thread and store; same words)
+STAGED = True
 
 
 class CudaOps:
@@ -95,6 +103,11 @@ class CudaOps:
         ev.record(stream)
         return ev
 
+    def on(self, stream):
+        """A context in which CuPy array operations are queued on ``stream`` (the stream
+        itself)."""
+        return stream
+
     def wait(self, stream, event):
         """``cudaStreamWaitEvent``."""
         stream.wait_event(event)
@@ -115,9 +128,14 @@ class CudaOps:
                                     cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
 
     def decode(self, exp, sm, runs, bits, tabs, seg, out, stream):
-        """The segment decode kernel on ``stream`` (one thread per segment, ``bits.size``)."""
+        """The segment decode on ``stream`` (one thread per segment, ``bits.size``): the staged
+        decoder (:func:`~zipmoe_rt.backends.cuda_segdec.decode_runs`) or, with
+        :data:`STAGED` off, ``zx_decode_segments``."""
         n = int(bits.shape[0])
-        if n:
+        if n and STAGED:
+            with stream:
+                cuda_segdec.decode_runs(exp, sm, runs, bits, tabs, seg, out)
+        elif n:
             with stream:
                 self._k(((n + _THREADS - 1) // _THREADS,), (_THREADS,),
                         (exp, sm, runs, np.int32(runs.shape[0]), bits, tabs, np.int32(seg), out,

@@ -4,7 +4,10 @@ stream instead of one thread per stream, byte for byte the host decoder's output
 (:func:`zmoe.huffman.decode`) with the same acceptance of a stream.
 
 Used by :func:`zipmoe_rt.backends.cuda_planes.decode_exponents` once the chunk headers have been
-checked on the host. Imports CuPy.
+checked on the host. Its passes find each segment's exact start bit and symbol count; the
+symbols are then written by the staged multi-symbol kernel it shares with the engine's segment
+decode (:func:`zipmoe_rt.backends.cuda_segdec.write_streams`; ``hf_write`` with :data:`STAGED`
+off). Imports CuPy.
 """
 from __future__ import annotations
 
@@ -13,12 +16,17 @@ import numpy as np
 import cupy as cp
 
 from ..kernels import cuda_huffman_src
+from . import cuda_segdec
 
-#: bits per segment (one thread each); codewords are at most 12 bits.
-SEG_BITS = 512
+#: bits per segment (one thread each); codewords are at most 12 bits. 2048: the fastest of
+#: 512-2048 with the staged write pass (docs/benchmarks.md §12).
+SEG_BITS = 2048
 #: :func:`zipmoe_rt.backends.cuda_planes.decode_exponents` decodes with :func:`decode_streams`
 #: (False: its one-thread-per-stream kernel, for comparison)
 PARALLEL = True
+#: the write pass: the staged multi-symbol kernel of :mod:`~zipmoe_rt.backends.cuda_segdec`
+#: (False: ``hf_write``, one symbol per lookup, one byte per thread and store)
+STAGED = True
 _T = 256
 _MADE: dict = {}
 
@@ -81,8 +89,13 @@ def decode_streams(src, rows: np.ndarray, sym, bits, out, seg_bits: int | None =
                 break
         incl = cp.cumsum(cnt.astype(cp.int64))
         dev_status = cp.zeros(n, cp.int32)
-        k["hf_write"](grid, (_T,), (*common, sym, bits, start, cnt, incl, o_base, o_cnt, out,
-                                    dev_status, np.int64(nseg)))
+        if STAGED:
+            tabs = (sym.astype(cp.uint16) | (bits.astype(cp.uint16) << 8)).reshape(-1, 4096)
+            cuda_segdec.write_streams(src, s_src, s_sz, tab, seg_first, start, cnt, incl,
+                                      o_base, o_cnt, tabs, out, dev_status)
+        else:
+            k["hf_write"](grid, (_T,), (*common, sym, bits, start, cnt, incl, o_base, o_cnt,
+                                        out, dev_status, np.int64(nseg)))
         status = cp.asnumpy(dev_status)
         last = seg_first[1:] - 1                  # each stream's last segment (or before it)
         upto = np.where(last >= 0, cp.asnumpy(incl[cp.asarray(np.maximum(last, 0))]), 0)

@@ -21,7 +21,9 @@ bytes live and who decodes them:
 The model's kernels see the same BF16 words in the same order as without a budget, so logits
 are bit-identical to the unbudgeted GPU run. Adaptive slot moves (``adapt``) are not done on the
 GPU (the slots stay where the plan put them). Experts whose pieces are not all BF16 with Huffman
-exponents (F16/F32 tensors, zstd-coded v1 files) are decoded on the host and uploaded.
+exponents (F16/F32 tensors, zstd-coded v1 files) are decoded on the host and uploaded. gpt-oss's
+experts (in x out slices of the stacked tensors, with biases) are decoded on the GPU like the
+others and rearranged there into [out, in] matrices (:func:`assemble`).
 
 The device operations come from an ``ops`` object: :class:`~zipmoe_rt.backends.cuda_experts.
 CudaOps` on the GPU, :class:`~zipmoe_rt.engine.gpu_ops.HostOps` (the same engine on host arrays)
@@ -39,6 +41,36 @@ from .gpu_meta import block_layout, build_meta, gpu_decodable, meta_bound, pack_
 from .pipeline import ExpertEngine, StageTimes
 from .tiers import Slot
 from ..models.weights import ExpertWeights
+
+
+def assemble(ops, roles: dict, stream) -> ExpertWeights:
+    """An expert's device weights from its decoded roles (device arrays of BF16 words): gate,
+    up and down as they are, or gpt-oss's ``gate_up_cols`` [H, 2I] (gate the even columns, up
+    the odd), ``down_cols`` [I, H] and biases rearranged as
+    :func:`~zipmoe_rt.models.weights.assemble_expert` does on the host: gate and up [I, H],
+    down [H, I], the biases split the same way, each copied on ``stream`` into memory taken
+    for the compute stream (``ops.empty``).
+
+    Raises:
+        KeyError: a role is missing.
+    """
+    if "gate_up_cols" not in roles:
+        return ExpertWeights(roles["gate"], roles["up"], roles["down"])
+    gu, dc, gub, db = (roles[k] for k in ("gate_up_cols", "down_cols", "gate_up_bias",
+                                           "down_bias"))
+    H, I = gu.shape[0], gu.shape[1] // 2
+
+    def new(*shape):
+        return ops.empty(int(np.prod(shape)), np.uint16).reshape(shape)
+    w = ExpertWeights(new(I, H), new(I, H), new(H, I), new(I), new(I), new(H))
+    with ops.on(stream):
+        w.gate[...] = gu[:, 0::2].T
+        w.up[...] = gu[:, 1::2].T
+        w.down[...] = dc.T
+        w.gate_bias[...] = gub[0::2]
+        w.up_bias[...] = gub[1::2]
+        w.down_bias[...] = db
+    return w
 
 
 @dataclass
@@ -334,9 +366,9 @@ class GpuExpertEngine(ExpertEngine):
             self.stats.gpu_decodes += 1
             for role, w0, shape in m.outs:
                 roles[role] = out[w0:w0 + int(np.prod(shape))].reshape(shape)
-        p.weights = ExpertWeights(roles["gate"], roles["up"], roles["down"])
+        p.weights = assemble(ops, roles, self._dec_s)
         p.event = ops.record(self._dec_s)
-        p.keep = dbuf
+        p.keep = (dbuf, out) if not m.raw else dbuf     # read by the decode stream until then
         if len(self.stats.events) > 4096:
             self.stats.fold()
 

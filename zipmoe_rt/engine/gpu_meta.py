@@ -75,11 +75,17 @@ class ExpertMeta:
         return _al(self.runs.nbytes) + _al(self.bits.nbytes) + self.tabs.nbytes
 
 
+#: the expert roles the GPU path rebuilds: [out, in] matrices, or gpt-oss's in x out slices
+#: and biases (rearranged on the GPU after the decode, gpu_engine.assemble)
+GPU_ROLE_SETS = ({"gate", "up", "down"}, {"gate_up", "down"},
+                 {"gate_up_cols", "down_cols", "gate_up_bias", "down_bias"})
+
+
 def gpu_decodable(lay) -> bool:
     """Whether the GPU path can rebuild the expert: every piece BF16 with Huffman exponents, or
-    every piece raw BF16 (else the engine decodes it on the host and uploads the words), of the
-    [out, in] roles (gpt-oss's in x out slices and biases are assembled on the host)."""
-    if not all(p.role in ("gate", "up", "down", "gate_up") for p in lay.pieces):
+    every piece raw BF16 (else the engine decodes it on the host and uploads the words), of
+    one of the :data:`GPU_ROLE_SETS`."""
+    if {p.role for p in lay.pieces} not in GPU_ROLE_SETS:
         return False
     if all(p.raw for p in lay.pieces):
         return all(p.dtype == "BF16" and p.sm[0] % 2 == 0 for p in lay.pieces)
@@ -254,3 +260,37 @@ def parse_host_budget(text, source) -> int:
     except ValueError as e:
         raise ValueError(str(e).replace("--memory-budget", opt).replace("600MB", "2GB")
                          .replace("25%", "40%")) from None
+
+
+def pack_expert(mats: dict, chunks: int = 4, min_chunk: int = 1 << 14, layer: int = 0,
+                expert: int = 0):
+    """An expert held in memory as the converter stores it: each BF16 matrix split into its
+    planes (format/SPEC.md §5.1), its exponent plane Huffman-coded in ``chunks`` chunks that
+    share the plane's code (§5.2, §5.3), the SM planes and the chunks laid back to back.
+
+    Args:
+        mats: role (``gate``, ``up``, ``down``) -> uint16 [out, in] BF16 words.
+        chunks, min_chunk: as :func:`zmoe.codec.compress_chunks`.
+        layer, expert: the layout's key.
+    Returns:
+        ``(layout, sm region uint8, exponent region uint8)``: an
+        :class:`~zipmoe_rt.engine.layout.ExpertLayout` whose regions start at 0, for
+        :func:`build_meta` and the segment decoders (tests, benchmarks).
+    """
+    from zmoe import codec
+    from .layout import ExpertLayout, Piece
+    pieces, sms, exps, so, eo = [], [], [], 0, 0
+    for role, w in mats.items():
+        w = np.ascontiguousarray(w, np.uint16)
+        e, s = codec.split_planes(w.reshape(-1), "BF16")
+        cs = []
+        for c, raw in codec.compress_chunks(e, chunks, min_chunk, exp_codec=EXP_HUFFMAN):
+            cs.append((eo, len(c), raw, 0))
+            exps.append(np.frombuffer(c, np.uint8))
+            eo += len(c)
+        pieces.append(Piece(f"experts.{expert}.{role}", role, "BF16", tuple(w.shape),
+                            (so, s.size, 0), tuple(cs), EXP_HUFFMAN))
+        sms.append(s)
+        so += s.size
+    lay = ExpertLayout(layer, expert, (0, so), (0, eo), tuple(pieces))
+    return lay, np.concatenate(sms), np.concatenate(exps) if exps else np.zeros(0, np.uint8)

@@ -9,6 +9,7 @@ CuPy: pinned host memory, CUDA streams and events, ``cudaMemcpyAsync`` and the s
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -49,6 +50,10 @@ class HostOps:
     def record(self, stream, timing: bool = False):
         """An event marking the work queued on ``stream`` so far."""
         return time.perf_counter()
+
+    def on(self, stream):
+        """A context in which array operations are queued on ``stream`` (nothing here)."""
+        return contextlib.nullcontext()
 
     def wait(self, stream, event):
         """Make ``stream`` wait for ``event`` (no host wait)."""

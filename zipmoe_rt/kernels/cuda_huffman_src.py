@@ -15,9 +15,11 @@ Wiseman 2003; Weißenberger & Schmidt, "Massively Parallel Huffman Decoding on G
    nothing once every start is the true codeword boundary, which a decoding that started off a
    boundary reaches within a few codewords. Pass ``j`` makes segment ``j`` of every stream
    exact, so the passes end.
-3. ``hf_write``: with the symbols before each segment (a prefix sum), every segment decodes its
-   symbols again and writes them to their place; the first ``count`` symbols of a stream are
-   kept, and the end of symbol ``count - 1`` is checked as the host decoder checks it.
+3. the write pass: with the symbols before each segment (a prefix sum), every segment decodes
+   its symbols again and writes them to their place; the first ``count`` symbols of a stream
+   are kept, and the end of symbol ``count - 1`` is checked as the host decoder checks it. By
+   default the staged multi-symbol kernel ``sd_decode_streams`` of
+   :mod:`zipmoe_rt.kernels.cuda_segdec_src` does it; ``hf_write`` below is the one-symbol form.
 
 Bits past a stream's end read as 0, as in the host decoder's bounds-checked loop.
 """

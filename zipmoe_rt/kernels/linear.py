@@ -186,8 +186,15 @@ def _gemv_row(x, W, y, bias, o, s):
 
 
 @njit(**JIT_PARALLEL)
-def _gemv_bf16_par(x, W, y, bias, nthreads):
-    """y = W @ x (+ bias): one chunk of four-row blocks per thread (each with its scratch)."""
+def gemv_bf16_par(x, W, y, bias, nthreads):
+    """y = W @ x (+ bias) for one token: one chunk of four-row blocks per thread (each with its
+    scratch). Also run by :mod:`zipmoe_rt.kernels.packed` on the compute form.
+
+    Args:
+        x: float32 ``[n]``.  W: ``[out, n]`` BF16 weights, any row source of
+            :mod:`zipmoe_rt.kernels.rows`.  y: float32 ``[out]``, written.
+        bias: float32 ``[out]``, or an empty array for none.  nthreads: threads to split over.
+    """
     out = y.shape[0]
     n = x.shape[0]
     q = out // 4
@@ -202,7 +209,9 @@ def _gemv_bf16_par(x, W, y, bias, nthreads):
 
 
 @njit(**JIT_SERIAL)
-def _gemv_bf16_serial(x, W, y, bias):
+def gemv_bf16_serial(x, W, y, bias):
+    """:func:`gemv_bf16_par` on one thread (same arguments but ``nthreads``, same sums in the
+    same order per row)."""
     out = y.shape[0]
     n = x.shape[0]
     q = out // 4
@@ -290,9 +299,16 @@ def dot_block(x, buf, nr, y, bias, o):
 
 
 @njit(**JIT_PARALLEL)
-def _gemm_bf16_par(x, W, y, bias, nthreads):
+def gemm_bf16_par(x, W, y, bias, nthreads):
     """y = x @ W.T (+ bias) for several tokens, W any row source: each block of four rows is
-    widened once into an L1 scratch and reused for every token."""
+    widened once into an L1 scratch and reused for every token. Also run by
+    :mod:`zipmoe_rt.kernels.packed` on the compute form.
+
+    Args:
+        x: float32 ``[T, n]``.  W: ``[out, n]`` BF16 weights, any row source of
+            :mod:`zipmoe_rt.kernels.rows`.  y: float32 ``[T, out]``, written.
+        bias: float32 ``[out]``, or an empty array for none.  nthreads: threads to split over.
+    """
     out = y.shape[1]
     n = x.shape[1]
     nblocks = (out + 3) // 4
@@ -342,7 +358,8 @@ def _gemm_f32_par(x, W, y, bias, nthreads):
 
 
 @njit(**JIT_SERIAL)
-def _gemm_bf16_serial(x, W, y, bias):
+def gemm_bf16_serial(x, W, y, bias):
+    """:func:`gemm_bf16_par` on one thread (same arguments but ``nthreads``)."""
     out = y.shape[1]
     n = x.shape[1]
     buf = np.empty((4, n), np.float32)
@@ -413,14 +430,14 @@ def linear_into(x: np.ndarray, W: np.ndarray, y: np.ndarray, bias: np.ndarray | 
     if kind == "bf16":
         if x.shape[0] == 1:
             if par:
-                _gemv_bf16_par(x[0], W, y[0], b, get_num_threads())
+                gemv_bf16_par(x[0], W, y[0], b, get_num_threads())
             else:
-                _gemv_bf16_serial(x[0], W, y[0], b)
+                gemv_bf16_serial(x[0], W, y[0], b)
         else:
             if par:
-                _gemm_bf16_par(x, W, y, b, get_num_threads())
+                gemm_bf16_par(x, W, y, b, get_num_threads())
             else:
-                _gemm_bf16_serial(x, W, y, b)
+                gemm_bf16_serial(x, W, y, b)
     elif kind == "f16":
         if par:
             _gemm_f16_par(x, W.view(np.uint16), y, b, get_num_threads())
@@ -483,10 +500,3 @@ def widen_bf16(W: np.ndarray) -> np.ndarray:
         raise TypeError(f"widen_bf16 wants uint16 BF16 bits, got {W.dtype}")
     return (W.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
-
-#: the BF16 GEMV and GEMM kernels (weights: any row source of :mod:`zipmoe_rt.kernels.rows`),
-#: which the entry points of :mod:`zipmoe_rt.kernels.packed` run on the compute form
-gemv_bf16_par = _gemv_bf16_par
-gemv_bf16_serial = _gemv_bf16_serial
-gemm_bf16_par = _gemm_bf16_par
-gemm_bf16_serial = _gemm_bf16_serial

@@ -45,7 +45,7 @@ def gelu_tanh_np(g: np.ndarray) -> np.ndarray:
 
 
 @njit(**JIT_PARALLEL)
-def _swiglu_gate_up_gemv(x, gate, up, h, nthreads):
+def swiglu_gate_up_gemv(x, gate, up, h, nthreads):
     """h[i] = silu(gate[i] . x) * (up[i] . x) for one token; rows i and i + I/2 of both
     matrices together (four sequential streams per thread). gate, up: any row source of
     :mod:`zipmoe_rt.kernels.rows`."""
@@ -67,7 +67,7 @@ def _swiglu_gate_up_gemv(x, gate, up, h, nthreads):
 
 
 @njit(**JIT_PARALLEL)
-def _swiglu_gate_up_gemm(x, gate, up, h, nthreads):
+def swiglu_gate_up_gemm(x, gate, up, h, nthreads):
     """h[t, i] = silu(gate[i] . x[t]) * (up[i] . x[t]); each weight row widened once."""
     T = x.shape[0]
     inter = h.shape[1]
@@ -137,9 +137,9 @@ def swiglu_hidden(x2: np.ndarray, gate: np.ndarray, up: np.ndarray, act: int = 0
     if big and gate.dtype == np.uint16 and up.dtype == np.uint16 and not act:
         h = np.empty((T, gate.shape[0]), np.float32)
         if T == 1:
-            _swiglu_gate_up_gemv(x2[0], gate, up, h[0], get_num_threads())
+            swiglu_gate_up_gemv(x2[0], gate, up, h[0], get_num_threads())
         elif T:
-            _swiglu_gate_up_gemm(x2, gate, up, h, get_num_threads())
+            swiglu_gate_up_gemm(x2, gate, up, h, get_num_threads())
         return h
     g = linear(x2, gate, parallel=big)
     u = linear(x2, up, parallel=big)
@@ -149,7 +149,16 @@ def swiglu_hidden(x2: np.ndarray, gate: np.ndarray, up: np.ndarray, act: int = 0
 
 
 @njit(**JIT_SERIAL)
-def _scatter_add(out, rows, w, y):
+def scatter_add(out, rows, w, y):
+    """``out[rows[i]] += w[i] * y[i]`` in float32, row by row in order: the weighted
+    scatter-add of :func:`expert_accumulate`, shared with
+    :func:`zipmoe_rt.kernels.packed.packed_expert_accumulate`, which must round exactly as it
+    does.
+
+    Args:
+        out: float32 ``[T, hidden]``, updated.  rows: int64 ``[m]`` token rows.
+        w: float32 ``[m]`` routing weights.  y: float32 ``[m, hidden]`` expert outputs.
+    """
     for i in range(rows.shape[0]):
         r = rows[i]
         wi = w[i]
@@ -186,7 +195,7 @@ def expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray, weights:
     h = swiglu_hidden(xs, gate, up, act)
     y = np.empty((h.shape[0], hid), np.float32)
     linear_into(h, down, y)
-    _scatter_add(out, np.ascontiguousarray(rows, dtype=np.int64),
+    scatter_add(out, np.ascontiguousarray(rows, dtype=np.int64),
                  np.ascontiguousarray(weights, dtype=np.float32), y)
 
 
@@ -195,7 +204,7 @@ def expert_accumulate(out: np.ndarray, x: np.ndarray, rows: np.ndarray, weights:
 
 
 @njit(**JIT_PARALLEL)
-def _experts_gemv(x, gW, gN, gS, gB, gP, gC, gV, uW, uN, uS, uB, uP, uC, uV,
+def experts_gemv(x, gW, gN, gS, gB, gP, gC, gV, uW, uN, uS, uB, uP, uC, uV,
                   dW, dN, dS, dB, dP, dC, dV, w, out, inter, nthreads):
     """out[:] += sum_e w[e] * down_e @ (silu(gate_e @ x) * (up_e @ x)) for one token.
 
@@ -286,7 +295,7 @@ def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray,
         raise ValueError("experts_decode: shapes disagree")
     big = 3 * len(gates) * inter * hid >= _lin.PAR_MIN_WORK
     if big and not act and all(a.dtype == np.uint16 for a in gates + ups + downs):
-        _experts_gemv(x, *k_sources(gates, hid), *k_sources(ups, hid), *k_sources(downs, inter),
+        experts_gemv(x, *k_sources(gates, hid), *k_sources(ups, hid), *k_sources(downs, inter),
                       w, out, inter, get_num_threads())
         return
     o2, x2 = out.reshape(1, -1), x.reshape(1, -1)
@@ -296,13 +305,3 @@ def experts_decode(out: np.ndarray, x: np.ndarray, experts, weights: np.ndarray,
 
 _ROW0 = np.zeros(1, np.int64)
 
-
-#: the weighted scatter-add of :func:`expert_accumulate`, shared with
-#: :func:`zipmoe_rt.kernels.packed.packed_expert_accumulate`, which must round exactly as it does
-scatter_add = _scatter_add
-
-#: the SwiGLU gate/up and k-expert kernels (weights: any row source of
-#: :mod:`zipmoe_rt.kernels.rows`), run on the compute form by :mod:`zipmoe_rt.kernels.packed`
-swiglu_gate_up_gemv = _swiglu_gate_up_gemv
-swiglu_gate_up_gemm = _swiglu_gate_up_gemm
-experts_gemv = _experts_gemv

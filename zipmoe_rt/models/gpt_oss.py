@@ -18,16 +18,7 @@ class Model(base.Model):
 
     def build_attention(self, i, **options):
         """The shared attention of layer ``i`` (its window from ``layer_types``) with the
-        layer's sinks (``attn_sinks``).
-
-        Raises:
-            ValueError: on the CUDA backend, whose gpt-oss logits do not match transformers'
-                yet (docs/gpu.md).
-        """
-        if self.backend.name == "cuda":
-            raise ValueError(f"gpt-oss ({self.args.architecture}) does not run on --device "
-                             f"cuda yet (its logits there differ from transformers'); use "
-                             f"--device cpu")
+        layer's sinks (``attn_sinks``)."""
         return super().build_attention(i, sinks=self.weight("attn_sinks", i), **options)
 
     def build_mlp(self, i):

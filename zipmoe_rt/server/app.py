@@ -154,16 +154,21 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
             except RuntimeError:       # the loop is gone (server shutting down)
                 pass
 
-        job = Job(ids=ids, params=params, emit=emit, stops=req.stop, logprobs=req.logprobs,
-                  tool_format=fmt, tools=req.tools)
-        host.submit(job)
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "created": int(time.time()), "model": req.model or name()}
+        job = Job(ids=ids, params=params, emit=emit, stops=req.stop, logprobs=req.logprobs,
+                  tool_format=fmt, tools=req.tools, label=meta["id"])
+        host.submit(job)
         if req.stream:
             async def gen():
                 try:
                     async for chunk in sse_events(req, meta, events):
                         yield chunk
+                        # let the event loop run between chunks: when the worker is ahead,
+                        # the queued chunks would otherwise be written in one burst, past a
+                        # connection the client has closed (asyncio then logs "socket.send()
+                        # raised exception." for each), before its disconnect can be seen
+                        await asyncio.sleep(0)
                 finally:
                     job.cancel.set()     # finished, or the client went away: stop at once
             return StreamingResponse(gen(), media_type="text/event-stream",

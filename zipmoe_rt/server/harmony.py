@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import uuid
 
+from ..chat_template import is_harmony
 from .textproc import held_tail
 
 __all__ = ["HarmonySplitter", "is_harmony"]
@@ -23,12 +24,6 @@ _MESSAGE = "<|message|>"
 _ENDS = ("<|end|>", "<|call|>", "<|return|>", "<|start|>")
 _CHANNEL = re.compile(r"<\|channel\|>\s*([A-Za-z_]+)")
 _RECIPIENT = re.compile(r"\bto=([^\s<]+)")
-
-
-def is_harmony(chat_template: str | None) -> bool:
-    """Whether a chat template writes the harmony format (gpt-oss's)."""
-    return bool(chat_template) and "<|channel|>" in chat_template \
-        and "<|message|>" in chat_template
 
 
 class HarmonySplitter:
@@ -53,10 +48,22 @@ class HarmonySplitter:
         self.calls: list[dict] = []
         self.analysis: list[str] = []
         self.calls_text = None            # the ToolCallSplitter interface: set once calls end
+        self._reasoning_sent = 0          # characters of the reasoning take_reasoning gave
 
     @property
     def reasoning(self) -> str:
         return "\n".join(a for a in self.analysis if a)
+
+    def take_reasoning(self) -> str:
+        """The ``analysis`` text pushed since the last call (the open message's included), for
+        a caller that shows the reasoning as it streams; the pieces joined are
+        :attr:`reasoning`."""
+        parts = list(self.analysis)
+        if self.header is None and self.channel == "analysis" and not self.recipient:
+            parts.append("".join(self.body))
+        text = "\n".join(a for a in parts if a)
+        sent, self._reasoning_sent = self._reasoning_sent, len(text)
+        return text[sent:]
 
     def _open(self, header: str) -> None:
         m = _CHANNEL.search(header)

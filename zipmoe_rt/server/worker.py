@@ -41,6 +41,8 @@ class Job:
             :class:`~zipmoe_rt.server.harmony.HarmonySplitter`); else None.
         tools: the request's OpenAI ``tools`` (parameter types for the XML call syntaxes).
         cancel: set it to stop the generation before its next token (client gone).
+        label: names the request in the server log (the response id), e.g. in the one line
+            logged when its client disconnected before the reply was complete.
     """
 
     ids: list
@@ -51,6 +53,7 @@ class Job:
     tool_format: str | None = None
     tools: list | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    label: str = "request"
 
 
 class ModelHost:
@@ -63,7 +66,8 @@ class ModelHost:
             429 by :meth:`submit`.
         close_model: :meth:`close` also closes the model (False when the caller shares it).
         ctx_size: the context in tokens (prompt plus reply) each request may use (``serve
-            -c``); None: the model's ``max_position_embeddings``.
+            -c``); None: the model's ``max_position_embeddings``. A longer one is allowed, with
+            one warning in the log once the model is loaded.
 
     Attributes:
         model: the model once loaded, else None.
@@ -99,6 +103,12 @@ class ModelHost:
         log = logging.getLogger("uvicorn.error")     # the server's console log
         try:
             self.model = self.loader()
+            if self.ctx_size is not None:
+                from ..cli_repl import over_trained_context
+                warning = over_trained_context(
+                    self.ctx_size, self.model.hparams.get("max_position_embeddings"))
+                if warning:
+                    log.warning(warning)
             self.status = "ok"
             log.info("model %s loaded: ready", self.model.name)
         except BaseException as e:  # noqa: BLE001 - reported by /health and every request
@@ -163,6 +173,7 @@ class ModelHost:
             try:
                 if job.cancel.is_set():          # the client left while it was queued
                     self.last_result = {"finish_reason": "cancelled", "completion_tokens": 0}
+                    _log_cancelled(job, "while it waited in the queue; not run")
                     job.emit(("cancelled",))
                 else:
                     self._run(job)
@@ -226,6 +237,8 @@ class ModelHost:
             steps.close()
         if finish == "cancelled":
             self.last_result = {"finish_reason": "cancelled", "completion_tokens": n_tokens}
+            _log_cancelled(job, f"after {n_tokens} generated token{'s' if n_tokens != 1 else ''}; "
+                                f"generation stopped")
             job.emit(("cancelled",))
             return
         if not stopped:
@@ -280,3 +293,9 @@ class ModelHost:
         else:
             e["top_logprobs"] = []
         return e
+
+
+def _log_cancelled(job: Job, what: str) -> None:
+    """The one server-log line of a request whose client went away before its reply was
+    complete (the worker then moves on to the next request)."""
+    logging.getLogger("uvicorn.error").info("%s: the client disconnected %s", job.label, what)

@@ -1,0 +1,165 @@
+"""``zipmoe-rt serve``: a client that disconnects in the middle of a streamed reply (a real
+socket closed with a TCP reset, as a killed client leaves it). The server stops generating for
+that request, frees its slot (the next request runs), logs exactly one line naming the request,
+and asyncio logs nothing (no "socket.send() raised exception." per chunk still queued). The
+server is uvicorn in a thread, as in test_server.py; every wait has a hard limit."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("starlette")
+uvicorn = pytest.importorskip("uvicorn")
+
+from zipmoe_rt.server.app import create_app  # noqa: E402
+from zipmoe_rt.server.worker import ModelHost  # noqa: E402
+
+from test_server import HARD_LIMIT_S, HI, _free_port, _raw, _wait_ready, model, tiny_zmoe  # noqa: E402,F401
+
+DISCONNECT = "the client disconnected"
+ROUNDS = 12        # resets while the worker is ahead (each may or may not meet a burst)
+
+
+class Records(logging.Handler):
+    """Collects the records of the loggers it is attached to."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def lines(self, logger: str, level: int = logging.INFO) -> list[str]:
+        return [r.getMessage() for r in self.records if r.name == logger and r.levelno >= level]
+
+
+@contextlib.contextmanager
+def logged_server(host: ModelHost):
+    """uvicorn serving ``host``'s app on a free port with the server's own log level (info),
+    its ``uvicorn.error`` and ``asyncio`` log records collected; yields (base URL, records)."""
+    rec = Records()
+    loggers = [logging.getLogger(n) for n in ("uvicorn.error", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(rec)
+    logging.getLogger("asyncio").setLevel(logging.INFO)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(host), host="127.0.0.1", port=port,
+                                           log_config=None, log_level="info",
+                                           timeout_graceful_shutdown=2))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    try:
+        deadline = time.monotonic() + HARD_LIMIT_S
+        while not server.started:
+            assert time.monotonic() < deadline and th.is_alive(), "server did not start"
+            time.sleep(0.01)
+        base = f"http://127.0.0.1:{port}"
+        _wait_ready(base)
+        yield base, rec
+    finally:
+        server.should_exit = True
+        th.join(timeout=10)
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(rec)
+            lg.setLevel(level)
+        assert not th.is_alive(), "server did not stop"
+
+
+def _start_stream(base: str, max_tokens: int) -> socket.socket:
+    """A streamed chat request on a raw socket; returns once the first text chunk (after the
+    role chunk) arrived: the worker is generating."""
+    h, port = base.removeprefix("http://").split(":")
+    s = socket.create_connection((h, int(port)), timeout=HARD_LIMIT_S)
+    body = json.dumps({"messages": HI, "stream": True, "max_tokens": max_tokens,
+                       "temperature": 0}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+              b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    got = b""
+    while b"\r\n\r\n" not in got or got.split(b"\r\n\r\n", 1)[1].count(b"data: ") < 2:
+        piece = s.recv(4096)
+        assert piece, "the server closed the stream"
+        got += piece
+    assert got.startswith(b"HTTP/1.1 200"), got[:100]
+    return s
+
+
+def _reset(s: socket.socket) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a killed client's socket is closed."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def _wait_idle(host: ModelHost) -> None:
+    deadline = time.monotonic() + HARD_LIMIT_S
+    while host.pending:
+        assert time.monotonic() < deadline, "generation went on after the client left"
+        time.sleep(0.01)
+
+
+class GatedNet:
+    """The network, paused before its fourth forward pass until :attr:`go` is set: the reply
+    is in mid-stream when the client leaves."""
+
+    def __init__(self, net):
+        self._net = net
+        self.go = threading.Event()
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._net, name)
+
+    def forward(self, *a, **kw):
+        self.calls += 1
+        if self.calls == 4:
+            assert self.go.wait(HARD_LIMIT_S), "the test never released the network"
+        return self._net.forward(*a, **kw)
+
+
+def test_client_reset_mid_stream_stops_the_request_and_logs_one_line(model):
+    gated = copy.copy(model)
+    gated.net = GatedNet(model.net)
+    host = ModelHost(lambda: gated, close_model=False)
+    with logged_server(host) as (base, rec):
+        s = _start_stream(base, max_tokens=400)
+        _reset(s)
+        time.sleep(0.05)   # (not a timing assertion: the outcome is the same if the reset
+        gated.net.go.set()  # is seen before or after the network goes on)
+        _wait_idle(host)
+        assert host.last_result["finish_reason"] == "cancelled"
+        assert host.last_result["completion_tokens"] < 400
+        lines = [l for l in rec.lines("uvicorn.error") if DISCONNECT in l]
+        assert len(lines) == 1, rec.lines("uvicorn.error")
+        assert lines[0].startswith("chatcmpl-") and "generation stopped" in lines[0]
+        assert rec.lines("asyncio") == []
+        # the slot is free: the next request runs to the end
+        status, body = _raw(base, "POST", "/v1/chat/completions",
+                            {"messages": HI, "max_tokens": 3, "temperature": 0})
+        assert status == 200 and body["usage"]["completion_tokens"] == 3
+
+
+def test_clients_reset_while_the_worker_is_ahead_log_no_socket_errors(model):
+    """A fast model: the worker queues chunks faster than they are written, so the reset
+    arrives while queued chunks are still being sent."""
+    host = ModelHost(lambda: model, close_model=False)
+    with logged_server(host) as (base, rec):
+        for _ in range(ROUNDS):
+            s = _start_stream(base, max_tokens=450)
+            _reset(s)
+            _wait_idle(host)
+        assert rec.lines("asyncio") == [], rec.lines("asyncio")[:3]
+        stopped = [l for l in rec.lines("uvicorn.error") if DISCONNECT in l]
+        assert len(stopped) <= ROUNDS
+        assert all(l.startswith("chatcmpl-") for l in stopped)
+        status, body = _raw(base, "POST", "/v1/chat/completions",
+                            {"messages": HI, "max_tokens": 3, "temperature": 0})
+        assert status == 200 and body["usage"]["completion_tokens"] == 3
