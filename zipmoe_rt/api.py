@@ -253,9 +253,12 @@ class Model:
 
     def memory_line(self) -> str:
         """The banner's and ``/stats``' memory line
-        (:func:`~zipmoe_rt.engine.limit.memory_line`)."""
+        (:func:`~zipmoe_rt.engine.limit.memory_line`); under ``auto`` the policy says what it
+        chose per MoE layer (:func:`~zipmoe_rt.engine.factory.describe_auto`)."""
+        from .engine.factory import describe_auto
         from .engine.limit import memory_line
-        return memory_line(self.memory_plan, self.engine and self.engine.budget, self.policy)
+        pol = describe_auto(getattr(self.engine, "auto_choice", None), self.policy)
+        return memory_line(self.memory_plan, self.engine and self.engine.budget, pol)
 
     @property
     def device(self) -> str:

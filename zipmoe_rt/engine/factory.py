@@ -18,8 +18,11 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     """The :class:`~zipmoe_rt.engine.pipeline.ExpertEngine` that runs ``source``'s experts
     within ``budget`` bytes.
 
-    Policy ``auto`` becomes ``raw-lru`` for a file with raw experts, else ``zipmoe`` when an
-    activation trace exists (``trace`` or ``MODEL.trace.json``), else ``zip-lru``. For
+    Policy ``auto`` becomes ``raw-lru`` for a file with raw experts, else, when an activation
+    trace exists (``trace`` or ``MODEL.trace.json``), the zipmoe engine with each MoE layer's
+    kind of plan (an LRU pool of full experts, C/S/E tiers, or a mix) chosen by the planner
+    (:func:`~zipmoe_rt.engine.planner.choice.plan_choices`, recorded in the engine's
+    ``auto_choice``, :func:`auto_choice`), else ``zip-lru``. For
     ``zipmoe``: the trace is loaded and checked against the model; the calibration stored next
     to the model (``MODEL.calib.json``) is used even when it does not fit this run (one
     :class:`~zipmoe_rt.engine.profile.CalibrationWarning`), and without one the machine is
@@ -63,15 +66,20 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     lays = list(source.layouts.values())
     raw = all(p.raw for l in lays for p in l.pieces)
     trace_path = Path(trace) if trace else prof.sidecar(source.path, prof.TRACE_SUFFIX)
-    if policy == "auto":
+    auto = policy == "auto"
+    if auto:
         policy = "raw-lru" if raw else ("zipmoe" if trace_path.exists() else "zip-lru")
     workers = workers or os.cpu_count() or 1
     cls, extra = _engine_class(backend, host_budget, gpu_ops)
     if cls is ExpertEngine and prefetch:
         extra = dict(extra, prefetch=True)
     if policy != "zipmoe":
-        return cls(source, budget, policy, eviction, workers=workers, direct=direct,
-                   verify=verify, io_depth=io_depth, backend=backend, **extra)
+        eng = cls(source, budget, policy, eviction, workers=workers, direct=direct,
+                  verify=verify, io_depth=io_depth, backend=backend, **extra)
+        if auto:
+            eng.auto_choice = {"fallback": policy,
+                               "why": "raw experts" if raw else "no activation trace"}
+        return eng
     tier_budget = budget_split(source, budget, extra.get("prefetch", False))[2]   # too small a budget: no calibration noise first
     tr = prof.load_trace(trace_path, source)
     # a stored calibration that does not fit this run (other version, read mode, io depth or
@@ -87,10 +95,48 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
                                 bytes_F=max(l.full_bytes for l in lays),
                                 bytes_sm=max(l.sm_region[1] for l in lays),
                                 bytes_exp=max(l.exp_region[1] for l in lays))
-    plan, ranks = prof.make_plan(tr, delay, tier_budget, int(source.hparams["num_experts_per_tok"]))
-    return cls(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
-               workers=workers, direct=direct, verify=verify, delay=delay,
-               io_depth=io_depth, backend=backend, **extra)
+    k = int(source.hparams["num_experts_per_tok"])
+    if auto:
+        choices, ranks = prof.make_plan_choices(tr, delay, tier_budget, k)
+        plan = choices["auto"]
+    else:
+        plan, ranks = prof.make_plan(tr, delay, tier_budget, k)
+    eng = cls(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
+              workers=workers, direct=direct, verify=verify, delay=delay,
+              io_depth=io_depth, backend=backend, **extra)
+    if auto:
+        eng.auto_choice = auto_choice(choices)
+    return eng
+
+
+def auto_choice(choices: dict) -> dict:
+    """What ``auto`` chose, for ``bench``, the banner and ``/stats``: ``codes`` (one letter per
+    MoE layer, :func:`~zipmoe_rt.engine.planner.choice.choice_codes`), ``summary`` (layers per
+    kind), and ``predicted_layer_ms``: the mean predicted one-token MoE layer time (ms) of the
+    chosen plan (``auto``) and of the LRU-pools-only and tiers-only plans of the same budget.
+
+    Args:
+        choices: :func:`~zipmoe_rt.engine.planner.choice.plan_choices`' result."""
+    from .planner.choice import choice_codes, choice_summary
+    n = max(1, len(choices["auto"].layers))
+    return {"codes": choice_codes(choices["auto"].layers),
+            "summary": choice_summary(choices["auto"].layers),
+            "predicted_layer_ms": {kind: 1e3 * mp.predicted_makespan_s / n
+                                   for kind, mp in choices.items()}}
+
+
+def describe_auto(choice: dict | None, policy: str) -> str:
+    """The policy as the banner and ``/stats`` show it: ``policy`` itself unless ``auto``
+    chose (``choice``, :func:`auto_choice` or a fallback), e.g. ``auto: lru 20, mix 6, tiers
+    4 (per MoE layer LLMT...)`` or ``auto: zip-lru (no activation trace)``; the per-layer
+    letters only up to 64 layers."""
+    if not choice:
+        return policy
+    if "fallback" in choice:
+        return f"auto: {choice['fallback']} ({choice['why']})"
+    codes = choice["codes"]
+    per = f" (per MoE layer {codes})" if len(codes) <= 64 else ""
+    return f"auto: {choice['summary']}{per}"
 
 
 def _engine_class(backend, host_budget, gpu_ops):

@@ -73,6 +73,9 @@ class StageTimes:
     prefetch_wasted: int = 0
     prefetch_wasted_bytes: int = 0
     prefetch_skipped: int = 0     # predicted, not started: k predicted loads already alive
+    # one-token calls by their hits per tier: "hF,hC,hS,hE,hmiss" -> calls (what the delay
+    # model is priced at: zipmoe_rt.bench's modelled layer time)
+    call_hits: dict = field(default_factory=dict)
 
     def reset(self):
         self.__init__()
@@ -88,7 +91,7 @@ class StageTimes:
                 "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
                 "prefetch_wasted": self.prefetch_wasted,
                 "prefetch_wasted_bytes": self.prefetch_wasted_bytes,
-                "prefetch_skipped": self.prefetch_skipped}
+                "prefetch_skipped": self.prefetch_skipped, "call_hits": dict(self.call_hits)}
 
 
 class _Pending:
@@ -445,6 +448,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
         ``glu``: gpt-oss's clamped SwiGLU, or None."""
         t_start = time.perf_counter()
         T = topk_idx.shape[0]
+        h0 = tuple(self.stats.hits.values()) if T == 1 else None
         if self.adapt:
             self._note_use(layer, topk_idx)
         started = {}
@@ -471,6 +475,8 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
         if T == 1:
             self.stats.decode_layer_s += dt
             self.stats.decode_layer_calls += 1
+            key = ",".join(str(b - a) for a, b in zip(h0, self.stats.hits.values()))
+            self.stats.call_hits[key] = self.stats.call_hits.get(key, 0) + 1
         return out
 
     def close(self):

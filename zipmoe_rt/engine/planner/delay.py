@@ -16,6 +16,8 @@ from .checks import check_int
 
 #: Cache tiers in rank order: the most popular experts go to the first one (§2, §3.4).
 TIERS = ("F", "C", "S", "E", "miss")
+#: the engine's own costs beside the resources of the base model (:meth:`DelayModel.engine_overhead_s`)
+ENGINE_TERMS = ("layer_fixed_s", "load_C_s", "load_S_s", "load_E_s", "load_miss_s")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class DelayModel:
         chunks: independent decode pieces per expert (the engine's decode jobs,
             ``ExpertLayout.jobs``: runs of the paper's K exponent chunks, §1); a decode occupies
             one worker for ``decode_s / chunks`` per piece. Default 1.
+        layer_fixed_s, load_C_s, load_S_s, load_E_s, load_miss_s: the engine's own costs
+            (seconds, may be negative; :meth:`engine_overhead_s`). Default 0.
 
     Makespan of one layer for one token (:meth:`layer_makespan`), given the hits per tier
     ``h = (hF, hC, hS, hE, hmiss)`` and ``k = Σh``::
@@ -45,7 +49,11 @@ class DelayModel:
         d       = hC + hS + hE + hmiss                                        # experts to decode
         compute = (decode_s/chunks) · ceil(d·chunks / workers)                # decodes on L workers
         matmul  = matmul_s · ceil(k / workers)
-        makespan = max(io, compute) + matmul                                  (0 when k = 0)
+        makespan = max(io, compute) + matmul + engine                        (0 when k = 0)
+        engine  = layer_fixed_s + Σ_t load_t_s·h_t  (t = C, S, E, miss; :meth:`engine_overhead_s`)
+
+    (``makespan`` is clamped at 0.) The ``engine`` term is what a Python engine adds to the two
+    resources: measured by running the engine itself, all 0 when not measured.
 
     Why: §3 step 5 prices a layer as ``max(compute side, I/O side)``: the single I/O thread
     serialises the reads (Type-I tasks E and miss read the SM planes, S and miss read the
@@ -63,8 +71,8 @@ class DelayModel:
     decision; it only makes the predicted makespan an absolute time.
 
     Raises:
-        ValueError: negative or non-finite times, ``workers < 1``, ``chunks < 1``, negative byte
-            sizes.
+        ValueError: negative or non-finite times (engine terms: non-finite), ``workers < 1``,
+            ``chunks < 1``, negative byte sizes.
     """
 
     sm_read_s: float
@@ -76,12 +84,22 @@ class DelayModel:
     bytes_sm: int
     bytes_exp: int
     chunks: int = 1
+    # engine terms (engine/overhead.py measures them; 0 = not measured): see engine_overhead_s
+    layer_fixed_s: float = 0.0
+    load_C_s: float = 0.0
+    load_S_s: float = 0.0
+    load_E_s: float = 0.0
+    load_miss_s: float = 0.0
 
     def __post_init__(self):
         for name in ("sm_read_s", "exp_read_s", "decode_s", "matmul_s"):
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+        for name in ENGINE_TERMS:
+            v = float(getattr(self, name))
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v!r}")
         for name in ("workers", "chunks"):
             if check_int(getattr(self, name), name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -129,6 +147,26 @@ class DelayModel:
         ``matmul_s · ceil(k / workers)``, 0 when ``k = 0`` (the class docstring's ``matmul``)."""
         return self.matmul_s * math.ceil(k / self.workers) if k > 0 else 0.0
 
+    def engine_overhead_s(self, hC, hS, hE, hmiss):
+        """The engine's time beside the base model's resources, for one token of one layer
+        (seconds; ints or broadcasting int arrays of hits per tier)::
+
+            layer_fixed_s + load_C_s·hC + load_S_s·hS + load_E_s·hE + load_miss_s·hmiss
+
+        ``layer_fixed_s``: the per-call work of a one-token MoE layer whose ``k`` experts are
+        all F hits, less the base model's matmul term (Python dispatch, routing bookkeeping,
+        the fused matmul's cold-cache reads and its serial order on the main thread).
+        ``load_<tier>_s``: per expert prepared from that tier, the time the base model misses
+        (task set-up, thread hand-offs and wake-ups, decode slowed by the main thread and the
+        reads sharing the cores). All are measured by running the engine itself
+        (:func:`zipmoe_rt.engine.overhead.measure_engine_terms`, stored by ``zipmoe-rt
+        calibrate``); they may be negative where the base model is pessimistic. 0 (the
+        default) leaves the base model unchanged.
+        """
+        return (self.layer_fixed_s + self.load_C_s * np.asarray(hC)
+                + self.load_S_s * np.asarray(hS) + self.load_E_s * np.asarray(hE)
+                + self.load_miss_s * np.asarray(hmiss))
+
     def layer_makespan(self, hits: dict) -> float:
         """Makespan in seconds of one layer for one token with ``hits[tier]`` experts per tier.
 
@@ -152,4 +190,5 @@ class DelayModel:
             return 0.0
         d = h["C"] + h["S"] + h["E"] + h["miss"]
         io, comp = self.io_and_compute(d, h["E"] + h["miss"], h["S"] + h["miss"])
-        return float(max(io, float(comp))) + self.matmul_time(k)
+        base = float(max(io, float(comp))) + self.matmul_time(k)
+        return max(0.0, base + float(self.engine_overhead_s(h["C"], h["S"], h["E"], h["miss"])))
