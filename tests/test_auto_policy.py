@@ -29,6 +29,7 @@ from zipmoe_rt.engine.planner import DelayModel, TierPlan, expected_layer_makesp
 from zipmoe_rt.engine.planner import layer_frontier, layer_frontier_lru, lru_pool_model
 from zipmoe_rt.engine.planner.choice import (choice_codes, choice_summary, layer_choice,
                                              plan_choices, restrict_front)
+from zipmoe_rt.engine.planner.choice import shared_pool_layer_s as choice_shared
 from zipmoe_rt.engine.store import ZmoeSource
 
 from test_engine import (ARCHS, DECODE_STEPS, _calibrated_copy, _fitting_calibration,  # noqa: F401
@@ -180,6 +181,50 @@ def test_auto_is_never_predicted_slower_than_one_kind(seed):
         assert pm.predicted_makespan_s == pytest.approx(ch["auto"].predicted_makespan_s)
 
 
+def test_shared_pool_replay_hand_case():
+    d = DelayModel(sm_read_s=2e-3, exp_read_s=1e-3, decode_s=3e-3, matmul_s=5e-4, workers=2,
+                   bytes_F=16, bytes_sm=8, bytes_exp=3)
+    hit, miss = d.layer_makespan({"F": 1}), d.layer_makespan({"miss": 1})
+    assert (hit, miss) == (pytest.approx(5e-4), pytest.approx(2e-3 + 1e-3 + 3e-3 + 5e-4))
+    # two layers, k = 1; layer 0 always uses expert 0, layer 1 alternates 1 and 2
+    run = np.array([[[0], [1]], [[0], [2]], [[0], [1]], [[0], [2]]])
+    # capacity 1: each layer evicts the other's expert -> every use a miss
+    assert np.allclose(choice_shared([run], 3, 1, 1, d), [miss, miss])
+    # capacity 2: after token 1 the pool is (0,0), (1,1); token 2: (0,0) hits, (1,2) evicts
+    # (1,1); token 3: (0,0) hits, (1,1) evicts (1,2): layer 0 hits from token 2 on, layer 1
+    # always misses
+    assert np.allclose(choice_shared([run], 3, 1, 2, d), [(miss + 3 * hit) / 4, miss])
+    # capacity 3: after the first two tokens everything stays
+    assert np.allclose(choice_shared([run], 3, 1, 3, d),
+                       [(miss + 3 * hit) / 4, (2 * miss + 2 * hit) / 4])
+    # the pool carries over to the next run; capacity 0 holds nothing
+    assert np.allclose(choice_shared([run, run], 3, 1, 3, d),
+                       [(miss + 7 * hit) / 8, (2 * miss + 6 * hit) / 8])
+    assert np.allclose(choice_shared([run], 3, 1, 0, d), [miss, miss])
+    with pytest.raises(ValueError, match="no tokens"):
+        choice_shared([], 3, 1, 1, d)
+
+
+def test_auto_runs_the_shared_pool_where_it_is_predicted_faster(tiny_case, tmp_path,
+                                                                monkeypatch):
+    from zipmoe_rt.engine import factory
+    c = tiny_case("qwen2_moe")
+    z, _ = _calibrated_copy(c, tmp_path, _fitting_calibration(c))
+    for shared, engine in ((0.0, "zip-lru"), (1e9, "zipmoe")):
+        monkeypatch.setattr(factory, "_shared_pool_s", lambda *a, _s=shared: _s)
+        m = zipmoe_rt.load(z, memory_budget=c.budget("mid"), policy="auto", progress=False)
+        try:
+            assert m.engine.policy == engine and m.engine.auto_choice["engine"] == engine
+            assert ("pool shared by all layers" in bench_planner.lines([{
+                "policy": "auto", "budget": "x", "measured_layer_ms": 1.0,
+                "auto_choice": m.engine.auto_choice}])[0]) == (engine == "zip-lru")
+            logits, tokens = generate(m.net, c.ids, DECODE_STEPS)
+            assert tokens == c.ref_tokens
+            assert_same_logits(logits, c.ref_logits)
+        finally:
+            m.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # calibration of the engine terms
 
@@ -248,9 +293,18 @@ def test_bench_lines_say_what_auto_chose():
     assert bench_planner.lines([row]) == [
         "planner (auto, budget 25%): measured 2.20 ms per MoE layer per decode token; "
         "predicted 2.00 ms (1.10x), modelled at its hits 2.20 ms (1.00x)",
-        "auto (budget 25%): lru 2, mix 1 (per MoE layer LLM); predicted ms per layer: chosen "
-        "2.000, LRU pools only 2.500, tiers only 3.000"]
-    assert describe_auto(row["auto_choice"], "zipmoe") == "auto: lru 2, mix 1 (per MoE layer LLM)"
+        "auto (budget 25%): lru 2, mix 1 (per MoE layer LLM); predicted ms per layer: "
+        "per-layer plan 2.000, LRU pools only 2.500, tiers only 3.000"]
+    row["auto_choice"] = dict(row["auto_choice"], engine="zip-lru",
+                              predicted_layer_ms={"auto": 2.0, "lru": 2.5, "tiers": 3.0,
+                                                  "shared": 1.5})
+    assert bench_planner.lines([row])[1] == (
+        "auto (budget 25%): zip-lru, one LRU pool shared by all layers; predicted ms per layer: "
+        "per-layer plan 2.000, LRU pools only 2.500, tiers only 3.000, one shared LRU pool 1.500")
+    assert describe_auto(row["auto_choice"], "zip-lru") == \
+        "auto: zip-lru (one LRU pool for all layers, predicted fastest)"
+    assert describe_auto(dict(row["auto_choice"], engine="zipmoe"), "zipmoe") == \
+        "auto: lru 2, mix 1 (per MoE layer LLM)"
     assert describe_auto({"fallback": "zip-lru", "why": "no activation trace"}, "zip-lru") == \
         "auto: zip-lru (no activation trace)"
     assert describe_auto(None, "zip-lru") == "zip-lru"

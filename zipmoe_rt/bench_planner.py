@@ -78,9 +78,13 @@ def lines(rows: list[dict]) -> list[str]:
         ac = r.get("auto_choice")
         if ac and "codes" in ac:
             p = ac["predicted_layer_ms"]
-            out.append(f"auto (budget {r['budget']}): {ac['summary']} (per MoE layer "
-                       f"{ac['codes']}); predicted ms per layer: chosen {p['auto']:.3f}, LRU pools "
-                       f"only {p['lru']:.3f}, tiers only {p['tiers']:.3f}")
+            what = (f"{ac['summary']} (per MoE layer {ac['codes']})"
+                    if ac.get("engine", "zipmoe") == "zipmoe"
+                    else "zip-lru, one LRU pool shared by all layers")
+            shared = f", one shared LRU pool {p['shared']:.3f}" if "shared" in p else ""
+            out.append(f"auto (budget {r['budget']}): {what}; predicted ms per layer: per-layer "
+                       f"plan {p['auto']:.3f}, LRU pools only {p['lru']:.3f}, tiers only "
+                       f"{p['tiers']:.3f}{shared}")
         elif ac:
             out.append(f"auto (budget {r['budget']}): {ac['fallback']} ({ac['why']})")
     return out

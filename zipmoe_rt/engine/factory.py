@@ -7,6 +7,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
+
 from . import profile as prof
 from .pipeline import ExpertEngine, budget_split
 
@@ -22,7 +24,9 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     trace exists (``trace`` or ``MODEL.trace.json``), the zipmoe engine with each MoE layer's
     kind of plan (an LRU pool of full experts, C/S/E tiers, or a mix) chosen by the planner
     (:func:`~zipmoe_rt.engine.planner.choice.plan_choices`, recorded in the engine's
-    ``auto_choice``, :func:`auto_choice`), else ``zip-lru``. For
+    ``auto_choice``, :func:`auto_choice`), or the ``zip-lru`` engine where its one LRU pool
+    shared by all layers, replayed on the trace's token sequences, is predicted faster than
+    every per-layer plan (eviction ``lru``, CPU engine); else ``zip-lru``. For
     ``zipmoe``: the trace is loaded and checked against the model; the calibration stored next
     to the model (``MODEL.calib.json``) is used even when it does not fit this run (one
     :class:`~zipmoe_rt.engine.profile.CalibrationWarning`), and without one the machine is
@@ -99,30 +103,58 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     if auto:
         choices, ranks = prof.make_plan_choices(tr, delay, tier_budget, k)
         plan = choices["auto"]
+        shared = _shared_pool_s(source, tr, budget, extra.get("prefetch", False), delay, k) \
+            if eviction == "lru" and cls is ExpertEngine else None
+        if shared is not None and shared < plan.predicted_makespan_s:
+            eng = cls(source, budget, "zip-lru", eviction, workers=workers, direct=direct,
+                      verify=verify, io_depth=io_depth, backend=backend, **extra)
+            eng.auto_choice = auto_choice(choices, shared, engine="zip-lru")
+            return eng
     else:
         plan, ranks = prof.make_plan(tr, delay, tier_budget, k)
     eng = cls(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
               workers=workers, direct=direct, verify=verify, delay=delay,
               io_depth=io_depth, backend=backend, **extra)
     if auto:
-        eng.auto_choice = auto_choice(choices)
+        eng.auto_choice = auto_choice(choices, shared)
     return eng
 
 
-def auto_choice(choices: dict) -> dict:
-    """What ``auto`` chose, for ``bench``, the banner and ``/stats``: ``codes`` (one letter per
-    MoE layer, :func:`~zipmoe_rt.engine.planner.choice.choice_codes`), ``summary`` (layers per
-    kind), and ``predicted_layer_ms``: the mean predicted one-token MoE layer time (ms) of the
-    chosen plan (``auto``) and of the LRU-pools-only and tiers-only plans of the same budget.
+def _shared_pool_s(source, trace, budget, prefetch, delay, k):
+    """Predicted one-token MoE time (seconds, all layers) of the ``zip-lru`` engine's shared
+    LRU pool, replayed on the trace's sequences; None for a trace without them."""
+    from .planner.choice import shared_pool_layer_s
+    seqs = trace.get("sequences")
+    if not seqs:
+        return None
+    bytes_F, _, tier = budget_split(source, budget, prefetch)
+    runs = [r for r in (np.asarray(s, np.int64) for s in seqs) if r.size]
+    if not runs:
+        return None
+    n = int(source.hparams["num_experts"])
+    return float(shared_pool_layer_s(runs, n, k, tier // bytes_F, delay).sum())
+
+
+def auto_choice(choices: dict, shared: float | None = None, engine: str = "zipmoe") -> dict:
+    """What ``auto`` chose, for ``bench``, the banner and ``/stats``: ``engine`` (``zipmoe``:
+    the per-layer plans; ``zip-lru``: one LRU pool shared by all layers, where the replay of
+    the trace predicts it faster), ``codes`` (one letter per MoE layer of the per-layer plan,
+    :func:`~zipmoe_rt.engine.planner.choice.choice_codes`), ``summary`` (layers per kind), and
+    ``predicted_layer_ms``: the mean predicted one-token MoE layer time (ms) of the per-layer
+    plan (``auto``), of the LRU-pools-only and tiers-only plans of the same budget and, when
+    the trace has token sequences, of the shared pool (``shared``).
 
     Args:
-        choices: :func:`~zipmoe_rt.engine.planner.choice.plan_choices`' result."""
+        choices: :func:`~zipmoe_rt.engine.planner.choice.plan_choices`' result.
+        shared: the shared pool's predicted time, seconds for all layers (or None).
+        engine: the engine ``auto`` runs."""
     from .planner.choice import choice_codes, choice_summary
     n = max(1, len(choices["auto"].layers))
-    return {"codes": choice_codes(choices["auto"].layers),
-            "summary": choice_summary(choices["auto"].layers),
-            "predicted_layer_ms": {kind: 1e3 * mp.predicted_makespan_s / n
-                                   for kind, mp in choices.items()}}
+    pred = {kind: 1e3 * mp.predicted_makespan_s / n for kind, mp in choices.items()}
+    if shared is not None:
+        pred["shared"] = 1e3 * shared / n
+    return {"engine": engine, "codes": choice_codes(choices["auto"].layers),
+            "summary": choice_summary(choices["auto"].layers), "predicted_layer_ms": pred}
 
 
 def describe_auto(choice: dict | None, policy: str) -> str:
@@ -134,6 +166,8 @@ def describe_auto(choice: dict | None, policy: str) -> str:
         return policy
     if "fallback" in choice:
         return f"auto: {choice['fallback']} ({choice['why']})"
+    if choice.get("engine") == "zip-lru":
+        return "auto: zip-lru (one LRU pool for all layers, predicted fastest)"
     codes = choice["codes"]
     per = f" (per MoE layer {codes})" if len(codes) <= 64 else ""
     return f"auto: {choice['summary']}{per}"

@@ -232,6 +232,10 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
             self.fpools = {}
             self._fill_tiers(plan, ranks)
             self._seed_heat(ranks)
+            # slots adapt only where the plan has static slots (a layer planned as an LRU pool
+            # alone has none to move: no heat to keep per call)
+            self._adapting = {layer for layer, tp in zip(self.hp["moe_layers"], plan)
+                              if tp.nC + tp.nS + tp.nE > 0}
         else:
             cap = self.tier_budget // self.bytes_F
             shared = FullPool(int(cap), eviction)
@@ -427,7 +431,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
             item.weights = item.sm = item.exp = item.outs = None
             if not self.fpools[layer].admit((layer, e), w, in_use=()):
                 self._done_with.append((item.lay, outs))   # reusable once computed
-            if self.adapt and sm is not None and exp is not None:
+            if self.adapt and layer in self._adapting and sm is not None and exp is not None:
                 self._adapt_slots(layer, e, sm, exp)
             slot = self.slots.get((layer, e))
             for which, buf in item.bufs.items():   # back to the pool unless a slot adopted it
@@ -449,7 +453,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin):
         t_start = time.perf_counter()
         T = topk_idx.shape[0]
         h0 = tuple(self.stats.hits.values()) if T == 1 else None
-        if self.adapt:
+        if self.adapt and layer in self._adapting:
             self._note_use(layer, topk_idx)
         started = {}
 

@@ -14,7 +14,9 @@ Every plan ``(nF, nC, nS, nE)`` of a layer is one of three kinds (:func:`layer_c
 all of every layer's plans (each layer's choice free, ``auto``), and the splits restricted to
 LRU pools only (``lru``) or to tiers only (``tiers``). ``auto`` is never predicted slower than
 the restricted splits, since they choose among a subset of its plans; the figures say by how
-much each single kind would lose.
+much each single kind would lose. :func:`shared_pool_layer_s` prices the other engine,
+``zip-lru``'s one LRU pool shared by all layers, replayed on the trace, so that ``auto`` can
+run it where it is predicted faster than every per-layer plan.
 """
 from __future__ import annotations
 
@@ -70,6 +72,56 @@ def restrict_front(front: LayerFrontier, kind: str) -> LayerFrontier:
     else:
         raise ValueError(f"kind must be 'auto', 'lru' or 'tiers', got {kind!r}")
     return LayerFrontier(c[keep], front.bytes[keep], front.makespan_s[keep])
+
+
+def shared_pool_layer_s(runs, n: int, k: int, capacity: int, delay) -> np.ndarray:
+    """Expected one-token time of each MoE layer under one LRU pool of ``capacity`` full
+    experts shared by all layers (the ``zip-lru`` engine: every use outside the pool read from
+    flash and decoded, then admitted, evicting the least recently used expert of any layer).
+
+    The pool is replayed on the trace's token sequences: per token, the layers in order; in a
+    layer, the selected experts in the pool are hits (each moved to the most recent end, by
+    ascending id), then the others are misses, admitted by ascending id. It starts empty and
+    carries over from one run to the next, as the engine's pool does. Each layer's time is the
+    mean of ``delay.layer_makespan({"F": hits, "miss": k − hits})`` over its tokens.
+
+    Args:
+        runs: int arrays ``[T, L, k]`` (the trace's ``sequences``).
+        n: experts per layer.  k: experts per token.  capacity: experts the pool holds, ``>= 0``.
+        delay: the :class:`~zipmoe_rt.engine.planner.DelayModel`.
+
+    Returns:
+        float64 ``[L]`` seconds (0 for a layer without tokens).
+
+    Raises:
+        ValueError: no runs, or runs that disagree in ``[L, k]``.
+    """
+    from collections import OrderedDict
+    runs = [np.asarray(r, dtype=np.int64) for r in runs if np.asarray(r).size]
+    if not runs:
+        raise ValueError("runs: no tokens")
+    L = runs[0].shape[1]
+    if any(r.ndim != 3 or r.shape[1:] != runs[0].shape[1:] for r in runs):
+        raise ValueError("runs must be [T, L, k] arrays of one [L, k]")
+    cost = [delay.layer_makespan({"F": h, "miss": k - h}) for h in range(k + 1)]
+    tot, cnt = np.zeros(L), np.zeros(L)
+    pool: OrderedDict = OrderedDict()
+    for r in runs:
+        for tok in r:
+            for layer in range(L):
+                sel = sorted(set(int(e) for e in tok[layer]))
+                hits = [e for e in sel if (layer, e) in pool]
+                for e in hits:
+                    pool.move_to_end((layer, e))
+                for e in sel:
+                    if (layer, e) in pool or capacity <= 0:
+                        continue
+                    if len(pool) >= capacity:
+                        pool.popitem(last=False)
+                    pool[(layer, e)] = None
+                tot[layer] += cost[min(len(hits), k)]
+                cnt[layer] += 1
+    return np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0)
 
 
 def plan_choices(counts, k, total_budget_bytes, delay, *, fpool: list | None = None,
