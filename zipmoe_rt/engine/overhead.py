@@ -72,7 +72,7 @@ def _scenario_engine(source, tier: str, delay, workers: int, direct: bool, io_de
 
 
 def time_scenarios(source, delay, workers: int, direct: bool = False,
-                   io_depth: int | None = None, reps: int = 25, seed: int = 0) -> dict:
+                   io_depth: int | None = None, reps: int = 60, seed: int = 0) -> dict:
     """Median wall seconds of a one-token :meth:`ExpertEngine.run` on the first MoE layer whose
     ``k`` experts all come from one tier, for each tier of :data:`SCENARIOS`.
 
@@ -128,7 +128,7 @@ def time_scenarios(source, delay, workers: int, direct: bool = False,
 
 
 def measure_engine_terms(source, delay, workers: int, direct: bool = False,
-                         io_depth: int | None = None, reps: int = 25) -> dict:
+                         io_depth: int | None = None, reps: int = 60) -> dict:
     """The engine terms of the delay model on this machine for this model (see the module
     docstring for the method; the calls are :func:`time_scenarios`').
 
