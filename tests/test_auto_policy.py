@@ -234,16 +234,22 @@ def test_scenario_engines_serve_every_call_from_their_tier(tiny_case):
     src = ZmoeSource(c.zmoe, keep_experts=False)
     try:
         d = c.delay("CE")
-        layer = int(src.hparams["moe_layers"][0])
+        layers = [int(l) for l in src.hparams["moe_layers"]]
+        used = O.scenario_layers(src)
+        assert used == len(layers)          # tiny experts: every MoE layer fits
         x = np.ones((1, int(src.hparams["hidden_size"])), np.float32)
         for tier in O.SCENARIOS:
-            eng, pool = O._scenario_engine(src, tier, d, 2, False, None)
+            eng, pool = O._scenario_engine(src, tier, d, 2, False, None, used)
             try:
                 idx = np.arange(c.k, dtype=np.int64)[None, :]
-                eng.run(layer, eng.backend.from_host(x), idx, np.full((1, c.k), 0.5, np.float32))
-                want = {t: (c.k if t == tier else 0) for t in ("F", "C", "S", "E", "miss")}
+                for layer in layers:
+                    eng.run(layer, eng.backend.from_host(x), idx,
+                            np.full((1, c.k), 0.5, np.float32))
+                want = {t: (c.k * len(layers) if t == tier else 0)
+                        for t in ("F", "C", "S", "E", "miss")}
                 assert eng.stats.hits == want
-                assert eng.stats.call_hits == {",".join(str(want[t]) for t in want): 1}
+                assert eng.stats.call_hits == {
+                    ",".join(str(want[t] // len(layers)) for t in want): len(layers)}
                 assert pool == (int(src.hparams["num_experts"]) if tier == "miss"
                                 else min(int(src.hparams["num_experts"]), 2 * c.k))
             finally:

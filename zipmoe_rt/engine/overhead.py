@@ -10,10 +10,10 @@ decode workers and back, and its decode shares the cores with the reads and the 
 On small models these terms dominate (a few hundred microseconds against experts that decode
 in tens).
 
-:func:`measure_engine_terms` runs the real :class:`~zipmoe_rt.engine.pipeline.ExpertEngine` on
-the model's first MoE layer in five scenarios, each a one-token call whose ``k`` experts all
-come from one tier (F, C, S, E, miss: every expert of a small set placed in that tier by a
-one-layer plan), and times the calls. With ``M_t`` the median wall time of scenario ``t`` and
+:func:`measure_engine_terms` runs the real :class:`~zipmoe_rt.engine.pipeline.ExpertEngine` in
+five scenarios, each a one-token call whose ``k`` experts all come from one tier (F, C, S, E,
+miss: a small set of experts per MoE layer placed in that tier by the plan), and times the
+calls (:func:`time_scenarios`). With ``M_t`` the median wall time of scenario ``t`` and
 ``P_t`` the base model's makespan for ``k`` hits in ``t``:
 
 * ``layer_fixed_s = M_F − P_F`` (the per-call overhead with nothing to prepare);
@@ -38,49 +38,72 @@ TERM_KEYS = ("layer_fixed_s", "load_C_s", "load_S_s", "load_E_s", "load_miss_s")
 SCENARIOS = ("F", "C", "S", "E", "miss")
 
 
-def _scenario_plan(tier: str, n: int, nres: int, layers: int):
-    """Per MoE layer a :class:`TierPlan`: the first layer holds experts ``0..nres-1`` in
-    ``tier`` (F: a recency pool of ``nres``), the others nothing."""
+def _scenario_plan(tier: str, n: int, nres: int, layers: int, used: int):
+    """Per MoE layer a :class:`TierPlan`: the first ``used`` layers hold experts
+    ``0..nres-1`` in ``tier`` (F: a recency pool of ``nres``), the others nothing."""
     from .planner import TierPlan
     cnt = {t: (nres if t == tier else 0) for t in ("F", "C", "S", "E")}
-    first = TierPlan(cnt["F"], cnt["C"], cnt["S"], cnt["E"], 0.0, 0.0, tuple(range(n)))
+    held = TierPlan(cnt["F"], cnt["C"], cnt["S"], cnt["E"], 0.0, 0.0, tuple(range(n)))
     empty = TierPlan(0, 0, 0, 0, 0.0, 0.0, tuple(range(n)))
-    return [first] + [empty] * (layers - 1)
+    return [held] * used + [empty] * (layers - used)
 
 
-def _scenario_engine(source, tier: str, delay, workers: int, direct: bool, io_depth):
-    """An :class:`ExpertEngine` whose first MoE layer holds ``nres = min(N, 2k)`` experts in
-    ``tier`` (none for ``miss``), slots fixed (no adaptation), and the experts its calls draw
-    from (``nres`` of them; all ``N`` for ``miss``)."""
+#: bytes of full experts the F scenario may hold (it spans as many MoE layers as fit)
+SCENARIO_BYTES = 256 << 20
+
+
+def scenario_layers(source) -> int:
+    """MoE layers the scenarios span: as many as hold ``min(N, 2k)`` full experts each within
+    :data:`SCENARIO_BYTES` (at least 1, at most all)."""
+    from .pipeline import budget_split
+    hp = source.hparams
+    n, k = int(hp["num_experts"]), int(hp["num_experts_per_tok"])
+    bytes_F = budget_split(source, 1 << 62)[0]
+    return int(min(len(hp["moe_layers"]), max(1, SCENARIO_BYTES // (min(n, 2 * k) * bytes_F))))
+
+
+def _scenario_engine(source, tier: str, delay, workers: int, direct: bool, io_depth,
+                     used: int = 1):
+    """An :class:`ExpertEngine` whose first ``used`` MoE layers hold ``nres = min(N, 2k)``
+    experts each in ``tier`` (none for ``miss``), slots fixed (no adaptation), and the number
+    of experts its calls draw from (``nres``; all ``N`` for ``miss``)."""
     from .pipeline import ExpertEngine, budget_split
     hp = source.hparams
     layers = list(hp["moe_layers"])
     n, k = int(hp["num_experts"]), int(hp["num_experts_per_tok"])
     nres = min(n, 2 * k)
-    lays = [source.layouts[(layers[0], e)] for e in range(nres)]
+    lays = [source.layouts[(layer, e)] for layer in layers[:used] for e in range(nres)]
     per = {"F": max(l.full_bytes for l in lays),
            "C": max(l.sm_region[1] + l.exp_region[1] for l in lays),
            "S": max(l.sm_region[1] for l in lays), "E": max(l.exp_region[1] for l in lays),
            "miss": 0}[tier]
     bytes_F = budget_split(source, 1 << 62)[0]
-    budget = source.dense_bytes() + k * bytes_F + nres * per + (1 << 20)
+    budget = source.dense_bytes() + k * bytes_F + used * nres * per + (1 << 20)
     eng = ExpertEngine(source, budget, "zipmoe", "lru",
-                       plan=_scenario_plan(tier, n, 0 if tier == "miss" else nres, len(layers)),
+                       plan=_scenario_plan(tier, n, 0 if tier == "miss" else nres, len(layers),
+                                           used),
                        ranks=[list(range(n))] * len(layers), workers=workers, direct=direct,
                        delay=delay, adapt=False, io_depth=io_depth)
     return eng, (n if tier == "miss" else nres)
 
 
+#: calls of one tier in a row (a block), after one untimed call
+BLOCK = 4
+
+
 def time_scenarios(source, delay, workers: int, direct: bool = False,
                    io_depth: int | None = None, reps: int = 60, seed: int = 0) -> dict:
-    """Median wall seconds of a one-token :meth:`ExpertEngine.run` on the first MoE layer whose
-    ``k`` experts all come from one tier, for each tier of :data:`SCENARIOS`.
+    """Median wall seconds of a one-token :meth:`ExpertEngine.run` whose ``k`` experts all come
+    from one tier, for each tier of :data:`SCENARIOS`.
 
-    One engine per scenario holds ``nres = min(N, 2k)`` experts of the layer in that tier
-    (none for ``miss``); each call routes one token to ``k`` distinct experts drawn from them
-    (from all ``N`` for ``miss``) with random weights. The scenarios take turns call by call,
-    so that a change in the machine's load touches all of them alike; two untimed rounds warm
-    the JIT and the pools. Reads drop their pages from the page cache
+    One engine per scenario holds ``nres = min(N, 2k)`` experts in that tier in each of the
+    first :func:`scenario_layers` MoE layers (none for ``miss``); each call routes one token
+    to ``k`` distinct experts drawn from them (from all ``N`` for ``miss``) with random
+    weights, the layers in turn as a token visits them, so that the CPU cache holds what it
+    holds in a run. The tiers take turns in blocks: per round, for each tier, one untimed call
+    then :data:`BLOCK` timed ones (a block after a tier with decodes would otherwise pay for
+    their cache traffic), so that a change in the machine's load touches every tier alike; a
+    first round warms the JIT and the pools. Reads drop their pages from the page cache
     (:class:`~zipmoe_rt.engine.io.RegionReader`), so every read is cold, as in a run.
 
     Args:
@@ -88,7 +111,7 @@ def time_scenarios(source, delay, workers: int, direct: bool = False,
         delay: the base :class:`DelayModel` (the engine's scheduler uses its costs).
         workers: decode workers of the engines.
         direct, io_depth: as for :class:`ExpertEngine`.
-        reps: timed calls per scenario.
+        reps: timed calls per scenario (rounded up to whole blocks).
         seed: routing seed.
 
     Returns:
@@ -100,27 +123,32 @@ def time_scenarios(source, delay, workers: int, direct: bool = False,
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     hp = source.hparams
-    layer = int(hp["moe_layers"][0])
+    used = scenario_layers(source)
+    layers = [int(l) for l in hp["moe_layers"][:used]]
     k = int(hp["num_experts_per_tok"])
     rng = np.random.default_rng(seed)
     engines = {}
     try:
         for t in SCENARIOS:
-            engines[t] = _scenario_engine(source, t, delay, workers, direct, io_depth)
+            engines[t] = _scenario_engine(source, t, delay, workers, direct, io_depth, used)
         be = engines["F"][0].backend
         x = be.from_host(rng.standard_normal((1, int(hp["hidden_size"]))).astype(np.float32))
         times = {t: [] for t in SCENARIOS}
-        for i in range(reps + 2):
+        step = 0
+        for r in range(-(-reps // BLOCK) + 1):
             for t in SCENARIOS:
                 eng, pool = engines[t]
-                idx = np.sort(rng.choice(pool, k, replace=False)).astype(np.int64)[None, :]
-                w = rng.random((1, k)).astype(np.float32)
-                w /= w.sum()
-                t0 = time.perf_counter()
-                eng.run(layer, x, idx, w)
-                dt = time.perf_counter() - t0
-                if i >= 2:
-                    times[t].append(dt)
+                for j in range(BLOCK + 1):
+                    layer = layers[step % len(layers)]
+                    step += 1
+                    idx = np.sort(rng.choice(pool, k, replace=False)).astype(np.int64)[None, :]
+                    w = rng.random((1, k)).astype(np.float32)
+                    w /= w.sum()
+                    t0 = time.perf_counter()
+                    eng.run(layer, x, idx, w)
+                    dt = time.perf_counter() - t0
+                    if r > 0 and j > 0:
+                        times[t].append(dt)
         return {t: float(np.median(v)) for t, v in times.items()}
     finally:
         for eng, _ in engines.values():
