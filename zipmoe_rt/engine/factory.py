@@ -99,6 +99,9 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
                                 bytes_F=max(l.full_bytes for l in lays),
                                 bytes_sm=max(l.sm_region[1] for l in lays),
                                 bytes_exp=max(l.exp_region[1] for l in lays))
+    if cls is not ExpertEngine:   # the engine terms are the CPU engine's (engine/overhead.py)
+        from .overhead import TERM_KEYS
+        delay = dataclasses.replace(delay, **{t: 0.0 for t in TERM_KEYS})
     k = int(source.hparams["num_experts_per_tok"])
     if auto:
         choices, ranks = prof.make_plan_choices(tr, delay, tier_budget, k)
