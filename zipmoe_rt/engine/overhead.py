@@ -34,8 +34,9 @@ import numpy as np
 
 #: calibration keys of the engine terms (the :class:`DelayModel` fields of the same names)
 TERM_KEYS = ("layer_fixed_s", "load_C_s", "load_S_s", "load_E_s", "load_miss_s")
-#: scenarios in the order they are run
-SCENARIOS = ("F", "C", "S", "E", "miss")
+#: scenarios in the order they are run: F last, after C (decodes only), since the aftermath of
+#: reads (page-cache drops, I/O threads) slows the calls that follow them for a while
+SCENARIOS = ("miss", "E", "S", "C", "F")
 
 
 def _scenario_plan(tier: str, n: int, nres: int, layers: int, used: int):
@@ -87,8 +88,9 @@ def _scenario_engine(source, tier: str, delay, workers: int, direct: bool, io_de
     return eng, (n if tier == "miss" else nres)
 
 
-#: calls of one tier in a row (a block), after one untimed call
-BLOCK = 4
+#: fewest timed calls of one tier in a row (a block; at least two sweeps over the layers),
+#: after one untimed sweep
+BLOCK = 8
 
 
 def time_scenarios(source, delay, workers: int, direct: bool = False,
@@ -100,10 +102,12 @@ def time_scenarios(source, delay, workers: int, direct: bool = False,
     first :func:`scenario_layers` MoE layers (none for ``miss``); each call routes one token
     to ``k`` distinct experts drawn from them (from all ``N`` for ``miss``) with random
     weights, the layers in turn as a token visits them, so that the CPU cache holds what it
-    holds in a run. The tiers take turns in blocks: per round, for each tier, one untimed call
-    then :data:`BLOCK` timed ones (a block after a tier with decodes would otherwise pay for
-    their cache traffic), so that a change in the machine's load touches every tier alike; a
-    first round warms the JIT and the pools. Reads drop their pages from the page cache
+    holds in a run. The tiers take turns in blocks: per round, for each tier, one untimed sweep
+    over the layers (which brings the tier's steady state back: after a tier with decodes, the
+    full experts of every layer would otherwise come from memory, and F calls would pay for the
+    other tiers' cache traffic) then two sweeps' worth of timed calls (at least :data:`BLOCK`;
+    a tier's cost settles over a few calls after another tier's reads), so that a change in the
+    machine's load touches every tier alike; a first round warms the JIT and the pools. Reads drop their pages from the page cache
     (:class:`~zipmoe_rt.engine.io.RegionReader`), so every read is cold, as in a run.
 
     Args:
@@ -135,10 +139,11 @@ def time_scenarios(source, delay, workers: int, direct: bool = False,
         x = be.from_host(rng.standard_normal((1, int(hp["hidden_size"]))).astype(np.float32))
         times = {t: [] for t in SCENARIOS}
         step = 0
-        for r in range(-(-reps // BLOCK) + 1):
+        block = max(BLOCK, 2 * len(layers))
+        for r in range(-(-reps // block) + 1):
             for t in SCENARIOS:
                 eng, pool = engines[t]
-                for j in range(BLOCK + 1):
+                for j in range(len(layers) + block):
                     layer = layers[step % len(layers)]
                     step += 1
                     idx = np.sort(rng.choice(pool, k, replace=False)).astype(np.int64)[None, :]
@@ -147,7 +152,7 @@ def time_scenarios(source, delay, workers: int, direct: bool = False,
                     t0 = time.perf_counter()
                     eng.run(layer, x, idx, w)
                     dt = time.perf_counter() - t0
-                    if r > 0 and j > 0:
+                    if r > 0 and j >= len(layers):
                         times[t].append(dt)
         return {t: float(np.median(v)) for t, v in times.items()}
     finally:
