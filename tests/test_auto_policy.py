@@ -308,11 +308,11 @@ def test_bench_lines_say_what_auto_chose():
         "auto (budget 25%): zip-lru, one LRU pool shared by all layers; predicted ms per layer: "
         "per-layer plan 2.000, LRU pools only 2.500, tiers only 3.000, one shared LRU pool 1.500")
     assert describe_auto(row["auto_choice"], "zip-lru") == \
-        "auto: zip-lru (one LRU pool for all layers, predicted fastest)"
+        "zip-lru (auto: one LRU pool for all layers, predicted fastest)"
     assert describe_auto(dict(row["auto_choice"], engine="zipmoe"), "zipmoe") == \
-        "auto: lru 2, mix 1 (per MoE layer LLM)"
+        "zipmoe (auto: lru 2, mix 1; per MoE layer LLM)"
     assert describe_auto({"fallback": "zip-lru", "why": "no activation trace"}, "zip-lru") == \
-        "auto: zip-lru (no activation trace)"
+        "zip-lru (auto: no activation trace)"
     assert describe_auto(None, "zip-lru") == "zip-lru"
 
 
@@ -348,7 +348,8 @@ def test_auto_is_bit_identical_and_follows_the_delay_model(tiny_case, tmp_path, 
                 ac["predicted_layer_ms"]["tiers"])
         assert [layer_choice(p) for p in m.engine.plan] == [
             {"L": "lru", "T": "tiers", "M": "mix", "-": "none"}[x] for x in codes]
-        assert f"policy auto: {ac['summary']} (per MoE layer {codes})" in m.memory_line()
+        assert m.memory_line().endswith(
+            f"policy zipmoe (auto: {ac['summary']}; per MoE layer {codes})")
         logits, tokens = generate(m.net, c.ids, DECODE_STEPS)
         assert tokens == c.ref_tokens
         assert_same_logits(logits, c.ref_logits)
@@ -364,7 +365,7 @@ def test_auto_without_a_trace_falls_back_to_zip_lru(tiny_case, tmp_path):
     m = zipmoe_rt.load(z, memory_budget=c.budget("mid"), policy="auto", progress=False)
     try:
         assert m.engine.policy == "zip-lru"
-        assert m.memory_line().endswith("policy auto: zip-lru (no activation trace)")
+        assert m.memory_line().endswith("policy zip-lru (auto: no activation trace)")
         logits, tokens = generate(m.net, c.ids, DECODE_STEPS)
         assert tokens == c.ref_tokens
         assert_same_logits(logits, c.ref_logits)

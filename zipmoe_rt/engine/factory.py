@@ -161,19 +161,19 @@ def auto_choice(choices: dict, shared: float | None = None, engine: str = "zipmo
 
 
 def describe_auto(choice: dict | None, policy: str) -> str:
-    """The policy as the banner and ``/stats`` show it: ``policy`` itself unless ``auto``
-    chose (``choice``, :func:`auto_choice` or a fallback), e.g. ``auto: lru 20, mix 6, tiers
-    4 (per MoE layer LLMT...)`` or ``auto: zip-lru (no activation trace)``; the per-layer
-    letters only up to 64 layers."""
+    """The policy as the banner and ``/stats`` show it: ``policy`` (the engine's), followed,
+    when ``auto`` chose it, by what it chose (``choice``: :func:`auto_choice` or a fallback),
+    e.g. ``zipmoe (auto: lru 20, mix 6, tiers 4; per MoE layer LLMT...)`` or
+    ``zip-lru (auto: no activation trace)``; the per-layer letters only up to 64 layers."""
     if not choice:
         return policy
     if "fallback" in choice:
-        return f"auto: {choice['fallback']} ({choice['why']})"
+        return f"{policy} (auto: {choice['why']})"
     if choice.get("engine") == "zip-lru":
-        return "auto: zip-lru (one LRU pool for all layers, predicted fastest)"
+        return f"{policy} (auto: one LRU pool for all layers, predicted fastest)"
     codes = choice["codes"]
-    per = f" (per MoE layer {codes})" if len(codes) <= 64 else ""
-    return f"auto: {choice['summary']}{per}"
+    per = f"; per MoE layer {codes}" if len(codes) <= 64 else ""
+    return f"{policy} (auto: {choice['summary']}{per})"
 
 
 def _engine_class(backend, host_budget, gpu_ops):
