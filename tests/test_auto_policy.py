@@ -32,8 +32,9 @@ from zipmoe_rt.engine.planner.choice import (choice_codes, choice_summary, layer
 from zipmoe_rt.engine.planner.choice import shared_pool_layer_s as choice_shared
 from zipmoe_rt.engine.store import ZmoeSource
 
-from test_engine import (ARCHS, DECODE_STEPS, _calibrated_copy, _fitting_calibration,  # noqa: F401
-                         assert_same_logits, generate, tiny_case)
+from test_engine import (ARCHS, DECODE_STEPS, _calibrated_copy, _fitting_calibration,
+                         assert_same_logits, generate)
+from test_engine import tiny_case  # noqa: F401  (the fixture, shared with test_engine.py)
 from test_planner import bf_lru_makespan, random_delay, small_trace
 
 TERMS = dict(layer_fixed_s=2e-4, load_C_s=1e-4, load_S_s=3e-4, load_E_s=4e-4, load_miss_s=6e-4)

@@ -64,10 +64,10 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
     and ``engine_workers``.
 
     The result records ``version`` (:data:`CALIB_VERSION`, 4: exponent region read before the
-    SM region, as the engine reads a miss, reads timed ``io_depth`` at a time, engine terms), ``direct``
-    (whether reads were timed with O_DIRECT), ``io_depth``, ``machine`` (``platform.node()``)
-    and ``cpus`` (``os.cpu_count()``), which :func:`calibration_mismatch` compares with the run
-    that uses it.
+    SM region, as the engine reads a miss, reads timed ``io_depth`` at a time, engine terms),
+    ``direct`` (whether reads were timed with O_DIRECT), ``io_depth``, ``machine``
+    (``platform.node()``) and ``cpus`` (``os.cpu_count()``), which
+    :func:`calibration_mismatch` compares with the run that uses it.
 
     ``backend`` (default numba) is the compute backend the matmul is timed on (``--device``;
     a device backend uploads the decoded expert, as a budgeted run does, and the time includes

@@ -107,7 +107,8 @@ def time_scenarios(source, delay, workers: int, direct: bool = False,
     full experts of every layer would otherwise come from memory, and F calls would pay for the
     other tiers' cache traffic) then two sweeps' worth of timed calls (at least :data:`BLOCK`;
     a tier's cost settles over a few calls after another tier's reads), so that a change in the
-    machine's load touches every tier alike; a first round warms the JIT and the pools. Reads drop their pages from the page cache
+    machine's load touches every tier alike; a first round warms the JIT and the pools. F runs
+    last, after C (:data:`SCENARIOS`). Reads drop their pages from the page cache
     (:class:`~zipmoe_rt.engine.io.RegionReader`), so every read is cold, as in a run.
 
     Args:

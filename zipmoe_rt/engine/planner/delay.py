@@ -16,7 +16,8 @@ from .checks import check_int
 
 #: Cache tiers in rank order: the most popular experts go to the first one (§2, §3.4).
 TIERS = ("F", "C", "S", "E", "miss")
-#: the engine's own costs beside the resources of the base model (:meth:`DelayModel.engine_overhead_s`)
+#: the engine's own costs beside the base model's resources
+#: (:meth:`DelayModel.engine_overhead_s`)
 ENGINE_TERMS = ("layer_fixed_s", "load_C_s", "load_S_s", "load_E_s", "load_miss_s")
 
 

@@ -171,7 +171,8 @@ def tail_sums(R: np.ndarray, n: int, grid: np.ndarray, k: int, delay: DelayModel
 
     ``Z[(a3,a4), (hF,hC,hS)] = Σ_hm R[a3,a4,r−hm]·R[a4,N,hm]·M(hF, r, hS+hm)`` with
     ``r = k−hF−hC−hS`` and ``M`` the part of :meth:`DelayModel.layer_makespan` before the
-    matmuls (the engine terms included), for every boundary pair ``a3 <= a4`` of ``grid`` (see :func:`layer_frontier`).
+    matmuls (the engine terms included), for every boundary pair ``a3 <= a4`` of ``grid``
+    (see :func:`layer_frontier`).
 
     Args:
         R: float64 ``[N+1, N+1, k+1]`` from :func:`range_esp`.
