@@ -1250,7 +1250,7 @@ def test_calibration_mismatch_reasons(tmp_path):
     import os
     import platform
 
-    assert prof.CALIB_VERSION == 3
+    assert prof.CALIB_VERSION == 4
     ok = {"version": prof.CALIB_VERSION, "direct": False, "cpus": os.cpu_count(),
           "machine": platform.node()}
     assert prof.calibration_mismatch(ok, direct=False) == []
@@ -1258,6 +1258,8 @@ def test_calibration_mismatch_reasons(tmp_path):
     assert prof.calibration_mismatch({k: v for k, v in ok.items() if k != "machine"}, False) == []
     [why] = prof.calibration_mismatch(dict(ok, version=1), direct=False)
     assert "version 1" in why and "2-5x too cheap" in why
+    [why] = prof.calibration_mismatch(dict(ok, version=3), direct=False)
+    assert "version 3" in why and "per-layer and per-load overheads" in why
     [why] = prof.calibration_mismatch({k: v for k, v in ok.items() if k != "version"}, False)
     assert why == f"it has no version (current {prof.CALIB_VERSION}): an older zipmoe-rt wrote it"
     [why] = prof.calibration_mismatch(dict(ok, version=prof.CALIB_VERSION + 1), direct=False)
@@ -1363,8 +1365,8 @@ def test_cli_shows_a_stale_calibration_as_one_warning_line(tiny_case, tmp_path, 
     c = tiny_case("mixtral")
     z, cpath = _calibrated_copy(c, tmp_path, _fitting_calibration(c, version=1))
     want = (f"zipmoe-rt: warning: {cpath}: this calibration does not fit the run: it was written "
-            f"by an older zipmoe-rt (calibration version 1, current 3), which timed exponent reads "
-            f"2-5x too cheap. The plan uses it anyway; to fix, run: zipmoe-rt calibrate {z}")
+            f"by an older zipmoe-rt (calibration version 1, current {prof.CALIB_VERSION}), "
+            f"which timed exponent reads 2-5x too cheap. The plan uses it anyway; to fix, run: zipmoe-rt calibrate {z}")
 
     def invoke(*args):
         return CliRunner().invoke(main, [str(a) for a in args], env={"ZIPMOE_RT_DEBUG": None},
@@ -1492,6 +1494,6 @@ def test_bench_rows_and_planner_prediction_beside_measurement(tiny_case):
     # tests/test_planner.py checks the makespan arithmetic on fixed calibrations
     assert np.isfinite(z["predicted_layer_ms"]) and z["predicted_layer_ms"] > 0
     table = B.table(res)
-    assert re.search(r"planner \(zipmoe, budget \d+\): predicted \d+\.\d\d ms per MoE layer per "
-                     r"decode token, measured \d+\.\d\d ms \(\d+\.\d\dx\)", table), table
+    assert re.search(r"planner \(zipmoe, budget \d+\): measured \d+\.\d\d ms per MoE layer per "
+                     r"decode token; predicted \d+\.\d\d ms \(\d+\.\d\dx\)", table), table
     json.dumps(res)

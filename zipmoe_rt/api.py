@@ -259,9 +259,11 @@ class Model:
 
     def memory_line(self) -> str:
         """The banner's and ``/stats``' memory line
-        (:func:`~zipmoe_rt.engine.limit.memory_line`)."""
+        (:func:`~zipmoe_rt.engine.limit.memory_line`); under ``auto`` the policy says what it
+        chose per MoE layer (:func:`~zipmoe_rt.engine.factory.describe_auto`)."""
+        from .engine.factory import describe_auto
         from .engine.limit import memory_line
-        pol = self.policy
+        pol = describe_auto(getattr(self.engine, "auto_choice", None), self.policy)
         if getattr(self.engine, "resident", "full") == "compressed":
             pol += " (experts cached in the compute form)"
         return memory_line(self.memory_plan, self.engine and self.engine.budget, pol)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from zmoe.constants import Keys
 
+from . import bench_planner
 from .engine.io import evict_page_cache
 from .generate import SamplingParams, generate
 from .util import format_bytes, peak_rss, reset_peak_rss
@@ -134,6 +135,8 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
                     r["gpu"] = eng.gpu_report()["device"]
                 if eng.predicted_layer_s() is not None:
                     r["engine"]["predicted_layer_s"] = eng.predicted_layer_s()
+                if getattr(eng, "auto_choice", None) is not None:
+                    r["engine"]["auto_choice"] = eng.auto_choice
         r["peak_rss"] = peak_rss()
         runs.append(r)
     mem = m.memory_report()
@@ -244,7 +247,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     the limit (``limit_bytes``).
 
     ``budgets``: sizes as accepted by :func:`zipmoe_rt.api.parse_size` (``None`` = unbudgeted,
-    every expert in memory). ``policies``: ``zipmoe``, ``zip-lru``, ``raw-lru``.
+    every expert in memory). ``policies``: ``zipmoe``, ``zip-lru``, ``raw-lru``, ``auto``.
     ``residents``: how rows hold the experts, one row each: ``full`` (decoded, policy
     ``in-memory``) and/or ``compressed`` (the compute form, policy ``in-memory compressed``;
     budgeted rows: the policy's caches in the compute form, policy ``POLICY compressed``).
@@ -336,8 +339,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                     row["pcie_bytes_per_token"] = sum(x["pcie_bytes"] for x in e) / n
                     row["gpu_decode_ms_per_token"] = 1e3 * sum(x["gpu_decode_s"] for x in e) / n
                     row["gpu"] = runs[0].get("gpu")
-                if e[0].get("predicted_layer_s") is not None:
-                    row["predicted_layer_ms"] = 1e3 * e[0]["predicted_layer_s"]
+                row.update(bench_planner.row_fields(row, e, model_path, workers))
                 row.update(prefetch_summary(e, n))
             rows.append(row)
     try:
@@ -415,12 +417,7 @@ def table(result: dict) -> str:
             (f"{r['peak_rss'] / 1e6:.0f} / {r['limit_bytes'] / 1e6:.0f} MB "
              f"({'within' if r['peak_rss'] <= r['limit_bytes'] else 'OVER'})")
             if r.get("limit_bytes") else "-"]) + " |")
-    planner = [f"planner ({r['policy']}, budget {r['budget']}): predicted "
-               f"{r['predicted_layer_ms']:.2f} ms per MoE layer per decode token, "
-               f"measured {r['measured_layer_ms']:.2f} ms "
-               f"({r['measured_layer_ms'] / r['predicted_layer_ms']:.2f}x)"
-               for r in rows if r.get("predicted_layer_ms") is not None
-               and r.get("measured_layer_ms") is not None]
+    planner = bench_planner.lines(rows)
     if planner:
         lines.append("\n" + "\n".join(planner))
     gpu = [gpu_row_line(r) for r in rows if "pcie_bytes_per_token" in r]

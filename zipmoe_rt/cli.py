@@ -156,8 +156,9 @@ ENGINE_OPTIONS = [
     click.option("--policy", type=click.Choice(["auto", "zipmoe", "zip-lru", "raw-lru"]),
                  default="auto", show_default=True,
                  help="expert cache policy under a budget: zipmoe = tiers planned from the "
-                      "model's activation trace (zipmoe-rt profile); auto = zipmoe if a trace "
-                      "exists, else zip-lru"),
+                      "model's activation trace (zipmoe-rt profile); auto = with a trace, per "
+                      "MoE layer an LRU pool of full experts, tiers or a mix, whichever the "
+                      "planner predicts fastest; else zip-lru"),
     click.option("--eviction", type=click.Choice(["lru", "lfu", "tlfu"]), default="lru",
                  show_default=True, help="eviction of full (F) experts; tlfu = token-weighted LFU. "
                       "zipmoe's F pools: with lru, recency with frequency-aware admission (planned "

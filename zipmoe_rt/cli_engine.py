@@ -87,8 +87,10 @@ def calibrate(model, samples, direct, io_depth, device):
                    "auto: each row's budget is the one the limit gives, and its peak RSS is "
                    "shown beside the limit")
 @click.option("--policy", "policies", multiple=True,
-              type=click.Choice(["zipmoe", "zip-lru", "raw-lru"]),
-              help="policies to compare (repeatable) [default: all three]")
+              type=click.Choice(["zipmoe", "zip-lru", "raw-lru", "auto"]),
+              help="policies to compare (repeatable) [default: raw-lru, zip-lru, zipmoe]; "
+                   "auto: a row of the default policy (per MoE layer an LRU pool, tiers or a "
+                   "mix, as the planner predicts fastest)")
 @click.option("-p", "--n-prompt", type=click.IntRange(min=0), default=512, show_default=True,
               help="prefill length (pp); 0 skips")
 @click.option("-n", "--n-gen", type=click.IntRange(min=0), default=64, show_default=True,
@@ -144,7 +146,7 @@ def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, evicti
                        "--memory-limit); the 'none' rows keep every expert once decoded")
     policies = list(policies or ("raw-lru", "zip-lru", "zipmoe"))
     from .engine import profile as prof
-    if ("zipmoe" in policies and (any(b is not None for b in bl) or limits)
+    if (("zipmoe" in policies or "auto" in policies) and (any(b is not None for b in bl) or limits)
             and (trace or prof.sidecar(model, prof.TRACE_SUFFIX)).exists()):
         # each row runs in a subprocess whose stderr is not shown: warn about the calibration here
         prof.load_checked_calibration(model, direct, io_depth=io_depth)

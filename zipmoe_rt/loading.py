@@ -82,8 +82,10 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         memory_budget: bytes (or "600MB", "25%", see :func:`parse_size`) for all weights; None
             keeps every expert decoded after first use. Dense weights always stay resident.
         policy: ``zipmoe`` (tiers planned from an activation trace), ``zip-lru``, ``raw-lru``
-            (needs a file converted with ``--expert-encoding raw``), or ``auto``: zipmoe when a
-            trace exists next to the model, else zip-lru (raw-lru for raw files).
+            (needs a file converted with ``--expert-encoding raw``), or ``auto``: when a
+            trace exists next to the model, the zipmoe engine with each MoE layer's plan an LRU
+            pool of full experts, C/S/E tiers or a mix, whichever the planner predicts fastest
+            (``engine.auto_choice`` says which); else zip-lru (raw-lru for raw files).
         eviction: ``lru``, ``lfu`` or ``tlfu`` (token-weighted LFU) for F caches.
         workers: decode workers L (default: all cores).
         direct: O_DIRECT reads of expert regions.

@@ -28,10 +28,12 @@ CALIB_SUFFIX = ".calib.json"
 #: region, as the engine reads a missing expert (version 1 read SM first, so read-ahead served
 #: part of the exponent read and timed it 2-5x too cheap). 3: reads are also timed ``io_depth``
 #: at a time, as the engine issues them, and priced at that throughput (version 2 priced reads
-#: one at a time).
-CALIB_VERSION = 3
+#: one at a time). 4: the engine's per-layer and per-load overheads are measured too
+#: (:mod:`~zipmoe_rt.engine.overhead`).
+CALIB_VERSION = 4
 #: what was wrong with each older calibration version
-_OLD_VERSIONS = {1: "timed exponent reads 2-5x too cheap", 2: "timed reads one at a time"}
+_OLD_VERSIONS = {1: "timed exponent reads 2-5x too cheap", 2: "timed reads one at a time",
+                 3: "did not measure the engine's per-layer and per-load overheads"}
 
 
 class CalibrationWarning(UserWarning):
@@ -55,11 +57,17 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
     medians divided by ``io_speedup`` (bytes per second with ``io_depth`` in flight over one at
     a time, at least 1).
 
-    The result records ``version`` (:data:`CALIB_VERSION`, 3: exponent region read before the
-    SM region, as the engine reads a miss, and reads timed ``io_depth`` at a time), ``direct``
-    (whether reads were timed with O_DIRECT), ``io_depth``, ``machine`` (``platform.node()``)
-    and ``cpus`` (``os.cpu_count()``), which :func:`calibration_mismatch` compares with the run
-    that uses it.
+    Then the engine itself is timed on one-token calls served from each tier
+    (:func:`~zipmoe_rt.engine.overhead.measure_engine_terms`, compressed experts on the CPU
+    backend only): ``layer_fixed_s`` and ``load_C_s`` / ``load_S_s`` / ``load_E_s`` /
+    ``load_miss_s``, the delay model's engine terms, with ``engine_layer_s`` (the measured calls)
+    and ``engine_workers``.
+
+    The result records ``version`` (:data:`CALIB_VERSION`, 4: exponent region read before the
+    SM region, as the engine reads a miss, reads timed ``io_depth`` at a time, engine terms),
+    ``direct`` (whether reads were timed with O_DIRECT), ``io_depth``, ``machine``
+    (``platform.node()``) and ``cpus`` (``os.cpu_count()``), which
+    :func:`calibration_mismatch` compares with the run that uses it.
 
     ``backend`` (default numba) is the compute backend the matmul is timed on (``--device``;
     a device backend uploads the decoded expert, as a budgeted run does, and the time includes
@@ -137,7 +145,7 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
     speedup = {str(w): float(times[1] / times[w]) for w in counts}
     lay0 = pick[0]
     cform = compute_form_costs(source, bufs, be, float(np.median(mm_t)))
-    return {**cform, "version": CALIB_VERSION, "decode_speedup": speedup, "machine": platform.node(),
+    out = {**cform, "version": CALIB_VERSION, "decode_speedup": speedup, "machine": platform.node(),
             "cpus": os.cpu_count(), "direct": direct, "io_depth": io_depth,
             "io_speedup": float(io_speedup),
             "sm_read_s": float(np.median(sm_t)) / io_speedup,
@@ -150,6 +158,21 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
             "read_GBps": float(sum(l.sm_region[1] + l.exp_region[1] for l, _, _ in bufs)
                                / max(sum(sm_t) + sum(exp_t), 1e-9) / 1e9),
             "decode_Gweights_per_s": float(lay0.elements / np.median(dec_t) / 1e9)}
+    out.update(_engine_terms(source, out, direct, io_depth, backend))
+    return out
+
+
+def _engine_terms(source, calib, direct, io_depth, backend) -> dict:
+    """The engine terms of the delay model (:func:`~zipmoe_rt.engine.overhead.measure_engine_terms`,
+    the run's default of one decode worker per core); none for a file with raw experts or on a
+    device backend (whose engine is another)."""
+    from .overhead import measure_engine_terms
+    raw = all(p.raw for l in source.layouts.values() for p in l.pieces)
+    if raw or getattr(backend, "name", backend) not in (None, "numba"):
+        return {}
+    workers = os.cpu_count() or 1
+    return measure_engine_terms(source, delay_model(calib, workers), workers, direct=direct,
+                                io_depth=io_depth)
 
 
 def compute_form_costs(source, bufs, backend, matmul_s: float) -> dict:
@@ -333,10 +356,14 @@ def effective_workers(calib: dict, workers: int) -> int:
 
 def delay_model(calib: dict, workers: int) -> DelayModel:
     """Planner :class:`DelayModel` from a calibration dict; L is the measured effective
-    parallelism of ``workers`` decode threads (:func:`effective_workers`)."""
-    return DelayModel(sm_read_s=calib["sm_read_s"], exp_read_s=calib["exp_read_s"],
-                      decode_s=calib["decode_s"], matmul_s=calib["matmul_s"],
-                      workers=effective_workers(calib, workers),
-                      bytes_F=calib["bytes_F"], bytes_sm=calib["bytes_sm"],
-                      bytes_exp=calib["bytes_exp"], chunks=calib.get("chunks", 1))
+    parallelism of ``workers`` decode threads (:func:`effective_workers`), and the engine terms
+    (per-layer and per-load overheads, :mod:`~zipmoe_rt.engine.overhead`) are the
+    calibration's, when it has them (measured with ``engine_workers`` decode workers)."""
+    from .overhead import apply_engine_terms
+    return apply_engine_terms(
+        DelayModel(sm_read_s=calib["sm_read_s"], exp_read_s=calib["exp_read_s"],
+                   decode_s=calib["decode_s"], matmul_s=calib["matmul_s"],
+                   workers=effective_workers(calib, workers),
+                   bytes_F=calib["bytes_F"], bytes_sm=calib["bytes_sm"],
+                   bytes_exp=calib["bytes_exp"], chunks=calib.get("chunks", 1)), calib)
 

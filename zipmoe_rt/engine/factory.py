@@ -7,6 +7,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
+
 from . import profile as prof
 from .pipeline import ExpertEngine, budget_split
 
@@ -19,8 +21,13 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     """The :class:`~zipmoe_rt.engine.pipeline.ExpertEngine` that runs ``source``'s experts
     within ``budget`` bytes.
 
-    Policy ``auto`` becomes ``raw-lru`` for a file with raw experts, else ``zipmoe`` when an
-    activation trace exists (``trace`` or ``MODEL.trace.json``), else ``zip-lru``. For
+    Policy ``auto`` becomes ``raw-lru`` for a file with raw experts, else, when an activation
+    trace exists (``trace`` or ``MODEL.trace.json``), the zipmoe engine with each MoE layer's
+    kind of plan (an LRU pool of full experts, C/S/E tiers, or a mix) chosen by the planner
+    (:func:`~zipmoe_rt.engine.planner.choice.plan_choices`, recorded in the engine's
+    ``auto_choice``, :func:`auto_choice`), or the ``zip-lru`` engine where its one LRU pool
+    shared by all layers, replayed on the trace's token sequences, is predicted faster than
+    every per-layer plan (eviction ``lru``, CPU engine); else ``zip-lru``. For
     ``zipmoe``: the trace is loaded and checked against the model; the calibration stored next
     to the model (``MODEL.calib.json``) is used even when it does not fit this run (one
     :class:`~zipmoe_rt.engine.profile.CalibrationWarning`), and without one the machine is
@@ -71,7 +78,8 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     lays = list(source.layouts.values())
     raw = all(p.raw for l in lays for p in l.pieces)
     trace_path = Path(trace) if trace else prof.sidecar(source.path, prof.TRACE_SUFFIX)
-    if policy == "auto":
+    auto = policy == "auto"
+    if auto:
         policy = "raw-lru" if raw else ("zipmoe" if trace_path.exists() else "zip-lru")
     workers = workers or os.cpu_count() or 1
     cls, extra = _engine_class(backend, host_budget, gpu_ops)
@@ -83,8 +91,12 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
             c_form = "planes"
         extra = dict(extra, resident=resident, c_form=c_form)
     if policy != "zipmoe":
-        return cls(source, budget, policy, eviction, workers=workers, direct=direct,
-                   verify=verify, io_depth=io_depth, backend=backend, **extra)
+        eng = cls(source, budget, policy, eviction, workers=workers, direct=direct,
+                  verify=verify, io_depth=io_depth, backend=backend, **extra)
+        if auto:
+            eng.auto_choice = {"fallback": policy,
+                               "why": "raw experts" if raw else "no activation trace"}
+        return eng
     tier_budget = budget_split(source, budget, extra.get("prefetch", False))[2]   # too small a budget: no calibration noise first
     tr = prof.load_trace(trace_path, source)
     # a stored calibration that does not fit this run (other version, read mode, io depth or
@@ -104,10 +116,81 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
         from .ctier import compute_form_delay
         delay, share = compute_form_delay(delay, source, calib, resident, c_form, backend)
         extra = dict(extra, escape_share=share)
-    plan, ranks = prof.make_plan(tr, delay, tier_budget, int(source.hparams["num_experts_per_tok"]))
-    return cls(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
-               workers=workers, direct=direct, verify=verify, delay=delay,
-               io_depth=io_depth, backend=backend, **extra)
+    if cls is not ExpertEngine:   # the engine terms are the CPU engine's (engine/overhead.py)
+        from .overhead import TERM_KEYS
+        delay = dataclasses.replace(delay, **{t: 0.0 for t in TERM_KEYS})
+    k = int(source.hparams["num_experts_per_tok"])
+    if auto:
+        choices, ranks = prof.make_plan_choices(tr, delay, tier_budget, k)
+        plan = choices["auto"]
+        shared = _shared_pool_s(source, tr, budget, extra.get("prefetch", False), delay, k) \
+            if eviction == "lru" and cls is ExpertEngine else None
+        if shared is not None and shared < plan.predicted_makespan_s:
+            eng = cls(source, budget, "zip-lru", eviction, workers=workers, direct=direct,
+                      verify=verify, io_depth=io_depth, backend=backend, **extra)
+            eng.auto_choice = auto_choice(choices, shared, engine="zip-lru")
+            return eng
+    else:
+        plan, ranks = prof.make_plan(tr, delay, tier_budget, k)
+    eng = cls(source, budget, "zipmoe", eviction, plan=plan.layers, ranks=ranks,
+              workers=workers, direct=direct, verify=verify, delay=delay,
+              io_depth=io_depth, backend=backend, **extra)
+    if auto:
+        eng.auto_choice = auto_choice(choices, shared)
+    return eng
+
+
+def _shared_pool_s(source, trace, budget, prefetch, delay, k):
+    """Predicted one-token MoE time (seconds, all layers) of the ``zip-lru`` engine's shared
+    LRU pool, replayed on the trace's sequences; None for a trace without them."""
+    from .planner.choice import shared_pool_layer_s
+    seqs = trace.get("sequences")
+    if not seqs:
+        return None
+    bytes_F, _, tier = budget_split(source, budget, prefetch)
+    runs = [r for r in (np.asarray(s, np.int64) for s in seqs) if r.size]
+    if not runs:
+        return None
+    n = int(source.hparams["num_experts"])
+    return float(shared_pool_layer_s(runs, n, k, tier // bytes_F, delay).sum())
+
+
+def auto_choice(choices: dict, shared: float | None = None, engine: str = "zipmoe") -> dict:
+    """What ``auto`` chose, for ``bench``, the banner and ``/stats``: ``engine`` (``zipmoe``:
+    the per-layer plans; ``zip-lru``: one LRU pool shared by all layers, where the replay of
+    the trace predicts it faster), ``codes`` (one letter per MoE layer of the per-layer plan,
+    :func:`~zipmoe_rt.engine.planner.choice.choice_codes`), ``summary`` (layers per kind), and
+    ``predicted_layer_ms``: the mean predicted one-token MoE layer time (ms) of the per-layer
+    plan (``auto``), of the LRU-pools-only and tiers-only plans of the same budget and, when
+    the trace has token sequences, of the shared pool (``shared``).
+
+    Args:
+        choices: :func:`~zipmoe_rt.engine.planner.choice.plan_choices`' result.
+        shared: the shared pool's predicted time, seconds for all layers (or None).
+        engine: the engine ``auto`` runs."""
+    from .planner.choice import choice_codes, choice_summary
+    n = max(1, len(choices["auto"].layers))
+    pred = {kind: 1e3 * mp.predicted_makespan_s / n for kind, mp in choices.items()}
+    if shared is not None:
+        pred["shared"] = 1e3 * shared / n
+    return {"engine": engine, "codes": choice_codes(choices["auto"].layers),
+            "summary": choice_summary(choices["auto"].layers), "predicted_layer_ms": pred}
+
+
+def describe_auto(choice: dict | None, policy: str) -> str:
+    """The policy as the banner and ``/stats`` show it: ``policy`` (the engine's), followed,
+    when ``auto`` chose it, by what it chose (``choice``: :func:`auto_choice` or a fallback),
+    e.g. ``zipmoe (auto: lru 20, mix 6, tiers 4; per MoE layer LLMT...)`` or
+    ``zip-lru (auto: no activation trace)``; the per-layer letters only up to 64 layers."""
+    if not choice:
+        return policy
+    if "fallback" in choice:
+        return f"{policy} (auto: {choice['why']})"
+    if choice.get("engine") == "zip-lru":
+        return f"{policy} (auto: one LRU pool for all layers, predicted fastest)"
+    codes = choice["codes"]
+    per = f"; per MoE layer {codes}" if len(codes) <= 64 else ""
+    return f"{policy} (auto: {choice['summary']}{per})"
 
 
 def _engine_class(backend, host_budget, gpu_ops):

@@ -74,6 +74,9 @@ class StageTimes:
     prefetch_wasted: int = 0
     prefetch_wasted_bytes: int = 0
     prefetch_skipped: int = 0     # predicted, not started: k predicted loads already alive
+    # one-token calls by their hits per tier: "hF,hC,hS,hE,hmiss" -> calls (what the delay
+    # model is priced at: zipmoe_rt.bench's modelled layer time)
+    call_hits: dict = field(default_factory=dict)
 
     def reset(self):
         self.__init__()
@@ -89,7 +92,7 @@ class StageTimes:
                 "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
                 "prefetch_wasted": self.prefetch_wasted,
                 "prefetch_wasted_bytes": self.prefetch_wasted_bytes,
-                "prefetch_skipped": self.prefetch_skipped}
+                "prefetch_skipped": self.prefetch_skipped, "call_hits": dict(self.call_hits)}
 
 
 class _Pending:
@@ -237,6 +240,10 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             self.fpools = {}
             self._fill_tiers(plan, ranks)
             self._seed_heat(ranks)
+            # slots adapt only where the plan has static slots (a layer planned as an LRU pool
+            # alone has none to move: no heat to keep per call)
+            self._adapting = {layer for layer, tp in zip(self.hp["moe_layers"], plan)
+                              if tp.nC + tp.nS + tp.nE > 0}
         else:
             shared = self._shared_pool(eviction)
             self.fpools = {layer: shared for layer in self.hp["moe_layers"]}
@@ -447,7 +454,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
                                                                             in_use=())) \
                     and outs is not None:
                 self._done_with.append((item.lay, outs))   # reusable once computed
-            if self.adapt and sm is not None and exp is not None:
+            if self.adapt and layer in self._adapting and sm is not None and exp is not None:
                 self._adapt_slots(layer, e, sm, exp, w)
             slot = self.slots.get((layer, e))
             for which, buf in item.bufs.items():   # back to the pool unless a slot adopted it
@@ -468,7 +475,8 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         ``glu``: gpt-oss's clamped SwiGLU, or None."""
         t_start = time.perf_counter()
         T = topk_idx.shape[0]
-        if self.adapt:
+        h0 = tuple(self.stats.hits.values()) if T == 1 else None
+        if self.adapt and layer in self._adapting:
             self._note_use(layer, topk_idx)
         started = {}
 
@@ -494,6 +502,8 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         if T == 1:
             self.stats.decode_layer_s += dt
             self.stats.decode_layer_calls += 1
+            key = ",".join(str(b - a) for a, b in zip(h0, self.stats.hits.values()))
+            self.stats.call_hits[key] = self.stats.call_hits.get(key, 0) + 1
         return out
 
     def close(self):

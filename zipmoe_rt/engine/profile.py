@@ -30,7 +30,7 @@ from .trace import (TRACE_SUFFIX, TraceError, TraceRecorder, fingerprint, load_t
 __all__ = ["TRACE_SUFFIX", "CALIB_SUFFIX", "CALIB_VERSION", "TraceError", "CalibrationWarning",
            "fingerprint", "sidecar", "TraceRecorder", "record_trace", "save_trace", "load_trace",
            "calibrate", "load_calibration", "calibration_mismatch", "load_checked_calibration",
-           "effective_workers", "delay_model", "pool_models", "make_plan"]
+           "effective_workers", "delay_model", "pool_models", "make_plan", "make_plan_choices"]
 
 
 def pool_models(trace: dict, top_k: int, ranks=None) -> list:
@@ -64,6 +64,18 @@ def pool_models(trace: dict, top_k: int, ranks=None) -> list:
             rho = float(np.sum(pi ** 2) / top_k)
         out.append(locality_pool_model(pi, min(max(float(rho), 0.0), 1.0), top_k))
     return out
+
+
+def make_plan_choices(trace: dict, delay: DelayModel, tier_budget: int, top_k: int):
+    """The ``auto`` policy's plans: ``(choices, ranks)``, ``choices`` =
+    :func:`~zipmoe_rt.engine.planner.choice.plan_choices` (``"auto"``: each layer's kind free,
+    ``"lru"``, ``"tiers"``) with recency F pools as :func:`make_plan` plans them, ``ranks`` as
+    :func:`make_plan` returns them."""
+    from .planner.choice import plan_choices
+    counts = np.asarray(trace["counts"])
+    ranks = [list(np.lexsort((np.arange(c.size), -c))) for c in counts]
+    fpool = pool_models(trace, top_k, ranks)
+    return plan_choices(counts, top_k, max(0, int(tier_budget)), delay, fpool=fpool), ranks
 
 
 def make_plan(trace: dict, delay: DelayModel, tier_budget: int, top_k: int,

@@ -171,7 +171,8 @@ def tail_sums(R: np.ndarray, n: int, grid: np.ndarray, k: int, delay: DelayModel
 
     ``Z[(a3,a4), (hF,hC,hS)] = Σ_hm R[a3,a4,r−hm]·R[a4,N,hm]·M(hF, r, hS+hm)`` with
     ``r = k−hF−hC−hS`` and ``M`` the part of :meth:`DelayModel.layer_makespan` before the
-    matmuls, for every boundary pair ``a3 <= a4`` of ``grid`` (see :func:`layer_frontier`).
+    matmuls (the engine terms included), for every boundary pair ``a3 <= a4`` of ``grid``
+    (see :func:`layer_frontier`).
 
     Args:
         R: float64 ``[N+1, N+1, k+1]`` from :func:`range_esp`.
@@ -195,8 +196,11 @@ def tail_sums(R: np.ndarray, n: int, grid: np.ndarray, k: int, delay: DelayModel
     dC, xC = delay.c_hit_cost(hC)                                          # C hits' decodes, extra s
     io, comp = delay.io_and_compute((k - hF - hC + dC)[:, None], hr[:, None],
                                     hS[:, None] + hm[None, :])
-    Mrow = np.where(valid, np.maximum(io, comp) + xC[:, None], 0.0)        # [T, k+1]
     rm = np.clip(hr[:, None] - hm[None, :], 0, k)                          # hE = r − hm
+    # the engine's own terms (DelayModel.engine_overhead_s), clamped as layer_makespan clamps
+    eng = delay.engine_overhead_s(hC[:, None], hS[:, None], rm, hm[None, :])
+    Mrow = np.where(valid, np.maximum(np.maximum(io, comp) + xC[:, None] + eng,
+                                      -delay.matmul_time(k)), 0.0)         # [T, k+1]
 
     # tail over all (a3, a4) pairs, ordered by a3 then a4:
     #   Z[(a3,a4), t] = Σ_hm R[a3,a4,r−hm]·R[a4,N,hm]·M(hF, r, hS+hm)

@@ -200,6 +200,18 @@ def plan_model(counts, k, total_budget_bytes, delay: DelayModel, *, average: boo
         RuntimeError: a conditional-Poisson fit that does not converge.
     """
     total = check_budget(total_budget_bytes, "total_budget_bytes")
+    fronts, orders = layer_fronts(counts, k, delay, average=average, step=step, shape=shape,
+                                  fpool=fpool)
+    return split_model(fronts, orders, total)
+
+
+def layer_fronts(counts, k, delay: DelayModel, *, average: bool = False, step: int = 1,
+                 shape: tuple[int, int] | None = None, fpool: list | None = None) -> tuple:
+    """Every MoE layer's plans before the budget split: ``(fronts, orders)``, per layer a
+    :class:`LayerFrontier` (each capacity's Pareto plans with ``fpool``, else all plans; not
+    yet filtered to the layer's Pareto set, so that a restriction such as
+    :func:`restrict_front` can still pick among them) and the static-tier orders per capacity
+    (``orders`` None without ``fpool``). Arguments and errors as :func:`plan_model`."""
     c = np.asarray(counts)
     if c.ndim != 2:
         raise ValueError(f"counts must be [L, N], got shape {c.shape}")
@@ -216,7 +228,7 @@ def plan_model(counts, k, total_budget_bytes, delay: DelayModel, *, average: boo
         fronts, orders = [], []
         for m in fpool:
             f, o = layer_frontier_lru(m, k, delay, step, pareto=True)
-            fronts.append(f.pareto())
+            fronts.append(f)
             orders.append(o)
     else:
         pop = popularity_by_rank(c, average=average)
@@ -224,11 +236,22 @@ def plan_model(counts, k, total_budget_bytes, delay: DelayModel, *, average: boo
         fronts = []
         for row in rows:
             w = fit_conditional_poisson(inclusion_probabilities(row, k), k)
-            fronts.append(layer_frontier(w, k, delay, step).pareto())
+            fronts.append(layer_frontier(w, k, delay, step))
         if average:
             fronts = fronts * c.shape[0]
-    L = len(fronts)
+    return fronts, orders
 
+
+def split_model(fronts: list, orders, total_budget_bytes) -> ModelPlan:
+    """The budget split of :func:`plan_model` over per-layer plans (``fronts``, ``orders`` as
+    :func:`layer_fronts` returns them; each front is reduced to its Pareto set here).
+
+    Raises:
+        ValueError: negative or non-finite budget; a layer with no plan within the budget.
+    """
+    total = check_budget(total_budget_bytes, "total_budget_bytes")
+    fronts = [f.pareto() for f in fronts]
+    L = len(fronts)
     cands = []
     for cur in (split_greedy(fronts, total), split_dp(fronts, total)):
         cur = refine_split(fronts, cur, total)

@@ -1,0 +1,153 @@
+"""Policy ``auto`` against each single policy under memory budgets, in one process, alternating.
+
+For each budget, loads the model once per policy (``raw-lru`` on the raw-expert companion
+``NAME.raw.zmoe``, built as ``zipmoe-rt bench`` builds it; ``zip-lru``, ``zipmoe`` and
+``auto`` on the model, with its trace and calibration), checks that every policy decodes the
+same greedy tokens, then times greedy decoding, one policy after the other in a rotating order,
+``--rounds`` times. Per policy: the median decode tokens/s and, per round, the ratio of
+``auto`` to the fastest single policy of that round (median over rounds); beside them the
+measured one-token MoE layer time and the planner's predictions (the plan's, and the delay
+model priced at the hits the run had; ``zipmoe_rt/bench_planner.py``).
+
+    python tools/bench_auto.py MODEL.zmoe -m 25% -m 50% [--tokens 32] [--rounds 7] [--json out.json]
+
+Alternating rounds in one process make the ratios robust to a load that changes over minutes
+on a shared machine (each of ``zipmoe-rt bench``'s rows runs minutes apart in its own
+process); memory per row is ``zipmoe-rt bench``'s to measure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]),
+                str(Path(__file__).resolve().parents[1] / "format")]
+
+from zipmoe_rt import load  # noqa: E402
+from zipmoe_rt import bench_planner  # noqa: E402
+from zipmoe_rt.bench import prompt_ids, raw_companion  # noqa: E402
+from zipmoe_rt.api import parse_size  # noqa: E402
+from zipmoe_rt.engine.store import ZmoeSource  # noqa: E402
+
+POLICIES = ("raw-lru", "zip-lru", "zipmoe", "auto")
+
+
+def decode(m, ids, n):
+    """Greedy decode of ``n`` tokens after prefilling ``ids``: (tokens, tokens/s, engine stats
+    of the decode steps)."""
+    net, eng = m.net, m.engine
+    cache = net.new_cache()
+    out = net.forward(np.array(ids, np.int64), cache)
+    eng.stats.reset()
+    toks = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        t = int(np.argmax(out[-1]))
+        toks.append(t)
+        out = net.forward(np.array([t], np.int64), cache)
+    dt = time.perf_counter() - t0
+    return toks, n / dt, eng.stats.as_dict()
+
+
+def run_budget(model, raw, budget, tokens, rounds, workers, log):
+    """One budget: every policy loaded, checked and timed in rotating order."""
+    src = ZmoeSource(model)
+    nbytes = parse_size(budget, src)
+    src.close()
+    models = {p: load(raw if p == "raw-lru" else model, memory_budget=nbytes, policy=p,
+                      workers=workers, progress=False) for p in POLICIES}
+    try:
+        ids = prompt_ids(models["zip-lru"].tokenizer, 16)
+        ref = None
+        for p, m in models.items():      # warm-up (JIT, pools) and the same tokens everywhere
+            toks, _, _ = decode(m, ids, tokens)
+            if ref is None:
+                ref = toks
+            elif toks != ref:
+                raise SystemExit(f"policy {p} decoded other tokens than raw-lru: {toks} != {ref}")
+        tps = {p: [] for p in POLICIES}
+        layer = {p: [] for p in POLICIES}
+        hits = {p: [] for p in POLICIES}
+        for r in range(rounds):
+            order = POLICIES[r % len(POLICIES):] + POLICIES[:r % len(POLICIES)]
+            for p in order:
+                _, t, st = decode(models[p], ids, tokens)
+                tps[p].append(t)
+                layer[p].append(1e3 * st["decode_layer_s"] / max(1, st["decode_layer_calls"]))
+                hits[p].append(st["call_hits"])
+            log(f"  round {r + 1}: " + ", ".join(f"{p} {tps[p][-1]:.2f}" for p in POLICIES))
+        single = [p for p in POLICIES if p != "auto"]
+        out = {"budget": budget, "budget_bytes": nbytes, "tokens": tokens, "rounds": rounds,
+               "tg_tps": tps, "measured_layer_ms": layer, "policies": {}}
+        for p in POLICIES:
+            eng = models[p].engine
+            row = {"tg_tps_median": statistics.median(tps[p]),
+                   "measured_layer_ms_median": statistics.median(layer[p]),
+                   "auto_per_round_ratio_median": statistics.median(
+                       a / b for a, b in zip(tps["auto"], tps[p]))}
+            if p != "raw-lru":
+                row["modelled_layer_ms"] = bench_planner.modelled_layer_ms(hits[p], model,
+                                                                           workers)
+            if eng.predicted_layer_s() is not None:
+                row["predicted_layer_ms"] = 1e3 * eng.predicted_layer_s()
+            if getattr(eng, "auto_choice", None) is not None:
+                row["auto_choice"] = eng.auto_choice
+            out["policies"][p] = row
+        out["auto_vs_best_median"] = statistics.median(
+            tps["auto"][i] / max(tps[p][i] for p in single) for i in range(rounds))
+        return out
+    finally:
+        for m in models.values():
+            m.close()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("-m", "--memory-budget", dest="budgets", action="append", required=True)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--raw-model", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+    raw = a.raw_model or raw_companion(a.model)
+    res = {"model": str(a.model), "machine": platform.node(), "cpus": os.cpu_count(),
+           "workers": a.workers or os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "budgets": []}
+    for b in a.budgets:
+        print(f"budget {b}:", file=sys.stderr)
+        res["budgets"].append(run_budget(a.model, raw, b, a.tokens, a.rounds, a.workers,
+                                         lambda s: print(s, file=sys.stderr)))
+    print("| budget | policy | tg tokens/s (median) | auto ÷ policy (median of rounds) | "
+          "layer ms measured | predicted (÷) | modelled at its hits (÷) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in res["budgets"]:
+        for p, row in r["policies"].items():
+            meas = row["measured_layer_ms_median"]
+            pr = row.get("predicted_layer_ms")
+            mo = row.get("modelled_layer_ms")
+            print(f"| {r['budget']} | {p} | {row['tg_tps_median']:.2f} | "
+                  f"{row['auto_per_round_ratio_median']:.2f} | {meas:.3f} | "
+                  + (f"{pr:.3f} ({meas / pr:.2f}x)" if pr else "-") + " | "
+                  + (f"{mo:.3f} ({meas / mo:.2f}x)" if mo else "-") + " |")
+    for r in res["budgets"]:
+        ac = r["policies"]["auto"].get("auto_choice") or {}
+        print(f"\n{r['budget']}: auto ÷ the fastest single policy of each round, median "
+              f"{r['auto_vs_best_median']:.2f}; auto ran {ac.get('engine', '?')}"
+              + (f" ({ac['summary']}, per MoE layer {ac['codes']})" if "codes" in ac else ""))
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+        print(f"wrote {a.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

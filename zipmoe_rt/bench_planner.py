@@ -1,0 +1,90 @@
+"""``zipmoe-rt bench``'s planner figures: the predicted MoE layer time beside the measured one,
+and what policy ``auto`` chose per layer (design note §3.5, §3.8).
+
+Two predictions per budgeted row with a calibration next to the model:
+
+* ``predicted_layer_ms`` (rows whose engine has a tier plan: ``zipmoe``, ``auto``): the plan's
+  expected one-token MoE layer time, the mean over layers of
+  :attr:`~zipmoe_rt.engine.planner.TierPlan.predicted_makespan_s` (hits per tier as the
+  planner expects them from the trace);
+* ``modelled_layer_ms`` (compressed-expert rows): the delay model priced at the hits the run
+  really had, call by call (the engine's ``call_hits``), so that the delay model is checked
+  apart from the planner's hit model.
+"""
+from __future__ import annotations
+
+import os
+
+from .engine import profile as prof
+
+
+def modelled_layer_ms(call_hits: list[dict], model_path, workers) -> float | None:
+    """Mean delay-model time (ms) of the one-token MoE calls of a row's runs.
+
+    Args:
+        call_hits: per run, the engine's ``call_hits`` (``"hF,hC,hS,hE,hmiss"`` -> calls).
+        model_path: the ``.zmoe`` file (its ``MODEL.calib.json`` gives the delay model).
+        workers: the row's decode workers (None: one per core).
+
+    Returns:
+        milliseconds, or None without a calibration or without one-token calls.
+    """
+    calib = prof.load_calibration(prof.sidecar(model_path, prof.CALIB_SUFFIX))
+    if calib is None:
+        return None
+    delay = prof.delay_model(calib, workers or os.cpu_count() or 1)
+    tot = n = 0
+    for ch in call_hits:
+        for key, calls in (ch or {}).items():
+            h = dict(zip(("F", "C", "S", "E", "miss"), (int(v) for v in key.split(","))))
+            tot += calls * delay.layer_makespan(h)
+            n += calls
+    return 1e3 * tot / n if n else None
+
+
+def row_fields(row: dict, engines: list[dict], model_path, workers) -> dict:
+    """The planner fields of one bench row from its runs' engine dicts: ``modelled_layer_ms``
+    (policies other than ``raw-lru``), ``predicted_layer_ms`` (engines with a plan) and
+    ``auto_choice`` (policy ``auto``)."""
+    out = {}
+    if row["policy"] != "raw-lru":
+        m = modelled_layer_ms([e.get("call_hits") for e in engines], model_path, workers)
+        if m is not None:
+            out["modelled_layer_ms"] = m
+    if engines[0].get("predicted_layer_s") is not None:
+        out["predicted_layer_ms"] = 1e3 * engines[0]["predicted_layer_s"]
+    if engines[0].get("auto_choice") is not None:
+        out["auto_choice"] = engines[0]["auto_choice"]
+    return out
+
+
+def lines(rows: list[dict]) -> list[str]:
+    """The lines under the bench table: per row, measured against predicted (the plan) and
+    modelled (the delay model at the run's hits), and what ``auto`` chose."""
+    out = []
+    for r in rows:
+        meas = r.get("measured_layer_ms")
+        if meas is None:
+            continue
+        parts = []
+        for name, key in (("predicted", "predicted_layer_ms"), ("modelled at its hits",
+                                                                "modelled_layer_ms")):
+            v = r.get(key)
+            if v:
+                parts.append(f"{name} {v:.2f} ms ({meas / v:.2f}x)")
+        if parts:
+            out.append(f"planner ({r['policy']}, budget {r['budget']}): measured {meas:.2f} ms per "
+                       f"MoE layer per decode token; " + ", ".join(parts))
+        ac = r.get("auto_choice")
+        if ac and "codes" in ac:
+            p = ac["predicted_layer_ms"]
+            what = (f"{ac['summary']} (per MoE layer {ac['codes']})"
+                    if ac.get("engine", "zipmoe") == "zipmoe"
+                    else "zip-lru, one LRU pool shared by all layers")
+            shared = f", one shared LRU pool {p['shared']:.3f}" if "shared" in p else ""
+            out.append(f"auto (budget {r['budget']}): {what}; predicted ms per layer: per-layer "
+                       f"plan {p['auto']:.3f}, LRU pools only {p['lru']:.3f}, tiers only "
+                       f"{p['tiers']:.3f}{shared}")
+        elif ac:
+            out.append(f"auto (budget {r['budget']}): {ac['fallback']} ({ac['why']})")
+    return out
