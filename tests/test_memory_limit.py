@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -155,7 +156,8 @@ OVERHEAD = 50 * MB
 
 
 def parts(src, context):
-    return L.kv_bytes(src.hparams, context), L.read_buffer_bytes(src)
+    return (L.kv_bytes(src.hparams, context),
+            L.read_buffer_bytes(src) + L.activation_bytes(src.hparams))
 
 
 def test_kv_bytes_follows_the_cache_growth(tiny_zmoe):
@@ -179,8 +181,10 @@ def test_plan_memory_divides_the_limit_and_names_both_numbers(tiny_zmoe, home):
         plan0 = L.plan_memory(src, 10**9, context=300, overhead=OVERHEAD)
         minimum = plan0.minimum
         assert plan0.budget == 10**9 - OVERHEAD - kv - buf
-        assert plan0.overhead + plan0.kv + plan0.buffers + plan0.budget == plan0.limit
-        assert plan0.kv == kv > 0 and plan0.buffers == buf > 0 and plan0.context == 300
+        assert plan0.overhead + plan0.kv + plan0.buffers + plan0.activations + plan0.budget \
+            == plan0.limit
+        assert plan0.kv == kv > 0 and plan0.buffers + plan0.activations == buf > 0
+        assert plan0.activations > 0 and plan0.context == 300
         # exactly enough: the smallest budget
         need = OVERHEAD + kv + buf + minimum
         assert L.plan_memory(src, need, context=300, overhead=OVERHEAD).budget == minimum
@@ -285,3 +289,36 @@ def test_bench_peak_rss_stays_within_the_limit(tiny_zmoe, home):
     assert row["limit_bytes"] == lim and row["budget_bytes"] == minimum + 16 * MB
     assert 0 < row["peak_rss"] <= lim, (row["peak_rss"], lim)
     assert f"/ {lim / 1e6:.0f} MB (within)" in B.table(res)
+
+
+def test_activation_bytes_counts_one_prefill_batch():
+    from zipmoe_rt.models.model import PREFILL_UBATCH
+    hp = {"hidden_size": 576, "moe_intermediate_size": 1536, "intermediate_size": 1536,
+          "num_experts_per_tok": 2}
+    # 4 hidden-size rows + gate and up rows of top-k + 1 experts, float32, per token
+    assert PREFILL_UBATCH == 512
+    assert L.activation_bytes(hp) == 4 * 512 * (4 * 576 + 2 * 3 * 1536) == 23_592_960
+    assert L.activation_bytes(dict(hp, shared_expert_intermediate_size=5632)) == \
+        4 * 512 * (4 * 576 + 2 * 3 * 5632)
+
+
+def test_long_prompt_runs_in_prefill_batches(tiny_zmoe, monkeypatch):
+    """A prompt over PREFILL_UBATCH tokens runs in batches of at most that many (what the
+    limit's activation term assumes), with the logits of one call within float32 rounding."""
+    from zipmoe_rt.api import load
+    from zipmoe_rt.models import model as M
+    monkeypatch.setattr(M, "PREFILL_UBATCH", 64)
+    m = load(tiny_zmoe)
+    try:
+        ids = (np.arange(150, dtype=np.int64) * 7) % 50 + 3
+        whole = m.net.forward(ids, m.net.new_cache(), last_only=False)[-1]
+        seen = []
+        real = m.net.embed_tokens
+        monkeypatch.setattr(m.net, "embed_tokens", lambda t: (seen.append(len(t)), real(t))[1])
+        c = m.net.new_cache()
+        last = m.net.forward(ids, c, last_only=True)
+        assert seen == [64, 64, 22] and c.offset == 150
+        np.testing.assert_allclose(last, whole, atol=1e-4, rtol=0)
+        assert int(np.argmax(last)) == int(np.argmax(whole))
+    finally:
+        m.close()

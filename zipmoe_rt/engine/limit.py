@@ -4,7 +4,7 @@ A memory budget (``--memory-budget``) counts weights only: dense weights, the ex
 tiers and one token's decoded experts (:func:`~zipmoe_rt.engine.pipeline.budget_split`). A
 memory limit counts everything the process holds, and derives the budget from it::
 
-    budget = limit - fixed overhead - KV cache - read buffers
+    budget = limit - fixed overhead - KV cache - read buffers - prefill activations
 
 * **fixed overhead**: the peak RSS of a fresh interpreter that imports the runtime, reads the
   model's index and tokenizer and runs the same kernels on a tiny model of the same family
@@ -16,7 +16,9 @@ memory limit counts everything the process holds, and derives the budget from it
   one layer while it grows;
 * **read buffers**: the expert-region read buffers of the engine, ``top-k x (SM region +
   exponent region)`` of the largest expert (:mod:`~zipmoe_rt.engine.buffers`), which the budget
-  does not count.
+  does not count;
+* **prefill activations**: the float32 activations of one prefill batch (a prompt runs in
+  batches of :data:`~zipmoe_rt.models.model.PREFILL_UBATCH` tokens), :func:`activation_bytes`.
 
 ``auto`` takes the memory cgroup's limit of this process (cgroup v2 ``memory.max``, v1
 ``memory.limit_in_bytes``, the smallest along its path; ``max`` or the v1 "no limit" value mean
@@ -37,7 +39,7 @@ from pathlib import Path
 from .tiers import BudgetError
 
 __all__ = ["MemoryLimitError", "MemoryPlan", "parse_limit", "cgroup_limit", "mem_available",
-           "detect_memory", "resolve_limit", "fixed_overhead", "kv_bytes", "read_buffer_bytes",
+           "detect_memory", "resolve_limit", "fixed_overhead", "kv_bytes", "read_buffer_bytes", "activation_bytes",
            "plan_memory", "memory_line", "DEFAULT_CONTEXT", "MARGIN_FRACTION", "MARGIN_MIN"]
 
 #: tokens of context the KV cache is sized for when the caller does not say (``chat``, ``load``)
@@ -299,6 +301,24 @@ def kv_bytes(hparams: dict, context: int) -> int:
     return per_token * cap + (per_token // layers) * (cap // 2) + state_bytes(hp)
 
 
+def activation_bytes(hparams: dict) -> int:
+    """Bytes of the float32 activations one prefill batch of
+    :data:`~zipmoe_rt.models.model.PREFILL_UBATCH` tokens holds at its peak (a longer prompt
+    is run in batches of that many tokens, as llama.cpp's ``n_ubatch``): per token four
+    hidden-size vectors (residual stream, normed input, attention output, MoE output) and the
+    gate and up rows of the ``top-k`` experts (and of a shared expert) it is routed to.
+    On the default model (hidden 576, intermediate 1536, top-2) that is 23.6 MB; measured with
+    ``tracemalloc`` over a 512-token prefill: 32.8 MB in all, of which the KV cache (counted by
+    :func:`kv_bytes`) is 23.6 MB.
+    ``hparams``: the stored hyper-parameters (format/SPEC.md §3)."""
+    from ..models.model import PREFILL_UBATCH
+    hidden = int(hparams["hidden_size"])
+    inter = max(int(hparams.get(key) or 0) for key in
+                ("moe_intermediate_size", "intermediate_size", "shared_expert_intermediate_size"))
+    k = int(hparams["num_experts_per_tok"]) + 1          # + a shared expert or a dense MLP row
+    return 4 * PREFILL_UBATCH * (4 * hidden + 2 * k * inter)
+
+
 def state_bytes(hp) -> int:
     """Bytes of the fixed per-sequence state of linear-attention layers (Qwen3-Next's Gated
     DeltaNet: ``HParams.state_values``, float32, in the copies a
@@ -322,7 +342,8 @@ def read_buffer_bytes(source) -> int:
 @dataclass
 class MemoryPlan:
     """How a memory limit divides (bytes): ``limit`` = ``overhead`` + ``kv`` + ``buffers`` +
-    ``budget`` (the weight budget, ``--memory-budget``). ``how``: where the limit came from;
+    ``activations`` + ``budget`` (the weight budget, ``--memory-budget``). ``how``: where the
+    limit came from;
     ``context``: tokens the KV cache is sized for; ``minimum``: the smallest budget the model
     runs with (dense weights + one token's experts)."""
     limit: int
@@ -333,6 +354,7 @@ class MemoryPlan:
     budget: int
     context: int
     minimum: int
+    activations: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -341,7 +363,8 @@ class MemoryPlan:
         """One line for the banner and ``/stats``."""
         return (f"memory limit {self.limit / 1e6:.1f} MB ({self.how}) = fixed overhead "
                 f"{self.overhead / 1e6:.1f} MB + KV cache {self.kv / 1e6:.1f} MB ({self.context} "
-                f"tokens) + read buffers {self.buffers / 1e6:.1f} MB + weight budget "
+                f"tokens) + read buffers {self.buffers / 1e6:.1f} MB + prefill activations "
+                f"{self.activations / 1e6:.1f} MB + weight budget "
                 f"{self.budget / 1e6:.1f} MB")
 
 
@@ -371,13 +394,15 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
     ov = fixed_overhead(source.path) if overhead is None else int(overhead)
     kv = kv_bytes(source.hparams, context)
     buf = read_buffer_bytes(source)
+    act = activation_bytes(source.hparams)
     lays = list(source.layouts.values())
     minimum = source.dense_bytes() + int(source.hparams["num_experts_per_tok"]) * \
         max(l.full_bytes for l in lays)
-    need = ov + kv + buf
+    need = ov + kv + buf + act
     free = lim - need
     parts = (f"fixed overhead {ov / 1e6:.1f} MB + KV cache {kv / 1e6:.1f} MB for {context} "
-             f"tokens + read buffers {buf / 1e6:.1f} MB = {need / 1e6:.1f} MB")
+             f"tokens + read buffers {buf / 1e6:.1f} MB + prefill activations "
+             f"{act / 1e6:.1f} MB = {need / 1e6:.1f} MB")
     if budget is not None:
         budget = int(budget)
         if budget > free:
@@ -393,7 +418,7 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
             f"plus the smallest weight budget {minimum / 1e6:.1f} MB (dense weights and one "
             f"token's experts): at least {(need + minimum) / 1e6:.1f} MB")
     return MemoryPlan(limit=lim, how=how, overhead=ov, kv=kv, buffers=buf, budget=int(free),
-                      context=context, minimum=minimum)
+                      context=context, minimum=minimum, activations=act)
 
 
 def memory_line(plan: MemoryPlan | None, budget: int | None, policy: str) -> str:

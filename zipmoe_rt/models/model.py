@@ -17,6 +17,10 @@ from .cache import ModelCache
 from .moe import MLP, ExpertExecutor, RouteHook
 from .rope import RoPE
 
+#: prompt tokens run in one batch by :meth:`Model.forward` with ``last_only`` (llama.cpp's
+#: default ``n_ubatch``); a memory limit counts the activations of one such batch
+PREFILL_UBATCH = 512
+
 
 class Norm:
     """A decoder norm: RMSNorm (``MixtralRMSNorm``, ``backend.rmsnorm``) or, with a ``bias``,
@@ -337,7 +341,9 @@ class Model:
         Args:
             ids: int [T] token ids (T >= 1).
             cache: from :meth:`new_cache`.
-            last_only: return only the last position's logits.
+            last_only: return only the last position's logits; then a prompt of more than
+                :data:`PREFILL_UBATCH` tokens runs in batches of that many (the same logits up
+                to float32 summation order, with the activations of one batch).
         Returns:
             host float32 [vocab] (last_only) or [T, vocab] logits.
         Raises:
@@ -351,6 +357,12 @@ class Model:
         if len(cache.layers) != len(self.layers):
             raise ValueError(f"forward: the cache has {len(cache.layers)} layers, the model "
                              f"{len(self.layers)}")
+        if last_only and T > PREFILL_UBATCH:
+            # a long prompt runs in batches (llama.cpp's n_ubatch): the activations stay those
+            # of PREFILL_UBATCH tokens, which a memory limit counts (engine/limit.py)
+            for i in range(0, T, PREFILL_UBATCH):
+                out = self.forward(ids[i:i + PREFILL_UBATCH], cache, True)
+            return out
         pos0 = cache.offset
         regime = self.rope.regime(pos0 + T)
         if pos0 and regime != cache.regime:
