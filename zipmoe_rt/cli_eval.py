@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from .cli import CliError, check_budget_options, engine_options, friendly_errors, main
+from .cli import (CliError, check_budget_options, engine_options, friendly_errors, main,
+                  warn_c_tier_unused)
 
 #: window length of ``perplexity`` when --ctx is not given (capped at the model's context).
 DEFAULT_CTX = 512
@@ -78,6 +79,8 @@ def perplexity(model, file, ctx, stride, no_verify, quiet, **kw):
     check_budget_options(kw)
     m = load(model, verify=not no_verify, **kw)     # kw: the engine options, as `run` takes
     try:
+        if kw.get("memory_budget") is not None or kw.get("memory_limit") is not None:
+            warn_c_tier_unused(m)
         max_ctx = int(m.hparams["max_position_embeddings"])
         ctx = min(DEFAULT_CTX, max_ctx) if ctx is None else ctx
         stride = max(1, ctx // 2) if stride is None else stride
