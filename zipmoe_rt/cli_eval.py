@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .cli import (CliError, check_budget_options, engine_options, friendly_errors, main,
-                  warn_c_tier_unused)
+                  progress_wanted, warn_c_tier_unused)
 
 #: window length of ``perplexity`` when --ctx is not given (capped at the model's context).
 DEFAULT_CTX = 512
@@ -47,7 +47,8 @@ def plan(config, memory_budget, as_json):
                    "scored [default: half of --ctx]")
 @click.option("--no-verify", is_flag=True,
               help="skip CRC checks of pieces read from the .zmoe (not recommended)")
-@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+@click.option("-q", "--quiet", is_flag=True,
+              help="no progress bar (it is drawn only when stderr is a terminal)")
 @engine_options
 @friendly_errors
 def perplexity(model, file, ctx, stride, no_verify, quiet, **kw):
@@ -86,7 +87,8 @@ def perplexity(model, file, ctx, stride, no_verify, quiet, **kw):
         stride = max(1, ctx // 2) if stride is None else stride
         ids = m.tokenizer.encode(text, add_special_tokens=True)
         check_windows(len(ids), ctx, stride, max_ctx, where=str(file))
-        with tqdm(total=0, unit="window", desc="perplexity", disable=quiet) as bar:
+        with tqdm(total=0, unit="window", desc="perplexity",
+                  disable=not progress_wanted(quiet)) as bar:
             def progress(done, total):
                 bar.total = total
                 bar.update(done - bar.n)
