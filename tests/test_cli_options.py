@@ -215,3 +215,18 @@ def test_c_tier_planes_under_zipmoe_is_in_the_banner(traced_zmoe):
         assert len(lines[c]) == 1, r.stderr
     assert lines["planes"][0].endswith("policy zipmoe (C tier planes: decoded at every use)")
     assert lines["packed"][0].endswith("policy zipmoe"), lines["packed"]
+
+
+# -- 7. progress bars on a terminal only ----------------------------------------------------------
+def test_bench_builds_the_default_model_without_bars_off_a_terminal(monkeypatch):
+    import zipmoe_rt.default_model as D
+    from zipmoe_rt.cli import CliError
+
+    asked = []
+
+    def fake(progress=True):
+        asked.append(progress)
+        raise CliError("stop here")
+    monkeypatch.setattr(D, "ensure_default_model", fake)
+    assert_one_line_error(cli("bench", "-p", 4, "-n", 2), "stop here")
+    assert asked == [False]                    # stderr is captured: not a terminal

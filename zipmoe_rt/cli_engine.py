@@ -133,10 +133,9 @@ def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, evicti
     if n_prompt == 0 and n_gen == 0:
         raise CliError("nothing to run: --n-prompt and --n-gen are both 0")
     from . import bench as B
-    from .default_model import ensure_default_model
     from .backends import resolve_device
     device = "cuda" if resolve_device(device) == "cuda" else "cpu"   # once, here (one notice)
-    model = model or ensure_default_model()
+    model = default_model_if_none(model)   # (progress bars on a terminal only)
     bl = [None if b.lower() == "none" else b
           for b in (budgets or (() if limits else ("25%",)))]
     from click.core import ParameterSource
