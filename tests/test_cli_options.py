@@ -230,3 +230,20 @@ def test_bench_builds_the_default_model_without_bars_off_a_terminal(monkeypatch)
     monkeypatch.setattr(D, "ensure_default_model", fake)
     assert_one_line_error(cli("bench", "-p", 4, "-n", 2), "stop here")
     assert asked == [False]                    # stderr is captured: not a terminal
+
+
+# -- 8. bench without a budgeted row ---------------------------------------------------------------
+def test_bench_unbudgeted_rows_say_no_budget_and_skip_nothing(tiny_zmoe):
+    r = cli("bench", tiny_zmoe, "-m", "none", "--resident", "full", "--resident", "compressed",
+            "-p", 4, "-n", 2, "-r", 1)
+    assert r.exit_code == 0, r.output
+    progress = [l for l in r.stderr.splitlines() if l.startswith("bench: ")]
+    assert progress == ["bench: no budget, policy in-memory ...",
+                        "bench: no budget, policy in-memory compressed ..."], r.stderr
+    assert "None" not in r.stdout + r.stderr
+    # a budgeted zipmoe row without a trace is still skipped, saying why
+    r = cli("bench", tiny_zmoe, "-m", "25%", "--policy", "zipmoe", "--policy", "zip-lru",
+            "-p", 4, "-n", 2, "-r", 1)
+    assert r.exit_code == 0, r.output
+    assert any(l.startswith("bench: skipping policy zipmoe: ") and "trace" in l
+               for l in r.stderr.splitlines()), r.stderr
