@@ -260,17 +260,12 @@ class Model:
     def memory_line(self) -> str:
         """The banner's and ``/stats``' memory line
         (:func:`~zipmoe_rt.engine.limit.memory_line`); under ``auto`` the policy says what it
-        chose per MoE layer (:func:`~zipmoe_rt.engine.factory.describe_auto`); a zipmoe policy
-        whose C slots hold the storage form on the CPU (``c_tier="planes"``) says ``C tier
-        planes``."""
+        chose per MoE layer (:func:`~zipmoe_rt.engine.factory.describe_auto`)."""
         from .engine.factory import describe_auto
         from .engine.limit import memory_line
         pol = describe_auto(getattr(self.engine, "auto_choice", None), self.policy)
         if getattr(self.engine, "resident", "full") == "compressed":
             pol += " (experts cached in the compute form)"
-        if (self.device == "cpu" and self.policy == "zipmoe"
-                and getattr(self.engine, "c_form", "packed") == "planes"):
-            pol += " (C tier planes: decoded at every use)"
         return memory_line(self.memory_plan, self.engine and self.engine.budget, pol)
 
     @property

@@ -349,7 +349,9 @@ def load_from_options(model, kw, context=None):
              resident=kw.get("resident", "full"), host_budget=kw.get("host_budget"),
              prefetch=kw.get("prefetch"), c_tier=kw.get("c_tier", "packed"))
     if _memory_asked(kw):      # the banner's memory line: a limit or a budget was given
-        click.echo(f"zipmoe-rt: {m.memory_line()}", err=True)
+        planes = kw.get("c_tier") == "planes" and m.policy == "zipmoe"
+        click.echo(f"zipmoe-rt: {m.memory_line()}" + (", C tier planes (decoded at every use)"
+                                                      if planes else ""), err=True)
         warn_c_tier_unused(m)
     return m
 
