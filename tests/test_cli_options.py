@@ -4,7 +4,9 @@ beyond the trained length (one warning, as llama.cpp's ``n_ctx_train`` warning),
 ``--eviction``, ``--prefetch``, ``--c-tier``) given without a memory budget (an error naming the
 option, as ``--host-budget``), the sizes ``bench`` prints for budgets under 1 MB, and
 ``--c-tier`` under a budget (one warning where the policy has no C tier; ``C tier planes`` in the
-banner's policy). In-process (click's CliRunner) on the tiny random Mixtral of test_cli.py (trained context 512 tokens)."""
+banner's policy), progress bars off a terminal and ``bench``'s lines without a budgeted row.
+In-process (click's CliRunner) on the tiny random Mixtral of test_cli.py (trained context 512
+tokens)."""
 from __future__ import annotations
 
 import logging

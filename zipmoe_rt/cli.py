@@ -288,9 +288,9 @@ BUDGET_ONLY_OPTIONS = ("policy", "eviction", "prefetch", "c_tier")
 
 def check_budget_options(kw) -> None:
     """Refuse ``--policy``, ``--eviction``, ``--prefetch`` or ``--c-tier`` given on the command
-    line without ``--memory-budget`` or ``--memory-limit``: unbudgeted, every expert is kept once decoded,
-    so there is no expert cache for them to act on (``--host-budget`` is refused likewise, by
-    :func:`zipmoe_rt.load`). Call it in the verb's own thread (it reads click's context).
+    line without ``--memory-budget`` or ``--memory-limit``: unbudgeted, every expert is kept
+    once decoded, so there is no expert cache for them to act on (``--host-budget`` is refused
+    likewise, by :func:`zipmoe_rt.load`). Call it in the verb's own thread (it reads click's context).
 
     Raises:
         CliError: naming the first such option.
