@@ -1,9 +1,12 @@
 """Option checks of ``zipmoe-rt run``/``chat``/``serve``/``perplexity``/``bench``: a context
 beyond the trained length (one warning, as llama.cpp's ``n_ctx_train`` warning), an empty
 ``--stop`` string (an error naming the option), budget-only options (``--policy``,
-``--eviction``, ``--prefetch``) given without a memory budget (an error naming the option, as
-``--host-budget``), and the sizes ``bench`` prints for budgets under 1 MB. In-process (click's
-CliRunner) on the tiny random Mixtral of test_cli.py (trained context 512 tokens)."""
+``--eviction``, ``--prefetch``, ``--c-tier``) given without a memory budget (an error naming the
+option, as ``--host-budget``), the sizes ``bench`` prints for budgets under 1 MB, and
+``--c-tier`` under a budget (one warning where the policy has no C tier; ``C tier planes`` in the
+banner's policy), progress bars off a terminal and ``bench``'s lines without a budgeted row.
+In-process (click's CliRunner) on the tiny random Mixtral of test_cli.py (trained context 512
+tokens)."""
 from __future__ import annotations
 
 import logging
@@ -95,7 +98,8 @@ def test_empty_stop_string_is_an_error_naming_the_option(tiny_zmoe, verb, stops)
 
 # -- 3. budget-only options without a budget ------------------------------------------------------
 BUDGET_ONLY = [("--eviction", "lfu"), ("--policy", "zip-lru"), ("--prefetch", "on"),
-               ("--prefetch", "off"), ("--eviction", "lru")]
+               ("--prefetch", "off"), ("--eviction", "lru"), ("--c-tier", "planes"),
+               ("--c-tier", "packed")]
 
 
 @pytest.mark.parametrize("option, value", BUDGET_ONLY)
@@ -138,6 +142,8 @@ def test_bench_eviction_without_a_budgeted_row_is_an_error(tiny_zmoe, monkeypatc
     monkeypatch.setattr(B, "run", lambda *a, **kw: pytest.fail("bench ran"))
     assert_one_line_error(cli("bench", tiny_zmoe, "-m", "none", "--eviction", "lfu"),
                           "--eviction")
+    assert_one_line_error(cli("bench", tiny_zmoe, "-m", "none", "--c-tier", "planes"),
+                          "--c-tier", "budgeted rows")
 
 
 # -- 5. bench's budget sizes ------------------------------------------------------------------
@@ -167,3 +173,79 @@ def test_bench_prints_a_budget_under_1_mb_with_its_unit(tiny_zmoe):
     assert f"bench: budget {want}, policy zip-lru ..." in r.stderr.splitlines()
     assert "(0 MB)" not in r.stdout + r.stderr
     assert not re.search(r"\(0(\.0)? (MB|kB)\)", r.stdout)
+
+
+# -- 6. --c-tier under a budget -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def traced_zmoe(tiny_zmoe, tmp_path_factory):
+    """A copy of the tiny model with an activation trace beside it (policy zipmoe runs)."""
+    import shutil
+    own = tmp_path_factory.mktemp("traced") / "m.zmoe"
+    shutil.copy(tiny_zmoe, own)
+    prompts = own.with_name("prompts.txt")
+    prompts.write_text("hello world\nthe cat sat on the mat\n")
+    r = cli("profile", own, "--prompts", prompts, "-n", 4, "--raw", "-q")
+    assert r.exit_code == 0, r.output
+    return own
+
+
+C_TIER_WARNING = ("zipmoe-rt: warning: --c-tier: no effect: policy {p} has no C tier (only "
+                  "zipmoe's tiers have C slots)")
+
+
+@pytest.mark.parametrize("policy", ["zip-lru", "auto"])
+def test_c_tier_with_a_policy_without_c_slots_warns_once(tiny_zmoe, policy):
+    plain = cli("run", tiny_zmoe, "-p", "hello", "-n", 5)
+    args = ("run", tiny_zmoe, "-p", "hello", "-n", 5, "-m", "50%", "--policy", policy)
+    r = cli(*args, "--c-tier", "planes")       # no trace: auto runs zip-lru
+    assert r.exit_code == 0, r.output
+    assert _warnings(r.stderr) == [C_TIER_WARNING.format(p="zip-lru")]
+    assert r.stdout == plain.stdout
+    assert _warnings(cli(*args).stderr) == []  # not given: no warning
+
+
+def test_c_tier_planes_under_zipmoe_is_in_the_banner(traced_zmoe):
+    plain = cli("run", traced_zmoe, "-p", "hello", "-n", 5)
+    lines = {}
+    for c in ("packed", "planes"):
+        r = cli("run", traced_zmoe, "-p", "hello", "-n", 5, "-m", "50%", "--policy", "zipmoe",
+                "--c-tier", c)
+        assert r.exit_code == 0, r.output
+        assert _warnings(r.stderr) == [], r.stderr
+        assert r.stdout == plain.stdout            # bit-identical in either form
+        lines[c] = [l for l in r.stderr.splitlines() if "; policy " in l]
+        assert len(lines[c]) == 1, r.stderr
+    assert lines["planes"][0] == lines["packed"][0] + ", C tier planes (decoded at every use)"
+    assert lines["packed"][0].endswith("policy zipmoe"), lines["packed"]
+
+
+# -- 7. progress bars on a terminal only ----------------------------------------------------------
+def test_bench_builds_the_default_model_without_bars_off_a_terminal(monkeypatch):
+    import zipmoe_rt.default_model as D
+    from zipmoe_rt.cli import CliError
+
+    asked = []
+
+    def fake(progress=True):
+        asked.append(progress)
+        raise CliError("stop here")
+    monkeypatch.setattr(D, "ensure_default_model", fake)
+    assert_one_line_error(cli("bench", "-p", 4, "-n", 2), "stop here")
+    assert asked == [False]                    # stderr is captured: not a terminal
+
+
+# -- 8. bench without a budgeted row ---------------------------------------------------------------
+def test_bench_unbudgeted_rows_say_no_budget_and_skip_nothing(tiny_zmoe):
+    r = cli("bench", tiny_zmoe, "-m", "none", "--resident", "full", "--resident", "compressed",
+            "-p", 4, "-n", 2, "-r", 1)
+    assert r.exit_code == 0, r.output
+    progress = [l for l in r.stderr.splitlines() if l.startswith("bench: ")]
+    assert progress == ["bench: no budget, policy in-memory ...",
+                        "bench: no budget, policy in-memory compressed ..."], r.stderr
+    assert "None" not in r.stdout + r.stderr
+    # a budgeted zipmoe row without a trace is still skipped, saying why
+    r = cli("bench", tiny_zmoe, "-m", "25%", "--policy", "zipmoe", "--policy", "zip-lru",
+            "-p", 4, "-n", 2, "-r", 1)
+    assert r.exit_code == 0, r.output
+    assert any(l.startswith("bench: skipping policy zipmoe: ") and "trace" in l
+               for l in r.stderr.splitlines()), r.stderr

@@ -206,6 +206,18 @@ def test_default_stride_is_half_the_window(tiny_chat, text_file):
     assert (r["ctx"], r["stride"]) == (512, 256)         # the tiny model's context is 512
 
 
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tiny_chat, text_file, monkeypatch):
+    """The progress bar is drawn on a terminal only (as every progress bar of the CLI): here
+    stderr is captured, so without ``-q`` it stays empty; with a terminal it shows."""
+    _, zm = tiny_chat("mixtral")
+    plain = cli("perplexity", zm, text_file, "--ctx", 64)
+    assert plain.stderr == ""
+    assert plain.stdout == cli("perplexity", zm, text_file, "--ctx", 64, "-q").stdout
+    import zipmoe_rt.cli_eval as E
+    monkeypatch.setattr(E, "progress_wanted", lambda quiet=False: not quiet)   # a terminal
+    assert "perplexity:" in cli("perplexity", zm, text_file, "--ctx", 64).stderr
+
+
 @pytest.mark.parametrize("args,needles", [
     (("--ctx", 8, "--stride", 9), ("--stride 9 is larger than --ctx 8",)),
     (("--ctx", 0), ("--ctx must be a positive number",)),

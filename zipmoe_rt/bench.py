@@ -276,7 +276,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
     rows = []
     policies = list(policies)
     tpath = Path(trace) if trace else prof.sidecar(model_path, prof.TRACE_SUFFIX)
-    if "zipmoe" in policies:
+    if "zipmoe" in policies and (limits or any(b is not None for b in budgets)):
         try:
             prof.load_trace(tpath, src)
         except prof.TraceError as e:
@@ -304,7 +304,8 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                     log("bench: building the raw-expert copy for raw-lru once (NAME.raw.zmoe)")
                 path = raw_model or raw_companion(model_path)
             what = (f"memory limit {lim} ({format_bytes(lim_bytes)})" if lim is not None
-                    else f"budget {b} ({format_bytes(nbytes or 0)})")
+                    else f"budget {b} ({format_bytes(nbytes)})" if b is not None
+                    else "no budget")
             log(f"bench: {what}, policy {label}" + (f", prefetch {pf}" if pf else "") + " ...")
             runs, mem = _in_subprocess(str(path), nbytes,
                                        pol if (b is not None or lim is not None) else "auto", pp,

@@ -175,8 +175,9 @@ ENGINE_OPTIONS = [
                       "budget: the form of the experts the policy caches"),
     click.option("--c-tier", type=click.Choice(["packed", "planes"]), default="packed",
                  show_default=True,
-                 help="zipmoe's C slots: the compute form computed in place (packed) or the "
-                      "storage form decoded at every use (planes)"),
+                 help="under a budget, policy zipmoe: its C slots hold the compute form, "
+                      "computed in place (packed), or the storage form, decoded at every use "
+                      "(planes)"),
     # cross-layer prefetch (engine/prefetch.py)
     click.option("--prefetch", type=click.Choice(["on", "off"]), default=None,
                  help="under a budget: while a layer computes, load the experts the next "
@@ -280,15 +281,16 @@ def _memory_asked(kw) -> bool:
 
 
 #: options that act only under a memory budget or limit (an error without one, as for
-#: ``--host-budget``)
-BUDGET_ONLY_OPTIONS = ("policy", "eviction", "prefetch")
+#: ``--host-budget``); ``--c-tier`` also only under policy zipmoe (one warning otherwise:
+#: :func:`warn_c_tier_unused`)
+BUDGET_ONLY_OPTIONS = ("policy", "eviction", "prefetch", "c_tier")
 
 
 def check_budget_options(kw) -> None:
-    """Refuse ``--policy``, ``--eviction`` or ``--prefetch`` given on the command line without
-    ``--memory-budget`` or ``--memory-limit``: unbudgeted, every expert is kept once decoded,
-    so there is no expert cache for them to act on (``--host-budget`` is refused likewise, by
-    :func:`zipmoe_rt.load`). Call it in the verb's own thread (it reads click's context).
+    """Refuse ``--policy``, ``--eviction``, ``--prefetch`` or ``--c-tier`` given on the command
+    line without ``--memory-budget`` or ``--memory-limit``: unbudgeted, every expert is kept
+    once decoded, so there is no expert cache for them to act on (``--host-budget`` is refused
+    likewise, by :func:`zipmoe_rt.load`). Call it in the verb's own thread (it reads click's context).
 
     Raises:
         CliError: naming the first such option.
@@ -302,13 +304,37 @@ def check_budget_options(kw) -> None:
     for name in BUDGET_ONLY_OPTIONS:
         if name in ctx.params and ctx.get_parameter_source(name) not in (
                 ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
-            raise CliError(f"--{name}: applies under a memory budget (--memory-budget or "
-                           f"--memory-limit); without one every expert is kept once decoded "
+            raise CliError(f"{_option(name)}: applies under a memory budget (--memory-budget "
+                           f"or --memory-limit); without one every expert is kept once decoded "
                            f"and there is no expert cache to {_BUDGET_ONLY_ROLE[name]}")
 
 
 _BUDGET_ONLY_ROLE = {"policy": "choose a policy for", "eviction": "evict from",
-                     "prefetch": "prefetch into"}
+                     "prefetch": "prefetch into", "c_tier": "give a C tier"}
+
+
+def _option(name: str) -> str:
+    """The command-line spelling of click parameter ``name`` (``c_tier`` -> ``--c-tier``)."""
+    return "--" + name.replace("_", "-")
+
+
+def _given(name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not left at its default)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or name not in ctx.params:
+        return False
+    from click.core import ParameterSource
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT,
+                                                  ParameterSource.DEFAULT_MAP)
+
+
+def warn_c_tier_unused(m) -> None:
+    """One warning line when ``--c-tier`` was given but the loaded model's policy
+    (``m.policy``, ``auto`` resolved) is not ``zipmoe``: only zipmoe's tiers have C slots, so
+    the option has no effect."""
+    if _given("c_tier") and m.policy != "zipmoe":
+        click.echo(f"zipmoe-rt: warning: --c-tier: no effect: policy {m.policy} has no C "
+                   f"tier (only zipmoe's tiers have C slots)", err=True)
 
 
 def load_from_options(model, kw, context=None):
@@ -323,7 +349,10 @@ def load_from_options(model, kw, context=None):
              resident=kw.get("resident", "full"), host_budget=kw.get("host_budget"),
              prefetch=kw.get("prefetch"), c_tier=kw.get("c_tier", "packed"))
     if _memory_asked(kw):      # the banner's memory line: a limit or a budget was given
-        click.echo(f"zipmoe-rt: {m.memory_line()}", err=True)
+        planes = kw.get("c_tier") == "planes" and m.policy == "zipmoe"
+        click.echo(f"zipmoe-rt: {m.memory_line()}" + (", C tier planes (decoded at every use)"
+                                                      if planes else ""), err=True)
+        warn_c_tier_unused(m)
     return m
 
 

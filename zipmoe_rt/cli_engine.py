@@ -133,17 +133,19 @@ def bench(model, budgets, limits, policies, n_prompt, n_gen, repetitions, evicti
     if n_prompt == 0 and n_gen == 0:
         raise CliError("nothing to run: --n-prompt and --n-gen are both 0")
     from . import bench as B
-    from .default_model import ensure_default_model
     from .backends import resolve_device
     device = "cuda" if resolve_device(device) == "cuda" else "cpu"   # once, here (one notice)
-    model = model or ensure_default_model()
+    model = default_model_if_none(model)   # (progress bars on a terminal only)
     bl = [None if b.lower() == "none" else b
           for b in (budgets or (() if limits else ("25%",)))]
     from click.core import ParameterSource
-    if (all(b is None for b in bl) and not limits and click.get_current_context()
-            .get_parameter_source("eviction") != ParameterSource.DEFAULT):
-        raise CliError("--eviction: applies to budgeted rows (--memory-budget SIZE or "
-                       "--memory-limit); the 'none' rows keep every expert once decoded")
+    ctx = click.get_current_context()
+    for name in ("eviction", "c_tiers"):
+        if (all(b is None for b in bl) and not limits
+                and ctx.get_parameter_source(name) != ParameterSource.DEFAULT):
+            opt = "--c-tier" if name == "c_tiers" else "--eviction"
+            raise CliError(f"{opt}: applies to budgeted rows (--memory-budget SIZE or "
+                           f"--memory-limit); the 'none' rows keep every expert once decoded")
     policies = list(policies or ("raw-lru", "zip-lru", "zipmoe"))
     from .engine import profile as prof
     if (("zipmoe" in policies or "auto" in policies) and (any(b is not None for b in bl) or limits)

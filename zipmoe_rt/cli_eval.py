@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from .cli import CliError, check_budget_options, engine_options, friendly_errors, main
+from .cli import (CliError, check_budget_options, engine_options, friendly_errors, main,
+                  progress_wanted, warn_c_tier_unused)
 
 #: window length of ``perplexity`` when --ctx is not given (capped at the model's context).
 DEFAULT_CTX = 512
@@ -46,7 +47,8 @@ def plan(config, memory_budget, as_json):
                    "scored [default: half of --ctx]")
 @click.option("--no-verify", is_flag=True,
               help="skip CRC checks of pieces read from the .zmoe (not recommended)")
-@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+@click.option("-q", "--quiet", is_flag=True,
+              help="no progress bar (it is drawn only when stderr is a terminal)")
 @engine_options
 @friendly_errors
 def perplexity(model, file, ctx, stride, no_verify, quiet, **kw):
@@ -78,12 +80,15 @@ def perplexity(model, file, ctx, stride, no_verify, quiet, **kw):
     check_budget_options(kw)
     m = load(model, verify=not no_verify, **kw)     # kw: the engine options, as `run` takes
     try:
+        if kw.get("memory_budget") is not None or kw.get("memory_limit") is not None:
+            warn_c_tier_unused(m)
         max_ctx = int(m.hparams["max_position_embeddings"])
         ctx = min(DEFAULT_CTX, max_ctx) if ctx is None else ctx
         stride = max(1, ctx // 2) if stride is None else stride
         ids = m.tokenizer.encode(text, add_special_tokens=True)
         check_windows(len(ids), ctx, stride, max_ctx, where=str(file))
-        with tqdm(total=0, unit="window", desc="perplexity", disable=quiet) as bar:
+        with tqdm(total=0, unit="window", desc="perplexity",
+                  disable=not progress_wanted(quiet)) as bar:
             def progress(done, total):
                 bar.total = total
                 bar.update(done - bar.n)
