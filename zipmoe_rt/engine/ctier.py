@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import mmap
 import threading
-import time
 
 import numpy as np
 
@@ -147,30 +146,24 @@ class CTierMixin:
             self.pool.submit(self._pack_job, pend, pi)
 
     def _pack_job(self, pend, pi: int) -> None:
-        t0 = time.perf_counter()
-        try:
-            if pend.error is None:
-                p = pend.lay.pieces[pi]
-                part = pack_piece(self.path, p, pend.sm, pend.exp, self._dctx(),
-                                  _scratch(p.elements), anon_array)
-                with pend.lock:
-                    pend.parts.update(part)
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting main thread
-            pend.error = e
-        dt = time.perf_counter() - t0
-        with pend.lock:
-            pend.left -= 1
-            last = pend.left == 0
-        with self._lock:
-            self.stats.decode_s += dt
-        if last:
-            if pend.error is None:
-                r = pend.parts
-                pend.weights = PackedExpert(r["gate"], r["up"], r["down"])
-                with self._lock:
-                    self.transcodes += 1
-            pend.parts = None
-            pend.done.set()
+        p = pend.lay.pieces[pi]
+
+        def work():
+            part = pack_piece(self.path, p, pend.sm, pend.exp, self._dctx(),
+                              _scratch(p.elements), anon_array)
+            with pend.lock:
+                pend.parts.update(part)
+        self._worker_job(pend, work, self._pack_finish)
+
+    def _pack_finish(self, pend) -> None:
+        """The last tensor of a load into the compute form is packed: its expert."""
+        if pend.error is None:
+            r = pend.parts
+            pend.weights = PackedExpert(r["gate"], r["up"], r["down"])
+            with self._lock:
+                self.transcodes += 1
+        pend.parts = None
+        pend.done.set()
 
     # -- C slots -----------------------------------------------------------------------------
     def _c_slot(self, lay, sm: np.ndarray, exp: np.ndarray, weights=None) -> Slot:

@@ -310,12 +310,14 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             self.stats.reads += 1
         return buf
 
-    def _decode_job(self, pend: _Pending, pi: int, c0: int, c1: int):
+    def _worker_job(self, pend: _Pending, work, finish):
+        """One of a load's decode-worker jobs: ``work()`` unless the load already failed (an
+        exception is kept in ``pend.error`` for the waiting main thread), its time added to the
+        decode statistics; the load's last job calls ``finish(pend)``."""
         t0 = time.perf_counter()
         try:
             if pend.error is None:
-                p = pend.lay.pieces[pi]
-                L_.decode_chunks(self.path, p, c0, c1, pend.sm, pend.exp, pend.outs[pi], self._dctx())
+                work()
         except BaseException as e:  # noqa: BLE001 - handed to the waiting main thread
             pend.error = e
         dt = time.perf_counter() - t0
@@ -325,7 +327,13 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         with self._lock:
             self.stats.decode_s += dt
         if last:
-            self._finish(pend)
+            finish(pend)
+
+    def _decode_job(self, pend: _Pending, pi: int, c0: int, c1: int):
+        p = pend.lay.pieces[pi]
+        self._worker_job(pend, lambda: L_.decode_chunks(self.path, p, c0, c1, pend.sm, pend.exp,
+                                                        pend.outs[pi], self._dctx()),
+                         self._finish)
 
     def _finish(self, pend: _Pending):
         try:
