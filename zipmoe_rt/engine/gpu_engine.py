@@ -38,7 +38,8 @@ import numpy as np
 
 from . import layout as L_
 from .gpu_meta import block_layout, build_meta, gpu_decodable, meta_bound, pack_meta
-from .pipeline import ExpertEngine, StageTimes
+from .pipeline import ExpertEngine
+from .stage_times import StageTimes
 from .tiers import Slot
 from ..models.weights import ExpertWeights
 
@@ -75,7 +76,7 @@ def assemble(ops, roles: dict, stream) -> ExpertWeights:
 
 @dataclass
 class GpuStageTimes(StageTimes):
-    """:class:`~zipmoe_rt.engine.pipeline.StageTimes` plus the GPU path's counters: bytes sent
+    """:class:`~zipmoe_rt.engine.stage_times.StageTimes` plus the GPU path's counters: bytes sent
     over PCIe for experts, uploads, GPU decodes and their kernel time (CUDA events, seconds),
     misses served from the pinned host cache and from the file."""
 
