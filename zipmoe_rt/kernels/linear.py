@@ -116,16 +116,6 @@ def _copy_rows_f32(W, r0, r1, buf):
             b[j] = row[j]
 
 
-@njit(**JIT_PARALLEL)
-def _widen_bf16_par(W, out):
-    rows = W.shape[0]
-    for r in prange(rows):
-        row = W[r]
-        o = out[r]
-        for j in range(W.shape[1]):
-            o[j] = bf16_to_f32(row[j])
-
-
 # ---------------------------------------------------------------------------------------------
 # BF16 GEMV (T == 1), on any row source (kernels/rows.py: BF16 bits in place, or decoded)
 
