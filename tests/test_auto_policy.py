@@ -249,6 +249,10 @@ def test_scenario_engines_serve_every_call_from_their_tier(tiny_case):
                 want = {t: (c.k * len(layers) if t == tier else 0)
                         for t in ("F", "C", "S", "E", "miss")}
                 assert eng.stats.hits == want
+                if tier == "C":   # the storage form, which the base delay model prices
+                    slots = [sl for sl in eng.slots.values() if sl.tier == "C"]
+                    assert slots and all(sl.sm is not None and sl.exp is not None
+                                         and sl.packed is None for sl in slots)
                 assert eng.stats.call_hits == {
                     ",".join(str(want[t] // len(layers)) for t in want): len(layers)}
                 assert pool == (int(src.hparams["num_experts"]) if tier == "miss"

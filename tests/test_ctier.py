@@ -306,13 +306,15 @@ def test_compute_form_delay_prices_what_the_engine_holds(tiny_case):
     src = ZmoeSource(c.zmoe, keep_experts=False, copy_dense=True)
     try:
         base = c.delay("CE")
-        base = DelayModel(**{**base.__dict__, "bytes_c_form": 0, "c_matmul_s": 0.0})
+        base = DelayModel(**{**base.__dict__, "bytes_c_form": 0, "c_matmul_s": 0.0,
+                             "load_C_s": 2e-4})
         calib = {"c_matmul_s": 3e-6, "transcode_s": 7e-4, "escape_share": 0.02}
         d, share = compute_form_delay(base, src, calib, "full", "packed")
         assert share == 0.04
         want = max(R.compute_form_bytes(l, 0.04) for l in src.layouts.values())
         assert d.bytes_C == d.bytes_c_form == want and d.c_matmul_s == 3e-6
         assert d.bytes_F == base.bytes_F and d.matmul_s == base.matmul_s
+        assert d.load_C_s == 0.0      # a compute-form C hit loads nothing
         d, share = compute_form_delay(base, src, {**calib, "escape_share": 0.0}, "compressed",
                                       "packed")
         assert share == ESCAPE_SHARE

@@ -206,7 +206,8 @@ def compute_form_delay(delay, source, calib: dict, resident: str, c_form: str, b
     * C-tier bytes (``bytes_c_form``): :func:`~zipmoe_rt.engine.resident.compute_form_bytes`
       of the largest expert at ``escape_share``, a bound: twice the largest share of escapes
       the calibration saw, at least :data:`ESCAPE_SHARE`.
-    * C-hit time (``c_matmul_s``): the packed matmul of the calibration
+    * C-hit time (``c_matmul_s``, and no engine load term ``load_C_s``, which
+      ``calibrate`` measures on storage-form C slots): the packed matmul of the calibration
       (:func:`~zipmoe_rt.engine.calibration.compute_form_costs`; a calibration without it,
       from an older zipmoe-rt, gets it measured now on two sample experts, not saved).
     * ``resident="compressed"``: F holds the compute form too (``bytes_F``), every expert is
@@ -237,8 +238,8 @@ def compute_form_delay(delay, source, calib: dict, resident: str, c_form: str, b
         delay = dataclasses.replace(delay, bytes_F=bytes_P, matmul_s=c_mm,
                                     decode_s=float(costs.get("transcode_s", delay.decode_s)),
                                     chunks=max(1, len(lays[0].pieces)))
-    if c_form == "packed":
-        delay = dataclasses.replace(delay, bytes_c_form=bytes_P, c_matmul_s=c_mm)
+    if c_form == "packed":   # a C hit loads nothing: no engine load term (engine/overhead.py)
+        delay = dataclasses.replace(delay, bytes_c_form=bytes_P, c_matmul_s=c_mm, load_C_s=0.0)
     return delay, share
 
 

@@ -67,7 +67,9 @@ def _scenario_engine(source, tier: str, delay, workers: int, direct: bool, io_de
                      used: int = 1):
     """An :class:`ExpertEngine` whose first ``used`` MoE layers hold ``nres = min(N, 2k)``
     experts each in ``tier`` (none for ``miss``), slots fixed (no adaptation), and the number
-    of experts its calls draw from (``nres``; all ``N`` for ``miss``)."""
+    of experts its calls draw from (``nres``; all ``N`` for ``miss``). C slots hold the storage
+    form, which the base delay model prices (a decode per C hit); a C tier in the compute form
+    has no load to pay (:func:`~zipmoe_rt.engine.ctier.compute_form_delay`)."""
     from .pipeline import ExpertEngine, budget_split
     hp = source.hparams
     layers = list(hp["moe_layers"])
@@ -84,7 +86,7 @@ def _scenario_engine(source, tier: str, delay, workers: int, direct: bool, io_de
                        plan=_scenario_plan(tier, n, 0 if tier == "miss" else nres, len(layers),
                                            used),
                        ranks=[list(range(n))] * len(layers), workers=workers, direct=direct,
-                       delay=delay, adapt=False, io_depth=io_depth)
+                       delay=delay, adapt=False, io_depth=io_depth, c_form="planes")
     return eng, (n if tier == "miss" else nres)
 
 
