@@ -36,7 +36,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .tiers import BudgetError
+from .tiers import BudgetError, mb_at_least, smallest_budget
 
 __all__ = ["MemoryLimitError", "MemoryPlan", "parse_limit", "cgroup_limit", "mem_available",
            "detect_memory", "resolve_limit", "fixed_overhead", "kv_bytes", "read_buffer_bytes", "activation_bytes",
@@ -395,9 +395,7 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
     kv = kv_bytes(source.hparams, context)
     buf = read_buffer_bytes(source)
     act = activation_bytes(source.hparams)
-    lays = list(source.layouts.values())
-    minimum = source.dense_bytes() + int(source.hparams["num_experts_per_tok"]) * \
-        max(l.full_bytes for l in lays)
+    minimum = smallest_budget(source)
     need = ov + kv + buf + act
     free = lim - need
     parts = (f"fixed overhead {ov / 1e6:.1f} MB + KV cache {kv / 1e6:.1f} MB for {context} "
@@ -415,8 +413,8 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
     elif free < minimum:
         raise MemoryLimitError(
             f"{_OPT} {lim / 1e6:.1f} MB ({how}) is too small for this model: it needs {parts}, "
-            f"plus the smallest weight budget {minimum / 1e6:.1f} MB (dense weights and one "
-            f"token's experts): at least {(need + minimum) / 1e6:.1f} MB")
+            f"plus the smallest weight budget {mb_at_least(minimum)} (dense weights and one "
+            f"token's experts): at least {mb_at_least(need + minimum)}")
     return MemoryPlan(limit=lim, how=how, overhead=ov, kv=kv, buffers=buf, budget=int(free),
                       context=context, minimum=minimum, activations=act)
 

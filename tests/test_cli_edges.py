@@ -1,0 +1,138 @@
+"""What a new user meets at the edges of the command line and the server: the token counts of
+``run`` / ``chat`` against ``serve``'s usage, the same config.json error from ``plan`` and
+``convert``, one minimum weight budget behind ``--memory-budget`` and ``--memory-limit``.
+Models: the tiny random Mixtral and Qwen2-MoE of tests/tiny_models.py, built at test time."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import zipmoe_rt
+
+from test_api import _greedy_ids, make_chat_model
+from test_cli import assert_one_line_error, cli, stats_of, user
+
+MB = 10**6
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tiny_moe_dir) -> Path:
+    return tiny_moe_dir("mixtral")
+
+
+@pytest.fixture(scope="module")
+def greedy_zmoe(tiny_src, tmp_path_factory) -> Path:
+    return make_chat_model(tiny_src, tmp_path_factory.mktemp("edges") / "tiny-chat",
+                           generation_config={"do_sample": False})
+
+
+# -- the stop token is counted alike by run/chat and serve ----------------------------------------
+@pytest.fixture(scope="module")
+def eos_zmoe(tiny_src, greedy_zmoe, tmp_path_factory):
+    """The tiny model with its k-th greedy token as EOS: every greedy reply to "hello world"
+    ends with that stop token after k tokens. Returns (path, k)."""
+    msgs = [user("hello world")]
+    with zipmoe_rt.load(greedy_zmoe) as m:
+        toks = _greedy_ids(m, m.tokenizer.encode_chat(msgs), 12)
+    k = next(i for i in range(2, len(toks)) if toks[i] not in toks[:i])
+    path = make_chat_model(tiny_src, tmp_path_factory.mktemp("edges") / "tiny-eos",
+                           generation_config={"do_sample": False, "eos_token_id": toks[k]})
+    return path, k
+
+
+def test_run_and_serve_count_the_stop_token_alike(eos_zmoe):
+    pytest.importorskip("uvicorn")
+    openai = pytest.importorskip("openai")
+    from test_server import HARD_LIMIT_S, _host, _wait_ready, running
+    from zipmoe_rt.server.app import create_app
+
+    path, k = eos_zmoe
+    r = cli("run", path, "-p", "hello world", "-n", 50)
+    assert r.exit_code == 0, r.stderr
+    _, _, generated, why = stats_of(r.stderr)
+    assert why == "stop"
+    with zipmoe_rt.load(path) as m:
+        m.chat([user("hello world")], max_tokens=50)
+        st = m.last_stats
+        assert (st.finish_reason, st.output_tokens, st.generated_tokens) == ("stop", k, k + 1)
+        app = create_app(_host(m, queue_size=4))
+        with running(app) as base:
+            _wait_ready(base)
+            client = openai.OpenAI(base_url=base + "/v1", api_key="unused",
+                                   timeout=HARD_LIMIT_S, max_retries=0)
+            reply = client.chat.completions.create(model="tiny", messages=[user("hello world")],
+                                                   max_tokens=50)
+    assert reply.choices[0].finish_reason == "stop"
+    # llama.cpp's server counts the EOS token in completion_tokens (n_decoded); so do both
+    assert reply.usage.completion_tokens == generated == k + 1
+
+
+# -- plan and convert refuse decoder_sparse_step 0 the same way -----------------------------------
+def test_plan_and_convert_refuse_decoder_sparse_step_zero(tiny_moe_dir, tmp_path):
+    src = tmp_path / "qwen2-moe"
+    shutil.copytree(tiny_moe_dir("qwen2_moe"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["decoder_sparse_step"] = 0
+    (src / "config.json").write_text(json.dumps(cfg))
+    planned = assert_one_line_error(cli("plan", src), "config.json", "decoder_sparse_step")
+    converted = assert_one_line_error(cli("convert", src, "-o", tmp_path / "out.zmoe"),
+                                      "config.json", "decoder_sparse_step")
+    assert planned == converted
+    assert f"{src / 'config.json'}: decoder_sparse_step must be at least 1" in planned
+    assert not (tmp_path / "out.zmoe").exists()
+    # the step that transformers' Qwen2MoeDecoderLayer reads: 2 makes layers 1, 3, ... sparse
+    cfg.update(decoder_sparse_step=2, mlp_only_layers=[], num_hidden_layers=3)
+    (src / "config.json").write_text(json.dumps(cfg))
+    r = cli("plan", src)
+    assert r.exit_code == 0 and "3 layers (1 MoE)" in r.stdout, r.output
+
+
+# -- --memory-budget and --memory-limit state one minimum ------------------------------------------
+def test_budget_and_limit_state_the_same_minimum(greedy_zmoe, tmp_path, monkeypatch):
+    from zipmoe_rt.engine import limit as L
+    from zipmoe_rt.engine.pipeline import budget_split
+    from zipmoe_rt.engine.store import ZmoeSource
+    from zipmoe_rt.engine.tiers import BudgetError, smallest_budget
+
+    monkeypatch.setenv("ZIPMOE_RT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None: 50 * MB)
+
+    def minimums(b, l):
+        return (re.search(r"at least (\d+\.\d) MB is needed", b).group(1),
+                re.search(r"smallest weight budget (\d+\.\d) MB", l).group(1))
+
+    # on the command line
+    rb = assert_one_line_error(cli("run", greedy_zmoe, "-p", "hi", "--memory-budget", "10kB"),
+                               "--memory-budget 0.0 MB")
+    rl = assert_one_line_error(cli("run", greedy_zmoe, "-p", "hi", "--memory-limit", "10kB"),
+                               "--memory-limit 0.0 MB")
+    b, l = minimums(rb, rl)
+    assert b == l
+    # the size printed is enough, 0.1 MB less is not
+    r = cli("run", greedy_zmoe, "-p", "hi", "-n", 2, "--memory-budget", f"{b}MB")
+    assert r.exit_code == 0, r.stderr
+    assert_one_line_error(cli("run", greedy_zmoe, "-p", "hi", "--memory-budget",
+                              f"{float(b) - 0.1:.1f}MB"), f"at least {b} MB")
+    # a minimum that rounds down to the nearest 0.1 MB (120.54 MB) is stated rounded up by both
+    src = ZmoeSource(greedy_zmoe)
+    try:
+        extra = 120_540_000 - smallest_budget(src)
+        dense = src.dense_bytes()
+        src.dense_bytes = lambda: dense + extra
+        assert smallest_budget(src) == 120_540_000
+        with pytest.raises(BudgetError) as eb:
+            budget_split(src, MB)
+        with pytest.raises(L.MemoryLimitError) as el:
+            L.plan_memory(src, MB, context=64, overhead=50 * MB)
+        assert minimums(str(eb.value), str(el.value)) == ("120.6", "120.6")
+        need = 50 * MB + L.kv_bytes(src.hparams, 64) + L.read_buffer_bytes(src) + \
+            L.activation_bytes(src.hparams) + 120_540_000
+        at_least = re.search(r": at least (\d+\.\d) MB$", str(el.value)).group(1)
+        assert float(at_least) * MB >= need > (float(at_least) - 0.1) * MB
+        L.plan_memory(src, f"{at_least}MB", context=64, overhead=50 * MB)   # enough
+    finally:
+        src.close()
