@@ -5,8 +5,11 @@ Models: the tiny random Mixtral and Qwen2-MoE of tests/tiny_models.py, built at 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +139,54 @@ def test_budget_and_limit_state_the_same_minimum(greedy_zmoe, tmp_path, monkeypa
         L.plan_memory(src, f"{at_least}MB", context=64, overhead=50 * MB)   # enough
     finally:
         src.close()
+
+
+# -- Ctrl-D while a reply streams -------------------------------------------------------------------
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a POSIX pty")
+def test_ctrl_d_while_a_reply_streams_stops_it_and_leaves(greedy_zmoe):
+    from test_cli import Pty, _cli_argv
+    from test_cli_repl import _env
+
+    # -n and -c this large: the reply runs until Ctrl-D (the hard time limit guards a hang)
+    argv = _cli_argv() + ["chat", str(greedy_zmoe), "-n", "1000000", "-c", "1000000"]
+    try:
+        proc = Pty(argv, _env(), limit_s=300)
+    except OSError as e:
+        pytest.skip(f"no pty: {e}")
+    try:
+        proc.expect(rb">>> ")
+        proc.send(b"hello world\r")
+        proc.expect(rb"hello world\r?\n")
+        proc.read_at_least(200)
+        proc.send(b"\x04")
+        proc.expect(rb" \[stopped\]\r?\n")
+        proc.expect(rb"\[\d+ prompt \+ 0 cached tokens, \d+ generated \(cancelled\)")
+        assert proc.wait() == 0
+        assert b">>> " not in proc.buf[proc.pos:], proc.buf[-300:]
+    except BaseException:
+        proc.kill()
+        raise
+
+
+def test_eof_typed_tells_an_end_of_file_from_a_line_typed_ahead():
+    import pty
+
+    from zipmoe_rt.cli_repl import eof_typed
+    main_fd, tty_fd = pty.openpty()
+    try:
+        assert not eof_typed(tty_fd)                    # nothing typed
+        os.write(main_fd, b"next question\n")
+        time.sleep(0.1)
+        assert not eof_typed(tty_fd)                    # a line typed ahead: left for the prompt
+        assert os.read(tty_fd, 100) == b"next question\n"
+        os.write(main_fd, b"\x04")
+        time.sleep(0.1)
+        assert eof_typed(tty_fd)                        # Ctrl-D on an empty line, consumed
+        assert not eof_typed(tty_fd)
+        r, w = os.pipe()                                # not a terminal
+        os.close(w)
+        assert not eof_typed(r)
+        os.close(r)
+    finally:
+        os.close(main_fd)
+        os.close(tty_fd)

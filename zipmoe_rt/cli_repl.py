@@ -224,7 +224,7 @@ REPL_HELP = """commands: /reset  forget the conversation (the system prompt is k
           /system TEXT  set the system prompt (and reset); /system alone clears it
           /stats  timings of the last reply and memory in use
           /help  this list
-          /quit  leave (also Ctrl-D); Ctrl-C stops a reply
+          /quit  leave (also Ctrl-D, at the prompt or during a reply); Ctrl-C stops a reply
           a multi-line paste is one turn; end a line with \\ to continue it"""
 
 
@@ -243,6 +243,34 @@ def _pending_input(timeout_s: float = 0.05) -> bool:
     try:
         return bool(select.select([sys.stdin], [], [], timeout_s)[0])
     except (OSError, ValueError):
+        return False
+
+
+def eof_typed(fd: int | None = None) -> bool:
+    """Whether a terminal's input starts with an end of file: Ctrl-D typed on an empty line
+    while the terminal is in its line mode (a reply streaming), which a read would return as
+    0 bytes. The terminal then says there is input (``select``) but no byte of it
+    (``FIONREAD`` 0; a line typed ahead counts its bytes and is left for the next prompt).
+    When it does, the end of file is read (taken off the queue, so that the shell does not
+    read it after ``chat`` exits) and True returned. False off a terminal or when it cannot
+    tell (not POSIX).
+
+    Args:
+        fd: the descriptor to look at (default: standard input's).
+    """
+    try:
+        import fcntl
+        import struct
+        import termios
+        fd = sys.stdin.fileno() if fd is None else fd
+        if not os.isatty(fd) or not select.select([fd], [], [], 0)[0]:
+            return False
+        waiting = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        if waiting:
+            return False
+        os.read(fd, 1)         # returns b"": the end of file, consumed
+        return True
+    except (ImportError, OSError, ValueError, AttributeError):
         return False
 
 
@@ -349,9 +377,16 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
                 + session.messages + [{"role": "user", "content": line}]
             n_new = len(model.tokenizer.encode_chat(msgs, add_generation_prompt=True)) - \
                 len(session.state.token_ids)
+        eof = False
+        streamed = stop_at(prefill_notice(pieces, n_new), stops, model)
         try:
-            for piece in stop_at(prefill_notice(pieces, n_new), stops, model):
+            for piece in streamed:
                 click.echo(piece, nl=False)
+                if interactive and eof_typed():      # Ctrl-D while the reply streams
+                    eof = True
+                    streamed.close()                 # the generation stops as for Ctrl-C
+                    click.echo(" [stopped]", nl=False)
+                    break
         except KeyboardInterrupt:
             click.echo(" [stopped]", nl=False)
         if reply is not None and session.messages and \
@@ -360,6 +395,8 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
         click.echo("")
         if interactive:
             click.secho(stats_line(model.last_stats), err=True, dim=True)
+        if eof:
+            break
 
 
 def prefill_notice(pieces: Iterator[str], n_new: int) -> Iterator[str]:
