@@ -190,3 +190,36 @@ def test_eof_typed_tells_an_end_of_file_from_a_line_typed_ahead():
     finally:
         os.close(main_fd)
         os.close(tty_fd)
+
+
+# -- odd option values ------------------------------------------------------------------------------
+@pytest.mark.parametrize("opts, needles", [
+    (["-n", "0"], ["'-n' / '--max-tokens'", "0: give at least 1 token, or -1 for no limit"]),
+    (["-n", "-2"], ["'-n' / '--max-tokens'", "-2: give at least 1 token, or -1 for no limit"]),
+    (["--seed", "abc"], ["'--seed'", "'abc' is not a valid integer."]),
+    (["-t", "x"], ["'--threads'", "'x' is not a valid integer."]),
+    (["--temp", "nan"], ["'--temp'", "'nan' is not a finite number"]),
+    (["--temp", "inf"], ["'--temp'", "'inf' is not a finite number"]),
+    (["--top-p", "nan"], ["'--top-p'", "'nan' is not a finite number"]),
+    (["--repeat-penalty", "x"], ["'--repeat-penalty'", "'x' is not a valid number."]),
+])
+def test_odd_option_values_get_one_line_naming_the_option(greedy_zmoe, opts, needles):
+    r = cli("run", greedy_zmoe, "-p", "hi", *opts)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1, r.stderr
+    for n in needles:
+        assert n in err[0], (n, err[0])
+    assert "integer range" not in r.stderr and "float range" not in r.stderr
+
+
+def test_max_tokens_minus_one_runs_to_the_end_of_the_context(greedy_zmoe):
+    """llama.cpp's ``-n -1``: no limit but a stop token and the context."""
+    with zipmoe_rt.load(greedy_zmoe) as m:
+        n_prompt = len(m.tokenizer.encode("hello", add_special_tokens=True))
+        want = m.generate("hello", max_tokens=40 - n_prompt + 1)
+        assert m.last_stats.finish_reason == "length"
+    r = cli("run", greedy_zmoe, "-p", "hello", "--raw", "-n", -1, "-c", 40)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == want + "\n"
+    assert stats_of(r.stderr)[2:] == (40 - n_prompt + 1, "length")

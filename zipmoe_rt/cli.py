@@ -14,6 +14,7 @@ import click
 import numpy as np
 
 from . import __version__
+from .cli_types import FloatRange, IntRange, max_tokens_for, max_tokens_option
 
 
 class CliError(click.ClickException):
@@ -163,10 +164,10 @@ ENGINE_OPTIONS = [
                  show_default=True, help="eviction of full (F) experts; tlfu = token-weighted LFU. "
                       "zipmoe's F pools: with lru, recency with frequency-aware admission (planned "
                       "from the trace's token sequences); lfu/tlfu use trace-seeded scores"),
-    click.option("--workers", type=click.IntRange(min=1), default=None,
+    click.option("--workers", type=IntRange(min=1), default=None,
                  help="decode workers [default: all cores]"),
     click.option("--direct", is_flag=True, help="read experts with O_DIRECT (bypass the page cache)"),
-    click.option("--io-depth", type=click.IntRange(min=1), default=None,
+    click.option("--io-depth", type=IntRange(min=1), default=None,
                  help="expert reads in flight at once [default: 4; 1 = one I/O thread]"),
     click.option("--resident", type=click.Choice(["full", "compressed"]), default="full",
                  show_default=True,
@@ -219,29 +220,31 @@ def sampling_options(fn):
     Sampling options left out take the model's generation_config.json defaults
     (:func:`zipmoe_rt.cli_repl.resolve_sampling`)."""
     opts = [
-        click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=None,
-                     help="most tokens to generate per reply [default: 256 for run, 512 for chat]"),
-        click.option("--temperature", "--temp", type=click.FloatRange(min=0.0), default=None,
+        click.option("-n", "--max-tokens", type=IntRange(), default=None,
+                     callback=lambda ctx, param, v: max_tokens_option(v),
+                     help="most tokens to generate per reply; -1 = until a stop token or the "
+                          "full context [default: 256 for run, 512 for chat]"),
+        click.option("--temperature", "--temp", type=FloatRange(min=0.0), default=None,
                      help="sampling temperature; 0 = greedy [default: the model's "
                           "generation_config.json, else 0.8]"),
-        click.option("--top-k", type=click.IntRange(min=0), default=None,
+        click.option("--top-k", type=IntRange(min=0), default=None,
                      help="keep the k most likely tokens; 0 = off [default: the model's, else 40]"),
-        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+        click.option("--top-p", type=FloatRange(0.0, 1.0, min_open=True), default=None,
                      help="nucleus sampling mass; 1 = off [default: the model's, else 0.95]"),
-        click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=None,
+        click.option("--min-p", type=FloatRange(0.0, 1.0), default=None,
                      help="drop tokens below min_p x the top probability; 0 = off [default: the "
                           "model's, else 0.05]"),
-        click.option("--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True),
+        click.option("--repeat-penalty", type=FloatRange(min=0.0, min_open=True),
                      default=None, help="repetition penalty (transformers' semantics); 1 = off "
                                         "[default: the model's, else 1]"),
-        click.option("--seed", type=click.IntRange(min=-1), default=None,
+        click.option("--seed", type=IntRange(min=-1), default=None,
                      help="random seed for sampling; -1 = random [default: random]"),
         click.option("--stop", "stops", multiple=True, metavar="TEXT", callback=_nonempty_stops,
                      help="end the reply where TEXT appears (not printed); repeatable"),
         click.option("-c", "--ctx-size", type=int, default=None,
                      help="context size in tokens (prompt, earlier turns and reply) [default: "
                           "the model's max_position_embeddings, capped by free memory]"),
-        click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
+        click.option("-t", "--threads", type=IntRange(min=1), default=None,
                      help="threads of the compute kernels [default: all cores]"),
         click.option("--no-verify", is_flag=True,
                      help="skip CRC checks of pieces read from the .zmoe (not recommended)"),
@@ -269,7 +272,7 @@ def _prepare(model, kw, default_max, context=None):
         cli_repl.warm_up(m, notice=sys.stderr.isatty())   # (like the progress bars)
         opts = dict(kw, repetition_penalty=kw["repeat_penalty"])
         sp = cli_repl.resolve_sampling(m.source.metadata.get(Keys.Generation.CONFIG), opts,
-                                       kw["max_tokens"] or default_max)
+                                       max_tokens_for(kw["max_tokens"], default_max, m.ctx_size))
     except BaseException:
         m.close()
         raise
@@ -390,7 +393,8 @@ def run(model, prompt, raw, system, show_reasoning, **kw):
         prompt = sys.stdin.read().rstrip("\n")
     # a token covers at least one byte of text; 64 tokens for the chat template's markup
     text_bytes = len(prompt.encode("utf-8")) + len((system or "").encode("utf-8"))
-    m, sp, _ = _prepare(model, kw, 256, context=text_bytes + 64 + (kw["max_tokens"] or 256))
+    m, sp, _ = _prepare(model, kw, 256, context=text_bytes + 64 + max_tokens_for(
+        kw["max_tokens"], 256, kw["ctx_size"] or 2048))
     harmony = _harmony_reply(m, show_reasoning, raw)
     if raw:
         n = len(m.tokenizer.encode(prompt))

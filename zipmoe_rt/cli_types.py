@@ -1,0 +1,55 @@
+"""Option types of the command line: click's ranges with plain-worded errors.
+
+click's own ``IntRange`` and ``FloatRange`` say "'abc' is not a valid integer range" for a
+value that is not a number and let ``nan`` and ``inf`` through every float range; these say
+"'abc' is not a valid integer" and refuse non-finite numbers, naming the option as click does
+(``Invalid value for '--seed': ...``). ``-n/--max-tokens`` takes llama.cpp's ``-1`` (no limit).
+"""
+from __future__ import annotations
+
+import math
+
+import click
+
+
+class IntRange(click.IntRange):
+    """An integer in a range (click's :class:`click.IntRange`, worded "integer")."""
+
+    name = "integer"
+
+
+class FloatRange(click.FloatRange):
+    """A finite number in a range (click's :class:`click.FloatRange`; ``nan`` and ``inf``
+    refused)."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+#: ``-n -1``: generate until a stop token or the full context, as llama.cpp's ``-n -1``
+NO_LIMIT = -1
+
+
+def max_tokens_option(value):
+    """``-n/--max-tokens`` of ``run`` and ``chat``: at least 1, or :data:`NO_LIMIT`.
+
+    Raises:
+        click.BadParameter: 0 (or below -1), worded with both choices.
+    """
+    if value is not None and value != NO_LIMIT and value < 1:
+        raise click.BadParameter(f"{value}: give at least 1 token, or -1 for no limit (until "
+                                 f"a stop token or the context is full)")
+    return value
+
+
+def max_tokens_for(requested: int | None, default: int, ctx_size: int) -> int:
+    """The ``max_tokens`` of a run: ``requested``, ``default`` when None, the context size
+    (``ctx_size`` tokens, which bounds every reply) for :data:`NO_LIMIT`."""
+    if requested is None:
+        return default
+    return ctx_size if requested == NO_LIMIT else requested
