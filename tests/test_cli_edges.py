@@ -223,3 +223,46 @@ def test_max_tokens_minus_one_runs_to_the_end_of_the_context(greedy_zmoe):
     assert r.exit_code == 0, r.stderr
     assert r.stdout == want + "\n"
     assert stats_of(r.stderr)[2:] == (40 - n_prompt + 1, "length")
+
+
+# -- serve: endpoints it does not have, values echoed as the request spelled them -------------------
+@pytest.fixture(scope="module")
+def served(greedy_zmoe):
+    pytest.importorskip("uvicorn")
+    from test_server import _host, _wait_ready, running
+    from zipmoe_rt.server.app import create_app
+
+    with zipmoe_rt.load(greedy_zmoe) as m:
+        with running(create_app(_host(m, queue_size=4))) as base:
+            _wait_ready(base)
+            yield base
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/embeddings", "/v1/responses"])
+def test_endpoints_it_does_not_have_are_501_and_say_which_it_has(served, path):
+    from test_server import _raw
+    status, body = _raw(served, "POST", path, {"model": "x", "input": "hello"})
+    assert status == 501, body
+    assert body["error"]["type"] == "not_supported_error"
+    msg = body["error"]["message"]
+    assert msg.startswith(f"{path}: ") and "not supported" in msg
+    assert "POST /v1/chat/completions" in msg
+    status, body = _raw(served, "POST", "/v1/nope", {})
+    assert status == 404 and "/v1/nope: no such endpoint" in body["error"]["message"]
+    assert "GET /v1/models" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("field, value, shown", [
+    ("max_tokens", True, "got true"), ("temperature", "hot", 'got "hot"'),
+    ("logprobs", None, None), ("stream", "yes", 'got "yes"'), ("seed", [1], "got [1]"),
+    ("model", {"a": 1}, 'got {"a": 1}'),
+])
+def test_bad_values_are_echoed_in_json_spelling(served, field, value, shown):
+    from test_server import _raw
+    body = {"messages": [user("hi")], "max_tokens": 2, field: value}
+    status, resp = _raw(served, "POST", "/v1/chat/completions", body)
+    if shown is None:                     # null: the field's default
+        assert status == 200, resp
+        return
+    assert status == 400 and resp["error"]["param"] == field, resp
+    assert resp["error"]["message"].endswith(shown), resp

@@ -235,10 +235,15 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
         return _error(exc)
 
     async def on_http_error(request, exc: HTTPException):
+        path = request.url.path
+        if exc.status_code == 404 and path.rstrip("/") in NOT_SUPPORTED:
+            # llama.cpp's server answers 501 to an embeddings request it was not started for
+            return _error(APIError(501, f"{path}: {NOT_SUPPORTED[path.rstrip('/')]}; this "
+                                   f"server serves {ENDPOINTS}", type="not_supported_error"))
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(
             exc.status_code, "invalid_request_error")
-        msg = {404: f"{request.url.path}: no such endpoint",
-               405: f"{request.method} is not allowed on {request.url.path}"}.get(
+        msg = {404: f"{path}: no such endpoint (this server serves {ENDPOINTS})",
+               405: f"{request.method} is not allowed on {path}"}.get(
             exc.status_code, str(exc.detail))
         return _error(APIError(exc.status_code, msg, type=kind))
 
@@ -266,6 +271,18 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
         lifespan=_lifespan(host))
     app.state.host = host
     return app
+
+
+#: the endpoints, as the 404 and 501 errors list them
+ENDPOINTS = ("GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /tokenize, "
+             "POST /detokenize, GET /health")
+#: OpenAI endpoints a client may try that a text-generation server does not have: 501
+NOT_SUPPORTED = {
+    "/v1/embeddings": "embeddings are not supported (the model generates text)",
+    "/embeddings": "embeddings are not supported (the model generates text)",
+    "/embedding": "embeddings are not supported (the model generates text)",
+    "/v1/responses": "the Responses API is not supported; use /v1/chat/completions",
+}
 
 
 def _lifespan(host: ModelHost):
