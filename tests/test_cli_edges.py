@@ -266,3 +266,25 @@ def test_bad_values_are_echoed_in_json_spelling(served, field, value, shown):
         return
     assert status == 400 and resp["error"]["param"] == field, resp
     assert resp["error"]["message"].endswith(shown), resp
+
+
+# -- the Python API after close ---------------------------------------------------------------------
+def test_a_closed_model_says_so_and_keeps_the_conversation(greedy_zmoe):
+    m = zipmoe_rt.load(greedy_zmoe)
+    session = m.chat_session(system="be brief")
+    first = "".join(session.send("hello", max_tokens=4))
+    assert first and len(session.messages) == 2
+    m.close()
+    m.close()                                            # twice: harmless
+    closed = f"{greedy_zmoe}: the model was closed"
+    with pytest.raises(RuntimeError, match=re.escape(closed)):
+        "".join(session.send("again", max_tokens=2))
+    with pytest.raises(RuntimeError, match=re.escape(closed)):
+        session.reset()
+    with pytest.raises(RuntimeError, match=re.escape(closed)):
+        m.chat_session()
+    with pytest.raises(RuntimeError, match=re.escape(closed)):
+        m.chat([user("hi")], max_tokens=2)
+    # nothing changed: the conversation is as it was, the system prompt kept
+    assert [x["role"] for x in session.messages] == ["user", "assistant"]
+    assert session.messages[1]["content"] == first and session.system == "be brief"
