@@ -288,3 +288,27 @@ def test_a_closed_model_says_so_and_keeps_the_conversation(greedy_zmoe):
     # nothing changed: the conversation is as it was, the system prompt kept
     assert [x["role"] for x in session.messages] == ["user", "assistant"]
     assert session.messages[1]["content"] == first and session.system == "be brief"
+
+
+# -- the Python API: bad prompts and load options -----------------------------------------------------
+def test_bad_prompts_and_load_options_are_named(greedy_zmoe):
+    import numpy as np
+    with zipmoe_rt.load(greedy_zmoe) as m:
+        vocab = m.hparams["vocab_size"]
+        with pytest.raises(TypeError, match="prompt: expected a str or a sequence of token "
+                                            "ids, got NoneType"):
+            m.generate(None)
+        with pytest.raises(TypeError, match="prompt: token ids must be integers, got float"):
+            m.generate([1, 2.5])
+        for bad in (-5, vocab, 10**12):
+            with pytest.raises(ValueError, match=f"prompt: token id {bad} is out of range "
+                                                 f"\\(vocabulary size {vocab}\\)"):
+                m.generate([1, bad], max_tokens=2)
+        # numpy ids are ids
+        assert m.generate(np.array([1, 2, 3]), max_tokens=3) == m.generate([1, 2, 3],
+                                                                           max_tokens=3)
+    for kw, msg in [(dict(policy="nope"), "policy (--policy): expected one of auto, "),
+                    (dict(eviction="fifo"), "eviction (--eviction): expected one of lru, "),
+                    (dict(context=0), "context: expected a number of tokens >= 1, got 0")]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            zipmoe_rt.load(greedy_zmoe, **kw)

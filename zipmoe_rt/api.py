@@ -113,10 +113,31 @@ class Model:
         return min(max_tokens, limit - n_tokens + 1)
 
     def _ids(self, prompt: str | Sequence[int], add_special_tokens: bool = True) -> list[int]:
+        """``prompt`` as token ids: a str encoded, or a sequence of ids checked.
+
+        Raises:
+            TypeError: neither a str nor a sequence of integers (the message says which).
+            ValueError: empty, or an id outside the model's vocabulary (``hparams.vocab_size``).
+        """
+        import operator
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         else:
-            ids = [int(t) for t in prompt]
+            if isinstance(prompt, (bytes, dict)) or not hasattr(prompt, "__iter__"):
+                raise TypeError(f"prompt: expected a str or a sequence of token ids, got "
+                                f"{type(prompt).__name__}")
+            items = list(prompt)
+            try:
+                ids = [operator.index(t) for t in items]
+            except TypeError:
+                bad = next(t for t in items if not hasattr(t, "__index__"))
+                raise TypeError(f"prompt: token ids must be integers, got "
+                                f"{type(bad).__name__} {bad!r:.40}") from None
+            vocab = int(self.hparams.get("vocab_size") or 0)
+            out = [t for t in ids if t < 0 or (vocab and t >= vocab)]
+            if out:
+                raise ValueError(f"prompt: token id {out[0]} is out of range (vocabulary size "
+                                 f"{vocab})")
         if not ids:
             raise ValueError("prompt: empty (nothing to condition on)")
         return ids
