@@ -312,3 +312,23 @@ def test_bad_prompts_and_load_options_are_named(greedy_zmoe):
                     (dict(context=0), "context: expected a number of tokens >= 1, got 0")]:
         with pytest.raises(ValueError, match=re.escape(msg)):
             zipmoe_rt.load(greedy_zmoe, **kw)
+
+
+# -- serve on an address in use -----------------------------------------------------------------------
+def test_serve_on_an_address_in_use_is_one_line_before_loading(greedy_zmoe, monkeypatch):
+    pytest.importorskip("uvicorn")
+    import socket
+
+    import zipmoe_rt.cli as cli_mod
+    loads = []
+    monkeypatch.setattr(cli_mod, "load_from_options", lambda *a, **k: loads.append(a))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = cli("serve", greedy_zmoe, "--port", port)
+    assert_one_line_error(r, f"--host/--port: cannot listen on 127.0.0.1:{port}",
+                          "in use")
+    assert "zipmoe-rt serve: http" not in r.stderr and loads == []
+    assert_one_line_error(cli("serve", greedy_zmoe, "--host", "999.1.1.1", "--port", port),
+                          "--host 999.1.1.1: not an address or a host name")

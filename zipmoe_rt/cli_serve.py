@@ -53,7 +53,35 @@ def serve(model, host, port, api_key, cors, queue_size, model_id, ctx_size, **kw
     check_budget_options(kw)          # here: the model loads in another thread
     if model is not None and not model.exists():
         raise CliError(f"{model}: no such file")
+    check_listen(host, port)
     click.echo(f"zipmoe-rt serve: http://{host}:{port}/ (loading {model or 'the default model'}"
                f"; /health answers 503 until it is ready)", err=True)
     run_server(functools.partial(load_from_options, model, kw), host=host, port=port, api_key=api_key,
                cors=cors, queue_size=queue_size, model_id=model_id, ctx_size=ctx_size)
+
+
+def check_listen(host: str, port: int) -> None:
+    """Bind ``host``:``port`` once (with ``SO_REUSEADDR``, as uvicorn binds) before anything
+    loads, so that an address in use or a host that does not resolve is one ``error:`` line
+    (llama.cpp's server: "couldn't bind HTTP server socket") rather than a log of the server
+    starting and stopping.
+
+    Raises:
+        CliError: the host does not resolve, or the address cannot be bound (in use, not
+            this machine's, a port below 1024 without the right); the message names
+            ``--host`` / ``--port``.
+    """
+    import socket
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port,
+                                                          type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise CliError(f"--host {host}: not an address or a host name this machine resolves "
+                       f"({getattr(e, 'strerror', None) or e})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise CliError(f"--host/--port: cannot listen on {host}:{port}: "
+                           f"{e.strerror or e}") from None
