@@ -332,3 +332,23 @@ def test_serve_on_an_address_in_use_is_one_line_before_loading(greedy_zmoe, monk
     assert "zipmoe-rt serve: http" not in r.stderr and loads == []
     assert_one_line_error(cli("serve", greedy_zmoe, "--host", "999.1.1.1", "--port", port),
                           "--host 999.1.1.1: not an address or a host name")
+
+
+# -- serve a file that is not a model, or a model that does not load --------------------------------
+def test_serve_a_file_that_does_not_load_is_an_error_and_an_exit(tiny_src, tmp_path):
+    pytest.importorskip("uvicorn")
+    from test_server import _free_port
+    from zipmoe_rt.convert.converter import convert
+
+    text = tmp_path / "notes.zmoe"
+    text.write_text("hello")
+    r = cli("serve", text, "--port", _free_port())
+    assert_one_line_error(r, f"{text}: not a .zmoe file")
+    assert "zipmoe-rt serve: http" not in r.stderr
+    # a valid container whose model does not load (no tokenizer): the server stops, status 1
+    bare = convert(tiny_src, tmp_path / "no-tokenizer.zmoe", progress=False)
+    r = cli("serve", bare, "--port", _free_port())
+    assert r.exit_code == 1, r.output
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the model failed to load: ") and "tokenizer" in last, last
+    assert "Traceback" not in r.output

@@ -54,10 +54,19 @@ def serve(model, host, port, api_key, cors, queue_size, model_id, ctx_size, **kw
     if model is not None and not model.exists():
         raise CliError(f"{model}: no such file")
     check_listen(host, port)
+    if model is not None:            # a file that is not a model: one line, before starting
+        from zmoe.reader import ZmoeReader
+        with ZmoeReader(model, use_mmap=False):
+            pass
     click.echo(f"zipmoe-rt serve: http://{host}:{port}/ (loading {model or 'the default model'}"
                f"; /health answers 503 until it is ready)", err=True)
-    run_server(functools.partial(load_from_options, model, kw), host=host, port=port, api_key=api_key,
-               cors=cors, queue_size=queue_size, model_id=model_id, ctx_size=ctx_size)
+    from .server import ModelLoadError
+    try:
+        run_server(functools.partial(load_from_options, model, kw), host=host, port=port,
+                   api_key=api_key, cors=cors, queue_size=queue_size, model_id=model_id,
+                   ctx_size=ctx_size)
+    except ModelLoadError as e:
+        raise CliError(str(e)) from None
 
 
 def check_listen(host: str, port: int) -> None:
