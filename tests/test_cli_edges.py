@@ -352,3 +352,21 @@ def test_serve_a_file_that_does_not_load_is_an_error_and_an_exit(tiny_src, tmp_p
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the model failed to load: ") and "tokenizer" in last, last
     assert "Traceback" not in r.output
+
+
+# -- text that is not UTF-8 -----------------------------------------------------------------------
+def test_text_that_is_not_utf8_is_named(greedy_zmoe):
+    # Python hands undecodable bytes of argv over as lone surrogates (surrogateescape)
+    assert_one_line_error(cli("run", greedy_zmoe, "-p", "ab\udcffc", "-n", 2),
+                          "-p/--prompt: not valid UTF-8 (byte 0xff at character 2)")
+    assert_one_line_error(cli("run", greedy_zmoe, "-p", "hi", "--system", "\udcfe", "-n", 2),
+                          "--system: not valid UTF-8 (byte 0xfe at character 0)")
+    # a scripted chat: the bad line is an error, the next turn is answered
+    with zipmoe_rt.load(greedy_zmoe) as m:
+        want = m.chat([user("hello")], max_tokens=3)
+    r = cli("chat", greedy_zmoe, "-n", 3, input=b"ok \xff\nhello\n")
+    assert r.exit_code == 0, r.output
+    assert "error: input: not valid UTF-8 (byte 0xff at character 3)" in r.stderr
+    assert r.stdout == want + "\n"
+    assert_one_line_error(cli("run", greedy_zmoe, "-p", "-", "-n", 2, input=b"a\xffb"),
+                          "-p - (standard input): not valid UTF-8 (byte 0xff at character 1)")

@@ -14,7 +14,8 @@ import click
 import numpy as np
 
 from . import __version__
-from .cli_types import FloatRange, IntRange, max_tokens_for, max_tokens_option
+from .cli_types import (FloatRange, IntRange, lenient_stdin, max_tokens_for,
+                        max_tokens_option, utf8_text)
 
 
 class CliError(click.ClickException):
@@ -390,7 +391,9 @@ def run(model, prompt, raw, system, show_reasoning, **kw):
     """
     from .cli_repl import prefill_notice, stop_at
     if prompt == "-":
-        prompt = sys.stdin.read().rstrip("\n")
+        lenient_stdin()
+        prompt = utf8_text(sys.stdin.read().rstrip("\n"), "-p - (standard input)")
+    prompt, system = utf8_text(prompt, "-p/--prompt"), utf8_text(system, "--system")
     # a token covers at least one byte of text; 64 tokens for the chat template's markup
     text_bytes = len(prompt.encode("utf-8")) + len((system or "").encode("utf-8"))
     m, sp, _ = _prepare(model, kw, 256, context=text_bytes + 64 + max_tokens_for(
@@ -429,6 +432,7 @@ def chat(model, system, show_reasoning, **kw):
     MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
     """
     from . import cli_repl
+    system = utf8_text(system, "--system")
     m, sp, ctx = _prepare(model, kw, 512)
     session = m.chat_session(system)
     interactive = sys.stdin.isatty()

@@ -17,6 +17,8 @@ from typing import Iterator, Sequence
 import click
 import numpy as np
 
+from .cli_types import lenient_stdin, utf8_text
+
 #: what the CLI samples with when ``generation_config.json`` says nothing about sampling:
 #: llama.cpp's ``common_params_sampling`` defaults (repetition penalty off)
 FALLBACK_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
@@ -317,6 +319,7 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
         signal.signal(signal.SIGINT, signal.default_int_handler)
     except ValueError:   # not the main thread (embedded use)
         pass
+    lenient_stdin()                  # a line that is not UTF-8: an error, then the next turn
     if interactive:
         try:
             import readline  # noqa: F401 - line editing and history for input()
@@ -365,6 +368,7 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
             from .cli_harmony import HarmonyReply
             reply = HarmonyReply(harmony)
         try:
+            utf8_text(line, "input")
             pieces = session.send(line, skip_special_tokens=reply is None, **sampling)
         except ValueError as e:           # e.g. the conversation no longer fits the context
             click.echo(f"error: {e}", err=True)

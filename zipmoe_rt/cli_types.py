@@ -8,6 +8,7 @@ value that is not a number and let ``nan`` and ``inf`` through every float range
 from __future__ import annotations
 
 import math
+import sys
 
 import click
 
@@ -53,3 +54,35 @@ def max_tokens_for(requested: int | None, default: int, ctx_size: int) -> int:
     if requested is None:
         return default
     return ctx_size if requested == NO_LIMIT else requested
+
+
+def utf8_text(text: str | None, what: str) -> str | None:
+    """``text`` from the command line or standard input, checked to be UTF-8.
+
+    Python hands bytes that are not UTF-8 over as lone surrogates (``surrogateescape``),
+    which the tokenizer cannot encode; this names the input and the first bad byte instead.
+
+    Raises:
+        ValueError: ``"WHAT: not valid UTF-8 (byte 0xff at character 3)"``.
+    """
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        byte = f"byte 0x{c & 0xff:02x}" if 0xdc80 <= c <= 0xdcff else f"code point U+{c:04X}"
+        raise ValueError(f"{what}: not valid UTF-8 ({byte} at character {e.start}); save "
+                         f"the text as UTF-8") from None
+    return text
+
+
+def lenient_stdin() -> None:
+    """Let standard input hand bytes that are not UTF-8 over as lone surrogates (as Python
+    does under the C locale) instead of raising UnicodeDecodeError mid-read, so that
+    :func:`utf8_text` can name the input and the byte. Does nothing where the stream cannot
+    be reconfigured."""
+    try:
+        sys.stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):
+        pass
