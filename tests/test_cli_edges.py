@@ -370,3 +370,26 @@ def test_text_that_is_not_utf8_is_named(greedy_zmoe):
     assert r.stdout == want + "\n"
     assert_one_line_error(cli("run", greedy_zmoe, "-p", "-", "-n", 2, input=b"a\xffb"),
                           "-p - (standard input): not valid UTF-8 (byte 0xff at character 1)")
+
+
+@pytest.mark.parametrize("path, raw, param, says", [
+    ("/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}], "max_tokens": 2}',
+     "messages[0].content", "not valid Unicode (a lone surrogate \\ud800 at character 3)"),
+    ("/v1/completions", b'{"prompt": "\\udcff", "max_tokens": 2}', "prompt",
+     "not valid Unicode (a lone surrogate \\udcff at character 0)"),
+    ("/tokenize", b'{"content": "a\\ud800"}', "content", "not valid Unicode"),
+    ("/v1/chat/completions", b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}", None,
+     "the request body nests arrays or objects too deeply"),
+    ("/v1/chat/completions", b'{"messages": ' + b"[" * 100 + b"]" * 100 + b"}", None,
+     "nested more than 64 levels deep"),
+])
+def test_hostile_json_is_a_400_naming_the_field(served, path, raw, param, says):
+    from test_server import _raw
+    status, body = _raw(served, "POST", path, raw_body=raw)
+    assert status == 400, body
+    assert says in body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
+    if param is not None:
+        assert body["error"]["param"] == param
+        assert body["error"]["message"].startswith(f"{param}: ")
+    assert _raw(served, "GET", "/health")[0] == 200
