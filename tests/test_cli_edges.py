@@ -393,3 +393,13 @@ def test_hostile_json_is_a_400_naming_the_field(served, path, raw, param, says):
         assert body["error"]["param"] == param
         assert body["error"]["message"].startswith(f"{param}: ")
     assert _raw(served, "GET", "/health")[0] == 200
+
+
+def test_export_onto_a_file_names_the_option(greedy_zmoe, tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    r = cli("export", greedy_zmoe, "-o", f)
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "'-o' / '--output'" in err[0] and "is a file" in err[0], r.stderr
+    assert "Errno" not in r.stderr and f.read_text() == "keep me"
