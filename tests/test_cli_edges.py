@@ -403,3 +403,13 @@ def test_export_onto_a_file_names_the_option(greedy_zmoe, tmp_path):
     err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and "'-o' / '--output'" in err[0] and "is a file" in err[0], r.stderr
     assert "Errno" not in r.stderr and f.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("key", ["", "  "])
+def test_serve_refuses_an_empty_api_key(greedy_zmoe, key):
+    pytest.importorskip("uvicorn")
+    r = cli("serve", greedy_zmoe, "--api-key", key)
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "'--api-key': empty" in err[0], r.stderr
+    assert "zipmoe-rt serve: http" not in r.stderr

@@ -17,7 +17,7 @@ from .cli import (CliError, check_budget_options, engine_options, friendly_error
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to listen on (0.0.0.0 exposes the server to the network)")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-@click.option("--api-key", default=None, metavar="KEY",
+@click.option("--api-key", default=None, metavar="KEY", callback=lambda c, p, v: _api_key(v),
               help="require 'Authorization: Bearer KEY' on the API (default: no key)")
 @click.option("--cors", is_flag=True, help="allow cross-origin requests from browsers (any origin)")
 @click.option("--queue", "queue_size", type=click.IntRange(min=0), default=16, show_default=True,
@@ -94,3 +94,16 @@ def check_listen(host: str, port: int) -> None:
         except OSError as e:
             raise CliError(f"--host/--port: cannot listen on {host}:{port}: "
                            f"{e.strerror or e}") from None
+
+
+def _api_key(key: str | None) -> str | None:
+    """``--api-key``: a key of at least one visible character. An empty or blank one (an
+    unset shell variable, ``--api-key "$KEY"``) would leave the API open without a word.
+
+    Raises:
+        click.BadParameter: empty or only white space.
+    """
+    if key is not None and not key.strip():
+        raise click.BadParameter("empty; give the key clients must send, or leave the "
+                                 "option out for a server without a key")
+    return key
