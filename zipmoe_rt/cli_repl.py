@@ -387,12 +387,13 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
             for piece in streamed:
                 click.echo(piece, nl=False)
                 if interactive and eof_typed():      # Ctrl-D while the reply streams
-                    eof = True
-                    streamed.close()                 # the generation stops as for Ctrl-C
+                    eof = True                       # stopped as for Ctrl-C (finally)
                     click.echo(" [stopped]", nl=False)
                     break
         except KeyboardInterrupt:
             click.echo(" [stopped]", nl=False)
+        finally:
+            streamed.close()      # the generation records its statistics (cancelled) now
         if reply is not None and session.messages and \
                 session.messages[-1].get("role") == "assistant":
             session.messages[-1] = reply.message()    # the final text, not the markup
