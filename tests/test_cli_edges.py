@@ -368,6 +368,11 @@ def test_text_that_is_not_utf8_is_named(greedy_zmoe):
     assert r.exit_code == 0, r.output
     assert "error: input: not valid UTF-8 (byte 0xff at character 3)" in r.stderr
     assert r.stdout == want + "\n"
+    # a /system prompt that is not UTF-8 is refused; the conversation goes on without it
+    r = cli("chat", greedy_zmoe, "-n", 3, input=b"/system be \xfe\nhello\n")
+    assert r.exit_code == 0, r.output
+    assert "error: /system: not valid UTF-8 (byte 0xfe at character 3)" in r.stderr
+    assert r.stdout == want + "\n"
     assert_one_line_error(cli("run", greedy_zmoe, "-p", "-", "-n", 2, input=b"a\xffb"),
                           "-p - (standard input): not valid UTF-8 (byte 0xff at character 1)")
 

@@ -352,6 +352,11 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
                         else "no system prompt")
                 click.echo(f"(conversation cleared; {kept})", err=True)
             elif cmd == "/system":
+                try:
+                    utf8_text(arg, "/system")
+                except ValueError as e:            # the prompt and conversation are kept
+                    click.echo(f"error: {e}", err=True)
+                    continue
                 session.reset(system=arg.strip() or None)
                 model.last_stats = None
                 click.echo(f"(system prompt {'set' if arg.strip() else 'cleared'}; conversation "
