@@ -418,3 +418,19 @@ def test_serve_refuses_an_empty_api_key(greedy_zmoe, key):
     err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(err) == 1 and "'--api-key': empty" in err[0], r.stderr
     assert "zipmoe-rt serve: http" not in r.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="POSIX shell")
+@pytest.mark.parametrize("args, what", [
+    (["chat"], "chat (the turns are read from it)"),
+    (["run", "-p", "-"], "-p - (the prompt from standard input)"),
+])
+def test_closed_standard_input_is_one_line(greedy_zmoe, args, what):
+    import subprocess
+    from test_cli import _cli_argv
+    argv = _cli_argv() + [args[0], str(greedy_zmoe), *args[1:]]
+    env = {k: v for k, v in os.environ.items() if k != "ZIPMOE_RT_DEBUG"}
+    r = subprocess.run(["bash", "-c", 'exec "$@" <&-', "_", *argv], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == f"error: {what}: standard input is closed\n"

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import __version__
 from .cli_types import (FloatRange, IntRange, lenient_stdin, max_tokens_for,
-                        max_tokens_option, utf8_text)
+                        max_tokens_option, need_stdin, utf8_text)
 
 
 class CliError(click.ClickException):
@@ -391,6 +391,7 @@ def run(model, prompt, raw, system, show_reasoning, **kw):
     """
     from .cli_repl import prefill_notice, stop_at
     if prompt == "-":
+        need_stdin("-p - (the prompt from standard input)")
         lenient_stdin()
         prompt = utf8_text(sys.stdin.read().rstrip("\n"), "-p - (standard input)")
     prompt, system = utf8_text(prompt, "-p/--prompt"), utf8_text(system, "--system")
@@ -433,6 +434,7 @@ def chat(model, system, show_reasoning, **kw):
     """
     from . import cli_repl
     system = utf8_text(system, "--system")
+    need_stdin("chat (the turns are read from it)")
     m, sp, ctx = _prepare(model, kw, 512)
     session = m.chat_session(system)
     interactive = sys.stdin.isatty()

@@ -86,3 +86,14 @@ def lenient_stdin() -> None:
         sys.stdin.reconfigure(errors="surrogateescape")
     except (AttributeError, ValueError, OSError):
         pass
+
+
+def need_stdin(what: str) -> None:
+    """Check that standard input is open (``cmd <&-`` closes it: Python's ``sys.stdin`` is
+    None then).
+
+    Raises:
+        ValueError: ``"WHAT: standard input is closed"``.
+    """
+    if sys.stdin is None:
+        raise ValueError(f"{what}: standard input is closed")
