@@ -434,3 +434,28 @@ def test_closed_standard_input_is_one_line(greedy_zmoe, args, what):
                        text=True, timeout=300, env=env)
     assert r.returncode == 1, r.stderr
     assert r.stderr == f"error: {what}: standard input is closed\n"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="POSIX pipes")
+@pytest.mark.parametrize("verb, extra", [("run", ["-p", "hello"]), ("chat", [])])
+def test_a_reader_that_goes_away_stops_the_reply_quietly(greedy_zmoe, verb, extra):
+    """``zipmoe-rt run ... | head -c 5``: no "Broken pipe" error, status 141 as for SIGPIPE."""
+    import subprocess
+    from test_cli import _cli_argv
+    argv = _cli_argv() + [verb, str(greedy_zmoe), "-n", "1000", "-c", "2000", *extra]
+    env = {k: v for k, v in os.environ.items() if k != "ZIPMOE_RT_DEBUG"}
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    try:
+        if verb == "chat":
+            p.stdin.write(b"hello\n")
+        p.stdin.close()
+        assert len(p.stdout.read(5)) == 5
+        p.stdout.close()                                   # the reader goes away
+        assert p.wait(timeout=300) == 141
+        err = p.stderr.read().decode()
+        assert "Broken pipe" not in err and "error" not in err and "Traceback" not in err, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stderr.close()

@@ -40,6 +40,12 @@ def friendly_errors(fn):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             click.echo("\ninterrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            # the reader went away (`zipmoe-rt run ... | head`): stop quietly, as a program
+            # killed by SIGPIPE does (status 128 + 13); nothing more is written to the pipe
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(141)
         except FileNotFoundError as e:
             if os.environ.get("ZIPMOE_RT_DEBUG"):
                 raise
