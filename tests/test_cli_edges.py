@@ -459,3 +459,27 @@ def test_a_reader_that_goes_away_stops_the_reply_quietly(greedy_zmoe, verb, extr
         if p.poll() is None:
             p.kill()
         p.stderr.close()
+
+
+def test_lines_typed_ahead_and_a_ctrl_d_after_them_are_read_in_order():
+    import pty
+
+    from zipmoe_rt.cli_repl import typed_ahead
+    main_fd, tty_fd = pty.openpty()
+    try:
+        assert typed_ahead(tty_fd) == (None, False)
+        os.write(main_fd, b"first\nsecond\n")
+        time.sleep(0.1)
+        assert typed_ahead(tty_fd) == ("first\nsecond", False)
+        os.write(main_fd, b"last words\n\x04")
+        time.sleep(0.1)
+        assert typed_ahead(tty_fd) == ("last words", True)   # the turn, then leave
+        os.write(main_fd, b"\x04")
+        time.sleep(0.1)
+        assert typed_ahead(tty_fd) == (None, True)
+        os.write(main_fd, b"half a li")                          # no Enter: left to readline
+        time.sleep(0.1)
+        assert typed_ahead(tty_fd) == (None, False)
+    finally:
+        os.close(main_fd)
+        os.close(tty_fd)

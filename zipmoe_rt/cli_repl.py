@@ -276,6 +276,38 @@ def eof_typed(fd: int | None = None) -> bool:
         return False
 
 
+def typed_ahead(fd: int | None = None) -> tuple[str | None, bool]:
+    """What was typed on the terminal while a reply streamed, read in the terminal's line mode
+    before ``readline`` switches it to raw mode (where a Ctrl-D among it would arrive as a NUL
+    byte and be lost).
+
+    Args:
+        fd: the descriptor (default: standard input's).
+    Returns:
+        ``(text, eof)``: the complete lines typed, joined by newlines (one turn, as a paste
+        is), or None; and whether an end of file (Ctrl-D on an empty line) followed them,
+        which is then read. ``(None, False)`` off a terminal or when it cannot tell.
+    """
+    lines, eof = [], False
+    try:
+        import fcntl
+        import struct
+        import termios
+        fd = sys.stdin.fileno() if fd is None else fd
+        if not os.isatty(fd):
+            return None, False
+        while select.select([fd], [], [], 0)[0]:
+            n = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+            data = os.read(fd, max(n, 1))      # line mode: one line per read
+            if not data:
+                eof = True
+                break
+            lines.append(data.decode("utf-8", "surrogateescape").rstrip("\n"))
+    except (ImportError, OSError, ValueError, AttributeError):
+        pass
+    return ("\n".join(lines) if lines else None), eof
+
+
 def read_turn(interactive: bool) -> str | None:
     """One user turn; None at end of input. Lines ended by a backslash join the next line
     into one turn (on a terminal and in scripted input); on a terminal, so do the lines of a
@@ -327,9 +359,18 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
             pass
         click.echo(banner_text, err=True)
         click.echo(REPL_HELP, err=True)
+    eof_next = False                 # a Ctrl-D typed after lines typed ahead of the prompt
     while True:
         try:
-            line = read_turn(interactive)
+            ahead, eof = typed_ahead() if interactive and not eof_next else (None, False)
+            if eof_next or (eof and ahead is None):
+                raise EOFError
+            eof_next = eof
+            if ahead is not None:            # typed while the last reply streamed
+                click.echo(f">>> {ahead}")
+                line = ahead
+            else:
+                line = read_turn(interactive)
         except EOFError:
             click.echo("", err=True)          # Ctrl-D: leave the shell's prompt on a new line
             break
