@@ -2,27 +2,29 @@
 batched miss path of :class:`~zipmoe_rt.engine.gpu_engine.GpuExpertEngine`.
 
 The engine's :meth:`_prepare` starts every non-resident expert of a layer call (design note §4,
-the scheduler's order); on the GPU path the experts whose bytes are at hand (pinned host cache,
-C/S/E slots on the GPU, or a finished file read) are *queued* rather than launched one by one,
-and :meth:`BatchedMisses._flush` then queues, for the whole group:
+the scheduler's order); on the GPU path each expert whose bytes are at hand (pinned host cache,
+C/S/E slots on the GPU, or a finished file read) joins the *open batch* (:meth:`_queue`), and
+:meth:`_flush` closes it once the call's experts are started:
 
-1. one wait of the copy stream for the compute stream's event (memory the compute stream freed
-   may back the outputs) and for the last decode that read the staging arena it is about to
-   overwrite (a ring of :data:`ARENAS` device arenas, each sized for ``k`` of the largest
-   experts' blocks, allocated once);
-2. one ``cudaMemcpyAsync`` per expert from its pinned host block (``[SM | exponent region |
-   runs | segment bits | tables]``, :func:`~zipmoe_rt.engine.gpu_meta.block_layout`) into the
-   arena, back to back at 256-byte offsets; the pinned blocks are already where the bytes are,
-   so no host gather copy is made;
-3. one launch of the multi-symbol table kernel and one of the segment decoder over every
-   segment of every expert of the group (``sd_multi_batch`` / ``sd_decode_batch`` of
+1. when the batch's first copy is queued, the copy stream waits for the compute stream's event
+   (memory the compute stream freed may back the outputs) and for the last decode that read the
+   staging arena the batch writes (a ring of :data:`ARENAS` device arenas, each sized for ``k``
+   of the largest experts' blocks, allocated once);
+2. each expert's pinned host block (``[SM | exponent region | runs | segment bits | tables]``,
+   :func:`~zipmoe_rt.engine.gpu_meta.block_layout`) is copied into the arena by one
+   ``cudaMemcpyAsync`` issued as soon as the expert joins, back to back at 256-byte offsets (the
+   pinned blocks already hold the bytes, so no host gather copy is made, and the first copy
+   runs while the host prepares the next expert);
+3. at :meth:`_flush`, one launch of the multi-symbol table kernel and one of the segment decoder
+   over every segment of every expert of the batch (``sd_multi_batch`` / ``sd_decode_batch`` of
    :mod:`zipmoe_rt.kernels.cuda_segdec_src`, driven by a small descriptor of per-expert
    addresses; :meth:`~zipmoe_rt.backends.cuda_experts.CudaOps.decode_batch`), each expert's
    BF16 words written into its own output buffer (the buffer the F pool then admits);
 4. one event that the compute stream waits for before the experts' matmuls.
 
 No host synchronisation, no per-expert device arrays besides the output buffers. A group larger
-than an arena (prefill windows) is cut into several batches. Raw experts (``raw-lru``: their
+than an arena (prefill windows) is cut into several batches; a file miss joins when its read
+has finished and is launched at once. Raw experts (``raw-lru``: their
 copied words *are* the weights) and experts the GPU kernel does not take keep the one-expert
 path (:meth:`GpuExpertEngine._launch`). :data:`BATCHED` off restores one copy and one launch per
 expert (same words).
@@ -112,14 +114,26 @@ class GpuStageTimes(StageTimes):
         return d
 
 
+class _Batch:
+    """The open batch: its arena slot, the compute stream's event at its start, the experts
+    queued, their decode jobs, the arena bytes used, the staging blocks to give back."""
+
+    __slots__ = ("slot", "arena", "ev_c", "group", "jobs", "used", "staged", "copies", "a_c")
+
+    def __init__(self, slot, ev_c):
+        self.slot, self.arena, self.ev_c = slot, slot[0], ev_c
+        self.group, self.jobs, self.staged = [], [], []
+        self.used, self.copies, self.a_c = 0, False, None
+
+
 class BatchedMisses:
     """Mixin of :class:`~zipmoe_rt.engine.gpu_engine.GpuExpertEngine`: the batched miss path
     (module docstring). Uses the engine's ``ops``, ``_copy_s``, ``_dec_s``, ``_meta``,
     ``_dmeta``, ``layouts``, ``k``, ``stats``, ``_launch`` and ``_give_staging``."""
 
     def _batch_setup(self, sized: bool):
-        """Empty queue and arenas; with ``sized`` (the layouts known) the arena size."""
-        self._queued: list = []
+        """No open batch, no arenas; with ``sized`` (the layouts known) the arena size."""
+        self._batch = None               # the open batch: _Batch
         self._arenas: list = []          # [device uint8 buffer, event of its last decode]
         self._arena_i = 0
         self._last_dec = None
@@ -136,118 +150,105 @@ class BatchedMisses:
                 and not all(q.raw for q in lay.pieces) and p.key in self._meta)
 
     def _queue(self, p):
-        """Queue ``p`` for the next :meth:`_flush` (or launch it alone if it cannot batch)."""
-        if self._batchable(p):
-            self._queued.append(p)
-        else:
+        """Add ``p`` to the open batch, its copy issued at once (or launch it alone if it
+        cannot batch); the decode waits for :meth:`_flush`."""
+        if not self._batchable(p):
             self._launch(p)
-
-    def _flush(self):
-        """Launch every queued expert, in batches that fit an arena."""
-        if not self._queued:
             return
         t0 = time.perf_counter()
-        q, self._queued = self._queued, []
-        group, used = [], 0
-        for p in q:
-            n = self._copy_bytes(p)
-            if group and used + n > self._arena_cap:
-                self._launch_batch(group)
-                group, used = [], 0
-            group.append(p)
-            used += n
-        self._launch_batch(group)
-        self.stats.issue_s += time.perf_counter() - t0
-
-    def _span(self, p):
-        """``(lo, hi, block layout)``: the bytes of ``p``'s block that cross PCIe."""
-        lay = p.lay
-        bl = block_layout(lay, self._meta[p.key])
+        lay, m = p.lay, self._meta[p.key]
+        bl = block_layout(lay, m)
         lo = 0 if p.need_sm else bl[0]
         hi = bl[4] if p.need_exp else lay.sm_region[1]
-        return lo, hi, bl
+        n = _al(hi - lo) if (p.need_sm or p.need_exp) else 0
+        b = self._batch
+        if b is not None and b.used + n > self._arena_cap:
+            self._close_batch()
+            b = None
+        if b is None:
+            b = self._batch = self._open_batch()
+        ops, st = self.ops, self.stats
+        if n:
+            if not b.copies:
+                self._start_copies(b)
+            ops.h2d_at(b.arena, b.used, p.block[lo:hi], self._copy_s)
+            base = b.used - lo                   # arena offset of the block's byte 0
+            b.used += n
+            st.pcie_bytes += hi - lo
+            st.uploads += 1
+            if p.staging:
+                b.staged.append(p.block)
+        e0, r0, b0, t0_, _ = bl
+        sm_n, exp_n = lay.sm_region[1], lay.exp_region[1]
+        arena = b.arena
+        sm = (arena, base, sm_n) if p.need_sm else (p.slot.sm, 0, sm_n)
+        if p.need_exp:
+            exp, runs, bits, tabs = ((arena, base + e0, exp_n), (arena, base + r0, m.runs.nbytes),
+                                     (arena, base + b0, m.bits.nbytes),
+                                     (arena, base + t0_, m.tabs.nbytes))
+        else:
+            exp = (p.slot.exp, 0, exp_n)
+            runs, bits, tabs = ((d, 0, d.nbytes) for d in self._dmeta[p.key])
+        out = ops.empty(m.words, np.uint16)
+        b.jobs.append((exp, sm, runs, bits, tabs, out, int(m.bits.size), int(m.runs.shape[0]),
+                       int(m.tabs.shape[0])))
+        b.group.append(p)
+        st.issue_s += time.perf_counter() - t0
 
-    def _copy_bytes(self, p) -> int:
-        if not (p.need_sm or p.need_exp):
-            return 0
-        lo, hi, _ = self._span(p)
-        return _al(hi - lo)
+    def _flush(self):
+        """Launch the open batch's decode (:meth:`_close_batch`)."""
+        if self._batch is not None:
+            t0 = time.perf_counter()
+            self._close_batch()
+            self.stats.issue_s += time.perf_counter() - t0
 
-    def _arena(self):
+    def _open_batch(self):
         if not self._arenas:
             self._arenas = [[self.ops.empty(self._arena_cap), None] for _ in range(ARENAS)]
-        a = self._arenas[self._arena_i]
+        slot = self._arenas[self._arena_i]
         self._arena_i = (self._arena_i + 1) % ARENAS
-        return a
+        # memory the compute stream freed may back the outputs: both streams wait for it
+        return _Batch(slot, self.ops.record(self.ops.current()))
 
-    def _launch_batch(self, group):
-        """One pass of copies, one decode launch and one event for ``group`` (module
-        docstring)."""
+    def _start_copies(self, b):
+        ops, cs = self.ops, self._copy_s
+        ops.wait(cs, b.ev_c)
+        if b.slot[1] is not None:
+            ops.wait(cs, b.slot[1])             # the decode that last read this arena is done
+        b.a_c = ops.record(cs, timing=True)
+        b.copies = True
+
+    def _close_batch(self):
+        """One decode launch and one event for the open batch (module docstring)."""
         from .gpu_engine import assemble
-        ops, st, cs, ds = self.ops, self.stats, self._copy_s, self._dec_s
-        slot = self._arena()
-        arena = slot[0]
-        ev_c = ops.record(ops.current())       # memory the compute stream freed is reusable
-        copies = any(p.need_sm or p.need_exp for p in group)
-        if copies:
-            ops.wait(cs, ev_c)
-            if slot[1] is not None:
-                ops.wait(cs, slot[1])          # the decode that last read this arena is done
-            a_c = ops.record(cs, timing=True)
-        off, jobs, staged = 0, [], []
-        for p in group:
-            lay, m = p.lay, self._meta[p.key]
-            sm_n, exp_n = lay.sm_region[1], lay.exp_region[1]
-            if p.need_sm or p.need_exp:
-                lo, hi, (e0, r0, b0, t0, end) = self._span(p)
-                ops.h2d_at(arena, off, p.block[lo:hi], cs)
-                base = off - lo                 # arena offset of the block's byte 0
-                off += _al(hi - lo)
-                st.pcie_bytes += hi - lo
-                st.uploads += 1
-                if p.staging:
-                    staged.append(p.block)
-            else:
-                e0, r0, b0, t0, end = block_layout(lay, m)
-                base = 0
-            sm = (arena, base, sm_n) if p.need_sm else (p.slot.sm, 0, sm_n)
-            if p.need_exp:
-                exp, runs, bits, tabs = ((arena, base + e0, exp_n),
-                                         (arena, base + r0, m.runs.nbytes),
-                                         (arena, base + b0, m.bits.nbytes),
-                                         (arena, base + t0, m.tabs.nbytes))
-            else:
-                exp = (p.slot.exp, 0, exp_n)
-                runs, bits, tabs = ((d, 0, d.nbytes) for d in self._dmeta[p.key])
-            out = ops.empty(m.words, np.uint16)
-            jobs.append((exp, sm, runs, bits, tabs, out, int(m.bits.size),
-                         int(m.runs.shape[0]), int(m.tabs.shape[0])))
-        if copies:
-            b_c = ops.record(cs, timing=True)
-            st.copy_events.append((a_c, b_c))
-            for blk in staged:
+        b, self._batch = self._batch, None
+        ops, st, ds = self.ops, self.stats, self._dec_s
+        if b.copies:
+            b_c = ops.record(self._copy_s, timing=True)
+            st.copy_events.append((b.a_c, b_c))
+            for blk in b.staged:
                 self._give_staging(blk, b_c)
             ops.wait(ds, b_c)
         else:
-            ops.wait(ds, ev_c)
+            ops.wait(ds, b.ev_c)
         a = ops.record(ds, timing=True)
-        ops.decode_batch(jobs, self._meta[group[0].key].segment, ds)
-        b = ops.record(ds, timing=True)
-        st.events.append((a, b))
-        st.gpu_decodes += len(group)
+        ops.decode_batch(b.jobs, self._meta[b.group[0].key].segment, ds)
+        e = ops.record(ds, timing=True)
+        st.events.append((a, e))
+        st.gpu_decodes += len(b.group)
         st.batches += 1
         rearranged = False
-        for p, job in zip(group, jobs):
+        for p, job in zip(b.group, b.jobs):
             out = job[5]
             roles = {role: out[w0:w0 + int(np.prod(shape))].reshape(shape)
                      for role, w0, shape in self._meta[p.key].outs}
             rearranged |= "gate_up_cols" in roles
             p.weights = assemble(ops, roles, ds)
-        ev = ops.record(ds, timing=True) if rearranged else b
-        for p in group:
+        ev = ops.record(ds, timing=True) if rearranged else e
+        for p in b.group:
             p.event, p.keep = ev, None
-        slot[1] = ev
-        self._last_dec = b
+        b.slot[1] = ev
+        self._last_dec = e
         if len(st.events) > 4096:
             st.fold()
 

@@ -346,7 +346,7 @@ class GpuExpertEngine(BatchedMisses, ExpertEngine):
             self._queue(p)
             self._flush()
         elif p.event is None and p.weights is None:
-            self._flush()                       # still queued
+            self._flush()                       # still in the open batch
         if p.event is not None:
             self.ops.wait(self.ops.current(), p.event)
         w, p.weights, p.keep, p.block = p.weights, None, None, None
@@ -413,7 +413,7 @@ class GpuExpertEngine(BatchedMisses, ExpertEngine):
         self._dmeta.clear()
         self._host.clear()
         self._staging.clear()
-        self._queued.clear()
+        self._batch = None
         self._arenas.clear()
         for pool in {id(p): p for p in self.fpools.values()}.values():
             pool.slots.clear()
