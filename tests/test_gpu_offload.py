@@ -168,8 +168,9 @@ def test_misses_of_a_call_share_one_decode_launch(tiny_case, name, monkeypatch):
     from zipmoe_rt.engine import gpu_batch
     case = tiny_case(name)
     res = {}
-    for batched in (True, False):
+    for batched, per in ((True, 2), (True, 0), (False, 2)):
         monkeypatch.setattr(gpu_batch, "BATCHED", batched)
+        monkeypatch.setattr(gpu_batch, "MAX_BATCH", per)
         source, eng = _engine(case, "zip-lru", case.budget("min"), 10**9)
         try:
             net = build_model(source, executor=eng)
@@ -183,11 +184,14 @@ def test_misses_of_a_call_share_one_decode_launch(tiny_case, name, monkeypatch):
                 assert d["issue_s"] > 0 and d["h2d_s"] >= 0 and d["moe_compute_s"] > 0
             else:
                 assert st.batches == 0
-            res[batched] = logits
+            if batched and per:
+                assert st.batches >= -(-st.gpu_decodes // per)
+            res[batched, per] = logits
         finally:
             eng.close()
             source.close()
-    assert all(np.array_equal(a, b) for a, b in zip(res[True], res[False]))
+    for key in res:
+        assert all(np.array_equal(a, b) for a, b in zip(res[key], res[False, 2]))
 
 
 def test_pcie_bytes_are_the_compressed_regions(tiny_case):

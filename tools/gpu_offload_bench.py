@@ -24,8 +24,9 @@ Two steps, because the value pools come from a GGUF file the GPU machine does no
 raw-lru), times the two segment decode kernels on one expert, then for each routing (the
 model's routers, and/or :func:`offload_model.uniform_routing`) records an activation trace for
 zipmoe (teacher-forced tokens, unbudgeted GPU run) and times each configuration after a
-warm-up (zip-lru also with one copy and one decode launch per miss, the engine's path before
-the batched one: ``gpu_batch.BATCHED`` off); last transformers + accelerate
+warm-up (zip-lru also with one copy and one decode launch per miss, the engine's one-expert
+path: ``gpu_batch.BATCHED`` off; ``--batch-sizes N,...`` adds zip-lru and zipmoe rows with ``N``
+experts per decode launch, ``gpu_batch.MAX_BATCH``); last transformers + accelerate
 (``tools/offload_accelerate.py``); it prints a table with the ratios and, per budgeted row,
 where a token's time goes (:func:`breakdown`). Every figure comes from this one run on this
 machine. The model and routing: ``tools/offload_model.py``.
@@ -94,9 +95,10 @@ def time_zipmoe(path, tokens, warm, **load_kw) -> dict:
 def breakdown(st: dict, tokens: int, wall_s: float) -> dict:
     """Where a decoded token's time goes, from the engine's statistics (``GpuStageTimes``): per
     token the wall time, the host's time queuing copies and decode launches (``issue``), and
-    the GPU times from CUDA events of the copies over PCIe (``h2d``, summed over batches), the
-    decode launches (``decode``) and the compute stream after each MoE call's last decode
-    (``moe_compute``); misses and decode launches per token, and the host's queuing time per
+    the GPU times from CUDA events of the batches' copies over PCIe (``h2d``), the decode
+    launches (``decode``) and the compute stream in each MoE call after its last decode
+    (``moe_compute``; where a call decodes nothing, as in raw-lru and on the one-expert path,
+    its whole time on the compute stream, waits for copies included); misses and decode launches per token, and the host's queuing time per
     expert brought in (µs). Milliseconds unless named."""
     n = max(1, tokens)
     up = max(1, st["uploads"] or st["gpu_decodes"])
@@ -223,18 +225,26 @@ def run(a):
         record_trace(z)
         unb = time_zipmoe(z, a.tokens, 8)
         res["rows"][f"{mode} routing: zipmoe-rt, all experts on the GPU (no budget)"] = unb
-        rows = [("raw-lru", raw, True), ("zip-lru", z, True), ("zipmoe", z, True)]
-        if DEVICE == "cuda" and not a.no_unbatched:
-            rows.insert(2, ("zip-lru", z, False))
-        for pol, path, batched in rows:
-            gpu_batch.BATCHED = batched
+        # (policy, file, experts per decode launch: None the default, 0 a call's misses in
+        # one launch, "off" one copy and one launch per miss: the one-expert path)
+        rows = [("raw-lru", raw, None), ("zip-lru", z, None), ("zipmoe", z, None)]
+        if DEVICE == "cuda":
+            if not a.no_unbatched:
+                rows.insert(2, ("zip-lru", z, "off"))
+            rows += [(pol, z, n) for n in a.batch_sizes for pol in ("zip-lru", "zipmoe")]
+        default = gpu_batch.MAX_BATCH
+        for pol, path, per in rows:
+            gpu_batch.BATCHED = per != "off"
+            gpu_batch.MAX_BATCH = default if per in (None, "off") else per
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 r = time_zipmoe(path, a.tokens, 8, memory_budget=budget, policy=pol,
                                 host_budget=a.host_budget)
-            gpu_batch.BATCHED = True
-            if not batched:
+            gpu_batch.BATCHED, gpu_batch.MAX_BATCH = True, default
+            if per == "off":
                 pol = f"{pol}, one launch per miss"
+            elif per is not None:
+                pol = f"{pol}, {per or 'all'} misses per launch"
             r["bit_identical_to_unbudgeted"] = all(
                 np.array_equal(x, y) for x, y in zip(r.pop("logits"), unb["logits"]))
             res["rows"][f"{mode} routing: {pol}"] = r
@@ -308,6 +318,9 @@ def main(argv=None):
                    help="the one-step segment decode kernel in the engine (cuda_experts.STAGED off)")
     r.add_argument("--no-unbatched", action="store_true",
                    help="skip the zip-lru row with one copy and one decode launch per miss")
+    r.add_argument("--batch-sizes", type=lambda t: [int(x) for x in t.split(",") if x],
+                   default=[], help="extra zip-lru and zipmoe rows with N experts per decode "
+                   "launch (comma-separated; 0 = all of a call's misses in one launch)")
     r.add_argument("--routing", choices=("model", "uniform", "both"), default="both",
                    help="the model's routers, uniform random routing (uniform_routing), or both")
     a = ap.parse_args(argv)

@@ -8,22 +8,27 @@ C/S/E slots on the GPU, or a finished file read) joins the *open batch* (:meth:`
 
 1. when the batch's first copy is queued, the copy stream waits for the compute stream's event
    (memory the compute stream freed may back the outputs) and for the last decode that read the
-   staging arena the batch writes (a ring of :data:`ARENAS` device arenas, each sized for ``k``
-   of the largest experts' blocks, allocated once);
+   staging arena the batch writes (a ring of device arenas allocated once, each sized for
+   :data:`MAX_BATCH` of the largest experts' blocks, two calls' worth of them: ``2 k`` blocks in
+   all);
 2. each expert's pinned host block (``[SM | exponent region | runs | segment bits | tables]``,
    :func:`~zipmoe_rt.engine.gpu_meta.block_layout`) is copied into the arena by one
    ``cudaMemcpyAsync`` issued as soon as the expert joins, back to back at 256-byte offsets (the
    pinned blocks already hold the bytes, so no host gather copy is made, and the first copy
    runs while the host prepares the next expert);
-3. at :meth:`_flush`, one launch of the multi-symbol table kernel and one of the segment decoder
-   over every segment of every expert of the batch (``sd_multi_batch`` / ``sd_decode_batch`` of
+3. once :data:`MAX_BATCH` experts have joined, or at :meth:`_flush`, one launch of the
+   multi-symbol table kernel and one of the segment decoder over every segment of every expert
+   of the batch (``sd_multi_batch`` / ``sd_decode_batch`` of
    :mod:`zipmoe_rt.kernels.cuda_segdec_src`, driven by a small descriptor of per-expert
    addresses; :meth:`~zipmoe_rt.backends.cuda_experts.CudaOps.decode_batch`), each expert's
    BF16 words written into its own output buffer (the buffer the F pool then admits);
-4. one event that the compute stream waits for before the experts' matmuls.
+4. one event per batch that the compute stream waits for before the experts' matmuls.
+
+With :data:`MAX_BATCH` = 0 all the misses of a call are one batch (one decode launch after the
+last copy); with a few experts per batch, each batch's decode overlaps the copies of the next.
 
 No host synchronisation, no per-expert device arrays besides the output buffers. A group larger
-than an arena (prefill windows) is cut into several batches; a file miss joins when its read
+than an arena (prefill windows) is cut into several batches too; a file miss joins when its read
 has finished and is launched at once. Raw experts (``raw-lru``: their
 copied words *are* the weights) and experts the GPU kernel does not take keep the one-expert
 path (:meth:`GpuExpertEngine._launch`). :data:`BATCHED` off restores one copy and one launch per
@@ -47,8 +52,10 @@ from .stage_times import StageTimes
 #: queue the misses of a layer call and launch them as one batch (False: one copy and one
 #: decode launch per expert, as :meth:`GpuExpertEngine._launch` does)
 BATCHED = True
-#: device staging arenas used in turn (a batch's copies overlap the previous batch's decode)
-ARENAS = 2
+#: experts per decode launch (0: all the misses of a call in one launch). Cutting a call's
+#: misses into launches of a few experts lets each launch decode while the next experts' bytes
+#: still cross PCIe, so only the last launch's decode follows the last copy
+MAX_BATCH = 2
 
 
 def _al(n: int) -> int:
@@ -138,11 +145,14 @@ class BatchedMisses:
         self._arena_i = 0
         self._last_dec = None
         self._arena_cap = 0
+        self._n_arenas = 0
         if not sized:
             return
         sizes = [block_layout(l, None)[1] + meta_bound(l) for l in self.layouts.values()
                  if gpu_decodable(l) and not all(p.raw for p in l.pieces)]
-        self._arena_cap = self.k * _al(max(sizes)) if sizes else 0
+        per = min(self.k, MAX_BATCH) if MAX_BATCH > 0 else self.k
+        self._arena_cap = per * _al(max(sizes)) if sizes else 0
+        self._n_arenas = 2 * -(-self.k // per)     # two calls' worth of launches in flight
 
     def _batchable(self, p) -> bool:
         lay = p.lay
@@ -193,6 +203,8 @@ class BatchedMisses:
         b.jobs.append((exp, sm, runs, bits, tabs, out, int(m.bits.size), int(m.runs.shape[0]),
                        int(m.tabs.shape[0])))
         b.group.append(p)
+        if 0 < MAX_BATCH <= len(b.group):
+            self._close_batch()          # decodes while the next experts' copies run
         st.issue_s += time.perf_counter() - t0
 
     def _flush(self):
@@ -204,9 +216,10 @@ class BatchedMisses:
 
     def _open_batch(self):
         if not self._arenas:
-            self._arenas = [[self.ops.empty(self._arena_cap), None] for _ in range(ARENAS)]
+            self._arenas = [[self.ops.empty(self._arena_cap), None]
+                            for _ in range(self._n_arenas)]
         slot = self._arenas[self._arena_i]
-        self._arena_i = (self._arena_i + 1) % ARENAS
+        self._arena_i = (self._arena_i + 1) % len(self._arenas)
         # memory the compute stream freed may back the outputs: both streams wait for it
         return _Batch(slot, self.ops.record(self.ops.current()))
 
