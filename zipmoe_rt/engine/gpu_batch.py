@@ -24,8 +24,9 @@ C/S/E slots on the GPU, or a finished file read) joins the *open batch* (:meth:`
    BF16 words written into its own output buffer (the buffer the F pool then admits);
 4. one event per batch that the compute stream waits for before the experts' matmuls.
 
-With :data:`MAX_BATCH` = 0 all the misses of a call are one batch (one decode launch after the
-last copy); with a few experts per batch, each batch's decode overlaps the copies of the next.
+With :data:`MAX_BATCH` = 0 (the default) all the misses of a call are one batch (one decode
+launch after the last copy); with a few experts per batch, each batch's decode overlaps the
+copies of the next.
 
 No host synchronisation, no per-expert device arrays besides the output buffers. A group larger
 than an arena (prefill windows) is cut into several batches too; a file miss joins when its read
@@ -52,10 +53,11 @@ from .stage_times import StageTimes
 #: queue the misses of a layer call and launch them as one batch (False: one copy and one
 #: decode launch per expert, as :meth:`GpuExpertEngine._launch` does)
 BATCHED = True
-#: experts per decode launch (0: all the misses of a call in one launch). Cutting a call's
-#: misses into launches of a few experts lets each launch decode while the next experts' bytes
-#: still cross PCIe, so only the last launch's decode follows the last copy
-MAX_BATCH = 2
+#: experts per decode launch (0: all the misses of a call in one launch, the default). Launches
+#: of a few experts decode while the next experts' bytes still cross PCIe, but each costs host
+#: time and a launch of few segments decodes slowly: with 2 on one H100 the Qwen3-30B-A3B-shape
+#: benchmark ran 13 % slower than with 0 (docs/benchmarks.md §13)
+MAX_BATCH = 0
 
 
 def _al(n: int) -> int:
