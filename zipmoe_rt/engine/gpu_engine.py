@@ -360,10 +360,6 @@ class GpuExpertEngine(BatchedMisses, ExpertEngine):
         self._flush()                   # the call's misses: one batch of copies and decodes
         return ready
 
-    def _issue_prefetch(self) -> None:
-        super()._issue_prefetch()
-        self._flush()
-
     def run(self, layer, x, topk_idx, topk_w, glu=None):
         """:meth:`ExpertEngine.run <zipmoe_rt.engine.pipeline.ExpertEngine.run>`, with the
         call's compute-stream time recorded (:class:`GpuStageTimes`)."""
