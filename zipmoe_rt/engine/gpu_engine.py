@@ -12,10 +12,12 @@ bytes live and who decodes them:
 * a **miss** comes from the pinned host cache (``--host-budget``: experts kept in host RAM in
   compressed form, most popular first) or is read from the file (``pread`` on an I/O thread into
   a pinned staging block, CRC-checked); either way one ``cudaMemcpyAsync`` on the copy stream
-  moves the expert's compressed bytes (and its segment tables) into a device buffer, the decode
-  stream waits for that copy's event and runs the segment decode kernel into a fresh BF16
-  buffer, and the compute stream waits for the decode's event: no host synchronisation, and a
-  copy overlaps the previous expert's decode and the compute queued before it;
+  moves the expert's compressed bytes (and its segment tables) into a device staging arena,
+  after the other misses of the same MoE call; the decode stream waits for the copies' event
+  and decodes all of them in one launch, each into a fresh BF16 buffer, and the compute stream
+  waits for that launch's event: no host synchronisation
+  (:mod:`~zipmoe_rt.engine.gpu_batch`; :meth:`_launch` is the one-expert path, for raw
+  experts, host-decoded ones and ``gpu_batch.BATCHED`` off);
 * ``raw-lru`` keeps its meaning: raw BF16 experts cross PCIe as they are (no decode).
 
 The model's kernels see the same BF16 words in the same order as without a budget, so logits
@@ -32,6 +34,7 @@ in the tests of machines without a GPU.
 from __future__ import annotations
 
 import time
+
 import numpy as np
 
 from . import layout as L_
