@@ -191,16 +191,17 @@ def test_shared_pool_replay_hand_case():
     run = np.array([[[0], [1]], [[0], [2]], [[0], [1]], [[0], [2]]])
     # capacity 1: each layer evicts the other's expert -> every use a miss
     assert np.allclose(choice_shared([run], 3, 1, 1, d), [miss, miss])
-    # capacity 2: after token 1 the pool is (0,0), (1,1); token 2: (0,0) hits, (1,2) evicts
-    # (1,1); token 3: (0,0) hits, (1,1) evicts (1,2): layer 0 hits from token 2 on, layer 1
-    # always misses
-    assert np.allclose(choice_shared([run], 3, 1, 2, d), [(miss + 3 * hit) / 4, miss])
-    # capacity 3: after the first two tokens everything stays
-    assert np.allclose(choice_shared([run], 3, 1, 3, d),
-                       [(miss + 3 * hit) / 4, (2 * miss + 2 * hit) / 4])
-    # the pool carries over to the next run; capacity 0 holds nothing
-    assert np.allclose(choice_shared([run, run], 3, 1, 3, d),
-                       [(miss + 7 * hit) / 8, (2 * miss + 6 * hit) / 8])
+    # capacity 2, after the warming pass: layer 0's (0,0) stays (it is used every token),
+    # layer 1's expert evicts the other one of layer 1 each token -> layer 0 hits, layer 1 misses
+    assert np.allclose(choice_shared([run], 3, 1, 2, d), [hit, miss])
+    # capacity 3: the warming pass loads all three; the counted pass hits every use (a pool
+    # replayed from empty would count each first use as a miss: (miss + 3 hit) / 4 for layer 0)
+    assert np.allclose(choice_shared([run], 3, 1, 3, d), [hit, hit])
+    assert np.allclose(choice_shared([run, run], 3, 1, 3, d), [hit, hit])
+    # the pool carries over from one run to the next: layer 1 of the second run starts with
+    # the first run's (1,2) and (1,1) in a pool of 3 shared with (0,0)
+    other = np.array([[[0], [2]], [[0], [1]]])
+    assert np.allclose(choice_shared([run, other], 3, 1, 3, d), [hit, hit])
     assert np.allclose(choice_shared([run], 3, 1, 0, d), [miss, miss])
     with pytest.raises(ValueError, match="no tokens"):
         choice_shared([], 3, 1, 1, d)
