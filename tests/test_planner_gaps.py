@@ -6,7 +6,13 @@ from __future__ import annotations
 import os
 import platform
 
+import zipmoe_rt
 from zipmoe_rt.engine import profile as prof
+from zipmoe_rt.engine.store import ZmoeSource
+
+from test_engine import (DECODE_STEPS, _calibrated_copy, _fitting_calibration,
+                         assert_same_logits, generate)
+from test_engine import tiny_case  # noqa: F401  (the fixture, shared with test_engine.py)
 
 
 def test_a_version_4_calibration_is_flagged_for_remeasuring():
@@ -19,3 +25,63 @@ def test_a_version_4_calibration_is_flagged_for_remeasuring():
     assert why == ("it was written by an older zipmoe-rt (calibration version 4, current "
                    f"{prof.CALIB_VERSION}), which may have timed the C tier's engine load on "
                    "compute-form C slots")
+
+
+# -- the shared pool of ``auto`` is sized in the form the cache holds ----------------------------
+def test_auto_sizes_the_shared_pool_in_the_form_it_holds(tiny_case, tmp_path, monkeypatch):
+    from zipmoe_rt.engine import factory
+    from zipmoe_rt.engine.planner import choice
+    c = tiny_case("qwen2_moe")
+    assert c.packable
+    z, _ = _calibrated_copy(c, tmp_path, _fitting_calibration(c))
+    seen = []
+    real = choice.shared_pool_layer_s
+
+    def spy(runs, n, k, capacity, delay):
+        seen.append(capacity)
+        return real(runs, n, k, capacity, delay) * 0.0     # predicted fastest: auto runs it
+    monkeypatch.setattr(choice, "shared_pool_layer_s", spy)
+    caps = {}
+    for resident in ("full", "compressed"):
+        m = zipmoe_rt.load(z, memory_budget=c.budget("mid"), policy="auto", resident=resident,
+                           progress=False)
+        try:
+            assert m.engine.policy == "zip-lru" and m.engine.auto_choice["engine"] == "zip-lru"
+            pool = m.engine.fpools[c.hp["moe_layers"][0]]
+            # the replay priced the pool the engine runs: as many experts as it holds
+            assert seen[-1] == pool.capacity
+            caps[resident] = pool.capacity
+            logits, tokens = generate(m.net, c.ids, DECODE_STEPS)
+            assert tokens == c.ref_tokens
+            assert_same_logits(logits, c.ref_logits)
+        finally:
+            m.close()
+    # the compute form is smaller than BF16, so the compressed pool holds more experts
+    assert caps["compressed"] > caps["full"] > 0
+    tier = c.budget("mid") - c.dense - c.k * c.bytes_F
+    assert factory.shared_pool_capacity(ZmoeSource(c.zmoe, keep_experts=False), tier) \
+        == caps["full"]
+
+
+# -- --c-tier says nothing of a C tier the plan does not have --------------------------------------
+def test_c_tier_planes_is_not_in_the_banner_of_an_auto_plan_without_c_slots(tiny_case, tmp_path):
+    from cli_runner import cli
+    from test_auto_policy import WINNERS
+    c = tiny_case("mixtral")
+    z, _ = _calibrated_copy(c, tmp_path, _fitting_calibration(c, **WINNERS["lru"]))
+    r = cli("run", z, "-p", "hello", "-n", 3, "-m", "50%", "--policy", "auto",
+            "--c-tier", "planes")
+    assert r.exit_code == 0, r.output
+    [banner] = [l for l in r.stderr.splitlines() if "; policy " in l]
+    assert "policy zipmoe (auto: lru " in banner and "C tier planes" not in banner, banner
+    assert [l for l in r.stderr.splitlines() if "warning" in l] == [
+        "zipmoe-rt: warning: --c-tier: no effect: the plan has no C slot in any MoE layer"]
+    # where the plan has C slots, the banner says which form they take, without a warning
+    z2, _ = _calibrated_copy(c, tmp_path / "t", _fitting_calibration(c, **WINNERS["tiers"])) \
+        if (tmp_path / "t").mkdir() is None else None
+    r = cli("run", z2, "-p", "hello", "-n", 3, "-m", "50%", "--policy", "auto",
+            "--c-tier", "planes")
+    assert r.exit_code == 0, r.output
+    [banner] = [l for l in r.stderr.splitlines() if "; policy " in l]
+    assert banner.endswith(", C tier planes (decoded at every use)"), banner
+    assert [l for l in r.stderr.splitlines() if "warning" in l] == []

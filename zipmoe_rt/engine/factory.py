@@ -123,7 +123,8 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     if auto:
         choices, ranks = prof.make_plan_choices(tr, delay, tier_budget, k)
         plan = choices["auto"]
-        shared = _shared_pool_s(source, tr, budget, extra.get("prefetch", False), delay, k) \
+        shared = _shared_pool_s(source, tr, budget, extra.get("prefetch", False), delay, k,
+                                resident, extra.get("escape_share")) \
             if eviction == "lru" and cls is ExpertEngine else None
         if shared is not None and shared < plan.predicted_makespan_s:
             eng = cls(source, budget, "zip-lru", eviction, workers=workers, direct=direct,
@@ -140,9 +141,11 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     return eng
 
 
-def _shared_pool_s(source, trace, budget, prefetch, delay, k):
+def _shared_pool_s(source, trace, budget, prefetch, delay, k, resident="full",
+                   escape_share=None):
     """Predicted one-token MoE time (seconds, all layers) of the ``zip-lru`` engine's shared
-    LRU pool, replayed on the trace's sequences; None for a trace without them."""
+    LRU pool (:func:`shared_pool_capacity` experts), replayed on the trace's sequences; None
+    for a trace without them."""
     from .planner.choice import shared_pool_layer_s
     seqs = trace.get("sequences")
     if not seqs:
@@ -152,7 +155,25 @@ def _shared_pool_s(source, trace, budget, prefetch, delay, k):
     if not runs:
         return None
     n = int(source.hparams["num_experts"])
-    return float(shared_pool_layer_s(runs, n, k, tier // bytes_F, delay).sum())
+    return float(shared_pool_layer_s(runs, n, k, shared_pool_capacity(
+        source, tier, resident, escape_share), delay).sum())
+
+
+def shared_pool_capacity(source, tier_bytes: int, resident: str = "full",
+                         escape_share: float | None = None) -> int:
+    """Experts the ``zip-lru`` engine's one shared pool holds in ``tier_bytes``: full BF16
+    experts, or with ``resident="compressed"`` compute-form experts at their planned size
+    (:func:`~zipmoe_rt.engine.resident.compute_form_bytes` of the largest at
+    ``escape_share``; BF16 bytes for a file with an expert that is not packable), as
+    :meth:`~zipmoe_rt.engine.ctier.CTierMixin._shared_pool` sizes it."""
+    from .ctier import ESCAPE_SHARE
+    from .resident import compute_form_bytes, packable
+    lays = list(source.layouts.values())
+    per = max(l.full_bytes for l in lays)
+    if resident == "compressed":
+        share = ESCAPE_SHARE if escape_share is None else float(escape_share)
+        per = max(compute_form_bytes(l, share) if packable(l) else l.full_bytes for l in lays)
+    return int(tier_bytes // per)
 
 
 def auto_choice(choices: dict, shared: float | None = None, engine: str = "zipmoe") -> dict:
@@ -175,6 +196,13 @@ def auto_choice(choices: dict, shared: float | None = None, engine: str = "zipmo
         pred["shared"] = 1e3 * shared / n
     return {"engine": engine, "codes": choice_codes(choices["auto"].layers),
             "summary": choice_summary(choices["auto"].layers), "predicted_layer_ms": pred}
+
+
+def has_c_slots(engine) -> bool:
+    """Whether ``engine`` (an expert engine, or None) plans any C slot: a ``zipmoe`` plan
+    (``auto``'s per-layer plans included) with ``nC > 0`` in some MoE layer. ``--c-tier``
+    has an effect only then; an ``auto`` plan of LRU pools alone has no C slot."""
+    return any(getattr(tp, "nC", 0) > 0 for tp in (getattr(engine, "plan", None) or ()))
 
 
 def describe_auto(choice: dict | None, policy: str) -> str:
