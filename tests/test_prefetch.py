@@ -216,3 +216,44 @@ def test_family_with_its_own_decoder_layer_runs_unpredicted(tiny_case):
     assert engine.prefetch and n_look == 0 and st.prefetch_issued == 0
     assert_same_logits(logits, case.ref_logits)
     assert tokens == case.ref_tokens
+
+
+def test_extra_candidates_follow_the_ranks_the_layer_used(tiny_case):
+    """A layer whose router's top-k on the earlier state keeps missing the expert ranked just
+    after it predicts one more candidate once its warm-up calls are counted, and its recall
+    reaches 1; loads start in rank order; the extra candidates stop at MAX_EXTRA · k."""
+    from zipmoe_rt.engine import prefetch as P
+    case = tiny_case("mixtral")
+    b = budget_of(case, "pf-min")            # no tiers: every prediction is a load
+    source = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
+    engine = ExpertEngine(source, b, "zip-lru", workers=WORKERS, prefetch=True)
+    try:
+        n, k = int(case.hp["num_experts"]), case.k
+        assert k == 2 and n >= 4 and P.MAX_EXTRA * k >= 2
+        layer = sorted(case.hp["moe_layers"])[1]
+        H = int(case.hp["hidden_size"])
+        x = np.random.default_rng(1).standard_normal((1, H)).astype(np.float32)
+        w = np.array([[0.5, 0.5]], np.float32)
+        sc = np.zeros(n)
+        sc[[2, 1, 3]] = [3.0, 2.0, 1.0]          # ranking 2, 1, 3, then the rest by id
+        st = engine.stats
+        for call in range(P.EXTRA_WARMUP + 1):
+            assert engine.extra_candidates(layer) == (0 if call < P.EXTRA_WARMUP else 1)
+            engine.predict(layer, [1, 2], issue_now=True, scores=sc)
+            # the likeliest first: 2 (rank 0) before 1 (rank 1)
+            assert list(engine._inflight) == [(layer, 2), (layer, 1)]
+            engine.run(layer, x, np.array([[2, 3]], np.int64), w)   # ranks 0 and 2
+        W = P.EXTRA_WARMUP
+        # top-k alone found one of the two experts used; with 3 (rank 2) predicted, both
+        assert st.recall_hits == {layer: W + 2} and st.recall_used == {layer: 2 * W + 2}
+        assert st.predicted == {layer: 2 * W + 3}
+        # an expert used at the last rank: the extra candidates stop at MAX_EXTRA · k
+        engine._rank_hist[layer][:] = 0
+        engine._rank_hist[layer][n - 1] = 10 * k
+        assert engine.extra_candidates(layer) == P.MAX_EXTRA * k
+        # logits that are not one score per expert: top-k alone, by id
+        engine.predict(layer, [3, 0], issue_now=False, scores=np.zeros(n + 1))
+        assert engine._next == (layer, [0, 3], None)
+    finally:
+        engine.close()
+        source.close()
