@@ -85,3 +85,27 @@ def test_c_tier_planes_is_not_in_the_banner_of_an_auto_plan_without_c_slots(tiny
     [banner] = [l for l in r.stderr.splitlines() if "; policy " in l]
     assert banner.endswith(", C tier planes (decoded at every use)"), banner
     assert [l for l in r.stderr.splitlines() if "warning" in l] == []
+
+
+# -- the planner's error, term by term ---------------------------------------------------------
+def test_term_breakdown_hand_case():
+    import pytest
+    from zipmoe_rt import bench_planner
+    from zipmoe_rt.engine.planner import DelayModel
+    d = DelayModel(sm_read_s=2e-3, exp_read_s=1e-3, decode_s=3e-3, matmul_s=5e-4, workers=2,
+                   bytes_F=16, bytes_sm=8, bytes_exp=3, layer_fixed_s=2e-4, load_C_s=1e-4,
+                   load_S_s=3e-4, load_E_s=4e-4, load_miss_s=6e-4)
+    # call A: 2 F hits; call B: 1 S + 1 miss (reads 2 + 2 x 1 ms, the last one's decode 3 ms:
+    # io 7 ms > 2 decodes on 2 workers 3 ms; engine 0.2 + 0.3 + 0.6 ms)
+    stats = {"decode_layer_s": 0.010, "decode_layer_calls": 2, "compute_s": 0.002,
+             "wait_s": 0.006, "io_s": 0.005, "decode_s": 0.007,
+             "call_hits": {"2,0,0,0,0": 1, "0,0,1,0,1": 1}}
+    t = bench_planner.term_breakdown(stats, d, 2)
+    want = {"layer": (5.0, (0.7 + 8.6) / 2), "matmul": (1.0, 0.5), "wait": (3.0, 7.0 / 2),
+            "rest": (1.0, (0.2 + 1.1) / 2), "reads": (2.5, 4.0 / 2), "decode": (3.5, 6.0 / 2)}
+    assert set(t) == set(want)
+    for term, (m, p) in want.items():
+        assert t[term] == (pytest.approx(m), pytest.approx(p)), term
+    line = bench_planner.breakdown_line(t)
+    assert line.startswith("layer 5.000/4.650 (1.08x), rest 1.000/0.650 (1.54x)"), line
+    assert bench_planner.term_breakdown({"decode_layer_calls": 0}, d, 2) == {}

@@ -57,6 +57,25 @@ def decode(m, ids, n):
     return toks, n / dt, eng.stats.as_dict()
 
 
+def _delay(m, model, workers):
+    """The delay model a policy's engine planned with (zipmoe, auto), else the calibration's
+    in the form the engine holds experts (zip-lru)."""
+    import dataclasses
+    from zipmoe_rt.engine import profile as prof
+    from zipmoe_rt.engine.ctier import compute_form_delay
+    eng = m.engine
+    if getattr(eng, "delay", None) is not None:
+        return eng.delay
+    calib = prof.load_calibration(prof.sidecar(model, prof.CALIB_SUFFIX))
+    src = eng.source
+    lays = list(src.layouts.values())
+    d = dataclasses.replace(prof.delay_model(calib, workers or os.cpu_count() or 1),
+                            bytes_F=max(l.full_bytes for l in lays),
+                            bytes_sm=max(l.sm_region[1] for l in lays),
+                            bytes_exp=max(l.exp_region[1] for l in lays))
+    return compute_form_delay(d, src, calib, eng.resident, eng.c_form)[0]
+
+
 def run_budget(model, raw, budget, tokens, rounds, workers, log):
     """One budget: every policy loaded, checked and timed in rotating order."""
     src = ZmoeSource(model)
@@ -76,6 +95,9 @@ def run_budget(model, raw, budget, tokens, rounds, workers, log):
         tps = {p: [] for p in POLICIES}
         layer = {p: [] for p in POLICIES}
         hits = {p: [] for p in POLICIES}
+        terms = {p: [] for p in POLICIES}
+        delays = {p: _delay(models[p], model, workers) for p in POLICIES if p != "raw-lru"}
+        k = int(models["auto"].hparams["num_experts_per_tok"])
         for r in range(rounds):
             order = POLICIES[r % len(POLICIES):] + POLICIES[:r % len(POLICIES)]
             for p in order:
@@ -83,6 +105,8 @@ def run_budget(model, raw, budget, tokens, rounds, workers, log):
                 tps[p].append(t)
                 layer[p].append(1e3 * st["decode_layer_s"] / max(1, st["decode_layer_calls"]))
                 hits[p].append(st["call_hits"])
+                if p in delays:
+                    terms[p].append(bench_planner.term_breakdown(st, delays[p], k))
             log(f"  round {r + 1}: " + ", ".join(f"{p} {tps[p][-1]:.2f}" for p in POLICIES))
         single = [p for p in POLICIES if p != "auto"]
         out = {"budget": budget, "budget_bytes": nbytes, "tokens": tokens, "rounds": rounds,
@@ -96,6 +120,9 @@ def run_budget(model, raw, budget, tokens, rounds, workers, log):
             if p != "raw-lru":
                 row["modelled_layer_ms"] = bench_planner.modelled_layer_ms(hits[p], model,
                                                                            workers)
+            if terms[p]:     # per term, the median over rounds of measured and modelled
+                row["terms_ms"] = {t: [statistics.median(r[t][i] for r in terms[p])
+                                       for i in (0, 1)] for t in terms[p][0]}
             if eng.predicted_layer_s() is not None:
                 row["predicted_layer_ms"] = 1e3 * eng.predicted_layer_s()
             if getattr(eng, "auto_choice", None) is not None:
@@ -139,6 +166,13 @@ def main(argv=None):
                   f"{row['auto_per_round_ratio_median']:.2f} | {meas:.3f} | "
                   + (f"{pr:.3f} ({meas / pr:.2f}x)" if pr else "-") + " | "
                   + (f"{mo:.3f} ({meas / mo:.2f}x)" if mo else "-") + " |")
+    print("\nPer term, measured/modelled ms per one-token MoE call at the run's hits "
+          "(medians over rounds; zipmoe_rt/bench_planner.py term_breakdown):")
+    for r in res["budgets"]:
+        for p, row in r["policies"].items():
+            if "terms_ms" in row:
+                print(f"  {r['budget']} {p}: " + bench_planner.breakdown_line(
+                    {t: tuple(v) for t, v in row["terms_ms"].items()}))
     for r in res["budgets"]:
         ac = r["policies"]["auto"].get("auto_choice") or {}
         print(f"\n{r['budget']}: auto ÷ the fastest single policy of each round, median "
