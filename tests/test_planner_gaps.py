@@ -109,3 +109,31 @@ def test_term_breakdown_hand_case():
     line = bench_planner.breakdown_line(t)
     assert line.startswith("layer 5.000/4.650 (1.08x), rest 1.000/0.650 (1.54x)"), line
     assert bench_planner.term_breakdown({"decode_layer_calls": 0}, d, 2) == {}
+
+
+# -- the F-pool replay and compute-form C slots ----------------------------------------------------
+def test_no_plan_of_a_pool_and_compute_form_c_slots():
+    """The engine never admits a compute-form C hit to the layer's LRU pool; the replay admits
+    every use outside the pool, so plans of both are left out; storage-form C keeps them, and
+    the plans left are priced as before."""
+    import dataclasses
+    import numpy as np
+    from zipmoe_rt.engine.planner import layer_frontier_lru, lru_pool_model
+    from test_planner import random_delay
+    rng = np.random.default_rng(3)
+    n, k = 6, 2
+    runs = [np.stack([rng.choice(n, k, replace=False) for _ in range(40)])]
+    model = lru_pool_model(runs, n, k, admission=True)
+    d = random_delay(rng)
+    packed = dataclasses.replace(d, bytes_c_form=d.bytes_sm, c_matmul_s=d.matmul_s * 2)
+    for pareto in (False, True):
+        f_st, _ = layer_frontier_lru(model, k, d, pareto=pareto)
+        f_pk, _ = layer_frontier_lru(model, k, packed, pareto=pareto)
+        both = lambda f: (f.counts[:, 0] > 0) & (f.counts[:, 1] > 0)
+        assert not both(f_pk).any()
+        if not pareto:
+            assert both(f_st).any()
+            # the other plans of the compute-form frontier: all of them, priced as before
+            full, _ = layer_frontier_lru(model, k, packed, pareto=False)
+            assert len(full.counts) == (~both(f_st)).sum()
+        assert np.isfinite(f_pk.makespan_s).all() and (f_pk.counts[:, 1] > 0).any()
