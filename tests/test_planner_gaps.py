@@ -137,3 +137,24 @@ def test_no_plan_of_a_pool_and_compute_form_c_slots():
             full, _ = layer_frontier_lru(model, k, packed, pareto=False)
             assert len(full.counts) == (~both(f_st)).sum()
         assert np.isfinite(f_pk.makespan_s).all() and (f_pk.counts[:, 1] > 0).any()
+
+
+def test_auto_runs_the_shared_pool_where_it_ties_with_the_per_layer_plans(tiny_case, tmp_path,
+                                                                          monkeypatch):
+    from zipmoe_rt.engine import factory
+    c = tiny_case("qwen2_moe")
+    z, _ = _calibrated_copy(c, tmp_path, _fitting_calibration(c))
+    real, box = prof.make_plan_choices, {}
+
+    def choices(*a, **kw):
+        ch, ranks = real(*a, **kw)
+        box["s"] = ch["auto"].predicted_makespan_s
+        return ch, ranks
+    monkeypatch.setattr(prof, "make_plan_choices", choices)
+    for extra, engine in ((0.0, "zip-lru"), (1e-9, "zipmoe")):
+        monkeypatch.setattr(factory, "_shared_pool_s", lambda *a, _x=extra: box["s"] + _x)
+        m = zipmoe_rt.load(z, memory_budget=c.budget("mid"), policy="auto", progress=False)
+        try:
+            assert m.engine.policy == engine and m.engine.auto_choice["engine"] == engine
+        finally:
+            m.close()

@@ -26,8 +26,11 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     kind of plan (an LRU pool of full experts, C/S/E tiers, or a mix) chosen by the planner
     (:func:`~zipmoe_rt.engine.planner.choice.plan_choices`, recorded in the engine's
     ``auto_choice``, :func:`auto_choice`), or the ``zip-lru`` engine where its one LRU pool
-    shared by all layers, replayed on the trace's token sequences, is predicted faster than
-    every per-layer plan (eviction ``lru``, CPU engine); else ``zip-lru``. For
+    shared by all layers, replayed on the trace's token sequences, is predicted no slower than
+    every per-layer plan (eviction ``lru``, CPU engine; on a tie, typically both predicted to
+    hold every expert the trace uses, the shared pool, whose capacity is not divided among the
+    layers by the trace's routing, so a text that routes otherwise than the trace's still
+    finds room); else ``zip-lru``. For
     ``zipmoe``: the trace is loaded and checked against the model; the calibration stored next
     to the model (``MODEL.calib.json``) is used even when it does not fit this run (one
     :class:`~zipmoe_rt.engine.profile.CalibrationWarning`), and without one the machine is
@@ -126,7 +129,7 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
         shared = _shared_pool_s(source, tr, budget, extra.get("prefetch", False), delay, k,
                                 resident, extra.get("escape_share")) \
             if eviction == "lru" and cls is ExpertEngine else None
-        if shared is not None and shared < plan.predicted_makespan_s:
+        if shared is not None and shared <= plan.predicted_makespan_s:
             eng = cls(source, budget, "zip-lru", eviction, workers=workers, direct=direct,
                       verify=verify, io_depth=io_depth, backend=backend, **extra)
             eng.auto_choice = auto_choice(choices, shared, engine="zip-lru")
