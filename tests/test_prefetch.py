@@ -247,10 +247,20 @@ def test_extra_candidates_follow_the_ranks_the_layer_used(tiny_case):
         # top-k alone found one of the two experts used; with 3 (rank 2) predicted, both
         assert st.recall_hits == {layer: W + 2} and st.recall_used == {layer: 2 * W + 2}
         assert st.predicted == {layer: 2 * W + 3}
-        # an expert used at the last rank: the extra candidates stop at MAX_EXTRA · k
-        engine._rank_hist[layer][:] = 0
-        engine._rank_hist[layer][n - 1] = 10 * k
-        assert engine.extra_candidates(layer) == P.MAX_EXTRA * k
+        # every rank past k used by every call: the extra candidates stop at MAX_EXTRA · k
+        h = engine._rank_hist[layer]
+        h[:] = 10
+        assert engine.extra_candidates(layer) == min(P.MAX_EXTRA * k, n - k)
+        # 10 calls: rank 0 always used, the second expert at rank 1, 2 or 3 in 4, 3, 3 calls:
+        # recall 0.7 at k, 0.85 at k + 1, 1 at k + 2; the extras' unused loads per call are
+        # 0.7 for one and 1.4 for two, over WASTE_BOUND · k = 1: one extra
+        assert (n, k, P.WASTE_BOUND, P.RECALL_TARGET) == (4, 2, 0.5, 0.9)
+        h[:] = [10, 4, 3, 3]
+        assert engine.extra_candidates(layer) == 1
+        h[:] = [10, 4, 6, 0]    # the third rank used in 6 calls: 0.4 unused, recall 1: one
+        assert engine.extra_candidates(layer) == 1
+        h[:] = [10, 10, 0, 0]   # top-k always right: none
+        assert engine.extra_candidates(layer) == 0
         # logits that are not one score per expert: top-k alone, by id
         engine.predict(layer, [3, 0], issue_now=False, scores=np.zeros(n + 1))
         assert engine._next == (layer, [0, 3], None)

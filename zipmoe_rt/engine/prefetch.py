@@ -28,7 +28,8 @@ layer). The prediction therefore carries the router's whole ranking of that stat
 predicts its top ``k + m_l`` (:meth:`PrefetchMixin.extra_candidates`): the engine keeps, per
 layer, how often the expert the layer really used stood at each rank of its prediction, and
 ``m_l`` is the fewest extra ranks (at most :data:`MAX_EXTRA` · k) whose running recall reaches
-:data:`RECALL_TARGET`, so a layer whose router is already well predicted wastes nothing more.
+:data:`RECALL_TARGET`, so a layer whose router is already well predicted wastes nothing more,
+and no more than keep the extras' expected unused loads per call within :data:`WASTE_BOUND` · k.
 Loads start in rank order (the likeliest first); at most ``k`` predicted loads are alive at
 once, which bounds both the memory and the bytes a wrong guess may read in flight.
 
@@ -51,6 +52,8 @@ MAX_EXTRA = 1
 #: one-token calls of a layer before its extra candidates follow its measured ranks (until
 #: then: none)
 EXTRA_WARMUP = 4
+#: the extra candidates' expected unused loads per call at most, as a multiple of k
+WASTE_BOUND = 0.5
 
 
 def check_prefetch(value) -> bool:
@@ -111,16 +114,21 @@ class PrefetchMixin:
         ``layer`` includes. The fewest ranks past ``k`` at which the layer's recall so far (the
         share of the experts its one-token calls used that stood within the top ``k + m`` of
         their prediction's ranking) reaches :data:`RECALL_TARGET`, at most
-        :data:`MAX_EXTRA` · k; 0 before :data:`EXTRA_WARMUP` calls of the layer."""
+        :data:`MAX_EXTRA` · k, and fewer where the extras would waste more: the expected
+        number of them a call does not use, ``Σ_{r=k}^{k+m−1} (1 − p_r)`` with ``p_r`` the
+        share of calls that used the expert ranked ``r``, stays within
+        :data:`WASTE_BOUND` · k. 0 before :data:`EXTRA_WARMUP` calls of the layer."""
         h = self._rank_hist.get(layer)
-        cap = MAX_EXTRA * self.k
-        if h is None or h.sum() < EXTRA_WARMUP * self.k:
+        k = self.k
+        if h is None or h.sum() < EXTRA_WARMUP * k:
             return 0
         cum = np.cumsum(h) / h.sum()
-        for m in range(cap + 1):
-            if self.k + m - 1 >= len(cum) or cum[self.k + m - 1] >= RECALL_TARGET:
-                return m
-        return cap
+        p = h * k / h.sum()                       # per rank: uses per call
+        m = 0
+        while m < min(MAX_EXTRA * k, len(h) - k) and cum[k + m - 1] < RECALL_TARGET \
+                and float(np.sum(1.0 - p[k:k + m + 1])) <= WASTE_BOUND * k:
+            m += 1
+        return m
 
     def _issue_prefetch(self) -> None:
         """Start the loads of the pending prediction's experts that are neither in the layer's
