@@ -158,3 +158,36 @@ def test_auto_runs_the_shared_pool_where_it_ties_with_the_per_layer_plans(tiny_c
             assert m.engine.policy == engine and m.engine.auto_choice["engine"] == engine
         finally:
             m.close()
+
+
+# -- the calibration times F calls where the other tiers' loads have faded ------------------------
+def test_f_calls_are_timed_after_more_settling_sweeps(tiny_case, monkeypatch):
+    import numpy as np
+    from zipmoe_rt.engine import overhead as O
+    c = tiny_case("mixtral")
+    src = ZmoeSource(c.zmoe, keep_experts=False)
+    calls, timed = {}, {}
+    real_engine = O._scenario_engine
+
+    def counting(source, tier, *a, **kw):
+        eng, pool = real_engine(source, tier, *a, **kw)
+        run = eng.run
+
+        def counted(*ra, **rk):
+            calls[tier] = calls.get(tier, 0) + 1
+            return run(*ra, **rk)
+        eng.run = counted
+        return eng, pool
+    monkeypatch.setattr(O, "_scenario_engine", counting)
+    try:
+        times = O.time_scenarios(src, c.delay("CE"), workers=2, reps=1)
+    finally:
+        src.close()
+    layers = O.scenario_layers(ZmoeSource(c.zmoe, keep_experts=False))
+    block = max(O.BLOCK, 2 * layers)
+    rounds = 2                                # a warming round and one timed block (reps = 1)
+    assert O.F_SETTLE_SWEEPS == 4
+    for t in O.SCENARIOS:
+        settle = layers * (O.F_SETTLE_SWEEPS if t == "F" else 1)
+        assert calls[t] == rounds * (settle + block), t
+        assert np.isfinite(times[t]) and times[t] > 0
