@@ -253,11 +253,13 @@ def test_extra_candidates_follow_the_ranks_the_layer_used(tiny_case):
         assert engine.extra_candidates(layer) == min(P.MAX_EXTRA * k, n - k)
         # 10 calls: rank 0 always used, the second expert at rank 1, 2 or 3 in 4, 3, 3 calls:
         # recall 0.7 at k, 0.85 at k + 1, 1 at k + 2; the extras' unused loads per call are
-        # 0.7 for one and 1.4 for two, over WASTE_BOUND · k = 1: one extra
-        assert (n, k, P.WASTE_BOUND, P.RECALL_TARGET) == (4, 2, 0.5, 0.9)
+        # 0.7 for one and 1.4 for two, within WASTE_BOUND · k = 1.5: two extras
+        assert (n, k, P.WASTE_BOUND, P.RECALL_TARGET) == (4, 2, 0.75, 0.9)
         h[:] = [10, 4, 3, 3]
-        assert engine.extra_candidates(layer) == 1
-        h[:] = [10, 4, 6, 0]    # the third rank used in 6 calls: 0.4 unused, recall 1: one
+        assert engine.extra_candidates(layer) == 2
+        # ranks 1, 2, 3 in 6, 1, 3 calls: recall 0.8 at k, 0.85 at k + 1 (0.9 unused), and
+        # a second extra would leave 1.6 unused per call, over 1.5: one extra
+        h[:] = [10, 6, 1, 3]
         assert engine.extra_candidates(layer) == 1
         h[:] = [10, 10, 0, 0]   # top-k always right: none
         assert engine.extra_candidates(layer) == 0

@@ -53,7 +53,7 @@ MAX_EXTRA = 1
 #: then: none)
 EXTRA_WARMUP = 4
 #: the extra candidates' expected unused loads per call at most, as a multiple of k
-WASTE_BOUND = 0.5
+WASTE_BOUND = 0.75
 
 
 def check_prefetch(value) -> bool:
