@@ -239,6 +239,7 @@ def test_extra_candidates_follow_the_ranks_the_layer_used(tiny_case):
         st = engine.stats
         for call in range(P.EXTRA_WARMUP + 1):
             assert engine.extra_candidates(layer) == (0 if call < P.EXTRA_WARMUP else 1)
+            engine._sweep_discarded(wait=True)   # the last call's unused load 1 has ended
             engine.predict(layer, [1, 2], issue_now=True, scores=sc)
             # the likeliest first: 2 (rank 0) before 1 (rank 1)
             assert list(engine._inflight) == [(layer, 2), (layer, 1)]
