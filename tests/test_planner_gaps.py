@@ -191,3 +191,19 @@ def test_f_calls_are_timed_after_more_settling_sweeps(tiny_case, monkeypatch):
         settle = layers * (O.F_SETTLE_SWEEPS if t == "F" else 1)
         assert calls[t] == rounds * (settle + block), t
         assert np.isfinite(times[t]) and times[t] > 0
+
+
+def test_modelled_layer_time_with_the_engines_delay_model(tmp_path):
+    import dataclasses
+    import pytest
+    from zipmoe_rt import bench_planner
+    from zipmoe_rt.engine.planner import DelayModel
+    d = DelayModel(sm_read_s=2e-3, exp_read_s=1e-3, decode_s=3e-3, matmul_s=5e-4, workers=2,
+                   bytes_F=16, bytes_sm=8, bytes_exp=3)
+    hits = [{"0,2,0,0,0": 1}]      # two C hits: decoded in the storage form
+    got = bench_planner.modelled_layer_ms(hits, tmp_path / "none.zmoe", 2, delay=d)
+    assert got == pytest.approx(1e3 * (3e-3 + 5e-4))      # 2 decodes on 2 workers + matmul
+    packed = dataclasses.replace(d, bytes_c_form=8, c_matmul_s=7e-4)
+    got = bench_planner.modelled_layer_ms(hits, tmp_path / "none.zmoe", 2, delay=packed)
+    assert got == pytest.approx(1e3 * (2 * 2e-4 + 5e-4))   # computed in place, no decode
+    assert bench_planner.modelled_layer_ms(hits, tmp_path / "none.zmoe", 2) is None

@@ -140,8 +140,8 @@ def run_budget(model, raw, budget, tokens, rounds, workers, log, policies=POLICI
             if pf.get("prefetch") == "on":
                 row["prefetch"] = pf
             if not p.startswith("raw-lru"):
-                row["modelled_layer_ms"] = bench_planner.modelled_layer_ms(hits[p], model,
-                                                                           workers)
+                row["modelled_layer_ms"] = bench_planner.modelled_layer_ms(
+                    hits[p], model, workers, delay=delays.get(p))
             if terms[p]:     # per term, the median over rounds of measured and modelled
                 row["terms_ms"] = {t: [statistics.median(r[t][i] for r in terms[p])
                                        for i in (0, 1)] for t in terms[p][0]}

@@ -18,21 +18,26 @@ import os
 from .engine import profile as prof
 
 
-def modelled_layer_ms(call_hits: list[dict], model_path, workers) -> float | None:
+def modelled_layer_ms(call_hits: list[dict], model_path, workers, delay=None) -> float | None:
     """Mean delay-model time (ms) of the one-token MoE calls of a row's runs.
 
     Args:
         call_hits: per run, the engine's ``call_hits`` (``"hF,hC,hS,hE,hmiss"`` -> calls).
         model_path: the ``.zmoe`` file (its ``MODEL.calib.json`` gives the delay model).
         workers: the row's decode workers (None: one per core).
+        delay: the :class:`~zipmoe_rt.engine.planner.DelayModel` to price with (the one the
+            engine planned with, which prices C hits in the form the C slots hold); None: the
+            calibration's.
 
     Returns:
-        milliseconds, or None without a calibration or without one-token calls.
+        milliseconds, or None without a calibration (and no ``delay``) or without one-token
+        calls.
     """
-    calib = prof.load_calibration(prof.sidecar(model_path, prof.CALIB_SUFFIX))
-    if calib is None:
-        return None
-    delay = prof.delay_model(calib, workers or os.cpu_count() or 1)
+    if delay is None:
+        calib = prof.load_calibration(prof.sidecar(model_path, prof.CALIB_SUFFIX))
+        if calib is None:
+            return None
+        delay = prof.delay_model(calib, workers or os.cpu_count() or 1)
     tot = n = 0
     for ch in call_hits:
         for key, calls in (ch or {}).items():
