@@ -207,3 +207,26 @@ def test_modelled_layer_time_with_the_engines_delay_model(tmp_path):
     got = bench_planner.modelled_layer_ms(hits, tmp_path / "none.zmoe", 2, delay=packed)
     assert got == pytest.approx(1e3 * (2 * 2e-4 + 5e-4))   # computed in place, no decode
     assert bench_planner.modelled_layer_ms(hits, tmp_path / "none.zmoe", 2) is None
+
+
+def test_bench_rows_price_the_modelled_time_with_the_engines_delay_model(tmp_path):
+    import dataclasses
+    import json
+    import pytest
+    from zipmoe_rt import bench_planner
+    from zipmoe_rt.engine.planner import DelayModel
+    z = tmp_path / "m.zmoe"
+    calib = {"sm_read_s": 2e-3, "exp_read_s": 1e-3, "decode_s": 3e-3, "matmul_s": 5e-4,
+             "bytes_F": 16, "bytes_sm": 8, "bytes_exp": 3, "chunks": 1}
+    prof.sidecar(z, prof.CALIB_SUFFIX).write_text(json.dumps(calib))
+    packed = DelayModel(sm_read_s=2e-3, exp_read_s=1e-3, decode_s=3e-3, matmul_s=5e-4,
+                        workers=2, bytes_F=16, bytes_sm=8, bytes_exp=3, bytes_c_form=8,
+                        c_matmul_s=7e-4)
+    eng = {"call_hits": {"0,2,0,0,0": 4}, "delay": json.loads(json.dumps(
+        dataclasses.asdict(packed)))}                     # as a bench row's JSON carries it
+    row = {"policy": "zipmoe", "budget": "x"}
+    got = bench_planner.row_fields(row, [eng], z, 2)["modelled_layer_ms"]
+    assert got == pytest.approx(1e3 * (2 * 2e-4 + 5e-4))   # C hits computed in place
+    eng.pop("delay")                                       # the calibration's: decoded
+    got = bench_planner.row_fields(row, [eng], z, 2)["modelled_layer_ms"]
+    assert got == pytest.approx(1e3 * (3e-3 + 5e-4))

@@ -10,6 +10,8 @@ meaningful figures on a shared machine.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import json
 import os
@@ -135,6 +137,8 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
                     r["gpu"] = eng.gpu_report()["device"]
                 if eng.predicted_layer_s() is not None:
                     r["engine"]["predicted_layer_s"] = eng.predicted_layer_s()
+                if getattr(eng, "delay", None) is not None:   # what the engine planned with
+                    r["engine"]["delay"] = dataclasses.asdict(eng.delay)
                 if getattr(eng, "auto_choice", None) is not None:
                     r["engine"]["auto_choice"] = eng.auto_choice
         r["peak_rss"] = peak_rss()

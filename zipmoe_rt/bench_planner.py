@@ -108,11 +108,17 @@ def breakdown_line(terms: dict) -> str:
 
 def row_fields(row: dict, engines: list[dict], model_path, workers) -> dict:
     """The planner fields of one bench row from its runs' engine dicts: ``modelled_layer_ms``
-    (policies other than ``raw-lru``), ``predicted_layer_ms`` (engines with a plan) and
-    ``auto_choice`` (policy ``auto``)."""
+    (policies other than ``raw-lru``; priced with the engine's own delay model where the
+    engine dict carries it as ``delay``, the fields of the
+    :class:`~zipmoe_rt.engine.planner.DelayModel` it planned with, else with the
+    calibration's), ``predicted_layer_ms`` (engines with a plan) and ``auto_choice`` (policy
+    ``auto``)."""
+    from .engine.planner import DelayModel
     out = {}
     if row["policy"] != "raw-lru":
-        m = modelled_layer_ms([e.get("call_hits") for e in engines], model_path, workers)
+        d = engines[0].get("delay")
+        m = modelled_layer_ms([e.get("call_hits") for e in engines], model_path, workers,
+                              delay=DelayModel(**d) if d else None)
         if m is not None:
             out["modelled_layer_ms"] = m
     if engines[0].get("predicted_layer_s") is not None:
