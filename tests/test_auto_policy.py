@@ -314,7 +314,7 @@ def test_bench_lines_say_what_auto_chose():
         "auto (budget 25%): zip-lru, one LRU pool shared by all layers; predicted ms per layer: "
         "per-layer plan 2.000, LRU pools only 2.500, tiers only 3.000, one shared LRU pool 1.500")
     assert describe_auto(row["auto_choice"], "zip-lru") == \
-        "zip-lru (auto: one LRU pool for all layers, predicted fastest)"
+        "zip-lru (auto: one LRU pool for all layers, predicted no slower)"
     assert describe_auto(dict(row["auto_choice"], engine="zipmoe"), "zipmoe") == \
         "zipmoe (auto: lru 2, mix 1; per MoE layer LLM)"
     assert describe_auto({"fallback": "zip-lru", "why": "no activation trace"}, "zip-lru") == \

@@ -218,7 +218,7 @@ def describe_auto(choice: dict | None, policy: str) -> str:
     if "fallback" in choice:
         return f"{policy} (auto: {choice['why']})"
     if choice.get("engine") == "zip-lru":
-        return f"{policy} (auto: one LRU pool for all layers, predicted fastest)"
+        return f"{policy} (auto: one LRU pool for all layers, predicted no slower)"
     codes = choice["codes"]
     per = f"; per MoE layer {codes}" if len(codes) <= 64 else ""
     return f"{policy} (auto: {choice['summary']}{per})"
