@@ -1250,7 +1250,7 @@ def test_calibration_mismatch_reasons(tmp_path):
     import os
     import platform
 
-    assert prof.CALIB_VERSION == 4
+    assert prof.CALIB_VERSION == 5
     ok = {"version": prof.CALIB_VERSION, "direct": False, "cpus": os.cpu_count(),
           "machine": platform.node()}
     assert prof.calibration_mismatch(ok, direct=False) == []

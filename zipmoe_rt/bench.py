@@ -10,6 +10,8 @@ meaningful figures on a shared machine.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import json
 import os
@@ -135,6 +137,8 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
                     r["gpu"] = eng.gpu_report()["device"]
                 if eng.predicted_layer_s() is not None:
                     r["engine"]["predicted_layer_s"] = eng.predicted_layer_s()
+                if getattr(eng, "delay", None) is not None:   # what the engine planned with
+                    r["engine"]["delay"] = dataclasses.asdict(eng.delay)
                 if getattr(eng, "auto_choice", None) is not None:
                     r["engine"]["auto_choice"] = eng.auto_choice
         r["peak_rss"] = peak_rss()
@@ -364,14 +368,17 @@ def prefetch_summary(engines: list, tokens: int) -> dict:
     prefetch ran (``prefetch``: on/off), ``prefetch_recall`` per MoE layer (str -> share of
     the experts used by decode steps that were predicted), ``prefetch_recall_min``, and
     ``wasted_bytes_per_token`` (bytes read for predicted experts nobody used, per decoded
-    token). Empty when the stats have no prefetch fields."""
+    token) and ``prefetch_predicted_per_used`` per MoE layer (experts predicted per expert
+    used, ``(k + m_l) / k``: the extra candidates of engine/prefetch.py). Empty when the
+    stats have no prefetch fields."""
     if not engines or "recall_used" not in engines[0]:
         return {}
-    hits, used = {}, {}
+    hits, used, pred = {}, {}, {}
     for x in engines:
         for l, v in x["recall_used"].items():
             used[l] = used.get(l, 0) + v
             hits[l] = hits.get(l, 0) + x["recall_hits"].get(l, 0)
+            pred[l] = pred.get(l, 0) + x.get("predicted", {}).get(l, 0)
     issued = sum(x["prefetch_issued"] for x in engines)
     out = {"prefetch": "on" if used or issued else "off"}
     if used:
@@ -381,6 +388,8 @@ def prefetch_summary(engines: list, tokens: int) -> dict:
                    wasted_bytes_per_token=sum(x["prefetch_wasted_bytes"] for x in engines)
                    / max(1, tokens),
                    prefetch_loads_per_token=issued / max(1, tokens))
+        if any(pred.values()):   # experts predicted per expert used: (k + m_l) / k
+            out["prefetch_predicted_per_used"] = {l: pred[l] / used[l] for l in rec}
     return out
 
 
@@ -429,6 +438,9 @@ def table(result: dict) -> str:
           + f" % (min {100 * r['prefetch_recall_min']:.0f} %, mean "
           f"{100 * r['prefetch_recall_mean']:.0f} %); {r['prefetch_loads_per_token']:.1f} loads "
           f"started, {r['wasted_bytes_per_token'] / 1e6:.2f} MB wasted per token"
+          + ("; predicted per used expert " + " ".join(
+              f"{v:.2f}" for v in r["prefetch_predicted_per_used"].values())
+             if r.get("prefetch_predicted_per_used") else "")
           for r in rows if r.get("prefetch_recall")]
     if pf:
         lines.append("\n" + "\n".join(pf))
