@@ -4,9 +4,10 @@ Like llama-bench: ``pp N`` prefills N tokens in one forward pass, ``tg N`` decod
 a time (greedy, EOS ignored); each is repeated and reported as mean ± sd tokens/s. The model
 file's pages are evicted from the page cache (posix_fadvise DONTNEED) after the model is loaded
 and before every timed run, so expert reads come from the disk. Per run it also reports TTFT,
-TPOT, hits per tier, bytes read per decoded token, time per pipeline stage per token, and the
-peak RSS of the run (VmHWM, reset before each run). Ratios between rows of one run are the
-meaningful figures on a shared machine.
+TPOT, and over the decode steps only (the tg prompt's prefill excluded) hits per tier, bytes
+read per decode step and time per pipeline stage per decode step; and the peak RSS of the run
+(VmHWM, reset before each run). Ratios between rows of one run are the meaningful figures on a
+shared machine.
 """
 from __future__ import annotations
 
@@ -126,11 +127,12 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
                 eng.stats.reset()
             params = SamplingParams(temperature=0.0, max_tokens=tg)
             gen = generate(net, ids_tg, params, stop_ids=())
-            for _step in gen:
-                pass
+            for i, _step in enumerate(gen):
+                if i == 0 and eng:         # the engine's figures count the decode steps only,
+                    eng.stats.reset()      # not the prompt's prefill
             st = gen.stats
             r.update(ttft_s=st.ttft_s, decode_tps=st.decode_tokens_per_s, tpot_s=st.tpot_s,
-                     decoded=st.generated_tokens)
+                     decoded=st.generated_tokens, decode_steps=max(st.generated_tokens - 1, 0))
             if eng:
                 r["engine"] = eng.stats.as_dict()
                 if hasattr(eng, "gpu_report"):
@@ -330,7 +332,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
             row["peak_rss"] = max(r["peak_rss"] for r in runs)
             if tg and runs[0].get("engine"):
                 e = [r["engine"] for r in runs]
-                n = sum(r["decoded"] for r in runs)
+                n = max(1, sum(r["decode_steps"] for r in runs))   # engine figures: decode only
                 hits = {k: sum(x["hits"][k] for x in e) for k in e[0]["hits"]}
                 tot = max(1, sum(hits.values()))
                 row["hit_rate"] = {k: v / tot for k, v in hits.items()}
