@@ -6,11 +6,15 @@ memory limit counts everything the process holds, and derives the budget from it
 
     budget = limit - fixed overhead - KV cache - read buffers - prefill activations
 
-* **fixed overhead**: the peak RSS of a fresh interpreter that imports the runtime, reads the
-  model's index and tokenizer and runs the same kernels on a tiny model of the same family
-  (interpreter, numpy, Numba and its JIT code, tokenizer, index), measured in a child process
+* **fixed overhead**: the steady RSS of a fresh interpreter that imports the runtime, reads the
+  model's index and tokenizer and warms every CPU kernel up on tiny models of the same family
+  and one real expert, after the freed heap is trimmed and LLVM's code pages are dropped
+  (interpreter, numpy, Numba and its JIT code, tokenizer, index;
+  :mod:`~zipmoe_rt.engine.footprint`), measured in a child process
   (:func:`zipmoe_rt.bench.baseline_rss`) and remembered in ``overhead.json`` of the cache folder
-  (one entry per model file, runtime version and Python);
+  (one entry per model file, runtime version and Python). A loading process under a limit runs
+  the same warm-up and release before it holds any weight, so the warm-up's higher peak (JIT
+  and LLVM) never meets the weights;
 * **KV cache**: the allocation a context of ``context`` tokens ends at (the caches grow by
   doubling from 256 positions: :class:`~zipmoe_rt.models.cache.KVCache`), plus the old copy of
   one layer while it grows;
@@ -40,7 +44,8 @@ from .tiers import BudgetError
 
 __all__ = ["MemoryLimitError", "MemoryPlan", "parse_limit", "cgroup_limit", "mem_available",
            "detect_memory", "resolve_limit", "fixed_overhead", "kv_bytes", "read_buffer_bytes", "activation_bytes",
-           "plan_memory", "memory_line", "DEFAULT_CONTEXT", "MARGIN_FRACTION", "MARGIN_MIN"]
+           "plan_memory", "memory_line", "DEFAULT_CONTEXT", "MARGIN_FRACTION", "MARGIN_MIN",
+           "OVERHEAD_METHOD"]
 
 #: tokens of context the KV cache is sized for when the caller does not say (``chat``, ``load``)
 DEFAULT_CONTEXT = 2048
@@ -48,6 +53,9 @@ DEFAULT_CONTEXT = 2048
 MARGIN_FRACTION = 0.05
 #: ... and at least this many bytes (32 MiB)
 MARGIN_MIN = 32 << 20
+#: how the fixed overhead is measured, part of its ``overhead.json`` key (a value measured
+#: another way is measured again): the steady RSS after the warm-up and its release
+OVERHEAD_METHOD = "steady-v1"
 #: cgroup v1 reports "no limit" as the largest page-aligned counter (9223372036854771712 with
 #: 4 KiB pages); any value from here up means none
 V1_UNLIMITED = 1 << 62
@@ -237,11 +245,26 @@ def _overhead_store() -> Path:
     return cache_dir() / "overhead.json"
 
 
+def _kernels_stamp() -> int:
+    """The newest modification time (ns) of the kernel sources: Numba's on-disk cache is
+    invalid after one changes, so the overhead (whose measurement refills that cache) is then
+    measured again."""
+    d = Path(__file__).resolve().parents[1] / "kernels"
+    try:
+        return max((f.stat().st_mtime_ns for f in d.glob("*.py")), default=0)
+    except OSError:
+        return 0
+
+
 def fixed_overhead(model_path, measure=None) -> int:
-    """The runtime's fixed memory for ``model_path`` in bytes: the peak RSS of a child process
-    that loads the runtime, the model's index and tokenizer and runs the kernels on a tiny model
-    of the family (:func:`zipmoe_rt.bench.baseline_rss`), remembered per model file (path, size,
-    modification time), runtime version and Python in ``overhead.json`` of the cache folder.
+    """The runtime's fixed memory for ``model_path`` in bytes: the steady RSS of a child process
+    that loads the runtime, the model's index and tokenizer and warms the kernels up, after the
+    warm-up's memory is released (:func:`zipmoe_rt.bench.baseline_rss`,
+    :func:`zipmoe_rt.engine.footprint.steady_footprint`), remembered per model file (path,
+    size, modification time), runtime version, Python, :data:`OVERHEAD_METHOD` and the kernel
+    sources' newest modification time in ``overhead.json`` of the cache folder. The measuring
+    child also fills Numba's on-disk cache, so a process that then warms up loads its kernels
+    rather than compiling them (a compile leaves ~30 MB more heap behind).
 
     Args:
         model_path: the ``.zmoe`` file.
@@ -252,7 +275,8 @@ def fixed_overhead(model_path, measure=None) -> int:
     from .. import __version__
     p = Path(model_path).resolve()
     st = p.stat()
-    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{__version__}|{sys.version.split()[0]}"
+    key = (f"{p}|{st.st_size}|{st.st_mtime_ns}|{__version__}|{sys.version.split()[0]}|"
+           f"{OVERHEAD_METHOD}|{_kernels_stamp()}")
     store = _overhead_store()
     try:
         known = json.loads(store.read_text())
