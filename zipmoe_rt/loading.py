@@ -205,15 +205,15 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             budget = None if memory_budget is None else parse_size(memory_budget, source)
             if memory_limit is not None:
                 from .engine.footprint import release, warm_up
-                from .engine.limit import fixed_overhead, plan_memory
+                from .engine.limit import fixed_overhead, plan_memory, warmup_peak
                 # measured first (a child process, which also fills Numba's cache); then the
                 # kernels' load peak here, before any weight exists; what stays is the steady
                 # overhead the limit counts (engine/footprint.py)
-                overhead = fixed_overhead(source.path)
+                overhead, peak = fixed_overhead(source.path), warmup_peak(source.path)
+                mplan = plan_memory(source, memory_limit, context, budget=budget,
+                                    overhead=overhead, peak=peak)
                 warm_up(source)
                 release()
-                mplan = plan_memory(source, memory_limit, context, budget=budget,
-                                    overhead=overhead)
                 budget = mplan.budget
             hb = 0
             if host_budget is not None:

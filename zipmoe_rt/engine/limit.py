@@ -44,7 +44,7 @@ from .tiers import BudgetError
 
 __all__ = ["MemoryLimitError", "MemoryPlan", "parse_limit", "cgroup_limit", "mem_available",
            "detect_memory", "resolve_limit", "fixed_overhead", "kv_bytes", "read_buffer_bytes", "activation_bytes",
-           "plan_memory", "memory_line", "DEFAULT_CONTEXT", "MARGIN_FRACTION", "MARGIN_MIN",
+           "plan_memory", "memory_line", "footprint", "warmup_peak", "DEFAULT_CONTEXT", "MARGIN_FRACTION", "MARGIN_MIN",
            "OVERHEAD_METHOD"]
 
 #: tokens of context the KV cache is sized for when the caller does not say (``chat``, ``load``)
@@ -246,29 +246,34 @@ def _overhead_store() -> Path:
 
 
 def _kernels_stamp() -> int:
-    """The newest modification time (ns) of the kernel sources: Numba's on-disk cache is
-    invalid after one changes, so the overhead (whose measurement refills that cache) is then
-    measured again."""
-    d = Path(__file__).resolve().parents[1] / "kernels"
+    """The newest modification time (ns) of the kernel sources and of the warm-up
+    (:mod:`~zipmoe_rt.engine.footprint`): Numba's on-disk cache is invalid after a kernel
+    changes, so the overhead (whose measurement refills that cache) is then measured again."""
+    here = Path(__file__).resolve()
     try:
-        return max((f.stat().st_mtime_ns for f in d.glob("*.py")), default=0)
+        return max((f.stat().st_mtime_ns for f in
+                    [*(here.parents[1] / "kernels").glob("*.py"), here.parent / "footprint.py"]),
+                   default=0)
     except OSError:
         return 0
 
 
-def fixed_overhead(model_path, measure=None) -> int:
-    """The runtime's fixed memory for ``model_path`` in bytes: the steady RSS of a child process
-    that loads the runtime, the model's index and tokenizer and warms the kernels up, after the
-    warm-up's memory is released (:func:`zipmoe_rt.bench.baseline_rss`,
-    :func:`zipmoe_rt.engine.footprint.steady_footprint`), remembered per model file (path,
-    size, modification time), runtime version, Python, :data:`OVERHEAD_METHOD` and the kernel
-    sources' newest modification time in ``overhead.json`` of the cache folder. The measuring
-    child also fills Numba's on-disk cache, so a process that then warms up loads its kernels
-    rather than compiling them (a compile leaves ~30 MB more heap behind).
+def footprint(model_path, measure=None) -> dict:
+    """The runtime's own memory for ``model_path`` in bytes, ``{"steady": ..., "peak": ...}``:
+    a child process loads the runtime, the model's index and tokenizer, warms the kernels up and
+    releases what the warm-up left (:func:`zipmoe_rt.bench.baseline_footprint`,
+    :func:`zipmoe_rt.engine.footprint.steady_footprint`); ``steady`` is its RSS after that
+    (what the weights compete with), ``peak`` its VmHWM (the warm-up's peak, which a loading
+    process reaches before it holds any weight). Remembered per model file (path, size,
+    modification time), runtime version, Python, :data:`OVERHEAD_METHOD` and the kernel sources'
+    newest modification time in ``overhead.json`` of the cache folder. The measuring child also
+    fills Numba's on-disk cache, so a process that then warms up loads its kernels rather than
+    compiling them (a compile leaves ~30 MB more heap behind).
 
     Args:
         model_path: the ``.zmoe`` file.
-        measure: the measuring function (default :func:`zipmoe_rt.bench.baseline_rss`).
+        measure: the measuring function (default :func:`zipmoe_rt.bench.baseline_footprint`):
+            a dict as above, or an int taken as both.
     Raises:
         MemoryLimitError: the measurement failed (the child exited with an error).
     """
@@ -284,15 +289,21 @@ def fixed_overhead(model_path, measure=None) -> int:
         known = {}
     if not isinstance(known, dict):
         known = {}
-    if isinstance(known.get(key), int) and known[key] > 0:
-        return known[key]
+    v = known.get(key)
+    if isinstance(v, dict) and all(isinstance(v.get(k), int) and v[k] > 0
+                                   for k in ("steady", "peak")):
+        return {"steady": v["steady"], "peak": v["peak"]}
     if measure is None:
-        from ..bench import baseline_rss as measure
-    v = int(measure(p))
-    if v <= 0:
+        from ..bench import baseline_footprint as measure
+    got = measure(p)
+    if not isinstance(got, dict):
+        got = {"steady": int(got), "peak": int(got)}
+    v = {"steady": int(got.get("steady", 0)), "peak": int(got.get("peak", 0))}
+    if v["steady"] <= 0 or v["peak"] <= 0:
         raise MemoryLimitError(f"{p}: could not measure the runtime's fixed memory overhead "
                                f"(the measuring child process failed; run `python -m "
                                f"zipmoe_rt.bench '[\"baseline\", \"{p}\"]'` to see why)")
+    v["peak"] = max(v["peak"], v["steady"])
     known[key] = v
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
@@ -302,6 +313,19 @@ def fixed_overhead(model_path, measure=None) -> int:
     except OSError:
         pass      # a read-only cache folder: measured again next time
     return v
+
+
+def fixed_overhead(model_path, measure=None) -> int:
+    """The runtime's fixed memory for ``model_path`` in bytes: the ``steady`` RSS of
+    :func:`footprint` (arguments and errors as there)."""
+    return footprint(model_path, measure)["steady"]
+
+
+def warmup_peak(model_path, measure=None) -> int:
+    """The peak RSS in bytes a process reaches while it warms the kernels up, before it holds
+    any weight: the ``peak`` of :func:`footprint` (arguments and errors as there). A limit
+    below it is too small whatever the weights."""
+    return footprint(model_path, measure)["peak"]
 
 
 def kv_bytes(hparams: dict, context: int) -> int:
@@ -366,8 +390,8 @@ def read_buffer_bytes(source) -> int:
 @dataclass
 class MemoryPlan:
     """How a memory limit divides (bytes): ``limit`` = ``overhead`` + ``kv`` + ``buffers`` +
-    ``activations`` + ``budget`` (the weight budget, ``--memory-budget``). ``how``: where the
-    limit came from;
+    ``activations`` + ``budget`` (the weight budget, ``--memory-budget``), and ``limit`` >=
+    ``warmup_peak`` (reached before the weights). ``how``: where the limit came from;
     ``context``: tokens the KV cache is sized for; ``minimum``: the smallest budget the model
     runs with (dense weights + one token's experts)."""
     limit: int
@@ -379,6 +403,8 @@ class MemoryPlan:
     context: int
     minimum: int
     activations: int = 0
+    #: the runtime's peak while it loads its kernels, before any weight (0: not checked)
+    warmup_peak: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -389,11 +415,13 @@ class MemoryPlan:
                 f"{self.overhead / 1e6:.1f} MB + KV cache {self.kv / 1e6:.1f} MB ({self.context} "
                 f"tokens) + read buffers {self.buffers / 1e6:.1f} MB + prefill activations "
                 f"{self.activations / 1e6:.1f} MB + weight budget "
-                f"{self.budget / 1e6:.1f} MB")
+                f"{self.budget / 1e6:.1f} MB" + (
+                    f" (kernel warm-up peak {self.warmup_peak / 1e6:.1f} MB, before the "
+                    f"weights)" if self.warmup_peak else ""))
 
 
 def plan_memory(source, limit, context: int | None = None, overhead: int | None = None,
-                budget=None, **detect_kw) -> MemoryPlan:
+                budget=None, peak: int | None = None, **detect_kw) -> MemoryPlan:
     """Divide a memory limit for ``source`` (a :class:`~zipmoe_rt.engine.store.ZmoeSource`).
 
     Args:
@@ -403,19 +431,31 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
         overhead: the fixed overhead in bytes (default: :func:`fixed_overhead`, measured).
         budget: a weight budget also given (``--memory-budget``, bytes): used as is, and it
             must fit the limit.
+        peak: the warm-up's peak RSS (:func:`warmup_peak`), which the limit must also hold
+            (default: measured with the overhead when ``overhead`` is None, else not checked).
         detect_kw: file paths for :func:`detect_memory`.
     Returns:
         the :class:`MemoryPlan`.
     Raises:
         MemoryLimitError: an unreadable limit; a limit below the overhead plus the smallest
-            budget (both numbers stated); a ``budget`` that does not fit the limit.
+            budget (both numbers stated), or below the warm-up's ``peak``; a ``budget`` that
+            does not fit the limit.
     """
     from .pipeline import budget_split
     lim, how = resolve_limit(limit, **detect_kw)
     context = DEFAULT_CONTEXT if context is None else int(context)
     if context < 1:
         raise MemoryLimitError(f"context: must be at least 1 token, got {context}")
-    ov = fixed_overhead(source.path) if overhead is None else int(overhead)
+    if overhead is None:
+        fp = footprint(source.path)
+        ov, peak = fp["steady"], fp["peak"] if peak is None else peak
+    else:
+        ov = int(overhead)
+    if peak is not None and lim < peak:
+        raise MemoryLimitError(
+            f"{_OPT} {lim / 1e6:.1f} MB ({how}) is too small for this model: the runtime "
+            f"peaks at {peak / 1e6:.1f} MB while it loads its kernels, before any weight "
+            f"(it then keeps {ov / 1e6:.1f} MB); give at least {peak / 1e6:.1f} MB")
     kv = kv_bytes(source.hparams, context)
     buf = read_buffer_bytes(source)
     act = activation_bytes(source.hparams)
@@ -442,7 +482,8 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
             f"plus the smallest weight budget {minimum / 1e6:.1f} MB (dense weights and one "
             f"token's experts): at least {(need + minimum) / 1e6:.1f} MB")
     return MemoryPlan(limit=lim, how=how, overhead=ov, kv=kv, buffers=buf, budget=int(free),
-                      context=context, minimum=minimum, activations=act)
+                      context=context, minimum=minimum, activations=act,
+                      warmup_peak=int(peak or 0))
 
 
 def memory_line(plan: MemoryPlan | None, budget: int | None, policy: str) -> str:
