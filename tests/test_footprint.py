@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from test_api import make_chat_model
+from tiny_models import SPECS
 
 MB = 10**6
 
@@ -109,3 +110,27 @@ def test_steady_footprint_in_a_child(tiny_zmoe, tmp_path):
     """, tmp_path)
     assert got["dropped"] >= 10 * MB, got
     assert 0 < got["anon"] < got["steady"] <= got["peak"] - got["dropped"] + 4 * MB, got
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_warm_up_runs_for_every_family(name):
+    """The warm-up's tiny models (decoded, then mixed with compute-form experts where the
+    family's experts are gate/up/down) run for every family, and leave the parallel
+    thresholds as they were."""
+    from types import SimpleNamespace
+
+    from test_families import _hf_config
+    from zipmoe_rt.engine import footprint as F
+    from zipmoe_rt.families import get_architecture
+    from zipmoe_rt.kernels import attention, linear
+
+    _, _, d = _hf_config(name)
+    hp = get_architecture(d).typed_hparams().to_hparams()
+    before = (linear.PAR_MIN_WORK, attention.ATTN_PAR_MIN)
+    F.warm_up(SimpleNamespace(hparams=hp, layouts={}))
+    assert (linear.PAR_MIN_WORK, attention.ATTN_PAR_MIN) == before
+    tiny = F.TinySource(hp, packed=True)
+    if tiny._roles:                  # (a tiny model of a family's leading dense layers has none)
+        from zipmoe_rt.models.packed import is_packed
+        assert is_packed(tiny.expert(0, 1)) == (set(tiny._roles) == {"gate", "up", "down"})
+        assert not is_packed(tiny.expert(0, 0))
