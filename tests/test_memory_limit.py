@@ -157,7 +157,7 @@ OVERHEAD = 50 * MB
 
 def parts(src, context):
     return (L.kv_bytes(src.hparams, context),
-            L.read_buffer_bytes(src) + L.activation_bytes(src.hparams))
+            L.read_buffer_bytes(src) + L.activation_bytes(src.hparams, context))
 
 
 def test_kv_bytes_follows_the_cache_growth(tiny_zmoe):
@@ -344,6 +344,9 @@ def test_activation_bytes_counts_one_prefill_batch():
     assert L.activation_bytes(hp) == 4 * 512 * (4 * 576 + 2 * 3 * 1536) == 23_592_960
     assert L.activation_bytes(dict(hp, shared_expert_intermediate_size=5632)) == \
         4 * 512 * (4 * 576 + 2 * 3 * 5632)
+    # a limit sized for a shorter context holds a prefill batch of that many tokens
+    assert L.activation_bytes(hp, 80) == 4 * 80 * (4 * 576 + 2 * 3 * 1536)
+    assert L.activation_bytes(hp, 2048) == L.activation_bytes(hp, 512) == L.activation_bytes(hp)
 
 
 def test_long_prompt_runs_in_prefill_batches(tiny_zmoe, monkeypatch):

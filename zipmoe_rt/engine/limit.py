@@ -22,7 +22,8 @@ memory limit counts everything the process holds, and derives the budget from it
   exponent region)`` of the largest expert (:mod:`~zipmoe_rt.engine.buffers`), which the budget
   does not count;
 * **prefill activations**: the float32 activations of one prefill batch (a prompt runs in
-  batches of :data:`~zipmoe_rt.models.model.PREFILL_UBATCH` tokens), :func:`activation_bytes`.
+  batches of :data:`~zipmoe_rt.models.model.PREFILL_UBATCH` tokens; fewer when ``context`` is
+  shorter), :func:`activation_bytes`.
 
 ``auto`` takes the memory cgroup's limit of this process (cgroup v2 ``memory.max``, v1
 ``memory.limit_in_bytes``, the smallest along its path; ``max`` or the v1 "no limit" value mean
@@ -349,10 +350,12 @@ def kv_bytes(hparams: dict, context: int) -> int:
     return per_token * cap + (per_token // layers) * (cap // 2) + state_bytes(hp)
 
 
-def activation_bytes(hparams: dict) -> int:
+def activation_bytes(hparams: dict, context: int | None = None) -> int:
     """Bytes of the float32 activations one prefill batch of
     :data:`~zipmoe_rt.models.model.PREFILL_UBATCH` tokens holds at its peak (a longer prompt
-    is run in batches of that many tokens, as llama.cpp's ``n_ubatch``): per token four
+    is run in batches of that many tokens, as llama.cpp's ``n_ubatch``), or of ``context``
+    tokens where that is fewer (a limit sized for a shorter context holds no longer prompt:
+    its KV cache is sized the same way, :func:`kv_bytes`): per token four
     hidden-size vectors (residual stream, normed input, attention output, MoE output) and the
     gate and up rows of the ``top-k`` experts (and of a shared expert) it is routed to.
     On the default model (hidden 576, intermediate 1536, top-2) that is 23.6 MB; measured with
@@ -364,7 +367,8 @@ def activation_bytes(hparams: dict) -> int:
     inter = max(int(hparams.get(key) or 0) for key in
                 ("moe_intermediate_size", "intermediate_size", "shared_expert_intermediate_size"))
     k = int(hparams["num_experts_per_tok"]) + 1          # + a shared expert or a dense MLP row
-    return 4 * PREFILL_UBATCH * (4 * hidden + 2 * k * inter)
+    tokens = PREFILL_UBATCH if context is None else max(1, min(PREFILL_UBATCH, int(context)))
+    return 4 * tokens * (4 * hidden + 2 * k * inter)
 
 
 def state_bytes(hp) -> int:
@@ -458,7 +462,7 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
             f"(it then keeps {ov / 1e6:.1f} MB); give at least {peak / 1e6:.1f} MB")
     kv = kv_bytes(source.hparams, context)
     buf = read_buffer_bytes(source)
-    act = activation_bytes(source.hparams)
+    act = activation_bytes(source.hparams, context)
     lays = list(source.layouts.values())
     minimum = source.dense_bytes() + int(source.hparams["num_experts_per_tok"]) * \
         max(l.full_bytes for l in lays)
