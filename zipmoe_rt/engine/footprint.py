@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 __all__ = ["TinySource", "warm_up", "release", "drop_cold_library_pages", "steady_footprint",
-           "COLD_LIBRARIES"]
+           "sources_stamp", "COLD_LIBRARIES"]
 
 #: shared libraries whose code a process needs only to compile or load Numba kernels
 COLD_LIBRARIES = ("libllvmlite",)
@@ -194,6 +194,19 @@ def release() -> int:
     gc.collect()
     release_heap()
     return drop_cold_library_pages()
+
+
+def sources_stamp() -> int:
+    """The newest modification time (ns) of the kernel sources and of this module: Numba's
+    on-disk cache is invalid after a kernel changes, so the overhead (whose measurement refills
+    that cache) is then measured again (:func:`zipmoe_rt.engine.limit.footprint`)."""
+    from pathlib import Path
+    here = Path(__file__).resolve()
+    try:
+        return max((f.stat().st_mtime_ns for f in
+                    [*(here.parents[1] / "kernels").glob("*.py"), here]), default=0)
+    except OSError:
+        return 0
 
 
 def steady_footprint(model_path) -> dict:

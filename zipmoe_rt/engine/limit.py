@@ -246,19 +246,6 @@ def _overhead_store() -> Path:
     return cache_dir() / "overhead.json"
 
 
-def _kernels_stamp() -> int:
-    """The newest modification time (ns) of the kernel sources and of the warm-up
-    (:mod:`~zipmoe_rt.engine.footprint`): Numba's on-disk cache is invalid after a kernel
-    changes, so the overhead (whose measurement refills that cache) is then measured again."""
-    here = Path(__file__).resolve()
-    try:
-        return max((f.stat().st_mtime_ns for f in
-                    [*(here.parents[1] / "kernels").glob("*.py"), here.parent / "footprint.py"]),
-                   default=0)
-    except OSError:
-        return 0
-
-
 def footprint(model_path, measure=None) -> dict:
     """The runtime's own memory for ``model_path`` in bytes, ``{"steady": ..., "peak": ...}``:
     a child process loads the runtime, the model's index and tokenizer, warms the kernels up and
@@ -279,10 +266,11 @@ def footprint(model_path, measure=None) -> dict:
         MemoryLimitError: the measurement failed (the child exited with an error).
     """
     from .. import __version__
+    from .footprint import sources_stamp
     p = Path(model_path).resolve()
     st = p.stat()
     key = (f"{p}|{st.st_size}|{st.st_mtime_ns}|{__version__}|{sys.version.split()[0]}|"
-           f"{OVERHEAD_METHOD}|{_kernels_stamp()}")
+           f"{OVERHEAD_METHOD}|{sources_stamp()}")
     store = _overhead_store()
     try:
         known = json.loads(store.read_text())
