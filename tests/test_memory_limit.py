@@ -157,7 +157,8 @@ OVERHEAD = 50 * MB
 
 def parts(src, context):
     return (L.kv_bytes(src.hparams, context),
-            L.read_buffer_bytes(src) + L.activation_bytes(src.hparams, context))
+            L.read_buffer_bytes(src) + L.activation_bytes(src.hparams, context)
+            + L.ENGINE_HEADROOM)
 
 
 def test_kv_bytes_follows_the_cache_growth(tiny_zmoe):
@@ -181,9 +182,10 @@ def test_plan_memory_divides_the_limit_and_names_both_numbers(tiny_zmoe, home):
         plan0 = L.plan_memory(src, 10**9, context=300, overhead=OVERHEAD)
         minimum = plan0.minimum
         assert plan0.budget == 10**9 - OVERHEAD - kv - buf
-        assert plan0.overhead + plan0.kv + plan0.buffers + plan0.activations + plan0.budget \
-            == plan0.limit
-        assert plan0.kv == kv > 0 and plan0.buffers + plan0.activations == buf > 0
+        assert plan0.overhead + plan0.kv + plan0.buffers + plan0.activations + plan0.engine \
+            + plan0.budget == plan0.limit
+        assert plan0.kv == kv > 0 and plan0.buffers + plan0.activations + plan0.engine == buf
+        assert plan0.engine == L.ENGINE_HEADROOM > 0
         assert plan0.activations > 0 and plan0.context == 300
         # exactly enough: the smallest budget
         need = OVERHEAD + kv + buf + minimum

@@ -5,6 +5,7 @@ tiers and one token's decoded experts (:func:`~zipmoe_rt.engine.pipeline.budget_
 memory limit counts everything the process holds, and derives the budget from it::
 
     budget = limit - fixed overhead - KV cache - read buffers - prefill activations
+             - engine headroom
 
 * **fixed overhead**: the steady RSS of a fresh interpreter that imports the runtime, reads the
   model's index and tokenizer and warms every CPU kernel up on tiny models of the same family
@@ -23,7 +24,9 @@ memory limit counts everything the process holds, and derives the budget from it
   does not count;
 * **prefill activations**: the float32 activations of one prefill batch (a prompt runs in
   batches of :data:`~zipmoe_rt.models.model.PREFILL_UBATCH` tokens; fewer when ``context`` is
-  shorter), :func:`activation_bytes`.
+  shorter), :func:`activation_bytes`;
+* **engine headroom**: :data:`ENGINE_HEADROOM`, what the running engine holds beyond the
+  measured footprint.
 
 ``auto`` takes the memory cgroup's limit of this process (cgroup v2 ``memory.max``, v1
 ``memory.limit_in_bytes``, the smallest along its path; ``max`` or the v1 "no limit" value mean
@@ -45,7 +48,7 @@ from .tiers import BudgetError
 
 __all__ = ["MemoryLimitError", "MemoryPlan", "parse_limit", "cgroup_limit", "mem_available",
            "detect_memory", "resolve_limit", "fixed_overhead", "kv_bytes", "read_buffer_bytes", "activation_bytes",
-           "plan_memory", "memory_line", "footprint", "warmup_peak", "DEFAULT_CONTEXT", "MARGIN_FRACTION", "MARGIN_MIN",
+           "plan_memory", "memory_line", "footprint", "warmup_peak", "ENGINE_HEADROOM", "DEFAULT_CONTEXT", "MARGIN_FRACTION", "MARGIN_MIN",
            "OVERHEAD_METHOD"]
 
 #: tokens of context the KV cache is sized for when the caller does not say (``chat``, ``load``)
@@ -54,6 +57,12 @@ DEFAULT_CONTEXT = 2048
 MARGIN_FRACTION = 0.05
 #: ... and at least this many bytes (32 MiB)
 MARGIN_MIN = 32 << 20
+#: what a running engine holds beyond the steady footprint measured without one (its threads'
+#: stacks and heaps, heap fragments prefills leave): 16 MiB. On the default model under
+#: ``--memory-limit 600MB`` (bench, pp128 tg32) the process's peak was 4.7 MB above the parts
+#: the plan counts as in use, and a second prompt grew its RssAnon by up to 15 MB; without this
+#: term the peak came within 0.3 MB of the limit.
+ENGINE_HEADROOM = 16 << 20
 #: how the fixed overhead is measured, part of its ``overhead.json`` key (a value measured
 #: another way is measured again): the steady RSS after the warm-up and its release
 OVERHEAD_METHOD = "steady-v1"
@@ -382,7 +391,7 @@ def read_buffer_bytes(source) -> int:
 @dataclass
 class MemoryPlan:
     """How a memory limit divides (bytes): ``limit`` = ``overhead`` + ``kv`` + ``buffers`` +
-    ``activations`` + ``budget`` (the weight budget, ``--memory-budget``), and ``limit`` >=
+    ``activations`` + ``engine`` + ``budget`` (the weight budget, ``--memory-budget``), and ``limit`` >=
     ``warmup_peak`` (reached before the weights). ``how``: where the limit came from;
     ``context``: tokens the KV cache is sized for; ``minimum``: the smallest budget the model
     runs with (dense weights + one token's experts)."""
@@ -397,6 +406,8 @@ class MemoryPlan:
     activations: int = 0
     #: the runtime's peak while it loads its kernels, before any weight (0: not checked)
     warmup_peak: int = 0
+    #: :data:`ENGINE_HEADROOM`
+    engine: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -406,7 +417,8 @@ class MemoryPlan:
         return (f"memory limit {self.limit / 1e6:.1f} MB ({self.how}) = fixed overhead "
                 f"{self.overhead / 1e6:.1f} MB + KV cache {self.kv / 1e6:.1f} MB ({self.context} "
                 f"tokens) + read buffers {self.buffers / 1e6:.1f} MB + prefill activations "
-                f"{self.activations / 1e6:.1f} MB + weight budget "
+                f"{self.activations / 1e6:.1f} MB + engine headroom "
+                f"{self.engine / 1e6:.1f} MB + weight budget "
                 f"{self.budget / 1e6:.1f} MB" + (
                     f" (kernel warm-up peak {self.warmup_peak / 1e6:.1f} MB, before the "
                     f"weights)" if self.warmup_peak else ""))
@@ -454,11 +466,12 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
     lays = list(source.layouts.values())
     minimum = source.dense_bytes() + int(source.hparams["num_experts_per_tok"]) * \
         max(l.full_bytes for l in lays)
-    need = ov + kv + buf + act
+    need = ov + kv + buf + act + ENGINE_HEADROOM
     free = lim - need
     parts = (f"fixed overhead {ov / 1e6:.1f} MB + KV cache {kv / 1e6:.1f} MB for {context} "
              f"tokens + read buffers {buf / 1e6:.1f} MB + prefill activations "
-             f"{act / 1e6:.1f} MB = {need / 1e6:.1f} MB")
+             f"{act / 1e6:.1f} MB + engine headroom {ENGINE_HEADROOM / 1e6:.1f} MB = "
+             f"{need / 1e6:.1f} MB")
     if budget is not None:
         budget = int(budget)
         if budget > free:
@@ -475,7 +488,7 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
             f"token's experts): at least {(need + minimum) / 1e6:.1f} MB")
     return MemoryPlan(limit=lim, how=how, overhead=ov, kv=kv, buffers=buf, budget=int(free),
                       context=context, minimum=minimum, activations=act,
-                      warmup_peak=int(peak or 0))
+                      warmup_peak=int(peak or 0), engine=ENGINE_HEADROOM)
 
 
 def memory_line(plan: MemoryPlan | None, budget: int | None, policy: str) -> str:
