@@ -27,6 +27,7 @@ import numpy as np
 from zmoe.constants import Keys
 
 from . import bench_planner
+from .engine.footprint import TinySource, steady_footprint
 from .engine.io import evict_page_cache
 from .generate import SamplingParams, generate
 from .util import format_bytes, peak_rss, reset_peak_rss
@@ -88,7 +89,8 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
 
     Returns:
         ``(runs, memory)``: per repetition a dict (``pp_s``; ``ttft_s``, ``decode_tps``,
-        ``tpot_s``, ``decoded``, ``engine`` stats; ``peak_rss`` in bytes), and the model's
+        ``tpot_s``, ``decoded``, ``engine`` stats; ``peak_rss`` in bytes; ``load_peak_rss``: the
+        peak of loading and the warm-up, before the runs), and the model's
         :meth:`~zipmoe_rt.api.Model.memory_report` after the runs.
     """
     from .api import load
@@ -107,6 +109,7 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
     net.forward(np.array(ids_tg[:4], np.int64), warm)
     net.forward(np.array(ids_tg[4:5], np.int64), warm)
     del warm
+    load_peak = peak_rss()                 # loading and the warm-up, before the first reset
     runs = []
     for _ in range(reps):
         gc.collect()
@@ -144,6 +147,7 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
                 if getattr(eng, "auto_choice", None) is not None:
                     r["engine"]["auto_choice"] = eng.auto_choice
         r["peak_rss"] = peak_rss()
+        r["load_peak_rss"] = load_peak
         runs.append(r)
     mem = m.memory_report()
     if m.memory_plan is not None:
@@ -170,68 +174,32 @@ def _in_subprocess(*args):
     return runs, mem
 
 
-def baseline_rss(model_path) -> int:
-    """Fixed overhead: peak RSS of a fresh interpreter that imports the runtime, reads the
-    model's index and tokenizer, and runs the same kernels (prefill and decode) on a tiny
-    random model of the same family, so the JIT code is loaded, but holds none of the weights.
+def baseline_footprint(model_path) -> dict:
+    """The runtime's own memory for ``model_path``, measured in a fresh interpreter that imports
+    the runtime, reads the model's index and tokenizer and warms every CPU kernel up on tiny
+    models of the same family and one real expert, holding none of the weights
+    (:func:`zipmoe_rt.engine.footprint.steady_footprint`).
+
+    Returns:
+        bytes: ``peak`` (VmHWM, the warm-up's peak), ``steady`` (VmRSS after the heap trim and
+        the drop of LLVM's pages), ``anon``, ``dropped``; an empty dict when the child failed.
     """
     import sys
-    r = subprocess.run([sys.executable, "-m", "zipmoe_rt.bench", json.dumps(["baseline", str(model_path)])],
-                       capture_output=True, text=True)
-    return int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else 0
+    r = subprocess.run([sys.executable, "-m", "zipmoe_rt.bench",
+                        json.dumps(["baseline", str(model_path)])], capture_output=True, text=True)
+    if r.returncode != 0:
+        return {}
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-class _TinySource:
-    """A WeightSource with the family of ``hp`` but tiny random BF16 weights (JIT warm-up): two
-    layers, hidden 64, the tensors its family's registry entry lists for that shape
-    (:meth:`zipmoe_rt.families.Family.tensor_specs`).
-
-    Raises:
-        ValueError: unknown family (UnknownFamilyError lists the supported ones).
-    """
-
-    def __init__(self, hp: dict):
-        from .families import get_family
-        from .models.weights import assemble_expert
-        hp = dict(hp, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  vocab_size=128, moe_intermediate_size=32, intermediate_size=32,
-                  shared_expert_intermediate_size=min(32, hp.get("shared_expert_intermediate_size", 0)),
-                  num_hidden_layers=2, moe_layers=[i for i in (0, 1) if i in hp["moe_layers"]] or [0])
-        if hp.get("layer_types") is not None:
-            hp["layer_types"] = list(hp["layer_types"][:2])
-        self.hparams = hp
-        specs = get_family(hp.get("family")).tensor_specs(hp)
-        self._shapes = {s.name: s.shape for s in specs if not s.is_expert and not s.tied}
-        #: one expert's roles and shapes as the family stores them (a stacked tensor's slice)
-        self._roles = {s.role: tuple(s.shape[1:] if s.stacked else s.shape)
-                       for s in specs if s.is_expert}
-        self._rng, self._assemble = np.random.default_rng(0), assemble_expert
-        self._cache: dict = {}
-
-    def has(self, name):
-        return name in self._shapes
-
-    def tensor(self, name):
-        if name not in self._cache:
-            self._cache[name] = self._rng.integers(0x3C00, 0x3D00, self._shapes[name]).astype(np.uint16)
-        return self._cache[name]
-
-    def expert(self, layer, e):
-        return self._assemble({r: self._rng.integers(0x3C00, 0x3D00, s).astype(np.uint16)
-                               for r, s in self._roles.items()})
+def baseline_rss(model_path) -> int:
+    """Fixed overhead in bytes: the steady RSS of :func:`baseline_footprint` (what the weights
+    compete with while a model runs); 0 when the measuring child failed."""
+    return int(baseline_footprint(model_path).get("steady", 0))
 
 
-def _baseline_worker(model_path) -> int:
-    from .api import tokenizer_from_source
-    from .engine.store import ZmoeSource
-    from .models import build_model
-    src = ZmoeSource(model_path, keep_experts=False, copy_dense=True)
-    tokenizer_from_source(src)
-    net = build_model(_TinySource(src.hparams))
-    c = net.new_cache()
-    net.forward(np.arange(8, dtype=np.int64), c)
-    net.forward(np.array([3], np.int64), c)
-    return peak_rss()
+#: the tiny warm-up source (kept under its former name for callers)
+_TinySource = TinySource
 
 
 def _ms(a):
@@ -330,6 +298,7 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                 row["ttft_s"] = [r["ttft_s"] for r in runs]
                 row["tpot_s"] = [r["tpot_s"] for r in runs]
             row["peak_rss"] = max(r["peak_rss"] for r in runs)
+            row["load_peak_rss"] = max(r.get("load_peak_rss", 0) for r in runs)
             if tg and runs[0].get("engine"):
                 e = [r["engine"] for r in runs]
                 n = max(1, sum(r["decode_steps"] for r in runs))   # engine figures: decode only
@@ -426,8 +395,9 @@ def table(result: dict) -> str:
             stages, f"{r['peak_rss'] / 1e6:.0f}",
             f"{(r['peak_rss'] - env.get('baseline_rss', 0)) / r['budget_bytes']:.2f}"
             if r["budget_bytes"] else "-",
-            (f"{r['peak_rss'] / 1e6:.0f} / {r['limit_bytes'] / 1e6:.0f} MB "
-             f"({'within' if r['peak_rss'] <= r['limit_bytes'] else 'OVER'})")
+            (f"{r['peak_rss'] / 1e6:.0f} / {r['limit_bytes'] / 1e6:.0f} MB, load "
+             f"{r.get('load_peak_rss', 0) / 1e6:.0f} ("
+             f"{'within' if max(r['peak_rss'], r.get('load_peak_rss', 0)) <= r['limit_bytes'] else 'OVER'})")
             if r.get("limit_bytes") else "-"]) + " |")
     planner = bench_planner.lines(rows)
     if planner:
@@ -483,4 +453,4 @@ def save(result: dict, path) -> Path:
 if __name__ == "__main__":  # worker of _in_subprocess
     import sys
     a = json.loads(sys.argv[1])
-    print(json.dumps(_baseline_worker(a[1]) if a[0] == "baseline" else run_config(*a)))
+    print(json.dumps(steady_footprint(a[1]) if a[0] == "baseline" else run_config(*a)))
