@@ -1250,7 +1250,7 @@ def test_calibration_mismatch_reasons(tmp_path):
     import os
     import platform
 
-    assert prof.CALIB_VERSION == 4
+    assert prof.CALIB_VERSION == 5
     ok = {"version": prof.CALIB_VERSION, "direct": False, "cpus": os.cpu_count(),
           "machine": platform.node()}
     assert prof.calibration_mismatch(ok, direct=False) == []
@@ -1497,3 +1497,22 @@ def test_bench_rows_and_planner_prediction_beside_measurement(tiny_case):
     assert re.search(r"planner \(zipmoe, budget \d+\): measured \d+\.\d\d ms per MoE layer per "
                      r"decode token; predicted \d+\.\d\d ms \(\d+\.\d\dx\)", table), table
     json.dumps(res)
+
+
+def test_bench_engine_figures_count_the_decode_steps_only(tiny_case):
+    """The tg runs' engine figures (hits, bytes read, stage times per token) cover the decode
+    steps, not the prefill of the tg prompt: one MoE call per MoE layer per decode step."""
+    from zipmoe_rt import bench as B
+    from zipmoe_rt.api import parse_size
+    from zipmoe_rt.engine.store import ZmoeSource
+
+    c = tiny_case("mixtral")
+    src = ZmoeSource(c.zmoe)
+    nbytes, moe_layers = parse_size(c.budget("mid"), src), len(src.hparams["moe_layers"])
+    src.close()
+    runs, _mem = B.run_config(str(c.zmoe), nbytes, "zip-lru", 0, 5, 1, WORKERS, False, "lru",
+                              None)
+    r = runs[0]
+    assert r["decoded"] == 5 and r["decode_steps"] == 4
+    assert r["engine"]["layer_calls"] == 4 * moe_layers
+    assert sum(r["engine"]["hits"].values()) == 4 * moe_layers * src.hparams["num_experts_per_tok"]

@@ -161,6 +161,39 @@ def test_partial_host_cache_serves_some_misses(tiny_case):
         source.close()
 
 
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
+def test_misses_of_a_call_share_one_decode_launch(tiny_case, name, monkeypatch):
+    """With every expert in the host cache, the misses of one MoE call are copied into one
+    arena and decoded by one launch (fewer launches than decodes); with the batched path off each miss is its own launch; the logits are the same."""
+    from zipmoe_rt.engine import gpu_batch
+    case = tiny_case(name)
+    res = {}
+    for batched, per in ((True, 2), (True, 0), (False, 2)):
+        monkeypatch.setattr(gpu_batch, "BATCHED", batched)
+        monkeypatch.setattr(gpu_batch, "MAX_BATCH", per)
+        source, eng = _engine(case, "zip-lru", case.budget("min"), 10**9)
+        try:
+            net = build_model(source, executor=eng)
+            logits, tokens = generate(net, case.ids, 6)
+            assert tokens == case.ref_tokens[:len(tokens)]
+            st = eng.stats
+            assert st.gpu_decodes > 0 and st.file_misses == 0
+            if batched:
+                assert 0 < st.batches < st.gpu_decodes
+                d = st.as_dict()
+                assert d["issue_s"] > 0 and d["h2d_s"] >= 0 and d["moe_compute_s"] > 0
+            else:
+                assert st.batches == 0
+            if batched and per:
+                assert st.batches >= -(-st.gpu_decodes // per)
+            res[batched, per] = logits
+        finally:
+            eng.close()
+            source.close()
+    for key in res:
+        assert all(np.array_equal(a, b) for a, b in zip(res[key], res[False, 2]))
+
+
 def test_pcie_bytes_are_the_compressed_regions(tiny_case):
     """A miss of a compressed expert sends its two regions and its tables (less than its BF16
     bytes for real-size experts; here the tables of a tiny expert weigh more), a raw miss its

@@ -81,6 +81,63 @@ def test_staged_decode_every_variant(variant):
             assert np.array_equal(got, want), (variant, seg)
 
 
+def _batch_jobs(xp, seg):
+    """Decode jobs for several experts (``xp``: numpy or cupy): the first two experts' regions
+    and tables at odd and 256-byte offsets of one shared arena (as the engine's batched miss
+    path lays out copied blocks), the others in arrays of their own (as C/E slots hold them)."""
+    items = [pack_expert(m, min_chunk=1000) for m in _experts() + _experts()[::-1]]
+    metas = [build_meta(lay, exp, segment=seg) for lay, sm, exp in items]
+    arena = xp.zeros(1 << 22, xp.uint8)
+    off, jobs = 0, []
+    for i, ((lay, sm, exp), m) in enumerate(zip(items, metas)):
+        parts = [exp, sm, m.runs, m.bits, m.tabs]
+        refs = []
+        for j, a in enumerate(parts):
+            raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+            if i < 2:
+                off += 1 if j == 0 else (-off) % 256      # exponent region at an odd address
+                arena[off:off + raw.size] = xp.asarray(raw)
+                refs.append((arena, off, raw.size))
+                off += raw.size
+            else:
+                refs.append((xp.asarray(np.ascontiguousarray(a)), 0, raw.size))
+        out = xp.zeros(m.words, xp.uint16)
+        jobs.append((*refs, out, int(m.bits.size), int(m.runs.shape[0]), int(m.tabs.shape[0])))
+    return items, metas, jobs
+
+
+@pytest.mark.parametrize("seg", [256, 37])
+def test_batch_decode_on_the_host(seg):
+    """HostOps.decode_batch (the engine's batched miss path without a GPU) rebuilds every
+    expert of a batch from arena offsets and arrays of their own."""
+    from zipmoe_rt.engine.gpu_ops import HostOps
+    items, metas, jobs = _batch_jobs(np, seg)
+    HostOps().decode_batch(jobs, seg, None)
+    for (lay, sm, exp), m, job, mats in zip(items, metas, jobs, _experts() + _experts()[::-1]):
+        _check(job[5], m, mats)
+
+
+@gpu
+@pytest.mark.parametrize("seg", [256, 37, 2048])
+def test_batch_decode_one_launch_equals_the_host(seg):
+    """CudaOps.decode_batch (sd_multi_batch + sd_decode_batch over a descriptor of addresses)
+    gives every expert of the batch word for word, twice in a row (the descriptor ring)."""
+    import cupy as cp
+
+    from zipmoe_rt.backends.cuda_experts import CudaOps
+    items, metas, jobs = _batch_jobs(cp, seg)
+    ops = CudaOps()
+    st = cp.cuda.Stream(non_blocking=True)
+    for rep in range(2):
+        for job in jobs:
+            job[5].fill(0)
+        cp.cuda.Device().synchronize()       # the inputs and zeroed outputs are in place
+        ops.decode_batch(jobs, seg, st)
+        st.synchronize()
+        for m, job, mats in zip(metas, jobs, _experts() + _experts()[::-1]):
+            _check(cp.asnumpy(job[5]), m, mats)
+
+
 @gpu
 def test_multi_symbol_tables_hold_the_host_codes():
     """Each entry: the first (up to 4) whole codes of its 12-bit window, as

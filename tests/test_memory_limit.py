@@ -157,7 +157,8 @@ OVERHEAD = 50 * MB
 
 def parts(src, context):
     return (L.kv_bytes(src.hparams, context),
-            L.read_buffer_bytes(src) + L.activation_bytes(src.hparams))
+            L.read_buffer_bytes(src) + L.activation_bytes(src.hparams, context)
+            + L.ENGINE_HEADROOM)
 
 
 def test_kv_bytes_follows_the_cache_growth(tiny_zmoe):
@@ -181,9 +182,10 @@ def test_plan_memory_divides_the_limit_and_names_both_numbers(tiny_zmoe, home):
         plan0 = L.plan_memory(src, 10**9, context=300, overhead=OVERHEAD)
         minimum = plan0.minimum
         assert plan0.budget == 10**9 - OVERHEAD - kv - buf
-        assert plan0.overhead + plan0.kv + plan0.buffers + plan0.activations + plan0.budget \
-            == plan0.limit
-        assert plan0.kv == kv > 0 and plan0.buffers + plan0.activations == buf > 0
+        assert plan0.overhead + plan0.kv + plan0.buffers + plan0.activations + plan0.engine \
+            + plan0.budget == plan0.limit
+        assert plan0.kv == kv > 0 and plan0.buffers + plan0.activations + plan0.engine == buf
+        assert plan0.engine == L.ENGINE_HEADROOM > 0
         assert plan0.activations > 0 and plan0.context == 300
         # exactly enough: the smallest budget
         need = OVERHEAD + kv + buf + minimum
@@ -222,10 +224,49 @@ def test_fixed_overhead_is_measured_once_per_file(tiny_zmoe, home):
         L.fixed_overhead(Path(__file__), lambda p: 0)
 
 
+def test_footprint_keeps_steady_and_peak_and_is_remeasured_by_method(tiny_zmoe, home,
+                                                                     monkeypatch):
+    calls = []
+
+    def measure(p):
+        calls.append(p)
+        return {"steady": 110 * MB, "peak": 190 * MB, "anon": 1, "dropped": 2}
+    assert L.footprint(tiny_zmoe, measure) == {"steady": 110 * MB, "peak": 190 * MB}
+    assert L.fixed_overhead(tiny_zmoe, measure) == 110 * MB
+    assert L.warmup_peak(tiny_zmoe, measure) == 190 * MB
+    assert len(calls) == 1
+    # an entry of another measuring method (e.g. the former peak-RSS one) is not reused
+    monkeypatch.setattr(L, "OVERHEAD_METHOD", "other")
+    assert L.fixed_overhead(tiny_zmoe, lambda p: 205 * MB) == 205 * MB
+    assert L.warmup_peak(tiny_zmoe, measure) == 205 * MB and len(calls) == 1
+    with pytest.raises(L.MemoryLimitError, match="could not measure"):
+        L.footprint(Path(__file__), lambda p: {"steady": 5 * MB, "peak": 0})
+
+
+def test_plan_memory_refuses_a_limit_below_the_warm_up_peak(tiny_zmoe, home):
+    src = ZmoeSource(tiny_zmoe)
+    try:
+        kv, buf = parts(src, 64)
+        minimum = L.plan_memory(src, 10**9, context=64, overhead=OVERHEAD).minimum
+        need = OVERHEAD + kv + buf + minimum
+        peak = need + 5 * MB
+        plan = L.plan_memory(src, peak, context=64, overhead=OVERHEAD, peak=peak)
+        assert plan.warmup_peak == peak and plan.budget == peak - (need - minimum)
+        assert "kernel warm-up peak" in plan.describe()
+        with pytest.raises(L.MemoryLimitError) as e:
+            L.plan_memory(src, peak - 1, context=64, overhead=OVERHEAD, peak=peak)
+        msg = str(e.value)
+        assert f"{(peak - 1) / 1e6:.1f} MB" in msg and f"at least {peak / 1e6:.1f} MB" in msg
+        assert f"keeps {OVERHEAD / 1e6:.1f} MB" in msg
+    finally:
+        src.close()
+
+
 # -- API and CLI -----------------------------------------------------------------------------------
 @pytest.fixture
 def fixed(monkeypatch, home):
     monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None: OVERHEAD)
+    monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None: OVERHEAD)
 
 
 def test_load_under_a_limit_gives_the_same_tokens(tiny_zmoe, fixed):
@@ -280,17 +321,22 @@ def test_bench_peak_rss_stays_within_the_limit(tiny_zmoe, home):
     child's VmHWM (from its start) must not pass it."""
     from zipmoe_rt import bench as B
     src = ZmoeSource(tiny_zmoe)
-    ov = L.fixed_overhead(tiny_zmoe)                 # measured in a child process
+    fp = L.footprint(tiny_zmoe)                      # measured in a child process
+    ov = fp["steady"]
+    assert 0 < ov < fp["peak"]
     kv, buf = parts(src, max(8, 16 + 4))
     minimum = L.plan_memory(src, 10**9, context=20, overhead=ov).minimum
     src.close()
-    lim = ov + kv + buf + minimum + 16 * MB
+    # the tiny model's weights are small: the warm-up's peak, not the weights, may set the limit
+    lim = max(ov + kv + buf + minimum + 16 * MB, fp["peak"] + 8 * MB)
     res = B.run(tiny_zmoe, [], ["zip-lru"], pp=8, tg=4, reps=1, limits=[str(lim)],
                 log=lambda s: None)
     (row,) = res["rows"]
-    assert row["limit_bytes"] == lim and row["budget_bytes"] == minimum + 16 * MB
+    assert row["limit_bytes"] == lim and row["budget_bytes"] == lim - ov - kv - buf
+    assert row["memory"]["limit plan"]["warmup_peak"] == fp["peak"]
     assert 0 < row["peak_rss"] <= lim, (row["peak_rss"], lim)
-    assert f"/ {lim / 1e6:.0f} MB (within)" in B.table(res)
+    assert 0 < row["load_peak_rss"] <= lim, (row["load_peak_rss"], lim)
+    assert f"/ {lim / 1e6:.0f} MB, load {row['load_peak_rss'] / 1e6:.0f} (within)" in B.table(res)
 
 
 def test_activation_bytes_counts_one_prefill_batch():
@@ -302,6 +348,9 @@ def test_activation_bytes_counts_one_prefill_batch():
     assert L.activation_bytes(hp) == 4 * 512 * (4 * 576 + 2 * 3 * 1536) == 23_592_960
     assert L.activation_bytes(dict(hp, shared_expert_intermediate_size=5632)) == \
         4 * 512 * (4 * 576 + 2 * 3 * 5632)
+    # a limit sized for a shorter context holds a prefill batch of that many tokens
+    assert L.activation_bytes(hp, 80) == 4 * 80 * (4 * 576 + 2 * 3 * 1536)
+    assert L.activation_bytes(hp, 2048) == L.activation_bytes(hp, 512) == L.activation_bytes(hp)
 
 
 def test_long_prompt_runs_in_prefill_batches(tiny_zmoe, monkeypatch):

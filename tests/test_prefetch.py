@@ -216,3 +216,57 @@ def test_family_with_its_own_decoder_layer_runs_unpredicted(tiny_case):
     assert engine.prefetch and n_look == 0 and st.prefetch_issued == 0
     assert_same_logits(logits, case.ref_logits)
     assert tokens == case.ref_tokens
+
+
+def test_extra_candidates_follow_the_ranks_the_layer_used(tiny_case):
+    """A layer whose router's top-k on the earlier state keeps missing the expert ranked just
+    after it predicts one more candidate once its warm-up calls are counted, and its recall
+    reaches 1; loads start in rank order; the extra candidates stop at MAX_EXTRA · k."""
+    from zipmoe_rt.engine import prefetch as P
+    case = tiny_case("mixtral")
+    b = budget_of(case, "pf-min")            # no tiers: every prediction is a load
+    source = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
+    engine = ExpertEngine(source, b, "zip-lru", workers=WORKERS, prefetch=True)
+    try:
+        n, k = int(case.hp["num_experts"]), case.k
+        assert k == 2 and n >= 4 and P.MAX_EXTRA * k >= 2
+        layer = sorted(case.hp["moe_layers"])[1]
+        H = int(case.hp["hidden_size"])
+        x = np.random.default_rng(1).standard_normal((1, H)).astype(np.float32)
+        w = np.array([[0.5, 0.5]], np.float32)
+        sc = np.zeros(n)
+        sc[[2, 1, 3]] = [3.0, 2.0, 1.0]          # ranking 2, 1, 3, then the rest by id
+        st = engine.stats
+        for call in range(P.EXTRA_WARMUP + 1):
+            assert engine.extra_candidates(layer) == (0 if call < P.EXTRA_WARMUP else 1)
+            engine._sweep_discarded(wait=True)   # the last call's unused load 1 has ended
+            engine.predict(layer, [1, 2], issue_now=True, scores=sc)
+            # the likeliest first: 2 (rank 0) before 1 (rank 1)
+            assert list(engine._inflight) == [(layer, 2), (layer, 1)]
+            engine.run(layer, x, np.array([[2, 3]], np.int64), w)   # ranks 0 and 2
+        W = P.EXTRA_WARMUP
+        # top-k alone found one of the two experts used; with 3 (rank 2) predicted, both
+        assert st.recall_hits == {layer: W + 2} and st.recall_used == {layer: 2 * W + 2}
+        assert st.predicted == {layer: 2 * W + 3}
+        # every rank past k used by every call: the extra candidates stop at MAX_EXTRA · k
+        h = engine._rank_hist[layer]
+        h[:] = 10
+        assert engine.extra_candidates(layer) == min(P.MAX_EXTRA * k, n - k)
+        # 10 calls: rank 0 always used, the second expert at rank 1, 2 or 3 in 4, 3, 3 calls:
+        # recall 0.7 at k, 0.85 at k + 1, 1 at k + 2; the extras' unused loads per call are
+        # 0.7 for one and 1.4 for two, within WASTE_BOUND · k = 1.5: two extras
+        assert (n, k, P.WASTE_BOUND, P.RECALL_TARGET) == (4, 2, 0.75, 0.9)
+        h[:] = [10, 4, 3, 3]
+        assert engine.extra_candidates(layer) == 2
+        # ranks 1, 2, 3 in 6, 1, 3 calls: recall 0.8 at k, 0.85 at k + 1 (0.9 unused), and
+        # a second extra would leave 1.6 unused per call, over 1.5: one extra
+        h[:] = [10, 6, 1, 3]
+        assert engine.extra_candidates(layer) == 1
+        h[:] = [10, 10, 0, 0]   # top-k always right: none
+        assert engine.extra_candidates(layer) == 0
+        # logits that are not one score per expert: top-k alone, by id
+        engine.predict(layer, [3, 0], issue_now=False, scores=np.zeros(n + 1))
+        assert engine._next == (layer, [0, 3], None)
+    finally:
+        engine.close()
+        source.close()

@@ -251,3 +251,64 @@ def test_cli_rejects_bad_knobs_and_documents_them(msc, tmp_path, capsys):
     text = capsys.readouterr().out
     for knob in ("--skew", "--locality", "--seed", "--layers", "--vocab", "--zipf"):
         assert knob in text
+
+
+def test_default_skew_fits_every_shape(msc):
+    """Without --skew the preset's value is used where it is valid for the shape, else the middle
+    of (1/experts, 1/top_k]: --tiny builds for every preset need no --skew."""
+    assert msc.default_skew("qwen1.5-moe", 60, 4) == 0.08          # the released shape
+    assert msc.default_skew("qwen3-moe", 128, 8) == 0.04
+    assert msc.default_skew("qwen3-moe", 16, 4) == pytest.approx((1 / 16 + 1 / 4) / 2, abs=1e-4)
+    assert msc.default_skew("qwen1.5-moe", 8, 4) == pytest.approx((1 / 8 + 1 / 4) / 2, abs=1e-4)
+    for arch in msc.PRESETS:
+        hp = msc.preset(arch, tiny=True)
+        s = msc.default_skew(arch, hp.num_experts, hp.num_experts_per_tok)
+        assert 1 / hp.num_experts < s <= 1 / hp.num_experts_per_tok
+
+
+def test_cli_tiny_needs_no_skew(msc, smollm2_gguf, tmp_path, capsys):
+    """`--tiny` alone builds (qwen3-moe's preset skew 0.04 is below 1/16 for the tiny shape) and
+    the router meets the default target."""
+    out = tmp_path / "tiny-q3"
+    assert msc.main([str(out), "--tiny", "--arch", "qwen3-moe", "--gguf", str(smollm2_gguf),
+                     "--calib-seqs", "4", "-q"]) == 0
+    summary = json.loads((out / "synthetic.json").read_text())
+    assert summary["knobs"]["skew"] == pytest.approx(0.1562, abs=1e-4)
+    assert abs(summary["mean_top1_share"] - 0.1562) < 0.05
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_reduced_gguf_keeps_metadata_and_real_values(msc, smollm2_gguf, tmp_path):
+    """tools/make_synthetic_checkpoint_gguf.py: the reduced file keeps every metadata field (the
+    tokenizer encodes alike), the blocks of every 3rd layer byte for byte, 8192 embedding rows;
+    the generator's pools load from it."""
+    import gguf
+
+    spec = importlib.util.spec_from_file_location(
+        "make_synthetic_checkpoint_gguf", TOOL.with_name("make_synthetic_checkpoint_gguf.py"))
+    red = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(red)
+    dest = tmp_path / "reduced.gguf"
+    info = red.reduce_gguf(smollm2_gguf, dest, every=3, embed_rows=8192)
+    assert info["layers"] == list(range(0, 30, 3)) and info["embed_rows"] == 8192
+    assert info["bytes"] < 40e6
+    full, small = gguf.GGUFReader(smollm2_gguf), gguf.GGUFReader(dest)
+    names = lambda r: {f for f in r.fields if not f.startswith("GGUF.")}  # noqa: E731
+    assert names(full) == names(small)
+    ft = {t.name: t for t in full.tensors}
+    st = {t.name: t for t in small.tensors}
+    assert set(st) == {n for n in ft if not n.startswith("blk.") or int(n.split(".")[1]) % 3 == 0}
+    for n in ("blk.27.ffn_down.weight", "blk.0.attn_q.weight", "output_norm.weight"):
+        assert st[n].tensor_type == ft[n].tensor_type
+        assert np.array_equal(np.asarray(st[n].data), np.asarray(ft[n].data))
+    emb_full = np.asarray(ft["token_embd.weight"].data)
+    emb = np.asarray(st["token_embd.weight"].data)
+    assert emb.shape == (8192, emb_full.shape[1])
+    rows = {r.tobytes() for r in emb_full}
+    assert all(r.tobytes() in rows for r in emb[:50])
+    from zipmoe_rt.convert.smollm2 import build_tokenizer
+    text = "It is a truth universally acknowledged"
+    assert (build_tokenizer(small).encode(text).ids == build_tokenizer(full).encode(text).ids)
+    pools = msc.RealPools(dest)
+    assert pools.pools["down"].size > 1_000_000 and np.isfinite(pools.pools["embed"]).all()
+    assert red.main([str(tmp_path / "x.gguf"), "--source", str(tmp_path / "missing.gguf")]) == 1

@@ -269,7 +269,7 @@ def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, i
                 hits = {k: sum(x["hits"][k] for x in e) for k in e[0]["hits"]}
                 tot = max(1, sum(hits.values()))
                 row["hit_rate"] = {k: v / tot for k, v in hits.items()}
-                n = sum(x["decoded"] for x in res["runs"])
+                n = max(1, sum(x["decode_steps"] for x in res["runs"]))   # decode steps only
                 row["mb_read_per_token"] = sum(x["bytes_read"] for x in e) / n / 1e6
     msg = row.get("error") or (f"tg{a.n_gen} {', '.join(f'{x:.2f}' for x in row['tg_tps'])} "
                               f"tokens/s (median {row['tg_median']:.2f})")

@@ -2,19 +2,25 @@
 # One-call CPU benchmark of zipmoe-rt on a bare machine (the device tool's nvidia-h200: 16 cores,
 # no network): install the carried wheels, generate a synthetic Qwen1.5-MoE-shaped checkpoint,
 # convert it (bit-plane and raw experts), record a trace, calibrate, then `zipmoe-rt bench` at
-# several decode-worker counts. Everything that must come back goes to $OUT (<= 8 files):
-#   bench_wW.json (one per worker count), tables.md (combined + per-run tables), log.txt,
-#   meta.tar.gz (synthetic.json, trace, calib, environment).
+# several decode-worker counts, each with the policies zip-lru, zipmoe and auto (and raw-lru at
+# the DEVICE_BENCH_RAW_AT counts). Everything that must come back goes to $OUT (<= 8 files):
+#   bench_wW.json (one per worker count), tables.md (combined + per-run tables, auto against the
+#   best single policy), log.txt, meta.tar.gz (synthetic.json, trace, calib, environment).
 #
 # Needs (carried, ignored by git): .whl/ (zstandard, gguf wheels for the device's Python),
-# .dev/smollm2-reduced.gguf (weight pools + tokenizer), .dev/gutenberg/*.txt (calibration text,
-# bench prompt text). Run from anywhere:  bash tools/device_bench.sh
+# .dev/smollm2-reduced.gguf (weight pools + tokenizer, ~29 MB, written by
+# `python tools/make_synthetic_checkpoint_gguf.py .dev/smollm2-reduced.gguf`),
+# .dev/gutenberg/*.txt (calibration text, bench prompt text; a copy of shared/corpora/gutenberg).
+# Run from anywhere:  bash tools/device_bench.sh
 #
 # Environment knobs:
 #   DEVICE_BENCH_SMALL=1     dry run: 1 layer, hidden 256, experts of 128 (60 of them), W in "1 2"
 #   DEVICE_BENCH_LAYERS=N    decoder layers of the full-width model (default 5)
 #   DEVICE_BENCH_WORKERS     worker counts, run in this order (default "14 1 4 8 2")
 #   DEVICE_BENCH_RAW_AT      worker counts whose run also has raw-lru (default "14 1")
+#   DEVICE_BENCH_POLICIES    policies of every run besides raw-lru (default "zip-lru zipmoe auto")
+#   DEVICE_BENCH_RESIDENT    expert residency of the rows, a row each (default "full"; e.g.
+#                            "full compressed" adds `--resident compressed` rows)
 #   DEVICE_BENCH_DEADLINE    seconds after start by which everything must be over (default 555)
 #   DEVICE_BENCH_WORK        work folder (default: first non-tmpfs of /var/tmp, /root, /tmp)
 #   DEVICE_BENCH_DROP=0|1    drop the page cache before each bench (default 1; 0 when SMALL)
@@ -22,6 +28,7 @@
 #                            (same machine, still warm): recalibrate, then only run the benches
 #   DEVICE_BENCH_IO_DEPTH    --io-depth of every bench (default: the runtime's default); the
 #                            JSON files are then named bench_wW_dD.json
+#   DEVICE_BENCH_COMMIT      commit to record in env.txt where the copy has no .git
 #   PYTHON                   interpreter (default python3)
 set -u -o pipefail
 T0=$(date +%s)
@@ -47,6 +54,10 @@ else
   GEN_ARGS=(--layers "${DEVICE_BENCH_LAYERS:-5}")
 fi
 BENCH_ARGS=(--memory-budget 25% -p 128 -n 32 -r 2)
+POLICIES=${DEVICE_BENCH_POLICIES:-"zip-lru zipmoe auto"}
+RESIDENT=${DEVICE_BENCH_RESIDENT:-"full"}
+for r in $RESIDENT; do BENCH_ARGS+=(--resident "$r"); done
+NRES=$(echo $RESIDENT | wc -w)
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 left() { echo $(( DEADLINE - $(date +%s) + T0 )); }
@@ -100,6 +111,25 @@ for x in sorted(res, key=lambda x: (x["env"]["workers"], x["env"].get("io_depth"
             f"{pp / refpp:.2f}" if refpp else "-", f"{S.mean(r['ttft_s']):.3f}",
             f"{1e3 * S.mean(r['tpot_s']):.1f}", h,
             f"{r.get('bytes_read_per_token', 0) / 1e6:.1f}", st, f"{r['peak_rss'] / 1e6:.0f} |"]))
+# auto against the fastest single policy of the same run and residency (issue goal: >= 0.95)
+L += ["", "| workers | resident | auto tg t/s | best single policy | its tg t/s | auto ÷ best | auto's choice |",
+      "|" + "---|" * 7]
+for x in sorted(res, key=lambda x: (x["env"]["workers"], x["env"].get("io_depth", 1))):
+    for res_mode in sorted({r.get("resident", "full") for r in x["rows"]}):
+        rows = [r for r in x["rows"] if r.get("resident", "full") == res_mode and r.get("tg_tps")]
+        auto = [r for r in rows if r["policy"].split()[0] == "auto"]
+        single = [r for r in rows if r["policy"].split()[0] != "auto"]
+        if not auto or not single:
+            continue
+        a = S.mean(auto[0]["tg_tps"])
+        best = max(single, key=lambda r: S.mean(r["tg_tps"]))
+        b = S.mean(best["tg_tps"])
+        ac = auto[0].get("auto_choice") or {}
+        ch = (("zip-lru, one shared LRU pool" if ac.get("engine", "zipmoe") != "zipmoe"
+               else ac.get("summary", "-")) if "codes" in ac
+              else f"{ac['fallback']} ({ac.get('why', '')})" if "fallback" in ac else "-")
+        L.append(f"| {x['env']['workers']} | {res_mode} | {a:.2f} | {best['policy']} | {b:.2f} | "
+                 f"{a / b:.2f} | {ch} |")
 e = res[0]["env"]
 L.append(f"\n{e['name']}: {e['experts']} experts, top-{e['top_k']}; {e['cpus']} CPUs; pp{e['pp']} "
          f"tg{e['tg']} x{e['reps']}; file {e['file_bytes'] / 1e9:.2f} GB; baseline RSS "
@@ -150,6 +180,8 @@ print(sys.version.split()[0], "numpy", numpy.__version__, "numba", numba.__versi
       "tqdm", tqdm.__version__, "zstandard", zstandard.__version__)
 print("numba threads", numba.config.NUMBA_NUM_THREADS)'
   echo "small=$SMALL gen=${GEN_ARGS[*]} bench=${BENCH_ARGS[*]} workers='$WLIST' raw_at='$RAW_AT'"
+  echo "policies='$POLICIES' resident='$RESIDENT'"
+  echo "source commit: ${DEVICE_BENCH_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 } 2>&1 | tee "$WORK/env.txt"
 "$PY" -c 'import zipmoe_rt.cli, zstandard, gguf, numba' || die "imports failed"
 
@@ -236,17 +268,15 @@ else
 fi
 
 # -------------------------------------------------------------------------------------------
-declare -A LAST   # seconds the last bench with this many policies took
+ROW_S=0   # seconds per bench row (one policy x residency) of the last bench
 for W in $WLIST; do
-  POL=(--policy zip-lru --policy zipmoe)
+  POL=()
+  for p in $POLICIES; do POL+=(--policy "$p"); done
   case " $RAW_AT " in *" $W "*) POL=(--policy raw-lru "${POL[@]}") ;; esac
-  np=$(( ${#POL[@]} / 2 ))
-  est=${LAST[$np]:-0}
-  if [ "$est" -eq 0 ] && [ -n "${LAST[3]:-}${LAST[2]:-}" ]; then   # scale from the other kind
-    for k in 3 2; do [ -n "${LAST[$k]:-}" ] && { est=$(( LAST[$k] * np / k )); break; }; done
-  fi
+  np=$(( ${#POL[@]} / 2 * NRES ))   # rows of this bench
+  est=$(( ROW_S * np ))
   budget=$(( $(left) - 25 ))
-  phase "bench workers=$W (${POL[*]}), estimate ${est}s, ${budget}s available"
+  phase "bench workers=$W (${POL[*]}, resident $RESIDENT: $np rows), estimate ${est}s, ${budget}s available"
   if [ "$budget" -lt 30 ] || [ $(( est * 11 / 10 )) -gt "$budget" ]; then
     echo "SKIP workers=$W: not enough time left"; continue
   fi
@@ -256,10 +286,11 @@ for W in $WLIST; do
       --raw-model "$RAW" --workers "$W" --json "$OUT/bench_w$W$SUFFIX.json" > "$WORK/table_w$W.md"
   rc=$?
   cat "$WORK/table_w$W.md"
-  LAST[$np]=$(( $(date +%s) - s ))
-  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && LAST[$np]=$(( LAST[$np] * 2 ))   # cut short: longer
-  echo "bench workers=$W: rc $rc, ${LAST[$np]}s"
-  { echo "## workers $W${IOD:+, io depth $IOD} (rc $rc, ${LAST[$np]} s)"; echo; cat "$WORK/table_w$W.md"; echo; } \
+  took=$(( $(date +%s) - s ))
+  ROW_S=$(( (took + np - 1) / np ))
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && ROW_S=$(( ROW_S * 2 ))   # cut short: longer
+  echo "bench workers=$W: rc $rc, ${took}s (${ROW_S}s per row)"
+  { echo "## workers $W${IOD:+, io depth $IOD} (rc $rc, ${took} s)"; echo; cat "$WORK/table_w$W.md"; echo; } \
       >> "$OUT/tables.md"
 done
 

@@ -53,15 +53,17 @@ with probability ``--locality``, measured on the odd calibration sequences (the 
 even ones). ``--zipf A`` fixes ``alpha`` instead. Per-layer statistics (top-1 share, share by
 rank, repeat probability, expert counts) are saved in ``synthetic.json``.
 
-Knobs: ``--skew`` target top-1 share (default per preset; uniform is 1/E); ``--locality`` target
-P(expert selected at t+1 | selected at t) (default 0.30; uniform routing gives k/E, 0.067 for
-Qwen1.5-MoE); ``--zipf`` fixed Zipf exponent; ``--router-scale`` sigma; ``--seed`` (everything is
-deterministic given the seed and the inputs). The reachable locality range per layer is saved
-(``repeat_range_at_tilt_limits``); for the Qwen1.5-MoE shape with 128-token contexts it is about
-0.23..0.34 at the bottom and 0.31..0.7 from layer 2 on, so the default 0.30 is clamped to
-0.31-0.34 in most deeper layers (a note lists them). Measured on the Qwen1.5-MoE shape (6 layers,
-defaults, routing in transformers in BF16 on held-out books): mean top-1 share 0.090, mean repeat
-probability 0.32. The ``qwen3-moe`` and ``mixtral`` default skews are guesses, not measurements.
+Knobs: ``--skew`` target top-1 share (default per preset, or the middle of the valid range
+``(1/E, 1/k]`` for a shape the preset's value does not fit, such as ``--tiny``; uniform is
+1/E); ``--locality`` target P(expert selected at t+1 | selected at t) (default 0.30; uniform
+routing gives k/E, 0.067 for Qwen1.5-MoE); ``--zipf`` fixed Zipf exponent; ``--router-scale``
+sigma; ``--seed`` (everything is deterministic given the seed and the inputs). The reachable
+locality range per layer is saved (``repeat_range_at_tilt_limits``); for the Qwen1.5-MoE shape
+with 128-token contexts it is about 0.23..0.34 at the bottom and 0.31..0.7 from layer 2 on, so
+the default 0.30 is clamped to 0.31-0.34 in most deeper layers (a note lists them). Measured on
+the Qwen1.5-MoE shape (6 layers, defaults, routing in transformers in BF16 on held-out books):
+mean top-1 share 0.090, mean repeat probability 0.32. The ``qwen3-moe`` and ``mixtral`` default
+skews are guesses, not measurements.
 
 Decoding: the lm_head rows have the final hidden states' common direction projected out (else
 that direction alone picks the same argmax token at every step and generation loops on one
@@ -130,6 +132,16 @@ TINY = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=4, head_
 CONFIG_EXTRA = {"initializer_range": 0.02, "use_cache": True, "attention_dropout": 0.0,
                 "output_router_logits": False, "router_aux_loss_coef": 0.001,
                 "torch_dtype": "bfloat16", "dtype": "bfloat16"}
+
+
+def default_skew(arch: str, experts: int, top_k: int) -> float:
+    """The ``--skew`` used when neither ``--skew`` nor ``--zipf`` is given: the preset's
+    (measured or guessed for its released shape) if it lies in the valid range ``(1/experts,
+    1/top_k]``, else (a shape the preset's value does not fit, e.g. ``--tiny`` or ``--experts``)
+    the middle of that range. Raises KeyError for an unknown preset."""
+    s = PRESETS[arch][2]
+    lo, hi = 1.0 / experts, 1.0 / top_k
+    return s if lo < s <= hi else round((lo + hi) / 2, 4)
 
 
 def preset(arch: str, tiny: bool = False, **overrides) -> HParams:
@@ -225,7 +237,7 @@ def _build(out_dir, hp, *, gguf_path, vocab_mode, skew, locality, zipf, sigma, j
     hp.validate()
     E, k = hp.num_experts, hp.num_experts_per_tok
     if skew is None and zipf is None:
-        skew = PRESETS[arch][2]
+        skew = default_skew(arch, E, k)
     if skew is not None and not 1.0 / E < skew <= 1.0 / k:
         raise ValueError(f"--skew must lie in (1/experts, 1/top_k] = ({1 / E:.4f}, {1 / k:.4f}]")
     if locality is not None and not 0.0 <= locality < 1.0:
@@ -343,8 +355,9 @@ def main(argv=None) -> int:
         ap.add_argument(flag, type=int, default=None, dest=field, help=f"override {field}")
     ap.add_argument("--skew", type=float, default=None,
                     help="target share of all top-k selections taken by each layer's most "
-                         "popular expert (default per preset: 0.08 for qwen1.5-moe; uniform = "
-                         "1/experts)")
+                         "popular expert (default per preset: 0.08 for qwen1.5-moe, or the "
+                         "middle of (1/experts, 1/top_k] where the preset's value is outside "
+                         "it, e.g. with --tiny; uniform = 1/experts)")
     ap.add_argument("--zipf", type=float, default=None,
                     help="fixed Zipf exponent alpha of the expert biases (in units of "
                          "--router-scale) instead of fitting --skew")

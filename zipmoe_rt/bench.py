@@ -4,11 +4,14 @@ Like llama-bench: ``pp N`` prefills N tokens in one forward pass, ``tg N`` decod
 a time (greedy, EOS ignored); each is repeated and reported as mean ± sd tokens/s. The model
 file's pages are evicted from the page cache (posix_fadvise DONTNEED) after the model is loaded
 and before every timed run, so expert reads come from the disk. Per run it also reports TTFT,
-TPOT, hits per tier, bytes read per decoded token, time per pipeline stage per token, and the
-peak RSS of the run (VmHWM, reset before each run). Ratios between rows of one run are the
-meaningful figures on a shared machine.
+TPOT, and over the decode steps only (the tg prompt's prefill excluded) hits per tier, bytes
+read per decode step and time per pipeline stage per decode step; and the peak RSS of the run
+(VmHWM, reset before each run). Ratios between rows of one run are the meaningful figures on a
+shared machine.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import gc
 import json
@@ -24,6 +27,7 @@ import numpy as np
 from zmoe.constants import Keys
 
 from . import bench_planner
+from .engine.footprint import TinySource, steady_footprint
 from .engine.io import evict_page_cache
 from .generate import SamplingParams, generate
 from .util import format_bytes, peak_rss, reset_peak_rss
@@ -85,7 +89,8 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
 
     Returns:
         ``(runs, memory)``: per repetition a dict (``pp_s``; ``ttft_s``, ``decode_tps``,
-        ``tpot_s``, ``decoded``, ``engine`` stats; ``peak_rss`` in bytes), and the model's
+        ``tpot_s``, ``decoded``, ``engine`` stats; ``peak_rss`` in bytes; ``load_peak_rss``: the
+        peak of loading and the warm-up, before the runs), and the model's
         :meth:`~zipmoe_rt.api.Model.memory_report` after the runs.
     """
     from .api import load
@@ -104,6 +109,7 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
     net.forward(np.array(ids_tg[:4], np.int64), warm)
     net.forward(np.array(ids_tg[4:5], np.int64), warm)
     del warm
+    load_peak = peak_rss()                 # loading and the warm-up, before the first reset
     runs = []
     for _ in range(reps):
         gc.collect()
@@ -124,20 +130,24 @@ def run_config(model_path, budget, policy, pp, tg, reps, workers, direct, evicti
                 eng.stats.reset()
             params = SamplingParams(temperature=0.0, max_tokens=tg)
             gen = generate(net, ids_tg, params, stop_ids=())
-            for _step in gen:
-                pass
+            for i, _step in enumerate(gen):
+                if i == 0 and eng:         # the engine's figures count the decode steps only,
+                    eng.stats.reset()      # not the prompt's prefill
             st = gen.stats
             r.update(ttft_s=st.ttft_s, decode_tps=st.decode_tokens_per_s, tpot_s=st.tpot_s,
-                     decoded=st.generated_tokens)
+                     decoded=st.generated_tokens, decode_steps=max(st.generated_tokens - 1, 0))
             if eng:
                 r["engine"] = eng.stats.as_dict()
                 if hasattr(eng, "gpu_report"):
                     r["gpu"] = eng.gpu_report()["device"]
                 if eng.predicted_layer_s() is not None:
                     r["engine"]["predicted_layer_s"] = eng.predicted_layer_s()
+                if getattr(eng, "delay", None) is not None:   # what the engine planned with
+                    r["engine"]["delay"] = dataclasses.asdict(eng.delay)
                 if getattr(eng, "auto_choice", None) is not None:
                     r["engine"]["auto_choice"] = eng.auto_choice
         r["peak_rss"] = peak_rss()
+        r["load_peak_rss"] = load_peak
         runs.append(r)
     mem = m.memory_report()
     if m.memory_plan is not None:
@@ -164,68 +174,32 @@ def _in_subprocess(*args):
     return runs, mem
 
 
-def baseline_rss(model_path) -> int:
-    """Fixed overhead: peak RSS of a fresh interpreter that imports the runtime, reads the
-    model's index and tokenizer, and runs the same kernels (prefill and decode) on a tiny
-    random model of the same family, so the JIT code is loaded, but holds none of the weights.
+def baseline_footprint(model_path) -> dict:
+    """The runtime's own memory for ``model_path``, measured in a fresh interpreter that imports
+    the runtime, reads the model's index and tokenizer and warms every CPU kernel up on tiny
+    models of the same family and one real expert, holding none of the weights
+    (:func:`zipmoe_rt.engine.footprint.steady_footprint`).
+
+    Returns:
+        bytes: ``peak`` (VmHWM, the warm-up's peak), ``steady`` (VmRSS after the heap trim and
+        the drop of LLVM's pages), ``anon``, ``dropped``; an empty dict when the child failed.
     """
     import sys
-    r = subprocess.run([sys.executable, "-m", "zipmoe_rt.bench", json.dumps(["baseline", str(model_path)])],
-                       capture_output=True, text=True)
-    return int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else 0
+    r = subprocess.run([sys.executable, "-m", "zipmoe_rt.bench",
+                        json.dumps(["baseline", str(model_path)])], capture_output=True, text=True)
+    if r.returncode != 0:
+        return {}
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-class _TinySource:
-    """A WeightSource with the family of ``hp`` but tiny random BF16 weights (JIT warm-up): two
-    layers, hidden 64, the tensors its family's registry entry lists for that shape
-    (:meth:`zipmoe_rt.families.Family.tensor_specs`).
-
-    Raises:
-        ValueError: unknown family (UnknownFamilyError lists the supported ones).
-    """
-
-    def __init__(self, hp: dict):
-        from .families import get_family
-        from .models.weights import assemble_expert
-        hp = dict(hp, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  vocab_size=128, moe_intermediate_size=32, intermediate_size=32,
-                  shared_expert_intermediate_size=min(32, hp.get("shared_expert_intermediate_size", 0)),
-                  num_hidden_layers=2, moe_layers=[i for i in (0, 1) if i in hp["moe_layers"]] or [0])
-        if hp.get("layer_types") is not None:
-            hp["layer_types"] = list(hp["layer_types"][:2])
-        self.hparams = hp
-        specs = get_family(hp.get("family")).tensor_specs(hp)
-        self._shapes = {s.name: s.shape for s in specs if not s.is_expert and not s.tied}
-        #: one expert's roles and shapes as the family stores them (a stacked tensor's slice)
-        self._roles = {s.role: tuple(s.shape[1:] if s.stacked else s.shape)
-                       for s in specs if s.is_expert}
-        self._rng, self._assemble = np.random.default_rng(0), assemble_expert
-        self._cache: dict = {}
-
-    def has(self, name):
-        return name in self._shapes
-
-    def tensor(self, name):
-        if name not in self._cache:
-            self._cache[name] = self._rng.integers(0x3C00, 0x3D00, self._shapes[name]).astype(np.uint16)
-        return self._cache[name]
-
-    def expert(self, layer, e):
-        return self._assemble({r: self._rng.integers(0x3C00, 0x3D00, s).astype(np.uint16)
-                               for r, s in self._roles.items()})
+def baseline_rss(model_path) -> int:
+    """Fixed overhead in bytes: the steady RSS of :func:`baseline_footprint` (what the weights
+    compete with while a model runs); 0 when the measuring child failed."""
+    return int(baseline_footprint(model_path).get("steady", 0))
 
 
-def _baseline_worker(model_path) -> int:
-    from .api import tokenizer_from_source
-    from .engine.store import ZmoeSource
-    from .models import build_model
-    src = ZmoeSource(model_path, keep_experts=False, copy_dense=True)
-    tokenizer_from_source(src)
-    net = build_model(_TinySource(src.hparams))
-    c = net.new_cache()
-    net.forward(np.arange(8, dtype=np.int64), c)
-    net.forward(np.array([3], np.int64), c)
-    return peak_rss()
+#: the tiny warm-up source (kept under its former name for callers)
+_TinySource = TinySource
 
 
 def _ms(a):
@@ -324,9 +298,10 @@ def run(model_path, budgets, policies, pp: int = 512, tg: int = 64, reps: int = 
                 row["ttft_s"] = [r["ttft_s"] for r in runs]
                 row["tpot_s"] = [r["tpot_s"] for r in runs]
             row["peak_rss"] = max(r["peak_rss"] for r in runs)
+            row["load_peak_rss"] = max(r.get("load_peak_rss", 0) for r in runs)
             if tg and runs[0].get("engine"):
                 e = [r["engine"] for r in runs]
-                n = sum(r["decoded"] for r in runs)
+                n = max(1, sum(r["decode_steps"] for r in runs))   # engine figures: decode only
                 hits = {k: sum(x["hits"][k] for x in e) for k in e[0]["hits"]}
                 tot = max(1, sum(hits.values()))
                 row["hit_rate"] = {k: v / tot for k, v in hits.items()}
@@ -364,14 +339,17 @@ def prefetch_summary(engines: list, tokens: int) -> dict:
     prefetch ran (``prefetch``: on/off), ``prefetch_recall`` per MoE layer (str -> share of
     the experts used by decode steps that were predicted), ``prefetch_recall_min``, and
     ``wasted_bytes_per_token`` (bytes read for predicted experts nobody used, per decoded
-    token). Empty when the stats have no prefetch fields."""
+    token) and ``prefetch_predicted_per_used`` per MoE layer (experts predicted per expert
+    used, ``(k + m_l) / k``: the extra candidates of engine/prefetch.py). Empty when the
+    stats have no prefetch fields."""
     if not engines or "recall_used" not in engines[0]:
         return {}
-    hits, used = {}, {}
+    hits, used, pred = {}, {}, {}
     for x in engines:
         for l, v in x["recall_used"].items():
             used[l] = used.get(l, 0) + v
             hits[l] = hits.get(l, 0) + x["recall_hits"].get(l, 0)
+            pred[l] = pred.get(l, 0) + x.get("predicted", {}).get(l, 0)
     issued = sum(x["prefetch_issued"] for x in engines)
     out = {"prefetch": "on" if used or issued else "off"}
     if used:
@@ -381,6 +359,8 @@ def prefetch_summary(engines: list, tokens: int) -> dict:
                    wasted_bytes_per_token=sum(x["prefetch_wasted_bytes"] for x in engines)
                    / max(1, tokens),
                    prefetch_loads_per_token=issued / max(1, tokens))
+        if any(pred.values()):   # experts predicted per expert used: (k + m_l) / k
+            out["prefetch_predicted_per_used"] = {l: pred[l] / used[l] for l in rec}
     return out
 
 
@@ -415,8 +395,9 @@ def table(result: dict) -> str:
             stages, f"{r['peak_rss'] / 1e6:.0f}",
             f"{(r['peak_rss'] - env.get('baseline_rss', 0)) / r['budget_bytes']:.2f}"
             if r["budget_bytes"] else "-",
-            (f"{r['peak_rss'] / 1e6:.0f} / {r['limit_bytes'] / 1e6:.0f} MB "
-             f"({'within' if r['peak_rss'] <= r['limit_bytes'] else 'OVER'})")
+            (f"{r['peak_rss'] / 1e6:.0f} / {r['limit_bytes'] / 1e6:.0f} MB, load "
+             f"{r.get('load_peak_rss', 0) / 1e6:.0f} ("
+             f"{'within' if max(r['peak_rss'], r.get('load_peak_rss', 0)) <= r['limit_bytes'] else 'OVER'})")
             if r.get("limit_bytes") else "-"]) + " |")
     planner = bench_planner.lines(rows)
     if planner:
@@ -429,6 +410,9 @@ def table(result: dict) -> str:
           + f" % (min {100 * r['prefetch_recall_min']:.0f} %, mean "
           f"{100 * r['prefetch_recall_mean']:.0f} %); {r['prefetch_loads_per_token']:.1f} loads "
           f"started, {r['wasted_bytes_per_token'] / 1e6:.2f} MB wasted per token"
+          + ("; predicted per used expert " + " ".join(
+              f"{v:.2f}" for v in r["prefetch_predicted_per_used"].values())
+             if r.get("prefetch_predicted_per_used") else "")
           for r in rows if r.get("prefetch_recall")]
     if pf:
         lines.append("\n" + "\n".join(pf))
@@ -469,4 +453,4 @@ def save(result: dict, path) -> Path:
 if __name__ == "__main__":  # worker of _in_subprocess
     import sys
     a = json.loads(sys.argv[1])
-    print(json.dumps(_baseline_worker(a[1]) if a[0] == "baseline" else run_config(*a)))
+    print(json.dumps(steady_footprint(a[1]) if a[0] == "baseline" else run_config(*a)))

@@ -18,21 +18,26 @@ import os
 from .engine import profile as prof
 
 
-def modelled_layer_ms(call_hits: list[dict], model_path, workers) -> float | None:
+def modelled_layer_ms(call_hits: list[dict], model_path, workers, delay=None) -> float | None:
     """Mean delay-model time (ms) of the one-token MoE calls of a row's runs.
 
     Args:
         call_hits: per run, the engine's ``call_hits`` (``"hF,hC,hS,hE,hmiss"`` -> calls).
         model_path: the ``.zmoe`` file (its ``MODEL.calib.json`` gives the delay model).
         workers: the row's decode workers (None: one per core).
+        delay: the :class:`~zipmoe_rt.engine.planner.DelayModel` to price with (the one the
+            engine planned with, which prices C hits in the form the C slots hold); None: the
+            calibration's.
 
     Returns:
-        milliseconds, or None without a calibration or without one-token calls.
+        milliseconds, or None without a calibration (and no ``delay``) or without one-token
+        calls.
     """
-    calib = prof.load_calibration(prof.sidecar(model_path, prof.CALIB_SUFFIX))
-    if calib is None:
-        return None
-    delay = prof.delay_model(calib, workers or os.cpu_count() or 1)
+    if delay is None:
+        calib = prof.load_calibration(prof.sidecar(model_path, prof.CALIB_SUFFIX))
+        if calib is None:
+            return None
+        delay = prof.delay_model(calib, workers or os.cpu_count() or 1)
     tot = n = 0
     for ch in call_hits:
         for key, calls in (ch or {}).items():
@@ -42,13 +47,78 @@ def modelled_layer_ms(call_hits: list[dict], model_path, workers) -> float | Non
     return 1e3 * tot / n if n else None
 
 
+#: the terms of :func:`term_breakdown`, in print order
+TERMS = ("layer", "rest", "matmul", "wait", "reads", "decode")
+
+
+def term_breakdown(stats: dict, delay, k: int) -> dict:
+    """One-token MoE calls, measured against the delay model term by term (ms per call).
+
+    ``stats`` are the engine's statistics (``StageTimes.as_dict``) of decode steps only (reset
+    after the prefill); ``delay`` the :class:`~zipmoe_rt.engine.planner.DelayModel` the engine
+    planned with (or one from the calibration). Each term is ``(measured, modelled)``:
+
+    * ``layer``: the call's wall time against ``layer_makespan`` at the call's hits;
+    * ``matmul``: the main thread in expert kernels (``compute_s``) against ``matmul_time(k)``
+      plus the compute-form C hits' extra;
+    * ``wait``: the main thread blocked on loads (``wait_s``) against ``max(io, compute)``, the
+      base model's critical path of the loads (0 when every expert is resident);
+    * ``rest``: the call less ``matmul`` and ``wait`` (Python, routing bookkeeping, hand-offs)
+      against the engine terms (``layer_fixed_s + Σ load_t_s·h_t``);
+    * ``reads``: seconds in region reads, summed over the reads in flight (``io_s``), against
+      the priced reads (``sm_read_s·(hE + hmiss) + exp_read_s·(hS + hmiss)``, a throughput
+      price: reads in flight overlap, so the measured sum may exceed it by up to the io depth);
+    * ``decode``: decode-worker seconds (``decode_s``) against ``decode_s`` per decoded expert.
+
+    Returns:
+        ``{term: (measured_ms, modelled_ms)}`` over :data:`TERMS`, or ``{}`` without one-token
+        calls.
+    """
+    calls = int(stats.get("decode_layer_calls") or 0)
+    if not calls:
+        return {}
+    mod = dict.fromkeys(TERMS, 0.0)
+    for key, n in (stats.get("call_hits") or {}).items():
+        h = dict(zip(("F", "C", "S", "E", "miss"), (int(v) for v in key.split(","))))
+        dC, xC = delay.c_hit_cost(h["C"])
+        d = int(dC) + h["S"] + h["E"] + h["miss"]
+        io, comp = delay.io_and_compute(d, h["E"] + h["miss"], h["S"] + h["miss"])
+        kk = sum(h.values())
+        eng = float(delay.engine_overhead_s(h["C"], h["S"], h["E"], h["miss"]))
+        mod["layer"] += n * delay.layer_makespan(h)
+        mod["matmul"] += n * (delay.matmul_time(kk) + float(xC))
+        mod["wait"] += n * (float(max(io, comp)) if d else 0.0)
+        mod["rest"] += n * eng
+        mod["reads"] += n * (delay.sm_read_s * (h["E"] + h["miss"])
+                             + delay.exp_read_s * (h["S"] + h["miss"]))
+        mod["decode"] += n * delay.decode_s * d
+    meas = {"layer": stats["decode_layer_s"], "matmul": stats["compute_s"],
+            "wait": stats["wait_s"], "reads": stats["io_s"], "decode": stats["decode_s"]}
+    meas["rest"] = meas["layer"] - meas["matmul"] - meas["wait"]
+    return {t: (1e3 * meas[t] / calls, 1e3 * mod[t] / calls) for t in TERMS}
+
+
+def breakdown_line(terms: dict) -> str:
+    """:func:`term_breakdown` as one line: ``term measured/modelled ms (ratio)`` per term."""
+    def one(t, m, p):
+        r = f" ({m / p:.2f}x)" if p > 1e-9 else ""
+        return f"{t} {m:.3f}/{p:.3f}{r}"
+    return ", ".join(one(t, *terms[t]) for t in TERMS if t in terms)
+
+
 def row_fields(row: dict, engines: list[dict], model_path, workers) -> dict:
     """The planner fields of one bench row from its runs' engine dicts: ``modelled_layer_ms``
-    (policies other than ``raw-lru``), ``predicted_layer_ms`` (engines with a plan) and
-    ``auto_choice`` (policy ``auto``)."""
+    (policies other than ``raw-lru``; priced with the engine's own delay model where the
+    engine dict carries it as ``delay``, the fields of the
+    :class:`~zipmoe_rt.engine.planner.DelayModel` it planned with, else with the
+    calibration's), ``predicted_layer_ms`` (engines with a plan) and ``auto_choice`` (policy
+    ``auto``)."""
+    from .engine.planner import DelayModel
     out = {}
     if row["policy"] != "raw-lru":
-        m = modelled_layer_ms([e.get("call_hits") for e in engines], model_path, workers)
+        d = engines[0].get("delay")
+        m = modelled_layer_ms([e.get("call_hits") for e in engines], model_path, workers,
+                              delay=DelayModel(**d) if d else None)
         if m is not None:
             out["modelled_layer_ms"] = m
     if engines[0].get("predicted_layer_s") is not None:

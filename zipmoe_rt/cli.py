@@ -343,9 +343,13 @@ def warn_c_tier_unused(m) -> None:
     """One warning line when ``--c-tier`` was given but the loaded model's policy
     (``m.policy``, ``auto`` resolved) is not ``zipmoe``: only zipmoe's tiers have C slots, so
     the option has no effect."""
+    from .engine.factory import has_c_slots
     if _given("c_tier") and m.policy != "zipmoe":
         click.echo(f"zipmoe-rt: warning: --c-tier: no effect: policy {m.policy} has no C "
                    f"tier (only zipmoe's tiers have C slots)", err=True)
+    elif _given("c_tier") and not has_c_slots(m.engine):
+        click.echo("zipmoe-rt: warning: --c-tier: no effect: the plan has no C slot in any "
+                   "MoE layer", err=True)
 
 
 def load_from_options(model, kw, context=None):
@@ -360,7 +364,8 @@ def load_from_options(model, kw, context=None):
              resident=kw.get("resident", "full"), host_budget=kw.get("host_budget"),
              prefetch=kw.get("prefetch"), c_tier=kw.get("c_tier", "packed"))
     if _memory_asked(kw):      # the banner's memory line: a limit or a budget was given
-        planes = kw.get("c_tier") == "planes" and m.policy == "zipmoe"
+        from .engine.factory import has_c_slots
+        planes = kw.get("c_tier") == "planes" and has_c_slots(m.engine)
         click.echo(f"zipmoe-rt: {m.memory_line()}" + (", C tier planes (decoded at every use)"
                                                       if planes else ""), err=True)
         warn_c_tier_unused(m)

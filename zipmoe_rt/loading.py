@@ -218,8 +218,16 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         if budgeted:
             budget = None if memory_budget is None else parse_size(memory_budget, source)
             if memory_limit is not None:
-                from .engine.limit import plan_memory
-                mplan = plan_memory(source, memory_limit, context, budget=budget)
+                from .engine.footprint import release, warm_up
+                from .engine.limit import fixed_overhead, plan_memory, warmup_peak
+                # measured first (a child process, which also fills Numba's cache); then the
+                # kernels' load peak here, before any weight exists; what stays is the steady
+                # overhead the limit counts (engine/footprint.py)
+                overhead, peak = fixed_overhead(source.path), warmup_peak(source.path)
+                mplan = plan_memory(source, memory_limit, context, budget=budget,
+                                    overhead=overhead, peak=peak)
+                warm_up(source)
+                release()
                 budget = mplan.budget
             hb = 0
             if host_budget is not None:
@@ -271,7 +279,8 @@ def _check_same_file(source, reader) -> None:
 def _release_load_memory(source) -> None:
     """After a budgeted load, give back what loading left behind and a memory cgroup would
     keep charging: the model file's pages in the page cache (dense weights and tiers were read
-    into process memory with pread, so nothing maps them) and the freed C heap."""
+    into process memory with pread, so nothing maps them), the freed C heap and LLVM's code
+    pages (:func:`~zipmoe_rt.engine.footprint.drop_cold_library_pages`)."""
     import gc
 
     from .engine.io import evict_page_cache, release_heap
@@ -282,6 +291,8 @@ def _release_load_memory(source) -> None:
         pass
     gc.collect()
     release_heap()
+    from .engine.footprint import drop_cold_library_pages
+    drop_cold_library_pages()
 
 
 def tokenizer_from_source(source) -> Tokenizer:

@@ -18,6 +18,7 @@ import numpy as np
 import cupy as cp
 
 from . import cuda_segdec
+from ..kernels.cuda_segdec_src import BATCH_FIELDS
 
 SOURCE = r"""
 extern "C" __global__ void zx_decode_segments(const unsigned char* __restrict__ exp,
@@ -56,6 +57,8 @@ extern "C" __global__ void zx_decode_segments(const unsigned char* __restrict__ 
 }
 """
 _THREADS = 128
+#: pinned descriptor buffers of :meth:`CudaOps.decode_batch` used in turn
+_DESC_RING = 8
 #: :meth:`CudaOps.decode` runs the staged multi-symbol decoder of
 #: :mod:`~zipmoe_rt.backends.cuda_segdec` (False: ``zx_decode_segments`` above, one symbol per
 #: lookup and one word per thread and store; same words)
@@ -71,6 +74,9 @@ class CudaOps:
     def __init__(self):
         self._k = cp.RawModule(code=SOURCE, options=("-std=c++14",)).get_function(
             "zx_decode_segments")
+        self._desc = [[None, None] for _ in range(_DESC_RING)]   # [pinned int64, event]
+        self._desc_i = 0
+        self._scratch: dict = {}        # (stream, name) -> device array, grown as needed
 
     def pinned(self, nbytes: int) -> np.ndarray:
         """uint8 [nbytes] in page-locked host memory (``cupy.cuda.alloc_pinned_memory``)."""
@@ -140,6 +146,60 @@ class CudaOps:
                 self._k(((n + _THREADS - 1) // _THREADS,), (_THREADS,),
                         (exp, sm, runs, np.int32(runs.shape[0]), bits, tabs, np.int32(seg), out,
                          np.int32(n)))
+
+    def h2d_at(self, dst, off: int, src: np.ndarray, stream):
+        """``cudaMemcpyAsync`` of pinned ``src`` into device ``dst`` at byte ``off``.
+
+        Raises:
+            ValueError: ``src`` does not fit.
+        """
+        if off + src.nbytes > dst.nbytes:
+            raise ValueError(f"h2d_at: {src.nbytes} bytes at {off} into {dst.nbytes}")
+        cp.cuda.runtime.memcpyAsync(dst.data.ptr + off, src.ctypes.data, src.nbytes,
+                                    cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
+
+    def _scratch_on(self, stream, name: str, n: int, dtype):
+        """A device array of at least ``n`` elements kept for ``stream`` (allocated from that
+        stream's pool, so a replaced one is reused only in its order)."""
+        key = (stream.ptr, name)
+        a = self._scratch.get(key)
+        if a is None or a.size < n:
+            with stream:
+                a = self._scratch[key] = cp.empty(max(int(n), 1 << 12), dtype)
+        return a
+
+    def decode_batch(self, jobs, seg, stream):
+        """The segment decode of several experts in one launch on ``stream``
+        (:func:`~zipmoe_rt.backends.cuda_segdec.decode_batch`): jobs as for
+        :meth:`~zipmoe_rt.engine.gpu_ops.HostOps.decode_batch`. Their addresses go into a pinned
+        descriptor (a ring of :data:`_DESC_RING`; a buffer is rewritten only once its last copy
+        has left) copied on ``stream`` before the kernels."""
+        rows, sf, tf = [], 0, 0
+        for exp, sm, runs, bits, tabs, out, nseg, nruns, ntab in jobs:
+            rows += [sf, exp[0].data.ptr + exp[1], sm[0].data.ptr + sm[1],
+                     runs[0].data.ptr + runs[1], nruns, bits[0].data.ptr + bits[1],
+                     tabs[0].data.ptr + tabs[1], tf, out.data.ptr, 0]
+            sf += nseg
+            tf += ntab
+        rows += [sf, 0, 0, 0, 0, 0, 0, tf, 0, 0]
+        if not sf:
+            return
+        slot = self._desc[self._desc_i]
+        self._desc_i = (self._desc_i + 1) % _DESC_RING
+        if slot[1] is not None:
+            slot[1].synchronize()         # its last copy has left (long ago, as a rule)
+        if slot[0] is None or slot[0].size < len(rows):
+            n = max(len(rows), 64 * BATCH_FIELDS)
+            slot[0] = np.frombuffer(cp.cuda.alloc_pinned_memory(8 * n), np.int64, n)
+        host = slot[0]
+        host[:len(rows)] = rows
+        dev = self._scratch_on(stream, "desc", len(rows), cp.int64)
+        multi = self._scratch_on(stream, "multi", tf * 4096, cp.uint64)
+        cp.cuda.runtime.memcpyAsync(dev.data.ptr, host.ctypes.data, 8 * len(rows),
+                                    cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
+        slot[1] = self.record(stream)
+        with stream:
+            cuda_segdec.decode_batch(dev, len(jobs), sf, tf, seg, multi)
 
     def copy(self, a, stream):
         """A contiguous copy of device array ``a`` made on ``stream`` (memory from the compute

@@ -5,6 +5,8 @@ shared memory and written coalesced. Two entry points share its kernels:
 - :func:`decode_runs`: an expert's BF16 words from its SM and exponent regions and its segment
   tables (:mod:`zipmoe_rt.engine.gpu_meta`), the engine's GPU decode
   (:class:`~zipmoe_rt.backends.cuda_experts.CudaOps`);
+- :func:`decode_batch`: :func:`decode_runs` for several experts in one launch (the misses of
+  one MoE layer call), through a descriptor of their addresses;
 - :func:`write_streams`: the write pass of the self-synchronising decoder behind
   ``decode_exponents`` (:mod:`zipmoe_rt.backends.cuda_huffman`), once its passes have found each
   segment's start bit and symbol count.
@@ -90,6 +92,30 @@ def decode_runs(exp, sm, runs, bits, tabs, seg: int, out, variant: str | None = 
     k["sd_decode_runs"](((n + t - 1) // t,), (t,),
                         (exp, sm, runs, np.int32(runs.shape[0]), bits, tabs, multi,
                          np.int32(seg), out, np.int32(n)))
+
+
+def decode_batch(desc, n: int, nseg: int, ntab: int, seg: int, multi,
+                 variant: str | None = None) -> None:
+    """Decode the segments of ``n`` experts in one launch (and build their multi-symbol tables
+    in one more), on the current stream.
+
+    Args:
+        desc: device int64 [(n + 1) * BATCH_FIELDS]: per expert its first segment in the batch,
+            the addresses of its exponent region, SM region, runs (int32 [nruns, 6] as in
+            :func:`decode_runs`), run count, segment bits (int32), single-symbol tables (uint16
+            [ntab, 4096]), its first table in ``multi`` and its output words (uint16); the last
+            row holds ``nseg`` and ``ntab`` in fields 0 and 7
+            (:data:`~zipmoe_rt.kernels.cuda_segdec_src.BATCH_FIELDS`).
+        nseg, ntab: total segments and tables.  seg: symbols per segment.
+        multi: device uint64 [>= ntab * 4096], written with the multi-symbol tables.
+        variant: a name of :data:`VARIANTS`.
+    """
+    if not nseg:
+        return
+    k, t, _ = kernels(variant)
+    if ntab:
+        k["sd_multi_batch"](((ntab * 4096 + 255) // 256,), (256,), (desc, np.int32(n), multi))
+    k["sd_decode_batch"](((nseg + t - 1) // t,), (t,), (desc, np.int32(n), multi, np.int32(seg)))
 
 
 def write_streams(src, s_src, s_size, tab, seg_first, start, cnt, incl, o_base, o_count,

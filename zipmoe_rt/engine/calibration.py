@@ -29,11 +29,14 @@ CALIB_SUFFIX = ".calib.json"
 #: part of the exponent read and timed it 2-5x too cheap). 3: reads are also timed ``io_depth``
 #: at a time, as the engine issues them, and priced at that throughput (version 2 priced reads
 #: one at a time). 4: the engine's per-layer and per-load overheads are measured too
-#: (:mod:`~zipmoe_rt.engine.overhead`).
-CALIB_VERSION = 4
+#: (:mod:`~zipmoe_rt.engine.overhead`). 5: the C tier's engine load term is timed on
+#: storage-form C slots, which the base delay model prices with a decode per hit (version 4
+#: could time it on compute-form slots, a term that does not fit that price).
+CALIB_VERSION = 5
 #: what was wrong with each older calibration version
 _OLD_VERSIONS = {1: "timed exponent reads 2-5x too cheap", 2: "timed reads one at a time",
-                 3: "did not measure the engine's per-layer and per-load overheads"}
+                 3: "did not measure the engine's per-layer and per-load overheads",
+                 4: "may have timed the C tier's engine load on compute-form C slots"}
 
 
 class CalibrationWarning(UserWarning):
@@ -63,8 +66,9 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
     ``load_miss_s``, the delay model's engine terms, with ``engine_layer_s`` (the measured calls)
     and ``engine_workers``.
 
-    The result records ``version`` (:data:`CALIB_VERSION`, 4: exponent region read before the
-    SM region, as the engine reads a miss, reads timed ``io_depth`` at a time, engine terms),
+    The result records ``version`` (:data:`CALIB_VERSION`, 5: exponent region read before the
+    SM region, as the engine reads a miss, reads timed ``io_depth`` at a time, engine terms
+    with the C load timed on storage-form C slots),
     ``direct`` (whether reads were timed with O_DIRECT), ``io_depth``, ``machine``
     (``platform.node()``) and ``cpus`` (``os.cpu_count()``), which
     :func:`calibration_mismatch` compares with the run that uses it.

@@ -26,8 +26,11 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     kind of plan (an LRU pool of full experts, C/S/E tiers, or a mix) chosen by the planner
     (:func:`~zipmoe_rt.engine.planner.choice.plan_choices`, recorded in the engine's
     ``auto_choice``, :func:`auto_choice`), or the ``zip-lru`` engine where its one LRU pool
-    shared by all layers, replayed on the trace's token sequences, is predicted faster than
-    every per-layer plan (eviction ``lru``, CPU engine); else ``zip-lru``. For
+    shared by all layers, replayed on the trace's token sequences, is predicted no slower than
+    every per-layer plan (eviction ``lru``, CPU engine; on a tie, typically both predicted to
+    hold every expert the trace uses, the shared pool, whose capacity is not divided among the
+    layers by the trace's routing, so a text that routes otherwise than the trace's still
+    finds room); else ``zip-lru``. For
     ``zipmoe``: the trace is loaded and checked against the model; the calibration stored next
     to the model (``MODEL.calib.json``) is used even when it does not fit this run (one
     :class:`~zipmoe_rt.engine.profile.CalibrationWarning`), and without one the machine is
@@ -123,9 +126,10 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     if auto:
         choices, ranks = prof.make_plan_choices(tr, delay, tier_budget, k)
         plan = choices["auto"]
-        shared = _shared_pool_s(source, tr, budget, extra.get("prefetch", False), delay, k) \
+        shared = _shared_pool_s(source, tr, budget, extra.get("prefetch", False), delay, k,
+                                resident, extra.get("escape_share")) \
             if eviction == "lru" and cls is ExpertEngine else None
-        if shared is not None and shared < plan.predicted_makespan_s:
+        if shared is not None and shared <= plan.predicted_makespan_s:
             eng = cls(source, budget, "zip-lru", eviction, workers=workers, direct=direct,
                       verify=verify, io_depth=io_depth, backend=backend, **extra)
             eng.auto_choice = auto_choice(choices, shared, engine="zip-lru")
@@ -140,9 +144,11 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     return eng
 
 
-def _shared_pool_s(source, trace, budget, prefetch, delay, k):
+def _shared_pool_s(source, trace, budget, prefetch, delay, k, resident="full",
+                   escape_share=None):
     """Predicted one-token MoE time (seconds, all layers) of the ``zip-lru`` engine's shared
-    LRU pool, replayed on the trace's sequences; None for a trace without them."""
+    LRU pool (:func:`shared_pool_capacity` experts), replayed on the trace's sequences; None
+    for a trace without them."""
     from .planner.choice import shared_pool_layer_s
     seqs = trace.get("sequences")
     if not seqs:
@@ -152,7 +158,25 @@ def _shared_pool_s(source, trace, budget, prefetch, delay, k):
     if not runs:
         return None
     n = int(source.hparams["num_experts"])
-    return float(shared_pool_layer_s(runs, n, k, tier // bytes_F, delay).sum())
+    return float(shared_pool_layer_s(runs, n, k, shared_pool_capacity(
+        source, tier, resident, escape_share), delay).sum())
+
+
+def shared_pool_capacity(source, tier_bytes: int, resident: str = "full",
+                         escape_share: float | None = None) -> int:
+    """Experts the ``zip-lru`` engine's one shared pool holds in ``tier_bytes``: full BF16
+    experts, or with ``resident="compressed"`` compute-form experts at their planned size
+    (:func:`~zipmoe_rt.engine.resident.compute_form_bytes` of the largest at
+    ``escape_share``; BF16 bytes for a file with an expert that is not packable), as
+    :meth:`~zipmoe_rt.engine.ctier.CTierMixin._shared_pool` sizes it."""
+    from .ctier import ESCAPE_SHARE
+    from .resident import compute_form_bytes, packable
+    lays = list(source.layouts.values())
+    per = max(l.full_bytes for l in lays)
+    if resident == "compressed":
+        share = ESCAPE_SHARE if escape_share is None else float(escape_share)
+        per = max(compute_form_bytes(l, share) if packable(l) else l.full_bytes for l in lays)
+    return int(tier_bytes // per)
 
 
 def auto_choice(choices: dict, shared: float | None = None, engine: str = "zipmoe") -> dict:
@@ -177,6 +201,13 @@ def auto_choice(choices: dict, shared: float | None = None, engine: str = "zipmo
             "summary": choice_summary(choices["auto"].layers), "predicted_layer_ms": pred}
 
 
+def has_c_slots(engine) -> bool:
+    """Whether ``engine`` (an expert engine, or None) plans any C slot: a ``zipmoe`` plan
+    (``auto``'s per-layer plans included) with ``nC > 0`` in some MoE layer. ``--c-tier``
+    has an effect only then; an ``auto`` plan of LRU pools alone has no C slot."""
+    return any(getattr(tp, "nC", 0) > 0 for tp in (getattr(engine, "plan", None) or ()))
+
+
 def describe_auto(choice: dict | None, policy: str) -> str:
     """The policy as the banner and ``/stats`` show it: ``policy`` (the engine's), followed,
     when ``auto`` chose it, by what it chose (``choice``: :func:`auto_choice` or a fallback),
@@ -187,7 +218,7 @@ def describe_auto(choice: dict | None, policy: str) -> str:
     if "fallback" in choice:
         return f"{policy} (auto: {choice['why']})"
     if choice.get("engine") == "zip-lru":
-        return f"{policy} (auto: one LRU pool for all layers, predicted fastest)"
+        return f"{policy} (auto: one LRU pool for all layers, predicted no slower)"
     codes = choice["codes"]
     per = f"; per MoE layer {codes}" if len(codes) <= 64 else ""
     return f"{policy} (auto: {choice['summary']}{per})"

@@ -12,10 +12,12 @@ bytes live and who decodes them:
 * a **miss** comes from the pinned host cache (``--host-budget``: experts kept in host RAM in
   compressed form, most popular first) or is read from the file (``pread`` on an I/O thread into
   a pinned staging block, CRC-checked); either way one ``cudaMemcpyAsync`` on the copy stream
-  moves the expert's compressed bytes (and its segment tables) into a device buffer, the decode
-  stream waits for that copy's event and runs the segment decode kernel into a fresh BF16
-  buffer, and the compute stream waits for the decode's event: no host synchronisation, and a
-  copy overlaps the previous expert's decode and the compute queued before it;
+  moves the expert's compressed bytes (and its segment tables) into a device staging arena,
+  after the other misses of the same MoE call; the decode stream waits for the copies' event
+  and decodes all of them in one launch, each into a fresh BF16 buffer, and the compute stream
+  waits for that launch's event: no host synchronisation
+  (:mod:`~zipmoe_rt.engine.gpu_batch`; :meth:`_launch` is the one-expert path, for raw
+  experts, host-decoded ones and ``gpu_batch.BATCHED`` off);
 * ``raw-lru`` keeps its meaning: raw BF16 experts cross PCIe as they are (no decode).
 
 The model's kernels see the same BF16 words in the same order as without a budget, so logits
@@ -32,14 +34,13 @@ in the tests of machines without a GPU.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import layout as L_
+from .gpu_batch import BatchedMisses, GpuStageTimes
 from .gpu_meta import block_layout, build_meta, gpu_decodable, meta_bound, pack_meta
 from .pipeline import ExpertEngine
-from .stage_times import StageTimes
 from .tiers import Slot
 from ..models.weights import ExpertWeights
 
@@ -74,43 +75,6 @@ def assemble(ops, roles: dict, stream) -> ExpertWeights:
     return w
 
 
-@dataclass
-class GpuStageTimes(StageTimes):
-    """:class:`~zipmoe_rt.engine.stage_times.StageTimes` plus the GPU path's counters: bytes sent
-    over PCIe for experts, uploads, GPU decodes and their kernel time (CUDA events, seconds),
-    misses served from the pinned host cache and from the file."""
-
-    pcie_bytes: int = 0
-    uploads: int = 0
-    gpu_decodes: int = 0
-    host_decodes: int = 0
-    host_hits: int = 0
-    file_misses: int = 0
-    gpu_decode_s: float = 0.0
-    ops: object = None
-    events: list = field(default_factory=list)
-
-    def reset(self):
-        ops = self.ops
-        self.__init__()
-        self.ops = ops
-
-    def fold(self):
-        """Add the finished decode kernels' times to :attr:`gpu_decode_s` (waits for them)."""
-        for a, b in self.events:
-            self.ops.sync(b)
-            self.gpu_decode_s += self.ops.elapsed(a, b)
-        self.events.clear()
-
-    def as_dict(self) -> dict:
-        self.fold()
-        d = super().as_dict()
-        d.update(pcie_bytes=self.pcie_bytes, uploads=self.uploads, gpu_decodes=self.gpu_decodes,
-                 host_decodes=self.host_decodes, host_hits=self.host_hits,
-                 file_misses=self.file_misses, gpu_decode_s=self.gpu_decode_s)
-        return d
-
-
 class _GPending:
     """An expert on its way to the GPU: read (future), then uploaded and decoded (event)."""
 
@@ -123,7 +87,7 @@ class _GPending:
         self.staging = False
 
 
-class GpuExpertEngine(ExpertEngine):
+class GpuExpertEngine(BatchedMisses, ExpertEngine):
     """:class:`~zipmoe_rt.engine.pipeline.ExpertEngine` whose tiers live in GPU memory (see the
     module docstring).
 
@@ -156,12 +120,14 @@ class GpuExpertEngine(ExpertEngine):
         self._staging: list = []     # free pinned staging blocks: (block, event of last copy)
         self.host_budget = int(host_budget)
         self._host_regions = 0       # bytes of expert regions in the host cache
+        self._batch_setup(False)
         super().__init__(source, budget_bytes, policy, eviction, plan=plan, ranks=ranks,
                          workers=workers, direct=direct, verify=verify, delay=delay, adapt=False,
                          io_depth=io_depth, backend=backend,
                          c_form="planes")   # C slots: both regions, decoded on the GPU per use
         self._slots_to_device()
         self._fill_host(ranks)
+        self._batch_setup(True)
         self.stats = GpuStageTimes(ops=ops)
 
     @property
@@ -287,7 +253,7 @@ class GpuExpertEngine(ExpertEngine):
                 self.stats.file_misses += 1
                 p.future = self.io.submit(self._read_task_gpu, p)
                 return p
-        self._launch(p)
+        self._queue(p)                  # launched by _flush with the layer's other misses
         return p
 
     def _read_task_gpu(self, p):
@@ -380,7 +346,10 @@ class GpuExpertEngine(ExpertEngine):
             p.future.result()
             self.stats.wait_s += time.perf_counter() - t0
             p.future = None
-            self._launch(p)
+            self._queue(p)
+            self._flush()
+        elif p.event is None and p.weights is None:
+            self._flush()                       # still in the open batch
         if p.event is not None:
             self.ops.wait(self.ops.current(), p.event)
         w, p.weights, p.keep, p.block = p.weights, None, None, None
@@ -388,6 +357,19 @@ class GpuExpertEngine(ExpertEngine):
 
     def _load_now(self, lay):
         return self._wait_gpu(self._start(lay, None))
+
+    def _prepare(self, layer: int, experts: list, work: dict) -> dict:
+        ready = super()._prepare(layer, experts, work)
+        self._flush()                   # the call's misses: one batch of copies and decodes
+        return ready
+
+    def run(self, layer, x, topk_idx, topk_w, glu=None):
+        """:meth:`ExpertEngine.run <zipmoe_rt.engine.pipeline.ExpertEngine.run>`, with the
+        call's compute-stream time recorded (:class:`GpuStageTimes`)."""
+        a = self.ops.record(self.ops.current(), timing=True)
+        out = super().run(layer, x, topk_idx, topk_w, glu)
+        self._note_layer(a)
+        return out
 
     def _resolve(self, layer: int, e: int, item):
         if isinstance(item, _GPending):
@@ -418,7 +400,9 @@ class GpuExpertEngine(ExpertEngine):
         return {"device": self.ops.device_name(), "pcie_bytes": d["pcie_bytes"],
                 "uploads": d["uploads"], "gpu_decodes": d["gpu_decodes"],
                 "host_decodes": d["host_decodes"], "host_hits": d["host_hits"],
-                "file_misses": d["file_misses"], "gpu_decode_s": d["gpu_decode_s"]}
+                "file_misses": d["file_misses"], "gpu_decode_s": d["gpu_decode_s"],
+                "batches": d["batches"], "h2d_s": d["h2d_s"], "issue_s": d["issue_s"],
+                "moe_compute_s": d["moe_compute_s"]}
 
     def close(self):
         """Stop the I/O threads and drop every buffer the engine holds on the GPU and in pinned
@@ -428,5 +412,7 @@ class GpuExpertEngine(ExpertEngine):
         self._dmeta.clear()
         self._host.clear()
         self._staging.clear()
+        self._batch = None
+        self._arenas.clear()
         for pool in {id(p): p for p in self.fpools.values()}.values():
             pool.slots.clear()

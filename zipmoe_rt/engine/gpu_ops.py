@@ -74,6 +74,20 @@ class HostOps:
         ``stream``: runs int32 [r, 6], bits int32 [n], tabs uint16 [t, 4096], out uint16."""
         decode_segments(exp, sm, runs, bits, tabs, seg, out)
 
+    def h2d_at(self, dst, off: int, src: np.ndarray, stream):
+        """Copy host ``src`` into device uint8 ``dst`` at byte ``off`` on ``stream``."""
+        dst[off:off + src.nbytes] = src.reshape(-1).view(np.uint8)
+
+    def decode_batch(self, jobs, seg, stream):
+        """The segment decode of several experts on ``stream`` (one launch on a GPU): each job
+        ``(exp, sm, runs, bits, tabs, out, nseg, nruns, ntab)``, the first five as ``(device
+        array, byte offset, bytes)`` (uint8 exponent and SM regions, int32 runs [nruns, 6],
+        int32 bits [nseg], uint16 tables [ntab, 4096]), ``out`` uint16 words."""
+        for exp, sm, runs, bits, tabs, out, _, _, _ in jobs:
+            v = [a.reshape(-1).view(np.uint8)[o:o + n] for a, o, n in (exp, sm, runs, bits, tabs)]
+            decode_segments(v[0], v[1], v[2].view(np.int32).reshape(-1, 6), v[3].view(np.int32),
+                            v[4].view(np.uint16).reshape(-1, 4096), seg, out)
+
     def copy(self, a, stream):
         """A contiguous device copy of ``a`` made on ``stream``."""
         return np.array(a, copy=True)

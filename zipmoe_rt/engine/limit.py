@@ -5,12 +5,17 @@ tiers and one token's decoded experts (:func:`~zipmoe_rt.engine.pipeline.budget_
 memory limit counts everything the process holds, and derives the budget from it::
 
     budget = limit - fixed overhead - KV cache - read buffers - prefill activations
+             - engine headroom
 
-* **fixed overhead**: the peak RSS of a fresh interpreter that imports the runtime, reads the
-  model's index and tokenizer and runs the same kernels on a tiny model of the same family
-  (interpreter, numpy, Numba and its JIT code, tokenizer, index), measured in a child process
+* **fixed overhead**: the steady RSS of a fresh interpreter that imports the runtime, reads the
+  model's index and tokenizer and warms every CPU kernel up on tiny models of the same family
+  and one real expert, after the freed heap is trimmed and LLVM's code pages are dropped
+  (interpreter, numpy, Numba and its JIT code, tokenizer, index;
+  :mod:`~zipmoe_rt.engine.footprint`), measured in a child process
   (:func:`zipmoe_rt.bench.baseline_rss`) and remembered in ``overhead.json`` of the cache folder
-  (one entry per model file, runtime version and Python);
+  (one entry per model file, runtime version and Python). A loading process under a limit runs
+  the same warm-up and release before it holds any weight, so the warm-up's higher peak (JIT
+  and LLVM) never meets the weights;
 * **KV cache**: the allocation a context of ``context`` tokens ends at (the caches grow by
   doubling from 256 positions: :class:`~zipmoe_rt.models.cache.KVCache`), plus the old copy of
   one layer while it grows;
@@ -18,7 +23,10 @@ memory limit counts everything the process holds, and derives the budget from it
   exponent region)`` of the largest expert (:mod:`~zipmoe_rt.engine.buffers`), which the budget
   does not count;
 * **prefill activations**: the float32 activations of one prefill batch (a prompt runs in
-  batches of :data:`~zipmoe_rt.models.model.PREFILL_UBATCH` tokens), :func:`activation_bytes`.
+  batches of :data:`~zipmoe_rt.models.model.PREFILL_UBATCH` tokens; fewer when ``context`` is
+  shorter), :func:`activation_bytes`;
+* **engine headroom**: :data:`ENGINE_HEADROOM`, what the running engine holds beyond the
+  measured footprint.
 
 ``auto`` takes the memory cgroup's limit of this process (cgroup v2 ``memory.max``, v1
 ``memory.limit_in_bytes``, the smallest along its path; ``max`` or the v1 "no limit" value mean
@@ -40,7 +48,8 @@ from .tiers import BudgetError, mb_at_least, smallest_budget
 
 __all__ = ["MemoryLimitError", "MemoryPlan", "parse_limit", "cgroup_limit", "mem_available",
            "detect_memory", "resolve_limit", "fixed_overhead", "kv_bytes", "read_buffer_bytes", "activation_bytes",
-           "plan_memory", "memory_line", "DEFAULT_CONTEXT", "MARGIN_FRACTION", "MARGIN_MIN"]
+           "plan_memory", "memory_line", "footprint", "warmup_peak", "ENGINE_HEADROOM", "DEFAULT_CONTEXT", "MARGIN_FRACTION", "MARGIN_MIN",
+           "OVERHEAD_METHOD"]
 
 #: tokens of context the KV cache is sized for when the caller does not say (``chat``, ``load``)
 DEFAULT_CONTEXT = 2048
@@ -48,6 +57,15 @@ DEFAULT_CONTEXT = 2048
 MARGIN_FRACTION = 0.05
 #: ... and at least this many bytes (32 MiB)
 MARGIN_MIN = 32 << 20
+#: what a running engine holds beyond the steady footprint measured without one (its threads'
+#: stacks and heaps, heap fragments prefills leave): 16 MiB. On the default model under
+#: ``--memory-limit 600MB`` (bench, pp128 tg32) the process's peak was 4.7 MB above the parts
+#: the plan counts as in use, and a second prompt grew its RssAnon by up to 15 MB; without this
+#: term the peak came within 0.3 MB of the limit.
+ENGINE_HEADROOM = 16 << 20
+#: how the fixed overhead is measured, part of its ``overhead.json`` key (a value measured
+#: another way is measured again): the steady RSS after the warm-up and its release
+OVERHEAD_METHOD = "steady-v1"
 #: cgroup v1 reports "no limit" as the largest page-aligned counter (9223372036854771712 with
 #: 4 KiB pages); any value from here up means none
 V1_UNLIMITED = 1 << 62
@@ -237,22 +255,31 @@ def _overhead_store() -> Path:
     return cache_dir() / "overhead.json"
 
 
-def fixed_overhead(model_path, measure=None) -> int:
-    """The runtime's fixed memory for ``model_path`` in bytes: the peak RSS of a child process
-    that loads the runtime, the model's index and tokenizer and runs the kernels on a tiny model
-    of the family (:func:`zipmoe_rt.bench.baseline_rss`), remembered per model file (path, size,
-    modification time), runtime version and Python in ``overhead.json`` of the cache folder.
+def footprint(model_path, measure=None) -> dict:
+    """The runtime's own memory for ``model_path`` in bytes, ``{"steady": ..., "peak": ...}``:
+    a child process loads the runtime, the model's index and tokenizer, warms the kernels up and
+    releases what the warm-up left (:func:`zipmoe_rt.bench.baseline_footprint`,
+    :func:`zipmoe_rt.engine.footprint.steady_footprint`); ``steady`` is its RSS after that
+    (what the weights compete with), ``peak`` its VmHWM (the warm-up's peak, which a loading
+    process reaches before it holds any weight). Remembered per model file (path, size,
+    modification time), runtime version, Python, :data:`OVERHEAD_METHOD` and the kernel sources'
+    newest modification time in ``overhead.json`` of the cache folder. The measuring child also
+    fills Numba's on-disk cache, so a process that then warms up loads its kernels rather than
+    compiling them (a compile leaves ~30 MB more heap behind).
 
     Args:
         model_path: the ``.zmoe`` file.
-        measure: the measuring function (default :func:`zipmoe_rt.bench.baseline_rss`).
+        measure: the measuring function (default :func:`zipmoe_rt.bench.baseline_footprint`):
+            a dict as above, or an int taken as both.
     Raises:
         MemoryLimitError: the measurement failed (the child exited with an error).
     """
     from .. import __version__
+    from .footprint import sources_stamp
     p = Path(model_path).resolve()
     st = p.stat()
-    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{__version__}|{sys.version.split()[0]}"
+    key = (f"{p}|{st.st_size}|{st.st_mtime_ns}|{__version__}|{sys.version.split()[0]}|"
+           f"{OVERHEAD_METHOD}|{sources_stamp()}")
     store = _overhead_store()
     try:
         known = json.loads(store.read_text())
@@ -260,15 +287,21 @@ def fixed_overhead(model_path, measure=None) -> int:
         known = {}
     if not isinstance(known, dict):
         known = {}
-    if isinstance(known.get(key), int) and known[key] > 0:
-        return known[key]
+    v = known.get(key)
+    if isinstance(v, dict) and all(isinstance(v.get(k), int) and v[k] > 0
+                                   for k in ("steady", "peak")):
+        return {"steady": v["steady"], "peak": v["peak"]}
     if measure is None:
-        from ..bench import baseline_rss as measure
-    v = int(measure(p))
-    if v <= 0:
+        from ..bench import baseline_footprint as measure
+    got = measure(p)
+    if not isinstance(got, dict):
+        got = {"steady": int(got), "peak": int(got)}
+    v = {"steady": int(got.get("steady", 0)), "peak": int(got.get("peak", 0))}
+    if v["steady"] <= 0 or v["peak"] <= 0:
         raise MemoryLimitError(f"{p}: could not measure the runtime's fixed memory overhead "
                                f"(the measuring child process failed; run `python -m "
                                f"zipmoe_rt.bench '[\"baseline\", \"{p}\"]'` to see why)")
+    v["peak"] = max(v["peak"], v["steady"])
     known[key] = v
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
@@ -278,6 +311,19 @@ def fixed_overhead(model_path, measure=None) -> int:
     except OSError:
         pass      # a read-only cache folder: measured again next time
     return v
+
+
+def fixed_overhead(model_path, measure=None) -> int:
+    """The runtime's fixed memory for ``model_path`` in bytes: the ``steady`` RSS of
+    :func:`footprint` (arguments and errors as there)."""
+    return footprint(model_path, measure)["steady"]
+
+
+def warmup_peak(model_path, measure=None) -> int:
+    """The peak RSS in bytes a process reaches while it warms the kernels up, before it holds
+    any weight: the ``peak`` of :func:`footprint` (arguments and errors as there). A limit
+    below it is too small whatever the weights."""
+    return footprint(model_path, measure)["peak"]
 
 
 def kv_bytes(hparams: dict, context: int) -> int:
@@ -301,10 +347,12 @@ def kv_bytes(hparams: dict, context: int) -> int:
     return per_token * cap + (per_token // layers) * (cap // 2) + state_bytes(hp)
 
 
-def activation_bytes(hparams: dict) -> int:
+def activation_bytes(hparams: dict, context: int | None = None) -> int:
     """Bytes of the float32 activations one prefill batch of
     :data:`~zipmoe_rt.models.model.PREFILL_UBATCH` tokens holds at its peak (a longer prompt
-    is run in batches of that many tokens, as llama.cpp's ``n_ubatch``): per token four
+    is run in batches of that many tokens, as llama.cpp's ``n_ubatch``), or of ``context``
+    tokens where that is fewer (a limit sized for a shorter context holds no longer prompt:
+    its KV cache is sized the same way, :func:`kv_bytes`): per token four
     hidden-size vectors (residual stream, normed input, attention output, MoE output) and the
     gate and up rows of the ``top-k`` experts (and of a shared expert) it is routed to.
     On the default model (hidden 576, intermediate 1536, top-2) that is 23.6 MB; measured with
@@ -316,7 +364,8 @@ def activation_bytes(hparams: dict) -> int:
     inter = max(int(hparams.get(key) or 0) for key in
                 ("moe_intermediate_size", "intermediate_size", "shared_expert_intermediate_size"))
     k = int(hparams["num_experts_per_tok"]) + 1          # + a shared expert or a dense MLP row
-    return 4 * PREFILL_UBATCH * (4 * hidden + 2 * k * inter)
+    tokens = PREFILL_UBATCH if context is None else max(1, min(PREFILL_UBATCH, int(context)))
+    return 4 * tokens * (4 * hidden + 2 * k * inter)
 
 
 def state_bytes(hp) -> int:
@@ -342,8 +391,8 @@ def read_buffer_bytes(source) -> int:
 @dataclass
 class MemoryPlan:
     """How a memory limit divides (bytes): ``limit`` = ``overhead`` + ``kv`` + ``buffers`` +
-    ``activations`` + ``budget`` (the weight budget, ``--memory-budget``). ``how``: where the
-    limit came from;
+    ``activations`` + ``engine`` + ``budget`` (the weight budget, ``--memory-budget``), and ``limit`` >=
+    ``warmup_peak`` (reached before the weights). ``how``: where the limit came from;
     ``context``: tokens the KV cache is sized for; ``minimum``: the smallest budget the model
     runs with (dense weights + one token's experts)."""
     limit: int
@@ -355,6 +404,10 @@ class MemoryPlan:
     context: int
     minimum: int
     activations: int = 0
+    #: the runtime's peak while it loads its kernels, before any weight (0: not checked)
+    warmup_peak: int = 0
+    #: :data:`ENGINE_HEADROOM`
+    engine: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -364,12 +417,15 @@ class MemoryPlan:
         return (f"memory limit {self.limit / 1e6:.1f} MB ({self.how}) = fixed overhead "
                 f"{self.overhead / 1e6:.1f} MB + KV cache {self.kv / 1e6:.1f} MB ({self.context} "
                 f"tokens) + read buffers {self.buffers / 1e6:.1f} MB + prefill activations "
-                f"{self.activations / 1e6:.1f} MB + weight budget "
-                f"{self.budget / 1e6:.1f} MB")
+                f"{self.activations / 1e6:.1f} MB + engine headroom "
+                f"{self.engine / 1e6:.1f} MB + weight budget "
+                f"{self.budget / 1e6:.1f} MB" + (
+                    f" (kernel warm-up peak {self.warmup_peak / 1e6:.1f} MB, before the "
+                    f"weights)" if self.warmup_peak else ""))
 
 
 def plan_memory(source, limit, context: int | None = None, overhead: int | None = None,
-                budget=None, **detect_kw) -> MemoryPlan:
+                budget=None, peak: int | None = None, **detect_kw) -> MemoryPlan:
     """Divide a memory limit for ``source`` (a :class:`~zipmoe_rt.engine.store.ZmoeSource`).
 
     Args:
@@ -379,28 +435,41 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
         overhead: the fixed overhead in bytes (default: :func:`fixed_overhead`, measured).
         budget: a weight budget also given (``--memory-budget``, bytes): used as is, and it
             must fit the limit.
+        peak: the warm-up's peak RSS (:func:`warmup_peak`), which the limit must also hold
+            (default: measured with the overhead when ``overhead`` is None, else not checked).
         detect_kw: file paths for :func:`detect_memory`.
     Returns:
         the :class:`MemoryPlan`.
     Raises:
         MemoryLimitError: an unreadable limit; a limit below the overhead plus the smallest
-            budget (both numbers stated); a ``budget`` that does not fit the limit.
+            budget (both numbers stated), or below the warm-up's ``peak``; a ``budget`` that
+            does not fit the limit.
     """
     from .pipeline import budget_split
     lim, how = resolve_limit(limit, **detect_kw)
     context = DEFAULT_CONTEXT if context is None else int(context)
     if context < 1:
         raise MemoryLimitError(f"context: must be at least 1 token, got {context}")
-    ov = fixed_overhead(source.path) if overhead is None else int(overhead)
+    if overhead is None:
+        fp = footprint(source.path)
+        ov, peak = fp["steady"], fp["peak"] if peak is None else peak
+    else:
+        ov = int(overhead)
+    if peak is not None and lim < peak:
+        raise MemoryLimitError(
+            f"{_OPT} {lim / 1e6:.1f} MB ({how}) is too small for this model: the runtime "
+            f"peaks at {peak / 1e6:.1f} MB while it loads its kernels, before any weight "
+            f"(it then keeps {ov / 1e6:.1f} MB); give at least {mb_at_least(peak)}")
     kv = kv_bytes(source.hparams, context)
     buf = read_buffer_bytes(source)
-    act = activation_bytes(source.hparams)
+    act = activation_bytes(source.hparams, context)
     minimum = smallest_budget(source)
-    need = ov + kv + buf + act
+    need = ov + kv + buf + act + ENGINE_HEADROOM
     free = lim - need
     parts = (f"fixed overhead {ov / 1e6:.1f} MB + KV cache {kv / 1e6:.1f} MB for {context} "
              f"tokens + read buffers {buf / 1e6:.1f} MB + prefill activations "
-             f"{act / 1e6:.1f} MB = {need / 1e6:.1f} MB")
+             f"{act / 1e6:.1f} MB + engine headroom {ENGINE_HEADROOM / 1e6:.1f} MB = "
+             f"{need / 1e6:.1f} MB")
     if budget is not None:
         budget = int(budget)
         if budget > free:
@@ -416,7 +485,8 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
             f"plus the smallest weight budget {mb_at_least(minimum)} (dense weights and one "
             f"token's experts): at least {mb_at_least(need + minimum)}")
     return MemoryPlan(limit=lim, how=how, overhead=ov, kv=kv, buffers=buf, budget=int(free),
-                      context=context, minimum=minimum, activations=act)
+                      context=context, minimum=minimum, activations=act,
+                      warmup_peak=int(peak or 0), engine=ENGINE_HEADROOM)
 
 
 def memory_line(plan: MemoryPlan | None, budget: int | None, policy: str) -> str:

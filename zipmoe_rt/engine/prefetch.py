@@ -22,6 +22,17 @@ Two parts:
   in flight, their claim by the next layer, the discard of wrong guesses, and the counters
   ``bench`` reports (recall per layer = |predicted ∩ used| / |used|, wasted bytes per token).
 
+Candidates beyond the top-k: the next router's own top-k on the earlier state misses a share
+of the experts the layer will use (on the trained model of docs/benchmarks.md §16, 10-45 % per
+layer). The prediction therefore carries the router's whole ranking of that state, and each layer
+predicts its top ``k + m_l`` (:meth:`PrefetchMixin.extra_candidates`): the engine keeps, per
+layer, how often the expert the layer really used stood at each rank of its prediction, and
+``m_l`` is the fewest extra ranks (at most :data:`MAX_EXTRA` · k) whose running recall reaches
+:data:`RECALL_TARGET`, so a layer whose router is already well predicted wastes nothing more,
+and no more than keep the extras' expected unused loads per call within :data:`WASTE_BOUND` · k.
+Loads start in rank order (the likeliest first); at most ``k`` predicted loads are alive at
+once, which bounds both the memory and the bytes a wrong guess may read in flight.
+
 Memory: a prefetch holds up to top-k more decoded experts than one layer's working set, so the
 engine reserves ``2k`` experts of working set instead of ``k`` (:func:`~zipmoe_rt.engine.
 pipeline.budget_split`); a budget too small for that runs without prefetch.
@@ -34,6 +45,15 @@ import numpy as np
 PREFETCH_MODES = ("on", "off")
 #: the default of ``--prefetch`` / ``load(prefetch=None)`` (docs/benchmarks.md §16 measures it).
 DEFAULT_PREFETCH = "off"
+#: the recall per layer that the extra candidates aim at (:meth:`PrefetchMixin.extra_candidates`)
+RECALL_TARGET = 0.9
+#: extra candidates per layer at most, as a multiple of k (``m_l <= MAX_EXTRA * k``)
+MAX_EXTRA = 1
+#: one-token calls of a layer before its extra candidates follow its measured ranks (until
+#: then: none)
+EXTRA_WARMUP = 4
+#: the extra candidates' expected unused loads per call at most, as a multiple of k
+WASTE_BOUND = 0.75
 
 
 def check_prefetch(value) -> bool:
@@ -60,18 +80,55 @@ class PrefetchMixin:
         self.prefetch = bool(enabled)
         self._inflight: dict = {}     # (layer, e) -> _Pending started by a prediction
         self._next = None             # (layer, experts) predicted, not issued yet
-        self._predicted: dict = {}    # layer -> experts predicted for its coming call
+        self._predicted: dict = {}    # layer -> (experts predicted for its coming call, ranking)
         self._discard: list = []      # wrong guesses whose loads may still be running
+        self._rank_hist: dict = {}    # layer -> int64 [N]: used experts by rank in the ranking
 
-    def predict(self, layer: int, experts, issue_now: bool = False) -> None:
-        """Note that MoE layer ``layer`` will probably use ``experts`` (ints) for the coming
-        token. Issued by :meth:`_issue_prefetch` after the running layer queued its own loads,
-        or at once with ``issue_now`` (the running layer has no experts to load first)."""
+    def predict(self, layer: int, experts, issue_now: bool = False, scores=None) -> None:
+        """Note that MoE layer ``layer`` will probably use ``experts`` (ints, the router's top-k
+        on the earlier state) for the coming token. With ``scores`` (float ``[N]``, the
+        router's logits of that state, higher = likelier) the prediction is the top ``k + m``
+        of the ranking, ``experts`` first (:meth:`extra_candidates`), and loads start in rank
+        order; without, it is ``experts`` alone, by ascending id. Issued by
+        :meth:`_issue_prefetch` after the running layer queued its own loads, or at once with
+        ``issue_now`` (the running layer has no experts to load first)."""
         if not self.prefetch:
             return
-        self._next = (int(layer), sorted({int(e) for e in experts}))
+        top = [int(e) for e in experts]
+        if scores is not None and np.size(scores) != int(self.hp["num_experts"]):
+            scores = None        # a router whose logits are not one score per expert
+        if scores is None:
+            self._next = (int(layer), sorted(set(top)), None)
+        else:
+            sc = np.asarray(scores, dtype=np.float64).reshape(-1)
+            first = sorted(set(top), key=lambda e: (-sc[e], e))
+            rest = [int(e) for e in np.argsort(-sc, kind="stable") if int(e) not in set(first)]
+            ranking = first + rest
+            m = self.extra_candidates(int(layer))
+            self._next = (int(layer), ranking[:len(first) + m], ranking)
         if issue_now:
             self._issue_prefetch()
+
+    def extra_candidates(self, layer: int) -> int:
+        """``m_l``: how many experts beyond the router's top-k the prediction of MoE layer
+        ``layer`` includes. The fewest ranks past ``k`` at which the layer's recall so far (the
+        share of the experts its one-token calls used that stood within the top ``k + m`` of
+        their prediction's ranking) reaches :data:`RECALL_TARGET`, at most
+        :data:`MAX_EXTRA` · k, and fewer where the extras would waste more: the expected
+        number of them a call does not use, ``Σ_{r=k}^{k+m−1} (1 − p_r)`` with ``p_r`` the
+        share of calls that used the expert ranked ``r``, stays within
+        :data:`WASTE_BOUND` · k. 0 before :data:`EXTRA_WARMUP` calls of the layer."""
+        h = self._rank_hist.get(layer)
+        k = self.k
+        if h is None or h.sum() < EXTRA_WARMUP * k:
+            return 0
+        cum = np.cumsum(h) / h.sum()
+        p = h * k / h.sum()                       # per rank: uses per call
+        m = 0
+        while m < min(MAX_EXTRA * k, len(h) - k) and cum[k + m - 1] < RECALL_TARGET \
+                and float(np.sum(1.0 - p[k:k + m + 1])) <= WASTE_BOUND * k:
+            m += 1
+        return m
 
     def _issue_prefetch(self) -> None:
         """Start the loads of the pending prediction's experts that are neither in the layer's
@@ -79,8 +136,8 @@ class PrefetchMixin:
         nxt, self._next = self._next, None
         if nxt is None:
             return
-        layer, experts = nxt
-        self._predicted[layer] = experts
+        layer, experts, ranking = nxt
+        self._predicted[layer] = (experts, ranking)
         # loads of other layers nobody claimed (the running layer has claimed its own by now)
         # are discarded first; at most k predicted loads are alive at once (in flight or
         # discarded and still running), so decoded experts stay within the 2k working set
@@ -117,10 +174,17 @@ class PrefetchMixin:
         discard its loads nobody claimed, and release the discarded loads that ended."""
         pred = self._predicted.pop(layer, None)
         if pred is not None and topk_idx.shape[0] == 1:
+            pred, ranking = pred
             used = {int(e) for e in topk_idx[0]}
             st = self.stats
             st.recall_hits[layer] = st.recall_hits.get(layer, 0) + len(used.intersection(pred))
             st.recall_used[layer] = st.recall_used.get(layer, 0) + len(used)
+            st.predicted[layer] = st.predicted.get(layer, 0) + len(pred)
+            if ranking is not None:
+                h = self._rank_hist.setdefault(layer, np.zeros(len(ranking), np.int64))
+                at = {e: i for i, e in enumerate(ranking)}
+                for e in used:
+                    h[at[e]] += 1
         for key in [k for k in self._inflight if k[0] == layer]:
             self._discard.append(self._inflight.pop(key))
         self._sweep_discarded()
@@ -163,7 +227,8 @@ def attach(model, engine) -> int:
     :class:`~zipmoe_rt.models.model.DecoderLayer`, gets ``lookahead(x)``: for one-token
     calls, ``x`` (float32 [1, H], the residual stream before layer i's feed-forward norm) goes
     through layer j's ``post_attention_layernorm`` and its block's routing, and the engine is
-    told the experts chosen (issued after layer i's own loads when layer i is an MoE layer,
+    told the experts chosen and the router's logits (their ranking gives the extra candidates,
+    :meth:`PrefetchMixin.extra_candidates`; issued after layer i's own loads when layer i is an MoE layer,
     else at once). Prefill (several tokens) is not predicted: it uses most experts anyway.
 
     Args:
@@ -200,7 +265,8 @@ def _lookahead(engine, j: int, target, defer: bool):
     def lookahead(x):
         if x.shape[0] != 1:
             return
-        _logits, idx, _w = block.route(norm(x))
-        engine.predict(j, np.asarray(idx).reshape(-1).tolist(), issue_now=not defer)
+        logits, idx, _w = block.route(norm(x))
+        engine.predict(j, np.asarray(idx).reshape(-1).tolist(), issue_now=not defer,
+                       scores=np.asarray(logits).reshape(-1))
 
     return lookahead

@@ -31,6 +31,7 @@ class StageTimes:
     prefetch_wasted: int = 0
     prefetch_wasted_bytes: int = 0
     prefetch_skipped: int = 0     # predicted, not started: k predicted loads already alive
+    predicted: dict = field(default_factory=dict)   # per MoE layer: experts predicted (k + m)
     # one-token calls by their hits per tier: "hF,hC,hS,hE,hmiss" -> calls (what the delay
     # model is priced at: zipmoe_rt.bench's modelled layer time)
     call_hits: dict = field(default_factory=dict)
@@ -49,4 +50,5 @@ class StageTimes:
                 "prefetch_issued": self.prefetch_issued, "prefetch_used": self.prefetch_used,
                 "prefetch_wasted": self.prefetch_wasted,
                 "prefetch_wasted_bytes": self.prefetch_wasted_bytes,
-                "prefetch_skipped": self.prefetch_skipped, "call_hits": dict(self.call_hits)}
+                "prefetch_skipped": self.prefetch_skipped, "call_hits": dict(self.call_hits),
+                "predicted": {str(k): v for k, v in self.predicted.items()}}

@@ -28,6 +28,10 @@ Kernels:
 - ``sd_decode_runs``: the engine's expert decode (:mod:`zipmoe_rt.engine.gpu_meta`: per segment
   of ``seg`` symbols its first bit, the run holding it found by a binary search over the runs),
   merged into BF16 words.
+- ``sd_multi_batch`` / ``sd_decode_batch``: the same for a batch of experts in one launch each
+  (the misses of one MoE layer), each expert's arrays found through a descriptor row
+  (:data:`BATCH_FIELDS`); a thread finds its expert by a binary search over the rows' first
+  segments, then its run as ``sd_decode_runs`` does. Same words as one launch per expert.
 - ``sd_decode_streams``: the write pass of the self-synchronising decoder of
   :mod:`zipmoe_rt.kernels.cuda_huffman_src` (segments of ``B`` bits, their exact start bits and
   symbol counts found by its synchronisation passes), exponent bytes out, each stream's end
@@ -40,7 +44,13 @@ into shared memory (segments of another table read theirs from global memory).
 from __future__ import annotations
 
 #: names of the kernels in :data:`SOURCE`.
-KERNELS = ("sd_multi_tables", "sd_decode_runs", "sd_decode_streams")
+KERNELS = ("sd_multi_tables", "sd_decode_runs", "sd_decode_streams", "sd_multi_batch",
+           "sd_decode_batch")
+#: int64 fields per expert of a batch descriptor (``sd_multi_batch``, ``sd_decode_batch``):
+#: first segment, exponent region, SM region, runs, run count, segment bits, single-symbol
+#: tables, first table, output words (addresses as integers), and one unused field; a last row
+#: holds the totals (segments, tables) in fields 0 and 7
+BATCH_FIELDS = 10
 #: symbols per multi-symbol table entry (at most 4: one staged word per lookup)
 MAXK = 4
 
@@ -304,6 +314,98 @@ __global__ void __launch_bounds__(SD_T) sd_decode_streams(
     if (check && cnt > 0) {
         long long pos = rd.pos() - off;
         if (pos > 8 * size || ((pos + 7) >> 3) != size) status[q] = 3;
+    }
+}
+
+// Row of the batch descriptor holding item j (rows sorted by `field`): the last e < n with
+// desc[e][field] <= j.
+__device__ __forceinline__ int sd_find_row(const long long* __restrict__ desc, int n, int field,
+                                           long long j) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (desc[10 * mid + field] <= j) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// The multi-symbol tables of a batch: entry i < desc[n][7] * 4096 of `multi` from table
+// i / 4096 - desc[e][7] of expert e's single-symbol tables (desc[e][6]).
+__global__ void sd_multi_batch(const long long* __restrict__ desc, int n, u64* __restrict__ multi) {
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= desc[10 * n + 7] * 4096LL) return;
+    int e = sd_find_row(desc, n, 7, i >> 12);
+    const unsigned short* t = (const unsigned short*)desc[10 * e + 6] +
+                              4096LL * ((i >> 12) - desc[10 * e + 7]);
+    int idx = (int)(i & 4095);
+    u64 v = 0ull;
+    int k = 0, used = 0;
+    while (k < SD_MAXK) {
+        u32 x = t[(idx >> used) & 4095];
+        int ln = (int)(x >> 8);
+        if (ln == 0 || used + ln > 12) break;
+        v |= (u64)(x & 255u) << (8 * k);
+        k++;
+        used += ln;
+    }
+    multi[i] = v | ((u64)k << 48) | ((u64)used << 52);
+}
+
+// sd_decode_runs over a batch of experts: global segment j (< desc[n][0]) is segment
+// j - desc[e][0] of expert e (the last row with desc[e][0] <= j), decoded from that expert's
+// regions, runs, bits and tables (multi: sd_multi_batch's output) into its output words.
+__global__ void __launch_bounds__(SD_T) sd_decode_batch(
+        const long long* __restrict__ desc, int n, const u64* __restrict__ multi, int seg) {
+    __shared__ u32 rows[SD_T * SD_ROW];
+    __shared__ unsigned short* s_o[SD_T];
+    __shared__ const unsigned char* s_p[SD_T];
+    __shared__ int s_n[SD_T];
+    int tid = threadIdx.x;
+    long long j = blockIdx.x * (long long)SD_T + tid;
+    int cnt = 0;
+    unsigned short* o0 = 0;
+    const unsigned char* p0 = 0;
+    SdReader rd;
+    const u64* mt = multi;
+    const unsigned short* st = 0;
+    if (j < desc[10 * n]) {
+        const long long* d = desc + 10 * sd_find_row(desc, n, 0, j);
+        const unsigned char* exp = (const unsigned char*)d[1];
+        const int* runs = (const int*)d[3];
+        int jl = (int)(j - d[0]);
+        const int* r = runs + 6 * sd_find_run(runs, (int)d[4], jl);
+        long long k0 = (long long)(jl - r[0]) * seg;
+        cnt = (int)min((long long)seg, (long long)r[4] - k0);
+        o0 = (unsigned short*)d[8] + r[2] + k0;
+        p0 = (const unsigned char*)d[2] + r[3] + k0;
+        mt = multi + 4096LL * (d[7] + r[5]);
+        st = (const unsigned short*)d[6] + 4096LL * r[5];
+        size_t mis = (size_t)exp & 3;
+        rd.start((const u32*)(exp - mis), (long long)r[1] + (long long)mis,
+                 (long long)((const int*)d[5])[jl] + 8LL * (long long)mis);
+    }
+    u32* row = rows + tid * SD_ROW;
+    int lane = tid & 31, warp = tid >> 5;
+    int rounds = (seg + SD_ROUND - 1) / SD_ROUND;
+    for (int q = 0; q < rounds; q++) {
+        int need = min(SD_ROUND, cnt - q * SD_ROUND);
+        if (need < 0) need = 0;
+        if (need) sd_round(rd, mt, st, need, row);
+        s_n[tid] = need;
+        s_o[tid] = o0 + (long long)q * SD_ROUND;
+        s_p[tid] = p0 + (long long)q * SD_ROUND;
+        __syncthreads();
+        for (int s = warp; s < SD_T; s += SD_WARPS) {
+            int m = s_n[s];
+            const unsigned char* eb = (const unsigned char*)(rows + s * SD_ROW);
+            unsigned short* o = s_o[s];
+            const unsigned char* p = s_p[s];
+            for (int k = lane; k < m; k += 32) {
+                u32 b = p[k], e = eb[k];
+                o[k] = (unsigned short)(((b >> 7) << 15) | (e << 7) | (b & 0x7fu));
+            }
+        }
+        __syncthreads();
     }
 }
 

@@ -81,9 +81,13 @@ def shared_pool_layer_s(runs, n: int, k: int, capacity: int, delay) -> np.ndarra
 
     The pool is replayed on the trace's token sequences: per token, the layers in order; in a
     layer, the selected experts in the pool are hits (each moved to the most recent end, by
-    ascending id), then the others are misses, admitted by ascending id. It starts empty and
-    carries over from one run to the next, as the engine's pool does. Each layer's time is the
-    mean of ``delay.layer_makespan({"F": hits, "miss": k − hits})`` over its tokens.
+    ascending id), then the others are misses, admitted by ascending id. It carries over from
+    one run to the next, as the engine's pool does. The runs are replayed twice and only the
+    second pass is counted: the first warms the pool, so the figure is a long run's (a pool
+    that starts empty would count the first use of every expert it will hold as a miss, a cost
+    a run pays once; the per-layer pools it is compared with start warm,
+    :func:`~zipmoe_rt.engine.planner.lru_pool_model`). Each layer's time is the mean of
+    ``delay.layer_makespan({"F": hits, "miss": k − hits})`` over its tokens.
 
     Args:
         runs: int arrays ``[T, L, k]`` (the trace's ``sequences``).
@@ -106,21 +110,23 @@ def shared_pool_layer_s(runs, n: int, k: int, capacity: int, delay) -> np.ndarra
     cost = [delay.layer_makespan({"F": h, "miss": k - h}) for h in range(k + 1)]
     tot, cnt = np.zeros(L), np.zeros(L)
     pool: OrderedDict = OrderedDict()
-    for r in runs:
-        for tok in r:
-            for layer in range(L):
-                sel = sorted(set(int(e) for e in tok[layer]))
-                hits = [e for e in sel if (layer, e) in pool]
-                for e in hits:
-                    pool.move_to_end((layer, e))
-                for e in sel:
-                    if (layer, e) in pool or capacity <= 0:
-                        continue
-                    if len(pool) >= capacity:
-                        pool.popitem(last=False)
-                    pool[(layer, e)] = None
-                tot[layer] += cost[min(len(hits), k)]
-                cnt[layer] += 1
+    for counted in (False, True):          # a warming pass, then the counted one
+        for r in runs:
+            for tok in r:
+                for layer in range(L):
+                    sel = sorted(set(int(e) for e in tok[layer]))
+                    hits = [e for e in sel if (layer, e) in pool]
+                    for e in hits:
+                        pool.move_to_end((layer, e))
+                    for e in sel:
+                        if (layer, e) in pool or capacity <= 0:
+                            continue
+                        if len(pool) >= capacity:
+                            pool.popitem(last=False)
+                        pool[(layer, e)] = None
+                    if counted:
+                        tot[layer] += cost[min(len(hits), k)]
+                        cnt[layer] += 1
     return np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0)
 
 

@@ -246,7 +246,10 @@ def layer_frontier_lru(model: FPoolModel, k, delay: DelayModel, step: int = 1,
     rebuilds. An expert in the pool is an F hit whatever its static tier; one not in it is
     rebuilt from its static slot (or from flash: miss). So ``nC + nS + nE <= N`` and
     ``0 <= nF <= N`` independently; bytes ``= nF·bytes_F + nC·bytes_C + nS·bytes_sm +
-    nE·bytes_exp``.
+    nE·bytes_exp``. With a C tier in the compute form (``delay.bytes_c_form``) plans with both
+    ``nF > 0`` and ``nC > 0`` are left out: the engine computes a C hit in place and never
+    admits it to the pool, while ``model`` was replayed with every use outside the pool
+    admitted, so it cannot price them (the pool would hold other experts than it counts).
 
     Model of one token: ``hF ~ model.hit_pmf[nF]``; the ``m = k − hF`` experts rebuilt are the
     Poisson design with ``p_i = miss_rate[nF, i]`` conditioned on ``m`` (weights
@@ -327,6 +330,11 @@ def layer_frontier_lru(model: FPoolModel, k, delay: DelayModel, step: int = 1,
         # W[a2, p, hS] = Σ_hC R[0,a2,hC]·Zc[p,hC,hS] (one BLAS product), then Σ_hS R[a2,a3,hS]·W
         W = (R[0, grid] @ Zc.transpose(1, 0, 2).reshape(k + 1, -1)).reshape(len(grid), -1, k + 1)
         em = np.einsum("qs,qs->q", W[i2, ip], R[grid[i2], a3p[ip]]) + delay.matmul_time(k)
+        if delay.bytes_c_form and C > 0:
+            # C slots in the compute form are computed in place and never admitted to the
+            # pool, which the replay (every use outside the pool admitted) does not model:
+            # no plan of a pool and C slots together
+            em = np.where(stat[:, 0] > 0, np.inf, em)
         keep = slice(None)
         if pareto:   # cheap superset first (as LayerFrontier.pareto), then the exact filter
             keep = pareto_superset(by_bytes, em)
@@ -336,6 +344,8 @@ def layer_frontier_lru(model: FPoolModel, k, delay: DelayModel, step: int = 1,
         f = LayerFrontier(cnt, C * bF + b_stat[keep], em[keep])
         if pareto:
             f = f.pareto()
+        fin = np.isfinite(f.makespan_s)
+        f = LayerFrontier(f.counts[fin], f.bytes[fin], f.makespan_s[fin])
         out_c.append(f.counts)
         out_b.append(f.bytes)
         out_m.append(f.makespan_s)
