@@ -138,6 +138,16 @@ def test_budget_and_limit_state_the_same_minimum(greedy_zmoe, tmp_path, monkeypa
         at_least = re.search(r": at least (\d+\.\d) MB$", str(el.value)).group(1)
         assert float(at_least) * MB >= need > (float(at_least) - 0.1) * MB
         L.plan_memory(src, f"{at_least}MB", context=64, overhead=50 * MB)   # enough
+        # a limit below the kernels' warm-up peak states the one minimum too: the larger of
+        # the peak and the parts plus the smallest budget (a limit of the peak alone would
+        # be refused next)
+        for peak in (need - 20 * MB, need + 20 * MB):
+            with pytest.raises(L.MemoryLimitError) as ep:
+                L.plan_memory(src, MB, context=64, overhead=50 * MB, peak=peak)
+            said = re.search(r"give at least (\d+\.\d) MB$", str(ep.value)).group(1)
+            assert "smallest weight budget 120.6 MB" in str(ep.value)
+            assert float(said) * MB >= max(peak, need) > (float(said) - 0.1) * MB
+            L.plan_memory(src, f"{said}MB", context=64, overhead=50 * MB, peak=peak)
     finally:
         src.close()
 

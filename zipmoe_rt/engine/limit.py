@@ -455,16 +455,20 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
         ov, peak = fp["steady"], fp["peak"] if peak is None else peak
     else:
         ov = int(overhead)
-    if peak is not None and lim < peak:
-        raise MemoryLimitError(
-            f"{_OPT} {lim / 1e6:.1f} MB ({how}) is too small for this model: the runtime "
-            f"peaks at {peak / 1e6:.1f} MB while it loads its kernels, before any weight "
-            f"(it then keeps {ov / 1e6:.1f} MB); give at least {mb_at_least(peak)}")
     kv = kv_bytes(source.hparams, context)
     buf = read_buffer_bytes(source)
     act = activation_bytes(source.hparams, context)
     minimum = smallest_budget(source)
     need = ov + kv + buf + act + ENGINE_HEADROOM
+    if peak is not None and lim < peak:
+        # the one minimum of the limit: the warm-up's peak or the parts plus the smallest
+        # weight budget, whichever is larger (a limit of the peak alone may not run)
+        raise MemoryLimitError(
+            f"{_OPT} {lim / 1e6:.1f} MB ({how}) is too small for this model: the runtime "
+            f"peaks at {peak / 1e6:.1f} MB while it loads its kernels, before any weight "
+            f"(it then keeps {ov / 1e6:.1f} MB), and needs {need / 1e6:.1f} MB plus the "
+            f"smallest weight budget {mb_at_least(minimum)} to run: give at least "
+            f"{mb_at_least(max(peak, need + minimum))}")
     free = lim - need
     parts = (f"fixed overhead {ov / 1e6:.1f} MB + KV cache {kv / 1e6:.1f} MB for {context} "
              f"tokens + read buffers {buf / 1e6:.1f} MB + prefill activations "
