@@ -680,7 +680,8 @@ with zipmoe_rt.load(sys.argv[1]) as m:
     follow = m.chat([{"role": "user", "content": q}, {"role": "assistant", "content": want},
                      {"role": "user", "content": "And of Italy?"}], max_tokens=40)
 print(json.dumps({"want": want, "follow": follow, "prompt": st.prompt_tokens,
-                  "output": st.output_tokens, "finish": st.finish_reason}))
+                  "output": st.output_tokens, "generated": st.generated_tokens,
+                  "finish": st.finish_reason}))
 """
 
 
@@ -697,7 +698,9 @@ def test_run_and_chat_default_model(default_zmoe):
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     assert r.stdout == ref["want"] + "\n"
-    assert stats_of(r.stderr) == (ref["prompt"], 0, ref["output"], "stop")  # EOS not counted
+    # the stop token counted, as serve's usage.completion_tokens and llama.cpp's server count it
+    assert stats_of(r.stderr) == (ref["prompt"], 0, ref["generated"], "stop")
+    assert ref["generated"] == ref["output"] + 1
     c = subprocess.run(_cli_argv() + ["chat", str(default_zmoe), "-n", "40", "--temp", "0"],
                        env=env, input=f"{q}\nAnd of Italy?\n", capture_output=True, text=True,
                        timeout=900)

@@ -113,10 +113,31 @@ class Model:
         return min(max_tokens, limit - n_tokens + 1)
 
     def _ids(self, prompt: str | Sequence[int], add_special_tokens: bool = True) -> list[int]:
+        """``prompt`` as token ids: a str encoded, or a sequence of ids checked.
+
+        Raises:
+            TypeError: neither a str nor a sequence of integers (the message says which).
+            ValueError: empty, or an id outside the model's vocabulary (``hparams.vocab_size``).
+        """
+        import operator
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         else:
-            ids = [int(t) for t in prompt]
+            if isinstance(prompt, (bytes, dict)) or not hasattr(prompt, "__iter__"):
+                raise TypeError(f"prompt: expected a str or a sequence of token ids, got "
+                                f"{type(prompt).__name__}")
+            items = list(prompt)
+            try:
+                ids = [operator.index(t) for t in items]
+            except TypeError:
+                bad = next(t for t in items if not hasattr(t, "__index__"))
+                raise TypeError(f"prompt: token ids must be integers, got "
+                                f"{type(bad).__name__} {bad!r:.40}") from None
+            vocab = int(self.hparams.get("vocab_size") or 0)
+            out = [t for t in ids if t < 0 or (vocab and t >= vocab)]
+            if out:
+                raise ValueError(f"prompt: token id {out[0]} is out of range (vocabulary size "
+                                 f"{vocab})")
         if not ids:
             raise ValueError("prompt: empty (nothing to condition on)")
         return ids
@@ -235,8 +256,23 @@ class Model:
         return it if stream else "".join(it)
 
     def chat_session(self, system: str | None = None) -> "ChatSession":
-        """A multi-turn conversation that keeps its KV cache between turns."""
+        """A multi-turn conversation that keeps its KV cache between turns.
+
+        Raises:
+            RuntimeError: the model was closed.
+        """
         return ChatSession(self, system)
+
+    def live_net(self):
+        """The network, for a new KV cache or a forward pass.
+
+        Raises:
+            RuntimeError: the model was closed (the message names the file).
+        """
+        net = self.net
+        if net is None:
+            raise RuntimeError(f"{self.path}: the model was closed")
+        return net
 
     def memory_report(self) -> dict:
         """Bytes held for weights by kind: ``dense`` and ``experts`` (unbudgeted), or
@@ -303,7 +339,7 @@ class ChatSession:
         self.model = model
         self.system = system
         self.messages: list[dict] = []
-        self.state = CacheState.new(model.net)
+        self.state = CacheState.new(model.live_net())
         self._busy = threading.Lock()     # held while a reply is being generated
 
     def _claim(self, what: str):
@@ -317,14 +353,16 @@ class ChatSession:
         memory is released.
 
         Raises:
-            RuntimeError: a reply of this session is still being generated.
+            RuntimeError: a reply of this session is still being generated, or the model was
+                closed (the conversation is left as it was).
         """
         self._claim("reset")
         try:
+            state = CacheState.new(self.model.live_net())    # closed: nothing changes
             if system is not ...:
                 self.system = system
             self.messages = []
-            self.state = CacheState.new(self.model.net)
+            self.state = state
         finally:
             self._busy.release()
 
@@ -346,8 +384,8 @@ class ChatSession:
                 fits :attr:`Model.ctx_size` (raised here, before anything changes: the
                 conversation is left as it was).
             RuntimeError: (when the iterator is first advanced) another reply of this session is
-                still being generated, by this or another thread; the conversation is left as
-                it was.
+                still being generated, by this or another thread, or the model was closed; the
+                conversation is left as it was.
         """
         user = {"role": "user", "content": text}
         ids = self.model.tokenizer.encode_chat(self._all_messages() + [user],
@@ -370,8 +408,9 @@ class ChatSession:
 
     def _reply(self, user: dict, ids: list[int], params, skip_special_tokens: bool = True
                ) -> Iterator[str]:
+        net = self.model.live_net()       # a closed model: RuntimeError, nothing changed
         self.messages.append(user)
-        new = self.state.sync_prefix(ids, self.model.net)
+        new = self.state.sync_prefix(ids, net)
         reply: list[str] = []
 
         def finish(gen):

@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
 from . import __version__
+from .cli_stats import session_stats as _session_stats
+from .cli_stats import stats_line as _stats_line
+from .cli_types import (FloatRange, IntRange, lenient_stdin, max_tokens_for,
+                        max_tokens_option, need_stdin, utf8_text)
 
 
 class CliError(click.ClickException):
@@ -38,6 +41,12 @@ def friendly_errors(fn):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             click.echo("\ninterrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            # the reader went away (`zipmoe-rt run ... | head`): stop quietly, as a program
+            # killed by SIGPIPE does (status 128 + 13); nothing more is written to the pipe
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(141)
         except FileNotFoundError as e:
             if os.environ.get("ZIPMOE_RT_DEBUG"):
                 raise
@@ -163,10 +172,10 @@ ENGINE_OPTIONS = [
                  show_default=True, help="eviction of full (F) experts; tlfu = token-weighted LFU. "
                       "zipmoe's F pools: with lru, recency with frequency-aware admission (planned "
                       "from the trace's token sequences); lfu/tlfu use trace-seeded scores"),
-    click.option("--workers", type=click.IntRange(min=1), default=None,
+    click.option("--workers", type=IntRange(min=1), default=None,
                  help="decode workers [default: all cores]"),
     click.option("--direct", is_flag=True, help="read experts with O_DIRECT (bypass the page cache)"),
-    click.option("--io-depth", type=click.IntRange(min=1), default=None,
+    click.option("--io-depth", type=IntRange(min=1), default=None,
                  help="expert reads in flight at once [default: 4; 1 = one I/O thread]"),
     click.option("--resident", type=click.Choice(["full", "compressed"]), default="full",
                  show_default=True,
@@ -219,29 +228,31 @@ def sampling_options(fn):
     Sampling options left out take the model's generation_config.json defaults
     (:func:`zipmoe_rt.cli_repl.resolve_sampling`)."""
     opts = [
-        click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=None,
-                     help="most tokens to generate per reply [default: 256 for run, 512 for chat]"),
-        click.option("--temperature", "--temp", type=click.FloatRange(min=0.0), default=None,
+        click.option("-n", "--max-tokens", type=IntRange(), default=None,
+                     callback=lambda ctx, param, v: max_tokens_option(v),
+                     help="most tokens to generate per reply; -1 = until a stop token or the "
+                          "full context [default: 256 for run, 512 for chat]"),
+        click.option("--temperature", "--temp", type=FloatRange(min=0.0), default=None,
                      help="sampling temperature; 0 = greedy [default: the model's "
                           "generation_config.json, else 0.8]"),
-        click.option("--top-k", type=click.IntRange(min=0), default=None,
+        click.option("--top-k", type=IntRange(min=0), default=None,
                      help="keep the k most likely tokens; 0 = off [default: the model's, else 40]"),
-        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+        click.option("--top-p", type=FloatRange(0.0, 1.0, min_open=True), default=None,
                      help="nucleus sampling mass; 1 = off [default: the model's, else 0.95]"),
-        click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=None,
+        click.option("--min-p", type=FloatRange(0.0, 1.0), default=None,
                      help="drop tokens below min_p x the top probability; 0 = off [default: the "
                           "model's, else 0.05]"),
-        click.option("--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True),
+        click.option("--repeat-penalty", type=FloatRange(min=0.0, min_open=True),
                      default=None, help="repetition penalty (transformers' semantics); 1 = off "
                                         "[default: the model's, else 1]"),
-        click.option("--seed", type=click.IntRange(min=-1), default=None,
+        click.option("--seed", type=IntRange(min=-1), default=None,
                      help="random seed for sampling; -1 = random [default: random]"),
         click.option("--stop", "stops", multiple=True, metavar="TEXT", callback=_nonempty_stops,
                      help="end the reply where TEXT appears (not printed); repeatable"),
         click.option("-c", "--ctx-size", type=int, default=None,
                      help="context size in tokens (prompt, earlier turns and reply) [default: "
                           "the model's max_position_embeddings, capped by free memory]"),
-        click.option("-t", "--threads", type=click.IntRange(min=1), default=None,
+        click.option("-t", "--threads", type=IntRange(min=1), default=None,
                      help="threads of the compute kernels [default: all cores]"),
         click.option("--no-verify", is_flag=True,
                      help="skip CRC checks of pieces read from the .zmoe (not recommended)"),
@@ -269,7 +280,7 @@ def _prepare(model, kw, default_max, context=None):
         cli_repl.warm_up(m, notice=sys.stderr.isatty())   # (like the progress bars)
         opts = dict(kw, repetition_penalty=kw["repeat_penalty"])
         sp = cli_repl.resolve_sampling(m.source.metadata.get(Keys.Generation.CONFIG), opts,
-                                       kw["max_tokens"] or default_max)
+                                       max_tokens_for(kw["max_tokens"], default_max, m.ctx_size))
     except BaseException:
         m.close()
         raise
@@ -361,18 +372,6 @@ def load_from_options(model, kw, context=None):
     return m
 
 
-def _stats_line(st) -> str:
-    if st is None:
-        return ""
-
-    def num(x, fmt):  # timings are None when there was nothing to time (no token, one token)
-        return "-" if x is None else format(x, fmt)
-    return (f"[{st.prompt_tokens} prompt + {st.cached_tokens} cached tokens, {st.output_tokens} "
-            f"generated ({st.finish_reason}); TTFT {num(st.ttft_s, '.3f')} s, prefill "
-            f"{num(st.prefill_tokens_per_s, '.1f')} tokens/s, decode "
-            f"{num(st.decode_tokens_per_s, '.1f')} tokens/s]")
-
-
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", required=True, help="the prompt; '-' reads it from standard input")
@@ -388,10 +387,14 @@ def run(model, prompt, raw, system, show_reasoning, **kw):
     """
     from .cli_repl import prefill_notice, stop_at
     if prompt == "-":
-        prompt = sys.stdin.read().rstrip("\n")
+        need_stdin("-p - (the prompt from standard input)")
+        lenient_stdin()
+        prompt = utf8_text(sys.stdin.read().rstrip("\n"), "-p - (standard input)")
+    prompt, system = utf8_text(prompt, "-p/--prompt"), utf8_text(system, "--system")
     # a token covers at least one byte of text; 64 tokens for the chat template's markup
     text_bytes = len(prompt.encode("utf-8")) + len((system or "").encode("utf-8"))
-    m, sp, _ = _prepare(model, kw, 256, context=text_bytes + 64 + (kw["max_tokens"] or 256))
+    m, sp, _ = _prepare(model, kw, 256, context=text_bytes + 64 + max_tokens_for(
+        kw["max_tokens"], 256, kw["ctx_size"] or 2048))
     harmony = _harmony_reply(m, show_reasoning, raw)
     if raw:
         n = len(m.tokenizer.encode(prompt))
@@ -426,6 +429,8 @@ def chat(model, system, show_reasoning, **kw):
     MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
     """
     from . import cli_repl
+    system = utf8_text(system, "--system")
+    need_stdin("chat (the turns are read from it)")
     m, sp, ctx = _prepare(model, kw, 512)
     session = m.chat_session(system)
     interactive = sys.stdin.isatty()
@@ -449,37 +454,6 @@ def _harmony_reply(m, show_reasoning: bool, raw: bool):
                "the model's chat template has no separate reasoning channel (harmony format)")
         click.echo(f"zipmoe-rt: warning: --show-reasoning: no effect: {why}", err=True)
     return None
-
-
-def _session_stats(m, session) -> str:
-    lines = [_stats_line(m.last_stats) or "(no reply in this conversation yet)",
-             f"conversation: {len(session.messages)} messages, {len(session.state.token_ids)} "
-             f"tokens in the KV cache"]
-    lines.append(m.memory_line())
-    mem = m.memory_report()
-    lines.append("memory: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in mem.items()))
-    lines.append(_kv_stats(m, session.state.cache))
-    gpu = getattr(m.engine, "gpu_report", None)
-    if gpu is not None:                               # budgeted GPU runs (docs/gpu.md)
-        from .bench import gpu_line
-        lines.append(gpu_line(gpu()))
-    return "\n".join(lines)
-
-
-def _kv_stats(m, cache) -> str:
-    """The KV cache line of ``/stats``: bytes per token (the family's
-    ``HParams.kv_values_per_token`` values of :data:`~zipmoe_rt.models.cache.KV_DTYPE`), the
-    bytes its tokens use and the bytes it has allocated."""
-    from .models.cache import KV_DTYPE
-    per_token = m.net.args.kv_values_per_token() * np.dtype(KV_DTYPE).itemsize
-    line = (f"KV cache: {per_token:,d} bytes per token, {cache.offset} tokens = "
-            f"{cache.offset * per_token / 1e6:.3f} MB in use, {cache.nbytes / 1e6:.3f} MB "
-            f"allocated")
-    from .engine.limit import state_bytes
-    state = state_bytes(m.net.args)
-    if state:       # linear-attention layers (Qwen3-Next): a fixed state, counted in the total
-        line += f" (of which {state / 1e6:.3f} MB the fixed linear-attention state)"
-    return line
 
 
 from . import cli_engine  # noqa: E402,F401  (registers profile, calibrate, bench on main)

@@ -56,7 +56,7 @@ def convert(hf_dir, output, chunks, dense_encoding, expert_encoding, exp_codec, 
 
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="folder to write (must not exist or be empty)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @friendly_errors

@@ -17,6 +17,8 @@ from typing import Iterator, Sequence
 import click
 import numpy as np
 
+from .cli_types import lenient_stdin, utf8_text
+
 #: what the CLI samples with when ``generation_config.json`` says nothing about sampling:
 #: llama.cpp's ``common_params_sampling`` defaults (repetition penalty off)
 FALLBACK_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
@@ -224,7 +226,7 @@ REPL_HELP = """commands: /reset  forget the conversation (the system prompt is k
           /system TEXT  set the system prompt (and reset); /system alone clears it
           /stats  timings of the last reply and memory in use
           /help  this list
-          /quit  leave (also Ctrl-D); Ctrl-C stops a reply
+          /quit  leave (also Ctrl-D, at the prompt or during a reply); Ctrl-C stops a reply
           a multi-line paste is one turn; end a line with \\ to continue it"""
 
 
@@ -244,6 +246,66 @@ def _pending_input(timeout_s: float = 0.05) -> bool:
         return bool(select.select([sys.stdin], [], [], timeout_s)[0])
     except (OSError, ValueError):
         return False
+
+
+def eof_typed(fd: int | None = None) -> bool:
+    """Whether a terminal's input starts with an end of file: Ctrl-D typed on an empty line
+    while the terminal is in its line mode (a reply streaming), which a read would return as
+    0 bytes. The terminal then says there is input (``select``) but no byte of it
+    (``FIONREAD`` 0; a line typed ahead counts its bytes and is left for the next prompt).
+    When it does, the end of file is read (taken off the queue, so that the shell does not
+    read it after ``chat`` exits) and True returned. False off a terminal or when it cannot
+    tell (not POSIX).
+
+    Args:
+        fd: the descriptor to look at (default: standard input's).
+    """
+    try:
+        import fcntl
+        import struct
+        import termios
+        fd = sys.stdin.fileno() if fd is None else fd
+        if not os.isatty(fd) or not select.select([fd], [], [], 0)[0]:
+            return False
+        waiting = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        if waiting:
+            return False
+        os.read(fd, 1)         # returns b"": the end of file, consumed
+        return True
+    except (ImportError, OSError, ValueError, AttributeError):
+        return False
+
+
+def typed_ahead(fd: int | None = None) -> tuple[str | None, bool]:
+    """What was typed on the terminal while a reply streamed, read in the terminal's line mode
+    before ``readline`` switches it to raw mode (where a Ctrl-D among it would arrive as a NUL
+    byte and be lost).
+
+    Args:
+        fd: the descriptor (default: standard input's).
+    Returns:
+        ``(text, eof)``: the complete lines typed, joined by newlines (one turn, as a paste
+        is), or None; and whether an end of file (Ctrl-D on an empty line) followed them,
+        which is then read. ``(None, False)`` off a terminal or when it cannot tell.
+    """
+    lines, eof = [], False
+    try:
+        import fcntl
+        import struct
+        import termios
+        fd = sys.stdin.fileno() if fd is None else fd
+        if not os.isatty(fd):
+            return None, False
+        while select.select([fd], [], [], 0)[0]:
+            n = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+            data = os.read(fd, max(n, 1))      # line mode: one line per read
+            if not data:
+                eof = True
+                break
+            lines.append(data.decode("utf-8", "surrogateescape").rstrip("\n"))
+    except (ImportError, OSError, ValueError, AttributeError):
+        pass
+    return ("\n".join(lines) if lines else None), eof
 
 
 def read_turn(interactive: bool) -> str | None:
@@ -289,6 +351,7 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
         signal.signal(signal.SIGINT, signal.default_int_handler)
     except ValueError:   # not the main thread (embedded use)
         pass
+    lenient_stdin()                  # a line that is not UTF-8: an error, then the next turn
     if interactive:
         try:
             import readline  # noqa: F401 - line editing and history for input()
@@ -296,9 +359,18 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
             pass
         click.echo(banner_text, err=True)
         click.echo(REPL_HELP, err=True)
+    eof_next = False                 # a Ctrl-D typed after lines typed ahead of the prompt
     while True:
         try:
-            line = read_turn(interactive)
+            ahead, eof = typed_ahead() if interactive and not eof_next else (None, False)
+            if eof_next or (eof and ahead is None):
+                raise EOFError
+            eof_next = eof
+            if ahead is not None:            # typed while the last reply streamed
+                click.echo(f">>> {ahead}")
+                line = ahead
+            else:
+                line = read_turn(interactive)
         except EOFError:
             click.echo("", err=True)          # Ctrl-D: leave the shell's prompt on a new line
             break
@@ -321,6 +393,11 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
                         else "no system prompt")
                 click.echo(f"(conversation cleared; {kept})", err=True)
             elif cmd == "/system":
+                try:
+                    utf8_text(arg, "/system")
+                except ValueError as e:            # the prompt and conversation are kept
+                    click.echo(f"error: {e}", err=True)
+                    continue
                 session.reset(system=arg.strip() or None)
                 model.last_stats = None
                 click.echo(f"(system prompt {'set' if arg.strip() else 'cleared'}; conversation "
@@ -337,6 +414,7 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
             from .cli_harmony import HarmonyReply
             reply = HarmonyReply(harmony)
         try:
+            utf8_text(line, "input")
             pieces = session.send(line, skip_special_tokens=reply is None, **sampling)
         except ValueError as e:           # e.g. the conversation no longer fits the context
             click.echo(f"error: {e}", err=True)
@@ -349,17 +427,27 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
                 + session.messages + [{"role": "user", "content": line}]
             n_new = len(model.tokenizer.encode_chat(msgs, add_generation_prompt=True)) - \
                 len(session.state.token_ids)
+        eof = False
+        streamed = stop_at(prefill_notice(pieces, n_new), stops, model)
         try:
-            for piece in stop_at(prefill_notice(pieces, n_new), stops, model):
+            for piece in streamed:
                 click.echo(piece, nl=False)
+                if interactive and eof_typed():      # Ctrl-D while the reply streams
+                    eof = True                       # stopped as for Ctrl-C (finally)
+                    click.echo(" [stopped]", nl=False)
+                    break
         except KeyboardInterrupt:
             click.echo(" [stopped]", nl=False)
+        finally:
+            streamed.close()      # the generation records its statistics (cancelled) now
         if reply is not None and session.messages and \
                 session.messages[-1].get("role") == "assistant":
             session.messages[-1] = reply.message()    # the final text, not the markup
         click.echo("")
         if interactive:
             click.secho(stats_line(model.last_stats), err=True, dim=True)
+        if eof:
+            break
 
 
 def prefill_notice(pieces: Iterator[str], n_new: int) -> Iterator[str]:

@@ -17,7 +17,7 @@ from .cli import (CliError, check_budget_options, engine_options, friendly_error
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to listen on (0.0.0.0 exposes the server to the network)")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-@click.option("--api-key", default=None, metavar="KEY",
+@click.option("--api-key", default=None, metavar="KEY", callback=lambda c, p, v: _api_key(v),
               help="require 'Authorization: Bearer KEY' on the API (default: no key)")
 @click.option("--cors", is_flag=True, help="allow cross-origin requests from browsers (any origin)")
 @click.option("--queue", "queue_size", type=click.IntRange(min=0), default=16, show_default=True,
@@ -53,7 +53,57 @@ def serve(model, host, port, api_key, cors, queue_size, model_id, ctx_size, **kw
     check_budget_options(kw)          # here: the model loads in another thread
     if model is not None and not model.exists():
         raise CliError(f"{model}: no such file")
+    check_listen(host, port)
+    if model is not None:            # a file that is not a model: one line, before starting
+        from zmoe.reader import ZmoeReader
+        with ZmoeReader(model, use_mmap=False):
+            pass
     click.echo(f"zipmoe-rt serve: http://{host}:{port}/ (loading {model or 'the default model'}"
                f"; /health answers 503 until it is ready)", err=True)
-    run_server(functools.partial(load_from_options, model, kw), host=host, port=port, api_key=api_key,
-               cors=cors, queue_size=queue_size, model_id=model_id, ctx_size=ctx_size)
+    from .server import ModelLoadError
+    try:
+        run_server(functools.partial(load_from_options, model, kw), host=host, port=port,
+                   api_key=api_key, cors=cors, queue_size=queue_size, model_id=model_id,
+                   ctx_size=ctx_size)
+    except ModelLoadError as e:
+        raise CliError(str(e)) from None
+
+
+def check_listen(host: str, port: int) -> None:
+    """Bind ``host``:``port`` once (with ``SO_REUSEADDR``, as uvicorn binds) before anything
+    loads, so that an address in use or a host that does not resolve is one ``error:`` line
+    (llama.cpp's server: "couldn't bind HTTP server socket") rather than a log of the server
+    starting and stopping.
+
+    Raises:
+        CliError: the host does not resolve, or the address cannot be bound (in use, not
+            this machine's, a port below 1024 without the right); the message names
+            ``--host`` / ``--port``.
+    """
+    import socket
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port,
+                                                          type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise CliError(f"--host {host}: not an address or a host name this machine resolves "
+                       f"({getattr(e, 'strerror', None) or e})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise CliError(f"--host/--port: cannot listen on {host}:{port}: "
+                           f"{e.strerror or e}") from None
+
+
+def _api_key(key: str | None) -> str | None:
+    """``--api-key``: a key of at least one visible character. An empty or blank one (an
+    unset shell variable, ``--api-key "$KEY"``) would leave the API open without a word.
+
+    Raises:
+        click.BadParameter: empty or only white space.
+    """
+    if key is not None and not key.strip():
+        raise click.BadParameter("empty; give the key clients must send, or leave the "
+                                 "option out for a server without a key")
+    return key

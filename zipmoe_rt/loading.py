@@ -67,6 +67,13 @@ def parse_size(text, source=None) -> int:
     return value
 
 
+def _check_choice(value, choices, name: str) -> None:
+    """Raise ValueError naming ``name`` and the ``choices`` when ``value`` is not one of them
+    (an option that applies only under a budget is still checked without one)."""
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+
 def load(path: str | Path | None = None, *, verify: bool = True, progress: bool = True,
          memory_budget=None, policy: str = "auto", eviction: str = "lru",
          workers: int | None = None, direct: bool = False, trace=None,
@@ -135,7 +142,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     Raises:
         FileNotFoundError: no such file.
         zmoe.ZmoeError: not a ``.zmoe``, corrupt, truncated, or from a newer format version.
-        ValueError: a ``host_budget`` that cannot be read, or given without ``device="cuda"``
+        ValueError: a ``policy``, ``eviction`` or ``context`` out of its choices or range
+            (checked with or without a budget); a ``host_budget`` that cannot be read, or given without ``device="cuda"``
             and a ``memory_budget``; an architecture this runtime does not run, a file without a tokenizer, a
             ``device`` other than auto, cpu, cuda, an unknown ``resident`` value, or
             ``resident="compressed"`` with a memory budget or limit on ``cuda``, or a
@@ -184,6 +192,12 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     from .engine.ctier import check_c_form
     check_c_form(c_tier)
     check_io_depth(io_depth)   # also unbudgeted: a bad value is an error, not ignored
+    from .engine.tiers import EVICTIONS, POLICIES
+    _check_choice(policy, ("auto",) + POLICIES, "policy (--policy)")
+    _check_choice(eviction, EVICTIONS, "eviction (--eviction)")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int)
+                                or context < 1):
+        raise ValueError(f"context: expected a number of tokens >= 1, got {context!r}")
     from .engine.prefetch import DEFAULT_PREFETCH, attach, check_prefetch
     prefetch = check_prefetch(DEFAULT_PREFETCH if prefetch is None else prefetch)
     from . import kernels

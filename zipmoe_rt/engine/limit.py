@@ -44,7 +44,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .tiers import BudgetError
+from .tiers import BudgetError, mb_at_least, smallest_budget
 
 __all__ = ["MemoryLimitError", "MemoryPlan", "parse_limit", "cgroup_limit", "mem_available",
            "detect_memory", "resolve_limit", "fixed_overhead", "kv_bytes", "read_buffer_bytes", "activation_bytes",
@@ -455,18 +455,20 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
         ov, peak = fp["steady"], fp["peak"] if peak is None else peak
     else:
         ov = int(overhead)
-    if peak is not None and lim < peak:
-        raise MemoryLimitError(
-            f"{_OPT} {lim / 1e6:.1f} MB ({how}) is too small for this model: the runtime "
-            f"peaks at {peak / 1e6:.1f} MB while it loads its kernels, before any weight "
-            f"(it then keeps {ov / 1e6:.1f} MB); give at least {peak / 1e6:.1f} MB")
     kv = kv_bytes(source.hparams, context)
     buf = read_buffer_bytes(source)
     act = activation_bytes(source.hparams, context)
-    lays = list(source.layouts.values())
-    minimum = source.dense_bytes() + int(source.hparams["num_experts_per_tok"]) * \
-        max(l.full_bytes for l in lays)
+    minimum = smallest_budget(source)
     need = ov + kv + buf + act + ENGINE_HEADROOM
+    if peak is not None and lim < peak:
+        # the one minimum of the limit: the warm-up's peak or the parts plus the smallest
+        # weight budget, whichever is larger (a limit of the peak alone may not run)
+        raise MemoryLimitError(
+            f"{_OPT} {lim / 1e6:.1f} MB ({how}) is too small for this model: the runtime "
+            f"peaks at {peak / 1e6:.1f} MB while it loads its kernels, before any weight "
+            f"(it then keeps {ov / 1e6:.1f} MB), and needs {need / 1e6:.1f} MB plus the "
+            f"smallest weight budget {mb_at_least(minimum)} to run: give at least "
+            f"{mb_at_least(max(peak, need + minimum))}")
     free = lim - need
     parts = (f"fixed overhead {ov / 1e6:.1f} MB + KV cache {kv / 1e6:.1f} MB for {context} "
              f"tokens + read buffers {buf / 1e6:.1f} MB + prefill activations "
@@ -484,8 +486,8 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
     elif free < minimum:
         raise MemoryLimitError(
             f"{_OPT} {lim / 1e6:.1f} MB ({how}) is too small for this model: it needs {parts}, "
-            f"plus the smallest weight budget {minimum / 1e6:.1f} MB (dense weights and one "
-            f"token's experts): at least {(need + minimum) / 1e6:.1f} MB")
+            f"plus the smallest weight budget {mb_at_least(minimum)} (dense weights and one "
+            f"token's experts): at least {mb_at_least(need + minimum)}")
     return MemoryPlan(limit=lim, how=how, overhead=ov, kv=kv, buffers=buf, budget=int(free),
                       context=context, minimum=minimum, activations=act,
                       warmup_peak=int(peak or 0), engine=ENGINE_HEADROOM)

@@ -28,7 +28,6 @@ pools of output arrays and read buffers :class:`~zipmoe_rt.engine.buffers.Buffer
 """
 from __future__ import annotations
 
-import math
 import mmap
 import threading
 import time
@@ -47,7 +46,7 @@ from .prefetch import PrefetchMixin
 from .scheduler import Task, execution_order, schedule
 from .slots import SlotTiers
 from .stage_times import StageTimes
-from .tiers import EVICTIONS, POLICIES, BudgetError, Slot
+from .tiers import EVICTIONS, POLICIES, BudgetError, Slot, mb_at_least, smallest_budget
 
 
 class _Pending:
@@ -86,13 +85,12 @@ def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int
     bytes_F = max(l.full_bytes for l in source.layouts.values())
     dense = source.dense_bytes()
     k = int(source.hparams["num_experts_per_tok"])
-    free = int(budget_bytes) - dense - k * bytes_F
+    free = int(budget_bytes) - smallest_budget(source)
     if free < 0:
         raise BudgetError(
             f"--memory-budget {budget_bytes / 1e6:.1f} MB is below the dense weights "
             f"({dense / 1e6:.1f} MB) plus the {k} experts one token uses ({k} x "
-            f"{bytes_F / 1e6:.1f} MB): at least {math.ceil((dense + k * bytes_F) / 1e5) / 10:.1f} MB "
-            f"is needed")
+            f"{bytes_F / 1e6:.1f} MB): at least {mb_at_least(smallest_budget(source))} is needed")
     if prefetch and free >= k * bytes_F:
         return bytes_F, 2 * k, free - k * bytes_F
     return bytes_F, k, free

@@ -14,6 +14,7 @@ exponent read) from S and C (§2, §4). Dense weights are not managed here: they
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -28,6 +29,22 @@ EVICTIONS = ("lru", "lfu", "tlfu")
 
 class BudgetError(ValueError):
     """A memory budget that cannot run the model (the message gives the minimum)."""
+
+
+def smallest_budget(source) -> int:
+    """The smallest weight budget that runs ``source`` (a
+    :class:`~zipmoe_rt.engine.store.ZmoeSource`), in bytes: the dense weights plus the
+    ``num_experts_per_tok`` largest full experts one token needs at once. The one minimum
+    behind ``--memory-budget`` (:func:`~zipmoe_rt.engine.pipeline.budget_split`) and
+    ``--memory-limit`` (:func:`~zipmoe_rt.engine.limit.plan_memory`)."""
+    bytes_F = max(l.full_bytes for l in source.layouts.values())
+    return source.dense_bytes() + int(source.hparams["num_experts_per_tok"]) * bytes_F
+
+
+def mb_at_least(n_bytes: int) -> str:
+    """A minimum in the messages: ``n_bytes`` in MB (10**6 bytes) rounded *up* to 0.1 MB, so
+    that the size printed is itself enough (``"120.6 MB"`` for 120,512,345 bytes)."""
+    return f"{math.ceil(int(n_bytes) / 1e5) / 10:.1f} MB"
 
 
 @dataclass

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from . import tensors as T
 from .base import Family, register
-from .hparams import HParams, config_bool, config_int, config_list, rope_parameters
+from .hparams import (ConfigError, HParams, config_bool, config_int, config_list,
+                      rope_parameters)
 
 
 @dataclass
@@ -56,7 +57,10 @@ class QwenMoeHParams(HParams):
                 config, "sliding_window", 0 if "sliding_window" in config else cls.DEFAULT_WINDOW)
         if config.get("layer_types"):
             kw["layer_types"] = config_list(config, "layer_types", "str")
-        step = config_int(config, "decoder_sparse_step", 1)
+        step = config_int(config, "decoder_sparse_step", 1, lo=None)
+        if step < 1:    # Qwen2MoeDecoderLayer divides by it: every step-th layer is sparse
+            raise ConfigError(f"config.json: decoder_sparse_step must be at least 1 (every "
+                              f"n-th layer is a MoE layer), got {step}")
         only = set(config_list(config, "mlp_only_layers", "int") or [])
         kw["moe_layers"] = [i for i in range(kw["num_hidden_layers"])
                             if i not in only and kw["num_experts"] > 0 and step > 0

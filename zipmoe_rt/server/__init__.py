@@ -10,7 +10,7 @@ The core runtime never imports this package; it needs ``pip install 'zipmoe-rt[s
 """
 from __future__ import annotations
 
-__all__ = ["require_server_extra", "serve", "EXTRA_HINT"]
+__all__ = ["require_server_extra", "serve", "EXTRA_HINT", "ModelLoadError"]
 
 EXTRA_HINT = ("pip install 'zipmoe-rt[server]' (from a source checkout: pip install -e "
               "'.[server]')")
@@ -53,6 +53,8 @@ def serve(loader, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | N
     Raises:
         RuntimeError: the server extra is not installed.
         OSError: the address is in use or cannot be bound.
+        ModelLoadError: the model failed to load (the server stopped; llama.cpp's server
+            exits likewise); the message is the loader's error.
     """
     require_server_extra()
     import uvicorn
@@ -60,6 +62,21 @@ def serve(loader, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | N
     from .app import create_app
     from .worker import ModelHost
 
-    app = create_app(ModelHost(loader, queue_size=queue_size, ctx_size=ctx_size),
+    failed: list[str] = []
+
+    def stop(message: str) -> None:
+        failed.append(message)
+        server.should_exit = True
+
+    app = create_app(ModelHost(loader, queue_size=queue_size, ctx_size=ctx_size,
+                               on_load_error=stop),
                      api_key=api_key, cors=cors, model_id=model_id)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=3)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=3))
+    server.run()
+    if failed:
+        raise ModelLoadError(f"the model failed to load: {failed[0]}")
+
+
+class ModelLoadError(RuntimeError):
+    """``serve``: the model did not load; the server stopped."""

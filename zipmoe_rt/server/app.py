@@ -53,9 +53,40 @@ async def _json_body(request: Request, limit: int):
                            code="body_too_large")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks) or b"null")
+        body = json.loads(b"".join(chunks) or b"null")
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests arrays or objects too deeply") from None
+    _check_unicode(body, "")
+    return body
+
+
+#: nesting a request needs (messages[i].content[j], tool schemas); deeper is refused
+MAX_DEPTH = 64
+
+
+def _check_unicode(v, path: str, depth: int = 0) -> None:
+    """Refuse a string with a lone surrogate (JSON's ``"\\ud800"`` escapes decode to one, and
+    no text encoding can hold it) or nesting deeper than :data:`MAX_DEPTH`, with a 400 naming
+    the field (``messages[0].content``)."""
+    if depth > MAX_DEPTH:
+        raise APIError(400, f"{path or 'the request body'}: nested more than {MAX_DEPTH} "
+                       f"levels deep", param=path or None)
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{path or 'the request body'}: not valid Unicode (a lone "
+                           f"surrogate \\u{ord(v[e.start]):04x} at character {e.start})",
+                           param=path or None) from None
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _check_unicode(k, path or "the request body", depth + 1)
+            _check_unicode(x, f"{path}.{k}" if path else str(k), depth + 1)
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _check_unicode(x, f"{path}[{i}]", depth + 1)
 
 
 def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = False,
@@ -235,10 +266,15 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
         return _error(exc)
 
     async def on_http_error(request, exc: HTTPException):
+        path = request.url.path
+        if exc.status_code == 404 and path.rstrip("/") in NOT_SUPPORTED:
+            # llama.cpp's server answers 501 to an embeddings request it was not started for
+            return _error(APIError(501, f"{path}: {NOT_SUPPORTED[path.rstrip('/')]}; this "
+                                   f"server serves {ENDPOINTS}", type="not_supported_error"))
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(
             exc.status_code, "invalid_request_error")
-        msg = {404: f"{request.url.path}: no such endpoint",
-               405: f"{request.method} is not allowed on {request.url.path}"}.get(
+        msg = {404: f"{path}: no such endpoint (this server serves {ENDPOINTS})",
+               405: f"{request.method} is not allowed on {path}"}.get(
             exc.status_code, str(exc.detail))
         return _error(APIError(exc.status_code, msg, type=kind))
 
@@ -266,6 +302,18 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
         lifespan=_lifespan(host))
     app.state.host = host
     return app
+
+
+#: the endpoints, as the 404 and 501 errors list them
+ENDPOINTS = ("GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /tokenize, "
+             "POST /detokenize, GET /health")
+#: OpenAI endpoints a client may try that a text-generation server does not have: 501
+NOT_SUPPORTED = {
+    "/v1/embeddings": "embeddings are not supported (the model generates text)",
+    "/embeddings": "embeddings are not supported (the model generates text)",
+    "/embedding": "embeddings are not supported (the model generates text)",
+    "/v1/responses": "the Responses API is not supported; use /v1/chat/completions",
+}
 
 
 def _lifespan(host: ModelHost):

@@ -7,6 +7,7 @@ without the server extra.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,16 @@ class Request:
     model: str | None = None
 
 
+def _shown(v) -> str:
+    """A request value as its JSON spelling (``true``, ``"hot"``, ``null``), cut to 60
+    characters; ``inf`` and ``nan`` as Python writes them (JSON has no spelling)."""
+    try:
+        text = json.dumps(v, allow_nan=False)
+    except (TypeError, ValueError):
+        text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _bad(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param=param)
 
@@ -84,9 +95,9 @@ def _number(body: dict, name: str, lo: float, hi: float, lo_open: bool = False):
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _bad(name, f"expected a number, got {v!r}")
+        raise _bad(name, f"expected a number, got {_shown(v)}")
     if (v <= lo if lo_open else v < lo) or v > hi:
-        raise _bad(name, f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+        raise _bad(name, f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {_shown(v)}")
     return float(v)
 
 
@@ -95,7 +106,7 @@ def _int(body: dict, name: str, lo: int, hi: int | None = None):
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int):
-        raise _bad(name, f"expected an integer, got {v!r}")
+        raise _bad(name, f"expected an integer, got {_shown(v)}")
     if v < lo or (hi is not None and v > hi):
         raise _bad(name, f"must be >= {lo}" + (f" and <= {hi}" if hi is not None else "")
                    + f", got {v}")
@@ -107,7 +118,7 @@ def _bool(body: dict, name: str) -> bool:
     if v is None:
         return False
     if not isinstance(v, bool):
-        raise _bad(name, f"expected true or false, got {v!r}")
+        raise _bad(name, f"expected true or false, got {_shown(v)}")
     return v
 
 
@@ -116,7 +127,7 @@ def _common(body: Any, kind: str) -> Request:
         raise APIError(400, "the request body must be a JSON object")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise _bad("model", f"expected a string, got {model!r}")
+        raise _bad("model", f"expected a string, got {_shown(model)}")
     req = Request(kind=kind, model=model)
     req.stream = _bool(body, "stream")
     so = body.get("stream_options")
@@ -146,7 +157,7 @@ def _common(body: Any, kind: str) -> Request:
     seed = body.get("seed")
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise _bad("seed", f"expected an integer, got {seed!r}")
+            raise _bad("seed", f"expected an integer, got {_shown(seed)}")
         s["seed"] = seed % 2**63 if seed < 0 else seed
     for name in ("frequency_penalty", "presence_penalty"):
         v = _number(body, name, -2.0, 2.0)
@@ -162,7 +173,7 @@ def _common(body: Any, kind: str) -> Request:
         if (not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop)
                 or len(stop) > MAX_STOP):
             raise _bad("stop", f"expected a non-empty string or a list of at most {MAX_STOP} "
-                       f"non-empty strings, got {stop!r}")
+                       f"non-empty strings, got {_shown(stop)}")
         req.stop = list(stop)
     rf = body.get("response_format")
     if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
@@ -211,7 +222,8 @@ def parse_chat(body: Any) -> Request:
             raise _bad(where, "expected an object with 'role' and 'content'")
         role = m.get("role")
         if role not in ROLES:
-            raise _bad(f"{where}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+            raise _bad(f"{where}.role",
+                       f"expected one of {', '.join(ROLES)}, got {_shown(role)}")
         m = dict(m, content=flatten_content(m.get("content"), where))
         if m["content"] is None and not m.get("tool_calls"):
             raise _bad(f"{where}.content", "missing (only an assistant message with tool_calls "
@@ -224,7 +236,7 @@ def parse_chat(body: Any) -> Request:
     req.messages = out
     lp = body.get("logprobs")
     if lp is not None and not isinstance(lp, bool):
-        raise _bad("logprobs", f"expected true or false, got {lp!r}")
+        raise _bad("logprobs", f"expected true or false, got {_shown(lp)}")
     top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top is not None and not lp:
         raise _bad("top_logprobs", "needs logprobs: true")
@@ -239,7 +251,7 @@ def parse_chat(body: Any) -> Request:
                        "{\"name\": ..., \"parameters\": ...}}")
     choice = body.get("tool_choice")
     if choice not in (None, "auto", "none"):
-        raise _bad("tool_choice", f"only 'auto' and 'none' are supported, got {choice!r}")
+        raise _bad("tool_choice", f"only 'auto' and 'none' are supported, got {_shown(choice)}")
     req.tools = tools if tools and choice != "none" else None
     return req
 

@@ -68,6 +68,8 @@ class ModelHost:
         ctx_size: the context in tokens (prompt plus reply) each request may use (``serve
             -c``); None: the model's ``max_position_embeddings``. A longer one is allowed, with
             one warning in the log once the model is loaded.
+        on_load_error: called with the message when the model fails to load (``serve``
+            stops the server then); None: the server stays up and every request answers 503.
 
     Attributes:
         model: the model once loaded, else None.
@@ -76,7 +78,7 @@ class ModelHost:
     """
 
     def __init__(self, loader: Callable, queue_size: int = 16, close_model: bool = True,
-                 ctx_size: int | None = None):
+                 ctx_size: int | None = None, on_load_error: Callable | None = None):
         if queue_size < 0:
             raise ValueError(f"queue_size (--queue): must be >= 0, got {queue_size}")
         if ctx_size is not None and (isinstance(ctx_size, bool) or not isinstance(ctx_size, int)
@@ -84,6 +86,7 @@ class ModelHost:
             raise ValueError(f"ctx_size (-c/--ctx-size): must be at least 1, got {ctx_size!r}")
         self.ctx_size = ctx_size
         self.loader, self.queue_size, self.close_model = loader, queue_size, close_model
+        self.on_load_error = on_load_error
         self.model = None
         self.status, self.error = "loading", None
         self.served, self.last_result = 0, None
@@ -114,7 +117,11 @@ class ModelHost:
         except BaseException as e:  # noqa: BLE001 - reported by /health and every request
             self.error = f"{type(e).__name__}: {e}"
             self.status = "error"
-            log.error("the model failed to load: %s (every request answers 503)", self.error)
+            if self.on_load_error is not None:
+                self.on_load_error(self.error)
+            else:
+                log.error("the model failed to load: %s (every request answers 503)",
+                          self.error)
 
     def close(self) -> None:
         """Stop the worker after the job in progress and close the model."""

@@ -1,0 +1,99 @@
+"""Option types of the command line: click's ranges with plain-worded errors.
+
+click's own ``IntRange`` and ``FloatRange`` say "'abc' is not a valid integer range" for a
+value that is not a number and let ``nan`` and ``inf`` through every float range; these say
+"'abc' is not a valid integer" and refuse non-finite numbers, naming the option as click does
+(``Invalid value for '--seed': ...``). ``-n/--max-tokens`` takes llama.cpp's ``-1`` (no limit).
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import click
+
+
+class IntRange(click.IntRange):
+    """An integer in a range (click's :class:`click.IntRange`, worded "integer")."""
+
+    name = "integer"
+
+
+class FloatRange(click.FloatRange):
+    """A finite number in a range (click's :class:`click.FloatRange`; ``nan`` and ``inf``
+    refused)."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+#: ``-n -1``: generate until a stop token or the full context, as llama.cpp's ``-n -1``
+NO_LIMIT = -1
+
+
+def max_tokens_option(value):
+    """``-n/--max-tokens`` of ``run`` and ``chat``: at least 1, or :data:`NO_LIMIT`.
+
+    Raises:
+        click.BadParameter: 0 (or below -1), worded with both choices.
+    """
+    if value is not None and value != NO_LIMIT and value < 1:
+        raise click.BadParameter(f"{value}: give at least 1 token, or -1 for no limit (until "
+                                 f"a stop token or the context is full)")
+    return value
+
+
+def max_tokens_for(requested: int | None, default: int, ctx_size: int) -> int:
+    """The ``max_tokens`` of a run: ``requested``, ``default`` when None, the context size
+    (``ctx_size`` tokens, which bounds every reply) for :data:`NO_LIMIT`."""
+    if requested is None:
+        return default
+    return ctx_size if requested == NO_LIMIT else requested
+
+
+def utf8_text(text: str | None, what: str) -> str | None:
+    """``text`` from the command line or standard input, checked to be UTF-8.
+
+    Python hands bytes that are not UTF-8 over as lone surrogates (``surrogateescape``),
+    which the tokenizer cannot encode; this names the input and the first bad byte instead.
+
+    Raises:
+        ValueError: ``"WHAT: not valid UTF-8 (byte 0xff at character 3)"``.
+    """
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        byte = f"byte 0x{c & 0xff:02x}" if 0xdc80 <= c <= 0xdcff else f"code point U+{c:04X}"
+        raise ValueError(f"{what}: not valid UTF-8 ({byte} at character {e.start}); save "
+                         f"the text as UTF-8") from None
+    return text
+
+
+def lenient_stdin() -> None:
+    """Let standard input hand bytes that are not UTF-8 over as lone surrogates (as Python
+    does under the C locale) instead of raising UnicodeDecodeError mid-read, so that
+    :func:`utf8_text` can name the input and the byte. Does nothing where the stream cannot
+    be reconfigured."""
+    try:
+        sys.stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):
+        pass
+
+
+def need_stdin(what: str) -> None:
+    """Check that standard input is open (``cmd <&-`` closes it: Python's ``sys.stdin`` is
+    None then).
+
+    Raises:
+        ValueError: ``"WHAT: standard input is closed"``.
+    """
+    if sys.stdin is None:
+        raise ValueError(f"{what}: standard input is closed")
