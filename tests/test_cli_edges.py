@@ -494,3 +494,22 @@ def test_lines_typed_ahead_and_a_ctrl_d_after_them_are_read_in_order():
     finally:
         os.close(main_fd)
         os.close(tty_fd)
+
+
+# -- a memory limit holds the KV cache of the context it planned ----------------------------------
+def test_chat_under_a_memory_limit_stops_at_the_planned_context(greedy_zmoe, tmp_path, monkeypatch):
+    """Without -c, ``chat --memory-limit`` plans the KV cache for DEFAULT_CONTEXT tokens; a reply
+    with -n -1 ends when that context is full, not at the model's trained length (the tiny
+    model's 512 positions), which the limit never counted."""
+    from zipmoe_rt.engine import limit as L
+
+    monkeypatch.setenv("ZIPMOE_RT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None: 50 * MB)
+    monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None: 0)
+    monkeypatch.setattr(L, "DEFAULT_CONTEXT", 40)
+    r = cli("chat", greedy_zmoe, "-n", -1, "--memory-limit", "4GB", input="hello world\n/stats\n")
+    assert r.exit_code == 0, r.output
+    assert "KV cache 0.2 MB (40 tokens)" in r.stderr, r.stderr
+    prompt, _, generated, why = stats_of(r.stderr)
+    assert why == "length" and prompt + generated == 41, r.stderr   # the last token is not fed
+    assert re.search(r"\b40 tokens in the KV cache", r.stderr), r.stderr

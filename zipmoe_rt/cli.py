@@ -274,9 +274,13 @@ def _prepare(model, kw, default_max, context=None):
 
     from . import cli_repl
     cli_repl.set_threads(kw["threads"])
+    if kw["ctx_size"] is not None:      # -c bounds the KV cache a memory limit must hold
+        context = kw["ctx_size"] if context is None else min(context, kw["ctx_size"])
     m = load_from_options(model, kw, context=context)
     try:
         m.ctx_size = cli_repl.context_size(m, kw["ctx_size"])
+        if m.memory_plan is not None:   # a limit holds a KV cache of the context it planned
+            m.ctx_size = min(m.ctx_size, m.memory_plan.context)
         cli_repl.warm_up(m, notice=sys.stderr.isatty())   # (like the progress bars)
         opts = dict(kw, repetition_penalty=kw["repeat_penalty"])
         sp = cli_repl.resolve_sampling(m.source.metadata.get(Keys.Generation.CONFIG), opts,
