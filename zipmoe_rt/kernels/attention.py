@@ -24,6 +24,9 @@ _SER = dict(nogil=True, cache=True, fastmath=True, error_model="numpy")
 #: attention work (query heads x keys x head_dim) below which one thread is faster than a
 #: parallel region.
 ATTN_PAR_MIN = 1 << 18
+#: round-robin chunks of (token, head) pairs in a parallel attention call (a multiple of any
+#: thread count up to it keeps the threads' shares of a causal prompt equal)
+ATTN_CHUNKS = 64
 
 
 @njit(inline="always")
@@ -168,9 +171,16 @@ def _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
 
 @njit(**_PAR)
 def attention_par(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
-    """:func:`_attend` over every (token, head) pair, in parallel."""
-    for th in prange(qkv.shape[0] * nq):
-        _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out)
+    """:func:`_attend` over every (token, head) pair, in parallel. Pairs are dealt out
+    round-robin (``th = c, c + n, c + 2n, ...`` for chunk ``c`` of ``n``): a causal token's work
+    grows with its position, so contiguous chunks would give the last chunk the most keys
+    (3x the first one's with two threads over a prompt). Each pair is computed as on one
+    thread, so the results do not depend on the split."""
+    pairs = qkv.shape[0] * nq
+    nch = max(1, min(pairs, ATTN_CHUNKS))
+    for c in prange(nch):
+        for th in range(c, pairs, nch):
+            _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out)
 
 
 @njit(**_SER)
