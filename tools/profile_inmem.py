@@ -64,6 +64,7 @@ class OpTimer:
         self.be = net.backend
         self.lin = _linear_classes(net)
         self.t = defaultdict(float)
+        self.cpu = defaultdict(float)
         self.n = defaultdict(int)
         self.on = False
         self._wrapped = []
@@ -73,18 +74,19 @@ class OpTimer:
 
     def _wrap(self, name):
         fn = getattr(self.be, name)
-        pc = time.perf_counter
-        t, n = self.t, self.n
+        pc, pt = time.perf_counter, time.process_time
+        t, n, cpu = self.t, self.n, self.cpu
         if name == "linear":
             lin = self.lin
 
             def w(x, W, *a, **k):
                 if not self.on:
                     return fn(x, W, *a, **k)
-                t0 = pc()
+                c0, t0 = pt(), pc()
                 r = fn(x, W, *a, **k)
                 c = lin.get(id(W), "other linear")
                 t[c] += pc() - t0
+                cpu[c] += pt() - c0
                 n[c] += 1
                 return r
         else:
@@ -93,9 +95,10 @@ class OpTimer:
             def w(*a, **k):
                 if not self.on:
                     return fn(*a, **k)
-                t0 = pc()
+                c0, t0 = pt(), pc()
                 r = fn(*a, **k)
                 t[c] += pc() - t0
+                cpu[c] += pt() - c0
                 n[c] += 1
                 return r
         setattr(self.be, name, w)
@@ -108,12 +111,13 @@ class OpTimer:
 
     def reset(self):
         self.t.clear()
+        self.cpu.clear()
         self.n.clear()
 
 
 def timer_cost(n=200_000) -> float:
     """Seconds one wrapped call adds (two perf_counter calls, dict updates, the wrapper)."""
-    pc = time.perf_counter
+    pc, pt = time.perf_counter, time.process_time
     t = defaultdict(float)
     cnt = defaultdict(int)
 
@@ -121,9 +125,10 @@ def timer_cost(n=200_000) -> float:
         return x
 
     def w(x):
-        t0 = pc()
+        c0, t0 = pt(), pc()
         r = f(x)
         t["a"] += pc() - t0
+        t["b"] += pt() - c0
         cnt["a"] += 1
         return r
     t0 = pc()
@@ -167,16 +172,19 @@ def prefill_pass(net, ids, timer=None, on=False):
     return t
 
 
-def table(title, per, wall, timer, unwrapped, cost, calls):
+def table(title, per, wall, timer, unwrapped, cost, calls, cpu, cpu_all):
     inside = sum(timer.values())
     rows = sorted(timer.items(), key=lambda kv: -kv[1])
     out = [f"\n{title}: wall {wall * 1e3:.2f} ms with timers, {unwrapped * 1e3:.2f} ms without "
-           f"(timer cost ~{cost * 1e6:.2f} us x {calls:.0f} calls = {cost * calls * 1e3:.2f} ms)",
-           f"| op class | calls | ms | % of wall |", "|---|---|---|---|"]
+           f"(timer cost ~{cost * 1e6:.2f} us x {calls:.0f} calls = {cost * calls * 1e3:.2f} ms); "
+           f"process CPU {cpu_all * 1e3:.2f} ms",
+           "| op class | calls | wall ms | % of wall | CPU ms (all threads) |",
+           "|---|---|---|---|---|"]
     for k, v in rows:
-        out.append(f"| {k} | {per[k]:.0f} | {v * 1e3:.3f} | {100 * v / wall:.1f} |")
+        out.append(f"| {k} | {per[k]:.0f} | {v * 1e3:.3f} | {100 * v / wall:.1f} | "
+                   f"{cpu[k] * 1e3:.3f} |")
     out.append(f"| outside ops (Python between kernels) | - | {(wall - inside) * 1e3:.3f} | "
-               f"{100 * (wall - inside) / wall:.1f} |")
+               f"{100 * (wall - inside) / wall:.1f} | {(cpu_all - sum(cpu.values())) * 1e3:.3f} |")
     return "\n".join(out)
 
 
@@ -211,8 +219,10 @@ def main(argv=None) -> int:
                 else (lambda on: prefill_pass(net, idsp, tm, on))
             plain = run(False)
             tm.reset()
+            c0 = time.process_time()
             wall = run(True)
-            res[kind].append((plain, wall, dict(tm.t), dict(tm.n)))
+            cpu_all = time.process_time() - c0
+            res[kind].append((plain, wall, dict(tm.t), dict(tm.n), dict(tm.cpu), cpu_all))
     tm.unwrap()
     for kind, n in (("decode", a.tokens), ("prefill", 1)):
         if not res[kind]:
@@ -222,11 +232,12 @@ def main(argv=None) -> int:
         plain = statistics.median(r[0] for r in rs) / n
         wall, t, cnt = rs[i][1] / n, {k: v / n for k, v in rs[i][2].items()}, \
             {k: v / n for k, v in rs[i][3].items()}
+        cpu = {k: v / n for k, v in rs[i][4].items()}
         title = (f"decode, per token (median of {a.reps} x {a.tokens} tokens; "
                  f"{1 / plain:.2f} tokens/s without timers)" if kind == "decode" else
                  f"prefill of {a.prefill} tokens (median of {a.reps}; "
                  f"{a.prefill / plain:.1f} tokens/s without timers)")
-        print(table(title, cnt, wall, t, plain, cost, sum(cnt.values())))
+        print(table(title, cnt, wall, t, plain, cost, sum(cnt.values()), cpu, rs[i][5] / n))
     import os
     print(f"\nmodel {a.model}, resident {a.resident}, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY')}, load average {os.getloadavg()[0]:.2f}")
