@@ -53,18 +53,15 @@ _RB = 4
 
 
 def par_min_work(policy: str | None = None) -> int:
-    """The :data:`PAR_MIN_WORK` threshold for a wait policy (``"ACTIVE"``: 2**17, else
-    2**20; default: the ``OMP_WAIT_POLICY`` of the environment), or ``ZIPMOE_PAR_MIN_WORK``
-    when that is set."""
+    """:data:`PAR_MIN_WORK` for a wait policy (``"ACTIVE"``: 2**17, else 2**20; default: the
+    environment's ``OMP_WAIT_POLICY``), or ``ZIPMOE_PAR_MIN_WORK`` when that is set."""
     p = (policy or os.environ.get("OMP_WAIT_POLICY", "")).upper()
-    return int(os.environ.get("ZIPMOE_PAR_MIN_WORK", 0)) or (1 << 17 if p == "ACTIVE"
-                                                             else 1 << 20)
+    return int(os.environ.get("ZIPMOE_PAR_MIN_WORK", 0)) or (1 << 17 if p == "ACTIVE" else 1 << 20)
 
 
 #: below this many multiply-adds (T x out x in) one thread beats a parallel region, whose
 #: fork/join costs ~2 us with spinning OpenMP workers but ~75 us with sleeping ones in a VM
-#: (see :mod:`zipmoe_rt.kernels`): then only the big matrices (experts, lm_head) are split.
-#: Follows the wait policy in force (:func:`par_min_work`, set again by
+#: (see :mod:`zipmoe_rt.kernels`). Follows the wait policy (:func:`par_min_work`, set again by
 #: :func:`zipmoe_rt.kernels.set_wait_policy`); read at every call.
 PAR_MIN_WORK = par_min_work()
 
