@@ -155,3 +155,34 @@ def test_fake_llama_child_runs_with_the_launch_environment(tool, tmp_path, monke
     text = tool.settings_text([row], A)
     assert "llama.cpp-mmap-none: n_ctx=512" in text and "n_threads=2" in text
     assert "OMP_WAIT_POLICY unset (OpenMP default)" in text
+
+
+def test_fake_llama_child_times_a_prefill_and_the_pp_table(tool, tmp_path):
+    """``--pp-ids``: each repetition also evaluates those ids in one call (pp_s, pp_tps); the
+    pp table gives each program's median and the ratio against llama.cpp's."""
+    fake = tmp_path / "fake"
+    (fake / "llama_cpp").mkdir(parents=True)
+    (fake / "llama_cpp" / "__init__.py").write_text(FAKE_LLAMA)
+    py = tmp_path / "llama-python"
+    py.write_text(f"#!/bin/sh\nPYTHONPATH={fake}:{REPO}:$PYTHONPATH exec {sys.executable} "
+                  f"\"$@\"\n")
+    py.chmod(0o755)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    r = subprocess.run([str(py), str(TOOL), "_llama-bench", "--model", str(model), "--threads",
+                        "2", "--prompt-ids", "1,2,3", "--n-gen", "3", "--reps", "2",
+                        "--pp-ids", ",".join(["5"] * 40)], env=tool.child_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(r.stdout.strip().splitlines()[-1])["runs"]
+    assert len(runs) == 2
+    for x in runs:
+        assert x["pp_s"] > 0 and x["pp_tps"] == pytest.approx(40 / x["pp_s"])
+    rows = [{"program": "llama.cpp", "pp_median": 50.0, "pp_tps": [40.0, 50.0, 60.0]},
+            {"program": "zipmoe-rt", "pp_median": 80.0, "pp_tps": [80.0, 70.0, 90.0]},
+            {"program": "zipmoe-rt", "limit": 600}]
+    text = tool.pp_table(rows, 512)
+    assert "pp512 tokens/s (median)" in text
+    assert "| llama.cpp | none | 50.0 | 40.0, 50.0, 60.0 | 1.00 |" in text
+    assert "| zipmoe-rt | none | 80.0 | 80.0, 70.0, 90.0 | 1.60 |" in text
+    assert tool.pp_table([{"program": "llama.cpp"}], 512) == ""

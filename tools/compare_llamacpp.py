@@ -23,7 +23,11 @@ End to end, every step cached under ``~/.cache/zipmoe-rt/llamacpp/`` (``--cache`
    (zipmoe_rt/engine/limit.py)); both also without a limit, for reference. Decode tokens/s are
    (64 - 1) / time of the 63 single-token forward passes after the prompt, as ``zipmoe-rt bench``
    defines them; each is repeated ``--reps`` times in the child, with the model file's pages
-   dropped from the page cache (posix_fadvise DONTNEED) before every repetition.
+   dropped from the page cache (posix_fadvise DONTNEED) before every repetition. The in-memory
+   rows also time a prefill of ``--n-pp`` prompt tokens (default 512) per repetition: one
+   forward pass (``zipmoe-rt bench``'s pp) against one ``eval`` call of llama.cpp (n_batch 512)
+   into an empty context; pp tokens/s = tokens / seconds of that call (``--in-memory-only``:
+   only these rows).
 4. A table: program, limit, tg64 tokens/s (median of reps), ratio against llama.cpp under the
    same limit, cgroup peak usage (memory.max_usage_in_bytes, page cache included), peak anonymous
    memory (memory.stat ``rss``, polled), failcnt, VmHWM of the child (file-mapped pages included).
@@ -220,12 +224,15 @@ def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, i
         cmd = [a.llama_py, __file__, "_llama-bench", "--model", p.gguf, "--threads", a.threads,
                "--prompt-ids", ",".join(map(str, ids)), "--prompt-text", text,
                "--n-gen", a.n_gen, "--reps", a.reps]
+        if limit is None and a.pp_ids:            # prefill rows: in memory only
+            cmd += ["--pp-ids", ",".join(map(str, a.pp_ids))]
         files = [p.gguf]
     else:
         zlim = "none" if limit is None else a.zipmoe_limit
         cmd = [sys.executable, __file__, "_zipmoe-bench", "--model", p.zmoe, "--limit", zlim,
                "--policy", policy, "--n-gen", a.n_gen, "--reps", a.reps,
-               "--resident", resident] + (["--direct"] if a.direct else [])
+               "--resident", resident, "--n-pp", len(a.pp_ids)] + (["--direct"] if a.direct
+                                                                     else [])
         files = [p.zmoe]
     how = drop_page_cache(files)
     log(f"run {name} (cache dropped via {how}) ...")
@@ -259,6 +266,11 @@ def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, i
             row["tg_tps"] = [x["decode_tps"] for x in res["runs"]]
             row["tg_median"] = statistics.median(row["tg_tps"])
             row["peak_rss"] = max(x.get("peak_rss", 0) for x in res["runs"])
+            pp = [x.get("pp_tps") or (len(a.pp_ids) / x["pp_s"] if x.get("pp_s") else None)
+                  for x in res["runs"]]
+            if all(pp) and pp:
+                row["pp_tps"] = pp
+                row["pp_median"] = statistics.median(pp)
             for k in ("memory", "prompt_tokens_match", "load_s", "omp", "settings"):
                 if k in res:
                     row[k] = res[k]
@@ -273,9 +285,28 @@ def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, i
                 row["mb_read_per_token"] = sum(x["bytes_read"] for x in e) / n / 1e6
     msg = row.get("error") or (f"tg{a.n_gen} {', '.join(f'{x:.2f}' for x in row['tg_tps'])} "
                               f"tokens/s (median {row['tg_median']:.2f})")
+    if "pp_median" in row:
+        msg += (f"; pp{len(a.pp_ids)} {', '.join(f'{x:.1f}' for x in row['pp_tps'])} tokens/s "
+                f"(median {row['pp_median']:.1f})")
     log(f"  {name}: {msg}; cgroup peak {fmt_mb(row['cgroup']['max_usage'])} MB, failcnt "
         f"{row['cgroup']['failcnt']}, wall {row['wall_s']:.0f} s, load {load0:.1f} -> {load1:.1f}")
     return row
+
+
+def pp_table(rows, n_pp) -> str:
+    """The prefill rows (in memory): pp tokens/s per program, median and runs, and the ratio
+    against llama.cpp's median; empty when no row has a prefill."""
+    pr = [r for r in rows if "pp_median" in r]
+    if not pr:
+        return ""
+    ref = next((r["pp_median"] for r in pr if r["program"] == "llama.cpp"), None)
+    lines = [f"| program | limit | pp{n_pp} tokens/s (median) | runs | × llama.cpp |",
+             "|---|---|---|---|---|"]
+    for r in pr:
+        ratio = f"{r['pp_median'] / ref:.2f}" if ref else "-"
+        lines.append(f"| {r['program']} | none | {r['pp_median']:.1f} | "
+                     f"{', '.join(f'{x:.1f}' for x in r['pp_tps'])} | {ratio} |")
+    return "\n".join(lines)
 
 
 def table(rows, n_gen) -> str:
@@ -346,6 +377,11 @@ def main(argv=None) -> int:
     ap.add_argument("--n-prompt", type=int, default=16, help="prompt tokens (default 16)")
     ap.add_argument("--n-gen", type=int, default=64, help="tokens generated (default 64)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    ap.add_argument("--n-pp", type=int, default=512,
+                    help="prefill tokens of the in-memory rows' pp runs, one forward pass / one "
+                         "eval call per repetition (default 512; 0: no pp)")
+    ap.add_argument("--in-memory-only", action="store_true",
+                    help="only the unlimited rows (both programs in memory: tg and pp)")
     ap.add_argument("--direct", action="store_true",
                     help="zipmoe-rt reads experts with O_DIRECT (no page cache: under a memory "
                          "limit, expert reads then do not push the runtime's own pages out)")
@@ -384,6 +420,7 @@ def main(argv=None) -> int:
             return 0
         ids, text = bench_prompt(p, a.n_prompt)
         log(f"prompt ({len(ids)} tokens): {text!r}")
+        a.pp_ids = bench_prompt(p, a.n_pp)[0] if a.n_pp > 0 else []
         limit = parse_bytes(a.limit)
         swap_on = any(l.strip() for l in open("/proc/swaps").read().splitlines()[1:])
         cases = [("llama.cpp", None, limit, "full")] + [
@@ -392,6 +429,8 @@ def main(argv=None) -> int:
             cases += [("llama.cpp", None, None, "full"), ("zipmoe-rt", None, None, "full")]
         if a.zipmoe_only:
             cases = [c for c in cases if c[0] == "zipmoe-rt" and c[2] is not None]
+        if a.in_memory_only:
+            cases = [c for c in cases if c[2] is None]
         t0 = time.strftime("%Y-%m-%d %H:%M:%S")
         rows = [run_case(p, a, prog, pol, lim, ids, text, res) for prog, pol, lim, res in cases]
         ref_tokens = [] if a.zipmoe_only else zipmoe_greedy_tokens(p, ids, a.n_gen)
@@ -406,13 +445,15 @@ def main(argv=None) -> int:
                 f"zipmoe-rt's")
     result = {"date": t0, "limit": limit, "zipmoe_limit": a.zipmoe_limit,
               "launch_env_omp": {k: LAUNCH_ENV.get(k) for k in OMP_VARS}, "n_prompt": len(ids),
-              "n_gen": a.n_gen, "reps": a.reps, "threads": a.threads, "prompt_text": text,
+              "n_gen": a.n_gen, "n_pp": len(a.pp_ids), "reps": a.reps, "threads": a.threads, "prompt_text": text,
               "prompt_ids": ids, "swap_on": swap_on, "answers": answers,
               "zipmoe_tokens": ref_tokens,
               "gguf": str(p.gguf), "gguf_bytes": p.gguf.stat().st_size if p.gguf.exists() else None,
               "zmoe": str(p.zmoe),
               "zmoe_bytes": p.zmoe.stat().st_size, "rows": rows}
     print(table(rows, a.n_gen))
+    if pp_table(rows, len(a.pp_ids)):
+        print("\n" + pp_table(rows, len(a.pp_ids)))
     print(f"\nprompt {len(ids)} tokens, tg{a.n_gen}, {a.reps} repetitions, medians; cgroup v1 "
           f"memory limit {limit / 1e6:.0f} MB (memsw the same; swap {'on' if swap_on else 'off'}); "
           f"page cache dropped before each child and the model file's pages before each "
@@ -446,6 +487,8 @@ def _worker(argv) -> int:
     ap.add_argument("--policy", default="zipmoe")
     ap.add_argument("--resident", default="full")
     ap.add_argument("--direct", action="store_true")
+    ap.add_argument("--pp-ids", default="")
+    ap.add_argument("--n-pp", type=int, default=0)
     a = ap.parse_args(argv)
     {"_llama-chat": llama_chat_worker, "_llama-bench": llama_bench_worker,
      "_zipmoe-bench": zipmoe_bench_worker}[a.verb](a)

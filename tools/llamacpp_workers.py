@@ -36,12 +36,15 @@ def llama_chat_worker(a) -> None:
 
 
 def llama_bench_worker(a) -> None:
-    """tg benchmark: eval the prompt ids, then n_gen - 1 single-token evals, greedy, no EOS stop."""
+    """tg benchmark: eval the prompt ids, then n_gen - 1 single-token evals, greedy, no EOS stop;
+    with ``a.pp_ids``, each repetition then also evaluates those ids in one call into an empty
+    context (pp: ``pp_tps`` = tokens / seconds of that call, as ``zipmoe-rt bench``'s pp)."""
     import numpy as np
     sys.path.insert(0, str(REPO))     # this venv has numpy, not zipmoe-rt: the repository's copy
     from zipmoe_rt.engine.io import evict_page_cache
     from zipmoe_rt.util import peak_rss, reset_peak_rss
     ids = [int(x) for x in a.prompt_ids.split(",")]
+    pp_ids = [int(x) for x in a.pp_ids.split(",")] if a.pp_ids else []
     omp = {k: os.environ.get(k) for k in OMP_VARS}    # as llama.cpp's OpenMP runtime reads them
     t_load = time.perf_counter()
     llm = _open_llama(a.model, a.threads)
@@ -72,9 +75,16 @@ def llama_bench_worker(a) -> None:
             llm.eval([out[-1]])
             out.append(greedy())
         t2 = time.perf_counter()
-        runs.append({"ttft_s": t1 - t0, "decode_s": t2 - t1,
-                     "decode_tps": (a.n_gen - 1) / (t2 - t1) if a.n_gen > 1 else None,
-                     "decoded": len(out), "peak_rss": peak_rss(), "tokens": out})
+        run = {"ttft_s": t1 - t0, "decode_s": t2 - t1,
+               "decode_tps": (a.n_gen - 1) / (t2 - t1) if a.n_gen > 1 else None,
+               "decoded": len(out), "peak_rss": peak_rss(), "tokens": out}
+        if pp_ids:                                # prefill: the pp prompt in one eval call
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(pp_ids)
+            run["pp_s"] = time.perf_counter() - t0
+            run["pp_tps"] = len(pp_ids) / run["pp_s"]
+        runs.append(run)
     print(json.dumps({"load_s": load_s, "prompt_tokens_match": same_tokens, "runs": runs,
                       "omp": omp, "settings": dict(LLAMA_SETTINGS, n_threads=a.threads,
                                                    n_threads_batch=a.threads)}))
@@ -82,7 +92,8 @@ def llama_bench_worker(a) -> None:
 
 def zipmoe_bench_worker(a) -> None:
     """One configuration exactly as ``zipmoe-rt bench`` runs it (zipmoe_rt.bench.run_config),
-    under ``--memory-limit`` = ``a.limit`` (``none``: unbudgeted, in memory); prints the runs,
+    under ``--memory-limit`` = ``a.limit`` (``none``: unbudgeted, in memory, and then with a
+    prefill of ``a.n_pp`` tokens per repetition when it is not 0); prints the runs,
     the memory report (with the limit's division), the OpenMP variables the runtime ran with
     and its settings."""
     sys.path.insert(0, str(REPO))
@@ -90,7 +101,8 @@ def zipmoe_bench_worker(a) -> None:
     limit = None if a.limit == "none" else a.limit
     policy = a.policy if limit is not None else "auto"
     direct = bool(a.direct) and limit is not None
-    runs, mem = B.run_config(a.model, None, policy, 0, a.n_gen, a.reps, None, direct, "lru",
+    pp = a.n_pp if limit is None else 0              # prefill rows: in memory only
+    runs, mem = B.run_config(a.model, None, policy, pp, a.n_gen, a.reps, None, direct, "lru",
                              None, memory_limit=limit, resident=a.resident)
     settings = {"memory_limit": a.limit, "policy": policy, "resident": a.resident,
                 "workers": os.cpu_count(),

@@ -45,7 +45,9 @@ ACTIVE_SPIN_COUNT = 10_000_000
 
 
 def set_wait_policy(policy: str) -> bool:
-    """Choose how idle OpenMP workers wait: "active" (spin) or "passive" (sleep).
+    """Choose how idle OpenMP workers wait: "active" (spin) or "passive" (sleep), and with it
+    the work from which products run in parallel
+    (:data:`zipmoe_rt.kernels.linear.PAR_MIN_WORK`: lower when a region is cheap).
 
     Only effective before the first parallel kernel runs (the runtime reads the environment
     once, when Numba starts its threads).
@@ -68,4 +70,6 @@ def set_wait_policy(policy: str) -> bool:
     os.environ["KMP_BLOCKTIME"] = "200" if p == "ACTIVE" else "0"
     if USER_SPIN_COUNT is None:   # bounded spinning, then sleep (see the module docstring)
         os.environ["GOMP_SPINCOUNT"] = str(ACTIVE_SPIN_COUNT) if p == "ACTIVE" else "0"
+    from . import linear          # the size from which products are split over the threads
+    linear.PAR_MIN_WORK = linear.par_min_work(p)
     return True

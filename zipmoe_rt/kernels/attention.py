@@ -24,6 +24,9 @@ _SER = dict(nogil=True, cache=True, fastmath=True, error_model="numpy")
 #: attention work (query heads x keys x head_dim) below which one thread is faster than a
 #: parallel region.
 ATTN_PAR_MIN = 1 << 18
+#: round-robin chunks of (token, head) pairs in a parallel attention call (a multiple of any
+#: thread count up to it keeps the threads' shares of a causal prompt equal)
+ATTN_CHUNKS = 64
 
 
 @njit(inline="always")
@@ -120,10 +123,11 @@ def _qk_prepare_groups(qkv, nq, nkv, hd, qn, kn, eps, clip, cos, sin, kc, vc, po
 
 
 @njit(inline="always")
-def _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
+def _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out, scores):
     """Causal (optionally windowed) softmax attention of one (token, head) pair ``th``; with
     ``sinks`` (float32 [nq], empty for none) the head's sink logit joins the maximum and the
-    denominator (gpt-oss, :mod:`zipmoe_rt.kernels.sinks`)."""
+    denominator (gpt-oss, :mod:`zipmoe_rt.kernels.sinks`). ``scores``: float32 scratch of at
+    least ``pos0 + T`` values (one per visible key), reused from pair to pair."""
     group = nq // nkv
     t = th // nq
     h = th - t * nq
@@ -133,7 +137,7 @@ def _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
     if window > 0 and p - window + 1 > 0:
         start = p - window + 1
     n = p + 1 - start
-    sc = np.empty(n, np.float32)
+    sc = scores[:n]
     q = qkv[t, h * hd:(h + 1) * hd]
     has_sink = sinks.shape[0] > 0
     m = -np.inf
@@ -168,16 +172,25 @@ def _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
 
 @njit(**_PAR)
 def attention_par(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
-    """:func:`_attend` over every (token, head) pair, in parallel."""
-    for th in prange(qkv.shape[0] * nq):
-        _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out)
+    """:func:`_attend` over every (token, head) pair, in parallel. Pairs are dealt out
+    round-robin (``th = c, c + n, c + 2n, ...`` for chunk ``c`` of ``n``): a causal token's work
+    grows with its position, so contiguous chunks would give the last chunk the most keys
+    (3x the first one's with two threads over a prompt). Each pair is computed as on one
+    thread, so the results do not depend on the split."""
+    pairs = qkv.shape[0] * nq
+    nch = max(1, min(pairs, ATTN_CHUNKS))
+    for c in prange(nch):
+        scores = np.empty(pos0 + qkv.shape[0], np.float32)
+        for th in range(c, pairs, nch):
+            _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out, scores)
 
 
 @njit(**_SER)
 def attention_ser(qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out):
     """:func:`_attend` over every (token, head) pair, one thread."""
+    scores = np.empty(pos0 + qkv.shape[0], np.float32)
     for th in range(qkv.shape[0] * nq):
-        _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out)
+        _attend(th, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, sinks, out, scores)
 
 
 #: the ``sinks`` argument of the kernels when the attention has none

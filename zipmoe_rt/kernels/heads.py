@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .linear import JIT_PARALLEL, JIT_SERIAL, PAR_MIN_WORK, bf16_to_f32, weight_kind
+from . import linear as _lin
+from .linear import JIT_PARALLEL, JIT_SERIAL, bf16_to_f32, weight_kind
 
 __all__ = ["heads_linear"]
 
@@ -71,6 +72,6 @@ def heads_linear(x: np.ndarray, W: np.ndarray, out: np.ndarray | None = None) ->
     if out is None:
         out = np.empty((nh, T, W.shape[1]), np.float32)
     Wk = W.astype(np.float32) if W.dtype == np.float16 else W    # exact; F16 is rare here
-    par = T * W.size >= PAR_MIN_WORK
+    par = T * W.size >= _lin.PAR_MIN_WORK
     (_heads_par if par else _heads_ser)(x, Wk, out, kind)
     return out

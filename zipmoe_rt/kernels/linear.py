@@ -50,11 +50,20 @@ JIT_SERIAL = dict(nogil=True, cache=True, fastmath=True, error_model="numpy")
 
 #: rows handled together by one step of the kernels (shares each x load between four rows).
 _RB = 4
+
+
+def par_min_work(policy: str | None = None) -> int:
+    """:data:`PAR_MIN_WORK` for a wait policy (``"ACTIVE"``: 2**17, else 2**20; default: the
+    environment's ``OMP_WAIT_POLICY``), or ``ZIPMOE_PAR_MIN_WORK`` when that is set."""
+    p = (policy or os.environ.get("OMP_WAIT_POLICY", "")).upper()
+    return int(os.environ.get("ZIPMOE_PAR_MIN_WORK", 0)) or (1 << 17 if p == "ACTIVE" else 1 << 20)
+
+
 #: below this many multiply-adds (T x out x in) one thread beats a parallel region, whose
 #: fork/join costs ~2 us with spinning OpenMP workers but ~75 us with sleeping ones in a VM
-#: (see :mod:`zipmoe_rt.kernels`): then only the big matrices (experts, lm_head) are split.
-PAR_MIN_WORK = int(os.environ.get("ZIPMOE_PAR_MIN_WORK", 0)) or (
-    1 << 17 if os.environ.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE" else 1 << 20)
+#: (see :mod:`zipmoe_rt.kernels`). Follows the wait policy (:func:`par_min_work`, set again by
+#: :func:`zipmoe_rt.kernels.set_wait_policy`); read at every call.
+PAR_MIN_WORK = par_min_work()
 
 _NO_BIAS = np.zeros(0, np.float32)
 
