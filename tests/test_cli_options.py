@@ -204,7 +204,24 @@ def test_c_tier_with_a_policy_without_c_slots_warns_once(tiny_zmoe, policy):
     assert _warnings(cli(*args).stderr) == []  # not given: no warning
 
 
-def test_c_tier_planes_under_zipmoe_is_in_the_banner(traced_zmoe):
+def test_c_tier_planes_under_zipmoe_is_in_the_banner(traced_zmoe, tmp_path):
+    import json
+    import shutil
+
+    from zipmoe_rt.engine import profile as prof
+
+    # a stored calibration where the C tier is cheap, so the plan at 50 % has C slots whatever
+    # this machine's load (without one, the plan follows a calibration measured at load)
+    own = tmp_path / "m.zmoe"
+    shutil.copy(traced_zmoe, own)
+    shutil.copy(prof.sidecar(traced_zmoe, prof.TRACE_SUFFIX), prof.sidecar(own, prof.TRACE_SUFFIX))
+    traced_zmoe = own
+    r = cli("calibrate", own)
+    assert r.exit_code == 0, r.output
+    cpath = prof.sidecar(own, prof.CALIB_SUFFIX)
+    c = json.loads(cpath.read_text())
+    cpath.write_text(json.dumps(dict(c, c_matmul_s=c["matmul_s"], load_C_s=0.0,
+                                     decode_s=c["decode_s"] / 10, layer_fixed_s=0.0)))
     plain = cli("run", traced_zmoe, "-p", "hello", "-n", 5)
     lines = {}
     for c in ("packed", "planes"):

@@ -274,7 +274,7 @@ def _prepare(model, kw, default_max, context=None):
 
     from . import cli_repl
     cli_repl.set_threads(kw["threads"])
-    if kw["ctx_size"] is not None:      # -c bounds the KV cache a memory limit must hold
+    if kw["ctx_size"] is not None and kw["ctx_size"] >= 1:   # -c bounds a limit's KV cache
         context = kw["ctx_size"] if context is None else min(context, kw["ctx_size"])
     m = load_from_options(model, kw, context=context)
     try:
