@@ -18,19 +18,9 @@ import zipmoe_rt
 
 from test_api import _greedy_ids, make_chat_model
 from test_cli import assert_one_line_error, cli, stats_of, user
+from test_cli_repl import greedy_zmoe, tiny_src  # noqa: F401  (module-scoped fixtures)
 
 MB = 10**6
-
-
-@pytest.fixture(scope="module")
-def tiny_src(tiny_moe_dir) -> Path:
-    return tiny_moe_dir("mixtral")
-
-
-@pytest.fixture(scope="module")
-def greedy_zmoe(tiny_src, tmp_path_factory) -> Path:
-    return make_chat_model(tiny_src, tmp_path_factory.mktemp("edges") / "tiny-chat",
-                           generation_config={"do_sample": False})
 
 
 # -- the stop token is counted alike by run/chat and serve ----------------------------------------
