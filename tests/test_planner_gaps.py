@@ -230,3 +230,58 @@ def test_bench_rows_price_the_modelled_time_with_the_engines_delay_model(tmp_pat
     eng.pop("delay")                                       # the calibration's: decoded
     got = bench_planner.row_fields(row, [eng], z, 2)["modelled_layer_ms"]
     assert got == pytest.approx(1e3 * (3e-3 + 5e-4))
+
+
+# -- a calibration inside a budgeted run holds its scenarios within the budget -------------------
+def test_scenario_engines_stay_within_max_bytes(tiny_case, monkeypatch):
+    import numpy as np
+    from zipmoe_rt.engine import overhead as O
+    c = tiny_case("mixtral")
+    src = ZmoeSource(c.zmoe, keep_experts=False)
+    try:
+        full = O.scenario_layers(src)
+        assert full >= 2                       # the tiny model's layers all fit SCENARIO_BYTES
+        assert O.scenario_layers(src, 1 << 40) == full
+        assert O.scenario_layers(src, 0) == 0
+        assert O.measure_engine_terms(src, c.delay("CE"), workers=2, max_bytes=0) == {}
+        # the bytes of one layer's scenarios: what the engines hold for one layer
+        held = []
+        real_engine = O._scenario_engine
+
+        def recording(source, tier, *a, **kw):
+            eng, pool = real_engine(source, tier, *a, **kw)
+            rep = eng.memory_report()
+            held.append(sum(rep[t] for t in ("F", "C", "S", "E")) + rep["working set (max)"])
+            return eng, pool
+        monkeypatch.setattr(O, "_scenario_engine", recording)
+        O.time_scenarios(src, c.delay("CE"), workers=2, reps=1)
+        unbounded = sum(held)
+        one = next(b for b in range(0, unbounded + 1, 1024) if O.scenario_layers(src, b) == 1)
+        held.clear()
+        times = O.time_scenarios(src, c.delay("CE"), workers=2, reps=1, max_bytes=one)
+        assert sum(held) <= one < unbounded
+        assert all(np.isfinite(v) and v > 0 for v in times.values())
+    finally:
+        src.close()
+
+
+def test_a_calibration_at_load_is_bounded_by_the_budget(tiny_case, tmp_path, monkeypatch):
+    # no stored calibration: the run calibrates at load with the budget's experts' share
+    import shutil
+    from zipmoe_rt.engine import calibration as cal
+    from zipmoe_rt.engine.pipeline import budget_split
+    c = tiny_case("mixtral")
+    z = tmp_path / "m.zmoe"
+    shutil.copy(c.zmoe, z)
+    shutil.copy(c.trace_path, prof.sidecar(z, prof.TRACE_SUFFIX))
+    seen = []
+    real = cal.calibrate
+
+    def spy(source, *a, **kw):
+        seen.append(kw.get("max_bytes"))
+        return real(source, *a, **kw)
+    monkeypatch.setattr(prof, "calibrate", spy)
+    budget = c.budget("mid")
+    with zipmoe_rt.load(z, memory_budget=budget, policy="zipmoe") as m:
+        want = budget_split(m.source, m.engine.budget)[2]
+    assert seen == [want] and want > 0

@@ -45,7 +45,7 @@ class CalibrationWarning(UserWarning):
 
 
 def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
-              io_depth: int | None = None, backend=None) -> dict:
+              io_depth: int | None = None, backend=None, max_bytes: int | None = None) -> dict:
     """Measure the delay-model constants on this machine for this model (medians, seconds).
 
     Reads ``samples`` random experts' regions from a cold page cache, decodes them on one
@@ -76,6 +76,10 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
     ``backend`` (default numba) is the compute backend the matmul is timed on (``--device``;
     a device backend uploads the decoded expert, as a budgeted run does, and the time includes
     the upload and a synchronisation).
+
+    ``max_bytes``: a bound on what the engine-term scenarios hold together (a calibration
+    inside a run under a memory budget: the budget's experts' share); where not even one
+    layer's scenarios fit, the result has no engine terms.
 
     Raises:
         ValueError: ``io_depth`` below 1.
@@ -162,11 +166,11 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
             "read_GBps": float(sum(l.sm_region[1] + l.exp_region[1] for l, _, _ in bufs)
                                / max(sum(sm_t) + sum(exp_t), 1e-9) / 1e9),
             "decode_Gweights_per_s": float(lay0.elements / np.median(dec_t) / 1e9)}
-    out.update(_engine_terms(source, out, direct, io_depth, backend))
+    out.update(_engine_terms(source, out, direct, io_depth, backend, max_bytes))
     return out
 
 
-def _engine_terms(source, calib, direct, io_depth, backend) -> dict:
+def _engine_terms(source, calib, direct, io_depth, backend, max_bytes=None) -> dict:
     """The engine terms of the delay model (:func:`~zipmoe_rt.engine.overhead.measure_engine_terms`,
     the run's default of one decode worker per core); none for a file with raw experts or on a
     device backend (whose engine is another)."""
@@ -176,7 +180,7 @@ def _engine_terms(source, calib, direct, io_depth, backend) -> dict:
         return {}
     workers = os.cpu_count() or 1
     return measure_engine_terms(source, delay_model(calib, workers), workers, direct=direct,
-                                io_depth=io_depth)
+                                io_depth=io_depth, max_bytes=max_bytes)
 
 
 def compute_form_costs(source, bufs, backend, matmul_s: float) -> dict:

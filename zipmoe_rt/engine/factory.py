@@ -104,10 +104,11 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     tr = prof.load_trace(trace_path, source)
     # a stored calibration that does not fit this run (other version, read mode, io depth or
     # machine) is used anyway, with one CalibrationWarning (attributed as warn_stacklevel says);
-    # none stored: calibrate now (not saved)
+    # none stored: calibrate now (not saved), its scenario engines within the budget's experts'
+    # share (the run's caches are still empty then), so a memory limit holds while it measures
     calib = prof.load_checked_calibration(source.path, direct, stacklevel=warn_stacklevel + 1,
                                           io_depth=io_depth) \
-        or prof.calibrate(source, direct=direct, io_depth=io_depth)
+        or prof.calibrate(source, direct=direct, io_depth=io_depth, max_bytes=tier_budget)
     # plan with the largest region sizes of any expert: a calibration measures one sample
     # expert, and compressed exponent regions differ in size from expert to expert, so planning
     # with the sample's sizes can make the tiers outgrow the budget (BudgetError at load)

@@ -53,14 +53,27 @@ def _scenario_plan(tier: str, n: int, nres: int, layers: int, used: int):
 SCENARIO_BYTES = 256 << 20
 
 
-def scenario_layers(source) -> int:
+def scenario_layers(source, max_bytes: int | None = None) -> int:
     """MoE layers the scenarios span: as many as hold ``min(N, 2k)`` full experts each within
-    :data:`SCENARIO_BYTES` (at least 1, at most all)."""
+    :data:`SCENARIO_BYTES` (at least 1, at most all).
+
+    ``max_bytes``: a bound on what the scenario engines hold together (each engine's working
+    set of ``k`` full experts, and per layer spanned ``min(N, 2k)`` experts in each of the
+    F, C, S and E tiers), for a calibration inside a run whose memory is bounded; then 0 when
+    not even one layer fits."""
     from .pipeline import budget_split
     hp = source.hparams
     n, k = int(hp["num_experts"]), int(hp["num_experts_per_tok"])
     bytes_F = budget_split(source, 1 << 62)[0]
-    return int(min(len(hp["moe_layers"]), max(1, SCENARIO_BYTES // (min(n, 2 * k) * bytes_F))))
+    used = int(min(len(hp["moe_layers"]), max(1, SCENARIO_BYTES // (min(n, 2 * k) * bytes_F))))
+    if max_bytes is None:
+        return used
+    lays = list(source.layouts.values())
+    per_expert = bytes_F + max(l.sm_region[1] + l.exp_region[1] for l in lays) \
+        + max(l.sm_region[1] for l in lays) + max(l.exp_region[1] for l in lays)
+    fixed = len(SCENARIOS) * k * bytes_F
+    fit = (int(max_bytes) - fixed) // (min(n, 2 * k) * per_expert)
+    return int(max(0, min(used, fit)))
 
 
 def _scenario_engine(source, tier: str, delay, workers: int, direct: bool, io_depth,
@@ -103,7 +116,8 @@ F_SETTLE_SWEEPS = 4
 
 
 def time_scenarios(source, delay, workers: int, direct: bool = False,
-                   io_depth: int | None = None, reps: int = 60, seed: int = 0) -> dict:
+                   io_depth: int | None = None, reps: int = 60, seed: int = 0,
+                   max_bytes: int | None = None) -> dict:
     """Median wall seconds of a one-token :meth:`ExpertEngine.run` whose ``k`` experts all come
     from one tier, for each tier of :data:`SCENARIOS`.
 
@@ -128,17 +142,20 @@ def time_scenarios(source, delay, workers: int, direct: bool = False,
         direct, io_depth: as for :class:`ExpertEngine`.
         reps: timed calls per scenario (rounded up to whole blocks).
         seed: routing seed.
+        max_bytes: bound on the scenario engines' bytes (:func:`scenario_layers`).
 
     Returns:
         ``{tier: seconds}``.
 
     Raises:
-        ValueError: ``reps < 1``.
+        ValueError: ``reps < 1``, or ``max_bytes`` too small for one layer.
     """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     hp = source.hparams
-    used = scenario_layers(source)
+    used = scenario_layers(source, max_bytes)
+    if used < 1:
+        raise ValueError(f"the engine-term scenarios need more than {max_bytes} bytes")
     layers = [int(l) for l in hp["moe_layers"][:used]]
     k = int(hp["num_experts_per_tok"])
     rng = np.random.default_rng(seed)
@@ -173,7 +190,8 @@ def time_scenarios(source, delay, workers: int, direct: bool = False,
 
 
 def measure_engine_terms(source, delay, workers: int, direct: bool = False,
-                         io_depth: int | None = None, reps: int = 60) -> dict:
+                         io_depth: int | None = None, reps: int = 60,
+                         max_bytes: int | None = None) -> dict:
     """The engine terms of the delay model on this machine for this model (see the module
     docstring for the method; the calls are :func:`time_scenarios`').
 
@@ -185,15 +203,20 @@ def measure_engine_terms(source, delay, workers: int, direct: bool = False,
             parallelism the base model uses).
         direct, io_depth: as for :class:`~zipmoe_rt.engine.pipeline.ExpertEngine`.
         reps: timed calls per scenario.
+        max_bytes: bound on what the scenario engines hold together (:func:`scenario_layers`;
+            a calibration inside a run under a memory budget passes the budget's expert part).
 
     Returns:
         ``{"layer_fixed_s", "load_C_s", "load_S_s", "load_E_s", "load_miss_s"}`` (seconds,
         may be negative) plus ``"engine_layer_s"``: ``{tier: M_t}``, the measured medians, and
-        ``"engine_workers"``.
+        ``"engine_workers"``; ``{}`` where ``max_bytes`` holds not even one layer's scenarios
+        (the delay model then has no engine terms).
     """
+    if max_bytes is not None and scenario_layers(source, max_bytes) < 1:
+        return {}
     base = dataclasses.replace(delay, **{t: 0.0 for t in TERM_KEYS})
     k = int(source.hparams["num_experts_per_tok"])
-    meas = time_scenarios(source, base, workers, direct, io_depth, reps)
+    meas = time_scenarios(source, base, workers, direct, io_depth, reps, max_bytes=max_bytes)
     pred = {t: base.layer_makespan({t: k}) for t in SCENARIOS}
     fixed = meas["F"] - pred["F"]
     out = {"layer_fixed_s": fixed}
