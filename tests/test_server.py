@@ -840,3 +840,20 @@ def test_serve_ctx_size_option_is_refused_below_one():
 
     r = cli("serve", "--ctx-size", "0")
     assert r.exit_code != 0 and "--ctx-size" in r.stderr
+
+
+def test_context_under_a_memory_limit_is_the_one_it_planned():
+    """``serve --memory-limit``: requests get at most the context the limit sized the KV cache
+    for (``Model.memory_plan.context``; -c lowers it), not the model's trained length."""
+    from types import SimpleNamespace
+
+    from zipmoe_rt.server.worker import ModelHost
+
+    plan = SimpleNamespace(context=40)
+    for ctx, want in ((None, 40), (24, 24), (100, 40)):
+        h = ModelHost(lambda: None, ctx_size=ctx)
+        h.model = SimpleNamespace(hparams={"max_position_embeddings": 512}, memory_plan=plan)
+        assert h.context_length == want, ctx
+    h = ModelHost(lambda: None)
+    h.model = SimpleNamespace(hparams={"max_position_embeddings": 512}, memory_plan=None)
+    assert h.context_length == 512

@@ -62,9 +62,9 @@ def serve(model, host, port, api_key, cors, queue_size, model_id, ctx_size, **kw
                f"; /health answers 503 until it is ready)", err=True)
     from .server import ModelLoadError
     try:
-        run_server(functools.partial(load_from_options, model, kw), host=host, port=port,
-                   api_key=api_key, cors=cors, queue_size=queue_size, model_id=model_id,
-                   ctx_size=ctx_size)
+        run_server(functools.partial(load_from_options, model, kw, context=ctx_size), host=host,
+                   port=port, api_key=api_key, cors=cors, queue_size=queue_size,
+                   model_id=model_id, ctx_size=ctx_size)
     except ModelLoadError as e:
         raise CliError(str(e)) from None
 

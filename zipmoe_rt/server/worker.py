@@ -146,7 +146,11 @@ class ModelHost:
     @property
     def context_length(self) -> int:
         """The context of a request in tokens: ``ctx_size`` when given, else the model's
-        ``max_position_embeddings`` (a very large number if unknown)."""
+        ``max_position_embeddings`` (a very large number if unknown); under a memory limit at
+        most the context its KV cache was planned for (``Model.memory_plan.context``)."""
+        plan = getattr(self.model, "memory_plan", None)
+        if plan is not None:        # a memory limit holds a KV cache of the context it planned
+            return min(self.ctx_size or plan.context, plan.context)
         if self.ctx_size is not None:
             return self.ctx_size
         n = self.model.hparams.get("max_position_embeddings") if self.model else None
