@@ -796,6 +796,11 @@ def test_serve_command_end_to_end(tiny_zmoe, model):
         cl = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0, timeout=120)
         r = _chat(cl, HI, max_tokens=8)
         assert r.choices[0].message.content == model.chat(HI, max_tokens=8)
+        # SIGTERM (kill, docker stop) is a normal stop: graceful, status 0, no "interrupted"
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+        out = proc.stdout.read()
+        assert "Shutting down" in out and "interrupted" not in out, out
     finally:
         proc.terminate()
         try:

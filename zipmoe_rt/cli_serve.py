@@ -61,6 +61,7 @@ def serve(model, host, port, api_key, cors, queue_size, model_id, ctx_size, **kw
     click.echo(f"zipmoe-rt serve: http://{host}:{port}/ (loading {model or 'the default model'}"
                f"; /health answers 503 until it is ready)", err=True)
     from .server import ModelLoadError
+    _sigterm_stops_quietly()
     try:
         run_server(functools.partial(load_from_options, model, kw, context=ctx_size), host=host,
                    port=port, api_key=api_key, cors=cors, queue_size=queue_size,
@@ -107,3 +108,17 @@ def _api_key(key: str | None) -> str | None:
         raise click.BadParameter("empty; give the key clients must send, or leave the "
                                  "option out for a server without a key")
     return key
+
+
+def _sigterm_stops_quietly() -> None:
+    """SIGTERM (``kill``, ``docker stop``, a service manager) is a normal stop for a server:
+    uvicorn shuts down gracefully and raises the signal again, which then ends the process with
+    status 0 instead of the ``interrupted`` / 130 of Ctrl-C."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(0)
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (embedded use)
+        pass
