@@ -418,3 +418,16 @@ def test_missing_tensor_is_named(tmp_path, name, missing):
     edit_tensors(folder / "model.safetensors", lambda ts: ts.pop(missing))
     with pytest.raises(ConversionError, match=missing.replace(".", r"\.")):
         convert_quiet(folder, tmp_path / "m.zmoe")
+
+
+def test_an_expert_width_error_names_the_familys_config_key(tmp_path):
+    """Mixtral gives its experts' width as config.json's ``intermediate_size``: the error names
+    that key, not the stored field ``moe_intermediate_size``."""
+    folder = tiny("mixtral", tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    edit_config(folder, intermediate_size=cfg["intermediate_size"] + 8)
+    with pytest.raises(ConversionError) as ei:
+        convert_quiet(folder, tmp_path / "m.zmoe")
+    msg = str(ei.value)
+    assert f"(intermediate_size={cfg['intermediate_size'] + 8}, " in msg, msg
+    assert "moe_intermediate_size" not in msg, msg

@@ -81,9 +81,12 @@ def plan_conversion(folder: Path):
                                   f"which the config says is not a MoE layer")
         want = _expected_expert_shape(ref.role, hp, ref.expert is None)
         if tuple(t.shape) != want:
+            from ..families import get_family      # the family's own config.json key names
+            keys = get_family(hp.get("family")).hparams_class.CONFIG_KEYS
+            inter = keys.get("moe_intermediate_size", ("moe_intermediate_size",))[0]
             raise ConversionError(f"{t.file}: tensor {t.name!r} has shape {list(t.shape)}, "
                                   f"expected {list(want)} from config.json "
-                                  f"(moe_intermediate_size={hp['moe_intermediate_size']}, "
+                                  f"({inter}={hp['moe_intermediate_size']}, "
                                   f"hidden_size={hp['hidden_size']})")
         es = range(hp["num_experts"]) if ref.expert is None else [ref.expert]
         for e in es:
