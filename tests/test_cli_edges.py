@@ -502,3 +502,23 @@ def test_chat_under_a_memory_limit_stops_at_the_planned_context(greedy_zmoe, tmp
     prompt, _, generated, why = stats_of(r.stderr)
     assert why == "length" and prompt + generated == 41, r.stderr   # the last token is not fed
     assert re.search(r"\b40 tokens in the KV cache", r.stderr), r.stderr
+
+
+# -- a file of another kind is named as such -----------------------------------------------------
+def test_files_of_other_kinds_are_named(tmp_path):
+    from zipmoe_rt.convert.safetensors_io import write_safetensors
+    import numpy as np
+
+    st = tmp_path / "model.safetensors"
+    write_safetensors(st, {"w": ("F32", (2, 2), np.zeros((2, 2), np.float32).tobytes())})
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    for f, kind in ((st, "a safetensors file"), (gguf, "a GGUF file")):
+        line = assert_one_line_error(cli("run", f, "-p", "hi"), str(f), "not a .zmoe file")
+        assert f"it looks like {kind}" in line, line
+        line = assert_one_line_error(cli("plan", f), str(f), "not a JSON config")
+        assert f"it is {kind}" in line, line
+    bad = tmp_path / "config.json"
+    bad.write_text('{"architectures": [')
+    line = assert_one_line_error(cli("plan", bad), "not a JSON config")
+    assert "it is" not in line, line

@@ -227,7 +227,13 @@ def read_config(path) -> tuple[Path, dict]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PlanError(f"{path}: not a JSON config ({e})") from None
+        from zmoe.reader import sniff_kind
+        with open(path, "rb") as f:
+            kind = sniff_kind(f.read(16))
+        kind = None if kind == "JSON text" else kind       # a broken config.json: say where
+        raise PlanError(f"{path}: not a JSON config ("
+                        + (f"it is {kind}; give the Hugging Face folder's config.json or a .zmoe"
+                           if kind else str(e)) + ")") from None
     except OSError as e:
         raise PlanError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(config, dict):

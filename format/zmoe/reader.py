@@ -80,8 +80,10 @@ class ZmoeReader:
         with open(self.path, "rb") as f:
             head = f.read(HEADER_SIZE)
             if len(head) < 4 or head[:4] != MAGIC:
+                kind = sniff_kind(head)
                 raise NotZmoeError(f"{self.path}: not a .zmoe file (magic {head[:4]!r}, "
-                                   f"expected {MAGIC!r})")
+                                   f"expected {MAGIC!r}"
+                                   + (f"; it looks like {kind})" if kind else ")"))
             if len(head) < HEADER_SIZE:
                 raise TruncatedFileError(f"{self.path}: truncated header ({len(head)} bytes)")
             (version,) = struct.unpack_from("<I", head, 4)
@@ -325,3 +327,19 @@ def bits_per_weight(reader: ZmoeReader, name: str) -> float:
     """Stored bits per element of tensor ``name`` (16 for raw BF16, ~10.6 for bit-plane BF16)."""
     n = element_count(reader.tensors[name])
     return 8.0 * reader.stored_bytes(name) / n if n else 0.0
+
+
+def sniff_kind(head: bytes) -> str | None:
+    """What a file that is not a ``.zmoe`` looks like from its first bytes (at least 9), for
+    error messages: ``"a GGUF file"`` (magic ``GGUF``, the GGUF spec), ``"a safetensors file"``
+    (an 8-byte little-endian header length then ``{``, the safetensors format), ``"a ZIP archive
+    (a PyTorch .bin/.pt checkpoint?)"``, ``"JSON text"``; ``None`` when none fits."""
+    if head[:4] == b"GGUF":
+        return "a GGUF file"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < struct.unpack_from("<Q", head)[0] < 1 << 32:
+        return "a safetensors file"
+    if head[:4] == b"PK\x03\x04":
+        return "a ZIP archive (a PyTorch .bin/.pt checkpoint?)"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "JSON text"
+    return None
