@@ -365,12 +365,12 @@ def test_text_that_is_not_utf8_is_named(greedy_zmoe):
     with zipmoe_rt.load(greedy_zmoe) as m:
         want = m.chat([user("hello")], max_tokens=3)
     r = cli("chat", greedy_zmoe, "-n", 3, input=b"ok \xff\nhello\n")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 1, r.output            # the refused turn is in the exit status
     assert "error: input: not valid UTF-8 (byte 0xff at character 3)" in r.stderr
     assert r.stdout == want + "\n"
     # a /system prompt that is not UTF-8 is refused; the conversation goes on without it
     r = cli("chat", greedy_zmoe, "-n", 3, input=b"/system be \xfe\nhello\n")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 1, r.output
     assert "error: /system: not valid UTF-8 (byte 0xfe at character 3)" in r.stderr
     assert r.stdout == want + "\n"
     assert_one_line_error(cli("run", greedy_zmoe, "-p", "-", "-n", 2, input=b"a\xffb"),
@@ -522,3 +522,19 @@ def test_files_of_other_kinds_are_named(tmp_path):
     bad.write_text('{"architectures": [')
     line = assert_one_line_error(cli("plan", bad), "not a JSON config")
     assert "it is" not in line, line
+
+
+# -- a scripted chat says when turns failed --------------------------------------------------------
+def test_piped_chat_exits_1_when_a_turn_is_refused(greedy_zmoe):
+    """Each turn over the context is one error: line (with the /reset hint), the others are
+    answered, and the exit status is 1 so a script can tell; all turns fine: status 0."""
+    ok = cli("chat", greedy_zmoe, "-n", 4, input="hi\nhello\n")
+    assert ok.exit_code == 0, ok.output
+    long = "tell me a long story about a dragon and a knight " * 3
+    r = cli("chat", greedy_zmoe, "-c", 40, "-n", 4, input=f"hi\n{long}\n/reset\nhello\n")
+    assert r.exit_code == 1, r.output
+    errs = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errs) == 2, r.stderr
+    assert "do not fit the context of 40 tokens" in errs[0] and "/reset" in errs[0], errs
+    assert errs[1] == "error: 1 of the input's turns failed (the error: lines above)"
+    assert len(r.stdout.splitlines()) == 2          # "hi" and, after /reset, "hello" answered

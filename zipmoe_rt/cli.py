@@ -429,7 +429,8 @@ def chat(model, system, show_reasoning, **kw):
     """Interactive chat REPL that streams replies and keeps the conversation.
 
     With standard input not a terminal, each input line is one user turn and each reply is
-    printed on its own line, so it can be scripted.
+    printed on its own line, so it can be scripted; the exit status is 1 when a turn was
+    refused (an error: line names each).
     MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
     """
     from . import cli_repl
@@ -440,9 +441,11 @@ def chat(model, system, show_reasoning, **kw):
     interactive = sys.stdin.isatty()
     memory = None if _memory_asked(kw) else m.memory_line()   # else load_from_options said it
     harmony = _harmony_reply(m, show_reasoning, False)
-    cli_repl.repl(m, session, sp, kw["stops"], _stats_line, _session_stats, interactive,
-                  cli_repl.banner(m, ctx, memory),
-                  harmony=None if harmony is None else harmony.show_reasoning)
+    failed = cli_repl.repl(m, session, sp, kw["stops"], _stats_line, _session_stats,
+                           interactive, cli_repl.banner(m, ctx, memory),
+                           harmony=None if harmony is None else harmony.show_reasoning)
+    if failed and not interactive:      # a script learns that some of its turns were refused
+        raise CliError(f"{failed} of the input's turns failed (the error: lines above)")
 
 
 def _harmony_reply(m, show_reasoning: bool, raw: bool):

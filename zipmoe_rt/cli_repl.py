@@ -336,8 +336,10 @@ def read_turn(interactive: bool) -> str | None:
 
 
 def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, session_stats,
-         interactive: bool, banner_text: str, harmony: bool | None = None) -> None:
+         interactive: bool, banner_text: str, harmony: bool | None = None) -> int:
     """The ``chat`` loop: read a turn, stream the reply, print the stats line (terminal only).
+    Returns the number of turns refused with an ``error:`` line (a prompt over the context, a
+    line that is not UTF-8, ...): a scripted chat exits with status 1 when some were.
 
     ``harmony``: None for a model whose replies are plain text; for gpt-oss's harmony format,
     whether to show the reasoning: each reply is split by
@@ -360,6 +362,7 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
         click.echo(banner_text, err=True)
         click.echo(REPL_HELP, err=True)
     eof_next = False                 # a Ctrl-D typed after lines typed ahead of the prompt
+    failed = 0
     while True:
         try:
             ahead, eof = typed_ahead() if interactive and not eof_next else (None, False)
@@ -397,6 +400,7 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
                     utf8_text(arg, "/system")
                 except ValueError as e:            # the prompt and conversation are kept
                     click.echo(f"error: {e}", err=True)
+                    failed += 1
                     continue
                 session.reset(system=arg.strip() or None)
                 model.last_stats = None
@@ -417,7 +421,10 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
             utf8_text(line, "input")
             pieces = session.send(line, skip_special_tokens=reply is None, **sampling)
         except ValueError as e:           # e.g. the conversation no longer fits the context
-            click.echo(f"error: {e}", err=True)
+            hint = ("; /reset clears the conversation"
+                    if "start a new conversation" in str(e) else "")
+            click.echo(f"error: {e}{hint}", err=True)
+            failed += 1
             continue
         if reply is not None:
             pieces = reply.filter(pieces)
@@ -448,6 +455,7 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
             click.secho(stats_line(model.last_stats), err=True, dim=True)
         if eof:
             break
+    return failed
 
 
 def prefill_notice(pieces: Iterator[str], n_new: int) -> Iterator[str]:
