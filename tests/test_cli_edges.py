@@ -538,3 +538,11 @@ def test_piped_chat_exits_1_when_a_turn_is_refused(greedy_zmoe):
     assert "do not fit the context of 40 tokens" in errs[0] and "/reset" in errs[0], errs
     assert errs[1] == "error: 1 of the input's turns failed (the error: lines above)"
     assert len(r.stdout.splitlines()) == 2          # "hi" and, after /reset, "hello" answered
+
+
+def test_unbudgeted_compressed_residency_is_named_in_the_memory_line(greedy_zmoe):
+    with zipmoe_rt.load(greedy_zmoe, resident="compressed") as m:
+        line = m.memory_line()
+    assert "no weight budget (every expert kept in the compute form, computed in place)" in line
+    with zipmoe_rt.load(greedy_zmoe) as m:
+        assert "no weight budget (every expert kept once decoded)" in m.memory_line()

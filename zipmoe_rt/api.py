@@ -302,7 +302,8 @@ class Model:
         pol = describe_auto(getattr(self.engine, "auto_choice", None), self.policy)
         if getattr(self.engine, "resident", "full") == "compressed":
             pol += " (experts cached in the compute form)"
-        return memory_line(self.memory_plan, self.engine and self.engine.budget, pol)
+        return memory_line(self.memory_plan, self.engine and self.engine.budget, pol,
+                           compressed=getattr(self.source, "resident", "full") == "compressed")
 
     @property
     def device(self) -> str:

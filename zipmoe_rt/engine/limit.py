@@ -496,12 +496,17 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
                       warmup_peak=int(peak or 0), engine=ENGINE_HEADROOM)
 
 
-def memory_line(plan: MemoryPlan | None, budget: int | None, policy: str) -> str:
+def memory_line(plan: MemoryPlan | None, budget: int | None, policy: str,
+                compressed: bool = False) -> str:
     """One line on a loaded model's memory for the banner and ``/stats``: the limit and how it
-    divides (``plan``), else the weight budget (bytes, or None: unbudgeted), and the policy."""
+    divides (``plan``), else the weight budget (bytes, or None: unbudgeted), and the policy.
+    ``compressed``: unbudgeted, every expert is held in the compute form (``--resident
+    compressed``), not decoded."""
     pol = f"policy {policy}"
     if plan is not None:
         return f"{plan.describe()}; {pol}"
     if budget is not None:
         return f"no memory limit; weight budget {budget / 1e6:.1f} MB; {pol}"
-    return f"no memory limit, no weight budget (every expert kept once decoded); {pol}"
+    kept = ("every expert kept in the compute form, computed in place" if compressed
+            else "every expert kept once decoded")
+    return f"no memory limit, no weight budget ({kept}); {pol}"
