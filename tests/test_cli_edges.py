@@ -86,6 +86,7 @@ def test_plan_and_convert_refuse_decoder_sparse_step_zero(tiny_moe_dir, tmp_path
 # -- --memory-budget and --memory-limit state one minimum ------------------------------------------
 def test_budget_and_limit_state_the_same_minimum(greedy_zmoe, tmp_path, monkeypatch):
     from zipmoe_rt.engine import limit as L
+    from zipmoe_rt.engine import memparts as P
     from zipmoe_rt.engine.pipeline import budget_split
     from zipmoe_rt.engine.store import ZmoeSource
     from zipmoe_rt.engine.tiers import BudgetError, smallest_budget
@@ -122,8 +123,8 @@ def test_budget_and_limit_state_the_same_minimum(greedy_zmoe, tmp_path, monkeypa
         with pytest.raises(L.MemoryLimitError) as el:
             L.plan_memory(src, MB, context=64, overhead=50 * MB)
         assert minimums(str(eb.value), str(el.value)) == ("120.6", "120.6")
-        need = 50 * MB + L.kv_bytes(src.hparams, 64) + L.read_buffer_bytes(src) + \
-            L.activation_bytes(src.hparams, 64) + L.ENGINE_HEADROOM + 120_540_000
+        need = 50 * MB + P.kv_bytes(src.hparams, 64) + P.read_buffer_bytes(src) + \
+            P.activation_bytes(src.hparams, 64) + L.ENGINE_HEADROOM + 120_540_000
         at_least = re.search(r": at least (\d+\.\d) MB$", str(el.value)).group(1)
         assert float(at_least) * MB >= need > (float(at_least) - 0.1) * MB
         L.plan_memory(src, f"{at_least}MB", context=64, overhead=50 * MB)   # enough

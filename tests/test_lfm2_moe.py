@@ -137,7 +137,7 @@ def test_router_matches_transformers(backend, use_bias, renorm, scale):
 def test_layer_caches_follow_layer_types(loaded, name):
     """KV caches only for attention layers, a conv state for the conv layers; the bytes are
     what the family's hyper-parameters say (plan, --memory-limit)."""
-    from zipmoe_rt.engine.limit import state_bytes
+    from zipmoe_rt.engine.memparts import state_bytes
     model, _ = loaded(name)
     cache = model.new_cache(capacity=8)
     kinds = ["conv" if isinstance(lc, RecurrentCache) else "full_attention"
@@ -383,7 +383,7 @@ def test_plan_published(tmp_path):
     the tied head counted once); the KV cache of the 6 attention layers only (2 x 8 kv heads x
     64 per layer and token); the conv state of the 18 conv layers (2 x 2048 values each),
     float32, in the cache's copies; ``--memory-limit``'s KV figure holds it."""
-    from zipmoe_rt.engine.limit import kv_bytes, state_bytes
+    from zipmoe_rt.engine.memparts import kv_bytes, state_bytes
     from zipmoe_rt.plan import format_plan, size_plan
     (tmp_path / "config.json").write_text(json.dumps(LFM2_8B_A1B))
     p = size_plan(tmp_path)

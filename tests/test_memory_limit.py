@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 import zipmoe_rt
 from zipmoe_rt.engine import limit as L
+from zipmoe_rt.engine import memparts as P
 from zipmoe_rt.engine.store import ZmoeSource
 
 from test_api import make_chat_model
@@ -156,8 +157,8 @@ OVERHEAD = 50 * MB
 
 
 def parts(src, context):
-    return (L.kv_bytes(src.hparams, context),
-            L.read_buffer_bytes(src) + L.activation_bytes(src.hparams, context)
+    return (P.kv_bytes(src.hparams, context),
+            P.read_buffer_bytes(src) + P.activation_bytes(src.hparams, context)
             + L.ENGINE_HEADROOM)
 
 
@@ -170,7 +171,7 @@ def test_kv_bytes_follows_the_cache_growth(tiny_zmoe):
             for lc in c.layers:
                 lc.reserve(n)
             # every layer at the capacity n needs, plus one layer's old copy while it grows
-            assert L.kv_bytes(m.hparams, n) == c.nbytes + c.nbytes // len(c.layers) // 2
+            assert P.kv_bytes(m.hparams, n) == c.nbytes + c.nbytes // len(c.layers) // 2
     finally:
         m.close()
 
@@ -354,12 +355,12 @@ def test_activation_bytes_counts_one_prefill_batch():
           "num_experts_per_tok": 2}
     # 4 hidden-size rows + gate and up rows of top-k + 1 experts, float32, per token
     assert PREFILL_UBATCH == 512
-    assert L.activation_bytes(hp) == 4 * 512 * (4 * 576 + 2 * 3 * 1536) == 23_592_960
-    assert L.activation_bytes(dict(hp, shared_expert_intermediate_size=5632)) == \
+    assert P.activation_bytes(hp) == 4 * 512 * (4 * 576 + 2 * 3 * 1536) == 23_592_960
+    assert P.activation_bytes(dict(hp, shared_expert_intermediate_size=5632)) == \
         4 * 512 * (4 * 576 + 2 * 3 * 5632)
     # a limit sized for a shorter context holds a prefill batch of that many tokens
-    assert L.activation_bytes(hp, 80) == 4 * 80 * (4 * 576 + 2 * 3 * 1536)
-    assert L.activation_bytes(hp, 2048) == L.activation_bytes(hp, 512) == L.activation_bytes(hp)
+    assert P.activation_bytes(hp, 80) == 4 * 80 * (4 * 576 + 2 * 3 * 1536)
+    assert P.activation_bytes(hp, 2048) == P.activation_bytes(hp, 512) == P.activation_bytes(hp)
 
 
 def test_long_prompt_runs_in_prefill_batches(tiny_zmoe, monkeypatch):

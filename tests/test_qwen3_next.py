@@ -155,7 +155,7 @@ def test_recurrent_cache_rules():
 def test_layer_caches_follow_layer_types(loaded, name):
     """KV caches only for full-attention layers, recurrent state for the linear ones; the
     bytes are what the family's hyper-parameters say."""
-    from zipmoe_rt.engine.limit import state_bytes
+    from zipmoe_rt.engine.memparts import state_bytes
     model, _ = loaded(name)
     cache = model.new_cache(capacity=8)
     kinds = ["linear_attention" if isinstance(lc, RecurrentCache) else "full_attention"
@@ -398,7 +398,7 @@ def test_plan_published(tmp_path, cfg, linear, full):
 
 def test_memory_limit_counts_the_state(tmp_path):
     """``--memory-limit``'s KV figure holds the fixed state of the linear layers."""
-    from zipmoe_rt.engine.limit import kv_bytes, state_bytes
+    from zipmoe_rt.engine.memparts import kv_bytes, state_bytes
     fam = get_architecture(QWEN3_NEXT_80B)
     hp = fam.hparams()
     typed = get_family("qwen3_next").hparams_class.from_hparams(hp)

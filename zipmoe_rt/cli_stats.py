@@ -47,7 +47,7 @@ def kv_stats(m, cache) -> str:
     line = (f"KV cache: {per_token:,d} bytes per token, {cache.offset} tokens = "
             f"{cache.offset * per_token / 1e6:.3f} MB in use, {cache.nbytes / 1e6:.3f} MB "
             f"allocated")
-    from .engine.limit import state_bytes
+    from .engine.memparts import state_bytes
     state = state_bytes(m.net.args)
     if state:       # linear-attention layers (Qwen3-Next): a fixed state, counted in the total
         line += f" (of which {state / 1e6:.3f} MB the fixed linear-attention state)"

@@ -265,7 +265,7 @@ def size_plan(path, memory_budget=None) -> SizePlan:
             experts (the message gives the minimum).
         ValueError: an unreadable budget.
     """
-    from .engine.limit import state_bytes
+    from .engine.memparts import state_bytes
     from .families import get_architecture
     from .models.cache import KV_DTYPE
 
