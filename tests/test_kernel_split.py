@@ -10,6 +10,7 @@ import pytest
 from zipmoe_rt.kernels import attention as att
 from zipmoe_rt.kernels import linear as lin
 from zipmoe_rt.kernels import sinks as snk
+from zipmoe_rt.kernels.widen import widen_bf16
 
 
 def _qkv_cache(T, pos0, nq, nkv, hd, seed):
@@ -100,5 +101,5 @@ def test_gemv_bits_equal_on_both_sides_of_the_threshold(out_rows, monkeypatch):
         lin.linear_into(x, W, y)
         ys.append(y)
     assert np.array_equal(ys[0].view(np.uint32), ys[1].view(np.uint32))
-    ref = x.astype(np.float64) @ lin.widen_bf16(W).astype(np.float64).T
+    ref = x.astype(np.float64) @ widen_bf16(W).astype(np.float64).T
     assert np.abs(ys[0] - ref).max() < 1e-4

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from zipmoe_rt.kernels.embed import bf16_rows
-from zipmoe_rt.kernels.linear import linear, widen_bf16
+from zipmoe_rt.kernels.linear import linear
+from zipmoe_rt.kernels.widen import widen_bf16
 from zipmoe_rt.kernels.swiglu import expert_accumulate, swiglu_expert
 from zipmoe_rt.models import build_model
 from zipmoe_rt.families import HParams

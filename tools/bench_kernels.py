@@ -53,7 +53,8 @@ def main(argv=None) -> None:
     from zipmoe_rt.kernels import set_wait_policy
 
     set_wait_policy(args.wait_policy)
-    from zipmoe_rt.kernels.linear import linear, linear_into, widen_bf16
+    from zipmoe_rt.kernels.linear import linear, linear_into
+    from zipmoe_rt.kernels.widen import widen_bf16
     from zipmoe_rt.kernels.swiglu import swiglu_expert
 
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))

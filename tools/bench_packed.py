@@ -41,6 +41,7 @@ from numba import njit  # noqa: E402
 
 from zipmoe_rt.engine.resident import pack_bf16  # noqa: E402
 from zipmoe_rt.kernels import linear as lin  # noqa: E402
+from zipmoe_rt.kernels.widen import bf16_to_f32  # noqa: E402
 from zipmoe_rt.kernels import packed as pk  # noqa: E402
 from zipmoe_rt.kernels.rows import packed_source, unpack_row  # noqa: E402
 
@@ -68,10 +69,10 @@ def _plain_gemv(x, W, y):
         a3 = np.float32(0.0)
         for j in range(n):
             xj = x[j]
-            a0 += lin.bf16_to_f32(r0[j]) * xj
-            a1 += lin.bf16_to_f32(r1[j]) * xj
-            a2 += lin.bf16_to_f32(r2[j]) * xj
-            a3 += lin.bf16_to_f32(r3[j]) * xj
+            a0 += bf16_to_f32(r0[j]) * xj
+            a1 += bf16_to_f32(r1[j]) * xj
+            a2 += bf16_to_f32(r2[j]) * xj
+            a3 += bf16_to_f32(r3[j]) * xj
         y[b] = a0
         y[b + q] = a1
         y[b + 2 * q] = a2
@@ -79,7 +80,7 @@ def _plain_gemv(x, W, y):
     for o in range(q * 4, out):
         acc = np.float32(0.0)
         for j in range(n):
-            acc += lin.bf16_to_f32(W[o, j]) * x[j]
+            acc += bf16_to_f32(W[o, j]) * x[j]
         y[o] = acc
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .linear import JIT_SERIAL, bf16_to_f32, f16_to_f32, weight_kind
+from .linear import JIT_SERIAL, weight_kind
+from .widen import bf16_to_f32, f16_to_f32
 
 __all__ = ["bf16_rows"]
 

@@ -14,7 +14,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import linear as _lin
-from .linear import JIT_PARALLEL, JIT_SERIAL, bf16_to_f32, weight_kind
+from .linear import JIT_PARALLEL, JIT_SERIAL, weight_kind
+from .widen import bf16_to_f32
 
 __all__ = ["heads_linear"]
 

@@ -17,8 +17,9 @@ from numba import get_num_threads, njit, prange
 
 from . import linear as _lin
 from .linear import (JIT_PARALLEL, JIT_SERIAL, dot1_bf16, dot4_bf16, dot_block, linear,
-                     linear_into, widen_rows_bf16)
+                     linear_into)
 from .rows import k_sources, row_k, row_of
+from .widen import widen_rows_bf16
 
 __all__ = ["swiglu_expert", "swiglu_hidden", "expert_accumulate", "experts_decode"]
 
