@@ -424,12 +424,12 @@ def test_bench_warmup_source_builds_from_the_specs(name):
     and runs also when the hparams carry layer_types (transformers-5 Qwen2-MoE configs)."""
     import numpy as np
 
-    from zipmoe_rt.bench import _TinySource
+    from zipmoe_rt.engine.footprint import TinySource
     from zipmoe_rt.models import build_model
 
     fam, _, d = _hf_config(name)
     hp = get_architecture(d).typed_hparams()
-    src = _TinySource(hp.to_hparams())
+    src = TinySource(hp.to_hparams())
     specs = [s for s in fam.tensor_specs(src.hparams) if not s.is_expert and not s.tied]
     assert {n: src.tensor(n).shape for n in src._shapes} == {s.name: s.shape for s in specs}
     if "attn_kv_a" in fam.tensor_table():      # MLA: the biases are on kv_a_proj_with_mqa

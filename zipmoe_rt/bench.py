@@ -27,7 +27,7 @@ import numpy as np
 from zmoe.constants import Keys
 
 from . import bench_planner
-from .engine.footprint import TinySource, steady_footprint
+from .engine.footprint import steady_footprint
 from .engine.io import evict_page_cache
 from .generate import SamplingParams, generate
 from .util import format_bytes, peak_rss, reset_peak_rss
@@ -196,10 +196,6 @@ def baseline_rss(model_path) -> int:
     """Fixed overhead in bytes: the steady RSS of :func:`baseline_footprint` (what the weights
     compete with while a model runs); 0 when the measuring child failed."""
     return int(baseline_footprint(model_path).get("steady", 0))
-
-
-#: the tiny warm-up source (kept under its former name for callers)
-_TinySource = TinySource
 
 
 def _ms(a):

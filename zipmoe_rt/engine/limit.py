@@ -12,7 +12,7 @@ memory limit counts everything the process holds, and derives the budget from it
   and one real expert, after the freed heap is trimmed and LLVM's code pages are dropped
   (interpreter, numpy, Numba and its JIT code, tokenizer, index;
   :mod:`~zipmoe_rt.engine.footprint`), measured in a child process
-  (:func:`zipmoe_rt.bench.baseline_rss`) and remembered in ``overhead.json`` of the cache folder
+  (:func:`zipmoe_rt.bench.baseline_footprint`) and remembered in ``overhead.json`` of the cache folder
   (one entry per model file, runtime version and Python). A loading process under a limit runs
   the same warm-up and release before it holds any weight, so the warm-up's higher peak (JIT
   and LLVM) never meets the weights;
