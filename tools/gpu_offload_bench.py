@@ -21,7 +21,9 @@ Two steps, because the value pools come from a GGUF file the GPU machine does no
 
 ``run`` writes the checkpoint, calibrates its routers
 (:func:`offload_model.calibrate_routers`), converts it twice (bit-planes; raw experts for
-raw-lru), times the two segment decode kernels on one expert, then for each routing (the
+raw-lru), times the two segment decode kernels on one expert and a routing read (device to host) with
+and without host-to-device copies in flight (:func:`time_reads_under_copies`), then for each
+routing (the
 model's routers, and/or :func:`offload_model.uniform_routing`) records an activation trace for
 zipmoe (teacher-forced tokens, unbudgeted GPU run) and times each configuration after a
 warm-up, with cross-layer prefetch off and/or on (``--prefetch``; a third routing,
@@ -201,6 +203,53 @@ def time_segment_kernels(z, reps: int = 20) -> dict:
     return res
 
 
+def time_reads_under_copies(mb: int = 64, reps: int = 20) -> dict:
+    """How long the host waits for a small device-to-host read (128 float32, a router's logits,
+    as the look-ahead and the router read them on the compute stream) alone and while ``mb`` MB
+    of host-to-device copies from pinned memory run on a non-blocking stream (the engine's copy
+    stream), read into pageable memory (``cupy.asnumpy``, as the routing does) and into pinned
+    memory (``cudaMemcpyAsync`` + a stream synchronize); and the copies' own time, all medians
+    over ``reps`` in microseconds. A read that takes about as long as the copies waits for
+    them."""
+    import cupy as cp
+    n = int(mb) << 20
+    host = np.frombuffer(cp.cuda.alloc_pinned_memory(n), np.uint8, n)
+    pin = np.frombuffer(cp.cuda.alloc_pinned_memory(512), np.float32, 128)
+    dst = cp.empty(n, cp.uint8)
+    small = cp.zeros(128, cp.float32)
+    cs = cp.cuda.Stream(non_blocking=True)
+    cur = cp.cuda.get_current_stream()
+    rt = cp.cuda.runtime
+
+    def pageable():
+        cp.asnumpy(small)
+
+    def pinned():
+        rt.memcpyAsync(pin.ctypes.data, small.data.ptr, 512, rt.memcpyDeviceToHost, cur.ptr)
+        cur.synchronize()
+
+    def timed(f):
+        t0 = time.perf_counter()
+        f()
+        return time.perf_counter() - t0
+
+    res = {"copy_MB": n / 1e6}
+    for name, f in (("pageable", pageable), ("pinned", pinned)):
+        f()
+        res[f"{name}_read_alone_us"] = 1e6 * float(np.median([timed(f) for _ in range(reps)]))
+        under, whole = [], []
+        for _ in range(reps):
+            cp.cuda.Device().synchronize()
+            t0 = time.perf_counter()
+            rt.memcpyAsync(dst.data.ptr, host.ctypes.data, n, rt.memcpyHostToDevice, cs.ptr)
+            under.append(timed(f))
+            cs.synchronize()
+            whole.append(time.perf_counter() - t0)
+        res[f"{name}_read_during_copies_us"] = 1e6 * float(np.median(under))
+        res["copies_us"] = 1e6 * float(np.median(whole))
+    return res
+
+
 def run(a):
     import warnings
 
@@ -229,6 +278,12 @@ def run(a):
         except Exception as e:  # noqa: BLE001 - reported, the timing rows still run
             kt = {"error": f"{type(e).__name__}: {e}"[:300]}
         print(f"segment decode kernels, GB/s of BF16 output: {json.dumps(kt)}", flush=True)
+        try:
+            rd = time_reads_under_copies()
+        except Exception as e:  # noqa: BLE001 - reported, the timing rows still run
+            rd = {"error": f"{type(e).__name__}: {e}"[:300]}
+        print(f"routing reads with host-to-device copies in flight: {json.dumps(rd)}",
+              flush=True)
         cuda_experts.STAGED = not a.one_step_segments
     src = ZmoeSource(z)
     budget = parse_size(a.budget, src)
