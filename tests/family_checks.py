@@ -14,6 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from zipmoe_rt.backends import cuda_unavailable
+
+#: the backends of the op tests: the CPU ones, and the CUDA one where CuPy sees a GPU
+BACKENDS = ["numba", "numpy"] + ([] if cuda_unavailable() else ["cuda"])
+
 
 def convert_quietly(src: Path, dst: Path) -> Path:
     """``convert(src, dst)`` without a progress bar and with its warnings (a tiny checkpoint

@@ -19,7 +19,7 @@ from zipmoe_rt.models.short_conv import ShortConv
 from family_checks import (assert_stored_hparam_refused, check_answered_cold,
                            check_chat_session_turns, check_follow_up_reuses_the_state,
                            check_interrupted_forward, convert_quietly, serving)
-from hf_parity import hf_logits, model_pair
+from hf_parity import hf_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -32,11 +32,6 @@ BACKENDS = ("numba", "numpy")
 WHY = cuda_unavailable()
 ALL_BACKENDS = BACKENDS + (pytest.param("cuda", marks=pytest.mark.skipif(
     WHY is not None, reason=f"no CUDA backend here: {WHY}")),)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_moe_dir):
-    return model_pair(tiny_moe_dir)
 
 
 def _hf_config(**kw):
@@ -137,11 +132,11 @@ def test_router_matches_transformers(backend, use_bias, renorm, scale):
 # -- cache rules -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", SPECS)
-def test_layer_caches_follow_layer_types(loaded, name):
+def test_layer_caches_follow_layer_types(pair, name):
     """KV caches only for attention layers, a conv state for the conv layers; the bytes are
     what the family's hyper-parameters say (plan, --memory-limit)."""
     from zipmoe_rt.engine.memparts import state_bytes
-    model, _ = loaded(name)
+    model, _ = pair(name)
     cache = model.new_cache(capacity=8)
     kinds = ["conv" if isinstance(lc, RecurrentCache) else "full_attention"
              for lc in cache.layers]
@@ -153,10 +148,10 @@ def test_layer_caches_follow_layer_types(loaded, name):
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_cache_contents_match_transformers(loaded, name):
+def test_cache_contents_match_transformers(pair, name):
     """After a prompt, each attention layer holds transformers' values and each conv layer the
     conv state of its cache layer (transformers keeps one more, oldest, input column)."""
-    model, hf = loaded(name)
+    model, hf = pair(name)
     ids = PROMPT[:7]
     cache = model.new_cache()
     model.forward(ids, cache)
@@ -174,15 +169,15 @@ def test_cache_contents_match_transformers(loaded, name):
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_interrupted_forward_leaves_the_state(loaded, name):
+def test_interrupted_forward_leaves_the_state(pair, name):
     """A forward call that fails half way leaves every conv state as it was."""
-    model, _ = loaded(name)
+    model, _ = pair(name)
     check_interrupted_forward(model, PROMPT, lambda lc: (lc.conv,), atol=1e-5)
 
 
 # -- prefill, decode, chat turns -----------------------------------------------------------------
 
-def test_lfm25_template_turns_and_the_conv_state(loaded):
+def test_lfm25_template_turns_and_the_conv_state(pair):
     """LFM2.5's real chat template keeps the reasoning of the last assistant turn only: the
     second turn's prompt extends what the cache holds (first prompt + reply with ``<think>``)
     and reuses all of it; the third re-renders the first reply without its reasoning, so the
@@ -196,7 +191,7 @@ def test_lfm25_template_turns_and_the_conv_state(loaded):
     template = (root / "LFM2.5-Instruct.jinja").read_text(encoding="utf-8")
     tok = Tokenizer(_tokenizer_json(256), template, bos_token=TEST_SPECIALS[0],
                     eos_token="<|im_end|>")
-    model, hf = loaded("lfm2_moe")
+    model, hf = pair("lfm2_moe")
     state = CacheState.new(model)
     messages = []
     for k, (user, reply, reused) in enumerate((("2+2?", "<think>two and two</think>4.", 0),

@@ -19,7 +19,7 @@ from zipmoe_rt.models.weights import CheckpointSource
 from family_checks import (assert_stored_hparam_refused, check_answered_cold,
                            check_chat_session_turns, check_follow_up_reuses_the_state,
                            check_interrupted_forward, convert_quietly, serving)
-from hf_parity import hf_logits, model_pair
+from hf_parity import hf_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -28,11 +28,6 @@ from transformers.models.qwen3_next import modeling_qwen3_next as hf_next  # noq
 SPECS = ("qwen3_next", "qwen3_next_dense_bias", "qwen3_5_moe", "qwen3_5_moe_vl")
 PROMPT = np.random.default_rng(1).integers(0, 256, 16)
 BACKENDS = ("numba", "numpy")
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_moe_dir):
-    return model_pair(tiny_moe_dir)
 
 
 # -- ops against transformers ----------------------------------------------------------------
@@ -155,11 +150,11 @@ def test_recurrent_cache_rules():
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_layer_caches_follow_layer_types(loaded, name):
+def test_layer_caches_follow_layer_types(pair, name):
     """KV caches only for full-attention layers, recurrent state for the linear ones; the
     bytes are what the family's hyper-parameters say."""
     from zipmoe_rt.engine.memparts import state_bytes
-    model, _ = loaded(name)
+    model, _ = pair(name)
     cache = model.new_cache(capacity=8)
     kinds = ["linear_attention" if isinstance(lc, RecurrentCache) else "full_attention"
              for lc in cache.layers]
@@ -170,16 +165,16 @@ def test_layer_caches_follow_layer_types(loaded, name):
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_interrupted_forward_leaves_the_state(loaded, name):
+def test_interrupted_forward_leaves_the_state(pair, name):
     """A forward call that fails half way leaves every layer's committed state as it was."""
-    model, _ = loaded(name)
+    model, _ = pair(name)
     check_interrupted_forward(model, PROMPT, lambda lc: (lc.conv, lc.state), atol=1e-4)
 
 
 # -- prefill, decode, chat turns -----------------------------------------------------------------
 
-def test_model_cache_crop_is_all_or_nothing(loaded):
-    model, _ = loaded("qwen3_next")
+def test_model_cache_crop_is_all_or_nothing(pair):
+    model, _ = pair("qwen3_next")
     cache = model.new_cache()
     model.forward(PROMPT, cache)
     kv = [lc.length for lc in cache.layers]
@@ -192,12 +187,12 @@ def test_model_cache_crop_is_all_or_nothing(loaded):
                                   model.forward(PROMPT, model.new_cache()))
 
 
-def test_zero_centred_norms_matter(tiny_moe_dir, loaded):
+def test_zero_centred_norms_matter(tiny_moe_dir, pair):
     """The residual and q/k norms apply ``1 + w``: read as plain RMSNorm weights the logits
     move far outside the parity bar."""
     from zipmoe_rt.models import qwen3_next as mod
     from zipmoe_rt.models.model import Model, Norm
-    model, hf = loaded("qwen3_next")
+    model, hf = pair("qwen3_next")
     ref = hf_logits(hf, PROMPT)
 
     class Plain(mod.Model):
@@ -397,12 +392,12 @@ def test_chat_session_turns_equal_fresh_runs(tiny_moe_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_cache_contents_match_transformers(loaded, name):
+def test_cache_contents_match_transformers(pair, name):
     """After a prompt, each full-attention layer holds the keys and values of transformers'
     ``DynamicLayer`` (per position, as many values) and each linear layer the conv and
     recurrent states of its ``LinearAttentionLayer`` (transformers' conv state keeps one more,
     oldest, input column)."""
-    model, hf = loaded(name)
+    model, hf = pair(name)
     ids = PROMPT[:7]
     cache = model.new_cache()
     model.forward(ids, cache)
