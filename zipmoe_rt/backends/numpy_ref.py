@@ -45,6 +45,21 @@ def _rotate_half(v: np.ndarray) -> np.ndarray:
     return np.concatenate([-v[..., half:], v[..., :half]], axis=-1)
 
 
+def _queries_and_mask(qkv: np.ndarray, nq: int, hd: int, pos0: int, window: int):
+    """The query heads of ``qkv`` [T, nq, hd] and the mask [T, pos0 + T] of the
+    positions each query may see: itself and earlier ones, the last ``window`` when
+    ``window`` > 0."""
+    T = qkv.shape[0]
+    n = pos0 + T
+    q = qkv[:, :nq * hd].reshape(T, nq, hd)
+    qpos = np.arange(pos0, n)[:, None]
+    kpos = np.arange(n)[None, :]
+    visible = kpos <= qpos
+    if window > 0:
+        visible &= kpos > qpos - window
+    return q, visible
+
+
 class NumpyBackend(_lin.LinearAttnOps, HostArrays, Backend):
     """Reference ops in NumPy float32 (``get_backend("numpy")``)."""
 
@@ -162,12 +177,7 @@ class NumpyBackend(_lin.LinearAttnOps, HostArrays, Backend):
         """Per query head: masked score matrix, softmax, times the values."""
         T = qkv.shape[0]
         n = pos0 + T
-        q = qkv[:, :nq * hd].reshape(T, nq, hd)
-        qpos = np.arange(pos0, n)[:, None]
-        kpos = np.arange(n)[None, :]
-        visible = kpos <= qpos
-        if window > 0:
-            visible &= kpos > qpos - window
+        q, visible = _queries_and_mask(qkv, nq, hd, pos0, window)
         group = nq // nkv
         for h in range(nq):
             K, V = kc[h // group, :n], vc[h // group, :n]
@@ -282,12 +292,7 @@ class NumpyBackend(_lin.LinearAttnOps, HostArrays, Backend):
         check_sinks(sinks, nq)
         T = qkv.shape[0]
         n = pos0 + T
-        q = qkv[:, :nq * hd].reshape(T, nq, hd)
-        qpos = np.arange(pos0, n)[:, None]
-        kpos = np.arange(n)[None, :]
-        visible = kpos <= qpos
-        if window > 0:
-            visible &= kpos > qpos - window
+        q, visible = _queries_and_mask(qkv, nq, hd, pos0, window)
         group = nq // nkv
         for h in range(nq):
             K, V = kc[h // group, :n], vc[h // group, :n]
