@@ -1,10 +1,10 @@
 """Checks the per-family test files share: a tiny checkpoint converted without its warnings, a
 stored hyper-parameter edited into a lie and refused at load, a forward call interrupted half
-way, chat turns through ``ChatSession`` and the server's prompt-prefix cache, and our router
-against transformers' on every layer.
+way, the caches' contents against transformers', chat turns through ``ChatSession`` and the
+server's prompt-prefix cache, and our router against transformers' on every layer.
 
 Import only from tests that have already done ``pytest.importorskip("torch")`` /
-``("transformers")`` where a check needs them (the router and the server checks do)."""
+``("transformers")`` where a check needs them (the router, cache and server checks do)."""
 from __future__ import annotations
 
 import warnings
@@ -77,6 +77,33 @@ def check_interrupted_forward(model, prompt, held, atol: float) -> None:
     full = model.forward(prompt[:9], model.new_cache(), last_only=False)
     again = model.forward(prompt[5:9], cache, last_only=False)
     np.testing.assert_allclose(again, full[5:], rtol=0, atol=atol)
+
+
+def check_cache_contents(model, hf, ids, state: bool) -> None:
+    """After ``ids`` (7 tokens) each attention layer of our cache holds the values of
+    transformers' cache layer (the values per token adding up to ``kv_values_per_token``) and
+    each recurrent layer its conv state (transformers' keeps one more, oldest, input column)
+    and, with ``state``, its recurrent state; all within 2e-5."""
+    import torch
+
+    from zipmoe_rt.models.cache import RecurrentCache
+
+    cache = model.new_cache()
+    model.forward(ids, cache)
+    with torch.no_grad():
+        hc = hf(torch.tensor(ids[None]), use_cache=True).past_key_values.layers
+    per_token = 0
+    for lc, hl in zip(cache.layers, hc):
+        if isinstance(lc, RecurrentCache):
+            conv = hl.conv_states[0][0].numpy()
+            np.testing.assert_allclose(lc.conv, conv[:, 1:].T, rtol=2e-5, atol=2e-5)
+            if state:
+                rec = hl.recurrent_states[0][0].numpy()
+                np.testing.assert_allclose(lc.state, rec, rtol=2e-5, atol=2e-5)
+        else:
+            per_token += (hl.keys.numel() + hl.values.numel()) // hl.keys.shape[-2]
+            np.testing.assert_allclose(lc.v[:, :7], hl.values[0].numpy(), rtol=2e-5, atol=2e-5)
+    assert per_token == model.args.kv_values_per_token()
 
 
 def check_chat_session_turns(folder: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from zipmoe_rt.models.cache import RecurrentCache
 from zipmoe_rt.models.linear_attention import split_qkvz
 from zipmoe_rt.models.weights import CheckpointSource
 
-from family_checks import (assert_stored_hparam_refused, check_answered_cold,
+from family_checks import (assert_stored_hparam_refused, check_answered_cold, check_cache_contents,
                            check_chat_session_turns, check_follow_up_reuses_the_state,
                            check_interrupted_forward, convert_quietly, serving)
 from hf_parity import hf_logits
@@ -398,21 +398,7 @@ def test_cache_contents_match_transformers(pair, name):
     recurrent states of its ``LinearAttentionLayer`` (transformers' conv state keeps one more,
     oldest, input column)."""
     model, hf = pair(name)
-    ids = PROMPT[:7]
-    cache = model.new_cache()
-    model.forward(ids, cache)
-    with torch.no_grad():
-        hc = hf(torch.tensor(ids[None]), use_cache=True).past_key_values.layers
-    per_token = 0
-    for lc, hl in zip(cache.layers, hc):
-        if isinstance(lc, RecurrentCache):
-            conv, rec = hl.conv_states[0][0].numpy(), hl.recurrent_states[0][0].numpy()
-            np.testing.assert_allclose(lc.conv, conv[:, 1:].T, rtol=2e-5, atol=2e-5)
-            np.testing.assert_allclose(lc.state, rec, rtol=2e-5, atol=2e-5)
-        else:
-            per_token += (hl.keys.numel() + hl.values.numel()) // hl.keys.shape[-2]
-            np.testing.assert_allclose(lc.v[:, :7], hl.values[0].numpy(), rtol=2e-5, atol=2e-5)
-    assert per_token == model.args.kv_values_per_token()
+    check_cache_contents(model, hf, PROMPT[:7], state=True)
 
 
 def test_server_prompt_cache_reuses_only_a_prefix(tiny_moe_dir, tmp_path):
