@@ -20,6 +20,12 @@ def fix_header_crc(b: bytearray):
     b[60:64] = struct.pack("<I", zlib.crc32(bytes(b[:60])) & 0xFFFFFFFF)
 
 
+def set_version(b: bytearray, version: int):
+    """Write ``version`` into the header (bytes 4-7) and recompute the header CRC."""
+    struct.pack_into("<I", b, 4, version)
+    fix_header_crc(b)
+
+
 def index_text(b: bytearray) -> bytes:
     """The index bytes of the file ``b`` (at the offset and of the size its header gives)."""
     _, _, ioff, isize = struct.unpack_from("<4sIQQ", b, 0)
