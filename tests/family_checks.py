@@ -79,6 +79,23 @@ def check_interrupted_forward(model, prompt, held, atol: float) -> None:
     np.testing.assert_allclose(again, full[5:], rtol=0, atol=atol)
 
 
+def check_layer_caches(model, kind: str) -> list:
+    """A new cache of ``model`` holds a recurrent cache layer where ``layer_types`` says
+    ``kind`` (at least one layer) and a KV cache elsewhere; the recurrent layers' bytes are
+    ``memparts.state_bytes`` of the hyper-parameters, the copies of the model's state values
+    in float32. Returns the layer kinds the cache shows."""
+    from zipmoe_rt.engine.memparts import state_bytes
+    from zipmoe_rt.models.cache import RecurrentCache
+
+    cache = model.new_cache(capacity=8)
+    kinds = [kind if isinstance(lc, RecurrentCache) else "full_attention"
+             for lc in cache.layers]
+    assert kinds == model.args.layer_types and kind in kinds
+    rec = sum(lc.nbytes for lc in cache.layers if isinstance(lc, RecurrentCache))
+    assert rec == state_bytes(model.args) == RecurrentCache.COPIES * 4 * model.state_values()
+    return kinds
+
+
 def check_cache_contents(model, hf, ids, state: bool) -> None:
     """After ``ids`` (7 tokens) each attention layer of our cache holds the values of
     transformers' cache layer (the values per token adding up to ``kv_values_per_token``) and

@@ -16,9 +16,10 @@ from zipmoe_rt.models.cache import RecurrentCache
 from zipmoe_rt.models.routing import Router, RoutingRule
 from zipmoe_rt.models.short_conv import ShortConv
 
-from family_checks import (assert_stored_hparam_refused, check_answered_cold, check_cache_contents,
-                           check_chat_session_turns, check_follow_up_reuses_the_state,
-                           check_interrupted_forward, convert_quietly, serving)
+from family_checks import (assert_stored_hparam_refused, check_answered_cold,
+                           check_cache_contents, check_chat_session_turns,
+                           check_follow_up_reuses_the_state, check_interrupted_forward,
+                           check_layer_caches, convert_quietly, serving)
 from hf_parity import hf_logits
 
 torch = pytest.importorskip("torch")
@@ -135,14 +136,8 @@ def test_router_matches_transformers(backend, use_bias, renorm, scale):
 def test_layer_caches_follow_layer_types(pair, name):
     """KV caches only for attention layers, a conv state for the conv layers; the bytes are
     what the family's hyper-parameters say (plan, --memory-limit)."""
-    from zipmoe_rt.engine.memparts import state_bytes
     model, _ = pair(name)
-    cache = model.new_cache(capacity=8)
-    kinds = ["conv" if isinstance(lc, RecurrentCache) else "full_attention"
-             for lc in cache.layers]
-    assert kinds == model.args.layer_types and "conv" in kinds
-    rec = sum(lc.nbytes for lc in cache.layers if isinstance(lc, RecurrentCache))
-    assert rec == state_bytes(model.args) == RecurrentCache.COPIES * 4 * model.state_values()
+    kinds = check_layer_caches(model, "conv")
     assert model.state_values() == model.args.state_values() == (
         kinds.count("conv") * (model.args.conv_l_cache - 1) * model.args.hidden_size)
 

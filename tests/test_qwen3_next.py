@@ -16,9 +16,10 @@ from zipmoe_rt.models.cache import RecurrentCache
 from zipmoe_rt.models.linear_attention import split_qkvz
 from zipmoe_rt.models.weights import CheckpointSource
 
-from family_checks import (assert_stored_hparam_refused, check_answered_cold, check_cache_contents,
-                           check_chat_session_turns, check_follow_up_reuses_the_state,
-                           check_interrupted_forward, convert_quietly, serving)
+from family_checks import (assert_stored_hparam_refused, check_answered_cold,
+                           check_cache_contents, check_chat_session_turns,
+                           check_follow_up_reuses_the_state, check_interrupted_forward,
+                           check_layer_caches, convert_quietly, serving)
 from hf_parity import hf_logits
 
 torch = pytest.importorskip("torch")
@@ -153,14 +154,8 @@ def test_recurrent_cache_rules():
 def test_layer_caches_follow_layer_types(pair, name):
     """KV caches only for full-attention layers, recurrent state for the linear ones; the
     bytes are what the family's hyper-parameters say."""
-    from zipmoe_rt.engine.memparts import state_bytes
     model, _ = pair(name)
-    cache = model.new_cache(capacity=8)
-    kinds = ["linear_attention" if isinstance(lc, RecurrentCache) else "full_attention"
-             for lc in cache.layers]
-    assert kinds == model.args.layer_types and "linear_attention" in kinds
-    rec = sum(lc.nbytes for lc in cache.layers if isinstance(lc, RecurrentCache))
-    assert rec == state_bytes(model.args) == RecurrentCache.COPIES * 4 * model.state_values()
+    check_layer_caches(model, "linear_attention")
     assert model.state_values() == model.args.state_values()
 
 
