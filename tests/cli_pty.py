@@ -51,7 +51,8 @@ class Pty:
         self.buf += data
 
     def expect(self, pattern: bytes, guard_s: float = 120):
-        """Wait for ``pattern`` (regex) after what was already matched; guard_s only stops a hang."""
+        """Wait for ``pattern`` (regex) after what was already matched; guard_s only stops a
+        hang."""
         while True:
             m = re.compile(pattern).search(self.buf, self.pos)
             if m:
@@ -60,6 +61,8 @@ class Pty:
             self._read(guard_s)
 
     def read_at_least(self, n: int, guard_s: float = 120) -> bytes:
+        """Read until ``n`` bytes past what was already matched have come; return them all
+        (they count as matched)."""
         start = self.pos
         while len(self.buf) - start < n:
             self._read(guard_s)
@@ -67,6 +70,7 @@ class Pty:
         return self.buf[start:]
 
     def send(self, data: bytes):
+        """Type ``data`` on the terminal."""
         os.write(self.fd, data)
 
     def blocked_reading(self, guard_s: float = 120) -> bool:
@@ -104,6 +108,7 @@ class Pty:
         raise AssertionError(f"the REPL did not exit; output: {self.buf[-3000:]!r}")
 
     def kill(self):
+        """SIGKILL the child and reap it (nothing if it is gone)."""
         try:
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
