@@ -112,8 +112,10 @@ class CupyBackend(CudaFamilyOps, Backend):
         """A host copy of device array ``a`` read on a stream of its own into pinned memory
         once the current stream has written it (:class:`~zipmoe_rt.backends.cuda_reads.
         HostReads`: it does not wait for the expert engine's copies in flight); host arrays
-        pass through."""
-        return a if isinstance(a, np.ndarray) else self.reads.read(a)[0]
+        pass through, anything else goes through ``cupy.asnumpy``."""
+        if isinstance(a, np.ndarray):
+            return a
+        return self.reads.read(a)[0] if isinstance(a, cp.ndarray) else cp.asnumpy(a)
 
     def synchronize(self):
         """Wait for the GPU's queued work (for timing)."""
