@@ -514,7 +514,9 @@ def test_cuda_prefetch_on_equals_off_and_unbudgeted(tiny_case, spec):
 def test_gpu_prefetch_during_a_call_waits_compressed_until_the_call_ends(tiny_case):
     """Predicted loads issued while an MoE call runs are copied into the open batch at once
     and decoded only when the call ends (their outputs taken then, from the memory the call's
-    experts give back); issued outside a call, they are decoded at once."""
+    experts give back, which stay held until the compute stream waits for them); wrong guesses
+    still in the open batch are released only after its decode is launched; issued outside a
+    call, predicted loads are decoded at once."""
     case = tiny_case("mixtral")
     budget = case.budget("min")
     source, eng = _pf_engine(case, "zip-lru", budget, 10**9, True)
@@ -530,7 +532,18 @@ def test_gpu_prefetch_during_a_call_waits_compressed_until_the_call_ends(tiny_ca
         eng._end_call()
         assert eng._batch is None and not eng._in_call
         assert all(p.event is not None and p.weights is not None for p in loads)
+        assert all(p.keep is not None for p in loads)      # the decoded words, held
+        # wrong guesses still in the open batch stay until its decode is launched
         other = sorted(case.hp["moe_layers"])[2]
+        eng._drop_prefetch()                                # 0 and 1: wasted
+        assert eng.stats.prefetch_wasted == 2
+        eng._in_call = True
+        eng.predict(layer, [2, 3], issue_now=True)
+        eng.predict(other, [0], issue_now=True)             # discards 2 and 3, unlaunched
+        assert len(eng._discard) == 2 and eng.stats.prefetch_wasted == 2
+        eng._end_call()
+        eng._sweep_discarded()
+        assert not eng._discard and eng.stats.prefetch_wasted == 4
         eng.predict(other, [2, 3], issue_now=True)
         assert eng._batch is None
         assert all(p.event is not None for k, p in eng._inflight.items() if k[0] == other)

@@ -211,9 +211,9 @@ def time_reads_under_copies(mb: int = 64, reps: int = 20) -> dict:
     of host-to-device copies from pinned memory run on a non-blocking stream (the engine's copy
     stream), read into pageable memory (``cupy.asnumpy``, as the routing does) and into pinned
     memory on the compute stream (``cudaMemcpyAsync`` + a stream synchronize), and as the CUDA
-    backend reads routing now (``own_stream``: two arrays in one read on a non-blocking stream
-    of its own into pinned memory, :class:`~zipmoe_rt.backends.cuda_reads.HostReads`); and the
-    copies' own time, all medians over ``reps`` in microseconds. A read that takes about as long as the copies waits for
+    backend reads routing (``backend``: two arrays in one read,
+    :class:`~zipmoe_rt.backends.cuda_reads.HostReads`); and the copies' own time, all medians
+    over ``reps`` in microseconds. A read that takes about as long as the copies waits for
     them."""
     import cupy as cp
 
@@ -236,7 +236,7 @@ def time_reads_under_copies(mb: int = 64, reps: int = 20) -> dict:
 
     reads = HostReads()
 
-    def own_stream():
+    def backend():
         reads.read(small, small[:8])
 
     def timed(f):
@@ -245,7 +245,7 @@ def time_reads_under_copies(mb: int = 64, reps: int = 20) -> dict:
         return time.perf_counter() - t0
 
     res = {"copy_MB": n / 1e6}
-    for name, f in (("pageable", pageable), ("pinned", pinned), ("own_stream", own_stream)):
+    for name, f in (("pageable", pageable), ("pinned", pinned), ("backend", backend)):
         f()
         res[f"{name}_read_alone_us"] = 1e6 * float(np.median([timed(f) for _ in range(reps)]))
         under, whole = [], []

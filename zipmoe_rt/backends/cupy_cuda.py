@@ -89,7 +89,7 @@ class CupyBackend(CudaFamilyOps, Backend):
         self.module = cp.RawModule(code=cuda_src.SOURCE, options=("-std=c++14",))
         self.k = {n: self.module.get_function(n) for n in cuda_src.KERNELS}
         self._dummy = cp.zeros(1, cp.float32)
-        self.reads = HostReads()     # routing reads: pinned, on a stream of their own
+        self.reads = HostReads()     # routing reads: pinned, several arrays in one read
 
     # -- arrays --------------------------------------------------------------------------------
 
@@ -109,10 +109,9 @@ class CupyBackend(CudaFamilyOps, Backend):
         return cp.asarray(np.ascontiguousarray(a))
 
     def to_host(self, a):
-        """A host copy of device array ``a`` read on a stream of its own into pinned memory
-        once the current stream has written it (:class:`~zipmoe_rt.backends.cuda_reads.
-        HostReads`: it does not wait for the expert engine's copies in flight); host arrays
-        pass through, anything else goes through ``cupy.asnumpy``."""
+        """A host copy of device array ``a`` through a pinned buffer, once the current stream
+        has written it (:class:`~zipmoe_rt.backends.cuda_reads.HostReads`); host arrays pass
+        through, anything else goes through ``cupy.asnumpy``."""
         if isinstance(a, np.ndarray):
             return a
         return self.reads.read(a)[0] if isinstance(a, cp.ndarray) else cp.asnumpy(a)

@@ -265,8 +265,12 @@ class BatchedMisses:
             rearranged |= "gate_up_cols" in roles
             p.weights = assemble(ops, roles, ds)
         ev = ops.record(ds, timing=True) if rearranged else e
-        for p in b.group:
-            p.event, p.keep = ev, None
+        for p, job in zip(b.group, b.jobs):
+            # the decoded words stay referenced until the compute stream has waited for ``ev``:
+            # where they were rearranged (gpt-oss) nothing else holds them, and memory given
+            # back to the pool earlier could be handed to the compute stream while the decode
+            # stream still writes or reads it
+            p.event, p.keep = ev, job[5]
         b.slot[1] = ev
         self._last_dec = e
         if len(st.events) > 4096:

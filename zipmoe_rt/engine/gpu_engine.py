@@ -21,8 +21,8 @@ bytes live and who decodes them:
 * ``raw-lru`` keeps its meaning: raw BF16 experts cross PCIe as they are (no decode);
 * with ``prefetch`` the next MoE layer's predicted misses are started while a layer computes
   (:mod:`~zipmoe_rt.engine.gpu_prefetch`);
-* the host reads routing decisions on a stream of their own into pinned memory
-  (:mod:`~zipmoe_rt.backends.cuda_reads`), not behind the expert copies.
+* the host reads routing decisions into pinned memory, several arrays in one read
+  (:mod:`~zipmoe_rt.backends.cuda_reads`).
 
 The model's kernels see the same BF16 words in the same order as without a budget, so logits
 are bit-identical to the unbudgeted GPU run. Adaptive slot moves (``adapt``) are not done on the

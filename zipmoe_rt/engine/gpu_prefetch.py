@@ -23,9 +23,10 @@ experts, as on the host. The next layer's call claims the loads of the experts i
 (:meth:`~zipmoe_rt.engine.prefetch.PrefetchMixin._claim_prefetched`) and waits on their
 decode's event as for any miss; the others (wrong guesses) are discarded.
 
-The host reads each layer's routing (the look-ahead's and the router's) through the CUDA
-backend's own read stream into pinned memory (:mod:`~zipmoe_rt.backends.cuda_reads`), so those
-reads wait for the compute stream only, not for the expert copies in flight.
+The host reads each layer's routing (the look-ahead's and the router's) into pinned memory,
+the router's ids and weights in one read (:mod:`~zipmoe_rt.backends.cuda_reads`); those reads
+wait for the compute stream only, not for the expert copies in flight (measured,
+docs/benchmarks.md §13).
 
 A discarded load never reaches a matmul: the compute stream waits for its decode's event before
 its buffers are dropped (so memory the pool hands out again is not still being written by the
@@ -83,11 +84,18 @@ class GpuPrefetch:
 
     def _sweep_discarded(self, wait: bool = False) -> None:
         """Release discarded loads: one whose file read is still running stays until it ends
-        (waits for it with ``wait``); one copied and decoded is dropped once the compute stream
-        waits for its decode (no host wait); count the bytes each fetched as wasted."""
+        (waits for it with ``wait``); one still in the open batch stays until the batch's
+        decode is launched (launched now with ``wait``); one copied and decoded is dropped once
+        the compute stream waits for its decode (no host wait); count the bytes each fetched as
+        wasted."""
         keep = []
         ops = self.ops
+        if wait and self._batch is not None:
+            self._flush()
         for p in self._discard:
+            if self._batch is not None and any(p is q for q in self._batch.group):
+                keep.append(p)            # its decode is not launched yet
+                continue
             if p.future is not None:
                 if not (wait or p.future.done()):
                     keep.append(p)
