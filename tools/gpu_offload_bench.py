@@ -23,7 +23,7 @@ Two steps, because the value pools come from a GGUF file the GPU machine does no
 ``run`` writes the checkpoint, calibrates its routers
 (:func:`offload_model.calibrate_routers`), converts it twice (bit-planes; raw experts for
 raw-lru), calibrates the machine once for every zipmoe row (:func:`calibrate_once`; or
-``--calibration FILE``), times the two segment decode kernels on one expert and a routing read (device to host) with
+``--calibration FILE``) and plans once per trace (``offload_model.plan_once``), times the two segment decode kernels on one expert and a routing read (device to host) with
 and without host-to-device copies in flight (:func:`time_reads_under_copies`), then for each
 routing (the
 model's routers, and/or :func:`offload_model.uniform_routing`) records an activation trace for
@@ -53,7 +53,7 @@ sys.path[:0] = [str(ROOT / "tools"), str(ROOT), str(ROOT / "format")]
 from offload_accelerate import experts_on_cpu_map, time_accelerate  # noqa: E402
 import offload_model  # noqa: E402
 from offload_model import (CALIB_RUNS, CALIB_TOKENS, token_stream, calibrate_routers,  # noqa: E402
-                           make_pools, uniform_routing, write_checkpoint)
+                           make_pools, plan_once, uniform_routing, write_checkpoint)
 
 DEVICE = "cuda"
 #: the routings of ``--routing``
@@ -336,6 +336,7 @@ def run(a):
                          f"{', '.join(ROUTINGS)}, comma-separated)")
     res["prefetch"] = a.prefetch
     print(calibrate_once(z, a.calibration), flush=True)
+    plan_once()                 # zipmoe rows of one routing share their plan
     t_start = time.perf_counter()
     for mode in modes:
         uniform_routing(mode != "model", by_step=mode == "predictable")
