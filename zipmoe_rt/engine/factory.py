@@ -100,7 +100,8 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
             eng.auto_choice = {"fallback": policy,
                                "why": "raw experts" if raw else "no activation trace"}
         return eng
-    tier_budget = budget_split(source, budget, extra.get("prefetch", False))[2]   # too small a budget: no calibration noise first
+    tier_budget = budget_split(source, budget, cls.prefetch_second_set(
+        source.layouts, extra.get("prefetch", False)))[2]   # too small a budget: no calibration noise first
     tr = prof.load_trace(trace_path, source)
     # a stored calibration that does not fit this run (other version, read mode, io depth or
     # machine) is used anyway, with one CalibrationWarning (attributed as warn_stacklevel says);
