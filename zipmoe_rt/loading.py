@@ -203,10 +203,12 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     from . import kernels
     if kernels.USER_WAIT_POLICY is None:  # see zipmoe_rt/kernels/__init__.py
         kernels.set_wait_policy("passive" if budgeted else "active")
-    # on the GPU the device holds the dense weights and (unbudgeted) the experts: the source
-    # keeps no host copies of its own
+    # on the GPU the device holds the dense weights and (unbudgeted) the experts, and with
+    # resident="compressed" the model holds them in the compute form: the source keeps no
+    # host copies of its own
     source = ZmoeSource(path, verify=verify, keep_experts=not budgeted and on_host,
-                        copy_dense=budgeted or not on_host, resident=resident)
+                        copy_dense=budgeted or not on_host or resident == "compressed",
+                        resident=resident)
     engine = None
     try:
         from .engine.lowprec import refuse_device

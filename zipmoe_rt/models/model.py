@@ -151,18 +151,22 @@ class Model:
             raise ValueError(f"the executor computes on backend {eb.name!r}, the model on "
                              f"{be.name!r}: build both with the same backend")
         self.executor = executor if executor is not None else ExpertExecutor(source, be)
+        if getattr(source, "resident", "full") == "compressed":
+            # dense linears in the compute form too, where the backend computes from it
+            be = self.backend = be.with_dense_form("compressed")
         self.route_hook: RouteHook | None = None
         a = self.args
         self.rope = self.build_rope()
-        self.embed = be.from_host(np.ascontiguousarray(self.weight("embed")))
         # As transformers' tie_weights: a stored lm_head.weight is the head (tied or not: a
         # tied config whose stored head differs from the embedding is not tied); without one
-        # the head is the embedding only when tie_word_embeddings says so.
+        # the head is the embedding only when tie_word_embeddings says so. A tied table is a
+        # linear weight (the compute form, where the backend holds one, gathers decoded rows).
         head = self.tensor_name("lm_head")
         if source.has(head):
-            self.lm_head = be.from_host(np.ascontiguousarray(source.tensor(head)))
+            self.embed = be.from_host(np.ascontiguousarray(self.weight("embed")))
+            self.lm_head = be.linear_weight(source.tensor(head))
         elif a.tie_word_embeddings:
-            self.lm_head = self.embed
+            self.embed = self.lm_head = be.linear_weight(self.weight("embed"))
         else:
             raise KeyError(f"no tensor {head!r} in the weight source, and "
                            "tie_word_embeddings is false: the output head is missing")
