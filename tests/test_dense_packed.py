@@ -198,3 +198,29 @@ def test_default_model_dense_bytes_shrink(default_zmoe):
     finally:
         full.close()
         comp.close()
+
+
+def test_limit_divides_with_the_dense_bytes_held(tiny_moe_dir, tmp_path, monkeypatch):
+    """Under --memory-limit the smallest budget and the engine count the dense bytes the
+    compressed model holds (the model is built before the limit is divided)."""
+    from test_api import make_chat_model
+    import zipmoe_rt
+    from zipmoe_rt.engine import limit as L
+    ov = 50 << 20
+    monkeypatch.setenv("ZIPMOE_RT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None: ov)
+    monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None: ov)
+    z = make_chat_model(tiny_moe_dir("mixtral"), tmp_path / "m")
+    src = ZmoeSource(z)
+    stored, minimum = src.dense_bytes(), L.plan_memory(src, 10**9, 128, overhead=ov).minimum
+    src.close()
+    with zipmoe_rt.load(z) as free:
+        want = free.generate("hello there", max_tokens=12, temperature=0)
+    with zipmoe_rt.load(z, memory_limit=10**9, context=128, policy="zip-lru",
+                        resident="compressed") as m:
+        saving = dense_saving(m.net)
+        assert saving > 0 and m.source.dense_saving == saving
+        assert m.engine.dense_bytes == m.source.dense_bytes() == stored - saving
+        assert m.memory_plan.minimum == minimum - saving
+        assert m.memory_report()["dense"] == stored - saving
+        assert m.generate("hello there", max_tokens=12, temperature=0) == want
