@@ -109,7 +109,10 @@ class Model:
     tensor name (:meth:`~zipmoe_rt.families.Family.tensor_name`, logical keys such as
     ``"attn_q"``); subclasses (one module per family) build each layer's feed-forward block in
     :meth:`build_mlp`. Dense weights are fetched from the source once, here; expert weights are
-    fetched by the executor on every use.
+    fetched by the executor on every use. The dense linears go through
+    :meth:`~zipmoe_rt.backends.base.Backend.linear_weight`: for a source whose ``resident`` is
+    ``"compressed"`` the model computes on ``backend.with_dense_form("compressed")``, which
+    holds them in the compute form where the backend computes from it (design note §6.5).
 
     Scalar multipliers, taken from ``args`` where the family has them (Granite's
     ``GraniteMoeModel`` / ``GraniteMoeForCausalLM``; 1.0 or absent: not applied):

@@ -1,6 +1,7 @@
-"""The compute form of resident BF16 experts (design note §6.5): what ``--resident compressed``
-keeps in memory instead of BF16 weights, and what the Numba backend's expert ops
-(:class:`~zipmoe_rt.backends.numba_cpu.NumbaBackend`) compute from in place.
+"""The compute form of resident BF16 experts and dense linears (design note §6.5): what
+``--resident compressed`` keeps in memory instead of BF16 weights, and what the Numba backend's
+expert, linear, SwiGLU and embedding ops (:class:`~zipmoe_rt.backends.numba_cpu.NumbaBackend`)
+compute from in place.
 
 A :class:`PackedMatrix` holds a BF16 ``[out, in]`` matrix as its raw sign+mantissa plane
 (8 bits per weight, format/SPEC.md §5.1) plus the exponent as a 4-bit index into a window of
