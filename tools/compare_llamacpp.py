@@ -306,7 +306,8 @@ def pp_table(rows, n_pp) -> str:
              "|---|---|---|---|---|"]
     for r in pr:
         ratio = f"{r['pp_median'] / ref:.2f}" if ref else "-"
-        lines.append(f"| {r['program']} | none | {r['pp_median']:.1f} | "
+        prog = r["program"] + (f" {r['policy']}" if r.get("policy") else "")
+        lines.append(f"| {prog} | none | {r['pp_median']:.1f} | "
                      f"{', '.join(f'{x:.1f}' for x in r['pp_tps'])} | {ratio} |")
     return "\n".join(lines)
 
