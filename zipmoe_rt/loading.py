@@ -224,6 +224,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         # holds are the bytes held (its executor is replaced by the engine below)
         dense_first = budgeted and on_host and resident == "compressed"
         if budgeted:
+            if dense_first and memory_limit is None:
+                net = _dense_first(source, backend)    # a share budget counts dense as held
             budget = None if memory_budget is None else parse_size(memory_budget, source)
             if memory_limit is not None:
                 from .engine.footprint import release, warm_up
@@ -239,11 +241,11 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                 release()
                 if dense_first:
                     net = _dense_first(source, backend)
+                    if memory_budget is not None:
+                        budget = parse_size(memory_budget, source)
                     mplan = plan_memory(source, memory_limit, context, budget=budget,
                                         overhead=overhead, peak=peak)
                 budget = mplan.budget
-            elif dense_first:
-                net = _dense_first(source, backend)
             hb = 0
             if host_budget is not None:
                 from .engine.gpu_meta import parse_host_budget
