@@ -463,26 +463,16 @@ class Backend:
     # -- dense weights in the compute form (--resident compressed; design note §6.5) -----------
 
     def linear_weight(self, a):
-        """A dense ``[out, in]`` weight as this backend's :meth:`linear` and :meth:`swiglu`
-        (and, for a tied head, :meth:`embed`) take it: :meth:`from_host` of ``a`` here; a
-        backend made by :meth:`with_dense_form` ``("compressed")`` returns a BF16 one in the
-        compute form (:class:`~zipmoe_rt.models.packed.PackedMatrix`).
-
-        Args:
-            a: [out, in] weight (BF16 bits as uint16, float16 or float32), host array.
-        Returns:
-            a backend array, or a PackedMatrix.
-        """
+        """A dense ``[out, in]`` host weight (BF16 bits, float16 or float32) as :meth:`linear`,
+        :meth:`swiglu` and (a tied head) :meth:`embed` take it: :meth:`from_host` here; after
+        :meth:`with_dense_form` ``("compressed")`` a BF16 one may be a
+        :class:`~zipmoe_rt.models.packed.PackedMatrix`."""
         return self.from_host(np.ascontiguousarray(a))
 
     def with_dense_form(self, form: str):
-        """This backend with the dense weights given to :meth:`linear_weight` held in ``form``:
-        ``"bf16"`` as they are stored, ``"compressed"`` in the compute form where the backend
-        computes from it (the Numba backend); others return ``self`` (BF16 kept).
-
-        Raises:
-            ValueError: ``form`` neither ``"bf16"`` nor ``"compressed"``.
-        """
+        """This backend with :meth:`linear_weight` holding BF16 weights in ``form`` (``"bf16"``,
+        or ``"compressed"``: the compute form where the backend computes from it; others keep
+        BF16 and return ``self``). Raises ValueError for any other ``form``."""
         if form not in ("bf16", "compressed"):
             raise ValueError(f"dense form: {form!r} is not one of bf16, compressed")
         return self
