@@ -181,7 +181,8 @@ ENGINE_OPTIONS = [
                  show_default=True,
                  help="without a budget: keep experts decoded (full) or all in a compressed "
                       "compute form (~75% of BF16), computed in place, same outputs; under a "
-                      "budget: the form of the experts the policy caches"),
+                      "budget: the form of the experts the policy caches; compressed also "
+                      "holds the dense linears in that form"),
     click.option("--c-tier", type=click.Choice(["packed", "planes"]), default="packed",
                  show_default=True,
                  help="under a budget, policy zipmoe: its C slots hold the compute form, "
