@@ -63,11 +63,37 @@ def serve(model, host, port, api_key, cors, queue_size, model_id, ctx_size, **kw
     from .server import ModelLoadError
     _sigterm_stops_quietly()
     try:
-        run_server(functools.partial(load_from_options, model, kw, context=ctx_size), host=host,
+        run_server(functools.partial(load_and_check, model, kw, ctx_size), host=host,
                    port=port, api_key=api_key, cors=cors, queue_size=queue_size,
                    model_id=model_id, ctx_size=ctx_size)
     except ModelLoadError as e:
         raise CliError(str(e)) from None
+
+
+def load_and_check(model, kw, ctx_size):
+    """``serve``'s loader: the model as ``run`` and ``chat`` load it, then one short forward on
+    a scratch cache (:func:`~zipmoe_rt.cli_repl.warm_up`), so that a file whose weights fail
+    their CRC-32 (or do not decode) fails the load, and ``serve`` ends with one ``error:`` line,
+    instead of saying it is ready and failing every request. The forward also compiles (or
+    loads) the kernels, so the first request does not wait for them.
+
+    Raises:
+        whatever :func:`~zipmoe_rt.cli.load_from_options` or the forward raises (e.g.
+        ``zmoe.ChecksumError``); the model is closed then.
+    """
+    from .cli_repl import warm_up
+    m = load_from_options(model, kw, context=ctx_size)
+    try:
+        plan = m.memory_plan         # the warm-up prefill fits the context, as for run/chat
+        m.ctx_size = min(x for x in (ctx_size, plan and plan.context, 2**31 - 1) if x)
+        try:
+            warm_up(m, notice=False)
+        finally:
+            m.ctx_size = None        # each request's context is the server's (serve -c)
+    except BaseException:
+        m.close()
+        raise
+    return m
 
 
 def check_listen(host: str, port: int) -> None:

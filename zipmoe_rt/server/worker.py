@@ -192,8 +192,9 @@ class ModelHost:
                 job.emit(("error", e))
             except Exception as e:  # noqa: BLE001 - answered as a JSON 500, never a traceback
                 self._state = None
-                job.emit(("error", APIError(500, f"generation failed: {type(e).__name__}: {e}",
-                                            type="server_error")))
+                message = f"generation failed: {type(e).__name__}: {e}"
+                logging.getLogger("uvicorn.error").error("%s: %s", job.label, message)
+                job.emit(("error", APIError(500, message, type="server_error")))
             finally:
                 self.served += 1
                 with self._lock:
