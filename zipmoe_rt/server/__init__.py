@@ -10,6 +10,8 @@ The core runtime never imports this package; it needs ``pip install 'zipmoe-rt[s
 """
 from __future__ import annotations
 
+import signal
+
 __all__ = ["require_server_extra", "serve", "EXTRA_HINT", "ModelLoadError"]
 
 EXTRA_HINT = ("pip install 'zipmoe-rt[server]' (from a source checkout: pip install -e "
@@ -68,14 +70,48 @@ def serve(loader, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | N
         failed.append(message)
         server.should_exit = True
 
-    app = create_app(ModelHost(loader, queue_size=queue_size, ctx_size=ctx_size,
-                               on_load_error=stop),
-                     api_key=api_key, cors=cors, model_id=model_id)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                           timeout_graceful_shutdown=3))
-    server.run()
+    model_host = ModelHost(loader, queue_size=queue_size, ctx_size=ctx_size, on_load_error=stop)
+    app = create_app(model_host, api_key=api_key, cors=cors, model_id=model_id)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # end the open replies first (an error event, then [DONE]) so that the
+            # connections close now rather than being cancelled mid-stream
+            model_host.shut_down()
+            await super().shutdown(sockets)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                   timeout_graceful_shutdown=3))
+    caught = _run_catching_signals(server)
     if failed:
         raise ModelLoadError(f"the model failed to load: {failed[0]}")
+    for sig in caught[:1]:       # as the process would have taken it, now the loop is gone
+        signal.raise_signal(sig)
+
+
+def _run_catching_signals(server) -> list:
+    """``server.run()``; a SIGINT or SIGTERM that stops it is returned rather than taken
+    inside the event loop (uvicorn raises it again as it finishes, which would end the loop
+    with an exception in the middle of its cleanup and print tracebacks)."""
+    import threading
+
+    caught: list = []
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return caught
+
+    def record(sig, frame):
+        caught.append(sig)
+        server.should_exit = True
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, record) for sig in signals}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return caught
 
 
 class ModelLoadError(RuntimeError):
