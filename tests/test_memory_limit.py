@@ -233,6 +233,19 @@ def test_footprint_is_that_of_a_process_whose_kernels_are_cached(tiny_zmoe, home
     assert L.footprint(tiny_zmoe, lambda p: next(got)) == {"steady": 126 * MB, "peak": 202 * MB}
 
 
+def test_bench_reports_the_overhead_the_limit_counts(tiny_zmoe, home, monkeypatch):
+    # bench's "fixed overhead" line is footprint()'s figure: the second child's, remembered,
+    # not that of one child compiling on a cold Numba cache
+    from zipmoe_rt import bench
+    got = iter([{"steady": 248 * MB, "peak": 300 * MB}, {"steady": 126 * MB, "peak": 202 * MB}])
+    monkeypatch.setattr(bench, "baseline_footprint", lambda p: next(got))
+    assert bench.baseline_rss(tiny_zmoe) == 126 * MB
+    assert bench.baseline_rss(tiny_zmoe) == 126 * MB == L.fixed_overhead(tiny_zmoe)
+    monkeypatch.setattr(L, "OVERHEAD_METHOD", "other")         # a child that fails: 0
+    monkeypatch.setattr(bench, "baseline_footprint", lambda p: {})
+    assert bench.baseline_rss(tiny_zmoe) == 0
+
+
 def test_footprint_keeps_steady_and_peak_and_is_remeasured_by_method(tiny_zmoe, home,
                                                                      monkeypatch):
     calls = []
