@@ -15,7 +15,7 @@ import click
 from . import __version__
 from .cli_stats import session_stats as _session_stats
 from .cli_stats import stats_line as _stats_line
-from .cli_types import (FloatRange, IntRange, lenient_stdin, max_tokens_for,
+from .cli_types import (FLOAT32_MAX, FloatRange, IntRange, lenient_stdin, max_tokens_for,
                         max_tokens_option, need_stdin, utf8_text)
 
 
@@ -232,7 +232,8 @@ def sampling_options(fn):
                      callback=lambda ctx, param, v: max_tokens_option(v),
                      help="most tokens to generate per reply; -1 = until a stop token or the "
                           "full context [default: 256 for run, 512 for chat]"),
-        click.option("--temperature", "--temp", type=FloatRange(min=0.0), default=None,
+        click.option("--temperature", "--temp", type=FloatRange(min=0.0, max=FLOAT32_MAX),
+                     default=None,
                      help="sampling temperature; 0 = greedy [default: the model's "
                           "generation_config.json, else 0.8]"),
         click.option("--top-k", type=IntRange(min=0), default=None,

@@ -19,6 +19,11 @@ class IntRange(click.IntRange):
     name = "integer"
 
 
+#: the largest float32 (``--temp``'s upper bound, as :data:`zipmoe_rt.sampling.TEMPERATURE_MAX`;
+#: spelled out so that the command line starts without importing NumPy)
+FLOAT32_MAX = 3.4028234663852886e+38
+
+
 class FloatRange(click.FloatRange):
     """A finite number in a range (click's :class:`click.FloatRange`; ``nan`` and ``inf``
     refused)."""
