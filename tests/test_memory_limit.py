@@ -354,7 +354,8 @@ def test_cli_banner_stats_and_errors(tiny_zmoe, fixed):
     r = cli("chat", tiny_zmoe, "--memory-limit", "1GB", input="/stats\n")
     assert r.exit_code == 0, r.output
     assert sum("memory limit 1000.0 MB" in l and "weight budget" in l and "policy" in l
-               for l in r.stderr.splitlines()) == 2          # banner and /stats
+               for l in r.stderr.splitlines()) == 1          # /stats; piped chat: no banner
+    assert not any(l.startswith("zipmoe-rt: memory limit") for l in r.stderr.splitlines())
     for bad in ("lots", "0", "150%"):
         r = cli("run", tiny_zmoe, "-p", "hi", "--memory-limit", bad)
         assert r.exit_code == 1 and r.stderr.startswith("error: --memory-limit"), r.stderr
