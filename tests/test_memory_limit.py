@@ -367,6 +367,28 @@ def test_cli_banner_stats_and_errors(tiny_zmoe, fixed):
     assert r.exit_code == 1 and "does not fit --memory-limit" in r.stderr, r.stderr
 
 
+def test_banner_states_the_part_a_smaller_budget_leaves_and_prefetch(tiny_zmoe, fixed):
+    src = ZmoeSource(tiny_zmoe)
+    minimum = L.plan_memory(src, 10**9, context=128, overhead=OVERHEAD).minimum
+    src.close()
+    budget = minimum + 64 * 4096
+    for prefetch in ("on", "off"):
+        with zipmoe_rt.load(tiny_zmoe, memory_limit="1GB", memory_budget=budget, context=128,
+                            policy="zip-lru", prefetch=prefetch) as m:
+            p, line = m.memory_plan, m.memory_line()
+            unused = 10**9 - (p.overhead + p.kv + p.buffers + p.activations + p.engine + budget)
+            assert p.budget == budget and unused > 0
+            assert (f"weight budget {budget / 1e6:.1f} MB + unused {unused / 1e6:.1f} MB "
+                    f"(--memory-budget is smaller)") in line, line
+            assert line.endswith(f"; prefetch {prefetch}; policy zip-lru"), line
+    with zipmoe_rt.load(tiny_zmoe, memory_limit="1GB", context=128, policy="zip-lru") as m:
+        line = m.memory_line()              # the limit's whole weight share: nothing unused
+        assert "unused" not in line and f"weight budget {m.memory_plan.budget / 1e6:.1f} MB" \
+            in line, line
+    with zipmoe_rt.load(tiny_zmoe) as m:    # no budget: no expert cache to prefetch into
+        assert "prefetch" not in m.memory_line()
+
+
 # -- bench: peak RSS of a child process under a limit ---------------------------------------------
 def test_bench_peak_rss_stays_within_the_limit(tiny_zmoe, home):
     """A real limit: the measured overhead, the KV cache and buffers plus 16 MB of weights; the
