@@ -176,3 +176,32 @@ def test_a_signal_ends_an_open_stream_with_an_error_event_and_done(model, sig):
     assert "after 3 generated tokens" in cut[0], cut
     assert not any("disconnected" in l for l in lines), lines
     assert not [r for r in rec.records if r.exc_info or r.levelno >= logging.ERROR], lines
+
+
+def test_port_0_prints_and_serves_the_port_the_system_chose(tiny_zmoe):
+    import re
+    import select
+
+    proc = _serve(tiny_zmoe, "--port", 0)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], PROCESS_LIMIT_S)
+        assert ready, "serve printed nothing"
+        first = proc.stdout.readline()
+        m = re.match(r"zipmoe-rt serve: http://127\.0\.0\.1:(\d+)/ \(loading ", first)
+        assert m and int(m.group(1)) > 0, first
+        base = f"http://127.0.0.1:{m.group(1)}"
+        deadline = time.monotonic() + PROCESS_LIMIT_S
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if _raw(base, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "serve did not become ready"
+            time.sleep(0.1)
+        proc.terminate()
+    finally:
+        rc, out = _finish(proc)
+    assert rc == 0, out
+    assert f"Uvicorn running on {base} " in out and "Traceback" not in out, out

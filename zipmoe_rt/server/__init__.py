@@ -37,7 +37,7 @@ def require_server_extra() -> None:
 
 def serve(loader, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           cors: bool = False, queue_size: int = 16, model_id: str | None = None,
-          log_level: str = "info", ctx_size: int | None = None) -> None:
+          log_level: str = "info", ctx_size: int | None = None, sock=None) -> None:
     """Run the server until interrupted (blocking). The model is loaded in the background
     while the server already answers (``/health`` is 503 until it is ready).
 
@@ -51,6 +51,9 @@ def serve(loader, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | N
         model_id: the model id to report (default: the model's name).
         ctx_size: tokens of prompt plus reply per request (default: the model's
             ``max_position_embeddings``).
+        sock: a socket already bound to the address (``serve`` binds it first, to report an
+            address in use, or the port the system chose for port 0), else uvicorn binds
+            ``host``:``port``.
 
     Raises:
         RuntimeError: the server extra is not installed.
@@ -74,6 +77,12 @@ def serve(loader, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | N
     app = create_app(model_host, api_key=api_key, cors=cors, model_id=model_id)
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            log_started = getattr(self, "_log_started_message", None)
+            if sockets is not None and self.started and log_started is not None:
+                log_started(sockets)     # "Uvicorn running on ..." as when uvicorn binds
+
         async def shutdown(self, sockets=None):
             # end the open replies first (an error event, then [DONE]) so that the
             # connections close now rather than being cancelled mid-stream
@@ -82,22 +91,22 @@ def serve(loader, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | N
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                    timeout_graceful_shutdown=3))
-    caught = _run_catching_signals(server)
+    caught = _run_catching_signals(server, None if sock is None else [sock])
     if failed:
         raise ModelLoadError(f"the model failed to load: {failed[0]}")
     for sig in caught[:1]:       # as the process would have taken it, now the loop is gone
         signal.raise_signal(sig)
 
 
-def _run_catching_signals(server) -> list:
-    """``server.run()``; a SIGINT or SIGTERM that stops it is returned rather than taken
+def _run_catching_signals(server, sockets=None) -> list:
+    """``server.run(sockets)``; a SIGINT or SIGTERM that stops it is returned rather than taken
     inside the event loop (uvicorn raises it again as it finishes, which would end the loop
     with an exception in the middle of its cleanup and print tracebacks)."""
     import threading
 
     caught: list = []
     if threading.current_thread() is not threading.main_thread():
-        server.run()
+        server.run(sockets)
         return caught
 
     def record(sig, frame):
@@ -107,7 +116,7 @@ def _run_catching_signals(server) -> list:
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, record) for sig in signals}
     try:
-        server.run()
+        server.run(sockets)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
