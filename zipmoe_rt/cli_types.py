@@ -31,10 +31,10 @@ class FloatRange(click.FloatRange):
     name = "number"
 
     def convert(self, value, param, ctx):
-        v = super().convert(value, param, ctx)
+        v = click.types.FloatParamType.convert(self, value, param, ctx)   # the number first
         if not math.isfinite(v):
             self.fail(f"{value!r} is not a finite number", param, ctx)
-        return v
+        return super().convert(v, param, ctx)                            # then the range
 
 
 #: ``-n -1``: generate until a stop token or the full context, as llama.cpp's ``-n -1``
