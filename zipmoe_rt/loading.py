@@ -178,7 +178,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         raise ValueError(f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} "
                          f"-o model.zmoe`")
     budgeted = memory_budget is not None or memory_limit is not None
-    backend = get_backend(resolve_device(device, "device (--device)"))
+    backend = get_backend(resolve_device(device, "--device"))
     on_host = backend.name != "cuda"
     from .engine.resident import check_resident
     if check_resident(resident) == "compressed" and budgeted and not on_host:
