@@ -720,6 +720,32 @@ def test_layer_frontier_lru_matches_enumeration(seed):
         assert np.allclose(full.bytes, part.bytes) and np.allclose(full.makespan_s, part.makespan_s)
 
 
+@pytest.mark.parametrize("step", [2, 3])
+def test_layer_frontier_lru_on_a_coarser_grid(step):
+    # a coarser grid keeps exactly the plans whose pool boundaries lie on it, each with the
+    # makespan every boundary's frontier gives the same plan
+    rng = np.random.default_rng(40 + step)
+    n, k = 7, 2
+    d = random_delay(rng, chunks=2)
+    runs = [np.array([rng.choice(n, k, replace=False) for _ in range(12)]) for _ in range(2)]
+    m = P.lru_pool_model(runs, n, k, warm=list(rng.permutation(n)))
+    full, _ = P.layer_frontier_lru(m, k, d)
+    coarse, _ = P.layer_frontier_lru(m, k, d, step=step)
+    grid = set(range(0, n + 1, step)) | {n}
+    ref = {tuple(c): em for c, em in zip(full.counts.tolist(), full.makespan_s)}
+    # the pool capacity nF and the static boundaries nC, nC + nS, nC + nS + nE on the grid
+    want = {c for c in ref if c[0] in grid and all(b in grid for b in np.cumsum(c[1:]))}
+    got = [tuple(c) for c in coarse.counts.tolist()]
+    assert set(got) == want and len(got) == len(want) < len(ref)
+    for c, em in zip(got, coarse.makespan_s):
+        assert em == pytest.approx(ref[c], rel=1e-12, abs=1e-15)
+
+
+def test_plan_step_keeps_every_boundary_below_64_experts():
+    from zipmoe_rt.engine.profile import plan_step
+    assert [plan_step(n) for n in (4, 8, 60, 63, 64, 128, 256, 384)] == [1, 1, 1, 1, 2, 4, 8, 12]
+
+
 def test_plan_model_with_recency_pools():
     rng = np.random.default_rng(5)
     L, n, k = 3, 6, 2
