@@ -41,7 +41,7 @@ from ..models.moe import accumulate_experts, expert_act
 from . import layout as L_
 from .buffers import BufferPools
 from .ctier import CTierMixin
-from .io import RegionReader, check_io_depth
+from .io import ReadQueue, RegionReader, check_io_depth
 from .prefetch import PrefetchMixin
 from .scheduler import Task, execution_order, schedule
 from .slots import SlotTiers
@@ -53,7 +53,8 @@ class _Pending:
     """An expert being prepared: resolves to ExpertWeights when all its jobs are done."""
 
     __slots__ = ("lay", "sm", "exp", "outs", "left", "reads_left", "done", "error", "weights",
-                 "lock", "bufs", "packing", "parts", "held")
+                 "lock", "bufs", "packing", "parts", "held", "deferred", "reads_done",
+                 "cancelled", "nread")
 
     def __init__(self, lay):
         self.lay = lay
@@ -68,6 +69,35 @@ class _Pending:
         self.lock = threading.Lock()
         # compute form (engine/ctier.py): ends in it; its parts by role; a C slot's own weights
         self.packing, self.parts, self.held = False, None, False
+        # a read-only load (engine/prefetch.py): its decode waits for :meth:`ExpertEngine.
+        # _release`; reads_done: all its reads ended (set under ``lock``)
+        self.deferred, self.reads_done = False, False
+        # a discarded read-only load: reads not begun yet are skipped; bytes read so far
+        self.cancelled, self.nread = False, 0
+
+
+def read_buffer_cap(source) -> dict:
+    """Bytes of one pooled read buffer per region kind (``{"sm": n, "exp": n}``): the largest
+    such region of any expert, rounded up to pages, plus a page for O_DIRECT rounding
+    (:meth:`~zipmoe_rt.engine.buffers.BufferPools._take_read_buf`)."""
+    biggest = {r: max(getattr(l, f"{r}_region")[1] for l in source.layouts.values())
+               for r in ("sm", "exp")}
+    return {r: (-(-n // mmap.PAGESIZE) + 1) * mmap.PAGESIZE for r, n in biggest.items()}
+
+
+def prefetch_reserve(source) -> int:
+    """Bytes a budget sets aside for cross-layer prefetch (engine/prefetch.py): the read
+    buffers (both regions, :func:`read_buffer_cap`) of the ``k`` predicted loads that may be
+    alive besides the running layer's own loads. Predicted loads only read; they are decoded
+    into the running layer's working set when claimed, so they hold no decoded expert."""
+    cap = read_buffer_cap(source)
+    return int(source.hparams["num_experts_per_tok"]) * (cap["sm"] + cap["exp"])
+
+
+def prefetch_fits(source, budget_bytes: int) -> bool:
+    """Whether ``budget_bytes`` leaves room for :func:`prefetch_reserve` beyond the smallest
+    budget (else the engine runs without prefetch)."""
+    return int(budget_bytes) - smallest_budget(source) >= prefetch_reserve(source)
 
 
 def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int, int, int]:
@@ -75,9 +105,9 @@ def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int
 
     The budget holds the dense weights, the working set of one token (its top-k experts
     decoded, which the fused decode kernel needs together) and the cache tiers. With
-    ``prefetch`` the working set is ``2k`` experts (the next layer's predicted experts load
-    while this layer's compute; engine/prefetch.py) when the budget leaves room for them,
-    else ``k`` (the engine then runs without prefetch).
+    ``prefetch``, when the budget leaves room for it (:func:`prefetch_fits`), the tiers also
+    give up :func:`prefetch_reserve` bytes: the read buffers of the next layer's predicted
+    loads (engine/prefetch.py); else the engine runs without prefetch.
 
     Raises:
         BudgetError: below dense weights + top-k experts (the message gives the minimum).
@@ -91,8 +121,8 @@ def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int
             f"--memory-budget {budget_bytes / 1e6:.1f} MB is below the dense weights "
             f"({dense / 1e6:.1f} MB) plus the {k} experts one token uses ({k} x "
             f"{bytes_F / 1e6:.1f} MB): at least {mb_at_least(smallest_budget(source))} is needed")
-    if prefetch and free >= k * bytes_F:
-        return bytes_F, 2 * k, free - k * bytes_F
+    if prefetch and prefetch_fits(source, budget_bytes):
+        return bytes_F, k, free - prefetch_reserve(source)
     return bytes_F, k, free
 
 
@@ -114,7 +144,8 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             the two region reads of a miss and the reads of different experts (SSDs and
             virtual disks serve small reads faster with several queued).
         direct: O_DIRECT reads.
-        verify: CRC-check every piece read or loaded.
+        verify: CRC-check every piece loaded, and every region read from the file the first
+            time this engine reads it (:meth:`_read`).
         adapt: ``zipmoe`` only: let C/S/E slots move to hotter experts while running
             (:meth:`_adapt_slots`); False keeps them where the plan put them.
         backend: compute backend of the experts (:func:`~zipmoe_rt.backends.get_backend`;
@@ -123,7 +154,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         prefetch: start the loads of the next MoE layer's predicted experts while a layer
             computes (engine/prefetch.py; the model's look-ahead is installed by
             :func:`~zipmoe_rt.engine.prefetch.attach`). Off when the budget has no room for a
-            second working set (:func:`budget_split`); :attr:`prefetch` says which.
+            reserve of read buffers (:func:`prefetch_fits`); :attr:`prefetch` says which.
         resident, c_form, escape_share: the form of cached experts (``full``/``compressed``),
             of C slots (``packed``/``planes``) and the escape bound that sizes compute-form
             caches (:class:`~zipmoe_rt.engine.ctier.CTierMixin`).
@@ -145,6 +176,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         if eviction not in EVICTIONS:
             raise ValueError(f"--eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
         self.source, self.policy, self.eviction, self.verify = source, policy, eviction, verify
+        self._verified: set = set()         # (layer, expert, region) whose CRC-32 passed
         self.backend = get_backend(backend)
         self.path = source.path
         self.hp = source.hparams
@@ -160,14 +192,17 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             raise ValueError(f"{self.path}: experts are stored raw; use --policy raw-lru")
         self.bytes_F, self.window, self.tier_budget = budget_split(source, budget_bytes,
                                                                    prefetch)
-        self._prefetch_setup(self.window > self.k)
+        self._prefetch_setup(bool(prefetch) and prefetch_fits(source, budget_bytes))
+        # read buffers kept for reuse: the running layer's, and with prefetch the predicted
+        # loads' (their bytes are :func:`prefetch_reserve`, inside the budget)
+        self.read_window = self.window + (self.k if self.prefetch else 0)
         self.dense_bytes = source.dense_bytes()
         self.budget = int(budget_bytes)
         self.workers = int(workers or os.cpu_count() or 1)
         self.delay = delay
         self.reader = RegionReader(self.path, direct=direct)
         self.io_depth = check_io_depth(io_depth)
-        self.io = ThreadPoolExecutor(self.io_depth, thread_name_prefix="zipmoe-io")
+        self.io = ReadQueue(self.io_depth, "zipmoe-io")     # demand reads before guesses
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zipmoe-decode")
         self._tls = threading.local()
         self.stats = StageTimes()
@@ -175,10 +210,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         self._spare: dict = {}              # piece shapes -> deque of reusable output arrays
         # reusable read buffers per region kind, each big enough for that region of any expert
         # (+ a page for O_DIRECT rounding); see :meth:`_take_read_buf`
-        biggest = {r: max(getattr(l, f"{r}_region")[1] for l in self.layouts.values())
-                   for r in ("sm", "exp")}
-        self._read_cap = {r: (-(-n // mmap.PAGESIZE) + 1) * mmap.PAGESIZE
-                          for r, n in biggest.items()}
+        self._read_cap = read_buffer_cap(source)
         self._read_pool = {"sm": [], "exp": []}
         self._done_with: list = []          # (layout, arrays) computed and not kept in F
         self.slots: dict = {}               # (layer, e) -> Slot for C/S/E (and static F)
@@ -236,7 +268,8 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
                 rep["F"] += pool.nbytes
         for s in self.slots.values():
             rep[s.tier] += s.nbytes
-        rep["working set (max)"] = self.window * self.bytes_F
+        rep["working set (max)"] = self.window * self.bytes_F + \
+            (prefetch_reserve(self.source) if self.prefetch else 0)
         rep["budget"] = self.budget
         return rep
 
@@ -248,16 +281,34 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         return d
 
     def _read(self, pend: _Pending, which: str):
+        """Read region ``which`` (``sm``/``exp``) of ``pend``'s expert (an I/O thread). With
+        :attr:`verify` its pieces' CRC-32 are checked the first time this engine reads the
+        region: the file stays open and every read first checks that it did not change
+        (:meth:`~zipmoe_rt.engine.io.RegionReader.read`), so a region that passed once holds
+        the same bytes at its next read, and the check (1.7 ms of a core per default-model
+        expert, more than its decode; docs/benchmarks.md §1) is not paid again at every miss.
+
+        Raises:
+            zmoe.ChecksumError: a piece fails its CRC-32 (naming the file and tensor).
+            ModelFileError: the read failed or the file changed.
+        """
         t0 = time.perf_counter()
         lay = pend.lay
         whole = pend.bufs[which] if which in pend.bufs else pend.sm   # pend.sm: a region map
         buf = self.reader.read(*(lay.sm_region if which == "sm" else lay.exp_region),
                                alloc=lambda n: whole[:n])
-        if self.verify:
+        dt_crc = 0.0
+        key = (lay.layer, lay.expert, which)
+        if self.verify and key not in self._verified:
+            t1 = time.perf_counter()
             L_.check_regions(self.path, lay, buf if which == "sm" else None,
                              buf if which == "exp" else None)
+            dt_crc = time.perf_counter() - t1
+            with self._lock:
+                self._verified.add(key)
         dt = time.perf_counter() - t0
         with self._lock:
+            self.stats.verify_s += dt_crc
             self.stats.io_s += dt
             self.stats.bytes_read += buf.nbytes
             self.stats.reads += 1
@@ -310,47 +361,66 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         for pi, c0, c1 in jobs:
             self.pool.submit(self._decode_job, pend, pi, c0, c1)
 
-    def _start(self, lay, slot: Slot | None) -> _Pending:
+    def _start(self, lay, slot: Slot | None, read_only: bool = False) -> _Pending:
         """Begin preparing one expert from its slot (C/S/E) or from flash (miss): its missing
         regions are read in parallel (one ``pread`` each, up to :attr:`io_depth` in flight
-        over all experts, in submission order), and its decode starts when the last arrives."""
+        over all experts, in submission order), and its decode starts when the last arrives.
+        ``read_only``: only the reads start; the decode waits for :meth:`_release` (a
+        predicted load, engine/prefetch.py: no decode work and no decoded arrays for a wrong
+        guess)."""
         pend = _Pending(lay)
         if slot is not None and slot.packed is not None:   # C in the compute form: ready
             pend.weights, pend.held = slot.packed, True
             pend.done.set()
             return pend
         pend.packing = self._packing(lay)
+        pend.deferred = bool(read_only)
         # output arrays are taken here, on the main thread: allocated on the I/O threads they
-        # would come from per-thread malloc arenas that keep freed memory resident
-        pend.outs = None if pend.packing else self._take_outs(lay)
+        # would come from per-thread malloc arenas that keep freed memory resident (a
+        # read-only load takes them in :meth:`_release`, also on the main thread)
+        pend.outs = None if pend.packing or read_only else self._take_outs(lay)
         need_sm = slot is None or slot.sm is None
         need_exp = (slot is None or slot.exp is None) and any(p.chunks for p in lay.pieces)
         if slot is not None:
             pend.sm, pend.exp = slot.sm, slot.exp
         reads = [w for w, need in (("exp", need_exp), ("sm", need_sm)) if need]
         if not reads:
-            self._decode(pend)
+            if read_only:
+                pend.reads_done = True
+            else:
+                self._decode(pend)
             return pend
         pend.reads_left = len(reads)
         pend.bufs = {which: self._take_read_buf(which) for which in reads
                      if not (which == "sm" and self._own_sm(pend))}
         for which in reads:
-            self.io.submit(self._read_task, pend, which)
+            self.io.submit(self._read_task, pend, which, priority=int(read_only))
         return pend
 
     def _read_task(self, pend: _Pending, which: str):
         """One region read of ``pend`` on an I/O thread; the last of its reads starts the
         decode (or, after an error, wakes the waiting main thread)."""
         try:
-            if pend.error is None:
-                setattr(pend, which, self._read(pend, which))
+            if pend.error is None and not pend.cancelled:
+                buf = self._read(pend, which)
+                setattr(pend, which, buf)
+                with pend.lock:
+                    pend.nread += buf.nbytes
         except BaseException as e:  # noqa: BLE001 - handed to the waiting main thread
             pend.error = e
         with pend.lock:
             pend.reads_left -= 1
             last = pend.reads_left == 0
+            if last and pend.deferred:       # a read-only load: :meth:`_release` decodes it
+                pend.reads_done = True
+                return
         if not last:
             return
+        self._after_reads(pend)
+
+    def _after_reads(self, pend: _Pending):
+        """All of ``pend``'s reads ended: start its decode, or wake the main thread after an
+        error."""
         if pend.error is None:
             try:
                 self._decode(pend)
@@ -358,6 +428,20 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             except BaseException as e:  # noqa: BLE001 - a decode that cannot start (say, bad
                 pend.error = e          # decode jobs) must wake the main thread, not vanish here
         pend.done.set()
+
+    def _release(self, pend: _Pending):
+        """Let a read-only load (``_start(..., read_only=True)``) go on to its decode: at once
+        if its reads have ended, else when the last one does. Main thread (takes its output
+        arrays)."""
+        if not pend.deferred:
+            return
+        if not pend.packing and pend.outs is None:
+            pend.outs = self._take_outs(pend.lay)
+        with pend.lock:
+            pend.deferred = False
+            ended = pend.reads_done
+        if ended:
+            self._after_reads(pend)
 
     def _task(self, key, tier: str, work: int) -> Task:
         lay = self.layouts[key]
