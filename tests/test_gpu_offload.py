@@ -302,3 +302,193 @@ def test_gpu_report_lines():
     s = gpu_line(rep)
     assert s == ("GPU NVIDIA H100: 7 expert uploads, 3.5 MB over PCIe, 5 GPU decodes (1.20 ms "
                  "in kernels), 4 from host memory, 3 read from the file")
+
+
+# -- cross-layer prefetch on the GPU engine (engine/gpu_prefetch.py) -----------------------------
+
+def _pf_engine(case, policy, budget, host_budget, prefetch, ops=None):
+    """The GPU engine on ``ops`` (HostOps) with ``prefetch``; zipmoe planned within the budget
+    left after the second working set."""
+    path = case.raw if policy == "raw-lru" else case.zmoe
+    source = ZmoeSource(path, keep_experts=False, copy_dense=True)
+    kw = dict(workers=WORKERS, ops=ops or HostOps(), host_budget=host_budget, prefetch=prefetch)
+    if policy == "zipmoe":
+        delay = case.delay("CE")
+        tr = prof.load_trace(case.trace_path, source)
+        plan, ranks = prof.make_plan(tr, delay, budget_split(source, budget, prefetch)[2], case.k)
+        eng = GpuExpertEngine(source, budget, "zipmoe", plan=plan.layers, ranks=ranks,
+                              delay=delay, **kw)
+    else:
+        eng = GpuExpertEngine(source, budget, policy, **kw)
+    return source, eng
+
+
+PF_CASES = [(s, p, hb) for s in ("mixtral", "deepseek_v2_lite", "gpt_oss")
+            for p in ("zip-lru", "raw-lru", "zipmoe") for hb in (0, 10**9)]
+
+
+@pytest.mark.parametrize("spec,policy,hb", PF_CASES,
+                         ids=[f"{s}-{p}-host{int(bool(h))}" for s, p, h in PF_CASES])
+def test_gpu_prefetch_on_is_bit_identical_and_runs(tiny_case, spec, policy, hb):
+    """Prefetch on the GPU engine (host model): at a budget of the minimum plus a second working
+    set (nothing resident), with the host cache empty and full, the logits and tokens equal the
+    unbudgeted run's; every MoE layer after the first is predicted on each one-token call,
+    loads are started, claimed and counted, and gpu_report states the recall."""
+    from zipmoe_rt.engine.prefetch import attach
+    case = tiny_case(spec)
+    budget = case.dense + 2 * case.k * case.bytes_F
+    source, eng = _pf_engine(case, policy, budget, hb, True)
+    try:
+        assert eng.prefetch and eng.window == 2 * case.k
+        net = build_model(source, executor=eng)
+        n_look = attach(net, eng)
+        logits, tokens = generate(net, case.ids, 10)
+        assert tokens == case.ref_tokens
+        assert_same_logits(logits, case.ref_logits)
+        st = eng.stats
+        moe = sorted(case.hp["moe_layers"])
+        assert n_look == moe[-1]
+        predicted = [l for l in moe if l > 0]
+        assert sorted(st.recall_used) == predicted
+        assert all(st.recall_used[l] == 10 * case.k for l in predicted)
+        assert st.prefetch_issued > 0 and st.prefetch_used > 0
+        assert st.prefetch_used + st.prefetch_wasted <= st.prefetch_issued
+        assert st.uploads > 0 and (st.host_hits > 0) == bool(hb)
+        rep = eng.gpu_report()["prefetch"]
+        hits = sum(st.recall_hits.values())
+        assert rep["prefetch"] and rep["recall"] == hits / (10 * case.k * len(predicted))
+        assert rep["issued"] == st.prefetch_issued and rep["used"] == st.prefetch_used
+    finally:
+        eng.close()
+        source.close()
+
+
+class _WaitLog(HostOps):
+    """HostOps that records the events the compute stream (None) is made to wait for."""
+
+    def __init__(self):
+        self.compute_waits = []
+
+    def wait(self, stream, event):
+        if stream is None:
+            self.compute_waits.append(event)
+
+
+@pytest.mark.parametrize("hb", [0, 10**9])
+def test_gpu_prefetch_recall_and_wasted_bytes_on_a_constructed_case(tiny_case, hb):
+    """A prediction of {3, 1, 0} (at most k = 2 loads alive: 3 is skipped) against a use of
+    {2, 1}: recall 1/2, one load used; the unclaimed expert 0 is discarded with its two
+    compressed regions counted as wasted, after the compute stream was made to wait for its
+    decode; the output equals the engine's without prefetch."""
+    case = tiny_case("mixtral")
+    budget = case.dense + 2 * case.k * case.bytes_F
+    ops = _WaitLog()
+    source, eng = _pf_engine(case, "zip-lru", budget, hb, True, ops)
+    try:
+        layer = sorted(case.hp["moe_layers"])[1]
+        H = int(case.hp["hidden_size"])
+        x = np.random.default_rng(0).standard_normal((1, H)).astype(np.float32)
+        w = np.array([[0.75, 0.25]], np.float32)
+        idx = np.array([[2, 1]], np.int64)
+        assert case.k == 2 and int(case.hp["num_experts"]) >= 4
+        eng.predict(layer, [3, 1, 0], issue_now=True)
+        st = eng.stats
+        assert st.prefetch_issued == 2 and st.prefetch_skipped == 1
+        assert sorted(eng._inflight) == [(layer, 0), (layer, 1)]
+        p0 = eng._inflight[(layer, 0)]
+        got = eng.run(layer, x, idx, w)
+        eng._sweep_discarded(wait=True)
+        assert st.recall_hits == {layer: 1} and st.recall_used == {layer: 2}
+        assert st.prefetch_used == 1 and st.prefetch_wasted == 1 and not eng._discard
+        lay = case.layouts[(layer, 0)]
+        assert st.prefetch_wasted_bytes == lay.sm_region[1] + lay.exp_region[1]
+        assert p0.weights is None and p0.block is None
+        if hb:      # copied and decoded at once: the compute stream waited for its decode
+            assert ops.compute_waits and ops.compute_waits[-1] is not None
+        src2, ref = _pf_engine(case, "zip-lru", budget, hb, False)
+        try:
+            assert not ref.prefetch
+            assert np.array_equal(got, ref.run(layer, x, idx, w))
+        finally:
+            ref.close()
+            src2.close()
+        rep = eng.gpu_report()["prefetch"]
+        assert rep == {"prefetch": True, "recall": 0.5, "issued": 2, "used": 1, "wasted": 1,
+                       "wasted_bytes": lay.sm_region[1] + lay.exp_region[1]}
+    finally:
+        eng.close()
+        source.close()
+
+
+def test_gpu_prefetch_through_the_factory_and_its_line(tiny_case):
+    """build_engine passes prefetch to the GPU engine (a budget without room for a second
+    working set runs without it, as on the host); /stats' GPU line adds the prefetch figures
+    when prefetch runs and only then."""
+    from zipmoe_rt.bench import gpu_line
+    from zipmoe_rt.engine.factory import build_engine
+    case = tiny_case("mixtral")
+    source = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
+    try:
+        for budget, on in ((case.dense + 2 * case.k * case.bytes_F, True),
+                           (case.budget("min"), False)):
+            eng = build_engine(source, budget, "zip-lru", "lru", WORKERS, False, None, True,
+                               gpu_ops=HostOps(), prefetch=True)
+            try:
+                assert isinstance(eng, GpuExpertEngine) and eng.prefetch == on
+            finally:
+                eng.close()
+    finally:
+        source.close()
+    rep = {"device": "NVIDIA H100", "uploads": 7, "pcie_bytes": 3.5e6, "gpu_decodes": 5,
+           "gpu_decode_s": 0.0012, "host_hits": 4, "file_misses": 3,
+           "prefetch": {"prefetch": True, "recall": 0.625, "issued": 9, "used": 6, "wasted": 3,
+                        "wasted_bytes": 2.5e6}}
+    assert gpu_line(rep).endswith("3 read from the file; prefetch: recall 62 %, 9 loads "
+                                  "started, 6 used, 2.5 MB wasted")
+    rep["prefetch"]["prefetch"] = False
+    assert gpu_line(rep).endswith("3 read from the file")
+
+
+def _cuda_why():
+    from zipmoe_rt.backends import cuda_unavailable
+    return cuda_unavailable()
+
+
+@pytest.mark.skipif(_cuda_why() is not None, reason=f"no CUDA backend here: {_cuda_why()}")
+@pytest.mark.parametrize("spec", ["mixtral", "deepseek_v2_lite", "qwen3_moe", "gpt_oss"])
+def test_cuda_prefetch_on_equals_off_and_unbudgeted(tiny_case, spec):
+    """On the GPU, each policy, host cache empty and full: prefetch on and off give the
+    unbudgeted GPU run's logits bit for bit and its tokens; with prefetch on, predicted loads
+    are started and claimed."""
+    import warnings
+
+    import zipmoe_rt
+    case = tiny_case(spec)
+    m = zipmoe_rt.load(case.zmoe, device="cuda", progress=False)
+    try:
+        ref_logits, ref_tokens = generate(m.net, case.ids, 10)
+    finally:
+        m.close()
+    budget = case.dense + 2 * case.k * case.bytes_F
+    for policy in ("zip-lru", "raw-lru", "zipmoe"):
+        path = case.raw if policy == "raw-lru" else case.zmoe
+        for hb in (None, "100%"):
+            for pf in ("off", "on"):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    b = zipmoe_rt.load(path, device="cuda", memory_budget=budget, policy=policy,
+                                       trace=case.trace_path, workers=2, host_budget=hb,
+                                       prefetch=pf, progress=False)
+                try:
+                    where = (policy, hb, pf)
+                    assert b.engine.prefetch == (pf == "on"), where
+                    logits, tokens = generate(b.net, case.ids, 10)
+                    assert tokens == ref_tokens, where
+                    assert all(np.array_equal(x, y) for x, y in zip(logits, ref_logits)), where
+                    st = b.engine.stats
+                    if pf == "on":
+                        assert st.prefetch_issued > 0 and st.prefetch_used > 0, where
+                    else:
+                        assert st.prefetch_issued == 0, where
+                finally:
+                    b.close()

@@ -252,6 +252,34 @@ def test_footprint_keeps_steady_and_peak_and_is_remeasured_by_method(tiny_zmoe, 
         L.footprint(Path(__file__), lambda p: {"steady": 5 * MB, "peak": 0})
 
 
+def test_footprint_is_measured_again_once_numba_cache_is_deleted(tiny_zmoe, home, monkeypatch):
+    # a process that compiles its kernels holds more heap than the figure measured with the
+    # cache filled: deleting the cache must not leave that smaller figure in use
+    from zipmoe_rt.engine import footprint as F
+    state = {"stamp": "cached"}
+    monkeypatch.setattr(F, "kernel_cache_stamp", lambda: state["stamp"])
+    calls = []
+
+    def measure(p):
+        calls.append(p)
+        return {"steady": (100 + len(calls)) * MB, "peak": 200 * MB}
+    assert L.fixed_overhead(tiny_zmoe, measure) == 102 * MB and len(calls) == 2
+    assert L.fixed_overhead(tiny_zmoe, measure) == 102 * MB and len(calls) == 2
+    state["stamp"] = "empty"              # the cache deleted: measured again (and refilled)
+    assert L.fixed_overhead(tiny_zmoe, measure) == 104 * MB and len(calls) == 4
+
+
+def test_kernel_cache_stamp_reads_numba_own_folder(tmp_path, monkeypatch):
+    from zipmoe_rt.engine.footprint import kernel_cache_stamp
+    from zipmoe_rt.kernels.linear import gemv_bf16_par
+    monkeypatch.setattr(gemv_bf16_par._cache, "_cache_path", str(tmp_path))
+    assert kernel_cache_stamp() == "empty"
+    (tmp_path / "linear.gemv_bf16_par-1.py312.nbi").write_bytes(b"x")
+    assert kernel_cache_stamp() == "cached"
+    monkeypatch.setattr(gemv_bf16_par._cache, "_cache_path", str(tmp_path / "missing"))
+    assert kernel_cache_stamp() == "empty"
+
+
 def test_plan_memory_refuses_a_limit_below_the_warm_up_peak(tiny_zmoe, home):
     src = ZmoeSource(tiny_zmoe)
     try:

@@ -862,3 +862,11 @@ def test_context_under_a_memory_limit_is_the_one_it_planned():
     h = ModelHost(lambda: None)
     h.model = SimpleNamespace(hparams={"max_position_embeddings": 512}, memory_plan=None)
     assert h.context_length == 512
+
+
+@pytest.mark.parametrize("stop,shown", [("", '""'), ([""], '[""]'), (["a", 3], '["a", 3]')])
+def test_bad_stop_error_shows_the_value_as_sent(stop, shown):
+    from zipmoe_rt.server.schemas import APIError, parse_chat
+    with pytest.raises(APIError) as e:
+        parse_chat({"messages": HI, "stop": stop})
+    assert e.value.param == "stop" and e.value.message.endswith(f"got {shown}")

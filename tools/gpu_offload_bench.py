@@ -17,14 +17,18 @@ Two steps, because the value pools come from a GGUF file the GPU machine does no
     python tools/gpu_offload_bench.py pools POOLS.npz        # here: ~6 MB of pooled values
     python tools/gpu_offload_bench.py run POOLS.npz --work DIR [--layers 2] [--budget 25%]
         [--host-budget 100%] [--tokens 32] [--hf-tokens 6] [--routing both]
-        [--one-step-segments] [--json OUT.json]
+        [--prefetch off,on] [--skip-accelerate] [--one-step-segments] [--json OUT.json]
 
 ``run`` writes the checkpoint, calibrates its routers
 (:func:`offload_model.calibrate_routers`), converts it twice (bit-planes; raw experts for
-raw-lru), times the two segment decode kernels on one expert, then for each routing (the
+raw-lru), times the two segment decode kernels on one expert and a routing read (device to host) with
+and without host-to-device copies in flight (:func:`time_reads_under_copies`), then for each
+routing (the
 model's routers, and/or :func:`offload_model.uniform_routing`) records an activation trace for
 zipmoe (teacher-forced tokens, unbudgeted GPU run) and times each configuration after a
-warm-up (zip-lru also with one copy and one decode launch per miss, the engine's one-expert
+warm-up, with cross-layer prefetch off and/or on (``--prefetch``; a third routing,
+``predictable``, draws uniform experts that the look-ahead predicts exactly: the bound of
+what prefetch can hide) (zip-lru also with one copy and one decode launch per miss, the engine's one-expert
 path: ``gpu_batch.BATCHED`` off; ``--batch-sizes N,...`` adds zip-lru and zipmoe rows with ``N``
 experts per decode launch, ``gpu_batch.MAX_BATCH``); last transformers + accelerate
 (``tools/offload_accelerate.py``); it prints a table with the ratios and, per budgeted row,
@@ -45,14 +49,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tools"), str(ROOT), str(ROOT / "format")]
 
 from offload_accelerate import experts_on_cpu_map, time_accelerate  # noqa: E402
+import offload_model  # noqa: E402
 from offload_model import (CALIB_RUNS, CALIB_TOKENS, token_stream, calibrate_routers,  # noqa: E402
                            make_pools, uniform_routing, write_checkpoint)
 
 DEVICE = "cuda"
+#: the routings of ``--routing``
+ROUTINGS = ("uniform", "model", "predictable")
+
+
+def _forward(net, ids, cache, step):
+    """One forward pass, the routing's step set first (``offload_model.ROUTE_STEP``)."""
+    offload_model.ROUTE_STEP[0] = step
+    return net.forward(ids, cache)
 
 
 def time_zipmoe(path, tokens, warm, **load_kw) -> dict:
-    """Teacher-forced decode tokens/s after a 16-token prefill and ``warm`` steps."""
+    """Teacher-forced decode tokens/s after a 16-token prefill and ``warm`` steps; with a
+    budget, the engine's counters (hits, PCIe bytes, decode kernels, the breakdown, prefetch
+    recall and wasted bytes)."""
     import zipmoe_rt
     if DEVICE != "cuda":
         load_kw.pop("host_budget", None)
@@ -64,14 +79,15 @@ def time_zipmoe(path, tokens, warm, **load_kw) -> dict:
             held.load_all()     # unbudgeted: every expert on the GPU before timing
         ids = token_stream(16 + warm + tokens)
         cache = net.new_cache(capacity=16 + warm + tokens + 1)
-        net.forward(ids[:16], cache)
-        for t in ids[16:16 + warm]:
-            net.forward(np.array([t]), cache)
+        _forward(net, ids[:16], cache, 0)
+        for i, t in enumerate(ids[16:16 + warm]):
+            _forward(net, np.array([t]), cache, 1 + i)
         if m.engine is not None:
             m.engine.stats.reset()
         net.backend.synchronize()
         t0 = time.perf_counter()
-        logits = [net.forward(np.array([t]), cache) for t in ids[16 + warm:]]
+        logits = [_forward(net, np.array([t]), cache, 1 + warm + i)
+                  for i, t in enumerate(ids[16 + warm:])]
         net.backend.synchronize()
         dt = time.perf_counter() - t0
         r = {"tps": tokens / dt, "memory": m.memory_report(), "logits": logits}
@@ -84,6 +100,11 @@ def time_zipmoe(path, tokens, warm, **load_kw) -> dict:
                      gpu_decodes=st["gpu_decodes"], uploads=st["uploads"],
                      gpu=m.engine.gpu_report()["device"])
             r["breakdown"] = breakdown(st, tokens, dt)
+            pf = m.engine.prefetch_report()
+            r["prefetch"] = {"on": pf["prefetch"], "recall": pf["recall"],
+                             "loads_per_token": pf["issued"] / tokens,
+                             "used_per_token": pf["used"] / tokens,
+                             "wasted_MB_per_token": pf["wasted_bytes"] / tokens / 1e6}
             full = max(l.full_bytes for l in m.engine.layouts.values())
             if st["gpu_decode_s"] > 0:
                 r["decode_GBps_bf16_out"] = st["gpu_decodes"] * full / st["gpu_decode_s"] / 1e9
@@ -121,8 +142,8 @@ def record_trace(z):
     m.net.route_hook = rec
     ids = token_stream(64, seed=11)
     cache = m.net.new_cache(capacity=65)
-    for t in ids:
-        m.net.forward(np.array([t]), cache)
+    for i, t in enumerate(ids):
+        _forward(m.net, np.array([t]), cache, 10_000 + i)
     m.net.route_hook = None
     src = m.source
     trace = {"version": 1, "fingerprint": prof.fingerprint(src), "model": "bench",
@@ -182,6 +203,53 @@ def time_segment_kernels(z, reps: int = 20) -> dict:
     return res
 
 
+def time_reads_under_copies(mb: int = 64, reps: int = 20) -> dict:
+    """How long the host waits for a small device-to-host read (128 float32, a router's logits,
+    as the look-ahead and the router read them on the compute stream) alone and while ``mb`` MB
+    of host-to-device copies from pinned memory run on a non-blocking stream (the engine's copy
+    stream), read into pageable memory (``cupy.asnumpy``, as the routing does) and into pinned
+    memory (``cudaMemcpyAsync`` + a stream synchronize); and the copies' own time, all medians
+    over ``reps`` in microseconds. A read that takes about as long as the copies waits for
+    them."""
+    import cupy as cp
+    n = int(mb) << 20
+    host = np.frombuffer(cp.cuda.alloc_pinned_memory(n), np.uint8, n)
+    pin = np.frombuffer(cp.cuda.alloc_pinned_memory(512), np.float32, 128)
+    dst = cp.empty(n, cp.uint8)
+    small = cp.zeros(128, cp.float32)
+    cs = cp.cuda.Stream(non_blocking=True)
+    cur = cp.cuda.get_current_stream()
+    rt = cp.cuda.runtime
+
+    def pageable():
+        cp.asnumpy(small)
+
+    def pinned():
+        rt.memcpyAsync(pin.ctypes.data, small.data.ptr, 512, rt.memcpyDeviceToHost, cur.ptr)
+        cur.synchronize()
+
+    def timed(f):
+        t0 = time.perf_counter()
+        f()
+        return time.perf_counter() - t0
+
+    res = {"copy_MB": n / 1e6}
+    for name, f in (("pageable", pageable), ("pinned", pinned)):
+        f()
+        res[f"{name}_read_alone_us"] = 1e6 * float(np.median([timed(f) for _ in range(reps)]))
+        under, whole = [], []
+        for _ in range(reps):
+            cp.cuda.Device().synchronize()
+            t0 = time.perf_counter()
+            rt.memcpyAsync(dst.data.ptr, host.ctypes.data, n, rt.memcpyHostToDevice, cs.ptr)
+            under.append(timed(f))
+            cs.synchronize()
+            whole.append(time.perf_counter() - t0)
+        res[f"{name}_read_during_copies_us"] = 1e6 * float(np.median(under))
+        res["copies_us"] = 1e6 * float(np.median(whole))
+    return res
+
+
 def run(a):
     import warnings
 
@@ -210,6 +278,12 @@ def run(a):
         except Exception as e:  # noqa: BLE001 - reported, the timing rows still run
             kt = {"error": f"{type(e).__name__}: {e}"[:300]}
         print(f"segment decode kernels, GB/s of BF16 output: {json.dumps(kt)}", flush=True)
+        try:
+            rd = time_reads_under_copies()
+        except Exception as e:  # noqa: BLE001 - reported, the timing rows still run
+            rd = {"error": f"{type(e).__name__}: {e}"[:300]}
+        print(f"routing reads with host-to-device copies in flight: {json.dumps(rd)}",
+              flush=True)
         cuda_experts.STAGED = not a.one_step_segments
     src = ZmoeSource(z)
     budget = parse_size(a.budget, src)
@@ -219,39 +293,54 @@ def run(a):
           flush=True)
     res = {"layers": a.layers, "budget": a.budget, "budget_bytes": budget,
            "host_budget": a.host_budget, "tokens": a.tokens, "rows": {}}
-    modes = ("uniform", "model") if a.routing == "both" else (a.routing,)
+    modes = ("uniform", "model") if a.routing == "both" else tuple(a.routing.split(","))
+    bad = [m for m in modes if m not in ROUTINGS]
+    if bad:
+        raise SystemExit(f"--routing: unknown {', '.join(bad)} (one of both, "
+                         f"{', '.join(ROUTINGS)}, comma-separated)")
+    res["prefetch"] = a.prefetch
+    t_start = time.perf_counter()
     for mode in modes:
-        uniform_routing(mode == "uniform")
+        uniform_routing(mode != "model", by_step=mode == "predictable")
         record_trace(z)
         unb = time_zipmoe(z, a.tokens, 8)
         res["rows"][f"{mode} routing: zipmoe-rt, all experts on the GPU (no budget)"] = unb
         # (policy, file, experts per decode launch: None the default, 0 a call's misses in
         # one launch, "off" one copy and one launch per miss: the one-expert path)
-        rows = [("raw-lru", raw, None), ("zip-lru", z, None), ("zipmoe", z, None)]
+        rows = [(pol, f, None, pf) for pf in a.prefetch
+                for pol, f in (("raw-lru", raw), ("zip-lru", z), ("zipmoe", z))]
         if DEVICE == "cuda":
             if not a.no_unbatched:
-                rows.insert(2, ("zip-lru", z, "off"))
-            rows += [(pol, z, n) for n in a.batch_sizes for pol in ("zip-lru", "zipmoe")]
+                rows.insert(2, ("zip-lru", z, "off", "off"))
+            rows += [(pol, z, n, "off") for n in a.batch_sizes for pol in ("zip-lru", "zipmoe")]
         default = gpu_batch.MAX_BATCH
-        for pol, path, per in rows:
+        for pol, path, per, pf in rows:
             gpu_batch.BATCHED = per != "off"
             gpu_batch.MAX_BATCH = default if per in (None, "off") else per
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 r = time_zipmoe(path, a.tokens, 8, memory_budget=budget, policy=pol,
-                                host_budget=a.host_budget)
+                                host_budget=a.host_budget, prefetch=pf)
             gpu_batch.BATCHED, gpu_batch.MAX_BATCH = True, default
             if per == "off":
                 pol = f"{pol}, one launch per miss"
             elif per is not None:
                 pol = f"{pol}, {per or 'all'} misses per launch"
+            if pf == "on":
+                pol = f"{pol}, prefetch on"
             r["bit_identical_to_unbudgeted"] = all(
                 np.array_equal(x, y) for x, y in zip(r.pop("logits"), unb["logits"]))
             res["rows"][f"{mode} routing: {pol}"] = r
-            print(f"{mode} routing, {pol}: {r['tps']:.1f} tok/s  "
+            print(f"[{time.perf_counter() - t_start:.0f} s] {mode} routing, {pol}: "
+                  f"{r['tps']:.1f} tok/s  "
                   f"{json.dumps({k: v for k, v in r.items() if k != 'memory'})}", flush=True)
         unb.pop("logits", None)
     uniform_routing(False)
+    if a.skip_accelerate:
+        print_tables(res["rows"], None)
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1, default=str))
+        return res
     hfr = time_accelerate(hf, budget, a.hf_tokens, 2)
     res["rows"]["transformers + accelerate offload"] = hfr
     print(f"transformers + accelerate (device_map auto, max_memory): {json.dumps(hfr)}",
@@ -261,25 +350,55 @@ def run(a):
     print(f"transformers + accelerate (experts on cpu): {json.dumps(r2)}", flush=True)
     # the faster of the two offload configurations is the baseline (the conservative ratio)
     acc = max((r.get("tps") or 0.0 for r in (hfr, r2)), default=0.0) or None
+    print_tables(res["rows"], acc)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+def print_tables(rows: dict, acc) -> None:
+    """The results table (ratios against raw-lru of the same routing, with prefetch off, and
+    against the faster transformers + accelerate row, ``acc`` tok/s or None), the prefetch
+    table and the breakdown table."""
     print("\n| configuration | decode tok/s | x raw-lru (same routing) | x transformers+accelerate "
           "(faster) | PCIe MB/token | decode kernels ms/token | hits F/C/S/E/miss % |")
     print("|---|---:|---:|---:|---:|---:|---|")
-    for name, r in res["rows"].items():
+    for name, r in rows.items():
         if "tps" not in r:
             print(f"| {name} | {r.get('error')} | | | | | |")
             continue
         mode = name.split(" routing")[0]
-        base = res["rows"].get(f"{mode} routing: raw-lru", {}).get("tps")
+        base = rows.get(f"{mode} routing: raw-lru", {}).get("tps")
         hits = "/".join(f"{100 * r['hits'][k]:.0f}" for k in ("F", "C", "S", "E", "miss")) \
             if "hits" in r else "-"
         print(f"| {name} | {r['tps']:.2f} | {(r['tps'] / base) if base else float('nan'):.2f} | "
               f"{(r['tps'] / acc) if acc else float('nan'):.1f} | "
               f"{r.get('pcie_MB_per_token', float('nan')):.1f} | "
               f"{r.get('decode_kernel_ms_per_token', float('nan')):.3f} | {hits} |")
-    print_breakdown(res["rows"])
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1, default=str))
-    return res
+    print_prefetch(rows)
+    print_breakdown(rows)
+
+
+def print_prefetch(rows: dict) -> None:
+    """Per row with prefetch on: tok/s against the same policy with prefetch off and against
+    raw-lru with prefetch on (same routing), recall, loads started and used per token and the
+    bytes fetched for experts nobody used."""
+    on = {n: r for n, r in rows.items() if r.get("prefetch", {}).get("on")}
+    if not on:
+        return
+    print("\n| configuration (prefetch on) | decode tok/s | x prefetch off | x raw-lru, prefetch on "
+          "| recall % | loads/token | used/token | wasted MB/token |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in on.items():
+        off = rows.get(name.replace(", prefetch on", ""), {}).get("tps")
+        mode = name.split(" routing")[0]
+        raw = rows.get(f"{mode} routing: raw-lru, prefetch on", {}).get("tps")
+        p = r["prefetch"]
+        rec = "-" if p["recall"] is None else f"{100 * p['recall']:.1f}"
+        print(f"| {name} | {r['tps']:.2f} | {r['tps'] / off if off else float('nan'):.2f} | "
+              f"{r['tps'] / raw if raw else float('nan'):.2f} | {rec} | "
+              f"{p['loads_per_token']:.1f} | {p['used_per_token']:.1f} | "
+              f"{p['wasted_MB_per_token']:.1f} |")
 
 
 def print_breakdown(rows: dict) -> None:
@@ -321,8 +440,14 @@ def main(argv=None):
     r.add_argument("--batch-sizes", type=lambda t: [int(x) for x in t.split(",") if x],
                    default=[], help="extra zip-lru and zipmoe rows with N experts per decode "
                    "launch (comma-separated; 0 = all of a call's misses in one launch)")
-    r.add_argument("--routing", choices=("model", "uniform", "both"), default="both",
-                   help="the model's routers, uniform random routing (uniform_routing), or both")
+    r.add_argument("--routing", default="both",
+                   help="comma-separated: model (the model's routers), uniform (uniform random "
+                   "routing, offload_model.uniform_routing), predictable (uniform, seeded by "
+                   "the step: a perfect cross-layer predictor); both = uniform,model")
+    r.add_argument("--prefetch", type=lambda t: [x for x in t.split(",") if x], default=["off"],
+                   help="budgeted rows with prefetch off and/or on (comma-separated: off,on)")
+    r.add_argument("--skip-accelerate", action="store_true",
+                   help="no transformers + accelerate rows")
     a = ap.parse_args(argv)
     if a.cmd == "pools":
         make_pools(a.out)

@@ -201,13 +201,24 @@ def token_stream(n, seed=5):
     return ids
 
 
-def uniform_routing(on: bool) -> None:
+#: the decode step the model is at (:func:`uniform_routing` with ``by_step``; set by the
+#: benchmark before each forward pass)
+ROUTE_STEP = [0]
+
+
+def uniform_routing(on: bool, by_step: bool = False) -> None:
     """Switch every sparse block's choice of experts to (``on``) or back from uniform random
     routing: each token's k experts drawn uniformly without replacement, seeded by its router
     logits' bytes and the layer (so every configuration of the run, whose logits are equal bit
     for bit, routes alike), weighted by the softmax of their logits as the block's rule weighs
     its own top k (renormalised with ``norm_topk_prob``). No locality, no skew: the hard case
-    for an expert cache, whatever the model's own routers do."""
+    for an expert cache, whatever the model's own routers do.
+
+    With ``by_step`` the draw is seeded by the decode step (:data:`ROUTE_STEP`, which the
+    benchmark sets before each forward pass), the token's row and the layer instead of the
+    logits: still uniform and without locality, but the next layer's router applied a layer
+    early (the prefetch look-ahead) draws the very experts that layer will use, a perfect
+    predictor: the bound of what cross-layer prefetch can hide, with nothing to cache."""
     from zipmoe_rt.models import moe
     cls = moe.SparseMoeBlock
     if "_model_select" not in cls.__dict__:
@@ -221,7 +232,8 @@ def uniform_routing(on: bool) -> None:
         T, E = lg.shape
         idx = np.empty((T, self.top_k), np.int64)
         for t in range(T):
-            rng = np.random.default_rng([zlib.crc32(lg[t].tobytes()), self.layer])
+            rng = np.random.default_rng([ROUTE_STEP[0], t, self.layer] if by_step else
+                                        [zlib.crc32(lg[t].tobytes()), self.layer])
             pick = rng.choice(E, self.top_k, replace=False)
             idx[t] = pick[np.argsort(-lg[t, pick], kind="stable")]
         p = np.exp(lg - lg.max(axis=1, keepdims=True))

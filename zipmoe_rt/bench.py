@@ -433,11 +433,18 @@ def gpu_row_line(r: dict) -> str:
 
 def gpu_line(rep: dict) -> str:
     """``/stats``' GPU line: the device and the GPU expert path's counters since loading
-    (:meth:`~zipmoe_rt.engine.gpu_engine.GpuExpertEngine.gpu_report`)."""
-    return (f"GPU {rep['device']}: {rep['uploads']} expert uploads, "
+    (:meth:`~zipmoe_rt.engine.gpu_engine.GpuExpertEngine.gpu_report`), and with prefetch on its
+    recall, loads started and used, and the bytes fetched for experts nobody used."""
+    line = (f"GPU {rep['device']}: {rep['uploads']} expert uploads, "
             f"{rep['pcie_bytes'] / 1e6:.1f} MB over PCIe, {rep['gpu_decodes']} GPU decodes "
             f"({1e3 * rep['gpu_decode_s']:.2f} ms in kernels), {rep['host_hits']} from host "
             f"memory, {rep['file_misses']} read from the file")
+    pf = rep.get("prefetch")
+    if pf and pf.get("prefetch"):       # engine/gpu_prefetch.py
+        rec = "-" if pf["recall"] is None else f"{100 * pf['recall']:.0f} %"
+        line += (f"; prefetch: recall {rec}, {pf['issued']} loads started, {pf['used']} used, "
+                 f"{pf['wasted_bytes'] / 1e6:.1f} MB wasted")
+    return line
 
 
 def save(result: dict, path) -> Path:

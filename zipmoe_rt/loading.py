@@ -128,7 +128,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             misses are read from the file. Default 0 (docs/gpu.md).
         prefetch: under a budget, ``on``/``off`` (or a bool): while a layer computes, start
             loading the experts the next MoE layer's router predicts from the current hidden
-            state (engine/prefetch.py; outputs bit-identical either way; the host engine only).
+            state (engine/prefetch.py; on ``cuda`` their copies over PCIe and decodes,
+            engine/gpu_prefetch.py; outputs bit-identical either way).
             None: the default, :data:`~zipmoe_rt.engine.prefetch.DEFAULT_PREFETCH`. No effect
             without a budget.
         c_tier: under a budget, how ``zipmoe``'s C slots hold their experts: ``packed`` (the

@@ -59,7 +59,7 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
         host_budget: ``cuda`` only: bytes of pinned host memory for experts kept in host RAM.
         gpu_ops: device operations for the GPU engine (default: CUDA's); the host model
             :class:`~zipmoe_rt.engine.gpu_ops.HostOps` runs the GPU engine on the CPU (tests).
-        prefetch: cross-layer prefetch (engine/prefetch.py; the host engine only); its second
+        prefetch: cross-layer prefetch (engine/prefetch.py; on the GPU engine/gpu_prefetch.py); its second
             working set is taken from the budget before the tiers are planned.
         resident: ``full`` or ``compressed``: the F caches of the host engine hold decoded
             BF16 experts or the compute form (engine/ctier.py); the policy is chosen the same
@@ -86,7 +86,7 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
         policy = "raw-lru" if raw else ("zipmoe" if trace_path.exists() else "zip-lru")
     workers = workers or os.cpu_count() or 1
     cls, extra = _engine_class(backend, host_budget, gpu_ops)
-    if cls is ExpertEngine and prefetch:
+    if prefetch:
         extra = dict(extra, prefetch=True)
     if cls is ExpertEngine:
         from .resident import packable

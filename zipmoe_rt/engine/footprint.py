@@ -209,6 +209,26 @@ def sources_stamp() -> int:
         return 0
 
 
+def kernel_cache_stamp() -> str:
+    """Whether Numba's on-disk cache of the kernels holds any entry: ``"cached"`` or
+    ``"empty"`` (``"unknown"`` where its folder cannot be found). A process that compiles its
+    kernels keeps ~20 MB more heap than one that loads them, so an overhead measured with the
+    cache filled is measured again once the cache is deleted
+    (:func:`zipmoe_rt.engine.limit.footprint`). The folder is the one Numba itself chose for
+    the GEMV kernel (``__pycache__`` beside the sources, ``NUMBA_CACHE_DIR`` or the user-wide
+    fallback)."""
+    from pathlib import Path
+    try:
+        from ..kernels.linear import gemv_bf16_par
+        folder = Path(gemv_bf16_par._cache._cache_path)
+    except (AttributeError, ImportError, TypeError):
+        return "unknown"
+    try:
+        return "cached" if any(folder.glob("*.nbi")) else "empty"
+    except OSError:
+        return "unknown"
+
+
 def steady_footprint(model_path) -> dict:
     """The runtime's memory for ``model_path`` without weights, in this (fresh) process: import
     the runtime, read the index and the tokenizer (the tokenizer's JSON text dropped, as

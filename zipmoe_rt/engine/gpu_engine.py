@@ -18,7 +18,9 @@ bytes live and who decodes them:
   waits for that launch's event: no host synchronisation
   (:mod:`~zipmoe_rt.engine.gpu_batch`; :meth:`_launch` is the one-expert path, for raw
   experts, host-decoded ones and ``gpu_batch.BATCHED`` off);
-* ``raw-lru`` keeps its meaning: raw BF16 experts cross PCIe as they are (no decode).
+* ``raw-lru`` keeps its meaning: raw BF16 experts cross PCIe as they are (no decode);
+* with ``prefetch`` the next MoE layer's predicted misses are started while a layer computes
+  (:mod:`~zipmoe_rt.engine.gpu_prefetch`).
 
 The model's kernels see the same BF16 words in the same order as without a budget, so logits
 are bit-identical to the unbudgeted GPU run. Adaptive slot moves (``adapt``) are not done on the
@@ -40,6 +42,7 @@ import numpy as np
 from . import layout as L_
 from .gpu_batch import BatchedMisses, GpuStageTimes
 from .gpu_meta import block_layout, build_meta, gpu_decodable, meta_bound, pack_meta
+from .gpu_prefetch import GpuPrefetch
 from .pipeline import ExpertEngine
 from .tiers import Slot
 from ..models.weights import ExpertWeights
@@ -87,7 +90,7 @@ class _GPending:
         self.staging = False
 
 
-class GpuExpertEngine(BatchedMisses, ExpertEngine):
+class GpuExpertEngine(GpuPrefetch, BatchedMisses, ExpertEngine):
     """:class:`~zipmoe_rt.engine.pipeline.ExpertEngine` whose tiers live in GPU memory (see the
     module docstring).
 
@@ -100,6 +103,9 @@ class GpuExpertEngine(BatchedMisses, ExpertEngine):
         host_budget: bytes of pinned host memory for experts kept in host RAM (compressed
             regions + segment tables; raw regions for ``raw-lru``); 0 = every miss is read
             from the file.
+        prefetch: cross-layer prefetch (:mod:`~zipmoe_rt.engine.gpu_prefetch`: the next MoE
+            layer's predicted misses cross PCIe and are decoded while a layer computes); off
+            when the budget has no room for a second working set, as on the host.
 
     Raises:
         as :class:`~zipmoe_rt.engine.pipeline.ExpertEngine`; zmoe.ChecksumError for a corrupt
@@ -109,7 +115,7 @@ class GpuExpertEngine(BatchedMisses, ExpertEngine):
     def __init__(self, source, budget_bytes: int, policy: str = "zip-lru", eviction: str = "lru",
                  plan=None, ranks=None, workers: int | None = None, direct: bool = False,
                  verify: bool = True, delay=None, io_depth: int | None = None, backend=None,
-                 ops=None, host_budget: int = 0):
+                 ops=None, host_budget: int = 0, prefetch: bool = False):
         if ops is None:
             raise ValueError("GpuExpertEngine needs device operations (ops)")
         self.ops = ops
@@ -123,7 +129,7 @@ class GpuExpertEngine(BatchedMisses, ExpertEngine):
         self._batch_setup(False)
         super().__init__(source, budget_bytes, policy, eviction, plan=plan, ranks=ranks,
                          workers=workers, direct=direct, verify=verify, delay=delay, adapt=False,
-                         io_depth=io_depth, backend=backend,
+                         io_depth=io_depth, backend=backend, prefetch=prefetch,
                          c_form="planes")   # C slots: both regions, decoded on the GPU per use
         self._slots_to_device()
         self._fill_host(ranks)
@@ -395,14 +401,15 @@ class GpuExpertEngine(BatchedMisses, ExpertEngine):
         return rep
 
     def gpu_report(self) -> dict:
-        """The device, and the counters of the GPU path since the last stats reset."""
+        """The device, and the counters of the GPU path since the last stats reset (with
+        ``prefetch``: :meth:`~zipmoe_rt.engine.gpu_prefetch.GpuPrefetch.prefetch_report`)."""
         d = self.stats.as_dict()
         return {"device": self.ops.device_name(), "pcie_bytes": d["pcie_bytes"],
                 "uploads": d["uploads"], "gpu_decodes": d["gpu_decodes"],
                 "host_decodes": d["host_decodes"], "host_hits": d["host_hits"],
                 "file_misses": d["file_misses"], "gpu_decode_s": d["gpu_decode_s"],
                 "batches": d["batches"], "h2d_s": d["h2d_s"], "issue_s": d["issue_s"],
-                "moe_compute_s": d["moe_compute_s"]}
+                "moe_compute_s": d["moe_compute_s"], "prefetch": self.prefetch_report()}
 
     def close(self):
         """Stop the I/O threads and drop every buffer the engine holds on the GPU and in pinned

@@ -263,8 +263,10 @@ def footprint(model_path, measure=None) -> dict:
     :func:`zipmoe_rt.engine.footprint.steady_footprint`); ``steady`` is its RSS after that
     (what the weights compete with), ``peak`` its VmHWM (the warm-up's peak, which a loading
     process reaches before it holds any weight). Remembered per model file (path, size,
-    modification time), runtime version, Python, :data:`OVERHEAD_METHOD` and the kernel sources'
-    newest modification time in ``overhead.json`` of the cache folder. A first child fills
+    modification time), runtime version, Python, :data:`OVERHEAD_METHOD`, the kernel sources'
+    newest modification time and whether Numba's cache of them is filled
+    (:func:`zipmoe_rt.engine.footprint.kernel_cache_stamp`) in ``overhead.json`` of the cache
+    folder. A first child fills
     Numba's on-disk cache and a second one measures, so the figure is that of a process that
     loads its kernels rather than compiling them, as every later process does (a compile leaves
     ~20 MB more heap behind; where the cache cannot be written, both compile and so does the
@@ -278,11 +280,13 @@ def footprint(model_path, measure=None) -> dict:
         MemoryLimitError: the measurement failed (the child exited with an error).
     """
     from .. import __version__
-    from .footprint import sources_stamp
+    from .footprint import kernel_cache_stamp, sources_stamp
     p = Path(model_path).resolve()
     st = p.stat()
-    key = (f"{p}|{st.st_size}|{st.st_mtime_ns}|{__version__}|{sys.version.split()[0]}|"
-           f"{OVERHEAD_METHOD}|{sources_stamp()}")
+
+    def key() -> str:
+        return (f"{p}|{st.st_size}|{st.st_mtime_ns}|{__version__}|{sys.version.split()[0]}|"
+                f"{OVERHEAD_METHOD}|{sources_stamp()}|{kernel_cache_stamp()}")
     store = _overhead_store()
     try:
         known = json.loads(store.read_text())
@@ -290,7 +294,7 @@ def footprint(model_path, measure=None) -> dict:
         known = {}
     if not isinstance(known, dict):
         known = {}
-    v = known.get(key)
+    v = known.get(key())
     if isinstance(v, dict) and all(isinstance(v.get(k), int) and v[k] > 0
                                    for k in ("steady", "peak")):
         return {"steady": v["steady"], "peak": v["peak"]}
@@ -306,7 +310,7 @@ def footprint(model_path, measure=None) -> dict:
                                f"(the measuring child process failed; run `python -m "
                                f"zipmoe_rt.bench '[\"baseline\", \"{p}\"]'` to see why)")
     v["peak"] = max(v["peak"], v["steady"])
-    known[key] = v
+    known[key()] = v       # after the measurement, which filled Numba's cache
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
         tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")

@@ -292,6 +292,6 @@ def _lookahead(engine, j: int, target, defer: bool):
             return
         logits, idx, _w = block.route(norm(x))
         engine.predict(j, np.asarray(idx).reshape(-1).tolist(), issue_now=not defer,
-                       scores=np.asarray(logits).reshape(-1))
+                       scores=block.backend.to_host(logits).reshape(-1))   # GPU: a host copy
 
     return lookahead

@@ -151,6 +151,48 @@ __device__ __forceinline__ void sd_round(SdReader& r, const u64* mt,
     if (na) row[wq] = (u32)acc;
 }
 
+// The rounds of a staged decode, called by every thread of the block: in round q this thread
+// decodes its next min(SD_ROUND, cnt - q * SD_ROUND) symbols (none once cnt is reached) into
+// its row of the staging area `rows`; after a barrier each warp takes the block's staged
+// segments in turn and its 32 lanes write 32 consecutive outputs at a time, from o + q *
+// SD_ROUND: BF16 words with `merge` (o unsigned short*, each exponent merged with its
+// sign+mantissa byte from p + q * SD_ROUND), else the exponent bytes (o unsigned char*).
+// s_o, s_p, s_n: shared arrays of SD_T entries.
+__device__ __forceinline__ void sd_stage(SdReader& rd, const u64* mt,
+                                         const unsigned short* __restrict__ st, int cnt,
+                                         int rounds, void* o, const unsigned char* p, bool merge,
+                                         u32* rows, void** s_o, const unsigned char** s_p,
+                                         int* s_n) {
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    u32* row = rows + tid * SD_ROW;
+    int esz = merge ? 2 : 1;
+    for (int q = 0; q < rounds; q++) {
+        int need = min(SD_ROUND, cnt - q * SD_ROUND);
+        if (need < 0) need = 0;
+        if (need) sd_round(rd, mt, st, need, row);
+        s_n[tid] = need;
+        s_o[tid] = (unsigned char*)o + (long long)esz * q * SD_ROUND;
+        s_p[tid] = p ? p + (long long)q * SD_ROUND : p;
+        __syncthreads();
+        for (int s = warp; s < SD_T; s += SD_WARPS) {
+            int n = s_n[s];
+            const unsigned char* eb = (const unsigned char*)(rows + s * SD_ROW);
+            if (merge) {
+                unsigned short* ow = (unsigned short*)s_o[s];
+                const unsigned char* ps = s_p[s];
+                for (int k = lane; k < n; k += 32) {
+                    u32 b = ps[k], e = eb[k];
+                    ow[k] = (unsigned short)(((b >> 7) << 15) | (e << 7) | (b & 0x7fu));
+                }
+            } else {
+                unsigned char* ob = (unsigned char*)s_o[s];
+                for (int k = lane; k < n; k += 32) ob[k] = eb[k];
+            }
+        }
+        __syncthreads();
+    }
+}
+
 __device__ __forceinline__ int sd_find_run(const int* __restrict__ runs, int nruns, int j) {
     int lo = 0, hi = nruns - 1;                 // the last run whose first segment <= j
     while (lo < hi) {
@@ -193,7 +235,8 @@ __global__ void __launch_bounds__(SD_T) sd_decode_runs(
         const unsigned short* __restrict__ tabs, const u64* __restrict__ multi, int seg,
         unsigned short* __restrict__ out, int nseg) {
     __shared__ u32 rows[SD_T * SD_ROW];
-    __shared__ long long s_w[SD_T], s_s[SD_T];
+    __shared__ void* s_o[SD_T];
+    __shared__ const unsigned char* s_p[SD_T];
     __shared__ int s_n[SD_T];
 #if SD_SMEM_TAB
     __shared__ u64 s_tab[4096];
@@ -224,29 +267,8 @@ __global__ void __launch_bounds__(SD_T) sd_decode_runs(
         st = tabs + 4096LL * r[5];
         rd.start(base, (long long)r[1] + (long long)mis, (long long)bits[j] + 8LL * (long long)mis);
     }
-    u32* row = rows + tid * SD_ROW;
-    int lane = tid & 31, warp = tid >> 5;
-    int rounds = (seg + SD_ROUND - 1) / SD_ROUND;
-    for (int q = 0; q < rounds; q++) {
-        int need = min(SD_ROUND, cnt - q * SD_ROUND);
-        if (need < 0) need = 0;
-        if (need) sd_round(rd, mt, st, need, row);
-        s_n[tid] = need;
-        s_w[tid] = w0 + (long long)q * SD_ROUND;
-        s_s[tid] = s0 + (long long)q * SD_ROUND;
-        __syncthreads();
-        for (int s = warp; s < SD_T; s += SD_WARPS) {
-            int n = s_n[s];
-            const unsigned char* eb = (const unsigned char*)(rows + s * SD_ROW);
-            unsigned short* o = out + s_w[s];
-            const unsigned char* p = sm + s_s[s];
-            for (int k = lane; k < n; k += 32) {
-                u32 b = p[k], e = eb[k];
-                o[k] = (unsigned short)(((b >> 7) << 15) | (e << 7) | (b & 0x7fu));
-            }
-        }
-        __syncthreads();
-    }
+    sd_stage(rd, mt, st, cnt, (seg + SD_ROUND - 1) / SD_ROUND, out + w0, sm + s0, true, rows,
+             s_o, s_p, s_n);
 }
 
 // The write pass of the self-synchronising stream decoder (cuda_huffman_src.py): segment t
@@ -264,7 +286,8 @@ __global__ void __launch_bounds__(SD_T) sd_decode_streams(
         const unsigned short* __restrict__ tabs, const u64* __restrict__ multi,
         unsigned char* __restrict__ out, int* __restrict__ status, long long nseg, int rounds) {
     __shared__ u32 rows[SD_T * SD_ROW];
-    __shared__ long long s_w[SD_T];
+    __shared__ void* s_o[SD_T];
+    __shared__ const unsigned char* s_p[SD_T];
     __shared__ int s_n[SD_T];
     int tid = threadIdx.x;
     long long t = blockIdx.x * (long long)SD_T + tid;
@@ -294,23 +317,7 @@ __global__ void __launch_bounds__(SD_T) sd_decode_streams(
             rd.start((const u32*)(s - mis), size + (long long)mis, start[t] + off);
         }
     }
-    u32* row = rows + tid * SD_ROW;
-    int lane = tid & 31, warp = tid >> 5;
-    for (int r = 0; r < rounds; r++) {
-        int need = min(SD_ROUND, cnt - r * SD_ROUND);
-        if (need < 0) need = 0;
-        if (need) sd_round(rd, mt, st, need, row);
-        s_n[tid] = need;
-        s_w[tid] = w0 + (long long)r * SD_ROUND;
-        __syncthreads();
-        for (int s = warp; s < SD_T; s += SD_WARPS) {
-            int n = s_n[s];
-            const unsigned char* eb = (const unsigned char*)(rows + s * SD_ROW);
-            unsigned char* o = out + s_w[s];
-            for (int k = lane; k < n; k += 32) o[k] = eb[k];
-        }
-        __syncthreads();
-    }
+    sd_stage(rd, mt, st, cnt, rounds, out + w0, 0, false, rows, s_o, s_p, s_n);
     if (check && cnt > 0) {
         long long pos = rd.pos() - off;
         if (pos > 8 * size || ((pos + 7) >> 3) != size) status[q] = 3;
@@ -357,7 +364,7 @@ __global__ void sd_multi_batch(const long long* __restrict__ desc, int n, u64* _
 __global__ void __launch_bounds__(SD_T) sd_decode_batch(
         const long long* __restrict__ desc, int n, const u64* __restrict__ multi, int seg) {
     __shared__ u32 rows[SD_T * SD_ROW];
-    __shared__ unsigned short* s_o[SD_T];
+    __shared__ void* s_o[SD_T];
     __shared__ const unsigned char* s_p[SD_T];
     __shared__ int s_n[SD_T];
     int tid = threadIdx.x;
@@ -384,29 +391,8 @@ __global__ void __launch_bounds__(SD_T) sd_decode_batch(
         rd.start((const u32*)(exp - mis), (long long)r[1] + (long long)mis,
                  (long long)((const int*)d[5])[jl] + 8LL * (long long)mis);
     }
-    u32* row = rows + tid * SD_ROW;
-    int lane = tid & 31, warp = tid >> 5;
-    int rounds = (seg + SD_ROUND - 1) / SD_ROUND;
-    for (int q = 0; q < rounds; q++) {
-        int need = min(SD_ROUND, cnt - q * SD_ROUND);
-        if (need < 0) need = 0;
-        if (need) sd_round(rd, mt, st, need, row);
-        s_n[tid] = need;
-        s_o[tid] = o0 + (long long)q * SD_ROUND;
-        s_p[tid] = p0 + (long long)q * SD_ROUND;
-        __syncthreads();
-        for (int s = warp; s < SD_T; s += SD_WARPS) {
-            int m = s_n[s];
-            const unsigned char* eb = (const unsigned char*)(rows + s * SD_ROW);
-            unsigned short* o = s_o[s];
-            const unsigned char* p = s_p[s];
-            for (int k = lane; k < m; k += 32) {
-                u32 b = p[k], e = eb[k];
-                o[k] = (unsigned short)(((b >> 7) << 15) | (e << 7) | (b & 0x7fu));
-            }
-        }
-        __syncthreads();
-    }
+    sd_stage(rd, mt, st, cnt, (seg + SD_ROUND - 1) / SD_ROUND, o0, p0, true, rows, s_o, s_p,
+             s_n);
 }
 
 }  // extern "C"

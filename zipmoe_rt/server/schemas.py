@@ -173,7 +173,7 @@ def _common(body: Any, kind: str) -> Request:
         if (not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop)
                 or len(stop) > MAX_STOP):
             raise _bad("stop", f"expected a non-empty string or a list of at most {MAX_STOP} "
-                       f"non-empty strings, got {_shown(stop)}")
+                       f"non-empty strings, got {_shown(body.get('stop'))}")
         req.stop = list(stop)
     rf = body.get("response_format")
     if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
