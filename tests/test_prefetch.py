@@ -13,8 +13,9 @@
   them; a wrong guess is never decoded, and its reads that had not begun when it was
   discarded are skipped (nothing read); the read queue serves the running layer's reads
   before the guesses'.
-* Budget accounting: prefetch reserves the read buffers of k predicted loads, and a budget
-  without room for them runs without prefetch; ``--prefetch`` values are checked.
+* Budget accounting: prefetch reserves a second working set of k experts (the host engine's
+  predicted loads hold read buffers in it, no decoded arrays), and a budget without room for
+  it runs without prefetch; ``--prefetch`` values are checked.
 """
 from __future__ import annotations
 
@@ -25,8 +26,7 @@ import threading
 import time
 
 from zipmoe_rt.engine.io import ReadQueue
-from zipmoe_rt.engine.pipeline import (ExpertEngine, budget_split, prefetch_reserve,
-                                       read_buffer_cap)
+from zipmoe_rt.engine.pipeline import ExpertEngine, budget_split, read_buffer_cap
 from zipmoe_rt.engine.prefetch import attach, check_prefetch
 from zipmoe_rt.engine.store import ZmoeSource
 from zipmoe_rt.models import build_model
@@ -37,19 +37,15 @@ from test_engine import (DECODE_STEPS, WORKERS, assert_same_logits, generate,  #
 SPECS_PF = ["mixtral", "deepseek_v2_lite", "glm4_moe_groups", "phimoe"]
 
 
-def budget_of(case, which: str, path=None) -> int:
-    """``pf-min``: the minimum plus the prefetch reserve (no tiers); ``mid``; ``all``."""
+def budget_of(case, which: str) -> int:
+    """``pf-min``: the minimum plus a second working set (no tiers); ``mid``; ``all``."""
     if which == "pf-min":
-        source = ZmoeSource(path or case.zmoe, keep_experts=False)
-        try:
-            return case.budget("min") + prefetch_reserve(source)
-        finally:
-            source.close()
+        return case.dense + 2 * case.k * case.bytes_F
     return case.budget(which)
 
 
 def run_prefetch(case, policy, which, prefetch: bool):
-    b = budget_of(case, which, case.raw if policy == "raw-lru" else case.zmoe)
+    b = budget_of(case, which)
     delay = case.delay("CE") if policy == "zipmoe" else None
     source, engine, _plan = make_engine(case, b, policy, "lru", delay)
     try:
@@ -167,29 +163,27 @@ def _wait_reads(loads, timeout=30.0):
         time.sleep(0.001)
 
 
-def test_budget_without_room_for_the_prefetch_reserve_runs_without_prefetch(tiny_case):
+def test_budget_without_room_for_a_second_working_set_runs_without_prefetch(tiny_case):
     case = tiny_case("mixtral")
     src = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
     try:
         b = case.budget("min")
+        assert budget_split(src, b, True) == (case.bytes_F, case.k, 0)
+        assert budget_split(src, b + case.k * case.bytes_F, True) == (case.bytes_F, 2 * case.k, 0)
+        extra = 5 * case.bytes_F
+        assert budget_split(src, b + extra, True) == (case.bytes_F, 2 * case.k,
+                                                      extra - case.k * case.bytes_F)
         cap = read_buffer_cap(src)
         big = max(lay.sm_region[1] for lay in case.layouts.values())
         assert cap["sm"] % 4096 == 0 and big + 4096 <= cap["sm"] < big + 2 * 4096
-        reserve = prefetch_reserve(src)
-        assert reserve == case.k * (cap["sm"] + cap["exp"])
-        assert budget_split(src, b, True) == (case.bytes_F, case.k, 0)
-        assert budget_split(src, b + reserve - 1, True) == (case.bytes_F, case.k, reserve - 1)
-        assert budget_split(src, b + reserve, True) == (case.bytes_F, case.k, 0)
-        extra = 5 * case.bytes_F + reserve
-        assert budget_split(src, b + extra, True) == (case.bytes_F, case.k, extra - reserve)
-        assert budget_split(src, b + extra, False) == (case.bytes_F, case.k, extra)
-        for budget, on in ((b + reserve - 1, False), (b + reserve, True)):
+        for budget, on in ((b + case.k * case.bytes_F - 1, False), (b + case.k * case.bytes_F,
+                                                                     True)):
             eng = ExpertEngine(src, budget, "zip-lru", workers=WORKERS, prefetch=True)
             try:
+                # decoded arrays: one layer's; read buffers: its and the predicted loads'
                 assert eng.prefetch is on and eng.window == case.k
                 assert eng.read_window == case.k * (2 if on else 1)
-                assert eng.memory_report()["working set (max)"] == \
-                    case.k * case.bytes_F + (reserve if on else 0)
+                assert eng.memory_report()["working set (max)"] == eng.read_window * case.bytes_F
             finally:
                 eng.close()
     finally:

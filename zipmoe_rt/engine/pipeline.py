@@ -85,29 +85,16 @@ def read_buffer_cap(source) -> dict:
     return {r: (-(-n // mmap.PAGESIZE) + 1) * mmap.PAGESIZE for r, n in biggest.items()}
 
 
-def prefetch_reserve(source) -> int:
-    """Bytes a budget sets aside for cross-layer prefetch (engine/prefetch.py): the read
-    buffers (both regions, :func:`read_buffer_cap`) of the ``k`` predicted loads that may be
-    alive besides the running layer's own loads. Predicted loads only read; they are decoded
-    into the running layer's working set when claimed, so they hold no decoded expert."""
-    cap = read_buffer_cap(source)
-    return int(source.hparams["num_experts_per_tok"]) * (cap["sm"] + cap["exp"])
-
-
-def prefetch_fits(source, budget_bytes: int) -> bool:
-    """Whether ``budget_bytes`` leaves room for :func:`prefetch_reserve` beyond the smallest
-    budget (else the engine runs without prefetch)."""
-    return int(budget_bytes) - smallest_budget(source) >= prefetch_reserve(source)
-
-
 def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int, int, int]:
     """How a budget divides: ``(bytes of one full expert, working-set experts, tier bytes)``.
 
     The budget holds the dense weights, the working set of one token (its top-k experts
     decoded, which the fused decode kernel needs together) and the cache tiers. With
-    ``prefetch``, when the budget leaves room for it (:func:`prefetch_fits`), the tiers also
-    give up :func:`prefetch_reserve` bytes: the read buffers of the next layer's predicted
-    loads (engine/prefetch.py); else the engine runs without prefetch.
+    ``prefetch`` the working set is ``2k`` experts when the budget leaves room for them, else
+    ``k`` (the engine then runs without prefetch): the next layer's predicted loads
+    (engine/prefetch.py) hold up to ``k`` more experts, decoded (the GPU engine) or as the read
+    buffers of their two regions, which are smaller (the host engine, whose predicted loads
+    only read).
 
     Raises:
         BudgetError: below dense weights + top-k experts (the message gives the minimum).
@@ -121,8 +108,8 @@ def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int
             f"--memory-budget {budget_bytes / 1e6:.1f} MB is below the dense weights "
             f"({dense / 1e6:.1f} MB) plus the {k} experts one token uses ({k} x "
             f"{bytes_F / 1e6:.1f} MB): at least {mb_at_least(smallest_budget(source))} is needed")
-    if prefetch and prefetch_fits(source, budget_bytes):
-        return bytes_F, k, free - prefetch_reserve(source)
+    if prefetch and free >= k * bytes_F:
+        return bytes_F, 2 * k, free - k * bytes_F
     return bytes_F, k, free
 
 
@@ -154,7 +141,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         prefetch: start the loads of the next MoE layer's predicted experts while a layer
             computes (engine/prefetch.py; the model's look-ahead is installed by
             :func:`~zipmoe_rt.engine.prefetch.attach`). Off when the budget has no room for a
-            reserve of read buffers (:func:`prefetch_fits`); :attr:`prefetch` says which.
+            second working set (:func:`budget_split`); :attr:`prefetch` says which.
         resident, c_form, escape_share: the form of cached experts (``full``/``compressed``),
             of C slots (``packed``/``planes``) and the escape bound that sizes compute-form
             caches (:class:`~zipmoe_rt.engine.ctier.CTierMixin`).
@@ -190,12 +177,13 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
                              f"(convert with --expert-encoding raw)")
         if policy != "raw-lru" and raw_experts:
             raise ValueError(f"{self.path}: experts are stored raw; use --policy raw-lru")
-        self.bytes_F, self.window, self.tier_budget = budget_split(source, budget_bytes,
-                                                                   prefetch)
-        self._prefetch_setup(bool(prefetch) and prefetch_fits(source, budget_bytes))
+        self.bytes_F, window, self.tier_budget = budget_split(source, budget_bytes, prefetch)
+        self._prefetch_setup(window > self.k)
         # read buffers kept for reuse: the running layer's, and with prefetch the predicted
-        # loads' (their bytes are :func:`prefetch_reserve`, inside the budget)
-        self.read_window = self.window + (self.k if self.prefetch else 0)
+        # loads' (within the second working set :func:`budget_split` sets aside); decoded
+        # arrays: one layer's, and the predicted loads' where they are decoded at once
+        self.read_window = window
+        self.window = self.k if self.PREFETCH_READS_ONLY else window
         self.dense_bytes = source.dense_bytes()
         self.budget = int(budget_bytes)
         self.workers = int(workers or os.cpu_count() or 1)
@@ -268,8 +256,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
                 rep["F"] += pool.nbytes
         for s in self.slots.values():
             rep[s.tier] += s.nbytes
-        rep["working set (max)"] = self.window * self.bytes_F + \
-            (prefetch_reserve(self.source) if self.prefetch else 0)
+        rep["working set (max)"] = self.read_window * self.bytes_F
         rep["budget"] = self.budget
         return rep
 

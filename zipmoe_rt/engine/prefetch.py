@@ -38,9 +38,10 @@ Loads start in rank order (the likeliest first); at most ``k`` predicted loads a
 once, which bounds both the memory and the bytes a wrong guess may read in flight.
 
 Memory: the predicted loads alive at once (at most ``k``) hold read buffers, no decoded
-expert, so the budget sets aside their read buffers (:func:`~zipmoe_rt.engine.pipeline.
-prefetch_reserve`, taken from the tiers by :func:`~zipmoe_rt.engine.pipeline.budget_split`);
-a budget too small for that runs without prefetch.
+expert; the budget sets aside a second working set of ``k`` experts for them
+(:func:`~zipmoe_rt.engine.pipeline.budget_split`, which the GPU engine's decoded predictions
+need; the host's read buffers take about two-thirds of it), and a budget too small for that
+runs without prefetch.
 """
 from __future__ import annotations
 
@@ -80,6 +81,10 @@ class PrefetchMixin:
     :class:`~zipmoe_rt.engine.pipeline.ExpertEngine`; see the module docstring). Main thread
     only. Works on the engine's ``fpools``, ``slots``, ``layouts``, ``stats``, ``_start``,
     ``_done_with`` and ``_give_read_buf``."""
+
+    #: predicted loads only read, and are decoded when claimed (the host engine); False: they
+    #: are decoded at once (the GPU engine, whose decodes do not take the compute's cores)
+    PREFETCH_READS_ONLY = True
 
     def _prefetch_setup(self, enabled: bool) -> None:
         self.prefetch = bool(enabled)
@@ -159,9 +164,12 @@ class PrefetchMixin:
                 self.stats.prefetch_skipped += 1
                 continue
             slot = self.slots.get(key)
-            if slot is not None and slot.sm is not None and slot.exp is not None:
+            if not self.PREFETCH_READS_ONLY:
+                self._inflight[key] = self._start(self.layouts[key], slot)
+            elif slot is not None and slot.sm is not None and slot.exp is not None:
                 continue     # both regions resident: nothing to read ahead
-            self._inflight[key] = self._start(self.layouts[key], slot, read_only=True)
+            else:
+                self._inflight[key] = self._start(self.layouts[key], slot, read_only=True)
             self.stats.prefetch_issued += 1
             room -= 1
 
@@ -175,7 +183,8 @@ class PrefetchMixin:
             self._discard_load(p)
             return None
         self.stats.prefetch_used += 1
-        self._release(p)          # its reads ran ahead; the decode starts now
+        if self.PREFETCH_READS_ONLY:
+            self._release(p)      # its reads ran ahead; the decode starts now
         return p
 
     def _end_prefetch(self, layer: int, topk_idx: np.ndarray) -> None:
@@ -201,7 +210,8 @@ class PrefetchMixin:
     def _discard_load(self, p) -> None:
         """A predicted load nobody will claim: its reads not begun yet are skipped, and it is
         released by :meth:`_sweep_discarded` once its reads in flight end."""
-        p.cancelled = True
+        if self.PREFETCH_READS_ONLY:
+            p.cancelled = True
         self._discard.append(p)
 
     def _sweep_discarded(self, wait: bool = False) -> None:
