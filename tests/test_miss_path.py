@@ -5,8 +5,14 @@ besides its read and decode.
   at every later read of the same region (the file stays open and each read checks that it
   did not change), and outputs stay those of the unbudgeted model; a region that fails is
   still caught at its first read (tests/test_engine.py's corruption tests).
+* tools/limit_ab.py (the miss path's benchmark under a memory cgroup): its ``--row`` values.
 """
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
 
 from zipmoe_rt.engine import layout as L_
 from zipmoe_rt.models import build_model
@@ -39,3 +45,16 @@ def test_each_region_is_crc_checked_once_however_often_it_is_read(tiny_case, mon
     finally:
         engine.close()
         source.close()
+
+
+def test_limit_ab_rows_parse_and_bad_rows_name_the_option():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import limit_ab
+    name, where, opts = limit_ab.parse_row("on=--prefetch on")
+    assert (name, where, opts) == ("on", limit_ab.REPO, ["--prefetch", "on"])
+    name, where, opts = limit_ab.parse_row("before@/tmp/x=--prefetch off --io-depth 2")
+    assert (name, where, opts) == ("before", Path("/tmp/x"), ["--prefetch", "off", "--io-depth",
+                                                              "2"])
+    for bad in ("on", "=--prefetch on"):
+        with pytest.raises(SystemExit, match=r"--row .*NAME=OPTIONS"):
+            limit_ab.parse_row(bad)
