@@ -72,6 +72,16 @@ def tiny_moe_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def pair(tiny_moe_dir):
+    """Factory ``pair(name) -> (our model, transformers' model in float32)`` on the tiny
+    checkpoint of spec ``name`` (``hf_parity.model_pair``), each pair built once per test
+    module."""
+    from hf_parity import model_pair
+
+    return model_pair(tiny_moe_dir)
+
+
 @pytest.fixture(scope="session")
 def default_zmoe(default_hf_dir, tmp_path_factory) -> Path:
     """The default model converted to ``.zmoe`` (built once per session; read-only)."""

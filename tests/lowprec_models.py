@@ -2,7 +2,9 @@
 DeepSeek-V3 with FP8 E4M3 weights and per-block ``weight_scale_inv`` (quantised by transformers'
 own ``Fp8Quantize`` op, as its FP8 quantizer saves them), and the F32 reference the same
 weights give through transformers' ``Fp8Dequantize`` op (what transformers computes with when
-it loads an FP8 checkpoint dequantised).
+it loads an FP8 checkpoint dequantised); gpt-oss in the layout of its MXFP4 release. Also the
+checks the FP8 and MXFP4 tests share: logits and greedy tokens against transformers, and
+budgeted runs against the unbudgeted one.
 
 Import only from tests that have already done ``pytest.importorskip("torch")`` /
 ``("transformers")``.
@@ -157,3 +159,61 @@ def load_hf_mxfp4(folder):
         folder, dtype=torch.float32, attn_implementation="eager",
         quantization_config=transformers.Mxfp4Config(dequantize=True))
     return m.eval()
+
+
+#: the budgeted runs of the low-precision tests: (policy, budget, delay)
+BUDGETED_RUNS = [
+    ("raw-lru", "min", None), ("raw-lru", "mid", None), ("zip-lru", "min", None),
+    ("zip-lru", "mid", None), ("zip-lru", "all", None), ("zipmoe", "mid", "CE"),
+    ("zipmoe", "mid", "S"), ("zipmoe", "mid", "FE"), ("zipmoe", "all", "CE")]
+
+
+def check_logits_match(z: Path, hf, prompt, tol: float) -> None:
+    """The container ``z``'s logits at every position of ``prompt`` (16 ids) are within
+    ``tol`` of transformers' model ``hf``'s."""
+    import numpy as np
+
+    from hf_parity import hf_logits, zmoe_logits
+
+    ref = hf_logits(hf, prompt)
+    ours = zmoe_logits(z, prompt)
+    assert ours.shape == ref.shape == (16, 256)
+    assert np.abs(ours - ref).max() <= tol
+
+
+def check_greedy_20_tokens(z: Path, hf, prompt) -> None:
+    """20 greedy tokens after ``prompt`` (16 ids) from the container ``z`` with its KV cache
+    are those of transformers' model ``hf`` (each step a forward pass over the whole
+    sequence)."""
+    import numpy as np
+
+    from hf_parity import hf_logits
+    from zipmoe_rt.engine.store import ZmoeSource
+    from zipmoe_rt.models import build_model
+
+    seq = list(prompt)
+    for _ in range(20):
+        seq.append(int(np.argmax(hf_logits(hf, seq)[-1])))
+    src = ZmoeSource(z)
+    try:
+        net = build_model(src)
+        cache = net.new_cache()
+        logits = net.forward(prompt, cache)
+        ours = []
+        for _ in range(20):
+            ours.append(int(np.argmax(logits)))
+            logits = net.forward(np.array([ours[-1]]), cache)
+    finally:
+        src.close()
+    assert ours == seq[16:]
+
+
+def check_budgeted_run(case, policy: str, budget: str, delay) -> None:
+    """A budgeted run of the test_engine Case ``case`` (LRU eviction) gives its reference
+    logits and tokens bit for bit, every expert use a hit of some tier."""
+    import test_engine as te
+
+    run = te.budgeted_run(case, policy, budget, "lru", delay)
+    te.assert_same_logits(run["logits"], case.ref_logits)
+    assert run["tokens"] == case.ref_tokens
+    assert sum(run["hits"].values()) == run["uses"] > 0

@@ -22,19 +22,20 @@ WORDS = ("hello world the quick brown fox jumps over lazy dog what is capital of
          "answer question").split()
 
 
-def _tokenizer_json(vocab_size: int) -> str:
-    """A byte-level BPE over printable ASCII (no newline) with exactly ``vocab_size`` ids, so every
-    id the random model can sample decodes to text."""
+def _tokenizer_json(vocab_size: int, specials=SPECIALS, more_alphabet=()) -> str:
+    """A byte-level BPE over printable ASCII (no newline; ``more_alphabet``: more characters of
+    the byte-level alphabet) with exactly ``vocab_size`` ids, so every id the random model can
+    sample decodes to text; ``specials`` its special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    alphabet = [chr(c) for c in range(0x21, 0x7F)] + ["\u0120"]  # '!'..'~' and the mapped space
+    alphabet = [chr(c) for c in range(0x21, 0x7F)] + ["\u0120", *more_alphabet]  # '!'..'~', space
     rng = random.Random(0)
     text = " ".join(rng.choice(WORDS) for _ in range(3000))
     tk.train_from_iterator([text], trainer=trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=alphabet,
+        vocab_size=vocab_size, special_tokens=list(specials), initial_alphabet=alphabet,
         limit_alphabet=len(alphabet), show_progress=False))
     n = tk.get_vocab_size()
     tk.add_tokens([f"<x{i}>" for i in range(vocab_size - n)])

@@ -7,12 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ import zmoe
 import zipmoe_rt
 from zipmoe_rt.cli import main
 
+from cli_pty import cli_argv, driving
 from cli_runner import cli
 from test_api import make_chat_model  # the tiny model + tokenizer builder shared with the API tests
 
@@ -521,118 +519,13 @@ def test_chat_stats_before_any_reply(tiny_zmoe):
 
 
 # -- chat REPL under a pseudo-terminal ----------------------------------------------------------------
-class Pty:
-    """A child process whose controlling terminal is a pty we drive (like pexpect).
-
-    ``limit_s`` is a hard limit on the whole conversation: any wait past it fails (and the
-    caller kills the child), whatever the child prints meanwhile. ``ignore_sigint`` starts the
-    child with SIGINT ignored, as ``nohup`` and a script's ``cmd &`` do."""
-
-    def __init__(self, argv, env, limit_s: float = 600, ignore_sigint: bool = False):
-        import pty
-        pid, fd = pty.fork()
-        if pid == 0:  # child: exec at once
-            try:
-                if ignore_sigint:
-                    signal.signal(signal.SIGINT, signal.SIG_IGN)
-                os.execve(argv[0], argv, env)
-            finally:
-                os._exit(127)
-        self.pid, self.fd, self.buf, self.pos = pid, fd, b"", 0
-        self.deadline = time.monotonic() + limit_s
-
-    def _read(self, deadline_s):
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"over the hard time limit; so far: {self.buf[-3000:]!r}")
-        r, _, _ = select.select([self.fd], [], [], min(deadline_s, left))
-        if not r:
-            raise AssertionError(f"no output; so far: {self.buf[-3000:]!r}")
-        try:
-            data = os.read(self.fd, 1 << 16)
-        except OSError:
-            data = b""
-        if not data:
-            raise AssertionError(f"the REPL exited early; output: {self.buf[-3000:]!r}")
-        self.buf += data
-
-    def expect(self, pattern: bytes, guard_s: float = 120):
-        """Wait for ``pattern`` (regex) after what was already matched; guard_s only stops a hang."""
-        while True:
-            m = re.compile(pattern).search(self.buf, self.pos)
-            if m:
-                self.pos = m.end()
-                return m
-            self._read(guard_s)
-
-    def read_at_least(self, n: int, guard_s: float = 120) -> bytes:
-        start = self.pos
-        while len(self.buf) - start < n:
-            self._read(guard_s)
-        self.pos = len(self.buf)
-        return self.buf[start:]
-
-    def send(self, data: bytes):
-        os.write(self.fd, data)
-
-    def blocked_reading(self, guard_s: float = 120) -> bool:
-        """Wait until the child's main thread sleeps in select/poll (waiting for a line); False
-        if /proc cannot tell. (A SIGINT that lands just before readline enters select is only
-        seen at the next key press: a CPython readline race, not the REPL's.)"""
-        try:
-            with open(f"/proc/{self.pid}/wchan") as f:
-                f.read()
-        except OSError:
-            return False
-        for _ in range(int(guard_s * 100)):
-            if time.monotonic() > self.deadline:
-                return False
-            with open(f"/proc/{self.pid}/wchan") as f:
-                if re.search("poll|select", f.read()):
-                    return True
-            select.select([], [], [], 0.01)
-        return False
-
-    def wait(self, guard_s: float = 120) -> int:
-        """Exit code of the child, draining its output meanwhile; fails if it does not end."""
-        for _ in range(int(guard_s * 10)):
-            if time.monotonic() > self.deadline:
-                break
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                os.close(self.fd)
-                return os.waitstatus_to_exitcode(status)
-            try:  # drain so the child never blocks on a full pty
-                if select.select([self.fd], [], [], 0.1)[0]:
-                    self.buf += os.read(self.fd, 1 << 16)
-            except OSError:
-                select.select([], [], [], 0.1)
-        raise AssertionError(f"the REPL did not exit; output: {self.buf[-3000:]!r}")
-
-    def kill(self):
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-
-
-def _cli_argv():
-    exe = Path(sys.executable).with_name("zipmoe-rt")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "zipmoe_rt.cli"]
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
 def test_repl_streams_survives_ctrl_c_and_quits(tiny_zmoe):
     env = {k: v for k, v in os.environ.items() if k != "ZIPMOE_RT_DEBUG"}
     env.update(TERM="dumb", PYTHONUNBUFFERED="1")
     # the tiny random model never stops on its own: with -n this large a reply runs until Ctrl-C
-    argv = _cli_argv() + ["chat", str(tiny_zmoe), "-n", "1000000", "-c", "1000000"]
-    try:
-        proc = Pty(argv, env)
-    except OSError as e:
-        pytest.skip(f"no pty: {e}")
-    try:
+    argv = cli_argv() + ["chat", str(tiny_zmoe), "-n", "1000000", "-c", "1000000"]
+    with driving(argv, env) as proc:
         proc.expect(rb"zipmoe-rt chat: tiny-chat \(MixtralForCausalLM, 4 experts, top-2\)")
         proc.expect(rb">>> ")
         proc.send(b"hello world\r")
@@ -665,9 +558,6 @@ def test_repl_streams_survives_ctrl_c_and_quits(tiny_zmoe):
             proc.expect(rb">>> ")
         proc.send(b"/quit\r")
         assert proc.wait() == 0
-    except BaseException:
-        proc.kill()
-        raise
 
 
 # -- the bundled default model, end to end ------------------------------------------------------------
@@ -694,14 +584,14 @@ def test_run_and_chat_default_model(default_zmoe):
                          capture_output=True, text=True, check=True, timeout=900)
     ref = json.loads(api.stdout)
     assert ref["finish"] == "stop" and "Paris" in ref["want"]
-    r = subprocess.run(_cli_argv() + ["run", str(default_zmoe), "-p", q, "-n", "40", "--temp", "0"],
+    r = subprocess.run(cli_argv() + ["run", str(default_zmoe), "-p", q, "-n", "40", "--temp", "0"],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     assert r.stdout == ref["want"] + "\n"
     # the stop token counted, as serve's usage.completion_tokens and llama.cpp's server count it
     assert stats_of(r.stderr) == (ref["prompt"], 0, ref["generated"], "stop")
     assert ref["generated"] == ref["output"] + 1
-    c = subprocess.run(_cli_argv() + ["chat", str(default_zmoe), "-n", "40", "--temp", "0"],
+    c = subprocess.run(cli_argv() + ["chat", str(default_zmoe), "-n", "40", "--temp", "0"],
                        env=env, input=f"{q}\nAnd of Italy?\n", capture_output=True, text=True,
                        timeout=900)
     assert c.returncode == 0, c.stderr

@@ -17,7 +17,8 @@ import zipmoe_rt
 
 from test_api import _greedy_ids, make_chat_model
 from test_cli import assert_one_line_error, cli, stats_of, user
-from test_cli_repl import greedy_zmoe, tiny_src  # noqa: F401  (module-scoped fixtures)
+from test_cli import tiny_src, tiny_zmoe  # noqa: F401  (module-scoped fixtures)
+from test_cli_repl import greedy_zmoe  # noqa: F401  (a module-scoped fixture)
 
 MB = 10**6
 
@@ -145,16 +146,11 @@ def test_budget_and_limit_state_the_same_minimum(greedy_zmoe, tmp_path, monkeypa
 # -- Ctrl-D while a reply streams -------------------------------------------------------------------
 @pytest.mark.skipif(sys.platform != "linux", reason="needs a POSIX pty")
 def test_ctrl_d_while_a_reply_streams_stops_it_and_leaves(greedy_zmoe):
-    from test_cli import Pty, _cli_argv
-    from test_cli_repl import _env
+    from cli_pty import cli_argv, driving, repl_env
 
     # -n and -c this large: the reply runs until Ctrl-D (the hard time limit guards a hang)
-    argv = _cli_argv() + ["chat", str(greedy_zmoe), "-n", "1000000", "-c", "1000000"]
-    try:
-        proc = Pty(argv, _env(), limit_s=300)
-    except OSError as e:
-        pytest.skip(f"no pty: {e}")
-    try:
+    argv = cli_argv() + ["chat", str(greedy_zmoe), "-n", "1000000", "-c", "1000000"]
+    with driving(argv, repl_env(), limit_s=300) as proc:
         proc.expect(rb">>> ")
         proc.send(b"hello world\r")
         proc.expect(rb"hello world\r?\n")
@@ -164,9 +160,6 @@ def test_ctrl_d_while_a_reply_streams_stops_it_and_leaves(greedy_zmoe):
         proc.expect(rb"\[\d+ prompt \+ 0 cached tokens, \d+ generated \(cancelled\)")
         assert proc.wait() == 0
         assert b">>> " not in proc.buf[proc.pos:], proc.buf[-300:]
-    except BaseException:
-        proc.kill()
-        raise
 
 
 def test_eof_typed_tells_an_end_of_file_from_a_line_typed_ahead():
@@ -428,8 +421,8 @@ def test_serve_refuses_an_empty_api_key(greedy_zmoe, key):
 ])
 def test_closed_standard_input_is_one_line(greedy_zmoe, args, what):
     import subprocess
-    from test_cli import _cli_argv
-    argv = _cli_argv() + [args[0], str(greedy_zmoe), *args[1:]]
+    from cli_pty import cli_argv
+    argv = cli_argv() + [args[0], str(greedy_zmoe), *args[1:]]
     env = {k: v for k, v in os.environ.items() if k != "ZIPMOE_RT_DEBUG"}
     r = subprocess.run(["bash", "-c", 'exec "$@" <&-', "_", *argv], capture_output=True,
                        text=True, timeout=300, env=env)
@@ -442,8 +435,8 @@ def test_closed_standard_input_is_one_line(greedy_zmoe, args, what):
 def test_a_reader_that_goes_away_stops_the_reply_quietly(greedy_zmoe, verb, extra):
     """``zipmoe-rt run ... | head -c 5``: no "Broken pipe" error, status 141 as for SIGPIPE."""
     import subprocess
-    from test_cli import _cli_argv
-    argv = _cli_argv() + [verb, str(greedy_zmoe), "-n", "1000", "-c", "2000", *extra]
+    from cli_pty import cli_argv
+    argv = cli_argv() + [verb, str(greedy_zmoe), "-n", "1000", "-c", "2000", *extra]
     env = {k: v for k, v in os.environ.items() if k != "ZIPMOE_RT_DEBUG"}
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, env=env)

@@ -10,10 +10,8 @@ network."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
-import numpy as np
 import pytest
 
 import zipmoe_rt
@@ -21,7 +19,8 @@ import zipmoe_rt.api as api
 import zipmoe_rt.cli_repl as cli_repl
 
 from cli_runner import cli
-from test_api import WORDS, make_chat_model, tiny_src, tiny_zmoe  # noqa: F401 (fixtures)
+from scripted import ScriptedNet
+from test_api import _tokenizer_json, make_chat_model, tiny_src, tiny_zmoe  # noqa: F401 (fixtures)
 from test_gpt_oss import REPLY_CALL, REPLY_FINAL, _harmony_template
 
 MARKERS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>",
@@ -32,23 +31,9 @@ REASONING = "Simple."                            # its analysis channel
 
 
 def _harmony_tokenizer_json(vocab_size: int) -> str:
-    """A byte-level BPE over printable ASCII with exactly ``vocab_size`` ids whose harmony
-    markers are special tokens (as in gpt-oss's o200k_harmony tokenizer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    alphabet = [chr(c) for c in range(0x21, 0x7F)] + ["\u0120", "\u010a"]  # and space, newline
-    rng = random.Random(0)
-    text = " ".join(rng.choice(WORDS) for _ in range(3000))
-    tk.train_from_iterator([text], trainer=trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=alphabet,
-        limit_alphabet=len(alphabet), show_progress=False))
-    n = tk.get_vocab_size()
-    tk.add_tokens([f"<x{i}>" for i in range(vocab_size - n)])
-    assert tk.get_vocab_size() == vocab_size
-    return tk.to_str()
+    """A byte-level BPE over printable ASCII, space and newline with exactly ``vocab_size`` ids
+    whose harmony markers are special tokens (as in gpt-oss's o200k_harmony tokenizer)."""
+    return _tokenizer_json(vocab_size, SPECIALS, ["\u010a"])
 
 
 @pytest.fixture(scope="module")
@@ -72,27 +57,6 @@ def gpt_oss_zmoe(tiny_moe_dir, tmp_path_factory):
     return convert(dest, dest.with_suffix(".zmoe"), progress=False)
 
 
-class ScriptedNet:
-    """The network with its logits replaced so that greedy decoding writes ``script`` (token
-    ids) after every prefill (a forward pass over more than one token), then EOS; the forward
-    pass itself still runs (the KV cache stays real)."""
-
-    def __init__(self, net, script, eos):
-        self._net, self._script, self._eos, self._i = net, list(script), eos, 0
-
-    def __getattr__(self, name):
-        return getattr(self._net, name)
-
-    def forward(self, ids, cache, last_only=True):
-        out = np.asarray(self._net.forward(ids, cache, last_only=last_only))
-        if len(ids) > 1:
-            self._i = 0
-        logits = np.full(out.shape[-1], -30.0, np.float32)
-        logits[self._script[self._i] if self._i < len(self._script) else self._eos] = 30.0
-        self._i += 1
-        return logits
-
-
 @pytest.fixture
 def scripted(monkeypatch):
     """``scripted(reply)``: the CLI's model loads with its network scripted to write ``reply``
@@ -106,7 +70,7 @@ def scripted(monkeypatch):
             m = real_load(*a, **kw)
             tok = m.tokenizer
             ids = tok.encode(reply, add_special_tokens=False)
-            m.net = ScriptedNet(m.net, ids, tok.token_to_id("<|return|>"))
+            m.net = ScriptedNet(m.net, ids, tok.token_to_id("<|return|>"), restart_on_prefill=True)
             enc = tok.encode_chat
 
             def encode_chat(messages, *x, **y):

@@ -19,32 +19,22 @@ from zipmoe_rt import cli_repl
 from zipmoe_rt.default_model import DEFAULT_MODEL_NAME
 
 from test_api import make_chat_model
-from test_cli import Pty, _cli_argv, assert_one_line_error, cli, stats_of, user
+from cli_pty import cli_argv, driving, repl_env
+from test_cli import assert_one_line_error, cli, stats_of, user
+from test_cli import model, tiny_src, tiny_zmoe  # noqa: F401  (module-scoped fixtures)
 
 
 @pytest.fixture(scope="module")
-def tiny_src(tiny_moe_dir) -> Path:
-    return tiny_moe_dir("mixtral")
-
-
-@pytest.fixture(scope="module")
-def greedy_zmoe(tiny_src, tmp_path_factory) -> Path:
-    """The tiny chat model whose generation_config.json says ``do_sample: false``."""
-    return make_chat_model(tiny_src, tmp_path_factory.mktemp("clirepl") / "tiny-chat",
-                           generation_config={"do_sample": False})
+def greedy_zmoe(tiny_zmoe) -> Path:
+    """The tiny chat model whose generation_config.json says ``do_sample: false`` (test_cli.py's
+    ``tiny_zmoe``)."""
+    return tiny_zmoe
 
 
 @pytest.fixture(scope="module")
 def plain_zmoe(tiny_src, tmp_path_factory) -> Path:
     """The same weights without generation_config.json (the model says nothing on sampling)."""
     return make_chat_model(tiny_src, tmp_path_factory.mktemp("clirepl") / "tiny-plain")
-
-
-@pytest.fixture(scope="module")
-def model(greedy_zmoe):
-    m = zipmoe_rt.load(greedy_zmoe)
-    yield m
-    m.close()
 
 
 # -- sampling defaults (item 5) -----------------------------------------------------------------
@@ -226,21 +216,10 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("ZIPMOE_RT_DEBUG", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env.update(TERM="dumb", PYTHONUNBUFFERED="1")
-    return env
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="needs a POSIX pty and /proc")
 def test_repl_paste_reset_and_ctrl_d(greedy_zmoe):
-    argv = _cli_argv() + ["chat", str(greedy_zmoe), "-n", "8", "--system", "be brief"]
-    try:
-        proc = Pty(argv, _env(), limit_s=400)
-    except OSError as e:
-        pytest.skip(f"no pty: {e}")
-    try:
+    argv = cli_argv() + ["chat", str(greedy_zmoe), "-n", "8", "--system", "be brief"]
+    with driving(argv, repl_env(), limit_s=400) as proc:
         proc.expect(rb"zipmoe-rt chat: tiny-chat \(MixtralForCausalLM, 4 experts, top-2\) on "
                     rb"cpu; context 512 tokens\r?\nno memory limit, no weight budget \(every "
                     rb"expert kept once decoded\); policy ")
@@ -265,9 +244,6 @@ def test_repl_paste_reset_and_ctrl_d(greedy_zmoe):
         proc.expect(rb"\r?\n")
         assert proc.wait() == 0
         assert proc.buf.endswith(b"\n"), proc.buf[-200:]
-    except BaseException:
-        proc.kill()
-        raise
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="needs a POSIX pty and /proc")
@@ -275,12 +251,8 @@ def test_idle_repl_leaves_the_cores_alone(default_zmoe):
     """Unbudgeted runs let OpenMP workers spin between parallel regions (fast decode); once
     a reply is done they must go to sleep: the REPL waiting at its prompt used 60-100 % of a
     core. The default model (unlike the tiny one) is large enough for the parallel kernels."""
-    argv = _cli_argv() + ["chat", str(default_zmoe), "-n", "4", "--temp", "0"]
-    try:
-        proc = Pty(argv, _env(), limit_s=500)
-    except OSError as e:
-        pytest.skip(f"no pty: {e}")
-    try:
+    argv = cli_argv() + ["chat", str(default_zmoe), "-n", "4", "--temp", "0"]
+    with driving(argv, repl_env(), limit_s=500) as proc:
         proc.expect(rb">>> ", guard_s=400)
         proc.send(b"hello\r")
         proc.expect(rb"\[\d+ prompt \+ 0 cached tokens, 4 generated", guard_s=300)
@@ -293,20 +265,13 @@ def test_idle_repl_leaves_the_cores_alone(default_zmoe):
         assert used < 0.3, f"the idle REPL used {used:.2f} CPU seconds in 3 s"
         proc.send(b"/quit\r")
         assert proc.wait() == 0
-    except BaseException:
-        proc.kill()
-        raise
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="needs a POSIX pty and /proc")
 def test_repl_ctrl_c_works_when_started_with_sigint_ignored(greedy_zmoe):
     # -n and -c this large: the reply runs until Ctrl-C (the hard time limit guards a hang)
-    argv = _cli_argv() + ["chat", str(greedy_zmoe), "-n", "1000000", "-c", "1000000"]
-    try:
-        proc = Pty(argv, _env(), limit_s=300, ignore_sigint=True)
-    except OSError as e:
-        pytest.skip(f"no pty: {e}")
-    try:
+    argv = cli_argv() + ["chat", str(greedy_zmoe), "-n", "1000000", "-c", "1000000"]
+    with driving(argv, repl_env(), limit_s=300, ignore_sigint=True) as proc:
         proc.expect(rb">>> ")
         proc.send(b"hello world\r")
         proc.expect(rb"hello world\r?\n")
@@ -317,9 +282,6 @@ def test_repl_ctrl_c_works_when_started_with_sigint_ignored(greedy_zmoe):
         proc.expect(rb">>> ")
         proc.send(b"/quit\r")
         assert proc.wait() == 0
-    except BaseException:
-        proc.kill()
-        raise
 
 
 # -- the kernel warm-up (item 4) ---------------------------------------------------------------------

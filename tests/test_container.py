@@ -16,7 +16,7 @@ import pytest
 import zstandard as zstd
 
 import zmoe
-from zmoe_edit import fix_header_crc, mutate, rewrite_index
+from zmoe_edit import fix_header_crc, mutate, rewrite_index, set_version
 from zmoe import (ChecksumError, CorruptIndexError, ExpertPiece, NotZmoeError, TruncatedFileError,
                   UnsupportedCodecError, UnsupportedVersionError, ZmoeError, ZmoeReader, ZmoeWriter,
                   encode_expert)
@@ -687,10 +687,7 @@ def test_safetensors_file_is_not_zmoe(tmp_path):
 def test_unsupported_version(good, tmp_path, version):
     path, _ = good
 
-    def f(b):
-        struct.pack_into("<I", b, 4, version)
-        fix_header_crc(b)  # only the version is wrong
-    bad = mutate(path, tmp_path / "v.zmoe", f)
+    bad = mutate(path, tmp_path / "v.zmoe", lambda b: set_version(b, version))  # only that
     with pytest.raises(UnsupportedVersionError) as ei:
         ZmoeReader(bad)
     assert str(bad) in str(ei.value) and str(version) in str(ei.value)
@@ -861,8 +858,7 @@ def as_version_1(b: bytearray):
         for t in index["tensors"]:
             t.pop("exp_codec", None)
     rewrite_index(b, drop)
-    struct.pack_into("<I", b, 4, 1)
-    fix_header_crc(b)
+    set_version(b, 1)
 
 
 @pytest.fixture(scope="module")
@@ -913,10 +909,7 @@ def test_version_1_with_a_huffman_record_is_corrupt(tmp_path):
     path = tmp_path / "h.zmoe"
     build(path, exp_codec="huffman")
 
-    def v1_keep_codec(b):
-        struct.pack_into("<I", b, 4, 1)
-        fix_header_crc(b)
-    bad = mutate(path, tmp_path / "h1.zmoe", v1_keep_codec)
+    bad = mutate(path, tmp_path / "h1.zmoe", lambda b: set_version(b, 1))   # the codec kept
     with pytest.raises(CorruptIndexError, match="version-1 file holds only zstd"):
         ZmoeReader(bad)
 

@@ -79,6 +79,19 @@ def bits(rng, dtype, shape, mode="random"):
     return w.reshape(shape)
 
 
+def _add_attention(add, p, H, heads, kv, hd, qk_norm=False):
+    """``add`` (name, shape) the input norm and attention projections of layer prefix ``p``,
+    in HF order, with the q/k norms when ``qk_norm``."""
+    add(f"{p}.input_layernorm.weight", (H,))
+    add(f"{p}.self_attn.q_proj.weight", (heads * hd, H))
+    add(f"{p}.self_attn.k_proj.weight", (kv * hd, H))
+    add(f"{p}.self_attn.v_proj.weight", (kv * hd, H))
+    add(f"{p}.self_attn.o_proj.weight", (H, heads * hd))
+    if qk_norm:
+        add(f"{p}.self_attn.q_norm.weight", (hd,))
+        add(f"{p}.self_attn.k_norm.weight", (hd,))
+
+
 def mixtral(H=16, I=24, L=2, E=4, V=64, dtype="BF16", mode="random", seed=0, extra_dense=True):
     """(config, [(name, dtype, shape, array)]) in HF order."""
     rng = np.random.default_rng(seed)
@@ -97,11 +110,7 @@ def mixtral(H=16, I=24, L=2, E=4, V=64, dtype="BF16", mode="random", seed=0, ext
     add("model.embed_tokens.weight", (V, H))
     for l in range(L):
         p = f"model.layers.{l}"
-        add(f"{p}.input_layernorm.weight", (H,))
-        add(f"{p}.self_attn.q_proj.weight", (heads * hd, H))
-        add(f"{p}.self_attn.k_proj.weight", (kv * hd, H))
-        add(f"{p}.self_attn.v_proj.weight", (kv * hd, H))
-        add(f"{p}.self_attn.o_proj.weight", (H, heads * hd))
+        _add_attention(add, p, H, heads, kv, hd)
         add(f"{p}.post_attention_layernorm.weight", (H,))
         add(f"{p}.block_sparse_moe.gate.weight", (E, H))
         for e in range(E):
@@ -137,13 +146,7 @@ def qwen3_fused(H=16, I=12, L=2, E=4, V=64, seed=1, mlp_only_layers=()):
     add("model.embed_tokens.weight", (V, H))
     for l in range(L):
         p = f"model.layers.{l}"
-        add(f"{p}.input_layernorm.weight", (H,))
-        add(f"{p}.self_attn.q_proj.weight", (heads * hd, H))
-        add(f"{p}.self_attn.k_proj.weight", (kv * hd, H))
-        add(f"{p}.self_attn.v_proj.weight", (kv * hd, H))
-        add(f"{p}.self_attn.o_proj.weight", (H, heads * hd))
-        add(f"{p}.self_attn.q_norm.weight", (hd,))
-        add(f"{p}.self_attn.k_norm.weight", (hd,))
+        _add_attention(add, p, H, heads, kv, hd, qk_norm=True)
         add(f"{p}.post_attention_layernorm.weight", (H,))
         if l in mlp_only_layers:
             add(f"{p}.mlp.gate_proj.weight", (20, H))

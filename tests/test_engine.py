@@ -211,53 +211,60 @@ def budgeted_run(case: Case, policy: str, budget: str, eviction: str, delay: str
     return case.runs[key]
 
 
+def make_case(z: Path, folder: Path, name: str, seed: int) -> Case:
+    """A :class:`Case` over the container ``z``: its raw companion, its unbudgeted reference run
+    over random ids (``PROMPT_LEN`` of them, then ``DECODE_STEPS`` greedy steps; generator
+    seeded with ``seed``) and an activation trace recorded by hand over other random ids, saved
+    in ``folder`` as ``recorded.trace.json`` and, as an older profile wrote it (counts and
+    locality, no sequences), as ``counts-only.trace.json``."""
+    from zipmoe_rt.bench import raw_companion
+
+    raw = raw_companion(z)
+    src = ZmoeSource(z)
+    try:
+        layouts = L_.expert_layouts(src.reader)
+        net = build_model(src)
+        vocab = int(src.hparams["vocab_size"])
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(0, vocab, PROMPT_LEN)
+        ref_logits, ref_tokens = generate(net, ids, DECODE_STEPS)
+        # activation trace recorded by hand over random ids
+        rec = prof.TraceRecorder(src.hparams, decode_only=False)
+        net.route_hook = rec
+        generate(net, rng.integers(0, vocab, PROMPT_LEN), 8)
+        net.route_hook = None
+        trace = {"version": 1, "fingerprint": prof.fingerprint(src), "model": name,
+                 "moe_layers": rec.moe_layers, "num_experts": int(src.hparams["num_experts"]),
+                 "top_k": int(src.hparams["num_experts_per_tok"]), "tokens": rec.tokens,
+                 "prompts": 1, "locality": None, "counts": rec.counts.tolist(),
+                 "sequences": rec.sequences()}
+        assert len(trace["sequences"]) == 1 and len(trace["sequences"][0]) == 8
+        trace_path = prof.save_trace(trace, folder / "recorded.trace.json")
+        old = {k: v for k, v in trace.items() if k != "sequences"}
+        old["locality"] = rec.repeats / rec.pairs
+        prof.save_trace(old, folder / "counts-only.trace.json")
+        return Case(name=name, zmoe=z, raw=raw, folder=folder, hp=dict(src.hparams),
+                    layouts=layouts, dense=src.dense_bytes(),
+                    bytes_F=max(l.full_bytes for l in layouts.values()), ids=ids,
+                    ref_logits=ref_logits, ref_tokens=ref_tokens, trace_path=trace_path,
+                    counts=rec.counts.copy())
+    finally:
+        src.close()
+
+
 @pytest.fixture(scope="module")
 def tiny_case(tiny_moe_dir, tmp_path_factory):
     """Factory ``tiny_case(name) -> Case`` (built once per module per architecture)."""
     from test_api import make_chat_model  # tiny checkpoint + a test-time tokenizer, converted
-    from zipmoe_rt.bench import raw_companion
 
     made: dict = {}
 
     def get(name: str) -> Case:
-        if name in made:
-            return made[name]
-        folder = tmp_path_factory.mktemp(f"engine_{name}")
-        z = make_chat_model(tiny_moe_dir(name), folder / name)  # load() needs a tokenizer
-        raw = raw_companion(z)
-        src = ZmoeSource(z)
-        try:
-            layouts = L_.expert_layouts(src.reader)
-            net = build_model(src)
-            vocab = int(src.hparams["vocab_size"])
-            rng = np.random.default_rng(sum(map(ord, name)))
-            ids = rng.integers(0, vocab, PROMPT_LEN)
-            ref_logits, ref_tokens = generate(net, ids, DECODE_STEPS)
-            # activation trace recorded by hand over random ids
-            rec = prof.TraceRecorder(src.hparams, decode_only=False)
-            net.route_hook = rec
-            generate(net, rng.integers(0, vocab, PROMPT_LEN), 8)
-            net.route_hook = None
-            trace = {"version": 1, "fingerprint": prof.fingerprint(src), "model": name,
-                     "moe_layers": rec.moe_layers, "num_experts": int(src.hparams["num_experts"]),
-                     "top_k": int(src.hparams["num_experts_per_tok"]), "tokens": rec.tokens,
-                     "prompts": 1, "locality": None, "counts": rec.counts.tolist(),
-                     "sequences": rec.sequences()}
-            assert len(trace["sequences"]) == 1 and len(trace["sequences"][0]) == 8
-            trace_path = prof.save_trace(trace, folder / "recorded.trace.json")
-            # the same trace as an older profile wrote it: counts and locality, no sequences
-            old = {k: v for k, v in trace.items() if k != "sequences"}
-            old["locality"] = rec.repeats / rec.pairs
-            prof.save_trace(old, folder / "counts-only.trace.json")
-            case = Case(name=name, zmoe=z, raw=raw, folder=folder, hp=dict(src.hparams),
-                        layouts=layouts, dense=src.dense_bytes(),
-                        bytes_F=max(l.full_bytes for l in layouts.values()), ids=ids,
-                        ref_logits=ref_logits, ref_tokens=ref_tokens, trace_path=trace_path,
-                        counts=rec.counts.copy())
-        finally:
-            src.close()
-        made[name] = case
-        return case
+        if name not in made:
+            folder = tmp_path_factory.mktemp(f"engine_{name}")
+            z = make_chat_model(tiny_moe_dir(name), folder / name)  # load() needs a tokenizer
+            made[name] = make_case(z, folder, name, sum(map(ord, name)))
+        return made[name]
 
     return get
 

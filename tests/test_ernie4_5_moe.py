@@ -7,7 +7,6 @@ tests.)"""
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from zipmoe_rt.backends import cuda_unavailable, get_backend  # noqa: E402
+from zipmoe_rt.backends import get_backend  # noqa: E402
 from zipmoe_rt.families import ConfigError, get_architecture  # noqa: E402
 from zipmoe_rt.families.ernie4_5_moe import Ernie45MoeHParams  # noqa: E402
 from zipmoe_rt.models import build_model  # noqa: E402
@@ -23,19 +22,12 @@ from zipmoe_rt.models.rope import interleaved_to_halves  # noqa: E402
 from zipmoe_rt.models.moe import MLP, ChoiceBiasMoeBlock  # noqa: E402
 from zipmoe_rt.models.weights import CheckpointSource  # noqa: E402
 
-from hf_parity import hf_logits, model_pair  # noqa: E402
+from family_checks import BACKENDS, assert_same_route, convert_quietly, routes_of  # noqa: E402
+from hf_parity import hf_logits  # noqa: E402
 from tiny_models import SPECS, load_hf  # noqa: E402
 
 PROMPT = np.random.default_rng(5).integers(0, 256, 14)
-#: the backends here: the CPU ones, and the CUDA one where CuPy sees a GPU
-BACKENDS = ["numba", "numpy"] + ([] if cuda_unavailable() else ["cuda"])
 TOL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_moe_dir):
-    """name -> (our model on the checkpoint, transformers' model in float32)."""
-    return model_pair(tiny_moe_dir)
 
 
 def _torch_router(logits, bias, k, norm_min):
@@ -90,25 +82,13 @@ def test_router_matches_transformers(pair, name):
     """On every sparse layer our router picks transformers' experts with its weights; the
     bias changes some choices and the unnormalised top-k mass is far from 1."""
     model, hf = pair(name)
-    ours, theirs = {}, {}
-    model.route_hook = lambda layer, x, logits, idx, w: ours.setdefault(
-        layer, (idx.copy(), w.copy(), logits.copy()))
-    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, out, n=n: theirs.setdefault(n, out))
-             for n, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "gate")
-             and not isinstance(layer.mlp.gate, torch.nn.Linear)]
-    try:
-        model.forward(PROMPT, model.new_cache())
-        with torch.no_grad():
-            hf(torch.tensor(PROMPT)[None])
-    finally:
-        model.route_hook = None
-        for h in hooks:
-            h.remove()
+    ours, theirs = routes_of(model, hf, PROMPT, {
+        n: layer.mlp.gate for n, layer in enumerate(hf.model.layers)
+        if hasattr(layer.mlp, "gate") and not isinstance(layer.mlp.gate, torch.nn.Linear)})
     assert sorted(ours) == sorted(theirs) == model.args.moe_layers
     changed = False
     for layer, (logits, w, idx) in theirs.items():
-        np.testing.assert_array_equal(ours[layer][0], idx.numpy())
-        np.testing.assert_allclose(ours[layer][1], w.numpy(), rtol=0, atol=1e-6)
+        assert_same_route(ours[layer], idx, w)
         p = torch.softmax(logits, -1)
         assert torch.gather(p, 1, idx).sum(-1).max() < 0.9
         changed |= bool((torch.topk(p, idx.shape[1], -1)[1].sort(-1)[0]
@@ -169,13 +149,10 @@ def test_f32_choice_bias_through_convert(tiny_moe_dir, tmp_path):
     of the container as the same float32 values, beside the BF16 router."""
     from safetensors.torch import load_file
 
-    from zipmoe_rt.convert.converter import convert
     from zipmoe_rt.engine.store import ZmoeSource
 
     d = tiny_moe_dir("ernie4_5_moe")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = convert(d, tmp_path / "e.zmoe", progress=False)
+    out = convert_quietly(d, tmp_path / "e.zmoe")
     raw = load_file(str(d / "model.safetensors"))
     src = ZmoeSource(out)
     try:

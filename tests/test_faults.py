@@ -28,21 +28,11 @@ from zipmoe_rt.convert.export import export
 from zipmoe_rt.engine.io import ModelFileError
 
 from cli_runner import cli
-from test_api import make_chat_model
+from test_api import tiny_src, tiny_zmoe  # noqa: F401  (module-scoped fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: seconds any child process may run
 CHILD_TIMEOUT = 180
-
-
-@pytest.fixture(scope="module")
-def tiny_src(tiny_moe_dir) -> Path:
-    return tiny_moe_dir("mixtral")
-
-
-@pytest.fixture(scope="module")
-def tiny_zmoe(tiny_src, tmp_path_factory) -> Path:
-    return make_chat_model(tiny_src, tmp_path_factory.mktemp("faults") / "tiny-chat")
 
 
 def child_env() -> dict:

@@ -20,7 +20,7 @@ from zipmoe_rt.families import ConfigError, get_architecture, get_family  # noqa
 from zipmoe_rt.families.gemma4 import Gemma4HParams  # noqa: E402
 from zipmoe_rt.models.rope import rope_inv_freq  # noqa: E402
 
-from hf_parity import hf_logits, model_pair  # noqa: E402
+from hf_parity import hf_logits  # noqa: E402
 from tiny_models import INIT_STD, SPECS, load_hf  # noqa: E402
 
 PROMPT = np.random.default_rng(4).integers(0, 256, 16)
@@ -48,12 +48,6 @@ TEXT_26B_A4B = {
     "vocab_size": 262144, "vocab_size_per_layer_input": 262144}
 CONFIG_26B_A4B = {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4",
                   "text_config": TEXT_26B_A4B, "tie_word_embeddings": True}
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_moe_dir):
-    """name -> (our model on the checkpoint, transformers' model in float32)."""
-    return model_pair(tiny_moe_dir)
 
 
 def _bf16(a: np.ndarray) -> np.ndarray:

@@ -16,25 +16,18 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from zipmoe_rt.backends import cuda_unavailable, get_backend  # noqa: E402
+from zipmoe_rt.backends import get_backend  # noqa: E402
 from zipmoe_rt.backends.base import ClampedSwiGLU  # noqa: E402
 from zipmoe_rt.families import ConfigError, get_architecture, get_family  # noqa: E402
 from zipmoe_rt.models import build_model  # noqa: E402
 from zipmoe_rt.models.weights import CheckpointSource, ExpertWeights  # noqa: E402
 
-from hf_parity import hf_logits, model_pair  # noqa: E402
+from family_checks import BACKENDS, assert_same_route, routes_of  # noqa: E402
+from hf_parity import hf_logits  # noqa: E402
 from tiny_models import SPECS  # noqa: E402
 
 PROMPT = np.random.default_rng(5).integers(0, 256, 14)
 TOL = 1e-3
-#: the backends of the op tests: the CPU ones, and the CUDA one where CuPy sees a GPU
-BACKENDS = ["numba", "numpy"] + ([] if cuda_unavailable() else ["cuda"])
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_moe_dir):
-    """name -> (our model on the checkpoint, transformers' model in float32)."""
-    return model_pair(tiny_moe_dir)
 
 
 def _bf16(a: np.ndarray) -> np.ndarray:
@@ -54,24 +47,11 @@ def test_router_matches_transformers(pair, name):
     """GptOssTopKRouter (logits with the bias, top-k, softmax over those k): the same experts,
     weights and logits on every layer."""
     model, hf = pair(name)
-    ours, theirs = {}, {}
-    model.route_hook = lambda layer, x, logits, idx, w: ours.setdefault(
-        layer, (idx.copy(), w.copy(), logits.copy()))
-    hooks = [layer.mlp.router.register_forward_hook(
-        lambda m, i, out, n=n: theirs.setdefault(n, out)) for n, layer in enumerate(hf.model.layers)]
-    try:
-        model.forward(PROMPT, model.new_cache())
-        with torch.no_grad():
-            hf(torch.tensor(PROMPT)[None])
-    finally:
-        model.route_hook = None
-        for h in hooks:
-            h.remove()
+    ours, theirs = routes_of(model, hf, PROMPT, {n: layer.mlp.router
+                                                 for n, layer in enumerate(hf.model.layers)})
     assert len(ours) == len(theirs) == SPECS[name][1]["num_hidden_layers"]
     for layer, (logits, w, idx) in theirs.items():
-        np.testing.assert_array_equal(ours[layer][0], idx.numpy())
-        np.testing.assert_allclose(ours[layer][1], w.numpy(), rtol=0, atol=1e-6)
-        np.testing.assert_allclose(ours[layer][2], logits.numpy(), rtol=0, atol=1e-5)
+        assert_same_route(ours[layer], idx, w, logits)
         bias = hf.model.layers[layer].mlp.router.bias.detach().numpy()
         assert np.abs(bias).max() > 0.05          # the router's bias is random, not zero
 

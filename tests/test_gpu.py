@@ -23,6 +23,8 @@ from zipmoe_rt.backends import (DeviceError, DeviceWarning, cuda_unavailable, ge
                                 resolve_device)
 from zipmoe_rt.models.weights import ExpertWeights
 
+from test_backends import _rope_case  # the op inputs of the CPU backend tests
+
 WHY = cuda_unavailable()
 gpu = pytest.mark.skipif(WHY is not None, reason=f"no CUDA backend here: {WHY}")
 LOGITS_TOL = 1e-3
@@ -269,14 +271,6 @@ def test_rmsnorm_add_sigmoid_gate(be):
     ref = x.copy()
     NP.sigmoid_gate_add_(ref, g, b)
     _close(be.to_host(y), ref, tol=1e-6)
-
-
-def _rope_case(rng, T, nq, nkv, hd, pos0, cap):
-    qkv = rng.standard_normal((T, (nq + 2 * nkv) * hd)).astype(np.float32)
-    ang = (np.arange(pos0, pos0 + T)[:, None] * 0.37 ** np.arange(hd // 2)).astype(np.float32)
-    kc = rng.standard_normal((nkv, cap, hd)).astype(np.float32)
-    vc = rng.standard_normal((nkv, cap, hd)).astype(np.float32)
-    return qkv, np.cos(ang), np.sin(ang), kc, vc
 
 
 @pytest.mark.parametrize("norm", ["none", "head", "projection"])

@@ -308,14 +308,14 @@ def test_gpu_report_lines():
 
 def _pf_engine(case, policy, budget, host_budget, prefetch, ops=None):
     """The GPU engine on ``ops`` (HostOps) with ``prefetch``; zipmoe planned within the budget
-    left after the second working set."""
+    left after one working set (compressed experts prefetch into the staging arena)."""
     path = case.raw if policy == "raw-lru" else case.zmoe
     source = ZmoeSource(path, keep_experts=False, copy_dense=True)
     kw = dict(workers=WORKERS, ops=ops or HostOps(), host_budget=host_budget, prefetch=prefetch)
     if policy == "zipmoe":
         delay = case.delay("CE")
         tr = prof.load_trace(case.trace_path, source)
-        plan, ranks = prof.make_plan(tr, delay, budget_split(source, budget, prefetch)[2], case.k)
+        plan, ranks = prof.make_plan(tr, delay, budget_split(source, budget)[2], case.k)
         eng = GpuExpertEngine(source, budget, "zipmoe", plan=plan.layers, ranks=ranks,
                               delay=delay, **kw)
     else:
@@ -339,7 +339,10 @@ def test_gpu_prefetch_on_is_bit_identical_and_runs(tiny_case, spec, policy, hb):
     budget = case.dense + 2 * case.k * case.bytes_F
     source, eng = _pf_engine(case, policy, budget, hb, True)
     try:
-        assert eng.prefetch and eng.window == 2 * case.k
+        # raw experts are decoded as they arrive: a second working set; compressed ones wait
+        # in the staging arena, so the tiers keep the budget they have without prefetch
+        assert eng.prefetch and eng.window == (2 if policy == "raw-lru" else 1) * case.k
+        assert eng.tier_budget == budget_split(source, budget, policy == "raw-lru")[2]
         net = build_model(source, executor=eng)
         n_look = attach(net, eng)
         logits, tokens = generate(net, case.ids, 10)
@@ -421,24 +424,38 @@ def test_gpu_prefetch_recall_and_wasted_bytes_on_a_constructed_case(tiny_case, h
 
 
 def test_gpu_prefetch_through_the_factory_and_its_line(tiny_case):
-    """build_engine passes prefetch to the GPU engine (a budget without room for a second
-    working set runs without it, as on the host); /stats' GPU line adds the prefetch figures
-    when prefetch runs and only then."""
+    """build_engine passes prefetch to the GPU engine: compressed experts prefetch at every
+    budget (no second working set), raw experts only where the budget has room for a second
+    working set, as on the host; /stats' GPU line adds the prefetch figures when prefetch runs
+    and only then."""
     from zipmoe_rt.bench import gpu_line
     from zipmoe_rt.engine.factory import build_engine
     case = tiny_case("mixtral")
     source = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
     try:
         for budget, on in ((case.dense + 2 * case.k * case.bytes_F, True),
-                           (case.budget("min"), False)):
+                           (case.budget("min"), True)):
             eng = build_engine(source, budget, "zip-lru", "lru", WORKERS, False, None, True,
                                gpu_ops=HostOps(), prefetch=True)
             try:
                 assert isinstance(eng, GpuExpertEngine) and eng.prefetch == on
+                assert eng.window == case.k
             finally:
                 eng.close()
     finally:
         source.close()
+    raw = ZmoeSource(case.raw, keep_experts=False, copy_dense=True)
+    try:
+        for budget, on in ((case.dense + 2 * case.k * case.bytes_F, True),
+                           (case.budget("min"), False)):
+            eng = build_engine(raw, budget, "raw-lru", "lru", WORKERS, False, None, True,
+                               gpu_ops=HostOps(), prefetch=True)
+            try:
+                assert eng.prefetch == on and eng.window == (2 if on else 1) * case.k
+            finally:
+                eng.close()
+    finally:
+        raw.close()
     rep = {"device": "NVIDIA H100", "uploads": 7, "pcie_bytes": 3.5e6, "gpu_decodes": 5,
            "gpu_decode_s": 0.0012, "host_hits": 4, "file_misses": 3,
            "prefetch": {"prefetch": True, "recall": 0.625, "issued": 9, "used": 6, "wasted": 3,
@@ -492,3 +509,44 @@ def test_cuda_prefetch_on_equals_off_and_unbudgeted(tiny_case, spec):
                         assert st.prefetch_issued == 0, where
                 finally:
                     b.close()
+
+
+def test_gpu_prefetch_during_a_call_waits_compressed_until_the_call_ends(tiny_case):
+    """Predicted loads issued while an MoE call runs are copied into the open batch at once
+    and decoded only when the call ends (their outputs taken then, from the memory the call's
+    experts give back, which stay held until the compute stream waits for them); wrong guesses
+    still in the open batch are released only after its decode is launched; issued outside a
+    call, predicted loads are decoded at once."""
+    case = tiny_case("mixtral")
+    budget = case.budget("min")
+    source, eng = _pf_engine(case, "zip-lru", budget, 10**9, True)
+    try:
+        assert eng.prefetch and eng.window == case.k
+        layer = sorted(case.hp["moe_layers"])[1]
+        eng._in_call = True
+        eng.predict(layer, [0, 1], issue_now=True)
+        loads = list(eng._inflight.values())
+        assert len(loads) == 2 and eng._batch is not None
+        assert all(p.event is None and p.weights is None for p in loads)
+        assert all(isinstance(j[5], int) for j in eng._batch.jobs)    # no output taken yet
+        eng._end_call()
+        assert eng._batch is None and not eng._in_call
+        assert all(p.event is not None and p.weights is not None for p in loads)
+        assert all(p.keep is not None for p in loads)      # the decoded words, held
+        # wrong guesses still in the open batch stay until its decode is launched
+        other = sorted(case.hp["moe_layers"])[2]
+        eng._drop_prefetch()                                # 0 and 1: wasted
+        assert eng.stats.prefetch_wasted == 2
+        eng._in_call = True
+        eng.predict(layer, [2, 3], issue_now=True)
+        eng.predict(other, [0], issue_now=True)             # discards 2 and 3, unlaunched
+        assert len(eng._discard) == 2 and eng.stats.prefetch_wasted == 2
+        eng._end_call()
+        eng._sweep_discarded()
+        assert not eng._discard and eng.stats.prefetch_wasted == 4
+        eng.predict(other, [2, 3], issue_now=True)
+        assert eng._batch is None
+        assert all(p.event is not None for k, p in eng._inflight.items() if k[0] == other)
+    finally:
+        eng.close()
+        source.close()

@@ -7,7 +7,6 @@ tests.)"""
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -15,24 +14,17 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from zipmoe_rt.backends import cuda_unavailable, get_backend  # noqa: E402
+from zipmoe_rt.backends import get_backend  # noqa: E402
 from zipmoe_rt.families import ConfigError, get_architecture  # noqa: E402
 from zipmoe_rt.models import build_model  # noqa: E402
 from zipmoe_rt.models.weights import CheckpointSource  # noqa: E402
 
-from hf_parity import hf_logits, model_pair  # noqa: E402
+from family_checks import BACKENDS, assert_same_route, convert_quietly, routes_of  # noqa: E402
+from hf_parity import hf_logits  # noqa: E402
 from tiny_models import SPECS, load_hf  # noqa: E402
 
 PROMPT = np.random.default_rng(3).integers(0, 256, 14)
-#: the backends here: the CPU ones, and the CUDA one where CuPy sees a GPU
-BACKENDS = ["numba", "numpy"] + ([] if cuda_unavailable() else ["cuda"])
 TOL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_moe_dir):
-    """name -> (our model on the checkpoint, transformers' model in float32)."""
-    return model_pair(tiny_moe_dir)
 
 
 @pytest.mark.parametrize("name", ["granitemoe", "granitemoe_shared"])
@@ -41,24 +33,11 @@ def test_router_matches_transformers(pair, name):
     with its weights on every layer; the softmax over all experts puts far less than 1 on the
     chosen k, so the renormalisation is exercised."""
     model, hf = pair(name)
-    ours, theirs = {}, {}
-    model.route_hook = lambda layer, x, logits, idx, w: ours.setdefault(
-        layer, (idx.copy(), w.copy(), logits.copy()))
-    hooks = [layer.block_sparse_moe.router.register_forward_hook(
-        lambda m, i, out, n=n: theirs.setdefault(n, out)) for n, layer in enumerate(hf.model.layers)]
-    try:
-        model.forward(PROMPT, model.new_cache())
-        with torch.no_grad():
-            hf(torch.tensor(PROMPT)[None])
-    finally:
-        model.route_hook = None
-        for h in hooks:
-            h.remove()
+    ours, theirs = routes_of(model, hf, PROMPT, {n: layer.block_sparse_moe.router
+                                                 for n, layer in enumerate(hf.model.layers)})
     assert len(ours) == len(theirs) == 3
     for layer, (logits, w, idx) in theirs.items():
-        np.testing.assert_array_equal(ours[layer][0], idx.numpy())
-        np.testing.assert_allclose(ours[layer][1], w.numpy(), rtol=0, atol=1e-6)
-        np.testing.assert_allclose(ours[layer][2], logits.numpy(), rtol=0, atol=1e-5)
+        assert_same_route(ours[layer], idx, w, logits)
         p = torch.softmax(logits, -1)
         mass = torch.gather(p, 1, idx).sum(-1)
         assert mass.max() < 0.95 and mass.min() < 0.6
@@ -118,13 +97,10 @@ def test_expert_blocks_are_slices_of_the_stacked_tensors(tiny_moe_dir, tmp_path)
     the stored hyper-parameters check against the stored shapes (families.check)."""
     from safetensors.torch import load_file
 
-    from zipmoe_rt.convert.converter import convert
     from zipmoe_rt.engine.store import ZmoeSource
 
     d = tiny_moe_dir("granitemoe_shared")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = convert(d, tmp_path / "g.zmoe", progress=False)
+    out = convert_quietly(d, tmp_path / "g.zmoe")
     raw = load_file(str(d / "model.safetensors"))
     src = ZmoeSource(out)
     try:
@@ -198,12 +174,9 @@ def test_stored_hparams_are_checked_against_the_stacked_shapes(tiny_moe_dir, tmp
     that disagree with them, or a missing stacked tensor, are refused naming the tensor."""
     import zmoe
 
-    from zipmoe_rt.convert.converter import convert
     from zipmoe_rt.families.check import check_stored_tensors, stored_hparams
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = convert(tiny_moe_dir("granitemoe"), tmp_path / "g.zmoe", progress=False)
+    out = convert_quietly(tiny_moe_dir("granitemoe"), tmp_path / "g.zmoe")
     with zmoe.ZmoeReader(out) as r:
         hp = stored_hparams(r.metadata)
         shapes = {n: t["shape"] for n, t in r.tensors.items()}
@@ -227,7 +200,6 @@ def test_transformers5_names_convert_and_run(tiny_moe_dir, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from zipmoe_rt.convert.converter import convert
     from zipmoe_rt.convert.export import export
     from zipmoe_rt.engine.store import ZmoeSource
 
@@ -246,9 +218,7 @@ def test_transformers5_names_convert_and_run(tiny_moe_dir, tmp_path):
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     logits = []
     for folder in (src, dst):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = convert(folder, tmp_path / f"{folder.name}.zmoe", progress=False)
+        out = convert_quietly(folder, tmp_path / f"{folder.name}.zmoe")
         s = ZmoeSource(out)
         try:
             m = build_model(s)

@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from zmoe import ChecksumError, CorruptIndexError, ZmoeReader, huffman
-from zmoe_edit import fix_header_crc, mutate, rewrite_index
+from zmoe_edit import fix_header_crc, index_text, mutate, replace_index, rewrite_index
 
 from zipmoe_rt.cli import main as cli_main
 from zipmoe_rt.engine import layout as L_
@@ -69,16 +69,7 @@ def edited(src: Path, dst: Path, fn) -> Path:
 def with_index_text(src: Path, dst: Path, make_text) -> Path:
     """Copy ``src`` to ``dst`` with its index replaced by ``make_text(index text)`` verbatim
     (JSON that json.dumps cannot write), sizes and CRCs recomputed."""
-    def f(b):
-        _, _, ioff, isize = struct.unpack_from("<4sIQQ", b, 0)
-        blob = make_text(bytes(b[ioff:ioff + isize]).decode()).encode()
-        del b[ioff:]
-        b += blob
-        struct.pack_into("<Q", b, 16, len(blob))
-        struct.pack_into("<Q", b, 32, len(b))
-        struct.pack_into("<I", b, 44, zlib.crc32(blob) & 0xFFFFFFFF)
-        fix_header_crc(b)
-    return mutate(src, dst, f)
+    return mutate(src, dst, lambda b: replace_index(b, make_text(index_text(b).decode()).encode()))
 
 
 def open_error(path: Path, cls=CorruptIndexError, *needles) -> str:

@@ -16,7 +16,11 @@ from zipmoe_rt.models.cache import RecurrentCache
 from zipmoe_rt.models.routing import Router, RoutingRule
 from zipmoe_rt.models.short_conv import ShortConv
 
-from hf_parity import hf_logits, model_pair
+from family_checks import (assert_stored_hparam_refused, check_answered_cold,
+                           check_cache_contents, check_chat_session_turns,
+                           check_follow_up_reuses_the_state, check_interrupted_forward,
+                           check_layer_caches, convert_quietly, serving)
+from hf_parity import hf_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -29,11 +33,6 @@ BACKENDS = ("numba", "numpy")
 WHY = cuda_unavailable()
 ALL_BACKENDS = BACKENDS + (pytest.param("cuda", marks=pytest.mark.skipif(
     WHY is not None, reason=f"no CUDA backend here: {WHY}")),)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_moe_dir):
-    return model_pair(tiny_moe_dir)
 
 
 def _hf_config(**kw):
@@ -134,71 +133,33 @@ def test_router_matches_transformers(backend, use_bias, renorm, scale):
 # -- cache rules -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", SPECS)
-def test_layer_caches_follow_layer_types(loaded, name):
+def test_layer_caches_follow_layer_types(pair, name):
     """KV caches only for attention layers, a conv state for the conv layers; the bytes are
     what the family's hyper-parameters say (plan, --memory-limit)."""
-    from zipmoe_rt.engine.memparts import state_bytes
-    model, _ = loaded(name)
-    cache = model.new_cache(capacity=8)
-    kinds = ["conv" if isinstance(lc, RecurrentCache) else "full_attention"
-             for lc in cache.layers]
-    assert kinds == model.args.layer_types and "conv" in kinds
-    rec = sum(lc.nbytes for lc in cache.layers if isinstance(lc, RecurrentCache))
-    assert rec == state_bytes(model.args) == RecurrentCache.COPIES * 4 * model.state_values()
+    model, _ = pair(name)
+    kinds = check_layer_caches(model, "conv")
     assert model.state_values() == model.args.state_values() == (
         kinds.count("conv") * (model.args.conv_l_cache - 1) * model.args.hidden_size)
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_cache_contents_match_transformers(loaded, name):
+def test_cache_contents_match_transformers(pair, name):
     """After a prompt, each attention layer holds transformers' values and each conv layer the
     conv state of its cache layer (transformers keeps one more, oldest, input column)."""
-    model, hf = loaded(name)
-    ids = PROMPT[:7]
-    cache = model.new_cache()
-    model.forward(ids, cache)
-    with torch.no_grad():
-        hc = hf(torch.tensor(ids[None]), use_cache=True).past_key_values.layers
-    per_token = 0
-    for lc, hl in zip(cache.layers, hc):
-        if isinstance(lc, RecurrentCache):
-            conv = hl.conv_states[0][0].numpy()
-            np.testing.assert_allclose(lc.conv, conv[:, 1:].T, rtol=2e-5, atol=2e-5)
-        else:
-            per_token += (hl.keys.numel() + hl.values.numel()) // hl.keys.shape[-2]
-            np.testing.assert_allclose(lc.v[:, :7], hl.values[0].numpy(), rtol=2e-5, atol=2e-5)
-    assert per_token == model.args.kv_values_per_token()
+    model, hf = pair(name)
+    check_cache_contents(model, hf, PROMPT[:7], state=False)
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_interrupted_forward_leaves_the_state(loaded, name):
+def test_interrupted_forward_leaves_the_state(pair, name):
     """A forward call that fails half way leaves every conv state as it was."""
-    model, _ = loaded(name)
-    cache = model.new_cache()
-    model.forward(PROMPT[:5], cache)
-    before = [lc.conv.copy() for lc in cache.layers if isinstance(lc, RecurrentCache)]
-
-    def boom(layer, *a):
-        if layer == model.args.num_hidden_layers - 1:
-            raise KeyboardInterrupt
-    model.route_hook = boom
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            model.forward(PROMPT[5:9], cache)
-    finally:
-        model.route_hook = None
-    after = [lc.conv for lc in cache.layers if isinstance(lc, RecurrentCache)]
-    assert cache.offset == 5
-    for c0, c1 in zip(before, after):
-        np.testing.assert_array_equal(c0, c1)
-    full = model.forward(PROMPT[:9], model.new_cache(), last_only=False)
-    again = model.forward(PROMPT[5:9], cache, last_only=False)
-    np.testing.assert_allclose(again, full[5:], rtol=0, atol=1e-5)
+    model, _ = pair(name)
+    check_interrupted_forward(model, PROMPT, lambda lc: (lc.conv,), atol=1e-5)
 
 
 # -- prefill, decode, chat turns -----------------------------------------------------------------
 
-def test_lfm25_template_turns_and_the_conv_state(loaded):
+def test_lfm25_template_turns_and_the_conv_state(pair):
     """LFM2.5's real chat template keeps the reasoning of the last assistant turn only: the
     second turn's prompt extends what the cache holds (first prompt + reply with ``<think>``)
     and reuses all of it; the third re-renders the first reply without its reasoning, so the
@@ -212,7 +173,7 @@ def test_lfm25_template_turns_and_the_conv_state(loaded):
     template = (root / "LFM2.5-Instruct.jinja").read_text(encoding="utf-8")
     tok = Tokenizer(_tokenizer_json(256), template, bos_token=TEST_SPECIALS[0],
                     eos_token="<|im_end|>")
-    model, hf = loaded("lfm2_moe")
+    model, hf = pair("lfm2_moe")
     state = CacheState.new(model)
     messages = []
     for k, (user, reply, reused) in enumerate((("2+2?", "<think>two and two</think>4.", 0),
@@ -240,23 +201,7 @@ def test_lfm25_template_turns_and_the_conv_state(loaded):
 def test_chat_session_turns_equal_fresh_runs(tiny_moe_dir, tmp_path):
     """``ChatSession`` over three turns (its cache reused where the new prompt extends what it
     holds) replies as a fresh ``chat`` over the whole conversation."""
-    import zipmoe_rt
-    from test_api import make_chat_model
-    path = make_chat_model(tiny_moe_dir("lfm2_moe"), tmp_path / "chat")
-    model = zipmoe_rt.load(path)
-    try:
-        session = model.chat_session(system="be brief")
-        history = [{"role": "system", "content": "be brief"}]
-        for i, text in enumerate(("hello world", "tell me a story",
-                                   "what is the capital of france")):
-            reply = "".join(session.send(text, max_tokens=8, temperature=0))
-            assert (model.last_stats.cached_tokens > 0) == (i > 0)      # the state was reused
-            history.append({"role": "user", "content": text})
-            assert reply == model.chat(history, max_tokens=8, temperature=0)
-            history.append({"role": "assistant", "content": reply})
-            assert len(session.state.token_ids) == session.state.cache.offset
-    finally:
-        model.close()
+    check_chat_session_turns(tiny_moe_dir("lfm2_moe"), tmp_path)
 
 
 def test_server_prompt_cache_reuses_only_a_prefix(tiny_moe_dir, tmp_path):
@@ -264,34 +209,10 @@ def test_server_prompt_cache_reuses_only_a_prefix(tiny_moe_dir, tmp_path):
     held conv state (cached tokens reported) and answers as a cold run; a prompt that diverges
     from the held tokens before any position the state can return to reuses nothing and
     answers as a cold run."""
-    pytest.importorskip("starlette")
-    pytest.importorskip("uvicorn")
-    openai = pytest.importorskip("openai")
-    import zipmoe_rt
-    from test_api import make_chat_model
-    from test_server import _chat, _host, _wait_ready, running
-    from zipmoe_rt.server.app import create_app
-    model = zipmoe_rt.load(make_chat_model(tiny_moe_dir("lfm2_moe"), tmp_path / "serve"))
-    try:
-        with running(create_app(_host(model, queue_size=4))) as base:
-            _wait_ready(base)
-            client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=120,
-                                   max_retries=0)
-            turn1 = [{"role": "user", "content": "tell me a story about a cat"}]
-            r1 = _chat(client, turn1, max_tokens=8)
-            turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
-                             {"role": "user", "content": "and then again please"}]
-            r2 = _chat(client, turn2, max_tokens=8)
-            assert r2.usage.prompt_tokens_details.cached_tokens > 0
-            assert r2.choices[0].message.content == model.chat(turn2, max_tokens=8,
-                                                               temperature=0)
-            other = [{"role": "system", "content": "x"}, {"role": "user", "content": "a dog"}]
-            r = _chat(client, other, max_tokens=8)
-            assert r.usage.prompt_tokens_details.cached_tokens == 0
-            assert r.choices[0].message.content == model.chat(other, max_tokens=8,
-                                                              temperature=0)
-    finally:
-        model.close()
+    with serving(tiny_moe_dir("lfm2_moe"), tmp_path) as (model, ask):
+        check_follow_up_reuses_the_state(model, ask)
+        check_answered_cold(model, ask, [{"role": "system", "content": "x"},
+                                         {"role": "user", "content": "a dog"}])
 
 
 # -- config rules --------------------------------------------------------------------------------
@@ -412,13 +333,8 @@ def test_plan_published(tmp_path):
 
 @pytest.fixture(scope="module")
 def lfm2_zmoe(tiny_moe_dir, tmp_path_factory):
-    import warnings
-
-    from zipmoe_rt.convert.converter import convert
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")         # no tokenizer here
-        return convert(tiny_moe_dir("lfm2_moe_bias"), tmp_path_factory.mktemp("lfm2") / "l.zmoe",
-                       progress=False)
+    return convert_quietly(tiny_moe_dir("lfm2_moe_bias"),
+                           tmp_path_factory.mktemp("lfm2") / "l.zmoe")
 
 
 @pytest.mark.parametrize("key, value, needles", [
@@ -433,16 +349,4 @@ def test_stored_hparams_lying_are_refused_at_load(lfm2_zmoe, tmp_path, key, valu
     """Stored conv sizes, dense layers or layer kinds that the stored tensors contradict, or
     that the model cannot run, are refused when the file is opened, naming the file and the
     field or tensor."""
-    import zmoe
-    from test_hostile import edited
-    from zipmoe_rt.engine.store import ZmoeSource
-
-    def fn(index, _b):
-        index["metadata"][f"hparams.{key}"]["value"] = value
-    bad = edited(lfm2_zmoe, tmp_path / "bad.zmoe", fn)
-    with pytest.raises(zmoe.CorruptIndexError) as ei:
-        ZmoeSource(bad).reader.close()
-    msg = str(ei.value)
-    assert str(bad) in msg
-    for n in needles:
-        assert n in msg, msg
+    assert_stored_hparam_refused(lfm2_zmoe, tmp_path / "bad.zmoe", key, value, needles)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,10 @@ import pytest
 import zmoe
 from zipmoe_rt.kernels.lowprec import dequant_fp8
 from zmoe.fp8 import E4M3_TO_F32
+
+from family_checks import convert_quietly
+from lowprec_models import (BUDGETED_RUNS, check_budgeted_run, check_greedy_20_tokens,
+                            check_logits_match)
 
 LOGITS_TOL = 1e-3
 PROMPT = np.random.default_rng(3).integers(0, 256, 16)
@@ -124,13 +127,7 @@ def _tensor_bytes(path: Path) -> dict:
 
 
 def test_logits_match_transformers_dequantised(fp8_model):
-    from hf_parity import hf_logits, zmoe_logits
-
-    _, z, hf = fp8_model
-    ref = hf_logits(hf, PROMPT)
-    ours = zmoe_logits(z, PROMPT)
-    assert ours.shape == ref.shape == (16, 256)
-    assert np.abs(ours - ref).max() <= LOGITS_TOL
+    check_logits_match(fp8_model[1], fp8_model[2], PROMPT, LOGITS_TOL)
 
 
 def test_checkpoint_folder_source_dequantises_too(fp8_model):
@@ -143,26 +140,7 @@ def test_checkpoint_folder_source_dequantises_too(fp8_model):
 
 
 def test_greedy_20_tokens(fp8_model):
-    from hf_parity import hf_logits
-    from zipmoe_rt.engine.store import ZmoeSource
-    from zipmoe_rt.models import build_model
-
-    _, z, hf = fp8_model
-    seq = list(PROMPT)
-    for _ in range(20):
-        seq.append(int(np.argmax(hf_logits(hf, seq)[-1])))
-    src = ZmoeSource(z)
-    try:
-        net = build_model(src)
-        cache = net.new_cache()
-        logits = net.forward(PROMPT, cache)
-        ours = []
-        for _ in range(20):
-            ours.append(int(np.argmax(logits)))
-            logits = net.forward(np.array([ours[-1]]), cache)
-    finally:
-        src.close()
-    assert ours == seq[16:]
+    check_greedy_20_tokens(fp8_model[1], fp8_model[2], PROMPT)
 
 
 def test_experts_are_float32_products(fp8_model):
@@ -190,37 +168,8 @@ def engine_case(z, folder, name):
     """A test_engine Case over the container ``z``: its unbudgeted reference run (prompt and
     greedy steps of test_engine) and a recorded activation trace in ``folder``."""
     import test_engine as te
-    from zipmoe_rt.bench import raw_companion
-    from zipmoe_rt.engine import layout as L_
-    from zipmoe_rt.engine import profile as prof
-    from zipmoe_rt.engine.store import ZmoeSource
-    from zipmoe_rt.models import build_model
 
-    raw = raw_companion(z)
-    src = ZmoeSource(z)
-    try:
-        layouts = L_.expert_layouts(src.reader)
-        net = build_model(src)
-        rng = np.random.default_rng(5)
-        vocab = int(src.hparams["vocab_size"])
-        ids = rng.integers(0, vocab, te.PROMPT_LEN)
-        ref_logits, ref_tokens = te.generate(net, ids, te.DECODE_STEPS)
-        rec = prof.TraceRecorder(src.hparams, decode_only=False)
-        net.route_hook = rec
-        te.generate(net, rng.integers(0, vocab, te.PROMPT_LEN), 8)
-        trace = {"version": 1, "fingerprint": prof.fingerprint(src), "model": name,
-                 "moe_layers": rec.moe_layers, "num_experts": int(src.hparams["num_experts"]),
-                 "top_k": int(src.hparams["num_experts_per_tok"]), "tokens": rec.tokens,
-                 "prompts": 1, "locality": None, "counts": rec.counts.tolist(),
-                 "sequences": rec.sequences()}
-        trace_path = prof.save_trace(trace, folder / "recorded.trace.json")
-        return te.Case(name=name, zmoe=z, raw=raw, folder=folder, hp=dict(src.hparams),
-                       layouts=layouts, dense=src.dense_bytes(),
-                       bytes_F=max(l.full_bytes for l in layouts.values()), ids=ids,
-                       ref_logits=ref_logits, ref_tokens=ref_tokens, trace_path=trace_path,
-                       counts=rec.counts.copy())
-    finally:
-        src.close()
+    return te.make_case(z, folder, name, 5)
 
 
 @pytest.fixture(scope="module")
@@ -235,17 +184,9 @@ def test_raw_companion_keeps_fp8(fp8_case):
         assert (t["dtype"], t["encoding"]) == ("F8_E4M3", "raw")
 
 
-@pytest.mark.parametrize("policy,budget,delay", [
-    ("raw-lru", "min", None), ("raw-lru", "mid", None), ("zip-lru", "min", None),
-    ("zip-lru", "mid", None), ("zip-lru", "all", None), ("zipmoe", "mid", "CE"),
-    ("zipmoe", "mid", "S"), ("zipmoe", "mid", "FE"), ("zipmoe", "all", "CE")])
+@pytest.mark.parametrize("policy,budget,delay", BUDGETED_RUNS)
 def test_budgeted_generation_is_bit_identical(fp8_case, policy, budget, delay):
-    import test_engine as te
-
-    run = te.budgeted_run(fp8_case, policy, budget, "lru", delay)
-    te.assert_same_logits(run["logits"], fp8_case.ref_logits)
-    assert run["tokens"] == fp8_case.ref_tokens
-    assert sum(run["hits"].values()) == run["uses"] > 0
+    check_budgeted_run(fp8_case, policy, budget, delay)
 
 
 def test_full_bytes_count_the_float32_form(fp8_case):
@@ -269,10 +210,7 @@ def _edit_tensors(folder: Path, edit):
 
 
 def _convert(folder: Path):
-    from zipmoe_rt.convert.converter import convert
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return convert(folder, folder.with_suffix(".zmoe"), progress=False)
+    return convert_quietly(folder, folder.with_suffix(".zmoe"))
 
 
 def test_fp8_weight_without_its_scale_is_refused(fp8_model, tmp_path):

@@ -13,6 +13,9 @@ import pytest
 
 import zmoe
 
+from lowprec_models import (BUDGETED_RUNS, check_budgeted_run, check_greedy_20_tokens,
+                            check_logits_match)
+
 LOGITS_TOL = 1e-3
 PROMPT = np.random.default_rng(7).integers(0, 256, 16)
 
@@ -58,36 +61,11 @@ def test_export_is_byte_identical(mx_model, tmp_path):
 
 
 def test_logits_match_transformers_dequantised(mx_model):
-    from hf_parity import hf_logits, zmoe_logits
-
-    _, z, hf = mx_model
-    ref = hf_logits(hf, PROMPT)
-    ours = zmoe_logits(z, PROMPT)
-    assert ours.shape == ref.shape == (16, 256)
-    assert np.abs(ours - ref).max() <= LOGITS_TOL
+    check_logits_match(mx_model[1], mx_model[2], PROMPT, LOGITS_TOL)
 
 
 def test_greedy_20_tokens(mx_model):
-    from hf_parity import hf_logits
-    from zipmoe_rt.engine.store import ZmoeSource
-    from zipmoe_rt.models import build_model
-
-    _, z, hf = mx_model
-    seq = list(PROMPT)
-    for _ in range(20):
-        seq.append(int(np.argmax(hf_logits(hf, seq)[-1])))
-    src = ZmoeSource(z)
-    try:
-        net = build_model(src)
-        cache = net.new_cache()
-        logits = net.forward(PROMPT, cache)
-        ours = []
-        for _ in range(20):
-            ours.append(int(np.argmax(logits)))
-            logits = net.forward(np.array([ours[-1]]), cache)
-    finally:
-        src.close()
-    assert ours == seq[16:]
+    check_greedy_20_tokens(mx_model[1], mx_model[2], PROMPT)
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +74,9 @@ def mx_case(mx_model, tmp_path_factory):
     return engine_case(mx_model[1], tmp_path_factory.mktemp("mx_engine"), "mxfp4")
 
 
-@pytest.mark.parametrize("policy,budget,delay", [
-    ("raw-lru", "min", None), ("raw-lru", "mid", None), ("zip-lru", "min", None),
-    ("zip-lru", "mid", None), ("zip-lru", "all", None), ("zipmoe", "mid", "CE"),
-    ("zipmoe", "mid", "S"), ("zipmoe", "mid", "FE"), ("zipmoe", "all", "CE")])
+@pytest.mark.parametrize("policy,budget,delay", BUDGETED_RUNS)
 def test_budgeted_generation_is_bit_identical(mx_case, policy, budget, delay):
-    import test_engine as te
-
-    run = te.budgeted_run(mx_case, policy, budget, "lru", delay)
-    te.assert_same_logits(run["logits"], mx_case.ref_logits)
-    assert run["tokens"] == mx_case.ref_tokens
-    assert sum(run["hits"].values()) == run["uses"] > 0
+    check_budgeted_run(mx_case, policy, budget, delay)
 
 
 def test_cuda_is_refused_naming_the_encoding(mx_model):

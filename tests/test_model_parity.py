@@ -254,11 +254,11 @@ def test_executor_and_route_hook(loaded):
     assert hooked == [(i, (16, 8)) for i in moe]
 
 
-def test_routing_matches_transformers(loaded):
-    """Top-k experts chosen per token equal transformers' router (Qwen3, norm_topk_prob)."""
+def _routes_and_router_logits(model, hf):
+    """Over ``PROMPT``: our ``(idx, w)`` per layer (route hook) and transformers' router
+    logits per layer (``output_router_logits``)."""
     import torch
 
-    model, hf = loaded("qwen3_moe")
     ours = {}
     model.route_hook = lambda layer, x, logits, idx, w: ours.setdefault(layer, (idx.copy(),
                                                                                 w.copy()))
@@ -268,7 +268,16 @@ def test_routing_matches_transformers(loaded):
         model.route_hook = None
     with torch.no_grad():
         out = hf(torch.tensor(PROMPT)[None], output_router_logits=True)
-    for layer, logits in enumerate(out.router_logits):
+    return ours, out.router_logits
+
+
+def test_routing_matches_transformers(loaded):
+    """Top-k experts chosen per token equal transformers' router (Qwen3, norm_topk_prob)."""
+    import torch
+
+    model, hf = loaded("qwen3_moe")
+    ours, router_logits = _routes_and_router_logits(model, hf)
+    for layer, logits in enumerate(router_logits):
         probs = torch.softmax(logits.float(), dim=-1)
         w, idx = torch.topk(probs, 2, dim=-1)
         w = w / w.sum(-1, keepdim=True)
@@ -285,17 +294,9 @@ def test_olmoe_routing_matches_transformers(loaded, name):
     model, hf = loaded(name)
     renorm = bool(hf.config.norm_topk_prob)
     assert renorm == (name == "olmoe_clip") and model.args.norm_topk_prob == renorm
-    ours = {}
-    model.route_hook = lambda layer, x, logits, idx, w: ours.setdefault(layer, (idx.copy(),
-                                                                                w.copy()))
-    try:
-        model.forward(PROMPT, model.new_cache())
-    finally:
-        model.route_hook = None
-    with torch.no_grad():
-        out = hf(torch.tensor(PROMPT)[None], output_router_logits=True)
-    assert len(out.router_logits) == len(ours) == 3
-    for layer, logits in enumerate(out.router_logits):
+    ours, router_logits = _routes_and_router_logits(model, hf)
+    assert len(router_logits) == len(ours) == 3
+    for layer, logits in enumerate(router_logits):
         w, idx = torch.topk(torch.softmax(logits.float(), dim=-1), 2, dim=-1)
         if renorm:
             w = w / w.sum(-1, keepdim=True)

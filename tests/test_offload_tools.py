@@ -1,7 +1,8 @@
 """The routings of tools/gpu_offload_bench.py (tools/offload_model.py) against cross-layer
 prefetch: ``predictable`` routing is predicted exactly by the look-ahead (the bound the
 benchmark measures), ``uniform`` routing is not; neither changes what the budgeted engine
-computes (logits equal the unbudgeted run's under the same routing)."""
+computes (logits equal the unbudgeted run's under the same routing); the benchmark's plan
+cache (``offload_model.plan_once``) returns the plan of equal inputs."""
 from __future__ import annotations
 
 import sys
@@ -61,3 +62,28 @@ def test_predictable_routing_is_predicted_exactly(tiny_case, mode):
     finally:
         offload_model.uniform_routing(False)
         offload_model.ROUTE_STEP[0] = 0
+
+
+def test_plan_once_reuses_the_plan_of_equal_inputs(monkeypatch):
+    """offload_model.plan_once: make_plan returns the plan made before for an equal trace,
+    delay model, tier bytes and top-k (the very object), and plans anew when one differs."""
+    from zipmoe_rt.engine import profile as prof
+    from zipmoe_rt.engine.planner import DelayModel
+    monkeypatch.setattr(prof, "make_plan", prof.make_plan)     # undone after the test
+    rng = np.random.default_rng(0)
+    L, N, k = 2, 8, 2
+    run = [[rng.choice(N, k, replace=False).tolist() for _ in range(L)] for _ in range(24)]
+    counts = np.zeros((L, N), np.int64)
+    for row in run:
+        for i in range(L):
+            counts[i, row[i]] += 1
+    trace = {"counts": counts, "sequences": [np.asarray(run)]}
+    d = DelayModel(sm_read_s=2e-3, exp_read_s=1e-3, decode_s=5e-3, matmul_s=1e-3, workers=2,
+                   bytes_F=1000, bytes_sm=500, bytes_exp=300)
+    offload_model.plan_once()
+    offload_model.plan_once()                                   # idempotent
+    a = prof.make_plan(trace, d, 4000, k)
+    b = prof.make_plan({"counts": counts.tolist(), "sequences": [run]}, d, 4000, k)
+    assert a is b
+    c = prof.make_plan(trace, d, 3000, k)
+    assert c is not a and c[1] == a[1]

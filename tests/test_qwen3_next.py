@@ -16,7 +16,11 @@ from zipmoe_rt.models.cache import RecurrentCache
 from zipmoe_rt.models.linear_attention import split_qkvz
 from zipmoe_rt.models.weights import CheckpointSource
 
-from hf_parity import hf_logits, model_pair
+from family_checks import (assert_stored_hparam_refused, check_answered_cold,
+                           check_cache_contents, check_chat_session_turns,
+                           check_follow_up_reuses_the_state, check_interrupted_forward,
+                           check_layer_caches, convert_quietly, serving)
+from hf_parity import hf_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -25,11 +29,6 @@ from transformers.models.qwen3_next import modeling_qwen3_next as hf_next  # noq
 SPECS = ("qwen3_next", "qwen3_next_dense_bias", "qwen3_5_moe", "qwen3_5_moe_vl")
 PROMPT = np.random.default_rng(1).integers(0, 256, 16)
 BACKENDS = ("numba", "numpy")
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_moe_dir):
-    return model_pair(tiny_moe_dir)
 
 
 # -- ops against transformers ----------------------------------------------------------------
@@ -152,52 +151,25 @@ def test_recurrent_cache_rules():
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_layer_caches_follow_layer_types(loaded, name):
+def test_layer_caches_follow_layer_types(pair, name):
     """KV caches only for full-attention layers, recurrent state for the linear ones; the
     bytes are what the family's hyper-parameters say."""
-    from zipmoe_rt.engine.memparts import state_bytes
-    model, _ = loaded(name)
-    cache = model.new_cache(capacity=8)
-    kinds = ["linear_attention" if isinstance(lc, RecurrentCache) else "full_attention"
-             for lc in cache.layers]
-    assert kinds == model.args.layer_types and "linear_attention" in kinds
-    rec = sum(lc.nbytes for lc in cache.layers if isinstance(lc, RecurrentCache))
-    assert rec == state_bytes(model.args) == RecurrentCache.COPIES * 4 * model.state_values()
+    model, _ = pair(name)
+    check_layer_caches(model, "linear_attention")
     assert model.state_values() == model.args.state_values()
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_interrupted_forward_leaves_the_state(loaded, name):
+def test_interrupted_forward_leaves_the_state(pair, name):
     """A forward call that fails half way leaves every layer's committed state as it was."""
-    model, _ = loaded(name)
-    cache = model.new_cache()
-    model.forward(PROMPT[:5], cache)
-    before = [(lc.conv.copy(), lc.state.copy()) for lc in cache.layers
-              if isinstance(lc, RecurrentCache)]
-
-    def boom(layer, *a):
-        if layer == model.args.num_hidden_layers - 1:
-            raise KeyboardInterrupt
-    model.route_hook = boom
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            model.forward(PROMPT[5:9], cache)
-    finally:
-        model.route_hook = None
-    after = [(lc.conv, lc.state) for lc in cache.layers if isinstance(lc, RecurrentCache)]
-    assert cache.offset == 5
-    for (c0, s0), (c1, s1) in zip(before, after):
-        np.testing.assert_array_equal(c0, c1)
-        np.testing.assert_array_equal(s0, s1)
-    full = model.forward(PROMPT[:9], model.new_cache(), last_only=False)
-    again = model.forward(PROMPT[5:9], cache, last_only=False)
-    np.testing.assert_allclose(again, full[5:], rtol=0, atol=1e-4)
+    model, _ = pair(name)
+    check_interrupted_forward(model, PROMPT, lambda lc: (lc.conv, lc.state), atol=1e-4)
 
 
 # -- prefill, decode, chat turns -----------------------------------------------------------------
 
-def test_model_cache_crop_is_all_or_nothing(loaded):
-    model, _ = loaded("qwen3_next")
+def test_model_cache_crop_is_all_or_nothing(pair):
+    model, _ = pair("qwen3_next")
     cache = model.new_cache()
     model.forward(PROMPT, cache)
     kv = [lc.length for lc in cache.layers]
@@ -210,12 +182,12 @@ def test_model_cache_crop_is_all_or_nothing(loaded):
                                   model.forward(PROMPT, model.new_cache()))
 
 
-def test_zero_centred_norms_matter(tiny_moe_dir, loaded):
+def test_zero_centred_norms_matter(tiny_moe_dir, pair):
     """The residual and q/k norms apply ``1 + w``: read as plain RMSNorm weights the logits
     move far outside the parity bar."""
     from zipmoe_rt.models import qwen3_next as mod
     from zipmoe_rt.models.model import Model, Norm
-    model, hf = loaded("qwen3_next")
+    model, hf = pair("qwen3_next")
     ref = hf_logits(hf, PROMPT)
 
     class Plain(mod.Model):
@@ -411,47 +383,17 @@ def test_memory_limit_counts_the_state(tmp_path):
 def test_chat_session_turns_equal_fresh_runs(tiny_moe_dir, tmp_path):
     """``ChatSession`` over three turns (its cache reused where the new prompt extends what it
     holds, rebuilt where it does not) replies as a fresh ``chat`` over the whole conversation."""
-    import zipmoe_rt
-    from test_api import make_chat_model
-    path = make_chat_model(tiny_moe_dir("qwen3_next"), tmp_path / "chat")
-    model = zipmoe_rt.load(path)
-    try:
-        session = model.chat_session(system="be brief")
-        history = [{"role": "system", "content": "be brief"}]
-        for i, text in enumerate(("hello world", "tell me a story",
-                                   "what is the capital of france")):
-            reply = "".join(session.send(text, max_tokens=8, temperature=0))
-            assert (model.last_stats.cached_tokens > 0) == (i > 0)      # the state was reused
-            history.append({"role": "user", "content": text})
-            assert reply == model.chat(history, max_tokens=8, temperature=0)
-            history.append({"role": "assistant", "content": reply})
-            assert len(session.state.token_ids) == session.state.cache.offset
-    finally:
-        model.close()
+    check_chat_session_turns(tiny_moe_dir("qwen3_next"), tmp_path)
 
 
 @pytest.mark.parametrize("name", SPECS)
-def test_cache_contents_match_transformers(loaded, name):
+def test_cache_contents_match_transformers(pair, name):
     """After a prompt, each full-attention layer holds the keys and values of transformers'
     ``DynamicLayer`` (per position, as many values) and each linear layer the conv and
     recurrent states of its ``LinearAttentionLayer`` (transformers' conv state keeps one more,
     oldest, input column)."""
-    model, hf = loaded(name)
-    ids = PROMPT[:7]
-    cache = model.new_cache()
-    model.forward(ids, cache)
-    with torch.no_grad():
-        hc = hf(torch.tensor(ids[None]), use_cache=True).past_key_values.layers
-    per_token = 0
-    for lc, hl in zip(cache.layers, hc):
-        if isinstance(lc, RecurrentCache):
-            conv, rec = hl.conv_states[0][0].numpy(), hl.recurrent_states[0][0].numpy()
-            np.testing.assert_allclose(lc.conv, conv[:, 1:].T, rtol=2e-5, atol=2e-5)
-            np.testing.assert_allclose(lc.state, rec, rtol=2e-5, atol=2e-5)
-        else:
-            per_token += (hl.keys.numel() + hl.values.numel()) // hl.keys.shape[-2]
-            np.testing.assert_allclose(lc.v[:, :7], hl.values[0].numpy(), rtol=2e-5, atol=2e-5)
-    assert per_token == model.args.kv_values_per_token()
+    model, hf = pair(name)
+    check_cache_contents(model, hf, PROMPT[:7], state=True)
 
 
 def test_server_prompt_cache_reuses_only_a_prefix(tiny_moe_dir, tmp_path):
@@ -459,47 +401,17 @@ def test_server_prompt_cache_reuses_only_a_prefix(tiny_moe_dir, tmp_path):
     held state (cached tokens reported) and answers as a cold run; the same prompt again, or a
     prompt that diverges from the held tokens, needs an earlier position the recurrent state
     cannot go back to: nothing is reported cached and the answers are the cold runs'."""
-    pytest.importorskip("starlette")
-    pytest.importorskip("uvicorn")
-    openai = pytest.importorskip("openai")
-    import zipmoe_rt
-    from test_api import make_chat_model
-    from test_server import _chat, _host, _wait_ready, running
-    from zipmoe_rt.server.app import create_app
-    model = zipmoe_rt.load(make_chat_model(tiny_moe_dir("qwen3_next"), tmp_path / "serve"))
-    try:
-        with running(create_app(_host(model, queue_size=4))) as base:
-            _wait_ready(base)
-            client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=120,
-                                   max_retries=0)
-            turn1 = [{"role": "user", "content": "tell me a story about a cat"}]
-            r1 = _chat(client, turn1, max_tokens=8)
-            turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
-                             {"role": "user", "content": "and then again please"}]
-            r2 = _chat(client, turn2, max_tokens=8)
-            assert r2.usage.prompt_tokens_details.cached_tokens > 0
-            assert r2.choices[0].message.content == model.chat(turn2, max_tokens=8,
-                                                               temperature=0)
-            for msgs in (turn2, [{"role": "user", "content": "tell me a story about a dog"}]):
-                r = _chat(client, msgs, max_tokens=8)
-                assert r.usage.prompt_tokens_details.cached_tokens == 0
-                assert r.choices[0].message.content == model.chat(msgs, max_tokens=8,
-                                                                  temperature=0)
-    finally:
-        model.close()
+    with serving(tiny_moe_dir("qwen3_next"), tmp_path) as (model, ask):
+        turn2 = check_follow_up_reuses_the_state(model, ask)
+        for msgs in (turn2, [{"role": "user", "content": "tell me a story about a dog"}]):
+            check_answered_cold(model, ask, msgs)
 
 
 # -- a container whose metadata lies -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def next_zmoe(tiny_moe_dir, tmp_path_factory):
-    import warnings
-
-    from zipmoe_rt.convert.converter import convert
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")         # no tokenizer here
-        return convert(tiny_moe_dir("qwen3_next"), tmp_path_factory.mktemp("q3n") / "q.zmoe",
-                       progress=False)
+    return convert_quietly(tiny_moe_dir("qwen3_next"), tmp_path_factory.mktemp("q3n") / "q.zmoe")
 
 
 @pytest.mark.parametrize("key, value, needles", [
@@ -514,16 +426,4 @@ def next_zmoe(tiny_moe_dir, tmp_path_factory):
 def test_stored_hparams_lying_are_refused_at_load(next_zmoe, tmp_path, key, value, needles):
     """Stored linear-attention sizes or layer kinds that the stored tensors contradict, or that
     the model cannot run, are refused when the file is opened, naming the file and the field."""
-    import zmoe
-    from test_hostile import edited
-    from zipmoe_rt.engine.store import ZmoeSource
-
-    def fn(index, _b):
-        index["metadata"][f"hparams.{key}"]["value"] = value
-    bad = edited(next_zmoe, tmp_path / "bad.zmoe", fn)
-    with pytest.raises(zmoe.CorruptIndexError) as ei:
-        ZmoeSource(bad).reader.close()
-    msg = str(ei.value)
-    assert str(bad) in msg
-    for n in needles:
-        assert n in msg, msg
+    assert_stored_hparam_refused(next_zmoe, tmp_path / "bad.zmoe", key, value, needles)

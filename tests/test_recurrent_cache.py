@@ -12,7 +12,7 @@ from zipmoe_rt.models import build_model
 from zipmoe_rt.models.weights import CheckpointSource
 from zipmoe_rt.sampling import SamplingParams
 
-from hf_parity import hf_logits, model_pair
+from hf_parity import hf_logits
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -25,18 +25,13 @@ PROMPT = np.random.default_rng(1).integers(0, 256, 16)
 BACKENDS = ("numba", "numpy")
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_moe_dir):
-    return model_pair(tiny_moe_dir)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(SPECS))
-def test_prefill_one_call_equals_token_by_token(tiny_moe_dir, loaded, name, backend):
+def test_prefill_one_call_equals_token_by_token(tiny_moe_dir, pair, name, backend):
     """The whole prompt in one call (Gated DeltaNet: chunked scan; short conv: one conv) and
     one token per call (the recurrence, state carried) give the same logits at every position, both within the parity bar of
     transformers."""
-    _, hf = loaded(name)
+    _, hf = pair(name)
     model = build_model(CheckpointSource(tiny_moe_dir(name)), backend=backend)
     ref = hf_logits(hf, PROMPT)
     full = model.forward(PROMPT, model.new_cache(), last_only=False)
@@ -49,14 +44,14 @@ def test_prefill_one_call_equals_token_by_token(tiny_moe_dir, loaded, name, back
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-def test_chat_turns_reuse_the_cache_only_for_a_prefix(loaded, name):
+def test_chat_turns_reuse_the_cache_only_for_a_prefix(pair, name):
     """Turns through one :class:`CacheState` (what ``ChatSession`` and the server's prompt
     cache do): a turn that extends the held sequence reuses the state and gives the logits of a
     fresh run over the whole conversation; a turn that shares only the last prompt (a reply
     rendered differently) returns to the state marked at that prompt's end; a turn that
     diverges earlier cannot roll the recurrent state back and is recomputed from scratch, with
     the fresh run's logits exactly."""
-    model, hf = loaded(name)
+    model, hf = pair(name)
     greedy = SamplingParams(temperature=0.0, max_tokens=6)
     state = CacheState.new(model)
     conv = [int(t) for t in PROMPT[:10]]

@@ -26,6 +26,7 @@ from zipmoe_rt.models import build_model
 from zipmoe_rt.models.packed import PackedExpert, PackedMatrix
 from zipmoe_rt.models.weights import ExpertWeights
 
+from test_engine import generate
 from tiny_models import SPECS
 
 DECODE_STEPS = 20
@@ -238,16 +239,8 @@ def test_packed_kernels_refuse_mismatched_shapes():
 
 
 def _generate(net, ids, steps=DECODE_STEPS):
-    cache = net.new_cache()
-    logits = [net.forward(np.asarray(ids, np.int64), cache, last_only=False)]
-    tok = int(np.argmax(logits[0][-1]))
-    tokens = [tok]
-    for _ in range(steps):
-        out = net.forward(np.array([tok], np.int64), cache)
-        logits.append(out)
-        tok = int(np.argmax(out))
-        tokens.append(tok)
-    return logits, tokens
+    """Prefill and ``steps`` greedy decode steps (test_engine.generate)."""
+    return generate(net, ids, steps)
 
 
 def _assert_identical(got, want):

@@ -33,6 +33,8 @@ import zipmoe_rt  # noqa: E402
 from zipmoe_rt.server.app import create_app  # noqa: E402
 from zipmoe_rt.server.worker import ModelHost  # noqa: E402
 
+from scripted import ScriptedNet  # noqa: E402
+
 #: Newline-free, renders ``tools`` and assistant ``tool_calls`` in the Hermes / Qwen3 syntax.
 TEMPLATE = (
     "{% if tools %}<|im_start|>system: tools: {% for t in tools %}{{ t | tojson }}{% endfor %} "
@@ -332,24 +334,6 @@ def test_logprobs(client, model):
 # --------------------------------------------------------------------------------------------
 # tool calls (scripted output, see the module docstring)
 # --------------------------------------------------------------------------------------------
-
-class ScriptedNet:
-    """The model's network with its logits replaced so that greedy decoding writes ``script``
-    (token ids) and then EOS; the forward pass itself still runs (the KV cache stays real)."""
-
-    def __init__(self, net, script, eos):
-        self._net, self._script, self._eos, self._i = net, list(script), eos, 0
-
-    def __getattr__(self, name):
-        return getattr(self._net, name)
-
-    def forward(self, ids, cache, last_only=True):
-        out = np.asarray(self._net.forward(ids, cache, last_only=last_only))
-        logits = np.full(out.shape[-1], -30.0, np.float32)
-        logits[self._script[self._i] if self._i < len(self._script) else self._eos] = 30.0
-        self._i += 1
-        return logits
-
 
 def _scripted_model(model, text):
     m = copy.copy(model)

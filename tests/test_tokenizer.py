@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from zipmoe_rt.convert.gguf_tokenizer import bytes_to_unicode
 from zipmoe_rt.tokenizer import REPLACEMENT_CHAR, StreamDecoder, Tokenizer
 
 SMOLLM2_TEMPLATE = (
@@ -87,16 +88,7 @@ def _byte_token_ids() -> list[int]:
     """Ids of the 256 single-byte tokens, indexed by byte value."""
     b2u = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins
     tk = ours()
-    # GPT-2 byte->unicode table: rebuild it to map each byte to its token.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, map(chr, cs)))
+    table = bytes_to_unicode()                 # GPT-2's byte -> stand-in table
     assert set(table.values()) == set(b2u)
     return [tk.token_to_id(table[b]) for b in range(256)]
 

@@ -20,15 +20,32 @@ def fix_header_crc(b: bytearray):
     b[60:64] = struct.pack("<I", zlib.crc32(bytes(b[:60])) & 0xFFFFFFFF)
 
 
-def rewrite_index(b: bytearray, fn):
-    """Apply fn to the parsed index, re-serialise it, and fix sizes and both CRCs."""
+def set_version(b: bytearray, version: int):
+    """Write ``version`` into the header (bytes 4-7) and recompute the header CRC."""
+    struct.pack_into("<I", b, 4, version)
+    fix_header_crc(b)
+
+
+def index_text(b: bytearray) -> bytes:
+    """The index bytes of the file ``b`` (at the offset and of the size its header gives)."""
     _, _, ioff, isize = struct.unpack_from("<4sIQQ", b, 0)
-    index = json.loads(bytes(b[ioff:ioff + isize]))
-    fn(index)
-    blob = json.dumps(index, separators=(",", ":")).encode()
+    return bytes(b[ioff:ioff + isize])
+
+
+def replace_index(b: bytearray, blob: bytes):
+    """Put ``blob`` in place of the file's index (which ends the file), and fix sizes and both
+    CRCs."""
+    _, _, ioff, _ = struct.unpack_from("<4sIQQ", b, 0)
     del b[ioff:]
     b += blob
     struct.pack_into("<Q", b, 16, len(blob))
     struct.pack_into("<Q", b, 32, len(b))
     struct.pack_into("<I", b, 44, zlib.crc32(blob) & 0xFFFFFFFF)
     fix_header_crc(b)
+
+
+def rewrite_index(b: bytearray, fn):
+    """Apply fn to the parsed index, re-serialise it, and fix sizes and both CRCs."""
+    index = json.loads(index_text(b))
+    fn(index)
+    replace_index(b, json.dumps(index, separators=(",", ":")).encode())

@@ -17,11 +17,13 @@ Two steps, because the value pools come from a GGUF file the GPU machine does no
     python tools/gpu_offload_bench.py pools POOLS.npz        # here: ~6 MB of pooled values
     python tools/gpu_offload_bench.py run POOLS.npz --work DIR [--layers 2] [--budget 25%]
         [--host-budget 100%] [--tokens 32] [--hf-tokens 6] [--routing both]
-        [--prefetch off,on] [--skip-accelerate] [--one-step-segments] [--json OUT.json]
+        [--prefetch off,on] [--calibration FILE] [--skip-accelerate] [--one-step-segments]
+        [--json OUT.json]
 
 ``run`` writes the checkpoint, calibrates its routers
 (:func:`offload_model.calibrate_routers`), converts it twice (bit-planes; raw experts for
-raw-lru), times the two segment decode kernels on one expert and a routing read (device to host) with
+raw-lru), calibrates the machine once for every zipmoe row (:func:`calibrate_once`; or
+``--calibration FILE``) and plans once per trace (``offload_model.plan_once``), times the two segment decode kernels on one expert and a routing read (device to host) with
 and without host-to-device copies in flight (:func:`time_reads_under_copies`), then for each
 routing (the
 model's routers, and/or :func:`offload_model.uniform_routing`) records an activation trace for
@@ -51,7 +53,7 @@ sys.path[:0] = [str(ROOT / "tools"), str(ROOT), str(ROOT / "format")]
 from offload_accelerate import experts_on_cpu_map, time_accelerate  # noqa: E402
 import offload_model  # noqa: E402
 from offload_model import (CALIB_RUNS, CALIB_TOKENS, token_stream, calibrate_routers,  # noqa: E402
-                           make_pools, uniform_routing, write_checkpoint)
+                           make_pools, plan_once, uniform_routing, write_checkpoint)
 
 DEVICE = "cuda"
 #: the routings of ``--routing``
@@ -208,10 +210,14 @@ def time_reads_under_copies(mb: int = 64, reps: int = 20) -> dict:
     as the look-ahead and the router read them on the compute stream) alone and while ``mb`` MB
     of host-to-device copies from pinned memory run on a non-blocking stream (the engine's copy
     stream), read into pageable memory (``cupy.asnumpy``, as the routing does) and into pinned
-    memory (``cudaMemcpyAsync`` + a stream synchronize); and the copies' own time, all medians
+    memory on the compute stream (``cudaMemcpyAsync`` + a stream synchronize), and as the CUDA
+    backend reads routing (``backend``: two arrays in one read,
+    :class:`~zipmoe_rt.backends.cuda_reads.HostReads`); and the copies' own time, all medians
     over ``reps`` in microseconds. A read that takes about as long as the copies waits for
     them."""
     import cupy as cp
+
+    from zipmoe_rt.backends.cuda_reads import HostReads
     n = int(mb) << 20
     host = np.frombuffer(cp.cuda.alloc_pinned_memory(n), np.uint8, n)
     pin = np.frombuffer(cp.cuda.alloc_pinned_memory(512), np.float32, 128)
@@ -228,13 +234,18 @@ def time_reads_under_copies(mb: int = 64, reps: int = 20) -> dict:
         rt.memcpyAsync(pin.ctypes.data, small.data.ptr, 512, rt.memcpyDeviceToHost, cur.ptr)
         cur.synchronize()
 
+    reads = HostReads()
+
+    def backend():
+        reads.read(small, small[:8])
+
     def timed(f):
         t0 = time.perf_counter()
         f()
         return time.perf_counter() - t0
 
     res = {"copy_MB": n / 1e6}
-    for name, f in (("pageable", pageable), ("pinned", pinned)):
+    for name, f in (("pageable", pageable), ("pinned", pinned), ("backend", backend)):
         f()
         res[f"{name}_read_alone_us"] = 1e6 * float(np.median([timed(f) for _ in range(reps)]))
         under, whole = [], []
@@ -248,6 +259,31 @@ def time_reads_under_copies(mb: int = 64, reps: int = 20) -> dict:
         res[f"{name}_read_during_copies_us"] = 1e6 * float(np.median(under))
         res["copies_us"] = 1e6 * float(np.median(whole))
     return res
+
+
+def calibrate_once(z, stored=None) -> str:
+    """The zipmoe rows' machine calibration, made once per run and stored next to ``z``
+    (``MODEL.calib.json``, which every zipmoe load then reads instead of calibrating at load):
+    ``stored`` (a ``zipmoe-rt calibrate`` file) copied there, else one measured now without
+    the CPU engine's terms (:func:`~zipmoe_rt.engine.calibration.calibrate` with
+    ``max_bytes=0``: the GPU engine's delay model sets them to zero anyway, so the plans equal
+    those of a calibration at load). Returns a line saying which and how long it took."""
+    import shutil
+
+    from zipmoe_rt.engine import profile as prof
+    from zipmoe_rt.engine.store import ZmoeSource
+    out = prof.sidecar(z, prof.CALIB_SUFFIX)
+    if stored is not None:
+        shutil.copyfile(stored, out)
+        return f"calibration {stored} copied to {out}"
+    t0 = time.perf_counter()
+    src = ZmoeSource(z)
+    try:
+        cal = prof.calibrate(src, max_bytes=0)
+    finally:
+        src.close()
+    out.write_text(json.dumps(cal, indent=2))
+    return f"calibrated once ({time.perf_counter() - t0:.0f} s), stored in {out}"
 
 
 def run(a):
@@ -299,6 +335,8 @@ def run(a):
         raise SystemExit(f"--routing: unknown {', '.join(bad)} (one of both, "
                          f"{', '.join(ROUTINGS)}, comma-separated)")
     res["prefetch"] = a.prefetch
+    print(calibrate_once(z, a.calibration), flush=True)
+    plan_once()                 # zipmoe rows of one routing share their plan
     t_start = time.perf_counter()
     for mode in modes:
         uniform_routing(mode != "model", by_step=mode == "predictable")
@@ -446,6 +484,9 @@ def main(argv=None):
                    "the step: a perfect cross-layer predictor); both = uniform,model")
     r.add_argument("--prefetch", type=lambda t: [x for x in t.split(",") if x], default=["off"],
                    help="budgeted rows with prefetch off and/or on (comma-separated: off,on)")
+    r.add_argument("--calibration", type=Path, default=None,
+                   help="a stored machine calibration (zipmoe-rt calibrate) for the zipmoe "
+                   "rows (default: measured once at the start of the run)")
     r.add_argument("--skip-accelerate", action="store_true",
                    help="no transformers + accelerate rows")
     a = ap.parse_args(argv)

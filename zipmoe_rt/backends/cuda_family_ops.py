@@ -95,7 +95,7 @@ class CudaFamilyOps(_lin.LinearAttnOps):
         """On the host with the NumPy reference (:class:`~zipmoe_rt.backends.numpy_ref.NumpyBackend`):
         the [T, E] logits are copied over, as the decisions go to the host anyway."""
         check_choice_bias(bias, logits.shape[1])
-        return _NP.route_choice_bias(cp.asnumpy(logits), k, cp.asnumpy(bias), norm_min)
+        return _NP.route_choice_bias(self.to_host(logits), k, self.to_host(bias), norm_min)
 
     # LFM2-MoE
     def mul(self, a, b):

@@ -39,6 +39,7 @@ import cupy as cp
 
 from ..kernels import cuda_src
 from . import cuda_packed, cuda_planes
+from .cuda_reads import HostReads
 from .base import Backend, check_act, check_biased_expert, check_qk_norm, check_route
 from .cuda_family_ops import CudaFamilyOps
 from .numpy_ref import NumpyBackend
@@ -88,6 +89,7 @@ class CupyBackend(CudaFamilyOps, Backend):
         self.module = cp.RawModule(code=cuda_src.SOURCE, options=("-std=c++14",))
         self.k = {n: self.module.get_function(n) for n in cuda_src.KERNELS}
         self._dummy = cp.zeros(1, cp.float32)
+        self.reads = HostReads()     # routing reads: pinned, several arrays in one read
 
     # -- arrays --------------------------------------------------------------------------------
 
@@ -107,8 +109,12 @@ class CupyBackend(CudaFamilyOps, Backend):
         return cp.asarray(np.ascontiguousarray(a))
 
     def to_host(self, a):
-        """``cupy.asnumpy`` (host arrays pass through)."""
-        return a if isinstance(a, np.ndarray) else cp.asnumpy(a)
+        """A host copy of device array ``a`` through a pinned buffer, once the current stream
+        has written it (:class:`~zipmoe_rt.backends.cuda_reads.HostReads`); host arrays pass
+        through, anything else goes through ``cupy.asnumpy``."""
+        if isinstance(a, np.ndarray):
+            return a
+        return self.reads.read(a)[0] if isinstance(a, cp.ndarray) else cp.asnumpy(a)
 
     def synchronize(self):
         """Wait for the GPU's queued work (for timing)."""
@@ -371,7 +377,8 @@ class CupyBackend(CudaFamilyOps, Backend):
     def route(self, logits, k, renorm, scoring="softmax", method="greedy", n_group=1,
               topk_group=1, bias=None, scale=1.0):
         """Softmax top-k without bias or scale: the routing kernel (one thread per token) on
-        the GPU, the [T, k] results copied to the host. Any other router (sigmoid scoring,
+        the GPU, the [T, k] ids and weights copied to the host in one read
+        (:class:`~zipmoe_rt.backends.cuda_reads.HostReads`). Any other router (sigmoid scoring,
         grouped selection, a score-correction bias, a scale): the logits copied to the host and
         routed by :meth:`NumpyBackend.route <zipmoe_rt.backends.numpy_ref.NumpyBackend.route>`.
         Raises ValueError from :func:`~zipmoe_rt.backends.base.check_route`."""
@@ -386,7 +393,8 @@ class CupyBackend(CudaFamilyOps, Backend):
         w = cp.empty((T, k), cp.float32)
         self.k["route_topk"](((T + 127) // 128,), (128,),
                              (logits, p, idx, w, _i32(T), _i32(E), _i32(k), _i32(bool(renorm))))
-        return cp.asnumpy(idx), cp.asnumpy(w)
+        idx, w = self.reads.read(idx, w)
+        return idx, w
 
     # -- bit planes ----------------------------------------------------------------------------
 

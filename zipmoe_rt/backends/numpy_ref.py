@@ -45,6 +45,22 @@ def _rotate_half(v: np.ndarray) -> np.ndarray:
     return np.concatenate([-v[..., half:], v[..., :half]], axis=-1)
 
 
+def _query_heads(qkv, nq: int, nkv: int, hd: int, kc, vc, pos0: int, window: int):
+    """The mask [T, pos0 + T] of the positions each query of ``qkv`` may see (itself and
+    earlier ones, the last ``window`` when ``window`` > 0) and, per query head ``h``,
+    ``(h, its queries [T, hd], the keys and the values [pos0 + T, hd] of its KV head)``."""
+    T = qkv.shape[0]
+    n = pos0 + T
+    q = qkv[:, :nq * hd].reshape(T, nq, hd)
+    qpos = np.arange(pos0, n)[:, None]
+    kpos = np.arange(n)[None, :]
+    visible = kpos <= qpos
+    if window > 0:
+        visible &= kpos > qpos - window
+    group = nq // nkv
+    return visible, [(h, q[:, h], kc[h // group, :n], vc[h // group, :n]) for h in range(nq)]
+
+
 class NumpyBackend(_lin.LinearAttnOps, HostArrays, Backend):
     """Reference ops in NumPy float32 (``get_backend("numpy")``)."""
 
@@ -160,18 +176,9 @@ class NumpyBackend(_lin.LinearAttnOps, HostArrays, Backend):
 
     def attention(self, qkv, nq, nkv, hd, kc, vc, pos0, window, scale, out):
         """Per query head: masked score matrix, softmax, times the values."""
-        T = qkv.shape[0]
-        n = pos0 + T
-        q = qkv[:, :nq * hd].reshape(T, nq, hd)
-        qpos = np.arange(pos0, n)[:, None]
-        kpos = np.arange(n)[None, :]
-        visible = kpos <= qpos
-        if window > 0:
-            visible &= kpos > qpos - window
-        group = nq // nkv
-        for h in range(nq):
-            K, V = kc[h // group, :n], vc[h // group, :n]
-            scores = (q[:, h] @ K.T) * _F32(scale)
+        visible, heads = _query_heads(qkv, nq, nkv, hd, kc, vc, pos0, window)
+        for h, qh, K, V in heads:
+            scores = (qh @ K.T) * _F32(scale)
             scores = np.where(visible, scores, -np.inf)
             p = np.exp(scores - scores.max(axis=-1, keepdims=True))
             p /= p.sum(axis=-1, keepdims=True)
@@ -281,17 +288,9 @@ class NumpyBackend(_lin.LinearAttnOps, HostArrays, Backend):
         both after subtracting the row maximum, the sink's column dropped, times the values."""
         check_sinks(sinks, nq)
         T = qkv.shape[0]
-        n = pos0 + T
-        q = qkv[:, :nq * hd].reshape(T, nq, hd)
-        qpos = np.arange(pos0, n)[:, None]
-        kpos = np.arange(n)[None, :]
-        visible = kpos <= qpos
-        if window > 0:
-            visible &= kpos > qpos - window
-        group = nq // nkv
-        for h in range(nq):
-            K, V = kc[h // group, :n], vc[h // group, :n]
-            scores = np.where(visible, (q[:, h] @ K.T) * _F32(scale), -np.inf)
+        visible, heads = _query_heads(qkv, nq, nkv, hd, kc, vc, pos0, window)
+        for h, qh, K, V in heads:
+            scores = np.where(visible, (qh @ K.T) * _F32(scale), -np.inf)
             combined = np.concatenate([scores, np.full((T, 1), sinks[h], np.float32)], axis=-1)
             combined = combined - combined.max(axis=-1, keepdims=True)
             p = np.exp(combined)

@@ -100,15 +100,21 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
             eng.auto_choice = {"fallback": policy,
                                "why": "raw experts" if raw else "no activation trace"}
         return eng
-    tier_budget = budget_split(source, budget, extra.get("prefetch", False))[2]   # too small a budget: no calibration noise first
+    tier_budget = budget_split(source, budget, cls.prefetch_second_set(
+        source.layouts, extra.get("prefetch", False)))[2]   # too small a budget: no calibration noise first
     tr = prof.load_trace(trace_path, source)
     # a stored calibration that does not fit this run (other version, read mode, io depth or
     # machine) is used anyway, with one CalibrationWarning (attributed as warn_stacklevel says);
     # none stored: calibrate now (not saved), its scenario engines within the budget's experts'
     # share (the run's caches are still empty then), so a memory limit holds while it measures
     calib = prof.load_checked_calibration(source.path, direct, stacklevel=warn_stacklevel + 1,
-                                          io_depth=io_depth) \
-        or prof.calibrate(source, direct=direct, io_depth=io_depth, max_bytes=tier_budget)
+                                          io_depth=io_depth)
+    if calib is None:
+        calib = prof.calibrate(source, direct=direct, io_depth=io_depth, max_bytes=tier_budget)
+        # what the measurement freed (its scenario engines' caches) and the library code pages
+        # it touched go back before the tiers fill: a memory limit counts them until then
+        from .footprint import release
+        release()
     # plan with the largest region sizes of any expert: a calibration measures one sample
     # expert, and compressed exponent regions differ in size from expert to expert, so planning
     # with the sample's sizes can make the tiers outgrow the budget (BudgetError at load)

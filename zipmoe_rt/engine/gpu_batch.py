@@ -7,8 +7,7 @@ C/S/E slots on the GPU, or a finished file read) joins the *open batch* (:meth:`
 :meth:`_flush` closes it once the call's experts are started:
 
 1. when the batch's first copy is queued, the copy stream waits for the compute stream's event
-   (memory the compute stream freed may back the outputs) and for the last decode that read the
-   staging arena the batch writes (a ring of device arenas allocated once, each sized for
+   and for the last decode that read the staging arena the batch writes (a ring of device arenas allocated once, each sized for
    :data:`MAX_BATCH` of the largest experts' blocks, two calls' worth of them: ``2 k`` blocks in
    all);
 2. each expert's pinned host block (``[SM | exponent region | runs | segment bits | tables]``,
@@ -18,7 +17,9 @@ C/S/E slots on the GPU, or a finished file read) joins the *open batch* (:meth:`
    runs while the host prepares the next expert);
 3. once :data:`MAX_BATCH` experts have joined, or at :meth:`_flush`, one launch of the
    multi-symbol table kernel and one of the segment decoder over every segment of every expert
-   of the batch (``sd_multi_batch`` / ``sd_decode_batch`` of
+   of the batch, after the compute stream's work queued so far (each expert's output buffer is
+   taken at the launch, from memory the compute stream may have freed) (``sd_multi_batch`` /
+   ``sd_decode_batch`` of
    :mod:`zipmoe_rt.kernels.cuda_segdec_src`, driven by a small descriptor of per-expert
    addresses; :meth:`~zipmoe_rt.backends.cuda_experts.CudaOps.decode_batch`), each expert's
    BF16 words written into its own output buffer (the buffer the F pool then admits);
@@ -201,9 +202,8 @@ class BatchedMisses:
         else:
             exp = (p.slot.exp, 0, exp_n)
             runs, bits, tabs = ((d, 0, d.nbytes) for d in self._dmeta[p.key])
-        out = ops.empty(m.words, np.uint16)
-        b.jobs.append((exp, sm, runs, bits, tabs, out, int(m.bits.size), int(m.runs.shape[0]),
-                       int(m.tabs.shape[0])))
+        b.jobs.append((exp, sm, runs, bits, tabs, int(m.words), int(m.bits.size),
+                       int(m.runs.shape[0]), int(m.tabs.shape[0])))
         b.group.append(p)
         if 0 < MAX_BATCH <= len(b.group):
             self._close_batch()          # decodes while the next experts' copies run
@@ -246,6 +246,11 @@ class BatchedMisses:
             ops.wait(ds, b_c)
         else:
             ops.wait(ds, b.ev_c)
+        # the outputs are taken now, from memory the compute stream may have freed since the
+        # batch opened (the running layer's experts, once its matmuls are queued): the decode
+        # waits for the compute stream's work so far
+        ops.wait(ds, ops.record(ops.current()))
+        b.jobs = [j[:5] + (ops.empty(j[5], np.uint16),) + j[6:] for j in b.jobs]
         a = ops.record(ds, timing=True)
         ops.decode_batch(b.jobs, self._meta[b.group[0].key].segment, ds)
         e = ops.record(ds, timing=True)
@@ -260,8 +265,12 @@ class BatchedMisses:
             rearranged |= "gate_up_cols" in roles
             p.weights = assemble(ops, roles, ds)
         ev = ops.record(ds, timing=True) if rearranged else e
-        for p in b.group:
-            p.event, p.keep = ev, None
+        for p, job in zip(b.group, b.jobs):
+            # the decoded words stay referenced until the compute stream has waited for ``ev``:
+            # where they were rearranged (gpt-oss) nothing else holds them, and memory given
+            # back to the pool earlier could be handed to the compute stream while the decode
+            # stream still writes or reads it
+            p.event, p.keep = ev, job[5]
         b.slot[1] = ev
         self._last_dec = e
         if len(st.events) > 4096:

@@ -20,7 +20,9 @@ bytes live and who decodes them:
   experts, host-decoded ones and ``gpu_batch.BATCHED`` off);
 * ``raw-lru`` keeps its meaning: raw BF16 experts cross PCIe as they are (no decode);
 * with ``prefetch`` the next MoE layer's predicted misses are started while a layer computes
-  (:mod:`~zipmoe_rt.engine.gpu_prefetch`).
+  (:mod:`~zipmoe_rt.engine.gpu_prefetch`);
+* the host reads routing decisions into pinned memory, several arrays in one read
+  (:mod:`~zipmoe_rt.backends.cuda_reads`).
 
 The model's kernels see the same BF16 words in the same order as without a budget, so logits
 are bit-identical to the unbudgeted GPU run. Adaptive slot moves (``adapt``) are not done on the
@@ -104,8 +106,9 @@ class GpuExpertEngine(GpuPrefetch, BatchedMisses, ExpertEngine):
             regions + segment tables; raw regions for ``raw-lru``); 0 = every miss is read
             from the file.
         prefetch: cross-layer prefetch (:mod:`~zipmoe_rt.engine.gpu_prefetch`: the next MoE
-            layer's predicted misses cross PCIe and are decoded while a layer computes); off
-            when the budget has no room for a second working set, as on the host.
+            layer's predicted misses cross PCIe while a layer computes and are decoded once its
+            matmuls are queued); compressed experts need no second working set, raw ones do
+            and run without prefetch where the budget has no room for it, as on the host.
 
     Raises:
         as :class:`~zipmoe_rt.engine.pipeline.ExpertEngine`; zmoe.ChecksumError for a corrupt
@@ -127,6 +130,7 @@ class GpuExpertEngine(GpuPrefetch, BatchedMisses, ExpertEngine):
         self.host_budget = int(host_budget)
         self._host_regions = 0       # bytes of expert regions in the host cache
         self._batch_setup(False)
+        self._in_call = False        # an MoE call is running (GpuPrefetch defers its decode)
         super().__init__(source, budget_bytes, policy, eviction, plan=plan, ranks=ranks,
                          workers=workers, direct=direct, verify=verify, delay=delay, adapt=False,
                          io_depth=io_depth, backend=backend, prefetch=prefetch,
@@ -373,8 +377,12 @@ class GpuExpertEngine(GpuPrefetch, BatchedMisses, ExpertEngine):
         """:meth:`ExpertEngine.run <zipmoe_rt.engine.pipeline.ExpertEngine.run>`, with the
         call's compute-stream time recorded (:class:`GpuStageTimes`)."""
         a = self.ops.record(self.ops.current(), timing=True)
-        out = super().run(layer, x, topk_idx, topk_w, glu)
-        self._note_layer(a)
+        self._in_call = True
+        try:
+            out = super().run(layer, x, topk_idx, topk_w, glu)
+            self._note_layer(a)
+        finally:
+            self._end_call()
         return out
 
     def _resolve(self, layer: int, e: int, item):

@@ -177,8 +177,9 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
                              f"(convert with --expert-encoding raw)")
         if policy != "raw-lru" and raw_experts:
             raise ValueError(f"{self.path}: experts are stored raw; use --policy raw-lru")
-        self.bytes_F, window, self.tier_budget = budget_split(source, budget_bytes, prefetch)
-        self._prefetch_setup(window > self.k)
+        second = self.prefetch_second_set(self.layouts, prefetch)
+        self.bytes_F, window, self.tier_budget = budget_split(source, budget_bytes, second)
+        self._prefetch_setup(window > self.k or (bool(prefetch) and not second))
         # read buffers kept for reuse: the running layer's, and with prefetch the predicted
         # loads' (within the second working set :func:`budget_split` sets aside); decoded
         # arrays: one layer's, and the predicted loads' where they are decoded at once
@@ -220,6 +221,14 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         else:
             shared = self._shared_pool(eviction)
             self.fpools = {layer: shared for layer in self.hp["moe_layers"]}
+
+    @classmethod
+    def prefetch_second_set(cls, layouts: dict, prefetch: bool) -> bool:
+        """Whether ``prefetch`` takes a second working set of ``k`` decoded experts from the
+        budget (:func:`budget_split`): here always (the predicted loads' read buffers, then
+        their decodes once claimed); the GPU engine's compressed experts do not
+        (:meth:`~zipmoe_rt.engine.gpu_prefetch.GpuPrefetch.prefetch_second_set`)."""
+        return bool(prefetch)
 
     # -- tiers -------------------------------------------------------------------------------
     def _load_now(self, lay):

@@ -1,12 +1,13 @@
 """Reading ``config.json`` values for the family registry: typed getters that name the key at
-fault (:class:`ConfigError`), the RoPE parameters in transformers' two spellings, and the MoE
+fault (:class:`ConfigError`), the RoPE parameters in transformers' two spellings (and a partial
+rotary factor given beside them), and the MoE
 layer list of ``first_k_dense_replace``. Importable without torch and Numba; re-exported by
 :mod:`zipmoe_rt.families.hparams`.
 """
 from __future__ import annotations
 
-__all__ = ["ConfigError", "config_value", "rope_parameters", "config_int", "config_bool",
-           "config_list", "layers_from", "cast_value"]
+__all__ = ["ConfigError", "config_value", "rope_parameters", "resolve_partial_rotary",
+           "config_int", "config_bool", "config_list", "layers_from", "cast_value"]
 
 _MISSING = object()
 
@@ -66,6 +67,23 @@ def rope_parameters(config: dict, default_theta: float = 10000.0) -> dict:
         raise ConfigError(f"config.json: rope_theta must be a number, not {str(theta)[:40]!r}")
     out["rope_theta"] = float(theta)
     return out
+
+
+def resolve_partial_rotary(rope: dict, config: dict, default: float | None) -> None:
+    """Give ``rope`` (from :func:`rope_parameters`) a ``partial_rotary_factor`` where it has
+    none: config.json's top-level key, else ``default`` (None: left without one).
+
+    Raises:
+        ConfigError: the factor is not a number.
+    """
+    if "partial_rotary_factor" not in rope:
+        prf = config.get("partial_rotary_factor", default)
+        if prf is not None:
+            rope["partial_rotary_factor"] = prf
+    prf = rope.get("partial_rotary_factor")
+    if prf is not None and (isinstance(prf, bool) or not isinstance(prf, (int, float))):
+        raise ConfigError(f"config.json: partial_rotary_factor must be a number, not "
+                          f"{str(prf)[:40]!r}")
 
 
 _CASTS = {"int": int, "float": float, "bool": bool, "str": str}

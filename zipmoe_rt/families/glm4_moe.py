@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from . import tensors as T
 from .base import Family, register
-from .hparams import ConfigError, HParams, layers_from
+from .hparams import ConfigError, HParams, layers_from, resolve_partial_rotary
 
 
 @dataclass
@@ -91,15 +91,7 @@ class Glm4MoeHParams(HParams):
         """
         super()._derive(config, kw)
         kw["sliding_window"] = 0
-        rope = kw["rope"]
-        if "partial_rotary_factor" not in rope:
-            prf = config.get("partial_rotary_factor", cls.PARTIAL_ROTARY_FACTOR)
-            if prf is not None:
-                rope["partial_rotary_factor"] = prf
-        prf = rope.get("partial_rotary_factor")
-        if prf is not None and (isinstance(prf, bool) or not isinstance(prf, (int, float))):
-            raise ConfigError(f"config.json: partial_rotary_factor must be a number, not "
-                              f"{str(prf)[:40]!r}")
+        resolve_partial_rotary(kw["rope"], config, cls.PARTIAL_ROTARY_FACTOR)
         counts = {}
         for key, default in (("first_k_dense_replace", cls.FIRST_K_DENSE_REPLACE),
                              ("n_shared_experts", cls.N_SHARED_EXPERTS)):

@@ -23,7 +23,8 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from .config_read import (ConfigError, cast_value, config_bool,  # noqa: F401 (re-exported)
-                          config_int, config_list, config_value, layers_from, rope_parameters)
+                          config_int, config_list, config_value, layers_from,
+                          resolve_partial_rotary, rope_parameters)
 
 #: integer fields and the smallest value each may take.
 _COUNTS = {"vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
@@ -374,3 +375,22 @@ class HParams:
         if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
             return 0
         return int(self.sliding_window)
+
+
+def validate_layer_kinds(hp: HParams, validate_rest, kinds: tuple[str, str]) -> None:
+    """For families with layers other than attention ones (Qwen3-Next's linear attention,
+    LFM2-MoE's short convolutions): ``validate_rest()`` (the family's base checks) with
+    ``hp.layer_types`` set aside, then ``layer_types`` one of ``kinds`` per layer.
+
+    Raises:
+        ValueError: from ``validate_rest``, or ``layer_types`` not such a list (named).
+    """
+    types, hp.layer_types = hp.layer_types, None
+    try:
+        validate_rest()
+    finally:
+        hp.layer_types = types
+    if (not isinstance(types, list) or len(types) != hp.num_hidden_layers
+            or not all(t in kinds for t in types)):
+        raise ValueError(f"layer_types must list {kinds[0]!r} or {kinds[1]!r} for each of the "
+                         f"{hp.num_hidden_layers} layers, not {str(types)[:60]}")

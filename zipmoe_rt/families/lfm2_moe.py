@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Family, register
-from .hparams import ConfigError, HParams, config_list, layers_from
+from .hparams import ConfigError, HParams, config_list, layers_from, validate_layer_kinds
 
 CONV = "conv"
 FULL = "full_attention"
@@ -115,15 +115,7 @@ class Lfm2MoeHParams(HParams):
         Raises:
             ValueError: naming the field.
         """
-        types, self.layer_types = self.layer_types, None
-        try:
-            super().validate()
-        finally:
-            self.layer_types = types
-        if (not isinstance(types, list) or len(types) != self.num_hidden_layers
-                or not all(t in (CONV, FULL) for t in types)):
-            raise ValueError(f"layer_types must list {CONV!r} or {FULL!r} for each of the "
-                             f"{self.num_hidden_layers} layers, not {str(types)[:60]}")
+        validate_layer_kinds(self, super().validate, (CONV, FULL))
         for name, lo in (("conv_l_cache", 1), ("num_dense_layers", 0)):
             v = getattr(self, name)
             if type(v) is not int or not lo <= v < 2 ** 31:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from . import tensors as T
 from .base import Family, register
-from .hparams import ConfigError, config_int, config_list
+from .hparams import (ConfigError, config_int, config_list, resolve_partial_rotary,
+                      validate_layer_kinds)
 from .qwen2_moe import QwenMoeHParams
 
 LINEAR = "linear_attention"
@@ -94,15 +95,7 @@ class Qwen3NextHParams(QwenMoeHParams):
         """
         super()._derive(config, kw)
         kw["sliding_window"] = 0
-        rope = kw["rope"]
-        if "partial_rotary_factor" not in rope:
-            prf = config.get("partial_rotary_factor", cls.PARTIAL_ROTARY_FACTOR)
-            if prf is not None:
-                rope["partial_rotary_factor"] = prf
-        prf = rope.get("partial_rotary_factor")
-        if prf is not None and (isinstance(prf, bool) or not isinstance(prf, (int, float))):
-            raise ConfigError(f"config.json: partial_rotary_factor must be a number, not "
-                              f"{str(prf)[:40]!r}")
+        resolve_partial_rotary(kw["rope"], config, cls.PARTIAL_ROTARY_FACTOR)
         n = kw.get("num_hidden_layers", cls.num_hidden_layers)
         types = config_list(config, "layer_types", "str")
         if types is None:
@@ -129,16 +122,8 @@ class Qwen3NextHParams(QwenMoeHParams):
         Raises:
             ValueError: naming the field.
         """
-        types, self.layer_types = self.layer_types, None
-        try:
-            super().validate()
-        finally:
-            self.layer_types = types
+        validate_layer_kinds(self, super().validate, (LINEAR, FULL))
         self.qk_norm = True
-        if (not isinstance(types, list) or len(types) != self.num_hidden_layers
-                or not all(t in (LINEAR, FULL) for t in types)):
-            raise ValueError(f"layer_types must list {LINEAR!r} or {FULL!r} for each of the "
-                             f"{self.num_hidden_layers} layers, not {str(types)[:60]}")
         for name in LINEAR_DIMS:
             v = getattr(self, name)
             if type(v) is not int or not 1 <= v < 2 ** 31:
