@@ -28,7 +28,6 @@ pools of output arrays and read buffers :class:`~zipmoe_rt.engine.buffers.Buffer
 """
 from __future__ import annotations
 
-import mmap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,47 +41,12 @@ from . import layout as L_
 from .buffers import BufferPools
 from .ctier import CTierMixin
 from .io import ReadQueue, RegionReader, check_io_depth
+from .pending import _Pending, read_buffer_cap  # noqa: F401  (read_buffer_cap: the engine's name)
 from .prefetch import PrefetchMixin
 from .scheduler import Task, execution_order, schedule
 from .slots import SlotTiers
 from .stage_times import StageTimes
 from .tiers import EVICTIONS, POLICIES, BudgetError, Slot, mb_at_least, smallest_budget
-
-
-class _Pending:
-    """An expert being prepared: resolves to ExpertWeights when all its jobs are done."""
-
-    __slots__ = ("lay", "sm", "exp", "outs", "left", "reads_left", "done", "error", "weights",
-                 "lock", "bufs", "packing", "parts", "held", "deferred", "reads_done",
-                 "cancelled", "nread")
-
-    def __init__(self, lay):
-        self.lay = lay
-        self.sm = self.exp = None
-        self.outs = None
-        self.left = 0
-        self.reads_left = 0
-        self.bufs = {}      # region -> pooled read buffer (whole), for regions read from flash
-        self.done = threading.Event()
-        self.error = None
-        self.weights = None
-        self.lock = threading.Lock()
-        # compute form (engine/ctier.py): ends in it; its parts by role; a C slot's own weights
-        self.packing, self.parts, self.held = False, None, False
-        # a read-only load (engine/prefetch.py): its decode waits for :meth:`ExpertEngine.
-        # _release`; reads_done: all its reads ended (set under ``lock``)
-        self.deferred, self.reads_done = False, False
-        # a discarded read-only load: reads not begun yet are skipped; bytes read so far
-        self.cancelled, self.nread = False, 0
-
-
-def read_buffer_cap(source) -> dict:
-    """Bytes of one pooled read buffer per region kind (``{"sm": n, "exp": n}``): the largest
-    such region of any expert, rounded up to pages, plus a page for O_DIRECT rounding
-    (:meth:`~zipmoe_rt.engine.buffers.BufferPools._take_read_buf`)."""
-    biggest = {r: max(getattr(l, f"{r}_region")[1] for l in source.layouts.values())
-               for r in ("sm", "exp")}
-    return {r: (-(-n // mmap.PAGESIZE) + 1) * mmap.PAGESIZE for r, n in biggest.items()}
 
 
 def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int, int, int]:
@@ -180,9 +144,8 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         second = self.prefetch_second_set(self.layouts, prefetch)
         self.bytes_F, window, self.tier_budget = budget_split(source, budget_bytes, second)
         self._prefetch_setup(window > self.k or (bool(prefetch) and not second))
-        # read buffers kept for reuse: the running layer's, and with prefetch the predicted
-        # loads' (within the second working set :func:`budget_split` sets aside); decoded
-        # arrays: one layer's, and the predicted loads' where they are decoded at once
+        # read buffers kept: the running layer's and the predicted loads' (the second working
+        # set); decoded arrays: one layer's, and the predicted loads' where decoded at once
         self.read_window = window
         self.window = self.k if self.PREFETCH_READS_ONLY else window
         self.dense_bytes = source.dense_bytes()
@@ -277,17 +240,11 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         return d
 
     def _read(self, pend: _Pending, which: str):
-        """Read region ``which`` (``sm``/``exp``) of ``pend``'s expert (an I/O thread). With
-        :attr:`verify` its pieces' CRC-32 are checked the first time this engine reads the
-        region: the file stays open and every read first checks that it did not change
-        (:meth:`~zipmoe_rt.engine.io.RegionReader.read`), so a region that passed once holds
-        the same bytes at its next read, and the check (1.7 ms of a core per default-model
-        expert, more than its decode; docs/benchmarks.md §1) is not paid again at every miss.
-
-        Raises:
-            zmoe.ChecksumError: a piece fails its CRC-32 (naming the file and tensor).
-            ModelFileError: the read failed or the file changed.
-        """
+        """Read region ``which`` (``sm``/``exp``) of ``pend``'s expert (an I/O thread); with
+        :attr:`verify` its pieces' CRC-32 are checked at the engine's first read of the region
+        only (every read checks that the open file did not change, :class:`~zipmoe_rt.engine.
+        io.RegionReader`; the check costs more than the decode, docs/benchmarks.md §20).
+        Raises zmoe.ChecksumError (naming file and tensor) or ModelFileError."""
         t0 = time.perf_counter()
         lay = pend.lay
         whole = pend.bufs[which] if which in pend.bufs else pend.sm   # pend.sm: a region map
