@@ -344,7 +344,9 @@ def test_run_under_a_memory_budget_gives_the_same_text(model, tiny_zmoe):
     assert r.stdout == want
     # the budget is stated on stderr, as with --memory-limit
     with zipmoe_rt.load(tiny_zmoe, memory_budget="30%") as m:
-        line = f"zipmoe-rt: no memory limit; weight budget {m.engine.budget / 1e6:.1f} MB; policy "
+        on = "on" if m.engine.prefetch else "off"
+        line = (f"zipmoe-rt: no memory limit; weight budget {m.engine.budget / 1e6:.1f} MB; "
+                f"prefetch {on}; policy ")
     assert r.stderr.splitlines()[0].startswith(line), r.stderr
     assert_one_line_error(cli("run", tiny_zmoe, "-p", "hello", "-m", "lots"), "--memory-budget",
                           "lots")

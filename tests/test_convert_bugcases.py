@@ -431,3 +431,18 @@ def test_an_expert_width_error_names_the_familys_config_key(tmp_path):
     msg = str(ei.value)
     assert f"(intermediate_size={cfg['intermediate_size'] + 8}, " in msg, msg
     assert "moe_intermediate_size" not in msg, msg
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_tensors_of_layers_past_the_config_are_refused(tmp_path, name):
+    """A config.json that gives fewer layers than the weights have (num_hidden_layers cut
+    down) is refused, naming a tensor of a missing layer and the config field, rather than
+    stored with those layers unused as a model that computes something else."""
+    folder = tiny(name, tmp_path / name, num_hidden_layers=1)
+    with pytest.raises(ConversionError) as ei:
+        convert_quiet(folder, tmp_path / "m.zmoe")
+    msg = str(ei.value)
+    assert msg.startswith(f"{folder / 'model.safetensors'}: tensor 'model.layers.1."), msg
+    assert ("' belongs to layer 1, but config.json says num_hidden_layers=1 (layers 0-0): the "
+            "config and the weights disagree on the number of layers") in msg, msg
+    assert not (tmp_path / "m.zmoe").exists()

@@ -70,7 +70,7 @@ def test_cli_device_cuda_without_cupy_is_one_line_error(monkeypatch, tmp_path):
     r = CliRunner().invoke(main, ["run", str(model), "-p", "hi", "--device", "cuda"])
     assert r.exit_code == 1
     lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: device (--device) cuda: CuPy is not "
+    assert len(lines) == 1 and lines[0].startswith("error: --device cuda: CuPy is not "
                                                    "installed")
     assert "zipmoe-rt[cuda]" in lines[0]
     r = CliRunner().invoke(main, ["run", str(model), "-p", "hi", "--device", "tpu"])
@@ -100,7 +100,7 @@ def test_device_auto_without_cupy_runs_on_the_cpu_with_one_notice(monkeypatch, t
         outs[dev] = r.stdout
         notes = [l for l in r.stderr.splitlines() if "warning" in l]
         if dev == "auto":
-            assert notes == [f"zipmoe-rt: warning: device (--device) auto: "
+            assert notes == [f"zipmoe-rt: warning: --device auto: "
                              f"{cuda_unavailable()}; running on the CPU"]
         else:
             assert notes == []

@@ -233,6 +233,19 @@ def test_footprint_is_that_of_a_process_whose_kernels_are_cached(tiny_zmoe, home
     assert L.footprint(tiny_zmoe, lambda p: next(got)) == {"steady": 126 * MB, "peak": 202 * MB}
 
 
+def test_bench_reports_the_overhead_the_limit_counts(tiny_zmoe, home, monkeypatch):
+    # bench's "fixed overhead" line is footprint()'s figure: the second child's, remembered,
+    # not that of one child compiling on a cold Numba cache
+    from zipmoe_rt import bench
+    got = iter([{"steady": 248 * MB, "peak": 300 * MB}, {"steady": 126 * MB, "peak": 202 * MB}])
+    monkeypatch.setattr(bench, "baseline_footprint", lambda p: next(got))
+    assert bench.baseline_rss(tiny_zmoe) == 126 * MB
+    assert bench.baseline_rss(tiny_zmoe) == 126 * MB == L.fixed_overhead(tiny_zmoe)
+    monkeypatch.setattr(L, "OVERHEAD_METHOD", "other")         # a child that fails: 0
+    monkeypatch.setattr(bench, "baseline_footprint", lambda p: {})
+    assert bench.baseline_rss(tiny_zmoe) == 0
+
+
 def test_footprint_keeps_steady_and_peak_and_is_remeasured_by_method(tiny_zmoe, home,
                                                                      monkeypatch):
     calls = []
@@ -341,7 +354,8 @@ def test_cli_banner_stats_and_errors(tiny_zmoe, fixed):
     r = cli("chat", tiny_zmoe, "--memory-limit", "1GB", input="/stats\n")
     assert r.exit_code == 0, r.output
     assert sum("memory limit 1000.0 MB" in l and "weight budget" in l and "policy" in l
-               for l in r.stderr.splitlines()) == 2          # banner and /stats
+               for l in r.stderr.splitlines()) == 1          # /stats; piped chat: no banner
+    assert not any(l.startswith("zipmoe-rt: memory limit") for l in r.stderr.splitlines())
     for bad in ("lots", "0", "150%"):
         r = cli("run", tiny_zmoe, "-p", "hi", "--memory-limit", bad)
         assert r.exit_code == 1 and r.stderr.startswith("error: --memory-limit"), r.stderr
@@ -351,6 +365,28 @@ def test_cli_banner_stats_and_errors(tiny_zmoe, fixed):
     assert "--memory-limit 50.2 MB (given) is too small" in r.stderr and "at least" in r.stderr
     r = cli("run", tiny_zmoe, "-p", "hi", "--memory-limit", "60MB", "--memory-budget", "9GB")
     assert r.exit_code == 1 and "does not fit --memory-limit" in r.stderr, r.stderr
+
+
+def test_banner_states_the_part_a_smaller_budget_leaves_and_prefetch(tiny_zmoe, fixed):
+    src = ZmoeSource(tiny_zmoe)
+    minimum = L.plan_memory(src, 10**9, context=128, overhead=OVERHEAD).minimum
+    src.close()
+    budget = minimum + 64 * 4096
+    for prefetch in ("on", "off"):
+        with zipmoe_rt.load(tiny_zmoe, memory_limit="1GB", memory_budget=budget, context=128,
+                            policy="zip-lru", prefetch=prefetch) as m:
+            p, line = m.memory_plan, m.memory_line()
+            unused = 10**9 - (p.overhead + p.kv + p.buffers + p.activations + p.engine + budget)
+            assert p.budget == budget and unused > 0
+            assert (f"weight budget {budget / 1e6:.1f} MB + unused {unused / 1e6:.1f} MB "
+                    f"(--memory-budget is smaller)") in line, line
+            assert line.endswith(f"; prefetch {prefetch}; policy zip-lru"), line
+    with zipmoe_rt.load(tiny_zmoe, memory_limit="1GB", context=128, policy="zip-lru") as m:
+        line = m.memory_line()              # the limit's whole weight share: nothing unused
+        assert "unused" not in line and f"weight budget {m.memory_plan.budget / 1e6:.1f} MB" \
+            in line, line
+    with zipmoe_rt.load(tiny_zmoe) as m:    # no budget: no expert cache to prefetch into
+        assert "prefetch" not in m.memory_line()
 
 
 # -- bench: peak RSS of a child process under a limit ---------------------------------------------

@@ -391,6 +391,8 @@ def test_a_config_with_too_many_experts_is_refused_without_listing_them(tmp_path
     with pytest.raises(PlanError, match=r"config\.json: 64 MoE layers x 65536 experts") as e:
         size_plan(tmp_path)
     assert f"{MAX_EXPERTS:,}" in str(e.value)
+    assert str(e.value).startswith(f"{tmp_path / 'config.json'}: 64 MoE layers"), e.value
+    assert str(e.value).count("config.json") == 1, e.value         # the file named once
 
 
 def test_a_device_file_is_not_a_config():

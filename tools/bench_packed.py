@@ -12,7 +12,11 @@ forms, then times, alternating the four in every round:
   ``packed_source(P)``: each row decoded into an L1 scratch, then the same dot loop);
 * ``decode``: the row decode alone (every row into the same 4-row scratch, no dot product);
 * ``plain``: a BF16 GEMV written out without row sources (the kernel before the row-source
-  template, kept here as the yardstick of what the template costs the BF16 path).
+  template, kept here as the yardstick of what the template costs the BF16 path);
+* ``packed0`` / ``decode0``: the packed GEMV and the row decode with the earlier row decode
+  (``((sm << 8 | sm) & 0x807F) | (byte << 7 or << 3) & 0x780``, the same bits), the yardstick of
+  :func:`zipmoe_rt.kernels.rows.unpack_row`'s form; the tool also prints the median of the
+  per-round ratios packed / packed0 and decode / decode0.
 
 It prints the median ns per weight of each (the calling thread's CPU time, which on a
 shared machine leaves out the time the thread waits for a core; wall-clock time beside it) and
@@ -43,7 +47,7 @@ from zipmoe_rt.engine.resident import pack_bf16  # noqa: E402
 from zipmoe_rt.kernels import linear as lin  # noqa: E402
 from zipmoe_rt.kernels.widen import bf16_to_f32  # noqa: E402
 from zipmoe_rt.kernels import packed as pk  # noqa: E402
-from zipmoe_rt.kernels.rows import packed_source, unpack_row  # noqa: E402
+from zipmoe_rt.kernels.rows import bf16_word, packed_source, unpack_row  # noqa: E402
 
 
 @njit(**lin.JIT_SERIAL)
@@ -54,6 +58,61 @@ def _decode_rows(nib, sm, b7, ep, ec, ev, scratch):
         unpack_row(nib, sm, b7, ep, ec, ev, r, scratch[r & 3])
         acc += scratch[r & 3, 0]
     return acc
+
+
+U16 = np.uint16
+
+
+@njit(inline="always")
+def _unpack_row0(nib, sm, b7, ep, ec, ev, r, dst):
+    """The earlier row decode (same bits as ``rows.unpack_row``)."""
+    n = dst.shape[0]
+    h = (n + 1) >> 1
+    nr = nib[r]
+    sr = sm[r]
+    m = U16(0x780)
+    for j in range(h):
+        e = U16(U16(U16(nr[j]) << U16(7)) & m)
+        dst[j] = U16(bf16_word(U16(sr[j]), e) + b7)
+    sh = sr[h:]
+    dh = dst[h:]
+    for j in range(n - h):
+        e = U16(U16(U16(nr[j]) << U16(3)) & m)
+        dh[j] = U16(bf16_word(U16(sh[j]), e) + b7)
+    for t in range(ep[r], ep[r + 1]):
+        c = ec[t]
+        dst[c] = bf16_word(U16(sr[c]), U16(U16(ev[t]) << U16(7)))
+
+
+@njit(**lin.JIT_SERIAL)
+def _decode_rows0(nib, sm, b7, ep, ec, ev, scratch):
+    """:func:`_decode_rows` with the earlier row decode."""
+    acc = 0
+    for r in range(nib.shape[0]):
+        _unpack_row0(nib, sm, b7, ep, ec, ev, r, scratch[r & 3])
+        acc += scratch[r & 3, 0]
+    return acc
+
+
+@njit(**lin.JIT_SERIAL)
+def _packed0_gemv(x, nib, sm, b7, ep, ec, ev, y, s):
+    """The packed GEMV's four-row steps (``linear._gemv_block``'s rows and dot loop) with the
+    earlier row decode."""
+    out = y.shape[0]
+    q = out // 4
+    for b in range(q):
+        _unpack_row0(nib, sm, b7, ep, ec, ev, b, s[0])
+        _unpack_row0(nib, sm, b7, ep, ec, ev, b + q, s[1])
+        _unpack_row0(nib, sm, b7, ep, ec, ev, b + 2 * q, s[2])
+        _unpack_row0(nib, sm, b7, ep, ec, ev, b + 3 * q, s[3])
+        a0, a1, a2, a3 = lin.dot4_bf16(x, s[0], s[1], s[2], s[3])
+        y[b] = a0
+        y[b + q] = a1
+        y[b + 2 * q] = a2
+        y[b + 3 * q] = a3
+    for o in range(q * 4, out):
+        _unpack_row0(nib, sm, b7, ep, ec, ev, o, s[0])
+        y[o] = lin.dot1_bf16(x, s[0])
 
 
 @njit(**lin.JIT_SERIAL)
@@ -98,21 +157,24 @@ def main(argv=None) -> int:
         Ws.append((f.view(np.uint32) >> 16).astype(np.uint16))
     Ps = [pack_bf16(W) for W in Ws]
     x = rng.standard_normal(n).astype(np.float32)
-    y1, y2, y3 = (np.empty(out, np.float32) for _ in range(3))
+    y1, y2, y3, y4 = (np.empty(out, np.float32) for _ in range(4))
     nb = np.zeros(0, np.float32)
     scratch = np.empty((4, n), np.uint16)
     srcs = [packed_source(P) for P in Ps]
     lin.gemv_bf16_serial(x, Ws[0], y1, nb)
     lin.gemv_bf16_serial(x, srcs[0], y2, nb)
     _plain_gemv(x, Ws[0], y3)
-    if not (np.array_equal(y1, y2) and np.array_equal(y1, y3)):
-        print("the GEMVs differ: BF16 / packed / plain")
+    _packed0_gemv(x, *srcs[0], y4, scratch)
+    if not (np.array_equal(y1, y2) and np.array_equal(y1, y3) and np.array_equal(y1, y4)):
+        print("the GEMVs differ: BF16 / packed / plain / packed0")
         return 1
     cases = {
         "bf16": lambda i: lin.gemv_bf16_serial(x, Ws[i], y1, nb),
         "packed": lambda i: lin.gemv_bf16_serial(x, srcs[i], y2, nb),
         "decode": lambda i: _decode_rows(*srcs[i], scratch),
         "plain": lambda i: _plain_gemv(x, Ws[i], y3),
+        "packed0": lambda i: _packed0_gemv(x, *srcs[i], y4, scratch),
+        "decode0": lambda i: _decode_rows0(*srcs[i], scratch),
     }
     for fn in cases.values():
         fn(0)
@@ -137,6 +199,9 @@ def main(argv=None) -> int:
         ratio = statistics.median(v / b for v, b in zip(ns[k], ns["bf16"]))
         print(f"  {k:7s} {statistics.median(ns[k]):.3f} ns/weight   x{ratio:.2f} of bf16   "
               f"[{statistics.median(wall[k]):.3f}]")
+    for new, old in (("packed", "packed0"), ("decode", "decode0")):
+        r = statistics.median(v / b for v, b in zip(ns[new], ns[old]))
+        print(f"  {new} / {old}: x{r:.3f} (median of the per-round ratios)")
     return 0
 
 

@@ -240,6 +240,8 @@ def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, i
     r = run_in_cgroup(name, cmd, limit, timeout=a.timeout, cwd=REPO, env=child_env())
     load1 = os.getloadavg()[0]
     shown = policy and policy + (" --resident compressed" if resident == "compressed" else "")
+    if policy is None and resident == "compressed":      # the in-memory row of the compute form
+        shown = "--resident compressed"
     row = {"program": program, "policy": shown, "resident": resident, "limit": limit, "name": name,
            "budget": None,
            "cgroup": {k: r.get(k) for k in ("max_usage", "memsw_max_usage", "failcnt",
@@ -304,7 +306,8 @@ def pp_table(rows, n_pp) -> str:
              "|---|---|---|---|---|"]
     for r in pr:
         ratio = f"{r['pp_median'] / ref:.2f}" if ref else "-"
-        lines.append(f"| {r['program']} | none | {r['pp_median']:.1f} | "
+        prog = r["program"] + (f" {r['policy']}" if r.get("policy") else "")
+        lines.append(f"| {prog} | none | {r['pp_median']:.1f} | "
                      f"{', '.join(f'{x:.1f}' for x in r['pp_tps'])} | {ratio} |")
     return "\n".join(lines)
 
@@ -372,8 +375,8 @@ def main(argv=None) -> int:
     ap.add_argument("--policy", action="append", choices=["zipmoe", "zip-lru", "raw-lru"],
                     help="zipmoe-rt policies under the limit (repeatable; default zipmoe, zip-lru)")
     ap.add_argument("--resident", action="append", choices=["full", "compressed"],
-                    help="how zipmoe-rt's limited rows hold cached experts (repeatable: rows "
-                         "for each; default full)")
+                    help="how zipmoe-rt holds experts and dense linears (repeatable: limited "
+                         "rows for each, and an in-memory row for compressed; default full)")
     ap.add_argument("--n-prompt", type=int, default=16, help="prompt tokens (default 16)")
     ap.add_argument("--n-gen", type=int, default=64, help="tokens generated (default 64)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
@@ -426,7 +429,8 @@ def main(argv=None) -> int:
         cases = [("llama.cpp", None, limit, "full")] + [
             ("zipmoe-rt", pol, limit, res) for res in (a.resident or ["full"]) for pol in policies]
         if not a.no_unlimited:
-            cases += [("llama.cpp", None, None, "full"), ("zipmoe-rt", None, None, "full")]
+            cases += [("llama.cpp", None, None, "full")] + [
+                ("zipmoe-rt", None, None, res) for res in dict.fromkeys(["full"] + (a.resident or []))]
         if a.zipmoe_only:
             cases = [c for c in cases if c[0] == "zipmoe-rt" and c[2] is not None]
         if a.in_memory_only:

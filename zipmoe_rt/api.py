@@ -296,14 +296,30 @@ class Model:
     def memory_line(self) -> str:
         """The banner's and ``/stats``' memory line
         (:func:`~zipmoe_rt.engine.limit.memory_line`); under ``auto`` the policy says what it
-        chose per MoE layer (:func:`~zipmoe_rt.engine.factory.describe_auto`)."""
+        chose per MoE layer (:func:`~zipmoe_rt.engine.factory.describe_auto`). Under a limit,
+        the part a smaller ``memory_budget`` leaves unused is stated (so that the parts add up
+        to the limit); under a budget, whether the engine prefetches (before the policy)."""
         from .engine.factory import describe_auto
         from .engine.limit import memory_line
         pol = describe_auto(getattr(self.engine, "auto_choice", None), self.policy)
         if getattr(self.engine, "resident", "full") == "compressed":
             pol += " (experts cached in the compute form)"
-        return memory_line(self.memory_plan, self.engine and self.engine.budget, pol,
+        line = memory_line(self.memory_plan, self.engine and self.engine.budget, pol,
                            compressed=getattr(self.source, "resident", "full") == "compressed")
+        plan = self.memory_plan
+        if plan is not None:
+            unused = plan.limit - (plan.overhead + plan.kv + plan.buffers + plan.activations
+                                   + plan.engine + plan.budget)
+            if unused >= 50_000:          # (shown to 0.1 MB)
+                given = f"weight budget {plan.budget / 1e6:.1f} MB"
+                line = line.replace(given, f"{given} + unused {unused / 1e6:.1f} MB "
+                                           f"(--memory-budget is smaller)", 1)
+        if self.engine is not None and hasattr(self.engine, "prefetch"):
+            head, sep, tail = line.rpartition("; policy ")
+            if sep:
+                on = "on" if self.engine.prefetch else "off"
+                line = f"{head}; prefetch {on}{sep}{tail}"
+        return line
 
     @property
     def device(self) -> str:

@@ -193,9 +193,16 @@ def baseline_footprint(model_path) -> dict:
 
 
 def baseline_rss(model_path) -> int:
-    """Fixed overhead in bytes: the steady RSS of :func:`baseline_footprint` (what the weights
-    compete with while a model runs); 0 when the measuring child failed."""
-    return int(baseline_footprint(model_path).get("steady", 0))
+    """Fixed overhead in bytes: the figure ``--memory-limit`` counts,
+    :func:`zipmoe_rt.engine.limit.fixed_overhead` (the steady RSS of
+    :func:`baseline_footprint` in a child that loads the kernels from Numba's cache, measured
+    once per model file and runtime and remembered), so that a first run on a cold cache reports
+    what every later run does; 0 when the measuring child failed."""
+    from .engine.limit import MemoryLimitError, fixed_overhead
+    try:
+        return int(fixed_overhead(model_path))
+    except MemoryLimitError:
+        return 0
 
 
 def _ms(a):

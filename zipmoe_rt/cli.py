@@ -15,7 +15,7 @@ import click
 from . import __version__
 from .cli_stats import session_stats as _session_stats
 from .cli_stats import stats_line as _stats_line
-from .cli_types import (FloatRange, IntRange, lenient_stdin, max_tokens_for,
+from .cli_types import (FLOAT32_MAX, FloatRange, IntRange, lenient_stdin, max_tokens_for,
                         max_tokens_option, need_stdin, utf8_text)
 
 
@@ -181,7 +181,8 @@ ENGINE_OPTIONS = [
                  show_default=True,
                  help="without a budget: keep experts decoded (full) or all in a compressed "
                       "compute form (~75% of BF16), computed in place, same outputs; under a "
-                      "budget: the form of the experts the policy caches"),
+                      "budget: the form of the experts the policy caches; compressed also "
+                      "holds the dense linears in that form"),
     click.option("--c-tier", type=click.Choice(["packed", "planes"]), default="packed",
                  show_default=True,
                  help="under a budget, policy zipmoe: its C slots hold the compute form, "
@@ -232,7 +233,8 @@ def sampling_options(fn):
                      callback=lambda ctx, param, v: max_tokens_option(v),
                      help="most tokens to generate per reply; -1 = until a stop token or the "
                           "full context [default: 256 for run, 512 for chat]"),
-        click.option("--temperature", "--temp", type=FloatRange(min=0.0), default=None,
+        click.option("--temperature", "--temp", type=FloatRange(min=0.0, max=FLOAT32_MAX),
+                     default=None,
                      help="sampling temperature; 0 = greedy [default: the model's "
                           "generation_config.json, else 0.8]"),
         click.option("--top-k", type=IntRange(min=0), default=None,
@@ -266,17 +268,17 @@ def sampling_options(fn):
     return fn
 
 
-def _prepare(model, kw, default_max, context=None):
+def _prepare(model, kw, default_max, context=None, banner=True):
     """Load MODEL for run/chat: threads, context size, kernel warm-up; returns (model,
     sampling keyword arguments, context size). ``context``: tokens the run may hold, for
-    ``--memory-limit`` (see :func:`load_from_options`)."""
+    ``--memory-limit``; ``banner``: print the memory line (see :func:`load_from_options`)."""
     from zmoe.constants import Keys
 
     from . import cli_repl
     cli_repl.set_threads(kw["threads"])
     if kw["ctx_size"] is not None and kw["ctx_size"] >= 1:   # -c bounds a limit's KV cache
         context = kw["ctx_size"] if context is None else min(context, kw["ctx_size"])
-    m = load_from_options(model, kw, context=context)
+    m = load_from_options(model, kw, context=context, banner=banner)
     try:
         m.ctx_size = cli_repl.context_size(m, kw["ctx_size"])
         if m.memory_plan is not None:   # a limit holds a KV cache of the context it planned
@@ -356,9 +358,10 @@ def warn_c_tier_unused(m) -> None:
                    "MoE layer", err=True)
 
 
-def load_from_options(model, kw, context=None):
+def load_from_options(model, kw, context=None, banner=True):
     """``zipmoe_rt.load`` with the engine options a verb took (``kw``), then the memory banner
-    on stderr when a limit or budget was given."""
+    on stderr when a limit or budget was given and ``banner`` (piped ``chat`` prints none);
+    a warning about the options is printed either way."""
     from .api import load
     check_budget_options(kw)
     m = load(model, progress=progress_wanted(), verify=not kw.get("no_verify", False), memory_budget=kw["memory_budget"],
@@ -370,8 +373,9 @@ def load_from_options(model, kw, context=None):
     if _memory_asked(kw):      # the banner's memory line: a limit or a budget was given
         from .engine.factory import has_c_slots
         planes = kw.get("c_tier") == "planes" and has_c_slots(m.engine)
-        click.echo(f"zipmoe-rt: {m.memory_line()}" + (", C tier planes (decoded at every use)"
-                                                      if planes else ""), err=True)
+        if banner:
+            click.echo(f"zipmoe-rt: {m.memory_line()}" + (", C tier planes (decoded at every "
+                                                          "use)" if planes else ""), err=True)
         warn_c_tier_unused(m)
     return m
 
@@ -436,9 +440,9 @@ def chat(model, system, show_reasoning, **kw):
     from . import cli_repl
     system = utf8_text(system, "--system")
     need_stdin("chat (the turns are read from it)")
-    m, sp, ctx = _prepare(model, kw, 512)
-    session = m.chat_session(system)
     interactive = sys.stdin.isatty()
+    m, sp, ctx = _prepare(model, kw, 512, banner=interactive)   # piped: the replies only
+    session = m.chat_session(system)
     memory = None if _memory_asked(kw) else m.memory_line()   # else load_from_options said it
     harmony = _harmony_reply(m, show_reasoning, False)
     failed = cli_repl.repl(m, session, sp, kw["stops"], _stats_line, _session_stats,

@@ -16,7 +16,8 @@ from .cli import (CliError, check_budget_options, engine_options, friendly_error
 @click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to listen on (0.0.0.0 exposes the server to the network)")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="port to listen on; 0: a free port the system chooses (printed)")
 @click.option("--api-key", default=None, metavar="KEY", callback=lambda c, p, v: _api_key(v),
               help="require 'Authorization: Bearer KEY' on the API (default: no key)")
 @click.option("--cors", is_flag=True, help="allow cross-origin requests from browsers (any origin)")
@@ -53,28 +54,64 @@ def serve(model, host, port, api_key, cors, queue_size, model_id, ctx_size, **kw
     check_budget_options(kw)          # here: the model loads in another thread
     if model is not None and not model.exists():
         raise CliError(f"{model}: no such file")
-    check_listen(host, port)
-    if model is not None:            # a file that is not a model: one line, before starting
-        from zmoe.reader import ZmoeReader
-        with ZmoeReader(model, use_mmap=False):
-            pass
-    click.echo(f"zipmoe-rt serve: http://{host}:{port}/ (loading {model or 'the default model'}"
-               f"; /health answers 503 until it is ready)", err=True)
-    from .server import ModelLoadError
-    _sigterm_stops_quietly()
+    sock = check_listen(host, port)
     try:
-        run_server(functools.partial(load_from_options, model, kw, context=ctx_size), host=host,
-                   port=port, api_key=api_key, cors=cors, queue_size=queue_size,
-                   model_id=model_id, ctx_size=ctx_size)
-    except ModelLoadError as e:
-        raise CliError(str(e)) from None
+        if model is not None:            # a file that is not a model: one line, before starting
+            from zmoe.reader import ZmoeReader
+            with ZmoeReader(model, use_mmap=False):
+                pass
+        port = sock.getsockname()[1]     # --port 0: the port the system chose
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"zipmoe-rt serve: http://{shown}:{port}/ (loading "
+                   f"{model or 'the default model'}; /health answers 503 until it is ready)",
+                   err=True)
+        from .server import ModelLoadError
+        _sigterm_stops_quietly()
+        try:
+            run_server(functools.partial(load_and_check, model, kw, ctx_size), host=host,
+                       port=port, api_key=api_key, cors=cors, queue_size=queue_size,
+                       model_id=model_id, ctx_size=ctx_size, sock=sock)
+        except ModelLoadError as e:
+            raise CliError(str(e)) from None
+    finally:
+        sock.close()
 
 
-def check_listen(host: str, port: int) -> None:
-    """Bind ``host``:``port`` once (with ``SO_REUSEADDR``, as uvicorn binds) before anything
+def load_and_check(model, kw, ctx_size):
+    """``serve``'s loader: the model as ``run`` and ``chat`` load it, then one short forward on
+    a scratch cache (:func:`~zipmoe_rt.cli_repl.warm_up`), so that a file whose weights fail
+    their CRC-32 (or do not decode) fails the load, and ``serve`` ends with one ``error:`` line,
+    instead of saying it is ready and failing every request. The forward also compiles (or
+    loads) the kernels, so the first request does not wait for them.
+
+    Raises:
+        whatever :func:`~zipmoe_rt.cli.load_from_options` or the forward raises (e.g.
+        ``zmoe.ChecksumError``); the model is closed then.
+    """
+    from .cli_repl import warm_up
+    m = load_from_options(model, kw, context=ctx_size)
+    try:
+        plan = m.memory_plan         # the warm-up prefill fits the context, as for run/chat
+        m.ctx_size = min(x for x in (ctx_size, plan and plan.context, 2**31 - 1) if x)
+        try:
+            warm_up(m, notice=False)
+        finally:
+            m.ctx_size = None        # each request's context is the server's (serve -c)
+    except BaseException:
+        m.close()
+        raise
+    return m
+
+
+def check_listen(host: str, port: int):
+    """Bind ``host``:``port`` (with ``SO_REUSEADDR``, as uvicorn binds) before anything
     loads, so that an address in use or a host that does not resolve is one ``error:`` line
     (llama.cpp's server: "couldn't bind HTTP server socket") rather than a log of the server
-    starting and stopping.
+    starting and stopping. The server then listens on this socket: with port 0 its port is
+    the one the system chose, which ``serve`` prints.
+
+    Returns:
+        the bound socket (not listening yet); the caller closes it.
 
     Raises:
         CliError: the host does not resolve, or the address cannot be bound (in use, not
@@ -88,13 +125,15 @@ def check_listen(host: str, port: int) -> None:
     except (socket.gaierror, UnicodeError) as e:
         raise CliError(f"--host {host}: not an address or a host name this machine resolves "
                        f"({getattr(e, 'strerror', None) or e})") from None
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as e:
-            raise CliError(f"--host/--port: cannot listen on {host}:{port}: "
-                           f"{e.strerror or e}") from None
+    s = socket.socket(family, kind, proto)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(addr)
+    except OSError as e:
+        s.close()
+        raise CliError(f"--host/--port: cannot listen on {host}:{port}: "
+                       f"{e.strerror or e}") from None
+    return s
 
 
 def _api_key(key: str | None) -> str | None:

@@ -19,6 +19,11 @@ class IntRange(click.IntRange):
     name = "integer"
 
 
+#: the largest float32 (``--temp``'s upper bound, as :data:`zipmoe_rt.sampling.TEMPERATURE_MAX`;
+#: spelled out so that the command line starts without importing NumPy)
+FLOAT32_MAX = 3.4028234663852886e+38
+
+
 class FloatRange(click.FloatRange):
     """A finite number in a range (click's :class:`click.FloatRange`; ``nan`` and ``inf``
     refused)."""
@@ -26,10 +31,10 @@ class FloatRange(click.FloatRange):
     name = "number"
 
     def convert(self, value, param, ctx):
-        v = super().convert(value, param, ctx)
+        v = click.types.FloatParamType.convert(self, value, param, ctx)   # the number first
         if not math.isfinite(v):
             self.fail(f"{value!r} is not a finite number", param, ctx)
-        return v
+        return super().convert(v, param, ctx)                            # then the range
 
 
 #: ``-n -1``: generate until a stop token or the full context, as llama.cpp's ``-n -1``

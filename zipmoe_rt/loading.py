@@ -169,6 +169,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     from .engine.store import ZmoeSource
     from .models import build_model
     from .models.moe import ExpertExecutor
+    from .models.packed import dense_saving
 
     path = Path(path) if path is not None else ensure_default_model(progress=progress)
     if not path.exists():
@@ -177,7 +178,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         raise ValueError(f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} "
                          f"-o model.zmoe`")
     budgeted = memory_budget is not None or memory_limit is not None
-    backend = get_backend(resolve_device(device, "device (--device)"))
+    backend = get_backend(resolve_device(device, "--device"))
     on_host = backend.name != "cuda"
     from .engine.resident import check_resident
     if check_resident(resident) == "compressed" and budgeted and not on_host:
@@ -204,10 +205,12 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     from . import kernels
     if kernels.USER_WAIT_POLICY is None:  # see zipmoe_rt/kernels/__init__.py
         kernels.set_wait_policy("passive" if budgeted else "active")
-    # on the GPU the device holds the dense weights and (unbudgeted) the experts: the source
-    # keeps no host copies of its own
+    # on the GPU the device holds the dense weights and (unbudgeted) the experts, and with
+    # resident="compressed" the model holds them in the compute form: the source keeps no
+    # host copies of its own
     source = ZmoeSource(path, verify=verify, keep_experts=not budgeted and on_host,
-                        copy_dense=budgeted or not on_host, resident=resident)
+                        copy_dense=budgeted or not on_host or resident == "compressed",
+                        resident=resident)
     engine = None
     try:
         from .engine.lowprec import refuse_device
@@ -216,7 +219,14 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         # the tokenizer holds its own parsed copy; the JSON text (~7 MB as a str) is not needed
         source.metadata.pop(Keys.Tokenizer.JSON, None)
         mplan = None
+        net = None
+        # with resident="compressed" on the host the model holds its dense linears in the
+        # compute form: built before the budget is divided, so that the dense bytes the budget
+        # holds are the bytes held (its executor is replaced by the engine below)
+        dense_first = budgeted and on_host and resident == "compressed"
         if budgeted:
+            if dense_first and memory_limit is None:
+                net = _dense_first(source, backend)    # a share budget counts dense as held
             budget = None if memory_budget is None else parse_size(memory_budget, source)
             if memory_limit is not None:
                 from .engine.footprint import release, warm_up
@@ -225,10 +235,17 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                 # kernels' load peak here, before any weight exists; what stays is the steady
                 # overhead the limit counts (engine/footprint.py)
                 overhead, peak = fixed_overhead(source.path), warmup_peak(source.path)
-                mplan = plan_memory(source, memory_limit, context, budget=budget,
-                                    overhead=overhead, peak=peak)
+                if not dense_first:
+                    mplan = plan_memory(source, memory_limit, context, budget=budget,
+                                        overhead=overhead, peak=peak)
                 warm_up(source)
                 release()
+                if dense_first:
+                    net = _dense_first(source, backend)
+                    if memory_budget is not None:
+                        budget = parse_size(memory_budget, source)
+                    mplan = plan_memory(source, memory_limit, context, budget=budget,
+                                        overhead=overhead, peak=peak)
                 budget = mplan.budget
             hb = 0
             if host_budget is not None:
@@ -247,7 +264,12 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                     source.admit_all()
                 else:
                     executor.source.load_all()
-        net = build_model(source, executor=executor, backend=backend)
+        if net is None:
+            net = build_model(source, executor=executor, backend=backend)
+            if resident == "compressed" and on_host:
+                source.dense_saving = dense_saving(net)
+        else:
+            net.executor = executor
         if engine is not None:
             attach(net, engine)
         model = Model(source, net, tok, path, engine)
@@ -260,6 +282,18 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             engine.close()
         source.close()
         raise
+
+
+def _dense_first(source, backend):
+    """The model of ``source`` built before its expert engine (an executor that is replaced
+    before it runs), with ``source.dense_saving`` set from the dense weights it holds
+    (:func:`~zipmoe_rt.models.packed.dense_saving`)."""
+    from .models import build_model
+    from .models.moe import ExpertExecutor
+    from .models.packed import dense_saving
+    net = build_model(source, executor=ExpertExecutor(source, backend), backend=backend)
+    source.dense_saving = dense_saving(net)
+    return net
 
 
 def _check_same_file(source, reader) -> None:

@@ -279,6 +279,8 @@ def size_plan(path, memory_budget=None) -> SizePlan:
                             f"experts = {n_expert:,} experts, more than the {MAX_EXPERTS:,} "
                             f"this planner lists")
         specs = fam.tensor_specs(hp)
+    except PlanError:           # names the file already
+        raise
     except ValueError as e:     # UnsupportedArchitectureError, ConfigError: name the file
         msg = str(e).removeprefix("config.json: ")
         raise type(e)(f"{path}: {msg}") from None

@@ -30,14 +30,19 @@ from .util import is_int, is_real
 
 __all__ = ["SamplingParams", "Sampler"]
 
+#: the largest temperature: the largest float32 (the logits are float32)
+TEMPERATURE_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """Decoding options, validated on construction.
 
     Attributes:
-        temperature: softmax temperature, ``>= 0``. ``0`` selects greedy decoding (``argmax``; then
-            ``top_k``, ``top_p`` and ``min_p`` are ignored, like transformers with ``do_sample=False``).
+        temperature: softmax temperature, in ``[0, TEMPERATURE_MAX]``. ``0`` selects greedy
+            decoding (``argmax``; then ``top_k``, ``top_p`` and ``min_p`` are ignored, like
+            transformers with ``do_sample=False``); a positive one so small that a logit
+            divided by it overflows float32 samples its limit, the argmax, too.
         top_k: keep the ``top_k`` most likely tokens; ``0`` turns it off. ``>= 0``.
         top_p: nucleus sampling mass in ``[0, 1]``; ``1.0`` turns it off.
         min_p: keep tokens with probability ``>= min_p * max probability``; in ``[0, 1]``; ``0``
@@ -71,6 +76,9 @@ class SamplingParams:
             object.__setattr__(self, name, float(v))
 
         real("temperature", 0.0, math.inf)
+        if self.temperature > TEMPERATURE_MAX:
+            raise ValueError(f"temperature: must be at most {TEMPERATURE_MAX:.6g} (the largest "
+                             f"float32; the logits are divided by it), got {self.temperature!r}")
         real("top_p", 0.0, 1.0)
         real("min_p", 0.0, 1.0)
         real("repetition_penalty", 0.0, math.inf, lo_open=True)
@@ -195,7 +203,13 @@ class Sampler:
             i = int(np.argmax(x))
             return np.array([i], dtype=np.int64), x[i : i + 1].astype(np.float32)
         if p.temperature != 1.0:
-            x = x / np.float32(p.temperature)
+            with np.errstate(over="ignore", divide="ignore"):
+                y = x / np.float32(p.temperature)
+            if not np.isfinite(y[np.isfinite(x)]).all():
+                # a temperature so small that x / T overflows float32: its limit, argmax
+                i = int(np.argmax(x))
+                return np.array([i], dtype=np.int64), x[i : i + 1].astype(np.float32)
+            x = y
         v = x.shape[-1]
         if p.top_k > 0 and p.top_k < v:
             kth = np.partition(x, v - p.top_k)[v - p.top_k]

@@ -460,6 +460,23 @@ class Backend:
         """
         raise NotImplementedError
 
+    # -- dense weights in the compute form (--resident compressed; design note §6.5) -----------
+
+    def linear_weight(self, a):
+        """A dense ``[out, in]`` host weight (BF16 bits, float16 or float32) as :meth:`linear`,
+        :meth:`swiglu` and (a tied head) :meth:`embed` take it: :meth:`from_host` here; after
+        :meth:`with_dense_form` ``("compressed")`` a BF16 one may be a
+        :class:`~zipmoe_rt.models.packed.PackedMatrix`."""
+        return self.from_host(np.ascontiguousarray(a))
+
+    def with_dense_form(self, form: str):
+        """This backend with :meth:`linear_weight` holding BF16 weights in ``form`` (``"bf16"``,
+        or ``"compressed"``: the compute form where the backend computes from it; others keep
+        BF16 and return ``self``). Raises ValueError for any other ``form``."""
+        if form not in ("bf16", "compressed"):
+            raise ValueError(f"dense form: {form!r} is not one of bf16, compressed")
+        return self
+
 
 class HostArrays:
     """Array allocation for backends whose arrays are host numpy arrays (the CPU backends):

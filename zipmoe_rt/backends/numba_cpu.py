@@ -21,7 +21,7 @@ from ..kernels import clamped_swiglu as _clamped
 from ..kernels import sinks as _sinks
 from ..kernels.embed import bf16_rows
 from ..kernels.linear import linear_into
-from ..models.packed import as_weights, is_packed
+from ..models.packed import PackedMatrix, as_weights, is_packed
 from .base import (Backend, HostArrays, check_act, check_biased_expert, check_cap,
                    check_choice_bias, check_gated_delta, check_qk_norm, check_route, check_sinks,
                    to_f32)
@@ -29,6 +29,9 @@ from .base import (Backend, HostArrays, check_act, check_biased_expert, check_ca
 
 #: row index 0, the one row of a token
 _ROW0 = np.zeros(1, np.int64)
+
+#: the Numba backends of other dense forms (:meth:`NumbaBackend.with_dense_form`)
+_BY_FORM: dict = {}
 
 
 class NumbaBackend(HostArrays, Backend):
@@ -39,15 +42,58 @@ class NumbaBackend(HostArrays, Backend):
     """
 
     name = "numba"
+    #: the form :meth:`linear_weight` holds dense weights in (:meth:`with_dense_form`)
+    dense_form = "bf16"
+
+    def with_dense_form(self, form):
+        """A Numba backend whose :meth:`linear_weight` holds BF16 dense weights in ``form``
+        (``"compressed"``: the compute form, design note §6.5; one shared instance per form).
+
+        Raises:
+            ValueError: ``form`` neither ``"bf16"`` nor ``"compressed"``.
+        """
+        Backend.with_dense_form(self, form)
+        if form == self.dense_form:
+            return self
+        if form == "bf16":
+            from . import get_backend
+            return get_backend(self.name)
+        be = _BY_FORM.get(form)
+        if be is None:
+            be = _BY_FORM[form] = type(self)()
+            be.dense_form = form
+        return be
+
+    def linear_weight(self, a):
+        """``a`` as it is (C-contiguous); with the dense form ``"compressed"`` a 2-D BF16 weight
+        becomes a :class:`~zipmoe_rt.models.packed.PackedMatrix` that :meth:`linear`,
+        :meth:`swiglu` and :meth:`embed` compute from, bit-identical."""
+        a = np.ascontiguousarray(a)
+        if self.dense_form == "compressed" and a.dtype == np.uint16 and a.ndim == 2 and a.size:
+            from ..engine.resident import pack_bf16
+            return pack_bf16(a)
+        return a
 
     def embed(self, W, ids):
-        """:func:`~zipmoe_rt.kernels.embed.bf16_rows`."""
+        """:func:`~zipmoe_rt.kernels.embed.bf16_rows`; a packed table (a tied head in the
+        compute form) through :func:`~zipmoe_rt.kernels.packed.packed_rows`."""
+        if isinstance(W, PackedMatrix):
+            return _packed.packed_rows(W, ids)
         return bf16_rows(W, ids)
 
     def linear(self, x, W, bias=None, out=None):
-        """:func:`~zipmoe_rt.kernels.linear.linear_into` (GEMV for one token, blocked GEMM else)."""
+        """:func:`~zipmoe_rt.kernels.linear.linear_into` (GEMV for one token, blocked GEMM else);
+        a packed weight through :func:`~zipmoe_rt.kernels.packed.packed_linear_into` (the same
+        kernels on its decoded rows, bit-identical)."""
         if out is None:
             out = np.empty((x.shape[0], W.shape[0]), np.float32)
+        if isinstance(W, PackedMatrix):
+            if x.shape[1] != W.shape[1]:
+                raise ValueError(f"linear: x {x.shape} does not match W {W.shape} ([out, in])")
+            if x.shape[0]:
+                _packed.packed_linear_into(np.ascontiguousarray(x, dtype=np.float32), W, out,
+                                           bias=bias)
+            return out
         return linear_into(x, W, out, bias)
 
     def heads_linear(self, x, W, out=None):
@@ -56,6 +102,9 @@ class NumbaBackend(HostArrays, Backend):
 
     def swiglu(self, x, gate, up, act="silu"):
         """:func:`~zipmoe_rt.kernels.swiglu.swiglu_hidden` (fused gate/up for BF16)."""
+        if isinstance(gate, PackedMatrix) and isinstance(up, PackedMatrix):
+            return _packed.packed_swiglu_hidden(np.ascontiguousarray(x, dtype=np.float32),
+                                                gate, up, check_act(act))
         return _swiglu.swiglu_hidden(x, gate, up, check_act(act))
 
     def expert_accumulate(self, out, x, rows, weights, expert, act="silu", glu=None):

@@ -8,6 +8,7 @@ the temporary file is removed and nothing else is touched.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +64,7 @@ def plan_conversion(folder: Path):
         ckpt = Checkpoint(folder)
     except (FileNotFoundError, SafetensorsError) as e:
         raise ConversionError(str(e)) from None
+    _check_layer_range(arch, hp, config, ckpt)
     dense, experts = [], {}
     for t in ckpt:
         why = arch.unsupported_tensor(t.name, t.dtype)
@@ -110,6 +112,45 @@ def plan_conversion(folder: Path):
                                       f"(has roles {sorted(roles)})")
     _check_dense_tensors(folder, arch, ckpt)
     return arch, hp, ckpt, dense, experts
+
+
+def _check_layer_range(arch, hp: dict, config: dict, ckpt: Checkpoint) -> None:
+    """Every decoder-layer tensor (``model.layers.N.*``, the family's own prefix) has a layer
+    ``N`` the config has: below ``num_hidden_layers``, or one of the
+    ``num_nextn_predict_layers`` multi-token-prediction layers right after them (GLM-4-MoE,
+    DeepSeek-V3; stored, unused, as transformers skips them). A tensor of a layer past those
+    means the config and the weights disagree on the architecture: converted, the layers the
+    config leaves out would be stored unused and the model would compute something else.
+
+    Raises:
+        ConversionError: the first such tensor, its layer and the config field named.
+    """
+    prefixes = set()
+    for name in _model_specs(arch):
+        m = _LAYER_NAME.match(name)
+        if m:
+            prefixes.add(m.group(1))
+    if not prefixes:
+        return
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    nextn = text.get("num_nextn_predict_layers")
+    nextn = nextn if isinstance(nextn, int) and not isinstance(nextn, bool) and nextn > 0 else 0
+    n = hp["num_hidden_layers"]
+    for t in ckpt:
+        m = _LAYER_NAME.match(t.name)
+        if m and m.group(1) in prefixes and int(m.group(2)) >= n + nextn:
+            from ..families import get_family      # the family's own config.json key name
+            keys = get_family(hp.get("family")).hparams_class.CONFIG_KEYS
+            key = keys.get("num_hidden_layers", ("num_hidden_layers",))[0]
+            extra = f" + num_nextn_predict_layers={nextn}" if nextn else ""
+            raise ConversionError(
+                f"{t.file}: tensor {t.name!r} belongs to layer {m.group(2)}, but config.json "
+                f"says {key}={n}{extra} (layers 0-{n + nextn - 1}): the config and the weights "
+                f"disagree on the number of layers; fix {key} in config.json")
+
+
+#: a decoder-layer tensor name: (the prefix up to ``layers.``, the layer number)
+_LAYER_NAME = re.compile(r"^(.*?\blayers\.)(\d+)\.")
 
 
 #: logical tensor key -> the config.json field its shape depends on beyond hidden_size /

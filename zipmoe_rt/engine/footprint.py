@@ -62,6 +62,8 @@ class TinySource:
         self._rng, self._assemble = np.random.default_rng(0), assemble_expert
         self._cache: dict = {}
         self._packed = packed and set(self._roles) == {"gate", "up", "down"}
+        #: with ``packed`` the model holds its dense linears in the compute form too
+        self.resident = "compressed" if packed else "full"
 
     def has(self, name):
         return name in self._shapes

@@ -91,6 +91,10 @@ class ZmoeSource:
         self.keep_experts = keep_experts
         self.copy_dense = copy_dense
         self._dense: dict = {}
+        #: bytes the model built on this source saves on its dense weights by holding them in
+        #: the compute form (``resident="compressed"``; set by the loader from the built model,
+        #: :func:`zipmoe_rt.models.packed.dense_saving`)
+        self.dense_saving = 0
         self._experts: dict = {}
         self._layouts = None
         self._tls = threading.local()
@@ -176,9 +180,10 @@ class ZmoeSource:
         return self._rr.fd
 
     def dense_bytes(self) -> int:
-        """Bytes of all dense tensors (what stays resident)."""
+        """Bytes of all dense tensors as held (what stays resident): as stored, less
+        :attr:`dense_saving`, what the model saves by holding some in the compute form."""
         return sum(zmoe.reader.element_count(t) * np.dtype(NUMPY_DTYPES[t["dtype"]]).itemsize
-                   for t in self.reader.tensors.values() if "expert" not in t)
+                   for t in self.reader.tensors.values() if "expert" not in t) - self.dense_saving
 
     # -- experts -----------------------------------------------------------------------------
     def _dctx(self) -> zstd.ZstdDecompressor:

@@ -33,9 +33,10 @@ from .rows import k_sources, packed_source, unpack_row
 from ..models.packed import is_packed
 from ..models.weights import ExpertWeights
 from .transcode import ESCAPE, WINDOW, pack_plane, window_base
+from .widen import bf16_to_f32
 
 __all__ = ["window_base", "pack_plane", "unpack_bf16", "packed_linear", "packed_linear_into",
-           "packed_swiglu_hidden", "packed_expert_accumulate", "packed_experts_decode",
+           "packed_swiglu_hidden", "packed_expert_accumulate", "packed_experts_decode", "packed_rows",
            "ESCAPE", "WINDOW"]
 
 
@@ -69,8 +70,9 @@ def unpack_bf16(P) -> np.ndarray:
 _NO_BIAS = np.zeros(0, np.float32)
 
 
-def packed_linear_into(x: np.ndarray, P, y: np.ndarray, parallel: bool = True) -> np.ndarray:
-    """``y[:] = x @ W.T`` for a packed BF16 matrix W, bit-identical to
+def packed_linear_into(x: np.ndarray, P, y: np.ndarray, parallel: bool = True,
+                       bias: np.ndarray | None = None) -> np.ndarray:
+    """``y[:] = x @ W.T (+ bias)`` for a packed BF16 matrix W, bit-identical to
     :func:`~zipmoe_rt.kernels.linear.linear_into` on W's BF16 bits (the same kernels, chosen by
     the same rule).
 
@@ -78,21 +80,23 @@ def packed_linear_into(x: np.ndarray, P, y: np.ndarray, parallel: bool = True) -
         x: float32 [T, in], C-contiguous.  P: :class:`~zipmoe_rt.models.packed.PackedMatrix`
             ``[out, in]``.  y: float32 [T, out], C-contiguous; overwritten.
         parallel: False uses the single-threaded kernels.
+        bias: optional float32 [out], added in the kernels as ``linear_into`` adds it.
     Returns:
         ``y``.
     """
     out, n = P.shape
+    b = _NO_BIAS if bias is None else bias
     par = parallel and x.shape[0] * out * n >= _lin.PAR_MIN_WORK and out >= 8
     src = _args(P)
     if x.shape[0] == 1:
         if par:
-            _lin.gemv_bf16_par(x[0], src, y[0], _NO_BIAS, get_num_threads())
+            _lin.gemv_bf16_par(x[0], src, y[0], b, get_num_threads())
         else:
-            _lin.gemv_bf16_serial(x[0], src, y[0], _NO_BIAS)
+            _lin.gemv_bf16_serial(x[0], src, y[0], b)
     elif par:
-        _lin.gemm_bf16_par(x, src, y, _NO_BIAS, get_num_threads())
+        _lin.gemm_bf16_par(x, src, y, b, get_num_threads())
     else:
-        _lin.gemm_bf16_serial(x, src, y, _NO_BIAS)
+        _lin.gemm_bf16_serial(x, src, y, b)
     return y
 
 
@@ -107,22 +111,54 @@ def packed_linear(x2: np.ndarray, P, parallel: bool = True) -> np.ndarray:
     return y
 
 
+@njit(**JIT_SERIAL)
+def _rows_packed(nib, sm, b7, ep, ec, ev, ids, buf, out):
+    for i in range(ids.shape[0]):
+        unpack_row(nib, sm, b7, ep, ec, ev, ids[i], buf)
+        o = out[i]
+        for j in range(buf.shape[0]):
+            o[j] = bf16_to_f32(buf[j])
+
+
+def packed_rows(P, ids: np.ndarray) -> np.ndarray:
+    """Rows ``W[ids]`` of a packed BF16 matrix widened to float32 (the embedding lookup of a
+    head tied to the embedding, held in the compute form), bit-identical to
+    :func:`~zipmoe_rt.kernels.embed.bf16_rows` on W's BF16 bits: each gathered row is decoded
+    (:func:`~zipmoe_rt.kernels.rows.unpack_row`), then widened exactly.
+
+    Args:
+        P: :class:`~zipmoe_rt.models.packed.PackedMatrix` ``[V, H]``.  ids: int64 [T].
+    Returns:
+        float32 [T, H].
+    Raises:
+        IndexError: an id outside [0, V).
+    """
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    V, H = P.shape
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        raise IndexError(f"token id out of range [0, {V})")
+    out = np.empty((ids.shape[0], H), np.float32)
+    _rows_packed(*_args(P), ids, np.empty(H, np.uint16), out)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # SwiGLU: the kernels of kernels/swiglu.py on packed row sources
 
 
-def packed_swiglu_hidden(x2: np.ndarray, G, U) -> np.ndarray:
-    """``silu(x2 @ gate.T) * (x2 @ up.T)`` from packed gate and up, bit-identical to
+def packed_swiglu_hidden(x2: np.ndarray, G, U, act: int = 0) -> np.ndarray:
+    """``silu(x2 @ gate.T) * (x2 @ up.T)`` from packed gate and up (GELU-tanh in place of SiLU
+    with ``act`` 1, never fused), bit-identical to
     :func:`~zipmoe_rt.kernels.swiglu.swiglu_hidden` on their BF16 bits.
 
     Args:
-        x2: float32 [T, H], C-contiguous.  G, U: packed [I, H].
+        x2: float32 [T, H], C-contiguous.  G, U: packed [I, H].  act: 0 SiLU, 1 GELU-tanh.
     Returns:
         float32 [T, I].
     """
     T = x2.shape[0]
     big = 2 * T * G.shape[0] * G.shape[1] >= _lin.PAR_MIN_WORK
-    if big:
+    if big and not act:
         h = np.empty((T, G.shape[0]), np.float32)
         if T == 1:
             _sw.swiglu_gate_up_gemv(x2[0], _args(G), _args(U), h[0], get_num_threads())
@@ -131,6 +167,8 @@ def packed_swiglu_hidden(x2: np.ndarray, G, U) -> np.ndarray:
         return h
     g = packed_linear(x2, G, parallel=big)
     u = packed_linear(x2, U, parallel=big)
+    if act:
+        return _sw.gelu_tanh_np(g) * u
     return (g / (np.float32(1.0) + np.exp(-g))) * u
 
 

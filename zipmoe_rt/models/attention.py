@@ -82,8 +82,8 @@ class Attention:
         mats = [np.asarray(w) for w in (wq, wk, wv)]
         if len({m.dtype for m in mats}) > 1:
             mats = [to_f32(m) for m in mats]
-        self.wqkv = be.from_host(np.ascontiguousarray(np.concatenate(mats, axis=0)))
-        self.wo = be.from_host(np.ascontiguousarray(wo))
+        self.wqkv = be.linear_weight(np.concatenate(mats, axis=0))
+        self.wo = be.linear_weight(wo)
         if any(b is not None for b in (bq, bk, bv)):
             sizes = (self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd)
             self.bqkv = be.from_host(np.concatenate(

@@ -91,7 +91,7 @@ class GatedDeltaNet:
                 raise ValueError(f"layer {layer}: linear_attn {name} has shape "
                                  f"{tuple(np.shape(w))}, expected {shape}")
         self.w_qkv, self.w_z, self.w_ba, self.w_out = (
-            be.from_host(np.ascontiguousarray(w)) for w in (w_qkv, w_z, w_ba, w_out))
+            be.linear_weight(w) for w in (w_qkv, w_z, w_ba, w_out))
         self.conv = be.from_host(conv)
         self.A_log, self.dt_bias, self.norm = (be.from_host(to_f32(w))
                                                for w in (A_log, dt_bias, norm))
@@ -150,7 +150,7 @@ class GatedAttention(Attention):
         super().__init__(args, layer, np.ascontiguousarray(g[:, 0].reshape(nq * hd, -1)), wk, wv,
                          wo, bq=bq, **kw)
         be = self.backend
-        self.wgate = be.from_host(wgate)
+        self.wgate = be.linear_weight(wgate)
         self.bgate = None if bgate is None else be.from_host(np.ascontiguousarray(bgate))
 
     def __call__(self, x, cache, pos0: int, cos, sin):

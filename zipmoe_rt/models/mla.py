@@ -97,14 +97,14 @@ class MLAttention:
         qw = np.asarray(wq if wq is not None else wq_b)
         qw = qw.reshape(nh, dn + dr, qw.shape[1])
         host = np.ascontiguousarray
-        self.wq_nope = be.from_host(host(qw[:, :dn].reshape(nh * dn, -1)))
-        self.wq_pe = be.from_host(host(qw[:, dn:][:, perm].reshape(nh * dr, -1)))
-        self.wq_a = None if wq_a is None else be.from_host(host(wq_a))
+        self.wq_nope = be.linear_weight(qw[:, :dn].reshape(nh * dn, -1))
+        self.wq_pe = be.linear_weight(qw[:, dn:][:, perm].reshape(nh * dr, -1))
+        self.wq_a = None if wq_a is None else be.linear_weight(wq_a)
         self.bq_a = None if bq_a is None else be.from_host(to_f32(bq_a))
         self.q_a_norm = None if q_a_norm is None else be.from_host(to_f32(q_a_norm))
         wkv_a = np.asarray(wkv_a)
-        self.w_lat = be.from_host(host(wkv_a[:r]))
-        self.w_kpe = be.from_host(host(wkv_a[r:][perm]))
+        self.w_lat = be.linear_weight(wkv_a[:r])
+        self.w_kpe = be.linear_weight(wkv_a[r:][perm])
         b = None if bkv_a is None else to_f32(bkv_a)
         self.b_lat = None if b is None else be.from_host(host(b[:r]))
         self.b_kpe = None if b is None else be.from_host(host(b[r:][perm]))
@@ -115,7 +115,7 @@ class MLAttention:
         # absorbed per-head matrices: W_k^T [nh, r, dn] (q_nope -> latent), W_v [nh, dv, r]
         self.w_kT = be.from_host(host(kvb[:, :dn].transpose(0, 2, 1)))
         self.w_v = be.from_host(host(kvb[:, dn:]))
-        self.wo = be.from_host(host(wo))
+        self.wo = be.linear_weight(wo)
         self.bo = None if bo is None else be.from_host(to_f32(bo))
 
     def new_cache(self, capacity: int = 256) -> LatentCache:

@@ -109,7 +109,10 @@ class Model:
     tensor name (:meth:`~zipmoe_rt.families.Family.tensor_name`, logical keys such as
     ``"attn_q"``); subclasses (one module per family) build each layer's feed-forward block in
     :meth:`build_mlp`. Dense weights are fetched from the source once, here; expert weights are
-    fetched by the executor on every use.
+    fetched by the executor on every use. The dense linears go through
+    :meth:`~zipmoe_rt.backends.base.Backend.linear_weight`: for a source whose ``resident`` is
+    ``"compressed"`` the model computes on ``backend.with_dense_form("compressed")``, which
+    holds them in the compute form where the backend computes from it (design note §6.5).
 
     Scalar multipliers, taken from ``args`` where the family has them (Granite's
     ``GraniteMoeModel`` / ``GraniteMoeForCausalLM``; 1.0 or absent: not applied):
@@ -151,18 +154,22 @@ class Model:
             raise ValueError(f"the executor computes on backend {eb.name!r}, the model on "
                              f"{be.name!r}: build both with the same backend")
         self.executor = executor if executor is not None else ExpertExecutor(source, be)
+        if getattr(source, "resident", "full") == "compressed":
+            # dense linears in the compute form too, where the backend computes from it
+            be = self.backend = be.with_dense_form("compressed")
         self.route_hook: RouteHook | None = None
         a = self.args
         self.rope = self.build_rope()
-        self.embed = be.from_host(np.ascontiguousarray(self.weight("embed")))
         # As transformers' tie_weights: a stored lm_head.weight is the head (tied or not: a
         # tied config whose stored head differs from the embedding is not tied); without one
-        # the head is the embedding only when tie_word_embeddings says so.
+        # the head is the embedding only when tie_word_embeddings says so. A tied table is a
+        # linear weight (the compute form, where the backend holds one, gathers decoded rows).
         head = self.tensor_name("lm_head")
         if source.has(head):
-            self.lm_head = be.from_host(np.ascontiguousarray(source.tensor(head)))
+            self.embed = be.from_host(np.ascontiguousarray(self.weight("embed")))
+            self.lm_head = be.linear_weight(source.tensor(head))
         elif a.tie_word_embeddings:
-            self.lm_head = self.embed
+            self.embed = self.lm_head = be.linear_weight(self.weight("embed"))
         else:
             raise KeyError(f"no tensor {head!r} in the weight source, and "
                            "tie_word_embeddings is false: the output head is missing")

@@ -44,8 +44,7 @@ class MLP:
         be = self.backend = get_backend(backend)
         check_act(act)
         self.act = act
-        self.gate, self.up, self.down = (be.from_host(np.ascontiguousarray(a))
-                                         for a in (gate, up, down))
+        self.gate, self.up, self.down = (be.linear_weight(a) for a in (gate, up, down))
 
     def __call__(self, x):
         """x float32 [T, H] -> float32 [T, H]."""

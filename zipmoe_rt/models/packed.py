@@ -1,6 +1,7 @@
-"""The compute form of resident BF16 experts (design note §6.5): what ``--resident compressed``
-keeps in memory instead of BF16 weights, and what the Numba backend's expert ops
-(:class:`~zipmoe_rt.backends.numba_cpu.NumbaBackend`) compute from in place.
+"""The compute form of resident BF16 experts and dense linears (design note §6.5): what
+``--resident compressed`` keeps in memory instead of BF16 weights, and what the Numba backend's
+expert, linear, SwiGLU and embedding ops (:class:`~zipmoe_rt.backends.numba_cpu.NumbaBackend`)
+compute from in place.
 
 A :class:`PackedMatrix` holds a BF16 ``[out, in]`` matrix as its raw sign+mantissa plane
 (8 bits per weight, format/SPEC.md §5.1) plus the exponent as a 4-bit index into a window of
@@ -111,3 +112,35 @@ def as_weights(expert):
     """``expert`` as ExpertWeights-like arrays: a :class:`PackedExpert` decoded, anything else
     as it is."""
     return expert.weights() if isinstance(expert, PackedExpert) else expert
+
+
+def packed_matrices(root, skip=("source", "executor", "backend", "route_hook")) -> list:
+    """Every :class:`PackedMatrix` reachable from ``root`` (a model: its layers, attention,
+    MLPs, head) through attributes, lists, tuples and dicts of objects of
+    :mod:`zipmoe_rt.models`, each once; attributes named in ``skip`` are not followed (the
+    weight source and the expert executor hold the experts, not the dense weights).
+
+    Returns:
+        list of PackedMatrix, in the order first reached.
+    """
+    seen, found, todo = set(), [], [root]
+    while todo:
+        o = todo.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, PackedMatrix):
+            found.append(o)
+        elif isinstance(o, (list, tuple)):
+            todo.extend(reversed(o))
+        elif isinstance(o, dict):
+            todo.extend(reversed(list(o.values())))
+        elif type(o).__module__.startswith("zipmoe_rt.models") and hasattr(o, "__dict__"):
+            todo.extend(reversed([v for k, v in vars(o).items() if k not in skip]))
+    return found
+
+
+def dense_saving(model) -> int:
+    """Bytes the compute form saves on ``model``'s dense weights: the BF16 bytes of its
+    :func:`packed_matrices` less the bytes they hold (0 when it holds none)."""
+    return sum(P.bf16_nbytes - P.nbytes for P in packed_matrices(model))

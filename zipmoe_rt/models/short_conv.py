@@ -41,7 +41,7 @@ class ShortConv:
             if w is not None and tuple(np.shape(w)) != shape:
                 raise ValueError(f"layer {layer}: short conv {name} has shape "
                                  f"{tuple(np.shape(w))}, expected {shape}")
-        self.w_in, self.w_out = (be.from_host(np.ascontiguousarray(w)) for w in (w_in, w_out))
+        self.w_in, self.w_out = (be.linear_weight(w) for w in (w_in, w_out))
         self.conv = be.from_host(conv)
         self.b_in, self.b_conv, self.b_out = (None if b is None else be.from_host(to_f32(b))
                                               for b in (b_in, b_conv, b_out))

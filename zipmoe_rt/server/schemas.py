@@ -143,7 +143,8 @@ def _common(body: Any, kind: str) -> Request:
     mt = _int(body, "max_completion_tokens", 1)
     req.max_tokens = mt if mt is not None else _int(body, "max_tokens", 1)
     s = req.sampling
-    for name, lo, hi, lo_open in (("temperature", 0.0, math.inf, False), ("top_p", 0.0, 1.0, True),
+    for name, lo, hi, lo_open in (("temperature", 0.0, 2.0, False),   # OpenAI's range
+                                  ("top_p", 0.0, 1.0, True),
                                   ("min_p", 0.0, 1.0, False),
                                   ("repetition_penalty", 0.0, math.inf, True)):
         v = _number(body, name, lo, hi, lo_open)

@@ -43,6 +43,7 @@ class Job:
         cancel: set it to stop the generation before its next token (client gone).
         label: names the request in the server log (the response id), e.g. in the one line
             logged when its client disconnected before the reply was complete.
+        tokens: tokens generated so far (for the log line of a reply cut short).
     """
 
     ids: list
@@ -54,6 +55,7 @@ class Job:
     tools: list | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     label: str = "request"
+    tokens: int = 0
 
 
 class ModelHost:
@@ -95,6 +97,9 @@ class ModelHost:
         self._lock = threading.Lock()
         self._state = None              # CacheState of the previous request (prefix reuse)
         self._stop = False
+        self.stopping = False            # the server is shutting down: no new requests
+        self._current: Job | None = None
+        self._waiting: list[Job] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -122,6 +127,27 @@ class ModelHost:
             else:
                 log.error("the model failed to load: %s (every request answers 503)",
                           self.error)
+
+    def shut_down(self) -> None:
+        """The server is shutting down: end the request in progress and those queued now, each
+        with a 503 error event (a stream then ends with it and ``[DONE]``), and log one line
+        for each; later requests get 503. Call it from the event loop's thread, before the
+        server waits for its connections to close."""
+        log = logging.getLogger("uvicorn.error")
+        with self._lock:
+            self.stopping = True
+            jobs = ([self._current] if self._current is not None else []) + self._waiting
+            self._waiting = []
+        for job in jobs:
+            if job.cancel.is_set():
+                continue
+            job.cancel.set()
+            running = job is self._current
+            what = (f"the reply ends with an error after {job.tokens} generated "
+                    f"token{'s' if job.tokens != 1 else ''}" if running
+                    else "the request waited in the queue and does not run")
+            log.info("%s: the server is shutting down: %s", job.label, what)
+            job.emit(("error", _shutting_down()))
 
     def close(self) -> None:
         """Stop the worker after the job in progress and close the model."""
@@ -169,11 +195,14 @@ class ModelHost:
             APIError: 429 when ``queue_size`` requests already wait behind the running one.
         """
         with self._lock:
+            if self.stopping:
+                raise _shutting_down()
             if self._pending > self.queue_size:
                 raise APIError(429, f"the server is busy: {self._pending} requests are queued "
                                f"or running (--queue {self.queue_size}); retry later",
                                type="rate_limit_error", code="queue_full")
             self._pending += 1
+            self._waiting.append(job)
         self._jobs.put(job)
 
     def _work(self) -> None:
@@ -181,8 +210,14 @@ class ModelHost:
             job = self._jobs.get()
             if job is None:
                 break
+            with self._lock:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                self._current = job
             try:
-                if job.cancel.is_set():          # the client left while it was queued
+                if self.stopping and job.cancel.is_set():     # ended by shut_down()
+                    self.last_result = {"finish_reason": "cancelled", "completion_tokens": 0}
+                elif job.cancel.is_set():          # the client left while it was queued
                     self.last_result = {"finish_reason": "cancelled", "completion_tokens": 0}
                     _log_cancelled(job, "while it waited in the queue; not run")
                     job.emit(("cancelled",))
@@ -192,12 +227,14 @@ class ModelHost:
                 job.emit(("error", e))
             except Exception as e:  # noqa: BLE001 - answered as a JSON 500, never a traceback
                 self._state = None
-                job.emit(("error", APIError(500, f"generation failed: {type(e).__name__}: {e}",
-                                            type="server_error")))
+                message = f"generation failed: {type(e).__name__}: {e}"
+                logging.getLogger("uvicorn.error").error("%s: %s", job.label, message)
+                job.emit(("error", APIError(500, message, type="server_error")))
             finally:
                 self.served += 1
                 with self._lock:
                     self._pending -= 1
+                    self._current = None
 
     def _run(self, job: Job) -> None:
         from ..generate import CacheState
@@ -235,6 +272,7 @@ class ModelHost:
                     n_tokens = step.stats.generated_tokens
                     break
                 n_tokens += 1
+                job.tokens = n_tokens
                 lps = ([self._logprob(tok, seen["logits"], step.token_id, job.logprobs)]
                        if job.logprobs is not None else None)
                 out(dec.push(step.token_id), lps)
@@ -248,6 +286,8 @@ class ModelHost:
             steps.close()
         if finish == "cancelled":
             self.last_result = {"finish_reason": "cancelled", "completion_tokens": n_tokens}
+            if self.stopping:            # shut_down() has logged it and sent the error
+                return
             _log_cancelled(job, f"after {n_tokens} generated token{'s' if n_tokens != 1 else ''}; "
                                 f"generation stopped")
             job.emit(("cancelled",))
@@ -304,6 +344,12 @@ class ModelHost:
         else:
             e["top_logprobs"] = []
         return e
+
+
+def _shutting_down() -> APIError:
+    """The 503 of a request that the server's shutdown ends (or refuses)."""
+    return APIError(503, "the server is shutting down; the request was not completed",
+                    type="service_unavailable", code="server_shutting_down")
 
 
 def _log_cancelled(job: Job, what: str) -> None:

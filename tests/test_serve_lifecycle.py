@@ -1,0 +1,207 @@
+"""``zipmoe-rt serve`` from start to stop: a model whose weights fail their CRC-32 ends the
+command at load with one ``error:`` line (as ``run`` refuses it), a request that fails logs one
+line, and SIGTERM / SIGINT while a stream is open end that stream with an error event and
+``[DONE]``, log that the server is shutting down, and print no traceback. Servers run in a
+thread (as in test_server.py) or as a ``zipmoe-rt serve`` process; every wait has a hard
+limit."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from zipmoe_rt.server.worker import ModelHost  # noqa: E402
+
+from test_cli import _flip_layer0  # noqa: E402
+from test_serve_disconnect import GatedNet, Records, logged_server  # noqa: E402
+from test_server import HARD_LIMIT_S, HI, _free_port, _raw, model, tiny_zmoe  # noqa: E402,F401
+
+PROCESS_LIMIT_S = 240     # a whole `zipmoe-rt serve` process, from start to exit
+
+
+def _serve(*args) -> subprocess.Popen:
+    """``zipmoe-rt serve ARGS`` as a process, stdout and stderr together."""
+    return subprocess.Popen([sys.executable, "-m", "zipmoe_rt.cli", "serve", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    """(exit status, output) of a serve process, killed if it outlives the hard limit."""
+    try:
+        out, _ = proc.communicate(timeout=PROCESS_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate(timeout=10)
+        pytest.fail(f"serve did not exit: {out}")
+    return proc.returncode, out
+
+
+def test_serve_refuses_a_model_that_fails_its_crc_as_run_does(tiny_zmoe, tmp_path):
+    bad = tmp_path / "flipped.zmoe"
+    _flip_layer0(tiny_zmoe, bad, "sm")      # caught by the CRC only
+    rc, out = _finish(_serve(bad, "--port", _free_port()))
+    assert rc == 1, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: the model failed to load: ChecksumError: "), out
+    assert str(bad) in last and "CRC-32" in last, last
+    assert "loaded: ready" not in out and "Traceback" not in out, out
+
+
+class BrokenNet:
+    """The network, whose forward pass fails as a corrupt piece read mid-request does."""
+
+    def __init__(self, net):
+        self._net = net
+
+    def __getattr__(self, name):
+        return getattr(self._net, name)
+
+    def forward(self, *a, **kw):
+        raise RuntimeError("piece 7 does not decode")
+
+
+def test_a_failed_request_is_logged_as_one_line(model):
+    broken = copy.copy(model)
+    broken.net = BrokenNet(model.net)
+    host = ModelHost(lambda: broken, close_model=False)
+    with logged_server(host) as (base, rec):
+        status, body = _raw(base, "POST", "/v1/chat/completions",
+                            {"messages": HI, "max_tokens": 3})
+        assert status == 500
+        want = "generation failed: RuntimeError: piece 7 does not decode"
+        assert body["error"]["message"] == want
+        lines = rec.lines("uvicorn.error", logging.ERROR)
+        assert len(lines) == 1 and lines[0].startswith("chatcmpl-"), lines
+        assert lines[0].endswith(": " + want), lines
+        assert not any(r.exc_info for r in rec.records), "a traceback was logged"
+
+
+def _open_stream(base: str) -> socket.socket:
+    """A streamed chat request on a raw socket, returned once two chunks (the role, then the
+    first text) have arrived."""
+    h, port = base.removeprefix("http://").split(":")
+    s = socket.create_connection((h, int(port)), timeout=HARD_LIMIT_S)
+    body = json.dumps({"messages": HI, "stream": True, "max_tokens": 400,
+                       "temperature": 0}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+              b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    got = b""
+    while got.count(b"data: ") < 2:
+        piece = s.recv(4096)
+        assert piece, "the server closed the stream"
+        got += piece
+    return s
+
+
+def _read_to_close(s: socket.socket) -> bytes:
+    got = b""
+    while piece := s.recv(4096):
+        got += piece
+    s.close()
+    return got
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_an_open_stream_with_an_error_event_and_done(model, sig):
+    """The real signal path of :func:`zipmoe_rt.server.serve` (uvicorn's handlers, then the
+    process's own, taken after the event loop is gone), in this process: a test handler
+    stands in for SIGTERM's exit 0, and SIGINT comes out as KeyboardInterrupt (status 130)."""
+    from zipmoe_rt.server import serve
+
+    gated = copy.copy(model)
+    gated.net = GatedNet(model.net)        # the reply stays in mid-stream until released
+    gated.close = lambda: None              # (the module's model stays open)
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    rec = Records()
+    result: dict = {}
+
+    def client():
+        try:
+            deadline = time.monotonic() + HARD_LIMIT_S
+            while True:
+                try:
+                    if _raw(base, "GET", "/health")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, "the server never became ready"
+                time.sleep(0.02)
+            logging.getLogger("uvicorn.error").addHandler(rec)
+            s = _open_stream(base)
+            os.kill(os.getpid(), sig)
+            result["body"] = _read_to_close(s)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            result["error"] = e
+        finally:
+            gated.net.go.set()
+
+    taken: list = []
+    previous = signal.signal(signal.SIGTERM, lambda s, f: taken.append(s))
+    th = threading.Thread(target=client, daemon=True)
+    th.start()
+    try:
+        if sig == signal.SIGINT:
+            with pytest.raises(KeyboardInterrupt):
+                serve(lambda: gated, port=port)
+        else:
+            serve(lambda: gated, port=port)
+            assert taken == [signal.SIGTERM]     # the exit status 0 of `zipmoe-rt serve`
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        gated.net.go.set()
+        th.join(timeout=HARD_LIMIT_S)
+        logging.getLogger("uvicorn.error").removeHandler(rec)
+    assert not th.is_alive() and "error" not in result, result
+    events = [e.strip() for e in result["body"].split(b"\n") if e.startswith(b"data: ")]
+    assert events[-1] == b"data: [DONE]", result["body"][-300:]
+    err = json.loads(events[-2][6:])["error"]
+    assert err["code"] == "server_shutting_down" and err["type"] == "service_unavailable"
+    assert result["body"].endswith(b"0\r\n\r\n"), "the chunked reply did not end"
+    lines = rec.lines("uvicorn.error")
+    cut = [l for l in lines if "the server is shutting down" in l]
+    assert len(cut) == 1 and cut[0].startswith("chatcmpl-"), lines
+    assert "after 3 generated tokens" in cut[0], cut
+    assert not any("disconnected" in l for l in lines), lines
+    assert not [r for r in rec.records if r.exc_info or r.levelno >= logging.ERROR], lines
+
+
+def test_port_0_prints_and_serves_the_port_the_system_chose(tiny_zmoe):
+    import re
+    import select
+
+    proc = _serve(tiny_zmoe, "--port", 0)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], PROCESS_LIMIT_S)
+        assert ready, "serve printed nothing"
+        first = proc.stdout.readline()
+        m = re.match(r"zipmoe-rt serve: http://127\.0\.0\.1:(\d+)/ \(loading ", first)
+        assert m and int(m.group(1)) > 0, first
+        base = f"http://127.0.0.1:{m.group(1)}"
+        deadline = time.monotonic() + PROCESS_LIMIT_S
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if _raw(base, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "serve did not become ready"
+            time.sleep(0.1)
+        proc.terminate()
+    finally:
+        rc, out = _finish(proc)
+    assert rc == 0, out
+    assert f"Uvicorn running on {base} " in out and "Traceback" not in out, out
