@@ -9,7 +9,12 @@
   the first, loads are started and claimed.
 * Recall and wasted bytes on a constructed case: a prediction of {0, 1} against a use of {1, 2}
   is recall 1/2, and the unclaimed expert 0's two regions are the wasted bytes.
-* Budget accounting: prefetch reserves a second working set, and a budget without room for
+* Predicted loads only read: no decode work and no decoded arrays until the layer claims
+  them; a wrong guess is never decoded, and its reads that had not begun when it was
+  discarded are skipped (nothing read); the read queue serves the running layer's reads
+  before the guesses'.
+* Budget accounting: prefetch reserves a second working set of k experts (the host engine's
+  predicted loads hold read buffers in it, no decoded arrays), and a budget without room for
   it runs without prefetch; ``--prefetch`` values are checked.
 """
 from __future__ import annotations
@@ -17,7 +22,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zipmoe_rt.engine.pipeline import ExpertEngine, budget_split
+import threading
+import time
+
+from zipmoe_rt.engine.io import ReadQueue
+from zipmoe_rt.engine.pipeline import ExpertEngine, budget_split, read_buffer_cap
 from zipmoe_rt.engine.prefetch import attach, check_prefetch
 from zipmoe_rt.engine.store import ZmoeSource
 from zipmoe_rt.models import build_model
@@ -76,7 +85,7 @@ MATRIX = [(s, p, b) for s in SPECS_PF for p in ("raw-lru", "zip-lru", "zipmoe")
 def test_prefetch_on_is_bit_identical_and_runs(tiny_case, spec, policy, which):
     case = tiny_case(spec)
     logits, tokens, st, n_look, engine = run_prefetch(case, policy, which, True)
-    assert engine.prefetch and engine.window == 2 * case.k
+    assert engine.prefetch and engine.window == case.k and engine.read_window == 2 * case.k
     assert_same_logits(logits, case.ref_logits)
     assert tokens == case.ref_tokens
     moe = sorted(case.hp["moe_layers"])
@@ -116,11 +125,19 @@ def test_recall_and_wasted_bytes_on_a_constructed_case(tiny_case):
         engine.predict(layer, [3, 1, 0], issue_now=True)   # at most k loads alive: 3 waits
         assert engine.stats.prefetch_issued == 2 and engine.stats.prefetch_skipped == 1
         assert sorted(engine._inflight) == [(layer, 0), (layer, 1)]
+        loads = dict(engine._inflight)
+        _wait_reads(loads.values())
+        # read, not decoded: no decode work, no output arrays, not done
+        assert engine.stats.decode_s == 0.0
+        assert all(p.outs is None and not p.done.is_set() for p in loads.values())
         engine.run(layer, x, np.array([[2, 1]], np.int64), w)
+        wrong = loads[(layer, 0)]
+        assert loads[(layer, 1)].done.is_set() and not wrong.done.is_set()
         st = engine.stats
         assert st.recall_hits == {layer: 1} and st.recall_used == {layer: 2}
         assert st.prefetch_used == 1
         engine._sweep_discarded(wait=True)
+        assert not wrong.done.is_set() and wrong.outs is None    # a wrong guess: never decoded
         lay = case.layouts[(layer, 0)]
         assert st.prefetch_wasted == 1
         assert st.prefetch_wasted_bytes == lay.sm_region[1] + lay.exp_region[1]
@@ -139,6 +156,13 @@ def test_recall_and_wasted_bytes_on_a_constructed_case(tiny_case):
         source.close()
 
 
+def _wait_reads(loads, timeout=30.0):
+    t0 = time.perf_counter()
+    while not all(p.reads_done for p in loads):
+        assert time.perf_counter() - t0 < timeout, "predicted reads did not end"
+        time.sleep(0.001)
+
+
 def test_budget_without_room_for_a_second_working_set_runs_without_prefetch(tiny_case):
     case = tiny_case("mixtral")
     src = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
@@ -149,13 +173,67 @@ def test_budget_without_room_for_a_second_working_set_runs_without_prefetch(tiny
         extra = 5 * case.bytes_F
         assert budget_split(src, b + extra, True) == (case.bytes_F, 2 * case.k,
                                                       extra - case.k * case.bytes_F)
-        eng = ExpertEngine(src, b, "zip-lru", workers=WORKERS, prefetch=True)
-        try:
-            assert not eng.prefetch and eng.window == case.k
-        finally:
-            eng.close()
+        cap = read_buffer_cap(src)
+        big = max(lay.sm_region[1] for lay in case.layouts.values())
+        assert cap["sm"] % 4096 == 0 and big + 4096 <= cap["sm"] < big + 2 * 4096
+        for budget, on in ((b + case.k * case.bytes_F - 1, False), (b + case.k * case.bytes_F,
+                                                                     True)):
+            eng = ExpertEngine(src, budget, "zip-lru", workers=WORKERS, prefetch=True)
+            try:
+                # decoded arrays: one layer's; read buffers: its and the predicted loads'
+                assert eng.prefetch is on and eng.window == case.k
+                assert eng.read_window == case.k * (2 if on else 1)
+                assert eng.memory_report()["working set (max)"] == eng.read_window * case.bytes_F
+            finally:
+                eng.close()
     finally:
         src.close()
+
+
+def test_a_discarded_guess_whose_reads_had_not_begun_reads_nothing(tiny_case):
+    case = tiny_case("mixtral")
+    b = budget_of(case, "pf-min")
+    source = ZmoeSource(case.zmoe, keep_experts=False, copy_dense=True)
+    engine = ExpertEngine(source, b, "zip-lru", workers=WORKERS, prefetch=True, io_depth=1)
+    gate = threading.Event()
+    try:
+        layer = sorted(case.hp["moe_layers"])[1]
+        engine.io.submit(gate.wait)                  # the one read thread is busy
+        engine.predict(layer, [0, 1], issue_now=True)
+        assert engine.stats.prefetch_issued == 2
+        loads = list(engine._inflight.values())
+        engine._end_prefetch(layer, np.array([[2, 3]], np.int64))   # layer used neither
+        gate.set()
+        engine._sweep_discarded(wait=True)
+        st = engine.stats
+        assert st.prefetch_wasted == 2 and st.prefetch_wasted_bytes == 0
+        assert st.reads == 0 and st.bytes_read == 0 and st.decode_s == 0.0
+        assert all(p.outs is None and not p.done.is_set() for p in loads)
+        assert engine._read_pool["sm"] and engine._read_pool["exp"]   # buffers given back
+    finally:
+        gate.set()
+        engine.close()
+        source.close()
+
+
+def test_read_queue_runs_the_more_urgent_reads_first():
+    q = ReadQueue(1, "test-io")
+    gate, order = threading.Event(), []
+    try:
+        first = q.submit(gate.wait)
+        futs = [q.submit(order.append, f"guess{i}", priority=1) for i in range(2)]
+        futs += [q.submit(order.append, f"demand{i}", priority=0) for i in range(2)]
+        gate.set()
+        assert first.result(10) is True
+        for f in futs:
+            f.result(10)
+        assert order == ["demand0", "demand1", "guess0", "guess1"]
+        bad = q.submit(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            bad.result(10)
+    finally:
+        gate.set()
+        q.shutdown(wait=True)
 
 
 def test_check_prefetch_values():

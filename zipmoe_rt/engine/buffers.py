@@ -10,7 +10,7 @@ and big enough for that region of any expert. Both pools are bounded by the engi
 fragmenting without holding memory the budget does not count.
 
 It is a mixin: it works on the engine's ``_spare``, ``_done_with``, ``_read_pool``,
-``_read_cap`` and ``window``, set up by the engine's constructor. Main thread only.
+``_read_cap``, ``window`` and ``read_window``, set up by the engine's constructor. Main thread only.
 """
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ class BufferPools:
         return q.pop() if q else anon_array(self._read_cap[which])
 
     def _give_read_buf(self, which: str, buf: np.ndarray):
-        """Keep ``buf`` for later reads, at most :attr:`window` per region kind (the reads of
-        one layer call); more are unmapped."""
+        """Keep ``buf`` for later reads, at most :attr:`read_window` per region kind (the reads
+        of one layer call, and of the predicted loads with prefetch); more are unmapped."""
         q = self._read_pool[which]
-        if len(q) < self.window:
+        if len(q) < self.read_window:
             q.append(buf)

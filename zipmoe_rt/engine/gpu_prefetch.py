@@ -45,6 +45,11 @@ class GpuPrefetch:
     predicted loads at once and discards wrong guesses without a host wait. Uses the engine's
     ``ops``, ``_flush``, ``_last_dec``, ``_give_staging``, ``_discard`` and ``stats``."""
 
+    #: the predicted loads are copied and decoded at once (the GPU's streams, not the host's
+    #: cores; :attr:`PrefetchMixin.PREFETCH_READS_ONLY <zipmoe_rt.engine.prefetch.
+    #: PrefetchMixin.PREFETCH_READS_ONLY>`)
+    PREFETCH_READS_ONLY = False
+
     @classmethod
     def prefetch_second_set(cls, layouts: dict, prefetch: bool) -> bool:
         """Whether prefetch needs a second working set of ``k`` decoded experts within the

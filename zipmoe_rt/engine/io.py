@@ -246,3 +246,53 @@ class RegionReader:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+class ReadQueue:
+    """``n`` threads that run submitted reads, the most urgent first: a smaller ``priority``
+    first, equal ones in submission order (the engine submits its demand reads at 0 and the
+    reads of predicted experts at 1, engine/prefetch.py, so a guess never delays a read the
+    running layer waits for). The subset of :class:`concurrent.futures.ThreadPoolExecutor`
+    the engines use: :meth:`submit` returns a ``Future``, :meth:`shutdown`.
+
+    Args:
+        n: threads (reads in flight at once), at least 1.
+        name: thread name prefix.
+    """
+
+    def __init__(self, n: int, name: str = "zipmoe-io"):
+        import itertools
+        import queue
+        self._q = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}_{i}", daemon=True)
+                         for i in range(int(n))]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn, *args, priority: int = 0):
+        """Queue ``fn(*args)``; returns its ``concurrent.futures.Future``."""
+        from concurrent.futures import Future
+        fut = Future()
+        self._q.put((int(priority), next(self._seq), fut, fn, args))
+        return fut
+
+    def _loop(self):
+        while True:
+            _p, _s, fut, fn, args = self._q.get()
+            if fn is None:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - kept in the future
+                fut.set_exception(e)
+
+    def shutdown(self, wait: bool = True):
+        """Let the queued reads run, then stop the threads (joined with ``wait``)."""
+        for _ in self._threads:
+            self._q.put((1 << 30, next(self._seq), None, None, None))
+        if wait:
+            for t in self._threads:
+                t.join()

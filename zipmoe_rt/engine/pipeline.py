@@ -28,7 +28,6 @@ pools of output arrays and read buffers :class:`~zipmoe_rt.engine.buffers.Buffer
 """
 from __future__ import annotations
 
-import mmap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,8 @@ from ..models.moe import accumulate_experts, expert_act
 from . import layout as L_
 from .buffers import BufferPools
 from .ctier import CTierMixin
-from .io import RegionReader, check_io_depth
+from .io import ReadQueue, RegionReader, check_io_depth
+from .pending import _Pending, read_buffer_cap  # noqa: F401  (read_buffer_cap: the engine's name)
 from .prefetch import PrefetchMixin
 from .scheduler import Task, execution_order, schedule
 from .slots import SlotTiers
@@ -49,35 +49,16 @@ from .stage_times import StageTimes
 from .tiers import EVICTIONS, POLICIES, BudgetError, Slot, mb_at_least, smallest_budget
 
 
-class _Pending:
-    """An expert being prepared: resolves to ExpertWeights when all its jobs are done."""
-
-    __slots__ = ("lay", "sm", "exp", "outs", "left", "reads_left", "done", "error", "weights",
-                 "lock", "bufs", "packing", "parts", "held")
-
-    def __init__(self, lay):
-        self.lay = lay
-        self.sm = self.exp = None
-        self.outs = None
-        self.left = 0
-        self.reads_left = 0
-        self.bufs = {}      # region -> pooled read buffer (whole), for regions read from flash
-        self.done = threading.Event()
-        self.error = None
-        self.weights = None
-        self.lock = threading.Lock()
-        # compute form (engine/ctier.py): ends in it; its parts by role; a C slot's own weights
-        self.packing, self.parts, self.held = False, None, False
-
-
 def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int, int, int]:
     """How a budget divides: ``(bytes of one full expert, working-set experts, tier bytes)``.
 
     The budget holds the dense weights, the working set of one token (its top-k experts
     decoded, which the fused decode kernel needs together) and the cache tiers. With
-    ``prefetch`` the working set is ``2k`` experts (the next layer's predicted experts load
-    while this layer's compute; engine/prefetch.py) when the budget leaves room for them,
-    else ``k`` (the engine then runs without prefetch).
+    ``prefetch`` the working set is ``2k`` experts when the budget leaves room for them, else
+    ``k`` (the engine then runs without prefetch): the next layer's predicted loads
+    (engine/prefetch.py) hold up to ``k`` more experts, decoded (the GPU engine) or as the read
+    buffers of their two regions, which are smaller (the host engine, whose predicted loads
+    only read).
 
     Raises:
         BudgetError: below dense weights + top-k experts (the message gives the minimum).
@@ -114,7 +95,8 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             the two region reads of a miss and the reads of different experts (SSDs and
             virtual disks serve small reads faster with several queued).
         direct: O_DIRECT reads.
-        verify: CRC-check every piece read or loaded.
+        verify: CRC-check every piece loaded, and every region read from the file the first
+            time this engine reads it (:meth:`_read`).
         adapt: ``zipmoe`` only: let C/S/E slots move to hotter experts while running
             (:meth:`_adapt_slots`); False keeps them where the plan put them.
         backend: compute backend of the experts (:func:`~zipmoe_rt.backends.get_backend`;
@@ -145,6 +127,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         if eviction not in EVICTIONS:
             raise ValueError(f"--eviction must be one of {', '.join(EVICTIONS)}, got {eviction!r}")
         self.source, self.policy, self.eviction, self.verify = source, policy, eviction, verify
+        self._verified: set = set()         # (layer, expert, region) whose CRC-32 passed
         self.backend = get_backend(backend)
         self.path = source.path
         self.hp = source.hparams
@@ -159,15 +142,19 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         if policy != "raw-lru" and raw_experts:
             raise ValueError(f"{self.path}: experts are stored raw; use --policy raw-lru")
         second = self.prefetch_second_set(self.layouts, prefetch)
-        self.bytes_F, self.window, self.tier_budget = budget_split(source, budget_bytes, second)
-        self._prefetch_setup(self.window > self.k or (bool(prefetch) and not second))
+        self.bytes_F, window, self.tier_budget = budget_split(source, budget_bytes, second)
+        self._prefetch_setup(window > self.k or (bool(prefetch) and not second))
+        # read buffers kept: the running layer's and the predicted loads' (the second working
+        # set); decoded arrays: one layer's, and the predicted loads' where decoded at once
+        self.read_window = window
+        self.window = self.k if self.PREFETCH_READS_ONLY else window
         self.dense_bytes = source.dense_bytes()
         self.budget = int(budget_bytes)
         self.workers = int(workers or os.cpu_count() or 1)
         self.delay = delay
         self.reader = RegionReader(self.path, direct=direct)
         self.io_depth = check_io_depth(io_depth)
-        self.io = ThreadPoolExecutor(self.io_depth, thread_name_prefix="zipmoe-io")
+        self.io = ReadQueue(self.io_depth, "zipmoe-io")     # demand reads before guesses
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zipmoe-decode")
         self._tls = threading.local()
         self.stats = StageTimes()
@@ -175,10 +162,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         self._spare: dict = {}              # piece shapes -> deque of reusable output arrays
         # reusable read buffers per region kind, each big enough for that region of any expert
         # (+ a page for O_DIRECT rounding); see :meth:`_take_read_buf`
-        biggest = {r: max(getattr(l, f"{r}_region")[1] for l in self.layouts.values())
-                   for r in ("sm", "exp")}
-        self._read_cap = {r: (-(-n // mmap.PAGESIZE) + 1) * mmap.PAGESIZE
-                          for r, n in biggest.items()}
+        self._read_cap = read_buffer_cap(source)
         self._read_pool = {"sm": [], "exp": []}
         self._done_with: list = []          # (layout, arrays) computed and not kept in F
         self.slots: dict = {}               # (layer, e) -> Slot for C/S/E (and static F)
@@ -204,8 +188,8 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
     @classmethod
     def prefetch_second_set(cls, layouts: dict, prefetch: bool) -> bool:
         """Whether ``prefetch`` takes a second working set of ``k`` decoded experts from the
-        budget (:func:`budget_split`): here always (predicted loads are decoded as they
-        arrive); the GPU engine's compressed experts do not
+        budget (:func:`budget_split`): here always (the predicted loads' read buffers, then
+        their decodes once claimed); the GPU engine's compressed experts do not
         (:meth:`~zipmoe_rt.engine.gpu_prefetch.GpuPrefetch.prefetch_second_set`)."""
         return bool(prefetch)
 
@@ -244,7 +228,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
                 rep["F"] += pool.nbytes
         for s in self.slots.values():
             rep[s.tier] += s.nbytes
-        rep["working set (max)"] = self.window * self.bytes_F
+        rep["working set (max)"] = self.read_window * self.bytes_F
         rep["budget"] = self.budget
         return rep
 
@@ -256,16 +240,28 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         return d
 
     def _read(self, pend: _Pending, which: str):
+        """Read region ``which`` (``sm``/``exp``) of ``pend``'s expert (an I/O thread); with
+        :attr:`verify` its pieces' CRC-32 are checked at the engine's first read of the region
+        only (every read checks that the open file did not change, :class:`~zipmoe_rt.engine.
+        io.RegionReader`; the check costs more than the decode, docs/benchmarks.md §20).
+        Raises zmoe.ChecksumError (naming file and tensor) or ModelFileError."""
         t0 = time.perf_counter()
         lay = pend.lay
         whole = pend.bufs[which] if which in pend.bufs else pend.sm   # pend.sm: a region map
         buf = self.reader.read(*(lay.sm_region if which == "sm" else lay.exp_region),
                                alloc=lambda n: whole[:n])
-        if self.verify:
+        dt_crc = 0.0
+        key = (lay.layer, lay.expert, which)
+        if self.verify and key not in self._verified:
+            t1 = time.perf_counter()
             L_.check_regions(self.path, lay, buf if which == "sm" else None,
                              buf if which == "exp" else None)
+            dt_crc = time.perf_counter() - t1
+            with self._lock:
+                self._verified.add(key)
         dt = time.perf_counter() - t0
         with self._lock:
+            self.stats.verify_s += dt_crc
             self.stats.io_s += dt
             self.stats.bytes_read += buf.nbytes
             self.stats.reads += 1
@@ -318,47 +314,66 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         for pi, c0, c1 in jobs:
             self.pool.submit(self._decode_job, pend, pi, c0, c1)
 
-    def _start(self, lay, slot: Slot | None) -> _Pending:
+    def _start(self, lay, slot: Slot | None, read_only: bool = False) -> _Pending:
         """Begin preparing one expert from its slot (C/S/E) or from flash (miss): its missing
         regions are read in parallel (one ``pread`` each, up to :attr:`io_depth` in flight
-        over all experts, in submission order), and its decode starts when the last arrives."""
+        over all experts, in submission order), and its decode starts when the last arrives.
+        ``read_only``: only the reads start; the decode waits for :meth:`_release` (a
+        predicted load, engine/prefetch.py: no decode work and no decoded arrays for a wrong
+        guess)."""
         pend = _Pending(lay)
         if slot is not None and slot.packed is not None:   # C in the compute form: ready
             pend.weights, pend.held = slot.packed, True
             pend.done.set()
             return pend
         pend.packing = self._packing(lay)
+        pend.deferred = bool(read_only)
         # output arrays are taken here, on the main thread: allocated on the I/O threads they
-        # would come from per-thread malloc arenas that keep freed memory resident
-        pend.outs = None if pend.packing else self._take_outs(lay)
+        # would come from per-thread malloc arenas that keep freed memory resident (a
+        # read-only load takes them in :meth:`_release`, also on the main thread)
+        pend.outs = None if pend.packing or read_only else self._take_outs(lay)
         need_sm = slot is None or slot.sm is None
         need_exp = (slot is None or slot.exp is None) and any(p.chunks for p in lay.pieces)
         if slot is not None:
             pend.sm, pend.exp = slot.sm, slot.exp
         reads = [w for w, need in (("exp", need_exp), ("sm", need_sm)) if need]
         if not reads:
-            self._decode(pend)
+            if read_only:
+                pend.reads_done = True
+            else:
+                self._decode(pend)
             return pend
         pend.reads_left = len(reads)
         pend.bufs = {which: self._take_read_buf(which) for which in reads
                      if not (which == "sm" and self._own_sm(pend))}
         for which in reads:
-            self.io.submit(self._read_task, pend, which)
+            self.io.submit(self._read_task, pend, which, priority=int(read_only))
         return pend
 
     def _read_task(self, pend: _Pending, which: str):
         """One region read of ``pend`` on an I/O thread; the last of its reads starts the
         decode (or, after an error, wakes the waiting main thread)."""
         try:
-            if pend.error is None:
-                setattr(pend, which, self._read(pend, which))
+            if pend.error is None and not pend.cancelled:
+                buf = self._read(pend, which)
+                setattr(pend, which, buf)
+                with pend.lock:
+                    pend.nread += buf.nbytes
         except BaseException as e:  # noqa: BLE001 - handed to the waiting main thread
             pend.error = e
         with pend.lock:
             pend.reads_left -= 1
             last = pend.reads_left == 0
+            if last and pend.deferred:       # a read-only load: :meth:`_release` decodes it
+                pend.reads_done = True
+                return
         if not last:
             return
+        self._after_reads(pend)
+
+    def _after_reads(self, pend: _Pending):
+        """All of ``pend``'s reads ended: start its decode, or wake the main thread after an
+        error."""
         if pend.error is None:
             try:
                 self._decode(pend)
@@ -366,6 +381,20 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             except BaseException as e:  # noqa: BLE001 - a decode that cannot start (say, bad
                 pend.error = e          # decode jobs) must wake the main thread, not vanish here
         pend.done.set()
+
+    def _release(self, pend: _Pending):
+        """Let a read-only load (``_start(..., read_only=True)``) go on to its decode: at once
+        if its reads have ended, else when the last one does. Main thread (takes its output
+        arrays)."""
+        if not pend.deferred:
+            return
+        if not pend.packing and pend.outs is None:
+            pend.outs = self._take_outs(pend.lay)
+        with pend.lock:
+            pend.deferred = False
+            ended = pend.reads_done
+        if ended:
+            self._after_reads(pend)
 
     def _task(self, key, tier: str, work: int) -> Task:
         lay = self.layouts[key]

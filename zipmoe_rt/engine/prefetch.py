@@ -4,12 +4,16 @@ During a decode step (one token), before layer l's MoE block runs, the model app
 MoE layer's norm and router to the residual stream as it enters layer l's MoE block (the hidden
 state layer l+1 will see, less layer l's MoE output), as offloading systems do (Pre-gated MoE,
 Hwang et al., ISCA 2024; AdapMoE, Zhong et al., ICCAD 2024; MoE-Infinity, Xue et al. 2024). The
-predicted experts that are not in the F pool are started (their reads and decodes queued behind
-layer l's own) once layer l's loads are queued, so they overlap layer l's compute. When layer
-l+1 runs, each expert it selects that was predicted is taken from those loads; a wrong guess is
-discarded once its load ends (its output arrays and read buffers go back to the pools) and costs
-only the bytes read and the decode work, never correctness: the weights a load produces are the
-same bits whether it was started early or not.
+predicted experts that are neither resident (F, compute-form C) nor holding both regions are
+started once layer l's loads are queued, as **reads only**: their regions are read on the I/O
+threads, behind every read a running layer waits for (:class:`~zipmoe_rt.engine.io.ReadQueue`
+serves those first), so the device works while layer l computes, and nothing of a guess runs
+on the cores the compute uses. When layer l+1 runs, each expert it selects that was predicted
+is claimed: its decode starts then (:meth:`~zipmoe_rt.engine.pipeline.ExpertEngine._release`),
+from the regions already read. A wrong guess is never decoded: it is discarded, its reads that
+have not begun are skipped, and its read buffers go back to the pool once the reads in flight
+end; it costs only the bytes it read, never correctness: a load gives the same bits whether
+its reads ran early or not.
 
 Two parts:
 
@@ -33,9 +37,11 @@ and no more than keep the extras' expected unused loads per call within :data:`W
 Loads start in rank order (the likeliest first); at most ``k`` predicted loads are alive at
 once, which bounds both the memory and the bytes a wrong guess may read in flight.
 
-Memory: a prefetch holds up to top-k more decoded experts than one layer's working set, so the
-engine reserves ``2k`` experts of working set instead of ``k`` (:func:`~zipmoe_rt.engine.
-pipeline.budget_split`); a budget too small for that runs without prefetch.
+Memory: the predicted loads alive at once (at most ``k``) hold read buffers, no decoded
+expert; the budget sets aside a second working set of ``k`` experts for them
+(:func:`~zipmoe_rt.engine.pipeline.budget_split`, which the GPU engine's decoded predictions
+need; the host's read buffers take about two-thirds of it), and a budget too small for that
+runs without prefetch.
 """
 from __future__ import annotations
 
@@ -75,6 +81,10 @@ class PrefetchMixin:
     :class:`~zipmoe_rt.engine.pipeline.ExpertEngine`; see the module docstring). Main thread
     only. Works on the engine's ``fpools``, ``slots``, ``layouts``, ``stats``, ``_start``,
     ``_done_with`` and ``_give_read_buf``."""
+
+    #: predicted loads only read, and are decoded when claimed (the host engine); False: they
+    #: are decoded at once (the GPU engine, whose decodes do not take the compute's cores)
+    PREFETCH_READS_ONLY = True
 
     def _prefetch_setup(self, enabled: bool) -> None:
         self.prefetch = bool(enabled)
@@ -142,7 +152,7 @@ class PrefetchMixin:
         # are discarded first; at most k predicted loads are alive at once (in flight or
         # discarded and still running), so decoded experts stay within the 2k working set
         for key in [k for k in self._inflight if k[0] != layer]:
-            self._discard.append(self._inflight.pop(key))
+            self._discard_load(self._inflight.pop(key))
         self._sweep_discarded()
         room = self.k - len(self._discard) - len(self._inflight)
         pool = self.fpools[layer]
@@ -153,7 +163,13 @@ class PrefetchMixin:
             if room <= 0:
                 self.stats.prefetch_skipped += 1
                 continue
-            self._inflight[key] = self._start(self.layouts[key], self.slots.get(key))
+            slot = self.slots.get(key)
+            if not self.PREFETCH_READS_ONLY:
+                self._inflight[key] = self._start(self.layouts[key], slot)
+            elif slot is not None and slot.sm is not None and slot.exp is not None:
+                continue     # both regions resident: nothing to read ahead
+            else:
+                self._inflight[key] = self._start(self.layouts[key], slot, read_only=True)
             self.stats.prefetch_issued += 1
             room -= 1
 
@@ -164,9 +180,11 @@ class PrefetchMixin:
         if p is None:
             return None
         if in_f:
-            self._discard.append(p)
+            self._discard_load(p)
             return None
         self.stats.prefetch_used += 1
+        if self.PREFETCH_READS_ONLY:
+            self._release(p)      # its reads ran ahead; the decode starts now
         return p
 
     def _end_prefetch(self, layer: int, topk_idx: np.ndarray) -> None:
@@ -186,22 +204,29 @@ class PrefetchMixin:
                 for e in used:
                     h[at[e]] += 1
         for key in [k for k in self._inflight if k[0] == layer]:
-            self._discard.append(self._inflight.pop(key))
+            self._discard_load(self._inflight.pop(key))
         self._sweep_discarded()
+
+    def _discard_load(self, p) -> None:
+        """A predicted load nobody will claim: its reads not begun yet are skipped, and it is
+        released by :meth:`_sweep_discarded` once its reads in flight end."""
+        if self.PREFETCH_READS_ONLY:
+            p.cancelled = True
+        self._discard.append(p)
 
     def _sweep_discarded(self, wait: bool = False) -> None:
         """Give back the output arrays and read buffers of discarded loads that ended (all of
         them, waiting, with ``wait``); count the bytes they read as wasted."""
         keep = []
         for p in self._discard:
-            if not p.done.is_set():
+            if not _ended(p):
                 if not wait:
                     keep.append(p)
                     continue
-                p.done.wait()
+                while not _ended(p):
+                    p.done.wait(0.001)
             lay = p.lay
-            self.stats.prefetch_wasted_bytes += sum(
-                (lay.sm_region if which == "sm" else lay.exp_region)[1] for which in p.bufs)
+            self.stats.prefetch_wasted_bytes += p.nread
             self.stats.prefetch_wasted += 1
             if p.outs is not None:
                 self._done_with.append((lay, p.outs))
@@ -214,9 +239,19 @@ class PrefetchMixin:
         """Discard every load in flight and wait for them (before closing the engine)."""
         self._next = None
         self._predicted.clear()
-        self._discard.extend(self._inflight.values())
+        for p in self._inflight.values():
+            self._discard_load(p)
         self._inflight.clear()
         self._sweep_discarded(wait=True)
+
+
+def _ended(p) -> bool:
+    """A discarded load is over: decoded (or failed), or, read-only, all its reads ended (it
+    is never decoded)."""
+    if p.done.is_set():
+        return True
+    with p.lock:
+        return p.deferred and p.reads_done
 
 
 def attach(model, engine) -> int:

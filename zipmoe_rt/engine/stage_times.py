@@ -12,6 +12,7 @@ class StageTimes:
     """Seconds spent per stage (summed over calls) and counters, for the benchmark."""
 
     io_s: float = 0.0          # time in reads (summed over the reads in flight)
+    verify_s: float = 0.0      # of io_s: CRC-32 checks of regions read (I/O threads' CPU)
     decode_s: float = 0.0      # decode workers busy (sum over workers)
     wait_s: float = 0.0        # main thread blocked waiting for weights
     compute_s: float = 0.0     # main thread in expert kernels
@@ -40,7 +41,7 @@ class StageTimes:
         self.__init__()
 
     def as_dict(self) -> dict:
-        return {"io_s": self.io_s, "decode_s": self.decode_s, "wait_s": self.wait_s,
+        return {"io_s": self.io_s, "verify_s": self.verify_s, "decode_s": self.decode_s, "wait_s": self.wait_s,
                 "compute_s": self.compute_s, "layer_s": self.layer_s,
                 "layer_calls": self.layer_calls, "decode_layer_s": self.decode_layer_s,
                 "decode_layer_calls": self.decode_layer_calls, "bytes_read": self.bytes_read,
