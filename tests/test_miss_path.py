@@ -42,6 +42,13 @@ def test_each_region_is_crc_checked_once_however_often_it_is_read(tiny_case, mon
         assert 0 < len(checked) <= n_regions
         assert st.reads > len(checked)          # regions were read again, not checked again
         assert st.verify_s > 0.0
+        # reverify(): every region read from then on is checked again, once
+        first = len(checked)
+        engine.reverify()
+        logits, tokens = generate(build_model(source, executor=engine), case.ids, DECODE_STEPS)
+        assert tokens == case.ref_tokens
+        again = checked[first:]
+        assert 0 < len(again) == len(set(again)) <= n_regions
     finally:
         engine.close()
         source.close()

@@ -73,7 +73,7 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
         the engine (the caller closes it).
 
     Raises:
-        zipmoe_rt.engine.pipeline.BudgetError: a budget below the dense weights plus one
+        zipmoe_rt.engine.tiers.BudgetError: a budget below the dense weights plus one
             token's experts.
         zipmoe_rt.engine.profile.TraceError: policy ``zipmoe`` with a missing, invalid or
             mismatched trace, or an unreadable calibration.

@@ -1,4 +1,4 @@
-"""An expert load of the budgeted engine in flight (:class:`_Pending`), and the size of the
+"""An expert load of the budgeted engine in flight (:class:`PendingLoad`), and the size of the
 engine's pooled read buffers (:func:`read_buffer_cap`); used by
 :class:`~zipmoe_rt.engine.pipeline.ExpertEngine` and its prefetch
 (:mod:`~zipmoe_rt.engine.prefetch`)."""
@@ -8,7 +8,7 @@ import mmap
 import threading
 
 
-class _Pending:
+class PendingLoad:
     """An expert being prepared: resolves to ExpertWeights (or the compute form) when all its
     reads and decode jobs are done; ``done`` is set then. ``lay``: its
     :class:`~zipmoe_rt.engine.layout.ExpertLayout`. Fields are written by the I/O threads and

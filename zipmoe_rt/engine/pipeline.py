@@ -41,40 +41,12 @@ from . import layout as L_
 from .buffers import BufferPools
 from .ctier import CTierMixin
 from .io import ReadQueue, RegionReader, check_io_depth
-from .pending import _Pending, read_buffer_cap  # noqa: F401  (read_buffer_cap: the engine's name)
+from .pending import PendingLoad, read_buffer_cap  # noqa: F401  (read_buffer_cap: the engine's name)
 from .prefetch import PrefetchMixin
 from .scheduler import Task, execution_order, schedule
 from .slots import SlotTiers
 from .stage_times import StageTimes
-from .tiers import EVICTIONS, POLICIES, BudgetError, Slot, mb_at_least, smallest_budget
-
-
-def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int, int, int]:
-    """How a budget divides: ``(bytes of one full expert, working-set experts, tier bytes)``.
-
-    The budget holds the dense weights, the working set of one token (its top-k experts
-    decoded, which the fused decode kernel needs together) and the cache tiers. With
-    ``prefetch`` the working set is ``2k`` experts when the budget leaves room for them, else
-    ``k`` (the engine then runs without prefetch): the next layer's predicted loads
-    (engine/prefetch.py) hold up to ``k`` more experts, decoded (the GPU engine) or as the read
-    buffers of their two regions, which are smaller (the host engine, whose predicted loads
-    only read).
-
-    Raises:
-        BudgetError: below dense weights + top-k experts (the message gives the minimum).
-    """
-    bytes_F = max(l.full_bytes for l in source.layouts.values())
-    dense = source.dense_bytes()
-    k = int(source.hparams["num_experts_per_tok"])
-    free = int(budget_bytes) - smallest_budget(source)
-    if free < 0:
-        raise BudgetError(
-            f"--memory-budget {budget_bytes / 1e6:.1f} MB is below the dense weights "
-            f"({dense / 1e6:.1f} MB) plus the {k} experts one token uses ({k} x "
-            f"{bytes_F / 1e6:.1f} MB): at least {mb_at_least(smallest_budget(source))} is needed")
-    if prefetch and free >= k * bytes_F:
-        return bytes_F, 2 * k, free - k * bytes_F
-    return bytes_F, k, free
+from .tiers import EVICTIONS, POLICIES, Slot, budget_split
 
 
 class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
@@ -218,6 +190,12 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         s = self.slots.get(key)
         return s.tier if s is not None else "miss"
 
+    def reverify(self) -> None:
+        """Forget which expert regions passed their CRC-32 check, so that each is checked again
+        at its next read (``verify``; a region is otherwise checked at its first read only)."""
+        with self._lock:
+            self._verified.clear()
+
     def memory_report(self) -> dict:
         """Resident bytes: dense, and experts per tier, plus the budget and working set."""
         rep = {"dense": self.dense_bytes, "F": 0, "C": 0, "S": 0, "E": 0}
@@ -239,7 +217,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             d = self._tls.d = zstd.ZstdDecompressor()
         return d
 
-    def _read(self, pend: _Pending, which: str):
+    def _read(self, pend: PendingLoad, which: str):
         """Read region ``which`` (``sm``/``exp``) of ``pend``'s expert (an I/O thread); with
         :attr:`verify` its pieces' CRC-32 are checked at the engine's first read of the region
         only (every read checks that the open file did not change, :class:`~zipmoe_rt.engine.
@@ -267,7 +245,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             self.stats.reads += 1
         return buf
 
-    def _worker_job(self, pend: _Pending, work, finish):
+    def _worker_job(self, pend: PendingLoad, work, finish):
         """One of a load's decode-worker jobs: ``work()`` unless the load already failed (an
         exception is kept in ``pend.error`` for the waiting main thread), its time added to the
         decode statistics; the load's last job calls ``finish(pend)``."""
@@ -286,13 +264,13 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         if last:
             finish(pend)
 
-    def _decode_job(self, pend: _Pending, pi: int, c0: int, c1: int):
+    def _decode_job(self, pend: PendingLoad, pi: int, c0: int, c1: int):
         p = pend.lay.pieces[pi]
         self._worker_job(pend, lambda: L_.decode_chunks(self.path, p, c0, c1, pend.sm, pend.exp,
                                                         pend.outs[pi], self._dctx()),
                          self._finish)
 
-    def _finish(self, pend: _Pending):
+    def _finish(self, pend: PendingLoad):
         try:
             if pend.error is None:
                 pend.weights = L_.finish_expert(pend.lay, pend.outs, pend.sm)
@@ -300,7 +278,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             pend.error = e
         pend.done.set()   # its regions and arrays are released by :meth:`_resolve`
 
-    def _decode(self, pend: _Pending):
+    def _decode(self, pend: PendingLoad):
         """Submit the expert's chunk decodes to the workers (or finish a raw expert); a load
         into the compute form runs one decode + transcode job per tensor instead."""
         if pend.packing:
@@ -314,14 +292,14 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         for pi, c0, c1 in jobs:
             self.pool.submit(self._decode_job, pend, pi, c0, c1)
 
-    def _start(self, lay, slot: Slot | None, read_only: bool = False) -> _Pending:
+    def _start(self, lay, slot: Slot | None, read_only: bool = False) -> PendingLoad:
         """Begin preparing one expert from its slot (C/S/E) or from flash (miss): its missing
         regions are read in parallel (one ``pread`` each, up to :attr:`io_depth` in flight
         over all experts, in submission order), and its decode starts when the last arrives.
         ``read_only``: only the reads start; the decode waits for :meth:`_release` (a
         predicted load, engine/prefetch.py: no decode work and no decoded arrays for a wrong
         guess)."""
-        pend = _Pending(lay)
+        pend = PendingLoad(lay)
         if slot is not None and slot.packed is not None:   # C in the compute form: ready
             pend.weights, pend.held = slot.packed, True
             pend.done.set()
@@ -350,7 +328,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             self.io.submit(self._read_task, pend, which, priority=int(read_only))
         return pend
 
-    def _read_task(self, pend: _Pending, which: str):
+    def _read_task(self, pend: PendingLoad, which: str):
         """One region read of ``pend`` on an I/O thread; the last of its reads starts the
         decode (or, after an error, wakes the waiting main thread)."""
         try:
@@ -371,7 +349,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
             return
         self._after_reads(pend)
 
-    def _after_reads(self, pend: _Pending):
+    def _after_reads(self, pend: PendingLoad):
         """All of ``pend``'s reads ended: start its decode, or wake the main thread after an
         error."""
         if pend.error is None:
@@ -382,7 +360,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
                 pend.error = e          # decode jobs) must wake the main thread, not vanish here
         pend.done.set()
 
-    def _release(self, pend: _Pending):
+    def _release(self, pend: PendingLoad):
         """Let a read-only load (``_start(..., read_only=True)``) go on to its decode: at once
         if its reads have ended, else when the last one does. Main thread (takes its output
         arrays)."""
@@ -438,7 +416,7 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         return ready
 
     def _resolve(self, layer: int, e: int, item):
-        if isinstance(item, _Pending):
+        if isinstance(item, PendingLoad):
             t0 = time.perf_counter()
             item.done.wait()
             self.stats.wait_s += time.perf_counter() - t0

@@ -88,7 +88,7 @@ class PrefetchMixin:
 
     def _prefetch_setup(self, enabled: bool) -> None:
         self.prefetch = bool(enabled)
-        self._inflight: dict = {}     # (layer, e) -> _Pending started by a prediction
+        self._inflight: dict = {}     # (layer, e) -> PendingLoad started by a prediction
         self._next = None             # (layer, experts) predicted, not issued yet
         self._predicted: dict = {}    # layer -> (experts predicted for its coming call, ranking)
         self._discard: list = []      # wrong guesses whose loads may still be running

@@ -175,3 +175,31 @@ class FullPool:
     @property
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self.slots.values())
+
+
+def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int, int, int]:
+    """How a budget divides: ``(bytes of one full expert, working-set experts, tier bytes)``.
+
+    The budget holds the dense weights, the working set of one token (its top-k experts
+    decoded, which the fused decode kernel needs together) and the cache tiers. With
+    ``prefetch`` the working set is ``2k`` experts when the budget leaves room for them, else
+    ``k`` (the engine then runs without prefetch): the next layer's predicted loads
+    (engine/prefetch.py) hold up to ``k`` more experts, decoded (the GPU engine) or as the read
+    buffers of their two regions, which are smaller (the host engine, whose predicted loads
+    only read).
+
+    Raises:
+        BudgetError: below dense weights + top-k experts (the message gives the minimum).
+    """
+    bytes_F = max(l.full_bytes for l in source.layouts.values())
+    dense = source.dense_bytes()
+    k = int(source.hparams["num_experts_per_tok"])
+    free = int(budget_bytes) - smallest_budget(source)
+    if free < 0:
+        raise BudgetError(
+            f"--memory-budget {budget_bytes / 1e6:.1f} MB is below the dense weights "
+            f"({dense / 1e6:.1f} MB) plus the {k} experts one token uses ({k} x "
+            f"{bytes_F / 1e6:.1f} MB): at least {mb_at_least(smallest_budget(source))} is needed")
+    if prefetch and free >= k * bytes_F:
+        return bytes_F, 2 * k, free - k * bytes_F
+    return bytes_F, k, free
