@@ -32,7 +32,9 @@ libgomp counterpart of ``KMP_BLOCKTIME`` for Intel's runtime (libgomp's manual, 
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 #: the user's own OMP_WAIT_POLICY, if any (then zipmoe-rt never changes it)
 USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
@@ -73,3 +75,66 @@ def set_wait_policy(policy: str) -> bool:
     from . import linear          # the size from which products are split over the threads
     linear.PAR_MIN_WORK = linear.par_min_work(p)
     return True
+
+
+#: the file beside Numba's cache entries of the kernels naming the sources they were built from
+CACHE_STAMP = "zipmoe-kernels.sha1"
+
+
+def sources_digest() -> str:
+    """SHA-1 (hex) of every kernel source file of this package (names and bytes, sorted)."""
+    h = hashlib.sha1()
+    for f in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def kernel_cache_dir() -> Path | None:
+    """The folder Numba caches this package's kernels in (``__pycache__`` beside the sources,
+    ``NUMBA_CACHE_DIR`` or its user-wide fallback), as Numba's own locator picks it; None where
+    it cannot tell."""
+    try:
+        from numba.core.caching import FunctionCache
+        return Path(FunctionCache(kernel_cache_dir)._cache_path)
+    except Exception:        # noqa: BLE001  (a Numba without this API: no check)
+        return None
+
+
+def drop_stale_cache(folder: Path | None = None, digest: str | None = None) -> int:
+    """Delete Numba's cache entries (``*.nbi`` / ``*.nbc``) in ``folder`` (default
+    :func:`kernel_cache_dir`) unless its :data:`CACHE_STAMP` names ``digest`` (default
+    :func:`sources_digest`), then write the stamp. Kernels compiled from other sources are then
+    compiled again at their first call. Never raises (an unwritable folder: nothing done).
+
+    Returns:
+        the number of files deleted.
+    """
+    try:
+        folder = kernel_cache_dir() if folder is None else Path(folder)
+        if folder is None:
+            return 0
+        digest = sources_digest() if digest is None else digest
+        stamp = folder / CACHE_STAMP
+        try:
+            if stamp.read_text().strip() == digest:
+                return 0
+        except OSError:
+            pass
+        gone = 0
+        for f in [*folder.glob("*.nbi"), *folder.glob("*.nbc")]:
+            try:
+                f.unlink()
+                gone += 1
+            except OSError:
+                pass
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{CACHE_STAMP}.{os.getpid()}.tmp"
+        tmp.write_text(digest + "\n")
+        os.replace(tmp, stamp)
+        return gone
+    except OSError:
+        return 0
+
+
+drop_stale_cache()
