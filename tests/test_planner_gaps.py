@@ -288,4 +288,4 @@ def test_a_calibration_at_load_is_bounded_by_the_budget(tiny_case, tmp_path, mon
     budget = c.budget("mid")
     with zipmoe_rt.load(z, memory_budget=budget, policy="zipmoe") as m:
         want = budget_split(m.source, m.engine.budget)[2]
-    assert seen == [want, "release"] and want > 0
+    assert seen == [want // 2, "release"] and want > 0   # half the tier budget (factory.py)

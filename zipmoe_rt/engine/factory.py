@@ -110,7 +110,10 @@ def build_engine(source, budget, policy, eviction, workers, direct, trace, verif
     calib = prof.load_checked_calibration(source.path, direct, stacklevel=warn_stacklevel + 1,
                                           io_depth=io_depth)
     if calib is None:
-        calib = prof.calibrate(source, direct=direct, io_depth=io_depth, max_bytes=tier_budget)
+        # within half the tier budget: the measurement's own transient (its decode buffers, the
+        # kernels it compiles) must fit beside its scenario engines under a memory limit
+        calib = prof.calibrate(source, direct=direct, io_depth=io_depth,
+                               max_bytes=tier_budget // 2)
         # what the measurement freed (its scenario engines' caches) and the library code pages
         # it touched go back before the tiers fill: a memory limit counts them until then
         from .footprint import release
