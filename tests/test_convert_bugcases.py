@@ -446,3 +446,18 @@ def test_tensors_of_layers_past_the_config_are_refused(tmp_path, name):
     assert ("' belongs to layer 1, but config.json says num_hidden_layers=1 (layers 0-0): the "
             "config and the weights disagree on the number of layers") in msg, msg
     assert not (tmp_path / "m.zmoe").exists()
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_a_config_with_more_layers_than_the_weights_names_num_hidden_layers(tmp_path, name):
+    """num_hidden_layers larger than the checkpoint's layers: the error names that field, not
+    the expert count."""
+    folder = tiny(name, tmp_path / name)
+    n = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    edit_config(folder, num_hidden_layers=n + 3)
+    with pytest.raises(ConversionError) as ei:
+        convert_quiet(folder, tmp_path / "m.zmoe")
+    msg = str(ei.value)
+    assert (f"the checkpoint has no tensors of layer {n} at all, but config.json says "
+            f"num_hidden_layers={n + 3}") in msg, msg
+    assert not (tmp_path / "m.zmoe").exists()

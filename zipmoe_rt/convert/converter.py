@@ -102,10 +102,19 @@ def plan_conversion(folder: Path):
             roles = {ref.role for _, ref in experts.get((layer, e), [])}
             if not any(want <= roles for want in EXPERT_ROLE_SETS):
                 if not roles:
+                    tag = f".layers.{layer}."
+                    if not any(tag in n for n in dense) and \
+                            not any(l == layer for l, _ in experts):
+                        raise ConversionError(
+                            f"{folder}: the checkpoint has no tensors of layer {layer} at all, "
+                            f"but config.json says num_hidden_layers={hp['num_hidden_layers']}: "
+                            f"the config and the weights disagree on the number of layers; "
+                            f"fix num_hidden_layers in config.json")
                     raise ConversionError(
                         f"{folder}: no tensors of layer {layer} expert {e}, which config.json "
                         f"makes a MoE layer of {hp['num_experts']} experts (a dense layer "
-                        f"in the checkpoint, or num_experts too large?)")
+                        f"in the checkpoint, or the config's expert count (num_experts, "
+                        f"num_local_experts or n_routed_experts) too large?)")
                 near = min(EXPERT_ROLE_SETS, key=lambda w: (len(w - roles), sorted(w)))
                 raise ConversionError(f"{folder}: layer {layer} expert {e} lacks tensors: "
                                       f"no {', '.join(sorted(near - roles))} "
