@@ -24,6 +24,7 @@ import numpy as np
 from .checks import (ACTIVATIONS, ROUTE_METHODS, ROUTE_SCORINGS, ClampedSwiGLU,  # noqa: F401
                      check_act, check_biased_expert, check_cap, check_choice_bias,
                      check_gated_delta, check_qk_norm, check_route, check_sinks, to_f32)
+from .host_arrays import HostArrays  # noqa: F401  (the backends' mixin, named here)
 
 __all__ = ["Backend", "HostArrays", "check_qk_norm", "check_route", "check_choice_bias",
            "to_f32", "ROUTE_METHODS", "ROUTE_SCORINGS", "ACTIVATIONS", "check_act", "check_cap",
@@ -476,27 +477,3 @@ class Backend:
         if form not in ("bf16", "compressed"):
             raise ValueError(f"dense form: {form!r} is not one of bf16, compressed")
         return self
-
-
-class HostArrays:
-    """Array allocation for backends whose arrays are host numpy arrays (the CPU backends):
-    mixed in before :class:`Backend`."""
-
-    def empty(self, shape, dtype=np.float32):
-        """``np.empty``."""
-        return np.empty(shape, dtype)
-
-    def zeros(self, shape, dtype=np.float32):
-        """``np.zeros``."""
-        return np.zeros(shape, dtype)
-
-    def from_host(self, a):
-        """``np.ascontiguousarray`` (no copy when already contiguous)."""
-        return np.ascontiguousarray(a)
-
-    def to_host(self, a):
-        """``np.asarray`` (no copy)."""
-        return np.asarray(a)
-
-
-# -- gpt-oss --------------------------------------------------------------------------------------
