@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -26,7 +25,8 @@ from zipmoe_rt.server.worker import ModelHost  # noqa: E402
 
 from test_cli import _flip_layer0  # noqa: E402
 from test_serve_disconnect import GatedNet, Records, logged_server  # noqa: E402
-from test_server import HARD_LIMIT_S, HI, _free_port, _raw, model, tiny_zmoe  # noqa: E402,F401
+from test_server import (HARD_LIMIT_S, HI, _free_port, _raw, model, tiny_zmoe,  # noqa: E402,F401
+                         wait_healthy)
 
 PROCESS_LIMIT_S = 240     # a whole `zipmoe-rt serve` process, from start to exit
 
@@ -130,15 +130,7 @@ def test_a_signal_ends_an_open_stream_with_an_error_event_and_done(model, sig):
 
     def client():
         try:
-            deadline = time.monotonic() + HARD_LIMIT_S
-            while True:
-                try:
-                    if _raw(base, "GET", "/health")[0] == 200:
-                        break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, "the server never became ready"
-                time.sleep(0.02)
+            wait_healthy(base, HARD_LIMIT_S, poll_s=0.02)
             logging.getLogger("uvicorn.error").addHandler(rec)
             s = _open_stream(base)
             os.kill(os.getpid(), sig)
@@ -190,16 +182,7 @@ def test_port_0_prints_and_serves_the_port_the_system_chose(tiny_zmoe):
         m = re.match(r"zipmoe-rt serve: http://127\.0\.0\.1:(\d+)/ \(loading ", first)
         assert m and int(m.group(1)) > 0, first
         base = f"http://127.0.0.1:{m.group(1)}"
-        deadline = time.monotonic() + PROCESS_LIMIT_S
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if _raw(base, "GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "serve did not become ready"
-            time.sleep(0.1)
+        wait_healthy(base, PROCESS_LIMIT_S, proc)
         proc.terminate()
     finally:
         rc, out = _finish(proc)

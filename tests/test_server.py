@@ -155,6 +155,22 @@ def _raw(base, method, path, body=None, headers=None, raw_body=None):
         return r.status, text
 
 
+def wait_healthy(base: str, limit_s: float, proc=None, poll_s: float = 0.1) -> None:
+    """Poll ``base``'s ``/health`` until it answers 200; fails after ``limit_s`` seconds or
+    when ``proc`` (a serve child, if given) has exited (its output in the message)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        if proc is not None:
+            assert proc.poll() is None, proc.stdout.read()
+        try:
+            if _raw(base, "GET", "/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "serve did not become ready"
+        time.sleep(poll_s)
+
+
 def _chat(client, messages, **kw):
     kw.setdefault("max_tokens", 16)
     kw.setdefault("temperature", 0)
@@ -767,16 +783,7 @@ def test_serve_command_end_to_end(tiny_zmoe, model):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if _raw(base, "GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "serve did not become ready"
-            time.sleep(0.1)
+        wait_healthy(base, 240, proc)
         cl = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0, timeout=120)
         r = _chat(cl, HI, max_tokens=8)
         assert r.choices[0].message.content == model.chat(HI, max_tokens=8)
