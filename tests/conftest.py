@@ -72,6 +72,22 @@ def tiny_moe_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_zmoe_by_name(tiny_moe_dir, tmp_path_factory):
+    """Factory ``tiny_zmoe_by_name(name) -> Path``: :func:`tiny_moe_dir`'s checkpoint converted
+    to ``.zmoe`` (default encodings), once per session per name. Read-only."""
+    from zipmoe_rt.convert.converter import convert
+    made: dict = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = convert(tiny_moe_dir(name),
+                                 tmp_path_factory.mktemp(f"zmoe_{name}") / f"{name}.zmoe",
+                                 progress=False)
+        return made[name]
+    return get
+
+
 @pytest.fixture(scope="module")
 def pair(tiny_moe_dir):
     """Factory ``pair(name) -> (our model, transformers' model in float32)`` on the tiny

@@ -59,17 +59,9 @@ def _at(net, path):
 
 
 @pytest.fixture(scope="module")
-def tiny_zmoe(tiny_moe_dir, tmp_path_factory):
-    from zipmoe_rt.convert.converter import convert
-    made = {}
-
-    def get(name):
-        if name not in made:
-            made[name] = convert(tiny_moe_dir(name),
-                                 tmp_path_factory.mktemp(f"dense_{name}") / f"{name}.zmoe",
-                                 progress=False)
-        return made[name]
-    return get
+def tiny_zmoe(tiny_zmoe_by_name):
+    """The tiny specs' ``.zmoe`` files by name (conftest.py)."""
+    return tiny_zmoe_by_name
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))

@@ -23,7 +23,7 @@ from zipmoe_rt.kernels import packed as pk
 from zipmoe_rt.kernels import swiglu as sw
 from zipmoe_rt.kernels.rows import packed_source
 from zipmoe_rt.models import build_model
-from zipmoe_rt.models.packed import PackedExpert, PackedMatrix
+from zipmoe_rt.models.packed import PackedExpert
 from zipmoe_rt.models.weights import ExpertWeights
 
 from test_engine import generate
@@ -252,17 +252,9 @@ def _assert_identical(got, want):
 
 
 @pytest.fixture(scope="module")
-def tiny_zmoe(tiny_moe_dir, tmp_path_factory):
-    from zipmoe_rt.convert.converter import convert
-    made = {}
-
-    def get(name):
-        if name not in made:
-            made[name] = convert(tiny_moe_dir(name),
-                                 tmp_path_factory.mktemp(f"resident_{name}") / f"{name}.zmoe",
-                                 progress=False)
-        return made[name]
-    return get
+def tiny_zmoe(tiny_zmoe_by_name):
+    """The tiny specs' ``.zmoe`` files by name (conftest.py)."""
+    return tiny_zmoe_by_name
 
 
 def _ids(src, n=12):
