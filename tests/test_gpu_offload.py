@@ -66,10 +66,12 @@ def test_segment_tables_rebuild_every_expert(tiny_case, name, segment):
         rd.close()
 
 
-def _engine(case, policy, budget, host_budget, delay=None):
+def _engine(case, policy, budget, host_budget, delay=None, prefetch=False, ops=None):
+    """The GPU engine on ``ops`` (default HostOps) over the case's file for ``policy``;
+    zipmoe planned with ``delay`` within the budget left after one working set."""
     path = case.raw if policy == "raw-lru" else case.zmoe
     source = ZmoeSource(path, keep_experts=False, copy_dense=True)
-    kw = dict(workers=WORKERS, ops=HostOps(), host_budget=host_budget)
+    kw = dict(workers=WORKERS, ops=ops or HostOps(), host_budget=host_budget, prefetch=prefetch)
     if policy == "zipmoe":
         tr = prof.load_trace(case.trace_path, source)
         plan, ranks = prof.make_plan(tr, delay, budget_split(source, budget)[2], case.k)
@@ -307,20 +309,9 @@ def test_gpu_report_lines():
 # -- cross-layer prefetch on the GPU engine (engine/gpu_prefetch.py) -----------------------------
 
 def _pf_engine(case, policy, budget, host_budget, prefetch, ops=None):
-    """The GPU engine on ``ops`` (HostOps) with ``prefetch``; zipmoe planned within the budget
-    left after one working set (compressed experts prefetch into the staging arena)."""
-    path = case.raw if policy == "raw-lru" else case.zmoe
-    source = ZmoeSource(path, keep_experts=False, copy_dense=True)
-    kw = dict(workers=WORKERS, ops=ops or HostOps(), host_budget=host_budget, prefetch=prefetch)
-    if policy == "zipmoe":
-        delay = case.delay("CE")
-        tr = prof.load_trace(case.trace_path, source)
-        plan, ranks = prof.make_plan(tr, delay, budget_split(source, budget)[2], case.k)
-        eng = GpuExpertEngine(source, budget, "zipmoe", plan=plan.layers, ranks=ranks,
-                              delay=delay, **kw)
-    else:
-        eng = GpuExpertEngine(source, budget, policy, **kw)
-    return source, eng
+    """:func:`_engine` with ``prefetch``, zipmoe planned with the case's ``"CE"`` delay
+    (compressed experts prefetch into the staging arena: no second working set)."""
+    return _engine(case, policy, budget, host_budget, case.delay("CE"), prefetch, ops)
 
 
 PF_CASES = [(s, p, hb) for s in ("mixtral", "deepseek_v2_lite", "gpt_oss")
