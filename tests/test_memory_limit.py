@@ -283,14 +283,16 @@ def test_footprint_is_measured_again_once_numba_cache_is_deleted(tiny_zmoe, home
 
 
 def test_kernel_cache_stamp_reads_numba_own_folder(tmp_path, monkeypatch):
+    from zipmoe_rt import kernels
     from zipmoe_rt.engine.footprint import kernel_cache_stamp
-    from zipmoe_rt.kernels.linear import gemv_bf16_par
-    monkeypatch.setattr(gemv_bf16_par._cache, "_cache_path", str(tmp_path))
+    monkeypatch.setattr(kernels, "kernel_cache_dir", lambda: tmp_path)
     assert kernel_cache_stamp() == "empty"
     (tmp_path / "linear.gemv_bf16_par-1.py312.nbi").write_bytes(b"x")
     assert kernel_cache_stamp() == "cached"
-    monkeypatch.setattr(gemv_bf16_par._cache, "_cache_path", str(tmp_path / "missing"))
+    monkeypatch.setattr(kernels, "kernel_cache_dir", lambda: tmp_path / "missing")
     assert kernel_cache_stamp() == "empty"
+    monkeypatch.setattr(kernels, "kernel_cache_dir", lambda: None)
+    assert kernel_cache_stamp() == "unknown"
 
 
 def test_plan_memory_refuses_a_limit_below_the_warm_up_peak(tiny_zmoe, home):

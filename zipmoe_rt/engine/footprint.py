@@ -216,14 +216,11 @@ def kernel_cache_stamp() -> str:
     ``"empty"`` (``"unknown"`` where its folder cannot be found). A process that compiles its
     kernels keeps ~20 MB more heap than one that loads them, so an overhead measured with the
     cache filled is measured again once the cache is deleted
-    (:func:`zipmoe_rt.engine.limit.footprint`). The folder is the one Numba itself chose for
-    the GEMV kernel (``__pycache__`` beside the sources, ``NUMBA_CACHE_DIR`` or the user-wide
-    fallback)."""
-    from pathlib import Path
-    try:
-        from ..kernels.linear import gemv_bf16_par
-        folder = Path(gemv_bf16_par._cache._cache_path)
-    except (AttributeError, ImportError, TypeError):
+    (:func:`zipmoe_rt.engine.limit.footprint`). The folder is
+    :func:`zipmoe_rt.kernels.kernel_cache_dir`."""
+    from ..kernels import kernel_cache_dir
+    folder = kernel_cache_dir()
+    if folder is None:
         return "unknown"
     try:
         return "cached" if any(folder.glob("*.nbi")) else "empty"
