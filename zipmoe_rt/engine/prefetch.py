@@ -60,6 +60,11 @@ MAX_EXTRA = 1
 EXTRA_WARMUP = 4
 #: the extra candidates' expected unused loads per call at most, as a multiple of k
 WASTE_BOUND = 0.75
+#: the look-ahead reads the next router's logits for the ranking of the extra candidates, a
+#: second device-to-host read after the routing's own on the GPU (False: the prediction is the
+#: router's top-k alone, one read per look-ahead; the logits never change, only which experts
+#: are loaded early; ``tools/gpu_timeline.py --ab lookahead_scores=off``)
+LOOKAHEAD_SCORES = True
 
 
 def check_prefetch(value) -> bool:
@@ -301,7 +306,8 @@ def _lookahead(engine, j: int, target, defer: bool):
         if x.shape[0] != 1:
             return
         logits, idx, _w = block.route(norm(x))
+        scores = block.backend.to_host(logits).reshape(-1) if LOOKAHEAD_SCORES else None
         engine.predict(j, np.asarray(idx).reshape(-1).tolist(), issue_now=not defer,
-                       scores=block.backend.to_host(logits).reshape(-1))   # GPU: a host copy
+                       scores=scores)   # GPU: the scores are a second host read
 
     return lookahead
