@@ -541,3 +541,73 @@ def test_gpu_prefetch_during_a_call_waits_compressed_until_the_call_ends(tiny_ca
     finally:
         eng.close()
         source.close()
+
+
+# -- the module switches tools/gpu_timeline.py flips (--ab) -----------------------------------
+
+class _CopyWaitLog(HostOps):
+    """HostOps that counts the copy stream's waits for events of the compute stream (None)."""
+
+    def __init__(self):
+        self.compute_events, self.copy_waits, self.copy_stream = set(), 0, None
+
+    def record(self, stream, timing=False):
+        ev = super().record(stream, timing)
+        if stream is None:
+            self.compute_events.add(ev)
+        return ev
+
+    def wait(self, stream, event):
+        if stream is not None and stream is self.copy_stream and event in self.compute_events:
+            self.copy_waits += 1
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_copy_stream_waits_for_compute_per_batch_or_per_new_arena(tiny_case, monkeypatch, on):
+    """``gpu_batch.COPY_WAITS_COMPUTE``: on (the default), each batch's copies wait for the
+    compute stream's event taken when the batch opened; off, only the first batch of each
+    arena does (its memory came from the compute stream's pool). Logits and tokens equal the
+    unbudgeted run's either way."""
+    from zipmoe_rt.engine import gpu_batch
+    monkeypatch.setattr(gpu_batch, "COPY_WAITS_COMPUTE", on)
+    case = tiny_case("mixtral")
+    ops = _CopyWaitLog()
+    source, eng = _engine(case, "zip-lru", case.budget("min"), 10**9, ops=ops)
+    ops.copy_stream = eng._copy_s
+    try:
+        net = build_model(source, executor=eng)
+        logits, tokens = generate(net, case.ids, 10)
+        assert tokens == case.ref_tokens
+        assert_same_logits(logits, case.ref_logits)
+        batches = eng.stats.batches
+        assert batches > len(eng._arenas) == 2
+        assert ops.copy_waits == (batches if on else 2)
+    finally:
+        eng.close()
+        source.close()
+
+
+@pytest.mark.parametrize("scores", [True, False])
+def test_lookahead_without_scores_predicts_the_top_k_alone(tiny_case, monkeypatch, scores):
+    """``prefetch.LOOKAHEAD_SCORES`` off: the look-ahead makes no second read for the ranking
+    (no rank histogram, no extra candidates); predicted loads are still started and claimed
+    and the logits equal the unbudgeted run's."""
+    from zipmoe_rt.engine import prefetch
+    from zipmoe_rt.engine.prefetch import attach
+    monkeypatch.setattr(prefetch, "LOOKAHEAD_SCORES", scores)
+    case = tiny_case("mixtral")
+    budget = case.dense + 2 * case.k * case.bytes_F
+    source, eng = _pf_engine(case, "zip-lru", budget, 10**9, True)
+    try:
+        net = build_model(source, executor=eng)
+        attach(net, eng)
+        logits, tokens = generate(net, case.ids, 10)
+        assert tokens == case.ref_tokens
+        assert_same_logits(logits, case.ref_logits)
+        st = eng.stats
+        assert st.prefetch_issued > 0 and st.prefetch_used > 0
+        predicted = [l for l in sorted(case.hp["moe_layers"]) if l > 0]
+        assert sorted(eng._rank_hist) == (predicted if scores else [])
+    finally:
+        eng.close()
+        source.close()

@@ -263,6 +263,10 @@ def install(rec: Recorder, net, engine=None) -> list:
     def cur_stream():
         return ops.current() if ops is not None else None
     for name in COMPUTE_OPS:
+        if name in ("experts_token", "expert_accumulate"):     # a host span of their own too
+            _wrap_attr(be, name, lambda f, n=name: (lambda *a, **kw: rec.host_span(
+                "experts", "launch", rec.gpu_item, cur_stream(), n, f, *a, **kw)), undo)
+            continue
         _wrap_attr(be, name, lambda f, n=name: (lambda *a, **kw: rec.gpu_item(
             cur_stream(), n, f, *a, **kw)), undo)
     reads = getattr(be, "reads", None)
