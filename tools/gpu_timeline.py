@@ -245,7 +245,7 @@ def run(a) -> dict:
     r = run_row(a, z)
     ref = r["logits"]
     show("unbudgeted (every expert on the GPU)", r)
-    print(TR.verdict(r["summary"]), flush=True)
+    print(TR.verdict(r["summary"], r["plain_s"]), flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for pol, pf in configs + [c for c in ab_on if c not in configs]:

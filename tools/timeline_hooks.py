@@ -145,7 +145,7 @@ class Recorder:
         return tok
 
     # -- spans and items -----------------------------------------------------------------------
-    def host_span(self, name, kind, fn, *a, **kw):
+    def host_span(self, name, kind, fn, *a, waits_on="compute", **kw):
         if not self.on:
             return fn(*a, **kw)
         t_ref = self.clock.t_ref
@@ -163,7 +163,7 @@ class Recorder:
                     "t0": t0 - t_ref, "t1": t1 - t_ref}
             if kind == "wait":
                 span["what"] = name
-                span["waits_on"] = "compute"
+                span["waits_on"] = waits_on
             self._host.append(span)
 
     def gpu_item(self, stream, name, fn, *a, **kw):
@@ -194,6 +194,10 @@ class Recorder:
         if self.on:
             self._ev_stream[_evkey(ev)] = (ev, self.lane(stream))
         return ev
+
+    def lane_of(self, ev) -> str:
+        """The lane an event was recorded on (``compute`` when not recorded this token)."""
+        return self._ev_stream.get(_evkey(ev), (None, "compute"))[1]
 
     def note_wait(self, stream, ev):
         if self.on:
@@ -292,7 +296,7 @@ def install(rec: Recorder, net, engine=None) -> list:
         _wrap_attr(ops, "wait", lambda f: (lambda stream, ev: (rec.note_wait(stream, ev),
                                                                 f(stream, ev))[1]), undo)
         _wrap_attr(ops, "sync", lambda f: (lambda ev: rec.host_span(
-            "event sync", "wait", f, ev)), undo)
+            "event sync", "wait", f, ev, waits_on=rec.lane_of(ev))), undo)
     return undo
 
 

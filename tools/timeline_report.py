@@ -202,7 +202,7 @@ def token_summary(tok: dict) -> dict:
 
 def _mean(dicts):
     """Element-wise mean of nested dicts of numbers (missing keys count as 0)."""
-    keys = set().union(*(d.keys() for d in dicts)) if dicts else set()
+    keys = list(dict.fromkeys(k for d in dicts for k in d))
     out = {}
     for k in keys:
         vals = [d.get(k) for d in dicts]
@@ -218,14 +218,22 @@ def summarize(tokens: list) -> dict:
     return _mean([token_summary(t) for t in tokens])
 
 
-def verdict(summary: dict) -> str:
+def verdict(summary: dict, plain_s: float | None = None) -> str:
     """One line: host-bound when the host's launching time is at least the compute stream's
-    busy time (the GPU waits for the host), else GPU-bound."""
+    busy time (the GPU waits for the host), else GPU-bound. With ``plain_s`` (the seconds per
+    token of the same steps without the timeline's hooks) the line adds the host's launching
+    time without the hooks' own cost, estimated as ``plain_s`` less the recorded waits."""
     hb = summary["host"]["busy"]
     gb = summary["streams"]["compute"]["busy"]
     kind = "host-bound" if hb >= gb else "GPU-bound"
-    return (f"{kind}: host launching {1e3 * hb:.3f} ms vs compute stream busy "
+    line = (f"{kind}: host launching {1e3 * hb:.3f} ms vs compute stream busy "
             f"{1e3 * gb:.3f} ms per token (ratio {hb / gb if gb else float('inf'):.2f})")
+    if plain_s is not None:
+        est = max(0.0, plain_s - summary["host"]["wait"])
+        line += (f"; without the hooks about {1e3 * est:.3f} ms of launching (ratio "
+                 f"{est / gb if gb else float('inf'):.2f}: "
+                 f"{'host-bound' if est >= gb else 'GPU-bound'})")
+    return line
 
 
 def _ms(x) -> str:
