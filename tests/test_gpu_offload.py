@@ -611,3 +611,98 @@ def test_lookahead_without_scores_predicts_the_top_k_alone(tiny_case, monkeypatc
     finally:
         eng.close()
         source.close()
+
+
+@pytest.mark.skipif(_cuda_why() is not None, reason=f"no CUDA backend here: {_cuda_why()}")
+@pytest.mark.parametrize("spec", ["mixtral", "qwen3_moe"])
+def test_cuda_copy_wait_and_lookahead_switches_keep_logits(tiny_case, monkeypatch, spec):
+    """On the GPU, zip-lru with prefetch, host cache empty and full: with
+    ``gpu_batch.COPY_WAITS_COMPUTE`` and/or ``prefetch.LOOKAHEAD_SCORES`` off the logits equal
+    the unbudgeted GPU run's bit for bit, and predicted loads are still used."""
+    import warnings
+
+    import zipmoe_rt
+    from zipmoe_rt.engine import gpu_batch, prefetch
+    case = tiny_case(spec)
+    m = zipmoe_rt.load(case.zmoe, device="cuda", progress=False)
+    try:
+        ref_logits, ref_tokens = generate(m.net, case.ids, 10)
+    finally:
+        m.close()
+    budget = case.dense + 2 * case.k * case.bytes_F
+    for copy_wait, scores in ((False, True), (True, False), (False, False)):
+        monkeypatch.setattr(gpu_batch, "COPY_WAITS_COMPUTE", copy_wait)
+        monkeypatch.setattr(prefetch, "LOOKAHEAD_SCORES", scores)
+        for hb in (None, "100%"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                b = zipmoe_rt.load(case.zmoe, device="cuda", memory_budget=budget,
+                                   policy="zip-lru", workers=2, host_budget=hb, prefetch="on",
+                                   progress=False)
+            try:
+                where = (copy_wait, scores, hb)
+                logits, tokens = generate(b.net, case.ids, 10)
+                assert tokens == ref_tokens, where
+                assert all(np.array_equal(x, y) for x, y in zip(logits, ref_logits)), where
+                assert b.engine.stats.prefetch_used > 0, where
+            finally:
+                b.close()
+
+
+@pytest.mark.skipif(_cuda_why() is not None, reason=f"no CUDA backend here: {_cuda_why()}")
+def test_cuda_timeline_hooks_record_every_stream(tiny_case):
+    """tools/timeline_hooks.py on the GPU (zip-lru, prefetch on, host cache full): the recorded
+    tokens hold compute, copy and decode items with CUDA event times inside the token, decodes
+    that waited for copies, host waits for the routing reads; the critical path tiles each
+    token; the logits equal the unbudgeted run's; uninstall leaves nothing wrapped."""
+    import sys
+    import warnings
+    from pathlib import Path
+
+    import zipmoe_rt
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import timeline_hooks as TH
+    import timeline_report as TR
+    case = tiny_case("mixtral")
+    m = zipmoe_rt.load(case.zmoe, device="cuda", progress=False)
+    try:
+        ref_logits, _ = generate(m.net, case.ids, 4)
+    finally:
+        m.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = zipmoe_rt.load(case.zmoe, device="cuda", progress=False, policy="zip-lru",
+                           memory_budget=case.dense + 2 * case.k * case.bytes_F,
+                           host_budget="100%", prefetch="on", workers=2)
+    try:
+        net, eng = b.net, b.engine
+        rec = TH.Recorder(TH.CudaClock(), eng)
+        undo = TH.install(rec, net, eng)
+        orig = net.forward
+
+        def forward(ids, cache, last_only=True):
+            rec.begin()
+            try:
+                return orig(ids, cache, last_only)
+            finally:
+                rec.end()
+        net.forward = forward
+        try:
+            logits, _ = generate(net, case.ids, 4)
+        finally:
+            del net.forward
+            TH.uninstall(undo)
+        assert all(np.array_equal(x, y) for x, y in zip(logits, ref_logits))
+        assert not any(n in vars(eng.ops) for n in ("h2d_at", "record", "wait", "decode_batch"))
+        toks = rec.tokens[1:]                       # the decode steps
+        assert {g["stream"] for t in toks for g in t["gpu"]} == {"compute", "copy", "decode"}
+        dec = [g for t in toks for g in t["gpu"] if g["stream"] == "decode"]
+        assert dec and all(any(ln == "copy" for _, ln in g["deps"]) for g in dec)
+        assert all(any(s["kind"] == "wait" and s["what"] == "read" for s in t["host"])
+                   for t in toks)
+        for t in toks:
+            assert all(-1e-4 <= g["t0"] <= g["t1"] <= t["wall"] + 1e-4 for g in t["gpu"])
+            segs = TR.critical_path(t)
+            assert sum(b_ - a_ for a_, b_, _ in segs) == pytest.approx(t["wall"], rel=1e-6)
+    finally:
+        b.close()

@@ -218,3 +218,20 @@ def test_hooks_record_the_gpu_engine_and_leave_nothing_behind(tiny_case):
     finally:
         eng.close()
         source.close()
+
+
+def test_critical_path_tiles_the_token_when_clocks_disagree_by_microseconds():
+    """GPU event times a few microseconds past the host wait they explain (the two clocks agree
+    only to a few µs): the path still tiles [0, wall] exactly and follows the GPU chain."""
+    ms = 1e-3
+    tok = {"wall": 8 * ms,
+           "host": [_h("router", "wait", 2 * ms, 7 * ms, waits_on="compute")],
+           "gpu": [_g("copy", 1 * ms, 5 * ms + 3e-6, 1 * ms),
+                   _g("decode", 5 * ms, 6 * ms + 2e-6, 1.5 * ms, deps=[(5 * ms, "copy")]),
+                   _g("compute", 6 * ms, 7 * ms + 3e-6, 2 * ms, deps=[(6 * ms, "decode")])]}
+    segs = TR.critical_path(tok)
+    assert sum(b - a for a, b, _ in segs) == pytest.approx(8 * ms, abs=1e-12)
+    assert all(a <= b for a, b, _ in segs)
+    assert all(segs[i][0] == pytest.approx(segs[i + 1][1], abs=1e-12)
+               for i in range(len(segs) - 1))
+    assert [s[2] for s in segs] == ["host", "compute", "decode", "copy", "host"]

@@ -122,10 +122,9 @@ def critical_path(tok: dict) -> list:
     by_stream = {st: [g for g in gpu if g["stream"] == st] for st in STREAMS}
     waits = sorted((s for s in tok["host"] if s["kind"] == "wait"), key=lambda s: s["t1"])
     segs: list = []
-    t, node = tok["wall"], None          # node None: the host
-    guard = 0
-    while t > EPS and guard < 100000:
-        guard += 1
+    t, node = tok["wall"], None          # node None: the host; t never grows
+    seen: set = set()
+    while t > EPS:
         if node is None:
             w = None
             for s in reversed(waits):
@@ -137,43 +136,42 @@ def critical_path(tok: dict) -> list:
                 break
             if w["t1"] < t:
                 segs.append((w["t1"], t, "host"))
-            item = _last_before(by_stream.get(w.get("waits_on") or "compute", []), w["t1"])
-            if item is None or item["t1"] <= w["t0"]:
-                segs.append((w["t0"], min(t, w["t1"]), "sync"))
+            end = min(t, w["t1"])
+            item = _last_before(by_stream.get(w.get("waits_on") or "compute", []), end)
+            if item is None or item["t1"] <= w["t0"] or id(item) in seen:
+                segs.append((w["t0"], end, "sync"))
                 t = w["t0"]
                 continue
-            if item["t1"] < min(t, w["t1"]):
-                segs.append((item["t1"], min(t, w["t1"]), "sync"))
-            t, node = item["t1"], item
+            if item["t1"] < end:
+                segs.append((item["t1"], end, "sync"))
+            t, node = min(item["t1"], end), item
             continue
         g = node
-        segs.append((g["t0"], min(t, g["t1"]), g["stream"]))
-        start = g["t0"]
+        seen.add(id(g))
+        start = min(g["t0"], t)
+        segs.append((start, t, g["stream"]))
         cands = [(g["host_t"], "host", None)]
         prev = _last_before([x for x in by_stream[g["stream"]] if x is not g
                              and x["t0"] < g["t0"]], start)
         if prev is not None:
             cands.append((prev["t1"], "prev", prev))
-        for d in g.get("deps") or ():
-            dt, ds = d
-            it = _last_before(by_stream.get(ds, []), dt)
-            cands.append((dt, "dep", it))
+        for dt, ds in g.get("deps") or ():
+            cands.append((dt, "dep", _last_before(by_stream.get(ds, []), dt)))
         cands = [c for c in cands if c[0] <= start + EPS]
         if not cands:
             segs.append((0.0, start, "gap"))
             break
         when, kind, it = max(cands, key=lambda c: c[0])
-        if kind == "host":
+        if kind == "host" or it is None or id(it) in seen:
+            when = min(when, start)
             if when < start:
-                segs.append((when, start, "launch latency"))
-            t, node = when, None
-        elif it is None:
-            segs.append((when, start, "gap"))
+                segs.append((when, start, "launch latency" if kind == "host" else "gap"))
             t, node = when, None
         else:
-            if it["t1"] < start:
-                segs.append((it["t1"], start, "gap"))
-            t, node = it["t1"], it
+            nt = min(it["t1"], start)
+            if nt < start:
+                segs.append((nt, start, "gap"))
+            t, node = nt, it
     return segs
 
 
