@@ -14,7 +14,9 @@ What :func:`install` wraps (and :func:`uninstall` restores):
   (``end call``: the prefetch batch's decode launch), the embedding and the lm_head;
 * host waits: every read of a device array into host memory (the routing reads and the final
   logits; ``HostReads.read``) and every event synchronise of the engine (``ops.sync``), each
-  named by the launch span it happens in;
+  named by the launch sections it happens in (``router``: the block's routing read;
+  ``lookahead/router``: the look-ahead's; ``lookahead``: its scores; ``logits``: the token's
+  end);
 * CUDA events (timing on) on the stream each piece of work is queued on, just before and after
   it: every compute op of the backend (the outermost one when ops nest), every host-to-device
   copy of an expert (copy stream), every decode launch (decode stream); the engine's own events
@@ -139,7 +141,8 @@ class Recorder:
                     deps.append((sec(ev), lane))
                 except Exception:  # noqa: BLE001 - an event without timing: no dependency
                     pass
-            gpu.append({**g, "t0": sec(g.pop("e0")), "t1": sec(g.pop("e1")), "deps": deps})
+            e0, e1 = g.pop("e0"), g.pop("e1")
+            gpu.append({**g, "t0": sec(e0), "t1": sec(e1), "deps": deps})
         tok = {"wall": wall, "host": self._host, "gpu": gpu}
         self.tokens.append(tok)
         return tok
@@ -158,7 +161,9 @@ class Recorder:
             t1 = time.perf_counter()
             if kind == "launch":
                 self._stack.pop()
-            label = name if kind == "launch" else (self._stack[-1] if self._stack else "token")
+            # a wait is named by the launch sections it happens in: "router", "lookahead/router"
+            # (the look-ahead's routing read), "lookahead" (its scores), "logits" (the end)
+            label = "/".join(n for n in self._stack if n != "layer") or "logits"
             span = {"name": label if kind == "wait" else name, "kind": kind, "layer": self.layer,
                     "t0": t0 - t_ref, "t1": t1 - t_ref}
             if kind == "wait":
@@ -178,13 +183,13 @@ class Recorder:
                 finally:
                     self._in_op -= 1
         try:
+            deps = self._pending.pop(lane, [])       # waits queued before this item
             host_t = time.perf_counter() - self.clock.t_ref
             e0 = self.clock.mark(stream)
             out = fn(*a, **kw)
             e1 = self.clock.mark(stream)
             self._gpu.append({"stream": lane, "name": name, "layer": self.layer,
-                              "host_t": host_t, "e0": e0, "e1": e1,
-                              "dep_events": self._pending.pop(lane, [])})
+                              "host_t": host_t, "e0": e0, "e1": e1, "dep_events": deps})
             return out
         finally:
             if lane == "compute":
