@@ -235,3 +235,40 @@ def test_critical_path_tiles_the_token_when_clocks_disagree_by_microseconds():
     assert all(segs[i][0] == pytest.approx(segs[i + 1][1], abs=1e-12)
                for i in range(len(segs) - 1))
     assert [s[2] for s in segs] == ["host", "compute", "decode", "copy", "host"]
+
+
+def test_hooks_sections_detail_records_only_the_sections(tiny_case):
+    """``detail="sections"``: the compute-stream items are the launch sections alone (each
+    section's kernels, no read inside), copies and decodes as with every op; an unknown detail
+    is refused."""
+    import timeline_hooks as TH
+    from test_gpu_offload import _pf_engine
+    from zipmoe_rt.engine.prefetch import attach
+    from zipmoe_rt.models import build_model
+    case = tiny_case("mixtral")
+    source, eng = _pf_engine(case, "zip-lru", case.dense + 2 * case.k * case.bytes_F, 10**9,
+                             True)
+    try:
+        net = build_model(source, executor=eng)
+        attach(net, eng)
+        rec = TH.Recorder(TH.HostClock(), eng)
+        with pytest.raises(ValueError):
+            TH.install(rec, net, eng, "kernels")
+        undo = TH.install(rec, net, eng, "sections")
+        try:
+            cache = net.new_cache()
+            net.forward(np.asarray(case.ids, np.int64), cache)
+            for t in case.ref_tokens[:3]:
+                rec.begin()
+                net.forward(np.asarray([t], np.int64), cache)
+                rec.end()
+        finally:
+            TH.uninstall(undo)
+        assert "router_logits" not in vars(net.layers[0].mlp)
+        names = {g["name"] for t in rec.tokens for g in t["gpu"] if g["stream"] == "compute"}
+        assert names == set(TH.SECTION_ITEMS)
+        assert {g["stream"] for t in rec.tokens for g in t["gpu"]} == {"compute", "copy",
+                                                                       "decode"}
+    finally:
+        eng.close()
+        source.close()

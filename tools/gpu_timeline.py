@@ -170,7 +170,7 @@ def run_row(a, path, budget=None, policy=None, prefetch=False) -> dict:
     steps; their logits, records and summary."""
     net, eng, close = open_model(path, a.device, budget, policy, a.host_budget, prefetch)
     try:
-        ids = offload_model.token_stream(PREFILL + WARM + a.tokens + a.timeline)
+        ids = offload_model.token_stream(PREFILL + WARM + a.tokens + a.timeline * len(a.detail))
         cache = net.new_cache(capacity=len(ids) + 1)
         _forward(net, ids[:PREFILL], cache, 0)
         step = 1
@@ -186,18 +186,23 @@ def run_row(a, path, budget=None, policy=None, prefetch=False) -> dict:
         net.backend.synchronize()
         plain = (time.perf_counter() - t0) / max(1, a.tokens)
         clock = TH.CudaClock() if a.device == "cuda" else TH.HostClock()
-        rec = TH.Recorder(clock, eng)
-        undo = TH.install(rec, net, eng)
-        try:
-            for t in ids[PREFILL + WARM + a.tokens:]:
-                rec.begin()
-                logits.append(_forward(net, np.array([t]), cache, step))
-                rec.end()
-                step += 1
-        finally:
-            TH.uninstall(undo)
-        out = {"plain_s": plain, "logits": logits, "tokens": rec.tokens,
-               "summary": TR.summarize(rec.tokens)}
+        out = {"plain_s": plain, "logits": logits}
+        first_step = step
+        for detail in a.detail:
+            rec = TH.Recorder(clock, eng)
+            undo = TH.install(rec, net, eng, detail)
+            try:
+                for t in ids[PREFILL + WARM + a.tokens + (step - first_step):][:a.timeline]:
+                    rec.begin()
+                    logits.append(_forward(net, np.array([t]), cache, step))
+                    rec.end()
+                    step += 1
+            finally:
+                TH.uninstall(undo)
+            out.setdefault("details", {})[detail] = {"tokens": rec.tokens,
+                                                     "summary": TR.summarize(rec.tokens)}
+        first = out["details"][a.detail[0]]
+        out["tokens"], out["summary"] = first["tokens"], first["summary"]
         out["timeline_s"] = out["summary"].get("wall", float("nan"))
         if eng is not None:
             out["prefetch"] = bool(eng.prefetch)
@@ -236,9 +241,13 @@ def run(a) -> dict:
               f"bit-identical to the unbudgeted run: {r['bit_identical_to_unbudgeted']}"
               + ("" if r.get("prefetch", True) or ":off" in name else "; PREFETCH OFF (budget)"),
               flush=True)
-        print("token walls ms: " + " ".join(f"{1e3 * t['wall']:.3f}" for t in r["tokens"]))
-        print(TR.format_summary(name, r["summary"]))
-        print(TR.gantt(r["tokens"][:a.gantt]))
+        print("recorded token walls ms: " + " ".join(f"{1e3 * t['wall']:.3f}"
+                                                      for d in r["details"].values()
+                                                      for t in d["tokens"]))
+        for detail, d in r["details"].items():
+            print(TR.format_summary(f"{name} [{detail}: {1e3 * d['summary']['wall']:.3f} ms per "
+                                    f"recorded token]", d["summary"]))
+            print(TR.gantt(d["tokens"][:a.gantt]))
         rows[name] = r
 
     ref = None
@@ -273,7 +282,8 @@ def run(a) -> dict:
               f"{r['bit_identical_to_unbudgeted']} |")
     out = Path(a.json) if a.json else Path(a.work) / "timeline.json"
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
-                               "rows": {n: {k: v for k, v in r.items() if k != "logits"}
+                               "rows": {n: {k: v for k, v in r.items()
+                                            if k not in ("logits", "tokens", "summary")}
                                         for n, r in rows.items()}}, default=str))
     print(f"\nraw records and summaries: {out}")
     return rows
@@ -299,6 +309,10 @@ def main(argv=None):
                    f"(names: {', '.join(AB_SWITCHES)}); repeatable")
     r.add_argument("--ab-configs", default="zip-lru:on")
     r.add_argument("--gantt", type=int, default=2, help="recorded tokens in each Gantt")
+    r.add_argument("--detail", type=lambda t: [x for x in t.split(",") if x],
+                   default=["ops"], help="comma-separated, each recorded --timeline steps: ops "
+                   "(every compute op an item) and/or sections (a few launch sections: fewer "
+                   "events, less of the hooks' own host time)")
     r.add_argument("--json", type=Path, default=None)
     r.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     r.add_argument("--tiny", action="store_true", help="the --tiny shape (smoke test)")
@@ -314,6 +328,8 @@ def main(argv=None):
         ap.error(str(e))
     if a.timeline < 1:
         ap.error("--timeline must be at least 1")
+    if not a.detail or set(a.detail) - set(TH.DETAILS):
+        ap.error(f"--detail: one or more of {', '.join(TH.DETAILS)}")
     return run(a)
 
 

@@ -224,16 +224,42 @@ def _wrap_attr(obj, name, make, undo):
     undo.append((obj, name, orig if had else None))
 
 
-def install(rec: Recorder, net, engine=None) -> list:
+#: ``detail`` of :func:`install`: every compute op an item, or a few launch sections only
+DETAILS = ("ops", "sections")
+#: the compute-stream items of ``detail="sections"`` (each section's kernels: no reads inside)
+SECTION_ITEMS = ("embed", "attention", "router logits", "experts", "lm_head")
+
+
+def install(rec: Recorder, net, engine=None, detail: str = "ops") -> list:
     """Wrap the model's, backend's and engine's methods to record into ``rec`` (see the module
-    docstring). Returns the undo list for :func:`uninstall`."""
+    docstring). ``detail``: ``"ops"`` records every compute op of the backend as a
+    compute-stream item (two CUDA events each); ``"sections"`` only :data:`SECTION_ITEMS`
+    (fewer events, so less of the hooks' own host time; the norms and additions between them
+    are not covered). Returns the undo list for :func:`uninstall`.
+
+    Raises:
+        ValueError: an unknown ``detail``.
+    """
     from zipmoe_rt.models.model import DecoderLayer
+    if detail not in DETAILS:
+        raise ValueError(f"detail must be one of {', '.join(DETAILS)}, got {detail!r}")
+    sections = detail == "sections"
     undo: list = []
     be = net.backend
     ops = getattr(engine, "ops", None)
     cur = ops.current() if ops is not None else None
     rec.set_streams(cur, getattr(engine, "_copy_s", None), getattr(engine, "_dec_s", None))
     index = {id(layer): i for i, layer in enumerate(net.layers)}
+
+    def cur_stream():
+        return ops.current() if ops is not None else None
+
+    def launch(name, f, item=None):
+        """A host launch span, which with ``item`` is also a compute-stream item."""
+        if item is None:
+            return lambda *a, **kw: rec.host_span(name, "launch", f, *a, **kw)
+        return lambda *a, **kw: rec.host_span(name, "launch", rec.gpu_item, cur_stream(),
+                                              item, f, *a, **kw)
 
     # decoder layers and attention: __call__ is looked up on the class
     classes = {DecoderLayer: "layer"}
@@ -251,33 +277,32 @@ def install(rec: Recorder, net, engine=None) -> list:
                     return rec.host_span("layer", "launch", _orig, self, *a, **kw)
                 finally:
                     rec.layer = prev
-            return rec.host_span(_name, "launch", _orig, self, *a, **kw)
+            return launch(_name, _orig, _name if sections else None)(self, *a, **kw)
         cls.__call__ = call
         undo.append((cls, "__call__", ("class", orig)))
 
     for layer in net.layers:
         if getattr(layer, "lookahead", None) is not None:
-            _wrap_attr(layer, "lookahead", lambda f: (lambda x: rec.host_span(
-                "lookahead", "launch", f, x)), undo)
+            _wrap_attr(layer, "lookahead", lambda f: launch("lookahead", f), undo)
         mlp = getattr(layer, "mlp", None)
         if mlp is not None and hasattr(mlp, "route"):
-            _wrap_attr(mlp, "route", lambda f: (lambda *a, **kw: rec.host_span(
-                "router", "launch", f, *a, **kw)), undo)
-    _wrap_attr(net, "embed_tokens", lambda f: (lambda *a, **kw: rec.host_span(
-        "embed", "launch", f, *a, **kw)), undo)
-    _wrap_attr(net, "logits", lambda f: (lambda *a, **kw: rec.host_span(
-        "lm_head", "launch", f, *a, **kw)), undo)
+            _wrap_attr(mlp, "route", lambda f: launch("router", f), undo)
+            if sections:
+                _wrap_attr(mlp, "router_logits", lambda f: (lambda *a, **kw: rec.gpu_item(
+                    cur_stream(), "router logits", f, *a, **kw)), undo)
+    _wrap_attr(net, "embed_tokens", lambda f: launch("embed", f, "embed" if sections else None),
+               undo)
+    _wrap_attr(net, "logits", lambda f: launch("lm_head", f, "lm_head" if sections else None),
+               undo)
 
     # compute ops on the current stream
-    def cur_stream():
-        return ops.current() if ops is not None else None
-    for name in COMPUTE_OPS:
-        if name in ("experts_token", "expert_accumulate"):     # a host span of their own too
-            _wrap_attr(be, name, lambda f, n=name: (lambda *a, **kw: rec.host_span(
-                "experts", "launch", rec.gpu_item, cur_stream(), n, f, *a, **kw)), undo)
-            continue
-        _wrap_attr(be, name, lambda f, n=name: (lambda *a, **kw: rec.gpu_item(
-            cur_stream(), n, f, *a, **kw)), undo)
+    for name in ("experts_token", "expert_accumulate"):        # a host span of their own too
+        _wrap_attr(be, name, lambda f, n=name: launch("experts", f, "experts" if sections
+                                                       else n), undo)
+    for name in () if sections else COMPUTE_OPS:
+        if name not in ("experts_token", "expert_accumulate"):
+            _wrap_attr(be, name, lambda f, n=name: (lambda *a, **kw: rec.gpu_item(
+                cur_stream(), n, f, *a, **kw)), undo)
     reads = getattr(be, "reads", None)
     if reads is not None:
         _wrap_attr(reads, "read", lambda f: (lambda *a, **kw: rec.host_span(
