@@ -129,7 +129,9 @@ def test_summarize_means_tokens_and_layers():
     assert s["layers"][0]["window"] == pytest.approx(9.0)
     assert s["layers"][0]["streams"]["decode"]["busy"] == pytest.approx(1.0)
     text = TR.format_summary("row", s)
-    assert "| 0 | 9000.000 |" in text and "host waiting 5100.000 (router 5100.000)" in text
+    assert "host waiting 5100.000 (router 5100.000)" in text
+    assert "| 0 | 9000.000 | 3900.000 | 5100.000 (router 5100.000) | 1000.000 | 4000.000 | " \
+        "1000.000 |" in text
 
 
 def test_gantt_rows():

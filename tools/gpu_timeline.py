@@ -114,6 +114,16 @@ def setup(a) -> tuple:
     work = Path(a.work)
     z, raw = work / "model.zmoe", work / "model.raw.zmoe"
     t0 = time.perf_counter()
+    if not a.fresh and z.exists() and raw.exists():
+        from zipmoe_rt.engine.store import ZmoeSource
+        src = ZmoeSource(z)
+        try:       # files of another depth or width (another run's --layers / --tiny)
+            hp = src.hparams
+            wide = offload_model_shape(a.tiny)
+            a.fresh = (int(hp["num_hidden_layers"]) != a.layers
+                       or int(hp["hidden_size"]) != wide)
+        finally:
+            src.close()
     if a.fresh or not (z.exists() and raw.exists()):
         hf = work / "hf"
         offload_model.write_checkpoint(a.pools, hf, a.layers, tiny=a.tiny)
@@ -124,6 +134,12 @@ def setup(a) -> tuple:
     print(f"model ready ({time.perf_counter() - t0:.0f} s): {z.stat().st_size / 1e9:.2f} GB "
           f"bit-planes, {raw.stat().st_size / 1e9:.2f} GB raw", flush=True)
     return z, raw
+
+
+def offload_model_shape(tiny: bool) -> int:
+    """The hidden size of the benchmark model (``--tiny`` or not)."""
+    from make_synthetic_checkpoint import preset
+    return int(preset("qwen3-moe", tiny).hidden_size)
 
 
 def open_model(path, device, budget=None, policy=None, host_budget=None, prefetch=False):

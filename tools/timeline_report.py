@@ -253,15 +253,18 @@ def format_summary(name: str, s: dict) -> str:
                  f"{k} {_ms(v)}" for k, v in sorted(h["by_name"].items(), key=lambda kv: -kv[1])
                  if not k.startswith("wait:"))]
     if s["layers"]:
-        lines.append("| layer | window | host launch | host wait | compute busy | copy busy | "
-                     "decode busy | critical path (largest first) |")
-        lines.append("|---:|---:|---:|---:|---:|---:|---:|---|")
+        lines.append("| layer | window | host launch | host wait (on what) | compute busy | "
+                     "copy busy | decode busy | critical path (largest first) |")
+        lines.append("|---:|---:|---:|---|---:|---:|---:|---|")
         for layer in sorted(s["layers"], key=lambda x: int(x)):
             L = s["layers"][layer]
             crit = ", ".join(f"{k} {_ms(v)}" for k, v in
                              sorted(L["critical"].items(), key=lambda kv: -kv[1])[:4])
+            on = ", ".join(f"{k[5:]} {_ms(v)}" for k, v in L["host"]["by_name"].items()
+                           if k.startswith("wait:"))
             lines.append(f"| {layer} | {_ms(L['window'])} | {_ms(L['host']['busy'])} | "
-                         f"{_ms(L['host']['wait'])} | {_ms(L['streams']['compute']['busy'])} | "
+                         f"{_ms(L['host']['wait'])}{f' ({on})' if on else ''} | "
+                         f"{_ms(L['streams']['compute']['busy'])} | "
                          f"{_ms(L['streams']['copy']['busy'])} | "
                          f"{_ms(L['streams']['decode']['busy'])} | {crit} |")
     return "\n".join(lines)
