@@ -54,7 +54,7 @@ sys.path[:0] = [str(ROOT / "tools"), str(ROOT), str(ROOT / "format")]
 
 from offload_accelerate import experts_on_cpu_map, time_accelerate  # noqa: E402
 import offload_model  # noqa: E402
-from gpu_timeline import parse_ab, switches  # noqa: E402
+from gpu_timeline import ab_arg, switches  # noqa: E402
 from offload_model import (CALIB_RUNS, CALIB_TOKENS, token_stream, calibrate_routers,  # noqa: E402
                            make_pools, plan_once, uniform_routing, write_checkpoint)
 
@@ -359,11 +359,11 @@ def run(a):
         for pol, path, per, pf, *ab in rows:
             gpu_batch.BATCHED = per != "off"
             gpu_batch.MAX_BATCH = default if per in (None, "off") else per
-            with warnings.catch_warnings(), switches(parse_ab(ab[0]) if ab else []):
+            with warnings.catch_warnings(), switches(ab[0][1] if ab else []):
                 warnings.simplefilter("ignore")
                 r = time_zipmoe(path, a.tokens, 8, memory_budget=budget, policy=pol,
                                 host_budget=a.host_budget, prefetch=pf)
-            pol += f", {ab[0]}" if ab else ""
+            pol += f", {ab[0][0]}" if ab else ""
             gpu_batch.BATCHED, gpu_batch.MAX_BATCH = True, default
             if per == "off":
                 pol = f"{pol}, one launch per miss"
@@ -494,14 +494,10 @@ def main(argv=None):
                    "rows (default: measured once at the start of the run)")
     r.add_argument("--skip-accelerate", action="store_true",
                    help="no transformers + accelerate rows")
-    r.add_argument("--ab", action="append", default=[], help="a zip-lru row per --prefetch "
+    r.add_argument("--ab", action="append", default=[], type=ab_arg,
+                   help="a zip-lru row per --prefetch "
                    "mode with module switches flipped, NAME=VALUE,... (gpu_timeline.AB_SWITCHES)")
     a = ap.parse_args(argv)
-    for t in getattr(a, "ab", []):
-        try:
-            parse_ab(t)
-        except ValueError as e:
-            ap.error(str(e))
     if a.cmd == "pools":
         make_pools(a.out)
     else:

@@ -83,6 +83,14 @@ def parse_ab(text: str) -> list:
     return out
 
 
+def ab_arg(text: str) -> tuple:
+    """``--ab`` as an argparse type: ``(text, parse_ab(text))``; its errors as argparse's."""
+    try:
+        return text, parse_ab(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 @contextlib.contextmanager
 def switches(pairs):
     """Set the ``--ab`` switches ``pairs`` for the duration, then restore them."""
@@ -241,7 +249,6 @@ def run(a) -> dict:
     src.close()
     configs = [parse_config(c) for c in a.configs.split(",") if c]
     ab_on = [parse_config(c) for c in a.ab_configs.split(",") if c]
-    abs_ = [parse_ab(t) for t in a.ab]
     rows: dict = {}
     t_start = time.perf_counter()
 
@@ -276,7 +283,7 @@ def run(a) -> dict:
         for pol, pf in configs + [c for c in ab_on if c not in configs]:
             name = f"{pol}, prefetch {'on' if pf else 'off'}"
             show(name, run_row(a, raw if pol == "raw-lru" else z, budget, pol, pf))
-        for text, pairs in zip(a.ab, abs_):
+        for text, pairs in a.ab:
             label = text
             for pol, pf in ab_on:
                 base = f"{pol}, prefetch {'on' if pf else 'off'}"
@@ -320,7 +327,7 @@ def main(argv=None):
     r.add_argument("--timeline", type=int, default=8, help="recorded decode steps per row")
     r.add_argument("--configs", default="raw-lru:on,zip-lru:off,zip-lru:on",
                    help="budgeted rows, POLICY:on|off (prefetch), comma-separated")
-    r.add_argument("--ab", action="append", default=[],
+    r.add_argument("--ab", action="append", default=[], type=ab_arg,
                    help=f"a row per --ab-configs entry with switches flipped, NAME=VALUE,... "
                    f"(names: {', '.join(AB_SWITCHES)}); repeatable")
     r.add_argument("--ab-configs", default="zip-lru:on")
@@ -335,8 +342,6 @@ def main(argv=None):
     r.add_argument("--fresh", action="store_true", help="rewrite the model files in --work")
     a = ap.parse_args(argv)
     try:
-        for t in a.ab:
-            parse_ab(t)
         for c in (a.configs + "," + a.ab_configs).split(","):
             if c:
                 parse_config(c)
