@@ -184,6 +184,14 @@ def open_model(path, device, budget=None, policy=None, host_budget=None, prefetc
     return net, eng, close
 
 
+def _err(e) -> str:
+    """An exception and where it was raised, in one line."""
+    import traceback
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+    return f"{type(e).__name__}: {e}"[:400] + where
+
+
 def _forward(net, ids, cache, step):
     offload_model.ROUTE_STEP[0] = step
     return net.forward(ids, cache)
@@ -212,22 +220,27 @@ def run_row(a, path, budget=None, policy=None, prefetch=False) -> dict:
         clock = TH.CudaClock() if a.device == "cuda" else TH.HostClock()
         out = {"plain_s": plain, "logits": logits}
         first_step = step
+        out["details"] = {}
         for detail in a.detail:
             rec = TH.Recorder(clock, eng)
-            undo = TH.install(rec, net, eng, detail)
             try:
-                for t in ids[PREFILL + WARM + a.tokens + (step - first_step):][:a.timeline]:
-                    rec.begin()
-                    logits.append(_forward(net, np.array([t]), cache, step))
-                    rec.end()
-                    step += 1
-            finally:
-                TH.uninstall(undo)
-            out.setdefault("details", {})[detail] = {"tokens": rec.tokens,
-                                                     "summary": TR.summarize(rec.tokens)}
-        first = out["details"][a.detail[0]]
+                undo = TH.install(rec, net, eng, detail)
+                try:
+                    for t in ids[PREFILL + WARM + a.tokens + (step - first_step):][:a.timeline]:
+                        rec.begin()
+                        logits.append(_forward(net, np.array([t]), cache, step))
+                        rec.end()
+                        step += 1
+                finally:
+                    TH.uninstall(undo)
+                out["details"][detail] = {"tokens": rec.tokens,
+                                          "summary": TR.summarize(rec.tokens)}
+            except Exception as e:  # noqa: BLE001 - reported; the plain timing stands
+                out.setdefault("errors", []).append(f"timeline {detail}: {_err(e)}")
+                break                # the cache may be half-written: no more steps
+        first = next(iter(out["details"].values()), {"tokens": [], "summary": None})
         out["tokens"], out["summary"] = first["tokens"], first["summary"]
-        out["timeline_s"] = out["summary"].get("wall", float("nan"))
+        out["timeline_s"] = first["summary"]["wall"] if first["summary"] else float("nan")
         if eng is not None:
             out["prefetch"] = bool(eng.prefetch)
         return out
@@ -253,7 +266,7 @@ def run(a) -> dict:
     t_start = time.perf_counter()
 
     def show(name, r, base=None):
-        r["bit_identical_to_unbudgeted"] = ref is None or all(
+        r["bit_identical_to_unbudgeted"] = None if ref is None else all(
             np.array_equal(x, y) for x, y in zip(r["logits"], ref))
         extra = ""
         if base is not None:
@@ -264,6 +277,8 @@ def run(a) -> dict:
               f"bit-identical to the unbudgeted run: {r['bit_identical_to_unbudgeted']}"
               + ("" if r.get("prefetch", True) or ":off" in name else "; PREFETCH OFF (budget)"),
               flush=True)
+        for err in r.get("errors", ()):
+            print(f"ERROR {err}", flush=True)
         print("recorded token walls ms: " + " ".join(f"{1e3 * t['wall']:.3f}"
                                                       for d in r["details"].values()
                                                       for t in d["tokens"]))
@@ -273,30 +288,48 @@ def run(a) -> dict:
             print(TR.gantt(d["tokens"][:a.gantt]))
         rows[name] = r
 
+    def row(name, *args, base=None, pairs=()):
+        try:
+            with switches(pairs):
+                r = run_row(a, *args)
+        except Exception as e:  # noqa: BLE001 - reported; the other rows still run
+            rows[name] = {"error": _err(e)}
+            print(f"\n[{time.perf_counter() - t_start:.0f} s] {name}: ERROR {_err(e)}",
+                  flush=True)
+            return None
+        show(name, r, base)
+        return r
+
     ref = None
-    r = run_row(a, z)
-    ref = r["logits"]
-    show("unbudgeted (every expert on the GPU)", r)
-    print(TR.verdict(r["summary"], r["plain_s"]), flush=True)
+    r = row("unbudgeted (every expert on the GPU)", z)
+    if r is not None:
+        ref = r["logits"]
+        if r["summary"]:
+            print(TR.verdict(r["summary"], r["plain_s"]), flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for pol, pf in configs + [c for c in ab_on if c not in configs]:
-            name = f"{pol}, prefetch {'on' if pf else 'off'}"
-            show(name, run_row(a, raw if pol == "raw-lru" else z, budget, pol, pf))
+            row(f"{pol}, prefetch {'on' if pf else 'off'}", raw if pol == "raw-lru" else z,
+                budget, pol, pf)
         for text, pairs in a.ab:
-            label = text
             for pol, pf in ab_on:
                 base = f"{pol}, prefetch {'on' if pf else 'off'}"
-                with switches(pairs):
-                    r = run_row(a, raw if pol == "raw-lru" else z, budget, pol, pf)
-                show(f"{base}, {label}", r, rows.get(base))
+                b = rows.get(base)
+                row(f"{base}, {text}", raw if pol == "raw-lru" else z, budget, pol, pf,
+                    base=b if b and "plain_s" in b else None, pairs=pairs)
     print("\n| row | ms/token plain | with timeline | x raw-lru (same prefetch) | host launch ms "
           "| host wait ms | compute busy ms | copy busy ms | decode busy ms | bit-identical |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, r in rows.items():
-        s = r["summary"]
+        s = r.get("summary")
         rl = rows.get("raw-lru, prefetch " + ("on" if "prefetch on" in name else "off"))
-        x = f"{rl['plain_s'] / r['plain_s']:.3f}" if rl else "-"
+        x = f"{rl['plain_s'] / r['plain_s']:.3f}" if rl and "plain_s" in rl and \
+            "plain_s" in r else "-"
+        if not s:
+            plain = f"{1e3 * r['plain_s']:.3f}" if "plain_s" in r else "-"
+            print(f"| {name} | {plain} | {r.get('error') or r.get('errors')} | {x} | | | | | | "
+                  f"{r.get('bit_identical_to_unbudgeted')} |")
+            continue
         print(f"| {name} | {1e3 * r['plain_s']:.3f} | {1e3 * r['timeline_s']:.3f} | {x} | "
               f"{1e3 * s['host']['busy']:.3f} | {1e3 * s['host']['wait']:.3f} | "
               f"{1e3 * s['streams']['compute']['busy']:.3f} | "
