@@ -617,8 +617,9 @@ def test_lookahead_without_scores_predicts_the_top_k_alone(tiny_case, monkeypatc
 @pytest.mark.parametrize("spec", ["mixtral", "qwen3_moe"])
 def test_cuda_copy_wait_and_lookahead_switches_keep_logits(tiny_case, monkeypatch, spec):
     """On the GPU, zip-lru with prefetch, host cache empty and full: with
-    ``gpu_batch.COPY_WAITS_COMPUTE`` and/or ``prefetch.LOOKAHEAD_SCORES`` off the logits equal
-    the unbudgeted GPU run's bit for bit, and predicted loads are still used."""
+    ``gpu_batch.COPY_WAITS_COMPUTE`` and/or ``prefetch.LOOKAHEAD_SCORES`` off, and with
+    ``prefetch.LOOKAHEAD_ASYNC`` on (the look-ahead's read deferred), the logits equal the
+    unbudgeted GPU run's bit for bit, and predicted loads are still used."""
     import warnings
 
     import zipmoe_rt
@@ -630,9 +631,11 @@ def test_cuda_copy_wait_and_lookahead_switches_keep_logits(tiny_case, monkeypatc
     finally:
         m.close()
     budget = case.dense + 2 * case.k * case.bytes_F
-    for copy_wait, scores in ((False, True), (True, False), (False, False)):
+    for copy_wait, scores, early in ((False, True, False), (True, False, False),
+                                     (True, True, True), (False, False, True)):
         monkeypatch.setattr(gpu_batch, "COPY_WAITS_COMPUTE", copy_wait)
         monkeypatch.setattr(prefetch, "LOOKAHEAD_SCORES", scores)
+        monkeypatch.setattr(prefetch, "LOOKAHEAD_ASYNC", early)
         for hb in (None, "100%"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -640,7 +643,7 @@ def test_cuda_copy_wait_and_lookahead_switches_keep_logits(tiny_case, monkeypatc
                                    policy="zip-lru", workers=2, host_budget=hb, prefetch="on",
                                    progress=False)
             try:
-                where = (copy_wait, scores, hb)
+                where = (copy_wait, scores, early, hb)
                 logits, tokens = generate(b.net, case.ids, 10)
                 assert tokens == ref_tokens, where
                 assert all(np.array_equal(x, y) for x, y in zip(logits, ref_logits)), where
@@ -706,3 +709,65 @@ def test_cuda_timeline_hooks_record_every_stream(tiny_case):
             assert sum(b_ - a_ for a_, b_, _ in segs) == pytest.approx(t["wall"], rel=1e-6)
     finally:
         b.close()
+
+
+def test_lookahead_async_predicts_the_same_from_a_deferred_read(tiny_case, monkeypatch):
+    """``prefetch.LOOKAHEAD_ASYNC`` on a backend with ``read_later`` (here its host model): the
+    look-ahead queues its read and the prediction is made when the running layer issues its
+    prefetch; predictions, recall, loads and logits equal those of the look-ahead that reads
+    at once."""
+    from zipmoe_rt.engine import prefetch
+    from zipmoe_rt.engine.prefetch import attach
+    case = tiny_case("mixtral")
+    budget = case.dense + 2 * case.k * case.bytes_F
+    res = {}
+    for on in (False, True):
+        monkeypatch.setattr(prefetch, "LOOKAHEAD_ASYNC", on)
+        source, eng = _pf_engine(case, "zip-lru", budget, 10**9, True)
+        try:
+            net = build_model(source, executor=eng)
+            attach(net, eng)
+            calls = []
+
+            def later(*arrays):       # a queued device-to-host read, on host arrays
+                calls.append(len(arrays))
+                host = [np.array(a, copy=True) for a in arrays]
+                return lambda: host
+            monkeypatch.setattr(net.backend, "read_later", later, raising=False)
+            logits, tokens = generate(net, case.ids, 10)
+            assert tokens == case.ref_tokens
+            assert_same_logits(logits, case.ref_logits)
+            st = eng.stats
+            res[on] = (dict(st.recall_hits), dict(st.recall_used), st.prefetch_issued,
+                       st.prefetch_used, {k: v.tolist() for k, v in eng._rank_hist.items()},
+                       len(calls))
+        finally:
+            eng.close()
+            source.close()
+    assert res[True][:5] == res[False][:5]
+    assert res[False][2] > 0 and res[False][3] > 0
+    assert res[False][5] == 0 and res[True][5] > 0
+
+
+@pytest.mark.skipif(_cuda_why() is not None, reason=f"no CUDA backend here: {_cuda_why()}")
+def test_cuda_read_later_returns_the_arrays_it_queued():
+    """``CupyBackend.read_later``: two reads queued before either is taken each return their
+    own arrays (dtype, shape, values), as ``to_host`` does; a read above the pinned size goes
+    through cupy.asnumpy."""
+    import cupy as cp
+
+    from zipmoe_rt.backends import get_backend
+    be = get_backend("cuda")
+    a = cp.arange(128, dtype=cp.float32).reshape(1, 128)
+    b = cp.arange(8, dtype=cp.int64).reshape(1, 8) * 3
+    first = be.read_later(a, b)
+    a2 = a * 2
+    second = be.read_later(a2)
+    x, y = first()
+    (z,) = second()
+    assert x.dtype == np.float32 and x.shape == (1, 128)
+    assert np.array_equal(x, np.arange(128, dtype=np.float32).reshape(1, 128))
+    assert y.dtype == np.int64 and np.array_equal(y, np.arange(8).reshape(1, 8) * 3)
+    assert np.array_equal(z, 2 * x) and np.array_equal(be.to_host(a2), z)
+    big = cp.ones(5 << 20, cp.uint8)
+    assert be.read_later(big)()[0].sum() == 5 << 20

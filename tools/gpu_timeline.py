@@ -50,6 +50,7 @@ import timeline_report as TR  # noqa: E402
 AB_SWITCHES = {
     "copy_wait": ("zipmoe_rt.engine.gpu_batch", "COPY_WAITS_COMPUTE", bool),
     "lookahead_scores": ("zipmoe_rt.engine.prefetch", "LOOKAHEAD_SCORES", bool),
+    "lookahead_async": ("zipmoe_rt.engine.prefetch", "LOOKAHEAD_ASYNC", bool),
     "batched": ("zipmoe_rt.engine.gpu_batch", "BATCHED", bool),
     "max_batch": ("zipmoe_rt.engine.gpu_batch", "MAX_BATCH", int),
 }

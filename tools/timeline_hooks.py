@@ -303,6 +303,9 @@ def install(rec: Recorder, net, engine=None, detail: str = "ops") -> list:
         if name not in ("experts_token", "expert_accumulate"):
             _wrap_attr(be, name, lambda f, n=name: (lambda *a, **kw: rec.gpu_item(
                 cur_stream(), n, f, *a, **kw)), undo)
+    if getattr(be, "read_later", None) is not None:       # the wait comes when it is used
+        _wrap_attr(be, "read_later", lambda f: (lambda *a: (lambda done: (
+            lambda: rec.host_span("read later", "wait", done)))(f(*a))), undo)
     reads = getattr(be, "reads", None)
     if reads is not None:
         _wrap_attr(reads, "read", lambda f: (lambda *a, **kw: rec.host_span(
