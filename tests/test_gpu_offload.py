@@ -541,3 +541,233 @@ def test_gpu_prefetch_during_a_call_waits_compressed_until_the_call_ends(tiny_ca
     finally:
         eng.close()
         source.close()
+
+
+# -- the module switches tools/gpu_timeline.py flips (--ab) -----------------------------------
+
+class _CopyWaitLog(HostOps):
+    """HostOps that counts the copy stream's waits for events of the compute stream (None)."""
+
+    def __init__(self):
+        self.compute_events, self.copy_waits, self.copy_stream = set(), 0, None
+
+    def record(self, stream, timing=False):
+        ev = super().record(stream, timing)
+        if stream is None:
+            self.compute_events.add(ev)
+        return ev
+
+    def wait(self, stream, event):
+        if stream is not None and stream is self.copy_stream and event in self.compute_events:
+            self.copy_waits += 1
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_copy_stream_waits_for_compute_per_batch_or_per_new_arena(tiny_case, monkeypatch, on):
+    """``gpu_batch.COPY_WAITS_COMPUTE``: on (the default), each batch's copies wait for the
+    compute stream's event taken when the batch opened; off, only the first batch of each
+    arena does (its memory came from the compute stream's pool). Logits and tokens equal the
+    unbudgeted run's either way."""
+    from zipmoe_rt.engine import gpu_batch
+    monkeypatch.setattr(gpu_batch, "COPY_WAITS_COMPUTE", on)
+    case = tiny_case("mixtral")
+    ops = _CopyWaitLog()
+    source, eng = _engine(case, "zip-lru", case.budget("min"), 10**9, ops=ops)
+    ops.copy_stream = eng._copy_s
+    try:
+        net = build_model(source, executor=eng)
+        logits, tokens = generate(net, case.ids, 10)
+        assert tokens == case.ref_tokens
+        assert_same_logits(logits, case.ref_logits)
+        batches = eng.stats.batches
+        assert batches > len(eng._arenas) == 2
+        assert ops.copy_waits == (batches if on else 2)
+    finally:
+        eng.close()
+        source.close()
+
+
+@pytest.mark.parametrize("scores", [True, False])
+def test_lookahead_without_scores_predicts_the_top_k_alone(tiny_case, monkeypatch, scores):
+    """``prefetch.LOOKAHEAD_SCORES`` off: the look-ahead makes no second read for the ranking
+    (no rank histogram, no extra candidates); predicted loads are still started and claimed
+    and the logits equal the unbudgeted run's."""
+    from zipmoe_rt.engine import prefetch
+    from zipmoe_rt.engine.prefetch import attach
+    monkeypatch.setattr(prefetch, "LOOKAHEAD_SCORES", scores)
+    case = tiny_case("mixtral")
+    budget = case.dense + 2 * case.k * case.bytes_F
+    source, eng = _pf_engine(case, "zip-lru", budget, 10**9, True)
+    try:
+        net = build_model(source, executor=eng)
+        attach(net, eng)
+        logits, tokens = generate(net, case.ids, 10)
+        assert tokens == case.ref_tokens
+        assert_same_logits(logits, case.ref_logits)
+        st = eng.stats
+        assert st.prefetch_issued > 0 and st.prefetch_used > 0
+        predicted = [l for l in sorted(case.hp["moe_layers"]) if l > 0]
+        assert sorted(eng._rank_hist) == (predicted if scores else [])
+    finally:
+        eng.close()
+        source.close()
+
+
+@pytest.mark.skipif(_cuda_why() is not None, reason=f"no CUDA backend here: {_cuda_why()}")
+@pytest.mark.parametrize("spec", ["mixtral", "qwen3_moe"])
+def test_cuda_copy_wait_and_lookahead_switches_keep_logits(tiny_case, monkeypatch, spec):
+    """On the GPU, zip-lru with prefetch, host cache empty and full: with
+    ``gpu_batch.COPY_WAITS_COMPUTE`` and/or ``prefetch.LOOKAHEAD_SCORES`` off, and with
+    ``prefetch.LOOKAHEAD_ASYNC`` on (the look-ahead's read deferred), the logits equal the
+    unbudgeted GPU run's bit for bit, and predicted loads are still used."""
+    import warnings
+
+    import zipmoe_rt
+    from zipmoe_rt.engine import gpu_batch, prefetch
+    case = tiny_case(spec)
+    m = zipmoe_rt.load(case.zmoe, device="cuda", progress=False)
+    try:
+        ref_logits, ref_tokens = generate(m.net, case.ids, 10)
+    finally:
+        m.close()
+    budget = case.dense + 2 * case.k * case.bytes_F
+    for copy_wait, scores, early in ((False, True, False), (True, False, False),
+                                     (True, True, True), (False, False, True)):
+        monkeypatch.setattr(gpu_batch, "COPY_WAITS_COMPUTE", copy_wait)
+        monkeypatch.setattr(prefetch, "LOOKAHEAD_SCORES", scores)
+        monkeypatch.setattr(prefetch, "LOOKAHEAD_ASYNC", early)
+        for hb in (None, "100%"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                b = zipmoe_rt.load(case.zmoe, device="cuda", memory_budget=budget,
+                                   policy="zip-lru", workers=2, host_budget=hb, prefetch="on",
+                                   progress=False)
+            try:
+                where = (copy_wait, scores, early, hb)
+                logits, tokens = generate(b.net, case.ids, 10)
+                assert tokens == ref_tokens, where
+                assert all(np.array_equal(x, y) for x, y in zip(logits, ref_logits)), where
+                assert b.engine.stats.prefetch_used > 0, where
+            finally:
+                b.close()
+
+
+@pytest.mark.skipif(_cuda_why() is not None, reason=f"no CUDA backend here: {_cuda_why()}")
+def test_cuda_timeline_hooks_record_every_stream(tiny_case):
+    """tools/timeline_hooks.py on the GPU (zip-lru, prefetch on, host cache full): the recorded
+    tokens hold compute, copy and decode items with CUDA event times inside the token, decodes
+    that waited for copies, host waits for the routing reads; the critical path tiles each
+    token; the logits equal the unbudgeted run's; uninstall leaves nothing wrapped."""
+    import sys
+    import warnings
+    from pathlib import Path
+
+    import zipmoe_rt
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import timeline_hooks as TH
+    import timeline_report as TR
+    case = tiny_case("mixtral")
+    m = zipmoe_rt.load(case.zmoe, device="cuda", progress=False)
+    try:
+        ref_logits, _ = generate(m.net, case.ids, 4)
+    finally:
+        m.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = zipmoe_rt.load(case.zmoe, device="cuda", progress=False, policy="zip-lru",
+                           memory_budget=case.dense + 2 * case.k * case.bytes_F,
+                           host_budget="100%", prefetch="on", workers=2)
+    try:
+        net, eng = b.net, b.engine
+        rec = TH.Recorder(TH.CudaClock(), eng)
+        undo = TH.install(rec, net, eng)
+        orig = net.forward
+
+        def forward(ids, cache, last_only=True):
+            rec.begin()
+            try:
+                return orig(ids, cache, last_only)
+            finally:
+                rec.end()
+        net.forward = forward
+        try:
+            logits, _ = generate(net, case.ids, 4)
+        finally:
+            del net.forward
+            TH.uninstall(undo)
+        assert all(np.array_equal(x, y) for x, y in zip(logits, ref_logits))
+        assert not any(n in vars(eng.ops) for n in ("h2d_at", "record", "wait", "decode_batch"))
+        toks = rec.tokens[1:]                       # the decode steps
+        assert {g["stream"] for t in toks for g in t["gpu"]} == {"compute", "copy", "decode"}
+        dec = [g for t in toks for g in t["gpu"] if g["stream"] == "decode"]
+        assert dec and all(any(ln == "copy" for _, ln in g["deps"]) for g in dec)
+        assert all(any(s["kind"] == "wait" and s["what"] == "read" for s in t["host"])
+                   for t in toks)
+        for t in toks:
+            assert all(-1e-4 <= g["t0"] <= g["t1"] <= t["wall"] + 1e-4 for g in t["gpu"])
+            segs = TR.critical_path(t)
+            assert sum(b_ - a_ for a_, b_, _ in segs) == pytest.approx(t["wall"], rel=1e-6)
+    finally:
+        b.close()
+
+
+def test_lookahead_async_predicts_the_same_from_a_deferred_read(tiny_case, monkeypatch):
+    """``prefetch.LOOKAHEAD_ASYNC`` on a backend with ``read_later`` (here its host model): the
+    look-ahead queues its read and the prediction is made when the running layer issues its
+    prefetch; predictions, recall, loads and logits equal those of the look-ahead that reads
+    at once."""
+    from zipmoe_rt.engine import prefetch
+    from zipmoe_rt.engine.prefetch import attach
+    case = tiny_case("mixtral")
+    budget = case.dense + 2 * case.k * case.bytes_F
+    res = {}
+    for on in (False, True):
+        monkeypatch.setattr(prefetch, "LOOKAHEAD_ASYNC", on)
+        source, eng = _pf_engine(case, "zip-lru", budget, 10**9, True)
+        try:
+            net = build_model(source, executor=eng)
+            attach(net, eng)
+            calls = []
+
+            def later(*arrays):       # a queued device-to-host read, on host arrays
+                calls.append(len(arrays))
+                host = [np.array(a, copy=True) for a in arrays]
+                return lambda: host
+            monkeypatch.setattr(net.backend, "read_later", later, raising=False)
+            logits, tokens = generate(net, case.ids, 10)
+            assert tokens == case.ref_tokens
+            assert_same_logits(logits, case.ref_logits)
+            st = eng.stats
+            res[on] = (dict(st.recall_hits), dict(st.recall_used), st.prefetch_issued,
+                       st.prefetch_used, {k: v.tolist() for k, v in eng._rank_hist.items()},
+                       len(calls))
+        finally:
+            eng.close()
+            source.close()
+    assert res[True][:5] == res[False][:5]
+    assert res[False][2] > 0 and res[False][3] > 0
+    assert res[False][5] == 0 and res[True][5] > 0
+
+
+@pytest.mark.skipif(_cuda_why() is not None, reason=f"no CUDA backend here: {_cuda_why()}")
+def test_cuda_read_later_returns_the_arrays_it_queued():
+    """``CupyBackend.read_later``: two reads queued before either is taken each return their
+    own arrays (dtype, shape, values), as ``to_host`` does; a read above the pinned size goes
+    through cupy.asnumpy."""
+    import cupy as cp
+
+    from zipmoe_rt.backends import get_backend
+    be = get_backend("cuda")
+    a = cp.arange(128, dtype=cp.float32).reshape(1, 128)
+    b = cp.arange(8, dtype=cp.int64).reshape(1, 8) * 3
+    first = be.read_later(a, b)
+    a2 = a * 2
+    second = be.read_later(a2)
+    x, y = first()
+    (z,) = second()
+    assert x.dtype == np.float32 and x.shape == (1, 128)
+    assert np.array_equal(x, np.arange(128, dtype=np.float32).reshape(1, 128))
+    assert y.dtype == np.int64 and np.array_equal(y, np.arange(8).reshape(1, 8) * 3)
+    assert np.array_equal(z, 2 * x) and np.array_equal(be.to_host(a2), z)
+    big = cp.ones(5 << 20, cp.uint8)
+    assert be.read_later(big)()[0].sum() == 5 << 20

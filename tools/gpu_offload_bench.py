@@ -18,7 +18,7 @@ Two steps, because the value pools come from a GGUF file the GPU machine does no
     python tools/gpu_offload_bench.py run POOLS.npz --work DIR [--layers 2] [--budget 25%]
         [--host-budget 100%] [--tokens 32] [--hf-tokens 6] [--routing both]
         [--prefetch off,on] [--calibration FILE] [--skip-accelerate] [--one-step-segments]
-        [--json OUT.json]
+        [--ab NAME=VALUE,...] [--json OUT.json]
 
 ``run`` writes the checkpoint, calibrates its routers
 (:func:`offload_model.calibrate_routers`), converts it twice (bit-planes; raw experts for
@@ -32,7 +32,9 @@ warm-up, with cross-layer prefetch off and/or on (``--prefetch``; a third routin
 ``predictable``, draws uniform experts that the look-ahead predicts exactly: the bound of
 what prefetch can hide) (zip-lru also with one copy and one decode launch per miss, the engine's one-expert
 path: ``gpu_batch.BATCHED`` off; ``--batch-sizes N,...`` adds zip-lru and zipmoe rows with ``N``
-experts per decode launch, ``gpu_batch.MAX_BATCH``); last transformers + accelerate
+experts per decode launch, ``gpu_batch.MAX_BATCH``; ``--ab NAME=VALUE,...`` adds zip-lru
+rows with module switches flipped, ``tools/gpu_timeline.py``'s ``AB_SWITCHES``); last
+transformers + accelerate
 (``tools/offload_accelerate.py``); it prints a table with the ratios and, per budgeted row,
 where a token's time goes (:func:`breakdown`). Every figure comes from this one run on this
 machine. The model and routing: ``tools/offload_model.py``.
@@ -52,6 +54,7 @@ sys.path[:0] = [str(ROOT / "tools"), str(ROOT), str(ROOT / "format")]
 
 from offload_accelerate import experts_on_cpu_map, time_accelerate  # noqa: E402
 import offload_model  # noqa: E402
+from gpu_timeline import ab_arg, switches  # noqa: E402
 from offload_model import (CALIB_RUNS, CALIB_TOKENS, token_stream, calibrate_routers,  # noqa: E402
                            make_pools, plan_once, uniform_routing, write_checkpoint)
 
@@ -347,18 +350,20 @@ def run(a):
         # one launch, "off" one copy and one launch per miss: the one-expert path)
         rows = [(pol, f, None, pf) for pf in a.prefetch
                 for pol, f in (("raw-lru", raw), ("zip-lru", z), ("zipmoe", z))]
+        rows += [("zip-lru", z, None, pf, ab) for ab in a.ab for pf in a.prefetch]
         if DEVICE == "cuda":
             if not a.no_unbatched:
                 rows.insert(2, ("zip-lru", z, "off", "off"))
             rows += [(pol, z, n, "off") for n in a.batch_sizes for pol in ("zip-lru", "zipmoe")]
         default = gpu_batch.MAX_BATCH
-        for pol, path, per, pf in rows:
+        for pol, path, per, pf, *ab in rows:
             gpu_batch.BATCHED = per != "off"
             gpu_batch.MAX_BATCH = default if per in (None, "off") else per
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), switches(ab[0][1] if ab else []):
                 warnings.simplefilter("ignore")
                 r = time_zipmoe(path, a.tokens, 8, memory_budget=budget, policy=pol,
                                 host_budget=a.host_budget, prefetch=pf)
+            pol += f", {ab[0][0]}" if ab else ""
             gpu_batch.BATCHED, gpu_batch.MAX_BATCH = True, default
             if per == "off":
                 pol = f"{pol}, one launch per miss"
@@ -489,6 +494,9 @@ def main(argv=None):
                    "rows (default: measured once at the start of the run)")
     r.add_argument("--skip-accelerate", action="store_true",
                    help="no transformers + accelerate rows")
+    r.add_argument("--ab", action="append", default=[], type=ab_arg,
+                   help="a zip-lru row per --prefetch "
+                   "mode with module switches flipped, NAME=VALUE,... (gpu_timeline.AB_SWITCHES)")
     a = ap.parse_args(argv)
     if a.cmd == "pools":
         make_pools(a.out)

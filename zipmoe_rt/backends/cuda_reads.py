@@ -32,12 +32,50 @@ class HostReads:
     def __init__(self):
         self._buf = None                 # uint8 pinned host buffer, grown as needed
         self.reads = 0                   # host synchronisations made (one per read)
+        self._later = [None, None]       # pinned buffers of :meth:`read_later`, used in turn
+        self._later_i = 0
 
     def _host_buf(self, nbytes: int) -> np.ndarray:
         if self._buf is None or self._buf.size < nbytes:
             n = max(64 << 10, 1 << (int(nbytes) - 1).bit_length())
             self._buf = np.frombuffer(cp.cuda.alloc_pinned_memory(n), np.uint8, n)
         return self._buf
+
+    def read_later(self, *arrays):
+        """Queue the copies of device ``arrays`` into pinned host memory on the current stream
+        without waiting (a buffer of their own, two used in turn, not :meth:`read`'s).
+
+        Returns:
+            a callable that waits for the copies (an event synchronise; none if the stream has
+            passed them) and returns host copies as :meth:`read` does. Call it before the
+            next-but-one ``read_later``.
+        """
+        arrays = [cp.ascontiguousarray(a) for a in arrays]
+        offs, n = [], 0
+        for a in arrays:
+            offs.append(n)
+            n += -(-a.nbytes // _ALIGN) * _ALIGN
+        if n > MAX_BYTES:
+            host = [cp.asnumpy(a) for a in arrays]
+            return lambda: host
+        i, self._later_i = self._later_i, 1 - self._later_i
+        if self._later[i] is None or self._later[i].size < n:
+            m = max(64 << 10, 1 << (int(n) - 1).bit_length())
+            self._later[i] = np.frombuffer(cp.cuda.alloc_pinned_memory(m), np.uint8, m)
+        buf = self._later[i]
+        s, rt = cp.cuda.get_current_stream(), cp.cuda.runtime
+        for a, off in zip(arrays, offs):
+            if a.nbytes:
+                rt.memcpyAsync(buf.ctypes.data + off, a.data.ptr, a.nbytes,
+                               rt.memcpyDeviceToHost, s.ptr)
+        ev = cp.cuda.Event(disable_timing=True)
+        ev.record(s)
+
+        def done() -> list:
+            ev.synchronize()
+            return [buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape).copy()
+                    for a, off in zip(arrays, offs)]
+        return done
 
     def read(self, *arrays) -> list:
         """Host copies (numpy, same dtype and shape) of the device ``arrays`` as the current

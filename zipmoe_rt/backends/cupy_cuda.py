@@ -116,6 +116,13 @@ class CupyBackend(CudaFamilyOps, Backend):
             return a
         return self.reads.read(a)[0] if isinstance(a, cp.ndarray) else cp.asnumpy(a)
 
+    def read_later(self, *arrays):
+        """Host copies of device ``arrays`` queued without a host wait: a callable returning
+        them once copied (:meth:`HostReads.read_later
+        <zipmoe_rt.backends.cuda_reads.HostReads.read_later>`; the look-ahead's routing with
+        ``prefetch.LOOKAHEAD_ASYNC``)."""
+        return self.reads.read_later(*arrays)
+
     def synchronize(self):
         """Wait for the GPU's queued work (for timing)."""
         cp.cuda.get_current_stream().synchronize()

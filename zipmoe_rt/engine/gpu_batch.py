@@ -59,6 +59,13 @@ BATCHED = True
 #: time and a launch of few segments decodes slowly: with 2 on one H100 the Qwen3-30B-A3B-shape
 #: benchmark ran 13 % slower than with 0 (docs/benchmarks.md §13)
 MAX_BATCH = 0
+#: before a batch's first copy the copy stream waits for the compute stream's event taken when
+#: the batch opened (False: only before the first copy into an arena not used before, whose
+#: memory came from the compute stream's pool; the arenas are allocated once and never given
+#: back, so a later batch needs only the wait for the decode that last read its arena, and its
+#: copies no longer queue behind compute work queued before the batch opened). Same bytes either
+#: way; ``tools/gpu_timeline.py --ab copy_wait=off`` compares the two in one process
+COPY_WAITS_COMPUTE = True
 
 
 def _al(n: int) -> int:
@@ -227,7 +234,8 @@ class BatchedMisses:
 
     def _start_copies(self, b):
         ops, cs = self.ops, self._copy_s
-        ops.wait(cs, b.ev_c)
+        if COPY_WAITS_COMPUTE or b.slot[1] is None:
+            ops.wait(cs, b.ev_c)
         if b.slot[1] is not None:
             ops.wait(cs, b.slot[1])             # the decode that last read this arena is done
         b.a_c = ops.record(cs, timing=True)

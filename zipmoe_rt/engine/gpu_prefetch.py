@@ -72,6 +72,7 @@ class GpuPrefetch:
         or at once when no call runs (a look-ahead from a dense layer). The running layer's MoE
         time keeps its own last decode as its start
         (:meth:`~zipmoe_rt.engine.gpu_batch.BatchedMisses._note_layer`)."""
+        self._take_deferred()
         if self._next is None:
             return
         last = self._last_dec

@@ -60,6 +60,19 @@ MAX_EXTRA = 1
 EXTRA_WARMUP = 4
 #: the extra candidates' expected unused loads per call at most, as a multiple of k
 WASTE_BOUND = 0.75
+#: the look-ahead reads the next router's logits for the ranking of the extra candidates, a
+#: second device-to-host read after the routing's own on the GPU (False: the prediction is the
+#: router's top-k alone, one read per look-ahead; the logits never change, only which experts
+#: are loaded early; ``tools/gpu_timeline.py --ab lookahead_scores=off``)
+LOOKAHEAD_SCORES = True
+#: on a backend with ``read_later`` (CUDA), a look-ahead from an MoE layer queues the next
+#: router's logits and their copy to the host without waiting, and the prediction is made from
+#: them when the running layer issues its prefetch (after its own routing read, which the copy
+#: precedes on the same stream): no host wait of its own. The experts are chosen by the
+#: block's rule on the host copy (the softmax top-k by logit where the rule runs only on the
+#: device). False: the look-ahead reads its routing at once. The logits never change, only
+#: the prediction's timing (``tools/gpu_timeline.py --ab lookahead_async=on``)
+LOOKAHEAD_ASYNC = False
 
 
 def check_prefetch(value) -> bool:
@@ -93,6 +106,7 @@ class PrefetchMixin:
         self._predicted: dict = {}    # layer -> (experts predicted for its coming call, ranking)
         self._discard: list = []      # wrong guesses whose loads may still be running
         self._rank_hist: dict = {}    # layer -> int64 [N]: used experts by rank in the ranking
+        self._deferred = None         # (layer, fn): a look-ahead whose routing is on its way
 
     def predict(self, layer: int, experts, issue_now: bool = False, scores=None) -> None:
         """Note that MoE layer ``layer`` will probably use ``experts`` (ints, the router's top-k
@@ -119,6 +133,20 @@ class PrefetchMixin:
         if issue_now:
             self._issue_prefetch()
 
+    def predict_later(self, layer: int, fn) -> None:
+        """Note a prediction for MoE layer ``layer`` whose routing is still on its way to the
+        host: ``fn()`` returns ``(experts, scores)`` as :meth:`predict` takes them; it is
+        called by :meth:`_take_deferred` when the running layer issues its prefetch."""
+        if self.prefetch:
+            self._deferred = (int(layer), fn)
+
+    def _take_deferred(self) -> None:
+        """Turn a deferred prediction (:meth:`predict_later`) into the pending one."""
+        d, self._deferred = self._deferred, None
+        if d is not None:
+            experts, scores = d[1]()
+            self.predict(d[0], experts, scores=scores)
+
     def extra_candidates(self, layer: int) -> int:
         """``m_l``: how many experts beyond the router's top-k the prediction of MoE layer
         ``layer`` includes. The fewest ranks past ``k`` at which the layer's recall so far (the
@@ -143,6 +171,7 @@ class PrefetchMixin:
     def _issue_prefetch(self) -> None:
         """Start the loads of the pending prediction's experts that are neither in the layer's
         F pool nor already in flight."""
+        self._take_deferred()
         nxt, self._next = self._next, None
         if nxt is None:
             return
@@ -237,7 +266,7 @@ class PrefetchMixin:
 
     def _drop_prefetch(self) -> None:
         """Discard every load in flight and wait for them (before closing the engine)."""
-        self._next = None
+        self._next = self._deferred = None
         self._predicted.clear()
         for p in self._inflight.values():
             self._discard_load(p)
@@ -300,8 +329,26 @@ def _lookahead(engine, j: int, target, defer: bool):
     def lookahead(x):
         if x.shape[0] != 1:
             return
+        later = getattr(block.backend, "read_later", None)
+        if LOOKAHEAD_ASYNC and defer and later is not None:
+            pending = later(block.router_logits(norm(x)))     # queued, no host wait
+            engine.predict_later(j, lambda: _host_prediction(block, pending()[0]))
+            return
         logits, idx, _w = block.route(norm(x))
+        scores = block.backend.to_host(logits).reshape(-1) if LOOKAHEAD_SCORES else None
         engine.predict(j, np.asarray(idx).reshape(-1).tolist(), issue_now=not defer,
-                       scores=block.backend.to_host(logits).reshape(-1))   # GPU: a host copy
+                       scores=scores)   # GPU: the scores are a second host read
 
     return lookahead
+
+
+def _host_prediction(block, logits: np.ndarray) -> tuple:
+    """``(experts, scores)`` of a look-ahead from host router logits float32 [1, E]: the
+    block's rule where it runs on host arrays, else (a rule only the device runs) the top-k by
+    logit, the softmax top-k's choice. A prediction only: the layer routes on its own."""
+    lg = np.asarray(logits, np.float32).reshape(1, -1)
+    try:
+        idx, _w = block.select(lg)
+    except TypeError:
+        idx = np.argsort(-lg[0], kind="stable")[:block.top_k]
+    return np.asarray(idx).reshape(-1).tolist(), lg.reshape(-1)
