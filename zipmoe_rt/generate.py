@@ -91,7 +91,9 @@ class CacheState:
     only after ``forward`` returns. If ``forward`` itself is interrupted, :func:`generate`
     reconciles with ``cache.get_seq_length()`` (whole call committed or not) or rolls back with
     ``cache.crop(n)``; when the cache offers neither, ``valid`` becomes ``False`` and the state
-    must not be reused.
+    must not be reused. A cache with ``mark()`` (recurrent layer states, which can crop only to
+    a marked position) is marked before a prompt is prefilled after tokens it holds, so that a
+    prefill interrupted between its batches, some of them committed, is rolled back too.
 
     Attributes:
         cache: the object from ``model.new_cache()``.
@@ -317,7 +319,9 @@ class Generation(Iterator[GenerationStep]):
             return GenerationStep(None, self.stats)
         t0 = self._clock()
         feed = list(self._unfed)
-        try:
+        if self._phase == "new" and len(feed) > 1 and self.state.token_ids:
+            self._mark()        # the state before the prefill, for a prefill interrupted
+        try:                    # between its batches (_reconcile crops back to it)
             logits = self._forward(feed)
             token = self.sampler.sample(logits, self._seen)
         except BaseException as e:
@@ -328,9 +332,7 @@ class Generation(Iterator[GenerationStep]):
         if self._phase == "new":
             self._ttft = dt
             self._phase = "running"
-            mark = getattr(self.state.cache, "mark", None)
-            if callable(mark):      # the prompt's end: a recurrent state can come back here
-                mark()
+            self._mark()        # the prompt's end: a recurrent state can come back here
         else:
             self._decode_s += dt
         self._n_sampled += 1
@@ -348,6 +350,13 @@ class Generation(Iterator[GenerationStep]):
             self._finish("length")
             self._phase = "final_due"
         return GenerationStep(token)
+
+    def _mark(self) -> None:
+        """``cache.mark()`` where the cache has one (recurrent layer states: a position
+        :meth:`CacheState.sync_prefix` and ``crop`` can return to)."""
+        mark = getattr(self.state.cache, "mark", None)
+        if callable(mark):
+            mark()
 
     def _forward(self, ids: list[int]) -> np.ndarray:
         state = self.state

@@ -1,0 +1,186 @@
+"""A chat turn stopped before its first reply token (Ctrl-C while its prompt is prefilled) is
+withdrawn: the conversation and the KV cache are as they were before it, and the next turn
+gives exactly the tokens of a session that never saw it. A reply stopped after its first token
+is kept as far as it got. Each case is checked against a fresh session on the same tiny
+model (greedy decoding), a KV-cache model (Mixtral) and a recurrent one (Qwen3-Next, whose
+state can only go back to a marked position), with the prompt prefilled in batches so that the
+interrupt lands after some of them were committed."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import zipmoe_rt
+from zipmoe_rt.models import model as M
+
+from test_api import make_chat_model
+
+LONG = " ".join(["please tell me everything about the history of france"] * 4)
+FIRST, LAST = "hello world", "what is the capital of france"
+KW = dict(max_tokens=8, temperature=0)
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_next"])
+def chat_zmoe(request, tiny_moe_dir, tmp_path_factory):
+    return make_chat_model(tiny_moe_dir(request.param),
+                           tmp_path_factory.mktemp("cancel") / request.param)
+
+
+@pytest.fixture
+def model(chat_zmoe, monkeypatch):
+    monkeypatch.setattr(M, "PREFILL_UBATCH", 8)      # a long prompt: several batches
+    m = zipmoe_rt.load(chat_zmoe)
+    yield m
+    m.close()
+
+
+class InterruptAt:
+    """``net.forward`` that raises KeyboardInterrupt on its ``n``-th call from now (counting
+    each prefill batch: ``Model.forward`` runs them through ``self.forward``), once."""
+
+    def __init__(self, net, n: int):
+        self.net, self.n, self.calls = net, n, 0
+        self.real = type(net).forward.__get__(net)
+        net.forward = self
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return self.real(*a, **kw)
+
+    def remove(self):
+        del self.net.forward
+
+
+def _turn(session, text):
+    return "".join(session.send(text, **KW))
+
+
+def _fresh(model, *texts):
+    """A session over ``texts`` (one turn each); returns it and its last reply."""
+    s = model.chat_session(system="be brief")
+    for t in texts:
+        reply = _turn(s, t)
+    return s, reply
+
+
+def _same_session(a, b):
+    assert a.messages == b.messages
+    assert a.state.token_ids == b.state.token_ids
+    assert a.state.cache.offset == len(a.state.token_ids)
+
+
+@pytest.mark.parametrize("at", [1, 3])      # the first prefill batch, or after two committed
+def test_ctrl_c_in_the_prefill_withdraws_the_turn(model, at):
+    s = model.chat_session(system="be brief")
+    _turn(s, FIRST)
+    before = (list(s.messages), list(s.state.token_ids))
+    hook = InterruptAt(model.net, at)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _turn(s, LONG)
+    finally:
+        hook.remove()
+    assert hook.calls == at and s.withdrawn
+    assert model.last_stats.finish_reason == "cancelled"
+    assert model.last_stats.generated_tokens == 0
+    assert (s.messages, s.state.token_ids) == before and s.state.valid
+    assert s.state.cache.offset == len(before[1])
+    reply = _turn(s, LAST)
+    assert not s.withdrawn
+    cached = model.last_stats.cached_tokens
+    fresh, want = _fresh(model, FIRST, LAST)
+    assert reply == want and model.last_stats.cached_tokens == cached > 0
+    _same_session(s, fresh)
+
+
+def test_ctrl_c_while_the_first_token_is_drawn_withdraws_the_turn(model, monkeypatch):
+    """The prefill committed, then the interrupt landed in the sampling: the cache is cropped
+    back to what it held before the turn."""
+    from zipmoe_rt import generate as G
+    s = model.chat_session(system="be brief")
+    _turn(s, FIRST)
+    before = list(s.state.token_ids)
+    real = G.Sampler.sample
+
+    def boom(self, logits, context_ids=None):
+        monkeypatch.setattr(G.Sampler, "sample", real)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(G.Sampler, "sample", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _turn(s, LONG)
+    assert s.withdrawn and s.state.token_ids == before
+    assert s.state.cache.offset == len(before)
+    reply = _turn(s, LAST)
+    fresh, want = _fresh(model, FIRST, LAST)
+    assert reply == want
+    _same_session(s, fresh)
+
+
+def test_ctrl_c_after_the_first_token_keeps_the_reply_so_far(model):
+    s = model.chat_session(system="be brief")
+    _turn(s, FIRST)
+    got = []
+    it = s.send(LONG, max_tokens=30, temperature=0)
+    for piece in it:
+        got.append(piece)
+        hook = InterruptAt(model.net, 1)       # the next decode step
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                next(it)
+        finally:
+            hook.remove()
+        break
+    assert not s.withdrawn and model.last_stats.generated_tokens == 1
+    partial = "".join(got)
+    assert s.messages[-2:] == [{"role": "user", "content": LONG},
+                               {"role": "assistant", "content": partial}]
+    reply = _turn(s, LAST)
+    history = [{"role": "system", "content": "be brief"}] + s.messages[:-1]
+    assert reply == model.chat(history, **KW)
+
+
+def test_an_error_in_the_prefill_withdraws_the_turn_too(model):
+    s = model.chat_session(system="be brief")
+    _turn(s, FIRST)
+    before = list(s.messages)
+
+    def fail(*a, **kw):
+        raise OSError("read failed")
+    model.net.forward = fail
+    try:
+        with pytest.raises(OSError, match="read failed"):
+            _turn(s, LONG)
+    finally:
+        del model.net.forward
+    assert s.withdrawn and s.messages == before
+    reply = _turn(s, LAST)
+    fresh, want = _fresh(model, FIRST, LAST)
+    assert reply == want
+    _same_session(s, fresh)
+
+
+def test_generate_marks_a_recurrent_state_before_a_prefill_it_may_roll_back(model):
+    """The low-level loop: a prefill interrupted after some batches leaves the cache as it was
+    (a recurrent state through the mark taken before the prefill) and the state valid."""
+    from zipmoe_rt.generate import CacheState, SamplingParams, generate
+    from zipmoe_rt.models.cache import RecurrentCache
+    ids = model.tokenizer.encode(LONG)
+    state = CacheState.new(model.net)
+    generate(model.net, ids[:5], SamplingParams(max_tokens=3), cache=state).collect()
+    held = list(state.token_ids)           # the prompt and two decoded tokens (past its mark)
+    assert len(held) == 7
+    rec = [lc for lc in state.cache.layers if isinstance(lc, RecurrentCache)]
+    before = [(lc.conv.copy(), lc.state.copy()) for lc in rec]
+    hook = InterruptAt(model.net, 3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            generate(model.net, ids[5:], SamplingParams(max_tokens=1), cache=state).collect()
+    finally:
+        hook.remove()
+    assert hook.calls == 3 and len(ids) - 5 > 2 * M.PREFILL_UBATCH
+    assert state.valid and state.token_ids == held and state.cache.offset == len(held)
+    for lc, (conv, st) in zip(rec, before):
+        assert lc.length == len(held)
+        assert np.array_equal(lc.conv, conv) and np.array_equal(lc.state, st)
