@@ -452,7 +452,7 @@ class ChatSession:
                 # that landed in the sampling)
                 self.messages.pop()
                 self.withdrawn = True
-                _crop_back(self.state, held)
+                self.state.crop_to(held)
                 return
             self.messages.append({"role": "assistant", "content": "".join(reply)})
 
@@ -469,11 +469,3 @@ class ChatSession:
     def last_stats(self) -> GenerationStats | None:
         return self.model.last_stats
 
-
-def _crop_back(state: CacheState, n: int) -> None:
-    """Crop ``state`` back to its first ``n`` tokens where its cache can; otherwise leave it
-    (the next :meth:`~zipmoe_rt.generate.CacheState.sync_prefix` crops or rebuilds it)."""
-    from .generate import _can_crop
-    if state.valid and len(state.token_ids) > n and _can_crop(state.cache, n):
-        state.cache.crop(n)
-        del state.token_ids[n:]

@@ -118,6 +118,24 @@ class CacheState:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    def crop_to(self, n: int) -> bool:
+        """Go back to the first ``n`` tokens held (e.g. what the cache held before a turn or
+        request that was stopped), where the cache can (``can_crop(n)``; a recurrent state
+        only to its marked position).
+
+        Returns:
+            True when the state now holds at most ``n`` tokens; False when it could not crop
+            (it is left as it was, valid: the next :meth:`sync_prefix` crops or rebuilds).
+        """
+        n = int(n)
+        if len(self.token_ids) <= n:
+            return True
+        if not self.valid or not _can_crop(self.cache, n):
+            return False
+        self.cache.crop(n)
+        del self.token_ids[n:]
+        return True
+
     def sync_prefix(self, target_ids: Sequence[int], model: Any | None = None) -> list[int]:
         """Reuse the cache for a prompt that shares a prefix with what it holds.
 
