@@ -184,3 +184,105 @@ def test_generate_marks_a_recurrent_state_before_a_prefill_it_may_roll_back(mode
     for lc, (conv, st) in zip(rec, before):
         assert lc.length == len(held)
         assert np.array_equal(lc.conv, conv) and np.array_equal(lc.state, st)
+
+
+# -- the budgeted engine ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine_zmoe(tiny_moe_dir, tmp_path_factory):
+    """The tiny Mixtral chat model with an activation trace beside it (for ``zipmoe``)."""
+    from zipmoe_rt.engine import trace as T
+    z = make_chat_model(tiny_moe_dir("mixtral"), tmp_path_factory.mktemp("engine") / "m")
+    with zipmoe_rt.load(z) as m:
+        T.save_trace(T.record_trace(m, [FIRST, LAST, "tell me a story"], max_tokens=12,
+                                    progress=False), T.sidecar(z, T.TRACE_SUFFIX))
+    return z
+
+
+def _interrupting(obj, name: str, n: int, after: bool):
+    """Make ``obj.name`` raise KeyboardInterrupt at its ``n``-th call, before it runs or
+    (``after``) once it has; returns the undo."""
+    real, calls = getattr(obj, name), [0]
+
+    def hooked(*a, **kw):
+        calls[0] += 1
+        if calls[0] == n and not after:
+            raise KeyboardInterrupt
+        out = real(*a, **kw)
+        if calls[0] == n:
+            raise KeyboardInterrupt
+        return out
+    setattr(obj, name, hooked)
+    return lambda: delattr(obj, name)
+
+
+@pytest.mark.parametrize("policy, prefetch", [("zip-lru", "on"), ("zipmoe", "on"),
+                                              ("zipmoe", "off")])
+def test_ctrl_c_inside_the_expert_engine_changes_no_later_reply(engine_zmoe, policy, prefetch):
+    """Ctrl-C landing in the expert engine (loads in flight, predicted loads issued, slots
+    being moved, a pool admission) leaves it serving the same bits: every later reply is that
+    of the unbudgeted model."""
+    with zipmoe_rt.load(engine_zmoe) as ref:
+        want = ref.chat([{"role": "user", "content": LAST}], **KW)
+    with zipmoe_rt.load(engine_zmoe, memory_budget="40%", policy=policy,
+                        prefetch=prefetch) as m:
+        eng, stopped = m.engine, 0
+        assert m.policy == policy
+        for name in ("_resolve", "_start", "_prepare", "_issue_prefetch", "_adapt_slots",
+                     "_claim_prefetched", "_recycle"):
+            if not hasattr(eng, name):
+                continue
+            for n, after in ((1, False), (3, True), (9, False), (20, True)):
+                s = m.chat_session()
+                undo = _interrupting(eng, name, n, after)
+                try:
+                    _turn(s, FIRST)
+                except KeyboardInterrupt:
+                    stopped += 1
+                finally:
+                    undo()
+                assert _turn(m.chat_session(), LAST) == want, (name, n, after)
+        assert stopped >= 15
+
+
+def test_the_terminal_repl_says_the_turn_was_cancelled(engine_zmoe, monkeypatch, capsys):
+    """The REPL's terminal branch (banner, prompt, stats lines): Ctrl-C while the second
+    turn's prompt is prefilled prints the one notice line and no stats line; the third turn
+    is answered as in a conversation without the second."""
+    import builtins
+
+    from zipmoe_rt import cli_repl
+    from zipmoe_rt.cli_stats import session_stats, stats_line
+    lines = iter([FIRST, LONG, LAST, "/stats"])
+
+    def typed(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+    monkeypatch.setattr(builtins, "input", typed)
+    monkeypatch.setattr(cli_repl, "_pending_input", lambda *a: False)
+    with zipmoe_rt.load(engine_zmoe) as m:
+        session = m.chat_session()
+        prefills = []
+        real = type(m.net).forward.__get__(m.net)
+
+        def forward(ids, *a, **kw):
+            if len(ids) > 1:
+                prefills.append(len(ids))
+                if len(prefills) == 2:
+                    raise KeyboardInterrupt
+            return real(ids, *a, **kw)
+        m.net.forward = forward
+        failed = cli_repl.repl(m, session, dict(KW), [], stats_line, session_stats, True,
+                               "BANNER")
+        del m.net.forward
+        assert failed == 0 and len(prefills) == 3
+        out, err = capsys.readouterr()
+        fresh = m.chat_session()
+        want = [_turn(fresh, FIRST), _turn(fresh, LAST)]
+        assert out.splitlines() == want
+        assert f"\r{cli_repl.CANCELLED_TURN}" in err.split("\n")          # once
+        assert err.count(cli_repl.CANCELLED_TURN) == 1
+        assert len([l for l in err.split("\n") if l.startswith("[")]) == 3   # 2 + /stats
+        assert session.messages == fresh.messages
+        assert session.state.token_ids == fresh.state.token_ids
