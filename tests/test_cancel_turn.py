@@ -286,3 +286,38 @@ def test_the_terminal_repl_says_the_turn_was_cancelled(engine_zmoe, monkeypatch,
         assert len([l for l in err.split("\n") if l.startswith("[")]) == 3   # 2 + /stats
         assert session.messages == fresh.messages
         assert session.state.token_ids == fresh.state.token_ids
+
+
+# -- an interrupt inside the cache's commit ---------------------------------------------------
+@pytest.mark.parametrize("step", [0, 3])       # the prefill's commit, or a decode step's
+def test_ctrl_c_between_two_layers_commits_leaves_every_layer_as_it_was(model, step):
+    """``ModelCache.commit`` interrupted after some layers counted the new tokens (a Ctrl-C
+    landing between two of its calls): every layer goes back to the tokens the cache holds,
+    and going on gives the tokens of a run that stopped at the same place without it."""
+    from zipmoe_rt.generate import CacheState, SamplingParams, generate
+    ids = model.tokenizer.encode(FIRST)
+
+    def run(interrupt: bool):
+        state = CacheState.new(model.net)
+        gen = generate(model.net, ids, SamplingParams(max_tokens=20), cache=state)
+        for _ in range(step):
+            next(gen)
+        if interrupt:
+            lc = state.cache.layers[1]
+            real = lc.commit
+
+            def boom(n):
+                del lc.commit
+                raise KeyboardInterrupt
+            lc.commit = boom
+            with pytest.raises(KeyboardInterrupt):
+                next(gen)
+            assert not hasattr(lc, "commit") or lc.commit == real
+        gen.close()
+        assert [lc.length for lc in state.cache.layers] == \
+            [state.cache.offset] * len(state.cache.layers) == [len(state.token_ids)] * \
+            len(state.cache.layers)
+        more = generate(model.net, gen.pending_ids + model.tokenizer.encode(LAST),
+                        SamplingParams(max_tokens=8), cache=state).collect()
+        return state.token_ids, more
+    assert run(True) == run(False)
