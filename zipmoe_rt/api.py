@@ -446,10 +446,11 @@ class ChatSession:
 
         def finish(gen):
             stats = gen.stats
-            if stats is not None and stats.generated_tokens == 0:
-                # stopped in the prefill: the turn is withdrawn, the cache goes back to the
-                # tokens it held before it (if the prefill committed, e.g. before a Ctrl-C
-                # that landed in the sampling)
+            if stats is not None and stats.output_tokens == 0 and \
+                    stats.finish_reason in ("cancelled", "error"):
+                # stopped before its first reply token (in the prefill): the turn is
+                # withdrawn, the cache goes back to the tokens it held before it (if the
+                # prefill committed, e.g. before a Ctrl-C that landed in the sampling)
                 self.messages.pop()
                 self.withdrawn = True
                 self.state.crop_to(held)

@@ -385,8 +385,8 @@ class Generation(Iterator[GenerationStep]):
         except BaseException:
             self._reconcile(n0, ids)
             raise
-        state.token_ids.extend(ids)
-        self._unfed = []
+        state.token_ids += ids     # (no call between these two lines: a Ctrl-C lands before
+        self._unfed = []           # or after both, never between them)
         logits = np.asarray(out)
         if logits.ndim == 2:
             logits = logits[-1]
