@@ -4,7 +4,9 @@ gives exactly the tokens of a session that never saw it. A reply stopped after i
 is kept as far as it got. Each case is checked against a fresh session on the same tiny
 model (greedy decoding), a KV-cache model (Mixtral) and a recurrent one (Qwen3-Next, whose
 state can only go back to a marked position), with the prompt prefilled in batches so that the
-interrupt lands after some of them were committed."""
+interrupt lands after some of them were committed. Then the other places a Ctrl-C could
+leave state that changes a later output: the budgeted expert engine, the cache's commit
+between two layers, the calibration file."""
 from __future__ import annotations
 
 import numpy as np
@@ -321,3 +323,43 @@ def test_ctrl_c_between_two_layers_commits_leaves_every_layer_as_it_was(model, s
                         SamplingParams(max_tokens=8), cache=state).collect()
         return state.token_ids, more
     assert run(True) == run(False)
+
+
+# -- a file the next run reads ----------------------------------------------------------------
+def test_ctrl_c_while_calibrate_writes_leaves_the_old_calibration(engine_zmoe, tmp_path,
+                                                                   monkeypatch):
+    """``calibrate`` replaces the calibration file whole: interrupted while writing it, the
+    earlier file is left as it was (not a truncated one the next run refuses), with no
+    temporary file beside it."""
+    import json
+    import os
+    import shutil
+    import signal
+
+    from click.testing import CliRunner
+
+    from zipmoe_rt.cli import main
+    from zipmoe_rt.engine import profile as prof
+    z = tmp_path / "m.zmoe"
+    shutil.copy(engine_zmoe, z)
+    cpath = prof.sidecar(z, prof.CALIB_SUFFIX)
+    cpath.write_text('{"earlier": 1}')
+    cal = {k: 0.001 for k in ("sm_read_s", "exp_read_s", "decode_s", "matmul_s")}
+    cal.update(decode_Gweights_per_s=1.0, read_GBps=1.0)
+    monkeypatch.setattr(prof, "calibrate", lambda *a, **kw: cal)
+    real = os.replace
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", interrupted)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        r = CliRunner().invoke(main, ["calibrate", str(z)], env={"ZIPMOE_RT_DEBUG": None})
+    finally:
+        signal.signal(signal.SIGINT, handler)     # (the CLI ignores a second Ctrl-C)
+    assert r.exit_code == 130 and "interrupted" in r.stderr
+    assert cpath.read_text() == '{"earlier": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.zmoe", cpath.name])
+    monkeypatch.setattr(os, "replace", real)
+    r = CliRunner().invoke(main, ["calibrate", str(z)], env={"ZIPMOE_RT_DEBUG": None})
+    assert r.exit_code == 0 and json.loads(cpath.read_text()) == cal
