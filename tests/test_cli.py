@@ -482,10 +482,12 @@ def test_chat_piped_commands(model, tiny_zmoe):
     assert float(mem[0][0]) > 0 and float(mem[1][1]) > 0
 
 
-def test_chat_ctrl_c_during_prefill_keeps_the_conversation(model, tiny_zmoe, monkeypatch):
-    """Ctrl-C before the first token (no timings yet): the turn is stopped, /stats still works
-    and the next turn answers the transcript (with the empty reply)."""
+def test_chat_ctrl_c_during_prefill_cancels_the_turn(model, tiny_zmoe, monkeypatch):
+    """Ctrl-C before the first reply token (the second turn's prompt being prefilled): one
+    notice line, the turn is not in the conversation (/stats), and the next turn's reply is
+    that of a conversation that never had it."""
     import zipmoe_rt.api as api
+    from zipmoe_rt.cli_repl import CANCELLED_TURN
 
     real_load = api.load
 
@@ -495,22 +497,30 @@ def test_chat_ctrl_c_during_prefill_keeps_the_conversation(model, tiny_zmoe, mon
         calls = []
 
         def interrupted_once(*fa, **fkw):
-            calls.append(1)
-            if len(calls) == 3:   # the first prefill (two forwards before it warm the kernels)
-                raise KeyboardInterrupt
+            calls.append(len(fa[0]))
+            if len(calls) == 6:   # the second prefill (after two warm-up forwards, the
+                raise KeyboardInterrupt          # first turn's prefill and its 2 decode steps)
             return forward(*fa, **fkw)
         m.net.forward = interrupted_once
         return m
 
     monkeypatch.setattr(api, "load", load)
-    r = cli("chat", tiny_zmoe, "-n", 5, input="hello world\n/stats\ntell me a story\n/stats\n")
+    r = cli("chat", tiny_zmoe, "-n", 3,
+            input="hello world\nplease tell me a long story\n/stats\nwhat is the capital\n/stats\n")
     assert r.exit_code == 0, r.output
-    a2 = model.chat([user("hello world"), assistant(""), user("tell me a story")], max_tokens=5)
-    assert r.stdout.splitlines() == [" [stopped]", a2]
-    stats = [STATS_RE.match(l) for l in r.stderr.splitlines()]
+    a1 = model.chat([user("hello world")], max_tokens=3)
+    a2 = model.chat([user("hello world"), assistant(a1), user("what is the capital")],
+                    max_tokens=3)
+    assert r.stdout.splitlines() == [a1, a2]
+    err = r.stderr.splitlines()
+    assert err.count(CANCELLED_TURN) == 1
+    fresh = model.chat_session()
+    assert "".join(fresh.send("hello world", max_tokens=3)) == a1
+    assert err[err.index(CANCELLED_TURN) + 2] == \
+        f"conversation: 2 messages, {len(fresh.state.token_ids)} tokens in the KV cache"
+    assert "conversation: 4 messages" in r.stderr
     assert "0 generated (cancelled); TTFT - s, prefill - tokens/s, decode - tokens/s]" in r.stderr
-    assert "conversation: 2 messages, 0 tokens in the KV cache" in r.stderr
-    assert [m.groups()[2:] for m in stats if m] == [("5", "length")]
+    assert "Traceback" not in r.stderr
 
 
 def test_chat_stats_before_any_reply(tiny_zmoe):

@@ -370,3 +370,33 @@ def test_scripted_backslash_continues_the_turn(model, greedy_zmoe):
     assert r.exit_code == 0, r.stderr
     assert r.stdout.splitlines() == [model.chat([{"role": "user", "content": "hello"}],
                                                 max_tokens=3)]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a POSIX pty")
+def test_repl_ctrl_c_during_a_long_prefill_cancels_the_turn(model, greedy_zmoe):
+    """A real Ctrl-C while the first turn's long prompt (a long system prompt) is prefilled:
+    one notice line, nothing in the conversation or the KV cache, and the next turn's reply is
+    that of a conversation that never had the cancelled turn."""
+    system = "once upon a time " * 250          # ~3,300 tokens: seconds of prefill here
+    want = model.chat([{"role": "system", "content": system}, user("hello world")],
+                      max_tokens=3)
+    argv = cli_argv() + ["chat", str(greedy_zmoe), "-n", "3", "-c", "100000",
+                         "--system", system]
+    with driving(argv, repl_env(), limit_s=300) as proc:
+        proc.expect(rb">>> ")
+        proc.send(b"hi\r")
+        proc.expect(rb"\(prefilling \d+ tokens\.\.\.\)")
+        proc.send(b"\x03")                       # Ctrl-C: SIGINT to the foreground group
+        proc.expect(re.escape(cli_repl.CANCELLED_TURN.encode()))
+        proc.expect(rb">>> ")
+        proc.send(b"/stats\r")
+        proc.expect(rb"conversation: 0 messages, 0 tokens in the KV cache")
+        proc.expect(rb">>> ")
+        proc.send(b"hello world\r")
+        proc.expect(rb"hello world\r?\n")
+        proc.expect(re.escape(want.replace("\n", "\r\n").encode()) +
+                    rb"\r?\n(?:\x1b\[2m)?\[\d+ prompt \+ 0 cached tokens, 3 generated \(length\)")
+        proc.expect(rb">>> ")
+        proc.send(b"/quit\r")
+        assert proc.wait() == 0
+    assert b"[stopped]" not in proc.buf and b"Traceback" not in proc.buf

@@ -21,7 +21,8 @@ from zipmoe_rt.engine.resident import pack_bf16
 from zipmoe_rt.engine.store import ZmoeSource
 from zipmoe_rt.kernels import linear as lin
 from zipmoe_rt.models import build_model
-from zipmoe_rt.models.packed import PackedMatrix, dense_saving, packed_matrices
+from zipmoe_rt.models.packed import (PackedMatrix, dense_saving, dense_saving_bound,
+                                     packed_matrices)
 
 from tiny_models import SPECS
 
@@ -89,6 +90,8 @@ def test_dense_linears_in_the_compute_form(name, tiny_zmoe):
         # measured bytes: what the compute form saves, and no more
         saving = dense_saving(nc)
         assert saving > 0
+        # what a memory limit is first checked with, before the build, bounds it
+        assert saving <= dense_saving_bound(comp)
         assert _held(nf) - _held(nc) == saving
         assert _held(nc) < _held(nf)
         # one prompt and 4 greedy steps, bit-identical (20 steps: test_resident.py)
@@ -185,6 +188,8 @@ def test_default_model_dense_bytes_shrink(default_zmoe):
         bf16 = sum(P.bf16_nbytes for P in packed)
         held_f, held_c = _held(nf), _held(nc)
         assert held_f - held_c == dense_saving(nc) > 0.2 * bf16
+        # the bound a limit is first checked with is within 10 % of it (27.1 against 25.1 MB)
+        assert dense_saving(nc) <= dense_saving_bound(comp) < 1.1 * dense_saving(nc)
         ids = np.arange(5, 12, dtype=np.int64)
         assert np.array_equal(nc.embed_tokens(ids), nf.embed_tokens(ids))
     finally:
@@ -216,3 +221,54 @@ def test_limit_divides_with_the_dense_bytes_held(tiny_moe_dir, tmp_path, monkeyp
         assert m.memory_plan.minimum == minimum - saving
         assert m.memory_report()["dense"] == stored - saving
         assert m.generate("hello there", max_tokens=12, temperature=0) == want
+
+
+def test_a_limit_too_small_is_refused_before_the_dense_build(tiny_moe_dir, tmp_path,
+                                                              monkeypatch):
+    """With ``resident="compressed"`` a limit (or budget) too small for the model is refused
+    before the dense linears are built into the compute form (and before the kernel warm-up),
+    in the words of the exact check; one within the escapes' bytes of the exact minimum is
+    still refused by the exact check after the build."""
+    from click.testing import CliRunner
+    from test_api import make_chat_model
+    import zipmoe_rt
+    from zipmoe_rt import loading
+    from zipmoe_rt.cli import main
+    from zipmoe_rt.engine import footprint as F
+    from zipmoe_rt.engine import limit as L
+    from zipmoe_rt.engine.tiers import BudgetError
+    from zipmoe_rt.engine.tiers import mb_at_least
+    ov = 50 << 20
+    monkeypatch.setenv("ZIPMOE_RT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None: ov)
+    monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None: ov)
+    z = make_chat_model(tiny_moe_dir("mixtral"), tmp_path / "m")
+    kw = dict(context=128, policy="zip-lru", resident="compressed")
+    with zipmoe_rt.load(z, memory_limit=10**9, **kw) as m:
+        p = m.memory_plan
+        exact = p.overhead + p.kv + p.buffers + p.activations + p.engine + p.minimum
+        smallest = p.minimum
+    with pytest.raises(L.MemoryLimitError) as e:      # between the bound and the exact minimum
+        zipmoe_rt.load(z, memory_limit=exact - 1, **kw)
+    assert f"at least {mb_at_least(exact)}" in str(e.value)
+
+    def never(*a, **k):
+        raise AssertionError("should not be called")
+    monkeypatch.setattr(loading, "_dense_first", never)
+    monkeypatch.setattr(F, "warm_up", never)
+    lim = exact - 100_000
+    with pytest.raises(L.MemoryLimitError) as e:
+        zipmoe_rt.load(z, memory_limit=lim, **kw)
+    msg = str(e.value)
+    assert msg.startswith(f"--memory-limit {lim / 1e6:.1f} MB (given) is too small for this "
+                          f"model: it needs fixed overhead {ov / 1e6:.1f} MB + KV cache"), msg
+    stated = float(msg.rsplit("at least ", 1)[1].split(" MB")[0]) * 1e6
+    assert exact - 100_000 < stated <= float(mb_at_least(exact).split()[0]) * 1e6
+    with pytest.raises(BudgetError, match=r"--memory-budget 0\.0 MB is below the dense"):
+        zipmoe_rt.load(z, memory_budget=1000, **kw)
+    with pytest.raises(BudgetError, match="at least"):
+        zipmoe_rt.load(z, memory_limit=10**9, memory_budget=smallest // 2, **kw)
+    r = CliRunner().invoke(main, ["run", str(z), "-p", "hi", "--resident", "compressed",
+                                  "--memory-limit", str(lim)], env={"ZIPMOE_RT_DEBUG": None})
+    assert r.exit_code == 1 and len(r.stderr.splitlines()) == 1, r.output
+    assert r.stderr.startswith("error: --memory-limit") and "at least" in r.stderr

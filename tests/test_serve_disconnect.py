@@ -163,3 +163,78 @@ def test_clients_reset_while_the_worker_is_ahead_log_no_socket_errors(model):
         status, body = _raw(base, "POST", "/v1/chat/completions",
                             {"messages": HI, "max_tokens": 3, "temperature": 0})
         assert status == 200 and body["usage"]["completion_tokens"] == 3
+
+
+class PrefillGate:
+    """The network, holding its next prefill (a forward pass over more than one token) once
+    :attr:`armed` until the request in progress is cancelled (its client gone)."""
+
+    def __init__(self, net):
+        self._net = net
+        self.host: ModelHost | None = None
+        self.armed = False
+        self.held = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._net, name)
+
+    def forward(self, ids, *a, **kw):
+        if self.armed and len(ids) > 1:
+            self.armed = False
+            self.held.set()
+            assert self.host._current.cancel.wait(HARD_LIMIT_S), "the client never left"
+        return self._net.forward(ids, *a, **kw)
+
+
+def _post(base: str, messages, stream: bool) -> socket.socket:
+    """A chat request on a raw socket (its reply not read)."""
+    h, port = base.removeprefix("http://").split(":")
+    s = socket.create_connection((h, int(port)), timeout=HARD_LIMIT_S)
+    body = json.dumps({"messages": messages, "stream": stream, "max_tokens": 50,
+                       "temperature": 0}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+              b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    return s
+
+
+def _ask(base: str, messages) -> list:
+    """The choices (text and log-probabilities) of a greedy chat completion."""
+    status, body = _raw(base, "POST", "/v1/chat/completions",
+                        {"messages": messages, "max_tokens": 6, "temperature": 0,
+                         "logprobs": True, "top_logprobs": 3})
+    assert status == 200, body
+    return body["choices"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_gone_during_the_prefill_leaves_nothing_for_the_next_request(model, stream):
+    """A client that leaves while its prompt is prefilled: the request ends (one log line),
+    and the next requests (a follow-up sharing the conversation, the same prompt again) get
+    the text and log-probabilities of a server that never saw it."""
+    from test_server import _host, running
+    from zipmoe_rt.server.app import create_app
+
+    gated = copy.copy(model)
+    gated.net = PrefillGate(model.net)
+    host = ModelHost(lambda: gated, close_model=False)
+    gated.net.host = host
+    story = "tell me a very long story about the kings and queens of france " * 3
+    with logged_server(host) as (base, rec):
+        first = _ask(base, HI)
+        convo = HI + [{"role": "assistant", "content": first[0]["message"]["content"]}]
+        gone = convo + [{"role": "user", "content": story}]
+        follow = convo + [{"role": "user", "content": "and what about germany"}]
+        gated.net.armed = True
+        s = _post(base, gone, stream)
+        assert gated.net.held.wait(HARD_LIMIT_S), "the prefill never started"
+        _reset(s)
+        _wait_idle(host)
+        assert host.last_result["finish_reason"] == "cancelled"
+        lines = [l for l in rec.lines("uvicorn.error") if DISCONNECT in l]
+        assert len(lines) == 1 and "generation stopped" in lines[0], lines
+        got = [_ask(base, follow), _ask(base, gone)]
+    with running(create_app(_host(model))) as fresh:
+        _wait_ready(fresh)
+        assert _ask(fresh, HI) == first
+        want = [_ask(fresh, follow), _ask(fresh, gone)]
+    assert got == want

@@ -349,7 +349,17 @@ class ChatSession:
 
     Each :meth:`send` re-renders the whole conversation with the chat template and feeds only
     the tokens the cache does not already hold (common-prefix reuse), so long chats stay fast.
-    An interrupted reply (Ctrl-C) is kept as far as it got.
+    A reply interrupted once it has begun (Ctrl-C, the iterator closed) is kept as far as it
+    got. A turn stopped before its first reply token, while its prompt is prefilled (Ctrl-C,
+    or an error), is withdrawn: its user message is not kept and the KV cache holds what it
+    held before the turn, so the next turn's reply is the one it would have been had the
+    withdrawn turn never been sent (:attr:`withdrawn` says so).
+
+    Attributes:
+        messages: the conversation (user and assistant turns; the system prompt apart).
+        state: the :class:`~zipmoe_rt.generate.CacheState` holding it.
+        withdrawn: True when the last :meth:`send` was stopped before its first reply token
+            and left the conversation as it was.
     """
 
     def __init__(self, model: Model, system: str | None = None):
@@ -357,6 +367,7 @@ class ChatSession:
         self.system = system
         self.messages: list[dict] = []
         self.state = CacheState.new(model.live_net())
+        self.withdrawn = False
         self._busy = threading.Lock()     # held while a reply is being generated
 
     def _claim(self, what: str):
@@ -394,7 +405,8 @@ class ChatSession:
         closed, the reply holds the session. The reply is kept in :attr:`messages` as the
         assistant's turn (``content``: the text streamed; a caller that splits it, as the
         ``chat`` command does gpt-oss's channels, may replace that entry before the next turn).
-        ``skip_special_tokens``: as for :meth:`Model.chat`.
+        Stopped before its first reply token (during the prefill), the turn is withdrawn
+        instead (see :class:`ChatSession`). ``skip_special_tokens``: as for :meth:`Model.chat`.
 
         Raises:
             ValueError: a bad sampling option or message, or a conversation that no longer
@@ -426,11 +438,23 @@ class ChatSession:
     def _reply(self, user: dict, ids: list[int], params, skip_special_tokens: bool = True
                ) -> Iterator[str]:
         net = self.model.live_net()       # a closed model: RuntimeError, nothing changed
-        self.messages.append(user)
+        self.withdrawn = False
         new = self.state.sync_prefix(ids, net)
+        held = len(self.state.token_ids)
+        self.messages.append(user)
         reply: list[str] = []
 
         def finish(gen):
+            stats = gen.stats
+            if stats is not None and stats.output_tokens == 0 and \
+                    stats.finish_reason in ("cancelled", "error"):
+                # stopped before its first reply token (in the prefill): the turn is
+                # withdrawn, the cache goes back to the tokens it held before it (if the
+                # prefill committed, e.g. before a Ctrl-C that landed in the sampling)
+                self.messages.pop()
+                self.withdrawn = True
+                self.state.crop_to(held)
+                return
             self.messages.append({"role": "assistant", "content": "".join(reply)})
 
         inner = self.model._stream_ids(new, params, self.state, on_finish=finish,
@@ -445,3 +469,4 @@ class ChatSession:
     @property
     def last_stats(self) -> GenerationStats | None:
         return self.model.last_stats
+

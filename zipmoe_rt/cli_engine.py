@@ -69,12 +69,24 @@ def calibrate(model, samples, direct, io_depth, device):
     backend = get_backend(resolve_device(device))
     cal = prof.calibrate(src, samples=samples, direct=direct, io_depth=io_depth, backend=backend)
     out = prof.sidecar(model, prof.CALIB_SUFFIX)
-    out.write_text(json.dumps(cal, indent=2))
+    _write_whole(out, json.dumps(cal, indent=2))
     click.echo(f"wrote {out}")
     click.echo(f"  SM read {cal['sm_read_s'] * 1e3:.2f} ms, exponent read {cal['exp_read_s'] * 1e3:.2f} ms, "
                f"decode {cal['decode_s'] * 1e3:.2f} ms ({cal['decode_Gweights_per_s']:.2f} G weights/s "
                f"per core), matmul {cal['matmul_s'] * 1e3:.2f} ms per expert; reads "
                f"{cal['read_GBps']:.2f} GB/s")
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file renamed over it: a Ctrl-C (or a full disk) on
+    the way leaves the file as it was, never a truncated one, and no temporary file."""
+    import os
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @main.command()

@@ -226,8 +226,13 @@ REPL_HELP = """commands: /reset  forget the conversation (the system prompt is k
           /system TEXT  set the system prompt (and reset); /system alone clears it
           /stats  timings of the last reply and memory in use
           /help  this list
-          /quit  leave (also Ctrl-D, at the prompt or during a reply); Ctrl-C stops a reply
+          /quit  leave (also Ctrl-D, at the prompt or during a reply)
+          Ctrl-C  stop a reply (kept as far as it got); before it begins, cancel the turn
           a multi-line paste is one turn; end a line with \\ to continue it"""
+
+
+#: the line a turn stopped before its first reply token prints (Ctrl-C during the prefill)
+CANCELLED_TURN = "(turn cancelled before the reply began; it is not in the conversation)"
 
 
 def banner(model, ctx: int, memory: str | None) -> str:
@@ -417,26 +422,27 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
         if harmony is not None:
             from .cli_harmony import HarmonyReply
             reply = HarmonyReply(harmony)
+        held = len(session.messages)
+        streamed, eof, stopped = None, False, False
         try:
-            utf8_text(line, "input")
-            pieces = session.send(line, skip_special_tokens=reply is None, **sampling)
-        except ValueError as e:           # e.g. the conversation no longer fits the context
-            hint = ("; /reset clears the conversation"
-                    if "start a new conversation" in str(e) else "")
-            click.echo(f"error: {e}{hint}", err=True)
-            failed += 1
-            continue
-        if reply is not None:
-            pieces = reply.filter(pieces)
-        n_new = 0
-        if interactive:
-            msgs = ([{"role": "system", "content": session.system}] if session.system else []) \
-                + session.messages + [{"role": "user", "content": line}]
-            n_new = len(model.tokenizer.encode_chat(msgs, add_generation_prompt=True)) - \
-                len(session.state.token_ids)
-        eof = False
-        streamed = stop_at(prefill_notice(pieces, n_new), stops, model)
-        try:
+            try:
+                utf8_text(line, "input")
+                pieces = session.send(line, skip_special_tokens=reply is None, **sampling)
+            except ValueError as e:           # e.g. the conversation no longer fits the context
+                hint = ("; /reset clears the conversation"
+                        if "start a new conversation" in str(e) else "")
+                click.echo(f"error: {e}{hint}", err=True)
+                failed += 1
+                continue
+            if reply is not None:
+                pieces = reply.filter(pieces)
+            n_new = 0
+            if interactive:
+                msgs = ([{"role": "system", "content": session.system}] if session.system
+                        else []) + session.messages + [{"role": "user", "content": line}]
+                n_new = len(model.tokenizer.encode_chat(msgs, add_generation_prompt=True)) - \
+                    len(session.state.token_ids)
+            streamed = stop_at(prefill_notice(pieces, n_new), stops, model)
             for piece in streamed:
                 click.echo(piece, nl=False)
                 if interactive and eof_typed():      # Ctrl-D while the reply streams
@@ -444,11 +450,18 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
                     click.echo(" [stopped]", nl=False)
                     break
         except KeyboardInterrupt:
-            click.echo(" [stopped]", nl=False)
+            stopped = True
         finally:
-            streamed.close()      # the generation records its statistics (cancelled) now
-        if reply is not None and session.messages and \
-                session.messages[-1].get("role") == "assistant":
+            if streamed is not None:
+                streamed.close()  # the generation records its statistics (cancelled) now
+        if len(session.messages) == held:
+            # Ctrl-C before the first reply token (the prompt was being prefilled): the
+            # session withdrew the turn, so the conversation and its KV cache are as before
+            click.echo(("\r" if interactive else "") + CANCELLED_TURN, err=True)
+            continue
+        if stopped:
+            click.echo(" [stopped]", nl=False)
+        if reply is not None and session.messages[-1].get("role") == "assistant":
             session.messages[-1] = reply.message()    # the final text, not the markup
         click.echo("")
         if interactive:

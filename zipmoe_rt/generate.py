@@ -91,7 +91,9 @@ class CacheState:
     only after ``forward`` returns. If ``forward`` itself is interrupted, :func:`generate`
     reconciles with ``cache.get_seq_length()`` (whole call committed or not) or rolls back with
     ``cache.crop(n)``; when the cache offers neither, ``valid`` becomes ``False`` and the state
-    must not be reused.
+    must not be reused. A cache with ``mark()`` (recurrent layer states, which can crop only to
+    a marked position) is marked before a prompt is prefilled after tokens it holds, so that a
+    prefill interrupted between its batches, some of them committed, is rolled back too.
 
     Attributes:
         cache: the object from ``model.new_cache()``.
@@ -115,6 +117,24 @@ class CacheState:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def crop_to(self, n: int) -> bool:
+        """Go back to the first ``n`` tokens held (e.g. what the cache held before a turn or
+        request that was stopped), where the cache can (``can_crop(n)``; a recurrent state
+        only to its marked position).
+
+        Returns:
+            True when the state now holds at most ``n`` tokens; False when it could not crop
+            (it is left as it was, valid: the next :meth:`sync_prefix` crops or rebuilds).
+        """
+        n = int(n)
+        if len(self.token_ids) <= n:
+            return True
+        if not self.valid or not _can_crop(self.cache, n):
+            return False
+        self.cache.crop(n)
+        del self.token_ids[n:]
+        return True
 
     def sync_prefix(self, target_ids: Sequence[int], model: Any | None = None) -> list[int]:
         """Reuse the cache for a prompt that shares a prefix with what it holds.
@@ -317,7 +337,9 @@ class Generation(Iterator[GenerationStep]):
             return GenerationStep(None, self.stats)
         t0 = self._clock()
         feed = list(self._unfed)
-        try:
+        if self._phase == "new" and len(feed) > 1 and self.state.token_ids:
+            self._mark()        # the state before the prefill, for a prefill interrupted
+        try:                    # between its batches (_reconcile crops back to it)
             logits = self._forward(feed)
             token = self.sampler.sample(logits, self._seen)
         except BaseException as e:
@@ -328,9 +350,7 @@ class Generation(Iterator[GenerationStep]):
         if self._phase == "new":
             self._ttft = dt
             self._phase = "running"
-            mark = getattr(self.state.cache, "mark", None)
-            if callable(mark):      # the prompt's end: a recurrent state can come back here
-                mark()
+            self._mark()        # the prompt's end: a recurrent state can come back here
         else:
             self._decode_s += dt
         self._n_sampled += 1
@@ -349,6 +369,13 @@ class Generation(Iterator[GenerationStep]):
             self._phase = "final_due"
         return GenerationStep(token)
 
+    def _mark(self) -> None:
+        """``cache.mark()`` where the cache has one (recurrent layer states: a position
+        :meth:`CacheState.sync_prefix` and ``crop`` can return to)."""
+        mark = getattr(self.state.cache, "mark", None)
+        if callable(mark):
+            mark()
+
     def _forward(self, ids: list[int]) -> np.ndarray:
         state = self.state
         n0 = len(state.token_ids)
@@ -358,8 +385,8 @@ class Generation(Iterator[GenerationStep]):
         except BaseException:
             self._reconcile(n0, ids)
             raise
-        state.token_ids.extend(ids)
-        self._unfed = []
+        state.token_ids += ids     # (no call between these two lines: a Ctrl-C lands before
+        self._unfed = []           # or after both, never between them)
         logits = np.asarray(out)
         if logits.ndim == 2:
             logits = logits[-1]

@@ -166,6 +166,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     from .api import Model
     from .backends import get_backend, resolve_device
     from .engine.factory import build_engine
+    from .engine.tiers import budget_split
     from .engine.store import ZmoeSource
     from .models import build_model
     from .models.moe import ExpertExecutor
@@ -226,6 +227,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         dense_first = budgeted and on_host and resident == "compressed"
         if budgeted:
             if dense_first and memory_limit is None:
+                _refuse_early(source, lambda: budget_split(
+                    source, parse_size(memory_budget, source)))
                 net = _dense_first(source, backend)    # a share budget counts dense as held
             budget = None if memory_budget is None else parse_size(memory_budget, source)
             if memory_limit is not None:
@@ -238,6 +241,11 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                 if not dense_first:
                     mplan = plan_memory(source, memory_limit, context, budget=budget,
                                         overhead=overhead, peak=peak)
+                else:        # checked again, exactly, once the dense linears are built
+                    _refuse_early(source, lambda: plan_memory(
+                        source, memory_limit, context, overhead=overhead, peak=peak,
+                        budget=None if memory_budget is None
+                        else parse_size(memory_budget, source)))
                 warm_up(source)
                 release()
                 if dense_first:
@@ -282,6 +290,20 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             engine.close()
         source.close()
         raise
+
+
+def _refuse_early(source, check) -> None:
+    """Run ``check()`` (a budget or limit check that raises when it is too small) before the
+    dense linears are built into the compute form, with the least bytes they can hold there
+    (:func:`~zipmoe_rt.models.packed.dense_saving_bound`): a budget or limit too small even
+    then is refused at once, in the words of the exact check that follows the build, rather
+    than after that build (which reads and transcodes every dense weight)."""
+    from .models.packed import dense_saving_bound
+    source.dense_saving = dense_saving_bound(source)
+    try:
+        check()
+    finally:
+        source.dense_saving = 0
 
 
 def _dense_first(source, backend):

@@ -51,6 +51,10 @@ class LayerCache(Protocol):
             ValueError: fewer than ``n`` positions were reserved.
         """
 
+    def uncommit(self, n: int) -> None:
+        """Undo the last :meth:`commit` ``(n)`` (:meth:`ModelCache.commit` interrupted after
+        some layers had committed)."""
+
     def can_crop(self, n: int) -> bool:
         """Whether :meth:`crop` ``(n)`` is possible. A cache that keeps every position (a KV
         cache) can crop to any ``0 <= n <= length``; a recurrent state only to ``n == length``
@@ -108,6 +112,11 @@ class GrowingCache:
         if not 0 <= int(n) <= self.capacity - self.length:
             raise ValueError(f"commit({n}): only {self.capacity - self.length} positions reserved")
         self.length += int(n)
+
+    def uncommit(self, n: int) -> None:
+        """``length -= n``: the last :meth:`commit` ``(n)`` undone (the positions stay written,
+        as pending ones)."""
+        self.length -= int(n)
 
     def can_crop(self, n: int) -> bool:
         """True for any ``0 <= n <= length``."""
@@ -290,6 +299,14 @@ class RecurrentCache:
         self._written = False
         self.length += n
 
+    def uncommit(self, n: int) -> None:
+        """Undo the last :meth:`commit` ``(n)``: the state before it is the committed one again
+        (the pending buffers, which the commit swapped out, still hold it)."""
+        n = int(n)
+        if n:
+            (self.conv, self.state), self._next = self._next, (self.conv, self.state)
+        self.length -= n
+
     def crop_points(self) -> list[int]:
         """The positions :meth:`crop` accepts: 0, the marked one (if not past ``length``) and
         ``length``."""
@@ -379,16 +396,30 @@ class ModelCache:
         for lc in self.layers:
             lc.reserve(n)
 
-    def commit(self, n: int, ids=None) -> None:
+    def commit(self, n: int, ids=None, regime: int | None = None) -> None:
         """Count the ``n`` tokens the forward call wrote into every layer as held; ``ids``: their
-        token ids (int [n]), kept in :attr:`token_ids` (without them, it becomes None)."""
-        for lc in self.layers:
-            lc.commit(n)
-        self._offset += int(n)
-        if ids is None or self._ids is None or len(ids) != int(n):
-            self._ids = None
+        token ids (int [n]), kept in :attr:`token_ids` (without them, it becomes None);
+        ``regime``: the RoPE regime they were rotated in (:attr:`regime`; None: unchanged).
+
+        All or nothing: interrupted between two layers (Ctrl-C), the layers that had committed
+        are undone (:meth:`LayerCache.uncommit`), so every layer still holds :attr:`offset`
+        tokens; the offset, ids and regime change only once every layer has committed."""
+        n = int(n)
+        if ids is None or self._ids is None or len(ids) != n:
+            new_ids = None
         else:
-            self._ids.extend(int(t) for t in ids)
+            new_ids = self._ids + [int(t) for t in ids]
+        try:
+            for lc in self.layers:
+                lc.commit(n)
+        except BaseException:
+            for lc in self.layers:
+                if lc.length != self._offset:
+                    lc.uncommit(n)
+            raise
+        self._ids, self._offset = new_ids, self._offset + n
+        if regime is not None:
+            self.regime = regime
 
     @property
     def token_ids(self) -> list[int] | None:

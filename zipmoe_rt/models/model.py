@@ -388,8 +388,7 @@ class Model:
         cos, sin = (be.from_host(a) for a in self.rope.cos_sin(pos0, T))
         for layer, layer_cache in zip(self.layers, cache.layers):
             layer(x, layer_cache, pos0, cos, sin)
-        cache.commit(T, ids)
-        cache.regime = regime
+        cache.commit(T, ids, regime)
         if last_only:
             return be.to_host(self.logits(x[T - 1:]))[0]
         return be.to_host(self.logits(x))

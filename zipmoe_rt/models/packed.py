@@ -144,3 +144,24 @@ def dense_saving(model) -> int:
     """Bytes the compute form saves on ``model``'s dense weights: the BF16 bytes of its
     :func:`packed_matrices` less the bytes they hold (0 when it holds none)."""
     return sum(P.bf16_nbytes - P.nbytes for P in packed_matrices(model))
+
+
+def dense_saving_bound(source) -> int:
+    """The most :func:`dense_saving` can be for a model of ``source`` (a
+    :class:`~zipmoe_rt.engine.store.ZmoeSource`), from its tensor records alone, before any
+    weight is read: every dense BF16 tensor of two or more dimensions counted as if held in
+    the compute form without a single escape (a 4-bit index and the sign+mantissa byte per
+    weight, and a row pointer per row of its shortest dimension), and a key projection
+    without a value projection beside it twice (Gemma 4's ``attention_k_eq_v``: the model
+    holds it as the value too). So ``dense_bytes()`` less this is the least the dense
+    weights can hold."""
+    tensors = source.reader.tensors
+    total = 0
+    for name, t in tensors.items():
+        shape = [int(d) for d in t["shape"]]
+        if "expert" in t or t["dtype"] != "BF16" or len(shape) < 2 or not all(shape):
+            continue
+        n = int(np.prod(shape))
+        uses = 2 if "k_proj" in name and name.replace("k_proj", "v_proj") not in tensors else 1
+        total += uses * max(0, n - 16 * min(shape))          # twice (n / 2 - 8 * rows)
+    return (total + 1) // 2

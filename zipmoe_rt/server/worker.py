@@ -244,7 +244,7 @@ class ModelHost:
         if state is None or not state.valid:
             state = self._state = CacheState.new(model.net)
         new = state.sync_prefix(job.ids, model.net)
-        cached = len(job.ids) - len(new)
+        cached = held = len(job.ids) - len(new)
         tok = model.tokenizer
         harmony = job.tool_format == "harmony"      # gpt-oss: its markers are special tokens
         dec = tok.stream_decoder(skip_special_tokens=not harmony, context_ids=job.ids[-4:])
@@ -285,6 +285,11 @@ class ModelHost:
         finally:
             steps.close()
         if finish == "cancelled":
+            # the client left: the prefix cache goes back to what this request found in it
+            # (less what its prompt did not share), so the next request is computed as if it
+            # had never come (a recurrent state that cannot return there is left to the next
+            # sync_prefix, which rebuilds it)
+            state.crop_to(held)
             self.last_result = {"finish_reason": "cancelled", "completion_tokens": n_tokens}
             if self.stopping:            # shut_down() has logged it and sent the error
                 return
