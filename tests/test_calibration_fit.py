@@ -51,6 +51,9 @@ def test_the_fit_returns_the_terms_that_made_the_calls():
         BASE, sm_read_s=got["sm_read_s"], exp_read_s=got["exp_read_s"]), got)
     for s, m in timed(truth).items():
         assert fitted.layer_makespan(O.scenario_hits(s, K)) == pytest.approx(m, abs=1e-12), s
+    # a call that reads one exponent region (S) waits a third of the first-read latency
+    assert fitted.layer_makespan({"F": 3, "S": 1}) == pytest.approx(
+        3e-4 + 1e-3 / 3 + 2e-3 + 2e-3 + 5e-4 + 5e-4)
     # and a call with two misses, which no scenario timed, as the truth does: 1 + 2 x 4/3 ms
     # of reads (first one 6 ms later), the last one's decode, the matmul, the fixed term
     two = fitted.layer_makespan({"F": 2, "miss": 2})
@@ -114,7 +117,9 @@ def test_read_first_is_on_the_io_side_of_calls_that_read():
     d = dataclasses.replace(BASE, read_first_s=4e-3)
     io, comp = d.io_and_compute(np.array([0, 1, 1]), np.array([0, 1, 0]), np.array([0, 1, 1]))
     io0, _ = BASE.io_and_compute(np.array([0, 1, 1]), np.array([0, 1, 0]), np.array([0, 1, 1]))
-    assert list(io - io0) == pytest.approx([0.0, 4e-3, 4e-3])
+    # nothing read: none; an SM region read: all of it; exponent regions only: in proportion
+    # to the exponent read (1 of 3 ms)
+    assert list(io - io0) == pytest.approx([0.0, 4e-3, 4e-3 / 3])
     assert d.layer_makespan({"F": 4}) == BASE.layer_makespan({"F": 4})
     with pytest.raises(ValueError, match="read_first_s"):
         dataclasses.replace(BASE, read_first_s=-1e-3)

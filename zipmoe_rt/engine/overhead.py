@@ -23,7 +23,9 @@ the terms, with ``P(h)`` the delay model's makespan of hits ``h``:
   (its regions at the concurrent read throughput), which replaces the calibration's
   ``sm_read_s + exp_read_s`` (split in their ratio, never above the one-at-a-time reads);
 * ``read_first_s``: what ``miss1`` takes beyond that price on the I/O side (the first read's
-  latency, and a miss's own engine costs), at least 0;
+  latency, and a miss's own engine costs), at least 0; a call that reads only exponent regions
+  waits it in proportion to their read (:meth:`~zipmoe_rt.engine.planner.DelayModel.
+  io_and_compute`);
 * ``load_<t>_s = max(0, M_<t>1 − P(<t>1))`` for ``t`` in C, S, E, miss with the terms above:
   the marginal cost of one load of that tier. Never negative: a load never makes a call
   faster, so where the base model prices one load above what it took (timing noise, or a

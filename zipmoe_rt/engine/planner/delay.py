@@ -47,16 +47,17 @@ class DelayModel:
             matmul term.
         layer_fixed_s, load_C_s, load_S_s, load_E_s, load_miss_s: the engine's own costs
             (seconds; :meth:`engine_overhead_s`). Default 0.
-        read_first_s: seconds a call that reads anything waits for its first read beyond that
-            read's share of the concurrent read throughput (its latency), on the I/O side
-            (>= 0; measured with the engine terms, design note §3.8). Default 0.
+        read_first_s: seconds a call that reads an SM region waits for its first read beyond
+            that read's share of the concurrent read throughput (its latency), on the I/O side;
+            a call that reads only exponent regions waits ``read_first_s · exp_read_s /
+            sm_read_s`` (>= 0; measured with the engine terms, design note §3.8). Default 0.
 
     Makespan of one layer for one token (:meth:`layer_makespan`), given the hits per tier
     ``h = (hF, hC, hS, hE, hmiss)`` and ``k = Σh``::
 
         reads   = sm_read_s·(hE + hmiss) + exp_read_s·(hS + hmiss)            # one I/O channel
-        io      = reads + read_first_s + (decode_s/chunks)·ceil(chunks / workers)
-                                                                  if reads > 0, else 0
+        io      = reads + first + (decode_s/chunks)·ceil(chunks / workers)  if reads > 0, else 0
+        first   = read_first_s  if hE + hmiss > 0, else read_first_s·exp_read_s/sm_read_s
         d       = dC + hS + hE + hmiss                                        # experts to decode
         compute = (decode_s/chunks) · ceil(d·chunks / workers)                # decodes on L workers
         matmul  = matmul_s · ceil(k / workers)
@@ -168,10 +169,15 @@ class DelayModel:
             reads on the one I/O channel, plus the decode of the expert read last when anything
             is read, and ``read_first_s``) and the compute side (decode pieces over ``workers``).
         """
-        reads = self.sm_read_s * np.asarray(n_sm) + self.exp_read_s * np.asarray(n_exp)
+        n_sm, n_exp = np.asarray(n_sm), np.asarray(n_exp)
+        reads = self.sm_read_s * n_sm + self.exp_read_s * n_exp
         piece = self.decode_s / self.chunks
-        tail = piece * math.ceil(self.chunks / self.workers) + self.read_first_s
-        io = reads + np.where((np.asarray(n_sm) + np.asarray(n_exp)) > 0, tail, 0.0)
+        tail = piece * math.ceil(self.chunks / self.workers)
+        # the first read's latency: read_first_s for an SM region, in proportion for a call
+        # whose reads are all exponent regions (shorter reads wait less)
+        ratio = self.exp_read_s / self.sm_read_s if self.sm_read_s > 0 else 1.0
+        first = np.where(n_sm > 0, self.read_first_s, self.read_first_s * ratio)
+        io = reads + np.where((n_sm + n_exp) > 0, tail + first, 0.0)
         comp = piece * np.ceil(np.asarray(d) * self.chunks / self.workers)
         return io, comp
 
