@@ -231,33 +231,42 @@ def test_auto_runs_the_shared_pool_where_it_is_predicted_faster(tiny_case, tmp_p
 # calibration of the engine terms
 
 
-def test_scenario_engines_serve_every_call_from_their_tier(tiny_case):
+def test_scenario_engines_serve_every_call_from_their_tiers(tiny_case):
     c = tiny_case("mixtral")
     src = ZmoeSource(c.zmoe, keep_experts=False)
     try:
         d = c.delay("CE")
         layers = [int(l) for l in src.hparams["moe_layers"]]
+        n = int(src.hparams["num_experts"])
         used = O.scenario_layers(src)
         assert used == len(layers)          # tiny experts: every MoE layer fits
         x = np.ones((1, int(src.hparams["hidden_size"])), np.float32)
-        for tier in O.SCENARIOS:
-            eng, pool = O._scenario_engine(src, tier, d, 2, False, None, used)
+        rng = np.random.default_rng(0)
+        for name in O.SCENARIOS:
+            eng, (fixed, choices) = O._scenario_engine(src, name, d, 2, False, None, used)
             try:
-                idx = np.arange(c.k, dtype=np.int64)[None, :]
-                for layer in layers:
-                    eng.run(layer, eng.backend.from_host(x), idx,
-                            np.full((1, c.k), 0.5, np.float32))
-                want = {t: (c.k * len(layers) if t == tier else 0)
-                        for t in ("F", "C", "S", "E", "miss")}
-                assert eng.stats.hits == want
-                if tier == "C":   # the storage form, which the base delay model prices
+                calls = 4
+                for sweep in range(calls):
+                    if sweep == 1:          # after one sweep (as time_scenarios' untimed one)
+                        settled = dict(eng.stats.call_hits)    # the F pool holds its experts
+                    for layer in layers:
+                        drawn = rng.choice(choices, c.k - len(fixed), replace=False)
+                        idx = np.sort(np.concatenate([fixed, drawn])).astype(np.int64)[None, :]
+                        eng.run(layer, eng.backend.from_host(x), idx,
+                                np.full((1, c.k), 1.0 / c.k, np.float32))
+                want = O.scenario_hits(name, c.k)
+                code = ",".join(str(want.get(t, 0)) for t in ("F", "C", "S", "E", "miss"))
+                later = {h: v - settled.get(h, 0) for h, v in eng.stats.call_hits.items()}
+                assert {h: v for h, v in later.items() if v} == {code: 3 * len(layers)}, name
+                if name == "C1":   # the storage form, which the base delay model prices
                     slots = [sl for sl in eng.slots.values() if sl.tier == "C"]
                     assert slots and all(sl.sm is not None and sl.exp is not None
                                          and sl.packed is None for sl in slots)
-                assert eng.stats.call_hits == {
-                    ",".join(str(want[t] // len(layers)) for t in want): len(layers)}
-                assert pool == (int(src.hparams["num_experts"]) if tier == "miss"
-                                else min(int(src.hparams["num_experts"]), 2 * c.k))
+                ones = {"F": (0, list(range(min(n, 2 * c.k)))), "miss": (0, list(range(n))),
+                        "miss1": (c.k - 1, list(range(c.k - 1, n)))}
+                held = min(c.k, n - c.k + 1)
+                nf, pool = ones.get(name, (c.k - 1, list(range(c.k - 1, c.k - 1 + held))))
+                assert list(fixed) == list(range(nf)) and list(choices) == pool, name
             finally:
                 eng.close()
     finally:
@@ -273,10 +282,17 @@ def test_engine_terms_reproduce_the_timed_calls(tiny_case):
     finally:
         src.close()
     assert set(O.TERM_KEYS) <= set(terms) and terms["engine_workers"] == 2
-    full = O.apply_engine_terms(d, terms)
-    for t, m in terms["engine_layer_s"].items():
-        assert m > 0
-        assert full.layer_makespan({t: c.k}) == pytest.approx(max(0.0, m), rel=1e-9, abs=1e-12)
+    assert set(terms["engine_layer_s"]) == set(O.SCENARIOS)
+    assert all(terms[t] >= 0 for t in O.TERM_KEYS if t != "layer_fixed_s")
+    full = O.apply_engine_terms(dataclasses.replace(
+        d, sm_read_s=terms["sm_read_s"], exp_read_s=terms["exp_read_s"]), terms)
+    base = dataclasses.replace(full, load_C_s=0.0, load_S_s=0.0, load_E_s=0.0, load_miss_s=0.0)
+    meas = terms["engine_layer_s"]
+    assert full.layer_makespan(O.scenario_hits("F", c.k)) == pytest.approx(max(0.0, meas["F"]))
+    for t in ("C", "S", "E", "miss"):   # a one-load call: as measured, or the base price above it
+        hits = O.scenario_hits(f"{t}1", c.k)
+        want = max(meas[f"{t}1"], base.layer_makespan(hits))
+        assert full.layer_makespan(hits) == pytest.approx(want, rel=1e-9, abs=1e-12), t
     # a calibration without the terms leaves the model as it is
     assert O.apply_engine_terms(d, {"sm_read_s": 1.0}) is d
 

@@ -31,12 +31,21 @@ CALIB_SUFFIX = ".calib.json"
 #: one at a time). 4: the engine's per-layer and per-load overheads are measured too
 #: (:mod:`~zipmoe_rt.engine.overhead`). 5: the C tier's engine load term is timed on
 #: storage-form C slots, which the base delay model prices with a decode per hit (version 4
-#: could time it on compute-form slots, a term that does not fit that price).
-CALIB_VERSION = 5
+#: could time it on compute-form slots, a term that does not fit that price). 6: each load term
+#: is fitted on calls that load ONE expert beside ``k − 1`` F hits, the read price on the
+#: overlap of a call's further reads, with a first-read latency ``read_first_s`` (version 5
+#: fitted the load terms on calls whose ``k`` experts all load: the reads' overlap went into a
+#: negative per-load term, and a call loading one expert was priced too cheaply).
+CALIB_VERSION = 6
+#: the first version whose engine terms :func:`delay_model` applies (older ones' are ignored)
+ENGINE_TERMS_VERSION = 6
 #: what was wrong with each older calibration version
 _OLD_VERSIONS = {1: "timed exponent reads 2-5x too cheap", 2: "timed reads one at a time",
                  3: "did not measure the engine's per-layer and per-load overheads",
-                 4: "may have timed the C tier's engine load on compute-form C slots"}
+                 4: "may have timed the C tier's engine load on compute-form C slots",
+                 5: "fitted the engine's load terms on calls whose k experts all load, which "
+                    "prices a call loading one expert too cheaply (its engine terms are "
+                    "ignored)"}
 
 
 class CalibrationWarning(UserWarning):
@@ -60,15 +69,19 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
     medians divided by ``io_speedup`` (bytes per second with ``io_depth`` in flight over one at
     a time, at least 1).
 
-    Then the engine itself is timed on one-token calls served from each tier
+    Then the engine itself is timed on one-token calls that load one expert of each tier
+    beside F hits, and on calls whose ``k`` experts all miss
     (:func:`~zipmoe_rt.engine.overhead.measure_engine_terms`, compressed experts on the CPU
-    backend only): ``layer_fixed_s`` and ``load_C_s`` / ``load_S_s`` / ``load_E_s`` /
-    ``load_miss_s``, the delay model's engine terms, with ``engine_layer_s`` (the measured calls)
-    and ``engine_workers``.
+    backend only): ``layer_fixed_s``, ``read_first_s`` and ``load_C_s`` / ``load_S_s`` /
+    ``load_E_s`` / ``load_miss_s``, the delay model's engine terms, with ``engine_layer_s``
+    (the measured calls) and ``engine_workers``. Where the ``k``-miss calls measure the
+    overlap of reads, the read prices ``sm_read_s``/``exp_read_s`` are the engine's (a further
+    miss's regions at the throughput its calls reached) and ``io_speedup`` the one-at-a-time
+    time over that price; the read pass's own figure is kept as ``io_speedup_reads``.
 
-    The result records ``version`` (:data:`CALIB_VERSION`, 5: exponent region read before the
-    SM region, as the engine reads a miss, reads timed ``io_depth`` at a time, engine terms
-    with the C load timed on storage-form C slots),
+    The result records ``version`` (:data:`CALIB_VERSION`, 6: exponent region read before the
+    SM region, as the engine reads a miss, reads timed ``io_depth`` at a time, engine load
+    terms fitted on one-load calls, the read overlap on the k-miss calls),
     ``direct`` (whether reads were timed with O_DIRECT), ``io_depth``, ``machine``
     (``platform.node()``) and ``cpus`` (``os.cpu_count()``), which
     :func:`calibration_mismatch` compares with the run that uses it.
@@ -166,7 +179,11 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
             "read_GBps": float(sum(l.sm_region[1] + l.exp_region[1] for l, _, _ in bufs)
                                / max(sum(sm_t) + sum(exp_t), 1e-9) / 1e9),
             "decode_Gweights_per_s": float(lay0.elements / np.median(dec_t) / 1e9)}
-    out.update(_engine_terms(source, out, direct, io_depth, backend, max_bytes))
+    terms = _engine_terms(source, out, direct, io_depth, backend, max_bytes)
+    if "sm_read_s" in terms:
+        out["io_speedup_reads"] = out["io_speedup"]
+        out["io_speedup"] = float(out["sm_read_qd1_s"] / terms["sm_read_s"])
+    out.update(terms)
     return out
 
 
@@ -180,7 +197,8 @@ def _engine_terms(source, calib, direct, io_depth, backend, max_bytes=None) -> d
         return {}
     workers = os.cpu_count() or 1
     return measure_engine_terms(source, delay_model(calib, workers), workers, direct=direct,
-                                io_depth=io_depth, max_bytes=max_bytes)
+                                io_depth=io_depth, max_bytes=max_bytes,
+                                max_read_s=calib["sm_read_qd1_s"] + calib["exp_read_qd1_s"])
 
 
 def compute_form_costs(source, bufs, backend, matmul_s: float) -> dict:
@@ -366,12 +384,16 @@ def delay_model(calib: dict, workers: int) -> DelayModel:
     """Planner :class:`DelayModel` from a calibration dict; L is the measured effective
     parallelism of ``workers`` decode threads (:func:`effective_workers`), and the engine terms
     (per-layer and per-load overheads, :mod:`~zipmoe_rt.engine.overhead`) are the
-    calibration's, when it has them (measured with ``engine_workers`` decode workers)."""
+    calibration's, when it has them (measured with ``engine_workers`` decode workers) and its
+    version is at least :data:`ENGINE_TERMS_VERSION` (an older one's terms were fitted
+    otherwise and are ignored; :func:`calibration_mismatch` says so)."""
     from .overhead import apply_engine_terms
+    v = calib.get("version")
+    terms = {} if isinstance(v, int) and v < ENGINE_TERMS_VERSION else calib
     return apply_engine_terms(
         DelayModel(sm_read_s=calib["sm_read_s"], exp_read_s=calib["exp_read_s"],
                    decode_s=calib["decode_s"], matmul_s=calib["matmul_s"],
                    workers=effective_workers(calib, workers),
                    bytes_F=calib["bytes_F"], bytes_sm=calib["bytes_sm"],
-                   bytes_exp=calib["bytes_exp"], chunks=calib.get("chunks", 1)), calib)
+                   bytes_exp=calib["bytes_exp"], chunks=calib.get("chunks", 1)), terms)
 

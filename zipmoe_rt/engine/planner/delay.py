@@ -46,13 +46,18 @@ class DelayModel:
             from the compute form; each C hit costs ``c_matmul_s - matmul_s`` beside the
             matmul term.
         layer_fixed_s, load_C_s, load_S_s, load_E_s, load_miss_s: the engine's own costs
-            (seconds, may be negative; :meth:`engine_overhead_s`). Default 0.
+            (seconds; :meth:`engine_overhead_s`). Default 0.
+        read_first_s: seconds a call that reads an SM region waits for its first read beyond
+            that read's share of the concurrent read throughput (its latency), on the I/O side;
+            a call that reads only exponent regions waits ``read_first_s · exp_read_s /
+            sm_read_s`` (>= 0; measured with the engine terms, design note §3.8). Default 0.
 
     Makespan of one layer for one token (:meth:`layer_makespan`), given the hits per tier
     ``h = (hF, hC, hS, hE, hmiss)`` and ``k = Σh``::
 
         reads   = sm_read_s·(hE + hmiss) + exp_read_s·(hS + hmiss)            # one I/O channel
-        io      = reads + (decode_s/chunks)·ceil(chunks / workers)  if reads > 0, else 0
+        io      = reads + first + (decode_s/chunks)·ceil(chunks / workers)  if reads > 0, else 0
+        first   = read_first_s  if hE + hmiss > 0, else read_first_s·exp_read_s/sm_read_s
         d       = dC + hS + hE + hmiss                                        # experts to decode
         compute = (decode_s/chunks) · ceil(d·chunks / workers)                # decodes on L workers
         matmul  = matmul_s · ceil(k / workers)
@@ -101,9 +106,11 @@ class DelayModel:
     load_S_s: float = 0.0
     load_E_s: float = 0.0
     load_miss_s: float = 0.0
+    read_first_s: float = 0.0
 
     def __post_init__(self):
-        for name in ("sm_read_s", "exp_read_s", "decode_s", "matmul_s", "c_matmul_s"):
+        for name in ("sm_read_s", "exp_read_s", "decode_s", "matmul_s", "c_matmul_s",
+                     "read_first_s"):
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
@@ -160,12 +167,17 @@ class DelayModel:
         Returns:
             ``(io, compute)`` float64 arrays of the broadcast shape, seconds: the I/O side (the
             reads on the one I/O channel, plus the decode of the expert read last when anything
-            is read) and the compute side (decode pieces over ``workers``).
+            is read, and ``read_first_s``) and the compute side (decode pieces over ``workers``).
         """
-        reads = self.sm_read_s * np.asarray(n_sm) + self.exp_read_s * np.asarray(n_exp)
+        n_sm, n_exp = np.asarray(n_sm), np.asarray(n_exp)
+        reads = self.sm_read_s * n_sm + self.exp_read_s * n_exp
         piece = self.decode_s / self.chunks
         tail = piece * math.ceil(self.chunks / self.workers)
-        io = reads + np.where((np.asarray(n_sm) + np.asarray(n_exp)) > 0, tail, 0.0)
+        # the first read's latency: read_first_s for an SM region, in proportion for a call
+        # whose reads are all exponent regions (shorter reads wait less)
+        ratio = self.exp_read_s / self.sm_read_s if self.sm_read_s > 0 else 1.0
+        first = np.where(n_sm > 0, self.read_first_s, self.read_first_s * ratio)
+        io = reads + np.where((n_sm + n_exp) > 0, tail + first, 0.0)
         comp = piece * np.ceil(np.asarray(d) * self.chunks / self.workers)
         return io, comp
 
@@ -187,8 +199,9 @@ class DelayModel:
         (task set-up, thread hand-offs and wake-ups, decode slowed by the main thread and the
         reads sharing the cores). All are measured by running the engine itself
         (:func:`zipmoe_rt.engine.overhead.measure_engine_terms`, stored by ``zipmoe-rt
-        calibrate``); they may be negative where the base model is pessimistic. 0 (the
-        default) leaves the base model unchanged.
+        calibrate``) on calls that prepare one expert beside ``k − 1`` F hits, the marginal
+        cost of a load (a calibration of version 6 never stores a negative one; older ones
+        could). 0 (the default) leaves the base model unchanged.
         """
         return (self.layer_fixed_s + self.load_C_s * np.asarray(hC)
                 + self.load_S_s * np.asarray(hS) + self.load_E_s * np.asarray(hE)
