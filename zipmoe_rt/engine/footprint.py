@@ -140,16 +140,21 @@ def _parallel_thresholds(value):
 
 def _one_token_experts(backend, tiny: TinySource) -> None:
     """One token through one expert at a time (``expert_accumulate``, as the engine computes
-    experts as their loads finish), a decoded and (``tiny``'s ``packed``) a compute-form one;
-    families whose experts are not gate/up/down SwiGLU are left to their forward pass."""
+    experts as their loads finish; ``experts_token`` on a 1-D token, as a calibration at load
+    times one expert), a decoded and (``tiny``'s ``packed``) a compute-form one; families whose
+    experts are not gate/up/down SwiGLU are left to their forward pass."""
     if set(tiny._roles) != {"gate", "up", "down"}:
         return
     hid = tiny._roles["gate"][1]
     x = np.ones((1, hid), np.float32)
     out = np.zeros((1, hid), np.float32)
+    one = np.ones(1, np.float32)
     for e in (0, 1):
-        backend.expert_accumulate(out, x, np.zeros(1, np.int64), np.ones(1, np.float32),
-                                  tiny.expert(0, e))
+        w = tiny.expert(0, e)
+        backend.expert_accumulate(out, x, np.zeros(1, np.int64), one, w)
+        # one expert on a 1-D token, as a calibration at load times the matmul
+        # (engine/calibration.py: calibrate, compute_form_costs)
+        backend.experts_token(np.zeros(hid, np.float32), x[0], [w], one)
 
 
 def drop_cold_library_pages(libraries=COLD_LIBRARIES, maps="/proc/self/smaps") -> int:
