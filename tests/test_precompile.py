@@ -50,9 +50,10 @@ def child(code: str, cache: Path, *args) -> dict:
 
 
 # loads the model under a memory budget (no overhead-measuring children, which would fill the
-# cache too: the loading process itself runs the kernels), counting the kernels this process compiles (Numba's
-# "numba:compile" event: a kernel loaded from the cache sends none) and the cache hits, and
-# prints the logits of IDS; argv: model, ids (JSON), "fail" (the compiling child fails) or "ok"
+# cache too: the loading process itself runs the kernels), counting the kernels this process
+# compiles (Numba's "numba:compile" event: a kernel loaded from the cache sends none) and the
+# cache hits, and prints the logits of IDS, then calibrates (counting its compiles apart);
+# argv: model, ids (JSON), "fail" (the compiling child fails) or "ok"
 LOAD = """
     import json, sys, warnings
     import numpy as np
@@ -83,13 +84,17 @@ LOAD = """
         warnings.simplefilter("always")
         m = zipmoe_rt.load(path, memory_budget="4GB", policy="zip-lru")
         logits = m.net.forward(np.asarray(ids, np.int64), m.net.new_cache(), last_only=False)
+    in_load = len(compiled)
+    from zipmoe_rt.engine.calibration import calibrate
+    calibrate(m.source, samples=2)           # what a zipmoe run without MODEL.calib.json does
     hits = 0
     for name, mod in list(sys.modules.items()):
         if name.startswith(("zipmoe_rt", "zmoe")) and mod is not None:
             for v in list(vars(mod).values()):
                 if isinstance(v, CPUDispatcher):
                     hits += sum(v.stats.cache_hits.values())
-    print(json.dumps({"compiled": len(compiled), "hits": hits, "calls": calls,
+    print(json.dumps({"compiled": in_load, "calib_compiled": len(compiled) - in_load,
+                      "hits": hits, "calls": calls,
                       "warnings": [f"{x.category.__name__}: {x.message}" for x in w],
                       "logits": np.asarray(logits, np.float64).tolist()}))
 """
@@ -111,11 +116,12 @@ def filled(tiny_zmoe, tmp_path_factory):
 
 def test_child_fills_the_cache_and_the_load_compiles_nothing(filled, tiny_zmoe, tiny_src):
     """On a cold cache the load runs the compiling child once; the loading process then loads
-    every kernel it runs from the cache (no compile, cache hits) and its logits are
-    transformers'; a second load finds the cache filled and starts no child."""
+    every kernel it runs, and those of a calibration, from the cache (no compile, cache hits)
+    and its logits are transformers'; a second load finds the cache filled and starts no
+    child."""
     cache, got = filled
     assert got["calls"] == [str(tiny_zmoe.resolve())], got["calls"]
-    assert got["compiled"] == 0, got
+    assert got["compiled"] == 0 and got["calib_compiled"] == 0, got
     assert got["hits"] >= 10, got["hits"]
     assert not got["warnings"], got["warnings"]
     numba_dir = cache / "numba"
@@ -126,7 +132,7 @@ def test_child_fills_the_cache_and_the_load_compiles_nothing(filled, tiny_zmoe, 
     assert len(files) >= 10 and all(n.endswith(".nbi") for _, n in files)
     assert {r for r, _ in files} == {"kernels", "zmoe"}     # the container's decoder too
     again = child(LOAD, cache, tiny_zmoe, json.dumps(IDS), "ok")
-    assert again["calls"] == [] and again["compiled"] == 0
+    assert again["calls"] == [] and again["compiled"] == 0 and again["calib_compiled"] == 0
     assert np.asarray(again["logits"]).tobytes() == np.asarray(got["logits"]).tobytes()
     assert np.abs(np.asarray(got["logits"]) - hf_reference(tiny_src)).max() <= TOL
 

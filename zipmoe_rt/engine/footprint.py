@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["TinySource", "warm_up", "release", "drop_cold_library_pages", "steady_footprint",
+__all__ = ["TinySource", "warm_up", "warm_up_calibration", "release", "drop_cold_library_pages", "steady_footprint",
            "sources_stamp", "COLD_LIBRARIES"]
 
 #: shared libraries whose code a process needs only to compile or load Numba kernels
@@ -140,21 +140,35 @@ def _parallel_thresholds(value):
 
 def _one_token_experts(backend, tiny: TinySource) -> None:
     """One token through one expert at a time (``expert_accumulate``, as the engine computes
-    experts as their loads finish; ``experts_token`` on a 1-D token, as a calibration at load
-    times one expert), a decoded and (``tiny``'s ``packed``) a compute-form one; families whose
-    experts are not gate/up/down SwiGLU are left to their forward pass."""
+    experts as their loads finish), a decoded and (``tiny``'s ``packed``) a compute-form one;
+    families whose experts are not gate/up/down SwiGLU are left to their forward pass."""
     if set(tiny._roles) != {"gate", "up", "down"}:
         return
     hid = tiny._roles["gate"][1]
     x = np.ones((1, hid), np.float32)
     out = np.zeros((1, hid), np.float32)
-    one = np.ones(1, np.float32)
     for e in (0, 1):
-        w = tiny.expert(0, e)
-        backend.expert_accumulate(out, x, np.zeros(1, np.int64), one, w)
-        # one expert on a 1-D token, as a calibration at load times the matmul
-        # (engine/calibration.py: calibrate, compute_form_costs)
-        backend.experts_token(np.zeros(hid, np.float32), x[0], [w], one)
+        backend.expert_accumulate(out, x, np.zeros(1, np.int64), np.ones(1, np.float32),
+                                  tiny.expert(0, e))
+
+
+def warm_up_calibration(source) -> None:
+    """Run, in this process, the kernel signatures a calibration at load uses beyond
+    :func:`warm_up`'s: one expert, decoded and in the compute form, on a 1-D token
+    (``experts_token``, as :func:`zipmoe_rt.engine.calibration.calibrate` and
+    ``compute_form_costs`` time the matmul), on tiny experts of ``source``'s family. Only the
+    kernel-compiling child runs it (:mod:`zipmoe_rt.engine.precompile`): a loading process
+    loads these from the cache only when it calibrates, inside the calibration's share of the
+    budget, so the fixed overhead does not hold them."""
+    from ..backends import get_backend
+    tiny = TinySource(source.hparams, packed=True)
+    if set(tiny._roles) != {"gate", "up", "down"}:
+        return
+    hid = tiny._roles["gate"][1]
+    backend = get_backend("numba")
+    for e in (0, 1):
+        backend.experts_token(np.zeros(hid, np.float32), np.ones(hid, np.float32),
+                              [tiny.expert(0, e)], np.ones(1, np.float32))
 
 
 def drop_cold_library_pages(libraries=COLD_LIBRARIES, maps="/proc/self/smaps") -> int:

@@ -16,7 +16,9 @@ signatures, :func:`warm_key`, naming the cache index files it left); if not, it 
 ``python -m zipmoe_rt.engine.precompile MODEL`` (hard timeout :data:`COMPILE_TIMEOUT_S`, output
 captured), which runs :func:`~zipmoe_rt.engine.footprint.warm_up` on the model (every kernel of
 its family on tiny models, decoded and compute-form experts, serial and parallel, and one real
-expert's decode and transcode), which fills the cache, writes the marker and exits, giving its
+expert's decode and transcode) and
+:func:`~zipmoe_rt.engine.footprint.warm_up_calibration` (the signatures a calibration at load
+adds), which fills the cache, writes the marker and exits, giving its
 memory back. The parent then only loads compiled code. A child that fails or times out costs a
 :class:`KernelCompileWarning`, and the kernels compile in the loading process as before: the run
 goes on, with the same output.
@@ -229,12 +231,13 @@ def _main(argv) -> int:
     if len(argv) != 1:
         print("usage: python -m zipmoe_rt.engine.precompile MODEL.zmoe", file=sys.stderr)
         return 2
-    from .footprint import warm_up
+    from .footprint import warm_up, warm_up_calibration
     from .store import ZmoeSource
     t0 = time.perf_counter()
     src = ZmoeSource(argv[0], keep_experts=False, copy_dense=True)
     try:
         warm_up(src)
+        warm_up_calibration(src)
         key = warm_key(src)
     finally:
         src.close()
