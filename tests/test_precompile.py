@@ -86,7 +86,9 @@ LOAD = """
         logits = m.net.forward(np.asarray(ids, np.int64), m.net.new_cache(), last_only=False)
     in_load = len(compiled)
     from zipmoe_rt.engine.calibration import calibrate
-    calibrate(m.source, samples=2)           # what a zipmoe run without MODEL.calib.json does
+    from zipmoe_rt.engine.footprint import _parallel_thresholds
+    with _parallel_thresholds(0):    # the parallel kernels, as a full-size model's calibration
+        calibrate(m.source, samples=2)       # what a zipmoe run without MODEL.calib.json does
     hits = 0
     for name, mod in list(sys.modules.items()):
         if name.startswith(("zipmoe_rt", "zmoe")) and mod is not None:

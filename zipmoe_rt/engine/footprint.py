@@ -156,7 +156,8 @@ def warm_up_calibration(source) -> None:
     """Run, in this process, the kernel signatures a calibration at load uses beyond
     :func:`warm_up`'s: one expert, decoded and in the compute form, on a 1-D token
     (``experts_token``, as :func:`zipmoe_rt.engine.calibration.calibrate` and
-    ``compute_form_costs`` time the matmul), on tiny experts of ``source``'s family. Only the
+    ``compute_form_costs`` time the matmul), on tiny experts of ``source``'s family, serial
+    and with the parallel thresholds at 0 (as :func:`warm_up`). Only the
     kernel-compiling child runs it (:mod:`zipmoe_rt.engine.precompile`): a loading process
     loads these from the cache only when it calibrates, inside the calibration's share of the
     budget, so the fixed overhead does not hold them."""
@@ -166,9 +167,11 @@ def warm_up_calibration(source) -> None:
         return
     hid = tiny._roles["gate"][1]
     backend = get_backend("numba")
-    for e in (0, 1):
-        backend.experts_token(np.zeros(hid, np.float32), np.ones(hid, np.float32),
-                              [tiny.expert(0, e)], np.ones(1, np.float32))
+    for parallel in (False, True):        # the parallel kernels a full-size expert takes too
+        with _parallel_thresholds(0 if parallel else None):
+            for e in (0, 1):
+                backend.experts_token(np.zeros(hid, np.float32), np.ones(hid, np.float32),
+                                      [tiny.expert(0, e)], np.ones(1, np.float32))
 
 
 def drop_cold_library_pages(libraries=COLD_LIBRARIES, maps="/proc/self/smaps") -> int:
