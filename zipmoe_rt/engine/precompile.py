@@ -49,34 +49,37 @@ class KernelCompileWarning(UserWarning):
     loading process instead (the run goes on, with the same output, at a higher memory peak)."""
 
 
-def _huffjit_file() -> Path | None:
+def _zmoe_folder() -> Path | None:
+    """The folder of the container package ``zmoe``, whose Huffman decoder has Numba kernels."""
     try:
-        from zmoe import _huffjit
-        return Path(_huffjit.__file__).resolve()
-    except Exception:        # noqa: BLE001  (a zmoe without the Numba decoder)
+        import zmoe
+        return Path(zmoe.__file__).resolve().parent
+    except Exception:        # noqa: BLE001
         return None
 
 
 def kernel_cache_dirs() -> dict:
     """The folders Numba caches the runtime's kernels in, by name: ``"kernels"``, this
     package's (:func:`zipmoe_rt.kernels.kernel_cache_dir`), and ``"zmoe"``, the container's
-    Huffman decoder's (``zmoe._huffjit``); those Numba's locator cannot tell are left out."""
+    Huffman decoder's (the ``zmoe`` package's folder); those Numba's locator cannot tell are
+    left out."""
     from ..kernels import kernel_cache_dir
     out = {"kernels": kernel_cache_dir()}
-    if _huffjit_file() is not None:
-        try:
-            from numba.core.caching import FunctionCache
-            from zmoe import _huffjit
-            out["zmoe"] = Path(FunctionCache(_huffjit.pack)._cache_path)  # a plain function
-        except Exception:    # noqa: BLE001  (a Numba without this API)
-            pass
+    try:
+        from numba.core.caching import FunctionCache
+        from zmoe import huffman
+        # Numba keeps one cache folder per source folder: a plain function of the package
+        # locates the decoder kernels' folder
+        out["zmoe"] = Path(FunctionCache(huffman.decode)._cache_path)
+    except Exception:        # noqa: BLE001  (a Numba without this API)
+        pass
     return {k: v for k, v in out.items() if v is not None}
 
 
 def warm_key(source) -> str:
     """What selects the kernels (and their type signatures) runs of ``source`` use, as 16 hex
     digits: the runtime's kernel sources (:func:`zipmoe_rt.kernels.sources_digest`) and the
-    Huffman decoder's file, the Python and Numba versions, the family and the hyper-parameters
+    ``zmoe`` package's files (size, modification time), the Python and Numba versions, the family and the hyper-parameters
     that are not sizes (strings and flags: activations, layer kinds), the (dtype, encoding) of
     every tensor and the (dtype, codec) of every expert piece. Sizes are left out: Numba
     specialises on types, not sizes, and the warm-up takes the parallel paths too.
@@ -92,10 +95,10 @@ def warm_key(source) -> str:
              for k, v in sorted(hp.items())
              if isinstance(v, (str, bool)) or (isinstance(v, (list, tuple)) and v
                                                and all(isinstance(x, str) for x in v))}
-    huff = _huffjit_file()
+    zf = _zmoe_folder()
     try:
-        hst = huff.stat() if huff else None
-        huff_id = [hst.st_size, hst.st_mtime_ns] if hst else None
+        huff_id = sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                         for f in zf.glob("*.py")) if zf else None
     except OSError:
         huff_id = None
     tensors = sorted({(str(t.get("dtype")), str(t.get("encoding")))
