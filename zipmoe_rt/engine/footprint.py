@@ -23,8 +23,8 @@ import sys
 
 import numpy as np
 
-__all__ = ["TinySource", "warm_up", "warm_up_calibration", "release", "drop_cold_library_pages", "steady_footprint",
-           "sources_stamp", "COLD_LIBRARIES"]
+__all__ = ["TinySource", "warm_up", "warm_up_calibration", "release", "drop_cold_library_pages",
+           "steady_footprint", "sources_stamp", "COLD_LIBRARIES"]
 
 #: shared libraries whose code a process needs only to compile or load Numba kernels
 COLD_LIBRARIES = ("libllvmlite",)

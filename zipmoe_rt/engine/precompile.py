@@ -79,10 +79,11 @@ def kernel_cache_dirs() -> dict:
 def warm_key(source) -> str:
     """What selects the kernels (and their type signatures) runs of ``source`` use, as 16 hex
     digits: the runtime's kernel sources (:func:`zipmoe_rt.kernels.sources_digest`) and the
-    ``zmoe`` package's files (size, modification time), the Python and Numba versions, the family and the hyper-parameters
-    that are not sizes (strings and flags: activations, layer kinds), the (dtype, encoding) of
-    every tensor and the (dtype, codec) of every expert piece. Sizes are left out: Numba
-    specialises on types, not sizes, and the warm-up takes the parallel paths too.
+    ``zmoe`` package's files (size, modification time), the Python and Numba versions, the
+    family and the hyper-parameters that are not sizes (strings and flags: activations, layer
+    kinds), the (dtype, encoding) of every tensor and the (dtype, codec) of every expert
+    piece. Sizes are left out: Numba specialises on types, not sizes, and the warm-up takes
+    the parallel paths too.
 
     Args:
         source: a :class:`~zipmoe_rt.engine.store.ZmoeSource`.
