@@ -220,3 +220,22 @@ def test_precompile_reports_a_failing_or_slow_child(tmp_path):
     assert ok is False and "exited with status 1" in why and "none.zmoe" in why, why
     ok, why = precompile(missing, timeout=0.01)
     assert ok is False and "did not finish within 0.01 s" in why
+
+
+def test_unwritable_cache_folder_warns_and_starts_no_child(tmp_path, monkeypatch):
+    """A kernel cache folder that cannot be written (``_writable`` False: this test may run
+    as root, who writes anywhere): no child (it could not cache either), one
+    KernelCompileWarning naming the folder and NUMBA_CACHE_DIR. A folder not made yet under a
+    writable one counts as writable."""
+    from types import SimpleNamespace
+
+    from zipmoe_rt.engine import precompile as P
+    assert P._writable(tmp_path / "not" / "yet") is True
+    monkeypatch.setattr(P, "warm_key", lambda source: "k")
+    monkeypatch.setattr(P, "marker_path", lambda key: tmp_path / "nb" / f"zipmoe-warm-{key}.json")
+    monkeypatch.setattr(P, "_writable", lambda folder: False)
+    calls = []
+    with pytest.warns(P.KernelCompileWarning, match="NUMBA_CACHE_DIR") as w:
+        got = P.ensure_kernels(SimpleNamespace(path="m.zmoe"), notice=False,
+                               run=lambda p, t: calls.append(p) or (True, ""))
+    assert got == "failed" and calls == [] and str(tmp_path / "nb") in str(w[0].message)

@@ -187,6 +187,14 @@ def precompile(model_path, timeout: float = COMPILE_TIMEOUT_S) -> tuple[bool, st
     return True, ""
 
 
+def _writable(folder: Path) -> bool:
+    """Whether ``folder``, or the nearest folder above it that exists, can be written."""
+    for d in (folder, *folder.parents):
+        if d.exists():
+            return os.access(d, os.W_OK | os.X_OK)
+    return False
+
+
 def ensure_kernels(source, notice: bool = True, timeout: float = COMPILE_TIMEOUT_S,
                    run=None) -> str:
     """Make sure Numba's cache holds the kernels runs of ``source`` use, compiling them in a
@@ -200,15 +208,24 @@ def ensure_kernels(source, notice: bool = True, timeout: float = COMPILE_TIMEOUT
         run: the child runner, ``run(path, timeout) -> (ok, why)`` (default :func:`precompile`).
     Returns:
         ``"ready"`` (nothing to do), ``"compiled"`` (the child filled the cache) or ``"failed"``
-        (the child failed or timed out, or left the cache without the marker: the kernels then
-        compile in this process).
+        (the child failed or timed out, or left the cache without the marker, or the cache
+        folder cannot be written and no child ran: the kernels then compile in this process).
     Warns:
-        KernelCompileWarning: the child failed, timed out or could not fill the cache (naming
-            why); the load goes on.
+        KernelCompileWarning: the child failed, timed out or could not fill the cache, or the
+            cache folder cannot be written (naming why); the load goes on.
     """
     key = warm_key(source)
     if kernels_ready(key):
         return "ready"
+    m = marker_path(key)
+    if m is not None and not _writable(m.parent):
+        # Numba cannot cache here either: every process compiles, and a child would only
+        # compile the same kernels once more
+        warnings.warn(f"{source.path}: Numba's kernel cache folder {m.parent} cannot be "
+                      f"written, so the kernels compile in this process at every run (a higher "
+                      f"memory peak while they compile); set NUMBA_CACHE_DIR to a writable "
+                      f"folder", KernelCompileWarning, stacklevel=3)
+        return "failed"
     if notice:
         print("compiling kernels once after install (a child process; tens of seconds)...",
               file=sys.stderr, flush=True)
