@@ -3,12 +3,12 @@ holds anything of its own (design.md §10, "memory limit").
 
 Numba compiles a kernel at its first call for each type signature, through LLVM, in the calling
 process, and keeps the machine code in its on-disk cache (``cache=True``), from which every
-later process loads it. A compile costs far more memory than a load: on the default model a
-process that compiles its kernels peaks ~100 MB higher than one that loads them, and keeps
-~20 MB more heap (LLVM's fragments, which ``malloc_trim`` cannot return). A run under
-``--memory-limit`` on a cold cache (the first run after an install or upgrade, or after the
-cache was deleted) would meet that cost while its weights are in memory: it went past a 600 MB
-limit and was OOM-killed inside a 600 MB cgroup (docs/benchmarks.md §8).
+later process loads it. A compile costs more memory than a load: on the default model the
+warm-up peaks at 228 MB compiling against 201 MB loading and leaves ~20 MB more heap (LLVM's
+fragments, which ``malloc_trim`` cannot return), and a kernel compiled while the weights are
+held brings LLVM's code pages (~70 MB, dropped after the warm-up) and its compile heap back
+beside them. A run under ``--memory-limit 600MB`` that compiled one kernel signature of its
+calibration on a cold cache was OOM-killed inside a 600 MB cgroup (docs/benchmarks.md §8).
 
 :func:`ensure_kernels` therefore checks whether Numba's cache holds the kernels this model's
 runs use (:func:`kernels_ready`: a marker the child writes, keyed by what selects the kernels'
@@ -16,10 +16,9 @@ signatures, :func:`warm_key`, naming the cache index files it left); if not, it 
 ``python -m zipmoe_rt.engine.precompile MODEL`` (hard timeout :data:`COMPILE_TIMEOUT_S`, output
 captured), which runs :func:`~zipmoe_rt.engine.footprint.warm_up` on the model (every kernel of
 its family on tiny models, decoded and compute-form experts, serial and parallel, and one real
-expert's decode and transcode) and
-:func:`~zipmoe_rt.engine.footprint.warm_up_calibration` (the signatures a calibration at load
-adds), which fills the cache, writes the marker and exits, giving its
-memory back. The parent then only loads compiled code. A child that fails or times out costs a
+expert's decode and transcode) and :func:`~zipmoe_rt.engine.footprint.warm_up_calibration`
+(the signatures a calibration at load adds), which fills the cache, writes the marker and
+exits, giving its memory back. The parent then only loads compiled code. A child that fails or times out costs a
 :class:`KernelCompileWarning`, and the kernels compile in the loading process as before: the run
 goes on, with the same output.
 """
