@@ -117,7 +117,8 @@ def _sigterm_as_interrupt():
 def _plain_calibration_warnings():
     """Show a :class:`~zipmoe_rt.engine.profile.CalibrationWarning`,
     :class:`~zipmoe_rt.convert.converter.ConversionWarning`,
-    :class:`~zipmoe_rt.backends.DeviceWarning` or
+    :class:`~zipmoe_rt.backends.DeviceWarning`,
+    :class:`~zipmoe_rt.engine.precompile.KernelCompileWarning` or
     :class:`~zipmoe_rt.convert.atomic.StaleTemporaryWarning` as one ``zipmoe-rt: warning: ...``
     line on stderr (not Python's ``file:line: Category:`` form); other warnings as before."""
     import warnings
@@ -130,9 +131,10 @@ def _plain_calibration_warnings():
         from .convert.atomic import StaleTemporaryWarning
         from .convert.converter import ConversionWarning
         from .backends import DeviceWarning
+        from .engine.precompile import KernelCompileWarning
         from .engine.profile import CalibrationWarning
         if issubclass(category, (CalibrationWarning, ConversionWarning, StaleTemporaryWarning,
-                                 DeviceWarning)):
+                                 DeviceWarning, KernelCompileWarning)):
             click.echo(f"zipmoe-rt: warning: {message}", err=True)
         else:
             previous(message, category, filename, lineno, file, line)

@@ -162,6 +162,14 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         zipmoe_rt.engine.profile.CalibrationWarning: policy ``zipmoe`` with a stored
             calibration (``MODEL.calib.json``) from another version, the other read mode
             (``direct``), another ``io_depth`` or another machine; the plan uses it anyway.
+        zipmoe_rt.engine.precompile.KernelCompileWarning: under a memory budget or limit on
+            the CPU with Numba's kernel cache cold, the child process that compiles the
+            kernels failed or timed out; they compile in this process instead (same output).
+
+    Under a memory budget or limit on the CPU, a cold kernel cache (first run after an install
+    or upgrade) is filled first by a child process (:mod:`zipmoe_rt.engine.precompile`; with
+    ``progress``, one notice line on stderr), so that this process loads compiled kernels and
+    never holds LLVM's compile memory beside its weights.
     """
     from .api import Model
     from .backends import get_backend, resolve_device
@@ -216,6 +224,11 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     try:
         from .engine.lowprec import refuse_device
         refuse_device(source.reader, backend.name)     # FP8 files: CPU only
+        if budgeted and on_host:
+            # a cold kernel cache is filled by a child process, whose compile memory is given
+            # back before this one holds anything (engine/precompile.py)
+            from .engine.precompile import ensure_kernels
+            ensure_kernels(source, notice=progress)
         tok = tokenizer_from_source(source)
         # the tokenizer holds its own parsed copy; the JSON text (~7 MB as a str) is not needed
         source.metadata.pop(Keys.Tokenizer.JSON, None)

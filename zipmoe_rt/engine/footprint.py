@@ -23,8 +23,8 @@ import sys
 
 import numpy as np
 
-__all__ = ["TinySource", "warm_up", "release", "drop_cold_library_pages", "steady_footprint",
-           "sources_stamp", "COLD_LIBRARIES"]
+__all__ = ["TinySource", "warm_up", "warm_up_calibration", "release", "drop_cold_library_pages",
+           "steady_footprint", "sources_stamp", "COLD_LIBRARIES"]
 
 #: shared libraries whose code a process needs only to compile or load Numba kernels
 COLD_LIBRARIES = ("libllvmlite",)
@@ -150,6 +150,28 @@ def _one_token_experts(backend, tiny: TinySource) -> None:
     for e in (0, 1):
         backend.expert_accumulate(out, x, np.zeros(1, np.int64), np.ones(1, np.float32),
                                   tiny.expert(0, e))
+
+
+def warm_up_calibration(source) -> None:
+    """Run, in this process, the kernel signatures a calibration at load uses beyond
+    :func:`warm_up`'s: one expert, decoded and in the compute form, on a 1-D token
+    (``experts_token``, as :func:`zipmoe_rt.engine.calibration.calibrate` and
+    ``compute_form_costs`` time the matmul), on tiny experts of ``source``'s family, serial
+    and with the parallel thresholds at 0 (as :func:`warm_up`). Only the
+    kernel-compiling child runs it (:mod:`zipmoe_rt.engine.precompile`): a loading process
+    loads these from the cache only when it calibrates, inside the calibration's share of the
+    budget, so the fixed overhead does not hold them."""
+    from ..backends import get_backend
+    tiny = TinySource(source.hparams, packed=True)
+    if set(tiny._roles) != {"gate", "up", "down"}:
+        return
+    hid = tiny._roles["gate"][1]
+    backend = get_backend("numba")
+    for parallel in (False, True):        # the parallel kernels a full-size expert takes too
+        with _parallel_thresholds(0 if parallel else None):
+            for e in (0, 1):
+                backend.experts_token(np.zeros(hid, np.float32), np.ones(hid, np.float32),
+                                      [tiny.expert(0, e)], np.ones(1, np.float32))
 
 
 def drop_cold_library_pages(libraries=COLD_LIBRARIES, maps="/proc/self/smaps") -> int:
