@@ -128,7 +128,7 @@ def setup(a) -> tuple:
         src = ZmoeSource(z)
         try:       # files of another depth or width (another run's --layers / --tiny)
             hp = src.hparams
-            wide = offload_model_shape(a.tiny)
+            wide = model_hidden_size(a.tiny)
             a.fresh = (int(hp["num_hidden_layers"]) != a.layers
                        or int(hp["hidden_size"]) != wide)
         finally:
@@ -145,7 +145,7 @@ def setup(a) -> tuple:
     return z, raw
 
 
-def offload_model_shape(tiny: bool) -> int:
+def model_hidden_size(tiny: bool) -> int:
     """The hidden size of the benchmark model (``--tiny`` or not)."""
     from make_synthetic_checkpoint import preset
     return int(preset("qwen3-moe", tiny).hidden_size)
