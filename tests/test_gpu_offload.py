@@ -462,6 +462,17 @@ def _cuda_why():
     return cuda_unavailable()
 
 
+def _cuda_unbudgeted(case, n: int) -> tuple:
+    """``generate``'s ``(logits, tokens)`` over ``n`` steps of ``case``'s model on the GPU
+    with every expert resident (no budget): the reference of the budgeted GPU runs."""
+    import zipmoe_rt
+    m = zipmoe_rt.load(case.zmoe, device="cuda", progress=False)
+    try:
+        return generate(m.net, case.ids, n)
+    finally:
+        m.close()
+
+
 @pytest.mark.skipif(_cuda_why() is not None, reason=f"no CUDA backend here: {_cuda_why()}")
 @pytest.mark.parametrize("spec", ["mixtral", "deepseek_v2_lite", "qwen3_moe", "gpt_oss"])
 def test_cuda_prefetch_on_equals_off_and_unbudgeted(tiny_case, spec):
@@ -472,11 +483,7 @@ def test_cuda_prefetch_on_equals_off_and_unbudgeted(tiny_case, spec):
 
     import zipmoe_rt
     case = tiny_case(spec)
-    m = zipmoe_rt.load(case.zmoe, device="cuda", progress=False)
-    try:
-        ref_logits, ref_tokens = generate(m.net, case.ids, 10)
-    finally:
-        m.close()
+    ref_logits, ref_tokens = _cuda_unbudgeted(case, 10)
     budget = case.dense + 2 * case.k * case.bytes_F
     for policy in ("zip-lru", "raw-lru", "zipmoe"):
         path = case.raw if policy == "raw-lru" else case.zmoe
@@ -625,11 +632,7 @@ def test_cuda_copy_wait_and_lookahead_switches_keep_logits(tiny_case, monkeypatc
     import zipmoe_rt
     from zipmoe_rt.engine import gpu_batch, prefetch
     case = tiny_case(spec)
-    m = zipmoe_rt.load(case.zmoe, device="cuda", progress=False)
-    try:
-        ref_logits, ref_tokens = generate(m.net, case.ids, 10)
-    finally:
-        m.close()
+    ref_logits, ref_tokens = _cuda_unbudgeted(case, 10)
     budget = case.dense + 2 * case.k * case.bytes_F
     for copy_wait, scores, early in ((False, True, False), (True, False, False),
                                      (True, True, True), (False, False, True)):
@@ -666,12 +669,9 @@ def test_cuda_timeline_hooks_record_every_stream(tiny_case):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import timeline_hooks as TH
     import timeline_report as TR
+    from test_gpu_timeline import generate_recorded
     case = tiny_case("mixtral")
-    m = zipmoe_rt.load(case.zmoe, device="cuda", progress=False)
-    try:
-        ref_logits, _ = generate(m.net, case.ids, 4)
-    finally:
-        m.close()
+    ref_logits, _ = _cuda_unbudgeted(case, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         b = zipmoe_rt.load(case.zmoe, device="cuda", progress=False, policy="zip-lru",
@@ -680,21 +680,7 @@ def test_cuda_timeline_hooks_record_every_stream(tiny_case):
     try:
         net, eng = b.net, b.engine
         rec = TH.Recorder(TH.CudaClock(), eng)
-        undo = TH.install(rec, net, eng)
-        orig = net.forward
-
-        def forward(ids, cache, last_only=True):
-            rec.begin()
-            try:
-                return orig(ids, cache, last_only)
-            finally:
-                rec.end()
-        net.forward = forward
-        try:
-            logits, _ = generate(net, case.ids, 4)
-        finally:
-            del net.forward
-            TH.uninstall(undo)
+        logits, _ = generate_recorded(rec, net, eng, case.ids, 4)
         assert all(np.array_equal(x, y) for x, y in zip(logits, ref_logits))
         assert not any(n in vars(eng.ops) for n in ("h2d_at", "record", "wait", "decode_batch"))
         toks = rec.tokens[1:]                       # the decode steps

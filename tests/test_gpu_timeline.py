@@ -28,6 +28,29 @@ def _g(stream, t0, t1, host_t, deps=(), name="x", layer=None):
             "host_t": host_t, "deps": list(deps)}
 
 
+def generate_recorded(rec, net, engine, ids, n: int) -> tuple:
+    """``generate(net, ids, n)`` with the timeline hooks installed (``timeline_hooks.install``)
+    and every forward pass (the prefill, then each decode step) recorded as one token of the
+    :class:`timeline_hooks.Recorder` ``rec``; the hooks are uninstalled and ``net.forward``
+    restored afterwards, also on an error. Returns generate's ``(logits, tokens)``."""
+    import timeline_hooks as TH
+    undo = TH.install(rec, net, engine)
+    orig_forward = net.forward
+
+    def forward(ids, cache, last_only=True):
+        rec.begin()
+        try:
+            return orig_forward(ids, cache, last_only)
+        finally:
+            rec.end()
+    net.forward = forward
+    try:
+        return generate(net, ids, n)
+    finally:
+        del net.forward
+        TH.uninstall(undo)
+
+
 def test_union_length_merges_and_clips():
     iv = [(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]
     assert TR.union_length(iv) == pytest.approx(4.0)
@@ -185,21 +208,7 @@ def test_hooks_record_the_gpu_engine_and_leave_nothing_behind(tiny_case):
         net = build_model(source, executor=eng)
         attach(net, eng)
         rec = TH.Recorder(TH.HostClock(), eng)
-        undo = TH.install(rec, net, eng)
-        orig_forward = net.forward
-
-        def forward(ids, cache, last_only=True):
-            rec.begin()
-            try:
-                return orig_forward(ids, cache, last_only)
-            finally:
-                rec.end()
-        net.forward = forward
-        try:
-            logits, tokens = generate(net, case.ids, 4)
-        finally:
-            del net.forward
-            TH.uninstall(undo)
+        logits, tokens = generate_recorded(rec, net, eng, case.ids, 4)
         assert tokens == case.ref_tokens[:len(tokens)]
         assert all(np.array_equal(x, y) for x, y in zip(logits, case.ref_logits))
         assert DecoderLayer.__call__ is call

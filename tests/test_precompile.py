@@ -20,20 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_api import make_chat_model
+from test_api import tiny_src, tiny_zmoe  # noqa: F401 - module fixtures
 
 IDS = [1, 5, 9, 2, 7, 3]
 TOL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def tiny_src(tiny_moe_dir) -> Path:
-    return tiny_moe_dir("mixtral")
-
-
-@pytest.fixture(scope="module")
-def tiny_zmoe(tiny_src, tmp_path_factory) -> Path:
-    return make_chat_model(tiny_src, tmp_path_factory.mktemp("precompile") / "tiny")
 
 
 def child(code: str, cache: Path, *args) -> dict:

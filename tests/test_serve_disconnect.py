@@ -75,15 +75,21 @@ def logged_server(host: ModelHost):
         assert not th.is_alive(), "server did not stop"
 
 
-def _start_stream(base: str, max_tokens: int) -> socket.socket:
-    """A streamed chat request on a raw socket; returns once the first text chunk (after the
-    role chunk) arrived: the worker is generating."""
+def _post(base: str, messages, stream: bool, max_tokens: int = 50) -> socket.socket:
+    """A greedy chat request on a raw socket (its reply not read)."""
     h, port = base.removeprefix("http://").split(":")
     s = socket.create_connection((h, int(port)), timeout=HARD_LIMIT_S)
-    body = json.dumps({"messages": HI, "stream": True, "max_tokens": max_tokens,
+    body = json.dumps({"messages": messages, "stream": stream, "max_tokens": max_tokens,
                        "temperature": 0}).encode()
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
               b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    return s
+
+
+def _start_stream(base: str, max_tokens: int) -> socket.socket:
+    """A streamed chat request on a raw socket; returns once the first text chunk (after the
+    role chunk) arrived: the worker is generating."""
+    s = _post(base, HI, True, max_tokens)
     got = b""
     while b"\r\n\r\n" not in got or got.split(b"\r\n\r\n", 1)[1].count(b"data: ") < 2:
         piece = s.recv(4096)
@@ -184,17 +190,6 @@ class PrefillGate:
             self.held.set()
             assert self.host._current.cancel.wait(HARD_LIMIT_S), "the client never left"
         return self._net.forward(ids, *a, **kw)
-
-
-def _post(base: str, messages, stream: bool) -> socket.socket:
-    """A chat request on a raw socket (its reply not read)."""
-    h, port = base.removeprefix("http://").split(":")
-    s = socket.create_connection((h, int(port)), timeout=HARD_LIMIT_S)
-    body = json.dumps({"messages": messages, "stream": stream, "max_tokens": 50,
-                       "temperature": 0}).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-              b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-    return s
 
 
 def _ask(base: str, messages) -> list:

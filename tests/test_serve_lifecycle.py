@@ -24,7 +24,7 @@ pytest.importorskip("uvicorn")
 from zipmoe_rt.server.worker import ModelHost  # noqa: E402
 
 from test_cli import _flip_layer0  # noqa: E402
-from test_serve_disconnect import GatedNet, Records, logged_server  # noqa: E402
+from test_serve_disconnect import GatedNet, Records, _start_stream, logged_server  # noqa: E402
 from test_server import (HARD_LIMIT_S, HI, _free_port, _raw, model, tiny_zmoe,  # noqa: E402,F401
                          wait_healthy)
 
@@ -88,23 +88,6 @@ def test_a_failed_request_is_logged_as_one_line(model):
         assert not any(r.exc_info for r in rec.records), "a traceback was logged"
 
 
-def _open_stream(base: str) -> socket.socket:
-    """A streamed chat request on a raw socket, returned once two chunks (the role, then the
-    first text) have arrived."""
-    h, port = base.removeprefix("http://").split(":")
-    s = socket.create_connection((h, int(port)), timeout=HARD_LIMIT_S)
-    body = json.dumps({"messages": HI, "stream": True, "max_tokens": 400,
-                       "temperature": 0}).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-              b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-    got = b""
-    while got.count(b"data: ") < 2:
-        piece = s.recv(4096)
-        assert piece, "the server closed the stream"
-        got += piece
-    return s
-
-
 def _read_to_close(s: socket.socket) -> bytes:
     got = b""
     while piece := s.recv(4096):
@@ -132,7 +115,7 @@ def test_a_signal_ends_an_open_stream_with_an_error_event_and_done(model, sig):
         try:
             wait_healthy(base, HARD_LIMIT_S, poll_s=0.02)
             logging.getLogger("uvicorn.error").addHandler(rec)
-            s = _open_stream(base)
+            s = _start_stream(base, max_tokens=400)
             os.kill(os.getpid(), sig)
             result["body"] = _read_to_close(s)
         except BaseException as e:  # noqa: BLE001 - reported by the test

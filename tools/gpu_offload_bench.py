@@ -20,24 +20,23 @@ Two steps, because the value pools come from a GGUF file the GPU machine does no
         [--prefetch off,on] [--calibration FILE] [--skip-accelerate] [--one-step-segments]
         [--ab NAME=VALUE,...] [--json OUT.json]
 
-``run`` writes the checkpoint, calibrates its routers
-(:func:`offload_model.calibrate_routers`), converts it twice (bit-planes; raw experts for
-raw-lru), calibrates the machine once for every zipmoe row (:func:`calibrate_once`; or
-``--calibration FILE``) and plans once per trace (``offload_model.plan_once``), times the two segment decode kernels on one expert and a routing read (device to host) with
-and without host-to-device copies in flight (:func:`time_reads_under_copies`), then for each
-routing (the
-model's routers, and/or :func:`offload_model.uniform_routing`) records an activation trace for
-zipmoe (teacher-forced tokens, unbudgeted GPU run) and times each configuration after a
-warm-up, with cross-layer prefetch off and/or on (``--prefetch``; a third routing,
-``predictable``, draws uniform experts that the look-ahead predicts exactly: the bound of
-what prefetch can hide) (zip-lru also with one copy and one decode launch per miss, the engine's one-expert
-path: ``gpu_batch.BATCHED`` off; ``--batch-sizes N,...`` adds zip-lru and zipmoe rows with ``N``
-experts per decode launch, ``gpu_batch.MAX_BATCH``; ``--ab NAME=VALUE,...`` adds zip-lru
-rows with module switches flipped, ``tools/gpu_timeline.py``'s ``AB_SWITCHES``); last
-transformers + accelerate
-(``tools/offload_accelerate.py``); it prints a table with the ratios and, per budgeted row,
-where a token's time goes (:func:`breakdown`). Every figure comes from this one run on this
-machine. The model and routing: ``tools/offload_model.py``.
+``run`` writes the checkpoint, calibrates its routers (:func:`offload_model.calibrate_routers`),
+converts it twice (bit-planes; raw experts for raw-lru), calibrates the machine once for every
+zipmoe row (:func:`calibrate_once`; or ``--calibration FILE``) and plans once per trace
+(``offload_model.plan_once``), times the two segment decode kernels on one expert and a routing
+read (device to host) with and without host-to-device copies in flight
+(:func:`time_reads_under_copies`). Then for each routing (the model's routers, and/or
+:func:`offload_model.uniform_routing`; a third routing, ``predictable``, draws uniform experts
+that the look-ahead predicts exactly: the bound of what prefetch can hide) it records an
+activation trace for zipmoe (teacher-forced tokens, unbudgeted GPU run) and times each
+configuration after a warm-up, with cross-layer prefetch off and/or on (``--prefetch``):
+zip-lru also with one copy and one decode launch per miss (the engine's one-expert path,
+``gpu_batch.BATCHED`` off); ``--batch-sizes N,...`` adds zip-lru and zipmoe rows with ``N``
+experts per decode launch (``gpu_batch.MAX_BATCH``); ``--ab NAME=VALUE,...`` adds zip-lru rows
+with module switches flipped (``tools/gpu_timeline.py``'s ``AB_SWITCHES``). Last come
+transformers + accelerate (``tools/offload_accelerate.py``). It prints a table with the ratios
+and, per budgeted row, where a token's time goes (:func:`breakdown`). Every figure comes from
+this one run on this machine. The model and routing: ``tools/offload_model.py``.
 """
 from __future__ import annotations
 
@@ -59,14 +58,6 @@ from offload_model import (CALIB_RUNS, CALIB_TOKENS, token_stream, calibrate_rou
                            make_pools, plan_once, uniform_routing, write_checkpoint)
 
 DEVICE = "cuda"
-#: the routings of ``--routing``
-ROUTINGS = ("uniform", "model", "predictable")
-
-
-def _forward(net, ids, cache, step):
-    """One forward pass, the routing's step set first (``offload_model.ROUTE_STEP``)."""
-    offload_model.ROUTE_STEP[0] = step
-    return net.forward(ids, cache)
 
 
 def time_zipmoe(path, tokens, warm, **load_kw) -> dict:
@@ -84,14 +75,14 @@ def time_zipmoe(path, tokens, warm, **load_kw) -> dict:
             held.load_all()     # unbudgeted: every expert on the GPU before timing
         ids = token_stream(16 + warm + tokens)
         cache = net.new_cache(capacity=16 + warm + tokens + 1)
-        _forward(net, ids[:16], cache, 0)
+        offload_model.forward(net, ids[:16], cache, 0)
         for i, t in enumerate(ids[16:16 + warm]):
-            _forward(net, np.array([t]), cache, 1 + i)
+            offload_model.forward(net, np.array([t]), cache, 1 + i)
         if m.engine is not None:
             m.engine.stats.reset()
         net.backend.synchronize()
         t0 = time.perf_counter()
-        logits = [_forward(net, np.array([t]), cache, 1 + warm + i)
+        logits = [offload_model.forward(net, np.array([t]), cache, 1 + warm + i)
                   for i, t in enumerate(ids[16 + warm:])]
         net.backend.synchronize()
         dt = time.perf_counter() - t0
@@ -148,7 +139,7 @@ def record_trace(z):
     ids = token_stream(64, seed=11)
     cache = m.net.new_cache(capacity=65)
     for i, t in enumerate(ids):
-        _forward(m.net, np.array([t]), cache, 10_000 + i)
+        offload_model.forward(m.net, np.array([t]), cache, 10_000 + i)
     m.net.route_hook = None
     src = m.source
     trace = {"version": 1, "fingerprint": prof.fingerprint(src), "model": "bench",
@@ -333,10 +324,10 @@ def run(a):
     res = {"layers": a.layers, "budget": a.budget, "budget_bytes": budget,
            "host_budget": a.host_budget, "tokens": a.tokens, "rows": {}}
     modes = ("uniform", "model") if a.routing == "both" else tuple(a.routing.split(","))
-    bad = [m for m in modes if m not in ROUTINGS]
+    bad = [m for m in modes if m not in offload_model.ROUTINGS]
     if bad:
         raise SystemExit(f"--routing: unknown {', '.join(bad)} (one of both, "
-                         f"{', '.join(ROUTINGS)}, comma-separated)")
+                         f"{', '.join(offload_model.ROUTINGS)}, comma-separated)")
     res["prefetch"] = a.prefetch
     print(calibrate_once(z, a.calibration), flush=True)
     plan_once()                 # zipmoe rows of one routing share their plan
@@ -466,16 +457,11 @@ def main(argv=None):
     p = sub.add_parser("pools")
     p.add_argument("out", type=Path)
     r = sub.add_parser("run")
-    r.add_argument("pools", type=Path)
-    r.add_argument("--work", type=Path, required=True)
-    r.add_argument("--layers", type=int, default=2)
-    r.add_argument("--budget", default="25%")
-    r.add_argument("--host-budget", default="100%")
+    offload_model.add_model_args(r, layers=2)
     r.add_argument("--tokens", type=int, default=32)
     r.add_argument("--hf-tokens", type=int, default=6)
     r.add_argument("--json", type=Path, default=None)
     r.add_argument("--device", default="cuda", help="cpu: a smoke test of the script")
-    r.add_argument("--tiny", action="store_true", help="the --tiny shape (smoke test)")
     r.add_argument("--one-step-segments", action="store_true",
                    help="the one-step segment decode kernel in the engine (cuda_experts.STAGED off)")
     r.add_argument("--no-unbatched", action="store_true",

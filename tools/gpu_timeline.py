@@ -128,7 +128,7 @@ def setup(a) -> tuple:
         src = ZmoeSource(z)
         try:       # files of another depth or width (another run's --layers / --tiny)
             hp = src.hparams
-            wide = offload_model_shape(a.tiny)
+            wide = model_hidden_size(a.tiny)
             a.fresh = (int(hp["num_hidden_layers"]) != a.layers
                        or int(hp["hidden_size"]) != wide)
         finally:
@@ -145,7 +145,7 @@ def setup(a) -> tuple:
     return z, raw
 
 
-def offload_model_shape(tiny: bool) -> int:
+def model_hidden_size(tiny: bool) -> int:
     """The hidden size of the benchmark model (``--tiny`` or not)."""
     from make_synthetic_checkpoint import preset
     return int(preset("qwen3-moe", tiny).hidden_size)
@@ -193,11 +193,6 @@ def _err(e) -> str:
     return f"{type(e).__name__}: {e}"[:400] + where
 
 
-def _forward(net, ids, cache, step):
-    offload_model.ROUTE_STEP[0] = step
-    return net.forward(ids, cache)
-
-
 def run_row(a, path, budget=None, policy=None, prefetch=False) -> dict:
     """One configuration: plain ms/token over ``--tokens`` steps, then ``--timeline`` recorded
     steps; their logits, records and summary."""
@@ -205,16 +200,16 @@ def run_row(a, path, budget=None, policy=None, prefetch=False) -> dict:
     try:
         ids = offload_model.token_stream(PREFILL + WARM + a.tokens + a.timeline * len(a.detail))
         cache = net.new_cache(capacity=len(ids) + 1)
-        _forward(net, ids[:PREFILL], cache, 0)
+        offload_model.forward(net, ids[:PREFILL], cache, 0)
         step = 1
         for t in ids[PREFILL:PREFILL + WARM]:
-            _forward(net, np.array([t]), cache, step)
+            offload_model.forward(net, np.array([t]), cache, step)
             step += 1
         net.backend.synchronize()
         t0 = time.perf_counter()
         logits = []
         for t in ids[PREFILL + WARM:PREFILL + WARM + a.tokens]:
-            logits.append(_forward(net, np.array([t]), cache, step))
+            logits.append(offload_model.forward(net, np.array([t]), cache, step))
             step += 1
         net.backend.synchronize()
         plain = (time.perf_counter() - t0) / max(1, a.tokens)
@@ -229,7 +224,7 @@ def run_row(a, path, budget=None, policy=None, prefetch=False) -> dict:
                 try:
                     for t in ids[PREFILL + WARM + a.tokens + (step - first_step):][:a.timeline]:
                         rec.begin()
-                        logits.append(_forward(net, np.array([t]), cache, step))
+                        logits.append(offload_model.forward(net, np.array([t]), cache, step))
                         rec.end()
                         step += 1
                 finally:
@@ -351,12 +346,8 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("pools", type=Path)
-    r.add_argument("--work", type=Path, required=True)
-    r.add_argument("--layers", type=int, default=4)
-    r.add_argument("--budget", default="25%")
-    r.add_argument("--host-budget", default="100%")
-    r.add_argument("--routing", default="predictable", choices=offload_model_routings())
+    offload_model.add_model_args(r, layers=4)
+    r.add_argument("--routing", default="predictable", choices=offload_model.ROUTINGS)
     r.add_argument("--tokens", type=int, default=64, help="plainly timed decode steps per row")
     r.add_argument("--timeline", type=int, default=8, help="recorded decode steps per row")
     r.add_argument("--configs", default="raw-lru:on,zip-lru:off,zip-lru:on",
@@ -372,7 +363,6 @@ def main(argv=None):
                    "events, less of the hooks' own host time)")
     r.add_argument("--json", type=Path, default=None)
     r.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    r.add_argument("--tiny", action="store_true", help="the --tiny shape (smoke test)")
     r.add_argument("--fresh", action="store_true", help="rewrite the model files in --work")
     a = ap.parse_args(argv)
     try:
@@ -386,11 +376,6 @@ def main(argv=None):
     if not a.detail or set(a.detail) - set(TH.DETAILS):
         ap.error(f"--detail: one or more of {', '.join(TH.DETAILS)}")
     return run(a)
-
-
-def offload_model_routings():
-    """The routings of ``--routing``: the model's routers, uniform, predictable."""
-    return ("model", "uniform", "predictable")
 
 
 if __name__ == "__main__":

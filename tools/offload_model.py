@@ -204,6 +204,29 @@ def token_stream(n, seed=5):
 #: the decode step the model is at (:func:`uniform_routing` with ``by_step``; set by the
 #: benchmark before each forward pass)
 ROUTE_STEP = [0]
+#: the routings of the tools' ``--routing``: the model's routers, uniform random experts, and
+#: uniform experts seeded by the decode step (:func:`uniform_routing`)
+ROUTINGS = ("uniform", "model", "predictable")
+
+
+def forward(net, ids, cache, step):
+    """One forward pass of ``net`` over the token ids ``ids`` (int64, 1-D) into ``cache``, the
+    routing's step (:data:`ROUTE_STEP`) set to ``step`` first; returns the forward's logits."""
+    ROUTE_STEP[0] = step
+    return net.forward(ids, cache)
+
+
+def add_model_args(r, layers: int) -> None:
+    """The options of the benchmark model that ``tools/gpu_offload_bench.py run`` and
+    ``tools/gpu_timeline.py run`` share (the pools file, ``--work``, ``--layers`` defaulting to
+    ``layers``, ``--budget``, ``--host-budget``, ``--tiny``), added to the argparse parser
+    ``r``."""
+    r.add_argument("pools", type=Path)
+    r.add_argument("--work", type=Path, required=True)
+    r.add_argument("--layers", type=int, default=layers)
+    r.add_argument("--budget", default="25%")
+    r.add_argument("--host-budget", default="100%")
+    r.add_argument("--tiny", action="store_true", help="the --tiny shape (smoke test)")
 
 
 def uniform_routing(on: bool, by_step: bool = False) -> None:

@@ -43,7 +43,12 @@ ENGINE_SPANS = {"run": "moe", "_prepare": "prepare", "_queue": "queue",
 
 
 class HostClock:
-    """Events as host clock readings (the device operations run at once)."""
+    """Events as host clock readings (the device operations run at once).
+
+    A clock's interface, as :class:`Recorder` uses it: ``start(ops)`` takes the token's
+    reference (``t_ref``, a ``time.perf_counter()`` reading, and the device's), ``mark(stream)``
+    returns an event on ``stream``, ``seconds(ev)`` its time in seconds after the reference,
+    ``sync()`` waits for the queued device work."""
 
     def start(self, ops):
         self.t_ref = time.perf_counter()
@@ -108,6 +113,8 @@ class Recorder:
         self._pending: dict = {}        # lane -> [events waited for since its last item]
 
     def set_streams(self, compute, copy=None, decode=None):
+        """Name the lanes: items queued on ``compute``, ``copy`` and ``decode`` (streams, or
+        the host model's stream tokens; None: absent) go to the lane of that name."""
         self._names = {_sid(compute): "compute"}
         if copy is not None:
             self._names[_sid(copy)] = "copy"
@@ -115,6 +122,7 @@ class Recorder:
             self._names[_sid(decode)] = "decode"
 
     def lane(self, stream) -> str:
+        """The lane of ``stream`` (``compute`` for a stream not named by :meth:`set_streams`)."""
         return self._names.get(_sid(stream), "compute")
 
     # -- a token -------------------------------------------------------------------------------
@@ -149,6 +157,10 @@ class Recorder:
 
     # -- spans and items -----------------------------------------------------------------------
     def host_span(self, name, kind, fn, *a, waits_on="compute", **kw):
+        """``fn(*a, **kw)``, recorded (while a token is recorded) as a host span of ``kind``
+        ``"launch"`` (a launch section named ``name``) or ``"wait"`` (a wait of what ``name``
+        says, on the lane ``waits_on``, named by the launch sections it happens in); returns
+        ``fn``'s result."""
         if not self.on:
             return fn(*a, **kw)
         t_ref = self.clock.t_ref
@@ -172,6 +184,10 @@ class Recorder:
             self._host.append(span)
 
     def gpu_item(self, stream, name, fn, *a, **kw):
+        """``fn(*a, **kw)``, queuing work on ``stream``, recorded as an item ``name`` of that
+        stream's lane between two clock events, with the cross-stream waits queued before it as
+        dependencies (a compute op inside another records nothing: the outer one covers it);
+        returns ``fn``'s result."""
         if not self.on:
             return fn(*a, **kw)
         lane = self.lane(stream)
@@ -196,6 +212,7 @@ class Recorder:
                 self._in_op -= 1
 
     def note_record(self, stream, ev):
+        """Remember the lane the engine's event ``ev`` was recorded on; returns ``ev``."""
         if self.on:
             self._ev_stream[_evkey(ev)] = (ev, self.lane(stream))
         return ev
@@ -205,6 +222,7 @@ class Recorder:
         return self._ev_stream.get(_evkey(ev), (None, "compute"))[1]
 
     def note_wait(self, stream, ev):
+        """Note that ``stream`` was made to wait for ``ev``: a dependency of its next item."""
         if self.on:
             self._pending.setdefault(self.lane(stream), []).append(ev)
 

@@ -469,4 +469,3 @@ class ChatSession:
     @property
     def last_stats(self) -> GenerationStats | None:
         return self.model.last_stats
-

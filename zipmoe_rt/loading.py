@@ -174,8 +174,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     from .api import Model
     from .backends import get_backend, resolve_device
     from .engine.factory import build_engine
-    from .engine.tiers import budget_split
     from .engine.store import ZmoeSource
+    from .engine.tiers import budget_split
     from .models import build_model
     from .models.moe import ExpertExecutor
     from .models.packed import dense_saving

@@ -18,9 +18,9 @@ captured), which runs :func:`~zipmoe_rt.engine.footprint.warm_up` on the model (
 its family on tiny models, decoded and compute-form experts, serial and parallel, and one real
 expert's decode and transcode) and :func:`~zipmoe_rt.engine.footprint.warm_up_calibration`
 (the signatures a calibration at load adds), which fills the cache, writes the marker and
-exits, giving its memory back. The parent then only loads compiled code. A child that fails or times out costs a
-:class:`KernelCompileWarning`, and the kernels compile in the loading process as before: the run
-goes on, with the same output.
+exits, giving its memory back. The parent then only loads compiled code. A child that fails or
+times out costs a :class:`KernelCompileWarning`, and the kernels compile in the loading
+process: the run goes on, with the same output.
 """
 from __future__ import annotations
 
