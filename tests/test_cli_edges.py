@@ -93,8 +93,8 @@ def test_budget_and_limit_state_the_same_minimum(greedy_zmoe, tmp_path, monkeypa
     from zipmoe_rt.engine.tiers import BudgetError, smallest_budget
 
     monkeypatch.setenv("ZIPMOE_RT_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None: 50 * MB)
-    monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None: 0)   # not the point here
+    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None, **kw: 50 * MB)
+    monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None, **kw: 0)   # not the point here
 
     def minimums(b, l):
         return (re.search(r"at least (\d+\.\d) MB is needed", b).group(1),
@@ -487,8 +487,8 @@ def test_chat_under_a_memory_limit_stops_at_the_planned_context(greedy_zmoe, tmp
     from zipmoe_rt.engine import limit as L
 
     monkeypatch.setenv("ZIPMOE_RT_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None: 50 * MB)
-    monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None: 0)
+    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None, **kw: 50 * MB)
+    monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None, **kw: 0)
     monkeypatch.setattr(L, "DEFAULT_CONTEXT", 40)
     r = cli("chat", greedy_zmoe, "-n", -1, "--memory-limit", "4GB", input="hello world\n/stats\n")
     assert r.exit_code == 0, r.output

@@ -205,8 +205,8 @@ def test_limit_divides_with_the_dense_bytes_held(tiny_moe_dir, tmp_path, monkeyp
     from zipmoe_rt.engine import limit as L
     ov = 50 << 20
     monkeypatch.setenv("ZIPMOE_RT_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None: ov)
-    monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None: ov)
+    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None, **kw: ov)
+    monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None, **kw: ov)
     z = make_chat_model(tiny_moe_dir("mixtral"), tmp_path / "m")
     src = ZmoeSource(z)
     stored, minimum = src.dense_bytes(), L.plan_memory(src, 10**9, 128, overhead=ov).minimum
@@ -240,8 +240,8 @@ def test_a_limit_too_small_is_refused_before_the_dense_build(tiny_moe_dir, tmp_p
     from zipmoe_rt.engine.tiers import mb_at_least
     ov = 50 << 20
     monkeypatch.setenv("ZIPMOE_RT_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None: ov)
-    monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None: ov)
+    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None, **kw: ov)
+    monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None, **kw: ov)
     z = make_chat_model(tiny_moe_dir("mixtral"), tmp_path / "m")
     kw = dict(context=128, policy="zip-lru", resident="compressed")
     with zipmoe_rt.load(z, memory_limit=10**9, **kw) as m:

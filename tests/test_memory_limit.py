@@ -226,6 +226,35 @@ def test_fixed_overhead_is_measured_once_per_file(tiny_zmoe, home):
         L.fixed_overhead(Path(__file__), lambda p: 0)
 
 
+def test_footprint_skips_the_cache_filling_child_after_the_kernel_compiling_one(tiny_zmoe, home):
+    # ensure_kernels' child has filled Numba's cache with the same warm-up: one child measures
+    calls = []
+
+    def measure(p):
+        calls.append(p)
+        return {"steady": 120 * MB, "peak": 200 * MB}
+    assert L.footprint(tiny_zmoe, measure, cache_filled=True) == {"steady": 120 * MB,
+                                                                  "peak": 200 * MB}
+    assert len(calls) == 1
+    assert L.fixed_overhead(tiny_zmoe, measure, cache_filled=True) == 120 * MB
+    assert L.warmup_peak(tiny_zmoe, measure) == 200 * MB and len(calls) == 1   # remembered
+
+
+def test_a_limited_load_passes_on_whether_the_kernel_cache_is_filled(tiny_zmoe, home, monkeypatch):
+    import zipmoe_rt
+    from zipmoe_rt.engine import precompile
+    seen = []
+    for state in ("ready", "failed"):
+        monkeypatch.setattr(precompile, "ensure_kernels", lambda src, notice=True, s=state: s)
+        monkeypatch.setattr(L, "fixed_overhead",
+                            lambda path, measure=None, cache_filled=False:
+                            seen.append(cache_filled) or 50 * MB)
+        monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None, cache_filled=False: 0)
+        with zipmoe_rt.load(tiny_zmoe, memory_limit="2GB") as m:
+            assert m is not None
+    assert seen == [True, False]
+
+
 def test_footprint_is_that_of_a_process_whose_kernels_are_cached(tiny_zmoe, home):
     # the first child compiles the kernels (a cold Numba cache holds more heap); the figure
     # kept is the second child's, which loads them as every later process does
@@ -318,8 +347,8 @@ def test_plan_memory_refuses_a_limit_below_the_warm_up_peak(tiny_zmoe, home):
 # -- API and CLI -----------------------------------------------------------------------------------
 @pytest.fixture
 def fixed(monkeypatch, home):
-    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None: OVERHEAD)
-    monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None: OVERHEAD)
+    monkeypatch.setattr(L, "fixed_overhead", lambda path, measure=None, **kw: OVERHEAD)
+    monkeypatch.setattr(L, "warmup_peak", lambda path, measure=None, **kw: OVERHEAD)
 
 
 def test_load_under_a_limit_gives_the_same_tokens(tiny_zmoe, fixed):

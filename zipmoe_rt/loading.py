@@ -224,11 +224,12 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     try:
         from .engine.lowprec import refuse_device
         refuse_device(source.reader, backend.name)     # FP8 files: CPU only
+        cache_filled = False
         if budgeted and on_host:
             # a cold kernel cache is filled by a child process, whose compile memory is given
             # back before this one holds anything (engine/precompile.py)
             from .engine.precompile import ensure_kernels
-            ensure_kernels(source, notice=progress)
+            cache_filled = ensure_kernels(source, notice=progress) != "failed"
         tok = tokenizer_from_source(source)
         # the tokenizer holds its own parsed copy; the JSON text (~7 MB as a str) is not needed
         source.metadata.pop(Keys.Tokenizer.JSON, None)
@@ -250,7 +251,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                 # measured first (a child process, which also fills Numba's cache); then the
                 # kernels' load peak here, before any weight exists; what stays is the steady
                 # overhead the limit counts (engine/footprint.py)
-                overhead, peak = fixed_overhead(source.path), warmup_peak(source.path)
+                overhead = fixed_overhead(source.path, cache_filled=cache_filled)
+                peak = warmup_peak(source.path, cache_filled=cache_filled)
                 if not dense_first:
                     mplan = plan_memory(source, memory_limit, context, budget=budget,
                                         overhead=overhead, peak=peak)

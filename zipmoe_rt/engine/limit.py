@@ -256,7 +256,7 @@ def _overhead_store() -> Path:
     return cache_dir() / "overhead.json"
 
 
-def footprint(model_path, measure=None) -> dict:
+def footprint(model_path, measure=None, cache_filled: bool = False) -> dict:
     """The runtime's own memory for ``model_path`` in bytes, ``{"steady": ..., "peak": ...}``:
     a child process loads the runtime, the model's index and tokenizer, warms the kernels up and
     releases what the warm-up left (:func:`zipmoe_rt.bench.baseline_footprint`,
@@ -270,12 +270,16 @@ def footprint(model_path, measure=None) -> dict:
     Numba's on-disk cache and a second one measures, so the figure is that of a process that
     loads its kernels rather than compiling them, as every later process does (a compile leaves
     ~20 MB more heap behind; where the cache cannot be written, both compile and so does the
-    run).
+    run). With ``cache_filled`` the first child is left out: the kernel-compiling child of
+    :func:`zipmoe_rt.engine.precompile.ensure_kernels` has filled the cache with the same
+    warm-up (:func:`zipmoe_rt.engine.footprint.warm_up`).
 
     Args:
         model_path: the ``.zmoe`` file.
         measure: the measuring function (default :func:`zipmoe_rt.bench.baseline_footprint`):
             a dict as above, or an int taken as both.
+        cache_filled: Numba's cache already holds this model's kernels (``ensure_kernels``
+            returned ``"ready"`` or ``"compiled"``).
     Raises:
         MemoryLimitError: the measurement failed (the child exited with an error).
     """
@@ -300,7 +304,8 @@ def footprint(model_path, measure=None) -> dict:
         return {"steady": v["steady"], "peak": v["peak"]}
     if measure is None:
         from ..bench import baseline_footprint as measure
-    measure(p)        # fills Numba's cache: a child that compiles holds ~20 MB more, as no run does
+    if not cache_filled:
+        measure(p)    # fills Numba's cache: a child that compiles holds ~20 MB more, as no run does
     got = measure(p)
     if not isinstance(got, dict):
         got = {"steady": int(got), "peak": int(got)}
@@ -321,17 +326,17 @@ def footprint(model_path, measure=None) -> dict:
     return v
 
 
-def fixed_overhead(model_path, measure=None) -> int:
+def fixed_overhead(model_path, measure=None, cache_filled: bool = False) -> int:
     """The runtime's fixed memory for ``model_path`` in bytes: the ``steady`` RSS of
     :func:`footprint` (arguments and errors as there)."""
-    return footprint(model_path, measure)["steady"]
+    return footprint(model_path, measure, cache_filled)["steady"]
 
 
-def warmup_peak(model_path, measure=None) -> int:
+def warmup_peak(model_path, measure=None, cache_filled: bool = False) -> int:
     """The peak RSS in bytes a process reaches while it warms the kernels up, before it holds
     any weight: the ``peak`` of :func:`footprint` (arguments and errors as there). A limit
     below it is too small whatever the weights."""
-    return footprint(model_path, measure)["peak"]
+    return footprint(model_path, measure, cache_filled)["peak"]
 
 
 @dataclass
