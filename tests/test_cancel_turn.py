@@ -363,3 +363,17 @@ def test_ctrl_c_while_calibrate_writes_leaves_the_old_calibration(engine_zmoe, t
     monkeypatch.setattr(os, "replace", real)
     r = CliRunner().invoke(main, ["calibrate", str(z)], env={"ZIPMOE_RT_DEBUG": None})
     assert r.exit_code == 0 and json.loads(cpath.read_text()) == cal
+
+
+def test_stats_line_says_stopped_for_a_reply_cut_short_and_cancelled_for_a_withdrawn_turn():
+    from types import SimpleNamespace
+
+    from zipmoe_rt.cli_stats import stats_line
+
+    def st(n, reason):
+        return SimpleNamespace(prompt_tokens=5, cached_tokens=0, generated_tokens=n,
+                               finish_reason=reason, ttft_s=None, prefill_tokens_per_s=None,
+                               decode_tokens_per_s=None)
+    assert "7 generated (stopped);" in stats_line(st(7, "cancelled"))
+    assert "0 generated (cancelled);" in stats_line(st(0, "cancelled"))
+    assert "7 generated (length);" in stats_line(st(7, "length"))

@@ -157,7 +157,7 @@ def test_ctrl_d_while_a_reply_streams_stops_it_and_leaves(greedy_zmoe):
         proc.read_at_least(200)
         proc.send(b"\x04")
         proc.expect(rb" \[stopped\]\r?\n")
-        proc.expect(rb"\[\d+ prompt \+ 0 cached tokens, \d+ generated \(cancelled\)")
+        proc.expect(rb"\[\d+ prompt \+ 0 cached tokens, \d+ generated \(stopped\)")
         assert proc.wait() == 0
         assert b">>> " not in proc.buf[proc.pos:], proc.buf[-300:]
 

@@ -278,7 +278,7 @@ def test_repl_ctrl_c_works_when_started_with_sigint_ignored(greedy_zmoe):
         proc.read_at_least(200)
         proc.send(b"\x03")
         proc.expect(rb" \[stopped\]\r?\n")
-        proc.expect(rb"\(cancelled\)")
+        proc.expect(rb"\(stopped\)")
         proc.expect(rb">>> ")
         proc.send(b"/quit\r")
         assert proc.wait() == 0

@@ -9,14 +9,19 @@ def stats_line(st) -> str:
     """The timings line of ``run`` and ``chat`` (stderr). "N generated" counts the tokens
     sampled, the stop token included, as ``serve``'s ``usage.completion_tokens`` and the
     llama.cpp server's ``tokens_predicted`` / ``timings.predicted_n`` (its ``n_decoded``) do;
-    ``decode tokens/s`` divides the same count less the first token by the decode time."""
+    ``decode tokens/s`` divides the same count less the first token by the decode time.
+    A reply stopped by Ctrl-C/Ctrl-D after its first token says ``(stopped)``, as the reply's
+    `` [stopped]`` mark does; a turn cancelled before it (nothing generated) ``(cancelled)``."""
     if st is None:
         return ""
+    reason = st.finish_reason
+    if reason == "cancelled" and st.generated_tokens > 0:
+        reason = "stopped"
 
     def num(x, fmt):  # timings are None when there was nothing to time (no token, one token)
         return "-" if x is None else format(x, fmt)
     return (f"[{st.prompt_tokens} prompt + {st.cached_tokens} cached tokens, {st.generated_tokens} "
-            f"generated ({st.finish_reason}); TTFT {num(st.ttft_s, '.3f')} s, prefill "
+            f"generated ({reason}); TTFT {num(st.ttft_s, '.3f')} s, prefill "
             f"{num(st.prefill_tokens_per_s, '.1f')} tokens/s, decode "
             f"{num(st.decode_tokens_per_s, '.1f')} tokens/s]")
 
