@@ -264,6 +264,15 @@ def test_a_limit_too_small_is_refused_before_the_dense_build(tiny_moe_dir, tmp_p
                           f"model: it needs fixed overhead {ov / 1e6:.1f} MB + KV cache"), msg
     stated = float(msg.rsplit("at least ", 1)[1].split(" MB")[0]) * 1e6
     assert exact - 100_000 < stated <= float(mb_at_least(exact).split()[0]) * 1e6
+    # the early minimum is a lower bound, and the message says by how much it may rise
+    more = float(msg.split("is at most ")[1].split(" MB more")[0]) * 1e6
+    from zipmoe_rt.engine.store import ZmoeSource
+    src = ZmoeSource(z)
+    try:
+        assert more == pytest.approx(dense_saving_bound(src), abs=6e4)
+    finally:
+        src.close()
+    assert stated + more >= exact - 100_000
     with pytest.raises(BudgetError, match=r"--memory-budget 0\.0 MB is below the dense"):
         zipmoe_rt.load(z, memory_budget=1000, **kw)
     with pytest.raises(BudgetError, match="at least"):

@@ -313,10 +313,18 @@ def _refuse_early(source, check) -> None:
     (:func:`~zipmoe_rt.models.packed.dense_saving_bound`): a budget or limit too small even
     then is refused at once, in the words of the exact check that follows the build, rather
     than after that build (which reads and transcodes every dense weight)."""
+    from .engine.tiers import BudgetError
     from .models.packed import dense_saving_bound
-    source.dense_saving = dense_saving_bound(source)
+    bound = dense_saving_bound(source)
+    source.dense_saving = bound
     try:
         check()
+    except BudgetError as e:
+        # the minimum stated is the least the dense linears can take: the exact one, known once
+        # they are built, may be higher by what their compute form leaves unsaved
+        raise type(e)(f"{e} (counting the dense linears at the least they can take in the "
+                      f"compute form; the exact minimum, known once they are built, is at most "
+                      f"{bound / 1e6:.1f} MB more)") from None
     finally:
         source.dense_saving = 0
 
