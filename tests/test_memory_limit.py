@@ -42,6 +42,16 @@ def test_parse_limit_bad_values_are_named(text):
     assert isinstance(e.value, ValueError)
 
 
+@pytest.mark.parametrize("text, why", [("inf", "finite size"), ("infGB", "finite size"),
+                                       ("nan", "finite size"), ("1e30GB", "more than any machine"),
+                                       ("2000TB", "more than any machine"),
+                                       (10**16, "more than any machine"), ("-5MB", "positive")])
+def test_parse_limit_says_why_a_value_is_refused(text, why):
+    with pytest.raises(L.MemoryLimitError, match=why):
+        L.parse_limit(text)
+    assert L.parse_limit("1000TB") == 10**15
+
+
 # -- cgroup and MemAvailable detection from fixture files -----------------------------------------
 def write(p: Path, text: str) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)

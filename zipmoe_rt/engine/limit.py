@@ -75,6 +75,10 @@ _UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "
 _OPT = "--memory-limit"
 
 
+#: the largest ``--memory-limit`` taken (1 PB): a larger figure is a typo, not a machine
+MAX_LIMIT = 10**15
+
+
 class MemoryLimitError(BudgetError):
     """A memory limit that cannot be read or that cannot run the model (the message states
     the limit and what is needed). A ValueError (through BudgetError)."""
@@ -98,6 +102,9 @@ def parse_limit(text):
     if isinstance(text, (int, float)):
         if not (math.isfinite(text) and text > 0):
             raise MemoryLimitError(f"{_OPT}: must be positive, got {text!r}")
+        if text > MAX_LIMIT:
+            raise MemoryLimitError(f"{_OPT}: {text!r} bytes is more than any machine's memory "
+                                   f"(at most {MAX_LIMIT // 10**15} PB)")
         return int(text)
     t = str(text).strip().upper().replace(" ", "")
     bad = MemoryLimitError(f"{_OPT}: cannot read {text!r} (use e.g. 600MB, 1.5GiB, 80%, auto)")
@@ -120,8 +127,13 @@ def parse_limit(text):
         v = float(t)
     except ValueError:
         raise bad from None
-    if not (math.isfinite(v) and v * mul >= 1):
+    if not math.isfinite(v):
+        raise MemoryLimitError(f"{_OPT}: must be a finite size, got {text!r}")
+    if v * mul < 1:
         raise MemoryLimitError(f"{_OPT}: must be positive, got {text!r}")
+    if v * mul > MAX_LIMIT:
+        raise MemoryLimitError(f"{_OPT}: {text!r} is more than any machine's memory (at most "
+                               f"{MAX_LIMIT // 10**15} PB)")
     return int(v * mul)
 
 
