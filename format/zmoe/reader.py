@@ -79,6 +79,8 @@ class ZmoeReader:
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(HEADER_SIZE)
+            if not head:
+                raise NotZmoeError(f"{self.path}: not a .zmoe file (the file is empty)")
             if len(head) < 4 or head[:4] != MAGIC:
                 kind = sniff_kind(head)
                 raise NotZmoeError(f"{self.path}: not a .zmoe file (magic {head[:4]!r}, "
