@@ -360,3 +360,50 @@ def test_compressed_with_a_budget_on_cuda_is_refused_by_name(monkeypatch, tmp_pa
     with pytest.raises(ValueError, match=r"resident \(--resident\): 'compressed' with a memory "
                                          r"budget .* runs on the CPU engine only"):
         zipmoe_rt.load(z, device="cuda", resident="compressed", memory_budget="50%")
+
+
+def test_calibration_in_a_budgeted_load_holds_its_samples_within_its_bound(tiny_case,
+                                                                          monkeypatch):
+    # a load without a stored calibration calibrates within half the tier budget
+    # (engine/factory.py); with --resident compressed the dense compute form is already held
+    # then, so sample regions held beyond that bound (12 samples' regions, and a second copy of
+    # each from the io_depth read pass) took the load past a memory limit
+    import threading
+    import weakref
+
+    from zipmoe_rt.engine import calibration
+    from zipmoe_rt.engine.io import IO_DEPTH, RegionReader
+
+    lock, live, peak = threading.Lock(), [0], [0]
+
+    def drop(n):
+        with lock:
+            live[0] -= n
+
+    class Counting(RegionReader):
+        def read(self, offset, size, *a, **k):
+            buf = super().read(offset, size, *a, **k)
+            with lock:
+                live[0] += buf.nbytes
+                peak[0] = max(peak[0], live[0])
+            weakref.finalize(buf, drop, buf.nbytes)
+            return buf
+
+    monkeypatch.setattr(calibration, "RegionReader", Counting)
+    c = tiny_case("mixtral")
+    src = ZmoeSource(c.zmoe, keep_experts=False, copy_dense=True)
+    try:
+        lays = list(src.layouts.values())
+        pair = max(l.sm_region[1] + l.exp_region[1] for l in lays)
+        assert len(lays) >= 12
+        # room for three samples' regions beside the reads in flight: twelve do not fit
+        bound = 3 * pair + IO_DEPTH * pair
+        cal = calibration.calibrate(src, max_bytes=bound, io_depth=IO_DEPTH)
+        assert 0 < peak[0] <= bound
+        assert cal["decode_s"] > 0 and cal["c_matmul_s"] > 0
+        # unbounded (`zipmoe-rt calibrate`): all twelve samples, as before
+        peak[0] = 0
+        calibration.calibrate(src, io_depth=IO_DEPTH)
+        assert peak[0] >= 12 * min(l.sm_region[1] + l.exp_region[1] for l in lays)
+    finally:
+        src.close()

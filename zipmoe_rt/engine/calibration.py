@@ -92,7 +92,9 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
 
     ``max_bytes``: a bound on what the engine-term scenarios hold together (a calibration
     inside a run under a memory budget: the budget's experts' share); where not even one
-    layer's scenarios fit, the result has no engine terms.
+    layer's scenarios fit, the result has no engine terms. It also bounds the sample experts
+    (their regions and decode transients, :func:`sample_bytes`): fewer than ``samples`` are
+    measured where they would not fit (at least two).
 
     Raises:
         ValueError: ``io_depth`` below 1.
@@ -105,6 +107,10 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
     lays = list(source.layouts.values())
     rng = np.random.default_rng(seed)
     pick = [lays[i] for i in rng.choice(len(lays), min(samples, len(lays)), replace=False)]
+    counts = sorted({w for w in (1, 2, 4, 8, 16) if w <= (os.cpu_count() or 1)}
+                    | {os.cpu_count() or 1})
+    if max_bytes is not None:   # the samples' regions and transients within the bound
+        pick = pick[:sample_count(pick, max_bytes, io_depth, max(counts))]
     evict_page_cache(source.path)
     rr = RegionReader(source.path, direct=direct)
     sm_t, exp_t, dec_t, mm_t, bufs = [], [], [], [], []
@@ -125,8 +131,9 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
         evict_page_cache(source.path)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(io_depth) as pool:
-            list(pool.map(lambda r: rr.read(*r), [r for lay in pick
-                                                  for r in (lay.exp_region, lay.sm_region)]))
+            # each copy dropped once read: io_depth of them at a time, not one per sample
+            list(pool.map(lambda r: len(rr.read(*r)), [r for lay in pick
+                                                       for r in (lay.exp_region, lay.sm_region)]))
         wall = time.perf_counter() - t0
         io_speedup = max(1.0, (sum(sm_t) + sum(exp_t)) / max(wall, 1e-9))
     rr.close()
@@ -152,8 +159,6 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
             L_.decode_expert(source.path, lay, sm, exp, d)
 
     jobs = [[b] for b in bufs] * 2
-    counts = sorted({w for w in (1, 2, 4, 8, 16) if w <= (os.cpu_count() or 1)}
-                    | {os.cpu_count() or 1})
     times = {}
     for w in counts:
         with ThreadPoolExecutor(w) as pool:
@@ -185,6 +190,30 @@ def calibrate(source, samples: int = 12, direct: bool = False, seed: int = 0,
         out["io_speedup"] = float(out["sm_read_qd1_s"] / terms["sm_read_s"])
     out.update(terms)
     return out
+
+
+def sample_bytes(pick, io_depth: int, workers: int) -> int:
+    """Bytes :func:`calibrate` holds at most while it measures the sample experts ``pick``:
+    their read regions (kept for the whole measurement) and the larger of its transients, the
+    ``io_depth`` regions in flight in the second read pass or the experts decoded at once
+    (``workers`` in the decode-scaling pass, and the BF16 and compute forms of one in
+    :func:`compute_form_costs`)."""
+    if not pick:
+        return 0
+    region = max(max(l.sm_region[1], l.exp_region[1]) for l in pick)
+    full = max(l.full_bytes for l in pick)
+    return (sum(l.sm_region[1] + l.exp_region[1] for l in pick)
+            + max(io_depth * region, max(workers, 2) * full))
+
+
+def sample_count(pick, max_bytes: int, io_depth: int, workers: int) -> int:
+    """How many of the sample experts ``pick`` (a prefix) :func:`calibrate` measures within
+    ``max_bytes`` (:func:`sample_bytes`); at least two (one warms the JIT) where ``pick`` has
+    them, even where they do not fit."""
+    n = len(pick)
+    while n > 2 and sample_bytes(pick[:n], io_depth, workers) > max_bytes:
+        n -= 1
+    return n
 
 
 def _engine_terms(source, calib, direct, io_depth, backend, max_bytes=None) -> dict:
