@@ -546,7 +546,7 @@ def test_repl_streams_survives_ctrl_c_and_quits(tiny_zmoe):
         assert b">>> " not in streamed and b"[stopped]" not in streamed
         proc.send(b"\x03")                         # Ctrl-C: SIGINT to the foreground group
         proc.expect(rb" \[stopped\]\r?\n")
-        proc.expect(rb"\[\d+ prompt \+ 0 cached tokens, \d+ generated \(cancelled\)")
+        proc.expect(rb"\[\d+ prompt \+ 0 cached tokens, \d+ generated \(stopped\)")
         proc.expect(rb">>> ")
         proc.send(b"/stats\r")
         proc.expect(rb"conversation: 2 messages, \d+ tokens in the KV cache")
@@ -557,7 +557,7 @@ def test_repl_streams_survives_ctrl_c_and_quits(tiny_zmoe):
         proc.read_at_least(400)
         proc.send(b"\x03")
         proc.expect(rb" \[stopped\]\r?\n")
-        m = proc.expect(rb"\[\d+ prompt \+ (\d+) cached tokens, \d+ generated \(cancelled\)")
+        m = proc.expect(rb"\[\d+ prompt \+ (\d+) cached tokens, \d+ generated \(stopped\)")
         assert int(m.group(1)) > 0
         proc.expect(rb">>> ")
         proc.send(b"/stats\r")
