@@ -120,6 +120,27 @@ def test_ctrl_c_while_the_first_token_is_drawn_withdraws_the_turn(model, monkeyp
     _same_session(s, fresh)
 
 
+def test_ctrl_c_before_the_generation_starts_withdraws_the_turn(model, monkeypatch):
+    """The interrupt landed after the session took the message and before the generation
+    could record its end (its ``on_finish`` never runs): the turn is withdrawn all the same."""
+    s = model.chat_session(system="be brief")
+    _turn(s, FIRST)
+    before = (list(s.messages), list(s.state.token_ids))
+    real = model._stream_ids
+
+    def boom(*a, **k):
+        monkeypatch.setattr(model, "_stream_ids", real)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(model, "_stream_ids", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _turn(s, LONG)
+    assert s.withdrawn and (s.messages, s.state.token_ids) == before
+    reply = _turn(s, LAST)
+    fresh, want = _fresh(model, FIRST, LAST)
+    assert reply == want
+    _same_session(s, fresh)
+
+
 def test_ctrl_c_after_the_first_token_keeps_the_reply_so_far(model):
     s = model.chat_session(system="be brief")
     _turn(s, FIRST)

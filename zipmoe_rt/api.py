@@ -443,8 +443,11 @@ class ChatSession:
         held = len(self.state.token_ids)
         self.messages.append(user)
         reply: list[str] = []
+        finished = False
 
         def finish(gen):
+            nonlocal finished
+            finished = True
             stats = gen.stats
             if stats is not None and stats.output_tokens == 0 and \
                     stats.finish_reason in ("cancelled", "error"):
@@ -457,14 +460,23 @@ class ChatSession:
                 return
             self.messages.append({"role": "assistant", "content": "".join(reply)})
 
-        inner = self.model._stream_ids(new, params, self.state, on_finish=finish,
-                                       skip_special_tokens=skip_special_tokens)
         try:
-            for piece in inner:
-                reply.append(piece)
-                yield piece
+            inner = self.model._stream_ids(new, params, self.state, on_finish=finish,
+                                           skip_special_tokens=skip_special_tokens)
+            try:
+                for piece in inner:
+                    reply.append(piece)
+                    yield piece
+            finally:
+                inner.close()
         finally:
-            inner.close()
+            if not finished and not reply:
+                # interrupted (Ctrl-C) before the generation recorded its end and before any
+                # reply token: withdrawn as in ``finish``
+                if self.messages and self.messages[-1] is user:
+                    self.messages.pop()
+                self.withdrawn = True
+                self.state.crop_to(held)
 
     @property
     def last_stats(self) -> GenerationStats | None:
