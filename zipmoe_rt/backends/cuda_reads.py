@@ -35,11 +35,38 @@ class HostReads:
         self._later = [None, None]       # pinned buffers of :meth:`read_later`, used in turn
         self._later_i = 0
 
-    def _host_buf(self, nbytes: int) -> np.ndarray:
-        if self._buf is None or self._buf.size < nbytes:
+    @staticmethod
+    def _pinned(buf, nbytes: int) -> np.ndarray:
+        """``buf`` if it holds ``nbytes``, else a new pinned buffer of the next power of two."""
+        if buf is None or buf.size < nbytes:
             n = max(64 << 10, 1 << (int(nbytes) - 1).bit_length())
-            self._buf = np.frombuffer(cp.cuda.alloc_pinned_memory(n), np.uint8, n)
-        return self._buf
+            buf = np.frombuffer(cp.cuda.alloc_pinned_memory(n), np.uint8, n)
+        return buf
+
+    @staticmethod
+    def _layout(arrays):
+        """C-contiguous ``arrays``, their byte offsets at :data:`_ALIGN`, and the total."""
+        arrays = [cp.ascontiguousarray(a) for a in arrays]
+        offs, n = [], 0
+        for a in arrays:
+            offs.append(n)
+            n += -(-a.nbytes // _ALIGN) * _ALIGN
+        return arrays, offs, n
+
+    @staticmethod
+    def _queue(buf, arrays, offs, stream) -> None:
+        """Device-to-host copies of ``arrays`` into ``buf`` at ``offs`` on ``stream``."""
+        rt = cp.cuda.runtime
+        for a, off in zip(arrays, offs):
+            if a.nbytes:
+                rt.memcpyAsync(buf.ctypes.data + off, a.data.ptr, a.nbytes,
+                               rt.memcpyDeviceToHost, stream.ptr)
+
+    @staticmethod
+    def _unpack(buf, arrays, offs) -> list:
+        """Host copies of ``arrays`` (same dtype and shape) out of ``buf``."""
+        return [buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape).copy()
+                for a, off in zip(arrays, offs)]
 
     def read_later(self, *arrays):
         """Queue the copies of device ``arrays`` into pinned host memory on the current stream
@@ -50,31 +77,20 @@ class HostReads:
             passed them) and returns host copies as :meth:`read` does. Call it before the
             next-but-one ``read_later``.
         """
-        arrays = [cp.ascontiguousarray(a) for a in arrays]
-        offs, n = [], 0
-        for a in arrays:
-            offs.append(n)
-            n += -(-a.nbytes // _ALIGN) * _ALIGN
+        arrays, offs, n = self._layout(arrays)
         if n > MAX_BYTES:
             host = [cp.asnumpy(a) for a in arrays]
             return lambda: host
         i, self._later_i = self._later_i, 1 - self._later_i
-        if self._later[i] is None or self._later[i].size < n:
-            m = max(64 << 10, 1 << (int(n) - 1).bit_length())
-            self._later[i] = np.frombuffer(cp.cuda.alloc_pinned_memory(m), np.uint8, m)
-        buf = self._later[i]
-        s, rt = cp.cuda.get_current_stream(), cp.cuda.runtime
-        for a, off in zip(arrays, offs):
-            if a.nbytes:
-                rt.memcpyAsync(buf.ctypes.data + off, a.data.ptr, a.nbytes,
-                               rt.memcpyDeviceToHost, s.ptr)
+        buf = self._later[i] = self._pinned(self._later[i], n)
+        s = cp.cuda.get_current_stream()
+        self._queue(buf, arrays, offs, s)
         ev = cp.cuda.Event(disable_timing=True)
         ev.record(s)
 
         def done() -> list:
             ev.synchronize()
-            return [buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape).copy()
-                    for a, off in zip(arrays, offs)]
+            return self._unpack(buf, arrays, offs)
         return done
 
     def read(self, *arrays) -> list:
@@ -87,20 +103,12 @@ class HostReads:
         Returns:
             a list of numpy arrays, one per argument, owning their memory.
         """
-        arrays = [cp.ascontiguousarray(a) for a in arrays]
-        offs, n = [], 0
-        for a in arrays:
-            offs.append(n)
-            n += -(-a.nbytes // _ALIGN) * _ALIGN
+        arrays, offs, n = self._layout(arrays)
         if n > MAX_BYTES:
             return [cp.asnumpy(a) for a in arrays]
-        buf = self._host_buf(n)
-        s, rt = cp.cuda.get_current_stream(), cp.cuda.runtime
-        for a, off in zip(arrays, offs):
-            if a.nbytes:
-                rt.memcpyAsync(buf.ctypes.data + off, a.data.ptr, a.nbytes,
-                               rt.memcpyDeviceToHost, s.ptr)
+        buf = self._buf = self._pinned(self._buf, n)
+        s = cp.cuda.get_current_stream()
+        self._queue(buf, arrays, offs, s)
         s.synchronize()
         self.reads += 1
-        return [buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape).copy()
-                for a, off in zip(arrays, offs)]
+        return self._unpack(buf, arrays, offs)
