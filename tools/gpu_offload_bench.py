@@ -32,8 +32,8 @@ activation trace for zipmoe (teacher-forced tokens, unbudgeted GPU run) and time
 configuration after a warm-up, with cross-layer prefetch off and/or on (``--prefetch``):
 zip-lru also with one copy and one decode launch per miss (the engine's one-expert path,
 ``gpu_batch.BATCHED`` off); ``--batch-sizes N,...`` adds zip-lru and zipmoe rows with ``N``
-experts per decode launch (``gpu_batch.MAX_BATCH``); ``--ab NAME=VALUE,...`` adds zip-lru rows
-with module switches flipped (``tools/gpu_timeline.py``'s ``AB_SWITCHES``). Last come
+experts per decode launch (``gpu_batch.MAX_BATCH``); ``--ab NAME=VALUE,...`` adds raw-lru,
+zip-lru and zipmoe rows with module switches flipped (``tools/gpu_timeline.py``'s ``AB_SWITCHES``). Last come
 transformers + accelerate (``tools/offload_accelerate.py``). It prints a table with the ratios
 and, per budgeted row, where a token's time goes (:func:`breakdown`). Every figure comes from
 this one run on this machine. The model and routing: ``tools/offload_model.py``.
@@ -341,7 +341,8 @@ def run(a):
         # one launch, "off" one copy and one launch per miss: the one-expert path)
         rows = [(pol, f, None, pf) for pf in a.prefetch
                 for pol, f in (("raw-lru", raw), ("zip-lru", z), ("zipmoe", z))]
-        rows += [("zip-lru", z, None, pf, ab) for ab in a.ab for pf in a.prefetch]
+        rows += [(pol, f, None, pf, ab) for ab in a.ab for pf in a.prefetch
+                 for pol, f in (("raw-lru", raw), ("zip-lru", z), ("zipmoe", z))]
         if DEVICE == "cuda":
             if not a.no_unbatched:
                 rows.insert(2, ("zip-lru", z, "off", "off"))
@@ -481,8 +482,8 @@ def main(argv=None):
     r.add_argument("--skip-accelerate", action="store_true",
                    help="no transformers + accelerate rows")
     r.add_argument("--ab", action="append", default=[], type=ab_arg,
-                   help="a zip-lru row per --prefetch "
-                   "mode with module switches flipped, NAME=VALUE,... (gpu_timeline.AB_SWITCHES)")
+                   help="a raw-lru, zip-lru and zipmoe row per "
+                   "--prefetch mode with module switches flipped, NAME=VALUE,... (gpu_timeline.AB_SWITCHES)")
     a = ap.parse_args(argv)
     if a.cmd == "pools":
         make_pools(a.out)

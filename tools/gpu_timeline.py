@@ -5,7 +5,8 @@ model of ``tools/gpu_offload_bench.py`` (Qwen3-30B-A3B layer shape, ``tools/offl
     python tools/gpu_timeline.py run POOLS.npz --work DIR [--layers 4] [--budget 25%]
         [--host-budget 100%] [--routing predictable] [--tokens 64] [--timeline 8]
         [--configs raw-lru:on,zip-lru:off,zip-lru:on] [--ab copy_wait=off ...]
-        [--ab-configs zip-lru:on] [--gantt 2] [--json OUT.json] [--device cpu --tiny]
+        [--ab-configs zip-lru:on] [--gantt 2] [--profile N] [--json OUT.json]
+        [--device cpu --tiny]
 
 For the unbudgeted model (every expert on the GPU) and each budgeted configuration
 (``policy:prefetch``), in one process: a 16-token prefill and 8 warm-up steps, then
@@ -21,6 +22,10 @@ time). Every row's logits are compared bit for bit with the unbudgeted run's (sa
 a row run with those module switches flipped (:data:`AB_SWITCHES`), restored afterwards; its
 plain ms/token is printed as a ratio against the same configuration without the switches,
 measured in the same process.
+
+``--profile N`` runs N more decode steps of each row under :mod:`cProfile` after the plain
+timing (:func:`host_profile`): the host's milliseconds per token by function, own and
+cumulative (the profiler slows the host, so compare functions within a row).
 
 The checkpoint and the two converted files are kept in ``--work`` and reused when present
 (``--fresh`` rewrites them). ``--device cpu`` runs the same rows on the CPU with the GPU engine
@@ -193,12 +198,50 @@ def _err(e) -> str:
     return f"{type(e).__name__}: {e}"[:400] + where
 
 
+def host_profile(net, cache, ids, step, top: int) -> dict:
+    """Decode steps ``ids`` (one token each, from ``step``) under :mod:`cProfile`: the host's
+    seconds per token by function (own time and cumulative), the ``top`` of each, printed
+    and returned with the steps' logits (same values as untimed steps)."""
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    logits = []
+    net.backend.synchronize()
+    t0 = time.perf_counter()
+    prof.enable()
+    for t in ids:
+        logits.append(offload_model.forward(net, np.array([t]), cache, step))
+        step += 1
+    net.backend.synchronize()
+    prof.disable()
+    wall = (time.perf_counter() - t0) / max(1, len(ids))
+    st = pstats.Stats(prof)
+    n = max(1, len(ids))
+    rows = []
+    for (file, line, fn), (cc, nc, tt, ct, _) in st.stats.items():
+        rows.append({"fn": f"{Path(file).name}:{line}({fn})", "calls_per_token": nc / n,
+                     "own_ms_per_token": 1e3 * tt / n, "cum_ms_per_token": 1e3 * ct / n})
+    own = sorted(rows, key=lambda r: -r["own_ms_per_token"])[:top]
+    cum = sorted(rows, key=lambda r: -r["cum_ms_per_token"])[:top]
+    buf = io.StringIO()
+    buf.write(f"host profile: {1e3 * wall:.3f} ms per token under cProfile, {len(ids)} tokens\n")
+    for title, lst, key in (("own time", own, "own_ms_per_token"),
+                            ("cumulative", cum, "cum_ms_per_token")):
+        buf.write(f"  by {title} (ms/token, calls/token):\n")
+        for r in lst:
+            buf.write(f"    {r[key]:8.3f} {r['calls_per_token']:8.1f}  {r['fn']}\n")
+    print(buf.getvalue(), flush=True)
+    return {"wall_s": wall, "own": own, "cum": cum, "logits": logits}
+
+
 def run_row(a, path, budget=None, policy=None, prefetch=False) -> dict:
     """One configuration: plain ms/token over ``--tokens`` steps, then ``--timeline`` recorded
     steps; their logits, records and summary."""
     net, eng, close = open_model(path, a.device, budget, policy, a.host_budget, prefetch)
     try:
-        ids = offload_model.token_stream(PREFILL + WARM + a.tokens + a.timeline * len(a.detail))
+        ids = offload_model.token_stream(PREFILL + WARM + a.tokens + a.profile
+                                         + a.timeline * len(a.detail))
         cache = net.new_cache(capacity=len(ids) + 1)
         offload_model.forward(net, ids[:PREFILL], cache, 0)
         step = 1
@@ -215,6 +258,11 @@ def run_row(a, path, budget=None, policy=None, prefetch=False) -> dict:
         plain = (time.perf_counter() - t0) / max(1, a.tokens)
         clock = TH.CudaClock() if a.device == "cuda" else TH.HostClock()
         out = {"plain_s": plain, "logits": logits}
+        if a.profile:
+            out["profile"] = host_profile(net, cache, ids[PREFILL + WARM + a.tokens:]
+                                          [:a.profile], step, a.profile_top)
+            logits += out["profile"].pop("logits")
+            step += a.profile
         first_step = step
         out["details"] = {}
         for detail in a.detail:
@@ -222,7 +270,8 @@ def run_row(a, path, budget=None, policy=None, prefetch=False) -> dict:
             try:
                 undo = TH.install(rec, net, eng, detail)
                 try:
-                    for t in ids[PREFILL + WARM + a.tokens + (step - first_step):][:a.timeline]:
+                    k = PREFILL + WARM + a.tokens + a.profile + (step - first_step)
+                    for t in ids[k:k + a.timeline]:
                         rec.begin()
                         logits.append(offload_model.forward(net, np.array([t]), cache, step))
                         rec.end()
@@ -361,6 +410,9 @@ def main(argv=None):
                    default=["ops"], help="comma-separated, each recorded --timeline steps: ops "
                    "(every compute op an item) and/or sections (a few launch sections: fewer "
                    "events, less of the hooks' own host time)")
+    r.add_argument("--profile", type=int, default=0,
+                   help="decode steps per row run under cProfile (host time by function)")
+    r.add_argument("--profile-top", type=int, default=30)
     r.add_argument("--json", type=Path, default=None)
     r.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     r.add_argument("--fresh", action="store_true", help="rewrite the model files in --work")
