@@ -463,3 +463,28 @@ def test_a_cancel_event_stops_the_prefill_within_one_layer(model, monkeypatch, b
     run(fresh, chat(FIRST))
     assert got == run(fresh, chat(FIRST, LAST)) and len(got) > 0
     assert state.token_ids == fresh.token_ids
+
+
+@pytest.mark.parametrize("policy, prefetch", [("zip-lru", "on"), ("zipmoe", "on")])
+def test_a_cancel_event_in_the_expert_engine_changes_no_later_reply(engine_zmoe, monkeypatch,
+                                                                    policy, prefetch):
+    """A cancel event seen before any layer of a prefill on a budgeted engine (expert loads
+    and predicted loads in flight for the layer that does not run) leaves it serving the same
+    bits: the next reply is that of the unbudgeted model."""
+    import threading
+
+    with zipmoe_rt.load(engine_zmoe) as ref:
+        want = ref.chat([{"role": "user", "content": LAST}], **KW)
+    with zipmoe_rt.load(engine_zmoe, memory_budget="40%", policy=policy,
+                        prefetch=prefetch) as m:
+        layers = m.net.layers
+        ids = m.tokenizer.encode_chat([{"role": "user", "content": LONG}],
+                                      add_generation_prompt=True)
+        for at in range(1, len(layers)):         # set while a layer before the last runs
+            calls, event = [], threading.Event()
+            monkeypatch.setattr(m.net, "layers",
+                                [CancelAtLayer(layer, calls, at, event) for layer in layers])
+            steps = list(m.token_steps(ids, m.sampling(**KW), cancel=event))
+            monkeypatch.setattr(m.net, "layers", layers)
+            assert len(calls) == at and steps[-1].stats.finish_reason == "cancelled"
+            assert m.chat([{"role": "user", "content": LAST}], **KW) == want, at
