@@ -14,7 +14,9 @@ The model interface this module drives (the model side must match it)::
 result is accepted too (its last row is used). With ``generate(..., cancel=event)``, a ``forward``
 that takes an ``interrupt`` argument is called as ``model.forward(ids, cache, last_only=True,
 interrupt=check)`` and should call ``check()`` between its layers (an exception from it stops the
-call, the cache as before that call); one that does not is checked between calls only. For safe cancellation, the cache should offer
+call, the cache as before that call); one that does not is checked between calls only.
+
+For safe cancellation, the cache should offer
 ``get_seq_length() -> int`` and, ideally, ``crop(n)`` (the names of transformers' ``DynamicCache``),
 with ``can_crop(n) -> bool`` when some crops are impossible (a recurrent layer state; see
 :class:`zipmoe_rt.models.cache.ModelCache`), see :class:`CacheState`.
