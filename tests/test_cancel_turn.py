@@ -398,3 +398,93 @@ def test_stats_line_says_stopped_for_a_reply_cut_short_and_cancelled_for_a_withd
     assert "7 generated (stopped);" in stats_line(st(7, "cancelled"))
     assert "0 generated (cancelled);" in stats_line(st(0, "cancelled"))
     assert "7 generated (length);" in stats_line(st(7, "length"))
+
+
+class CancelAtLayer:
+    """A decoder layer that counts the calls of every layer sharing ``calls`` and sets
+    ``event`` during call number ``at`` (as a server's disconnect watcher would, from another
+    thread, while that layer runs)."""
+
+    def __init__(self, layer, calls: list, at: int, event):
+        self.layer, self.calls, self.at, self.event = layer, calls, at, event
+
+    def __getattr__(self, name):
+        return getattr(self.layer, name)
+
+    def __call__(self, *a, **kw):
+        self.calls.append(1)
+        if len(self.calls) == self.at:
+            self.event.set()
+        return self.layer(*a, **kw)
+
+
+@pytest.mark.parametrize("batch", [0, 2])      # the first prefill batch, or after two committed
+def test_a_cancel_event_stops_the_prefill_within_one_layer(model, monkeypatch, batch):
+    """``token_steps(..., cancel=event)``: an event set while a layer of the prefill runs stops
+    it before the next layer (no later layer or batch runs), the run ends with
+    ``finish_reason="cancelled"`` and no token, the state holds what it held before the prefill
+    (batches already committed are cropped back), and the next request on it gives the tokens
+    of a state that never saw the cancelled one."""
+    import threading
+
+    from zipmoe_rt.generate import CacheState
+
+    tok = model.tokenizer
+    chat = lambda *texts: tok.encode_chat(      # noqa: E731
+        [{"role": "user", "content": t} for t in texts], add_generation_prompt=True)
+    params = model.sampling(**KW)
+
+    def run(state, ids, cancel=None):
+        new = state.sync_prefix(ids, model.net)
+        return [s.token_id for s in model.token_steps(new, params, state, cancel=cancel)]
+
+    state = CacheState.new(model.net)
+    run(state, chat(FIRST))
+    held = list(state.token_ids)
+    n_layers = len(model.net.layers)
+    at = batch * n_layers + 1                   # the first layer of that batch
+    calls, event = [], threading.Event()
+    layers = model.net.layers
+    monkeypatch.setattr(model.net, "layers",
+                        [CancelAtLayer(layer, calls, at, event) for layer in layers])
+    long_ids = chat(FIRST, LONG)
+    new = state.sync_prefix(long_ids, model.net)
+    assert len(new) > (batch + 1) * M.PREFILL_UBATCH      # the prompt has later batches
+    start = list(state.token_ids)
+    steps = list(model.token_steps(new, params, state, cancel=event))
+    assert len(calls) == at                               # no layer after the one running
+    assert [s.token_id for s in steps] == [None]
+    assert steps[0].stats.finish_reason == "cancelled" and steps[0].stats.generated_tokens == 0
+    assert state.valid and state.token_ids == start and state.cache.offset == len(start)
+    assert held[:len(start)] == start
+    monkeypatch.setattr(model.net, "layers", layers)
+    got = run(state, chat(FIRST, LAST))
+    fresh = CacheState.new(model.net)
+    run(fresh, chat(FIRST))
+    assert got == run(fresh, chat(FIRST, LAST)) and len(got) > 0
+    assert state.token_ids == fresh.token_ids
+
+
+@pytest.mark.parametrize("policy, prefetch", [("zip-lru", "on"), ("zipmoe", "on")])
+def test_a_cancel_event_in_the_expert_engine_changes_no_later_reply(engine_zmoe, monkeypatch,
+                                                                    policy, prefetch):
+    """A cancel event seen before any layer of a prefill on a budgeted engine (expert loads
+    and predicted loads in flight for the layer that does not run) leaves it serving the same
+    bits: the next reply is that of the unbudgeted model."""
+    import threading
+
+    with zipmoe_rt.load(engine_zmoe) as ref:
+        want = ref.chat([{"role": "user", "content": LAST}], **KW)
+    with zipmoe_rt.load(engine_zmoe, memory_budget="40%", policy=policy,
+                        prefetch=prefetch) as m:
+        layers = m.net.layers
+        ids = m.tokenizer.encode_chat([{"role": "user", "content": LONG}],
+                                      add_generation_prompt=True)
+        for at in range(1, len(layers)):         # set while a layer before the last runs
+            calls, event = [], threading.Event()
+            monkeypatch.setattr(m.net, "layers",
+                                [CancelAtLayer(layer, calls, at, event) for layer in layers])
+            steps = list(m.token_steps(ids, m.sampling(**KW), cancel=event))
+            monkeypatch.setattr(m.net, "layers", layers)
+            assert len(calls) == at and steps[-1].stats.finish_reason == "cancelled"
+            assert m.chat([{"role": "user", "content": LAST}], **KW) == want, at

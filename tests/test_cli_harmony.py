@@ -147,6 +147,19 @@ def test_chat_prints_final_channels_and_keeps_them_as_the_conversation(gpt_oss_z
     assert second[-1] == {"role": "user", "content": "And of Italy?"}
 
 
+def test_chat_keeps_the_final_text_before_a_stop_string(gpt_oss_zmoe, scripted):
+    """``chat --stop``: the conversation keeps the final text printed, which ends before the
+    stop string (not the stop string nor what followed it), with the reasoning."""
+    calls = scripted(REPLY_FINAL)
+    r = cli("chat", gpt_oss_zmoe, "--stop", "capital",
+            input="Capital of France?\nAnd of Italy?\n")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == ["Paris is the ", "Paris is the "]
+    second = calls[-1]
+    assert second[-2] == {"role": "assistant", "content": "Paris is the ", "thinking": REASONING}
+    assert second[-1] == {"role": "user", "content": "And of Italy?"}
+
+
 def test_chat_show_reasoning(gpt_oss_zmoe, scripted):
     scripted(REPLY_FINAL)
     r = cli("chat", gpt_oss_zmoe, "--show-reasoning", input="Capital of France?\n")

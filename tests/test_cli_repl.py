@@ -107,6 +107,26 @@ def test_stop_strings_end_the_reply_and_are_not_printed(model, greedy_zmoe):
     assert stats_of(r.stderr)[3] == "stop"
 
 
+def test_chat_keeps_only_the_text_before_a_stop_string_for_the_next_turn(model, greedy_zmoe):
+    """``chat --stop S``: the reply printed ends before S, and the conversation keeps exactly
+    that text as the assistant's turn (as llama.cpp's server and OpenAI return it and a client
+    sends it back), so the next reply is the one a fresh conversation of the printed messages
+    gives."""
+    from test_cli import assistant
+
+    full = model.chat([user("tell me a story")], max_tokens=40)
+    assert len(full) > 12 and "\n" not in full, full
+    stop = full[6:9]
+    shown = full[:full.find(stop)]
+    r = cli("chat", greedy_zmoe, "-n", 40, "--stop", stop, input="tell me a story\nand then\n")
+    assert r.exit_code == 0, r.stderr
+    want = model.chat([user("tell me a story"), assistant(shown), user("and then")],
+                      max_tokens=40)
+    if stop in want:
+        want = want[:want.find(stop)]
+    assert r.stdout.splitlines() == [shown, want]
+
+
 @pytest.mark.parametrize("stops, pieces, want", [
     (["END"], ["ab", "cE", "N", "Dxyz"], ["ab", "c"]),        # across pieces, held back
     (["END"], ["abEN", "d"], ["ab", "ENd"]),                   # a false start is released

@@ -103,7 +103,8 @@ def test_llama_cpp_not_installed_is_said_clearly(tool, tmp_path, monkeypatch):
 
     def no_network(_p):
         raise RuntimeError("command failed (exit 1): pip download llama-cpp-python")
-    monkeypatch.setattr(tool, "ensure_sdist", no_network)
+    # (patched where ensure_llama looks it up: the tool's set-up module)
+    monkeypatch.setattr(sys.modules["llamacpp_setup"], "ensure_sdist", no_network)
 
     class A:
         llama_python, cmake_args = None, ""

@@ -557,3 +557,55 @@ def test_sampling_lives_in_its_own_module():
     # top-2 of the temperature-scaled logits: ids 2, 3 with softmax of (6, 4)
     e = np.exp([6.0 - 6.0, 4.0 - 6.0])
     np.testing.assert_allclose(p.probs(logits), [0, 0, e[0] / e.sum(), e[1] / e.sum()], rtol=1e-12)
+
+
+# ------------------------------------------------------------------ the cancel event
+
+
+def test_cancel_event_reaches_a_forward_that_takes_interrupt():
+    """A ``forward(..., interrupt=)`` is handed a check that raises once the event is set; the
+    run then ends with a final ``cancelled`` step (no exception), the cache as before that
+    forward, the ids it was fed still pending."""
+    import threading
+
+    class Interruptible(FakeModel):
+        def forward(self, ids, cache, last_only=False, interrupt=None):
+            self.seen = interrupt
+            interrupt()                      # "layer 0"
+            if len(ids) > 1:
+                stop.set()                   # the client leaves while layer 0 runs
+            interrupt()                      # "layer 1": raises once set
+            return super().forward(ids, cache, last_only)
+
+    stop = threading.Event()
+    model = Interruptible()
+    gen = generate(model, [1, 2, 3], SamplingParams(max_tokens=5), cancel=stop)
+    steps = list(gen)
+    assert [s.token_id for s in steps] == [None]
+    assert steps[0].stats.finish_reason == "cancelled" and steps[0].stats.generated_tokens == 0
+    assert model.calls == 0 and gen.state.token_ids == [] and gen.state.cache.ids == []
+    assert gen.pending_ids == [1, 2, 3] and callable(model.seen)
+
+
+def test_cancel_event_without_interrupt_is_checked_between_forward_calls():
+    """A model whose ``forward`` takes no ``interrupt`` still runs (called as before); a set
+    event stops the run before its next forward call."""
+    import threading
+
+    stop = threading.Event()
+    model = FakeModel()
+    gen = generate(model, [1, 2, 3], SamplingParams(max_tokens=5), cancel=stop)
+    first = next(gen)
+    assert first.token_id is not None and model.calls == 1
+    stop.set()
+    last = next(gen)
+    assert last.token_id is None and last.stats.finish_reason == "cancelled"
+    assert model.calls == 1 and gen.state.token_ids == [1, 2, 3]
+    assert gen.pending_ids == [first.token_id]
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_cancel_must_be_an_event():
+    with pytest.raises(TypeError, match="^cancel: expected an event"):
+        generate(FakeModel(), [1, 2], cancel=True)

@@ -233,3 +233,74 @@ def test_client_gone_during_the_prefill_leaves_nothing_for_the_next_request(mode
         assert _ask(fresh, HI) == first
         want = [_ask(fresh, follow), _ask(fresh, gone)]
     assert got == want
+
+
+class LayerGate:
+    """A decoder layer that counts the calls of every layer of a prefill (more than one
+    token) once :attr:`Layers.armed`; the first such call waits until the request in progress
+    is cancelled (its client gone), then runs."""
+
+    def __init__(self, layer, layers: "Layers"):
+        self._layer, self._layers = layer, layers
+
+    def __getattr__(self, name):
+        return getattr(self._layer, name)
+
+    def __call__(self, x, *a, **kw):
+        g = self._layers
+        if g.armed and x.shape[0] > 1:
+            g.prefill_calls += 1
+            if g.prefill_calls == 1:
+                g.held.set()
+                assert g.host._current.cancel.wait(HARD_LIMIT_S), "the client never left"
+        return self._layer(x, *a, **kw)
+
+
+class Layers:
+    """The shared counters of a network's :class:`LayerGate` s."""
+
+    def __init__(self):
+        self.host: ModelHost | None = None
+        self.armed = False
+        self.prefill_calls = 0
+        self.held = threading.Event()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_gone_during_the_prefill_stops_it_within_one_layer(model, stream):
+    """A client that leaves while the first layer of its prompt's prefill runs: no later layer
+    of that prefill runs (the cancel is seen before the next layer), the request ends as
+    cancelled with one log line, and the next requests get the text and log-probabilities of
+    a fresh server (the prefix cache was left as before the request)."""
+    from test_server import _host, running
+    from zipmoe_rt.server.app import create_app
+
+    gates = Layers()
+    gated = copy.copy(model)
+    gated.net = copy.copy(model.net)            # the module's model keeps its own layers
+    gated.net.layers = [LayerGate(layer, gates) for layer in model.net.layers]
+    assert len(gated.net.layers) >= 2
+    host = ModelHost(lambda: gated, close_model=False)
+    gates.host = host
+    story = "tell me a very long story about the kings and queens of france " * 3
+    with logged_server(host) as (base, rec):
+        first = _ask(base, HI)
+        convo = HI + [{"role": "assistant", "content": first[0]["message"]["content"]}]
+        gone = convo + [{"role": "user", "content": story}]
+        follow = convo + [{"role": "user", "content": "and what about germany"}]
+        gates.armed = True
+        s = _post(base, gone, stream)
+        assert gates.held.wait(HARD_LIMIT_S), "the prefill never started"
+        _reset(s)
+        _wait_idle(host)
+        gates.armed = False
+        assert gates.prefill_calls == 1, (gates.prefill_calls, len(gated.net.layers))
+        assert host.last_result == {"finish_reason": "cancelled", "completion_tokens": 0}
+        lines = [l for l in rec.lines("uvicorn.error") if DISCONNECT in l]
+        assert len(lines) == 1 and "generation stopped" in lines[0], lines
+        got = [_ask(base, follow), _ask(base, gone)]
+    with running(create_app(_host(model))) as fresh:
+        _wait_ready(fresh)
+        assert _ask(fresh, HI) == first
+        want = [_ask(fresh, follow), _ask(fresh, gone)]
+    assert got == want

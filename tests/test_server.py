@@ -301,6 +301,23 @@ def test_stop_strings_are_cut_and_never_sent(client, model):
     assert text == cut and chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_the_turn_after_a_stop_string_is_that_of_a_fresh_server(client, model):
+    """The prefix cache holds the tokens of the stop string (and any generated with it) after a
+    reply cut there; the next request, whose messages hold the text returned (what a client
+    sends back), gets the reply of a cold run (the embedding API, no cache), reusing the
+    shared prefix."""
+    base = model.chat(HI, max_tokens=30)
+    stop = base[6:9]
+    r = _chat(client, HI, max_tokens=30, stop=stop)
+    cut = r.choices[0].message.content
+    assert cut == base[:base.find(stop)] and r.choices[0].finish_reason == "stop"
+    follow = HI + [{"role": "assistant", "content": cut},
+                   {"role": "user", "content": "and what about germany"}]
+    got = _chat(client, follow, max_tokens=20)
+    assert got.choices[0].message.content == model.chat(follow, max_tokens=20)
+    assert got.usage.prompt_tokens_details.cached_tokens > 0
+
+
 def test_seed_makes_sampling_reproducible(client):
     kw = dict(max_tokens=16, temperature=1.5)
     a = [_chat(client, HI, seed=s, **kw).choices[0].message.content for s in (1, 1, 2, 3)]

@@ -49,15 +49,18 @@ imports ``llama_cpp``, else the tool builds its own venv as in step 1. Where non
 and the build cannot run (no network, no compiler), it stops with an error saying so.
 
 Needs root (cgroups, drop_caches), a C/C++ compiler and cmake (first run only, ~10 min on 2 cores).
+
+This file holds the command line, one benchmark case and the run; the steps live beside it:
+``llamacpp_setup.py`` (1), ``llamacpp_models.py`` (2), ``llamacpp_cgroup.py`` (3, the cgroup),
+``llamacpp_workers.py`` (the benchmark children), ``llamacpp_report.py`` (4, the tables), and
+``llamacpp_common.py`` (what they share).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,150 +74,15 @@ from llamacpp_models import (bench_prompt, ensure_zmoe, zipmoe_chat_check,  # no
                              zipmoe_cli, zipmoe_greedy_tokens)
 from llamacpp_workers import (LLAMA_SETTINGS, llama_bench_worker, llama_chat_worker,  # noqa: E402,F401
                               zipmoe_bench_worker)
-
-
-def find_llama(p, llama_python=None) -> dict:
-    """What llama.cpp is installed here: ``llama-bench``/``llama-cli`` on PATH, and a Python
-    that imports ``llama_cpp`` (``llama_python``, else the tool's own venv). Returns a dict:
-    ``binaries`` (name -> path), ``python`` (path or None), ``version``, ``note`` (one line
-    saying what was found)."""
-    bins = {b: shutil.which(b) for b in ("llama-bench", "llama-cli")}
-    bins = {k: v for k, v in bins.items() if v}
-    py, version = None, None
-    for cand in ([Path(llama_python)] if llama_python else [p.py]):
-        if cand.exists():
-            r = subprocess.run([str(cand), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
-                               capture_output=True, text=True, env=child_env())
-            if r.returncode == 0:
-                py, version = str(cand), r.stdout.strip()
-    where = (", ".join(f"{k} at {v}" for k, v in bins.items()) or "no llama-bench or llama-cli "
-             "on PATH")
-    note = (f"llama.cpp: {where}; " + (f"llama-cpp-python {version} in {py}" if py else
-            f"no Python with llama_cpp ({llama_python or p.py})"))
-    return {"binaries": bins, "python": py, "version": version, "note": note}
+from llamacpp_setup import (base_python, ensure_gguf, ensure_hf_checkpoint,  # noqa: E402,F401
+                            ensure_llama, ensure_llama_venv, ensure_sdist, find_llama,
+                            llama_chat_check, llama_installed)
+from llamacpp_report import fmt_mb, pp_table, settings_text, table  # noqa: E402,F401
 
 
 # =============================================================================================
-# 1. llama.cpp set-up (cached)
+# 3. one benchmark case (a child in its own cgroup) and 4. the comparison
 # =============================================================================================
-def base_python() -> str:
-    """A Python to create the llama.cpp venv with: the interpreter behind this venv."""
-    return getattr(sys, "_base_executable", None) or shutil.which("python3") or sys.executable
-
-
-def ensure_sdist(p: Paths) -> None:
-    if not p.sdist.exists():
-        p.sdist_dir.mkdir(parents=True, exist_ok=True)
-        sh([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-            f"llama-cpp-python=={LLAMA_VERSION}", "-d", p.sdist_dir])
-    if not (p.vendor / "convert_hf_to_gguf.py").exists():
-        import tarfile
-        log(f"unpacking {p.sdist.name}")
-        tmp = p.cache / "src.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        with tarfile.open(p.sdist) as tf:
-            tf.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tf.extractall(tmp)
-        shutil.rmtree(p.cache / "src", ignore_errors=True)
-        tmp.rename(p.cache / "src")
-
-
-def llama_installed(p: Paths) -> bool:
-    if not p.py.exists():
-        return False
-    r = subprocess.run([str(p.py), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
-                       capture_output=True, text=True)
-    return r.returncode == 0 and r.stdout.strip() == LLAMA_VERSION
-
-
-def ensure_llama_venv(p: Paths, cmake_args: str) -> None:
-    if llama_installed(p):
-        log(f"llama-cpp-python {LLAMA_VERSION} already built in {p.venv}")
-        return
-    if not p.py.exists():
-        sh([base_python(), "-m", "venv", p.venv])
-    env = dict(os.environ, CMAKE_ARGS=cmake_args,
-               CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
-    logf = p.cache / "build.log"
-    log(f"building llama-cpp-python {LLAMA_VERSION} from its sdist (CMAKE_ARGS={cmake_args!r}); "
-        f"several minutes, log in {logf}")
-    t0 = time.perf_counter()
-    with open(logf, "w") as f:
-        r = subprocess.run([str(p.py), "-m", "pip", "install", "-v", "--no-binary",
-                            "llama-cpp-python", str(p.sdist)], env=env, stdout=f,
-                           stderr=subprocess.STDOUT)
-    if r.returncode != 0 or not llama_installed(p):
-        tail = "\n".join(logf.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"building llama-cpp-python failed (exit {r.returncode}); {logf}:\n{tail}")
-    log(f"built in {time.perf_counter() - t0:.0f} s")
-
-
-def ensure_llama(p: Paths, a) -> str:
-    """A Python that runs llama.cpp (``--llama-python``, or the tool's venv, built when
-    missing), and the sdist for its GGUF converter; says what is installed here first.
-
-    Raises:
-        RuntimeError: llama.cpp is not installed and cannot be built here (the message says
-            what was looked for and why the build failed).
-    """
-    found = find_llama(p, a.llama_python)
-    log(found["note"])
-    if a.llama_python and not found["python"]:
-        raise RuntimeError(f"--llama-python {a.llama_python}: cannot import llama_cpp with it")
-    try:
-        ensure_sdist(p)
-        if not found["python"]:
-            ensure_llama_venv(p, a.cmake_args)
-    except RuntimeError as e:
-        raise RuntimeError(f"llama.cpp is not installed here ({found['note']}), and building "
-                           f"llama-cpp-python {LLAMA_VERSION} from its sdist failed (it needs "
-                           f"network access, a C/C++ compiler and cmake); give a Python with "
-                           f"llama_cpp with --llama-python, or run with --zipmoe-only. "
-                           f"{str(e).splitlines()[0]}") from None
-    return found["python"] or str(p.py)
-
-
-def ensure_hf_checkpoint(p: Paths) -> None:
-    if (p.hf / "model.safetensors").exists() and (p.hf / "config.json").exists():
-        return
-    p.work.mkdir(parents=True, exist_ok=True)
-    sh([sys.executable, REPO / "tools" / "build_default_model.py", p.hf, "-q", "--overwrite"])
-
-
-def ensure_gguf(p: Paths) -> None:
-    if p.gguf.exists():
-        return
-    # The converter tries sentencepiece before the GPT-2 BPE vocabulary and dies on the import
-    # when the module is missing, so give it one (in a side folder; the project venv is left
-    # alone). torch, transformers and numpy come from this (project) venv; gguf from the sdist.
-    if not (p.convert_deps / "sentencepiece").exists():
-        sh([sys.executable, "-m", "pip", "install", "-q", "--target", p.convert_deps,
-            "sentencepiece"])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(p.convert_deps)] + [x for x in [os.environ.get("PYTHONPATH")] if x]))
-    env.pop("NO_LOCAL_GGUF", None)                 # use the sdist's gguf-py, not the venv's gguf
-    tmp = p.gguf.with_suffix(".gguf.tmp")
-    sh([sys.executable, p.vendor / "convert_hf_to_gguf.py", p.hf, "--outtype", "bf16",
-        "--outfile", tmp], env=env, cwd=p.vendor)
-    tmp.rename(p.gguf)
-
-
-def llama_chat_check(p: Paths, py) -> str:
-    r = sh([py, __file__, "_llama-chat", "--model", p.gguf, "--threads", os.cpu_count() or 1],
-           env=child_env())
-    answer = json.loads(r.stdout.strip().splitlines()[-1])["answer"]
-    if "paris" not in answer.lower():
-        raise RuntimeError(f"llama.cpp's answer to {QUESTION!r} lacks Paris: {answer!r}")
-    return answer
-
-
-# =============================================================================================
-# 4. the comparison
-# =============================================================================================
-def fmt_mb(x) -> str:
-    return "-" if not x else f"{x / 1e6:.0f}"
-
-
 def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, ids, text,
              resident: str = "full") -> dict:
     lim = "none" if limit is None else f"{limit / 1e6:.0f}MB"
@@ -293,68 +161,6 @@ def run_case(p: Paths, a, program: str, policy: str | None, limit: int | None, i
     log(f"  {name}: {msg}; cgroup peak {fmt_mb(row['cgroup']['max_usage'])} MB, failcnt "
         f"{row['cgroup']['failcnt']}, wall {row['wall_s']:.0f} s, load {load0:.1f} -> {load1:.1f}")
     return row
-
-
-def pp_table(rows, n_pp) -> str:
-    """The prefill rows (in memory): pp tokens/s per program, median and runs, and the ratio
-    against llama.cpp's median; empty when no row has a prefill."""
-    pr = [r for r in rows if "pp_median" in r]
-    if not pr:
-        return ""
-    ref = next((r["pp_median"] for r in pr if r["program"] == "llama.cpp"), None)
-    lines = [f"| program | limit | pp{n_pp} tokens/s (median) | runs | × llama.cpp |",
-             "|---|---|---|---|---|"]
-    for r in pr:
-        ratio = f"{r['pp_median'] / ref:.2f}" if ref else "-"
-        prog = r["program"] + (f" {r['policy']}" if r.get("policy") else "")
-        lines.append(f"| {prog} | none | {r['pp_median']:.1f} | "
-                     f"{', '.join(f'{x:.1f}' for x in r['pp_tps'])} | {ratio} |")
-    return "\n".join(lines)
-
-
-def table(rows, n_gen) -> str:
-    head = ["program", "limit", f"tg{n_gen} tokens/s (median)", "runs", "× llama.cpp (same limit)",
-            "cgroup peak MB", "anon peak MB", "failcnt", "VmHWM MB", "note"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    ref = {r["limit"]: r["tg_median"] for r in rows if r["program"] == "llama.cpp" and "tg_median" in r}
-    for r in rows:
-        prog = r["program"] + (f" {r['policy']}" if r["policy"] else "")
-        if r["program"] == "zipmoe-rt" and r["budget"]:
-            prog += f" (budget {r['budget'] / 1e6:.0f} MB)"
-        lim = "none" if r["limit"] is None else f"{r['limit'] / 1e6:.0f} MB"
-        med = f"{r['tg_median']:.2f}" if "tg_median" in r else "-"
-        runs = ", ".join(f"{x:.2f}" for x in r.get("tg_tps", [])) or "-"
-        ratio = (f"{r['tg_median'] / ref[r['limit']]:.2f}" if "tg_median" in r and ref.get(r["limit"])
-                 else "-")
-        note = r.get("error", "")
-        if not note and "hit_rate" in r:
-            note = ("hits F/C/S/E/miss " + "/".join(f"{100 * r['hit_rate'][k]:.0f}"
-                                                   for k in ("F", "C", "S", "E", "miss")) + " %, "
-                    f"{r['mb_read_per_token']:.1f} MB read/token")
-        cg = r["cgroup"]
-        fails = str(cg["failcnt"]) + (f" (memsw {cg['memsw_failcnt']})" if cg.get("memsw_failcnt")
-                                      else "")
-        lines.append("| " + " | ".join([prog, lim, med, runs, ratio, fmt_mb(cg["max_usage"]),
-                                        fmt_mb((cg.get("stat_peaks") or {}).get("rss")), fails,
-                                        fmt_mb(r.get("peak_rss")), note]) + " |")
-    return "\n".join(lines)
-
-
-def settings_text(rows, a) -> str:
-    """Every setting of both programs, as the children reported them (one line per row)."""
-    out = ["settings (each program with its own defaults; the children get this script's "
-           f"environment at its start: {omp_settings(LAUNCH_ENV)}):"]
-    for r in rows:
-        st = r.get("settings")
-        if not st:
-            continue
-        omp = r.get("omp") or {}
-        out.append(f"  {r['name']}: " + ", ".join(f"{k}={v}" for k, v in st.items())
-                   + "; " + omp_settings({k: v for k, v in omp.items() if v is not None}))
-    if not getattr(a, "zipmoe_only", False):
-        out.append(f"  llama.cpp build: llama-cpp-python {LLAMA_VERSION}, CMAKE_ARGS "
-                   f"{a.cmake_args!r}, GGUF BF16, prompt evaluated in one call, greedy argmax")
-    return "\n".join(out)
 
 
 def main(argv=None) -> int:

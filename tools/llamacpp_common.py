@@ -17,6 +17,8 @@ LAUNCH_ENV = dict(os.environ)
 OMP_VARS = ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")
 
 REPO = Path(__file__).resolve().parent.parent
+#: the tool itself, which its children run (``compare_llamacpp.py _llama-chat`` ...)
+TOOL = Path(__file__).resolve().parent / "compare_llamacpp.py"
 LLAMA_VERSION = "0.3.36"
 CG_ROOT = Path("/sys/fs/cgroup/memory")
 QUESTION = "What is the capital of France?"

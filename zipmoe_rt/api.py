@@ -170,7 +170,8 @@ class Model:
                 on_finish(gen)
 
     def token_steps(self, ids: Sequence[int], params: SamplingParams,
-                    state: CacheState | None = None, on_logits=None) -> Iterator:
+                    state: CacheState | None = None, on_logits=None,
+                    cancel=None) -> Iterator:
         """Run one generation step by step: the low-level loop behind servers and custom UIs.
 
         Yields the :class:`~zipmoe_rt.generate.GenerationStep` items of
@@ -186,6 +187,10 @@ class Model:
                 (e.g. for prompt-prefix reuse through ``state.sync_prefix``); default a new one.
             on_logits: called with each step's raw logits (float32 ``[vocab]``, before any
                 sampling processor) before the token is drawn, e.g. for log-probabilities.
+            cancel: None, or an event (``threading.Event``) another thread sets to stop the
+                run within one decoder layer, the prompt's prefill included: the final step
+                then says ``finish_reason="cancelled"`` and ``state`` holds what it held before
+                the forward pass that was stopped (see :func:`~zipmoe_rt.generate.generate`).
 
         Raises:
             ValueError: as for :func:`~zipmoe_rt.generate.generate`.
@@ -193,7 +198,7 @@ class Model:
         """
         if self.net is None:
             raise RuntimeError(f"{self.path}: the model was closed")
-        gen = generate(self.net, list(ids), params, self.stop_ids, cache=state)
+        gen = generate(self.net, list(ids), params, self.stop_ids, cache=state, cancel=cancel)
         if on_logits is not None:
             inner = gen.sampler
 

@@ -118,9 +118,12 @@ def _plain_calibration_warnings():
     """Show a :class:`~zipmoe_rt.engine.profile.CalibrationWarning`,
     :class:`~zipmoe_rt.convert.converter.ConversionWarning`,
     :class:`~zipmoe_rt.backends.DeviceWarning`,
-    :class:`~zipmoe_rt.engine.precompile.KernelCompileWarning` or
+    :class:`~zipmoe_rt.engine.precompile.KernelCompileWarning`,
+    :class:`~zipmoe_rt.kernels.KernelCacheWarning` (issued once, when the kernels are first
+    imported) or
     :class:`~zipmoe_rt.convert.atomic.StaleTemporaryWarning` as one ``zipmoe-rt: warning: ...``
     line on stderr (not Python's ``file:line: Category:`` form); other warnings as before."""
+    import sys
     import warnings
 
     if getattr(warnings.showwarning, "_zipmoe_rt", False):
@@ -128,6 +131,12 @@ def _plain_calibration_warnings():
     previous = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
+        # (issued while the kernels package is being imported: nothing else is imported here)
+        kernels = sys.modules.get(f"{__package__}.kernels")
+        if kernels is not None and issubclass(category, getattr(kernels, "KernelCacheWarning",
+                                                                ())):
+            click.echo(f"zipmoe-rt: warning: {message}", err=True)
+            return
         from .convert.atomic import StaleTemporaryWarning
         from .convert.converter import ConversionWarning
         from .backends import DeviceWarning

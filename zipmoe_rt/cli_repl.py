@@ -345,6 +345,8 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
     """The ``chat`` loop: read a turn, stream the reply, print the stats line (terminal only).
     Returns the number of turns refused with an ``error:`` line (a prompt over the context, a
     line that is not UTF-8, ...): a scripted chat exits with status 1 when some were.
+    With ``stops``, each reply ends before the first stop string and the conversation keeps
+    the text printed (neither the stop string nor what was generated with or after it).
 
     ``harmony``: None for a model whose replies are plain text; for gpt-oss's harmony format,
     whether to show the reasoning: each reply is split by
@@ -423,7 +425,7 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
             from .cli_harmony import HarmonyReply
             reply = HarmonyReply(harmony)
         held = len(session.messages)
-        streamed, eof, stopped = None, False, False
+        streamed, eof, stopped, shown = None, False, False, []
         try:
             try:
                 utf8_text(line, "input")
@@ -445,6 +447,7 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
             streamed = stop_at(prefill_notice(pieces, n_new), stops, model)
             for piece in streamed:
                 click.echo(piece, nl=False)
+                shown.append(piece)
                 if interactive and eof_typed():      # Ctrl-D while the reply streams
                     eof = True                       # stopped as for Ctrl-C (finally)
                     click.echo(" [stopped]", nl=False)
@@ -461,8 +464,11 @@ def repl(model, session, sampling: dict, stops: Sequence[str], stats_line, sessi
             continue
         if stopped:
             click.echo(" [stopped]", nl=False)
-        if reply is not None and session.messages[-1].get("role") == "assistant":
-            session.messages[-1] = reply.message()    # the final text, not the markup
+        if session.messages[-1].get("role") == "assistant":
+            kept = reply.message() if reply is not None else session.messages[-1]
+            if stops:     # the text printed: not a stop string, nor what came with or after it
+                kept["content"] = "".join(shown)
+            session.messages[-1] = kept                # (harmony: the final text, not markup)
         click.echo("")
         if interactive:
             click.secho(stats_line(model.last_stats), err=True, dim=True)

@@ -11,13 +11,19 @@ The model interface this module drives (the model side must match it)::
     model.config.vocab_size                               # int (``model.config`` may be a dict)
 
 ``forward`` appends the ``T`` ids after what the cache holds. A ``[T, vocab]`` or ``[1, vocab]``
-result is accepted too (its last row is used). For safe cancellation, the cache should offer
+result is accepted too (its last row is used). With ``generate(..., cancel=event)``, a ``forward``
+that takes an ``interrupt`` argument is called as ``model.forward(ids, cache, last_only=True,
+interrupt=check)`` and should call ``check()`` between its layers (an exception from it stops the
+call, the cache as before that call); one that does not is checked between calls only.
+
+For safe cancellation, the cache should offer
 ``get_seq_length() -> int`` and, ideally, ``crop(n)`` (the names of transformers' ``DynamicCache``),
 with ``can_crop(n) -> bool`` when some crops are impossible (a recurrent layer state; see
 :class:`zipmoe_rt.models.cache.ModelCache`), see :class:`CacheState`.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
@@ -35,11 +41,18 @@ __all__ = [
     "GenerationStep",
     "GenerationStats",
     "Generation",
+    "GenerationCancelled",
     "generate",
     "common_prefix_len",
 ]
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class GenerationCancelled(Exception):
+    """Raised inside ``model.forward`` (between two layers) by the check
+    :func:`generate` passes when its ``cancel`` event is set; :class:`Generation` catches it
+    and ends with ``finish_reason="cancelled"``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,8 +73,8 @@ class GenerationStats:
         generated_tokens: tokens sampled, the stop token included when ``finish_reason == "stop"``.
         output_tokens: tokens yielded (``generated_tokens`` minus the stop token).
         finish_reason: ``"stop"`` (a stop id was sampled), ``"length"`` (``max_tokens`` reached),
-            ``"cancelled"`` (closed early or ``KeyboardInterrupt``), ``"error"`` (``forward``
-            raised).
+            ``"cancelled"`` (closed early, ``KeyboardInterrupt`` or the ``cancel`` event of
+            :func:`generate`), ``"error"`` (``forward`` raised).
         stop_token_id: the stop id sampled, or ``None``.
         ttft_s: time to first token: prefill ``forward`` plus the first sampling; ``None`` if no
             token was sampled.
@@ -123,6 +136,11 @@ class Generation(Iterator[GenerationStep]):
     sampling, ``gen.state.sync_prefix(gen.state.token_ids, model)`` crops the last id and returns it
     to feed again.
 
+    A ``cancel`` event (see :func:`generate`) set from another thread stops the run within one
+    layer of the ``forward`` in progress (the prefill too): the next ``next()`` returns the final
+    step with ``finish_reason="cancelled"``, the cache as before that ``forward`` (a prefill in
+    several batches is cropped back to where it began, as after a Ctrl-C).
+
     Attributes:
         state: the :class:`CacheState`; updated in place.
         prompt_ids: the ids this call prefills (``list[int]``).
@@ -133,8 +151,10 @@ class Generation(Iterator[GenerationStep]):
     """
 
     def __init__(self, model: Any, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
-                 state: CacheState, clock: Callable[[], float]):
+                 state: CacheState, clock: Callable[[], float], cancel: Any = None):
         self.model = model
+        self.cancel = cancel
+        self._interrupt = cancel is not None and _takes_interrupt(model)
         self.params = params
         self.stop_ids = stop_ids
         self.state = state
@@ -202,6 +222,10 @@ class Generation(Iterator[GenerationStep]):
         try:                    # between its batches (_reconcile crops back to it)
             logits = self._forward(feed)
             token = self.sampler.sample(logits, self._seen)
+        except GenerationCancelled:
+            self._finish("cancelled")       # the cancel event, seen between two layers
+            self._phase = "done"
+            return GenerationStep(None, self.stats)
         except BaseException as e:
             self._finish("cancelled" if isinstance(e, KeyboardInterrupt) else "error")
             self._phase = "done"
@@ -241,7 +265,13 @@ class Generation(Iterator[GenerationStep]):
         n0 = len(state.token_ids)
         arr = np.asarray(ids, dtype=np.int64)
         try:
-            out = self.model.forward(arr, state.cache, last_only=True)
+            if self._interrupt:
+                out = self.model.forward(arr, state.cache, last_only=True,
+                                         interrupt=self._check_cancel)
+            else:
+                if self.cancel is not None:
+                    self._check_cancel()
+                out = self.model.forward(arr, state.cache, last_only=True)
         except BaseException:
             self._reconcile(n0, ids)
             raise
@@ -253,6 +283,12 @@ class Generation(Iterator[GenerationStep]):
         if logits.ndim != 1:
             raise ValueError(f"model.forward: expected logits of shape [vocab] or [T, vocab], got {np.shape(out)}")
         return logits.astype(np.float32, copy=False)
+
+    def _check_cancel(self) -> None:
+        """The ``interrupt`` handed to ``model.forward``: raise :class:`GenerationCancelled`
+        once the ``cancel`` event is set."""
+        if self.cancel.is_set():
+            raise GenerationCancelled("generation cancelled")
 
     def _reconcile(self, n0: int, ids: list[int]) -> None:
         """After ``forward`` raised: make ``state`` match the cache again, or mark it invalid."""
@@ -294,6 +330,15 @@ class Generation(Iterator[GenerationStep]):
         )
 
 
+def _takes_interrupt(model: Any) -> bool:
+    """Whether ``model.forward`` accepts an ``interrupt`` keyword (named, or ``**kwargs``)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return any(p.name == "interrupt" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def _vocab_size(model: Any) -> int | None:
     cfg = getattr(model, "config", None)
     if isinstance(cfg, Mapping):
@@ -311,6 +356,7 @@ def generate(
     *,
     cache: CacheState | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    cancel: Any = None,
 ) -> Generation:
     """Generate tokens autoregressively: prefill ``prompt_ids`` in one ``forward``, then one id per call.
 
@@ -326,6 +372,12 @@ def generate(
             updated in place. Default: ``CacheState.new(model)``. Its ``token_ids`` join the
             repetition-penalty context, as the full conversation would in transformers.
         clock: time source in seconds (for tests).
+        cancel: None, or an event (``is_set() -> bool``, e.g. ``threading.Event``) another
+            thread may set to stop the run: it is checked before each decoder layer of every
+            ``forward`` (the model is called with ``interrupt=``, see the module docstring), so
+            a cancelled prefill stops within one layer instead of running to its end. The run
+            then ends with a final step of ``finish_reason="cancelled"`` and the cache as
+            before the ``forward`` that was stopped.
 
     Returns:
         A :class:`Generation`: an iterator of :class:`GenerationStep` — one per sampled token
@@ -364,4 +416,7 @@ def generate(
         )
     if not cache.valid:
         raise ValueError("cache: its contents are unknown after an interrupted forward; use CacheState.new(model)")
-    return Generation(model, [int(i) for i in ids], params, stops, cache, clock)
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise TypeError(f"cancel: expected an event with is_set() (e.g. threading.Event), "
+                        f"got {type(cancel).__name__}")
+    return Generation(model, [int(i) for i in ids], params, stops, cache, clock, cancel)

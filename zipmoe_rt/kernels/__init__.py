@@ -32,8 +32,12 @@ libgomp counterpart of ``KMP_BLOCKTIME`` for Intel's runtime (libgomp's manual, 
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 #: the user's own OMP_WAIT_POLICY, if any (then zipmoe-rt never changes it)
@@ -137,4 +141,68 @@ def drop_stale_cache(folder: Path | None = None, digest: str | None = None) -> i
         return 0
 
 
+class KernelCacheWarning(UserWarning):
+    """Numba cannot keep the compiled kernels where it was asked to: ``NUMBA_CACHE_DIR`` cannot
+    be written (Numba then caches them elsewhere), or no cache folder can be (the kernels are
+    then compiled again at every run, tens of seconds). The message names the folder and the
+    fix (set ``NUMBA_CACHE_DIR`` to a writable folder); the CLI prints it as one
+    ``zipmoe-rt: warning:`` line."""
+
+
+def check_cache_dir() -> str | None:
+    """Check where Numba will cache the kernels, as its own locators pick the folder (a user
+    ``NUMBA_CACHE_DIR``, else ``__pycache__`` beside the sources, else the user-wide cache
+    folder; each used only if a file can be created in it).
+
+    Where none can be written, Numba would refuse to define a cached kernel (``RuntimeError:
+    cannot cache function ...: no locator available``, at import): ``NUMBA_CACHE_DIR`` (Numba's
+    ``config.CACHE_DIR`` and the environment, so child processes share it) is then pointed at a
+    new temporary folder, removed when the process exits, so the kernels compile at every run
+    but the run goes on.
+
+    Returns:
+        None when the kernels are cached where asked, else the notice: the folder that cannot
+        be written, where the kernels go instead, and the fix.
+    Raises:
+        RuntimeError: no folder can be written, not even a temporary one (the message names
+            the folders and ``NUMBA_CACHE_DIR``).
+    """
+    try:
+        from numba.core import config
+        from numba.core.caching import FunctionCache
+    except ImportError:        # a Numba without this API: no check
+        return None
+    user = config.CACHE_DIR
+    fix = "set NUMBA_CACHE_DIR to a writable folder"
+    try:
+        where = Path(FunctionCache(check_cache_dir)._cache_path)
+    except RuntimeError:       # no locator: no folder can be written
+        where = None
+    except Exception:  # noqa: BLE001  (a Numba whose locators differ: no check)
+        return None
+    if where is not None:
+        if user and Path(user).resolve() not in where.resolve().parents:
+            return (f"Numba's kernel cache folder {user} (NUMBA_CACHE_DIR) cannot be written; "
+                    f"the kernels are cached in {where} instead; {fix}")
+        return None
+    from numba.misc.appdirs import AppDirs
+    tried = ([f"{user} (NUMBA_CACHE_DIR)"] if user else []) + [
+        str(Path(__file__).resolve().parent / "__pycache__"),
+        AppDirs(appname="numba", appauthor=False).user_cache_dir]
+    tried = ", ".join(tried)
+    try:
+        tmp = tempfile.mkdtemp(prefix="zipmoe-rt-numba-")
+    except OSError as e:
+        raise RuntimeError(f"no Numba kernel cache folder can be written ({tried}), nor a "
+                           f"temporary folder ({e}); {fix}") from None
+    atexit.register(shutil.rmtree, tmp, True)
+    config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"] = tmp
+    return (f"no Numba kernel cache folder can be written ({tried}), so the kernels are "
+            f"compiled again at every run (tens of seconds; this run keeps them in {tmp}, "
+            f"removed at exit); {fix}")
+
+
+_cache_notice = check_cache_dir()
+if _cache_notice:                 # once per process: at the package's first import
+    warnings.warn(_cache_notice, KernelCacheWarning)
 drop_stale_cache()

@@ -334,7 +334,8 @@ class Model:
             self.backend.softcap_(out, cap)
         return out
 
-    def forward(self, ids, cache: ModelCache, last_only: bool = True) -> np.ndarray:
+    def forward(self, ids, cache: ModelCache, last_only: bool = True,
+                interrupt=None) -> np.ndarray:
         """Run tokens ``ids`` after the ``cache.offset`` tokens already in ``cache`` and append
         their keys/values (``cache.offset += T`` once every layer ran).
 
@@ -351,6 +352,13 @@ class Model:
             last_only: return only the last position's logits; then a prompt of more than
                 :data:`PREFILL_UBATCH` tokens runs in batches of that many (the same logits up
                 to float32 summation order, with the activations of one batch).
+            interrupt: None, or a callable (no arguments) called before each decoder layer
+                runs, in every batch; an exception it raises stops the call there and
+                propagates. The cache then holds what it held before the batch that was
+                running (the commit protocol of :class:`~zipmoe_rt.models.cache.ModelCache`);
+                the batches before it stay committed. :func:`~zipmoe_rt.generate.generate`
+                passes one that raises once a request is cancelled (a server client gone), so a
+                cancelled prefill stops within one layer.
         Returns:
             host float32 [vocab] (last_only) or [T, vocab] logits.
         Raises:
@@ -368,7 +376,7 @@ class Model:
             # a long prompt runs in batches (llama.cpp's n_ubatch): the activations stay those
             # of PREFILL_UBATCH tokens, which a memory limit counts (engine/limit.py)
             for i in range(0, T, PREFILL_UBATCH):
-                out = self.forward(ids[i:i + PREFILL_UBATCH], cache, True)
+                out = self.forward(ids[i:i + PREFILL_UBATCH], cache, True, interrupt)
             return out
         pos0 = cache.offset
         regime = self.rope.regime(pos0 + T)
@@ -379,7 +387,7 @@ class Model:
                                  "cache's token ids are unknown: cannot recompute its keys")
             fresh = self.new_cache(capacity=pos0 + T)
             out = self.forward(np.concatenate([np.asarray(held, np.int64), ids]), fresh,
-                               last_only)
+                               last_only, interrupt)
             cache.adopt(fresh)
             return out if last_only else out[pos0:]
         be = self.backend
@@ -387,6 +395,8 @@ class Model:
         cache.reserve(T)
         cos, sin = (be.from_host(a) for a in self.rope.cos_sin(pos0, T))
         for layer, layer_cache in zip(self.layers, cache.layers):
+            if interrupt is not None:
+                interrupt()
             layer(x, layer_cache, pos0, cos, sin)
         cache.commit(T, ids, regime)
         if last_only:

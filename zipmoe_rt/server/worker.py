@@ -40,7 +40,8 @@ class Job:
             split into content, tool calls and reasoning by
             :class:`~zipmoe_rt.server.harmony.HarmonySplitter`); else None.
         tools: the request's OpenAI ``tools`` (parameter types for the XML call syntaxes).
-        cancel: set it to stop the generation before its next token (client gone).
+        cancel: set it to stop the generation (client gone): before its next token, or within
+            one decoder layer of the forward pass in progress (a long prompt's prefill too).
         label: names the request in the server log (the response id), e.g. in the one line
             logged when its client disconnected before the reply was complete.
         tokens: tokens generated so far (for the log line of a reply cut short).
@@ -264,7 +265,10 @@ class ModelHost:
                 texts.append(text)
                 job.emit(("text", text, lps))
 
-        steps = model.token_steps(new, job.params, state, on_logits=on_logits)
+        # job.cancel is checked before every layer: a client gone during a long prefill stops
+        # it within one layer (the steps then end with finish_reason "cancelled")
+        steps = model.token_steps(new, job.params, state, on_logits=on_logits,
+                                  cancel=job.cancel)
         try:
             for step in steps:
                 if step.token_id is None:
