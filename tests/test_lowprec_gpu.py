@@ -14,6 +14,7 @@ each policy (host cache empty and full) bit-identical to the unbudgeted GPU run.
 """
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -251,6 +252,71 @@ def test_gpu_engine_on_host_ops_uploads_the_compact_form(lowprec_models, kind, t
         finally:
             eng.close()
             source.close()
+
+
+def _fake_cuda(monkeypatch):
+    """``--device cuda`` resolved to a stand-in backend named ``cuda`` (no CuPy needed): what
+    ``load`` decides before the backend computes anything."""
+    import zipmoe_rt.backends as B
+    from zipmoe_rt.backends.numpy_ref import NumpyBackend
+
+    class FakeCuda(NumpyBackend):
+        name = "cuda"
+    monkeypatch.setattr(B, "resolve_device", lambda device, option="--device": device)
+    monkeypatch.setattr(B, "get_backend", lambda name=None: FakeCuda())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resident_compressed_on_cuda_is_one_clear_line(lowprec_models, kind, monkeypatch):
+    """``load(device="cuda", resident="compressed")`` and ``run --device cuda --resident
+    compressed`` of an FP8 / MXFP4 file: refused naming the file, a tensor, its encoding and the
+    option (the CLI in one line, exit status 1)."""
+    from click.testing import CliRunner
+
+    from zipmoe_rt.cli import main
+    z = lowprec_models(kind)[0]
+    _fake_cuda(monkeypatch)
+    enc = r"F8_E4M3 \((raw|bitplane)" if kind == "fp8" else r"U8 \(mxfp4"
+    msg = (rf"tensor '[^']+' is {enc} encoding\): FP8 and MXFP4 weights on --device cuda are "
+           rf"held decoded \(BF16 or float32\), not with --resident compressed; use --resident "
+           rf"full")
+    with pytest.raises(ValueError, match=msg):
+        zipmoe_rt.load(z, device="cuda", resident="compressed")
+    r = CliRunner().invoke(main, ["run", str(z), "-p", "hi", "--raw", "-n", "2", "--device",
+                                  "cuda", "--resident", "compressed"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert lines[0].startswith(f"error: {z}: ") and re.search(msg, lines[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_on_cuda_holds_the_compact_form(lowprec_models, kind, monkeypatch):
+    """``load(device="cuda")`` (a stand-in backend named ``cuda`` computing with NumPy) reads the
+    file in the compact form: the experts it uses are BF16 words for MXFP4 and the FP8 forms of
+    the compact source; the logits are within 1e-3 of the CPU load's with the same tokens."""
+    z = lowprec_models(kind)[0]
+    cpu = zipmoe_rt.load(z, device="cpu")
+    try:
+        lc, tc = _run(cpu.net)
+    finally:
+        cpu.close()
+    _fake_cuda(monkeypatch)
+    m = zipmoe_rt.load(z, device="cuda")
+    try:
+        assert m.net.backend.name == "cuda" and m.source.lowprec_form == "compact"
+        lg, tg = _run(m.net)
+        ref = ZmoeSource(z, lowprec_form="compact")
+        try:
+            for key in sorted(ref.layouts)[:4]:
+                got, want = m.source.expert(*key), ref.expert(*key)
+                assert got.gate.dtype == want.gate.dtype
+                assert got.down.tobytes() == want.down.tobytes()
+                assert kind == "fp8" or got.gate.dtype == np.uint16
+        finally:
+            ref.close()
+    finally:
+        m.close()
+    assert _max_diff(lg, lc) <= LOGITS_TOL and tg == tc
 
 
 # ------------------------------------------------------------------ on a GPU
