@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import zipmoe_rt
+from zipmoe_rt.backends import get_backend
 from zipmoe_rt.backends.checks import to_f32
 from zipmoe_rt.engine import lowprec
 from zipmoe_rt.engine.store import ZmoeSource
@@ -335,6 +336,62 @@ def _budgets(path):
                 "zipmoe": src.dense_bytes() + max((k + 1) * full, total // 2)}
     finally:
         src.close()
+
+
+def _check_expert_ops(be, forms):
+    """experts_token and expert_accumulate of backend ``be`` on experts in the forms an FP8 /
+    MXFP4 layer holds (``forms``: per expert ``bf16``, BF16 words, or ``f32``, float32) within
+    1e-4 of the NumPy reference backend."""
+    from zipmoe_rt.models.weights import ExpertWeights
+    ref_be = get_backend("numpy")
+    H, I, T = 64, 48, 5
+    rng = np.random.default_rng(len(forms))
+
+    def weight(shape, kind):
+        w = rng.standard_normal(shape).astype(np.float32) * 0.3
+        if kind == "bf16":
+            w = (w.view(np.uint32) & 0xFFFF0000).view(np.float32)     # BF16-exact values
+        return lowprec.compute_form(w)         # BF16 words where exact, float32 otherwise
+    experts = [ExpertWeights(weight((I, H), k), weight((I, H), k), weight((H, I), k))
+               for k in forms]
+    assert [e.down.dtype for e in experts] == [np.uint16 if k == "bf16" else np.float32
+                                               for k in forms]
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    w = rng.random(len(forms)).astype(np.float32)
+    ref = np.full(H, 0.5, np.float32)
+    ref_be.experts_token(ref, x[0], experts, w)
+    out = be.from_host(np.full((1, H), 0.5, np.float32))
+    be.experts_token(out[0], be.from_host(x[:1])[0], [e.map(be.from_host) for e in experts], w)
+    np.testing.assert_allclose(be.to_host(out)[0], ref, rtol=1e-4, atol=1e-4)
+    rows, rw = np.array([4, 1, 2], np.int64), np.array([0.3, 0.6, 0.9], np.float32)
+    for e in experts:
+        ref = np.ones((T, H), np.float32)
+        ref_be.expert_accumulate(ref, x, rows, rw, e)
+        got = be.from_host(np.ones((T, H), np.float32))
+        be.expert_accumulate(got, be.from_host(x), rows, rw, e.map(be.from_host))
+        got = be.to_host(got)
+        assert (got[[0, 3]] == 1.0).all()
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+FORMS = [("f32", "f32"), ("bf16", "f32", "bf16"), ("f32",)]
+
+
+@pytest.mark.parametrize("forms", FORMS)
+def test_cpu_expert_ops_take_the_same_forms(forms):
+    _check_expert_ops(get_backend("numba"), forms)
+
+
+@gpu
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("forms", FORMS)
+def test_cuda_expert_ops_take_float32_experts(forms, fused, monkeypatch):
+    """The CUDA expert ops on float32 experts, and BF16 and float32 experts in one call (FP8
+    experts whose products are BF16-exact beside others), with the fused k-expert kernels on
+    and off (:func:`_check_expert_ops`)."""
+    from zipmoe_rt.backends import cupy_cuda
+    monkeypatch.setattr(cupy_cuda, "FUSED_EXPERTS", fused)
+    _check_expert_ops(get_backend("cuda"), forms)
 
 
 @gpu
