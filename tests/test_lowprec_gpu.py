@@ -135,8 +135,13 @@ def test_compact_form_is_the_cpu_weights_bit_for_bit(lowprec_models, kind):
                 forms.add(a.dtype)
             for a, b in ((wd.gate_bias, wc.gate_bias), (wd.down_bias, wc.down_bias)):
                 assert (a is None and b is None) or a.tobytes() == b.tobytes()
+            # the budget's count of the expert: its bytes as held (FP8 at most float32's)
+            assert cpu.layouts[(layer, e)].full_bytes == wc.nbytes
+            assert dev.layouts[(layer, e)].full_bytes >= wd.nbytes
             if kind == "mxfp4":
-                assert exact and wd.nbytes < wc.nbytes
+                assert exact and 2 * wd.nbytes - wc.nbytes == sum(
+                    b.nbytes for b in (wd.gate_bias, wd.up_bias, wd.down_bias))
+                assert dev.layouts[(layer, e)].full_bytes == wd.nbytes
         if kind == "fp8":
             assert np.dtype(np.float32) in forms      # block-scaled products: float32
         else:
@@ -221,7 +226,10 @@ def test_gpu_engine_on_host_ops_uploads_the_compact_form(lowprec_models, kind, t
                                   ("zipmoe", "mid", "CE"), ("zipmoe", "mid", "FE")):
         path = case.raw if policy == "raw-lru" else case.zmoe
         source = ZmoeSource(path, keep_experts=False, copy_dense=True, lowprec_form="compact")
-        b = case.budget(budget)
+        # test_engine's budgets, with the experts counted as this engine counts them
+        full = max(l.full_bytes for l in source.layouts.values())
+        b = source.dense_bytes() + case.k * full + (
+            case.n_total * full // 3 if budget == "mid" else 0)
         ops, seen = HostOps(), []
         up = ops.to_device
         ops.to_device = lambda a: (seen.append(a.dtype), up(a))[1]      # the uploaded forms
@@ -324,9 +332,10 @@ def test_load_on_cuda_holds_the_compact_form(lowprec_models, kind, monkeypatch):
 
 
 def _budgets(path):
-    """{policy: budget} as tests/test_gpu.py sizes them: dense + (k + 1) experts for the LRU
-    pools, dense + half the experts (at least that) for zipmoe."""
-    src = ZmoeSource(path)
+    """{policy: budget} as tests/test_gpu.py sizes them, counting experts as the GPU engine
+    does (the compact form's bytes): dense + (k + 1) experts for the LRU pools, dense + half
+    the experts (at least that) for zipmoe."""
+    src = ZmoeSource(path, lowprec_form="compact")
     try:
         k = int(src.hparams["num_experts_per_tok"])
         full = max(l.full_bytes for l in src.layouts.values())

@@ -56,16 +56,18 @@ def is_f8(dtype: str) -> bool:
 BLOCKS, SCALES, COLS = "_blocks", "_scales", "_cols"
 
 
-def decoded_bytes(p) -> int:
+def decoded_bytes(p, mxfp4_bf16: bool = False) -> int:
     """Bytes a piece takes once its expert is decoded and dequantised: float32 for an FP8
-    projection (4 per weight) and an MXFP4 one (2 weights of 4 bytes per block byte), nothing
-    for block scales; -1 for other pieces (their stored dtype's size applies)."""
+    projection (4 per weight) and an MXFP4 one (2 weights of 4 bytes per block byte; with
+    ``mxfp4_bf16``, the compact form's BF16 words, 2 weights of 2 bytes: :func:`compute_form`
+    of an E2M1 value times a power of two is always BF16), nothing for block scales; -1 for
+    other pieces (their stored dtype's size applies)."""
     if p.role.endswith(SCALE_SUFFIX) or p.role.endswith(SCALES):
         return 0
     if is_f8(p.dtype):
         return 4 * p.elements
     if p.role.endswith(BLOCKS):
-        return 8 * p.elements
+        return (4 if mxfp4_bf16 else 8) * p.elements
     return -1
 
 

@@ -219,9 +219,15 @@ class ZmoeSource:
 
     @property
     def layouts(self) -> dict:
-        """``{(layer, expert): ExpertLayout}`` of every expert block (built once)."""
+        """``{(layer, expert): ExpertLayout}`` of every expert block (built once); with
+        ``lowprec_form="compact"`` MXFP4 experts count their projections as BF16 words
+        (``ExpertLayout.mxfp4_bf16``: the form they are held in)."""
         if self._layouts is None:
-            self._layouts = L_.expert_layouts(self.reader)
+            lays = L_.expert_layouts(self.reader)
+            if self.lowprec_form == "compact":
+                import dataclasses
+                lays = {k: dataclasses.replace(v, mxfp4_bf16=True) for k, v in lays.items()}
+            self._layouts = lays
         return self._layouts
 
     def layout(self, layer: int, expert: int) -> L_.ExpertLayout:
