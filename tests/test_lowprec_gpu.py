@@ -151,6 +151,47 @@ def test_compact_form_is_the_cpu_weights_bit_for_bit(lowprec_models, kind):
         dev.close()
 
 
+def test_fp8_with_power_of_two_scales_is_held_as_bf16(tiny_moe_dir, tmp_path):
+    """The choice is made per tensor on the values: an FP8 checkpoint whose block scales are
+    powers of two (E4M3 times 2^k is BF16-exact) gives BF16 words for those tensors, float32
+    for the two whose scales were left as transformers' quantizer wrote them; either way the
+    words widen to the CPU's float32 weights, and the model gives the float32 path's logits
+    within 1e-3 and its greedy tokens."""
+    import torch
+    from family_checks import convert_quietly
+    from lowprec_models import make_tiny_fp8
+    from safetensors.torch import load_file, save_file
+
+    src = make_tiny_fp8(tiny_moe_dir("deepseek_v3"), tmp_path / "src")
+    keep = {"model.layers.0.self_attn.o_proj.weight_scale_inv",
+            "model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"}
+    t = load_file(src / "model.safetensors")
+    for n in t:
+        if n.endswith("_scale_inv") and n not in keep:
+            t[n] = torch.exp2(torch.round(torch.log2(t[n])))
+    save_file(t, src / "model.safetensors", metadata={"format": "pt"})
+    z = convert_quietly(src, tmp_path / "p2.zmoe")
+    cpu, dev = _both(z)
+    try:
+        dense = [n for n, t in cpu.reader.tensors.items()
+                 if "expert" not in t and lowprec.is_f8(t["dtype"])]
+        for n in dense:
+            want = np.float32 if n + "_scale_inv" in keep else np.uint16
+            assert _same_values(dev.tensor(n), cpu.tensor(n)) == want, n
+        for layer, e in sorted(cpu.layouts):
+            wc, wd = cpu.expert(layer, e), dev.expert(layer, e)
+            want = np.float32 if (layer, e) == (1, 3) else np.uint16       # per expert
+            for a, b in ((wd.gate, wc.gate), (wd.up, wc.up), (wd.down, wc.down)):
+                assert a.dtype == want and to_f32(a).tobytes() == b.tobytes(), (layer, e)
+        # the model on BF16 FP8 tensors (MLA's projections as BF16 words) and on float32 ones
+        from zipmoe_rt.models import build_model
+        (lc, tc), (ld, td) = _run(build_model(cpu)), _run(build_model(dev))
+        assert _max_diff(ld, lc) <= LOGITS_TOL and td == tc
+    finally:
+        cpu.close()
+        dev.close()
+
+
 def test_lowprec_form_is_checked():
     with pytest.raises(ValueError, match="lowprec_form: expected one of float32, compact, got "
                                          "'bf16'"):
