@@ -8,6 +8,7 @@ all 256 patterns), and the converter's and loader's errors."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -265,13 +266,22 @@ def test_block_size_defaults_to_transformers_128():
     assert fp8_block_size({}) is None
 
 
-def test_cuda_is_refused_naming_the_encoding(fp8_model):
+def test_cuda_runs_it_but_not_compressed_naming_the_encoding(fp8_model):
+    """The CPU backends and CUDA take the file; CUDA with ``--resident compressed`` and any
+    other backend are refused, naming the file, the tensor and its encoding."""
     from zipmoe_rt.engine.lowprec import refuse_device
     with zmoe.ZmoeReader(fp8_model[1]) as r:
-        refuse_device(r, "cpu")
-        with pytest.raises(ValueError, match=r"is F8_E4M3 \((raw|bitplane) encoding\): FP8 "
-                                             r"and MXFP4 weights run on the CPU only, not on --device cuda"):
-            refuse_device(r, "cuda")
+        for dev in ("cpu", "numba", "numpy", "cuda"):
+            refuse_device(r, dev)
+        refuse_device(r, "numba", "compressed")
+        with pytest.raises(ValueError, match=re.escape(f"{r.path}: tensor '") + r".*' is F8_E4M3 "
+                                             r"\((raw|bitplane) encoding\): FP8 and MXFP4 weights "
+                                             r"on --device cuda are held decoded \(BF16 or "
+                                             r"float32\), not with --resident compressed"):
+            refuse_device(r, "cuda", "compressed")
+        with pytest.raises(ValueError, match=r"is F8_E4M3 .*: FP8 and MXFP4 weights run on the "
+                                             r"CPU and CUDA only, not on --device rocm"):
+            refuse_device(r, "rocm")
 
 
 def test_plan_of_the_v3_fp8_release(tmp_path):

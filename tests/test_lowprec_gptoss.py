@@ -79,9 +79,12 @@ def test_budgeted_generation_is_bit_identical(mx_case, policy, budget, delay):
     check_budgeted_run(mx_case, policy, budget, delay)
 
 
-def test_cuda_is_refused_naming_the_encoding(mx_model):
+def test_cuda_runs_it_but_not_compressed_naming_the_encoding(mx_model):
     from zipmoe_rt.engine.lowprec import refuse_device
-    with zmoe.ZmoeReader(mx_model[1]) as r, pytest.raises(
-            ValueError, match=r"is U8 \(mxfp4 encoding\): FP8 and MXFP4 weights run on the CPU "
-                              r"only, not on --device cuda"):
+    with zmoe.ZmoeReader(mx_model[1]) as r:
         refuse_device(r, "cuda")
+        with pytest.raises(ValueError, match=r"is U8 \(mxfp4 encoding\): FP8 and MXFP4 weights "
+                                             r"on --device cuda are held decoded \(BF16 or "
+                                             r"float32\), not with --resident compressed; use "
+                                             r"--resident full"):
+            refuse_device(r, "cuda", "compressed")

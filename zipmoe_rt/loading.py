@@ -108,7 +108,9 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         device: ``cpu`` (Numba kernels), ``cuda`` (the CuPy backend on the GPU: dense weights,
             KV cache and compute there; unbudgeted, every expert is uploaded once and stays on
             the GPU; under a budget the budget counts GPU memory and misses are copied
-            compressed and decoded on the GPU, :mod:`zipmoe_rt.engine.gpu_engine`), or
+            compressed and decoded on the GPU, :mod:`zipmoe_rt.engine.gpu_engine`; FP8 /
+            MXFP4 weights are dequantised on the host and held as BF16 words where exact, else
+            float32, :func:`~zipmoe_rt.engine.lowprec.compute_form`), or
             ``auto`` (cuda when CuPy imports and sees a GPU, else cpu with one
             :class:`~zipmoe_rt.backends.DeviceWarning`).
         resident: without a budget, how experts are held: ``full`` (decoded to BF16 on first
@@ -148,7 +150,9 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             and a ``memory_budget``; an architecture this runtime does not run, a file without a tokenizer, a
             ``device`` other than auto, cpu, cuda, an unknown ``resident`` value, or
             ``resident="compressed"`` with a memory budget or limit on ``cuda``, or a
-            ``prefetch`` other than on, off or a bool.
+            ``prefetch`` other than on, off or a bool; ``resident="compressed"`` on ``cuda``
+            for a file with FP8 or MXFP4 tensors
+            (:func:`~zipmoe_rt.engine.lowprec.refuse_device`, naming the file and tensor).
         zipmoe_rt.engine.limit.MemoryLimitError: an unreadable ``memory_limit``, one too small
             for the fixed overhead plus the smallest budget (both stated), or a
             ``memory_budget`` that does not fit it.
@@ -219,11 +223,11 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     # host copies of its own
     source = ZmoeSource(path, verify=verify, keep_experts=not budgeted and on_host,
                         copy_dense=budgeted or not on_host or resident == "compressed",
-                        resident=resident)
+                        resident=resident, lowprec_form="float32" if on_host else "compact")
     engine = None
     try:
         from .engine.lowprec import refuse_device
-        refuse_device(source.reader, backend.name)     # FP8 files: CPU only
+        refuse_device(source.reader, backend.name, resident)   # FP8 / MXFP4 files
         cache_filled = False
         if budgeted and on_host:
             # a cold kernel cache is filled by a child process, whose compile memory is given

@@ -42,6 +42,7 @@ import time
 import numpy as np
 
 from . import layout as L_
+from . import lowprec
 from .gpu_batch import BatchedMisses, GpuStageTimes
 from .gpu_meta import block_layout, build_meta, gpu_decodable, meta_bound, pack_meta
 from .gpu_prefetch import GpuPrefetch
@@ -286,6 +287,9 @@ class GpuExpertEngine(GpuPrefetch, BatchedMisses, ExpertEngine):
                              self._dctx())
         if p.staging:
             self._give_staging(p.block, None)
+        # FP8 / MXFP4: the form the unbudgeted GPU run holds (BF16 words where exact)
+        if lowprec.is_lowprec_expert(lay):
+            w = lowprec.expert_compute_form(w)
         self.stats.host_decodes += 1
         p.weights = w.map(self.ops.to_device)      # biases too (gpt-oss)
         self.stats.uploads += 1

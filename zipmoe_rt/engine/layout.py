@@ -73,12 +73,16 @@ class ExpertLayout:
     exp_region: tuple    # (offset, size)
     pieces: tuple
     fp8_block: tuple | None = None   # (rows, cols) of the FP8 block scales (engine/lowprec.py)
+    #: MXFP4 projections held as BF16 words (the compact form of ``--device cuda``)
+    mxfp4_bf16: bool = False
 
     @property
     def full_bytes(self) -> int:
         """Bytes of the decoded expert (tier F); FP8 and MXFP4 projections count as the float32
-        weights they are dequantised into, their block scales as nothing."""
-        return sum(lowprec.decoded_bytes(p) if lowprec.decoded_bytes(p) >= 0
+        weights they are dequantised into (MXFP4 ones as BF16 words with ``mxfp4_bf16``), their
+        block scales as nothing."""
+        return sum(lowprec.decoded_bytes(p, self.mxfp4_bf16)
+                   if lowprec.decoded_bytes(p) >= 0
                    else p.elements * np.dtype(NUMPY_DTYPES[p.dtype]).itemsize
                    for p in self.pieces)
 

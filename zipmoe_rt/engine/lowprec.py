@@ -10,8 +10,14 @@ exact products ``e4m3 * scale_inv`` that transformers' ``Fp8Dequantize`` compute
 rounding). A dense FP8 tensor is dequantised the same way when it is read
 (:func:`dequantize_dense`). An MXFP4 expert's blocks are read as they are stored and its
 entropy-coded scales decoded (:func:`decode_byte_chunks`), then dequantised per expert into
-float32 the same way (exact: an E2M1 value times a power of two). The CUDA backend does not take
-these files (:func:`refuse_device`).
+float32 the same way (exact: an E2M1 value times a power of two).
+
+On the GPU (``--device cuda``) the same float32 values are held in a compute form the CUDA
+backend's ops take (:func:`compute_form`, :func:`expert_compute_form`): BF16 words where every
+value of the tensor round-trips through BF16 exactly (MXFP4 experts: an E2M1 value times a
+power of two), float32 otherwise (FP8 with F32 block scales, generally). The source applies it
+when asked (``ZmoeSource(lowprec_form="compact")``); :func:`refuse_device` refuses the
+combinations that do not run.
 """
 from __future__ import annotations
 
@@ -50,16 +56,18 @@ def is_f8(dtype: str) -> bool:
 BLOCKS, SCALES, COLS = "_blocks", "_scales", "_cols"
 
 
-def decoded_bytes(p) -> int:
+def decoded_bytes(p, mxfp4_bf16: bool = False) -> int:
     """Bytes a piece takes once its expert is decoded and dequantised: float32 for an FP8
-    projection (4 per weight) and an MXFP4 one (2 weights of 4 bytes per block byte), nothing
-    for block scales; -1 for other pieces (their stored dtype's size applies)."""
+    projection (4 per weight) and an MXFP4 one (2 weights of 4 bytes per block byte; with
+    ``mxfp4_bf16``, the compact form's BF16 words, 2 weights of 2 bytes: :func:`compute_form`
+    of an E2M1 value times a power of two is always BF16), nothing for block scales; -1 for
+    other pieces (their stored dtype's size applies)."""
     if p.role.endswith(SCALE_SUFFIX) or p.role.endswith(SCALES):
         return 0
     if is_f8(p.dtype):
         return 4 * p.elements
     if p.role.endswith(BLOCKS):
-        return 8 * p.elements
+        return (4 if mxfp4_bf16 else 8) * p.elements
     return -1
 
 
@@ -233,16 +241,69 @@ def dequantize_dense(path, name: str, q: np.ndarray, scale: np.ndarray, block) -
         raise zmoe.CorruptIndexError(f"{path}: tensor {name!r}: {e}") from None
 
 
-def refuse_device(reader, device: str) -> None:
-    """Refuse a file with FP8 tensors on a device other than the CPU.
+#: the forms :class:`~zipmoe_rt.engine.store.ZmoeSource` holds FP8 / MXFP4 weights in:
+#: ``float32`` (the CPU kernels) or ``compact`` (BF16 words where exact, else float32: the GPU)
+LOWPREC_FORMS = ("float32", "compact")
 
+
+def bf16_exact(a: np.ndarray) -> bool:
+    """Whether every value of the float32 array ``a`` round-trips through BF16 bit for bit:
+    the low 16 bits of every word are zero (judged on the bits, so NaN payloads, infinities,
+    -0.0 and subnormals are judged exactly). False for any other dtype."""
+    return a.dtype == np.float32 and not (a.view(np.uint32) & 0xFFFF).any()
+
+
+def compute_form(a: np.ndarray) -> np.ndarray:
+    """A dequantised weight in the form the GPU holds it: when :func:`bf16_exact`, its BF16
+    words (uint16, the high half of each float32 word, same shape, C-contiguous: 2 bytes per
+    weight, computed by the BF16 kernels), else ``a`` itself (float32, 4 bytes per weight).
+    Either way the float32 value of every weight is the one the CPU path multiplies with."""
+    if bf16_exact(a):
+        return (np.ascontiguousarray(a).view(np.uint32) >> 16).astype(np.uint16)
+    return a
+
+
+def expert_compute_form(w):
+    """An expert (:class:`~zipmoe_rt.models.weights.ExpertWeights`) of dequantised weights in
+    the GPU's form: gate, up and down as BF16 words when all three are :func:`bf16_exact`
+    (the fused expert kernels take one dtype per expert), else unchanged; biases (stored
+    BF16 in gpt-oss's release) are kept as they are."""
+    from ..models.weights import ExpertWeights
+    mats = (w.gate, w.up, w.down)
+    if not all(bf16_exact(a) for a in mats):
+        return w
+    return ExpertWeights(*(compute_form(a) for a in mats), w.gate_bias, w.up_bias, w.down_bias)
+
+
+def is_lowprec_expert(lay) -> bool:
+    """Whether an expert layout holds FP8 projections or MXFP4 blocks (dequantised at decode)."""
+    return any(is_f8(p.dtype) or p.role.endswith(BLOCKS) for p in lay.pieces)
+
+
+#: backends that run FP8 and MXFP4 weights (the CPU ones with float32 weights, CUDA with
+#: :func:`compute_form`)
+LOWPREC_BACKENDS = ("cpu", "numba", "numpy", "cuda")
+
+
+def refuse_device(reader, device: str, resident: str = "full") -> None:
+    """Refuse a file with FP8 or MXFP4 tensors on a backend that does not run them: any other
+    than :data:`LOWPREC_BACKENDS`, and ``cuda`` with ``resident="compressed"`` (the packed
+    compute form holds BF16 bit-planes only).
+
+    Args:
+        reader: the file's :class:`zmoe.ZmoeReader`.  device: the backend's name (``numba``,
+            ``numpy``, ``cuda``) or ``cpu``.  resident: the ``resident`` option.
     Raises:
-        ValueError: naming the file, the encoding and the first such tensor.
+        ValueError: naming the file, the encoding, the first such tensor and the option.
     """
-    if device == "cpu":
+    if device in LOWPREC_BACKENDS and not (device == "cuda" and resident == "compressed"):
         return
     for name, t in reader.tensors.items():
         if is_f8(t["dtype"]) or t["encoding"] == ENC_MXFP4:
-            raise ValueError(f"{reader.path}: tensor {name!r} is {t['dtype']} "
-                             f"({t['encoding']} encoding): FP8 and MXFP4 weights run on the CPU "
-                             f"only, not on --device {device}")
+            what = f"{reader.path}: tensor {name!r} is {t['dtype']} ({t['encoding']} encoding)"
+            if device == "cuda":
+                raise ValueError(f"{what}: FP8 and MXFP4 weights on --device cuda are held "
+                                 f"decoded (BF16 or float32), not with --resident compressed; "
+                                 f"use --resident full")
+            raise ValueError(f"{what}: FP8 and MXFP4 weights run on the CPU and CUDA only, "
+                             f"not on --device {device}")

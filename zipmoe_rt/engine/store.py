@@ -43,6 +43,11 @@ class ZmoeSource:
             read containers which are not whole models (the fuzzer's partial bases).
         resident: ``"full"`` keeps experts as decoded weights, ``"compressed"`` in the compute
             form (:mod:`zipmoe_rt.engine.resident`; ValueError for any other value).
+        lowprec_form: how FP8 / MXFP4 weights are returned once dequantised (dense tensors
+            and experts; others are unaffected): ``"float32"`` (the CPU kernels) or
+            ``"compact"``, BF16 words where every value of a tensor (of an expert's three
+            projections) round-trips through BF16, float32 otherwise (the GPU;
+            :func:`~zipmoe_rt.engine.lowprec.compute_form`). ValueError for any other value.
 
     Attributes:
         hparams: normalised hyper-parameters (``hparams.*`` metadata, format/SPEC.md §3).
@@ -55,9 +60,14 @@ class ZmoeSource:
     """
 
     def __init__(self, path, verify: bool = True, keep_experts: bool = True,
-                 copy_dense: bool = False, check_model: bool = True, resident: str = "full"):
+                 copy_dense: bool = False, check_model: bool = True, resident: str = "full",
+                 lowprec_form: str = "float32"):
         from .resident import check_resident
         self.resident = check_resident(resident)
+        if lowprec_form not in lowprec.LOWPREC_FORMS:
+            raise ValueError(f"lowprec_form: expected one of {', '.join(lowprec.LOWPREC_FORMS)}, "
+                             f"got {lowprec_form!r}")
+        self.lowprec_form = lowprec_form
         # every read after the index goes through this descriptor: a file renamed over ``path``
         # or deleted while the model runs does not matter, one changed in place is detected by
         # the reads (RegionReader.read)
@@ -106,7 +116,8 @@ class ZmoeSource:
         return t is not None and "expert" not in t
 
     def tensor(self, name: str) -> np.ndarray:
-        """Dense tensor ``name`` (BF16 as uint16), shaped, in process memory.
+        """Dense tensor ``name`` (BF16 as uint16), shaped, in process memory; an F8_E4M3 one
+        dequantised with its scales (float32, or its compact form: ``lowprec_form``).
 
         Read once and kept by the source; with ``copy_dense`` every call reads a new copy that
         the caller owns (the source keeps none, so a model that converts or concatenates a
@@ -125,6 +136,8 @@ class ZmoeSource:
             a = self._read_dense(name, self.reader.tensors[name])
             if lowprec.is_f8(self.reader.tensors[name]["dtype"]):   # FP8: float32 at load
                 a = self._dequantize(name, a)
+                if self.lowprec_form == "compact":
+                    a = lowprec.compute_form(a)
             if not self.copy_dense:
                 self._dense[name] = a
         return a
@@ -181,9 +194,21 @@ class ZmoeSource:
 
     def dense_bytes(self) -> int:
         """Bytes of all dense tensors as held (what stays resident): as stored, less
-        :attr:`dense_saving`, what the model saves by holding some in the compute form."""
-        return sum(zmoe.reader.element_count(t) * np.dtype(NUMPY_DTYPES[t["dtype"]]).itemsize
-                   for t in self.reader.tensors.values() if "expert" not in t) - self.dense_saving
+        :attr:`dense_saving`, what the model saves by holding some in the compute form. An
+        F8_E4M3 tensor counts 4 bytes per weight (it is held dequantised: float32, or at most
+        that in the compact form) and its ``_scale_inv`` nothing (read only to dequantise)."""
+        ts = self.reader.tensors
+        total = 0
+        for name, t in ts.items():
+            if "expert" in t:
+                continue
+            n = zmoe.reader.element_count(t)
+            if lowprec.is_f8(t["dtype"]):
+                total += 4 * n
+            elif not (name.endswith(lowprec.SCALE_NAME_SUFFIX) and lowprec.is_f8(
+                    ts.get(name[:-len(lowprec.SCALE_NAME_SUFFIX)], {}).get("dtype", ""))):
+                total += n * np.dtype(NUMPY_DTYPES[t["dtype"]]).itemsize
+        return total - self.dense_saving
 
     # -- experts -----------------------------------------------------------------------------
     def _dctx(self) -> zstd.ZstdDecompressor:
@@ -194,9 +219,15 @@ class ZmoeSource:
 
     @property
     def layouts(self) -> dict:
-        """``{(layer, expert): ExpertLayout}`` of every expert block (built once)."""
+        """``{(layer, expert): ExpertLayout}`` of every expert block (built once); with
+        ``lowprec_form="compact"`` MXFP4 experts count their projections as BF16 words
+        (``ExpertLayout.mxfp4_bf16``: the form they are held in)."""
         if self._layouts is None:
-            self._layouts = L_.expert_layouts(self.reader)
+            lays = L_.expert_layouts(self.reader)
+            if self.lowprec_form == "compact":
+                import dataclasses
+                lays = {k: dataclasses.replace(v, mxfp4_bf16=True) for k, v in lays.items()}
+            self._layouts = lays
         return self._layouts
 
     def layout(self, layer: int, expert: int) -> L_.ExpertLayout:
@@ -257,14 +288,18 @@ class ZmoeSource:
         return buf[:n]
 
     def expert(self, layer: int, expert: int) -> ExpertWeights:
-        """One expert's weights; decoded (``resident="full"``) or transcoded into the compute
-        form (``"compressed"``) on first use, and kept if ``keep_experts``."""
+        """One expert's weights; decoded (``resident="full"``; FP8 / MXFP4 projections
+        dequantised, in ``lowprec_form``) or transcoded into the compute form
+        (``"compressed"``) on first use, and kept if ``keep_experts``."""
         w = self._experts.get((layer, expert))
         if w is None:
             if self.resident == "compressed":
                 w = self.pack_expert(layer, expert)
             else:
                 w = self.decode_expert(layer, expert)
+                if self.lowprec_form == "compact" and lowprec.is_lowprec_expert(
+                        self.layout(layer, expert)):
+                    w = lowprec.expert_compute_form(w)
             if self.keep_experts:
                 self._experts[(layer, expert)] = w
         return w
