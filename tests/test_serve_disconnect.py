@@ -201,30 +201,27 @@ def _ask(base: str, messages) -> list:
     return body["choices"]
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_client_gone_during_the_prefill_leaves_nothing_for_the_next_request(model, stream):
-    """A client that leaves while its prompt is prefilled: the request ends (one log line),
-    and the next requests (a follow-up sharing the conversation, the same prompt again) get
-    the text and log-probabilities of a server that never saw it."""
+def _leave_during_prefill(model, host, gate, stream, check) -> None:
+    """On a server over ``host``: one greedy turn, then a client that posts a long follow-up
+    and leaves once ``gate`` holds its prefill (``gate.armed`` / ``gate.held``); ``check()``
+    runs once the server is idle again. Then the request ended with one log line, and the next
+    requests (a follow-up sharing the conversation, the same prompt again) get the text and
+    log-probabilities of a fresh server over ``model``."""
     from test_server import _host, running
     from zipmoe_rt.server.app import create_app
 
-    gated = copy.copy(model)
-    gated.net = PrefillGate(model.net)
-    host = ModelHost(lambda: gated, close_model=False)
-    gated.net.host = host
     story = "tell me a very long story about the kings and queens of france " * 3
     with logged_server(host) as (base, rec):
         first = _ask(base, HI)
         convo = HI + [{"role": "assistant", "content": first[0]["message"]["content"]}]
         gone = convo + [{"role": "user", "content": story}]
         follow = convo + [{"role": "user", "content": "and what about germany"}]
-        gated.net.armed = True
+        gate.armed = True
         s = _post(base, gone, stream)
-        assert gated.net.held.wait(HARD_LIMIT_S), "the prefill never started"
+        assert gate.held.wait(HARD_LIMIT_S), "the prefill never started"
         _reset(s)
         _wait_idle(host)
-        assert host.last_result["finish_reason"] == "cancelled"
+        check()
         lines = [l for l in rec.lines("uvicorn.error") if DISCONNECT in l]
         assert len(lines) == 1 and "generation stopped" in lines[0], lines
         got = [_ask(base, follow), _ask(base, gone)]
@@ -233,6 +230,22 @@ def test_client_gone_during_the_prefill_leaves_nothing_for_the_next_request(mode
         assert _ask(fresh, HI) == first
         want = [_ask(fresh, follow), _ask(fresh, gone)]
     assert got == want
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_gone_during_the_prefill_leaves_nothing_for_the_next_request(model, stream):
+    """A client that leaves while its prompt is prefilled: the request ends (one log line),
+    and the next requests (a follow-up sharing the conversation, the same prompt again) get
+    the text and log-probabilities of a server that never saw it."""
+    gated = copy.copy(model)
+    gated.net = PrefillGate(model.net)
+    host = ModelHost(lambda: gated, close_model=False)
+    gated.net.host = host
+
+    def cancelled():
+        assert host.last_result["finish_reason"] == "cancelled"
+
+    _leave_during_prefill(model, host, gated.net, stream, cancelled)
 
 
 class LayerGate:
@@ -272,9 +285,6 @@ def test_client_gone_during_the_prefill_stops_it_within_one_layer(model, stream)
     of that prefill runs (the cancel is seen before the next layer), the request ends as
     cancelled with one log line, and the next requests get the text and log-probabilities of
     a fresh server (the prefix cache was left as before the request)."""
-    from test_server import _host, running
-    from zipmoe_rt.server.app import create_app
-
     gates = Layers()
     gated = copy.copy(model)
     gated.net = copy.copy(model.net)            # the module's model keeps its own layers
@@ -282,25 +292,10 @@ def test_client_gone_during_the_prefill_stops_it_within_one_layer(model, stream)
     assert len(gated.net.layers) >= 2
     host = ModelHost(lambda: gated, close_model=False)
     gates.host = host
-    story = "tell me a very long story about the kings and queens of france " * 3
-    with logged_server(host) as (base, rec):
-        first = _ask(base, HI)
-        convo = HI + [{"role": "assistant", "content": first[0]["message"]["content"]}]
-        gone = convo + [{"role": "user", "content": story}]
-        follow = convo + [{"role": "user", "content": "and what about germany"}]
-        gates.armed = True
-        s = _post(base, gone, stream)
-        assert gates.held.wait(HARD_LIMIT_S), "the prefill never started"
-        _reset(s)
-        _wait_idle(host)
+
+    def stopped_within_one_layer():
         gates.armed = False
         assert gates.prefill_calls == 1, (gates.prefill_calls, len(gated.net.layers))
         assert host.last_result == {"finish_reason": "cancelled", "completion_tokens": 0}
-        lines = [l for l in rec.lines("uvicorn.error") if DISCONNECT in l]
-        assert len(lines) == 1 and "generation stopped" in lines[0], lines
-        got = [_ask(base, follow), _ask(base, gone)]
-    with running(create_app(_host(model))) as fresh:
-        _wait_ready(fresh)
-        assert _ask(fresh, HI) == first
-        want = [_ask(fresh, follow), _ask(fresh, gone)]
-    assert got == want
+
+    _leave_during_prefill(model, host, gates, stream, stopped_within_one_layer)
