@@ -68,7 +68,7 @@ class ConfigSource:
         full: dict = {}
         self._dense = 0
         for s in specs:
-            n = int(np.prod(s.shape, dtype=np.int64)) * SOURCE_BYTES_PER_WEIGHT
+            n = math.prod(s.shape) * SOURCE_BYTES_PER_WEIGHT
             if s.is_expert:     # a stacked tensor ([E, ...]: Granite, Gemma 4) is E experts'
                 es = range(hparams.num_experts) if s.expert is None else (s.expert,)
                 for e in es:
@@ -290,7 +290,7 @@ def size_plan(path, memory_budget=None) -> SizePlan:
     groups = {True: 0, False: 0}
     for s in specs:
         if not s.tied:
-            groups[s.is_expert] += int(np.prod(s.shape, dtype=np.int64))
+            groups[s.is_expert] += math.prod(s.shape)
     src = ConfigSource(hp, specs)
     kv = int(hp.kv_values_per_token())
     plan = SizePlan(
