@@ -88,3 +88,26 @@ def test_cuda_runs_it_but_not_compressed_naming_the_encoding(mx_model):
                                              r"float32\), not with --resident compressed; use "
                                              r"--resident full"):
             refuse_device(r, "cuda", "compressed")
+
+
+def test_inspect_counts_the_weights_mxfp4_blocks_encode(mx_model):
+    """``inspect`` (and ``convert``'s totals) count two weights per byte of an MXFP4 block
+    tensor and none for its e8m0 scales: the expert weights equal the expert parameters
+    ``plan`` counts from the config, at ~4.04 bits per block weight plus scale and bias
+    overhead (each U8 byte was counted as one weight, 8 bits)."""
+    from zipmoe_rt.convert.export import summarize, weight_totals
+    from zipmoe_rt.plan import size_plan
+
+    folder, z, _ = mx_model
+    plan = size_plan(folder)
+    with zmoe.ZmoeReader(z, use_mmap=False) as r:
+        tot = weight_totals(r)
+    assert tot["expert"]["weights"] == plan.expert_params == 399_360
+    assert tot["dense"]["weights"] == plan.dense_params
+    bits = 8 * tot["expert"]["stored"] / tot["expert"]["weights"]
+    assert 4.0 <= bits <= 4.6, bits
+    text = summarize(z)
+    assert f"  expert  {plan.expert_params:>14,d} weights" in text, text
+    blocks = [l for l in text.splitlines() if l.strip().startswith(
+        "model.layers.0.mlp.experts.gate_up_proj_blocks ")]
+    assert len(blocks) == 1 and blocks[0].endswith("  4.00"), blocks
