@@ -66,6 +66,7 @@ def plan_conversion(folder: Path):
         raise ConversionError(str(e)) from None
     _check_layer_range(arch, hp, config, ckpt, folder)
     dense, experts = [], {}
+    moe_layers = set(hp["moe_layers"])      # asked once per expert tensor
     for t in ckpt:
         why = arch.unsupported_tensor(t.name, t.dtype)
         if why is not None:
@@ -78,7 +79,7 @@ def plan_conversion(folder: Path):
             dense.append(t.name)
             continue
         lowprec.check_dtype(t, hp)
-        if ref.layer not in hp["moe_layers"]:
+        if ref.layer not in moe_layers:
             raise ConversionError(f"{t.file}: tensor {t.name!r} is an expert of layer {ref.layer}, "
                                   f"which the config says is not a MoE layer")
         want = _expected_expert_shape(ref.role, hp, ref.expert is None)
