@@ -461,3 +461,28 @@ def test_a_config_with_more_layers_than_the_weights_names_num_hidden_layers(tmp_
     assert (f"the checkpoint has no tensors of layer {n} at all, but config.json says "
             f"num_hidden_layers={n + 3}") in msg, msg
     assert not (tmp_path / "m.zmoe").exists()
+
+
+def test_a_config_of_65536_layers_over_a_small_checkpoint_is_refused_at_once(tmp_path):
+    """num_hidden_layers 65536 (the most the validator accepts) over a 3-layer checkpoint: the
+    layer-count mismatch is found before anything is listed layer by layer (the tensor-name
+    checks expanded every name of every layer, then looked up each layer in a list), so the
+    error comes without work in proportion to the configured layers. Counted, not timed: the
+    per-layer name listing is never asked for."""
+    from zipmoe_rt.families import tensors as T
+
+    folder = tiny("qwen3_moe", tmp_path / "q", num_hidden_layers=65536)
+    calls = []
+    real = T.expand
+    T.expand = lambda table, hp: calls.append(hp.num_hidden_layers) or real(table, hp)
+    try:
+        with pytest.raises(ConversionError) as ei:
+            convert_quiet(folder, tmp_path / "m.zmoe")
+    finally:
+        T.expand = real
+    msg = str(ei.value)
+    assert msg.startswith(f"{folder}: the checkpoint has no tensors of layer "), msg
+    assert "but config.json says num_hidden_layers=65536: the config and the weights disagree " \
+           "on the number of layers" in msg, msg
+    assert 65536 not in calls, calls
+    assert not (tmp_path / "m.zmoe").exists()

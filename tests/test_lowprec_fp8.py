@@ -312,3 +312,37 @@ def test_plan_of_the_v3_fp8_release(tmp_path):
     v3.pop("quantization_config")
     (tmp_path / "config.json").write_text(json.dumps(v3))
     assert "FP8" not in format_plan(size_plan(tmp_path))
+
+
+def test_inspect_counts_fp8_scales_as_overhead(fp8_model):
+    """The F32 block scales of an FP8 file are overhead, not weights: ``inspect``'s expert and
+    dense weight counts equal the parameters ``plan`` counts from the config."""
+    from zipmoe_rt.convert.export import weight_totals
+    from zipmoe_rt.plan import size_plan
+
+    src, z, _ = fp8_model
+    plan = size_plan(src)
+    with zmoe.ZmoeReader(z, use_mmap=False) as r:
+        tot = weight_totals(r)
+    assert tot["expert"]["weights"] == plan.expert_params
+    assert tot["dense"]["weights"] == plan.dense_params
+    assert 6.0 < 8 * tot["expert"]["stored"] / tot["expert"]["weights"] < 8.5
+
+
+def test_plan_budget_is_the_one_load_uses(fp8_model):
+    """``plan -m 50%`` on the FP8 release divides the budget ``load(memory_budget="50%")``
+    uses: FP8 weights, experts and dense, counted as the float32 they are held in, the block
+    scales as nothing (it gave 0.3 MB against the runtime's 0.6 MB)."""
+    from zipmoe_rt.api import load
+    from zipmoe_rt.plan import size_plan
+
+    src, z, _ = fp8_model
+    plan = size_plan(src, "50%")
+    m = load(z, memory_budget="50%", progress=False)
+    try:
+        assert plan.budget.budget == m.engine.budget
+        assert plan.budget.dense == m.source.dense_bytes()
+        assert plan.budget.expert_full == max(l.full_bytes for l in m.source.layouts.values())
+    finally:
+        m.close()
+    assert plan.budget.expert_full == 4 * plan.expert_params // 16      # 16 experts, float32

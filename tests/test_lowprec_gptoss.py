@@ -88,3 +88,59 @@ def test_cuda_runs_it_but_not_compressed_naming_the_encoding(mx_model):
                                              r"float32\), not with --resident compressed; use "
                                              r"--resident full"):
             refuse_device(r, "cuda", "compressed")
+
+
+def test_inspect_counts_the_weights_mxfp4_blocks_encode(mx_model):
+    """``inspect`` (and ``convert``'s totals) count two weights per byte of an MXFP4 block
+    tensor and none for its e8m0 scales: the expert weights equal the expert parameters
+    ``plan`` counts from the config, at ~4.04 bits per block weight plus scale and bias
+    overhead (each U8 byte was counted as one weight, 8 bits)."""
+    from zipmoe_rt.convert.export import summarize, weight_totals
+    from zipmoe_rt.plan import size_plan
+
+    folder, z, _ = mx_model
+    plan = size_plan(folder)
+    with zmoe.ZmoeReader(z, use_mmap=False) as r:
+        tot = weight_totals(r)
+    assert tot["expert"]["weights"] == plan.expert_params == 399_360
+    assert tot["dense"]["weights"] == plan.dense_params
+    bits = 8 * tot["expert"]["stored"] / tot["expert"]["weights"]
+    assert 4.0 <= bits <= 4.6, bits
+    text = summarize(z)
+    assert f"  expert  {plan.expert_params:>14,d} weights" in text, text
+    blocks = [l for l in text.splitlines() if l.strip().startswith(
+        "model.layers.0.mlp.experts.gate_up_proj_blocks ")]
+    assert len(blocks) == 1 and blocks[0].endswith("  4.00"), blocks
+
+
+def test_plan_budget_is_the_one_load_uses(mx_model):
+    """``plan -m 50%`` on the MXFP4 release divides the budget ``load(memory_budget="50%")``
+    uses: experts counted as the float32 weights they are decoded into (the runtime's own
+    ``decoded_bytes``), not at BF16 (which gave 0.6 MB against the runtime's 1.0 MB)."""
+    from zipmoe_rt.api import load
+    from zipmoe_rt.plan import size_plan
+
+    folder, z, _ = mx_model
+    plan = size_plan(folder, "50%")
+    m = load(z, memory_budget="50%", progress=False)
+    try:
+        assert plan.budget.budget == m.engine.budget
+        assert plan.budget.dense == m.source.dense_bytes()
+        assert plan.budget.expert_full == max(l.full_bytes for l in m.source.layouts.values())
+    finally:
+        m.close()
+    # 4 bytes per weight of the projections, 2 per bias: 98,304 + 1,536 per layer of 8 experts
+    assert plan.budget.expert_full == 4 * 98_304 // 8 + 2 * 1_536 // 8
+
+
+def test_plan_expects_the_mxfp4_file_not_a_bf16_one(mx_model):
+    """The expected ``.zmoe`` size comes from the release's encoding (FP4 blocks and e8m0
+    scales stay ~4.04 bits per weight), so it is below the BF16 copy's expected size."""
+    from zipmoe_rt.plan import EXPERT_STORED_RATIO, MXFP4_STORED_RATIO, size_plan
+
+    p = size_plan(mx_model[0])
+    blocks = 393_216                    # FP4 weights; the rest of the expert params are biases
+    want = (p.dense_bytes + round((blocks // 2 + blocks // 32) * MXFP4_STORED_RATIO
+                                  + 2 * (p.expert_params - blocks) * EXPERT_STORED_RATIO))
+    assert abs(p.zmoe_bytes - want) <= 1, (p.zmoe_bytes, want)
+    assert p.zmoe_bytes < p.dense_bytes + p.expert_bytes * EXPERT_STORED_RATIO / 2

@@ -156,7 +156,10 @@ def test_parameters_equal_transformers(hub_id, tmp_path):
     assert p.params == total
     assert p.expert_params == experts and p.dense_params == total - experts
     assert p.expert_bytes == 2 * experts and p.dense_bytes == 2 * (total - experts)
-    assert p.zmoe_bytes == p.dense_bytes + round(2 * experts * EXPERT_STORED_RATIO)
+    # the routers' score-correction biases are F32 in checkpoints: 4 bytes where BF16 has 2
+    f32 = sum(t.numel() for n, t in params.items() if n.endswith("e_score_correction_bias"))
+    assert p.source_dense_bytes == p.dense_bytes + 2 * f32
+    assert p.zmoe_bytes == p.source_dense_bytes + round(2 * experts * EXPERT_STORED_RATIO)
     hp = p.hparams
     assert p.experts == len(hp.moe_layers) * hp.num_experts
     # ordinary attention caches a key and a value of head_dim per kv head and layer
@@ -446,3 +449,65 @@ def test_plan_of_a_container_is_the_plan_of_its_source(tiny_moe_dir, tmp_path, n
     assert f"{cut}: {cut}" not in r.stderr, r.stderr            # the file is named once
     assert r.exit_code != 0 and r.stderr.startswith(f"error: {cut}: ") and len(
         r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def _qwen3_30b_a3b(layers: int) -> dict:
+    """Qwen3-30B-A3B's config with ``layers`` decoder layers of 4 experts, top-2."""
+    return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+            "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+            "num_hidden_layers": layers, "num_experts": 4, "num_experts_per_tok": 2,
+            "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False, "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+def test_plan_of_65536_layers_finishes_and_scales_with_the_layers(tmp_path):
+    """A config with the most layers the validator accepts (65536) is sized, and its figures
+    are the global ones plus 65536 x those of one layer (read off 2048- and 4096-layer plans).
+    The 65536-layer plan runs in a child process with a time limit as a guard against work
+    growing with the square of the layers (it looked up each layer in a list)."""
+    import subprocess
+    import sys
+
+    small = {n: size_plan(write_config(tmp_path / str(n), _qwen3_30b_a3b(n)), "50%")
+             for n in (2048, 4096)}
+    per = {k: (getattr(small[4096], k) - getattr(small[2048], k)) // 2048
+           for k in ("expert_params", "dense_params", "experts", "kv_values_per_token")}
+    glob = {k: getattr(small[2048], k) - 2048 * v for k, v in per.items()}
+    assert per["experts"] == 4 and glob["expert_params"] == 0 and glob["experts"] == 0
+    write_config(tmp_path / "big", _qwen3_30b_a3b(65536))
+    code = ("import json, sys; from zipmoe_rt.plan import size_plan; "
+            "print(json.dumps(size_plan(sys.argv[1], '50%').as_dict()))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    big = json.loads(r.stdout)
+    assert big["layers"] == 65536 and big["moe_layers"] == 65536
+    for k, v in per.items():
+        assert big[k] == glob[k] + 65536 * v, (k, big[k], glob[k], v)
+    assert big["expert_params"] == 32 * small[2048].expert_params
+    assert big["budget"]["expert_full"] == small[2048].budget.expert_full
+
+
+def test_present_looks_up_layers_in_a_set():
+    """expand() asks present() about every key of every layer with the MoE layers as a set
+    (an O(1) question), not hp.moe_layers (a list scanned per question)."""
+    from zipmoe_rt.families import tensors as T
+    from zipmoe_rt.families import get_architecture
+
+    hp = get_architecture(_qwen3_30b_a3b(16)).typed_hparams()
+    seen = []
+    real = T.present
+
+    def spy(key, hp_, layer, moe_layers=None):
+        seen.append((layer, moe_layers))
+        return real(key, hp_, layer, moe_layers)
+
+    T.present = spy
+    try:
+        specs = T.expand(get_architecture(_qwen3_30b_a3b(16)).tensor_table(), hp)
+    finally:
+        T.present = real
+    per_layer = [m for layer, m in seen if layer is not None]
+    assert per_layer and all(isinstance(m, (set, frozenset)) for m in per_layer)
+    assert sum(s.layer == 15 and s.is_expert for s in specs) == 4 * 3

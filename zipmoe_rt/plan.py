@@ -22,6 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .plan_forms import (FP8_STORED_RATIO, MXFP4_STORED_RATIO,  # noqa: F401 (plan's API)
+                         SOURCE_BYTES_PER_WEIGHT, fp8_line, held_bytes, mxfp4_line,
+                         source_bytes, source_form)
+from .plan_forms import mb as _mb
+
 #: Stored bytes of the experts of a ``.zmoe`` file (bit-planes, Huffman-coded exponents, the
 #: converter's defaults) per BF16 byte of the source, measured on the default model
 #: (SmolLM2-135M-Instruct upcycled to a 4-expert Mixtral): 423,208,640 stored bytes for
@@ -31,8 +36,6 @@ import numpy as np
 #: Trained models' exponents carry 2.55-2.65 bits (ZipMoE, arXiv 2601.21198), so other models
 #: land within about a percent of it.
 EXPERT_STORED_RATIO = 423_208_640 / 637_009_920
-#: bytes per weight of the source checkpoint the figures assume (BF16).
-SOURCE_BYTES_PER_WEIGHT = 2
 
 
 #: the most routed experts (MoE layers x experts per layer) a config may describe: 16x
@@ -55,30 +58,50 @@ class _ExpertSize:
 class ConfigSource:
     """A stand-in for :class:`~zipmoe_rt.engine.store.ZmoeSource` built from hyper-parameters
     alone: the attributes the engine's budget sizing reads (``hparams``, ``layouts`` with each
-    expert's ``full_bytes``, ``dense_bytes()``), with BF16 tensors as the converter stores
-    them by default (dense raw, experts decoded to BF16 in tier F).
+    expert's ``full_bytes``, ``dense_bytes()``), each tensor counted as the runtime holds it
+    (:func:`held_bytes`): BF16 as BF16, FP8 and MXFP4 weights dequantised to float32.
 
     Args:
         hparams: the model's :class:`~zipmoe_rt.families.hparams.HParams`.
         specs: its :class:`~zipmoe_rt.families.tensors.TensorSpec` list (HUB layout).
+        quant: the config's ``quant_method`` (``"mxfp4"``), or None.
     """
 
-    def __init__(self, hparams, specs):
+    def __init__(self, hparams, specs, quant: str | None = None):
         self.hparams = hparams.to_hparams()
+        block = getattr(hparams, "fp8_block_size", None)
         full: dict = {}
         self._dense = 0
+        #: bytes of the release's file (its source encoding), experts and dense
+        self.source = {True: 0, False: 0}
+        #: expected stored bytes of the experts in a ``.zmoe``
+        self.expert_stored = 0.0
+        self.expert_source = 0          # expert bytes of the release
+        ratio = {"bf16": EXPERT_STORED_RATIO, "f32": 1.0, "fp8": FP8_STORED_RATIO,
+                 "mxfp4": MXFP4_STORED_RATIO}
+        memo: dict = {}
         for s in specs:
-            n = int(np.prod(s.shape, dtype=np.int64)) * SOURCE_BYTES_PER_WEIGHT
+            if s.tied:
+                continue
+            sig = (s.shape, s.key, s.role)
+            if sig not in memo:
+                form = source_form(s, block, quant)
+                memo[sig] = (form, held_bytes(s, form), source_bytes(s, form, block))
+            form, n, src = memo[sig]
+            self.source[s.is_expert] += src
             if s.is_expert:     # a stacked tensor ([E, ...]: Granite, Gemma 4) is E experts'
+                self.expert_stored += src * ratio[form]
                 es = range(hparams.num_experts) if s.expert is None else (s.expert,)
                 for e in es:
                     full[(s.layer, e)] = full.get((s.layer, e), 0) + n // len(es)
-            elif not s.tied:
+            else:
                 self._dense += n
         self.layouts = {k: _ExpertSize(v) for k, v in full.items()}
+        #: expected stored bytes of one expert (tier C): the experts' stored bytes shared out
+        self.expert_compressed = math.ceil(self.expert_stored / max(len(full), 1))
 
     def dense_bytes(self) -> int:
-        """BF16 bytes of all dense tensors (a tied head is not stored)."""
+        """Bytes of all dense tensors as the runtime holds them (a tied head is not stored)."""
         return self._dense
 
 
@@ -117,9 +140,10 @@ class SizePlan:
             (embedding, attention, norms, routers, shared experts, dense MLPs, an untied head).
         experts: routed experts in the model (expert blocks of the file).
         expert_bytes, dense_bytes: BF16 bytes of each group.
-        zmoe_bytes: expected tensor data of the ``.zmoe`` (experts at
-            :data:`EXPERT_STORED_RATIO`, dense raw); the index (metadata, tokenizer) and
-            alignment padding come on top.
+        zmoe_bytes: expected tensor data of the ``.zmoe`` from the release's own encoding
+            (experts at :data:`EXPERT_STORED_RATIO` of BF16, :data:`FP8_STORED_RATIO` of FP8,
+            :data:`MXFP4_STORED_RATIO` of MXFP4; dense as the release stores them); the index
+            (metadata, tokenizer) and alignment padding come on top.
         kv_values_per_token: values the KV cache holds per token, all layers.
         kv_bytes_per_token: the same in bytes (float32 cache).
         budget: the budget split, or None.
@@ -128,7 +152,7 @@ class SizePlan:
         state_bytes: bytes the runtime allocates for it (float32, the copies a
             :class:`~zipmoe_rt.models.cache.RecurrentCache` holds).
         quantized: the config's ``quantization_config.quant_method`` (``"mxfp4"`` for
-            gpt-oss's release), or None: the figures are then those of the BF16 weights.
+            gpt-oss's release), or None: the BF16 figures are then those of a BF16 copy.
     """
 
     config: Path
@@ -147,6 +171,8 @@ class SizePlan:
     state_values: int = 0
     state_bytes: int = 0
     quantized: str | None = None
+    source_bytes: int = 0
+    source_dense_bytes: int = 0
 
     @property
     def params(self) -> int:
@@ -168,7 +194,7 @@ class SizePlan:
                "kv_bytes_per_token": self.kv_bytes_per_token,
                "max_position_embeddings": hp.max_position_embeddings,
                "state_values": self.state_values, "state_bytes": self.state_bytes,
-               "quantized": self.quantized}
+               "quantized": self.quantized, "source_bytes": self.source_bytes}
         if self.budget is not None:
             out["budget"] = dict(vars(self.budget))
         return out
@@ -290,21 +316,22 @@ def size_plan(path, memory_budget=None) -> SizePlan:
     groups = {True: 0, False: 0}
     for s in specs:
         if not s.tied:
-            groups[s.is_expert] += int(np.prod(s.shape, dtype=np.int64))
-    src = ConfigSource(hp, specs)
+            groups[s.is_expert] += math.prod(s.shape)
+    q = config.get("quantization_config")
+    quant = q["quant_method"][:40] if isinstance(q, dict) and isinstance(
+        q.get("quant_method"), str) else None
+    src = ConfigSource(hp, specs, quant)
     kv = int(hp.kv_values_per_token())
     plan = SizePlan(
         config=path, architecture=fam.name, family=fam.family, hparams=hp,
         expert_params=groups[True], dense_params=groups[False], experts=len(src.layouts),
         expert_bytes=groups[True] * SOURCE_BYTES_PER_WEIGHT,
-        dense_bytes=src.dense_bytes(),
-        zmoe_bytes=src.dense_bytes() + round(groups[True] * SOURCE_BYTES_PER_WEIGHT
-                                             * EXPERT_STORED_RATIO),
+        dense_bytes=groups[False] * SOURCE_BYTES_PER_WEIGHT,
+        zmoe_bytes=src.source[False] + round(src.expert_stored),
         kv_values_per_token=kv, kv_bytes_per_token=kv * np.dtype(KV_DTYPE).itemsize,
-        state_values=int(getattr(hp, "state_values", lambda: 0)()), state_bytes=state_bytes(hp))
-    q = config.get("quantization_config")
-    if isinstance(q, dict) and isinstance(q.get("quant_method"), str):
-        plan.quantized = q["quant_method"][:40]
+        state_values=int(getattr(hp, "state_values", lambda: 0)()), state_bytes=state_bytes(hp),
+        quantized=quant, source_bytes=src.source[True] + src.source[False],
+        source_dense_bytes=src.source[False])
     if memory_budget is not None:
         plan.budget = budget_plan(src, memory_budget, path)
     return plan
@@ -327,15 +354,13 @@ def budget_plan(source, memory_budget, where="config.json") -> BudgetPlan:
                         f"divide")
     budget = parse_size(memory_budget, source)
     full, k, tiers = budget_split(source, budget)
-    comp = math.ceil(full * EXPERT_STORED_RATIO)
+    comp = getattr(source, "expert_compressed", None) or math.ceil(full * EXPERT_STORED_RATIO)
     return BudgetPlan(budget=budget, dense=source.dense_bytes(), working_set=k * full,
                       tiers=tiers, expert_full=full, expert_compressed=comp,
                       full_experts=min(tiers // full, len(source.layouts)),
                       compressed_experts=min(tiers // comp, len(source.layouts)))
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e9:,.2f} GB" if n >= 10 ** 9 else f"{n / 1e6:,.1f} MB"
 
 
 def _pct(a: int, b: int) -> str:
@@ -346,6 +371,8 @@ def format_plan(p: SizePlan) -> str:
     """The plan as the lines ``zipmoe-rt plan`` prints."""
     hp = p.hparams
     total = p.expert_bytes + p.dense_bytes
+    block = getattr(hp, "fp8_block_size", None)
+    lowprec = "FP8" if block else "MXFP4" if p.quantized == "mxfp4" else None
     lines = [
         f"{p.config}: {p.architecture} ({p.family}), {hp.num_hidden_layers} layers "
         f"({len(hp.moe_layers)} MoE), {hp.num_experts} experts per MoE layer, top-"
@@ -354,8 +381,11 @@ def format_plan(p: SizePlan) -> str:
         f"({_pct(p.expert_params, p.params)}), dense {p.dense_params:,d}",
         f"BF16 bytes  {_mb(total):>17}  experts {_mb(p.expert_bytes)}, dense {_mb(p.dense_bytes)}",
         f".zmoe       {_mb(p.zmoe_bytes):>17}  expected: experts at "
-        f"{100 * EXPERT_STORED_RATIO:.2f} % of BF16 ({_mb(p.zmoe_bytes - p.dense_bytes)}), dense "
-        f"as stored ({_mb(p.dense_bytes)}), plus the index",
+        + (f"~{_pct(p.zmoe_bytes - p.source_dense_bytes, p.source_bytes - p.source_dense_bytes)}"
+           f" of their {lowprec} source" if lowprec else
+           f"{100 * EXPERT_STORED_RATIO:.2f} % of BF16")
+        + f" ({_mb(p.zmoe_bytes - p.source_dense_bytes)}), dense as stored "
+        f"({_mb(p.source_dense_bytes)}), plus the index",
         f"KV cache    {p.kv_bytes_per_token:>11,d} B/token  {p.kv_values_per_token:,d} values x "
         f"{p.kv_bytes_per_token // max(p.kv_values_per_token, 1)} bytes (float32); "
         f"{_mb(p.kv_bytes_per_token * hp.max_position_embeddings)} at "
@@ -368,7 +398,6 @@ def format_plan(p: SizePlan) -> str:
         lines.append(f"state       {_mb(p.state_bytes):>17}  per sequence, fixed: "
                      f"{what.format(n=len(hp.linear_layers()))} "
                      f"({p.state_values:,d} values, float32, {RecurrentCache.COPIES} copies)")
-    block = getattr(hp, "fp8_block_size", None)
     if block:       # an FP8 release: the figures above are those of its BF16 copy
         lines.append(fp8_line(p.expert_params, block))
     elif p.quantized == "mxfp4":
@@ -390,38 +419,3 @@ def format_plan(p: SizePlan) -> str:
             f"{'':28}zipmoe mixes F/C/S/E per layer from a trace (zipmoe-rt profile)",
         ]
     return "\n".join(lines)
-
-
-#: stored bytes of FP8 experts (F8_E4M3 bit-planes with Huffman exponents, F32 128x128 scales)
-#: per source byte, measured on the default model's experts quantised to FP8: 6.70 bits per
-#: weight of 8.002 (``python tools/bench_lowprec.py``, docs/benchmarks.md "Low-precision
-#: sources")
-FP8_STORED_RATIO = 6.70 / 8.002
-
-
-def fp8_line(expert_params: int, block) -> str:
-    """The ``plan`` line of an FP8 release (``hparams.fp8_block_size`` set): the experts' FP8
-    bytes with their F32 block scales, their expected stored bytes, and what a decoded expert
-    takes (float32, engine/lowprec.py)."""
-    src = expert_params * (1 + 4 / (block[0] * block[1]))
-    return (f"FP8 source  {_mb(round(src)):>17}  experts as F8_E4M3 + F32 scales per "
-            f"{block[0]}x{block[1]} block; stored at ~{100 * FP8_STORED_RATIO:.1f} % "
-            f"({_mb(round(src * FP8_STORED_RATIO))}); decoded experts are float32 (4 bytes per "
-            f"weight); the BF16 figures above are those of a BF16 copy")
-
-
-#: stored bytes of MXFP4 experts (blocks as stored, e8m0 scales as U8 bit-planes) per source
-#: byte, measured on the default model's experts quantised to MXFP4: 4.04 bits per weight of
-#: 4.25 (``python tools/bench_lowprec.py``, docs/benchmarks.md "Low-precision sources")
-MXFP4_STORED_RATIO = 4.04 / 4.25
-
-
-def mxfp4_line(expert_params: int) -> str:
-    """The ``plan`` line of an MXFP4 release: the experts' source bytes (half a byte per weight
-    and a scale byte per 32), their expected stored bytes, and the float32 decoded form."""
-    src = expert_params * (0.5 + 1 / 32)
-    return (f"MXFP4 source {_mb(round(src)):>16}  experts as FP4 blocks + e8m0 scales per 32; "
-            f"stored at ~{100 * MXFP4_STORED_RATIO:.1f} % ({_mb(round(src * MXFP4_STORED_RATIO))}"
-            f"); decoded experts are float32 (4 bytes per weight); the BF16 figures above are "
-            f"those of a BF16 copy")
-

@@ -64,8 +64,9 @@ def plan_conversion(folder: Path):
         ckpt = Checkpoint(folder)
     except (FileNotFoundError, SafetensorsError) as e:
         raise ConversionError(str(e)) from None
-    _check_layer_range(arch, hp, config, ckpt)
+    _check_layer_range(arch, hp, config, ckpt, folder)
     dense, experts = [], {}
+    moe_layers = set(hp["moe_layers"])      # asked once per expert tensor
     for t in ckpt:
         why = arch.unsupported_tensor(t.name, t.dtype)
         if why is not None:
@@ -78,7 +79,7 @@ def plan_conversion(folder: Path):
             dense.append(t.name)
             continue
         lowprec.check_dtype(t, hp)
-        if ref.layer not in hp["moe_layers"]:
+        if ref.layer not in moe_layers:
             raise ConversionError(f"{t.file}: tensor {t.name!r} is an expert of layer {ref.layer}, "
                                   f"which the config says is not a MoE layer")
         want = _expected_expert_shape(ref.role, hp, ref.expert is None)
@@ -123,7 +124,7 @@ def plan_conversion(folder: Path):
     return arch, hp, ckpt, dense, experts
 
 
-def _check_layer_range(arch, hp: dict, config: dict, ckpt: Checkpoint) -> None:
+def _check_layer_range(arch, hp: dict, config: dict, ckpt: Checkpoint, folder: Path) -> None:
     """Every decoder-layer tensor (``model.layers.N.*``, the family's own prefix) has a layer
     ``N`` the config has: below ``num_hidden_layers``, or one of the
     ``num_nextn_predict_layers`` multi-token-prediction layers right after them (GLM-4-MoE,
@@ -131,22 +132,30 @@ def _check_layer_range(arch, hp: dict, config: dict, ckpt: Checkpoint) -> None:
     means the config and the weights disagree on the architecture: converted, the layers the
     config leaves out would be stored unused and the model would compute something else.
 
+    Also that every layer below ``num_hidden_layers`` has tensors (``folder`` is named when
+    one has none), before anything is listed layer by layer.
+
     Raises:
-        ConversionError: the first such tensor, its layer and the config field named.
+        ConversionError: the first such tensor, its layer and the config field named; the
+            first layer without tensors.
     """
     prefixes = set()
-    for name in _model_specs(arch):
-        m = _LAYER_NAME.match(name)
-        if m:
-            prefixes.add(m.group(1))
+    for layout in T.LAYOUTS:    # the name templates, not every layer's names (O(layers) work)
+        for template in arch.tensor_table(layout).values():
+            m = _LAYER_NAME.match(template.format(i=0, e=0))
+            if m and "{i}" in template:
+                prefixes.add(m.group(1))
     if not prefixes:
         return
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     nextn = text.get("num_nextn_predict_layers")
     nextn = nextn if isinstance(nextn, int) and not isinstance(nextn, bool) and nextn > 0 else 0
     n = hp["num_hidden_layers"]
+    seen = set()
     for t in ckpt:
         m = _LAYER_NAME.match(t.name)
+        if m and m.group(1) in prefixes:
+            seen.add(int(m.group(2)))
         if m and m.group(1) in prefixes and int(m.group(2)) >= n + nextn:
             from ..families import get_family      # the family's own config.json key name
             keys = get_family(hp.get("family")).hparams_class.CONFIG_KEYS
@@ -156,6 +165,15 @@ def _check_layer_range(arch, hp: dict, config: dict, ckpt: Checkpoint) -> None:
                 f"{t.file}: tensor {t.name!r} belongs to layer {m.group(2)}, but config.json "
                 f"says {key}={n}{extra} (layers 0-{n + nextn - 1}): the config and the weights "
                 f"disagree on the number of layers; fix {key} in config.json")
+    missing = next((i for i in range(n) if i not in seen), None)
+    if missing is not None:     # before any per-layer listing: a config of 65536 layers is cheap
+        from ..families import get_family
+        keys = get_family(hp.get("family")).hparams_class.CONFIG_KEYS
+        key = keys.get("num_hidden_layers", ("num_hidden_layers",))[0]
+        raise ConversionError(
+            f"{folder}: the checkpoint has no tensors of layer {missing} at all, but "
+            f"config.json says {key}={n}: the config and the weights disagree on the number "
+            f"of layers; fix {key} in config.json")
 
 
 #: a decoder-layer tensor name: (the prefix up to ``layers.``, the layer number)
@@ -205,10 +223,12 @@ def _check_dense_tensors(folder: Path, arch, ckpt: Checkpoint) -> None:
             why = f" (config.json {field}={getattr(typed, field)})" if field else ""
             raise ConversionError(f"{t.file}: tensor {name!r} has shape {list(t.shape)}, but "
                                   f"config.json implies {list(spec.shape)}{why}")
+    by_layer: dict = {}         # layer -> its dense keys, in spec order (one pass, not one per layer)
+    for s in specs.values():
+        if not s.is_expert and not s.tied:
+            by_layer.setdefault(s.layer, {}).setdefault(s.key)
     for layer in [None] + list(range(typed.num_hidden_layers)):
-        keys = dict.fromkeys(s.key for s in specs.values()
-                             if s.layer == layer and not s.is_expert and not s.tied)
-        for key in keys:
+        for key in by_layer.get(layer, {}):
             names = arch.tensor_names(key, layer)
             if any(n in ckpt.tensors for n in names):
                 continue

@@ -134,6 +134,33 @@ def _token_text(tokenizer_json: str | None, token_id: int) -> str:
     return "?" if tok is None else json.dumps(tok, ensure_ascii=False)
 
 
+def tensor_weights(record: dict) -> int:
+    """Weights a tensor of a ``.zmoe`` index encodes: its elements, but two per byte of an MXFP4
+    ``*_blocks`` tensor (FP4 pairs in U8 bytes) and none for the block scales of an MXFP4 or
+    FP8 expert (``*_scales`` / ``*_scale`` roles) or FP8 dense tensor (``*.weight_scale_inv``):
+    overhead that dequantises the weights."""
+    n = element_count(record)
+    role = (record.get("expert") or {}).get("role") or ""
+    if role.endswith(("_scale", "_scales")) or record.get("name", "").endswith(".weight_scale_inv"):
+        return 0
+    if record.get("encoding") == "mxfp4" or role.endswith("_blocks"):
+        return 2 * n
+    return n
+
+
+def weight_totals(reader) -> dict:
+    """Per group (``"expert"``, ``"dense"``) of an open :class:`zmoe.ZmoeReader`: ``weights``
+    (:func:`tensor_weights`), ``stored`` bytes and ``source`` bytes (the tensors as the
+    checkpoint held them), as ``inspect`` and ``convert`` total them."""
+    groups = {g: {"weights": 0, "stored": 0, "source": 0} for g in ("expert", "dense")}
+    for name, t in reader.tensors.items():
+        g = groups["expert" if "expert" in t else "dense"]
+        g["weights"] += tensor_weights(t)
+        g["stored"] += reader.stored_bytes(name)
+        g["source"] += element_count(t) * DTYPE_SIZES[t["dtype"]]
+    return groups
+
+
 def summarize(path, show_tensors: bool = True, max_value: int = 80) -> str:
     """Human-readable summary of a ``.zmoe`` file: metadata, the stop tokens (ids and text), the
     tensor table, bits per weight for expert and dense tensors. Does not decode anything."""
@@ -157,7 +184,6 @@ def summarize(path, show_tensors: bool = True, max_value: int = 80) -> str:
             lines.append("stop tokens: " + (", ".join(
                 f"{i} {_token_text(r.metadata.get(Keys.Tokenizer.JSON), i)}" for i in stops)
                 or "none"))
-        groups = {"expert": [0, 0, 0], "dense": [0, 0, 0]}  # elements, stored bytes, source bytes
         codecs = {"expert": set(), "dense": set()}
         rows = []
         nw = max([len("name")] + [len(n) for n in r.tensors])
@@ -165,13 +191,8 @@ def summarize(path, show_tensors: bool = True, max_value: int = 80) -> str:
         for name, t in r.tensors.items():
             if "exp_codec" in t:
                 codecs["expert" if "expert" in t else "dense"].add(t["exp_codec"])
-            n = element_count(t)
+            n = tensor_weights(t) or element_count(t)      # block scales: bits per scale
             stored = r.stored_bytes(name)
-            src = n * DTYPE_SIZES[t["dtype"]]
-            g = groups["expert" if "expert" in t else "dense"]
-            g[0] += n
-            g[1] += stored
-            g[2] += src
             rows.append(f"  {name:<{nw}} {t['dtype']:<5} {str(t['shape']):<{sw}} {t['encoding']:<8} "
                         f"{stored:>12,d} {8 * stored / max(n, 1):6.2f}")
         if show_tensors:
@@ -179,7 +200,8 @@ def summarize(path, show_tensors: bool = True, max_value: int = 80) -> str:
                          f"{'stored bytes':>12} {'bits/w':>6}")
             lines += rows
         lines.append("totals:")
-        for g, (n, stored, src) in groups.items():
+        for g, tot in weight_totals(r).items():
+            n, stored, src = tot["weights"], tot["stored"], tot["source"]
             if n:
                 lines.append(f"  {g:<7} {n:>14,d} weights  {stored / 1e6:10.1f} MB stored  "
                              f"{8 * stored / n:6.2f} bits/weight  {100 * stored / src:5.1f} % of source"

@@ -68,7 +68,8 @@ class Glm4MoeLiteHParams(DeepseekV3HParams):
     def to_config(self):
         """:meth:`MlaHParams.to_config` with ``mlp_layer_types`` from ``moe_layers``."""
         cfg = super().to_config()
-        cfg["mlp_layer_types"] = ["sparse" if i in self.moe_layers else "dense"
+        moe = set(self.moe_layers)
+        cfg["mlp_layer_types"] = ["sparse" if i in moe else "dense"
                                   for i in range(self.num_hidden_layers)]
         return cfg
 

@@ -174,7 +174,7 @@ class Lfm2MoeHParams(HParams):
         if key.startswith("attn_") and key != "attn_norm":
             return False if conv else None
         if key == "router_bias":
-            return self.use_expert_bias and layer in self.moe_layers
+            return self.use_expert_bias and layer >= self.num_dense_layers   # moe_layers
         return None
 
 

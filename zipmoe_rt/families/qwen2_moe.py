@@ -76,8 +76,8 @@ class QwenMoeHParams(HParams):
         if self.layer_types is not None:
             cfg["layer_types"] = list(self.layer_types)
         cfg["decoder_sparse_step"] = 1
-        cfg["mlp_only_layers"] = [i for i in range(self.num_hidden_layers)
-                                  if i not in self.moe_layers]
+        moe = set(self.moe_layers)
+        cfg["mlp_only_layers"] = [i for i in range(self.num_hidden_layers) if i not in moe]
         return cfg
 
 

@@ -259,13 +259,14 @@ def shape(key: str, hp, layer: int | None = None) -> tuple:
     }[key]
 
 
-def present(key: str, hp, layer: int | None) -> bool:
+def present(key: str, hp, layer: int | None, moe_layers=None) -> bool:
     """Whether a model with ``hp`` has tensor ``key`` (in ``layer`` for per-layer keys), given
     that its family lists the key: biases with ``attention_bias``, q/k norms with ``qk_norm``,
     router and experts in ``moe_layers``, the shared expert there when its size is > 0, the
     dense MLP elsewhere, the router's correction bias with the router; a family's
     ``hp.tensor_present(key)`` decides first (MLA), then ``hp.tensor_present_at(key, layer)``
-    (per layer: Gemma 4)."""
+    (per layer: Gemma 4). ``moe_layers``: ``hp.moe_layers`` as a set, for callers that ask
+    layer by layer (:func:`expand`), so that each question is O(1) rather than a list scan."""
     own = getattr(hp, "tensor_present", None)
     if own is not None and own(key) is not None:
         return own(key)
@@ -280,7 +281,7 @@ def present(key: str, hp, layer: int | None) -> bool:
         return bool(getattr(hp, "lm_head_bias", False))
     if key in ("attn_q_norm", "attn_k_norm"):
         return bool(hp.qk_norm)
-    moe = layer is not None and layer in hp.moe_layers
+    moe = layer is not None and layer in (hp.moe_layers if moe_layers is None else moe_layers)
     if key in _SHARED:
         return moe and hp.shared_expert_intermediate_size > 0
     if key in _DENSE:
@@ -337,16 +338,28 @@ def expand(table: dict, hp) -> list[TensorSpec]:
                           tied=k == "lm_head" and bool(hp.tie_word_embeddings))
 
     experts = [k for k in per_layer if k in EXPERT_ROLES]
+    moe = frozenset(hp.moe_layers)          # per-layer questions in O(1), not a list scan
+    same = getattr(hp, "tensor_shape_at", None) is None     # shapes alike in every layer
+    shapes: dict = {}
+
+    def shape_of(k, i):
+        if not same:
+            return shape(k, hp, i)
+        if k not in shapes:
+            shapes[k] = shape(k, hp, i)
+        return shapes[k]
+
     out = [glob(k) for k in head if present(k, hp, None)]
     for i in range(hp.num_hidden_layers):
         for k in per_layer:
-            if not present(k, hp, i) or (k in EXPERT_ROLES and k != experts[0]):
+            if not present(k, hp, i, moe) or (k in EXPERT_ROLES and k != experts[0]):
                 continue
             if k in EXPERT_ROLES:      # expert by expert, its projections in table order
-                out += [TensorSpec(table[x].format(i=i, e=e), shape(x, hp, i), x, i, e,
-                                   EXPERT_ROLES[x]) for e in range(hp.num_experts) for x in experts]
+                xs = [(x, table[x], shape_of(x, i), EXPERT_ROLES[x]) for x in experts]
+                out += [TensorSpec(t.format(i=i, e=e), sh, x, i, e, r)
+                        for e in range(hp.num_experts) for x, t, sh, r in xs]
             else:
-                out.append(TensorSpec(table[k].format(i=i), shape(k, hp, i), k, i,
+                out.append(TensorSpec(table[k].format(i=i), shape_of(k, i), k, i,
                                       role=STACKED_ROLES.get(k), stacked=k in STACKED_ROLES))
     return out + [glob(k) for k in tail if present(k, hp, None)]
 
