@@ -121,7 +121,8 @@ def _plain_calibration_warnings():
     :class:`~zipmoe_rt.engine.precompile.KernelCompileWarning`,
     :class:`~zipmoe_rt.kernels.KernelCacheWarning` (issued once, when the kernels are first
     imported) or
-    :class:`~zipmoe_rt.convert.atomic.StaleTemporaryWarning` as one ``zipmoe-rt: warning: ...``
+    :class:`~zipmoe_rt.convert.atomic.StaleTemporaryWarning` or
+    :class:`~zipmoe_rt.engine.prefetch.PrefetchWarning` as one ``zipmoe-rt: warning: ...``
     line on stderr (not Python's ``file:line: Category:`` form); other warnings as before."""
     import sys
     import warnings
@@ -141,9 +142,10 @@ def _plain_calibration_warnings():
         from .convert.converter import ConversionWarning
         from .backends import DeviceWarning
         from .engine.precompile import KernelCompileWarning
+        from .engine.prefetch import PrefetchWarning
         from .engine.profile import CalibrationWarning
         if issubclass(category, (CalibrationWarning, ConversionWarning, StaleTemporaryWarning,
-                                 DeviceWarning, KernelCompileWarning)):
+                                 DeviceWarning, KernelCompileWarning, PrefetchWarning)):
             click.echo(f"zipmoe-rt: warning: {message}", err=True)
         else:
             previous(message, category, filename, lineno, file, line)
