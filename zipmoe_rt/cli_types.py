@@ -37,6 +37,24 @@ class FloatRange(click.FloatRange):
         return super().convert(v, param, ctx)                            # then the range
 
 
+def folder_message(path) -> str:
+    """The error for a folder given where a ``.zmoe`` file is expected (a Hugging Face
+    checkpoint folder, typically): convert it first. The one wording of ``load()`` and of every
+    command's MODEL argument."""
+    return f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} -o model.zmoe`"
+
+
+class ModelPath(click.Path):
+    """MODEL, a ``.zmoe`` file: a folder is refused with :func:`folder_message` as the whole
+    one-line error (not click's "Invalid value for '[MODEL]': ... is a directory")."""
+
+    def convert(self, value, param, ctx):
+        import os
+        if os.path.isdir(value):
+            raise click.UsageError(folder_message(value), ctx)
+        return super().convert(value, param, ctx)
+
+
 #: ``-n -1``: generate until a stop token or the full context, as llama.cpp's ``-n -1``
 NO_LIMIT = -1
 

@@ -190,8 +190,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if path.is_dir():
-        raise ValueError(f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} "
-                         f"-o model.zmoe`")
+        from .cli_types import folder_message
+        raise ValueError(folder_message(path))
     budgeted = memory_budget is not None or memory_limit is not None
     backend = get_backend(resolve_device(device, "--device"))
     on_host = backend.name != "cuda"
