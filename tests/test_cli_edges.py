@@ -540,3 +540,15 @@ def test_unbudgeted_compressed_residency_is_named_in_the_memory_line(greedy_zmoe
     assert "no weight budget (every expert kept in the compute form, computed in place)" in line
     with zipmoe_rt.load(greedy_zmoe) as m:
         assert "no weight budget (every expert kept once decoded)" in m.memory_line()
+
+
+def test_plan_on_json_nested_too_deeply_names_the_file(tmp_path):
+    """A config.json nested past the JSON decoder's recursion limit: one line naming the file
+    (the folder's config.json when a folder is given), not Python's recursion message alone."""
+    from cli_runner import cli
+    cfg = tmp_path / "config.json"
+    cfg.write_text("[" * 100000 + "]" * 100000)
+    for arg in (cfg, tmp_path):
+        r = cli("plan", arg)
+        assert r.exit_code == 1
+        assert r.stderr == f"error: {cfg}: not a JSON config (nested too deeply to read)\n"

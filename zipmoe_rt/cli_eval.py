@@ -33,7 +33,11 @@ def plan(config, memory_budget, as_json):
     divided (dense, one token's working set, expert tiers). No weights are needed.
     """
     from .plan import format_plan, size_plan
-    p = size_plan(config, memory_budget)
+    try:
+        p = size_plan(config, memory_budget)
+    except RecursionError:     # json's decoder recursing on arrays/objects nested too deeply
+        where = config / "config.json" if config.is_dir() else config
+        raise CliError(f"{where}: not a JSON config (nested too deeply to read)") from None
     click.echo(json.dumps(p.as_dict(), indent=2) if as_json else format_plan(p))
 
 
