@@ -552,3 +552,29 @@ def test_plan_on_json_nested_too_deeply_names_the_file(tmp_path):
         r = cli("plan", arg)
         assert r.exit_code == 1
         assert r.stderr == f"error: {cfg}: not a JSON config (nested too deeply to read)\n"
+
+
+@pytest.mark.parametrize("args,shown,meant", [
+    (["run", "--memory-budget", "25", "%", "-p", "hi"], "--memory-budget 25", "--memory-budget 25%"),
+    (["run", "-m", "12.5", "%"], "-m 12.5", "-m 12.5%"),
+    (["run", "--memory-budget=25", "%"], "--memory-budget=25", "--memory-budget 25%"),
+    (["serve", "--memory-limit", "40", "%"], "--memory-limit 40", "--memory-limit 40%"),
+    (["bench", "-m", "30", "%"], "-m 30", "-m 30%"),
+    (["plan", "cfg.json", "-m", "25", "%"], "-m 25", "-m 25%"),
+])
+def test_a_size_split_from_its_percent_sign_is_named(args, shown, meant):
+    """`--memory-budget 25 %` (the shell splits it): one line naming the option and what was
+    meant, not "%: no such file" (the '%' taken as MODEL)."""
+    from cli_runner import cli
+    r = cli(*args)
+    assert r.exit_code == 1
+    assert r.stderr == (f"error: {shown}: followed by a lone '%' (a space splits the size in "
+                        f"two); did you mean {meant}?\n")
+
+
+def test_a_percent_sign_as_prompt_is_not_taken_for_a_split_size():
+    from zipmoe_rt.cli import main
+    from zipmoe_rt.cli_types import split_percent
+    run = main.commands["run"]
+    assert split_percent(run.params, ["-p", "%", "-m", "25%"]) is None
+    assert split_percent(run.params, ["-m", "2GB", "%"]) is None   # not a number: no % meant

@@ -86,6 +86,9 @@ class OneLineUsageErrors(click.Command):
     """Usage errors (bad option value, missing argument) as one ``error: ...`` line, status 1."""
 
     def make_context(self, info_name, args, parent=None, **extra):
+        from .cli_types import split_percent
+        if (msg := split_percent(self.params, args)) is not None:
+            raise CliError(msg)
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as e:

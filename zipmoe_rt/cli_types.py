@@ -55,6 +55,34 @@ class ModelPath(click.Path):
         return super().convert(value, param, ctx)
 
 
+def split_percent(params, args) -> str | None:
+    """The error for a size option's value split from its ``%`` by a space (``--memory-budget
+    25 %``: the shell passes ``25`` and ``%`` as two words, and ``%`` would be taken as MODEL),
+    or None. ``params``: the command's click parameters; the size options are those whose
+    metavar starts with ``SIZE``."""
+    sized = {o for p in params if isinstance(p, click.Option)
+             and (p.metavar or "").startswith("SIZE") for o in p.opts}
+    for i, a in enumerate(args):
+        if not a.startswith("%") or i == 0:
+            continue
+        prev = args[i - 1]
+        opt, eq, val = prev.partition("=")
+        if eq and opt in sized:
+            shown = f"{opt}={val}"
+        elif i >= 2 and args[i - 2] in sized:
+            opt, val, shown = args[i - 2], prev, f"{args[i - 2]} {prev}"
+        else:
+            continue
+        try:
+            float(val)
+        except ValueError:          # not a number: no percentage meant
+            continue
+        what = "a lone '%'" if a == "%" else repr(a)
+        return (f"{shown}: followed by {what} (a space splits the size in two); "
+                f"did you mean {opt} {val}%?")
+    return None
+
+
 #: ``-n -1``: generate until a stop token or the full context, as llama.cpp's ``-n -1``
 NO_LIMIT = -1
 
