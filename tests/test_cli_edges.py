@@ -578,3 +578,26 @@ def test_a_percent_sign_as_prompt_is_not_taken_for_a_split_size():
     run = main.commands["run"]
     assert split_percent(run.params, ["-p", "%", "-m", "25%"]) is None
     assert split_percent(run.params, ["-m", "2GB", "%"]) is None   # not a number: no % meant
+
+
+def test_run_on_a_model_without_chat_template_points_to_raw(tiny_moe_dir, tmp_path):
+    """No chat template: `run` says so and that --raw sends the prompt as it is; with --raw
+    it completes the prompt."""
+    from cli_runner import cli
+    from test_api import _tokenizer_json
+    from zipmoe_rt.convert.converter import convert
+    src = tiny_moe_dir("mixtral")
+    dest = tmp_path / "plain"
+    dest.mkdir()
+    for f in src.iterdir():
+        shutil.copy(f, dest / f.name)
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    (dest / "tokenizer.json").write_text(_tokenizer_json(vocab))
+    (dest / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    zm = convert(dest, tmp_path / "plain.zmoe", progress=False)
+    r = cli("run", zm, "-p", "hi", "-n", 2)
+    assert r.exit_code == 1
+    assert r.stderr == ("error: chat_template: this model's tokenizer has no chat template; "
+                        "add --raw to send the prompt as it is\n")
+    r = cli("run", zm, "-p", "hi", "-n", 2, "--raw", "--temp", 0)
+    assert r.exit_code == 0, r.stderr

@@ -424,6 +424,9 @@ def run(model, prompt, raw, system, show_reasoning, **kw):
         n = len(m.tokenizer.encode(prompt))
         pieces = m.stream(prompt, **sp)
     else:
+        if not m.tokenizer.chat_template:
+            raise CliError("chat_template: this model's tokenizer has no chat template; add "
+                           "--raw to send the prompt as it is")
         msgs = ([{"role": "system", "content": system}] if system else []) + \
                [{"role": "user", "content": prompt}]
         n = len(m.tokenizer.encode_chat(msgs, add_generation_prompt=True))
