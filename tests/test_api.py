@@ -494,3 +494,21 @@ def test_closed_model_refuses_new_work(tiny_zmoe):
     m.close()   # twice is harmless
     with pytest.raises(RuntimeError, match="closed"):
         next(it)
+
+
+def test_chat_with_a_lone_surrogate_names_the_message_and_character(model):
+    """A lone surrogate in a message: the error names the message field and the character in
+    it (as the server does), not a position in the rendered prompt."""
+    with pytest.raises(ValueError) as e:
+        model.chat([{"role": "user", "content": "\ud800"}], max_tokens=1)
+    assert str(e.value) == ("messages[0].content: not valid Unicode (a lone surrogate \\ud800 "
+                            "at character 0)")
+    msgs = [{"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "ab\udcff"}]}]
+    with pytest.raises(ValueError, match=r"^messages\[1\]\.content\[0\]\.text: not valid "
+                                         r"Unicode \(a lone surrogate \\udcff at character 2\)$"):
+        model.tokenizer.apply_chat_template(msgs)
+    s = model.chat_session()
+    with pytest.raises(ValueError, match=r"^messages\[0\]\.content: .* at character 3\)$"):
+        s.send("abc\ud800")
+    assert s.messages == []
