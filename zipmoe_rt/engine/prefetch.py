@@ -101,11 +101,11 @@ def prefetch_off_reason(engine, budget: int, limited: bool) -> str:
     from .tiers import mb_at_least, smallest_budget
     k, bytes_F = engine.k, engine.bytes_F
     need = smallest_budget(engine.source) + k * bytes_F
-    where = (f"the expert budget of {budget / 1e6:.1f} MB that --memory-limit leaves"
+    where = (f"the weight budget of {budget / 1e6:.1f} MB that --memory-limit leaves"
              if limited else f"--memory-budget {budget / 1e6:.1f} MB")
     return (f"prefetch off: {where} has no room for the second working set of {k} experts "
-            f"({k} x {bytes_F / 1e6:.1f} MB) that --prefetch on takes; a budget of at least "
-            f"{mb_at_least(need)} runs with prefetch")
+            f"({k} x {bytes_F / 1e6:.1f} MB) that --prefetch on takes; a weight budget of at "
+            f"least {mb_at_least(need)} runs with prefetch")
 
 
 class PrefetchMixin:
