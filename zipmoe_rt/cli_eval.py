@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .cli_types import ModelPath
+from .cli_types import ModelPath, TextPath
 from .cli import (CliError, check_budget_options, engine_options, friendly_errors, main,
                   progress_wanted, warn_c_tier_unused)
 
@@ -43,7 +43,7 @@ def plan(config, memory_budget, as_json):
 
 @main.command()
 @click.argument("model", type=ModelPath(path_type=Path, dir_okay=False))
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("file", type=TextPath(path_type=Path, dir_okay=False))
 @click.option("--ctx", type=int, default=None,
               help=f"window length in tokens [default: {DEFAULT_CTX}, at most the model's "
                    f"context]")

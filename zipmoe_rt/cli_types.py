@@ -48,11 +48,24 @@ class ModelPath(click.Path):
     """MODEL, a ``.zmoe`` file: a folder is refused with :func:`folder_message` as the whole
     one-line error (not click's "Invalid value for '[MODEL]': ... is a directory")."""
 
+    def folder_error(self, value) -> str:
+        """The one-line error for ``value``, a folder."""
+        return folder_message(value)
+
     def convert(self, value, param, ctx):
         import os
         if os.path.isdir(value):
-            raise click.UsageError(folder_message(value), ctx)
+            raise click.UsageError(self.folder_error(value), ctx)
         return super().convert(value, param, ctx)
+
+
+class TextPath(ModelPath):
+    """A text file argument (``perplexity``'s FILE): a folder is refused in the same one-line
+    form as MODEL's."""
+
+    def folder_error(self, value) -> str:
+        """The one-line error for ``value``, a folder."""
+        return f"{value}: is a folder; give a UTF-8 text file"
 
 
 def split_percent(params, args) -> str | None:
