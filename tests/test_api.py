@@ -494,3 +494,100 @@ def test_closed_model_refuses_new_work(tiny_zmoe):
     m.close()   # twice is harmless
     with pytest.raises(RuntimeError, match="closed"):
         next(it)
+
+
+def test_chat_with_a_lone_surrogate_names_the_message_and_character(model):
+    """A lone surrogate in a message: the error names the message field and the character in
+    it (as the server does), not a position in the rendered prompt."""
+    with pytest.raises(ValueError) as e:
+        model.chat([{"role": "user", "content": "\ud800"}], max_tokens=1)
+    assert str(e.value) == ("messages[0].content: not valid Unicode (a lone surrogate \\ud800 "
+                            "at character 0)")
+    msgs = [{"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "ab\udcff"}]}]
+    with pytest.raises(ValueError, match=r"^messages\[1\]\.content\[0\]\.text: not valid "
+                                         r"Unicode \(a lone surrogate \\udcff at character 2\)$"):
+        model.tokenizer.apply_chat_template(msgs)
+    s = model.chat_session()
+    with pytest.raises(ValueError, match=r"^messages\[0\]\.content: .* at character 3\)$"):
+        s.send("abc\ud800")
+    assert s.messages == []
+
+
+def _stop_within(text: str) -> tuple[str, str]:
+    """A stop string taken from the middle of ``text`` and the text before its first
+    occurrence."""
+    assert len(text) >= 8, text
+    stop = text[4:7]
+    return stop, text[:text.find(stop)]
+
+
+def test_stop_strings_in_generate_chat_and_session(model):
+    """``stop=`` as the CLI's --stop and the server's ``stop``: the text before the first stop
+    string, generation ended there (``finish_reason="stop"``); a session keeps exactly the
+    text returned as the assistant's turn."""
+    prompt = "tell me a story about a cat"
+    full = model.generate(prompt, max_tokens=24)
+    stop, want = _stop_within(full)
+    assert model.generate(prompt, max_tokens=24, stop=[stop, "\x01never"]) == want
+    assert model.last_stats.finish_reason == "stop" and model.last_stats.output_tokens < 24
+    assert "".join(model.stream(prompt, max_tokens=24, stop=stop)) == want
+
+    msgs = [{"role": "user", "content": prompt}]
+    reply = model.chat(msgs, max_tokens=24)
+    stop, want = _stop_within(reply)
+    assert model.chat(msgs, max_tokens=24, stop=stop) == want
+    assert model.last_stats.finish_reason == "stop"
+    assert "".join(model.chat(msgs, max_tokens=24, stream=True, stop=[stop])) == want
+
+    s = model.chat_session()
+    got = "".join(s.send(prompt, max_tokens=24, stop=[stop]))
+    assert got == want
+    assert s.messages == [{"role": "user", "content": prompt},
+                          {"role": "assistant", "content": want}]
+    assert model.last_stats.finish_reason == "stop"
+    # the next turn renders the kept text: the same as a fresh chat of that conversation
+    nxt = "".join(s.send("thanks", max_tokens=6))
+    assert nxt == model.chat(s.messages[:-1], max_tokens=6)
+
+    with pytest.raises(TypeError, match=r"^stop: expected a str or a list of str"):
+        model.generate(prompt, stop=5)
+    with pytest.raises(ValueError, match=r"^stop: a stop string must have at least one"):
+        model.chat(msgs, stop=[""])
+
+
+def test_unknown_keyword_names_the_public_method(model):
+    with pytest.raises(TypeError) as e:
+        model.chat([{"role": "user", "content": "hi"}], stops=["x"])
+    assert str(e.value) == (
+        "Model.chat() got an unexpected keyword argument 'stops'; it takes messages, max_tokens, "
+        "stream, skip_special_tokens, stop, temperature, top_k, top_p, min_p, "
+        "repetition_penalty, seed")
+    with pytest.raises(TypeError, match=r"^Model\.generate\(\) got an unexpected keyword "
+                                        r"argument 'n'"):
+        model.generate("hi", n=2)
+    with pytest.raises(TypeError, match=r"^ChatSession\.send\(\) got an unexpected keyword "):
+        model.chat_session().send("hi", logprobs=True)
+
+
+def test_max_tokens_minus_one_runs_to_the_end_of_the_context(model):
+    """``max_tokens=-1`` as the CLI's ``-n -1``: until a stop token or the context is full."""
+    prompt = "tell me a story"
+    n = len(model.tokenizer.encode(prompt))
+    maxpos = model.hparams["max_position_embeddings"]
+    assert model.fit_context(n, -1) == maxpos - n + 1
+    try:
+        model.ctx_size = n + 5
+        assert model.fit_context(n, -1) == 6
+        text = model.generate(prompt, max_tokens=-1)
+        assert text == model.generate(prompt, max_tokens=6)
+        assert model.last_stats.output_tokens <= 6
+        msgs = [{"role": "user", "content": "hi"}]
+        m = len(model.tokenizer.encode_chat(msgs, add_generation_prompt=True))
+        model.ctx_size = m + 3
+        assert model.chat(msgs, max_tokens=-1) == model.chat(msgs, max_tokens=4)
+    finally:
+        model.ctx_size = None
+    for bad in (-2, 0):
+        with pytest.raises(ValueError, match="max_tokens"):
+            model.generate(prompt, max_tokens=bad)

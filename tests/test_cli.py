@@ -639,3 +639,21 @@ def test_verify_names_every_corrupt_tensor(tiny_zmoe, tmp_path):
             rd.verify()
     with zmoe.ZmoeReader(tiny_zmoe) as rd:
         assert rd.verify(keep_going=True) == []
+
+
+@pytest.mark.parametrize("cmd", [["run", "-p", "x"], ["serve"], ["perplexity", "TEXT"],
+                                 ["bench"], ["profile"], ["calibrate"], ["inspect"], ["verify"],
+                                 ["export", "-o", "OUT"]])
+def test_a_folder_as_model_gets_the_same_line_on_every_command(tmp_path, cmd):
+    """MODEL a folder (a checkpoint not yet converted): every command says the same line as
+    `run` (convert it first), not click's "Invalid value for '[MODEL]'"."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    text = tmp_path / "t.txt"
+    text.write_text("hello world\n")
+    args = [cmd[0], folder] + [text if a == "TEXT" else tmp_path / "out" if a == "OUT" else a
+                               for a in cmd[1:]]
+    r = cli(*args)
+    assert r.exit_code == 1, r.stderr
+    assert r.stderr == (f"error: {folder}: is a folder; convert it first with "
+                        f"`zipmoe-rt convert {folder} -o model.zmoe`\n")

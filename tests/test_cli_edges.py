@@ -540,3 +540,64 @@ def test_unbudgeted_compressed_residency_is_named_in_the_memory_line(greedy_zmoe
     assert "no weight budget (every expert kept in the compute form, computed in place)" in line
     with zipmoe_rt.load(greedy_zmoe) as m:
         assert "no weight budget (every expert kept once decoded)" in m.memory_line()
+
+
+def test_plan_on_json_nested_too_deeply_names_the_file(tmp_path):
+    """A config.json nested past the JSON decoder's recursion limit: one line naming the file
+    (the folder's config.json when a folder is given), not Python's recursion message alone."""
+    from cli_runner import cli
+    cfg = tmp_path / "config.json"
+    cfg.write_text("[" * 100000 + "]" * 100000)
+    for arg in (cfg, tmp_path):
+        r = cli("plan", arg)
+        assert r.exit_code == 1
+        assert r.stderr == f"error: {cfg}: not a JSON config (nested too deeply to read)\n"
+
+
+@pytest.mark.parametrize("args,shown,meant", [
+    (["run", "--memory-budget", "25", "%", "-p", "hi"], "--memory-budget 25", "--memory-budget 25%"),
+    (["run", "-m", "12.5", "%"], "-m 12.5", "-m 12.5%"),
+    (["run", "--memory-budget=25", "%"], "--memory-budget=25", "--memory-budget 25%"),
+    (["serve", "--memory-limit", "40", "%"], "--memory-limit 40", "--memory-limit 40%"),
+    (["bench", "-m", "30", "%"], "-m 30", "-m 30%"),
+    (["plan", "cfg.json", "-m", "25", "%"], "-m 25", "-m 25%"),
+])
+def test_a_size_split_from_its_percent_sign_is_named(args, shown, meant):
+    """`--memory-budget 25 %` (the shell splits it): one line naming the option and what was
+    meant, not "%: no such file" (the '%' taken as MODEL)."""
+    from cli_runner import cli
+    r = cli(*args)
+    assert r.exit_code == 1
+    assert r.stderr == (f"error: {shown}: followed by a lone '%' (a space splits the size in "
+                        f"two); did you mean {meant}?\n")
+
+
+def test_a_percent_sign_as_prompt_is_not_taken_for_a_split_size():
+    from zipmoe_rt.cli import main
+    from zipmoe_rt.cli_types import split_percent
+    run = main.commands["run"]
+    assert split_percent(run.params, ["-p", "%", "-m", "25%"]) is None
+    assert split_percent(run.params, ["-m", "2GB", "%"]) is None   # not a number: no % meant
+
+
+def test_run_on_a_model_without_chat_template_points_to_raw(tiny_moe_dir, tmp_path):
+    """No chat template: `run` says so and that --raw sends the prompt as it is; with --raw
+    it completes the prompt."""
+    from cli_runner import cli
+    from test_api import _tokenizer_json
+    from zipmoe_rt.convert.converter import convert
+    src = tiny_moe_dir("mixtral")
+    dest = tmp_path / "plain"
+    dest.mkdir()
+    for f in src.iterdir():
+        shutil.copy(f, dest / f.name)
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    (dest / "tokenizer.json").write_text(_tokenizer_json(vocab))
+    (dest / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    zm = convert(dest, tmp_path / "plain.zmoe", progress=False)
+    r = cli("run", zm, "-p", "hi", "-n", 2)
+    assert r.exit_code == 1
+    assert r.stderr == ("error: chat_template: this model's tokenizer has no chat template; "
+                        "add --raw to send the prompt as it is\n")
+    r = cli("run", zm, "-p", "hi", "-n", 2, "--raw", "--temp", 0)
+    assert r.exit_code == 0, r.stderr

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -328,6 +329,28 @@ def test_remove_stale_temporaries_keeps_live_and_unrelated_names(tmp_path):
             "other.zmoe.tmp-1"} <= set(left)
     assert all(p.parent == tmp_path and p.name.startswith("m.zmoe.tmp-") for p in removed)
     assert remove_stale_temporaries(tmp_path / "missing-dir" / "m.zmoe") == []
+
+
+def test_temporary_of_an_exited_unreaped_process_is_stale(tmp_path):
+    """A run killed while its parent has not reaped it yet (``timeout -s KILL``) is a zombie:
+    ``pid_running`` says it does not run, and its temporary is removed."""
+    from zipmoe_rt.convert.atomic import pid_running
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        stat = Path(f"/proc/{child.pid}/stat")
+        deadline = time.monotonic() + CHILD_TIMEOUT   # the child exits; it is left unreaped
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        assert child.returncode is None               # not reaped: the pid still exists
+        assert pid_running(child.pid) is False
+        assert pid_running(os.getpid()) is True
+        tmp = tmp_path / f"m.zmoe.tmp-{child.pid}"
+        tmp.write_bytes(b"x")
+        assert remove_stale_temporaries(tmp_path / "m.zmoe") == [tmp]
+        assert not tmp.exists()
+    finally:
+        child.wait(timeout=CHILD_TIMEOUT)
 
 
 # -- disk full -------------------------------------------------------------------------------------

@@ -289,6 +289,7 @@ def test_text_from_a_pipe_and_a_folder(tiny_chat, tmp_path, text_file):
     assert got.exit_code == 0, got.stderr
     assert got.stdout.replace(str(fifo), "F") == want.stdout.replace(str(text_file), "F")
     r = cli("perplexity", zm, tmp_path, "--ctx", 16, "-q")
-    assert r.exit_code != 0 and f"{tmp_path}' is a directory" in r.stderr, r.stderr
+    assert r.exit_code == 1
+    assert r.stderr == f"error: {tmp_path}: is a folder; give a UTF-8 text file\n"
     r = cli("perplexity", zm, "/dev/zero", "--ctx", 16, "-q")      # endless: never read
     assert r.exit_code == 1 and r.stderr == "error: /dev/zero: not a regular file or a pipe\n"

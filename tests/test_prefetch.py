@@ -348,3 +348,48 @@ def test_extra_candidates_follow_the_ranks_the_layer_used(tiny_case):
     finally:
         engine.close()
         source.close()
+
+
+def test_prefetch_asked_for_and_turned_off_says_why(tiny_case):
+    """``prefetch="on"`` under a budget without room for the second working set warns once,
+    naming the budget, the working set and the budget that runs with prefetch; with room, or
+    with prefetch not asked for, nothing is said."""
+    import warnings
+
+    import zipmoe_rt
+    from zipmoe_rt.engine.prefetch import PrefetchWarning
+    case = tiny_case("mixtral")
+    b = case.budget("min")
+    with pytest.warns(PrefetchWarning) as got:
+        with zipmoe_rt.load(case.zmoe, memory_budget=b, prefetch="on", policy="zip-lru",
+                            progress=False) as m:
+            assert m.engine.prefetch is False
+    msgs = [str(w.message) for w in got if w.category is PrefetchWarning]
+    assert len(msgs) == 1
+    need = (b + case.k * case.bytes_F) / 1e6
+    assert msgs[0].startswith(f"prefetch off: --memory-budget {b / 1e6:.1f} MB has no room "
+                              f"for the second working set of {case.k} experts")
+    assert "that --prefetch on takes" in msgs[0]
+    assert (f"a weight budget of at least {need:.1f} MB runs with prefetch" in msgs[0]
+            or f"a weight budget of at least {need + 0.1:.1f} MB runs with prefetch" in msgs[0])
+    for budget, pf in ((b + case.k * case.bytes_F, "on"), (b, "off")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PrefetchWarning)
+            with zipmoe_rt.load(case.zmoe, memory_budget=budget, prefetch=pf,
+                                policy="zip-lru", progress=False) as m:
+                assert m.engine.prefetch is (pf == "on")
+
+
+def test_prefetch_turned_off_is_one_warning_line_of_run(tiny_case):
+    """On the command line the same notice is one ``zipmoe-rt: warning:`` line, before the
+    banner's ``prefetch off``."""
+    from cli_runner import cli
+    case = tiny_case("mixtral")
+    r = cli("run", case.zmoe, "--memory-budget", case.budget("min"), "--prefetch", "on",
+            "--policy", "zip-lru", "-p", "hello", "-n", 2)
+    assert r.exit_code == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "prefetch" in ln]
+    assert len(lines) == 2, r.stderr
+    assert lines[0].startswith("zipmoe-rt: warning: prefetch off: --memory-budget ")
+    assert "has no room for the second working set" in lines[0]
+    assert "prefetch off; policy zip-lru" in lines[1]

@@ -559,6 +559,9 @@ BAD = [  # (method, path, body, status, param)
     ("POST", "/v1/chat/completions", {"messages": HI, "stream": "yes"}, 400, "stream"),
     ("POST", "/v1/chat/completions", {"messages": HI, "stream_options": {"include_usage": True}},
      400, "stream_options"),
+    ("POST", "/v1/chat/completions", {"messages": HI, "stream": True,
+                                      "stream_options": {"include_usage": "yes"}}, 400,
+     "stream_options.include_usage"),
     ("POST", "/v1/chat/completions", {"messages": HI, "top_logprobs": 2}, 400, "top_logprobs"),
     ("POST", "/v1/chat/completions", {"messages": HI, "logprobs": True, "top_logprobs": 50}, 400,
      "top_logprobs"),
@@ -878,3 +881,29 @@ def test_bad_stop_error_shows_the_value_as_sent(stop, shown):
     with pytest.raises(APIError) as e:
         parse_chat({"messages": HI, "stop": stop})
     assert e.value.param == "stop" and e.value.message.endswith(f"got {shown}")
+
+
+
+def test_tools_on_a_template_that_ignores_them_are_refused(tiny_moe_dir, tmp_path):
+    """A model whose template renders no tools: a request with tools gets a 400 naming
+    ``tools`` (as llama.cpp refuses tools without a tool-capable template), not a reply that
+    silently never saw them; with ``tool_choice: "none"`` (no tools sent) it is answered."""
+    from test_api import make_chat_model
+    zm = make_chat_model(tiny_moe_dir("mixtral"), tmp_path / "plain")
+    with zipmoe_rt.load(zm, progress=False) as m:
+        assert m.tokenizer.encode_chat(HI, tools=TOOLS) == m.tokenizer.encode_chat(HI)
+        with running(create_app(_host(m, queue_size=4))) as base:
+            _wait_ready(base)
+            status, body = _raw(base, "POST", "/v1/chat/completions",
+                                {"messages": HI, "tools": TOOLS, "max_tokens": 1})
+            assert status == 400, body
+            assert body["error"]["param"] == "tools"
+            assert body["error"]["type"] == "invalid_request_error"
+            assert body["error"]["message"] == (
+                "tools: this model's chat template does not use them (it renders the same prompt "
+                "with and without tools); leave tools out, or serve a model whose template takes "
+                "tools")
+            status, body = _raw(base, "POST", "/v1/chat/completions",
+                                {"messages": HI, "tools": TOOLS, "tool_choice": "none",
+                                 "max_tokens": 1})
+            assert status == 200, body

@@ -17,7 +17,10 @@ from zmoe.constants import Keys
 
 from .default_model import default_model_path
 from .generate import CacheState, GenerationStats, SamplingParams, generate
+from .api_args import NO_LIMIT, check_sampling_args, full_context
+from .chat_session import ChatSession
 from .loading import load, parse_size, tokenizer_from_source  # noqa: F401  (the API's names)
+from .stops import check_stops, stop_at
 from .tokenizer import Tokenizer
 
 __all__ = ["load", "Model", "ChatSession", "default_model_path"]
@@ -100,11 +103,15 @@ class Model:
         Returns:
             ``max_tokens`` lowered so that the reply fits the context (the last sampled token
             is never fed, so ``ctx_size - n_tokens + 1`` tokens fit); unchanged without a limit.
+            ``-1``: as many as fit (:func:`~zipmoe_rt.api_args.full_context`).
         Raises:
             ValueError: the prompt alone fills the context (the message gives both sizes and
                 names ``ctx_size`` / ``--ctx-size``).
         """
         limit = self.ctx_size
+        if max_tokens == NO_LIMIT and not isinstance(max_tokens, bool):
+            limit = full_context(self)
+            max_tokens = limit + 1        # all that fits: cut below
         if limit is None:
             return max_tokens
         if n_tokens >= limit:
@@ -223,23 +230,33 @@ class Model:
             self.last_stats = gen.stats
 
     # -- public ------------------------------------------------------------------------------
-    def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = 256,
+               stop: str | Sequence[str] | None = None, **sampling) -> Iterator[str]:
         """Complete a raw prompt (no chat template), yielding text pieces as they are decoded.
 
-        Pieces are never broken UTF-8. Stops at an EOS id or after ``max_tokens`` tokens.
+        Pieces are never broken UTF-8. Stops at an EOS id, after ``max_tokens`` tokens (``-1``:
+        no limit but the context, :attr:`ctx_size` or the model's), or before the first of the
+        ``stop`` strings (a str or a list; never part of the text; ``finish_reason="stop"``).
         Closing the iterator early (``break``, Ctrl-C) stops generation; :attr:`last_stats`
         then says ``finish_reason="cancelled"``.
         """
+        check_sampling_args("Model.stream", sampling, ("prompt", "max_tokens", "stop"))
+        stops = check_stops(stop)
         ids = self._ids(prompt)
         max_tokens = self.fit_context(len(ids), max_tokens)
-        return self._stream_ids(ids, self.sampling(max_tokens, **sampling))
+        it = self._stream_ids(ids, self.sampling(max_tokens, **sampling))
+        return stop_at(it, stops, self) if stops else it
 
-    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, **sampling) -> str:
-        """Complete a raw prompt and return the completion text (prompt not included)."""
-        return "".join(self.stream(prompt, max_tokens, **sampling))
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256,
+                 stop: str | Sequence[str] | None = None, **sampling) -> str:
+        """Complete a raw prompt and return the completion text (prompt not included);
+        ``max_tokens`` and ``stop`` as for :meth:`stream`."""
+        check_sampling_args("Model.generate", sampling, ("prompt", "max_tokens", "stop"))
+        return "".join(self.stream(prompt, max_tokens, stop, **sampling))
 
     def chat(self, messages: list[dict], max_tokens: int = 512, stream: bool = False,
-             skip_special_tokens: bool = True, **sampling):
+             skip_special_tokens: bool = True, stop: str | Sequence[str] | None = None,
+             **sampling):
         """Reply to an OpenAI-style conversation using the model's chat template.
 
         Args:
@@ -248,16 +265,22 @@ class Model:
             skip_special_tokens: leave the tokenizer's special tokens out of the text (default);
                 False keeps them, e.g. gpt-oss's harmony markers (``<|channel|>``, ...) for
                 :class:`zipmoe_rt.server.harmony.HarmonySplitter` to split the channels.
+            max_tokens, stop: as for :meth:`stream` (``-1``: no limit but the context; the
+                reply ends before the first stop string, which is not part of it).
         Returns:
             the assistant's reply (str), or an iterator of pieces when ``stream``.
         Raises:
             ValueError: malformed messages (index and field named), no chat template, or a
                 prompt that fills :attr:`ctx_size`.
         """
+        check_sampling_args("Model.chat", sampling, ("messages", "max_tokens", "stream",
+                                                     "skip_special_tokens", "stop"))
+        stops = check_stops(stop)
         ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
         max_tokens = self.fit_context(len(ids), max_tokens)
         it = self._stream_ids(ids, self.sampling(max_tokens, **sampling),
                               skip_special_tokens=skip_special_tokens)
+        it = stop_at(it, stops, self) if stops else it
         return it if stream else "".join(it)
 
     def chat_session(self, system: str | None = None) -> "ChatSession":
@@ -267,6 +290,13 @@ class Model:
             RuntimeError: the model was closed.
         """
         return ChatSession(self, system)
+
+    def stream_ids(self, ids: list[int], params: SamplingParams, state: CacheState | None = None,
+                   on_finish=None, skip_special_tokens: bool = True) -> Iterator[str]:
+        """Text pieces of one generation from prompt ``ids`` (the loop behind :meth:`stream`,
+        :meth:`chat` and :meth:`ChatSession.send`): ``state`` a cache to continue, ``on_finish``
+        called with the generator when it ends (its ``stats`` then final)."""
+        return self._stream_ids(ids, params, state, on_finish, skip_special_tokens)
 
     def live_net(self):
         """The network, for a new KV cache or a forward pass.
@@ -347,142 +377,3 @@ class Model:
 
     def __exit__(self, *a):
         self.close()
-
-
-class ChatSession:
-    """A conversation with a model: messages plus the KV cache that holds them.
-
-    Each :meth:`send` re-renders the whole conversation with the chat template and feeds only
-    the tokens the cache does not already hold (common-prefix reuse), so long chats stay fast.
-    A reply interrupted once it has begun (Ctrl-C, the iterator closed) is kept as far as it
-    got. A turn stopped before its first reply token, while its prompt is prefilled (Ctrl-C,
-    or an error), is withdrawn: its user message is not kept and the KV cache holds what it
-    held before the turn, so the next turn's reply is the one it would have been had the
-    withdrawn turn never been sent (:attr:`withdrawn` says so).
-
-    Attributes:
-        messages: the conversation (user and assistant turns; the system prompt apart).
-        state: the :class:`~zipmoe_rt.generate.CacheState` holding it.
-        withdrawn: True when the last :meth:`send` was stopped before its first reply token
-            and left the conversation as it was.
-    """
-
-    def __init__(self, model: Model, system: str | None = None):
-        self.model = model
-        self.system = system
-        self.messages: list[dict] = []
-        self.state = CacheState.new(model.live_net())
-        self.withdrawn = False
-        self._busy = threading.Lock()     # held while a reply is being generated
-
-    def _claim(self, what: str):
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError(f"chat session: cannot {what} while a reply is still being "
-                               f"generated (finish or close the previous send() first; one "
-                               f"conversation is one reply at a time)")
-
-    def reset(self, system: str | None = ...):
-        """Forget the conversation (and optionally set a new system prompt); the KV cache's
-        memory is released.
-
-        Raises:
-            RuntimeError: a reply of this session is still being generated, or the model was
-                closed (the conversation is left as it was).
-        """
-        self._claim("reset")
-        try:
-            state = CacheState.new(self.model.live_net())    # closed: nothing changes
-            if system is not ...:
-                self.system = system
-            self.messages = []
-            self.state = state
-        finally:
-            self._busy.release()
-
-    def _all_messages(self):
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-
-    def send(self, text: str, max_tokens: int = 512, skip_special_tokens: bool = True,
-             **sampling) -> Iterator[str]:
-        """Add a user turn and stream the assistant's reply (text pieces).
-
-        Nothing runs until the iterator is first advanced; from then until it is exhausted or
-        closed, the reply holds the session. The reply is kept in :attr:`messages` as the
-        assistant's turn (``content``: the text streamed; a caller that splits it, as the
-        ``chat`` command does gpt-oss's channels, may replace that entry before the next turn).
-        Stopped before its first reply token (during the prefill), the turn is withdrawn
-        instead (see :class:`ChatSession`). ``skip_special_tokens``: as for :meth:`Model.chat`.
-
-        Raises:
-            ValueError: a bad sampling option or message, or a conversation that no longer
-                fits :attr:`Model.ctx_size` (raised here, before anything changes: the
-                conversation is left as it was).
-            RuntimeError: (when the iterator is first advanced) another reply of this session is
-                still being generated, by this or another thread, or the model was closed; the
-                conversation is left as it was.
-        """
-        user = {"role": "user", "content": text}
-        ids = self.model.tokenizer.encode_chat(self._all_messages() + [user],
-                                               add_generation_prompt=True)
-        max_tokens = self.model.fit_context(len(ids), max_tokens)
-        params = self.model.sampling(max_tokens, **sampling)
-        return self._send(user, ids, params, skip_special_tokens)
-
-    def _send(self, user: dict, ids: list[int], params, skip_special_tokens: bool = True
-              ) -> Iterator[str]:
-        self._claim("send")
-        try:
-            it = self._reply(user, ids, params, skip_special_tokens)
-            try:
-                yield from it
-            finally:
-                it.close()
-        finally:
-            self._busy.release()
-
-    def _reply(self, user: dict, ids: list[int], params, skip_special_tokens: bool = True
-               ) -> Iterator[str]:
-        net = self.model.live_net()       # a closed model: RuntimeError, nothing changed
-        self.withdrawn = False
-        new = self.state.sync_prefix(ids, net)
-        held = len(self.state.token_ids)
-        self.messages.append(user)
-        reply: list[str] = []
-        finished = False
-
-        def finish(gen):
-            nonlocal finished
-            finished = True
-            stats = gen.stats
-            if stats is not None and stats.output_tokens == 0 and \
-                    stats.finish_reason in ("cancelled", "error"):
-                # stopped before its first reply token (in the prefill): the turn is
-                # withdrawn, the cache goes back to the tokens it held before it (if the
-                # prefill committed, e.g. before a Ctrl-C that landed in the sampling)
-                self.messages.pop()
-                self.withdrawn = True
-                self.state.crop_to(held)
-                return
-            self.messages.append({"role": "assistant", "content": "".join(reply)})
-
-        try:
-            inner = self.model._stream_ids(new, params, self.state, on_finish=finish,
-                                           skip_special_tokens=skip_special_tokens)
-            try:
-                for piece in inner:
-                    reply.append(piece)
-                    yield piece
-            finally:
-                inner.close()
-        finally:
-            if not finished and not reply:
-                # interrupted (Ctrl-C) before the generation recorded its end and before any
-                # reply token: withdrawn as in ``finish``
-                if self.messages and self.messages[-1] is user:
-                    self.messages.pop()
-                self.withdrawn = True
-                self.state.crop_to(held)
-
-    @property
-    def last_stats(self) -> GenerationStats | None:
-        return self.model.last_stats

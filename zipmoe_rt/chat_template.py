@@ -157,6 +157,26 @@ def _plain_template_data(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+def _check_unicode(value: Any, path: str, depth: int = 0) -> None:
+    """Refuse a string holding a lone surrogate (``"\\ud800"``: no text encoding can hold it)
+    anywhere in ``value``, naming where as the server does (``messages[0].content: ... at
+    character 0``), not as a position in the rendered prompt."""
+    if depth > 64:          # deeper still: the prompt's own encoding refuses it
+        return
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{path}: not valid Unicode (a lone surrogate "
+                             f"\\u{ord(value[e.start]):04x} at character {e.start})") from None
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_unicode(v, f"{path}.{k}", depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for j, v in enumerate(value):
+            _check_unicode(v, f"{path}[{j}]", depth + 1)
+
+
 def _normalize_messages(messages: Any) -> list[dict]:
     """Validate chat messages and convert them to what the template sees.
 
@@ -183,6 +203,7 @@ def _normalize_messages(messages: Any) -> list[dict]:
                 f"messages[{i}]['content']: expected a str or a list of content blocks, "
                 f"got {type(message['content']).__name__}"
             )
+        _check_unicode(message, f"messages[{i}]")
         message = _plain_template_data(message)
         reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
         if reasoning is not None:

@@ -86,6 +86,9 @@ class OneLineUsageErrors(click.Command):
     """Usage errors (bad option value, missing argument) as one ``error: ...`` line, status 1."""
 
     def make_context(self, info_name, args, parent=None, **extra):
+        from .cli_types import split_percent
+        if (msg := split_percent(self.params, args)) is not None:
+            raise CliError(msg)
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as e:
@@ -121,7 +124,8 @@ def _plain_calibration_warnings():
     :class:`~zipmoe_rt.engine.precompile.KernelCompileWarning`,
     :class:`~zipmoe_rt.kernels.KernelCacheWarning` (issued once, when the kernels are first
     imported) or
-    :class:`~zipmoe_rt.convert.atomic.StaleTemporaryWarning` as one ``zipmoe-rt: warning: ...``
+    :class:`~zipmoe_rt.convert.atomic.StaleTemporaryWarning` or
+    :class:`~zipmoe_rt.engine.prefetch.PrefetchWarning` as one ``zipmoe-rt: warning: ...``
     line on stderr (not Python's ``file:line: Category:`` form); other warnings as before."""
     import sys
     import warnings
@@ -141,9 +145,10 @@ def _plain_calibration_warnings():
         from .convert.converter import ConversionWarning
         from .backends import DeviceWarning
         from .engine.precompile import KernelCompileWarning
+        from .engine.prefetch import PrefetchWarning
         from .engine.profile import CalibrationWarning
         if issubclass(category, (CalibrationWarning, ConversionWarning, StaleTemporaryWarning,
-                                 DeviceWarning, KernelCompileWarning)):
+                                 DeviceWarning, KernelCompileWarning, PrefetchWarning)):
             click.echo(f"zipmoe-rt: warning: {message}", err=True)
         else:
             previous(message, category, filename, lineno, file, line)
@@ -419,6 +424,9 @@ def run(model, prompt, raw, system, show_reasoning, **kw):
         n = len(m.tokenizer.encode(prompt))
         pieces = m.stream(prompt, **sp)
     else:
+        if not m.tokenizer.chat_template:
+            raise CliError("chat_template: this model's tokenizer has no chat template; add "
+                           "--raw to send the prompt as it is")
         msgs = ([{"role": "system", "content": system}] if system else []) + \
                [{"role": "user", "content": prompt}]
         n = len(m.tokenizer.encode_chat(msgs, add_generation_prompt=True))

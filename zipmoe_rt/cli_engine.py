@@ -9,13 +9,14 @@ from pathlib import Path
 import click
 import numpy as np
 
+from .cli_types import ModelPath
 from .cli import (DEVICE_OPTION, HOST_BUDGET_OPTION, CliError, default_model_if_none,
                   engine_options, friendly_errors, load_from_options, main,
                   progress_wanted)
 
 
 @main.command()
-@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", required=False, type=ModelPath(path_type=Path, dir_okay=False))
 @click.option("--prompts", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               required=True, help="text file, one prompt per line")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=32, show_default=True,
@@ -47,7 +48,7 @@ def profile(model, prompts, max_tokens, raw, output, quiet, **kw):
 
 
 @main.command()
-@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", required=False, type=ModelPath(path_type=Path, dir_okay=False))
 @click.option("--samples", type=click.IntRange(min=1), default=12, show_default=True,
               help="experts to time")
 @click.option("--direct", is_flag=True, help="time O_DIRECT reads")
@@ -90,7 +91,7 @@ def _write_whole(path: Path, text: str) -> None:
 
 
 @main.command()
-@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", required=False, type=ModelPath(path_type=Path, dir_okay=False))
 @click.option("--memory-budget", "-m", "budgets", multiple=True, metavar="SIZE",
               help="budget(s) to test (repeatable), e.g. 10% 25% 50% 100% or 600MB "
                    "[default: 25%]; 'none' adds an unbudgeted in-memory row")

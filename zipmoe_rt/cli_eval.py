@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from .cli_types import ModelPath, TextPath
 from .cli import (CliError, check_budget_options, engine_options, friendly_errors, main,
                   progress_wanted, warn_c_tier_unused)
 
@@ -32,13 +33,17 @@ def plan(config, memory_budget, as_json):
     divided (dense, one token's working set, expert tiers). No weights are needed.
     """
     from .plan import format_plan, size_plan
-    p = size_plan(config, memory_budget)
+    try:
+        p = size_plan(config, memory_budget)
+    except RecursionError:     # json's decoder recursing on arrays/objects nested too deeply
+        where = config / "config.json" if config.is_dir() else config
+        raise CliError(f"{where}: not a JSON config (nested too deeply to read)") from None
     click.echo(json.dumps(p.as_dict(), indent=2) if as_json else format_plan(p))
 
 
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", type=ModelPath(path_type=Path, dir_okay=False))
+@click.argument("file", type=TextPath(path_type=Path, dir_okay=False))
 @click.option("--ctx", type=int, default=None,
               help=f"window length in tokens [default: {DEFAULT_CTX}, at most the model's "
                    f"context]")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .cli_types import ModelPath
 from .cli import CliError, default_model_if_none, friendly_errors, main, progress_wanted
 
 
@@ -55,7 +56,7 @@ def convert(hf_dir, output, chunks, dense_encoding, expert_encoding, exp_codec, 
 
 
 @main.command()
-@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", required=False, type=ModelPath(path_type=Path, dir_okay=False))
 @click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="folder to write (must not exist or be empty)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
@@ -72,7 +73,7 @@ def export(model, output, quiet):
 
 
 @main.command()
-@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", required=False, type=ModelPath(path_type=Path, dir_okay=False))
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @friendly_errors
 def verify(model, quiet):
@@ -149,7 +150,7 @@ def check_stored_tokenizer(metadata: dict, path) -> str:
 
 
 @main.command()
-@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", required=False, type=ModelPath(path_type=Path, dir_okay=False))
 @click.option("--no-tensors", is_flag=True, help="metadata and totals only")
 @friendly_errors
 def inspect(model, no_tensors):

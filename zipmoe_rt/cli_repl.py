@@ -11,13 +11,13 @@ import os
 import select
 import signal
 import sys
-from dataclasses import replace
 from typing import Iterator, Sequence
 
 import click
 import numpy as np
 
 from .cli_types import lenient_stdin, utf8_text
+from .stops import stop_at  # noqa: F401 - the REPL's and `run`'s stop strings
 
 #: what the CLI samples with when ``generation_config.json`` says nothing about sampling:
 #: llama.cpp's ``common_params_sampling`` defaults (repetition penalty off)
@@ -186,39 +186,6 @@ def warm_up_tokens(model) -> int:
     n = int(np.ceil(np.sqrt(ATTN_PAR_MIN / max(heads * head_dim, 1))))
     ctx = getattr(model, "ctx_size", None) or n + 1
     return max(2, min(n, 256, ctx - 1))
-
-
-def stop_at(pieces: Iterator[str], stops: Sequence[str], model=None) -> Iterator[str]:
-    """Pass text pieces through until one of ``stops`` appears; the stop string and what
-    follows are never yielded, and ``pieces`` is closed then. Text that might be the start of
-    a stop string is held back until the next piece tells. When a stop string ends the reply,
-    ``model.last_stats.finish_reason`` becomes ``"stop"`` (as for a stop token)."""
-    stops = [s for s in stops if s]
-    if not stops:
-        yield from pieces
-        return
-    held = ""
-    hit = False
-    try:
-        for piece in pieces:
-            held += piece
-            cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut:
-                    yield held[:cut]
-                hit = True
-                return
-            keep = max((k for s in stops for k in range(1, len(s))
-                        if held.endswith(s[:k])), default=0)
-            if len(held) > keep:
-                yield held[:len(held) - keep]
-                held = held[len(held) - keep:]
-        if held:
-            yield held
-    finally:
-        pieces.close()
-        if hit and model is not None and model.last_stats is not None:
-            model.last_stats = replace(model.last_stats, finish_reason="stop")
 
 
 # -- the REPL ------------------------------------------------------------------------------------

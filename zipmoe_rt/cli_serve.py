@@ -8,12 +8,13 @@ from pathlib import Path
 
 import click
 
+from .cli_types import ModelPath
 from .cli import (CliError, check_budget_options, engine_options, friendly_errors,
                   load_from_options, main)
 
 
 @main.command()
-@click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model", required=False, type=ModelPath(path_type=Path, dir_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to listen on (0.0.0.0 exposes the server to the network)")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,

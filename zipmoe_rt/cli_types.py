@@ -37,6 +37,65 @@ class FloatRange(click.FloatRange):
         return super().convert(v, param, ctx)                            # then the range
 
 
+def folder_message(path) -> str:
+    """The error for a folder given where a ``.zmoe`` file is expected (a Hugging Face
+    checkpoint folder, typically): convert it first. The one wording of ``load()`` and of every
+    command's MODEL argument."""
+    return f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} -o model.zmoe`"
+
+
+class ModelPath(click.Path):
+    """MODEL, a ``.zmoe`` file: a folder is refused with :func:`folder_message` as the whole
+    one-line error (not click's "Invalid value for '[MODEL]': ... is a directory")."""
+
+    def folder_error(self, value) -> str:
+        """The one-line error for ``value``, a folder."""
+        return folder_message(value)
+
+    def convert(self, value, param, ctx):
+        import os
+        if os.path.isdir(value):
+            raise click.UsageError(self.folder_error(value), ctx)
+        return super().convert(value, param, ctx)
+
+
+class TextPath(ModelPath):
+    """A text file argument (``perplexity``'s FILE): a folder is refused in the same one-line
+    form as MODEL's."""
+
+    def folder_error(self, value) -> str:
+        """The one-line error for ``value``, a folder."""
+        return f"{value}: is a folder; give a UTF-8 text file"
+
+
+def split_percent(params, args) -> str | None:
+    """The error for a size option's value split from its ``%`` by a space (``--memory-budget
+    25 %``: the shell passes ``25`` and ``%`` as two words, and ``%`` would be taken as MODEL),
+    or None. ``params``: the command's click parameters; the size options are those whose
+    metavar starts with ``SIZE``."""
+    sized = {o for p in params if isinstance(p, click.Option)
+             and (p.metavar or "").startswith("SIZE") for o in p.opts}
+    for i, a in enumerate(args):
+        if not a.startswith("%") or i == 0:
+            continue
+        prev = args[i - 1]
+        opt, eq, val = prev.partition("=")
+        if eq and opt in sized:
+            shown = f"{opt}={val}"
+        elif i >= 2 and args[i - 2] in sized:
+            opt, val, shown = args[i - 2], prev, f"{args[i - 2]} {prev}"
+        else:
+            continue
+        try:
+            float(val)
+        except ValueError:          # not a number: no percentage meant
+            continue
+        what = "a lone '%'" if a == "%" else repr(a)
+        return (f"{shown}: followed by {what} (a space splits the size in two); "
+                f"did you mean {opt} {val}%?")
+    return None
+
+
 #: ``-n -1``: generate until a stop token or the full context, as llama.cpp's ``-n -1``
 NO_LIMIT = -1
 

@@ -133,7 +133,9 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             state (engine/prefetch.py; on ``cuda`` their copies over PCIe and decodes,
             engine/gpu_prefetch.py; outputs bit-identical either way).
             None: the default, :data:`~zipmoe_rt.engine.prefetch.DEFAULT_PREFETCH`. No effect
-            without a budget.
+            without a budget. Asked for under a budget without room for its second working
+            set, the run goes without it and warns
+            (:class:`~zipmoe_rt.engine.prefetch.PrefetchWarning`, saying why).
         c_tier: under a budget, how ``zipmoe``'s C slots hold their experts: ``packed`` (the
             compute form, transcoded once when a slot is filled, computed in place with no
             decode) or ``planes`` (the storage form, SM + Huffman exponents, decoded into BF16
@@ -188,8 +190,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if path.is_dir():
-        raise ValueError(f"{path}: is a folder; convert it first with `zipmoe-rt convert {path} "
-                         f"-o model.zmoe`")
+        from .cli_types import folder_message
+        raise ValueError(folder_message(path))
     budgeted = memory_budget is not None or memory_limit is not None
     backend = get_backend(resolve_device(device, "--device"))
     on_host = backend.name != "cuda"
@@ -283,6 +285,11 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                                   backend=backend, host_budget=hb, prefetch=prefetch,
                                   resident=resident, c_form=c_tier)
             _check_same_file(source, engine.reader)
+            if prefetch and not getattr(engine, "prefetch", True):
+                import warnings
+                from .engine.prefetch import PrefetchWarning, prefetch_off_reason
+                warnings.warn(PrefetchWarning(prefetch_off_reason(
+                    engine, budget, memory_limit is not None)), stacklevel=2)
             executor = engine
         else:
             executor = ExpertExecutor(backend.resident_experts(source), backend)

@@ -49,7 +49,9 @@ def temporary_name(target: Path, pid: int | None = None) -> Path:
 
 
 def pid_running(pid: int) -> bool:
-    """True if a process ``pid`` exists on this machine (another user's included)."""
+    """True if a process ``pid`` runs on this machine (another user's included). A zombie
+    (exited, not yet reaped by its parent: state ``Z`` in ``/proc/PID/stat``, e.g. a run
+    killed by ``timeout -s KILL``) does not run."""
     if pid <= 0:
         return False
     try:
@@ -57,8 +59,15 @@ def pid_running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:  # the process just went (or no /proc: not Linux)
+        return not Path("/proc/self/stat").exists()
+    except OSError:
         return True
-    return True
+    # "PID (COMM) STATE ...": COMM may hold spaces and parentheses; the state follows the last ")"
+    return stat[stat.rfind(")") + 2:stat.rfind(")") + 3] != "Z"
 
 
 def remove_stale_temporaries(target: Path) -> list[Path]:

@@ -89,6 +89,25 @@ def check_prefetch(value) -> bool:
                      f"got {value!r}")
 
 
+class PrefetchWarning(UserWarning):
+    """``prefetch`` was asked for and the run goes without it (:func:`prefetch_off_reason`)."""
+
+
+def prefetch_off_reason(engine, budget: int, limited: bool) -> str:
+    """The one-line notice for ``prefetch`` asked for and turned off by ``engine`` (an
+    :class:`~zipmoe_rt.engine.pipeline.ExpertEngine`) under ``budget`` bytes: the budget has
+    no room for the second working set of ``k`` experts that prefetch takes, and the budget
+    that has. ``limited``: the budget came from ``--memory-limit``."""
+    from .tiers import mb_at_least, smallest_budget
+    k, bytes_F = engine.k, engine.bytes_F
+    need = smallest_budget(engine.source) + k * bytes_F
+    where = (f"the weight budget of {budget / 1e6:.1f} MB that --memory-limit leaves"
+             if limited else f"--memory-budget {budget / 1e6:.1f} MB")
+    return (f"prefetch off: {where} has no room for the second working set of {k} experts "
+            f"({k} x {bytes_F / 1e6:.1f} MB) that --prefetch on takes; a weight budget of at "
+            f"least {mb_at_least(need)} runs with prefetch")
+
+
 class PrefetchMixin:
     """Cross-layer prefetch of the expert engine (a mixin of
     :class:`~zipmoe_rt.engine.pipeline.ExpertEngine`; see the module docstring). Main thread

@@ -131,8 +131,17 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
         tok = host.model.tokenizer
         try:
             if req.kind == "chat":
-                kw = {"tools": req.tools} if req.tools else {}
-                return tok.encode_chat(req.messages, add_generation_prompt=True, **kw)
+                ids = tok.encode_chat(req.messages, add_generation_prompt=True)
+                if not req.tools:
+                    return ids
+                with_tools = tok.encode_chat(req.messages, add_generation_prompt=True,
+                                             tools=req.tools)
+                if with_tools == ids:     # the template ignored them: the model never sees them
+                    raise APIError(400, "tools: this model's chat template does not use them (it "
+                                   "renders the same prompt with and without tools); leave "
+                                   "tools out, or serve a model whose template takes tools",
+                                   param="tools")
+                return with_tools
             if isinstance(req.prompt, str):
                 return tok.encode(req.prompt)
             cfg = host.model.net.config

@@ -113,12 +113,12 @@ def _int(body: dict, name: str, lo: int, hi: int | None = None):
     return v
 
 
-def _bool(body: dict, name: str) -> bool:
+def _bool(body: dict, name: str, where: str = "") -> bool:
     v = body.get(name, False)
     if v is None:
         return False
     if not isinstance(v, bool):
-        raise _bad(name, f"expected true or false, got {_shown(v)}")
+        raise _bad(where + name, f"expected true or false, got {_shown(v)}")
     return v
 
 
@@ -136,7 +136,7 @@ def _common(body: Any, kind: str) -> Request:
             raise _bad("stream_options", "expected an object")
         if not req.stream:
             raise _bad("stream_options", "only allowed with stream: true")
-        req.include_usage = _bool(so, "include_usage")
+        req.include_usage = _bool(so, "include_usage", "stream_options.")
     n = _int(body, "n", 1)
     if n not in (None, 1):
         raise _bad("n", f"only 1 choice per request is supported, got {n}")
