@@ -217,3 +217,21 @@ def check_budgeted_run(case, policy: str, budget: str, delay) -> None:
     te.assert_same_logits(run["logits"], case.ref_logits)
     assert run["tokens"] == case.ref_tokens
     assert sum(run["hits"].values()) == run["uses"] > 0
+
+
+def check_plan_budget_is_loads(source, z, budget: str = "50%"):
+    """``plan -m budget`` on checkpoint ``source`` divides the budget as
+    ``load(z, memory_budget=budget)`` does: the same weight budget, dense bytes and largest
+    expert. Returns the plan (:class:`zipmoe_rt.plan.SizePlan`)."""
+    from zipmoe_rt.api import load
+    from zipmoe_rt.plan import size_plan
+
+    plan = size_plan(source, budget)
+    m = load(z, memory_budget=budget, progress=False)
+    try:
+        assert plan.budget.budget == m.engine.budget
+        assert plan.budget.dense == m.source.dense_bytes()
+        assert plan.budget.expert_full == max(l.full_bytes for l in m.source.layouts.values())
+    finally:
+        m.close()
+    return plan

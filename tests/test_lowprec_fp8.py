@@ -21,6 +21,7 @@ from zmoe.fp8 import E4M3_TO_F32
 
 from family_checks import convert_quietly
 from lowprec_models import (BUDGETED_RUNS, check_budgeted_run, check_greedy_20_tokens,
+                            check_plan_budget_is_loads,
                             check_logits_match)
 
 LOGITS_TOL = 1e-3
@@ -333,16 +334,6 @@ def test_plan_budget_is_the_one_load_uses(fp8_model):
     """``plan -m 50%`` on the FP8 release divides the budget ``load(memory_budget="50%")``
     uses: FP8 weights, experts and dense, counted as the float32 they are held in, the block
     scales as nothing (it gave 0.3 MB against the runtime's 0.6 MB)."""
-    from zipmoe_rt.api import load
-    from zipmoe_rt.plan import size_plan
-
     src, z, _ = fp8_model
-    plan = size_plan(src, "50%")
-    m = load(z, memory_budget="50%", progress=False)
-    try:
-        assert plan.budget.budget == m.engine.budget
-        assert plan.budget.dense == m.source.dense_bytes()
-        assert plan.budget.expert_full == max(l.full_bytes for l in m.source.layouts.values())
-    finally:
-        m.close()
+    plan = check_plan_budget_is_loads(src, z)
     assert plan.budget.expert_full == 4 * plan.expert_params // 16      # 16 experts, float32

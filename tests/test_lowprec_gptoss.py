@@ -14,6 +14,7 @@ import pytest
 import zmoe
 
 from lowprec_models import (BUDGETED_RUNS, check_budgeted_run, check_greedy_20_tokens,
+                            check_plan_budget_is_loads,
                             check_logits_match)
 
 LOGITS_TOL = 1e-3
@@ -117,18 +118,8 @@ def test_plan_budget_is_the_one_load_uses(mx_model):
     """``plan -m 50%`` on the MXFP4 release divides the budget ``load(memory_budget="50%")``
     uses: experts counted as the float32 weights they are decoded into (the runtime's own
     ``decoded_bytes``), not at BF16 (which gave 0.6 MB against the runtime's 1.0 MB)."""
-    from zipmoe_rt.api import load
-    from zipmoe_rt.plan import size_plan
-
     folder, z, _ = mx_model
-    plan = size_plan(folder, "50%")
-    m = load(z, memory_budget="50%", progress=False)
-    try:
-        assert plan.budget.budget == m.engine.budget
-        assert plan.budget.dense == m.source.dense_bytes()
-        assert plan.budget.expert_full == max(l.full_bytes for l in m.source.layouts.values())
-    finally:
-        m.close()
+    plan = check_plan_budget_is_loads(folder, z)
     # 4 bytes per weight of the projections, 2 per bias: 98,304 + 1,536 per layer of 8 experts
     assert plan.budget.expert_full == 4 * 98_304 // 8 + 2 * 1_536 // 8
 
