@@ -151,14 +151,25 @@ def make_tiny_mxfp4(folder: Path, spec: str = "gpt_oss", intermediate_size: int 
 
 def load_hf_mxfp4(folder):
     """transformers' model of an MXFP4 checkpoint, dequantised at load (``Mxfp4Config(
-    dequantize=True)``: ``convert_moe_packed_tensors``), float32, eager attention."""
+    dequantize=True)``: ``convert_moe_packed_tensors``), float32, eager attention.
+
+    transformers up to at least 5.17 keeps the dequantised experts in BF16 whatever ``dtype``
+    asks (its expert matmuls then round the activations to BF16: ~5e-3 on the logits of the
+    tiny model); every MXFP4 weight times its power-of-two scale is exact in BF16, so widening
+    the model to float32 afterwards gives the same weights in the precision the comparison
+    needs, on every version. The experts get the config's ``swiglu_alpha`` / ``swiglu_limit``
+    where the installed transformers ignores them (``test_gpu.hf_glu_from_config``)."""
     import torch
     import transformers
+
+    from test_gpu import hf_glu_from_config
 
     m = transformers.AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, attn_implementation="eager",
         quantization_config=transformers.Mxfp4Config(dequantize=True))
-    return m.eval()
+    m = m.float().eval()
+    hf_glu_from_config(m)
+    return m
 
 
 #: the budgeted runs of the low-precision tests: (policy, budget, delay)
