@@ -571,8 +571,8 @@ class _CopyWaitLog(HostOps):
 
 @pytest.mark.parametrize("on", [True, False])
 def test_copy_stream_waits_for_compute_per_batch_or_per_new_arena(tiny_case, monkeypatch, on):
-    """``gpu_batch.COPY_WAITS_COMPUTE``: on (the default), each batch's copies wait for the
-    compute stream's event taken when the batch opened; off, only the first batch of each
+    """``gpu_batch.COPY_WAITS_COMPUTE``: on, each batch's copies wait for the compute
+    stream's event taken when the batch opened; off (the default), only the first batch of each
     arena does (its memory came from the compute stream's pool). Logits and tokens equal the
     unbudgeted run's either way."""
     from zipmoe_rt.engine import gpu_batch
@@ -594,11 +594,17 @@ def test_copy_stream_waits_for_compute_per_batch_or_per_new_arena(tiny_case, mon
         source.close()
 
 
-@pytest.mark.parametrize("scores", [True, False])
-def test_lookahead_without_scores_predicts_the_top_k_alone(tiny_case, monkeypatch, scores):
+@pytest.mark.parametrize("scores, device_reads, ranked", [
+    (True, False, True), (False, False, False), (None, False, True), (None, True, False),
+    (True, True, True)])
+def test_lookahead_without_scores_predicts_the_top_k_alone(tiny_case, monkeypatch, scores,
+                                                           device_reads, ranked):
     """``prefetch.LOOKAHEAD_SCORES`` off: the look-ahead makes no second read for the ranking
-    (no rank histogram, no extra candidates); predicted loads are still started and claimed
-    and the logits equal the unbudgeted run's."""
+    (no rank histogram, no extra candidates); None (the default) reads the scores only where
+    the backend has no ``read_later`` (a host backend: the read is free), not on a backend that
+    reads from a device (given here a ``read_later`` attribute that the look-ahead must not
+    call). Predicted loads are still started and claimed and the logits equal the unbudgeted
+    run's."""
     from zipmoe_rt.engine import prefetch
     from zipmoe_rt.engine.prefetch import attach
     monkeypatch.setattr(prefetch, "LOOKAHEAD_SCORES", scores)
@@ -607,6 +613,12 @@ def test_lookahead_without_scores_predicts_the_top_k_alone(tiny_case, monkeypatc
     source, eng = _pf_engine(case, "zip-lru", budget, 10**9, True)
     try:
         net = build_model(source, executor=eng)
+        if device_reads:
+            def read_later(*arrays):
+                raise AssertionError("the look-ahead deferred a read with LOOKAHEAD_ASYNC off")
+            for i in case.hp["moe_layers"]:
+                monkeypatch.setattr(net.layers[i].mlp.backend, "read_later", read_later,
+                                    raising=False)
         attach(net, eng)
         logits, tokens = generate(net, case.ids, 10)
         assert tokens == case.ref_tokens
@@ -614,7 +626,7 @@ def test_lookahead_without_scores_predicts_the_top_k_alone(tiny_case, monkeypatc
         st = eng.stats
         assert st.prefetch_issued > 0 and st.prefetch_used > 0
         predicted = [l for l in sorted(case.hp["moe_layers"]) if l > 0]
-        assert sorted(eng._rank_hist) == (predicted if scores else [])
+        assert sorted(eng._rank_hist) == (predicted if ranked else [])
     finally:
         eng.close()
         source.close()
@@ -701,9 +713,10 @@ def test_lookahead_async_predicts_the_same_from_a_deferred_read(tiny_case, monke
     """``prefetch.LOOKAHEAD_ASYNC`` on a backend with ``read_later`` (here its host model): the
     look-ahead queues its read and the prediction is made when the running layer issues its
     prefetch; predictions, recall, loads and logits equal those of the look-ahead that reads
-    at once."""
+    at once with the scores (``LOOKAHEAD_SCORES`` on: the deferred read carries them)."""
     from zipmoe_rt.engine import prefetch
     from zipmoe_rt.engine.prefetch import attach
+    monkeypatch.setattr(prefetch, "LOOKAHEAD_SCORES", True)
     case = tiny_case("mixtral")
     budget = case.dense + 2 * case.k * case.bytes_F
     res = {}

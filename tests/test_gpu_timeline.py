@@ -183,11 +183,11 @@ def test_ab_and_config_parsing_and_switches():
     assert GT.parse_config("zip-lru:on") == ("zip-lru", True)
     with pytest.raises(ValueError):
         GT.parse_config("zip-lru")
-    assert gpu_batch.COPY_WAITS_COMPUTE and prefetch.LOOKAHEAD_SCORES
-    with GT.switches([("copy_wait", False), ("lookahead_scores", False), ("max_batch", 3)]):
-        assert not gpu_batch.COPY_WAITS_COMPUTE and not prefetch.LOOKAHEAD_SCORES
+    assert gpu_batch.COPY_WAITS_COMPUTE is False and prefetch.LOOKAHEAD_SCORES is None
+    with GT.switches([("copy_wait", True), ("lookahead_scores", False), ("max_batch", 3)]):
+        assert gpu_batch.COPY_WAITS_COMPUTE is True and prefetch.LOOKAHEAD_SCORES is False
         assert gpu_batch.MAX_BATCH == 3
-    assert gpu_batch.COPY_WAITS_COMPUTE and prefetch.LOOKAHEAD_SCORES
+    assert gpu_batch.COPY_WAITS_COMPUTE is False and prefetch.LOOKAHEAD_SCORES is None
     assert gpu_batch.MAX_BATCH == 0
 
 

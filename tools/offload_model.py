@@ -241,7 +241,11 @@ def uniform_routing(on: bool, by_step: bool = False) -> None:
     benchmark sets before each forward pass), the token's row and the layer instead of the
     logits: still uniform and without locality, but the next layer's router applied a layer
     early (the prefetch look-ahead) draws the very experts that layer will use, a perfect
-    predictor: the bound of what cross-layer prefetch can hide, with nothing to cache."""
+    predictor: the bound of what cross-layer prefetch can hide, with nothing to cache.
+
+    The draws are kept by seed for the process (the look-ahead's and the layer's own, and
+    every timed configuration's, are the same draws), so the generator's host time is paid
+    once per seed rather than in every timed step."""
     from zipmoe_rt.models import moe
     cls = moe.SparseMoeBlock
     if "_model_select" not in cls.__dict__:
@@ -250,14 +254,19 @@ def uniform_routing(on: bool, by_step: bool = False) -> None:
         cls.select = cls._model_select
         return
 
+    drawn = {}      # seed -> the k experts drawn: every row of a run draws the same seeds
+
     def select(self, logits):
         lg = np.asarray(self.backend.to_host(logits), np.float32)
         T, E = lg.shape
         idx = np.empty((T, self.top_k), np.int64)
         for t in range(T):
-            rng = np.random.default_rng([ROUTE_STEP[0], t, self.layer] if by_step else
-                                        [zlib.crc32(lg[t].tobytes()), self.layer])
-            pick = rng.choice(E, self.top_k, replace=False)
+            seed = ((ROUTE_STEP[0], t, self.layer) if by_step else
+                    (zlib.crc32(lg[t].tobytes()), self.layer))
+            pick = drawn.get((seed, E, self.top_k))
+            if pick is None:
+                pick = drawn[seed, E, self.top_k] = np.random.default_rng(list(seed)).choice(
+                    E, self.top_k, replace=False)
             idx[t] = pick[np.argsort(-lg[t, pick], kind="stable")]
         p = np.exp(lg - lg.max(axis=1, keepdims=True))
         w = np.take_along_axis(p, idx, axis=1)

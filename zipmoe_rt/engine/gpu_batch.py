@@ -59,13 +59,16 @@ BATCHED = True
 #: time and a launch of few segments decodes slowly: with 2 on one H100 the Qwen3-30B-A3B-shape
 #: benchmark ran 13 % slower than with 0 (docs/benchmarks.md §13)
 MAX_BATCH = 0
-#: before a batch's first copy the copy stream waits for the compute stream's event taken when
-#: the batch opened (False: only before the first copy into an arena not used before, whose
-#: memory came from the compute stream's pool; the arenas are allocated once and never given
-#: back, so a later batch needs only the wait for the decode that last read its arena, and its
-#: copies no longer queue behind compute work queued before the batch opened). Same bytes either
-#: way; ``tools/gpu_timeline.py --ab copy_wait=off`` compares the two in one process
-COPY_WAITS_COMPUTE = True
+#: True: before a batch's first copy the copy stream waits for the compute stream's event taken
+#: when the batch opened. False (the default): only before the first copy into an arena not used
+#: before, whose memory came from the compute stream's pool; the arenas are allocated once and
+#: never given back, and the copies write only into them, so a later batch needs only the wait
+#: for the decode that last read its arena (the decode stream still waits for the compute
+#: stream before writing its outputs), and its copies no longer queue behind compute work queued
+#: before the batch opened. Same bytes either way; on one H100 the compressed rows with prefetch
+#: ran 1.31× faster without the wait (docs/benchmarks.md §13, run 12);
+#: ``tools/gpu_timeline.py --ab copy_wait=on`` compares the two in one process
+COPY_WAITS_COMPUTE = False
 
 
 def _al(n: int) -> int:

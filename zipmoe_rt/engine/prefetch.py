@@ -60,11 +60,14 @@ MAX_EXTRA = 1
 EXTRA_WARMUP = 4
 #: the extra candidates' expected unused loads per call at most, as a multiple of k
 WASTE_BOUND = 0.75
-#: the look-ahead reads the next router's logits for the ranking of the extra candidates, a
-#: second device-to-host read after the routing's own on the GPU (False: the prediction is the
-#: router's top-k alone, one read per look-ahead; the logits never change, only which experts
-#: are loaded early; ``tools/gpu_timeline.py --ab lookahead_scores=off``)
-LOOKAHEAD_SCORES = True
+#: whether the look-ahead reads the next router's logits for the ranking of the extra
+#: candidates. None (the default): where that read is free, on host backends, and not on the GPU,
+#: where it would be a second device-to-host read after the routing's own (on one H100 skipping
+#: it ran raw-lru with prefetch 1.43× faster: docs/benchmarks.md §13, run 12). False: the
+#: prediction is the router's top-k alone, one read per look-ahead; True: the scores everywhere.
+#: The logits never change, only which experts are loaded early
+#: (``tools/gpu_timeline.py --ab lookahead_scores=on``)
+LOOKAHEAD_SCORES = None
 #: on a backend with ``read_later`` (CUDA), a look-ahead from an MoE layer queues the next
 #: router's logits and their copy to the host without waiting, and the prediction is made from
 #: them when the running layer issues its prefetch (after its own routing read, which the copy
@@ -354,7 +357,8 @@ def _lookahead(engine, j: int, target, defer: bool):
             engine.predict_later(j, lambda: _host_prediction(block, pending()[0]))
             return
         logits, idx, _w = block.route(norm(x))
-        scores = block.backend.to_host(logits).reshape(-1) if LOOKAHEAD_SCORES else None
+        want = (later is None) if LOOKAHEAD_SCORES is None else LOOKAHEAD_SCORES
+        scores = block.backend.to_host(logits).reshape(-1) if want else None
         engine.predict(j, np.asarray(idx).reshape(-1).tolist(), issue_now=not defer,
                        scores=scores)   # GPU: the scores are a second host read
 
