@@ -43,6 +43,7 @@ matmuls and whatever the call queues after them).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -271,7 +272,7 @@ class BatchedMisses:
         rearranged = False
         for p, job in zip(b.group, b.jobs):
             out = job[5]
-            roles = {role: out[w0:w0 + int(np.prod(shape))].reshape(shape)
+            roles = {role: out[w0:w0 + math.prod(map(int, shape))].reshape(shape)
                      for role, w0, shape in self._meta[p.key].outs}
             rearranged |= "gate_up_cols" in roles
             p.weights = assemble(ops, roles, ds)

@@ -37,6 +37,7 @@ in the tests of machines without a GPU.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -69,7 +70,7 @@ def assemble(ops, roles: dict, stream) -> ExpertWeights:
     H, I = gu.shape[0], gu.shape[1] // 2
 
     def new(*shape):
-        return ops.empty(int(np.prod(shape)), np.uint16).reshape(shape)
+        return ops.empty(math.prod(map(int, shape)), np.uint16).reshape(shape)
     w = ExpertWeights(new(I, H), new(I, H), new(H, I), new(I), new(I), new(H))
     with ops.on(stream):
         w.gate[...] = gu[:, 0::2].T
@@ -328,7 +329,7 @@ class GpuExpertEngine(GpuPrefetch, BatchedMisses, ExpertEngine):
         if m.raw:           # views of the copied words; a copy only where one is misaligned
             words = sm.view(np.uint16)          # for the 16-byte loads of the GEMV kernels
             for role, w0, shape in m.outs:
-                v = words[w0:w0 + int(np.prod(shape))]
+                v = words[w0:w0 + math.prod(map(int, shape))]
                 roles[role] = (v if (2 * w0) % 16 == 0 else ops.copy(v, self._dec_s)).reshape(shape)
         else:
             if p.need_exp:
@@ -346,7 +347,7 @@ class GpuExpertEngine(GpuPrefetch, BatchedMisses, ExpertEngine):
             self.stats.events.append((a, b))
             self.stats.gpu_decodes += 1
             for role, w0, shape in m.outs:
-                roles[role] = out[w0:w0 + int(np.prod(shape))].reshape(shape)
+                roles[role] = out[w0:w0 + math.prod(map(int, shape))].reshape(shape)
         p.weights = assemble(ops, roles, self._dec_s)
         p.event = ops.record(self._dec_s)
         p.keep = (dbuf, out) if not m.raw else dbuf     # read by the decode stream until then

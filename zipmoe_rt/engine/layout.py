@@ -6,6 +6,7 @@ buffers the I/O thread (or a resident tier) handed it.
 """
 from __future__ import annotations
 
+import math
 import threading
 import zlib
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ class Piece:
 
     @property
     def elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(map(int, self.shape))
 
     @cached_property
     def chunk_arrays(self) -> tuple:

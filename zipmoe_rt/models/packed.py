@@ -11,6 +11,7 @@ BF16); a :class:`PackedExpert` groups gate, up and down like
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,7 +162,7 @@ def dense_saving_bound(source) -> int:
         shape = [int(d) for d in t["shape"]]
         if "expert" in t or t["dtype"] != "BF16" or len(shape) < 2 or not all(shape):
             continue
-        n = int(np.prod(shape))
+        n = math.prod(map(int, shape))
         uses = 2 if "k_proj" in name and name.replace("k_proj", "v_proj") not in tensors else 1
         total += uses * max(0, n - 16 * min(shape))          # twice (n / 2 - 8 * rows)
     return (total + 1) // 2
