@@ -580,9 +580,9 @@ def test_a_percent_sign_as_prompt_is_not_taken_for_a_split_size():
     assert split_percent(run.params, ["-m", "2GB", "%"]) is None   # not a number: no % meant
 
 
-def test_run_on_a_model_without_chat_template_points_to_raw(tiny_moe_dir, tmp_path):
+def test_run_and_chat_on_a_model_without_chat_template_point_to_raw(tiny_moe_dir, tmp_path):
     """No chat template: `run` says so and that --raw sends the prompt as it is; with --raw
-    it completes the prompt."""
+    it completes the prompt. `chat` refuses before its first turn and points to `run --raw`."""
     from cli_runner import cli
     from test_api import _tokenizer_json
     from zipmoe_rt.convert.converter import convert
@@ -599,5 +599,10 @@ def test_run_on_a_model_without_chat_template_points_to_raw(tiny_moe_dir, tmp_pa
     assert r.exit_code == 1
     assert r.stderr == ("error: chat_template: this model's tokenizer has no chat template; "
                         "add --raw to send the prompt as it is\n")
+    r = cli("chat", zm, input="hi\n")
+    assert r.exit_code == 1
+    assert r.stderr.endswith("error: chat_template: this model's tokenizer has no chat "
+                             "template, so it cannot hold a conversation; complete a prompt "
+                             "as it is with `zipmoe-rt run MODEL --raw -p TEXT`\n")
     r = cli("run", zm, "-p", "hi", "-n", 2, "--raw", "--temp", 0)
     assert r.exit_code == 0, r.stderr

@@ -461,6 +461,10 @@ def chat(model, system, show_reasoning, **kw):
     need_stdin("chat (the turns are read from it)")
     interactive = sys.stdin.isatty()
     m, sp, ctx = _prepare(model, kw, 512, banner=interactive)   # piped: the replies only
+    if not m.tokenizer.chat_template:
+        raise CliError("chat_template: this model's tokenizer has no chat template, so it "
+                       "cannot hold a conversation; complete a prompt as it is with "
+                       "`zipmoe-rt run MODEL --raw -p TEXT`")
     session = m.chat_session(system)
     memory = None if _memory_asked(kw) else m.memory_line()   # else load_from_options said it
     harmony = _harmony_reply(m, show_reasoning, False)
