@@ -283,3 +283,78 @@ def test_hooks_sections_detail_records_only_the_sections(tiny_case):
     finally:
         eng.close()
         source.close()
+
+
+def test_interleaved_blocks_alternate_abba_and_the_ratio_follows_the_flipped_speed():
+    """tools/timeline_ab.py: blocks alternate A B B A ...; each block runs with the switch as
+    set by ``flip`` (a flag the fake step reads, as the engine reads its module switches),
+    steps and logits stay in order, and a side that takes twice as long per step gives a
+    median ratio near 2 (time-based, so only loose bounds are asserted); too few tokens for two
+    blocks is a ValueError naming --interleave."""
+    import contextlib
+    import time
+
+    import timeline_ab as TAB
+    state = {"on": False}
+    seen = []
+
+    @contextlib.contextmanager
+    def flip():
+        state["on"] = True
+        try:
+            yield
+        finally:
+            state["on"] = False
+
+    def step(t):
+        seen.append((t, state["on"]))
+        time.sleep(0.002 if state["on"] else 0.004)      # flipped: twice as fast
+        return np.array([t], np.float32)
+
+    r = TAB.interleaved(step, lambda: None, list(range(16)), 2, flip)
+    assert [f for f, _ in r["blocks"]] == [False, True, True, False] * 2
+    assert [t for t, _ in seen] == list(range(16))
+    assert [on for _, on in seen] == [on for on in (False, True, True, False) * 2
+                                      for _ in range(2)]
+    assert [int(x[0]) for x in r["logits"]] == list(range(16))
+    assert state["on"] is False
+    assert 1.3 < r["ratio"] < 3.0 and r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+    assert r["flipped_s"] < r["plain_s"]
+    with pytest.raises(ValueError, match="--interleave"):
+        TAB.interleaved(step, lambda: None, list(range(3)), 2, flip)
+    with pytest.raises(ValueError, match="--interleave"):
+        TAB.interleaved(step, lambda: None, list(range(8)), 0, flip)
+
+
+def test_interleaved_row_keeps_the_logits_and_restores_the_switch(tiny_case, monkeypatch):
+    """``gpu_timeline.run_interleaved`` (``--interleave``) on the GPU engine over the host
+    model of the device operations: zip-lru with prefetch, copy_wait flipped in every other
+    pair of blocks; the steps' logits equal those of the same steps with the defaults
+    throughout (bit for bit) and the switch is back at its default afterwards."""
+    import argparse
+
+    import gpu_timeline as GT
+    import offload_model
+    from zipmoe_rt.engine import gpu_batch
+    case = tiny_case("mixtral")
+    monkeypatch.setattr(offload_model, "VOCAB", 256)          # the tiny model's vocabulary
+    budget = case.dense + 2 * case.k * case.bytes_F
+    a = argparse.Namespace(device="cpu", host_budget=None, tokens=8, interleave=2)
+    r = GT.run_interleaved(a, [("copy_wait", True)], case.zmoe, budget, "zip-lru", True)
+    assert gpu_batch.COPY_WAITS_COMPUTE is False
+    assert [f for f, _ in r["blocks"]] == [False, True, True, False]
+    net, _eng, close = GT.open_model(case.zmoe, "cpu", budget, "zip-lru", None, True)
+    try:
+        ids = offload_model.token_stream(GT.PREFILL + GT.WARM + a.tokens)
+        cache = net.new_cache(capacity=len(ids) + 1)
+        offload_model.forward(net, ids[:GT.PREFILL], cache, 0)
+        ref, step = [], 1
+        for t in ids[GT.PREFILL:]:
+            out = offload_model.forward(net, np.array([t]), cache, step)
+            if step > GT.WARM:
+                ref.append(out)
+            step += 1
+    finally:
+        close()
+    assert len(r["logits"]) == len(ref) == 8
+    assert all(np.array_equal(x, y) for x, y in zip(r["logits"], ref))

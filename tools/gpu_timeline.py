@@ -5,7 +5,7 @@ model of ``tools/gpu_offload_bench.py`` (Qwen3-30B-A3B layer shape, ``tools/offl
     python tools/gpu_timeline.py run POOLS.npz --work DIR [--layers 4] [--budget 25%]
         [--host-budget 100%] [--routing predictable] [--tokens 64] [--timeline 8]
         [--configs raw-lru:on,zip-lru:off,zip-lru:on] [--ab copy_wait=off ...]
-        [--ab-configs zip-lru:on] [--gantt 2] [--profile N] [--json OUT.json]
+        [--ab-configs zip-lru:on] [--interleave N] [--gantt 2] [--profile N] [--json OUT.json]
         [--device cpu --tiny]
 
 For the unbudgeted model (every expert on the GPU) and each budgeted configuration
@@ -22,6 +22,11 @@ time). Every row's logits are compared bit for bit with the unbudgeted run's (sa
 a row run with those module switches flipped (:data:`AB_SWITCHES`), restored afterwards; its
 plain ms/token is printed as a ratio against the same configuration without the switches,
 measured in the same process.
+
+``--interleave N`` times each ``--ab`` row inside one load instead: ``--tokens`` steps in
+blocks of ``N`` alternating (ABBA) between the defaults and the switches, the median ratio
+and its range over pairs of blocks printed (``tools/timeline_ab.py``; rows timed one after
+the other, each with its own load, differ by more than the switches do on some hosts).
 
 ``--profile N`` runs N more decode steps of each row under :mod:`cProfile` after the plain
 timing (:func:`host_profile`): the host's milliseconds per token by function, own and
@@ -48,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tools"), str(ROOT), str(ROOT / "format")]
 
 import offload_model  # noqa: E402
+import timeline_ab  # noqa: E402
 import timeline_hooks as TH  # noqa: E402
 import timeline_report as TR  # noqa: E402
 
@@ -293,6 +299,30 @@ def run_row(a, path, budget=None, policy=None, prefetch=False) -> dict:
         close()
 
 
+def run_interleaved(a, pairs, path, budget, policy, prefetch) -> dict:
+    """One ``--ab`` row with ``--interleave N``: the configuration loaded once, ``--tokens``
+    decode steps timed in blocks of ``N`` that alternate between the defaults and the
+    switches ``pairs`` (:func:`timeline_ab.interleaved`); no timeline, no profile."""
+    net, _eng, close = open_model(path, a.device, budget, policy, a.host_budget, prefetch)
+    try:
+        ids = offload_model.token_stream(PREFILL + WARM + a.tokens)
+        cache = net.new_cache(capacity=len(ids) + 1)
+        offload_model.forward(net, ids[:PREFILL], cache, 0)
+        step = [1]
+        for t in ids[PREFILL:PREFILL + WARM]:
+            offload_model.forward(net, np.array([t]), cache, step[0])
+            step[0] += 1
+
+        def one(t):
+            out = offload_model.forward(net, np.array([t]), cache, step[0])
+            step[0] += 1
+            return out
+        return timeline_ab.interleaved(one, net.backend.synchronize, ids[PREFILL + WARM:],
+                                       a.interleave, lambda: switches(pairs))
+    finally:
+        close()
+
+
 def run(a) -> dict:
     """The rows of ``run`` (module docstring), printed and returned (and saved to
     ``--json``)."""
@@ -333,6 +363,26 @@ def run(a) -> dict:
             print(TR.gantt(d["tokens"][:a.gantt]))
         rows[name] = r
 
+    def interleaved_row(name, pairs, *args):
+        try:
+            r = run_interleaved(a, pairs, *args)
+        except Exception as e:  # noqa: BLE001 - reported; the other rows still run
+            rows[name] = {"error": _err(e)}
+            print(f"\n[{time.perf_counter() - t_start:.0f} s] {name}: ERROR {_err(e)}",
+                  flush=True)
+            return
+        same = None if ref is None else all(np.array_equal(x, y)
+                                            for x, y in zip(r.pop("logits"), ref))
+        print(f"\n[{time.perf_counter() - t_start:.0f} s] {name}: {1e3 * r['flipped_s']:.3f} "
+              f"ms/token against {1e3 * r['plain_s']:.3f} with the defaults in the same "
+              f"process (blocks of {a.interleave} tokens, ABBA): x{r['ratio']:.3f} the speed "
+              f"(pairs of blocks {r['ratio_min']:.3f}-{r['ratio_max']:.3f}); logits "
+              f"bit-identical to the unbudgeted run: {same}", flush=True)
+        rows[name] = {"plain_s": r["flipped_s"], "defaults_s": r["plain_s"],
+                      "ratio": r["ratio"], "ratio_min": r["ratio_min"],
+                      "ratio_max": r["ratio_max"], "blocks": r["blocks"],
+                      "bit_identical_to_unbudgeted": same}
+
     def row(name, *args, base=None, pairs=()):
         try:
             with switches(pairs):
@@ -359,8 +409,13 @@ def run(a) -> dict:
         for text, pairs in a.ab:
             for pol, pf in ab_on:
                 base = f"{pol}, prefetch {'on' if pf else 'off'}"
+                path = raw if pol == "raw-lru" else z
+                if a.interleave:
+                    interleaved_row(f"{base}, {text} (interleaved)", pairs, path, budget, pol,
+                                    pf)
+                    continue
                 b = rows.get(base)
-                row(f"{base}, {text}", raw if pol == "raw-lru" else z, budget, pol, pf,
+                row(f"{base}, {text}", path, budget, pol, pf,
                     base=b if b and "plain_s" in b else None, pairs=pairs)
     print("\n| row | ms/token plain | with timeline | x raw-lru (same prefetch) | host launch ms "
           "| host wait ms | compute busy ms | copy busy ms | decode busy ms | bit-identical |")
@@ -372,7 +427,10 @@ def run(a) -> dict:
             "plain_s" in r else "-"
         if not s:
             plain = f"{1e3 * r['plain_s']:.3f}" if "plain_s" in r else "-"
-            print(f"| {name} | {plain} | {r.get('error') or r.get('errors')} | {x} | | | | | | "
+            what = (f"interleaved: x{r['ratio']:.3f} the defaults' speed (pairs "
+                    f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f})" if "ratio" in r
+                    else r.get("error") or r.get("errors"))
+            print(f"| {name} | {plain} | {what} | {x} | | | | | | "
                   f"{r.get('bit_identical_to_unbudgeted')} |")
             continue
         print(f"| {name} | {1e3 * r['plain_s']:.3f} | {1e3 * r['timeline_s']:.3f} | {x} | "
@@ -405,6 +463,10 @@ def main(argv=None):
                    help=f"a row per --ab-configs entry with switches flipped, NAME=VALUE,... "
                    f"(names: {', '.join(AB_SWITCHES)}); repeatable")
     r.add_argument("--ab-configs", default="zip-lru:on")
+    r.add_argument("--interleave", type=int, default=0, metavar="N",
+                   help="time each --ab row inside one load: --tokens steps in blocks of N "
+                   "alternating (ABBA) between the defaults and the switches (tools/"
+                   "timeline_ab.py); 0: a row of its own, compared with the plain row")
     r.add_argument("--gantt", type=int, default=2, help="recorded tokens in each Gantt")
     r.add_argument("--detail", type=lambda t: [x for x in t.split(",") if x],
                    default=["ops"], help="comma-separated, each recorded --timeline steps: ops "
