@@ -591,3 +591,37 @@ def test_max_tokens_minus_one_runs_to_the_end_of_the_context(model):
     for bad in (-2, 0):
         with pytest.raises(ValueError, match="max_tokens"):
             model.generate(prompt, max_tokens=bad)
+
+
+def test_past_the_trained_context_without_ctx_size_warns(model):
+    """No ``ctx_size``: a prompt longer than ``max_position_embeddings`` runs but warns once
+    (ContextWarning naming both sizes), as llama.cpp warns past ``n_ctx_train``; one that fits
+    does not warn, whatever ``max_tokens`` asks (a reply may stop early); with ``ctx_size`` the
+    limit refuses instead."""
+    import warnings
+
+    from zipmoe_rt.api_args import ContextWarning
+    maxpos = model.hparams["max_position_embeddings"]
+    assert model.ctx_size is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.fit_context(maxpos, 40) == 40
+        assert model.fit_context(10, 8) == 8
+    with pytest.warns(ContextWarning) as got:
+        assert model.fit_context(maxpos + 1, 5) == 5
+    assert len(got) == 1
+    assert str(got[0].message) == (
+        f"prompt: {maxpos + 1} tokens are more than the {maxpos} positions the model was "
+        f"trained for (max_position_embeddings); output past that position may degrade (set "
+        f"Model.ctx_size to refuse such prompts)")
+    ids = [1] * (maxpos + 2)
+    with pytest.warns(ContextWarning, match=f"prompt: {maxpos + 2} tokens are more than"):
+        model.generate(ids, max_tokens=1)
+    try:
+        model.ctx_size = maxpos
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match="do not fit the context"):
+                model.fit_context(maxpos + 1, 1)
+    finally:
+        model.ctx_size = None

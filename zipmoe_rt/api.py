@@ -10,6 +10,7 @@ Sampling defaults to greedy (``temperature=0``); pass ``temperature``, ``top_k``
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -17,7 +18,8 @@ from zmoe.constants import Keys
 
 from .default_model import default_model_path
 from .generate import CacheState, GenerationStats, SamplingParams, generate
-from .api_args import NO_LIMIT, check_sampling_args, full_context
+from .api_args import (NO_LIMIT, ContextWarning, check_sampling_args, full_context,
+                       past_trained_context)
 from .chat_session import ChatSession
 from .loading import load, parse_size, tokenizer_from_source  # noqa: F401  (the API's names)
 from .stops import check_stops, stop_at
@@ -104,6 +106,9 @@ class Model:
             ``max_tokens`` lowered so that the reply fits the context (the last sampled token
             is never fed, so ``ctx_size - n_tokens + 1`` tokens fit); unchanged without a limit.
             ``-1``: as many as fit (:func:`~zipmoe_rt.api_args.full_context`).
+        Warns:
+            ContextWarning: without :attr:`ctx_size`, the ids are more than the model's
+                ``max_position_embeddings``.
         Raises:
             ValueError: the prompt alone fills the context (the message gives both sizes and
                 names ``ctx_size`` / ``--ctx-size``).
@@ -113,6 +118,9 @@ class Model:
             limit = full_context(self)
             max_tokens = limit + 1        # all that fits: cut below
         if limit is None:
+            over = past_trained_context(self, n_tokens)
+            if over:
+                warnings.warn(ContextWarning(over), stacklevel=3)
             return max_tokens
         if n_tokens >= limit:
             raise ValueError(f"prompt: {n_tokens} tokens do not fit the context of {limit} tokens "

@@ -22,6 +22,25 @@ def check_sampling_args(method: str, sampling: dict, takes: tuple[str, ...]) -> 
                             f"{', '.join(takes + SAMPLING_ARGS)}")
 
 
+class ContextWarning(UserWarning):
+    """A sequence asked of a model with no ``ctx_size`` reaches past the positions the model
+    was trained for (``max_position_embeddings``): transformers' "exceeds the model's
+    predefined maximum length" reminder, llama.cpp's ``n_ctx > n_ctx_train`` warning."""
+
+
+def past_trained_context(model, n_tokens: int) -> str | None:
+    """The :class:`ContextWarning` text when a sequence of ``n_tokens`` ids (cached and new)
+    passes ``model``'s ``max_position_embeddings``, else None (it fits, or the trained length
+    is unknown). A reply that would run past it is not warned of in advance: it may stop
+    before."""
+    trained = model.hparams.get("max_position_embeddings")
+    if not trained or n_tokens <= int(trained):
+        return None
+    return (f"prompt: {n_tokens} tokens are more than the {int(trained)} positions the model "
+            f"was trained for (max_position_embeddings); output past that position may "
+            f"degrade (set Model.ctx_size to refuse such prompts)")
+
+
 def full_context(model) -> int:
     """The context in tokens that ``max_tokens=-1`` may fill: ``model.ctx_size``, else the
     context a memory limit planned its KV cache for, else the model's
