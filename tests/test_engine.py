@@ -793,7 +793,9 @@ def test_policy_must_match_the_expert_encoding(tiny_case):
     c = tiny_case("qwen2_moe")
     b = c.budget("mid")
     with pytest.raises(ValueError, match=r"raw-lru needs a file with raw BF16 experts "
-                                         r"\(convert with --expert-encoding raw\)"):
+                                         r"\(convert with --expert-encoding raw; from a \.zmoe: "
+                                         r"`zipmoe-rt export FILE -o DIR`, then `zipmoe-rt "
+                                         r"convert DIR --expert-encoding raw`\)$"):
         zipmoe_rt.load(c.zmoe, memory_budget=b, policy="raw-lru")
     with pytest.raises(ValueError, match="experts are stored raw; use --policy raw-lru"):
         zipmoe_rt.load(c.raw, memory_budget=b, policy="zip-lru")

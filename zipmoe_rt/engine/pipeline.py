@@ -110,7 +110,9 @@ class ExpertEngine(SlotTiers, BufferPools, PrefetchMixin, CTierMixin):
         self._setup_compute_form(resident, c_form, escape_share, raw_experts)
         if policy == "raw-lru" and not raw_experts:
             raise ValueError(f"{self.path}: policy raw-lru needs a file with raw BF16 experts "
-                             f"(convert with --expert-encoding raw)")
+                             f"(convert with --expert-encoding raw; from a .zmoe: `zipmoe-rt "
+                             f"export FILE -o DIR`, then `zipmoe-rt convert DIR "
+                             f"--expert-encoding raw`)")
         if policy != "raw-lru" and raw_experts:
             raise ValueError(f"{self.path}: experts are stored raw; use --policy raw-lru")
         second = self.prefetch_second_set(self.layouts, prefetch)
