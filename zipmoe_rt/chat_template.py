@@ -21,7 +21,8 @@ import jinja2.exceptions
 import jinja2.ext
 import jinja2.nodes
 import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .chat_template_limits import BoundedEnvironment
 
 __all__ = ["compile_chat_template", "render_chat_template", "SPECIAL_TOKEN_NAMES", "is_harmony"]
 
@@ -100,7 +101,10 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 def compile_chat_template(chat_template: str) -> jinja2.Template:
     """Compile a chat template in the environment transformers renders chat templates in.
 
-    Mirrors ``_cached_compile_jinja_template`` in ``transformers/utils/chat_template_utils.py``.
+    Mirrors ``_cached_compile_jinja_template`` in ``transformers/utils/chat_template_utils.py``,
+    in a sandbox that also bounds every render of the template in work and size
+    (:mod:`zipmoe_rt.chat_template_limits`): a template that loops or builds without end stops
+    with ``RenderLimitError`` (a ``TemplateError``) instead of hanging.
 
     Args:
         chat_template: Jinja2 source of the template.
@@ -114,10 +118,11 @@ def compile_chat_template(chat_template: str) -> jinja2.Template:
     """
     if not isinstance(chat_template, str):
         raise TypeError(f"chat_template: expected a str, got {type(chat_template).__name__}")
-    env = ImmutableSandboxedEnvironment(
+    env = BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
+    env.bound_filters()
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
@@ -277,7 +282,9 @@ def render_chat_template(
 
     Raises:
         ValueError: a message lacks ``role`` / ``content`` (the message names ``messages[i]``);
-            the template raised (``raise_exception``) or failed to render; ``continue_final_message``
+            the template raised (``raise_exception``) or failed to render; the render passed a
+            budget of :mod:`~zipmoe_rt.chat_template_limits` (``chat_template: rendering
+            stopped: ...``, naming the limit); ``continue_final_message``
             with ``add_generation_prompt``, or a final message / template that cannot be continued.
         TypeError: ``messages`` is not a list of dicts, or ``tools`` / ``documents`` are not
             lists of dicts.
@@ -304,7 +311,9 @@ def render_chat_template(
         )
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat_template: {e}") from e
-    except (TypeError, KeyError, AttributeError, IndexError) as e:
+    except RecursionError as e:
+        raise ValueError("chat_template: rendering stopped: calls nested too deeply") from e
+    except (TypeError, KeyError, AttributeError, IndexError, OverflowError, MemoryError) as e:
         raise ValueError(f"chat_template: rendering failed: {type(e).__name__}: {e}") from e
     return rendered if final is None else _cut_at_tag(rendered, final)
 

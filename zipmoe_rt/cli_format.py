@@ -78,7 +78,7 @@ def export(model, output, quiet):
 @friendly_errors
 def verify(model, quiet):
     """Check every checksum of a .zmoe file, that every exponent chunk decodes and that the
-    stored tokenizer and chat template load.
+    stored tokenizer and chat template load (and the template renders a sample conversation).
 
     MODEL: a .zmoe file (default: the bundled SmolLM2 MoE, built on first use).
     """
@@ -108,9 +108,20 @@ def verify(model, quiet):
                    f"all checksums match{tok})")
 
 
+#: What ``verify`` renders through a stored chat template.
+_SAMPLE_CONVERSATION = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+    {"role": "user", "content": "Tell me a joke."},
+]
+
+
 def check_stored_tokenizer(metadata: dict, path) -> str:
     """Load the tokenizer and compile the chat template stored in a container's metadata, as
-    ``run`` / ``chat`` do (:func:`zipmoe_rt.api.tokenizer_from_source`).
+    ``run`` / ``chat`` do (:func:`zipmoe_rt.api.tokenizer_from_source`), and render a sample
+    conversation (system / user / assistant / user, with the generation prompt) through the
+    template's bounded renderer, so that a template that never stops is refused here too.
 
     Args:
         metadata: the container's metadata (``ZmoeReader.metadata``).  path: named in errors.
@@ -119,7 +130,9 @@ def check_stored_tokenizer(metadata: dict, path) -> str:
         or "" when the file stores no tokenizer.
     Raises:
         ValueError: naming the file and the metadata key (``tokenizer.json``,
-            ``tokenizer.chat_template`` or ``tokenizer.config``) that does not load.
+            ``tokenizer.chat_template`` or ``tokenizer.config``) that does not load, or a
+            chat template whose render of the sample conversation passes a render budget
+            (``... 'tokenizer.chat_template': chat_template: rendering stopped: ...``).
     """
     from zmoe.constants import Keys
 
@@ -142,10 +155,16 @@ def check_stored_tokenizer(metadata: dict, path) -> str:
         raise ValueError(f"{path}: metadata {Keys.Tokenizer.JSON!r} is not a tokenizer the "
                          f"tokenizers library loads: {e}") from None
     try:
-        Tokenizer.from_hf_config(tok_json, metadata.get(Keys.Tokenizer.CONFIG) or {}, template)
+        tok = Tokenizer.from_hf_config(tok_json, metadata.get(Keys.Tokenizer.CONFIG) or {}, template)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: metadata {Keys.Tokenizer.CONFIG!r} does not fit the stored "
                          f"tokenizer: {e}") from None
+    if template is not None:
+        try:
+            tok.apply_chat_template(_SAMPLE_CONVERSATION, add_generation_prompt=True)
+        except ValueError as e:
+            if "rendering stopped" in str(e):   # a template may refuse a sample (raise_exception):
+                raise ValueError(f"{path}: metadata {Keys.Tokenizer.CHAT_TEMPLATE!r}: {e}") from None
     return "; tokenizer" + (" and chat template load" if template is not None else " loads")
 
 
