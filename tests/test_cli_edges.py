@@ -303,7 +303,22 @@ def test_bad_prompts_and_load_options_are_named(greedy_zmoe):
                                                                            max_tokens=3)
     for kw, msg in [(dict(policy="nope"), "policy (--policy): expected one of auto, "),
                     (dict(eviction="fifo"), "eviction (--eviction): expected one of lru, "),
-                    (dict(context=0), "context: expected a number of tokens >= 1, got 0")]:
+                    (dict(context=0), "context: expected a number of tokens >= 1, got 0"),
+                    # as the CLI's --workers (>= 1): 0 is not "all cores", nor -3 a raw
+                    # ThreadPoolExecutor error, nor "x" a TypeError
+                    (dict(workers=0), "workers (--workers): expected None (all cores) or an "
+                                      "int >= 1, got 0"),
+                    (dict(workers=-3), "workers (--workers): expected None (all cores) or an "
+                                       "int >= 1, got -3"),
+                    (dict(workers="x"), "workers (--workers): expected None (all cores) or an "
+                                        "int >= 1, got 'x'"),
+                    (dict(workers=True), "workers (--workers): expected None (all cores) or an "
+                                         "int >= 1, got True"),
+                    (dict(memory_budget=True), "memory_budget (--memory-budget): expected bytes "
+                                               "(an int) or a size such as '2GB' or '25%', got "
+                                               "True"),
+                    (dict(memory_budget=1.5), "memory_budget (--memory-budget): 1.5 is not a "
+                                              "whole number of bytes")]:
         with pytest.raises(ValueError, match=re.escape(msg)):
             zipmoe_rt.load(greedy_zmoe, **kw)
 

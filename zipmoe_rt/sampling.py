@@ -50,8 +50,9 @@ class SamplingParams:
         repetition_penalty: ``> 0``; ``1.0`` turns it off. Applies to every token id in the
             context: the cache's tokens (see :class:`~zipmoe_rt.generate.CacheState`), the
             prompt and the output.
-        seed: seed of the ``numpy.random.Generator`` (``None``: fresh OS entropy). Same seed,
-            model and prompt give the same tokens.
+        seed: seed of the ``numpy.random.Generator`` (``None`` or ``-1``, the CLI's
+            ``--seed -1``: fresh OS entropy; ``-1`` is stored as ``None``). Same seed, model and
+            prompt give the same tokens.
         max_tokens: the most tokens to sample (the stop token included), ``>= 1``.
 
     Raises:
@@ -86,9 +87,10 @@ class SamplingParams:
             raise ValueError(f"top_k: expected an int >= 0 (0 = off), got {self.top_k!r}")
         object.__setattr__(self, "top_k", int(self.top_k))
         if self.seed is not None:
-            if not is_int(self.seed) or self.seed < 0:
-                raise ValueError(f"seed: expected None or an int >= 0, got {self.seed!r}")
-            object.__setattr__(self, "seed", int(self.seed))
+            if not is_int(self.seed) or self.seed < -1:
+                raise ValueError(f"seed: expected None, -1 (random) or an int >= 0, got "
+                                 f"{self.seed!r}")
+            object.__setattr__(self, "seed", None if self.seed == -1 else int(self.seed))
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens: expected an int >= 1, got {self.max_tokens!r}")
         object.__setattr__(self, "max_tokens", int(self.max_tokens))
