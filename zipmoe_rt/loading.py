@@ -83,6 +83,32 @@ def check_budget_type(value) -> None:
                          f"bytes (give an int, or a size such as '1.5GB')")
 
 
+def unit_hint(text) -> str:
+    """The hint added to a too-small budget given as a bare number (``--memory-budget 1``, which
+    is 1 byte): ``""`` for an int, a size with a unit or a percentage."""
+    import math
+    t = text.strip() if isinstance(text, str) else ""
+    try:
+        n = float(t)
+    except ValueError:
+        return ""
+    if not math.isfinite(n):
+        return ""
+    shown = str(int(n)) if n.is_integer() else t
+    return f" (a number without a unit is bytes: did you mean {shown}GB or {shown}%?)"
+
+
+def hinted_budget_error(exc: BaseException, memory_budget):
+    """``exc`` with :func:`unit_hint` added when it is a
+    :class:`~zipmoe_rt.engine.tiers.BudgetError` about ``--memory-budget`` and that budget was
+    a bare number; else None (raise ``exc`` as it is)."""
+    from .engine.tiers import BudgetError
+    hint = unit_hint(memory_budget)
+    if hint and isinstance(exc, BudgetError) and str(exc).startswith("--memory-budget "):
+        return type(exc)(f"{exc}{hint}")
+    return None
+
+
 def check_workers(workers) -> None:
     """Refuse ``workers`` other than None or an int >= 1 (the CLI's ``--workers`` takes the same).
 
@@ -343,10 +369,13 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         if budgeted or resident == "compressed":
             _release_load_memory(source)
         return model
-    except BaseException:
+    except BaseException as e:
         if engine is not None:
             engine.close()
         source.close()
+        hinted = hinted_budget_error(e, memory_budget)
+        if hinted is not None:
+            raise hinted from None
         raise
 
 
