@@ -533,6 +533,21 @@ def test_files_of_other_kinds_are_named(tmp_path):
     assert "it is" not in line, line
 
 
+def test_plan_of_a_bad_zmoe_says_what_run_says(tmp_path):
+    """A file named .zmoe that is empty or text: plan gives the container reader's error, the
+    same words as run (not "not a JSON config")."""
+    empty = tmp_path / "empty.zmoe"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.zmoe"
+    text.write_text("hello world\n")
+    for f, why in ((empty, "(the file is empty)"), (text, "(magic b'hell', expected b'ZMOE')")):
+        r = cli("plan", f)
+        line = assert_one_line_error(r, f"{f}: not a .zmoe file {why}")
+        assert "JSON" not in line, line
+        # run says the same, then how to convert a checkpoint
+        assert cli("run", f, "-p", "hi").stderr.startswith(r.stderr.rstrip("\n") + ";")
+
+
 # -- a scripted chat says when turns failed --------------------------------------------------------
 def test_piped_chat_exits_1_when_a_turn_is_refused(greedy_zmoe):
     """Each turn over the context is one error: line (with the /reset hint), the others are
