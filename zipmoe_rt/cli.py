@@ -302,7 +302,8 @@ def _prepare(model, kw, default_max, context=None, banner=True):
         cli_repl.warm_up(m, notice=sys.stderr.isatty())   # (like the progress bars)
         opts = dict(kw, repetition_penalty=kw["repeat_penalty"])
         sp = cli_repl.resolve_sampling(m.source.metadata.get(Keys.Generation.CONFIG), opts,
-                                       max_tokens_for(kw["max_tokens"], default_max, m.ctx_size))
+                                       max_tokens_for(kw["max_tokens"], default_max, m.ctx_size),
+                                       where=str(m.path))
     except BaseException:
         m.close()
         raise
