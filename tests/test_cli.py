@@ -105,6 +105,23 @@ def test_every_verb_has_help(verb):
     assert first in " ".join(r.stdout.split())
 
 
+@pytest.mark.parametrize("verb", ["run", "chat"])
+def test_help_shows_the_ranges_that_are_accepted(verb):
+    """-n takes -1 or >= 1 (not "[x<=None]"); --temp shows no float32 bound in its range."""
+    import re
+    r = cli(verb, "--help")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.stdout.split())
+    n = re.search(r"-n, --max-tokens INTEGER (.*?) --temperature", text).group(1)
+    assert n.endswith("[x>=1 or x=-1]"), n
+    temp = re.search(r"--temperature, --temp NUMBER (.*?) --top-k", text).group(1)
+    assert temp.endswith("[x>=0.0]"), temp
+    assert "None" not in text and "e+38" not in text, text
+    # what is accepted is as before
+    assert cli(verb, "--temp", "1e39").stderr.startswith(
+        "error: Invalid value for '--temperature' / '--temp': '1e39' is more than 3.40282e+38")
+
+
 def test_unknown_verb_is_one_line():
     assert_one_line_error(cli("frobnicate"), "frobnicate")
 

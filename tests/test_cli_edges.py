@@ -303,7 +303,22 @@ def test_bad_prompts_and_load_options_are_named(greedy_zmoe):
                                                                            max_tokens=3)
     for kw, msg in [(dict(policy="nope"), "policy (--policy): expected one of auto, "),
                     (dict(eviction="fifo"), "eviction (--eviction): expected one of lru, "),
-                    (dict(context=0), "context: expected a number of tokens >= 1, got 0")]:
+                    (dict(context=0), "context: expected a number of tokens >= 1, got 0"),
+                    # as the CLI's --workers (>= 1): 0 is not "all cores", nor -3 a raw
+                    # ThreadPoolExecutor error, nor "x" a TypeError
+                    (dict(workers=0), "workers (--workers): expected None (all cores) or an "
+                                      "int >= 1, got 0"),
+                    (dict(workers=-3), "workers (--workers): expected None (all cores) or an "
+                                       "int >= 1, got -3"),
+                    (dict(workers="x"), "workers (--workers): expected None (all cores) or an "
+                                        "int >= 1, got 'x'"),
+                    (dict(workers=True), "workers (--workers): expected None (all cores) or an "
+                                         "int >= 1, got True"),
+                    (dict(memory_budget=True), "memory_budget (--memory-budget): expected bytes "
+                                               "(an int) or a size such as '2GB' or '25%', got "
+                                               "True"),
+                    (dict(memory_budget=1.5), "memory_budget (--memory-budget): 1.5 is not a "
+                                              "whole number of bytes")]:
         with pytest.raises(ValueError, match=re.escape(msg)):
             zipmoe_rt.load(greedy_zmoe, **kw)
 
@@ -516,6 +531,21 @@ def test_files_of_other_kinds_are_named(tmp_path):
     bad.write_text('{"architectures": [')
     line = assert_one_line_error(cli("plan", bad), "not a JSON config")
     assert "it is" not in line, line
+
+
+def test_plan_of_a_bad_zmoe_says_what_run_says(tmp_path):
+    """A file named .zmoe that is empty or text: plan gives the container reader's error, the
+    same words as run (not "not a JSON config")."""
+    empty = tmp_path / "empty.zmoe"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.zmoe"
+    text.write_text("hello world\n")
+    for f, why in ((empty, "(the file is empty)"), (text, "(magic b'hell', expected b'ZMOE')")):
+        r = cli("plan", f)
+        line = assert_one_line_error(r, f"{f}: not a .zmoe file {why}")
+        assert "JSON" not in line, line
+        # run says the same, then how to convert a checkpoint
+        assert cli("run", f, "-p", "hi").stderr.startswith(r.stderr.rstrip("\n") + ";")
 
 
 # -- a scripted chat says when turns failed --------------------------------------------------------

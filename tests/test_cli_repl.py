@@ -72,6 +72,43 @@ def test_a_model_without_sampling_advice_samples(plain_zmoe):
     assert g.stdout == greedy + "\n"
 
 
+def test_invalid_sampling_values_of_the_file_are_named_and_overridable():
+    given = dict(temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None,
+                 seed=None)
+    bad = {"do_sample": True, "temperature": -5, "top_p": 7}
+    with pytest.raises(ValueError) as e:
+        cli_repl.resolve_sampling(bad, given, 5, where="m.zmoe")
+    assert str(e.value) == "m.zmoe: generation.config: temperature: must be in [0.0, inf], got -5"
+    # the user's value of a field replaces the file's, which is then not checked
+    with pytest.raises(ValueError) as e:
+        cli_repl.resolve_sampling(bad, dict(given, temperature=0.7), 5, where="m.zmoe")
+    assert str(e.value) == "m.zmoe: generation.config: top_p: must be in [0.0, 1.0], got 7"
+    sp = cli_repl.resolve_sampling(bad, dict(given, temperature=0.7, top_p=0.9), 5, where="m.zmoe")
+    assert (sp["temperature"], sp["top_k"], sp["top_p"]) == (0.7, 50, 0.9)
+    # greedy (--temp 0) uses neither top_p nor top_k nor min_p: the file's are not checked
+    sp = cli_repl.resolve_sampling(bad, dict(given, temperature=0.0), 5, where="m.zmoe")
+    assert (sp["temperature"], sp["top_k"], sp["top_p"], sp["min_p"]) == (0.0, 0, 1.0, 0.0)
+    # the server's defaults likewise
+    from zipmoe_rt.sampling import SamplingParams
+    with pytest.raises(ValueError, match=r"^m\.zmoe: generation\.config: temperature: "):
+        SamplingParams.from_generation_config(bad, where="m.zmoe", max_tokens=4)
+    assert SamplingParams.from_generation_config(bad, where="m.zmoe", temperature=0).greedy
+
+
+def test_run_names_the_file_of_invalid_sampling_values(tiny_src, tmp_path):
+    bad = make_chat_model(tiny_src, tmp_path / "badgen", generation_config={
+        "do_sample": True, "temperature": -5, "top_p": 7})
+    assert_one_line_error(cli("run", bad, "-p", "hello", "-n", 2),
+                          f"{bad}: generation.config: temperature: must be in [0.0, inf], got -5")
+    assert_one_line_error(cli("run", bad, "-p", "hello", "-n", 2, "--temp", 0.5),
+                          f"{bad}: generation.config: top_p: must be in [0.0, 1.0], got 7")
+    with zipmoe_rt.load(bad) as m:
+        greedy = m.chat([user("hello")], max_tokens=4)
+    r = cli("run", bad, "-p", "hello", "-n", 4, "--temp", 0)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == greedy + "\n"
+
+
 # -- llama.cpp option names (item 6) --------------------------------------------------------------
 def test_threads_option(model, greedy_zmoe):
     import numba

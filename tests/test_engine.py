@@ -644,8 +644,26 @@ def test_cli_budget_too_small_is_one_line_error(tiny_case):
     assert r.exit_code == 1, (r.exit_code, r.stdout, r.stderr)
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("error: --memory-budget 0.1 MB is below the dense weights")
+    # below 1 MB the budget is stated in bytes; a size with a unit gets no unit hint
+    assert lines[0].startswith("error: --memory-budget 100000 bytes is below the dense weights")
     assert f"at least {math.ceil((c.dense + c.k * c.bytes_F) / 1e5) / 10:.1f} MB" in lines[0]
+    assert "without a unit" not in lines[0]
+    assert r.stdout == ""
+
+
+def test_cli_budget_bare_number_is_bytes_with_a_hint(tiny_case):
+    from click.testing import CliRunner
+
+    from zipmoe_rt.cli import main
+
+    c = tiny_case("mixtral")
+    r = CliRunner().invoke(main, ["run", str(c.zmoe), "-p", "x", "--memory-budget", "1"],
+                           env={"ZIPMOE_RT_DEBUG": None}, prog_name="zipmoe-rt")
+    assert r.exit_code == 1, (r.exit_code, r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: --memory-budget 1 byte is below the dense weights")
+    assert lines[0].endswith(" (a number without a unit is bytes: did you mean 1GB or 1%?)")
     assert r.stdout == ""
 
 

@@ -97,7 +97,7 @@ def make_model(**kw) -> FakeModel:
         ({"min_p": 2.0}, "min_p"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"repetition_penalty": float("inf")}, "repetition_penalty"),
-        ({"seed": -1}, "seed"),
+        ({"seed": -2}, "seed"),
         ({"seed": 1.0}, "seed"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": None}, "max_tokens"),
@@ -106,6 +106,15 @@ def make_model(**kw) -> FakeModel:
 def test_sampling_params_validation(kw, name):
     with pytest.raises(ValueError, match=f"^{name}:"):
         SamplingParams(**kw)
+
+
+def test_seed_minus_one_is_random_as_on_the_command_line():
+    # the CLI's --seed -1 is "random", i.e. None; the API takes -1 the same way
+    assert SamplingParams(seed=-1).seed is None
+    assert SamplingParams(seed=0).seed == 0
+    with pytest.raises(ValueError, match=r"^seed: expected None, -1 \(random\) or an int >= 0, "
+                                         r"got -2$"):
+        SamplingParams(seed=-2)
 
 
 def test_sampling_params_defaults_and_generation_config():

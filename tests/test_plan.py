@@ -238,6 +238,11 @@ def test_budget_below_minimum_is_refused(default_hf_dir, default_source):
     need = (default_source.dense_bytes()
             + 2 * max(l.full_bytes for l in default_source.layouts.values()))
     assert f"at least {np.ceil(need / 1e5) / 10:.1f} MB" in line
+    assert "without a unit" not in line
+    # a bare number is bytes: stated in bytes below 1 MB, with the unit hint
+    line = one_line_error(cli("plan", default_hf_dir, "--memory-budget", "2"),
+                          "--memory-budget 2 bytes is below the dense weights")
+    assert line.endswith(" (a number without a unit is bytes: did you mean 2GB or 2%?)"), line
 
 
 # -- the command -------------------------------------------------------------------------------

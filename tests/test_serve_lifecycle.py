@@ -54,8 +54,14 @@ def test_serve_refuses_a_model_that_fails_its_crc_as_run_does(tiny_zmoe, tmp_pat
     rc, out = _finish(_serve(bad, "--port", _free_port()))
     assert rc == 1, out
     last = out.strip().splitlines()[-1]
-    assert last.startswith("error: the model failed to load: ChecksumError: "), out
-    assert str(bad) in last and "CRC-32" in last, last
+    assert last.startswith("error: the model failed to load: "), out
+    assert str(bad) in last and "CRC-32" in last and "ChecksumError" not in last, last
+    # the words run prints for the same file (without the exception's class name)
+    from cli_runner import cli
+    ran = cli("run", bad, "-p", "hi", "-n", "2")
+    assert ran.exit_code == 1 and ran.stderr.startswith("error: "), ran.stderr
+    assert last == "error: the model failed to load: " + ran.stderr.strip()[len("error: "):], \
+        (last, ran.stderr)
     assert "loaded: ready" not in out and "Traceback" not in out, out
 
 

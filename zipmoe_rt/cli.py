@@ -245,11 +245,11 @@ def sampling_options(fn):
     Sampling options left out take the model's generation_config.json defaults
     (:func:`zipmoe_rt.cli_repl.resolve_sampling`)."""
     opts = [
-        click.option("-n", "--max-tokens", type=IntRange(), default=None,
+        click.option("-n", "--max-tokens", type=IntRange(shown="x>=1 or x=-1"), default=None,
                      callback=lambda ctx, param, v: max_tokens_option(v),
                      help="most tokens to generate per reply; -1 = until a stop token or the "
                           "full context [default: 256 for run, 512 for chat]"),
-        click.option("--temperature", "--temp", type=FloatRange(min=0.0, max=FLOAT32_MAX),
+        click.option("--temperature", "--temp", type=FloatRange(min=0.0, most=FLOAT32_MAX),
                      default=None,
                      help="sampling temperature; 0 = greedy [default: the model's "
                           "generation_config.json, else 0.8]"),
@@ -302,7 +302,8 @@ def _prepare(model, kw, default_max, context=None, banner=True):
         cli_repl.warm_up(m, notice=sys.stderr.isatty())   # (like the progress bars)
         opts = dict(kw, repetition_penalty=kw["repeat_penalty"])
         sp = cli_repl.resolve_sampling(m.source.metadata.get(Keys.Generation.CONFIG), opts,
-                                       max_tokens_for(kw["max_tokens"], default_max, m.ctx_size))
+                                       max_tokens_for(kw["max_tokens"], default_max, m.ctx_size),
+                                       where=str(m.path))
     except BaseException:
         m.close()
         raise

@@ -28,7 +28,8 @@ PREFILL_NOTICE_TOKENS = 256
 _KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
-def resolve_sampling(generation_config: dict | None, options: dict, max_tokens: int) -> dict:
+def resolve_sampling(generation_config: dict | None, options: dict, max_tokens: int,
+                     where: str | None = None) -> dict:
     """The keyword arguments of :meth:`~zipmoe_rt.api.Model.chat` / ``stream`` for one run.
 
     Defaults come from the model's ``generation_config.json`` (stored as ``generation.config``,
@@ -38,14 +39,20 @@ def resolve_sampling(generation_config: dict | None, options: dict, max_tokens: 
     (no ``do_sample``) samples with its own values where it has them and llama.cpp's defaults
     (:data:`FALLBACK_SAMPLING`) elsewhere: greedy decoding of a chat model loops. The file's
     ``repetition_penalty`` applies in every case. Options given on the command line (not None)
-    win; ``temperature=0`` is greedy.
+    win, and the file's value of such an option is not used or checked; ``temperature=0`` is
+    greedy (the file's ``top_k``/``top_p``/``min_p`` then unused and unchecked,
+    :func:`~zipmoe_rt.sampling.file_sampling`).
 
     Args:
         generation_config: the parsed ``generation_config.json`` (``{}`` or None: none).
         options: ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
             ``seed`` as given (None = not given; ``seed=-1`` = random, like None).
+        where: the model file, named in the error for a value of its file out of range.
     Returns:
         dict of ``max_tokens``, the five sampling keys and ``seed``.
+    Raises:
+        ValueError: a value of the file that is used is out of range (``"FILE:
+            generation.config: temperature: must be in [0.0, inf], got -5"``).
     """
     gen = {k: v for k, v in (generation_config or {}).items() if v is not None}
     if gen.get("do_sample") is False:
@@ -56,7 +63,8 @@ def resolve_sampling(generation_config: dict | None, options: dict, max_tokens: 
     else:
         out = {k: gen.get(k, v) for k, v in FALLBACK_SAMPLING.items()}
     out["repetition_penalty"] = gen.get("repetition_penalty", 1.0)
-    out.update({k: options[k] for k in _KEYS if options.get(k) is not None})
+    from .sampling import file_sampling
+    out = file_sampling(out, {k: options.get(k) for k in _KEYS}, where)
     seed = options.get("seed")
     out["seed"] = None if seed is None or seed == -1 else seed
     out["max_tokens"] = max_tokens

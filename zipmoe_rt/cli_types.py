@@ -14,9 +14,23 @@ import click
 
 
 class IntRange(click.IntRange):
-    """An integer in a range (click's :class:`click.IntRange`, worded "integer")."""
+    """An integer in a range (click's :class:`click.IntRange`, worded "integer").
+
+    ``shown``: the range in ``--help`` (``[x>=1 or x=-1]``) for a range a callback narrows
+    further (click would show an unbounded range as ``[x<=None]``)."""
 
     name = "integer"
+
+    def __init__(self, *args, shown: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shown = shown
+
+    def _describe_range(self) -> str:
+        if self.shown is not None:
+            return self.shown
+        if self.min is None and self.max is None:
+            return ""                          # any integer: no range in --help
+        return super()._describe_range()
 
 
 #: the largest float32 (``--temp``'s upper bound, as :data:`zipmoe_rt.sampling.TEMPERATURE_MAX`;
@@ -26,15 +40,26 @@ FLOAT32_MAX = 3.4028234663852886e+38
 
 class FloatRange(click.FloatRange):
     """A finite number in a range (click's :class:`click.FloatRange`; ``nan`` and ``inf``
-    refused)."""
+    refused).
+
+    ``most``: an upper bound checked but not shown in ``--help`` (``--temp``'s largest float32,
+    which would print as ``[0.0<=x<=3.4028234663852886e+38]``); a number above it is refused
+    naming the bound."""
 
     name = "number"
+
+    def __init__(self, *args, most: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.most = most
 
     def convert(self, value, param, ctx):
         v = click.types.FloatParamType.convert(self, value, param, ctx)   # the number first
         if not math.isfinite(v):
             self.fail(f"{value!r} is not a finite number", param, ctx)
-        return super().convert(v, param, ctx)                            # then the range
+        v = super().convert(v, param, ctx)                                # then the range
+        if self.most is not None and v > self.most:
+            self.fail(f"{value!r} is more than {self.most:.6g}, the largest accepted", param, ctx)
+        return v
 
 
 def folder_message(path) -> str:

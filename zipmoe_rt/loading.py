@@ -26,9 +26,10 @@ def parse_size(text, source=None) -> int:
     (``source`` required), so ``100%`` holds the whole model decoded.
 
     Raises:
-        ValueError: unparseable text, or a size or percentage that is not positive (the
-            option is named).
+        ValueError: unparseable text, a bool or a float that is not a whole number of bytes,
+            or a size or percentage that is not positive (the option is named).
     """
+    check_budget_type(text)
     if isinstance(text, (int, float)):
         if text <= 0:
             raise ValueError(f"memory_budget (--memory-budget): must be positive, got {text!r}")
@@ -67,6 +68,59 @@ def parse_size(text, source=None) -> int:
     return value
 
 
+def check_budget_type(value) -> None:
+    """Refuse a ``memory_budget`` that is neither an int (bytes), a whole-number float nor a
+    str (``"2GB"``, ``"25%"``): ``True`` and ``1.5`` are not byte counts.
+
+    Raises:
+        ValueError: naming ``memory_budget (--memory-budget)`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"memory_budget (--memory-budget): expected bytes (an int) or a size "
+                         f"such as '2GB' or '25%', got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"memory_budget (--memory-budget): {value!r} is not a whole number of "
+                         f"bytes (give an int, or a size such as '1.5GB')")
+
+
+def unit_hint(text) -> str:
+    """The hint added to a too-small budget given as a bare number (``--memory-budget 1``, which
+    is 1 byte): ``""`` for an int, a size with a unit or a percentage."""
+    import math
+    t = text.strip() if isinstance(text, str) else ""
+    try:
+        n = float(t)
+    except ValueError:
+        return ""
+    if not math.isfinite(n):
+        return ""
+    shown = str(int(n)) if n.is_integer() else t
+    return f" (a number without a unit is bytes: did you mean {shown}GB or {shown}%?)"
+
+
+def hinted_budget_error(exc: BaseException, memory_budget):
+    """``exc`` with :func:`unit_hint` added when it is a
+    :class:`~zipmoe_rt.engine.tiers.BudgetError` about ``--memory-budget`` and that budget was
+    a bare number; else None (raise ``exc`` as it is)."""
+    from .engine.tiers import BudgetError
+    hint = unit_hint(memory_budget)
+    if hint and isinstance(exc, BudgetError) and str(exc).startswith("--memory-budget "):
+        return type(exc)(f"{exc}{hint}")
+    return None
+
+
+def check_workers(workers) -> None:
+    """Refuse ``workers`` other than None or an int >= 1 (the CLI's ``--workers`` takes the same).
+
+    Raises:
+        ValueError: ``"workers: expected None (all cores) or an int >= 1, got ..."``.
+    """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise ValueError(f"workers (--workers): expected None (all cores) or an int >= 1, got "
+                         f"{workers!r}")
+
+
 def _check_choice(value, choices, name: str) -> None:
     """Raise ValueError naming ``name`` and the ``choices`` when ``value`` is not one of them
     (an option that applies only under a budget is still checked without one)."""
@@ -94,7 +148,7 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             pool of full experts, C/S/E tiers or a mix, whichever the planner predicts fastest
             (``engine.auto_choice`` says which); else zip-lru (raw-lru for raw files).
         eviction: ``lru``, ``lfu`` or ``tlfu`` (token-weighted LFU) for F caches.
-        workers: decode workers L (default: all cores).
+        workers: decode workers L, an int >= 1 (default None: all cores).
         direct: O_DIRECT reads of expert regions.
         io_depth: expert-region reads in flight at once (default
             :data:`~zipmoe_rt.engine.io.IO_DEPTH`; 1 = one I/O thread).
@@ -147,7 +201,8 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     Raises:
         FileNotFoundError: no such file.
         zmoe.ZmoeError: not a ``.zmoe``, corrupt, truncated, or from a newer format version.
-        ValueError: a ``policy``, ``eviction`` or ``context`` out of its choices or range
+        ValueError: a ``policy``, ``eviction``, ``context`` or ``workers`` out of its choices
+            or range, or a ``memory_budget`` that is a bool or a float with a fraction
             (checked with or without a budget); a ``host_budget`` that cannot be read, or given without ``device="cuda"``
             and a ``memory_budget``; an architecture this runtime does not run, a file without a tokenizer, a
             ``device`` other than auto, cpu, cuda, an unknown ``resident`` value, or
@@ -215,6 +270,9 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
     if context is not None and (isinstance(context, bool) or not isinstance(context, int)
                                 or context < 1):
         raise ValueError(f"context: expected a number of tokens >= 1, got {context!r}")
+    check_workers(workers)
+    if memory_budget is not None:
+        check_budget_type(memory_budget)
     from .engine.prefetch import DEFAULT_PREFETCH, attach, check_prefetch
     prefetch = check_prefetch(DEFAULT_PREFETCH if prefetch is None else prefetch)
     from . import kernels
@@ -311,10 +369,13 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
         if budgeted or resident == "compressed":
             _release_load_memory(source)
         return model
-    except BaseException:
+    except BaseException as e:
         if engine is not None:
             engine.close()
         source.close()
+        hinted = hinted_budget_error(e, memory_budget)
+        if hinted is not None:
+            raise hinted from None
         raise
 
 

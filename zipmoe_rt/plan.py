@@ -239,7 +239,9 @@ def read_config(path) -> tuple[Path, dict]:
     Raises:
         FileNotFoundError: no such file or folder, or a folder without config.json.
         PlanError: not UTF-8 JSON, not a JSON object, ``architectures`` not a list of
-            names, or a container that cannot be read (the message names the file).
+            names, or a container (a file starting with the ``.zmoe`` magic, or any file named
+            ``*.zmoe``) that cannot be read: the container reader's message, e.g. ``not a
+            .zmoe file (the file is empty)`` (the message names the file).
     """
     path = Path(path)
     if path.is_dir():
@@ -248,7 +250,9 @@ def read_config(path) -> tuple[Path, dict]:
         raise FileNotFoundError(2, "no such file", str(path))
     if not path.is_file():
         raise PlanError(f"{path}: not a regular file (give a config.json or a folder holding one)")
-    if _is_container(path):
+    if _is_container(path) or path.suffix.lower() == ".zmoe":
+        # a .zmoe by its name or its magic: the container reader's error, as every other
+        # command gives it ("not a .zmoe file (the file is empty)"), not a JSON one
         return path, _container_config(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -352,8 +356,16 @@ def budget_plan(source, memory_budget, where="config.json") -> BudgetPlan:
     if not source.layouts:
         raise PlanError(f"{where}: the model has no routed experts, a budget has nothing to "
                         f"divide")
+    from .engine.tiers import BudgetError
+    from .loading import hinted_budget_error
     budget = parse_size(memory_budget, source)
-    full, k, tiers = budget_split(source, budget)
+    try:
+        full, k, tiers = budget_split(source, budget)
+    except BudgetError as e:
+        hinted = hinted_budget_error(e, memory_budget)
+        if hinted is not None:
+            raise hinted from None
+        raise
     comp = getattr(source, "expert_compressed", None) or math.ceil(full * EXPERT_STORED_RATIO)
     return BudgetPlan(budget=budget, dense=source.dense_bytes(), working_set=k * full,
                       tiers=tiers, expert_full=full, expert_compressed=comp,

@@ -50,8 +50,9 @@ class SamplingParams:
         repetition_penalty: ``> 0``; ``1.0`` turns it off. Applies to every token id in the
             context: the cache's tokens (see :class:`~zipmoe_rt.generate.CacheState`), the
             prompt and the output.
-        seed: seed of the ``numpy.random.Generator`` (``None``: fresh OS entropy). Same seed,
-            model and prompt give the same tokens.
+        seed: seed of the ``numpy.random.Generator`` (``None`` or ``-1``, the CLI's
+            ``--seed -1``: fresh OS entropy; ``-1`` is stored as ``None``). Same seed, model and
+            prompt give the same tokens.
         max_tokens: the most tokens to sample (the stop token included), ``>= 1``.
 
     Raises:
@@ -86,9 +87,10 @@ class SamplingParams:
             raise ValueError(f"top_k: expected an int >= 0 (0 = off), got {self.top_k!r}")
         object.__setattr__(self, "top_k", int(self.top_k))
         if self.seed is not None:
-            if not is_int(self.seed) or self.seed < 0:
-                raise ValueError(f"seed: expected None or an int >= 0, got {self.seed!r}")
-            object.__setattr__(self, "seed", int(self.seed))
+            if not is_int(self.seed) or self.seed < -1:
+                raise ValueError(f"seed: expected None, -1 (random) or an int >= 0, got "
+                                 f"{self.seed!r}")
+            object.__setattr__(self, "seed", None if self.seed == -1 else int(self.seed))
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens: expected an int >= 1, got {self.max_tokens!r}")
         object.__setattr__(self, "max_tokens", int(self.max_tokens))
@@ -99,17 +101,25 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @classmethod
-    def from_generation_config(cls, config: Mapping[str, Any], **overrides: Any) -> "SamplingParams":
+    def from_generation_config(cls, config: Mapping[str, Any], *, where: str | None = None,
+                               **overrides: Any) -> "SamplingParams":
         """Defaults from a Hugging Face ``generation_config.json`` (parsed), as transformers reads it.
 
         ``do_sample`` false/absent → greedy (``temperature=0``). Otherwise ``temperature``,
         ``top_k``, ``top_p`` and ``min_p`` are used; unset or ``null`` ones take transformers'
         defaults (``GenerationConfig._get_default_generation_params``: temperature 1.0, **top_k
         50**, top_p 1.0; min_p off). ``repetition_penalty`` (default 1.0) applies either way.
-        ``overrides`` (e.g. ``seed=0, max_tokens=128``) win over the file.
+        ``overrides`` (e.g. ``seed=0, max_tokens=128``) win over the file: a field overridden
+        is not read from the file, and greedy decoding (``temperature`` 0, from either) does not
+        read the file's ``top_k``/``top_p``/``min_p``, which it does not use.
+
+        Args:
+            where: the model file, named in the error for a value of the file out of range.
 
         Raises:
-            ValueError: as for :class:`SamplingParams`.
+            ValueError: a value of the file out of range (``"FILE: generation.config:
+                top_p: must be in [0.0, 1.0], got 7"``, :func:`file_sampling`); an override out
+                of range, as for :class:`SamplingParams`.
         """
         def get(key: str, default: Any) -> Any:  # unset or null -> transformers' global default
             value = config.get(key)
@@ -124,8 +134,42 @@ class SamplingParams:
         else:
             kw["temperature"] = 0.0
         kw["repetition_penalty"] = get("repetition_penalty", 1.0)
-        kw.update(overrides)
-        return cls(**kw)
+        return cls(**file_sampling(kw, overrides, where))
+
+
+#: the sampling fields greedy decoding does not use (their neutral values)
+UNUSED_WHEN_GREEDY = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
+
+
+def file_sampling(from_file: Mapping[str, Any], given: Mapping[str, Any],
+                  where: str | None = None) -> dict:
+    """The sampling keywords of a run: the values the model file's ``generation.config``
+    gives (``from_file``) with those the user gave (``given``: options or arguments, not None)
+    in their place. Only the file's values that are used are checked: a field the user gives
+    is not, nor, when the run is greedy (``temperature`` 0), ``top_k``/``top_p``/``min_p``,
+    which then take their neutral values.
+
+    Raises:
+        ValueError: a value used from the file is out of range, naming the file (``where``),
+            ``generation.config`` and the field: ``"m.zmoe: generation.config: temperature:
+            must be in [0.0, inf], got -5"``.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    out = dict(from_file)
+    temperature = given.get("temperature", out.get("temperature"))
+    if is_real(temperature) and temperature == 0:
+        for k, neutral in UNUSED_WHEN_GREEDY.items():
+            if k in out:
+                out[k] = neutral
+    for k, v in out.items():
+        if k in given:
+            continue
+        try:
+            SamplingParams(**{k: v})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where + ': ' if where else ''}generation.config: {e}") from None
+    out.update(given)
+    return out
 
 
 def _softmax64(x: np.ndarray) -> np.ndarray:

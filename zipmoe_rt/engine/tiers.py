@@ -47,6 +47,15 @@ def mb_at_least(n_bytes: int) -> str:
     return f"{math.ceil(int(n_bytes) / 1e5) / 10:.1f} MB"
 
 
+def size_text(n_bytes: int) -> str:
+    """A budget in the messages: in MB (10**6 bytes) to 0.1 MB, or in bytes below 1 MB (where
+    0.1 MB steps would print ``0.0 MB`` for a budget of a few bytes)."""
+    n = int(n_bytes)
+    if n >= 10**6:
+        return f"{n / 1e6:.1f} MB"
+    return "1 byte" if n == 1 else f"{n} bytes"
+
+
 @dataclass
 class Slot:
     """What is resident for one expert. Exactly the fields of its tier are set; a C slot
@@ -197,7 +206,7 @@ def budget_split(source, budget_bytes: int, prefetch: bool = False) -> tuple[int
     free = int(budget_bytes) - smallest_budget(source)
     if free < 0:
         raise BudgetError(
-            f"--memory-budget {budget_bytes / 1e6:.1f} MB is below the dense weights "
+            f"--memory-budget {size_text(budget_bytes)} is below the dense weights "
             f"({dense / 1e6:.1f} MB) plus the {k} experts one token uses ({k} x "
             f"{bytes_F / 1e6:.1f} MB): at least {mb_at_least(smallest_budget(source))} is needed")
     if prefetch and free >= k * bytes_F:

@@ -174,7 +174,8 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
         from ..sampling import SamplingParams
         try:
             params = SamplingParams.from_generation_config(
-                gen_cfg, max_tokens=min(req.max_tokens or room, room), **req.sampling)
+                gen_cfg, where=str(host.model.path),
+                max_tokens=min(req.max_tokens or room, room), **req.sampling)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         fmt = None

@@ -71,8 +71,8 @@ class ModelHost:
         ctx_size: the context in tokens (prompt plus reply) each request may use (``serve
             -c``); None: the model's ``max_position_embeddings``. A longer one is allowed, with
             one warning in the log once the model is loaded.
-        on_load_error: called with the message when the model fails to load (``serve``
-            stops the server then); None: the server stays up and every request answers 503.
+        on_load_error: called with the error's message (without its class name, as ``run``
+            prints it) when the model fails to load (``serve`` stops the server then); None: the server stays up and every request answers 503.
 
     Attributes:
         model: the model once loaded, else None.
@@ -124,7 +124,9 @@ class ModelHost:
             self.error = f"{type(e).__name__}: {e}"
             self.status = "error"
             if self.on_load_error is not None:
-                self.on_load_error(self.error)
+                # the error's own words, as ``run`` prints them (no class name)
+                msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+                self.on_load_error(msg or type(e).__name__)
             else:
                 log.error("the model failed to load: %s (every request answers 503)",
                           self.error)
