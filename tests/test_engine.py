@@ -700,6 +700,11 @@ def test_parse_size_units():
     assert parse_size(12345) == 12345
     with pytest.raises(ValueError, match="--memory-budget: a percentage needs the model"):
         parse_size("25%")
+    for bad in ("inf", "-inf", "1e400", "infGB", "1e400MB", "nan", "abc"):
+        with pytest.raises(ValueError, match=f"^--memory-budget: cannot read '{bad}' "):
+            parse_size(bad)
+    with pytest.raises(ValueError, match="not a whole number|expected bytes"):
+        parse_size(float("inf"))
 
 
 def test_zipmoe_without_a_trace_says_to_profile(tiny_case, tmp_path):

@@ -54,13 +54,13 @@ def parse_size(text, source=None) -> int:
         if t.endswith(u):
             try:
                 value = int(float(t[:-len(u)]) * mul)
-            except ValueError:
+            except (ValueError, OverflowError):         # OverflowError: "infGB"
                 pass
             break
     if value is None:
         try:
             value = int(float(t))
-        except ValueError:
+        except (ValueError, OverflowError):             # OverflowError: "inf", "1e400"
             raise ValueError(f"--memory-budget: cannot read {text!r} (use e.g. 600MB, 1.5GiB, "
                              f"25%)") from None
     if value <= 0:
