@@ -677,7 +677,7 @@ def test_unparseable_budget_names_the_option(tiny_case, text):
 
 
 @pytest.mark.parametrize("value,needle", [(0, "must be positive"), (-1, "must be positive"),
-                                          (-1.5, "must be positive"), ("0", "must be positive"),
+                                          (-1.5, "not a whole number of bytes"), ("0", "must be positive"),
                                           ("-5MB", "must be positive"), ("0%", r"in \(0, 100\]"),
                                           ("-5%", r"in \(0, 100\]"), ("101%", r"in \(0, 100\]")])
 def test_budget_must_be_positive(tiny_case, value, needle):
