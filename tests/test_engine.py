@@ -631,7 +631,11 @@ def test_budget_below_dense_plus_working_set(tiny_case):
         src.close()
 
 
-def test_cli_budget_too_small_is_one_line_error(tiny_case):
+@pytest.mark.parametrize("option,stated,hint", [("100KB", "100000 bytes", False),
+                                                 ("1", "1 byte", True)])
+def test_cli_budget_too_small_is_one_line_error(tiny_case, option, stated, hint):
+    """A budget below the minimum: one error line stating the budget (below 1 MB in bytes) and
+    the minimum; a bare number (bytes) adds the unit hint, a size with a unit does not."""
     import math
 
     from click.testing import CliRunner
@@ -639,31 +643,15 @@ def test_cli_budget_too_small_is_one_line_error(tiny_case):
     from zipmoe_rt.cli import main
 
     c = tiny_case("mixtral")
-    r = CliRunner().invoke(main, ["run", str(c.zmoe), "-p", "x", "--memory-budget", "100KB"],
+    r = CliRunner().invoke(main, ["run", str(c.zmoe), "-p", "x", "--memory-budget", option],
                            env={"ZIPMOE_RT_DEBUG": None}, prog_name="zipmoe-rt")
     assert r.exit_code == 1, (r.exit_code, r.stdout, r.stderr)
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
-    # below 1 MB the budget is stated in bytes; a size with a unit gets no unit hint
-    assert lines[0].startswith("error: --memory-budget 100000 bytes is below the dense weights")
+    assert lines[0].startswith(f"error: --memory-budget {stated} is below the dense weights")
     assert f"at least {math.ceil((c.dense + c.k * c.bytes_F) / 1e5) / 10:.1f} MB" in lines[0]
-    assert "without a unit" not in lines[0]
-    assert r.stdout == ""
-
-
-def test_cli_budget_bare_number_is_bytes_with_a_hint(tiny_case):
-    from click.testing import CliRunner
-
-    from zipmoe_rt.cli import main
-
-    c = tiny_case("mixtral")
-    r = CliRunner().invoke(main, ["run", str(c.zmoe), "-p", "x", "--memory-budget", "1"],
-                           env={"ZIPMOE_RT_DEBUG": None}, prog_name="zipmoe-rt")
-    assert r.exit_code == 1, (r.exit_code, r.stdout, r.stderr)
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("error: --memory-budget 1 byte is below the dense weights")
-    assert lines[0].endswith(" (a number without a unit is bytes: did you mean 1GB or 1%?)")
+    assert lines[0].endswith(" (a number without a unit is bytes: did you mean 1GB or 1%?)") \
+        == hint
     assert r.stdout == ""
 
 
