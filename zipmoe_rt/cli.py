@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cli_harmony import harmony_reply
 from .cli_stats import session_stats as _session_stats
 from .cli_stats import stats_line as _stats_line
 from .cli_types import (FLOAT32_MAX, FloatRange, IntRange, lenient_stdin, max_tokens_for,
@@ -420,7 +421,7 @@ def run(model, prompt, raw, system, show_reasoning, **kw):
     text_bytes = len(prompt.encode("utf-8")) + len((system or "").encode("utf-8"))
     m, sp, _ = _prepare(model, kw, 256, context=text_bytes + 64 + max_tokens_for(
         kw["max_tokens"], 256, kw["ctx_size"] or 2048))
-    harmony = _harmony_reply(m, show_reasoning, raw)
+    harmony = harmony_reply(m, show_reasoning, raw)
     if raw:
         n = len(m.tokenizer.encode(prompt))
         pieces = m.stream(prompt, **sp)
@@ -468,27 +469,12 @@ def chat(model, system, show_reasoning, **kw):
                        "`zipmoe-rt run MODEL --raw -p TEXT`")
     session = m.chat_session(system)
     memory = None if _memory_asked(kw) else m.memory_line()   # else load_from_options said it
-    harmony = _harmony_reply(m, show_reasoning, False)
+    harmony = harmony_reply(m, show_reasoning, False)
     failed = cli_repl.repl(m, session, sp, kw["stops"], _stats_line, _session_stats,
                            interactive, cli_repl.banner(m, ctx, memory),
                            harmony=None if harmony is None else harmony.show_reasoning)
     if failed and not interactive:      # a script learns that some of its turns were refused
         raise CliError(f"{failed} of the input's turns failed (the error: lines above)")
-
-
-def _harmony_reply(m, show_reasoning: bool, raw: bool):
-    """A :class:`~zipmoe_rt.cli_harmony.HarmonyReply` when the model's chat template writes
-    gpt-oss's harmony format (and the prompt goes through it: not ``--raw``), else None, with
-    one warning line when ``--show-reasoning`` then has nothing to show."""
-    from .chat_template import is_harmony
-    if not raw and is_harmony(m.tokenizer.chat_template):
-        from .cli_harmony import HarmonyReply
-        return HarmonyReply(show_reasoning)
-    if show_reasoning:
-        why = ("--raw completes the prompt without the chat template" if raw else
-               "the model's chat template has no separate reasoning channel (harmony format)")
-        click.echo(f"zipmoe-rt: warning: --show-reasoning: no effect: {why}", err=True)
-    return None
 
 
 from . import cli_engine  # noqa: E402,F401  (registers profile, calibrate, bench on main)

@@ -75,3 +75,17 @@ class HarmonyReply:
         if self.splitter.reasoning:
             msg["thinking"] = self.splitter.reasoning
         return msg
+
+
+def harmony_reply(m, show_reasoning: bool, raw: bool):
+    """A :class:`~zipmoe_rt.cli_harmony.HarmonyReply` when the model's chat template writes
+    gpt-oss's harmony format (and the prompt goes through it: not ``--raw``), else None, with
+    one warning line when ``--show-reasoning`` then has nothing to show."""
+    from .chat_template import is_harmony
+    if not raw and is_harmony(m.tokenizer.chat_template):
+        return HarmonyReply(show_reasoning)
+    if show_reasoning:
+        why = ("--raw completes the prompt without the chat template" if raw else
+               "the model's chat template has no separate reasoning channel (harmony format)")
+        click.echo(f"zipmoe-rt: warning: --show-reasoning: no effect: {why}", err=True)
+    return None
