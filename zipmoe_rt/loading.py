@@ -5,6 +5,8 @@ is what :func:`load` returns.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -86,7 +88,6 @@ def check_budget_type(value) -> None:
 def unit_hint(text) -> str:
     """The hint added to a too-small budget given as a bare number (``--memory-budget 1``, which
     is 1 byte): ``""`` for an int, a size with a unit or a percentage."""
-    import math
     t = text.strip() if isinstance(text, str) else ""
     try:
         n = float(t)
@@ -98,15 +99,19 @@ def unit_hint(text) -> str:
     return f" (a number without a unit is bytes: did you mean {shown}GB or {shown}%?)"
 
 
-def hinted_budget_error(exc: BaseException, memory_budget):
-    """``exc`` with :func:`unit_hint` added when it is a
-    :class:`~zipmoe_rt.engine.tiers.BudgetError` about ``--memory-budget`` and that budget was
-    a bare number; else None (raise ``exc`` as it is)."""
+@contextlib.contextmanager
+def budget_hint(memory_budget):
+    """Re-raise a :class:`~zipmoe_rt.engine.tiers.BudgetError` about ``--memory-budget`` raised
+    inside with :func:`unit_hint` added, when ``memory_budget`` was a bare number; anything
+    else passes unchanged."""
     from .engine.tiers import BudgetError
-    hint = unit_hint(memory_budget)
-    if hint and isinstance(exc, BudgetError) and str(exc).startswith("--memory-budget "):
-        return type(exc)(f"{exc}{hint}")
-    return None
+    try:
+        yield
+    except BudgetError as e:
+        hint = unit_hint(memory_budget)
+        if hint and str(e).startswith("--memory-budget "):
+            raise type(e)(f"{e}{hint}") from None
+        raise
 
 
 def check_workers(workers) -> None:
@@ -285,98 +290,96 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                         copy_dense=budgeted or not on_host or resident == "compressed",
                         resident=resident, lowprec_form="float32" if on_host else "compact")
     engine = None
-    try:
-        from .engine.lowprec import refuse_device
-        refuse_device(source.reader, backend.name, resident)   # FP8 / MXFP4 files
-        cache_filled = False
-        if budgeted and on_host:
-            # a cold kernel cache is filled by a child process, whose compile memory is given
-            # back before this one holds anything (engine/precompile.py)
-            from .engine.precompile import ensure_kernels
-            cache_filled = ensure_kernels(source, notice=progress) != "failed"
-        tok = tokenizer_from_source(source)
-        # the tokenizer holds its own parsed copy; the JSON text (~7 MB as a str) is not needed
-        source.metadata.pop(Keys.Tokenizer.JSON, None)
-        mplan = None
-        net = None
-        # with resident="compressed" on the host the model holds its dense linears in the
-        # compute form: built before the budget is divided, so that the dense bytes the budget
-        # holds are the bytes held (its executor is replaced by the engine below)
-        dense_first = budgeted and on_host and resident == "compressed"
-        if budgeted:
-            if dense_first and memory_limit is None:
-                _refuse_early(source, lambda: budget_split(
-                    source, parse_size(memory_budget, source)))
-                net = _dense_first(source, backend)    # a share budget counts dense as held
-            budget = None if memory_budget is None else parse_size(memory_budget, source)
-            if memory_limit is not None:
-                from .engine.footprint import release, warm_up
-                from .engine.limit import fixed_overhead, plan_memory, warmup_peak
-                # measured first (a child process, which also fills Numba's cache); then the
-                # kernels' load peak here, before any weight exists; what stays is the steady
-                # overhead the limit counts (engine/footprint.py)
-                overhead = fixed_overhead(source.path, cache_filled=cache_filled)
-                peak = warmup_peak(source.path, cache_filled=cache_filled)
-                if not dense_first:
-                    mplan = plan_memory(source, memory_limit, context, budget=budget,
-                                        overhead=overhead, peak=peak)
-                else:        # checked again, exactly, once the dense linears are built
-                    _refuse_early(source, lambda: plan_memory(
-                        source, memory_limit, context, overhead=overhead, peak=peak,
-                        budget=None if memory_budget is None
-                        else parse_size(memory_budget, source)))
-                warm_up(source)
-                release()
-                if dense_first:
-                    net = _dense_first(source, backend)
-                    if memory_budget is not None:
-                        budget = parse_size(memory_budget, source)
-                    mplan = plan_memory(source, memory_limit, context, budget=budget,
-                                        overhead=overhead, peak=peak)
-                budget = mplan.budget
-            hb = 0
-            if host_budget is not None:
-                from .engine.gpu_meta import parse_host_budget
-                hb = parse_host_budget(host_budget, source)
-            engine = build_engine(source, budget, policy, eviction,
-                                  workers, direct, trace, verify, io_depth, warn_stacklevel=2,
-                                  backend=backend, host_budget=hb, prefetch=prefetch,
-                                  resident=resident, c_form=c_tier)
-            _check_same_file(source, engine.reader)
-            if prefetch and not getattr(engine, "prefetch", True):
-                import warnings
-                from .engine.prefetch import PrefetchWarning, prefetch_off_reason
-                warnings.warn(PrefetchWarning(prefetch_off_reason(
-                    engine, budget, memory_limit is not None)), stacklevel=2)
-            executor = engine
-        else:
-            executor = ExpertExecutor(backend.resident_experts(source), backend)
-            if resident == "compressed":   # every expert now: on the host, or uploaded packed
-                if on_host:
-                    source.admit_all()
-                else:
-                    executor.source.load_all()
-        if net is None:
-            net = build_model(source, executor=executor, backend=backend)
-            if resident == "compressed" and on_host:
-                source.dense_saving = dense_saving(net)
-        else:
-            net.executor = executor
-        if engine is not None:
-            attach(net, engine)
-        model = Model(source, net, tok, path, engine)
-        model.memory_plan = mplan
-        if budgeted or resident == "compressed":
-            _release_load_memory(source)
-        return model
-    except BaseException as e:
-        if engine is not None:
-            engine.close()
-        source.close()
-        hinted = hinted_budget_error(e, memory_budget)
-        if hinted is not None:
-            raise hinted from None
-        raise
+    with budget_hint(memory_budget):     # a bare-number budget too small: the unit hint
+        try:
+            from .engine.lowprec import refuse_device
+            refuse_device(source.reader, backend.name, resident)   # FP8 / MXFP4 files
+            cache_filled = False
+            if budgeted and on_host:
+                # a cold kernel cache is filled by a child process, whose compile memory is given
+                # back before this one holds anything (engine/precompile.py)
+                from .engine.precompile import ensure_kernels
+                cache_filled = ensure_kernels(source, notice=progress) != "failed"
+            tok = tokenizer_from_source(source)
+            # the tokenizer holds its own parsed copy; the JSON text (~7 MB as a str) is not needed
+            source.metadata.pop(Keys.Tokenizer.JSON, None)
+            mplan = None
+            net = None
+            # with resident="compressed" on the host the model holds its dense linears in the
+            # compute form: built before the budget is divided, so that the dense bytes the budget
+            # holds are the bytes held (its executor is replaced by the engine below)
+            dense_first = budgeted and on_host and resident == "compressed"
+            if budgeted:
+                if dense_first and memory_limit is None:
+                    _refuse_early(source, lambda: budget_split(
+                        source, parse_size(memory_budget, source)))
+                    net = _dense_first(source, backend)    # a share budget counts dense as held
+                budget = None if memory_budget is None else parse_size(memory_budget, source)
+                if memory_limit is not None:
+                    from .engine.footprint import release, warm_up
+                    from .engine.limit import fixed_overhead, plan_memory, warmup_peak
+                    # measured first (a child process, which also fills Numba's cache); then the
+                    # kernels' load peak here, before any weight exists; what stays is the steady
+                    # overhead the limit counts (engine/footprint.py)
+                    overhead = fixed_overhead(source.path, cache_filled=cache_filled)
+                    peak = warmup_peak(source.path, cache_filled=cache_filled)
+                    if not dense_first:
+                        mplan = plan_memory(source, memory_limit, context, budget=budget,
+                                            overhead=overhead, peak=peak)
+                    else:        # checked again, exactly, once the dense linears are built
+                        _refuse_early(source, lambda: plan_memory(
+                            source, memory_limit, context, overhead=overhead, peak=peak,
+                            budget=None if memory_budget is None
+                            else parse_size(memory_budget, source)))
+                    warm_up(source)
+                    release()
+                    if dense_first:
+                        net = _dense_first(source, backend)
+                        if memory_budget is not None:
+                            budget = parse_size(memory_budget, source)
+                        mplan = plan_memory(source, memory_limit, context, budget=budget,
+                                            overhead=overhead, peak=peak)
+                    budget = mplan.budget
+                hb = 0
+                if host_budget is not None:
+                    from .engine.gpu_meta import parse_host_budget
+                    hb = parse_host_budget(host_budget, source)
+                engine = build_engine(source, budget, policy, eviction,
+                                      workers, direct, trace, verify, io_depth, warn_stacklevel=2,
+                                      backend=backend, host_budget=hb, prefetch=prefetch,
+                                      resident=resident, c_form=c_tier)
+                _check_same_file(source, engine.reader)
+                if prefetch and not getattr(engine, "prefetch", True):
+                    import warnings
+                    from .engine.prefetch import PrefetchWarning, prefetch_off_reason
+                    warnings.warn(PrefetchWarning(prefetch_off_reason(
+                        engine, budget, memory_limit is not None)), stacklevel=2)
+                executor = engine
+            else:
+                executor = ExpertExecutor(backend.resident_experts(source), backend)
+                if resident == "compressed":   # every expert now: on the host, or uploaded packed
+                    if on_host:
+                        source.admit_all()
+                    else:
+                        executor.source.load_all()
+            if net is None:
+                net = build_model(source, executor=executor, backend=backend)
+                if resident == "compressed" and on_host:
+                    source.dense_saving = dense_saving(net)
+            else:
+                net.executor = executor
+            if engine is not None:
+                attach(net, engine)
+            model = Model(source, net, tok, path, engine)
+            model.memory_plan = mplan
+            if budgeted or resident == "compressed":
+                _release_load_memory(source)
+            return model
+        except BaseException:
+            if engine is not None:
+                engine.close()
+            source.close()
+            raise
 
 
 def _refuse_early(source, check) -> None:

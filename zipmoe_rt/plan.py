@@ -356,16 +356,10 @@ def budget_plan(source, memory_budget, where="config.json") -> BudgetPlan:
     if not source.layouts:
         raise PlanError(f"{where}: the model has no routed experts, a budget has nothing to "
                         f"divide")
-    from .engine.tiers import BudgetError
-    from .loading import hinted_budget_error
+    from .loading import budget_hint
     budget = parse_size(memory_budget, source)
-    try:
+    with budget_hint(memory_budget):
         full, k, tiers = budget_split(source, budget)
-    except BudgetError as e:
-        hinted = hinted_budget_error(e, memory_budget)
-        if hinted is not None:
-            raise hinted from None
-        raise
     comp = getattr(source, "expert_compressed", None) or math.ceil(full * EXPERT_STORED_RATIO)
     return BudgetPlan(budget=budget, dense=source.dense_bytes(), working_set=k * full,
                       tiers=tiers, expert_full=full, expert_compressed=comp,
