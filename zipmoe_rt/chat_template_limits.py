@@ -235,9 +235,8 @@ def _bounded_filter(name: str, f: Any) -> Any:
         result = f(*args, **kwargs)
         budget.size(_length(result), f"filter {name!r}")
         return result
-    for attr in ("jinja_pass_arg",):     # keep pass_context / pass_environment markers
-        if hasattr(f, attr):
-            setattr(wrapper, attr, getattr(f, attr))
+    if hasattr(f, "jinja_pass_arg"):     # keep pass_context / pass_environment markers
+        wrapper.jinja_pass_arg = f.jinja_pass_arg
     wrapper._bounded = True
     return wrapper
 

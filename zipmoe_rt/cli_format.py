@@ -162,8 +162,9 @@ def check_stored_tokenizer(metadata: dict, path) -> str:
     if template is not None:
         try:
             tok.apply_chat_template(_SAMPLE_CONVERSATION, add_generation_prompt=True)
-        except ValueError as e:
-            if "rendering stopped" in str(e):   # a template may refuse a sample (raise_exception):
+        except ValueError as e:     # a template may refuse a sample (raise_exception): only
+            from .chat_template_limits import RenderLimitError      # a budget passed fails
+            if isinstance(e.__cause__, RenderLimitError):
                 raise ValueError(f"{path}: metadata {Keys.Tokenizer.CHAT_TEMPLATE!r}: {e}") from None
     return "; tokenizer" + (" and chat template load" if template is not None else " loads")
 
