@@ -241,19 +241,26 @@ def host_profile(net, cache, ids, step, top: int) -> dict:
     return {"wall_s": wall, "own": own, "cum": cum, "logits": logits}
 
 
+def warmed(net, n: int) -> tuple:
+    """``(ids, cache, step)``: the token stream of a row with ``n`` ids after the prefill and
+    warm-up, the cache holding the ``PREFILL``-token prefill and ``WARM`` decode steps, and the
+    next decode step's number."""
+    ids = offload_model.token_stream(PREFILL + WARM + n)
+    cache = net.new_cache(capacity=len(ids) + 1)
+    offload_model.forward(net, ids[:PREFILL], cache, 0)
+    step = 1
+    for t in ids[PREFILL:PREFILL + WARM]:
+        offload_model.forward(net, np.array([t]), cache, step)
+        step += 1
+    return ids, cache, step
+
+
 def run_row(a, path, budget=None, policy=None, prefetch=False) -> dict:
     """One configuration: plain ms/token over ``--tokens`` steps, then ``--timeline`` recorded
     steps; their logits, records and summary."""
     net, eng, close = open_model(path, a.device, budget, policy, a.host_budget, prefetch)
     try:
-        ids = offload_model.token_stream(PREFILL + WARM + a.tokens + a.profile
-                                         + a.timeline * len(a.detail))
-        cache = net.new_cache(capacity=len(ids) + 1)
-        offload_model.forward(net, ids[:PREFILL], cache, 0)
-        step = 1
-        for t in ids[PREFILL:PREFILL + WARM]:
-            offload_model.forward(net, np.array([t]), cache, step)
-            step += 1
+        ids, cache, step = warmed(net, a.tokens + a.profile + a.timeline * len(a.detail))
         net.backend.synchronize()
         t0 = time.perf_counter()
         logits = []
@@ -305,13 +312,8 @@ def run_interleaved(a, pairs, path, budget, policy, prefetch) -> dict:
     switches ``pairs`` (:func:`timeline_ab.interleaved`); no timeline, no profile."""
     net, _eng, close = open_model(path, a.device, budget, policy, a.host_budget, prefetch)
     try:
-        ids = offload_model.token_stream(PREFILL + WARM + a.tokens)
-        cache = net.new_cache(capacity=len(ids) + 1)
-        offload_model.forward(net, ids[:PREFILL], cache, 0)
-        step = [1]
-        for t in ids[PREFILL:PREFILL + WARM]:
-            offload_model.forward(net, np.array([t]), cache, step[0])
-            step[0] += 1
+        ids, cache, first = warmed(net, a.tokens)
+        step = [first]
 
         def one(t):
             out = offload_model.forward(net, np.array([t]), cache, step[0])
