@@ -18,6 +18,7 @@ import pytest
 import zmoe
 import zipmoe_rt
 from zipmoe_rt.cli import main
+from zipmoe_rt.engine.tiers import size_text
 
 from cli_pty import cli_argv, driving
 from cli_runner import cli
@@ -362,7 +363,7 @@ def test_run_under_a_memory_budget_gives_the_same_text(model, tiny_zmoe):
     # the budget is stated on stderr, as with --memory-limit
     with zipmoe_rt.load(tiny_zmoe, memory_budget="30%") as m:
         on = "on" if m.engine.prefetch else "off"
-        line = (f"zipmoe-rt: no memory limit; weight budget {m.engine.budget / 1e6:.1f} MB; "
+        line = (f"zipmoe-rt: no memory limit; weight budget {size_text(m.engine.budget)}; "
                 f"prefetch {on}; policy ")
     assert r.stderr.splitlines()[0].startswith(line), r.stderr
     assert_one_line_error(cli("run", tiny_zmoe, "-p", "hello", "-m", "lots"), "--memory-budget",

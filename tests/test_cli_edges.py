@@ -104,7 +104,7 @@ def test_budget_and_limit_state_the_same_minimum(greedy_zmoe, tmp_path, monkeypa
     rb = assert_one_line_error(cli("run", greedy_zmoe, "-p", "hi", "--memory-budget", "10kB"),
                                "--memory-budget 10000 bytes")
     rl = assert_one_line_error(cli("run", greedy_zmoe, "-p", "hi", "--memory-limit", "10kB"),
-                               "--memory-limit 0.0 MB")
+                               "--memory-limit 10000 bytes")
     b, l = minimums(rb, rl)
     assert b == l
     # the size printed is enough, 0.1 MB less is not

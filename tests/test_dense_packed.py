@@ -19,6 +19,7 @@ import pytest
 from zipmoe_rt.backends import get_backend
 from zipmoe_rt.engine.resident import pack_bf16
 from zipmoe_rt.engine.store import ZmoeSource
+from zipmoe_rt.engine.tiers import size_text
 from zipmoe_rt.kernels import linear as lin
 from zipmoe_rt.models import build_model
 from zipmoe_rt.models.packed import (PackedMatrix, dense_saving, dense_saving_bound,
@@ -260,7 +261,7 @@ def test_a_limit_too_small_is_refused_before_the_dense_build(tiny_moe_dir, tmp_p
     with pytest.raises(L.MemoryLimitError) as e:
         zipmoe_rt.load(z, memory_limit=lim, **kw)
     msg = str(e.value)
-    assert msg.startswith(f"--memory-limit {lim / 1e6:.1f} MB (given) is too small for this "
+    assert msg.startswith(f"--memory-limit {size_text(lim)} (given) is too small for this "
                           f"model: it needs fixed overhead {ov / 1e6:.1f} MB + KV cache"), msg
     stated = float(msg.rsplit("at least ", 1)[1].split(" MB")[0]) * 1e6
     assert exact - 100_000 < stated <= float(mb_at_least(exact).split()[0]) * 1e6

@@ -354,6 +354,30 @@ def test_plan_memory_refuses_a_limit_below_the_warm_up_peak(tiny_zmoe, home):
         src.close()
 
 
+def test_a_limit_below_one_mb_is_stated_in_bytes(tiny_zmoe, home):
+    """A limit (and a budget) below 1 MB is stated in bytes, as --memory-budget states its own,
+    not as "0.0 MB"; from 1 MB on, in MB."""
+    src = ZmoeSource(tiny_zmoe)
+    try:
+        for lim, stated in ((10_000, "--memory-limit 10000 bytes (given)"),
+                            (1, "--memory-limit 1 byte (given)"),
+                            (2 * MB, "--memory-limit 2.0 MB (given)")):
+            with pytest.raises(L.MemoryLimitError) as e:
+                L.plan_memory(src, lim, context=64, overhead=OVERHEAD, peak=OVERHEAD)
+            assert str(e.value).startswith(stated), str(e.value)
+        with pytest.raises(L.MemoryLimitError) as e:
+            L.plan_memory(src, 10**9, context=64, overhead=OVERHEAD, budget=10**9)
+        assert str(e.value).startswith("--memory-budget 1000.0 MB does not fit --memory-limit "
+                                       "1000.0 MB (given)"), str(e.value)
+        plan = L.plan_memory(src, 10**9, context=64, overhead=OVERHEAD)
+        small = L.MemoryPlan(**{**plan.as_dict(), "budget": 900_000})
+        assert small.describe().startswith("memory limit 1000.0 MB (given) = ")
+        assert "weight budget 900000 bytes" in small.describe()
+        assert "weight budget 900000 bytes;" in L.memory_line(None, 900_000, "zip-lru")
+    finally:
+        src.close()
+
+
 # -- API and CLI -----------------------------------------------------------------------------------
 @pytest.fixture
 def fixed(monkeypatch, home):
@@ -376,7 +400,8 @@ def test_load_under_a_limit_gives_the_same_tokens(tiny_zmoe, fixed):
         assert m.generate("hello there", max_tokens=20) == want
         line = m.memory_line()
         assert f"memory limit {lim / 1e6:.1f} MB" in line and "policy zip-lru" in line
-        assert f"weight budget {m.engine.budget / 1e6:.1f} MB" in line
+        # a weight budget below 1 MB in bytes, as --memory-budget states it
+        assert f"weight budget {m.engine.budget} bytes" in line
 
 
 def cli(*args, input=None):
@@ -409,6 +434,7 @@ def test_cli_banner_stats_and_errors(tiny_zmoe, fixed):
 
 
 def test_banner_states_the_part_a_smaller_budget_leaves_and_prefetch(tiny_zmoe, fixed):
+    from zipmoe_rt.engine.tiers import size_text
     src = ZmoeSource(tiny_zmoe)
     minimum = L.plan_memory(src, 10**9, context=128, overhead=OVERHEAD).minimum
     src.close()
@@ -419,7 +445,7 @@ def test_banner_states_the_part_a_smaller_budget_leaves_and_prefetch(tiny_zmoe, 
             p, line = m.memory_plan, m.memory_line()
             unused = 10**9 - (p.overhead + p.kv + p.buffers + p.activations + p.engine + budget)
             assert p.budget == budget and unused > 0
-            assert (f"weight budget {budget / 1e6:.1f} MB + unused {unused / 1e6:.1f} MB "
+            assert (f"weight budget {size_text(budget)} + unused {unused / 1e6:.1f} MB "
                     f"(--memory-budget is smaller)") in line, line
             assert line.endswith(f"; prefetch {prefetch}; policy zip-lru"), line
     with zipmoe_rt.load(tiny_zmoe, memory_limit="1GB", context=128, policy="zip-lru") as m:

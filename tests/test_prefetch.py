@@ -29,6 +29,7 @@ from zipmoe_rt.engine.io import ReadQueue
 from zipmoe_rt.engine.pipeline import ExpertEngine, budget_split, read_buffer_cap
 from zipmoe_rt.engine.prefetch import attach, check_prefetch
 from zipmoe_rt.engine.store import ZmoeSource
+from zipmoe_rt.engine.tiers import size_text
 from zipmoe_rt.models import build_model
 
 from test_engine import (DECODE_STEPS, WORKERS, assert_same_logits, generate,  # noqa: F401
@@ -367,7 +368,7 @@ def test_prefetch_asked_for_and_turned_off_says_why(tiny_case):
     msgs = [str(w.message) for w in got if w.category is PrefetchWarning]
     assert len(msgs) == 1
     need = (b + case.k * case.bytes_F) / 1e6
-    assert msgs[0].startswith(f"prefetch off: --memory-budget {b / 1e6:.1f} MB has no room "
+    assert msgs[0].startswith(f"prefetch off: --memory-budget {size_text(b)} has no room "
                               f"for the second working set of {case.k} experts")
     assert "that --prefetch on takes" in msgs[0]
     assert (f"a weight budget of at least {need:.1f} MB runs with prefetch" in msgs[0]

@@ -344,6 +344,7 @@ class Model:
         to the limit); under a budget, whether the engine prefetches (before the policy)."""
         from .engine.factory import describe_auto
         from .engine.limit import memory_line
+        from .engine.tiers import size_text
         pol = describe_auto(getattr(self.engine, "auto_choice", None), self.policy)
         if getattr(self.engine, "resident", "full") == "compressed":
             pol += " (experts cached in the compute form)"
@@ -354,7 +355,7 @@ class Model:
             unused = plan.limit - (plan.overhead + plan.kv + plan.buffers + plan.activations
                                    + plan.engine + plan.budget)
             if unused >= 50_000:          # (shown to 0.1 MB)
-                given = f"weight budget {plan.budget / 1e6:.1f} MB"
+                given = f"weight budget {size_text(plan.budget)}"
                 line = line.replace(given, f"{given} + unused {unused / 1e6:.1f} MB "
                                            f"(--memory-budget is smaller)", 1)
         if self.engine is not None and hasattr(self.engine, "prefetch"):

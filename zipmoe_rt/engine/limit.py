@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .memparts import activation_bytes, kv_bytes, read_buffer_bytes
-from .tiers import BudgetError, mb_at_least, smallest_budget
+from .tiers import BudgetError, mb_at_least, size_text, smallest_budget
 
 __all__ = ["MemoryLimitError", "MemoryPlan", "parse_limit", "cgroup_limit", "mem_available",
            "detect_memory", "resolve_limit", "fixed_overhead", "plan_memory", "memory_line",
@@ -377,12 +377,12 @@ class MemoryPlan:
 
     def describe(self) -> str:
         """One line for the banner and ``/stats``."""
-        return (f"memory limit {self.limit / 1e6:.1f} MB ({self.how}) = fixed overhead "
+        return (f"memory limit {size_text(self.limit)} ({self.how}) = fixed overhead "
                 f"{self.overhead / 1e6:.1f} MB + KV cache {self.kv / 1e6:.1f} MB ({self.context} "
                 f"tokens) + read buffers {self.buffers / 1e6:.1f} MB + prefill activations "
                 f"{self.activations / 1e6:.1f} MB + engine headroom "
                 f"{self.engine / 1e6:.1f} MB + weight budget "
-                f"{self.budget / 1e6:.1f} MB" + (
+                f"{size_text(self.budget)}" + (
                     f" (kernel warm-up peak {self.warmup_peak / 1e6:.1f} MB, before the "
                     f"weights)" if self.warmup_peak else ""))
 
@@ -427,7 +427,7 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
         # the one minimum of the limit: the warm-up's peak or the parts plus the smallest
         # weight budget, whichever is larger (a limit of the peak alone may not run)
         raise MemoryLimitError(
-            f"{_OPT} {lim / 1e6:.1f} MB ({how}) is too small for this model: the runtime "
+            f"{_OPT} {size_text(lim)} ({how}) is too small for this model: the runtime "
             f"peaks at {peak / 1e6:.1f} MB while it loads its kernels, before any weight "
             f"(it then keeps {ov / 1e6:.1f} MB), and needs {need / 1e6:.1f} MB plus the "
             f"smallest weight budget {mb_at_least(minimum)} to run: give at least "
@@ -441,14 +441,14 @@ def plan_memory(source, limit, context: int | None = None, overhead: int | None 
         budget = int(budget)
         if budget > free:
             raise MemoryLimitError(
-                f"--memory-budget {budget / 1e6:.1f} MB does not fit {_OPT} {lim / 1e6:.1f} MB "
+                f"--memory-budget {size_text(budget)} does not fit {_OPT} {size_text(lim)} "
                 f"({how}): the limit holds {parts} and at most {max(free, 0) / 1e6:.1f} MB of "
                 f"weights; drop --memory-budget to use that")
         budget_split(source, budget)          # BudgetError below the smallest budget
         free = budget
     elif free < minimum:
         raise MemoryLimitError(
-            f"{_OPT} {lim / 1e6:.1f} MB ({how}) is too small for this model: it needs {parts}, "
+            f"{_OPT} {size_text(lim)} ({how}) is too small for this model: it needs {parts}, "
             f"plus the smallest weight budget {mb_at_least(minimum)} (dense weights and one "
             f"token's experts): at least {mb_at_least(need + minimum)}")
     return MemoryPlan(limit=lim, how=how, overhead=ov, kv=kv, buffers=buf, budget=int(free),
@@ -466,7 +466,7 @@ def memory_line(plan: MemoryPlan | None, budget: int | None, policy: str,
     if plan is not None:
         return f"{plan.describe()}; {pol}"
     if budget is not None:
-        return f"no memory limit; weight budget {budget / 1e6:.1f} MB; {pol}"
+        return f"no memory limit; weight budget {size_text(budget)}; {pol}"
     kept = ("every expert kept in the compute form, computed in place" if compressed
             else "every expert kept once decoded")
     return f"no memory limit, no weight budget ({kept}); {pol}"

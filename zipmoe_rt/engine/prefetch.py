@@ -101,11 +101,11 @@ def prefetch_off_reason(engine, budget: int, limited: bool) -> str:
     :class:`~zipmoe_rt.engine.pipeline.ExpertEngine`) under ``budget`` bytes: the budget has
     no room for the second working set of ``k`` experts that prefetch takes, and the budget
     that has. ``limited``: the budget came from ``--memory-limit``."""
-    from .tiers import mb_at_least, smallest_budget
+    from .tiers import mb_at_least, size_text, smallest_budget
     k, bytes_F = engine.k, engine.bytes_F
     need = smallest_budget(engine.source) + k * bytes_F
-    where = (f"the weight budget of {budget / 1e6:.1f} MB that --memory-limit leaves"
-             if limited else f"--memory-budget {budget / 1e6:.1f} MB")
+    where = (f"the weight budget of {size_text(budget)} that --memory-limit leaves"
+             if limited else f"--memory-budget {size_text(budget)}")
     return (f"prefetch off: {where} has no room for the second working set of {k} experts "
             f"({k} x {bytes_F / 1e6:.1f} MB) that --prefetch on takes; a weight budget of at "
             f"least {mb_at_least(need)} runs with prefetch")
