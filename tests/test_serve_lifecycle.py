@@ -65,6 +65,54 @@ def test_serve_refuses_a_model_that_fails_its_crc_as_run_does(tiny_zmoe, tmp_pat
     assert "loaded: ready" not in out and "Traceback" not in out, out
 
 
+@pytest.fixture(scope="module")
+def badgen_zmoe(tiny_moe_dir, tmp_path_factory):
+    """The tiny model whose file's generation config samples at temperature -5."""
+    from test_api import make_chat_model
+    return make_chat_model(tiny_moe_dir("mixtral"), tmp_path_factory.mktemp("badgen") / "badgen",
+                           generation_config={"do_sample": True, "temperature": -5})
+
+
+BADGEN = "generation.config: temperature: must be in [0.0, inf], got -5"
+
+
+def test_serve_refuses_a_model_whose_generation_config_is_out_of_range(badgen_zmoe):
+    """As ``run`` refuses it without --temp: one line naming the file and the field, before the
+    server starts (not an HTTP error at each request)."""
+    rc, out = _finish(_serve(badgen_zmoe, "--port", _free_port()))
+    assert rc == 1, out
+    assert out.strip().splitlines() == [
+        f"error: {badgen_zmoe}: {BADGEN} (every request that does not set this field would "
+        f"fail; fix the model file)"], out
+    # the loader checks it too (the default model, which has no reader opened first)
+    from zipmoe_rt.cli_serve import check_generation_config
+    from zipmoe_rt.sampling import GenerationConfigError
+    from zmoe.constants import Keys
+    with pytest.raises(GenerationConfigError, match=r"^m\.zmoe: generation\.config: top_p: "):
+        check_generation_config({Keys.Generation.CONFIG: {"do_sample": True, "top_p": 7}},
+                                "m.zmoe")
+    check_generation_config({Keys.Generation.CONFIG: {"do_sample": False, "top_p": 7}}, "m.zmoe")
+    check_generation_config({}, "m.zmoe")
+
+
+def test_a_request_meeting_a_bad_generation_config_is_a_server_error(badgen_zmoe):
+    """Served anyway (the Python API), a request that uses the file's bad value gets HTTP 500
+    naming the file and the field (the fault is the model's, not the client's) and one log
+    line; a request that sets the field is served."""
+    import zipmoe_rt
+    with zipmoe_rt.load(badgen_zmoe) as m:
+        with logged_server(ModelHost(lambda: m, close_model=False)) as (base, rec):
+            status, body = _raw(base, "POST", "/v1/chat/completions",
+                                {"messages": HI, "max_tokens": 3})
+            assert status == 500, body
+            assert body["error"]["type"] == "server_error"
+            assert body["error"]["message"] == f"{badgen_zmoe}: {BADGEN}"
+            assert rec.lines("uvicorn.error", logging.ERROR) == [f"{badgen_zmoe}: {BADGEN}"]
+            status, body = _raw(base, "POST", "/v1/chat/completions",
+                                {"messages": HI, "max_tokens": 3, "temperature": 0.5})
+            assert status == 200, body
+
+
 class BrokenNet:
     """The network, whose forward pass fails as a corrupt piece read mid-request does."""
 

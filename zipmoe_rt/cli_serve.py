@@ -59,8 +59,9 @@ def serve(model, host, port, api_key, cors, queue_size, model_id, ctx_size, **kw
     try:
         if model is not None:            # a file that is not a model: one line, before starting
             from zmoe.reader import ZmoeReader
-            with ZmoeReader(model, use_mmap=False):
-                pass
+            with ZmoeReader(model, use_mmap=False) as reader:
+                # a sampling value of the file out of range: refused now, not at each request
+                check_generation_config(reader.metadata, model)
         port = sock.getsockname()[1]     # --port 0: the port the system chose
         shown = f"[{host}]" if ":" in host else host
         click.echo(f"zipmoe-rt serve: http://{shown}:{port}/ (loading "
@@ -86,12 +87,13 @@ def load_and_check(model, kw, ctx_size):
     loads) the kernels, so the first request does not wait for them.
 
     Raises:
-        whatever :func:`~zipmoe_rt.cli.load_from_options` or the forward raises (e.g.
-        ``zmoe.ChecksumError``); the model is closed then.
+        whatever :func:`~zipmoe_rt.cli.load_from_options`, :func:`check_generation_config` or
+        the forward raises (e.g. ``zmoe.ChecksumError``); the model is closed then.
     """
     from .cli_repl import warm_up
     m = load_from_options(model, kw, context=ctx_size)
     try:
+        check_generation_config(m.source.metadata, m.path)
         plan = m.memory_plan         # the warm-up prefill fits the context, as for run/chat
         m.ctx_size = min(x for x in (ctx_size, plan and plan.context, 2**31 - 1) if x)
         try:
@@ -102,6 +104,31 @@ def load_and_check(model, kw, ctx_size):
         m.close()
         raise
     return m
+
+
+def check_generation_config(metadata: dict, path) -> None:
+    """Refuse a model whose file's ``generation.config`` has a sampling value out of range
+    that a request uses when it does not set that field, as ``run`` refuses it without the
+    option (:meth:`~zipmoe_rt.sampling.SamplingParams.from_generation_config`): otherwise the
+    server would start and answer such requests with an error.
+
+    Args:
+        metadata: the file's metadata (``ZmoeReader.metadata``, ``Model.source.metadata``).
+        path: the model file, named in the error.
+    Raises:
+        GenerationConfigError: naming the file, ``generation.config`` and the field, and that
+            requests would fail (``"m.zmoe: generation.config: top_p: must be in [0.0, 1.0],
+            got 7 (...)"``).
+    """
+    from zmoe.constants import Keys
+
+    from .sampling import GenerationConfigError, SamplingParams
+    try:
+        SamplingParams.from_generation_config(metadata.get(Keys.Generation.CONFIG) or {},
+                                              where=str(path))
+    except GenerationConfigError as e:
+        raise GenerationConfigError(f"{e} (every request that does not set this field would "
+                                    f"fail; fix the model file)") from None
 
 
 def check_listen(host: str, port: int):

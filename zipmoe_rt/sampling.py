@@ -28,7 +28,7 @@ import numpy as np
 
 from .util import is_int, is_real
 
-__all__ = ["SamplingParams", "Sampler"]
+__all__ = ["SamplingParams", "Sampler", "GenerationConfigError", "file_sampling"]
 
 #: the largest temperature: the largest float32 (the logits are float32)
 TEMPERATURE_MAX = float(np.finfo(np.float32).max)
@@ -117,9 +117,9 @@ class SamplingParams:
             where: the model file, named in the error for a value of the file out of range.
 
         Raises:
-            ValueError: a value of the file out of range (``"FILE: generation.config:
-                top_p: must be in [0.0, 1.0], got 7"``, :func:`file_sampling`); an override out
-                of range, as for :class:`SamplingParams`.
+            GenerationConfigError: a value of the file out of range (``"FILE:
+                generation.config: top_p: must be in [0.0, 1.0], got 7"``, :func:`file_sampling`).
+            ValueError: an override out of range, as for :class:`SamplingParams`.
         """
         def get(key: str, default: Any) -> Any:  # unset or null -> transformers' global default
             value = config.get(key)
@@ -137,6 +137,11 @@ class SamplingParams:
         return cls(**file_sampling(kw, overrides, where))
 
 
+class GenerationConfigError(ValueError):
+    """A sampling value of the model file's ``generation.config`` out of range: a fault of
+    the model file, not of the options or the request that met it (:func:`file_sampling`)."""
+
+
 #: the sampling fields greedy decoding does not use (their neutral values)
 UNUSED_WHEN_GREEDY = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
 
@@ -150,9 +155,9 @@ def file_sampling(from_file: Mapping[str, Any], given: Mapping[str, Any],
     which then take their neutral values.
 
     Raises:
-        ValueError: a value used from the file is out of range, naming the file (``where``),
-            ``generation.config`` and the field: ``"m.zmoe: generation.config: temperature:
-            must be in [0.0, inf], got -5"``.
+        GenerationConfigError: a value used from the file is out of range, naming the file
+            (``where``), ``generation.config`` and the field: ``"m.zmoe: generation.config:
+            temperature: must be in [0.0, inf], got -5"``.
     """
     given = {k: v for k, v in given.items() if v is not None}
     out = dict(from_file)
@@ -167,7 +172,8 @@ def file_sampling(from_file: Mapping[str, Any], given: Mapping[str, Any],
         try:
             SamplingParams(**{k: v})
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{where + ': ' if where else ''}generation.config: {e}") from None
+            raise GenerationConfigError(
+                f"{where + ': ' if where else ''}generation.config: {e}") from None
     out.update(given)
     return out
 

@@ -171,11 +171,15 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
         room = ctx - len(ids)
         from zmoe.constants import Keys
         gen_cfg = host.model.source.metadata.get(Keys.Generation.CONFIG) or {}
-        from ..sampling import SamplingParams
+        from ..sampling import GenerationConfigError, SamplingParams
         try:
             params = SamplingParams.from_generation_config(
                 gen_cfg, where=str(host.model.path),
                 max_tokens=min(req.max_tokens or room, room), **req.sampling)
+        except GenerationConfigError as e:     # the model file's fault, not the request's
+            import logging
+            logging.getLogger("uvicorn.error").error("%s", e)
+            raise APIError(500, str(e), type="server_error") from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
         fmt = None
