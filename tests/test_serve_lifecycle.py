@@ -113,6 +113,73 @@ def test_a_request_meeting_a_bad_generation_config_is_a_server_error(badgen_zmoe
             assert status == 200, body
 
 
+class GatedTokenizer:
+    """The tokenizer, whose chat template render waits for :attr:`release` (a slow template),
+    then renders, or fails as a template past its render budget does (``fail``)."""
+
+    def __init__(self, tok, fail: bool = False):
+        self._tok, self.fail = tok, fail
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def encode_chat(self, *a, **kw):
+        self.started.set()
+        assert self.release.wait(HARD_LIMIT_S), "never released"
+        if self.fail:
+            raise ValueError("chat_template: rendering stopped: too many steps")
+        return self._tok.encode_chat(*a, **kw)
+
+
+def _get(base: str, path: str, timeout_s: float = 10) -> int:
+    """The HTTP status of ``GET path``, failing the test past ``timeout_s``."""
+    import http.client
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        r.read()
+        return r.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_slow_chat_template_render_holds_no_other_request(model, fail):
+    """While one request's chat template renders, /health and /v1/models are answered (the
+    render runs off the event loop); the request then gets its reply, or the 400 naming
+    ``messages`` that a failed render gets."""
+    slow = copy.copy(model)
+    slow.tokenizer = GatedTokenizer(model.tokenizer, fail)
+    with logged_server(ModelHost(lambda: slow, close_model=False)) as (base, rec):
+        first: dict = {}
+
+        def request():
+            first["got"] = _raw(base, "POST", "/v1/chat/completions",
+                                {"messages": HI, "max_tokens": 3})
+        th = threading.Thread(target=request, daemon=True)
+        th.start()
+        try:
+            assert slow.tokenizer.started.wait(HARD_LIMIT_S), "the render never started"
+            assert _get(base, "/health") == 200
+            assert _get(base, "/v1/models") == 200
+            assert th.is_alive() and not first      # the first request is still rendering
+        finally:
+            slow.tokenizer.release.set()
+            th.join(HARD_LIMIT_S)
+        assert not th.is_alive()
+        status, body = first["got"]
+        if fail:
+            assert status == 400, body
+            assert body["error"]["param"] == "messages"
+            assert body["error"]["message"] == "chat_template: rendering stopped: too many steps"
+        else:
+            assert status == 200, body
+            assert body["choices"][0]["finish_reason"] in ("length", "stop"), body
+
+
 class BrokenNet:
     """The network, whose forward pass fails as a corrupt piece read mid-request does."""
 

@@ -128,6 +128,8 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
         return HTMLResponse(html)
 
     def _prompt_ids(req) -> list:
+        """The prompt's token ids (a chat rendered by the model's template); run in a worker
+        thread. Raises APIError 400 for a prompt or messages that do not render or encode."""
         tok = host.model.tokenizer
         try:
             if req.kind == "chat":
@@ -160,7 +162,9 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
         body = await _json_body(request, max_body)
         req = parse_chat(body) if kind == "chat" else parse_completion(body)
         host.ready()
-        ids = _prompt_ids(req)
+        # a chat template renders (and a long prompt encodes) off the event loop: a slow one
+        # must not hold the other requests; its errors come back here as they are raised
+        ids = await asyncio.to_thread(_prompt_ids, req)
         if not ids:
             raise APIError(400, "prompt: empty", param="prompt")
         ctx = host.context_length
@@ -253,7 +257,7 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
         tok = host.model.tokenizer
         if "messages" in body:
             req = parse_chat({"messages": body["messages"]})
-            ids = _prompt_ids(req)
+            ids = await asyncio.to_thread(_prompt_ids, req)      # as for a generation
         else:
             text = body.get("content", body.get("prompt"))
             if not isinstance(text, str):
@@ -261,7 +265,7 @@ def create_app(host: ModelHost, *, api_key: str | None = None, cors: bool = Fals
             special = body.get("add_special", body.get("add_special_tokens", True))
             if not isinstance(special, bool):
                 raise APIError(400, "add_special: expected true or false", param="add_special")
-            ids = tok.encode(text, add_special_tokens=special)
+            ids = await asyncio.to_thread(tok.encode, text, add_special_tokens=special)
         return JSONResponse({"tokens": ids, "count": len(ids),
                              "max_model_len": host.context_length})
 
