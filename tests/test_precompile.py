@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -229,3 +230,57 @@ def test_unwritable_cache_folder_warns_and_starts_no_child(tmp_path, monkeypatch
         got = P.ensure_kernels(SimpleNamespace(path="m.zmoe"), notice=False,
                                run=lambda p, t: calls.append(p) or (True, ""))
     assert got == "failed" and calls == [] and str(tmp_path / "nb") in str(w[0].message)
+
+
+def _cold(monkeypatch, tmp_path, P):
+    """A kernel cache that stays cold (no marker ever counts), in a folder of the test's own."""
+    monkeypatch.setattr(P, "warm_key", lambda source: "k")
+    monkeypatch.setattr(P, "marker_path", lambda key: tmp_path / "nb" / f"zipmoe-warm-{key}.json")
+    monkeypatch.setattr(P, "kernels_ready", lambda key: False)
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_the_compile_notice_is_one_plain_line_where_stderr_is_not_a_terminal(
+        tmp_path, monkeypatch, capsys, terminal):
+    """While the child compiles: stderr piped or a file gets the one line PLAIN_NOTICE (a minute
+    without output would look like a hang); a terminal the start and end lines; no notice when
+    not asked for."""
+    from types import SimpleNamespace
+
+    from zipmoe_rt.engine import precompile as P
+    _cold(monkeypatch, tmp_path, P)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)     # (capsys' stream)
+    ran: list = []
+    monkeypatch.setattr(P, "kernels_ready", lambda key: bool(ran))   # filled once it ran
+    src = SimpleNamespace(path="m.zmoe")
+
+    def run(p, timeout):
+        ran.append(p)
+        return True, ""
+    assert P.ensure_kernels(src, notice=True, run=run) == "compiled"
+    err = capsys.readouterr().err.splitlines()
+    if terminal:
+        assert len(err) == 2 and err[0].startswith("compiling kernels once after install")
+        assert re.fullmatch(r"kernels compiled in \d+ s", err[1]), err
+    else:
+        assert err == ["zipmoe-rt: compiling kernels for the first run (about a minute, cached "
+                       "afterwards)"]
+    monkeypatch.setattr(P, "kernels_ready", lambda key: False)
+    with pytest.warns(P.KernelCompileWarning):
+        assert P.ensure_kernels(src, notice=False, run=lambda p, t: (True, "")) == "failed"
+    assert capsys.readouterr().err == ""
+
+
+def test_a_piped_budgeted_run_says_the_kernels_compile(tiny_zmoe, tmp_path, monkeypatch):
+    """``run --memory-budget`` with stderr not a terminal (no progress bars) on a cold kernel
+    cache prints the plain notice line once while the child runs (here a stand-in that fails at
+    once, so the kernels the test process already holds are used: no real compile)."""
+    from cli_runner import cli
+    from zipmoe_rt.engine import precompile as P
+    _cold(monkeypatch, tmp_path, P)
+    monkeypatch.setattr(P, "precompile", lambda path, timeout: (False, "a stand-in"))
+    r = cli("run", tiny_zmoe, "-p", "hi", "-n", 2, "--memory-budget", "4GB")
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.splitlines().count("zipmoe-rt: compiling kernels for the first run (about "
+                                       "a minute, cached afterwards)") == 1, r.stderr
+    assert "kernels compiled in" not in r.stderr

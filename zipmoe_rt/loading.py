@@ -233,9 +233,10 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
             kernels failed or timed out; they compile in this process instead (same output).
 
     Under a memory budget or limit on the CPU, a cold kernel cache (first run after an install
-    or upgrade) is filled first by a child process (:mod:`zipmoe_rt.engine.precompile`; with
-    ``progress``, one notice line on stderr), so that this process loads compiled kernels and
-    never holds LLVM's compile memory beside its weights.
+    or upgrade) is filled first by a child process (:mod:`zipmoe_rt.engine.precompile`; a
+    notice on stderr meanwhile, with or without ``progress``: on a terminal a line as it
+    starts and one as it ends, elsewhere one plain line), so that this process loads compiled
+    kernels and never holds LLVM's compile memory beside its weights.
     """
     from .api import Model
     from .backends import get_backend, resolve_device
@@ -299,7 +300,9 @@ def load(path: str | Path | None = None, *, verify: bool = True, progress: bool 
                 # a cold kernel cache is filled by a child process, whose compile memory is given
                 # back before this one holds anything (engine/precompile.py)
                 from .engine.precompile import ensure_kernels
-                cache_filled = ensure_kernels(source, notice=progress) != "failed"
+                # (a notice whether or not progress bars are wanted: a minute without output
+                # would look like a hang where stderr is piped)
+                cache_filled = ensure_kernels(source, notice=True) != "failed"
             tok = tokenizer_from_source(source)
             # the tokenizer holds its own parsed copy; the JSON text (~7 MB as a str) is not needed
             source.metadata.pop(Keys.Tokenizer.JSON, None)

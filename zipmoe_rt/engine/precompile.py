@@ -33,14 +33,18 @@ import time
 import warnings
 from pathlib import Path
 
-__all__ = ["KernelCompileWarning", "COMPILE_TIMEOUT_S", "warm_key", "kernel_cache_dirs",
-           "marker_path", "kernels_ready", "write_marker", "precompile", "ensure_kernels"]
+__all__ = ["KernelCompileWarning", "COMPILE_TIMEOUT_S", "PLAIN_NOTICE", "warm_key",
+           "kernel_cache_dirs", "marker_path", "kernels_ready", "write_marker", "precompile",
+           "ensure_kernels"]
 
 #: seconds the compiling child may take before it is killed (a cold compile of every kernel
 #: took 60-90 s on a loaded 2-core VM)
 COMPILE_TIMEOUT_S = 600
 #: the marker's file name in the kernel cache folder: ``zipmoe-warm-<key>.json``
 MARKER_PREFIX = "zipmoe-warm-"
+#: the notice while the child compiles, where stderr is not a terminal (one line, no animation)
+PLAIN_NOTICE = ("zipmoe-rt: compiling kernels for the first run (about a minute, cached "
+                "afterwards)")
 
 
 class KernelCompileWarning(UserWarning):
@@ -186,6 +190,14 @@ def precompile(model_path, timeout: float = COMPILE_TIMEOUT_S) -> tuple[bool, st
     return True, ""
 
 
+def _stderr_is_terminal() -> bool:
+    """Whether standard error is a terminal (False where it has no ``isatty`` or is closed)."""
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def _writable(folder: Path) -> bool:
     """Whether ``folder``, or the nearest folder above it that exists, can be written."""
     for d in (folder, *folder.parents):
@@ -201,8 +213,10 @@ def ensure_kernels(source, notice: bool = True, timeout: float = COMPILE_TIMEOUT
 
     Args:
         source: a :class:`~zipmoe_rt.engine.store.ZmoeSource` (its path and index).
-        notice: print "compiling kernels once after install..." on stderr while the child runs
-            and "kernels compiled in N s" when done.
+        notice: say on stderr that the kernels compile while the child runs: on a terminal
+            "compiling kernels once after install..." and "kernels compiled in N s" when done;
+            elsewhere (stderr piped or sent to a file) the one plain line
+            :data:`PLAIN_NOTICE`, so that a minute without output is not taken for a hang.
         timeout: seconds the child may take.
         run: the child runner, ``run(path, timeout) -> (ok, why)`` (default :func:`precompile`).
     Returns:
@@ -225,9 +239,12 @@ def ensure_kernels(source, notice: bool = True, timeout: float = COMPILE_TIMEOUT
                       f"memory peak while they compile); set NUMBA_CACHE_DIR to a writable "
                       f"folder", KernelCompileWarning, stacklevel=3)
         return "failed"
-    if notice:
+    on_terminal = notice and _stderr_is_terminal()
+    if on_terminal:
         print("compiling kernels once after install (a child process; tens of seconds)...",
               file=sys.stderr, flush=True)
+    elif notice:
+        print(PLAIN_NOTICE, file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     ok, why = (run or precompile)(source.path, timeout)
     if ok and not kernels_ready(key):
@@ -239,7 +256,7 @@ def ensure_kernels(source, notice: bool = True, timeout: float = COMPILE_TIMEOUT
                       f"compiling them in this process instead (same output, a higher memory "
                       f"peak while they compile)", KernelCompileWarning, stacklevel=3)
         return "failed"
-    if notice:
+    if on_terminal:
         print(f"kernels compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
               flush=True)
     return "compiled"
