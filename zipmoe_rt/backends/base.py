@@ -60,6 +60,12 @@ class Backend:
         """A backend array as a host numpy array (may share memory on CPU backends)."""
         raise NotImplementedError
 
+    def upload(self, *arrays) -> list:
+        """Small host arrays made on every step (RoPE tables, token ids, routing rows and
+        weights) as backend arrays, one per argument (same dtype and shape): :meth:`from_host`
+        of each here; the CUDA backend copies them together in one transfer."""
+        return [self.from_host(a) for a in arrays]
+
     # -- dense algebra -------------------------------------------------------------------------
 
     def embed(self, W, ids: np.ndarray):

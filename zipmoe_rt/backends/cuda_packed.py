@@ -146,7 +146,7 @@ def _swiglu(be, x2, ldx, E: GpuPackedExpert):
     T, (n_out, n_in) = x2.shape[0], E.gate.shape
     h = cp.empty((T, n_out), cp.float32)
     vec = int(n_in % 8 == 0 and ldx % 4 == 0 and x2.data.ptr % 16 == 0)
-    d = cp.asarray(np.concatenate([E.gate.desc, E.up.desc]))
+    d = be.upload(np.concatenate([E.gate.desc, E.up.desc]))[0]
     _kernels(be)["pk_swiglu"]((-(-n_out // _ROWS), T), (32 * _ROWS,),
                               (x2, d, h, np.int32(n_out), np.int32(n_in), np.int64(ldx),
                                np.int64(n_out), np.int32(vec)))
@@ -173,8 +173,7 @@ def expert_accumulate(be, out, x, rows, weights, E: GpuPackedExpert) -> None:
     path. Raises ValueError when the shapes disagree."""
     from .cupy_cuda import GEMV_MAX_T
     _check(x.shape[1], E, "expert_accumulate")
-    r = cp.asarray(np.asarray(rows, np.int64))
-    w = cp.asarray(np.asarray(weights, np.float32))
+    r, w = be.upload(np.asarray(rows, np.int64), np.asarray(weights, np.float32))
     xs = x[r]
     if xs.shape[0] >= GEMV_MAX_T:
         d = unpack_expert(be, E)
@@ -221,7 +220,7 @@ def experts_token(be, out, x, experts, weights) -> None:
         desc = np.stack([E.desc for E in experts], axis=1)    # [3, k, 6]
         meta = np.concatenate([desc.reshape(-1), np.zeros((k + 1) // 2, np.uint64)])
         meta[18 * k:].view(np.float32)[:k] = weights
-        d = cp.asarray(meta)
+        d = be.upload(meta)[0]
         vec = int(H % 8 == 0 and n_int % 8 == 0)
         h = cp.empty((k, n_int), cp.float32)
         kk = _kernels(be)

@@ -40,6 +40,7 @@ import cupy as cp
 from ..kernels import cuda_src
 from . import cuda_packed, cuda_planes
 from .cuda_reads import HostReads
+from .cuda_uploads import HostUploads
 from .base import Backend, check_act, check_biased_expert, check_qk_norm, check_route
 from .cuda_family_ops import CudaFamilyOps
 from .numpy_ref import NumpyBackend
@@ -90,6 +91,7 @@ class CupyBackend(CudaFamilyOps, Backend):
         self.k = {n: self.module.get_function(n) for n in cuda_src.KERNELS}
         self._dummy = cp.zeros(1, cp.float32)
         self.reads = HostReads()     # routing reads: pinned, several arrays in one read
+        self.uploads = HostUploads()  # per-step uploads: pinned, several arrays in one copy
 
     # -- arrays --------------------------------------------------------------------------------
 
@@ -107,6 +109,11 @@ class CupyBackend(CudaFamilyOps, Backend):
         if isinstance(a, cp.ndarray):
             return cp.ascontiguousarray(a)
         return cp.asarray(np.ascontiguousarray(a))
+
+    def upload(self, *arrays) -> list:
+        """Device copies of small host ``arrays`` in one copy on the current stream
+        (:class:`~zipmoe_rt.backends.cuda_uploads.HostUploads`)."""
+        return self.uploads.upload(*arrays)
 
     def to_host(self, a):
         """A host copy of device array ``a`` through a pinned buffer, once the current stream
@@ -179,7 +186,7 @@ class CupyBackend(CudaFamilyOps, Backend):
         ids = np.asarray(ids, np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= W.shape[0]):
             raise IndexError(f"token id out of range [0, {W.shape[0]})")
-        rows = W[cp.asarray(ids)]
+        rows = W[self.uploads.upload(ids)[0]]
         if rows.dtype == cp.uint16:
             return (rows.astype(cp.uint32) << 16).view(cp.float32)
         return cp.ascontiguousarray(rows, cp.float32)
@@ -245,8 +252,8 @@ class CupyBackend(CudaFamilyOps, Backend):
         (:meth:`_clamped_expert`)."""
         if glu is not None:
             check_biased_expert("expert_accumulate", x.shape[1], expert)
-            r = cp.asarray(np.asarray(rows, np.int64))
-            w = cp.asarray(np.asarray(weights, np.float32))
+            r, w = self.uploads.upload(np.asarray(rows, np.int64),
+                                       np.asarray(weights, np.float32))
             out[r] += self._clamped_expert(x[r], expert, glu) * w[:, None]
             return
         if cuda_packed.is_packed_any(expert) and check_act(act):   # GELU-tanh: decoded
@@ -256,8 +263,7 @@ class CupyBackend(CudaFamilyOps, Backend):
                                                  cuda_packed.on_device(expert))
         gate, up, down = self._dev_expert(expert)
         self._check_expert(x.shape[1], gate, up, down, "expert_accumulate")
-        r = cp.asarray(np.asarray(rows, np.int64))
-        w = cp.asarray(np.asarray(weights, np.float32))
+        r, w = self.uploads.upload(np.asarray(rows, np.int64), np.asarray(weights, np.float32))
         y = self.linear(self.swiglu(x[r], gate, up, act), down)
         out[r] += w[:, None] * y
 
@@ -307,7 +313,7 @@ class CupyBackend(CudaFamilyOps, Backend):
         for j in range(3):                     # gate, up, down addresses
             meta[j * k:(j + 1) * k] = [d[j].data.ptr for d in devs]
         meta[3 * k:].view(np.float32)[:k] = weights
-        ptrs = cp.asarray(meta)
+        ptrs = self.uploads.upload(meta)[0]
         vec = int(H % 8 == 0 and n_int % 8 == 0 and all(int(p) % 16 == 0 for p in meta[:3 * k]))
         h = cp.empty((k, n_int), cp.float32)
         rows = _ROWS_PER_BLOCK

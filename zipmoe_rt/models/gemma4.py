@@ -98,6 +98,6 @@ class Model(base.Model):
         computed once per forward step and shared by those layers."""
         key, tabs = self._tables
         if key != (pos0, T):
-            tabs = tuple(self.backend.from_host(t) for t in self.global_rope.cos_sin(pos0, T))
+            tabs = tuple(self.backend.upload(*self.global_rope.cos_sin(pos0, T)))
             self._tables = ((pos0, T), tabs)
         return tabs

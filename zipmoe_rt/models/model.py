@@ -393,7 +393,7 @@ class Model:
         be = self.backend
         x = self.embed_tokens(ids)
         cache.reserve(T)
-        cos, sin = (be.from_host(a) for a in self.rope.cos_sin(pos0, T))
+        cos, sin = be.upload(*self.rope.cos_sin(pos0, T))
         for layer, layer_cache in zip(self.layers, cache.layers):
             if interrupt is not None:
                 interrupt()
