@@ -117,6 +117,79 @@ def test_batch_decode_on_the_host(seg):
         _check(job[5], m, mats)
 
 
+def test_batch_decode_refuses_a_copy_not_landed_on_the_host():
+    """HostOps.decode_batch with a landed word: experts whose copy number the word has reached
+    (modulo SEQ_MASK + 1, wrapping) decode; one ahead of it is an engine error."""
+    from zipmoe_rt.engine.gpu_ops import HostOps
+    from zipmoe_rt.kernels.cuda_segdec_src import SEQ_MASK
+    items, metas, jobs = _batch_jobs(np, 256)
+    word = np.zeros(4, np.uint8)
+    word.view(np.uint32)[0] = 3
+    ok = [j + (s,) for j, s in zip(jobs, [-1, 2, 3, -1] + [-1] * len(jobs))]
+    HostOps().decode_batch(ok, 256, None, landed=word)
+    for m, job, mats in zip(metas, ok, _experts() + _experts()[::-1]):
+        _check(job[5], m, mats)
+    with pytest.raises(RuntimeError, match="copy 4 has not landed"):
+        HostOps().decode_batch([jobs[0] + (4,)], 256, None, landed=word)
+    word.view(np.uint32)[0] = 1                       # wrapped: SEQ_MASK landed before 1
+    HostOps().decode_batch([jobs[0] + (SEQ_MASK,)], 256, None, landed=word)
+
+
+@gpu
+@pytest.mark.parametrize("seg", [256, 37, 2048])
+def test_batch_decode_waiting_for_copies_equals_the_host(seg):
+    """sd_decode_batch_wait (CudaOps.decode_batch with a landed word): launched before the
+    bytes of the batch's two copied experts are back on the device (their arena spans zeroed,
+    the copy stream held ~50 ms behind a busy kernel, then each span copied and its number
+    copied into the word), it gives every expert word for word, the experts not copied (bytes
+    already there) included; twice, the second time with numbers past the first's."""
+    import cupy as cp
+
+    from zipmoe_rt.backends.cuda_experts import CudaOps
+    items, metas, jobs = _batch_jobs(cp, seg)
+    ops = CudaOps()
+    dec, cpy = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+    numbers = ops.pinned(4 * 64).view(np.uint32)
+    numbers[:] = np.arange(64, dtype=np.uint32)
+    landed = cp.zeros(1, cp.uint32)
+    arena = jobs[0][0][0]
+    spans = []                          # the copied experts: their bytes in the arena
+    for job in jobs[:2]:
+        lo = min(ref[1] for ref in job[:5])
+        hi = max(ref[1] + ref[2] for ref in job[:5])
+        host = ops.pinned(hi - lo)
+        host[:] = cp.asnumpy(arena[lo:hi])
+        spans.append((lo, hi, host))
+    for rep in range(2):
+        seqs = [10 * rep + 1, 10 * rep + 2] + [-1] * (len(jobs) - 2)
+        for job in jobs:
+            job[5].fill(0)
+        for lo, hi, _ in spans:
+            arena[lo:hi] = 0
+        cp.cuda.Device().synchronize()
+        with cpy:
+            _spin_ms(50)
+        ops.decode_batch([j + (s,) for j, s in zip(jobs, seqs)], seg, dec, landed=landed)
+        for (lo, hi, host), sq in zip(spans, seqs):
+            cp.cuda.runtime.memcpyAsync(arena.data.ptr + lo, host.ctypes.data, hi - lo,
+                                        cp.cuda.runtime.memcpyHostToDevice, cpy.ptr)
+            cp.cuda.runtime.memcpyAsync(landed.data.ptr, numbers[sq:sq + 1].ctypes.data, 4,
+                                        cp.cuda.runtime.memcpyHostToDevice, cpy.ptr)
+        dec.synchronize()
+        cpy.synchronize()
+        for m, job, mats in zip(metas, jobs, _experts() + _experts()[::-1]):
+            _check(cp.asnumpy(job[5]), m, mats)
+
+
+def _spin_ms(ms):
+    """A kernel on the current stream that busy-waits about ``ms`` milliseconds."""
+    import cupy as cp
+    k = cp.RawKernel(r"""extern "C" __global__ void spin(long long cycles) {
+        long long t0 = clock64(); while (clock64() - t0 < cycles) {} }""", "spin")
+    rate = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["clockRate"]   # kHz
+    k((1,), (1,), (np.int64(rate * ms),))
+
+
 @gpu
 @pytest.mark.parametrize("seg", [256, 37, 2048])
 def test_batch_decode_one_launch_equals_the_host(seg):

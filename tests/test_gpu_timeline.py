@@ -191,11 +191,16 @@ def test_ab_and_config_parsing_and_switches():
     assert gpu_batch.MAX_BATCH == 0
 
 
-def test_hooks_record_the_gpu_engine_and_leave_nothing_behind(tiny_case):
-    """On the host model: the recorded tokens hold every lane (copies, decodes with the copy
-    they waited for, compute ops, host spans of the engine), the logits are those of the run
-    without hooks, and uninstall restores every wrapped method."""
+@pytest.mark.parametrize("streamed", [True, False])
+def test_hooks_record_the_gpu_engine_and_leave_nothing_behind(tiny_case, monkeypatch, streamed):
+    """On the host model: the recorded tokens hold every lane (copies, decodes: with
+    ``gpu_batch.STREAMED`` off each waits for the copies' event, on none does (it waits for the
+    landed word inside the kernel, written by a copy after each expert's), compute ops, host
+    spans of the engine), the logits are those of the run without hooks, and uninstall
+    restores every wrapped method."""
     import timeline_hooks as TH
+    from zipmoe_rt.engine import gpu_batch
+    monkeypatch.setattr(gpu_batch, "STREAMED", streamed)
     from test_gpu_offload import _pf_engine
     from zipmoe_rt.engine.prefetch import attach
     from zipmoe_rt.models import build_model
@@ -218,7 +223,11 @@ def test_hooks_record_the_gpu_engine_and_leave_nothing_behind(tiny_case):
         lanes = {g["stream"] for t in rec.tokens for g in t["gpu"]}
         assert lanes == {"compute", "copy", "decode"}
         dec = [g for t in rec.tokens for g in t["gpu"] if g["stream"] == "decode"]
-        assert dec and all(any(ln == "copy" for _, ln in g["deps"]) for g in dec)
+        assert dec and all(any(ln == "copy" for _, ln in g["deps"]) != streamed for g in dec)
+        if streamed:        # every batched copy was followed by its number's copy
+            assert eng._seq > 0 and int(eng._landed.view(np.uint32)[0]) == eng._seq
+        else:               # the word is there, no number was copied into it
+            assert eng._seq == 0 and int(eng._landed.view(np.uint32)[0]) == 0
         names = {s["name"] for t in rec.tokens for s in t["host"]}
         assert {"layer", "attention", "lookahead", "router", "moe", "queue",
                 "decode launch", "experts", "lm_head"} <= names

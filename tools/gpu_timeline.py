@@ -64,6 +64,8 @@ AB_SWITCHES = {
     "lookahead_async": ("zipmoe_rt.engine.prefetch", "LOOKAHEAD_ASYNC", bool),
     "batched": ("zipmoe_rt.engine.gpu_batch", "BATCHED", bool),
     "max_batch": ("zipmoe_rt.engine.gpu_batch", "MAX_BATCH", int),
+    "streamed": ("zipmoe_rt.engine.gpu_batch", "STREAMED", bool),
+    "uploads": ("zipmoe_rt.backends.cuda_uploads", "ENABLED", bool),
 }
 WARM = 8
 PREFILL = 16

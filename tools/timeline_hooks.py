@@ -338,8 +338,8 @@ def install(rec: Recorder, net, engine=None, detail: str = "ops") -> list:
             stream, "h2d", f, dst, off, src, stream)), undo)
         _wrap_attr(ops, "h2d", lambda f: (lambda dst, src, stream: rec.gpu_item(
             stream, "h2d", f, dst, src, stream)), undo)
-        _wrap_attr(ops, "decode_batch", lambda f: (lambda jobs, seg, stream: rec.gpu_item(
-            stream, "decode", f, jobs, seg, stream)), undo)
+        _wrap_attr(ops, "decode_batch", lambda f: (lambda jobs, seg, stream, **kw: rec.gpu_item(
+            stream, "decode", f, jobs, seg, stream, **kw)), undo)
         _wrap_attr(ops, "decode", lambda f: (lambda *a: rec.gpu_item(
             a[-1], "decode", f, *a)), undo)
         _wrap_attr(ops, "record", lambda f: (lambda stream, timing=False: rec.note_record(

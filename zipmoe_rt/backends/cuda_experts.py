@@ -168,19 +168,22 @@ class CudaOps:
                 a = self._scratch[key] = cp.empty(max(int(n), 1 << 12), dtype)
         return a
 
-    def decode_batch(self, jobs, seg, stream):
+    def decode_batch(self, jobs, seg, stream, landed=None):
         """The segment decode of several experts in one launch on ``stream``
-        (:func:`~zipmoe_rt.backends.cuda_segdec.decode_batch`): jobs as for
+        (:func:`~zipmoe_rt.backends.cuda_segdec.decode_batch`): jobs and ``landed`` as for
         :meth:`~zipmoe_rt.engine.gpu_ops.HostOps.decode_batch`. Their addresses go into a pinned
         descriptor (a ring of :data:`_DESC_RING`; a buffer is rewritten only once its last copy
-        has left) copied on ``stream`` before the kernels."""
+        has left) copied on ``stream`` before the kernels. With ``landed`` the kernel waits for
+        each copied expert's bytes block by block instead of the stream waiting for them all."""
         rows, sf, tf = [], 0, 0
-        for exp, sm, runs, bits, tabs, out, nseg, nruns, ntab in jobs:
+        for job in jobs:
+            exp, sm, runs, bits, tabs, out, nseg, nruns, ntab = job[:9]
+            seq = job[9] if landed is not None and len(job) > 9 else -1
             rows += [sf, exp[0].data.ptr + exp[1], sm[0].data.ptr + sm[1],
                      runs[0].data.ptr + runs[1], nruns, bits[0].data.ptr + bits[1],
-                     tabs[0].data.ptr + tabs[1], tf, out.data.ptr, 0]
+                     tabs[0].data.ptr + tabs[1], tf, out.data.ptr, seq]
             sf += nseg
-            tf += ntab
+            tf += ntab if seq < 0 else 0
         rows += [sf, 0, 0, 0, 0, 0, 0, tf, 0, 0]
         if not sf:
             return
@@ -199,7 +202,7 @@ class CudaOps:
                                     cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
         slot[1] = self.record(stream)
         with stream:
-            cuda_segdec.decode_batch(dev, len(jobs), sf, tf, seg, multi)
+            cuda_segdec.decode_batch(dev, len(jobs), sf, tf, seg, multi, landed=landed)
 
     def copy(self, a, stream):
         """A contiguous copy of device array ``a`` made on ``stream`` (memory from the compute

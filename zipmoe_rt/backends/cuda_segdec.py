@@ -6,7 +6,8 @@ shared memory and written coalesced. Two entry points share its kernels:
   tables (:mod:`zipmoe_rt.engine.gpu_meta`), the engine's GPU decode
   (:class:`~zipmoe_rt.backends.cuda_experts.CudaOps`);
 - :func:`decode_batch`: :func:`decode_runs` for several experts in one launch (the misses of
-  one MoE layer call), through a descriptor of their addresses;
+  one MoE layer call), through a descriptor of their addresses, optionally launched before
+  their copies have landed (each block waits for its experts' copies);
 - :func:`write_streams`: the write pass of the self-synchronising decoder behind
   ``decode_exponents`` (:mod:`zipmoe_rt.backends.cuda_huffman`), once its passes have found each
   segment's start bit and symbol count.
@@ -95,7 +96,7 @@ def decode_runs(exp, sm, runs, bits, tabs, seg: int, out, variant: str | None = 
 
 
 def decode_batch(desc, n: int, nseg: int, ntab: int, seg: int, multi,
-                 variant: str | None = None) -> None:
+                 variant: str | None = None, landed=None) -> None:
     """Decode the segments of ``n`` experts in one launch (and build their multi-symbol tables
     in one more), on the current stream.
 
@@ -109,13 +110,23 @@ def decode_batch(desc, n: int, nseg: int, ntab: int, seg: int, multi,
         nseg, ntab: total segments and tables.  seg: symbols per segment.
         multi: device uint64 [>= ntab * 4096], written with the multi-symbol tables.
         variant: a name of :data:`VARIANTS`.
+        landed: None, or a device uint32 word the copy stream writes each copied expert's
+            sequence number into once its bytes have landed: the decode does not wait for the
+            copies on the stream but block by block (``sd_decode_batch_wait``); rows with
+            field 9 >= 0 are those copies (their tables are not counted in ``ntab``).
     """
     if not nseg:
         return
     k, t, _ = kernels(variant)
     if ntab:
         k["sd_multi_batch"](((ntab * 4096 + 255) // 256,), (256,), (desc, np.int32(n), multi))
-    k["sd_decode_batch"](((nseg + t - 1) // t,), (t,), (desc, np.int32(n), multi, np.int32(seg)))
+    grid = ((nseg + t - 1) // t,)
+    if landed is None:
+        k["sd_decode_batch"](grid, (t,), (desc, np.int32(n), multi, np.int32(seg)))
+    else:
+        k["sd_decode_batch_wait"](grid, (t,), (desc, np.int32(n), multi, np.int32(seg), landed,
+                                               np.uint32(cuda_segdec_src.SEQ_MASK),
+                                               np.int64(cuda_segdec_src.WAIT_POLLS)))
 
 
 def write_streams(src, s_src, s_size, tab, seg_first, start, cnt, incl, o_base, o_count,

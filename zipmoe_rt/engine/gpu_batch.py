@@ -25,6 +25,17 @@ C/S/E slots on the GPU, or a finished file read) joins the *open batch* (:meth:`
    BF16 words written into its own output buffer (the buffer the F pool then admits);
 4. one event per batch that the compute stream waits for before the experts' matmuls.
 
+With :data:`STREAMED` (the default) the decode launch does not wait for the batch's copies:
+after each expert's copy the copy stream also copies that expert's sequence number (from a
+fixed pinned table of numbers) into a 4-byte *landed* word on the device, and each block of the
+decode kernel waits for the number of the last copied expert it reads
+(``sd_decode_batch_wait`` of :mod:`zipmoe_rt.kernels.cuda_segdec_src`). Copies of one stream
+land in order, so an expert is decoded while the next ones still cross PCIe, and a call's
+last decode ends about one expert's decode after its last copy rather than the whole batch's
+decode after it. The decode launch still waits for the compute stream's work queued so far,
+so the kernel only ever waits on copies already queued behind nothing but copies and decodes
+issued before it (no cycle).
+
 With :data:`MAX_BATCH` = 0 (the default) all the misses of a call are one batch (one decode
 launch after the last copy); with a few experts per batch, each batch's decode overlaps the
 copies of the next.
@@ -49,6 +60,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..kernels.cuda_segdec_src import SEQ_MASK
 from .gpu_meta import ALIGN, block_layout, gpu_decodable, meta_bound
 from .stage_times import StageTimes
 
@@ -70,6 +82,9 @@ MAX_BATCH = 0
 #: ran 1.31× faster without the wait (docs/benchmarks.md §13, run 12);
 #: ``tools/gpu_timeline.py --ab copy_wait=on`` compares the two in one process
 COPY_WAITS_COMPUTE = False
+#: decode a batch's experts as their copies land (module docstring) rather than after the
+#: whole batch's copies; same words. ``tools/gpu_timeline.py --ab streamed=off`` compares
+STREAMED = True
 
 
 def _al(n: int) -> int:
@@ -155,6 +170,9 @@ class BatchedMisses:
     def _batch_setup(self, sized: bool):
         """No open batch, no arenas; with ``sized`` (the layouts known) the arena size."""
         self._batch = None               # the open batch: _Batch
+        self._landed = None              # device uint32: the last landed copy's number
+        self._seq_src = None             # pinned uint32 [SEQ_MASK + 1]: 0, 1, 2, ...
+        self._seq = 0                    # the last copy's number
         self._arenas: list = []          # [device uint8 buffer, event of its last decode]
         self._arena_i = 0
         self._last_dec = None
@@ -167,6 +185,8 @@ class BatchedMisses:
         per = min(self.k, MAX_BATCH) if MAX_BATCH > 0 else self.k
         self._arena_cap = per * _al(max(sizes)) if sizes else 0
         self._n_arenas = 2 * -(-self.k // per)     # two calls' worth of launches in flight
+        if self._arena_cap:
+            self._new_landed()           # at load: no compute work can still use its memory
 
     def _batchable(self, p) -> bool:
         lay = p.lay
@@ -202,6 +222,9 @@ class BatchedMisses:
             st.uploads += 1
             if p.staging:
                 b.staged.append(p.block)
+            seq = self._landed_after_copy() if STREAMED else -1
+        else:
+            seq = -1
         e0, r0, b0, t0_, _ = bl
         sm_n, exp_n = lay.sm_region[1], lay.exp_region[1]
         arena = b.arena
@@ -214,11 +237,30 @@ class BatchedMisses:
             exp = (p.slot.exp, 0, exp_n)
             runs, bits, tabs = ((d, 0, d.nbytes) for d in self._dmeta[p.key])
         b.jobs.append((exp, sm, runs, bits, tabs, int(m.words), int(m.bits.size),
-                       int(m.runs.shape[0]), int(m.tabs.shape[0])))
+                       int(m.runs.shape[0]), int(m.tabs.shape[0]), seq))
         b.group.append(p)
         if 0 < MAX_BATCH <= len(b.group):
             self._close_batch()          # decodes while the next experts' copies run
         st.issue_s += time.perf_counter() - t0
+
+    def _new_landed(self):
+        """The landed word, zeroed by a copy on the copy stream (so before any number is
+        copied there), and the pinned table of numbers it is copied from."""
+        ops = self.ops
+        self._seq_src = ops.pinned(4 * (SEQ_MASK + 1)).view(np.uint32)
+        self._seq_src[:] = np.arange(SEQ_MASK + 1, dtype=np.uint32)
+        self._landed = ops.empty(4)
+        ops.h2d_at(self._landed, 0, self._seq_src[0:1].view(np.uint8), self._copy_s)
+
+    def _landed_after_copy(self) -> int:
+        """Queue, behind the copy just issued, the copy of its sequence number into the landed
+        word (allocated, zeroed, at the first call) and return that number."""
+        ops = self.ops
+        if self._landed is None:
+            self._new_landed()
+        self._seq = seq = (self._seq + 1) & SEQ_MASK
+        ops.h2d_at(self._landed, 0, self._seq_src[seq:seq + 1].view(np.uint8), self._copy_s)
+        return seq
 
     def _flush(self):
         """Launch the open batch's decode (:meth:`_close_batch`)."""
@@ -250,12 +292,14 @@ class BatchedMisses:
         from .gpu_engine import assemble
         b, self._batch = self._batch, None
         ops, st, ds = self.ops, self.stats, self._dec_s
+        streamed = b.copies and STREAMED and self._landed is not None
         if b.copies:
             b_c = ops.record(self._copy_s, timing=True)
             st.copy_events.append((b.a_c, b_c))
             for blk in b.staged:
                 self._give_staging(blk, b_c)
-            ops.wait(ds, b_c)
+            if not streamed:
+                ops.wait(ds, b_c)
         else:
             ops.wait(ds, b.ev_c)
         # the outputs are taken now, from memory the compute stream may have freed since the
@@ -264,7 +308,11 @@ class BatchedMisses:
         ops.wait(ds, ops.record(ops.current()))
         b.jobs = [j[:5] + (ops.empty(j[5], np.uint16),) + j[6:] for j in b.jobs]
         a = ops.record(ds, timing=True)
-        ops.decode_batch(b.jobs, self._meta[b.group[0].key].segment, ds)
+        if streamed:
+            ops.decode_batch(b.jobs, self._meta[b.group[0].key].segment, ds,
+                             landed=self._landed)
+        else:
+            ops.decode_batch(b.jobs, self._meta[b.group[0].key].segment, ds)
         e = ops.record(ds, timing=True)
         st.events.append((a, e))
         st.gpu_decodes += len(b.group)

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from ..kernels.cuda_segdec_src import SEQ_MASK
 from ..kernels.gpu_segments import decode_segments
 
 
@@ -78,12 +79,29 @@ class HostOps:
         """Copy host ``src`` into device uint8 ``dst`` at byte ``off`` on ``stream``."""
         dst[off:off + src.nbytes] = src.reshape(-1).view(np.uint8)
 
-    def decode_batch(self, jobs, seg, stream):
+    def decode_batch(self, jobs, seg, stream, landed=None):
         """The segment decode of several experts on ``stream`` (one launch on a GPU): each job
-        ``(exp, sm, runs, bits, tabs, out, nseg, nruns, ntab)``, the first five as ``(device
-        array, byte offset, bytes)`` (uint8 exponent and SM regions, int32 runs [nruns, 6],
-        int32 bits [nseg], uint16 tables [ntab, 4096]), ``out`` uint16 words."""
-        for exp, sm, runs, bits, tabs, out, _, _, _ in jobs:
+        ``(exp, sm, runs, bits, tabs, out, nseg, nruns, ntab[, seq])``, the first five as
+        ``(device array, byte offset, bytes)`` (uint8 exponent and SM regions, int32 runs
+        [nruns, 6], int32 bits [nseg], uint16 tables [ntab, 4096]), ``out`` uint16 words,
+        ``seq`` the sequence number of the expert's copy (-1: not copied).
+
+        ``landed``: None, or the device uint32 word (here uint8 [4]) the copy stream writes
+        each copy's sequence number into after its bytes: the GPU kernel waits for it block by
+        block; here every copy has already happened, so a copied expert whose number the word
+        has not reached (modulo ``SEQ_MASK + 1``) is an engine error.
+
+        Raises:
+            RuntimeError: with ``landed``, a copied expert's sequence number not landed.
+        """
+        if landed is not None:
+            now = int(np.asarray(landed).reshape(-1).view(np.uint32)[0])
+            for job in jobs:
+                seq = job[9] if len(job) > 9 else -1
+                if seq >= 0 and ((now - seq) & SEQ_MASK) > (SEQ_MASK >> 1):
+                    raise RuntimeError(f"decode_batch: copy {seq} has not landed (word {now})")
+        for job in jobs:
+            exp, sm, runs, bits, tabs, out = job[:6]
             v = [a.reshape(-1).view(np.uint8)[o:o + n] for a, o, n in (exp, sm, runs, bits, tabs)]
             decode_segments(v[0], v[1], v[2].view(np.int32).reshape(-1, 6), v[3].view(np.int32),
                             v[4].view(np.uint16).reshape(-1, 4096), seg, out)

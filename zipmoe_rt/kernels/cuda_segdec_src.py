@@ -32,6 +32,14 @@ Kernels:
   (the misses of one MoE layer), each expert's arrays found through a descriptor row
   (:data:`BATCH_FIELDS`); a thread finds its expert by a binary search over the rows' first
   segments, then its run as ``sd_decode_runs`` does. Same words as one launch per expert.
+- ``sd_decode_batch_wait``: ``sd_decode_batch`` launched before the batch's copies have landed:
+  after each expert's copy the copy stream writes that copy's sequence number into a 4-byte
+  *landed* word on the device (copies of one stream land in order), and each block first waits
+  (thread 0 polls the word with ``__nanosleep`` between reads, then a fence and a barrier) until
+  the word has reached the copy of the last copied expert it reads, so an expert is decoded
+  while the next ones still cross PCIe. Experts that were copied are decoded with the
+  single-symbol tables (their multi-symbol tables would need every table of the batch on the
+  device first); the others as ``sd_decode_batch``. Same words.
 - ``sd_decode_streams``: the write pass of the self-synchronising decoder of
   :mod:`zipmoe_rt.kernels.cuda_huffman_src` (segments of ``B`` bits, their exact start bits and
   symbol counts found by its synchronisation passes), exponent bytes out, each stream's end
@@ -45,12 +53,20 @@ from __future__ import annotations
 
 #: names of the kernels in :data:`SOURCE`.
 KERNELS = ("sd_multi_tables", "sd_decode_runs", "sd_decode_streams", "sd_multi_batch",
-           "sd_decode_batch")
+           "sd_decode_batch", "sd_decode_batch_wait")
 #: int64 fields per expert of a batch descriptor (``sd_multi_batch``, ``sd_decode_batch``):
 #: first segment, exponent region, SM region, runs, run count, segment bits, single-symbol
-#: tables, first table, output words (addresses as integers), and one unused field; a last row
-#: holds the totals (segments, tables) in fields 0 and 7
+#: tables, first table, output words (addresses as integers), and the sequence number of the
+#: expert's copy (``sd_decode_batch_wait``; -1: not copied, its bytes already on the device); a
+#: last row holds the totals (segments, tables) in fields 0 and 7
 BATCH_FIELDS = 10
+#: sequence numbers of the copies ``sd_decode_batch_wait`` waits for are taken modulo
+#: ``SEQ_MASK + 1``; a block is ready once ``(landed - need) & SEQ_MASK <= SEQ_MASK / 2``
+SEQ_MASK = (1 << 16) - 1
+#: ``sd_decode_batch_wait`` stops the kernel with ``__trap()`` (a CUDA error on the host's next
+#: call, not a hang) after this many polls of the landed word (each after a sleep of up to
+#: ~4 µs: half a minute or more; a batch's copies take milliseconds)
+WAIT_POLLS = 1 << 24
 #: symbols per multi-symbol table entry (at most 4: one staged word per lookup)
 MAXK = 4
 
@@ -116,7 +132,7 @@ __device__ __forceinline__ void sd_round(SdReader& r, const u64* mt,
                                          u32* row) {
     u64 acc = 0ull;
     int na = 0, got = 0, wq = 0;
-    while (need - got >= SD_MAXK) {
+    while (mt != 0 && need - got >= SD_MAXK) {      // mt 0: single-symbol lookups only
         r.refill();
         u64 e = SD_MT(mt + (u32)(r.buf & 4095ull));
         int k = (int)(e >> 48) & 15, used = (int)(e >> 52) & 15;
@@ -386,6 +402,63 @@ __global__ void __launch_bounds__(SD_T) sd_decode_batch(
         o0 = (unsigned short*)d[8] + r[2] + k0;
         p0 = (const unsigned char*)d[2] + r[3] + k0;
         mt = multi + 4096LL * (d[7] + r[5]);
+        st = (const unsigned short*)d[6] + 4096LL * r[5];
+        size_t mis = (size_t)exp & 3;
+        rd.start((const u32*)(exp - mis), (long long)r[1] + (long long)mis,
+                 (long long)((const int*)d[5])[jl] + 8LL * (long long)mis);
+    }
+    sd_stage(rd, mt, st, cnt, (seg + SD_ROUND - 1) / SD_ROUND, o0, p0, true, rows, s_o, s_p,
+             s_n);
+}
+
+// sd_decode_batch for a batch whose copies may still be in flight (module docstring): thread 0
+// of each block finds the last copied expert at or before the block's last segment (field 9 >=
+// 0: its copy's sequence number) and polls `landed` until that copy has landed (modulo
+// SEQ_MASK + 1); copied experts decode with the single-symbol tables only.
+__global__ void __launch_bounds__(SD_T) sd_decode_batch_wait(
+        const long long* __restrict__ desc, int n, const u64* __restrict__ multi, int seg,
+        const volatile unsigned int* landed, unsigned int mask, long long polls) {
+    __shared__ u32 rows[SD_T * SD_ROW];
+    __shared__ void* s_o[SD_T];
+    __shared__ const unsigned char* s_p[SD_T];
+    __shared__ int s_n[SD_T];
+    int tid = threadIdx.x;
+    long long total = desc[10 * n];
+    if (tid == 0) {
+        long long last = min((long long)(blockIdx.x + 1) * SD_T, total) - 1;
+        long long need = -1;
+        for (int e = sd_find_row(desc, n, 0, last); e >= 0; e--)
+            if (desc[10 * e + 9] >= 0) { need = desc[10 * e + 9]; break; }
+        if (need >= 0) {
+            long long it = 0;
+            while (((*landed - (unsigned int)need) & mask) > (mask >> 1)) {
+#if __CUDA_ARCH__ >= 700
+                __nanosleep(2000);
+#endif
+                if (++it > polls) __trap();
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+    long long j = blockIdx.x * (long long)SD_T + tid;
+    int cnt = 0;
+    unsigned short* o0 = 0;
+    const unsigned char* p0 = 0;
+    SdReader rd;
+    const u64* mt = 0;
+    const unsigned short* st = 0;
+    if (j < total) {
+        const long long* d = desc + 10 * sd_find_row(desc, n, 0, j);
+        const unsigned char* exp = (const unsigned char*)d[1];
+        const int* runs = (const int*)d[3];
+        int jl = (int)(j - d[0]);
+        const int* r = runs + 6 * sd_find_run(runs, (int)d[4], jl);
+        long long k0 = (long long)(jl - r[0]) * seg;
+        cnt = (int)min((long long)seg, (long long)r[4] - k0);
+        o0 = (unsigned short*)d[8] + r[2] + k0;
+        p0 = (const unsigned char*)d[2] + r[3] + k0;
+        mt = d[9] >= 0 ? (const u64*)0 : multi + 4096LL * (d[7] + r[5]);
         st = (const unsigned short*)d[6] + 4096LL * r[5];
         size_t mis = (size_t)exp & 3;
         rd.start((const u32*)(exp - mis), (long long)r[1] + (long long)mis,
