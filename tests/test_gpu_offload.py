@@ -668,6 +668,42 @@ def test_cuda_copy_wait_and_lookahead_switches_keep_logits(tiny_case, monkeypatc
 
 
 @pytest.mark.skipif(_cuda_why() is not None, reason=f"no CUDA backend here: {_cuda_why()}")
+@pytest.mark.parametrize("spec", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_cuda_streamed_decode_keeps_logits(tiny_case, monkeypatch, spec):
+    """On the GPU with ``gpu_batch.STREAMED`` (each batch's decode launched before its copies
+    land, its blocks waiting for the landed word): zip-lru and raw-lru, prefetch off and on,
+    the copy wait on and off, host cache empty and full: the logits equal the unbudgeted GPU
+    run's bit for bit, and numbers were copied into the word (the decodes really waited on
+    it)."""
+    import warnings
+
+    import zipmoe_rt
+    from zipmoe_rt.engine import gpu_batch
+    case = tiny_case(spec)
+    ref_logits, ref_tokens = _cuda_unbudgeted(case, 10)
+    budget = case.dense + 2 * case.k * case.bytes_F
+    monkeypatch.setattr(gpu_batch, "STREAMED", True)
+    for policy, pf, copy_wait, hb in (("zip-lru", "off", False, None),
+                                      ("zip-lru", "off", True, "100%"),
+                                      ("zip-lru", "on", False, "100%"),
+                                      ("zip-lru", "on", True, None),
+                                      ("raw-lru", "off", False, "100%")):
+        monkeypatch.setattr(gpu_batch, "COPY_WAITS_COMPUTE", copy_wait)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            b = zipmoe_rt.load(case.zmoe, device="cuda", memory_budget=budget, policy=policy,
+                               workers=2, host_budget=hb, prefetch=pf, progress=False)
+        try:
+            where = (policy, pf, copy_wait, hb)
+            logits, tokens = generate(b.net, case.ids, 10)
+            assert tokens == ref_tokens, where
+            assert all(np.array_equal(x, y) for x, y in zip(logits, ref_logits)), where
+            assert (b.engine._seq > 0) == (policy == "zip-lru"), where
+        finally:
+            b.close()
+
+
+@pytest.mark.skipif(_cuda_why() is not None, reason=f"no CUDA backend here: {_cuda_why()}")
 def test_cuda_timeline_hooks_record_every_stream(tiny_case):
     """tools/timeline_hooks.py on the GPU (zip-lru, prefetch on, host cache full): the recorded
     tokens hold compute, copy and decode items with CUDA event times inside the token, decodes

@@ -25,16 +25,16 @@ C/S/E slots on the GPU, or a finished file read) joins the *open batch* (:meth:`
    BF16 words written into its own output buffer (the buffer the F pool then admits);
 4. one event per batch that the compute stream waits for before the experts' matmuls.
 
-With :data:`STREAMED` (the default) the decode launch does not wait for the batch's copies:
-after each expert's copy the copy stream also copies that expert's sequence number (from a
-fixed pinned table of numbers) into a 4-byte *landed* word on the device, and each block of the
-decode kernel waits for the number of the last copied expert it reads
+With :data:`STREAMED` (off by default, see there) the decode launch does not wait for the
+batch's copies: after each expert's copy the copy stream also copies that expert's sequence
+number (from a fixed pinned table of numbers) into a 4-byte *landed* word on the device, and
+each block of the decode kernel waits for the number of the last copied expert it reads
 (``sd_decode_batch_wait`` of :mod:`zipmoe_rt.kernels.cuda_segdec_src`). Copies of one stream
-land in order, so an expert is decoded while the next ones still cross PCIe, and a call's
-last decode ends about one expert's decode after its last copy rather than the whole batch's
-decode after it. The decode launch still waits for the compute stream's work queued so far,
-so the kernel only ever waits on copies already queued behind nothing but copies and decodes
-issued before it (no cycle).
+land in order, so an expert is decoded while the next ones still cross PCIe, and a call's last
+decode ends about one expert's decode after its last copy rather than the whole batch's decode
+after it. The decode launch still waits for the compute stream's work queued so far, so the
+kernel only ever waits on copies already queued behind nothing but copies and decodes issued
+before it (no cycle).
 
 With :data:`MAX_BATCH` = 0 (the default) all the misses of a call are one batch (one decode
 launch after the last copy); with a few experts per batch, each batch's decode overlaps the
@@ -83,8 +83,13 @@ MAX_BATCH = 0
 #: ``tools/gpu_timeline.py --ab copy_wait=on`` compares the two in one process
 COPY_WAITS_COMPUTE = False
 #: decode a batch's experts as their copies land (module docstring) rather than after the
-#: whole batch's copies; same words. ``tools/gpu_timeline.py --ab streamed=off`` compares
-STREAMED = True
+#: whole batch's copies; same words. Off by default: on one H100 its kernel equalled the host
+#: decoder while waiting for delayed copies and the engine ran 1.07x faster with it (zip-lru,
+#: docs/benchmarks.md §13 run 14), but the GPU tests of that tree stopped in its wait (the
+#: landed word was then zeroed on the compute stream, racing the first numbers; it is now
+#: zeroed on the copy stream at load) and the engine so fixed has not run on a GPU.
+#: ``tools/gpu_timeline.py --ab streamed=on`` compares
+STREAMED = False
 
 
 def _al(n: int) -> int:
