@@ -374,17 +374,19 @@ __global__ void sd_multi_batch(const long long* __restrict__ desc, int n, u64* _
     multi[i] = v | ((u64)k << 48) | ((u64)used << 52);
 }
 
-// sd_decode_runs over a batch of experts: global segment j (< desc[n][0]) is segment
-// j - desc[e][0] of expert e (the last row with desc[e][0] <= j), decoded from that expert's
-// regions, runs, bits and tables (multi: sd_multi_batch's output) into its output words.
-__global__ void __launch_bounds__(SD_T) sd_decode_batch(
-        const long long* __restrict__ desc, int n, const u64* __restrict__ multi, int seg) {
+// The segment of thread blockIdx.x * SD_T + threadIdx.x of a batch (global segment j <
+// desc[n][0] is segment j - desc[e][0] of expert e, the last row with desc[e][0] <= j), decoded
+// from that expert's regions, runs, bits and tables (multi: sd_multi_batch's output) into its
+// output words; with `single_if_copied`, an expert copied in the batch (field 9 >= 0) with the
+// single-symbol tables only.
+__device__ __forceinline__ void sd_batch_segment(const long long* __restrict__ desc, int n,
+                                                 const u64* __restrict__ multi, int seg,
+                                                 bool single_if_copied) {
     __shared__ u32 rows[SD_T * SD_ROW];
     __shared__ void* s_o[SD_T];
     __shared__ const unsigned char* s_p[SD_T];
     __shared__ int s_n[SD_T];
-    int tid = threadIdx.x;
-    long long j = blockIdx.x * (long long)SD_T + tid;
+    long long j = blockIdx.x * (long long)SD_T + threadIdx.x;
     int cnt = 0;
     unsigned short* o0 = 0;
     const unsigned char* p0 = 0;
@@ -401,7 +403,7 @@ __global__ void __launch_bounds__(SD_T) sd_decode_batch(
         cnt = (int)min((long long)seg, (long long)r[4] - k0);
         o0 = (unsigned short*)d[8] + r[2] + k0;
         p0 = (const unsigned char*)d[2] + r[3] + k0;
-        mt = multi + 4096LL * (d[7] + r[5]);
+        mt = single_if_copied && d[9] >= 0 ? (const u64*)0 : multi + 4096LL * (d[7] + r[5]);
         st = (const unsigned short*)d[6] + 4096LL * r[5];
         size_t mis = (size_t)exp & 3;
         rd.start((const u32*)(exp - mis), (long long)r[1] + (long long)mis,
@@ -411,6 +413,12 @@ __global__ void __launch_bounds__(SD_T) sd_decode_batch(
              s_n);
 }
 
+// sd_decode_runs over a batch of experts, every expert's bytes already on the device.
+__global__ void __launch_bounds__(SD_T) sd_decode_batch(
+        const long long* __restrict__ desc, int n, const u64* __restrict__ multi, int seg) {
+    sd_batch_segment(desc, n, multi, seg, false);
+}
+
 // sd_decode_batch for a batch whose copies may still be in flight (module docstring): thread 0
 // of each block finds the last copied expert at or before the block's last segment (field 9 >=
 // 0: its copy's sequence number) and polls `landed` until that copy has landed (modulo
@@ -418,14 +426,8 @@ __global__ void __launch_bounds__(SD_T) sd_decode_batch(
 __global__ void __launch_bounds__(SD_T) sd_decode_batch_wait(
         const long long* __restrict__ desc, int n, const u64* __restrict__ multi, int seg,
         const volatile unsigned int* landed, unsigned int mask, long long polls) {
-    __shared__ u32 rows[SD_T * SD_ROW];
-    __shared__ void* s_o[SD_T];
-    __shared__ const unsigned char* s_p[SD_T];
-    __shared__ int s_n[SD_T];
-    int tid = threadIdx.x;
-    long long total = desc[10 * n];
-    if (tid == 0) {
-        long long last = min((long long)(blockIdx.x + 1) * SD_T, total) - 1;
+    if (threadIdx.x == 0) {
+        long long last = min((long long)(blockIdx.x + 1) * SD_T, desc[10 * n]) - 1;
         long long need = -1;
         for (int e = sd_find_row(desc, n, 0, last); e >= 0; e--)
             if (desc[10 * e + 9] >= 0) { need = desc[10 * e + 9]; break; }
@@ -441,31 +443,7 @@ __global__ void __launch_bounds__(SD_T) sd_decode_batch_wait(
         __threadfence();
     }
     __syncthreads();
-    long long j = blockIdx.x * (long long)SD_T + tid;
-    int cnt = 0;
-    unsigned short* o0 = 0;
-    const unsigned char* p0 = 0;
-    SdReader rd;
-    const u64* mt = 0;
-    const unsigned short* st = 0;
-    if (j < total) {
-        const long long* d = desc + 10 * sd_find_row(desc, n, 0, j);
-        const unsigned char* exp = (const unsigned char*)d[1];
-        const int* runs = (const int*)d[3];
-        int jl = (int)(j - d[0]);
-        const int* r = runs + 6 * sd_find_run(runs, (int)d[4], jl);
-        long long k0 = (long long)(jl - r[0]) * seg;
-        cnt = (int)min((long long)seg, (long long)r[4] - k0);
-        o0 = (unsigned short*)d[8] + r[2] + k0;
-        p0 = (const unsigned char*)d[2] + r[3] + k0;
-        mt = d[9] >= 0 ? (const u64*)0 : multi + 4096LL * (d[7] + r[5]);
-        st = (const unsigned short*)d[6] + 4096LL * r[5];
-        size_t mis = (size_t)exp & 3;
-        rd.start((const u32*)(exp - mis), (long long)r[1] + (long long)mis,
-                 (long long)((const int*)d[5])[jl] + 8LL * (long long)mis);
-    }
-    sd_stage(rd, mt, st, cnt, (seg + SD_ROUND - 1) / SD_ROUND, o0, p0, true, rows, s_o, s_p,
-             s_n);
+    sd_batch_segment(desc, n, multi, seg, true);
 }
 
 }  // extern "C"
