@@ -87,3 +87,34 @@ def test_plan_once_reuses_the_plan_of_equal_inputs(monkeypatch):
     assert a is b
     c = prof.make_plan(trace, d, 3000, k)
     assert c is not a and c[1] == a[1]
+
+
+def test_check_cuda_sources_reads_the_sources_without_importing_cupy():
+    """tools/check_cuda_sources.py takes each SOURCE and the decoder's variants from the files
+    as literals (the same strings the modules hold), so it runs where CuPy is absent."""
+    import check_cuda_sources as C
+    from zipmoe_rt.kernels import cuda_segdec_src, cuda_src
+    seg = str(C.ROOT / "zipmoe_rt" / "kernels" / "cuda_segdec_src.py")
+    assert C.module_constant(seg, "SOURCE") == cuda_segdec_src.SOURCE
+    assert C.module_constant(seg, "KERNELS") == cuda_segdec_src.KERNELS
+    assert C.module_constant(str(C.ROOT / "zipmoe_rt" / "kernels" / "cuda_src.py"),
+                             "SOURCE") == cuda_src.SOURCE
+    defs = C.segdec_defines()
+    assert defs["t128"] == ["-DSD_T=128", "-DSD_ROUND=256", "-DSD_SMEM_TAB=0"]
+    assert defs["t64s"][-1] == "-DSD_SMEM_TAB=1"
+    assert len(C.SOURCES) == 5 and all(Path(p).is_file() for p in C.SOURCES)
+    with pytest.raises(KeyError, match="NOPE"):
+        C.module_constant(seg, "NOPE")
+
+
+def test_check_cuda_sources_compiles_and_reports_a_broken_kernel():
+    """With NVRTC installed (the nvidia-cuda-nvrtc wheel): every source compiles, and a broken
+    kernel is reported with the compiler's log."""
+    nvrtc = pytest.importorskip("nvidia.cuda_nvrtc", reason="NVRTC wheel not installed")
+    del nvrtc
+    import check_cuda_sources as C
+    lib = C.find_nvrtc(None)
+    ok, log = C.compile_source(lib, 'extern "C" __global__ void k(int* x) { x[0] = y; }',
+                               ["-arch=compute_90"])
+    assert not ok and "identifier \"y\" is undefined" in log
+    assert C.main(["--arch", "compute_90"]) == 0
