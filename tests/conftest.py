@@ -26,7 +26,7 @@ import pytest
 #: count :data:`UNLISTED_S_PER_TEST` seconds a test.
 FILE_COST_S = {
     "tests/test_engine.py": 390,
-    "tests/test_precompile.py": 270,
+    "tests/test_precompile.py": 190,
     "tests/test_auto_policy.py": 175,
     "tests/test_resident.py": 165,
     "tests/test_model_parity.py": 125,
