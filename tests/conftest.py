@@ -16,6 +16,62 @@ import pytest
 
 
 # --------------------------------------------------------------------------------------------
+# the order the two xdist workers take the test files in (--dist loadfile, pyproject addopts)
+# --------------------------------------------------------------------------------------------
+
+#: seconds the slowest test files took on a 2-core machine (clean clone, so cold kernel
+#: caches; their module fixtures included). Only the order they give matters: xdist hands
+#: out whole files by number of tests, which started a few-test file of minutes (the
+#: precompile children) last, with the other worker idle until it ended. Files not named here
+#: count :data:`UNLISTED_S_PER_TEST` seconds a test.
+FILE_COST_S = {
+    "tests/test_engine.py": 390,
+    "tests/test_precompile.py": 190,
+    "tests/test_auto_policy.py": 175,
+    "tests/test_resident.py": 165,
+    "tests/test_model_parity.py": 125,
+    "tests/test_ctier.py": 110,
+    "tests/test_synthetic.py": 70,
+    "tests/test_smollm2_builder.py": 58,
+    "tests/test_gpu_offload.py": 55,
+    "tests/test_cli_options.py": 48,
+    "tests/test_perplexity.py": 35,
+    "tests/test_soak.py": 35,
+    "tests/test_cli_repl.py": 30,
+    "tests/test_faults.py": 28,
+    "tests/test_gguf_vocab.py": 22,
+    "tests/test_cli.py": 22,
+    "tests/test_plan.py": 20,
+    "tests/test_memory_limit.py": 20,
+    "tests/test_cancel_turn.py": 19,
+    "tests/test_planner.py": 19,
+    "tests/test_train_tiny_moe.py": 17,
+    "tests/test_prefetch.py": 16,
+    "tests/test_default_model.py": 16,
+}
+UNLISTED_S_PER_TEST = 0.1
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with the costliest file (:data:`FILE_COST_S`) handed out first
+    (longest-first: the workers end close together); other ``--dist`` modes as xdist has
+    them."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class CostliestFileFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node):
+            def cost(scope):
+                return FILE_COST_S.get(scope, UNLISTED_S_PER_TEST * len(self.workqueue[scope]))
+            self.workqueue.move_to_end(max(self.workqueue, key=cost), last=False)
+            super()._assign_work_unit(node)
+
+    return CostliestFileFirst(config, log)
+
+
+# --------------------------------------------------------------------------------------------
 # the bundled default model (SmolLM2-135M-Instruct upcycled into Mixtral, BF16)
 # --------------------------------------------------------------------------------------------
 

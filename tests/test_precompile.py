@@ -43,8 +43,8 @@ def child(code: str, cache: Path, *args) -> dict:
 # loads the model under a memory budget (no overhead-measuring children, which would fill the
 # cache too: the loading process itself runs the kernels), counting the kernels this process
 # compiles (Numba's "numba:compile" event: a kernel loaded from the cache sends none) and the
-# cache hits, and prints the logits of IDS, then calibrates (counting its compiles apart);
-# argv: model, ids (JSON), "fail" (the compiling child fails) or "ok"
+# cache hits, and prints the logits of IDS, then (with "ok") calibrates (counting its compiles
+# apart); argv: model, ids (JSON), "fail" (the compiling child fails) or "ok"
 LOAD = """
     import json, sys, warnings
     import numpy as np
@@ -76,10 +76,11 @@ LOAD = """
         m = zipmoe_rt.load(path, memory_budget="4GB", policy="zip-lru")
         logits = m.net.forward(np.asarray(ids, np.int64), m.net.new_cache(), last_only=False)
     in_load = len(compiled)
-    from zipmoe_rt.engine.calibration import calibrate
-    from zipmoe_rt.engine.footprint import _parallel_thresholds
-    with _parallel_thresholds(0):    # the parallel kernels, as a full-size model's calibration
-        calibrate(m.source, samples=2)       # what a zipmoe run without MODEL.calib.json does
+    if mode == "ok":    # a failed child's run is checked up to its logits: no calibration
+        from zipmoe_rt.engine.calibration import calibrate
+        from zipmoe_rt.engine.footprint import _parallel_thresholds
+        with _parallel_thresholds(0):    # the parallel kernels, as a full-size model's calibration
+            calibrate(m.source, samples=2)       # what a zipmoe run without MODEL.calib.json does
     hits = 0
     for name, mod in list(sys.modules.items()):
         if name.startswith(("zipmoe_rt", "zmoe")) and mod is not None:
