@@ -60,6 +60,8 @@ def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
+    if not callable(getattr(LoadFileScheduling, "_assign_work_unit", None)):
+        return None                      # another xdist: its own order
 
     class CostliestFileFirst(LoadFileScheduling):
         def _assign_work_unit(self, node):
