@@ -75,6 +75,27 @@ def test_other_growth_and_loops_are_refused(source, needle):
     refused(source, needle)
 
 
+@pytest.mark.parametrize("body, needle", [
+    ("{% set n = s.count('ba') %}", "calls (characters read)"),
+    ("{% if 'zz' in s %}x{% endif %}", "'in' tests (characters read)"),
+    ("{% if 'zz' not in s and 1 < 2 %}{% endif %}", "'in' tests (characters read)"),
+    ("{% set n = s | wordcount %}", "filter 'wordcount' (characters read)"),
+])
+def test_reading_a_long_string_in_a_loop_is_refused(body, needle):
+    """Work that stays inside the step and size budgets but reads a 3-million-character string
+    400,000 times (about half an hour of scanning) is stopped by what it reads, quickly."""
+    refused("{% set s = 'ab' * 1500000 %}{% for i in range(400000) %}" + body + "{% endfor %}",
+            needle)
+
+
+def test_in_tests_keep_their_meaning():
+    """Comparison chains with ``in`` / ``not in`` (compiled to a charged comparison) give
+    Python's results, chains and the usual operators included."""
+    assert render("{{ 3 in [1, 2, 3] }} {{ 'a' not in 'bcd' }} {{ 1 < 2 in [True] }} "
+                  "{{ 2 > 3 in [1] }} {{ 'u' in messages[1].role }} {{ 1 < 2 < 3 }} "
+                  "{{ 'k' in {'k': 1} }}") == "True True False False True True True"
+
+
 def test_normal_template_renders_identically():
     import jinja2.sandbox
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)

@@ -8,7 +8,9 @@ writing ``{{ 'x' * 1000000000 }}``. Every render of a template compiled by
 :class:`_Budget`, counted in work done rather than in wall-clock time (so the outcome is the same
 on every machine):
 
-* steps: elements handed out by ``range``, iterations of ``{% for %}`` loops and calls;
+* steps: elements handed out by ``range``, iterations of ``{% for %}`` loops and calls, and
+  one for every :data:`SCAN_CHARS_PER_STEP` characters or items a call, filter or ``in`` test
+  reads (``s.count(x)`` on a long string in a loop costs what its scanning costs);
 * sizes: the length of every string or list an operator, call, filter or ``~`` builds (checked
   *before* building it where the size is known in advance, as for ``'x' * n``), the total of
   those lengths, and the size of integers ``*`` and ``**`` build;
@@ -33,7 +35,7 @@ import jinja2.nodes
 import jinja2.runtime
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["RenderLimitError", "BoundedEnvironment", "STEP_BUDGET", "SIZE_BUDGET",
+__all__ = ["RenderLimitError", "BoundedEnvironment", "STEP_BUDGET", "SCAN_CHARS_PER_STEP", "SIZE_BUDGET",
            "OUTPUT_BUDGET", "TOTAL_SIZE_FACTOR", "INT_BITS_BUDGET"]
 
 #: Elements ``range`` hands out, ``{% for %}`` iterations and calls, per render (plus
@@ -53,6 +55,11 @@ INPUT_SIZE_FACTOR = 2
 #: (a real template builds each turn's text a few times over; this bounds the memory a render
 #: can hold however it builds its pieces).
 TOTAL_SIZE_FACTOR = 16
+#: Characters (or items) a call, a filter or an ``in`` test reads for one step: each charges
+#: the length of the strings and lists it is handed (its object and arguments) at this rate, so
+#: ``s.count('x')`` on a long string inside a loop costs what scanning it costs. A real template
+#: reads each message a few times (a few steps per 1,000 characters of conversation).
+SCAN_CHARS_PER_STEP = 1_000
 #: Bits of an integer ``*`` / ``**`` may build (real templates count messages; 4096 bits is a
 #: 1233-digit number).
 INT_BITS_BUDGET = 4096
@@ -75,8 +82,14 @@ class _Budget:
         self.steps_left -= n
         if self.steps_left < 0:
             raise RenderLimitError(f"rendering stopped: {what} passed the limit of "
-                                   f"{self.steps_total:,} steps (range elements, loop iterations "
-                                   f"and calls) in one render")
+                                   f"{self.steps_total:,} steps (range elements, loop iterations, "
+                                   f"calls, characters read) in one render")
+
+    def scan(self, values: Iterable[Any], what: str) -> None:
+        """Charge the characters / items of ``values`` read (:data:`SCAN_CHARS_PER_STEP`)."""
+        n = sum(_length(v) for v in values)
+        if n >= SCAN_CHARS_PER_STEP:
+            self.step(n // SCAN_CHARS_PER_STEP, f"{what} (characters read)")
 
     def size(self, n: int, what: str) -> None:
         """Refuse building a value of ``n`` characters / items (``what`` names the operation)."""
@@ -118,6 +131,11 @@ def _input_size(value: Any) -> tuple[int, int]:
             items += len(v)
             stack.extend(v)
     return chars, items
+
+
+_COMPARE = {"eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "lt": lambda a, b: a < b,
+            "lteq": lambda a, b: a <= b, "gt": lambda a, b: a > b, "gteq": lambda a, b: a >= b,
+            "in": lambda a, b: a in b, "notin": lambda a, b: a not in b}
 
 
 def _length(value: Any) -> int:
@@ -232,6 +250,7 @@ def _bounded_filter(name: str, f: Any) -> Any:
                         "filter 'replace'")
         elif name == "format" and values and isinstance(values[0], str):
             _check_percent(values[0], tuple(values[1:]) or kwargs, budget)
+        budget.scan((*values, *kwargs.values()), f"filter {name!r}")
         result = f(*args, **kwargs)
         budget.size(_length(result), f"filter {name!r}")
         return result
@@ -252,6 +271,19 @@ class _BoundedCodeGenerator(jinja2.compiler.CodeGenerator):
             self.visit(arg, frame)
             self.write(", ")
         self.write("))")
+
+
+    def visit_Compare(self, node: jinja2.nodes.Compare, frame: Any) -> None:  # noqa: D102
+        if not any(op.op in ("in", "notin") for op in node.ops):
+            return super().visit_Compare(node, frame)
+        # a chain with an ``in`` test: its operands evaluated in order (as Python does unless a
+        # comparison is false early), each ``in`` charged for the container it reads
+        self.write("environment.bounded_compare(")
+        self.visit(node.expr, frame)
+        for op in node.ops:
+            self.write(f", {op.op!r}, ")
+            self.visit(op.expr, frame)
+        self.write(")")
 
 
 class BoundedTemplate(jinja2.Template):
@@ -337,6 +369,25 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         """
         return _checked_join("", pieces, "'~'")
 
+    @staticmethod
+    def bounded_compare(first: Any, *rest: Any) -> bool:
+        """A comparison chain ``first op1 b op2 c ...`` (``rest``: op names and operands in turn,
+        Jinja's names: eq, ne, lt, lteq, gt, gteq, in, notin) whose ``in`` / ``not in`` tests
+        are charged for the container they read (:data:`SCAN_CHARS_PER_STEP`).
+
+        Raises:
+            RenderLimitError: the step budget was passed.
+        """
+        left = first
+        for i in range(0, len(rest), 2):
+            op, right = rest[i], rest[i + 1]
+            if op in ("in", "notin"):
+                _budget().scan((right,), "'in' tests")
+            if not _COMPARE[op](left, right):
+                return False
+            left = right
+        return True
+
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
         """``*``, ``**``, ``+`` and ``%`` with the size of the result checked first.
 
@@ -373,6 +424,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         """
         budget = _budget()
         budget.step(1, "calls")
+        budget.scan((getattr(__obj, "__self__", None), *args, *kwargs.values()), "calls")
         grown = _str_method_size(__obj, args, kwargs)
         if grown is not None:
             budget.size(grown, f"str.{__obj.__name__}")
