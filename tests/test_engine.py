@@ -664,6 +664,15 @@ def test_unparseable_budget_names_the_option(tiny_case, text):
         parse_size(text)
 
 
+@pytest.mark.parametrize("text", ["1e30", "2000000000000GB", 10**16, 1e30])
+def test_budget_over_one_petabyte_is_refused(text):
+    """A budget past --memory-limit's largest figure (1 PB) is a typo: refused naming the
+    option, as --memory-limit refuses it (it printed a 24-digit weight budget and ran)."""
+    with pytest.raises(ValueError, match=r"memory_budget \(--memory-budget\): .* more than 1 PB"):
+        parse_size(text)
+    assert parse_size("1000000GB") == 10**15
+
+
 @pytest.mark.parametrize("value,needle", [(0, "must be positive"), (-1, "must be positive"),
                                           (-1.5, "not a whole number of bytes"), ("0", "must be positive"),
                                           ("-5MB", "must be positive"), ("0%", r"in \(0, 100\]"),

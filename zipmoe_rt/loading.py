@@ -29,13 +29,14 @@ def parse_size(text, source=None) -> int:
 
     Raises:
         ValueError: unparseable text, a bool or a float that is not a whole number of bytes,
-            or a size or percentage that is not positive (the option is named).
+            a size or percentage that is not positive, or a size over 1 PB (the option is
+            named).
     """
     check_budget_type(text)
     if isinstance(text, (int, float)):
         if text <= 0:
             raise ValueError(f"memory_budget (--memory-budget): must be positive, got {text!r}")
-        return int(text)
+        return _at_most_limit(int(text), text)
     t = str(text).strip().upper().replace(" ", "")
     if t.endswith("%"):
         if source is None:
@@ -67,6 +68,16 @@ def parse_size(text, source=None) -> int:
                              f"25%)") from None
     if value <= 0:
         raise ValueError(f"--memory-budget: must be positive, got {text!r}")
+    return _at_most_limit(value, text)
+
+
+def _at_most_limit(value: int, text) -> int:
+    """``value``, or a ValueError naming the option where it passes ``--memory-limit``'s
+    largest figure (1 PB, :data:`~zipmoe_rt.engine.limit.MAX_LIMIT`): a typo, not a machine."""
+    from .engine.limit import MAX_LIMIT
+    if value > MAX_LIMIT:
+        raise ValueError(f"memory_budget (--memory-budget): {text!r} is more than 1 PB; give "
+                         f"the bytes the weights may use (e.g. 600MB, 1.5GiB, 25%)")
     return value
 
 
