@@ -65,6 +65,21 @@ def test_serve_refuses_a_model_that_fails_its_crc_as_run_does(tiny_zmoe, tmp_pat
     assert "loaded: ready" not in out and "Traceback" not in out, out
 
 
+@pytest.mark.parametrize("option, value, needle", [
+    ("--memory-limit", "abc", "--memory-limit: cannot read 'abc'"),
+    ("--memory-limit", "0", "--memory-limit: must be positive"),
+    ("--memory-budget", "1e30", "--memory-budget): '1e30' is more than 1 PB"),
+    ("--memory-budget", "-5", "--memory-budget: must be positive"),
+])
+def test_serve_reads_memory_values_before_it_listens(tiny_zmoe, option, value, needle):
+    """A --memory-limit / --memory-budget value that cannot be read is one error line before
+    the server says where it listens (it said so, then failed at load)."""
+    from cli_runner import cli
+    r = cli("serve", tiny_zmoe, "--port", "0", option, value)
+    assert r.exit_code == 1 and r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
+    assert "http://" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 @pytest.fixture(scope="module")
 def badgen_zmoe(tiny_moe_dir, tmp_path_factory):
     """The tiny model whose file's generation config samples at temperature -5."""

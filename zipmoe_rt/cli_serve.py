@@ -53,6 +53,7 @@ def serve(model, host, port, api_key, cors, queue_size, model_id, ctx_size, **kw
         kernels.USER_WAIT_POLICY = "PASSIVE"
         kernels.set_wait_policy("passive")
     check_budget_options(kw)          # here: the model loads in another thread
+    check_memory_values(kw)
     if model is not None and not model.exists():
         raise CliError(f"{model}: no such file")
     sock = check_listen(host, port)
@@ -104,6 +105,27 @@ def load_and_check(model, kw, ctx_size):
         m.close()
         raise
     return m
+
+
+def check_memory_values(kw) -> None:
+    """Read ``--memory-limit`` and ``--memory-budget`` (``kw``) before the server listens, as
+    ``run`` reads them before it loads: a value that cannot be read, is not positive or passes
+    1 PB is one ``error:`` line now, not after "listening" (whether a readable value fits the
+    model is decided when it loads; a budget in % needs the model too).
+
+    Raises:
+        CliError: naming the option and the value.
+    """
+    from .engine.limit import parse_limit
+    from .loading import parse_size
+    try:
+        if kw.get("memory_limit") is not None:
+            parse_limit(kw["memory_limit"])
+        budget = kw.get("memory_budget")
+        if budget is not None and not str(budget).strip().endswith("%"):
+            parse_size(budget)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def check_generation_config(metadata: dict, path) -> None:
