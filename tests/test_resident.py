@@ -81,6 +81,35 @@ def test_transcoder_round_trips_every_bit(name, w):
         assert P.n_escapes == 0
 
 
+def test_both_row_decode_forms_give_every_bit():
+    """The masked and the shifted row decode of kernels/rows.py (one compiled into the kernels
+    by the CPU's vector width, rows.WIDE_VECTORS) give the same words, every case above's
+    weights row by row, escapes included; unpack_row is the form WIDE_VECTORS names."""
+    from numba import njit
+
+    from zipmoe_rt.kernels import rows
+
+    def decoder(form):
+        @njit
+        def run(nib, sm, b7, ep, ec, ev, out):
+            for r in range(out.shape[0]):
+                form(nib, sm, b7, ep, ec, ev, r, out[r])
+        return run
+
+    masked, shifted = decoder(rows._unpack_row_masked), decoder(rows._unpack_row_shifted)
+    for name, w in _cases():
+        if not w.size:
+            continue
+        nib, sm, b7, ep, ec, ev = packed_source(pack_bf16(w))
+        a = np.full(w.shape, 0xDEAD, np.uint16)
+        b = a.copy()
+        masked(nib, sm, b7, ep, ec, ev, a)
+        shifted(nib, sm, b7, ep, ec, ev, b)
+        assert np.array_equal(a, w) and np.array_equal(b, w), name
+    assert rows.unpack_row is (rows._unpack_row_masked if rows.WIDE_VECTORS
+                               else rows._unpack_row_shifted)
+
+
 def test_window_is_the_densest_and_escapes_are_in_row_order():
     exp = np.array([3, 3, 3, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 200],
                    np.uint8)

@@ -13,10 +13,11 @@ forms, then times, alternating the four in every round:
 * ``decode``: the row decode alone (every row into the same 4-row scratch, no dot product);
 * ``plain``: a BF16 GEMV written out without row sources (the kernel before the row-source
   template, kept here as the yardstick of what the template costs the BF16 path);
-* ``packed0`` / ``decode0``: the packed GEMV and the row decode with the earlier row decode
-  (``((sm << 8 | sm) & 0x807F) | (byte << 7 or << 3) & 0x780``, the same bits), the yardstick of
-  :func:`zipmoe_rt.kernels.rows.unpack_row`'s form; the tool also prints the median of the
-  per-round ratios packed / packed0 and decode / decode0.
+* ``packed0`` / ``decode0``: the packed GEMV and the row decode with the other form of the row
+  decode (:mod:`zipmoe_rt.kernels.rows` has two, the same bits: the masked form, compiled in
+  with AVX-512BW, and the shifted form, compiled in on AVX2 alone, ``rows.WIDE_VECTORS``); the
+  tool prints which form is which and the median of the per-round ratios packed / packed0 and
+  decode / decode0.
 
 It prints the median ns per weight of each (the calling thread's CPU time, which on a
 shared machine leaves out the time the thread waits for a core; wall-clock time beside it) and
@@ -47,7 +48,8 @@ from zipmoe_rt.engine.resident import pack_bf16  # noqa: E402
 from zipmoe_rt.kernels import linear as lin  # noqa: E402
 from zipmoe_rt.kernels.widen import bf16_to_f32  # noqa: E402
 from zipmoe_rt.kernels import packed as pk  # noqa: E402
-from zipmoe_rt.kernels.rows import bf16_word, packed_source, unpack_row  # noqa: E402
+from zipmoe_rt.kernels import rows  # noqa: E402
+from zipmoe_rt.kernels.rows import packed_source, unpack_row  # noqa: E402
 
 
 @njit(**lin.JIT_SERIAL)
@@ -63,30 +65,13 @@ def _decode_rows(nib, sm, b7, ep, ec, ev, scratch):
 U16 = np.uint16
 
 
-@njit(inline="always")
-def _unpack_row0(nib, sm, b7, ep, ec, ev, r, dst):
-    """The earlier row decode (same bits as ``rows.unpack_row``)."""
-    n = dst.shape[0]
-    h = (n + 1) >> 1
-    nr = nib[r]
-    sr = sm[r]
-    m = U16(0x780)
-    for j in range(h):
-        e = U16(U16(U16(nr[j]) << U16(7)) & m)
-        dst[j] = U16(bf16_word(U16(sr[j]), e) + b7)
-    sh = sr[h:]
-    dh = dst[h:]
-    for j in range(n - h):
-        e = U16(U16(U16(nr[j]) << U16(3)) & m)
-        dh[j] = U16(bf16_word(U16(sh[j]), e) + b7)
-    for t in range(ep[r], ep[r + 1]):
-        c = ec[t]
-        dst[c] = bf16_word(U16(sr[c]), U16(U16(ev[t]) << U16(7)))
+#: the row decode form the runtime's kernels do not use (the yardstick)
+_unpack_row0 = rows._unpack_row_shifted if rows.WIDE_VECTORS else rows._unpack_row_masked
 
 
 @njit(**lin.JIT_SERIAL)
 def _decode_rows0(nib, sm, b7, ep, ec, ev, scratch):
-    """:func:`_decode_rows` with the earlier row decode."""
+    """:func:`_decode_rows` with the other row decode form."""
     acc = 0
     for r in range(nib.shape[0]):
         _unpack_row0(nib, sm, b7, ep, ec, ev, r, scratch[r & 3])
@@ -97,7 +82,7 @@ def _decode_rows0(nib, sm, b7, ep, ec, ev, scratch):
 @njit(**lin.JIT_SERIAL)
 def _packed0_gemv(x, nib, sm, b7, ep, ec, ev, y, s):
     """The packed GEMV's four-row steps (``linear._gemv_block``'s rows and dot loop) with the
-    earlier row decode."""
+    other row decode form."""
     out = y.shape[0]
     q = out // 4
     for b in range(q):
@@ -199,6 +184,9 @@ def main(argv=None) -> int:
         ratio = statistics.median(v / b for v, b in zip(ns[k], ns["bf16"]))
         print(f"  {k:7s} {statistics.median(ns[k]):.3f} ns/weight   x{ratio:.2f} of bf16   "
               f"[{statistics.median(wall[k]):.3f}]")
+    forms = ("masked", "shifted") if rows.WIDE_VECTORS else ("shifted", "masked")
+    print(f"  row decode: packed/decode the {forms[0]} form (compiled in: AVX-512BW "
+          f"{rows.WIDE_VECTORS}), packed0/decode0 the {forms[1]} form")
     for new, old in (("packed", "packed0"), ("decode", "decode0")):
         r = statistics.median(v / b for v, b in zip(ns[new], ns[old]))
         print(f"  {new} / {old}: x{r:.3f} (median of the per-round ratios)")
