@@ -560,7 +560,9 @@ def test_sampling_lives_in_its_own_module():
     import zipmoe_rt.generate as G
     import zipmoe_rt.sampling as S
     assert G.Sampler is S.Sampler is Sampler and G.SamplingParams is S.SamplingParams
-    assert set(S.__all__) == {"Sampler", "SamplingParams"} <= set(G.__all__)
+    assert {"Sampler", "SamplingParams"} <= set(G.__all__)
+    assert set(S.__all__) == {"Sampler", "SamplingParams", "GenerationConfigError",
+                              "file_sampling"}
     p = S.Sampler(S.SamplingParams(temperature=0.5, top_k=2, seed=1))
     logits = np.array([0.0, 1.0, 3.0, 2.0], np.float32)
     # top-2 of the temperature-scaled logits: ids 2, 3 with softmax of (6, 4)

@@ -96,7 +96,7 @@ def test_both_row_decode_forms_give_every_bit():
                 form(nib, sm, b7, ep, ec, ev, r, out[r])
         return run
 
-    masked, shifted = decoder(rows._unpack_row_masked), decoder(rows._unpack_row_shifted)
+    masked, shifted = decoder(rows.unpack_row_masked), decoder(rows.unpack_row_shifted)
     for name, w in _cases():
         if not w.size:
             continue
@@ -106,8 +106,8 @@ def test_both_row_decode_forms_give_every_bit():
         masked(nib, sm, b7, ep, ec, ev, a)
         shifted(nib, sm, b7, ep, ec, ev, b)
         assert np.array_equal(a, w) and np.array_equal(b, w), name
-    assert rows.unpack_row is (rows._unpack_row_masked if rows.WIDE_VECTORS
-                               else rows._unpack_row_shifted)
+    assert rows.unpack_row is (rows.unpack_row_masked if rows.WIDE_VECTORS
+                               else rows.unpack_row_shifted)
 
 
 def test_window_is_the_densest_and_escapes_are_in_row_order():

@@ -66,7 +66,7 @@ U16 = np.uint16
 
 
 #: the row decode form the runtime's kernels do not use (the yardstick)
-_unpack_row0 = rows._unpack_row_shifted if rows.WIDE_VECTORS else rows._unpack_row_masked
+_unpack_row0 = rows.unpack_row_shifted if rows.WIDE_VECTORS else rows.unpack_row_masked
 
 
 @njit(**lin.JIT_SERIAL)

@@ -30,7 +30,8 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-__all__ = ["row_of", "row_k", "unpack_row", "WIDE_VECTORS", "packed_source", "k_sources"]
+__all__ = ["row_of", "row_k", "unpack_row", "unpack_row_masked", "unpack_row_shifted",
+           "WIDE_VECTORS", "packed_source", "k_sources"]
 
 U16 = np.uint16
 
@@ -55,7 +56,7 @@ def _wide_vectors() -> bool:
 
 
 @njit(inline="always")
-def _unpack_row_masked(nib, sm, b7, ep, ec, ev, r, dst):
+def unpack_row_masked(nib, sm, b7, ep, ec, ev, r, dst):
     """:func:`unpack_row`, each word assembled as ``(s & 0x80) << 8 | (s & 0x7F) | (v << 7) +
     (base << 7)``, the index taken from its byte with a mask (low nibble) or a shift (high)."""
     n = dst.shape[0]
@@ -78,7 +79,7 @@ def _unpack_row_masked(nib, sm, b7, ep, ec, ev, r, dst):
 
 
 @njit(inline="always")
-def _unpack_row_shifted(nib, sm, b7, ep, ec, ev, r, dst):
+def unpack_row_shifted(nib, sm, b7, ep, ec, ev, r, dst):
     """:func:`unpack_row`, each word assembled as :func:`bf16_word` of its byte and the index
     shifted into place from the byte (``byte << 7`` or ``byte << 3``, masked to ``0x780``),
     plus ``base << 7``."""
@@ -113,7 +114,7 @@ def _unpack_row_shifted(nib, sm, b7, ep, ec, ev, r, dst):
 #: form (on an AMD EPYC: the masked form's decode 1.07-1.35x and its packed GEMV 1.10-1.26x the
 #: shifted form's, in memory and in cache)
 WIDE_VECTORS = _wide_vectors()
-unpack_row = _unpack_row_masked if WIDE_VECTORS else _unpack_row_shifted
+unpack_row = unpack_row_masked if WIDE_VECTORS else unpack_row_shifted
 
 
 def row_of(src, r, buf):
