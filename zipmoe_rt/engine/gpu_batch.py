@@ -77,18 +77,17 @@ MAX_BATCH = 0
 #: before, whose memory came from the compute stream's pool; the arenas are allocated once and
 #: never given back, and the copies write only into them, so a later batch needs only the wait
 #: for the decode that last read its arena (the decode stream still waits for the compute
-#: stream before writing its outputs), and its copies no longer queue behind compute work queued
-#: before the batch opened. Same bytes either way; on one H100 the compressed rows with prefetch
-#: ran 1.31× faster without the wait (docs/benchmarks.md §13, run 12);
-#: ``tools/gpu_timeline.py --ab copy_wait=on`` compares the two in one process
+#: stream before writing its outputs), and its copies do not queue behind compute work queued
+#: before the batch opened. Same bytes either way; timed inside one load on one H100 the two
+#: differ by at most 1.5 % (docs/benchmarks.md §13, run 13);
+#: ``tools/gpu_timeline.py --ab copy_wait=on --interleave 8`` compares the two in one process
 COPY_WAITS_COMPUTE = False
 #: decode a batch's experts as their copies land (module docstring) rather than after the
-#: whole batch's copies; same words. Off by default: on one H100 its kernel equalled the host
-#: decoder while waiting for delayed copies and the engine ran 1.07x faster with it (zip-lru,
-#: docs/benchmarks.md §13 run 14), but the GPU tests of that tree stopped in its wait (the
-#: landed word was then zeroed on the compute stream, racing the first numbers; it is now
-#: zeroed on the copy stream at load) and the engine so fixed has not run on a GPU.
-#: ``tools/gpu_timeline.py --ab streamed=on`` compares
+#: whole batch's copies; same words. Off by default: the budgeted engine with it has not passed
+#: its GPU test (``tests/test_gpu_offload.py::test_cuda_streamed_decode_keeps_logits``); on one
+#: H100 its kernel equals the host decoder while waiting for delayed copies and zip-lru runs
+#: 1.07x faster with it (docs/benchmarks.md §13 run 14). ``tools/gpu_timeline.py --ab
+#: streamed=on`` compares
 STREAMED = False
 
 
@@ -156,13 +155,16 @@ class GpuStageTimes(StageTimes):
 
 
 class _Batch:
-    """The open batch: its arena slot, the compute stream's event at its start, the experts
-    queued, their decode jobs, the arena bytes used, the staging blocks to give back."""
+    """The open batch: its arena slot, the compute stream's event at its start, whether its
+    decode is streamed (:data:`STREAMED` when it opened, kept for the batch's copies and its
+    launch alike), the experts queued, their decode jobs, the arena bytes used, the staging
+    blocks to give back."""
 
-    __slots__ = ("slot", "arena", "ev_c", "group", "jobs", "used", "staged", "copies", "a_c")
+    __slots__ = ("slot", "arena", "ev_c", "streamed", "group", "jobs", "used", "staged",
+                 "copies", "a_c")
 
     def __init__(self, slot, ev_c):
-        self.slot, self.arena, self.ev_c = slot, slot[0], ev_c
+        self.slot, self.arena, self.ev_c, self.streamed = slot, slot[0], ev_c, STREAMED
         self.group, self.jobs, self.staged = [], [], []
         self.used, self.copies, self.a_c = 0, False, None
 
@@ -227,7 +229,7 @@ class BatchedMisses:
             st.uploads += 1
             if p.staging:
                 b.staged.append(p.block)
-            seq = self._landed_after_copy() if STREAMED else -1
+            seq = self._landed_after_copy() if b.streamed else -1
         else:
             seq = -1
         e0, r0, b0, t0_, _ = bl
@@ -259,10 +261,8 @@ class BatchedMisses:
 
     def _landed_after_copy(self) -> int:
         """Queue, behind the copy just issued, the copy of its sequence number into the landed
-        word (allocated, zeroed, at the first call) and return that number."""
+        word and return that number."""
         ops = self.ops
-        if self._landed is None:
-            self._new_landed()
         self._seq = seq = (self._seq + 1) & SEQ_MASK
         ops.h2d_at(self._landed, 0, self._seq_src[seq:seq + 1].view(np.uint8), self._copy_s)
         return seq
@@ -297,7 +297,7 @@ class BatchedMisses:
         from .gpu_engine import assemble
         b, self._batch = self._batch, None
         ops, st, ds = self.ops, self.stats, self._dec_s
-        streamed = b.copies and STREAMED and self._landed is not None
+        streamed = b.copies and b.streamed
         if b.copies:
             b_c = ops.record(self._copy_s, timing=True)
             st.copy_events.append((b.a_c, b_c))
