@@ -88,13 +88,14 @@ def load_and_check(model, kw, ctx_size):
     loads) the kernels, so the first request does not wait for them.
 
     Raises:
-        whatever :func:`~zipmoe_rt.cli.load_from_options`, :func:`check_generation_config` or
-        the forward raises (e.g. ``zmoe.ChecksumError``); the model is closed then.
+        whatever :func:`~zipmoe_rt.cli.load_from_options`, :func:`check_generation_config` (the
+        default model's; a file given is checked before the server starts) or the forward raises (e.g. ``zmoe.ChecksumError``); the model is closed then.
     """
     from .cli_repl import warm_up
     m = load_from_options(model, kw, context=ctx_size)
     try:
-        check_generation_config(m.source.metadata, m.path)
+        if model is None:     # a file given was checked before the server started
+            check_generation_config(m.source.metadata, m.path)
         plan = m.memory_plan         # the warm-up prefill fits the context, as for run/chat
         m.ctx_size = min(x for x in (ctx_size, plan and plan.context, 2**31 - 1) if x)
         try:
